@@ -1,0 +1,64 @@
+"""Result dataclasses shared by the detection, labelling and output stages.
+
+All in-slice coordinates are canonical pixel coordinates ``(x=col, y=row)``
+of ``Scan.voxels`` and all slice indices are canonical slice indices; the
+output writers map them to RAS millimetres and to the input's own slice index.
+Quadrilateral corners are always in the official order **rt, rb, lb, lt**
+(right-top, right-bottom, left-bottom, left-top in the canonical image, where
+"right" is posterior and "top" is superior).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Vertebra:
+    """One vertebral body, found on one or more sagittal slices."""
+
+    #: Canonical slice indices, ascending.
+    slices: list[int]
+    #: One (4, 2) float array ``[[x, y] * 4]`` (rt, rb, lb, lt) per entry of ``slices``.
+    polygons: list[np.ndarray]
+    #: Level name ("L4", "S1", "S2", ...) once labelled, else None.
+    level: str | None = None
+    #: (24,) probabilities over ``levels.LEVELS`` after context (None before labelling).
+    level_probabilities: np.ndarray | None = None
+    #: (24,) appearance-network probabilities (None before labelling).
+    appearance_probabilities: np.ndarray | None = None
+
+    @property
+    def average_polygon(self) -> np.ndarray:
+        """Element-wise mean of the per-slice polygons, (4, 2)."""
+        return np.mean(np.stack(self.polygons), axis=0)
+
+    @property
+    def mid_slice(self) -> int:
+        """round(median(slices)), the slice the official code calls the mid slice."""
+        return int(np.round(np.median(self.slices)))
+
+    def polygon_on(self, canonical_slice: int) -> np.ndarray | None:
+        for s, p in zip(self.slices, self.polygons):
+            if s == canonical_slice:
+                return p
+        return None
+
+    @property
+    def centroid_xy(self) -> np.ndarray:
+        """Mean of the average polygon's corners, (2,)."""
+        return self.average_polygon.mean(axis=0)
+
+    @property
+    def centroid_slice(self) -> float:
+        return float(np.mean(self.slices))
+
+
+@dataclass
+class DetectionResult:
+    """Vertebrae sorted top to bottom, with per-stage timings in seconds."""
+
+    vertebrae: list[Vertebra]
+    timings_s: dict[str, float] = field(default_factory=dict)
