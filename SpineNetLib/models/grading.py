@@ -1,0 +1,126 @@
+"""Grading net: a 3D ResNet-34 layout with 11 classification heads.
+
+FACTS.md §3.4 and §7.  Input ``[N, 1, 9, 112, 224]`` = [batch, ch, slices,
+rows, cols]; the slice axis is never downsampled (strides are (1, s, s)).
+Output: a tuple of 11 logit tensors in :data:`HEADS` order.  Names match
+``grading/ckpt1.pt``.  Width and depth are configurable (:class:`GradingConfig`)
+so that a small grader can be trained; the defaults are the official network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+
+class GradingHead(NamedTuple):
+    """One classification head: module name, number of classes, output column."""
+
+    name: str
+    n_classes: int
+    column: str
+
+
+#: Heads in the official output order (FACTS.md §3.4 table; columns as in §7).
+#: Reported values: argmax + 1 for Pfirrmann, Narrowing, CentralCanalStenosis; argmax otherwise.
+HEADS: tuple[GradingHead, ...] = (
+    GradingHead("fc_pf", 5, "Pfirrmann"),
+    GradingHead("fc_nar", 4, "Narrowing"),
+    GradingHead("fc_ccs", 4, "CentralCanalStenosis"),
+    GradingHead("fc_spn", 3, "Spondylolisthesis"),
+    GradingHead("fc_ued", 2, "UpperEndplateDefect"),
+    GradingHead("fc_led", 2, "LowerEndplateDefect"),
+    GradingHead("fc_umc", 2, "UpperMarrow"),
+    GradingHead("fc_lmc", 2, "LowerMarrow"),
+    GradingHead("fc_fsl", 2, "ForaminalStenosisLeft"),
+    GradingHead("fc_fsr", 2, "ForaminalStenosisRight"),
+    GradingHead("fc_hrn", 2, "Herniation"),
+)
+
+#: Input shape (slices, rows, cols) of one IVD volume (FACTS.md §6).
+GRADING_INPUT_SHAPE = (9, 112, 224)
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    """Shape of a :class:`GradingNet`; defaults are the official ResNet-34 layout.
+
+    Stage widths are w, 2w, 4w, 8w with ``w = base_width``.
+    """
+
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
+    base_width: int = 64
+
+    def __post_init__(self) -> None:
+        blocks = tuple(int(b) for b in self.blocks)
+        if len(blocks) != 4 or any(b < 1 for b in blocks):
+            raise ValueError(f"GradingConfig.blocks must be 4 positive integers, got {self.blocks!r}")
+        if int(self.base_width) < 1:
+            raise ValueError(f"GradingConfig.base_width must be positive, got {self.base_width!r}")
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "base_width", int(self.base_width))
+
+
+class BasicBlock3d(nn.Module):
+    """Two 3x3x3 convs (no bias) with BatchNorm and a residual; stride (1, s, s) in conv1."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        st = (1, stride, stride)
+        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, stride=st, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(out_ch)
+        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_ch)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(
+                nn.Conv3d(in_ch, out_ch, 1, stride=st, bias=False),
+                nn.BatchNorm3d(out_ch),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return F.relu(out, inplace=True)
+
+
+def _layer(in_ch: int, out_ch: int, n_blocks: int, stride: int) -> nn.Sequential:
+    blocks = [BasicBlock3d(in_ch, out_ch, stride)]
+    blocks += [BasicBlock3d(out_ch, out_ch) for _ in range(n_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+class GradingNet(nn.Module):
+    """IVD volume ``[N, 1, 9, 112, 224]`` -> tuple of 11 logit tensors (:data:`HEADS` order)."""
+
+    def __init__(self, config: GradingConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else GradingConfig()
+        w = self.config.base_width
+        self.conv1 = nn.Conv3d(1, w, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=True)
+        self.bn1 = nn.BatchNorm3d(w)
+        self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        b = self.config.blocks
+        # layer2 keeps stride 1 (FACTS.md §3.4); layer3/4 halve rows and cols only.
+        self.layer1 = _layer(w, w, b[0], 1)
+        self.layer2 = _layer(w, 2 * w, b[1], 1)
+        self.layer3 = _layer(2 * w, 4 * w, b[2], 2)
+        self.layer4 = _layer(4 * w, 8 * w, b[3], 2)
+        for head in HEADS:
+            self.add_module(head.name, nn.Linear(8 * w, head.n_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise InputError(f"grading input must be [N, 1, 9, 112, 224], got {list(x.shape)}")
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(F.adaptive_avg_pool3d(x, 1), 1)
+        return tuple(getattr(self, head.name)(x) for head in HEADS)
