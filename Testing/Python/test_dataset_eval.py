@@ -1,0 +1,498 @@
+"""Real-data cases, detection targets, patient split (SpineNetLib.dataset) and the
+seed paper's §5.1 metrics (SpineNetLib.evaluate).
+
+Tests on the real data skip when ``../shared/data`` (or ``$SPINENET_DATA``)
+is absent; everything else runs on hand-made masks, label volumes and NIfTI
+files written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from SpineNetLib import canonical, outputs, polygons
+from SpineNetLib import dataset as D
+from SpineNetLib import evaluate as E
+from SpineNetLib.errors import InputError
+from SpineNetLib.results import DetectionResult, Vertebra
+
+DATA = D.default_data_root()
+needs_data = pytest.mark.skipif(not (DATA / "chu").is_dir(),
+                                reason=f"real MRI data not found at {DATA} (shared/data beside the repository)")
+
+
+@pytest.fixture(scope="module")
+def real_cases():
+    return {c.case_id: c for c in D.list_cases(DATA)}
+
+
+# --------------------------------------------------------------------------- quads on hand-made masks
+
+
+def rect_mask(shape, center, half_w, half_h, angle_deg):
+    """Mask of a rectangle whose "width" axis points at angle_deg (image frame, y down)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    a = np.deg2rad(angle_deg)
+    u = (xx - center[0]) * np.cos(a) + (yy - center[1]) * np.sin(a)
+    v = -(xx - center[0]) * np.sin(a) + (yy - center[1]) * np.cos(a)
+    mask = (np.abs(u) <= half_w) & (np.abs(v) <= half_h)
+    corners = []
+    for su, sv in ((1, -1), (1, 1), (-1, 1), (-1, -1)):  # rt, rb, lb, lt
+        cu, cv = su * half_w, sv * half_h
+        corners.append((center[0] + cu * np.cos(a) - cv * np.sin(a), center[1] + cu * np.sin(a) + cv * np.cos(a)))
+    return mask, np.array(corners)
+
+
+def check_quad(quad, mask, steep=False):
+    assert quad.shape == (4, 2)
+    for x, y in quad:
+        assert x == int(x) and y == int(y) and mask[int(y), int(x)], "every corner is a mask pixel"
+    rt, rb, lb, lt = quad
+    assert rt[0] > lt[0] and rb[0] > lb[0], "r corners are posterior (larger x)"
+    assert rb[1] > rt[1], "b corners are inferior (larger y)"
+    if not steep:  # a wedge-shaped sacrum tilted ~55 degrees can have lt below lb in the image
+        assert lb[1] > lt[1]
+    assert polygons.is_valid_polygon(quad) and polygons.signed_area(quad) > 0, "clockwise rt, rb, lb, lt"
+
+
+def test_quad_of_axis_aligned_rectangle_is_its_corners():
+    mask = np.zeros((40, 50), bool)
+    mask[10:21, 5:31] = True  # rows 10..20, cols 5..30
+    quad = D.vertebra_quad_from_mask(mask)
+    np.testing.assert_array_equal(quad, [[30, 10], [30, 20], [5, 20], [5, 10]])
+
+
+@pytest.mark.parametrize("angle", [-25.0, -10.0, 0.0, 15.0, 30.0])
+def test_quad_of_tilted_near_square_body(angle):
+    # 30 x 26 px: principal axes would be ill-defined; the min-area frame is not.
+    mask, true = rect_mask((80, 80), (40, 40), 15, 13, angle)
+    quad = D.vertebra_quad_from_mask(mask)
+    check_quad(quad, mask)
+    assert np.max(np.linalg.norm(quad - true, axis=1)) < 1.6
+
+
+def test_quad_of_steep_sacrum_needs_its_prior():
+    # S1 tilted 55 degrees (posterior end up): with the default prior the AP axis is taken as the
+    # other rectangle side, with the L5-like prior the corners are right.
+    mask, true = rect_mask((90, 90), (45, 45), 20, 12, -55.0)
+    quad = D.vertebra_quad_from_mask(mask, prior_angle_deg=-35.0)
+    check_quad(quad, mask)
+    assert np.max(np.linalg.norm(quad - true, axis=1)) < 2.5  # blunt pixelated corners at 55 degrees
+    wrong = D.vertebra_quad_from_mask(mask)
+    assert np.max(np.linalg.norm(wrong - true, axis=1)) > 10
+
+
+def test_quad_rejects_tiny_clipped_and_fragmentary_masks():
+    tiny = np.zeros((30, 30), bool)
+    tiny[10:15, 10:15] = True  # 25 px
+    assert D.vertebra_quad_from_mask(tiny) is None
+    clipped = np.zeros((30, 30), bool)
+    clipped[0:10, 5:20] = True
+    assert D.vertebra_quad_from_mask(clipped) is None
+    two = np.zeros((40, 40), bool)
+    two[5:15, 5:15] = True
+    two[20:30, 20:28] = True
+    assert D.vertebra_quad_from_mask(two) is None
+    speck = np.zeros((40, 40), bool)
+    speck[5:20, 5:25] = True
+    speck[30, 30] = True  # a 1-px speck is dropped, not fatal
+    np.testing.assert_array_equal(D.vertebra_quad_from_mask(speck), [[24, 5], [24, 19], [5, 19], [5, 5]])
+    ring = np.zeros((40, 40), bool)  # a thin L shape: its "quad" is mostly outside it
+    ring[5:35, 5:8] = True
+    ring[32:35, 5:35] = True
+    assert D.vertebra_quad_from_mask(ring) is None
+
+
+def test_slice_targets_order_centroid_and_discs_ignored():
+    lab = np.zeros((80, 60), np.uint8)
+    lab[10:25, 20:45] = 23     # L4
+    lab[26:30, 20:45] = 123    # L4-L5 disc: not a body
+    lab[31:47, 18:44] = 24     # L5
+    names = {23: "L4", 24: "L5", 123: "L4-L5"}
+    targets = D.slice_targets(lab, names)
+    assert [t.level for t in targets] == ["L4", "L5"]
+    np.testing.assert_allclose(targets[0].centroid, [32.0, 17.0])
+    np.testing.assert_allclose(targets[1].centroid, [30.5, 38.5])
+    # lateral edge slice: below a quarter of the body's largest area -> no target, masked from the loss
+    refs = {23: int((lab == 23).sum()) * 5, 24: int((lab == 24).sum())}
+    assert [t.level for t in D.slice_targets(lab, names, reference_areas=refs)] == ["L5"]
+    band = D.AnnotatedBand(None, None)
+    keep = D.detection_loss_mask(lab, band, names, reference_areas=refs)
+    assert not keep[17, 32] and not keep[8, 32] and keep[38, 30] and keep[70, 5]
+    targets, keep2 = D.slice_targets_and_loss_mask(lab, band, names, reference_areas=refs)
+    assert [t.level for t in targets] == ["L5"] and np.array_equal(keep, keep2)
+
+
+def test_annotated_band_follows_tilted_endplates_and_source():
+    lab = np.zeros((140, 100, 3), np.uint8)
+    for code, (top, tilt) in {22: (20, 0.0), 23: (50, 0.0), 24: (80, -0.3)}.items():
+        for c in range(30, 70):
+            t = int(round(top + tilt * (c - 30)))
+            lab[t:t + 25, c, :] = code
+    band = D.annotated_band(lab, "chu", (1.0, 1.0, 1.0), margin_mm=2.0)
+    assert band.upper == pytest.approx((18.0, 0.0))
+    a, b = band.lower  # L5's lower endplate rises towards posterior (larger x)
+    assert b == pytest.approx(-0.3, abs=0.02)
+    m = band.mask((140, 100))
+    assert m[(lab > 0).any(axis=2)].all(), "every annotated body is inside the band"
+    assert not m[17, 50] and m[18, 50]
+    for c in (30, 69):  # 2 mm below the endplate kept, 4 mm below masked, at both ends of it
+        bottom = int(round(80 - 0.3 * (c - 30))) + 24
+        assert m[bottom + 2, c] and not m[bottom + 4, c]
+    assert band.row_band(100) == (18, int(np.floor(a + b * 99)))
+    zuk = D.annotated_band(lab, "zukic")
+    assert zuk.lower is None and zuk.mask((140, 100))[139, 50]
+    assert D.annotated_band(np.zeros((5, 5, 2), np.uint8), "ivd").mask((5, 5)).sum() == 0
+    assert D.ignore_below_row(lab, "myosegmentum") == 104 + 2
+    assert D.ignore_below_row(lab, "zukic") is None
+
+
+# --------------------------------------------------------------------------- patients and split
+
+
+def fake_cases():
+    ids = ([("chu", f"chu_{i:02d}") for i in range(1, 11)] + [("myosegmentum", f"myo_{i:02d}") for i in range(1, 16)]
+           + [("zukic", z) for z in ("zukic_02_AKa3_T1", "zukic_03_AKa4_TIRM", "zukic_15_S01_T2")])
+    return [D.RealCase(cid, src, D.patient_of(src, cid), "T2", None) for src, cid in ids]
+
+
+def test_patient_ids():
+    assert D.patient_of("zukic", "zukic_02_AKa3_T1") == D.patient_of("zukic", "zukic_03_AKa4_TIRM") == "zukic_AKa"
+    assert D.patient_of("zukic", "zukic_15_S01_T2") == "zukic_S01"
+    assert D.patient_of("chu", "chu_06") == "chu_06"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_patient_split_never_splits_a_patient_and_is_deterministic(seed):
+    cases = fake_cases()
+    train, val = D.patient_split(cases, 9, seed=seed)
+    assert D.patient_split(cases, 9, seed=seed) == (train, val)
+    assert len({c.patient_id for c in val}) == 9
+    assert not {c.patient_id for c in train} & {c.patient_id for c in val}
+    assert len(train) + len(val) == len(cases)
+    aka = [c for c in cases if c.patient_id == "zukic_AKa"]
+    assert all(c in train for c in aka) or all(c in val for c in aka)
+
+
+def test_patient_split_explicit_and_per_source():
+    cases = fake_cases()
+    train, val = D.patient_split(cases, {"chu": 2, "myosegmentum": 3}, val_patients=["zukic_AKa"], seed=1)
+    assert [c.case_id for c in val if c.source == "zukic"] == ["zukic_02_AKa3_T1", "zukic_03_AKa4_TIRM"]
+    assert sum(c.source == "chu" for c in val) == 2 and sum(c.source == "myosegmentum" for c in val) == 3
+    with pytest.raises(InputError):
+        D.patient_split(cases, val_patients=["nobody"])
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@needs_data
+def test_real_case_list(real_cases):
+    cases = D.list_cases(DATA)
+    assert [c.case_id for c in cases] == [c.case_id for c in D.list_cases(DATA)]
+    assert len(cases) == 55
+    assert {c.source for c in cases} == set(D.SOURCES)
+    patients = {c.patient_id for c in cases}
+    assert len(patients) == 54
+    assert real_cases["zukic_02_AKa3_T1"].patient_id == real_cases["zukic_03_AKa4_TIRM"].patient_id
+    assert real_cases["zukic_15_S01_T2"].sequence == "T2"
+
+
+@needs_data
+def test_default_split_on_real_data():
+    cases = D.list_cases(DATA)
+    train, val = D.default_split(cases)
+    assert tuple(c.case_id for c in val) == D.DEFAULT_VAL_CASES
+    assert D.default_split(cases) == (train, val)
+    assert "zukic_02_AKa3_T1" in {c.case_id for c in train} and "zukic_03_AKa4_TIRM" in {c.case_id for c in train}
+    assert not {c.patient_id for c in train} & {c.patient_id for c in val}
+
+
+@needs_data
+def test_load_case_is_the_stored_array_transposed(real_cases):
+    import SimpleITK as sitk
+
+    case = real_cases["chu_06"]
+    data = D.load_case(case)
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(case.path / "labels.nii.gz")))
+    assert data.voxels.dtype == np.float32 and data.labels.dtype == np.uint8
+    assert data.voxels.shape == (381, 381, 69) and data.spacing_mm == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(data.labels, raw.transpose(2, 1, 0))
+    geo = D.case_geometry(case)
+    # canonical rows run inferior, columns posterior (RAS -S, -A)
+    np.testing.assert_allclose(geo.canonical_to_ras[:3, 0], [0, 0, -1], atol=1e-6)
+    np.testing.assert_allclose(geo.canonical_to_ras[:3, 1], [0, -1, 0], atol=1e-6)
+    rows = {name: np.nonzero((data.labels == code).any(axis=(1, 2)))[0].mean()
+            for code, name in data.level_names.items()}
+    assert rows["T11"] < rows["L1"] < rows["L5"], "head at the top"
+    assert data.level_names[24] == "L5"
+
+
+@needs_data
+@pytest.mark.parametrize("case_id", ["chu_06", "myo_01", "zukic_02_AKa3_T1", "zukic_15_S01_T2"])
+def test_real_targets(real_cases, case_id):
+    case = real_cases[case_id]
+    data = D.load_case(case)
+    refs = D.body_reference_areas(data.labels)
+    codes = {name: code for code, name in data.level_names.items()}
+    n = 0
+    for s in range(data.labels.shape[2]):
+        lab = data.labels[:, :, s]
+        for t in D.slice_targets(lab, data.level_names, reference_areas=refs):
+            mask = lab == codes[t.level]
+            check_quad(t.quad, mask, steep=t.level == "S1")
+            cx, cy = np.rint(t.centroid).astype(int)
+            assert mask[cy, cx], "centroid inside its mask"
+            n += 1
+    assert n > 150
+    gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case_id)
+    for v in gt.vertebrae:  # every body has a target on its mid slice
+        assert v.level in [t.level for t in D.slice_targets(data.labels[:, :, v.mid_slice], data.level_names,
+                                                             reference_areas=refs)]
+    if case.source == "zukic":
+        assert gt.vertebrae[-1].level == "S1"
+    # Sides right: on each mid slice, a body's superior edge (lt-rt) faces the inferior edge (lb-rb)
+    # of the body above, closer than any of its other three edges (catches frames turned by 90
+    # degrees, e.g. the sacrum of zukic AKa, whose minimum-area rectangle is 45 degrees off).
+    for upper, lower in zip(gt.vertebrae, gt.vertebrae[1:]):
+        for s in {upper.mid_slice, lower.mid_slice}:
+            t = {q.level: q.quad for q in D.slice_targets(data.labels[:, :, s], data.level_names)}
+            if upper.level in t and lower.level in t:
+                target = t[upper.level][[1, 2]].mean(axis=0)
+                q = t[lower.level]
+                edges = [q[[3, 0]], q[[0, 1]], q[[1, 2]], q[[2, 3]]]  # superior, posterior, inferior, anterior
+                d = [np.linalg.norm(e.mean(axis=0) - target) for e in edges]
+                assert int(np.argmin(d)) == 0, (s, upper.level, lower.level, d)
+
+
+@needs_data
+@pytest.mark.parametrize("case_id", ["chu_06", "myo_01", "zukic_15_S01_T2"])
+def test_real_loss_band(real_cases, case_id):
+    case = real_cases[case_id]
+    data = D.load_case(case)
+    band = D.annotated_band(data.labels, case.source, data.spacing_mm)
+    m = band.mask(data.labels.shape[:2])
+    bodies = np.isin(data.labels, list(D.VERTEBRA_CODES)).any(axis=2)
+    assert m[bodies].all()
+    gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case_id)
+    top, bottom = gt.vertebrae[0], gt.vertebrae[-1]
+    tx, ty = np.rint(top.centroid).astype(int)
+    assert not m[max(ty - 25, 0), tx], "the unannotated body above the first one is masked"
+    bx, by = np.rint(bottom.centroid).astype(int)
+    below = m[min(by + 30, m.shape[0] - 1), bx]
+    if case.source == "zukic":
+        assert band.lower is None and D.ignore_below_row(data.labels, case.source) is None
+    else:  # S1, ~30 mm below L5's centre, is unannotated: masked
+        assert not below
+        assert D.ignore_below_row(data.labels, case.source) < by + 30
+
+
+@needs_data
+def test_real_round_trip_through_vertebrae_json(real_cases, tmp_path):
+    """GT quads written by outputs.py on the slab-averaged scan the pipeline uses score perfectly."""
+    case = real_cases["myo_01"]
+    data = D.load_case(case)
+    arr, affine = D._read_nifti(case.path / "image.nii.gz")
+    scan = canonical.scan_from_array(arr, affine)  # the pipeline's ~3.5 mm slabs
+    centre = [float((scan.canonical_to_input_ijk @ [0, 0, t, 1])[2]) for t in range(scan.n_slices)]
+    gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+    refs = D.body_reference_areas(data.labels)
+    verts = []
+    for v in gt.vertebrae:
+        slabs, polys = [], []
+        for t in range(scan.n_slices):
+            native = int(round(centre[t]))
+            quads = [q for q in D.slice_targets(data.labels[:, :, native], data.level_names, reference_areas=refs)
+                     if q.level == v.level]
+            if quads and abs(centre[t] - v.mid_slice) <= 8:
+                slabs.append(t)
+                polys.append(quads[0].quad)
+        verts.append(Vertebra(slices=slabs, polygons=polys, level=v.level))
+    verts.append(Vertebra(slices=[2, 3], polygons=[np.array([[120., 5], [120, 25], [95, 25], [95, 5]])] * 2,
+                          level="T12"))  # above the annotated range: ignored
+    (tmp_path / case.case_id).mkdir()
+    path = tmp_path / case.case_id / "vertebrae.json"
+    path.write_text(json.dumps(outputs.vertebrae_document(scan, DetectionResult(verts))))
+    preds = E.predictions_from_vertebrae_json(path, D.case_geometry(case))
+    assert len(preds) == 6
+    np.testing.assert_allclose(preds[0].slices, [centre[t] for t in verts[0].slices], atol=1e-3)
+    m = E.evaluate_case(gt, preds)
+    assert (m.tp, m.fp, m.fn, m.n_identified, m.n_ignored_predictions) == (5, 0, 0, 5, 1)
+    assert m.mean_localisation_error_mm < 2.5
+    summary = E.evaluate_directories(DATA, tmp_path, case_ids=["myo_01", "myo_02"])
+    assert summary["missing_predictions"] == ["myo_02"]
+    assert summary["overall"]["recall"] == 1.0 and summary["overall"]["precision"] == 1.0
+
+
+# --------------------------------------------------------------------------- metrics on hand-made cases
+
+
+def box(x0, y0, x1, y1):
+    return np.array([[x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)
+
+
+def pred(level, poly, slices=(4, 5, 6)):
+    return E.PredictedVertebra(level=level, slices=np.asarray(slices, float), polygons=[np.asarray(poly, float)] * len(slices))
+
+
+def gt_case(spacing=(1.0, 1.0, 1.0)):
+    """Three bodies L3, L4, L5 on mid slice 5, centroids (30, 20), (30, 50), (30, 80)."""
+    vs = [E.GroundTruthVertebra(level=n, mid_slice=5, centroid=np.array([30.0, y]))
+          for n, y in (("L3", 20.0), ("L4", 50.0), ("L5", 80.0))]
+    return E.CaseGroundTruth("hand", spacing, vs, range_top_row=8.0, range_bottom_row=92.0)
+
+
+def test_hits_misses_and_identification():
+    preds = [pred("L3", box(18, 10, 42, 30)), pred("L4", box(18, 40, 42, 60))]
+    m = E.evaluate_case(gt_case(), preds)
+    assert (m.n_gt, m.tp, m.fp, m.fn) == (3, 2, 0, 1)
+    assert m.missed_levels == ["L5"]
+    assert m.precision == 1.0 and m.recall == pytest.approx(2 / 3)
+    assert m.identification_rate == pytest.approx(2 / 3)
+    assert m.localisation_errors_mm == [0.0, 0.0]
+
+
+def test_double_hit_is_one_tp_and_one_fp():
+    preds = [pred("L3", box(18, 10, 42, 30)), pred("L3", box(20, 12, 44, 34)),
+             pred("L4", box(18, 40, 42, 60)), pred("L5", box(18, 70, 42, 90))]
+    m = E.evaluate_case(gt_case(), preds)
+    assert (m.tp, m.fp, m.fn) == (3, 1, 0)
+    assert m.matches[0].pred_index == 0, "the nearer of the two is matched"
+    assert m.precision == pytest.approx(0.75)
+
+
+def test_merged_detection_counts_once():
+    m = E.evaluate_case(gt_case(), [pred("L4", box(18, 40, 42, 90))])  # covers L4 and L5 centroids
+    assert (m.tp, m.fp, m.fn) == (1, 0, 2)
+
+
+def test_out_of_range_predictions_are_ignored_but_in_range_spurious_ones_are_fp():
+    good = [pred("L3", box(18, 10, 42, 30)), pred("L4", box(18, 40, 42, 60)), pred("L5", box(18, 70, 42, 90))]
+    above = pred("L2", box(18, -15, 42, 5))       # unannotated L2 above: centroid row -5 < 8
+    below = pred("S1", box(18, 95, 42, 115))      # unannotated S1 below: centroid row 105 > 92
+    spurious = pred("L4", box(60, 40, 80, 60))    # beside the spine at L4 height
+    m = E.evaluate_case(gt_case(), good + [above, below, spurious])
+    assert (m.tp, m.fp, m.fn, m.n_ignored_predictions) == (3, 1, 0, 2)
+
+
+def test_wrong_level_and_off_by_one():
+    preds = [pred("L2", box(18, 10, 42, 30)), pred("L5", box(18, 40, 42, 60)), pred("S1", box(18, 70, 42, 90))]
+    m = E.evaluate_case(gt_case(), preds)
+    assert m.tp == 3 and m.n_identified == 0
+    assert m.n_identified_within_1 == 3  # L3->L2, L4->L5, L5->S1: all one off
+    preds[1] = pred("L2", box(18, 40, 42, 60))  # L4 called L2: two off
+    m = E.evaluate_case(gt_case(), preds)
+    assert m.n_identified_within_1 == 2 and m.identification_rate_within_1 == pytest.approx(2 / 3)
+    assert E.level_distance("S1", "S2") == 1 and E.level_distance("C7", "T1") == 1
+    assert E.level_distance(None, "L1") == math.inf
+
+
+def test_localisation_error_uses_anisotropic_spacing():
+    # polygon centroid (33, 24) vs GT (30, 20): 3 columns x 2.0 mm, 4 rows x 0.5 mm
+    preds = [pred("L3", box(21, 14, 45, 34))]
+    m = E.evaluate_case(gt_case(spacing=(0.5, 2.0, 1.0)), preds)
+    assert m.tp == 1
+    assert m.localisation_errors_mm[0] == pytest.approx(math.sqrt(6.0 ** 2 + 2.0 ** 2))
+    m = E.evaluate_case(gt_case(), preds, spacing_mm=(1.0, 1.0, 1.0))
+    assert m.localisation_errors_mm[0] == pytest.approx(5.0)
+
+
+def test_slice_tolerance():
+    near = pred("L3", box(18, 10, 42, 30), slices=(1.75, 5.25 + 1.5))   # 1.75 mm from slice 5
+    far = pred("L4", box(18, 40, 42, 60), slices=(8.0, 9.0))            # 3 mm away
+    m = E.evaluate_case(gt_case(), [near, far])
+    assert m.tp == 1 and m.missed_levels == ["L4", "L5"] and m.fp == 1
+    m = E.evaluate_case(gt_case(spacing=(1.0, 1.0, 0.5)), [near, far])   # 1.5 mm away at 0.5 mm slices
+    assert m.tp == 2
+
+
+def test_ground_truth_from_labels_and_summary():
+    lab = np.zeros((60, 40, 9), np.uint8)
+    lab[10:20, 10:30, 2:9] = 23   # slices 2..8 -> mid 5
+    lab[25:35, 12:28, 0:4] = 24   # slices 0..3 -> median 1.5 -> 2
+    lab[21:24, 10:30, :] = 123    # disc: ignored
+    gt = E.ground_truth_from_labels(lab, (1.0, 1.0, 3.0), {23: "L4", 24: "L5", 123: "L4-L5"}, "c")
+    assert [(v.level, v.mid_slice) for v in gt.vertebrae] == [("L4", 5), ("L5", 2)]
+    np.testing.assert_allclose(gt.vertebrae[0].centroid, [19.5, 14.5])
+    assert (gt.range_top_row, gt.range_bottom_row) == (10.0, 34.0)
+    m1 = E.evaluate_case(gt, [E.PredictedVertebra("L4", np.array([5.0]), [box(9, 9, 31, 21)])])
+    m2 = E.evaluate_case(gt_case(), [pred("L3", box(18, 10, 42, 30)), pred("L9", box(60, 40, 80, 60))])
+    s = E.summarise([m1, m2])
+    assert s["overall"]["n_gt"] == 5 and s["overall"]["tp"] == 2 and s["overall"]["fp"] == 1
+    assert s["overall"]["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["overall"]["recall"] == pytest.approx(0.4) and s["overall"]["identification_rate"] == pytest.approx(0.4)
+    assert s["cases"]["c"]["missed_levels"] == ["L5"]
+    json.dumps(s)
+
+
+def test_border_cut_vertebra_is_ignored():
+    lab = np.zeros((60, 40, 9), np.uint8)
+    lab[0:8, 10:30, 1:8] = 22     # L3 cut by the top of the image
+    lab[12:22, 10:30, 1:8] = 23
+    gt = E.ground_truth_from_labels(lab, (1.0, 1.0, 1.0), {22: "L3", 23: "L4"})
+    assert [v.ignored for v in gt.vertebrae] == [True, False]
+    preds = [E.PredictedVertebra("L3", np.array([1.0, 2.0]), [box(9, 0, 31, 9)] * 2),   # far from mid slice 4
+             E.PredictedVertebra("L4", np.array([4.0]), [box(9, 11, 31, 23)])]
+    m = E.evaluate_case(gt, preds)
+    assert (m.n_gt, m.tp, m.fp, m.fn, m.n_ignored_predictions) == (1, 1, 0, 0, 1)
+
+
+def write_synthetic_case(root, *, ijk_spacing=(0.9, 1.2, 1.0)):
+    """A chu-like case stored with i = posterior->anterior, j = superior->inferior, k = right->left."""
+    import SimpleITK as sitk
+
+    H, W, S = 70, 50, 12
+    canon = np.zeros((H, W, S), np.uint8)
+    canon[10:24, 15:40, 2:10] = 22
+    canon[28:42, 14:39, 2:10] = 23
+    canon[46:60, 13:38, 2:10] = 24
+    ijk = canon.transpose(1, 0, 2)[::-1]            # i = W-1-col, j = row, k = slice
+    folder = root / "chu" / "syn_01"
+    folder.mkdir(parents=True)
+    lps_dirs = np.array([[0, -1, 0], [0, 0, -1], [1, 0, 0]], float).T  # columns: i -> +A, j -> -S, k -> +L
+    for name, arr in (("labels", ijk), ("image", ijk.astype(np.float32) * 3 + 10)):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+        img.SetSpacing(ijk_spacing)
+        img.SetDirection(lps_dirs.ravel().tolist())
+        img.SetOrigin((5.0, -7.0, 11.0))
+        sitk.WriteImage(img, str(folder / f"{name}.nii.gz"))
+    (folder / "case.json").write_text(json.dumps({"sequence": "T2", "labels": {"22": "L3", "23": "L4", "24": "L5"}}))
+    return canon
+
+
+def test_synthetic_nifti_case_and_vertebrae_json_round_trip(tmp_path):
+    canon = write_synthetic_case(tmp_path)
+    (case,) = D.list_cases(tmp_path)
+    assert (case.case_id, case.source, case.patient_id) == ("syn_01", "chu", "syn_01")
+    data = D.load_case(case)
+    np.testing.assert_array_equal(data.labels, canon)
+    assert data.spacing_mm == pytest.approx((1.2, 0.9, 1.0))
+    gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+    assert [(v.level, v.mid_slice) for v in gt.vertebrae] == [("L3", 6), ("L4", 6), ("L5", 6)]
+    # The pipeline's scan of the same file (slab-averaged to ~3.5 mm) and its vertebrae.json.
+    arr, affine = D._read_nifti(case.path / "image.nii.gz")
+    scan = canonical.scan_from_array(arr, affine)
+    assert scan.n_slices < 12  # slabs of several native slices
+    centre = [float((scan.canonical_to_input_ijk @ [0, 0, t, 1])[2]) for t in range(scan.n_slices)]
+    quads = {n: box(c0, r0, c1 - 1, r1 - 1) for n, (r0, r1, c0, c1) in
+             {"L3": (10, 24, 15, 40), "L4": (28, 42, 14, 39), "L5": (46, 60, 13, 38)}.items()}
+    slabs = list(range(scan.n_slices))
+    verts = [Vertebra(slices=slabs, polygons=[quads[n] + [1.0, 0.0]] * len(slabs), level=n) for n in ("L3", "L4", "L5")]
+    verts[2].level = "L4"
+    path = tmp_path / "vertebrae.json"
+    path.write_text(json.dumps(outputs.vertebrae_document(scan, DetectionResult(verts))))
+    preds = E.predictions_from_vertebrae_json(path, D.case_geometry(case))
+    np.testing.assert_allclose(preds[0].slices, [centre[t] for t in slabs], atol=1e-3)
+    np.testing.assert_allclose(preds[1].polygons[-1], quads["L4"] + [1.0, 0.0], atol=1e-3)
+    m = E.evaluate_case(gt, preds)
+    assert (m.tp, m.fp, m.fn, m.n_identified, m.n_identified_within_1) == (3, 0, 0, 2, 3)
+    assert m.localisation_errors_mm == pytest.approx([0.9] * 3, abs=1e-3)  # one column at 0.9 mm
+    doc = json.loads(path.read_text())
+    doc["scan"]["shape"] = [1, 2, 3]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="shape"):
+        E.predictions_from_vertebrae_json(path, D.case_geometry(case))
