@@ -1,0 +1,83 @@
+"""Detection and labelling of a whole scan: the stages glued together.
+
+``load_networks`` resolves and loads the weights once; ``detect_and_label``
+runs detection (seed §3.1) and labelling (seed §3.2) on a :class:`Scan` and
+returns vertebrae top to bottom, in canonical coordinates, with per-stage
+timings.  ``SpineNetLib.outputs`` maps them back to the input's RAS space.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoints, detection, labelling
+from .errors import InputError, SpineNetError
+from .progress import ProgressCallback, scaled
+from .results import DetectionResult
+from .scan import Scan
+from .weights import WeightSet, resolve_weights
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SpineNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+    try:
+        return torch.device(spec)
+    except RuntimeError as error:
+        raise InputError(f"unknown device {spec!r} (use auto, cpu or cuda)") from error
+
+
+@dataclass
+class Networks:
+    """The loaded networks of one weight set, in eval mode on one device."""
+
+    detector: torch.nn.Module
+    appearance: torch.nn.Module
+    context: torch.nn.Module
+    device: torch.device
+    weights: WeightSet
+    grading: torch.nn.Module | None = None
+    load_seconds: float = 0.0
+    #: Optional ``predict(patches, boxes)`` used instead of running ``detector``
+    #: (e.g. another runtime, or ground-truth "oracle" maps in tests).
+    predictor: detection.Predictor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_networks(weights: str | None = "bundled", device: str = "auto", *,
+                  trusted_sha256: set[str] | None = None, with_grading: bool = False) -> Networks:
+    start = time.perf_counter()
+    weight_set = resolve_weights(weights)
+    dev = choose_device(device)
+    load = lambda kind: checkpoints.load_model(kind, weight_set.path(kind), device=str(dev),  # noqa: E731
+                                               trusted_sha256=trusted_sha256)
+    grading = load("grading") if (with_grading and weight_set.grading is not None) else None
+    return Networks(detector=load("detector"), appearance=load("appearance"), context=load("context"),
+                    grading=grading, device=dev, weights=weight_set,
+                    load_seconds=time.perf_counter() - start)
+
+
+def detect_and_label(scan: Scan, networks: Networks, *,
+                     detection_params: detection.DetectionParams | None = None,
+                     labelling_params: labelling.LabellingParams | None = None,
+                     progress: ProgressCallback | None = None) -> DetectionResult:
+    """Detect every vertebral body in ``scan`` and label its level."""
+    detection_params = detection_params or detection.DetectionParams()
+    labelling_params = labelling_params or labelling.LabellingParams()
+    predict = networks.predictor or detection.network_predictor(networks.detector, device=networks.device)
+    result = detection.detect_vertebrae(scan, predict, detection_params,
+                                        progress=scaled(progress, "detecting vertebrae"))
+    start = time.perf_counter()
+    if result.vertebrae:
+        labelling.label_vertebrae(scan, result.vertebrae, networks.appearance, networks.context,
+                                  labelling_params, device=networks.device,
+                                  progress=scaled(progress, "labelling levels"))
+    result.timings_s["labelling"] = time.perf_counter() - start
+    return result

@@ -1,0 +1,149 @@
+"""The `spinenet run` command: result files on a phantom, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SpineNetLib import cli, pipeline
+from SpineNetLib.io import load_scan
+from SpineNetLib.phantom import make_phantom
+
+from oracles import ground_truth_centroid_ras, oracle_networks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_vertebrae_schema(doc: dict) -> None:
+    """Structural check of a ``spinenet.vertebrae/1`` document."""
+    assert doc["schema"] == "spinenet.vertebrae/1"
+    assert isinstance(doc["input"], dict)
+    scan = doc["scan"]
+    assert len(scan["shape"]) == 3 and all(isinstance(n, int) for n in scan["shape"])
+    assert len(scan["spacing_mm"]) == 3
+    assert np.asarray(scan["ijk_to_ras"]).shape == (4, 4)
+    assert isinstance(doc["timings_s"], dict)
+    for v in doc["vertebrae"]:
+        assert isinstance(v["level"], str)
+        assert abs(sum(v["level_probabilities"].values()) - 1) < 0.01
+        assert len(v["centroid_ras"]) == 3
+        assert v["polygons"], "every vertebra has at least one polygon"
+        for p in v["polygons"]:
+            assert isinstance(p["slice"], int) and 0 <= p["slice"] < scan["shape"][scan["slice_axis"]]
+            assert np.asarray(p["corners_ras"]).shape == (4, 3)
+
+
+@pytest.mark.parametrize("reverse_slices", [False, True])
+def test_run_writes_files_that_land_on_the_phantom_vertebrae(tmp_path, monkeypatch, reverse_slices):
+    phantom = make_phantom(fov="lumbar", pixel_spacing=(0.6, 0.7), shape=(448, 400), n_slices=9,
+                           rotation_deg=8.0, reverse_slices=reverse_slices, seed=3)
+    dicom = tmp_path / "dicom"
+    phantom.write_dicom(dicom, shuffle_files=True, shuffle_instance_numbers=True, rescale_slope=0.5)
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(dicom), "-o", str(out), "--quiet"]) == 0
+
+    doc = json.loads((out / "vertebrae.json").read_text())
+    check_vertebrae_schema(doc)
+    truth = [v for v in phantom.vertebrae if not v.extra]
+    assert [v["level"] for v in doc["vertebrae"]] == [v.level for v in truth]
+    # DICOM slices are ordered along the slice normal, whatever order the phantom wrote them in,
+    # so the input's own slice index is the loaded series' one; the canonical frame is the phantom's.
+    loaded = load_scan(dicom)
+    assert np.allclose(loaded.canonical_to_ras, phantom.scan.canonical_to_ras, atol=1e-3)
+    assert np.allclose(doc["scan"]["ijk_to_ras"], loaded.input_ijk_to_ras, atol=1e-3)
+    pixel = min(phantom.scan.spacing_mm[:2])
+    for found, gt in zip(doc["vertebrae"], truth):
+        assert np.linalg.norm(np.subtract(found["centroid_ras"], ground_truth_centroid_ras(phantom, gt))) < pixel
+        # Every slice index is the input's own index, and each polygon sits on the true corners.
+        expected_slices = sorted(loaded.input_slice_index(s) for s in gt.slices)
+        assert [p["slice"] for p in found["polygons"]] == expected_slices
+        by_input_slice = {loaded.input_slice_index(s): s for s in gt.slices}
+        for p in found["polygons"]:
+            s = by_input_slice[p["slice"]]
+            true_ras = phantom.scan.xy_to_ras(gt.quads[s], s)
+            assert np.abs(np.asarray(p["corners_ras"]) - true_ras).max() < pixel
+            # The slice index really is the input voxel's k: map RAS back to input IJK.
+            ijk = np.linalg.inv(loaded.input_ijk_to_ras) @ np.append(np.asarray(p["corners_ras"][0]), 1.0)
+            assert round(ijk[2]) == p["slice"]
+
+    rows = list(csv.DictReader((out / "vertebrae.csv").open()))
+    assert [r["level"] for r in rows] == [v.level for v in truth]
+    assert list(rows[0]) == ["level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
+                             "first_slice", "last_slice", "level_probability"]
+    assert float(rows[0]["level_probability"]) > 0.9
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
+
+
+def test_no_output_is_left_when_the_pipeline_fails(tmp_path, monkeypatch):
+    phantom = make_phantom(fov="lumbar", shape=(256, 256), pixel_spacing=(1.0, 1.0), n_slices=5)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure in the middle of the run")
+
+    monkeypatch.setattr(pipeline, "detect_and_label", broken)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(image), "-o", str(out), "--quiet"]) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "SpineNetLib", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    not_dicom = tmp / "notdicom"
+    not_dicom.mkdir()
+    (not_dicom / "readme.txt").write_text("hello")
+    corrupt = tmp / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b this is not a nifti file")
+    axial = make_phantom(fov="lumbar", shape=(64, 64), pixel_spacing=(1.0, 1.0), n_slices=4)
+    # Write the phantom's array with an axial geometry (slice normal along S-I).
+    axial_affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    from SpineNetLib.io_write import write_dicom_series
+    axial_dir = tmp / "axial"
+    write_dicom_series(axial.voxels_kji, axial_affine, axial_dir)
+    return {
+        "missing path": (tmp / "does-not-exist", "no such file"),
+        "empty folder": (empty, "empty"),
+        "no DICOM": (not_dicom, "DICOM"),
+        "corrupt file": (corrupt, "corrupt.nii.gz"),
+        "axial scan": (axial_dir, "axial"),
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path):
+    for name, (path, words) in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        result = _run_cli("run", str(path), "-o", str(out))
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spinenet: error: "), (name, result.stderr)
+        assert words.lower() in lines[0].lower(), (name, lines[0])
+        assert "Traceback" not in result.stderr
+        assert not out.exists(), name
+
+
+def test_missing_weights_folder_is_a_one_line_error(tmp_path):
+    phantom = make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.0, 2.0), n_slices=4)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    result = _run_cli("run", str(image), "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("spinenet: error: weights folder not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_overrides_are_refused(tmp_path):
+    result = _run_cli("run", str(tmp_path), "-o", str(tmp_path / "o"), "--pixel-spacing", "0", "1")
+    assert result.returncode == 2 and "pixel-spacing" in result.stderr
