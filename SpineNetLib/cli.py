@@ -52,6 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
+
+    demo = sub.add_parser("demo", help="write a synthetic spine as DICOM and run the bundled models on it")
+    demo.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the phantom and the results")
+    _add_network_options(demo)
+    demo.add_argument("--fov", default="lumbar", choices=["lumbar", "cervical", "thoracic", "whole"])
+    demo.add_argument("--contrast", default="T2", choices=["T1", "T2", "STIR"])
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    demo.set_defaults(func=command_demo)
+
+    evaluate = sub.add_parser("evaluate", help="detection/identification metrics of predictions against annotated cases")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases (one folder per case: image.nii.gz, labels.nii.gz, case.json)")
+    evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
+    evaluate.add_argument("--cases", nargs="*", metavar="CASE", help="only these case ids")
+    evaluate.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
+    evaluate.set_defaults(func=command_evaluate)
+
+    weights = sub.add_parser("weights", help="manage network weights (the official download, offline installs)")
+    wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    download = wsub.add_parser("download", help="download the official SpineNetV2 weights (non-commercial licence)")
+    download.add_argument("--official", action="store_true", required=True, help="the official VGG checkpoints")
+    download.add_argument("--accept-license", action="store_true", help="accept the official non-commercial licence")
+    download.add_argument("--base-url", help="download from this URL instead of the official server (a mirror)")
+    download.add_argument("--force", action="store_true", help="download again even if files exist")
+    download.set_defaults(func=command_weights_download)
+    install = wsub.add_parser("install", help="install official checkpoints from a folder (offline copy)")
+    install.add_argument("folder", help="folder with detect-vfr/, appearance/, context/, grading/")
+    install.add_argument("--accept-license", action="store_true", help="accept the official non-commercial licence")
+    install.set_defaults(func=command_weights_install)
+    info = wsub.add_parser("info", help="show where weights are looked for and what is installed")
+    info.set_defaults(func=command_weights_info)
+    from .train_cli import register
+    register(sub)
     return parser
 
 
@@ -65,7 +98,7 @@ def _validate_overrides(args) -> None:
 def command_run(args) -> int:
     from .io import load_scan
     from .outputs import write_vertebra_outputs
-    from .pipeline import detect_and_label, load_networks
+    from .pipeline import detect_and_label
     from .progress import StderrProgress, no_progress
 
     start = time.perf_counter()
@@ -77,7 +110,7 @@ def command_run(args) -> int:
                      pixel_spacing=tuple(args.pixel_spacing) if args.pixel_spacing else None,
                      slice_spacing=args.slice_spacing)
     load_seconds = time.perf_counter() - start
-    networks = load_networks(args.weights, args.device, trusted_sha256=set(args.trust_sha256) or None)
+    networks = _networks_for(args)
     progress = no_progress if args.quiet else StderrProgress()
     result = detect_and_label(scan, networks, progress=progress)
     result.timings_s = {"load_scan": load_seconds, "load_networks": networks.load_seconds,
@@ -86,6 +119,100 @@ def command_run(args) -> int:
     levels = [v.level or "?" for v in result.vertebrae]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     print(f"{len(levels)} vertebrae ({summary}); wrote {', '.join(str(p) for p in written)}")
+    return EXIT_OK
+
+
+def _networks_for(args):
+    from .official_weights import trusted_hashes
+    from .pipeline import load_networks
+
+    trusted = set(args.trust_sha256)
+    if args.weights == "official":
+        trusted |= trusted_hashes()
+    return load_networks(args.weights, args.device, trusted_sha256=trusted or None)
+
+
+def command_demo(args) -> int:
+    from .phantom import make_phantom
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise SpineNetError(f"output {output} exists and is not a folder")
+    phantom = make_phantom(fov=args.fov, contrast=args.contrast, seed=args.seed, variability=1.0)
+    dicom = output / "phantom_dicom"
+    phantom.write_dicom(dicom, series_description=f"SpineNet demo phantom {args.fov} {args.contrast}")
+    phantom.write_nifti(output / "phantom.nii.gz")
+    truth = ", ".join(v.level for v in phantom.vertebrae if not v.extra)
+    print(f"wrote a synthetic {args.fov} {args.contrast} spine to {dicom} (ground truth: {truth})")
+    run_args = argparse.Namespace(**{**vars(args), "input": str(dicom), "output": str(output / "results"),
+                                     "series": None, "pixel_spacing": None, "slice_spacing": None})
+    return command_run(run_args)
+
+
+def command_evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate_directories
+
+    summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)
+    def pct(x):
+        return "   n/a" if x is None else f"{100 * x:6.1f}"
+    print(f"{'case':<22} {'TP':>4} {'FP':>4} {'FN':>4} {'prec%':>6} {'rec%':>6} {'IDR%':>6} {'IDR±1%':>6} {'loc mm':>6}")
+    rows = list(summary["cases"].items())
+    for name, m in rows + [("overall", summary["overall"])]:
+        loc = m.get("localisation_error_mm_mean")
+        print(f"{name:<22} {m['tp']:>4} {m['fp']:>4} {m['fn']:>4} {pct(m['precision'])} {pct(m['recall'])} "
+              f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
+              f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
+    if args.output:
+        from .outputs import write_files_atomically
+        target = Path(args.output)
+        write_files_atomically(target.parent if str(target.parent) else Path("."),
+                               {target.name: json.dumps(summary, indent=1) + "\n"})
+    return EXIT_OK
+
+
+def _require_licence(args) -> None:
+    from .official_weights import LICENCE_NOTICE
+
+    print(LICENCE_NOTICE)
+    if not args.accept_license:
+        raise SpineNetError("the official weights need the licence accepted: run again with --accept-license")
+
+
+def command_weights_download(args) -> int:
+    from .official_weights import download_official
+    from .progress import StderrProgress
+    from .weights import official_weights_dir
+
+    _require_licence(args)
+    manifest = download_official(base_url=args.base_url, force=args.force, progress=StderrProgress())
+    for rel, entry in sorted(manifest.get("files", {}).items()):
+        print(f"{rel}: {entry['size']} bytes, sha256 {entry['sha256']}")
+    print(f"official weights in {official_weights_dir()}; use them with --weights official")
+    return EXIT_OK
+
+
+def command_weights_install(args) -> int:
+    from .official_weights import install_official
+    from .weights import official_weights_dir
+
+    _require_licence(args)
+    manifest = install_official(Path(args.folder))
+    for rel, entry in sorted(manifest.get("files", {}).items()):
+        print(f"{rel}: {entry['size']} bytes, sha256 {entry['sha256']}")
+    print(f"official weights in {official_weights_dir()}; use them with --weights official")
+    return EXIT_OK
+
+
+def command_weights_info(args) -> int:
+    from .official_weights import read_manifest
+    from .weights import BUNDLED_DIR, official_weights_dir
+
+    bundled = sorted(p.name for p in BUNDLED_DIR.glob("*.pt")) if BUNDLED_DIR.is_dir() else []
+    print(f"bundled: {BUNDLED_DIR} ({', '.join(bundled) or 'none'})")
+    files = read_manifest().get("files", {})
+    print(f"official: {official_weights_dir()} ({', '.join(sorted(files)) or 'not downloaded'})")
     return EXIT_OK
 
 
