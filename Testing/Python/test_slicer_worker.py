@@ -1,0 +1,235 @@
+"""The worker process protocol and the batch script, run as real subprocesses.
+
+No trained weights exist yet, so the networks are replaced through the
+documented ``--pipeline FILE.py:FUNCTION`` hook by Testing/Python/slicer_fake_pipeline.py,
+which returns phantom ground truth.  The default pipeline is run up to the
+point where it needs weights (a clear one-line error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SpineNetLib import documents, worker
+from SpineNetLib.phantom import make_phantom
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
+BATCH = REPO / "SpineNet" / "SpineNetBatch.py"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.9, 1.9), n_slices=7)
+
+
+@pytest.fixture(scope="module")
+def inputs(phantom, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker")
+    npy, geometry = worker.write_volume(folder / "input", phantom.voxels_kji, phantom.ijk_to_ras, {"path": "phantom"})
+    doc_path = folder / "vertebrae_truth.json"
+    doc_path.write_text(json.dumps(documents.vertebrae_document_from_truth(phantom.scan, phantom.vertebrae)))
+    return {"folder": folder, "npy": npy, "geometry": geometry, "doc": doc_path}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _worker(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "SpineNetLib.worker", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- protocol
+
+def test_parse_line():
+    m = worker.parse_line("PROGRESS 3 17 detecting vertebrae\n")
+    assert (m.kind, m.done, m.total, m.text) == ("PROGRESS", 3, 17, "detecting vertebrae")
+    assert worker.parse_line("PROGRESS 0 1").text == ""
+    assert worker.parse_line("RESULT /tmp/a b/result.json").text == "/tmp/a b/result.json"
+    assert worker.parse_line("ERROR no weights in x").kind == "ERROR"
+    assert worker.parse_line("WARNING grading unavailable").text == "grading unavailable"
+    assert worker.parse_line("PROGRESS x y z").kind == "TEXT"
+    assert worker.parse_line("loading torch").kind == "TEXT"
+    assert worker.format_progress(2, 5, "a\nb  c") == "PROGRESS 2 5 a b c"
+
+
+def test_worker_arguments_round_trip():
+    args = worker.worker_arguments("v.npy", "out", geometry="v.json", weights="/w", device="cpu", grading=False,
+                                   hotspot_head="Herniation", pipeline="m:f", options={"steps": 2})
+    parsed = worker.build_parser().parse_args(args)
+    assert (parsed.input, parsed.geometry, parsed.output, parsed.weights, parsed.device) == ("v.npy", "v.json", "out", "/w", "cpu")
+    assert parsed.grading is False and parsed.hotspot_head == "Herniation"
+    assert parsed.pipeline == "m:f" and parsed.option == ["steps=2"]
+
+
+def test_worker_runs_and_reports(phantom, inputs, tmp_path):
+    out = tmp_path / "results"
+    proc = _worker(["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(out),
+                    "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}", "--option", "hotspot=L4-L5:Pfirrmann"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    kinds = [worker.parse_line(line).kind for line in lines]
+    assert kinds == ["PROGRESS", "PROGRESS", "PROGRESS", "PROGRESS", "WARNING", "RESULT"], lines
+    assert lines[0] == "PROGRESS 0 1 reading the scan"
+    assert lines[1:4] == [f"PROGRESS {n} 3 fake detection" for n in (1, 2, 3)]
+    manifest = Path(worker.parse_line(lines[-1]).text)
+    assert manifest == (out / "result.json").resolve()
+    assert json.loads(manifest.read_text())["hotspots"] == ["hotspots/L4-L5_Pfirrmann.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "result.json", "vertebrae.csv", "vertebrae.json"]
+    vertebrae, discs, folder = documents.read_result(manifest)
+    assert discs is None and [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
+    # the voxels and IJK-to-RAS reached scan_from_array unchanged
+    check = vertebrae["input_check"]
+    assert tuple(check["shape"]) == phantom.scan.shape
+    np.testing.assert_allclose(check["canonical_to_ras"], phantom.scan.canonical_to_ras, atol=1e-9)
+    np.testing.assert_allclose(check["input_ijk_to_ras"], phantom.ijk_to_ras, atol=1e-9)
+    assert documents.hotspot_files(folder, "L4-L5", "Pfirrmann")[0].name == "L4-L5_Pfirrmann.nii.gz"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--option", "fail=the scan is axial"], "ERROR the scan is axial"),
+    (["--pipeline", "no_such_module_xyz:run"], "ERROR cannot import pipeline module 'no_such_module_xyz'"),
+    (["--option", "novalue"], "ERROR --option must be KEY=VALUE"),
+])
+def test_worker_errors_are_one_line(inputs, tmp_path, extra, message):
+    args = ["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(tmp_path / "o"),
+            "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}", *extra]
+    proc = _worker(args)
+    assert proc.returncode == 2
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith(message), proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_worker_usage_errors(inputs, tmp_path):
+    proc = _worker(["--output", str(tmp_path)])
+    assert proc.returncode == 2 and proc.stdout.startswith("ERROR the following arguments are required: --input")
+    proc = _worker(["--input", str(inputs["npy"]), "--output", str(tmp_path), "--pipeline", FAKE])
+    assert proc.returncode == 2 and proc.stdout.splitlines()[-1] == "ERROR volume.npy needs --geometry with its IJK-to-RAS matrix"
+
+
+def test_default_pipeline_reports_missing_weights(inputs, tmp_path):
+    """The real pipeline path: the scan is read, then loading the weights fails with one line."""
+    proc = _worker(["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(tmp_path),
+                    "--weights", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"ERROR weights folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_default_pipeline_with_small_random_networks(inputs, tmp_path):
+    """The real pipeline end to end with untrained small networks (the mechanics, not the accuracy)."""
+    import torch
+
+    from SpineNetLib import checkpoints
+    from SpineNetLib.models import DetectorConfig
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for kind, config in (("detector", DetectorConfig(blocks=(1, 1, 1, 1), base_width=4)), ("appearance", None),
+                         ("context", None)):
+        checkpoints.save_checkpoint(weights / f"{kind}.pt", kind, checkpoints.build_model(kind, config), config=config)
+    out = tmp_path / "results"
+    proc = _worker(["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(out),
+                    "--weights", str(weights), "--device", "cpu"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    messages = [worker.parse_line(line) for line in proc.stdout.splitlines()]
+    assert {m.kind for m in messages} == {"PROGRESS", "WARNING", "RESULT"}
+    texts = [m.text for m in messages if m.kind == "PROGRESS"]
+    assert texts[:2] == ["reading the scan", "loading networks"] and "detecting vertebrae" in texts
+    warnings = [m.text for m in messages if m.kind == "WARNING"]   # no grading (stage or network) yet
+    assert len(warnings) == 1 and warnings[0].endswith(": vertebrae only")
+    vertebrae, discs, _ = documents.read_result(messages[-1].text)
+    assert discs is None and vertebrae["schema"] == documents.VERTEBRAE_SCHEMA
+    assert "load_networks" in vertebrae["timings_s"] and "total" in vertebrae["timings_s"]
+
+
+def test_worker_can_be_killed(inputs, tmp_path):
+    out = tmp_path / "results"
+    args = ["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(out),
+            "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}", "--option", "steps=50", "--option", "delay=0.2"]
+    proc = subprocess.Popen([sys.executable, "-m", "SpineNetLib.worker", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if line.startswith("PROGRESS 1 50"):
+                break
+        assert seen[-1].startswith("PROGRESS 1 50 fake detection"), seen
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert proc.returncode != 0
+    assert not (out / "result.json").exists()
+
+
+# --------------------------------------------------------------------------- batch
+
+def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
+    from SpineNetLib import mrml
+
+    dicom = tmp_path / "dicom"
+    phantom.write_dicom(dicom)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BATCH), "--input", str(dicom), "--output", str(out), "--quiet",
+                           "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}",
+                           "--option", "hotspot=L4-L5:Pfirrmann"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("7 vertebrae (T12..S1) in ")
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "result.json", "scene.mrb",
+                                                     "vertebrae.csv", "vertebrae.json"]
+    assert (out / "vertebrae.csv").read_text().splitlines()[0].startswith("level,centroid_R_mm")
+    assert (out / "discs.csv").read_text().splitlines()[1].startswith("T12-L1,")
+    vertebrae, _, _ = documents.read_result(out)
+    # the DICOM series was read as the same scan the pipeline saw
+    assert tuple(vertebrae["input_check"]["shape"]) == phantom.scan.shape
+    np.testing.assert_allclose(vertebrae["input_check"]["canonical_to_ras"], phantom.scan.canonical_to_ras, atol=1e-3)
+
+    scene = mrml.load_mrb(out / "scene.mrb")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsClosedCurveNode") == 7
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2   # the scan and one hotspot map
+    curve = scene.GetFirstNodeByName("SpineNet L3")
+    points = np.array([curve.GetNthControlPointPositionVector(n) for n in range(4)])
+    expected = documents.mid_polygon(vertebrae["vertebrae"][3])["corners_ras"]
+    np.testing.assert_allclose(points, expected, atol=1e-3)
+    volume = curve.GetNodeReference(mrml.SOURCE_REFERENCE)
+    scan = mrml.scan_from_volume_node(volume)
+    np.testing.assert_allclose(scan.voxels, phantom.scan.voxels)
+    segmentation = mrml.result_nodes(scene, volume, "segmentation")[0]
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 13
+    assert len(mrml.result_nodes(scene, volume, "hotspot")) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/no/such/folder", "--output", "OUT"], "SpineNetBatch: error: no such file or folder: /no/such/folder"),
+    (["--output", "OUT"], "SpineNetBatch: error: the following arguments are required: --input"),
+])
+def test_batch_script_bad_input_is_one_line(tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    proc = subprocess.run([sys.executable, str(BATCH), *args], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
