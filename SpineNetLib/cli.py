@@ -1,8 +1,9 @@
 """The ``spinenet`` command.
 
 ``spinenet run INPUT -o OUTDIR`` detects and labels every vertebra of a
-sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD) and writes
-``vertebrae.json`` and ``vertebrae.csv``.
+sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD), measures and
+(with grading weights, unless ``--no-grade``) grades the discs, and writes
+``vertebrae.json``, ``vertebrae.csv``, ``discs.json`` and ``discs.csv``.
 
 Exit status: 0 success; 2 a problem with the input, an option or the
 weights, reported as one line on stderr (never a traceback); 1 an internal
@@ -46,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="detect and label the vertebrae of a scan, write JSON/CSV")
+    run = sub.add_parser("run", help="detect and label the vertebrae, measure and grade the discs, write JSON/CSV")
     _add_scan_options(run)
     run.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the result files")
     _add_network_options(run)
+    run.add_argument("--no-grade", action="store_true",
+                     help="do not grade the discs (disc measurements are still written)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
 
@@ -96,9 +99,12 @@ def _validate_overrides(args) -> None:
 
 
 def command_run(args) -> int:
+    import json
+
+    from .disc_outputs import discs_csv_text, discs_document
     from .io import load_scan
-    from .outputs import write_vertebra_outputs
-    from .pipeline import detect_and_label
+    from .outputs import vertebrae_csv_text, vertebrae_document, write_files_atomically
+    from .pipeline import detect_and_label, grade_discs
     from .progress import StderrProgress, no_progress
 
     start = time.perf_counter()
@@ -113,12 +119,24 @@ def command_run(args) -> int:
     networks = _networks_for(args)
     progress = no_progress if args.quiet else StderrProgress()
     result = detect_and_label(scan, networks, progress=progress)
+    grade = not getattr(args, "no_grade", False)
+    discs = grade_discs(scan, result.vertebrae, networks, grade=grade, progress=progress)
     result.timings_s = {"load_scan": load_seconds, "load_networks": networks.load_seconds,
-                        **result.timings_s, "total": time.perf_counter() - start}
-    written = write_vertebra_outputs(output, scan, result)
+                        **result.timings_s, **discs.timings_s, "total": time.perf_counter() - start}
+    vertebrae_doc = vertebrae_document(scan, result)
+    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                               discs.grading_status)
+    written = write_files_atomically(output, {
+        "vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n",
+        "vertebrae.csv": vertebrae_csv_text(vertebrae_doc),
+        "discs.json": json.dumps(discs_doc, indent=1) + "\n",
+        "discs.csv": discs_csv_text(discs_doc),
+    })
     levels = [v.level or "?" for v in result.vertebrae]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
-    print(f"{len(levels)} vertebrae ({summary}); wrote {', '.join(str(p) for p in written)}")
+    graded = "graded" if discs.grading_status["status"] == "done" else "not graded: " + discs.grading_status["reason"]
+    print(f"{len(levels)} vertebrae ({summary}), {len(discs_doc['discs'])} discs ({graded}); "
+          f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
 
 
@@ -129,7 +147,8 @@ def _networks_for(args):
     trusted = set(args.trust_sha256)
     if args.weights == "official":
         trusted |= trusted_hashes()
-    return load_networks(args.weights, args.device, trusted_sha256=trusted or None)
+    return load_networks(args.weights, args.device, trusted_sha256=trusted or None,
+                         with_grading=not getattr(args, "no_grade", False))
 
 
 def command_demo(args) -> int:

@@ -1,9 +1,12 @@
-"""Detection and labelling of a whole scan: the stages glued together.
+"""Detection, labelling and disc grading of a whole scan: the stages glued together.
 
 ``load_networks`` resolves and loads the weights once; ``detect_and_label``
 runs detection (seed §3.1) and labelling (seed §3.2) on a :class:`Scan` and
 returns vertebrae top to bottom, in canonical coordinates, with per-stage
-timings.  ``SpineNetLib.outputs`` maps them back to the input's RAS space.
+timings.  ``grade_discs`` cuts the disc volumes (seed §3.3), grades them when
+a grading network is loaded (seed §3.4) and measures the discs and bodies.
+``SpineNetLib.outputs`` and ``SpineNetLib.disc_outputs`` map them back to the
+input's RAS space.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from . import checkpoints, detection, labelling
 from .errors import InputError, SpineNetError
 from .progress import ProgressCallback, scaled
-from .results import DetectionResult
+from .results import DetectionResult, Vertebra
 from .scan import Scan
 from .weights import WeightSet, resolve_weights
 
@@ -81,3 +84,59 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                                   progress=scaled(progress, "labelling levels"))
     result.timings_s["labelling"] = time.perf_counter() - start
     return result
+
+
+@dataclass
+class DiscResult:
+    """The disc stage's results: volumes, grades (None when not graded), measurements, status."""
+
+    ivds: list
+    grades: list | None
+    measurements: object
+    #: {"status": "done", "weights": ...} or {"status": "not run", "reason": "..."}.
+    grading_status: dict
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, grade: bool = True,
+                batch_size: int = 4, progress: ProgressCallback | None = None) -> DiscResult:
+    """Disc volumes, gradings (if ``grade`` and ``networks.grading``) and measurements.
+
+    Without a grading network (no grading weights in the set) or with
+    ``grade=False`` the discs are still cut and measured; the status says why
+    they were not graded.
+    """
+    from .grading import grade_volumes
+    from .ivd import extract_ivd_volumes
+    from .measurements import measure_spine
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    ivds = extract_ivd_volumes(scan, vertebrae)
+    timings["disc_volumes"] = time.perf_counter() - start
+    start = time.perf_counter()
+    measurements = measure_spine(scan, vertebrae)
+    timings["measurements"] = time.perf_counter() - start
+    grades = None
+    if not grade:
+        status = {"status": "not run", "reason": "grading was switched off (--no-grade)"}
+    elif networks.grading is None:
+        status = {"status": "not run",
+                  "reason": f"no grading weights in the {networks.weights.source!r} weight set "
+                            "(add grading.pt or the official grading/ folder)"}
+    else:
+        start = time.perf_counter()
+        report = scaled(progress, "grading discs")
+        grades = []
+        for first in range(0, len(ivds), batch_size):
+            if report:
+                report(first, len(ivds))
+            grades += grade_volumes(ivds[first:first + batch_size], networks.grading, networks.device,
+                                    batch_size=batch_size)
+        if report:
+            report(len(ivds), len(ivds))
+        weights_path = getattr(networks.grading, "weights_path", None)
+        status = {"status": "done", "weights": str(weights_path) if weights_path else networks.weights.source}
+        timings["grading"] = time.perf_counter() - start
+    return DiscResult(ivds=ivds, grades=grades, measurements=measurements, grading_status=status,
+                      timings_s=timings)

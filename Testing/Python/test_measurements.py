@@ -1,0 +1,150 @@
+"""Radiological measurements (SpineNetLib.measurements) against phantoms of known geometry.
+
+The phantom's ground truth (SpineNetLib.phantom) gives body and disc heights
+along each segment's bisector, the slip of "slip" pathology (6.0 mm along the
+disc), the wedge of each body and disc (from the tables), so every number is
+checked to 0.5 mm / 1 degree using the ground-truth quads as detections, on
+anisotropic pixels and a tilted patient as well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from SpineNetLib.measurements import (LISTHESIS_THRESHOLD_MM, genant_grade, measure_spine,
+                                      meyerding_grade)
+from SpineNetLib.phantom import BODY_TABLE, DISC_TABLE, NARROW_DISC_FACTOR, SLIP_MM, make_phantom
+from SpineNetLib.results import Vertebra
+
+MM, DEG = 0.5, 1.0
+
+CASES = {
+    "normal": dict(),
+    "tilted_anisotropic": dict(rotation_deg=-18.0, pixel_spacing=(0.9, 1.4), shape=(340, 220)),
+    "slip": dict(pathology={"L4": ["slip"]}),
+    "wedge": dict(pathology={"L1": ["wedge_fracture"]}),
+    "narrow": dict(pathology={"L4-L5": ["narrow_disc"]}),
+    "dark": dict(pathology={"L4-L5": ["dark_disc"]}),
+}
+
+
+def build(kind: str):
+    kw = dict(fov="lumbar", shape=(200, 200), pixel_spacing=(1.5, 1.5), n_slices=5)
+    kw.update(CASES[kind])
+    phantom = make_phantom(**kw)
+    vertebrae = [Vertebra(slices=list(v.slices), polygons=[v.quads[s] for s in v.slices], level=v.level)
+                 for v in phantom.vertebrae if not v.extra]
+    return phantom, measure_spine(phantom.scan, vertebrae)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return {kind: build(kind) for kind in CASES}
+
+
+def mean_length(level: str) -> float:
+    _, l1, l2, _, _ = BODY_TABLE[level]
+    return 0.5 * (l1 + l2)
+
+
+def body_wedge_deg(v) -> float:
+    """Ground-truth wedge of a phantom body (phantom._segment: sin(w/2) = (Ha - Hp) / (2 * mean length))."""
+    return 2 * math.degrees(math.asin((v.anterior_height_mm - v.posterior_height_mm) / (2 * mean_length(v.level))))
+
+
+def disc_wedge_deg(d) -> float:
+    depth = 0.5 * (BODY_TABLE[d.upper][2] + BODY_TABLE[d.lower][1])
+    return 2 * math.degrees(math.asin((d.anterior_height_mm - d.posterior_height_mm) / (2 * depth)))
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_body_and_disc_heights_match_the_phantom(measured, kind):
+    phantom, m = measured[kind]
+    assert [v.level for v in m.vertebrae] == phantom.levels
+    for vm, gt in zip(m.vertebrae, phantom.vertebrae):
+        assert vm.anterior_height_mm == pytest.approx(gt.anterior_height_mm, abs=MM)
+        assert vm.posterior_height_mm == pytest.approx(gt.posterior_height_mm, abs=MM)
+        assert vm.middle_height_mm == pytest.approx(gt.height_mm, abs=MM)
+        assert vm.wedge_ratio == pytest.approx(gt.anterior_height_mm / gt.posterior_height_mm, abs=0.02)
+    assert [d.level for d in m.discs] == [d.name for d in phantom.discs]
+    for dm, gt in zip(m.discs, phantom.discs):
+        assert dm.anterior_height_mm == pytest.approx(gt.anterior_height_mm, abs=MM)
+        assert dm.posterior_height_mm == pytest.approx(gt.posterior_height_mm, abs=MM)
+        mid = 0.5 * (gt.anterior_height_mm + gt.posterior_height_mm)  # the phantom's disc axis length
+        assert dm.middle_height_mm == pytest.approx(mid, abs=MM)
+        assert dm.mean_height_mm == pytest.approx(mid, abs=MM)
+        assert np.allclose(dm.centre_xy, gt.centre_xy, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_segmental_angles_and_lordosis_match_the_phantom(measured, kind):
+    phantom, m = measured[kind]
+    for dm, gt in zip(m.discs, phantom.discs):
+        disc = disc_wedge_deg(gt)
+        assert dm.disc_angle_deg == pytest.approx(disc, abs=DEG)
+        assert dm.segmental_angle_deg == pytest.approx(body_wedge_deg(phantom.vertebra(gt.upper)) + disc, abs=DEG)
+    lumbar = [phantom.vertebra(level) for level in ("L1", "L2", "L3", "L4", "L5")]
+    lordosis = sum(body_wedge_deg(v) for v in lumbar) + sum(
+        disc_wedge_deg(d) for d in phantom.discs if d.upper in ("L1", "L2", "L3", "L4", "L5"))
+    assert m.lumbar_lordosis_deg == pytest.approx(lordosis, abs=DEG)
+    assert 40 < m.lumbar_lordosis_deg < 70 or kind == "wedge"
+
+
+@pytest.mark.parametrize("kind", ["normal", "tilted_anisotropic", "slip"])
+def test_slip_and_meyerding_grade(measured, kind):
+    phantom, m = measured[kind]
+    for dm, gt in zip(m.discs, phantom.discs):
+        # Posterior corners line up except where the endplate lengths differ (S1 is 3 mm deeper than L5).
+        offset = 0.5 * (BODY_TABLE[gt.lower][1] - BODY_TABLE[gt.upper][2])
+        expected = offset + (SLIP_MM if "slip" in gt.pathology else 0.0)
+        assert dm.slip_mm == pytest.approx(expected, abs=MM), gt.name
+        assert dm.slip_percent == pytest.approx(100 * expected / BODY_TABLE[gt.lower][1], abs=1.5)
+        assert dm.meyerding_grade == (1 if "slip" in gt.pathology else 0)
+    l4l5 = next(d for d in m.discs if d.level == "L4-L5")
+    if kind == "slip":
+        assert l4l5.slip_mm > LISTHESIS_THRESHOLD_MM and l4l5.slip_percent == pytest.approx(15.8, abs=0.5)
+
+
+def test_wedge_fracture_is_graded_by_genant(measured):
+    phantom, m = measured["wedge"]
+    grades = {v.level: v.genant_grade for v in m.vertebrae}
+    assert grades["L1"] == 2 and sum(grades.values()) == 2
+    l1 = next(v for v in m.vertebrae if v.level == "L1")
+    assert l1.height_reduction_percent == pytest.approx(
+        100 * (1 - l1.anterior_height_mm / l1.posterior_height_mm), abs=0.1)
+    assert 25 < l1.height_reduction_percent < 40 and l1.wedge_ratio < 0.7
+    assert l1.biconcavity_ratio == pytest.approx(l1.middle_height_mm / l1.posterior_height_mm)
+    normal = {v.level: v.genant_grade for v in measured["normal"][1].vertebrae}
+    assert set(normal.values()) == {0}
+
+
+def test_narrowed_disc_and_its_height_index(measured):
+    normal = {d.level: d for d in measured["normal"][1].discs}
+    narrow = {d.level: d for d in measured["narrow"][1].discs}
+    ha, hp = DISC_TABLE["L4-L5"]
+    assert narrow["L4-L5"].anterior_height_mm == pytest.approx(ha * NARROW_DISC_FACTOR, abs=MM)
+    assert narrow["L4-L5"].posterior_height_mm == pytest.approx(hp * NARROW_DISC_FACTOR, abs=MM)
+    assert narrow["L4-L5"].disc_height_index == pytest.approx(NARROW_DISC_FACTOR * normal["L4-L5"].disc_height_index,
+                                                              rel=0.02)
+    body = 0.5 * (BODY_TABLE["L4"][0] + BODY_TABLE["L5"][0])
+    assert normal["L4-L5"].disc_height_index == pytest.approx(0.5 * (ha + hp) / body, abs=0.02)
+    assert normal["L4-L5"].farfan_index == pytest.approx((ha + hp) / 38.0, abs=0.02)
+    assert narrow["L3-L4"].disc_height_index == pytest.approx(normal["L3-L4"].disc_height_index, abs=1e-6)
+
+
+def test_disc_signal_ratio_separates_a_dark_disc(measured):
+    normal = {d.level: d.signal_ratio for d in measured["normal"][1].discs}
+    dark = {d.level: d.signal_ratio for d in measured["dark"][1].discs}
+    assert all(r > 1.5 for r in normal.values())  # hydrated nucleus brighter than marrow on T2
+    assert dark["L4-L5"] < 0.8
+    assert dark["L3-L4"] == pytest.approx(normal["L3-L4"], abs=0.1)
+
+
+def test_grade_boundaries():
+    assert [genant_grade(r) for r in (0.0, 0.199, 0.20, 0.249, 0.25, 0.40, 0.401, 0.9)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert meyerding_grade(2.9, 0.2) == 0                  # under 3 mm: no listhesis
+    assert [meyerding_grade(10.0, f) for f in (0.1, 0.25, 0.5, 0.75, 1.0, 1.01)] == [1, 2, 3, 4, 4, 5]
+    assert meyerding_grade(-8.0, -0.3) == 2                # retrolisthesis graded by its size
