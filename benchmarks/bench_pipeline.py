@@ -1,0 +1,124 @@
+"""Per-stage seconds and peak memory of detection + labelling with the OFFICIAL-size networks.
+
+    python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--scan lumbar|whole|both]
+
+Each scan runs in its own subprocess so that its peak RSS is its own.  The
+networks have the official architectures (139 M-parameter detector) with
+random weights: speed does not depend on the weight values, but random
+weights produce no vertebrae, so the detector's real forward passes are timed
+while the maps handed to post-processing are the phantom's ground-truth maps
+(the same work as with a trained network).  Scans: a lumbar phantom of
+512x512x15 at 0.6 mm and a whole-spine phantom of 1024x512x15 at 0.9 mm,
+written as DICOM and read back (the "load_scan" stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCANS = {
+    "lumbar": dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15),
+    "whole": dict(fov="whole", shape=(1024, 512), pixel_spacing=(0.9, 0.9), n_slices=15),
+}
+
+
+def run_one(name: str, threads: int, bf16: bool) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    from SpineNetLib import detection, labelling
+    from SpineNetLib.io import load_scan
+    from SpineNetLib.models import AppearanceNet, ContextNet, VFRDetector
+    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.targets import oracle_predictor
+
+    timings: dict[str, float] = {}
+    phantom = make_phantom(**SCANS[name], seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        phantom.write_dicom(Path(tmp) / "dicom")
+        t = time.perf_counter()
+        scan = load_scan(Path(tmp) / "dicom")
+        timings["load_scan"] = time.perf_counter() - t
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    detector = VFRDetector().eval().to(memory_format=torch.channels_last)
+    appearance, context = AppearanceNet().eval(), ContextNet().eval()
+    timings["build_networks"] = time.perf_counter() - t
+
+    network = detection.network_predictor(detector)
+    truth: dict[int, list] = {}
+    for v in phantom.vertebrae:
+        for s, q in v.quads.items():
+            truth.setdefault(s, []).append(q)
+    oracle = oracle_predictor({s: np.stack(q) for s, q in truth.items()})
+    oracle_seconds = 0.0
+
+    def predict(patches, boxes):
+        nonlocal oracle_seconds
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                network(patches, boxes)
+        else:
+            network(patches, boxes)
+        t0 = time.perf_counter()
+        maps = oracle(patches, boxes)
+        oracle_seconds += time.perf_counter() - t0
+        return maps
+
+    result = detection.detect_vertebrae(scan, predict)
+    n_patches = len(detection.plan_patches(scan.shape[:2], scan.spacing_mm[:2])) * scan.n_slices
+    timings["detection_network"] = result.timings_s["detection_network"] - oracle_seconds
+    timings["detection_postprocessing"] = result.timings_s["detection_postprocessing"]
+    lt = labelling.LabellingTimings() if hasattr(labelling, "LabellingTimings") else None
+    t = time.perf_counter()
+    labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt)
+    timings["labelling"] = time.perf_counter() - t
+    timings["detection_and_labelling"] = (timings["detection_network"] + timings["detection_postprocessing"]
+                                          + timings["labelling"])
+    return {
+        "scan": name, "shape": list(scan.shape), "spacing_mm": [round(s, 2) for s in scan.spacing_mm],
+        "patches": n_patches, "vertebrae": len(result.vertebrae), "threads": threads, "bf16": bf16,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="run the detector under bfloat16 autocast")
+    parser.add_argument("--scan", choices=["lumbar", "whole", "both"], default="both")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.threads, args.bf16)))
+        return
+    names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads)]
+        if args.bf16:
+            cmd.append("--bf16")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        report = json.loads(out.strip().splitlines()[-1])
+        print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, "
+              f"{report['patches']} patches, {report['vertebrae']} vertebrae, {report['threads']} threads"
+              f"{', bf16' if report['bf16'] else ''}")
+        for stage, seconds in report["seconds"].items():
+            print(f"  {stage:<26} {seconds:8.2f} s")
+        print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
