@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import default_file_mode
 from .levels import LEVELS
 from .results import DetectionResult, Vertebra
 from .scan import Scan
@@ -130,6 +131,7 @@ def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> 
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
+            os.fchmod(fd, default_file_mode())
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
                 handle.write(text)
             temporary.append((Path(tmp), outdir / name))

@@ -1,0 +1,246 @@
+"""Tests of the training code (augmentation geometry, losses going down, exact resume, the CLI).
+
+All on CPU with tiny networks and a handful of steps; no real data needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from SpineNetLib import augment, checkpoints, labelling, polygons
+from SpineNetLib.cli import main
+from SpineNetLib.levels import N_LEVELS
+from SpineNetLib.models import AppearanceNet, ContextNet, DetectorConfig, VFRDetector
+from SpineNetLib.results import Vertebra
+from SpineNetLib.targets import render_vfr_maps
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP spinning when the 2 cores are shared
+    yield
+    torch.set_num_threads(old)
+
+
+def _quad_image(shape, quad):
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    pts = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(float)
+    return polygons.points_in_polygon(pts, quad).reshape(h, w).astype(np.float32)
+
+
+def _shrink(quad, f):
+    c = quad.mean(axis=0)
+    return (quad - c) * f + c
+
+
+# --------------------------------------------------------------------------- augmentation geometry
+
+QUAD = np.array([[150.0, 90.0], [155.0, 130.0], [110.0, 135.0], [105.0, 95.0]])  # rt, rb, lb, lt
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("rotation", [-18.0, 0.0, 12.0])
+def test_transformed_quad_covers_the_bright_region(flip, rotation):
+    """Geometric augmentation moves the image and the quad together (anisotropic pixels too)."""
+    spacing = (0.9, 1.2)  # (row_mm, col_mm)
+    img = _quad_image((240, 260), QUAD)
+    tf = augment.make_transform(QUAD.mean(axis=0) + [7, -5], spacing, patch_mm=200.0, size=128,
+                                scale=1.1, rotation_deg=rotation, flip=flip)
+    patch = augment.resample(img, tf, "bilinear")
+    q = tf.quads_to_patch(QUAD[None])[0]
+    inner = _quad_image(patch.shape, _shrink(q, 0.8)).astype(bool)
+    outer = _quad_image(patch.shape, _shrink(q, 1.25)).astype(bool)
+    assert inner.sum() > 50
+    assert patch[inner].min() > 0.9
+    assert patch[~outer].max() < 0.1
+    assert polygons.is_valid_polygon(q)
+
+
+def test_flip_relabels_corners_by_image_position():
+    """After a horizontal flip rt is still the right-top corner of the patch quad."""
+    tf = augment.make_transform(QUAD.mean(axis=0), (1.0, 1.0), patch_mm=224.0, size=224, flip=True)
+    q = tf.quads_to_patch(QUAD[None])[0]
+    rt, rb, lb, lt = q
+    assert rt[0] > lt[0] and rb[0] > lb[0]          # r = larger x
+    assert rt[1] < rb[1] and lt[1] < lb[1]          # t = smaller y
+    # the flipped rt is the old lt (mirrored), within rounding
+    old = tf.scan_to_patch(QUAD[3])
+    np.testing.assert_allclose(rt, old, atol=1e-9)
+    # and the heat map of the relabelled quad peaks where the image corner is
+    maps = render_vfr_maps(q[None], (224, 224))
+    r, c = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
+    assert abs(c - rt[0]) <= 1 and abs(r - rt[1]) <= 1
+
+
+def test_no_flip_keeps_corner_order_and_scale():
+    tf = augment.make_transform([100.0, 100.0], (0.5, 0.5), patch_mm=112.0, size=224)
+    q = tf.quads_to_patch(QUAD[None])[0]
+    # 0.5 mm pixels and 0.5 mm patch pixels: a pure shift
+    np.testing.assert_allclose(q - QUAD, np.broadcast_to(q[0] - QUAD[0], q.shape), atol=1e-9)
+
+
+def test_intensity_augmentation_then_inference_normalisation():
+    rng = np.random.default_rng(3)
+    img = np.random.default_rng(0).uniform(0, 800, (224, 224)).astype(np.float32)
+    for _ in range(5):
+        x = augment.augment_intensity(rng, img)
+        assert x.shape == img.shape and np.all(np.isfinite(x))
+        n = augment.normalise_patch(x)
+        assert n.min() == pytest.approx(0.0, abs=1e-6)
+        lo, hi = np.percentile(n, [0.5, 99.5])
+        assert hi - lo == pytest.approx(1.0, rel=1e-3)
+    vol = np.random.default_rng(1).uniform(0, 1, (32, 32, 4)).astype(np.float32)
+    out = labelling.normalise_volume(augment.augment_intensity(rng, vol))
+    assert out.shape == vol.shape and np.all(np.isfinite(out))
+
+
+# --------------------------------------------------------------------------- losses go down
+
+
+def _fit(model, batch_fn, loss_fn, steps, lr):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x, y = batch_fn()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_detector_steps_lower_the_loss():
+    from SpineNetLib.train_detector import detector_loss, phantom_sources, sample_patch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    src = phantom_sources(1, seed=0)[0]
+    xs, ts, vs = zip(*[sample_patch(rng, src, augment_strength=0.0, size=64) for _ in range(2)])
+    x = torch.from_numpy(np.stack(xs))[:, None]
+    t = torch.from_numpy(np.stack(ts))
+    v = torch.from_numpy(np.stack(vs))
+    model = VFRDetector(DetectorConfig((1, 1, 1, 1), 4))
+    losses = _fit(model, lambda: (x, (t, v)), lambda p, y: detector_loss(p, *y)[0], 25, 5e-3)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_appearance_steps_lower_the_loss():
+    from SpineNetLib.train_labelling import TEMPERATURE
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 224, 224, 16, generator=g)
+    y = torch.tensor([3, 17])
+    model = AppearanceNet()
+    model.dropout.p = 0.0
+    losses = _fit(model, lambda: (x, y),
+                  lambda out, yy: torch.nn.functional.cross_entropy(out / TEMPERATURE, yy), 6, 2e-3)
+    assert losses[-1] < losses[0]
+
+
+def test_context_steps_lower_the_loss_and_maps_follow_the_band_rule():
+    from SpineNetLib.train_labelling import context_loss, synthetic_batch, synthetic_height_map
+
+    rng = np.random.default_rng(5)
+    hm, tgt = synthetic_height_map(rng)
+    assert hm.shape[0] % 256 == 0 and hm.shape[1] == N_LEVELS
+    rows = np.any(hm > 0, axis=1)
+    np.testing.assert_array_equal(rows, tgt >= 0)             # targets exactly on the band rows
+    np.testing.assert_allclose(hm[rows].sum(axis=1), 1.0, rtol=1e-5)
+    torch.manual_seed(0)
+    x, y = synthetic_batch(np.random.default_rng(0), 2)
+    model = ContextNet()
+    losses = _fit(model, lambda: (x, y), lambda out, yy: context_loss(out, yy)[0], 8, 2e-3)
+    assert losses[-1] < losses[0]
+
+
+def test_context_band_rule_matches_build_height_map():
+    """The synthetic band of a body equals labelling.build_height_map's for the same geometry."""
+    from SpineNetLib.phantom import make_phantom
+
+    ph = make_phantom(fov="lumbar", n_slices=3, seed=0)
+    verts = [Vertebra(slices=v.slices, polygons=[v.quads[s] for s in v.slices]) for v in ph.vertebrae]
+    probs = np.eye(N_LEVELS)[np.arange(len(verts)) % N_LEVELS]
+    hm = labelling.build_height_map(verts, probs, ph.scan)
+    row_mm = ph.scan.spacing_mm[0]
+    for k, v in enumerate(verts):
+        ys = v.average_polygon[:, 1] * row_mm
+        yc, w = ys.mean(), np.ptp(ys) / 2
+        a, b = int(yc) - int(w / 2), int(yc) + int(w / 2)   # the rule synthetic_height_map uses
+        assert np.all(hm[a:b].argmax(axis=1) == k % N_LEVELS)
+
+
+# --------------------------------------------------------------------------- resume and CLI
+
+
+def _context_args(out, steps, stop_after=None, resume=False):
+    return argparse.Namespace(out=str(out), steps=steps, batch_size=2, seed=7, lr=1e-3, weight_decay=1e-4,
+                              resume=resume, device="cpu", threads=None, save_every=100,
+                              stop_after=stop_after, val_batches=1)
+
+
+def _latest_params(run):
+    return torch.load(run / "checkpoint-latest.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_reproduces_an_uninterrupted_context_run(tmp_path):
+    from SpineNetLib.train_labelling import train_context
+
+    train_context(_context_args(tmp_path / "full", 4))
+    train_context(_context_args(tmp_path / "split", 4, stop_after=2))
+    assert torch.load(tmp_path / "split" / "checkpoint-latest.pt", weights_only=False)["step"] == 2
+    train_context(_context_args(tmp_path / "split", 4, resume=True))
+    a, b = _latest_params(tmp_path / "full"), _latest_params(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_reproduces_an_uninterrupted_detector_run(tmp_path):
+    from SpineNetLib.train_detector import train
+
+    def args(out, stop_after=None, resume=False):
+        return argparse.Namespace(out=str(out), data=None, steps=3, batch_size=1, seed=3, lr=1e-3,
+                                  weight_decay=1e-4, phantom_fraction=1.0, n_phantoms=1,
+                                  config_blocks=[1, 1, 1, 1], base_width=2, max_cases=0, augment=1.0,
+                                  resume=resume, device="cpu", threads=None, save_every=100, val_every=0,
+                                  no_val=True, stop_after=stop_after)
+
+    train(args(tmp_path / "full"))
+    train(args(tmp_path / "split", stop_after=1))
+    train(args(tmp_path / "split", resume=True))
+    a, b = _latest_params(tmp_path / "full"), _latest_params(tmp_path / "split")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = checkpoints.load_model("detector", tmp_path / "split" / "detector.pt")
+    assert model.config == DetectorConfig((1, 1, 1, 1), 2)
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = ["train", "context", "--out", str(out), "--steps", "1", "--batch-size", "1", "--val-batches", "1"]
+    assert main(cmd) == 0
+    assert main(cmd) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_train_context_writes_a_loadable_fp16_checkpoint(tmp_path):
+    out = tmp_path / "ctx"
+    assert main(["train", "context", "--out", str(out), "--steps", "3", "--batch-size", "2", "--seed", "1",
+                 "--val-batches", "1"]) == 0
+    for name in ("config.json", "checkpoint-latest.pt", "log.csv", "context.pt"):
+        assert (out / name).is_file(), name
+    raw = torch.load(out / "context.pt", weights_only=True)
+    assert all(t.dtype == torch.float16 for t in raw["net"].values() if t.is_floating_point())
+    model = checkpoints.load_model("context", out / "context.pt")
+    assert isinstance(model, ContextNet) and not model.training
+    y = model(torch.zeros(1, 1, 256, N_LEVELS))
+    assert y.shape == (1, 1, 256, N_LEVELS)
