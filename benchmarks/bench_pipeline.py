@@ -1,6 +1,6 @@
 """Per-stage seconds and peak memory of detection + labelling with the OFFICIAL-size networks.
 
-    python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--scan lumbar|whole|both]
+    python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--scan lumbar|whole|both] [--bundled]
 
 Each scan runs in its own subprocess so that its peak RSS is its own.  The
 networks have the official architectures (139 M-parameter detector) with
@@ -30,6 +30,40 @@ SCANS = {
     "lumbar": dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15),
     "whole": dict(fov="whole", shape=(1024, 512), pixel_spacing=(0.9, 0.9), n_slices=15),
 }
+
+
+def run_bundled(name: str, threads: int) -> dict:
+    """The default path of `spinenet run`: bundled small networks, their own outputs, grading off."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from SpineNetLib.io import load_scan
+    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
+
+    timings: dict[str, float] = {}
+    phantom = make_phantom(**SCANS[name], seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        phantom.write_dicom(Path(tmp) / "dicom")
+        t = time.perf_counter()
+        scan = load_scan(Path(tmp) / "dicom")
+        timings["load_scan"] = time.perf_counter() - t
+    networks = load_networks("bundled", "cpu")
+    timings["load_networks"] = networks.load_seconds
+    result = detect_and_label(scan, networks)
+    for key in ("detection_network", "detection_postprocessing", "labelling"):
+        timings[key] = result.timings_s[key]
+    t = time.perf_counter()
+    grade_discs(scan, result.vertebrae, networks, grade=False)
+    timings["disc_measurements"] = time.perf_counter() - t
+    timings["detection_and_labelling"] = result.timings_s["detection"] + result.timings_s["labelling"]
+    return {
+        "scan": name + " (bundled networks)", "shape": list(scan.shape),
+        "spacing_mm": [round(s, 2) for s in scan.spacing_mm], "patches": "-",
+        "vertebrae": len(result.vertebrae), "threads": threads, "bf16": False,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def run_one(name: str, threads: int, bf16: bool) -> dict:
@@ -100,16 +134,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="run the detector under bfloat16 autocast")
     parser.add_argument("--scan", choices=["lumbar", "whole", "both"], default="both")
+    parser.add_argument("--bundled", action="store_true",
+                        help="time the bundled small networks (the default of `spinenet run`) instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.threads, args.bf16)))
+        report = run_bundled(args.child, args.threads) if args.bundled else run_one(args.child, args.threads, args.bf16)
+        print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads)]
         if args.bf16:
             cmd.append("--bf16")
+        if args.bundled:
+            cmd.append("--bundled")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, "
