@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_options(run)
     run.add_argument("--no-grade", action="store_true",
                      help="do not grade the discs (disc measurements are still written)")
+    run.add_argument("--hotspots", metavar="HEAD[,HEAD]",
+                     help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
+                          "e.g. Pfirrmann,Herniation (needs grading weights)")
+    run.add_argument("--hotspot-method", default="contrastive_excitation",
+                     choices=["contrastive_excitation", "excitation", "guided", "gradient"])
+    run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
+                     help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
 
@@ -109,6 +116,7 @@ def command_run(args) -> int:
 
     start = time.perf_counter()
     _validate_overrides(args)
+    hotspot_heads = _hotspot_heads(args)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise SpineNetError(f"output {output} exists and is not a folder")
@@ -121,6 +129,7 @@ def command_run(args) -> int:
     result = detect_and_label(scan, networks, progress=progress)
     grade = not getattr(args, "no_grade", False)
     discs = grade_discs(scan, result.vertebrae, networks, grade=grade, progress=progress)
+    staged_hotspots = _stage_hotspots(args, hotspot_heads, scan, discs, networks, output, progress)
     result.timings_s = {"load_scan": load_seconds, "load_networks": networks.load_seconds,
                         **result.timings_s, **discs.timings_s, "total": time.perf_counter() - start}
     vertebrae_doc = vertebrae_document(scan, result)
@@ -132,12 +141,66 @@ def command_run(args) -> int:
         "discs.json": json.dumps(discs_doc, indent=1) + "\n",
         "discs.csv": discs_csv_text(discs_doc),
     })
+    written += _publish_hotspots(staged_hotspots, output)
     levels = [v.level or "?" for v in result.vertebrae]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     graded = "graded" if discs.grading_status["status"] == "done" else "not graded: " + discs.grading_status["reason"]
     print(f"{len(levels)} vertebrae ({summary}), {len(discs_doc['discs'])} discs ({graded}); "
           f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
+
+
+def _hotspot_heads(args):
+    """Parse --hotspots before any heavy work, so a typo fails at once."""
+    if not getattr(args, "hotspots", None):
+        return []
+    from .hotspots import parse_heads
+
+    if getattr(args, "no_grade", False):
+        raise SpineNetError("--hotspots needs the grading network; drop --no-grade")
+    if args.hotspot_augmentations < 1:
+        raise SpineNetError("--hotspot-augmentations must be at least 1")
+    try:
+        return parse_heads(args.hotspots)
+    except (KeyError, ValueError) as error:
+        raise SpineNetError(f"--hotspots: {error}") from None
+
+
+def _stage_hotspots(args, heads, scan, discs, networks, output: Path, progress):
+    """Write the hotspot maps into a hidden staging folder; published after the JSON/CSV files."""
+    if not heads:
+        return None
+    if networks.grading is None:
+        raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
+                            "(use --weights official or a folder with grading.pt)")
+    import tempfile
+
+    from .hotspots import write_hotspot_maps
+
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hotspots.", dir=output))
+    try:
+        write_hotspot_maps(scan, discs.ivds, networks.grading, heads, staging, method=args.hotspot_method,
+                           n_augment=args.hotspot_augmentations, progress=progress)
+    except BaseException:
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _publish_hotspots(staging, output: Path) -> list[Path]:
+    if staging is None:
+        return []
+    import os
+    import shutil
+
+    published = []
+    for path in sorted(staging.iterdir()):
+        os.replace(path, output / path.name)
+        published.append(output / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return published
 
 
 def _networks_for(args):

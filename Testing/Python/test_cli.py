@@ -147,3 +147,34 @@ def test_missing_weights_folder_is_a_one_line_error(tmp_path):
 def test_bad_overrides_are_refused(tmp_path):
     result = _run_cli("run", str(tmp_path), "-o", str(tmp_path / "o"), "--pixel-spacing", "0", "1")
     assert result.returncode == 2 and "pixel-spacing" in result.stderr
+
+
+def test_run_writes_hotspot_maps_in_the_input_space(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    from SpineNetLib.checkpoints import load_model
+
+    phantom = make_phantom(fov="lumbar", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
+                           pathology={"L3": ["endplate_notch"]}, seed=5)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    networks = oracle_networks(phantom)
+    networks.grading = load_model("grading", ROOT / "Testing" / "Data" / "grader_notch" / "grading.pt")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: networks)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--hotspots", "LowerEndplateDefect",
+                     "--hotspot-augmentations", "2"]) == 0
+    heat = sitk.ReadImage(str(out / "hotspots_LowerEndplateDefect.nii.gz"))
+    source = sitk.ReadImage(str(image))
+    assert heat.GetSize() == source.GetSize()
+    assert np.allclose(heat.GetDirection(), source.GetDirection()) and np.allclose(heat.GetOrigin(), source.GetOrigin())
+    values = sitk.GetArrayFromImage(heat)
+    assert np.isfinite(values).all() and values.max() > 0 and values.min() >= 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder left"
+    discs = json.loads((out / "discs.json").read_text())
+    assert discs["discs"][0]["grades"], "graded with the fixture grader"
+
+
+def test_unknown_hotspot_head_is_refused_before_any_work(tmp_path):
+    result = _run_cli("run", str(tmp_path), "-o", str(tmp_path / "o"), "--hotspots", "Bogus")
+    assert result.returncode == 2 and "--hotspots" in result.stderr
+    assert not (tmp_path / "o").exists()
