@@ -1,0 +1,78 @@
+"""The bundled weights, end to end: a real validation case and the demo phantom.
+
+These check the shipped models as a user meets them (`spinenet run`,
+`spinenet demo`, `spinenet evaluate`), not the post-processing in isolation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SpineNetLib import cli
+from SpineNetLib.dataset import default_data_root
+from SpineNetLib.phantom import make_phantom
+from SpineNetLib.weights import BUNDLED_DIR
+
+from oracles import ground_truth_centroid_ras
+
+DATA = default_data_root()
+VALIDATION_CASE = "myo_05"  # in dataset.DEFAULT_VAL_CASES: never seen in training
+
+
+def test_bundled_weights_are_small_fp16_with_a_model_card():
+    files = {p.name: p.stat().st_size for p in BUNDLED_DIR.glob("*.pt")}
+    assert {"detector.pt", "appearance.pt", "context.pt"} <= set(files)
+    assert sum(files.values()) <= 15 * 1024 * 1024
+    assert (BUNDLED_DIR / "MODEL_CARD.md").is_file()
+
+
+@pytest.mark.skipif(not (DATA / "myosegmentum" / VALIDATION_CASE).is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_bundled_models_label_a_real_validation_case(tmp_path, capsys):
+    image = DATA / "myosegmentum" / VALIDATION_CASE / "image.nii.gz"
+    pred = tmp_path / "pred" / VALIDATION_CASE
+    assert cli.main(["run", str(image), "-o", str(pred), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--data", str(DATA), "--pred", str(tmp_path / "pred"),
+                     "--cases", VALIDATION_CASE, "-o", str(metrics)]) == 0
+    table = capsys.readouterr().out
+    assert VALIDATION_CASE in table and "overall" in table
+    case = json.loads(metrics.read_text())["cases"][VALIDATION_CASE]
+    assert case["tp"] >= 5 and case["fp"] == 0
+    correct = case["n_gt"] * case["identification_rate"]
+    assert round(correct) >= 5, case
+
+
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert cli.main(["demo", "-o", str(out), "--quiet", "--device", "cpu"]) == 0
+    doc = json.loads((out / "results" / "vertebrae.json").read_text())
+    phantom = make_phantom(fov="lumbar", contrast="T2", seed=7, variability=1.0)  # what the demo writes
+    truth = [(v.level, ground_truth_centroid_ras(phantom, v)) for v in phantom.vertebrae if not v.extra]
+    matches = []  # (predicted level, true level) of predictions within 5 mm of a true body
+    for v in doc["vertebrae"]:
+        distances = [np.linalg.norm(np.subtract(v["centroid_ras"], c)) for _, c in truth]
+        nearest = int(np.argmin(distances))
+        if distances[nearest] < 5.0:
+            matches.append((v["level"], truth[nearest][0]))
+    return out, matches
+
+
+def test_demo_finds_the_phantom_vertebrae(demo_result):
+    out, matches = demo_result
+    assert (out / "phantom_dicom").is_dir() and (out / "results" / "discs.csv").is_file()
+    assert len(matches) >= 5, matches
+
+
+@pytest.mark.xfail(strict=True, reason="known limit of the bundled labelling (MODEL_CARD.md): on phantoms the "
+                   "first sacral segment below S1 is detected too and the lowest body is always called S1, "
+                   "so every level is one too high")
+def test_demo_labels_the_phantom_levels(demo_result):
+    _, matches = demo_result
+    assert sum(p == t for p, t in matches) >= 5, matches
