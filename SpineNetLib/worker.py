@@ -152,12 +152,12 @@ def _grading_hook():
 def run_pipeline(scan, options: dict, progress) -> dict:
     """The default pipeline: load the networks, detect and label, grade when available.
 
-    Grading runs through ``SpineNetLib.grading.discs_document(scan, result,
-    networks, progress=..., hotspot_head=..., output_dir=...)`` when that
-    function exists (it returns the ``spinenet.discs/1`` document and may
-    write hotspot images into ``output_dir``, named as
-    :func:`SpineNetLib.documents.hotspot_files` expects); until then a
-    WARNING says grading is not available.
+    The disc stage runs through ``SpineNetLib.grading.discs_document(scan,
+    result, networks, progress=..., hotspot_head=..., output_dir=...)``: it
+    always measures the discs, grades them when a grading network is loaded,
+    and may write hotspot images into ``output_dir`` (named as
+    :func:`SpineNetLib.documents.hotspot_files` expects).  A WARNING says
+    when grading was asked for but the weights have no grading network.
     """
     from .outputs import vertebrae_document
     from .pipeline import detect_and_label, load_networks
@@ -169,15 +169,17 @@ def run_pipeline(scan, options: dict, progress) -> dict:
                              trusted_sha256=set(options.get("trusted_sha256") or []) or None, with_grading=grading)
     result = detect_and_label(scan, networks, progress=progress)
     discs, warnings = None, []
-    if grading:
-        grade = _grading_hook()
-        if grade is None:
-            warnings.append("disc grading is not available in this version: vertebrae only")
-        elif networks.grading is None:
-            warnings.append(f"the {networks.weights.source} weights have no grading network: vertebrae only")
-        else:
-            discs = grade(scan, result, networks, progress=progress, hotspot_head=options.get("hotspot_head"),
-                          output_dir=options.get("output"))
+    disc_stage = _grading_hook()
+    if disc_stage is None:
+        warnings.append("the disc stage is not available in this version: vertebrae only")
+    else:
+        # Measurements always; grades (and hotspots) only with a grading network.
+        if grading and networks.grading is None:
+            warnings.append(f"the {networks.weights.source} weights have no grading network: "
+                            "disc measurements only, no grades")
+        discs = disc_stage(scan, result, networks, progress=progress,
+                           hotspot_head=options.get("hotspot_head") if grading else None,
+                           output_dir=options.get("output"))
     result.timings_s = {"load_networks": networks.load_seconds, **result.timings_s,
                         "total": time.perf_counter() - start}
     from .documents import list_hotspot_files
