@@ -199,7 +199,8 @@ _BODY_PATHOLOGIES = ("wedge_fracture", "endplate_notch", "slip")
 _DISC_PATHOLOGIES = ("narrow_disc", "dark_disc")
 
 
-def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | None = None):
+def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | None = None,
+                   include_s2: bool = False):
     """A :func:`SpineNetLib.phantom.make_phantom` with random FOV, contrast, rotation, spacing, pathology.
 
     Used as a seeded pool of synthetic slices (all levels C2..S1, T1/T2/STIR
@@ -229,7 +230,7 @@ def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | No
                   slice_thickness_mm=float(rng.uniform(3.0, 5.0)), rotation_deg=float(rng.uniform(-15, 15)),
                   noise=float(rng.uniform(0.005, 0.05)), bias_field=float(rng.uniform(0.0, 0.3)),
                   midline_offset_mm=float(rng.uniform(-3, 3)), variability=1.0,
-                  seed=int(rng.integers(0, 2 ** 31 - 1)), transitional=transitional)
+                  seed=int(rng.integers(0, 2 ** 31 - 1)), transitional=transitional, include_s2=include_s2)
     try:
         return phantom.make_phantom(pathology=pathology, **kwargs)
     except Exception:  # an unlucky pathology combination: fall back to a healthy spine

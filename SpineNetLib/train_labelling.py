@@ -3,10 +3,13 @@
 Appearance: straightened 224x224x16 volumes cut by
 ``labelling.extract_vertebra_volume`` around ground-truth bodies, whose
 average polygon is jittered (+-5 % size, +-3 deg, +-3 px) the way a detector
-would err; intensity-augmented (``augment.augment_intensity``) and
+would err; the scan randomly cut above and below the body
+(:func:`truncate_field_of_view`, so that where the image ends is no cue to
+the level); intensity-augmented (``augment.augment_intensity``) and
 re-normalised with ``labelling.normalise_volume`` (the inference
 normalisation).  Real cases cover T10..S1 only, so half of the samples come
-from a seeded pool of random phantoms (all levels C2..S1, T1/T2/STIR); the
+from a seeded pool of random phantoms (all levels C2..S1 and the first sacral
+segment below S1 as class S1, T1/T2/STIR); the
 level of every sample is drawn uniformly first (class balance), then a body of
 that level.  Real volumes are the slab-averaged ~4 mm scans ``spinenet run``
 makes from these 1 mm data (``canonical.scan_from_array``).  Loss:
@@ -86,18 +89,25 @@ def real_bodies(cases, scans: list, start_index: int = 0) -> list[BodySample]:
 
 
 def phantom_bodies(n: int, seed: int, scans: list) -> list[BodySample]:
-    """Bodies of a seeded pool of random phantoms (9-17 slices of 3-5 mm)."""
+    """Bodies of a seeded pool of random phantoms (9-17 slices of 3-5 mm).
+
+    The first fused sacral segment below S1 ("S2") is a sample of class S1:
+    the official labelling has no S2 class and names a second S1 at the
+    bottom "S2" (FACTS.md §5.5), so a detected S2 must look like S1 to the
+    appearance net, not like L5 (which would shift every level up by one).
+    """
     rng = np.random.default_rng([int(seed), 11])
     out = []
     for _ in range(int(n)):
-        ph = random_phantom(rng, n_slices=int(rng.integers(9, 18)))
+        ph = random_phantom(rng, n_slices=int(rng.integers(9, 18)), include_s2=True)
         idx = len(scans)
         scans.append(ph.scan)
         for v in ph.vertebrae:
-            if v.extra or v.level not in LEVELS:
+            level = "S1" if v.level == "S2" else v.level
+            if level not in LEVELS:
                 continue
             avg = np.mean(np.stack([np.asarray(v.quads[s], float) for s in v.slices]), axis=0)
-            out.append(BodySample(idx, level_index(v.level), avg))
+            out.append(BodySample(idx, level_index(level), avg))
     return out
 
 
@@ -111,8 +121,43 @@ def jitter_polygon(rng: np.random.Generator, poly: np.ndarray, amount: float = 1
     return (poly - c) @ r.T * s + c + amount * rng.uniform(-3.0, 3.0, 2) + corner_noise
 
 
+def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray):
+    """The scan cut at random rows above and/or below the body, and the polygon moved with it.
+
+    Every real training series of one source starts and ends at much the same
+    anatomy (``chu/`` always shows T10-T11 at its top edge), so without this
+    the network learns "zero padding at the top of the crop means T11" instead
+    of the anatomy, and labels the top body of any other field of view
+    wrongly.  Each edge is cut with probability 0.5 at a row drawn between
+    1.5 crop-thirds and 0.3 body heights away from the body, i.e. inside the
+    appearance crop (which reaches one body size L beyond the body,
+    FACTS.md §5.4), so the crop sees an image edge at a random place.
+    """
+    import dataclasses
+
+    height = scan.voxels.shape[0]
+    ys = np.asarray(polygon, float)[:, 1]
+    y_top, y_bottom = float(ys.min()), float(ys.max())
+    body = max(y_bottom - y_top, 1.0)
+    size = 1.5 * body
+    first, end = 0, height
+    if rng.random() < 0.5:
+        lo, hi = max(0.0, y_top - size), y_top - 0.3 * body
+        if hi > lo:
+            first = int(rng.uniform(lo, hi))
+    if rng.random() < 0.5:
+        lo, hi = y_bottom + 0.3 * body, min(float(height), y_bottom + size)
+        if hi > lo:
+            end = int(np.ceil(rng.uniform(lo, hi)))
+    if first == 0 and end == height:
+        return scan, polygon
+    cut = dataclasses.replace(scan, voxels=scan.voxels[first:end])
+    return cut, np.asarray(polygon, float) - np.array([0.0, float(first)])
+
+
 def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augment_strength: float = 1.0):
-    """One training volume ``(224, 224, 16)``: jittered crop, random slice range, intensity augmentation."""
+    """One training volume ``(224, 224, 16)``: jittered crop, random slice range and field of view,
+    intensity augmentation."""
     from .scan import Scan
 
     vox = scan.voxels
@@ -124,6 +169,8 @@ def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augme
                     input_ijk_to_ras=scan.input_ijk_to_ras, input_shape_ijk=scan.input_shape_ijk,
                     canonical_to_input_ijk=scan.canonical_to_input_ijk, input_slice_axis=scan.input_slice_axis)
     poly = jitter_polygon(rng, body.polygon, augment_strength) if augment_strength > 0 else body.polygon
+    if augment_strength > 0:
+        scan, poly = truncate_field_of_view(rng, scan, poly)
     vol = labelling.extract_vertebra_volume(scan, Vertebra(slices=[0], polygons=[poly]))
     if augment_strength > 0:
         vol = labelling.normalise_volume(augment.augment_intensity(rng, vol, strength=augment_strength))

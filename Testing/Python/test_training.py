@@ -244,3 +244,48 @@ def test_cli_train_context_writes_a_loadable_fp16_checkpoint(tmp_path):
     assert isinstance(model, ContextNet) and not model.training
     y = model(torch.zeros(1, 1, 256, N_LEVELS))
     assert y.shape == (1, 1, 256, N_LEVELS)
+
+
+def test_field_of_view_truncation_keeps_the_body_and_moves_the_image_edge_into_the_crop():
+    """The appearance net must not learn "image edge at the top of the crop = T11" (train_labelling)."""
+    import dataclasses
+
+    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.train_labelling import truncate_field_of_view
+
+    voxels = np.arange(300 * 200 * 3, dtype=np.float32).reshape(300, 200, 3)
+    scan = dataclasses.replace(make_phantom(fov="lumbar", n_slices=3, seed=1).scan, voxels=voxels)
+    polygon = np.array([[120.0, 130.0], [120.0, 160.0], [80.0, 160.0], [80.0, 130.0]])  # rt rb lb lt
+    rng = np.random.default_rng(5)
+    cut_top = cut_bottom = 0
+    for _ in range(200):
+        cut, moved = truncate_field_of_view(rng, scan, polygon)
+        first = int(round(polygon[0, 1] - moved[0, 1]))
+        end = first + cut.voxels.shape[0]
+        # The same voxels lie under the moved polygon: the body is intact.
+        assert np.array_equal(cut.voxels, voxels[first:end])
+        assert first <= 130 - 0.3 * 30 + 1 and end >= 160 + 0.3 * 30 - 1
+        # A cut lies within the reach of the appearance crop (1.5 body sizes), never far away.
+        assert first == 0 or first >= 130 - 45 - 1
+        assert end == 300 or end <= 160 + 45 + 1
+        cut_top += first > 0
+        cut_bottom += end < 300
+    assert 60 < cut_top < 140 and 60 < cut_bottom < 140
+
+
+def test_appearance_phantom_pool_teaches_the_segment_below_s1_as_s1():
+    """A detected first sacral segment must look like S1 (official S2 rule), not like L5."""
+    from SpineNetLib.levels import level_index
+    from SpineNetLib.train_labelling import phantom_bodies
+
+    scans: list = []
+    bodies = phantom_bodies(6, 3, scans)
+    s1 = level_index("S1")
+    lowest_pairs = 0
+    for k in range(len(scans)):
+        sacral = sorted((b.polygon[:, 1].mean() for b in bodies if b.scan_index == k and b.level == s1))
+        assert len(sacral) <= 2
+        if len(sacral) == 2:  # S1 and the segment below it, which is lower in the image
+            lowest_pairs += 1
+            assert sacral[1] - sacral[0] > 15.0
+    assert lowest_pairs >= 1
