@@ -305,12 +305,16 @@ def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
         raise InputError(f"unknown level {level!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
     probs = [_probabilities(v) for v in vertebrae]
     if all(p is not None for p in probs):
-        from .labelling import relabel_with_correction
+        from .labelling import LabellingParams, relabel_with_correction
         from .results import Vertebra
 
         dummies = [Vertebra(slices=[0], polygons=[np.zeros((4, 2))], level=v.get("level"), level_probabilities=p)
                    for v, p in zip(vertebrae, probs)]
-        relabel_with_correction(dummies, int(index), level)
+        # The same penalties as the run that wrote the document (weights may carry their own).
+        penalty = (vertebrae_doc.get("labelling") or {}).get("repeat_s1_penalty")
+        params = LabellingParams(repeat_s1_penalty=float(penalty)) \
+            if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) else None
+        relabel_with_correction(dummies, int(index), level, params)
         return [v.level for v in dummies]
     order = list(LEVEL_CHOICES)
     start = order.index(level) - int(index)

@@ -64,6 +64,10 @@ class LabellingParams:
     #: Beam search (FACTS §5.5).
     beam_width: int = 100
     ascending_penalty: float = 1000.0
+    #: Official value 100.  A context checkpoint may carry its own value
+    #: (entry ``repeat_s1_penalty``, see :func:`params_for_context`): the
+    #: penalty trades off against -ln p of the whole spine being shifted by one
+    #: level, so it must match how peaked that network's probabilities are.
     repeat_s1_penalty: float = 100.0
     skip_penalty: float = 100.0
     penalise_skips: bool = True
@@ -426,6 +430,43 @@ def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
     return [int(c) for c in history[0]]
 
 
+def params_for_context(context_net, params: LabellingParams | None = None) -> LabellingParams:
+    """``params`` (default: the official ones) with the context checkpoint's own repeat-S1 penalty.
+
+    The bundled context network is much less confident than the official one
+    (its probabilities are less peaked), so with the official penalty of 100
+    for a second S1 the beam search prefers shifting every level of the spine
+    up by one to naming a detected first sacral segment S2; its checkpoint
+    therefore records the penalty chosen for it (MODEL_CARD.md).  Explicit
+    ``params`` are returned unchanged.
+    """
+    if params is not None:
+        return params
+    meta = getattr(context_net, "checkpoint_meta", None) or {}
+    penalty = meta.get("repeat_s1_penalty")
+    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and math.isfinite(penalty) \
+            and penalty >= 0:
+        return LabellingParams(repeat_s1_penalty=float(penalty))
+    return LabellingParams()
+
+
+def sacral_run_end(indices: Sequence[int]) -> int:
+    """Number of vertebrae (top to bottom) to keep: a bottom run of S1s is cut after two.
+
+    The official S2 rule (:func:`assign_level_names`) names a second S1 at
+    the bottom "S2".  A detector may also find lower fused sacral segments;
+    when the search calls three or more bodies at the bottom S1, the ones
+    after the second are sacral segments below S2, which are not vertebral
+    levels SpineNet reports, and are dropped.
+    """
+    labels = [int(i) for i in indices]
+    n = len(labels)
+    first = n
+    while first > 0 and labels[first - 1] == 0:
+        first -= 1
+    return min(n, first + 2) if n - first >= 3 else n
+
+
 def assign_level_names(indices: Sequence[int]) -> list[str]:
     """Level names of class indices with the official S2 rule (FACTS §5.5).
 
@@ -454,6 +495,9 @@ def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Calla
                     progress: Callable[[int, int, str], None] | None = None,
                     timings: LabellingTimings | None = None) -> list[Vertebra]:
     """Label every vertebra in place and return the same list, top to bottom.
+
+    Lower sacral segments (a third or further S1 at the bottom,
+    :func:`sacral_run_end`) are removed from the list.
 
     Fills ``.level`` (name, with the S2 rule), ``.level_probabilities`` (the
     context probabilities the beam search used, kept for
@@ -493,7 +537,10 @@ def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Calla
     report(n + 2, total, "context network")
 
     start = time.perf_counter()
-    names = assign_level_names(beam_search(context, params))
+    indices = beam_search(context, params)
+    keep = sacral_run_end(indices)
+    del vertebrae[keep:]
+    names = assign_level_names(indices[:keep])
     timings.search_s = time.perf_counter() - start
     for vertebra, name, p_context, p_appearance in zip(vertebrae, names, context, appearance):
         vertebra.level = name

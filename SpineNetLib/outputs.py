@@ -92,13 +92,16 @@ def vertebrae_document(scan: Scan, result: DetectionResult) -> dict:
             "centroid_ras": _round(vertebra_centroid_ras(scan, v)),
             "polygons": vertebra_polygons_ras(scan, v),
         })
-    return {
+    document = {
         "schema": VERTEBRAE_SCHEMA,
         "input": input_description(scan),
         "scan": scan_description(scan),
         "vertebrae": vertebrae,
         "timings_s": {k: round(float(t), 3) for k, t in result.timings_s.items()},
     }
+    if result.labelling:
+        document["labelling"] = dict(result.labelling)
+    return document
 
 
 VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",

@@ -73,7 +73,7 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                      progress: ProgressCallback | None = None) -> DetectionResult:
     """Detect every vertebral body in ``scan`` and label its level."""
     detection_params = detection_params or detection.DetectionParams()
-    labelling_params = labelling_params or labelling.LabellingParams()
+    labelling_params = labelling.params_for_context(networks.context, labelling_params)
     predict = networks.predictor or detection.network_predictor(networks.detector, device=networks.device)
     result = detection.detect_vertebrae(scan, predict, detection_params,
                                         progress=scaled(progress, "detecting vertebrae"))
@@ -83,6 +83,7 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                                   labelling_params, device=networks.device,
                                   progress=scaled(progress, "labelling levels"))
     result.timings_s["labelling"] = time.perf_counter() - start
+    result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty)}
     return result
 
 

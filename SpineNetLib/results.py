@@ -62,3 +62,5 @@ class DetectionResult:
 
     vertebrae: list[Vertebra]
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: Labelling settings that a later level correction must reuse (e.g. the repeat-S1 penalty).
+    labelling: dict = field(default_factory=dict)

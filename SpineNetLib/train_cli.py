@@ -96,6 +96,9 @@ def register(subparsers) -> None:
     _common(ctx, steps=1000, batch=16, lr=2e-3, data=False)
     ctx.add_argument("--val-batches", type=int, default=4,
                      help="batches of 8 synthetic label images for the final check (default 4)")
+    ctx.add_argument("--repeat-s1-penalty", type=float, default=None, metavar="P",
+                     help="beam-search penalty for a second S1 to store with the weights "
+                          "(default: none stored, the official 100 applies)")
     ctx.set_defaults(func=command_train_context)
 
     from .train_grader import add_grader_parser

@@ -376,8 +376,11 @@ def _finish(run: RunFolder, kind: str, model, args) -> Path:
     state = torch.load(run.path / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
     if state["step"] >= args.steps:
         model.load_state_dict(state["model"])
-        checkpoints.save_checkpoint(final, kind, model.cpu(), half=True,
-                                    extra={"epoch": int(args.steps), "seed": int(args.seed)})
+        extra = {"epoch": int(args.steps), "seed": int(args.seed)}
+        penalty = getattr(args, "repeat_s1_penalty", None)
+        if kind == "context" and penalty is not None:
+            extra["repeat_s1_penalty"] = float(penalty)  # used by labelling.params_for_context
+        checkpoints.save_checkpoint(final, kind, model.cpu(), half=True, extra=extra)
         print(f"wrote {final}", flush=True)
         if kind == "context":
             model.eval()
@@ -408,7 +411,8 @@ def validate_labelling(appearance, context, cases, device="cpu", log=print) -> d
         scan = scans[0]
         verts = [Vertebra(slices=[0], polygons=[b.polygon]) for b in bodies]
         truth = {id(v): LEVELS[b.level] for v, b in zip(verts, bodies)}
-        labelling.label_vertebrae(scan, verts, appearance, context, device=str(device))
+        labelling.label_vertebrae(scan, verts, appearance, context, labelling.params_for_context(context),
+                                  device=str(device))
         app = sum(LEVELS[int(np.argmax(v.appearance_probabilities))] == truth[id(v)] for v in verts)
         full = sum(v.level == truth[id(v)] for v in verts)
         order = list(LEVELS_TOP_DOWN) + ["S2"]

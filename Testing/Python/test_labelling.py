@@ -564,3 +564,46 @@ def test_phantom_oracle_probabilities_give_the_gt_levels(phantom_case):
         assert int(np.argmax(v.level_probabilities)) == t
     # The beam search alone on sharp oracle probabilities agrees.
     assert assign_level_names(beam_search(sharp(truth))) == phantom_case.levels
+
+
+def test_lower_sacral_segments_are_dropped_after_s2():
+    from SpineNetLib.labelling import sacral_run_end
+
+    assert sacral_run_end(idx("L4 L5 S1")) == 3
+    assert sacral_run_end(idx("L4 L5 S1 S1")) == 4          # S1 + S2: the official S2 rule
+    assert sacral_run_end(idx("L4 L5 S1 S1 S1 S1")) == 4    # S3, S4 dropped
+    assert sacral_run_end(idx("S1 S1 S1")) == 2
+    assert sacral_run_end([]) == 0
+
+    # End to end: three bodies that all look like S1 at the bottom -> S1, S2, and the third is gone.
+    scan, verts = stacked_scan(6, row_mm=1.0)
+    truth = idx("L3 L4 L5 S1 S1 S1")
+    table = np.zeros((6, N_LEVELS))
+    table[np.arange(6), truth] = 60.0
+    kept = verts[:5]
+    out = label_vertebrae(scan, verts, FixedLogits(table), ScaledInput(50.0), LabellingParams(repeat_s1_penalty=1.0))
+    assert out is verts and len(out) == 5 and all(a is b for a, b in zip(out, kept))
+    assert [v.level for v in out] == ["L3", "L4", "L5", "S1", "S2"]
+
+
+def test_a_context_checkpoint_carries_its_own_repeat_s1_penalty(tmp_path):
+    """The bundled context net is less confident than the official one; its penalty travels with it."""
+    from SpineNetLib import checkpoints
+    from SpineNetLib.labelling import params_for_context
+    from SpineNetLib.models import ContextNet
+
+    net = ContextNet()
+    plain = checkpoints.save_checkpoint(tmp_path / "plain.pt", "context", net, half=True)
+    tuned = checkpoints.save_checkpoint(tmp_path / "tuned.pt", "context", net, half=True,
+                                        extra={"repeat_s1_penalty": 3.0})
+    assert params_for_context(checkpoints.load_model("context", plain)).repeat_s1_penalty == 100.0
+    assert params_for_context(checkpoints.load_model("context", tuned)).repeat_s1_penalty == 3.0
+    explicit = LabellingParams(repeat_s1_penalty=50.0)
+    assert params_for_context(checkpoints.load_model("context", tuned), explicit) is explicit
+    assert params_for_context(ScaledInput(1.0)).repeat_s1_penalty == 100.0  # no checkpoint at all
+
+    # With the official penalty a second S1 costs more than shifting a weakly peaked spine by one level.
+    probs = peaked(idx("L3 L4 L5 S1 S1"), gap=3.0)
+    assert [LEVELS[i] for i in beam_search(probs, LabellingParams())] == ["L2", "L3", "L4", "L5", "S1"]
+    assert [LEVELS[i] for i in beam_search(probs, LabellingParams(repeat_s1_penalty=3.0))] == \
+        ["L3", "L4", "L5", "S1", "S1"]
