@@ -70,9 +70,7 @@ def test_demo_finds_the_phantom_vertebrae(demo_result):
     assert len(matches) >= 5, matches
 
 
-@pytest.mark.xfail(strict=True, reason="known limit of the bundled labelling (MODEL_CARD.md): on phantoms the "
-                   "first sacral segment below S1 is detected too and the lowest body is always called S1, "
-                   "so every level is one too high")
 def test_demo_labels_the_phantom_levels(demo_result):
     _, matches = demo_result
     assert sum(p == t for p, t in matches) >= 5, matches
+    assert all(p == t for p, t in matches), matches
