@@ -136,6 +136,55 @@ def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[i
                            vertebrae=vertebrae, range_top_row=top, range_bottom_row=bottom)
 
 
+def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
+                                  case_id: str = "") -> CaseGroundTruth:
+    """Ground truth of the bodies between annotated discs, for data with disc masks only (``ivd/``).
+
+    A body counts where the discs above and below it are both annotated
+    (discs "L1-L2" and "L2-L3" give body L2).  Its mid slice is the sagittal
+    slice where the two discs have the largest product of areas; its
+    centroid is the midpoint of the two disc centroids on that slice, which
+    lies inside the body (the body fills the space between its endplates)
+    but is not its mask centroid, so localisation errors are approximate.
+    The annotated range runs from the centroid of the highest disc to that
+    of the lowest: detections of the bodies beyond (e.g. L1, S1) are not
+    scored.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"labels must be a 3D volume, got shape {labels.shape}")
+    discs = {}
+    for code in np.unique(labels):
+        name = level_names.get(int(code), "")
+        if "-" in name:
+            upper, lower = name.split("-", 1)
+            discs[upper] = (int(code), lower)
+    vertebrae: list[GroundTruthVertebra] = []
+    rows = []
+    for upper, (code, body) in discs.items():
+        rows.append(float(mask_centroid((labels == code).any(axis=2))[1]))
+        if body not in discs:
+            continue
+        above, below = labels == code, labels == discs[body][0]
+        overlap = above.sum(axis=(0, 1)).astype(float) * below.sum(axis=(0, 1))
+        mid = int(np.argmax(overlap))
+        if overlap[mid] <= 0:
+            continue
+        centroid = (mask_centroid(above[:, :, mid]) + mask_centroid(below[:, :, mid])) / 2.0
+        vertebrae.append(GroundTruthVertebra(level=body, mid_slice=mid, centroid=centroid))
+    vertebrae.sort(key=lambda v: float(v.centroid[1]))
+    return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm), vertebrae=vertebrae,
+                           range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None)
+
+
+def ground_truth_of_case(case) -> CaseGroundTruth:
+    """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``)."""
+    data = load_case(case)
+    if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
+        return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+    return ground_truth_from_disc_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+
+
 # --------------------------------------------------------------------------- predictions
 
 
@@ -375,7 +424,8 @@ def summarise(metrics: Sequence[CaseMetrics]) -> dict:
 
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
                          slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> dict:
-    """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies.
+    """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies
+    (or, for ``ivd/``, the bodies between annotated discs: :func:`ground_truth_from_disc_labels`).
 
     For ``spinenet evaluate --data DIR --pred DIR``.  Cases without a
     prediction file are listed under ``"missing_predictions"`` and not scored.
@@ -383,7 +433,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     pred_root = Path(pred_root)
     if not pred_root.is_dir():
         raise InputError(f"no prediction folder at {pred_root}")
-    cases = list_cases(data_root, sources=DETECTION_SOURCES)
+    cases = list_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",))
     if case_ids is not None:
         known = {c.case_id for c in cases}
         unknown = [c for c in case_ids if c not in known]
@@ -396,8 +446,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         if not pred_file.is_file():
             missing.append(case.case_id)
             continue
-        data = load_case(case)
-        gt = ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+        gt = ground_truth_of_case(case)
         preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
     summary = summarise(results)

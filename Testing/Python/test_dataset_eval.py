@@ -496,3 +496,34 @@ def test_synthetic_nifti_case_and_vertebrae_json_round_trip(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(InputError, match="shape"):
         E.predictions_from_vertebrae_json(path, D.case_geometry(case))
+
+
+def test_ground_truth_from_discs_only():
+    """ivd/ annotates discs only: the bodies between two annotated discs are scored (L2 from L1-L2 and L2-L3)."""
+    lab = np.zeros((80, 40, 7), np.uint8)
+    lab[10:14, 10:30, 1:6] = 120   # L1-L2
+    lab[40:44, 12:32, 2:7] = 121   # L2-L3: the pair overlaps on slices 2..5, largest product on 2
+    lab[70:74, 14:34, 0:7] = 122   # L3-L4
+    names = {120: "L1-L2", 121: "L2-L3", 122: "L3-L4"}
+    gt = E.ground_truth_from_disc_labels(lab, (1.0, 1.0, 3.0), names, "d")
+    assert [(v.level, v.mid_slice) for v in gt.vertebrae] == [("L2", 2), ("L3", 2)]
+    np.testing.assert_allclose(gt.vertebrae[0].centroid, [(19.5 + 21.5) / 2, (11.5 + 41.5) / 2])
+    assert (gt.range_top_row, gt.range_bottom_row) == (11.5, 71.5)
+    # A detection of L2 containing that point is a hit; one of L1 above the highest disc is not scored.
+    hit = E.PredictedVertebra("L2", np.array([2.0]), [box(8, 16, 34, 38)])
+    above = E.PredictedVertebra("L1", np.array([2.0]), [box(8, 0, 34, 9)])
+    m = E.evaluate_case(gt, [hit, above])
+    assert (m.tp, m.fp, m.fn, m.n_identified, m.n_ignored_predictions) == (1, 0, 1, 1, 1)
+
+
+@needs_data
+def test_ground_truth_of_a_real_disc_only_case(real_cases):
+    case = real_cases["ivd_11"]
+    gt = E.ground_truth_of_case(case)
+    assert [v.level for v in gt.vertebrae] == ["L2", "L3", "L4", "L5"]
+    labels = D.load_case(case).labels
+    for v in gt.vertebrae:  # between its two discs, on a slice where both are annotated
+        assert labels[:, :, v.mid_slice].max() > 0
+        x, y = (int(round(c)) for c in v.centroid)
+        assert labels[y, x, v.mid_slice] == 0  # in the body, not in a disc
+    assert gt.range_top_row < gt.vertebrae[0].centroid[1] and gt.vertebrae[-1].centroid[1] < gt.range_bottom_row
