@@ -12,6 +12,8 @@ and its **centroid** is the centroid ``(x, y)`` of its mask on that slice
 whose mid-slice mask touches the image border is cut by the field of view:
 it is **ignored**: not counted, and a prediction that contains its centroid
 on any of the prediction's slices (and no scored centroid) is neither TP nor FP.
+Cases with disc masks only (``ivd/``) score the bodies between two annotated
+discs instead (:func:`ground_truth_from_disc_labels`).
 
 A prediction's polygon "on" a ground-truth slice is its polygon on the
 nearest of its own slices, if that is within ``slice_tolerance_mm`` (default
