@@ -3,12 +3,12 @@
 The module is a thin layer over SpineNetLib:
 
 * the **widget** collects the options, writes the input volume to a
-  temporary ``.npy`` + JSON pair, runs ``SpineNetLib.worker`` in a separate
+  temporary ``.npy`` + JSON pair, runs ``SpineNetLib.apps.worker`` in a separate
   process with ``qt.QProcess`` (the GUI stays responsive; Cancel kills the
   process), follows its ``PROGRESS``/``WARNING``/``RESULT``/``ERROR`` lines,
   and shows the results (disc table, vertebra list with level correction,
   CSV export, hotspots);
-* the **logic** only reads and writes MRML (through ``SpineNetLib.mrml``)
+* the **logic** only reads and writes MRML (through ``SpineNetLib.slicer.mrml``)
   and files, so it runs headless too.
 
 Qt properties are read through :func:`_get`, which works with PythonQt
@@ -48,8 +48,9 @@ def _libraryParent():
 
 LIBRARY_PARENT = _libraryParent()
 
-from SpineNetLib import documents, worker  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
-from SpineNetLib.errors import SpineNetError  # noqa: E402
+from SpineNetLib.outputs import documents
+from SpineNetLib.apps import worker  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
+from SpineNetLib.core.errors import SpineNetError  # noqa: E402
 
 #: Import name of each requirement in Resources/requirements.txt.
 IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
@@ -458,7 +459,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
         #: Hook for extensions and tests: "MODULE:FUNCTION" or "FILE.py:FUNCTION" replacing the
-        #: worker's default pipeline, and extra options for it (see SpineNetLib.worker).
+        #: worker's default pipeline, and extra options for it (see SpineNetLib.apps.worker).
         self.pipeline = None
         self.pipelineOptions = {}
 
@@ -468,7 +469,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _mrml():
-        from SpineNetLib import mrml
+        from SpineNetLib.slicer import mrml
 
         return mrml
 
@@ -552,7 +553,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas,
                                             {"path": volumeNode.GetName(), "format": "Slicer volume"})
         output = os.path.join(folder, "results")
-        arguments = ["-m", "SpineNetLib.worker"] + worker.worker_arguments(
+        arguments = ["-m", "SpineNetLib.apps.worker"] + worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
             hotspot_head=hotspot_head, pipeline=pipeline, options=options)
         pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
@@ -620,7 +621,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def exportCsv(self, volumeNode, folder):
         """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv``; returns their paths."""
-        from SpineNetLib.outputs import vertebrae_csv_text
+        from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
 
         vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
         if vertebraeDoc is None:
@@ -628,7 +629,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("_") or "volume"
         files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc),
                  f"{stem}_discs.csv": documents.discs_csv_text(vertebraeDoc, discsDoc)}
-        from SpineNetLib.outputs import write_files_atomically
+        from SpineNetLib.outputs.vertebrae import write_files_atomically
 
         return [str(p) for p in write_files_atomically(folder, files)]
 
@@ -664,8 +665,8 @@ class SpineNetTest(ScriptedLoadableModuleTest):
         self.test_PhantomResults()
 
     def test_PhantomResults(self):
-        from SpineNetLib import mrml
-        from SpineNetLib.phantom import make_phantom
+        from SpineNetLib.slicer import mrml
+        from SpineNetLib.synthetic.phantom import make_phantom
 
         self.delayDisplay("Building a phantom")
         phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.6, 1.6), n_slices=9)

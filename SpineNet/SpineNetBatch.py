@@ -9,7 +9,7 @@ or with any Python that has SpineNetLib's requirements and ``slicer-core``::
 
     python SpineNet/SpineNetBatch.py --input DICOM_DIR_OR_FILE --output DIR
 
-Both read the scan with :func:`SpineNetLib.io.load_scan` (DICOM folder or
+Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder or
 file, NIfTI, NRRD, MHA: identical behaviour in and outside Slicer), run the
 pipeline, and write into DIR: ``vertebrae.json``, ``vertebrae.csv``,
 ``discs.csv`` (and ``discs.json`` when graded), ``result.json`` and
@@ -58,7 +58,7 @@ def build_parser():
     parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
     parser.add_argument("--no-scene", action="store_true", help="write only the CSV/JSON files, no scene.mrb")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline "
-                                           "(see SpineNetLib.worker)")
+                                           "(see SpineNetLib.apps.worker)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -74,10 +74,11 @@ def run(args):
     """Everything but the error handling; returns the written paths."""
     from pathlib import Path
 
-    from SpineNetLib import documents, worker
-    from SpineNetLib.errors import InputError
-    from SpineNetLib.io import load_scan
-    from SpineNetLib.progress import StderrProgress, no_progress
+    from SpineNetLib.outputs import documents
+    from SpineNetLib.apps import worker
+    from SpineNetLib.core.errors import InputError
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.core.progress import StderrProgress, no_progress
 
     start = time.perf_counter()
     output = Path(args.output)
@@ -102,7 +103,7 @@ def run(args):
     written = documents.write_result_files(output, vertebrae, discs, hotspots)
 
     if not args.no_scene:
-        from SpineNetLib import mrml
+        from SpineNetLib.slicer import mrml
 
         import slicer
 
@@ -122,7 +123,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from SpineNetLib.errors import SpineNetError
+    from SpineNetLib.core.errors import SpineNetError
 
     try:
         run(args)

@@ -1,6 +1,6 @@
 """SpineNetLib: SpineNetV2 vertebra detection, labelling and disc grading, without Slicer.
 
-Import the stages you need, e.g. ``from SpineNetLib.io import load_scan`` and
+Import the stages you need, e.g. ``from SpineNetLib.inputs.load import load_scan`` and
 ``from SpineNetLib.pipeline import detect_and_label``.
 """
 

@@ -1,11 +1,11 @@
 """Detection, labelling and disc grading of a whole scan: the stages glued together.
 
 ``load_networks`` resolves and loads the weights once; ``detect_and_label``
-runs detection (seed §3.1) and labelling (seed §3.2) on a :class:`Scan` and
+runs detection (paper §3.1) and labelling (paper §3.2) on a :class:`Scan` and
 returns vertebrae top to bottom, in canonical coordinates, with per-stage
-timings.  ``grade_discs`` cuts the disc volumes (seed §3.3), grades them when
-a grading network is loaded (seed §3.4) and measures the discs and bodies.
-``SpineNetLib.outputs`` and ``SpineNetLib.disc_outputs`` map them back to the
+timings.  ``grade_discs`` cuts the disc volumes (paper §3.3), grades them when
+a grading network is loaded (paper §3.4) and measures the discs and bodies.
+``SpineNetLib.outputs.vertebrae`` and ``SpineNetLib.outputs.discs`` map them back to the
 input's RAS space.
 """
 
@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoints, detection, labelling
-from .errors import InputError, SpineNetError
-from .progress import ProgressCallback, scaled
-from .results import DetectionResult, Vertebra
-from .scan import Scan
-from .weights import WeightSet, resolve_weights
+from SpineNetLib.weights import checkpoints
+from SpineNetLib.detect import vfr as detection
+from SpineNetLib.label import labelling
+from SpineNetLib.core.errors import InputError, SpineNetError
+from SpineNetLib.core.progress import ProgressCallback, scaled
+from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.core.scan import Scan
+from SpineNetLib.weights.resolve import WeightSet, resolve_weights
 
 
 def choose_device(spec: str = "auto") -> torch.device:
@@ -107,9 +109,9 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
     ``grade=False`` the discs are still cut and measured; the status says why
     they were not graded.
     """
-    from .grading import grade_volumes
-    from .ivd import extract_ivd_volumes
-    from .measurements import measure_spine
+    from SpineNetLib.discs.grading import grade_volumes
+    from SpineNetLib.discs.extraction import extract_ivd_volumes
+    from SpineNetLib.discs.measurements import measure_spine
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

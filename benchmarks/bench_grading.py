@@ -28,11 +28,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SpineNetLib.grading import grade_volumes
-    from SpineNetLib.ivd import extract_ivd_volumes
+    from SpineNetLib.discs.grading import grade_volumes
+    from SpineNetLib.discs.extraction import extract_ivd_volumes
     from SpineNetLib.models import GradingNet
-    from SpineNetLib.phantom import make_phantom
-    from SpineNetLib.results import Vertebra
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.core.results import Vertebra
 
     phantom = make_phantom(fov="lumbar", seed=1)
     vertebrae = [Vertebra(slices=sorted(v.quads), polygons=[v.quads[s] for s in sorted(v.quads)], level=v.level)
@@ -50,7 +50,7 @@ def main() -> None:
     print(f"  extract volumes            {extract_s:8.2f} s")
     print(f"  grade                      {grade_s:8.2f} s")
     if args.hotspots:
-        from SpineNetLib.hotspots import hotspot_volume
+        from SpineNetLib.discs.hotspots import hotspot_volume
         from SpineNetLib.models.grading import HEADS
 
         t = time.perf_counter()

@@ -37,8 +37,8 @@ def run_bundled(name: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from SpineNetLib.io import load_scan
-    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
 
     timings: dict[str, float] = {}
@@ -71,11 +71,12 @@ def run_one(name: str, threads: int, bf16: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from SpineNetLib import detection, labelling
-    from SpineNetLib.io import load_scan
+    from SpineNetLib.detect import vfr as detection
+    from SpineNetLib.label import labelling
+    from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.models import AppearanceNet, ContextNet, VFRDetector
-    from SpineNetLib.phantom import make_phantom
-    from SpineNetLib.targets import oracle_predictor
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.training.targets import oracle_predictor
 
     timings: dict[str, float] = {}
     phantom = make_phantom(**SCANS[name], seed=1)

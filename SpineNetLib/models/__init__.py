@@ -1,9 +1,9 @@
-"""The four SpineNetV2 networks, with the official parameter names (FACTS.md §3)."""
+"""The four SpineNetV2 networks, with the official parameter names (official §3)."""
 
-from .appearance import AppearanceNet
-from .context import ContextNet
-from .detector import DetectorConfig, VFRDetector
-from .grading import HEADS, GradingConfig, GradingHead, GradingNet
+from SpineNetLib.models.appearance import AppearanceNet
+from SpineNetLib.models.context import ContextNet
+from SpineNetLib.models.detector import DetectorConfig, VFRDetector
+from SpineNetLib.models.grading import HEADS, GradingConfig, GradingHead, GradingNet
 
 __all__ = [
     "AppearanceNet",

@@ -1,6 +1,6 @@
 """Appearance net: a small 3D CNN giving 24 level logits per vertebra volume.
 
-FACTS.md §3.2.  Input ``[N, 1, 224, 224, 16]`` = [batch, ch, rows, cols,
+official §3.2.  Input ``[N, 1, 224, 224, 16]`` = [batch, ch, rows, cols,
 sagittal slices] (slices LAST, unlike the grading net); output ``[N, 24]``
 logits over ``levels.LEVELS``.  Each stage is conv -> ReLU -> BatchNorm (BN
 after the ReLU) -> max-pool; parameter names match ``appearance/ckpt187.pt``.
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..levels import N_LEVELS
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import N_LEVELS
 
 #: Fixed input size (rows, cols, slices); fc1 expects exactly 128*5*5*2 = 6400 features.
 APPEARANCE_INPUT_SHAPE = (224, 224, 16)

@@ -1,7 +1,7 @@
 """Context net: a U-Net along the height of the 24-column "label image".
 
-FACTS.md §3.3.  Input and output ``[N, 1, H, 24]`` with H a multiple of 16
-(the pipeline pads to a multiple of 256, FACTS.md §5.5); output is raw.
+official §3.3.  Input and output ``[N, 1, H, 24]`` with H a multiple of 16
+(the pipeline pads to a multiple of 256, official §5.5); output is raw.
 All (5, 3) convs use dilation (2, 1) and padding (4, 1), which keep the size;
 pooling and upsampling act on the height only.  Each conv is followed by
 ReLU then BatchNorm (except the last).  Names match ``context/ckpt16.pt``.
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..levels import N_LEVELS
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import N_LEVELS
 
 #: Height must be a multiple of this (four halvings).
 CONTEXT_HEIGHT_MULTIPLE = 16

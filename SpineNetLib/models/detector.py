@@ -1,6 +1,6 @@
 """VFR detector: a U-Net with a ResNet-50 (bottleneck v1.5) encoder, 13 output maps.
 
-Architecture and parameter names follow FACTS.md §3.1, so that the official
+Architecture and parameter names follow official §3.1, so that the official
 ``detect-vfr/ckpt435.pt`` state dict loads with ``strict=True``.  The ResNet
 layers are written here (no torchvision) but keep torchvision's parameter names
 (``conv1/bn1/.../downsample.0/downsample.1``) under ``down_blocks.N``.
@@ -10,7 +10,7 @@ Every width scales with ``DetectorConfig.base_width`` so that a small detector
 
 Output channels (docs/CONVENTIONS.md): 0-3 corner heat maps (rt, rb, lb, lt),
 4 centroid heat map, 5-8 column displacements, 9-12 row displacements; raw
-values, no sigmoid (FACTS.md §3.1).
+values, no sigmoid (official §3.1).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from SpineNetLib.core.errors import InputError
 
-#: Number of output maps (FACTS.md §3.1).
+#: Number of output maps (official §3.1).
 N_DETECTOR_OUTPUTS = 13
 #: Bottleneck expansion factor of ResNet-50.
 EXPANSION = 4
-#: Input height and width must be multiples of this (five halvings, FACTS.md §3.1).
+#: Input height and width must be multiples of this (five halvings, official §3.1).
 SIZE_MULTIPLE = 32
 
 
@@ -87,7 +87,7 @@ def _res_layer(in_ch: int, width: int, n_blocks: int, stride: int) -> nn.Sequent
 
 
 class ConvBlock(nn.Module):
-    """Conv 3x3 (with bias) -> BatchNorm -> ReLU (FACTS.md §3.1 "ConvBlock")."""
+    """Conv 3x3 (with bias) -> BatchNorm -> ReLU (official §3.1 "ConvBlock")."""
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class UpBlock(nn.Module):
 class VFRDetector(nn.Module):
     """Vertebral-body corner/centroid detector, input ``[N, 1, H, W]`` -> ``[N, 13, H, W]``.
 
-    H and W must be multiples of 32 (224 in the pipeline, FACTS.md §5.1).
+    H and W must be multiples of 32 (224 in the pipeline, official §5.1).
     """
 
     def __init__(self, config: DetectorConfig | None = None) -> None:
@@ -158,7 +158,7 @@ class VFRDetector(nn.Module):
         self.down_blocks = nn.ModuleList(layers)
         top = 8 * w * e  # 2048 for w=64
         self.bridge = Bridge(top)
-        # (in, up, skip, out) per decoder stage; FACTS.md §3.1 up0..up4.
+        # (in, up, skip, out) per decoder stage; official §3.1 up0..up4.
         self.up_blocks = nn.ModuleList([
             UpBlock(top, top // 2, 4 * w * e, top // 2),          # 2048->1024, skip layer3
             UpBlock(top // 2, top // 4, 2 * w * e, top // 4),     # 1024->512, skip layer2

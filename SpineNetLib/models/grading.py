@@ -1,6 +1,6 @@
 """Grading net: a 3D ResNet-34 layout with 11 classification heads.
 
-FACTS.md §3.4 and §7.  Input ``[N, 1, 9, 112, 224]`` = [batch, ch, slices,
+official §3.4 and §7.  Input ``[N, 1, 9, 112, 224]`` = [batch, ch, slices,
 rows, cols]; the slice axis is never downsampled (strides are (1, s, s)).
 Output: a tuple of 11 logit tensors in :data:`HEADS` order.  Names match
 ``grading/ckpt1.pt``.  Width and depth are configurable (:class:`GradingConfig`)
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..errors import InputError
+from SpineNetLib.core.errors import InputError
 
 
 class GradingHead(NamedTuple):
@@ -27,7 +27,7 @@ class GradingHead(NamedTuple):
     column: str
 
 
-#: Heads in the official output order (FACTS.md §3.4 table; columns as in §7).
+#: Heads in the official output order (official §3.4 table; columns as in §7).
 #: Reported values: argmax + 1 for Pfirrmann, Narrowing, CentralCanalStenosis; argmax otherwise.
 HEADS: tuple[GradingHead, ...] = (
     GradingHead("fc_pf", 5, "Pfirrmann"),
@@ -43,7 +43,7 @@ HEADS: tuple[GradingHead, ...] = (
     GradingHead("fc_hrn", 2, "Herniation"),
 )
 
-#: Input shape (slices, rows, cols) of one IVD volume (FACTS.md §6).
+#: Input shape (slices, rows, cols) of one IVD volume (official §6).
 GRADING_INPUT_SHAPE = (9, 112, 224)
 
 
@@ -109,7 +109,7 @@ class GradingNet(nn.Module):
         self.bn1 = nn.BatchNorm3d(w)
         self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         b = self.config.blocks
-        # layer2 keeps stride 1 (FACTS.md §3.4); layer3/4 halve rows and cols only.
+        # layer2 keeps stride 1 (official §3.4); layer3/4 halve rows and cols only.
         self.layer1 = _layer(w, w, b[0], 1)
         self.layer2 = _layer(w, 2 * w, b[1], 1)
         self.layer3 = _layer(2 * w, 4 * w, b[2], 2)

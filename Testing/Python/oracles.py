@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from SpineNetLib.levels import LEVELS
+from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.pipeline import Networks
-from SpineNetLib.targets import oracle_predictor
-from SpineNetLib.weights import WeightSet
+from SpineNetLib.training.targets import oracle_predictor
+from SpineNetLib.weights.resolve import WeightSet
 
 
 class UniformAppearance(torch.nn.Module):

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.errors import InputError
+from SpineNetLib.core.errors import InputError
 
 
 def _hotspot(scan, centre_ras, path: Path) -> None:
-    from SpineNetLib.io_write import write_image
+    from SpineNetLib.inputs.writers import write_image
 
     ni, nj, nk = scan.input_shape_ijk
     k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
@@ -54,7 +54,7 @@ def run(scan, options: dict, progress) -> dict:
     discs = json.loads(Path(options["discs"]).read_text(encoding="utf-8")) if options.get("discs") else None
     hotspots = []
     if options.get("hotspot"):
-        from SpineNetLib.documents import disc_polygons
+        from SpineNetLib.outputs.documents import disc_polygons
 
         disc, _, head = options["hotspot"].partition(":")
         centre = {d["level"]: d["centre_ras"] for d in disc_polygons(vertebrae)}[disc]

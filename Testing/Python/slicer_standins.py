@@ -341,8 +341,9 @@ class _Patch:
 
 def demo_scene():
     """A phantom volume and its ground-truth documents (no networks involved)."""
-    from SpineNetLib import documents, mrml
-    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.outputs import documents
+    from SpineNetLib.slicer import mrml
+    from SpineNetLib.synthetic.phantom import make_phantom
 
     phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.6, 1.6), n_slices=9,
                            pathology={"L4-L5": ["narrow_disc"]})
@@ -369,7 +370,7 @@ def _fit_table(table):
 
 def render_screenshots(outdir) -> list[Path]:
     """Render the panel with results, and the results table, to PNG files in ``outdir``."""
-    from SpineNetLib import mrml
+    from SpineNetLib.slicer import mrml
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineNetLib import cli
-from SpineNetLib.dataset import default_data_root
-from SpineNetLib.phantom import make_phantom
-from SpineNetLib.weights import BUNDLED_DIR
+from SpineNetLib.apps import cli
+from SpineNetLib.training.datasets import default_data_root
+from SpineNetLib.synthetic.phantom import make_phantom
+from SpineNetLib.weights.resolve import BUNDLED_DIR
 
 from oracles import ground_truth_centroid_ras
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineNetLib import cli, pipeline
-from SpineNetLib.io import load_scan
-from SpineNetLib.phantom import make_phantom
+from SpineNetLib.apps import cli
+from SpineNetLib import pipeline
+from SpineNetLib.inputs.load import load_scan
+from SpineNetLib.synthetic.phantom import make_phantom
 
 from oracles import ground_truth_centroid_ras, oracle_networks
 
@@ -111,7 +112,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     axial = make_phantom(fov="lumbar", shape=(64, 64), pixel_spacing=(1.0, 1.0), n_slices=4)
     # Write the phantom's array with an axial geometry (slice normal along S-I).
     axial_affine = np.diag([1.0, 1.0, 4.0, 1.0])
-    from SpineNetLib.io_write import write_dicom_series
+    from SpineNetLib.inputs.writers import write_dicom_series
     axial_dir = tmp / "axial"
     write_dicom_series(axial.voxels_kji, axial_affine, axial_dir)
     return {
@@ -152,7 +153,7 @@ def test_bad_overrides_are_refused(tmp_path):
 def test_run_writes_hotspot_maps_in_the_input_space(tmp_path, monkeypatch):
     import SimpleITK as sitk
 
-    from SpineNetLib.checkpoints import load_model
+    from SpineNetLib.weights.checkpoints import load_model
 
     phantom = make_phantom(fov="lumbar", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
                            pathology={"L3": ["endplate_notch"]}, seed=5)

@@ -1,5 +1,5 @@
-"""Real-data cases, detection targets, patient split (SpineNetLib.dataset) and the
-seed paper's §5.1 metrics (SpineNetLib.evaluate).
+"""Real-data cases, detection targets, patient split (SpineNetLib.training.datasets) and the
+seed paper's §5.1 metrics (SpineNetLib.evaluation.evaluate).
 
 Tests on the real data skip when ``../shared/data`` (or ``$SPINENET_DATA``)
 is absent; everything else runs on hand-made masks, label volumes and NIfTI
@@ -14,11 +14,13 @@ import math
 import numpy as np
 import pytest
 
-from SpineNetLib import canonical, outputs, polygons
-from SpineNetLib import dataset as D
-from SpineNetLib import evaluate as E
-from SpineNetLib.errors import InputError
-from SpineNetLib.results import DetectionResult, Vertebra
+from SpineNetLib.inputs import canonical
+from SpineNetLib.outputs import vertebrae as outputs
+from SpineNetLib.core import polygons
+from SpineNetLib.training import datasets as D
+from SpineNetLib.evaluation import evaluate as E
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.results import DetectionResult, Vertebra
 
 DATA = D.default_data_root()
 needs_data = pytest.mark.skipif(not (DATA / "chu").is_dir(),

@@ -1,7 +1,7 @@
 """Detection stage: polygon geometry, VFR targets, patching and post-processing.
 
 The post-processing is driven by an "oracle" predictor that renders the
-ground-truth maps of each patch (SpineNetLib.targets.oracle_predictor), so
+ground-truth maps of each patch (SpineNetLib.training.targets.oracle_predictor), so
 everything except the network itself is tested end to end: patch planning,
 extraction, decoding of corners/centroids, quad assembly, the missing-corner
 rule, grouping across slices and sorting.
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineNetLib import detection as D
-from SpineNetLib import polygons as P
-from SpineNetLib import targets as T
-from SpineNetLib.errors import InputError
-from SpineNetLib.results import Vertebra
-from SpineNetLib.scan import Scan
+from SpineNetLib.detect import vfr as D
+from SpineNetLib.core import polygons as P
+from SpineNetLib.training import targets as T
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -560,7 +560,7 @@ def test_postprocessing_speed_512x512x15():
 
 
 def _phantom_case(**kw):
-    phantom_mod = pytest.importorskip("SpineNetLib.phantom")
+    phantom_mod = pytest.importorskip("SpineNetLib.synthetic.phantom")
     ph = phantom_mod.make_phantom(**kw)
     qbs: dict[int, list] = {}
     truth = []

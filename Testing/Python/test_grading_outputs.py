@@ -1,4 +1,4 @@
-"""Disc grading (SpineNetLib.grading), discs.json / discs.csv (SpineNetLib.disc_outputs) and `spinenet run`."""
+"""Disc grading (SpineNetLib.discs.grading), discs.json / discs.csv (SpineNetLib.outputs.discs) and `spinenet run`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib import cli, pipeline
-from SpineNetLib.disc_outputs import DISC_MEASUREMENTS, discs_csv_header, discs_csv_text, discs_document
-from SpineNetLib.grading import GRADE_COLUMNS, OFFICIAL_NAMES, grade_volumes
-from SpineNetLib.ivd import extract_ivd_volumes
-from SpineNetLib.measurements import measure_spine
+from SpineNetLib.apps import cli
+from SpineNetLib import pipeline
+from SpineNetLib.outputs.discs import DISC_MEASUREMENTS, discs_csv_header, discs_csv_text, discs_document
+from SpineNetLib.discs.grading import GRADE_COLUMNS, OFFICIAL_NAMES, grade_volumes
+from SpineNetLib.discs.extraction import extract_ivd_volumes
+from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
-from SpineNetLib.phantom import make_phantom
-from SpineNetLib.results import Vertebra
+from SpineNetLib.synthetic.phantom import make_phantom
+from SpineNetLib.core.results import Vertebra
 
 from oracles import oracle_networks
 
@@ -65,7 +66,7 @@ def test_grades_are_the_networks_argmax_with_probabilities_and_no_preprocessing(
     ivds = case[2]
     net = small_grader()
     assert len(grades) == len(ivds)
-    with torch.no_grad():  # the volumes as they are: no mean subtraction, no TTA (FACTS §7)
+    with torch.no_grad():  # the volumes as they are: no mean subtraction, no TTA (official §7)
         direct = net(torch.from_numpy(np.stack([d.volume for d in ivds]))[:, None])
     seen_values = set()
     for k, g in enumerate(grades):
@@ -177,9 +178,9 @@ def test_spinenet_run_writes_discs_files_with_and_without_grading(tmp_path, monk
 
 
 def test_worker_hook_builds_the_discs_document(case):
-    """SpineNetLib.worker looks up grading.discs_document(scan, result, networks, ...) by name."""
-    from SpineNetLib import grading
-    from SpineNetLib.results import DetectionResult
+    """SpineNetLib.apps.worker looks up grading.discs_document(scan, result, networks, ...) by name."""
+    from SpineNetLib.discs import grading
+    from SpineNetLib.core.results import DetectionResult
 
     phantom, vertebrae, _, _ = case
     networks = oracle_networks(phantom)

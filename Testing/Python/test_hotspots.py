@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib import checkpoints, hotspots as hs, ivd, phantom
-from SpineNetLib.errors import InputError
+from SpineNetLib.weights import checkpoints
+from SpineNetLib.discs import hotspots as hs
+from SpineNetLib.discs import extraction as ivd
+from SpineNetLib.synthetic import phantom
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
-from SpineNetLib.train_grader import phantom_vertebrae
+from SpineNetLib.training.grader import phantom_vertebrae
 
 FIXTURE = Path(__file__).resolve().parents[1] / "Data" / "grader_notch" / "grading.pt"
 #: Threshold of the hotspot (fraction of its maximum) and the IoU the 2017 paper's Table 3 range supports.

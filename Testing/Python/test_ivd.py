@@ -1,4 +1,4 @@
-"""Disc volumes for grading (SpineNetLib.ivd): geometry, straightening, intensity, pairing."""
+"""Disc volumes for grading (SpineNetLib.discs.extraction): geometry, straightening, intensity, pairing."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 
-from SpineNetLib.ivd import (COVERAGE, IVD_SHAPE, canonical_points, disc_pairs, extract_ivd_volumes,
-                             sample_to_ras)
-from SpineNetLib.phantom import TISSUE_TABLE, make_phantom
-from SpineNetLib.results import Vertebra
-from SpineNetLib.scan import Scan
+from SpineNetLib.discs.extraction import (
+    COVERAGE,
+    IVD_SHAPE,
+    canonical_points,
+    disc_pairs,
+    extract_ivd_volumes,
+    sample_to_ras,
+)
+from SpineNetLib.synthetic.phantom import TISSUE_TABLE, make_phantom
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
 
 
 def gt_vertebrae(phantom, drop=()) -> list[Vertebra]:

@@ -1,8 +1,8 @@
-"""Level labelling (seed §3.2): appearance volumes, height map, context, beam search, S2 rule, corrections.
+"""Level labelling (paper §3.2): appearance volumes, height map, context, beam search, S2 rule, corrections.
 
 Expectations are exact: level sequences users see, band rows of the height
-map computed by hand from FACTS.md §5.5, and where a body lands in its
-224x224x16 crop (FACTS.md §5.4).
+map computed by hand from official §5.5, and where a body lands in its
+224x224x16 crop (official §5.4).
 """
 
 from __future__ import annotations
@@ -14,14 +14,26 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib.errors import InputError
-from SpineNetLib.labelling import (
-    LabellingParams, LabellingTimings, appearance_probabilities, assign_level_names, beam_search,
-    build_height_map, context_probabilities, extract_vertebra_volume, height_map_shape,
-    label_vertebrae, normalise_volume, relabel_with_correction, sequence_cost, vertebra_rows)
-from SpineNetLib.levels import LEVEL_INDEX, LEVELS, N_LEVELS
-from SpineNetLib.results import Vertebra
-from SpineNetLib.scan import Scan
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.label.labelling import (
+    LabellingParams,
+    LabellingTimings,
+    appearance_probabilities,
+    assign_level_names,
+    beam_search,
+    build_height_map,
+    context_probabilities,
+    extract_vertebra_volume,
+    height_map_shape,
+    label_vertebrae,
+    normalise_volume,
+    relabel_with_correction,
+    sequence_cost,
+    vertebra_rows,
+)
+from SpineNetLib.core.levels import LEVEL_INDEX, LEVELS, N_LEVELS
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
 
 
 # ---------------------------------------------------------------------------
@@ -494,10 +506,10 @@ def test_label_vertebrae_with_nothing_to_label():
 
 
 # ---------------------------------------------------------------------------
-# phantom ground truth (SpineNetLib.phantom)
+# phantom ground truth (SpineNetLib.synthetic.phantom)
 # ---------------------------------------------------------------------------
 
-phantom = pytest.importorskip("SpineNetLib.phantom")
+phantom = pytest.importorskip("SpineNetLib.synthetic.phantom")
 
 PHANTOM_CASES = {
     # name: (make_phantom kwargs, expected GT levels)
@@ -567,7 +579,7 @@ def test_phantom_oracle_probabilities_give_the_gt_levels(phantom_case):
 
 
 def test_lower_sacral_segments_are_dropped_after_s2():
-    from SpineNetLib.labelling import sacral_run_end
+    from SpineNetLib.label.labelling import sacral_run_end
 
     assert sacral_run_end(idx("L4 L5 S1")) == 3
     assert sacral_run_end(idx("L4 L5 S1 S1")) == 4          # S1 + S2: the official S2 rule
@@ -588,8 +600,8 @@ def test_lower_sacral_segments_are_dropped_after_s2():
 
 def test_a_context_checkpoint_carries_its_own_repeat_s1_penalty(tmp_path):
     """The bundled context net is less confident than the official one; its penalty travels with it."""
-    from SpineNetLib import checkpoints
-    from SpineNetLib.labelling import params_for_context
+    from SpineNetLib.weights import checkpoints
+    from SpineNetLib.label.labelling import params_for_context
     from SpineNetLib.models import ContextNet
 
     net = ContextNet()

@@ -1,6 +1,6 @@
-"""Radiological measurements (SpineNetLib.measurements) against phantoms of known geometry.
+"""Radiological measurements (SpineNetLib.discs.measurements) against phantoms of known geometry.
 
-The phantom's ground truth (SpineNetLib.phantom) gives body and disc heights
+The phantom's ground truth (SpineNetLib.synthetic.phantom) gives body and disc heights
 along each segment's bisector, the slip of "slip" pathology (6.0 mm along the
 disc), the wedge of each body and disc (from the tables), so every number is
 checked to 0.5 mm / 1 degree using the ground-truth quads as detections, on
@@ -14,10 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from SpineNetLib.measurements import (LISTHESIS_THRESHOLD_MM, genant_grade, measure_spine,
-                                      meyerding_grade)
-from SpineNetLib.phantom import BODY_TABLE, DISC_TABLE, NARROW_DISC_FACTOR, SLIP_MM, make_phantom
-from SpineNetLib.results import Vertebra
+from SpineNetLib.discs.measurements import LISTHESIS_THRESHOLD_MM, genant_grade, measure_spine, meyerding_grade
+from SpineNetLib.synthetic.phantom import BODY_TABLE, DISC_TABLE, NARROW_DISC_FACTOR, SLIP_MM, make_phantom
+from SpineNetLib.core.results import Vertebra
 
 MM, DEG = 0.5, 1.0
 

@@ -1,4 +1,4 @@
-"""Networks (FACTS.md §3) and checkpoint handling (FACTS.md §2).
+"""Networks (official §3) and checkpoint handling (official §2).
 
 The official checkpoints load with strict=True only if our module trees have
 exactly the official parameter names, shapes and dtypes; the lists in
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib.checkpoints import (
+from SpineNetLib.weights.checkpoints import (
     UntrustedWeightsError,
     build_model,
     load_model,
@@ -26,16 +26,8 @@ from SpineNetLib.checkpoints import (
     save_checkpoint,
     sha256_file,
 )
-from SpineNetLib.errors import InputError, WeightsError
-from SpineNetLib.models import (
-    HEADS,
-    AppearanceNet,
-    ContextNet,
-    DetectorConfig,
-    GradingConfig,
-    GradingNet,
-    VFRDetector,
-)
+from SpineNetLib.core.errors import InputError, WeightsError
+from SpineNetLib.models import HEADS, AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
 
 SPEC_DIR = Path(os.environ.get("SPINENET_SPEC_DIR", "/work/shared/spec/official-spinenet"))
 
@@ -263,7 +255,7 @@ def test_save_refuses_values_that_would_need_trust(tmp_path):
 
 
 def test_numpy_loss_needs_trusted_sha256(tmp_path):
-    """torch>=2.6 weights_only=True cannot read a numpy scalar (FACTS.md §2 risk)."""
+    """torch>=2.6 weights_only=True cannot read a numpy scalar (official §2 risk)."""
     model = _randomize(ContextNet(), 8)
     path = tmp_path / "ckpt16.pt"
     torch.save({"net": model.state_dict(), "epoch": 16, "loss": np.float64(0.5)}, path)

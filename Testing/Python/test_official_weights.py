@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from SpineNetLib import cli, official_weights
-from SpineNetLib.checkpoints import load_model
+from SpineNetLib.apps import cli
+from SpineNetLib.weights import official as official_weights
+from SpineNetLib.weights.checkpoints import load_model
 from SpineNetLib.models import ContextNet
 
 

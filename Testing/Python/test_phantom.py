@@ -1,4 +1,4 @@
-"""Synthetic spine phantom (SpineNetLib.phantom): exact ground truth, layouts, pathologies, contrasts, I/O."""
+"""Synthetic spine phantom (SpineNetLib.synthetic.phantom): exact ground truth, layouts, pathologies, contrasts, I/O."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineNetLib import phantom as P
-from SpineNetLib.errors import InputError
-from SpineNetLib.levels import LEVELS_TOP_DOWN
-from SpineNetLib.polygons import point_in_polygon
+from SpineNetLib.synthetic import phantom as P
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.core.polygons import point_in_polygon
 
 _CACHE: dict[str, P.Phantom] = {}
 
@@ -391,13 +391,13 @@ def test_polygon_coverage_area_and_orientation():
 # ----------------------------------------------------------------------------- I/O and validation
 
 
-_HAS_IO = importlib.util.find_spec("SpineNetLib.io_write") is not None and \
-    importlib.util.find_spec("SpineNetLib.io") is not None
+_HAS_IO = importlib.util.find_spec("SpineNetLib.inputs.writers") is not None and \
+    importlib.util.find_spec("SpineNetLib.inputs.load") is not None
 
 
-@pytest.mark.skipif(not _HAS_IO, reason="SpineNetLib.io_write / SpineNetLib.io not available yet")
+@pytest.mark.skipif(not _HAS_IO, reason="SpineNetLib.inputs.writers / SpineNetLib.inputs.load not available yet")
 def test_write_dicom_and_nifti_round_trip(tmp_path):
-    from SpineNetLib.io import load_scan
+    from SpineNetLib.inputs.load import load_scan
 
     p = ph(n_slices=4, shape=(160, 128), fov="lumbar", pixel_spacing=(1.9, 2.4))
     files = p.write_dicom(tmp_path / "dcm")

@@ -1,4 +1,4 @@
-"""Scan input: DICOM / image loading and the canonical orientation (SpineNetLib.canonical, io*)."""
+"""Scan input: DICOM / image loading and the canonical orientation (SpineNetLib.inputs.canonical, io*)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from SpineNetLib.canonical import TARGET_SLICE_MM, scan_from_array, slab_factor
-from SpineNetLib.errors import InputError
-from SpineNetLib.io import load_scan
-from SpineNetLib.io_dicom import load_dicom_series
-from SpineNetLib.io_image import load_image_file
-from SpineNetLib.io_write import write_dicom_series, write_enhanced_dicom, write_image
+from SpineNetLib.inputs.canonical import TARGET_SLICE_MM, scan_from_array, slab_factor
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.load import load_scan
+from SpineNetLib.inputs.dicom import load_dicom_series
+from SpineNetLib.inputs.image import load_image_file
+from SpineNetLib.inputs.writers import write_dicom_series, write_enhanced_dicom, write_image
 
 _CODES = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
 

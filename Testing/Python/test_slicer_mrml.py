@@ -1,4 +1,4 @@
-"""SpineNetLib.mrml and SpineNetLib.documents on phantom ground truth, under slicer-core (no Slicer app, no weights).
+"""SpineNetLib.slicer.mrml and SpineNetLib.outputs.documents on phantom ground truth, under slicer-core (no Slicer app, no weights).
 
 The results documents are built from the phantom's exact quads
 (documents.vertebrae_document_from_truth), so everything downstream of the
@@ -17,10 +17,11 @@ import pytest
 pytest.importorskip("slicer")
 from vtk.util import numpy_support  # noqa: E402
 
-from SpineNetLib import documents, mrml  # noqa: E402
-from SpineNetLib.errors import InputError  # noqa: E402
-from SpineNetLib.levels import LEVELS  # noqa: E402
-from SpineNetLib.phantom import make_phantom  # noqa: E402
+from SpineNetLib.outputs import documents
+from SpineNetLib.slicer import mrml  # noqa: E402
+from SpineNetLib.core.errors import InputError  # noqa: E402
+from SpineNetLib.core.levels import LEVELS  # noqa: E402
+from SpineNetLib.synthetic.phantom import make_phantom  # noqa: E402
 
 LEVELS_PHANTOM = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
 

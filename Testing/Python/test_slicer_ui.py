@@ -4,7 +4,7 @@
 widgets, offscreen), ``ctk`` and ``slicer`` (the real MRML of slicer-core,
 a small ``slicer.util``, ScriptedLoadableModule base classes), see
 slicer_standins.py.  The worker process is a recording double in most tests
-and the real ``SpineNetLib.worker`` subprocess (with the fake pipeline) in one.
+and the real ``SpineNetLib.apps.worker`` subprocess (with the fake pipeline) in one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import slicer_standins as standins  # noqa: E402
 from PySide6 import QtCore, QtWidgets  # noqa: E402
 
-from SpineNetLib import documents, mrml  # noqa: E402
+from SpineNetLib.outputs import documents
+from SpineNetLib.slicer import mrml  # noqa: E402
 
 FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
 
@@ -118,7 +119,7 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     assert process.started and widget.process is process
     assert process.program == module.SpineNetLogic.pythonExecutable()
     args = process.arguments
-    assert args[:2] == ["-m", "SpineNetLib.worker"]
+    assert args[:2] == ["-m", "SpineNetLib.apps.worker"]
     for flag, value in (("--weights", "bundled"), ("--device", "cpu"), ("--hotspot-head", "Pfirrmann")):
         assert args[args.index(flag) + 1] == value
     assert "--grading" in args
@@ -318,7 +319,7 @@ def test_logic_runs_a_pipeline_in_process_and_the_self_test_passes(panel, tmp_pa
 
 
 def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_path):
-    """qt.QProcess (PySide6) runs SpineNetLib.worker with the fake pipeline; the panel shows the result."""
+    """qt.QProcess (PySide6) runs SpineNetLib.apps.worker with the fake pipeline; the panel shows the result."""
     source, vertebrae, _ = phantom_case
     scene = mrml.new_scene()
     voxels, affine = mrml.volume_arrays(source)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SpineNetLib import documents, worker
-from SpineNetLib.phantom import make_phantom
+from SpineNetLib.outputs import documents
+from SpineNetLib.apps import worker
+from SpineNetLib.synthetic.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
@@ -47,7 +48,7 @@ def _env():
 
 
 def _worker(args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "SpineNetLib.worker", *args], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-m", "SpineNetLib.apps.worker", *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -133,7 +134,7 @@ def test_default_pipeline_with_small_random_networks(inputs, tmp_path):
     """The real pipeline end to end with untrained small networks (the mechanics, not the accuracy)."""
     import torch
 
-    from SpineNetLib import checkpoints
+    from SpineNetLib.weights import checkpoints
     from SpineNetLib.models import DetectorConfig
 
     torch.manual_seed(0)
@@ -163,7 +164,7 @@ def test_worker_can_be_killed(inputs, tmp_path):
     out = tmp_path / "results"
     args = ["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(out),
             "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}", "--option", "steps=50", "--option", "delay=0.2"]
-    proc = subprocess.Popen([sys.executable, "-m", "SpineNetLib.worker", *args], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         seen = []
@@ -187,7 +188,7 @@ def test_worker_can_be_killed(inputs, tmp_path):
 # --------------------------------------------------------------------------- batch
 
 def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
-    from SpineNetLib import mrml
+    from SpineNetLib.slicer import mrml
 
     dicom = tmp_path / "dicom"
     phantom.write_dicom(dicom)

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib import checkpoints, ivd, phantom, spider
-from SpineNetLib import train_grader as tg
-from SpineNetLib.cli import build_parser, main
-from SpineNetLib.errors import InputError
+from SpineNetLib.weights import checkpoints
+from SpineNetLib.discs import extraction as ivd
+from SpineNetLib.synthetic import phantom
+from SpineNetLib.training import spider
+from SpineNetLib.training import grader as tg
+from SpineNetLib.apps.cli import build_parser, main
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
 
 SHAPE = (224, 224)

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib import augment, checkpoints, labelling, polygons
-from SpineNetLib.cli import main
-from SpineNetLib.levels import N_LEVELS
+from SpineNetLib.training import augment
+from SpineNetLib.weights import checkpoints
+from SpineNetLib.label import labelling
+from SpineNetLib.core import polygons
+from SpineNetLib.apps.cli import main
+from SpineNetLib.core.levels import N_LEVELS
 from SpineNetLib.models import AppearanceNet, ContextNet, DetectorConfig, VFRDetector
-from SpineNetLib.results import Vertebra
-from SpineNetLib.targets import render_vfr_maps
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.training.targets import render_vfr_maps
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +121,7 @@ def _fit(model, batch_fn, loss_fn, steps, lr):
 
 
 def test_detector_steps_lower_the_loss():
-    from SpineNetLib.train_detector import detector_loss, phantom_sources, sample_patch
+    from SpineNetLib.training.detector import detector_loss, phantom_sources, sample_patch
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -133,7 +136,7 @@ def test_detector_steps_lower_the_loss():
 
 
 def test_appearance_steps_lower_the_loss():
-    from SpineNetLib.train_labelling import TEMPERATURE
+    from SpineNetLib.training.labelling import TEMPERATURE
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -147,7 +150,7 @@ def test_appearance_steps_lower_the_loss():
 
 
 def test_context_steps_lower_the_loss_and_maps_follow_the_band_rule():
-    from SpineNetLib.train_labelling import context_loss, synthetic_batch, synthetic_height_map
+    from SpineNetLib.training.labelling import context_loss, synthetic_batch, synthetic_height_map
 
     rng = np.random.default_rng(5)
     hm, tgt = synthetic_height_map(rng)
@@ -164,7 +167,7 @@ def test_context_steps_lower_the_loss_and_maps_follow_the_band_rule():
 
 def test_context_band_rule_matches_build_height_map():
     """The synthetic band of a body equals labelling.build_height_map's for the same geometry."""
-    from SpineNetLib.phantom import make_phantom
+    from SpineNetLib.synthetic.phantom import make_phantom
 
     ph = make_phantom(fov="lumbar", n_slices=3, seed=0)
     verts = [Vertebra(slices=v.slices, polygons=[v.quads[s] for s in v.slices]) for v in ph.vertebrae]
@@ -192,7 +195,7 @@ def _latest_params(run):
 
 
 def test_resume_reproduces_an_uninterrupted_context_run(tmp_path):
-    from SpineNetLib.train_labelling import train_context
+    from SpineNetLib.training.labelling import train_context
 
     train_context(_context_args(tmp_path / "full", 4))
     train_context(_context_args(tmp_path / "split", 4, stop_after=2))
@@ -205,7 +208,7 @@ def test_resume_reproduces_an_uninterrupted_context_run(tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_detector_run(tmp_path):
-    from SpineNetLib.train_detector import train
+    from SpineNetLib.training.detector import train
 
     def args(out, stop_after=None, resume=False):
         return argparse.Namespace(out=str(out), data=None, steps=3, batch_size=1, seed=3, lr=1e-3,
@@ -250,8 +253,8 @@ def test_field_of_view_truncation_keeps_the_body_and_moves_the_image_edge_into_t
     """The appearance net must not learn "image edge at the top of the crop = T11" (train_labelling)."""
     import dataclasses
 
-    from SpineNetLib.phantom import make_phantom
-    from SpineNetLib.train_labelling import truncate_field_of_view
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.training.labelling import truncate_field_of_view
 
     voxels = np.arange(300 * 200 * 3, dtype=np.float32).reshape(300, 200, 3)
     scan = dataclasses.replace(make_phantom(fov="lumbar", n_slices=3, seed=1).scan, voxels=voxels)
@@ -275,8 +278,8 @@ def test_field_of_view_truncation_keeps_the_body_and_moves_the_image_edge_into_t
 
 def test_appearance_phantom_pool_teaches_the_segment_below_s1_as_s1():
     """A detected first sacral segment must look like S1 (official S2 rule), not like L5."""
-    from SpineNetLib.levels import level_index
-    from SpineNetLib.train_labelling import phantom_bodies
+    from SpineNetLib.core.levels import level_index
+    from SpineNetLib.training.labelling import phantom_bodies
 
     scans: list = []
     bodies = phantom_bodies(6, 3, scans)

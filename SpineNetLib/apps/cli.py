@@ -1,0 +1,325 @@
+"""The ``spinenet`` command.
+
+``spinenet run INPUT -o OUTDIR`` detects and labels every vertebra of a
+sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD), measures and
+(with grading weights, unless ``--no-grade``) grades the discs, and writes
+``vertebrae.json``, ``vertebrae.csv``, ``discs.json`` and ``discs.csv``.
+
+Exit status: 0 success; 2 a problem with the input, an option or the
+weights, reported as one line on stderr (never a traceback); 1 an internal
+error (a bug: ``--debug`` shows the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from SpineNetLib.core.errors import SpineNetError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="DICOM folder or file, or a NIfTI/NRRD/MHA/MHD image")
+    parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use when a DICOM folder holds several sagittal series")
+    parser.add_argument("--pixel-spacing", nargs=2, type=float, metavar=("ROW", "COL"),
+                        help="override the in-plane pixel spacing in mm (row spacing, column spacing)")
+    parser.add_argument("--slice-spacing", type=float, metavar="MM", help="override the spacing between sagittal slices in mm")
+
+
+def _add_network_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default="bundled", metavar="bundled|official|DIR",
+                        help="network weights: the bundled models (default), the official download, or a folder")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--trust-sha256", action="append", default=[], metavar="HEX",
+                        help="allow full unpickling of the checkpoint with this SHA-256 (only for files you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="detect and label the vertebrae, measure and grade the discs, write JSON/CSV")
+    _add_scan_options(run)
+    run.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the result files")
+    _add_network_options(run)
+    run.add_argument("--no-grade", action="store_true",
+                     help="do not grade the discs (disc measurements are still written)")
+    run.add_argument("--hotspots", metavar="HEAD[,HEAD]",
+                     help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
+                          "e.g. Pfirrmann,Herniation (needs grading weights)")
+    run.add_argument("--hotspot-method", default="contrastive_excitation",
+                     choices=["contrastive_excitation", "excitation", "guided", "gradient"])
+    run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
+                     help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
+    run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    run.set_defaults(func=command_run)
+
+    demo = sub.add_parser("demo", help="write a synthetic spine as DICOM and run the bundled models on it")
+    demo.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the phantom and the results")
+    _add_network_options(demo)
+    demo.add_argument("--fov", default="lumbar", choices=["lumbar", "cervical", "thoracic", "whole"])
+    demo.add_argument("--contrast", default="T2", choices=["T1", "T2", "STIR"])
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    demo.set_defaults(func=command_demo)
+
+    evaluate = sub.add_parser("evaluate", help="detection/identification metrics of predictions against annotated cases")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases (one folder per case: image.nii.gz, labels.nii.gz, case.json)")
+    evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
+    evaluate.add_argument("--cases", nargs="*", metavar="CASE", help="only these case ids")
+    evaluate.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
+    evaluate.set_defaults(func=command_evaluate)
+
+    weights = sub.add_parser("weights", help="manage network weights (the official download, offline installs)")
+    wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    download = wsub.add_parser("download", help="download the official SpineNetV2 weights (non-commercial licence)")
+    download.add_argument("--official", action="store_true", required=True, help="the official VGG checkpoints")
+    download.add_argument("--accept-license", action="store_true", help="accept the official non-commercial licence")
+    download.add_argument("--base-url", help="download from this URL instead of the official server (a mirror)")
+    download.add_argument("--force", action="store_true", help="download again even if files exist")
+    download.set_defaults(func=command_weights_download)
+    install = wsub.add_parser("install", help="install official checkpoints from a folder (offline copy)")
+    install.add_argument("folder", help="folder with detect-vfr/, appearance/, context/, grading/")
+    install.add_argument("--accept-license", action="store_true", help="accept the official non-commercial licence")
+    install.set_defaults(func=command_weights_install)
+    info = wsub.add_parser("info", help="show where weights are looked for and what is installed")
+    info.set_defaults(func=command_weights_info)
+    from SpineNetLib.training.cli import register
+    register(sub)
+    return parser
+
+
+def _validate_overrides(args) -> None:
+    if args.pixel_spacing is not None and min(args.pixel_spacing) <= 0:
+        raise SpineNetError("--pixel-spacing values must be positive millimetres")
+    if args.slice_spacing is not None and args.slice_spacing <= 0:
+        raise SpineNetError("--slice-spacing must be positive millimetres")
+
+
+def command_run(args) -> int:
+    import json
+
+    from SpineNetLib.outputs.discs import discs_csv_text, discs_document
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.outputs.vertebrae import vertebrae_csv_text, vertebrae_document, write_files_atomically
+    from SpineNetLib.pipeline import detect_and_label, grade_discs
+    from SpineNetLib.core.progress import StderrProgress, no_progress
+
+    start = time.perf_counter()
+    _validate_overrides(args)
+    hotspot_heads = _hotspot_heads(args)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise SpineNetError(f"output {output} exists and is not a folder")
+    scan = load_scan(args.input, series_uid=args.series,
+                     pixel_spacing=tuple(args.pixel_spacing) if args.pixel_spacing else None,
+                     slice_spacing=args.slice_spacing)
+    load_seconds = time.perf_counter() - start
+    networks = _networks_for(args)
+    progress = no_progress if args.quiet else StderrProgress()
+    result = detect_and_label(scan, networks, progress=progress)
+    grade = not getattr(args, "no_grade", False)
+    discs = grade_discs(scan, result.vertebrae, networks, grade=grade, progress=progress)
+    staged_hotspots = _stage_hotspots(args, hotspot_heads, scan, discs, networks, output, progress)
+    result.timings_s = {"load_scan": load_seconds, "load_networks": networks.load_seconds,
+                        **result.timings_s, **discs.timings_s, "total": time.perf_counter() - start}
+    vertebrae_doc = vertebrae_document(scan, result)
+    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                               discs.grading_status)
+    written = write_files_atomically(output, {
+        "vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n",
+        "vertebrae.csv": vertebrae_csv_text(vertebrae_doc),
+        "discs.json": json.dumps(discs_doc, indent=1) + "\n",
+        "discs.csv": discs_csv_text(discs_doc),
+    })
+    written += _publish_hotspots(staged_hotspots, output)
+    levels = [v.level or "?" for v in result.vertebrae]
+    summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
+    graded = "graded" if discs.grading_status["status"] == "done" else "not graded: " + discs.grading_status["reason"]
+    print(f"{len(levels)} vertebrae ({summary}), {len(discs_doc['discs'])} discs ({graded}); "
+          f"wrote {', '.join(str(p) for p in written)}")
+    return EXIT_OK
+
+
+def _hotspot_heads(args):
+    """Parse --hotspots before any heavy work, so a typo fails at once."""
+    if not getattr(args, "hotspots", None):
+        return []
+    from SpineNetLib.discs.hotspots import parse_heads
+
+    if getattr(args, "no_grade", False):
+        raise SpineNetError("--hotspots needs the grading network; drop --no-grade")
+    if args.hotspot_augmentations < 1:
+        raise SpineNetError("--hotspot-augmentations must be at least 1")
+    try:
+        return parse_heads(args.hotspots)
+    except (KeyError, ValueError) as error:
+        raise SpineNetError(f"--hotspots: {error}") from None
+
+
+def _stage_hotspots(args, heads, scan, discs, networks, output: Path, progress):
+    """Write the hotspot maps into a hidden staging folder; published after the JSON/CSV files."""
+    if not heads:
+        return None
+    if networks.grading is None:
+        raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
+                            "(use --weights official or a folder with grading.pt)")
+    import tempfile
+
+    from SpineNetLib.discs.hotspots import write_hotspot_maps
+
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hotspots.", dir=output))
+    try:
+        write_hotspot_maps(scan, discs.ivds, networks.grading, heads, staging, method=args.hotspot_method,
+                           n_augment=args.hotspot_augmentations, progress=progress)
+    except BaseException:
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _publish_hotspots(staging, output: Path) -> list[Path]:
+    if staging is None:
+        return []
+    import os
+    import shutil
+
+    published = []
+    for path in sorted(staging.iterdir()):
+        os.replace(path, output / path.name)
+        published.append(output / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return published
+
+
+def _networks_for(args):
+    from SpineNetLib.weights.official import trusted_hashes
+    from SpineNetLib.pipeline import load_networks
+
+    trusted = set(args.trust_sha256)
+    if args.weights == "official":
+        trusted |= trusted_hashes()
+    return load_networks(args.weights, args.device, trusted_sha256=trusted or None,
+                         with_grading=not getattr(args, "no_grade", False))
+
+
+def command_demo(args) -> int:
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise SpineNetError(f"output {output} exists and is not a folder")
+    phantom = make_phantom(fov=args.fov, contrast=args.contrast, seed=args.seed, variability=1.0)
+    dicom = output / "phantom_dicom"
+    phantom.write_dicom(dicom, series_description=f"SpineNet demo phantom {args.fov} {args.contrast}")
+    phantom.write_nifti(output / "phantom.nii.gz")
+    truth = ", ".join(v.level for v in phantom.vertebrae if not v.extra)
+    print(f"wrote a synthetic {args.fov} {args.contrast} spine to {dicom} (ground truth: {truth})")
+    run_args = argparse.Namespace(**{**vars(args), "input": str(dicom), "output": str(output / "results"),
+                                     "series": None, "pixel_spacing": None, "slice_spacing": None})
+    return command_run(run_args)
+
+
+def command_evaluate(args) -> int:
+    import json
+
+    from SpineNetLib.evaluation.evaluate import evaluate_directories
+
+    summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)
+    def pct(x):
+        return "   n/a" if x is None else f"{100 * x:6.1f}"
+    print(f"{'case':<22} {'TP':>4} {'FP':>4} {'FN':>4} {'prec%':>6} {'rec%':>6} {'IDR%':>6} {'IDR±1%':>6} {'loc mm':>6}")
+    rows = list(summary["cases"].items())
+    for name, m in rows + [("overall", summary["overall"])]:
+        loc = m.get("localisation_error_mm_mean")
+        print(f"{name:<22} {m['tp']:>4} {m['fp']:>4} {m['fn']:>4} {pct(m['precision'])} {pct(m['recall'])} "
+              f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
+              f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
+    if args.output:
+        from SpineNetLib.outputs.vertebrae import write_files_atomically
+        target = Path(args.output)
+        write_files_atomically(target.parent if str(target.parent) else Path("."),
+                               {target.name: json.dumps(summary, indent=1) + "\n"})
+    return EXIT_OK
+
+
+def _require_licence(args) -> None:
+    from SpineNetLib.weights.official import LICENCE_NOTICE
+
+    print(LICENCE_NOTICE)
+    if not args.accept_license:
+        raise SpineNetError("the official weights need the licence accepted: run again with --accept-license")
+
+
+def command_weights_download(args) -> int:
+    from SpineNetLib.weights.official import download_official
+    from SpineNetLib.core.progress import StderrProgress
+    from SpineNetLib.weights.resolve import official_weights_dir
+
+    _require_licence(args)
+    manifest = download_official(base_url=args.base_url, force=args.force, progress=StderrProgress())
+    for rel, entry in sorted(manifest.get("files", {}).items()):
+        print(f"{rel}: {entry['size']} bytes, sha256 {entry['sha256']}")
+    print(f"official weights in {official_weights_dir()}; use them with --weights official")
+    return EXIT_OK
+
+
+def command_weights_install(args) -> int:
+    from SpineNetLib.weights.official import install_official
+    from SpineNetLib.weights.resolve import official_weights_dir
+
+    _require_licence(args)
+    manifest = install_official(Path(args.folder))
+    for rel, entry in sorted(manifest.get("files", {}).items()):
+        print(f"{rel}: {entry['size']} bytes, sha256 {entry['sha256']}")
+    print(f"official weights in {official_weights_dir()}; use them with --weights official")
+    return EXIT_OK
+
+
+def command_weights_info(args) -> int:
+    from SpineNetLib.weights.official import read_manifest
+    from SpineNetLib.weights.resolve import BUNDLED_DIR, official_weights_dir
+
+    bundled = sorted(p.name for p in BUNDLED_DIR.glob("*.pt")) if BUNDLED_DIR.is_dir() else []
+    print(f"bundled: {BUNDLED_DIR} ({', '.join(bundled) or 'none'})")
+    files = read_manifest().get("files", {})
+    print(f"official: {official_weights_dir()} ({', '.join(sorted(files)) or 'not downloaded'})")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpineNetError as error:
+        print(f"spinenet: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        target = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"spinenet: error: cannot access{target}: {_one_line(error.strerror or error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("spinenet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: one line, unless --debug
+        if args.debug:
+            raise
+        print(f"spinenet: internal error: {type(error).__name__}: {_one_line(error)} "
+              "(run with --debug for the traceback and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

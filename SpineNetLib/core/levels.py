@@ -1,0 +1,30 @@
+"""Vertebral level names and their class indices.
+
+The order is the one of the official SpineNetV2 appearance and context
+networks (official §5.5): class 0 is S1, counting upwards to class 23 = C2.
+There is no C1 class; "S2" only arises from the S2 relabelling rule of the
+beam search.
+"""
+
+LEVELS: tuple[str, ...] = (
+    "S1", "L5", "L4", "L3", "L2", "L1",
+    "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1",
+    "C7", "C6", "C5", "C4", "C3", "C2",
+)
+N_LEVELS = len(LEVELS)  # 24
+LEVEL_INDEX: dict[str, int] = {name: i for i, name in enumerate(LEVELS)}
+
+#: Levels from top (C2) to bottom (S1), the order in which a spine is read.
+LEVELS_TOP_DOWN: tuple[str, ...] = tuple(reversed(LEVELS))
+
+
+def level_index(name: str) -> int:
+    """Class index of a level name ("S2" counts as S1, index 0)."""
+    if name == "S2":
+        return 0
+    return LEVEL_INDEX[name]
+
+
+def disc_name(upper: str, lower: str) -> str:
+    """Name of the disc between two vertebrae, e.g. ("L4", "L5") -> "L4-L5"."""
+    return f"{upper}-{lower}"

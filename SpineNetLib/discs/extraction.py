@@ -1,0 +1,342 @@
+"""Intervertebral disc (IVD) volumes for the grading network (paper §3.3, official §6).
+
+For every pair of consecutive vertebrae (top to bottom) we cut a
+``(9, 112, 224)`` = (slices, rows, cols) volume around the disc between them,
+straightened so that the upper body's lower endplate is horizontal, and
+normalise it by the intensity of the two bodies, as the official
+``get_ivds_from_vert_dicts`` does, so that the official grading weights see
+what they were trained on.
+
+Geometry (official §6)
+----------------------
+* Disc mid slice = round(mean of the two bodies' mid slices); on it each body
+  contributes its own polygon (or its average polygon where it was not
+  detected on that slice).  The disc quad is [upper.rb, lower.rt, lower.lt,
+  upper.lb].
+* Rotation: the upper body's lower endplate (its lb -> rb edge) becomes
+  horizontal, posterior to the right (``atan2`` of that edge, official §6).
+* Box: the bounding box of the disc quad in that rotated frame, of AP width
+  ``w``.  The official code doubles the width, sets the height to half of it,
+  adds a border and crops; the net coverage is ``COVERAGE * 2w`` across by
+  ``COVERAGE * w`` down (``COVERAGE`` = 0.98678, derived in official §6), centred
+  on the box.  So the crop is about twice the disc's (= the larger adjacent
+  endplate's) AP width, with a 2:1 aspect.  We centre on the disc box, like
+  the official code, rather than on the midpoint of the two body centroids:
+  between bodies of unequal height (C2-C3: 35 mm over 14 mm) the centroid
+  midpoint lies millimetres inside the taller body.
+* Slices: 9 native slices, disc mid slice - 4 .. + 4, no resampling along the
+  slice axis; slices outside the scan are zeros (official §6).
+* Slice direction: volume slice 0 is the canonical slice ``mid - 4``, i.e.
+  the volume runs **patient right -> left** (docs/CONVENTIONS.md).  The slice
+  direction the official grader was trained with is unknown (official §4, §12);
+  it only matters for the ForaminalStenosisLeft/Right heads, which would be
+  swapped if training ran left -> right.
+
+Unlike the official code (square pixels, whole-volume rotations with
+OpenCV), everything is done in physical millimetres, so anisotropic pixels
+give an undistorted crop, and each output voxel is mapped straight back to
+the scan and sampled once (bicubic, OpenCV's a = -0.75 kernel via
+``torch.grid_sample``) from only the region the crop covers.
+
+Intensity (official §6, §11.8): reference = median of the raw scan values inside
+each body's mid-slice polygon, applied to every slice where that body was
+detected, pooled over both bodies; volume = clip(v / reference * 0.5, 0, 2) / 2,
+so the bodies' median maps to 0.25 and 1.0 means four times it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
+from SpineNetLib.core.polygons import points_in_polygon
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
+
+#: Output shape (slices, rows, cols), the grading network's input (official §3.4, §6).
+IVD_SHAPE: tuple[int, int, int] = (9, 112, 224)
+#: Native slices on each side of the disc mid slice (9 = 2 * 4 + 1).
+HALF_SLICES = 4
+#: Net crop size as a fraction of (2w, w): (1 + 2 * 46.5 / 227) * 224 / 320
+#: = (1 + 2 * 39.25 / 113.5) * 112 / 192 (official §6, border then centre crop).
+COVERAGE = (1.0 + 93.0 / 227.0) * 224.0 / 320.0
+
+#: Level names in reading order; "S2" (from the S2 rule) follows S1.
+_ORDER: tuple[str, ...] = LEVELS_TOP_DOWN + ("S2",)
+
+
+@dataclass
+class IVDVolume:
+    """One disc's grading volume and where it came from."""
+
+    #: Disc name, "{upper}-{lower}" ("L4-L5"), or "V3-V4" style (1-based) for unlabelled bodies.
+    level: str
+    #: Indices of the two bodies in the vertebra list given to :func:`extract_ivd_volumes`.
+    upper_index: int
+    lower_index: int
+    #: float32 ``(9, 112, 224)`` = (slices R->L, rows S->I, cols A->P), values in [0, 1].
+    volume: np.ndarray
+    #: (2,) disc centre ``(x=col, y=row)`` in canonical pixels, on ``mid_slice``.
+    centre_xy: np.ndarray
+    #: Canonical slice of the disc (volume slice 4).
+    mid_slice: int
+    #: 4x4: volume index ``[slice, row, col, 1]`` -> canonical ``[row, col, slice, 1]``.
+    sample_to_canonical: np.ndarray
+    #: Raw-intensity median of the two bodies (the value that maps to 0.25).
+    reference_intensity: float
+
+
+# --------------------------------------------------------------------------- pairing and naming
+
+def vertebra_name(vertebra: Vertebra, index: int) -> str:
+    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled body (as documents.py)."""
+    return vertebra.level or f"V{index + 1}"
+
+
+def adjacent_levels(upper: str | None, lower: str | None) -> bool:
+    """True unless both are known levels that are not neighbours (e.g. L3 over L5)."""
+    if not upper or not lower or upper not in _ORDER or lower not in _ORDER:
+        return True
+    return _ORDER.index(lower) == _ORDER.index(upper) + 1
+
+
+def disc_pairs(vertebrae: Sequence[Vertebra]) -> list[tuple[int, int, str]]:
+    """``(upper_index, lower_index, name)`` for each disc, top to bottom.
+
+    Every consecutive pair gives a disc (as official §6), except two labelled
+    bodies whose levels are not adjacent (a missed body in between): the
+    volume would straddle a whole vertebra and the name would be wrong.
+    """
+    pairs = []
+    for i in range(len(vertebrae) - 1):
+        up, lo = vertebrae[i], vertebrae[i + 1]
+        if adjacent_levels(up.level, lo.level):
+            pairs.append((i, i + 1, disc_name(vertebra_name(up, i), vertebra_name(lo, i + 1))))
+    return pairs
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def polygon_on_or_average(vertebra: Vertebra, canonical_slice: int) -> np.ndarray:
+    """The body's polygon on a slice, or its average polygon where it was not detected (official §6)."""
+    poly = vertebra.polygon_on(int(canonical_slice))
+    return np.asarray(vertebra.average_polygon if poly is None else poly, np.float64)
+
+
+def mid_polygon(vertebra: Vertebra) -> np.ndarray:
+    """The polygon on the body's mid slice (round(median(slices)))."""
+    return polygon_on_or_average(vertebra, vertebra.mid_slice)
+
+
+def disc_mid_slice(upper: Vertebra, lower: Vertebra) -> int:
+    """round(mean of the two bodies' mid slices) (official §6); halves round to even like np.round."""
+    return int(np.round(0.5 * (upper.mid_slice + lower.mid_slice)))
+
+
+def disc_quad(upper_poly: np.ndarray, lower_poly: np.ndarray) -> np.ndarray:
+    """[upper.rb, lower.rt, lower.lt, upper.lb] (official §6), (4, 2) ``[x, y]``."""
+    return np.stack([upper_poly[1], lower_poly[0], lower_poly[3], upper_poly[2]]).astype(np.float64)
+
+
+def pixel_scale(scan: Scan) -> np.ndarray:
+    """(col_mm, row_mm): multiplies ``[x, y]`` pixels into millimetres."""
+    return np.array([float(scan.spacing_mm[1]), float(scan.spacing_mm[0])])
+
+
+# --------------------------------------------------------------------------- intensity reference
+
+def body_intensity_samples(scan: Scan, vertebra: Vertebra) -> np.ndarray:
+    """Raw values inside the mid-slice polygon, on every slice where the body was detected (official §6).
+
+    A pixel belongs to the polygon when its centre lies inside it (as the
+    official skimage polygon fill).
+    """
+    voxels = scan.voxels
+    height, width, n_slices = voxels.shape
+    poly = mid_polygon(vertebra)
+    if not np.all(np.isfinite(poly)):
+        return np.zeros(0, np.float32)
+    x0, x1 = max(int(math.ceil(poly[:, 0].min())), 0), min(int(math.floor(poly[:, 0].max())), width - 1)
+    y0, y1 = max(int(math.ceil(poly[:, 1].min())), 0), min(int(math.floor(poly[:, 1].max())), height - 1)
+    slices = [s for s in vertebra.slices if 0 <= s < n_slices]
+    if x0 > x1 or y0 > y1 or not slices:
+        return np.zeros(0, np.float32)
+    yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+    inside = points_in_polygon(np.stack([xx.ravel(), yy.ravel()], axis=1), poly).reshape(yy.shape)
+    if not inside.any():
+        return np.zeros(0, np.float32)
+    region = voxels[y0:y1 + 1, x0:x1 + 1][:, :, slices]
+    return np.asarray(region[inside], np.float32).ravel()
+
+
+def reference_intensity(scan: Scan, upper: Vertebra, lower: Vertebra,
+                        samples: dict[int, np.ndarray] | None = None,
+                        indices: tuple[int, int] | None = None) -> float:
+    """Median of the pooled samples of both bodies (official §6); NaN when neither has any pixel.
+
+    ``samples``/``indices`` let a caller reuse each body's samples across its two discs.
+    """
+    parts = []
+    for k, v in enumerate((upper, lower)):
+        if samples is not None and indices is not None:
+            key = indices[k]
+            if key not in samples:
+                samples[key] = body_intensity_samples(scan, v)
+            parts.append(samples[key])
+        else:
+            parts.append(body_intensity_samples(scan, v))
+    pooled = np.concatenate(parts) if parts else np.zeros(0)
+    return float(np.median(pooled)) if pooled.size else float("nan")
+
+
+def normalise_ivd(volume: np.ndarray, reference: float) -> np.ndarray:
+    """v / reference * 0.5, clipped to [0, 2], / 2: the bodies' median -> 0.25 (official §6, §11.8)."""
+    return (np.clip(np.asarray(volume, np.float64) / reference * 0.5, 0.0, 2.0) / 2.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the crop
+
+@dataclass(frozen=True)
+class _Frame:
+    """The straightened disc frame in millimetres: centre, axes and the crop size."""
+
+    centre_mm: np.ndarray   # (2,) [x, y] mm
+    ex: np.ndarray          # (2,) unit, along the upper body's lower endplate, posterior
+    ey: np.ndarray          # (2,) unit, ex turned 90 deg towards inferior
+    width_mm: float
+    height_mm: float
+
+
+def _disc_frame(quad_px: np.ndarray, scale: np.ndarray) -> _Frame | None:
+    """Crop frame of a disc quad (see module docstring); None if degenerate."""
+    q = quad_px * scale
+    if not np.all(np.isfinite(q)):
+        return None
+    edge = q[0] - q[3]  # upper.lb -> upper.rb
+    length = float(np.hypot(edge[0], edge[1]))
+    if not length > 1e-6:
+        return None
+    ex = edge / length
+    ey = np.array([-ex[1], ex[0]])  # (1, 0) -> (0, 1): posterior -> inferior in image axes
+    u, v = q @ ex, q @ ey
+    w = float(u.max() - u.min())
+    if not w > 1e-6:
+        return None
+    centre = 0.5 * (u.max() + u.min()) * ex + 0.5 * (v.max() + v.min()) * ey
+    return _Frame(centre, ex, ey, 2.0 * w * COVERAGE, w * COVERAGE)
+
+
+def _sample_to_canonical(frame: _Frame, scale: np.ndarray, first_slice: int) -> np.ndarray:
+    """4x4 ``[slice, row, col, 1]`` of the volume -> canonical ``[row, col, slice, 1]``.
+
+    Output pixel (r, c) is centred at u = (c + 0.5) W / 224 - W / 2 across and
+    v = (r + 0.5) H / 112 - H / 2 down the frame (align_corners=False resizing,
+    as the official resize-then-crop).
+    """
+    n_s, n_r, n_c = IVD_SHAPE
+    du, dv = frame.width_mm / n_c, frame.height_mm / n_r
+    origin = frame.centre_mm + (0.5 * du - 0.5 * frame.width_mm) * frame.ex \
+        + (0.5 * dv - 0.5 * frame.height_mm) * frame.ey          # [x, y] mm of voxel (r=0, c=0)
+    col_mm, row_mm = float(scale[0]), float(scale[1])
+    m = np.zeros((4, 4))
+    # canonical row = y / row_mm, col = x / col_mm
+    m[0, 1], m[0, 2], m[0, 3] = dv * frame.ey[1] / row_mm, du * frame.ex[1] / row_mm, origin[1] / row_mm
+    m[1, 1], m[1, 2], m[1, 3] = dv * frame.ey[0] / col_mm, du * frame.ex[0] / col_mm, origin[0] / col_mm
+    m[2, 0], m[2, 3] = 1.0, float(first_slice)
+    m[3, 3] = 1.0
+    return m
+
+
+def _sample_slices(voxels: np.ndarray, slices: list[int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Bicubic samples of the given slices at in-slice points; zero outside the image.
+
+    Only the bounding box of the points plus the 2-pixel kernel support is
+    read; taps outside the image count as zero (the official zero border).
+    Returns ``(len(slices), *rows.shape)`` float32.
+    """
+    height, width = voxels.shape[:2]
+    out = np.zeros((len(slices), *rows.shape), np.float32)
+    x_lo, x_hi = max(int(np.floor(cols.min())) - 2, 0), min(int(np.floor(cols.max())) + 3, width - 1)
+    y_lo, y_hi = max(int(np.floor(rows.min())) - 2, 0), min(int(np.floor(rows.max())) + 3, height - 1)
+    if not slices or x_lo > x_hi or y_lo > y_hi:
+        return out
+    region = np.ascontiguousarray(voxels[y_lo:y_hi + 1, x_lo:x_hi + 1][:, :, slices].transpose(2, 0, 1),
+                                  dtype=np.float32)
+    h, w = region.shape[1:]
+    gx = (2.0 * (cols - x_lo) + 1.0) / w - 1.0   # pixel i <-> (2 i + 1) / n - 1 (align_corners=False)
+    gy = (2.0 * (rows - y_lo) + 1.0) / h - 1.0
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
+    sampled = F.grid_sample(torch.from_numpy(region)[None], grid, mode="bicubic",
+                            padding_mode="zeros", align_corners=False)
+    return sampled[0].numpy()
+
+
+def extract_ivd_volume(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: str = "",
+                       upper_index: int = 0, lower_index: int = 1,
+                       reference: float | None = None) -> IVDVolume | None:
+    """The grading volume of the disc between two bodies (module docstring); None if degenerate."""
+    voxels = scan.voxels
+    n_slices = voxels.shape[2]
+    mid = disc_mid_slice(upper, lower)
+    quad = disc_quad(polygon_on_or_average(upper, mid), polygon_on_or_average(lower, mid))
+    scale = pixel_scale(scan)
+    frame = _disc_frame(quad, scale)
+    if frame is None:
+        return None
+    first = mid - HALF_SLICES
+    to_canonical = _sample_to_canonical(frame, scale, first)
+    _, n_r, n_c = IVD_SHAPE
+    rr, cc = np.meshgrid(np.arange(n_r, dtype=np.float64), np.arange(n_c, dtype=np.float64), indexing="ij")
+    rows = to_canonical[0, 1] * rr + to_canonical[0, 2] * cc + to_canonical[0, 3]
+    cols = to_canonical[1, 1] * rr + to_canonical[1, 2] * cc + to_canonical[1, 3]
+    wanted = [first + k for k in range(IVD_SHAPE[0])]
+    inside = [k for k, s in enumerate(wanted) if 0 <= s < n_slices]
+    raw = np.zeros(IVD_SHAPE, np.float32)
+    if inside:
+        raw[inside] = _sample_slices(voxels, [wanted[k] for k in inside], rows, cols)
+    if reference is None:
+        reference = reference_intensity(scan, upper, lower)
+    if not (math.isfinite(reference) and reference > 0):
+        # No body pixel (or a non-positive median, e.g. signed data): fall back
+        # to the median of the crop's positive values so the volume stays usable.
+        positive = raw[raw > 0]
+        reference = float(np.median(positive)) if positive.size else 1.0
+    return IVDVolume(level=level, upper_index=upper_index, lower_index=lower_index,
+                     volume=normalise_ivd(raw, reference),
+                     centre_xy=frame.centre_mm / scale, mid_slice=int(mid),
+                     sample_to_canonical=to_canonical, reference_intensity=float(reference))
+
+
+def extract_ivd_volumes(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[IVDVolume]:
+    """Grading volumes of all discs between consecutive vertebrae (given top to bottom), top to bottom.
+
+    Pairs of labelled but non-adjacent levels are skipped (:func:`disc_pairs`),
+    as are degenerate quads (zero-length endplate or non-finite corners).
+    """
+    samples: dict[int, np.ndarray] = {}
+    out = []
+    for i, j, name in disc_pairs(vertebrae):
+        ref = reference_intensity(scan, vertebrae[i], vertebrae[j], samples, (i, j))
+        ivd = extract_ivd_volume(scan, vertebrae[i], vertebrae[j], level=name,
+                                 upper_index=i, lower_index=j, reference=ref)
+        if ivd is not None:
+            out.append(ivd)
+    return out
+
+
+def canonical_points(ivd: IVDVolume, index_points) -> np.ndarray:
+    """Canonical ``(row, col, slice)`` of volume indices ``(slice, row, col)``, (N, 3)."""
+    p = np.asarray(index_points, np.float64).reshape(-1, 3)
+    hom = np.concatenate([p, np.ones((len(p), 1))], axis=1)
+    return (hom @ ivd.sample_to_canonical.T)[:, :3]
+
+
+def sample_to_ras(scan: Scan, ivd: IVDVolume) -> np.ndarray:
+    """4x4: volume index ``[slice, row, col, 1]`` -> RAS millimetres."""
+    return np.asarray(scan.canonical_to_ras, np.float64) @ ivd.sample_to_canonical

@@ -1,0 +1,159 @@
+"""Radiological gradings of the discs by the grading network (paper §3.4, official §3.4, §7).
+
+Each :class:`SpineNetLib.discs.extraction.IVDVolume` ``(9, 112, 224)`` goes through the
+11-head :class:`SpineNetLib.models.GradingNet` as ``[N, 1, 9, 112, 224]``,
+as is: **no mean subtraction and no test-time augmentation** (the official V2
+path, official §7; the V1 helpers that subtract means and average over crops are
+not used).  Volumes are batched, which gives the same numbers as one at a time
+(eval-mode BatchNorm).  For every head we report the argmax class as the
+official ``format_gradings`` does (+1 for Pfirrmann, narrowing and central
+canal stenosis, official §7) **and** the softmax probabilities, which the
+official code hid.
+
+Slice direction (official §4, §12): volumes are fed with slices running patient
+right -> left (:mod:`SpineNetLib.discs.extraction`).  The direction the official network
+was trained with is unknown; if it was left -> right, the network's
+"ForaminalStenosisLeft" and "ForaminalStenosisRight" heads are swapped with
+respect to the patient.  We keep the heads' names as the network outputs them
+and do not swap anything.
+
+Column names are the official ones made readable (``Narrowing`` ->
+``DiscNarrowing``, ``UpperMarrow`` -> ``UpperMarrowChange``, ...);
+:data:`OFFICIAL_NAMES` maps back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from SpineNetLib.discs.extraction import IVD_SHAPE, IVDVolume
+from SpineNetLib.models.grading import HEADS
+
+_ABSENT_PRESENT = ("0: absent", "1: present")
+
+
+@dataclass(frozen=True)
+class GradeColumn:
+    """One graded finding: its column name, network head, value offset and class meanings."""
+
+    name: str
+    #: Module name of the head in :class:`GradingNet` (``fc_pf``, ...).
+    head: str
+    #: Column name in the official output (official §7).
+    official_name: str
+    n_classes: int
+    #: Reported value = argmax + offset (1 for Pfirrmann, narrowing, stenosis; else 0).
+    offset: int
+    description: str
+    #: Meaning of each reported value, in class order ("3: ..." for value 3).
+    classes: tuple[str, ...]
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        return tuple(range(self.offset, self.offset + self.n_classes))
+
+
+_COLUMNS: tuple[GradeColumn, ...] = (
+    GradeColumn("Pfirrmann", "fc_pf", "Pfirrmann", 5, 1,
+                "Pfirrmann grade of disc degeneration on T2 (Pfirrmann et al., Spine 2001)",
+                ("1: homogeneous bright nucleus, normal height",
+                 "2: inhomogeneous nucleus (horizontal bands), clear nucleus/annulus distinction, normal height",
+                 "3: inhomogeneous grey nucleus, unclear distinction, normal to slightly decreased height",
+                 "4: inhomogeneous grey to black, lost distinction, normal to moderately decreased height",
+                 "5: black, collapsed disc space")),
+    GradeColumn("DiscNarrowing", "fc_nar", "Narrowing", 4, 1,
+                "disc space narrowing (SpineNet grading; wording inferred from SpineNet V1, official §3.4)",
+                ("1: normal", "2: mild", "3: moderate", "4: severe")),
+    GradeColumn("CentralCanalStenosis", "fc_ccs", "CentralCanalStenosis", 4, 1,
+                "central canal stenosis at the disc (wording inferred, official §3.4)",
+                ("1: normal", "2: mild", "3: moderate", "4: severe")),
+    GradeColumn("Spondylolisthesis", "fc_spn", "Spondylolisthesis", 3, 0,
+                "spondylolisthesis at the disc; the official code and docs do not define classes 1 and 2 "
+                "(official §3.4, §12)",
+                ("0: none", "1: listhesis class 1 (meaning not documented)",
+                 "2: listhesis class 2 (meaning not documented)")),
+    GradeColumn("UpperEndplateDefect", "fc_ued", "UpperEndplateDefect", 2, 0,
+                "defect of the endplate above the disc (the upper body's lower endplate)", _ABSENT_PRESENT),
+    GradeColumn("LowerEndplateDefect", "fc_led", "LowerEndplateDefect", 2, 0,
+                "defect of the endplate below the disc (the lower body's upper endplate)", _ABSENT_PRESENT),
+    GradeColumn("UpperMarrowChange", "fc_umc", "UpperMarrow", 2, 0,
+                "marrow signal change (Modic-type) in the body above the disc", _ABSENT_PRESENT),
+    GradeColumn("LowerMarrowChange", "fc_lmc", "LowerMarrow", 2, 0,
+                "marrow signal change (Modic-type) in the body below the disc", _ABSENT_PRESENT),
+    GradeColumn("ForaminalStenosisLeft", "fc_fsl", "ForaminalStenosisLeft", 2, 0,
+                "left foraminal stenosis (side as the network names it; training slice direction unknown, "
+                "official §12)", _ABSENT_PRESENT),
+    GradeColumn("ForaminalStenosisRight", "fc_fsr", "ForaminalStenosisRight", 2, 0,
+                "right foraminal stenosis (side as the network names it; training slice direction unknown, "
+                "official §12)", _ABSENT_PRESENT),
+    GradeColumn("Herniation", "fc_hrn", "Herniation", 2, 0, "disc herniation", _ABSENT_PRESENT),
+)
+
+#: Column name -> :class:`GradeColumn`, in the network's head order (iterating gives the names).
+GRADE_COLUMNS: dict[str, GradeColumn] = {c.name: c for c in _COLUMNS}
+#: Column name -> the official output column name (official §7).
+OFFICIAL_NAMES: dict[str, str] = {c.name: c.official_name for c in _COLUMNS}
+
+# The table above must follow the network's heads exactly.
+assert tuple((c.head, c.n_classes) for c in _COLUMNS) == tuple((h.name, h.n_classes) for h in HEADS)
+
+#: One disc's grades: column -> (reported value, softmax probabilities over the classes).
+DiscGrades = dict[str, tuple[int, np.ndarray]]
+
+
+def _as_array(volume) -> np.ndarray:
+    v = volume.volume if isinstance(volume, IVDVolume) else volume
+    v = np.asarray(v, np.float32)
+    if v.shape != IVD_SHAPE:
+        raise ValueError(f"an IVD volume must be {IVD_SHAPE}, got {v.shape}")
+    return v
+
+
+@torch.inference_mode()
+def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net: torch.nn.Module,
+                  device: str | torch.device = "cpu", *, batch_size: int = 4) -> list[DiscGrades]:
+    """Grades of each volume, in the given order: ``[{column: (value, probabilities)}]``.
+
+    ``grading_net`` must be in eval mode (as :func:`checkpoints.load_model`
+    returns it); it is called on batches of at most ``batch_size`` volumes.
+    """
+    device = torch.device(device)
+    arrays = [_as_array(v) for v in volumes]
+    out: list[DiscGrades] = []
+    for start in range(0, len(arrays), max(1, int(batch_size))):
+        batch = torch.from_numpy(np.stack(arrays[start:start + batch_size]))[:, None].to(device)
+        logits = grading_net(batch)
+        probs = [torch.softmax(t.float(), dim=1).cpu().numpy().astype(np.float64) for t in logits]
+        for k in range(batch.shape[0]):
+            grades: DiscGrades = {}
+            for column, p in zip(_COLUMNS, probs):
+                grades[column.name] = (int(np.argmax(p[k])) + column.offset, p[k].copy())
+            out.append(grades)
+    return out
+
+
+def discs_document(scan, result, networks, *, progress=None, hotspot_head: str | None = None,
+                   output_dir=None) -> dict:
+    """The ``spinenet.discs/1`` document of a detection result: the Slicer worker's grading hook.
+
+    :mod:`SpineNetLib.apps.worker` looks this function up by name.  It runs
+    :func:`SpineNetLib.pipeline.grade_discs` (volumes, grades when
+    ``networks.grading`` is loaded, measurements) and builds the document with
+    :func:`SpineNetLib.outputs.discs.discs_document`.  With ``hotspot_head`` and
+    ``output_dir`` it also writes that head's evidence map
+    (:func:`SpineNetLib.discs.hotspots.write_hotspot_maps`) into ``output_dir``.
+    """
+    from SpineNetLib.outputs.discs import discs_document as build_document
+    from SpineNetLib.pipeline import grade_discs
+
+    discs = grade_discs(scan, result.vertebrae, networks, grade=networks.grading is not None, progress=progress)
+    if hotspot_head and output_dir and networks.grading is not None and discs.ivds:
+        from SpineNetLib.discs.hotspots import write_hotspot_maps
+
+        write_hotspot_maps(scan, discs.ivds, networks.grading, hotspot_head, output_dir, progress=progress)
+    return build_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                          discs.grading_status)

@@ -1,0 +1,515 @@
+"""Evidence hotspots: where in an IVD volume a grading head finds its evidence.
+
+SpineNet (Jamaludin et al., Medical Image Analysis 2017, §6) shows, for a
+disc and a grading, a saliency map over the input volume: the voxels whose
+change most affects (or most excites) the class score.  This module computes
+such maps for our :class:`~SpineNetLib.models.grading.GradingNet` (FACTS.md
+§3.4) with four methods (:data:`METHODS`):
+
+* ``"gradient"`` -- plain back-propagation (Simonyan et al. 2014): ``|d s_c / d x|``
+  with ``s_c`` the class logit (before softmax, so other classes do not leak in).
+* ``"guided"`` -- guided back-propagation (Springenberg et al. 2015): as above, but
+  every ReLU passes a gradient back only where its forward input was positive
+  **and** the incoming gradient is positive.  GradingNet applies its ReLUs
+  functionally and in place (``F.relu(..., inplace=True)``), so module hooks
+  cannot reach them; the forward pass is re-implemented here
+  (:func:`forward_functional`) with a pluggable ReLU.  A test checks that it
+  reproduces ``GradingNet.forward`` exactly.
+* ``"excitation"`` -- excitation back-propagation (Zhang et al., ECCV 2016):
+  the marginal winning probability (MWP) of every unit, propagated top-down
+  with ``P(a_j) = sum_i P(a_i) a_j w+_ij / sum_j' a_j' w+_ij'`` (``w+`` = positive
+  part of the weights) through convolutions, the linear head and average
+  pooling; max pooling passes it to the winning input.  It conserves the
+  total probability (1 at the class unit) layer by layer.
+* ``"contrastive_excitation"`` (default) -- Zhang's contrastive version: the MWP
+  of the target unit minus the MWP of its dual unit (the same unit with negated
+  weights, i.e. the evidence *against* the class), keeping the positive part.
+  The rules are linear in the top-down signal for fixed activations, so the
+  difference is propagated once.
+
+Simplifications of the excitation methods (Zhang's rules assume
+conv/linear layers on non-negative activations):
+
+* BatchNorm (an affine map per channel) and ReLU pass the probability through
+  unchanged: their gating is already in the activations ``a_j`` of the next rule.
+* A residual sum ``relu(r + identity)`` splits the probability between its two
+  branches in proportion to their positive parts ``r+`` and ``identity+``.
+* Propagation stops at the stem's activation map (after conv1, BN, ReLU:
+  ``C x 9 x 56 x 112``); the map is the channel sum, upsampled x2 in-plane to
+  the input grid (stem pixel ``i`` is centred on input pixel ``2 i``).  Going
+  through conv1 to the image itself would weight the map by the image
+  intensity and hide dark lesions (such as endplate defects).
+
+Test-time augmentation: every map is averaged over ``n_augment`` in-plane
+shifts of the volume (rows +-8, cols +-16 pixels, zero fill; the shifts of
+the official V1 test-time augmentation, official §7) and, for all but the
+foraminal (left/right) heads, reversed slice order; each map is shifted back
+onto the un-augmented volume before averaging (voxels an augmentation moved
+out of view are averaged over the augmentations that saw them).  The first
+augmentation is always the identity.  Final maps are non-negative and
+scaled to a maximum of 1.
+
+Hotspot boxes (:func:`hotspot_box`, for evaluation against lesion boxes): the
+map is smoothed in-plane with a Gaussian of :data:`SMOOTH_PX` volume pixels
+(about 1.3 mm; two stem pixels, the resolution of the excitation maps), then
+the connected region above half its maximum that holds the maximum gives
+the box.  The same smoothing is applied before maps are resampled onto the
+scan's coarser grid, so that thin peaks are not lost between grid points.
+
+:func:`hotspot_volume` returns a map aligned with the IVD volume
+``(9, 112, 224)``; :func:`map_to_grid` resamples it onto the scan's canonical
+grid or the input's own voxel grid (through ``IVDVolume.sample_to_canonical``),
+and :func:`write_hotspot_maps` writes one NIfTI per head in the input's space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.models.grading import GRADING_INPUT_SHAPE, HEADS, GradingHead, GradingNet
+
+#: Saliency methods, see the module docstring.
+METHODS: tuple[str, ...] = ("gradient", "guided", "excitation", "contrastive_excitation")
+DEFAULT_METHOD = "contrastive_excitation"
+#: Largest in-plane shifts (rows, cols) of the test-time augmentation, pixels of the IVD volume.
+MAX_SHIFT_RC: tuple[int, int] = (8, 16)
+#: In-plane Gaussian (sigma, IVD-volume pixels ~ 0.3 mm) applied before boxes are taken and before maps
+#: are resampled onto the (coarser) scan grid: two stem pixels, the resolution the excitation maps have.
+SMOOTH_PX = 4.0
+#: Heads whose meaning depends on left/right: never augmented by reversing the slice order.
+LATERAL_HEADS: tuple[str, ...] = ("fc_fsl", "fc_fsr")
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def resolve_head(spec: str | GradingHead) -> GradingHead:
+    """A head by module name (``fc_ued``), output column (``UpperEndplateDefect``) or index; any case."""
+    if isinstance(spec, GradingHead):
+        return spec
+    key = str(spec).strip()
+    if key.isdigit() and int(key) < len(HEADS):
+        return HEADS[int(key)]
+    low = key.lower()
+    for h in HEADS:
+        if low in (h.name.lower(), h.column.lower(), h.name[3:].lower()):
+            return h
+    names = ", ".join(f"{h.name} ({h.column})" for h in HEADS)
+    raise InputError(f"unknown grading head {key!r}: use one of {names}")
+
+
+def parse_heads(spec: str | Sequence[str]) -> list[GradingHead]:
+    """``"fc_ued,Herniation"`` (or a list) -> heads, without duplicates, in the given order."""
+    if isinstance(spec, GradingHead):
+        spec = [spec]
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[GradingHead] = []
+    for item in items:
+        if str(item).strip():
+            h = resolve_head(item)
+            if h not in out:
+                out.append(h)
+    if not out:
+        raise InputError("no grading head given for the hotspots")
+    return out
+
+
+# --------------------------------------------------------------------------- forward pass
+
+
+def _bn(x: torch.Tensor, bn: torch.nn.BatchNorm3d) -> torch.Tensor:
+    """Eval-mode batch norm (running statistics), never in place."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+
+
+def forward_functional(net: GradingNet, x: torch.Tensor, relu: Callable = F.relu,
+                       trace: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """``net(x)`` in eval mode, written out op by op with ``relu`` for every ReLU and no in-place ops.
+
+    Mirrors :meth:`GradingNet.forward` (official §3.4).  With ``trace`` (a
+    dict) it records the activations excitation back-propagation needs.
+    """
+    stem = relu(_bn(_conv(x, net.conv1), net.bn1))
+    h = net.maxpool(stem)
+    blocks = []
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in layer:
+            x_in = h
+            a = relu(_bn(_conv(x_in, block.conv1), block.bn1))
+            r = _bn(_conv(a, block.conv2), block.bn2)
+            if block.downsample is not None:
+                identity = _bn(_conv(x_in, block.downsample[0]), block.downsample[1])
+            else:
+                identity = x_in
+            h = relu(r + identity)
+            if trace is not None:
+                blocks.append({"block": block, "x": x_in, "a": a, "r": r, "identity": identity})
+    feat = torch.flatten(F.adaptive_avg_pool3d(h, 1), 1)
+    if trace is not None:
+        trace.update(stem=stem, blocks=blocks, top=h, feat=feat)
+    return tuple(getattr(net, head.name)(feat) for head in HEADS)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients where the input was positive."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * ((x > 0) & (grad > 0)).to(grad.dtype)
+
+
+def _guided_relu(x: torch.Tensor) -> torch.Tensor:
+    return _GuidedReLU.apply(x)
+
+
+# --------------------------------------------------------------------------- saliency per batch
+
+
+def _gradient_maps(net: GradingNet, x: torch.Tensor, head_index: int, class_index: int,
+                   guided: bool) -> torch.Tensor:
+    """|d logit / d input| for every volume of the batch: ``(N, 9, 112, 224)``."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = forward_functional(net, x, _guided_relu if guided else F.relu)[head_index]
+        (g,) = torch.autograd.grad(logits[:, class_index].sum(), x)
+    return g[:, 0].abs()
+
+
+def _mwp(f_pos: Callable, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+    """Zhang's rule through a linear map with non-negative weights ``f_pos``: ``a * f_pos^T(p_out / f_pos(a))``."""
+    a = a.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = f_pos(a)
+        s = torch.where(z > _EPS, p_out / z.clamp_min(_EPS), torch.zeros_like(z))
+        (c,) = torch.autograd.grad(z, a, grad_outputs=s)
+    return a.detach() * c
+
+
+def _conv_pos(conv: torch.nn.Conv3d) -> Callable:
+    w = conv.weight.detach().clamp(min=0)
+    return lambda t: F.conv3d(t, w, None, conv.stride, conv.padding)
+
+
+def excitation_stem_map(net: GradingNet, x: torch.Tensor, head: str | GradingHead, class_index: int,
+                        contrastive: bool = True) -> torch.Tensor:
+    """(Contrastive) marginal winning probability summed over the stem's channels: ``(N, D, H/2, W/2)``.
+
+    Non-contrastive maps sum to 1 (probability is conserved); contrastive
+    ones to 0 (target minus dual).  See the module docstring for the rules.
+    """
+    h = resolve_head(head)
+    trace: dict = {}
+    with torch.no_grad():
+        forward_functional(net, x, F.relu, trace)
+    w = getattr(net, h.name).weight.detach()[int(class_index)]   # (C,)
+    feat = trace["feat"]                                       # (N, C) >= 0
+
+    def top(wv):
+        contrib = feat * wv.clamp(min=0)
+        return contrib / contrib.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+    p = top(w)
+    if contrastive:
+        p = p - top(-w)
+    p = _mwp(lambda t: F.adaptive_avg_pool3d(t, 1).flatten(1), trace["top"], p)
+    for rec in reversed(trace["blocks"]):
+        block = rec["block"]
+        rp, ip = rec["r"].clamp(min=0), rec["identity"].clamp(min=0)
+        tot = rp + ip
+        ok = tot > _EPS
+        p_r = torch.where(ok, p * rp / tot.clamp_min(_EPS), torch.zeros_like(p))
+        p_i = torch.where(ok, p * ip / tot.clamp_min(_EPS), torch.zeros_like(p))
+        p_a = _mwp(_conv_pos(block.conv2), rec["a"], p_r)        # bn2 passes through
+        p_x = _mwp(_conv_pos(block.conv1), rec["x"], p_a)        # relu, bn1 pass through
+        if block.downsample is not None:
+            p_x = p_x + _mwp(_conv_pos(block.downsample[0]), rec["x"], p_i)
+        else:
+            p_x = p_x + p_i
+        p = p_x
+    p = _mwp(net.maxpool, trace["stem"], p)
+    return p.sum(dim=1)
+
+
+def _upsample2(m: torch.Tensor, out_hw) -> torch.Tensor:
+    """x2 in-plane linear upsampling where stem pixel i sits on input pixel 2 i."""
+    for axis, n_out in ((-2, out_hw[0]), (-1, out_hw[1])):
+        n = m.shape[axis]
+        idx = torch.arange(n_out, dtype=torch.float64) / 2.0
+        lo = idx.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        frac = (idx - lo.to(torch.float64)).to(m.dtype)
+        shape = [1] * m.dim()
+        shape[axis] = n_out
+        frac = frac.reshape(shape)
+        m = m.index_select(axis, lo) * (1 - frac) + m.index_select(axis, hi) * frac
+    return m
+
+
+def saliency_batch(net: GradingNet, x: torch.Tensor, head: str | GradingHead, class_index: int,
+                   method: str = DEFAULT_METHOD) -> torch.Tensor:
+    """Raw (not augmented, not normalised, possibly signed for the excitation methods) maps ``(N, D, H, W)``."""
+    h = resolve_head(head)
+    hi = HEADS.index(h)
+    if method == "gradient" or method == "guided":
+        return _gradient_maps(net, x, hi, class_index, guided=method == "guided")
+    if method in ("excitation", "contrastive_excitation"):
+        stem = excitation_stem_map(net, x, h, class_index, contrastive=method == "contrastive_excitation")
+        return _upsample2(stem, x.shape[-2:])
+    raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augmentations(n_augment: int, seed: int = 0, allow_reverse: bool = True) -> list[tuple[int, int, bool]]:
+    """``(row shift, col shift, reverse slices)`` per augmentation; the first is the identity."""
+    if int(n_augment) < 1:
+        raise InputError(f"the number of hotspot augmentations must be at least 1, got {n_augment}")
+    rng = np.random.default_rng(int(seed))
+    out = [(0, 0, False)]
+    while len(out) < int(n_augment):
+        dy = int(rng.integers(-MAX_SHIFT_RC[0], MAX_SHIFT_RC[0] + 1))
+        dx = int(rng.integers(-MAX_SHIFT_RC[1], MAX_SHIFT_RC[1] + 1))
+        rev = bool(allow_reverse and rng.random() < 0.5)
+        out.append((dy, dx, rev))
+    return out
+
+
+def _ranges(shift: int, n: int) -> tuple[slice, slice]:
+    """(source, destination) slices of an integer shift with zero fill."""
+    if shift >= 0:
+        return slice(0, n - shift), slice(shift, n)
+    return slice(-shift, n), slice(0, n + shift)
+
+
+def apply_augmentation(vol: np.ndarray, aug: tuple[int, int, bool]) -> np.ndarray:
+    """The volume ``(D, H, W)`` shifted by (dy, dx) in-plane with zero fill, slices reversed if asked."""
+    dy, dx, rev = aug
+    d, h, w = vol.shape
+    out = np.zeros_like(vol)
+    sy, ty = _ranges(dy, h)
+    sx, tx = _ranges(dx, w)
+    out[:, ty, tx] = vol[:, sy, sx]
+    return out[::-1].copy() if rev else out
+
+
+def undo_augmentation(m: np.ndarray, aug: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """A map made on an augmented volume, back on the original volume, and where it is valid."""
+    dy, dx, rev = aug
+    if rev:
+        m = m[::-1]
+    d, h, w = m.shape
+    back = np.zeros_like(m)
+    valid = np.zeros(m.shape, dtype=bool)
+    sy, ty = _ranges(dy, h)
+    sx, tx = _ranges(dx, w)
+    back[:, sy, sx] = m[:, ty, tx]
+    valid[:, sy, sx] = True
+    return back, valid
+
+
+# --------------------------------------------------------------------------- one disc
+
+
+def _volume_array(ivd_volume) -> np.ndarray:
+    vol = getattr(ivd_volume, "volume", ivd_volume)
+    vol = np.asarray(vol, dtype=np.float32)
+    if vol.shape != GRADING_INPUT_SHAPE:
+        raise InputError(f"an IVD volume must have shape {GRADING_INPUT_SHAPE}, got {vol.shape}")
+    return vol
+
+
+def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_index: int | None = None,
+                   method: str = DEFAULT_METHOD, n_augment: int = 16, seed: int = 0, *,
+                   batch_size: int = 4) -> np.ndarray:
+    """Evidence map ``(9, 112, 224)`` float32 in [0, 1] for one disc, aligned with its IVD volume.
+
+    ``ivd_volume`` is an ``ivd.IVDVolume`` or its ``(9, 112, 224)`` array;
+    ``class_index`` None = the class the network predicts for this disc.
+    See the module docstring for the methods and the augmentation.
+    """
+    h = resolve_head(head)
+    if method not in METHODS:
+        raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+    vol = _volume_array(ivd_volume)
+    was_training = net.training
+    grad_flags = [q.requires_grad for q in net.parameters()]
+    net.eval()
+    for q in net.parameters():      # only input gradients are needed: skip the weight gradients
+        q.requires_grad_(False)
+    try:
+        param = next(net.parameters())
+        device, dtype = param.device, param.dtype
+        if class_index is None:
+            with torch.no_grad():
+                logits = net(torch.from_numpy(vol)[None, None].to(device, dtype))[HEADS.index(h)]
+            class_index = int(logits.argmax(dim=1)[0])
+        if not 0 <= int(class_index) < h.n_classes:
+            raise InputError(f"class {class_index} does not exist for head {h.name} ({h.n_classes} classes)")
+        augs = augmentations(n_augment, seed, allow_reverse=h.name not in LATERAL_HEADS)
+        total = np.zeros(vol.shape, np.float64)
+        count = np.zeros(vol.shape, np.float64)
+        for start in range(0, len(augs), max(1, int(batch_size))):
+            chunk = augs[start:start + max(1, int(batch_size))]
+            x = torch.from_numpy(np.stack([apply_augmentation(vol, a) for a in chunk]))[:, None].to(device, dtype)
+            maps = saliency_batch(net, x, h, int(class_index), method).detach().cpu().double().numpy()
+            for m, a in zip(maps, chunk):
+                back, valid = undo_augmentation(m, a)
+                total += back
+                count += valid
+    finally:
+        net.train(was_training)
+        for q, flag in zip(net.parameters(), grad_flags):
+            q.requires_grad_(flag)
+    avg = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    if method in ("excitation", "contrastive_excitation"):
+        avg = np.maximum(avg, 0.0)
+    peak = float(avg.max())
+    return (avg / peak if peak > 0 else avg).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- evaluation helper
+
+
+def smooth_map(m: np.ndarray, sigma_px: float = SMOOTH_PX) -> np.ndarray:
+    """In-plane Gaussian smoothing of a ``(H, W)`` or ``(D, H, W)`` map (never across slices)."""
+    m = np.asarray(m, dtype=np.float32)
+    if sigma_px <= 0:
+        return m
+    sigma = (sigma_px, sigma_px) if m.ndim == 2 else (0.0,) * (m.ndim - 2) + (sigma_px, sigma_px)
+    return ndimage.gaussian_filter(m, sigma, mode="constant").astype(np.float32)
+
+
+def hotspot_box(map_2d: np.ndarray, threshold: float = 0.5,
+                smooth_px: float = SMOOTH_PX) -> tuple[float, float, float, float] | None:
+    """``(x0, y0, x1, y1)`` pixel box of the hotspot: after in-plane smoothing (:data:`SMOOTH_PX`),
+    the connected region above ``threshold * max`` that holds the maximum.
+
+    Pixel centres at integers, so a single pixel ``(x, y)`` gives ``(x-0.5, y-0.5, x+0.5, y+0.5)``.
+    None for an empty map.
+    """
+    m = smooth_map(map_2d, smooth_px).astype(float)
+    peak = float(m.max()) if m.size else 0.0
+    if peak <= 0:
+        return None
+    lab, _ = ndimage.label(m >= threshold * peak, structure=np.ones((3, 3), bool))
+    k = lab[np.unravel_index(int(np.argmax(m)), m.shape)]
+    ys, xs = np.nonzero(lab == k)
+    return float(xs.min()) - 0.5, float(ys.min()) - 0.5, float(xs.max()) + 0.5, float(ys.max()) + 0.5
+
+
+def box_iou(a, b) -> float:
+    """IoU of two ``(x0, y0, x1, y1)`` boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- back to the scan
+
+
+def map_to_grid(vol_map: np.ndarray, sample_to_canonical: np.ndarray, grid_to_canonical: np.ndarray,
+                grid_shape: tuple[int, int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resample a volume-aligned map onto a voxel grid (inverse sampling, trilinear, 0 outside).
+
+    ``sample_to_canonical`` maps volume ``[slice, row, col, 1]`` to canonical
+    ``[row, col, slice, 1]`` (``IVDVolume.sample_to_canonical``);
+    ``grid_to_canonical`` maps the grid's ``[a, b, c, 1]`` indices (grid array
+    indexed ``[a, b, c]``) to canonical ones: the identity for the canonical
+    grid, ``inv(scan.canonical_to_input_ijk)`` for the input's ``[i, j, k]``.
+    The result is combined into ``out`` by maximum (several discs overlap).
+    """
+    vol_map = np.asarray(vol_map, dtype=np.float32)
+    grid_shape = tuple(int(n) for n in grid_shape)
+    if out is None:
+        out = np.zeros(grid_shape, np.float32)
+    to_vol = np.linalg.inv(np.asarray(sample_to_canonical, float)) @ np.asarray(grid_to_canonical, float)
+    to_grid = np.linalg.inv(to_vol)
+    d, h, w = vol_map.shape
+    corners = np.array([[s, r, c, 1.0] for s in (-1, d) for r in (-1, h) for c in (-1, w)])
+    g = corners @ to_grid.T
+    lo = np.maximum(np.floor(g[:, :3].min(axis=0)).astype(int), 0)
+    hi = np.minimum(np.ceil(g[:, :3].max(axis=0)).astype(int) + 1, np.array(grid_shape))
+    if np.any(hi <= lo):
+        return out
+    axes = [np.arange(a, b, dtype=float) for a, b in zip(lo, hi)]
+    ga, gb, gc = np.meshgrid(*axes, indexing="ij")
+    pts = np.stack([ga.ravel(), gb.ravel(), gc.ravel(), np.ones(ga.size)])
+    v = to_vol @ pts
+    vals = ndimage.map_coordinates(vol_map, v[:3], order=1, mode="constant", cval=0.0, prefilter=False)
+    region = out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    np.maximum(region, vals.reshape(ga.shape).astype(np.float32), out=region)
+    return out
+
+
+def canonical_hotspot_map(scan, ivds, maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Maps of several discs on the scan's canonical grid ``(H, W, S)`` (maximum where they overlap)."""
+    out = np.zeros(scan.shape, np.float32)
+    for ivd, m in zip(ivds, maps):
+        map_to_grid(m, ivd.sample_to_canonical, np.eye(4), scan.shape, out)
+    return out
+
+
+def input_hotspot_map(scan, ivds, maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Maps of several discs on the input's own voxel grid, as a ``[k, j, i]`` array for ``write_image``."""
+    grid_to_canonical = np.linalg.inv(np.asarray(scan.canonical_to_input_ijk, float))
+    out = np.zeros(tuple(scan.input_shape_ijk), np.float32)          # [i, j, k]
+    for ivd, m in zip(ivds, maps):
+        map_to_grid(m, ivd.sample_to_canonical, grid_to_canonical, scan.input_shape_ijk, out)
+    return np.ascontiguousarray(out.transpose(2, 1, 0))
+
+
+def write_hotspot_maps(scan, ivds, grading_net: GradingNet, heads, outdir, method: str = DEFAULT_METHOD,
+                       n_augment: int = 16, *, class_index: int | None = None, seed: int = 0,
+                       progress=None) -> list[Path]:
+    """Write ``hotspots_<Column>.nii.gz`` per head in the input's voxel space; returns the paths.
+
+    Every disc's map (:func:`hotspot_volume`, class = the predicted one
+    unless ``class_index`` is given) is smoothed in-plane (:data:`SMOOTH_PX`,
+    which also keeps the resampling from aliasing), scaled to a maximum of 1
+    and resampled onto the input grid; where discs overlap the maximum is kept.
+    ``heads``: names, columns or :class:`GradingHead` (``"fc_ued,Herniation"`` too).
+    """
+    from SpineNetLib.inputs.writers import write_image
+
+    head_list = parse_heads(heads)
+    if method not in METHODS:
+        raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    total = max(1, len(head_list) * len(ivds))
+    done = 0
+    for h in head_list:
+        maps = []
+        for ivd in ivds:
+            if progress is not None:
+                progress(done, total, f"hotspots {h.column} {getattr(ivd, 'level', '')}")
+            m = smooth_map(hotspot_volume(grading_net, ivd, h, class_index, method, n_augment, seed))
+            maps.append(m / m.max() if m.max() > 0 else m)
+            done += 1
+        arr = input_hotspot_map(scan, ivds, maps)
+        written.append(write_image(arr, scan.input_ijk_to_ras, outdir / f"hotspots_{h.column}.nii.gz"))
+    if progress is not None:
+        progress(total, total, "hotspots written")
+    return written

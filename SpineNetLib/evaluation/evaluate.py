@@ -1,0 +1,463 @@
+"""Detection and labelling metrics of the seed paper (SpineNetV2, Windsor et al. 2022, §5.1).
+
+Definitions (the paper's, made precise where it leaves room)
+-------------------------------------------------------------
+Ground truth, per annotated vertebral body (:func:`ground_truth_from_labels`):
+its **mid slice** is ``round(median(annotated slices))`` (the same rule as
+``results.Vertebra.mid_slice`` for predictions; the slice of largest mask area
+was rejected because the area is flat across the central slices and its
+argmax jumps to lateral slices, e.g. slice 44 of 16-58 for T11 of chu_06),
+and its **centroid** is the centroid ``(x, y)`` of its mask on that slice
+(``dataset.mask_centroid``, also the detector's centroid target).  A body
+whose mid-slice mask touches the image border is cut by the field of view:
+it is **ignored**: not counted, and a prediction that contains its centroid
+on any of the prediction's slices (and no scored centroid) is neither TP nor FP.
+Cases with disc masks only (``ivd/``) score the bodies between two annotated
+discs instead (:func:`ground_truth_from_disc_labels`).
+
+A prediction's polygon "on" a ground-truth slice is its polygon on the
+nearest of its own slices, if that is within ``slice_tolerance_mm`` (default
+2 mm).  Predictions on the native slices match exactly; ``spinenet run``
+slab-averages these 1 mm volumes to ~3.5 mm slices (``canonical.py``), whose
+centres are at most 1.75 mm from any native slice.
+
+* **Hit.** A ground-truth vertebra is detected when its centroid lies inside a
+  predicted quadrilateral on its mid slice (paper: "inside a single detected
+  quadrilateral").  When several predictions contain it, the one whose
+  polygon centroid is nearest is matched; the others are **false positives**
+  (duplicates).  Matching is one-to-one, greedy by distance: a prediction
+  that contains two ground-truth centroids (a merged detection) matches the
+  nearer one only and the other vertebra is missed.
+* **TP** = matched ground-truth vertebrae, **FN** = the unmatched ones,
+  **FP** = unmatched predictions, except those that contain no ground-truth
+  centroid and lie entirely outside the annotated range: their centroid row
+  is above the superior edge of the highest annotated body or below the
+  inferior edge of the lowest (both on that body's mid slice).  Those are
+  unannotated vertebrae (S1 in chu/ and myosegmentum/, T10 or T12 above the
+  annotated run, S2 below zukic's S1) and are **ignored**, neither TP nor FP.
+* precision = TP / (TP + FP); recall = TP / (TP + FN).
+* **Identification rate** (IDR) = matched vertebrae whose predicted level
+  equals the true one / number of ground-truth vertebrae (a miss counts as
+  not identified).  **IDR within one level**: the level is at most one
+  vertebra off, counting along C1..C7, T1..T12, L1..L5, S1, S2.
+* **Localisation error**: distance in millimetres, in the slice plane, between
+  the ground-truth centroid and the matched polygon's centroid (mean of its
+  four corners, as ``results.Vertebra.centroid_xy``), using the row and
+  column spacings.  Note the floor: mask centroid and corner mean of the
+  ground-truth quads differ by 0.71 px on average on the real mid slices.
+
+Cases are summarised per case and overall by micro-averaging (counts summed
+over cases; localisation error pooled over all matched vertebrae).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from SpineNetLib.core import polygons
+from SpineNetLib.training.datasets import (
+    DETECTION_SOURCES,
+    CaseGeometry,
+    case_geometry,
+    is_vertebral_body_code,
+    list_cases,
+    load_case,
+    mask_centroid,
+)
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+
+#: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
+SLICE_TOLERANCE_MM = 2.0
+
+#: Order used for "within one level": C1, C2 ... S1, S2.
+_LEVEL_ORDER = {name: i for i, name in enumerate(("C1",) + LEVELS_TOP_DOWN + ("S2",))}
+
+
+def level_distance(a: str | None, b: str | None) -> float:
+    """Number of vertebrae between two level names (0 if equal, inf if unknown)."""
+    if a is None or b is None:
+        return math.inf
+    if a == b:
+        return 0.0
+    if a in _LEVEL_ORDER and b in _LEVEL_ORDER:
+        return float(abs(_LEVEL_ORDER[a] - _LEVEL_ORDER[b]))
+    return math.inf
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+@dataclass(frozen=True)
+class GroundTruthVertebra:
+    level: str
+    mid_slice: int            # canonical slice index
+    centroid: np.ndarray      # (2,) [x, y] on mid_slice
+    #: Cut by the image border on its mid slice (e.g. L1 of myo_15 at row 0): not scored,
+    #: and a prediction on it is neither TP nor FP.
+    ignored: bool = False
+
+
+@dataclass
+class CaseGroundTruth:
+    """Ground truth of one case, in its canonical frame."""
+
+    case_id: str
+    spacing_mm: tuple[float, float, float]   # (row, col, slice)
+    vertebrae: list[GroundTruthVertebra]     # top to bottom
+    #: Rows bounding the annotated range (superior edge of the highest body,
+    #: inferior edge of the lowest, on their mid slices); None without bodies.
+    range_top_row: float | None = None
+    range_bottom_row: float | None = None
+
+
+def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
+                             case_id: str = "") -> CaseGroundTruth:
+    """Ground truth from a canonical label volume ``(H, W, S)`` (vertebral-body codes only)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"labels must be a 3D volume, got shape {labels.shape}")
+    vertebrae: list[GroundTruthVertebra] = []
+    top = bottom = None
+    codes = sorted(int(c) for c in np.unique(labels) if is_vertebral_body_code(c))
+    for code in codes:
+        mask = labels == code
+        slices = np.nonzero(mask.any(axis=(0, 1)))[0]
+        mid = int(np.round(np.median(slices)))
+        if not mask[:, :, mid].any():  # a gap in the annotated slices: nearest annotated one
+            mid = int(slices[np.argmin(np.abs(slices - mid))])
+        m = mask[:, :, mid]
+        clipped = bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+        vertebrae.append(GroundTruthVertebra(level=level_names.get(code, str(code)), mid_slice=mid,
+                                             centroid=mask_centroid(m), ignored=clipped))
+        rows = np.nonzero(m.any(axis=1))[0]
+        if code == codes[0]:
+            top = float(rows.min())
+        if code == codes[-1]:
+            bottom = float(rows.max())
+    return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm),
+                           vertebrae=vertebrae, range_top_row=top, range_bottom_row=bottom)
+
+
+def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
+                                  case_id: str = "") -> CaseGroundTruth:
+    """Ground truth of the bodies between annotated discs, for data with disc masks only (``ivd/``).
+
+    A body counts where the discs above and below it are both annotated
+    (discs "L1-L2" and "L2-L3" give body L2).  Its mid slice is the sagittal
+    slice where the two discs have the largest product of areas; its
+    centroid is the midpoint of the two disc centroids on that slice, which
+    lies inside the body (the body fills the space between its endplates)
+    but is not its mask centroid, so localisation errors are approximate.
+    The annotated range runs from the centroid of the highest disc to that
+    of the lowest: detections of the bodies beyond (e.g. L1, S1) are not
+    scored.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"labels must be a 3D volume, got shape {labels.shape}")
+    discs = {}
+    for code in np.unique(labels):
+        name = level_names.get(int(code), "")
+        if "-" in name:
+            upper, lower = name.split("-", 1)
+            discs[upper] = (int(code), lower)
+    vertebrae: list[GroundTruthVertebra] = []
+    rows = []
+    for upper, (code, body) in discs.items():
+        rows.append(float(mask_centroid((labels == code).any(axis=2))[1]))
+        if body not in discs:
+            continue
+        above, below = labels == code, labels == discs[body][0]
+        overlap = above.sum(axis=(0, 1)).astype(float) * below.sum(axis=(0, 1))
+        mid = int(np.argmax(overlap))
+        if overlap[mid] <= 0:
+            continue
+        centroid = (mask_centroid(above[:, :, mid]) + mask_centroid(below[:, :, mid])) / 2.0
+        vertebrae.append(GroundTruthVertebra(level=body, mid_slice=mid, centroid=centroid))
+    vertebrae.sort(key=lambda v: float(v.centroid[1]))
+    return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm), vertebrae=vertebrae,
+                           range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None)
+
+
+def ground_truth_of_case(case) -> CaseGroundTruth:
+    """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``)."""
+    data = load_case(case)
+    if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
+        return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+    return ground_truth_from_disc_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class PredictedVertebra:
+    """A predicted vertebra in a case's canonical frame (slices may be fractional)."""
+
+    level: str | None
+    slices: np.ndarray          # (n,) float canonical slice coordinates, ascending
+    polygons: list[np.ndarray]  # n x (4, 2) [x, y], rt, rb, lb, lt
+
+    def polygon_near(self, canonical_slice: float, tolerance_slices: float) -> np.ndarray | None:
+        """The polygon on the slice nearest to ``canonical_slice`` if within the tolerance."""
+        if len(self.slices) == 0:
+            return None
+        d = np.abs(np.asarray(self.slices, float) - float(canonical_slice))
+        i = int(np.argmin(d))  # ties: the lower slice
+        return self.polygons[i] if d[i] <= tolerance_slices + 1e-9 else None
+
+    @property
+    def centroid_xy(self) -> np.ndarray:
+        return np.mean([np.asarray(p, float).mean(axis=0) for p in self.polygons], axis=0)
+
+
+def as_predicted(vertebrae) -> list[PredictedVertebra]:
+    """Predictions from objects with ``level``, ``slices`` and ``polygons`` (e.g. ``results.Vertebra``)."""
+    out = []
+    for v in vertebrae:
+        if len(v.polygons) == 0:
+            continue  # nothing to score
+        if isinstance(v, PredictedVertebra):
+            out.append(v)
+            continue
+        order = np.argsort(np.asarray(v.slices, float), kind="stable")
+        out.append(PredictedVertebra(level=v.level, slices=np.asarray(v.slices, float)[order],
+                                     polygons=[np.asarray(v.polygons[i], float).reshape(4, 2) for i in order]))
+    return out
+
+
+def predictions_from_vertebrae_json(path, geometry: CaseGeometry) -> list[PredictedVertebra]:
+    """Read a ``vertebrae.json`` (``SpineNetLib.outputs.vertebrae``) into a case's canonical pixel frame.
+
+    Corners are mapped RAS -> canonical ``[row, col, slice]`` with the case
+    image's own IJK-to-RAS, so the file must have been made from that image
+    (checked against the file's ``scan.shape``).  The slice coordinate is
+    taken from the corners (exact even when the pipeline slab-averaged the
+    slices) rather than from the rounded ``slice`` index.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("spinenet.vertebrae/"):
+        raise InputError(f"{path} is not a spinenet vertebrae.json file")
+    shape = (doc.get("scan") or {}).get("shape")
+    if shape is not None and tuple(int(n) for n in shape) != tuple(geometry.input_shape_ijk):
+        raise InputError(f"{path} was made from an image of shape {tuple(shape)}, "
+                         f"not {geometry.case_id} {tuple(geometry.input_shape_ijk)}")
+    out = []
+    for v in doc.get("vertebrae", []):
+        slices, polys = [], []
+        for p in v.get("polygons", []):
+            corners = np.asarray(p["corners_ras"], dtype=float)
+            if corners.shape != (4, 3):
+                raise InputError(f"{path}: a polygon does not have 4 RAS corners")
+            rcs = geometry.ras_to_canonical(corners)
+            slices.append(float(rcs[:, 2].mean()))
+            polys.append(np.stack([rcs[:, 1], rcs[:, 0]], axis=1))  # [x=col, y=row]
+        if not polys:
+            continue
+        order = np.argsort(slices, kind="stable")
+        out.append(PredictedVertebra(level=v.get("level"), slices=np.asarray(slices)[order],
+                                     polygons=[polys[i] for i in order]))
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Match:
+    gt_level: str
+    pred_index: int
+    pred_level: str | None
+    error_mm: float
+
+
+@dataclass
+class CaseMetrics:
+    case_id: str
+    n_gt: int
+    tp: int
+    fp: int
+    fn: int
+    n_identified: int
+    n_identified_within_1: int
+    localisation_errors_mm: list[float] = field(default_factory=list)
+    n_ignored_predictions: int = 0
+    matches: list[Match] = field(default_factory=list)
+    missed_levels: list[str] = field(default_factory=list)
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def identification_rate(self) -> float:
+        return _ratio(self.n_identified, self.n_gt)
+
+    @property
+    def identification_rate_within_1(self) -> float:
+        return _ratio(self.n_identified_within_1, self.n_gt)
+
+    @property
+    def mean_localisation_error_mm(self) -> float:
+        return float(np.mean(self.localisation_errors_mm)) if self.localisation_errors_mm else math.nan
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else math.nan
+
+
+def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
+                  slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> CaseMetrics:
+    """Metrics of one case (see the module docstring for the definitions).
+
+    ``predictions``: :class:`PredictedVertebra` or any objects with
+    ``level``, ``slices`` and ``polygons`` in the case's canonical frame.
+    ``spacing_mm`` ``(row, col, slice)`` defaults to ``gt.spacing_mm``.
+    """
+    preds = as_predicted(predictions)
+    row_mm, col_mm, slice_mm = (gt.spacing_mm if spacing_mm is None else tuple(float(s) for s in spacing_mm))
+    tol = float(slice_tolerance_mm) / slice_mm
+    # Every (gt, prediction) pair where the prediction's polygon contains the GT centroid.
+    pairs = []
+    contains_scored = np.zeros(len(preds), dtype=bool)
+    on_ignored = np.zeros(len(preds), dtype=bool)
+    for g, v in enumerate(gt.vertebrae):
+        for p, pred in enumerate(preds):
+            if v.ignored:  # any of its slices: the border-cut body may have no polygon near its mid slice
+                on_ignored[p] |= any(polygons.point_in_polygon(v.centroid, q) for q in pred.polygons)
+                continue
+            poly = pred.polygon_near(v.mid_slice, tol)
+            if poly is None or not polygons.point_in_polygon(v.centroid, poly):
+                continue
+            contains_scored[p] = True
+            d = (np.asarray(poly, float).mean(axis=0) - v.centroid) * np.array([col_mm, row_mm])
+            pairs.append((float(np.hypot(*d)), g, p))
+    pairs.sort()
+    gt_match: dict[int, tuple[int, float]] = {}
+    used = set()
+    for d, g, p in pairs:
+        if g in gt_match or p in used:
+            continue
+        gt_match[g] = (p, d)
+        used.add(p)
+
+    scored = [g for g, v in enumerate(gt.vertebrae) if not v.ignored]
+    fp = ignored = 0
+    for p, pred in enumerate(preds):
+        if p in used:
+            continue
+        if contains_scored[p]:
+            fp += 1            # a duplicate or a merged detection
+        elif on_ignored[p] or _outside_range(gt, pred):
+            ignored += 1       # on a border-cut vertebra, or beyond the annotated run
+        else:
+            fp += 1
+    tp = len(gt_match)
+    metrics = CaseMetrics(case_id=gt.case_id, n_gt=len(scored), tp=tp, fp=fp, fn=len(scored) - tp,
+                          n_identified=0, n_identified_within_1=0, n_ignored_predictions=ignored)
+    for g, v in enumerate(gt.vertebrae):
+        if v.ignored:
+            continue
+        if g not in gt_match:
+            metrics.missed_levels.append(v.level)
+            continue
+        p, d = gt_match[g]
+        level = preds[p].level
+        metrics.matches.append(Match(gt_level=v.level, pred_index=p, pred_level=level, error_mm=d))
+        metrics.localisation_errors_mm.append(d)
+        dist = level_distance(level, v.level)
+        metrics.n_identified += int(dist == 0)
+        metrics.n_identified_within_1 += int(dist <= 1)
+    return metrics
+
+
+def _outside_range(gt: CaseGroundTruth, pred: PredictedVertebra) -> bool:
+    """The prediction's centroid lies above or below the annotated run (or nothing is annotated)."""
+    if gt.range_top_row is None or gt.range_bottom_row is None:
+        return True
+    y = float(pred.centroid_xy[1])
+    return y < gt.range_top_row or y > gt.range_bottom_row
+
+
+def _nan_to_none(x: float):
+    return None if (x is None or (isinstance(x, float) and math.isnan(x))) else round(float(x), 4)
+
+
+def _case_dict(m: CaseMetrics) -> dict:
+    errors = m.localisation_errors_mm
+    return {
+        "n_gt": m.n_gt, "tp": m.tp, "fp": m.fp, "fn": m.fn,
+        "ignored_predictions": m.n_ignored_predictions,
+        "precision": _nan_to_none(m.precision), "recall": _nan_to_none(m.recall),
+        "identification_rate": _nan_to_none(m.identification_rate),
+        "identification_rate_within_1": _nan_to_none(m.identification_rate_within_1),
+        "localisation_error_mm_mean": _nan_to_none(float(np.mean(errors)) if errors else math.nan),
+        "localisation_error_mm_median": _nan_to_none(float(np.median(errors)) if errors else math.nan),
+        "missed_levels": list(m.missed_levels),
+        "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
+    }
+
+
+def summarise(metrics: Sequence[CaseMetrics]) -> dict:
+    """``{"cases": {case_id: {...}}, "overall": {...}}``: per case and micro-averaged; JSON-ready."""
+    total = CaseMetrics(case_id="overall", n_gt=0, tp=0, fp=0, fn=0, n_identified=0, n_identified_within_1=0)
+    for m in metrics:
+        total.n_gt += m.n_gt
+        total.tp += m.tp
+        total.fp += m.fp
+        total.fn += m.fn
+        total.n_identified += m.n_identified
+        total.n_identified_within_1 += m.n_identified_within_1
+        total.n_ignored_predictions += m.n_ignored_predictions
+        total.localisation_errors_mm.extend(m.localisation_errors_mm)
+    overall = _case_dict(total)
+    del overall["missed_levels"], overall["wrong_levels"]
+    overall["n_cases"] = len(metrics)
+    return {"cases": {m.case_id: _case_dict(m) for m in metrics}, "overall": overall}
+
+
+def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
+                         slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> dict:
+    """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies
+    (or, for ``ivd/``, the bodies between annotated discs: :func:`ground_truth_from_disc_labels`).
+
+    For ``spinenet evaluate --data DIR --pred DIR``.  Cases without a
+    prediction file are listed under ``"missing_predictions"`` and not scored.
+    """
+    pred_root = Path(pred_root)
+    if not pred_root.is_dir():
+        raise InputError(f"no prediction folder at {pred_root}")
+    cases = list_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",))
+    if case_ids is not None:
+        known = {c.case_id for c in cases}
+        unknown = [c for c in case_ids if c not in known]
+        if unknown:
+            raise InputError(f"unknown case(s): {', '.join(unknown)}")
+        cases = [c for c in cases if c.case_id in set(case_ids)]
+    results, missing = [], []
+    for case in cases:
+        pred_file = pred_root / case.case_id / "vertebrae.json"
+        if not pred_file.is_file():
+            missing.append(case.case_id)
+            continue
+        gt = ground_truth_of_case(case)
+        preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
+        results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
+    summary = summarise(results)
+    summary["missing_predictions"] = missing
+    return summary

@@ -1,0 +1,402 @@
+"""Load a sagittal MR series from a folder of DICOM files.
+
+Differences from the official loader (official §4), on purpose:
+
+* every file in the folder tree is tried, whatever its extension; files
+  that are not DICOM, DICOMDIR and non-image objects are skipped silently;
+* files are grouped by SeriesInstanceUID and only sagittal series (slice
+  normal from ImageOrientationPatient closest to L-R) are candidates;
+* slices are ordered by their position along the slice normal
+  (ImagePositionPatient . normal), **not** by InstanceNumber, which
+  scanners and anonymisers do not always keep in spatial order;
+* RescaleSlope/RescaleIntercept are applied, row and column PixelSpacing
+  are kept apart (DICOM PixelSpacing = [row spacing, column spacing]), the
+  slice spacing comes from the positions and must be consistent;
+* PixelSpacing and the slice spacing can be overridden (the official
+  tutorials needed that for data with missing or wrong tags, official §10).
+
+The result is a voxel array ``[k, j, i]`` (k = slice in position order,
+j = image row, i = image column) and its IJK-to-RAS matrix (DICOM patient
+coordinates are LPS: x and y are negated), handed to
+:func:`SpineNetLib.inputs.canonical.scan_from_array`.  Enhanced (multi-frame) MR
+files are read when they carry the standard per-frame plane position and
+orientation functional groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.inputs.canonical import scan_from_array, spacing_override
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.scan import Scan
+
+_FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+@dataclass
+class _Slice:
+    """One 2D image (a single-frame file, or one frame of a multi-frame file)."""
+
+    path: Path
+    frame: int | None
+    series_uid: str
+    rows: int
+    cols: int
+    iop: np.ndarray | None
+    ipp: np.ndarray | None
+    pixel_spacing: np.ndarray | None
+    slope: float
+    intercept: float
+    instance_number: int | None
+    header: object
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.frame is None else f"{self.path} (frame {self.frame + 1})"
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    try:
+        arr = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def _float_or(value, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if np.isfinite(out) else default
+
+
+def _first_item(ds, keyword: str):
+    seq = getattr(ds, keyword, None)
+    return seq[0] if seq is not None and len(seq) else None
+
+
+def _group_value(groups: list, seq_keyword: str, attr: str):
+    """``attr`` of the first item of ``seq_keyword`` in the first functional group having it."""
+    for g in groups:
+        if g is None:
+            continue
+        item = _first_item(g, seq_keyword)
+        if item is not None and attr in item:
+            return item.get(attr)
+    return None
+
+
+def _slices_of(path: Path, ds) -> list[_Slice]:
+    """Image records of one file (one per frame for enhanced multi-frame files)."""
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    inst = ds.get("InstanceNumber")
+    inst = int(inst) if inst not in (None, "") else None
+    n_frames = int(_float_or(ds.get("NumberOfFrames", 1), 1))
+    if n_frames <= 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        ps = ds.get("PixelSpacing")
+        return [_Slice(path, None, series_uid, rows, cols,
+                       _floats(ds.get("ImageOrientationPatient"), 6) if "ImageOrientationPatient" in ds else None,
+                       _floats(ds.get("ImagePositionPatient"), 3) if "ImagePositionPatient" in ds else None,
+                       _floats(ps, 2) if ps is not None else None,
+                       _float_or(ds.get("RescaleSlope", 1.0), 1.0), _float_or(ds.get("RescaleIntercept", 0.0), 0.0),
+                       inst, ds)]
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if per_frame is None or len(per_frame) != n_frames:
+        raise InputError(f"multi-frame DICOM {path} has no per-frame geometry "
+                         "(PerFrameFunctionalGroupsSequence): convert it to single-frame files or NIfTI")
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    out = []
+    for f in range(n_frames):
+        groups = [per_frame[f], shared]
+        iop = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
+        ps = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        icpt = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        out.append(_Slice(path, f, series_uid, rows, cols,
+                          _floats(iop, 6) if iop is not None else None,
+                          _floats(ipp, 3) if ipp is not None else None,
+                          _floats(ps, 2) if ps is not None else None,
+                          _float_or(slope if slope is not None else ds.get("RescaleSlope", 1.0), 1.0),
+                          _float_or(icpt if icpt is not None else ds.get("RescaleIntercept", 0.0), 0.0),
+                          inst, ds))
+    return out
+
+
+def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
+    """Every regular, non-hidden file under ``folder`` in a fixed order (DICOMDIR excluded)."""
+    files: list[Path] = []
+    if recursive:
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files.extend(Path(root) / n for n in sorted(names))
+    else:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [p for p in files if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()]
+
+
+def _read_headers(files: list[Path]) -> list:
+    import pydicom
+    out = []
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:  # not DICOM (or unreadable): skipped silently by design
+            continue
+        if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+            continue
+        if "Rows" not in ds or "Columns" not in ds:  # structured reports, presentation states, ...
+            continue
+        out.append((p, ds))
+    return out
+
+
+def _plane_of(iop: np.ndarray | None) -> str:
+    if iop is None:
+        return "unknown"
+    normal = np.cross(iop[:3], iop[3:])
+    return _PLANES[int(np.argmax(np.abs(normal)))]
+
+
+def _describe_series(uid: str, slices: list[_Slice]) -> str:
+    desc = str(slices[0].header.get("SeriesDescription", "") or "")
+    return f"{uid} '{desc}' ({len(slices)} slices)"
+
+
+def _series_plane(slices: list[_Slice]) -> str:
+    planes = {_plane_of(s.iop) for s in slices}
+    return planes.pop() if len(planes) == 1 else "mixed"
+
+
+def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None) -> str:
+    if series_uid is not None:
+        if series_uid in series:
+            return series_uid
+        listing = "; ".join(_describe_series(u, s) for u, s in series.items())
+        raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
+    planes = {uid: _series_plane(s) for uid, s in series.items()}
+    sagittal = [uid for uid, p in planes.items() if p == "sagittal"]
+    if len(sagittal) == 1:
+        return sagittal[0]
+    if len(sagittal) > 1:
+        listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
+        raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series UID: {listing}")
+    if len(series) == 1 and planes[next(iter(series))] == "unknown":
+        s = next(s for s in next(iter(series.values())) if s.iop is None)
+        raise InputError(f"ImageOrientationPatient (0020,0037) missing or invalid in {s.name}: "
+                         "cannot tell whether the series is sagittal")
+    found = sorted(set(planes.values()))
+    raise InputError(f"no sagittal series in {folder}: only {' and '.join(found)} series found "
+                     f"({len(series)} series)")
+
+
+def _pixels(slices: list[_Slice]) -> np.ndarray:
+    """Rescaled float32 pixels ``[k, j, i]`` of the (ordered) slices."""
+    import pydicom
+    cache: dict[Path, np.ndarray] = {}
+    out = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=np.float32)
+    for k, s in enumerate(slices):
+        if s.path not in cache:
+            try:
+                ds = pydicom.dcmread(s.path)
+            except Exception as exc:
+                raise InputError(f"cannot read {s.path}: {_one_line(exc)}") from None
+            if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise InputError(f"no PixelData (7FE0,0010) in {s.path}")
+            if int(ds.get("SamplesPerPixel", 1)) != 1:
+                raise InputError(f"colour (multi-sample) DICOM images are not supported: {s.path}")
+            try:
+                arr = np.asarray(ds.pixel_array)
+            except Exception as exc:
+                ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+                ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown"
+                raise InputError(
+                    f"cannot decode the pixel data of {s.path} (transfer syntax {ts_text}): {_one_line(exc)}; "
+                    "for compressed DICOM try: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+            cache = {s.path: arr}  # keep only the current file (multi-frame files hold all frames)
+        arr = cache[s.path]
+        frame = arr if s.frame is None else arr[s.frame]
+        if frame.shape != (s.rows, s.cols):
+            raise InputError(f"pixel data of {s.name} has shape {frame.shape}, expected {(s.rows, s.cols)}")
+        out[k] = frame.astype(np.float64) * s.slope + s.intercept
+    return out
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
+
+
+def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
+                      recursive: bool = True, resample_isotropic: bool = True) -> Scan:
+    """Canonical :class:`Scan` of the sagittal DICOM series in ``folder`` (see module docstring).
+
+    ``series_uid`` picks a series when the folder holds several sagittal ones.
+    ``pixel_spacing=(row_mm, col_mm)`` (DICOM PixelSpacing order: row spacing
+    = distance between image rows) and ``slice_spacing`` (mm) replace the
+    values from the tags / positions.  Raises :class:`InputError` (one line).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
+    ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
+    headers = _read_headers(_candidate_files(folder, recursive))
+    if not headers:
+        raise InputError(f"no DICOM files in {folder}")
+    series: dict[str, list[_Slice]] = {}
+    problems: dict[str, str] = {}  # series -> why one of its files cannot be used (raised only if it matters)
+    for path, ds in headers:
+        try:
+            records = _slices_of(path, ds)
+        except InputError as exc:
+            problems.setdefault(str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)"), str(exc))
+            continue
+        for s in records:
+            series.setdefault(s.series_uid, []).append(s)
+    if series_uid is not None and series_uid in problems:
+        raise InputError(problems[series_uid])
+    if not series:
+        raise InputError(next(iter(problems.values())))
+    uid = _select_series(series, folder, series_uid)
+    if uid in problems:
+        raise InputError(problems[uid])
+    slices = series[uid]
+    first = slices[0]
+
+    # image size and orientation must agree across the series
+    for s in slices:
+        if (s.rows, s.cols) != (first.rows, first.cols):
+            raise InputError(f"contradictory image sizes in series {uid}: {first.rows}x{first.cols} in {first.name} "
+                             f"but {s.rows}x{s.cols} in {s.name}")
+        if s.iop is None:
+            raise InputError(f"ImageOrientationPatient (0020,0037) missing or invalid in {s.name}")
+        if np.max(np.abs(s.iop - first.iop)) > 1e-3:
+            raise InputError(f"contradictory ImageOrientationPatient in series {uid}: "
+                             f"{s.name} differs from {first.name}")
+    row_dir, col_dir = first.iop[:3], first.iop[3:]
+    if min(np.linalg.norm(row_dir), np.linalg.norm(col_dir)) < 1e-3:
+        raise InputError(f"ImageOrientationPatient (0020,0037) in {first.name} has a zero vector")
+    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    if abs(row_dir @ col_dir) > 1e-3:
+        raise InputError(f"ImageOrientationPatient (0020,0037) in {first.name} is not orthogonal")
+    normal = np.cross(row_dir, col_dir)
+
+    # in-plane spacing: [row spacing (along j), column spacing (along i)]
+    if ps_override is not None:
+        ps = ps_override
+    else:
+        for s in slices:
+            if s.pixel_spacing is None:
+                raise InputError(f"PixelSpacing (0028,0030) missing or invalid in {s.name}; "
+                                 "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
+            if np.any(s.pixel_spacing <= 0):
+                raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {list(s.pixel_spacing)}; "
+                                 "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
+            if np.max(np.abs(s.pixel_spacing - first.pixel_spacing)) > 1e-4 * max(1.0, first.pixel_spacing.max()):
+                raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {list(first.pixel_spacing)} "
+                                 f"in {first.name} but {list(s.pixel_spacing)} in {s.name}; "
+                                 "give the pixel spacing (--pixel-spacing ROW COL) to override")
+        ps = first.pixel_spacing
+
+    # slice order and spacing from the positions along the normal
+    has_ipp = [s.ipp is not None for s in slices]
+    slice_order = "ImagePositionPatient"
+    if all(has_ipp):
+        depth = np.array([s.ipp @ normal for s in slices])
+        order = np.argsort(depth, kind="stable")
+        slices = [slices[i] for i in order]
+        depth = depth[order]
+        origin = slices[0].ipp
+        n = len(slices)
+        if n >= 2:
+            gaps = np.diff(depth)
+            i_dup = int(np.argmin(gaps))
+            if gaps[i_dup] < 1e-3:
+                raise InputError(f"contradictory slice positions in series {uid}: {slices[i_dup].name} and "
+                                 f"{slices[i_dup + 1].name} are at the same position (duplicates or several "
+                                 "echoes/contrasts in one series?)")
+            step = (slices[-1].ipp - origin) / (n - 1)
+            ipps = np.array([s.ipp for s in slices])
+            drift = np.linalg.norm(ipps - (origin + np.arange(n)[:, None] * step), axis=1)
+            g = float(np.median(gaps))
+            tol = max(0.01, 0.02 * g)
+            even = np.max(np.abs(gaps - g)) <= tol
+            straight = np.max(drift) <= tol
+            consistent = even and straight
+            if not even and ss_override is None:
+                raise InputError(f"inconsistent slice positions in series {uid}: gaps of {gaps.min():.3g} to "
+                                 f"{gaps.max():.3g} mm along the slice normal (missing or extra slices?); "
+                                 "give the slice spacing (--slice-spacing MM) to override")
+            if not straight and ss_override is None:
+                worst = int(np.argmax(drift))
+                raise InputError(f"contradictory slice positions in series {uid}: {slices[worst].name} is "
+                                 f"{drift[worst]:.3g} mm off the line through the first and last slice; "
+                                 "give the slice spacing (--slice-spacing MM) to override")
+            if ss_override is not None:
+                # keep the measured slice direction when it is trustworthy, else step along the normal
+                ss = float(ss_override[0])
+                step = step * (ss / float(step @ normal)) if consistent else normal * ss
+        else:
+            spacing = ss_override[0] if ss_override is not None else _float_or(
+                first.header.get("SpacingBetweenSlices", first.header.get("SliceThickness", 1.0)), 1.0)
+            step = normal * float(spacing)
+    elif any(has_ipp):
+        s = slices[has_ipp.index(False)]
+        raise InputError(f"ImagePositionPatient (0020,0032) missing or invalid in {s.name}")
+    else:
+        if ss_override is None:
+            raise InputError(f"ImagePositionPatient (0020,0032) missing in {first.name}: cannot order the slices; "
+                             "give the slice spacing (--slice-spacing MM) to order them by InstanceNumber instead")
+        if any(s.instance_number is None for s in slices):
+            s = next(s for s in slices if s.instance_number is None)
+            raise InputError(f"ImagePositionPatient (0020,0032) and InstanceNumber (0020,0013) missing in {s.name}: "
+                             "cannot order the slices")
+        slices = sorted(slices, key=lambda s: (s.instance_number, 0 if s.frame is None else s.frame))
+        origin = np.zeros(3)
+        step = normal * float(ss_override[0])
+        slice_order = "InstanceNumber (no ImagePositionPatient)"
+
+    voxels = _pixels(slices)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps[1]   # i: along the row direction, column spacing
+    lps[:3, 1] = col_dir * ps[0]   # j: along the column direction, row spacing
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3] = _FLIP_LPS @ lps[:3]
+
+    h = first.header
+    ts = getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", None)
+    field = h.get("MagneticFieldStrength")
+    metadata = {
+        "source": str(folder),
+        "format": "DICOM",
+        "series_uid": uid,
+        "series_description": str(h.get("SeriesDescription", "") or ""),
+        "sequence_name": str(h.get("SequenceName", "") or ""),
+        "protocol_name": str(h.get("ProtocolName", "") or ""),
+        "modality": str(h.get("Modality", "") or ""),
+        "manufacturer": str(h.get("Manufacturer", "") or ""),
+        "manufacturer_model": str(h.get("ManufacturerModelName", "") or ""),
+        "magnetic_field_strength_T": _float_or(field, float("nan")) if field not in (None, "") else None,
+        "transfer_syntax": str(ts.name) if ts is not None else None,
+        "n_files": len({s.path for s in slices}),
+        "n_slices": len(slices),
+        "slice_order": slice_order,
+        "files_in_slice_order": [str(s.path) for s in slices],
+        "dicom_pixel_spacing_mm": [float(ps[0]), float(ps[1])],
+        "overrides": {k: v for k, v in (("pixel_spacing", None if ps_override is None else ps_override.tolist()),
+                                        ("slice_spacing", None if ss_override is None else float(ss_override[0])))
+                      if v is not None},
+    }
+    return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)

@@ -1,0 +1,165 @@
+"""Load NIfTI, NRRD and MetaImage volumes with SimpleITK.
+
+SimpleITK gives the array as numpy ``[k, j, i]`` and the geometry in LPS
+(origin, spacing, direction); x and y are negated to get the IJK-to-RAS
+matrix, then :func:`SpineNetLib.inputs.canonical.scan_from_array` does the rest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.inputs.canonical import sagittal_axis, scan_from_array, spacing_override
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.scan import Scan
+
+#: File name endings this loader accepts (lower case).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def image_suffix(path) -> str | None:
+    """The supported image ending of ``path`` (e.g. ".nii.gz"), or None."""
+    name = Path(path).name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _one_line(exc: Exception) -> str:
+    """The informative part of an ITK / Python error message, on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Exception thrown in SimpleITK"):
+        lines = lines[1:]  # "Exception thrown in SimpleITK ...: /source/file.cxx:123:"
+    cleaned = []
+    for ln in lines:
+        ln = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|sitk::ERROR:|\[\w+\] \w+:)\s*", "", ln)
+        if ln and not ln.startswith("Reason: No such file") and not ln.endswith("trouble") \
+                and not ln.startswith("trouble"):
+            cleaned.append(ln)
+    text = cleaned[-1] if cleaned else type(exc).__name__
+    return (text[:200] + "...") if len(text) > 200 else text
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse truncated NIfTI files: ITK reads them without complaint, filling the gap with garbage."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            hdr = fh.read(540)
+            if len(hdr) < 348:
+                raise InputError(f"cannot read {path}: file too short for a NIfTI header")
+            for endian in "<>":
+                sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                raise InputError(f"cannot read {path}: not a NIfTI file (bad header size)")
+            if sizeof_hdr == 348:
+                dims = struct.unpack(endian + "8h", hdr[40:56])
+                bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
+                vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
+            else:
+                bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
+                dims = struct.unpack(endian + "8q", hdr[16:80])
+                vox_offset = struct.unpack(endian + "q", hdr[168:176])[0]
+            ndim = dims[0]
+            if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0:
+                raise InputError(f"cannot read {path}: invalid NIfTI dimensions {dims[:ndim + 1]}")
+            expected = int(vox_offset) + int(np.prod(dims[1:ndim + 1], dtype=np.int64)) * bitpix // 8
+            got = len(hdr)
+            while got < expected:
+                chunk = fh.read(min(1 << 22, expected - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot read {path}: corrupt or truncated file ({_one_line(exc)})") from None
+    if got < expected:
+        raise InputError(f"cannot read {path}: truncated NIfTI file ({got} of {expected} bytes)")
+
+
+def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
+    """Canonical :class:`Scan` of a NIfTI / NRRD / MetaImage file.
+
+    ``pixel_spacing=(row_mm, col_mm)`` and ``slice_spacing`` (mm) replace the
+    file's spacings.  The slice axis is the input axis closest to L-R; of the
+    two other axes, "column" is the one with the lower index (i for a volume
+    sliced along k) and "row" the other, as for DICOM images.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise InputError(f"unsupported file type {path.name!r}: expected one of {', '.join(IMAGE_SUFFIXES)} "
+                         "or a DICOM folder")
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK message
+        raise InputError(f"cannot read {path}: {_one_line(exc)}") from None
+    dim = img.GetDimension()
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path.name} has {img.GetNumberOfComponentsPerPixel()} components per voxel: "
+                         "give a single 3D scalar volume")
+    if dim == 4:
+        size = img.GetSize()
+        if size[3] != 1:
+            raise InputError(f"{path.name} is 4D (size {size}): give a single 3D volume")
+        img = img[:, :, :, 0]
+        dim = 3
+    if dim == 2:
+        img = sitk.JoinSeries(img)
+        dim = 3
+    if dim != 3:
+        raise InputError(f"{path.name} has {dim} dimensions: give a single 3D volume")
+
+    try:
+        voxels = sitk.GetArrayFromImage(img)  # [k, j, i]
+    except Exception as exc:
+        raise InputError(f"cannot read the voxels of {path}: {_one_line(exc)}") from None
+    spacing = np.array(img.GetSpacing(), dtype=float)
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.array(img.GetOrigin(), dtype=float)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = _FLIP_LPS @ direction @ np.diag(spacing)
+    ijk_to_ras[:3, 3] = _FLIP_LPS @ origin
+    if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
+        raise InputError(f"{path.name} has an invalid geometry (spacing {tuple(spacing)}, "
+                         f"direction {tuple(direction.ravel())})")
+
+    overrides = {}
+    ps = spacing_override(pixel_spacing, 2, "pixel_spacing")
+    ss = spacing_override(slice_spacing, 1, "slice_spacing")
+    if ps is not None or ss is not None:
+        s_ax = sagittal_axis(ijk_to_ras)
+        col_ax, row_ax = [ax for ax in range(3) if ax != s_ax]
+        new = spacing.copy()
+        if ps is not None:
+            new[row_ax], new[col_ax] = ps
+            overrides["pixel_spacing"] = ps.tolist()
+        if ss is not None:
+            new[s_ax] = ss[0]
+            overrides["slice_spacing"] = float(ss[0])
+        ijk_to_ras[:3, :3] = ijk_to_ras[:3, :3] / spacing * new
+    metadata = {
+        "source": str(path),
+        "format": {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD",
+                   ".mha": "MetaImage", ".mhd": "MetaImage"}[suffix],
+        "file_spacing_mm": spacing.tolist(),
+        "voxel_type": str(voxels.dtype),
+        "overrides": overrides,
+    }
+    return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
+

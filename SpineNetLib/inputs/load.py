@@ -1,0 +1,58 @@
+"""One entry point for every input: a DICOM folder, one DICOM file, or an image file.
+
+* a folder -> the sagittal DICOM series in it (:func:`io_dicom.load_dicom_series`);
+* a single DICOM file (any extension) -> its whole series, read from the
+  file's folder;
+* ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` ->
+  :func:`io_image.load_image_file`.
+
+Every problem is an :class:`InputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.dicom import load_dicom_series
+from SpineNetLib.inputs.image import IMAGE_SUFFIXES, image_suffix, load_image_file
+from SpineNetLib.core.scan import Scan
+
+
+def _is_dicom_file(path: Path) -> str | None:
+    """SeriesInstanceUID ("" if absent) when ``path`` is a readable DICOM file, else None."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def load_scan(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
+              resample_isotropic: bool = True) -> Scan:
+    """Canonical :class:`Scan` of a DICOM folder, a DICOM file or an image file.
+
+    ``pixel_spacing=(row_mm, col_mm)`` and ``slice_spacing`` override the
+    spacings read from the input; ``series_uid`` picks a DICOM series.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"no such file or folder: {p}")
+    if p.is_dir():
+        if not any(q.is_file() for q in p.rglob("*")):
+            raise InputError(f"folder {p} is empty")
+        return load_dicom_series(p, series_uid, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
+    if not p.is_file():
+        raise InputError(f"not a regular file or folder: {p}")
+    if image_suffix(p) is not None:
+        if series_uid is not None:
+            raise InputError(f"--series applies to DICOM input only, not to {p.name}")
+        return load_image_file(p, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
+    file_series = _is_dicom_file(p)
+    if file_series is None:
+        raise InputError(f"unsupported input {p.name!r}: not DICOM and not one of {', '.join(IMAGE_SUFFIXES)}")
+    if series_uid is not None and file_series and series_uid != file_series:
+        raise InputError(f"{p.name} belongs to series {file_series}, not to the requested series {series_uid}")
+    return load_dicom_series(p.parent, file_series or None, pixel_spacing, slice_spacing,
+                             recursive=False, resample_isotropic=resample_isotropic)

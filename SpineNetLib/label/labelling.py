@@ -1,0 +1,586 @@
+"""Level labelling of detected vertebral bodies (paper §3.2, official §5.4-5.5).
+
+Stages, each a pure function so that it can be tested and re-run on its own:
+
+1. :func:`extract_vertebra_volume` cuts a straightened 224x224x16 volume
+   around each vertebral body (official §5.4).
+2. :func:`appearance_probabilities` runs the appearance network on them and
+   turns its logits into softmax(logits / 10) (official §3.2, §5.5, §11.6).
+3. :func:`build_height_map` paints those 24-vectors into a 1-row-per-mm
+   "label image" of the whole scan height, :func:`context_probabilities`
+   runs the context network on it and reads each vertebra's row back
+   (official §3.3, §5.5).
+4. :func:`beam_search` finds the most likely top-to-bottom level sequence
+   under the official ordering penalties, and :func:`assign_level_names`
+   applies the S2 rule (official §5.5).
+
+:func:`label_vertebrae` chains them; :func:`relabel_with_correction` re-runs
+only the beam search when a user pins one vertebra to a level.
+
+Deliberate differences from the official code (all documented at the place
+they happen): the straightening angle is ``atan2`` instead of the official
+``tanh`` (official §11.4); crops that leave the image are zero-padded on every
+side instead of giving an all-zero volume for a negative x start; anisotropic
+pixels are handled in a square-pixel frame; rotation, crop and in-plane
+resize are done as one bicubic resampling of only the crop region instead of
+warping every slice of the whole scan per vertebra.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
+
+#: Probabilities are floored here before -ln so that a zero never gives inf
+#: (-ln(1e-300) ~ 691: more than a skip, less than an ascending penalty).
+_P_FLOOR = 1e-300
+
+
+@dataclass
+class LabellingParams:
+    """Numbers of the official labelling stage (official §5.4-5.5, §11)."""
+
+    #: Softmax temperature for the appearance and the context logits (official §11.6).
+    temperature: float = 10.0
+    #: In-plane size of the appearance volume (official §3.2: 224x224x16).
+    crop_px: int = 224
+    #: Number of sagittal slices of the appearance volume.
+    crop_slices: int = 16
+    #: Height-map rows are this many millimetres apart (official: 1 mm).
+    height_map_row_mm: float = 1.0
+    #: The height map is zero-padded to a multiple of this many rows.
+    height_pad: int = 256
+    #: Beam search (official §5.5).
+    beam_width: int = 100
+    ascending_penalty: float = 1000.0
+    #: Official value 100.  A context checkpoint may carry its own value
+    #: (entry ``repeat_s1_penalty``, see :func:`params_for_context`): the
+    #: penalty trades off against -ln p of the whole spine being shifted by one
+    #: level, so it must match how peaked that network's probabilities are.
+    repeat_s1_penalty: float = 100.0
+    skip_penalty: float = 100.0
+    penalise_skips: bool = True
+    #: Appearance volumes per network call (batching does not change the
+    #: result: BatchNorm runs in eval mode).
+    appearance_batch_size: int = 4
+
+
+@dataclass
+class LabellingTimings:
+    """Seconds spent in each labelling step (filled by :func:`label_vertebrae`)."""
+
+    extract_s: float = 0.0
+    appearance_s: float = 0.0
+    context_s: float = 0.0
+    search_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# 1. Appearance volumes (official §5.4)
+# ---------------------------------------------------------------------------
+
+def _straightening(poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation ``R`` and centre ``c`` such that ``R @ (p - c) + c`` makes the lt->rt edge horizontal.
+
+    The official code uses ``tanh(dy/dx)`` as the angle (official §5.4, §11.4),
+    a bug that is nearly harmless for small tilts; we use the correct
+    ``atan2(dy, dx)`` on purpose.  The centre is the midpoint of the top edge,
+    as in the official code.  ``R`` is OpenCV's rotation by +angle in image
+    coordinates (y down), i.e. the one ``getRotationMatrix2D`` would build.
+    """
+    lt, rt = poly[3], poly[0]
+    dx, dy = float(rt[0] - lt[0]), float(rt[1] - lt[1])
+    angle = math.atan2(dy, dx)
+    c, s = math.cos(angle), math.sin(angle)
+    rotation = np.array([[c, s], [-s, c]])
+    return rotation, (lt + rt) / 2.0
+
+
+def normalise_volume(volume: np.ndarray) -> np.ndarray:
+    """(v - min) / (P95 + 1e-6) over the whole volume (official §5.4, quirk §11.5 kept).
+
+    The official code divides by P95, not by P95 - min; we keep that because
+    the network was trained with it.  Only where that would divide by zero
+    or by a negative number (P95 <= 0: more than 95 % of the crop is zero,
+    e.g. a body at the very edge of the field of view, or signed input data)
+    do we divide by max - min instead, so the values stay in [0, 1] instead
+    of blowing up by 1e6.  An all-constant volume becomes all zeros.
+    """
+    v = np.asarray(volume, np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    if not hi > lo:
+        return np.zeros(v.shape, np.float32)
+    p95 = float(np.percentile(v, 95))
+    denominator = p95 + 1e-6 if p95 > 0 else hi - lo
+    return ((v - lo) / denominator).astype(np.float32)
+
+
+def _sample_bicubic(voxels: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    """Bicubic samples of every slice at in-slice points (xs, ys); zero outside the image.
+
+    Only the bounding box of the points (plus the 2-pixel bicubic support) is
+    copied out of the scan.  Returns ``(S, *xs.shape)`` float64, or None when
+    no sample touches the image.
+    """
+    height, width, n_slices = voxels.shape
+    x_lo = max(int(np.floor(xs.min())) - 2, 0)
+    x_hi = min(int(np.floor(xs.max())) + 3, width - 1)
+    y_lo = max(int(np.floor(ys.min())) - 2, 0)
+    y_hi = min(int(np.floor(ys.max())) + 3, height - 1)
+    if x_lo > x_hi or y_lo > y_hi:
+        return None
+    region = np.ascontiguousarray(voxels[y_lo:y_hi + 1, x_lo:x_hi + 1, :].transpose(2, 0, 1),
+                                  dtype=np.float64)
+    h, w = region.shape[1:]
+    # Pixel index i <-> normalised (2 i + 1) / n - 1 with align_corners=False.
+    gx = (2.0 * (xs - x_lo) + 1.0) / w - 1.0
+    gy = (2.0 * (ys - y_lo) + 1.0) / h - 1.0
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None])
+    # Bicubic here is the cubic-convolution kernel (a = -0.75) of OpenCV and
+    # torch.interpolate; 'zeros' drops every tap outside the image, which is
+    # the official zero border of the rotation, on all four sides.
+    out = F.grid_sample(torch.from_numpy(region)[None], grid, mode="bicubic",
+                        padding_mode="zeros", align_corners=False)
+    return out[0].numpy()
+
+
+def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
+                            params: LabellingParams | None = None) -> np.ndarray:
+    """The straightened appearance volume of one body, ``(224, 224, 16)`` float32 [row, col, slice].
+
+    Follows official §5.4: rotate about the midpoint of the average polygon's
+    top (lt->rt) edge so that the edge is horizontal; L = max(width, height)
+    of the rotated polygon; square crop of side 3L starting L above and L
+    left of the rotated lt corner, so the body starts one third into the
+    crop in both directions and fills the middle third along its longer
+    side (a body wider than high sits in the upper half of the middle
+    third); all sagittal slices; 224x224 bicubic in-plane and linear to 16 slices; normalised by
+    :func:`normalise_volume`.
+
+    Done as one resampling: each output pixel is mapped back through the
+    crop and the rotation and the scan is sampled there (bicubic), so only
+    the crop region is read.  Geometry is computed in a square-pixel frame
+    whose pixel is the finer of the row/column spacings (as PyPI SpineNet
+    does), so anisotropic pixels give an undistorted, physically square crop.
+    The crop start is not truncated to an integer (the official int() moves
+    it by < 1 pixel).  A degenerate or non-finite polygon gives zeros, like
+    the official "on any error" path; a crop partly off the image is
+    zero-padded on every side (the official code only pads the top and
+    returns zeros for a negative x start - a bug we fix).
+    """
+    params = params or LabellingParams()
+    n, m = int(params.crop_px), int(params.crop_slices)
+    zeros = np.zeros((n, n, m), np.float32)
+    voxels = scan.voxels
+    if voxels.ndim != 3 or min(voxels.shape) == 0:
+        return zeros
+    n_slices = voxels.shape[2]
+    poly = np.asarray(vertebra.average_polygon, np.float64)
+    if poly.shape != (4, 2) or not np.all(np.isfinite(poly)):
+        return zeros
+    row_mm, col_mm = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
+    pixel_mm = min(row_mm, col_mm)
+    to_square = np.array([col_mm / pixel_mm, row_mm / pixel_mm])  # (x, y) -> square-pixel frame
+    square = poly * to_square
+    rotation, centre = _straightening(square)
+    rotated = (square - centre) @ rotation.T + centre
+    side = float(max(np.ptp(rotated[:, 0]), np.ptp(rotated[:, 1])))
+    if not side > 0:
+        return zeros
+    # Crop pixels k = 0 .. 3L-1 are centred at (lt - L + k); the crop's outer
+    # edge is half a pixel before the first centre.  align_corners=False
+    # resizing samples output pixel j at edge + (j + 0.5) * 3L / n.
+    step = 3.0 * side / n
+    offsets = (np.arange(n) + 0.5) * step - 0.5
+    u = rotated[3, 0] - side + offsets  # columns of the crop, square frame
+    v = rotated[3, 1] - side + offsets  # rows of the crop
+    uu, vv = np.meshgrid(u, v)  # (n, n) indexed [row, col]
+    points = np.stack([uu, vv], axis=-1) - centre
+    source = points @ rotation + centre  # inverse rotation (R^T) in row-vector form
+    xs = source[..., 0] / to_square[0]
+    ys = source[..., 1] / to_square[1]
+    planes = _sample_bicubic(voxels, xs, ys)
+    if planes is None:
+        return zeros
+    # Slice axis: output slice k samples position k * S / m clamped to S - 1, linearly.
+    positions = np.minimum(np.arange(m) * n_slices / m, n_slices - 1)
+    lower = np.floor(positions).astype(int)
+    upper = np.minimum(lower + 1, n_slices - 1)
+    frac = (positions - lower)[:, None, None]
+    volume = planes[lower] * (1.0 - frac) + planes[upper] * frac  # (m, n, n)
+    return normalise_volume(volume.transpose(1, 2, 0))
+
+
+# ---------------------------------------------------------------------------
+# 2. Appearance network
+# ---------------------------------------------------------------------------
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _eval_mode(net) -> None:
+    # Dropout / BatchNorm must run in inference mode; loaded networks already are.
+    if isinstance(net, torch.nn.Module) and net.training:
+        net.eval()
+
+
+def appearance_probabilities(volumes: np.ndarray, appearance_net: Callable, device="cpu",
+                             params: LabellingParams | None = None) -> np.ndarray:
+    """softmax(logits / T) of the appearance net per volume, ``(N, 24)`` float64.
+
+    ``volumes`` is ``(N, 224, 224, 16)``; the net gets ``[B, 1, 224, 224, 16]``
+    (official §3.2).  All-zero volumes (nothing extracted) are not run and get an
+    all-zero vector, as in the official code (official §5.5).
+    """
+    params = params or LabellingParams()
+    volumes = np.asarray(volumes, np.float32)
+    n = len(volumes)
+    probs = np.zeros((n, N_LEVELS), np.float64)
+    todo = [i for i in range(n) if np.any(volumes[i])]
+    if not todo:
+        return probs
+    _eval_mode(appearance_net)
+    batch = max(1, int(params.appearance_batch_size))
+    with torch.no_grad():
+        for start in range(0, len(todo), batch):
+            idx = todo[start:start + batch]
+            x = torch.from_numpy(np.ascontiguousarray(volumes[idx]))[:, None].to(device)
+            logits = appearance_net(x)
+            logits = logits.detach().to("cpu", torch.float64).numpy().reshape(len(idx), N_LEVELS)
+            probs[idx] = _softmax(logits, params.temperature)
+    return probs
+
+
+# ---------------------------------------------------------------------------
+# 3. Height map and context network (official §5.5)
+# ---------------------------------------------------------------------------
+
+def _row_scale(scan: Scan, params: LabellingParams) -> float:
+    """Height-map rows per canonical image row (official: row spacing in mm per 1-mm row)."""
+    return float(scan.spacing_mm[0]) / float(params.height_map_row_mm)
+
+
+def _band(vertebra: Vertebra, row_scale: float) -> tuple[int, int, int]:
+    """(centre row int(yc), first row, end row) of a vertebra's band in the height map."""
+    ys = np.asarray(vertebra.average_polygon, np.float64)[:, 1]
+    yc = float(ys.mean()) * row_scale
+    half_height = float(ys.max() - ys.min()) * row_scale / 2.0
+    return int(yc), int(yc) - int(half_height / 2.0), int(yc) + int(half_height / 2.0)
+
+
+def height_map_shape(scan: Scan, params: LabellingParams | None = None) -> tuple[int, int]:
+    """(Hpad, 24): int(H * row_mm) rows, zero-padded up to a multiple of 256."""
+    params = params or LabellingParams()
+    n_rows = int(scan.voxels.shape[0] * _row_scale(scan, params))
+    pad = int(params.height_pad)
+    return max(1, math.ceil(n_rows / pad)) * pad, N_LEVELS
+
+
+def build_height_map(vertebrae: Sequence[Vertebra], probs: np.ndarray, scan: Scan,
+                     params: LabellingParams | None = None) -> np.ndarray:
+    """The context net's input "label image", ``(Hpad, 24)`` float32 (official §5.5).
+
+    One row per ``height_map_row_mm`` (1 mm) of the scan height.  For each
+    vertebra, in list order (later ones overwrite earlier ones), with yc =
+    mean y of the average polygon in mm and w = (max y - min y) in mm / 2,
+    rows [int(yc) - int(w/2), int(yc) + int(w/2)) - about the middle half of
+    the body - hold its appearance vector; all other rows are 0.  The height
+    is int(H * row spacing), padded with zero rows up to a multiple of 256
+    (a height that already is a multiple gets no extra rows).
+    """
+    params = params or LabellingParams()
+    probs = np.asarray(probs, np.float64)
+    if probs.shape != (len(vertebrae), N_LEVELS):
+        raise ValueError(f"probs must be ({len(vertebrae)}, {N_LEVELS}), got {probs.shape}")
+    total_rows, _ = height_map_shape(scan, params)
+    n_rows = int(scan.voxels.shape[0] * _row_scale(scan, params))
+    height_map = np.zeros((total_rows, N_LEVELS), np.float32)
+    scale = _row_scale(scan, params)
+    for vertebra, p in zip(vertebrae, probs):
+        _, first, end = _band(vertebra, scale)
+        first, end = max(first, 0), min(end, n_rows)
+        if end > first:
+            height_map[first:end] = p
+    return height_map
+
+
+def vertebra_rows(vertebrae: Sequence[Vertebra], scan: Scan,
+                  params: LabellingParams | None = None) -> np.ndarray:
+    """Height-map row int(yc) of each vertebra (official §5.5), clipped into the map; (N,) int."""
+    params = params or LabellingParams()
+    total_rows, _ = height_map_shape(scan, params)
+    scale = _row_scale(scan, params)
+    rows = np.array([_band(v, scale)[0] for v in vertebrae], dtype=int)
+    return np.clip(rows, 0, total_rows - 1)
+
+
+def context_probabilities(height_map: np.ndarray, context_net: Callable, rows, device="cpu",
+                          params: LabellingParams | None = None) -> np.ndarray:
+    """softmax(out[row] / T) of the context net run once on the height map; ``(N, 24)`` float64.
+
+    The net gets ``[1, 1, Hpad, 24]`` and returns the same shape, raw (official §3.3).
+    """
+    params = params or LabellingParams()
+    height_map = np.asarray(height_map, np.float32)
+    rows = np.asarray(rows, dtype=int).reshape(-1)
+    if len(rows) == 0:
+        return np.zeros((0, N_LEVELS), np.float64)
+    _eval_mode(context_net)
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(height_map))[None, None].to(device)
+        out = context_net(x)
+        out = out.detach().to("cpu", torch.float64).numpy().reshape(height_map.shape)
+    return _softmax(out[rows], params.temperature)
+
+
+# ---------------------------------------------------------------------------
+# 4. Beam search and level names (official §5.5)
+# ---------------------------------------------------------------------------
+
+def _transition_penalties(params: LabellingParams) -> np.ndarray:
+    """(24, 24) penalty[previous, new] for consecutive labels, top to bottom (official §5.5).
+
+    Labels must descend (C2 = 23 at the top, S1 = 0 at the bottom):
+    +ascending if new >= previous and new != S1; +repeat if both are S1;
+    +skip if |new - previous| > 1 (when skips are penalised).  They add up.
+    """
+    previous = np.arange(N_LEVELS)[:, None]
+    new = np.arange(N_LEVELS)[None, :]
+    penalty = np.where((new >= previous) & (new != 0), float(params.ascending_penalty), 0.0)
+    penalty = penalty + np.where((new == 0) & (previous == 0), float(params.repeat_s1_penalty), 0.0)
+    if params.penalise_skips:
+        penalty = penalty + np.where(np.abs(new - previous) > 1, float(params.skip_penalty), 0.0)
+    return penalty
+
+
+def _label_costs(probs: np.ndarray) -> np.ndarray:
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or p.shape[1] != N_LEVELS:
+        raise ValueError(f"probabilities must be (N, {N_LEVELS}), got {p.shape}")
+    return -np.log(np.maximum(p, _P_FLOOR))
+
+
+def sequence_cost(indices: Sequence[int], probs: np.ndarray,
+                  params: LabellingParams | None = None) -> float:
+    """Beam-search score of one labelling: 1 + sum(-ln p) + penalties (lower is better)."""
+    params = params or LabellingParams()
+    costs = _label_costs(probs)
+    penalty = _transition_penalties(params)
+    labels = [int(i) for i in indices]
+    score = 1.0 + float(sum(costs[k, c] for k, c in enumerate(labels)))
+    score += float(sum(penalty[a, b] for a, b in zip(labels[:-1], labels[1:])))
+    return score
+
+
+def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
+                fixed: dict[int, int] | None = None) -> list[int]:
+    """Most likely class index per vertebra (top to bottom) under the ordering penalties.
+
+    Official algorithm (official §5.5): beam of 100, score starts at 1.0, adds
+    -ln p(label) (p floored at 1e-300) and the transition penalties of
+    :func:`_transition_penalties`; lowest score wins.  Ties keep the earlier
+    beam, then the lower class index (stable sort).  ``fixed`` maps a
+    vertebra index to the only class it may take (a user correction); the
+    other vertebrae are re-solved around it with the same costs.
+    """
+    params = params or LabellingParams()
+    costs = _label_costs(probs)
+    n = len(costs)
+    if n == 0:
+        return []
+    allowed = np.ones((n, N_LEVELS), bool)
+    for k, c in (fixed or {}).items():
+        if not (0 <= int(k) < n and 0 <= int(c) < N_LEVELS):
+            raise InputError(f"cannot fix vertebra {k} to class {c}: there are {n} vertebrae "
+                             f"and {N_LEVELS} classes")
+        allowed[int(k)] = False
+        allowed[int(k), int(c)] = True
+    costs = np.where(allowed, costs, np.inf)
+    penalty = _transition_penalties(params)
+    width = max(1, int(params.beam_width))
+
+    def keep_best(candidates: np.ndarray) -> np.ndarray:
+        order = np.argsort(candidates, kind="stable")[:width]
+        return order[np.isfinite(candidates[order])]
+
+    first = 1.0 + costs[0]
+    best = keep_best(first)
+    scores, history = first[best], best[:, None]
+    for k in range(1, n):
+        candidates = (scores[:, None] + costs[k][None, :] + penalty[history[:, -1]]).ravel()
+        best = keep_best(candidates)
+        beam, label = np.divmod(best, N_LEVELS)
+        scores = candidates[best]
+        history = np.concatenate([history[beam], label[:, None]], axis=1)
+    return [int(c) for c in history[0]]
+
+
+def params_for_context(context_net, params: LabellingParams | None = None) -> LabellingParams:
+    """``params`` (default: the official ones) with the context checkpoint's own repeat-S1 penalty.
+
+    The bundled context network is much less confident than the official one
+    (its probabilities are less peaked), so with the official penalty of 100
+    for a second S1 the beam search prefers shifting every level of the spine
+    up by one to naming a detected first sacral segment S2; its checkpoint
+    therefore records the penalty chosen for it (MODEL_CARD.md).  Explicit
+    ``params`` are returned unchanged.
+    """
+    if params is not None:
+        return params
+    meta = getattr(context_net, "checkpoint_meta", None) or {}
+    penalty = meta.get("repeat_s1_penalty")
+    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and math.isfinite(penalty) \
+            and penalty >= 0:
+        return LabellingParams(repeat_s1_penalty=float(penalty))
+    return LabellingParams()
+
+
+def sacral_run_end(indices: Sequence[int]) -> int:
+    """Number of vertebrae (top to bottom) to keep: a bottom run of S1s is cut after two.
+
+    The official S2 rule (:func:`assign_level_names`) names a second S1 at
+    the bottom "S2".  A detector may also find lower fused sacral segments;
+    when the search calls three or more bodies at the bottom S1, the ones
+    after the second are sacral segments below S2, which are not vertebral
+    levels SpineNet reports, and are dropped.
+    """
+    labels = [int(i) for i in indices]
+    n = len(labels)
+    first = n
+    while first > 0 and labels[first - 1] == 0:
+        first -= 1
+    return min(n, first + 2) if n - first >= 3 else n
+
+
+def assign_level_names(indices: Sequence[int]) -> list[str]:
+    """Level names of class indices with the official S2 rule (official §5.5).
+
+    If the last two are both S1 the last becomes "S2"; then, if the first two
+    are (still) both S1, the first becomes "S2".  Applied in this order on
+    the names, as the official code does, so [S1, S1] gives [S1, S2].
+    """
+    names = [LEVELS[int(i)] for i in indices]
+    if len(names) >= 2 and names[-1] == "S1" and names[-2] == "S1":
+        names[-1] = "S2"
+    if len(names) >= 2 and names[0] == "S1" and names[1] == "S1":
+        names[0] = "S2"
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Whole stage
+# ---------------------------------------------------------------------------
+
+def _mean_y(vertebra: Vertebra) -> float:
+    return float(np.mean(np.asarray(vertebra.average_polygon, np.float64)[:, 1]))
+
+
+def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Callable,
+                    context_net: Callable, params: LabellingParams | None = None, device="cpu",
+                    progress: Callable[[int, int, str], None] | None = None,
+                    timings: LabellingTimings | None = None) -> list[Vertebra]:
+    """Label every vertebra in place and return the same list, top to bottom.
+
+    Lower sacral segments (a third or further S1 at the bottom,
+    :func:`sacral_run_end`) are removed from the list.
+
+    Fills ``.level`` (name, with the S2 rule), ``.level_probabilities`` (the
+    context probabilities the beam search used, kept for
+    :func:`relabel_with_correction`) and ``.appearance_probabilities``.  The
+    list is sorted in place by the mean y of the average polygons, as the
+    official code does (a no-op for detector output).  ``progress(done,
+    total, message)`` is called once per vertebra volume and per network;
+    ``timings``, when given, receives the seconds per step.
+    """
+    params = params or LabellingParams()
+    if not vertebrae:
+        return vertebrae
+    vertebrae.sort(key=_mean_y)
+    timings = timings if timings is not None else LabellingTimings()
+    n = len(vertebrae)
+    total = n + 3
+    report = progress or (lambda done, total, message: None)
+
+    start = time.perf_counter()
+    volumes = np.empty((n, params.crop_px, params.crop_px, params.crop_slices), np.float32)
+    for i, vertebra in enumerate(vertebrae):
+        volumes[i] = extract_vertebra_volume(scan, vertebra, params)
+        report(i + 1, total, "extracting vertebra volumes")
+    timings.extract_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    appearance = appearance_probabilities(volumes, appearance_net, device, params)
+    del volumes
+    timings.appearance_s = time.perf_counter() - start
+    report(n + 1, total, "appearance network")
+
+    start = time.perf_counter()
+    height_map = build_height_map(vertebrae, appearance, scan, params)
+    rows = vertebra_rows(vertebrae, scan, params)
+    context = context_probabilities(height_map, context_net, rows, device, params)
+    timings.context_s = time.perf_counter() - start
+    report(n + 2, total, "context network")
+
+    start = time.perf_counter()
+    indices = beam_search(context, params)
+    keep = sacral_run_end(indices)
+    del vertebrae[keep:]
+    names = assign_level_names(indices[:keep])
+    timings.search_s = time.perf_counter() - start
+    for vertebra, name, p_context, p_appearance in zip(vertebrae, names, context, appearance):
+        vertebra.level = name
+        vertebra.level_probabilities = p_context.copy()
+        vertebra.appearance_probabilities = p_appearance.copy()
+    report(total, total, "beam search")
+    return vertebrae
+
+
+def relabel_with_correction(vertebrae: list[Vertebra], index: int, level_name: str,
+                            params: LabellingParams | None = None) -> list[Vertebra]:
+    """Pin vertebra ``index`` (top to bottom) to ``level_name`` and re-solve the others.
+
+    Re-runs only the beam search on the stored ``.level_probabilities`` with
+    that vertebra fixed, so its neighbours shift consistently (fixing the
+    third body to L3 makes the ones above L2, L1 when the probabilities allow
+    it).  "S2" is searched as class S1 and named "S2"; since S2 lies directly
+    below S1, the vertebra above it is then pinned to S1 too (otherwise the
+    repeated-S1 penalty would push it to L5).  Updates ``.level`` in place
+    and returns the same list.
+    """
+    params = params or LabellingParams()
+    n = len(vertebrae)
+    if n == 0:
+        raise InputError("there are no vertebrae to relabel")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise InputError(f"vertebra index {index!r} is out of range (0 to {n - 1})")
+    index = int(index)
+    if level_name not in LEVELS and level_name != "S2":
+        raise InputError(f"unknown level {level_name!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
+    if any(v.level_probabilities is None for v in vertebrae):
+        raise InputError("the vertebrae have no level probabilities yet: run the labelling first")
+    probs = np.stack([np.asarray(v.level_probabilities, np.float64) for v in vertebrae])
+    fixed = {index: level_index(level_name)}
+    if level_name == "S2" and index > 0:
+        fixed[index - 1] = level_index("S1")
+    names = assign_level_names(beam_search(probs, params, fixed))
+    names[index] = level_name
+    if level_name == "S2" and index > 0:
+        names[index - 1] = "S1"
+    for vertebra, name in zip(vertebrae, names):
+        vertebra.level = name
+    return vertebrae

@@ -1,0 +1,491 @@
+"""The result documents as plain data: disc geometry, the disc table, level corrections, files.
+
+Why a module of its own: the Slicer module, its worker process, the batch
+script and the MRML writer (:mod:`SpineNetLib.slicer.mrml`) all work from the same
+two JSON documents, never from live pipeline objects, so that results can be
+handed from a worker process to Slicer, saved, reloaded and corrected later:
+
+* ``vertebrae.json`` (schema ``spinenet.vertebrae/1``, written by
+  :func:`SpineNetLib.outputs.vertebrae.vertebrae_document`): per vertebra, top to
+  bottom, its level, level probabilities, RAS centroid and per-slice RAS
+  outline (corners rt, rb, lb, lt);
+* ``discs.json`` (schema ``spinenet.discs/1``, written by the grading stage):
+  ``{"discs": [{"level": "L4-L5", "centre_ras": [r, a, s],
+  "grades": {"Pfirrmann": {"value": 3, "probabilities": [...]}, ...},
+  "measurements": {"disc_height_mean_mm": 9.1, ...}}, ...]}``.
+
+Nothing here imports torch, vtk or Slicer (the labelling module, which needs
+torch, is imported only when a level is corrected), so the Slicer module can
+import this before its Python dependencies are installed.
+
+Hotspot files (evidence maps of the grading stage) are looked up by name in
+the results folder (:func:`hotspot_files`): a map of one disc,
+``hotspots/<disc>_<head>.nii.gz`` (e.g. ``hotspots/L4-L5_Pfirrmann.nii.gz``),
+or a map of all discs for one head, ``hotspots_<head>.nii.gz`` (what
+:func:`SpineNetLib.discs.hotspots.write_hotspot_maps` writes); ``.nii``, ``.nrrd``
+and ``.mha`` work too.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS, LEVELS_TOP_DOWN, disc_name
+
+VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
+DISCS_SCHEMA = "spinenet.discs/1"
+#: The small manifest the worker writes next to the documents.
+RESULT_SCHEMA = "spinenet.result/1"
+
+#: Level names a user can pick when correcting a vertebra, top to bottom.
+LEVEL_CHOICES: tuple[str, ...] = LEVELS_TOP_DOWN + ("S2",)
+
+#: Grading heads in the official output order (official §7): the names the grading network's heads
+#: report (``SpineNetLib.models.grading.HEADS``) and hotspot files use.
+GRADE_HEADS: tuple[str, ...] = (
+    "Pfirrmann", "Narrowing", "CentralCanalStenosis", "Spondylolisthesis", "UpperEndplateDefect",
+    "LowerEndplateDefect", "UpperMarrow", "LowerMarrow", "ForaminalStenosisLeft", "ForaminalStenosisRight",
+    "Herniation",
+)
+#: Meaning of each grade column, under its official name and the readable name the grading
+#: stage may use instead (``DiscNarrowing``, ``UpperMarrowChange``, ``LowerMarrowChange``).
+GRADE_DESCRIPTIONS: dict[str, str] = {
+    "Pfirrmann": "Pfirrmann grade of disc degeneration on T2, 1 (normal) to 5 (collapsed disc)",
+    "Narrowing": "disc space narrowing, 1 (normal) to 4 (severe)",
+    "DiscNarrowing": "disc space narrowing, 1 (normal) to 4 (severe)",
+    "CentralCanalStenosis": "central canal stenosis at the disc, 1 (normal) to 4 (severe)",
+    "Spondylolisthesis": "spondylolisthesis at the disc: 0 none; 1 and 2 are listhesis classes "
+                         "the official code does not define",
+    "UpperEndplateDefect": "defect of the endplate above the disc: 0 absent, 1 present",
+    "LowerEndplateDefect": "defect of the endplate below the disc: 0 absent, 1 present",
+    "UpperMarrow": "marrow signal change (Modic-type) in the body above the disc: 0 absent, 1 present",
+    "UpperMarrowChange": "marrow signal change (Modic-type) in the body above the disc: 0 absent, 1 present",
+    "LowerMarrow": "marrow signal change (Modic-type) in the body below the disc: 0 absent, 1 present",
+    "LowerMarrowChange": "marrow signal change (Modic-type) in the body below the disc: 0 absent, 1 present",
+    "ForaminalStenosisLeft": "left foraminal stenosis (side as the network names it): 0 absent, 1 present",
+    "ForaminalStenosisRight": "right foraminal stenosis (side as the network names it): 0 absent, 1 present",
+    "Herniation": "disc herniation: 0 absent, 1 present",
+}
+#: Column order of the grades in the table: official head order, either name.
+_GRADE_ORDER: tuple[str, ...] = tuple(GRADE_DESCRIPTIONS)
+
+HOTSPOT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+#: Unit of a measurement, from the end of its key.
+_UNIT_SUFFIXES = (("_mm2", "mm2"), ("_mm3", "mm3"), ("_mm", "mm"), ("_deg", "deg"),
+                  ("_percent", "%"), ("_pct", "%"), ("_ratio", ""))
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_vertebrae_document(doc) -> dict:
+    """``doc`` if it looks like a ``spinenet.vertebrae/1`` document, else :class:`InputError`."""
+    if not isinstance(doc, dict) or doc.get("schema") != VERTEBRAE_SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise InputError(f"not a SpineNet vertebrae document (schema {found!r}, expected {VERTEBRAE_SCHEMA!r})")
+    vertebrae = doc.get("vertebrae")
+    if not isinstance(vertebrae, list):
+        raise InputError("the vertebrae document has no 'vertebrae' list")
+    for n, v in enumerate(vertebrae):
+        polygons = v.get("polygons") if isinstance(v, dict) else None
+        if not polygons or not all(np.shape(p.get("corners_ras")) == (4, 3) for p in polygons):
+            raise InputError(f"vertebra {n + 1} of the vertebrae document has no valid 4-corner RAS polygons")
+    return doc
+
+
+def check_discs_document(doc) -> dict:
+    """``doc`` if it looks like a ``spinenet.discs/1`` document, else :class:`InputError`."""
+    if not isinstance(doc, dict) or doc.get("schema") != DISCS_SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise InputError(f"not a SpineNet discs document (schema {found!r}, expected {DISCS_SCHEMA!r})")
+    if not isinstance(doc.get("discs"), list):
+        raise InputError("the discs document has no 'discs' list")
+    for n, d in enumerate(doc["discs"]):
+        if not isinstance(d, dict) or not isinstance(d.get("level"), str):
+            raise InputError(f"disc {n + 1} of the discs document has no level name")
+    return doc
+
+
+# --------------------------------------------------------------------------- geometry
+
+def vertebra_name(vertebra: dict, index: int) -> str:
+    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled vertebra."""
+    return vertebra.get("level") or f"V{index + 1}"
+
+
+def mid_polygon(vertebra: dict) -> dict:
+    """The polygon on the slice closest to the median slice (ties: the lower slice)."""
+    polygons = sorted(vertebra["polygons"], key=lambda p: p["slice"])
+    median = float(np.median([p["slice"] for p in polygons]))
+    return min(polygons, key=lambda p: (abs(p["slice"] - median), p["slice"]))
+
+
+def disc_polygons(vertebrae_doc: dict) -> list[dict]:
+    """The disc between each pair of consecutive vertebrae, on the slices both share.
+
+    On each shared slice the disc is the quadrilateral
+    [upper.rb, lower.rt, lower.lt, upper.lb] (official §6): the upper body's
+    lower edge and the lower body's upper edge.  Pairs that share no slice
+    give no disc.  Returns, top to bottom, ``{"level", "upper", "lower",
+    "polygons": [{"slice", "corners_ras"}], "centre_ras"}`` where the centre
+    is the mean of the corners over all shared slices.
+    """
+    vertebrae = vertebrae_doc["vertebrae"]
+    discs = []
+    for k in range(len(vertebrae) - 1):
+        upper, lower = vertebrae[k], vertebrae[k + 1]
+        lower_by_slice = {p["slice"]: np.asarray(p["corners_ras"], float) for p in lower["polygons"]}
+        polygons = []
+        for p in sorted(upper["polygons"], key=lambda p: p["slice"]):
+            if p["slice"] not in lower_by_slice:
+                continue
+            u, l = np.asarray(p["corners_ras"], float), lower_by_slice[p["slice"]]
+            polygons.append({"slice": p["slice"], "corners_ras": np.stack([u[1], l[0], l[3], u[2]]).tolist()})
+        if not polygons:
+            continue
+        centre = np.mean([np.mean(q["corners_ras"], axis=0) for q in polygons], axis=0)
+        discs.append({"level": disc_name(vertebra_name(upper, k), vertebra_name(lower, k + 1)),
+                      "upper": k, "lower": k + 1, "polygons": polygons,
+                      "centre_ras": np.round(centre, 3).tolist()})
+    return discs
+
+
+# --------------------------------------------------------------------------- the disc table
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the disc table: name, value kind ("str", "int", "float"), unit, meaning."""
+
+    name: str
+    kind: str
+    unit: str = ""
+    description: str = ""
+
+
+def measurement_unit(key: str) -> str:
+    for suffix, unit in _UNIT_SUFFIXES:
+        if key.endswith(suffix):
+            return unit
+    return ""
+
+
+def _grade_value(entry):
+    value = entry.get("value") if isinstance(entry, dict) else entry
+    return None if value is None else int(value)
+
+
+def disc_table(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> tuple[list[Column], list[list]]:
+    """Columns and rows (one per disc, top to bottom) of the "SpineNet grades" table.
+
+    With a discs document: level, one column per grade (official head order
+    first), one per measurement (unit from the key's suffix, e.g. ``_mm``),
+    then the disc centre.  Without one: level and centre of each disc
+    between consecutive vertebrae.  Missing values are None.
+    """
+    centre_columns = [Column(f"centre_{axis}_mm", "float", "mm", f"disc centre, {name} coordinate (RAS)")
+                      for axis, name in (("R", "right"), ("A", "anterior"), ("S", "superior"))]
+    level_column = Column("level", "str", "", "disc level: upper and lower vertebra")
+    if discs_doc is None:
+        discs = disc_polygons(vertebrae_doc) if vertebrae_doc else []
+        return [level_column, *centre_columns], [[d["level"], *d["centre_ras"]] for d in discs]
+
+    discs = discs_doc["discs"]
+    heads = [h for h in _GRADE_ORDER if any(h in (d.get("grades") or {}) for d in discs)]
+    heads += [h for d in discs for h in (d.get("grades") or {}) if h not in heads]
+    heads = list(dict.fromkeys(heads))
+    measures = list(dict.fromkeys(m for d in discs for m in (d.get("measurements") or {})))
+    columns = [level_column]
+    for h in heads:
+        values = [_grade_value((d.get("grades") or {}).get(h)) for d in discs]
+        kind = "int" if all(v is not None for v in values) else "float"
+        described = ((discs_doc.get("grade_columns") or {}).get(h) or {}).get("description")
+        columns.append(Column(h, kind, "", described or GRADE_DESCRIPTIONS.get(h, f"grade {h}")))
+    for m in measures:
+        values = [(d.get("measurements") or {}).get(m) for d in discs]
+        integer = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        described = (discs_doc.get("measurement_definitions") or {}).get(m) or m.replace("_", " ")
+        columns.append(Column(m, "int" if integer else "float", measurement_unit(m), described))
+    columns += centre_columns
+    geometry = {d["level"]: d["centre_ras"] for d in disc_polygons(vertebrae_doc)} if vertebrae_doc else {}
+    rows = []
+    for d in discs:
+        grades, measurements = d.get("grades") or {}, d.get("measurements") or {}
+        centre = d.get("centre_ras") or geometry.get(d["level"]) or [None, None, None]
+        row = [d["level"]]
+        row += [_grade_value(grades.get(h)) for h in heads]
+        row += [None if measurements.get(m) is None else
+                (int(measurements[m]) if c.kind == "int" else float(measurements[m]))
+                for m, c in zip(measures, columns[1 + len(heads):])]
+        row += [None if c is None else float(c) for c in centre]
+        rows.append(row)
+    return columns, rows
+
+
+def format_cell(value, kind: str) -> str:
+    """Text of one table cell: integers plainly, floats with 2 decimals, missing as empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if kind == "int":
+        return str(int(value))
+    if kind == "float":
+        return f"{float(value):.2f}"
+    return str(value)
+
+
+def table_csv_text(columns: list[Column], rows: list[list]) -> str:
+    """CSV with a header of column names (units are in the names, e.g. ``_mm``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([c.name for c in columns])
+    for row in rows:
+        writer.writerow([format_cell(v, c.kind) for v, c in zip(row, columns)])
+    return buffer.getvalue()
+
+
+def discs_csv_text(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> str:
+    """``discs.csv``: the grading stage's layout (:func:`SpineNetLib.outputs.discs.discs_csv_text`)
+    for a discs document when that stage is installed, else :func:`disc_table` as CSV."""
+    if discs_doc is not None:
+        try:
+            from SpineNetLib.outputs.discs import discs_csv_text as graded_csv_text
+        except ImportError:  # grading stage (or torch) not available: the generic table
+            graded_csv_text = None
+        if graded_csv_text is not None:
+            return graded_csv_text(discs_doc)
+    return table_csv_text(*disc_table(vertebrae_doc, discs_doc))
+
+
+def vertebra_rows(vertebrae_doc: dict) -> list[dict]:
+    """Per vertebra, top to bottom: name, level probability, first and last slice."""
+    rows = []
+    for i, v in enumerate(vertebrae_doc["vertebrae"]):
+        slices = [p["slice"] for p in v["polygons"]]
+        rows.append({"name": vertebra_name(v, i), "level": v.get("level"),
+                     "probability": v.get("level_probability"),
+                     "first_slice": min(slices), "last_slice": max(slices)})
+    return rows
+
+
+# --------------------------------------------------------------------------- corrections
+
+def _probabilities(vertebra: dict) -> np.ndarray | None:
+    probs = vertebra.get("level_probabilities") or {}
+    if not probs:
+        return None
+    out = np.zeros(len(LEVELS))
+    for name, p in probs.items():
+        if name in LEVELS:
+            out[LEVELS.index(name)] = float(p)
+    return out
+
+
+def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
+    """Levels of all vertebrae after pinning vertebra ``index`` (top to bottom) to ``level``.
+
+    The others are re-solved by the labelling beam search seeded by that
+    correction (:func:`SpineNetLib.label.labelling.relabel_with_correction`, which
+    calls ``beam_search(..., fixed={index: level})``) on the stored level
+    probabilities.  Documents without probabilities (e.g. hand-made ones)
+    are renamed consecutively from the corrected vertebra instead.
+    """
+    vertebrae = vertebrae_doc["vertebrae"]
+    n = len(vertebrae)
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise InputError(f"vertebra index {index!r} is out of range (0 to {n - 1})")
+    if level not in LEVEL_CHOICES:
+        raise InputError(f"unknown level {level!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
+    probs = [_probabilities(v) for v in vertebrae]
+    if all(p is not None for p in probs):
+        from SpineNetLib.label.labelling import LabellingParams, relabel_with_correction
+        from SpineNetLib.core.results import Vertebra
+
+        dummies = [Vertebra(slices=[0], polygons=[np.zeros((4, 2))], level=v.get("level"), level_probabilities=p)
+                   for v, p in zip(vertebrae, probs)]
+        # The same penalties as the run that wrote the document (weights may carry their own).
+        penalty = (vertebrae_doc.get("labelling") or {}).get("repeat_s1_penalty")
+        params = LabellingParams(repeat_s1_penalty=float(penalty)) \
+            if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) else None
+        relabel_with_correction(dummies, int(index), level, params)
+        return [v.level for v in dummies]
+    order = list(LEVEL_CHOICES)
+    start = order.index(level) - int(index)
+    return [order[start + i] if 0 <= start + i < len(order) else None for i in range(n)]
+
+
+def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
+                           discs_doc: dict | None = None) -> tuple[dict, dict | None]:
+    """New (vertebrae, discs) documents with vertebra ``index`` corrected to ``level``.
+
+    The inputs are not modified.  Each vertebra's ``level_probability`` is
+    re-read for its new level, the correction is appended to
+    ``"corrections"``, and discs are renamed after their vertebrae (a disc
+    keeps its grades: it is the same disc, only its name changes).
+    """
+    new_levels = corrected_levels(vertebrae_doc, index, level)
+    old_names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
+    doc = copy.deepcopy(vertebrae_doc)
+    for v, name in zip(doc["vertebrae"], new_levels):
+        v["level"] = name
+        probs = v.get("level_probabilities") or {}
+        if probs:
+            v["level_probability"] = round(float(probs.get("S1" if name == "S2" else name, 0.0)), 4)
+    doc.setdefault("corrections", []).append({"vertebra": int(index), "level": level})
+    new_names = [vertebra_name(v, i) for i, v in enumerate(doc["vertebrae"])]
+    discs = None
+    if discs_doc is not None:
+        rename = {disc_name(old_names[k], old_names[k + 1]): disc_name(new_names[k], new_names[k + 1])
+                  for k in range(len(old_names) - 1)}
+        discs = copy.deepcopy(discs_doc)
+        for d in discs["discs"]:
+            d["level"] = rename.get(d["level"], d["level"])
+    return doc, discs
+
+
+# --------------------------------------------------------------------------- ground truth
+
+def vertebrae_document_from_truth(scan, truth, timings_s: dict | None = None) -> dict:
+    """A ``vertebrae.json`` document of ground-truth quads (a phantom's, an annotation's).
+
+    ``truth`` holds objects with ``.level``, ``.slices`` (canonical) and
+    ``.quads`` (canonical slice -> (4, 2) corners rt, rb, lb, lt); each level
+    gets a one-hot probability.  Used by tests and the module self-test to
+    exercise everything downstream of the networks without trained weights.
+    """
+    from SpineNetLib.outputs.vertebrae import vertebrae_document
+    from SpineNetLib.core.results import DetectionResult, Vertebra
+
+    vertebrae = []
+    for t in truth:
+        one_hot = np.zeros(len(LEVELS))
+        name = "S1" if t.level == "S2" else t.level
+        if name in LEVELS:
+            one_hot[LEVELS.index(name)] = 1.0
+        slices = sorted(int(s) for s in t.slices)
+        vertebrae.append(Vertebra(slices=slices, polygons=[np.asarray(t.quads[s], float) for s in slices],
+                                  level=t.level, level_probabilities=one_hot))
+    return vertebrae_document(scan, DetectionResult(vertebrae=vertebrae, timings_s=dict(timings_s or {})))
+
+
+def discs_document_from_truth(scan, truth_discs) -> dict:
+    """A ``discs.json`` document of ground-truth disc geometry (no grades): level, centre, heights.
+
+    ``truth_discs`` holds objects with ``.name``, ``.centre_xy``, ``.mid_slice``
+    (canonical) and ``.anterior_height_mm``/``.posterior_height_mm``, as a
+    phantom's discs do.  Used by tests and the README screenshots.
+    """
+    discs = []
+    for d in truth_discs:
+        centre = scan.xy_to_ras(np.asarray(d.centre_xy, float), d.mid_slice)[0]
+        discs.append({"level": d.name, "centre_ras": np.round(centre, 3).tolist(), "grades": {},
+                      "measurements": {"disc_height_anterior_mm": round(float(d.anterior_height_mm), 2),
+                                       "disc_height_posterior_mm": round(float(d.posterior_height_mm), 2)}})
+    return {"schema": DISCS_SCHEMA, "source": "ground truth", "discs": discs}
+
+
+# --------------------------------------------------------------------------- files
+
+def hotspot_files(folder, disc: str, head: str) -> list[Path]:
+    """Hotspot images for one disc and grading head in a results folder, best first (may be empty).
+
+    A map of that disc (``hotspots/<disc>_<head>.*``) comes before a map of
+    all discs for the head (``hotspots_<head>.*``, in the folder or in
+    ``hotspots/``).
+    """
+    if not folder:
+        return []
+    folder = Path(folder)
+    names = [Path("hotspots") / f"{disc}_{head}", Path(f"{disc}_{head}"),
+             Path(f"hotspots_{head}"), Path("hotspots") / f"hotspots_{head}"]
+    return [folder / f"{name}{suffix}" for name in names for suffix in HOTSPOT_SUFFIXES
+            if (folder / f"{name}{suffix}").is_file()]
+
+
+def hotspot_node_name(relative_path) -> str:
+    """Node name of a hotspot file: "hotspots/L4-L5_Pfirrmann.nii.gz" -> "SpineNet hotspot L4-L5 Pfirrmann"."""
+    name = Path(relative_path).name
+    for suffix in HOTSPOT_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.startswith("hotspots_"):
+        name = "all discs " + name[len("hotspots_"):]
+    return "SpineNet hotspot " + name.replace("_", " ")
+
+
+def list_hotspot_files(folder) -> list[str]:
+    """Hotspot images in a results folder, as paths relative to it (for the ``result.json`` manifest)."""
+    folder = Path(folder)
+    found = []
+    for base in (folder, folder / "hotspots"):
+        if base.is_dir():
+            for p in base.iterdir():
+                is_image = p.is_file() and any(p.name.endswith(s) for s in HOTSPOT_SUFFIXES)
+                if is_image and (base != folder or p.name.startswith("hotspots_")):
+                    found.append(p.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def result_files(vertebrae_doc: dict, discs_doc: dict | None = None, hotspots: list[str] | None = None) -> dict[str, str]:
+    """``{file name: text}`` of everything a run writes: JSON, CSV and the manifest.
+
+    ``hotspots`` are the hotspot images already written, relative to the folder.
+    """
+    files = {"vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n"}
+    from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
+
+    files["vertebrae.csv"] = vertebrae_csv_text(vertebrae_doc)
+    if discs_doc is not None:
+        files["discs.json"] = json.dumps(discs_doc, indent=1) + "\n"
+    files["discs.csv"] = discs_csv_text(vertebrae_doc, discs_doc)
+    manifest = {"schema": RESULT_SCHEMA, "vertebrae": "vertebrae.json",
+                "discs": "discs.json" if discs_doc is not None else None,
+                "hotspots": sorted(hotspots or [])}
+    files["result.json"] = json.dumps(manifest, indent=1) + "\n"
+    return files
+
+
+def write_result_files(outdir, vertebrae_doc: dict, discs_doc: dict | None = None,
+                       hotspots: list[str] | None = None) -> list[Path]:
+    """Write :func:`result_files` into ``outdir``; each file appears only complete."""
+    from SpineNetLib.outputs.vertebrae import write_files_atomically
+
+    return write_files_atomically(outdir, result_files(vertebrae_doc, discs_doc, hotspots))
+
+
+def read_json(path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {what} {path}: {' '.join(str(error).split())}") from None
+
+
+def read_result(path) -> tuple[dict, dict | None, Path]:
+    """(vertebrae document, discs document or None, results folder) of a ``result.json``
+    manifest, a results folder, or a ``vertebrae.json`` file."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if p.is_dir():
+        p = folder / "result.json" if (folder / "result.json").is_file() else folder / "vertebrae.json"
+    doc = read_json(p, "result file")
+    if isinstance(doc, dict) and doc.get("schema") == RESULT_SCHEMA:
+        vertebrae = read_json(folder / doc["vertebrae"], "vertebrae document")
+        discs = read_json(folder / doc["discs"], "discs document") if doc.get("discs") else None
+    else:
+        vertebrae = doc
+        discs = read_json(folder / "discs.json", "discs document") if (folder / "discs.json").is_file() else None
+    check_vertebrae_document(vertebrae)
+    if discs is not None:
+        check_discs_document(discs)
+    return vertebrae, discs, folder

@@ -1,0 +1,155 @@
+"""Result files: ``vertebrae.json`` and ``vertebrae.csv``.
+
+Every coordinate written here is in the input's RAS millimetres, and every
+slice index is the index along the input's own slice axis, so results overlay
+the original scan in any viewer.  Files are written under a temporary name and
+renamed only once all of them are complete: an error midway leaves no
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.weights.checkpoints import default_file_mode
+from SpineNetLib.core.levels import LEVELS
+from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.core.scan import Scan
+
+VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
+
+
+def _round(values, ndigits: int = 3):
+    return np.round(np.asarray(values, dtype=float), ndigits).tolist()
+
+
+def vertebra_centroid_ras(scan: Scan, vertebra: Vertebra) -> np.ndarray:
+    """3D centroid: mean over slices of each slice polygon's corner mean, in RAS mm."""
+    points = [scan.xy_to_ras(poly.mean(axis=0), s)[0] for s, poly in zip(vertebra.slices, vertebra.polygons)]
+    return np.mean(points, axis=0)
+
+
+def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:
+    """Per-slice polygons as ``{"slice": input slice index, "corners_ras": 4x[r, a, s]}``."""
+    out = []
+    for s, poly in zip(vertebra.slices, vertebra.polygons):
+        out.append({
+            "slice": scan.input_slice_index(s),
+            "corners_ras": _round(scan.xy_to_ras(poly, s)),
+        })
+    out.sort(key=lambda p: p["slice"])
+    return out
+
+
+def level_probability_dict(probs: np.ndarray | None) -> dict[str, float]:
+    if probs is None:
+        return {}
+    order = np.argsort(-np.asarray(probs))
+    return {LEVELS[i]: round(float(probs[i]), 4) for i in order if probs[i] >= 1e-4}
+
+
+def level_probability(vertebra: Vertebra) -> float | None:
+    """Probability of the assigned level (S2 reads the S1 column)."""
+    if vertebra.level is None or vertebra.level_probabilities is None:
+        return None
+    name = "S1" if vertebra.level == "S2" else vertebra.level
+    return float(vertebra.level_probabilities[LEVELS.index(name)])
+
+
+def input_description(scan: Scan) -> dict:
+    keep = ("path", "format", "series_uid", "series_description", "modality", "manufacturer",
+            "sequence", "overrides", "resampled_from_mm")
+    return {k: scan.metadata[k] for k in keep if k in scan.metadata}
+
+
+def scan_description(scan: Scan) -> dict:
+    ijk_to_ras = np.asarray(scan.input_ijk_to_ras, float)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    return {
+        "shape": [int(n) for n in scan.input_shape_ijk],
+        "spacing_mm": _round(spacing, 4),
+        "ijk_to_ras": _round(ijk_to_ras, 6),
+        "slice_axis": int(scan.input_slice_axis),
+    }
+
+
+def vertebrae_document(scan: Scan, result: DetectionResult) -> dict:
+    """The ``vertebrae.json`` document (schema ``spinenet.vertebrae/1``)."""
+    vertebrae = []
+    for v in result.vertebrae:
+        p = level_probability(v)
+        vertebrae.append({
+            "level": v.level,
+            "level_probability": None if p is None else round(p, 4),
+            "level_probabilities": level_probability_dict(v.level_probabilities),
+            "centroid_ras": _round(vertebra_centroid_ras(scan, v)),
+            "polygons": vertebra_polygons_ras(scan, v),
+        })
+    document = {
+        "schema": VERTEBRAE_SCHEMA,
+        "input": input_description(scan),
+        "scan": scan_description(scan),
+        "vertebrae": vertebrae,
+        "timings_s": {k: round(float(t), 3) for k, t in result.timings_s.items()},
+    }
+    if result.labelling:
+        document["labelling"] = dict(result.labelling)
+    return document
+
+
+VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
+                         "first_slice", "last_slice", "level_probability")
+
+
+def vertebrae_csv_text(document: dict) -> str:
+    """One row per vertebra, top to bottom, from a ``vertebrae.json`` document."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(VERTEBRAE_CSV_COLUMNS)
+    for v in document["vertebrae"]:
+        slices = [p["slice"] for p in v["polygons"]]
+        r, a, s = v["centroid_ras"]
+        prob = v["level_probability"]
+        writer.writerow([v["level"] or "", f"{r:.2f}", f"{a:.2f}", f"{s:.2f}",
+                         min(slices), max(slices), "" if prob is None else f"{prob:.4f}"])
+    return buffer.getvalue()
+
+
+def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> list[Path]:
+    """Write ``{name: text}`` into ``outdir`` so each file appears only complete.
+
+    Everything is first written to hidden temporary files in the same folder;
+    only when all of them succeeded are they renamed into place.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    temporary: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
+            os.fchmod(fd, default_file_mode())
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+            temporary.append((Path(tmp), outdir / name))
+        for tmp, final in temporary:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in temporary]
+
+
+def write_vertebra_outputs(outdir, scan: Scan, result: DetectionResult) -> list[Path]:
+    document = vertebrae_document(scan, result)
+    return write_files_atomically(outdir, {
+        "vertebrae.json": json.dumps(document, indent=1) + "\n",
+        "vertebrae.csv": vertebrae_csv_text(document),
+    })

@@ -1,0 +1,583 @@
+"""SpineNet results as MRML nodes: the only SpineNetLib module that imports ``slicer`` and ``vtk``.
+
+Runs inside the 3D Slicer application and, headless, under the PyPI
+``slicer-core`` package (the real MRML library without Qt), so the same code
+is tested in CI and used by the module, the worker hand-over and the batch
+script.  Everything is built from the result documents (``vertebrae.json``,
+``discs.json``; see :mod:`SpineNetLib.outputs.documents`), never from pipeline
+objects, so results can come from another process as JSON.
+
+Nodes made for one volume (all tagged with the attributes
+``SpineNet.SourceVolumeID`` = the volume's ID and ``SpineNet.Result`` = their
+role, and referencing the volume as ``SpineNetSourceVolume``):
+
+* one ``vtkMRMLMarkupsClosedCurveNode`` per vertebra, linear, through the
+  four corners of its mid-slice polygon, named "SpineNet <level>";
+* one ``vtkMRMLMarkupsFiducialNode`` "SpineNet centroids" with a point
+  labelled by level at every centroid;
+* one ``vtkMRMLSegmentationNode`` "SpineNet segmentation" with a segment per
+  vertebra (its polygons filled on every slice where it was found) and per
+  disc (:func:`SpineNetLib.outputs.documents.disc_polygons`), filled in the volume's
+  own IJK grid;
+* a ``vtkMRMLTableNode`` "SpineNet grades" (:func:`documents.disc_table`);
+* ``vtkMRMLTextNode`` "SpineNet vertebrae.json" (and "SpineNet discs.json")
+  holding the documents, so a saved scene can be corrected later;
+* hotspot heat maps as scalar volumes with the "SpineNet hotspot" colours.
+
+Running again for the same volume removes that volume's previous nodes first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from SpineNetLib.outputs import documents
+from SpineNetLib.inputs.canonical import scan_from_array
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.core.scan import Scan
+
+SOURCE_ATTRIBUTE = "SpineNet.SourceVolumeID"
+ROLE_ATTRIBUTE = "SpineNet.Result"
+FOLDER_ATTRIBUTE = "SpineNet.ResultsFolder"
+SOURCE_REFERENCE = "SpineNetSourceVolume"
+HOTSPOT_COLOR_NAME = "SpineNet hotspot"
+
+#: Tolerance (in voxels) for a voxel centre lying on a polygon edge: it counts as inside.
+EDGE_TOLERANCE = 1e-6
+
+#: Colour per spine region, two shades alternating so that neighbours differ.
+REGION_COLOURS = {
+    "C": ((0.62, 0.47, 0.85), (0.78, 0.66, 0.95)),
+    "T": ((0.25, 0.58, 0.89), (0.45, 0.75, 0.97)),
+    "L": ((0.96, 0.58, 0.19), (0.99, 0.79, 0.31)),
+    "S": ((0.36, 0.76, 0.42), (0.57, 0.88, 0.56)),
+}
+UNLABELLED_COLOUR = (0.75, 0.75, 0.75)
+DISC_COLOUR = (0.35, 0.90, 0.95)
+
+
+def slicer_class(name: str):
+    """An MRML/Slicer class by name; slicer-core exposes some logic classes inside same-named modules."""
+    obj = getattr(slicer, name)
+    if isinstance(obj, types.ModuleType):
+        obj = getattr(obj, name)
+    return obj
+
+
+def level_colour(level: str | None) -> tuple[float, float, float]:
+    """Region colour of a level (C, T, L, S), alternating shades by level."""
+    if not level:
+        return UNLABELLED_COLOUR
+    shades = REGION_COLOURS.get(level[0])
+    if shades is None:
+        return UNLABELLED_COLOUR
+    order = list(LEVELS_TOP_DOWN) + ["S2"]
+    return shades[order.index(level) % 2] if level in order else shades[0]
+
+
+# --------------------------------------------------------------------------- scenes and matrices
+
+def new_scene(cache_dir: str | os.PathLike | None = None):
+    """A headless MRML scene set up to save and load markups, segmentations, tables and bundles.
+
+    The application and module logics are kept on the scene object so they
+    live as long as it does.  Inside Slicer use ``slicer.mrmlScene`` instead.
+    """
+    scene = slicer.vtkMRMLScene()
+    app = slicer_class("vtkSlicerApplicationLogic")()
+    app.SetMRMLScene(scene)
+    logics = [app]
+    for module, class_name in (("Markups", "vtkSlicerMarkupsLogic"),
+                               ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+                               ("Tables", "vtkSlicerTablesLogic"), ("Volumes", "vtkSlicerVolumesLogic")):
+        logic = slicer_class(class_name)()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(module, logic)
+        logics.append(logic)
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(str(cache_dir or tempfile.mkdtemp(prefix="spinenet-mrml-")))
+    io_manager = slicer.vtkDataIOManager()
+    io_manager.SetCacheManager(cache)
+    scene.SetCacheManager(cache)
+    scene.SetDataIOManager(io_manager)
+    scene._spinenet_keep_alive = logics + [cache, io_manager]
+    return scene
+
+
+def load_mrb(path, scene=None):
+    """Read a ``.mrb`` bundle into ``scene`` (a new headless one by default); returns the scene."""
+    scene = scene if scene is not None else new_scene()
+    if not scene.ReadFromMRB(str(Path(path).resolve())):
+        raise OSError(f"cannot read the scene bundle {path}")
+    return scene
+
+
+def write_mrb(scene, path) -> Path:
+    """Save the whole scene as one ``.mrb`` bundle (storage nodes are added as needed)."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not scene.WriteToMRB(str(path)):
+        raise OSError(f"cannot write the scene bundle {path}")
+    return path
+
+
+def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def numpy_to_matrix(array) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    a = np.asarray(array, float)
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(a[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_to_numpy(matrix)
+
+
+def volume_dimensions(volume_node) -> tuple[int, int, int]:
+    """(ni, nj, nk) of a volume node's image."""
+    return tuple(int(n) for n in volume_node.GetImageData().GetDimensions())  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- volumes
+
+def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of the voxels as ``[k, j, i]`` (like ``slicer.util.arrayFromVolume``) and the IJK-to-RAS.
+
+    A transform applied to the volume is not included (the results would
+    not overlay it); harden it first.
+    """
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        from SpineNetLib.core.errors import InputError
+
+        raise InputError("the input volume has no voxels")
+    ni, nj, nk = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    array = numpy_support.vtk_to_numpy(scalars)
+    components = scalars.GetNumberOfComponents()
+    shape = (nk, nj, ni) if components == 1 else (nk, nj, ni, components)
+    return array.reshape(shape).copy(), ijk_to_ras(volume_node)
+
+
+def scan_from_volume_node(volume_node, metadata: dict | None = None) -> Scan:
+    """The canonical :class:`Scan` of a volume node (its voxels and IJK-to-RAS unchanged)."""
+    voxels, affine = volume_arrays(volume_node)
+    meta = {"format": "MRML volume", "path": volume_node.GetName()}
+    meta.update(metadata or {})
+    return scan_from_array(voxels, affine, meta)
+
+
+def add_volume(scene, voxels_kji, ijk_to_ras_matrix, name: str, *, node_class: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node holding a ``[k, j, i]`` array with its IJK-to-RAS, with display nodes."""
+    array = np.ascontiguousarray(voxels_kji)
+    if array.ndim != 3:
+        raise ValueError(f"voxels must be a 3D [k, j, i] array, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    nk, nj, ni = array.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(ni, nj, nk)
+    vtk_array = numpy_support.numpy_to_vtk(array.ravel(), deep=True,
+                                           array_type=numpy_support.get_vtk_array_type(array.dtype))
+    image.GetPointData().SetScalars(vtk_array)
+    node = scene.AddNewNodeByClass(node_class, name)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(numpy_to_matrix(ijk_to_ras_matrix))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _compact_dtype(voxels: np.ndarray) -> np.ndarray:
+    """Integer-valued float voxels as int16/uint16 when they fit (halves the saved scene)."""
+    v = np.asarray(voxels)
+    if v.dtype.kind != "f" or v.size == 0 or not np.array_equal(v, np.round(v)):
+        return v
+    lo, hi = float(v.min()), float(v.max())
+    if lo >= 0 and hi <= 65535:
+        return v.astype(np.uint16)
+    if lo >= -32768 and hi <= 32767:
+        return v.astype(np.int16)
+    return v
+
+
+def add_scan_volume(scene, scan: Scan, name: str):
+    """A volume node of a canonical scan, in its exact physical place.
+
+    The canonical array ``[row, col, slice]`` is used as ``[k, j, i]``, so
+    i runs along the sagittal slices; the IJK-to-RAS is the canonical-to-RAS
+    with its columns reordered accordingly.  (Used by the batch script,
+    where the scan comes from :func:`SpineNetLib.inputs.load.load_scan`.)
+    """
+    to_ras = np.asarray(scan.canonical_to_ras, float)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = to_ras[:3, 2], to_ras[:3, 1], to_ras[:3, 0], to_ras[:3, 3]
+    return add_volume(scene, _compact_dtype(scan.voxels), affine, name)
+
+
+# --------------------------------------------------------------------------- polygon filling
+
+def polygon_mask(polygon_2d: np.ndarray, shape_2d: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+    """Voxels (integer centres) of a plane polygon: ``(mask, first_a, first_b)``.
+
+    ``polygon_2d`` is ``(n, 2)`` in (a, b) voxel coordinates; the mask
+    covers the polygon's bounding box clipped to ``shape_2d`` = (na, nb) and
+    is indexed ``[a - first_a, b - first_b]``.  A centre is inside by the
+    even-odd rule, or when it lies within :data:`EDGE_TOLERANCE` of an edge.
+    """
+    poly = np.asarray(polygon_2d, float)
+    lo = np.maximum(np.ceil(poly.min(axis=0) - EDGE_TOLERANCE), 0).astype(int)
+    hi = np.minimum(np.floor(poly.max(axis=0) + EDGE_TOLERANCE), np.asarray(shape_2d) - 1).astype(int)
+    if np.any(hi < lo):
+        return np.zeros((0, 0), bool), int(lo[0]), int(lo[1])
+    a, b = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
+    pa, pb = a.ravel()[:, None].astype(float), b.ravel()[:, None].astype(float)
+    a1, b1 = poly[:, 0][None, :], poly[:, 1][None, :]
+    a2, b2 = np.roll(poly[:, 0], -1)[None, :], np.roll(poly[:, 1], -1)[None, :]
+    # even-odd crossings of a ray towards +a
+    straddles = (b1 > pb) != (b2 > pb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a_cross = a1 + (pb - b1) * (a2 - a1) / (b2 - b1)
+    inside = (np.count_nonzero(straddles & (pa < a_cross), axis=1) % 2) == 1
+    # on an edge: distance to the segment below the tolerance
+    da, db = a2 - a1, b2 - b1
+    length2 = da * da + db * db
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.clip(np.where(length2 > 0, ((pa - a1) * da + (pb - b1) * db) / length2, 0.0), 0.0, 1.0)
+    dist2 = (pa - (a1 + t * da)) ** 2 + (pb - (b1 + t * db)) ** 2
+    on_edge = np.any(dist2 <= EDGE_TOLERANCE ** 2, axis=1)
+    mask = (inside | on_edge).reshape(a.shape)
+    return mask, int(lo[0]), int(lo[1])
+
+
+def ras_to_ijk_points(points_ras, ijk_to_ras_matrix) -> np.ndarray:
+    """Continuous IJK coordinates of RAS points, (n, 3)."""
+    pts = np.asarray(points_ras, float).reshape(-1, 3)
+    inverse = np.linalg.inv(np.asarray(ijk_to_ras_matrix, float))
+    return (np.c_[pts, np.ones(len(pts))] @ inverse.T)[:, :3]
+
+
+def fill_polygons(polygons_ras, ijk_to_ras_matrix, dims_ijk) -> np.ndarray:
+    """A ``[k, j, i]`` bool mask of the volume grid with every polygon filled on its slice.
+
+    Each polygon's corners go RAS -> IJK through the inverse IJK-to-RAS; the
+    axis along which they are (nearly) constant is the slice axis, their
+    rounded mean there the slice; the polygon is filled in the plane of the
+    two other axes (:func:`polygon_mask`).  Polygons outside the volume add
+    nothing.
+    """
+    ni, nj, nk = (int(n) for n in dims_ijk)
+    mask = np.zeros((nk, nj, ni), bool)
+    dims = (ni, nj, nk)
+    for corners in polygons_ras:
+        ijk = ras_to_ijk_points(corners, ijk_to_ras_matrix)
+        axis = int(np.argmin(np.ptp(ijk, axis=0)))
+        index = int(np.floor(ijk[:, axis].mean() + 0.5))
+        if not 0 <= index < dims[axis]:
+            continue
+        a, b = [ax for ax in range(3) if ax != axis]
+        plane, first_a, first_b = polygon_mask(ijk[:, [a, b]], (dims[a], dims[b]))
+        if plane.size == 0:
+            continue
+        target = [slice(None)] * 3  # indexed [i, j, k] through a transposed view
+        target[axis] = index
+        target[a] = slice(first_a, first_a + plane.shape[0])
+        target[b] = slice(first_b, first_b + plane.shape[1])
+        view = mask.transpose(2, 1, 0)  # [i, j, k]
+        region = view[tuple(target)]
+        view[tuple(target)] = region | plane
+    return mask
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class ResultNodes:
+    """The nodes made for one volume by :func:`show_results`."""
+
+    curves: list = field(default_factory=list)
+    centroids: object = None
+    segmentation: object = None
+    table: object = None
+    documents: list = field(default_factory=list)
+    hotspots: list = field(default_factory=list)
+
+    def all(self) -> list:
+        nodes = [*self.curves, self.centroids, self.segmentation, self.table, *self.documents, *self.hotspots]
+        return [n for n in nodes if n is not None]
+
+
+def _tag(node, volume_node, role: str) -> None:
+    node.SetAttribute(SOURCE_ATTRIBUTE, volume_node.GetID())
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    node.SetNodeReferenceID(SOURCE_REFERENCE, volume_node.GetID())
+
+
+def result_nodes(scene, volume_node, role: str | None = None) -> list:
+    """Nodes tagged as SpineNet results of ``volume_node`` (optionally of one role)."""
+    found = []
+    volume_id = volume_node.GetID()
+    for n in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(n)
+        if node is None or node.GetAttribute(ROLE_ATTRIBUTE) is None:
+            continue
+        reference = node.GetNodeReferenceID(SOURCE_REFERENCE)
+        if (reference or node.GetAttribute(SOURCE_ATTRIBUTE)) != volume_id:
+            continue
+        if role is None or node.GetAttribute(ROLE_ATTRIBUTE) == role:
+            found.append(node)
+    return found
+
+
+def remove_results(scene, volume_node, roles: tuple[str, ...] | None = None) -> int:
+    """Remove this volume's SpineNet nodes (all, or only those of ``roles``); returns how many."""
+    nodes = [n for n in result_nodes(scene, volume_node) if roles is None or n.GetAttribute(ROLE_ATTRIBUTE) in roles]
+    for node in nodes:
+        scene.RemoveNode(node)
+    return len(nodes)
+
+
+def _add_control_point(node, ras, label: str) -> None:
+    node.AddControlPoint(vtk.vtkVector3d(*(float(x) for x in ras)), label)
+
+
+def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
+    """Linear closed curve through the corners (rt, rb, lb, lt) of the vertebra's mid-slice polygon."""
+    name = documents.vertebra_name(vertebra, index)
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", f"SpineNet {name}")
+    node.SetCurveTypeToLinear()
+    polygon = documents.mid_polygon(vertebra)
+    for corner, label in zip(polygon["corners_ras"], ("rt", "rb", "lb", "lt")):
+        _add_control_point(node, corner, label)
+    node.SetAttribute("SpineNet.Level", name)
+    node.SetAttribute("SpineNet.Slice", str(polygon["slice"]))
+    node.SetLocked(True)
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    if display is not None:
+        colour = level_colour(vertebra.get("level"))
+        display.SetSelectedColor(*colour)
+        display.SetColor(*colour)
+        display.SetPointLabelsVisibility(False)
+        display.SetFillOpacity(0.15)
+    _tag(node, volume_node, "vertebra-outline")
+    return node
+
+
+def add_centroids(scene, volume_node, vertebrae_doc: dict):
+    """One fiducial node with a point at each vertebra's centroid, labelled by level."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SpineNet centroids")
+    for i, v in enumerate(vertebrae_doc["vertebrae"]):
+        _add_control_point(node, v["centroid_ras"], documents.vertebra_name(v, i))
+    node.SetLocked(True)
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(1.0, 1.0, 0.4)
+        display.SetGlyphScale(2.0)
+        display.SetTextScale(3.0)
+    _tag(node, volume_node, "centroids")
+    return node
+
+
+def _oriented_labelmap(mask_kji: np.ndarray, ijk_to_ras_matrix):
+    """A ``vtkOrientedImageData`` of the mask's bounding box (extent in volume IJK)."""
+    ks, js, is_ = np.nonzero(mask_kji)
+    k0, k1, j0, j1, i0, i1 = ks.min(), ks.max(), js.min(), js.max(), is_.min(), is_.max()
+    crop = np.ascontiguousarray(mask_kji[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1], dtype=np.uint8)
+    image = slicer_class("vtkOrientedImageData")()
+    image.SetExtent(int(i0), int(i1), int(j0), int(j1), int(k0), int(k1))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = crop.ravel()
+    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras_matrix))
+    return image
+
+
+def segment_masks(volume_node, vertebrae_doc: dict) -> list[tuple[str, tuple, np.ndarray]]:
+    """``(name, colour, [k, j, i] mask)`` per vertebra then per disc, filled in the volume's grid."""
+    affine, dims = ijk_to_ras(volume_node), volume_dimensions(volume_node)
+    out = []
+    for i, v in enumerate(vertebrae_doc["vertebrae"]):
+        mask = fill_polygons([p["corners_ras"] for p in v["polygons"]], affine, dims)
+        out.append((documents.vertebra_name(v, i), level_colour(v.get("level")), mask))
+    for d in documents.disc_polygons(vertebrae_doc):
+        mask = fill_polygons([p["corners_ras"] for p in d["polygons"]], affine, dims)
+        out.append((d["level"], DISC_COLOUR, mask))
+    return out
+
+
+def add_segmentation(scene, volume_node, vertebrae_doc: dict):
+    """Segmentation with one segment per vertebra and per disc (empty ones are skipped)."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SpineNet segmentation")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.CreateDefaultDisplayNodes()
+    affine = ijk_to_ras(volume_node)
+    for name, colour, mask in segment_masks(volume_node, vertebrae_doc):
+        if not mask.any():
+            continue
+        segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(_oriented_labelmap(mask, affine), name, list(colour))
+        node.GetSegmentation().GetSegment(segment_id).SetTag("SpineNet.Kind", "disc" if "-" in name else "vertebra")
+    # Non-overlapping segments share label layers: a compact .seg.nrrd.
+    node.GetSegmentation().CollapseBinaryLabelmaps(False)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetOpacity2DFill(0.35)
+    _tag(node, volume_node, "segmentation")
+    return node
+
+
+_VTK_COLUMN = {"str": vtk.vtkStringArray, "int": vtk.vtkIntArray, "float": vtk.vtkDoubleArray}
+
+
+def add_grades_table(scene, volume_node, vertebrae_doc: dict | None, discs_doc: dict | None = None):
+    """Table "SpineNet grades": one row per disc (:func:`documents.disc_table`), with units."""
+    columns, rows = documents.disc_table(vertebrae_doc, discs_doc)
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", "SpineNet grades")
+    table = node.GetTable()
+    for c, column in enumerate(columns):
+        array = _VTK_COLUMN[column.kind]()
+        array.SetName(column.name)
+        for row in rows:
+            value = row[c]
+            if column.kind == "str":
+                array.InsertNextValue("" if value is None else str(value))
+            elif column.kind == "int":
+                array.InsertNextValue(int(value))
+            else:
+                array.InsertNextValue(float("nan") if value is None else float(value))
+        table.AddColumn(array)
+    for column in columns:
+        if column.unit:
+            node.SetColumnUnitLabel(column.name, column.unit)
+        if column.description:
+            node.SetColumnDescription(column.name, column.description)
+    node.SetUseColumnTitleAsColumnHeader(True)
+    node.SetLocked(True)
+    node.Modified()
+    _tag(node, volume_node, "grades")
+    return node
+
+
+def table_rows(table_node) -> tuple[list[str], list[list[str]]]:
+    """Column names and cell texts of a table node (for tests and CSV export)."""
+    table = table_node.GetTable()
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    rows = [[table_node.GetCellText(r, c) for c in range(len(names))] for r in range(table_node.GetNumberOfRows())]
+    return names, rows
+
+
+def add_document_node(scene, volume_node, document: dict, name: str, role: str, folder=None):
+    """A text node holding a result document as JSON."""
+    node = scene.AddNewNodeByClass("vtkMRMLTextNode", f"SpineNet {name}")
+    node.SetText(json.dumps(document))
+    if folder:
+        node.SetAttribute(FOLDER_ATTRIBUTE, str(folder))
+    _tag(node, volume_node, role)
+    return node
+
+
+def stored_documents(scene, volume_node) -> tuple[dict | None, dict | None, str | None]:
+    """(vertebrae document, discs document, results folder) stored in the scene for a volume."""
+    vertebrae, discs, folder = None, None, None
+    for node in result_nodes(scene, volume_node, "vertebrae-document"):
+        vertebrae = json.loads(node.GetText())
+        folder = node.GetAttribute(FOLDER_ATTRIBUTE)
+    for node in result_nodes(scene, volume_node, "discs-document"):
+        discs = json.loads(node.GetText())
+    return vertebrae, discs, folder
+
+
+def hotspot_colour_node(scene):
+    """A transparent-black -> red -> yellow -> white colour table for heat maps (made once per scene)."""
+    existing = scene.GetFirstNodeByName(HOTSPOT_COLOR_NAME)
+    if existing is not None:
+        return existing
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", HOTSPOT_COLOR_NAME)
+    node.SetTypeToUser()
+    n = 256
+    node.SetNumberOfColors(n)
+    for i in range(n):
+        t = i / (n - 1)
+        r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
+        node.SetColor(i, f"{i}", r, g, b, 0.0 if i == 0 else 1.0)
+    node.SetAttribute("Category", "SpineNet")
+    return node
+
+
+def add_hotspot_volume(scene, volume_node, heat_kji, heat_ijk_to_ras, name: str):
+    """A heat map as a scalar volume shown with the hotspot colours, window 0..max."""
+    heat = np.asarray(heat_kji, np.float32)
+    node = add_volume(scene, heat, heat_ijk_to_ras, name)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetAndObserveColorNodeID(hotspot_colour_node(scene).GetID())
+        hi = float(heat.max()) if heat.size and float(heat.max()) > 0 else 1.0
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, hi)
+    _tag(node, volume_node, "hotspot")
+    return node
+
+
+def load_hotspot_file(scene, volume_node, path, name: str):
+    """Read a hotspot image (NIfTI, NRRD, MHA) with SimpleITK and add it (:func:`add_hotspot_volume`)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    spacing = np.asarray(image.GetSpacing(), float)
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
+    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin(), float)
+    return add_hotspot_volume(scene, volume_node, array, affine, name)
+
+
+def show_results(scene, volume_node, vertebrae_doc: dict, discs_doc: dict | None = None, *,
+                 folder=None, hotspot_paths: dict | None = None) -> ResultNodes:
+    """Replace this volume's SpineNet nodes by new ones built from the documents.
+
+    ``hotspot_paths`` maps node names to hotspot image files to load too.
+    The documents are stored in text nodes (with ``folder``, the results
+    folder, as an attribute) so the scene can be corrected after reloading.
+    """
+    documents.check_vertebrae_document(vertebrae_doc)
+    if discs_doc is not None:
+        documents.check_discs_document(discs_doc)
+    remove_results(scene, volume_node)
+    nodes = ResultNodes()
+    for i, vertebra in enumerate(vertebrae_doc["vertebrae"]):
+        nodes.curves.append(add_vertebra_curve(scene, volume_node, vertebra, i))
+    nodes.centroids = add_centroids(scene, volume_node, vertebrae_doc)
+    nodes.segmentation = add_segmentation(scene, volume_node, vertebrae_doc)
+    nodes.table = add_grades_table(scene, volume_node, vertebrae_doc, discs_doc)
+    nodes.documents.append(add_document_node(scene, volume_node, vertebrae_doc, "vertebrae.json",
+                                             "vertebrae-document", folder))
+    if discs_doc is not None:
+        nodes.documents.append(add_document_node(scene, volume_node, discs_doc, "discs.json", "discs-document"))
+    for name, path in (hotspot_paths or {}).items():
+        nodes.hotspots.append(load_hotspot_file(scene, volume_node, path, name))
+    return nodes

@@ -1,0 +1,237 @@
+"""What every trainer shares: seeding, a resumable run folder, logging, the final fp16 model.
+
+Run folder layout (one per training run)::
+
+    config.json            the run's settings (a resume must use the same ones)
+    checkpoint-latest.pt   model + optimizer + scheduler + step + RNG states (atomic rewrite)
+    log.csv                one row per logged step
+    <kind>.pt              the final model, fp16, via checkpoints.save_checkpoint(half=True)
+    val_metrics.json       validation metrics (where the trainer validates)
+
+Reproducibility: python, numpy and torch are seeded from ``--seed``; the
+trainers draw all their samples from one ``numpy.random.Generator`` whose
+state is saved with the checkpoint, so ``--resume`` continues exactly where
+the interrupted run stopped (same parameters after the same total steps).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from SpineNetLib.weights import checkpoints
+from SpineNetLib.core.errors import InputError
+
+CHECKPOINT_NAME = "checkpoint-latest.pt"
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy's legacy RNG and torch; return the trainer's own numpy Generator."""
+    random.seed(int(seed))
+    np.random.seed(int(seed) % (2 ** 32))
+    torch.manual_seed(int(seed))
+    return np.random.default_rng(int(seed))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def resolve_device(spec: str) -> torch.device:
+    spec = (spec or "cpu").lower()
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(spec)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """LR factor: linear warm-up, then cosine decay to 2 % of the peak."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    checkpoints.atomic_torch_save(obj, path)
+
+
+class RunFolder:
+    """A resumable training run folder (see module docstring)."""
+
+    def __init__(self, path, config: dict, *, resume: bool) -> None:
+        self.path = Path(path)
+        self.config = json.loads(json.dumps(config))  # plain JSON values only
+        ckpt = self.path / CHECKPOINT_NAME
+        cfg_path = self.path / "config.json"
+        if resume:
+            if not ckpt.is_file():
+                raise InputError(f"--resume: no {CHECKPOINT_NAME} in {self.path}")
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            # --steps may change on resume (to shorten or extend a run; the LR schedule then
+            # follows the new total, so only an unchanged total reproduces an uninterrupted run).
+            ignore = {"resume", "threads", "device", "out", "steps", "steps_history"}
+            diff = sorted(k for k in set(old) | set(self.config)
+                          if k not in ignore and old.get(k) != self.config.get(k))
+            if diff:
+                raise InputError(f"--resume with different settings than the run in {self.path}: {', '.join(diff)}")
+            if old.get("steps") != self.config.get("steps"):
+                old.setdefault("steps_history", []).append(old.get("steps"))
+                old["steps"] = self.config.get("steps")
+                cfg_path.write_text(json.dumps(old, indent=2) + "\n", encoding="utf-8")
+        else:
+            if ckpt.exists():
+                raise InputError(f"{self.path} already holds a run; pass --resume or choose a new --out")
+            self.path.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        self.resume = resume
+        self._t0 = time.time()
+
+    # ------------------------------------------------------------------ state
+    def save_state(self, step: int, model, optimizer, scheduler, rng: np.random.Generator,
+                   extra: dict | None = None) -> None:
+        state = {
+            "step": int(step),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng_numpy_generator": rng.bit_generator.state,
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_python": random.getstate(),
+            "rng_numpy_legacy": np.random.get_state(),
+            "extra": extra or {},
+        }
+        _atomic_torch_save(state, self.path / CHECKPOINT_NAME)
+
+    def load_state(self, model, optimizer, scheduler, rng: np.random.Generator) -> tuple[int, dict]:
+        """Restore everything; returns (step, extra)."""
+        state = torch.load(self.path / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng_numpy_generator"]
+        torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        random.setstate(state["rng_python"])
+        np.random.set_state(state["rng_numpy_legacy"])
+        return int(state["step"]), dict(state.get("extra") or {})
+
+    # ------------------------------------------------------------------ logging
+    def log(self, row: dict) -> None:
+        path = self.path / "log.csv"
+        row = {"time_s": round(time.time() - self._t0, 2), **row}
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    def write_json(self, name: str, data: dict) -> Path:
+        p = self.path / name
+        p.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+        return p
+
+
+def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warmup: int):
+    """AdamW + LambdaLR cosine schedule (both resumable through their state dicts)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total_steps, warmup))
+    return opt, sched
+
+
+def train_loop(run: RunFolder, model, optimizer, scheduler, rng, total_steps: int, step_fn, *,
+               save_every: int = 100, log_every: int = 10, clip: float = 5.0,
+               on_validate=None, val_every: int = 0, stop_after: int | None = None) -> int:
+    """Run ``step_fn(step) -> (loss tensor, info dict)`` until ``total_steps``; resumable.
+
+    ``stop_after`` ends the call after that many steps (for tests of resuming).
+    Returns the step reached.
+    """
+    step = 0
+    if run.resume:
+        step, _ = run.load_state(model, optimizer, scheduler, rng)
+    done_here = 0
+    t_last = time.time()
+    while step < total_steps:
+        if stop_after is not None and done_here >= stop_after:
+            break
+        model.train()
+        loss, info = step_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        done_here += 1
+        if step % log_every == 0 or step == total_steps:
+            now = time.time()
+            run.log({"step": step, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
+                     "grad_norm": gnorm, "s_per_step": (now - t_last) / log_every, **info})
+            t_last = now
+        if step % save_every == 0 or step == total_steps:
+            run.save_state(step, model, optimizer, scheduler, rng)
+        if on_validate is not None and val_every and step % val_every == 0 and step < total_steps:
+            on_validate(step)
+    if stop_after is not None and step < total_steps:
+        run.save_state(step, model, optimizer, scheduler, rng)
+    return step
+
+
+# --------------------------------------------------------------------------- phantoms
+
+_BODY_PATHOLOGIES = ("wedge_fracture", "endplate_notch", "slip")
+_DISC_PATHOLOGIES = ("narrow_disc", "dark_disc")
+
+
+def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | None = None,
+                   include_s2: bool = False):
+    """A :func:`SpineNetLib.synthetic.phantom.make_phantom` with random FOV, contrast, rotation, spacing, pathology.
+
+    Used as a seeded pool of synthetic slices (all levels C2..S1, T1/T2/STIR
+    contrasts) beside the real lumbar T2/water data.
+    """
+    from SpineNetLib.synthetic import phantom
+    from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+
+    fov = fov or str(rng.choice(["lumbar", "lumbar", "whole", "thoracic", "cervical", "cervical"]))
+    contrast = str(rng.choice(["T1", "T2", "STIR"]))
+    spacing = float(rng.uniform(0.4, 1.2)) if fov != "whole" else float(rng.uniform(0.6, 1.2))
+    pathology: dict[str, list[str]] = {}
+    for _ in range(int(rng.integers(0, 3))):
+        i = int(rng.integers(1, len(LEVELS_TOP_DOWN) - 1))
+        if rng.random() < 0.5:
+            pathology.setdefault(LEVELS_TOP_DOWN[i], []).append(str(rng.choice(_BODY_PATHOLOGIES[:2])))
+        else:
+            key = f"{LEVELS_TOP_DOWN[i]}-{LEVELS_TOP_DOWN[i + 1]}"
+            pathology.setdefault(key, []).append(str(rng.choice(_DISC_PATHOLOGIES)))
+    transitional = None
+    r = rng.random()
+    if r < 0.07:
+        transitional = "lumbarised_S1"
+    elif r < 0.14:
+        transitional = "sacralised_L5"
+    kwargs = dict(fov=fov, contrast=contrast, pixel_spacing=(spacing, spacing), n_slices=int(n_slices),
+                  slice_thickness_mm=float(rng.uniform(3.0, 5.0)), rotation_deg=float(rng.uniform(-15, 15)),
+                  noise=float(rng.uniform(0.005, 0.05)), bias_field=float(rng.uniform(0.0, 0.3)),
+                  midline_offset_mm=float(rng.uniform(-3, 3)), variability=1.0,
+                  seed=int(rng.integers(0, 2 ** 31 - 1)), transitional=transitional, include_s2=include_s2)
+    try:
+        return phantom.make_phantom(pathology=pathology, **kwargs)
+    except Exception:  # an unlucky pathology combination: fall back to a healthy spine
+        return phantom.make_phantom(**kwargs)

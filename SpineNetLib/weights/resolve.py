@@ -1,0 +1,92 @@
+"""Where network weights come from: bundled, the official download, or a folder.
+
+Three sources, chosen with ``--weights``:
+
+* ``bundled`` (default): small fp16 checkpoints shipped in ``SpineNetLib/weights/``
+  (``detector.pt``, ``appearance.pt``, ``context.pt``, optionally ``grading.pt``).
+* ``official``: the VGG SpineNetV2 checkpoints, which the user downloads
+  under their non-commercial licence into a per-user cache
+  (``$SPINENET_CACHE`` or ``$XDG_CACHE_HOME/spinenet`` or ``~/.cache/spinenet``),
+  in the official folder layout (``detect-vfr/``, ``appearance/``, ``context/``,
+  ``grading/``; official §2).  They are never bundled (licence, official §1).
+* a folder: either layout above.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from SpineNetLib.core.errors import WeightsError
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+#: network kind -> (file name in our layout, folder name in the official layout)
+LAYOUT = {
+    "detector": ("detector.pt", "detect-vfr"),
+    "appearance": ("appearance.pt", "appearance"),
+    "context": ("context.pt", "context"),
+    "grading": ("grading.pt", "grading"),
+}
+REQUIRED = ("detector", "appearance", "context")
+
+
+def user_cache_dir() -> Path:
+    """Per-user cache folder for downloaded weights (not the install folder)."""
+    if os.environ.get("SPINENET_CACHE"):
+        return Path(os.environ["SPINENET_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spinenet"
+
+
+def official_weights_dir() -> Path:
+    return user_cache_dir() / "official"
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Checkpoint paths per network (a file, or an official-layout folder)."""
+
+    source: str
+    detector: Path
+    appearance: Path
+    context: Path
+    grading: Path | None = None
+
+    def path(self, kind: str) -> Path | None:
+        return getattr(self, kind)
+
+
+def _find(folder: Path, kind: str) -> Path | None:
+    file_name, official_folder = LAYOUT[kind]
+    if (folder / file_name).is_file():
+        return folder / file_name
+    sub = folder / official_folder
+    if sub.is_dir() and any(p.suffix == ".pt" for p in sub.iterdir()):
+        return sub
+    return None
+
+
+def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
+    """Find the checkpoints for ``spec`` ("bundled", "official" or a folder)."""
+    spec_text = "bundled" if spec in (None, "", "bundled") else str(spec)
+    if spec_text == "bundled":
+        folder, how_to_fix = BUNDLED_DIR, (
+            "this installation has no bundled weights; pass --weights DIR, "
+            "or fetch the official ones with `spinenet weights download --official --accept-license`")
+    elif spec_text == "official":
+        folder, how_to_fix = official_weights_dir(), (
+            "run `spinenet weights download --official --accept-license` "
+            "or `spinenet weights install DIR` first")
+    else:
+        folder = Path(spec_text).expanduser()
+        if not folder.is_dir():
+            raise WeightsError(f"weights folder not found: {folder}")
+        how_to_fix = "expected detector.pt/appearance.pt/context.pt or the official detect-vfr/, appearance/, context/ folders"
+    found = {kind: _find(folder, kind) for kind in LAYOUT}
+    missing = [k for k in REQUIRED if found[k] is None]
+    if missing:
+        raise WeightsError(f"no {', '.join(missing)} weights in {folder} ({spec_text}): {how_to_fix}")
+    return WeightSet(source=spec_text, detector=found["detector"], appearance=found["appearance"],
+                     context=found["context"], grading=found["grading"])
