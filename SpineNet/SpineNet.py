@@ -1,21 +1,38 @@
 """SpineNet: vertebra detection, level labelling and disc grading of sagittal spinal MRI in 3D Slicer.
 
-The module is a thin layer over SpineNetLib:
+The module is a thin layer over SpineNetLib, shaped like SlicerNNUNet:
 
-* the **widget** collects the options, writes the input volume to a
-  temporary ``.npy`` + JSON pair, runs ``SpineNetLib.apps.worker`` in a separate
-  process with ``qt.QProcess`` (the GUI stays responsive; Cancel kills the
-  process), follows its ``PROGRESS``/``WARNING``/``RESULT``/``ERROR`` lines,
-  and shows the results (disc table, vertebra list with level correction,
-  CSV export, hotspots);
-* the **logic** only reads and writes MRML (through ``SpineNetLib.slicer.mrml``)
-  and files, so it runs headless too.
+* the **logic** (:class:`SpineNetLogic`, no GUI calls, so it runs headless)
+  owns the worker behind a small interface, :class:`WorkerProcess`.  It
+  writes the input volume to a temporary ``.npy`` + JSON pair, starts the
+  worker (``SpineNetLib.apps.worker``) on it, follows its
+  ``PROGRESS``/``WARNING``/``RESULT``/``ERROR`` lines, reports them through
+  its signals and the run's callbacks, and shows the results as MRML nodes
+  (through ``SpineNetLib.slicer.mrml``).  Two workers come with it:
+  :class:`QProcessWorker`, the default, runs ``PythonSlicer -m
+  SpineNetLib.apps.worker`` as a separate process with ``qt.QProcess`` (the
+  GUI stays responsive; Cancel kills the process), and
+  :class:`InProcessWorker` calls the same entry point,
+  ``SpineNetLib.apps.worker.run_request``, in this process (scripts, tests,
+  :meth:`SpineNetLogic.runSynchronously`).  Every caller therefore writes the
+  same result files.
+* the **widget** only collects the options, wires the panel to the logic's
+  methods and signals, and shows the results (disc table, vertebra list with
+  level correction, CSV export, hotspots).
+
+From a script (non-blocking; see docs/SLICER.md)::
+
+    logic = SpineNetLogic()
+    run = logic.startRun(volume, weights="bundled", onProgress=print, onFinished=lambda run: print(run.message))
+    logic.cancelRun()            # if needed
+    logic.waitForRun(run)        # or keep Slicer's event loop running
 
 Qt properties are read through :func:`_get`, which works with PythonQt
 (properties are attributes) and with PySide6 (getters are methods); setters
 are always called as methods.  That keeps the widget testable outside Slicer.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,6 +40,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 
 import ctk  # noqa: F401  (the .ui uses ctk widgets; importing registers them)
 import qt
@@ -48,14 +66,16 @@ def _libraryParent():
 
 LIBRARY_PARENT = _libraryParent()
 
-from SpineNetLib.outputs import documents
-from SpineNetLib.apps import worker  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
+from SpineNetLib.outputs import documents  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
+from SpineNetLib.apps import worker  # noqa: E402
 from SpineNetLib.core.errors import SpineNetError  # noqa: E402
 
 #: Import name of each requirement in Resources/requirements.txt.
 IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
 #: Weight sources offered in the panel, in combo-box order.
 WEIGHT_SOURCES = ("bundled", "official", "folder")
+#: What follows the Python program on the worker's command line.
+WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
 
 
 def _get(widget, name):
@@ -90,6 +110,246 @@ def _headerText(column):
 
 
 #
+# Signals and workers (no widgets: the logic uses them headless)
+#
+
+
+class Signal:
+    """A minimal signal that needs no QObject: ``connect(slot)``, ``disconnect(slot)``, ``emit(*args)``."""
+
+    def __init__(self, *argumentNames):
+        self.argumentNames = argumentNames
+        self._slots = []
+
+    def connect(self, slot):
+        self._slots.append(slot)
+
+    def disconnect(self, slot=None):
+        """Disconnect one slot (every connection of it), or all slots when none is given."""
+        self._slots = [] if slot is None else [s for s in self._slots if s != slot]
+
+    def emit(self, *args):
+        for slot in list(self._slots):
+            slot(*args)
+
+
+class LineSink:
+    """A text stream for ``worker.LineProtocol`` that hands every complete line to ``onLine``."""
+
+    def __init__(self, onLine):
+        self._onLine = onLine
+        self._buffer = ""
+
+    def write(self, text):
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self._onLine(line)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        """Hand over a last line that has no newline."""
+        rest, self._buffer = self._buffer, ""
+        if rest.strip():
+            self._onLine(rest)
+
+
+class WorkerProcess:
+    """What :class:`SpineNetLogic` needs of a worker; one instance runs once.
+
+    * ``start(run)`` starts the worker on a :class:`SpineNetRun` (its
+      ``program``, ``arguments``, ``environment`` and ``workingDirectory`` for a
+      process, its ``workerArguments`` for ``worker.run_request`` in this process);
+    * ``cancel()`` stops it at once (``finished`` still follows);
+    * ``isRunning()``;
+    * signal ``lineReceived(line)``: one line the worker wrote on stdout;
+    * signal ``finished(exitCode, errorText)``: the worker ended; ``exitCode`` is
+      None when it could not be started, ``errorText`` is what it wrote on stderr.
+
+    Tests inject their own (``SpineNetLogic(workerFactory=...)``).
+    """
+
+    def __init__(self):
+        self.lineReceived = Signal("line")
+        self.finished = Signal("exitCode", "errorText")
+
+    def start(self, run):
+        raise NotImplementedError
+
+    def cancel(self):
+        raise NotImplementedError
+
+    def isRunning(self):
+        raise NotImplementedError
+
+
+class QProcessWorker(WorkerProcess):
+    """The worker as a separate process (``qt.QProcess``): the default, keeps Slicer responsive."""
+
+    def __init__(self):
+        WorkerProcess.__init__(self)
+        self.process = None
+        self._running = False
+        self._buffer = ""
+
+    def start(self, run):
+        process = qt.QProcess()
+        process.setProgram(run.program)
+        process.setArguments(run.arguments)
+        process.setWorkingDirectory(run.workingDirectory)
+        environment = qt.QProcessEnvironment.systemEnvironment()
+        for key, value in run.environment.items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.readyReadStandardOutput.connect(self._onOutput)
+        process.finished.connect(self._onFinished)
+        process.errorOccurred.connect(self._onError)
+        # The process stays referenced after it finished: releasing the last reference inside
+        # its own signal would delete it while Qt is still emitting.
+        self.process, self._running, self._buffer = process, True, ""
+        process.start()
+
+    def cancel(self):
+        if self._running:
+            self.process.kill()
+
+    def isRunning(self):
+        return self._running
+
+    def _onOutput(self, *args):
+        if not self._running:
+            return
+        self._buffer += _text(self.process.readAllStandardOutput())
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self.lineReceived.emit(line)
+
+    def _onError(self, error=None):
+        """Only a worker that could not start ends here (a crash or a kill also emits finished)."""
+        if not self._running or error != qt.QProcess.FailedToStart:
+            return
+        self._running = False
+        self.finished.emit(None, "")
+
+    def _onFinished(self, *args):
+        if not self._running:
+            return
+        self._onOutput()
+        rest, self._buffer = self._buffer, ""
+        if rest.strip():
+            self.lineReceived.emit(rest)
+        errors = _text(self.process.readAllStandardError()).strip()
+        self._running = False
+        self.finished.emit(self.process.exitCode(), errors)
+
+
+class _Cancelled(BaseException):
+    """Raised inside an in-process run to stop it (a BaseException: pipelines' ``except Exception`` let it pass)."""
+
+
+class InProcessWorker(WorkerProcess):
+    """The worker's entry point called in this process: ``worker.run_request(worker.build_parser().parse_args(...))``.
+
+    ``start`` returns only when the run is over (``finished`` has been
+    emitted).  ``cancel()`` from a progress callback stops the run at its next
+    progress report.  The exception that ended a failed run is kept in
+    ``exception`` (:meth:`SpineNetLogic.runSynchronously` raises it again).
+    """
+
+    def __init__(self):
+        WorkerProcess.__init__(self)
+        self.exception = None
+        self._running = self._cancelled = self._ending = False
+
+    def isRunning(self):
+        return self._running
+
+    def cancel(self):
+        self._cancelled = self._running
+
+    def _onLine(self, line):
+        self.lineReceived.emit(line)
+        if self._cancelled and not self._ending:
+            raise _Cancelled()
+
+    def start(self, run):
+        sink = LineSink(self._onLine)
+        protocol = worker.LineProtocol(sink)
+        self._running, self._cancelled, self._ending, self.exception = True, False, False, None
+        exitCode = worker.EXIT_OK
+        try:
+            with contextlib.redirect_stdout(sink):  # a usage error is reported as an ERROR line on stdout
+                args = worker.build_parser().parse_args(list(run.workerArguments))
+            manifest = worker.run_request(args, protocol)
+        except _Cancelled:
+            self._ending, exitCode = True, worker.EXIT_INTERNAL
+        except SystemExit as error:  # a usage error (the parser has reported it)
+            self._ending, self.exception = True, error
+            exitCode = error.code if isinstance(error.code, int) else worker.EXIT_USAGE
+        except SpineNetError as error:
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
+            protocol.send("ERROR", str(error))
+        except OSError as error:
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
+            target = f" {error.filename}" if getattr(error, "filename", None) else ""
+            protocol.send("ERROR", f"cannot access{target}: {error.strerror or error}")
+        except Exception as error:  # a bug: one line here, the traceback in the log
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_INTERNAL
+            logging.exception("SpineNet worker (in process)")
+            protocol.send("ERROR", f"internal error: {type(error).__name__}: {error}")
+        else:
+            self._ending = True
+            sink.write(f"RESULT {manifest}\n")  # the path as is, spaces included
+        sink.close()
+        self._running = False
+        self.finished.emit(exitCode, "")
+
+
+class SpineNetRun:
+    """One run of the worker on a volume: how it was started, what it reported, how it ended.
+
+    ``status`` is "running", then "done", "failed" or "cancelled"; ``message``
+    is the one-line outcome the panel shows; ``nodes`` are the result nodes
+    (:class:`SpineNetLib.slicer.mrml.ResultNodes`) of a run that is done.
+    """
+
+    def __init__(self, volumeNode, prepared, onProgress=None, onWarning=None, onFinished=None):
+        self.volumeID = volumeNode.GetID()
+        self.volumeName = volumeNode.GetName()
+        self.program = prepared["program"]
+        self.arguments = prepared["arguments"]
+        self.environment = prepared["environment"]
+        self.workingDirectory = prepared["workingDirectory"]
+        self.workerArguments = prepared["workerArguments"]
+        self.folder = prepared["folder"]
+        self.output = prepared["output"]
+        self.onProgress, self.onWarning, self.onFinished = onProgress, onWarning, onFinished
+        self.status = "running"
+        self.cancelled = False
+        self.progress = (0, 1, "")
+        self.warnings = []
+        self.resultPath = None
+        self.error = None
+        self.exitCode = None
+        self.errorText = ""
+        self.message = ""
+        self.nodes = None
+
+    def get(self, key, default=None):
+        """Dictionary-style access (``cleanupRun`` takes a :meth:`SpineNetLogic.prepareRun` dict too)."""
+        return getattr(self, key, default)
+
+    def isFinished(self):
+        return self.status != "running"
+
+    def __repr__(self):
+        return f"<SpineNetRun {self.volumeName!r} {self.status}: {self.message or self.progress[2]}>"
+
+
+#
 # Module
 #
 
@@ -119,16 +379,12 @@ class SpineNet(ScriptedLoadableModule):
 
 
 class SpineNetWidget(ScriptedLoadableModuleWidget):
-    """The "Detect & Grade" panel."""
+    """The "Detect & Grade" panel: options in, logic calls out, logic signals back to the panel."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
         self.ui = None
-        self.process = None
-        self._lastProcess = None
-        self._buffer = ""
-        self._run = None
         self._populating = False
         self._levelCombos = []
 
@@ -142,6 +398,9 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.inputSelector.setMRMLScene(slicer.mrmlScene)
         self.logic = SpineNetLogic()
+        self.logic.progressReported.connect(self.onRunProgress)
+        self.logic.warningReported.connect(self.onRunWarning)
+        self.logic.runFinished.connect(self.onRunFinished)
 
         self.ui.weightsComboBox.clear()
         for label in ("Bundled (this project)", "Official SpineNetV2 (download, non-commercial)", "Folder..."):
@@ -169,17 +428,20 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         self.onInputChanged()
 
     def cleanup(self):
-        """Module closed: stop a running worker."""
-        if self.process is not None:
-            self._run["cancelled"] = True
-            self.process.kill()
+        """Module closed: stop a running worker and stop listening to the logic."""
+        if self.logic is None:
+            return
+        self.logic.cancelRun()
+        self.logic.progressReported.disconnect(self.onRunProgress)
+        self.logic.warningReported.disconnect(self.onRunWarning)
+        self.logic.runFinished.disconnect(self.onRunFinished)
 
     def setStatus(self, message):
         self.ui.statusLabel.setText(message)
         logging.info("SpineNet: %s", message)
 
     def updateWidgets(self, *args):
-        running = self.process is not None
+        running = self.logic.isRunning()
         folder = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))] == "folder"
         self.ui.weightsFolderLineEdit.setEnabled(folder)
         self.ui.weightsBrowseButton.setEnabled(folder)
@@ -194,7 +456,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         return self.ui.inputSelector.currentNode()
 
     def settings(self):
-        """The options chosen in the panel, as the worker takes them."""
+        """The options chosen in the panel, as :meth:`SpineNetLogic.startRun` takes them."""
         source = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))]
         weights = _get(self.ui.weightsFolderLineEdit, "text").strip() if source == "folder" else source
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",
@@ -207,10 +469,10 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         if folder:
             self.ui.weightsFolderLineEdit.setText(folder)
 
-    # ----------------------------------------------------------------- running
+    # ----------------------------------------------------------------- running (delegated to the logic)
 
     def onApply(self):
-        if self.process is not None:
+        if self.logic.isRunning():
             return
         volume = self._volume()
         if volume is None:
@@ -233,109 +495,39 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
             except Exception as error:
                 self.setStatus("Installing the Python packages failed: " + " ".join(str(error).split()))
                 return
-        try:
-            run = self.logic.prepareRun(volume, pipeline=self.logic.pipeline, options=self.logic.pipelineOptions,
-                                        **settings)
-        except SpineNetError as error:
-            self.setStatus("Error: " + str(error))
-            return
-        self._run = dict(run, volumeID=volume.GetID(), cancelled=False, result=None, error=None, warnings=[])
-        self._buffer = ""
-        process = qt.QProcess()
-        process.setProgram(run["program"])
-        process.setArguments(run["arguments"])
-        process.setWorkingDirectory(LIBRARY_PARENT)
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        for key, value in run["environment"].items():
-            environment.insert(key, value)
-        process.setProcessEnvironment(environment)
-        process.readyReadStandardOutput.connect(self.onWorkerOutput)
-        process.finished.connect(self.onWorkerFinished)
-        process.errorOccurred.connect(self.onWorkerError)
-        self.process = process
         self.ui.progressBar.setMaximum(100)
         self.ui.progressBar.setValue(0)
         self.setStatus("Starting SpineNet on " + volume.GetName() + " ...")
+        try:
+            self.logic.startRun(volume, **settings)
+        except SpineNetError as error:
+            self.setStatus("Error: " + str(error))
         self.updateWidgets()
-        process.start()
 
     def onCancel(self):
-        if self.process is None:
+        if not self.logic.isRunning():
             return
-        self._run["cancelled"] = True
         self.setStatus("Cancelling ...")
-        self.process.kill()
+        self.logic.cancelRun()
 
-    def onWorkerOutput(self, *args):
-        if self.process is None:
-            return
-        self._buffer += _text(self.process.readAllStandardOutput())
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            self.handleWorkerLine(line)
+    def onRunProgress(self, done, total, message):
+        self.ui.progressBar.setMaximum(max(1, total))
+        self.ui.progressBar.setValue(min(done, max(1, total)))
+        self.ui.statusLabel.setText(message.capitalize() + " ...")
 
-    def handleWorkerLine(self, line):
-        message = worker.parse_line(line)
-        if message.kind == "PROGRESS":
-            self.ui.progressBar.setMaximum(max(1, message.total))
-            self.ui.progressBar.setValue(min(message.done, max(1, message.total)))
-            self.ui.statusLabel.setText(message.text.capitalize() + " ...")
-        elif message.kind == "WARNING":
-            self._run["warnings"].append(message.text)
-            self.setStatus("Warning: " + message.text)
-        elif message.kind == "RESULT":
-            self._run["result"] = message.text
-        elif message.kind == "ERROR":
-            self._run["error"] = message.text
-        elif line.strip():
-            logging.info("SpineNet worker: %s", line)
+    def onRunWarning(self, message):
+        self.setStatus("Warning: " + message)
 
-    def onWorkerError(self, error=None):
-        """Only a worker that could not start ends here (a crash or a kill also emits finished)."""
-        if self.process is None or error != qt.QProcess.FailedToStart:
-            return
-        run, self._lastProcess, self.process = self._run, self.process, None
-        self.logic.cleanupRun(run)
-        self.setStatus("Could not start the SpineNet worker (" + run["program"] + "); see the Python console log.")
-        self.updateWidgets()
-
-    def onWorkerFinished(self, *args):
-        process, run = self.process, self._run
-        if process is None:
-            return
-        self.onWorkerOutput()
-        if self._buffer.strip():
-            self.handleWorkerLine(self._buffer)
-        self._buffer = ""
-        errors = _text(process.readAllStandardError()).strip()
-        if errors:
-            logging.info("SpineNet worker stderr:\n%s", errors)
-        exitCode = process.exitCode()
-        # Keep the finished process referenced until the next run: releasing the last reference
-        # inside its own signal would delete it while Qt is still emitting.
-        self._lastProcess, self.process = process, None
-        self.logic.cleanupRun(run)
-        if run["cancelled"]:
+    def onRunFinished(self, run):
+        if run.status == "cancelled":
             self.ui.progressBar.setValue(0)
-            self.setStatus("Cancelled.")
-        elif run["error"]:
-            self.setStatus("Error: " + run["error"])
-        elif run["result"]:
-            volume = self.logic.scene.GetNodeByID(run["volumeID"])
-            try:
-                self.logic.loadResults(volume, run["result"])
-            except SpineNetError as error:
-                self.setStatus("Error: " + str(error))
-            else:
-                self.ui.progressBar.setValue(_get(self.ui.progressBar, "maximum"))
-                if self._volume() is not volume:
-                    self.ui.inputSelector.setCurrentNode(volume)
-                self.populateResults()
-                summary = self.logic.summary(volume)
-                self.setStatus(summary + ("" if not run["warnings"] else " Warning: " + run["warnings"][-1]))
-        else:
-            lastLine = errors.splitlines()[-1] if errors else "no message"
-            self.setStatus(f"The SpineNet worker stopped (exit code {exitCode}) without a result: {lastLine}")
+        elif run.status == "done":
+            self.ui.progressBar.setValue(_get(self.ui.progressBar, "maximum"))
+            volume = self.logic.scene.GetNodeByID(run.volumeID)
+            if self._volume() is not volume:
+                self.ui.inputSelector.setCurrentNode(volume)
+            self.populateResults()
+        self.setStatus(run.message)
         self.updateWidgets()
 
     # ----------------------------------------------------------------- results
@@ -453,15 +645,32 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
 
 
 class SpineNetLogic(ScriptedLoadableModuleLogic):
-    """MRML and files only (no GUI): usable from the Python console and in batch scripts."""
+    """MRML, files and the worker; no GUI calls: usable from the Python console and in batch scripts.
 
-    def __init__(self, scene=None):
+    Signals (connect a callable; see :class:`Signal`):
+
+    * ``progressReported(done, total, message)``
+    * ``warningReported(message)``
+    * ``runFinished(run)``: a :class:`SpineNetRun` whose ``status`` is "done",
+      "failed" or "cancelled" and whose ``message`` says how it ended.
+    """
+
+    def __init__(self, scene=None, workerFactory=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
         #: Hook for extensions and tests: "MODULE:FUNCTION" or "FILE.py:FUNCTION" replacing the
         #: worker's default pipeline, and extra options for it (see SpineNetLib.apps.worker).
         self.pipeline = None
         self.pipelineOptions = {}
+        #: Makes the :class:`WorkerProcess` of each run (default: a separate process).
+        self.workerFactory = workerFactory or QProcessWorker
+        self.worker = None
+        self.currentRun = None
+        self.lastRun = None
+        self._lastWorker = None
+        self.progressReported = Signal("done", "total", "message")
+        self.warningReported = Signal("message")
+        self.runFinished = Signal("run")
 
     @property
     def scene(self):
@@ -544,43 +753,172 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                    pipeline=None, options=None, workFolder=None):
         """Write the volume for the worker and return how to start it.
 
-        Returns ``{"program", "arguments", "environment", "folder", "output"}``;
-        the voxels ([k, j, i]) and IJK-to-RAS go to the worker unchanged.
+        Returns ``{"program", "arguments", "environment", "workingDirectory",
+        "workerArguments", "folder", "output"}``: ``program`` + ``arguments`` run
+        the worker as a process, ``workerArguments`` are what
+        ``SpineNetLib.apps.worker.build_parser()`` parses; the voxels ([k, j, i])
+        and IJK-to-RAS go to the worker unchanged.
         """
         mrml = self._mrml()
-        folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
         voxels, ijkToRas = mrml.volume_arrays(volumeNode)
+        folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
         npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas,
                                             {"path": volumeNode.GetName(), "format": "Slicer volume"})
         output = os.path.join(folder, "results")
-        arguments = ["-m", "SpineNetLib.apps.worker"] + worker.worker_arguments(
+        workerArguments = worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
             hotspot_head=hotspot_head, pipeline=pipeline, options=options)
         pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
-        return {"program": self.pythonExecutable(), "arguments": arguments, "folder": folder, "output": output,
+        return {"program": self.pythonExecutable(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
+                "workerArguments": workerArguments, "workingDirectory": LIBRARY_PARENT,
+                "folder": folder, "output": output,
                 "environment": {"PYTHONPATH": pythonPath, "PYTHONUNBUFFERED": "1"}}
 
     @staticmethod
     def cleanupRun(run):
         """Delete the temporary input files of a run (the results folder stays for hotspots)."""
         if run and run.get("folder"):
-            shutil.rmtree(os.path.join(run["folder"], "input"), ignore_errors=True)
+            shutil.rmtree(os.path.join(run.get("folder"), "input"), ignore_errors=True)
+
+    def isRunning(self):
+        return self.currentRun is not None
+
+    def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
+                 pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
+                 workerProcess=None, workFolder=None):
+        """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
+
+        ``onProgress(done, total, message)``, ``onWarning(message)`` and
+        ``onFinished(run)`` are called for this run (after the logic's signals).
+        ``pipeline``/``options`` default to :attr:`pipeline`/:attr:`pipelineOptions`;
+        ``workerProcess`` replaces :attr:`workerFactory`'s worker for this run (an
+        :class:`InProcessWorker` finishes before ``startRun`` returns).
+        Raises :class:`SpineNetError` when a run is going on or the volume cannot be used.
+        """
+        if self.isRunning():
+            raise SpineNetError("SpineNet is already running: wait for it or cancel it first")
+        if volumeNode is None:
+            raise SpineNetError("no input volume")
+        prepared = self.prepareRun(volumeNode, weights=weights, device=device, grading=grading,
+                                   hotspot_head=hotspot_head,
+                                   pipeline=self.pipeline if pipeline is None else pipeline,
+                                   options=self.pipelineOptions if options is None else options,
+                                   workFolder=workFolder)
+        run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
+        process = workerProcess if workerProcess is not None else self.workerFactory()
+        process.lineReceived.connect(functools.partial(self._onWorkerLine, run))
+        process.finished.connect(functools.partial(self._onWorkerFinished, run))
+        self.worker, self.currentRun = process, run
+        try:
+            process.start(run)
+        except BaseException:
+            if self.currentRun is run:
+                self.worker = self.currentRun = None
+                self.cleanupRun(run)
+            raise
+        return run
+
+    def cancelRun(self):
+        """Stop the current run (it finishes with status "cancelled"); False when nothing runs."""
+        run, process = self.currentRun, self.worker
+        if run is None:
+            return False
+        run.cancelled = True
+        process.cancel()
+        return True
+
+    def waitForRun(self, run=None, timeout=None):
+        """Process Qt events until ``run`` (default: the current run) has finished; returns it.
+
+        For scripts that use the default process worker outside the event loop.
+        Raises :class:`SpineNetError` after ``timeout`` seconds.
+        """
+        run = run or self.currentRun or self.lastRun
+        deadline = None if timeout is None else time.monotonic() + timeout
+        application = getattr(slicer, "app", None) or qt.QCoreApplication.instance()
+        while run is not None and not run.isFinished():
+            if deadline is not None and time.monotonic() > deadline:
+                raise SpineNetError(f"SpineNet did not finish within {timeout} s")
+            application.processEvents()
+            time.sleep(0.01)
+        return run
+
+    def _onWorkerLine(self, run, line):
+        if run is not self.currentRun:
+            return
+        message = worker.parse_line(line)
+        if message.kind == "PROGRESS":
+            run.progress = (message.done, message.total, message.text)
+            self.progressReported.emit(message.done, message.total, message.text)
+            if run.onProgress is not None:
+                run.onProgress(message.done, message.total, message.text)
+        elif message.kind == "WARNING":
+            run.warnings.append(message.text)
+            self.warningReported.emit(message.text)
+            if run.onWarning is not None:
+                run.onWarning(message.text)
+        elif message.kind == "RESULT":
+            run.resultPath = message.text
+        elif message.kind == "ERROR":
+            run.error = message.text
+        elif line.strip():
+            logging.info("SpineNet worker: %s", line)
+
+    def _onWorkerFinished(self, run, exitCode, errorText):
+        if run is not self.currentRun:
+            return
+        # Keep the finished worker referenced until the next run (see QProcessWorker.start).
+        self._lastWorker, self.worker, self.currentRun, self.lastRun = self.worker, None, None, run
+        run.exitCode, run.errorText = exitCode, errorText or ""
+        if run.errorText:
+            logging.info("SpineNet worker stderr:\n%s", run.errorText)
+        self.cleanupRun(run)
+        if run.cancelled:
+            run.status, run.message = "cancelled", "Cancelled."
+        elif exitCode is None:
+            run.status = "failed"
+            run.message = "Could not start the SpineNet worker (" + run.program + "); see the Python console log."
+        elif run.error:
+            run.status, run.message = "failed", "Error: " + run.error
+        elif run.resultPath:
+            self._showRunResults(run)
+        else:
+            lastLine = run.errorText.splitlines()[-1] if run.errorText else "no message"
+            run.status = "failed"
+            run.message = f"The SpineNet worker stopped (exit code {exitCode}) without a result: {lastLine}"
+        self.runFinished.emit(run)
+        if run.onFinished is not None:
+            run.onFinished(run)
+
+    def _showRunResults(self, run):
+        volume = self.scene.GetNodeByID(run.volumeID)
+        if volume is None:
+            run.status, run.message = "failed", "Error: the input volume is no longer in the scene."
+            return
+        try:
+            run.nodes = self.loadResults(volume, run.resultPath)
+        except SpineNetError as error:
+            run.status, run.message = "failed", "Error: " + str(error)
+            return
+        run.status = "done"
+        run.message = self.summary(volume) + ("" if not run.warnings else " Warning: " + run.warnings[-1])
 
     def runSynchronously(self, volumeNode, pipeline=None, options=None, progress=None, **settings):
-        """Run the pipeline in this process (blocks) and show the results; for scripts and tests."""
-        mrml = self._mrml()
-        run = self.prepareRun(volumeNode, pipeline=pipeline, options=options, **settings)
-        try:
-            function = worker.load_pipeline(pipeline)
-            scan = mrml.scan_from_volume_node(volumeNode)
-            allOptions = {"weights": settings.get("weights", "bundled"), "device": settings.get("device", "auto"),
-                          "grading": settings.get("grading", True), "hotspot_head": settings.get("hotspot_head"),
-                          "output": run["output"], **(options or {})}
-            result = function(scan, allOptions, progress or (lambda done, total, message: None))
-            documents.write_result_files(run["output"], result["vertebrae"], result.get("discs"), result.get("hotspots"))
-        finally:
-            self.cleanupRun(run)
-        return self.loadResults(volumeNode, os.path.join(run["output"], "result.json"))
+        """Run SpineNet in this process (blocks) and show the results; returns the result nodes.
+
+        The same entry point (``SpineNetLib.apps.worker.run_request``) and the same files
+        as the panel's worker process.  For scripts and tests; raises the error
+        that stopped the run (:class:`SpineNetError` for a problem with the input,
+        options or weights, or a cancelled run).
+        """
+        process = InProcessWorker()
+        run = self.startRun(volumeNode, pipeline=pipeline, options=options, onProgress=progress,
+                            workerProcess=process, **settings)
+        if run.status != "done":
+            if process.exception is not None and not isinstance(process.exception, SystemExit):
+                raise process.exception
+            raise SpineNetError(run.error or run.message)
+        return run.nodes
 
     # ----------------------------------------------------------------- results
 
@@ -620,17 +958,21 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         return [v.get("level") for v in vertebraeDoc["vertebrae"]]
 
     def exportCsv(self, volumeNode, folder):
-        """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv``; returns their paths."""
+        """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv`` (the run's CSV files); returns their paths."""
+        from SpineNetLib.outputs.files import write_files_atomically
         from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
 
         vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
         if vertebraeDoc is None:
             raise SpineNetError("there are no SpineNet results for this volume to export")
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("_") or "volume"
-        files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc),
-                 f"{stem}_discs.csv": documents.discs_csv_text(vertebraeDoc, discsDoc)}
-        from SpineNetLib.outputs.vertebrae import write_files_atomically
+        if discsDoc is None:  # no disc stage: level and centre of each disc (needs no torch)
+            discsText = documents.table_csv_text(*documents.disc_table(vertebraeDoc))
+        else:
+            from SpineNetLib.outputs.discs import discs_csv_text
 
+            discsText = discs_csv_text(discsDoc, vertebraeDoc)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("_") or "volume"
+        files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc), f"{stem}_discs.csv": discsText}
         return [str(p) for p in write_files_atomically(folder, files)]
 
     def showHotspots(self, volumeNode, disc, head):
@@ -654,32 +996,105 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 #
 
 
+def selfTestPipeline(scan, options, progress):
+    """A pipeline for the self-test (``--pipeline SpineNet:selfTestPipeline``): returns the
+    vertebrae document in the file ``options["vertebrae"]`` instead of running networks."""
+    import json
+
+    from SpineNetLib.pipeline import RunResult
+
+    progress(1, 1, "self-test outlines")
+    with open(options["vertebrae"], encoding="utf-8") as handle:
+        return RunResult(vertebrae_document=json.load(handle))
+
+
 class SpineNetTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer: phantom ground truth -> MRML nodes -> level correction (no weights needed)."""
+    """Self-test inside Slicer, without weights: a small volume of boxes and their ground-truth outlines
+    -> MRML nodes -> level correction, then the same outlines through the worker's entry point in process.
+
+    It needs only what the extension installs for inference (no phantom from SpineNetLib.synthetic).
+    """
+
+    LEVELS = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
-        self.test_PhantomResults()
+        self.test_Results()
+        self.setUp()
+        self.test_RunThroughTheWorker()
 
-    def test_PhantomResults(self):
+    def _boxes(self):
+        """(volume node, vertebrae document): seven bright boxes stacked head to foot on five sagittal slices.
+
+        The array is in SpineNet's canonical layout ([row, col, slice] = S->I, A->P, R->L; 1 mm
+        pixels, 4 mm slices), so the canonical outlines are the boxes' corners.
+        """
+        import types
+
+        import numpy as np
+
+        from SpineNetLib.inputs.canonical import scan_from_array
         from SpineNetLib.slicer import mrml
-        from SpineNetLib.synthetic.phantom import make_phantom
 
-        self.delayDisplay("Building a phantom")
-        phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.6, 1.6), n_slices=9)
-        volume = mrml.add_volume(slicer.mrmlScene, phantom.voxels_kji, phantom.ijk_to_ras, "SpineNet phantom")
-        vertebraeDoc = documents.vertebrae_document_from_truth(phantom.scan, phantom.vertebrae)
+        rows, cols, slices = 256, 128, 5
+        voxels = np.full((rows, cols, slices), 20, np.int16)
+        truth = []
+        for n, level in enumerate(self.LEVELS):
+            top, bottom, front, back = 16 + 32 * n, 16 + 32 * n + 23, 40, 84
+            voxels[top:bottom + 1, front:back + 1, :] = 200
+            quad = np.array([[back, top], [back, bottom], [front, bottom], [front, top]], float)  # rt, rb, lb, lt
+            truth.append(types.SimpleNamespace(level=level, slices=range(1, slices - 1),
+                                               quads={s: quad for s in range(slices)}))
+        ijkToRas = np.diag([-4.0, -1.0, -1.0, 1.0])  # i = slice (R->L), j = col (A->P), k = row (S->I)
+        scan = scan_from_array(voxels, ijkToRas, {"path": "SpineNet self-test"})
+        volume = mrml.add_volume(slicer.mrmlScene, voxels, ijkToRas, "SpineNet self-test")
+        return volume, documents.vertebrae_document_from_truth(scan, truth)
+
+    def test_Results(self):
+        self.delayDisplay("Showing ground-truth outlines")
+        volume, vertebraeDoc = self._boxes()
         logic = SpineNetLogic()
         nodes = logic.showResults(volume, vertebraeDoc)
-        self.assertEqual(len(nodes.curves), len(phantom.vertebrae))
-        self.assertEqual(nodes.table.GetNumberOfRows(), len(phantom.vertebrae) - 1)
+        self.assertEqual(len(nodes.curves), len(self.LEVELS))
+        self.assertEqual(nodes.table.GetNumberOfRows(), len(self.LEVELS) - 1)
         logic.showResults(volume, vertebraeDoc)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
         # ground truth is certain of every other level, so only the pinned one changes
         levels = logic.correctLevel(volume, 0, "T11")
-        self.assertEqual(levels, ["T11"] + phantom.levels[1:])
+        self.assertEqual(levels, ["T11"] + self.LEVELS[1:])
         self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName("SpineNet T11"))
+
+    def test_RunThroughTheWorker(self):
+        import json
+
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # the worker needs PyTorch, installed on first use
+            self.delayDisplay("Skipped the run through the worker: PyTorch is not installed")
+            self.delayDisplay("SpineNet self-test passed")
+            return
+        self.delayDisplay("Running the worker's entry point in process")
+        volume, vertebraeDoc = self._boxes()
+        folder = tempfile.mkdtemp(prefix="SpineNetTest-")
+        try:
+            truth = os.path.join(folder, "truth.json")
+            with open(truth, "w", encoding="utf-8") as handle:
+                json.dump(vertebraeDoc, handle)
+            seen = []
+            logic = SpineNetLogic()
+            nodes = logic.runSynchronously(volume, pipeline=__name__ + ":selfTestPipeline",
+                                           options={"vertebrae": truth}, workFolder=os.path.join(folder, "run"),
+                                           progress=lambda *report: seen.append(report))
+            self.assertEqual(len(nodes.curves), len(self.LEVELS))
+            self.assertIn((1, 1, "self-test outlines"), seen)
+            self.assertTrue(logic.summary(volume).startswith("7 vertebrae (T12..S1)"))
+            results = logic.documents(volume)[2]
+            self.assertTrue(os.path.isfile(os.path.join(results, "result.json")))
+            self.assertTrue(os.path.isfile(os.path.join(results, "vertebrae.csv")))
+            self.assertFalse(os.path.exists(os.path.join(folder, "run", "input")))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("SpineNet self-test passed")

@@ -1,28 +1,43 @@
-"""Detection, labelling and disc grading of a whole scan: the stages glued together.
+"""Detection, labelling and the disc stage of a whole scan: the stages glued together.
 
-``load_networks`` resolves and loads the weights once; ``detect_and_label``
-runs detection (paper §3.1) and labelling (paper §3.2) on a :class:`Scan` and
-returns vertebrae top to bottom, in canonical coordinates, with per-stage
-timings.  ``grade_discs`` cuts the disc volumes (paper §3.3), grades them when
-a grading network is loaded (paper §3.4) and measures the discs and bodies.
-``SpineNetLib.outputs.vertebrae`` and ``SpineNetLib.outputs.discs`` map them back to the
-input's RAS space.
+:func:`run` is the one orchestrator every caller uses (``spinenet run``, the
+Slicer worker and batch script, Python code): given a :class:`Scan` and the
+:class:`Networks` of :func:`load_networks`, it detects and labels the
+vertebrae, cuts, measures and (with a grading network) grades the discs,
+computes hotspot maps when asked, and returns a :class:`RunResult`.  It
+writes no files; :func:`SpineNetLib.outputs.files.write_results` does.
+
+The stages, usable on their own: :func:`load_networks` resolves and loads
+the weights once; :func:`detect_and_label` runs detection (paper §3.1) and
+labelling (paper §3.2) and returns vertebrae top to bottom, in canonical
+coordinates, with per-stage timings; :func:`grade_discs` cuts the disc
+volumes (paper §3.3), grades them when a grading network is loaded (paper
+§3.4) and measures the discs and bodies.  :mod:`SpineNetLib.outputs.vertebrae`
+and :mod:`SpineNetLib.outputs.discs` map the results back to the input's RAS
+space as the ``spinenet.vertebrae/1`` and ``spinenet.discs/1`` documents.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-from SpineNetLib.weights import checkpoints
-from SpineNetLib.detect import vfr as detection
-from SpineNetLib.label import labelling
 from SpineNetLib.core.errors import InputError, SpineNetError
 from SpineNetLib.core.progress import ProgressCallback, scaled
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.detect import vfr as detection
+from SpineNetLib.discs.extraction import extract_ivd_volumes
+from SpineNetLib.discs.grading import grade_volumes
+from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
+from SpineNetLib.discs.measurements import measure_spine
+from SpineNetLib.label import labelling
+from SpineNetLib.outputs.discs import discs_document
+from SpineNetLib.outputs.vertebrae import vertebrae_document
+from SpineNetLib.weights import checkpoints
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights
 
 
@@ -81,9 +96,9 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                                         progress=scaled(progress, "detecting vertebrae"))
     start = time.perf_counter()
     if result.vertebrae:
-        labelling.label_vertebrae(scan, result.vertebrae, networks.appearance, networks.context,
-                                  labelling_params, device=networks.device,
-                                  progress=scaled(progress, "labelling levels"))
+        result.vertebrae = labelling.label_vertebrae(scan, result.vertebrae, networks.appearance,
+                                                     networks.context, labelling_params, device=networks.device,
+                                                     progress=scaled(progress, "labelling levels"))
     result.timings_s["labelling"] = time.perf_counter() - start
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty)}
     return result
@@ -109,10 +124,6 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
     ``grade=False`` the discs are still cut and measured; the status says why
     they were not graded.
     """
-    from SpineNetLib.discs.grading import grade_volumes
-    from SpineNetLib.discs.extraction import extract_ivd_volumes
-    from SpineNetLib.discs.measurements import measure_spine
-
     timings: dict[str, float] = {}
     start = time.perf_counter()
     ivds = extract_ivd_volumes(scan, vertebrae)
@@ -143,3 +154,111 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         timings["grading"] = time.perf_counter() - start
     return DiscResult(ivds=ivds, grades=grades, measurements=measurements, grading_status=status,
                       timings_s=timings)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+@dataclass
+class RunOptions:
+    """What :func:`run` does beyond detection and labelling."""
+
+    #: Grade the discs (needs a grading network); the discs are cut and measured either way.
+    grade: bool = True
+    #: Grading heads whose evidence maps are computed (names or columns, e.g. ``["Pfirrmann"]``);
+    #: needs the grading.
+    hotspot_heads: Sequence[str] = ()
+    #: One of :data:`SpineNetLib.discs.hotspots.METHODS`.
+    hotspot_method: str = DEFAULT_METHOD
+    #: Test-time augmentations averaged per hotspot map (fewer is faster on a CPU).
+    hotspot_augmentations: int = 16
+    #: Seconds the caller already spent on this run (e.g. ``{"load_scan": 0.8, "load_networks": 2.1}``):
+    #: listed first in the timings and counted in their total.
+    earlier_timings_s: dict[str, float] = field(default_factory=dict)
+    detection_params: detection.DetectionParams | None = None
+    labelling_params: labelling.LabellingParams | None = None
+    #: Disc volumes per grading-network call.
+    grading_batch_size: int = 4
+
+
+@dataclass
+class RunResult:
+    """Everything a run found; :func:`SpineNetLib.outputs.files.write_results` writes it.
+
+    A plug-in pipeline of the Slicer worker returns one too, filling at
+    least ``vertebrae_document``.
+    """
+
+    #: The ``spinenet.vertebrae/1`` document (input RAS space).
+    vertebrae_document: dict
+    #: The ``spinenet.discs/1`` document, or None for a pipeline without a disc stage.
+    discs_document: dict | None = None
+    #: Evidence maps, not yet written (each knows its file name).
+    hotspots: list[HotspotMap] = field(default_factory=list)
+    #: Things the user should know (e.g. asked for grades, but the weights have no grading network).
+    warnings: list[str] = field(default_factory=list)
+    #: Seconds per step, with ``"total"``; the same as in the vertebrae document.
+    timings_s: dict[str, float] = field(default_factory=dict)
+    #: The vertebrae in canonical coordinates (None when a plug-in did not provide them).
+    detection: DetectionResult | None = None
+    #: The disc stage's volumes, grades and measurements (None when a plug-in did not provide them).
+    discs: DiscResult | None = None
+
+
+def _check_hotspot_options(options: RunOptions) -> list:
+    """The hotspot heads, checked before any work so that a typo fails at once."""
+    if not options.hotspot_heads:
+        return []
+    if options.hotspot_method not in METHODS:
+        raise InputError(f"unknown hotspot method {options.hotspot_method!r}: use one of {', '.join(METHODS)}")
+    if options.hotspot_augmentations < 1:
+        raise InputError("the hotspot maps need at least 1 augmentation")
+    return parse_heads(options.hotspot_heads)
+
+
+def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks, options: RunOptions,
+                  warnings: list[str], progress) -> list[HotspotMap]:
+    if not heads:
+        return []
+    if not options.grade:
+        warnings.append("no hotspot maps: they need the grading, which was switched off")
+        return []
+    if networks.grading is None:
+        return []  # the warning about the missing grading network covers the maps too
+    if not discs.ivds:
+        warnings.append("no hotspot maps: no discs were found")
+        return []
+    return hotspot_maps(scan, discs.ivds, networks.grading, heads, options.hotspot_method,
+                        options.hotspot_augmentations, progress=progress)
+
+
+def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
+        progress: ProgressCallback | None = None) -> RunResult:
+    """Detect and label the vertebrae, then the disc stage and the hotspot maps asked for; writes nothing.
+
+    The discs are always cut and measured; they are graded when
+    ``options.grade`` and a grading network is loaded (a warning says when
+    grading was asked for but the weights have none).  Hotspot maps need the
+    grading too.  ``progress(done, total, message)`` hears every stage.
+    """
+    options = options or RunOptions()
+    heads = _check_hotspot_options(options)
+    start = time.perf_counter()
+    warnings: list[str] = []
+    result = detect_and_label(scan, networks, detection_params=options.detection_params,
+                              labelling_params=options.labelling_params, progress=progress)
+    if options.grade and networks.grading is None:
+        warnings.append(f"the {networks.weights.source} weights have no grading network: "
+                        "disc measurements only, no grades")
+    discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
+                        batch_size=options.grading_batch_size, progress=progress)
+    hotspot_start = time.perf_counter()
+    maps = _hotspot_maps(scan, heads, discs, networks, options, warnings, progress)
+    hotspot_timing = {"hotspots": time.perf_counter() - hotspot_start} if maps else {}
+    earlier = dict(options.earlier_timings_s)
+    result.timings_s = {**earlier, **result.timings_s, **discs.timings_s, **hotspot_timing,
+                        "total": sum(earlier.values()) + time.perf_counter() - start}
+    return RunResult(
+        vertebrae_document=vertebrae_document(scan, result),
+        discs_document=discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                                      discs.grading_status),
+        hotspots=maps, warnings=warnings, timings_s=dict(result.timings_s), detection=result, discs=discs)

@@ -118,7 +118,7 @@ def run_one(name: str, threads: int, bf16: bool) -> dict:
     timings["detection_postprocessing"] = result.timings_s["detection_postprocessing"]
     lt = labelling.LabellingTimings() if hasattr(labelling, "LabellingTimings") else None
     t = time.perf_counter()
-    labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt)
+    result.vertebrae = labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt)
     timings["labelling"] = time.perf_counter() - t
     timings["detection_and_labelling"] = (timings["detection_network"] + timings["detection_postprocessing"]
                                           + timings["labelling"])

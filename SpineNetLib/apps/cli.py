@@ -2,8 +2,10 @@
 
 ``spinenet run INPUT -o OUTDIR`` detects and labels every vertebra of a
 sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD), measures and
-(with grading weights, unless ``--no-grade``) grades the discs, and writes
-``vertebrae.json``, ``vertebrae.csv``, ``discs.json`` and ``discs.csv``.
+(with grading weights, unless ``--no-grade``) grades the discs, all through
+:func:`SpineNetLib.pipeline.run`, and writes ``vertebrae.json``, ``vertebrae.csv``,
+``discs.json``, ``discs.csv``, the hotspot maps asked for and the ``result.json``
+manifest with :func:`SpineNetLib.outputs.files.write_results`.
 
 Exit status: 0 success; 2 a problem with the input, an option or the
 weights, reported as one line on stderr (never a traceback); 1 an internal
@@ -20,6 +22,9 @@ from pathlib import Path
 from SpineNetLib.core.errors import SpineNetError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# The commands import what they need inside their functions, so that `spinenet --help` and
+# errors in the arguments answer at once, without loading torch.
 
 
 def _one_line(message: object) -> str:
@@ -93,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     install.set_defaults(func=command_weights_install)
     info = wsub.add_parser("info", help="show where weights are looked for and what is installed")
     info.set_defaults(func=command_weights_info)
-    from SpineNetLib.training.cli import register
-    register(sub)
+    # The Slicer extension installs the inference packages only (SpineNet/CMakeLists.txt): there
+    # `python -m SpineNetLib` still works, without the `spinenet train` command.
+    import importlib.util
+
+    if importlib.util.find_spec("SpineNetLib.training") is not None:
+        from SpineNetLib.training.cli import register
+        register(sub)
     return parser
 
 
@@ -106,13 +116,10 @@ def _validate_overrides(args) -> None:
 
 
 def command_run(args) -> int:
-    import json
-
-    from SpineNetLib.outputs.discs import discs_csv_text, discs_document
-    from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.outputs.vertebrae import vertebrae_csv_text, vertebrae_document, write_files_atomically
-    from SpineNetLib.pipeline import detect_and_label, grade_discs
+    from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.outputs.files import write_results
 
     start = time.perf_counter()
     _validate_overrides(args)
@@ -125,33 +132,29 @@ def command_run(args) -> int:
                      slice_spacing=args.slice_spacing)
     load_seconds = time.perf_counter() - start
     networks = _networks_for(args)
-    progress = no_progress if args.quiet else StderrProgress()
-    result = detect_and_label(scan, networks, progress=progress)
-    grade = not getattr(args, "no_grade", False)
-    discs = grade_discs(scan, result.vertebrae, networks, grade=grade, progress=progress)
-    staged_hotspots = _stage_hotspots(args, hotspot_heads, scan, discs, networks, output, progress)
-    result.timings_s = {"load_scan": load_seconds, "load_networks": networks.load_seconds,
-                        **result.timings_s, **discs.timings_s, "total": time.perf_counter() - start}
-    vertebrae_doc = vertebrae_document(scan, result)
-    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
-                               discs.grading_status)
-    written = write_files_atomically(output, {
-        "vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n",
-        "vertebrae.csv": vertebrae_csv_text(vertebrae_doc),
-        "discs.json": json.dumps(discs_doc, indent=1) + "\n",
-        "discs.csv": discs_csv_text(discs_doc),
-    })
-    written += _publish_hotspots(staged_hotspots, output)
-    levels = [v.level or "?" for v in result.vertebrae]
+    if hotspot_heads and networks.grading is None:
+        raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
+                            "(use --weights official or a folder with grading.pt)")
+    hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
+                "hotspot_augmentations": args.hotspot_augmentations} if hotspot_heads else {}
+    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False), **hotspots,
+                                  earlier_timings_s={"load_scan": load_seconds,
+                                                     "load_networks": networks.load_seconds})
+    result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
+    for warning in result.warnings:
+        print(f"spinenet: warning: {_one_line(warning)}", file=sys.stderr)
+    written = write_results(output, result)
+    levels = [v["level"] or "?" for v in result.vertebrae_document["vertebrae"]]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
-    graded = "graded" if discs.grading_status["status"] == "done" else "not graded: " + discs.grading_status["reason"]
-    print(f"{len(levels)} vertebrae ({summary}), {len(discs_doc['discs'])} discs ({graded}); "
+    grading = result.discs_document["grading"]
+    graded = "graded" if grading["status"] == "done" else "not graded: " + grading["reason"]
+    print(f"{len(levels)} vertebrae ({summary}), {len(result.discs_document['discs'])} discs ({graded}); "
           f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
 
 
-def _hotspot_heads(args):
-    """Parse --hotspots before any heavy work, so a typo fails at once."""
+def _hotspot_heads(args) -> list[str]:
+    """Check --hotspots before any heavy work, so a typo fails at once; the head names as given."""
     if not getattr(args, "hotspots", None):
         return []
     from SpineNetLib.discs.hotspots import parse_heads
@@ -161,56 +164,20 @@ def _hotspot_heads(args):
     if args.hotspot_augmentations < 1:
         raise SpineNetError("--hotspot-augmentations must be at least 1")
     try:
-        return parse_heads(args.hotspots)
+        parse_heads(args.hotspots)
     except (KeyError, ValueError) as error:
         raise SpineNetError(f"--hotspots: {error}") from None
-
-
-def _stage_hotspots(args, heads, scan, discs, networks, output: Path, progress):
-    """Write the hotspot maps into a hidden staging folder; published after the JSON/CSV files."""
-    if not heads:
-        return None
-    if networks.grading is None:
-        raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
-                            "(use --weights official or a folder with grading.pt)")
-    import tempfile
-
-    from SpineNetLib.discs.hotspots import write_hotspot_maps
-
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".hotspots.", dir=output))
-    try:
-        write_hotspot_maps(scan, discs.ivds, networks.grading, heads, staging, method=args.hotspot_method,
-                           n_augment=args.hotspot_augmentations, progress=progress)
-    except BaseException:
-        import shutil
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
-
-
-def _publish_hotspots(staging, output: Path) -> list[Path]:
-    if staging is None:
-        return []
-    import os
-    import shutil
-
-    published = []
-    for path in sorted(staging.iterdir()):
-        os.replace(path, output / path.name)
-        published.append(output / path.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    return published
+    return [head.strip() for head in args.hotspots.split(",") if head.strip()]
 
 
 def _networks_for(args):
+    from SpineNetLib import pipeline
     from SpineNetLib.weights.official import trusted_hashes
-    from SpineNetLib.pipeline import load_networks
 
     trusted = set(args.trust_sha256)
     if args.weights == "official":
         trusted |= trusted_hashes()
-    return load_networks(args.weights, args.device, trusted_sha256=trusted or None,
+    return pipeline.load_networks(args.weights, args.device, trusted_sha256=trusted or None,
                          with_grading=not getattr(args, "no_grade", False))
 
 
@@ -247,7 +214,8 @@ def command_evaluate(args) -> int:
               f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
               f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
     if args.output:
-        from SpineNetLib.outputs.vertebrae import write_files_atomically
+        from SpineNetLib.outputs.files import write_files_atomically
+
         target = Path(args.output)
         write_files_atomically(target.parent if str(target.parent) else Path("."),
                                {target.name: json.dumps(summary, indent=1) + "\n"})

@@ -11,9 +11,11 @@ node's voxels ``[k, j, i]`` as Slicer's ``arrayFromVolume`` gives them, and
 :func:`SpineNetLib.inputs.canonical.scan_from_array` unchanged, or ``--input PATH``
 with anything :func:`SpineNetLib.inputs.load.load_scan` reads (DICOM, NIfTI, NRRD).
 
-Output: the result files in ``--output`` (:func:`documents.write_result_files`:
-``vertebrae.json``, ``vertebrae.csv``, ``discs.csv``, ``discs.json`` when
-graded, ``result.json``), and on stdout only these lines:
+Output: the result files in ``--output``, written by
+:func:`SpineNetLib.outputs.files.write_results` (``vertebrae.json``,
+``vertebrae.csv``, ``discs.json`` when there is a discs document,
+``discs.csv``, the hotspot maps, ``result.json`` last), and on stdout only
+these lines:
 
 * ``PROGRESS <done> <total> <message>``
 * ``WARNING <message>``
@@ -29,9 +31,10 @@ protocol without trained weights, and it lets an extension plug in another
 model.  The function is called as ``function(scan, options, progress)`` where
 ``options`` holds ``weights``, ``device``, ``grading``, ``hotspot_head``,
 ``output`` (the results folder), ``trusted_sha256`` and every ``--option KEY=VALUE``, and
-``progress(done, total, message)`` reports; it returns ``{"vertebrae":
-<vertebrae.json document>, "discs": <discs.json document or None>,
-"hotspots": [file names written under output/hotspots]}``.
+``progress(done, total, message)`` reports; it writes no files and returns a
+:class:`SpineNetLib.pipeline.RunResult` (at least the vertebrae document;
+the discs document, hotspot maps as :class:`SpineNetLib.discs.hotspots.HotspotMap`
+and warnings when it has them), which the worker writes like any other run.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import importlib
 import importlib.util
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,52 +143,28 @@ def read_scan(input_path, geometry_path=None):
 
 # --------------------------------------------------------------------------- pipelines
 
-def _grading_hook():
-    """``SpineNetLib.discs.grading.discs_document`` when the grading stage is installed, else None."""
-    if importlib.util.find_spec("SpineNetLib.discs.grading") is None:
-        return None
-    module = importlib.import_module("SpineNetLib.discs.grading")
-    return getattr(module, "discs_document", None)
+def run_pipeline(scan, options: dict, progress):
+    """The default pipeline: load the networks, then :func:`SpineNetLib.pipeline.run`.
 
-
-def run_pipeline(scan, options: dict, progress) -> dict:
-    """The default pipeline: load the networks, detect and label, grade when available.
-
-    The disc stage runs through ``SpineNetLib.discs.grading.discs_document(scan,
-    result, networks, progress=..., hotspot_head=..., output_dir=...)``: it
-    always measures the discs, grades them when a grading network is loaded,
-    and may write hotspot images into ``output_dir`` (named as
-    :func:`SpineNetLib.outputs.documents.hotspot_files` expects).  A WARNING says
-    when grading was asked for but the weights have no grading network.
+    The discs are always measured and, with ``options["grading"]`` and a
+    grading network in the weights, graded, with the evidence map of
+    ``options["hotspot_head"]``; a WARNING says when grading was asked for but
+    the weights have no grading network.  Returns a
+    :class:`SpineNetLib.pipeline.RunResult`.
     """
-    from SpineNetLib.outputs.vertebrae import vertebrae_document
-    from SpineNetLib.pipeline import detect_and_label, load_networks
+    # Imported here, not at the top: the Slicer module imports this module for the protocol
+    # helpers before torch (which the pipeline needs) may be installed.
+    from SpineNetLib import pipeline
 
-    start = time.perf_counter()
     grading = bool(options.get("grading"))
     progress(0, 1, "loading networks")
-    networks = load_networks(options.get("weights") or "bundled", options.get("device") or "auto",
-                             trusted_sha256=set(options.get("trusted_sha256") or []) or None, with_grading=grading)
-    result = detect_and_label(scan, networks, progress=progress)
-    discs, warnings = None, []
-    disc_stage = _grading_hook()
-    if disc_stage is None:
-        warnings.append("the disc stage is not available in this version: vertebrae only")
-    else:
-        # Measurements always; grades (and hotspots) only with a grading network.
-        if grading and networks.grading is None:
-            warnings.append(f"the {networks.weights.source} weights have no grading network: "
-                            "disc measurements only, no grades")
-        discs = disc_stage(scan, result, networks, progress=progress,
-                           hotspot_head=options.get("hotspot_head") if grading else None,
-                           output_dir=options.get("output"))
-    result.timings_s = {"load_networks": networks.load_seconds, **result.timings_s,
-                        "total": time.perf_counter() - start}
-    from SpineNetLib.outputs.documents import list_hotspot_files
-
-    hotspots = list_hotspot_files(options["output"]) if options.get("output") else []
-    return {"vertebrae": vertebrae_document(scan, result), "discs": discs, "hotspots": hotspots,
-            "warnings": warnings}
+    networks = pipeline.load_networks(options.get("weights") or "bundled", options.get("device") or "auto",
+                                      trusted_sha256=set(options.get("trusted_sha256") or []) or None,
+                                      with_grading=grading)
+    head = options.get("hotspot_head")
+    run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
+                                      earlier_timings_s={"load_networks": networks.load_seconds})
+    return pipeline.run(scan, networks, run_options, progress=progress)
 
 
 def load_pipeline(spec: str | None):
@@ -272,9 +250,14 @@ def _options(args) -> dict:
     return options
 
 
-def run(args, protocol: LineProtocol) -> Path:
-    """Read the scan, run the pipeline, write the files; returns the manifest path."""
-    from SpineNetLib.outputs.documents import check_discs_document, check_vertebrae_document, write_result_files
+def run_request(args, protocol: LineProtocol) -> Path:
+    """Read the scan, run the pipeline, write the files; returns the path of ``result.json``.
+
+    The in-process entry point (the Slicer module's synchronous run, the
+    batch script); :func:`main` wraps it for the worker process.
+    """
+    from SpineNetLib.outputs.files import write_results  # needs torch: imported here, as in run_pipeline
+    from SpineNetLib.pipeline import RunResult
 
     output = Path(args.output)
     if output.exists() and not output.is_dir():
@@ -283,16 +266,14 @@ def run(args, protocol: LineProtocol) -> Path:
     pipeline = load_pipeline(args.pipeline)
     protocol.progress(0, 1, "reading the scan")
     scan = read_scan(args.input, args.geometry)
-    output.mkdir(parents=True, exist_ok=True)
     result = pipeline(scan, options, protocol.progress)
-    for warning in result.get("warnings") or []:
+    if not isinstance(result, RunResult):
+        raise InputError(f"the pipeline {args.pipeline or 'run_pipeline'} returned a {type(result).__name__}, "
+                         "not a SpineNetLib.pipeline.RunResult")
+    for warning in result.warnings:
         protocol.send("WARNING", warning)
-    vertebrae = check_vertebrae_document(result["vertebrae"])
-    discs = result.get("discs")
-    if discs is not None:
-        check_discs_document(discs)
-    written = write_result_files(output, vertebrae, discs, result.get("hotspots"))
-    return [p for p in written if p.name == "result.json"][0].resolve()
+    written = write_results(output, result)
+    return written[-1].resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only protocol lines on stdout: whatever the libraries print goes to stderr.
     sys.stdout = sys.stderr
     try:
-        manifest = run(args, protocol)
+        manifest = run_request(args, protocol)
     except SpineNetError as error:
         protocol.send("ERROR", str(error))
         return EXIT_USAGE

@@ -4,14 +4,14 @@ Stages, each a pure function:
 
 1. :func:`plan_patches` tiles every sagittal slice with 26 cm square patches
    (40 % overlap) and :func:`extract_patches` resizes them to 224x224 and
-   normalises them as the official code does (§5.1).
+   normalises them as the official code does (official §5.1).
 2. A *predictor* ``predict(patches (N, 224, 224), boxes) -> (N, 13, 224, 224)``
    runs the detector (:func:`network_predictor`) or, in tests, renders ground
    truth (``SpineNetLib.training.targets.oracle_predictor``).
 3. :func:`decode_slice` turns the 13 output maps of one slice's patches into
-   vertebra quadrilaterals (§5.2).
+   vertebra quadrilaterals (official §5.2).
 4. :func:`group_across_slices` links the quads of neighbouring slices into
-   vertebrae (§5.3).
+   vertebrae (official §5.3).
 
 :func:`detect_vertebrae` runs all of them on a :class:`~SpineNetLib.core.scan.Scan`,
 batching patches across slices.
@@ -62,13 +62,13 @@ N_OUTPUT_CHANNELS = 13
 class DetectionParams:
     """Detection settings; defaults are the official ones (official §5)."""
 
-    #: Physical patch edge in mm (§5.1: 26 cm).
+    #: Physical patch edge in mm (official §5.1: 26 cm).
     patch_mm: float = 260.0
-    #: Network input edge in pixels (§3.1; must be a multiple of 32).
+    #: Network input edge in pixels (official §3.1; must be a multiple of 32).
     patch_px: int = PATCH_PX
-    #: Patch stride as a fraction of the patch edge (§5.1: 40 % overlap).
+    #: Patch stride as a fraction of the patch edge (official §5.1: 40 % overlap).
     stride_fraction: float = 0.6
-    #: Raw-output thresholds for corner (channels 0-3) and centroid (4) maps (§5).
+    #: Raw-output thresholds for corner (channels 0-3) and centroid (4) maps (official §5).
     corner_threshold: float = 0.6
     centroid_threshold: float = 0.6
     #: A corner is missing if its displaced position is further than this
@@ -76,11 +76,11 @@ class DetectionParams:
     max_corner_distance_px: float = 20.0
     #: ... or further than this fraction of its displacement's length.
     displacement_tolerance: float = 0.5
-    #: IoU for linking a polygon to a vertebra on the previous slices (§5.3).
+    #: IoU for linking a polygon to a vertebra on the previous slices (official §5.3).
     slice_iou: float = 0.2
-    #: IoU of average polygons above which two vertebrae are merged (§5.3).
+    #: IoU of average polygons above which two vertebrae are merged (official §5.3).
     merge_iou: float = 0.05
-    #: Polygons with a same-index corner pair closer than this (px) are duplicates (§5.2).
+    #: Polygons with a same-index corner pair closer than this (px) are duplicates (official §5.2).
     shared_corner_px: float = 2.0
     #: Drop vertebrae found on a single slice only (official default).
     remove_single_slice: bool = True

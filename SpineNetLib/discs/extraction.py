@@ -94,8 +94,12 @@ class IVDVolume:
 
 # --------------------------------------------------------------------------- pairing and naming
 
-def vertebra_name(vertebra: Vertebra, index: int) -> str:
-    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled body (as documents.py)."""
+def body_name(vertebra: Vertebra, index: int) -> str:
+    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled body.
+
+    The same rule as :func:`SpineNetLib.outputs.documents.vertebra_name`, which works on the
+    vertebrae of a ``vertebrae.json`` document instead of :class:`Vertebra` objects.
+    """
     return vertebra.level or f"V{index + 1}"
 
 
@@ -117,7 +121,7 @@ def disc_pairs(vertebrae: Sequence[Vertebra]) -> list[tuple[int, int, str]]:
     for i in range(len(vertebrae) - 1):
         up, lo = vertebrae[i], vertebrae[i + 1]
         if adjacent_levels(up.level, lo.level):
-            pairs.append((i, i + 1, disc_name(vertebra_name(up, i), vertebra_name(lo, i + 1))))
+            pairs.append((i, i + 1, disc_name(body_name(up, i), body_name(lo, i + 1))))
     return pairs
 
 
@@ -129,8 +133,12 @@ def polygon_on_or_average(vertebra: Vertebra, canonical_slice: int) -> np.ndarra
     return np.asarray(vertebra.average_polygon if poly is None else poly, np.float64)
 
 
-def mid_polygon(vertebra: Vertebra) -> np.ndarray:
-    """The polygon on the body's mid slice (round(median(slices)))."""
+def body_mid_polygon(vertebra: Vertebra) -> np.ndarray:
+    """The (4, 2) canonical polygon on the body's mid slice (round(median(slices))), or its average polygon.
+
+    Not :func:`SpineNetLib.outputs.documents.mid_polygon`, which picks a document vertebra's RAS
+    polygon entry (ties to the lower slice).
+    """
     return polygon_on_or_average(vertebra, vertebra.mid_slice)
 
 
@@ -159,7 +167,7 @@ def body_intensity_samples(scan: Scan, vertebra: Vertebra) -> np.ndarray:
     """
     voxels = scan.voxels
     height, width, n_slices = voxels.shape
-    poly = mid_polygon(vertebra)
+    poly = body_mid_polygon(vertebra)
     if not np.all(np.isfinite(poly)):
         return np.zeros(0, np.float32)
     x0, x1 = max(int(math.ceil(poly[:, 0].min())), 0), min(int(math.floor(poly[:, 0].max())), width - 1)

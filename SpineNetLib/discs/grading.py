@@ -135,25 +135,3 @@ def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net: torch.
             out.append(grades)
     return out
 
-
-def discs_document(scan, result, networks, *, progress=None, hotspot_head: str | None = None,
-                   output_dir=None) -> dict:
-    """The ``spinenet.discs/1`` document of a detection result: the Slicer worker's grading hook.
-
-    :mod:`SpineNetLib.apps.worker` looks this function up by name.  It runs
-    :func:`SpineNetLib.pipeline.grade_discs` (volumes, grades when
-    ``networks.grading`` is loaded, measurements) and builds the document with
-    :func:`SpineNetLib.outputs.discs.discs_document`.  With ``hotspot_head`` and
-    ``output_dir`` it also writes that head's evidence map
-    (:func:`SpineNetLib.discs.hotspots.write_hotspot_maps`) into ``output_dir``.
-    """
-    from SpineNetLib.outputs.discs import discs_document as build_document
-    from SpineNetLib.pipeline import grade_discs
-
-    discs = grade_discs(scan, result.vertebrae, networks, grade=networks.grading is not None, progress=progress)
-    if hotspot_head and output_dir and networks.grading is not None and discs.ivds:
-        from SpineNetLib.discs.hotspots import write_hotspot_maps
-
-        write_hotspot_maps(scan, discs.ivds, networks.grading, hotspot_head, output_dir, progress=progress)
-    return build_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
-                          discs.grading_status)

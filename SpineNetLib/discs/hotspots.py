@@ -59,12 +59,13 @@ scan's coarser grid, so that thin peaks are not lost between grid points.
 :func:`hotspot_volume` returns a map aligned with the IVD volume
 ``(9, 112, 224)``; :func:`map_to_grid` resamples it onto the scan's canonical
 grid or the input's own voxel grid (through ``IVDVolume.sample_to_canonical``),
-and :func:`write_hotspot_maps` writes one NIfTI per head in the input's space.
+and :func:`hotspot_maps` gives one map per head on the input's voxel grid
+(:class:`HotspotMap`, written by :func:`SpineNetLib.outputs.files.write_results`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -479,10 +480,26 @@ def input_hotspot_map(scan, ivds, maps: Sequence[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 1, 0))
 
 
-def write_hotspot_maps(scan, ivds, grading_net: GradingNet, heads, outdir, method: str = DEFAULT_METHOD,
-                       n_augment: int = 16, *, class_index: int | None = None, seed: int = 0,
-                       progress=None) -> list[Path]:
-    """Write ``hotspots_<Column>.nii.gz`` per head in the input's voxel space; returns the paths.
+@dataclass
+class HotspotMap:
+    """One evidence map on a scan's input voxel grid: data, not yet a file.
+
+    :func:`SpineNetLib.outputs.files.write_results` writes it as ``name``
+    under the results folder (``documents.hotspot_files`` finds it by name).
+    """
+
+    #: File name relative to the results folder, e.g. ``hotspots_Pfirrmann.nii.gz``.
+    name: str
+    #: ``[k, j, i]`` float32 values in 0..1, as :func:`SpineNetLib.inputs.writers.write_image` takes them.
+    voxels_kji: np.ndarray
+    #: 4x4 IJK-to-RAS of that grid (the input scan's).
+    ijk_to_ras: np.ndarray
+
+
+def hotspot_maps(scan, ivds, grading_net: GradingNet, heads, method: str = DEFAULT_METHOD,
+                 n_augment: int = 16, *, class_index: int | None = None, seed: int = 0,
+                 progress=None) -> list[HotspotMap]:
+    """One map per head, ``hotspots_<Column>.nii.gz``, on the input's voxel grid.
 
     Every disc's map (:func:`hotspot_volume`, class = the predicted one
     unless ``class_index`` is given) is smoothed in-plane (:data:`SMOOTH_PX`,
@@ -490,14 +507,10 @@ def write_hotspot_maps(scan, ivds, grading_net: GradingNet, heads, outdir, metho
     and resampled onto the input grid; where discs overlap the maximum is kept.
     ``heads``: names, columns or :class:`GradingHead` (``"fc_ued,Herniation"`` too).
     """
-    from SpineNetLib.inputs.writers import write_image
-
     head_list = parse_heads(heads)
     if method not in METHODS:
         raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    written = []
+    out = []
     total = max(1, len(head_list) * len(ivds))
     done = 0
     for h in head_list:
@@ -508,8 +521,8 @@ def write_hotspot_maps(scan, ivds, grading_net: GradingNet, heads, outdir, metho
             m = smooth_map(hotspot_volume(grading_net, ivd, h, class_index, method, n_augment, seed))
             maps.append(m / m.max() if m.max() > 0 else m)
             done += 1
-        arr = input_hotspot_map(scan, ivds, maps)
-        written.append(write_image(arr, scan.input_ijk_to_ras, outdir / f"hotspots_{h.column}.nii.gz"))
+        out.append(HotspotMap(name=f"hotspots_{h.column}.nii.gz", voxels_kji=input_hotspot_map(scan, ivds, maps),
+                              ijk_to_ras=np.asarray(scan.input_ijk_to_ras, float)))
     if progress is not None:
-        progress(total, total, "hotspots written")
-    return written
+        progress(total, total, "hotspots done")
+    return out

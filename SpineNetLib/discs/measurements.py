@@ -71,12 +71,12 @@ import numpy as np
 
 from SpineNetLib.discs.extraction import (
     body_intensity_samples,
+    body_mid_polygon,
+    body_name,
     disc_mid_slice,
     disc_pairs,
-    mid_polygon,
     pixel_scale,
     polygon_on_or_average,
-    vertebra_name,
 )
 from SpineNetLib.core.polygons import points_in_polygon
 from SpineNetLib.core.results import Vertebra
@@ -230,12 +230,12 @@ def body_heights_mm(q: np.ndarray) -> tuple[float, float, float]:
 
 def measure_vertebra(scan: Scan, vertebra: Vertebra, index: int = 0) -> VertebraMeasurements:
     """Heights, ratios and Genant grade of one body on its mid-slice polygon."""
-    q = _mm(mid_polygon(vertebra), pixel_scale(scan))
+    q = _mm(body_mid_polygon(vertebra), pixel_scale(scan))
     ha, hm, hp = body_heights_mm(q)
     heights = np.array([ha, hm, hp])
     reduction = float(1.0 - heights.min() / heights.max()) if heights.max() > 0 else float("nan")
     return VertebraMeasurements(
-        level=vertebra_name(vertebra, index), index=index,
+        level=body_name(vertebra, index), index=index,
         anterior_height_mm=ha, middle_height_mm=hm, posterior_height_mm=hp,
         wedge_ratio=ha / hp if hp > 0 else float("nan"),
         biconcavity_ratio=hm / hp if hp > 0 else float("nan"),
@@ -277,7 +277,7 @@ def measure_disc(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: str = "
                  body_middle_heights: tuple[float, float] | None = None) -> DiscMeasurements:
     """Heights, slip, angles and signal of the disc between two bodies (module docstring)."""
     scale = pixel_scale(scan)
-    up_px, lo_px = mid_polygon(upper), mid_polygon(lower)
+    up_px, lo_px = body_mid_polygon(upper), body_mid_polygon(lower)
     up, lo = _mm(up_px, scale), _mm(lo_px, scale)
     top_dir = up[1] - up[2]          # upper body's lower endplate lb -> rb
     bottom_dir = lo[0] - lo[3]       # lower body's upper endplate lt -> rt
@@ -328,7 +328,7 @@ def lumbar_lordosis_deg(scan: Scan, vertebrae: Sequence[Vertebra]) -> float | No
     if "L1" not in by_level or "S1" not in by_level:
         return None
     scale = pixel_scale(scan)
-    l1, s1 = _mm(mid_polygon(by_level["L1"]), scale), _mm(mid_polygon(by_level["S1"]), scale)
+    l1, s1 = _mm(body_mid_polygon(by_level["L1"]), scale), _mm(body_mid_polygon(by_level["S1"]), scale)
     return lordotic_angle_deg(l1[0] - l1[3], s1[0] - s1[3])
 
 

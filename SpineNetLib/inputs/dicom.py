@@ -250,6 +250,25 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
         raise InputError(f"not a folder: {folder}")
     ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
     ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
+    uid, slices = _chosen_series(folder, recursive, series_uid)
+    first = slices[0]
+    row_dir, col_dir, normal = _orientation(slices, uid)
+    ps = ps_override if ps_override is not None else _pixel_spacing(slices, uid)
+    slices, origin, step, slice_order = _slice_geometry(slices, uid, normal, ss_override)
+    voxels = _pixels(slices)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * ps[1]   # i: along the row direction, column spacing
+    lps[:3, 1] = col_dir * ps[0]   # j: along the column direction, row spacing
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3] = _FLIP_LPS @ lps[:3]
+    metadata = _series_metadata(folder, uid, first.header, slices, ps, slice_order, ps_override, ss_override)
+    return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
+
+
+def _chosen_series(folder: Path, recursive: bool, series_uid: str | None) -> tuple[str, list[_Slice]]:
+    """(UID, image records) of the series to load: ``series_uid`` or the only sagittal one."""
     headers = _read_headers(_candidate_files(folder, recursive))
     if not headers:
         raise InputError(f"no DICOM files in {folder}")
@@ -270,10 +289,12 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     uid = _select_series(series, folder, series_uid)
     if uid in problems:
         raise InputError(problems[uid])
-    slices = series[uid]
-    first = slices[0]
+    return uid, series[uid]
 
-    # image size and orientation must agree across the series
+
+def _orientation(slices: list[_Slice], uid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row and column directions and the slice normal (LPS); image size and orientation must agree."""
+    first = slices[0]
     for s in slices:
         if (s.rows, s.cols) != (first.rows, first.cols):
             raise InputError(f"contradictory image sizes in series {uid}: {first.rows}x{first.cols} in {first.name} "
@@ -289,96 +310,102 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
     if abs(row_dir @ col_dir) > 1e-3:
         raise InputError(f"ImageOrientationPatient (0020,0037) in {first.name} is not orthogonal")
-    normal = np.cross(row_dir, col_dir)
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
 
-    # in-plane spacing: [row spacing (along j), column spacing (along i)]
-    if ps_override is not None:
-        ps = ps_override
-    else:
-        for s in slices:
-            if s.pixel_spacing is None:
-                raise InputError(f"PixelSpacing (0028,0030) missing or invalid in {s.name}; "
-                                 "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
-            if np.any(s.pixel_spacing <= 0):
-                raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {list(s.pixel_spacing)}; "
-                                 "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
-            if np.max(np.abs(s.pixel_spacing - first.pixel_spacing)) > 1e-4 * max(1.0, first.pixel_spacing.max()):
-                raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {list(first.pixel_spacing)} "
-                                 f"in {first.name} but {list(s.pixel_spacing)} in {s.name}; "
-                                 "give the pixel spacing (--pixel-spacing ROW COL) to override")
-        ps = first.pixel_spacing
 
-    # slice order and spacing from the positions along the normal
+def _pixel_spacing(slices: list[_Slice], uid: str) -> np.ndarray:
+    """In-plane spacing from the tags: [row spacing (along j), column spacing (along i)], the same on every slice."""
+    first = slices[0]
+    for s in slices:
+        if s.pixel_spacing is None:
+            raise InputError(f"PixelSpacing (0028,0030) missing or invalid in {s.name}; "
+                             "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
+        if np.any(s.pixel_spacing <= 0):
+            raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {list(s.pixel_spacing)}; "
+                             "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
+        if np.max(np.abs(s.pixel_spacing - first.pixel_spacing)) > 1e-4 * max(1.0, first.pixel_spacing.max()):
+            raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {list(first.pixel_spacing)} "
+                             f"in {first.name} but {list(s.pixel_spacing)} in {s.name}; "
+                             "give the pixel spacing (--pixel-spacing ROW COL) to override")
+    return first.pixel_spacing
+
+
+def _slice_geometry(slices: list[_Slice], uid: str, normal: np.ndarray, ss_override):
+    """(slices in spatial order, origin, step from slice to slice, how they were ordered).
+
+    Slices are ordered by their position along the normal; without any
+    ImagePositionPatient, by InstanceNumber when ``ss_override`` gives the spacing.
+    """
+    first = slices[0]
     has_ipp = [s.ipp is not None for s in slices]
-    slice_order = "ImagePositionPatient"
     if all(has_ipp):
         depth = np.array([s.ipp @ normal for s in slices])
         order = np.argsort(depth, kind="stable")
         slices = [slices[i] for i in order]
         depth = depth[order]
         origin = slices[0].ipp
-        n = len(slices)
-        if n >= 2:
-            gaps = np.diff(depth)
-            i_dup = int(np.argmin(gaps))
-            if gaps[i_dup] < 1e-3:
-                raise InputError(f"contradictory slice positions in series {uid}: {slices[i_dup].name} and "
-                                 f"{slices[i_dup + 1].name} are at the same position (duplicates or several "
-                                 "echoes/contrasts in one series?)")
-            step = (slices[-1].ipp - origin) / (n - 1)
-            ipps = np.array([s.ipp for s in slices])
-            drift = np.linalg.norm(ipps - (origin + np.arange(n)[:, None] * step), axis=1)
-            g = float(np.median(gaps))
-            tol = max(0.01, 0.02 * g)
-            even = np.max(np.abs(gaps - g)) <= tol
-            straight = np.max(drift) <= tol
-            consistent = even and straight
-            if not even and ss_override is None:
-                raise InputError(f"inconsistent slice positions in series {uid}: gaps of {gaps.min():.3g} to "
-                                 f"{gaps.max():.3g} mm along the slice normal (missing or extra slices?); "
-                                 "give the slice spacing (--slice-spacing MM) to override")
-            if not straight and ss_override is None:
-                worst = int(np.argmax(drift))
-                raise InputError(f"contradictory slice positions in series {uid}: {slices[worst].name} is "
-                                 f"{drift[worst]:.3g} mm off the line through the first and last slice; "
-                                 "give the slice spacing (--slice-spacing MM) to override")
-            if ss_override is not None:
-                # keep the measured slice direction when it is trustworthy, else step along the normal
-                ss = float(ss_override[0])
-                step = step * (ss / float(step @ normal)) if consistent else normal * ss
+        if len(slices) >= 2:
+            step = _step_from_positions(slices, depth, uid, normal, ss_override)
         else:
             spacing = ss_override[0] if ss_override is not None else _float_or(
                 first.header.get("SpacingBetweenSlices", first.header.get("SliceThickness", 1.0)), 1.0)
             step = normal * float(spacing)
-    elif any(has_ipp):
+        return slices, origin, step, "ImagePositionPatient"
+    if any(has_ipp):
         s = slices[has_ipp.index(False)]
         raise InputError(f"ImagePositionPatient (0020,0032) missing or invalid in {s.name}")
-    else:
-        if ss_override is None:
-            raise InputError(f"ImagePositionPatient (0020,0032) missing in {first.name}: cannot order the slices; "
-                             "give the slice spacing (--slice-spacing MM) to order them by InstanceNumber instead")
-        if any(s.instance_number is None for s in slices):
-            s = next(s for s in slices if s.instance_number is None)
-            raise InputError(f"ImagePositionPatient (0020,0032) and InstanceNumber (0020,0013) missing in {s.name}: "
-                             "cannot order the slices")
-        slices = sorted(slices, key=lambda s: (s.instance_number, 0 if s.frame is None else s.frame))
-        origin = np.zeros(3)
-        step = normal * float(ss_override[0])
-        slice_order = "InstanceNumber (no ImagePositionPatient)"
+    if ss_override is None:
+        raise InputError(f"ImagePositionPatient (0020,0032) missing in {first.name}: cannot order the slices; "
+                         "give the slice spacing (--slice-spacing MM) to order them by InstanceNumber instead")
+    if any(s.instance_number is None for s in slices):
+        s = next(s for s in slices if s.instance_number is None)
+        raise InputError(f"ImagePositionPatient (0020,0032) and InstanceNumber (0020,0013) missing in {s.name}: "
+                         "cannot order the slices")
+    slices = sorted(slices, key=lambda s: (s.instance_number, 0 if s.frame is None else s.frame))
+    return slices, np.zeros(3), normal * float(ss_override[0]), "InstanceNumber (no ImagePositionPatient)"
 
-    voxels = _pixels(slices)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * ps[1]   # i: along the row direction, column spacing
-    lps[:3, 1] = col_dir * ps[0]   # j: along the column direction, row spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = origin
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3] = _FLIP_LPS @ lps[:3]
 
-    h = first.header
+def _step_from_positions(slices: list[_Slice], depth: np.ndarray, uid: str, normal: np.ndarray,
+                         ss_override) -> np.ndarray:
+    """Step between consecutive slices (ordered, at ``depth`` along the normal), checked for even gaps on a line."""
+    origin = slices[0].ipp
+    n = len(slices)
+    gaps = np.diff(depth)
+    i_dup = int(np.argmin(gaps))
+    if gaps[i_dup] < 1e-3:
+        raise InputError(f"contradictory slice positions in series {uid}: {slices[i_dup].name} and "
+                         f"{slices[i_dup + 1].name} are at the same position (duplicates or several "
+                         "echoes/contrasts in one series?)")
+    step = (slices[-1].ipp - origin) / (n - 1)
+    ipps = np.array([s.ipp for s in slices])
+    drift = np.linalg.norm(ipps - (origin + np.arange(n)[:, None] * step), axis=1)
+    g = float(np.median(gaps))
+    tol = max(0.01, 0.02 * g)
+    even = np.max(np.abs(gaps - g)) <= tol
+    straight = np.max(drift) <= tol
+    consistent = even and straight
+    if not even and ss_override is None:
+        raise InputError(f"inconsistent slice positions in series {uid}: gaps of {gaps.min():.3g} to "
+                         f"{gaps.max():.3g} mm along the slice normal (missing or extra slices?); "
+                         "give the slice spacing (--slice-spacing MM) to override")
+    if not straight and ss_override is None:
+        worst = int(np.argmax(drift))
+        raise InputError(f"contradictory slice positions in series {uid}: {slices[worst].name} is "
+                         f"{drift[worst]:.3g} mm off the line through the first and last slice; "
+                         "give the slice spacing (--slice-spacing MM) to override")
+    if ss_override is not None:
+        # keep the measured slice direction when it is trustworthy, else step along the normal
+        ss = float(ss_override[0])
+        step = step * (ss / float(step @ normal)) if consistent else normal * ss
+    return step
+
+
+def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_order: str,
+                     ps_override, ss_override) -> dict:
+    """``Scan.metadata`` of a DICOM series (``h``: the header of its first file as found)."""
     ts = getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", None)
     field = h.get("MagneticFieldStrength")
-    metadata = {
+    return {
         "source": str(folder),
         "format": "DICOM",
         "series_uid": uid,
@@ -399,4 +426,3 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
                                         ("slice_spacing", None if ss_override is None else float(ss_override[0])))
                       if v is not None},
     }
-    return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,31 +122,13 @@ def write_dicom_series(voxels_kji, ijk_to_ras, folder, *, series_uid=None, resca
     tag.  ``transfer_syntax`` is one of :data:`TRANSFER_SYNTAXES`.
     UIDs are derived from the data and ``seed``, so output is reproducible.
     """
-    import pydicom
     from pydicom import uid
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.encaps import encapsulate
 
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"transfer_syntax must be one of {TRANSFER_SYNTAXES}, not {transfer_syntax!r}")
-    vol = np.asarray(voxels_kji, dtype=float)
-    if vol.ndim != 3:
-        raise ValueError(f"voxels_kji must be 3D, got shape {vol.shape}")
-    if rescale_slope == 0:
-        raise ValueError("rescale_slope must not be 0")
-    stored = np.rint((vol - rescale_intercept) / rescale_slope)
-    if stored.min() >= 0 and stored.max() <= 65535:
-        dtype, pixel_repr = np.uint16, 0
-    elif stored.min() >= -32768 and stored.max() <= 32767:
-        dtype, pixel_repr = np.int16, 1
-    else:
-        raise ValueError("values do not fit 16 bits with this rescale slope/intercept")
-    if transfer_syntax == "jpeg_lossless" and pixel_repr:
-        raise ValueError("jpeg_lossless writing supports unsigned values only: raise rescale_intercept")
-    stored = stored.astype(dtype)
-    nk, nj, ni = stored.shape
-    row_dir, col_dir, normal, sp_i, sp_j, step_k, origin = _geometry(ijk_to_ras)
-    thickness = abs(float(step_k @ normal))
+    stored, pixel_repr = _stored_values(voxels_kji, rescale_slope, rescale_intercept, transfer_syntax)
+    nk = stored.shape[0]
+    geometry = _geometry(ijk_to_ras)
 
     h = hashlib.sha256()
     h.update(stored.tobytes())
@@ -163,6 +146,8 @@ def write_dicom_series(voxels_kji, ijk_to_ras, folder, *, series_uid=None, resca
     instance_numbers = rng.permutation(nk) + 1 if shuffle_instance_numbers else np.arange(nk) + 1
     ts_uid = {"explicit_little": uid.ExplicitVRLittleEndian, "implicit_little": uid.ImplicitVRLittleEndian,
               "rle_lossless": uid.RLELossless, "jpeg_lossless": uid.JPEGLosslessSV1}[transfer_syntax]
+    spec = _SeriesSpec(study_uid, series_uid, frame_uid, patient_id, series_description, geometry,
+                       pixel_repr, rescale_slope, rescale_intercept, ts_uid, extra_tags or {})
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,60 +157,8 @@ def write_dicom_series(voxels_kji, ijk_to_ras, folder, *, series_uid=None, resca
     try:
         written = []
         for k in range(nk):
-            sop_uid = make_uid(f"sop{k}")
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if ts_uid == uid.RLELossless else ts_uid
-            meta.ImplementationClassUID = uid.PYDICOM_IMPLEMENTATION_UID
-            ds = pydicom.Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = _MR_IMAGE_STORAGE
-            ds.SOPInstanceUID = sop_uid
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.FrameOfReferenceUID = frame_uid
-            ds.Modality = "MR"
-            ds.Manufacturer = "SpineNetLib"
-            ds.PatientID = patient_id
-            ds.PatientName = patient_id
-            ds.SeriesDescription = series_description
-            ds.SeriesNumber = 1
-            ds.InstanceNumber = int(instance_numbers[k])
-            ds.ImageType = ["DERIVED", "SECONDARY"]
-            ipp = origin + k * step_k
-            ds.ImagePositionPatient = [_ds(v) for v in ipp]
-            ds.ImageOrientationPatient = [_ds(v) for v in np.concatenate([row_dir, col_dir])]
-            ds.PixelSpacing = [_ds(sp_j), _ds(sp_i)]   # [row spacing (along j), column spacing (along i)]
-            ds.SliceThickness = _ds(thickness)
-            ds.SpacingBetweenSlices = _ds(thickness)
-            ds.SliceLocation = _ds(float(ipp @ normal))
-            ds.Rows, ds.Columns = int(nj), int(ni)
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-            ds.PixelRepresentation = pixel_repr
-            ds.RescaleSlope = _ds(rescale_slope)
-            ds.RescaleIntercept = _ds(rescale_intercept)
-            frame = np.ascontiguousarray(stored[k])
-            if ts_uid == uid.JPEGLosslessSV1:
-                ds.PixelData = encapsulate([_encode_jpeg_lossless_sv1(frame)])
-                ds["PixelData"].VR = "OB"
-                ds["PixelData"].is_undefined_length = True
-            else:
-                ds.PixelData = frame.tobytes()
-                ds["PixelData"].VR = "OW"
-            for keyword, value in (extra_tags or {}).items():
-                if value is None:
-                    if keyword in ds:
-                        delattr(ds, keyword)
-                else:
-                    setattr(ds, keyword, value)
-            if ts_uid == uid.RLELossless:
-                try:
-                    ds.compress(uid.RLELossless, frame, generate_instance_uid=False)
-                except TypeError:  # pragma: no cover - pydicom 2.x has no generate_instance_uid
-                    ds.compress(uid.RLELossless, frame)
+            ds = _mr_slice_dataset(spec, k, np.ascontiguousarray(stored[k]), int(instance_numbers[k]),
+                                   make_uid(f"sop{k}"))
             name = f"{file_prefix}{int(file_order[k]) + 1:0{width}d}.dcm"
             _save_dataset(ds, tmp / name, ts_uid)
             written.append(name)
@@ -235,6 +168,115 @@ def write_dicom_series(voxels_kji, ijk_to_ras, folder, *, series_uid=None, resca
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+def _stored_values(voxels_kji, rescale_slope, rescale_intercept, transfer_syntax: str) -> tuple[np.ndarray, int]:
+    """(stored 16-bit values ``[k, j, i]``, PixelRepresentation): uint16 (0) when they fit, else int16 (1)."""
+    vol = np.asarray(voxels_kji, dtype=float)
+    if vol.ndim != 3:
+        raise ValueError(f"voxels_kji must be 3D, got shape {vol.shape}")
+    if rescale_slope == 0:
+        raise ValueError("rescale_slope must not be 0")
+    stored = np.rint((vol - rescale_intercept) / rescale_slope)
+    if stored.min() >= 0 and stored.max() <= 65535:
+        dtype, pixel_repr = np.uint16, 0
+    elif stored.min() >= -32768 and stored.max() <= 32767:
+        dtype, pixel_repr = np.int16, 1
+    else:
+        raise ValueError("values do not fit 16 bits with this rescale slope/intercept")
+    if transfer_syntax == "jpeg_lossless" and pixel_repr:
+        raise ValueError("jpeg_lossless writing supports unsigned values only: raise rescale_intercept")
+    return stored.astype(dtype), pixel_repr
+
+
+@dataclass(frozen=True)
+class _SeriesSpec:
+    """What every file of a :func:`write_dicom_series` series shares."""
+
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    patient_id: str
+    series_description: str
+    geometry: tuple            # _geometry(ijk_to_ras)
+    pixel_repr: int
+    rescale_slope: float
+    rescale_intercept: float
+    ts_uid: str
+    extra_tags: dict
+
+
+def _mr_slice_dataset(spec: _SeriesSpec, k: int, frame: np.ndarray, instance_number: int, sop_uid: str):
+    """The MR Image Storage dataset (file meta included) of slice ``k`` holding ``frame``."""
+    import pydicom
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    row_dir, col_dir, normal, sp_i, sp_j, step_k, origin = spec.geometry
+    thickness = abs(float(step_k @ normal))
+    ts_uid = spec.ts_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian if ts_uid == uid.RLELossless else ts_uid
+    meta.ImplementationClassUID = uid.PYDICOM_IMPLEMENTATION_UID
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = _MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = spec.study_uid
+    ds.SeriesInstanceUID = spec.series_uid
+    ds.FrameOfReferenceUID = spec.frame_uid
+    ds.Modality = "MR"
+    ds.Manufacturer = "SpineNetLib"
+    ds.PatientID = spec.patient_id
+    ds.PatientName = spec.patient_id
+    ds.SeriesDescription = spec.series_description
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ipp = origin + k * step_k
+    ds.ImagePositionPatient = [_ds(v) for v in ipp]
+    ds.ImageOrientationPatient = [_ds(v) for v in np.concatenate([row_dir, col_dir])]
+    ds.PixelSpacing = [_ds(sp_j), _ds(sp_i)]   # [row spacing (along j), column spacing (along i)]
+    ds.SliceThickness = _ds(thickness)
+    ds.SpacingBetweenSlices = _ds(thickness)
+    ds.SliceLocation = _ds(float(ipp @ normal))
+    ds.Rows, ds.Columns = int(frame.shape[0]), int(frame.shape[1])
+    _set_pixels(ds, spec, frame)
+    return ds
+
+
+def _set_pixels(ds, spec: _SeriesSpec, frame: np.ndarray) -> None:
+    """Pixel module and data of one slice, then the caller's ``extra_tags``, then RLE compression if asked."""
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    ts_uid = spec.ts_uid
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = spec.pixel_repr
+    ds.RescaleSlope = _ds(spec.rescale_slope)
+    ds.RescaleIntercept = _ds(spec.rescale_intercept)
+    if ts_uid == uid.JPEGLosslessSV1:
+        ds.PixelData = encapsulate([_encode_jpeg_lossless_sv1(frame)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = frame.tobytes()
+        ds["PixelData"].VR = "OW"
+    for keyword, value in spec.extra_tags.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if ts_uid == uid.RLELossless:
+        try:
+            ds.compress(uid.RLELossless, frame, generate_instance_uid=False)
+        except TypeError:  # pragma: no cover - pydicom 2.x has no generate_instance_uid
+            ds.compress(uid.RLELossless, frame)
 
 
 def write_enhanced_dicom(voxels_kji, ijk_to_ras, path, *, rescale_slope=1.0, rescale_intercept=0.0,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -319,8 +319,8 @@ def build_height_map(vertebrae: Sequence[Vertebra], probs: np.ndarray, scan: Sca
     return height_map
 
 
-def vertebra_rows(vertebrae: Sequence[Vertebra], scan: Scan,
-                  params: LabellingParams | None = None) -> np.ndarray:
+def height_map_rows(vertebrae: Sequence[Vertebra], scan: Scan,
+                    params: LabellingParams | None = None) -> np.ndarray:
     """Height-map row int(yc) of each vertebra (official §5.5), clipped into the map; (N,) int."""
     params = params or LabellingParams()
     total_rows, _ = height_map_shape(scan, params)
@@ -490,35 +490,34 @@ def _mean_y(vertebra: Vertebra) -> float:
     return float(np.mean(np.asarray(vertebra.average_polygon, np.float64)[:, 1]))
 
 
-def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Callable,
+def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: Callable,
                     context_net: Callable, params: LabellingParams | None = None, device="cpu",
                     progress: Callable[[int, int, str], None] | None = None,
                     timings: LabellingTimings | None = None) -> list[Vertebra]:
-    """Label every vertebra in place and return the same list, top to bottom.
+    """New, labelled copies of ``vertebrae``, top to bottom; the argument is left as it was.
 
-    Lower sacral segments (a third or further S1 at the bottom,
-    :func:`sacral_run_end`) are removed from the list.
-
-    Fills ``.level`` (name, with the S2 rule), ``.level_probabilities`` (the
-    context probabilities the beam search used, kept for
-    :func:`relabel_with_correction`) and ``.appearance_probabilities``.  The
-    list is sorted in place by the mean y of the average polygons, as the
-    official code does (a no-op for detector output).  ``progress(done,
-    total, message)`` is called once per vertebra volume and per network;
-    ``timings``, when given, receives the seconds per step.
+    The copies are sorted by the mean y of the average polygons, as the
+    official code does (a no-op for detector output), and lower sacral
+    segments (a third or further S1 at the bottom, :func:`sacral_run_end`)
+    are left out.  Each copy has ``.level`` (name, with the S2 rule),
+    ``.level_probabilities`` (the context probabilities the beam search used,
+    kept for :func:`relabel_with_correction`) and
+    ``.appearance_probabilities``.  ``progress(done, total, message)`` is
+    called once per vertebra volume and per network; ``timings``, when
+    given, receives the seconds per step.
     """
     params = params or LabellingParams()
-    if not vertebrae:
-        return vertebrae
-    vertebrae.sort(key=_mean_y)
+    ordered = sorted(vertebrae, key=_mean_y)
+    if not ordered:
+        return []
     timings = timings if timings is not None else LabellingTimings()
-    n = len(vertebrae)
+    n = len(ordered)
     total = n + 3
     report = progress or (lambda done, total, message: None)
 
     start = time.perf_counter()
     volumes = np.empty((n, params.crop_px, params.crop_px, params.crop_slices), np.float32)
-    for i, vertebra in enumerate(vertebrae):
+    for i, vertebra in enumerate(ordered):
         volumes[i] = extract_vertebra_volume(scan, vertebra, params)
         report(i + 1, total, "extracting vertebra volumes")
     timings.extract_s = time.perf_counter() - start
@@ -530,8 +529,8 @@ def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Calla
     report(n + 1, total, "appearance network")
 
     start = time.perf_counter()
-    height_map = build_height_map(vertebrae, appearance, scan, params)
-    rows = vertebra_rows(vertebrae, scan, params)
+    height_map = build_height_map(ordered, appearance, scan, params)
+    rows = height_map_rows(ordered, scan, params)
     context = context_probabilities(height_map, context_net, rows, device, params)
     timings.context_s = time.perf_counter() - start
     report(n + 2, total, "context network")
@@ -539,15 +538,15 @@ def label_vertebrae(scan: Scan, vertebrae: list[Vertebra], appearance_net: Calla
     start = time.perf_counter()
     indices = beam_search(context, params)
     keep = sacral_run_end(indices)
-    del vertebrae[keep:]
     names = assign_level_names(indices[:keep])
     timings.search_s = time.perf_counter() - start
-    for vertebra, name, p_context, p_appearance in zip(vertebrae, names, context, appearance):
-        vertebra.level = name
-        vertebra.level_probabilities = p_context.copy()
-        vertebra.appearance_probabilities = p_appearance.copy()
+    labelled = [replace(vertebra, slices=list(vertebra.slices),
+                        polygons=[np.array(p, copy=True) for p in vertebra.polygons],
+                        level=name, level_probabilities=p_context.copy(),
+                        appearance_probabilities=p_appearance.copy())
+                for vertebra, name, p_context, p_appearance in zip(ordered[:keep], names, context, appearance)]
     report(total, total, "beam search")
-    return vertebrae
+    return labelled
 
 
 def relabel_with_correction(vertebrae: list[Vertebra], index: int, level_name: str,

@@ -24,7 +24,8 @@ cannot be computed are ``null``.
 
 ``discs.csv`` has one row per disc, top to bottom, with headers a
 radiologist reads without a legend; the learned columns are empty when the
-discs were not graded (``discs.json`` says why).
+discs were not graded (``discs.json`` says why).  The files are written by
+:func:`SpineNetLib.outputs.files.write_results`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from SpineNetLib.discs.grading import GRADE_COLUMNS, DiscGrades
 from SpineNetLib.discs.extraction import IVDVolume, sample_to_ras
 from SpineNetLib.discs.measurements import SpineMeasurements
+from SpineNetLib.outputs.documents import disc_table, table_csv_text
 from SpineNetLib.outputs.vertebrae import input_description, scan_description
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
@@ -203,12 +205,19 @@ def discs_csv_header() -> list[str]:
     return ["Level", *GRADE_CSV_COLUMNS, *(header for _, header, _ in DISC_MEASUREMENTS.values())]
 
 
-def discs_csv_text(doc: dict) -> str:
-    """One row per disc of a ``discs.json`` document, top to bottom (module docstring)."""
+def discs_csv_text(discs_doc: dict | None, vertebrae_doc: dict | None = None) -> str:
+    """``discs.csv``: one row per disc of a ``discs.json`` document, top to bottom (module docstring).
+
+    Without a discs document (a plug-in pipeline with no disc stage) the
+    rows are the discs between consecutive vertebrae of ``vertebrae_doc``,
+    with their level and centre (:func:`SpineNetLib.outputs.documents.disc_table`).
+    """
+    if discs_doc is None:
+        return table_csv_text(*disc_table(vertebrae_doc))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(discs_csv_header())
-    for d in doc["discs"]:
+    for d in discs_doc["discs"]:
         grades = d.get("grades") or {}
         measures = d.get("measurements") or {}
         row = [d["level"]]

@@ -1,4 +1,4 @@
-"""The result documents as plain data: disc geometry, the disc table, level corrections, files.
+"""The result documents as plain data: disc geometry, the disc table, level corrections, reading them back.
 
 Why a module of its own: the Slicer module, its worker process, the batch
 script and the MRML writer (:mod:`SpineNetLib.slicer.mrml`) all work from the same
@@ -9,10 +9,14 @@ handed from a worker process to Slicer, saved, reloaded and corrected later:
   :func:`SpineNetLib.outputs.vertebrae.vertebrae_document`): per vertebra, top to
   bottom, its level, level probabilities, RAS centroid and per-slice RAS
   outline (corners rt, rb, lb, lt);
-* ``discs.json`` (schema ``spinenet.discs/1``, written by the grading stage):
+* ``discs.json`` (schema ``spinenet.discs/1``, written by
+  :func:`SpineNetLib.outputs.discs.discs_document`):
   ``{"discs": [{"level": "L4-L5", "centre_ras": [r, a, s],
   "grades": {"Pfirrmann": {"value": 3, "probabilities": [...]}, ...},
   "measurements": {"disc_height_mean_mm": 9.1, ...}}, ...]}``.
+
+The files (and the ``result.json`` manifest that lists them) are written by
+:func:`SpineNetLib.outputs.files.write_results`; :func:`read_result` reads them back.
 
 Nothing here imports torch, vtk or Slicer (the labelling module, which needs
 torch, is imported only when a level is corrected), so the Slicer module can
@@ -22,7 +26,7 @@ Hotspot files (evidence maps of the grading stage) are looked up by name in
 the results folder (:func:`hotspot_files`): a map of one disc,
 ``hotspots/<disc>_<head>.nii.gz`` (e.g. ``hotspots/L4-L5_Pfirrmann.nii.gz``),
 or a map of all discs for one head, ``hotspots_<head>.nii.gz`` (what
-:func:`SpineNetLib.discs.hotspots.write_hotspot_maps` writes); ``.nii``, ``.nrrd``
+:func:`SpineNetLib.discs.hotspots.hotspot_maps` computes); ``.nii``, ``.nrrd``
 and ``.mha`` work too.
 """
 
@@ -40,10 +44,12 @@ import numpy as np
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS, LEVELS_TOP_DOWN, disc_name
+from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.outputs.vertebrae import vertebrae_document
 
 VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
 DISCS_SCHEMA = "spinenet.discs/1"
-#: The small manifest the worker writes next to the documents.
+#: The small manifest (``result.json``) :func:`SpineNetLib.outputs.files.write_results` writes last.
 RESULT_SCHEMA = "spinenet.result/1"
 
 #: Level names a user can pick when correcting a vertebra, top to bottom.
@@ -118,12 +124,12 @@ def check_discs_document(doc) -> dict:
 # --------------------------------------------------------------------------- geometry
 
 def vertebra_name(vertebra: dict, index: int) -> str:
-    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled vertebra."""
+    """The level, or "V<n>" (1-based, top to bottom) for an unlabelled vertebra of a document."""
     return vertebra.get("level") or f"V{index + 1}"
 
 
 def mid_polygon(vertebra: dict) -> dict:
-    """The polygon on the slice closest to the median slice (ties: the lower slice)."""
+    """A document vertebra's polygon entry on the slice closest to its median slice (ties: the lower slice)."""
     polygons = sorted(vertebra["polygons"], key=lambda p: p["slice"])
     median = float(np.median([p["slice"] for p in polygons]))
     return min(polygons, key=lambda p: (abs(p["slice"] - median), p["slice"]))
@@ -251,21 +257,8 @@ def table_csv_text(columns: list[Column], rows: list[list]) -> str:
     return buffer.getvalue()
 
 
-def discs_csv_text(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> str:
-    """``discs.csv``: the grading stage's layout (:func:`SpineNetLib.outputs.discs.discs_csv_text`)
-    for a discs document when that stage is installed, else :func:`disc_table` as CSV."""
-    if discs_doc is not None:
-        try:
-            from SpineNetLib.outputs.discs import discs_csv_text as graded_csv_text
-        except ImportError:  # grading stage (or torch) not available: the generic table
-            graded_csv_text = None
-        if graded_csv_text is not None:
-            return graded_csv_text(discs_doc)
-    return table_csv_text(*disc_table(vertebrae_doc, discs_doc))
-
-
 def vertebra_rows(vertebrae_doc: dict) -> list[dict]:
-    """Per vertebra, top to bottom: name, level probability, first and last slice."""
+    """Rows of the Slicer vertebra table, top to bottom: name, level probability, first and last slice."""
     rows = []
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         slices = [p["slice"] for p in v["polygons"]]
@@ -305,8 +298,8 @@ def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
         raise InputError(f"unknown level {level!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
     probs = [_probabilities(v) for v in vertebrae]
     if all(p is not None for p in probs):
+        # Imported here: the labelling module needs torch, which the Slicer module may not have yet.
         from SpineNetLib.label.labelling import LabellingParams, relabel_with_correction
-        from SpineNetLib.core.results import Vertebra
 
         dummies = [Vertebra(slices=[0], polygons=[np.zeros((4, 2))], level=v.get("level"), level_probabilities=p)
                    for v, p in zip(vertebrae, probs)]
@@ -360,9 +353,6 @@ def vertebrae_document_from_truth(scan, truth, timings_s: dict | None = None) ->
     gets a one-hot probability.  Used by tests and the module self-test to
     exercise everything downstream of the networks without trained weights.
     """
-    from SpineNetLib.outputs.vertebrae import vertebrae_document
-    from SpineNetLib.core.results import DetectionResult, Vertebra
-
     vertebrae = []
     for t in truth:
         one_hot = np.zeros(len(LEVELS))
@@ -432,33 +422,6 @@ def list_hotspot_files(folder) -> list[str]:
                 if is_image and (base != folder or p.name.startswith("hotspots_")):
                     found.append(p.relative_to(folder).as_posix())
     return sorted(found)
-
-
-def result_files(vertebrae_doc: dict, discs_doc: dict | None = None, hotspots: list[str] | None = None) -> dict[str, str]:
-    """``{file name: text}`` of everything a run writes: JSON, CSV and the manifest.
-
-    ``hotspots`` are the hotspot images already written, relative to the folder.
-    """
-    files = {"vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n"}
-    from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
-
-    files["vertebrae.csv"] = vertebrae_csv_text(vertebrae_doc)
-    if discs_doc is not None:
-        files["discs.json"] = json.dumps(discs_doc, indent=1) + "\n"
-    files["discs.csv"] = discs_csv_text(vertebrae_doc, discs_doc)
-    manifest = {"schema": RESULT_SCHEMA, "vertebrae": "vertebrae.json",
-                "discs": "discs.json" if discs_doc is not None else None,
-                "hotspots": sorted(hotspots or [])}
-    files["result.json"] = json.dumps(manifest, indent=1) + "\n"
-    return files
-
-
-def write_result_files(outdir, vertebrae_doc: dict, discs_doc: dict | None = None,
-                       hotspots: list[str] | None = None) -> list[Path]:
-    """Write :func:`result_files` into ``outdir``; each file appears only complete."""
-    from SpineNetLib.outputs.vertebrae import write_files_atomically
-
-    return write_files_atomically(outdir, result_files(vertebrae_doc, discs_doc, hotspots))
 
 
 def read_json(path, what: str) -> dict:

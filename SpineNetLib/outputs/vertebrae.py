@@ -2,23 +2,17 @@
 
 Every coordinate written here is in the input's RAS millimetres, and every
 slice index is the index along the input's own slice axis, so results overlay
-the original scan in any viewer.  Files are written under a temporary name and
-renamed only once all of them are complete: an error midway leaves no
-half-written output behind.
+the original scan in any viewer.  The files themselves are written by
+:func:`SpineNetLib.outputs.files.write_results`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.weights.checkpoints import default_file_mode
 from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
@@ -121,35 +115,3 @@ def vertebrae_csv_text(document: dict) -> str:
                          min(slices), max(slices), "" if prob is None else f"{prob:.4f}"])
     return buffer.getvalue()
 
-
-def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> list[Path]:
-    """Write ``{name: text}`` into ``outdir`` so each file appears only complete.
-
-    Everything is first written to hidden temporary files in the same folder;
-    only when all of them succeeded are they renamed into place.
-    """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    temporary: list[tuple[Path, Path]] = []
-    try:
-        for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
-            os.fchmod(fd, default_file_mode())
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
-            temporary.append((Path(tmp), outdir / name))
-        for tmp, final in temporary:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in temporary:
-            tmp.unlink(missing_ok=True)
-        raise
-    return [final for _, final in temporary]
-
-
-def write_vertebra_outputs(outdir, scan: Scan, result: DetectionResult) -> list[Path]:
-    document = vertebrae_document(scan, result)
-    return write_files_atomically(outdir, {
-        "vertebrae.json": json.dumps(document, indent=1) + "\n",
-        "vertebrae.csv": vertebrae_csv_text(document),
-    })

@@ -1,41 +1,24 @@
-"""``spinenet train detector|appearance|context``: train the small bundled networks (issue #3).
+"""``spinenet train detector|appearance|context|grader``: train the small bundled networks (issues #3, #4).
 
-Every run writes a resumable run folder (``train_common``); the final model
+Every run writes a resumable run folder (:mod:`SpineNetLib.training.common`); the final model
 is ``RUNDIR/<kind>.pt`` (fp16, ``checkpoints.save_checkpoint``), ready to be
 copied to ``SpineNetLib/weights/``.
 """
 
 from __future__ import annotations
 
-import argparse
-
-
-def _common(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float, data: bool = True) -> None:
-    if data:
-        p.add_argument("--data", default=None, metavar="DIR",
-                       help="real cases (shared/data layout); default: $SPINENET_DATA or ../shared/data")
-    p.add_argument("--out", required=True, metavar="RUNDIR", help="run folder (created; reused with --resume)")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=batch, help=f"samples per step (default {batch})")
-    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default 0)")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate of AdamW (default {lr})")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from checkpoint-latest.pt")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoint-latest.pt saves")
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.training.common import add_run_arguments
+from SpineNetLib.training.datasets import default_data_root
+from SpineNetLib.training.grader import add_grader_parser
 
 
 def _checked(args) -> None:
-    from SpineNetLib.core.errors import InputError
-
     if args.steps < 1 or args.batch_size < 1:
         raise InputError("--steps and --batch-size must be at least 1")
     if getattr(args, "phantom_fraction", 0.0) is not None and not 0.0 <= getattr(args, "phantom_fraction", 0.0) <= 1.0:
         raise InputError("--phantom-fraction must be between 0 and 1")
     if getattr(args, "data", None) is None and hasattr(args, "data"):
-        from SpineNetLib.training.datasets import default_data_root
-
         root = default_data_root()
         args.data = str(root) if root.is_dir() else None
 
@@ -70,7 +53,7 @@ def register(subparsers) -> None:
     sub = train.add_subparsers(dest="train_command", required=True, metavar="NETWORK")
 
     det = sub.add_parser("detector", help="train the VFR vertebra detector")
-    _common(det, steps=3000, batch=8, lr=2e-3)
+    add_run_arguments(det, steps=3000, batch=8, lr=2e-3)
     det.add_argument("--phantom-fraction", type=float, default=0.3, help="share of phantom patches (default 0.3)")
     det.add_argument("--n-phantoms", type=int, default=40, help="phantoms in the seeded pool (default 40)")
     det.add_argument("--config-blocks", type=int, nargs=4, default=[2, 2, 2, 2], metavar="N",
@@ -85,7 +68,7 @@ def register(subparsers) -> None:
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")
-    _common(app, steps=500, batch=8, lr=1e-3)
+    add_run_arguments(app, steps=500, batch=8, lr=1e-3)
     app.add_argument("--phantom-fraction", type=float, default=0.5, help="share of phantom bodies (default 0.5)")
     app.add_argument("--n-phantoms", type=int, default=30, help="phantoms in the seeded pool (default 30)")
     app.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
@@ -93,13 +76,11 @@ def register(subparsers) -> None:
     app.set_defaults(func=command_train_appearance)
 
     ctx = sub.add_parser("context", help="train the context network on synthetic label images")
-    _common(ctx, steps=1000, batch=16, lr=2e-3, data=False)
+    add_run_arguments(ctx, steps=1000, batch=16, lr=2e-3, data=False)
     ctx.add_argument("--val-batches", type=int, default=4,
                      help="batches of 8 synthetic label images for the final check (default 4)")
     ctx.add_argument("--repeat-s1-penalty", type=float, default=None, metavar="P",
                      help="beam-search penalty for a second S1 to store with the weights "
                           "(default: none stored, the official 100 applies)")
     ctx.set_defaults(func=command_train_context)
-
-    from SpineNetLib.training.grader import add_grader_parser
     add_grader_parser(sub)

@@ -1,4 +1,5 @@
-"""What every trainer shares: seeding, a resumable run folder, logging, the final fp16 model.
+"""What every trainer shares: seeding, a resumable run folder, logging, the final fp16 model,
+random phantoms and the command-line options of ``spinenet train``.
 
 Run folder layout (one per training run)::
 
@@ -16,10 +17,10 @@ the interrupted run stopped (same parameters after the same total steps).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from SpineNetLib.weights import checkpoints
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.synthetic import phantom
+from SpineNetLib.weights import checkpoints
 
 CHECKPOINT_NAME = "checkpoint-latest.pt"
 
@@ -206,9 +209,6 @@ def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | No
     Used as a seeded pool of synthetic slices (all levels C2..S1, T1/T2/STIR
     contrasts) beside the real lumbar T2/water data.
     """
-    from SpineNetLib.synthetic import phantom
-    from SpineNetLib.core.levels import LEVELS_TOP_DOWN
-
     fov = fov or str(rng.choice(["lumbar", "lumbar", "whole", "thoracic", "cervical", "cervical"]))
     contrast = str(rng.choice(["T1", "T2", "STIR"]))
     spacing = float(rng.uniform(0.4, 1.2)) if fov != "whole" else float(rng.uniform(0.6, 1.2))
@@ -235,3 +235,23 @@ def random_phantom(rng: np.random.Generator, *, n_slices: int = 5, fov: str | No
         return phantom.make_phantom(pathology=pathology, **kwargs)
     except Exception:  # an unlucky pathology combination: fall back to a healthy spine
         return phantom.make_phantom(**kwargs)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float, data: bool = True) -> None:
+    """The options every ``spinenet train`` sub-command shares (run folder, steps, batch, seed, optimiser, device)."""
+    if data:
+        p.add_argument("--data", default=None, metavar="DIR",
+                       help="real cases (shared/data layout); default: $SPINENET_DATA or ../shared/data")
+    p.add_argument("--out", required=True, metavar="RUNDIR", help="run folder (created; reused with --resume)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"samples per step (default {batch})")
+    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default 0)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate of AdamW (default {lr})")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from checkpoint-latest.pt")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save-every", type=int, default=50, help="steps between checkpoint-latest.pt saves")

@@ -210,8 +210,8 @@ def validate(detector, cases, device="cpu", *, appearance=None, context=None, th
             det = detection.detect_vertebrae(scan, predict)
             verts = det.vertebrae
             if appearance is not None and context is not None and verts:
-                labelling.label_vertebrae(scan, verts, appearance, context,
-                                          labelling.params_for_context(context), device=str(device))
+                verts = labelling.label_vertebrae(scan, verts, appearance, context,
+                                                  labelling.params_for_context(context), device=str(device))
             m = evaluate.evaluate_case(gt, to_native_predictions(verts, scan, native))
             res[name].append(m)
             log(f"val {name:6s} {case.case_id:18s} P={m.precision:.3f} R={m.recall:.3f} "

@@ -54,9 +54,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from SpineNetLib.weights import checkpoints
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.discs.extraction import extract_ivd_volumes
+from SpineNetLib.discs.hotspots import MAX_SHIFT_RC, apply_augmentation
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
+from SpineNetLib.synthetic import phantom
+from SpineNetLib.training import spider
+from SpineNetLib.training.common import (
+    RunFolder, add_run_arguments, cosine_lr, resolve_device, seed_everything, set_threads, train_loop,
+)
+from SpineNetLib.weights import checkpoints
 
 HEAD_INDEX = {h.name: i for i, h in enumerate(HEADS)}
 
@@ -257,8 +265,6 @@ def evaluate(model: GradingNet, samples: Sequence[GradingSample], tasks: Sequenc
 def augment_volume(rng: np.random.Generator, vol: np.ndarray, strength: float = 1.0,
                    allow_reverse: bool = True) -> np.ndarray:
     """Random in-plane shift (zero fill), slice reversal and intensity scale; values stay in [0, 1]."""
-    from SpineNetLib.discs.hotspots import MAX_SHIFT_RC, apply_augmentation
-
     vol = np.asarray(vol, np.float32)
     if strength <= 0:
         return vol
@@ -320,8 +326,6 @@ def phantom_disc_targets(ph, disc_name: str, pathologies: Sequence[str]) -> dict
 
 def make_grading_phantom(rng: np.random.Generator, pathologies: Sequence[str], p: float = 0.3):
     """A random lumbar T2 phantom (random spacing, slices, tilt, noise, anatomy) with random pathology."""
-    from SpineNetLib.synthetic import phantom
-
     spacing = float(rng.uniform(0.7, 1.1))
     kwargs = dict(fov="lumbar", contrast="T2", pixel_spacing=(spacing, spacing),
                   n_slices=int(rng.integers(11, 14)), slice_thickness_mm=float(rng.uniform(3.5, 4.5)),
@@ -333,8 +337,6 @@ def make_grading_phantom(rng: np.random.Generator, pathologies: Sequence[str], p
 
 def phantom_vertebrae(ph):
     """Ground-truth :class:`~SpineNetLib.core.results.Vertebra` list (top to bottom) of a phantom."""
-    from SpineNetLib.core.results import Vertebra
-
     return [Vertebra(slices=list(v.slices), polygons=[np.asarray(v.quads[s], float) for s in v.slices],
                      level=v.level) for v in ph.vertebrae if not v.extra]
 
@@ -342,8 +344,6 @@ def phantom_vertebrae(ph):
 def phantom_samples(n_phantoms: int, seed: int, pathologies: Sequence[str] = PHANTOM_PATHOLOGIES,
                     p: float = 0.3, log=print) -> list[GradingSample]:
     """Disc samples of ``n_phantoms`` seeded random phantoms (ground-truth bodies, ``ivd.extract_ivd_volumes``)."""
-    from SpineNetLib.discs.extraction import extract_ivd_volumes
-
     bad = sorted(set(pathologies) - set(PHANTOM_PATHOLOGIES))
     if bad:
         raise InputError(f"unknown phantom pathology {', '.join(bad)}: use {', '.join(PHANTOM_PATHOLOGIES)}")
@@ -364,10 +364,8 @@ def phantom_samples(n_phantoms: int, seed: int, pathologies: Sequence[str] = PHA
 def spider_samples(root, sequences: Sequence[str] | None = ("t2",), max_cases: int = 0,
                    log=print) -> list[GradingSample]:
     """Disc samples of a SPIDER folder; discs without any usable grade are left out."""
-    from SpineNetLib.training import spider
-
     root = Path(root)
-    cases = spider.list_cases(root, sequences)
+    cases = spider.list_spider_cases(root, sequences)
     if max_cases:
         cases = cases[:max_cases]
     if not cases:
@@ -426,8 +424,6 @@ def heads_forward(model: GradingNet, feats: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _stage_lr(steps: int, head_steps: int, warmup: int, head_factor: float):
-    from SpineNetLib.training.common import cosine_lr
-
     def factor(s: int) -> float:
         if s < steps:
             return cosine_lr(s, steps, warmup)
@@ -443,44 +439,16 @@ def _batch(rng, samples, probabilities, tasks, batch_size, augment, allow_revers
     return x, torch.tensor(y, dtype=torch.long, device=device)
 
 
-def train(args) -> Path:
+def train_grader(args) -> Path:
     """Run ``spinenet train grader`` (see the module docstring); returns the final weights path."""
-    from SpineNetLib.training.common import RunFolder, resolve_device, seed_everything, set_threads, train_loop
-
     set_threads(args.threads)
     device = resolve_device(args.device)
-    if not args.data and not args.phantoms:
-        raise InputError("no training data: give --data DIR (SPIDER format) or --phantoms N")
-    if args.steps < 1 or args.batch_size < 1 or args.head_steps < 0:
-        raise InputError("--steps and --batch-size must be at least 1, --head-steps at least 0")
-    pathologies = [p.strip() for p in args.phantom_pathology.split(",") if p.strip()]
-    sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] or None
-    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = sorted(set(wanted) - set(TASKS))
-    if unknown:
-        raise InputError(f"unknown task {', '.join(unknown)}: use {', '.join(TASKS)}")
-    config = {
-        "kind": "grading", "data": str(Path(args.data).resolve()) if args.data else None,
-        "phantoms": args.phantoms, "phantom_pathology": pathologies, "phantom_rate": args.phantom_rate,
-        "sequences": sequences, "tasks": args.tasks, "steps": args.steps, "head_steps": args.head_steps,
-        "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "head_lr": args.head_lr,
-        "weight_decay": args.weight_decay, "blocks": list(args.config_blocks), "base_width": args.base_width,
-        "init": args.init, "val_fraction": args.val_fraction, "augment": args.augment, "sampling": args.sampling,
-        "max_cases": args.max_cases,
-    }
-    run = RunFolder(args.out, config, resume=args.resume)
+    pathologies, sequences, wanted = _checked_arguments(args)
+    run = RunFolder(args.out, _run_config(args, pathologies, sequences), resume=args.resume)
     rng = seed_everything(args.seed)
     log = print
 
-    if args.data:
-        samples = spider_samples(args.data, sequences, args.max_cases, log)
-    else:
-        samples = phantom_samples(args.phantoms, args.seed, pathologies, args.phantom_rate, log=log)
-    train_set, val_set = split_samples(samples, args.val_fraction, args.seed)
-    tasks = [t for t in TASKS.values() if any(t.name in s.targets for s in train_set)
-             and (not wanted or t.name in wanted)]
-    if not train_set or not tasks:
-        raise InputError("no training sample with a usable grade")
+    train_set, val_set, tasks = _training_data(args, pathologies, sequences, wanted, log)
     probabilities = sampling_probabilities(train_set, tasks, args.sampling)
     weights = class_weights(train_set, tasks, probabilities)
 
@@ -494,20 +462,86 @@ def train(args) -> Path:
     else:
         model = GradingNet(GradingConfig(tuple(args.config_blocks), args.base_width))
     model.to(device).train()
-    head_params = {id(p) for h in HEADS for p in getattr(model, h.name).parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps + args.head_steps
     head_lr = args.head_lr if args.head_lr else args.lr
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _stage_lr(args.steps, args.head_steps, min(100, args.steps // 10), head_lr / args.lr))
-    allow_reverse = not any(t.name in LATERAL_TASKS for t in tasks)
+    stages = _TwoStages(args, run, model, rng, train_set, val_set, tasks, probabilities, weights, device, log)
+    reached = train_loop(run, model, opt, sched, rng, total, stages.step, save_every=args.save_every,
+                         log_every=max(1, min(10, total // 10)), on_validate=stages.on_validate, val_every=1,
+                         stop_after=getattr(args, "stop_after", None))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    final = run.path / "grading.pt"
+    if reached < total:
+        return final
+    stages.finish(reached, total, final)
+    return final
 
-    def step_fn(step):
-        x, y = _batch(rng, train_set, probabilities, tasks, args.batch_size, args.augment, allow_reverse, device)
+
+def _checked_arguments(args) -> tuple[list[str], list[str] | None, list[str]]:
+    """(phantom pathologies, SPIDER sequences or None, wanted tasks) of valid ``train grader`` arguments."""
+    if not args.data and not args.phantoms:
+        raise InputError("no training data: give --data DIR (SPIDER format) or --phantoms N")
+    if args.steps < 1 or args.batch_size < 1 or args.head_steps < 0:
+        raise InputError("--steps and --batch-size must be at least 1, --head-steps at least 0")
+    pathologies = [p.strip() for p in args.phantom_pathology.split(",") if p.strip()]
+    sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] or None
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TASKS))
+    if unknown:
+        raise InputError(f"unknown task {', '.join(unknown)}: use {', '.join(TASKS)}")
+    return pathologies, sequences, wanted
+
+
+def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> dict:
+    """The run's settings (``config.json``; a resume must use the same ones)."""
+    return {
+        "kind": "grading", "data": str(Path(args.data).resolve()) if args.data else None,
+        "phantoms": args.phantoms, "phantom_pathology": pathologies, "phantom_rate": args.phantom_rate,
+        "sequences": sequences, "tasks": args.tasks, "steps": args.steps, "head_steps": args.head_steps,
+        "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "head_lr": args.head_lr,
+        "weight_decay": args.weight_decay, "blocks": list(args.config_blocks), "base_width": args.base_width,
+        "init": args.init, "val_fraction": args.val_fraction, "augment": args.augment, "sampling": args.sampling,
+        "max_cases": args.max_cases,
+    }
+
+
+def _training_data(args, pathologies: list[str], sequences: list[str] | None, wanted: list[str], log):
+    """(training samples, validation samples, tasks to train): the tasks seen in training (and wanted)."""
+    if args.data:
+        samples = spider_samples(args.data, sequences, args.max_cases, log)
+    else:
+        samples = phantom_samples(args.phantoms, args.seed, pathologies, args.phantom_rate, log=log)
+    train_set, val_set = split_samples(samples, args.val_fraction, args.seed)
+    tasks = [t for t in TASKS.values() if any(t.name in s.targets for s in train_set)
+             and (not wanted or t.name in wanted)]
+    if not train_set or not tasks:
+        raise InputError("no training sample with a usable grade")
+    return train_set, val_set, tasks
+
+
+class _TwoStages:
+    """Step function, validation and final files of one ``train`` run (joint training, then heads only)."""
+
+    def __init__(self, args, run, model: GradingNet, rng: np.random.Generator, train_set, val_set, tasks,
+                 probabilities: np.ndarray, weights: dict, device, log):
+        self.args, self.run, self.model, self.rng, self.device, self.log = args, run, model, rng, device, log
+        self.train_set, self.val_set, self.tasks = train_set, val_set, tasks
+        self.probabilities, self.weights = probabilities, weights
+        self.head_params = {id(p) for h in HEADS for p in getattr(model, h.name).parameters()}
+        self.allow_reverse = not any(t.name in LATERAL_TASKS for t in tasks)
+
+    def step(self, step: int):
+        """``(loss, info)`` of one step; from ``--steps`` on: frozen backbone, fixed BN statistics."""
+        args, model, tasks = self.args, self.model, self.tasks
+        x, y = _batch(self.rng, self.train_set, self.probabilities, tasks, args.batch_size, args.augment,
+                      self.allow_reverse, self.device)
         if step >= args.steps:          # stage 2: frozen backbone, fixed BN statistics
             model.eval()
             for p in model.parameters():
-                p.requires_grad_(id(p) in head_params)
+                p.requires_grad_(id(p) in self.head_params)
             with torch.no_grad():
                 feats = backbone_features(model, x)
             out = heads_forward(model, feats)
@@ -515,58 +549,51 @@ def train(args) -> Path:
             for p in model.parameters():
                 p.requires_grad_(True)
             out = model(x)
-        loss, info = grading_loss(out, y, tasks, weights)
+        loss, info = grading_loss(out, y, tasks, self.weights)
         info["stage"] = 1 if step < args.steps else 2
         return loss, info
 
-    def validate(tag: str, step: int) -> dict:
-        res = evaluate(model, val_set, tasks, device=device) if val_set else {}
+    def validate(self, tag: str, step: int) -> dict:
+        res = evaluate(self.model, self.val_set, self.tasks, device=self.device) if self.val_set else {}
         summary = " ".join(f"{k}={v['balanced_accuracy']:.3f}" for k, v in res.items())
-        log(f"validation ({tag}, step {step}): balanced accuracy {summary or 'n/a (no validation discs)'}")
-        hist_path = run.path / "val_history.json"
+        self.log(f"validation ({tag}, step {step}): balanced accuracy {summary or 'n/a (no validation discs)'}")
+        hist_path = self.run.path / "val_history.json"
         hist = json.loads(hist_path.read_text(encoding="utf-8")) if hist_path.is_file() else []
         hist = [h for h in hist if h.get("step") != step] + [{"step": step, "tag": tag, "metrics": res}]
-        run.write_json("val_history.json", hist)
+        self.run.write_json("val_history.json", hist)
         return res
 
-    def on_validate(step):
+    def on_validate(self, step: int) -> None:
+        args = self.args
         if step == args.steps or (args.val_every and step % args.val_every == 0):
-            validate("after joint training" if step == args.steps else "periodic", step)
+            self.validate("after joint training" if step == args.steps else "periodic", step)
 
-    reached = train_loop(run, model, opt, sched, rng, total, step_fn, save_every=args.save_every,
-                         log_every=max(1, min(10, total // 10)), on_validate=on_validate, val_every=1,
-                         stop_after=getattr(args, "stop_after", None))
-    for p in model.parameters():
-        p.requires_grad_(True)
-    final = run.path / "grading.pt"
-    if reached < total:
-        return final
-    final_metrics = validate("final", reached)
-    hist = json.loads((run.path / "val_history.json").read_text(encoding="utf-8"))
-    joint = next((h["metrics"] for h in hist if h["step"] == args.steps), None)
-    run.write_json("val_metrics.json", {"tasks": [t.name for t in tasks],
-                                        "task_heads": {t.name: list(t.heads) for t in tasks},
-                                        "n_train": len(train_set),
-                                        "n_val": len(val_set), "after_joint_training": joint,
-                                        "final": final_metrics})
-    checkpoints.save_checkpoint(final, "grading", model.cpu(), half=True,
-                                extra={"epoch_no": int(total), "seed": int(args.seed),
-                                       "tasks": [t.name for t in tasks]})
-    log(f"wrote {final}")
-    return final
+    def finish(self, reached: int, total: int, final: Path) -> None:
+        """Final validation, ``val_metrics.json`` and the fp16 weights ``final``."""
+        args, run, tasks = self.args, self.run, self.tasks
+        final_metrics = self.validate("final", reached)
+        hist = json.loads((run.path / "val_history.json").read_text(encoding="utf-8"))
+        joint = next((h["metrics"] for h in hist if h["step"] == args.steps), None)
+        run.write_json("val_metrics.json", {"tasks": [t.name for t in tasks],
+                                            "task_heads": {t.name: list(t.heads) for t in tasks},
+                                            "n_train": len(self.train_set),
+                                            "n_val": len(self.val_set), "after_joint_training": joint,
+                                            "final": final_metrics})
+        checkpoints.save_checkpoint(final, "grading", self.model.cpu(), half=True,
+                                    extra={"epoch_no": int(total), "seed": int(args.seed),
+                                           "tasks": [t.name for t in tasks]})
+        self.log(f"wrote {final}")
 
 
 # --------------------------------------------------------------------------- command line
 
 
 def add_grader_parser(sub) -> None:
-    """Register ``spinenet train grader`` on the ``train`` sub-parsers (called from ``train_cli.register``)."""
-    from SpineNetLib.training.cli import _common
-
+    """Register ``spinenet train grader`` on the ``train`` sub-parsers (called from ``training.cli.register``)."""
     p = sub.add_parser("grader", help="train the disc grading network (SPIDER-format data or phantoms)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="SPIDER-format folder: images/*.mha, masks/*.mha, radiological_gradings.csv")
-    _common(p, steps=2000, batch=8, lr=1e-3, data=False)
+    add_run_arguments(p, steps=2000, batch=8, lr=1e-3, data=False)
     p.add_argument("--phantoms", type=int, default=0, metavar="N",
                    help="train on N synthetic lumbar phantoms instead of --data")
     p.add_argument("--phantom-pathology", default=",".join(PHANTOM_PATHOLOGIES), metavar="LIST",
@@ -601,5 +628,5 @@ def command_train_grader(args) -> int:
         raise InputError("--val-fraction must be in [0, 1)")
     if not 0.0 <= args.phantom_rate <= 1.0:
         raise InputError("--phantom-rate must be between 0 and 1")
-    train(args)
+    train_grader(args)
     return 0

@@ -419,17 +419,20 @@ def validate_labelling(appearance, context, cases, device="cpu", log=print) -> d
         if not bodies:
             continue
         scan = scans[0]
-        verts = [Vertebra(slices=[0], polygons=[b.polygon]) for b in bodies]
-        truth = {id(v): LEVELS[b.level] for v, b in zip(verts, bodies)}
-        labelling.label_vertebrae(scan, verts, appearance, context, labelling.params_for_context(context),
-                                  device=str(device))
-        app = sum(LEVELS[int(np.argmax(v.appearance_probabilities))] == truth[id(v)] for v in verts)
-        full = sum(v.level == truth[id(v)] for v in verts)
+        inputs = [Vertebra(slices=[0], polygons=[b.polygon]) for b in bodies]
+        verts = labelling.label_vertebrae(scan, inputs, appearance, context, labelling.params_for_context(context),
+                                          device=str(device))
+        # label_vertebrae returns sorted copies: find each one's body by its (unchanged) outline
+        centres = np.array([np.asarray(b.polygon, float).mean(axis=0) for b in bodies])
+        truth = [LEVELS[bodies[int(np.argmin(np.linalg.norm(centres - np.asarray(v.polygons[0], float).mean(axis=0),
+                                                               axis=1)))].level] for v in verts]
+        app = sum(LEVELS[int(np.argmax(v.appearance_probabilities))] == t for v, t in zip(verts, truth))
+        full = sum(v.level == t for v, t in zip(verts, truth))
         order = list(LEVELS_TOP_DOWN) + ["S2"]
-        full1 = sum(abs(order.index(v.level) - order.index(truth[id(v)])) <= 1 for v in verts)
+        full1 = sum(abs(order.index(v.level) - order.index(t)) <= 1 for v, t in zip(verts, truth))
         res[case.case_id] = {"n": len(verts), "appearance_acc": app / len(verts), "labelling_acc": full / len(verts),
                              "labelling_acc_within_1": full1 / len(verts),
-                             "predicted": [v.level for v in verts], "truth": [truth[id(v)] for v in verts]}
+                             "predicted": [v.level for v in verts], "truth": truth}
         for k, v in (("n", len(verts)), ("app", app), ("full", full), ("full1", full1)):
             tot[k] += v
         log(f"labelling {case.case_id:18s} app={app}/{len(verts)} full={full}/{len(verts)} "

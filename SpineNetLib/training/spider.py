@@ -30,7 +30,7 @@ Label conventions, and what was verified
   included (an assumption, documented by the paper's figures).  Everything
   posterior to the spinal canal's anterior wall (per image row, over all
   slices) is cut off before the body quadrilateral is fitted
-  (``dataset.vertebra_quad_from_mask``).
+  (``datasets.vertebra_quad_from_mask``).
 * Level names: disc 200 + n lies between ``LEVELS_TOP_DOWN[23 - n]`` and the
   level below it (n = 1: L5-S1, 2: L4-L5, ...).
 
@@ -138,7 +138,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     return header, rows
 
 
-def list_cases(root, sequences: Sequence[str] | None = ("t2",)) -> list[SpiderCase]:
+def list_spider_cases(root, sequences: Sequence[str] | None = ("t2",)) -> list[SpiderCase]:
     """Series of a SPIDER folder with both image and mask, sorted by patient (numeric) then name.
 
     ``sequences``: series suffixes to keep ("t1", "t2", "t2_SPACE"; any case), None = all.
@@ -227,7 +227,7 @@ def _read_image(path: Path):
     return sitk.GetArrayFromImage(img), m
 
 
-def load_case(case: SpiderCase):
+def load_spider_case(case: SpiderCase):
     """``(Scan, labels)``: the image as ``spinenet run`` sees it and its mask on the same canonical grid.
 
     Thin-slice 3D series are slab-averaged by ``canonical.scan_from_array``;
@@ -276,9 +276,9 @@ def vertebrae_from_labels(labels: np.ndarray) -> dict[int, Vertebra]:
 
     Posterior elements are cut off (:func:`anterior_region`); a slice is used
     when the body covers >= :data:`MIN_AREA_FRACTION` of its largest slice
-    area and ``dataset.vertebra_quad_from_mask`` accepts it.  The AP axis is
+    area and ``datasets.vertebra_quad_from_mask`` accepts it.  The AP axis is
     chosen closest to the normal of the line through the neighbouring
-    vertebrae's centroids (as ``dataset`` does for the real data).
+    vertebrae's centroids (as ``datasets`` does for the real data).
     """
     from SpineNetLib.training.datasets import vertebra_quad_from_mask
 
@@ -381,16 +381,16 @@ class SpiderDisc:
     patient: str
     subset: str | None
     ivd_label: int
-    ivd: object                    # ivd.IVDVolume
+    ivd: object                    # discs.extraction.IVDVolume
     grades: dict[str, int | None]  # raw CSV grades (empty when the CSV has no row for this disc)
     lower_stand_in: bool = False
 
 
 def case_discs(case: SpiderCase, gradings: dict | None = None, log=None) -> list[SpiderDisc]:
-    """Grading volumes (``ivd.extract_ivd_volume``) of every disc label in a series, bottom to top."""
+    """Grading volumes (``discs.extraction.extract_ivd_volume``) of every disc label in a series, bottom to top."""
     from SpineNetLib.discs.extraction import extract_ivd_volume
 
-    scan, labels = load_case(case)
+    scan, labels = load_spider_case(case)
     verts = vertebrae_from_labels(labels)
     out = []
     for code in sorted(int(c) for c in np.unique(labels) if is_disc_label(c)):

@@ -560,7 +560,7 @@ def test_postprocessing_speed_512x512x15():
 
 
 def _phantom_case(**kw):
-    phantom_mod = pytest.importorskip("SpineNetLib.synthetic.phantom")
+    from SpineNetLib.synthetic import phantom as phantom_mod
     ph = phantom_mod.make_phantom(**kw)
     qbs: dict[int, list] = {}
     truth = []

@@ -161,7 +161,8 @@ def test_spinenet_run_writes_discs_files_with_and_without_grading(tmp_path, monk
     args = ["run", str(image), "-o", str(out), "--quiet"] + (["--no-grade"] if no_grade else [])
     assert cli.main(args) == 0
     assert calls == [not no_grade]
-    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "discs.json", "vertebrae.csv", "vertebrae.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "discs.json", "result.json", "vertebrae.csv",
+                                                     "vertebrae.json"]
     doc = json.loads((out / "discs.json").read_text())
     vertebrae = json.loads((out / "vertebrae.json").read_text())["vertebrae"]
     names = [f"{a['level']}-{b['level']}" for a, b in zip(vertebrae, vertebrae[1:])]
@@ -177,15 +178,19 @@ def test_spinenet_run_writes_discs_files_with_and_without_grading(tmp_path, monk
     assert all(r["Disc height anterior (mm)"] for r in rows)
 
 
-def test_worker_hook_builds_the_discs_document(case):
-    """SpineNetLib.apps.worker looks up grading.discs_document(scan, result, networks, ...) by name."""
-    from SpineNetLib.discs import grading
-    from SpineNetLib.core.results import DetectionResult
-
-    phantom, vertebrae, _, _ = case
+def test_pipeline_run_builds_the_discs_document(case):
+    """pipeline.run (what `spinenet run` and the worker call) grades with a grading network, else warns."""
+    phantom, _, _, _ = case
     networks = oracle_networks(phantom)
     networks.grading = small_grader()
-    doc = grading.discs_document(phantom.scan, DetectionResult(vertebrae=vertebrae), networks)
-    assert doc["schema"] == "spinenet.discs/1" and doc["grading"]["status"] == "done"
+    result = pipeline.run(phantom.scan, networks)
+    doc = result.discs_document
+    assert doc["schema"] == "spinenet.discs/1" and doc["grading"]["status"] == "done" and result.warnings == []
     assert [d["level"] for d in doc["discs"]] == [d.name for d in phantom.discs]
     assert all(list(d["grades"]) == LEARNED for d in doc["discs"])
+    assert result.discs.grades is not None and result.hotspots == []
+
+    networks.grading = None
+    result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(hotspot_heads=["Pfirrmann"]))
+    assert result.discs_document["grading"]["status"] == "not run" and result.hotspots == []
+    assert result.warnings == ["the oracle weights have no grading network: disc measurements only, no grades"]

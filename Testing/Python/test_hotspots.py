@@ -20,6 +20,7 @@ from SpineNetLib.discs import extraction as ivd
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
+from SpineNetLib.outputs.files import write_hotspot_maps
 from SpineNetLib.training.grader import phantom_vertebrae
 
 FIXTURE = Path(__file__).resolve().parents[1] / "Data" / "grader_notch" / "grading.pt"
@@ -121,7 +122,8 @@ def test_maps_land_where_the_volume_came_from(tmp_path):
     assert np.abs(peak - np.array([r, c, s])).max() <= 1.0 and canon.max() > 0.5
     assert canon[..., [k for k in range(9) if k != int(round(s))]].max() == 0
     net = _random_net()
-    paths = hs.write_hotspot_maps(ph.scan, vols[:2], net, "fc_led", tmp_path, method="gradient", n_augment=1)
+    maps = hs.hotspot_maps(ph.scan, vols[:2], net, "fc_led", method="gradient", n_augment=1)
+    paths = write_hotspot_maps(tmp_path, maps)
     assert [p.name for p in paths] == ["hotspots_LowerEndplateDefect.nii.gz"]
     img = sitk.ReadImage(str(paths[0]))
     assert img.GetSize() == tuple(ph.scan.input_shape_ijk)

@@ -24,16 +24,17 @@ from SpineNetLib.label.labelling import (
     build_height_map,
     context_probabilities,
     extract_vertebra_volume,
+    height_map_rows,
     height_map_shape,
     label_vertebrae,
     normalise_volume,
     relabel_with_correction,
     sequence_cost,
-    vertebra_rows,
 )
 from SpineNetLib.core.levels import LEVEL_INDEX, LEVELS, N_LEVELS
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.synthetic import phantom
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def test_height_map_hand_made_example():
     expected[49:61] = probs[1]
     expected[147:150] = probs[2]
     np.testing.assert_array_equal(hm, expected)
-    np.testing.assert_array_equal(vertebra_rows(verts, scan), [45, 55, 150])
+    np.testing.assert_array_equal(height_map_rows(verts, scan), [45, 55, 150])
     # Column c is class c (S1 first).
     assert hm[40, 0] == np.float32(probs[0, 0]) and hm[40, 23] == np.float32(probs[0, 23])
 
@@ -471,7 +472,10 @@ def test_label_vertebrae_end_to_end_with_stand_in_networks():
     timings = LabellingTimings()
     out = label_vertebrae(scan, shuffled, appearance, context, LabellingParams(), device="cpu",
                           progress=lambda d, t, m: calls.append((d, t)), timings=timings)
-    assert out is shuffled and all(a is b for a, b in zip(out, verts))
+    # New vertebrae, sorted top to bottom: the bodies of ``verts``, in their order; the argument is untouched.
+    assert out is not shuffled and not any(a is b for a, b in zip(out, verts))
+    assert all(a.slices == b.slices and np.array_equal(a.polygons, b.polygons) for a, b in zip(out, verts))
+    assert shuffled == [verts[k] for k in (3, 0, 5, 1, 4, 2)] and all(v.level is None for v in shuffled)
     assert [v.level for v in out] == ["L1", "L2", "L3", "L4", "L5", "S1"]
     p_app = softmax(table / 10.0)
     # Context = 50 * height map, read at row int(mean y * 1.25 mm): inside each band.
@@ -481,7 +485,7 @@ def test_label_vertebrae_end_to_end_with_stand_in_networks():
         np.testing.assert_allclose(v.level_probabilities, pc, rtol=1e-5)
     hm = context.inputs[0][0, 0].numpy()
     assert hm.shape == (512, N_LEVELS)  # 260 rows * 1.25 mm = 325 -> 512
-    rows = vertebra_rows(out, scan)
+    rows = height_map_rows(out, scan)
     np.testing.assert_array_equal(rows, [int((34.5 + 40 * k) * 1.25) for k in range(6)])
     np.testing.assert_allclose(hm[rows], p_app, rtol=1e-6)
     assert appearance.inputs == [(4, 1, 224, 224, 16), (2, 1, 224, 224, 16)]  # batches of 4
@@ -490,7 +494,7 @@ def test_label_vertebrae_end_to_end_with_stand_in_networks():
 
     # The temperature reaches both softmaxes.
     _, verts = stacked_scan(6, row_mm=1.25)
-    label_vertebrae(scan, verts, FixedLogits(table), ScaledInput(50.0), LabellingParams(temperature=20.0))
+    verts = label_vertebrae(scan, verts, FixedLogits(table), ScaledInput(50.0), LabellingParams(temperature=20.0))
     p_app20 = softmax(table / 20.0)
     np.testing.assert_allclose(verts[0].appearance_probabilities, p_app20[0], rtol=1e-5)
     np.testing.assert_allclose(verts[0].level_probabilities, softmax(50.0 * p_app20[0] / 20.0), rtol=1e-5)
@@ -508,8 +512,6 @@ def test_label_vertebrae_with_nothing_to_label():
 # ---------------------------------------------------------------------------
 # phantom ground truth (SpineNetLib.synthetic.phantom)
 # ---------------------------------------------------------------------------
-
-phantom = pytest.importorskip("SpineNetLib.synthetic.phantom")
 
 PHANTOM_CASES = {
     # name: (make_phantom kwargs, expected GT levels)
@@ -569,7 +571,7 @@ def test_phantom_oracle_probabilities_give_the_gt_levels(phantom_case):
     truth = [LEVEL_INDEX[v.level] for v in phantom_case.vertebrae]
     table = np.zeros((len(truth), N_LEVELS))
     table[np.arange(len(truth)), truth] = 30.0
-    label_vertebrae(phantom_case.scan, verts, FixedLogits(table), ScaledInput(50.0))
+    verts = label_vertebrae(phantom_case.scan, verts, FixedLogits(table), ScaledInput(50.0))
     assert [v.level for v in verts] == phantom_case.levels
     # Each vertebra's own band holds its row: no neighbour overwrites it.
     for v, t in zip(verts, truth):
@@ -594,7 +596,8 @@ def test_lower_sacral_segments_are_dropped_after_s2():
     table[np.arange(6), truth] = 60.0
     kept = verts[:5]
     out = label_vertebrae(scan, verts, FixedLogits(table), ScaledInput(50.0), LabellingParams(repeat_s1_penalty=1.0))
-    assert out is verts and len(out) == 5 and all(a is b for a, b in zip(out, kept))
+    assert out is not verts and len(out) == 5 and len(verts) == 6      # the argument is not truncated
+    assert all(a.slices == b.slices and np.array_equal(a.polygons, b.polygons) for a, b in zip(out, kept))
     assert [v.level for v in out] == ["L3", "L4", "L5", "S1", "S2"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 
@@ -391,11 +390,6 @@ def test_polygon_coverage_area_and_orientation():
 # ----------------------------------------------------------------------------- I/O and validation
 
 
-_HAS_IO = importlib.util.find_spec("SpineNetLib.inputs.writers") is not None and \
-    importlib.util.find_spec("SpineNetLib.inputs.load") is not None
-
-
-@pytest.mark.skipif(not _HAS_IO, reason="SpineNetLib.inputs.writers / SpineNetLib.inputs.load not available yet")
 def test_write_dicom_and_nifti_round_trip(tmp_path):
     from SpineNetLib.inputs.load import load_scan
 

@@ -21,6 +21,9 @@ from SpineNetLib.outputs import documents
 from SpineNetLib.slicer import mrml  # noqa: E402
 from SpineNetLib.core.errors import InputError  # noqa: E402
 from SpineNetLib.core.levels import LEVELS  # noqa: E402
+from SpineNetLib.discs.hotspots import HotspotMap  # noqa: E402
+from SpineNetLib.outputs.files import write_results  # noqa: E402
+from SpineNetLib.pipeline import RunResult  # noqa: E402
 from SpineNetLib.synthetic.phantom import make_phantom  # noqa: E402
 
 LEVELS_PHANTOM = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
@@ -380,8 +383,10 @@ def test_documents_are_checked():
 def test_result_files_round_trip(case, tmp_path):
     _, doc = case
     discs = graded_discs(doc)
-    written = documents.write_result_files(tmp_path, doc, discs, ["hotspots/L4-L5_Pfirrmann.nii.gz"])
-    assert sorted(p.name for p in written) == ["discs.csv", "discs.json", "result.json", "vertebrae.csv", "vertebrae.json"]
+    hotspot = HotspotMap("hotspots/L4-L5_Pfirrmann.nii.gz", np.zeros((2, 3, 4), np.float32), np.eye(4))
+    written = write_results(tmp_path, RunResult(vertebrae_document=doc, discs_document=discs, hotspots=[hotspot]))
+    assert sorted(p.name for p in written) == ["L4-L5_Pfirrmann.nii.gz", "discs.csv", "discs.json", "result.json",
+                                               "vertebrae.csv", "vertebrae.json"]
     vertebrae2, discs2, folder = documents.read_result(tmp_path / "result.json")
     assert vertebrae2 == json.loads(json.dumps(doc)) and discs2 == discs and folder == tmp_path
     assert json.loads((tmp_path / "result.json").read_text())["hotspots"] == ["hotspots/L4-L5_Pfirrmann.nii.gz"]
@@ -434,3 +439,46 @@ def test_integer_measurements_stay_integers():
         ("slip_percent", "float", "%"), ("signal_ratio", "float", "")]
     assert rows == [["L4-L5", 3, 2, 1, 4.5, None, None, None, None]]
     assert documents.table_csv_text(columns, rows).splitlines()[1] == "L4-L5,3,2,1,4.50,,,,"
+
+
+def _batch_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "SpineNet" / "Scripts" / "SpineNetBatch.py"
+    spec = importlib.util.spec_from_file_location("SpineNetBatch_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_hands_the_worker_the_scan_on_its_input_grid(case):
+    """The batch script reads the scan once and gives the worker arrays from which it reads the same scan."""
+    from SpineNetLib.inputs.canonical import scan_from_array
+
+    phantom, _ = case
+    scan = scan_from_array(phantom.voxels_kji, phantom.ijk_to_ras, {"path": "phantom"})
+    voxels, affine = _batch_script().input_arrays(scan)
+    np.testing.assert_array_equal(voxels, phantom.voxels_kji.astype(np.float32))
+    np.testing.assert_array_equal(affine, phantom.ijk_to_ras)
+    again = scan_from_array(voxels, affine, scan.metadata)
+    np.testing.assert_array_equal(again.voxels, scan.voxels)
+    for name in ("canonical_to_ras", "input_ijk_to_ras", "canonical_to_input_ijk"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(scan, name))
+    assert (again.input_shape_ijk, again.input_slice_axis) == (scan.input_shape_ijk, scan.input_slice_axis)
+
+
+def test_batch_hands_over_the_canonical_grid_of_a_resampled_scan():
+    """Averaged thin slices cannot be undone: the worker gets the canonical grid, and reads the same scan."""
+    from SpineNetLib.inputs.canonical import scan_from_array
+
+    rng = np.random.default_rng(0)
+    voxels = rng.uniform(0, 100, (40, 48, 36)).astype(np.float32)     # [k, j, i], 1 mm isotropic
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    scan = scan_from_array(voxels, affine)
+    assert "resampled" in scan.metadata
+    handed, handed_affine = _batch_script().input_arrays(scan)
+    again = scan_from_array(handed, handed_affine, scan.metadata)
+    assert "resampled" in again.metadata and again.shape == scan.shape
+    np.testing.assert_array_equal(again.voxels, scan.voxels)
+    np.testing.assert_allclose(again.canonical_to_ras, scan.canonical_to_ras, atol=1e-12)

@@ -27,6 +27,8 @@ import slicer_standins as standins  # noqa: E402
 from PySide6 import QtCore, QtWidgets  # noqa: E402
 
 from SpineNetLib.outputs import documents
+from SpineNetLib.outputs.files import write_results  # noqa: E402
+from SpineNetLib.pipeline import RunResult  # noqa: E402
 from SpineNetLib.slicer import mrml  # noqa: E402
 
 FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
@@ -60,7 +62,7 @@ def _select(widget, volume):
 
 
 def _write_result(folder, vertebrae, discs=None):
-    documents.write_result_files(folder, vertebrae, discs)
+    write_results(folder, RunResult(vertebrae_document=vertebrae, discs_document=discs))
     return str(Path(folder) / "result.json")
 
 
@@ -116,7 +118,7 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     widget.ui.deviceComboBox.setCurrentIndex(1)        # cpu
     widget.ui.applyButton.click()
     process = standins.FakeProcess.instances[-1]
-    assert process.started and widget.process is process
+    assert process.started and widget.logic.worker.process is process and widget.logic.isRunning()
     assert process.program == module.SpineNetLogic.pythonExecutable()
     args = process.arguments
     assert args[:2] == ["-m", "SpineNetLib.apps.worker"]
@@ -139,7 +141,8 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
 
     widget.ui.cancelButton.click()
     assert process.killed
-    assert widget.process is None
+    assert widget.logic.worker is None and not widget.logic.isRunning()
+    assert widget.logic.lastRun.status == "cancelled"
     assert widget.ui.statusLabel.text() == "Cancelled."
     assert widget.ui.applyButton.isEnabled() and not widget.ui.cancelButton.isEnabled()
     assert not Path(npy).exists()                       # temporary input removed
@@ -160,7 +163,7 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     process.feed("WARNING disc grading is not available in this version: vertebrae only\n")
     process.feed(f"PROGRESS 5 5 beam search\nRESULT {result}\n")
     process.finish(0)
-    assert widget.process is None
+    assert widget.logic.worker is None and widget.logic.lastRun.status == "done"
     assert widget.ui.statusLabel.text().startswith("7 vertebrae (T12..S1), 6 discs, 0 graded.")
     assert "Warning: disc grading is not available" in widget.ui.statusLabel.text()
     assert widget.ui.discTable.rowCount() == 6 and widget.ui.discTable.item(0, 0).text() == "T12-L1"
@@ -196,7 +199,7 @@ def test_worker_error_and_crash_are_reported(panel):
     widget.ui.applyButton.click()
     process = standins.FakeProcess.instances[-1]
     process.errorOccurred.emit(standins.FakeProcess.FailedToStart)
-    assert widget.process is None and widget.ui.applyButton.isEnabled() and not widget.ui.cancelButton.isEnabled()
+    assert widget.logic.worker is None and widget.ui.applyButton.isEnabled() and not widget.ui.cancelButton.isEnabled()
     assert widget.ui.statusLabel.text().startswith("Could not start the SpineNet worker (")
 
 
@@ -257,9 +260,11 @@ def test_export_csv_and_hotspots(panel, tmp_path):
                                             "this run wrote no hotspot maps.")
     from slicer_fake_pipeline import _hotspot
 
+    from SpineNetLib.outputs.files import write_hotspot_maps
+
     centre = {d["level"]: d["centre_ras"] for d in documents.disc_polygons(vertebrae)}["L4-L5"]
     scan = mrml.scan_from_volume_node(volume)
-    _hotspot(scan, centre, results / "hotspots" / "L4-L5_Pfirrmann.nii.gz")
+    write_hotspot_maps(results, [_hotspot(scan, centre, "hotspots/L4-L5_Pfirrmann.nii.gz")])
     widget.ui.showHotspotsButton.click()
     assert widget.ui.statusLabel.text() == "Showing the Pfirrmann hotspots of L4-L5."
     hotspots = mrml.result_nodes(scene, volume, "hotspot")
@@ -272,7 +277,7 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     assert len(mrml.result_nodes(scene, volume, "hotspot")) == 1
 
     # the grading stage's one-map-per-head files (hotspots_<Head>.nii.gz) are shown for any disc
-    _hotspot(scan, centre, results / "hotspots_Herniation.nii.gz")
+    write_hotspot_maps(results, [_hotspot(scan, centre, "hotspots_Herniation.nii.gz")])
     widget.ui.hotspotHeadComboBox.setCurrentText("Herniation")
     widget.ui.discTable.selectRow(1)
     widget.ui.showHotspotsButton.click()
@@ -308,7 +313,9 @@ def test_logic_runs_a_pipeline_in_process_and_the_self_test_passes(panel, tmp_pa
     seen = []
     nodes = widget.logic.runSynchronously(volume, pipeline=FAKE, options={"vertebrae": str(truth)},
                                           progress=lambda *a: seen.append(a))
-    assert seen == [(1, 3, "fake detection"), (2, 3, "fake detection"), (3, 3, "fake detection")]
+    # through the worker's entry point: its "reading the scan" step, then the pipeline's
+    assert seen == [(0, 1, "reading the scan"), (1, 3, "fake detection"), (2, 3, "fake detection"),
+                    (3, 3, "fake detection")]
     assert len(nodes.curves) == 7 and widget.logic.summary(volume).startswith("7 vertebrae (T12..S1)")
     results = Path(widget.logic.documents(volume)[2])
     assert (results / "vertebrae.csv").is_file() and not (results.parent / "input").exists()
@@ -316,6 +323,229 @@ def test_logic_runs_a_pipeline_in_process_and_the_self_test_passes(panel, tmp_pa
     test = module.SpineNetTest()
     test.runTest()                      # the module's own self-test, as Slicer runs it
     assert test.messages[-1] == "SpineNet self-test passed"
+
+
+# --------------------------------------------------------------------------- the logic's run API
+
+class _FakeWorker:
+    """Made by the logic's worker factory; the test speaks for the worker (lines, end, cancel)."""
+
+    instances: list = []
+
+    def __init__(self, module, finishOnCancel=True):
+        self.base = module.WorkerProcess()
+        self.lineReceived, self.finished = self.base.lineReceived, self.base.finished
+        self.run, self.running, self.cancelled, self.finishOnCancel = None, False, False, finishOnCancel
+        _FakeWorker.instances.append(self)
+
+    def start(self, run):
+        self.run, self.running = run, True
+
+    def cancel(self):
+        self.cancelled = True
+        if self.finishOnCancel:
+            self.end(-9, "killed")
+
+    def isRunning(self):
+        return self.running
+
+    def say(self, *lines):
+        for line in lines:
+            self.lineReceived.emit(line)
+
+    def end(self, code=0, errorText=""):
+        self.running = False
+        self.finished.emit(code, errorText)
+
+
+@pytest.fixture()
+def logic_case(monkeypatch, phantom_case):
+    """(module, logic with a fake worker factory, scene, volume, vertebrae document)."""
+    source, vertebrae, _ = phantom_case
+    scene = mrml.new_scene()
+    voxels, affine = mrml.volume_arrays(source)
+    module = standins.import_module(monkeypatch, scene)
+    _FakeWorker.instances.clear()
+    logic = module.SpineNetLogic(scene, workerFactory=lambda: _FakeWorker(module))
+    volume = mrml.add_volume(scene, voxels, affine, "T2 sagittal lumbar")
+    return module, logic, scene, volume, vertebrae
+
+
+def test_logic_starts_a_run_without_blocking_and_reports(logic_case):
+    from SpineNetLib.apps import worker
+
+    module, logic, scene, volume, vertebrae = logic_case
+    signals, callbacks = [], []
+    logic.progressReported.connect(lambda *a: signals.append(("progress", a)))
+    logic.warningReported.connect(lambda text: signals.append(("warning", text)))
+    logic.runFinished.connect(lambda run: signals.append(("finished", run.status)))
+    run = logic.startRun(volume, device="cpu", grading=False,
+                         onProgress=lambda *a: callbacks.append(("progress", a)),
+                         onWarning=lambda text: callbacks.append(("warning", text)),
+                         onFinished=lambda run: callbacks.append(("finished", run.message)))
+    fake = _FakeWorker.instances[-1]
+    # started, not finished: the call returned at once
+    assert fake.run is run and run.status == "running" and logic.isRunning() and logic.currentRun is run
+    assert run.volumeID == volume.GetID() and not run.isFinished()
+    assert run.arguments == ["-m", "SpineNetLib.apps.worker"] + run.workerArguments
+    assert run.program == module.SpineNetLogic.pythonExecutable() and run.workingDirectory == module.LIBRARY_PARENT
+    args = worker.build_parser().parse_args(run.workerArguments)
+    assert (args.device, args.grading, args.weights) == ("cpu", False, "bundled")
+    np.testing.assert_array_equal(np.load(args.input), mrml.volume_arrays(volume)[0])
+    with pytest.raises(module.SpineNetError, match="already running"):
+        logic.startRun(volume)
+
+    fake.say("PROGRESS 1 4 detecting vertebrae", "a library talking", "WARNING this is only a test")
+    assert signals == [("progress", (1, 4, "detecting vertebrae")), ("warning", "this is only a test")]
+    assert callbacks == signals
+    assert run.progress == (1, 4, "detecting vertebrae") and run.warnings == ["this is only a test"]
+    result = _write_result(Path(run.output), vertebrae)
+    fake.say(f"RESULT {result}")
+    assert run.status == "running"                    # the result counts once the worker has ended
+    fake.end(0)
+    assert not logic.isRunning() and logic.worker is None and logic.lastRun is run
+    assert run.status == "done" and run.isFinished() and run.exitCode == 0
+    assert run.message == "7 vertebrae (T12..S1), 6 discs, 0 graded. Warning: this is only a test"
+    assert signals[-1] == ("finished", "done") and callbacks[-1] == ("finished", run.message)
+    assert len(run.nodes.curves) == 7 and len(mrml.result_nodes(scene, volume, "vertebra-outline")) == 7
+    assert not (Path(run.folder) / "input").exists() and Path(run.output, "result.json").is_file()
+    fake.say("PROGRESS 2 4 late")                     # a finished run ignores its old worker
+    fake.end(1)
+    assert len(signals) == 3 and run.status == "done"
+
+
+def test_logic_cancel_error_and_failed_start(logic_case):
+    module, logic, scene, volume, vertebrae = logic_case
+    assert logic.cancelRun() is False                 # nothing to cancel
+    finished = []
+    logic.runFinished.connect(finished.append)
+
+    run = logic.startRun(volume)
+    _FakeWorker.instances[-1].say("PROGRESS 1 50 detecting vertebrae")
+    assert logic.cancelRun() is True
+    assert _FakeWorker.instances[-1].cancelled and run.cancelled
+    assert (run.status, run.message) == ("cancelled", "Cancelled.") and finished == [run]
+    assert not logic.isRunning() and mrml.result_nodes(scene, volume) == []
+    assert not (Path(run.folder) / "input").exists()
+
+    run = logic.startRun(volume)
+    _FakeWorker.instances[-1].say("ERROR the scan is axial")
+    _FakeWorker.instances[-1].end(2)
+    assert (run.status, run.message, run.error) == ("failed", "Error: the scan is axial", "the scan is axial")
+
+    run = logic.startRun(volume)
+    _FakeWorker.instances[-1].end(1, "Traceback ...\nMemoryError: out of memory")
+    assert run.message == "The SpineNet worker stopped (exit code 1) without a result: MemoryError: out of memory"
+    assert run.errorText.startswith("Traceback")
+
+    run = logic.startRun(volume)
+    _FakeWorker.instances[-1].end(None)
+    assert run.status == "failed" and run.message.startswith("Could not start the SpineNet worker (")
+    assert [r.status for r in finished] == ["cancelled", "failed", "failed", "failed"]
+    assert not logic.isRunning()
+
+    # a worker that cannot even be started leaves the logic idle and the input removed
+    class Broken(_FakeWorker):
+        def start(self, run):
+            raise RuntimeError("no process")
+
+    with pytest.raises(RuntimeError, match="no process"):
+        logic.startRun(volume, workerProcess=Broken(module))
+    assert not logic.isRunning() and logic.worker is None
+
+
+def test_logic_waits_for_a_run(logic_case):
+    module, logic, scene, volume, vertebrae = logic_case
+    run = logic.startRun(volume)
+    fake = _FakeWorker.instances[-1]
+    result = _write_result(Path(run.output), vertebrae)
+    with pytest.raises(module.SpineNetError, match="did not finish within 0.05 s"):
+        logic.waitForRun(run, timeout=0.05)
+    QtCore.QTimer.singleShot(20, lambda: (fake.say(f"RESULT {result}"), fake.end(0)))
+    assert logic.waitForRun(timeout=30) is run and run.status == "done"
+    assert logic.waitForRun(run) is run                # already finished: returns at once
+
+
+def test_in_process_worker_runs_the_worker_entry_point(logic_case, tmp_path):
+    """startRun with an InProcessWorker: finished on return; errors and a cancel from a progress callback."""
+    module, logic, scene, volume, vertebrae = logic_case
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps(vertebrae))
+    process = module.InProcessWorker()
+    lines = []
+    process.lineReceived.connect(lines.append)
+    run = logic.startRun(volume, pipeline=FAKE, options={"vertebrae": truth, "hotspot": "L4-L5:Pfirrmann"},
+                         workerProcess=process)
+    assert run.status == "done" and not logic.isRunning() and not process.isRunning()
+    assert lines[0] == "PROGRESS 0 1 reading the scan" and lines[-2] == "WARNING this is the fake pipeline"
+    assert lines[-1] == f"RESULT {Path(run.output).resolve() / 'result.json'}"
+    # the same files as the worker process writes
+    assert sorted(p.name for p in Path(run.output).iterdir()) == ["discs.csv", "hotspots", "result.json",
+                                                                 "vertebrae.csv", "vertebrae.json"]
+    assert run.message.endswith("Warning: this is the fake pipeline") and len(run.nodes.curves) == 7
+
+    # a problem with the input: one ERROR line, the error raised again by runSynchronously
+    with pytest.raises(module.SpineNetError, match="^the scan is axial$"):
+        logic.runSynchronously(volume, pipeline=FAKE, options={"vertebrae": truth, "fail": "the scan is axial"})
+    assert (logic.lastRun.status, logic.lastRun.message) == ("failed", "Error: the scan is axial")
+    assert logic.lastRun.exitCode == 2
+    with pytest.raises(module.SpineNetError, match="cannot import pipeline module 'no_such_module_xyz'"):
+        logic.runSynchronously(volume, pipeline="no_such_module_xyz:run")
+
+    # Cancel from a progress callback stops the pipeline at its next report
+    seen = []
+
+    def progress(done, total, message):
+        seen.append(done)
+        if done == 2:
+            logic.cancelRun()
+
+    with pytest.raises(module.SpineNetError, match="Cancelled"):
+        logic.runSynchronously(volume, pipeline=FAKE, options={"vertebrae": truth, "steps": 6}, progress=progress)
+    assert seen == [0, 1, 2] and logic.lastRun.status == "cancelled"
+    assert not Path(logic.lastRun.output, "result.json").exists() and not logic.isRunning()
+
+
+def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
+    import inspect
+
+    module, widget, scene, volume, _ = panel
+    source = inspect.getsource(module.SpineNetWidget)
+    for name in ("QProcess", "worker.", "parse_line", "prepareRun", "cleanupRun", "loadResults", "readAll"):
+        assert name not in source, f"the widget uses {name}: that belongs to the logic"
+    assert not hasattr(widget, "process") and not hasattr(widget, "_buffer")
+    _select(widget, volume)
+    calls = []
+    monkeypatch.setattr(widget.logic, "startRun", lambda volumeNode, **settings: calls.append(("start", volumeNode, settings)))
+    widget.ui.deviceComboBox.setCurrentIndex(2)          # cuda
+    widget.ui.applyButton.click()
+    assert calls == [("start", volume, widget.settings())]
+    assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": "Pfirrmann"}
+    assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
+    assert standins.FakeProcess.instances == []
+
+    monkeypatch.setattr(widget.logic, "isRunning", lambda: True)
+    monkeypatch.setattr(widget.logic, "cancelRun", lambda: calls.append(("cancel",)))
+    widget.ui.applyButton.click()                         # running: Apply does nothing
+    widget.onCancel()
+    assert calls[1:] == [("cancel",)] and widget.ui.statusLabel.text() == "Cancelling ..."
+
+    # the logic's signals drive the panel
+    widget.logic.progressReported.emit(2, 5, "detecting vertebrae")
+    assert (widget.ui.progressBar.maximum(), widget.ui.progressBar.value()) == (5, 2)
+    assert widget.ui.statusLabel.text() == "Detecting vertebrae ..."
+    widget.logic.warningReported.emit("grading unavailable")
+    assert widget.ui.statusLabel.text() == "Warning: grading unavailable"
+    monkeypatch.setattr(widget.logic, "isRunning", lambda: False)
+    widget.logic.runFinished.emit(type("Run", (), {"status": "failed", "message": "Error: x", "volumeID": None})())
+    assert widget.ui.statusLabel.text() == "Error: x" and widget.ui.applyButton.isEnabled()
+
+    # closing the module cancels through the logic and stops listening to it
+    monkeypatch.setattr(widget.logic, "cancelRun", lambda: calls.append(("cancel on close",)))
+    widget.cleanup()
+    assert calls[-1] == ("cancel on close",)
+    widget.logic.progressReported.emit(4, 5, "after close")
+    assert widget.ui.progressBar.value() == 2
 
 
 def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_path):
@@ -334,12 +564,12 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     widget.logic.pipeline = FAKE
     widget.logic.pipelineOptions = {"vertebrae": truth, "steps": 4}
     widget.ui.applyButton.click()
-    assert widget.process is not None
+    assert widget.logic.isRunning()
     deadline = time.monotonic() + 120
-    while widget.process is not None and time.monotonic() < deadline:
+    while widget.logic.isRunning() and time.monotonic() < deadline:
         QtCore.QCoreApplication.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 50)
         time.sleep(0.01)
-    assert widget.process is None, "the worker did not finish"
+    assert not widget.logic.isRunning(), "the worker did not finish"
     assert widget.ui.statusLabel.text().startswith("7 vertebrae (T12..S1), 6 discs, 0 graded."), widget.ui.statusLabel.text()
     assert widget.ui.progressBar.value() == widget.ui.progressBar.maximum() == 4
     assert widget.ui.vertebraTable.rowCount() == 7
@@ -351,9 +581,9 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     monkeypatch.setattr(widget.logic, "pythonExecutable", lambda: str(tmp_path / "no-such-python"))
     widget.ui.applyButton.click()
     deadline = time.monotonic() + 30
-    while widget.process is not None and time.monotonic() < deadline:
+    while widget.logic.isRunning() and time.monotonic() < deadline:
         QtCore.QCoreApplication.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 50)
-    assert widget.process is None
+    assert not widget.logic.isRunning()
     assert widget.ui.statusLabel.text().startswith("Could not start the SpineNet worker (")
     assert widget.ui.applyButton.isEnabled()
     parent.close()

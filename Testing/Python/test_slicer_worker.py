@@ -24,7 +24,7 @@ from SpineNetLib.synthetic.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
-BATCH = REPO / "SpineNet" / "SpineNetBatch.py"
+BATCH = REPO / "SpineNet" / "Scripts" / "SpineNetBatch.py"
 
 
 @pytest.fixture(scope="module")

@@ -87,23 +87,23 @@ def test_real_gradings_header_is_read(tmp_path):
         spider.read_gradings(bad)
 
 
-def test_list_cases_filters_sequences(spider_root):
+def test_list_spider_cases_filters_sequences(spider_root):
     root, _ = spider_root
-    assert [c.name for c in spider.list_cases(root)] == ["1_t2", "2_t2"]
-    assert [c.name for c in spider.list_cases(root, None)] == ["1_t1", "1_t2", "2_t2"]
+    assert [c.name for c in spider.list_spider_cases(root)] == ["1_t2", "2_t2"]
+    assert [c.name for c in spider.list_spider_cases(root, None)] == ["1_t1", "1_t2", "2_t2"]
     (root / "overview.csv").write_text("new_file_name,subset\n1_t2,training\n2_t2,validation\n")
     try:
-        assert [c.subset for c in spider.list_cases(root)] == ["training", "validation"]
+        assert [c.subset for c in spider.list_spider_cases(root)] == ["training", "validation"]
     finally:
         (root / "overview.csv").unlink()
     with pytest.raises(InputError, match="not a SPIDER folder"):
-        spider.list_cases(root / "images")
+        spider.list_spider_cases(root / "images")
 
 
 def test_discs_from_masks_match_ground_truth(spider_root):
     """Quads from whole-vertebra masks (posterior elements cut at the canal) give the ground-truth crops."""
     root, phs = spider_root
-    case = spider.list_cases(root)[0]
+    case = spider.list_spider_cases(root)[0]
     discs = spider.case_discs(case, spider.read_gradings(root / spider.GRADINGS_FILE))
     ph = phs["1"]
     gt = {v.level: v for v in ivd.extract_ivd_volumes(ph.scan, tg.phantom_vertebrae(ph))}
@@ -118,7 +118,7 @@ def test_discs_from_masks_match_ground_truth(spider_root):
     l34 = next(d for d in discs if d.ivd.level == "L3-L4")
     assert l34.grades["LOW endplate"] == 1 and l34.ivd_label == 3
     # vertebra quads stop at the posterior wall, not at the posterior-element block
-    _, labels = spider.load_case(case)
+    _, labels = spider.load_spider_case(case)
     verts = spider.vertebrae_from_labels(labels)
     l4 = ph.vertebra("L4")
     q = verts[2].polygon_on(l4.mid_slice)

@@ -1,0 +1,229 @@
+"""SpineNet batch mode: one scan in, result files and a Slicer scene out.
+
+Inside 3D Slicer (no window)::
+
+    Slicer --no-splash --no-main-window --python-script SpineNet/Scripts/SpineNetBatch.py \
+        --input DICOM_DIR_OR_FILE --output DIR
+
+or with any Python that has SpineNetLib's requirements and ``slicer-core``::
+
+    python SpineNet/Scripts/SpineNetBatch.py --input DICOM_DIR_OR_FILE --output DIR
+
+Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder or
+file, NIfTI, NRRD, MHA: identical behaviour in and outside Slicer) and run it
+through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
+process, the same entry point as the Slicer module's worker, so the same files
+are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
+``discs.json`` when the discs were measured or graded), the hotspot maps and
+``result.json``.  Then the script adds ``scene.mrb`` (the scan with the
+outlines, centroids, segmentation and grades table, for Slicer's File > Add
+Data).  A problem with the input, an option or the weights prints one line on
+stderr and exits with status 2; an internal error exits with 1.
+
+This file is installed under ``<module folder>/Scripts/`` (not next to
+``SpineNet.py``): Slicer loads every ``.py`` file of a module folder as a module.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+def _libraryParent():
+    """Folder holding SpineNetLib: two levels up once installed (<modules>/Scripts/ -> <modules>/),
+    the repository root (SpineNet/Scripts/ -> SpineNet/ -> root) from source."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "SpineNetLib", "__init__.py")):
+            if candidate not in sys.path:
+                sys.path.insert(0, candidate)
+            return candidate
+    return here
+
+
+_libraryParent()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit status 2), like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"SpineNetBatch: error: {' '.join(message.split())} (see --help)\n")
+
+
+def build_parser():
+    parser = _OneLineParser(prog="SpineNetBatch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="DICOM folder or file, or a NIfTI/NRRD/MHA image")
+    parser.add_argument("--output", required=True, help="folder for the result files and scene.mrb")
+    parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when a DICOM folder holds several sagittal series")
+    parser.add_argument("--weights", default="bundled", help="bundled (default), official or a folder")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
+    parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
+    parser.add_argument("--no-scene", action="store_true", help="write only the CSV/JSON files, no scene.mrb")
+    parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline "
+                                           "(see SpineNetLib.apps.worker)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return parser
+
+
+def _inSlicerApplication():
+    slicer = sys.modules.get("slicer")
+    return slicer is not None and getattr(slicer, "app", None) is not None and getattr(slicer, "mrmlScene", None) is not None
+
+
+def input_arrays(scan):
+    """``(voxels [k, j, i], IJK-to-RAS)`` to hand the worker for ``scan``: the same scan again.
+
+    The canonical array is the input's own array permuted and flipped, so
+    the input grid is restored and the worker's documents describe the input
+    exactly as ``spinenet run`` does (its shape, IJK-to-RAS, slice numbers).
+    When slices were averaged (a near-isotropic 3D scan) that cannot be undone:
+    the canonical grid is handed over instead, as the scene shows it.
+    """
+    import numpy as np
+
+    linear = np.asarray(scan.canonical_to_input_ijk, float)[:3, :3]
+    perm = [int(np.argmax(np.abs(linear[:, c]))) for c in range(3)]  # input axis of each canonical axis
+    signed_permutation = (sorted(perm) == [0, 1, 2] and np.array_equal(np.abs(linear), np.abs(np.round(linear)))
+                          and np.count_nonzero(linear) == 3)
+    if signed_permutation:
+        voxels = scan.voxels
+        for c in range(3):
+            if linear[perm[c], c] < 0:
+                voxels = np.flip(voxels, axis=c)
+        canonical_of = {perm[c]: c for c in range(3)}
+        voxels = np.transpose(voxels, (canonical_of[2], canonical_of[1], canonical_of[0]))
+        if voxels.shape == tuple(reversed(scan.input_shape_ijk)):
+            return np.ascontiguousarray(voxels), np.asarray(scan.input_ijk_to_ras, float)
+    # The canonical array [row, col, slice] as [k, j, i] (as SpineNetLib.slicer.mrml.add_scan_volume shows it).
+    to_ras = np.asarray(scan.canonical_to_ras, float)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = to_ras[:3, 2], to_ras[:3, 1], to_ras[:3, 0], to_ras[:3, 3]
+    return scan.voxels, affine
+
+
+class _Reporter:
+    """A text stream for ``worker.LineProtocol``: progress on stderr, warnings as one line each."""
+
+    def __init__(self, quiet):
+        from SpineNetLib.core.progress import StderrProgress, no_progress
+
+        self._progress = no_progress if quiet else StderrProgress()
+        self._buffer = ""
+
+    def write(self, text):
+        from SpineNetLib.apps import worker
+
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            message = worker.parse_line(line)
+            if message.kind == "PROGRESS":
+                self._progress(message.done, message.total, message.text)
+            elif message.kind == "WARNING":
+                print(f"SpineNetBatch: warning: {message.text}", file=sys.stderr)
+            elif line.strip():
+                print(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def run(args):
+    """Everything but the error handling; returns the written paths."""
+    from pathlib import Path
+
+    from SpineNetLib.apps import worker
+    from SpineNetLib.core.errors import InputError
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.outputs import documents
+
+    start = time.perf_counter()
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output {output} exists and is not a folder")
+    for item in args.option:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option must be KEY=VALUE, got {item!r}")
+    worker.load_pipeline(args.pipeline)  # a wrong --pipeline fails before the scan is read
+    scan = load_scan(args.input, series_uid=args.series)
+
+    # The worker's entry point, in this process, on the scan just read (with its --series).
+    with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:
+        voxels, ijk_to_ras = input_arrays(scan)
+        metadata = json.loads(json.dumps(scan.metadata, default=str))  # plain JSON for the geometry file
+        metadata.setdefault("path", str(args.input))
+        npy, geometry = worker.write_volume(Path(folder) / "input", voxels, ijk_to_ras, metadata)
+        arguments = worker.worker_arguments(npy, output, geometry=geometry, weights=args.weights, device=args.device,
+                                            grading=args.grading, hotspot_head=args.hotspot_head,
+                                            pipeline=args.pipeline)
+        for item in args.option:
+            arguments += ["--option", item]
+        manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))
+
+    vertebrae, discs, folder = documents.read_result(manifest)
+    hotspots = json.loads(Path(manifest).read_text(encoding="utf-8")).get("hotspots") or []
+    names = ["vertebrae.json", "vertebrae.csv", "discs.json", "discs.csv", *hotspots]
+    written = [folder / name for name in names if (folder / name).is_file()] + [Path(manifest)]
+
+    if not args.no_scene:
+        from SpineNetLib.slicer import mrml
+
+        import slicer
+
+        scene = slicer.mrmlScene if _inSlicerApplication() else mrml.new_scene()
+        name = scan.metadata.get("series_description") or Path(str(args.input).rstrip("/\\")).name or "scan"
+        volume = mrml.add_scan_volume(scene, scan, name)
+        hotspot_paths = {documents.hotspot_node_name(h): folder / h for h in hotspots}
+        mrml.show_results(scene, volume, vertebrae, discs, folder=folder.resolve(), hotspot_paths=hotspot_paths)
+        written.append(mrml.write_mrb(scene, output / "scene.mrb"))
+
+    found = [documents.vertebra_name(v, i) for i, v in enumerate(vertebrae["vertebrae"])]
+    levels = f"{found[0]}..{found[-1]}" if found else "none"
+    print(f"{len(found)} vertebrae ({levels}) in {time.perf_counter() - start:.1f} s; wrote "
+          + ", ".join(str(p) for p in written))
+    return written
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from SpineNetLib.core.errors import SpineNetError
+
+    try:
+        run(args)
+    except SpineNetError as error:
+        print("SpineNetBatch: error: " + " ".join(str(error).split()), file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        target = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"SpineNetBatch: error: cannot access{target}: {' '.join(str(error.strerror or error).split())}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # a bug: one line, unless --debug
+        if args.debug:
+            raise
+        print(f"SpineNetBatch: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    if _inSlicerApplication():
+        import slicer
+
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)

@@ -1,0 +1,136 @@
+"""The one writer of a run's result files, whoever ran it (``spinenet run``, the worker, a script).
+
+:func:`write_results` writes, into one folder:
+
+* ``vertebrae.json`` and ``vertebrae.csv`` (:mod:`SpineNetLib.outputs.vertebrae`);
+* ``discs.json`` (when the run has a discs document) and ``discs.csv``
+  (:mod:`SpineNetLib.outputs.discs`);
+* the hotspot maps of the run (``hotspots_<head>.nii.gz``, or whatever
+  relative names a plug-in pipeline gave them);
+* ``result.json``, the manifest the Slicer module reads
+  (:func:`SpineNetLib.outputs.documents.read_result`): the documents' and
+  the hotspot maps' file names.
+
+Every file appears only complete: the JSON/CSV files are written to hidden
+temporary files and renamed together; hotspot maps are written into a hidden
+staging folder first and published after the JSON/CSV files; the manifest
+comes last, so whatever it lists is already there.  An error midway leaves
+no partial file behind (files of an earlier run in the folder stay as they
+were until replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from SpineNetLib.inputs.writers import write_image
+from SpineNetLib.outputs.discs import discs_csv_text
+from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
+from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
+from SpineNetLib.weights.checkpoints import default_file_mode
+
+if TYPE_CHECKING:  # annotations only: the writer reads these objects' fields, it needs no pipeline code
+    from SpineNetLib.discs.hotspots import HotspotMap
+    from SpineNetLib.pipeline import RunResult
+
+RESULT_FILE = "result.json"
+
+
+def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> list[Path]:
+    """Write ``{name: text}`` into ``outdir`` so each file appears only complete.
+
+    Everything is first written to hidden temporary files in the same folder;
+    only when all of them succeeded are they renamed into place.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    temporary: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
+            os.fchmod(fd, default_file_mode())
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                handle.write(text)
+            temporary.append((Path(tmp), outdir / name))
+        for tmp, final in temporary:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in temporary]
+
+
+def document_texts(vertebrae_doc: dict, discs_doc: dict | None) -> dict[str, str]:
+    """``{file name: text}`` of the JSON and CSV files: discs.json only with a discs document."""
+    files = {"vertebrae.json": json.dumps(vertebrae_doc, indent=1) + "\n",
+             "vertebrae.csv": vertebrae_csv_text(vertebrae_doc)}
+    if discs_doc is not None:
+        files["discs.json"] = json.dumps(discs_doc, indent=1) + "\n"
+    files["discs.csv"] = discs_csv_text(discs_doc, vertebrae_doc)
+    return files
+
+
+def manifest_text(discs_doc: dict | None, hotspot_names: Sequence[str]) -> str:
+    """The ``result.json`` manifest (schema ``spinenet.result/1``)."""
+    manifest = {"schema": RESULT_SCHEMA, "vertebrae": "vertebrae.json",
+                "discs": "discs.json" if discs_doc is not None else None,
+                "hotspots": sorted(hotspot_names)}
+    return json.dumps(manifest, indent=1) + "\n"
+
+
+def _relative_name(name: str) -> Path:
+    """A hotspot file name as a path inside the results folder (no absolute path, no "..")."""
+    path = Path(name)
+    if not name or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"a hotspot map needs a file name inside the results folder, got {name!r}")
+    return path
+
+
+def write_hotspot_maps(outdir: str | os.PathLike, maps: Sequence[HotspotMap]) -> list[Path]:
+    """Write each map as ``outdir/<map.name>`` (any format :func:`write_image` writes); returns the paths."""
+    outdir = Path(outdir)
+    return [write_image(m.voxels_kji, m.ijk_to_ras, outdir / _relative_name(m.name)) for m in maps]
+
+
+def _publish(staging: Path, outdir: Path, names: Sequence[str]) -> list[Path]:
+    published = []
+    for name in names:
+        target = outdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+        published.append(target)
+    return published
+
+
+def write_results(outdir: str | os.PathLike, result: RunResult) -> list[Path]:
+    """Write the result files of ``result`` into ``outdir`` (module docstring); returns their paths.
+
+    ``result`` is a :class:`SpineNetLib.pipeline.RunResult`; its documents
+    are checked first (:class:`InputError` for anything that is not a
+    ``spinenet.vertebrae/1`` or ``spinenet.discs/1`` document).  The last
+    path is the ``result.json`` manifest.
+    """
+    vertebrae_doc = check_vertebrae_document(result.vertebrae_document)
+    discs_doc = result.discs_document
+    if discs_doc is not None:
+        check_discs_document(discs_doc)
+    names = [_relative_name(m.name).as_posix() for m in result.hotspots]
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hotspots.", dir=outdir)) if names else None
+    try:
+        if staging is not None:
+            write_hotspot_maps(staging, result.hotspots)
+        written = write_files_atomically(outdir, document_texts(vertebrae_doc, discs_doc))
+        if staging is not None:
+            written += _publish(staging, outdir, names)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return written + write_files_atomically(outdir, {RESULT_FILE: manifest_text(discs_doc, names)})
