@@ -243,7 +243,9 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     options = options or RunOptions()
     heads = _check_hotspot_options(options)
     start = time.perf_counter()
-    warnings: list[str] = []
+    # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
+    scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]
+    warnings: list[str] = list(scan_warnings)
     result = detect_and_label(scan, networks, detection_params=options.detection_params,
                               labelling_params=options.labelling_params, progress=progress)
     if options.grade and networks.grading is None:
@@ -257,8 +259,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     earlier = dict(options.earlier_timings_s)
     result.timings_s = {**earlier, **result.timings_s, **discs.timings_s, **hotspot_timing,
                         "total": sum(earlier.values()) + time.perf_counter() - start}
+    vertebrae_doc = vertebrae_document(scan, result)
+    if scan_warnings:
+        vertebrae_doc["warnings"] = scan_warnings
     return RunResult(
-        vertebrae_document=vertebrae_document(scan, result),
+        vertebrae_document=vertebrae_doc,
         discs_document=discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                       discs.grading_status),
         hotspots=maps, warnings=warnings, timings_s=dict(result.timings_s), detection=result, discs=discs)

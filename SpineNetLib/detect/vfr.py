@@ -41,6 +41,7 @@ correctness, all documented at the function that makes them:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -713,6 +714,10 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         done = jobs.stop
         if progress is not None:
             progress(done, total, f"Detecting vertebrae: {done}/{total} patches")
+    if n_slices == 1 and params.remove_single_slice:
+        # One sagittal slice (a key image): every body is seen on one slice, so the official rule
+        # that drops single-slice detections as noise would drop them all.
+        params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
     total_s = time.perf_counter() - t_start
     return DetectionResult(vertebrae=vertebrae, timings_s={

@@ -1,4 +1,4 @@
-"""Detection and labelling metrics of the seed paper (SpineNetV2, Windsor et al. 2022, §5.1).
+"""Detection and labelling metrics of the SpineNetV2 paper (Windsor et al. 2022; paper §5.1).
 
 Definitions (the paper's, made precise where it leaves room)
 -------------------------------------------------------------
@@ -8,7 +8,7 @@ its **mid slice** is ``round(median(annotated slices))`` (the same rule as
 was rejected because the area is flat across the central slices and its
 argmax jumps to lateral slices, e.g. slice 44 of 16-58 for T11 of chu_06),
 and its **centroid** is the centroid ``(x, y)`` of its mask on that slice
-(``dataset.mask_centroid``, also the detector's centroid target).  A body
+(``training.datasets.mask_centroid``, also the detector's centroid target).  A body
 whose mid-slice mask touches the image border is cut by the field of view:
 it is **ignored**: not counted, and a prediction that contains its centroid
 on any of the prediction's slices (and no scored centroid) is neither TP nor FP.
@@ -18,7 +18,7 @@ discs instead (:func:`ground_truth_from_disc_labels`).
 A prediction's polygon "on" a ground-truth slice is its polygon on the
 nearest of its own slices, if that is within ``slice_tolerance_mm`` (default
 2 mm).  Predictions on the native slices match exactly; ``spinenet run``
-slab-averages these 1 mm volumes to ~3.5 mm slices (``canonical.py``), whose
+slab-averages these 1 mm volumes to ~3.5 mm slices (``inputs/canonical.py``), whose
 centres are at most 1.75 mm from any native slice.
 
 * **Hit.** A ground-truth vertebra is detected when its centroid lies inside a
@@ -63,6 +63,7 @@ import numpy as np
 from SpineNetLib.core import polygons
 from SpineNetLib.training.datasets import (
     DETECTION_SOURCES,
+    POINT_SOURCES,
     CaseGeometry,
     case_geometry,
     is_vertebral_body_code,
@@ -186,9 +187,30 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
                            range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None)
 
 
+def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
+                             case_id: str = "") -> CaseGroundTruth:
+    """Ground truth of point-annotated cases (``tianchi/``): body centre points drawn as small disks.
+
+    Each body's centroid is its point (the disk's centroid).  The annotated
+    range runs from the highest to the lowest DISC point (T12-L1 .. L5-S1):
+    the bodies beyond them (T12 and above, S1 and below) are visible but not
+    annotated, so detections there are neither TP nor FP.  Without disc
+    points the range is that of the body points.
+    """
+    gt = ground_truth_from_labels(labels, spacing_mm, level_names, case_id)
+    disc_rows = [float(mask_centroid((np.asarray(labels) == code).any(axis=2))[1])
+                 for code, name in level_names.items() if "-" in name and (np.asarray(labels) == code).any()]
+    if disc_rows:
+        gt.range_top_row, gt.range_bottom_row = min(disc_rows), max(disc_rows)
+    return gt
+
+
 def ground_truth_of_case(case) -> CaseGroundTruth:
-    """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``)."""
+    """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``),
+    from its centre points for point-annotated sources (``tianchi/``)."""
     data = load_case(case)
+    if case.source in POINT_SOURCES:
+        return ground_truth_from_points(data.labels, data.spacing_mm, data.level_names, case.case_id)
     if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
         return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
     return ground_truth_from_disc_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
@@ -313,6 +335,11 @@ class CaseMetrics:
         return _ratio(self.n_identified_within_1, self.n_gt)
 
     @property
+    def all_levels_right(self) -> bool:
+        """Every scored body found and named right, and no false positive: the scan is entirely right."""
+        return self.fn == 0 and self.fp == 0 and self.n_identified == self.n_gt
+
+    @property
     def mean_localisation_error_mm(self) -> float:
         return float(np.mean(self.localisation_errors_mm)) if self.localisation_errors_mm else math.nan
 
@@ -408,14 +435,15 @@ def _case_dict(m: CaseMetrics) -> dict:
         "identification_rate_within_1": _nan_to_none(m.identification_rate_within_1),
         "localisation_error_mm_mean": _nan_to_none(float(np.mean(errors)) if errors else math.nan),
         "localisation_error_mm_median": _nan_to_none(float(np.median(errors)) if errors else math.nan),
+        "all_levels_right": m.all_levels_right,
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
     }
 
 
-def summarise(metrics: Sequence[CaseMetrics]) -> dict:
-    """``{"cases": {case_id: {...}}, "overall": {...}}``: per case and micro-averaged; JSON-ready."""
-    total = CaseMetrics(case_id="overall", n_gt=0, tp=0, fp=0, fn=0, n_identified=0, n_identified_within_1=0)
+def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
+    """Micro-averaged metrics of a group of cases, with the share of scans that are entirely right."""
+    total = CaseMetrics(case_id="pooled", n_gt=0, tp=0, fp=0, fn=0, n_identified=0, n_identified_within_1=0)
     for m in metrics:
         total.n_gt += m.n_gt
         total.tp += m.tp
@@ -425,10 +453,43 @@ def summarise(metrics: Sequence[CaseMetrics]) -> dict:
         total.n_identified_within_1 += m.n_identified_within_1
         total.n_ignored_predictions += m.n_ignored_predictions
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
-    overall = _case_dict(total)
-    del overall["missed_levels"], overall["wrong_levels"]
-    overall["n_cases"] = len(metrics)
-    return {"cases": {m.case_id: _case_dict(m) for m in metrics}, "overall": overall}
+    pooled = _case_dict(total)
+    del pooled["missed_levels"], pooled["wrong_levels"], pooled["all_levels_right"]
+    pooled["n_cases"] = len(metrics)
+    right = sum(m.all_levels_right for m in metrics)
+    pooled["scans_all_levels_right"] = right
+    pooled["share_of_scans_all_levels_right"] = _nan_to_none(_ratio(right, len(metrics)))
+    return pooled
+
+
+def _by_level(metrics: Sequence[CaseMetrics]) -> dict:
+    """Per true level: bodies scored, found and named right (S1 recall is ``by_level["S1"]``)."""
+    table: dict[str, dict] = {}
+    for m in metrics:
+        for level in m.missed_levels:
+            table.setdefault(level, {"n": 0, "found": 0, "identified": 0})["n"] += 1
+        for match in m.matches:
+            row = table.setdefault(match.gt_level, {"n": 0, "found": 0, "identified": 0})
+            row["n"] += 1
+            row["found"] += 1
+            row["identified"] += int(match.pred_level == match.gt_level)
+    order = {name: i for i, name in enumerate(LEVELS_TOP_DOWN)}
+    return {level: {**row, "recall": _nan_to_none(_ratio(row["found"], row["n"])),
+                    "identification_rate": _nan_to_none(_ratio(row["identified"], row["n"]))}
+            for level, row in sorted(table.items(), key=lambda kv: order.get(kv[0], len(order)))}
+
+
+def summarise(metrics: Sequence[CaseMetrics], groups: dict[str, dict[str, str]] | None = None) -> dict:
+    """Per case, overall (micro-averaged), per level and, with ``groups`` (``{case_id: {"source": ..,
+    "sequence": ..}}``), per source and per sequence; JSON-ready."""
+    summary = {"cases": {m.case_id: _case_dict(m) for m in metrics}, "overall": _pooled(metrics),
+               "by_level": _by_level(metrics)}
+    for key in ("source", "sequence"):
+        names = sorted({(groups or {}).get(m.case_id, {}).get(key, "") for m in metrics} - {""})
+        if names:
+            summary[f"by_{key}"] = {name: _pooled([m for m in metrics if groups[m.case_id].get(key) == name])
+                                    for name in names}
+    return summary
 
 
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
@@ -442,7 +503,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     pred_root = Path(pred_root)
     if not pred_root.is_dir():
         raise InputError(f"no prediction folder at {pred_root}")
-    cases = list_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",))
+    cases = list_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",) + tuple(POINT_SOURCES))
     if case_ids is not None:
         known = {c.case_id for c in cases}
         unknown = [c for c in case_ids if c not in known]
@@ -458,6 +519,6 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         gt = ground_truth_of_case(case)
         preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
-    summary = summarise(results)
+    summary = summarise(results, {c.case_id: {"source": c.source, "sequence": c.sequence} for c in cases})
     summary["missing_predictions"] = missing
     return summary

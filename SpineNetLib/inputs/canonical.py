@@ -167,8 +167,9 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
     """Canonical :class:`Scan` of a ``[k, j, i]`` array with its IJK-to-RAS matrix.
 
     Raises :class:`InputError` (one line) for 4D/vector data, non-finite
-    voxels, a degenerate matrix, a single sagittal slice, and 2D axial or
-    coronal acquisitions.  See the module docstring for the rules.
+    voxels, a degenerate matrix, a single slice that is not sagittal, and 2D
+    axial or coronal acquisitions.  A single sagittal slice is accepted with a
+    warning in ``metadata["warnings"]``.  See the module docstring for the rules.
     """
     arr = _validate_voxels(voxels_kji)
     affine = _validate_affine(ijk_to_ras)
@@ -185,12 +186,10 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
     perm = _best_assignment(unit, fixed_slice_axis=slice_axis if kind == "2D" else None)
 
     singleton = [ax for ax in range(3) if shape_ijk[ax] == 1]
-    if shape_ijk[perm[2]] < 2:
-        raise InputError(f"a single slice (input shape ijk {shape_ijk}): "
-                         "SpineNet needs a stack of at least 2 sagittal slices")
-    if singleton:
+    if singleton and singleton != [perm[2]]:
         raise InputError(f"a single slice (input shape ijk {shape_ijk}) that is not sagittal: "
-                         "SpineNet needs a stack of at least 2 sagittal slices")
+                         "SpineNet needs sagittal slices")
+    single_sagittal_slice = shape_ijk[perm[2]] == 1
 
     # canonical axis c <- input axis perm[c]; flip where the input runs the other way.
     flips = [bool(unit[_CANONICAL_RAS_AXIS[c], perm[c]] > 0) for c in range(3)]
@@ -212,6 +211,13 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
 
     meta = dict(metadata or {})
     meta["acquisition"] = {"2D": "2D sagittal", "3D-thin": "3D thin-slice", "3D": "3D"}[kind]
+    if single_sagittal_slice:
+        # A key image or a 2D study: processed, but every body is seen on one slice only, the
+        # appearance crops and disc volumes repeat that slice, and no left-right extent is known.
+        meta["acquisition"] = "single sagittal slice"
+        meta.setdefault("warnings", []).append(
+            "a single sagittal slice: each vertebra is seen on this slice only, so levels and grades "
+            "rest on less evidence than with a stack of slices")
     n_in = canon.shape[2]
     s_in = float(spacing_ijk[perm[2]])
     if kind == "3D-thin" and resample_isotropic:

@@ -7,7 +7,7 @@ What is here, and why
   SimpleITK into the canonical frame of :class:`SpineNetLib.core.scan.Scan`.
 * :func:`vertebra_quad_from_mask` turns a vertebral-body mask on one sagittal
   slice into the quadrilateral the VFR detector is trained on (corner order
-  rt, rb, lb, lt, docs/CONVENTIONS.md; seed paper SpineNetV2 §4.4.1), and
+  rt, rb, lb, lt, docs/CONVENTIONS.md; paper §4.4.1), and
   :func:`slice_targets` does it for every body on a slice.
 * :func:`annotated_band` and :func:`detection_loss_mask` say where the
   detection loss may be applied: only part of each spine is annotated, and an
@@ -40,6 +40,8 @@ Data quirks found while writing this (all 55 cases of shared/data)
   slice have a largest 8-connected piece holding < 90% of the pixels.  Those
   get no quadrilateral and are masked out of the loss (:func:`detection_loss_mask`).
 * ``ivd/`` annotates discs only: no vertebra targets (``DETECTION_SOURCES``).
+* ``tianchi/`` holds one sagittal slice per study with centre points (drawn as 3 mm disks) of
+  L1-L5 and of the discs: scored by :mod:`SpineNetLib.evaluation.evaluate`, no detection targets.
 """
 
 from __future__ import annotations
@@ -59,8 +61,12 @@ from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
 
 #: Folder name under the data root -> source name.
-SOURCE_FOLDERS: dict[str, str] = {"chu": "chu", "myosegmentum": "myosegmentum", "ivd": "ivd", "zukic": "zukic"}
-SOURCES: tuple[str, ...] = ("chu", "myosegmentum", "ivd", "zukic")
+SOURCE_FOLDERS: dict[str, str] = {"chu": "chu", "myosegmentum": "myosegmentum", "ivd": "ivd", "zukic": "zukic",
+                                   "tianchi": "tianchi"}
+SOURCES: tuple[str, ...] = ("chu", "myosegmentum", "ivd", "zukic", "tianchi")
+#: Sources annotated with centre points drawn as small disks (README: tianchi/ marks the centres of
+#: L1-L5 and of the discs T12-L1 .. L5-S1 on one mid-sagittal slice), not with outlines.
+POINT_SOURCES: tuple[str, ...] = ("tianchi",)
 #: Sources whose labels hold vertebral bodies (ivd/ has discs only).
 DETECTION_SOURCES: tuple[str, ...] = ("chu", "myosegmentum", "zukic")
 #: Sources where S1 is visible but not annotated (README): mask the loss below the lowest body.
@@ -120,7 +126,10 @@ def patient_of(source: str, case_id: str) -> str:
 
 
 def list_cases(data_root: str | os.PathLike | None = None, sources: Sequence[str] | None = None) -> list[RealCase]:
-    """All cases under ``data_root`` (default :func:`default_data_root`), sorted by (source, case_id)."""
+    """All cases under ``data_root`` (default :func:`default_data_root`), sorted by (source, case_id).
+
+    Cases whose ``case.json`` says ``suspect_label_order`` (5 of tianchi/) are left out.
+    """
     root = Path(data_root) if data_root is not None else default_data_root()
     if not root.is_dir():
         raise InputError(f"no data folder at {root}")
@@ -137,6 +146,8 @@ def list_cases(data_root: str | os.PathLike | None = None, sources: Sequence[str
             if not meta_path.is_file():
                 continue
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("suspect_label_order"):
+                continue  # two neighbouring labels swapped in the source annotation (README): not usable
             cases.append(RealCase(case_id=case_dir.name, source=source,
                                   patient_id=patient_of(source, case_dir.name),
                                   sequence=str(meta.get("sequence", "")), path=case_dir))

@@ -193,13 +193,40 @@ def test_patient_split_explicit_and_per_source():
 
 
 @needs_data
+def test_point_annotated_case_is_scored_by_its_points(tmp_path):
+    """A tianchi/ study (one slice, centre points): a point counts when it lies inside a predicted
+    outline on its slice, and detections above the T12-L1 / below the L5-S1 disc point are not scored."""
+    case = [c for c in D.list_cases(DATA, sources=("tianchi",))][0]
+    gt = E.ground_truth_of_case(case)
+    assert [v.level for v in gt.vertebrae] == ["L1", "L2", "L3", "L4", "L5"]
+    assert gt.range_top_row < gt.vertebrae[0].centroid[1] and gt.range_bottom_row > gt.vertebrae[-1].centroid[1]
+    square = lambda c: np.array([[c[0] + 5, c[1] - 5], [c[0] + 5, c[1] + 5], [c[0] - 5, c[1] + 5], [c[0] - 5, c[1] - 5]])
+    preds = [E.PredictedVertebra(level=v.level, slices=np.array([0.0]), polygons=[square(v.centroid)])
+             for v in gt.vertebrae]
+    shifted = [E.PredictedVertebra(level=lv, slices=p.slices, polygons=p.polygons)
+               for lv, p in zip(["L2", "L3", "L4", "L5", "S1"], preds)]
+    above = E.PredictedVertebra(level="T12", slices=np.array([0.0]),
+                                polygons=[square((gt.vertebrae[0].centroid[0], gt.range_top_row - 20))])
+    right = E.evaluate_case(gt, preds + [above])
+    assert (right.tp, right.fp, right.n_identified, right.all_levels_right) == (5, 0, 5, True)
+    wrong = E.evaluate_case(gt, shifted)
+    assert (wrong.tp, wrong.n_identified, wrong.all_levels_right) == (5, 0, False)
+    summary = E.summarise([right, wrong], {case.case_id: {"source": "tianchi", "sequence": "T2"}})
+    assert summary["overall"]["share_of_scans_all_levels_right"] == 0.5
+    assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
+                                         "identification_rate": 0.5}
+
+
+@needs_data
 def test_real_case_list(real_cases):
     cases = D.list_cases(DATA)
     assert [c.case_id for c in cases] == [c.case_id for c in D.list_cases(DATA)]
-    assert len(cases) == 55
+    # 55 volumes with masks + the 146 usable tianchi/ studies (151, less the 5 with swapped labels)
+    assert len(cases) == 55 + 146
+    assert sum(c.source == "tianchi" for c in cases) == 146
     assert {c.source for c in cases} == set(D.SOURCES)
     patients = {c.patient_id for c in cases}
-    assert len(patients) == 54
+    assert len(patients) == 54 + 146
     assert real_cases["zukic_02_AKa3_T1"].patient_id == real_cases["zukic_03_AKa4_TIRM"].patient_id
     assert real_cases["zukic_15_S01_T2"].sequence == "T2"
 

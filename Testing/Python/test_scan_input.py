@@ -489,6 +489,26 @@ def _single_dicom_slice(tmp):
     return tmp / "one", {}
 
 
+def _single_axial_slice(tmp):
+    vol = asymmetric_volume((1, 16, 16))
+    write_image(vol, affine("RAS", (0.8, 0.8, 4.0)), tmp / "axial.nii.gz")
+    return tmp / "axial.nii.gz", {}
+
+
+@pytest.mark.parametrize("make", [_single_slice, _single_dicom_slice], ids=["NIfTI", "DICOM"])
+def test_a_single_sagittal_slice_is_read_with_a_warning(tmp_path, make):
+    """A key image or a 2D study (issue: single sagittal slices are accepted): one canonical slice,
+    the in-plane voxels unchanged, and a warning that travels with the scan into the results."""
+    path, kwargs = make(tmp_path)
+    scan = load_scan(path, **kwargs)
+    assert scan.voxels.shape[2] == 1
+    assert scan.metadata["acquisition"] == "single sagittal slice"
+    assert any("single sagittal slice" in w for w in scan.metadata["warnings"])
+    vol, _ = sagittal_standard((1, 16, 16))
+    # canonical rows run S->I (input j), columns A->P (input i)
+    np.testing.assert_allclose(scan.voxels[:, :, 0], vol[0], rtol=0, atol=0.51)  # DICOM stores integers
+
+
 def _nan_voxels(tmp):
     vol, a = sagittal_standard((4, 16, 16))
     vol[2, 3, 4] = np.nan
@@ -537,8 +557,7 @@ BAD_INPUTS = {
     "cut gzip stream": (_cut_gzip, r"^cannot read .*cut\.nii\.gz: corrupt or truncated file"),
     "truncated nrrd": (_truncated_nrrd, r"^cannot read .*trunc\.nrrd: "),
     "4D NIfTI": (_nifti_4d, r"^four\.nii\.gz is 4D"),
-    "single slice image": (_single_slice, r"^a single slice .*at least 2 sagittal slices$"),
-    "single slice DICOM": (_single_dicom_slice, r"^a single slice .*at least 2 sagittal slices$"),
+    "single axial slice": (_single_axial_slice, r"^axial acquisition: SpineNet needs sagittal slices"),
     "NaN voxels": (_nan_voxels, r"^the volume has 1 NaN or infinite voxel"),
     "axial 2D NIfTI": (_axial_nifti, r"^axial acquisition: SpineNet needs sagittal slices "
                                      r"\(slice normal is closest to S-I\)$"),
