@@ -22,6 +22,8 @@ from pathlib import Path
 from SpineNetLib.core.errors import SpineNetError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
+EXIT_DEMO_WRONG = 3
 
 # The commands import what they need inside their functions, so that `spinenet --help` and
 # errors in the arguments answer at once, without loading torch.
@@ -187,7 +189,12 @@ def command_demo(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise SpineNetError(f"output {output} exists and is not a folder")
-    phantom = make_phantom(fov=args.fov, contrast=args.contrast, seed=args.seed, variability=1.0)
+    import json
+
+    from SpineNetLib.evaluation.demo_check import check_against_phantom
+
+    # include_s2: the first sacral segment is listed too (not required; official §5.5 names it S2)
+    phantom = make_phantom(fov=args.fov, contrast=args.contrast, seed=args.seed, variability=1.0, include_s2=True)
     dicom = output / "phantom_dicom"
     phantom.write_dicom(dicom, series_description=f"SpineNet demo phantom {args.fov} {args.contrast}")
     phantom.write_nifti(output / "phantom.nii.gz")
@@ -195,7 +202,12 @@ def command_demo(args) -> int:
     print(f"wrote a synthetic {args.fov} {args.contrast} spine to {dicom} (ground truth: {truth})")
     run_args = argparse.Namespace(**{**vars(args), "input": str(dicom), "output": str(output / "results"),
                                      "series": None, "pixel_spacing": None, "slice_spacing": None})
-    return command_run(run_args)
+    status = command_run(run_args)
+    document = json.loads((output / "results" / "vertebrae.json").read_text(encoding="utf-8"))
+    check = check_against_phantom(document, phantom)
+    print("\nresult against the phantom's ground truth:\n" + check.table())
+    print(check.verdict())
+    return status if check.all_right else EXIT_DEMO_WRONG
 
 
 def command_evaluate(args) -> int:

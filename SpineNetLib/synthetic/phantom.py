@@ -175,6 +175,10 @@ class Phantom:
     #: Focal lesions: dicts with "type", "level", "endplate", "slices", "boxes"
     #: (canonical slice -> [x0, y0, x1, y1] pixels) and "box_xy" (union of the boxes).
     lesions: list[dict] = field(default_factory=list)
+    #: Bodies cut by the image edge whose centre is inside the image (e.g. T11 at the top of a
+    #: lumbar phantom): visible, so a detector may find them, but not part of ``vertebrae``
+    #: (no complete outline).  Their quads are unclipped and may reach outside the image.
+    cut_vertebrae: list[PhantomVertebra] = field(default_factory=list)
 
     @property
     def levels(self) -> list[str]:
@@ -269,9 +273,10 @@ def make_phantom(params: PhantomParams | None = None, **kwargs) -> Phantom:
     canon = render_canonical(p, anat, win, xs, (ss_int, ss_tex, ss_noise))
     voxels_kji, ijk_to_ras = input_arrays(p, canon, win.spacing)
     scan = _checked_scan(p, voxels_kji, ijk_to_ras, canon)
-    gt_v, listed = _ground_truth_vertebrae(anat, win, xs, p.include_s2)
+    gt_v, listed, cut = _ground_truth_vertebrae(anat, win, xs, p.include_s2)
     gt_d = _ground_truth_discs(anat, win, xs, gt_v, listed)
     return Phantom(scan=scan, voxels_kji=voxels_kji, ijk_to_ras=ijk_to_ras, vertebrae=gt_v, discs=gt_d,
+                   cut_vertebrae=cut,
                    params=p, lesions=_lesions(anat, win, xs))
 
 
@@ -288,13 +293,15 @@ def _checked_scan(p: PhantomParams, voxels_kji: np.ndarray, ijk_to_ras: np.ndarr
 # --------------------------------------------------------------------------- ground truth
 
 
-def _ground_truth_vertebrae(anat: _Anatomy, win: _Window, xs: np.ndarray,
-                            include_s2: bool) -> tuple[list[PhantomVertebra], list[int]]:
-    """Listed vertebrae (inside the image on all their slices) and their body indices in ``anat.bodies``."""
+def _ground_truth_vertebrae(anat: _Anatomy, win: _Window, xs: np.ndarray, include_s2: bool
+                            ) -> tuple[list[PhantomVertebra], list[int], list[PhantomVertebra]]:
+    """Listed vertebrae (inside the image on all their slices), their body indices in ``anat.bodies``,
+    and the bodies cut by the image edge whose centroid is inside the image."""
     h, w = win.shape
     n_s = len(xs)
     gt_v: list[PhantomVertebra] = []
     listed: list[int] = []
+    cut: list[PhantomVertebra] = []
     for i, b in enumerate(anat.bodies):
         if not (b.kind == "vertebra" or (include_s2 and b.name == "S2")):
             continue
@@ -306,17 +313,21 @@ def _ground_truth_vertebrae(anat: _Anatomy, win: _Window, xs: np.ndarray,
         if not quads:
             continue
         allq = np.concatenate(list(quads.values()))
-        if allq.min() < 0 or allq[:, 0].max() > w - 1 or allq[:, 1].max() > h - 1:
-            continue
         sl = sorted(quads)
         mid = min(sl, key=lambda s: (abs(xs[s]), s))
-        gt_v.append(PhantomVertebra(level=b.name, slices=sl, quads=quads,
-                                    centroid_xy=win.to_px(b.centroid), mid_slice=int(mid),
-                                    pathology=list(b.pathology), extra=b.kind != "vertebra",
-                                    height_mm=b.height, anterior_height_mm=b.anterior_height,
-                                    posterior_height_mm=b.posterior_height))
+        vertebra = PhantomVertebra(level=b.name, slices=sl, quads=quads,
+                                   centroid_xy=win.to_px(b.centroid), mid_slice=int(mid),
+                                   pathology=list(b.pathology), extra=b.kind != "vertebra",
+                                   height_mm=b.height, anterior_height_mm=b.anterior_height,
+                                   posterior_height_mm=b.posterior_height)
+        if allq.min() < 0 or allq[:, 0].max() > w - 1 or allq[:, 1].max() > h - 1:
+            x, y = vertebra.centroid_xy
+            if 0 <= x <= w - 1 and 0 <= y <= h - 1:
+                cut.append(vertebra)
+            continue
+        gt_v.append(vertebra)
         listed.append(i)
-    return gt_v, listed
+    return gt_v, listed, cut
 
 
 def _ground_truth_discs(anat: _Anatomy, win: _Window, xs: np.ndarray, gt_v: list[PhantomVertebra],

@@ -603,7 +603,8 @@ def _draw_discs(cv: _Canvas, anat: _Anatomy, x: float, prof: dict[int, np.ndarra
         ant_side = q[2] + t * (q[3] - q[2]) - bulge * np.sin(np.pi * t) * ed
         poly = np.concatenate([[q[0]], post_side, [q[1], q[2]], ant_side, [q[3]]])
         if d.kind == "remnant":
-            cv.fill(poly, "remnant", 8)
+            if ub.kind == "vertebra":  # S1-S2: the whole rudimentary disc; the fused ones: _draw_fused_sacrum
+                cv.fill(poly, "remnant", 8)
             continue
         cv.fill(poly, "annulus", 8)
         f = ax / min(ub.half_width, lb_.half_width)
@@ -626,6 +627,8 @@ def _draw_bodies(cv: _Canvas, anat: _Anatomy, x: float, prof: dict[int, np.ndarr
     notch = _notches(anat)
     for i, q in prof.items():
         b = bodies[i]
+        if b.kind != "vertebra":
+            continue  # S2 and below: one fused bone, not separate bodies
         reg = _region(b.name)
         t = 0.9 if reg == "C" else (0.8 if b.kind != "vertebra" else 1.0)
         marrow = "marrow_c" if reg == "C" else "marrow"
@@ -642,7 +645,41 @@ def _draw_bodies(cv: _Canvas, anat: _Anatomy, x: float, prof: dict[int, np.ndarr
         for j, ep in notch:
             if j == i and ax < NOTCH_HALF_WIDTH_MM:
                 cv.fill(_notch_polygon(q, b, ep), "notch", 8)
+    _draw_fused_sacrum(cv, anat, prof)
 
+
+def _draw_fused_sacrum(cv: _Canvas, anat: _Anatomy, prof: dict[int, np.ndarray]) -> None:
+    """The segments below S1 as one fused bone, as in an adult sacrum and coccyx.
+
+    One cortical shell around the fused segments; marrow that runs on through
+    the junctions between them (each segment's marrow reaches 15 % beyond an
+    endplate shared with another fused segment); those former discs only as
+    short, faint rudiments in the middle of the junction.  The S1-S2 junction
+    keeps its cortex and its whole rudimentary disc, the clearest of them on
+    real T2 scans.  Drawing every segment as its own cortex-rimmed box made
+    them look like vertebral bodies, and a detector counts those as levels.
+    """
+    bodies = anat.bodies
+    fused = [i for i in prof if bodies[i].kind != "vertebra"]
+    for i in fused:
+        cv.fill(prof[i], "cortex", 8)
+    for i in fused:
+        quad, centre, ap_axis = prof[i], prof[i].mean(axis=0), bodies[i].e
+        offsets = quad - centre
+        along_ap = (offsets @ ap_axis)[:, None] * ap_axis
+        top_fused = i - 1 in fused
+        bottom_fused = i + 1 in prof and bodies[i + 1].kind != "vertebra"
+        si_scale = np.array([[1.15 if bottom_fused else 0.8], [1.15 if bottom_fused else 0.8],
+                             [1.15 if top_fused else 0.8], [1.15 if top_fused else 0.8]])[[2, 0, 1, 3]]
+        cv.fill(centre + 0.8 * along_ap + si_scale * (offsets - along_ap), "marrow", 8)
+    for d in anat.discs:
+        if d.kind == "remnant" and d.upper in prof and d.lower in prof:
+            up, lo = prof[d.upper], prof[d.lower]
+            junction = np.array([up[1], lo[0], lo[3], up[2]])
+            if bodies[d.upper].kind == "vertebra":
+                continue  # S1-S2, drawn with the discs
+            rudiment = _bilinear(junction, np.array([0.25, 0.75, 0.75, 0.25]), np.array([0.0, 0.0, 1.0, 1.0]))
+            cv.fill(rudiment, "remnant", 8, opacity=0.5)
 
 
 # --------------------------------------------------------------------------- contrast, texture, bias, noise
