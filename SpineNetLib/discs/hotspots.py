@@ -3,7 +3,7 @@
 SpineNet (Jamaludin et al., Medical Image Analysis 2017, §6) shows, for a
 disc and a grading, a saliency map over the input volume: the voxels whose
 change most affects (or most excites) the class score.  This module computes
-such maps for our :class:`~SpineNetLib.models.grading.GradingNet` (FACTS.md
+such maps for our :class:`~SpineNetLib.models.grading.GradingNet` (official
 §3.4) with four methods (:data:`METHODS`):
 
 * ``"gradient"`` -- plain back-propagation (Simonyan et al. 2014): ``|d s_c / d x|``

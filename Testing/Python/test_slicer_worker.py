@@ -1,6 +1,6 @@
 """The worker process protocol and the batch script, run as real subprocesses.
 
-No trained weights exist yet, so the networks are replaced through the
+To test the protocol with exact expectations, the networks are replaced through the
 documented ``--pipeline FILE.py:FUNCTION`` hook by Testing/Python/slicer_fake_pipeline.py,
 which returns phantom ground truth.  The default pipeline is run up to the
 point where it needs weights (a clear one-line error).
