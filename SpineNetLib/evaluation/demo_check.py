@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from SpineNetLib.core import polygons
+from SpineNetLib.evaluation.evaluate import predictions_from_document
 
 
 @dataclass
@@ -83,20 +84,10 @@ class DemoCheck:
         return "\n".join(lines)
 
 
-def _detections_in_phantom_frame(vertebrae_doc: dict, phantom) -> list[tuple[str | None, np.ndarray, list]]:
-    """(level, slice positions, [x, y] quads) of each detection, in the phantom's canonical pixels."""
-    ras_to_canonical = np.linalg.inv(phantom.scan.canonical_to_ras)
-    out = []
-    for v in vertebrae_doc.get("vertebrae", []):
-        slices, quads = [], []
-        for p in v.get("polygons", []):
-            ras = np.asarray(p["corners_ras"], float)
-            rcs = (np.c_[ras, np.ones(len(ras))] @ ras_to_canonical.T)[:, :3]
-            slices.append(float(rcs[:, 2].mean()))
-            quads.append(np.stack([rcs[:, 1], rcs[:, 0]], axis=1))
-        if quads:
-            out.append((v.get("level"), np.asarray(slices), quads))
-    return out
+def _ras_to_canonical_of(phantom):
+    """``(N, 3)`` RAS mm -> ``(N, 3)`` canonical ``[row, col, slice]`` of the phantom's scan."""
+    inverse = np.linalg.inv(phantom.scan.canonical_to_ras)
+    return lambda ras: (np.c_[ras, np.ones(len(ras))] @ inverse.T)[:, :3]
 
 
 def check_against_phantom(vertebrae_doc: dict, phantom) -> DemoCheck:
@@ -104,7 +95,7 @@ def check_against_phantom(vertebrae_doc: dict, phantom) -> DemoCheck:
     truth = [(v, "required" if not v.extra else "sacral segment (not required)") for v in phantom.vertebrae]
     truth += [(v, "cut by the image edge (not required)") for v in phantom.cut_vertebrae]
     truth.sort(key=lambda item: float(item[0].centroid_xy[1]))
-    detections = _detections_in_phantom_frame(vertebrae_doc, phantom)
+    detections = predictions_from_document(vertebrae_doc, _ras_to_canonical_of(phantom))
     row_mm, col_mm = phantom.scan.spacing_mm[0], phantom.scan.spacing_mm[1]
     used: set[int] = set()
     rows = []
@@ -112,16 +103,16 @@ def check_against_phantom(vertebrae_doc: dict, phantom) -> DemoCheck:
         row = TruthRow(level=body.level, role=role)
         centre = np.asarray(body.centroid_xy, float)
         best = None
-        for d, (level, slices, quads) in enumerate(detections):
-            quad = quads[int(np.argmin(np.abs(slices - body.mid_slice)))]
+        for d, detection in enumerate(detections):
+            quad = detection.polygon_near(body.mid_slice, math.inf)  # on the nearest of its slices
             if d not in used and polygons.point_in_polygon(centre, quad):
                 offset = (quad.mean(axis=0) - centre) * np.array([col_mm, row_mm])
                 error = float(math.hypot(*offset))
                 if best is None or error < best[1]:
-                    best = (d, error, level)
+                    best = (d, error, detection.level)
         if best is not None:
             used.add(best[0])
             row.found_level, row.error_mm = best[2] or "?", best[1]
         rows.append(row)
-    false_positives = [level for d, (level, _, _) in enumerate(detections) if d not in used]
+    false_positives = [detection.level for d, detection in enumerate(detections) if d not in used]
     return DemoCheck(rows=rows, false_positives=false_positives)

@@ -198,8 +198,9 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
     points the range is that of the body points.
     """
     gt = ground_truth_from_labels(labels, spacing_mm, level_names, case_id)
-    disc_rows = [float(mask_centroid((np.asarray(labels) == code).any(axis=2))[1])
-                 for code, name in level_names.items() if "-" in name and (np.asarray(labels) == code).any()]
+    labels = np.asarray(labels)
+    disc_masks = [(labels == code).any(axis=2) for code, name in level_names.items() if "-" in name]
+    disc_rows = [float(mask_centroid(m)[1]) for m in disc_masks if m.any()]
     if disc_rows:
         gt.range_top_row, gt.range_bottom_row = min(disc_rows), max(disc_rows)
     return gt
@@ -275,14 +276,25 @@ def predictions_from_vertebrae_json(path, geometry: CaseGeometry) -> list[Predic
     if shape is not None and tuple(int(n) for n in shape) != tuple(geometry.input_shape_ijk):
         raise InputError(f"{path} was made from an image of shape {tuple(shape)}, "
                          f"not {geometry.case_id} {tuple(geometry.input_shape_ijk)}")
+    return predictions_from_document(doc, geometry.ras_to_canonical, source=str(path))
+
+
+def predictions_from_document(doc: dict, ras_to_canonical, source: str = "the document"
+                              ) -> list[PredictedVertebra]:
+    """The vertebrae of a ``vertebrae.json`` document in a canonical pixel frame.
+
+    ``ras_to_canonical`` maps ``(N, 3)`` RAS mm to ``(N, 3)`` canonical ``[row, col, slice]``.
+    The slice coordinate comes from the corners (exact even when the pipeline slab-averaged the
+    slices) rather than from the rounded ``slice`` index.
+    """
     out = []
     for v in doc.get("vertebrae", []):
         slices, polys = [], []
         for p in v.get("polygons", []):
             corners = np.asarray(p["corners_ras"], dtype=float)
             if corners.shape != (4, 3):
-                raise InputError(f"{path}: a polygon does not have 4 RAS corners")
-            rcs = geometry.ras_to_canonical(corners)
+                raise InputError(f"{source}: a polygon does not have 4 RAS corners")
+            rcs = ras_to_canonical(corners)
             slices.append(float(rcs[:, 2].mean()))
             polys.append(np.stack([rcs[:, 1], rcs[:, 0]], axis=1))  # [x=col, y=row]
         if not polys:

@@ -667,10 +667,8 @@ def _draw_fused_sacrum(cv: _Canvas, anat: _Anatomy, prof: dict[int, np.ndarray])
         quad, centre, ap_axis = prof[i], prof[i].mean(axis=0), bodies[i].e
         offsets = quad - centre
         along_ap = (offsets @ ap_axis)[:, None] * ap_axis
-        top_fused = i - 1 in fused
-        bottom_fused = i + 1 in prof and bodies[i + 1].kind != "vertebra"
-        si_scale = np.array([[1.15 if bottom_fused else 0.8], [1.15 if bottom_fused else 0.8],
-                             [1.15 if top_fused else 0.8], [1.15 if top_fused else 0.8]])[[2, 0, 1, 3]]
+        top, bottom = (1.15 if i - 1 in fused else 0.8), (1.15 if i + 1 in fused else 0.8)
+        si_scale = np.array([top, bottom, bottom, top])[:, None]  # corners rt, rb, lb, lt
         cv.fill(centre + 0.8 * along_ap + si_scale * (offsets - along_ap), "marrow", 8)
     for d in anat.discs:
         if d.kind == "remnant" and d.upper in prof and d.lower in prof:
