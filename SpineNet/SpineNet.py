@@ -76,6 +76,9 @@ IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpl
 WEIGHT_SOURCES = ("bundled", "official", "folder")
 #: What follows the Python program on the worker's command line.
 WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
+#: Style of the labelling line when the levels may be shifted (the worst error: make it stand out).
+LEVELS_REVIEW_STYLE = ("QLabel { background-color: #fff3cd; color: #8a1c00; font-weight: bold; "
+                       "border: 1px solid #e0a800; padding: 4px; }")
 
 
 def _get(widget, name):
@@ -364,7 +367,8 @@ class SpineNet(ScriptedLoadableModule):
         self.parent.helpText = (
             "Detects every vertebral body of a sagittal spinal MR scan, outlines it, labels its level "
             "(C2 to S1) and, where a grading network is available, grades each disc. Select a volume and "
-            "press Detect &amp; Grade. A wrong level can be corrected in the vertebra list: the others "
+            "press Detect &amp; Grade. When the levels may be shifted by one, a highlighted line above the "
+            "results says so and why. A wrong level can be corrected in the vertebra list: the others "
             "are re-labelled consistently. See the project README for the outputs and their meaning.")
         self.parent.acknowledgementText = (
             "A re-implementation of SpineNetV2 (Windsor, Jamaludin, Kadir and Zisserman, 2022) and of "
@@ -540,6 +544,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         """Fill the disc table and the vertebra list from the results stored for the input volume."""
         volume = self._volume()
         vertebraeDoc, discsDoc, _ = self.logic.documents(volume) if volume is not None else (None, None, None)
+        self.showLabellingStatus(*documents.labelling_status(vertebraeDoc))
         self._populating = True
         try:
             columns, rows = documents.disc_table(vertebraeDoc, discsDoc) if vertebraeDoc else ([], [])
@@ -583,6 +588,13 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
             table.resizeColumnsToContents()
         finally:
             self._populating = False
+
+    def showLabellingStatus(self, text, needsReview):
+        """How sure the levels are, above the results; a warning style when they need review."""
+        label = self.ui.labellingLabel
+        label.setText(text)
+        label.setStyleSheet(LEVELS_REVIEW_STYLE if needsReview else "")
+        label.setVisible(bool(text))
 
     def onLevelCorrected(self, row, level=None):
         if self._populating:
@@ -947,6 +959,10 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         discs = len(discsDoc["discs"]) if discsDoc else len(documents.disc_polygons(vertebraeDoc))
         graded = sum(1 for d in (discsDoc or {}).get("discs", []) if d.get("grades"))
         return f"{len(names)} vertebrae ({names[0]}..{names[-1]}), {discs} discs, {graded} graded."
+
+    def labellingStatus(self, volumeNode):
+        """(one line about how sure the volume's levels are, whether they need review); ("", False) without one."""
+        return documents.labelling_status(self.documents(volumeNode)[0])
 
     def correctLevel(self, volumeNode, index, level):
         """Pin vertebra ``index`` (top to bottom) to ``level``, re-solve the others, rebuild the nodes."""

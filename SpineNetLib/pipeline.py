@@ -30,11 +30,12 @@ from SpineNetLib.core.progress import ProgressCallback, scaled
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
-from SpineNetLib.discs.extraction import extract_ivd_volumes
+from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import grade_volumes
 from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.label import labelling
+from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.weights import checkpoints
@@ -95,12 +96,16 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     result = detection.detect_vertebrae(scan, predict, detection_params,
                                         progress=scaled(progress, "detecting vertebrae"))
     start = time.perf_counter()
+    n_found = len(result.vertebrae)
     if result.vertebrae:
         result.vertebrae = labelling.label_vertebrae(scan, result.vertebrae, networks.appearance,
                                                      networks.context, labelling_params, device=networks.device,
                                                      progress=scaled(progress, "labelling levels"))
     result.timings_s["labelling"] = time.perf_counter() - start
-    result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty)}
+    result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
+                        "appearance_weight": float(labelling_params.appearance_weight),
+                        # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped
+                        "sacral_segments_left_out": n_found - len(result.vertebrae)}
     return result
 
 
@@ -178,6 +183,10 @@ class RunOptions:
     labelling_params: labelling.LabellingParams | None = None
     #: Disc volumes per grading-network call.
     grading_batch_size: int = 4
+    #: Labelling confidence below which the levels are flagged for review
+    #: (:mod:`SpineNetLib.label.confidence`); None: the margin calibrated for the context weights
+    #: (``LabellingParams.review_margin_nats`` via ``labelling.params_for_context``).
+    min_labelling_confidence: float | None = None
 
 
 @dataclass
@@ -202,6 +211,9 @@ class RunResult:
     detection: DetectionResult | None = None
     #: The disc stage's volumes, grades and measurements (None when a plug-in did not provide them).
     discs: DiscResult | None = None
+    #: How sure the level labelling is against the best labelling shifted by one level (None when a
+    #: plug-in did not provide it); also in the vertebrae document's ``"labelling"`` block.
+    labelling_confidence: LabellingConfidence | None = None
 
 
 def _check_hotspot_options(options: RunOptions) -> list:
@@ -238,7 +250,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     The discs are always cut and measured; they are graded when
     ``options.grade`` and a grading network is loaded (a warning says when
     grading was asked for but the weights have none).  Hotspot maps need the
-    grading too.  ``progress(done, total, message)`` hears every stage.
+    grading too.  The labelling's confidence against the best labelling
+    shifted by one level (:mod:`SpineNetLib.label.confidence`) goes into
+    ``RunResult.labelling_confidence`` and the vertebrae document, and its
+    warnings (levels that may be shifted, S1 not found) into the warnings of
+    both.  ``progress(done, total, message)`` hears every stage.
     """
     options = options or RunOptions()
     heads = _check_hotspot_options(options)
@@ -248,6 +264,18 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     warnings: list[str] = list(scan_warnings)
     result = detect_and_label(scan, networks, detection_params=options.detection_params,
                               labelling_params=options.labelling_params, progress=progress)
+    # scored with the same penalties as the labelling itself (the context checkpoint's own ones)
+    params = labelling.params_for_context(networks.context, options.labelling_params)
+    confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
+    labelling_warnings = list(confidence.warnings) if confidence is not None else []
+    left_out = int(result.labelling.get("sacral_segments_left_out", 0))
+    if left_out:
+        labelling_warnings.append(f"{left_out} lower sacral segment{'s' if left_out > 1 else ''} below S2 "
+                                  f"{'were' if left_out > 1 else 'was'} detected and left out "
+                                  "(not a vertebral level SpineNet reports)")
+    warnings += labelling_warnings
+    disc_warnings = skipped_discs(result.vertebrae)
+    warnings += disc_warnings
     if options.grade and networks.grading is None:
         warnings.append(f"the {networks.weights.source} weights have no grading network: "
                         "disc measurements only, no grades")
@@ -259,11 +287,15 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     earlier = dict(options.earlier_timings_s)
     result.timings_s = {**earlier, **result.timings_s, **discs.timings_s, **hotspot_timing,
                         "total": sum(earlier.values()) + time.perf_counter() - start}
-    vertebrae_doc = vertebrae_document(scan, result)
-    if scan_warnings:
-        vertebrae_doc["warnings"] = scan_warnings
+    vertebrae_doc = vertebrae_document(scan, result, confidence)
+    if scan_warnings or labelling_warnings:
+        vertebrae_doc["warnings"] = scan_warnings + labelling_warnings
+    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                               discs.grading_status)
+    if disc_warnings:
+        discs_doc["warnings"] = disc_warnings
     return RunResult(
         vertebrae_document=vertebrae_doc,
-        discs_document=discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
-                                      discs.grading_status),
-        hotspots=maps, warnings=warnings, timings_s=dict(result.timings_s), detection=result, discs=discs)
+        discs_document=discs_doc,
+        hotspots=maps, warnings=warnings, timings_s=dict(result.timings_s), detection=result, discs=discs,
+        labelling_confidence=confidence)

@@ -17,8 +17,10 @@ are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
 ``discs.json`` when the discs were measured or graded), the hotspot maps and
 ``result.json``.  Then the script adds ``scene.mrb`` (the scan with the
 outlines, centroids, segmentation and grades table, for Slicer's File > Add
-Data).  A problem with the input, an option or the weights prints one line on
-stderr and exits with status 2; an internal error exits with 1.
+Data) and prints a summary and how sure the level labelling is (a line
+starting "CHECK THE LEVELS:" when the levels may be shifted by one).  A
+problem with the input, an option or the weights prints one line on stderr
+and exits with status 2; an internal error exits with 1.
 
 This file is installed under ``<module folder>/Scripts/`` (not next to
 ``SpineNet.py``): Slicer loads every ``.py`` file of a module folder as a module.
@@ -193,6 +195,9 @@ def run(args):
     levels = f"{found[0]}..{found[-1]}" if found else "none"
     print(f"{len(found)} vertebrae ({levels}) in {time.perf_counter() - start:.1f} s; wrote "
           + ", ".join(str(p) for p in written))
+    status, review = documents.labelling_status(vertebrae)
+    if status:  # how sure the levels are; "CHECK THE LEVELS" when they may be shifted
+        print(("CHECK THE LEVELS: " if review else "") + status)
     return written
 
 

@@ -125,6 +125,17 @@ def disc_pairs(vertebrae: Sequence[Vertebra]) -> list[tuple[int, int, str]]:
     return pairs
 
 
+def skipped_discs(vertebrae: Sequence[Vertebra]) -> list[str]:
+    """One message per pair of consecutive bodies that :func:`disc_pairs` gives no disc (missed body between)."""
+    out = []
+    for i in range(len(vertebrae) - 1):
+        up, lo = vertebrae[i], vertebrae[i + 1]
+        if not adjacent_levels(up.level, lo.level):
+            out.append(f"no disc between {up.level} and {lo.level}: the vertebra between them was not found, "
+                       "and a volume across a whole vertebra would not be a disc")
+    return out
+
+
 # --------------------------------------------------------------------------- geometry helpers
 
 def polygon_on_or_average(vertebra: Vertebra, canonical_slice: int) -> np.ndarray:

@@ -116,6 +116,9 @@ class CaseGroundTruth:
     #: inferior edge of the lowest, on their mid slices); None without bodies.
     range_top_row: float | None = None
     range_bottom_row: float | None = None
+    #: Point-annotated cases only: where S1 must be, derived from the points (``ground_truth_from_points``);
+    #: scored apart from the annotated bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
+    s1_point: np.ndarray | None = None
 
 
 def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -195,14 +198,22 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
     range runs from the highest to the lowest DISC point (T12-L1 .. L5-S1):
     the bodies beyond them (T12 and above, S1 and below) are visible but not
     annotated, so detections there are neither TP nor FP.  Without disc
-    points the range is that of the body points.
+    points the range is that of the body points.  S1 is scored apart
+    (``s1_point``: the L5 point mirrored through the L5-S1 disc point, which
+    lies inside S1), so the body tables stay those of the annotated L1-L5.
     """
     gt = ground_truth_from_labels(labels, spacing_mm, level_names, case_id)
     labels = np.asarray(labels)
-    disc_masks = [(labels == code).any(axis=2) for code, name in level_names.items() if "-" in name]
-    disc_rows = [float(mask_centroid(m)[1]) for m in disc_masks if m.any()]
-    if disc_rows:
-        gt.range_top_row, gt.range_bottom_row = min(disc_rows), max(disc_rows)
+    disc_masks = {name.split()[0]: (labels == code).any(axis=2) for code, name in level_names.items() if "-" in name}
+    disc_centres = {name: mask_centroid(m) for name, m in disc_masks.items() if m.any()}
+    if disc_centres:
+        rows = [float(c[1]) for c in disc_centres.values()]
+        gt.range_top_row, gt.range_bottom_row = min(rows), max(rows)
+    l5 = [v for v in gt.vertebrae if v.level == "L5"]
+    if l5 and "L5-S1" in disc_centres:
+        # S1 has no point: the L5 centre mirrored through the L5-S1 disc point lies inside S1
+        # (the disc separates two bodies of about the same height along the spine's axis).
+        gt.s1_point = 2.0 * disc_centres["L5-S1"] - np.asarray(l5[0].centroid, float)
     return gt
 
 
@@ -329,6 +340,10 @@ class CaseMetrics:
     n_ignored_predictions: int = 0
     matches: list[Match] = field(default_factory=list)
     missed_levels: list[str] = field(default_factory=list)
+    #: Point-annotated cases (``CaseGroundTruth.s1_point``): a prediction contains the derived S1
+    #: point / that prediction is named S1.  None where the case has no such point.
+    s1_detected: bool | None = None
+    s1_named: bool | None = None
 
     @property
     def precision(self) -> float:
@@ -422,6 +437,10 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         dist = level_distance(level, v.level)
         metrics.n_identified += int(dist == 0)
         metrics.n_identified_within_1 += int(dist <= 1)
+    if gt.s1_point is not None:
+        on_s1 = [p for p in preds if any(polygons.point_in_polygon(gt.s1_point, q) for q in p.polygons)]
+        metrics.s1_detected = bool(on_s1)
+        metrics.s1_named = any(p.level == "S1" for p in on_s1)
     return metrics
 
 
@@ -450,6 +469,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "all_levels_right": m.all_levels_right,
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
+        "s1_detected": m.s1_detected, "s1_named": m.s1_named,
     }
 
 
@@ -467,6 +487,10 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
     del pooled["missed_levels"], pooled["wrong_levels"], pooled["all_levels_right"]
+    with_s1 = [m for m in metrics if m.s1_detected is not None]
+    pooled["s1_point_scans"] = len(with_s1)
+    pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)
+    pooled["s1_point_named_s1"] = sum(bool(m.s1_named) for m in with_s1)
     pooled["n_cases"] = len(metrics)
     right = sum(m.all_levels_right for m in metrics)
     pooled["scans_all_levels_right"] = right

@@ -71,6 +71,17 @@ class LabellingParams:
     repeat_s1_penalty: float = 100.0
     skip_penalty: float = 100.0
     penalise_skips: bool = True
+    #: Weight w of the appearance probabilities in the beam search's evidence
+    #: p_ctx * p_app**w (renormalised; :func:`level_evidence`).  Official: 0, the
+    #: context probabilities only (official §5.5).  A context checkpoint may
+    #: carry its own value (entry ``appearance_weight``, :func:`params_for_context`).
+    appearance_weight: float = 0.0
+    #: The levels are flagged for review when the best labelling shifted by one level
+    #: costs less than this many nats more than the chosen one (``label.confidence``;
+    #: ln 9 = confidence 0.9).  Kept as a margin, not a probability: calibrated values
+    #: lie where 1 / (1 + e^-margin) is 1.0 in floating point.  A context checkpoint
+    #: may carry its calibrated value (entry ``min_labelling_margin_nats``).
+    review_margin_nats: float = math.log(9.0)
     #: Appearance volumes per network call (batching does not change the
     #: result: BatchNorm runs in eval mode).
     appearance_batch_size: int = 4
@@ -430,24 +441,57 @@ def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
     return [int(c) for c in history[0]]
 
 
+def level_evidence(context: np.ndarray, appearance: np.ndarray, appearance_weight: float) -> np.ndarray:
+    """What the beam search weighs: p_ctx * p_app**w per vertebra, renormalised; ``(N, 24)``.
+
+    Why (issue 10): on clinical slices the appearance net is most reliable
+    exactly where the context net is not, at the lumbosacral junction (the
+    body sitting on the sacrum looks like L5 with p ~ 1), while the context
+    net, seeing a run of upper bodies one level off, can call that body S1
+    and shift the whole spine.  With w = 0 this is the context probabilities
+    (official).  An all-zero appearance row (no volume could be cut) counts
+    as uniform, so it leaves the context probabilities unchanged.
+    """
+    context = np.asarray(context, np.float64)
+    w = float(appearance_weight)
+    if w == 0.0 or len(context) == 0:
+        return context.copy()
+    appearance = np.asarray(appearance, np.float64)
+    missing = ~np.any(appearance > 0, axis=1)
+    log_app = np.log(np.maximum(appearance, 1e-12))
+    log_app[missing] = 0.0
+    log_p = np.log(np.maximum(context, _P_FLOOR)) + w * log_app
+    log_p -= log_p.max(axis=1, keepdims=True)
+    p = np.exp(log_p)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+#: Checkpoint entries of a context network that set labelling numbers (``params_for_context``).
+CONTEXT_CHECKPOINT_PARAMS = {"repeat_s1_penalty": "repeat_s1_penalty", "appearance_weight": "appearance_weight",
+                             "min_labelling_margin_nats": "review_margin_nats"}
+
+
 def params_for_context(context_net, params: LabellingParams | None = None) -> LabellingParams:
-    """``params`` (default: the official ones) with the context checkpoint's own repeat-S1 penalty.
+    """``params`` (default: the official ones) with the context checkpoint's own labelling numbers.
 
     The bundled context network is much less confident than the official one
     (its probabilities are less peaked), so with the official penalty of 100
     for a second S1 the beam search prefers shifting every level of the spine
     up by one to naming a detected first sacral segment S2; its checkpoint
-    therefore records the penalty chosen for it (MODEL_CARD.md).  Explicit
-    ``params`` are returned unchanged.
+    therefore records the penalty chosen for it, and also the appearance
+    weight of :func:`level_evidence` and the review threshold of
+    ``label.confidence`` (:data:`CONTEXT_CHECKPOINT_PARAMS`, MODEL_CARD.md).
+    Explicit ``params`` are returned unchanged.
     """
     if params is not None:
         return params
     meta = getattr(context_net, "checkpoint_meta", None) or {}
-    penalty = meta.get("repeat_s1_penalty")
-    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and math.isfinite(penalty) \
-            and penalty >= 0:
-        return LabellingParams(repeat_s1_penalty=float(penalty))
-    return LabellingParams()
+    values = {}
+    for entry, name in CONTEXT_CHECKPOINT_PARAMS.items():
+        value = meta.get(entry)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            values[name] = float(value)
+    return LabellingParams(**values)
 
 
 def sacral_run_end(indices: Sequence[int]) -> int:
@@ -500,8 +544,9 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     official code does (a no-op for detector output), and lower sacral
     segments (a third or further S1 at the bottom, :func:`sacral_run_end`)
     are left out.  Each copy has ``.level`` (name, with the S2 rule),
-    ``.level_probabilities`` (the context probabilities the beam search used,
-    kept for :func:`relabel_with_correction`) and
+    ``.level_probabilities`` (what the beam search weighed: the context
+    probabilities, times the appearance ones when ``appearance_weight`` > 0,
+    :func:`level_evidence`; kept for :func:`relabel_with_correction`) and
     ``.appearance_probabilities``.  ``progress(done, total, message)`` is
     called once per vertebra volume and per network; ``timings``, when
     given, receives the seconds per step.
@@ -536,7 +581,8 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     report(n + 2, total, "context network")
 
     start = time.perf_counter()
-    indices = beam_search(context, params)
+    evidence = level_evidence(context, appearance, params.appearance_weight)
+    indices = beam_search(evidence, params)
     keep = sacral_run_end(indices)
     names = assign_level_names(indices[:keep])
     timings.search_s = time.perf_counter() - start
@@ -544,7 +590,7 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
                         polygons=[np.array(p, copy=True) for p in vertebra.polygons],
                         level=name, level_probabilities=p_context.copy(),
                         appearance_probabilities=p_appearance.copy())
-                for vertebra, name, p_context, p_appearance in zip(ordered[:keep], names, context, appearance)]
+                for vertebra, name, p_context, p_appearance in zip(ordered[:keep], names, evidence, appearance)]
     report(total, total, "beam search")
     return labelled
 

@@ -8,7 +8,9 @@ handed from a worker process to Slicer, saved, reloaded and corrected later:
 * ``vertebrae.json`` (schema ``spinenet.vertebrae/1``, written by
   :func:`SpineNetLib.outputs.vertebrae.vertebrae_document`): per vertebra, top to
   bottom, its level, level probabilities, RAS centroid and per-slice RAS
-  outline (corners rt, rb, lb, lt);
+  outline (corners rt, rb, lb, lt); and a ``"labelling"`` block with how sure
+  the levels are (:mod:`SpineNetLib.label.confidence`; :func:`labelling_status`
+  turns it into one line for the panel);
 * ``discs.json`` (schema ``spinenet.discs/1``, written by
   :func:`SpineNetLib.outputs.discs.discs_document`):
   ``{"discs": [{"level": "L4-L5", "centre_ras": [r, a, s],
@@ -268,6 +270,31 @@ def vertebra_rows(vertebrae_doc: dict) -> list[dict]:
     return rows
 
 
+def _two_decimals_down(value: float) -> str:
+    """0.996 -> "0.99": a confidence never reads as certain before it is."""
+    return f"{math.floor(float(value) * 100.0) / 100.0:.2f}"
+
+
+def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
+    """(one line about how sure the levels are, whether they need review) from the ``"labelling"`` block.
+
+    ``("", False)`` for a document without a confidence (no vertebrae, a
+    plug-in pipeline, ground truth).  After a correction by hand the levels
+    are the user's and need no review.
+    """
+    block = (vertebrae_doc or {}).get("labelling") or {}
+    confidence = block.get("confidence")
+    if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not math.isfinite(confidence):
+        return "", False
+    if block.get("corrected_by_user"):
+        return (f"Levels corrected by hand (the network's own labelling had confidence "
+                f"{_two_decimals_down(confidence)})."), False
+    review = bool(block.get("needs_review"))
+    notes = [w[:1].upper() + w[1:] for w in block.get("warnings") or []]
+    lines = notes if review else [f"Level labelling confidence {_two_decimals_down(confidence)}", *notes]
+    return ". ".join(lines) + ".", review
+
+
 # --------------------------------------------------------------------------- corrections
 
 def _probabilities(vertebra: dict) -> np.ndarray | None:
@@ -314,6 +341,17 @@ def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
     return [order[start + i] if 0 <= start + i < len(order) else None for i in range(n)]
 
 
+def _mark_corrected(doc: dict, new_levels: list) -> None:
+    """The levels are now the user's: no review and no labelling warnings; the confidence stays the network's."""
+    block = doc.get("labelling")
+    if not isinstance(block, dict) or "confidence" not in block:
+        return
+    stale = set(block.get("warnings") or [])
+    if isinstance(doc.get("warnings"), list):
+        doc["warnings"] = [w for w in doc["warnings"] if w not in stale]
+    block.update(corrected_by_user=True, needs_review=False, warnings=[], s1_found="S1" in new_levels)
+
+
 def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
                            discs_doc: dict | None = None) -> tuple[dict, dict | None]:
     """New (vertebrae, discs) documents with vertebra ``index`` corrected to ``level``.
@@ -321,7 +359,10 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
     The inputs are not modified.  Each vertebra's ``level_probability`` is
     re-read for its new level, the correction is appended to
     ``"corrections"``, and discs are renamed after their vertebrae (a disc
-    keeps its grades: it is the same disc, only its name changes).
+    keeps its grades: it is the same disc, only its name changes).  The
+    ``"labelling"`` block is marked ``corrected_by_user``: the levels need no
+    review and its warnings are dropped (from the top-level ``"warnings"``
+    too); ``confidence`` still describes the network's own labelling.
     """
     new_levels = corrected_levels(vertebrae_doc, index, level)
     old_names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
@@ -332,6 +373,7 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
         if probs:
             v["level_probability"] = round(float(probs.get("S1" if name == "S2" else name, 0.0)), 4)
     doc.setdefault("corrections", []).append({"vertebra": int(index), "level": level})
+    _mark_corrected(doc, new_levels)
     new_names = [vertebra_name(v, i) for i, v in enumerate(doc["vertebrae"])]
     discs = None
     if discs_doc is not None:

@@ -2,20 +2,28 @@
 
 Every coordinate written here is in the input's RAS millimetres, and every
 slice index is the index along the input's own slice axis, so results overlay
-the original scan in any viewer.  The files themselves are written by
-:func:`SpineNetLib.outputs.files.write_results`.
+the original scan in any viewer.  The document's ``"labelling"`` block and
+the CSV's last four columns (the same on every row) say how sure the level
+labelling is (:mod:`SpineNetLib.label.confidence`).  The files themselves are
+written by :func:`SpineNetLib.outputs.files.write_results`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
+
+if TYPE_CHECKING:  # annotations only: the labelling needs torch, and documents.py (read by the
+    # Slicer module before torch is installed) imports this module
+    from SpineNetLib.label.confidence import LabellingConfidence
 
 VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
 
@@ -74,8 +82,32 @@ def scan_description(scan: Scan) -> dict:
     }
 
 
-def vertebrae_document(scan: Scan, result: DetectionResult) -> dict:
-    """The ``vertebrae.json`` document (schema ``spinenet.vertebrae/1``)."""
+def _finite(value: float, ndigits: int) -> float | None:
+    return round(float(value), ndigits) if math.isfinite(value) else None
+
+
+def labelling_confidence_dict(confidence: LabellingConfidence) -> dict:
+    """The confidence entries of the document's ``"labelling"`` block (NaN is written as null)."""
+    return {
+        "confidence": _finite(confidence.confidence, 6),
+        "margin_nats": _finite(confidence.margin_nats, 3),
+        "shift": int(confidence.shift),
+        "shifted_alternative": None if confidence.shifted_levels is None else list(confidence.shifted_levels),
+        "s1_found": bool(confidence.s1_found),
+        "min_confidence": float(confidence.min_confidence),
+        "review_margin_nats": _finite(confidence.review_margin_nats, 3),
+        "needs_review": bool(confidence.needs_review),
+        "warnings": list(confidence.warnings),
+    }
+
+
+def vertebrae_document(scan: Scan, result: DetectionResult,
+                       labelling_confidence: LabellingConfidence | None = None) -> dict:
+    """The ``vertebrae.json`` document (schema ``spinenet.vertebrae/1``).
+
+    Its ``"labelling"`` block holds the labelling settings of ``result``
+    and, when given, the entries of :func:`labelling_confidence_dict`.
+    """
     vertebrae = []
     for v in result.vertebrae:
         p = level_probability(v)
@@ -93,13 +125,33 @@ def vertebrae_document(scan: Scan, result: DetectionResult) -> dict:
         "vertebrae": vertebrae,
         "timings_s": {k: round(float(t), 3) for k, t in result.timings_s.items()},
     }
-    if result.labelling:
-        document["labelling"] = dict(result.labelling)
+    labelling = dict(result.labelling)
+    if labelling_confidence is not None:
+        labelling.update(labelling_confidence_dict(labelling_confidence))
+    if labelling:
+        document["labelling"] = labelling
     return document
 
 
+#: The last four are per scan (the same on every row): the ``"labelling"`` block's
+#: ``confidence``, ``s1_found``, ``needs_review`` and its warnings (joined by "; ", with the
+#: reason); empty when the document has none.
 VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-                         "first_slice", "last_slice", "level_probability")
+                         "first_slice", "last_slice", "level_probability",
+                         "labelling_confidence", "s1_found", "levels_need_review", "labelling_warning")
+
+
+def _csv_flag(value) -> str:
+    return "" if not isinstance(value, bool) else ("true" if value else "false")
+
+
+def labelling_csv_cells(document: dict) -> list[str]:
+    """The per-scan cells of every CSV row: labelling confidence, S1 found, levels need review, warnings."""
+    block = document.get("labelling") or {}
+    confidence = block.get("confidence")
+    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+    return ["" if not number else f"{float(confidence):.6f}", _csv_flag(block.get("s1_found")),
+            _csv_flag(block.get("needs_review")), "; ".join(str(w) for w in block.get("warnings") or [])]
 
 
 def vertebrae_csv_text(document: dict) -> str:
@@ -107,11 +159,12 @@ def vertebrae_csv_text(document: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(VERTEBRAE_CSV_COLUMNS)
+    per_scan = labelling_csv_cells(document)
     for v in document["vertebrae"]:
         slices = [p["slice"] for p in v["polygons"]]
         r, a, s = v["centroid_ras"]
         prob = v["level_probability"]
         writer.writerow([v["level"] or "", f"{r:.2f}", f"{a:.2f}", f"{s:.2f}",
-                         min(slices), max(slices), "" if prob is None else f"{prob:.4f}"])
+                         min(slices), max(slices), "" if prob is None else f"{prob:.4f}", *per_scan])
     return buffer.getvalue()
 

@@ -8,7 +8,7 @@ copied to ``SpineNetLib/weights/``.
 from __future__ import annotations
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.training.common import add_run_arguments
+from SpineNetLib.training.common import add_real_data_arguments, add_run_arguments
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
 
@@ -47,6 +47,20 @@ def command_train_context(args) -> int:
     return 0
 
 
+def command_tianchi_targets(args) -> int:
+    from SpineNetLib.training import datasets, tianchi
+
+    root = args.data or default_data_root()
+    tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out)
+    return 0
+
+
+def command_calibrate_labelling(args) -> int:
+    from SpineNetLib.training.calibrate_labelling import command
+
+    return command(args)
+
+
 def register(subparsers) -> None:
     """Add ``train`` with sub-commands ``detector``, ``appearance`` and ``context``."""
     train = subparsers.add_parser("train", help="train the small bundled networks (CPU or CUDA)")
@@ -65,6 +79,9 @@ def register(subparsers) -> None:
                      help="training cases for the heat-map gain calibration after training (0: none; default 6)")
     det.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
     det.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = none (default 1)")
+    add_real_data_arguments(det)
+    det.add_argument("--focus-share", type=float, default=0.3,
+                     help="share of a clinical slice's patches centred on its S1 (default 0.3)")
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")
@@ -73,6 +90,7 @@ def register(subparsers) -> None:
     app.add_argument("--n-phantoms", type=int, default=30, help="phantoms in the seeded pool (default 30)")
     app.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
     app.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = none (default 1)")
+    add_real_data_arguments(app)
     app.set_defaults(func=command_train_appearance)
 
     ctx = sub.add_parser("context", help="train the context network on synthetic label images")
@@ -84,3 +102,18 @@ def register(subparsers) -> None:
                           "(default: none stored, the official 100 applies)")
     ctx.set_defaults(func=command_train_context)
     add_grader_parser(sub)
+
+    tq = sub.add_parser("tianchi-targets", help="pseudo-label the tianchi/ slices with a detector (outlines for training)")
+    tq.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    tq.add_argument("--detector", required=True, metavar="CHECKPOINT", help="detector checkpoint that makes the outlines")
+    tq.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    tq.set_defaults(func=command_tianchi_targets)
+
+    cal = sub.add_parser("calibrate-labelling",
+                         help="choose appearance weight, repeat-S1 penalty and review threshold of a weight set "
+                              "on the calibration studies; writes a context checkpoint carrying them")
+    cal.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    cal.add_argument("--weights", required=True, metavar="DIR", help="weights folder (detector, appearance, context)")
+    cal.add_argument("--out", required=True, metavar="FILE", help="context checkpoint to write (FILE.json: the choice)")
+    cal.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    cal.set_defaults(func=command_calibrate_labelling)

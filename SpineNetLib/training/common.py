@@ -255,3 +255,26 @@ def add_run_arguments(p: argparse.ArgumentParser, *, steps: int, batch: int, lr:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoint-latest.pt saves")
+
+
+def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
+    """``--init`` (start from a checkpoint) and the tianchi pseudo-label options of detector and appearance."""
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint (same architecture) instead of random weights")
+    p.add_argument("--tianchi-targets", default=None, metavar="FILE",
+                   help="pseudo-labelled tianchi/ outlines (`spinenet train tianchi-targets`); "
+                        "their training studies join the real data")
+    p.add_argument("--tianchi-fraction", type=float, default=0.3,
+                   help="share of the real samples drawn from tianchi/ when --tianchi-targets is given (default 0.3)")
+
+
+def initial_weights(model, checkpoint) -> None:
+    """Load ``checkpoint``'s weights into ``model`` (fine-tuning); the architectures must match."""
+    if not checkpoint:
+        return
+    from SpineNetLib.weights import checkpoints
+
+    kind = type(model).__name__
+    loaded = checkpoints.load_model({"VFRDetector": "detector", "AppearanceNet": "appearance",
+                                     "ContextNet": "context"}[kind], checkpoint)
+    model.load_state_dict(loaded.state_dict())

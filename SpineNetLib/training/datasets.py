@@ -59,6 +59,7 @@ from scipy import ndimage
 
 from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.canonical import scan_from_array
 
 #: Folder name under the data root -> source name.
 SOURCE_FOLDERS: dict[str, str] = {"chu": "chu", "myosegmentum": "myosegmentum", "ivd": "ivd", "zukic": "zukic",
@@ -679,16 +680,29 @@ def patient_split(cases: Sequence[RealCase], n_val_patients: int | dict[str, int
     return train, val
 
 
-#: The default validation set (seed 2022): zukic S01 (T2, pathology; the other zukic patient,
-#: AKa, has the only other S1 annotations and stays in training) + 4 chu + 6 myosegmentum patients.
+#: The default validation set (seed 2022): both zukic patients (S01: T2, pathology; AKa: the only
+#: T1 and TIRM scans, so that non-T2 sequences are measured on a patient no run has seen; both have
+#: S1 outlined), 4 chu + 6 myosegmentum patients and 50 tianchi studies (each study its own patient: the source
+#: keeps no patient id, and the 146 usable studies have 146 different study UIDs).  ivd/ is not
+#: split: no run trains on it, so all of it is held out.
 DEFAULT_SPLIT_SEED = 2022
-DEFAULT_VAL_FIXED: tuple[str, ...] = ("zukic_S01",)
-DEFAULT_VAL_PER_SOURCE: dict[str, int] = {"chu": 4, "myosegmentum": 6}
-#: What the rule gives on the 55 cases of shared/data (checked by the tests).
+DEFAULT_VAL_FIXED: tuple[str, ...] = ("zukic_AKa", "zukic_S01")
+DEFAULT_VAL_PER_SOURCE: dict[str, int] = {"chu": 4, "myosegmentum": 6, "tianchi": 50}
+#: What the rule gives on the 201 usable cases of shared/data (checked by the tests).
 DEFAULT_VAL_CASES: tuple[str, ...] = (
     "chu_02", "chu_05", "chu_07", "chu_20",
     "myo_01", "myo_05", "myo_10", "myo_15", "myo_23", "myo_26",
-    "zukic_15_S01_T2",
+    "zukic_02_AKa3_T1", "zukic_03_AKa4_TIRM", "zukic_15_S01_T2",
+    "tianchi_002-000", "tianchi_005-000", "tianchi_008-000", "tianchi_012-000", "tianchi_013-000",
+    "tianchi_017-000", "tianchi_018-000", "tianchi_019-000", "tianchi_025-000", "tianchi_026-000",
+    "tianchi_029-000", "tianchi_030-000", "tianchi_039-000", "tianchi_047-000", "tianchi_053-000",
+    "tianchi_054-000", "tianchi_055-000", "tianchi_058-000", "tianchi_060-000", "tianchi_066-000",
+    "tianchi_070-000", "tianchi_071-000", "tianchi_076-000", "tianchi_077-000", "tianchi_081-000",
+    "tianchi_085-000", "tianchi_093-000", "tianchi_095-000", "tianchi_101-000", "tianchi_105-000",
+    "tianchi_111-000", "tianchi_117-000", "tianchi_127-000", "tianchi_131-000", "tianchi_141-000",
+    "tianchi_146-000", "tianchi_148-000", "tianchi_150-000", "tianchi_152-000", "tianchi_155-000",
+    "tianchi_158-000", "tianchi_162-000", "tianchi_163-000", "tianchi_167-000", "tianchi_177-000",
+    "tianchi_183-000", "tianchi_184-000", "tianchi_188-000", "tianchi_193-000", "tianchi_196-000",
 )
 
 
@@ -700,3 +714,29 @@ def default_split(cases: Sequence[RealCase]) -> tuple[list[RealCase], list[RealC
         available = len({c.patient_id for c in cases if c.source == source and c.patient_id not in fixed})
         counts[source] = min(n, available)
     return patient_split(cases, counts, val_patients=fixed, seed=DEFAULT_SPLIT_SEED)
+
+
+#: Tianchi studies of the training side kept away from the appearance network's training, to choose
+#: the labelling's appearance weight and review threshold on studies that network has not seen
+#: (MODEL_CARD.md); the detector and the context network may train on them.
+CALIBRATION_STUDIES = 30
+CALIBRATION_SEED = 2023
+
+
+def calibration_split(cases: Sequence[RealCase]) -> tuple[list[RealCase], list[RealCase]]:
+    """``(train, calibration)`` of the training side of :func:`default_split`: the first
+    :data:`CALIBRATION_STUDIES` tianchi studies by ``sha256(f"{CALIBRATION_SEED}:{patient}")``
+    form the calibration set; every other training case stays in ``train``."""
+    train, _ = default_split(cases)
+    n = min(CALIBRATION_STUDIES, len({c.patient_id for c in train if c.source in POINT_SOURCES}))
+    return patient_split(train, {source: n for source in POINT_SOURCES} if n else None, seed=CALIBRATION_SEED)
+
+
+def case_scans(case):
+    """(native 1 mm scan, slab-averaged ~4 mm scan as ``spinenet run`` makes it, CaseData)."""
+    data = load_case(case)
+    geo = case_geometry(case)
+    arr = np.ascontiguousarray(data.voxels.transpose(2, 1, 0))  # canonical [row, col, slice] as [i, j, k]
+    native = scan_from_array(arr, geo.canonical_to_ras, {"case": case.case_id}, resample_isotropic=False)
+    thick = scan_from_array(arr, geo.canonical_to_ras, {"case": case.case_id})
+    return native, thick, data

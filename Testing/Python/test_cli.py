@@ -77,8 +77,15 @@ def test_run_writes_files_that_land_on_the_phantom_vertebrae(tmp_path, monkeypat
     rows = list(csv.DictReader((out / "vertebrae.csv").open()))
     assert [r["level"] for r in rows] == [v.level for v in truth]
     assert list(rows[0]) == ["level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-                             "first_slice", "last_slice", "level_probability"]
+                             "first_slice", "last_slice", "level_probability",
+                             "labelling_confidence", "s1_found", "levels_need_review", "labelling_warning"]
     assert float(rows[0]["level_probability"]) > 0.9
+    # the oracle is sure of every level (this phantom reaches down to S1): nothing to review
+    assert truth[-1].level == "S1"
+    assert {(r["labelling_confidence"], r["s1_found"], r["levels_need_review"], r["labelling_warning"])
+            for r in rows} == {("1.000000", "true", "false", "")}
+    assert doc["labelling"]["needs_review"] is False and doc["labelling"]["warnings"] == []
+    assert "warnings" not in doc
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
 
 

@@ -237,7 +237,8 @@ def test_default_split_on_real_data():
     train, val = D.default_split(cases)
     assert tuple(c.case_id for c in val) == D.DEFAULT_VAL_CASES
     assert D.default_split(cases) == (train, val)
-    assert "zukic_02_AKa3_T1" in {c.case_id for c in train} and "zukic_03_AKa4_TIRM" in {c.case_id for c in train}
+    assert not {c.case_id for c in train} & {"zukic_02_AKa3_T1", "zukic_03_AKa4_TIRM", "zukic_15_S01_T2"}
+    assert sum(c.source == "tianchi" for c in val) == 50
     assert not {c.patient_id for c in train} & {c.patient_id for c in val}
 
 

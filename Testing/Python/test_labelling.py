@@ -622,3 +622,59 @@ def test_a_context_checkpoint_carries_its_own_repeat_s1_penalty(tmp_path):
     assert [LEVELS[i] for i in beam_search(probs, LabellingParams())] == ["L2", "L3", "L4", "L5", "S1"]
     assert [LEVELS[i] for i in beam_search(probs, LabellingParams(repeat_s1_penalty=3.0))] == \
         ["L3", "L4", "L5", "S1", "S1"]
+
+
+def test_a_context_checkpoint_carries_its_calibrated_appearance_weight_and_review_threshold(tmp_path):
+    from SpineNetLib.weights import checkpoints
+    from SpineNetLib.label.labelling import params_for_context
+    from SpineNetLib.models import ContextNet
+    from SpineNetLib.training.calibrate_labelling import write_calibrated_context
+
+    plain = checkpoints.save_checkpoint(tmp_path / "plain.pt", "context", ContextNet(), half=True,
+                                        extra={"repeat_s1_penalty": 3.0})
+    write_calibrated_context(plain, tmp_path / "calibrated.pt", {"appearance_weight": 1.5, "repeat_s1_penalty": 30.0,
+                                                                 "min_labelling_margin_nats": 40.0})
+    params = params_for_context(checkpoints.load_model("context", tmp_path / "calibrated.pt"))
+    assert (params.appearance_weight, params.repeat_s1_penalty, params.review_margin_nats) == (1.5, 30.0, 40.0)
+    official = params_for_context(checkpoints.load_model("context", plain))
+    assert (official.appearance_weight, official.review_margin_nats) == (0.0, pytest.approx(np.log(9.0)))
+
+
+def test_level_evidence_weighs_the_appearance_and_leaves_the_context_alone_at_weight_zero():
+    from SpineNetLib.label.labelling import level_evidence
+
+    context = np.array([[0.2, 0.8] + [0.0] * 22, [0.5, 0.5] + [0.0] * 22])
+    appearance = np.array([[0.9, 0.1] + [0.0] * 22, [0.0] * 24])   # second row: no volume could be cut
+    np.testing.assert_array_equal(level_evidence(context, appearance, 0.0), context)
+    out = level_evidence(context, appearance, 1.0)
+    np.testing.assert_allclose(out[0, :2], [0.18 / 0.26, 0.08 / 0.26])   # p_ctx * p_app, renormalised
+    np.testing.assert_allclose(out[1], context[1], atol=1e-12)          # an empty appearance row changes nothing
+    sharp = level_evidence(context, appearance, 2.0)
+    assert sharp[0, 0] > out[0, 0] > context[0, 0]
+
+
+def test_a_confident_appearance_at_the_sacral_end_stops_a_shift_the_context_prefers():
+    """Issue 10: the context calls the body on the sacrum S1 (a run of upper bodies one level off);
+    the appearance net is sure it is L5.  Official (w = 0) follows the context; w > 0 weighs both."""
+    context = peaked(idx("L2 L3 L4 L5 S1"), gap=2.5)
+    appearance = peaked(idx("L1 L2 L3 L4 L5"), gap=1.0)
+    appearance[-1] = peaked(idx("L5"), gap=12.0)[0]
+    from SpineNetLib.label.labelling import level_evidence
+
+    official = beam_search(level_evidence(context, appearance, 0.0), LabellingParams(repeat_s1_penalty=3.0))
+    weighed = beam_search(level_evidence(context, appearance, 1.5), LabellingParams(repeat_s1_penalty=3.0))
+    assert [LEVELS[i] for i in official] == ["L2", "L3", "L4", "L5", "S1"]
+    assert [LEVELS[i] for i in weighed] == ["L1", "L2", "L3", "L4", "L5"]
+
+
+def test_review_threshold_flags_every_wrong_calibration_study_unless_that_flags_too_many_right_ones():
+    from SpineNetLib.training.calibrate_labelling import choose_threshold
+
+    right = [10.0 * k for k in range(1, 11)]               # margins (nats) of ten right studies
+    t = choose_threshold(right, wrong=[5.0, 2.0])
+    assert 5.0 < t <= 10.0 and sum(m < t for m in right) == 0
+    t = choose_threshold(right, wrong=[15.0])              # flags one right study (10 %): allowed
+    assert 15.0 < t <= 20.0 and sum(m < t for m in right) == 1
+    # flagging the wrong study at 30 would flag 2 of 10 right ones (> 10 %): flag only one
+    t = choose_threshold(right, wrong=[30.0])
+    assert sum(m < t for m in right) == 1 and not 30.0 < t

@@ -182,6 +182,52 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     assert widget.ui.discTable.item(5, 0).text() == "S1-S2"
 
 
+def test_levels_that_may_be_shifted_are_flagged_in_the_panel(panel, tmp_path):
+    from SpineNetLib.label.confidence import labelling_confidence
+    from SpineNetLib.outputs.vertebrae import labelling_confidence_dict
+
+    module, widget, scene, volume, vertebrae = panel
+    _select(widget, volume)
+    assert widget.ui.labellingLabel.isHidden()                 # no results yet
+    widget.ui.applyButton.click()
+    process = standins.FakeProcess.instances[-1]
+    # each body 0.52 on its level and 0.48 on the one above: all seven one level up is nearly as likely
+    doc = json.loads(json.dumps(vertebrae))
+    probs = np.zeros((len(doc["vertebrae"]), len(documents.LEVELS)))
+    for row, v in zip(probs, doc["vertebrae"]):
+        k = documents.LEVELS.index(v["level"])
+        row[k], row[k + 1] = 0.52, 0.48
+        v["level_probabilities"] = {documents.LEVELS[k]: 0.52, documents.LEVELS[k + 1]: 0.48}
+    confidence = labelling_confidence(probs, [v["level"] for v in doc["vertebrae"]])
+    assert confidence.confidence == pytest.approx(13 ** 7 / (13 ** 7 + 12 ** 7), abs=1e-12)   # 0.636
+    doc["labelling"] = labelling_confidence_dict(confidence)
+    doc["warnings"] = list(confidence.warnings)
+    shifted = ("levels may be shifted by one (confidence 0.63): the next best labelling calls the lowest body L5 "
+               "instead of S1 (T11..L5 instead of T12..S1)")
+    assert confidence.warnings == [shifted]
+    process.feed(f"WARNING {shifted}\nRESULT {_write_result(tmp_path / 'results', doc)}\n")
+    process.finish(0)
+    assert widget.logic.lastRun.status == "done"
+    assert widget.ui.statusLabel.text() == "7 vertebrae (T12..S1), 6 discs, 0 graded. Warning: " + shifted
+    label = widget.ui.labellingLabel
+    assert not label.isHidden() and label.styleSheet() == module.LEVELS_REVIEW_STYLE
+    assert label.text() == "L" + shifted[1:] + "."
+    assert widget.logic.labellingStatus(volume) == (label.text(), True)
+
+    # the user checks the levels and pins the lowest body to S1 again: the levels are the user's now
+    widget._levelCombos[6].textActivated.emit("S1")
+    assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert label.text() == "Levels corrected by hand (the network's own labelling had confidence 0.63)."
+    assert label.styleSheet() == "" and not label.isHidden()
+    stored = widget.logic.documents(volume)[0]
+    assert stored["labelling"]["needs_review"] is False and stored["warnings"] == []
+
+    # another volume without results: the line goes away
+    other = mrml.add_volume(scene, *mrml.volume_arrays(volume), "another scan")
+    _select(widget, other)
+    assert label.isHidden() and label.text() == ""
+
+
 def test_worker_error_and_crash_are_reported(panel):
     module, widget, scene, volume, _ = panel
     _select(widget, volume)

@@ -193,12 +193,24 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     dicom = tmp_path / "dicom"
     phantom.write_dicom(dicom)
     out = tmp_path / "out"
+    # a labelling the pipeline was unsure of: the batch script says so
+    doc = json.loads(Path(inputs["doc"]).read_text())
+    doc["labelling"] = {"confidence": 0.62, "needs_review": True, "s1_found": True,
+                        "warnings": ["levels may be shifted by one (confidence 0.62): the next best labelling "
+                                     "calls the lowest body L5 instead of S1"]}
+    unsure = tmp_path / "unsure.json"
+    unsure.write_text(json.dumps(doc))
     proc = subprocess.run([sys.executable, str(BATCH), "--input", str(dicom), "--output", str(out), "--quiet",
-                           "--pipeline", FAKE, "--option", f"vertebrae={inputs['doc']}",
+                           "--pipeline", FAKE, "--option", f"vertebrae={unsure}",
                            "--option", "hotspot=L4-L5:Pfirrmann"],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("7 vertebrae (T12..S1) in ")
+    assert proc.stdout.splitlines()[1] == ("CHECK THE LEVELS: Levels may be shifted by one (confidence 0.62): the next "
+                                           "best labelling calls the lowest body L5 instead of S1.")
+    assert (out / "vertebrae.csv").read_text().splitlines()[1].endswith(
+        ",0.620000,true,true,levels may be shifted by one (confidence 0.62): the next best labelling "
+        "calls the lowest body L5 instead of S1")
     assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "result.json", "scene.mrb",
                                                      "vertebrae.csv", "vertebrae.json"]
     assert (out / "vertebrae.csv").read_text().splitlines()[0].startswith("level,centroid_R_mm")

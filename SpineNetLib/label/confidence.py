@@ -1,0 +1,211 @@
+"""How sure the level labelling is: the chosen labelling against the best one shifted by one level.
+
+A wrong level is the error that matters most to a reader of a spine scan
+(wrong-level reporting), and the typical wrong labelling is the whole spine
+shifted by one level.  :func:`labelling_confidence` therefore compares the
+labelling that was chosen with the best labelling in which the levels are
+shifted by one, both scored by the beam search's own cost
+(:func:`SpineNetLib.label.labelling.sequence_cost`: 1 + sum of -ln p + the
+ordering penalties of official §5.5, in nats):
+
+* for each direction (one level caudal, one level cranial) and each vertebra
+  ``k`` whose shifted class exists, the beam search is re-run with vertebra
+  ``k`` pinned to its shifted class
+  (:func:`~SpineNetLib.label.labelling.beam_search` with ``fixed``, as a user
+  correction does); the cheapest of these labellings is the best shifted
+  alternative.  Pinning one vertebra finds the whole chain shifted as well as
+  a local change (one body renamed, a skip or a repeated S1), whichever the
+  probabilities and penalties favour; shifts by two levels are not searched;
+* ``margin_nats`` = cost(alternative) - cost(chosen), clipped at 0;
+* ``confidence`` = 1 / (1 + exp(-margin)): with costs that are -ln of
+  (penalised) probabilities, this is p(chosen) / (p(chosen) + p(alternative)),
+  between 0.5 (a coin toss between the two) and 1.
+
+A single vertebra is no chain, and the same definition then compares the
+probability of its level with those of its two neighbouring levels.  With no
+vertebra there is nothing to be sure of: confidence and margin are NaN,
+nothing needs review and there are no warnings.
+
+``needs_review`` is ``margin_nats < review margin`` (the same as ``confidence <
+min_confidence`` when a confidence threshold is given; margins are compared
+because calibrated thresholds lie where the confidence is 1.0 in floating
+point), or a gap between two consecutive bodies of more than
+:data:`MAX_GAP_RATIO` times their usual spacing (a vertebra was probably
+missed there, and the levels below it may be off by one); the threshold
+:data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
+A missing S1 is reported as a note (the levels were counted without the
+lumbosacral anchor) but does not by itself ask for a review.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.label.labelling import LabellingParams, assign_level_names, beam_search, sequence_cost
+
+#: The confidence below which the levels are flagged for review (``needs_review``) when the weights
+#: carry no calibrated value.  A context checkpoint carries the value calibrated for it (entry
+#: ``min_labelling_confidence``, read by ``labelling.params_for_context``; the bundled one's choice
+#: is in ``SpineNetLib/weights/bundled/MODEL_CARD.md``); callers may pass their own
+#: (``SpineNetLib.pipeline.RunOptions.min_labelling_confidence``).
+DEFAULT_MIN_CONFIDENCE = 0.9
+#: A gap between consecutive bodies larger than this many times the median spacing of the scan's
+#: bodies is reported as a probably missed vertebra (needs review).  On the 30 calibration
+#: studies (MODEL_CARD.md) the largest ratio of a correctly labelled scan was 1.5 and the two
+#: scans with a missed body in the middle had 2.1 and 3.1.
+MAX_GAP_RATIO = 1.8
+
+
+def margin_of_confidence(confidence: float) -> float:
+    """ln(c / (1 - c)): the margin (nats) whose confidence is ``c``; inf for c >= 1."""
+    c = float(confidence)
+    return math.inf if c >= 1.0 else -math.inf if c <= 0.0 else math.log(c / (1.0 - c))
+
+#: Directions searched, in this order (the first wins a tie): +1 = one level caudal, -1 = cranial.
+SHIFTS = (+1, -1)
+
+
+@dataclass
+class LabellingConfidence:
+    """How sure a labelling is against its best alternative shifted by one level (module docstring)."""
+
+    #: p(chosen) / (p(chosen) + p(best shifted alternative)), in [0.5, 1]; NaN with no vertebra.
+    confidence: float
+    #: Cost of the best shifted alternative minus cost of the chosen labelling, >= 0, in nats
+    #: (-ln p plus the beam search's penalties); NaN with no vertebra.
+    margin_nats: float
+    #: Level names (top to bottom, with the S2 rule) of the best shifted alternative; None without one.
+    shifted_levels: list[str] | None
+    #: Direction of that alternative: +1 = its levels lie one level lower (caudal: the body called
+    #: L4 becomes L5), -1 = one level higher (cranial: L5 becomes L4); 0 without an alternative.
+    shift: int
+    #: Whether the chosen labelling names a vertebra S1.
+    s1_found: bool
+    #: One-line messages for the user, with the reason (empty when there is nothing to say).
+    warnings: list[str] = field(default_factory=list)
+    #: confidence < the threshold it was computed with: the levels should be checked by a person.
+    needs_review: bool = False
+    #: The threshold ``needs_review`` was decided with, as a confidence and as a margin.
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    review_margin_nats: float = math.log(9.0)
+
+
+def _truncated(value: float) -> str:
+    """Two decimals rounded down, so that 0.996 reads 0.99 and only certainty reads 1.00."""
+    return f"{math.floor(value * 100.0) / 100.0:.2f}"
+
+
+def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequence[str],
+                  margin_nats: float | None = None) -> str:
+    """The one-line review message: how sure, and what the next best labelling calls which body.
+
+    Names the lowest body whose level differs (usually the lowest body of
+    all, where a reader counts from the sacrum) and, for more than one body,
+    both level ranges.
+    """
+    differing = [k for k, (a, b) in enumerate(zip(chosen, alternative)) if a != b]
+    k = differing[-1] if differing else len(chosen) - 1
+    body = "the lowest body" if k == len(chosen) - 1 else f"body {k + 1} from the top"
+    ranges = ""
+    if len(chosen) > 1:
+        ranges = f" ({alternative[0]}..{alternative[-1]} instead of {chosen[0]}..{chosen[-1]})"
+    how_sure = f"confidence {_truncated(confidence)}" if confidence < 0.995 or margin_nats is None \
+        else f"margin {margin_nats:.1f} nats, less than these weights need to be trusted"
+    return (f"levels may be shifted by one ({how_sure}): the next best labelling "
+            f"calls {body} {alternative[k]} instead of {chosen[k]}{ranges}")
+
+
+#: The note when no vertebra is called S1 (it does not by itself ask for a review).
+S1_NOT_FOUND = "S1 not found: the levels were counted from the other vertebrae only"
+
+
+def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[str],
+                         params: LabellingParams | None = None,
+                         min_confidence: float | None = None) -> LabellingConfidence:
+    """Confidence of the labelling ``level_names`` given the probabilities the beam search used.
+
+    ``level_probabilities`` is ``(N, 24)`` over ``levels.LEVELS`` (the
+    context probabilities of :func:`~SpineNetLib.label.labelling.label_vertebrae`);
+    ``level_names`` are the N chosen names, top to bottom ("S2" counts as
+    class S1, as in :func:`~SpineNetLib.label.labelling.relabel_with_correction`).
+    ``params`` must be the ones the labelling used (the penalties are part of
+    the cost).  See the module docstring for the definitions.
+    """
+    params = params or LabellingParams()
+    review_margin = params.review_margin_nats if min_confidence is None else margin_of_confidence(min_confidence)
+    if min_confidence is None:
+        min_confidence = round(1.0 / (1.0 + math.exp(-min(review_margin, 700.0))), 12)
+    probs = np.asarray(level_probabilities, np.float64).reshape(-1, N_LEVELS)
+    names = list(level_names)
+    if len(names) != len(probs):
+        raise ValueError(f"{len(names)} level names for {len(probs)} rows of probabilities")
+    s1_found = "S1" in names
+    if not names:
+        return LabellingConfidence(math.nan, math.nan, None, 0, False, [], False, float(min_confidence),
+                                   review_margin)
+    chosen = [level_index(name) for name in names]
+    chosen_cost = sequence_cost(chosen, probs, params)
+    best_cost, best, best_shift = math.inf, None, 0
+    for shift in SHIFTS:
+        for k, c in enumerate(chosen):
+            target = c - shift  # class indices count upwards from S1 = 0: caudal is one class lower
+            if not 0 <= target < N_LEVELS:
+                continue
+            alternative = beam_search(probs, params, fixed={k: target})
+            cost = sequence_cost(alternative, probs, params)
+            if cost < best_cost:
+                best_cost, best, best_shift = cost, alternative, shift
+    margin = max(0.0, best_cost - chosen_cost)
+    confidence = 1.0 / (1.0 + math.exp(-margin))
+    shifted = assign_level_names(best) if best is not None else None
+    needs_review = margin < review_margin
+    warnings = [shift_warning(confidence, names, shifted, margin)] if needs_review and shifted else []
+    if not s1_found:
+        warnings.append(S1_NOT_FOUND)
+    return LabellingConfidence(confidence=confidence, margin_nats=margin, shifted_levels=shifted,
+                               shift=best_shift if best is not None else 0, s1_found=s1_found,
+                               warnings=warnings, needs_review=needs_review,
+                               min_confidence=float(min_confidence), review_margin_nats=review_margin)
+
+
+def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
+    """A message per gap between consecutive bodies (top to bottom) wider than :data:`MAX_GAP_RATIO`
+    times the median gap of the scan (three bodies at least)."""
+    if len(vertebrae) < 3:
+        return []
+    rows = [float(np.mean(np.asarray(v.average_polygon, np.float64)[:, 1])) for v in vertebrae]
+    gaps = np.diff(rows)
+    usual = float(np.median(gaps))
+    if not usual > 0:
+        return []
+    return [f"a vertebra may have been missed between {vertebrae[i].level} and {vertebrae[i + 1].level} "
+            f"(their gap is {gap / usual:.1f} times the usual spacing): the levels below it may be off by one"
+            for i, gap in enumerate(gaps) if gap > MAX_GAP_RATIO * usual]
+
+
+def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None,
+                            min_confidence: float | None = None) -> LabellingConfidence | None:
+    """:func:`labelling_confidence` of labelled vertebrae (top to bottom), from their
+    ``.level_probabilities`` and ``.level``; None when one of them is not labelled.
+
+    After :func:`~SpineNetLib.label.labelling.relabel_with_correction` this
+    scores the corrected labelling the same way, as the network sees it.
+    """
+    if any(v.level is None or v.level_probabilities is None for v in vertebrae):
+        return None
+    if any(v.level not in LEVELS and v.level != "S2" for v in vertebrae):
+        return None
+    probs = np.stack([np.asarray(v.level_probabilities, np.float64) for v in vertebrae]) if vertebrae \
+        else np.zeros((0, N_LEVELS))
+    confidence = labelling_confidence(probs, [v.level for v in vertebrae], params, min_confidence)
+    gaps = gap_warnings(vertebrae)
+    if gaps:
+        confidence.warnings = gaps + confidence.warnings
+        confidence.needs_review = True
+    return confidence

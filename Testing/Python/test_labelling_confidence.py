@@ -1,0 +1,337 @@
+"""How sure the level labelling is (SpineNetLib.label.confidence), and where it is reported.
+
+Exact probability matrices give exact margins: the beam-search cost (official §5.5) of a labelling
+shifted by one level minus that of the chosen one, in nats.  Then the plumbing: the pipeline on
+the synthetic phantom with stand-in networks (RunResult, vertebrae.json "labelling", the CSV
+columns, the warnings), a level correction, and the one-line status the Slicer panel and the batch
+script show.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from SpineNetLib import pipeline
+from SpineNetLib.core.levels import LEVELS, N_LEVELS
+from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.label.confidence import (
+    DEFAULT_MIN_CONFIDENCE,
+    S1_NOT_FOUND,
+    confidence_of_vertebrae,
+    labelling_confidence,
+)
+from SpineNetLib.label.labelling import LabellingParams, beam_search, relabel_with_correction, sequence_cost
+from SpineNetLib.outputs import documents
+from SpineNetLib.outputs.files import write_results
+from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, vertebrae_csv_text, vertebrae_document
+from SpineNetLib.synthetic.phantom import make_phantom
+
+from oracles import GroundTruthContext, oracle_networks
+
+
+def chain(names: str, own: float, caudal: float) -> np.ndarray:
+    """Each body: ``own`` on its level, ``caudal`` on the level below it (class index - 1)."""
+    rows = np.zeros((len(names.split()), N_LEVELS))
+    for k, name in enumerate(names.split()):
+        i = LEVELS.index(name)
+        rows[k, i] = own
+        if i > 0:
+            rows[k, i - 1] = caudal
+    return rows
+
+
+# --------------------------------------------------------------------------- the measure
+
+def test_a_confident_chain():
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    result = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.9, 0.1), names)
+    # the whole chain one level caudal costs 5 x ln(0.9 / 0.1) more; nothing cheaper differs by one level
+    assert result.margin_nats == pytest.approx(5 * math.log(9.0), abs=1e-12)
+    assert result.confidence == pytest.approx(9.0 ** 5 / (9.0 ** 5 + 1.0), abs=1e-12)
+    assert result.confidence > 0.99 and not result.needs_review
+    assert (result.shift, result.shifted_levels) == (+1, ["L2", "L3", "L4", "L5", "S1"])
+    assert result.s1_found is False
+    assert result.warnings == [S1_NOT_FOUND]            # a note, not a reason for review
+    assert result.min_confidence == DEFAULT_MIN_CONFIDENCE == 0.9
+
+
+def test_a_chain_split_evenly_between_two_labellings_one_level_apart():
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    result = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.5, 0.5), names, min_confidence=0.9)
+    assert result.margin_nats == 0.0 and result.confidence == 0.5
+    assert result.needs_review
+    assert (result.shift, result.shifted_levels) == (+1, ["L2", "L3", "L4", "L5", "S1"])
+    assert result.warnings == [
+        "levels may be shifted by one (confidence 0.50): the next best labelling calls the lowest body S1 "
+        "instead of L5 (L2..S1 instead of L1..L5)",
+        S1_NOT_FOUND]
+
+
+def test_a_cranial_alternative_and_the_threshold():
+    # 0.625 on its own level, 0.375 on the level above: a margin of 4 ln(5/3), confidence 625/706
+    rows = np.zeros((4, N_LEVELS))
+    for k, name in enumerate(["L3", "L4", "L5", "S1"]):
+        rows[k, LEVELS.index(name)], rows[k, LEVELS.index(name) + 1] = 0.625, 0.375
+    names = ["L3", "L4", "L5", "S1"]
+    result = labelling_confidence(rows, names)
+    assert result.margin_nats == pytest.approx(4 * math.log(5 / 3), abs=1e-12)
+    assert result.confidence == pytest.approx(625 / (625 + 81), abs=1e-12)
+    assert (result.shift, result.shifted_levels, result.s1_found) == (-1, ["L2", "L3", "L4", "L5"], True)
+    assert result.needs_review and result.warnings == [
+        "levels may be shifted by one (confidence 0.88): the next best labelling calls the lowest body L5 "
+        "instead of S1 (L2..L5 instead of L3..S1)"]
+    relaxed = labelling_confidence(rows, names, min_confidence=0.88)
+    assert not relaxed.needs_review and relaxed.warnings == []
+
+
+def test_s2_is_searched_as_s1_and_the_penalties_are_the_labellings():
+    rows = np.zeros((3, N_LEVELS))
+    rows[0, [1, 2]] = 0.8, 0.2     # L5, L4
+    rows[1, [0, 1]] = 0.8, 0.2     # S1, L5
+    rows[2, [0, 1]] = 0.8, 0.2     # S1, L5
+    names = ["L5", "S1", "S2"]
+    lenient = labelling_confidence(rows, names, LabellingParams(repeat_s1_penalty=1.0))
+    # cranial alternative L4 L5 S1: 2 ln 4 more for the probabilities, 1 less for the repeated S1
+    assert lenient.margin_nats == pytest.approx(2 * math.log(4.0) - 1.0, abs=1e-12)
+    assert (lenient.shift, lenient.shifted_levels, lenient.s1_found) == (-1, ["L4", "L5", "S1"], True)
+    assert lenient.confidence == pytest.approx(1 / (1 + math.exp(1.0 - 2 * math.log(4.0))), abs=1e-12)
+    # with the official penalty of 100 for a second S1 the alternative is cheaper: clipped to a coin toss
+    strict = labelling_confidence(rows, names, LabellingParams())
+    assert strict.margin_nats == 0.0 and strict.confidence == 0.5 and strict.needs_review
+
+
+def test_one_vertebra_is_weighed_against_its_neighbouring_levels():
+    row = np.zeros((1, N_LEVELS))
+    row[0, [0, 1, 2]] = 0.1, 0.7, 0.2       # S1, L5, L4
+    result = labelling_confidence(row, ["L5"])
+    assert result.margin_nats == pytest.approx(math.log(0.7 / 0.2), abs=1e-12)
+    assert result.confidence == pytest.approx(0.7 / 0.9, abs=1e-12)
+    assert (result.shift, result.shifted_levels) == (-1, ["L4"])
+    assert result.warnings[0] == ("levels may be shifted by one (confidence 0.77): the next best labelling "
+                                  "calls the lowest body L4 instead of L5")
+
+
+def test_no_vertebra_has_nothing_to_be_sure_of():
+    result = labelling_confidence(np.zeros((0, N_LEVELS)), [])
+    assert math.isnan(result.confidence) and math.isnan(result.margin_nats)
+    assert (result.shifted_levels, result.shift, result.s1_found, result.warnings, result.needs_review) == \
+        (None, 0, False, [], False)
+    with pytest.raises(ValueError, match="2 level names for 1 rows"):
+        labelling_confidence(np.zeros((1, N_LEVELS)), ["L4", "L5"])
+
+
+def test_the_alternative_is_the_best_labelling_one_level_off_somewhere():
+    """Against every labelling of 4 bodies: the cheapest one that names some body one level off."""
+    rng = np.random.default_rng(11)
+    params = LabellingParams(repeat_s1_penalty=20.0)
+    every = np.array(list(itertools.product(range(N_LEVELS), repeat=4)))
+    for _ in range(4):
+        probs = rng.dirichlet(np.full(N_LEVELS, 0.05), size=4)
+        probs[:, [3, 2, 1, 0]] += np.eye(4) * rng.uniform(0.2, 0.6, 4)[:, None]   # roughly L3 L4 L5 S1
+        probs /= probs.sum(axis=1, keepdims=True)
+        chosen = beam_search(probs, params)
+        total = np.full(len(every), 1.0)
+        for k in range(4):
+            total += -np.log(np.maximum(probs[k][every[:, k]], 1e-300))   # the search's floor
+        for a in range(3):
+            prev, new = every[:, a], every[:, a + 1]
+            total += 1000.0 * ((new >= prev) & (new != 0)) + 20.0 * ((new == 0) & (prev == 0))
+            total += 100.0 * (np.abs(new - prev) > 1)
+        off_by_one = np.any(np.abs(every - np.array(chosen)) == 1, axis=1)
+        result = labelling_confidence(probs, [LEVELS[c] for c in chosen], params)
+        expected = total[off_by_one].min() - sequence_cost(chosen, probs, params)
+        assert result.margin_nats == pytest.approx(expected, abs=1e-9)
+
+
+def test_confidence_of_labelled_vertebrae():
+    probs = chain("T12 L1 L2", 0.75, 0.25)
+    vertebrae = [Vertebra(slices=[0], polygons=[np.zeros((4, 2))], level=name, level_probabilities=p)
+                 for name, p in zip(["T12", "L1", "L2"], probs)]
+    assert confidence_of_vertebrae(vertebrae) == labelling_confidence(probs, ["T12", "L1", "L2"])
+    assert confidence_of_vertebrae(vertebrae).margin_nats == pytest.approx(3 * math.log(3.0), abs=1e-12)
+    # after a correction it scores the corrected labelling, as the network sees it
+    relabel_with_correction(vertebrae, 0, "L1")
+    assert [v.level for v in vertebrae] == ["L1", "L2", "L3"]
+    assert confidence_of_vertebrae(vertebrae).margin_nats == 0.0
+    vertebrae[1].level = None
+    assert confidence_of_vertebrae(vertebrae) is None
+    assert math.isnan(confidence_of_vertebrae([]).confidence)
+
+
+# --------------------------------------------------------------------------- documents and CSV
+
+def _document(confidence) -> dict:
+    vertebrae = [Vertebra(slices=[0], polygons=[np.array([[60, 10 + 30 * k], [60, 30 + 30 * k],
+                                                          [20, 30 + 30 * k], [20, 10 + 30 * k]], float)],
+                          level=name, level_probabilities=p)
+                 for k, (name, p) in enumerate(zip(["L1", "L2", "L3", "L4", "L5"], chain("L1 L2 L3 L4 L5", 0.5, 0.5)))]
+    from SpineNetLib.inputs.canonical import scan_from_array
+
+    scan = scan_from_array(np.zeros((3, 160, 100), np.int16), np.diag([-3.0, -1.0, -1.0, 1.0]), {"path": "x"})
+    result = DetectionResult(vertebrae=vertebrae, labelling={"repeat_s1_penalty": 100.0})
+    return vertebrae_document(scan, result, confidence)
+
+
+def test_the_document_block_the_csv_columns_and_the_status_line():
+    confidence = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.5, 0.5), ["L1", "L2", "L3", "L4", "L5"])
+    doc = _document(confidence)
+    assert doc["labelling"] == {
+        "repeat_s1_penalty": 100.0, "confidence": 0.5, "margin_nats": 0.0, "shift": 1,
+        "shifted_alternative": ["L2", "L3", "L4", "L5", "S1"], "s1_found": False, "min_confidence": 0.9,
+        "review_margin_nats": 2.197, "needs_review": True, "warnings": confidence.warnings}
+    rows = list(csv.DictReader(io.StringIO(vertebrae_csv_text(doc))))
+    assert tuple(rows[0]) == VERTEBRAE_CSV_COLUMNS
+    assert [(r["labelling_confidence"], r["s1_found"], r["levels_need_review"]) for r in rows] == \
+        [("0.500000", "false", "true")] * 5
+    text, review = documents.labelling_status(doc)
+    assert review and text == (
+        "Levels may be shifted by one (confidence 0.50): the next best labelling calls the lowest body S1 "
+        "instead of L5 (L2..S1 instead of L1..L5). S1 not found: the levels were counted from the other "
+        "vertebrae only.")
+    # no confidence (ground truth, a plug-in pipeline, no vertebra): empty cells, no line
+    plain = _document(None)
+    assert plain["labelling"] == {"repeat_s1_penalty": 100.0} and documents.labelling_status(plain) == ("", False)
+    assert [r[-3:] for r in csv.reader(io.StringIO(vertebrae_csv_text(plain)))][1] == ["", "", ""]
+    empty = labelling_confidence(np.zeros((0, N_LEVELS)), [])
+    assert _document(empty)["labelling"]["confidence"] is None      # NaN is written as null
+    confident = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.9, 0.1), ["L1", "L2", "L3", "L4", "L5"])
+    assert documents.labelling_status(_document(confident)) == (
+        "Level labelling confidence 0.99. S1 not found: the levels were counted from the other vertebrae only.",
+        False)
+
+
+def test_a_correction_by_hand_needs_no_review():
+    confidence = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.5, 0.5), ["L1", "L2", "L3", "L4", "L5"])
+    doc = _document(confidence)
+    doc["warnings"] = ["a single sagittal slice"] + confidence.warnings
+    corrected, _ = documents.apply_level_correction(doc, 4, "S1")
+    assert [v["level"] for v in corrected["vertebrae"]] == ["L2", "L3", "L4", "L5", "S1"]
+    block = corrected["labelling"]
+    assert (block["corrected_by_user"], block["needs_review"], block["warnings"], block["s1_found"]) == \
+        (True, False, [], True)
+    assert block["confidence"] == 0.5                           # still the network's own labelling
+    assert corrected["warnings"] == ["a single sagittal slice"]
+    assert doc["labelling"]["needs_review"] is True              # the input is left as it was
+    assert documents.labelling_status(corrected) == (
+        "Levels corrected by hand (the network's own labelling had confidence 0.50).", False)
+    assert [r[-4:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
+        ["0.500000", "true", "false", ""]
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+class AmbiguousContext(GroundTruthContext):
+    """The ground-truth level, and the level below it ``delta`` nats less likely (after the temperature)."""
+
+    def __init__(self, row_bands, delta: float):
+        super().__init__(row_bands)
+        self.delta = delta
+
+    def forward(self, x):
+        out = super().forward(x)
+        for top, bottom, level in self.row_bands:
+            if level > 0:
+                out[..., max(top, 0):max(bottom, 0), level - 1] = 100.0 - 10.0 * self.delta
+        return out
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(fov="lumbar", shape=(256, 256), pixel_spacing=(1.0, 1.0), n_slices=5)
+
+
+def test_the_pipeline_reports_a_confident_labelling(phantom, tmp_path):
+    result = pipeline.run(phantom.scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    levels = [v.level for v in result.detection.vertebrae]
+    assert levels == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    # each body: logit 100 on its level, 0 elsewhere, T = 10: shifting all six costs 6 x 10 nats
+    assert result.labelling_confidence.margin_nats == pytest.approx(60.0, abs=1e-9)
+    assert result.labelling_confidence.confidence == 1.0 and not result.labelling_confidence.needs_review
+    block = result.vertebrae_document["labelling"]
+    assert {k: block[k] for k in ("confidence", "margin_nats", "shift", "shifted_alternative", "s1_found",
+                                  "needs_review", "warnings")} == {
+        "confidence": 1.0, "margin_nats": 60.0, "shift": 1, "shifted_alternative": ["L1", "L2", "L3", "L4", "L5", "S1"],
+        "s1_found": False, "needs_review": False, "warnings": [S1_NOT_FOUND]}
+    assert result.warnings == [S1_NOT_FOUND] and result.vertebrae_document["warnings"] == [S1_NOT_FOUND]
+    write_results(tmp_path, result)
+    assert json.loads((tmp_path / "vertebrae.json").read_text())["labelling"] == block
+    rows = list(csv.DictReader((tmp_path / "vertebrae.csv").open()))
+    assert [(r["level"], r["labelling_confidence"], r["s1_found"], r["levels_need_review"]) for r in rows] == \
+        [(name, "1.000000", "false", "false") for name in levels]
+
+
+def test_the_pipeline_flags_levels_that_may_be_shifted(phantom, tmp_path):
+    networks = oracle_networks(phantom)
+    delta = math.log(5 / 3) / 6                       # six bodies: the caudal shift is ln(5/3) less likely
+    networks.context = AmbiguousContext(networks.context.row_bands, delta)
+    result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    confidence = result.labelling_confidence
+    # the context network runs in float32
+    assert confidence.margin_nats == pytest.approx(math.log(5 / 3), abs=1e-5)
+    assert confidence.confidence == pytest.approx(0.625, abs=1e-5) and confidence.needs_review
+    shifted = ("levels may be shifted by one (confidence 0.62): the next best labelling calls the lowest body S1 "
+               "instead of L5 (L1..S1 instead of T12..L5)")
+    assert result.warnings == [shifted, S1_NOT_FOUND]
+    assert result.vertebrae_document["warnings"] == [shifted, S1_NOT_FOUND]
+    assert result.vertebrae_document["labelling"]["needs_review"] is True
+    write_results(tmp_path, result)
+    rows = list(csv.DictReader((tmp_path / "vertebrae.csv").open()))
+    assert {(r["labelling_confidence"], r["s1_found"], r["levels_need_review"], r["labelling_warning"])
+            for r in rows} == {(f"{confidence.confidence:.6f}", "false", "true", f"{shifted}; {S1_NOT_FOUND}")}
+    assert float(rows[0]["labelling_confidence"]) == pytest.approx(0.625, abs=1e-5)
+    # the threshold is the caller's to set
+    relaxed = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, min_labelling_confidence=0.6))
+    assert not relaxed.labelling_confidence.needs_review and relaxed.warnings == [S1_NOT_FOUND]
+
+
+def test_the_stand_in_context_is_what_the_pipeline_test_assumes(phantom):
+    networks = oracle_networks(phantom)
+    context = AmbiguousContext(networks.context.row_bands, 0.25)
+    top, bottom, level = context.row_bands[0]
+    out = context(torch.zeros(1, 1, 512, N_LEVELS))[0, 0, (top + bottom) // 2]
+    assert out[level] == 100.0 and out[level - 1] == pytest.approx(97.5) and out.sum() == pytest.approx(197.5)
+
+
+def test_nothing_is_dropped_silently_a_missed_body_and_lower_sacral_segments_are_said(phantom):
+    """A disc across a missed vertebra is not made, and lower sacral segments are left out: both are
+    said in the warnings (issue 11: nothing silently dropped)."""
+    from oracles import oracle_predictor
+
+    networks = oracle_networks(phantom)
+    bodies = [v for v in phantom.vertebrae if not v.extra]
+    missed = bodies[3]                                        # a lumbar body the detector "misses"
+    quads: dict[int, list] = {}
+    for v in bodies:
+        if v is missed:
+            continue
+        for s, q in v.quads.items():
+            quads.setdefault(s, []).append(q)
+    networks.predictor = oracle_predictor({s: np.stack(q) for s, q in quads.items()})
+    networks.context = GroundTruthContext([band for band, v in zip(networks.context.row_bands, bodies)
+                                           if v is not missed])
+    params = LabellingParams(skip_penalty=0.0)
+    result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, labelling_params=params))
+    above, below = bodies[2].level, bodies[4].level
+    said = [w for w in result.warnings if w.startswith(f"no disc between {above} and {below}:")]
+    assert len(said) == 1 and result.discs_document["warnings"] == said
+    assert f"{above}-{below}" not in [d["level"] for d in result.discs_document["discs"]]
+
+    # the context calls the three lowest bodies S1: S1, S2 and a lower sacral segment, which is left out
+    networks = oracle_networks(phantom)
+    bands = list(networks.context.row_bands)
+    bands[-3:] = [(top, bottom, LEVELS.index("S1")) for top, bottom, _ in bands[-3:]]
+    networks.context = GroundTruthContext(bands)
+    free = LabellingParams(repeat_s1_penalty=0.0, skip_penalty=0.0)
+    result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, labelling_params=free))
+    assert result.vertebrae_document["labelling"]["sacral_segments_left_out"] == 1
+    assert len(result.vertebrae_document["vertebrae"]) == len(bodies) - 1
+    note = "1 lower sacral segment below S2 was detected and left out (not a vertebral level SpineNet reports)"
+    assert note in result.warnings and note in result.vertebrae_document["warnings"]
