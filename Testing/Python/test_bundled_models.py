@@ -83,3 +83,22 @@ def test_demo_labels_the_phantom_levels(demo_result):
     _, matches = demo_result
     assert sum(p == t for p, t in matches) >= 5, matches
     assert all(p == t for p, t in matches), matches
+
+
+def test_demo_says_how_sure_its_levels_are(demo_result):
+    """The bundled run reports its labelling confidence in vertebrae.json and the CSV."""
+    import csv
+
+    out, _ = demo_result
+    doc = json.loads((out / "results" / "vertebrae.json").read_text())
+    block = doc["labelling"]
+    assert 0.5 <= block["confidence"] <= 1.0 and block["margin_nats"] >= 0.0
+    # the weights carry their own review margin (MODEL_CARD.md); the gap rule may flag too
+    assert block["review_margin_nats"] == pytest.approx(36.743, abs=1e-3)
+    gap = any(w.startswith("a vertebra may have been missed") for w in block["warnings"])
+    assert block["needs_review"] == (block["margin_nats"] < block["review_margin_nats"] or gap)
+    assert block["s1_found"] == any(v["level"] == "S1" for v in doc["vertebrae"])
+    assert len(block["shifted_alternative"]) == len(doc["vertebrae"]) and block["shift"] in (1, -1)
+    rows = list(csv.DictReader((out / "results" / "vertebrae.csv").open()))
+    assert {r["labelling_confidence"] for r in rows} == {f"{block['confidence']:.6f}"}
+    assert {r["levels_need_review"] for r in rows} == {"true" if block["needs_review"] else "false"}
