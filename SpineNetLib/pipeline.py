@@ -20,7 +20,7 @@ space as the ``spinenet.vertebrae/1`` and ``spinenet.discs/1`` documents.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -122,7 +122,8 @@ class DiscResult:
 
 
 def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, grade: bool = True,
-                batch_size: int = 4, progress: ProgressCallback | None = None) -> DiscResult:
+                batch_size: int = 4, progress: ProgressCallback | None = None,
+                across_missed_levels: bool = False) -> DiscResult:
     """Disc volumes, gradings (if ``grade`` and ``networks.grading``) and measurements.
 
     Without a grading network (no grading weights in the set) or with
@@ -131,7 +132,7 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ivds = extract_ivd_volumes(scan, vertebrae)
+    ivds = extract_ivd_volumes(scan, vertebrae, across_missed_levels)
     timings["disc_volumes"] = time.perf_counter() - start
     start = time.perf_counter()
     measurements = measure_spine(scan, vertebrae)
@@ -163,6 +164,53 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
 
 # --------------------------------------------------------------------------- the whole run
 
+@dataclass(frozen=True)
+class ProcessingProfile:
+    """How the stages around the networks work (issue 11): ours, or the official code's.
+
+    ``default`` holds this project's deliberate deviations (docs/PROFILES.md,
+    each with its reason); ``official`` follows the official implementation
+    where the deviation is implemented as a switch (official §4-6).  A run
+    with the official weights uses ``official`` unless told otherwise.
+    """
+
+    name: str
+    #: Average thin (~1 mm) sagittal slices into ~3.5 mm slabs at load time (``inputs/canonical.py``);
+    #: the official code runs every native slice (official §4).
+    slab_average_thin_slices: bool
+    #: ``LabellingParams.official_crop``: the official appearance-volume crop (official §5.4).
+    official_appearance_crop: bool
+    #: ``LabellingParams.drop_lower_sacral_segments``: leave out a third S1 at the bottom.
+    drop_lower_sacral_segments: bool
+    #: Make a disc between two detected bodies whose levels are not adjacent (official §6).
+    discs_across_missed_levels: bool
+
+
+PROFILES: dict[str, ProcessingProfile] = {
+    "default": ProcessingProfile("default", slab_average_thin_slices=True, official_appearance_crop=False,
+                                 drop_lower_sacral_segments=True, discs_across_missed_levels=False),
+    "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
+                                  drop_lower_sacral_segments=False, discs_across_missed_levels=True),
+}
+
+
+def processing_profile(name: str | None, weights_source: str | None = None) -> ProcessingProfile:
+    """The named profile; without a name, ``official`` for the official weights and ``default`` otherwise."""
+    if name is None:
+        return PROFILES["official" if weights_source == "official" else "default"]
+    if name not in PROFILES:
+        raise InputError(f"unknown processing profile {name!r} (use {' or '.join(PROFILES)})")
+    return PROFILES[name]
+
+
+def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,
+                              profile: ProcessingProfile) -> labelling.LabellingParams:
+    """The context checkpoint's labelling numbers (or ``params``) with the profile's switches."""
+    base = labelling.params_for_context(context_net, params)
+    return replace(base, official_crop=profile.official_appearance_crop,
+                   drop_lower_sacral_segments=profile.drop_lower_sacral_segments)
+
+
 @dataclass
 class RunOptions:
     """What :func:`run` does beyond detection and labelling."""
@@ -183,6 +231,10 @@ class RunOptions:
     labelling_params: labelling.LabellingParams | None = None
     #: Disc volumes per grading-network call.
     grading_batch_size: int = 4
+    #: ``PROFILES`` name; None: ``official`` with the official weights, else ``default``
+    #: (:func:`processing_profile`).  Slab averaging is decided when the scan is loaded
+    #: (``load_scan(resample_isotropic=...)``); the caller passes the profile's choice there.
+    profile: str | None = None
     #: Labelling confidence below which the levels are flagged for review
     #: (:mod:`SpineNetLib.label.confidence`); None: the margin calibrated for the context weights
     #: (``LabellingParams.review_margin_nats`` via ``labelling.params_for_context``).
@@ -262,10 +314,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
     scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]
     warnings: list[str] = list(scan_warnings)
+    profile = processing_profile(options.profile, networks.weights.source)
+    params = profiled_labelling_params(networks.context, options.labelling_params, profile)
     result = detect_and_label(scan, networks, detection_params=options.detection_params,
-                              labelling_params=options.labelling_params, progress=progress)
-    # scored with the same penalties as the labelling itself (the context checkpoint's own ones)
-    params = labelling.params_for_context(networks.context, options.labelling_params)
+                              labelling_params=params, progress=progress)
+    # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     left_out = int(result.labelling.get("sacral_segments_left_out", 0))
@@ -274,13 +327,14 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                                   f"{'were' if left_out > 1 else 'was'} detected and left out "
                                   "(not a vertebral level SpineNet reports)")
     warnings += labelling_warnings
-    disc_warnings = skipped_discs(result.vertebrae)
+    disc_warnings = [] if profile.discs_across_missed_levels else skipped_discs(result.vertebrae)
     warnings += disc_warnings
     if options.grade and networks.grading is None:
         warnings.append(f"the {networks.weights.source} weights have no grading network: "
                         "disc measurements only, no grades")
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
-                        batch_size=options.grading_batch_size, progress=progress)
+                        batch_size=options.grading_batch_size, progress=progress,
+                        across_missed_levels=profile.discs_across_missed_levels)
     hotspot_start = time.perf_counter()
     maps = _hotspot_maps(scan, heads, discs, networks, options, warnings, progress)
     hotspot_timing = {"hotspots": time.perf_counter() - hotspot_start} if maps else {}
@@ -288,10 +342,12 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     result.timings_s = {**earlier, **result.timings_s, **discs.timings_s, **hotspot_timing,
                         "total": sum(earlier.values()) + time.perf_counter() - start}
     vertebrae_doc = vertebrae_document(scan, result, confidence)
+    vertebrae_doc["profile"] = profile.name
     if scan_warnings or labelling_warnings:
         vertebrae_doc["warnings"] = scan_warnings + labelling_warnings
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
+    discs_doc["profile"] = profile.name
     if disc_warnings:
         discs_doc["warnings"] = disc_warnings
     return RunResult(

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["contrastive_excitation", "excitation", "guided", "gradient"])
     run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
                      help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
+    run.add_argument("--profile", choices=["default", "official"], default=None,
+                     help="how the stages around the networks work: this project's (default) or the official "
+                          "code's (official; the default with --weights official); see docs/PROFILES.md")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
 
@@ -129,9 +132,10 @@ def command_run(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise SpineNetError(f"output {output} exists and is not a folder")
+    profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
     scan = load_scan(args.input, series_uid=args.series,
                      pixel_spacing=tuple(args.pixel_spacing) if args.pixel_spacing else None,
-                     slice_spacing=args.slice_spacing)
+                     slice_spacing=args.slice_spacing, resample_isotropic=profile.slab_average_thin_slices)
     load_seconds = time.perf_counter() - start
     networks = _networks_for(args)
     if hotspot_heads and networks.grading is None:
@@ -139,7 +143,7 @@ def command_run(args) -> int:
                             "(use --weights official or a folder with grading.pt)")
     hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
                 "hotspot_augmentations": args.hotspot_augmentations} if hotspot_heads else {}
-    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False), **hotspots,
+    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False), **hotspots, profile=profile.name,
                                   earlier_timings_s={"load_scan": load_seconds,
                                                      "load_networks": networks.load_seconds})
     result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())

@@ -110,17 +110,19 @@ def adjacent_levels(upper: str | None, lower: str | None) -> bool:
     return _ORDER.index(lower) == _ORDER.index(upper) + 1
 
 
-def disc_pairs(vertebrae: Sequence[Vertebra]) -> list[tuple[int, int, str]]:
+def disc_pairs(vertebrae: Sequence[Vertebra], across_missed_levels: bool = False) -> list[tuple[int, int, str]]:
     """``(upper_index, lower_index, name)`` for each disc, top to bottom.
 
     Every consecutive pair gives a disc (as official §6), except two labelled
     bodies whose levels are not adjacent (a missed body in between): the
     volume would straddle a whole vertebra and the name would be wrong.
+    ``across_missed_levels`` keeps those too, as the official code does (the
+    ``official`` processing profile).
     """
     pairs = []
     for i in range(len(vertebrae) - 1):
         up, lo = vertebrae[i], vertebrae[i + 1]
-        if adjacent_levels(up.level, lo.level):
+        if across_missed_levels or adjacent_levels(up.level, lo.level):
             pairs.append((i, i + 1, disc_name(body_name(up, i), body_name(lo, i + 1))))
     return pairs
 
@@ -332,15 +334,17 @@ def extract_ivd_volume(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: s
                      sample_to_canonical=to_canonical, reference_intensity=float(reference))
 
 
-def extract_ivd_volumes(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[IVDVolume]:
+def extract_ivd_volumes(scan: Scan, vertebrae: Sequence[Vertebra],
+                        across_missed_levels: bool = False) -> list[IVDVolume]:
     """Grading volumes of all discs between consecutive vertebrae (given top to bottom), top to bottom.
 
-    Pairs of labelled but non-adjacent levels are skipped (:func:`disc_pairs`),
-    as are degenerate quads (zero-length endplate or non-finite corners).
+    Pairs of labelled but non-adjacent levels are skipped unless
+    ``across_missed_levels`` (:func:`disc_pairs`), as are degenerate quads
+    (zero-length endplate or non-finite corners).
     """
     samples: dict[int, np.ndarray] = {}
     out = []
-    for i, j, name in disc_pairs(vertebrae):
+    for i, j, name in disc_pairs(vertebrae, across_missed_levels):
         ref = reference_intensity(scan, vertebrae[i], vertebrae[j], samples, (i, j))
         ivd = extract_ivd_volume(scan, vertebrae[i], vertebrae[j], level=name,
                                  upper_index=i, lower_index=j, reference=ref)

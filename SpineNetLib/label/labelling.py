@@ -82,6 +82,14 @@ class LabellingParams:
     #: lie where 1 / (1 + e^-margin) is 1.0 in floating point.  A context checkpoint
     #: may carry its calibrated value (entry ``min_labelling_margin_nats``).
     review_margin_nats: float = math.log(9.0)
+    #: Cut the appearance volumes the official way (:func:`extract_vertebra_volume`): tanh
+    #: straightening angle, crop start truncated to whole pixels, floor(3L) pixels, a crop
+    #: running off the bottom or right edge cut there and stretched, a negative x start giving
+    #: zeros (official §5.4, §11.4).  The ``official`` processing profile sets it.
+    official_crop: bool = False
+    #: Leave out a third or further S1 at the bottom (:func:`sacral_run_end`); the official
+    #: code keeps them (the ``official`` processing profile).
+    drop_lower_sacral_segments: bool = True
     #: Appearance volumes per network call (batching does not change the
     #: result: BatchNorm runs in eval mode).
     appearance_batch_size: int = 4
@@ -101,7 +109,7 @@ class LabellingTimings:
 # 1. Appearance volumes (official §5.4)
 # ---------------------------------------------------------------------------
 
-def _straightening(poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _straightening(poly: np.ndarray, official: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Rotation ``R`` and centre ``c`` such that ``R @ (p - c) + c`` makes the lt->rt edge horizontal.
 
     The official code uses ``tanh(dy/dx)`` as the angle (official §5.4, §11.4),
@@ -112,7 +120,10 @@ def _straightening(poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     lt, rt = poly[3], poly[0]
     dx, dy = float(rt[0] - lt[0]), float(rt[1] - lt[1])
-    angle = math.atan2(dy, dx)
+    if official:  # the official angle: tanh of the slope (official §11.4)
+        angle = math.tanh(dy / dx) if dx != 0 else math.copysign(1.0, dy) * math.tanh(math.inf)
+    else:
+        angle = math.atan2(dy, dx)
     c, s = math.cos(angle), math.sin(angle)
     rotation = np.array([[c, s], [-s, c]])
     return rotation, (lt + rt) / 2.0
@@ -196,7 +207,6 @@ def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
     voxels = scan.voxels
     if voxels.ndim != 3 or min(voxels.shape) == 0:
         return zeros
-    n_slices = voxels.shape[2]
     poly = np.asarray(vertebra.average_polygon, np.float64)
     if poly.shape != (4, 2) or not np.all(np.isfinite(poly)):
         return zeros
@@ -204,11 +214,16 @@ def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
     pixel_mm = min(row_mm, col_mm)
     to_square = np.array([col_mm / pixel_mm, row_mm / pixel_mm])  # (x, y) -> square-pixel frame
     square = poly * to_square
-    rotation, centre = _straightening(square)
+    rotation, centre = _straightening(square, params.official_crop)
     rotated = (square - centre) @ rotation.T + centre
     side = float(max(np.ptp(rotated[:, 0]), np.ptp(rotated[:, 1])))
     if not side > 0:
         return zeros
+    if params.official_crop:
+        planes = _official_crop_planes(voxels, rotated[3], side, rotation, centre, to_square, n)
+        if planes is None:
+            return zeros
+        return normalise_volume(_resample_slices(planes, m).transpose(1, 2, 0))
     # Crop pixels k = 0 .. 3L-1 are centred at (lt - L + k); the crop's outer
     # edge is half a pixel before the first centre.  align_corners=False
     # resizing samples output pixel j at edge + (j + 0.5) * 3L / n.
@@ -224,13 +239,49 @@ def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
     planes = _sample_bicubic(voxels, xs, ys)
     if planes is None:
         return zeros
-    # Slice axis: output slice k samples position k * S / m clamped to S - 1, linearly.
+    return normalise_volume(_resample_slices(planes, m).transpose(1, 2, 0))
+
+
+def _resample_slices(planes: np.ndarray, m: int) -> np.ndarray:
+    """``(S, n, n)`` planes to ``m`` slices: output slice k samples position k * S / m clamped to S - 1, linearly."""
+    n_slices = planes.shape[0]
     positions = np.minimum(np.arange(m) * n_slices / m, n_slices - 1)
     lower = np.floor(positions).astype(int)
     upper = np.minimum(lower + 1, n_slices - 1)
     frac = (positions - lower)[:, None, None]
-    volume = planes[lower] * (1.0 - frac) + planes[upper] * frac  # (m, n, n)
-    return normalise_volume(volume.transpose(1, 2, 0))
+    return planes[lower] * (1.0 - frac) + planes[upper] * frac  # (m, n, n)
+
+
+def _official_crop_planes(voxels: np.ndarray, rotated_lt: np.ndarray, side: float, rotation: np.ndarray,
+                          centre: np.ndarray, to_square: np.ndarray, n: int) -> np.ndarray | None:
+    """The official crop (official §5.4) of every slice, resized to ``(S, n, n)``; None for the all-zero cases.
+
+    The official code rotates each whole slice (bicubic, zero border, same
+    canvas), then slices ``[y0:y0 + k, x0:x0 + k]`` with ``x0 = int(lt_x - L)``,
+    ``y0 = int(lt_y - L)``, ``k = int(3 L)``, zero rows added above for a
+    negative ``y0``, and resizes the crop to n x n (bicubic, align_corners
+    False).  Rows or columns beyond the canvas are simply absent, so a crop
+    that runs off the bottom or right edge is stretched; a negative ``x0``
+    raises in the official code, whose error path returns zeros.  The rotated
+    canvas is sampled here only at the crop's whole pixels (the same values).
+    """
+    height, width = (np.asarray(voxels.shape[:2], np.float64) * to_square[::-1]).astype(int)
+    x0, y0, k = int(rotated_lt[0] - side), int(rotated_lt[1] - side), int(3.0 * side)
+    if x0 < 0 or k < 1:
+        return None
+    cols = np.arange(x0, min(x0 + k, width), dtype=np.float64)
+    rows = np.arange(y0, min(y0 + k, height), dtype=np.float64)
+    if len(cols) == 0 or len(rows) == 0:
+        return None
+    uu, vv = np.meshgrid(cols, rows)
+    source = np.stack([uu, vv], axis=-1) - centre
+    source = source @ rotation + centre
+    planes = _sample_bicubic(voxels, source[..., 0] / to_square[0], source[..., 1] / to_square[1])
+    if planes is None:
+        return None
+    planes[:, rows < 0, :] = 0.0          # the official zero rows above a negative y0
+    resized = F.interpolate(torch.from_numpy(planes)[None], size=(n, n), mode="bicubic", align_corners=False)
+    return resized[0].numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +634,7 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     start = time.perf_counter()
     evidence = level_evidence(context, appearance, params.appearance_weight)
     indices = beam_search(evidence, params)
-    keep = sacral_run_end(indices)
+    keep = sacral_run_end(indices) if params.drop_lower_sacral_segments else len(indices)
     names = assign_level_names(indices[:keep])
     timings.search_s = time.perf_counter() - start
     labelled = [replace(vertebra, slices=list(vertebra.slices),

@@ -1,0 +1,122 @@
+"""Processing profiles (issue 11): ``default`` (this project's choices) and ``official`` (the
+official code's arithmetic where it is implemented as a switch), checked against the official
+algorithm as documented in docs/OFFICIAL_IMPLEMENTATION.md (official §5.4-6)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from SpineNetLib import pipeline
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
+from SpineNetLib.discs.extraction import disc_pairs
+from SpineNetLib.label.labelling import LabellingParams, extract_vertebra_volume, normalise_volume
+
+OFFICIAL = LabellingParams(official_crop=True)
+
+
+def scan_of(voxels: np.ndarray) -> Scan:
+    eye = np.eye(4)
+    return Scan(voxels=np.asarray(voxels, np.float32), spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=eye,
+                input_ijk_to_ras=eye, input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=eye,
+                input_slice_axis=0)
+
+
+def square_body(x_lt: float, y_lt: float, side: float) -> Vertebra:
+    """An axis-aligned body (no straightening) with its lt corner at (x_lt, y_lt); corners rt, rb, lb, lt."""
+    poly = np.array([[x_lt + side, y_lt], [x_lt + side, y_lt + side], [x_lt, y_lt + side], [x_lt, y_lt]])
+    return Vertebra(slices=[0], polygons=[poly])
+
+
+def reference_official_volume(voxels: np.ndarray, x_lt: float, y_lt: float, side: float) -> np.ndarray:
+    """official §5.4 written out for an unrotated body: slice [int(y - L):+int(3L), int(x - L):+int(3L)],
+    bicubic 224 x 224 (align_corners=False), 16 slices linearly, (v - min) / (P95 + 1e-6)."""
+    x0, y0, k = int(x_lt - side), int(y_lt - side), int(3 * side)
+    crop = voxels[max(y0, 0):y0 + k, x0:x0 + k, :].astype(np.float64)
+    if y0 < 0:  # zero rows above the image
+        crop = np.concatenate([np.zeros((-y0,) + crop.shape[1:]), crop], axis=0)
+    crop = crop.transpose(2, 0, 1)
+    planes = F.interpolate(torch.from_numpy(crop)[None], size=(224, 224), mode="bicubic", align_corners=False)[0]
+    planes = planes.numpy()
+    s = planes.shape[0]
+    pos = np.minimum(np.arange(16) * s / 16, s - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, s - 1)
+    frac = (pos - lo)[:, None, None]
+    return normalise_volume((planes[lo] * (1 - frac) + planes[hi] * frac).transpose(1, 2, 0))
+
+
+@pytest.fixture(scope="module")
+def voxels():
+    return np.random.default_rng(0).uniform(10.0, 200.0, (160, 150, 5))
+
+
+def test_official_crop_is_the_official_arithmetic(voxels):
+    """Inside the image, the official crop equals slicing at the truncated start and resizing."""
+    for x_lt, y_lt, side in ((50.7, 60.2, 20.0), (41.3, 45.9, 13.6)):
+        ours = extract_vertebra_volume(scan_of(voxels), square_body(x_lt, y_lt, side), OFFICIAL)
+        np.testing.assert_allclose(ours, reference_official_volume(voxels, x_lt, y_lt, side), atol=1e-5)
+
+
+def test_official_crop_starts_on_whole_pixels_and_ours_does_not(voxels):
+    scan = scan_of(voxels)
+    a, b = square_body(50.2, 60.0, 20.0), square_body(50.7, 60.0, 20.0)   # same int(x - L) = 30
+    np.testing.assert_array_equal(extract_vertebra_volume(scan, a, OFFICIAL), extract_vertebra_volume(scan, b, OFFICIAL))
+    assert not np.allclose(extract_vertebra_volume(scan, a), extract_vertebra_volume(scan, b))
+
+
+def test_official_crop_stretches_at_the_bottom_edge_pads_at_the_top_and_gives_zeros_left_of_the_image():
+    rows = np.tile((np.arange(100, dtype=np.float64) + 1.0)[:, None, None], (1, 80, 3))
+    scan = scan_of(rows)
+    low = square_body(30.0, 80.0, 15.0)                        # the crop runs 30 rows past the bottom
+    official = extract_vertebra_volume(scan, low, OFFICIAL)
+    default = extract_vertebra_volume(scan, low)
+    # rows grow brighter downwards: stretched, the crop still brightens to its last row; zero-padded,
+    # it falls back to the padding's value past the image's last row (row 99 is crop row 34 of 45)
+    assert official[-1, 0, 0] > official[180, 0, 0] > official[100, 0, 0]
+    assert default[-1, 0, 0] < default[150, 0, 0] and np.ptp(default[-20:]) == 0.0
+    np.testing.assert_allclose(official, reference_official_volume(rows, 30.0, 80.0, 15.0), atol=1e-5)
+    high = extract_vertebra_volume(scan, square_body(30.0, 5.0, 15.0), OFFICIAL)
+    assert np.ptp(high[:20]) == 0.0 and high[0, 0, 0] < high[120, 0, 0]   # zero rows above a negative y0
+    np.testing.assert_allclose(high, reference_official_volume(rows, 30.0, 5.0, 15.0), atol=1e-5)
+    left = extract_vertebra_volume(scan, square_body(10.0, 40.0, 15.0), OFFICIAL)
+    assert not left.any()                                      # the official error path: all zeros
+
+
+def test_profiles_are_chosen_by_the_weights_and_by_name():
+    assert pipeline.processing_profile(None, "official").name == "official"
+    assert pipeline.processing_profile(None, "bundled").name == "default"
+    assert pipeline.processing_profile("official", "bundled").name == "official"
+    with pytest.raises(InputError, match="unknown processing profile"):
+        pipeline.processing_profile("fast", "bundled")
+    official = pipeline.PROFILES["official"]
+    assert not official.slab_average_thin_slices and official.official_appearance_crop
+    assert not official.drop_lower_sacral_segments and official.discs_across_missed_levels
+    params = pipeline.profiled_labelling_params(None, LabellingParams(repeat_s1_penalty=7.0), official)
+    assert (params.official_crop, params.drop_lower_sacral_segments, params.repeat_s1_penalty) == (True, False, 7.0)
+
+
+def test_the_official_profile_makes_a_disc_across_a_missed_level():
+    bodies = [replace(square_body(30.0, 20.0 * i, 15.0), level=name) for i, name in enumerate(["L3", "L5", "S1"])]
+    assert [name for _, _, name in disc_pairs(bodies)] == ["L5-S1"]
+    assert [name for _, _, name in disc_pairs(bodies, across_missed_levels=True)] == ["L3-L5", "L5-S1"]
+
+
+def test_spinenet_run_records_its_profile(tmp_path):
+    from SpineNetLib.apps import cli
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    phantom = make_phantom(fov="lumbar", n_slices=5, seed=3)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    for extra, expected in (([], "default"), (["--profile", "official"], "official")):
+        out = tmp_path / expected
+        assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-grade", *extra]) == 0
+        assert json.loads((out / "vertebrae.json").read_text())["profile"] == expected
+        assert json.loads((out / "discs.json").read_text())["profile"] == expected
