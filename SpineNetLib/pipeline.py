@@ -184,13 +184,17 @@ class ProcessingProfile:
     drop_lower_sacral_segments: bool
     #: Make a disc between two detected bodies whose levels are not adjacent (official §6).
     discs_across_missed_levels: bool
+    #: ``DetectionParams.official_arithmetic`` with integer-pixel maxima and every corner kept
+    #: (official §5.1-5.2).
+    official_detection: bool = False
 
 
 PROFILES: dict[str, ProcessingProfile] = {
     "default": ProcessingProfile("default", slab_average_thin_slices=True, official_appearance_crop=False,
                                  drop_lower_sacral_segments=True, discs_across_missed_levels=False),
     "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
-                                  drop_lower_sacral_segments=False, discs_across_missed_levels=True),
+                                  drop_lower_sacral_segments=False, discs_across_missed_levels=True,
+                                  official_detection=True),
 }
 
 
@@ -201,6 +205,15 @@ def processing_profile(name: str | None, weights_source: str | None = None) -> P
     if name not in PROFILES:
         raise InputError(f"unknown processing profile {name!r} (use {' or '.join(PROFILES)})")
     return PROFILES[name]
+
+
+def profiled_detection_params(params: detection.DetectionParams | None,
+                              profile: ProcessingProfile) -> detection.DetectionParams:
+    """``params`` (default: ours) with the profile's detection arithmetic."""
+    params = params or detection.DetectionParams()
+    if not profile.official_detection:
+        return params
+    return replace(params, official_arithmetic=True, subpixel=False, drop_edge_corners=False)
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,
@@ -316,7 +329,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     warnings: list[str] = list(scan_warnings)
     profile = processing_profile(options.profile, networks.weights.source)
     params = profiled_labelling_params(networks.context, options.labelling_params, profile)
-    result = detect_and_label(scan, networks, detection_params=options.detection_params,
+    result = detect_and_label(scan, networks,
+                              detection_params=profiled_detection_params(options.detection_params, profile),
                               labelling_params=params, progress=progress)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)

@@ -92,6 +92,12 @@ class DetectionParams:
     #: Ignore corner maxima on a patch's edge pixels when another patch sees
     #: that point away from its own edges (not official; False = official).
     drop_edge_corners: bool = True
+    #: The official code's arithmetic (official §5.1-5.2, §11 quirks 2-3): one scalar spacing
+    #: (the mean of the two), the official patch plan (W // stride + 1 patches per axis, an end
+    #: patch spanning [-L, -1) yet decoded with L, duplicates kept), displacements truncated to
+    #: whole network pixels, the centroid maps resized bilinearly with align_corners=False.
+    #: Use with ``subpixel`` and ``drop_edge_corners`` False (the ``official`` profile does).
+    official_arithmetic: bool = False
 
     def __post_init__(self):
         for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
@@ -115,6 +121,9 @@ class PatchBox:
     x0: int
     height_px: int
     width_px: int
+    #: Scan pixels per patch edge used to map corner points back (0: the box's own size).  The
+    #: official end patch is ``L - 1`` pixels wide but decoded with ``L`` (official §11 quirk 2).
+    decode_px: int = 0
 
     @property
     def y1(self) -> int:
@@ -196,6 +205,8 @@ def plan_patches(shape_hw: tuple[int, int], spacing_rc: tuple[float, float],
         raise InputError(f"slice shape must be positive, got {h}x{w}")
     if not (np.isfinite(sr) and np.isfinite(sc) and sr > 0 and sc > 0):
         raise InputError(f"pixel spacing must be positive, got ({sr}, {sc}) mm")
+    if params.official_arithmetic:
+        return _official_plan(h, w, 0.5 * (sr + sc), params, int(slice_index))
     edge_mm = min(float(params.patch_mm), h * sr, w * sc)
     len_r = int(np.clip(np.floor(edge_mm / sr + 1e-6), 1, h))
     len_c = int(np.clip(np.floor(edge_mm / sc + 1e-6), 1, w))
@@ -204,6 +215,28 @@ def plan_patches(shape_hw: tuple[int, int], spacing_rc: tuple[float, float],
     rows = _axis_starts(h, len_r, stride_r)
     cols = _axis_starts(w, len_c, stride_c)
     return [PatchBox(int(slice_index), y0, x0, len_r, len_c) for x0 in cols for y0 in rows]
+
+
+def _official_axis(n: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """(start, size) of the official patches along one axis (official §5.1): ``n // stride + 1``
+    patches; one whose end would reach ``n`` is taken from ``-L`` to ``-1`` instead."""
+    out = []
+    for i in range(n // stride + 1):
+        start = i * stride
+        out.append((n - length, length - 1) if start + length >= n else (start, length))
+    return out
+
+
+def _official_plan(h: int, w: int, spacing: float, params: DetectionParams, slice_index: int) -> list[PatchBox]:
+    """The official patch plan (official §5.1): ``L = int(patch_mm / spacing)`` (``min(H, W) - 1`` if
+    larger), stride ``int(0.6 L)``, across in the outer loop, duplicates kept."""
+    length = int(float(params.patch_mm) / spacing)
+    if length > min(h, w):
+        length = min(h, w) - 1
+    length = max(length, 2)
+    stride = max(1, int(length * params.stride_fraction))
+    return [PatchBox(slice_index, y0, x0, hh, ww, decode_px=length)
+            for x0, ww in _official_axis(w, length, stride) for y0, hh in _official_axis(h, length, stride)]
 
 
 def extract_patches(slice_2d: np.ndarray, boxes: Sequence[PatchBox],
@@ -359,7 +392,14 @@ def decode_centroids(outputs: np.ndarray, boxes: Sequence[PatchBox], slice_shape
     for n, b in enumerate(boxes):
         groups.setdefault((b.height_px, b.width_px), []).append(n)
     for (bh, bw), idx in groups.items():
-        res = _resample_linear(np.asarray(outputs[idx, 4], np.float32), bh, bw)
+        if params.official_arithmetic:  # official: a bilinear resize with align_corners=False
+            import torch
+            import torch.nn.functional as F
+
+            res = F.interpolate(torch.from_numpy(np.ascontiguousarray(outputs[idx, 4], np.float32))[:, None],
+                                size=(bh, bw), mode="bilinear", align_corners=False)[:, 0].numpy()
+        else:
+            res = _resample_linear(np.asarray(outputs[idx, 4], np.float32), bh, bw)
         for k, n in enumerate(idx):
             b = boxes[n]
             acc[b.y0:b.y1, b.x0:b.x1] += res[k]
@@ -479,10 +519,12 @@ def decode_corners(outputs: np.ndarray, boxes: Sequence[PatchBox],
         vc = vc + _subpixel_offsets(heat, (pn, pt, pr, pc), 3)
     dx = np.asarray(outputs[pn, 5 + pt, pr, pc], np.float64)
     dy = np.asarray(outputs[pn, 9 + pt, pr, pc], np.float64)
+    if params.official_arithmetic:  # stored in an integer array: truncated toward zero (quirk 3)
+        dx, dy = np.trunc(dx), np.trunc(dy)
     y0 = np.array([b.y0 for b in boxes], float)[pn]
     x0 = np.array([b.x0 for b in boxes], float)[pn]
-    sy = np.array([b.height_px for b in boxes], float)[pn] / size_y
-    sx = np.array([b.width_px for b in boxes], float)[pn] / size_x
+    sy = np.array([b.decode_px or b.height_px for b in boxes], float)[pn] / size_y
+    sx = np.array([b.decode_px or b.width_px for b in boxes], float)[pn] / size_x
     xy = np.stack([x0 + vc * sx, y0 + vr * sy], axis=1)
     d = np.stack([dx * sx, dy * sy], axis=1)
     if params.drop_edge_corners and len(boxes) > 1:

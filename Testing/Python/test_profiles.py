@@ -99,6 +99,9 @@ def test_profiles_are_chosen_by_the_weights_and_by_name():
     official = pipeline.PROFILES["official"]
     assert not official.slab_average_thin_slices and official.official_appearance_crop
     assert not official.drop_lower_sacral_segments and official.discs_across_missed_levels
+    detection = pipeline.profiled_detection_params(None, official)
+    assert detection.official_arithmetic and not detection.subpixel and not detection.drop_edge_corners
+    assert pipeline.profiled_detection_params(None, pipeline.PROFILES["default"]).subpixel
     params = pipeline.profiled_labelling_params(None, LabellingParams(repeat_s1_penalty=7.0), official)
     assert (params.official_crop, params.drop_lower_sacral_segments, params.repeat_s1_penalty) == (True, False, 7.0)
 
@@ -120,3 +123,35 @@ def test_spinenet_run_records_its_profile(tmp_path):
         assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-grade", *extra]) == 0
         assert json.loads((out / "vertebrae.json").read_text())["profile"] == expected
         assert json.loads((out / "discs.json").read_text())["profile"] == expected
+
+
+def test_official_patch_plan_is_the_official_one():
+    from SpineNetLib.detect.vfr import DetectionParams, plan_patches
+
+    official = DetectionParams(official_arithmetic=True)
+    # official §5.1's own example: 512 x 512 at 0.5 mm gives L = 511, stride 306, 2 x 2 patches,
+    # the second one spanning [-L, -1): 510 pixels from column 1, decoded with L = 511
+    boxes = plan_patches((512, 512), (0.5, 0.5), official)
+    assert [(b.y0, b.x0, b.height_px, b.width_px, b.decode_px) for b in boxes] == [
+        (0, 0, 511, 511, 511), (1, 0, 510, 511, 511), (0, 1, 511, 510, 511), (1, 1, 510, 510, 511)]
+    # 300 x 200 at 1 mm: L = 199, stride 119; 3 patches down (the last two are the same), 2 across
+    boxes = plan_patches((300, 200), (1.0, 1.0), official)
+    assert [(b.y0, b.x0, b.height_px, b.width_px) for b in boxes] == [
+        (0, 0, 199, 199), (101, 0, 198, 199), (101, 0, 198, 199),
+        (0, 1, 199, 198), (101, 1, 198, 198), (101, 1, 198, 198)]
+
+
+def test_official_corners_use_whole_pixel_displacements_and_the_patch_edge_l():
+    from SpineNetLib.detect.vfr import DetectionParams, PatchBox, decode_corners
+
+    outputs = np.zeros((1, 13, 224, 224), np.float32)
+    outputs[0, 0, 100, 50] = 1.0                      # an rt corner at patch (x 50, y 100)
+    outputs[0, 5, 100, 50] = 3.7                      # its displacement in network pixels: x 3.7, y -2.6
+    outputs[0, 9, 100, 50] = -2.6
+    box = PatchBox(0, 10, 1, 447, 447, decode_px=448)   # an official end patch: 447 wide, decoded with 448
+    official = DetectionParams(official_arithmetic=True, subpixel=False, drop_edge_corners=False)
+    points, disps = decode_corners(outputs, [box], official)
+    np.testing.assert_allclose(points[0], [[1 + 50 * 2.0, 10 + 100 * 2.0]])
+    np.testing.assert_allclose(disps[0], [[3.0 * 2.0, -2.0 * 2.0]])
+    ours, ours_d = decode_corners(outputs, [PatchBox(0, 10, 1, 448, 448)], DetectionParams(drop_edge_corners=False))
+    np.testing.assert_allclose(ours_d[0], [[3.7 * 2.0, -2.6 * 2.0]], rtol=1e-6)
