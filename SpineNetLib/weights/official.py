@@ -12,6 +12,9 @@ that manifest, i.e. for files the user downloaded or installed on purpose.
 Downloads resume: bytes go to ``<file>.part`` and an interrupted download
 continues with an HTTP Range request.  All four files are fetched even when
 some exist (the official ``download_weights`` stops at the first existing file).
+A file already at a checkpoint path is kept only if the manifest recorded it
+with the same SHA-256; any other file (planted, or changed since) is replaced
+by a fresh download, never recorded as trusted.
 """
 
 from __future__ import annotations
@@ -137,11 +140,12 @@ def download_official(*, base_url: str | None = None, folder: Path | None = None
     for kind, rel in OFFICIAL_FILES.items():
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and not force:
-            if rel not in manifest.get("files", {}):
-                _record(manifest, rel, target, "existing file")
-            continue
-        if force and target.exists():
+        if target.exists():
+            recorded = manifest.get("files", {}).get(rel) or {}
+            if not force and recorded.get("sha256") == sha256_file(target):
+                continue  # downloaded or installed before, and unchanged since
+            # A file this cache never recorded, or one changed since, is never trusted as it is
+            # (loading an official checkpoint may unpickle it): it is replaced by a fresh download.
             target.unlink()
         _fetch(base_url + rel, target, progress, timeout)
         _record(manifest, rel, target, base_url + rel)

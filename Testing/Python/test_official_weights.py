@@ -136,3 +136,31 @@ def test_install_from_an_offline_copy(tmp_path, monkeypatch, server):
     assert len(official_weights.read_manifest()["files"]) == 4
     assert len(official_weights.trusted_hashes()) == 4
     assert cli.main(["weights", "install", str(tmp_path / "empty-nowhere"), "--accept-license"]) == 2
+
+
+def test_a_planted_or_changed_file_is_never_recorded_as_trusted(tmp_path, monkeypatch, server):
+    """Issue 12: a file sitting at a checkpoint path without a recorded hash (e.g. a planted pickle)
+    or changed since it was recorded is replaced by the download, and the manifest holds the hash
+    of what is on disk."""
+    url, root, _ = server
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPINENET_CACHE", str(cache))
+    rel = official_weights.OFFICIAL_FILES["context"]
+    planted = cache / "official" / rel
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"cos\nsystem\n(S'echo planted'\ntR.")
+    official_weights.download_official(base_url=url, timeout=5)
+    assert planted.read_bytes() == (root / rel).read_bytes()
+    manifest = official_weights.read_manifest()
+    assert manifest["files"][rel]["sha256"] == hashlib.sha256(planted.read_bytes()).hexdigest()
+    assert manifest["files"][rel]["source"] == url + rel
+    # changed after it was recorded: replaced again, and the recorded hash is the file's
+    planted.write_bytes(b"changed")
+    official_weights.download_official(base_url=url, timeout=5)
+    assert planted.read_bytes() == (root / rel).read_bytes()
+    assert official_weights.read_manifest()["files"][rel]["sha256"] == \
+        hashlib.sha256(planted.read_bytes()).hexdigest()
+    # unchanged and recorded: kept, nothing fetched
+    RangeHandler.requests = []
+    official_weights.download_official(base_url=url, timeout=5)
+    assert RangeHandler.requests == []
