@@ -53,6 +53,13 @@ TARGET_SLICE_MM = 3.5
 ANISOTROPY_RATIO = 1.5
 #: Near-isotropic volumes with every spacing at or below this are "thin-slice 3D".
 THIN_SLICE_MM = 2.0
+#: Largest image side and voxel count read (a 1 MB file may claim gigabytes: issue 12).  Clinical
+#: spinal MRI is at most 1024 pixels per side and a few hundred slices.
+MAX_SIDE_PX = 4096
+MAX_VOXELS = 1 << 28
+#: Plausible in-plane pixel spacing of spinal MRI (mm); outside it the header is wrong (e.g. 100 mm
+#: pixels would make thousands of 26 cm detector patches of 3 pixels).
+PIXEL_SPACING_RANGE_MM = (0.05, 10.0)
 
 #: RAS axis each canonical axis follows, and the RAS sign it runs towards:
 #: rows -> inferior (-S), cols -> posterior (-A), slices -> left (-R).
@@ -72,6 +79,9 @@ def _validate_voxels(voxels_kji) -> np.ndarray:
         raise InputError(f"voxel type {arr.dtype} is not supported: give real-valued (scalar) voxels")
     if min(arr.shape) < 1:
         raise InputError(f"the volume is empty (shape {arr.shape})")
+    if arr.size > MAX_VOXELS or max(arr.shape) > max(MAX_SIDE_PX, 4096):
+        raise InputError(f"the volume of shape {arr.shape} is larger than SpineNet reads "
+                         f"(at most {MAX_VOXELS} voxels)")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise InputError(f"the volume has {n_bad} NaN or infinite voxel(s)")
@@ -184,6 +194,11 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
         raise InputError(f"{plane} acquisition: SpineNet needs sagittal slices "
                          f"(slice normal is closest to {axis_name})")
     perm = _best_assignment(unit, fixed_slice_axis=slice_axis if kind == "2D" else None)
+    low_mm, high_mm = PIXEL_SPACING_RANGE_MM
+    in_plane = [float(spacing_ijk[perm[0]]), float(spacing_ijk[perm[1]])]
+    if not all(low_mm <= s_mm <= high_mm for s_mm in in_plane):
+        raise InputError(f"in-plane pixel spacing {in_plane[0]:g} x {in_plane[1]:g} mm is not plausible for spinal "
+                         f"MRI ({low_mm:g} to {high_mm:g} mm): check the header, or give --pixel-spacing")
 
     singleton = [ax for ax in range(3) if shape_ijk[ax] == 1]
     if singleton and singleton != [perm[2]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import scan_from_array, spacing_override
+from SpineNetLib.inputs.canonical import MAX_SIDE_PX, MAX_VOXELS, scan_from_array, spacing_override
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -94,12 +94,35 @@ def _group_value(groups: list, seq_keyword: str, attr: str):
     return None
 
 
+def _image_size(path: Path, ds) -> tuple[int, int]:
+    """(Rows, Columns), checked: whole numbers within ``canonical.MAX_SIDE_PX``."""
+    size = []
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"DICOM file {path.name} has no usable {keyword} value ({value!r})") from None
+        if not 1 <= n <= MAX_SIDE_PX:
+            raise InputError(f"DICOM file {path.name} has {keyword} = {n}: SpineNet reads images of 1 to "
+                             f"{MAX_SIDE_PX} pixels per side")
+        size.append(n)
+    return size[0], size[1]
+
+
+def _instance_number(ds) -> int | None:
+    """InstanceNumber, or None when absent or malformed (slices are ordered by position anyway)."""
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
 def _slices_of(path: Path, ds) -> list[_Slice]:
     """Image records of one file (one per frame for enhanced multi-frame files)."""
     series_uid = str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    inst = ds.get("InstanceNumber")
-    inst = int(inst) if inst not in (None, "") else None
+    rows, cols = _image_size(path, ds)
+    inst = _instance_number(ds)
     n_frames = int(_float_or(ds.get("NumberOfFrames", 1), 1))
     if n_frames <= 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         ps = ds.get("PixelSpacing")
@@ -203,6 +226,10 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
     """Rescaled float32 pixels ``[k, j, i]`` of the (ordered) slices."""
     import pydicom
     cache: dict[Path, np.ndarray] = {}
+    n_voxels = len(slices) * slices[0].rows * slices[0].cols
+    if n_voxels > MAX_VOXELS:
+        raise InputError(f"the series has {len(slices)} images of {slices[0].rows} x {slices[0].cols} pixels "
+                         f"({n_voxels} voxels): more than the {MAX_VOXELS} SpineNet reads")
     out = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=np.float32)
     for k, s in enumerate(slices):
         if s.path not in cache:
@@ -212,7 +239,7 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
                 raise InputError(f"cannot read {s.path}: {_one_line(exc)}") from None
             if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
                 raise InputError(f"no PixelData (7FE0,0010) in {s.path}")
-            if int(ds.get("SamplesPerPixel", 1)) != 1:
+            if _float_or(ds.get("SamplesPerPixel", 1), 1) != 1:
                 raise InputError(f"colour (multi-sample) DICOM images are not supported: {s.path}")
             try:
                 arr = np.asarray(ds.pixel_array)

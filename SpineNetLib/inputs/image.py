@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import sagittal_axis, scan_from_array, spacing_override
+from SpineNetLib.inputs.canonical import MAX_VOXELS, sagittal_axis, scan_from_array, spacing_override
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -73,6 +73,10 @@ def _check_nifti_complete(path: Path) -> None:
             ndim = dims[0]
             if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0:
                 raise InputError(f"cannot read {path}: invalid NIfTI dimensions {dims[:ndim + 1]}")
+            n_voxels = int(np.prod(dims[1:ndim + 1], dtype=np.float64))
+            if n_voxels > MAX_VOXELS:  # before decompressing anything: a small .nii.gz may claim gigabytes
+                raise InputError(f"{path.name} claims {n_voxels} voxels (dimensions {tuple(dims[1:ndim + 1])}): "
+                                 f"more than the {MAX_VOXELS} SpineNet reads")
             expected = int(vox_offset) + int(np.prod(dims[1:ndim + 1], dtype=np.int64)) * bitpix // 8
             got = len(hdr)
             while got < expected:
@@ -106,7 +110,15 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only: refuse absurd sizes before reading voxels
+        size = tuple(int(n) for n in reader.GetSize())
+        if int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS:
+            raise InputError(f"{path.name} claims {size} voxels: more than the {MAX_VOXELS} SpineNet reads")
+        img = reader.Execute()
+    except InputError:
+        raise
     except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK message
         raise InputError(f"cannot read {path}: {_one_line(exc)}") from None
     dim = img.GetDimension()

@@ -31,6 +31,17 @@ def _is_dicom_file(path: Path) -> str | None:
 
 def load_scan(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
               resample_isotropic: bool = True) -> Scan:
+    """See :func:`_load`; a scan whose voxels all have one value is refused (there is no image)."""
+    scan = _load(path, series_uid, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
+    low, high = float(scan.voxels.min()), float(scan.voxels.max())
+    if low == high:
+        raise InputError(f"every voxel of {Path(path).name} has the same value ({low:g}): there is no image "
+                         "to read (check RescaleSlope and the file)")
+    return scan
+
+
+def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
+          resample_isotropic: bool = True) -> Scan:
     """Canonical :class:`Scan` of a DICOM folder, a DICOM file or an image file.
 
     ``pixel_spacing=(row_mm, col_mm)`` and ``slice_spacing`` override the
