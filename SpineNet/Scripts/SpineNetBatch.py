@@ -149,11 +149,10 @@ def run(args):
     from SpineNetLib.core.errors import InputError
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs import documents
+    from SpineNetLib.outputs.files import check_writable
 
     start = time.perf_counter()
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is not a folder")
+    output = check_writable(args.output)  # at once, not after the inference
     for item in args.option:
         key, sep, _ = item.partition("=")
         if not sep or not key:

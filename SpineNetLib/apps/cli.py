@@ -124,14 +124,12 @@ def command_run(args) -> int:
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.outputs.files import write_results
+    from SpineNetLib.outputs.files import check_writable, write_results
 
     start = time.perf_counter()
     _validate_overrides(args)
     hotspot_heads = _hotspot_heads(args)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise SpineNetError(f"output {output} exists and is not a folder")
+    output = check_writable(args.output)  # at once, not after the whole inference
     profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
     scan = load_scan(args.input, series_uid=args.series,
                      pixel_spacing=tuple(args.pixel_spacing) if args.pixel_spacing else None,

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs.discs import discs_csv_text
 from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
@@ -42,10 +43,13 @@ RESULT_FILE = "result.json"
 
 
 def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> list[Path]:
-    """Write ``{name: text}`` into ``outdir`` so each file appears only complete.
+    """Write ``{name: text}`` into ``outdir`` so that the set is replaced as a whole.
 
-    Everything is first written to hidden temporary files in the same folder;
-    only when all of them succeeded are they renamed into place.
+    Everything is first written to hidden temporary files in the same folder
+    (each one listed for clean-up before its first byte, so a full disk leaves
+    no ``.part`` file behind); only when all of them succeeded are they renamed
+    into place.  Files of an earlier run are moved aside first and put back if
+    a rename fails, so the folder never mixes new and old files of one set.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -53,17 +57,65 @@ def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> 
     try:
         for name, text in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
+            temporary.append((Path(tmp), outdir / name))
             os.fchmod(fd, default_file_mode())
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
                 handle.write(text)
-            temporary.append((Path(tmp), outdir / name))
-        for tmp, final in temporary:
-            os.replace(tmp, final)
+        _replace_together(temporary)
     except BaseException:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
         raise
     return [final for _, final in temporary]
+
+
+def _replace_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary onto its final name; on any failure restore the earlier files."""
+    moved_aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for tmp, final in pairs:
+            if final.exists():
+                old = final.with_name(f".{final.name}.{tmp.name}.old")
+                os.replace(final, old)
+                moved_aside.append((old, final))
+            os.replace(tmp, final)
+            placed.append(final)
+    except BaseException:
+        for final in placed:
+            final.unlink(missing_ok=True)
+        for old, final in moved_aside:
+            os.replace(old, final)
+        raise
+    for old, _ in moved_aside:
+        old.unlink(missing_ok=True)
+
+
+def check_writable(outdir: str | os.PathLike) -> Path:
+    """Make sure result files can be written into ``outdir``, before any long work; creates nothing.
+
+    An existing folder gets a probe file (created and removed at once); for a
+    folder still to be made, its nearest existing parent must be a writable
+    folder.  Raises :class:`InputError` (one line) otherwise, so an unwritable
+    output is reported at once instead of after the whole inference.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"output {outdir} exists and is not a folder")
+    try:
+        if outdir.is_dir():
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=outdir)
+            os.close(fd)
+            os.unlink(probe)
+            return outdir
+    except OSError as exc:
+        raise InputError(f"cannot write to the output folder {outdir}: {exc.strerror or exc}") from None
+    parent = outdir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create the output folder {outdir}: {parent} is not a writable folder")
+    return outdir
 
 
 def document_texts(vertebrae_doc: dict, discs_doc: dict | None) -> dict[str, str]:

@@ -77,3 +77,75 @@ def test_dicom_with_malformed_instance_numbers_loads_and_huge_rows_are_refused(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Rows = 65535" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def _documents():
+    """A minimal valid result set."""
+    from SpineNetLib.outputs.files import document_texts
+
+    vertebrae = {"schema": "spinenet.vertebrae/1", "input": {}, "scan": {}, "vertebrae": [], "timings_s": {}}
+    return document_texts(vertebrae, None)
+
+
+def test_a_full_disk_leaves_no_part_file_and_a_failed_rename_restores_the_earlier_set(tmp_path, monkeypatch):
+    import os
+
+    from SpineNetLib.outputs import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vertebrae.json").write_text("old vertebrae")
+    (out / "discs.csv").write_text("old discs")
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OSError):
+        files.write_files_atomically(out, _documents())
+    monkeypatch.setattr(files.os, "fdopen", real_fdopen)
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "vertebrae.json"]
+
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:        # vertebrae.json moved aside and replaced; then the CSV fails
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", second_rename_fails)
+    with pytest.raises(OSError):
+        files.write_files_atomically(out, _documents())
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "vertebrae.json"]
+    assert (out / "vertebrae.json").read_text() == "old vertebrae" and (out / "discs.csv").read_text() == "old discs"
+
+
+def test_an_unwritable_output_is_reported_before_the_work(tmp_path, capsys, monkeypatch):
+    from SpineNetLib import pipeline
+    from SpineNetLib.outputs.files import check_writable
+
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        check_writable(afile)
+    with pytest.raises(InputError, match="not a writable folder"):
+        check_writable(afile / "results")          # its parent is a file: nothing can be created there
+    path = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.nii.gz")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: pytest.fail("networks loaded before the check"))
+    assert cli.main(["run", str(path), "-o", str(afile / "results"), "--quiet"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    assert check_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()            # checked, not created
