@@ -57,9 +57,11 @@ THIN_SLICE_MM = 2.0
 #: spinal MRI is at most 1024 pixels per side and a few hundred slices.
 MAX_SIDE_PX = 4096
 MAX_VOXELS = 1 << 28
-#: Plausible in-plane pixel spacing of spinal MRI (mm); outside it the header is wrong (e.g. 100 mm
-#: pixels would make thousands of 26 cm detector patches of 3 pixels).
-PIXEL_SPACING_RANGE_MM = (0.05, 10.0)
+#: Plausible in-plane pixel spacing of spinal MRI (mm; clinical scans use 0.2-2 mm); outside it the
+#: header is wrong (100 mm pixels would make thousands of 26 cm detector patches of 3 pixels).
+PIXEL_SPACING_RANGE_MM = (0.05, 5.0)
+#: ... and the largest in-plane field of view (a whole spine is under a metre).
+MAX_FIELD_OF_VIEW_MM = 1500.0
 
 #: RAS axis each canonical axis follows, and the RAS sign it runs towards:
 #: rows -> inferior (-S), cols -> posterior (-A), slices -> left (-R).
@@ -101,7 +103,8 @@ def _validate_affine(ijk_to_ras) -> np.ndarray:
         raise InputError("the IJK-to-RAS matrix is not affine (last row must be 0 0 0 1)")
     spacing = np.linalg.norm(a[:3, :3], axis=0)
     if np.any(spacing <= 1e-6):
-        raise InputError(f"degenerate IJK-to-RAS matrix: voxel spacing {tuple(np.round(spacing, 6))} has a zero")
+        raise InputError(f"degenerate IJK-to-RAS matrix: voxel spacing "
+                         f"{' x '.join(f'{v:g}' for v in spacing)} mm has a zero")
     unit = a[:3, :3] / spacing
     if abs(np.linalg.det(unit)) < 1e-3:
         raise InputError("degenerate IJK-to-RAS matrix: the voxel axes are (nearly) coplanar")
@@ -199,6 +202,10 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
     if not all(low_mm <= s_mm <= high_mm for s_mm in in_plane):
         raise InputError(f"in-plane pixel spacing {in_plane[0]:g} x {in_plane[1]:g} mm is not plausible for spinal "
                          f"MRI ({low_mm:g} to {high_mm:g} mm): check the header, or give --pixel-spacing")
+    extent = [in_plane[0] * shape_ijk[perm[0]], in_plane[1] * shape_ijk[perm[1]]]
+    if max(extent) > MAX_FIELD_OF_VIEW_MM:
+        raise InputError(f"the image covers {extent[0]:.0f} x {extent[1]:.0f} mm in plane, more than the "
+                         f"{MAX_FIELD_OF_VIEW_MM:.0f} mm of any spine scan: check the pixel spacing")
 
     singleton = [ax for ax in range(3) if shape_ijk[ax] == 1]
     if singleton and singleton != [perm[2]]:

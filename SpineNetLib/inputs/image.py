@@ -88,6 +88,31 @@ def _check_nifti_complete(path: Path) -> None:
         raise InputError(f"cannot read {path}: corrupt or truncated file ({_one_line(exc)})") from None
     if got < expected:
         raise InputError(f"cannot read {path}: truncated NIfTI file ({got} of {expected} bytes)")
+    datatype = struct.unpack(endian + "h", hdr[70:72] if sizeof_hdr == 348 else hdr[12:14])[0]
+    if datatype in _NIFTI_FLOAT_TYPES:
+        _check_nifti_finite(path, opener, int(vox_offset), expected, np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype]))
+
+
+#: NIfTI datatype codes of floating-point voxels -> numpy type letters.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_finite(path: Path, opener, start: int, end: int, dtype: np.dtype) -> None:
+    """Refuse NaN or infinite voxels: ITK's NIfTI reader turns NaN into 0 without a word."""
+    bad = 0
+    with opener(path, "rb") as fh:
+        fh.read(start)
+        left = end - start
+        step = (1 << 22) // dtype.itemsize * dtype.itemsize
+        while left > 0:
+            chunk = fh.read(min(step, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            values = np.frombuffer(chunk[:len(chunk) // dtype.itemsize * dtype.itemsize], dtype=dtype)
+            bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InputError(f"{path.name} has {bad} NaN or infinite voxel(s)")
 
 
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
@@ -148,8 +173,8 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
     ijk_to_ras[:3, :3] = _FLIP_LPS @ direction @ np.diag(spacing)
     ijk_to_ras[:3, 3] = _FLIP_LPS @ origin
     if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
-        raise InputError(f"{path.name} has an invalid geometry (spacing {tuple(spacing)}, "
-                         f"direction {tuple(direction.ravel())})")
+        raise InputError(f"{path.name} has an invalid geometry (spacing {' x '.join(f'{v:g}' for v in spacing)} mm, "
+                         f"direction {' '.join(f'{v:g}' for v in direction.ravel())})")
 
     overrides = {}
     ps = spacing_override(pixel_spacing, 2, "pixel_spacing")

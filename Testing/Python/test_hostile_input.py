@@ -149,3 +149,21 @@ def test_an_unwritable_output_is_reported_before_the_work(tmp_path, capsys, monk
     assert "cannot create the output folder" in capsys.readouterr().err
     assert check_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()            # checked, not created
+
+
+def test_nan_voxels_in_a_nifti_file_are_refused(tmp_path):
+    """ITK reads NaN as 0 without a word; the file itself is checked."""
+    voxels = image()
+    voxels[2, 10, 10] = np.nan
+    path = write_image(voxels, sagittal_affine(0.8), tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match="1 NaN or infinite voxel"):
+        load_scan(path)
+
+
+def test_a_field_of_view_no_spine_has_is_refused_and_numbers_read_plainly(tmp_path):
+    path = write_image(image((5, 400, 300)), sagittal_affine(4.5), tmp_path / "wide.nii.gz")
+    with pytest.raises(InputError, match=r"covers 1800 x 1350 mm"):   # rows (S-I) x columns (A-P)
+        load_scan(path)
+    with pytest.raises(InputError) as info:
+        load_scan(write_image(image(), sagittal_affine(0.8), tmp_path / "ok.nii.gz"), pixel_spacing=(0.0, 0.8))
+    assert "np.float64" not in str(info.value)
