@@ -172,9 +172,19 @@ def _read_headers(files: list[Path]) -> list:
     out = []
     for p in files:
         try:
+            with open(p, "rb") as fh:
+                preamble = fh.read(132)
+        except OSError as exc:  # a series with an unreadable file would load incomplete
+            raise InputError(f"cannot open {p}: {exc.strerror or exc}") from None
+        try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception:  # not DICOM (or unreadable): skipped silently by design
-            continue
+        except Exception as exc:
+            if preamble[128:132] == b"DICM":  # a DICOM file, truncated or corrupt: never dropped silently
+                raise InputError(f"DICOM file {p} is truncated or corrupt: {_one_line(exc)}") from None
+            continue  # not DICOM: other files in the folder are skipped by design
+        if preamble[128:132] == b"DICM" and "SOPClassUID" not in ds and "Rows" not in ds:
+            # pydicom reads a cut file leniently: what is left has no dataset to speak of
+            raise InputError(f"DICOM file {p} is truncated or corrupt (no SOPClassUID, no image size)")
         if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
             continue
         if "Rows" not in ds or "Columns" not in ds:  # structured reports, presentation states, ...

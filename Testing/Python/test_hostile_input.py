@@ -167,3 +167,18 @@ def test_a_field_of_view_no_spine_has_is_refused_and_numbers_read_plainly(tmp_pa
     with pytest.raises(InputError) as info:
         load_scan(write_image(image(), sagittal_affine(0.8), tmp_path / "ok.nii.gz"), pixel_spacing=(0.0, 0.8))
     assert "np.float64" not in str(info.value)
+
+
+def test_a_truncated_dicom_file_stops_the_series_instead_of_being_dropped(tmp_path):
+    folder = tmp_path / "dicom"
+    write_dicom_series(image((7, 64, 48)), sagittal_affine(0.8), folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    (folder / "notes.txt").write_text("not DICOM: skipped")
+    assert load_scan(folder).voxels.shape[2] == 7
+    whole = files[-1].read_bytes()
+    files[-1].write_bytes(whole[:len(whole) // 2])                # the header survives, the pixels do not
+    with pytest.raises(InputError, match="cannot decode the pixel data of .*IM0007"):
+        load_scan(folder)
+    files[-1].write_bytes(whole[:200])                            # the preamble survives, the header does not
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        load_scan(folder)
