@@ -251,6 +251,11 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
                 raise InputError(f"no PixelData (7FE0,0010) in {s.path}")
             if _float_or(ds.get("SamplesPerPixel", 1), 1) != 1:
                 raise InputError(f"colour (multi-sample) DICOM images are not supported: {s.path}")
+            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
+            if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+                # PALETTE COLOR stores indices into a colour table, not grey values
+                raise InputError(f"{s.path} has PhotometricInterpretation {photometric}: SpineNet reads grey-scale "
+                                 "(MONOCHROME1/2) MR images only")
             try:
                 arr = np.asarray(ds.pixel_array)
             except Exception as exc:

@@ -382,6 +382,11 @@ def load_model(kind: str, path: str | os.PathLike, *, device: str | torch.device
     problem = _mismatch_summary(model, sd)
     if problem:
         raise WeightsError(f"weights file {p} does not fit the {kind} network: {problem}")
+    broken = [name for name, t in sd.items() if torch.is_tensor(t) and t.is_floating_point()
+              and not bool(torch.isfinite(t).all())]
+    if broken:  # NaN weights give NaN maps and silently "0 vertebrae"
+        raise WeightsError(f"weights file {p} has NaN or infinite values in {len(broken)} tensor(s) "
+                           f"(first: {broken[0]}): the file is damaged")
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as exc:

@@ -182,3 +182,30 @@ def test_a_truncated_dicom_file_stops_the_series_instead_of_being_dropped(tmp_pa
     files[-1].write_bytes(whole[:200])                            # the preamble survives, the header does not
     with pytest.raises(InputError, match="truncated or corrupt"):
         load_scan(folder)
+
+
+def test_damaged_weights_with_nan_values_are_refused(tmp_path):
+    import torch
+
+    from SpineNetLib.core.errors import WeightsError
+    from SpineNetLib.models import ContextNet
+    from SpineNetLib.weights import checkpoints
+
+    net = ContextNet()
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] = float("nan")
+    path = checkpoints.save_checkpoint(tmp_path / "context.pt", "context", net)
+    with pytest.raises(WeightsError, match="NaN or infinite values in 1 tensor"):
+        checkpoints.load_model("context", path)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_palette_colour_series_is_refused(tmp_path):
+    folder = tmp_path / "dicom"
+    write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), folder)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        ds.save_as(f)
+    with pytest.raises(InputError, match="PALETTE COLOR"):
+        load_scan(folder)
