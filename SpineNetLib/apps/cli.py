@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from SpineNetLib.core.errors import SpineNetError
@@ -284,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not args.debug:
+                # library warnings (numpy's RuntimeWarning, pydicom's invalid-VR notes) are not ours to
+                # print: the command says what matters in its own lines (--debug shows them)
+                warnings.simplefilter("ignore")
+            return int(args.func(args) or 0)
     except SpineNetError as error:
         print(f"spinenet: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE

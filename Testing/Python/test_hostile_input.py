@@ -209,3 +209,16 @@ def test_a_palette_colour_series_is_refused(tmp_path):
         ds.save_as(f)
     with pytest.raises(InputError, match="PALETTE COLOR"):
         load_scan(folder)
+
+
+def test_library_warnings_do_not_come_before_the_one_line_error(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    def noisy_run(args):
+        np.float64(1.0) / np.float64(0.0)      # numpy: RuntimeWarning, divide by zero
+        warnings.warn("Invalid value for VR IS", UserWarning)
+        raise InputError("the scan is unusable")
+
+    monkeypatch.setattr(cli, "command_run", noisy_run)
+    assert cli.main(["run", str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == ["spinenet: error: the scan is unusable"]
