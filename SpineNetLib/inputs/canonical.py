@@ -54,9 +54,9 @@ ANISOTROPY_RATIO = 1.5
 #: Near-isotropic volumes with every spacing at or below this are "thin-slice 3D".
 THIN_SLICE_MM = 2.0
 #: Largest image side and voxel count read (a 1 MB file may claim gigabytes: issue 12).  Clinical
-#: spinal MRI is at most 1024 pixels per side and a few hundred slices.
+#: spinal MRI is at most 1024 pixels per side and a few hundred slices; 2^27 voxels are 512 MB as float32.
 MAX_SIDE_PX = 4096
-MAX_VOXELS = 1 << 28
+MAX_VOXELS = 1 << 27
 #: Plausible in-plane pixel spacing of spinal MRI (mm; clinical scans use 0.2-2 mm); outside it the
 #: header is wrong (100 mm pixels would make thousands of 26 cm detector patches of 3 pixels).
 PIXEL_SPACING_RANGE_MM = (0.05, 5.0)
