@@ -65,6 +65,9 @@ def build_parser():
     parser.add_argument("--output", required=True, help="folder for the result files and scene.mrb")
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when a DICOM folder holds several sagittal series")
     parser.add_argument("--weights", default="bundled", help="bundled (default), official or a folder")
+    parser.add_argument("--profile", choices=["default", "official"], default=None,
+                        help="processing profile (default: official with --weights official, else default; "
+                             "docs/PROFILES.md)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
     parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
@@ -158,7 +161,10 @@ def run(args):
         if not sep or not key:
             raise InputError(f"--option must be KEY=VALUE, got {item!r}")
     worker.load_pipeline(args.pipeline)  # a wrong --pipeline fails before the scan is read
-    scan = load_scan(args.input, series_uid=args.series)
+    from SpineNetLib.pipeline import processing_profile
+
+    profile = processing_profile(args.profile, args.weights)
+    scan = load_scan(args.input, series_uid=args.series, resample_isotropic=profile.slab_average_thin_slices)
 
     # The worker's entry point, in this process, on the scan just read (with its --series).
     with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:
@@ -168,7 +174,7 @@ def run(args):
         npy, geometry = worker.write_volume(Path(folder) / "input", voxels, ijk_to_ras, metadata)
         arguments = worker.worker_arguments(npy, output, geometry=geometry, weights=args.weights, device=args.device,
                                             grading=args.grading, hotspot_head=args.hotspot_head,
-                                            pipeline=args.pipeline)
+                                            pipeline=args.pipeline, profile=profile.name)
         for item in args.option:
             arguments += ["--option", item]
         manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))

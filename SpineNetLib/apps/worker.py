@@ -119,8 +119,9 @@ def write_volume(folder, voxels_kji, ijk_to_ras, metadata: dict | None = None, n
     return npy, geometry
 
 
-def read_scan(input_path, geometry_path=None):
-    """The canonical scan of a ``.npy`` + geometry JSON pair, or of any file :func:`io.load_scan` reads."""
+def read_scan(input_path, geometry_path=None, resample_isotropic: bool = True):
+    """The canonical scan of a ``.npy`` + geometry JSON pair, or of any file :func:`io.load_scan` reads
+    (thin slices slab-averaged unless ``resample_isotropic`` is False: the official profile)."""
     path = Path(input_path)
     if path.suffix.lower() == ".npy":
         if geometry_path is None:
@@ -135,10 +136,10 @@ def read_scan(input_path, geometry_path=None):
             raise InputError(f"cannot read {path}: {one_line(error)}") from None
         metadata = dict(geometry.get("metadata") or {})
         metadata.setdefault("path", str(path))
-        return scan_from_array(voxels, geometry.get("ijk_to_ras"), metadata)
+        return scan_from_array(voxels, geometry.get("ijk_to_ras"), metadata, resample_isotropic=resample_isotropic)
     from SpineNetLib.inputs.load import load_scan
 
-    return load_scan(path)
+    return load_scan(path, resample_isotropic=resample_isotropic)
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -163,7 +164,8 @@ def run_pipeline(scan, options: dict, progress):
                                       with_grading=grading)
     head = options.get("hotspot_head")
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
-                                      earlier_timings_s={"load_networks": networks.load_seconds})
+                                      earlier_timings_s={"load_networks": networks.load_seconds},
+                                      profile=options.get("profile") or None)
     return pipeline.run(scan, networks, run_options, progress=progress)
 
 
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
     parser.add_argument("--trust-sha256", action="append", default=[], metavar="HEX",
                         help="allow full unpickling of the checkpoint with this SHA-256 (as in the spinenet CLI)")
+    parser.add_argument("--profile", choices=["default", "official"], default=None,
+                        help="processing profile (default: official with --weights official, else default)")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
     parser.add_argument("--debug", action="store_true", help="raise internal errors with a traceback")
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundled", device: str = "auto",
                      grading: bool = True, hotspot_head: str | None = None, pipeline: str | None = None,
-                     options: dict | None = None) -> list[str]:
+                     options: dict | None = None, profile: str | None = None) -> list[str]:
     """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs)."""
     args = ["--input", str(input_path)]
     if geometry is not None:
@@ -233,6 +237,8 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
         args += ["--hotspot-head", str(hotspot_head)]
     if pipeline:
         args += ["--pipeline", str(pipeline)]
+    if profile:
+        args += ["--profile", str(profile)]
     for key, value in (options or {}).items():
         args += ["--option", f"{key}={value}"]
     return args
@@ -241,7 +247,7 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
 def _options(args) -> dict:
     options = {"weights": args.weights, "device": args.device, "grading": args.grading,
                "hotspot_head": args.hotspot_head, "output": str(Path(args.output).resolve()),
-               "trusted_sha256": list(args.trust_sha256)}
+               "trusted_sha256": list(args.trust_sha256), "profile": args.profile}
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -257,15 +263,15 @@ def run_request(args, protocol: LineProtocol) -> Path:
     batch script); :func:`main` wraps it for the worker process.
     """
     from SpineNetLib.outputs.files import write_results  # needs torch: imported here, as in run_pipeline
-    from SpineNetLib.pipeline import RunResult
+    from SpineNetLib.outputs.files import check_writable
+    from SpineNetLib.pipeline import RunResult, processing_profile
 
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is not a folder")
+    output = check_writable(args.output)
     options = _options(args)
     pipeline = load_pipeline(args.pipeline)
+    profile = processing_profile(args.profile, args.weights)
     protocol.progress(0, 1, "reading the scan")
-    scan = read_scan(args.input, args.geometry)
+    scan = read_scan(args.input, args.geometry, resample_isotropic=profile.slab_average_thin_slices)
     result = pipeline(scan, options, protocol.progress)
     if not isinstance(result, RunResult):
         raise InputError(f"the pipeline {args.pipeline or 'run_pipeline'} returned a {type(result).__name__}, "

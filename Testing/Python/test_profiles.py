@@ -155,3 +155,22 @@ def test_official_corners_use_whole_pixel_displacements_and_the_patch_edge_l():
     np.testing.assert_allclose(disps[0], [[3.0 * 2.0, -2.0 * 2.0]])
     ours, ours_d = decode_corners(outputs, [PatchBox(0, 10, 1, 448, 448)], DetectionParams(drop_edge_corners=False))
     np.testing.assert_allclose(ours_d[0], [[3.7 * 2.0, -2.6 * 2.0]], rtol=1e-6)
+
+
+def test_the_worker_follows_the_weights_profile_and_keeps_thin_slices_for_official(tmp_path):
+    """The Slicer worker decides slab averaging by the profile, as spinenet run does."""
+    from SpineNetLib.apps import worker
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    phantom = make_phantom(fov="lumbar", n_slices=5, seed=3)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    args = worker.build_parser().parse_args(worker.worker_arguments(image, tmp_path / "out", profile="official"))
+    assert args.profile == "official" and worker._options(args)["profile"] == "official"
+    thin = np.zeros((40, 64, 64), np.float32)
+    thin[:, 20:40, 20:40] = 1.0
+    affine = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    np.save(tmp_path / "thin.npy", thin)
+    (tmp_path / "thin.json").write_text(json.dumps({"ijk_to_ras": affine.tolist()}))
+    native = worker.read_scan(tmp_path / "thin.npy", tmp_path / "thin.json", resample_isotropic=False)
+    slabs = worker.read_scan(tmp_path / "thin.npy", tmp_path / "thin.json")
+    assert native.voxels.shape[2] == 40 and slabs.voxels.shape[2] < 40
