@@ -236,6 +236,7 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
     """Rescaled float32 pixels ``[k, j, i]`` of the (ordered) slices."""
     import pydicom
     cache: dict[Path, np.ndarray] = {}
+    photometrics: set[str] = set()
     n_voxels = len(slices) * slices[0].rows * slices[0].cols
     if n_voxels > MAX_VOXELS:
         raise InputError(f"the series has {len(slices)} images of {slices[0].rows} x {slices[0].cols} pixels "
@@ -256,6 +257,7 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
                 # PALETTE COLOR stores indices into a colour table, not grey values
                 raise InputError(f"{s.path} has PhotometricInterpretation {photometric}: SpineNet reads grey-scale "
                                  "(MONOCHROME1/2) MR images only")
+            photometrics.add(photometric)
             try:
                 arr = np.asarray(ds.pixel_array)
             except Exception as exc:
@@ -270,6 +272,11 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
         if frame.shape != (s.rows, s.cols):
             raise InputError(f"pixel data of {s.name} has shape {frame.shape}, expected {(s.rows, s.cols)}")
         out[k] = frame.astype(np.float64) * s.slope + s.intercept
+    if "MONOCHROME1" in photometrics:
+        if len(photometrics) > 1:
+            raise InputError("the series mixes MONOCHROME1 and MONOCHROME2 images")
+        # MONOCHROME1: the lowest value is displayed white; the networks expect MONOCHROME2 brightness
+        out = (float(out.max()) + float(out.min()) - out).astype(np.float32)
     return out
 
 

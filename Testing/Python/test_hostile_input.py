@@ -222,3 +222,16 @@ def test_library_warnings_do_not_come_before_the_one_line_error(tmp_path, monkey
     monkeypatch.setattr(cli, "command_run", noisy_run)
     assert cli.main(["run", str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.splitlines() == ["spinenet: error: the scan is unusable"]
+
+
+def test_a_monochrome1_series_is_read_with_monochrome2_brightness(tmp_path):
+    voxels = image((5, 64, 48))
+    folder = tmp_path / "dicom"
+    write_dicom_series(voxels, sagittal_affine(0.8), folder)
+    plain = load_scan(folder).voxels
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(f)
+    inverted = load_scan(folder).voxels
+    np.testing.assert_allclose(inverted, plain.max() + plain.min() - plain, atol=1e-3)
