@@ -41,21 +41,24 @@ def training_cases(data_root):
     return [c for c in cases if c.case_id not in DEFAULT_VAL_CASES]
 
 
-def predict(cases, weights: str, pred_root: Path) -> None:
+def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None) -> None:
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.label.confidence import confidence_of_vertebrae
     from SpineNetLib.label.labelling import params_for_context
     from SpineNetLib.outputs.vertebrae import vertebrae_document
-    from SpineNetLib.pipeline import detect_and_label, load_networks
+    from SpineNetLib.pipeline import (detect_and_label, load_networks, processing_profile,
+                                      profiled_detection_params, profiled_labelling_params)
 
     networks = load_networks(weights, "cpu")
-    params = params_for_context(networks.context)
+    profile = processing_profile(profile_name, networks.weights.source)
+    params = profiled_labelling_params(networks.context, None, profile)
+    detection_params = profiled_detection_params(None, profile)
     for n, case in enumerate(cases, 1):
         target = pred_root / case.case_id / "vertebrae.json"
         if target.is_file():
             continue
-        scan = load_scan(case.path / "image.nii.gz")
-        result = detect_and_label(scan, networks)
+        scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
+        result = detect_and_label(scan, networks, detection_params=detection_params, labelling_params=params)
         confidence = confidence_of_vertebrae(result.vertebrae, params)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(vertebrae_document(scan, result, confidence)), encoding="utf-8")
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side")
+    parser.add_argument("--profile", choices=("default", "official"), default=None,
+                        help="processing profile (default: the weights' own, docs/PROFILES.md)")
     parser.add_argument("--phantoms", action="store_true",
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
-    predict(cases, args.weights, pred_root)
+    predict(cases, args.weights, pred_root, args.profile)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
