@@ -101,7 +101,7 @@ def _image_size(path: Path, ds) -> tuple[int, int]:
         value = ds.get(keyword)
         try:
             n = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"DICOM file {path.name} has no usable {keyword} value ({value!r})") from None
         if not 1 <= n <= MAX_SIDE_PX:
             raise InputError(f"DICOM file {path.name} has {keyword} = {n}: SpineNet reads images of 1 to "
@@ -114,7 +114,7 @@ def _instance_number(ds) -> int | None:
     """InstanceNumber, or None when absent or malformed (slices are ordered by position anyway)."""
     try:
         return int(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: "1e400" reads as infinity
         return None
 
 

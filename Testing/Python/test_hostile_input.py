@@ -235,3 +235,43 @@ def test_a_monochrome1_series_is_read_with_monochrome2_brightness(tmp_path):
         ds.save_as(f)
     inverted = load_scan(folder).voxels
     np.testing.assert_allclose(inverted, plain.max() + plain.min() - plain, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_randomly_corrupted_dicom_headers_end_in_a_clean_error_or_a_scan(tmp_path):
+    """A seeded sample of header mutations (the kind that once gave internal errors): every outcome is a
+    scan or a SpineNetError, never another exception."""
+    import random
+    import shutil
+
+    from SpineNetLib.core.errors import SpineNetError
+
+    base = tmp_path / "base"
+    write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), base)
+    keys = ["Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
+            "RescaleIntercept", "InstanceNumber", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+            "PixelRepresentation", "PhotometricInterpretation", "SeriesInstanceUID"]
+    values = ["abc", "", "-1", "0", "1e400", "nan", "inf", "1\\2\\3", "65535", "1.5", "9" * 30]
+    rng = random.Random(12)
+    outcomes = {"scan": 0, "error": 0}
+    for trial in range(60):
+        folder = tmp_path / f"t{trial}"
+        shutil.copytree(base, folder)
+        target = sorted(folder.iterdir())[rng.randrange(5)]
+        ds = pydicom.dcmread(target)
+        key, value = rng.choice(keys), rng.choice(values)
+        try:  # pydicom refuses some values itself: those mutations cannot be written
+            if key in ds:
+                ds[key]._value = value
+            else:
+                setattr(ds, key, value)
+            ds.save_as(target)
+        except Exception:
+            continue
+        try:
+            load_scan(folder)
+            outcomes["scan"] += 1
+        except SpineNetError:
+            outcomes["error"] += 1
+        shutil.rmtree(folder)
+    assert outcomes["scan"] > 0 and outcomes["error"] > 0
