@@ -115,6 +115,15 @@ def _check_nifti_finite(path: Path, opener, start: int, end: int, dtype: np.dtyp
         raise InputError(f"{path.name} has {bad} NaN or infinite voxel(s)")
 
 
+def image_ijk_to_ras(img) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a SimpleITK image or ImageFileReader (their geometry is LPS: x and y negated)."""
+    ijk_to_ras = np.eye(4)
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_ras[:3, :3] = _FLIP_LPS @ direction @ np.diag(np.array(img.GetSpacing(), dtype=float))
+    ijk_to_ras[:3, 3] = _FLIP_LPS @ np.array(img.GetOrigin(), dtype=float)
+    return ijk_to_ras
+
+
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
     """Canonical :class:`Scan` of a NIfTI / NRRD / MetaImage file.
 
@@ -168,10 +177,7 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
         raise InputError(f"cannot read the voxels of {path}: {_one_line(exc)}") from None
     spacing = np.array(img.GetSpacing(), dtype=float)
     direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
-    origin = np.array(img.GetOrigin(), dtype=float)
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = _FLIP_LPS @ direction @ np.diag(spacing)
-    ijk_to_ras[:3, 3] = _FLIP_LPS @ origin
+    ijk_to_ras = image_ijk_to_ras(img)
     if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
         raise InputError(f"{path.name} has an invalid geometry (spacing {' x '.join(f'{v:g}' for v in spacing)} mm, "
                          f"direction {' '.join(f'{v:g}' for v in direction.ravel())})")

@@ -60,6 +60,7 @@ from scipy import ndimage
 from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.canonical import scan_from_array
+from SpineNetLib.inputs.image import image_ijk_to_ras
 
 #: Folder name under the data root -> source name.
 SOURCE_FOLDERS: dict[str, str] = {"chu": "chu", "myosegmentum": "myosegmentum", "ivd": "ivd", "zukic": "zukic",
@@ -184,7 +185,8 @@ class CaseGeometry:
         return (hom @ np.linalg.inv(self.canonical_to_ras).T)[:, :3]
 
 
-def _read_nifti(path: Path):
+def read_volume(path: Path):
+    """``(array [k, j, i], IJK-to-RAS)`` of a 3D scalar image file of the training data."""
     import SimpleITK as sitk
 
     if not path.is_file():
@@ -195,12 +197,7 @@ def _read_nifti(path: Path):
         raise InputError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} is not a 3D scalar volume")
-    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = lps_to_ras @ direction @ np.diag(np.array(img.GetSpacing(), dtype=float))
-    ijk_to_ras[:3, 3] = lps_to_ras @ np.array(img.GetOrigin(), dtype=float)
-    return sitk.GetArrayFromImage(img), ijk_to_ras
+    return sitk.GetArrayFromImage(img), image_ijk_to_ras(img)
 
 
 def _canonical(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
@@ -220,8 +217,8 @@ def _level_names(case: RealCase) -> dict[int, str]:
 
 def load_case(case: RealCase) -> CaseData:
     """Voxels and labels of a case in the canonical frame (no resampling)."""
-    img, img_affine = _read_nifti(case.path / "image.nii.gz")
-    lab, lab_affine = _read_nifti(case.path / "labels.nii.gz")
+    img, img_affine = read_volume(case.path / "image.nii.gz")
+    lab, lab_affine = read_volume(case.path / "labels.nii.gz")
     if img.shape != lab.shape or not np.allclose(img_affine, lab_affine, atol=1e-3):
         raise InputError(f"{case.case_id}: image and labels differ in shape or geometry")
     scan = _canonical(img, img_affine)
@@ -245,11 +242,7 @@ def case_geometry(case: RealCase) -> CaseGeometry:
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     size = tuple(int(n) for n in reader.GetSize())
-    direction = np.array(reader.GetDirection(), dtype=float).reshape(3, 3)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = lps_to_ras @ direction @ np.diag(np.array(reader.GetSpacing(), dtype=float))
-    ijk_to_ras[:3, 3] = lps_to_ras @ np.array(reader.GetOrigin(), dtype=float)
+    ijk_to_ras = image_ijk_to_ras(reader)  # the reader has the image's geometry getters
     # Canonicalise a zero array of the right shape: same matrices as the real volume.
     scan = _canonical(np.zeros(size[::-1], dtype=np.uint8), ijk_to_ras)
     return CaseGeometry(case_id=case.case_id, shape=scan.shape, spacing_mm=tuple(scan.spacing_mm),

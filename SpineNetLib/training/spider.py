@@ -60,6 +60,7 @@ from scipy import ndimage
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.results import Vertebra
+from SpineNetLib.training.datasets import read_volume
 
 GRADINGS_FILE = "radiological_gradings.csv"
 OVERVIEW_FILE = "overview.csv"
@@ -210,23 +211,6 @@ def task_values(grades: dict[str, int | None]) -> dict[str, int]:
 # --------------------------------------------------------------------------- volumes
 
 
-def _read_image(path: Path):
-    """``(array [k, j, i], IJK-to-RAS)`` of an image file."""
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(str(path))
-    except Exception as exc:
-        raise InputError(f"cannot read {path}: {' '.join(str(exc).split())[-160:]}") from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path} is not a 3D scalar volume")
-    flip = np.diag([-1.0, -1.0, 1.0])
-    m = np.eye(4)
-    m[:3, :3] = flip @ np.array(img.GetDirection(), float).reshape(3, 3) @ np.diag(img.GetSpacing())
-    m[:3, 3] = flip @ np.array(img.GetOrigin(), float)
-    return sitk.GetArrayFromImage(img), m
-
-
 def load_spider_case(case: SpiderCase):
     """``(Scan, labels)``: the image as ``spinenet run`` sees it and its mask on the same canonical grid.
 
@@ -235,8 +219,8 @@ def load_spider_case(case: SpiderCase):
     """
     from SpineNetLib.inputs.canonical import scan_from_array
 
-    img, a_img = _read_image(case.image)
-    lab, a_lab = _read_image(case.mask)
+    img, a_img = read_volume(case.image)
+    lab, a_lab = read_volume(case.mask)
     if img.shape != lab.shape or not np.allclose(a_img, a_lab, atol=1e-3):
         raise InputError(f"{case.name}: image and mask differ in shape or geometry")
     scan = scan_from_array(img.astype(np.float32), a_img, {"source": str(case.image)})

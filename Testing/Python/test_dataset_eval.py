@@ -326,7 +326,7 @@ def test_real_round_trip_through_vertebrae_json(real_cases, tmp_path):
     """GT quads written by outputs.py on the slab-averaged scan the pipeline uses score perfectly."""
     case = real_cases["myo_01"]
     data = D.load_case(case)
-    arr, affine = D._read_nifti(case.path / "image.nii.gz")
+    arr, affine = D.read_volume(case.path / "image.nii.gz")
     scan = canonical.scan_from_array(arr, affine)  # the pipeline's ~3.5 mm slabs
     centre = [float((scan.canonical_to_input_ijk @ [0, 0, t, 1])[2]) for t in range(scan.n_slices)]
     gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
@@ -504,7 +504,7 @@ def test_synthetic_nifti_case_and_vertebrae_json_round_trip(tmp_path):
     gt = E.ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
     assert [(v.level, v.mid_slice) for v in gt.vertebrae] == [("L3", 6), ("L4", 6), ("L5", 6)]
     # The pipeline's scan of the same file (slab-averaged to ~3.5 mm) and its vertebrae.json.
-    arr, affine = D._read_nifti(case.path / "image.nii.gz")
+    arr, affine = D.read_volume(case.path / "image.nii.gz")
     scan = canonical.scan_from_array(arr, affine)
     assert scan.n_slices < 12  # slabs of several native slices
     centre = [float((scan.canonical_to_input_ijk @ [0, 0, t, 1])[2]) for t in range(scan.n_slices)]
