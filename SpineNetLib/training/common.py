@@ -268,6 +268,23 @@ def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the real samples drawn from tianchi/ when --tianchi-targets is given (default 0.3)")
 
 
+def real_data_config(args) -> dict:
+    """The run-config entries of :func:`add_real_data_arguments` (absent options: no fine-tuning, no tianchi)."""
+    return {"init": getattr(args, "init", None), "tianchi_targets": getattr(args, "tianchi_targets", None),
+            "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0)}
+
+
+def training_volume_cases(args) -> tuple[list, list]:
+    """``(train, val)`` volume cases of the default split for a trainer: none without ``--data`` or with
+    ``--phantom-fraction 1``; ``--max-cases`` keeps the first N training cases."""
+    from SpineNetLib.training import datasets
+
+    if not args.data or args.phantom_fraction >= 1.0:
+        return [], []
+    train, val = datasets.default_split(datasets.list_cases(args.data, sources=datasets.DETECTION_SOURCES))
+    return (train[: args.max_cases] if args.max_cases else train), val
+
+
 def initial_weights(model, checkpoint) -> None:
     """Load ``checkpoint``'s weights into ``model`` (fine-tuning); the architectures must match."""
     if not checkpoint:

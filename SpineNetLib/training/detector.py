@@ -46,13 +46,15 @@ from SpineNetLib.training.targets import render_vfr_maps
 from SpineNetLib.training import tianchi
 from SpineNetLib.training.common import (
     RunFolder,
+    initial_weights,
     make_optimizer,
     random_phantom,
+    real_data_config,
     resolve_device,
     seed_everything,
-    initial_weights,
     set_threads,
     train_loop,
+    training_volume_cases,
 )
 
 PATCH = 224
@@ -303,9 +305,7 @@ def train(args) -> Path:
               "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
               "weight_decay": args.weight_decay, "phantom_fraction": args.phantom_fraction,
               "n_phantoms": args.n_phantoms, "blocks": list(cfg.blocks), "base_width": cfg.base_width,
-              "max_cases": args.max_cases, "augment": args.augment, "init": getattr(args, "init", None),
-              "tianchi_targets": getattr(args, "tianchi_targets", None),
-              "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0),
+              "max_cases": args.max_cases, "augment": args.augment, **real_data_config(args),
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE)}
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
@@ -314,12 +314,7 @@ def train(args) -> Path:
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(200, args.steps // 10))
 
     t0 = time.time()
-    train_cases, val_cases = [], []
-    if args.data and args.phantom_fraction < 1.0:
-        cases = dataset.list_cases(args.data, sources=dataset.DETECTION_SOURCES)
-        train_cases, val_cases = dataset.default_split(cases)
-        if args.max_cases:
-            train_cases = train_cases[: args.max_cases]
+    train_cases, val_cases = training_volume_cases(args)
     real = real_sources(train_cases)
     clinical = tianchi_sources(args.data, config["tianchi_targets"]) if config["tianchi_targets"] and args.data else []
     phantoms = phantom_sources(args.n_phantoms, args.seed) if args.phantom_fraction > 0 else []

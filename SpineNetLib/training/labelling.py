@@ -53,13 +53,15 @@ from SpineNetLib.models import AppearanceNet, ContextNet
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.training.common import (
     RunFolder,
+    initial_weights,
     make_optimizer,
     random_phantom,
+    real_data_config,
     resolve_device,
-    initial_weights,
     seed_everything,
     set_threads,
     train_loop,
+    training_volume_cases,
 )
 
 TEMPERATURE = labelling.LabellingParams().temperature
@@ -209,8 +211,7 @@ def train_appearance(args) -> Path:
               "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
               "weight_decay": args.weight_decay, "phantom_fraction": args.phantom_fraction,
               "n_phantoms": args.n_phantoms, "max_cases": args.max_cases, "augment": args.augment,
-              "init": getattr(args, "init", None), "tianchi_targets": getattr(args, "tianchi_targets", None),
-              "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0)}
+              **real_data_config(args)}
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
@@ -218,13 +219,8 @@ def train_appearance(args) -> Path:
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(100, args.steps // 10))
     t0 = time.time()
     scans: list = []
-    real, val_cases = [], []
-    if args.data and args.phantom_fraction < 1.0:
-        cases = dataset.list_cases(args.data, sources=dataset.DETECTION_SOURCES)
-        train_cases, val_cases = dataset.default_split(cases)
-        if args.max_cases:
-            train_cases = train_cases[: args.max_cases]
-        real = real_bodies(train_cases, scans)
+    train_cases, _ = training_volume_cases(args)
+    real = real_bodies(train_cases, scans)
     clinical = tianchi_bodies(args.data, config["tianchi_targets"], scans) if config["tianchi_targets"] and args.data else []
     phantoms = phantom_bodies(args.n_phantoms, args.seed, scans) if args.phantom_fraction > 0 else []
     if not real and not phantoms:
