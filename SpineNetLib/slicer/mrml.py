@@ -371,10 +371,7 @@ def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
     node.SetAttribute("SpineNet.Level", name)
     node.SetAttribute("SpineNet.Slice", str(polygon["slice"]))
     node.SetLocked(True)
-    display = node.GetDisplayNode()
-    if display is None:
-        node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
+    display = _display_node(node)
     if display is not None:
         colour = level_colour(vertebra.get("level"))
         display.SetSelectedColor(*colour)
@@ -385,16 +382,22 @@ def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
     return node
 
 
+def _display_node(node):
+    """The node's display node, created with the defaults when it has none yet (None if it cannot have one)."""
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    return display
+
+
 def add_centroids(scene, volume_node, vertebrae_doc: dict):
     """One fiducial node with a point at each vertebra's centroid, labelled by level."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SpineNet centroids")
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         _add_control_point(node, v["centroid_ras"], documents.vertebra_name(v, i))
     node.SetLocked(True)
-    display = node.GetDisplayNode()
-    if display is None:
-        node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
+    display = _display_node(node)
     if display is not None:
         display.SetSelectedColor(1.0, 1.0, 0.4)
         display.SetGlyphScale(2.0)
