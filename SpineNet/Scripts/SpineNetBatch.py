@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2  # internal errors: exit 1, from the shared exit_status
 
 
 def _libraryParent():
@@ -208,25 +208,14 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from SpineNetLib.core.errors import SpineNetError
+    from SpineNetLib.core.errors import exit_status  # the spinenet command's one-line error handling
 
-    try:
+    def action():
         run(args)
-    except SpineNetError as error:
-        print("SpineNetBatch: error: " + " ".join(str(error).split()), file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:
-        target = f" {error.filename}" if getattr(error, "filename", None) else ""
-        print(f"SpineNetBatch: error: cannot access{target}: {' '.join(str(error.strerror or error).split())}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as error:  # a bug: one line, unless --debug
-        if args.debug:
-            raise
-        print(f"SpineNetBatch: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
-    return EXIT_OK
+        return EXIT_OK
+
+    return exit_status("SpineNetBatch", action, debug=args.debug,
+                       internal_hint="run with --debug for the traceback")
 
 
 if __name__ == "__main__":

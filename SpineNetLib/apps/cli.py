@@ -17,21 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from SpineNetLib.core.errors import SpineNetError
+from SpineNetLib.core.errors import EXIT_OK, SpineNetError, exit_status, one_line
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
 
 # The commands import what they need inside their functions, so that `spinenet --help` and
 # errors in the arguments answer at once, without loading torch.
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +141,7 @@ def command_run(args) -> int:
                                                      "load_networks": networks.load_seconds})
     result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
     for warning in result.warnings:
-        print(f"spinenet: warning: {_one_line(warning)}", file=sys.stderr)
+        print(f"spinenet: warning: {one_line(warning)}", file=sys.stderr)
     written = write_results(output, result)
     levels = [v["level"] or "?" for v in result.vertebrae_document["vertebrae"]]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
@@ -282,31 +276,8 @@ def command_weights_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            if not args.debug:
-                # library warnings (numpy's RuntimeWarning, pydicom's invalid-VR notes) are not ours to
-                # print: the command says what matters in its own lines (--debug shows them)
-                warnings.simplefilter("ignore")
-            return int(args.func(args) or 0)
-    except SpineNetError as error:
-        print(f"spinenet: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:
-        target = f" {error.filename}" if getattr(error, "filename", None) else ""
-        print(f"spinenet: error: cannot access{target}: {_one_line(error.strerror or error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("spinenet: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug: one line, unless --debug
-        if args.debug:
-            raise
-        print(f"spinenet: internal error: {type(error).__name__}: {_one_line(error)} "
-              "(run with --debug for the traceback and please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+    args = build_parser().parse_args(argv)
+    return exit_status("spinenet", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.core.errors import InputError, SpineNetError
+from SpineNetLib.core.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, InputError, SpineNetError, one_line
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 MESSAGE_KINDS = ("PROGRESS", "WARNING", "RESULT", "ERROR")
-
-
-def one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 # --------------------------------------------------------------------------- protocol

@@ -4,8 +4,16 @@ Every problem with the user's input is raised as :class:`InputError` with a
 one-line message that names the problem (and, where it helps, the file).  The
 command line prints ``spinenet: error: <message>`` and exits with status 2;
 the Slicer module shows the message in its status line.  Anything else is a
-bug and may surface as a traceback.
+bug: :func:`exit_status`, which the command line and the batch script run
+their work through, prints it as one line too (exit 1), with a traceback only
+on request.
 """
+
+import sys
+import warnings
+
+#: Exit statuses of the programs: success, a bug, a problem the user can act on, an interruption.
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class SpineNetError(Exception):
@@ -21,3 +29,41 @@ class InputError(SpineNetError, ValueError):
 
 class WeightsError(SpineNetError):
     """Network weights are missing, corrupt, of the wrong shape or not trusted."""
+
+
+def one_line(message: object) -> str:
+    """The message on one line (runs of white space, newlines included, become one space)."""
+    return " ".join(str(message).split())
+
+
+def exit_status(program: str, action, *, debug: bool = False,
+                internal_hint: str = "run with --debug for the traceback and please report it") -> int:
+    """Run ``action()`` and turn its outcome into an exit status, every problem into one stderr line.
+
+    ``action`` returns the status (None = success).  A user's problem
+    (:class:`SpineNetError`, or a file that cannot be accessed) is exit 2, an
+    interruption 130, anything else a bug: exit 1, with a traceback only with
+    ``debug``.  Library warnings are not printed unless ``debug``: the program
+    says what matters in its own lines.  Shared by ``spinenet`` and the batch script.
+    """
+    try:
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+            return int(action() or EXIT_OK)
+    except SpineNetError as error:
+        print(f"{program}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        target = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"{program}: error: cannot access{target}: {one_line(error.strerror or error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: one line, unless debug
+        if debug:
+            raise
+        print(f"{program}: internal error: {type(error).__name__}: {one_line(error)} ({internal_hint})",
+              file=sys.stderr)
+        return EXIT_INTERNAL
