@@ -486,7 +486,8 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
         total.n_ignored_predictions += m.n_ignored_predictions
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
-    del pooled["missed_levels"], pooled["wrong_levels"], pooled["all_levels_right"]
+    for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named"):
+        del pooled[per_case_only]
     with_s1 = [m for m in metrics if m.s1_detected is not None]
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)

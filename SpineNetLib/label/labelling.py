@@ -120,8 +120,8 @@ def _straightening(poly: np.ndarray, official: bool = False) -> tuple[np.ndarray
     """
     lt, rt = poly[3], poly[0]
     dx, dy = float(rt[0] - lt[0]), float(rt[1] - lt[1])
-    if official:  # the official angle: tanh of the slope (official §11.4)
-        angle = math.tanh(dy / dx) if dx != 0 else math.copysign(1.0, dy) * math.tanh(math.inf)
+    if official:  # the official angle: tanh of the slope (official §11.4); tanh(+-inf) = +-1
+        angle = math.tanh(dy / dx) if dx != 0 else math.copysign(1.0, dy)
     else:
         angle = math.atan2(dy, dx)
     c, s = math.cos(angle), math.sin(angle)
@@ -585,6 +585,20 @@ def _mean_y(vertebra: Vertebra) -> float:
     return float(np.mean(np.asarray(vertebra.average_polygon, np.float64)[:, 1]))
 
 
+def choose_levels(context: np.ndarray, appearance: np.ndarray,
+                  params: LabellingParams) -> tuple[list[str], np.ndarray]:
+    """(level names of the vertebrae kept, top to bottom; the ``(N, 24)`` evidence the beam weighed).
+
+    :func:`level_evidence`, :func:`beam_search`, then lower sacral segments
+    left out (:func:`sacral_run_end`, unless ``params.drop_lower_sacral_segments``
+    is off) and the S2 rule (:func:`assign_level_names`).
+    """
+    evidence = level_evidence(context, appearance, params.appearance_weight)
+    indices = beam_search(evidence, params)
+    keep = sacral_run_end(indices) if params.drop_lower_sacral_segments else len(indices)
+    return assign_level_names(indices[:keep]), evidence
+
+
 def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: Callable,
                     context_net: Callable, params: LabellingParams | None = None, device="cpu",
                     progress: Callable[[int, int, str], None] | None = None,
@@ -632,10 +646,8 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     report(n + 2, total, "context network")
 
     start = time.perf_counter()
-    evidence = level_evidence(context, appearance, params.appearance_weight)
-    indices = beam_search(evidence, params)
-    keep = sacral_run_end(indices) if params.drop_lower_sacral_segments else len(indices)
-    names = assign_level_names(indices[:keep])
+    names, evidence = choose_levels(context, appearance, params)
+    keep = len(names)
     timings.search_s = time.perf_counter() - start
     labelled = [replace(vertebra, slices=list(vertebra.slices),
                         polygons=[np.array(p, copy=True) for p in vertebra.polygons],

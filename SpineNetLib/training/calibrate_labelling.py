@@ -78,12 +78,9 @@ def label_study(study: StudyInputs, params: labelling.LabellingParams):
     """(metrics, confidence) of one study under ``params`` (beam search only)."""
     if not study.vertebrae:
         return evaluate.evaluate_case(study.ground_truth, []), None
-    evidence = labelling.level_evidence(study.context, study.appearance, params.appearance_weight)
-    indices = labelling.beam_search(evidence, params)
-    keep = labelling.sacral_run_end(indices)
-    names = labelling.assign_level_names(indices[:keep])
+    names, evidence = labelling.choose_levels(study.context, study.appearance, params)
     predictions = [replace(v, level=name, level_probabilities=p)
-                   for v, name, p in zip(study.vertebrae[:keep], names, evidence)]
+                   for v, name, p in zip(study.vertebrae, names, evidence)]
     return evaluate.evaluate_case(study.ground_truth, predictions), confidence_of_vertebrae(predictions, params)
 
 
