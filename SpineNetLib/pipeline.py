@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from SpineNetLib.core.errors import InputError, SpineNetError
@@ -36,6 +37,7 @@ from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hots
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
+from SpineNetLib.label.missed_bodies import gap_fillers, sacrum_candidate
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.weights import checkpoints
@@ -96,16 +98,29 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     result = detection.detect_vertebrae(scan, predict, detection_params,
                                         progress=scaled(progress, "detecting vertebrae"))
     start = time.perf_counter()
-    n_found = len(result.vertebrae)
-    if result.vertebrae:
-        result.vertebrae = labelling.label_vertebrae(scan, result.vertebrae, networks.appearance,
-                                                     networks.context, labelling_params, device=networks.device,
-                                                     progress=scaled(progress, "labelling levels"))
+    found = list(result.vertebrae)
+    fillers = gap_fillers(found, result.candidates, scan.spacing_mm[:2])
+    found = sorted(found + fillers, key=lambda v: float(v.centroid_xy[1]))
+    label = lambda vertebrae: labelling.label_vertebrae(  # noqa: E731
+        scan, vertebrae, networks.appearance, networks.context, labelling_params, device=networks.device,
+        progress=scaled(progress, "labelling levels"))
+    if found:
+        result.vertebrae = label(found)
+    s1_from_candidate = False
+    candidate = sacrum_candidate(result.vertebrae, result.candidates, scan.spacing_mm[:2])
+    if candidate is not None:
+        relabelled = label(found + [candidate])
+        if relabelled and relabelled[-1].level == "S1" and relabelled[-1].slices == candidate.slices \
+                and np.allclose(relabelled[-1].average_polygon, candidate.average_polygon):
+            result.vertebrae, found, s1_from_candidate = relabelled, found + [candidate], True
     result.timings_s["labelling"] = time.perf_counter() - start
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
                         "appearance_weight": float(labelling_params.appearance_weight),
                         # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped
-                        "sacral_segments_left_out": n_found - len(result.vertebrae)}
+                        "sacral_segments_left_out": len(found) - len(result.vertebrae),
+                        # bodies taken from weaker detections (label/missed_bodies.py)
+                        "bodies_from_weaker_detections": len(fillers) + int(s1_from_candidate),
+                        "s1_from_weaker_detection": s1_from_candidate}
     return result
 
 
@@ -213,7 +228,8 @@ def profiled_detection_params(params: detection.DetectionParams | None,
     params = params or detection.DetectionParams()
     if not profile.official_detection:
         return params
-    return replace(params, official_arithmetic=True, subpixel=False, drop_edge_corners=False)
+    return replace(params, official_arithmetic=True, subpixel=False, drop_edge_corners=False,
+                   candidate_threshold=None)
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,

@@ -64,3 +64,6 @@ class DetectionResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     #: Labelling settings that a later level correction must reuse (e.g. the repeat-S1 penalty).
     labelling: dict = field(default_factory=dict)
+    #: Weaker detections (``DetectionParams.candidate_threshold``) overlapping no vertebra; the
+    #: sacral search (``label/missed_bodies.py``) may take one as S1.  Not written to any output.
+    candidates: list[Vertebra] = field(default_factory=list)

@@ -98,6 +98,11 @@ class DetectionParams:
     #: whole network pixels, the centroid maps resized bilinearly with align_corners=False.
     #: Use with ``subpixel`` and ``drop_edge_corners`` False (the ``official`` profile does).
     official_arithmetic: bool = False
+    #: Not official: each slice is decoded a second time with both thresholds at most this
+    #: value, and what only that pass finds is kept apart as ``DetectionResult.candidates`` (for
+    #: the sacral search, ``label/missed_bodies.py``: on held-out clinical slices the centroid response
+    #: at S1 has a median of 0.38, so S1 was found in 1 of 50 at 0.6).  None: no second pass.
+    candidate_threshold: float | None = 0.3
 
     def __post_init__(self):
         for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
@@ -108,6 +113,8 @@ class DetectionParams:
             raise InputError("detection parameter patch_px must be a positive multiple of 32")
         if not 0 < float(self.stride_fraction) <= 1:
             raise InputError("detection parameter stride_fraction must be in (0, 1]")
+        if self.candidate_threshold is not None and not 0 < float(self.candidate_threshold) < 1:
+            raise InputError("detection parameter candidate_threshold must be in (0, 1) or None")
         if int(self.batch_size) < 1:
             raise InputError("detection parameter batch_size must be at least 1")
 
@@ -721,6 +728,10 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
     pending: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}
     polys_by_slice: dict[int, list[np.ndarray]] = {}
+    weaker_by_slice: dict[int, list[np.ndarray]] = {}
+    weaker = None if params.candidate_threshold is None else dataclasses.replace(
+        params, corner_threshold=min(params.corner_threshold, params.candidate_threshold),
+        centroid_threshold=min(params.centroid_threshold, params.candidate_threshold))
     t_net = 0.0
     done = 0
     if progress is not None:
@@ -751,8 +762,10 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
             filled[s] += 1
             if filled[s] == per_slice:
                 sboxes = [PatchBox(s, b.y0, b.x0, b.height_px, b.width_px) for b in plan]
-                polys_by_slice[s] = decode_slice(pending.pop(s), sboxes, (h, w), params,
-                                                 spacing_rc=spacing_rc)
+                maps = pending.pop(s)
+                polys_by_slice[s] = decode_slice(maps, sboxes, (h, w), params, spacing_rc=spacing_rc)
+                if weaker is not None:
+                    weaker_by_slice[s] = decode_slice(maps, sboxes, (h, w), weaker, spacing_rc=spacing_rc)
         done = jobs.stop
         if progress is not None:
             progress(done, total, f"Detecting vertebrae: {done}/{total} patches")
@@ -761,8 +774,10 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         # that drops single-slice detections as noise would drop them all.
         params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
+    candidates = [c for c in group_across_slices(weaker_by_slice, params)
+                  if all(polygons.iou(c.average_polygon, v.average_polygon) <= params.merge_iou for v in vertebrae)]
     total_s = time.perf_counter() - t_start
-    return DetectionResult(vertebrae=vertebrae, timings_s={
+    return DetectionResult(vertebrae=vertebrae, candidates=candidates, timings_s={
         "detection": total_s,
         "detection_network": t_net,
         "detection_postprocessing": total_s - t_net,

@@ -582,3 +582,43 @@ def test_oracle_on_phantom(kw):
     scan, qbs, truth = _phantom_case(**kw)
     res = D.detect_vertebrae(scan, T.oracle_predictor(qbs))
     _assert_recovered(res, truth, tol_px=0.05)
+
+
+# ----------------------------------------------------------------------------- weaker detections
+
+
+def _weak_lowest_body_predictor(qbs, truth, strength):
+    """Oracle maps in which the lowest body's heat maps (corners and centroid) peak at ``strength``."""
+    slices, per = max(truth, key=lambda t: np.mean([q[:, 1].mean() for q in t[1].values()]))
+    others = {s: np.array([q for q in qs if not (s in per and np.allclose(q, per[s]))]).reshape(-1, 4, 2)
+              for s, qs in qbs.items()}
+    full, without = T.oracle_predictor(qbs), T.oracle_predictor(others)
+
+    def predict(patches, boxes):
+        a, b = full(patches, boxes), without(patches, boxes)
+        out = a.copy()
+        out[:, :5] = b[:, :5] + strength * (a[:, :5] - b[:, :5])
+        return out
+    return predict, (slices, per)
+
+
+def test_weak_body_is_kept_apart_as_a_candidate_and_only_then():
+    scan, qbs, truth = _synthetic_spine(spacing=(0.6, 0.6), seed=7)
+    predict, (slices, per) = _weak_lowest_body_predictor(qbs, truth, strength=0.45)
+    res = D.detect_vertebrae(scan, predict)
+    assert len(res.vertebrae) == len(truth) - 1             # under the official 0.6 threshold
+    assert len(res.candidates) == 1                          # found again by the weaker decoding
+    weak = res.candidates[0]
+    assert weak.slices == slices
+    assert max(np.abs(weak.polygon_on(s) - per[s]).max() for s in slices) < 0.05
+    assert all(P.iou(weak.average_polygon, v.average_polygon) == 0 for v in res.vertebrae)
+    off = D.detect_vertebrae(scan, predict, D.DetectionParams(candidate_threshold=None))
+    assert off.candidates == [] and len(off.vertebrae) == len(truth) - 1
+    # A body too weak even for the second decoding is in neither list.
+    faint, _ = _weak_lowest_body_predictor(qbs, truth, strength=0.2)
+    assert D.detect_vertebrae(scan, faint).candidates == []
+
+
+def test_candidate_threshold_is_checked():
+    with pytest.raises(InputError, match="candidate_threshold"):
+        D.DetectionParams(candidate_threshold=1.5)
