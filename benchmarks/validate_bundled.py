@@ -42,26 +42,21 @@ def training_cases(data_root):
 
 
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None) -> None:
+    """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.label.confidence import confidence_of_vertebrae
-    from SpineNetLib.label.labelling import params_for_context
-    from SpineNetLib.outputs.vertebrae import vertebrae_document
-    from SpineNetLib.pipeline import (detect_and_label, load_networks, processing_profile,
-                                      profiled_detection_params, profiled_labelling_params)
+    from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
     networks = load_networks(weights, "cpu")
     profile = processing_profile(profile_name, networks.weights.source)
-    params = profiled_labelling_params(networks.context, None, profile)
-    detection_params = profiled_detection_params(None, profile)
+    options = RunOptions(grade=False, profile=profile.name)
     for n, case in enumerate(cases, 1):
         target = pred_root / case.case_id / "vertebrae.json"
         if target.is_file():
             continue
         scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
-        result = detect_and_label(scan, networks, detection_params=detection_params, labelling_params=params)
-        confidence = confidence_of_vertebrae(result.vertebrae, params)
+        result = run(scan, networks, options)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(vertebrae_document(scan, result, confidence)), encoding="utf-8")
+        target.write_text(json.dumps(result.vertebrae_document), encoding="utf-8")
         print(f"\r{n}/{len(cases)} {case.case_id}          ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 

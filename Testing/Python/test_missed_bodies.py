@@ -58,3 +58,40 @@ def test_no_gap_no_filler():
     spine = _lumbar()
     assert gap_fillers(spine, [_body(100, 65)]) == []         # regular chain: nothing is missing
     assert gap_fillers(spine[:2], [_body(100, 65)]) == []     # too few bodies to know the step
+
+
+# ----------------------------------------------------------------------------- a header's wrong pixel spacing
+
+
+def test_a_pixel_spacing_twice_too_large_is_found_and_flagged():
+    """The detector sees bodies only at their real size; the header claims pixels twice their size."""
+    import dataclasses
+
+    from oracles import oracle_networks
+    from SpineNetLib import pipeline
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    phantom = make_phantom(fov="lumbar", pixel_spacing=(0.7, 0.7), shape=(448, 400), n_slices=5, seed=11)
+    networks = oracle_networks(phantom)
+    oracle, true_patch_px = networks.predictor, 260.0 / 0.7
+
+    def sees_real_sizes_only(patches, boxes):
+        out = oracle(patches, boxes)
+        out[[abs(b.height_px - true_patch_px) > 0.1 * true_patch_px for b in boxes]] = 0.0
+        return out
+
+    networks.predictor = sees_real_sizes_only
+    truth = sorted(v.level for v in phantom.vertebrae if not v.extra)
+    right = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    assert sorted(v.level for v in right.detection.vertebrae) == truth
+    assert "pixel_spacing_factor" not in right.detection.labelling
+    wrong_header = dataclasses.replace(phantom.scan, spacing_mm=(1.4, 1.4, phantom.scan.spacing_mm[2]))
+    found = pipeline.run(wrong_header, networks, pipeline.RunOptions(grade=False))
+    assert sorted(v.level for v in found.detection.vertebrae) == truth
+    assert found.detection.labelling["pixel_spacing_factor"] == 0.5
+    block = found.vertebrae_document["labelling"]
+    assert block["needs_review"] is True and "check the pixel spacing" in block["warnings"][0]
+    assert any("check the pixel spacing" in w for w in found.warnings)
+    # The official profile reproduces the official code, which trusts the header.
+    official = pipeline.run(wrong_header, networks, pipeline.RunOptions(grade=False, profile="official"))
+    assert official.detection.vertebrae == [] and "pixel_spacing_factor" not in official.detection.labelling
