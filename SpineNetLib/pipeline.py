@@ -37,7 +37,7 @@ from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hots
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
-from SpineNetLib.label.missed_bodies import gap_fillers, sacrum_candidate
+from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.weights import checkpoints
@@ -118,6 +118,22 @@ def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.Detectio
     return best
 
 
+def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
+    """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``):
+    every added body is still there, and the bodies labelled before keep their levels or the lowest
+    added one is named S1."""
+    def level_of(body: Vertebra) -> str | None:
+        for other in relabelled:
+            if other.slices == body.slices and np.allclose(other.average_polygon, body.average_polygon):
+                return other.level
+        return None
+
+    added = [level_of(b) for b in below]
+    if None in added:
+        return False
+    return all(level_of(b) == b.level for b in labelled)
+
+
 def detect_and_label(scan: Scan, networks: Networks, *,
                      detection_params: detection.DetectionParams | None = None,
                      labelling_params: labelling.LabellingParams | None = None,
@@ -148,21 +164,20 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         progress=scaled(progress, "labelling levels"))
     if found:
         result.vertebrae = label(found)
-    s1_from_candidate = False
-    candidate = sacrum_candidate(result.vertebrae, result.candidates, scan.spacing_mm[:2])
-    if candidate is not None:
-        relabelled = label(found + [candidate])
-        if relabelled and relabelled[-1].level == "S1" and relabelled[-1].slices == candidate.slices \
-                and np.allclose(relabelled[-1].average_polygon, candidate.average_polygon):
-            result.vertebrae, found, s1_from_candidate = relabelled, found + [candidate], True
+    below = bodies_below(result.vertebrae, result.candidates, scan.spacing_mm[:2])
+    if below:
+        relabelled = label(found + below)
+        if _keeps_bodies_below(result.vertebrae, relabelled, below):
+            result.vertebrae, found = relabelled, found + below
+        else:
+            below = []
     result.timings_s["labelling"] = time.perf_counter() - start
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
                         "appearance_weight": float(labelling_params.appearance_weight),
                         # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped
                         "sacral_segments_left_out": len(found) - len(result.vertebrae),
                         # bodies taken from weaker detections (label/missed_bodies.py)
-                        "bodies_from_weaker_detections": len(fillers) + int(s1_from_candidate),
-                        "s1_from_weaker_detection": s1_from_candidate}
+                        "bodies_from_weaker_detections": len(fillers) + len(below)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor
     return result

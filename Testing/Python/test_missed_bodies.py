@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.missed_bodies import gap_fillers, sacrum_candidate
+from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
 
 
 def _body(cx, cy, level=None, half=(12.0, 8.0)):
@@ -18,28 +18,40 @@ def _lumbar(step=30.0):
     return [_body(100, 50 + step * i, level) for i, level in enumerate(["L1", "L2", "L3", "L4", "L5"])]
 
 
-def test_the_candidate_one_step_below_l5_is_taken():
-    spine = _lumbar()                                        # L5 at y = 170, step 30
-    s1, s2, aside = _body(104, 203), _body(108, 236), _body(60, 200)
-    assert sacrum_candidate(spine, [s2, aside, s1]) is s1
+def test_the_chain_is_continued_below_its_end_down_to_s1():
+    spine = _lumbar()                                        # L1 .. L5, y = 50 .. 170, step 30 (mm)
+    # S1 lies short of and posterior to the straight continuation (S1_FROM_L5 = 0.83, -0.18):
+    # expected near (100 + 0.18 * 30, 170 + 0.83 * 30) = (105.4, 194.9); columns run A->P.
+    s1, s2, aside = _body(106, 196), _body(112, 228), _body(60, 200)
+    assert bodies_below(spine, [s2, aside, s1]) == [s1]
+    straight_on = _body(100, 200)                            # 0.19 steps from S1's place: taken too
+    assert bodies_below(spine, [straight_on]) == [straight_on]
 
 
-def test_nothing_is_taken_unless_the_spine_ends_at_l5_and_the_candidate_fits():
+def test_missed_l5_and_s1_are_both_found():
+    spine = _lumbar()[:4]                                    # L5 and S1 missed; L4 at y = 140
+    l5 = _body(101, 171)
+    s1 = _body(106, 196)                                     # from L5: step (1, 31), bent as S1
+    assert bodies_below(spine, [s1, l5]) == [l5, s1]
+    assert bodies_below(spine, [s1]) == []                   # S1 cannot be looked for without L5
+
+
+def test_nothing_is_taken_unless_the_chain_ends_above_s1_and_the_candidate_fits():
     spine = _lumbar()
-    assert sacrum_candidate(spine, []) is None
-    assert sacrum_candidate(spine, [_body(100, 170 + 30 + 16)]) is None   # more than half a step off
-    assert sacrum_candidate(spine, [_body(100, 140)]) is None             # above L5
-    ends_at_s1 = spine[1:] + [_body(100, 200, "S1")]
-    assert sacrum_candidate(ends_at_s1, [_body(100, 230)]) is None
-    assert sacrum_candidate(spine[-1:], [_body(100, 200)]) is None        # no L4 to give the step
+    assert bodies_below(spine, []) == []
+    assert bodies_below(spine, [_body(100, 215)]) == []      # more than half a step off
+    assert bodies_below(spine, [_body(100, 140)]) == []      # above L5
+    ends_at_s1 = spine[1:] + [_body(105, 195, "S1")]
+    assert bodies_below(ends_at_s1, [_body(110, 225)]) == []
+    assert bodies_below(spine[-1:], [_body(105, 195)]) == []  # no L4 to give the step
 
 
 def test_distances_are_in_millimetres():
-    # 0.5 mm rows, 1 mm columns: the L4-L5 step of 30 rows is 15 mm; a candidate 10 columns to the
-    # side is 10 mm off (more than half the step) although only 10 pixels away.
+    # 0.5 mm rows, 1 mm columns: the L4-L5 step of 30 rows is 15 mm, S1 expected about 12.5 mm below
+    # L5 (y = 195 rows) and 2.7 mm posterior; a candidate 10 columns aside is 10 mm off there.
     spine = _lumbar()
-    assert sacrum_candidate(spine, [_body(110, 200)], spacing_rc=(0.5, 1.0)) is None
-    assert sacrum_candidate(spine, [_body(110, 200)], spacing_rc=(1.0, 1.0)) is not None
+    assert bodies_below(spine, [_body(113, 195)], spacing_rc=(0.5, 1.0)) == []
+    assert len(bodies_below(spine, [_body(103, 195)], spacing_rc=(0.5, 1.0))) == 1
 
 
 def test_a_gap_is_filled_where_the_missing_bodies_would_lie():
@@ -95,3 +107,40 @@ def test_a_pixel_spacing_twice_too_large_is_found_and_flagged():
     # The official profile reproduces the official code, which trusts the header.
     official = pipeline.run(wrong_header, networks, pipeline.RunOptions(grade=False, profile="official"))
     assert official.detection.vertebrae == [] and "pixel_spacing_factor" not in official.detection.labelling
+
+
+def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
+    """End to end on a phantom whose L5 and S1 give heat maps peaking at 0.45 (under the official 0.6)."""
+    from oracles import oracle_networks
+    from SpineNetLib import pipeline
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.training.targets import oracle_predictor
+
+    phantom = make_phantom(fov="lumbar", pixel_spacing=(0.7, 0.7), shape=(448, 400), n_slices=5, seed=12)
+    networks = oracle_networks(phantom)
+    bodies = [v for v in phantom.vertebrae if not v.extra]
+    weak_levels = {"L5", "S1"}
+    assert weak_levels <= {v.level for v in bodies}
+    strong: dict[int, list] = {}
+    for v in bodies:
+        for s, q in v.quads.items():
+            strong.setdefault(s, [])
+            if v.level not in weak_levels:
+                strong[s].append(q)
+    without = oracle_predictor({s: np.array(q).reshape(-1, 4, 2) for s, q in strong.items()})
+    full = networks.predictor
+
+    def weak_l5_s1(patches, boxes):
+        a, b = full(patches, boxes), without(patches, boxes)
+        a[:, :5] = b[:, :5] + 0.45 * (a[:, :5] - b[:, :5])
+        return a
+
+    networks.predictor = weak_l5_s1
+    result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    assert [v.level for v in result.detection.vertebrae] == [v.level for v in sorted(
+        bodies, key=lambda v: np.mean([q[:, 1].mean() for q in v.quads.values()]))]
+    assert result.vertebrae_document["labelling"]["bodies_from_weaker_detections"] == 2
+    assert result.vertebrae_document["labelling"]["s1_found"] is True
+    off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=
+                                                                 pipeline.detection.DetectionParams(candidate_threshold=None)))
+    assert "S1" not in [v.level for v in off.detection.vertebrae]
