@@ -115,6 +115,46 @@ def _check_nifti_finite(path: Path, opener, start: int, end: int, dtype: np.dtyp
         raise InputError(f"{path.name} has {bad} NaN or infinite voxel(s)")
 
 
+#: Bytes per voxel of the MetaImage element types.
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_ULONG": 8, "MET_LONG": 8, "MET_ULONG_LONG": 8, "MET_LONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+
+
+def _check_metaimage_data_file(path: Path) -> None:
+    """A detached MetaImage header (``.mhd``) must name a regular data file holding all its voxels.
+
+    ITK would otherwise read from whatever the header names, e.g. a device such as /dev/zero.
+    """
+    try:
+        text = path.read_bytes()[:65536].decode("latin-1")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {_one_line(exc)}") from None
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    name = fields.get("ElementDataFile", "")
+    if not name or name.upper() in ("LOCAL", "LIST") or "%" in name:
+        return  # voxels in the header file itself, or a file list (each read by ITK with its own checks)
+    data = (path.parent / name).resolve()
+    if not data.is_file():
+        raise InputError(f"{path.name} names the data file {name!r}, which is not a regular file")
+    if fields.get("CompressedData", "False").lower() != "true":
+        try:
+            dims = [int(v) for v in fields.get("DimSize", "").split()]
+            channels = int(fields.get("ElementNumberOfChannels", "1"))
+        except ValueError:
+            return  # ITK reports the malformed header itself
+        needed = int(np.prod(dims, dtype=np.float64)) * channels * _MET_BYTES.get(fields.get("ElementType", ""), 1)
+        if data.stat().st_size < needed:
+            raise InputError(f"the data file {name!r} of {path.name} holds {data.stat().st_size} bytes, "
+                             f"fewer than the {needed} its header describes: the file is truncated")
+
+
 def image_ijk_to_ras(img) -> np.ndarray:
     """The 4x4 IJK-to-RAS matrix of a SimpleITK image or ImageFileReader (their geometry is LPS: x and y negated)."""
     ijk_to_ras = np.eye(4)
@@ -143,6 +183,8 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
                          "or a DICOM folder")
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
+    if suffix == ".mhd":
+        _check_metaimage_data_file(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))

@@ -275,3 +275,22 @@ def test_randomly_corrupted_dicom_headers_end_in_a_clean_error_or_a_scan(tmp_pat
             outcomes["error"] += 1
         shutil.rmtree(folder)
     assert outcomes["scan"] > 0 and outcomes["error"] > 0
+
+
+def test_a_metaimage_header_naming_a_device_or_a_short_data_file_is_refused(tmp_path):
+    good = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.mhd")
+    assert load_scan(good).voxels.shape[:2] == (64, 48)
+    header = good.read_text(encoding="latin-1")
+    data_name = next(line.split("=")[1].strip() for line in header.splitlines() if line.startswith("ElementDataFile"))
+    device = tmp_path / "device.mhd"
+    device.write_text(header.replace(f"ElementDataFile = {data_name}", "ElementDataFile = /dev/zero"),
+                      encoding="latin-1")
+    with pytest.raises(InputError, match="not a regular file"):
+        load_scan(device)
+    raw = (tmp_path / data_name).read_bytes()
+    (tmp_path / "short.raw").write_bytes(raw[: len(raw) // 2])
+    short = tmp_path / "short.mhd"
+    short.write_text(header.replace(f"ElementDataFile = {data_name}", "ElementDataFile = short.raw"),
+                     encoding="latin-1")
+    with pytest.raises(InputError, match="truncated"):
+        load_scan(short)
