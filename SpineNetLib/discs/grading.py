@@ -105,6 +105,23 @@ assert tuple((c.head, c.n_classes) for c in _COLUMNS) == tuple((h.name, h.n_clas
 DiscGrades = dict[str, tuple[int, np.ndarray]]
 
 
+#: Why a column has no grade when the weights did not train its head.
+NOT_TRAINED = "not trained: no graded data"
+
+
+def trained_columns(grading_net: torch.nn.Module) -> tuple[str, ...]:
+    """The grade columns whose heads the weights trained, in column order.
+
+    A checkpoint written by ``spinenet train grader`` records them (``trained_heads``: the heads
+    its data graded); the official checkpoints record none, and all their heads were trained.
+    """
+    recorded = (getattr(grading_net, "checkpoint_meta", None) or {}).get("trained_heads")
+    if recorded is None:
+        return tuple(GRADE_COLUMNS)
+    heads = {h.strip() for h in str(recorded).split(",") if h.strip()}
+    return tuple(c.name for c in _COLUMNS if c.head in heads)
+
+
 def _as_array(volume) -> np.ndarray:
     v = volume.volume if isinstance(volume, IVDVolume) else volume
     v = np.asarray(v, np.float32)
@@ -119,9 +136,11 @@ def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net: torch.
     """Grades of each volume, in the given order: ``[{column: (value, probabilities)}]``.
 
     ``grading_net`` must be in eval mode (as :func:`checkpoints.load_model`
-    returns it); it is called on batches of at most ``batch_size`` volumes.
+    returns it); it is called on batches of at most ``batch_size`` volumes.  Only the columns
+    whose heads the weights trained are graded (:func:`trained_columns`); the rest are absent.
     """
     device = torch.device(device)
+    graded = set(trained_columns(grading_net))
     arrays = [_as_array(v) for v in volumes]
     out: list[DiscGrades] = []
     for start in range(0, len(arrays), max(1, int(batch_size))):
@@ -131,7 +150,8 @@ def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net: torch.
         for k in range(batch.shape[0]):
             grades: DiscGrades = {}
             for column, p in zip(_COLUMNS, probs):
-                grades[column.name] = (int(np.argmax(p[k])) + column.offset, p[k].copy())
+                if column.name in graded:
+                    grades[column.name] = (int(np.argmax(p[k])) + column.offset, p[k].copy())
             out.append(grades)
     return out
 

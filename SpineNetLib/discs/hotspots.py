@@ -142,7 +142,7 @@ def forward_functional(net: GradingNet, x: torch.Tensor, relu: Callable = F.relu
     Mirrors :meth:`GradingNet.forward` (official §3.4).  With ``trace`` (a
     dict) it records the activations excitation back-propagation needs.
     """
-    stem = relu(_bn(_conv(x, net.conv1), net.bn1))
+    stem = relu(_bn(_conv(net.read_slices(x), net.conv1), net.bn1))
     h = net.maxpool(stem)
     blocks = []
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
@@ -273,7 +273,9 @@ def saliency_batch(net: GradingNet, x: torch.Tensor, head: str | GradingHead, cl
         return _gradient_maps(net, x, hi, class_index, guided=method == "guided")
     if method in ("excitation", "contrastive_excitation"):
         stem = excitation_stem_map(net, x, h, class_index, contrastive=method == "contrastive_excitation")
-        return _upsample2(stem, x.shape[-2:])
+        maps = _upsample2(stem, x.shape[-2:])
+        side = (x.shape[2] - maps.shape[1]) // 2   # slices the network does not read get no evidence
+        return F.pad(maps, (0, 0, 0, 0, side, side)) if side else maps
     raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
 
 

@@ -56,8 +56,14 @@ class GradingConfig:
 
     blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
     base_width: int = 64
+    #: Slices of the disc volume the network reads: the central ones of the 9 (official: all 9).  A
+    #: grader trained on single mid-sagittal slices (the bundled one, MODEL_CARD.md) reads 1.
+    input_slices: int = GRADING_INPUT_SHAPE[0]
 
     def __post_init__(self) -> None:
+        if int(self.input_slices) not in (1, 3, 5, 7, 9):
+            raise ValueError(f"GradingConfig.input_slices must be 1, 3, 5, 7 or 9, got {self.input_slices!r}")
+        object.__setattr__(self, "input_slices", int(self.input_slices))
         blocks = tuple(int(b) for b in self.blocks)
         if len(blocks) != 4 or any(b < 1 for b in blocks):
             raise ValueError(f"GradingConfig.blocks must be 4 positive integers, got {self.blocks!r}")
@@ -117,9 +123,19 @@ class GradingNet(nn.Module):
         for head in HEADS:
             self.add_module(head.name, nn.Linear(8 * w, head.n_classes))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def read_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """The central ``config.input_slices`` slices of ``[N, 1, S, 112, 224]`` (all S when fewer)."""
         if x.dim() != 5 or x.shape[1] != 1:
-            raise InputError(f"grading input must be [N, 1, 9, 112, 224], got {list(x.shape)}")
+            raise InputError(f"grading input must be [N, 1, {GRADING_INPUT_SHAPE[0]}, 112, 224], "
+                             f"got {list(x.shape)}")
+        k = self.config.input_slices
+        first = max(0, (x.shape[2] - k) // 2)
+        return x[:, :, first:first + k]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits of every head for ``[N, 1, S, 112, 224]``; of S >= ``config.input_slices`` slices the
+        central ``input_slices`` are read (S - input_slices must be even)."""
+        x = self.read_slices(x)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(F.adaptive_avg_pool3d(x, 1), 1)

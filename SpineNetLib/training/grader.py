@@ -95,6 +95,8 @@ TASKS: dict[str, GradingTask] = {t.name: t for t in (
     GradingTask("lower_endplate", ("fc_led",), ((0,), (1,)), value_names=("normal", "defect")),
     GradingTask("herniation", ("fc_hrn",), ((0,), (1,)), value_names=("none", "present")),
     GradingTask("modic", ("fc_umc", "fc_lmc"), ((0,), (1,)), rule="any", value_names=("none", "upper or lower")),
+    GradingTask("endplate_defect", ("fc_ued", "fc_led"), ((0,), (1,)), rule="any",
+                value_names=("none", "upper or lower")),
 )}
 #: Tasks whose meaning depends on left and right (none yet): slice reversal is off when one is trained.
 LATERAL_TASKS: tuple[str, ...] = ()
@@ -390,6 +392,59 @@ def spider_samples(root, sequences: Sequence[str] | None = ("t2",), max_cases: i
     return out
 
 
+#: Disc tags of ``tianchi/`` (data README: v1 normal, v2 bulge, v3 protrusion, v4 extrusion, v5 Schmorl
+#: node) as task values.  Herniation: a protrusion or extrusion (focal displacement of disc material
+#: beyond the ring apophyses); a bulge (circumferential, not focal) and a normal disc are "none".  A
+#: Schmorl node is a herniation through an endplate: an endplate defect above or below the disc
+#: (the tag does not say which endplate, hence the "any" task).  Discs without a tag are left out.
+TIANCHI_DISC_TASKS = {"herniation": ({"v3", "v4"}, {"v1", "v2", "v5"}),
+                      "endplate_defect": ({"v5"}, {"v1", "v2", "v3", "v4"})}
+
+
+def tianchi_disc_targets(tag: str) -> dict[str, int]:
+    """Task values of one ``tianchi/`` disc tag ("v2", "v3,v5", ...); {} for an empty tag."""
+    tags = {t.strip() for t in str(tag).split(",") if t.strip()}
+    if not tags:
+        return {}
+    targets = {}
+    for task, (present, absent) in TIANCHI_DISC_TASKS.items():
+        if tags & present:
+            targets[task] = 1
+        elif tags <= absent:
+            targets[task] = 0
+    return targets
+
+
+def tianchi_samples(data_root, targets_path, log=print) -> list[GradingSample]:
+    """Graded discs of the ``tianchi/`` studies, cut between the pseudo-labelled outlines of
+    ``targets_path`` (``spinenet train tianchi-targets``) as ``spinenet run`` cuts them.  Studies of
+    ``datasets.DEFAULT_VAL_CASES`` get subset "validation", the others "training"; the 5 studies
+    with swapped labels are left out."""
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.training import datasets
+    from SpineNetLib.training.tianchi import read_pseudo_labels
+
+    outlines = read_pseudo_labels(targets_path)
+    out = []
+    for case in datasets.list_cases(data_root, sources=datasets.POINT_SOURCES):
+        doc = json.loads((case.path / "case.json").read_text(encoding="utf-8"))
+        targets = outlines.get(case.case_id)
+        if doc.get("suspect_label_order") or targets is None:
+            continue
+        tags = {p["name"]: p.get("tianchi_tag", "") for p in doc["points"] if p["kind"] == "disc"}
+        bodies = [Vertebra(slices=[0], polygons=[quad], level=level) for level, quad in targets.quads.items()]
+        scan = load_scan(case.path / "image.nii.gz")
+        subset = "validation" if case.case_id in datasets.DEFAULT_VAL_CASES else "training"
+        for vol in extract_ivd_volumes(scan, sorted(bodies, key=lambda v: float(v.centroid_xy[1]))):
+            values = tianchi_disc_targets(tags.get(vol.level, ""))
+            if values:
+                out.append(GradingSample(vol.volume.astype(np.float16), values, group=case.patient_id,
+                                         name=f"{case.case_id}:{vol.level}", subset=subset))
+    if log:
+        log(f"tianchi: {len(out)} graded discs")
+    return out
+
+
 def split_samples(samples: Sequence[GradingSample], val_fraction: float, seed: int):
     """(train, val): the data set's own subsets if it has both, else a seeded split by group."""
     subsets = {s.subset for s in samples}
@@ -460,7 +515,7 @@ def train_grader(args) -> Path:
     if args.init:
         model = checkpoints.load_model("grading", args.init)
     else:
-        model = GradingNet(GradingConfig(tuple(args.config_blocks), args.base_width))
+        model = GradingNet(GradingConfig(tuple(args.config_blocks), args.base_width, args.input_slices))
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps + args.head_steps
@@ -482,8 +537,8 @@ def train_grader(args) -> Path:
 
 def _checked_arguments(args) -> tuple[list[str], list[str] | None, list[str]]:
     """(phantom pathologies, SPIDER sequences or None, wanted tasks) of valid ``train grader`` arguments."""
-    if not args.data and not args.phantoms:
-        raise InputError("no training data: give --data DIR (SPIDER format) or --phantoms N")
+    if not args.data and not args.phantoms and not args.tianchi_targets:
+        raise InputError("no training data: give --data DIR (SPIDER format), --tianchi-targets FILE or --phantoms N")
     if args.steps < 1 or args.batch_size < 1 or args.head_steps < 0:
         raise InputError("--steps and --batch-size must be at least 1, --head-steps at least 0")
     pathologies = [p.strip() for p in args.phantom_pathology.split(",") if p.strip()]
@@ -504,13 +559,17 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "head_lr": args.head_lr,
         "weight_decay": args.weight_decay, "blocks": list(args.config_blocks), "base_width": args.base_width,
         "init": args.init, "val_fraction": args.val_fraction, "augment": args.augment, "sampling": args.sampling,
-        "max_cases": args.max_cases,
+        "max_cases": args.max_cases, "tianchi_targets": args.tianchi_targets, "input_slices": args.input_slices,
     }
 
 
 def _training_data(args, pathologies: list[str], sequences: list[str] | None, wanted: list[str], log):
     """(training samples, validation samples, tasks to train): the tasks seen in training (and wanted)."""
-    if args.data:
+    if args.tianchi_targets:
+        from SpineNetLib.training.datasets import default_data_root
+
+        samples = tianchi_samples(args.tianchi_data or default_data_root(), args.tianchi_targets, log)
+    elif args.data:
         samples = spider_samples(args.data, sequences, args.max_cases, log)
     else:
         samples = phantom_samples(args.phantoms, args.seed, pathologies, args.phantom_rate, log=log)
@@ -581,7 +640,9 @@ class _TwoStages:
                                             "final": final_metrics})
         checkpoints.save_checkpoint(final, "grading", self.model.cpu(), half=True,
                                     extra={"epoch_no": int(total), "seed": int(args.seed),
-                                           "tasks": [t.name for t in tasks]})
+                                           "tasks": [t.name for t in tasks],
+                                           # the heads the data graded; the others say "not trained"
+                                           "trained_heads": ",".join(sorted({h for t in tasks for h in t.heads}))})
         self.log(f"wrote {final}")
 
 
@@ -617,6 +678,14 @@ def add_grader_parser(sub) -> None:
                    help="share of patients for validation when the data has no validation subset (default 0.2)")
     p.add_argument("--val-every", type=int, default=0, help="also validate every K steps (0: after each stage)")
     p.add_argument("--max-cases", type=int, default=0, help="use only the first N SPIDER series (tests)")
+    p.add_argument("--tianchi-targets", default=None, metavar="FILE",
+                   help="train on the graded discs of tianchi/, cut between these pseudo-labelled outlines "
+                        "(`spinenet train tianchi-targets`); held-out studies validate")
+    p.add_argument("--tianchi-data", default=None, metavar="DIR",
+                   help="data root holding tianchi/ (default: $SPINENET_DATA or ../shared/data)")
+    p.add_argument("--input-slices", type=int, default=9, choices=(1, 3, 5, 7, 9),
+                   help="central slices of the disc volume the grader reads (default 9, official; 1 for single "
+                        "mid-sagittal slices such as tianchi/)")
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = none (default 1)")
     p.set_defaults(func=command_train_grader)
 

@@ -73,7 +73,7 @@ def test_spider_names_and_grade_mapping():
     g.update({"Pfirrman grade": None, "Modic": 0, "Disc narrowing": 7})
     v = spider.task_values(g)
     assert "pfirrmann" not in v and "narrowing" not in v and v["modic"] == 0
-    assert set(spider.TASK_COLUMNS) == set(tg.TASKS)
+    assert set(spider.TASK_COLUMNS) | set(tg.TIANCHI_DISC_TASKS) == set(tg.TASKS)
 
 
 def test_real_gradings_header_is_read(tmp_path):
@@ -251,3 +251,43 @@ def test_train_grader_bad_input(tmp_path, capsys):
     assert "no training data" in capsys.readouterr().err
     assert main(["train", "grader", "--data", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "not a SPIDER folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tianchi/ disc tags
+
+
+def test_tianchi_tags_map_onto_herniation_and_endplate_defects():
+    from SpineNetLib.training import grader as tg
+
+    assert tg.tianchi_disc_targets("v1") == {"herniation": 0, "endplate_defect": 0}
+    assert tg.tianchi_disc_targets("v2") == {"herniation": 0, "endplate_defect": 0}   # a bulge is no herniation
+    assert tg.tianchi_disc_targets("v3") == {"herniation": 1, "endplate_defect": 0}   # protrusion
+    assert tg.tianchi_disc_targets("v4") == {"herniation": 1, "endplate_defect": 0}   # extrusion
+    assert tg.tianchi_disc_targets("v5") == {"herniation": 0, "endplate_defect": 1}   # Schmorl node
+    assert tg.tianchi_disc_targets("v3,v5") == {"herniation": 1, "endplate_defect": 1}
+    assert tg.tianchi_disc_targets("") == {}
+    assert tg.tianchi_disc_targets("v9") == {}                                         # unknown: nothing taught
+
+
+def test_a_single_slice_grader_reads_only_the_central_slice_and_names_its_trained_heads(tmp_path):
+    from SpineNetLib.discs.grading import GRADE_COLUMNS, grade_volumes, trained_columns
+    from SpineNetLib.models.grading import GradingConfig, GradingNet
+
+    torch.manual_seed(0)
+    net = GradingNet(GradingConfig((1, 1, 1, 1), 4, input_slices=1)).eval()
+    rng = np.random.default_rng(0)
+    volume = rng.random((9, 112, 224)).astype(np.float32)
+    other = volume.copy()
+    other[:4] = rng.random((4, 112, 224))
+    other[5:] = 0.0
+    with torch.no_grad():
+        a, b = net(torch.from_numpy(volume)[None, None]), net(torch.from_numpy(other)[None, None])
+    assert all(torch.allclose(x, y) for x, y in zip(a, b))              # slices other than 4 are not read
+    path = checkpoints.save_checkpoint(tmp_path / "grading.pt", "grading", net,
+                                       extra={"trained_heads": "fc_hrn,fc_led,fc_ued"})
+    loaded = checkpoints.load_model("grading", path)
+    assert loaded.config.input_slices == 1
+    assert trained_columns(loaded) == ("UpperEndplateDefect", "LowerEndplateDefect", "Herniation")
+    graded = grade_volumes([volume], loaded)[0]
+    assert set(graded) == {"UpperEndplateDefect", "LowerEndplateDefect", "Herniation"}
+    assert trained_columns(net) == tuple(GRADE_COLUMNS)                  # no record: every head (official)
