@@ -32,7 +32,7 @@ from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
-from SpineNetLib.discs.grading import grade_volumes
+from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.label import labelling
@@ -231,6 +231,10 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
             report(len(ivds), len(ivds))
         weights_path = getattr(networks.grading, "weights_path", None)
         status = {"status": "done", "weights": str(weights_path) if weights_path else networks.weights.source}
+        graded_columns = trained_columns(networks.grading)
+        untrained = {c: NOT_TRAINED for c in GRADE_COLUMNS if c not in graded_columns}
+        if untrained:  # e.g. the bundled grader: only the heads the clinical tags grade
+            status["heads_not_trained"] = untrained
         timings["grading"] = time.perf_counter() - start
     return DiscResult(ivds=ivds, grades=grades, measurements=measurements, grading_status=status,
                       timings_s=timings)
@@ -437,6 +441,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
                         batch_size=options.grading_batch_size, progress=progress,
                         across_missed_levels=profile.discs_across_missed_levels)
+    not_trained = discs.grading_status.get("heads_not_trained")
+    if not_trained:
+        graded = [c for c in GRADE_COLUMNS if c not in not_trained]
+        warnings.append(f"the {networks.weights.source} grader grades {', '.join(graded)} only: its other heads "
+                        "were not trained (no graded data)")
     hotspot_start = time.perf_counter()
     maps = _hotspot_maps(scan, heads, discs, networks, options, warnings, progress)
     hotspot_timing = {"hotspots": time.perf_counter() - hotspot_start} if maps else {}

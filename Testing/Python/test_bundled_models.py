@@ -27,7 +27,7 @@ VALIDATION_CASE = "myo_05"  # in dataset.DEFAULT_VAL_CASES: never seen in traini
 
 def test_bundled_weights_are_small_fp16_with_a_model_card():
     files = {p.name: p.stat().st_size for p in BUNDLED_DIR.glob("*.pt")}
-    assert {"detector.pt", "appearance.pt", "context.pt"} <= set(files)
+    assert {"detector.pt", "appearance.pt", "context.pt", "grading.pt"} <= set(files)
     assert sum(files.values()) <= 15 * 1024 * 1024
     assert (BUNDLED_DIR / "MODEL_CARD.md").is_file()
 
@@ -102,3 +102,19 @@ def test_demo_says_how_sure_its_levels_are(demo_result):
     rows = list(csv.DictReader((out / "results" / "vertebrae.csv").open()))
     assert {r["labelling_confidence"] for r in rows} == {f"{block['confidence']:.6f}"}
     assert {r["levels_need_review"] for r in rows} == {"true" if block["needs_review"] else "false"}
+
+
+def test_the_demo_grades_out_of_the_box_with_the_heads_the_clinical_tags_taught(demo_result):
+    out, _ = demo_result
+    doc = json.loads((out / "results" / "discs.json").read_text())
+    grading = doc["grading"]
+    assert grading["status"] == "done"
+    assert set(grading["heads_not_trained"]) == set(doc["grade_columns"]) - {"Herniation"}
+    assert all(reason == "not trained: no graded data" for reason in grading["heads_not_trained"].values())
+    graded = [d for d in doc["discs"] if d["grades"]]
+    assert len(graded) >= 6
+    for disc in graded:
+        assert set(disc["grades"]) == {"Herniation"}
+        probabilities = disc["grades"]["Herniation"]["probabilities"]
+        assert abs(sum(probabilities) - 1.0) < 1e-6
+        assert disc["grades"]["Herniation"]["value"] == int(np.argmax(probabilities))

@@ -291,3 +291,15 @@ def test_a_single_slice_grader_reads_only_the_central_slice_and_names_its_traine
     graded = grade_volumes([volume], loaded)[0]
     assert set(graded) == {"UpperEndplateDefect", "LowerEndplateDefect", "Herniation"}
     assert trained_columns(net) == tuple(GRADE_COLUMNS)                  # no record: every head (official)
+
+
+def test_the_weight_average_is_what_is_saved(spider_root, tmp_path):
+    """--ema saves the running average of the weights (recorded in the run's config), not the last weights."""
+    root, _ = spider_root
+    assert main(_args(root, tmp_path / "raw")) == 0
+    assert main(_args(root, tmp_path / "avg", "--ema", "0.9")) == 0
+    raw = checkpoints.load_model("grading", tmp_path / "raw" / "grading.pt").state_dict()
+    avg = checkpoints.load_model("grading", tmp_path / "avg" / "grading.pt").state_dict()
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
+    config = json.loads((tmp_path / "avg" / "config.json").read_text())
+    assert config["ema"] == 0.9
