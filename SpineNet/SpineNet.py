@@ -74,6 +74,8 @@ from SpineNetLib.core.errors import SpineNetError  # noqa: E402
 IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
 #: Weight sources offered in the panel, in combo-box order.
 WEIGHT_SOURCES = ("bundled", "official", "folder")
+#: The hotspot head choice that computes no hotspot maps (the default: a map takes minutes on a CPU).
+NO_HOTSPOTS = "none"
 #: What follows the Python program on the worker's command line.
 WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
 #: Style of the labelling line when the levels may be shifted (the worst error: make it stand out).
@@ -413,8 +415,9 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         for device in ("auto", "cpu", "cuda"):
             self.ui.deviceComboBox.addItem(device)
         self.ui.hotspotHeadComboBox.clear()
-        for head in documents.GRADE_HEADS:
+        for head in (NO_HOTSPOTS, *documents.GRADE_HEADS):   # "none" first: hotspots are opt-in
             self.ui.hotspotHeadComboBox.addItem(head)
+        self.ui.hotspotHeadComboBox.setCurrentIndex(0)
         self.ui.progressBar.setValue(0)
         self.ui.cancelButton.setEnabled(False)
         self.ui.discTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
@@ -463,9 +466,10 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         """The options chosen in the panel, as :meth:`SpineNetLogic.startRun` takes them."""
         source = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))]
         weights = _get(self.ui.weightsFolderLineEdit, "text").strip() if source == "folder" else source
+        head = _get(self.ui.hotspotHeadComboBox, "currentText")
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",
                 "grading": bool(_get(self.ui.gradingCheckBox, "checked")),
-                "hotspot_head": _get(self.ui.hotspotHeadComboBox, "currentText") or None}
+                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head}
 
     def onBrowseWeights(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet weights folder",
@@ -629,6 +633,10 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         head = _get(self.ui.hotspotHeadComboBox, "currentText")
         if volume is None or disc is None:
             self.setStatus("Run SpineNet and select a disc in the table first.")
+            return
+        if head in ("", NO_HOTSPOTS):
+            self.setStatus("Choose a hotspot head: hotspot maps are computed only for the head chosen "
+                           "before Detect & Grade.")
             return
         node, message = self.logic.showHotspots(volume, disc, head)
         self.setStatus(message)

@@ -8,7 +8,7 @@ The whole pipeline in three calls::
     scan = load_scan("path/to/dicom_folder")
     networks = SpineNetLib.load_networks("bundled", with_grading=True)
     result = SpineNetLib.run(scan, networks)           # a pipeline.RunResult; writes nothing
-    SpineNetLib.write_results("out", result)           # vertebrae/discs JSON + CSV, hotspots, result.json
+    SpineNetLib.write_results("out", result, scan=scan)  # JSON + CSV, hotspots, preview.png, result.json
 
 Those names are loaded on first use, so that importing a light module (e.g.
 ``SpineNetLib.outputs.documents`` in Slicer before torch is installed) does

@@ -34,7 +34,7 @@ from SpineNetLib.detect import vfr as detection
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
-from SpineNetLib.discs.measurements import measure_spine
+from SpineNetLib.discs.measurements import implausible_disc_measurements, measure_spine
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
@@ -190,7 +190,8 @@ class DiscResult:
     ivds: list
     grades: list | None
     measurements: object
-    #: {"status": "done", "weights": ...} or {"status": "not run", "reason": "..."}.
+    #: {"status": "done", "weights": source, "weights_file": ...} or {"status": "not run", "reason": "...",
+    #: "weights": source}; source: the weight set's ("bundled", "official" or the folder).
     grading_status: dict
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -212,12 +213,14 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
     measurements = measure_spine(scan, vertebrae)
     timings["measurements"] = time.perf_counter() - start
     grades = None
+    # "weights": the weight set's source (bundled, official or the folder), in every status
     if not grade:
-        status = {"status": "not run", "reason": "grading was switched off (--no-grade)"}
+        status = {"status": "not run", "reason": "grading was switched off (--no-grade)",
+                  "weights": networks.weights.source}
     elif networks.grading is None:
         status = {"status": "not run",
                   "reason": f"no grading weights in the {networks.weights.source!r} weight set "
-                            "(add grading.pt or the official grading/ folder)"}
+                            "(add grading.pt or the official grading/ folder)", "weights": networks.weights.source}
     else:
         start = time.perf_counter()
         report = scaled(progress, "grading discs")
@@ -230,7 +233,9 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         if report:
             report(len(ivds), len(ivds))
         weights_path = getattr(networks.grading, "weights_path", None)
-        status = {"status": "done", "weights": str(weights_path) if weights_path else networks.weights.source}
+        status = {"status": "done", "weights": networks.weights.source}
+        if weights_path:
+            status["weights_file"] = str(weights_path)
         graded_columns = trained_columns(networks.grading)
         untrained = {c: NOT_TRAINED for c in GRADE_COLUMNS if c not in graded_columns}
         if untrained:  # e.g. the bundled grader: only the heads the clinical tags grade
@@ -441,6 +446,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
                         batch_size=options.grading_batch_size, progress=progress,
                         across_missed_levels=profile.discs_across_missed_levels)
+    implausible = [line for d in (discs.measurements.discs if discs.measurements is not None else [])
+                   for line in implausible_disc_measurements(d)]
+    disc_warnings += implausible
+    warnings += implausible
     not_trained = discs.grading_status.get("heads_not_trained")
     if not_trained:
         graded = [c for c in GRADE_COLUMNS if c not in not_trained]
@@ -454,6 +463,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                         "total": sum(earlier.values()) + time.perf_counter() - start}
     vertebrae_doc = vertebrae_document(scan, result, confidence)
     vertebrae_doc["profile"] = profile.name
+    vertebrae_doc["weights"] = networks.weights.source
     if scan_warnings or labelling_warnings:
         vertebrae_doc["warnings"] = scan_warnings + labelling_warnings
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,

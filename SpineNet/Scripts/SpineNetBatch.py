@@ -14,7 +14,9 @@ file, NIfTI, NRRD, MHA: identical behaviour in and outside Slicer) and run it
 through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
 process, the same entry point as the Slicer module's worker, so the same files
 are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
-``discs.json`` when the discs were measured or graded), the hotspot maps and
+``discs.json`` when the discs were measured or graded), the hotspot maps
+(only with ``--hotspot-head``), ``preview.png`` (a picture of the result;
+``hotspots.png`` with hotspot maps; ``--no-preview`` skips them) and
 ``result.json``.  Then the script adds ``scene.mrb`` (the scan with the
 outlines, centroids, segmentation and grades table, for Slicer's File > Add
 Data) and prints a summary and how sure the level labelling is (a line
@@ -70,8 +72,11 @@ def build_parser():
                              "docs/PROFILES.md)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
-    parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
+    parser.add_argument("--hotspot-head", default=None,
+                        help="grading head whose hotspot maps are written, e.g. Pfirrmann (default: none; "
+                             "they take minutes on a CPU)")
     parser.add_argument("--no-scene", action="store_true", help="write only the CSV/JSON files, no scene.mrb")
+    parser.add_argument("--no-preview", action="store_true", help="do not draw preview.png (nor hotspots.png)")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline "
                                            "(see SpineNetLib.apps.worker)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
@@ -174,14 +179,16 @@ def run(args):
         npy, geometry = worker.write_volume(Path(folder) / "input", voxels, ijk_to_ras, metadata)
         arguments = worker.worker_arguments(npy, output, geometry=geometry, weights=args.weights, device=args.device,
                                             grading=args.grading, hotspot_head=args.hotspot_head,
-                                            pipeline=args.pipeline, profile=profile.name)
+                                            pipeline=args.pipeline, profile=profile.name,
+                                            preview=not args.no_preview)
         for item in args.option:
             arguments += ["--option", item]
         manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))
 
     vertebrae, discs, folder = documents.read_result(manifest)
-    hotspots = json.loads(Path(manifest).read_text(encoding="utf-8")).get("hotspots") or []
-    names = ["vertebrae.json", "vertebrae.csv", "discs.json", "discs.csv", *hotspots]
+    listed = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    hotspots = listed.get("hotspots") or []
+    names = ["vertebrae.json", "vertebrae.csv", "discs.json", "discs.csv", *hotspots, *(listed.get("images") or [])]
     written = [folder / name for name in names if (folder / name).is_file()] + [Path(manifest)]
 
     if not args.no_scene:

@@ -4,8 +4,10 @@
 sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD), measures and
 (with grading weights, unless ``--no-grade``) grades the discs, all through
 :func:`SpineNetLib.pipeline.run`, and writes ``vertebrae.json``, ``vertebrae.csv``,
-``discs.json``, ``discs.csv``, the hotspot maps asked for and the ``result.json``
-manifest with :func:`SpineNetLib.outputs.files.write_results`.
+``discs.json``, ``discs.csv``, the hotspot maps asked for, ``preview.png`` (a
+picture of the result; ``hotspots.png`` with hotspot maps; ``--no-preview``
+skips them) and the ``result.json`` manifest with
+:func:`SpineNetLib.outputs.files.write_results`.
 
 Exit status: 0 success; 2 a problem with the input, an option or the
 weights, reported as one line on stderr (never a traceback); 1 an internal
@@ -44,9 +46,23 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="allow full unpickling of the checkpoint with this SHA-256 (only for files you trust)")
 
 
+def _version() -> str:
+    """The installed package's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spinenet-slicer")
+    except PackageNotFoundError:
+        from SpineNetLib import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version=f"spinenet {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="detect and label the vertebrae, measure and grade the discs, write JSON/CSV")
@@ -65,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=["default", "official"], default=None,
                      help="how the stages around the networks work: this project's (default) or the official "
                           "code's (official; the default with --weights official); see docs/PROFILES.md")
+    run.add_argument("--no-preview", action="store_true",
+                     help="do not draw preview.png (the mid-sagittal slice with outlines, levels, grades and "
+                          "warnings) nor hotspots.png")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
 
@@ -78,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=command_demo)
 
     evaluate = sub.add_parser("evaluate", help="detection/identification metrics of predictions against annotated cases")
-    evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases (one folder per case: image.nii.gz, labels.nii.gz, case.json)")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases: a data root (DIR/<source>/<case>/ with image.nii.gz, labels.nii.gz, "
+                               "case.json), one source folder (e.g. DIR/tianchi) or one case folder")
     evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
     evaluate.add_argument("--cases", nargs="*", metavar="CASE", help="only these case ids")
     evaluate.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
@@ -120,6 +140,7 @@ def command_run(args) -> int:
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs.files import check_writable, write_results
+    from SpineNetLib.outputs.preview import pillow_missing
 
     start = time.perf_counter()
     _validate_overrides(args)
@@ -140,9 +161,10 @@ def command_run(args) -> int:
                                   earlier_timings_s={"load_scan": load_seconds,
                                                      "load_networks": networks.load_seconds})
     result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
-    for warning in result.warnings:
+    preview = not getattr(args, "no_preview", False)
+    for warning in result.warnings + ([pillow_missing()] if preview and pillow_missing() else []):
         print(f"spinenet: warning: {one_line(warning)}", file=sys.stderr)
-    written = write_results(output, result)
+    written = write_results(output, result, scan=scan, preview=preview)
     levels = [v["level"] or "?" for v in result.vertebrae_document["vertebrae"]]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     grading = result.discs_document["grading"]

@@ -14,7 +14,8 @@ with anything :func:`SpineNetLib.inputs.load.load_scan` reads (DICOM, NIfTI, NRR
 Output: the result files in ``--output``, written by
 :func:`SpineNetLib.outputs.files.write_results` (``vertebrae.json``,
 ``vertebrae.csv``, ``discs.json`` when there is a discs document,
-``discs.csv``, the hotspot maps, ``result.json`` last), and on stdout only
+``discs.csv``, the hotspot maps, ``preview.png`` and, with hotspot maps,
+``hotspots.png`` unless ``--no-preview``, ``result.json`` last), and on stdout only
 these lines:
 
 * ``PROGRESS <done> <total> <message>``
@@ -144,8 +145,8 @@ def run_pipeline(scan, options: dict, progress):
 
     The discs are always measured and, with ``options["grading"]`` and a
     grading network in the weights, graded, with the evidence map of
-    ``options["hotspot_head"]``; a WARNING says when grading was asked for but
-    the weights have no grading network.  Returns a
+    ``options["hotspot_head"]`` when one is named (none by default, or "none"); a
+    WARNING says when grading was asked for but the weights have no grading network.  Returns a
     :class:`SpineNetLib.pipeline.RunResult`.
     """
     # Imported here, not at the top: the Slicer module imports this module for the protocol
@@ -157,11 +158,17 @@ def run_pipeline(scan, options: dict, progress):
     networks = pipeline.load_networks(options.get("weights") or "bundled", options.get("device") or "auto",
                                       trusted_sha256=set(options.get("trusted_sha256") or []) or None,
                                       with_grading=grading)
-    head = options.get("hotspot_head")
+    head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
                                       earlier_timings_s={"load_networks": networks.load_seconds},
                                       profile=options.get("profile") or None)
     return pipeline.run(scan, networks, run_options, progress=progress)
+
+
+def hotspot_head_option(head) -> str | None:
+    """The grading head of a hotspot-head setting, or None for no hotspot maps (empty or "none")."""
+    text = str(head or "").strip()
+    return None if text.lower() in ("", "none") else text
 
 
 def load_pipeline(spec: str | None):
@@ -208,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default="bundled", help="bundled, official or a folder")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
-    parser.add_argument("--hotspot-head", default="Pfirrmann", help="grading head whose hotspots are written")
+    parser.add_argument("--hotspot-head", default=None,
+                        help="grading head whose hotspots are written (default: none; they take minutes on a CPU)")
+    parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw preview.png (and hotspots.png with hotspot maps)")
     parser.add_argument("--trust-sha256", action="append", default=[], metavar="HEX",
                         help="allow full unpickling of the checkpoint with this SHA-256 (as in the spinenet CLI)")
     parser.add_argument("--profile", choices=["default", "official"], default=None,
@@ -221,19 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundled", device: str = "auto",
                      grading: bool = True, hotspot_head: str | None = None, pipeline: str | None = None,
-                     options: dict | None = None, profile: str | None = None) -> list[str]:
+                     options: dict | None = None, profile: str | None = None, preview: bool = True) -> list[str]:
     """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs)."""
     args = ["--input", str(input_path)]
     if geometry is not None:
         args += ["--geometry", str(geometry)]
     args += ["--output", str(output), "--weights", str(weights or "bundled"), "--device", str(device or "auto"),
              "--grading" if grading else "--no-grading"]
-    if hotspot_head:
+    if hotspot_head_option(hotspot_head):
         args += ["--hotspot-head", str(hotspot_head)]
     if pipeline:
         args += ["--pipeline", str(pipeline)]
     if profile:
         args += ["--profile", str(profile)]
+    if not preview:
+        args.append("--no-preview")
     for key, value in (options or {}).items():
         args += ["--option", f"{key}={value}"]
     return args
@@ -259,6 +271,7 @@ def run_request(args, protocol: LineProtocol) -> Path:
     """
     from SpineNetLib.outputs.files import write_results  # needs torch: imported here, as in run_pipeline
     from SpineNetLib.outputs.files import check_writable
+    from SpineNetLib.outputs.preview import pillow_missing
     from SpineNetLib.pipeline import RunResult, processing_profile
 
     output = check_writable(args.output)
@@ -271,9 +284,9 @@ def run_request(args, protocol: LineProtocol) -> Path:
     if not isinstance(result, RunResult):
         raise InputError(f"the pipeline {args.pipeline or 'run_pipeline'} returned a {type(result).__name__}, "
                          "not a SpineNetLib.pipeline.RunResult")
-    for warning in result.warnings:
+    for warning in result.warnings + ([pillow_missing()] if args.preview and pillow_missing() else []):
         protocol.send("WARNING", warning)
-    written = write_results(output, result)
+    written = write_results(output, result, scan=scan, preview=args.preview)
     return written[-1].resolve()
 
 

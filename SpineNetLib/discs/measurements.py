@@ -332,6 +332,25 @@ def lumbar_lordosis_deg(scan: Scan, vertebrae: Sequence[Vertebra]) -> float | No
     return lordotic_angle_deg(l1[0] - l1[3], s1[0] - s1[3])
 
 
+#: A disc mean height above this is not anatomical (adult lumbar discs measure about 8-14 mm): a body
+#: between the two was probably missed.
+MAX_PLAUSIBLE_DISC_HEIGHT_MM = 25.0
+
+
+def implausible_disc_measurements(disc: DiscMeasurements) -> list[str]:
+    """One line per measurement of ``disc`` that cannot be anatomy (a detection error, not a finding)."""
+    problems = []
+    for name in ("anterior", "middle", "posterior"):
+        height = getattr(disc, f"{name}_height_mm")
+        if np.isfinite(height) and height < 0:
+            problems.append(f"{disc.level} {name} disc height {height:.1f} mm is negative: the outlines of the "
+                            "two bodies overlap (check them)")
+    if np.isfinite(disc.mean_height_mm) and disc.mean_height_mm > MAX_PLAUSIBLE_DISC_HEIGHT_MM:
+        problems.append(f"{disc.level} mean disc height {disc.mean_height_mm:.1f} mm is more than "
+                        f"{MAX_PLAUSIBLE_DISC_HEIGHT_MM:g} mm: a vertebra between the two bodies was probably missed")
+    return problems
+
+
 def measure_spine(scan: Scan, vertebrae: Sequence[Vertebra]) -> SpineMeasurements:
     """Every vertebra, every disc of :func:`SpineNetLib.discs.extraction.disc_pairs` (top to bottom) and the lordosis."""
     verts = [measure_vertebra(scan, v, i) for i, v in enumerate(vertebrae)]

@@ -64,6 +64,7 @@ from SpineNetLib.core import polygons
 from SpineNetLib.training.datasets import (
     DETECTION_SOURCES,
     POINT_SOURCES,
+    SOURCE_FOLDERS,
     CaseGeometry,
     case_geometry,
     is_vertebral_body_code,
@@ -529,6 +530,29 @@ def summarise(metrics: Sequence[CaseMetrics], groups: dict[str, dict[str, str]] 
     return summary
 
 
+def annotated_cases(path, sources: Sequence[str]) -> list:
+    """The annotated cases ``path`` names: one case folder (it holds ``case.json``), one source folder
+    (``DATA/tianchi``) or a data root (``DATA/<source>/<case>``); InputError when it holds none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"no data folder at {path}")
+    if (path / "case.json").is_file():
+        root, folder, case_name = path.parent.parent, path.parent.name, path.name
+    elif path.name in SOURCE_FOLDERS:
+        root, folder, case_name = path.parent, path.name, None
+    else:
+        root, folder, case_name = path, None, None
+    if folder is not None and folder not in SOURCE_FOLDERS:
+        raise InputError(f"{path} is a case folder, but its parent {folder!r} is not a known source "
+                         f"({', '.join(SOURCE_FOLDERS)})")
+    cases = [c for c in list_cases(root, sources=sources)
+             if (folder is None or c.path.parent.name == folder) and (case_name is None or c.path.name == case_name)]
+    if not cases:
+        raise InputError(f"no annotated case under {path}: give a case folder (with case.json), a source folder "
+                         f"({', '.join(SOURCE_FOLDERS)}) or a data root holding them")
+    return cases
+
+
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
                          slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> dict:
     """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies
@@ -540,7 +564,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     pred_root = Path(pred_root)
     if not pred_root.is_dir():
         raise InputError(f"no prediction folder at {pred_root}")
-    cases = list_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",) + tuple(POINT_SOURCES))
+    cases = annotated_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",) + tuple(POINT_SOURCES))
     if case_ids is not None:
         known = {c.case_id for c in cases}
         unknown = [c for c in case_ids if c not in known]
@@ -556,6 +580,9 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         gt = ground_truth_of_case(case)
         preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
+    if not results:
+        raise InputError(f"nothing to score: none of the {len(cases)} annotated case(s) under {data_root} has a "
+                         f"prediction {pred_root}/<case>/vertebrae.json")
     summary = summarise(results, {c.case_id: {"source": c.source, "sequence": c.sequence} for c in cases})
     summary["missing_predictions"] = missing
     return summary

@@ -155,6 +155,23 @@ def _check_metaimage_data_file(path: Path) -> None:
                              f"fewer than the {needed} its header describes: the file is truncated")
 
 
+#: An image whose voxels take at most this many distinct integer values, most of them 0, is a label
+#: map (a segmentation), not an MR image: even 8-bit MR slices take a hundred values or more.
+MAX_LABEL_MAP_VALUES = 64
+
+
+def label_map_values(voxels: np.ndarray) -> int | None:
+    """The number of distinct values when ``voxels`` look like a label map (see
+    :data:`MAX_LABEL_MAP_VALUES`), else None."""
+    flat = np.asarray(voxels).ravel()
+    if flat.size == 0 or not (np.issubdtype(flat.dtype, np.integer) or np.all(np.mod(flat[:100000], 1) == 0)):
+        return None
+    values = np.unique(flat)
+    if len(values) > MAX_LABEL_MAP_VALUES or not np.all(np.mod(values, 1) == 0):
+        return None
+    return len(values) if np.count_nonzero(flat == 0) > flat.size // 2 else None
+
+
 def image_ijk_to_ras(img) -> np.ndarray:
     """The 4x4 IJK-to-RAS matrix of a SimpleITK image or ImageFileReader (their geometry is LPS: x and y negated)."""
     ijk_to_ras = np.eye(4)
@@ -217,6 +234,10 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
         voxels = sitk.GetArrayFromImage(img)  # [k, j, i]
     except Exception as exc:
         raise InputError(f"cannot read the voxels of {path}: {_one_line(exc)}") from None
+    labels = label_map_values(voxels)
+    if labels is not None:
+        raise InputError(f"{path.name} looks like a label map, not an MR image ({labels} distinct integer values, "
+                         "most voxels 0): give the scan itself")
     spacing = np.array(img.GetSpacing(), dtype=float)
     direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_ras = image_ijk_to_ras(img)

@@ -4,11 +4,13 @@
 (:mod:`SpineNetLib.outputs.documents`)::
 
     {"schema": "spinenet.discs/1", "input": {...}, "scan": {...},
-     "grading": {"status": "done" | "not run", "reason": "...", ...},
+     "grading": {"status": "done" | "not run", "reason": "...", "weights": "bundled" | "official" | <folder>,
+                 "heads_not_trained": {column: reason}, ...},   # the last only when some heads are untrained
      "grade_columns": {"Pfirrmann": {"description", "classes", "official_name"}, ...},
      "discs": [{"level": "L4-L5", "upper_vertebra": 4, "lower_vertebra": 5,
                 "centre_ras": [r, a, s], "slice": <input slice index>,
-                "grades": {"Pfirrmann": {"value": 3, "probabilities": [...]}, ...},   # {} when not graded
+                "grades": {"Pfirrmann": {"value": 3, "probabilities": [...]}, ...},   # {} when not graded;
+                                                   # columns of untrained heads are absent
                 "measurements": {"disc_height_anterior_mm": 11.2, ..., "slip_percent": 3.1},
                 "volume_to_ras": 4x4 | null, "reference_intensity": 512.0 | null}, ...],
      "vertebrae_measurements": [{"level": "L1", "anterior_height_mm": ..., "genant_grade": 0}, ...],
@@ -23,8 +25,12 @@ in the measurement names (``_mm``, ``_deg``, ``_percent``); values that
 cannot be computed are ``null``.
 
 ``discs.csv`` has one row per disc, top to bottom, with headers a
-radiologist reads without a legend; the learned columns are empty when the
-discs were not graded (``discs.json`` says why).  The files are written by
+radiologist reads without a legend: the level, each grade followed by the
+probability of its reported class (``Pfirrmann``, ``Pfirrmann_probability``, ...;
+:data:`GRADE_CSV_COLUMNS`), the measurements, and ``grading_weights``, the
+grading block's weight source (the same on every row).  The learned columns
+are empty when the discs were not graded (``discs.json`` says why) and for the
+heads the weights did not train.  The files are written by
 :func:`SpineNetLib.outputs.files.write_results`.
 """
 
@@ -39,8 +45,8 @@ import numpy as np
 
 from SpineNetLib.discs.grading import GRADE_COLUMNS, DiscGrades
 from SpineNetLib.discs.extraction import IVDVolume, sample_to_ras
-from SpineNetLib.discs.measurements import SpineMeasurements
-from SpineNetLib.outputs.documents import disc_table, table_csv_text
+from SpineNetLib.discs.measurements import SpineMeasurements, implausible_disc_measurements
+from SpineNetLib.outputs.documents import disc_table, reported_probability, table_csv_text
 from SpineNetLib.outputs.vertebrae import input_description, scan_description
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
@@ -93,7 +99,8 @@ MEASUREMENT_DEFINITIONS: dict[str, str] = {
     "lumbar_lordosis_deg": "angle between the upper endplates of L1 and S1; positive = lordotic",
 }
 
-GRADE_CSV_COLUMNS: tuple[str, ...] = tuple(GRADE_COLUMNS)
+#: The learned columns of discs.csv: each grade column, then the probability of its reported class.
+GRADE_CSV_COLUMNS: tuple[str, ...] = tuple(h for name in GRADE_COLUMNS for h in (name, f"{name}_probability"))
 MEYERDING_NAMES = ("none", "I", "II", "III", "IV", "V")
 
 
@@ -165,6 +172,7 @@ def discs_document(scan: Scan, vertebrae: Sequence[Vertebra], ivds: Sequence[IVD
                              for field, (key, _, decimals) in DISC_MEASUREMENTS.items()} if m is not None else {},
             "volume_to_ras": _round_list(sample_to_ras(scan, ivd), 6) if ivd is not None else None,
             "reference_intensity": _number(ivd.reference_intensity, 3) if ivd is not None else None,
+            "measurement_warnings": implausible_disc_measurements(m) if m is not None else [],
         })
 
     status = {k: v for k, v in grading_status.items()}
@@ -202,7 +210,19 @@ def _csv_cell(value, decimals: int | None, key: str = "") -> str:
 
 
 def discs_csv_header() -> list[str]:
-    return ["Level", *GRADE_CSV_COLUMNS, *(header for _, header, _ in DISC_MEASUREMENTS.values())]
+    return ["Level", *GRADE_CSV_COLUMNS, *(header for _, header, _ in DISC_MEASUREMENTS.values()),
+            "measurement_warning", "grading_weights"]
+
+
+def grade_csv_cells(grades: dict) -> list[str]:
+    """The :data:`GRADE_CSV_COLUMNS` cells of one disc's ``discs.json`` grades (empty where not graded)."""
+    cells = []
+    for name, column in GRADE_COLUMNS.items():
+        entry = grades.get(name)
+        probability = reported_probability(entry, column.classes)
+        cells += ["" if not entry or entry.get("value") is None else str(int(entry["value"])),
+                  "" if probability is None else f"{probability:.3f}"]
+    return cells
 
 
 def discs_csv_text(discs_doc: dict | None, vertebrae_doc: dict | None = None) -> str:
@@ -217,11 +237,10 @@ def discs_csv_text(discs_doc: dict | None, vertebrae_doc: dict | None = None) ->
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(discs_csv_header())
+    source = (discs_doc.get("grading") or {}).get("weights") or ""
     for d in discs_doc["discs"]:
-        grades = d.get("grades") or {}
         measures = d.get("measurements") or {}
-        row = [d["level"]]
-        row += ["" if name not in grades else str(int(grades[name]["value"])) for name in GRADE_CSV_COLUMNS]
+        row = [d["level"], *grade_csv_cells(d.get("grades") or {})]
         row += [_csv_cell(measures.get(key), decimals, key) for key, _, decimals in DISC_MEASUREMENTS.values()]
-        writer.writerow(row)
+        writer.writerow(row + ["; ".join(d.get("measurement_warnings") or []), str(source)])
     return buffer.getvalue()

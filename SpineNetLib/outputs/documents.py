@@ -191,11 +191,30 @@ def _grade_value(entry):
     return None if value is None else int(value)
 
 
+def reported_probability(entry, classes=None) -> float | None:
+    """Softmax probability of the reported class of one ``discs.json`` grade entry, to 3 decimals.
+
+    ``classes`` are the column's class texts in class order, as ``discs.json``'s
+    ``"grade_columns"`` lists them ("3: ..." for value 3); they place the reported value among
+    the probabilities.  Without them the reported class is the most probable one (the grader
+    reports the argmax).  None when the entry has no value or no probabilities.
+    """
+    if not isinstance(entry, dict) or entry.get("value") is None or not entry.get("probabilities"):
+        return None
+    probabilities = [float(p) for p in entry["probabilities"]]
+    values = [str(c).split(":", 1)[0].strip() for c in (classes or [])]
+    value = str(int(entry["value"]))
+    index = values.index(value) if value in values else int(np.argmax(probabilities))
+    return round(probabilities[index], 3) + 0.0 if index < len(probabilities) else None
+
+
 def disc_table(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> tuple[list[Column], list[list]]:
     """Columns and rows (one per disc, top to bottom) of the "SpineNet grades" table.
 
     With a discs document: level, one column per grade (official head order
-    first), one per measurement (unit from the key's suffix, e.g. ``_mm``),
+    first), each followed by the probability of its reported class
+    (``<grade>_probability``, :func:`reported_probability`; when the document has the
+    probabilities), one per measurement (unit from the key's suffix, e.g. ``_mm``),
     then the disc centre.  Without one: level and centre of each disc
     between consecutive vertebrae.  Missing values are None.
     """
@@ -211,12 +230,17 @@ def disc_table(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> tup
     heads += [h for d in discs for h in (d.get("grades") or {}) if h not in heads]
     heads = list(dict.fromkeys(heads))
     measures = list(dict.fromkeys(m for d in discs for m in (d.get("measurements") or {})))
-    columns = [level_column]
+    columns, grade_cells = [level_column], []   # grade_cells: one function per grade column, disc -> cell
     for h in heads:
         values = [_grade_value((d.get("grades") or {}).get(h)) for d in discs]
         kind = "int" if all(v is not None for v in values) else "float"
         described = ((discs_doc.get("grade_columns") or {}).get(h) or {}).get("description")
         columns.append(Column(h, kind, "", described or GRADE_DESCRIPTIONS.get(h, f"grade {h}")))
+        grade_cells.append(lambda d, h=h: _grade_value((d.get("grades") or {}).get(h)))
+        if any(((d.get("grades") or {}).get(h) or {}).get("probabilities") for d in discs):
+            classes = ((discs_doc.get("grade_columns") or {}).get(h) or {}).get("classes")
+            columns.append(Column(f"{h}_probability", "float", "", f"probability of the reported {h} class"))
+            grade_cells.append(lambda d, h=h, c=classes: reported_probability((d.get("grades") or {}).get(h), c))
     for m in measures:
         values = [(d.get("measurements") or {}).get(m) for d in discs]
         integer = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
@@ -226,13 +250,13 @@ def disc_table(vertebrae_doc: dict | None, discs_doc: dict | None = None) -> tup
     geometry = {d["level"]: d["centre_ras"] for d in disc_polygons(vertebrae_doc)} if vertebrae_doc else {}
     rows = []
     for d in discs:
-        grades, measurements = d.get("grades") or {}, d.get("measurements") or {}
+        measurements = d.get("measurements") or {}
         centre = d.get("centre_ras") or geometry.get(d["level"]) or [None, None, None]
         row = [d["level"]]
-        row += [_grade_value(grades.get(h)) for h in heads]
+        row += [cell(d) for cell in grade_cells]
         row += [None if measurements.get(m) is None else
                 (int(measurements[m]) if c.kind == "int" else float(measurements[m]))
-                for m, c in zip(measures, columns[1 + len(heads):])]
+                for m, c in zip(measures, columns[1 + len(grade_cells):])]
         row += [None if c is None else float(c) for c in centre]
         rows.append(row)
     return columns, rows

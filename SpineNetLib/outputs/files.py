@@ -7,16 +7,19 @@
   (:mod:`SpineNetLib.outputs.discs`);
 * the hotspot maps of the run (``hotspots_<head>.nii.gz``, or whatever
   relative names a plug-in pipeline gave them);
+* ``preview.png``, a picture of the result, and ``hotspots.png`` when there are
+  hotspot maps (:mod:`SpineNetLib.outputs.preview`), when given the scan and
+  unless ``preview=False`` (``spinenet run --no-preview``);
 * ``result.json``, the manifest the Slicer module reads
-  (:func:`SpineNetLib.outputs.documents.read_result`): the documents' and
-  the hotspot maps' file names.
+  (:func:`SpineNetLib.outputs.documents.read_result`): the documents', the
+  hotspot maps' and the pictures' file names.
 
-Every file appears only complete: the JSON/CSV files are written to hidden
-temporary files and renamed together; hotspot maps are written into a hidden
-staging folder first and published after the JSON/CSV files; the manifest
-comes last, so whatever it lists is already there.  An error midway leaves
-no partial file behind (files of an earlier run in the folder stay as they
-were until replaced).
+Every file appears only complete: the JSON/CSV files and the pictures (drawn
+in memory first) are written to hidden temporary files and renamed together;
+hotspot maps are written into a hidden staging folder first and published
+after the JSON/CSV files; the manifest comes last, so whatever it lists is
+already there.  An error midway leaves no partial file behind (files of an
+earlier run in the folder stay as they were until replaced).
 """
 
 from __future__ import annotations
@@ -32,18 +35,22 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs.discs import discs_csv_text
 from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
+from SpineNetLib.outputs.preview import pillow_missing, result_images
 from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
 from SpineNetLib.weights.checkpoints import default_file_mode
 
 if TYPE_CHECKING:  # annotations only: the writer reads these objects' fields, it needs no pipeline code
+    from SpineNetLib.core.scan import Scan
     from SpineNetLib.discs.hotspots import HotspotMap
     from SpineNetLib.pipeline import RunResult
 
 RESULT_FILE = "result.json"
 
 
-def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> list[Path]:
-    """Write ``{name: text}`` into ``outdir`` so that the set is replaced as a whole.
+def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str | bytes]) -> list[Path]:
+    """Write ``{name: text or bytes}`` into ``outdir`` so that the set is replaced as a whole.
+
+    Text is written as UTF-8, line endings unchanged; bytes as they are.
 
     Everything is first written to hidden temporary files in the same folder
     (each one listed for clean-up before its first byte, so a full disk leaves
@@ -59,8 +66,8 @@ def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str]) -> 
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
             temporary.append((Path(tmp), outdir / name))
             os.fchmod(fd, default_file_mode())
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8") if isinstance(text, str) else bytes(text))
         _replace_together(temporary)
     except BaseException:
         for tmp, _ in temporary:
@@ -128,11 +135,11 @@ def document_texts(vertebrae_doc: dict, discs_doc: dict | None) -> dict[str, str
     return files
 
 
-def manifest_text(discs_doc: dict | None, hotspot_names: Sequence[str]) -> str:
-    """The ``result.json`` manifest (schema ``spinenet.result/1``)."""
+def manifest_text(discs_doc: dict | None, hotspot_names: Sequence[str], image_names: Sequence[str] = ()) -> str:
+    """The ``result.json`` manifest (schema ``spinenet.result/1``); ``images``: the pictures written."""
     manifest = {"schema": RESULT_SCHEMA, "vertebrae": "vertebrae.json",
                 "discs": "discs.json" if discs_doc is not None else None,
-                "hotspots": sorted(hotspot_names)}
+                "hotspots": sorted(hotspot_names), "images": sorted(image_names)}
     return json.dumps(manifest, indent=1) + "\n"
 
 
@@ -160,29 +167,35 @@ def _publish(staging: Path, outdir: Path, names: Sequence[str]) -> list[Path]:
     return published
 
 
-def write_results(outdir: str | os.PathLike, result: RunResult) -> list[Path]:
+def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | None = None,
+                  preview: bool = True) -> list[Path]:
     """Write the result files of ``result`` into ``outdir`` (module docstring); returns their paths.
 
     ``result`` is a :class:`SpineNetLib.pipeline.RunResult`; its documents
     are checked first (:class:`InputError` for anything that is not a
-    ``spinenet.vertebrae/1`` or ``spinenet.discs/1`` document).  The last
-    path is the ``result.json`` manifest.
+    ``spinenet.vertebrae/1`` or ``spinenet.discs/1`` document).  With
+    ``scan`` (the :class:`Scan` the run worked on) and ``preview``, the
+    pictures are drawn too (none when Pillow is missing: callers say so,
+    :func:`SpineNetLib.outputs.preview.pillow_missing`).  The last path is
+    the ``result.json`` manifest.
     """
     vertebrae_doc = check_vertebrae_document(result.vertebrae_document)
     discs_doc = result.discs_document
     if discs_doc is not None:
         check_discs_document(discs_doc)
     names = [_relative_name(m.name).as_posix() for m in result.hotspots]
+    images = (result_images(scan, vertebrae_doc, discs_doc, result.hotspots)
+              if preview and scan is not None and pillow_missing() is None else {})
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".hotspots.", dir=outdir)) if names else None
     try:
         if staging is not None:
             write_hotspot_maps(staging, result.hotspots)
-        written = write_files_atomically(outdir, document_texts(vertebrae_doc, discs_doc))
+        written = write_files_atomically(outdir, {**document_texts(vertebrae_doc, discs_doc), **images})
         if staging is not None:
             written += _publish(staging, outdir, names)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return written + write_files_atomically(outdir, {RESULT_FILE: manifest_text(discs_doc, names)})
+    return written + write_files_atomically(outdir, {RESULT_FILE: manifest_text(discs_doc, names, list(images))})

@@ -186,3 +186,22 @@ def test_unknown_hotspot_head_is_refused_before_any_work(tmp_path):
     result = _run_cli("run", str(tmp_path), "-o", str(tmp_path / "o"), "--hotspots", "Bogus")
     assert result.returncode == 2 and "--hotspots" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_version_is_printed_and_matches_the_package(capsys):
+    import SpineNetLib
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"spinenet {SpineNetLib.__version__}"
+
+
+def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
+    case = tmp_path / "data" / "chu" / "chu_99"
+    case.mkdir(parents=True)
+    (case / "case.json").write_text('{"source": "chu", "sequence": "T2"}')
+    (tmp_path / "pred").mkdir()
+    assert cli.main(["evaluate", "--data", str(case), "--pred", str(tmp_path / "pred")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to score" in err[0]

@@ -20,6 +20,7 @@ from SpineNetLib.core import polygons
 from SpineNetLib.training import datasets as D
 from SpineNetLib.evaluation import evaluate as E
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
 
 DATA = D.default_data_root()
@@ -356,6 +357,15 @@ def test_real_round_trip_through_vertebrae_json(real_cases, tmp_path):
     summary = E.evaluate_directories(DATA, tmp_path, case_ids=["myo_01", "myo_02"])
     assert summary["missing_predictions"] == ["myo_02"]
     assert summary["overall"]["recall"] == 1.0 and summary["overall"]["precision"] == 1.0
+    # --data may also name the source folder or the case folder itself (issue 14)
+    for data in (DATA / "myosegmentum", case.path):
+        one = E.evaluate_directories(data, tmp_path)
+        assert set(one["cases"]) == {"myo_01"} and one["overall"]["recall"] == 1.0
+    # nothing to score is an error, not an all-zero table
+    with pytest.raises(InputError, match="nothing to score"):
+        E.evaluate_directories(DATA / "myosegmentum" / "myo_02", tmp_path)
+    with pytest.raises(InputError, match="no annotated case"):
+        E.evaluate_directories(tmp_path, tmp_path)
 
 
 # --------------------------------------------------------------------------- metrics on hand-made cases

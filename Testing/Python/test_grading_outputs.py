@@ -12,6 +12,7 @@ import torch
 
 from SpineNetLib.apps import cli
 from SpineNetLib import pipeline
+from SpineNetLib.outputs import documents
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS, discs_csv_header, discs_csv_text, discs_document
 from SpineNetLib.discs.grading import GRADE_COLUMNS, OFFICIAL_NAMES, grade_volumes
 from SpineNetLib.discs.extraction import extract_ivd_volumes
@@ -109,14 +110,16 @@ def test_discs_document_with_grades(case, grades):
     assert doc["spine_measurements"]["lumbar_lordosis_deg"] == pytest.approx(measurements.lumbar_lordosis_deg, abs=0.01)
 
     rows = list(csv.reader(io.StringIO(discs_csv_text(doc))))
-    assert rows[0] == ["Level", *LEARNED, "Disc height anterior (mm)", "Disc height middle (mm)",
+    with_probabilities = [h for name in LEARNED for h in (name, f"{name}_probability")]
+    assert rows[0] == ["Level", *with_probabilities, "Disc height anterior (mm)", "Disc height middle (mm)",
                        "Disc height posterior (mm)", "Disc height mean (mm)", "Disc height index", "Farfan index",
                        "Slip (mm)", "Slip (%)", "Meyerding grade", "Segmental angle (deg)", "Disc angle (deg)",
-                       "Disc signal ratio"] == discs_csv_header()
+                       "Disc signal ratio", "measurement_warning", "grading_weights"] == discs_csv_header()
     assert [r[0] for r in rows[1:]] == [d.name for d in phantom.discs]
     for r, d in zip(rows[1:], doc["discs"]):
-        assert r[1:12] == [str(d["grades"][name]["value"]) for name in LEARNED]
-        assert float(r[12]) == pytest.approx(d["measurements"]["disc_height_anterior_mm"], abs=0.01)
+        assert r[1:23:2] == [str(d["grades"][name]["value"]) for name in LEARNED]
+        assert float(r[23]) == pytest.approx(d["measurements"]["disc_height_anterior_mm"], abs=0.01)
+        assert r[-1] == "test"
     by_level = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert by_level["L4-L5"]["Slip (mm)"] == "6.00" and by_level["L4-L5"]["Meyerding grade"] == "I"
     assert by_level["L3-L4"]["Meyerding grade"] == "none"
@@ -137,11 +140,71 @@ def test_without_a_grader_the_learned_columns_are_empty_and_the_json_says_why(ca
     assert all(d["grades"] == {} and d["measurements"] for d in doc["discs"])
     rows = list(csv.DictReader(io.StringIO(discs_csv_text(doc))))
     assert [r["Level"] for r in rows] == [d.name for d in phantom.discs]
-    assert all(r[c] == "" for r in rows for c in LEARNED)
+    assert all(r[c] == "" and r[f"{c}_probability"] == "" for r in rows for c in LEARNED)
     assert all(r["Disc height mean (mm)"] != "" for r in rows)
+    # the grading source is named graded or not: the weight set's ("bundled", "official" or the folder)
+    assert result.grading_status["weights"] == off.grading_status["weights"] == "oracle"
+    assert doc["grading"]["weights"] == "oracle" and all(r["grading_weights"] == "oracle" for r in rows)
     networks.grading = small_grader()
     graded = pipeline.grade_discs(phantom.scan, vertebrae, networks, batch_size=3)
     assert graded.grading_status["status"] == "done" and len(graded.grades) == len(graded.ivds) == 6
+    assert graded.grading_status["weights"] == "oracle" and "heads_not_trained" not in graded.grading_status
+
+
+def test_probability_columns_hold_the_probability_of_the_reported_class(case, grades):
+    phantom, vertebrae, ivds, measurements = case
+    status = {"status": "done", "weights": "/data/my weights"}
+    doc = json.loads(json.dumps(discs_document(phantom.scan, vertebrae, ivds, grades, measurements, status)))
+    rows = list(csv.DictReader(io.StringIO(discs_csv_text(doc))))
+    assert doc["grading"]["weights"] == "/data/my weights"
+    assert [r["grading_weights"] for r in rows] == ["/data/my weights"] * len(doc["discs"])
+    seen = set()
+    for row, disc in zip(rows, doc["discs"]):
+        for name in LEARNED:
+            entry = disc["grades"][name]
+            expected = entry["probabilities"][entry["value"] - GRADE_COLUMNS[name].offset]  # from discs.json
+            assert row[name] == str(entry["value"])
+            assert row[f"{name}_probability"] == f"{expected:.3f}"
+            assert float(row[f"{name}_probability"]) == pytest.approx(max(entry["probabilities"]), abs=6e-4)
+            seen.add(row[f"{name}_probability"])
+    assert len(seen) > 5   # not a constant: the test tells classes and discs apart
+    # the Slicer table (and its CSV export) shows the same probability after each grade
+    columns, table_rows = documents.disc_table(None, doc)
+    names = [c.name for c in columns]
+    assert names[:5] == ["level", "Pfirrmann", "Pfirrmann_probability", "DiscNarrowing",
+                         "DiscNarrowing_probability"]
+    for table_row, row in zip(table_rows, rows):
+        cells = dict(zip(names, table_row))
+        assert all(cells[f"{n}_probability"] == pytest.approx(float(row[f"{n}_probability"])) for n in LEARNED)
+
+
+def test_a_grader_for_some_heads_leaves_the_other_cells_empty(case):
+    """Weights that trained only some heads (the bundled grader): the rest are absent, never a guess."""
+    phantom, vertebrae, _, _ = case
+    networks = oracle_networks(phantom)
+    networks.grading = small_grader()
+    networks.grading.checkpoint_meta = {"trained_heads": "fc_hrn,fc_ued"}
+    result = pipeline.grade_discs(phantom.scan, vertebrae, networks)
+    trained = ["UpperEndplateDefect", "Herniation"]
+    assert all(list(g) == trained for g in result.grades)
+    assert set(result.grading_status["heads_not_trained"]) == set(LEARNED) - set(trained)
+    doc = discs_document(phantom.scan, vertebrae, result.ivds, result.grades, result.measurements,
+                         result.grading_status)
+    assert doc["grading"]["weights"] == "oracle" and doc["grading"]["heads_not_trained"]
+    assert all(list(d["grades"]) == trained for d in doc["discs"])
+    rows = list(csv.DictReader(io.StringIO(discs_csv_text(doc))))
+    for row in rows:
+        for name in LEARNED:
+            filled = name in trained
+            assert (row[name] != "") == filled and (row[f"{name}_probability"] != "") == filled, name
+        assert 0.5 <= float(row["Herniation_probability"]) <= 1.0 and row["grading_weights"] == "oracle"
+    # a hand-made grades dict lacking columns (and an entry without probabilities) gives empty cells too
+    doc["discs"][0]["grades"] = {"Pfirrmann": {"value": 3}}
+    first = next(csv.DictReader(io.StringIO(discs_csv_text(doc))))
+    assert first["Pfirrmann"] == "3" and first["Pfirrmann_probability"] == "" and first["Herniation"] == ""
+    columns, _ = documents.disc_table(None, doc)
+    assert [c.name for c in columns][1:6] == ["Pfirrmann", "UpperEndplateDefect", "UpperEndplateDefect_probability",
+                                              "Herniation", "Herniation_probability"]
 
 
 @pytest.mark.parametrize("no_grade", [False, True])
@@ -161,20 +224,22 @@ def test_spinenet_run_writes_discs_files_with_and_without_grading(tmp_path, monk
     args = ["run", str(image), "-o", str(out), "--quiet"] + (["--no-grade"] if no_grade else [])
     assert cli.main(args) == 0
     assert calls == [not no_grade]
-    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "discs.json", "result.json", "vertebrae.csv",
-                                                     "vertebrae.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "discs.json", "preview.png", "result.json",
+                                                     "vertebrae.csv", "vertebrae.json"]
     doc = json.loads((out / "discs.json").read_text())
     vertebrae = json.loads((out / "vertebrae.json").read_text())["vertebrae"]
     names = [f"{a['level']}-{b['level']}" for a, b in zip(vertebrae, vertebrae[1:])]
     assert [d["level"] for d in doc["discs"]] == names == [d.name for d in phantom.discs]
     rows = list(csv.DictReader((out / "discs.csv").open()))
     assert [r["Level"] for r in rows] == names
+    assert doc["grading"]["weights"] == "oracle" and all(r["grading_weights"] == "oracle" for r in rows)
     if no_grade:
         assert doc["grading"]["status"] == "not run" and "--no-grade" in doc["grading"]["reason"]
-        assert all(r["Pfirrmann"] == "" for r in rows)
+        assert all(r["Pfirrmann"] == r["Pfirrmann_probability"] == "" for r in rows)
     else:
         assert doc["grading"]["status"] == "done"
         assert all(r["Pfirrmann"] in {"1", "2", "3", "4", "5"} for r in rows)
+        assert all(0.2 <= float(r["Pfirrmann_probability"]) <= 1.0 for r in rows)
     assert all(r["Disc height anterior (mm)"] for r in rows)
 
 

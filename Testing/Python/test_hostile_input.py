@@ -294,3 +294,16 @@ def test_a_metaimage_header_naming_a_device_or_a_short_data_file_is_refused(tmp_
                      encoding="latin-1")
     with pytest.raises(InputError, match="truncated"):
         load_scan(short)
+
+
+def test_a_label_map_given_as_the_scan_is_refused(tmp_path):
+    labels = np.zeros((5, 64, 48), np.uint8)
+    for level, row in enumerate(range(5, 60, 11), start=20):
+        labels[:, row:row + 8, 10:30] = level
+    path = write_image(labels, sagittal_affine(0.8), tmp_path / "labels.nii.gz")
+    with pytest.raises(InputError, match="label map"):
+        load_scan(path)
+    # an 8-bit scan with a dark background is an image
+    scan = np.zeros((5, 64, 48), np.uint8)
+    scan[:, 5:60, 5:40] = np.random.default_rng(1).integers(20, 255, (5, 55, 35))
+    assert load_scan(write_image(scan, sagittal_affine(0.8), tmp_path / "scan.nii.gz")).voxels.shape[:2] == (64, 48)

@@ -147,3 +147,33 @@ def test_grade_boundaries():
     assert meyerding_grade(2.9, 0.2) == 0                  # under 3 mm: no listhesis
     assert [meyerding_grade(10.0, f) for f in (0.1, 0.25, 0.5, 0.75, 1.0, 1.01)] == [1, 2, 3, 4, 4, 5]
     assert meyerding_grade(-8.0, -0.3) == 2                # retrolisthesis graded by its size
+
+
+def test_impossible_disc_heights_are_flagged_in_the_outputs():
+    """Overlapping outlines give a negative disc height, a missed body a 40 mm "disc": both are said,
+    in discs.json, discs.csv and the run's warnings, instead of being reported as findings."""
+    from SpineNetLib.discs.measurements import implausible_disc_measurements
+    from SpineNetLib.outputs.discs import discs_csv_text, discs_document
+
+    scan = make_phantom(fov="lumbar", n_slices=3, seed=1).scan
+    row_mm, col_mm = scan.spacing_mm[:2]
+
+    def _body(x0, x1, y0, y1):
+        """A box body on slice 1, in mm from the image corner: x anterior -> posterior, y down."""
+        x0, x1, y0, y1 = x0 / col_mm, x1 / col_mm, y0 / row_mm, y1 / row_mm
+        quad = np.array([[x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)      # rt, rb, lb, lt
+        return Vertebra(slices=[1], polygons=[quad])
+
+    upper, lower = _body(60, 100, 30, 60), _body(60, 100, 55, 80)   # overlapping by 5 mm
+    m = measure_spine(scan, [upper, lower])
+    (disc,) = m.discs
+    assert disc.anterior_height_mm < 0
+    problems = implausible_disc_measurements(disc)
+    assert problems and all("negative" in p for p in problems)
+    doc = discs_document(scan, [upper, lower], [], None, m, {"status": "not run"})
+    assert doc["discs"][0]["measurement_warnings"] == problems
+    assert "negative" in discs_csv_text(doc).splitlines()[1]
+    far = measure_spine(scan, [upper, _body(60, 100, 100, 125)])
+    assert any("probably missed" in p for p in implausible_disc_measurements(far.discs[0]))
+    normal = measure_spine(scan, [upper, _body(60, 100, 70, 95)])
+    assert implausible_disc_measurements(normal.discs[0]) == []

@@ -123,6 +123,9 @@ def test_spinenet_run_records_its_profile(tmp_path):
         assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-grade", *extra]) == 0
         assert json.loads((out / "vertebrae.json").read_text())["profile"] == expected
         assert json.loads((out / "discs.json").read_text())["profile"] == expected
+        # and which weights made it (issue 13: the source in every output)
+        assert json.loads((out / "vertebrae.json").read_text())["weights"] == "bundled"
+        assert json.loads((out / "discs.json").read_text())["grading"]["weights"] == "bundled"
 
 
 def test_official_patch_plan_is_the_official_one():

@@ -272,8 +272,8 @@ def test_the_installed_file_set_runs_the_module_and_the_batch_script(tmp_path):
     assert report["selftest"][-1] == "SpineNet self-test passed"
     assert "Running the worker's entry point in process" in report["selftest"]
     assert report["batch"] == 0 and report["tooling"] == []
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["discs.csv", "result.json", "scene.mrb",
-                                                                   "vertebrae.csv", "vertebrae.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["discs.csv", "preview.png", "result.json",
+                                                                   "scene.mrb", "vertebrae.csv", "vertebrae.json"]
 
 
 def test_extension_metadata():

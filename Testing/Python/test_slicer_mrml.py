@@ -230,22 +230,33 @@ def test_table_with_grades_and_measurements(case):
     scene, volume = _scene_with_volume(phantom)
     nodes = mrml.show_results(scene, volume, doc, discs)
     names, rows = mrml.table_rows(nodes.table)
-    assert names == ["level", "Pfirrmann", "Herniation", "disc_height_mean_mm", "wedge_angle_deg",
-                     "centre_R_mm", "centre_A_mm", "centre_S_mm"]
+    assert names == ["level", "Pfirrmann", "Pfirrmann_probability", "Herniation", "Herniation_probability",
+                     "disc_height_mean_mm", "wedge_angle_deg", "centre_R_mm", "centre_A_mm", "centre_S_mm"]
     table = nodes.table.GetTable()
     assert table.GetColumnByName("Pfirrmann").GetClassName() == "vtkIntArray"
+    assert table.GetColumnByName("Pfirrmann_probability").GetClassName() == "vtkDoubleArray"
+    assert "probability of the reported Pfirrmann" in nodes.table.GetColumnDescription("Pfirrmann_probability")
     assert table.GetColumnByName("disc_height_mean_mm").GetClassName() == "vtkDoubleArray"
     assert nodes.table.GetColumnUnitLabel("disc_height_mean_mm") == "mm"
     assert nodes.table.GetColumnUnitLabel("wedge_angle_deg") == "deg"
     assert "Pfirrmann" in nodes.table.GetColumnDescription("Pfirrmann")
     assert [r[0] for r in rows] == [d["level"] for d in discs["discs"]]
     assert [int(r[1]) for r in rows] == [2, 3, 4, 2, 3, 4]
-    assert [int(r[2]) for r in rows] == [0, 1, 0, 1, 0, 1]
-    assert [float(r[3]) for r in rows] == [8.0, 9.0, 10.0, 11.0, 12.0, 13.0]
+    # without the classes of discs.json's "grade_columns" the reported class is the most probable one
+    assert [float(r[2]) for r in rows] == [0.6] * 6
+    assert [int(r[3]) for r in rows] == [0, 1, 0, 1, 0, 1]
+    assert [float(r[4]) for r in rows] == [0.7] * 6
+    assert [float(r[5]) for r in rows] == [8.0, 9.0, 10.0, 11.0, 12.0, 13.0]
     assert _counts(scene)["vtkMRMLTextNode"] == 2
     csv_text = documents.table_csv_text(*documents.disc_table(doc, discs))
     assert csv_text.splitlines()[0] == ",".join(names)
-    assert csv_text.splitlines()[1].startswith("T12-L1,2,0,8.00,3.50,")
+    assert csv_text.splitlines()[1].startswith("T12-L1,2,0.60,0,0.70,8.00,3.50,")
+    # with them, the probability of the reported value's class (Pfirrmann 2 is the first class)
+    discs["grade_columns"] = {"Pfirrmann": {"classes": ["1: a", "2: b", "3: c", "4: d", "5: e"]},
+                              "Herniation": {"classes": ["0: absent", "1: present"]}}
+    columns, table_rows = documents.disc_table(doc, discs)
+    assert [(r[1], r[2], r[3], r[4]) for r in table_rows[:3]] == [(2, 0.6, 0, 0.7), (3, 0.2, 1, 0.3), (4, 0.05, 0, 0.7)]
+    assert documents.reported_probability({"value": 3}) is None and documents.reported_probability(None) is None
 
 
 # --------------------------------------------------------------------------- replacing, saving

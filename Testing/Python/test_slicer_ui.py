@@ -122,9 +122,9 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     assert process.program == module.SpineNetLogic.pythonExecutable()
     args = process.arguments
     assert args[:2] == ["-m", "SpineNetLib.apps.worker"]
-    for flag, value in (("--weights", "bundled"), ("--device", "cpu"), ("--hotspot-head", "Pfirrmann")):
+    for flag, value in (("--weights", "bundled"), ("--device", "cpu")):
         assert args[args.index(flag) + 1] == value
-    assert "--grading" in args
+    assert "--grading" in args and "--hotspot-head" not in args     # hotspots are opt-in
     assert process.directory == module.LIBRARY_PARENT
     # the volume went to the worker unchanged
     npy, geometry = args[args.index("--input") + 1], args[args.index("--geometry") + 1]
@@ -265,6 +265,24 @@ def test_options_reach_the_worker(panel):
     assert args[args.index("--weights") + 1] == "/data/my weights" and "--no-grading" in args
 
 
+def test_hotspots_are_opt_in_and_a_chosen_head_reaches_the_worker(panel):
+    module, widget, scene, volume, _ = panel
+    combo = widget.ui.hotspotHeadComboBox
+    assert [combo.itemText(k) for k in range(combo.count())] == ["none", *documents.GRADE_HEADS]
+    assert combo.currentText() == "none" and widget.settings()["hotspot_head"] is None
+    assert "<string>none</string>" in standins.UI_FILE.read_text(encoding="utf-8")    # the .ui's default too
+    _select(widget, volume)
+    widget.ui.applyButton.click()
+    assert "--hotspot-head" not in standins.FakeProcess.instances[-1].arguments
+    widget.ui.cancelButton.click()
+    combo.setCurrentText("Herniation")
+    assert widget.settings()["hotspot_head"] == "Herniation"
+    widget.ui.applyButton.click()
+    args = standins.FakeProcess.instances[-1].arguments
+    assert args[args.index("--hotspot-head") + 1] == "Herniation"
+    widget.ui.cancelButton.click()
+
+
 def test_missing_packages_are_offered_for_installation(panel, monkeypatch):
     module, widget, scene, volume, _ = panel
     _select(widget, volume)
@@ -301,6 +319,10 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     assert widget.ui.statusLabel.text().startswith("Wrote T2_sagittal_lumbar_vertebrae.csv, T2_sagittal_lumbar_discs.csv")
 
     widget.ui.discTable.selectRow(4)
+    widget.ui.showHotspotsButton.click()                   # head "none" (the default): nothing to show
+    assert widget.ui.statusLabel.text().startswith("Choose a hotspot head: hotspot maps are computed only")
+    assert mrml.result_nodes(scene, volume, "hotspot") == []
+    widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
     widget.ui.showHotspotsButton.click()
     assert widget.ui.statusLabel.text() == ("Hotspots are not available for L4-L5 (Pfirrmann): "
                                             "this run wrote no hotspot maps.")
@@ -526,8 +548,9 @@ def test_in_process_worker_runs_the_worker_entry_point(logic_case, tmp_path):
     assert lines[0] == "PROGRESS 0 1 reading the scan" and lines[-2] == "WARNING this is the fake pipeline"
     assert lines[-1] == f"RESULT {Path(run.output).resolve() / 'result.json'}"
     # the same files as the worker process writes
-    assert sorted(p.name for p in Path(run.output).iterdir()) == ["discs.csv", "hotspots", "result.json",
-                                                                 "vertebrae.csv", "vertebrae.json"]
+    assert sorted(p.name for p in Path(run.output).iterdir()) == ["discs.csv", "hotspots", "hotspots.png",
+                                                                 "preview.png", "result.json", "vertebrae.csv",
+                                                                 "vertebrae.json"]
     assert run.message.endswith("Warning: this is the fake pipeline") and len(run.nodes.curves) == 7
 
     # a problem with the input: one ERROR line, the error raised again by runSynchronously
@@ -566,7 +589,7 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     widget.ui.deviceComboBox.setCurrentIndex(2)          # cuda
     widget.ui.applyButton.click()
     assert calls == [("start", volume, widget.settings())]
-    assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": "Pfirrmann"}
+    assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None}
     assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
     assert standins.FakeProcess.instances == []
 

@@ -75,6 +75,36 @@ def test_worker_arguments_round_trip():
     assert parsed.pipeline == "m:f" and parsed.option == ["steps=2"]
 
 
+def _batch_parser():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("SpineNetBatch_parser_under_test", BATCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_hotspots_are_opt_in_for_the_worker_and_the_batch_script(monkeypatch):
+    """No hotspot maps unless a head is named (a map takes minutes on a CPU), as with `spinenet run`."""
+    from SpineNetLib import pipeline
+
+    assert worker.build_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--hotspot-head", "Herniation"]).hotspot_head \
+        == "Herniation"
+    for none in (None, "", "none", "None"):
+        assert worker.hotspot_head_option(none) is None
+        assert "--hotspot-head" not in worker.worker_arguments("v.npy", "out", hotspot_head=none)
+    assert worker.hotspot_head_option(" Pfirrmann ") == "Pfirrmann"
+
+    seen = []
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: type("N", (), {"load_seconds": 0.0})())
+    monkeypatch.setattr(pipeline, "run", lambda scan, networks, options, progress=None: seen.append(options))
+    for head, heads in ((None, []), ("none", []), ("Herniation", ["Herniation"])):
+        worker.run_pipeline(None, {"grading": True, "hotspot_head": head}, lambda *a: None)
+        assert seen[-1].hotspot_heads == heads and seen[-1].grade is True
+
+
 def test_worker_runs_and_reports(phantom, inputs, tmp_path):
     out = tmp_path / "results"
     proc = _worker(["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(out),
@@ -88,7 +118,8 @@ def test_worker_runs_and_reports(phantom, inputs, tmp_path):
     manifest = Path(worker.parse_line(lines[-1]).text)
     assert manifest == (out / "result.json").resolve()
     assert json.loads(manifest.read_text())["hotspots"] == ["hotspots/L4-L5_Pfirrmann.nii.gz"]
-    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "result.json", "vertebrae.csv", "vertebrae.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "hotspots.png", "preview.png", "result.json",
+                                                     "vertebrae.csv", "vertebrae.json"]
     vertebrae, discs, folder = documents.read_result(manifest)
     assert discs is None and [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
     # the voxels and IJK-to-RAS reached scan_from_array unchanged
@@ -211,8 +242,8 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     assert (out / "vertebrae.csv").read_text().splitlines()[1].endswith(
         ",0.620000,true,true,levels may be shifted by one (confidence 0.62): the next best labelling "
         "calls the lowest body L5 instead of S1")
-    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "result.json", "scene.mrb",
-                                                     "vertebrae.csv", "vertebrae.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "hotspots.png", "preview.png",
+                                                     "result.json", "scene.mrb", "vertebrae.csv", "vertebrae.json"]
     assert (out / "vertebrae.csv").read_text().splitlines()[0].startswith("level,centroid_R_mm")
     assert (out / "discs.csv").read_text().splitlines()[1].startswith("T12-L1,")
     vertebrae, _, _ = documents.read_result(out)
