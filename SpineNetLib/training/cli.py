@@ -11,6 +11,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.common import add_real_data_arguments, add_run_arguments
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
+from SpineNetLib.training.grader_threshold import add_grader_threshold_parser
 
 
 def _checked(args) -> None:
@@ -102,6 +103,7 @@ def register(subparsers) -> None:
                           "(default: none stored, the official 100 applies)")
     ctx.set_defaults(func=command_train_context)
     add_grader_parser(sub)
+    add_grader_threshold_parser(sub)
 
     tq = sub.add_parser("tianchi-targets", help="pseudo-label the tianchi/ slices with a detector (outlines for training)")
     tq.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")

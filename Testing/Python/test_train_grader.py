@@ -303,3 +303,17 @@ def test_the_weight_average_is_what_is_saved(spider_root, tmp_path):
     assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
     config = json.loads((tmp_path / "avg" / "config.json").read_text())
     assert config["ema"] == 0.9
+
+
+def test_the_threshold_shift_maximises_balanced_accuracy_on_the_calibration_discs():
+    from SpineNetLib.training.grader_threshold import best_shift
+
+    # present discs score around +1, absent ones around -1, but the present ones sit lower: a shift of
+    # about +1.5 separates them best
+    difference = np.array([-3.0, -2.5, -2.0, -1.8, -1.6, -1.2, -0.4, 0.3, 0.8])
+    truth = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    shift, balanced = best_shift(difference, truth)
+    assert balanced == 1.0 and 1.25 <= shift <= 1.5
+    assert best_shift(np.array([-1.0, 1.0]), np.array([0, 1])) == (0.0, 1.0)   # ties: the smallest shift
+    with pytest.raises(InputError, match="one class"):
+        best_shift(np.array([0.0, 1.0]), np.array([1, 1]))
