@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
                           "e.g. Pfirrmann,Herniation (needs grading weights)")
     run.add_argument("--hotspot-method", default="contrastive_excitation",
-                     choices=["contrastive_excitation", "excitation", "guided", "gradient"])
+                     choices=["contrastive_excitation", "excitation", "guided", "gradient"],
+                     help="how the hotspot maps are computed (default contrastive_excitation; see README, Hotspots)")
     run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
                      help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
     run.add_argument("--profile", choices=["default", "official"], default=None,
@@ -90,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a synthetic spine as DICOM and run the bundled models on it")
     demo.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the phantom and the results")
     _add_network_options(demo)
-    demo.add_argument("--fov", default="lumbar", choices=["lumbar", "cervical", "thoracic", "whole"])
-    demo.add_argument("--contrast", default="T2", choices=["T1", "T2", "STIR"])
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--fov", default="lumbar", choices=["lumbar", "cervical", "thoracic", "whole"],
+                      help="field of view of the phantom (default lumbar)")
+    demo.add_argument("--contrast", default="T2", choices=["T1", "T2", "STIR"],
+                      help="MR contrast the phantom imitates (default T2)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the phantom's anatomy and noise (default 7)")
     demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
     demo.set_defaults(func=command_demo)
 

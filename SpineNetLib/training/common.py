@@ -250,7 +250,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, steps: int, batch: int, lr:
     p.add_argument("--batch-size", type=int, default=batch, help=f"samples per step (default {batch})")
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default 0)")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate of AdamW (default {lr})")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from checkpoint-latest.pt")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

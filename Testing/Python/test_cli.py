@@ -205,3 +205,20 @@ def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
     assert cli.main(["evaluate", "--data", str(case), "--pred", str(tmp_path / "pred")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to score" in err[0]
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help and action.dest != "help":
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(cli.build_parser(), "spinenet")
+    assert missing == []
