@@ -3,22 +3,16 @@
 The module is a thin layer over SpineNetLib, shaped like SlicerNNUNet:
 
 * the **logic** (:class:`SpineNetLogic`, no GUI calls, so it runs headless)
-  owns the worker behind a small interface, :class:`WorkerProcess`.  It
-  writes the input volume to a temporary ``.npy`` + JSON pair, starts the
-  worker (``SpineNetLib.apps.worker``) on it, follows its
-  ``PROGRESS``/``WARNING``/``RESULT``/``ERROR`` lines, reports them through
-  its signals and the run's callbacks, and shows the results as MRML nodes
-  (through ``SpineNetLib.slicer.mrml``).  Two workers come with it:
-  :class:`QProcessWorker`, the default, runs ``PythonSlicer -m
-  SpineNetLib.apps.worker`` as a separate process with ``qt.QProcess`` (the
-  GUI stays responsive; Cancel kills the process), and
-  :class:`InProcessWorker` calls the same entry point,
-  ``SpineNetLib.apps.worker.run_request``, in this process (scripts, tests,
-  :meth:`SpineNetLogic.runSynchronously`).  Every caller therefore writes the
-  same result files.
+  owns the worker behind a small interface, :class:`WorkerProcess`, shows the
+  results as MRML nodes and keeps the module's parameter node; it lives in
+  ``SpineNetModuleLib/logic.py``, the workers in ``SpineNetModuleLib/workers.py``
+  (Slicer loads every ``.py`` file directly in the module folder as a module,
+  so helpers go into a package); their public names are re-exported here.
 * the **widget** only collects the options, wires the panel to the logic's
-  methods and signals, and shows the results (disc table, vertebra list with
-  level correction, CSV export, hotspots).
+  methods and signals, keeps the panel and the parameter node in step
+  (``updateGUIFromParameterNode`` / ``updateParameterNodeFromGUI``, with an
+  observer on the node), and shows the results (disc table, vertebra list
+  with level correction, CSV export, hotspots).
 
 From a script (non-blocking; see docs/SLICER.md)::
 
@@ -32,52 +26,55 @@ Qt properties are read through :func:`_get`, which works with PythonQt
 are always called as methods.  That keeps the widget testable outside Slicer.
 """
 
-import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
 
 import ctk  # noqa: F401  (the .ui uses ctk widgets; importing registers them)
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 
+_MODULE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_FOLDER not in sys.path:  # Slicer puts it there; a plain import from a file path does not
+    sys.path.insert(0, _MODULE_FOLDER)
+# Import the helper package afresh with this file: "Reload" in Slicer re-executes only this file,
+# and must pick up edits to the helpers too (and the qt/slicer modules of this execution).
+for _name in [name for name in sys.modules if name == "SpineNetModuleLib" or name.startswith("SpineNetModuleLib.")]:
+    del sys.modules[_name]
 
-def _libraryParent():
-    """Folder holding SpineNetLib: next to this file once installed, the repository root from source."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(candidate, "SpineNetLib", "__init__.py")):
-            if candidate not in sys.path:
-                sys.path.insert(0, candidate)
-            return candidate
-    return here
-
-
-LIBRARY_PARENT = _libraryParent()
-
-from SpineNetLib.outputs import documents  # noqa: E402  (needs LIBRARY_PARENT on sys.path)
-from SpineNetLib.apps import worker  # noqa: E402
+from SpineNetModuleLib import LIBRARY_PARENT  # noqa: E402,F401  (puts SpineNetLib on sys.path)
+from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet.SpineNetLogic, ...)
+    DEVICES,
+    IMPORT_NAMES,
+    INPUT_REFERENCE,
+    NO_HOTSPOTS,
+    PARAMETER_DEFAULTS,
+    PARAMETER_NODE_TAG,
+    RESULT_REFERENCES,
+    WEIGHT_SOURCES,
+    WORKER_MODULE_ARGUMENTS,
+    SpineNetLogic,
+)
+from SpineNetModuleLib.workers import (  # noqa: E402,F401
+    InProcessWorker,
+    LineSink,
+    QProcessWorker,
+    Signal,
+    SpineNetRun,
+    WorkerProcess,
+)
+from SpineNetLib.outputs import documents  # noqa: E402
 from SpineNetLib.core.errors import SpineNetError  # noqa: E402
 
-#: Import name of each requirement in Resources/requirements.txt.
-IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
-#: Weight sources offered in the panel, in combo-box order.
-WEIGHT_SOURCES = ("bundled", "official", "folder")
-#: The hotspot head choice that computes no hotspot maps (the default: a map takes minutes on a CPU).
-NO_HOTSPOTS = "none"
-#: What follows the Python program on the worker's command line.
-WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
 #: Style of the labelling line when the levels may be shifted (the worst error: make it stand out).
 LEVELS_REVIEW_STYLE = ("QLabel { background-color: #fff3cd; color: #8a1c00; font-weight: bold; "
                        "border: 1px solid #e0a800; padding: 4px; }")
@@ -90,13 +87,11 @@ def _get(widget, name):
     return value() if callable(value) else value
 
 
-def _text(data):
-    """Text of the bytes a QProcess returns (QByteArray under PythonQt and PySide6)."""
-    if hasattr(data, "data"):
-        data = data.data()
-    if isinstance(data, (bytes, bytearray)):
-        return bytes(data).decode("utf-8", errors="replace")
-    return str(data)
+def _selectText(combo, text):
+    """Select the combo box item with this text (nothing changes when there is none)."""
+    index = combo.findText(text)
+    if index >= 0:
+        combo.setCurrentIndex(index)
 
 
 def _headerText(column):
@@ -112,246 +107,6 @@ def _headerText(column):
         cut = min(range(1, len(words)), key=lambda n: abs(len(" ".join(words[:n])) - len(name) / 2))
         name = " ".join(words[:cut]) + "\n" + " ".join(words[cut:])
     return name
-
-
-#
-# Signals and workers (no widgets: the logic uses them headless)
-#
-
-
-class Signal:
-    """A minimal signal that needs no QObject: ``connect(slot)``, ``disconnect(slot)``, ``emit(*args)``."""
-
-    def __init__(self, *argumentNames):
-        self.argumentNames = argumentNames
-        self._slots = []
-
-    def connect(self, slot):
-        self._slots.append(slot)
-
-    def disconnect(self, slot=None):
-        """Disconnect one slot (every connection of it), or all slots when none is given."""
-        self._slots = [] if slot is None else [s for s in self._slots if s != slot]
-
-    def emit(self, *args):
-        for slot in list(self._slots):
-            slot(*args)
-
-
-class LineSink:
-    """A text stream for ``worker.LineProtocol`` that hands every complete line to ``onLine``."""
-
-    def __init__(self, onLine):
-        self._onLine = onLine
-        self._buffer = ""
-
-    def write(self, text):
-        self._buffer += text
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            self._onLine(line)
-        return len(text)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        """Hand over a last line that has no newline."""
-        rest, self._buffer = self._buffer, ""
-        if rest.strip():
-            self._onLine(rest)
-
-
-class WorkerProcess:
-    """What :class:`SpineNetLogic` needs of a worker; one instance runs once.
-
-    * ``start(run)`` starts the worker on a :class:`SpineNetRun` (its
-      ``program``, ``arguments``, ``environment`` and ``workingDirectory`` for a
-      process, its ``workerArguments`` for ``worker.run_request`` in this process);
-    * ``cancel()`` stops it at once (``finished`` still follows);
-    * ``isRunning()``;
-    * signal ``lineReceived(line)``: one line the worker wrote on stdout;
-    * signal ``finished(exitCode, errorText)``: the worker ended; ``exitCode`` is
-      None when it could not be started, ``errorText`` is what it wrote on stderr.
-
-    Tests inject their own (``SpineNetLogic(workerFactory=...)``).
-    """
-
-    def __init__(self):
-        self.lineReceived = Signal("line")
-        self.finished = Signal("exitCode", "errorText")
-
-    def start(self, run):
-        raise NotImplementedError
-
-    def cancel(self):
-        raise NotImplementedError
-
-    def isRunning(self):
-        raise NotImplementedError
-
-
-class QProcessWorker(WorkerProcess):
-    """The worker as a separate process (``qt.QProcess``): the default, keeps Slicer responsive."""
-
-    def __init__(self):
-        WorkerProcess.__init__(self)
-        self.process = None
-        self._running = False
-        self._buffer = ""
-
-    def start(self, run):
-        process = qt.QProcess()
-        process.setProgram(run.program)
-        process.setArguments(run.arguments)
-        process.setWorkingDirectory(run.workingDirectory)
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        for key, value in run.environment.items():
-            environment.insert(key, value)
-        process.setProcessEnvironment(environment)
-        process.readyReadStandardOutput.connect(self._onOutput)
-        process.finished.connect(self._onFinished)
-        process.errorOccurred.connect(self._onError)
-        # The process stays referenced after it finished: releasing the last reference inside
-        # its own signal would delete it while Qt is still emitting.
-        self.process, self._running, self._buffer = process, True, ""
-        process.start()
-
-    def cancel(self):
-        if self._running:
-            self.process.kill()
-
-    def isRunning(self):
-        return self._running
-
-    def _onOutput(self, *args):
-        if not self._running:
-            return
-        self._buffer += _text(self.process.readAllStandardOutput())
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            self.lineReceived.emit(line)
-
-    def _onError(self, error=None):
-        """Only a worker that could not start ends here (a crash or a kill also emits finished)."""
-        if not self._running or error != qt.QProcess.FailedToStart:
-            return
-        self._running = False
-        self.finished.emit(None, "")
-
-    def _onFinished(self, *args):
-        if not self._running:
-            return
-        self._onOutput()
-        rest, self._buffer = self._buffer, ""
-        if rest.strip():
-            self.lineReceived.emit(rest)
-        errors = _text(self.process.readAllStandardError()).strip()
-        self._running = False
-        self.finished.emit(self.process.exitCode(), errors)
-
-
-class _Cancelled(BaseException):
-    """Raised inside an in-process run to stop it (a BaseException: pipelines' ``except Exception`` let it pass)."""
-
-
-class InProcessWorker(WorkerProcess):
-    """The worker's entry point called in this process: ``worker.run_request(worker.build_parser().parse_args(...))``.
-
-    ``start`` returns only when the run is over (``finished`` has been
-    emitted).  ``cancel()`` from a progress callback stops the run at its next
-    progress report.  The exception that ended a failed run is kept in
-    ``exception`` (:meth:`SpineNetLogic.runSynchronously` raises it again).
-    """
-
-    def __init__(self):
-        WorkerProcess.__init__(self)
-        self.exception = None
-        self._running = self._cancelled = self._ending = False
-
-    def isRunning(self):
-        return self._running
-
-    def cancel(self):
-        self._cancelled = self._running
-
-    def _onLine(self, line):
-        self.lineReceived.emit(line)
-        if self._cancelled and not self._ending:
-            raise _Cancelled()
-
-    def start(self, run):
-        sink = LineSink(self._onLine)
-        protocol = worker.LineProtocol(sink)
-        self._running, self._cancelled, self._ending, self.exception = True, False, False, None
-        exitCode = worker.EXIT_OK
-        try:
-            with contextlib.redirect_stdout(sink):  # a usage error is reported as an ERROR line on stdout
-                args = worker.build_parser().parse_args(list(run.workerArguments))
-            manifest = worker.run_request(args, protocol)
-        except _Cancelled:
-            self._ending, exitCode = True, worker.EXIT_INTERNAL
-        except SystemExit as error:  # a usage error (the parser has reported it)
-            self._ending, self.exception = True, error
-            exitCode = error.code if isinstance(error.code, int) else worker.EXIT_USAGE
-        except SpineNetError as error:
-            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
-            protocol.send("ERROR", str(error))
-        except OSError as error:
-            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
-            target = f" {error.filename}" if getattr(error, "filename", None) else ""
-            protocol.send("ERROR", f"cannot access{target}: {error.strerror or error}")
-        except Exception as error:  # a bug: one line here, the traceback in the log
-            self._ending, self.exception, exitCode = True, error, worker.EXIT_INTERNAL
-            logging.exception("SpineNet worker (in process)")
-            protocol.send("ERROR", f"internal error: {type(error).__name__}: {error}")
-        else:
-            self._ending = True
-            sink.write(f"RESULT {manifest}\n")  # the path as is, spaces included
-        sink.close()
-        self._running = False
-        self.finished.emit(exitCode, "")
-
-
-class SpineNetRun:
-    """One run of the worker on a volume: how it was started, what it reported, how it ended.
-
-    ``status`` is "running", then "done", "failed" or "cancelled"; ``message``
-    is the one-line outcome the panel shows; ``nodes`` are the result nodes
-    (:class:`SpineNetLib.slicer.mrml.ResultNodes`) of a run that is done.
-    """
-
-    def __init__(self, volumeNode, prepared, onProgress=None, onWarning=None, onFinished=None):
-        self.volumeID = volumeNode.GetID()
-        self.volumeName = volumeNode.GetName()
-        self.program = prepared["program"]
-        self.arguments = prepared["arguments"]
-        self.environment = prepared["environment"]
-        self.workingDirectory = prepared["workingDirectory"]
-        self.workerArguments = prepared["workerArguments"]
-        self.folder = prepared["folder"]
-        self.output = prepared["output"]
-        self.onProgress, self.onWarning, self.onFinished = onProgress, onWarning, onFinished
-        self.status = "running"
-        self.cancelled = False
-        self.progress = (0, 1, "")
-        self.warnings = []
-        self.resultPath = None
-        self.error = None
-        self.exitCode = None
-        self.errorText = ""
-        self.message = ""
-        self.nodes = None
-
-    def get(self, key, default=None):
-        """Dictionary-style access (``cleanupRun`` takes a :meth:`SpineNetLogic.prepareRun` dict too)."""
-        return getattr(self, key, default)
-
-    def isFinished(self):
-        return self.status != "running"
-
-    def __repr__(self):
-        return f"<SpineNetRun {self.volumeName!r} {self.status}: {self.message or self.progress[2]}>"
 
 
 #
@@ -384,14 +139,25 @@ class SpineNet(ScriptedLoadableModule):
 #
 
 
-class SpineNetWidget(ScriptedLoadableModuleWidget):
-    """The "Detect & Grade" panel: options in, logic calls out, logic signals back to the panel."""
+class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMixin):
+    """The "Detect & Grade" panel: options in, logic calls out, logic signals back to the panel.
+
+    The panel shows and edits the scene's parameter node (input volume,
+    options, result references; see :meth:`SpineNetLogic.getParameterNode`):
+    ``updateGUIFromParameterNode`` runs whenever the node changes (an
+    observer), ``updateParameterNodeFromGUI`` whenever the user changes an
+    input or an option.
+    """
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        slicer.util.VTKObservationMixin.__init__(self)
         self.logic = None
         self.ui = None
+        self._parameterNode = None
+        self._updatingGUIFromParameterNode = False
         self._populating = False
+        self._shownResults = None
         self._levelCombos = []
 
     # ----------------------------------------------------------------- set-up
@@ -412,7 +178,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         for label in ("Bundled (this project)", "Official SpineNetV2 (download, non-commercial)", "Folder..."):
             self.ui.weightsComboBox.addItem(label)
         self.ui.deviceComboBox.clear()
-        for device in ("auto", "cpu", "cuda"):
+        for device in DEVICES:
             self.ui.deviceComboBox.addItem(device)
         self.ui.hotspotHeadComboBox.clear()
         for head in (NO_HOTSPOTS, *documents.GRADE_HEADS):   # "none" first: hotspots are opt-in
@@ -431,17 +197,123 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
         self.ui.weightsComboBox.currentTextChanged.connect(self.updateWidgets)
         self.ui.gradingCheckBox.toggled.connect(self.updateWidgets)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
+        # options -> parameter node
+        self.ui.weightsComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.weightsFolderLineEdit.textChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.gradingCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.hotspotHeadComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        # a closed scene takes its parameter node (and the results) with it
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.setStatus("Select a sagittal volume and press Detect & Grade.")
+        self.initializeParameterNode()
         self.onInputChanged()
 
     def cleanup(self):
-        """Module closed: stop a running worker and stop listening to the logic."""
+        """Module closed or reloaded: stop a running worker, remove the temporary folders, stop observing
+        the scene and the parameter node, stop listening to the logic.  Safe to call twice."""
+        self.removeObservers()
+        self._parameterNode = None
         if self.logic is None:
             return
-        self.logic.cancelRun()
+        self.logic.cleanup()
         self.logic.progressReported.disconnect(self.onRunProgress)
         self.logic.warningReported.disconnect(self.onRunWarning)
         self.logic.runFinished.disconnect(self.onRunFinished)
+
+    def enter(self):
+        """The module is shown: follow the scene's parameter node again."""
+        self.initializeParameterNode()
+
+    def exit(self):
+        """Another module is shown: stop following the parameter node (the settings stay in it)."""
+        if self._parameterNode is not None and self.hasObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode):
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller=None, event=None):
+        self.setParameterNode(None)
+        self.logic.removeTemporaryFolders()     # the results that needed them are going away
+
+    def onSceneEndClose(self, caller=None, event=None):
+        if getattr(self.parent, "isEntered", True):
+            self.initializeParameterNode()
+
+    # ----------------------------------------------------------------- parameter node
+
+    def initializeParameterNode(self):
+        """Show the scene's parameter node (made with the defaults when the scene has none)."""
+        node = self.logic.getParameterNode()
+        if node.GetNodeReference(INPUT_REFERENCE) is None and self._volume() is not None:
+            node.SetNodeReferenceID(INPUT_REFERENCE, self._volume().GetID())
+        self.setParameterNode(node)
+
+    def setParameterNode(self, parameterNode):
+        """Observe ``parameterNode`` (None: none) instead of the previous one and show it."""
+        if parameterNode is not None:
+            self.logic.setDefaultParameters(parameterNode)
+        if self._parameterNode is not None and self.hasObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode):
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        """Input volume and options from the parameter node; the results when its result references changed."""
+        node = self._parameterNode
+        if node is None or self._updatingGUIFromParameterNode:
+            return
+        self._updatingGUIFromParameterNode = True
+        try:
+            volume = node.GetNodeReference(INPUT_REFERENCE)
+            if volume is not None and self._volume() is not volume:
+                self.ui.inputSelector.setCurrentNode(volume)
+            source = node.GetParameter("Weights")
+            self.ui.weightsComboBox.setCurrentIndex(WEIGHT_SOURCES.index(source) if source in WEIGHT_SOURCES else 0)
+            folder = node.GetParameter("WeightsFolder")
+            if _get(self.ui.weightsFolderLineEdit, "text") != folder:
+                self.ui.weightsFolderLineEdit.setText(folder)
+            _selectText(self.ui.deviceComboBox, node.GetParameter("Device"))
+            self.ui.gradingCheckBox.setChecked(node.GetParameter("Grading") != "false")
+            _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
+        finally:
+            self._updatingGUIFromParameterNode = False
+        self._populateIfChanged()
+        self.updateWidgets()
+
+    def updateParameterNodeFromGUI(self, *args):
+        """Input volume and options into the parameter node (one Modified event), and the input's result references."""
+        node = self._parameterNode
+        if node is None or self._updatingGUIFromParameterNode:
+            return
+        wasModified = node.StartModify()
+        try:
+            volume = self._volume()
+            node.SetNodeReferenceID(INPUT_REFERENCE, volume.GetID() if volume is not None else None)
+            node.SetParameter("Weights", WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))])
+            node.SetParameter("WeightsFolder", _get(self.ui.weightsFolderLineEdit, "text"))
+            node.SetParameter("Device", _get(self.ui.deviceComboBox, "currentText") or "auto")
+            node.SetParameter("Grading", "true" if _get(self.ui.gradingCheckBox, "checked") else "false")
+            node.SetParameter("HotspotHead", _get(self.ui.hotspotHeadComboBox, "currentText") or NO_HOTSPOTS)
+            self.logic.updateResultReferences(node)
+        finally:
+            node.EndModify(wasModified)
+
+    def _resultsKey(self):
+        """What the result tables show: the input volume and its result documents (by the parameter node)."""
+        volume, node = self._volume(), self._parameterNode
+        documentIDs = () if node is None else tuple(
+            node.GetNodeReferenceID(RESULT_REFERENCES[role]) for role in ("vertebrae-document", "discs-document"))
+        return (volume.GetID() if volume is not None else None,) + documentIDs
+
+    def _populateIfChanged(self):
+        if self._resultsKey() != self._shownResults:
+            self.populateResults()
+
+    # ----------------------------------------------------------------- options
 
     def setStatus(self, message):
         self.ui.statusLabel.setText(message)
@@ -492,9 +364,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
             return
         missing = self.logic.missingPackages()
         if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                    "SpineNet needs these Python packages, which will be downloaded and installed now:\n"
-                    + "\n".join(missing)):
+            # one question for everything (the logic installs without asking again)
+            if not slicer.util.confirmOkCancelDisplay(self.logic.installationPrompt(missing)):
                 self.setStatus("Cancelled: the Python packages SpineNet needs are not installed.")
                 return
             self.setStatus("Installing " + ", ".join(missing) + " ...")
@@ -541,12 +412,14 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
     # ----------------------------------------------------------------- results
 
     def onInputChanged(self, *args):
-        self.populateResults()
+        self.updateParameterNodeFromGUI()
+        self._populateIfChanged()
         self.updateWidgets()
 
     def populateResults(self):
         """Fill the disc table and the vertebra list from the results stored for the input volume."""
         volume = self._volume()
+        self._shownResults = self._resultsKey()
         vertebraeDoc, discsDoc, _ = self.logic.documents(volume) if volume is not None else (None, None, None)
         self.showLabellingStatus(*documents.labelling_status(vertebraeDoc))
         self._populating = True
@@ -660,362 +533,6 @@ class SpineNetWidget(ScriptedLoadableModuleWidget):
 
 
 #
-# Logic
-#
-
-
-class SpineNetLogic(ScriptedLoadableModuleLogic):
-    """MRML, files and the worker; no GUI calls: usable from the Python console and in batch scripts.
-
-    Signals (connect a callable; see :class:`Signal`):
-
-    * ``progressReported(done, total, message)``
-    * ``warningReported(message)``
-    * ``runFinished(run)``: a :class:`SpineNetRun` whose ``status`` is "done",
-      "failed" or "cancelled" and whose ``message`` says how it ended.
-    """
-
-    def __init__(self, scene=None, workerFactory=None):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._scene = scene
-        #: Hook for extensions and tests: "MODULE:FUNCTION" or "FILE.py:FUNCTION" replacing the
-        #: worker's default pipeline, and extra options for it (see SpineNetLib.apps.worker).
-        self.pipeline = None
-        self.pipelineOptions = {}
-        #: Makes the :class:`WorkerProcess` of each run (default: a separate process).
-        self.workerFactory = workerFactory or QProcessWorker
-        self.worker = None
-        self.currentRun = None
-        self.lastRun = None
-        self._lastWorker = None
-        self.progressReported = Signal("done", "total", "message")
-        self.warningReported = Signal("message")
-        self.runFinished = Signal("run")
-
-    @property
-    def scene(self):
-        return self._scene if self._scene is not None else slicer.mrmlScene
-
-    @staticmethod
-    def _mrml():
-        from SpineNetLib.slicer import mrml
-
-        return mrml
-
-    # ----------------------------------------------------------------- dependencies
-
-    @staticmethod
-    def requirementsPath():
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
-
-    def requirements(self):
-        """Requirement lines of Resources/requirements.txt (torch is handled by the PyTorch extension)."""
-        lines = []
-        with open(self.requirementsPath(), encoding="utf-8") as handle:
-            for line in handle:
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    lines.append(line)
-        return lines
-
-    def missingPackages(self):
-        """Requirements whose package cannot be imported."""
-        import importlib.util
-
-        missing = []
-        for requirement in self.requirements():
-            name = re.split(r"[<>=!~\[; ]", requirement, 1)[0].lower()
-            if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None:
-                missing.append(requirement)
-        return missing
-
-    def installPackages(self, requirements):
-        """Install requirements: torch through the PyTorch extension when present, the rest with pip."""
-        others = []
-        for requirement in requirements:
-            if re.split(r"[<>=!~\[; ]", requirement, 1)[0].lower() == "torch":
-                self._installTorch(requirement)
-            else:
-                others.append(requirement)
-        if not others:
-            return
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(others)
-        else:
-            slicer.util.pip_install(" ".join(others))
-
-    @staticmethod
-    def _installTorch(requirement):
-        try:
-            import PyTorchUtils
-        except ImportError:
-            slicer.util.pip_install(requirement)
-            return
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            version = requirement[len("torch"):].strip() or None
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=version) is None:
-                raise RuntimeError("PyTorch was not installed (installation declined or failed)")
-
-    @staticmethod
-    def pythonExecutable():
-        """PythonSlicer inside Slicer (a Python with Slicer's packages), else this interpreter."""
-        for name in ("PythonSlicer", "PythonSlicer.exe"):
-            candidate = os.path.join(os.path.dirname(sys.executable), name)
-            if os.path.isfile(candidate):
-                return candidate
-        return shutil.which("PythonSlicer") or sys.executable
-
-    # ----------------------------------------------------------------- running
-
-    def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
-                   pipeline=None, options=None, workFolder=None):
-        """Write the volume for the worker and return how to start it.
-
-        Returns ``{"program", "arguments", "environment", "workingDirectory",
-        "workerArguments", "folder", "output"}``: ``program`` + ``arguments`` run
-        the worker as a process, ``workerArguments`` are what
-        ``SpineNetLib.apps.worker.build_parser()`` parses; the voxels ([k, j, i])
-        and IJK-to-RAS go to the worker unchanged.
-        """
-        mrml = self._mrml()
-        voxels, ijkToRas = mrml.volume_arrays(volumeNode)
-        folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
-        npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas,
-                                            {"path": volumeNode.GetName(), "format": "Slicer volume"})
-        output = os.path.join(folder, "results")
-        workerArguments = worker.worker_arguments(
-            npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
-            hotspot_head=hotspot_head, pipeline=pipeline, options=options)
-        pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
-        return {"program": self.pythonExecutable(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
-                "workerArguments": workerArguments, "workingDirectory": LIBRARY_PARENT,
-                "folder": folder, "output": output,
-                "environment": {"PYTHONPATH": pythonPath, "PYTHONUNBUFFERED": "1"}}
-
-    @staticmethod
-    def cleanupRun(run):
-        """Delete the temporary input files of a run (the results folder stays for hotspots)."""
-        if run and run.get("folder"):
-            shutil.rmtree(os.path.join(run.get("folder"), "input"), ignore_errors=True)
-
-    def isRunning(self):
-        return self.currentRun is not None
-
-    def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
-                 pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
-                 workerProcess=None, workFolder=None):
-        """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
-
-        ``onProgress(done, total, message)``, ``onWarning(message)`` and
-        ``onFinished(run)`` are called for this run (after the logic's signals).
-        ``pipeline``/``options`` default to :attr:`pipeline`/:attr:`pipelineOptions`;
-        ``workerProcess`` replaces :attr:`workerFactory`'s worker for this run (an
-        :class:`InProcessWorker` finishes before ``startRun`` returns).
-        Raises :class:`SpineNetError` when a run is going on or the volume cannot be used.
-        """
-        if self.isRunning():
-            raise SpineNetError("SpineNet is already running: wait for it or cancel it first")
-        if volumeNode is None:
-            raise SpineNetError("no input volume")
-        prepared = self.prepareRun(volumeNode, weights=weights, device=device, grading=grading,
-                                   hotspot_head=hotspot_head,
-                                   pipeline=self.pipeline if pipeline is None else pipeline,
-                                   options=self.pipelineOptions if options is None else options,
-                                   workFolder=workFolder)
-        run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
-        process = workerProcess if workerProcess is not None else self.workerFactory()
-        process.lineReceived.connect(functools.partial(self._onWorkerLine, run))
-        process.finished.connect(functools.partial(self._onWorkerFinished, run))
-        self.worker, self.currentRun = process, run
-        try:
-            process.start(run)
-        except BaseException:
-            if self.currentRun is run:
-                self.worker = self.currentRun = None
-                self.cleanupRun(run)
-            raise
-        return run
-
-    def cancelRun(self):
-        """Stop the current run (it finishes with status "cancelled"); False when nothing runs."""
-        run, process = self.currentRun, self.worker
-        if run is None:
-            return False
-        run.cancelled = True
-        process.cancel()
-        return True
-
-    def waitForRun(self, run=None, timeout=None):
-        """Process Qt events until ``run`` (default: the current run) has finished; returns it.
-
-        For scripts that use the default process worker outside the event loop.
-        Raises :class:`SpineNetError` after ``timeout`` seconds.
-        """
-        run = run or self.currentRun or self.lastRun
-        deadline = None if timeout is None else time.monotonic() + timeout
-        application = getattr(slicer, "app", None) or qt.QCoreApplication.instance()
-        while run is not None and not run.isFinished():
-            if deadline is not None and time.monotonic() > deadline:
-                raise SpineNetError(f"SpineNet did not finish within {timeout} s")
-            application.processEvents()
-            time.sleep(0.01)
-        return run
-
-    def _onWorkerLine(self, run, line):
-        if run is not self.currentRun:
-            return
-        message = worker.parse_line(line)
-        if message.kind == "PROGRESS":
-            run.progress = (message.done, message.total, message.text)
-            self.progressReported.emit(message.done, message.total, message.text)
-            if run.onProgress is not None:
-                run.onProgress(message.done, message.total, message.text)
-        elif message.kind == "WARNING":
-            run.warnings.append(message.text)
-            self.warningReported.emit(message.text)
-            if run.onWarning is not None:
-                run.onWarning(message.text)
-        elif message.kind == "RESULT":
-            run.resultPath = message.text
-        elif message.kind == "ERROR":
-            run.error = message.text
-        elif line.strip():
-            logging.info("SpineNet worker: %s", line)
-
-    def _onWorkerFinished(self, run, exitCode, errorText):
-        if run is not self.currentRun:
-            return
-        # Keep the finished worker referenced until the next run (see QProcessWorker.start).
-        self._lastWorker, self.worker, self.currentRun, self.lastRun = self.worker, None, None, run
-        run.exitCode, run.errorText = exitCode, errorText or ""
-        if run.errorText:
-            logging.info("SpineNet worker stderr:\n%s", run.errorText)
-        self.cleanupRun(run)
-        if run.cancelled:
-            run.status, run.message = "cancelled", "Cancelled."
-        elif exitCode is None:
-            run.status = "failed"
-            run.message = "Could not start the SpineNet worker (" + run.program + "); see the Python console log."
-        elif run.error:
-            run.status, run.message = "failed", "Error: " + run.error
-        elif run.resultPath:
-            self._showRunResults(run)
-        else:
-            lastLine = run.errorText.splitlines()[-1] if run.errorText else "no message"
-            run.status = "failed"
-            run.message = f"The SpineNet worker stopped (exit code {exitCode}) without a result: {lastLine}"
-        self.runFinished.emit(run)
-        if run.onFinished is not None:
-            run.onFinished(run)
-
-    def _showRunResults(self, run):
-        volume = self.scene.GetNodeByID(run.volumeID)
-        if volume is None:
-            run.status, run.message = "failed", "Error: the input volume is no longer in the scene."
-            return
-        try:
-            run.nodes = self.loadResults(volume, run.resultPath)
-        except SpineNetError as error:
-            run.status, run.message = "failed", "Error: " + str(error)
-            return
-        run.status = "done"
-        run.message = self.summary(volume) + ("" if not run.warnings else " Warning: " + run.warnings[-1])
-
-    def runSynchronously(self, volumeNode, pipeline=None, options=None, progress=None, **settings):
-        """Run SpineNet in this process (blocks) and show the results; returns the result nodes.
-
-        The same entry point (``SpineNetLib.apps.worker.run_request``) and the same files
-        as the panel's worker process.  For scripts and tests; raises the error
-        that stopped the run (:class:`SpineNetError` for a problem with the input,
-        options or weights, or a cancelled run).
-        """
-        process = InProcessWorker()
-        run = self.startRun(volumeNode, pipeline=pipeline, options=options, onProgress=progress,
-                            workerProcess=process, **settings)
-        if run.status != "done":
-            if process.exception is not None and not isinstance(process.exception, SystemExit):
-                raise process.exception
-            raise SpineNetError(run.error or run.message)
-        return run.nodes
-
-    # ----------------------------------------------------------------- results
-
-    def loadResults(self, volumeNode, resultPath):
-        """Show the results of a ``result.json`` (or results folder) on ``volumeNode``."""
-        vertebraeDoc, discsDoc, folder = documents.read_result(resultPath)
-        return self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
-
-    def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):
-        """Replace the volume's SpineNet nodes by nodes built from the documents."""
-        return self._mrml().show_results(self.scene, volumeNode, vertebraeDoc, discsDoc, folder=folder)
-
-    def documents(self, volumeNode):
-        """(vertebrae document, discs document, results folder) stored in the scene for the volume."""
-        if volumeNode is None:
-            return None, None, None
-        return self._mrml().stored_documents(self.scene, volumeNode)
-
-    def summary(self, volumeNode):
-        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
-        if vertebraeDoc is None:
-            return "No SpineNet results for this volume."
-        names = [documents.vertebra_name(v, i) for i, v in enumerate(vertebraeDoc["vertebrae"])]
-        if not names:
-            return "No vertebrae found."
-        discs = len(discsDoc["discs"]) if discsDoc else len(documents.disc_polygons(vertebraeDoc))
-        graded = sum(1 for d in (discsDoc or {}).get("discs", []) if d.get("grades"))
-        return f"{len(names)} vertebrae ({names[0]}..{names[-1]}), {discs} discs, {graded} graded."
-
-    def labellingStatus(self, volumeNode):
-        """(one line about how sure the volume's levels are, whether they need review); ("", False) without one."""
-        return documents.labelling_status(self.documents(volumeNode)[0])
-
-    def correctLevel(self, volumeNode, index, level):
-        """Pin vertebra ``index`` (top to bottom) to ``level``, re-solve the others, rebuild the nodes."""
-        vertebraeDoc, discsDoc, folder = self.documents(volumeNode)
-        if vertebraeDoc is None:
-            raise SpineNetError("there are no SpineNet results for this volume to correct")
-        vertebraeDoc, discsDoc = documents.apply_level_correction(vertebraeDoc, index, level, discsDoc)
-        self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
-        return [v.get("level") for v in vertebraeDoc["vertebrae"]]
-
-    def exportCsv(self, volumeNode, folder):
-        """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv`` (the run's CSV files); returns their paths."""
-        from SpineNetLib.outputs.files import write_files_atomically
-        from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
-
-        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
-        if vertebraeDoc is None:
-            raise SpineNetError("there are no SpineNet results for this volume to export")
-        if discsDoc is None:  # no disc stage: level and centre of each disc (needs no torch)
-            discsText = documents.table_csv_text(*documents.disc_table(vertebraeDoc))
-        else:
-            from SpineNetLib.outputs.discs import discs_csv_text
-
-            discsText = discs_csv_text(discsDoc, vertebraeDoc)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("_") or "volume"
-        files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc), f"{stem}_discs.csv": discsText}
-        return [str(p) for p in write_files_atomically(folder, files)]
-
-    def showHotspots(self, volumeNode, disc, head):
-        """Load the hotspot map of one disc and head from the results folder: (node or None, message)."""
-        _, _, folder = self.documents(volumeNode)
-        paths = documents.hotspot_files(folder, disc, head)
-        if not paths:
-            return None, f"Hotspots are not available for {disc} ({head}): this run wrote no hotspot maps."
-        mrml = self._mrml()
-        allDiscs = paths[0].name.startswith("hotspots_")
-        name = f"SpineNet hotspot all discs {head}" if allDiscs else f"SpineNet hotspot {disc} {head}"
-        for node in mrml.result_nodes(self.scene, volumeNode, "hotspot"):
-            if node.GetName() == name:
-                self.scene.RemoveNode(node)
-        node = mrml.load_hotspot_file(self.scene, volumeNode, paths[0], name)
-        return node, f"Showing the {head} hotspots of " + ("all discs." if allDiscs else f"{disc}.")
-
-
-#
 # Test
 #
 
@@ -1073,23 +590,28 @@ class SpineNetTest(ScriptedLoadableModuleTest):
             truth.append(types.SimpleNamespace(level=level, slices=range(1, slices - 1),
                                                quads={s: quad for s in range(slices)}))
         ijkToRas = np.diag([-4.0, -1.0, -1.0, 1.0])  # i = slice (R->L), j = col (A->P), k = row (S->I)
-        scan = scan_from_array(voxels, ijkToRas, {"path": "SpineNet self-test"})
-        volume = mrml.add_volume(slicer.mrmlScene, voxels, ijkToRas, "SpineNet self-test")
+        scan = scan_from_array(voxels, ijkToRas, {"path": "self-test boxes"})
+        volume = mrml.add_volume(slicer.mrmlScene, voxels, ijkToRas, "self-test boxes")
         return volume, documents.vertebrae_document_from_truth(scan, truth)
 
     def test_Results(self):
         self.delayDisplay("Showing ground-truth outlines")
         volume, vertebraeDoc = self._boxes()
         logic = SpineNetLogic()
+        parameterNode = logic.getParameterNode()
+        self.assertEqual(logic.runSettings(parameterNode)["weights"], "bundled")
+        parameterNode.SetNodeReferenceID(INPUT_REFERENCE, volume.GetID())
         nodes = logic.showResults(volume, vertebraeDoc)
         self.assertEqual(len(nodes.curves), len(self.LEVELS))
+        self.assertEqual(parameterNode.GetNumberOfNodeReferences("ResultOutline"), len(self.LEVELS))
+        self.assertIs(parameterNode.GetNodeReference("ResultSegmentation"), nodes.segmentation)
         self.assertEqual(nodes.table.GetNumberOfRows(), len(self.LEVELS) - 1)
         logic.showResults(volume, vertebraeDoc)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
         # ground truth is certain of every other level, so only the pinned one changes
         levels = logic.correctLevel(volume, 0, "T11")
         self.assertEqual(levels, ["T11"] + self.LEVELS[1:])
-        self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName("SpineNet T11"))
+        self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName("self-test boxes SpineNet T11"))
 
     def test_RunThroughTheWorker(self):
         import json
@@ -1119,6 +641,10 @@ class SpineNetTest(ScriptedLoadableModuleTest):
             self.assertTrue(os.path.isfile(os.path.join(results, "result.json")))
             self.assertTrue(os.path.isfile(os.path.join(results, "vertebrae.csv")))
             self.assertFalse(os.path.exists(os.path.join(folder, "run", "input")))
+            # without a work folder: a temporary one, removed once the results are in the scene
+            logic.runSynchronously(volume, pipeline=__name__ + ":selfTestPipeline", options={"vertebrae": truth})
+            self.assertFalse(os.path.exists(logic.lastRun.folder))
+            self.assertIsNone(logic.documents(volume)[2])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("SpineNet self-test passed")

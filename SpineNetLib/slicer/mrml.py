@@ -12,19 +12,23 @@ Nodes made for one volume (all tagged with the attributes
 role, and referencing the volume as ``SpineNetSourceVolume``):
 
 * one ``vtkMRMLMarkupsClosedCurveNode`` per vertebra, linear, through the
-  four corners of its mid-slice polygon, named "SpineNet <level>";
-* one ``vtkMRMLMarkupsFiducialNode`` "SpineNet centroids" with a point
+  four corners of its mid-slice polygon, named "<volume> SpineNet <level>";
+* one ``vtkMRMLMarkupsFiducialNode`` "<volume> SpineNet centroids" with a point
   labelled by level at every centroid;
-* one ``vtkMRMLSegmentationNode`` "SpineNet segmentation" with a segment per
+* one ``vtkMRMLSegmentationNode`` "<volume> SpineNet segmentation" with a segment per
   vertebra (its polygons filled on every slice where it was found) and per
   disc (:func:`SpineNetLib.outputs.documents.disc_polygons`), filled in the volume's
   own IJK grid;
-* a ``vtkMRMLTableNode`` "SpineNet grades" (:func:`documents.disc_table`);
-* ``vtkMRMLTextNode`` "SpineNet vertebrae.json" (and "SpineNet discs.json")
-  holding the documents, so a saved scene can be corrected later;
-* hotspot heat maps as scalar volumes with the "SpineNet hotspot" colours.
+* a ``vtkMRMLTableNode`` "<volume> SpineNet grades" (:func:`documents.disc_table`);
+* ``vtkMRMLTextNode`` "<volume> SpineNet vertebrae.json" (and "<volume> SpineNet
+  discs.json") holding the documents, so a saved scene can be corrected later;
+* hotspot heat maps as scalar volumes ("<volume> SpineNet hotspot L4-L5
+  Pfirrmann") with the "SpineNet hotspot" colours.
 
-Running again for the same volume removes that volume's previous nodes first.
+"<volume>" is the volume's name (:func:`result_node_name`), so the results of
+several volumes are told apart by name as well as by their reference.  Running
+again for the same volume removes that volume's previous nodes first, and only
+those: other volumes' results stay as they are.
 """
 
 from __future__ import annotations
@@ -326,6 +330,12 @@ class ResultNodes:
         return [n for n in nodes if n is not None]
 
 
+def result_node_name(volume_node, name: str) -> str:
+    """Name of a result node of ``volume_node``: "T2 sagittal" + "SpineNet L4" -> "T2 sagittal SpineNet L4"."""
+    volume_name = (volume_node.GetName() or "").strip()
+    return f"{volume_name} {name}" if volume_name else name
+
+
 def _tag(node, volume_node, role: str) -> None:
     node.SetAttribute(SOURCE_ATTRIBUTE, volume_node.GetID())
     node.SetAttribute(ROLE_ATTRIBUTE, role)
@@ -363,7 +373,7 @@ def _add_control_point(node, ras, label: str) -> None:
 def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
     """Linear closed curve through the corners (rt, rb, lb, lt) of the vertebra's mid-slice polygon."""
     name = documents.vertebra_name(vertebra, index)
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", f"SpineNet {name}")
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", result_node_name(volume_node, f"SpineNet {name}"))
     node.SetCurveTypeToLinear()
     polygon = documents.mid_polygon(vertebra)
     for corner, label in zip(polygon["corners_ras"], ("rt", "rb", "lb", "lt")):
@@ -393,7 +403,7 @@ def _display_node(node):
 
 def add_centroids(scene, volume_node, vertebrae_doc: dict):
     """One fiducial node with a point at each vertebra's centroid, labelled by level."""
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SpineNet centroids")
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", result_node_name(volume_node, "SpineNet centroids"))
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         _add_control_point(node, v["centroid_ras"], documents.vertebra_name(v, i))
     node.SetLocked(True)
@@ -434,7 +444,7 @@ def segment_masks(volume_node, vertebrae_doc: dict) -> list[tuple[str, tuple, np
 
 def add_segmentation(scene, volume_node, vertebrae_doc: dict):
     """Segmentation with one segment per vertebra and per disc (empty ones are skipped)."""
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SpineNet segmentation")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", result_node_name(volume_node, "SpineNet segmentation"))
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     node.CreateDefaultDisplayNodes()
     affine = ijk_to_ras(volume_node)
@@ -456,9 +466,9 @@ _VTK_COLUMN = {"str": vtk.vtkStringArray, "int": vtk.vtkIntArray, "float": vtk.v
 
 
 def add_grades_table(scene, volume_node, vertebrae_doc: dict | None, discs_doc: dict | None = None):
-    """Table "SpineNet grades": one row per disc (:func:`documents.disc_table`), with units."""
+    """Table "<volume> SpineNet grades": one row per disc (:func:`documents.disc_table`), with units."""
     columns, rows = documents.disc_table(vertebrae_doc, discs_doc)
-    node = scene.AddNewNodeByClass("vtkMRMLTableNode", "SpineNet grades")
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", result_node_name(volume_node, "SpineNet grades"))
     table = node.GetTable()
     for c, column in enumerate(columns):
         array = _VTK_COLUMN[column.kind]()
@@ -493,8 +503,8 @@ def table_rows(table_node) -> tuple[list[str], list[list[str]]]:
 
 
 def add_document_node(scene, volume_node, document: dict, name: str, role: str, folder=None):
-    """A text node holding a result document as JSON."""
-    node = scene.AddNewNodeByClass("vtkMRMLTextNode", f"SpineNet {name}")
+    """A text node "<volume> SpineNet <name>" holding a result document as JSON."""
+    node = scene.AddNewNodeByClass("vtkMRMLTextNode", result_node_name(volume_node, f"SpineNet {name}"))
     node.SetText(json.dumps(document))
     if folder:
         node.SetAttribute(FOLDER_ATTRIBUTE, str(folder))
@@ -531,9 +541,13 @@ def hotspot_colour_node(scene):
 
 
 def add_hotspot_volume(scene, volume_node, heat_kji, heat_ijk_to_ras, name: str):
-    """A heat map as a scalar volume shown with the hotspot colours, window 0..max."""
+    """A heat map as a scalar volume shown with the hotspot colours, window 0..max.
+
+    ``name`` is the name without the volume's ("SpineNet hotspot L4-L5 Pfirrmann",
+    as :func:`documents.hotspot_node_name` gives it); the node is :func:`result_node_name`.
+    """
     heat = np.asarray(heat_kji, np.float32)
-    node = add_volume(scene, heat, heat_ijk_to_ras, name)
+    node = add_volume(scene, heat, heat_ijk_to_ras, result_node_name(volume_node, name))
     display = node.GetDisplayNode()
     if display is not None:
         display.SetAndObserveColorNodeID(hotspot_colour_node(scene).GetID())
@@ -563,7 +577,8 @@ def show_results(scene, volume_node, vertebrae_doc: dict, discs_doc: dict | None
                  folder=None, hotspot_paths: dict | None = None) -> ResultNodes:
     """Replace this volume's SpineNet nodes by new ones built from the documents.
 
-    ``hotspot_paths`` maps node names to hotspot image files to load too.
+    ``hotspot_paths`` maps node names (without the volume's name, see
+    :func:`add_hotspot_volume`) to hotspot image files to load too.
     The documents are stored in text nodes (with ``folder``, the results
     folder, as an attribute) so the scene can be corrected after reloading.
     """

@@ -7,7 +7,8 @@
 * ``slicer``: the real MRML classes of the PyPI ``slicer-core`` package,
   a real headless scene as ``slicer.mrmlScene``, a small ``slicer.util``
   (``loadUI`` through ``QUiLoader`` with the custom widgets registered,
-  ``childWidgetVariables``, dialogs that record what they were asked) and
+  ``childWidgetVariables``, dialogs that record what they were asked, the
+  real ``VTKObservationMixin`` of slicer-core's ``slicer.util``) and
   ``slicer.ScriptedLoadableModule`` base classes.
 
 :func:`render_screenshots` uses the same stand-ins to draw the panel and the
@@ -239,6 +240,7 @@ class Recorder:
 def make_modules(scene, *, fake_process: bool = True):
     """(qt, ctk, slicer, recorder) stand-in modules for SpineNet.py, on ``scene``."""
     import slicer as real_slicer
+    import slicer.util  # noqa: F401  (real_slicer.util: Slicer's own util module, part of slicer-core)
 
     application()
     recorder = Recorder()
@@ -300,7 +302,8 @@ def make_modules(scene, *, fake_process: bool = True):
     slicer.util = types.SimpleNamespace(
         loadUI=load_ui, childWidgetVariables=child_widget_variables,
         confirmOkCancelDisplay=recorder.confirmOkCancelDisplay, pip_install=recorder.pip_install,
-        setSliceViewerLayers=recorder.setSliceViewerLayers)
+        setSliceViewerLayers=recorder.setSliceViewerLayers,
+        VTKObservationMixin=real_slicer.util.VTKObservationMixin)   # Slicer's own, from slicer-core
     slicer.app = QtWidgets.QApplication.instance()
     return qt, ctk, slicer, slm, recorder
 

@@ -141,7 +141,8 @@ def _module_file(name: str) -> str | None:
 def test_what_the_module_runs_imports_only_installed_files():
     """The import closure of the module, the batch script and the worker (lazy imports included) is installed."""
     installed = set(_cmake_lists(MODULE_DIR / "CMakeLists.txt")["SPINENETLIB_SCRIPTS"])
-    roots = [MODULE_DIR / "SpineNet.py", MODULE_DIR / "Scripts" / "SpineNetBatch.py",
+    roots = [MODULE_DIR / "SpineNet.py", *sorted((MODULE_DIR / "SpineNetModuleLib").glob("*.py")),
+             MODULE_DIR / "Scripts" / "SpineNetBatch.py",
              REPO / "SpineNetLib" / "apps" / "worker.py", REPO / "SpineNetLib" / "pipeline.py"]
     seen, todo, outside = set(), list(roots), []
     while todo:
@@ -163,7 +164,11 @@ def test_what_the_module_runs_imports_only_installed_files():
 def test_module_scripts_and_resources_are_listed():
     lists = _cmake_lists(MODULE_DIR / "CMakeLists.txt")
     scripts = sorted(p.name for p in MODULE_DIR.glob("*.py"))
-    assert sorted(lists["MODULE_PYTHON_SCRIPTS"]) == scripts == ["SpineNet.py"]
+    assert scripts == ["SpineNet.py"]
+    # the module's own package (logic, workers): every file listed
+    package = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "SpineNetModuleLib").rglob("*.py"))
+    assert "SpineNetModuleLib/__init__.py" in package
+    assert sorted(lists["MODULE_PYTHON_SCRIPTS"]) == sorted(scripts + package)
     # Resources: everything but the development script that draws the icon
     resources = _files(MODULE_DIR / "Resources", lambda p: p.suffix != ".py")
     resources = sorted(f"Resources/{r}" for r in resources)

@@ -146,7 +146,10 @@ def test_nodes_classes_names_and_positions(case):
     assert counts["vtkMRMLSegmentationNode"] == 1
     assert counts["vtkMRMLTableNode"] == 1
     assert counts["vtkMRMLTextNode"] == 1          # the vertebrae document, no discs document
-    assert [c.GetName() for c in nodes.curves] == [f"SpineNet {level}" for level in LEVELS_PHANTOM]
+    # named after the volume ("phantom"): results of several volumes stay apart by name
+    assert [c.GetName() for c in nodes.curves] == [f"phantom SpineNet {level}" for level in LEVELS_PHANTOM]
+    assert nodes.segmentation.GetName() == "phantom SpineNet segmentation"
+    assert nodes.documents[0].GetName() == "phantom SpineNet vertebrae.json"
 
     for curve, truth in zip(nodes.curves, phantom.vertebrae):
         assert curve.IsA("vtkMRMLMarkupsClosedCurveNode")
@@ -159,7 +162,7 @@ def test_nodes_classes_names_and_positions(case):
         assert curve.GetNodeReferenceID(mrml.SOURCE_REFERENCE) == volume.GetID()
 
     fiducials = nodes.centroids
-    assert fiducials.GetName() == "SpineNet centroids"
+    assert fiducials.GetName() == "phantom SpineNet centroids"
     assert [fiducials.GetNthControlPointLabel(n) for n in range(fiducials.GetNumberOfControlPoints())] == LEVELS_PHANTOM
     expected = [np.mean([phantom.scan.xy_to_ras(t.quads[s], s).mean(axis=0) for s in t.slices], axis=0)
                 for t in phantom.vertebrae]
@@ -216,7 +219,7 @@ def test_table_without_grades_is_level_and_centre(case):
     scene, volume = _scene_with_volume(phantom)
     nodes = mrml.show_results(scene, volume, doc)
     names, rows = mrml.table_rows(nodes.table)
-    assert nodes.table.GetName() == "SpineNet grades"
+    assert nodes.table.GetName() == "phantom SpineNet grades"
     assert names == ["level", "centre_R_mm", "centre_A_mm", "centre_S_mm"]
     assert [r[0] for r in rows] == ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
     assert nodes.table.GetColumnUnitLabel("centre_S_mm") == "mm"
@@ -274,6 +277,8 @@ def test_running_again_replaces_only_this_volumes_results(case):
     assert after["vtkMRMLSegmentationNode"] == 2 and after["vtkMRMLTableNode"] == 2
     assert after["vtkMRMLTextNode"] == before["vtkMRMLTextNode"] + 1  # the discs document
     assert len(mrml.result_nodes(scene, other)) == 11   # 7 curves, centroids, segmentation, table, document
+    assert {n.GetName().split(" SpineNet ")[0] for n in mrml.result_nodes(scene, other)} == {"other"}
+    assert {n.GetName().split(" SpineNet ")[0] for n in mrml.result_nodes(scene, volume)} == {"phantom"}
     assert mrml.remove_results(scene, volume) == 12
     assert _counts(scene)["vtkMRMLMarkupsClosedCurveNode"] == 7
 
@@ -297,7 +302,7 @@ def test_mrb_round_trip(case, tmp_path):
     np.testing.assert_array_equal(scan2.voxels, phantom.scan.voxels)
     np.testing.assert_allclose(scan2.canonical_to_ras, phantom.scan.canonical_to_ras, atol=1e-6)
     assert len(mrml.result_nodes(loaded, volume2)) == len(mrml.result_nodes(scene, volume))
-    curve = loaded.GetFirstNodeByName("SpineNet L4")
+    curve = loaded.GetFirstNodeByName("phantom SpineNet L4")
     np.testing.assert_allclose(_points(curve), _points(nodes.curves[4]), atol=1e-6)
     segmentation = mrml.result_nodes(loaded, volume2, "segmentation")[0]
     assert {name: int(_segment_mask(segmentation, sid, dims).sum())
@@ -318,6 +323,7 @@ def test_hotspot_volume_has_the_heat_colours(case, tmp_path):
     assert display.GetColorNodeID() == scene.GetFirstNodeByName(mrml.HOTSPOT_COLOR_NAME).GetID()
     assert display.GetWindow() == pytest.approx(0.8, abs=1e-6)
     assert node.GetAttribute(mrml.ROLE_ATTRIBUTE) == "hotspot"
+    assert node.GetName() == "phantom SpineNet hotspot L4-L5 Pfirrmann"
     # a results run removes stale hotspots of this volume
     mrml.show_results(scene, volume, doc)
     assert mrml.result_nodes(scene, volume, "hotspot") == []
@@ -376,8 +382,8 @@ def test_corrected_documents_rebuild_the_nodes(case):
     mrml.show_results(scene, volume, soft)
     corrected, _ = documents.apply_level_correction(soft, 2, "L3")
     nodes = mrml.show_results(scene, volume, corrected)
-    assert [c.GetName() for c in nodes.curves] == ["SpineNet " + x for x in ("L1", "L2", "L3", "L4", "L5", "S1", "S2")]
-    assert scene.GetFirstNodeByName("SpineNet T12") is None
+    assert [c.GetName() for c in nodes.curves] == ["phantom SpineNet " + x for x in ("L1", "L2", "L3", "L4", "L5", "S1", "S2")]
+    assert scene.GetFirstNodeByName("phantom SpineNet T12") is None
     assert mrml.stored_documents(scene, volume)[0]["corrections"] == [{"vertebra": 2, "level": "L3"}]
 
 

@@ -177,7 +177,8 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     widget._levelCombos[2].textActivated.emit("L3")
     assert [c.currentText() for c in widget._levelCombos] == ["L1", "L2", "L3", "L4", "L5", "S1", "S2"]
     assert widget.ui.statusLabel.text() == "Vertebra 3 set to L3; levels now L1..S2."
-    assert scene.GetFirstNodeByName("SpineNet T12") is None and scene.GetFirstNodeByName("SpineNet S2") is not None
+    assert scene.GetFirstNodeByName("T2 sagittal lumbar SpineNet T12") is None
+    assert scene.GetFirstNodeByName("T2 sagittal lumbar SpineNet S2") is not None
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsClosedCurveNode") == 7
     assert widget.ui.discTable.item(5, 0).text() == "S1-S2"
 
@@ -336,7 +337,7 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     widget.ui.showHotspotsButton.click()
     assert widget.ui.statusLabel.text() == "Showing the Pfirrmann hotspots of L4-L5."
     hotspots = mrml.result_nodes(scene, volume, "hotspot")
-    assert [n.GetName() for n in hotspots] == ["SpineNet hotspot L4-L5 Pfirrmann"]
+    assert [n.GetName() for n in hotspots] == ["T2 sagittal lumbar SpineNet hotspot L4-L5 Pfirrmann"]
     heat, heat_affine = mrml.volume_arrays(hotspots[0])
     assert heat.max() == pytest.approx(1.0, abs=0.2)
     np.testing.assert_allclose(heat_affine, mrml.ijk_to_ras(volume), atol=1e-4)
@@ -350,7 +351,8 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     widget.ui.discTable.selectRow(1)
     widget.ui.showHotspotsButton.click()
     assert widget.ui.statusLabel.text() == "Showing the Herniation hotspots of all discs."
-    assert "SpineNet hotspot all discs Herniation" in [n.GetName() for n in mrml.result_nodes(scene, volume, "hotspot")]
+    assert "T2 sagittal lumbar SpineNet hotspot all discs Herniation" in [
+        n.GetName() for n in mrml.result_nodes(scene, volume, "hotspot")]
 
 
 def test_logic_installs_torch_through_the_pytorch_extension(panel, monkeypatch):
@@ -368,7 +370,7 @@ def test_logic_installs_torch_through_the_pytorch_extension(panel, monkeypatch):
     monkeypatch.setitem(sys.modules, "PyTorchUtils", type(sys)("PyTorchUtils"))
     sys.modules["PyTorchUtils"].PyTorchUtilsLogic = PyTorchUtilsLogic
     widget.logic.installPackages(["torch>=2.1", "pydicom>=2.4"])
-    assert calls == [("installTorch", True, ">=2.1")]
+    assert calls == [("installTorch", False, ">=2.1")]      # the panel has asked once already
     assert module._standins.recorder.calls[-1] == ("pip_install", "pydicom>=2.4")
     assert widget.logic.requirements() == ["numpy>=1.24", "scipy>=1.10", "pydicom>=2.4", "SimpleITK>=2.3", "torch>=2.1"]
     assert widget.logic.missingPackages() == []   # all importable here
@@ -385,8 +387,8 @@ def test_logic_runs_a_pipeline_in_process_and_the_self_test_passes(panel, tmp_pa
     assert seen == [(0, 1, "reading the scan"), (1, 3, "fake detection"), (2, 3, "fake detection"),
                     (3, 3, "fake detection")]
     assert len(nodes.curves) == 7 and widget.logic.summary(volume).startswith("7 vertebrae (T12..S1)")
-    results = Path(widget.logic.documents(volume)[2])
-    assert (results / "vertebrae.csv").is_file() and not (results.parent / "input").exists()
+    # the temporary folder is gone once the results are in the scene (no hotspot maps to keep)
+    assert not Path(widget.logic.lastRun.folder).exists() and widget.logic.documents(volume)[2] is None
 
     test = module.SpineNetTest()
     test.runTest()                      # the module's own self-test, as Slicer runs it
@@ -476,7 +478,7 @@ def test_logic_starts_a_run_without_blocking_and_reports(logic_case):
     assert run.message == "7 vertebrae (T12..S1), 6 discs, 0 graded. Warning: this is only a test"
     assert signals[-1] == ("finished", "done") and callbacks[-1] == ("finished", run.message)
     assert len(run.nodes.curves) == 7 and len(mrml.result_nodes(scene, volume, "vertebra-outline")) == 7
-    assert not (Path(run.folder) / "input").exists() and Path(run.output, "result.json").is_file()
+    assert not Path(run.folder).exists()                # temporary: removed once the results are shown
     fake.say("PROGRESS 2 4 late")                     # a finished run ignores its old worker
     fake.end(1)
     assert len(signals) == 3 and run.status == "done"
@@ -543,7 +545,7 @@ def test_in_process_worker_runs_the_worker_entry_point(logic_case, tmp_path):
     lines = []
     process.lineReceived.connect(lines.append)
     run = logic.startRun(volume, pipeline=FAKE, options={"vertebrae": truth, "hotspot": "L4-L5:Pfirrmann"},
-                         workerProcess=process)
+                         workerProcess=process, workFolder=str(tmp_path / "run"))   # the caller's: kept
     assert run.status == "done" and not logic.isRunning() and not process.isRunning()
     assert lines[0] == "PROGRESS 0 1 reading the scan" and lines[-2] == "WARNING this is the fake pipeline"
     assert lines[-1] == f"RESULT {Path(run.output).resolve() / 'result.json'}"
@@ -642,7 +644,7 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     assert widget.ui.statusLabel.text().startswith("7 vertebrae (T12..S1), 6 discs, 0 graded."), widget.ui.statusLabel.text()
     assert widget.ui.progressBar.value() == widget.ui.progressBar.maximum() == 4
     assert widget.ui.vertebraTable.rowCount() == 7
-    curve = scene.GetFirstNodeByName("SpineNet L2")
+    curve = scene.GetFirstNodeByName("T2 sagittal lumbar SpineNet L2")
     np.testing.assert_allclose(curve.GetNthControlPointPositionVector(0),
                                documents.mid_polygon(vertebrae["vertebrae"][2])["corners_ras"][0], atol=1e-6)
 

@@ -256,11 +256,13 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2   # the scan and one hotspot map
-    curve = scene.GetFirstNodeByName("SpineNet L3")
+    curves = [scene.GetNthNodeByClass(n, "vtkMRMLMarkupsClosedCurveNode") for n in range(7)]
+    (curve,) = [c for c in curves if c.GetName().endswith(" SpineNet L3")]
     points = np.array([curve.GetNthControlPointPositionVector(n) for n in range(4)])
     expected = documents.mid_polygon(vertebrae["vertebrae"][3])["corners_ras"]
     np.testing.assert_allclose(points, expected, atol=1e-3)
     volume = curve.GetNodeReference(mrml.SOURCE_REFERENCE)
+    assert curve.GetName() == volume.GetName() + " SpineNet L3"      # named after the scan
     scan = mrml.scan_from_volume_node(volume)
     np.testing.assert_allclose(scan.voxels, phantom.scan.voxels)
     segmentation = mrml.result_nodes(scene, volume, "segmentation")[0]

@@ -1,0 +1,597 @@
+"""The SpineNet module's logic: MRML, files, the worker, the parameter node; no GUI calls.
+
+:class:`SpineNetLogic` writes the input volume to a temporary ``.npy`` +
+JSON pair, starts the worker (``SpineNetLib.apps.worker``) on it, follows its
+``PROGRESS``/``WARNING``/``RESULT``/``ERROR`` lines, reports them through its
+signals and the run's callbacks, and shows the results as MRML nodes (through
+``SpineNetLib.slicer.mrml``).
+
+**Parameter node.**  The scene holds one ``vtkMRMLScriptedModuleNode`` for
+the module (singleton tag and ``ModuleName`` attribute "SpineNet", as
+``ScriptedLoadableModuleLogic.getParameterNode`` makes it): the input volume
+(reference ``InputVolume``), the options (parameters ``Weights``,
+``WeightsFolder``, ``Device``, ``Grading``, ``HotspotHead``) and references
+to the input volume's result nodes (``ResultOutline`` and ``ResultHotspot``,
+several each, ``ResultCentroids``, ``ResultSegmentation``, ``ResultTable``,
+``ResultVertebraeDocument``, ``ResultDiscsDocument``).  It is saved with the
+scene, so a reloaded scene (or a re-created panel) shows the same settings
+and results.
+
+**Temporary folders.**  A run without a ``workFolder`` works in a folder of
+its own under the system's temporary folder.  Once the results are in the
+scene, the folder is removed, except the hotspot maps of a run that wrote
+some (*Show hotspots* reads them while the run's results are shown).  Those
+are removed when the volume's results are replaced by another run's, when
+the scene is closed (the panel calls :meth:`SpineNetLogic.removeTemporaryFolders`),
+by :meth:`SpineNetLogic.cleanup` (the panel's cleanup) and at the latest
+when Python exits.  A caller's ``workFolder`` is never removed.
+"""
+
+import atexit
+import functools
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from SpineNetModuleLib import LIBRARY_PARENT
+from SpineNetModuleLib.workers import InProcessWorker, QProcessWorker, Signal, SpineNetRun
+from SpineNetLib.apps import worker
+from SpineNetLib.core.errors import SpineNetError
+from SpineNetLib.outputs import documents
+
+#: Import name of each requirement in Resources/requirements.txt.
+IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
+#: Weight sources offered in the panel, in combo-box order.
+WEIGHT_SOURCES = ("bundled", "official", "folder")
+#: Devices offered in the panel, in combo-box order.
+DEVICES = ("auto", "cpu", "cuda")
+#: The hotspot head choice that computes no hotspot maps (the default: a map takes minutes on a CPU).
+NO_HOTSPOTS = "none"
+#: What follows the Python program on the worker's command line.
+WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
+
+#: Singleton tag and ``ModuleName`` attribute of the module's parameter node.
+PARAMETER_NODE_TAG = "SpineNet"
+#: Reference role of the input volume in the parameter node.
+INPUT_REFERENCE = "InputVolume"
+#: The options in the parameter node and their defaults (text, as MRML stores them).
+PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Grading": "true",
+                      "HotspotHead": NO_HOTSPOTS}
+#: Role of a result node (``SpineNet.Result`` attribute) -> its reference role in the parameter node.
+RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
+                     "segmentation": "ResultSegmentation", "grades": "ResultTable",
+                     "vertebrae-document": "ResultVertebraeDocument", "discs-document": "ResultDiscsDocument",
+                     "hotspot": "ResultHotspot"}
+
+#: Temporary run folders of every logic of this Python session, removed at exit at the latest.
+_TEMPORARY_RUN_FOLDERS = set()
+
+
+@atexit.register
+def _removeLeftoverFolders():
+    for folder in list(_TEMPORARY_RUN_FOLDERS):
+        shutil.rmtree(folder, ignore_errors=True)
+    _TEMPORARY_RUN_FOLDERS.clear()
+
+
+def _requirementName(requirement):
+    return re.split(r"[<>=!~\[; ]", requirement, 1)[0].lower()
+
+
+def _samePath(a, b):
+    return bool(a) and bool(b) and os.path.realpath(str(a)) == os.path.realpath(str(b))
+
+
+def _keepOnlyHotspots(resultsFolder):
+    """Delete every file of a results folder except its hotspot maps (and the folders left empty)."""
+    keep = {os.path.realpath(os.path.join(resultsFolder, p)) for p in documents.list_hotspot_files(resultsFolder)}
+    for root, folders, files in os.walk(resultsFolder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.realpath(path) not in keep:
+                os.remove(path)
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.listdir(path):
+                os.rmdir(path)
+
+
+class SpineNetLogic(ScriptedLoadableModuleLogic):
+    """MRML, files and the worker; no GUI calls: usable from the Python console and in batch scripts.
+
+    Signals (connect a callable; see :class:`Signal`):
+
+    * ``progressReported(done, total, message)``
+    * ``warningReported(message)``
+    * ``runFinished(run)``: a :class:`SpineNetRun` whose ``status`` is "done",
+      "failed" or "cancelled" and whose ``message`` says how it ended.
+    """
+
+    def __init__(self, scene=None, workerFactory=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._scene = scene
+        #: Hook for extensions and tests: "MODULE:FUNCTION" or "FILE.py:FUNCTION" replacing the
+        #: worker's default pipeline, and extra options for it (see SpineNetLib.apps.worker).
+        self.pipeline = None
+        self.pipelineOptions = {}
+        #: Makes the :class:`WorkerProcess` of each run (default: a separate process).
+        self.workerFactory = workerFactory or QProcessWorker
+        self.worker = None
+        self.currentRun = None
+        self.lastRun = None
+        self._lastWorker = None
+        #: Results folder kept for hotspots -> the run's temporary folder holding it.
+        self.temporaryFolders = {}
+        self.progressReported = Signal("done", "total", "message")
+        self.warningReported = Signal("message")
+        self.runFinished = Signal("run")
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    @staticmethod
+    def _mrml():
+        from SpineNetLib.slicer import mrml
+
+        return mrml
+
+    def cleanup(self):
+        """The module is closed or reloaded: stop a run and remove every temporary folder."""
+        self.cancelRun()
+        self.removeTemporaryFolders()
+
+    # ----------------------------------------------------------------- parameter node
+
+    def getParameterNode(self):
+        """The scene's SpineNet parameter node, made (with the defaults) when there is none.
+
+        The same node as Slicer's ``ScriptedLoadableModuleLogic.getParameterNode``
+        gives, but in :attr:`scene` (which need not be ``slicer.mrmlScene``).
+        """
+        node = self.scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(PARAMETER_NODE_TAG)
+            node.SetName(PARAMETER_NODE_TAG)
+            node.SetAttribute("ModuleName", PARAMETER_NODE_TAG)
+            self.setDefaultParameters(node)
+            node = self.scene.AddNode(node)
+        elif node.GetAttribute("ModuleName") != PARAMETER_NODE_TAG:  # a closed scene drops the attribute
+            node.SetAttribute("ModuleName", PARAMETER_NODE_TAG)
+        self.setDefaultParameters(node)
+        return node
+
+    @staticmethod
+    def setDefaultParameters(parameterNode):
+        """Give every option the parameter node lacks its default."""
+        for name, value in PARAMETER_DEFAULTS.items():
+            if not parameterNode.GetParameter(name):
+                parameterNode.SetParameter(name, value)
+
+    def _existingParameterNode(self):
+        return self.scene.GetSingletonNode(PARAMETER_NODE_TAG, "vtkMRMLScriptedModuleNode")
+
+    @staticmethod
+    def runSettings(parameterNode):
+        """The options of a parameter node as :meth:`startRun` takes them."""
+        source = parameterNode.GetParameter("Weights") or PARAMETER_DEFAULTS["Weights"]
+        head = parameterNode.GetParameter("HotspotHead")
+        return {"weights": parameterNode.GetParameter("WeightsFolder").strip() if source == "folder" else source,
+                "device": parameterNode.GetParameter("Device") or "auto",
+                "grading": parameterNode.GetParameter("Grading") != "false",
+                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head}
+
+    def updateResultReferences(self, parameterNode=None):
+        """Point the parameter node's result references at the result nodes of its input volume."""
+        node = parameterNode if parameterNode is not None else self._existingParameterNode()
+        if node is None:
+            return
+        volume = node.GetNodeReference(INPUT_REFERENCE)
+        wanted = {role: [] for role in RESULT_REFERENCES.values()}
+        if volume is not None:
+            for result in self._mrml().result_nodes(self.scene, volume):
+                role = RESULT_REFERENCES.get(result.GetAttribute(self._mrml().ROLE_ATTRIBUTE))
+                if role is not None:
+                    wanted[role].append(result.GetID())
+        current = {role: [node.GetNthNodeReferenceID(role, n) for n in range(node.GetNumberOfNodeReferences(role))]
+                   for role in wanted}
+        if current == wanted:
+            return
+        wasModified = node.StartModify()
+        for role, ids in wanted.items():
+            node.RemoveNodeReferenceIDs(role)
+            for nodeID in ids:
+                node.AddNodeReferenceID(role, nodeID)
+        node.EndModify(wasModified)
+
+    # ----------------------------------------------------------------- dependencies
+
+    @staticmethod
+    def requirementsPath():
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "requirements.txt")
+
+    def requirements(self):
+        """Requirement lines of Resources/requirements.txt (torch is handled by the PyTorch extension)."""
+        lines = []
+        with open(self.requirementsPath(), encoding="utf-8") as handle:
+            for line in handle:
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    lines.append(line)
+        return lines
+
+    def missingPackages(self):
+        """Requirements whose package cannot be imported."""
+        import importlib.util
+
+        missing = []
+        for requirement in self.requirements():
+            name = _requirementName(requirement)
+            if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None:
+                missing.append(requirement)
+        return missing
+
+    @staticmethod
+    def installationPrompt(requirements):
+        """The one question asked before :meth:`installPackages` installs ``requirements``."""
+        lines = []
+        for requirement in requirements:
+            if _requirementName(requirement) == "torch":
+                lines.append(f"- {requirement}: PyTorch, through the PyTorch extension, which picks a CPU or "
+                             "CUDA build for this computer (a large download)")
+            else:
+                lines.append(f"- {requirement} (pip)")
+        return ("SpineNet needs these Python packages, which will be downloaded and installed now:\n"
+                + "\n".join(lines) + "\n\nYou are asked only once for all of them; installing can take minutes.")
+
+    def installPackages(self, requirements):
+        """Install requirements without asking again (ask once, with :meth:`installationPrompt`, before):
+        torch through the PyTorch extension when present, the rest with ``slicer.util.pip_install``."""
+        others = []
+        for requirement in requirements:
+            if _requirementName(requirement) == "torch":
+                self._installTorch(requirement)
+            else:
+                others.append(requirement)
+        if others:
+            slicer.util.pip_install(" ".join(others))
+
+    @staticmethod
+    def _installTorch(requirement):
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.pip_install(requirement)
+            return
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            version = requirement[len("torch"):].strip() or None
+            # askConfirmation=False: the user has already agreed to the whole list, once
+            if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=version) is None:
+                raise RuntimeError("PyTorch was not installed (installation failed)")
+
+    @staticmethod
+    def pythonExecutable():
+        """PythonSlicer inside Slicer (a Python with Slicer's packages), else this interpreter."""
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            candidate = os.path.join(os.path.dirname(sys.executable), name)
+            if os.path.isfile(candidate):
+                return candidate
+        return shutil.which("PythonSlicer") or sys.executable
+
+    # ----------------------------------------------------------------- running
+
+    def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
+                   pipeline=None, options=None, workFolder=None):
+        """Write the volume for the worker and return how to start it.
+
+        Returns ``{"program", "arguments", "environment", "workingDirectory",
+        "workerArguments", "folder", "output", "temporary"}``: ``program`` +
+        ``arguments`` run the worker as a process, ``workerArguments`` are what
+        ``SpineNetLib.apps.worker.build_parser()`` parses; the voxels ([k, j, i])
+        and IJK-to-RAS go to the worker unchanged.  Without ``workFolder`` the
+        files go to a new temporary folder (``temporary`` True).
+        """
+        mrml = self._mrml()
+        voxels, ijkToRas = mrml.volume_arrays(volumeNode)
+        folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
+        if not workFolder:
+            _TEMPORARY_RUN_FOLDERS.add(folder)
+        npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas,
+                                            {"path": volumeNode.GetName(), "format": "Slicer volume"})
+        output = os.path.join(folder, "results")
+        workerArguments = worker.worker_arguments(
+            npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
+            hotspot_head=hotspot_head, pipeline=pipeline, options=options)
+        pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
+        return {"program": self.pythonExecutable(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
+                "workerArguments": workerArguments, "workingDirectory": LIBRARY_PARENT,
+                "folder": folder, "output": output, "temporary": not workFolder,
+                "environment": {"PYTHONPATH": pythonPath, "PYTHONUNBUFFERED": "1"}}
+
+    @staticmethod
+    def cleanupRun(run):
+        """Delete the temporary input files of a run (what happens to its results: see :meth:`_settleRunFolder`)."""
+        if run and run.get("folder"):
+            shutil.rmtree(os.path.join(run.get("folder"), "input"), ignore_errors=True)
+
+    def isRunning(self):
+        return self.currentRun is not None
+
+    def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
+                 pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
+                 workerProcess=None, workFolder=None):
+        """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
+
+        ``onProgress(done, total, message)``, ``onWarning(message)`` and
+        ``onFinished(run)`` are called for this run (after the logic's signals).
+        ``pipeline``/``options`` default to :attr:`pipeline`/:attr:`pipelineOptions`;
+        ``workerProcess`` replaces :attr:`workerFactory`'s worker for this run (an
+        :class:`InProcessWorker` finishes before ``startRun`` returns).
+        Raises :class:`SpineNetError` when a run is going on or the volume cannot be used.
+        """
+        if self.isRunning():
+            raise SpineNetError("SpineNet is already running: wait for it or cancel it first")
+        if volumeNode is None:
+            raise SpineNetError("no input volume")
+        prepared = self.prepareRun(volumeNode, weights=weights, device=device, grading=grading,
+                                   hotspot_head=hotspot_head,
+                                   pipeline=self.pipeline if pipeline is None else pipeline,
+                                   options=self.pipelineOptions if options is None else options,
+                                   workFolder=workFolder)
+        run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
+        process = workerProcess if workerProcess is not None else self.workerFactory()
+        process.lineReceived.connect(functools.partial(self._onWorkerLine, run))
+        process.finished.connect(functools.partial(self._onWorkerFinished, run))
+        self.worker, self.currentRun = process, run
+        try:
+            process.start(run)
+        except BaseException:
+            if self.currentRun is run:
+                self.worker = self.currentRun = None
+                self.cleanupRun(run)
+                self._settleRunFolder(run, keep=False)
+            raise
+        return run
+
+    def cancelRun(self):
+        """Stop the current run (it finishes with status "cancelled"); False when nothing runs."""
+        run, process = self.currentRun, self.worker
+        if run is None:
+            return False
+        run.cancelled = True
+        process.cancel()
+        return True
+
+    def waitForRun(self, run=None, timeout=None):
+        """Process Qt events until ``run`` (default: the current run) has finished; returns it.
+
+        For scripts that use the default process worker outside the event loop.
+        Raises :class:`SpineNetError` after ``timeout`` seconds.
+        """
+        run = run or self.currentRun or self.lastRun
+        deadline = None if timeout is None else time.monotonic() + timeout
+        application = getattr(slicer, "app", None) or qt.QCoreApplication.instance()
+        while run is not None and not run.isFinished():
+            if deadline is not None and time.monotonic() > deadline:
+                raise SpineNetError(f"SpineNet did not finish within {timeout} s")
+            application.processEvents()
+            time.sleep(0.01)
+        return run
+
+    def _onWorkerLine(self, run, line):
+        if run is not self.currentRun:
+            return
+        message = worker.parse_line(line)
+        if message.kind == "PROGRESS":
+            run.progress = (message.done, message.total, message.text)
+            self.progressReported.emit(message.done, message.total, message.text)
+            if run.onProgress is not None:
+                run.onProgress(message.done, message.total, message.text)
+        elif message.kind == "WARNING":
+            run.warnings.append(message.text)
+            self.warningReported.emit(message.text)
+            if run.onWarning is not None:
+                run.onWarning(message.text)
+        elif message.kind == "RESULT":
+            run.resultPath = message.text
+        elif message.kind == "ERROR":
+            run.error = message.text
+        elif line.strip():
+            logging.info("SpineNet worker: %s", line)
+
+    def _onWorkerFinished(self, run, exitCode, errorText):
+        if run is not self.currentRun:
+            return
+        # Keep the finished worker referenced until the next run (see QProcessWorker.start).
+        self._lastWorker, self.worker, self.currentRun, self.lastRun = self.worker, None, None, run
+        run.exitCode, run.errorText = exitCode, errorText or ""
+        if run.errorText:
+            logging.info("SpineNet worker stderr:\n%s", run.errorText)
+        self.cleanupRun(run)
+        if run.cancelled:
+            run.status, run.message = "cancelled", "Cancelled."
+        elif exitCode is None:
+            run.status = "failed"
+            run.message = "Could not start the SpineNet worker (" + run.program + "); see the Python console log."
+        elif run.error:
+            run.status, run.message = "failed", "Error: " + run.error
+        elif run.resultPath:
+            self._showRunResults(run)
+        else:
+            lastLine = run.errorText.splitlines()[-1] if run.errorText else "no message"
+            run.status = "failed"
+            run.message = f"The SpineNet worker stopped (exit code {exitCode}) without a result: {lastLine}"
+        if run.status != "done":
+            self._settleRunFolder(run, keep=False)
+        self.runFinished.emit(run)
+        if run.onFinished is not None:
+            run.onFinished(run)
+
+    def _showRunResults(self, run):
+        volume = self.scene.GetNodeByID(run.volumeID)
+        if volume is None:
+            run.status, run.message = "failed", "Error: the input volume is no longer in the scene."
+            return
+        try:
+            vertebraeDoc, discsDoc, folder = documents.read_result(run.resultPath)
+            # a temporary folder stays only for its hotspot maps (Show hotspots reads them)
+            keep = not run.temporary or bool(documents.list_hotspot_files(folder))
+            run.nodes = self.showResults(volume, vertebraeDoc, discsDoc, folder if keep else None)
+        except SpineNetError as error:
+            run.status, run.message = "failed", "Error: " + str(error)
+            return
+        self._settleRunFolder(run, keep=keep, resultsFolder=folder)
+        run.status = "done"
+        run.message = self.summary(volume) + ("" if not run.warnings else " Warning: " + run.warnings[-1])
+
+    def _settleRunFolder(self, run, keep, resultsFolder=None):
+        """A finished run's temporary folder: removed, or (``keep``) trimmed to its hotspot maps and
+        remembered until the results are replaced, the scene closes or :meth:`cleanup`."""
+        if not run.temporary:
+            return
+        if not keep:
+            shutil.rmtree(run.folder, ignore_errors=True)
+            _TEMPORARY_RUN_FOLDERS.discard(run.folder)
+            return
+        try:
+            _keepOnlyHotspots(resultsFolder)
+        except OSError as error:
+            logging.warning("SpineNet: cannot tidy %s: %s", resultsFolder, error)
+        self.temporaryFolders[os.path.realpath(str(resultsFolder))] = run.folder
+
+    def removeTemporaryFolders(self):
+        """Remove every temporary folder kept for hotspots (results in the scene then have none)."""
+        for resultsFolder in list(self.temporaryFolders):
+            self._removeTemporaryFolder(resultsFolder)
+
+    def _removeTemporaryFolder(self, resultsFolder):
+        """Remove a results folder if it is one of this logic's temporary folders, and forget it in the scene."""
+        folder = self.temporaryFolders.pop(os.path.realpath(str(resultsFolder)), None)
+        if folder is None:
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        _TEMPORARY_RUN_FOLDERS.discard(folder)
+        mrml = self._mrml()
+        scene = self.scene
+        for n in range(scene.GetNumberOfNodesByClass("vtkMRMLTextNode") if scene is not None else 0):
+            node = scene.GetNthNodeByClass(n, "vtkMRMLTextNode")
+            if _samePath(node.GetAttribute(mrml.FOLDER_ATTRIBUTE), resultsFolder):
+                node.RemoveAttribute(mrml.FOLDER_ATTRIBUTE)
+
+    def runSynchronously(self, volumeNode, pipeline=None, options=None, progress=None, **settings):
+        """Run SpineNet in this process (blocks) and show the results; returns the result nodes.
+
+        The same entry point (``SpineNetLib.apps.worker.run_request``) and the same files
+        as the panel's worker process.  For scripts and tests; raises the error
+        that stopped the run (:class:`SpineNetError` for a problem with the input,
+        options or weights, or a cancelled run).
+        """
+        process = InProcessWorker()
+        run = self.startRun(volumeNode, pipeline=pipeline, options=options, onProgress=progress,
+                            workerProcess=process, **settings)
+        if run.status != "done":
+            if process.exception is not None and not isinstance(process.exception, SystemExit):
+                raise process.exception
+            raise SpineNetError(run.error or run.message)
+        return run.nodes
+
+    # ----------------------------------------------------------------- results
+
+    def loadResults(self, volumeNode, resultPath):
+        """Show the results of a ``result.json`` (or results folder) on ``volumeNode``."""
+        vertebraeDoc, discsDoc, folder = documents.read_result(resultPath)
+        return self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
+
+    def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):
+        """Replace the volume's SpineNet nodes by nodes built from the documents.
+
+        Nodes of other volumes are left alone; a temporary folder the replaced
+        results kept for hotspots is removed; the parameter node's result
+        references follow.
+        """
+        previous = self.documents(volumeNode)[2]
+        parameterNode = self._existingParameterNode()
+        wasModified = parameterNode.StartModify() if parameterNode is not None else None
+        try:
+            nodes = self._mrml().show_results(self.scene, volumeNode, vertebraeDoc, discsDoc, folder=folder)
+            self.updateResultReferences(parameterNode)
+        finally:
+            if parameterNode is not None:
+                parameterNode.EndModify(wasModified)
+        if previous and not _samePath(previous, folder):
+            self._removeTemporaryFolder(previous)
+        return nodes
+
+    def documents(self, volumeNode):
+        """(vertebrae document, discs document, results folder) stored in the scene for the volume."""
+        if volumeNode is None:
+            return None, None, None
+        return self._mrml().stored_documents(self.scene, volumeNode)
+
+    def summary(self, volumeNode):
+        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
+        if vertebraeDoc is None:
+            return "No SpineNet results for this volume."
+        names = [documents.vertebra_name(v, i) for i, v in enumerate(vertebraeDoc["vertebrae"])]
+        if not names:
+            return "No vertebrae found."
+        discs = len(discsDoc["discs"]) if discsDoc else len(documents.disc_polygons(vertebraeDoc))
+        graded = sum(1 for d in (discsDoc or {}).get("discs", []) if d.get("grades"))
+        return f"{len(names)} vertebrae ({names[0]}..{names[-1]}), {discs} discs, {graded} graded."
+
+    def labellingStatus(self, volumeNode):
+        """(one line about how sure the volume's levels are, whether they need review); ("", False) without one."""
+        return documents.labelling_status(self.documents(volumeNode)[0])
+
+    def correctLevel(self, volumeNode, index, level):
+        """Pin vertebra ``index`` (top to bottom) to ``level``, re-solve the others, rebuild the nodes."""
+        vertebraeDoc, discsDoc, folder = self.documents(volumeNode)
+        if vertebraeDoc is None:
+            raise SpineNetError("there are no SpineNet results for this volume to correct")
+        vertebraeDoc, discsDoc = documents.apply_level_correction(vertebraeDoc, index, level, discsDoc)
+        self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
+        return [v.get("level") for v in vertebraeDoc["vertebrae"]]
+
+    def exportCsv(self, volumeNode, folder):
+        """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv`` (the run's CSV files); returns their paths."""
+        from SpineNetLib.outputs.files import write_files_atomically
+        from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
+
+        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
+        if vertebraeDoc is None:
+            raise SpineNetError("there are no SpineNet results for this volume to export")
+        if discsDoc is None:  # no disc stage: level and centre of each disc (needs no torch)
+            discsText = documents.table_csv_text(*documents.disc_table(vertebraeDoc))
+        else:
+            from SpineNetLib.outputs.discs import discs_csv_text
+
+            discsText = discs_csv_text(discsDoc, vertebraeDoc)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("_") or "volume"
+        files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc), f"{stem}_discs.csv": discsText}
+        return [str(p) for p in write_files_atomically(folder, files)]
+
+    def showHotspots(self, volumeNode, disc, head):
+        """Load the hotspot map of one disc and head from the results folder: (node or None, message)."""
+        _, _, folder = self.documents(volumeNode)
+        paths = documents.hotspot_files(folder, disc, head)
+        if not paths:
+            return None, f"Hotspots are not available for {disc} ({head}): this run wrote no hotspot maps."
+        mrml = self._mrml()
+        allDiscs = paths[0].name.startswith("hotspots_")
+        name = f"SpineNet hotspot all discs {head}" if allDiscs else f"SpineNet hotspot {disc} {head}"
+        for node in mrml.result_nodes(self.scene, volumeNode, "hotspot"):
+            if node.GetName() == mrml.result_node_name(volumeNode, name):
+                self.scene.RemoveNode(node)
+        node = mrml.load_hotspot_file(self.scene, volumeNode, paths[0], name)
+        self.updateResultReferences()
+        return node, f"Showing the {head} hotspots of " + ("all discs." if allDiscs else f"{disc}.")

@@ -1,0 +1,268 @@
+"""Signals, the worker interface and its two workers, and one run (no widgets: the logic uses them headless).
+
+* :class:`QProcessWorker`, the default, runs ``PythonSlicer -m
+  SpineNetLib.apps.worker`` as a separate process with ``qt.QProcess`` (the
+  GUI stays responsive; Cancel kills the process);
+* :class:`InProcessWorker` calls the same entry point,
+  ``SpineNetLib.apps.worker.run_request``, in this process (scripts, tests,
+  ``SpineNetLogic.runSynchronously``).  Every caller therefore writes the
+  same result files.
+"""
+
+import contextlib
+import logging
+
+import qt
+
+from SpineNetModuleLib import LIBRARY_PARENT  # noqa: F401  (puts SpineNetLib on sys.path)
+from SpineNetLib.apps import worker
+from SpineNetLib.core.errors import SpineNetError
+
+
+def _text(data):
+    """Text of the bytes a QProcess returns (QByteArray under PythonQt and PySide6)."""
+    if hasattr(data, "data"):
+        data = data.data()
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data).decode("utf-8", errors="replace")
+    return str(data)
+
+
+
+class Signal:
+    """A minimal signal that needs no QObject: ``connect(slot)``, ``disconnect(slot)``, ``emit(*args)``."""
+
+    def __init__(self, *argumentNames):
+        self.argumentNames = argumentNames
+        self._slots = []
+
+    def connect(self, slot):
+        self._slots.append(slot)
+
+    def disconnect(self, slot=None):
+        """Disconnect one slot (every connection of it), or all slots when none is given."""
+        self._slots = [] if slot is None else [s for s in self._slots if s != slot]
+
+    def emit(self, *args):
+        for slot in list(self._slots):
+            slot(*args)
+
+
+class LineSink:
+    """A text stream for ``worker.LineProtocol`` that hands every complete line to ``onLine``."""
+
+    def __init__(self, onLine):
+        self._onLine = onLine
+        self._buffer = ""
+
+    def write(self, text):
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self._onLine(line)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        """Hand over a last line that has no newline."""
+        rest, self._buffer = self._buffer, ""
+        if rest.strip():
+            self._onLine(rest)
+
+
+class WorkerProcess:
+    """What :class:`SpineNetLogic` needs of a worker; one instance runs once.
+
+    * ``start(run)`` starts the worker on a :class:`SpineNetRun` (its
+      ``program``, ``arguments``, ``environment`` and ``workingDirectory`` for a
+      process, its ``workerArguments`` for ``worker.run_request`` in this process);
+    * ``cancel()`` stops it at once (``finished`` still follows);
+    * ``isRunning()``;
+    * signal ``lineReceived(line)``: one line the worker wrote on stdout;
+    * signal ``finished(exitCode, errorText)``: the worker ended; ``exitCode`` is
+      None when it could not be started, ``errorText`` is what it wrote on stderr.
+
+    Tests inject their own (``SpineNetLogic(workerFactory=...)``).
+    """
+
+    def __init__(self):
+        self.lineReceived = Signal("line")
+        self.finished = Signal("exitCode", "errorText")
+
+    def start(self, run):
+        raise NotImplementedError
+
+    def cancel(self):
+        raise NotImplementedError
+
+    def isRunning(self):
+        raise NotImplementedError
+
+
+class QProcessWorker(WorkerProcess):
+    """The worker as a separate process (``qt.QProcess``): the default, keeps Slicer responsive."""
+
+    def __init__(self):
+        WorkerProcess.__init__(self)
+        self.process = None
+        self._running = False
+        self._buffer = ""
+
+    def start(self, run):
+        process = qt.QProcess()
+        process.setProgram(run.program)
+        process.setArguments(run.arguments)
+        process.setWorkingDirectory(run.workingDirectory)
+        environment = qt.QProcessEnvironment.systemEnvironment()
+        for key, value in run.environment.items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.readyReadStandardOutput.connect(self._onOutput)
+        process.finished.connect(self._onFinished)
+        process.errorOccurred.connect(self._onError)
+        # The process stays referenced after it finished: releasing the last reference inside
+        # its own signal would delete it while Qt is still emitting.
+        self.process, self._running, self._buffer = process, True, ""
+        process.start()
+
+    def cancel(self):
+        if self._running:
+            self.process.kill()
+
+    def isRunning(self):
+        return self._running
+
+    def _onOutput(self, *args):
+        if not self._running:
+            return
+        self._buffer += _text(self.process.readAllStandardOutput())
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self.lineReceived.emit(line)
+
+    def _onError(self, error=None):
+        """Only a worker that could not start ends here (a crash or a kill also emits finished)."""
+        if not self._running or error != qt.QProcess.FailedToStart:
+            return
+        self._running = False
+        self.finished.emit(None, "")
+
+    def _onFinished(self, *args):
+        if not self._running:
+            return
+        self._onOutput()
+        rest, self._buffer = self._buffer, ""
+        if rest.strip():
+            self.lineReceived.emit(rest)
+        errors = _text(self.process.readAllStandardError()).strip()
+        self._running = False
+        self.finished.emit(self.process.exitCode(), errors)
+
+
+class _Cancelled(BaseException):
+    """Raised inside an in-process run to stop it (a BaseException: pipelines' ``except Exception`` let it pass)."""
+
+
+class InProcessWorker(WorkerProcess):
+    """The worker's entry point called in this process: ``worker.run_request(worker.build_parser().parse_args(...))``.
+
+    ``start`` returns only when the run is over (``finished`` has been
+    emitted).  ``cancel()`` from a progress callback stops the run at its next
+    progress report.  The exception that ended a failed run is kept in
+    ``exception`` (:meth:`SpineNetLogic.runSynchronously` raises it again).
+    """
+
+    def __init__(self):
+        WorkerProcess.__init__(self)
+        self.exception = None
+        self._running = self._cancelled = self._ending = False
+
+    def isRunning(self):
+        return self._running
+
+    def cancel(self):
+        self._cancelled = self._running
+
+    def _onLine(self, line):
+        self.lineReceived.emit(line)
+        if self._cancelled and not self._ending:
+            raise _Cancelled()
+
+    def start(self, run):
+        sink = LineSink(self._onLine)
+        protocol = worker.LineProtocol(sink)
+        self._running, self._cancelled, self._ending, self.exception = True, False, False, None
+        exitCode = worker.EXIT_OK
+        try:
+            with contextlib.redirect_stdout(sink):  # a usage error is reported as an ERROR line on stdout
+                args = worker.build_parser().parse_args(list(run.workerArguments))
+            manifest = worker.run_request(args, protocol)
+        except _Cancelled:
+            self._ending, exitCode = True, worker.EXIT_INTERNAL
+        except SystemExit as error:  # a usage error (the parser has reported it)
+            self._ending, self.exception = True, error
+            exitCode = error.code if isinstance(error.code, int) else worker.EXIT_USAGE
+        except SpineNetError as error:
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
+            protocol.send("ERROR", str(error))
+        except OSError as error:
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_USAGE
+            target = f" {error.filename}" if getattr(error, "filename", None) else ""
+            protocol.send("ERROR", f"cannot access{target}: {error.strerror or error}")
+        except Exception as error:  # a bug: one line here, the traceback in the log
+            self._ending, self.exception, exitCode = True, error, worker.EXIT_INTERNAL
+            logging.exception("SpineNet worker (in process)")
+            protocol.send("ERROR", f"internal error: {type(error).__name__}: {error}")
+        else:
+            self._ending = True
+            sink.write(f"RESULT {manifest}\n")  # the path as is, spaces included
+        sink.close()
+        self._running = False
+        self.finished.emit(exitCode, "")
+
+
+class SpineNetRun:
+    """One run of the worker on a volume: how it was started, what it reported, how it ended.
+
+    ``status`` is "running", then "done", "failed" or "cancelled"; ``message``
+    is the one-line outcome the panel shows; ``nodes`` are the result nodes
+    (:class:`SpineNetLib.slicer.mrml.ResultNodes`) of a run that is done.
+    ``temporary`` is True when ``folder`` is a temporary folder the logic made
+    (and removes once the results are in the scene), False for a caller's ``workFolder``.
+    """
+
+    def __init__(self, volumeNode, prepared, onProgress=None, onWarning=None, onFinished=None):
+        self.volumeID = volumeNode.GetID()
+        self.volumeName = volumeNode.GetName()
+        self.program = prepared["program"]
+        self.arguments = prepared["arguments"]
+        self.environment = prepared["environment"]
+        self.workingDirectory = prepared["workingDirectory"]
+        self.workerArguments = prepared["workerArguments"]
+        self.folder = prepared["folder"]
+        self.output = prepared["output"]
+        self.temporary = bool(prepared.get("temporary", False))
+        self.onProgress, self.onWarning, self.onFinished = onProgress, onWarning, onFinished
+        self.status = "running"
+        self.cancelled = False
+        self.progress = (0, 1, "")
+        self.warnings = []
+        self.resultPath = None
+        self.error = None
+        self.exitCode = None
+        self.errorText = ""
+        self.message = ""
+        self.nodes = None
+
+    def get(self, key, default=None):
+        """Dictionary-style access (``cleanupRun`` takes a :meth:`SpineNetLogic.prepareRun` dict too)."""
+        return getattr(self, key, default)
+
+    def isFinished(self):
+        return self.status != "running"
+
+    def __repr__(self):
+        return f"<SpineNetRun {self.volumeName!r} {self.status}: {self.message or self.progress[2]}>"
+
