@@ -169,7 +169,9 @@ def run(args):
     from SpineNetLib.pipeline import processing_profile
 
     profile = processing_profile(args.profile, args.weights)
-    scan = load_scan(args.input, series_uid=args.series, resample_isotropic=profile.slab_average_thin_slices)
+    # The scan as the user has it (every native slice): the worker averages thin slices into slabs
+    # itself when the profile says so, and its documents and the scene refer to this grid (issue 14).
+    scan = load_scan(args.input, series_uid=args.series, resample_isotropic=False)
 
     # The worker's entry point, in this process, on the scan just read (with its --series).
     with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:

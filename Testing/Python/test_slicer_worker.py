@@ -281,3 +281,28 @@ def test_batch_script_bad_input_is_one_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_scene_holds_the_users_thin_slices_not_the_slabs(tmp_path):
+    """A 1 mm scan is detected on ~4 mm slabs, but the scene and the documents keep the user's grid (issue 14)."""
+    from SpineNetLib.slicer import mrml
+
+    thin = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.4, 1.4), n_slices=13,
+                        slice_thickness_mm=1.0)   # near-isotropic thin slices: detected on slabs
+    image = thin.write_nifti(tmp_path / "thin.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BATCH), "--input", str(image), "--output", str(out), "--quiet",
+                           "--no-preview", "--no-grading", "--device", "cpu"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    vertebrae, _, _ = documents.read_result(out)
+    assert tuple(vertebrae["scan"]["shape"]) == tuple(thin.voxels_kji.shape[::-1])   # 13 native slices
+    assert any(len(v["polygons"]) > 0 for v in vertebrae["vertebrae"])
+    scene = mrml.load_mrb(out / "scene.mrb")
+    volumes = [scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode")
+               for n in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    assert len(volumes) == 1
+    shown = mrml.volume_arrays(volumes[0])[0]
+    assert sorted(shown.shape) == sorted(thin.voxels_kji.shape)       # every native slice, no slabs
+    np.testing.assert_allclose(np.sort(shown, axis=None), np.sort(thin.voxels_kji.astype(np.float32), axis=None),
+                               rtol=1e-5)                              # the user's own voxel values
