@@ -350,7 +350,10 @@ def test_real_round_trip_through_vertebrae_json(real_cases, tmp_path):
     path.write_text(json.dumps(outputs.vertebrae_document(scan, DetectionResult(verts))))
     preds = E.predictions_from_vertebrae_json(path, D.case_geometry(case))
     assert len(preds) == 6
-    np.testing.assert_allclose(preds[0].slices, [centre[t] for t in verts[0].slices], atol=1e-3)
+    # one polygon per native slice the vertebra's slabs cover (issue 14), slab centres inside that run
+    first_centre, last_centre = centre[min(verts[0].slices)], centre[max(verts[0].slices)]
+    half = (centre[1] - centre[0]) / 2.0
+    np.testing.assert_allclose(preds[0].slices, np.arange(first_centre - half + 0.5, last_centre + half), atol=1e-3)
     m = E.evaluate_case(gt, preds)
     assert (m.tp, m.fp, m.fn, m.n_identified, m.n_ignored_predictions) == (5, 0, 0, 5, 1)
     assert m.mean_localisation_error_mm < 2.5
@@ -526,7 +529,9 @@ def test_synthetic_nifti_case_and_vertebrae_json_round_trip(tmp_path):
     path = tmp_path / "vertebrae.json"
     path.write_text(json.dumps(outputs.vertebrae_document(scan, DetectionResult(verts))))
     preds = E.predictions_from_vertebrae_json(path, D.case_geometry(case))
-    np.testing.assert_allclose(preds[0].slices, [centre[t] for t in slabs], atol=1e-3)
+    half = (centre[1] - centre[0]) / 2.0     # one polygon per native slice the slabs cover (issue 14)
+    np.testing.assert_allclose(preds[0].slices, np.arange(centre[min(slabs)] - half + 0.5, centre[max(slabs)] + half),
+                               atol=1e-3)
     np.testing.assert_allclose(preds[1].polygons[-1], quads["L4"] + [1.0, 0.0], atol=1e-3)
     m = E.evaluate_case(gt, preds)
     assert (m.tp, m.fp, m.fn, m.n_identified, m.n_identified_within_1) == (3, 0, 0, 2, 3)
@@ -567,3 +572,27 @@ def test_ground_truth_of_a_real_disc_only_case(real_cases):
         x, y = (int(round(c)) for c in v.centroid)
         assert labels[y, x, v.mid_slice] == 0  # in the body, not in a disc
     assert gt.range_top_row < gt.vertebrae[0].centroid[1] and gt.vertebrae[-1].centroid[1] < gt.range_bottom_row
+
+
+def test_outlines_on_every_native_slice_interpolated_between_slab_centres():
+    """Detection on slabs, outlines on the user's slices: each native slice the vertebra's slabs cover gets
+    a polygon, interpolated linearly between the slab centres around it (issue 14)."""
+    from SpineNetLib.inputs.canonical import scan_from_array
+    from SpineNetLib.outputs.vertebrae import vertebra_polygons_ras
+
+    affine = np.zeros((4, 4))
+    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = 1.0, -1.0, -1.0, 1.0   # k: R, j: P, i: I; 1 mm
+    voxels = np.random.default_rng(0).uniform(0, 100, (24, 120, 120)).astype(np.float32)
+    scan = scan_from_array(voxels, affine)
+    assert scan.n_slices < 24                                                  # slab-averaged
+    lo = np.array([[60.0, 40], [60, 60], [40, 60], [40, 40]])
+    hi = lo + [10.0, 0.0]                                                       # 10 px more posterior
+    polygons = vertebra_polygons_ras(scan, Vertebra(slices=[1, 3], polygons=[lo, hi]))
+    slices = [p["slice"] for p in polygons]
+    assert slices == list(range(slices[0], slices[-1] + 1)) and len(slices) > 2 * 24 / scan.n_slices
+    corners = np.array([p["corners_ras"] for p in polygons])
+    anterior = corners[:, 0, 1]                                                 # A of the first corner
+    steps = np.diff(anterior)
+    assert np.all(steps >= -1e-6) or np.all(steps <= 1e-6)                      # moves steadily, one way
+    assert abs(anterior[0] - anterior[-1]) == pytest.approx(10.0, abs=1e-3)     # by the whole 10 px
+    assert len(set(np.round(anterior, 3))) > 3                                  # interpolated, not two steps
