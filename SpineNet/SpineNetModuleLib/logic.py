@@ -48,7 +48,8 @@ from SpineNetLib.core.errors import SpineNetError
 from SpineNetLib.outputs import documents
 
 #: Import name of each requirement in Resources/requirements.txt.
-IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "torch": "torch"}
+IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "pillow": "PIL",
+                "torch": "torch"}
 #: Weight sources offered in the panel, in combo-box order.
 WEIGHT_SOURCES = ("bundled", "official", "folder")
 #: Devices offered in the panel, in combo-box order.

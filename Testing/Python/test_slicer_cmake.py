@@ -313,4 +313,4 @@ def test_licence_and_requirements():
     assert "non-commercial" in licence and "NOT part of this repository" in licence
     lines = [line for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert {re.split(r"[<>=]", line)[0] for line in lines} == {"numpy", "scipy", "pydicom", "SimpleITK", "torch"}
+    assert {re.split(r"[<>=]", line)[0] for line in lines} == {"numpy", "scipy", "pydicom", "SimpleITK", "pillow", "torch"}
