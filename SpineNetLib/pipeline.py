@@ -34,7 +34,7 @@ from SpineNetLib.detect import vfr as detection
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
-from SpineNetLib.discs.measurements import implausible_disc_measurements, measure_spine
+from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
@@ -97,8 +97,9 @@ PIXEL_SPACING_FACTORS_TO_TRY = (0.5, 0.7, 1.4, 2.0)
 
 
 def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.DetectionParams,
-                                 progress) -> tuple[Scan, DetectionResult, float]:
-    """Detection at the header's pixel spacing, or at a multiple of it when that finds too few bodies.
+                                 progress, retry: bool = True) -> tuple[Scan, DetectionResult, float]:
+    """Detection at the header's pixel spacing, or (with ``retry``) at a multiple of it when that finds
+    too few bodies.
 
     Returns the scan as detected (its in-plane spacing multiplied by the factor), the result, and
     the factor (1.0: the header's spacing).
@@ -106,7 +107,7 @@ def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.Detectio
     start = time.perf_counter()
     result = detection.detect_vertebrae(scan, predict, params, progress=scaled(progress, "detecting vertebrae"))
     best = (scan, result, 1.0)
-    if len(result.vertebrae) >= MIN_BODIES_AT_HEADER_SPACING:
+    if not retry or len(result.vertebrae) >= MIN_BODIES_AT_HEADER_SPACING:
         return best
     for factor in PIXEL_SPACING_FACTORS_TO_TRY:
         row_mm, col_mm, slice_mm = scan.spacing_mm
@@ -120,18 +121,14 @@ def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.Detectio
 
 def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
     """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``):
-    every added body is still there, and the bodies labelled before keep their levels or the lowest
-    added one is named S1."""
+    every added body is still there, and the bodies labelled before keep their levels."""
     def level_of(body: Vertebra) -> str | None:
         for other in relabelled:
             if other.slices == body.slices and np.allclose(other.average_polygon, body.average_polygon):
                 return other.level
         return None
 
-    added = [level_of(b) for b in below]
-    if None in added:
-        return False
-    return all(level_of(b) == b.level for b in labelled)
+    return all(level_of(b) is not None for b in below) and all(level_of(b) == b.level for b in labelled)
 
 
 def detect_and_label(scan: Scan, networks: Networks, *,
@@ -149,16 +146,11 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     detection_params = detection_params or detection.DetectionParams()
     labelling_params = labelling.params_for_context(networks.context, labelling_params)
     predict = networks.predictor or detection.network_predictor(networks.detector, device=networks.device)
-    if retry_pixel_spacing:
-        scan, result, spacing_factor = _detect_at_plausible_spacing(scan, predict, detection_params, progress)
-    else:
-        spacing_factor = 1.0
-        result = detection.detect_vertebrae(scan, predict, detection_params,
-                                            progress=scaled(progress, "detecting vertebrae"))
+    scan, result, spacing_factor = _detect_at_plausible_spacing(scan, predict, detection_params, progress,
+                                                                retry=retry_pixel_spacing)
     start = time.perf_counter()
-    found = list(result.vertebrae)
-    fillers = gap_fillers(found, result.candidates, scan.spacing_mm[:2])
-    found = sorted(found + fillers, key=lambda v: float(v.centroid_xy[1]))
+    fillers = gap_fillers(result.vertebrae, result.candidates, scan.spacing_mm[:2])
+    found = list(result.vertebrae) + fillers   # label_vertebrae sorts them top to bottom
     label = lambda vertebrae: labelling.label_vertebrae(  # noqa: E731
         scan, vertebrae, networks.appearance, networks.context, labelling_params, device=networks.device,
         progress=scaled(progress, "labelling levels"))
@@ -446,10 +438,15 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
                         batch_size=options.grading_batch_size, progress=progress,
                         across_missed_levels=profile.discs_across_missed_levels)
-    implausible = [line for d in (discs.measurements.discs if discs.measurements is not None else [])
-                   for line in implausible_disc_measurements(d)]
+    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
+                               discs.grading_status)
+    discs_doc["profile"] = profile.name
+    # measurements that cannot be anatomy, as the discs document names them per disc
+    implausible = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
     disc_warnings += implausible
     warnings += implausible
+    if disc_warnings:
+        discs_doc["warnings"] = disc_warnings
     not_trained = discs.grading_status.get("heads_not_trained")
     if not_trained:
         graded = [c for c in GRADE_COLUMNS if c not in not_trained]
@@ -466,11 +463,6 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     vertebrae_doc["weights"] = networks.weights.source
     if scan_warnings or labelling_warnings:
         vertebrae_doc["warnings"] = scan_warnings + labelling_warnings
-    discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
-                               discs.grading_status)
-    discs_doc["profile"] = profile.name
-    if disc_warnings:
-        discs_doc["warnings"] = disc_warnings
     return RunResult(
         vertebrae_document=vertebrae_doc,
         discs_document=discs_doc,

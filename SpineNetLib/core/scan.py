@@ -75,9 +75,12 @@ class Scan:
         xy = np.asarray(xy, float).reshape(-1, 2)
         return self.canonical_to_ras_points(xy[:, 1], xy[:, 0], np.full(len(xy), float(canonical_slice)))
 
+    def input_slice_position(self, canonical_slice: float) -> float:
+        """Fractional position along the input's own slice axis of a canonical slice (a slab's centre)."""
+        ijk = np.asarray(self.canonical_to_input_ijk, float) @ np.array([0.0, 0.0, float(canonical_slice), 1.0])
+        return float(ijk[self.input_slice_axis])
+
     def input_slice_index(self, canonical_slice: float) -> int:
         """Index along the input's own slice axis of a canonical slice."""
-        hom = np.array([0.0, 0.0, float(canonical_slice), 1.0])
-        ijk = self.canonical_to_input_ijk @ hom
         n = self.input_shape_ijk[self.input_slice_axis]
-        return int(np.clip(np.rint(ijk[self.input_slice_axis]), 0, n - 1))
+        return int(np.clip(np.rint(self.input_slice_position(canonical_slice)), 0, n - 1))

@@ -48,8 +48,8 @@ def _centres_mm(vertebrae: Sequence[Vertebra], spacing_rc) -> np.ndarray:
     return np.array([v.centroid_xy * scale for v in vertebrae]).reshape(-1, 2)
 
 
-def _nearest(candidates: Sequence[Vertebra], centres: np.ndarray, expected: np.ndarray,
-             radius: float, taken: set[int]) -> int | None:
+def _nearest(centres: np.ndarray, expected: np.ndarray, radius: float, taken: set[int]) -> int | None:
+    """Index of the centre nearest to ``expected`` within ``radius`` (mm) and not ``taken``, or None."""
     offsets = np.hypot(*(centres - expected).T) if len(centres) else np.zeros(0)
     order = [i for i in np.argsort(offsets) if offsets[i] < radius and i not in taken]
     return int(order[0]) if order else None
@@ -71,7 +71,7 @@ def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
         n_missing = max(1, int(round(step / usual)) - 1)
         for j in range(1, n_missing + 1):
             expected = chain[i] + (chain[i + 1] - chain[i]) * j / (n_missing + 1)
-            found = _nearest(candidates, cand, expected, MAX_OFFSET_OF_STEP * usual, taken)
+            found = _nearest(cand, expected, MAX_OFFSET_OF_STEP * usual, taken)
             if found is not None:
                 taken.add(found)
     return [candidates[i] for i in sorted(taken)]
@@ -98,7 +98,7 @@ def bodies_below(labelled: Sequence[Vertebra], candidates: Sequence[Vertebra],
         along, across = S1_FROM_L5 if level == "S1" else (1.0, 0.0)
         # across: the downward step turned by 90 degrees towards anterior (smaller x: columns run A->P)
         expected = chain[-1] + along * step + across * np.array([-step[1], step[0]])
-        found = _nearest(candidates, cand, expected, MAX_OFFSET_OF_STEP * length, set(taken))
+        found = _nearest(cand, expected, MAX_OFFSET_OF_STEP * length, set(taken))
         if found is None:
             break
         taken.append(found)

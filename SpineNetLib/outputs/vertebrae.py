@@ -38,12 +38,6 @@ def vertebra_centroid_ras(scan: Scan, vertebra: Vertebra) -> np.ndarray:
     return np.mean(points, axis=0)
 
 
-def _input_slice_position(scan: Scan, canonical_slice: float) -> float:
-    """Fractional index along the input's slice axis of a canonical slice (a slab's centre)."""
-    ijk = np.asarray(scan.canonical_to_input_ijk, float) @ np.array([0.0, 0.0, float(canonical_slice), 1.0])
-    return float(ijk[scan.input_slice_axis])
-
-
 def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:
     """Per-slice polygons as ``{"slice": input slice index, "corners_ras": 4x[r, a, s]}``, one per
     *input* slice where the vertebra is.
@@ -57,18 +51,19 @@ def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:
     order = np.argsort(vertebra.slices)
     slices = [float(vertebra.slices[i]) for i in order]
     polys = [np.asarray(vertebra.polygons[i], float) for i in order]
-    step = abs(_input_slice_position(scan, 1.0) - _input_slice_position(scan, 0.0))
+    origin = scan.input_slice_position(0.0)
+    signed_step = scan.input_slice_position(1.0) - origin     # input slices per canonical slice
+    step = abs(signed_step)
     if step <= 1.0 + 1e-6:
         return [{"slice": scan.input_slice_index(s), "corners_ras": _round(scan.xy_to_ras(p, s))}
                 for s, p in sorted(zip(slices, polys), key=lambda sp: scan.input_slice_index(sp[0]))]
-    centres = [_input_slice_position(scan, s) for s in slices]
+    centres = [scan.input_slice_position(s) for s in slices]
     n_input = scan.input_shape_ijk[scan.input_slice_axis]
     first = max(0, int(np.ceil(min(centres) - step / 2.0 + 0.5 - 1e-6)))
     last = min(n_input - 1, int(np.floor(max(centres) + step / 2.0 - 0.5 + 1e-6)))
-    to_canonical = np.polyfit([_input_slice_position(scan, 0.0), _input_slice_position(scan, 1.0)], [0.0, 1.0], 1)
     out = []
     for k in range(first, last + 1):
-        c = float(np.polyval(to_canonical, k))          # fractional canonical slice of input slice k
+        c = (k - origin) / signed_step                  # fractional canonical slice of input slice k
         if c <= slices[0]:
             poly = polys[0]
         elif c >= slices[-1]:

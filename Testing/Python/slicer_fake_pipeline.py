@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
+
+#: This pipeline as the worker's ``--pipeline`` option names it (the tests pass it along).
+PIPELINE_SPEC = f"{Path(__file__).resolve()}:run"
 from SpineNetLib.discs.hotspots import HotspotMap
 from SpineNetLib.outputs.documents import disc_polygons
 from SpineNetLib.pipeline import RunResult

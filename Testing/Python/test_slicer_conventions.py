@@ -25,7 +25,7 @@ from SpineNetLib.outputs.files import write_results  # noqa: E402
 from SpineNetLib.pipeline import RunResult  # noqa: E402
 from SpineNetLib.slicer import mrml  # noqa: E402
 
-FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
+from slicer_fake_pipeline import PIPELINE_SPEC as FAKE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from SpineNetLib.apps import worker
 from SpineNetLib.synthetic.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
+from slicer_fake_pipeline import PIPELINE_SPEC as FAKE  # noqa: E402
 BATCH = REPO / "SpineNet" / "Scripts" / "SpineNetBatch.py"
 
 
