@@ -92,9 +92,10 @@ class DetectionParams:
     #: Ignore corner maxima on a patch's edge pixels when another patch sees
     #: that point away from its own edges (not official; False = official).
     drop_edge_corners: bool = True
-    #: The official code's arithmetic (official §5.1-5.2, §11 quirks 2-3): one scalar spacing
-    #: (the mean of the two), the official patch plan (W // stride + 1 patches per axis, an end
-    #: patch spanning [-L, -1) yet decoded with L, duplicates kept), displacements truncated to
+    #: The official code's arithmetic (official §5.1-5.2, §9, §11 quirks 2-3, as the public package
+    #: ``spinenet`` 2.1.4 has it): the official patch plan (per-axis edge rounded to whole pixels,
+    #: W // stride + 1 patches per axis, an end patch spanning [-L, -1) yet decoded with L,
+    #: duplicates kept), displacements truncated to
     #: whole network pixels, the centroid maps resized bilinearly with align_corners=False.
     #: Use with ``subpixel`` and ``drop_edge_corners`` False (the ``official`` profile does).
     official_arithmetic: bool = False
@@ -128,9 +129,9 @@ class PatchBox:
     x0: int
     height_px: int
     width_px: int
-    #: Scan pixels per patch edge used to map corner points back (0: the box's own size).  The
-    #: official end patch is ``L - 1`` pixels wide but decoded with ``L`` (official §11 quirk 2).
-    decode_px: int = 0
+    #: Scan pixels per patch edge (rows, cols) used to map points back (None: the box's own size).
+    #: The official end patch is ``L - 1`` pixels wide but decoded with ``L`` (official §11 quirk 2).
+    decode_px: tuple[int, int] | None = None
 
     @property
     def y1(self) -> int:
@@ -213,7 +214,7 @@ def plan_patches(shape_hw: tuple[int, int], spacing_rc: tuple[float, float],
     if not (np.isfinite(sr) and np.isfinite(sc) and sr > 0 and sc > 0):
         raise InputError(f"pixel spacing must be positive, got ({sr}, {sc}) mm")
     if params.official_arithmetic:
-        return _official_plan(h, w, 0.5 * (sr + sc), params, int(slice_index))
+        return _official_plan(h, w, (sr, sc), params, int(slice_index))
     edge_mm = min(float(params.patch_mm), h * sr, w * sc)
     len_r = int(np.clip(np.floor(edge_mm / sr + 1e-6), 1, h))
     len_c = int(np.clip(np.floor(edge_mm / sc + 1e-6), 1, w))
@@ -234,16 +235,20 @@ def _official_axis(n: int, length: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-def _official_plan(h: int, w: int, spacing: float, params: DetectionParams, slice_index: int) -> list[PatchBox]:
-    """The official patch plan (official §5.1): ``L = int(patch_mm / spacing)`` (``min(H, W) - 1`` if
-    larger), stride ``int(0.6 L)``, across in the outer loop, duplicates kept."""
-    length = int(float(params.patch_mm) / spacing)
-    if length > min(h, w):
-        length = min(h, w) - 1
-    length = max(length, 2)
-    stride = max(1, int(length * params.stride_fraction))
-    return [PatchBox(slice_index, y0, x0, hh, ww, decode_px=length)
-            for x0, ww in _official_axis(w, length, stride) for y0, hh in _official_axis(h, length, stride)]
+def _official_plan(h: int, w: int, spacing_rc: tuple[float, float], params: DetectionParams,
+                   slice_index: int) -> list[PatchBox]:
+    """The official patch plan (official §5.1, as the public package ``spinenet`` 2.1.4 computes it,
+    official §9): edge ``min(patch_mm, (H - 1) row_mm, (W - 1) col_mm)`` millimetres, in pixels
+    ``round(edge / spacing)`` per axis (half to even), at most ``H - 1`` / ``W - 1``; stride
+    ``int(0.6 L)``; across in the outer loop; duplicates kept."""
+    sr, sc = spacing_rc
+    edge_mm = min(float(params.patch_mm), (h - 1) * sr, (w - 1) * sc)
+    len_r = max(min(int(np.round(edge_mm / sr)), h - 1), 2)
+    len_c = max(min(int(np.round(edge_mm / sc)), w - 1), 2)
+    stride_r = max(1, int(len_r * params.stride_fraction))
+    stride_c = max(1, int(len_c * params.stride_fraction))
+    return [PatchBox(slice_index, y0, x0, hh, ww, decode_px=(len_r, len_c))
+            for x0, ww in _official_axis(w, len_c, stride_c) for y0, hh in _official_axis(h, len_r, stride_r)]
 
 
 def extract_patches(slice_2d: np.ndarray, boxes: Sequence[PatchBox],
@@ -530,8 +535,8 @@ def decode_corners(outputs: np.ndarray, boxes: Sequence[PatchBox],
         dx, dy = np.trunc(dx), np.trunc(dy)
     y0 = np.array([b.y0 for b in boxes], float)[pn]
     x0 = np.array([b.x0 for b in boxes], float)[pn]
-    sy = np.array([b.decode_px or b.height_px for b in boxes], float)[pn] / size_y
-    sx = np.array([b.decode_px or b.width_px for b in boxes], float)[pn] / size_x
+    sy = np.array([b.decode_px[0] if b.decode_px else b.height_px for b in boxes], float)[pn] / size_y
+    sx = np.array([b.decode_px[1] if b.decode_px else b.width_px for b in boxes], float)[pn] / size_x
     xy = np.stack([x0 + vc * sx, y0 + vr * sy], axis=1)
     d = np.stack([dx * sx, dy * sy], axis=1)
     if params.drop_edge_corners and len(boxes) > 1:
@@ -742,8 +747,7 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         inputs = []
         for s in sorted({j // per_slice for j in jobs}):
             idx = [j % per_slice for j in jobs if j // per_slice == s]
-            sboxes = [PatchBox(s, plan[i].y0, plan[i].x0, plan[i].height_px, plan[i].width_px)
-                      for i in idx]
+            sboxes = [dataclasses.replace(plan[i], slice_index=s) for i in idx]
             inputs.append(extract_patches(vox[:, :, s], sboxes, params))
             boxes.extend(sboxes)
         patches = np.concatenate(inputs)
@@ -761,7 +765,7 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
             pending[s][j % per_slice] = out[j - done]
             filled[s] += 1
             if filled[s] == per_slice:
-                sboxes = [PatchBox(s, b.y0, b.x0, b.height_px, b.width_px) for b in plan]
+                sboxes = [dataclasses.replace(b, slice_index=s) for b in plan]  # keeps decode_px
                 maps = pending.pop(s)
                 polys_by_slice[s] = decode_slice(maps, sboxes, (h, w), params, spacing_rc=spacing_rc)
                 if weaker is not None:

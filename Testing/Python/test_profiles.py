@@ -136,12 +136,17 @@ def test_official_patch_plan_is_the_official_one():
     # the second one spanning [-L, -1): 510 pixels from column 1, decoded with L = 511
     boxes = plan_patches((512, 512), (0.5, 0.5), official)
     assert [(b.y0, b.x0, b.height_px, b.width_px, b.decode_px) for b in boxes] == [
-        (0, 0, 511, 511, 511), (1, 0, 510, 511, 511), (0, 1, 511, 510, 511), (1, 1, 510, 510, 511)]
+        (0, 0, 511, 511, (511, 511)), (1, 0, 510, 511, (511, 511)),
+        (0, 1, 511, 510, (511, 511)), (1, 1, 510, 510, (511, 511))]
     # 300 x 200 at 1 mm: L = 199, stride 119; 3 patches down (the last two are the same), 2 across
     boxes = plan_patches((300, 200), (1.0, 1.0), official)
     assert [(b.y0, b.x0, b.height_px, b.width_px) for b in boxes] == [
         (0, 0, 199, 199), (101, 0, 198, 199), (101, 0, 198, 199),
         (0, 1, 199, 198), (101, 1, 198, 198), (101, 1, 198, 198)]
+    # the public package rounds the edge (official §9): 260 mm at 0.5859 mm is 443.76 -> 444 pixels
+    assert plan_patches((512, 512), (0.5859, 0.5859), official)[0].decode_px == (444, 444)
+    # anisotropic pixels: each axis its own edge in pixels, the same 260 mm (official §9)
+    assert plan_patches((600, 400), (0.5, 1.0), official)[0].decode_px == (520, 260)
 
 
 def test_official_corners_use_whole_pixel_displacements_and_the_patch_edge_l():
@@ -151,7 +156,7 @@ def test_official_corners_use_whole_pixel_displacements_and_the_patch_edge_l():
     outputs[0, 0, 100, 50] = 1.0                      # an rt corner at patch (x 50, y 100)
     outputs[0, 5, 100, 50] = 3.7                      # its displacement in network pixels: x 3.7, y -2.6
     outputs[0, 9, 100, 50] = -2.6
-    box = PatchBox(0, 10, 1, 447, 447, decode_px=448)   # an official end patch: 447 wide, decoded with 448
+    box = PatchBox(0, 10, 1, 447, 447, decode_px=(448, 448))   # an official end patch: 447 wide, decoded with 448
     official = DetectionParams(official_arithmetic=True, subpixel=False, drop_edge_corners=False)
     points, disps = decode_corners(outputs, [box], official)
     np.testing.assert_allclose(points[0], [[1 + 50 * 2.0, 10 + 100 * 2.0]])
@@ -177,3 +182,29 @@ def test_the_worker_follows_the_weights_profile_and_keeps_thin_slices_for_offici
     native = worker.read_scan(tmp_path / "thin.npy", tmp_path / "thin.json", resample_isotropic=False)
     slabs = worker.read_scan(tmp_path / "thin.npy", tmp_path / "thin.json")
     assert native.voxels.shape[2] == 40 and slabs.voxels.shape[2] < 40
+
+
+def test_official_detection_decodes_every_slice_with_its_plan_boxes():
+    """The whole-scan loop batches patches across slices; each slice must still be decoded with the
+    plan's boxes, end patches decoded with L (a lost ``decode_px`` moved official corners by 0.4-1 px)."""
+    from SpineNetLib.detect import vfr
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.weights.checkpoints import load_model
+    from SpineNetLib.weights.resolve import resolve_weights
+
+    scan = make_phantom(seed=2, shape=(300, 260), pixel_spacing=(1.0, 1.0), n_slices=3).scan
+    params = pipeline.profiled_detection_params(None, pipeline.PROFILES["official"])
+    params = replace(params, batch_size=3)   # batches that straddle slices
+    predict = vfr.network_predictor(load_model("detector", resolve_weights("bundled").path("detector")))
+    found = vfr.detect_vertebrae(scan, predict, params).vertebrae
+    assert len(found) >= 4
+    by_slice = {}
+    for s in range(scan.n_slices):
+        boxes = vfr.plan_patches(scan.shape[:2], scan.spacing_mm[:2], params, slice_index=s)
+        assert any(b.decode_px != (b.height_px, b.width_px) for b in boxes)   # end patches present
+        maps = predict(vfr.extract_patches(scan.voxels[:, :, s], boxes, params))
+        by_slice[s] = vfr.decode_slice(maps, boxes, scan.shape[:2], params, spacing_rc=scan.spacing_mm[:2])
+    expected = vfr.group_across_slices(by_slice, params)
+    assert [v.slices for v in found] == [v.slices for v in expected]
+    for v, e in zip(found, expected):
+        np.testing.assert_allclose(np.stack(v.polygons), np.stack(e.polygons), atol=1e-6)
