@@ -1,8 +1,11 @@
 """Per-stage seconds and peak memory of detection + labelling with the OFFICIAL-size networks.
 
     python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--scan lumbar|whole|both] [--bundled]
+                                        [--plan whole_slice|patches|both]
 
-Each scan runs in its own subprocess so that its peak RSS is its own.  The
+Each scan and detection plan (``DetectionParams.plan``: whole slices at the network's scale, the
+default, or the official overlapping 224-pixel patches) runs in its own subprocess so that its
+peak RSS is its own.  The
 networks have the official architectures (139 M-parameter detector) with
 random weights: speed does not depend on the weight values, but random
 weights produce no vertebrae, so the detector's real forward passes are timed
@@ -32,11 +35,24 @@ SCANS = {
 }
 
 
-def run_bundled(name: str, threads: int) -> dict:
+def _inputs(scan, params) -> str:
+    """What the plan sends to the network, e.g. ``60 patches`` or ``15 slices of 265x265 (input 288x288), 4 per call``."""
+    from SpineNetLib.detect import vfr as detection
+
+    boxes, per_call = detection.slice_plan(scan.shape[:2], scan.spacing_mm[:2], params)
+    if len(boxes) > 1 or params.plan == "patches":
+        return f"{len(boxes) * scan.n_slices} patches"
+    rows, cols = detection.input_shape(boxes)
+    return (f"{scan.n_slices} slices of {boxes[0].net_px[0]}x{boxes[0].net_px[1]} (input {rows}x{cols}), "
+            f"{per_call} per call")
+
+
+def run_bundled(name: str, threads: int, plan: str) -> dict:
     """The default path of `spinenet run`: bundled small networks, their own outputs, grading off."""
     import torch
 
     torch.set_num_threads(threads)
+    from SpineNetLib.detect.vfr import DetectionParams
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
@@ -50,7 +66,8 @@ def run_bundled(name: str, threads: int) -> dict:
         timings["load_scan"] = time.perf_counter() - t
     networks = load_networks("bundled", "cpu")
     timings["load_networks"] = networks.load_seconds
-    result = detect_and_label(scan, networks)
+    params = DetectionParams(plan=plan)
+    result = detect_and_label(scan, networks, detection_params=params)
     for key in ("detection_network", "detection_postprocessing", "labelling"):
         timings[key] = result.timings_s[key]
     t = time.perf_counter()
@@ -59,14 +76,14 @@ def run_bundled(name: str, threads: int) -> dict:
     timings["detection_and_labelling"] = result.timings_s["detection"] + result.timings_s["labelling"]
     return {
         "scan": name + " (bundled networks)", "shape": list(scan.shape),
-        "spacing_mm": [round(s, 2) for s in scan.spacing_mm], "patches": "-",
+        "spacing_mm": [round(s, 2) for s in scan.spacing_mm], "plan": plan, "inputs": _inputs(scan, params),
         "vertebrae": len(result.vertebrae), "threads": threads, "bf16": False,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 
-def run_one(name: str, threads: int, bf16: bool) -> dict:
+def run_one(name: str, threads: int, bf16: bool, plan: str) -> dict:
     import numpy as np
     import torch
 
@@ -112,8 +129,8 @@ def run_one(name: str, threads: int, bf16: bool) -> dict:
         oracle_seconds += time.perf_counter() - t0
         return maps
 
-    result = detection.detect_vertebrae(scan, predict)
-    n_patches = len(detection.plan_patches(scan.shape[:2], scan.spacing_mm[:2])) * scan.n_slices
+    params = detection.DetectionParams(plan=plan)
+    result = detection.detect_vertebrae(scan, predict, params)
     timings["detection_network"] = result.timings_s["detection_network"] - oracle_seconds
     timings["detection_postprocessing"] = result.timings_s["detection_postprocessing"]
     lt = labelling.LabellingTimings() if hasattr(labelling, "LabellingTimings") else None
@@ -124,7 +141,8 @@ def run_one(name: str, threads: int, bf16: bool) -> dict:
                                           + timings["labelling"])
     return {
         "scan": name, "shape": list(scan.shape), "spacing_mm": [round(s, 2) for s in scan.spacing_mm],
-        "patches": n_patches, "vertebrae": len(result.vertebrae), "threads": threads, "bf16": bf16,
+        "plan": plan, "inputs": _inputs(scan, params), "vertebrae": len(result.vertebrae), "threads": threads,
+        "bf16": bf16,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -137,23 +155,27 @@ def main() -> None:
     parser.add_argument("--scan", choices=["lumbar", "whole", "both"], default="both")
     parser.add_argument("--bundled", action="store_true",
                         help="time the bundled small networks (the default of `spinenet run`) instead")
+    parser.add_argument("--plan", choices=["whole_slice", "patches", "both"], default="both",
+                        help="detection plan (DetectionParams.plan); both: one run each")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        report = run_bundled(args.child, args.threads) if args.bundled else run_one(args.child, args.threads, args.bf16)
+        report = (run_bundled(args.child, args.threads, args.plan) if args.bundled
+                  else run_one(args.child, args.threads, args.bf16, args.plan))
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
-    for name in names:
-        cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads)]
+    plans = ["whole_slice", "patches"] if args.plan == "both" else [args.plan]
+    for name, plan in [(n, p) for n in names for p in plans]:
+        cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--plan", plan]
         if args.bf16:
             cmd.append("--bf16")
         if args.bundled:
             cmd.append("--bundled")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
-        print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, "
-              f"{report['patches']} patches, {report['vertebrae']} vertebrae, {report['threads']} threads"
+        print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
+              f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
               f"{', bf16' if report['bf16'] else ''}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")

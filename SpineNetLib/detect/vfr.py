@@ -2,30 +2,33 @@
 
 Stages, each a pure function:
 
-1. :func:`plan_patches` tiles every sagittal slice with 26 cm square patches
-   (40 % overlap) and :func:`extract_patches` resizes them to 224x224 and
-   normalises them as the official code does (official §5.1).
-2. A *predictor* ``predict(patches (N, 224, 224), boxes) -> (N, 13, 224, 224)``
+1. A plan (``detect/plans.py``) gives each sagittal slice's network inputs:
+   26 cm square patches with 40 % overlap (official §5.1; the default) or the
+   whole slice at the patches' network scale, resized and normalised as the
+   official code does (:func:`extract_patches`).
+2. A *predictor* ``predict(inputs (N, R, C), boxes) -> (N, 13, R, C)``
    runs the detector (:func:`network_predictor`) or, in tests, renders ground
    truth (``SpineNetLib.training.targets.oracle_predictor``).
-3. :func:`decode_slice` turns the 13 output maps of one slice's patches into
+3. :func:`decode_slice` turns the 13 output maps of one slice's boxes into
    vertebra quadrilaterals (official §5.2).
 4. :func:`group_across_slices` links the quads of neighbouring slices into
    vertebrae (official §5.3).
 
 :func:`detect_vertebrae` runs all of them on a :class:`~SpineNetLib.core.scan.Scan`,
-batching patches across slices.
+batching network inputs across slices.
 
 Coordinates: scan pixels ``(x=col, y=row)`` with pixel centres at integers.
-A patch box ``(y0, x0, height_px, width_px)`` maps to the 224-pixel patch
-frame by ``u = (x - x0) * 224 / width_px`` and ``v = (y - y0) * 224 /
-height_px`` (:func:`scan_to_patch_xy`); this is the official decoding
-mapping (``point * edge / 224 + origin``), used here for corners, centroids
-and the ground-truth targets alike.
+A box ``(y0, x0, height_px, width_px)`` maps to its network frame of
+``net_px`` pixels by ``u = (x - x0) * net_cols / width_px`` and
+``v = (y - y0) * net_rows / height_px`` (:func:`scan_to_patch_xy`); this is
+the official decoding mapping (``point * edge / 224 + origin``), used here for
+corners, centroids and the ground-truth targets alike.
 
 Deliberate deviations from the official code, each for accuracy or
 correctness, all documented at the function that makes them:
 
+* optionally whole slices at the patches' network scale, several per network
+  call, instead of overlapping patches (``DetectionParams.plan``, :func:`plan_whole_slice`);
 * per-axis pixel spacing (official §9, issue #4) and patches that are square in
   millimetres; end patches aligned to the image end without the official
   ``L-1`` off-by-one, and no duplicate patches (:func:`plan_patches`);
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -53,244 +55,32 @@ from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.detect.plans import (  # noqa: F401  (the plans are part of this module's API)
+    PATCH_PX,
+    PLANS,
+    DetectionParams,
+    PatchBox,
+    extract_patches,
+    input_shape,
+    patch_to_scan_xy,
+    plan_patches,
+    plan_whole_slice,
+    scan_to_patch_xy,
+    slice_plan,
+)
 
-#: Detector input/output size in pixels (official §3.1).
-PATCH_PX = 224
+#: Detector output maps (official §3.1).
 N_OUTPUT_CHANNELS = 13
 
 
-@dataclass(frozen=True)
-class DetectionParams:
-    """Detection settings; defaults are the official ones (official §5)."""
-
-    #: Physical patch edge in mm (official §5.1: 26 cm).
-    patch_mm: float = 260.0
-    #: Network input edge in pixels (official §3.1; must be a multiple of 32).
-    patch_px: int = PATCH_PX
-    #: Patch stride as a fraction of the patch edge (official §5.1: 40 % overlap).
-    stride_fraction: float = 0.6
-    #: Raw-output thresholds for corner (channels 0-3) and centroid (4) maps (official §5).
-    corner_threshold: float = 0.6
-    centroid_threshold: float = 0.6
-    #: A corner is missing if its displaced position is further than this
-    #: from the centroid, in scan pixels (of the mean spacing, see module doc).
-    max_corner_distance_px: float = 20.0
-    #: ... or further than this fraction of its displacement's length.
-    displacement_tolerance: float = 0.5
-    #: IoU for linking a polygon to a vertebra on the previous slices (official §5.3).
-    slice_iou: float = 0.2
-    #: IoU of average polygons above which two vertebrae are merged (official §5.3).
-    merge_iou: float = 0.05
-    #: Polygons with a same-index corner pair closer than this (px) are duplicates (official §5.2).
-    shared_corner_px: float = 2.0
-    #: Drop vertebrae found on a single slice only (official default).
-    remove_single_slice: bool = True
-    #: Patches per network call.  The batches span slices.
-    batch_size: int = 8
-    #: Refine heat-map maxima to sub-pixel precision (not official; False = official).
-    subpixel: bool = True
-    #: Ignore corner maxima on a patch's edge pixels when another patch sees
-    #: that point away from its own edges (not official; False = official).
-    drop_edge_corners: bool = True
-    #: The official code's arithmetic (official §5.1-5.2, §9, §11 quirks 2-3, as the public package
-    #: ``spinenet`` 2.1.4 has it): the official patch plan (per-axis edge rounded to whole pixels,
-    #: W // stride + 1 patches per axis, an end patch spanning [-L, -1) yet decoded with L,
-    #: duplicates kept), displacements truncated to
-    #: whole network pixels, the centroid maps resized bilinearly with align_corners=False.
-    #: Use with ``subpixel`` and ``drop_edge_corners`` False (the ``official`` profile does).
-    official_arithmetic: bool = False
-    #: Not official: each slice is decoded a second time with both thresholds at most this
-    #: value, and what only that pass finds is kept apart as ``DetectionResult.candidates`` (for
-    #: the sacral search, ``label/missed_bodies.py``: on held-out clinical slices the centroid response
-    #: at S1 has a median of 0.38, so S1 was found in 1 of 50 at 0.6).  None: no second pass.
-    candidate_threshold: float | None = 0.3
-
-    def __post_init__(self):
-        for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
-                     "displacement_tolerance"):
-            if not float(getattr(self, name)) > 0:
-                raise InputError(f"detection parameter {name} must be positive")
-        if int(self.patch_px) < 32 or int(self.patch_px) % 32:
-            raise InputError("detection parameter patch_px must be a positive multiple of 32")
-        if not 0 < float(self.stride_fraction) <= 1:
-            raise InputError("detection parameter stride_fraction must be in (0, 1]")
-        if self.candidate_threshold is not None and not 0 < float(self.candidate_threshold) < 1:
-            raise InputError("detection parameter candidate_threshold must be in (0, 1) or None")
-        if int(self.batch_size) < 1:
-            raise InputError("detection parameter batch_size must be at least 1")
-
-
-@dataclass(frozen=True)
-class PatchBox:
-    """A patch of one slice in scan pixels: rows ``y0 .. y1-1``, columns ``x0 .. x1-1``."""
-
-    slice_index: int
-    y0: int
-    x0: int
-    height_px: int
-    width_px: int
-    #: Scan pixels per patch edge (rows, cols) used to map points back (None: the box's own size).
-    #: The official end patch is ``L - 1`` pixels wide but decoded with ``L`` (official §11 quirk 2).
-    decode_px: tuple[int, int] | None = None
-
-    @property
-    def y1(self) -> int:
-        """One past the last row."""
-        return self.y0 + self.height_px
-
-    @property
-    def x1(self) -> int:
-        """One past the last column."""
-        return self.x0 + self.width_px
-
-
 class Predictor(Protocol):
-    """``predict(patches (N, P, P) float32, boxes) -> (N, 13, P, P)`` raw detector outputs."""
+    """``predict(inputs (N, R, C) float32, boxes) -> (N, 13, R, C)`` raw detector outputs
+    (``R, C``: :func:`input_shape` of the boxes; a patch is 224 x 224)."""
 
     def __call__(self, patches: np.ndarray, boxes: Sequence[PatchBox]) -> np.ndarray: ...
 
 
 ProgressCallback = Callable[[int, int, str], None]
-
-
-# --------------------------------------------------------------------------------------
-# Coordinates
-
-def scan_to_patch_xy(xy, box: PatchBox, patch_px: int = PATCH_PX) -> np.ndarray:
-    """Scan ``[x, y]`` (any leading shape) -> the patch's ``patch_px`` frame."""
-    xy = np.asarray(xy, dtype=np.float64)
-    scale = np.array([patch_px / box.width_px, patch_px / box.height_px])
-    return (xy - np.array([box.x0, box.y0], float)) * scale
-
-
-def patch_to_scan_xy(uv, box: PatchBox, patch_px: int = PATCH_PX) -> np.ndarray:
-    """Inverse of :func:`scan_to_patch_xy`."""
-    uv = np.asarray(uv, dtype=np.float64)
-    scale = np.array([box.width_px / patch_px, box.height_px / patch_px])
-    return uv * scale + np.array([box.x0, box.y0], float)
-
-
-# --------------------------------------------------------------------------------------
-# 1. Patches
-
-def _axis_starts(n: int, length: int, stride: int) -> list[int]:
-    if length >= n:
-        return [0]
-    starts = list(range(0, n - length, stride))  # patches that end before the image end
-    starts.append(n - length)                   # the last one ends exactly at the end
-    return starts
-
-
-def plan_patches(shape_hw: tuple[int, int], spacing_rc: tuple[float, float],
-                 params: DetectionParams = DetectionParams(), *,
-                 slice_index: int = 0) -> list[PatchBox]:
-    """Patch boxes covering one ``(H, W)`` slice with ``params.patch_mm`` squares (official §5.1).
-
-    Deliberate deviations from the official code:
-
-    * Each axis uses its own spacing: the patch is ``patch_mm`` on a side in
-      millimetres, so anisotropic pixels give a non-square pixel patch that
-      the resize makes square (the official code takes one scalar spacing;
-      official §9, issue #4).
-    * When the image is smaller than a patch the edge becomes the image's
-      smaller physical extent (still square in mm); the official code uses
-      ``min(H, W) - 1`` pixels.
-    * The last patch of a row/column is aligned to the image end and has the
-      full length; the official one spans ``[-L, -1)`` (``L - 1`` pixels, yet
-      decoded with ``L``; official §11 quirk 2).  Identical patches are not
-      repeated.
-
-    The edge in pixels is ``floor(edge_mm / spacing)`` per axis as officially
-    and the stride ``int(edge * stride_fraction)``.  Order: across (columns)
-    in the outer loop, down (rows) in the inner one, as officially.
-    """
-    try:
-        h, w = (int(v) for v in shape_hw)
-        sr, sc = (float(v) for v in spacing_rc)
-    except (TypeError, ValueError):
-        raise InputError("slice shape and pixel spacing must each be two numbers") from None
-    if h < 1 or w < 1:
-        raise InputError(f"slice shape must be positive, got {h}x{w}")
-    if not (np.isfinite(sr) and np.isfinite(sc) and sr > 0 and sc > 0):
-        raise InputError(f"pixel spacing must be positive, got ({sr}, {sc}) mm")
-    if params.official_arithmetic:
-        return _official_plan(h, w, (sr, sc), params, int(slice_index))
-    edge_mm = min(float(params.patch_mm), h * sr, w * sc)
-    len_r = int(np.clip(np.floor(edge_mm / sr + 1e-6), 1, h))
-    len_c = int(np.clip(np.floor(edge_mm / sc + 1e-6), 1, w))
-    stride_r = max(1, int(len_r * params.stride_fraction))
-    stride_c = max(1, int(len_c * params.stride_fraction))
-    rows = _axis_starts(h, len_r, stride_r)
-    cols = _axis_starts(w, len_c, stride_c)
-    return [PatchBox(int(slice_index), y0, x0, len_r, len_c) for x0 in cols for y0 in rows]
-
-
-def _official_axis(n: int, length: int, stride: int) -> list[tuple[int, int]]:
-    """(start, size) of the official patches along one axis (official §5.1): ``n // stride + 1``
-    patches; one whose end would reach ``n`` is taken from ``-L`` to ``-1`` instead."""
-    out = []
-    for i in range(n // stride + 1):
-        start = i * stride
-        out.append((n - length, length - 1) if start + length >= n else (start, length))
-    return out
-
-
-def _official_plan(h: int, w: int, spacing_rc: tuple[float, float], params: DetectionParams,
-                   slice_index: int) -> list[PatchBox]:
-    """The official patch plan (official §5.1, as the public package ``spinenet`` 2.1.4 computes it,
-    official §9): edge ``min(patch_mm, (H - 1) row_mm, (W - 1) col_mm)`` millimetres, in pixels
-    ``round(edge / spacing)`` per axis (half to even), at most ``H - 1`` / ``W - 1``; stride
-    ``int(0.6 L)``; across in the outer loop; duplicates kept."""
-    sr, sc = spacing_rc
-    edge_mm = min(float(params.patch_mm), (h - 1) * sr, (w - 1) * sc)
-    len_r = max(min(int(np.round(edge_mm / sr)), h - 1), 2)
-    len_c = max(min(int(np.round(edge_mm / sc)), w - 1), 2)
-    stride_r = max(1, int(len_r * params.stride_fraction))
-    stride_c = max(1, int(len_c * params.stride_fraction))
-    return [PatchBox(slice_index, y0, x0, hh, ww, decode_px=(len_r, len_c))
-            for x0, ww in _official_axis(w, len_c, stride_c) for y0, hh in _official_axis(h, len_r, stride_r)]
-
-
-def extract_patches(slice_2d: np.ndarray, boxes: Sequence[PatchBox],
-                    params: DetectionParams = DetectionParams()) -> np.ndarray:
-    """Network inputs ``(N, P, P)`` float32 for the boxes of one slice (official §5.1).
-
-    Bicubic resize (torch, align_corners=False; the same a=-0.75 kernel as
-    OpenCV's), clip to the crop's own [min, max], then
-    ``(p - min) / (P99.5 - P0.5 + 1e-9)`` with the percentiles and min of the
-    resized patch; if P99.5 == P0.5 the divisor is ``max - min + 1e-9``
-    (quirk 1: it subtracts the min, not P0.5).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    img = np.asarray(slice_2d, dtype=np.float32)
-    size = int(params.patch_px)
-    out = np.empty((len(boxes), size, size), dtype=np.float32)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for n, b in enumerate(boxes):
-        if b.y0 < 0 or b.x0 < 0 or b.y1 > img.shape[0] or b.x1 > img.shape[1]:
-            raise ValueError(f"patch box {b} lies outside the {img.shape} slice")
-        groups.setdefault((b.height_px, b.width_px), []).append(n)
-    for (bh, bw), idx in groups.items():
-        crops = np.stack([img[boxes[n].y0:boxes[n].y1, boxes[n].x0:boxes[n].x1] for n in idx])
-        lo = crops.reshape(len(idx), -1).min(axis=1)
-        hi = crops.reshape(len(idx), -1).max(axis=1)
-        if (bh, bw) == (size, size):
-            res = crops.copy()
-        else:
-            with torch.inference_mode():
-                res = F.interpolate(torch.from_numpy(crops)[:, None], size=(size, size),
-                                    mode="bicubic", align_corners=False)[:, 0].numpy()
-        res = np.clip(res, lo[:, None, None], hi[:, None, None])
-        flat = res.reshape(len(idx), -1)
-        pmin = flat.min(axis=1)
-        p_lo, p_hi = np.percentile(flat, [0.5, 99.5], axis=1)
-        div = p_hi - p_lo
-        flat_range = flat.max(axis=1) - pmin
-        div = np.where(div == 0, flat_range, div) + 1e-9
-        out[idx] = ((res - pmin[:, None, None]) / div[:, None, None]).astype(np.float32)
-    return out
 
 
 def network_predictor(model, device: str = "cpu") -> Predictor:
@@ -427,9 +217,11 @@ def decode_centroids(outputs: np.ndarray, boxes: Sequence[PatchBox], slice_shape
     return xy
 
 
-def _edge_margin(uv: np.ndarray, size: int) -> np.ndarray:
-    """Distance in patch pixels of patch points ``(..., 2)`` from the nearest patch edge pixel."""
-    return np.minimum(uv, (size - 1) - uv).min(axis=-1)
+def _edge_margin(uv: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """Distance in frame pixels of frame points ``(..., 2)`` ``[u, v]`` from the nearest edge pixel
+    of a ``frame`` (rows, cols)."""
+    far = np.array([frame[1] - 1, frame[0] - 1], float)
+    return np.minimum(uv, far - uv).min(axis=-1)
 
 
 def _refine_centroids_in_patches(xy: np.ndarray, cmaps: np.ndarray,
@@ -442,31 +234,31 @@ def _refine_centroids_in_patches(xy: np.ndarray, cmaps: np.ndarray,
     (nearest local maximum, then a parabola through the log values).  A
     refinement that moves more than 1.5 patch pixels is not trusted.
     """
-    size = cmaps.shape[-1]
+    size_y, size_x = cmaps.shape[-2:]
     out = xy.copy()
     for k, point in enumerate(xy):
-        uvs = np.stack([scan_to_patch_xy(point, b, size) for b in boxes])
-        n = int(np.argmax(_edge_margin(uvs, size)))
+        uvs = np.stack([scan_to_patch_xy(point, b) for b in boxes])
+        n = int(np.argmax(_edge_margin(uvs, (size_y, size_x))))
         u0, v0 = uvs[n]
-        iu = int(np.clip(np.rint(u0), 0, size - 1))
-        iv = int(np.clip(np.rint(v0), 0, size - 1))
+        iu = int(np.clip(np.rint(u0), 0, size_x - 1))
+        iv = int(np.clip(np.rint(v0), 0, size_y - 1))
         m = cmaps[n]
         for _ in range(3):  # climb to the local maximum of the patch's samples
-            r0, r1 = max(iv - 1, 0), min(iv + 2, size)
-            c0, c1 = max(iu - 1, 0), min(iu + 2, size)
+            r0, r1 = max(iv - 1, 0), min(iv + 2, size_y)
+            c0, c1 = max(iu - 1, 0), min(iu + 2, size_x)
             win = m[r0:r1, c0:c1]
             dv, du = np.unravel_index(int(np.argmax(win)), win.shape)
             nv, nu = r0 + dv, c0 + du
             if (nv, nu) == (iv, iu):
                 break
             iv, iu = nv, nu
-        if not (0 < iv < size - 1 and 0 < iu < size - 1):
+        if not (0 < iv < size_y - 1 and 0 < iu < size_x - 1):
             continue
         index = (np.array([iv]), np.array([iu]))
         u = iu + _subpixel_offsets(m, index, 1)[0]
         v = iv + _subpixel_offsets(m, index, 0)[0]
         if np.hypot(u - u0, v - v0) <= 1.5:
-            out[k] = patch_to_scan_xy([u, v], boxes[n], size)
+            out[k] = patch_to_scan_xy([u, v], boxes[n])
     return out
 
 
@@ -535,8 +327,8 @@ def decode_corners(outputs: np.ndarray, boxes: Sequence[PatchBox],
         dx, dy = np.trunc(dx), np.trunc(dy)
     y0 = np.array([b.y0 for b in boxes], float)[pn]
     x0 = np.array([b.x0 for b in boxes], float)[pn]
-    sy = np.array([b.decode_px[0] if b.decode_px else b.height_px for b in boxes], float)[pn] / size_y
-    sx = np.array([b.decode_px[1] if b.decode_px else b.width_px for b in boxes], float)[pn] / size_x
+    sy = np.array([b.decode_size[0] for b in boxes], float)[pn] / size_y
+    sx = np.array([b.decode_size[1] for b in boxes], float)[pn] / size_x
     xy = np.stack([x0 + vc * sx, y0 + vr * sy], axis=1)
     d = np.stack([dx * sx, dy * sy], axis=1)
     if params.drop_edge_corners and len(boxes) > 1:
@@ -550,7 +342,8 @@ def decode_corners(outputs: np.ndarray, boxes: Sequence[PatchBox],
 
 def assemble_quads(centroids: np.ndarray, points: list[np.ndarray], disps: list[np.ndarray],
                    params: DetectionParams = DetectionParams(), *,
-                   spacing_rc: tuple[float, float] = (1.0, 1.0)) -> list[np.ndarray]:
+                   spacing_rc: tuple[float, float] = (1.0, 1.0),
+                   clip_to_shape: tuple[int, int] | None = None) -> list[np.ndarray]:
     """One quad per centroid from the pooled corners (official §5.2), then the shared-corner rule.
 
     For each corner type the corner whose displaced position (corner +
@@ -561,7 +354,8 @@ def assemble_quads(centroids: np.ndarray, points: list[np.ndarray], disps: list[
     plus the displacement of the opposite corner (the opposite corner
     reflected through the centroid), with no further check.  Two or more
     missing: no quad.  As officially, nothing is assembled on a slice where a
-    corner type was not found at all.
+    corner type was not found at all.  ``clip_to_shape`` (H, W): a made-up corner outside the
+    image is moved onto its nearest pixel, as the official code does.
     """
     cent = np.asarray(centroids, float).reshape(-1, 2)
     if len(cent) == 0 or any(len(p) == 0 for p in points):
@@ -593,6 +387,8 @@ def assemble_quads(centroids: np.ndarray, points: list[np.ndarray], disps: list[
             t = int(np.flatnonzero(missing[i])[0])
             q = corner[i].copy()
             q[t] = cent[i] + disp[i, (t + 2) % 4]
+            if clip_to_shape is not None:
+                q[t] = np.clip(q[t], 0, [clip_to_shape[1] - 1, clip_to_shape[0] - 1])
             quads.append(q)
     return remove_shared_corners(quads, params, spacing_rc=spacing_rc)
 
@@ -621,10 +417,11 @@ def remove_shared_corners(quads: list[np.ndarray], params: DetectionParams = Det
 def decode_slice(outputs: np.ndarray, boxes: Sequence[PatchBox], slice_shape: tuple[int, int],
                  params: DetectionParams = DetectionParams(), *,
                  spacing_rc: tuple[float, float] = (1.0, 1.0)) -> list[np.ndarray]:
-    """Vertebra quads ``(4, 2)`` ``[x, y]`` (rt, rb, lb, lt) of one slice from its patches' outputs.
+    """Vertebra quads ``(4, 2)`` ``[x, y]`` (rt, rb, lb, lt) of one slice from its boxes' outputs.
 
-    ``outputs`` is ``(N, 13, P, P)`` for the N ``boxes`` of this slice;
-    ``spacing_rc`` only matters for anisotropic pixels (distances are then
+    ``outputs`` is ``(N, 13, R, C)`` for the N ``boxes`` of this slice (patches, or one whole
+    slice), ``(R, C)`` their :func:`input_shape`; only each box's frame (``net_px``, at the top
+    left) is decoded, the padding beyond it is not.  ``spacing_rc`` only matters for anisotropic pixels (distances are then
     measured in units of the mean spacing).  Steps: :func:`decode_centroids`,
     :func:`decode_corners`, :func:`assemble_quads` (with the shared-corner
     rule).  Deviations from the official decoding, all for accuracy:
@@ -635,14 +432,18 @@ def decode_slice(outputs: np.ndarray, boxes: Sequence[PatchBox], slice_shape: tu
     224 - 1) px apart).
     """
     outputs = np.asarray(outputs)
-    if outputs.ndim != 4 or outputs.shape[0] != len(boxes) or outputs.shape[1] != N_OUTPUT_CHANNELS:
-        raise ValueError(f"expected outputs of shape ({len(boxes)}, 13, P, P), got {outputs.shape}")
     if len(boxes) == 0:
         return []
+    expected = (len(boxes), N_OUTPUT_CHANNELS, *input_shape(boxes))
+    if outputs.shape != expected:
+        raise ValueError(f"expected outputs of shape {expected}, got {outputs.shape}")
+    outputs = outputs[:, :, :boxes[0].net_px[0], :boxes[0].net_px[1]]   # the frame, without the padding
     centroids = decode_centroids(outputs, boxes, slice_shape, params)
     if len(centroids) == 0:
         return []
     points, disps = decode_corners(outputs, boxes, params, slice_shape)
+    if params.official_arithmetic:  # distances in whole scan pixels, made-up corners kept in the image
+        return assemble_quads(centroids, points, disps, params, clip_to_shape=slice_shape)
     return assemble_quads(centroids, points, disps, params, spacing_rc=spacing_rc)
 
 
@@ -712,11 +513,12 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
                      progress: ProgressCallback | None = None) -> DetectionResult:
     """Detect vertebral bodies on every sagittal slice of ``scan`` and group them.
 
-    Patches of all slices go to ``predict`` in batches of ``params.batch_size``
-    (batches span slices); each slice is decoded as soon as its patches are
-    done.  ``progress(done_patches, total_patches, message)`` is called after
-    each batch.  Timings (s): ``detection`` (total), ``detection_network``
-    (inside ``predict``), ``detection_postprocessing`` (the rest).
+    The network inputs of every slice (``params.plan``: whole slices or patches,
+    :func:`slice_plan`) go to ``predict`` in batches that span slices; each slice
+    is decoded as soon as its inputs are done.  ``progress(done_inputs,
+    total_inputs, message)`` is called after each batch.  Timings (s):
+    ``detection`` (total), ``detection_network`` (inside ``predict``),
+    ``detection_postprocessing`` (the rest).
     """
     t_start = time.perf_counter()
     vox = np.asarray(scan.voxels)
@@ -726,10 +528,11 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         raise InputError("scan contains NaN or infinite voxel values")
     h, w, n_slices = vox.shape
     spacing_rc = (float(scan.spacing_mm[0]), float(scan.spacing_mm[1]))
-    plan = plan_patches((h, w), spacing_rc, params)
+    plan, per_call = slice_plan((h, w), spacing_rc, params)
     per_slice = len(plan)
     total = per_slice * n_slices
-    size = int(params.patch_px)
+    rows, cols = input_shape(plan)
+    unit = "slices" if per_slice == 1 else "patches"
     pending: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}
     polys_by_slice: dict[int, list[np.ndarray]] = {}
@@ -742,37 +545,37 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
     if progress is not None:
         progress(0, total, "Detecting vertebrae")
     while done < total:
-        jobs = range(done, min(done + int(params.batch_size), total))
+        jobs = range(done, min(done + per_call, total))
         boxes: list[PatchBox] = []
         inputs = []
         for s in sorted({j // per_slice for j in jobs}):
             idx = [j % per_slice for j in jobs if j // per_slice == s]
             sboxes = [dataclasses.replace(plan[i], slice_index=s) for i in idx]
-            inputs.append(extract_patches(vox[:, :, s], sboxes, params))
+            inputs.append(extract_patches(vox[:, :, s], sboxes))
             boxes.extend(sboxes)
         patches = np.concatenate(inputs)
         t0 = time.perf_counter()
         out = np.asarray(predict(patches, boxes))
         t_net += time.perf_counter() - t0
-        if out.shape != (len(boxes), N_OUTPUT_CHANNELS, size, size):
+        if out.shape != (len(boxes), N_OUTPUT_CHANNELS, rows, cols):
             raise ValueError(f"predictor returned shape {out.shape}, expected "
-                             f"({len(boxes)}, {N_OUTPUT_CHANNELS}, {size}, {size})")
+                             f"({len(boxes)}, {N_OUTPUT_CHANNELS}, {rows}, {cols})")
         for j, box in zip(jobs, boxes):
             s = box.slice_index
             if s not in pending:
-                pending[s] = np.empty((per_slice, N_OUTPUT_CHANNELS, size, size), np.float32)
+                pending[s] = np.empty((per_slice, N_OUTPUT_CHANNELS, rows, cols), np.float32)
                 filled[s] = 0
             pending[s][j % per_slice] = out[j - done]
             filled[s] += 1
             if filled[s] == per_slice:
-                sboxes = [dataclasses.replace(b, slice_index=s) for b in plan]  # keeps decode_px
+                sboxes = [dataclasses.replace(b, slice_index=s) for b in plan]  # keeps decode_px, net_px
                 maps = pending.pop(s)
                 polys_by_slice[s] = decode_slice(maps, sboxes, (h, w), params, spacing_rc=spacing_rc)
                 if weaker is not None:
                     weaker_by_slice[s] = decode_slice(maps, sboxes, (h, w), weaker, spacing_rc=spacing_rc)
         done = jobs.stop
         if progress is not None:
-            progress(done, total, f"Detecting vertebrae: {done}/{total} patches")
+            progress(done, total, f"Detecting vertebrae: {done}/{total} {unit}")
     if n_slices == 1 and params.remove_single_slice:
         # One sagittal slice (a key image): every body is seen on one slice, so the official rule
         # that drops single-slice detections as noise would drop them all.

@@ -184,9 +184,9 @@ def normalise_patch(patch: np.ndarray) -> np.ndarray:
     Calls ``detection.extract_patches`` on the whole patch, which then does no
     resizing: clip to its own range, ``(p - min) / (P99.5 - P0.5 + 1e-9)``.
     """
-    from SpineNetLib.detect.vfr import DetectionParams, PatchBox, extract_patches
+    from SpineNetLib.detect.vfr import PatchBox, extract_patches
 
     p = np.asarray(patch, np.float32)
-    size = p.shape[0]
-    box = PatchBox(0, 0, 0, size, size)
-    return extract_patches(p, [box], DetectionParams(patch_px=size))[0]
+    rows, cols = p.shape
+    box = PatchBox(0, 0, 0, rows, cols, net_px=(rows, cols))
+    return extract_patches(p, [box])[0, :rows, :cols]

@@ -125,34 +125,35 @@ def oracle_predictor(quads_by_slice: dict[int, np.ndarray], *,
 
     ``quads_by_slice`` maps a canonical slice index to ``(N, 4, 2)`` quads in
     scan pixels ``[x=col, y=row]``.  Each box gets :func:`render_vfr_maps`
-    of those quads mapped into its 224x224 frame with
+    of those quads mapped into its network frame (``box.net_px``: 224 x 224 for a
+    patch, a whole slice at the network's scale) with
     ``SpineNetLib.detect.vfr.scan_to_patch_xy`` (the mapping the decoder
-    inverts; the patch size is taken from ``patches``).
+    inverts), at the top left of outputs of the inputs' shape (zeros on the padding).
     ``corner_present_by_slice`` optionally gives ``(N, 4)`` bool masks per
     slice (see :func:`render_vfr_maps`).
     """
     from SpineNetLib.detect.vfr import scan_to_patch_xy
 
     def predict(patches: np.ndarray, boxes) -> np.ndarray:
-        size = int(np.shape(patches)[-1])
-        out = np.zeros((len(boxes), N_CHANNELS, size, size), np.float32)
+        out = np.zeros((len(boxes), N_CHANNELS, *np.shape(patches)[-2:]), np.float32)
         for n, box in enumerate(boxes):
             q = quads_by_slice.get(box.slice_index)
             if q is None or len(q) == 0:
                 continue
             q = np.asarray(q, float).reshape(-1, 4, 2)
-            qp = scan_to_patch_xy(q, box, size)
+            qp = scan_to_patch_xy(q, box)
+            rows, cols = box.net_px
             pres = None
             if corner_present_by_slice is not None and box.slice_index in corner_present_by_slice:
                 pres = corner_present_by_slice[box.slice_index]
             # Skip bodies far outside the frame (cheap cull; rendering clips anyway).
             lo, hi = qp.min(axis=1), qp.max(axis=1)
             margin = 0.5 * (hi - lo).max(axis=1) + 4.0
-            keep = ((hi[:, 0] + margin >= 0) & (lo[:, 0] - margin < size)
-                    & (hi[:, 1] + margin >= 0) & (lo[:, 1] - margin < size))
+            keep = ((hi[:, 0] + margin >= 0) & (lo[:, 0] - margin < cols)
+                    & (hi[:, 1] + margin >= 0) & (lo[:, 1] - margin < rows))
             if not np.any(keep):
                 continue
-            out[n] = render_vfr_maps(qp[keep], (size, size),
+            out[n, :, :rows, :cols] = render_vfr_maps(qp[keep], (rows, cols),
                                      sigma_scale=sigma_scale, radius_scale=radius_scale,
                                      corner_present=None if pres is None else np.asarray(pres)[keep])
         return out

@@ -328,7 +328,7 @@ def test_oracle_recovers_every_vertebra_across_patch_seams():
         calls.append(len(bxs))
         return T.oracle_predictor(qbs)(patches, bxs)
 
-    res = D.detect_vertebrae(scan, predict, D.DetectionParams(batch_size=5),
+    res = D.detect_vertebrae(scan, predict, D.DetectionParams(batch_size=5, plan="patches"),
                              progress=lambda d, t, m: progress.append((d, t)))
     assert len(truth) >= 8
     _assert_recovered(res, truth, tol_px=0.05)
@@ -341,10 +341,10 @@ def test_oracle_recovers_every_vertebra_across_patch_seams():
 def test_oracle_left_seam_and_official_integer_maxima():
     scan, qbs, truth = _synthetic_spine(spacing=(0.6, 0.6), center_x_px=79, seed=3)
     assert _crosses_seam(truth, D.plan_patches(scan.shape[:2], scan.spacing_mm[:2]))
-    res = D.detect_vertebrae(scan, T.oracle_predictor(qbs))
+    res = D.detect_vertebrae(scan, T.oracle_predictor(qbs), D.DetectionParams(plan="patches"))
     _assert_recovered(res, truth, tol_px=0.05)
     # Official behaviour (maxima at integer patch pixels) is within half a patch pixel per axis.
-    official = D.DetectionParams(subpixel=False, drop_edge_corners=False)
+    official = D.DetectionParams(subpixel=False, drop_edge_corners=False, plan="patches")
     res = D.detect_vertebrae(scan, T.oracle_predictor(qbs), official)
     _assert_recovered(res, truth, tol_px=0.5 * 433 / 224 + 1e-6)
 
@@ -355,12 +355,13 @@ def test_oracle_rotated_spine():
     _assert_recovered(res, truth, tol_px=0.05)
 
 
-def test_oracle_anisotropic_pixels():
+@pytest.mark.parametrize("plan", D.PLANS)
+def test_oracle_anisotropic_pixels(plan):
     scan, qbs, truth = _synthetic_spine(shape=(512, 400), spacing=(0.5, 0.8), rotation_deg=-12,
                                         seed=5)
     boxes = D.plan_patches(scan.shape[:2], scan.spacing_mm[:2])
     assert boxes[0].height_px != boxes[0].width_px
-    res = D.detect_vertebrae(scan, T.oracle_predictor(qbs))
+    res = D.detect_vertebrae(scan, T.oracle_predictor(qbs), D.DetectionParams(plan=plan))
     _assert_recovered(res, truth, tol_px=0.05)
 
 
@@ -549,9 +550,10 @@ def test_postprocessing_speed_512x512x15():
     cached = T.oracle_predictor(qbs)(np.zeros((len(plan), 224, 224), np.float32), mid)
     lookup = {(b.y0, b.x0): i for i, b in enumerate(plan)}
     predict = lambda p, bxs: cached[[lookup[(b.y0, b.x0)] for b in bxs]]  # noqa: E731
-    D.detect_vertebrae(scan, predict)  # warm-up (imports)
+    patches = D.DetectionParams(plan="patches")
+    D.detect_vertebrae(scan, predict, patches)  # warm-up (imports)
     t = time.perf_counter()
-    res = D.detect_vertebrae(scan, predict)
+    res = D.detect_vertebrae(scan, predict, patches)
     assert time.perf_counter() - t < 5.0
     assert res.timings_s["detection_postprocessing"] < 5.0 and len(res.vertebrae) >= 8
 
