@@ -35,6 +35,7 @@ from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
 from SpineNetLib.discs.measurements import measure_spine
+from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
@@ -190,8 +191,11 @@ class DiscResult:
 
 def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, grade: bool = True,
                 batch_size: int = 4, progress: ProgressCallback | None = None,
-                across_missed_levels: bool = False) -> DiscResult:
+                across_missed_levels: bool = False, official_disc_volumes: bool = False) -> DiscResult:
     """Disc volumes, gradings (if ``grade`` and ``networks.grading``) and measurements.
+
+    ``across_missed_levels`` and ``official_disc_volumes``: the profile's switches
+    (:class:`ProcessingProfile`).
 
     Without a grading network (no grading weights in the set) or with
     ``grade=False`` the discs are still cut and measured; the status says why
@@ -199,7 +203,7 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ivds = extract_ivd_volumes(scan, vertebrae, across_missed_levels)
+    ivds = extract_ivd_volumes(scan, vertebrae, across_missed_levels, official_arithmetic=official_disc_volumes)
     timings["disc_volumes"] = time.perf_counter() - start
     start = time.perf_counter()
     measurements = measure_spine(scan, vertebrae)
@@ -259,9 +263,12 @@ class ProcessingProfile:
     drop_lower_sacral_segments: bool
     #: Make a disc between two detected bodies whose levels are not adjacent (official §6).
     discs_across_missed_levels: bool
-    #: ``DetectionParams.official_arithmetic`` with integer-pixel maxima and every corner kept
-    #: (official §5.1-5.2).
+    #: ``DetectionParams.official_arithmetic`` with integer-pixel maxima and every corner kept, on the
+    #: official patch plan (official §5.1-5.2).
     official_detection: bool = False
+    #: Cut the disc volumes with the official arithmetic (rotate-bound canvas in square pixels, box
+    #: rounded to whole pixels, resized; ``discs.extraction.extract_ivd_volume_official``, official §6).
+    official_disc_volumes: bool = False
     #: Detect again at other multiples of the header's pixel spacing when it finds too few bodies
     #: (``detect_and_label``; not official).
     retry_pixel_spacing: bool = True
@@ -272,7 +279,7 @@ PROFILES: dict[str, ProcessingProfile] = {
                                  drop_lower_sacral_segments=True, discs_across_missed_levels=False),
     "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
                                   drop_lower_sacral_segments=False, discs_across_missed_levels=True,
-                                  official_detection=True, retry_pixel_spacing=False),
+                                  official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False),
 }
 
 
@@ -285,13 +292,28 @@ def processing_profile(name: str | None, weights_source: str | None = None) -> P
     return PROFILES[name]
 
 
+def read_input(path, profile: ProcessingProfile, *, series_uid: str | None = None, pixel_spacing=None,
+               slice_spacing: float | None = None) -> tuple[Scan, float]:
+    """The scan of ``path`` (anything :func:`load_scan` reads) as ``profile`` wants it, and the seconds it took.
+
+    The profile decides whether thin slices are averaged into slabs when the scan is read
+    (``ProcessingProfile.slab_average_thin_slices``); ``spinenet run`` and ``spinenet cohort`` both
+    read their input here, so a study gives the same result through either.
+    ``pixel_spacing=(row_mm, col_mm)`` and ``slice_spacing`` override the input's spacings.
+    """
+    start = time.perf_counter()
+    scan = load_scan(path, series_uid=series_uid, pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
+                     slice_spacing=slice_spacing, resample_isotropic=profile.slab_average_thin_slices)
+    return scan, time.perf_counter() - start
+
+
 def profiled_detection_params(params: detection.DetectionParams | None,
                               profile: ProcessingProfile) -> detection.DetectionParams:
     """``params`` (default: ours) with the profile's detection arithmetic."""
     params = params or detection.DetectionParams()
     if not profile.official_detection:
         return params
-    return replace(params, official_arithmetic=True, subpixel=False, drop_edge_corners=False,
+    return replace(params, official_arithmetic=True, plan="patches", subpixel=False, drop_edge_corners=False,
                    candidate_threshold=None)
 
 
@@ -437,7 +459,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                         "disc measurements only, no grades")
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
                         batch_size=options.grading_batch_size, progress=progress,
-                        across_missed_levels=profile.discs_across_missed_levels)
+                        across_missed_levels=profile.discs_across_missed_levels,
+                        official_disc_volumes=profile.official_disc_volumes)
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
     discs_doc["profile"] = profile.name

@@ -49,7 +49,7 @@ from SpineNetLib.outputs import documents
 
 #: Import name of each requirement in Resources/requirements.txt.
 IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "pillow": "PIL",
-                "torch": "torch"}
+                "scikit-image": "skimage", "torch": "torch"}
 #: Weight sources offered in the panel, in combo-box order.
 WEIGHT_SOURCES = ("bundled", "official", "folder")
 #: Devices offered in the panel, in combo-box order.

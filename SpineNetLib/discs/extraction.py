@@ -67,6 +67,9 @@ HALF_SLICES = 4
 #: = (1 + 2 * 39.25 / 113.5) * 112 / 192 (official §6, border then centre crop).
 COVERAGE = (1.0 + 93.0 / 227.0) * 224.0 / 320.0
 
+#: (rows, cols) of the official resized disc patch, before its centre crop to 112 x 224 (official §6).
+OFFICIAL_PATCH: tuple[int, int] = (192, 320)
+
 #: Level names in reading order; "S2" (from the S2 rule) follows S1.
 _ORDER: tuple[str, ...] = LEVELS_TOP_DOWN + ("S2",)
 
@@ -172,17 +175,25 @@ def pixel_scale(scan: Scan) -> np.ndarray:
 
 # --------------------------------------------------------------------------- intensity reference
 
-def body_intensity_samples(scan: Scan, vertebra: Vertebra) -> np.ndarray:
+def body_intensity_samples(scan: Scan, vertebra: Vertebra, official_fill: bool = False) -> np.ndarray:
     """Raw values inside the mid-slice polygon, on every slice where the body was detected (official §6).
 
-    A pixel belongs to the polygon when its centre lies inside it (as the
-    official skimage polygon fill).
+    A pixel belongs to the polygon when its centre lies inside it by the even-odd rule.
+    ``official_fill``: scikit-image's ``draw.polygon`` decides, as in the official code; it
+    differs for pixel centres exactly on an edge or a vertex, which moved the median of 8-bit
+    clinical slices by up to 1 % (a tie between two grey values).
     """
     voxels = scan.voxels
     height, width, n_slices = voxels.shape
     poly = body_mid_polygon(vertebra)
     if not np.all(np.isfinite(poly)):
         return np.zeros(0, np.float32)
+    if official_fill:
+        from skimage.draw import polygon as fill_polygon
+
+        rows, cols = fill_polygon(poly[:, 1], poly[:, 0], (height, width))
+        slices = [s for s in vertebra.slices if 0 <= s < n_slices]
+        return np.asarray(voxels[rows, cols][:, slices], np.float32).ravel()
     x0, x1 = max(int(math.ceil(poly[:, 0].min())), 0), min(int(math.floor(poly[:, 0].max())), width - 1)
     y0, y1 = max(int(math.ceil(poly[:, 1].min())), 0), min(int(math.floor(poly[:, 1].max())), height - 1)
     slices = [s for s in vertebra.slices if 0 <= s < n_slices]
@@ -198,20 +209,21 @@ def body_intensity_samples(scan: Scan, vertebra: Vertebra) -> np.ndarray:
 
 def reference_intensity(scan: Scan, upper: Vertebra, lower: Vertebra,
                         samples: dict[int, np.ndarray] | None = None,
-                        indices: tuple[int, int] | None = None) -> float:
+                        indices: tuple[int, int] | None = None, official_fill: bool = False) -> float:
     """Median of the pooled samples of both bodies (official §6); NaN when neither has any pixel.
 
-    ``samples``/``indices`` let a caller reuse each body's samples across its two discs.
+    ``samples``/``indices`` let a caller reuse each body's samples across its two discs;
+    ``official_fill``: see :func:`body_intensity_samples`.
     """
     parts = []
     for k, v in enumerate((upper, lower)):
         if samples is not None and indices is not None:
             key = indices[k]
             if key not in samples:
-                samples[key] = body_intensity_samples(scan, v)
+                samples[key] = body_intensity_samples(scan, v, official_fill)
             parts.append(samples[key])
         else:
-            parts.append(body_intensity_samples(scan, v))
+            parts.append(body_intensity_samples(scan, v, official_fill))
     pooled = np.concatenate(parts) if parts else np.zeros(0)
     return float(np.median(pooled)) if pooled.size else float("nan")
 
@@ -334,20 +346,114 @@ def extract_ivd_volume(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: s
                      sample_to_canonical=to_canonical, reference_intensity=float(reference))
 
 
+def _official_rotation(quad_sq: np.ndarray, width: float, height: float) -> tuple[np.ndarray, int, int]:
+    """The official rotate-bound matrix (official §6): 2x3, square-pixel frame -> enlarged canvas.
+
+    OpenCV's ``getRotationMatrix2D`` about the frame's centre by theta = atan2 of the upper
+    body's lower endplate in degrees, then shifted so the whole rotated frame fits a canvas of
+    ``int(H |sin| + W |cos|)`` x ``int(H |cos| + W |sin|)``.
+    """
+    theta = math.radians(math.degrees(math.atan2(quad_sq[0, 1] - quad_sq[3, 1], quad_sq[0, 0] - quad_sq[3, 0])))
+    a, b = math.cos(theta), math.sin(theta)
+    cx, cy = width / 2.0, height / 2.0
+    m = np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
+    new_w = int(height * abs(b) + width * abs(a))
+    new_h = int(height * abs(a) + width * abs(b))
+    m[0, 2] += (new_w - width) / 2.0
+    m[1, 2] += (new_h - height) / 2.0
+    return m, new_w, new_h
+
+
+def _official_box(rotated_quad: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, x1, y0, y1)`` canvas window of the official crop (official §6), before the 320x192 resize.
+
+    The rotated quad's bounding box widened by half its width on each side, made half as high
+    as wide around its middle, bordered by 46.5/227 of the width and 39.25/113.5 of the height
+    on each side, and each edge rounded half to even (np.round).
+    """
+    qx, qy = rotated_quad[:, 0], rotated_quad[:, 1]
+    w = float(qx.max() - qx.min())
+    x_lo, x_hi = qx.min() - 0.5 * w, qx.max() + 0.5 * w
+    extra_vert = ((x_hi - x_lo) / 2.0 - float(qy.max() - qy.min())) * 0.5
+    y_lo, y_hi = qy.min() - extra_vert, qy.max() + extra_vert
+    extra_w = ((OFFICIAL_PATCH[1] - 227.0) / 2.0) * ((x_hi - x_lo) / 227.0)
+    extra_h = ((OFFICIAL_PATCH[0] - 113.5) / 2.0) * ((y_hi - y_lo) / 113.5)
+    return (int(np.round(x_lo - extra_w)), int(np.round(x_hi + extra_w)),
+            int(np.round(y_lo - extra_h)), int(np.round(y_hi + extra_h)))
+
+
+def extract_ivd_volume_official(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: str = "",
+                                upper_index: int = 0, lower_index: int = 1,
+                                reference: float | None = None) -> IVDVolume | None:
+    """The grading volume as the official code cuts it (official §6): the ``official`` profile.
+
+    Each slice is rotated onto the official rotate-bound canvas (square pixels of the finer
+    spacing, bicubic, zero border); the window of :func:`_official_box` (whole canvas pixels,
+    zeros beyond the canvas) is resized to 192 x 320 (bicubic, half-pixel centres, as OpenCV's
+    ``resize``), normalised, and rows 40:152, columns 48:272 kept.  Only the window's canvas
+    pixels are computed, each sampled from the scan once.  None if degenerate.
+    """
+    voxels = scan.voxels
+    height_px, width_px, n_slices = voxels.shape
+    row_mm, col_mm = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
+    to_square = np.array([col_mm, row_mm]) / min(row_mm, col_mm)      # (x, y) factors
+    mid = disc_mid_slice(upper, lower)
+    quad = disc_quad(polygon_on_or_average(upper, mid), polygon_on_or_average(lower, mid)) * to_square
+    if not np.all(np.isfinite(quad)) or not np.hypot(*(quad[0] - quad[3])) > 1e-6:
+        return None
+    m, canvas_w, canvas_h = _official_rotation(quad, width_px * to_square[0], height_px * to_square[1])
+    rotated = quad @ m[:, :2].T + m[:, 2]
+    x0, x1, y0, y1 = _official_box(rotated)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    warp = m.copy()
+    warp[:, :2] *= to_square                       # the scan's own pixels -> canvas, as official
+    inverse = np.linalg.inv(np.vstack([warp, [0.0, 0.0, 1.0]]))
+    cc, rr = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
+    cols = inverse[0, 0] * cc + inverse[0, 1] * rr + inverse[0, 2]
+    rows = inverse[1, 0] * cc + inverse[1, 1] * rr + inverse[1, 2]
+    wanted = [mid - HALF_SLICES + k for k in range(IVD_SHAPE[0])]
+    inside = [k for k, s in enumerate(wanted) if 0 <= s < n_slices]
+    window = np.zeros((IVD_SHAPE[0], y1 - y0, x1 - x0), np.float32)
+    if inside:
+        window[inside] = _sample_slices(voxels, [wanted[k] for k in inside], rows, cols)
+    window[:, (rr[:, 0] < 0) | (rr[:, 0] >= canvas_h), :] = 0.0   # beyond the canvas: the official zero pad
+    window[:, :, (cc[0] < 0) | (cc[0] >= canvas_w)] = 0.0
+    patch = F.interpolate(torch.from_numpy(window)[None], size=OFFICIAL_PATCH, mode="bicubic",
+                          align_corners=False)[0].numpy()
+    r0, c0 = (OFFICIAL_PATCH[0] - IVD_SHAPE[1]) // 2, (OFFICIAL_PATCH[1] - IVD_SHAPE[2]) // 2
+    raw = patch[:, r0:r0 + IVD_SHAPE[1], c0:c0 + IVD_SHAPE[2]]
+    if reference is None:
+        reference = reference_intensity(scan, upper, lower, official_fill=True)
+    reference = reference if math.isfinite(reference) and reference != 0 else 1.0
+    volume = normalise_ivd(raw, reference)
+    # voxel (slice, row, col) -> window pixel -> canvas -> scan pixel (for hotspots and outputs)
+    sy, sx = (y1 - y0) / OFFICIAL_PATCH[0], (x1 - x0) / OFFICIAL_PATCH[1]
+    to_canvas = np.array([[0.0, 0.0, sx, x0 + (c0 + 0.5) * sx - 0.5],
+                          [0.0, sy, 0.0, y0 + (r0 + 0.5) * sy - 0.5], [0.0, 0.0, 0.0, 1.0]])
+    to_scan = inverse @ to_canvas                  # rows: col, row, 1
+    to_canonical = np.array([to_scan[1], to_scan[0], [1.0, 0.0, 0.0, mid - HALF_SLICES], [0.0, 0.0, 0.0, 1.0]])
+    centre_canvas = np.array([0.5 * (x0 + x1) - 0.5, 0.5 * (y0 + y1) - 0.5, 1.0])
+    return IVDVolume(level=level, upper_index=upper_index, lower_index=lower_index, volume=volume,
+                     centre_xy=(inverse @ centre_canvas)[:2], mid_slice=int(mid),
+                     sample_to_canonical=to_canonical, reference_intensity=float(reference))
+
+
 def extract_ivd_volumes(scan: Scan, vertebrae: Sequence[Vertebra],
-                        across_missed_levels: bool = False) -> list[IVDVolume]:
+                        across_missed_levels: bool = False, official_arithmetic: bool = False) -> list[IVDVolume]:
     """Grading volumes of all discs between consecutive vertebrae (given top to bottom), top to bottom.
 
     Pairs of labelled but non-adjacent levels are skipped unless
     ``across_missed_levels`` (:func:`disc_pairs`), as are degenerate quads
-    (zero-length endplate or non-finite corners).
+    (zero-length endplate or non-finite corners).  ``official_arithmetic`` cuts them as the
+    official code does (:func:`extract_ivd_volume_official`, the ``official`` profile).
     """
+    extract = extract_ivd_volume_official if official_arithmetic else extract_ivd_volume
     samples: dict[int, np.ndarray] = {}
     out = []
     for i, j, name in disc_pairs(vertebrae, across_missed_levels):
-        ref = reference_intensity(scan, vertebrae[i], vertebrae[j], samples, (i, j))
-        ivd = extract_ivd_volume(scan, vertebrae[i], vertebrae[j], level=name,
-                                 upper_index=i, lower_index=j, reference=ref)
+        ref = reference_intensity(scan, vertebrae[i], vertebrae[j], samples, (i, j), official_arithmetic)
+        ivd = extract(scan, vertebrae[i], vertebrae[j], level=name, upper_index=i, lower_index=j, reference=ref)
         if ivd is not None:
             out.append(ivd)
     return out

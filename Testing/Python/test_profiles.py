@@ -202,9 +202,25 @@ def test_official_detection_decodes_every_slice_with_its_plan_boxes():
     for s in range(scan.n_slices):
         boxes = vfr.plan_patches(scan.shape[:2], scan.spacing_mm[:2], params, slice_index=s)
         assert any(b.decode_px != (b.height_px, b.width_px) for b in boxes)   # end patches present
-        maps = predict(vfr.extract_patches(scan.voxels[:, :, s], boxes, params))
+        maps = predict(vfr.extract_patches(scan.voxels[:, :, s], boxes))
         by_slice[s] = vfr.decode_slice(maps, boxes, scan.shape[:2], params, spacing_rc=scan.spacing_mm[:2])
     expected = vfr.group_across_slices(by_slice, params)
     assert [v.slices for v in found] == [v.slices for v in expected]
     for v, e in zip(found, expected):
         np.testing.assert_allclose(np.stack(v.polygons), np.stack(e.polygons), atol=1e-6)
+
+
+def test_official_body_mask_is_scikit_images_polygon_fill():
+    """The disc intensity reference of the official profile samples the pixels scikit-image's
+    ``draw.polygon`` fills (official §6): a pixel centre exactly on a vertex counts, which the
+    even-odd rule of the default profile leaves to chance."""
+    from SpineNetLib.discs.extraction import body_intensity_samples
+
+    voxels = np.zeros((40, 40, 2), np.float32)
+    voxels[30, 12, :] = 1000.0                       # the pixel under the lb vertex (x 12, y 30)
+    poly = np.array([[30.0, 10.5], [31.5, 29.0], [12.0, 30.0], [10.25, 11.0]])
+    body = Vertebra(slices=[0, 1], polygons=[poly, poly])
+    official = body_intensity_samples(scan_of(voxels), body, official_fill=True)
+    ours = body_intensity_samples(scan_of(voxels), body)
+    assert np.count_nonzero(official == 1000.0) == 2   # on both slices where the body was found
+    assert np.count_nonzero(ours == 1000.0) == 0

@@ -1,0 +1,1 @@
+from . import resnet  # noqa: F401
