@@ -6,8 +6,13 @@ sagittal scan (a DICOM folder or file, NIfTI, NRRD, MHA/MHD), measures and
 :func:`SpineNetLib.pipeline.run`, and writes ``vertebrae.json``, ``vertebrae.csv``,
 ``discs.json``, ``discs.csv``, the hotspot maps asked for, ``preview.png`` (a
 picture of the result; ``hotspots.png`` with hotspot maps; ``--no-preview``
-skips them) and the ``result.json`` manifest with
-:func:`SpineNetLib.outputs.files.write_results`.
+skips them), with ``--dicom-out`` (DICOM input) ``segmentation.dcm`` and
+``report.dcm`` (:mod:`SpineNetLib.outputs.dicom_results`), and the
+``result.json`` manifest with :func:`SpineNetLib.outputs.files.write_results`.
+
+``spinenet cohort INPUT_ROOT -o OUTDIR`` does the same for every study under
+a folder, on Dask distributed (:mod:`SpineNetLib.cohort`), resumably, and
+writes cohort tables; it exits with 4 when some studies failed.
 
 Exit status: 0 success; 2 a problem with the input, an option or the
 weights, reported as one line on stderr (never a traceback); 1 an internal
@@ -85,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-preview", action="store_true",
                      help="do not draw preview.png (the mid-sagittal slice with outlines, levels, grades and "
                           "warnings) nor hotspots.png")
+    run.add_argument("--dicom-out", action="store_true",
+                     help="also write segmentation.dcm (DICOM Segmentation of the vertebrae and discs) and "
+                          "report.dcm (DICOM SR measurement report of the discs) for a PACS; DICOM input only")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
+    _add_cohort_command(sub)
 
     demo = sub.add_parser("demo", help="write a synthetic spine as DICOM and run the bundled models on it")
     demo.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the phantom and the results")
@@ -141,7 +150,6 @@ def _validate_overrides(args) -> None:
 def command_run(args) -> int:
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
-    from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs.files import check_writable, write_results
     from SpineNetLib.outputs.preview import pillow_missing
 
@@ -150,9 +158,13 @@ def command_run(args) -> int:
     hotspot_heads = _hotspot_heads(args)
     output = check_writable(args.output)  # at once, not after the whole inference
     profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
-    scan = load_scan(args.input, series_uid=args.series,
-                     pixel_spacing=tuple(args.pixel_spacing) if args.pixel_spacing else None,
-                     slice_spacing=args.slice_spacing, resample_isotropic=profile.slab_average_thin_slices)
+    scan, _ = pipeline.read_input(args.input, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
+                                  slice_spacing=args.slice_spacing)
+    dicom_out = getattr(args, "dicom_out", False)
+    if dicom_out:
+        from SpineNetLib.outputs.dicom_results import check_dicom_source
+
+        check_dicom_source(scan)  # a NIfTI input is refused now, not after the inference
     load_seconds = time.perf_counter() - start
     networks = _networks_for(args)
     if hotspot_heads and networks.grading is None:
@@ -167,7 +179,7 @@ def command_run(args) -> int:
     preview = not getattr(args, "no_preview", False)
     for warning in result.warnings + ([pillow_missing()] if preview and pillow_missing() else []):
         print(f"spinenet: warning: {one_line(warning)}", file=sys.stderr)
-    written = write_results(output, result, scan=scan, preview=preview)
+    written = write_results(output, result, scan=scan, preview=preview, dicom=dicom_out)
     levels = [v["level"] or "?" for v in result.vertebrae_document["vertebrae"]]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     grading = result.discs_document["grading"]
@@ -194,15 +206,21 @@ def _hotspot_heads(args) -> list[str]:
     return [head.strip() for head in args.hotspots.split(",") if head.strip()]
 
 
-def _networks_for(args):
-    from SpineNetLib import pipeline
+def _trusted_sha256(args) -> set[str] | None:
+    """Checkpoints allowed full unpickling: --trust-sha256, plus the official download's own files."""
     from SpineNetLib.weights.official import trusted_hashes
 
     trusted = set(args.trust_sha256)
     if args.weights == "official":
         trusted |= trusted_hashes()
-    return pipeline.load_networks(args.weights, args.device, trusted_sha256=trusted or None,
-                         with_grading=not getattr(args, "no_grade", False))
+    return trusted or None
+
+
+def _networks_for(args):
+    from SpineNetLib import pipeline
+
+    return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
+                                  with_grading=not getattr(args, "no_grade", False))
 
 
 def command_demo(args) -> int:
@@ -298,6 +316,75 @@ def command_weights_info(args) -> int:
     files = read_manifest().get("files", {})
     print(f"official: {official_weights_dir()} ({', '.join(sorted(files)) or 'not downloaded'})")
     return EXIT_OK
+
+
+COHORT_DESCRIPTION = """\
+Run every study under INPUT_ROOT, each once, on Dask distributed (a local cluster, or the workers
+of --scheduler), with the networks loaded once per worker. A study is an image file
+(.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or a sagittal DICOM series (every sagittal series of an
+exam is a study of its own; axial, coronal and localiser series are left out). Each study's
+results go to OUTDIR/studies/<study id>/ (the files of `spinenet run`); OUTDIR gets
+cohort_vertebrae.csv, cohort_discs.csv and cohort_failures.csv (study, input, reason).
+
+Run it again to resume: finished studies are skipped, and studies that failed before are tried
+again. A failed study never stops the others. Exit status: 0 every study finished; 4 some
+studies failed (see cohort_failures.csv); 2 a problem with the root, an option, the weights or
+the scheduler (one line on stderr); 130 interrupted (the studies finished so far are kept).
+"""
+
+
+def _add_cohort_command(sub) -> None:
+    cohort = sub.add_parser("cohort", help="run every study under a folder on a Dask cluster, resumably, "
+                                           "with cohort CSV tables",
+                            description=COHORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cohort.add_argument("input_root", metavar="INPUT_ROOT",
+                        help="folder searched for studies (DICOM folders, NIfTI/NRRD/MHA files), at any depth")
+    cohort.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                        help="folder for the per-study result folders (OUTDIR/studies/) and the cohort tables; "
+                             "with --scheduler, a path every worker can write to")
+    cohort.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes of the local cluster, each holding its own copy of the networks "
+                             "(default: CPU count / --threads-per-worker); not with --scheduler")
+    cohort.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
+                        help="torch threads each worker uses for its study (default 1); a local worker runs "
+                             "one study at a time")
+    cohort.add_argument("--scheduler", metavar="ADDRESS",
+                        help="use the workers of this running Dask scheduler (e.g. tcp://10.0.0.5:8786) "
+                             "instead of a local cluster; see README, Cohorts")
+    _add_network_options(cohort)
+    cohort.add_argument("--profile", choices=["default", "official"], default=None,
+                        help="processing profile, as for `spinenet run` (default: official with --weights "
+                             "official, else default)")
+    cohort.add_argument("--no-grade", action="store_true",
+                        help="do not grade the discs (disc measurements are still written)")
+    cohort.add_argument("--no-preview", action="store_true", help="do not draw each study's preview.png")
+    cohort.add_argument("--dicom-out", action="store_true",
+                        help="also write each DICOM study's DICOM results, as `spinenet run --dicom-out` "
+                             "(image-file studies get none)")
+    cohort.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    cohort.set_defaults(func=command_cohort)
+
+
+#: ``spinenet cohort`` ran, but some studies failed (they are listed in cohort_failures.csv).
+EXIT_SOME_STUDIES_FAILED = 4
+
+
+def command_cohort(args) -> int:
+    from SpineNetLib.cohort.run import CohortSettings, run_cohort
+
+    if args.scheduler and args.workers is not None:
+        raise SpineNetError("--workers sets the size of a local cluster; with --scheduler the workers are the "
+                            "scheduler's (start them with `dask worker ADDRESS --nworkers N`)")
+    settings = CohortSettings(weights=args.weights, device=args.device,
+                              trusted_sha256=tuple(sorted(_trusted_sha256(args) or ())), grade=not args.no_grade,
+                              preview=not args.no_preview, dicom=args.dicom_out, profile=args.profile,
+                              threads=args.threads_per_worker)
+    result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
+                        progress=None if args.quiet else sys.stderr)
+    failed = len(result.failures)
+    print(f"{len(result.studies)} studies: {result.done} done now, {result.finished_before} done before, "
+          f"{failed} failed; wrote {', '.join(str(p) for p in result.tables)}")
+    return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

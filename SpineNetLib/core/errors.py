@@ -36,6 +36,21 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong, for a user: the message of a :class:`SpineNetError`, the file
+    and reason of an ``OSError``, ``internal error: <type>: <message>`` for anything else (a bug).
+
+    Shared by :func:`exit_status` and ``spinenet cohort``, which records it per failed study
+    instead of stopping.
+    """
+    if isinstance(error, SpineNetError):
+        return one_line(error)
+    if isinstance(error, OSError):
+        target = f" {error.filename}" if getattr(error, "filename", None) else ""
+        return f"cannot access{target}: {one_line(error.strerror or error)}"
+    return f"internal error: {type(error).__name__}: {one_line(error)}"
+
+
 def exit_status(program: str, action, *, debug: bool = False,
                 internal_hint: str = "run with --debug for the traceback and please report it") -> int:
     """Run ``action()`` and turn its outcome into an exit status, every problem into one stderr line.
@@ -51,12 +66,8 @@ def exit_status(program: str, action, *, debug: bool = False,
             if not debug:
                 warnings.simplefilter("ignore")
             return int(action() or EXIT_OK)
-    except SpineNetError as error:
-        print(f"{program}: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:
-        target = f" {error.filename}" if getattr(error, "filename", None) else ""
-        print(f"{program}: error: cannot access{target}: {one_line(error.strerror or error)}", file=sys.stderr)
+    except (SpineNetError, OSError) as error:
+        print(f"{program}: error: {error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
@@ -64,6 +75,5 @@ def exit_status(program: str, action, *, debug: bool = False,
     except Exception as error:  # a bug: one line, unless debug
         if debug:
             raise
-        print(f"{program}: internal error: {type(error).__name__}: {one_line(error)} ({internal_hint})",
-              file=sys.stderr)
+        print(f"{program}: {error_line(error)} ({internal_hint})", file=sys.stderr)
         return EXIT_INTERNAL

@@ -470,6 +470,8 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "n_slices": len(slices),
         "slice_order": slice_order,
         "files_in_slice_order": [str(s.path) for s in slices],
+        # the frame (0-based) of each slice in its file, None for single-frame files (the DICOM outputs need it)
+        "frames_in_slice_order": [s.frame for s in slices],
         "dicom_pixel_spacing_mm": [float(ps[0]), float(ps[1])],
         "overrides": {k: v for k, v in (("pixel_spacing", None if ps_override is None else ps_override.tolist()),
                                         ("slice_spacing", None if ss_override is None else float(ss_override[0])))

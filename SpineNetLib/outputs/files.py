@@ -10,12 +10,15 @@
 * ``preview.png``, a picture of the result, and ``hotspots.png`` when there are
   hotspot maps (:mod:`SpineNetLib.outputs.preview`), when given the scan and
   unless ``preview=False`` (``spinenet run --no-preview``);
+* with ``dicom=True`` (``spinenet run --dicom-out``; DICOM input only),
+  ``segmentation.dcm`` and ``report.dcm``, a DICOM Segmentation and a TID 1500
+  measurement report for a PACS (:mod:`SpineNetLib.outputs.dicom_results`);
 * ``result.json``, the manifest the Slicer module reads
   (:func:`SpineNetLib.outputs.documents.read_result`): the documents', the
-  hotspot maps' and the pictures' file names.
+  hotspot maps', the pictures' and the DICOM results' file names.
 
-Every file appears only complete: the JSON/CSV files and the pictures (drawn
-in memory first) are written to hidden temporary files and renamed together;
+Every file appears only complete: the JSON/CSV files, the pictures and the
+DICOM results (all made in memory first) are written to hidden temporary files and renamed together;
 hotspot maps are written into a hidden staging folder first and published
 after the JSON/CSV files; the manifest comes last, so whatever it lists is
 already there.  An error midway leaves no partial file behind (files of an
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.writers import write_image
+from SpineNetLib.outputs.dicom_results import DICOM_FILES, dicom_result_files
 from SpineNetLib.outputs.discs import discs_csv_text
 from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
 from SpineNetLib.outputs.preview import pillow_missing, result_images
@@ -135,11 +139,13 @@ def document_texts(vertebrae_doc: dict, discs_doc: dict | None) -> dict[str, str
     return files
 
 
-def manifest_text(discs_doc: dict | None, hotspot_names: Sequence[str], image_names: Sequence[str] = ()) -> str:
-    """The ``result.json`` manifest (schema ``spinenet.result/1``); ``images``: the pictures written."""
+def manifest_text(discs_doc: dict | None, hotspot_names: Sequence[str], image_names: Sequence[str] = (),
+                  dicom_names: Sequence[str] = ()) -> str:
+    """The ``result.json`` manifest (schema ``spinenet.result/1``); ``images``: the pictures written,
+    ``dicom``: the DICOM results written (empty without ``--dicom-out``)."""
     manifest = {"schema": RESULT_SCHEMA, "vertebrae": "vertebrae.json",
                 "discs": "discs.json" if discs_doc is not None else None,
-                "hotspots": sorted(hotspot_names), "images": sorted(image_names)}
+                "hotspots": sorted(hotspot_names), "images": sorted(image_names), "dicom": sorted(dicom_names)}
     return json.dumps(manifest, indent=1) + "\n"
 
 
@@ -168,7 +174,7 @@ def _publish(staging: Path, outdir: Path, names: Sequence[str]) -> list[Path]:
 
 
 def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | None = None,
-                  preview: bool = True) -> list[Path]:
+                  preview: bool = True, dicom: bool = False) -> list[Path]:
     """Write the result files of ``result`` into ``outdir`` (module docstring); returns their paths.
 
     ``result`` is a :class:`SpineNetLib.pipeline.RunResult`; its documents
@@ -176,14 +182,20 @@ def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | 
     ``spinenet.vertebrae/1`` or ``spinenet.discs/1`` document).  With
     ``scan`` (the :class:`Scan` the run worked on) and ``preview``, the
     pictures are drawn too (none when Pillow is missing: callers say so,
-    :func:`SpineNetLib.outputs.preview.pillow_missing`).  The last path is
-    the ``result.json`` manifest.
+    :func:`SpineNetLib.outputs.preview.pillow_missing`).  With ``dicom``, the
+    DICOM results are made too: that needs ``scan`` read from a DICOM series
+    (:class:`InputError` otherwise, before anything is written); a DICOM
+    result of an earlier run that this run does not make (no segment, no
+    disc) is removed.  The last path is the ``result.json`` manifest.
     """
     vertebrae_doc = check_vertebrae_document(result.vertebrae_document)
     discs_doc = result.discs_document
     if discs_doc is not None:
         check_discs_document(discs_doc)
     names = [_relative_name(m.name).as_posix() for m in result.hotspots]
+    if dicom and scan is None:
+        raise InputError("DICOM results need the scan the run worked on (write_results(..., scan=scan))")
+    dicom_files = dicom_result_files(scan, vertebrae_doc, discs_doc) if dicom else {}
     images = (result_images(scan, vertebrae_doc, discs_doc, result.hotspots)
               if preview and scan is not None and pillow_missing() is None else {})
     outdir = Path(outdir)
@@ -192,10 +204,15 @@ def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | 
     try:
         if staging is not None:
             write_hotspot_maps(staging, result.hotspots)
-        written = write_files_atomically(outdir, {**document_texts(vertebrae_doc, discs_doc), **images})
+        written = write_files_atomically(outdir, {**document_texts(vertebrae_doc, discs_doc), **images,
+                                                  **dicom_files})
+        for name in DICOM_FILES if dicom else ():
+            if name not in dicom_files:
+                (outdir / name).unlink(missing_ok=True)   # an earlier run's: it would not match this one
         if staging is not None:
             written += _publish(staging, outdir, names)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return written + write_files_atomically(outdir, {RESULT_FILE: manifest_text(discs_doc, names, list(images))})
+    manifest = manifest_text(discs_doc, names, list(images), list(dicom_files))
+    return written + write_files_atomically(outdir, {RESULT_FILE: manifest})

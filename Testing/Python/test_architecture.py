@@ -38,7 +38,7 @@ MAX_FUNCTION_LINES = 100
 #: Sub-packages (and top-level modules) that run when a scan is read, i.e. everything except
 #: training/, evaluation/ and synthetic/.
 INFERENCE = ("core", "inputs", "detect", "label", "discs", "models", "weights", "outputs",
-             "apps", "slicer", "pipeline", "__init__", "__main__")
+             "apps", "cohort", "slicer", "pipeline", "__init__", "__main__")
 TOOLING = ("training", "evaluation", "synthetic")
 
 #: The only imports of tooling packages allowed in inference code: ``spinenet train``,

@@ -48,7 +48,8 @@ def _files(folder: Path, keep) -> list[str]:
 
 
 #: SpineNetLib's sub-packages the extension installs: everything inference needs.
-INSTALLED_PACKAGES = ("core", "inputs", "detect", "label", "discs", "models", "weights", "outputs", "apps", "slicer")
+INSTALLED_PACKAGES = ("core", "inputs", "detect", "label", "discs", "models", "weights", "outputs", "apps", "cohort",
+                      "slicer")
 #: Development tools, not installed (the module's self-test does not use the phantom).
 NOT_INSTALLED_PACKAGES = ("training", "evaluation", "synthetic")
 
@@ -313,4 +314,5 @@ def test_licence_and_requirements():
     assert "non-commercial" in licence and "NOT part of this repository" in licence
     lines = [line for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert {re.split(r"[<>=]", line)[0] for line in lines} == {"numpy", "scipy", "pydicom", "SimpleITK", "pillow", "torch"}
+    assert {re.split(r"[<>=]", line)[0] for line in lines} == {"numpy", "scipy", "pydicom", "SimpleITK", "pillow",
+                                                              "scikit-image", "torch"}

@@ -23,6 +23,7 @@ from SpineNetLib.core.errors import InputError  # noqa: E402
 from SpineNetLib.core.levels import LEVELS  # noqa: E402
 from SpineNetLib.discs.hotspots import HotspotMap  # noqa: E402
 from SpineNetLib.outputs.files import write_results  # noqa: E402
+from SpineNetLib.outputs import segmentation  # noqa: E402
 from SpineNetLib.pipeline import RunResult  # noqa: E402
 from SpineNetLib.synthetic.phantom import make_phantom  # noqa: E402
 
@@ -204,11 +205,11 @@ def test_disc_quad_is_between_the_bodies(case):
 
 def test_polygon_mask_edges_count_as_inside():
     square = np.array([[1.0, 1.0], [3.0, 1.0], [3.0, 3.0], [1.0, 3.0]])
-    mask, a0, b0 = mrml.polygon_mask(square, (10, 10))
+    mask, a0, b0 = segmentation.polygon_mask(square, (10, 10))
     assert (a0, b0) == (1, 1) and mask.shape == (3, 3) and mask.all()   # 3 x 3 centres, edges included
-    mask, _, _ = mrml.polygon_mask(square + 0.5, (10, 10))
+    mask, _, _ = segmentation.polygon_mask(square + 0.5, (10, 10))
     assert mask.sum() == 4
-    mask, _, _ = mrml.polygon_mask(square - 5, (10, 10))
+    mask, _, _ = segmentation.polygon_mask(square - 5, (10, 10))
     assert mask.size == 0
 
 

@@ -1,0 +1,104 @@
+"""The cohort tables: the rows of every finished study in one CSV file per kind.
+
+* ``cohort_vertebrae.csv``: one row per vertebra per study;
+* ``cohort_discs.csv``: one row per disc per study;
+* ``cohort_failures.csv``: one row per study without a result: study, input, one-line reason.
+
+Each vertebra and disc row is the study's own ``vertebrae.csv`` or ``discs.csv`` row, made from
+its ``vertebrae.json`` and ``discs.json`` by the same functions that write those files
+(:func:`SpineNetLib.outputs.vertebrae.vertebrae_csv_text`,
+:func:`SpineNetLib.outputs.discs.discs_csv_text`), so the columns are the ones the README
+describes and the same for every study (grades that a study lacks stay empty).  In front come
+the study's columns (``study``, ``input``, ``series_uid``, ``series_description``); the disc
+rows end with the study's labelling columns (``labelling_confidence``, ``s1_found``,
+``levels_need_review``, ``labelling_warning``), which ``discs.csv`` does not carry.
+
+The tables are made again, whole, from the study folders at the end of every run, so a run
+that was interrupted, or that only added a few studies, still gives complete tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from SpineNetLib.core.errors import InputError, one_line
+from SpineNetLib.cohort.discover import Study, StudyFailure
+from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text
+from SpineNetLib.outputs.documents import read_result
+from SpineNetLib.outputs.files import write_files_atomically
+from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, labelling_csv_cells, vertebrae_csv_text
+
+COHORT_VERTEBRAE_FILE = "cohort_vertebrae.csv"
+COHORT_DISCS_FILE = "cohort_discs.csv"
+COHORT_FAILURES_FILE = "cohort_failures.csv"
+#: The columns in front of every vertebra and disc row.
+STUDY_COLUMNS = ("study", "input", "series_uid", "series_description")
+#: The per-scan columns of vertebrae.csv that the disc rows repeat.
+LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-4:]
+FAILURE_COLUMNS = ("study", "input", "reason")
+
+
+def _rows(csv_text: str) -> list[list[str]]:
+    """The data rows of a CSV text (its header dropped)."""
+    return list(csv.reader(io.StringIO(csv_text)))[1:]
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def study_rows(study: Study, folder: str | os.PathLike) -> tuple[list[list[str]], list[list[str]]]:
+    """(vertebra rows, disc rows) of one finished study's folder, each with the study's columns in front.
+
+    Raises :class:`InputError` when the folder's documents cannot be read.
+    """
+    vertebrae_doc, discs_doc, _ = read_result(folder)
+    described = vertebrae_doc.get("input") or {}
+    front = [study.study_id, study.relative, str(described.get("series_uid") or ""),
+             str(described.get("series_description") or "")]
+    vertebrae = [front + row for row in _rows(vertebrae_csv_text(vertebrae_doc))]
+    labelling = labelling_csv_cells(vertebrae_doc)
+    discs = [front + row + labelling for row in _rows(discs_csv_text(discs_doc, vertebrae_doc))] \
+        if discs_doc is not None else []
+    return vertebrae, discs
+
+
+def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
+                       failures: Sequence[StudyFailure]) -> dict[str, str]:
+    """``{file name: CSV text}`` of the three cohort tables.
+
+    ``studies`` that have a finished folder (``studies_dir/<study id>/result.json``) give rows, in
+    the order given; the others are left out (they are running, failed or not run yet).  A
+    finished folder that cannot be read becomes a failure row.
+    """
+    vertebrae, discs, failed = [], [], list(failures)
+    for study in studies:
+        folder = Path(studies_dir) / study.study_id
+        if not (folder / "result.json").is_file():
+            continue
+        try:
+            v_rows, d_rows = study_rows(study, folder)
+        except InputError as error:
+            failed.append(StudyFailure(study.study_id, study.relative, f"its results cannot be read: {one_line(error)}"))
+            continue
+        vertebrae += v_rows
+        discs += d_rows
+    return {
+        COHORT_VERTEBRAE_FILE: _csv([*STUDY_COLUMNS, *VERTEBRAE_CSV_COLUMNS], vertebrae),
+        COHORT_DISCS_FILE: _csv([*STUDY_COLUMNS, *discs_csv_header(), *LABELLING_COLUMNS], discs),
+        COHORT_FAILURES_FILE: _csv(FAILURE_COLUMNS, [(f.study_id, f.input, one_line(f.reason)) for f in failed]),
+    }
+
+
+def write_cohort_tables(outdir: str | os.PathLike, studies_dir: str | os.PathLike, studies: Sequence[Study],
+                        failures: Sequence[StudyFailure]) -> list[Path]:
+    """Write the three cohort tables into ``outdir``, replacing them together; returns their paths."""
+    return write_files_atomically(outdir, cohort_table_texts(studies_dir, studies, failures))

@@ -1,0 +1,299 @@
+"""`spinenet cohort`: study discovery, a real local Dask cluster with the bundled networks, resuming,
+failures, and a worker killed in the middle of a study (its study retried by Dask, or reported and
+run by the next run; never lost, never written twice)."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client
+
+from SpineNetLib.apps import cli
+from SpineNetLib.cohort import run as cohort_run
+from SpineNetLib.cohort.discover import discover_studies, make_study_id
+from SpineNetLib.cohort.run import CohortProgress, CohortSettings, StudyOutcome, process_study, run_cohort
+from SpineNetLib.inputs.writers import write_dicom_series
+from SpineNetLib.outputs.files import write_results
+from SpineNetLib.synthetic.phantom import make_phantom
+
+#: Small lumbar phantoms: a study takes a few seconds with the bundled networks on one CPU thread.
+PHANTOM = dict(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=7)
+FAST = CohortSettings(preview=False, threads=1)
+
+
+def _phantom(seed: int, **kwargs):
+    return make_phantom(**{**PHANTOM, **kwargs}, seed=seed)
+
+
+def _image_root(root: Path, n: int) -> Path:
+    for i in range(n):
+        _phantom(i).write_nifti(root / f"site{i % 2}" / f"patient{i}.nii.gz")
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _check_exactly_once(outdir: Path, studies, finished: set[str]) -> None:
+    """Every finished study has one complete folder and its rows once in the tables; no folder else."""
+    studies_dir = outdir / "studies"
+    visible = sorted(p.name for p in studies_dir.iterdir() if not p.name.startswith("."))
+    assert visible == sorted(finished)
+    vertebrae_rows = _rows(outdir / "cohort_vertebrae.csv")
+    disc_rows = _rows(outdir / "cohort_discs.csv")
+    for study in studies:
+        if study.study_id not in finished:
+            assert not [r for r in vertebrae_rows if r["study"] == study.study_id]
+            continue
+        folder = studies_dir / study.study_id
+        assert (folder / "result.json").is_file()
+        doc = json.loads((folder / "vertebrae.json").read_text())
+        discs = json.loads((folder / "discs.json").read_text())
+        mine = [r for r in vertebrae_rows if r["study"] == study.study_id]
+        assert [r["level"] for r in mine] == [v["level"] for v in doc["vertebrae"]]
+        assert [r["Level"] for r in disc_rows if r["study"] == study.study_id] == [d["level"] for d in discs["discs"]]
+
+
+# --------------------------------------------------------------------------- discovery (no cluster)
+
+def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
+    root = tmp_path / "root"
+    for i, name in enumerate(["a/scan.nii.gz", "a/scan.nrrd", "b/c d/scan (2).mha", ".hidden/x.nii.gz"]):
+        _phantom(i, shape=(64, 64), n_slices=4).write_nifti(root / name)
+    t2 = _phantom(5, shape=(64, 64), n_slices=4)
+    t1 = _phantom(5, shape=(64, 64), n_slices=4, contrast="T1")
+    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1"}
+    t2.write_dicom(root / "exam1", series_description="T2 SAG", extra_tags={**exam, "SeriesNumber": 3})
+    # the T1 series split over two sub-folders: still one study, read from their common folder
+    files = t1.write_dicom(tmp_path / "t1", series_description="T1 SAG", extra_tags={**exam, "SeriesNumber": 2})
+    for n, f in enumerate(files):
+        target = root / "exam1" / "t1" / ("part1" if n % 2 else "part2") / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f.rename(target)
+    axial = np.diag([1.0, 1.0, 4.0, 1.0])
+    write_dicom_series(t2.voxels_kji, axial, root / "exam1" / "axial", series_description="T2 AX",
+                       extra_tags={**exam, "SeriesNumber": 4})
+    write_dicom_series(t2.voxels_kji, axial, root / "exam2", series_description="only axial")
+    (root / "exam2" / "notes.txt").write_text("not an image")
+    out = root / "out"   # the output folder under the root: its own images are no study
+    _phantom(9, shape=(64, 64), n_slices=4).write_nifti(out / "studies" / "x" / "hotspots_P.nii.gz")
+
+    found = discover_studies(root, exclude=[out])
+    by_input = {(s.relative, s.kind): s for s in found.studies}
+    assert sorted(by_input) == [("a/scan.nii.gz", "image"), ("a/scan.nrrd", "image"),
+                                ("b/c d/scan (2).mha", "image"), ("exam1", "dicom"), ("exam1/t1", "dicom")]
+    ids = [s.study_id for s in found.studies]
+    assert len(set(i.lower() for i in ids)) == len(ids), "unique, even on a file system that ignores case"
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", i) and not i.startswith(".") for i in ids), ids
+    assert by_input[("b/c d/scan (2).mha", "image")].study_id.startswith("b__c_d__scan_2-")
+    assert by_input[("exam1", "dicom")].study_id.startswith("exam1__s3_T2_SAG-")
+    assert by_input[("exam1/t1", "dicom")].study_id.startswith("exam1__t1__s2_T1_SAG-")
+    assert by_input[("exam1/t1", "dicom")].series_uid != by_input[("exam1", "dicom")].series_uid
+    # the exam without a sagittal series is a failure, with its reason; the axial series of exam1 is no study
+    assert [(f.input, "no sagittal series" in f.reason, "axial" in f.reason) for f in found.failures] == \
+        [("exam2", True, True)]
+    # stable: the same ids on a second look, and when the root is moved
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    again = discover_studies(moved, exclude=[moved / "out"])
+    assert [s.study_id for s in again.studies] == ids
+    assert make_study_id(["a", "b"], "k") == make_study_id(["a", "b"], "k") != make_study_id(["a", "b"], "k2")
+
+
+def test_progress_line_counts_and_eta():
+    import io
+
+    stream = io.StringIO()
+    meter = CohortProgress(total=4, finished_before=1, stream=stream, min_interval_s=0.0)
+    meter.update()
+    assert stream.getvalue().splitlines()[-1] == "studies: 1/4, failed 0, ETA --:--"
+    meter.update(StudyOutcome("a", "done"))
+    meter.update(StudyOutcome("b", "failed", "bad"))
+    assert re.fullmatch(r"studies: 2/4, failed 1, ETA \d\d:\d\d", stream.getvalue().splitlines()[-1])
+    meter.update(StudyOutcome("c", "done"))
+    assert stream.getvalue().splitlines()[-1] == "studies: 3/4, failed 1, ETA 00:00"
+
+
+# --------------------------------------------------------------------------- the command, a local cluster
+
+def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
+    root = _image_root(tmp_path / "root", 3)
+    _phantom(7).write_dicom(root / "site2" / "exam")
+    (root / "site1" / "broken.nii.gz").write_bytes(b"\x1f\x8b not an image")
+    out = tmp_path / "out"
+    status = cli.main(["cohort", str(root), "-o", str(out), "--workers", "2", "--threads-per-worker", "1",
+                       "--no-preview"])
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_SOME_STUDIES_FAILED, captured.err
+    assert "5 studies: 4 done now, 0 done before, 1 failed" in captured.out
+    progress = captured.err.strip().splitlines()
+    assert progress[0] == "studies: 0/5, failed 0, ETA --:--" and progress[-1] == "studies: 4/5, failed 1, ETA 00:00"
+    assert "Traceback" not in captured.err
+
+    studies = discover_studies(root).studies
+    good = {s.study_id for s in studies if "broken" not in s.relative}
+    _check_exactly_once(out, studies, good)
+    assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".")], "no partial folder left"
+    failures = _rows(out / "cohort_failures.csv")
+    assert [(f["input"], "broken.nii.gz" in f["reason"]) for f in failures] == [("site1/broken.nii.gz", True)]
+    assert "\n" not in failures[0]["reason"]
+    discs = _rows(out / "cohort_discs.csv")
+    assert {"study", "input", "Level", "Herniation", "Herniation_probability", "Disc height mean (mm)",
+            "labelling_confidence", "labelling_warning", "measurement_warning"} <= set(discs[0])
+    dicom_rows = [r for r in discs if r["input"] == "site2/exam"]
+    assert dicom_rows and all(r["series_uid"] for r in dicom_rows)
+    assert all(r["Herniation_probability"] and r["labelling_confidence"] for r in discs), "graded, confidence"
+    # the networks were loaded once per worker: at most two studies paid for the loading
+    loads = [json.loads((out / "studies" / i / "vertebrae.json").read_text())["timings_s"].get("load_networks")
+             for i in good]
+    assert 1 <= sum(x is not None for x in loads) <= 2, loads
+
+
+def test_bad_cohort_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    image_root = _image_root(tmp_path / "root", 1)
+    cases = [(["cohort", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")], "no such folder"),
+             (["cohort", str(empty), "-o", str(tmp_path / "o")], "no study found"),
+             (["cohort", str(image_root), "-o", str(tmp_path / "o"), "--scheduler", "nonsense"],
+              "cannot connect to the Dask scheduler at nonsense"),
+             (["cohort", str(image_root), "-o", str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:9"],
+              "cannot connect to the Dask scheduler"),
+             (["cohort", str(image_root), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "no-weights")],
+              "weights folder not found"),
+             (["cohort", str(image_root), "-o", str(tmp_path / "o"), "--scheduler", "tcp://1.2.3.4:1",
+               "--workers", "2"], "--workers")]
+    monkeypatch.setattr(cohort_run, "SCHEDULER_TIMEOUT_S", 1)
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("spinenet: error: ") and words in err[0], (argv, err)
+        assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- a worker killed mid-run
+
+def _kill_a_busy_worker(client: Client, pids: dict[str, int], running: threading.Thread) -> str | None:
+    """SIGKILL the process of a worker that holds a study task, as soon as one does."""
+    while running.is_alive():
+        for worker, keys in client.processing().items():
+            if any(str(k).startswith("spinenet-study-") for k in keys) and worker in pids:
+                os.kill(pids[worker], signal.SIGKILL)
+                return worker
+        time.sleep(0.02)
+    return None
+
+
+def _run_and_kill(client: Client, address: str, root: Path, out: Path):
+    results: dict = {}
+    pids = client.run(os.getpid)
+    running = threading.Thread(target=lambda: results.setdefault(
+        "result", run_cohort(root, out, FAST, scheduler=address)))
+    running.start()
+    killed = _kill_a_busy_worker(client, pids, running)
+    running.join(timeout=240)
+    assert killed is not None and "result" in results
+    return results["result"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The local cluster `spinenet cohort` would start (2 workers), used here through --scheduler, so
+    that a test can kill one of its workers."""
+    with cohort_run.local_cluster(2) as local, Client(local) as client:
+        yield local.scheduler_address, client
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_worker_killed_mid_run_loses_and_doubles_nothing(tmp_path, cluster):
+    address, client = cluster
+    root = _image_root(tmp_path / "root", 4)
+    # Dask retries the killed worker's study elsewhere: every study done once, none failed
+    first = _run_and_kill(client, address, root, tmp_path / "retried")
+    # "already done": the killed task had renamed its folder into place before it died
+    assert first.failures == [] and sorted(o.status for o in first.outcomes) in (
+        ["done"] * 4, ["already done"] + ["done"] * 3)
+    _check_exactly_once(tmp_path / "retried", first.studies, {s.study_id for s in first.studies})
+
+    # without retries, the killed worker's studies are reported, and the next run does them
+    client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
+    try:
+        client.wait_for_workers(2, timeout=60)
+        out = tmp_path / "reported"
+        second = _run_and_kill(client, address, root, out)
+    finally:
+        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 3))
+    failed = {f.study_id for f in second.failures}
+    assert failed and all("worker running this study died" in f.reason for f in second.failures)
+    assert len(second.outcomes) == 4
+    finished = {s.study_id for s in second.studies} - failed
+    _check_exactly_once(out, second.studies, finished)
+    assert {r["study"] for r in _rows(out / "cohort_failures.csv")} == failed
+
+    mtimes = {i: (out / "studies" / i / "result.json").stat().st_mtime_ns for i in finished}
+    third = run_cohort(root, out, FAST, scheduler=address)
+    assert third.finished_before == len(finished) and {o.study_id for o in third.outcomes} == failed
+    assert third.failures == [] and third.done == len(failed)
+    _check_exactly_once(out, third.studies, {s.study_id for s in third.studies})
+    assert {i: (out / "studies" / i / "result.json").stat().st_mtime_ns for i in finished} == mtimes
+    assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".")], "partial folders removed"
+    assert _rows(out / "cohort_failures.csv") == []
+
+
+class _InterruptAfterFirstStudy:
+    """A progress stream that raises KeyboardInterrupt (as Ctrl-C would) once a study has finished."""
+
+    def write(self, text: str) -> None:
+        if not text.startswith("studies: 0/"):
+            raise KeyboardInterrupt
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_interrupted_run_keeps_its_finished_studies_and_resumes(tmp_path, cluster):
+    address, client = cluster
+    client.wait_for_workers(2, timeout=60)
+    root = _image_root(tmp_path / "root", 4)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(root, out, FAST, scheduler=address, progress=_InterruptAfterFirstStudy())
+    studies = discover_studies(root).studies
+    # the tables were written on the way out, with the studies finished by then
+    in_tables = {r["study"] for r in _rows(out / "cohort_vertebrae.csv")}
+    assert in_tables and in_tables <= {s.study_id for s in studies}
+    resumed = run_cohort(root, out, FAST, scheduler=address)
+    assert resumed.finished_before >= len(in_tables) and resumed.failures == []
+    assert resumed.finished_before + len(resumed.outcomes) == 4
+    _check_exactly_once(out, studies, {s.study_id for s in studies})
+    assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- DICOM outputs
+
+def test_cohort_dicom_out_writes_the_dicom_results_of_dicom_studies_only(tmp_path):
+    if "dicom" not in inspect.signature(write_results).parameters:
+        pytest.skip("write_results(dicom=) not there yet")
+    root = tmp_path / "root"
+    _phantom(3).write_dicom(root / "exam")
+    _phantom(4).write_nifti(root / "image.nii.gz")
+    studies = discover_studies(root).studies
+    settings = CohortSettings(preview=False, dicom=True)
+    outcomes = {s.kind: process_study(s, str(tmp_path / "studies"), settings) for s in studies}
+    assert {k: o.status for k, o in outcomes.items()} == {"dicom": "done", "image": "done"}, outcomes
+    by_kind = {s.kind: tmp_path / "studies" / s.study_id for s in studies}
+    manifest = json.loads((by_kind["dicom"] / "result.json").read_text())
+    assert manifest.get("dicom") and all((by_kind["dicom"] / name).is_file() for name in manifest["dicom"])
+    assert not list(by_kind["image"].glob("*.dcm"))
