@@ -1,0 +1,121 @@
+"""CPU runtimes for each official-size network: seconds per call and the difference from fp32 eager.
+
+Issue 16, item 2: measure before choosing.  For the detector (a batch of 4 patches of 224 x 224),
+the appearance network (one 224 x 224 x 16 volume), the context network (one 512 x 24 height map)
+and the grading network (one 9 x 112 x 224 disc volume), with seeded random weights (speed does
+not depend on the values; the differences are indicative only), this prints the best of
+``--repeats`` calls per runtime and the largest absolute output difference from fp32 eager:
+
+* ``fp32``: torch eager, float32 (what the pipeline runs);
+* ``bf16``: torch eager under ``torch.autocast("cpu", torch.bfloat16)``;
+* ``channels_last``: fp32 with the 2D networks' inputs and weights in channels-last memory order;
+* ``onnxruntime``: the network exported to ONNX and run by ONNX Runtime (CPU), when installed
+  (``pip install onnx onnxruntime``; not a project dependency).
+
+    python benchmarks/bench_runtimes.py [--threads 2] [--repeats 3] [--networks detector grading ...]
+
+torch.compile, int8 quantisation and OpenVINO are not measured (see benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _networks() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    from SpineNetLib.models.appearance import AppearanceNet
+    from SpineNetLib.models.context import ContextNet
+    from SpineNetLib.models.detector import VFRDetector
+    from SpineNetLib.models.grading import GradingNet
+
+    torch.manual_seed(0)
+    return {"detector": (VFRDetector().eval(), torch.rand(4, 1, 224, 224)),
+            "appearance": (AppearanceNet().eval(), torch.rand(1, 1, 224, 224, 16)),
+            "context": (ContextNet().eval(), torch.rand(1, 1, 512, 24)),
+            "grading": (GradingNet().eval(), torch.rand(1, 1, 9, 112, 224))}
+
+
+def _flat(out) -> np.ndarray:
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return np.concatenate([p.float().detach().numpy().ravel() for p in parts])
+
+
+def _best(call, repeats: int) -> tuple[float, np.ndarray]:
+    out = call()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = call()
+        best = min(best, time.perf_counter() - start)
+    return best, _flat(out)
+
+
+def _onnx_session(net: torch.nn.Module, x: torch.Tensor, threads: int):
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=17)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda: [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
+
+
+def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, threads: int) -> list[tuple]:
+    rows = []
+    with torch.no_grad():  # not inference_mode: its tensors could not be exported to ONNX afterwards
+        base_s, base = _best(lambda: net(x), repeats)
+        rows.append(("fp32", base_s, 0.0))
+
+        def bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return net(x)
+        s, out = _best(bf16, repeats)
+        rows.append(("bf16", s, float(np.abs(out - base).max())))
+        if x.dim() == 4:
+            net_cl = net.to(memory_format=torch.channels_last)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            s, out = _best(lambda: net_cl(x_cl), repeats)
+            rows.append(("channels_last", s, float(np.abs(out - base).max())))
+            net.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        session = _onnx_session(net, x, threads)
+    if session is not None:
+        s, out = _best(session, repeats)
+        rows.append(("onnxruntime", s, float(np.abs(out - base).max())))
+    return [(name, *r, float(np.abs(base).max())) for r in rows]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per runtime (the best is shown)")
+    parser.add_argument("--networks", nargs="+", default=["detector", "appearance", "context", "grading"],
+                        help="which networks to measure")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    networks = _networks()
+    print(f"{'network':<11} {'runtime':<14} {'seconds':>8} {'x fp32':>7} {'max |diff|':>11} {'max |out|':>10}")
+    for name in args.networks:
+        net, x = networks[name]
+        rows = measure(name, net, x, args.repeats, args.threads)
+        for net_name, runtime, seconds, diff, scale in rows:
+            print(f"{net_name:<11} {runtime:<14} {seconds:8.3f} {rows[0][2] / seconds:7.2f} {diff:11.2e} {scale:10.2e}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
