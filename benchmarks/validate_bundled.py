@@ -41,12 +41,13 @@ def training_cases(data_root):
     return [c for c in cases if c.case_id not in DEFAULT_VAL_CASES]
 
 
-def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None) -> None:
+def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
+            precision: str = "fp32") -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
-    networks = load_networks(weights, "cpu")
+    networks = load_networks(weights, "cpu", precision=precision)
     profile = processing_profile(profile_name, networks.weights.source)
     options = RunOptions(grade=False, profile=profile.name)
     for n, case in enumerate(cases, 1):
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
                         help="held-out cases (default) or the training side")
     parser.add_argument("--profile", choices=("default", "official"), default=None,
                         help="processing profile (default: the weights' own, docs/PROFILES.md)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--phantoms", action="store_true",
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
-    predict(cases, args.weights, pred_root, args.profile)
+    predict(cases, args.weights, pred_root, args.profile, args.precision)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")

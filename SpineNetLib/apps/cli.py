@@ -49,6 +49,9 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--trust-sha256", action="append", default=[], metavar="HEX",
                         help="allow full unpickling of the checkpoint with this SHA-256 (only for files you trust)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16 "
+                             "support; outputs within about 1 %% of their range, see benchmarks/RESULTS.md)")
 
 
 def _version() -> str:
@@ -220,7 +223,8 @@ def _networks_for(args):
     from SpineNetLib import pipeline
 
     return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
-                                  with_grading=not getattr(args, "no_grade", False))
+                                  with_grading=not getattr(args, "no_grade", False),
+                                  precision=getattr(args, "precision", "fp32"))
 
 
 def command_demo(args) -> int:
@@ -378,7 +382,7 @@ def command_cohort(args) -> int:
     settings = CohortSettings(weights=args.weights, device=args.device,
                               trusted_sha256=tuple(sorted(_trusted_sha256(args) or ())), grade=not args.no_grade,
                               preview=not args.no_preview, dicom=args.dicom_out, profile=args.profile,
-                              threads=args.threads_per_worker)
+                              threads=args.threads_per_worker, precision=args.precision)
     result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
                         progress=None if args.quiet else sys.stderr)
     failed = len(result.failures)

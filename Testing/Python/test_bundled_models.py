@@ -118,3 +118,35 @@ def test_the_demo_grades_out_of_the_box_with_the_heads_the_clinical_tags_taught(
         probabilities = disc["grades"]["Herniation"]["probabilities"]
         assert abs(sum(probabilities) - 1.0) < 1e-6
         assert disc["grades"]["Herniation"]["value"] == int(np.argmax(probabilities))
+
+
+def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
+    """``--precision bf16`` (models/precision.py) runs every network under bfloat16 autocast: on a
+    phantom it finds the same bodies with the same levels and grades as float32, corners within
+    a pixel, and the documents say which arithmetic ran."""
+    from SpineNetLib import pipeline
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    scan = make_phantom(seed=4, shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=5).scan
+    import torch
+
+    results, maps = {}, {}
+    patches = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    for precision in ("fp32", "bf16"):
+        networks = pipeline.load_networks("bundled", "cpu", with_grading=True, precision=precision)
+        results[precision] = pipeline.run(scan, networks, pipeline.RunOptions())
+        with torch.no_grad():
+            maps[precision] = networks.detector(patches)
+    assert maps["bf16"].dtype == torch.float32     # handed back in float32 ...
+    difference = float((maps["bf16"] - maps["fp32"]).abs().max()) / float(maps["fp32"].abs().max())
+    assert 0 < difference < 0.05                   # ... but computed in bfloat16
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert "precision" not in fp32.vertebrae_document and bf16.vertebrae_document["precision"] == "bf16"
+    a, b = fp32.detection.vertebrae, bf16.detection.vertebrae
+    assert len(a) >= 5 and [v.level for v in a] == [v.level for v in b]
+    assert [v.slices for v in a] == [v.slices for v in b]
+    assert max(float(np.abs(np.stack(x.polygons) - np.stack(y.polygons)).max()) for x, y in zip(a, b)) <= 1.0
+    grades = [{c: g[0] for c, g in d.items()} for d in fp32.discs.grades]
+    assert grades and grades == [{c: g[0] for c, g in d.items()} for d in bf16.discs.grades]
+    probabilities = np.concatenate([g[1] for d in fp32.discs.grades for g in d.values()])
+    assert np.abs(probabilities - np.concatenate([g[1] for d in bf16.discs.grades for g in d.values()])).max() < 0.05

@@ -1,0 +1,51 @@
+"""The arithmetic the networks run in: float32 (the default) or bfloat16 autocast (issue 16).
+
+``benchmarks/bench_runtimes.py`` measured bfloat16 autocast at 1.8x the float32 speed for the
+official-size detector and 2.5x for the grader on a 2-core CPU with AVX-512 BF16, with outputs
+within about 1 % of their range of float32 ones (benchmarks/RESULTS.md).  It is a choice, not the default: the
+official networks were trained and validated in float32, and only our held-out check
+(``benchmarks/validate_bundled.py --precision bf16``) and the tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+
+#: Accepted names, the default first.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+class BFloat16Autocast(torch.nn.Module):
+    """Runs ``module`` under ``torch.autocast(bfloat16)`` and hands back float32 outputs.
+
+    Everything else (``config``, ``checkpoint_meta``, ``weights_path``, ...) is read from the
+    wrapped module, so code that inspects a loaded network sees the same attributes.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        device = next(self.module.parameters()).device.type
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(t.float() for t in out)
+        return out.float()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+def with_precision(module: torch.nn.Module | None, precision: str) -> torch.nn.Module | None:
+    """``module`` as it should run in ``precision`` (:data:`PRECISIONS`)."""
+    if precision not in PRECISIONS:
+        from SpineNetLib.core.errors import InputError
+
+        raise InputError(f"unknown precision {precision!r} (use {' or '.join(PRECISIONS)})")
+    if module is None or precision == "fp32":
+        return module
+    return BFloat16Autocast(module).eval()
