@@ -1,6 +1,6 @@
 """Seconds and peak memory to grade the 7 discs of a lumbar scan with the OFFICIAL-size grader.
 
-    python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT]
+    python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
 
 Random weights (speed does not depend on their values); the disc volumes are
 extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hotspots", type=int, default=0, metavar="N_AUGMENT")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="network arithmetic (SpineNetLib/models/precision.py)")
     args = parser.parse_args()
 
     import torch
@@ -31,6 +33,7 @@ def main() -> None:
     from SpineNetLib.discs.grading import grade_volumes
     from SpineNetLib.discs.extraction import extract_ivd_volumes
     from SpineNetLib.models import GradingNet
+    from SpineNetLib.models.precision import with_precision
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.core.results import Vertebra
 
@@ -41,12 +44,12 @@ def main() -> None:
     ivds = extract_ivd_volumes(phantom.scan, vertebrae)
     extract_s = time.perf_counter() - t
     torch.manual_seed(0)
-    net = GradingNet().eval()
+    net = with_precision(GradingNet().eval(), args.precision)
     grade_volumes(ivds[:1], net)  # warm-up
     t = time.perf_counter()
     grade_volumes(ivds, net)
     grade_s = time.perf_counter() - t
-    print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads")
+    print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads, {args.precision}")
     print(f"  extract volumes            {extract_s:8.2f} s")
     print(f"  grade                      {grade_s:8.2f} s")
     if args.hotspots:
