@@ -65,6 +65,7 @@ and :func:`hotspot_maps` gives one map per head on the input's voxel grid
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -75,6 +76,7 @@ from scipy import ndimage
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import GRADING_INPUT_SHAPE, HEADS, GradingHead, GradingNet
+from SpineNetLib.models.precision import BFloat16Autocast
 
 #: Saliency methods, see the module docstring.
 METHODS: tuple[str, ...] = ("gradient", "guided", "excitation", "contrastive_excitation")
@@ -370,10 +372,15 @@ def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_i
         augs = augmentations(n_augment, seed, allow_reverse=h.name not in LATERAL_HEADS)
         total = np.zeros(vol.shape, np.float64)
         count = np.zeros(vol.shape, np.float64)
+        # a network loaded with --precision bf16 (models/precision.py) computes the maps in bfloat16 too
+        inner, precision = (net.module, torch.autocast(device.type, dtype=torch.bfloat16)) \
+            if isinstance(net, BFloat16Autocast) else (net, contextlib.nullcontext())
         for start in range(0, len(augs), max(1, int(batch_size))):
             chunk = augs[start:start + max(1, int(batch_size))]
             x = torch.from_numpy(np.stack([apply_augmentation(vol, a) for a in chunk]))[:, None].to(device, dtype)
-            maps = saliency_batch(net, x, h, int(class_index), method).detach().cpu().double().numpy()
+            with precision:
+                maps = saliency_batch(inner, x, h, int(class_index), method)
+            maps = maps.detach().float().cpu().double().numpy()
             for m, a in zip(maps, chunk):
                 back, valid = undo_augmentation(m, a)
                 total += back

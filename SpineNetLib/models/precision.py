@@ -2,7 +2,8 @@
 
 ``benchmarks/bench_runtimes.py`` measured bfloat16 autocast at 1.8x the float32 speed for the
 official-size detector and 2.5x for the grader on a 2-core CPU with AVX-512 BF16, with outputs
-within about 1 % of their range of float32 ones (benchmarks/RESULTS.md).  It is a choice, not the default: the
+within about 1 % of their range of float32 ones (benchmarks/RESULTS.md); hotspot maps
+(``discs/hotspots.py``) are then computed under bfloat16 autocast too, 1.9x faster.  It is a choice, not the default: the
 official networks were trained and validated in float32, and only our held-out check
 (``benchmarks/validate_bundled.py --precision bf16``) and the tests compare the two.
 """

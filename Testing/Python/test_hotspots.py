@@ -209,3 +209,19 @@ def test_hotspot_overlaps_the_lesion(grader, notch_case, method):
     # the hotspot is on the lesion's slices, not elsewhere in the volume
     per_slice = m.reshape(9, -1).max(axis=1)
     assert int(np.argmax(per_slice)) in sl
+
+
+def test_bf16_hotspot_maps_follow_the_fp32_ones():
+    """A grader loaded with ``--precision bf16`` computes its hotspot maps under bfloat16 autocast too
+    (about 1.9x faster with the official-size grader, benchmarks/RESULTS.md); the maps stay the
+    fp32 ones up to rounding."""
+    from SpineNetLib.models.precision import with_precision
+    from SpineNetLib.weights.resolve import resolve_weights
+
+    ph = phantom.make_phantom(seed=1, shape=(256, 256), pixel_spacing=(1.2, 1.2), n_slices=9)
+    disc = ivd.extract_ivd_volumes(ph.scan, phantom_vertebrae(ph))[-1]
+    net = checkpoints.load_model("grading", resolve_weights("bundled").path("grading"))
+    fp32 = hs.hotspot_volume(net, disc.volume, HEADS[-1], n_augment=2)
+    bf16 = hs.hotspot_volume(with_precision(net, "bf16"), disc.volume, HEADS[-1], n_augment=2)
+    assert not np.array_equal(fp32, bf16)          # really computed in bfloat16
+    assert np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1] > 0.99
