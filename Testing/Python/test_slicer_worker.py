@@ -73,6 +73,10 @@ def test_worker_arguments_round_trip():
     assert (parsed.input, parsed.geometry, parsed.output, parsed.weights, parsed.device) == ("v.npy", "v.json", "out", "/w", "cpu")
     assert parsed.grading is False and parsed.hotspot_head == "Herniation"
     assert parsed.pipeline == "m:f" and parsed.option == ["steps=2"]
+    assert parsed.precision == "fp32"
+    bf16 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", precision="bf16"))
+    assert bf16.precision == "bf16" and _batch_parser().parse_args(
+        ["--input", "v", "--output", "o", "--precision", "bf16"]).precision == "bf16"
 
 
 def _batch_parser():
