@@ -1,0 +1,64 @@
+"""Detection seconds of the official package and of ours, same official-size weights, same scan.
+
+Issue 16, item 4.  Detection is the stage that dominates (benchmarks/RESULTS.md); both sides run
+the same seeded random official-size detector (compare.py's weights) on the lumbar phantom of
+bench_pipeline.py (512 x 512 x 15, 0.6 mm), with 2 torch threads:
+
+    python benchmarks/official/bench_speed.py --official-python /tmp/official_env/bin/python
+
+The official time is measured inside its runner around ``detect_and_group`` (no start-up, no
+model loading); ours around ``detect_vertebrae``, for our patch plan and the opt-in whole-slice
+plan, in fp32 and bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
+
+from compare import calibration_patches, run_official, write_random_official_weights  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official-python", required=True, help="python of the official package's environment")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from SpineNetLib.detect import vfr
+    from SpineNetLib.pipeline import load_networks
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    scan = make_phantom(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15, seed=1).scan
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spinenet-speed-") as tmp:
+        weights = write_random_official_weights(Path(tmp) / "weights", 0, calibration_patches(scan))
+        official = run_official(args.official_python, scan.voxels, scan.spacing_mm[:2], weights,
+                                Path(tmp) / "official", detection_only=True)
+        rows.append(("official package 2.1.4", float(official["detection_seconds"])))
+        for precision in ("fp32", "bf16"):
+            networks = load_networks(str(weights), "cpu", precision=precision)
+            predict = vfr.network_predictor(networks.detector)
+            for plan in ("patches", "whole_slice"):
+                start = time.perf_counter()
+                vfr.detect_vertebrae(scan, predict, vfr.DetectionParams(plan=plan))
+                rows.append((f"ours, {plan}, {precision}", time.perf_counter() - start))
+    base = rows[0][1]
+    print(f"lumbar phantom 512x512x15 at 0.6 mm, official-size detector, {args.threads} threads")
+    for name, seconds in rows:
+        print(f"  {name:<28} {seconds:7.1f} s   {base / seconds:5.2f}x the official speed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
