@@ -188,15 +188,14 @@ def body_intensity_samples(scan: Scan, vertebra: Vertebra, official_fill: bool =
     poly = body_mid_polygon(vertebra)
     if not np.all(np.isfinite(poly)):
         return np.zeros(0, np.float32)
+    slices = [s for s in vertebra.slices if 0 <= s < n_slices]
     if official_fill:
         from skimage.draw import polygon as fill_polygon
 
         rows, cols = fill_polygon(poly[:, 1], poly[:, 0], (height, width))
-        slices = [s for s in vertebra.slices if 0 <= s < n_slices]
         return np.asarray(voxels[rows, cols][:, slices], np.float32).ravel()
     x0, x1 = max(int(math.ceil(poly[:, 0].min())), 0), min(int(math.floor(poly[:, 0].max())), width - 1)
     y0, y1 = max(int(math.ceil(poly[:, 1].min())), 0), min(int(math.floor(poly[:, 1].max())), height - 1)
-    slices = [s for s in vertebra.slices if 0 <= s < n_slices]
     if x0 > x1 or y0 > y1 or not slices:
         return np.zeros(0, np.float32)
     yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
@@ -310,12 +309,22 @@ def _sample_slices(voxels: np.ndarray, slices: list[int], rows: np.ndarray, cols
     return sampled[0].numpy()
 
 
+def _disc_slices(voxels: np.ndarray, first_slice: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The disc's 9 native slices from ``first_slice`` sampled at the in-slice points (official §6):
+    ``(9, *rows.shape)`` float32, zeros for slices beyond the scan."""
+    wanted = [first_slice + k for k in range(IVD_SHAPE[0])]
+    inside = [k for k, s in enumerate(wanted) if 0 <= s < voxels.shape[2]]
+    out = np.zeros((IVD_SHAPE[0], *rows.shape), np.float32)
+    if inside:
+        out[inside] = _sample_slices(voxels, [wanted[k] for k in inside], rows, cols)
+    return out
+
+
 def extract_ivd_volume(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: str = "",
                        upper_index: int = 0, lower_index: int = 1,
                        reference: float | None = None) -> IVDVolume | None:
     """The grading volume of the disc between two bodies (module docstring); None if degenerate."""
     voxels = scan.voxels
-    n_slices = voxels.shape[2]
     mid = disc_mid_slice(upper, lower)
     quad = disc_quad(polygon_on_or_average(upper, mid), polygon_on_or_average(lower, mid))
     scale = pixel_scale(scan)
@@ -328,11 +337,7 @@ def extract_ivd_volume(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: s
     rr, cc = np.meshgrid(np.arange(n_r, dtype=np.float64), np.arange(n_c, dtype=np.float64), indexing="ij")
     rows = to_canonical[0, 1] * rr + to_canonical[0, 2] * cc + to_canonical[0, 3]
     cols = to_canonical[1, 1] * rr + to_canonical[1, 2] * cc + to_canonical[1, 3]
-    wanted = [first + k for k in range(IVD_SHAPE[0])]
-    inside = [k for k, s in enumerate(wanted) if 0 <= s < n_slices]
-    raw = np.zeros(IVD_SHAPE, np.float32)
-    if inside:
-        raw[inside] = _sample_slices(voxels, [wanted[k] for k in inside], rows, cols)
+    raw = _disc_slices(voxels, first, rows, cols)
     if reference is None:
         reference = reference_intensity(scan, upper, lower)
     if not (math.isfinite(reference) and reference > 0):
@@ -394,7 +399,7 @@ def extract_ivd_volume_official(scan: Scan, upper: Vertebra, lower: Vertebra, *,
     pixels are computed, each sampled from the scan once.  None if degenerate.
     """
     voxels = scan.voxels
-    height_px, width_px, n_slices = voxels.shape
+    height_px, width_px = voxels.shape[:2]
     row_mm, col_mm = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
     to_square = np.array([col_mm, row_mm]) / min(row_mm, col_mm)      # (x, y) factors
     mid = disc_mid_slice(upper, lower)
@@ -412,11 +417,7 @@ def extract_ivd_volume_official(scan: Scan, upper: Vertebra, lower: Vertebra, *,
     cc, rr = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
     cols = inverse[0, 0] * cc + inverse[0, 1] * rr + inverse[0, 2]
     rows = inverse[1, 0] * cc + inverse[1, 1] * rr + inverse[1, 2]
-    wanted = [mid - HALF_SLICES + k for k in range(IVD_SHAPE[0])]
-    inside = [k for k, s in enumerate(wanted) if 0 <= s < n_slices]
-    window = np.zeros((IVD_SHAPE[0], y1 - y0, x1 - x0), np.float32)
-    if inside:
-        window[inside] = _sample_slices(voxels, [wanted[k] for k in inside], rows, cols)
+    window = _disc_slices(voxels, mid - HALF_SLICES, rows, cols)
     window[:, (rr[:, 0] < 0) | (rr[:, 0] >= canvas_h), :] = 0.0   # beyond the canvas: the official zero pad
     window[:, :, (cc[0] < 0) | (cc[0] >= canvas_w)] = 0.0
     patch = F.interpolate(torch.from_numpy(window)[None], size=OFFICIAL_PATCH, mode="bicubic",
