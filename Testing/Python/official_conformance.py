@@ -55,17 +55,28 @@ def label_networks(with_grading: bool = True) -> dict[str, torch.nn.Module]:
         nets["grading"] = GradingNet()
     with torch.no_grad():
         for net in nets.values():
-            for m in net.modules():
-                if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-                    m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-                    m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=generator))
+            randomise_batch_norm(net, generator)
     return {k: v.eval() for k, v in nets.items()}
 
 
-def write_label_networks(folder: Path) -> Path:
-    """:func:`label_networks` saved as the official checkpoints are (no ``detect-vfr/``)."""
-    for name, net in label_networks().items():
+def randomise_batch_norm(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial running statistics, so eval-mode BatchNorm is not the identity."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
+            m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=generator))
+
+
+def save_official_layout(nets: dict[str, torch.nn.Module], folder: Path) -> Path:
+    """``{folder name: network}`` saved as the official checkpoints are (official §2): one
+    ``<name>/ckpt1.pt`` each, under ``model_weights`` for ``grading`` and ``net`` otherwise."""
+    for name, net in nets.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         key = "model_weights" if name == "grading" else "net"
         torch.save({key: net.state_dict(), "epoch": 1, "loss": 0.0}, folder / name / "ckpt1.pt")
     return folder
+
+
+def write_label_networks(folder: Path) -> Path:
+    """:func:`label_networks` saved as the official checkpoints are (no ``detect-vfr/``)."""
+    return save_official_layout(label_networks(), folder)

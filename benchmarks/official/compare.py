@@ -37,19 +37,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "Testing" / "Python"))
+
+from official_conformance import randomise_batch_norm, save_official_layout  # noqa: E402
 
 DEFAULT_CASES = ("ivd_11", "chu_02", "myo_01", "zukic_02_AKa3_T1")
 
 
 # --------------------------------------------------------------------------- weights
-
-def _randomise_batch_norm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial running statistics, so eval-mode BatchNorm is not the identity."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-            m.running_var.copy_(1.0 + 0.2 * torch.rand(m.running_var.shape, generator=generator))
-
 
 def _calibrate_heat_maps(detector: torch.nn.Module, patches: np.ndarray) -> None:
     """Scale the output layer so that each heat map (channels 0-4) has mean 0.35 and spread 0.12 on
@@ -80,14 +75,10 @@ def write_random_official_weights(folder: Path, seed: int, calibration_patches: 
             "grading": GradingNet()}
     with torch.no_grad():
         for net in nets.values():
-            _randomise_batch_norm(net, generator)
+            randomise_batch_norm(net, generator)
         nets["detect-vfr"].eval()
         _calibrate_heat_maps(nets["detect-vfr"], calibration_patches)
-    for name, net in nets.items():
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        key = "model_weights" if name == "grading" else "net"
-        torch.save({key: net.state_dict(), "epoch": 1, "loss": 0.0}, folder / name / "ckpt1.pt")
-    return folder
+    return save_official_layout(nets, folder)
 
 
 # --------------------------------------------------------------------------- the official side
