@@ -107,13 +107,15 @@ def new_scene(cache_dir: str | os.PathLike | None = None):
         logic.SetMRMLScene(scene)
         app.SetModuleLogic(module, logic)
         logics.append(logic)
+    # a folder of our own is removed with the scene (or at exit at the latest), never left in /tmp
+    own_cache = None if cache_dir else tempfile.TemporaryDirectory(prefix="spinenet-mrml-")
     cache = slicer.vtkCacheManager()
-    cache.SetRemoteCacheDirectory(str(cache_dir or tempfile.mkdtemp(prefix="spinenet-mrml-")))
+    cache.SetRemoteCacheDirectory(str(cache_dir or own_cache.name))
     io_manager = slicer.vtkDataIOManager()
     io_manager.SetCacheManager(cache)
     scene.SetCacheManager(cache)
     scene.SetDataIOManager(io_manager)
-    scene._spinenet_keep_alive = logics + [cache, io_manager]
+    scene._spinenet_keep_alive = logics + [cache, io_manager] + ([own_cache] if own_cache else [])
     return scene
 
 

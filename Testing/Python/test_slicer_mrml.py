@@ -10,6 +10,7 @@ replacing earlier results, .mrb round trips and level corrections.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -500,3 +501,17 @@ def test_batch_hands_over_the_canonical_grid_of_a_resampled_scan():
     assert "resampled" in again.metadata and again.shape == scan.shape
     np.testing.assert_array_equal(again.voxels, scan.voxels)
     np.testing.assert_allclose(again.canonical_to_ras, scan.canonical_to_ras, atol=1e-12)
+
+
+def test_a_headless_scene_leaves_no_folder_behind():
+    """Every batch run and test makes a scene; each used to leave an empty spinenet-mrml-* folder in /tmp
+    (the scene and its logics hold each other, so the folder goes when Python exits)."""
+    import subprocess
+    import sys
+
+    code = ("from SpineNetLib.slicer import mrml; s = mrml.new_scene(); "
+            "print(s.GetCacheManager().GetRemoteCacheDirectory())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    cache = Path(done.stdout.strip().splitlines()[-1])
+    assert cache.name.startswith("spinenet-mrml-") and not cache.exists()
