@@ -1,14 +1,32 @@
-"""Write the README screenshots of the Slicer panel: docs/images/slicer_panel.png and slicer_results_table.png.
+"""Write the README screenshots of the Slicer module into docs/images/.
 
 Run from the repository root (needs PySide6 and slicer-core, as the tests do)::
 
-    QT_QPA_PLATFORM=offscreen python benchmarks/render_slicer_screenshots.py
+    OMP_NUM_THREADS=1 QT_QPA_PLATFORM=offscreen python benchmarks/render_slicer_screenshots.py [OUTDIR]
 
-The real ``SpineNet/SpineNet.py`` widget is built with PySide6 stand-ins for
-Slicer's Qt (Testing/Python/slicer_standins.py) and filled with the results
-of a synthetic phantom's ground truth (no networks involved);
-Testing/Python/test_slicer_ui.py renders the same images into a temporary
-folder on every test run.
+What it does (Testing/Python/slicer_standins.py, ``render_screenshots``): the
+phantom that ``spinenet demo`` writes (lumbar T2, seed 7) is put into a
+slicer-core MRML scene as the volume "phantom"; the real ``SpineNet/SpineNet.py``
+panel, built with PySide6 stand-ins for Slicer's Qt, runs *Detect & Grade*
+with its defaults (bundled weights, grading on) through the module's logic
+and the worker's entry point in this process.  So the panel, the grades table
+and the scene's nodes hold the bundled networks' real result.
+
+* ``slicer_panel.png``: the panel after the run;
+* ``slicer_results_table.png``: the "phantom SpineNet grades" table node;
+* ``slicer_slice_view.png``: the middle sagittal slice as Slicer's slice view
+  draws it, rendered by VTK offscreen (EGL; Mesa's software renderer is
+  enough, no X server) with slicer-core's slice logic and Slicer's own
+  segmentation and markups displayable managers, from the MRML nodes the
+  run made;
+* ``slicer_layout.png``: the panel and the slice view side by side.
+
+The captions in README.md and docs/SLICER.md describe these images (levels,
+counts, warnings): check them after regenerating with other weights.
+
+The slice views need VTK offscreen rendering; without it this script stops
+(the test Testing/Python/test_slicer_ui.py renders the same images into a
+temporary folder, the slice view only where VTK can render offscreen).
 """
 
 import os
@@ -21,10 +39,21 @@ sys.path[:0] = [str(REPO), str(REPO / "Testing" / "Python")]
 
 import slicer_standins  # noqa: E402
 
+#: The screenshots must stay small (bytes).
+MAX_BYTES = 300_000
 
-def main():
-    for path in slicer_standins.render_screenshots(REPO / "docs" / "images"):
-        print(f"wrote {path.relative_to(REPO)}")
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    outdir = Path(argv[0]) if argv else REPO / "docs" / "images"
+    if not slicer_standins.offscreen_rendering_works():
+        sys.exit("VTK cannot render offscreen here (no EGL/OSMesa/X): the slice view cannot be drawn")
+    for path in slicer_standins.render_screenshots(outdir, slice_view=True):
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            sys.exit(f"{path} is {size} bytes, more than {MAX_BYTES}")
+        shown = path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+        print(f"wrote {shown} ({size // 1000} kB)")
 
 
 if __name__ == "__main__":

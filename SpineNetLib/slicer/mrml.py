@@ -313,6 +313,8 @@ def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
         display.SetSelectedColor(*colour)
         display.SetColor(*colour)
         display.SetPointLabelsVisibility(False)
+        # the centroid points carry the level; "<volume> SpineNet L4" beside every outline only crowds the view
+        display.SetPropertiesLabelVisibility(False)
         display.SetFillOpacity(0.15)
     _tag(node, volume_node, "vertebra-outline")
     return node

@@ -11,12 +11,16 @@
   real ``VTKObservationMixin`` of slicer-core's ``slicer.util``) and
   ``slicer.ScriptedLoadableModule`` base classes.
 
-:func:`render_screenshots` uses the same stand-ins to draw the panel and the
-results table to PNG files for the README (``benchmarks/render_slicer_screenshots.py``).
+:func:`render_screenshots` uses the same stand-ins to run the real module (bundled
+networks) on the ``spinenet demo`` phantom and draw the panel and the results table
+to PNG files for the README, and :func:`render_slice_view` draws the scene's nodes as
+Slicer's sagittal slice view does, with slicer-core's slice logic and Slicer's
+displayable managers in an offscreen VTK window (``benchmarks/render_slicer_screenshots.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -364,23 +368,324 @@ def _fit_table(table):
     table.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     table.setVerticalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     frame = 2 * table.frameWidth()
-    height = table.horizontalHeader().height() + table.verticalHeader().length() + frame
-    width = table.verticalHeader().width() + table.horizontalHeader().length() + frame
+    header = table.horizontalHeader()
+    height = max(header.height(), header.sizeHint().height()) + table.verticalHeader().length() + frame
+    rows = table.verticalHeader()
+    width = (0 if rows.isHidden() else rows.width()) + header.length() + frame
     table.setMinimumHeight(height)
     table.setMaximumHeight(height)
     return width, height
 
 
-def render_screenshots(outdir) -> list[Path]:
-    """Render the panel with results, and the results table, to PNG files in ``outdir``."""
+#: The phantom ``spinenet demo`` writes (its default arguments: lumbar, T2, seed 7), as keyword
+#: arguments of :func:`SpineNetLib.synthetic.phantom.make_phantom` (see ``command_demo`` in apps/cli.py).
+DEMO_PHANTOM = {"fov": "lumbar", "contrast": "T2", "seed": 7, "variability": 1.0, "include_s2": True}
+#: The volume's name: Slicer names a volume loaded from ``phantom.nii.gz`` "phantom".
+DEMO_VOLUME_NAME = "phantom"
+#: Displayable managers of the slice view, as Slicer's slice views have them for these nodes.
+#: (Slicer's others are left out: nothing of theirs is shown by default, and the orientation
+#: marker and ruler managers crash without a Qt view around them.)
+SLICE_VIEW_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLMarkupsDisplayableManager")
+#: Size of the rendered slice view (pixels); in the screenshots its height follows the panel's.
+SLICE_VIEW_SIZE = (600, 600)
+SLICE_VIEW_WIDTH = SLICE_VIEW_SIZE[0]
+#: Height of the bar above the slice view in the screenshots (pixels).
+VIEW_BAR_HEIGHT = 22
+
+
+def prepare_for_views(scene) -> None:
+    """Give a ``mrml.new_scene`` scene what the Slicer application adds before anything is shown (once):
+    the default colour tables (a volume's display node refers to "Grey") and the interaction node."""
+    from SpineNetLib.slicer import mrml
+
+    app = scene._spinenet_keep_alive[0]
+    if app.GetModuleLogic("Colors") is None:
+        colors = mrml.slicer_class("vtkMRMLColorLogic")()   # Slicer's default colour tables (no colour files)
+        colors.SetMRMLApplicationLogic(app)
+        colors.SetMRMLScene(scene)
+        app.SetModuleLogic("Colors", colors)
+        scene._spinenet_keep_alive.append(colors)
+    if scene.GetFirstNodeByClass("vtkMRMLInteractionNode") is None:
+        interaction = mrml.slicer_class("vtkMRMLInteractionNode")()
+        interaction.SetSingletonTag("Singleton")
+        scene.AddNode(interaction)
+
+
+def screenshot_scene():
+    """(scene, volume): a headless scene as Slicer starts one, holding the ``spinenet demo`` phantom.
+
+    ``mrml.new_scene`` plus :func:`prepare_for_views`, so the volume is shown in
+    grey with automatic window/level, as a volume loaded in Slicer is.
+    """
+    from SpineNetLib.slicer import mrml
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    scene = mrml.new_scene()
+    prepare_for_views(scene)
+    phantom = make_phantom(**DEMO_PHANTOM)
+    volume = mrml.add_volume(scene, phantom.voxels_kji, phantom.ijk_to_ras, DEMO_VOLUME_NAME)
+    return scene, volume
+
+
+def _offscreen_environment() -> dict:
+    """The environment for VTK offscreen rendering: EGL (Mesa's software renderer works) without an X display."""
+    env = dict(os.environ)
+    if not env.get("DISPLAY"):
+        env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    return env
+
+
+_PROBE = """
+import vtk
+window = vtk.vtkRenderWindow()
+window.SetOffScreenRendering(1)
+window.SetSize(8, 8)
+renderer = vtk.vtkRenderer()
+renderer.SetBackground(1.0, 0.5, 0.0)
+window.AddRenderer(renderer)
+window.Render()
+grab = vtk.vtkWindowToImageFilter()
+grab.SetInput(window)
+grab.Update()
+print("PIXEL", grab.GetOutput().GetScalarComponentAsDouble(4, 4, 0, 0))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def offscreen_rendering_works(timeout: float = 60) -> bool:
+    """Whether VTK renders offscreen here (tried once, in a child process: a missing OpenGL can crash it)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=_offscreen_environment(), capture_output=True,
+                              text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and "PIXEL 255.0" in proc.stdout
+
+
+def render_slice_view(scene, volume, size=SLICE_VIEW_SIZE, *, zoom_to_spine: bool = False):
+    """The volume's middle sagittal slice with the scene's nodes, as Slicer's sagittal (Yellow) view draws it.
+
+    Real Slicer rendering, without Slicer's Qt: slicer-core's ``vtkMRMLSliceLogic``
+    reslices and blends the layers (the volume with its display node's grey
+    colours and window/level), and Slicer's own displayable managers
+    (:data:`SLICE_VIEW_MANAGERS`) draw the segmentation's fill and outlines
+    and the markups (curves with their names, points with their labels) into
+    an offscreen VTK render window.  Slicer's sagittal orientation shows
+    anterior on the left and superior up.  The view first fits the whole
+    volume (Slicer's "reset field of view"); ``zoom_to_spine`` then zooms so
+    the volume's height fills the view, centred on the vertebrae's centroids.
+    The slice and composite nodes the view made are removed again.  Returns
+    ``(rgb array [row, col, 3] uint8, slice offset in mm, 1-based slice
+    number)``.  Call only when :func:`offscreen_rendering_works`.
+    """
+    from SpineNetLib.slicer import mrml
+    from vtk.util import numpy_support
+
+    os.environ.update({k: v for k, v in _offscreen_environment().items() if k == "VTK_DEFAULT_OPENGL_WINDOW"})
+    import vtk
+
+    width, height = size
+    prepare_for_views(scene)
+    app = scene._spinenet_keep_alive[0]
+    vtk.vtkMapper.SetResolveCoincidentTopologyToPolygonOffset()  # as the Slicer application sets it
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(width, height)
+    renderer = vtk.vtkRenderer()
+    renderer.SetBackground(0.0, 0.0, 0.0)
+    window.AddRenderer(renderer)
+    interactor = vtk.vtkGenericRenderWindowInteractor()   # the markups widgets expect one (never started)
+    interactor.SetRenderWindow(window)
+
+    logic = mrml.slicer_class("vtkMRMLSliceLogic")()
+    logic.SetMRMLApplicationLogic(app)
+    logic.SetMRMLScene(scene)
+    if app.GetSliceLogics() is None:
+        app.SetSliceLogics(vtk.vtkCollection())
+    app.GetSliceLogics().AddItem(logic)
+    slice_node = logic.AddSliceNode("Yellow")
+    if not slice_node.HasSliceOrientationPreset("Sagittal"):
+        slice_node.AddDefaultSliceOrientationPresets(slice_node)
+    slice_node.SetOrientation("Sagittal")
+    slice_node.SetDimensions(width, height, 1)
+    logic.GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+    logic.FitSliceToBackground(width, height)
+    if zoom_to_spine:
+        # as a user zooms in a tall view: the volume's full height fills the view, centred on the vertebrae
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        fov_s = bounds[5] - bounds[4]
+        slice_node.SetFieldOfView(fov_s * width / height, fov_s, slice_node.GetFieldOfView()[2])
+        centroids = mrml.result_nodes(scene, volume, "centroids")
+        points = [centroids[0].GetNthControlPointPosition(n) for n in range(centroids[0].GetNumberOfControlPoints())] \
+            if centroids else []
+        anterior = sum(p[1] for p in points) / len(points) if points else (bounds[2] + bounds[3]) / 2
+        slice_node.JumpSliceByCentering(logic.GetSliceOffset(), anterior, (bounds[4] + bounds[5]) / 2)
+    logic.SnapSliceOffsetToIJK()
+
+    # the slice image, as qMRMLSliceView shows it: a 2D image actor behind everything else
+    mapper = vtk.vtkImageMapper()
+    mapper.SetColorWindow(255)
+    mapper.SetColorLevel(127.5)
+    mapper.SetInputConnection(logic.GetImageDataConnection())
+    actor = vtk.vtkActor2D()
+    actor.SetMapper(mapper)
+    actor.GetProperty().SetDisplayLocationToBackground()
+    renderer.AddViewProp(actor)
+
+    group = mrml.slicer_class("vtkMRMLDisplayableManagerGroup")()
+    group.SetRenderer(renderer)
+    for name in SLICE_VIEW_MANAGERS:
+        manager = mrml.slicer_class(name)()
+        manager.SetMRMLApplicationLogic(app)
+        group.AddDisplayableManager(manager)
+    group.SetMRMLDisplayableNode(slice_node)
+    window.Render()
+    window.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    image = grab.GetOutput()
+    w, h, _ = image.GetDimensions()
+    pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[::-1, :, :3].copy()
+    offset = logic.GetSliceOffset()
+    index = logic.GetSliceIndexFromOffset(offset, volume)   # 1-based, as Slicer shows it
+    # leave the scene as it was: the view's slice and composite nodes go with it
+    group.SetMRMLDisplayableNode(None)
+    app.GetSliceLogics().RemoveItem(logic)
+    composite = logic.GetSliceCompositeNode()
+    logic.SetMRMLScene(None)
+    for node in (slice_node, composite):
+        if node is not None and node.GetScene() is scene:
+            scene.RemoveNode(node)
+    window.Finalize()
+    return pixels, offset, index
+
+
+def _qimage(pixels):
+    """A QImage (own copy) of an RGB uint8 array [row, col, 3]."""
+    import numpy as np
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    h, w, _ = pixels.shape
+    return QtGui.QImage(pixels.data, w, h, 3 * w, QtGui.QImage.Format.Format_RGB888).copy()
+
+
+def _save_small_png(image: "QtGui.QImage", path: Path, colours: int = 256) -> Path:
+    """Save a QImage as a palette PNG (octree colours, no dithering): screenshots stay small."""
+    import io
+
+    from PIL import Image
+
+    buffer = QtCore.QBuffer()
+    buffer.open(QtCore.QIODevice.OpenModeFlag.WriteOnly)
+    image.save(buffer, "PNG")
+    picture = Image.open(io.BytesIO(bytes(buffer.data()))).convert("RGB")
+    picture.quantize(colours, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
+    return path
+
+
+def _view_with_bar(pixels, text: str) -> QtWidgets.QWidget:
+    """The rendered slice view under a bar in the colour of Slicer's Yellow (sagittal) view, saying what it shows."""
+    box = QtWidgets.QWidget()
+    layout = QtWidgets.QVBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.setSpacing(0)
+    bar = QtWidgets.QLabel(text)
+    bar.setStyleSheet("QLabel { background-color: #ede28a; color: #000000; padding: 0px 6px; }")
+    bar.setFixedHeight(VIEW_BAR_HEIGHT)
+    view = QtWidgets.QLabel()
+    view.setPixmap(QtGui.QPixmap.fromImage(_qimage(pixels)))
+    layout.addWidget(bar)
+    layout.addWidget(view)
+    return box
+
+
+#: Columns per block of the results table screenshot (the level column starts every block).
+TABLE_BLOCK_COLUMNS = 10
+
+
+def _header_text(name: str, unit: str) -> str:
+    """A column name broken after the underscore nearest its middle (the name stays exact), then its unit."""
+    cuts = [i + 1 for i, ch in enumerate(name) if ch == "_"]
+    if len(name) > 12 and cuts:
+        cut = min(cuts, key=lambda i: abs(i - len(name) / 2))
+        name = name[:cut] + "\n" + name[cut:]
+    return f"{name}\n[{unit}]" if unit else name
+
+
+def _table_node_view(table_node, block_columns: int = TABLE_BLOCK_COLUMNS) -> QtWidgets.QWidget:
+    """The table node's cells as table widgets, the columns in blocks stacked top to bottom.
+
+    Cells as the node's ``GetCellText`` gives them (as Slicer's table view
+    shows them), an empty cell for a missing value.  Every block starts with
+    the first column (the disc's level).
+    """
+    table = table_node.GetTable()
+    n_columns, n_rows = table.GetNumberOfColumns(), table_node.GetNumberOfRows()
+
+    def cell(r, c):
+        text = table_node.GetCellText(r, c)
+        return "" if text.lower() == "nan" else text
+
+    box = QtWidgets.QWidget()
+    layout = QtWidgets.QVBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.setSpacing(6)
+    others = list(range(1, n_columns))
+    widths = []
+    for start in range(0, len(others), block_columns):
+        columns = [0] + others[start:start + block_columns]
+        view = QtWidgets.QTableWidget(n_rows, len(columns))
+        view.setHorizontalHeaderLabels([_header_text(table.GetColumnName(c), table_node.GetColumnUnitLabel(
+            table.GetColumnName(c))) for c in columns])
+        for r in range(n_rows):
+            for k, c in enumerate(columns):
+                item = QtWidgets.QTableWidgetItem(cell(r, c))
+                item.setTextAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+                view.setItem(r, k, item)
+        view.setAlternatingRowColors(True)
+        view.verticalHeader().setVisible(False)
+        view.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        view.setCurrentCell(-1, -1)
+        layout.addWidget(view, 0, QtCore.Qt.AlignmentFlag.AlignLeft)
+        width, height = _fit_table(view)
+        view.setFixedSize(width, height)
+        widths.append(width)
+    box.resize(max(widths), layout.sizeHint().height())
+    return box
+
+
+def render_screenshots(outdir, *, slice_view: bool | None = None) -> list[Path]:
+    """Run the real module on the ``spinenet demo`` phantom and draw what the user sees, to PNG files in ``outdir``.
+
+    The real ``SpineNet/SpineNet.py`` panel (PySide6 stand-ins for Slicer's Qt)
+    on a slicer-core scene holding the phantom: *Detect & Grade* is clicked
+    with the panel's defaults (bundled weights, grading on, no hotspots); the
+    run goes through the module's logic and the worker's entry point in this
+    process (``InProcessWorker``: the same entry point and files as the
+    worker process), so the networks are the bundled ones and the tables,
+    status line and scene nodes are their real result.  Writes
+    ``slicer_panel.png`` and ``slicer_results_table.png`` (the grades table
+    node), and with ``slice_view`` (default: when :func:`offscreen_rendering_works`)
+    ``slicer_slice_view.png`` (:func:`render_slice_view` on the same scene) and
+    ``slicer_layout.png`` (panel and slice view side by side).
+    """
+    import numpy as np
+
     from SpineNetLib.slicer import mrml
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    scene, volume, vertebrae, discs = demo_scene()
+    if slice_view is None:
+        slice_view = offscreen_rendering_works()
+    scene, volume = screenshot_scene()
     patch = _Patch()
     try:
-        qt, ctk, slicer, slm, _ = make_modules(scene)
+        qt, ctk, slicer, slm, recorder = make_modules(scene)
         for name, module in (("qt", qt), ("ctk", ctk), ("slicer", slicer), ("slicer.ScriptedLoadableModule", slm)):
             patch.setitem(sys.modules, name, module)
         spec = importlib.util.spec_from_file_location("SpineNet", MODULE_FILE)
@@ -391,53 +696,66 @@ def render_screenshots(outdir) -> list[Path]:
         panel = QtWidgets.QWidget()
         widget = module.SpineNetWidget(panel)
         widget.setup()
-        widget.logic.showResults(volume, vertebrae, discs)
+        widget.logic.workerFactory = module.InProcessWorker   # the worker's entry point, in this process
         widget.ui.inputSelector.refresh()
         widget.ui.inputSelector.setCurrentNode(volume)
-        widget.populateResults()
-        widget.ui.progressBar.setMaximum(10)
-        widget.ui.progressBar.setValue(10)
-        widget.setStatus(widget.logic.summary(volume))
-        widget.updateWidgets()
-        widget.ui.discTable.selectRow(4)
-        panel.resize(460, 400)
+        widget.ui.applyButton.click()
+        run = widget.logic.lastRun
+        if run is None or run.status != "done":
+            said = run.message if run else widget.ui.statusLabel.text()
+            raise RuntimeError("Detect & Grade did not finish: " + said)
+        if recorder.calls:
+            raise RuntimeError(f"the panel asked for something while running: {recorder.calls}")
+        discs = [widget.ui.discTable.item(r, 0).text() for r in range(widget.ui.discTable.rowCount())]
+        if "L4-L5" in discs:
+            widget.ui.discTable.selectRow(discs.index("L4-L5"))
+        panel.resize(470, 400)
         panel.show()
         application().processEvents()
         _fit_table(widget.ui.discTable)
         _fit_table(widget.ui.vertebraTable)
-        panel.resize(460, panel.sizeHint().height())
+        panel.resize(470, panel.sizeHint().height())
         application().processEvents()
-        panel_png = outdir / "slicer_panel.png"
-        panel.grab().save(str(panel_png))
+        panel_image = panel.grab().toImage()
+        panel_png = _save_small_png(panel_image, outdir / "slicer_panel.png")
 
         table_node = mrml.result_nodes(scene, volume, "grades")[0]
-        names, rows = mrml.table_rows(table_node)
-        view = QtWidgets.QTableWidget(len(rows), len(names))
-        headers = []
-        for name in names:
-            unit = table_node.GetColumnUnitLabel(name)
-            headers.append(f"{name}\n[{unit}]" if unit else name)
-        view.setHorizontalHeaderLabels(headers)
-        for r, row in enumerate(rows):
-            for c, text in enumerate(row):
-                try:
-                    text = f"{float(text):.1f}" if c else text
-                except ValueError:
-                    pass
-                item = QtWidgets.QTableWidgetItem(text)
-                item.setTextAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
-                view.setItem(r, c, item)
-        view.setAlternatingRowColors(True)
-        view.verticalHeader().setVisible(False)
+        view = _table_node_view(table_node)
         view.show()
         application().processEvents()
-        width, height = _fit_table(view)
-        view.resize(width, height)
-        application().processEvents()
-        table_png = outdir / "slicer_results_table.png"
-        view.grab().save(str(table_png))
+        table_png = _save_small_png(view.grab().toImage(), outdir / "slicer_results_table.png")
+        paths = [panel_png, table_png]
+
+        if slice_view:
+            size = (SLICE_VIEW_WIDTH, panel_image.height() - VIEW_BAR_HEIGHT)
+            pixels, offset, index = render_slice_view(scene, volume, size, zoom_to_spine=True)
+            # the number of sagittal slices: the volume's extent along its IJK axis closest to R
+            axis = int(np.argmax(np.abs(mrml.ijk_to_ras(volume)[0, :3])))
+            slices = mrml.volume_dimensions(volume)[axis]
+            caption = (f"Sagittal slice view: {volume.GetName()}, slice {index} of {slices} "
+                       f"(R {offset:+.1f} mm)")
+            box = _view_with_bar(pixels, caption)
+            box.show()
+            application().processEvents()
+            paths.append(_save_small_png(box.grab().toImage(), outdir / "slicer_slice_view.png"))
+            layout = QtWidgets.QWidget()
+            row = QtWidgets.QHBoxLayout(layout)
+            row.setContentsMargins(0, 0, 0, 0)
+            row.setSpacing(4)
+            left = QtWidgets.QLabel()
+            left.setPixmap(QtGui.QPixmap.fromImage(panel_image))
+            left.setAlignment(QtCore.Qt.AlignmentFlag.AlignTop)
+            row.addWidget(left, 0, QtCore.Qt.AlignmentFlag.AlignTop)
+            row.addWidget(_view_with_bar(pixels, caption), 0, QtCore.Qt.AlignmentFlag.AlignTop)
+            layout.setStyleSheet("background-color: #3c3c3c;")
+            layout.show()
+            application().processEvents()
+            paths.append(_save_small_png(layout.grab().toImage(), outdir / "slicer_layout.png"))
+            box.close()
+            layout.close()
         panel.close()
         view.close()
-        return [panel_png, table_png]
+        widget.cleanup()
+        return paths
     finally:
         patch.undo()

@@ -293,6 +293,9 @@ def test_extension_metadata():
     assert "SpineNet.png" in " ".join(lists["EXTENSION_ICONURL"])
     screenshots = re.findall(r"docs/images/[\w.]+\.png", " ".join(lists["EXTENSION_SCREENSHOTURLS"]))
     assert screenshots and all((REPO / s).is_file() for s in screenshots)
+    # what benchmarks/render_slicer_screenshots.py writes: panel and slice view first, then each alone, the table
+    assert screenshots == [f"docs/images/{name}.png" for name in
+                           ("slicer_layout", "slicer_slice_view", "slicer_panel", "slicer_results_table")]
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -162,6 +162,8 @@ def test_nodes_classes_names_and_positions(case):
         np.testing.assert_allclose(_points(curve), expected, atol=2e-3)
         assert curve.GetAttribute(mrml.SOURCE_ATTRIBUTE) == volume.GetID()
         assert curve.GetNodeReferenceID(mrml.SOURCE_REFERENCE) == volume.GetID()
+        # the level is shown once, at the centroid; no long node name beside every outline
+        assert not curve.GetDisplayNode().GetPropertiesLabelVisibility()
 
     fiducials = nodes.centroids
     assert fiducials.GetName() == "phantom SpineNet centroids"

@@ -89,15 +89,82 @@ def test_ui_holds_every_widget_name_the_module_uses():
 
 
 def test_screenshots_are_rendered(tmp_path):
+    """The README screenshots: the real panel after Detect & Grade with the bundled weights on the demo
+    phantom; the slice view (real VTK offscreen rendering of the MRML nodes) where VTK can render offscreen."""
     from PySide6.QtGui import QImage
 
-    paths = standins.render_screenshots(tmp_path)
-    assert [p.name for p in paths] == ["slicer_panel.png", "slicer_results_table.png"]
+    slice_view = standins.offscreen_rendering_works()
+    paths = standins.render_screenshots(tmp_path, slice_view=slice_view)
+    names = ["slicer_panel.png", "slicer_results_table.png"]
+    names += ["slicer_slice_view.png", "slicer_layout.png"] if slice_view else []
+    assert [p.name for p in paths] == names
     for path in paths:
+        assert path.stat().st_size < 300_000, f"{path.name} is too big for the README"
         image = QImage(str(path))
         assert not image.isNull() and image.width() > 300 and image.height() > 100
         pixels = {image.pixelColor(x, y).name() for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
         assert len(pixels) > 5, f"{path.name} looks blank"
+    if slice_view:
+        image = QImage(str(tmp_path / "slicer_slice_view.png"))
+        colours = [image.pixelColor(x, y) for x in range(0, image.width(), 3) for y in range(30, image.height(), 3)]
+        grey = sum(1 for c in colours if max(c.red(), c.green(), c.blue()) - min(c.red(), c.green(), c.blue()) < 8)
+        tinted = sum(1 for c in colours if max(c.red(), c.green(), c.blue()) - min(c.red(), c.green(), c.blue()) > 60)
+        # the scan in grey, and the segments, outlines and labels in their colours over it
+        assert grey > 0.5 * len(colours) and tinted > 0.02 * len(colours), (grey, tinted, len(colours))
+
+
+def test_docs_show_the_screenshots():
+    """Every screenshot the script writes is in docs/images and shown in README.md or docs/SLICER.md; every
+    image the two pages show exists."""
+    repo = Path(standins.REPO)
+    pages = {repo / "README.md": repo, repo / "docs" / "SLICER.md": repo / "docs"}
+    shown = set()
+    for page, base in pages.items():
+        for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", page.read_text(encoding="utf-8")):
+            path = (base / link).resolve()
+            assert path.is_file(), f"{page.name} shows a missing image {link}"
+            shown.add(path.name)
+    for name in ("slicer_layout.png", "slicer_slice_view.png", "slicer_panel.png", "slicer_results_table.png"):
+        path = repo / "docs" / "images" / name
+        assert path.is_file() and path.stat().st_size < 300_000, name
+        assert name in shown, f"{name} is shown nowhere"
+
+
+def test_slice_view_draws_the_nodes_where_they_are():
+    """render_slice_view: Slicer's sagittal view (anterior left, superior up) of the middle slice, a segment drawn
+    over the scan at its RAS place (ground-truth outlines of the small phantom, no networks)."""
+    if not standins.offscreen_rendering_works():
+        pytest.skip("VTK cannot render offscreen here")
+    scene, volume, vertebrae, discs = standins.demo_scene()
+    nodes = mrml.show_results(scene, volume, vertebrae, discs)
+    segmentation = nodes.segmentation.GetSegmentation()
+    display = nodes.segmentation.GetDisplayNode()
+    display.SetOpacity2DFill(1.0)
+    ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    size = 300
+
+    def drawn(level):
+        """Pixels (rows top-down, columns) where the view changes when only this segment is shown."""
+        for segment_id in ids:
+            display.SetSegmentVisibility(segment_id, False)
+        hidden, _, _ = standins.render_slice_view(scene, volume, (size, size))
+        display.SetSegmentVisibility(segmentation.GetSegmentIdBySegmentName(level), True)
+        shown, offset, index = standins.render_slice_view(scene, volume, (size, size))
+        assert shown.shape == (size, size, 3) and index == 5 and abs(offset) < 1e-6   # the middle of 9 slices
+        return np.nonzero(np.abs(shown.astype(int) - hidden.astype(int)).sum(axis=2) > 30)
+
+    # the view fits the volume (Slicer's reset field of view): centre and scale from its RAS bounds
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    mm_per_pixel = max(bounds[3] - bounds[2], bounds[5] - bounds[4]) / size
+    centre_a, centre_s = (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2
+    for level in ("L1", "L3", "L5"):
+        rows, cols = drawn(level)
+        assert len(rows) > 100, level
+        a, s = next(v for v in vertebrae["vertebrae"] if v["level"] == level)["centroid_ras"][1:]
+        # anterior (larger A) to the left, superior (larger S) up
+        assert abs(cols.mean() - (size / 2 - (a - centre_a) / mm_per_pixel)) < 4, level
+        assert abs(rows.mean() - (size / 2 - (s - centre_s) / mm_per_pixel)) < 4, level
 
 
 # --------------------------------------------------------------------------- widget wiring
