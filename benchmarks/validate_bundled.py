@@ -50,6 +50,10 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
     networks = load_networks(weights, "cpu", precision=precision)
     profile = processing_profile(profile_name, networks.weights.source)
     options = RunOptions(grade=False, profile=profile.name)
+    reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
+    if reused:   # a resumed run; a folder left by another weight set would be scored as if it were this one
+        print(f"reusing {len(reused)} predictions already in {pred_root} (delete them to predict again)",
+              file=sys.stderr)
     for n, case in enumerate(cases, 1):
         target = pred_root / case.case_id / "vertebrae.json"
         if target.is_file():
