@@ -502,8 +502,11 @@ def _batch(rng, samples, probabilities, tasks, batch_size, augment, allow_revers
     return x, torch.tensor(y, dtype=torch.long, device=device)
 
 
-def train_grader(args) -> Path:
-    """Run ``spinenet train grader`` (see the module docstring); returns the final weights path."""
+def train_grader(args, samples: Sequence[GradingSample] | None = None) -> Path:
+    """Run ``spinenet train grader`` (see the module docstring); returns the final weights path.
+
+    ``samples`` (with subsets "training" and "validation") replace the data the arguments name; a
+    cross-validation (``benchmarks/crossval_grader.py``) assigns its folds this way."""
     set_threads(args.threads)
     device = resolve_device(args.device)
     pathologies, sequences, wanted = _checked_arguments(args)
@@ -511,7 +514,7 @@ def train_grader(args) -> Path:
     rng = seed_everything(args.seed)
     log = print
 
-    train_set, val_set, tasks = _training_data(args, pathologies, sequences, wanted, log)
+    train_set, val_set, tasks = _training_data(args, pathologies, sequences, wanted, log, samples)
     probabilities = sampling_probabilities(train_set, tasks, args.sampling)
     weights = class_weights(train_set, tasks, probabilities)
 
@@ -572,9 +575,12 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
     }
 
 
-def _training_data(args, pathologies: list[str], sequences: list[str] | None, wanted: list[str], log):
+def _training_data(args, pathologies: list[str], sequences: list[str] | None, wanted: list[str], log,
+                   samples: Sequence[GradingSample] | None = None):
     """(training samples, validation samples, tasks to train): the tasks seen in training (and wanted)."""
-    if args.tianchi_targets:
+    if samples is not None:
+        samples = list(samples)
+    elif args.tianchi_targets:
         from SpineNetLib.training.datasets import default_data_root
 
         samples = tianchi_samples(args.tianchi_data or default_data_root(), args.tianchi_targets, log,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +318,35 @@ def test_the_threshold_shift_maximises_balanced_accuracy_on_the_calibration_disc
     assert best_shift(np.array([-1.0, 1.0]), np.array([0, 1])) == (0.0, 1.0)   # ties: the smallest shift
     with pytest.raises(InputError, match="one class"):
         best_shift(np.array([0.0, 1.0]), np.array([1, 1]))
+
+
+def test_cross_validation_tests_every_patient_once_on_a_grader_that_never_saw_it(tmp_path):
+    """benchmarks/crossval_grader.py: folds split by patient, calibration studies taken from the other
+    folds only, and ``train_grader(samples=...)`` trains on exactly the samples it is given."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "crossval_grader", Path(__file__).resolve().parents[2] / "benchmarks" / "crossval_grader.py")
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    samples = tg.phantom_samples(4, seed=3, pathologies=("endplate_notch",), p=0.5, log=None)
+    fold_of = cv.fold_assignment([s.group for s in samples], 2)
+    assert sorted(set(fold_of.values())) == [0, 1]
+    seen_in_test = []
+    for fold in (0, 1):
+        trainable, test = cv.fold_subsets(samples, fold_of, fold, n_calibration=1)
+        test_groups = {s.group for s in test}
+        seen_in_test += sorted(test_groups)
+        assert test_groups.isdisjoint(s.group for s in trainable)
+        assert len({s.group for s in trainable if s.subset == "validation"}) == 1
+        assert {s.subset for s in trainable} == {"training", "validation"}
+    assert sorted(seen_in_test) == sorted(set(fold_of))
+
+    trainable, _ = cv.fold_subsets(samples, fold_of, 0, n_calibration=1)
+    args = build_parser().parse_args(["train", "grader", "--phantoms", "1", "--out", str(tmp_path / "f"),
+                                      "--steps", "2", "--head-steps", "0", "--batch-size", "2", "--base-width", "2",
+                                      "--config-blocks", "1", "1", "1", "1", "--threads", "1"])
+    tg.train_grader(args, samples=trainable)
+    metrics = json.loads((tmp_path / "f" / "val_metrics.json").read_text())
+    assert metrics["n_train"] == sum(s.subset == "training" for s in trainable)
+    assert metrics["n_val"] == sum(s.subset == "validation" for s in trainable)
