@@ -22,17 +22,55 @@ error (a bug: ``--debug`` shows the traceback); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from SpineNetLib.core.errors import EXIT_OK, SpineNetError, exit_status, one_line
+from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
 
 # The commands import what they need inside their functions, so that `spinenet --help` and
 # errors in the arguments answer at once, without loading torch.
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad option is reported like every other problem: one stderr line, exit 2 (issue 12).
+
+    The sub-command parsers are of this class too (``add_subparsers`` makes them of the parent's class).
+    """
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``, shared by the commands that run the networks (:func:`_use_threads`)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for the networks (default: PyTorch's choice, about the number of "
+                             "cores); on a busy machine fewer threads can be many times faster, e.g. --threads 1 "
+                             "when other programs use the cores")
+
+
+def _use_threads(args) -> None:
+    """Apply ``--threads`` before any network runs: torch's intra- and inter-op pools, and (through the
+    environment) the OpenMP/BLAS pools of libraries loaded later, which read their size once, at load."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise SpineNetError(f"--threads must be at least 1, got {threads}")
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only possible before the first parallel work of this process (e.g. a second run)
+        pass
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +105,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
+    parser = _OneLineErrors(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("--version", action="version", version=f"spinenet {_version()}",
                         help="print the version and exit")
@@ -96,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dicom-out", action="store_true",
                      help="also write segmentation.dcm (DICOM Segmentation of the vertebrae and discs) and "
                           "report.dcm (DICOM SR measurement report of the discs) for a PACS; DICOM input only")
+    _add_threads_option(run)
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
     _add_cohort_command(sub)
@@ -108,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--contrast", default="T2", choices=["T1", "T2", "STIR"],
                       help="MR contrast the phantom imitates (default T2)")
     demo.add_argument("--seed", type=int, default=7, help="seed of the phantom's anatomy and noise (default 7)")
+    _add_threads_option(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
     demo.set_defaults(func=command_demo)
 
@@ -144,13 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate_overrides(args) -> None:
-    if args.pixel_spacing is not None and min(args.pixel_spacing) <= 0:
+    def positive(value: float) -> bool:
+        return 0 < value < float("inf")          # NaN compares false
+
+    if args.pixel_spacing is not None and not all(positive(v) for v in args.pixel_spacing):
         raise SpineNetError("--pixel-spacing values must be positive millimetres")
-    if args.slice_spacing is not None and args.slice_spacing <= 0:
+    if args.slice_spacing is not None and not positive(args.slice_spacing):
         raise SpineNetError("--slice-spacing must be positive millimetres")
 
 
 def command_run(args) -> int:
+    _use_threads(args)  # before numpy and torch are loaded, when they are not yet
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.outputs.files import check_writable, write_results
@@ -180,9 +224,10 @@ def command_run(args) -> int:
                                                      "load_networks": networks.load_seconds})
     result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
     preview = not getattr(args, "no_preview", False)
+    written = write_results(output, result, scan=scan, preview=preview, dicom=dicom_out)
+    # after the files are written: a run that fails to write them ends in its one error line only
     for warning in result.warnings + ([pillow_missing()] if preview and pillow_missing() else []):
         print(f"spinenet: warning: {one_line(warning)}", file=sys.stderr)
-    written = write_results(output, result, scan=scan, preview=preview, dicom=dicom_out)
     levels = [v["level"] or "?" for v in result.vertebrae_document["vertebrae"]]
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     grading = result.discs_document["grading"]
@@ -228,6 +273,7 @@ def _networks_for(args):
 
 
 def command_demo(args) -> int:
+    _use_threads(args)
     from SpineNetLib.synthetic.phantom import make_phantom
 
     output = Path(args.output)

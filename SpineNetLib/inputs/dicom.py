@@ -78,6 +78,21 @@ def _float_or(value, default: float) -> float:
     return out if np.isfinite(out) else default
 
 
+def _rescale(path: Path, value, keyword: str, default: float) -> float:
+    """RescaleSlope or RescaleIntercept: ``default`` when absent or empty; a value that is no finite
+    number refuses the file (every voxel depends on it)."""
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        out = float("nan")
+    if not np.isfinite(out):
+        raise InputError(f"DICOM file {path.name} has an unusable {keyword} ({str(value)[:40]!r}): "
+                         "the pixel values cannot be scaled")
+    return out
+
+
 def _first_item(ds, keyword: str):
     seq = getattr(ds, keyword, None)
     return seq[0] if seq is not None and len(seq) else None
@@ -130,7 +145,8 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
                        _floats(ds.get("ImageOrientationPatient"), 6) if "ImageOrientationPatient" in ds else None,
                        _floats(ds.get("ImagePositionPatient"), 3) if "ImagePositionPatient" in ds else None,
                        _floats(ps, 2) if ps is not None else None,
-                       _float_or(ds.get("RescaleSlope", 1.0), 1.0), _float_or(ds.get("RescaleIntercept", 0.0), 0.0),
+                       _rescale(path, ds.get("RescaleSlope"), "RescaleSlope", 1.0),
+                       _rescale(path, ds.get("RescaleIntercept"), "RescaleIntercept", 0.0),
                        inst, ds)]
     per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     if per_frame is None or len(per_frame) != n_frames:
@@ -149,21 +165,60 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
                           _floats(iop, 6) if iop is not None else None,
                           _floats(ipp, 3) if ipp is not None else None,
                           _floats(ps, 2) if ps is not None else None,
-                          _float_or(slope if slope is not None else ds.get("RescaleSlope", 1.0), 1.0),
-                          _float_or(icpt if icpt is not None else ds.get("RescaleIntercept", 0.0), 0.0),
+                          _rescale(path, slope if slope is not None else ds.get("RescaleSlope"), "RescaleSlope", 1.0),
+                          _rescale(path, icpt if icpt is not None else ds.get("RescaleIntercept"), "RescaleIntercept",
+                                   0.0),
                           inst, ds))
     return out
+
+
+#: Header elements the loader reads: a value of one of them that pydicom cannot convert (e.g. a
+#: 1-byte Rows) refuses the file; any other malformed element is dropped, as it is not used.
+_USED_KEYWORDS = frozenset((
+    "SOPClassUID", "SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
+    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
+    "RescaleSlope", "RescaleIntercept", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "RedPaletteColorLookupTableData"))
+
+
+def _converted(path: Path, ds):
+    """``ds`` with every top-level value converted now, so that no later read of a value fails.
+
+    pydicom converts a value when it is first read; a malformed one (a wrong length for its VR)
+    raises then.  Raises :class:`InputError` naming the file and the element for an element the
+    loader uses, drops any other.
+    """
+    import pydicom
+
+    for tag in list(ds.keys()):
+        try:
+            ds[tag]
+        except Exception as exc:
+            keyword = pydicom.datadict.keyword_for_tag(tag) or ""
+            if keyword in _USED_KEYWORDS:
+                raise InputError(f"DICOM file {path} has a malformed {keyword} {tag}: {_one_line(exc)}") from None
+            del ds[tag]
+    return ds
 
 
 def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
     """Every regular, non-hidden file under ``folder`` in a fixed order (DICOMDIR excluded)."""
     files: list[Path] = []
+
+    def unreadable(exc: OSError):  # a folder that cannot be listed may hold slices of the series
+        raise InputError(f"cannot read the folder {exc.filename}: {exc.strerror or exc} (it may hold part of "
+                         "the series)")
+
     if recursive:
-        for root, dirs, names in os.walk(folder):
+        for root, dirs, names in os.walk(folder, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             files.extend(Path(root) / n for n in sorted(names))
     else:
-        files = sorted(p for p in folder.iterdir() if p.is_file())
+        try:
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+        except OSError as exc:
+            unreadable(exc)
     return [p for p in files if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()]
 
 
@@ -182,6 +237,7 @@ def _read_headers(files: list[Path]) -> list:
             if preamble[128:132] == b"DICM":  # a DICOM file, truncated or corrupt: never dropped silently
                 raise InputError(f"DICOM file {p} is truncated or corrupt: {_one_line(exc)}") from None
             continue  # not DICOM: other files in the folder are skipped by design
+        ds = _converted(p, ds)
         if preamble[128:132] == b"DICM" and "SOPClassUID" not in ds and "Rows" not in ds:
             # pydicom reads a cut file leniently: what is left has no dataset to speak of
             raise InputError(f"DICOM file {p} is truncated or corrupt (no SOPClassUID, no image size)")
@@ -248,6 +304,7 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
                 ds = pydicom.dcmread(s.path)
             except Exception as exc:
                 raise InputError(f"cannot read {s.path}: {_one_line(exc)}") from None
+            ds = _converted(s.path, ds)
             if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
                 raise InputError(f"no PixelData (7FE0,0010) in {s.path}")
             if _float_or(ds.get("SamplesPerPixel", 1), 1) != 1:
@@ -271,7 +328,11 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
         frame = arr if s.frame is None else arr[s.frame]
         if frame.shape != (s.rows, s.cols):
             raise InputError(f"pixel data of {s.name} has shape {frame.shape}, expected {(s.rows, s.cols)}")
-        out[k] = frame.astype(np.float64) * s.slope + s.intercept
+        scaled = frame.astype(np.float64) * s.slope + s.intercept
+        if np.abs(scaled).max(initial=0.0) >= np.finfo(np.float32).max:   # a finite slope can still overflow
+            raise InputError(f"RescaleSlope {s.slope:g} and RescaleIntercept {s.intercept:g} of {s.name} scale its "
+                             "pixels beyond the range SpineNet reads")
+        out[k] = scaled
     if "MONOCHROME1" in photometrics:
         if len(photometrics) > 1:
             raise InputError("the series mixes MONOCHROME1 and MONOCHROME2 images")
@@ -362,6 +423,11 @@ def _orientation(slices: list[_Slice], uid: str) -> tuple[np.ndarray, np.ndarray
     return row_dir, col_dir, np.cross(row_dir, col_dir)
 
 
+def _mm(values) -> str:
+    """Numbers for a message, plainly: "0.8 x 0.8 mm" (not a list of numpy scalars)."""
+    return " x ".join(f"{float(v):g}" for v in values) + " mm"
+
+
 def _pixel_spacing(slices: list[_Slice], uid: str) -> np.ndarray:
     """In-plane spacing from the tags: [row spacing (along j), column spacing (along i)], the same on every slice."""
     first = slices[0]
@@ -370,11 +436,11 @@ def _pixel_spacing(slices: list[_Slice], uid: str) -> np.ndarray:
             raise InputError(f"PixelSpacing (0028,0030) missing or invalid in {s.name}; "
                              "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
         if np.any(s.pixel_spacing <= 0):
-            raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {list(s.pixel_spacing)}; "
+            raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {_mm(s.pixel_spacing)}; "
                              "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
         if np.max(np.abs(s.pixel_spacing - first.pixel_spacing)) > 1e-4 * max(1.0, first.pixel_spacing.max()):
-            raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {list(first.pixel_spacing)} "
-                             f"in {first.name} but {list(s.pixel_spacing)} in {s.name}; "
+            raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {_mm(first.pixel_spacing)} "
+                             f"in {first.name} but {_mm(s.pixel_spacing)} in {s.name}; "
                              "give the pixel spacing (--pixel-spacing ROW COL) to override")
     return first.pixel_spacing
 

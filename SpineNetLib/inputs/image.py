@@ -7,15 +7,20 @@ matrix, then :func:`SpineNetLib.inputs.canonical.scan_from_array` does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
 import re
 import struct
+import sys
+import tempfile
+import threading
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import MAX_VOXELS, sagittal_axis, scan_from_array, spacing_override
+from SpineNetLib.inputs.canonical import MAX_SIDE_PX, MAX_VOXELS, sagittal_axis, scan_from_array, spacing_override
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -73,6 +78,8 @@ def _check_nifti_complete(path: Path) -> None:
             ndim = dims[0]
             if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0:
                 raise InputError(f"cannot read {path}: invalid NIfTI dimensions {dims[:ndim + 1]}")
+            _check_nifti_spacing(path, struct.unpack(endian + "8f", hdr[76:108]) if sizeof_hdr == 348
+                                 else struct.unpack(endian + "8d", hdr[104:168]), ndim)
             n_voxels = int(np.prod(dims[1:ndim + 1], dtype=np.float64))
             if n_voxels > MAX_VOXELS:  # before decompressing anything: a small .nii.gz may claim gigabytes
                 raise InputError(f"{path.name} claims {n_voxels} voxels (dimensions {tuple(dims[1:ndim + 1])}): "
@@ -85,12 +92,22 @@ def _check_nifti_complete(path: Path) -> None:
                     break
                 got += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # e.g. permission denied: not the file's fault
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
         raise InputError(f"cannot read {path}: corrupt or truncated file ({_one_line(exc)})") from None
     if got < expected:
         raise InputError(f"cannot read {path}: truncated NIfTI file ({got} of {expected} bytes)")
     datatype = struct.unpack(endian + "h", hdr[70:72] if sizeof_hdr == 348 else hdr[12:14])[0]
     if datatype in _NIFTI_FLOAT_TYPES:
         _check_nifti_finite(path, opener, int(vox_offset), expected, np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype]))
+
+
+def _check_nifti_spacing(path: Path, pixdim: tuple, ndim: int) -> None:
+    """Refuse a zero, NaN or infinite voxel size: ITK reads them as 1 mm without a word."""
+    spacing = pixdim[1:min(ndim, 3) + 1]
+    if not all(np.isfinite(v) and v != 0 for v in spacing):
+        raise InputError(f"{path.name} has an invalid voxel size (pixdim {' x '.join(f'{v:g}' for v in spacing)}): "
+                         "check the file's header")
 
 
 #: NIfTI datatype codes of floating-point voxels -> numpy type letters.
@@ -121,38 +138,82 @@ _MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "M
               "MET_DOUBLE": 8}
 
 
-def _check_metaimage_data_file(path: Path) -> None:
-    """A detached MetaImage header (``.mhd``) must name a regular data file holding all its voxels.
+def _data_file_names(spec: str, following: list[str]) -> list[str]:
+    """The data files a header names (MetaImage ``ElementDataFile``, NRRD ``data file``): one name, a
+    ``LIST`` (the lines after it) or a printf pattern ``FORMAT MIN MAX [STEP]``; none for ``LOCAL``."""
+    words = spec.split()
+    if not words or words[0].upper() == "LOCAL":
+        return []
+    if words[0].upper() == "LIST":
+        return [line.strip() for line in following if line.strip()]
+    if "%" in words[0] and len(words) >= 3:
+        try:
+            first, last, step = int(words[1]), int(words[2]), int(words[3]) if len(words) > 3 else 1
+            if step == 0 or abs(last - first) // abs(step) > MAX_SIDE_PX:
+                raise ValueError(spec)
+            return [words[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
+        except (TypeError, ValueError):
+            return [words[0]]
+    return [spec.strip()]
 
-    ITK would otherwise read from whatever the header names, e.g. a device such as /dev/zero.
+
+def _checked_data_files(path: Path, spec: str, following: list[str]) -> list[Path]:
+    """The regular files ``spec`` names (:func:`_data_file_names`), relative to the header's folder.
+
+    ITK would otherwise read from whatever the header names: a device such as /dev/zero, or a
+    named pipe that never ends.
     """
+    files = []
+    for name in _data_file_names(spec, following):
+        data = (path.parent / name).resolve()
+        if not data.is_file():
+            raise InputError(f"{path.name} names the data file {name!r}, which is not a regular file")
+        files.append(data)
+    return files
+
+
+def _header_text(path: Path) -> str:
     try:
-        text = path.read_bytes()[:65536].decode("latin-1")
+        with open(path, "rb") as fh:
+            return fh.read(65536).decode("latin-1")
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {_one_line(exc)}") from None
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_nrrd_data_files(path: Path) -> None:
+    """The data files a NRRD header (``.nhdr``, or a ``.nrrd`` with a ``data file`` field) names are regular files."""
+    lines = _header_text(path).split("\n\n", 1)[0].splitlines()
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("data file", "datafile"):
+            _checked_data_files(path, value.lstrip("=").strip(), lines[i + 1:])
+
+
+def _check_metaimage_data_file(path: Path) -> None:
+    """A MetaImage header must name regular data files (:func:`_checked_data_files`); a single one must
+    hold all the voxels its header describes."""
+    lines = _header_text(path).splitlines()
     fields = {}
-    for line in text.splitlines():
+    for i, line in enumerate(lines):
         key, sep, value = line.partition("=")
         if sep:
             fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
             break
-    name = fields.get("ElementDataFile", "")
-    if not name or name.upper() in ("LOCAL", "LIST") or "%" in name:
-        return  # voxels in the header file itself, or a file list (each read by ITK with its own checks)
-    data = (path.parent / name).resolve()
-    if not data.is_file():
-        raise InputError(f"{path.name} names the data file {name!r}, which is not a regular file")
-    if fields.get("CompressedData", "False").lower() != "true":
-        try:
-            dims = [int(v) for v in fields.get("DimSize", "").split()]
-            channels = int(fields.get("ElementNumberOfChannels", "1"))
-        except ValueError:
-            return  # ITK reports the malformed header itself
-        needed = int(np.prod(dims, dtype=np.float64)) * channels * _MET_BYTES.get(fields.get("ElementType", ""), 1)
-        if data.stat().st_size < needed:
-            raise InputError(f"the data file {name!r} of {path.name} holds {data.stat().st_size} bytes, "
-                             f"fewer than the {needed} its header describes: the file is truncated")
+    spec = fields.get("ElementDataFile", "")
+    files = _checked_data_files(path, spec, lines[i + 1:] if lines else [])
+    if len(files) != 1 or spec.split()[0].upper() == "LIST" or fields.get("CompressedData", "False").lower() == "true":
+        return
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        return  # ITK reports the malformed header itself
+    needed = int(np.prod(dims, dtype=np.float64)) * channels * _MET_BYTES.get(fields.get("ElementType", ""), 1)
+    size = files[0].stat().st_size
+    if size < needed:
+        raise InputError(f"the data file {spec!r} of {path.name} holds {size} bytes, "
+                         f"fewer than the {needed} its header describes: the file is truncated")
 
 
 #: An image whose voxels take at most this many distinct integer values, most of them 0, is a label
@@ -162,14 +223,23 @@ MAX_LABEL_MAP_VALUES = 64
 
 def label_map_values(voxels: np.ndarray) -> int | None:
     """The number of distinct values when ``voxels`` look like a label map (see
-    :data:`MAX_LABEL_MAP_VALUES`), else None."""
-    flat = np.asarray(voxels).ravel()
-    if flat.size == 0 or not (np.issubdtype(flat.dtype, np.integer) or np.all(np.mod(flat[:100000], 1) == 0)):
+    :data:`MAX_LABEL_MAP_VALUES`), else None.
+
+    A sample of a million voxels settles it for nearly every scan, without a copy of the volume; a
+    constant image is no label map (the loader refuses it as empty).
+    """
+    flat = np.asarray(voxels).reshape(-1)
+    if flat.size == 0:
+        return None
+    sample = np.unique(flat[::max(1, flat.size // 1_000_000)])
+    if len(sample) < 2 or len(sample) > MAX_LABEL_MAP_VALUES or not np.all(np.mod(sample, 1) == 0):
+        return None
+    if flat.size - np.count_nonzero(flat) <= flat.size // 2:   # not mostly 0
         return None
     values = np.unique(flat)
     if len(values) > MAX_LABEL_MAP_VALUES or not np.all(np.mod(values, 1) == 0):
         return None
-    return len(values) if np.count_nonzero(flat == 0) > flat.size // 2 else None
+    return len(values)
 
 
 def image_ijk_to_ras(img) -> np.ndarray:
@@ -179,6 +249,90 @@ def image_ijk_to_ras(img) -> np.ndarray:
     ijk_to_ras[:3, :3] = _FLIP_LPS @ direction @ np.diag(np.array(img.GetSpacing(), dtype=float))
     ijk_to_ras[:3, 3] = _FLIP_LPS @ np.array(img.GetOrigin(), dtype=float)
     return ijk_to_ras
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Collect what is printed straight to the process's stderr (file descriptor 2) in the block.
+
+    ITK's MetaImage and NRRD readers print their complaints there, past Python and past ITK's own
+    warning switch; a file they refuse must still end in one line.  Yields a list that holds the
+    text once the block is done.
+    """
+    printed: list[str] = []
+    with _STDERR_LOCK:  # one redirection at a time: threads reading files at once must not swap them
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no stderr to redirect (e.g. a GUI process): nothing to collect
+            yield printed
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield printed
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                printed.append(sink.read(65536).decode("utf-8", "replace"))
+
+
+def _itk_reason(exc: Exception, printed: list[str]) -> str:
+    """Why ITK could not read a file: its exception, or the reader's own words when the exception
+    only says "cannot be read"."""
+    reason = _one_line(exc)
+    lines = list(dict.fromkeys(ln.strip() for text in printed for ln in text.splitlines() if ln.strip()))
+    if lines and ("cannot be read" in reason or "Could not" in reason):
+        said = "; ".join(lines)
+        reason = said if len(said) <= 200 else said[:200] + "..."
+    if reason.startswith("Refusing to change spacing"):   # ITK's words for a zero or NaN voxel size
+        reason = f"invalid voxel size in the header ({reason})"
+    return reason
+
+
+def _read_volume(path: Path):
+    """``(SimpleITK image, voxel type)`` of one 3D scalar volume in ``path``.
+
+    The size in the header is checked before any voxel is read; 64-bit voxels are narrowed to
+    float32 (what the scan keeps anyway) so that at most one wide copy exists.  A 4D file with one
+    volume and a 2D image are accepted as 3D.
+    """
+    import SimpleITK as sitk
+
+    with _captured_stderr() as printed:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # the header only: refuse absurd sizes before reading voxels
+            size = tuple(int(n) for n in reader.GetSize())
+            too_big = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS
+            img = None if too_big else reader.Execute()
+            failure = None
+        except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK message
+            failure = exc
+    if failure is not None:
+        raise InputError(f"cannot read {path}: {_itk_reason(failure, printed)}") from None
+    if img is None:
+        raise InputError(f"{path.name} claims {size} voxels: more than the {MAX_VOXELS} SpineNet reads")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path.name} has {img.GetNumberOfComponentsPerPixel()} components per voxel: "
+                         "give a single 3D scalar volume")
+    if img.GetDimension() == 4:
+        if img.GetSize()[3] != 1:
+            raise InputError(f"{path.name} is 4D (size {img.GetSize()}): give a single 3D volume")
+        img = img[:, :, :, 0]
+    if img.GetDimension() == 2:
+        img = sitk.JoinSeries(img)
+    if img.GetDimension() != 3:
+        raise InputError(f"{path.name} has {img.GetDimension()} dimensions: give a single 3D volume")
+    voxel_type = str(sitk.GetArrayViewFromImage(img).dtype)
+    if np.dtype(voxel_type).itemsize > 4:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    return img, voxel_type
 
 
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
@@ -198,49 +352,33 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
     if suffix is None:
         raise InputError(f"unsupported file type {path.name!r}: expected one of {', '.join(IMAGE_SUFFIXES)} "
                          "or a DICOM folder")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
-    if suffix == ".mhd":
+    if suffix in (".mha", ".mhd"):
         _check_metaimage_data_file(path)
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()  # the header only: refuse absurd sizes before reading voxels
-        size = tuple(int(n) for n in reader.GetSize())
-        if int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS:
-            raise InputError(f"{path.name} claims {size} voxels: more than the {MAX_VOXELS} SpineNet reads")
-        img = reader.Execute()
-    except InputError:
-        raise
-    except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK message
-        raise InputError(f"cannot read {path}: {_one_line(exc)}") from None
-    dim = img.GetDimension()
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path.name} has {img.GetNumberOfComponentsPerPixel()} components per voxel: "
-                         "give a single 3D scalar volume")
-    if dim == 4:
-        size = img.GetSize()
-        if size[3] != 1:
-            raise InputError(f"{path.name} is 4D (size {size}): give a single 3D volume")
-        img = img[:, :, :, 0]
-        dim = 3
-    if dim == 2:
-        img = sitk.JoinSeries(img)
-        dim = 3
-    if dim != 3:
-        raise InputError(f"{path.name} has {dim} dimensions: give a single 3D volume")
-
+    if suffix in (".nrrd", ".nhdr"):
+        _check_nrrd_data_files(path)
+    img, voxel_type = _read_volume(path)
+    spacing = np.array(img.GetSpacing(), dtype=float)
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_ras = image_ijk_to_ras(img)
     try:
         voxels = sitk.GetArrayFromImage(img)  # [k, j, i]
     except Exception as exc:
         raise InputError(f"cannot read the voxels of {path}: {_one_line(exc)}") from None
+    del img  # one copy of the voxels at a time
+    if voxels.dtype.kind == "f" and not np.all(np.isfinite(voxels)):   # named here, with the file
+        raise InputError(f"{path.name} has {int(voxels.size - np.count_nonzero(np.isfinite(voxels)))} NaN or "
+                         "infinite voxel(s)")
     labels = label_map_values(voxels)
     if labels is not None:
         raise InputError(f"{path.name} looks like a label map, not an MR image ({labels} distinct integer values, "
                          "most voxels 0): give the scan itself")
-    spacing = np.array(img.GetSpacing(), dtype=float)
-    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
-    ijk_to_ras = image_ijk_to_ras(img)
     if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
         raise InputError(f"{path.name} has an invalid geometry (spacing {' x '.join(f'{v:g}' for v in spacing)} mm, "
                          f"direction {' '.join(f'{v:g}' for v in direction.ravel())})")
@@ -264,7 +402,7 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
         "format": {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD",
                    ".mha": "MetaImage", ".mhd": "MetaImage"}[suffix],
         "file_spacing_mm": spacing.tolist(),
-        "voxel_type": str(voxels.dtype),
+        "voxel_type": voxel_type,
         "overrides": overrides,
     }
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)

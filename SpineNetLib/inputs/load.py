@@ -11,6 +11,7 @@ Every problem is an :class:`InputError` with a one-line message.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
@@ -51,6 +52,11 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
     if not p.exists():
         raise InputError(f"no such file or folder: {p}")
     if p.is_dir():
+        try:
+            with os.scandir(p) as entries:
+                next(entries, None)
+        except OSError as exc:  # not "empty": the folder cannot be read
+            raise InputError(f"cannot read the folder {p}: {exc.strerror or exc}") from None
         if not any(q.is_file() for q in p.rglob("*")):
             raise InputError(f"folder {p} is empty")
         return load_dicom_series(p, series_uid, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)

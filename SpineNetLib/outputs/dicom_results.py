@@ -134,6 +134,7 @@ def check_dicom_source(scan: Scan) -> None:
     if any(f is not None for f in frames) and len(set(files)) != 1:
         raise InputError("DICOM results are made for a series of single-frame images or one multi-frame "
                          "image, not for a series split over several multi-frame files")
+    _source_headers(scan)  # their UIDs and numbers, now rather than after the inference
 
 
 def _reduced_header(ds):
@@ -161,6 +162,61 @@ def _reduced_header(ds):
     return out
 
 
+#: UIDs the DICOM results reference in every source image: each must be one valid UID.
+_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def _usable_source(name: str, ds):
+    """A reduced header fit for highdicom: every UID it references is one valid UID (else
+    :class:`InputError` naming the file and tag); an optional number that is not one positive value
+    (SliceThickness, SpacingBetweenSlices, NumberOfFrames, which the loader read as 1) is dropped."""
+    from pydicom.multival import MultiValue
+    from pydicom.uid import UID
+
+    for keyword in _SOURCE_UIDS:
+        value = ds.get(keyword)
+        if value is None or isinstance(value, MultiValue) or not UID(str(value)).is_valid:
+            text = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value or "(none)")
+            raise InputError(f"DICOM results need valid UIDs in the source images: {name} has {keyword} "
+                             f"{text[:64]!r}")
+    for keyword in ("SliceThickness", "SpacingBetweenSlices", "NumberOfFrames"):
+        value = ds.get(keyword)
+        try:
+            usable = not isinstance(value, MultiValue) and 0 < float(value) < float("inf")
+        except (TypeError, ValueError):
+            usable = False
+        if keyword in ds and not usable:
+            del ds[keyword]
+    for keyword in COPIED_IDENTIFIERS:
+        problem = _identifier_problem(keyword, ds.get(keyword))
+        if problem:
+            raise InputError(f"DICOM results copy {keyword} from the source images, and {name} has {problem}: "
+                             "fix the series or run without --dicom-out")
+    return ds
+
+
+def _identifier_problem(keyword: str, value) -> str | None:
+    """What highdicom would refuse in a copied identifier (several values, a malformed date or time, a
+    sex other than M, F or O), or None."""
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import DA, TM
+
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue):
+        return "several values in it ('" + chr(92).join(map(str, value))[:40] + "')"
+    try:
+        if keyword in ("PatientBirthDate", "StudyDate"):
+            DA(str(value))
+        elif keyword == "StudyTime":
+            TM(str(value))
+    except ValueError:
+        return f"a malformed one ({str(value)[:40]!r})"
+    if keyword == "PatientSex" and str(value) not in ("M", "F", "O"):
+        return f"a value that is not M, F or O ({str(value)[:40]!r})"
+    return None
+
+
 def _source_headers(scan: Scan) -> list:
     """Reduced headers of the source images, one per file in slice order (pixel data not read)."""
     import pydicom
@@ -169,10 +225,11 @@ def _source_headers(scan: Scan) -> list:
     headers = []
     for path in paths:
         try:
-            headers.append(_reduced_header(pydicom.dcmread(path, stop_before_pixels=True)))
-        except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
+            header = _reduced_header(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception as exc:  # unreadable, or a value pydicom cannot convert (e.g. a wrong length)
             raise InputError(f"cannot read the source image {Path(path).name} again for the DICOM results: "
                              f"{' '.join(str(exc).split())}") from None
+        headers.append(_usable_source(Path(path).name, header))
     return headers
 
 

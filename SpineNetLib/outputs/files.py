@@ -70,8 +70,11 @@ def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str | byt
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
             temporary.append((Path(tmp), outdir / name))
             os.fchmod(fd, default_file_mode())
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+            except OSError as exc:  # e.g. a full disk: name the file the user knows, not the temporary
+                raise OSError(exc.errno, exc.strerror or str(exc), str(outdir / name)) from None
         _replace_together(temporary)
     except BaseException:
         for tmp, _ in temporary:

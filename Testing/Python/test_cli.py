@@ -222,3 +222,43 @@ def test_every_option_of_every_command_has_help():
 
     walk(cli.build_parser(), "spinenet")
     assert missing == []
+
+
+def test_threads_are_set_before_the_networks_load(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from SpineNetLib.core.errors import SpineNetError
+
+    calls, seen_at_load = [], []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("intra-op", n)))
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: calls.append(("inter-op", n)))
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(variable, "7")      # restored after the test
+
+    def load_networks(*args, **kwargs):
+        seen_at_load.append(list(calls))
+        raise SpineNetError("stop before any inference")
+
+    monkeypatch.setattr(pipeline, "load_networks", load_networks)
+    image = make_phantom(fov="lumbar", shape=(96, 96), pixel_spacing=(2.0, 2.0), n_slices=3).write_nifti(
+        tmp_path / "scan.nii.gz")
+    assert cli.main(["run", str(image), "-o", str(tmp_path / "out"), "--quiet", "--threads", "1"]) == 2
+    assert seen_at_load == [[("intra-op", 1), ("inter-op", 1)]]
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+    assert cli.build_parser().parse_args(["demo", "-o", "x", "--threads", "2"]).threads == 2
+    assert cli.build_parser().parse_args(["run", "x", "-o", "y"]).threads is None   # torch's default
+
+
+@pytest.mark.parametrize("value, words", [("0", "--threads must be at least 1"), ("-2", "--threads must be at least 1"),
+                                          ("abc", "invalid int value")])
+def test_a_bad_thread_count_is_a_one_line_error(tmp_path, capsys, value, words):
+    try:
+        status = cli.main(["run", str(tmp_path), "-o", str(tmp_path / "out"), "--threads", value])
+    except SystemExit as done:          # argparse's own errors, on one line too
+        status = done.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ memory blow-up or a silent 'no vertebrae' (issue 12)."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -87,6 +88,22 @@ def _documents():
     return document_texts(vertebrae, None)
 
 
+class _FailingWrites:
+    """A file handle whose writes fail as on a full disk (errno 28) or past ``ulimit -f`` (27)."""
+
+    def __init__(self, handle, errno: int):
+        self.handle, self.errno = handle, errno
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def write(self, data):
+        raise OSError(self.errno, os.strerror(self.errno))
+
+
 def test_a_full_disk_leaves_no_part_file_and_a_failed_rename_restores_the_earlier_set(tmp_path, monkeypatch):
     import os
 
@@ -98,20 +115,7 @@ def test_a_full_disk_leaves_no_part_file_and_a_failed_rename_restores_the_earlie
     (out / "discs.csv").write_text("old discs")
     real_fdopen = os.fdopen
 
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-        def write(self, text):
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: _FailingWrites(real_fdopen(fd, *a, **k), 28))
     with pytest.raises(OSError):
         files.write_files_atomically(out, _documents())
     monkeypatch.setattr(files.os, "fdopen", real_fdopen)
@@ -307,3 +311,256 @@ def test_a_label_map_given_as_the_scan_is_refused(tmp_path):
     scan = np.zeros((5, 64, 48), np.uint8)
     scan[:, 5:60, 5:40] = np.random.default_rng(1).integers(20, 255, (5, 55, 35))
     assert load_scan(write_image(scan, sagittal_affine(0.8), tmp_path / "scan.nii.gz")).voxels.shape[:2] == (64, 48)
+
+
+def test_metaimage_reader_complaints_become_the_one_line_error(tmp_path, capfd):
+    """ITK's MetaImage reader prints to the process's stderr itself; that text is the reason, not noise."""
+    good = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.mha")
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(good.read_bytes()[:64])
+    with pytest.raises(InputError, match=r"cannot read .*cut\.mha: .*DimSize"):
+        load_scan(cut)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("size", [0.0, float("nan"), float("inf")])
+def test_a_nifti_voxel_size_of_zero_or_nan_is_refused(tmp_path, size):
+    """ITK reads such a pixdim as 1 mm without a word."""
+    raw = bytearray(write_image(image(), sagittal_affine(0.8), tmp_path / "scan.nii").read_bytes())
+    struct.pack_into("<2f", raw, 80, size, size)      # pixdim[1], pixdim[2]
+    struct.pack_into("<h", raw, 254, 0)               # sform_code 0: the spacing is pixdim's
+    bad = tmp_path / "bad.nii"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="invalid voxel size"):
+        load_scan(bad)
+
+
+def test_wide_voxels_are_read_with_one_narrow_copy(tmp_path):
+    """64-bit voxels are narrowed in ITK and no full-size copy is sorted: an all-zero float64 volume at
+    the voxel limit (1 GiB) once took 3.4 GB and a MemoryError.  Here 128^3 voxels, traced with tracemalloc."""
+    import tracemalloc
+
+    import SimpleITK as sitk
+
+    from SpineNetLib.inputs.writers import ijk_to_ras_to_sitk
+
+    def write_float64(voxels, path):      # write_image stores float64 as float32
+        img = sitk.GetImageFromArray(np.asarray(voxels, np.float64))
+        spacing, origin, direction = ijk_to_ras_to_sitk(sagittal_affine(0.8, 0.8))
+        img.SetSpacing(spacing), img.SetOrigin(origin), img.SetDirection(direction)
+        sitk.WriteImage(img, str(path))
+        return path
+
+    zeros = write_float64(np.zeros((128, 128, 128)), tmp_path / "zeros.nii.gz")
+    wide = 8 * 128 ** 3
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="same value"):      # empty, not "a label map"
+            load_scan(zeros)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * wide, f"{peak / 1e6:.1f} MB traced for a {wide / 1e6:.1f} MB volume"
+    scan = load_scan(write_float64(image(), tmp_path / "f8.nii.gz"))
+    assert scan.metadata["voxel_type"] == "float64" and scan.voxels.dtype == np.float32
+
+
+def _patch_element(path, tag_bytes: bytes, new_value: bytes) -> None:
+    """Replace the value of the explicit-VR element starting with ``tag_bytes`` (tag + 2-letter VR),
+    writing its length as it is, right or wrong."""
+    raw = path.read_bytes()
+    at = raw.index(tag_bytes)
+    length = struct.unpack_from("<H", raw, at + 6)[0]
+    path.write_bytes(raw[:at + 6] + struct.pack("<H", len(new_value)) + new_value + raw[at + 8 + length:])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_malformed_binary_value_names_the_file_and_element_unless_unused(tmp_path):
+    """A value pydicom cannot convert (a 1-byte US) once surfaced as an internal error."""
+    folder = tmp_path / "dicom"
+    files = write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), folder)
+    for f in files:                         # an element the loader does not use, 3 bytes for 2 x US
+        ds = pydicom.dcmread(f)
+        ds.AcquisitionMatrix = [0, 64, 48, 0]
+        ds.save_as(f)
+        _patch_element(f, b"\x18\x00\x10\x13US", b"\x01\x02\x03")
+    assert load_scan(folder).voxels.shape[:2] == (64, 48)      # dropped: not used
+    ds = pydicom.dcmread(files[1], force=True)
+    ds[0x0028, 0x1053]._value = "abc"          # RescaleSlope: once read as 1 without a word
+    ds.save_as(files[1])
+    with pytest.raises(InputError, match=r"IM0002\.dcm has an unusable RescaleSlope \('abc'\)"):
+        load_scan(folder)
+    _patch_element(files[2], b"\x28\x00\x10\x00US", b"\xff")   # Rows, 1 byte
+    with pytest.raises(InputError, match=r"IM0003\.dcm has a malformed Rows"):
+        load_scan(folder)
+    files[2].unlink()
+    for f in files[:2] + files[3:]:
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing, ds.RescaleSlope = [0, 0], 1
+        ds.save_as(f)
+    with pytest.raises(InputError, match=r"is not positive: 0 x 0 mm"):
+        load_scan(folder)
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
+    """os.walk skips folders it cannot list: slices in one would vanish without a word."""
+    import os
+
+    folder = tmp_path / "dicom"
+    files = write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), folder)
+    (folder / "more").mkdir()
+    for f in files[3:]:
+        f.rename(folder / "more" / f.name)
+    real_scandir, blocked = os.scandir, {"more"}
+
+    def scandir(path="."):      # what a folder without read permission does (root would read it anyway)
+        if os.path.basename(os.fspath(path)) in blocked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"cannot read the folder .*more: Permission denied"):
+        load_scan(folder)
+    blocked.add("dicom")
+    with pytest.raises(InputError, match=r"cannot read the folder .*dicom: Permission denied"):   # not "empty"
+        load_scan(folder)
+
+
+def test_a_failed_write_ends_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """The run's warnings come after its files are written, so a full disk gives the error line only."""
+    import os
+    from types import SimpleNamespace
+
+    from SpineNetLib import pipeline
+    from SpineNetLib.outputs import files
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: _FailingWrites(real_fdopen(fd, *a, **k), 27))
+    with pytest.raises(OSError) as info:
+        files.write_files_atomically(tmp_path / "out", _documents())
+    assert info.value.filename == str(tmp_path / "out" / "vertebrae.json")
+    path = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.nii.gz")
+    result = SimpleNamespace(warnings=["a warning of the run"])
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: SimpleNamespace(grading=None, load_seconds=0.0))
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: result)
+    monkeypatch.setattr(files, "write_results", lambda *a, **k: files.write_files_atomically(a[0], _documents()))
+    assert cli.main(["run", str(path), "-o", str(tmp_path / "out2"), "--quiet", "--no-grade"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"spinenet: error: cannot access {tmp_path / 'out2' / 'vertebrae.json'}: File too large"]
+    assert not [p for p in (tmp_path / "out2").iterdir()]
+
+
+def test_no_vertebrae_always_comes_with_the_reason(monkeypatch):
+    from SpineNetLib import pipeline
+    from SpineNetLib.core.results import DetectionResult
+    from SpineNetLib.inputs.canonical import scan_from_array
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    from oracles import oracle_networks
+
+    rng = np.random.default_rng(0)
+    nothing = DetectionResult(vertebrae=[])
+
+    def reason(voxels, pixel_mm=1.0):
+        return pipeline.no_vertebrae_reason(scan_from_array(voxels, sagittal_affine(pixel_mm)), nothing, True)
+
+    assert "looks like noise" in reason(rng.uniform(0, 100, (3, 128, 128)).astype(np.float32))
+    square = np.zeros((3, 128, 128), np.float32)
+    square[:, 60:66, 60:66] = 1000 + rng.uniform(0, 1, (3, 6, 6))
+    assert "% of the middle slice is background" in reason(square)
+    assert "covers only 6 x 6 mm" in reason(rng.uniform(0, 100, (3, 4, 4)).astype(np.float32), 1.5)
+    ramp = np.broadcast_to(np.linspace(0, 1, 128, dtype=np.float32), (3, 128, 128)).copy()
+    assert "nothing like a vertebral body" in reason(ramp)
+    assert "and at 0.5 to 2 times it" in reason(ramp)
+    # and the run puts it into the warnings and the vertebrae document
+    phantom = make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.0, 2.0), n_slices=3)
+    monkeypatch.setattr(pipeline, "detect_and_label", lambda *a, **k: DetectionResult(vertebrae=[]))
+    result = pipeline.run(phantom.scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    assert result.warnings[0].startswith("no vertebra was found at the header's pixel spacing (2 x 2 mm)")
+    assert result.vertebrae_document["warnings"][0] == result.warnings[0]
+
+
+def test_every_data_file_a_header_names_must_be_a_regular_file(tmp_path):
+    """A named pipe in a MetaImage LIST or a NRRD header once hung the reader; /dev/zero fed it forever."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.raw")
+    mhd = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.mhd").read_text(encoding="latin-1")
+    head = mhd[:mhd.index("ElementDataFile")]
+    (tmp_path / "list.mhd").write_text(head + "ElementDataFile = LIST 2D\n" + "pipe.raw\n" * 5, encoding="latin-1")
+    mha = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.mha").read_bytes()
+    (tmp_path / "device.mha").write_bytes(mha[:mha.index(b"ElementDataFile")] + b"ElementDataFile = /dev/zero\n")
+    nrrd = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.nrrd").read_bytes()
+    header, _, data = nrrd.partition(b"\n\n")
+    (tmp_path / "scan_data.raw").write_bytes(data)
+    for name, data_file in (("zero.nhdr", "/dev/zero"), ("pipe.nhdr", "pipe.raw"), ("ok.nhdr", "scan_data.raw")):
+        (tmp_path / name).write_bytes(header + f"\ndata file: {data_file}\n".encode())
+    for name, words in (("list.mhd", "'pipe.raw', which is not a regular file"),
+                        ("device.mha", "'/dev/zero', which is not a regular file"),
+                        ("zero.nhdr", "'/dev/zero', which is not a regular file"),
+                        ("pipe.nhdr", "'pipe.raw', which is not a regular file")):
+        with pytest.raises(InputError, match=words):
+            load_scan(tmp_path / name)
+    assert load_scan(tmp_path / "ok.nhdr").voxels.shape[:2] == (64, 48)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dicom_results_check_the_source_uids_before_the_work_and_drop_unusable_numbers(tmp_path):
+    """A multi-valued SOPClassUID or SpacingBetweenSlices once crashed highdicom after the inference."""
+    from SpineNetLib.outputs.dicom_results import _source_headers, check_dicom_source
+
+    folder = tmp_path / "dicom"
+    files = write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), folder)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SpacingBetweenSlices = "1\\2\\3"
+        ds.save_as(f)
+    scan = load_scan(folder)
+    check_dicom_source(scan)
+    assert all("SpacingBetweenSlices" not in h for h in _source_headers(scan))
+    ds = pydicom.dcmread(files[4])
+    ds[0x0008, 0x0016]._value = "NaN\\NaN"           # SOPClassUID
+    ds.save_as(files[4])
+    with pytest.raises(InputError, match=r"IM0005\.dcm has SOPClassUID 'NaN\\\\NaN'"):
+        check_dicom_source(load_scan(folder))
+    files[4].unlink()
+    for keyword, value, words in (("PatientBirthDate", "abc", "a malformed one ('abc')"),
+                                  ("PatientName", "1\\2\\3", "several values in it ('1\\2\\3')"),
+                                  ("PatientSex", "Q", "not M, F or O")):
+        ds = pydicom.dcmread(files[0])
+        setattr(ds, keyword, value)
+        ds.save_as(files[0])
+        with pytest.raises(InputError) as info:
+            check_dicom_source(load_scan(folder))
+        assert f"copy {keyword} from the source images, and IM0001.dcm has" in str(info.value), str(info.value)
+        assert words in str(info.value), str(info.value)
+        ds = pydicom.dcmread(files[0])
+        del ds[keyword]
+        ds.save_as(files[0])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bad_values_are_named_with_their_file_or_option(tmp_path, capsys):
+    """NaN voxels of NRRD files, a RescaleSlope that overflows, a zero NRRD spacing, --pixel-spacing nan."""
+    voxels = image()
+    voxels[1, 5, 5] = np.nan
+    with pytest.raises(InputError, match=r"^nan\.nrrd has 1 NaN or infinite voxel"):
+        load_scan(write_image(voxels, sagittal_affine(0.8), tmp_path / "nan.nrrd"))
+    folder = tmp_path / "dicom"
+    files = write_dicom_series(image((5, 64, 48)), sagittal_affine(0.8), folder)
+    ds = pydicom.dcmread(files[3])
+    ds.RescaleSlope = "1e300"
+    ds.save_as(files[3])
+    with pytest.raises(InputError, match=r"RescaleSlope 1e\+300 and RescaleIntercept 0 of .*IM0004\.dcm scale"):
+        load_scan(folder)
+    nrrd = write_image(image(), sagittal_affine(0.8), tmp_path / "scan.nrrd").read_bytes()
+    header, _, data = nrrd.partition(b"\n\n")
+    lines = [b"space directions: (0,0,0) (0,0,0) (0,0,0)" if ln.startswith(b"space directions") else ln
+             for ln in header.split(b"\n")]
+    (tmp_path / "zero.nrrd").write_bytes(b"\n".join(lines) + b"\n\n" + data)
+    with pytest.raises(InputError, match="zero.nrrd: invalid voxel size in the header"):
+        load_scan(tmp_path / "zero.nrrd")
+    assert cli.main(["run", str(tmp_path / "nan.nrrd"), "-o", str(tmp_path / "out"), "--pixel-spacing", "nan",
+                     "nan"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["spinenet: error: --pixel-spacing values must be positive "
+                                                    "millimetres"]

@@ -558,7 +558,7 @@ BAD_INPUTS = {
     "truncated nrrd": (_truncated_nrrd, r"^cannot read .*trunc\.nrrd: "),
     "4D NIfTI": (_nifti_4d, r"^four\.nii\.gz is 4D"),
     "single axial slice": (_single_axial_slice, r"^axial acquisition: SpineNet needs sagittal slices"),
-    "NaN voxels": (_nan_voxels, r"^the volume has 1 NaN or infinite voxel"),
+    "NaN voxels": (_nan_voxels, r"^nan\.nrrd has 1 NaN or infinite voxel"),
     "axial 2D NIfTI": (_axial_nifti, r"^axial acquisition: SpineNet needs sagittal slices "
                                      r"\(slice normal is closest to S-I\)$"),
     "coronal 2D NIfTI": (_coronal_nifti, r"^coronal acquisition: SpineNet needs sagittal slices "
