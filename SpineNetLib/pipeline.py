@@ -201,14 +201,14 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     start = time.perf_counter()
     fillers = gap_fillers(result.vertebrae, result.candidates, scan.spacing_mm[:2])
     found = list(result.vertebrae) + fillers   # label_vertebrae sorts them top to bottom
-    label = lambda vertebrae: labelling.label_vertebrae(  # noqa: E731
+    label = lambda vertebrae, before=(): labelling.label_vertebrae(  # noqa: E731
         scan, vertebrae, networks.appearance, networks.context, labelling_params, device=networks.device,
-        progress=scaled(progress, "labelling levels"))
+        progress=scaled(progress, "labelling levels"), labelled_before=before)
     if found:
         result.vertebrae = label(found)
     below = bodies_below(result.vertebrae, result.candidates, scan.spacing_mm[:2])
     if below:
-        relabelled = label(found + below)
+        relabelled = label(found + below, result.vertebrae)   # the appearance net runs on the new bodies only
         if _keeps_bodies_below(result.vertebrae, relabelled, below):
             result.vertebrae, found = relabelled, found + below
         else:

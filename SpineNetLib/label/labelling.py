@@ -599,10 +599,21 @@ def choose_levels(context: np.ndarray, appearance: np.ndarray,
     return assign_level_names(indices[:keep]), evidence
 
 
+def _appearance_known(vertebra: Vertebra, labelled_before: Sequence[Vertebra]) -> np.ndarray | None:
+    """The appearance probabilities an earlier labelling computed for this very body, or None."""
+    for before in labelled_before:
+        if before.appearance_probabilities is not None and list(before.slices) == list(vertebra.slices) \
+                and len(before.polygons) == len(vertebra.polygons) \
+                and all(np.array_equal(a, b) for a, b in zip(before.polygons, vertebra.polygons)):
+            return np.asarray(before.appearance_probabilities, np.float64)
+    return None
+
+
 def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: Callable,
                     context_net: Callable, params: LabellingParams | None = None, device="cpu",
                     progress: Callable[[int, int, str], None] | None = None,
-                    timings: LabellingTimings | None = None) -> list[Vertebra]:
+                    timings: LabellingTimings | None = None,
+                    labelled_before: Sequence[Vertebra] = ()) -> list[Vertebra]:
     """New, labelled copies of ``vertebrae``, top to bottom; the argument is left as it was.
 
     The copies are sorted by the mean y of the average polygons, as the
@@ -614,7 +625,11 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     :func:`level_evidence`; kept for :func:`relabel_with_correction`) and
     ``.appearance_probabilities``.  ``progress(done, total, message)`` is
     called once per vertebra volume and per network; ``timings``, when
-    given, receives the seconds per step.
+    given, receives the seconds per step.  A body of ``labelled_before`` (the
+    output of an earlier call on the same scan and parameters) keeps its
+    appearance probabilities instead of being run again: they depend on its
+    own crop only, so labelling again with a few bodies added
+    (``pipeline.detect_and_label``) costs the new bodies only.
     """
     params = params or LabellingParams()
     ordered = sorted(vertebrae, key=_mean_y)
@@ -625,15 +640,21 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     total = n + 3
     report = progress or (lambda done, total, message: None)
 
+    appearance = np.zeros((n, N_LEVELS), np.float64)
+    known = [_appearance_known(vertebra, labelled_before) for vertebra in ordered]
+    todo = [i for i in range(n) if known[i] is None]
     start = time.perf_counter()
-    volumes = np.empty((n, params.crop_px, params.crop_px, params.crop_slices), np.float32)
-    for i, vertebra in enumerate(ordered):
-        volumes[i] = extract_vertebra_volume(scan, vertebra, params)
+    volumes = np.empty((len(todo), params.crop_px, params.crop_px, params.crop_slices), np.float32)
+    for k, i in enumerate(todo):
+        volumes[k] = extract_vertebra_volume(scan, ordered[i], params)
         report(i + 1, total, "extracting vertebra volumes")
     timings.extract_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    appearance = appearance_probabilities(volumes, appearance_net, device, params)
+    appearance[todo] = appearance_probabilities(volumes, appearance_net, device, params)
+    for i in range(n):
+        if known[i] is not None:
+            appearance[i] = known[i]
     del volumes
     timings.appearance_s = time.perf_counter() - start
     report(n + 1, total, "appearance network")

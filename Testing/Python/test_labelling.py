@@ -504,6 +504,29 @@ def test_label_vertebrae_end_to_end_with_stand_in_networks():
     assert [v.level for v in verts] == ["L2", "L3", "L4", "L5", "S1", "S2"]
 
 
+def test_labelling_again_with_bodies_added_runs_the_appearance_net_on_the_new_ones_only():
+    """pipeline.detect_and_label labels again when weaker detections continue the chain: the bodies
+    labelled before keep their appearance probabilities, and the result is that of a full labelling."""
+    truth = idx("L1 L2 L3 L4 L5 S1")
+    scan, verts = stacked_scan(6, row_mm=1.25)
+    table = np.zeros((6, N_LEVELS))
+    table[np.arange(6), truth] = 60.0
+    first = label_vertebrae(scan, verts[:4], FixedLogits(table[:4]), ScaledInput(50.0))
+    new_only = FixedLogits(table[4:])
+    again = label_vertebrae(scan, verts, new_only, ScaledInput(50.0), labelled_before=first)
+    assert new_only.inputs == [(2, 1, 224, 224, 16)]              # the two added bodies only
+    full = label_vertebrae(scan, verts, FixedLogits(table), ScaledInput(50.0))
+    assert [v.level for v in again] == [v.level for v in full] == ["L1", "L2", "L3", "L4", "L5", "S1"]
+    for a, b in zip(again, full):
+        np.testing.assert_allclose(a.appearance_probabilities, b.appearance_probabilities, rtol=1e-12)
+        np.testing.assert_allclose(a.level_probabilities, b.level_probabilities, rtol=1e-12)
+    # a body whose outline changed is run again
+    moved = [dataclasses.replace(v, polygons=[p + 1.0 for p in v.polygons]) if k == 0 else v for k, v in enumerate(verts)]
+    counted = FixedLogits(table[[0, 4, 5]])
+    label_vertebrae(scan, moved, counted, ScaledInput(50.0), labelled_before=first)
+    assert counted.inputs == [(3, 1, 224, 224, 16)]
+
+
 def test_label_vertebrae_with_nothing_to_label():
     scan, _ = stacked_scan(1, 1.0)
     assert label_vertebrae(scan, [], FixedLogits(np.zeros((0, N_LEVELS))), ScaledInput(1.0)) == []
