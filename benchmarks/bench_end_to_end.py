@@ -1,0 +1,68 @@
+"""Wall seconds and peak memory of ``spinenet run`` as a whole process on real lumbar scans.
+
+    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [CASE ...]
+
+Each run is a fresh process, as a user starts it: Python and torch start-up, reading the scan,
+detection, labelling, disc grading and measurements, ``preview.png`` and the result files (the
+defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` (default: one volume of
+each source that has volumes).  Prints the median and the slowest of ``--repeats`` runs, after one
+unmeasured run that warms the file cache.  Issue 16's goal for the bundled networks: 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CASES = ("chu/chu_02", "myosegmentum/myo_01", "zukic/zukic_15_S01_T2", "ivd/ivd_20")
+
+
+def one_run(image: Path, out: Path, args) -> tuple[float, float]:
+    """(wall seconds, peak resident MB) of one ``spinenet run`` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "SpineNetLib", "run", str(image), "-o", str(out), "--quiet",
+                           "--threads", str(args.threads), "--weights", args.weights],
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{image}: spinenet run failed: {done.stderr.strip().splitlines()[-1:]}")
+    # ru_maxrss of children is the largest of any child so far (kB on Linux)
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return wall, peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", default=list(DEFAULT_CASES), help="folders under the data root")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default="bundled")
+    args = parser.parse_args()
+    print(f"spinenet run, {args.weights} weights, {args.threads} threads, median and slowest of {args.repeats}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases:
+            image = Path(args.data) / case / "image.nii.gz"
+            if not image.is_file():
+                print(f"  {case:28} not found under {args.data}")
+                continue
+            one_run(image, Path(tmp) / "warm", args)
+            runs = [one_run(image, Path(tmp) / f"r{k}", args) for k in range(args.repeats)]
+            walls = [w for w, _ in runs]
+            print(f"  {case:28} {statistics.median(walls):5.2f} s (slowest {max(walls):5.2f} s)   "
+                  f"peak so far {max(p for _, p in runs):6.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
