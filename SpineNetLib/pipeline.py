@@ -140,6 +140,19 @@ def _neighbour_correlation(image: np.ndarray) -> float:
     return float((np.mean(a[:, 1:] * a[:, :-1]) + np.mean(a[1:] * a[:-1])) / (2 * variance))
 
 
+#: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
+#: Measured on the T2 volumes of healthy volunteers (``chu/``, 17 volumes; MODEL_CARD.md "Known limits").
+SINGLE_SLICE_GRADER_ON_A_VOLUME = (
+    "the grader was trained and validated on single clinical mid-sagittal T2 slices only: on volumes its "
+    "grades are not validated, and on the T2 volumes of healthy volunteers it called 120 of 126 discs "
+    "herniated; do not rely on them")
+
+
+def _reads_one_slice(grader) -> bool:
+    config = getattr(grader, "config", None)
+    return config is not None and int(getattr(config, "input_slices", 9)) == 1
+
+
 def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> str:
     """The warning of a run that found no vertebra, with the reason the image suggests (issue 12):
     a field of view too small, a blank, empty or noise-like image, detections too weak to keep, or
@@ -519,6 +532,9 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     implausible = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
     disc_warnings += implausible
     warnings += implausible
+    if discs.grades and _reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:
+        disc_warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)
+        warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)
     if disc_warnings:
         discs_doc["warnings"] = disc_warnings
     not_trained = discs.grading_status.get("heads_not_trained")

@@ -113,6 +113,10 @@ def test_the_demo_grades_out_of_the_box_with_the_heads_the_clinical_tags_taught(
     assert all(reason == "not trained: no graded data" for reason in grading["heads_not_trained"].values())
     graded = [d for d in doc["discs"] if d["grades"]]
     assert len(graded) >= 6
+    # the bundled grader reads one slice: on a volume (the demo phantom) its grades come with a warning
+    from SpineNetLib.pipeline import SINGLE_SLICE_GRADER_ON_A_VOLUME
+
+    assert SINGLE_SLICE_GRADER_ON_A_VOLUME in doc["warnings"]
     for disc in graded:
         assert set(disc["grades"]) == {"Herniation"}
         probabilities = disc["grades"]["Herniation"]["probabilities"]
