@@ -104,7 +104,9 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The ``spinenet`` parser; ``with_training`` False leaves out ``spinenet train``, whose options
+    import torch (:func:`main` does when the arguments do not ask for training or for help)."""
     parser = _OneLineErrors(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("--version", action="version", version=f"spinenet {_version()}",
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `python -m SpineNetLib` still works, without the `spinenet train` command.
     import importlib.util
 
-    if importlib.util.find_spec("SpineNetLib.training") is not None:
+    if with_training and importlib.util.find_spec("SpineNetLib.training") is not None:
         from SpineNetLib.training.cli import register
         register(sub)
     return parser
@@ -438,7 +440,11 @@ def command_cohort(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    # the training options import torch: only when asked for, so that --version, the help of the other
+    # commands and errors in their arguments answer at once
+    asks_for_training = any(w in ("train", "-h", "--help") for w in words) or not words
+    args = build_parser(with_training=asks_for_training).parse_args(argv)
     return exit_status("spinenet", lambda: args.func(args), debug=args.debug)
 
 

@@ -262,3 +262,20 @@ def test_a_bad_thread_count_is_a_one_line_error(tmp_path, capsys, value, words):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_version_and_argument_errors_answer_without_loading_torch():
+    """`spinenet --version` and a mistyped command answer at once: only `train` (and help) loads torch."""
+    code = ("import sys\n"
+            "from SpineNetLib.apps.cli import main\n"
+            "for argv in (['--version'], ['run'], ['run', 'x', '-o', 'y', '--bogus'], ['weights', 'nonsense']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code in (0, 2), (argv, e.code)\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "no torch"
+    assert "train" in cli.build_parser().format_help()      # the full parser still offers it
