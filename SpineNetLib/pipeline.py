@@ -177,7 +177,8 @@ def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> s
     else:
         reason = "the detector saw nothing like a vertebral body"
     tried = f"at the header's pixel spacing ({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm)" + (
-        " and at 0.5 to 2 times it" if retried else "")
+        f" and at {min(PIXEL_SPACING_FACTORS_TO_TRY):g} to {max(PIXEL_SPACING_FACTORS_TO_TRY):g} times it"
+        if retried else "")
     return (f"no vertebra was found {tried}: {reason}; check that this is a sagittal MR image of the spine and "
             "that its pixel spacing is right")
 

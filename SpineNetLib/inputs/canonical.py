@@ -90,6 +90,11 @@ def _validate_voxels(voxels_kji) -> np.ndarray:
     return arr
 
 
+def plain_numbers(values) -> str:
+    """Numbers for a message, plainly: "0.8 x 0.8 x 4" (not a list of numpy scalars)."""
+    return " x ".join(f"{float(v):g}" for v in values)
+
+
 def _validate_affine(ijk_to_ras) -> np.ndarray:
     try:
         a = np.asarray(ijk_to_ras, dtype=float)
@@ -104,7 +109,7 @@ def _validate_affine(ijk_to_ras) -> np.ndarray:
     spacing = np.linalg.norm(a[:3, :3], axis=0)
     if np.any(spacing <= 1e-6):
         raise InputError(f"degenerate IJK-to-RAS matrix: voxel spacing "
-                         f"{' x '.join(f'{v:g}' for v in spacing)} mm has a zero")
+                         f"{plain_numbers(spacing)} mm has a zero")
     unit = a[:3, :3] / spacing
     if abs(np.linalg.det(unit)) < 1e-3:
         raise InputError("degenerate IJK-to-RAS matrix: the voxel axes are (nearly) coplanar")

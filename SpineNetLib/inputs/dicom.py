@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import MAX_SIDE_PX, MAX_VOXELS, scan_from_array, spacing_override
+from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers, scan_from_array,
+                                          spacing_override)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -423,11 +424,6 @@ def _orientation(slices: list[_Slice], uid: str) -> tuple[np.ndarray, np.ndarray
     return row_dir, col_dir, np.cross(row_dir, col_dir)
 
 
-def _mm(values) -> str:
-    """Numbers for a message, plainly: "0.8 x 0.8 mm" (not a list of numpy scalars)."""
-    return " x ".join(f"{float(v):g}" for v in values) + " mm"
-
-
 def _pixel_spacing(slices: list[_Slice], uid: str) -> np.ndarray:
     """In-plane spacing from the tags: [row spacing (along j), column spacing (along i)], the same on every slice."""
     first = slices[0]
@@ -436,11 +432,13 @@ def _pixel_spacing(slices: list[_Slice], uid: str) -> np.ndarray:
             raise InputError(f"PixelSpacing (0028,0030) missing or invalid in {s.name}; "
                              "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
         if np.any(s.pixel_spacing <= 0):
-            raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: {_mm(s.pixel_spacing)}; "
-                             "give the pixel spacing (--pixel-spacing ROW COL, in mm) to override")
+            raise InputError(f"PixelSpacing (0028,0030) in {s.name} is not positive: "
+                             f"{plain_numbers(s.pixel_spacing)} mm; give the pixel spacing (--pixel-spacing ROW COL, "
+                             "in mm) to override")
         if np.max(np.abs(s.pixel_spacing - first.pixel_spacing)) > 1e-4 * max(1.0, first.pixel_spacing.max()):
-            raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: {_mm(first.pixel_spacing)} "
-                             f"in {first.name} but {_mm(s.pixel_spacing)} in {s.name}; "
+            raise InputError(f"contradictory PixelSpacing (0028,0030) in series {uid}: "
+                             f"{plain_numbers(first.pixel_spacing)} mm in {first.name} but "
+                             f"{plain_numbers(s.pixel_spacing)} mm in {s.name}; "
                              "give the pixel spacing (--pixel-spacing ROW COL) to override")
     return first.pixel_spacing
 

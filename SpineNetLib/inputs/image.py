@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import MAX_SIDE_PX, MAX_VOXELS, sagittal_axis, scan_from_array, spacing_override
+from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers, sagittal_axis, scan_from_array,
+                                          spacing_override)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -106,7 +107,7 @@ def _check_nifti_spacing(path: Path, pixdim: tuple, ndim: int) -> None:
     """Refuse a zero, NaN or infinite voxel size: ITK reads them as 1 mm without a word."""
     spacing = pixdim[1:min(ndim, 3) + 1]
     if not all(np.isfinite(v) and v != 0 for v in spacing):
-        raise InputError(f"{path.name} has an invalid voxel size (pixdim {' x '.join(f'{v:g}' for v in spacing)}): "
+        raise InputError(f"{path.name} has an invalid voxel size (pixdim {plain_numbers(spacing)}): "
                          "check the file's header")
 
 
@@ -380,7 +381,7 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
         raise InputError(f"{path.name} looks like a label map, not an MR image ({labels} distinct integer values, "
                          "most voxels 0): give the scan itself")
     if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
-        raise InputError(f"{path.name} has an invalid geometry (spacing {' x '.join(f'{v:g}' for v in spacing)} mm, "
+        raise InputError(f"{path.name} has an invalid geometry (spacing {plain_numbers(spacing)} mm, "
                          f"direction {' '.join(f'{v:g}' for v in direction.ravel())})")
 
     overrides = {}

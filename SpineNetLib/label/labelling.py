@@ -652,9 +652,9 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
 
     start = time.perf_counter()
     appearance[todo] = appearance_probabilities(volumes, appearance_net, device, params)
-    for i in range(n):
-        if known[i] is not None:
-            appearance[i] = known[i]
+    for i, probabilities in enumerate(known):
+        if probabilities is not None:
+            appearance[i] = probabilities
     del volumes
     timings.appearance_s = time.perf_counter() - start
     report(n + 1, total, "appearance network")
