@@ -1,7 +1,7 @@
 """Cross-validated balanced accuracy of the bundled grader's recipe (Herniation) on all tianchi studies.
 
     python benchmarks/crossval_grader.py --targets runs/tianchi_targets_v2.json [--folds 5] [--only K]
-        [--steps 1500] [--threads 1] [--out runs/crossval_grader]
+        [--steps 1500] [--threads 1] [--degrade P] [--out runs/crossval_grader]
 
 Why: the bundled grader's held-out figure (MODEL_CARD.md, 80.7 %) comes from 50 studies that were
 looked at before the decision threshold was made a calibrated choice, so it is somewhat optimistic.
@@ -22,7 +22,9 @@ does that on the 50 held-out studies).  A grader trained here differs from the s
 in the studies it saw (the shipped one also trained on its calibration studies).
 
 Each fold's result is kept in ``<out>/fold<K>/crossval.json`` and its training run resumes, so
-folds can run in separate processes (``--only K``) and the last call prints the pooled table.
+folds can run in separate processes (``--only K``) and the last call prints the pooled table.  The
+fold's grader with its shift built in is ``<out>/fold<K>/grading_calibrated.pt``
+(``benchmarks/grader_on_volumes.py`` checks it on volumes).
 """
 
 from __future__ import annotations
@@ -82,6 +84,24 @@ def balanced(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(0.5 * ((pred[truth == 1] == 1).mean() + (pred[truth == 0] == 0).mean()))
 
 
+def _save_calibrated(model, weights: Path, shift: float, out: Path) -> None:
+    """The fold's grader with the shift built into the present-class bias (as ``grader-threshold`` does)."""
+    import torch
+
+    from SpineNetLib.training.grader import HEAD_INDEX, TASKS
+    from SpineNetLib.models.grading import HEADS
+    from SpineNetLib.weights import checkpoints
+
+    stored = checkpoints.read_checkpoint(checkpoints.resolve_weights_file(weights))
+    extra = {k: v for k, v in stored.items() if k not in ("model_weights", checkpoints.ARCH_KEY)
+             and isinstance(v, (bool, int, float, str, list))}
+    with torch.no_grad():
+        getattr(model, HEADS[HEAD_INDEX[TASKS[TASK].heads[0]]].name).bias[1] += shift
+    checkpoints.save_checkpoint(out, "grading", model, half=True, extra=extra)
+    with torch.no_grad():
+        getattr(model, HEADS[HEAD_INDEX[TASKS[TASK].heads[0]]].name).bias[1] -= shift
+
+
 def run_fold(args, samples, fold_of, fold: int) -> dict:
     """Train (or resume) one fold, choose its shift on its calibration discs, score its test discs."""
     from SpineNetLib.training.cli import register
@@ -97,7 +117,8 @@ def run_fold(args, samples, fold_of, fold: int) -> dict:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     train_args = parser.parse_args(["train", "grader", "--tianchi-targets", args.targets, "--out", str(folder),
-                                    "--steps", str(args.steps), "--threads", str(args.threads), *RECIPE]
+                                    "--steps", str(args.steps), "--threads", str(args.threads), *RECIPE,
+                                    "--degrade", str(args.degrade)]
                                    + (["--resume"] if (folder / "config.json").is_file() else []))
     weights = train_grader(train_args, samples=trainable)
     model = checkpoints.load_model("grading", weights).eval()
@@ -105,6 +126,7 @@ def run_fold(args, samples, fold_of, fold: int) -> dict:
     test = [s for s in test if TASK in s.targets]
     truth_cal = np.array([s.targets[TASK] for s in calibration])
     shift, cal_ba = best_shift(_logit_difference(model, calibration), truth_cal)
+    _save_calibrated(model, weights, shift, folder / "grading_calibrated.pt")
     diff = _logit_difference(model, test)
     truth = np.array([s.targets[TASK] for s in test])
     result = {"fold": fold, "shift": shift, "calibration_balanced_accuracy": cal_ba,
@@ -141,6 +163,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--calibration", type=int, default=30, help="calibration studies per fold")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--degrade", type=float, default=0.0,
+                        help="train grader --degrade: chance of a volume-like degraded training disc (default 0)")
     parser.add_argument("--out", default="runs/crossval_grader")
     args = parser.parse_args()
 

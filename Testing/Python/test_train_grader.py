@@ -350,3 +350,31 @@ def test_cross_validation_tests_every_patient_once_on_a_grader_that_never_saw_it
     metrics = json.loads((tmp_path / "f" / "val_metrics.json").read_text())
     assert metrics["n_train"] == sum(s.subset == "training" for s in trainable)
     assert metrics["n_val"] == sum(s.subset == "validation" for s in trainable)
+
+
+def test_degraded_training_discs_keep_the_bodies_level_and_change_sharpness_and_contrast():
+    """--degrade: a volume-like disc (blurred, other contrast, noisy) keeps the normalised bodies' level."""
+    volume = np.full(ivd.IVD_SHAPE, tg.BODY_LEVEL, np.float32)
+    volume[:, 50:62, 60:160] = 0.6          # a bright disc between two bodies
+    volume[:, :, 180:] = 0.9                # the canal
+    seen_contrast, seen_blur = set(), set()
+    for seed in range(40):
+        out = tg.degrade_image(np.random.default_rng(seed), volume)
+        assert out.shape == volume.shape and out.min() >= 0.0 and out.max() <= 1.0
+        assert abs(float(np.median(out[:, 5:40, 60:160])) - tg.BODY_LEVEL) < 0.02
+        disc = float(np.median(out[:, 54:58, 80:140]))
+        seen_contrast.add("higher" if disc > 0.65 else "lower" if disc < 0.55 else "same")
+        edge = abs(float(out[4, 49, 100]) - tg.BODY_LEVEL)      # the pixel just above the disc
+        seen_blur.add(edge > 0.03)
+    assert seen_contrast >= {"higher", "lower"} and seen_blur == {True, False}
+    same = tg.degrade_image(np.random.default_rng(3), volume)
+    assert np.array_equal(same, tg.degrade_image(np.random.default_rng(3), volume))
+    # --degrade 0 leaves the recipe as before; out of range is refused
+    rng = np.random.default_rng(0)
+    plain = tg.augment_volume(np.random.default_rng(0), volume, 1.0, True, 0.0)
+    assert np.array_equal(plain, tg.augment_volume(rng, volume, 1.0, True))
+
+
+def test_train_grader_refuses_a_degrade_chance_outside_0_1(tmp_path, capsys):
+    assert main(["train", "grader", "--phantoms", "2", "--degrade", "1.5", "--out", str(tmp_path / "g")]) == 2
+    assert "--degrade" in capsys.readouterr().err
