@@ -33,7 +33,9 @@ from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
-from SpineNetLib.discs.hotspots import DEFAULT_METHOD, METHODS, HotspotMap, hotspot_maps, parse_heads
+from SpineNetLib.discs.hotspots import (
+    DEFAULT_METHOD, HOTSPOT_PRECISIONS, METHODS, HotspotMap, hotspot_maps, parse_heads,
+)
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
@@ -41,7 +43,7 @@ from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vert
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
-from SpineNetLib.models.precision import with_precision
+from SpineNetLib.models.precision import precision_of, with_precision
 from SpineNetLib.weights import checkpoints
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights
 
@@ -295,6 +297,8 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         status = {"status": "done", "weights": networks.weights.source}
         if weights_path:
             status["weights_file"] = str(weights_path)
+        if networks.precision != "fp32":   # the arithmetic the grades came from (a 1-slice grader stays fp32)
+            status["precision"] = precision_of(networks.grading)
         graded_columns = trained_columns(networks.grading)
         untrained = {c: NOT_TRAINED for c in GRADE_COLUMNS if c not in graded_columns}
         if untrained:  # e.g. the bundled grader: only the heads the clinical tags grade
@@ -401,6 +405,9 @@ class RunOptions:
     hotspot_method: str = DEFAULT_METHOD
     #: Test-time augmentations averaged per hotspot map (fewer is faster on a CPU).
     hotspot_augmentations: int = 16
+    #: Arithmetic of the hotspot maps (:data:`SpineNetLib.discs.hotspots.HOTSPOT_PRECISIONS`; "auto":
+    #: bfloat16 where the CPU computes it natively, see the hotspots module).
+    hotspot_precision: str = "auto"
     #: Seconds the caller already spent on this run (e.g. ``{"load_scan": 0.8, "load_networks": 2.1}``):
     #: listed first in the timings and counted in their total.
     earlier_timings_s: dict[str, float] = field(default_factory=dict)
@@ -453,6 +460,9 @@ def _check_hotspot_options(options: RunOptions) -> list:
         raise InputError(f"unknown hotspot method {options.hotspot_method!r}: use one of {', '.join(METHODS)}")
     if options.hotspot_augmentations < 1:
         raise InputError("the hotspot maps need at least 1 augmentation")
+    if options.hotspot_precision not in HOTSPOT_PRECISIONS:
+        raise InputError(f"unknown hotspot precision {options.hotspot_precision!r}: use one of "
+                         f"{', '.join(HOTSPOT_PRECISIONS)}")
     return parse_heads(options.hotspot_heads)
 
 
@@ -469,7 +479,7 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
         warnings.append("no hotspot maps: no discs were found")
         return []
     return hotspot_maps(scan, discs.ivds, networks.grading, heads, options.hotspot_method,
-                        options.hotspot_augmentations, progress=progress)
+                        options.hotspot_augmentations, progress=progress, precision=options.hotspot_precision)
 
 
 def run(scan: Scan, networks: Networks, options: RunOptions | None = None,

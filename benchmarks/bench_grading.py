@@ -1,11 +1,14 @@
 """Seconds and peak memory to grade the 7 discs of a lumbar scan with the OFFICIAL-size grader.
 
     python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
+        [--hotspot-precision auto|fp32|bf16] [--batch-size 4]
 
 Random weights (speed does not depend on their values); the disc volumes are
 extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
 also times one contrastive-excitation hotspot map (one disc, one head) with N
-test-time augmentations.
+test-time augmentations, in ``--hotspot-precision`` (``discs/hotspots.py``; "auto", the default of
+``spinenet run``, is bfloat16 on a CPU that computes it natively), and with ``--precision fp32``
+also in bfloat16, to print how closely the smoothed bfloat16 map follows the float32 one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main() -> None:
     parser.add_argument("--hotspots", type=int, default=0, metavar="N_AUGMENT")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
+    parser.add_argument("--hotspot-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="arithmetic of the hotspot map (default auto, as spinenet run)")
+    parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
     args = parser.parse_args()
 
     import torch
@@ -47,18 +53,32 @@ def main() -> None:
     net = with_precision(GradingNet().eval(), args.precision)
     grade_volumes(ivds[:1], net)  # warm-up
     t = time.perf_counter()
-    grade_volumes(ivds, net)
+    grade_volumes(ivds, net, batch_size=args.batch_size)
     grade_s = time.perf_counter() - t
-    print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads, {args.precision}")
+    print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads, {args.precision}, "
+          f"{args.batch_size} discs per call")
     print(f"  extract volumes            {extract_s:8.2f} s")
     print(f"  grade                      {grade_s:8.2f} s")
     if args.hotspots:
-        from SpineNetLib.discs.hotspots import hotspot_volume
+        import numpy as np
+
+        from SpineNetLib.discs.hotspots import box_iou, hotspot_box, hotspot_volume, map_arithmetic, smooth_map
         from SpineNetLib.models.grading import HEADS
 
+        arithmetic = type(map_arithmetic(net, torch.device("cpu"), args.hotspot_precision)[1]).__name__
         t = time.perf_counter()
-        hotspot_volume(net, ivds[-1].volume, HEADS[0], n_augment=args.hotspots)
-        print(f"  hotspots, 1 disc x 1 head, {args.hotspots} augmentations {time.perf_counter() - t:8.2f} s")
+        chosen = hotspot_volume(net, ivds[-1].volume, HEADS[0], n_augment=args.hotspots,
+                                precision=args.hotspot_precision)
+        print(f"  hotspots, 1 disc x 1 head, {args.hotspots} augmentations ({args.hotspot_precision}: "
+              f"{'bf16' if arithmetic == 'autocast' else 'fp32'}) {time.perf_counter() - t:8.2f} s")
+        if args.precision == "fp32":
+            other = "fp32" if arithmetic == "autocast" else "bf16"
+            t = time.perf_counter()
+            compared = hotspot_volume(net, ivds[-1].volume, HEADS[0], n_augment=args.hotspots, precision=other)
+            print(f"  the same map in {other} {time.perf_counter() - t:8.2f} s")
+            a, b = smooth_map(chosen), smooth_map(compared)
+            print(f"  smoothed map against {other}: r = {np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}, "
+                  f"hotspot box IoU {box_iou(hotspot_box(a[4]), hotspot_box(b[4])):.2f}")
     print(f"  peak memory (RSS)          {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.1f} MB")
 
 

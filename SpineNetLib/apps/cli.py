@@ -127,6 +127,10 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                      help="how the hotspot maps are computed (default contrastive_excitation; see README, Hotspots)")
     run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
                      help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
+    run.add_argument("--hotspot-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="arithmetic of the hotspot maps (default auto: bfloat16 where the CPU computes it "
+                          "natively, about 1.9x faster, maps within 0.3 %% correlation of float32; grades keep "
+                          "--precision)")
     run.add_argument("--profile", choices=["default", "official"], default=None,
                      help="how the stages around the networks work: this project's (default) or the official "
                           "code's (official; the default with --weights official); see docs/PROFILES.md")
@@ -220,7 +224,8 @@ def command_run(args) -> int:
         raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
                             "(use --weights official or a folder with grading.pt)")
     hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
-                "hotspot_augmentations": args.hotspot_augmentations} if hotspot_heads else {}
+                "hotspot_augmentations": args.hotspot_augmentations,
+                "hotspot_precision": args.hotspot_precision} if hotspot_heads else {}
     options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False), **hotspots, profile=profile.name,
                                   earlier_timings_s={"load_scan": load_seconds,
                                                      "load_networks": networks.load_seconds})

@@ -61,6 +61,16 @@ scan's coarser grid, so that thin peaks are not lost between grid points.
 grid or the input's own voxel grid (through ``IVDVolume.sample_to_canonical``),
 and :func:`hotspot_maps` gives one map per head on the input's voxel grid
 (:class:`HotspotMap`, written by :func:`SpineNetLib.outputs.files.write_results`).
+
+Arithmetic (``precision``, :data:`HOTSPOT_PRECISIONS`): "auto", the default, computes the maps under
+bfloat16 autocast on a CPU with native bfloat16 (AVX-512 BF16 / AMX: ``torch.ops.mkldnn.
+_is_mkldnn_bf16_supported``) and in the network's own precision elsewhere.  Why: one map of the
+official-size grader (1 disc, 1 head, 16 augmentations) took 37.1 s in float32 and 20.0 s in
+bfloat16 on 2 cores, and the bfloat16 maps correlate 0.997-0.998 with the float32 ones
+(benchmarks/RESULTS.md, "Grading with bf16"; issue 16 asks for at most 30 s).  A map is evidence
+to look at, not a grade: the grades themselves keep the network's precision (``--precision``).
+"fp32" and "bf16" force one.  A grader for which bfloat16 is not sound (one that reads a single
+slice, :func:`SpineNetLib.models.precision.bfloat16_is_sound`) always computes its maps in float32.
 """
 
 from __future__ import annotations
@@ -76,7 +86,7 @@ from scipy import ndimage
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import GRADING_INPUT_SHAPE, HEADS, GradingHead, GradingNet
-from SpineNetLib.models.precision import BFloat16Autocast
+from SpineNetLib.models.precision import BFloat16Autocast, bfloat16_is_sound
 
 #: Saliency methods, see the module docstring.
 METHODS: tuple[str, ...] = ("gradient", "guided", "excitation", "contrastive_excitation")
@@ -86,6 +96,8 @@ MAX_SHIFT_RC: tuple[int, int] = (8, 16)
 #: In-plane Gaussian (sigma, IVD-volume pixels ~ 0.3 mm) applied before boxes are taken and before maps
 #: are resampled onto the (coarser) scan grid: two stem pixels, the resolution the excitation maps have.
 SMOOTH_PX = 4.0
+#: Accepted ``precision`` names of the maps (module docstring), the default first.
+HOTSPOT_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: Heads whose meaning depends on left/right: never augmented by reversing the slice order.
 LATERAL_HEADS: tuple[str, ...] = ("fc_fsl", "fc_fsr")
 _EPS = 1e-12
@@ -342,14 +354,35 @@ def _volume_array(ivd_volume) -> np.ndarray:
     return vol
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; CUDA)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def map_arithmetic(net: torch.nn.Module, device: torch.device, precision: str = "auto"):
+    """``(network to differentiate, autocast context)`` of the maps for ``precision`` (module docstring)."""
+    if precision not in HOTSPOT_PRECISIONS:
+        raise InputError(f"unknown hotspot precision {precision!r}: use one of {', '.join(HOTSPOT_PRECISIONS)}")
+    wrapped_bf16 = isinstance(net, BFloat16Autocast)
+    inner = net.module if wrapped_bf16 else net
+    bf16 = precision == "bf16" or (precision == "auto" and (wrapped_bf16 or native_bfloat16(device)))
+    bf16 = bf16 and bfloat16_is_sound(inner)      # a single-slice grader stays float32 (models/precision.py)
+    return inner, (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+
+
 def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_index: int | None = None,
                    method: str = DEFAULT_METHOD, n_augment: int = 16, seed: int = 0, *,
-                   batch_size: int = 4) -> np.ndarray:
+                   batch_size: int = 4, precision: str = "auto") -> np.ndarray:
     """Evidence map ``(9, 112, 224)`` float32 in [0, 1] for one disc, aligned with its IVD volume.
 
     ``ivd_volume`` is an ``ivd.IVDVolume`` or its ``(9, 112, 224)`` array;
-    ``class_index`` None = the class the network predicts for this disc.
-    See the module docstring for the methods and the augmentation.
+    ``class_index`` None = the class the network predicts for this disc (in the network's own
+    precision).  See the module docstring for the methods, the augmentation and ``precision``.
     """
     h = resolve_head(head)
     if method not in METHODS:
@@ -372,13 +405,11 @@ def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_i
         augs = augmentations(n_augment, seed, allow_reverse=h.name not in LATERAL_HEADS)
         total = np.zeros(vol.shape, np.float64)
         count = np.zeros(vol.shape, np.float64)
-        # a network loaded with --precision bf16 (models/precision.py) computes the maps in bfloat16 too
-        inner, precision = (net.module, torch.autocast(device.type, dtype=torch.bfloat16)) \
-            if isinstance(net, BFloat16Autocast) else (net, contextlib.nullcontext())
+        inner, arithmetic = map_arithmetic(net, device, precision)
         for start in range(0, len(augs), max(1, int(batch_size))):
             chunk = augs[start:start + max(1, int(batch_size))]
             x = torch.from_numpy(np.stack([apply_augmentation(vol, a) for a in chunk]))[:, None].to(device, dtype)
-            with precision:
+            with arithmetic:
                 maps = saliency_batch(inner, x, h, int(class_index), method)
             maps = maps.detach().float().cpu().double().numpy()
             for m, a in zip(maps, chunk):
@@ -507,7 +538,7 @@ class HotspotMap:
 
 def hotspot_maps(scan, ivds, grading_net: GradingNet, heads, method: str = DEFAULT_METHOD,
                  n_augment: int = 16, *, class_index: int | None = None, seed: int = 0,
-                 progress=None) -> list[HotspotMap]:
+                 progress=None, precision: str = "auto") -> list[HotspotMap]:
     """One map per head, ``hotspots_<Column>.nii.gz``, on the input's voxel grid.
 
     Every disc's map (:func:`hotspot_volume`, class = the predicted one
@@ -527,7 +558,8 @@ def hotspot_maps(scan, ivds, grading_net: GradingNet, heads, method: str = DEFAU
         for ivd in ivds:
             if progress is not None:
                 progress(done, total, f"hotspots {h.column} {getattr(ivd, 'level', '')}")
-            m = smooth_map(hotspot_volume(grading_net, ivd, h, class_index, method, n_augment, seed))
+            m = smooth_map(hotspot_volume(grading_net, ivd, h, class_index, method, n_augment, seed,
+                                          precision=precision))
             maps.append(m / m.max() if m.max() > 0 else m)
             done += 1
         out.append(HotspotMap(name=f"hotspots_{h.column}.nii.gz", voxels_kji=input_hotspot_map(scan, ivds, maps),

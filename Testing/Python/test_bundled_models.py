@@ -154,3 +154,29 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     assert grades and grades == [{c: g[0] for c, g in d.items()} for d in bf16.discs.grades]
     probabilities = np.concatenate([g[1] for d in fp32.discs.grades for g in d.values()])
     assert np.abs(probabilities - np.concatenate([g[1] for d in bf16.discs.grades for g in d.values()])).max() < 0.05
+    # the bundled grader reads one slice, where torch's CPU bfloat16 Conv3d is wrong: it stays float32
+    assert bf16.discs_document["grading"]["precision"] == "fp32"
+    assert "precision" not in fp32.discs_document["grading"]
+
+
+def test_bf16_is_refused_where_the_cpu_kernels_get_it_wrong():
+    """torch 2.13's CPU bfloat16 Conv3d over a one-slice input padded in depth is wrong by as much as
+    its output; a grader reading one slice therefore keeps float32 under ``--precision bf16``."""
+    import torch
+
+    from SpineNetLib.models.grading import GradingConfig, GradingNet
+    from SpineNetLib.models.precision import BFloat16Autocast, bfloat16_is_sound, with_precision
+
+    conv = torch.nn.Conv3d(1, 16, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3)).eval()
+    x = torch.rand(4, 1, 9, 112, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = {}
+        for depth, part in (("one slice", x[:, :, 4:5]), ("three slices", x[:, :, 3:6])):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                error[depth] = float((conv(part).float() - conv(part)).abs().max() / conv(part).abs().max())
+    print(error)      # the reason for the rule, measured here; not asserted (a later torch may fix it)
+    assert error["three slices"] < 0.02
+    one, nine = GradingNet(GradingConfig(input_slices=1)).eval(), GradingNet(GradingConfig()).eval()
+    assert not bfloat16_is_sound(one) and bfloat16_is_sound(nine)
+    assert with_precision(one, "bf16") is one
+    assert isinstance(with_precision(nine, "bf16"), BFloat16Autocast)

@@ -180,6 +180,11 @@ def test_run_writes_hotspot_maps_in_the_input_space(tmp_path, monkeypatch):
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder left"
     discs = json.loads((out / "discs.json").read_text())
     assert discs["discs"][0]["grades"], "graded with the fixture grader"
+    # --hotspot-precision fp32: the map "auto" wrote (bfloat16 where the CPU has it) up to rounding
+    assert cli.main(["run", str(image), "-o", str(tmp_path / "fp32"), "--quiet", "--hotspots",
+                     "LowerEndplateDefect", "--hotspot-augmentations", "2", "--hotspot-precision", "fp32"]) == 0
+    fp32 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "fp32" / "hotspots_LowerEndplateDefect.nii.gz")))
+    assert np.corrcoef(fp32.ravel(), values.ravel())[0, 1] > 0.99
 
 
 def test_unknown_hotspot_head_is_refused_before_any_work(tmp_path):
