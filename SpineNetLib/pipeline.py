@@ -145,9 +145,9 @@ def _neighbour_correlation(image: np.ndarray) -> float:
 #: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
 #: Measured on the T2 volumes of healthy volunteers (``chu/``, 17 volumes; MODEL_CARD.md "Known limits").
 SINGLE_SLICE_GRADER_ON_A_VOLUME = (
-    "the grader was trained and validated on single clinical mid-sagittal T2 slices only: on volumes its "
-    "grades are not validated, and on the T2 volumes of healthy volunteers it called 120 of 126 discs "
-    "herniated; do not rely on them")
+    "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
+    "not validated (the bundled grader calls 8-62 % of healthy volunteers' discs herniated, depending on "
+    "the scanner; MODEL_CARD.md); treat them as a hint only")
 
 
 def _reads_one_slice(grader) -> bool:
