@@ -350,6 +350,14 @@ def test_cross_validation_tests_every_patient_once_on_a_grader_that_never_saw_it
     metrics = json.loads((tmp_path / "f" / "val_metrics.json").read_text())
     assert metrics["n_train"] == sum(s.subset == "training" for s in trainable)
     assert metrics["n_val"] == sum(s.subset == "validation" for s in trainable)
+    # the fold's grader with its shift built in (checked on volumes by grader_on_volumes.py):
+    # its herniation logit difference is the trained one's plus the shift, and it leaves the model alone
+    model = checkpoints.load_model("grading", tmp_path / "f" / "grading.pt").eval()
+    before = cv._logit_difference(model, samples[:4])
+    cv._save_calibrated(model, tmp_path / "f" / "grading.pt", 1.5, tmp_path / "f" / "calibrated.pt")
+    calibrated = checkpoints.load_model("grading", tmp_path / "f" / "calibrated.pt").eval()
+    assert np.allclose(cv._logit_difference(calibrated, samples[:4]), before + 1.5, atol=0.02)   # fp16 file
+    assert np.array_equal(cv._logit_difference(model, samples[:4]), before)
 
 
 def test_degraded_training_discs_keep_the_bodies_level_and_change_sharpness_and_contrast():
