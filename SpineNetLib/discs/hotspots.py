@@ -355,9 +355,10 @@ def _volume_array(ivd_volume) -> np.ndarray:
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; CUDA)."""
+    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; a CUDA GPU of
+    compute capability 8 or later)."""
     if device.type == "cuda":
-        return True
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     try:
         return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
