@@ -146,8 +146,8 @@ def _neighbour_correlation(image: np.ndarray) -> float:
 #: Measured on the T2 volumes of healthy volunteers (``chu/``, 17 volumes; MODEL_CARD.md "Known limits").
 SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
-    "not validated (the bundled grader calls 8-62 % of healthy volunteers' discs herniated, depending on "
-    "the scanner; MODEL_CARD.md); treat them as a hint only")
+    "not validated (the bundled grader calls 10-29 % of healthy volunteers' discs herniated, depending on "
+    "the scanner, most at L5-S1; MODEL_CARD.md); treat them as a hint only")
 
 
 def _reads_one_slice(grader) -> bool:

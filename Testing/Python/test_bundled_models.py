@@ -189,8 +189,9 @@ def test_bf16_is_refused_where_the_cpu_kernels_get_it_wrong():
 def test_the_bundled_grader_calls_few_discs_of_healthy_volunteers_volumes_herniated():
     """Issue 13: the grader learned on single clinical slices; trained without the volume look
     (``train grader --degrade``) it called 95 % of the chu and 72 % of the myosegmentum discs
-    herniated.  On the 10 held-out healthy volunteers' volumes it now calls 12 of 58 (MODEL_CARD.md,
-    "On volumes"); a herniation is found at one level or more in about 30 % of asymptomatic adults."""
+    herniated (48 of these 58 discs).  On the 10 held-out healthy volunteers' volumes it now calls 6
+    of 58 (MODEL_CARD.md, "On volumes"); a herniation is found at one level or more in about 30 % of
+    asymptomatic adults."""
     from SpineNetLib import pipeline
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.training.datasets import DEFAULT_VAL_CASES, list_cases
