@@ -143,7 +143,7 @@ def _neighbour_correlation(image: np.ndarray) -> float:
 
 
 #: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
-#: Measured on the T2 volumes of healthy volunteers (``chu/``, 17 volumes; MODEL_CARD.md "Known limits").
+#: Figures from the volumes of healthy volunteers (``benchmarks/grader_on_volumes.py``; MODEL_CARD.md "On volumes").
 SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
     "not validated (the bundled grader calls 10-29 % of healthy volunteers' discs herniated, depending on "

@@ -84,29 +84,11 @@ def balanced(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(0.5 * ((pred[truth == 1] == 1).mean() + (pred[truth == 0] == 0).mean()))
 
 
-def _save_calibrated(model, weights: Path, shift: float, out: Path) -> None:
-    """The fold's grader with the shift built into the present-class bias (as ``grader-threshold`` does)."""
-    import torch
-
-    from SpineNetLib.training.grader import HEAD_INDEX, TASKS
-    from SpineNetLib.models.grading import HEADS
-    from SpineNetLib.weights import checkpoints
-
-    stored = checkpoints.read_checkpoint(checkpoints.resolve_weights_file(weights))
-    extra = {k: v for k, v in stored.items() if k not in ("model_weights", checkpoints.ARCH_KEY)
-             and isinstance(v, (bool, int, float, str, list))}
-    with torch.no_grad():
-        getattr(model, HEADS[HEAD_INDEX[TASKS[TASK].heads[0]]].name).bias[1] += shift
-    checkpoints.save_checkpoint(out, "grading", model, half=True, extra=extra)
-    with torch.no_grad():
-        getattr(model, HEADS[HEAD_INDEX[TASKS[TASK].heads[0]]].name).bias[1] -= shift
-
-
 def run_fold(args, samples, fold_of, fold: int) -> dict:
     """Train (or resume) one fold, choose its shift on its calibration discs, score its test discs."""
     from SpineNetLib.training.cli import register
     from SpineNetLib.training.grader import train_grader
-    from SpineNetLib.training.grader_threshold import best_shift
+    from SpineNetLib.training.grader_threshold import best_shift, save_with_shift
     from SpineNetLib.weights import checkpoints
 
     folder = Path(args.out) / f"fold{fold}"
@@ -126,7 +108,7 @@ def run_fold(args, samples, fold_of, fold: int) -> dict:
     test = [s for s in test if TASK in s.targets]
     truth_cal = np.array([s.targets[TASK] for s in calibration])
     shift, cal_ba = best_shift(_logit_difference(model, calibration), truth_cal)
-    _save_calibrated(model, weights, shift, folder / "grading_calibrated.pt")
+    save_with_shift(model, weights, TASK, shift, folder / "grading_calibrated.pt")
     diff = _logit_difference(model, test)
     truth = np.array([s.targets[TASK] for s in test])
     result = {"fold": fold, "shift": shift, "calibration_balanced_accuracy": cal_ba,

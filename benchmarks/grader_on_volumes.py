@@ -59,14 +59,21 @@ def disc_volumes(sources, cache: Path | None, log=print) -> dict[str, np.ndarray
     return out
 
 
-def herniation_calls(grader_path: str, volumes: np.ndarray) -> np.ndarray:
-    """Herniation probability of each disc volume under the grader (its calibrated decision: p > 0.5)."""
-    from SpineNetLib.discs.grading import grade_volumes
+def load_grader(grader_path: str):
+    """The grading network of a file, or the bundled one for "bundled"."""
     from SpineNetLib.weights import checkpoints
     from SpineNetLib.weights.resolve import resolve_weights
 
     path = resolve_weights("bundled").path("grading") if grader_path == "bundled" else grader_path
-    net = checkpoints.load_model("grading", path)
+    return checkpoints.load_model("grading", path)
+
+
+def herniation_calls(grader, volumes: np.ndarray) -> np.ndarray:
+    """Herniation probability of each disc volume under the grader (a path, "bundled" or a loaded
+    network; its calibrated decision: p > 0.5)."""
+    from SpineNetLib.discs.grading import grade_volumes
+
+    net = load_grader(grader) if isinstance(grader, str) else grader
     grades = grade_volumes(list(volumes.astype(np.float32)), net, batch_size=16)
     return np.array([g["Herniation"][1][1] for g in grades])
 
@@ -87,8 +94,9 @@ def main(argv=None) -> int:
     print("| grader | source | discs | called herniated | median p |")
     print("|---|---|---|---|---|")
     for grader in args.grader or ["bundled"]:
+        net = load_grader(grader)
         for source in sources:
-            probs = herniation_calls(grader, volumes[source]) if len(volumes[source]) else np.zeros(0)
+            probs = herniation_calls(net, volumes[source]) if len(volumes[source]) else np.zeros(0)
             share = f"{(probs > 0.5).sum()} ({100 * (probs > 0.5).mean():.0f} %)" if probs.size else "-"
             median = f"{np.median(probs):.2f}" if probs.size else "-"
             print(f"| {grader} | {source} | {probs.size} | {share} | {median} |")

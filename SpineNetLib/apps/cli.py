@@ -129,8 +129,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                      help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
     run.add_argument("--hotspot-precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="arithmetic of the hotspot maps (default auto: bfloat16 where the CPU computes it "
-                          "natively, about 1.9x faster, maps within 0.3 %% correlation of float32; grades keep "
-                          "--precision)")
+                          "natively, about 2.2x faster, smoothed maps correlating 0.999 or more with float32 ones; grades "
+                          "keep --precision)")
     run.add_argument("--profile", choices=["default", "official"], default=None,
                      help="how the stages around the networks work: this project's (default) or the official "
                           "code's (official; the default with --weights official); see docs/PROFILES.md")

@@ -65,9 +65,10 @@ and :func:`hotspot_maps` gives one map per head on the input's voxel grid
 Arithmetic (``precision``, :data:`HOTSPOT_PRECISIONS`): "auto", the default, computes the maps under
 bfloat16 autocast on a CPU with native bfloat16 (AVX-512 BF16 / AMX: ``torch.ops.mkldnn.
 _is_mkldnn_bf16_supported``) and in the network's own precision elsewhere.  Why: one map of the
-official-size grader (1 disc, 1 head, 16 augmentations) took 37.1 s in float32 and 20.0 s in
-bfloat16 on 2 cores, and the bfloat16 maps correlate 0.997-0.998 with the float32 ones
-(benchmarks/RESULTS.md, "Grading with bf16"; issue 16 asks for at most 30 s).  A map is evidence
+official-size grader (1 disc, 1 head, 16 augmentations) took 65.0-67.1 s in float32 and
+28.5-30.2 s in bfloat16 on 2 cores of one host, and the smoothed bfloat16 map correlated 0.9999
+with the float32 one, with the same hotspot box (benchmarks/RESULTS.md, "Grading with bf16";
+issue 16 asks for at most 30 s).  A map is evidence
 to look at, not a grade: the grades themselves keep the network's precision (``--precision``).
 "fp32" and "bf16" force one.  A grader for which bfloat16 is not sound (one that reads a single
 slice, :func:`SpineNetLib.models.precision.bfloat16_is_sound`) always computes its maps in float32.

@@ -608,7 +608,7 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "init": args.init, "val_fraction": args.val_fraction, "augment": args.augment, "sampling": args.sampling,
         "max_cases": args.max_cases, "tianchi_targets": args.tianchi_targets, "input_slices": args.input_slices,
         "select_on_calibration": args.select_on_calibration, "ema": args.ema,
-        **({"degrade": args.degrade} if getattr(args, "degrade", 0.0) else {}),
+        **({"degrade": args.degrade} if args.degrade else {}),   # runs from before --degrade still resume
     }
 
 
@@ -653,7 +653,7 @@ class _TwoStages:
         """``(loss, info)`` of one step; from ``--steps`` on: frozen backbone, fixed BN statistics."""
         args, model, tasks = self.args, self.model, self.tasks
         x, y = _batch(self.rng, self.train_set, self.probabilities, tasks, args.batch_size, args.augment,
-                      self.allow_reverse, self.device, getattr(args, "degrade", 0.0))
+                      self.allow_reverse, self.device, args.degrade)
         if step >= args.steps:          # stage 2: frozen backbone, fixed BN statistics
             model.eval()
             for p in model.parameters():

@@ -13,6 +13,8 @@ argmax reports "present" when ``logit_present - logit_absent > -s``.  The checkp
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -37,6 +39,20 @@ def best_shift(logit_difference: np.ndarray, truth: np.ndarray) -> tuple[float, 
     return float(SHIFTS[best]), float(scores[best])
 
 
+def save_with_shift(grader: torch.nn.Module, weights, task_name: str, shift: float, out) -> None:
+    """Write ``grader`` (loaded from ``weights``) with ``shift`` added to the present-class bias of the
+    task's head, keeping the checkpoint's plain entries and recording ``<task>_logit_shift``;
+    ``grader`` itself is left unchanged."""
+    stored = checkpoints.read_checkpoint(checkpoints.resolve_weights_file(weights))
+    extra = {k: v for k, v in stored.items() if k not in ("model_weights", checkpoints.ARCH_KEY)
+             and isinstance(v, (bool, int, float, str, list))}
+    extra[f"{task_name}_logit_shift"] = shift
+    shifted = copy.deepcopy(grader)
+    with torch.no_grad():
+        getattr(shifted, TASKS[task_name].heads[0]).bias[1] += shift
+    checkpoints.save_checkpoint(out, "grading", shifted, half=True, extra=extra)
+
+
 def calibrate_grader_threshold(args) -> dict:
     task = TASKS.get(args.task)
     if task is None or task.rule != "set" or task.n_values != 2:
@@ -54,14 +70,7 @@ def calibrate_grader_threshold(args) -> dict:
     with torch.no_grad():
         logits = selector(x)[HEAD_INDEX[head]]
     shift, balanced = best_shift((logits[:, 1] - logits[:, 0]).numpy(), [s.targets[task.name] for s in calibration])
-    final = checkpoints.load_model("grading", args.grader)
-    stored = checkpoints.read_checkpoint(checkpoints.resolve_weights_file(args.grader))
-    extra = {k: v for k, v in stored.items() if k not in ("model_weights", checkpoints.ARCH_KEY)
-             and isinstance(v, (bool, int, float, str, list))}
-    with torch.no_grad():
-        getattr(final, head).bias[1] += shift
-    extra[f"{task.name}_logit_shift"] = shift
-    checkpoints.save_checkpoint(args.out, "grading", final, half=True, extra=extra)
+    save_with_shift(checkpoints.load_model("grading", args.grader), args.grader, task.name, shift, args.out)
     summary = {"task": task.name, "shift": shift, "calibration_balanced_accuracy": balanced,
                "calibration_discs": len(calibration),
                "calibration_present": int(sum(s.targets[task.name] for s in calibration))}

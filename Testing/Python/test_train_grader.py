@@ -354,7 +354,9 @@ def test_cross_validation_tests_every_patient_once_on_a_grader_that_never_saw_it
     # its herniation logit difference is the trained one's plus the shift, and it leaves the model alone
     model = checkpoints.load_model("grading", tmp_path / "f" / "grading.pt").eval()
     before = cv._logit_difference(model, samples[:4])
-    cv._save_calibrated(model, tmp_path / "f" / "grading.pt", 1.5, tmp_path / "f" / "calibrated.pt")
+    from SpineNetLib.training.grader_threshold import save_with_shift
+
+    save_with_shift(model, tmp_path / "f" / "grading.pt", "herniation", 1.5, tmp_path / "f" / "calibrated.pt")
     calibrated = checkpoints.load_model("grading", tmp_path / "f" / "calibrated.pt").eval()
     assert np.allclose(cv._logit_difference(calibrated, samples[:4]), before + 1.5, atol=0.02)   # fp16 file
     assert np.array_equal(cv._logit_difference(model, samples[:4]), before)
