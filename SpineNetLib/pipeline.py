@@ -39,8 +39,8 @@ from SpineNetLib.discs.hotspots import (
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
-from SpineNetLib.label.confidence import LabellingConfidence, confidence_of_vertebrae
-from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
+from SpineNetLib.label.confidence import S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae
+from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.precision import precision_of, with_precision
@@ -185,16 +185,31 @@ def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> s
             "that its pixel spacing is right")
 
 
+def _same_body(a: Vertebra, b: Vertebra) -> bool:
+    """Whether two vertebrae are the same detection (a labelled copy and its original)."""
+    return a.slices == b.slices and np.allclose(a.average_polygon, b.average_polygon)
+
+
 def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
     """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``):
     every added body is still there, and the bodies labelled before keep their levels."""
     def level_of(body: Vertebra) -> str | None:
         for other in relabelled:
-            if other.slices == body.slices and np.allclose(other.average_polygon, body.average_polygon):
+            if _same_body(other, body):
                 return other.level
         return None
 
     return all(level_of(b) is not None for b in below) and all(level_of(b) == b.level for b in labelled)
+
+
+def _s1_may_be_l5(labelled: list[Vertebra], candidates: list[Vertebra], taken: list[Vertebra],
+                  spacing_rc) -> bool:
+    """A full-strength lowest body named S1 with an unused weaker detection below it where S1 would
+    lie below an L5 (:func:`~SpineNetLib.label.missed_bodies.weaker_body_below_s1`)."""
+    if not labelled or labelled[-1].level != "S1" or any(_same_body(labelled[-1], t) for t in taken):
+        return False
+    unused = [c for c in candidates if not any(c is t for t in taken)]
+    return weaker_body_below_s1(labelled, unused, spacing_rc) is not None
 
 
 def detect_and_label(scan: Scan, networks: Networks, *,
@@ -238,6 +253,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                         "bodies_from_weaker_detections": len(fillers) + len(below)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor
+    if _s1_may_be_l5(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2]):
+        result.labelling["s1_may_be_l5"] = True
     return result
 
 
@@ -520,6 +537,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                                      f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
                                      "use the header's)")
         confidence.warnings.insert(0, labelling_warnings[0])
+        confidence.needs_review = True
+    if result.labelling.get("s1_may_be_l5") and confidence is not None:
+        labelling_warnings.insert(0, S1_MAY_BE_L5)
+        confidence.warnings.insert(0, S1_MAY_BE_L5)
         confidence.needs_review = True
     left_out = int(result.labelling.get("sacral_segments_left_out", 0))
     if left_out:

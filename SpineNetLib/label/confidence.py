@@ -35,6 +35,10 @@ missed there, and the levels below it may be off by one); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
+:func:`SpineNetLib.pipeline.run` sets ``needs_review`` for two more reasons
+that the probabilities cannot show: a pixel spacing other than the header's
+found the bodies, and a full-strength body named S1 has a weaker detection
+below it where S1 would lie (:data:`S1_MAY_BE_L5`).
 """
 
 from __future__ import annotations
@@ -123,6 +127,9 @@ def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequenc
 
 #: The note when no vertebra is called S1 (it does not by itself ask for a review).
 S1_NOT_FOUND = "S1 not found: the levels were counted from the other vertebrae only"
+#: The review reason of ``label.missed_bodies.weaker_body_below_s1`` (set by ``pipeline.run``).
+S1_MAY_BE_L5 = ("levels may be shifted by one: the body named S1 may be L5 (a weaker detection lies below it "
+                "where S1 would lie below an L5)")
 
 
 def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[str],

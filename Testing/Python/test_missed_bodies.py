@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers
+from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
+from SpineNetLib.training.datasets import default_data_root
 
 
 def _body(cx, cy, level=None, half=(12.0, 8.0)):
@@ -52,6 +54,32 @@ def test_distances_are_in_millimetres():
     spine = _lumbar()
     assert bodies_below(spine, [_body(113, 195)], spacing_rc=(0.5, 1.0)) == []
     assert len(bodies_below(spine, [_body(103, 195)], spacing_rc=(0.5, 1.0))) == 1
+
+
+def test_a_weaker_body_where_s1_would_lie_below_a_body_named_s1_is_reported():
+    # L2 .. L5 named one level too low (L3 .. S1): the body named S1 is at y = 170, and the real S1,
+    # seen weakly, lies where S1 lies below an L5, near (105.4, 194.9).
+    shifted = [_body(100, 80 + 30 * i, level) for i, level in enumerate(["L3", "L4", "L5", "S1"])]
+    real_s1, aside = _body(106, 196), _body(60, 200)
+    assert weaker_body_below_s1(shifted, [aside, real_s1]) is real_s1
+    assert weaker_body_below_s1(shifted, [aside]) is None
+    assert weaker_body_below_s1(shifted, []) is None
+    assert weaker_body_below_s1(_lumbar(), [real_s1]) is None    # the chain ends at L5, not at S1
+    assert weaker_body_below_s1(shifted[-1:], [real_s1]) is None  # no body above S1 to give the step
+
+
+def test_only_a_full_strength_s1_with_an_unused_weaker_body_below_asks_for_review():
+    from SpineNetLib.pipeline import _s1_may_be_l5
+
+    shifted = [_body(100, 80 + 30 * i, level) for i, level in enumerate(["L3", "L4", "L5", "S1"])]
+    real_s1 = _body(106, 196)
+    assert _s1_may_be_l5(shifted, [real_s1], [], (1.0, 1.0))
+    # the S1 itself came from the weaker pass (the usual way S1 is found): the body below is S2
+    weak_s1 = Vertebra(slices=[3, 4], polygons=list(shifted[-1].polygons), level="S1")
+    assert not _s1_may_be_l5(shifted, [weak_s1, real_s1], [weak_s1], (1.0, 1.0))
+    # the weaker body below is already a vertebra of the chain
+    assert not _s1_may_be_l5(shifted, [real_s1], [real_s1], (1.0, 1.0))
+    assert not _s1_may_be_l5(_lumbar(), [real_s1], [], (1.0, 1.0))
 
 
 def test_a_gap_is_filled_where_the_missing_bodies_would_lie():
@@ -144,3 +172,20 @@ def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
     off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=
                                                                  pipeline.detection.DetectionParams(candidate_threshold=None)))
     assert "S1" not in [v.level for v in off.detection.vertebrae]
+
+
+@pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_151-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_a_clinical_slice_whose_l5_is_named_s1_asks_for_review():
+    """tianchi_151 (training side): the radiologist's L5 is a full-strength detection the networks name S1,
+    and the real S1 below it is seen only weakly.  The levels stay shifted, but the scan is flagged."""
+    from SpineNetLib import pipeline
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.label.confidence import S1_MAY_BE_L5
+
+    scan = load_scan(default_data_root() / "tianchi" / "tianchi_151-000" / "image.nii.gz")
+    result = pipeline.run(scan, pipeline.load_networks("bundled", "cpu"), pipeline.RunOptions(grade=False))
+    block = result.vertebrae_document["labelling"]
+    assert [v.level for v in result.detection.vertebrae][-2:] == ["L5", "S1"]
+    assert block["s1_may_be_l5"] is True and block["needs_review"] is True
+    assert block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in result.warnings
