@@ -212,7 +212,9 @@ def test_a_correction_by_hand_needs_no_review():
     confidence = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.5, 0.5), ["L1", "L2", "L3", "L4", "L5"])
     doc = _document(confidence)
     doc["warnings"] = ["a single sagittal slice"] + confidence.warnings
+    doc["labelling"]["s1_may_be_l5"] = True                      # a doubt about the network's S1
     corrected, _ = documents.apply_level_correction(doc, 4, "S1")
+    assert "s1_may_be_l5" not in corrected["labelling"]          # the user has decided
     assert [v["level"] for v in corrected["vertebrae"]] == ["L2", "L3", "L4", "L5", "S1"]
     block = corrected["labelling"]
     assert (block["corrected_by_user"], block["needs_review"], block["warnings"], block["s1_found"]) == \
