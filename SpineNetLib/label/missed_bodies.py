@@ -9,9 +9,9 @@ a lower threshold finds apart (``DetectionParams.candidate_threshold``,
 anatomy says a body must be:
 
 * :func:`gap_fillers`, before labelling: in a gap between consecutive bodies
-  wider than ``confidence.MAX_GAP_RATIO`` times the scan's usual step (the gap
-  the review rule would flag), at one of the evenly spaced positions where the
-  missing bodies would lie, within half a step;
+  wider than ``confidence.MAX_GAP_RATIO`` times the scan's usual step (the
+  review rule flags from ``confidence.REVIEW_GAP_RATIO`` on), at one of the
+  evenly spaced positions where the missing bodies would lie, within half a step;
 * :func:`bodies_below`, after labelling: when the labelled spine ends above
   S1 (at L1-L5), step by step below its lowest body, down to S1.  The pipeline
   labels again with them and keeps them only when the bodies found before keep

@@ -94,6 +94,20 @@ def test_a_gap_is_filled_where_the_missing_bodies_would_lie():
     assert gap_fillers(two_missing, [_body(100, 95)]) == []  # between the two expected places
 
 
+def test_a_gap_wide_enough_for_a_missed_body_asks_for_review():
+    from SpineNetLib.label.confidence import REVIEW_GAP_RATIO, gap_warnings
+
+    spine = _lumbar()                                        # steps of 30
+    assert gap_warnings(spine) == []
+    # the step from L1 to L2 widened to 1.5, 1.7 and 2 times the others
+    for widened, flagged in ((1.5, False), (REVIEW_GAP_RATIO + 0.05, True), (2.0, True)):
+        chain = [_body(100, 80 - 30 * widened, "L1")] + spine[1:]
+        assert bool(gap_warnings(chain)) is flagged, widened
+    # the step measured in full, not its vertical part: L5 to S1 runs forwards as much as down
+    sloped = spine + [_body(100 + 30 * 1.3, 170 + 30 * 1.3, "S1")]   # 1.84 steps, 1.3 steps down
+    assert gap_warnings(sloped) and "between L5 and S1" in gap_warnings(sloped)[0]
+
+
 def test_no_gap_no_filler():
     spine = _lumbar()
     assert gap_fillers(spine, [_body(100, 65)]) == []         # regular chain: nothing is missing
