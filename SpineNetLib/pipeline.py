@@ -34,7 +34,7 @@ from SpineNetLib.detect import vfr as detection
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import (
-    DEFAULT_METHOD, HOTSPOT_PRECISIONS, METHODS, HotspotMap, hotspot_maps, parse_heads,
+    DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, hotspot_maps, parse_heads,
 )
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
@@ -43,6 +43,7 @@ from SpineNetLib.label.confidence import S1_MAY_BE_L5, LabellingConfidence, conf
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
+from SpineNetLib.models.grading import reads_one_slice
 from SpineNetLib.models.precision import precision_of, with_precision
 from SpineNetLib.weights import checkpoints
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights
@@ -150,11 +151,6 @@ SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the scanner, most at L5-S1; MODEL_CARD.md); treat them as a hint only")
 
 
-def _reads_one_slice(grader) -> bool:
-    config = getattr(grader, "config", None)
-    return config is not None and int(getattr(config, "input_slices", 9)) == 1
-
-
 def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> str:
     """The warning of a run that found no vertebra, with the reason the image suggests (issue 12):
     a field of view too small, a blank, empty or noise-like image, detections too weak to keep, or
@@ -200,6 +196,12 @@ def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], be
         return None
 
     return all(level_of(b) is not None for b in below) and all(level_of(b) == b.level for b in labelled)
+
+
+def _ask_for_review(confidence: LabellingConfidence, reason: str) -> None:
+    """Set ``needs_review`` for a reason the probabilities cannot show; the reason goes first."""
+    confidence.warnings.insert(0, reason)
+    confidence.needs_review = True
 
 
 def _s1_may_be_l5(labelled: list[Vertebra], candidates: list[Vertebra], taken: list[Vertebra],
@@ -477,9 +479,7 @@ def _check_hotspot_options(options: RunOptions) -> list:
         raise InputError(f"unknown hotspot method {options.hotspot_method!r}: use one of {', '.join(METHODS)}")
     if options.hotspot_augmentations < 1:
         raise InputError("the hotspot maps need at least 1 augmentation")
-    if options.hotspot_precision not in HOTSPOT_PRECISIONS:
-        raise InputError(f"unknown hotspot precision {options.hotspot_precision!r}: use one of "
-                         f"{', '.join(HOTSPOT_PRECISIONS)}")
+    check_hotspot_precision(options.hotspot_precision)
     return parse_heads(options.hotspot_heads)
 
 
@@ -526,22 +526,18 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                               retry_pixel_spacing=profile.retry_pixel_spacing)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
-    labelling_warnings = list(confidence.warnings) if confidence is not None else []
-    if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
-        labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))
     spacing_factor = result.labelling.get("pixel_spacing_factor")
     if spacing_factor is not None and confidence is not None:
         # the header's spacing found too few bodies: the levels and every size in mm are in doubt
-        labelling_warnings.insert(0, f"few vertebrae were found at the header's pixel spacing "
-                                     f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
-                                     f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
-                                     "use the header's)")
-        confidence.warnings.insert(0, labelling_warnings[0])
-        confidence.needs_review = True
+        _ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
+                                    f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
+                                    f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
+                                    "use the header's)")
     if result.labelling.get("s1_may_be_l5") and confidence is not None:
-        labelling_warnings.insert(0, S1_MAY_BE_L5)
-        confidence.warnings.insert(0, S1_MAY_BE_L5)
-        confidence.needs_review = True
+        _ask_for_review(confidence, S1_MAY_BE_L5)
+    labelling_warnings = list(confidence.warnings) if confidence is not None else []
+    if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
+        labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))
     left_out = int(result.labelling.get("sacral_segments_left_out", 0))
     if left_out:
         labelling_warnings.append(f"{left_out} lower sacral segment{'s' if left_out > 1 else ''} below S2 "
@@ -564,7 +560,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     implausible = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
     disc_warnings += implausible
     warnings += implausible
-    if discs.grades and _reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:
+    if discs.grades and reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:
         disc_warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)
         warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)
     if disc_warnings:

@@ -366,10 +366,15 @@ def native_bfloat16(device: torch.device) -> bool:
         return False
 
 
-def map_arithmetic(net: torch.nn.Module, device: torch.device, precision: str = "auto"):
-    """``(network to differentiate, autocast context)`` of the maps for ``precision`` (module docstring)."""
+def check_hotspot_precision(precision: str) -> None:
+    """InputError unless ``precision`` is one of :data:`HOTSPOT_PRECISIONS`."""
     if precision not in HOTSPOT_PRECISIONS:
         raise InputError(f"unknown hotspot precision {precision!r}: use one of {', '.join(HOTSPOT_PRECISIONS)}")
+
+
+def map_arithmetic(net: torch.nn.Module, device: torch.device, precision: str = "auto"):
+    """``(network to differentiate, autocast context)`` of the maps for ``precision`` (module docstring)."""
+    check_hotspot_precision(precision)
     wrapped_bf16 = isinstance(net, BFloat16Autocast)
     inner = net.module if wrapped_bf16 else net
     bf16 = precision == "bf16" or (precision == "auto" and (wrapped_bf16 or native_bfloat16(device)))

@@ -98,6 +98,13 @@ class BasicBlock3d(nn.Module):
         return F.relu(out, inplace=True)
 
 
+def reads_one_slice(net: nn.Module | None) -> bool:
+    """Whether ``net`` is a grader that reads only the central slice of a disc volume
+    (``GradingConfig.input_slices == 1``, as the bundled one, trained on single clinical slices)."""
+    config = getattr(net, "config", None)
+    return config is not None and int(getattr(config, "input_slices", GRADING_INPUT_SHAPE[0])) == 1
+
+
 def _layer(in_ch: int, out_ch: int, n_blocks: int, stride: int) -> nn.Sequential:
     blocks = [BasicBlock3d(in_ch, out_ch, stride)]
     blocks += [BasicBlock3d(out_ch, out_ch) for _ in range(n_blocks - 1)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from SpineNetLib.models.grading import reads_one_slice
+
 #: Accepted names, the default first.
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
@@ -49,8 +51,7 @@ def bfloat16_is_sound(module: torch.nn.Module) -> bool:
     wrong by as much as its output (a seeded 3 x 7 x 7 convolution: 0.71 off at outputs of 0.66,
     against 0.004 for inputs of 2-9 slices), and the bundled grader's bfloat16 logits on real discs
     were off by up to 1e20.  Such a grader keeps float32; it is small, so this costs little."""
-    config = getattr(module, "config", None)
-    return int(getattr(config, "input_slices", 0) or 0) != 1
+    return not reads_one_slice(module)
 
 
 def with_precision(module: torch.nn.Module | None, precision: str) -> torch.nn.Module | None:
