@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from SpineNetLib.core.errors import InputError, SpineNetError
+from SpineNetLib.core.levels import level_index
 from SpineNetLib.core.progress import ProgressCallback, scaled
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
@@ -187,15 +188,27 @@ def _same_body(a: Vertebra, b: Vertebra) -> bool:
 
 
 def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
-    """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``):
-    every added body is still there, and the bodies labelled before keep their levels."""
+    """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``): every
+    added body is still there, and either the bodies labelled before keep their levels, or the lowest
+    of them moves to a level its own appearance favours more than its old one (the added bodies then
+    settle a conflict between context and appearance at the lumbosacral junction; when its appearance
+    favours the old level, they would push the spine against the appearance evidence)."""
     def level_of(body: Vertebra) -> str | None:
         for other in relabelled:
             if _same_body(other, body):
                 return other.level
         return None
 
-    return all(level_of(b) is not None for b in below) and all(level_of(b) == b.level for b in labelled)
+    if not labelled or any(level_of(b) is None for b in below):
+        return False
+    if all(level_of(b) == b.level for b in labelled):
+        return True
+    lowest = labelled[-1]
+    new_level = level_of(lowest)
+    if new_level is None or lowest.appearance_probabilities is None:
+        return False
+    appearance = lowest.appearance_probabilities
+    return bool(appearance[level_index(new_level)] > appearance[level_index(lowest.level)])
 
 
 def _ask_for_review(confidence: LabellingConfidence, reason: str) -> None:

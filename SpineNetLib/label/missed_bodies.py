@@ -14,12 +14,14 @@ anatomy says a body must be:
   evenly spaced positions where the missing bodies would lie, within half a step;
 * :func:`bodies_below`, after labelling: when the labelled spine ends above
   S1 (at L1-L5), step by step below its lowest body, down to S1.  The pipeline
-  labels again with them and keeps them only when the bodies found before keep
-  their levels (:func:`SpineNetLib.pipeline.detect_and_label`).  Keeping them
-  also when the networks name one of them S1 was tried on the 201 held-out and
+  labels again with them and keeps them when the bodies found before keep their
+  levels, or when the lowest of those moves to a level its own appearance favours
+  more (:func:`SpineNetLib.pipeline._keeps_bodies_below`).  Keeping them
+  whenever the networks name one of them S1 was tried on the 201 held-out and
   training cases: it mended two shifted scans (ivd_11, tianchi_142) but turned
   chu_07, whose L5 only the weaker pass finds, into a confident shift by one
-  with no review flag, so it is not done;
+  with no review flag; the appearance test keeps the mends without that
+  (MODEL_CARD.md, "The body below may move the levels");
 * :func:`weaker_body_below_s1`, a review check: a weaker detection where S1
   would lie if the lowest body, named S1, were L5 (MODEL_CARD.md, "Review flags").
 

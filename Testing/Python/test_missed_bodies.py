@@ -203,3 +203,60 @@ def test_a_clinical_slice_whose_l5_is_named_s1_asks_for_review():
     assert [v.level for v in result.detection.vertebrae][-2:] == ["L5", "S1"]
     assert block["s1_may_be_l5"] is True and block["needs_review"] is True
     assert block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in result.warnings
+
+
+def _with_appearance(body: Vertebra, level: str, favoured: dict[str, float]) -> Vertebra:
+    from SpineNetLib.core.levels import N_LEVELS, level_index
+
+    probabilities = np.full(N_LEVELS, 1e-3)
+    for name, p in favoured.items():
+        probabilities[level_index(name)] = p
+    return Vertebra(slices=body.slices, polygons=body.polygons, level=level,
+                    appearance_probabilities=probabilities / probabilities.sum())
+
+
+def test_a_body_found_below_may_move_the_levels_only_towards_the_lowest_bodys_own_appearance():
+    """The labelling with a weaker body below the chain is kept when the levels above stay, or when the
+    lowest body above moves to a level its own appearance favours more (a shifted chain put right);
+    never when the move goes against its appearance (pipeline._keeps_bodies_below)."""
+    from SpineNetLib.pipeline import _keeps_bodies_below
+
+    spine = _lumbar()[:4]                                    # four bodies, y = 50 .. 140
+    added = _body(100, 170)
+    shifted_up = [_with_appearance(b, lvl, {}) for b, lvl in zip(spine, ["L1", "L2", "L3", "L4"])]
+    shifted_up[-1] = _with_appearance(spine[-1], "L4", {"L5": 0.9, "L4": 0.05})   # looks like L5
+
+    def relabelled(levels, below_level="S1"):
+        return [_with_appearance(b, lvl, {}) for b, lvl in zip(spine, levels)] + [
+            Vertebra(slices=added.slices, polygons=added.polygons, level=below_level)]
+
+    # ivd_11's pattern: named L1-L4, the body on the sacrum looks like L5; the body below settles it.
+    assert _keeps_bodies_below(shifted_up, relabelled(["L2", "L3", "L4", "L5"]), [added])
+    # chu_07's pattern: named L1-L4 rightly, the lowest looks more like L4 than L5: the added body
+    # (the real L5, which the networks call S1) must not push the spine down.
+    right = list(shifted_up)
+    right[-1] = _with_appearance(spine[-1], "L4", {"L4": 0.6, "L5": 0.33})
+    assert not _keeps_bodies_below(right, relabelled(["L2", "L3", "L4", "L5"]), [added])
+    # Levels kept: taken whatever the appearance says; the added body dropped: not taken.
+    assert _keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"], "L5"), [added])
+    assert not _keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"])[:-1], [added])
+    assert not _keeps_bodies_below([], relabelled(["L1", "L2", "L3", "L4"]), [added])
+
+
+@pytest.mark.skipif(not (default_data_root() / "ivd" / "ivd_11").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_a_volume_from_another_centre_is_not_shifted_when_its_s1_is_seen_weakly(tmp_path, capsys):
+    """ivd_11 (held out, a centre no network trained on): the chain L2-L5 alone was named L1-L4; the S1
+    found weakly below it and L5's own appearance put every level right."""
+    from SpineNetLib.apps import cli
+
+    image = default_data_root() / "ivd" / "ivd_11" / "image.nii.gz"
+    assert cli.main(["run", str(image), "-o", str(tmp_path / "pred" / "ivd_11"), "--quiet", "--device", "cpu",
+                     "--no-grade"]) == 0
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--data", str(default_data_root()), "--pred", str(tmp_path / "pred"),
+                     "--cases", "ivd_11", "-o", str(metrics)]) == 0
+    capsys.readouterr()
+    import json
+    case = json.loads(metrics.read_text())["cases"]["ivd_11"]
+    assert (case["tp"], case["fp"], case["n_gt"], case["identification_rate"]) == (4, 0, 4, 1.0), case
