@@ -1,7 +1,7 @@
 """Per-stage seconds and peak memory of detection + labelling with the OFFICIAL-size networks.
 
-    python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--scan lumbar|whole|both] [--bundled]
-                                        [--plan whole_slice|patches|both]
+    python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--compile] [--scan lumbar|whole|both]
+                                        [--bundled] [--plan whole_slice|patches|both]
 
 Each scan and detection plan (``DetectionParams.plan``: whole slices at the network's scale, the
 default, or the official overlapping 224-pixel patches) runs in its own subprocess so that its
@@ -13,6 +13,11 @@ while the maps handed to post-processing are the phantom's ground-truth maps
 (the same work as with a trained network).  Scans: a lumbar phantom of
 512x512x15 at 0.6 mm and a whole-spine phantom of 1024x512x15 at 0.9 mm,
 written as DICOM and read back (the "load_scan" stage).
+
+``--compile`` runs the three networks through ``torch.compile`` (``--precision bf16-compile`` of
+``spinenet run`` with ``--bf16``): detection and labelling run once untimed first, which compiles
+(its seconds are printed as "compile_warmup"), then once timed, as every later study of a cohort
+run in the same process would.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def run_bundled(name: str, threads: int, plan: str) -> dict:
     }
 
 
-def run_one(name: str, threads: int, bf16: bool, plan: str) -> dict:
+def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -109,6 +114,8 @@ def run_one(name: str, threads: int, bf16: bool, plan: str) -> dict:
     appearance, context = AppearanceNet().eval(), ContextNet().eval()
     timings["build_networks"] = time.perf_counter() - t
 
+    if compile_networks:
+        detector, appearance, context = (torch.compile(n) for n in (detector, appearance, context))
     network = detection.network_predictor(detector)
     truth: dict[int, list] = {}
     for v in phantom.vertebrae:
@@ -130,19 +137,32 @@ def run_one(name: str, threads: int, bf16: bool, plan: str) -> dict:
         return maps
 
     params = detection.DetectionParams(plan=plan)
+
+    def label(vertebrae):
+        if bf16 and compile_networks:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return labelling.label_vertebrae(scan, vertebrae, appearance, context)
+        return labelling.label_vertebrae(scan, vertebrae, appearance, context)
+
+    if compile_networks:
+        t = time.perf_counter()
+        label(detection.detect_vertebrae(scan, predict, params).vertebrae)
+        timings["compile_warmup"] = time.perf_counter() - t
+        oracle_seconds = 0.0
     result = detection.detect_vertebrae(scan, predict, params)
     timings["detection_network"] = result.timings_s["detection_network"] - oracle_seconds
     timings["detection_postprocessing"] = result.timings_s["detection_postprocessing"]
     lt = labelling.LabellingTimings() if hasattr(labelling, "LabellingTimings") else None
     t = time.perf_counter()
-    result.vertebrae = labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt)
+    result.vertebrae = (label(result.vertebrae) if compile_networks
+                        else labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt))
     timings["labelling"] = time.perf_counter() - t
     timings["detection_and_labelling"] = (timings["detection_network"] + timings["detection_postprocessing"]
                                           + timings["labelling"])
     return {
         "scan": name, "shape": list(scan.shape), "spacing_mm": [round(s, 2) for s in scan.spacing_mm],
         "plan": plan, "inputs": _inputs(scan, params), "vertebrae": len(result.vertebrae), "threads": threads,
-        "bf16": bf16,
+        "bf16": bf16, "compile": compile_networks,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -152,6 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="run the detector under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the networks; a first untimed run compiles (official-size only)")
     parser.add_argument("--scan", choices=["lumbar", "whole", "both"], default="both")
     parser.add_argument("--bundled", action="store_true",
                         help="time the bundled small networks (the default of `spinenet run`) instead")
@@ -161,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         report = (run_bundled(args.child, args.threads, args.plan) if args.bundled
-                  else run_one(args.child, args.threads, args.bf16, args.plan))
+                  else run_one(args.child, args.threads, args.bf16, args.plan, args.compile))
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
@@ -170,13 +192,15 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", name, "--threads", str(args.threads), "--plan", plan]
         if args.bf16:
             cmd.append("--bf16")
+        if args.compile:
+            cmd.append("--compile")
         if args.bundled:
             cmd.append("--bundled")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
               f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
-              f"{', bf16' if report['bf16'] else ''}")
+              f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
         print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")

@@ -10,11 +10,19 @@ not depend on the values; the differences are indicative only), this prints the 
 * ``bf16``: torch eager under ``torch.autocast("cpu", torch.bfloat16)``;
 * ``channels_last``: fp32 with the 2D networks' inputs and weights in channels-last memory order;
 * ``onnxruntime``: the network exported to ONNX and run by ONNX Runtime (CPU), when installed
-  (``pip install onnx onnxruntime``; not a project dependency).
+  (``pip install onnx onnxruntime``; not a project dependency);
+* ``compile`` / ``compile_bf16``: ``torch.compile`` (Inductor, C++ kernels), float32 and under
+  bfloat16 autocast; the first call's seconds (compiling) are printed apart;
+* ``int8``: static int8 quantisation (PT2E with torchao's ``X86InductorQuantizer``, calibrated on
+  the input itself, then ``torch.compile``), when torchao is installed (``pip install --no-deps
+  torchao``; not a project dependency; torch 2.13 itself no longer ships PT2E quantisation).
 
     python benchmarks/bench_runtimes.py [--threads 2] [--repeats 3] [--networks detector grading ...]
+        [--runtimes fp32 bf16 channels_last onnxruntime compile compile_bf16 int8]
 
-torch.compile, int8 quantisation and OpenVINO are not measured (see benchmarks/RESULTS.md).
+OpenVINO is not measured: no wheel of it can be installed here (see benchmarks/RESULTS.md).
+Dynamic int8 quantisation (``quantize_dynamic``) only covers linear layers, and these networks spend
+their time in convolutions.
 """
 from __future__ import annotations
 
@@ -73,28 +81,74 @@ def _onnx_session(net: torch.nn.Module, x: torch.Tensor, threads: int):
     return lambda: [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
 
 
-def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, threads: int) -> list[tuple]:
+def _int8_compiled(net: torch.nn.Module, x: torch.Tensor):
+    """``net`` quantised to static int8 by PT2E (torchao's x86 Inductor quantizer), then compiled."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        return None
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(net, (x,)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    prepared(x)  # calibration
+    return torch.compile(convert_pt2e(prepared))
+
+
+def _timed_first_call(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+RUNTIMES = ("fp32", "bf16", "channels_last", "onnxruntime", "compile", "compile_bf16", "int8")
+
+
+def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, threads: int,
+            runtimes=RUNTIMES) -> list[tuple]:
+    """(network, runtime, seconds, max |diff| from fp32, first-call seconds or None) per runtime."""
     rows = []
+
+    def bf16(module):
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return module(x)
+        return call
+
     with torch.no_grad():  # not inference_mode: its tensors could not be exported to ONNX afterwards
         base_s, base = _best(lambda: net(x), repeats)
-        rows.append(("fp32", base_s, 0.0))
-
-        def bf16():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return net(x)
-        s, out = _best(bf16, repeats)
-        rows.append(("bf16", s, float(np.abs(out - base).max())))
-        if x.dim() == 4:
+        rows.append(("fp32", base_s, 0.0, None))
+        if "bf16" in runtimes:
+            s, out = _best(bf16(net), repeats)
+            rows.append(("bf16", s, float(np.abs(out - base).max()), None))
+        if "channels_last" in runtimes and x.dim() == 4:
             net_cl = net.to(memory_format=torch.channels_last)
             x_cl = x.contiguous(memory_format=torch.channels_last)
             s, out = _best(lambda: net_cl(x_cl), repeats)
-            rows.append(("channels_last", s, float(np.abs(out - base).max())))
+            rows.append(("channels_last", s, float(np.abs(out - base).max()), None))
             net.to(memory_format=torch.contiguous_format)
+    if "onnxruntime" in runtimes:
+        with torch.no_grad():
+            session = _onnx_session(net, x, threads)
+        if session is not None:
+            s, out = _best(session, repeats)
+            rows.append(("onnxruntime", s, float(np.abs(out - base).max()), None))
     with torch.no_grad():
-        session = _onnx_session(net, x, threads)
-    if session is not None:
-        s, out = _best(session, repeats)
-        rows.append(("onnxruntime", s, float(np.abs(out - base).max())))
+        for runtime in ("compile", "compile_bf16", "int8"):
+            if runtime not in runtimes:
+                continue
+            torch._dynamo.reset()
+            if runtime == "int8":
+                compiled = _int8_compiled(net, x)
+                if compiled is None:
+                    continue
+                call = lambda: compiled(x)  # noqa: E731
+            else:
+                compiled = torch.compile(net)
+                call = bf16(compiled) if runtime == "compile_bf16" else (lambda: compiled(x))
+            first = _timed_first_call(call)
+            s, out = _best(call, repeats)
+            rows.append((runtime, s, float(np.abs(out - base).max()), first))
     return [(name, *r, float(np.abs(base).max())) for r in rows]
 
 
@@ -104,16 +158,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per runtime (the best is shown)")
     parser.add_argument("--networks", nargs="+", default=["detector", "appearance", "context", "grading"],
                         help="which networks to measure")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
+                        help="which runtimes to measure (fp32 eager always runs: it is the reference)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     networks = _networks()
-    print(f"{'network':<11} {'runtime':<14} {'seconds':>8} {'x fp32':>7} {'max |diff|':>11} {'max |out|':>10}")
+    print(f"{'network':<11} {'runtime':<14} {'seconds':>8} {'x fp32':>7} {'max |diff|':>11} {'max |out|':>10}"
+          f" {'first call':>10}")
     for name in args.networks:
         net, x = networks[name]
-        rows = measure(name, net, x, args.repeats, args.threads)
-        for net_name, runtime, seconds, diff, scale in rows:
-            print(f"{net_name:<11} {runtime:<14} {seconds:8.3f} {rows[0][2] / seconds:7.2f} {diff:11.2e} {scale:10.2e}",
-                  flush=True)
+        rows = measure(name, net, x, args.repeats, args.threads, args.runtimes)
+        for net_name, runtime, seconds, diff, first, scale in rows:
+            first_text = "" if first is None else f"{first:9.1f}s"
+            print(f"{net_name:<11} {runtime:<14} {seconds:8.3f} {rows[0][2] / seconds:7.2f} {diff:11.2e} {scale:10.2e}"
+                  f" {first_text:>10}", flush=True)
     return 0
 
 
