@@ -252,13 +252,15 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         progress=scaled(progress, "labelling levels"), labelled_before=before)
     if found:
         result.vertebrae = label(found)
-    below = bodies_below(result.vertebrae, result.candidates, scan.spacing_mm[:2])
-    if below:
-        relabelled = label(found + below, result.vertebrae)   # the appearance net runs on the new bodies only
-        if _keeps_bodies_below(result.vertebrae, relabelled, below):
-            result.vertebrae, found = relabelled, found + below
-        else:
-            below = []
+    below: list[Vertebra] = []
+    # Below a chain that ends above S1: the weaker detections first, then the faint ones
+    # (DetectionParams.faint_threshold) if it still ends above S1 (bodies_below looks only then).
+    for candidates in (result.candidates, result.faint_candidates):
+        added = bodies_below(result.vertebrae, candidates, scan.spacing_mm[:2])
+        if added:
+            relabelled = label(found + added, result.vertebrae)   # the appearance net runs on the new bodies only
+            if _keeps_bodies_below(result.vertebrae, relabelled, added):
+                result.vertebrae, found, below = relabelled, found + added, below + added
     result.timings_s["labelling"] = time.perf_counter() - start
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
                         "appearance_weight": float(labelling_params.appearance_weight),
@@ -413,7 +415,7 @@ def profiled_detection_params(params: detection.DetectionParams | None,
     if not profile.official_detection:
         return params
     return replace(params, official_arithmetic=True, plan="patches", subpixel=False, drop_edge_corners=False,
-                   candidate_threshold=None)
+                   candidate_threshold=None, faint_threshold=None)
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,

@@ -67,3 +67,6 @@ class DetectionResult:
     #: Weaker detections (``DetectionParams.candidate_threshold``) overlapping no vertebra; the
     #: sacral search (``label/missed_bodies.py``) may take one as S1.  Not written to any output.
     candidates: list[Vertebra] = field(default_factory=list)
+    #: Fainter detections still (``DetectionParams.faint_threshold``) overlapping no vertebra and no
+    #: candidate; used only below a chain that ends above S1.  Not written to any output.
+    faint_candidates: list[Vertebra] = field(default_factory=list)

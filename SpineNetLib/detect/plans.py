@@ -94,6 +94,14 @@ class DetectionParams:
     #: the sacral search, ``label/missed_bodies.py``: on held-out clinical slices the centroid response
     #: at S1 has a median of 0.38, so S1 was found in 1 of 50 at 0.6).  None: no second pass.
     candidate_threshold: float | None = 0.3
+    #: Not official: a third decoding with both thresholds at most this value; what only it finds
+    #: (``DetectionResult.faint_candidates``) is used for one thing, to look below a labelled chain
+    #: that still ends at L1-L5 for its L5 and S1 (``pipeline.detect_and_label``); it is decoded
+    #: only below each slice's lowest full-strength body (``vfr._decode_below``).  Chosen on the 96
+    #: training-side clinical slices among 0.1, 0.15 and 0.2: S1 found on 63, 74 and 74 of them (59
+    #: without), with 9, 9 and 11 bodies named S1 away from the radiologists' S1 (9 without); no
+    #: level changed (bundled MODEL_CARD.md, "Faint detections").  None: no third pass.
+    faint_threshold: float | None = 0.15
 
     def __post_init__(self):
         for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
@@ -104,8 +112,10 @@ class DetectionParams:
             raise InputError("detection parameter patch_px must be a positive multiple of 32")
         if not 0 < float(self.stride_fraction) <= 1:
             raise InputError("detection parameter stride_fraction must be in (0, 1]")
-        if self.candidate_threshold is not None and not 0 < float(self.candidate_threshold) < 1:
-            raise InputError("detection parameter candidate_threshold must be in (0, 1) or None")
+        for name in ("candidate_threshold", "faint_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0 < float(value) < 1:
+                raise InputError(f"detection parameter {name} must be in (0, 1) or None")
         if int(self.batch_size) < 1:
             raise InputError("detection parameter batch_size must be at least 1")
         if self.plan not in PLANS:

@@ -509,6 +509,32 @@ def group_across_slices(polygons_by_slice: dict[int, list[np.ndarray]],
 # --------------------------------------------------------------------------------------
 # 4. Whole scan
 
+def _decode_below(maps: np.ndarray, boxes: list[PatchBox], slice_shape: tuple[int, int],
+                  params: DetectionParams, spacing_rc, found: list[np.ndarray]) -> list[np.ndarray]:
+    """:func:`decode_slice` of the boxes reaching below the centre of the lowest quad of ``found``,
+    keeping the quads centred below it (nothing when ``found`` is empty).
+
+    The faint pass (``DetectionParams.faint_threshold``) is only ever looked at below the chain
+    (``pipeline.detect_and_label``), and decoding at a low threshold is slow (it added 60 % to the
+    post-processing of a lumbar scan over the whole slice).  Every box that covers the region below
+    is decoded, so the maps there are the whole slice's; a quad reaching above that row may differ.
+    """
+    if not found:
+        return []
+    lowest_row = max(float(np.mean(q[:, 1])) for q in found)
+    below = [i for i, box in enumerate(boxes) if box.y1 > lowest_row]
+    if not below:
+        return []
+    quads = decode_slice(maps[below], [boxes[i] for i in below], slice_shape, params, spacing_rc=spacing_rc)
+    return [q for q in quads if float(np.mean(q[:, 1])) > lowest_row]
+
+
+def _apart_from(found: list[Vertebra], others: list[Vertebra], max_iou: float) -> list[Vertebra]:
+    """The bodies of ``found`` whose average polygon overlaps none of ``others`` by more than ``max_iou``."""
+    return [c for c in found
+            if all(polygons.iou(c.average_polygon, v.average_polygon) <= max_iou for v in others)]
+
+
 def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = DetectionParams(),
                      progress: ProgressCallback | None = None) -> DetectionResult:
     """Detect vertebral bodies on every sagittal slice of ``scan`` and group them.
@@ -537,9 +563,11 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
     filled: dict[int, int] = {}
     polys_by_slice: dict[int, list[np.ndarray]] = {}
     weaker_by_slice: dict[int, list[np.ndarray]] = {}
-    weaker = None if params.candidate_threshold is None else dataclasses.replace(
-        params, corner_threshold=min(params.corner_threshold, params.candidate_threshold),
-        centroid_threshold=min(params.centroid_threshold, params.candidate_threshold))
+    faint_by_slice: dict[int, list[np.ndarray]] = {}
+    weaker, faint = (None if threshold is None else dataclasses.replace(
+        params, corner_threshold=min(params.corner_threshold, threshold),
+        centroid_threshold=min(params.centroid_threshold, threshold))
+        for threshold in (params.candidate_threshold, params.faint_threshold))
     t_net = 0.0
     done = 0
     if progress is not None:
@@ -573,6 +601,8 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
                 polys_by_slice[s] = decode_slice(maps, sboxes, (h, w), params, spacing_rc=spacing_rc)
                 if weaker is not None:
                     weaker_by_slice[s] = decode_slice(maps, sboxes, (h, w), weaker, spacing_rc=spacing_rc)
+                if faint is not None:
+                    faint_by_slice[s] = _decode_below(maps, sboxes, (h, w), faint, spacing_rc, polys_by_slice[s])
         done = jobs.stop
         if progress is not None:
             progress(done, total, f"Detecting vertebrae: {done}/{total} {unit}")
@@ -581,10 +611,11 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         # that drops single-slice detections as noise would drop them all.
         params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
-    candidates = [c for c in group_across_slices(weaker_by_slice, params)
-                  if all(polygons.iou(c.average_polygon, v.average_polygon) <= params.merge_iou for v in vertebrae)]
+    candidates = _apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou)
+    faint_candidates = _apart_from(group_across_slices(faint_by_slice, params), vertebrae + candidates,
+                                   params.merge_iou)
     total_s = time.perf_counter() - t_start
-    return DetectionResult(vertebrae=vertebrae, candidates=candidates, timings_s={
+    return DetectionResult(vertebrae=vertebrae, candidates=candidates, faint_candidates=faint_candidates, timings_s={
         "detection": total_s,
         "detection_network": t_net,
         "detection_postprocessing": total_s - t_net,

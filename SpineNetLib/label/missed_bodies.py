@@ -13,7 +13,9 @@ anatomy says a body must be:
   review rule flags from ``confidence.REVIEW_GAP_RATIO`` on), at one of the
   evenly spaced positions where the missing bodies would lie, within half a step;
 * :func:`bodies_below`, after labelling: when the labelled spine ends above
-  S1 (at L1-L5), step by step below its lowest body, down to S1.  The pipeline
+  S1 (at L1-L5), step by step below its lowest body, down to S1; then, if the
+  chain still ends above S1, among the fainter detections of a third decoding
+  (``DetectionParams.faint_threshold``).  The pipeline
   labels again with them and keeps them when the bodies found before keep their
   levels, or when the lowest of those moves to a level its own appearance favours
   more (:func:`SpineNetLib.pipeline._keeps_bodies_below`).  Keeping them

@@ -616,11 +616,21 @@ def test_weak_body_is_kept_apart_as_a_candidate_and_only_then():
     assert all(P.iou(weak.average_polygon, v.average_polygon) == 0 for v in res.vertebrae)
     off = D.detect_vertebrae(scan, predict, D.DetectionParams(candidate_threshold=None))
     assert off.candidates == [] and len(off.vertebrae) == len(truth) - 1
-    # A body too weak even for the second decoding is in neither list.
+    assert res.faint_candidates == []                        # the third decoding adds no copy of it
+    # A body too weak for the second decoding is found by the third (faint_threshold) alone ...
     faint, _ = _weak_lowest_body_predictor(qbs, truth, strength=0.2)
-    assert D.detect_vertebrae(scan, faint).candidates == []
+    found = D.detect_vertebrae(scan, faint)
+    assert found.candidates == [] and len(found.faint_candidates) == 1
+    assert max(np.abs(found.faint_candidates[0].polygon_on(s) - per[s]).max() for s in slices) < 0.05
+    assert D.detect_vertebrae(scan, faint, D.DetectionParams(faint_threshold=None)).faint_candidates == []
+    # ... and one weaker still is in no list.
+    fainter, _ = _weak_lowest_body_predictor(qbs, truth, strength=0.1)
+    lost = D.detect_vertebrae(scan, fainter)
+    assert lost.candidates == [] and lost.faint_candidates == [] and len(lost.vertebrae) == len(truth) - 1
 
 
 def test_candidate_threshold_is_checked():
     with pytest.raises(InputError, match="candidate_threshold"):
         D.DetectionParams(candidate_threshold=1.5)
+    with pytest.raises(InputError, match="faint_threshold"):
+        D.DetectionParams(faint_threshold=0.0)
