@@ -151,72 +151,58 @@ def test_a_pixel_spacing_twice_too_large_is_found_and_flagged():
     assert official.detection.vertebrae == [] and "pixel_spacing_factor" not in official.detection.labelling
 
 
-def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
-    """End to end on a phantom whose L5 and S1 give heat maps peaking at 0.45 (under the official 0.6)."""
+def _phantom_seen_weakly(levels: set[str], strength: float):
+    """A lumbar phantom, oracle networks whose heat maps of the ``levels`` bodies peak at ``strength``,
+    and the phantom's levels top to bottom."""
     from oracles import oracle_networks
-    from SpineNetLib import pipeline
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.training.targets import oracle_predictor
 
     phantom = make_phantom(fov="lumbar", pixel_spacing=(0.7, 0.7), shape=(448, 400), n_slices=5, seed=12)
     networks = oracle_networks(phantom)
     bodies = [v for v in phantom.vertebrae if not v.extra]
-    weak_levels = {"L5", "S1"}
-    assert weak_levels <= {v.level for v in bodies}
+    assert levels <= {v.level for v in bodies}
     strong: dict[int, list] = {}
     for v in bodies:
         for s, q in v.quads.items():
             strong.setdefault(s, [])
-            if v.level not in weak_levels:
+            if v.level not in levels:
                 strong[s].append(q)
     without = oracle_predictor({s: np.array(q).reshape(-1, 4, 2) for s, q in strong.items()})
     full = networks.predictor
 
-    def weak_l5_s1(patches, boxes):
+    def weak(patches, boxes):
         a, b = full(patches, boxes), without(patches, boxes)
-        a[:, :5] = b[:, :5] + 0.45 * (a[:, :5] - b[:, :5])
+        a[:, :5] = b[:, :5] + strength * (a[:, :5] - b[:, :5])
         return a
 
-    networks.predictor = weak_l5_s1
+    networks.predictor = weak
+    truth = [v.level for v in sorted(bodies, key=lambda v: np.mean([q[:, 1].mean() for q in v.quads.values()]))]
+    return phantom, networks, truth
+
+
+def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
+    """End to end on a phantom whose L5 and S1 give heat maps peaking at 0.45 (under the official 0.6)."""
+    from SpineNetLib import pipeline
+
+    phantom, networks, truth = _phantom_seen_weakly({"L5", "S1"}, 0.45)
     result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
-    assert [v.level for v in result.detection.vertebrae] == [v.level for v in sorted(
-        bodies, key=lambda v: np.mean([q[:, 1].mean() for q in v.quads.values()]))]
+    assert [v.level for v in result.detection.vertebrae] == truth
     assert result.vertebrae_document["labelling"]["bodies_from_weaker_detections"] == 2
     assert result.vertebrae_document["labelling"]["s1_found"] is True
-    off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=
-                                                                 pipeline.detection.DetectionParams(candidate_threshold=None, faint_threshold=None)))
+    off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=pipeline.detection
+                                                                 .DetectionParams(candidate_threshold=None,
+                                                                                  faint_threshold=None)))
     assert "S1" not in [v.level for v in off.detection.vertebrae]
 
 
 def test_an_s1_seen_only_faintly_is_found_below_the_chain():
     """End to end on a phantom whose S1 heat maps peak at 0.2: under the weaker decoding's 0.3 too,
     S1 is found by the faint one (DetectionParams.faint_threshold) below the labelled L5, and named."""
-    from oracles import oracle_networks
     from SpineNetLib import pipeline
-    from SpineNetLib.synthetic.phantom import make_phantom
-    from SpineNetLib.training.targets import oracle_predictor
 
-    phantom = make_phantom(fov="lumbar", pixel_spacing=(0.7, 0.7), shape=(448, 400), n_slices=5, seed=12)
-    networks = oracle_networks(phantom)
-    bodies = [v for v in phantom.vertebrae if not v.extra]
-    assert "S1" in {v.level for v in bodies}
-    without_s1: dict[int, list] = {}
-    for v in bodies:
-        for s, q in v.quads.items():
-            without_s1.setdefault(s, [])
-            if v.level != "S1":
-                without_s1[s].append(q)
-    without = oracle_predictor({s: np.array(q).reshape(-1, 4, 2) for s, q in without_s1.items()})
-    full = networks.predictor
-
-    def faint_s1(patches, boxes):
-        a, b = full(patches, boxes), without(patches, boxes)
-        a[:, :5] = b[:, :5] + 0.2 * (a[:, :5] - b[:, :5])
-        return a
-
-    networks.predictor = faint_s1
+    phantom, networks, truth = _phantom_seen_weakly({"S1"}, 0.2)
     result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
-    truth = [v.level for v in sorted(bodies, key=lambda v: np.mean([q[:, 1].mean() for q in v.quads.values()]))]
     assert [v.level for v in result.detection.vertebrae] == truth and truth[-1] == "S1"
     block = result.vertebrae_document["labelling"]
     assert block["bodies_from_weaker_detections"] == 1 and block["s1_found"] is True
