@@ -14,10 +14,11 @@ while the maps handed to post-processing are the phantom's ground-truth maps
 512x512x15 at 0.6 mm and a whole-spine phantom of 1024x512x15 at 0.9 mm,
 written as DICOM and read back (the "load_scan" stage).
 
-``--compile`` runs the three networks through ``torch.compile`` (``--precision bf16-compile`` of
-``spinenet run`` with ``--bf16``): detection and labelling run once untimed first, which compiles
-(its seconds are printed as "compile_warmup"), then once timed, as every later study of a cohort
-run in the same process would.
+``--compile`` runs the three networks through ``torch.compile`` (a measurement only: ``spinenet run``
+has no such switch, benchmarks/RESULTS.md says why): detection and labelling run once untimed first,
+which compiles (its seconds are printed as "compile_warmup"), then once timed, as every later study
+of a cohort run in the same process would.  With ``--bf16 --compile`` the labelling networks run
+under bfloat16 autocast too (without ``--compile`` only the detector does).
 """
 
 from __future__ import annotations
@@ -138,11 +139,10 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
 
     params = detection.DetectionParams(plan=plan)
 
-    def label(vertebrae):
-        if bf16 and compile_networks:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return labelling.label_vertebrae(scan, vertebrae, appearance, context)
-        return labelling.label_vertebrae(scan, vertebrae, appearance, context)
+    def label(vertebrae, timings=None):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and compile_networks)
+        with autocast:
+            return labelling.label_vertebrae(scan, vertebrae, appearance, context, timings=timings)
 
     if compile_networks:
         t = time.perf_counter()
@@ -154,8 +154,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     timings["detection_postprocessing"] = result.timings_s["detection_postprocessing"]
     lt = labelling.LabellingTimings() if hasattr(labelling, "LabellingTimings") else None
     t = time.perf_counter()
-    result.vertebrae = (label(result.vertebrae) if compile_networks
-                        else labelling.label_vertebrae(scan, result.vertebrae, appearance, context, timings=lt))
+    result.vertebrae = label(result.vertebrae, lt)
     timings["labelling"] = time.perf_counter() - t
     timings["detection_and_labelling"] = (timings["detection_network"] + timings["detection_postprocessing"]
                                           + timings["labelling"])
