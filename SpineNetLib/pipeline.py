@@ -41,7 +41,7 @@ from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae
-from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
+from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading import reads_one_slice
@@ -253,15 +253,20 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     if found:
         result.vertebrae = label(found)
     below: list[Vertebra] = []
+    detection_s = result.timings_s.get("detection", 0.0)
     # Below a chain that ends above S1: the weaker detections first, then the faint ones
-    # (DetectionParams.faint_threshold) if it still ends above S1 (bodies_below looks only then).
-    for candidates in (result.candidates, result.faint_candidates):
-        added = bodies_below(result.vertebrae, candidates, scan.spacing_mm[:2])
+    # (DetectionParams.faint_threshold), decoded only if it still ends above S1.
+    for weaker in (lambda: result.candidates, lambda: result.faint_candidates):
+        if not chain_ends_above_s1(result.vertebrae):
+            break
+        added = bodies_below(result.vertebrae, weaker(), scan.spacing_mm[:2])
         if added:
             relabelled = label(found + added, result.vertebrae)   # the appearance net runs on the new bodies only
             if _keeps_bodies_below(result.vertebrae, relabelled, added):
                 result.vertebrae, found, below = relabelled, found + added, below + added
-    result.timings_s["labelling"] = time.perf_counter() - start
+    result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
+    faint_s = result.timings_s.get("detection", 0.0) - detection_s   # counted as detection
+    result.timings_s["labelling"] = time.perf_counter() - start - faint_s
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
                         "appearance_weight": float(labelling_params.appearance_weight),
                         # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped

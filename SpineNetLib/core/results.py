@@ -10,6 +10,8 @@ Quadrilateral corners are always in the official order **rt, rb, lb, lt**
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +69,22 @@ class DetectionResult:
     #: Weaker detections (``DetectionParams.candidate_threshold``) overlapping no vertebra; the
     #: sacral search (``label/missed_bodies.py``) may take one as S1.  Not written to any output.
     candidates: list[Vertebra] = field(default_factory=list)
-    #: Fainter detections still (``DetectionParams.faint_threshold``) overlapping no vertebra and no
-    #: candidate; used only below a chain that ends above S1.  Not written to any output.
-    faint_candidates: list[Vertebra] = field(default_factory=list)
+    #: Decodes the fainter detections (``DetectionParams.faint_threshold``) when
+    #: :attr:`faint_candidates` is first read; None when there is nothing (more) to decode.  It holds
+    #: the detector's maps below the bodies, so set it to None once the faint detections cannot be
+    #: needed (``pipeline.detect_and_label`` does).
+    faint_decoding: Callable[[], list[Vertebra]] | None = field(default=None, repr=False, compare=False)
+    _faint_candidates: list[Vertebra] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    @property
+    def faint_candidates(self) -> list[Vertebra]:
+        """Fainter detections still, overlapping no vertebra and no candidate, decoded on first use:
+        they are needed only below a labelled chain that ends above S1, which is known only after
+        labelling, and decoding them costs about as much as the full-strength decoding.  Not written
+        to any output."""
+        if self.faint_decoding is not None:
+            start = time.perf_counter()
+            self._faint_candidates, self.faint_decoding = self.faint_decoding(), None
+            for stage in ("detection", "detection_postprocessing"):   # its seconds count as detection
+                self.timings_s[stage] = self.timings_s.get(stage, 0.0) + time.perf_counter() - start
+        return self._faint_candidates

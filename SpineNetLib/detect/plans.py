@@ -97,8 +97,8 @@ class DetectionParams:
     #: Not official: a third decoding with both thresholds at most this value; what only it finds
     #: (``DetectionResult.faint_candidates``) is used for one thing, to look below a labelled chain
     #: that still ends at L1-L5 for its L5 and S1 (``pipeline.detect_and_label``); it is decoded
-    #: only below each slice's lowest full-strength body (``vfr._decode_below``).  Chosen on the 96
-    #: training-side clinical slices among 0.1, 0.15 and 0.2: S1 found on 63, 74 and 74 of them (59
+    #: only then, and only below each slice's lowest full-strength body (``vfr._faint_decoding``).
+    #: Chosen on the 96 training-side clinical slices among 0.1, 0.15 and 0.2: S1 found on 63, 74 and 74 of them (59
     #: without), with 9, 9 and 11 bodies named S1 away from the radiologists' S1 (9 without); no
     #: level changed (bundled MODEL_CARD.md, "Faint detections").  None: no third pass.
     faint_threshold: float | None = 0.15

@@ -509,25 +509,40 @@ def group_across_slices(polygons_by_slice: dict[int, list[np.ndarray]],
 # --------------------------------------------------------------------------------------
 # 4. Whole scan
 
-def _decode_below(maps: np.ndarray, boxes: list[PatchBox], slice_shape: tuple[int, int],
-                  params: DetectionParams, spacing_rc, found: list[np.ndarray]) -> list[np.ndarray]:
-    """:func:`decode_slice` of the boxes reaching below the centre of the lowest quad of ``found``,
-    keeping the quads centred below it (nothing when ``found`` is empty).
-
-    The faint pass (``DetectionParams.faint_threshold``) is only ever looked at below the chain
-    (``pipeline.detect_and_label``), and decoding at a low threshold is slow (over whole slices it
-    added about 55 % to the post-processing of a lumbar phantom, below the bodies about 40 %).  Every
-    box that covers the region below is decoded, so the maps there are the whole slice's; a quad
-    reaching above that row may differ.
-    """
+def _maps_below(maps: np.ndarray, boxes: list[PatchBox], found: list[np.ndarray]
+                ) -> tuple[np.ndarray, list[PatchBox], float] | None:
+    """The outputs and boxes of one slice that reach below the centre of the lowest quad of
+    ``found``, with that centre's row; None when ``found`` is empty or no box reaches below it."""
     if not found:
-        return []
+        return None
     lowest_row = max(float(np.mean(q[:, 1])) for q in found)
     below = [i for i, box in enumerate(boxes) if box.y1 > lowest_row]
     if not below:
-        return []
-    quads = decode_slice(maps[below], [boxes[i] for i in below], slice_shape, params, spacing_rc=spacing_rc)
-    return [q for q in quads if float(np.mean(q[:, 1])) > lowest_row]
+        return None
+    return maps[below], [boxes[i] for i in below], lowest_row
+
+
+def _faint_decoding(below_by_slice: dict[int, tuple[np.ndarray, list[PatchBox], float]],
+                    slice_shape: tuple[int, int], faint: DetectionParams, grouping: DetectionParams,
+                    spacing_rc, others: list[Vertebra]) -> Callable[[], list[Vertebra]]:
+    """The faint pass (``DetectionParams.faint_threshold``), to be run when it is needed.
+
+    It is only ever looked at below a labelled chain that ends above S1 (``pipeline.detect_and_label``),
+    which is known only after labelling, and decoding at a low threshold is slow (over whole slices it
+    added about 55 % to the post-processing of a lumbar phantom, below the bodies about 40 %).  So each
+    slice keeps the outputs of its boxes reaching below its lowest full-strength body
+    (:func:`_maps_below`), and the returned function decodes them (:func:`decode_slice` at
+    ``faint``), keeps the quads centred below that body, groups them across slices (``grouping``)
+    and drops those overlapping ``others``.  Every box that covers the region below is decoded, so
+    the maps there are the whole slice's; a quad reaching above that row may differ.
+    """
+    def decode() -> list[Vertebra]:
+        quads_by_slice = {}
+        for s, (maps, boxes, lowest_row) in below_by_slice.items():
+            quads = decode_slice(maps, boxes, slice_shape, faint, spacing_rc=spacing_rc)
+            quads_by_slice[s] = [q for q in quads if float(np.mean(q[:, 1])) > lowest_row]
+        return _apart_from(group_across_slices(quads_by_slice, grouping), others, grouping.merge_iou)
+    return decode
 
 
 def _apart_from(found: list[Vertebra], others: list[Vertebra], max_iou: float) -> list[Vertebra]:
@@ -564,7 +579,7 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
     filled: dict[int, int] = {}
     polys_by_slice: dict[int, list[np.ndarray]] = {}
     weaker_by_slice: dict[int, list[np.ndarray]] = {}
-    faint_by_slice: dict[int, list[np.ndarray]] = {}
+    maps_below: dict[int, tuple[np.ndarray, list[PatchBox], float]] = {}
     weaker, faint = (None if threshold is None else dataclasses.replace(
         params, corner_threshold=min(params.corner_threshold, threshold),
         centroid_threshold=min(params.centroid_threshold, threshold))
@@ -602,8 +617,8 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
                 polys_by_slice[s] = decode_slice(maps, sboxes, (h, w), params, spacing_rc=spacing_rc)
                 if weaker is not None:
                     weaker_by_slice[s] = decode_slice(maps, sboxes, (h, w), weaker, spacing_rc=spacing_rc)
-                if faint is not None:
-                    faint_by_slice[s] = _decode_below(maps, sboxes, (h, w), faint, spacing_rc, polys_by_slice[s])
+                if faint is not None and (kept := _maps_below(maps, sboxes, polys_by_slice[s])) is not None:
+                    maps_below[s] = kept
         done = jobs.stop
         if progress is not None:
             progress(done, total, f"Detecting vertebrae: {done}/{total} {unit}")
@@ -613,10 +628,10 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
     candidates = _apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou)
-    faint_candidates = _apart_from(group_across_slices(faint_by_slice, params), vertebrae + candidates,
-                                   params.merge_iou)
+    faint_decoding = None if faint is None else _faint_decoding(maps_below, (h, w), faint, params, spacing_rc,
+                                                                vertebrae + candidates)
     total_s = time.perf_counter() - t_start
-    return DetectionResult(vertebrae=vertebrae, candidates=candidates, faint_candidates=faint_candidates, timings_s={
+    return DetectionResult(vertebrae=vertebrae, candidates=candidates, faint_decoding=faint_decoding, timings_s={
         "detection": total_s,
         "detection_network": t_net,
         "detection_postprocessing": total_s - t_net,

@@ -86,6 +86,12 @@ def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
     return [candidates[i] for i in sorted(taken)]
 
 
+def chain_ends_above_s1(labelled: Sequence[Vertebra]) -> bool:
+    """Whether a labelled chain (top to bottom) of at least two bodies ends at L1-L5, the only chain
+    :func:`bodies_below` continues."""
+    return len(labelled) >= 2 and labelled[-1].level in LUMBAR
+
+
 def bodies_below(labelled: Sequence[Vertebra], candidates: Sequence[Vertebra],
                  spacing_rc: tuple[float, float] = (1.0, 1.0)) -> list[Vertebra]:
     """Candidates continuing the chain below a lowest body labelled L1-L5, down to S1 at most.
@@ -94,7 +100,7 @@ def bodies_below(labelled: Sequence[Vertebra], candidates: Sequence[Vertebra],
     far) below the lowest (bent by :data:`S1_FROM_L5` for S1), within :data:`MAX_OFFSET_OF_STEP` of
     it, and stops where nothing is found or at S1.  Top to bottom.
     """
-    if len(labelled) < 2 or not candidates or labelled[-1].level not in LUMBAR:
+    if not candidates or not chain_ends_above_s1(labelled):
         return []
     chain = list(_centres_mm(labelled[-2:], spacing_rc))
     cand = _centres_mm(candidates, spacing_rc)

@@ -211,6 +211,31 @@ def test_an_s1_seen_only_faintly_is_found_below_the_chain():
     assert [v.level for v in without_faint.detection.vertebrae] == truth[:-1]
 
 
+def test_faint_detections_are_decoded_only_when_the_chain_still_ends_above_s1(monkeypatch):
+    """The faint decoding costs about as much as the full-strength one, and only a chain that ends
+    above S1 after the weaker detections uses it: on a phantom whose S1 the weaker pass finds it never
+    runs, on one whose S1 only the faint pass finds it runs once; either way the detector maps it
+    holds are let go before the discs are cut."""
+    from SpineNetLib import pipeline
+
+    decoded = []
+    detect = pipeline.detection.detect_vertebrae
+
+    def counting_faint_decodings(*args, **kwargs):
+        result = detect(*args, **kwargs)
+        decode = result.faint_decoding
+        result.faint_decoding = lambda: decoded.append(1) or decode()
+        return result
+
+    monkeypatch.setattr(pipeline.detection, "detect_vertebrae", counting_faint_decodings)
+    for weak_levels, strength, decodings in (({"L5", "S1"}, 0.45, 0), ({"S1"}, 0.2, 1)):
+        decoded.clear()
+        phantom, networks, truth = _phantom_seen_weakly(weak_levels, strength)
+        result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+        assert [v.level for v in result.detection.vertebrae] == truth and truth[-1] == "S1"
+        assert len(decoded) == decodings and result.detection.faint_decoding is None
+
+
 @pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_151-000").is_dir(),
                     reason="../shared/data (real MRI) is not present")
 def test_a_clinical_slice_whose_l5_is_named_s1_asks_for_review():
