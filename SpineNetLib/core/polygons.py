@@ -244,13 +244,13 @@ def _region(poly) -> np.ndarray:
     return _positive(p)
 
 
-def intersection_area(a, b) -> float:
-    """Area of the intersection of two simple polygons (exact up to rounding)."""
-    pa, pb = as_polygon(a), as_polygon(b)
-    if (pa[:, 0].max() <= pb[:, 0].min() or pb[:, 0].max() <= pa[:, 0].min()
-            or pa[:, 1].max() <= pb[:, 1].min() or pb[:, 1].max() <= pa[:, 1].min()):
-        return 0.0
-    ra, rb = _region(pa), _region(pb)
+def _boxes_apart(pa: np.ndarray, pb: np.ndarray) -> bool:
+    return bool(pa[:, 0].max() <= pb[:, 0].min() or pb[:, 0].max() <= pa[:, 0].min()
+                or pa[:, 1].max() <= pb[:, 1].min() or pb[:, 1].max() <= pa[:, 1].min())
+
+
+def _region_intersection(ra: np.ndarray, rb: np.ndarray) -> float:
+    """Intersection area of two positive simple rings (:func:`_region`)."""
     if len(ra) < 3 or len(rb) < 3:
         return 0.0
     if is_convex(rb):
@@ -260,12 +260,26 @@ def intersection_area(a, b) -> float:
     return float(sum(_clip_area(ra, t) for t in triangulate(rb)))
 
 
+def intersection_area(a, b) -> float:
+    """Area of the intersection of two simple polygons (exact up to rounding)."""
+    pa, pb = as_polygon(a), as_polygon(b)
+    if _boxes_apart(pa, pb):
+        return 0.0
+    return _region_intersection(_region(pa), _region(pb))
+
+
 def iou(a, b) -> float:
-    """Intersection over union of two polygons' areas (0 when the union is empty)."""
-    inter = intersection_area(a, b)
+    """Intersection over union of two polygons' areas (0 when the union is empty).
+
+    Each polygon's region is made once (the grouping of detections calls this thousands of times)."""
+    pa, pb = as_polygon(a), as_polygon(b)
+    if _boxes_apart(pa, pb):
+        return 0.0
+    ra, rb = _region(pa), _region(pb)
+    inter = _region_intersection(ra, rb)
     if inter <= 0.0:
         return 0.0
-    union = area(_region(a)) + area(_region(b)) - inter
+    union = area(ra) + area(rb) - inter
     return float(inter / union) if union > 0 else 0.0
 
 

@@ -489,15 +489,16 @@ def group_across_slices(polygons_by_slice: dict[int, list[np.ndarray]],
     verts = [Vertebra(slices=sl, polygons=po) for sl, po in groups]
     if params.remove_single_slice:
         verts = [v for v in verts if len(v.slices) >= 2]
+    average = [v.average_polygon for v in verts]
     merged = True
     while merged:
         merged = False
         for i in range(len(verts)):
             for j in range(i + 1, len(verts)):
-                overlap = polygons.iou(verts[i].average_polygon, verts[j].average_polygon)
-                if overlap > params.merge_iou:
+                if polygons.iou(average[i], average[j]) > params.merge_iou:
                     verts[i] = _merge(verts[i], verts[j])
-                    del verts[j]
+                    average[i] = verts[i].average_polygon
+                    del verts[j], average[j]
                     merged = True
                     break
             if merged:
