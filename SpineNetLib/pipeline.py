@@ -40,7 +40,8 @@ from SpineNetLib.discs.hotspots import (
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
-from SpineNetLib.label.confidence import S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae
+from SpineNetLib.label.confidence import (S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
+                                          s1_at_lower_edge)
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -555,6 +556,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                                     "use the header's)")
     if result.labelling.get("s1_may_be_l5") and confidence is not None:
         _ask_for_review(confidence, S1_MAY_BE_L5)
+    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
+    if edge_note is not None and confidence is not None:
+        result.labelling["s1_at_image_edge"] = True
+        confidence.warnings.append(edge_note)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
         labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))

@@ -34,6 +34,8 @@ from SpineNetLib.outputs.files import write_results
 from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, vertebrae_csv_text, vertebrae_document
 from SpineNetLib.synthetic.phantom import make_phantom
 
+from SpineNetLib.training.datasets import default_data_root
+
 from oracles import GroundTruthContext, oracle_networks
 
 
@@ -337,3 +339,47 @@ def test_nothing_is_dropped_silently_a_missed_body_and_lower_sacral_segments_are
     assert len(result.vertebrae_document["vertebrae"]) == len(bodies) - 1
     note = "1 lower sacral segment below S2 was detected and left out (not a vertebral level SpineNet reports)"
     assert note in result.warnings and note in result.vertebrae_document["warnings"]
+
+
+def _body(level: str, top: float, bottom: float) -> Vertebra:
+    quad = np.array([[120.0, top], [120.0, bottom], [80.0, bottom], [80.0, top]])   # rt rb lb lt
+    return Vertebra(slices=[0], polygons=[quad], level=level)
+
+
+def test_an_s1_at_the_lower_image_edge_is_said_without_asking_for_review():
+    """No sacrum seen below the body named S1 (less than half its height of image): a note, because an L5
+    at the image edge is taken for S1 (benchmarks/acquisition_variants.py); not below a real S1 with
+    its sacrum, not when the lowest body is not S1."""
+    from SpineNetLib.label.confidence import s1_at_lower_edge
+
+    l5 = _body("L5", 100.0, 130.0)
+    assert s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 200, 0.5) is None          # 29 rows below a 30-row body
+    close = s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 180, 0.5)                   # 9 rows below
+    assert close is not None and "ends 4 mm above the lower edge" in close and "not L5" in close
+    assert "is cut by the lower edge" in s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 160, 0.5)
+    assert s1_at_lower_edge([_body("L4", 60.0, 90.0), l5], 131, 0.5) is None
+    assert s1_at_lower_edge([], 100, 0.5) is None
+
+
+@pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_030-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_a_clinical_slice_cut_between_l5_and_s1_says_its_s1_may_be_l5():
+    """tianchi_030 (held out) with the image cut between L5 and S1: the networks name the L5 at the
+    edge S1; the note says what to check, in vertebrae.json.  The whole slice, its sacrum in view,
+    gets no such note."""
+    import dataclasses
+
+    from SpineNetLib.evaluation.evaluate import ground_truth_of_case
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.training.datasets import list_cases
+
+    case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == "tianchi_030-000")
+    scan = load_scan(case.path / "image.nii.gz")
+    truth = {v.level: float(v.centroid[1]) for v in ground_truth_of_case(case).vertebrae}
+    end = round(truth["L5"] + 0.5 * (truth["L5"] - truth["L4"]))
+    cut = dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:end]))   # row 0 stays: same geometry
+    networks = pipeline.load_networks("bundled", "cpu")
+    for image, edge in ((scan, False), (cut, True)):
+        block = pipeline.run(image, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
+        assert block.get("s1_at_image_edge", False) is edge
+        assert any("no sacrum is seen below it" in w for w in block["warnings"]) is edge

@@ -1,0 +1,180 @@
+"""Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
+
+    python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2]
+
+Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
+held-out cases of ``validate_bundled.py`` (never seen by any training run) and changes each the way
+another acquisition would, then runs detection and labelling as ``spinenet run`` does and scores the
+result against the case's own annotation (``spinenet evaluate``'s definitions):
+
+* ``as_acquired``: unchanged (the model card's figures);
+* ``gamma_0.6`` / ``gamma_1.6``: another intensity mapping (mid-grey brighter / darker);
+* ``coil_falloff``: a receive-coil falloff, the signal scaled from 1.4 at the posterior edge to 0.6
+  at the anterior edge of the image;
+* ``noise``: Rician noise of 4 % of the 99th intensity percentile (a lower field or faster sequence);
+* ``blur_1mm``: Gaussian in-plane blur of 1 mm (a coarser acquisition on the same pixel grid);
+* ``ends_at_l5``: the field of view ends between L5 and S1 (rows cropped 0.5 of the L4-L5 step below
+  the annotated L5 centre): no sacrum to count from;
+* ``starts_at_l2``: the field of view starts between L1 and L2 (cropped 0.5 of the L2-L3 step above
+  the annotated L2 centre): no thoracic spine to count from.
+
+Crops keep the scan's geometry (its canonical-to-RAS matrix is moved with the first row), so the
+annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
+as "of the annotated bodies".  The columns that matter: the share of scans with no body named wrongly
+("none wrong"), and how many scans with a wrongly named body the review flag catches (and how many
+of the others it flags).  Noise is seeded per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
+            "starts_at_l2")
+
+
+def _with_voxels(scan, voxels: np.ndarray):
+    return dataclasses.replace(scan, voxels=np.ascontiguousarray(voxels, np.float32))
+
+
+def _gamma(scan, gamma: float):
+    v = np.clip(scan.voxels, 0, None)
+    top = float(np.percentile(v, 99.5)) or 1.0
+    return _with_voxels(scan, top * np.power(np.clip(v / top, 0, None), gamma))
+
+
+def _rows(scan, first: int, stop: int):
+    """The scan cropped to canonical rows ``first:stop``, with its geometry moved along."""
+    first, stop = max(0, int(first)), min(scan.voxels.shape[0], int(stop))
+    shift = np.eye(4)
+    shift[0, 3] = first
+    return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[first:stop]),
+                               canonical_to_ras=scan.canonical_to_ras @ shift,
+                               canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+
+
+def _centre_row(gt, level: str) -> float | None:
+    for v in gt.vertebrae:
+        if v.level == level and not v.ignored:
+            return float(v.centroid[1])
+    return None
+
+
+def vary(scan, variant: str, gt, seed: int):
+    """``scan`` as ``variant`` would give it, or None when the case lacks what the variant needs."""
+    if variant == "as_acquired":
+        return scan
+    if variant.startswith("gamma_"):
+        return _gamma(scan, float(variant.split("_")[1]))
+    if variant == "coil_falloff":
+        cols = scan.voxels.shape[1]
+        gain = np.linspace(0.6, 1.4, cols, dtype=np.float32)   # columns run anterior -> posterior
+        return _with_voxels(scan, scan.voxels * gain[None, :, None])
+    if variant == "noise":
+        rng = np.random.default_rng(seed)
+        sigma = 0.04 * float(np.percentile(scan.voxels, 99))
+        v = scan.voxels
+        return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
+    if variant == "blur_1mm":
+        from scipy import ndimage
+
+        sigma = (1.0 / scan.spacing_mm[0], 1.0 / scan.spacing_mm[1], 0.0)
+        return _with_voxels(scan, ndimage.gaussian_filter(scan.voxels, sigma))
+    if variant == "ends_at_l5":
+        l4, l5 = _centre_row(gt, "L4"), _centre_row(gt, "L5")
+        return None if l4 is None or l5 is None else _rows(scan, 0, round(l5 + 0.5 * (l5 - l4)))
+    if variant == "starts_at_l2":
+        l2, l3 = _centre_row(gt, "L2"), _centre_row(gt, "L3")
+        return None if l2 is None or l3 is None else _rows(scan, round(l2 - 0.5 * (l3 - l2)), scan.voxels.shape[0])
+    raise SystemExit(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
+
+
+def predict_variant(cases, variant: str, networks, profile, pred_root: Path) -> list[str]:
+    """``vertebrae.json`` of every case under ``variant``; returns the case ids that were run."""
+    from SpineNetLib.evaluation.evaluate import ground_truth_of_case
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.pipeline import RunOptions, run
+
+    done = []
+    for n, case in enumerate(cases, 1):
+        target = pred_root / variant / case.case_id / "vertebrae.json"
+        if not target.is_file():
+            scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
+            changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
+            if changed is None:
+                continue
+            result = run(changed, networks, RunOptions(grade=False, profile=profile.name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(result.vertebrae_document), encoding="utf-8")
+        done.append(case.case_id)
+        print(f"\r{variant}: {n}/{len(cases)}   ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return done
+
+
+def row(variant: str, summary: dict, pred_dir: Path) -> str:
+    """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, and the
+    review flag on the scans with a wrongly named body and on the others."""
+    from validate_bundled import _pct
+
+    o = summary["overall"]
+    cases = summary["cases"]
+    flags = {k: bool(json.loads((pred_dir / k / "vertebrae.json").read_text(encoding="utf-8"))["labelling"]
+                     .get("needs_review")) for k in cases}
+    wrong = sorted(k for k, m in cases.items() if m["wrong_levels"])
+    others = [k for k in cases if k not in wrong]
+    return (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
+            f"{_pct(len(others) / len(cases)):>9} {sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
+            f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--weights", default="bundled")
+    parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
+    parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from SpineNetLib.evaluation.evaluate import evaluate_directories
+    from SpineNetLib.pipeline import load_networks, processing_profile
+    from SpineNetLib.training.datasets import default_data_root
+    from validate_bundled import held_out_cases
+
+    torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    data_root = Path(args.data) if args.data else default_data_root()
+    cases = held_out_cases(data_root)
+    pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
+    networks = load_networks(args.weights, "cpu")
+    profile = processing_profile(None, networks.weights.source)
+    start = time.perf_counter()
+    lines = []
+    for variant in variants:
+        ran = predict_variant(cases, variant, networks, profile, pred_root)
+        summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
+        lines.append(row(variant, summary, pred_root / variant))
+    print(f"{len(cases)} held-out cases, weights {args.weights!r}, predictions in {pred_root} "
+          f"({time.perf_counter() - start:.0f} s)\n")
+    print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'flagged':>7} {'others':>7}"
+          "  scans with a wrongly named body (flagged: of those; others: flagged of the rest)")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
