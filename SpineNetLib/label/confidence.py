@@ -138,6 +138,11 @@ S1_NOT_FOUND = "S1 not found: the levels were counted from the other vertebrae o
 S1_MAY_BE_L5 = ("levels may be shifted by one: the body named S1 may be L5 (a weaker detection lies below it "
                 "where S1 would lie below an L5)")
 
+#: The review reason when the lowest body, at the lower image edge, was named S1 by its own appearance
+#: and the others name it otherwise (``pipeline._labelled_without_edge_appearance``).
+EDGE_BODY_RELABELLED = ("levels were counted without the lowest body's appearance: it sits at the lower edge of "
+                        "the image, where the appearance network called it S1 (an image edge right below a "
+                        "body looks like S1 to it); the other vertebrae name it otherwise: check the levels")
 
 #: Less image than this (in the body's own heights) below the body named S1 shows no sacrum under it
 #: (the appearance crop reaches one body size below the body, official §5.4).

@@ -82,10 +82,13 @@ def test_run_writes_files_that_land_on_the_phantom_vertebrae(tmp_path, monkeypat
     assert float(rows[0]["level_probability"]) > 0.9
     # the oracle is sure of every level (this phantom reaches down to S1): nothing to review
     assert truth[-1].level == "S1"
+    # The phantom's image ends a few mm below S1: said in a note, which asks for no review.
+    edge_note = doc["labelling"]["warnings"]
+    assert len(edge_note) == 1 and edge_note[0].startswith("the body named S1 ends ") and "not L5" in edge_note[0]
     assert {(r["labelling_confidence"], r["s1_found"], r["levels_need_review"], r["labelling_warning"])
-            for r in rows} == {("1.000000", "true", "false", "")}
-    assert doc["labelling"]["needs_review"] is False and doc["labelling"]["warnings"] == []
-    assert "warnings" not in doc
+            for r in rows} == {("1.000000", "true", "false", edge_note[0])}
+    assert doc["labelling"]["needs_review"] is False and doc["labelling"]["s1_at_image_edge"] is True
+    assert doc["warnings"] == edge_note
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left"
 
 

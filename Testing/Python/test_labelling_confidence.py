@@ -361,25 +361,52 @@ def test_an_s1_at_the_lower_image_edge_is_said_without_asking_for_review():
     assert s1_at_lower_edge([], 100, 0.5) is None
 
 
-@pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_030-000").is_dir(),
-                    reason="../shared/data (real MRI) is not present")
-def test_a_clinical_slice_cut_between_l5_and_s1_says_its_s1_may_be_l5():
-    """tianchi_030 (held out) with the image cut between L5 and S1: the networks name the L5 at the
-    edge S1; the note says what to check, in vertebrae.json.  The whole slice, its sacrum in view,
-    gets no such note."""
+def _clinical_slice_cut_between_l5_and_s1(case_id: str):
+    """A held-out clinical slice as acquired, the same cut between L5 and S1 (half an L4-L5 step below the
+    radiologist's L5 point; row 0 stays, so the geometry does not change), and its radiologist levels."""
     import dataclasses
 
     from SpineNetLib.evaluation.evaluate import ground_truth_of_case
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.training.datasets import list_cases
 
-    case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == "tianchi_030-000")
+    case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == case_id)
     scan = load_scan(case.path / "image.nii.gz")
     truth = {v.level: float(v.centroid[1]) for v in ground_truth_of_case(case).vertebrae}
     end = round(truth["L5"] + 0.5 * (truth["L5"] - truth["L4"]))
-    cut = dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:end]))   # row 0 stays: same geometry
+    return scan, dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:end])), truth
+
+
+needs_clinical_slices = pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_030-000").is_dir(),
+                                           reason="../shared/data (real MRI) is not present")
+
+
+@needs_clinical_slices
+def test_a_clinical_slice_cut_between_l5_and_s1_says_its_s1_may_be_l5():
+    """tianchi_030 (held out) with the image cut between L5 and S1: the networks name the L5 at the
+    edge S1, even without its own appearance; the note says what to check, in vertebrae.json.  The
+    whole slice, its sacrum in view, gets no such note."""
+    scan, cut, _ = _clinical_slice_cut_between_l5_and_s1("tianchi_030-000")
     networks = pipeline.load_networks("bundled", "cpu")
     for image, edge in ((scan, False), (cut, True)):
         block = pipeline.run(image, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
         assert block.get("s1_at_image_edge", False) is edge
         assert any("no sacrum is seen below it" in w for w in block["warnings"]) is edge
+
+
+@needs_clinical_slices
+def test_an_l5_at_the_lower_image_edge_is_named_from_the_other_vertebrae():
+    """tianchi_152 (held out) cut between L5 and S1: the appearance network calls the L5 at the edge S1,
+    which shifted every level.  Labelled again without that body's appearance, L1-L5 are named right,
+    and the scan asks for review with the reason."""
+    _, cut, truth = _clinical_slice_cut_between_l5_and_s1("tianchi_152-000")
+    result = pipeline.run(cut, pipeline.load_networks("bundled", "cpu"), pipeline.RunOptions(grade=False))
+    named = {v.level: float(v.centroid_xy[1]) for v in result.detection.vertebrae}
+    assert "S1" not in named
+    for level in ("L1", "L2", "L3", "L4", "L5"):          # each radiologist point lies in the body of its level
+        body = next(v for v in result.detection.vertebrae if v.level == level)
+        top, bottom = body.average_polygon[:, 1].min(), body.average_polygon[:, 1].max()
+        assert top < truth[level] < bottom
+    block = result.vertebrae_document["labelling"]
+    assert block["s1_at_image_edge_relabelled"] is True and block["needs_review"] is True
+    assert block["warnings"][0].startswith("levels were counted without the lowest body's appearance")
