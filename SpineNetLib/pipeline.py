@@ -285,7 +285,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
             if _keeps_bodies_below(result.vertebrae, relabelled, added):
                 result.vertebrae, found, below = relabelled, found + added, below + added
     result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
-    at_edge = _labelled_without_edge_appearance(scan, result.vertebrae, found, label)
+    at_edge = (_labelled_without_edge_appearance(scan, result.vertebrae, found, label)
+               if labelling_params.relabel_s1_at_image_edge else None)
     if at_edge is not None:
         result.vertebrae = at_edge
     faint_s = result.timings_s.get("detection", 0.0) - detection_s   # counted as detection
@@ -403,6 +404,8 @@ class ProcessingProfile:
     #: Detect again at other multiples of the header's pixel spacing when it finds too few bodies
     #: (``detect_and_label``; not official).
     retry_pixel_spacing: bool = True
+    #: ``LabellingParams.relabel_s1_at_image_edge`` (not official).
+    relabel_s1_at_image_edge: bool = True
 
 
 PROFILES: dict[str, ProcessingProfile] = {
@@ -410,7 +413,8 @@ PROFILES: dict[str, ProcessingProfile] = {
                                  drop_lower_sacral_segments=True, discs_across_missed_levels=False),
     "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
                                   drop_lower_sacral_segments=False, discs_across_missed_levels=True,
-                                  official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False),
+                                  official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False,
+                                  relabel_s1_at_image_edge=False),
 }
 
 
@@ -453,7 +457,8 @@ def profiled_labelling_params(context_net, params: labelling.LabellingParams | N
     """The context checkpoint's labelling numbers (or ``params``) with the profile's switches."""
     base = labelling.params_for_context(context_net, params)
     return replace(base, official_crop=profile.official_appearance_crop,
-                   drop_lower_sacral_segments=profile.drop_lower_sacral_segments)
+                   drop_lower_sacral_segments=profile.drop_lower_sacral_segments,
+                   relabel_s1_at_image_edge=profile.relabel_s1_at_image_edge)
 
 
 @dataclass

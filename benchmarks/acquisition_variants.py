@@ -1,6 +1,6 @@
 """Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
 
-    python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2]
+    python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
 held-out cases of ``validate_bundled.py`` (never seen by any training run) and changes each the way
@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
     parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=("val", "train"), default="val",
+                        help="held-out cases (default) or the training side (which the networks saw)")
     args = parser.parse_args(argv)
 
     import torch
@@ -153,12 +155,12 @@ def main(argv=None) -> int:
     from SpineNetLib.evaluation.evaluate import evaluate_directories
     from SpineNetLib.pipeline import load_networks, processing_profile
     from SpineNetLib.training.datasets import default_data_root
-    from validate_bundled import held_out_cases
+    from validate_bundled import held_out_cases, training_cases
 
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     data_root = Path(args.data) if args.data else default_data_root()
-    cases = held_out_cases(data_root)
+    cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
     networks = load_networks(args.weights, "cpu")
     profile = processing_profile(None, networks.weights.source)
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         ran = predict_variant(cases, variant, networks, profile, pred_root)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
         lines.append(row(variant, summary, pred_root / variant))
-    print(f"{len(cases)} held-out cases, weights {args.weights!r}, predictions in {pred_root} "
+    print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
     print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'flagged':>7} {'others':>7}"
           "  scans with a wrongly named body (flagged: of those; others: flagged of the rest)")

@@ -90,6 +90,10 @@ class LabellingParams:
     #: Leave out a third or further S1 at the bottom (:func:`sacral_run_end`); the official
     #: code keeps them (the ``official`` processing profile).
     drop_lower_sacral_segments: bool = True
+    #: Label again without the appearance of a body named S1 at the lower image edge, and keep that
+    #: labelling when it differs (``pipeline._labelled_without_edge_appearance``; not official: the
+    #: ``official`` processing profile turns it off).
+    relabel_s1_at_image_edge: bool = True
     #: Appearance volumes per network call (batching does not change the
     #: result: BatchNorm runs in eval mode).
     appearance_batch_size: int = 4
