@@ -238,8 +238,9 @@ def _labelled_without_edge_appearance(scan: Scan, labelled: list[Vertebra], foun
     no nearer than 0.3 body heights.  So when the body named S1 has less than half its height of
     image below it (:func:`~SpineNetLib.label.confidence.s1_at_lower_edge`), its appearance is replaced
     by a uniform one (no evidence) and the spine labelled again from the others.  On held-out scans
-    cut between L5 and S1 this named 6 of the 12 edge L5s called S1 right; it changed none of the 27
-    scans ending right below a real S1 (10 held out, 17 training side)."""
+    cut between L5 and S1 (``benchmarks/acquisition_variants.py``, which it was designed on) it
+    relabelled 7, all then right (18 -> 11 shifted); on the training side cut the same way 2, both then
+    right (18 -> 16); it changed none of the 27 scans ending right below a real S1."""
     if s1_at_lower_edge(labelled, scan.voxels.shape[0], scan.spacing_mm[0]) is None:
         return None
     blind = replace(labelled[-1], appearance_probabilities=np.full(N_LEVELS, 1.0 / N_LEVELS))

@@ -157,7 +157,8 @@ def s1_at_lower_edge(vertebrae: Sequence, n_rows: int, row_mm: float) -> str | N
     held-out myosegmentum volumes, all named right), but an L5 at the lower edge of an image is
     named S1 by the appearance network, with no sign of doubt in the margin: held-out scans cut
     between L5 and S1 came out shifted in 18 of 68 (``benchmarks/acquisition_variants.py``,
-    ``ends_at_l5``), 12 of them with this body named S1 and 5 of those not flagged."""
+    ``ends_at_l5``), 12 of them with this body named S1 and 5 of those not flagged; after
+    ``pipeline._labelled_without_edge_appearance``, 11 shifted, 5 of them with this note."""
     if not vertebrae or vertebrae[-1].level != "S1":
         return None
     rows = np.asarray(vertebrae[-1].average_polygon, float)[:, 1]   # rt, rb, lb, lt
