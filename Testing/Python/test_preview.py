@@ -34,8 +34,9 @@ FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
 
 @pytest.fixture(scope="module")
 def phantom():
-    """Reaches S1: the labelling is sure and has no warning."""
-    return make_phantom(fov="lumbar", pixel_spacing=(0.6, 0.7), shape=(448, 400), n_slices=9, rotation_deg=8.0,
+    """Reaches S1, with image below it: the labelling is sure and has no warning (448 rows would end
+    8 mm below S1, which is said in a note)."""
+    return make_phantom(fov="lumbar", pixel_spacing=(0.6, 0.7), shape=(480, 400), n_slices=9, rotation_deg=8.0,
                         seed=3)
 
 
@@ -82,8 +83,8 @@ def test_run_writes_a_legible_preview_with_the_other_files(phantom, tmp_path, mo
     pixels, text, (left, top, width, height), _, shown = _picture(out / "preview.png")
     assert height >= preview.MIN_SLICE_HEIGHT_PX and pixels.shape[0] >= 800
     assert "7 vertebrae (T12..S1)" in text["Description"] and "anterior left, superior up" in text["Description"]
-    # square millimetre pixels: 448 rows of 0.6 mm and 400 columns of 0.7 mm
-    assert width / height == pytest.approx((400 * 0.7) / (448 * 0.6), rel=0.01)
+    # square millimetre pixels: 480 rows of 0.6 mm and 400 columns of 0.7 mm
+    assert width / height == pytest.approx((400 * 0.7) / (480 * 0.6), rel=0.01)
     # the mid-sagittal slice: every vertebra is outlined on the middle of the 9 slices
     assert shown == 4
     # no labelling warning: no banner between the header and the slice
