@@ -1,7 +1,7 @@
 """Seconds and peak memory to grade the 7 discs of a lumbar scan with the OFFICIAL-size grader.
 
     python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
-        [--hotspot-precision auto|fp32|bf16] [--batch-size 4]
+        [--hotspot-precision auto|fp32|bf16] [--batch-size 4] [--contiguous]
 
 Random weights (speed does not depend on their values); the disc volumes are
 extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--hotspot-precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="arithmetic of the hotspot map (default auto, as spinenet run)")
     parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="keep the grader's weights in the default (NCDHW) layout instead of channels-last")
     args = parser.parse_args()
 
     import torch
@@ -40,6 +42,7 @@ def main() -> None:
     from SpineNetLib.discs.extraction import extract_ivd_volumes
     from SpineNetLib.models import GradingNet
     from SpineNetLib.models.precision import with_precision
+    from SpineNetLib.weights.checkpoints import with_fast_memory_format
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.core.results import Vertebra
 
@@ -50,13 +53,15 @@ def main() -> None:
     ivds = extract_ivd_volumes(phantom.scan, vertebrae)
     extract_s = time.perf_counter() - t
     torch.manual_seed(0)
-    net = with_precision(GradingNet().eval(), args.precision)
+    # channels-last as load_model leaves a loaded grader (weights/checkpoints.with_fast_memory_format)
+    layout = GradingNet().eval() if args.contiguous else with_fast_memory_format(GradingNet().eval())
+    net = with_precision(layout, args.precision)
     grade_volumes(ivds[:1], net)  # warm-up
     t = time.perf_counter()
     grade_volumes(ivds, net, batch_size=args.batch_size)
     grade_s = time.perf_counter() - t
     print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads, {args.precision}, "
-          f"{args.batch_size} discs per call")
+          f"{args.batch_size} discs per call, {'NCDHW' if args.contiguous else 'channels-last (NDHWC)'}")
     print(f"  extract volumes            {extract_s:8.2f} s")
     print(f"  grade                      {grade_s:8.2f} s")
     if args.hotspots:

@@ -98,6 +98,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     from SpineNetLib.label import labelling
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.models import AppearanceNet, ContextNet, VFRDetector
+    from SpineNetLib.weights.checkpoints import with_fast_memory_format
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.training.targets import oracle_predictor
 
@@ -111,7 +112,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    detector = VFRDetector().eval().to(memory_format=torch.channels_last)
+    detector = with_fast_memory_format(VFRDetector().eval())  # as load_model leaves it
     appearance, context = AppearanceNet().eval(), ContextNet().eval()
     timings["build_networks"] = time.perf_counter() - t
 
