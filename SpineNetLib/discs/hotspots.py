@@ -382,9 +382,15 @@ def map_arithmetic(net: torch.nn.Module, device: torch.device, precision: str = 
     return inner, (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
 
 
+#: Augmented volumes per forward + backward pass.  With the official-size grader, 2 instead of 4
+#: takes peak memory from 1.9-2.0 GB to 1.3 GB at the same speed (one map, 16 augmentations, bf16,
+#: 2 threads: 26-30 s against 20-28 s, runs interleaved on a shared host; benchmarks/RESULTS.md).
+AUGMENTATIONS_PER_PASS = 2
+
+
 def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_index: int | None = None,
                    method: str = DEFAULT_METHOD, n_augment: int = 16, seed: int = 0, *,
-                   batch_size: int = 4, precision: str = "auto") -> np.ndarray:
+                   batch_size: int = AUGMENTATIONS_PER_PASS, precision: str = "auto") -> np.ndarray:
     """Evidence map ``(9, 112, 224)`` float32 in [0, 1] for one disc, aligned with its IVD volume.
 
     ``ivd_volume`` is an ``ivd.IVDVolume`` or its ``(9, 112, 224)`` array;
