@@ -25,6 +25,7 @@ from SpineNetLib.weights.checkpoints import (
     resolve_weights_file,
     save_checkpoint,
     sha256_file,
+    with_fast_memory_format,
 )
 from SpineNetLib.core.errors import InputError, WeightsError
 from SpineNetLib.models import HEADS, AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
@@ -153,6 +154,23 @@ def test_detector_channels_last_gives_same_output():
     torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
 
 
+def test_channels_last_weights_give_the_same_numbers_for_every_network():
+    """load_model leaves every network channels-last (faster on a CPU, benchmarks/RESULTS.md); the
+    outputs must stay those of the default layout."""
+    cases = ((_randomize(AppearanceNet(), 3), torch.rand(2, 1, 224, 224, 16)),
+             (_randomize(ContextNet(), 4), torch.rand(1, 1, 256, 24)),
+             (_randomize(GradingNet(SMALL_GRADER), 5), torch.rand(2, 1, 9, 112, 224)),
+             (_randomize(VFRDetector(SMALL_DETECTOR), 2), torch.rand(2, 1, 224, 224)))
+    for model, x in cases:
+        y = _run(model, x)
+        y_cl = _run(with_fast_memory_format(model), x)
+        first_conv = next(m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+        layout = torch.channels_last if isinstance(first_conv, torch.nn.Conv2d) else torch.channels_last_3d
+        assert first_conv.weight.is_contiguous(memory_format=layout), type(model).__name__
+        for a, b in zip(y_cl if isinstance(y_cl, tuple) else (y_cl,), y if isinstance(y, tuple) else (y,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()) + 1e-7)
+
+
 def test_appearance_forward_shape():
     y = _run(_randomize(AppearanceNet(), 3), torch.rand(2, 1, 224, 224, 16))
     assert y.shape == (2, 24)
@@ -194,7 +212,7 @@ def test_official_layout_net_round_trip(tmp_path):
         assert loaded.weights_path.name == f"ckpt{epoch}.pt"
         assert not loaded.training
         assert loaded.checkpoint_meta == {"epoch": epoch, "loss": 0.25}
-        assert torch.equal(_run(loaded, x), _run(model, x))
+        assert torch.equal(_run(loaded, x), _run(with_fast_memory_format(model), x))  # the same layout: bit-equal
 
 
 def test_official_layout_model_weights_round_trip_full_size_grader(tmp_path):
@@ -221,7 +239,7 @@ def test_module_prefix_is_stripped(tmp_path):
     path = tmp_path / "ckpt3.pt"
     torch.save({"net": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3, "loss": 0.1}, path)
     x = torch.rand(1, 1, 128, 24)
-    assert torch.equal(_run(load_model("context", path), x), _run(model, x))
+    assert torch.equal(_run(load_model("context", path), x), _run(with_fast_memory_format(model), x))
 
 
 def test_fp16_round_trip_restores_config_and_float32(tmp_path):
@@ -272,7 +290,7 @@ def test_numpy_loss_needs_trusted_sha256(tmp_path):
         load_model("context", path, trusted_sha256={"0" * 64})
     loaded = load_model("context", path, trusted_sha256={digest.upper()})
     x = torch.rand(1, 1, 64, 24)
-    assert torch.equal(_run(loaded, x), _run(model, x))
+    assert torch.equal(_run(loaded, x), _run(with_fast_memory_format(model), x))
     assert loaded.checkpoint_meta["loss"] == 0.5
 
 
