@@ -16,10 +16,15 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``ends_at_l5``: the field of view ends between L5 and S1 (rows cropped 0.5 of the L4-L5 step below
   the annotated L5 centre): no sacrum to count from;
 * ``starts_at_l2``: the field of view starts between L1 and L2 (cropped 0.5 of the L2-L3 step above
-  the annotated L2 centre): no thoracic spine to count from.
+  the annotated L2 centre): no thoracic spine to count from;
+* ``pixels_x1.6`` / ``pixels_x0.6``: in-plane pixels 1.6 times as large (with a blur of 0.4 new
+  pixels: a coarser matrix) or 0.6 times (a finer one), the same field of view;
+* ``rotated_12`` / ``rotated_-12``: the sagittal plane turned by 12 degrees either way about the image
+  centre (a patient lying tilted, a steeper or flatter lordosis); corners turned out of the image are
+  lost.
 
-Crops keep the scan's geometry (its canonical-to-RAS matrix is moved with the first row), so the
-annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
+Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
+pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
 as "of the annotated bodies".  The columns that matter: the share of scans with no body named wrongly
 ("none wrong"), and how many scans with a wrongly named body the review flag catches (and how many
 of the others it flags).  Noise is seeded per case.
@@ -41,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
-            "starts_at_l2")
+            "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -62,6 +67,53 @@ def _rows(scan, first: int, stop: int):
     return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[first:stop]),
                                canonical_to_ras=scan.canonical_to_ras @ shift,
                                canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+
+
+def _resampled(scan, new_to_old: np.ndarray, shape: tuple[int, int], spacing_rc: tuple[float, float],
+               blur_px: float = 0.0):
+    """``scan`` sampled (bilinear, zeros outside) on a new in-plane grid of ``shape`` whose pixel
+    ``(row, col)`` lies at old pixel ``new_to_old @ (row, col, 1)`` (a 2 x 3 affine), every slice alike;
+    the geometry moves along, so the annotation still scores it."""
+    from scipy import ndimage
+
+    rows, cols = np.meshgrid(np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+                             indexing="ij")
+    old_r = new_to_old[0, 0] * rows + new_to_old[0, 1] * cols + new_to_old[0, 2]
+    old_c = new_to_old[1, 0] * rows + new_to_old[1, 1] * cols + new_to_old[1, 2]
+    out = np.empty((*shape, scan.voxels.shape[2]), np.float32)
+    for s in range(scan.voxels.shape[2]):
+        plane = scan.voxels[:, :, s].astype(np.float32)
+        if blur_px > 0:
+            plane = ndimage.gaussian_filter(plane, blur_px)
+        out[:, :, s] = ndimage.map_coordinates(plane, [old_r, old_c], order=1, cval=0.0)
+    index_map = np.eye(4)
+    index_map[:2, :2] = new_to_old[:, :2]
+    index_map[:2, 3] = new_to_old[:, 2]
+    return dataclasses.replace(scan, voxels=out, spacing_mm=(*spacing_rc, scan.spacing_mm[2]),
+                               canonical_to_ras=scan.canonical_to_ras @ index_map,
+                               canonical_to_input_ijk=scan.canonical_to_input_ijk @ index_map)
+
+
+def _pixels_scaled(scan, factor: float):
+    """In-plane pixels ``factor`` times as large (coarser above 1, with a matching blur; finer below)."""
+    h, w = scan.voxels.shape[:2]
+    new_to_old = np.array([[factor, 0.0, 0.0], [0.0, factor, 0.0]])
+    shape = (max(1, int((h - 1) / factor) + 1), max(1, int((w - 1) / factor) + 1))
+    spacing = (scan.spacing_mm[0] * factor, scan.spacing_mm[1] * factor)
+    return _resampled(scan, new_to_old, shape, spacing, blur_px=0.4 * factor if factor > 1 else 0.0)
+
+
+def _rotated(scan, degrees: float):
+    """The sagittal plane turned by ``degrees`` about the image centre (a patient lying tilted), in
+    millimetres (anisotropic pixels kept); corners that leave the image are cut, new ones are zero."""
+    h, w = scan.voxels.shape[:2]
+    sr, sc = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    linear = np.diag([1 / sr, 1 / sc]) @ rot @ np.diag([sr, sc])     # new pixel offsets -> old ones
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    new_to_old = np.hstack([linear, (centre - linear @ centre)[:, None]])
+    return _resampled(scan, new_to_old, (h, w), (sr, sc))
 
 
 def _centre_row(gt, level: str) -> float | None:
@@ -97,6 +149,10 @@ def vary(scan, variant: str, gt, seed: int):
     if variant == "starts_at_l2":
         l2, l3 = _centre_row(gt, "L2"), _centre_row(gt, "L3")
         return None if l2 is None or l3 is None else _rows(scan, round(l2 - 0.5 * (l3 - l2)), scan.voxels.shape[0])
+    if variant.startswith("pixels_x"):
+        return _pixels_scaled(scan, float(variant[len("pixels_x"):]))
+    if variant.startswith("rotated_"):
+        return _rotated(scan, float(variant[len("rotated_"):]))
     raise SystemExit(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
 
 
