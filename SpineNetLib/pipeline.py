@@ -29,9 +29,11 @@ import torch
 from SpineNetLib.core.errors import InputError, SpineNetError
 from SpineNetLib.core.levels import N_LEVELS, level_index
 from SpineNetLib.core.progress import ProgressCallback, scaled
+from SpineNetLib.core import polygons
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
+from SpineNetLib.detect.turned import bodies_on_turned_slices
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
 from SpineNetLib.discs.hotspots import (
@@ -248,6 +250,24 @@ def _labelled_without_edge_appearance(scan: Scan, labelled: list[Vertebra], foun
     return again if [v.level for v in again] != [v.level for v in labelled] else None
 
 
+def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
+                             params: detection.DetectionParams) -> list[Vertebra]:
+    """The bodies found with the slices turned so that the lowest labelled body stands upright
+    (``detect/turned.py``), apart from those already found; their seconds count as detection."""
+    if params.turned_min_lean_deg is None or not result.vertebrae:
+        return []
+    start = time.perf_counter()
+    once = replace(params, faint_threshold=None, turned_min_lean_deg=None)
+    found = bodies_on_turned_slices(scan, result.vertebrae[-1],
+                                    lambda turned, p: detection.detect_vertebrae(turned, predict, p), once,
+                                    params.turned_min_lean_deg)
+    known = list(result.vertebrae) + list(result.candidates)
+    found = [b for b in found if all(polygons.iou(b.average_polygon, v.average_polygon) <= params.merge_iou
+                                     for v in known)]
+    result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
+    return found
+
+
 def detect_and_label(scan: Scan, networks: Networks, *,
                      detection_params: detection.DetectionParams | None = None,
                      labelling_params: labelling.LabellingParams | None = None,
@@ -277,7 +297,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     detection_s = result.timings_s.get("detection", 0.0)
     # Below a chain that ends above S1: the weaker detections first, then the faint ones
     # (DetectionParams.faint_threshold), decoded only if it still ends above S1.
-    for weaker in (lambda: result.candidates, lambda: result.faint_candidates):
+    turned = lambda: _bodies_on_turned_slices(scan, result, predict, detection_params)  # noqa: E731
+    for weaker in (lambda: result.candidates, lambda: result.faint_candidates, turned):
         if not chain_ends_above_s1(result.vertebrae):
             break
         added = bodies_below(result.vertebrae, weaker(), scan.spacing_mm[:2])
@@ -450,7 +471,7 @@ def profiled_detection_params(params: detection.DetectionParams | None,
     if not profile.official_detection:
         return params
     return replace(params, official_arithmetic=True, plan="patches", subpixel=False, drop_edge_corners=False,
-                   candidate_threshold=None, faint_threshold=None)
+                   candidate_threshold=None, faint_threshold=None, turned_min_lean_deg=None)
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,

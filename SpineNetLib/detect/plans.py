@@ -102,6 +102,11 @@ class DetectionParams:
     #: without), with 9, 9 and 11 bodies named S1 away from the radiologists' S1 (9 without); no
     #: level changed (bundled MODEL_CARD.md, "Faint detections").  None: no third pass.
     faint_threshold: float | None = 0.15
+    #: Not official: when a labelled chain still ends at L1-L5 after the weaker and faint detections
+    #: and its lowest body leans at least this many degrees, the slices are detected again turned so
+    #: that it stands upright (``detect/turned.py``), and what that finds below the chain is used as the
+    #: weaker detections are.  None: no such detection.
+    turned_min_lean_deg: float | None = 10.0
 
     def __post_init__(self):
         for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
