@@ -296,7 +296,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     below: list[Vertebra] = []
     detection_s = result.timings_s.get("detection", 0.0)
     # Below a chain that ends above S1: the weaker detections first, then the faint ones
-    # (DetectionParams.faint_threshold), decoded only if it still ends above S1.
+    # (DetectionParams.faint_threshold), decoded only if it still ends above S1, then a detection on
+    # the slices turned so that its lowest body stands upright (DetectionParams.turned_min_lean_deg).
     turned = lambda: _bodies_on_turned_slices(scan, result, predict, detection_params)  # noqa: E731
     for weaker in (lambda: result.candidates, lambda: result.faint_candidates, turned):
         if not chain_ends_above_s1(result.vertebrae):
@@ -317,7 +318,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                         "appearance_weight": float(labelling_params.appearance_weight),
                         # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped
                         "sacral_segments_left_out": len(found) - len(result.vertebrae),
-                        # bodies taken from weaker detections (label/missed_bodies.py)
+                        # bodies taken from weaker detections (label/missed_bodies.py), faint ones or
+                        # those found on turned slices (detect/turned.py)
                         "bodies_from_weaker_detections": len(fillers) + len(below)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor

@@ -121,6 +121,8 @@ class DetectionParams:
             value = getattr(self, name)
             if value is not None and not 0 < float(value) < 1:
                 raise InputError(f"detection parameter {name} must be in (0, 1) or None")
+        if self.turned_min_lean_deg is not None and not 0 <= float(self.turned_min_lean_deg) < 90:
+            raise InputError("detection parameter turned_min_lean_deg must be in [0, 90) or None")
         if int(self.batch_size) < 1:
             raise InputError("detection parameter batch_size must be at least 1")
         if self.plan not in PLANS:
