@@ -113,7 +113,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     torch.manual_seed(0)
     t = time.perf_counter()
     detector = with_fast_memory_format(VFRDetector().eval())  # as load_model leaves it
-    appearance, context = AppearanceNet().eval(), ContextNet().eval()
+    appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
     timings["build_networks"] = time.perf_counter() - t
 
     if compile_networks:
