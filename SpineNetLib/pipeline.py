@@ -29,7 +29,6 @@ import torch
 from SpineNetLib.core.errors import InputError, SpineNetError
 from SpineNetLib.core.levels import N_LEVELS, level_index
 from SpineNetLib.core.progress import ProgressCallback, scaled
-from SpineNetLib.core import polygons
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
@@ -261,9 +260,7 @@ def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
     found = bodies_on_turned_slices(scan, result.vertebrae[-1],
                                     lambda turned, p: detection.detect_vertebrae(turned, predict, p), once,
                                     params.turned_min_lean_deg)
-    known = list(result.vertebrae) + list(result.candidates)
-    found = [b for b in found if all(polygons.iou(b.average_polygon, v.average_polygon) <= params.merge_iou
-                                     for v in known)]
+    found = detection.apart_from(found, list(result.vertebrae) + list(result.candidates), params.merge_iou)
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
     return found
 

@@ -542,11 +542,11 @@ def _faint_decoding(below_by_slice: dict[int, tuple[np.ndarray, list[PatchBox], 
         for s, (maps, boxes, lowest_row) in below_by_slice.items():
             quads = decode_slice(maps, boxes, slice_shape, faint, spacing_rc=spacing_rc)
             quads_by_slice[s] = [q for q in quads if float(np.mean(q[:, 1])) > lowest_row]
-        return _apart_from(group_across_slices(quads_by_slice, grouping), others, grouping.merge_iou)
+        return apart_from(group_across_slices(quads_by_slice, grouping), others, grouping.merge_iou)
     return decode
 
 
-def _apart_from(found: list[Vertebra], others: list[Vertebra], max_iou: float) -> list[Vertebra]:
+def apart_from(found: list[Vertebra], others: list[Vertebra], max_iou: float) -> list[Vertebra]:
     """The bodies of ``found`` whose average polygon overlaps none of ``others`` by more than ``max_iou``."""
     return [c for c in found
             if all(polygons.iou(c.average_polygon, v.average_polygon) <= max_iou for v in others)]
@@ -628,7 +628,7 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         # that drops single-slice detections as noise would drop them all.
         params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
-    candidates = _apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou)
+    candidates = apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou)
     faint_decoding = None if faint is None else _faint_decoding(maps_below, (h, w), faint, params, spacing_rc,
                                                                 vertebrae + candidates)
     total_s = time.perf_counter() - t_start
