@@ -46,6 +46,7 @@ from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, S1_MAY_BE_L5, La
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
+from SpineNetLib.models.folding import fold_batch_norms
 from SpineNetLib.models.grading import reads_one_slice
 from SpineNetLib.models.precision import precision_of, with_precision
 from SpineNetLib.weights import checkpoints
@@ -92,8 +93,13 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     start = time.perf_counter()
     weight_set = resolve_weights(weights)
     dev = choose_device(device)
-    load = lambda kind: with_precision(checkpoints.load_model(  # noqa: E731
-        kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256), precision)
+
+    def load(kind: str) -> torch.nn.Module:
+        network = checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
+        if precision == "bf16":   # faster there only (models/folding.py); the layout again after it
+            network = checkpoints.with_fast_memory_format(fold_batch_norms(network))
+        return with_precision(network, precision)
+
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None
     return Networks(detector=load("detector"), appearance=load("appearance"), context=load("context"),
                     grading=grading, device=dev, weights=weight_set,

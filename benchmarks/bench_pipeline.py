@@ -89,7 +89,8 @@ def run_bundled(name: str, threads: int, plan: str) -> dict:
     }
 
 
-def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bool = False) -> dict:
+def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bool = False,
+            fold: bool = True) -> dict:
     import numpy as np
     import torch
 
@@ -98,6 +99,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     from SpineNetLib.label import labelling
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.models import AppearanceNet, ContextNet, VFRDetector
+    from SpineNetLib.models.folding import fold_batch_norms
     from SpineNetLib.weights.checkpoints import with_fast_memory_format
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.training.targets import oracle_predictor
@@ -112,7 +114,9 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    detector = with_fast_memory_format(VFRDetector().eval())  # as load_model leaves it
+    detector = VFRDetector().eval()
+    # as pipeline.load_networks leaves it: channels-last, BatchNorm folded under bf16 (unless --unfolded)
+    detector = with_fast_memory_format(fold_batch_norms(detector) if (fold and bf16) else detector)
     appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
     timings["build_networks"] = time.perf_counter() - t
 
@@ -162,7 +166,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     return {
         "scan": name, "shape": list(scan.shape), "spacing_mm": [round(s, 2) for s in scan.spacing_mm],
         "plan": plan, "inputs": _inputs(scan, params), "vertebrae": len(result.vertebrae), "threads": threads,
-        "bf16": bf16, "compile": compile_networks,
+        "bf16": bf16, "compile": compile_networks, "batch_norm_folded": fold and bf16,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -179,11 +183,13 @@ def main() -> None:
                         help="time the bundled small networks (the default of `spinenet run`) instead")
     parser.add_argument("--plan", choices=["whole_slice", "patches", "both"], default="both",
                         help="detection plan (DetectionParams.plan); both: one run each")
+    parser.add_argument("--unfolded", action="store_true",
+                        help="with --bf16: keep the detector's BatchNorm layers (pipeline.load_networks folds them)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         report = (run_bundled(args.child, args.threads, args.plan) if args.bundled
-                  else run_one(args.child, args.threads, args.bf16, args.plan, args.compile))
+                  else run_one(args.child, args.threads, args.bf16, args.plan, args.compile, not args.unfolded))
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
@@ -196,11 +202,14 @@ def main() -> None:
             cmd.append("--compile")
         if args.bundled:
             cmd.append("--bundled")
+        if args.unfolded:
+            cmd.append("--unfolded")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
               f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
-              f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}")
+              f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}"
+              f"{', BatchNorm folded' if report.get('batch_norm_folded') else ''}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
         print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")

@@ -9,6 +9,7 @@ fail) where that folder is absent.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from SpineNetLib.weights.checkpoints import (
     with_fast_memory_format,
 )
 from SpineNetLib.core.errors import InputError, WeightsError
+from SpineNetLib.models.folding import fold_batch_norms
 from SpineNetLib.models import HEADS, AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
 
 SPEC_DIR = Path(os.environ.get("SPINENET_SPEC_DIR", "/work/shared/spec/official-spinenet"))
@@ -169,6 +171,27 @@ def test_channels_last_weights_give_the_same_numbers_for_every_network():
         assert first_conv.weight.is_contiguous(memory_format=layout), type(model).__name__
         for a, b in zip(y_cl if isinstance(y_cl, tuple) else (y_cl,), y if isinstance(y, tuple) else (y,)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()) + 1e-7)
+
+
+def test_folded_batch_norms_give_the_same_numbers_and_leave_no_batch_norm():
+    """pipeline.load_networks folds every BatchNorm of the detector and the grader into the
+    convolution before it (models/folding.py); the outputs must stay those of the unfolded network
+    (random BatchNorm statistics, so that a misplaced fold shows), and the networks whose BatchNorm
+    follows a ReLU must be handed back untouched."""
+    cases = ((_randomize(GradingNet(SMALL_GRADER), 5), torch.rand(2, 1, 9, 112, 224)),
+             (_randomize(VFRDetector(SMALL_DETECTOR), 2), torch.rand(2, 1, 224, 224)))
+    for model, x in cases:
+        y = _run(model, x)
+        folded = fold_batch_norms(copy.deepcopy(model))
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+        assert folded.config == model.config
+        y_folded = _run(with_fast_memory_format(folded), x)
+        for a, b in zip(y_folded if isinstance(y, tuple) else (y_folded,), y if isinstance(y, tuple) else (y,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-7)
+    appearance = _randomize(AppearanceNet(), 3)
+    assert fold_batch_norms(appearance) is appearance and appearance.bnrm1.__class__ is torch.nn.BatchNorm3d
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(VFRDetector(SMALL_DETECTOR).train())
 
 
 def test_appearance_forward_shape():
