@@ -42,7 +42,7 @@ from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, S1_MAY_BE_L5, LabellingConfidence,
-                                          confidence_of_vertebrae, s1_at_lower_edge)
+                                          confidence_of_vertebrae, s1_at_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -612,6 +612,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                                     "use the header's)")
     if result.labelling.get("s1_may_be_l5") and confidence is not None:
         _ask_for_review(confidence, S1_MAY_BE_L5)
+    twice = same_level_twice(result.vertebrae)
+    if twice is not None and confidence is not None:
+        result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
+                                                "probabilities": [round(p, 4) for p in twice.probabilities]}
+        _ask_for_review(confidence, twice.warning())
     if result.labelling.get("s1_at_image_edge_relabelled") and confidence is not None:
         _ask_for_review(confidence, EDGE_BODY_RELABELLED)
     edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])

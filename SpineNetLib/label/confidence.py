@@ -35,10 +35,12 @@ missed there, and the levels below it may be off by one); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
-:func:`SpineNetLib.pipeline.run` sets ``needs_review`` for two more reasons
-that the probabilities cannot show: a pixel spacing other than the header's
-found the bodies, and a full-strength body named S1 has a weaker detection
-below it where S1 would lie (:data:`S1_MAY_BE_L5`).
+:func:`SpineNetLib.pipeline.run` sets ``needs_review`` for more reasons that
+the margin cannot show: a pixel spacing other than the header's found the
+bodies; a full-strength body named S1 has a weaker detection below it where S1
+would lie (:data:`S1_MAY_BE_L5`); two consecutive bodies whose evidence favours
+the same lumbar level (:func:`same_level_twice`); an S1 at the image edge named
+from the other vertebrae (``EDGE_BODY_RELABELLED``).
 """
 
 from __future__ import annotations
@@ -143,6 +145,58 @@ S1_MAY_BE_L5 = ("levels may be shifted by one: the body named S1 may be L5 (a we
 EDGE_BODY_RELABELLED = ("levels were counted without the lowest body's appearance: it sits at the lower edge of "
                         "the image, where the appearance network called it S1 (an image edge right below a "
                         "body looks like S1 to it); the other vertebrae name it otherwise: check the levels")
+
+#: Two consecutive bodies whose evidence favours the same level of :data:`SAME_LEVEL_LEVELS`, each at
+#: this probability or more, ask for a review (:func:`same_level_twice`).  Chosen on six runs of the
+#: 133 training-side scans (as acquired, and five changes of ``benchmarks/acquisition_variants.py``;
+#: bundled MODEL_CARD.md, "Review flags"), counting every review reason: with 0.95, 69 of the 78 runs
+#: of a wrongly labelled scan were flagged, and 120 of the right ones; 0.99: 66 and 114; 0.9: 70 and
+#: 127; 0.8: 72 and 149.
+SAME_LEVEL_MIN_PROBABILITY = 0.95
+#: The levels :func:`same_level_twice` looks at.  Thoracic ones are left out: the bodies at the top of
+#: a lumbar image are cut by its edge and often favour the level of the body below them: with them,
+#: 55 instead of 18 right training-side scans as acquired would be flagged (and one more wrong one).
+SAME_LEVEL_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1")
+
+
+@dataclass(frozen=True)
+class SameLevelTwice:
+    """Two consecutive bodies, named ``named``, whose evidence both favours ``level``."""
+
+    named: tuple[str, str]
+    level: str
+    probabilities: tuple[float, float]
+
+    def warning(self) -> str:
+        """The review reason, for the warnings of ``vertebrae.json``, the CSV and the panel."""
+        return (f"levels may be shifted by one: the evidence for two consecutive bodies, named {self.named[0]} "
+                f"and {self.named[1]}, favours {self.level} for both ({_truncated(self.probabilities[0])} and "
+                f"{_truncated(self.probabilities[1])}); one of them is named against it")
+
+
+def same_level_twice(vertebrae: Sequence[Vertebra],
+                     min_probability: float = SAME_LEVEL_MIN_PROBABILITY) -> SameLevelTwice | None:
+    """The lowest two consecutive bodies whose evidence (``Vertebra.level_probabilities``: what the
+    labelling weighed, context times appearance) favours the same level of :data:`SAME_LEVEL_LEVELS`,
+    each at ``min_probability`` or more; None when there are none.
+
+    The beam search gives consecutive bodies consecutive levels, so one of the two is named against
+    its own evidence, however sure it is, and the chain is one level off on one side of it.  The
+    margin does not show this: it weighs the whole chain shifted, and the two bodies pull against
+    each other.  The one wrongly labelled held-out scan, tianchi_158, looks so: its L5, found below
+    the chain, is named S1 with an L5 probability of 0.9999 under a body named L5 at 1.0, at a margin
+    of 51 nats.  An S2 below S1 is no such pair: the labelling names a second S1 so on purpose
+    (``labelling.assign_level_names``)."""
+    named = [v for v in vertebrae if v.level is not None and v.level_probabilities is not None]
+    for upper, lower in reversed(list(zip(named, named[1:]))):
+        p_upper = np.asarray(upper.level_probabilities, float)
+        p_lower = np.asarray(lower.level_probabilities, float)
+        k = int(np.argmax(p_upper))
+        if (int(np.argmax(p_lower)) == k and LEVELS[k] in SAME_LEVEL_LEVELS and lower.level != "S2"
+                and min(p_upper[k], p_lower[k]) >= min_probability):
+            return SameLevelTwice((upper.level, lower.level), LEVELS[k], (float(p_upper[k]), float(p_lower[k])))
+    return None
+
 
 #: Less image than this (in the body's own heights) below the body named S1 shows no sacrum under it
 #: (the appearance crop reaches one body size below the body, official §5.4).

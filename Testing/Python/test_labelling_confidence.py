@@ -214,9 +214,11 @@ def test_a_correction_by_hand_needs_no_review():
     confidence = labelling_confidence(chain("L1 L2 L3 L4 L5", 0.5, 0.5), ["L1", "L2", "L3", "L4", "L5"])
     doc = _document(confidence)
     doc["warnings"] = ["a single sagittal slice"] + confidence.warnings
-    doc["labelling"]["s1_may_be_l5"] = True                      # a doubt about the network's S1
+    doc["labelling"]["s1_may_be_l5"] = True                      # doubts about the network's S1
+    doc["labelling"]["same_level_twice"] = {"named": ["L5", "S1"], "level": "L5", "probabilities": [1.0, 0.97]}
     corrected, _ = documents.apply_level_correction(doc, 4, "S1")
     assert "s1_may_be_l5" not in corrected["labelling"]          # the user has decided
+    assert "same_level_twice" not in corrected["labelling"]
     assert [v["level"] for v in corrected["vertebrae"]] == ["L2", "L3", "L4", "L5", "S1"]
     block = corrected["labelling"]
     assert (block["corrected_by_user"], block["needs_review"], block["warnings"], block["s1_found"]) == \
@@ -361,6 +363,34 @@ def test_an_s1_at_the_lower_image_edge_is_said_without_asking_for_review():
     assert s1_at_lower_edge([], 100, 0.5) is None
 
 
+def test_two_consecutive_bodies_whose_evidence_favours_the_same_level_are_found():
+    """The beam search gives consecutive bodies consecutive levels whatever their own evidence says;
+    two neighbours that both favour one lumbar level (each at 0.95 or more) are reported, the lowest
+    such pair first, and neither a weaker pair nor a thoracic one is."""
+    from SpineNetLib.label.confidence import same_level_twice
+
+    def body(name: str, top: float, favoured: str, p: float) -> Vertebra:
+        evidence = np.full(N_LEVELS, (1.0 - p) / (N_LEVELS - 1))
+        evidence[LEVELS.index(favoured)] = p
+        b = _body(name, top, top + 30.0)
+        b.level_probabilities = evidence
+        return b
+
+    l4, l5 = body("L4", 60.0, "L4", 0.99), body("L5", 100.0, "L5", 1.0)
+    found = same_level_twice([l4, l5, body("S1", 140.0, "L5", 0.97)])
+    assert (found.named, found.level) == (("L5", "S1"), "L5")
+    assert found.probabilities == pytest.approx((1.0, 0.97))
+    assert found.warning() == ("levels may be shifted by one: the evidence for two consecutive bodies, named L5 "
+                               "and S1, favours L5 for both (1.00 and 0.97); one of them is named against it")
+    assert same_level_twice([l4, body("L5", 100.0, "L4", 0.96), body("S1", 140.0, "L5", 0.97)]).named == ("L4", "L5")
+    assert same_level_twice([l4, l5, body("S1", 140.0, "L5", 0.94)]) is None           # not sure enough
+    assert same_level_twice([l4, l5, body("S1", 140.0, "S1", 0.99)]) is None
+    assert same_level_twice([l5, body("S1", 140.0, "S1", 1.0), body("S2", 180.0, "S1", 1.0)]) is None   # on purpose
+    assert same_level_twice([body("T10", 0.0, "T11", 1.0), body("T11", 30.0, "T11", 1.0), l4]) is None
+    assert same_level_twice([l4, l5, _body("S1", 140.0, 170.0)]) is None                # never labelled
+    assert same_level_twice([]) is None
+
+
 def _clinical_slice_cut_between_l5_and_s1(case_id: str):
     """A held-out clinical slice as acquired, the same cut between L5 and S1 (half an L4-L5 step below the
     radiologist's L5 point; row 0 stays, so the geometry does not change), and its radiologist levels."""
@@ -410,3 +440,21 @@ def test_an_l5_at_the_lower_image_edge_is_named_from_the_other_vertebrae():
     block = result.vertebrae_document["labelling"]
     assert block["s1_at_image_edge_relabelled"] is True and block["needs_review"] is True
     assert block["warnings"][0].startswith("levels were counted without the lowest body's appearance")
+
+
+@needs_clinical_slices
+def test_a_clinical_slice_shifted_by_one_asks_for_review():
+    """tianchi_158 (held out): the detector misses L5, the chain above it comes out one level off (L4
+    taken for L5), and the L5 found below it is named S1 although its own evidence is L5 at 0.9999, at a
+    margin of about 50 nats.  The scan must ask for review, with that reason first."""
+    from SpineNetLib.inputs.load import load_scan
+
+    scan = load_scan(default_data_root() / "tianchi" / "tianchi_158-000" / "image.nii.gz")
+    result = pipeline.run(scan, pipeline.load_networks("bundled", "cpu"),
+                          pipeline.RunOptions(grade=False))
+    block = result.vertebrae_document["labelling"]
+    twice = block["same_level_twice"]
+    assert (twice["named"], twice["level"]) == (["L5", "S1"], "L5") and min(twice["probabilities"]) > 0.99
+    assert block["margin_nats"] > 30 and block["needs_review"] is True
+    assert block["warnings"][0].startswith("levels may be shifted by one: the evidence for two consecutive bodies, "
+                                           "named L5 and S1, favours L5 for both")
