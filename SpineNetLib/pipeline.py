@@ -475,8 +475,9 @@ def profiled_detection_params(params: detection.DetectionParams | None,
     params = params or detection.DetectionParams()
     if not profile.official_detection:
         return params
-    return replace(params, official_arithmetic=True, plan="patches", subpixel=False, drop_edge_corners=False,
-                   candidate_threshold=None, faint_threshold=None, turned_min_lean_deg=None)
+    return replace(params, official_arithmetic=True, plan="patches", stride_fraction=detection.OFFICIAL_STRIDE_FRACTION,
+                   subpixel=False, drop_edge_corners=False, candidate_threshold=None, faint_threshold=None,
+                   turned_min_lean_deg=None)
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,

@@ -2,10 +2,12 @@
 
     python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--compile] [--scan lumbar|whole|both]
                                         [--bundled] [--plan whole_slice|patches|both]
+                                        [--stride-fraction F] [--unfolded]
 
-Each scan and detection plan (``DetectionParams.plan``: whole slices at the network's scale, the
-default, or the official overlapping 224-pixel patches) runs in its own subprocess so that its
-peak RSS is its own.  The
+Each scan and detection plan (``DetectionParams.plan``: the overlapping 224-pixel patches, the
+default, or whole slices at the network's scale) runs in its own subprocess so that its peak RSS is
+its own; ``--stride-fraction`` sets ``DetectionParams.stride_fraction`` (the patches' stride as a
+fraction of their edge; default: DetectionParams' own).  The
 networks have the official architectures (139 M-parameter detector) with
 random weights: speed does not depend on the weight values, but random
 weights produce no vertebrae, so the detector's real forward passes are timed
@@ -53,12 +55,18 @@ def _inputs(scan, params) -> str:
             f"{per_call} per call")
 
 
-def run_bundled(name: str, threads: int, plan: str) -> dict:
+def _params(plan: str, stride_fraction: float | None):
+    from SpineNetLib.detect.vfr import DetectionParams
+
+    return DetectionParams(plan=plan) if stride_fraction is None else \
+        DetectionParams(plan=plan, stride_fraction=stride_fraction)
+
+
+def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | None = None) -> dict:
     """The default path of `spinenet run`: bundled small networks, their own outputs, grading off."""
     import torch
 
     torch.set_num_threads(threads)
-    from SpineNetLib.detect.vfr import DetectionParams
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
@@ -72,7 +80,7 @@ def run_bundled(name: str, threads: int, plan: str) -> dict:
         timings["load_scan"] = time.perf_counter() - t
     networks = load_networks("bundled", "cpu")
     timings["load_networks"] = networks.load_seconds
-    params = DetectionParams(plan=plan)
+    params = _params(plan, stride_fraction)
     result = detect_and_label(scan, networks, detection_params=params)
     for key in ("detection_network", "detection_postprocessing", "labelling"):
         timings[key] = result.timings_s[key]
@@ -90,7 +98,7 @@ def run_bundled(name: str, threads: int, plan: str) -> dict:
 
 
 def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bool = False,
-            fold: bool = True) -> dict:
+            fold: bool = True, stride_fraction: float | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -142,7 +150,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
         oracle_seconds += time.perf_counter() - t0
         return maps
 
-    params = detection.DetectionParams(plan=plan)
+    params = _params(plan, stride_fraction)
 
     def label(vertebrae, timings=None):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and compile_networks)
@@ -185,11 +193,14 @@ def main() -> None:
                         help="detection plan (DetectionParams.plan); both: one run each")
     parser.add_argument("--unfolded", action="store_true",
                         help="with --bf16: keep the detector's BatchNorm layers (pipeline.load_networks folds them)")
+    parser.add_argument("--stride-fraction", type=float, default=None,
+                        help="DetectionParams.stride_fraction of the patches (default: DetectionParams' own)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        report = (run_bundled(args.child, args.threads, args.plan) if args.bundled
-                  else run_one(args.child, args.threads, args.bf16, args.plan, args.compile, not args.unfolded))
+        report = (run_bundled(args.child, args.threads, args.plan, args.stride_fraction) if args.bundled
+                  else run_one(args.child, args.threads, args.bf16, args.plan, args.compile, not args.unfolded,
+                               args.stride_fraction))
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
@@ -204,6 +215,8 @@ def main() -> None:
             cmd.append("--bundled")
         if args.unfolded:
             cmd.append("--unfolded")
+        if args.stride_fraction is not None:
+            cmd += ["--stride-fraction", str(args.stride_fraction)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "

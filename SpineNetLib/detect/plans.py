@@ -3,8 +3,10 @@
 Two plans (``DetectionParams.plan``):
 
 * ``"patches"`` (official §5.1; the default of both profiles): overlapping squares of ``patch_mm``
-  (26 cm, 40 % overlap), each resized to ``patch_px`` (224) network pixels (:func:`plan_patches`).
-  The whole-slice plan falls back on it for a slice too large for one network call.
+  (26 cm), each resized to ``patch_px`` (224) network pixels (:func:`plan_patches`).  The official
+  stride is 0.6 of the edge (40 % overlap, :data:`OFFICIAL_STRIDE_FRACTION`, kept by the official
+  profile); ours is 0.8 (``DetectionParams.stride_fraction``).  The whole-slice plan falls back on
+  it for a slice too large for one network call.
 * ``"whole_slice"`` (not official; issue 16): the detector is fully convolutional (official §3.1:
   any input whose sides are multiples of 32), so each slice is resized once to the patches'
   network scale and run whole, several slices per call (:func:`plan_whole_slice`).  A 512 x 512
@@ -37,6 +39,8 @@ from SpineNetLib.core.errors import InputError
 
 #: Detector input/output size in pixels of a patch (official §3.1).
 PATCH_PX = 224
+#: Patch stride as a fraction of the patch edge in the official plan (official §5.1: 40 % overlap).
+OFFICIAL_STRIDE_FRACTION = 0.6
 #: Network input sides must be multiples of this (five halvings, official §3.1;
 #: ``models.detector.SIZE_MULTIPLE``).
 NETWORK_MULTIPLE = 32
@@ -51,8 +55,14 @@ class DetectionParams:
     patch_mm: float = 260.0
     #: Network input edge in pixels (official §3.1; must be a multiple of 32).
     patch_px: int = PATCH_PX
-    #: Patch stride as a fraction of the patch edge (official §5.1: 40 % overlap).
-    stride_fraction: float = 0.6
+    #: Patch stride as a fraction of the patch edge; not official (:data:`OFFICIAL_STRIDE_FRACTION`, 0.6,
+    #: in the official plan).  At 0.8 neighbouring 26 cm patches still share 52 mm, more than a lumbar
+    #: body with its disc, so each body lies whole in some patch.  It changes only fields of view
+    #: beyond 41.6 cm (below that both strides give one patch at each end of an axis): of the 201
+    #: real scans only the 3 with a doubled pixel spacing in their header, whose levels stayed the
+    #: same; held-out phantoms 187 bodies found in both, 178 named right against 166; the whole-spine
+    #: phantom 150 patches instead of 270 (benchmarks/RESULTS.md, "Patch stride").
+    stride_fraction: float = 0.8
     #: Raw-output thresholds for corner (channels 0-3) and centroid (4) maps (official §5).
     corner_threshold: float = 0.6
     centroid_threshold: float = 0.6
@@ -269,13 +279,14 @@ def _official_plan(h: int, w: int, spacing_rc: tuple[float, float], params: Dete
     """The official patch plan (official §5.1, as the public package ``spinenet`` 2.1.4 computes it,
     official §9): edge ``min(patch_mm, (H - 1) row_mm, (W - 1) col_mm)`` millimetres, in pixels
     ``round(edge / spacing)`` per axis (half to even), at most ``H - 1`` / ``W - 1``; stride
-    ``int(0.6 L)``; across in the outer loop; duplicates kept."""
+    ``int(0.6 L)`` (:data:`OFFICIAL_STRIDE_FRACTION`, whatever ``params.stride_fraction`` says); across
+    in the outer loop; duplicates kept."""
     sr, sc = spacing_rc
     edge_mm = min(float(params.patch_mm), (h - 1) * sr, (w - 1) * sc)
     len_r = max(min(int(np.round(edge_mm / sr)), h - 1), 2)
     len_c = max(min(int(np.round(edge_mm / sc)), w - 1), 2)
-    stride_r = max(1, int(len_r * params.stride_fraction))
-    stride_c = max(1, int(len_c * params.stride_fraction))
+    stride_r = max(1, int(len_r * OFFICIAL_STRIDE_FRACTION))
+    stride_c = max(1, int(len_c * OFFICIAL_STRIDE_FRACTION))
     frame = (int(params.patch_px), int(params.patch_px))
     return [PatchBox(slice_index, y0, x0, hh, ww, decode_px=(len_r, len_c), net_px=frame)
             for x0, ww in _official_axis(w, len_c, stride_c) for y0, hh in _official_axis(h, len_r, stride_r)]

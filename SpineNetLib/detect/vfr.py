@@ -3,7 +3,8 @@
 Stages, each a pure function:
 
 1. A plan (``detect/plans.py``) gives each sagittal slice's network inputs:
-   26 cm square patches with 40 % overlap (official §5.1; the default) or the
+   26 cm square patches (official §5.1; the default) at a stride of 0.8 of their edge (0.6, 40 %
+   overlap, officially and in the official profile) or the
    whole slice at the patches' network scale, resized and normalised as the
    official code does (:func:`extract_patches`).
 2. A *predictor* ``predict(inputs (N, R, C), boxes) -> (N, 13, R, C)``
@@ -56,6 +57,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect.plans import (  # noqa: F401  (the plans are part of this module's API)
+    OFFICIAL_STRIDE_FRACTION,
     PATCH_PX,
     PLANS,
     DetectionParams,

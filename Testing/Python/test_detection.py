@@ -248,12 +248,13 @@ def _assert_cover(boxes, h, w, spacing):
     return bh * spacing[0], bw * spacing[1]
 
 
-@pytest.mark.parametrize("spacing, size_px, starts", [
-    ((0.6, 0.6), 433, [0, 79]),
-    ((1.2, 1.2), 216, [0, 129, 258, 296]),
+@pytest.mark.parametrize("spacing, stride, size_px, starts", [
+    ((0.6, 0.6), 0.8, 433, [0, 79]),
+    ((1.2, 1.2), 0.8, 216, [0, 172, 296]),          # the default stride: int(0.8 x 216) = 172
+    ((1.2, 1.2), 0.6, 216, [0, 129, 258, 296]),     # the official one: int(0.6 x 216) = 129
 ])
-def test_plan_patches_square_pixels(spacing, size_px, starts):
-    boxes = D.plan_patches((512, 512), spacing, D.DetectionParams(), slice_index=3)
+def test_plan_patches_square_pixels(spacing, stride, size_px, starts):
+    boxes = D.plan_patches((512, 512), spacing, D.DetectionParams(stride_fraction=stride), slice_index=3)
     assert all(b.slice_index == 3 for b in boxes)
     assert sorted({b.y0 for b in boxes}) == starts and sorted({b.x0 for b in boxes}) == starts
     assert len(boxes) == len(starts) ** 2

@@ -139,7 +139,7 @@ def test_official_patch_plan_is_the_official_one():
         (0, 0, 511, 511, (511, 511)), (1, 0, 510, 511, (511, 511)),
         (0, 1, 511, 510, (511, 511)), (1, 1, 510, 510, (511, 511))]
     # 300 x 200 at 1 mm: L = 199, stride 119; 3 patches down (the last two are the same), 2 across
-    boxes = plan_patches((300, 200), (1.0, 1.0), official)
+    boxes = boxes_300x200 = plan_patches((300, 200), (1.0, 1.0), official)
     assert [(b.y0, b.x0, b.height_px, b.width_px) for b in boxes] == [
         (0, 0, 199, 199), (101, 0, 198, 199), (101, 0, 198, 199),
         (0, 1, 199, 198), (101, 1, 198, 198), (101, 1, 198, 198)]
@@ -147,6 +147,10 @@ def test_official_patch_plan_is_the_official_one():
     assert plan_patches((512, 512), (0.5859, 0.5859), official)[0].decode_px == (444, 444)
     # anisotropic pixels: each axis its own edge in pixels, the same 260 mm (official §9)
     assert plan_patches((600, 400), (0.5, 1.0), official)[0].decode_px == (520, 260)
+    # the official stride whatever stride_fraction says; the official profile sets it too, ours is 0.8
+    assert plan_patches((300, 200), (1.0, 1.0), replace(official, stride_fraction=0.8)) == boxes_300x200
+    assert pipeline.profiled_detection_params(None, pipeline.PROFILES["official"]).stride_fraction == 0.6
+    assert pipeline.profiled_detection_params(None, pipeline.PROFILES["default"]).stride_fraction == 0.8
 
 
 def test_official_corners_use_whole_pixel_displacements_and_the_patch_edge_l():
