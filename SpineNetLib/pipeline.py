@@ -611,13 +611,13 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                                     f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
                                     f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
                                     "use the header's)")
-    if result.labelling.get("s1_may_be_l5") and confidence is not None:
-        _ask_for_review(confidence, S1_MAY_BE_L5)
     twice = same_level_twice(result.vertebrae)
     if twice is not None and confidence is not None:
         result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
                                                 "probabilities": [round(p, 4) for p in twice.probabilities]}
         _ask_for_review(confidence, twice.warning())
+    if result.labelling.get("s1_may_be_l5") and confidence is not None:   # the more specific reason first
+        _ask_for_review(confidence, S1_MAY_BE_L5)
     if result.labelling.get("s1_at_image_edge_relabelled") and confidence is not None:
         _ask_for_review(confidence, EDGE_BODY_RELABELLED)
     edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
