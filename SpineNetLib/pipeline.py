@@ -96,7 +96,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
 
     def load(kind: str) -> torch.nn.Module:
         network = checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
-        if precision == "bf16":   # faster there only (models/folding.py); the layout again after it
+        if precision == "bf16":   # the detector is faster folded there (models/folding.py); layout again after it
             network = checkpoints.with_fast_memory_format(fold_batch_norms(network))
         return with_precision(network, precision)
 

@@ -33,9 +33,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
     parser.add_argument("--contiguous", action="store_true",
                         help="keep the grader's weights in the default (NCDHW) layout instead of channels-last")
-    parser.add_argument("--unfolded", action="store_true",
-                        help="with --precision bf16: keep the grader's BatchNorm layers "
-                             "(pipeline.load_networks folds them)")
     args = parser.parse_args()
 
     import torch
@@ -44,7 +41,6 @@ def main() -> None:
     from SpineNetLib.discs.grading import grade_volumes
     from SpineNetLib.discs.extraction import extract_ivd_volumes
     from SpineNetLib.models import GradingNet
-    from SpineNetLib.models.folding import fold_batch_norms
     from SpineNetLib.models.precision import with_precision
     from SpineNetLib.weights.checkpoints import with_fast_memory_format
     from SpineNetLib.synthetic.phantom import make_phantom
@@ -57,18 +53,15 @@ def main() -> None:
     ivds = extract_ivd_volumes(phantom.scan, vertebrae)
     extract_s = time.perf_counter() - t
     torch.manual_seed(0)
-    # as pipeline.load_networks leaves a grader: channels-last, BatchNorm folded under bf16 (models/folding.py)
-    folded = args.precision == "bf16" and not args.unfolded
-    grader = fold_batch_norms(GradingNet().eval()) if folded else GradingNet().eval()
-    layout = grader if args.contiguous else with_fast_memory_format(grader)
+    # channels-last as load_model leaves a loaded grader (weights/checkpoints.with_fast_memory_format)
+    layout = GradingNet().eval() if args.contiguous else with_fast_memory_format(GradingNet().eval())
     net = with_precision(layout, args.precision)
     grade_volumes(ivds[:1], net)  # warm-up
     t = time.perf_counter()
     grade_volumes(ivds, net, batch_size=args.batch_size)
     grade_s = time.perf_counter() - t
     print(f"{len(ivds)} discs, official-size grader (63.5 M parameters), {args.threads} threads, {args.precision}, "
-          f"{args.batch_size} discs per call, {'NCDHW' if args.contiguous else 'channels-last (NDHWC)'}, "
-          f"BatchNorm {'folded' if folded else 'unfolded'}")
+          f"{args.batch_size} discs per call, {'NCDHW' if args.contiguous else 'channels-last (NDHWC)'}")
     print(f"  extract volumes            {extract_s:8.2f} s")
     print(f"  grade                      {grade_s:8.2f} s")
     if args.hotspots:

@@ -2,20 +2,22 @@
 
 In eval mode a BatchNorm after a convolution is an affine map per output channel, so it can be
 multiplied into that convolution's weights and bias once, instead of being a second pass over
-every activation.  The detector (ResNet-50 U-Net) and the grader (3D ResNet-34) apply each
-BatchNorm directly to a convolution's output: ``convK`` -> ``bnK`` in their blocks, and
-``Conv -> BatchNorm`` inside ``nn.Sequential`` stems and shortcuts.  The appearance and context
-networks put a ReLU between the two (official §3.2-3.3), so nothing of theirs can be folded.
+every activation.  The detector (ResNet-50 U-Net) applies each BatchNorm directly to a
+convolution's output: ``convK`` -> ``bnK`` in its bottlenecks and ConvBlocks, and
+``Conv -> BatchNorm`` inside ``nn.Sequential`` stems and shortcuts.
 
 Folding changes the outputs only by float32 rounding (1e-7 of their size).  It pays under
 bfloat16 autocast only (probably because an unfolded BatchNorm there reads a bfloat16 convolution
-output with float32 parameters): the official-size detector on the lumbar phantom took 10.1-10.7 s folded
-against 12.8-13.7 s, with about 80 MB less peak memory; in float32 it gained nothing (25.6-28.7 s
-against 24.4-25.0 s), nor did the grader in either arithmetic (benchmarks/RESULTS.md, "BatchNorm
-folded").  So ``pipeline.load_networks`` folds the networks it runs in bfloat16 and leaves the
-float32 default as it was.  Folding is for inference only: a folded network has no BatchNorm
-left, so its state dict no longer matches the checkpoints, and ``checkpoints.load_model`` (which
-training uses too) never folds.
+output with float32 parameters): the official-size detector on the lumbar phantom took 10.1-10.7 s
+folded against 12.8-13.7 s, with about 80 MB less peak memory; in float32 it gained nothing
+(25.6-28.7 s against 24.4-25.0 s) (benchmarks/RESULTS.md, "BatchNorm folded").  So
+``pipeline.load_networks`` folds the detector it runs in bfloat16 and leaves the float32 default as
+it was.  Only the detector: the grader gained nothing either way, and its hotspot maps
+(``discs/hotspots.py``) read its BatchNorm layers apart from its convolutions (excitation
+back-propagation passes through BatchNorm and takes the convolutions' positive weights); the
+appearance and context networks put a ReLU between convolution and BatchNorm (official §3.2-3.3).
+Folding is for inference only: a folded network has no BatchNorm left, so its state dict no longer
+matches the checkpoints, and ``checkpoints.load_model`` (which training uses too) never folds.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from SpineNetLib.models.detector import VFRDetector
-from SpineNetLib.models.grading import GradingNet
 
 _CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,9 +52,9 @@ def _fold_named_pairs(module: nn.Module) -> None:
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """``model`` (in eval mode) with every BatchNorm folded into its convolution, in place.
 
-    Only the detector and the grader are changed (module docstring); any other network is handed
-    back as it is.  Attributes such as ``config`` and ``weights_path`` stay."""
-    if not isinstance(model, (VFRDetector, GradingNet)):
+    Only the detector is changed (module docstring); any other network is handed back as it is.
+    Attributes such as ``config`` and ``weights_path`` stay."""
+    if not isinstance(model, VFRDetector):
         return model
     if model.training:
         raise ValueError("fold_batch_norms needs a network in eval mode (it folds the running statistics)")

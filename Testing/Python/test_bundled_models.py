@@ -138,16 +138,20 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     patches = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
     for precision in ("fp32", "bf16"):
         networks = pipeline.load_networks("bundled", "cpu", with_grading=True, precision=precision)
-        # BatchNorm folded into the convolutions under bf16 only, where it pays (models/folding.py)
-        batch_norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in networks.detector.modules())
-        assert (batch_norms == 0) is (precision == "bf16")
-        results[precision] = pipeline.run(scan, networks, pipeline.RunOptions())
+        # the detector's BatchNorm folded into its convolutions under bf16 only, where it pays
+        # (models/folding.py); never the grader's, which its hotspot maps read
+        def batch_norms(net):
+            return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        assert (batch_norms(networks.detector) == 0) is (precision == "bf16") and batch_norms(networks.grading) > 0
+        results[precision] = pipeline.run(scan, networks, pipeline.RunOptions(hotspot_heads=("Herniation",),
+                                                                              hotspot_augmentations=2))
         with torch.no_grad():
             maps[precision] = networks.detector(patches)
     assert maps["bf16"].dtype == torch.float32     # handed back in float32 ...
     difference = float((maps["bf16"] - maps["fp32"]).abs().max()) / float(maps["fp32"].abs().max())
     assert 0 < difference < 0.05                   # ... but computed in bfloat16
     fp32, bf16 = results["fp32"], results["bf16"]
+    assert fp32.hotspots and len(bf16.hotspots) == len(fp32.hotspots)   # the maps read the grader's BatchNorm
     assert "precision" not in fp32.vertebrae_document and bf16.vertebrae_document["precision"] == "bf16"
     a, b = fp32.detection.vertebrae, bf16.detection.vertebrae
     assert len(a) >= 5 and [v.level for v in a] == [v.level for v in b]
