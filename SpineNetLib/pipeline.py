@@ -256,16 +256,17 @@ def _labelled_without_edge_appearance(scan: Scan, labelled: list[Vertebra], foun
 
 
 def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
-                             params: detection.DetectionParams) -> list[Vertebra]:
+                             params: detection.DetectionParams, further_deg: float = 0.0) -> list[Vertebra]:
     """The bodies found with the slices turned so that the lowest labelled body stands upright
-    (``detect/turned.py``), apart from those already found; their seconds count as detection."""
+    (``detect/turned.py``; ``further_deg`` further), apart from those already found; their seconds
+    count as detection."""
     if params.turned_min_lean_deg is None or not result.vertebrae:
         return []
     start = time.perf_counter()
     once = replace(params, faint_threshold=None, turned_min_lean_deg=None)
     found = bodies_on_turned_slices(scan, result.vertebrae[-1],
                                     lambda turned, p: detection.detect_vertebrae(turned, predict, p), once,
-                                    params.turned_min_lean_deg)
+                                    params.turned_min_lean_deg, further_deg)
     found = detection.apart_from(found, list(result.vertebrae) + list(result.candidates), params.merge_iou)
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
     return found
@@ -301,8 +302,10 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     # Below a chain that ends above S1: the weaker detections first, then the faint ones
     # (DetectionParams.faint_threshold), decoded only if it still ends above S1, then a detection on
     # the slices turned so that its lowest body stands upright (DetectionParams.turned_min_lean_deg).
-    turned = lambda: _bodies_on_turned_slices(scan, result, predict, detection_params)  # noqa: E731
-    for weaker in (lambda: result.candidates, lambda: result.faint_candidates, turned):
+    # (DetectionParams.turned_further_deg: again, turned further, while it still ends above S1).
+    turned = [lambda further=further: _bodies_on_turned_slices(scan, result, predict, detection_params, further)
+              for further in (0.0, *detection_params.turned_further_deg)]
+    for weaker in (lambda: result.candidates, lambda: result.faint_candidates, *turned):
         if not chain_ends_above_s1(result.vertebrae):
             break
         added = bodies_below(result.vertebrae, weaker(), scan.spacing_mm[:2])
@@ -477,7 +480,7 @@ def profiled_detection_params(params: detection.DetectionParams | None,
         return params
     return replace(params, official_arithmetic=True, plan="patches", stride_fraction=detection.OFFICIAL_STRIDE_FRACTION,
                    subpixel=False, drop_edge_corners=False, candidate_threshold=None, faint_threshold=None,
-                   turned_min_lean_deg=None)
+                   turned_min_lean_deg=None, turned_further_deg=())
 
 
 def profiled_labelling_params(context_net, params: labelling.LabellingParams | None,

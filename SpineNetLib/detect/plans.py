@@ -117,6 +117,13 @@ class DetectionParams:
     #: that it stands upright (``detect/turned.py``), and what that finds below the chain is used as the
     #: weaker detections are.  None: no such detection.
     turned_min_lean_deg: float | None = 10.0
+    #: Not official: when the chain still ends at L1-L5 after the turn above, the slices are turned
+    #: again, each time this many degrees further than the lowest body's lean, in its direction (L5 and
+    #: S1 lean further than the bodies above them).  Chosen on the 133 training-side scans among 20,
+    #: 25, 30, (15, 30) and (20, 30): 20 names one more scan right (tianchi_119, its L5 found) and 3
+    #: more S1; the others as many or fewer, or a misplaced S1 (bundled MODEL_CARD.md, "Detection on
+    #: turned slices").  Empty: no further turn.
+    turned_further_deg: tuple[float, ...] = (20.0,)
 
     def __post_init__(self):
         for name in ("patch_mm", "stride_fraction", "max_corner_distance_px",
@@ -133,6 +140,8 @@ class DetectionParams:
                 raise InputError(f"detection parameter {name} must be in (0, 1) or None")
         if self.turned_min_lean_deg is not None and not 0 <= float(self.turned_min_lean_deg) < 90:
             raise InputError("detection parameter turned_min_lean_deg must be in [0, 90) or None")
+        if any(not 0 < float(d) < 90 for d in self.turned_further_deg):
+            raise InputError("detection parameter turned_further_deg must hold angles in (0, 90)")
         if int(self.batch_size) < 1:
             raise InputError("detection parameter batch_size must be at least 1")
         if self.plan not in PLANS:

@@ -51,14 +51,15 @@ def turned_slices(voxels: np.ndarray, degrees: float, centre_xy: np.ndarray, spa
 
 
 def bodies_on_turned_slices(scan: Scan, lowest: Vertebra, detect, params: DetectionParams,
-                            min_lean_deg: float) -> list[Vertebra]:
+                            min_lean_deg: float, further_deg: float = 0.0) -> list[Vertebra]:
     """The bodies ``detect(scan, params)`` (a ``detect_vertebrae``) finds, full-strength and weaker,
-    on ``scan``'s slices turned so that ``lowest`` stands upright, in scan pixels; none when it leans
-    less than ``min_lean_deg``."""
+    on ``scan``'s slices turned so that ``lowest`` stands upright (turned ``further_deg`` more in the
+    same direction), in scan pixels; none when it leans less than ``min_lean_deg``."""
     spacing_rc = (float(scan.spacing_mm[0]), float(scan.spacing_mm[1]))
     lean = lean_degrees(lowest, spacing_rc)
     if abs(lean) < min_lean_deg:
         return []
+    lean += float(np.sign(lean)) * further_deg
     centre = np.asarray(lowest.average_polygon, float).mean(axis=0)
     turned = dataclasses.replace(scan, voxels=turned_slices(np.asarray(scan.voxels), lean, centre, spacing_rc))
     found = detect(turned, params)
