@@ -41,8 +41,9 @@ from SpineNetLib.discs.hotspots import (
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
-from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, S1_MAY_BE_L5, LabellingConfidence,
-                                          confidence_of_vertebrae, s1_at_lower_edge, same_level_twice)
+from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_MAY_BE_L5,
+                                          LabellingConfidence, confidence_of_vertebrae, s1_at_lower_edge,
+                                          same_level_twice)
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -235,6 +236,47 @@ def _s1_may_be_l5(labelled: list[Vertebra], candidates: list[Vertebra], taken: l
     return weaker_body_below_s1(labelled, unused, spacing_rc) is not None
 
 
+def _moved_up_to_weaker_s1(labelled: list[Vertebra], candidates: list[Vertebra], taken: list[Vertebra],
+                           spacing_rc, label, params: labelling.LabellingParams) -> list[Vertebra] | None:
+    """The chain moved up by one level with the weaker detection below it named S1, when three signs
+    agree that the body named S1 is L5: it is a full-strength detection with a weaker one below it
+    where S1 would lie (:func:`_s1_may_be_l5`; with the bundled detector S1 is rarely full-strength),
+    and the two bodies above it, named L4 and L5, both favour L4 at 0.95 or more
+    (:func:`~SpineNetLib.label.confidence.same_level_twice`).  None otherwise, or when the pinned
+    labelling does not move every body up by exactly one level.
+
+    Labelling again with that detection added names it S2 (the networks take the body above for
+    S1), so the body above it is pinned to L5 as a user's correction would
+    (``labelling.relabel_with_correction``; pinning the added one to S1 gives two S1s instead).
+    Chosen on the training side (``benchmarks/acquisition_variants.py --split train``, six runs of its
+    133 scans): the first two signs together held on 13 runs of a wrongly named scan and 2 of a right
+    one; the pair named L4 and L5 favouring L4 on 12 of the wrong ones, all then named right, and on
+    neither right one (their pairs: L2-L3 favouring L3; L5-S1 favouring L5, as on the ``spinenet
+    demo`` phantom, which stays as it is).  Held out, it moves 4 scans of the variants, all then right,
+    and none as acquired (bundled MODEL_CARD.md, "Review flag").
+    """
+    if not params.move_up_to_weaker_s1 or not _s1_may_be_l5(labelled, candidates, taken, spacing_rc):
+        return None
+    twice = same_level_twice(labelled)
+    if twice is None or twice.named != ("L4", "L5") or twice.level != "L4":
+        return None
+    unused = [c for c in candidates if not any(c is t for t in taken)]
+    weaker = weaker_body_below_s1(labelled, unused, spacing_rc)
+    again = label([*labelled, weaker], labelled)
+    at = next((i for i, v in enumerate(again) if _same_body(v, weaker)), None)
+    if not at:
+        return None
+    named_before = [(v, v.level) for v in labelled]   # the relabelling below names in place
+    moved = labelling.relabel_with_correction(again, at - 1, "L5", params)
+    if moved[at].level != "S1":
+        return None
+    for old, level in named_before:
+        new = next((v for v in moved if _same_body(v, old)), None)
+        if new is None or level_index(new.level) != level_index(level) + 1:   # LEVELS run S1 upwards
+            return None
+    return moved
+
+
 def _labelled_without_edge_appearance(scan: Scan, labelled: list[Vertebra], found: list[Vertebra],
                                       label) -> list[Vertebra] | None:
     """The labelling again without the appearance of a body named S1 at the lower image edge, when
@@ -331,7 +373,12 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         result.labelling["pixel_spacing_factor"] = spacing_factor
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
-    if _s1_may_be_l5(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2]):
+    moved = _moved_up_to_weaker_s1(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2],
+                                   label, labelling_params)
+    if moved is not None:
+        result.vertebrae = moved
+        result.labelling["moved_up_to_weaker_s1"] = True
+    elif _s1_may_be_l5(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2]):
         result.labelling["s1_may_be_l5"] = True
     return result
 
@@ -436,6 +483,8 @@ class ProcessingProfile:
     retry_pixel_spacing: bool = True
     #: ``LabellingParams.relabel_s1_at_image_edge`` (not official).
     relabel_s1_at_image_edge: bool = True
+    #: ``LabellingParams.move_up_to_weaker_s1`` (not official).
+    move_up_to_weaker_s1: bool = True
 
 
 PROFILES: dict[str, ProcessingProfile] = {
@@ -444,7 +493,7 @@ PROFILES: dict[str, ProcessingProfile] = {
     "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
                                   drop_lower_sacral_segments=False, discs_across_missed_levels=True,
                                   official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False,
-                                  relabel_s1_at_image_edge=False),
+                                  relabel_s1_at_image_edge=False, move_up_to_weaker_s1=False),
 }
 
 
@@ -489,7 +538,8 @@ def profiled_labelling_params(context_net, params: labelling.LabellingParams | N
     base = labelling.params_for_context(context_net, params)
     return replace(base, official_crop=profile.official_appearance_crop,
                    drop_lower_sacral_segments=profile.drop_lower_sacral_segments,
-                   relabel_s1_at_image_edge=profile.relabel_s1_at_image_edge)
+                   relabel_s1_at_image_edge=profile.relabel_s1_at_image_edge,
+                   move_up_to_weaker_s1=base.move_up_to_weaker_s1 and profile.move_up_to_weaker_s1)
 
 
 @dataclass
@@ -580,6 +630,34 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
                         options.hotspot_augmentations, progress=progress, precision=options.hotspot_precision)
 
 
+def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confidence: LabellingConfidence) -> None:
+    """The review reasons the margin cannot show (``result.labelling`` says which held; each goes before
+    those asked earlier, so the more specific ones, asked later, come first), and the note on an S1 at
+    the lower image edge."""
+    spacing_factor = result.labelling.get("pixel_spacing_factor")
+    if spacing_factor is not None:
+        # the header's spacing found too few bodies: the levels and every size in mm are in doubt
+        _ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
+                                    f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
+                                    f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
+                                    "use the header's)")
+    twice = same_level_twice(result.vertebrae)
+    if twice is not None:
+        result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
+                                                "probabilities": [round(p, 4) for p in twice.probabilities]}
+        _ask_for_review(confidence, twice.warning())
+    if result.labelling.get("s1_may_be_l5"):   # the more specific reason first
+        _ask_for_review(confidence, S1_MAY_BE_L5)
+    if result.labelling.get("moved_up_to_weaker_s1"):
+        _ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
+    if result.labelling.get("s1_at_image_edge_relabelled"):
+        _ask_for_review(confidence, EDGE_BODY_RELABELLED)
+    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
+    if edge_note is not None:
+        result.labelling["s1_at_image_edge"] = True
+        confidence.warnings.append(edge_note)
+
+
 def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
         progress: ProgressCallback | None = None) -> RunResult:
     """Detect and label the vertebrae, then the disc stage and the hotspot maps asked for; writes nothing.
@@ -607,26 +685,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                               retry_pixel_spacing=profile.retry_pixel_spacing)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
-    spacing_factor = result.labelling.get("pixel_spacing_factor")
-    if spacing_factor is not None and confidence is not None:
-        # the header's spacing found too few bodies: the levels and every size in mm are in doubt
-        _ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
-                                    f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
-                                    f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
-                                    "use the header's)")
-    twice = same_level_twice(result.vertebrae)
-    if twice is not None and confidence is not None:
-        result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
-                                                "probabilities": [round(p, 4) for p in twice.probabilities]}
-        _ask_for_review(confidence, twice.warning())
-    if result.labelling.get("s1_may_be_l5") and confidence is not None:   # the more specific reason first
-        _ask_for_review(confidence, S1_MAY_BE_L5)
-    if result.labelling.get("s1_at_image_edge_relabelled") and confidence is not None:
-        _ask_for_review(confidence, EDGE_BODY_RELABELLED)
-    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
-    if edge_note is not None and confidence is not None:
-        result.labelling["s1_at_image_edge"] = True
-        confidence.warnings.append(edge_note)
+    if confidence is not None:
+        _ask_for_review_where_in_doubt(scan, result, confidence)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
         labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))

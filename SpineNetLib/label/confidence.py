@@ -145,6 +145,9 @@ S1_MAY_BE_L5 = ("levels may be shifted by one: the body named S1 may be L5 (a we
 EDGE_BODY_RELABELLED = ("levels were counted without the lowest body's appearance: it sits at the lower edge of "
                         "the image, where the appearance network called it S1 (an image edge right below a "
                         "body looks like S1 to it); the other vertebrae name it otherwise: check the levels")
+MOVED_UP_TO_WEAKER_S1 = ("levels were moved up by one: the body first named S1 was a full-strength detection "
+                         "with a weaker one below it where S1 would lie, and two bodies above it were named "
+                         "against their own evidence; the weaker detection is now S1: check the levels")
 
 #: Two consecutive bodies whose evidence favours the same level of :data:`SAME_LEVEL_LEVELS`, each at
 #: this probability or more, ask for a review (:func:`same_level_twice`).  Chosen on six runs of the

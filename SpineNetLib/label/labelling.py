@@ -94,6 +94,10 @@ class LabellingParams:
     #: labelling when it differs (``pipeline._labelled_without_edge_appearance``; not official: the
     #: ``official`` processing profile turns it off).
     relabel_s1_at_image_edge: bool = True
+    #: Move the chain up by one level, the weaker detection below it named S1, when the body named S1
+    #: may be L5 and two bodies above it are named against their sure evidence
+    #: (``pipeline._moved_up_to_weaker_s1``; not official: the ``official`` profile turns it off).
+    move_up_to_weaker_s1: bool = True
     #: Appearance volumes per network call (batching does not change the
     #: result: BatchNorm runs in eval mode).
     appearance_batch_size: int = 4

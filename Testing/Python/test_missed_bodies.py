@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from SpineNetLib.core.polygons import point_in_polygon
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
 from SpineNetLib.training.datasets import default_data_root
@@ -238,21 +241,41 @@ def test_faint_detections_are_decoded_only_when_the_chain_still_ends_above_s1(mo
 
 @pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_151-000").is_dir(),
                     reason="../shared/data (real MRI) is not present")
-def test_a_clinical_slice_whose_l5_is_named_s1_asks_for_review():
+def test_a_clinical_slice_whose_l5_is_named_s1_is_moved_up_and_asks_for_review():
     """tianchi_151 (training side): the radiologist's L5 is a full-strength detection the networks name S1,
-    and the real S1 below it is seen only weakly.  The levels stay shifted, but the scan is flagged."""
+    the real S1 below it is seen only weakly, and the bodies named L4 and L5 both favour L4.  The chain
+    is moved up by one, the weaker detection named S1, so that each radiologist point of L1-L5 lies in
+    the body of its level, and the scan still asks for review, that reason first.  Without the move
+    (``LabellingParams.move_up_to_weaker_s1`` off) the levels stay shifted and the scan is flagged."""
     from SpineNetLib import pipeline
+    from SpineNetLib.evaluation.evaluate import ground_truth_of_case
     from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.label.confidence import S1_MAY_BE_L5
+    from SpineNetLib.label import labelling
+    from SpineNetLib.label.confidence import MOVED_UP_TO_WEAKER_S1, S1_MAY_BE_L5
+    from SpineNetLib.training.datasets import list_cases
 
-    scan = load_scan(default_data_root() / "tianchi" / "tianchi_151-000" / "image.nii.gz")
-    result = pipeline.run(scan, pipeline.load_networks("bundled", "cpu"), pipeline.RunOptions(grade=False))
-    block = result.vertebrae_document["labelling"]
-    assert [v.level for v in result.detection.vertebrae][-2:] == ["L5", "S1"]
-    assert block["s1_may_be_l5"] is True and block["needs_review"] is True
-    assert block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in result.warnings
+    case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == "tianchi_151-000")
+    scan = load_scan(case.path / "image.nii.gz")
+    truth = {v.level: np.asarray(v.centroid[:2], float) for v in ground_truth_of_case(case).vertebrae}
+    networks = pipeline.load_networks("bundled", "cpu")
 
+    def run(move_up: bool):
+        params = dataclasses.replace(labelling.params_for_context(networks.context, None),
+                                     move_up_to_weaker_s1=move_up)
+        result = pipeline.run(scan, networks, pipeline.RunOptions(grade=False, labelling_params=params))
+        at_points = [next((v.level for v in result.detection.vertebrae
+                           if point_in_polygon(truth[f"L{n}"], v.average_polygon)), None) for n in range(1, 6)]
+        return result, at_points
 
+    moved, at_points = run(True)
+    block = moved.vertebrae_document["labelling"]
+    assert at_points == ["L1", "L2", "L3", "L4", "L5"] and moved.detection.vertebrae[-1].level == "S1"
+    assert block["moved_up_to_weaker_s1"] is True and "s1_may_be_l5" not in block
+    assert block["needs_review"] is True and block["warnings"][0] == MOVED_UP_TO_WEAKER_S1
+    kept, at_points = run(False)
+    block = kept.vertebrae_document["labelling"]
+    assert at_points == ["L2", "L3", "L4", "L5", "S1"]                  # every level one too low
+    assert block["s1_may_be_l5"] is True and block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in kept.warnings
 def _with_appearance(body: Vertebra, level: str, favoured: dict[str, float]) -> Vertebra:
     from SpineNetLib.core.levels import N_LEVELS, level_index
 

@@ -104,6 +104,13 @@ def test_profiles_are_chosen_by_the_weights_and_by_name():
     assert pipeline.profiled_detection_params(None, pipeline.PROFILES["default"]).subpixel
     params = pipeline.profiled_labelling_params(None, LabellingParams(repeat_s1_penalty=7.0), official)
     assert (params.official_crop, params.drop_lower_sacral_segments, params.repeat_s1_penalty) == (True, False, 7.0)
+    # ours only: no weaker detections to move a chain onto, no turned slices
+    assert not params.move_up_to_weaker_s1 and not params.relabel_s1_at_image_edge
+    assert detection.turned_min_lean_deg is None and detection.turned_further_deg == ()
+    default = pipeline.PROFILES["default"]
+    assert pipeline.profiled_labelling_params(None, None, default).move_up_to_weaker_s1
+    assert not pipeline.profiled_labelling_params(None, LabellingParams(move_up_to_weaker_s1=False),
+                                                  default).move_up_to_weaker_s1   # a caller's "off" stays off
 
 
 def test_the_official_profile_makes_a_disc_across_a_missed_level():
