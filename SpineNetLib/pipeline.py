@@ -226,21 +226,22 @@ def _ask_for_review(confidence: LabellingConfidence, reason: str) -> None:
     confidence.needs_review = True
 
 
-def _s1_may_be_l5(labelled: list[Vertebra], candidates: list[Vertebra], taken: list[Vertebra],
-                  spacing_rc) -> bool:
-    """A full-strength lowest body named S1 with an unused weaker detection below it where S1 would
-    lie below an L5 (:func:`~SpineNetLib.label.missed_bodies.weaker_body_below_s1`)."""
+def _weaker_s1_below_full_strength_s1(labelled: list[Vertebra], candidates: list[Vertebra],
+                                       taken: list[Vertebra], spacing_rc) -> Vertebra | None:
+    """The unused weaker detection lying where S1 would lie below an L5, under a full-strength lowest
+    body named S1 (:func:`~SpineNetLib.label.missed_bodies.weaker_body_below_s1`): the sign that
+    the body named S1 may be L5 (``s1_may_be_l5``).  None when there is no such pair."""
     if not labelled or labelled[-1].level != "S1" or any(_same_body(labelled[-1], t) for t in taken):
-        return False
+        return None
     unused = [c for c in candidates if not any(c is t for t in taken)]
-    return weaker_body_below_s1(labelled, unused, spacing_rc) is not None
+    return weaker_body_below_s1(labelled, unused, spacing_rc)
 
 
-def _moved_up_to_weaker_s1(labelled: list[Vertebra], candidates: list[Vertebra], taken: list[Vertebra],
-                           spacing_rc, label, params: labelling.LabellingParams) -> list[Vertebra] | None:
-    """The chain moved up by one level with the weaker detection below it named S1, when three signs
-    agree that the body named S1 is L5: it is a full-strength detection with a weaker one below it
-    where S1 would lie (:func:`_s1_may_be_l5`; with the bundled detector S1 is rarely full-strength),
+def _moved_up_to_weaker_s1(labelled: list[Vertebra], weaker: Vertebra, label,
+                           params: labelling.LabellingParams) -> list[Vertebra] | None:
+    """The chain moved up by one level with ``weaker`` named S1, when three signs agree that the body
+    named S1 is L5: it is a full-strength detection with ``weaker`` below it where S1 would lie
+    (:func:`_weaker_s1_below_full_strength_s1`; with the bundled detector S1 is rarely full-strength),
     and the two bodies above it, named L4 and L5, both favour L4 at 0.95 or more
     (:func:`~SpineNetLib.label.confidence.same_level_twice`).  None otherwise, or when the pinned
     labelling does not move every body up by exactly one level.
@@ -255,24 +256,21 @@ def _moved_up_to_weaker_s1(labelled: list[Vertebra], candidates: list[Vertebra],
     demo`` phantom, which stays as it is).  Held out, it moves 4 scans of the variants, all then right,
     and none as acquired (bundled MODEL_CARD.md, "Review flag").
     """
-    if not params.move_up_to_weaker_s1 or not _s1_may_be_l5(labelled, candidates, taken, spacing_rc):
+    if not params.move_up_to_weaker_s1:
         return None
     twice = same_level_twice(labelled)
     if twice is None or twice.named != ("L4", "L5") or twice.level != "L4":
         return None
-    unused = [c for c in candidates if not any(c is t for t in taken)]
-    weaker = weaker_body_below_s1(labelled, unused, spacing_rc)
-    again = label([*labelled, weaker], labelled)
+    again = label([*labelled, weaker], labelled)   # copies: relabelling them leaves ``labelled`` as it is
     at = next((i for i, v in enumerate(again) if _same_body(v, weaker)), None)
     if not at:
         return None
-    named_before = [(v, v.level) for v in labelled]   # the relabelling below names in place
     moved = labelling.relabel_with_correction(again, at - 1, "L5", params)
     if moved[at].level != "S1":
         return None
-    for old, level in named_before:
+    for old in labelled:
         new = next((v for v in moved if _same_body(v, old)), None)
-        if new is None or level_index(new.level) != level_index(level) + 1:   # LEVELS run S1 upwards
+        if new is None or level_index(new.level) != level_index(old.level) + 1:   # LEVELS run S1 upwards
             return None
     return moved
 
@@ -373,12 +371,14 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         result.labelling["pixel_spacing_factor"] = spacing_factor
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
-    moved = _moved_up_to_weaker_s1(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2],
-                                   label, labelling_params)
+    weaker_s1 = _weaker_s1_below_full_strength_s1(result.vertebrae, list(result.candidates), fillers + below,
+                                                  scan.spacing_mm[:2])
+    moved = None if weaker_s1 is None else _moved_up_to_weaker_s1(result.vertebrae, weaker_s1, label,
+                                                                   labelling_params)
     if moved is not None:
         result.vertebrae = moved
         result.labelling["moved_up_to_weaker_s1"] = True
-    elif _s1_may_be_l5(result.vertebrae, list(result.candidates), fillers + below, scan.spacing_mm[:2]):
+    elif weaker_s1 is not None:
         result.labelling["s1_may_be_l5"] = True
     return result
 

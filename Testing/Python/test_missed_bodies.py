@@ -72,7 +72,7 @@ def test_a_weaker_body_where_s1_would_lie_below_a_body_named_s1_is_reported():
 
 
 def test_only_a_full_strength_s1_with_an_unused_weaker_body_below_asks_for_review():
-    from SpineNetLib.pipeline import _s1_may_be_l5
+    from SpineNetLib.pipeline import _weaker_s1_below_full_strength_s1 as _s1_may_be_l5
 
     shifted = [_body(100, 80 + 30 * i, level) for i, level in enumerate(["L3", "L4", "L5", "S1"])]
     real_s1 = _body(106, 196)
