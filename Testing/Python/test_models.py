@@ -355,3 +355,26 @@ def test_bad_files_give_weights_error(tmp_path):
     empty.mkdir()
     with pytest.raises(WeightsError, match="no .pt"):
         resolve_weights_file(empty)
+
+
+def test_multiply_accumulates_are_counted_exactly_for_the_arithmetic_benchmark():
+    """benchmarks/bench_arithmetic.py sets issue 16's goals against counted multiply-accumulates:
+    each output value of a convolution costs (input channels per group) x (kernel size) of them,
+    of a linear layer its input width; pooling and activations cost none."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_arithmetic.py"
+    spec = importlib.util.spec_from_file_location("bench_arithmetic", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 6, 3, padding=1),               # 6 x 10 x 10 outputs x 2 x 9
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 6, (1, 3), padding=(0, 1), groups=3),   # 600 outputs x 2 x 3
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(150, 7))                             # 7 outputs x 150
+    assert bench.count_macs(net, torch.zeros(1, 2, 10, 10)) == 600 * 18 + 600 * 6 + 7 * 150
+    conv3d = torch.nn.Conv3d(1, 4, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2))
+    assert bench.count_macs(conv3d, torch.zeros(2, 1, 9, 8, 8)) == 2 * 4 * 9 * 4 * 4 * 75
