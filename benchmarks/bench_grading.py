@@ -1,7 +1,7 @@
 """Seconds and peak memory to grade the 7 discs of a lumbar scan with the OFFICIAL-size grader.
 
     python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
-        [--hotspot-precision auto|fp32|bf16] [--batch-size 4] [--contiguous]
+        [--hotspot-precision auto|fp32|bf16] [--hotspot-heads K] [--batch-size 4] [--contiguous]
 
 Random weights (speed does not depend on their values); the disc volumes are
 extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
@@ -9,6 +9,8 @@ also times one contrastive-excitation hotspot map (one disc, one head) with N
 test-time augmentations, in ``--hotspot-precision`` (``discs/hotspots.py``; "auto", the default of
 ``spinenet run``, is bfloat16 on a CPU that computes it natively), and with ``--precision fp32``
 also in bfloat16, to print how closely the smoothed bfloat16 map follows the float32 one.
+``--hotspot-heads K`` (K > 1) then also times the maps of K heads of that disc made together
+(``hotspots.hotspot_volumes``: the heads share the forward passes), as ``--hotspots A,B,...`` does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main() -> None:
                         help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--hotspot-precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="arithmetic of the hotspot map (default auto, as spinenet run)")
+    parser.add_argument("--hotspot-heads", type=int, default=1, metavar="K",
+                        help="also time K heads' maps of the disc made together (default 1: not)")
     parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
     parser.add_argument("--contiguous", action="store_true",
                         help="keep the grader's weights in the default (NCDHW) layout instead of channels-last")
@@ -76,6 +80,14 @@ def main() -> None:
                                 precision=args.hotspot_precision)
         print(f"  hotspots, 1 disc x 1 head, {args.hotspots} augmentations ({args.hotspot_precision}: "
               f"{'bf16' if arithmetic == 'autocast' else 'fp32'}) {time.perf_counter() - t:8.2f} s")
+        if args.hotspot_heads > 1:
+            from SpineNetLib.discs.hotspots import LATERAL_HEADS, hotspot_volumes
+
+            heads = [h for h in HEADS if h.name not in LATERAL_HEADS][:args.hotspot_heads]
+            t = time.perf_counter()
+            hotspot_volumes(net, ivds[-1].volume, heads, n_augment=args.hotspots, precision=args.hotspot_precision)
+            print(f"  hotspots, 1 disc x {len(heads)} heads together ({', '.join(h.column for h in heads)}) "
+                  f"{time.perf_counter() - t:8.2f} s")
         if args.precision == "fp32":
             other = "fp32" if arithmetic == "autocast" else "bf16"
             t = time.perf_counter()

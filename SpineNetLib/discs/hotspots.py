@@ -57,7 +57,7 @@ the box.  The same smoothing is applied before maps are resampled onto the
 scan's coarser grid, so that thin peaks are not lost between grid points.
 
 :func:`hotspot_volume` returns a map aligned with the IVD volume
-``(9, 112, 224)``; :func:`map_to_grid` resamples it onto the scan's canonical
+``(9, 112, 224)`` (:func:`hotspot_volumes`: several heads, sharing the forward passes); :func:`map_to_grid` resamples it onto the scan's canonical
 grid or the input's own voxel grid (through ``IVDVolume.sample_to_canonical``),
 and :func:`hotspot_maps` gives one map per head on the input's voxel grid
 (:class:`HotspotMap`, written by :func:`SpineNetLib.outputs.files.write_results`).
@@ -199,24 +199,33 @@ def _guided_relu(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- saliency per batch
 
 
-def _gradient_maps(net: GradingNet, x: torch.Tensor, head_index: int, class_index: int,
-                   guided: bool) -> torch.Tensor:
-    """|d logit / d input| for every volume of the batch: ``(N, 9, 112, 224)``."""
+def _gradient_maps(net: GradingNet, x: torch.Tensor, targets: Sequence[tuple[int, int]],
+                   guided: bool) -> list[torch.Tensor]:
+    """|d logit / d input| for every volume of the batch, ``(N, 9, 112, 224)``, per ``(head index,
+    class index)`` target; one forward pass serves them all."""
     x = x.detach().clone().requires_grad_(True)
+    maps = []
     with torch.enable_grad():
-        logits = forward_functional(net, x, _guided_relu if guided else F.relu)[head_index]
-        (g,) = torch.autograd.grad(logits[:, class_index].sum(), x)
-    return g[:, 0].abs()
+        logits = forward_functional(net, x, _guided_relu if guided else F.relu)
+        for i, (head_index, class_index) in enumerate(targets):
+            (g,) = torch.autograd.grad(logits[head_index][:, class_index].sum(), x,
+                                       retain_graph=i < len(targets) - 1)
+            maps.append(g[:, 0].abs())
+    return maps
 
 
-def _mwp(f_pos: Callable, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
-    """Zhang's rule through a linear map with non-negative weights ``f_pos``: ``a * f_pos^T(p_out / f_pos(a))``."""
+def _mwp(f_pos: Callable, a: torch.Tensor, p_outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Zhang's rule through a linear map with non-negative weights ``f_pos``: ``a * f_pos^T(p_out / f_pos(a))``
+    for each top-down signal of ``p_outs``; ``f_pos(a)`` is computed once for all of them."""
     a = a.detach().requires_grad_(True)
+    out = []
     with torch.enable_grad():
         z = f_pos(a)
-        s = torch.where(z > _EPS, p_out / z.clamp_min(_EPS), torch.zeros_like(z))
-        (c,) = torch.autograd.grad(z, a, grad_outputs=s)
-    return a.detach() * c
+        for i, p_out in enumerate(p_outs):
+            s = torch.where(z > _EPS, p_out / z.clamp_min(_EPS), torch.zeros_like(z))
+            (c,) = torch.autograd.grad(z, a, grad_outputs=s, retain_graph=i < len(p_outs) - 1)
+            out.append(a.detach() * c)
+    return out
 
 
 def _conv_pos(conv: torch.nn.Conv3d) -> Callable:
@@ -224,44 +233,49 @@ def _conv_pos(conv: torch.nn.Conv3d) -> Callable:
     return lambda t: F.conv3d(t, w, None, conv.stride, conv.padding)
 
 
-def excitation_stem_map(net: GradingNet, x: torch.Tensor, head: str | GradingHead, class_index: int,
-                        contrastive: bool = True) -> torch.Tensor:
-    """(Contrastive) marginal winning probability summed over the stem's channels: ``(N, D, H/2, W/2)``.
+def excitation_stem_maps(net: GradingNet, x: torch.Tensor, targets: Sequence[tuple[str | GradingHead, int]],
+                         contrastive: bool = True) -> list[torch.Tensor]:
+    """(Contrastive) marginal winning probability summed over the stem's channels, ``(N, D, H/2, W/2)``,
+    per ``(head, class index)`` target.
 
     Non-contrastive maps sum to 1 (probability is conserved); contrastive
     ones to 0 (target minus dual).  See the module docstring for the rules.
+    The forward pass and the activations' positive sums (``f_pos(a)`` of every
+    rule) do not depend on the target, so they are computed once for all targets.
     """
-    h = resolve_head(head)
     trace: dict = {}
     with torch.no_grad():
         forward_functional(net, x, F.relu, trace)
-    w = getattr(net, h.name).weight.detach()[int(class_index)]   # (C,)
     feat = trace["feat"]                                       # (N, C) >= 0
 
     def top(wv):
         contrib = feat * wv.clamp(min=0)
         return contrib / contrib.sum(dim=1, keepdim=True).clamp_min(_EPS)
 
-    p = top(w)
-    if contrastive:
-        p = p - top(-w)
-    p = _mwp(lambda t: F.adaptive_avg_pool3d(t, 1).flatten(1), trace["top"], p)
+    ps = []
+    for head, class_index in targets:
+        w = getattr(net, resolve_head(head).name).weight.detach()[int(class_index)]   # (C,)
+        ps.append(top(w) - top(-w) if contrastive else top(w))
+    ps = _mwp(lambda t: F.adaptive_avg_pool3d(t, 1).flatten(1), trace["top"], ps)
     for rec in reversed(trace["blocks"]):
         block = rec["block"]
         rp, ip = rec["r"].clamp(min=0), rec["identity"].clamp(min=0)
         tot = rp + ip
         ok = tot > _EPS
-        p_r = torch.where(ok, p * rp / tot.clamp_min(_EPS), torch.zeros_like(p))
-        p_i = torch.where(ok, p * ip / tot.clamp_min(_EPS), torch.zeros_like(p))
+        p_r = [torch.where(ok, p * rp / tot.clamp_min(_EPS), torch.zeros_like(p)) for p in ps]
+        p_i = [torch.where(ok, p * ip / tot.clamp_min(_EPS), torch.zeros_like(p)) for p in ps]
         p_a = _mwp(_conv_pos(block.conv2), rec["a"], p_r)        # bn2 passes through
         p_x = _mwp(_conv_pos(block.conv1), rec["x"], p_a)        # relu, bn1 pass through
         if block.downsample is not None:
-            p_x = p_x + _mwp(_conv_pos(block.downsample[0]), rec["x"], p_i)
-        else:
-            p_x = p_x + p_i
-        p = p_x
-    p = _mwp(net.maxpool, trace["stem"], p)
-    return p.sum(dim=1)
+            p_i = _mwp(_conv_pos(block.downsample[0]), rec["x"], p_i)
+        ps = [px + pi for px, pi in zip(p_x, p_i)]
+    return [p.sum(dim=1) for p in _mwp(net.maxpool, trace["stem"], ps)]
+
+
+def excitation_stem_map(net: GradingNet, x: torch.Tensor, head: str | GradingHead, class_index: int,
+                        contrastive: bool = True) -> torch.Tensor:
+    """:func:`excitation_stem_maps` of one target."""
+    return excitation_stem_maps(net, x, [(head, class_index)], contrastive)[0]
 
 
 def _upsample2(m: torch.Tensor, out_hw) -> torch.Tensor:
@@ -279,19 +293,27 @@ def _upsample2(m: torch.Tensor, out_hw) -> torch.Tensor:
     return m
 
 
+def saliency_batches(net: GradingNet, x: torch.Tensor, targets: Sequence[tuple[str | GradingHead, int]],
+                     method: str = DEFAULT_METHOD) -> list[torch.Tensor]:
+    """Raw (not augmented, not normalised, possibly signed for the excitation methods) maps ``(N, D, H, W)``,
+    one per ``(head, class index)`` target, from one forward pass."""
+    if method == "gradient" or method == "guided":
+        indexed = [(HEADS.index(resolve_head(h)), int(c)) for h, c in targets]
+        return _gradient_maps(net, x, indexed, guided=method == "guided")
+    if method in ("excitation", "contrastive_excitation"):
+        out = []
+        for stem in excitation_stem_maps(net, x, targets, contrastive=method == "contrastive_excitation"):
+            maps = _upsample2(stem, x.shape[-2:])
+            side = (x.shape[2] - maps.shape[1]) // 2   # slices the network does not read get no evidence
+            out.append(F.pad(maps, (0, 0, 0, 0, side, side)) if side else maps)
+        return out
+    raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+
+
 def saliency_batch(net: GradingNet, x: torch.Tensor, head: str | GradingHead, class_index: int,
                    method: str = DEFAULT_METHOD) -> torch.Tensor:
-    """Raw (not augmented, not normalised, possibly signed for the excitation methods) maps ``(N, D, H, W)``."""
-    h = resolve_head(head)
-    hi = HEADS.index(h)
-    if method == "gradient" or method == "guided":
-        return _gradient_maps(net, x, hi, class_index, guided=method == "guided")
-    if method in ("excitation", "contrastive_excitation"):
-        stem = excitation_stem_map(net, x, h, class_index, contrastive=method == "contrastive_excitation")
-        maps = _upsample2(stem, x.shape[-2:])
-        side = (x.shape[2] - maps.shape[1]) // 2   # slices the network does not read get no evidence
-        return F.pad(maps, (0, 0, 0, 0, side, side)) if side else maps
-    raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+    """:func:`saliency_batches` of one target."""
+    return saliency_batches(net, x, [(head, class_index)], method)[0]
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -388,18 +410,25 @@ def map_arithmetic(net: torch.nn.Module, device: torch.device, precision: str = 
 AUGMENTATIONS_PER_PASS = 2
 
 
-def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_index: int | None = None,
-                   method: str = DEFAULT_METHOD, n_augment: int = 16, seed: int = 0, *,
-                   batch_size: int = AUGMENTATIONS_PER_PASS, precision: str = "auto") -> np.ndarray:
-    """Evidence map ``(9, 112, 224)`` float32 in [0, 1] for one disc, aligned with its IVD volume.
+def hotspot_volumes(net: GradingNet, ivd_volume, heads: Sequence[str | GradingHead],
+                    class_indices: Sequence[int | None] | None = None, method: str = DEFAULT_METHOD,
+                    n_augment: int = 16, seed: int = 0, *, batch_size: int = AUGMENTATIONS_PER_PASS,
+                    precision: str = "auto") -> list[np.ndarray]:
+    """Evidence maps ``(9, 112, 224)`` float32 in [0, 1] for one disc, one per head, aligned with its IVD volume.
 
     ``ivd_volume`` is an ``ivd.IVDVolume`` or its ``(9, 112, 224)`` array;
-    ``class_index`` None = the class the network predicts for this disc (in the network's own
-    precision).  See the module docstring for the methods, the augmentation and ``precision``.
+    ``class_indices`` (one per head, or None) None = the class the network predicts for this disc (in
+    the network's own precision).  See the module docstring for the methods, the augmentation and
+    ``precision``.  Heads augmented alike (all but the foraminal ones, :data:`LATERAL_HEADS`) share
+    each augmented volume's forward pass (:func:`saliency_batches`): each map is the one it would be
+    alone, and a second head costs about half a map instead of a whole one (benchmarks/RESULTS.md).
     """
-    h = resolve_head(head)
+    hs = [resolve_head(h) for h in heads]
     if method not in METHODS:
         raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
+    classes = list(class_indices) if class_indices is not None else [None] * len(hs)
+    if len(classes) != len(hs):
+        raise InputError(f"{len(classes)} class indices for {len(hs)} heads")
     vol = _volume_array(ivd_volume)
     was_training = net.training
     grad_flags = [q.requires_grad for q in net.parameters()]
@@ -409,35 +438,65 @@ def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_i
     try:
         param = next(net.parameters())
         device, dtype = param.device, param.dtype
-        if class_index is None:
+        if any(c is None for c in classes):
             with torch.no_grad():
-                logits = net(torch.from_numpy(vol)[None, None].to(device, dtype))[HEADS.index(h)]
-            class_index = int(logits.argmax(dim=1)[0])
-        if not 0 <= int(class_index) < h.n_classes:
-            raise InputError(f"class {class_index} does not exist for head {h.name} ({h.n_classes} classes)")
-        augs = augmentations(n_augment, seed, allow_reverse=h.name not in LATERAL_HEADS)
-        total = np.zeros(vol.shape, np.float64)
-        count = np.zeros(vol.shape, np.float64)
+                logits = net(torch.from_numpy(vol)[None, None].to(device, dtype))
+            classes = [int(logits[HEADS.index(h)].argmax(dim=1)[0]) if c is None else int(c)
+                       for h, c in zip(hs, classes)]
+        for h, c in zip(hs, classes):
+            if not 0 <= int(c) < h.n_classes:
+                raise InputError(f"class {c} does not exist for head {h.name} ({h.n_classes} classes)")
         inner, arithmetic = map_arithmetic(net, device, precision)
-        for start in range(0, len(augs), max(1, int(batch_size))):
-            chunk = augs[start:start + max(1, int(batch_size))]
-            x = torch.from_numpy(np.stack([apply_augmentation(vol, a) for a in chunk]))[:, None].to(device, dtype)
-            with arithmetic:
-                maps = saliency_batch(inner, x, h, int(class_index), method)
-            maps = maps.detach().float().cpu().double().numpy()
-            for m, a in zip(maps, chunk):
-                back, valid = undo_augmentation(m, a)
-                total += back
-                count += valid
+        maps: list[np.ndarray | None] = [None] * len(hs)
+        for allow_reverse in (True, False):
+            group = [i for i, h in enumerate(hs) if (h.name not in LATERAL_HEADS) == allow_reverse]
+            if group:
+                averaged = _augmented_average(inner, arithmetic, vol, [(hs[i], int(classes[i])) for i in group],
+                                              method, augmentations(n_augment, seed, allow_reverse),
+                                              device, dtype, batch_size)
+                for i, m in zip(group, averaged):
+                    maps[i] = m
     finally:
         net.train(was_training)
         for q, flag in zip(net.parameters(), grad_flags):
             q.requires_grad_(flag)
-    avg = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    if method in ("excitation", "contrastive_excitation"):
-        avg = np.maximum(avg, 0.0)
-    peak = float(avg.max())
-    return (avg / peak if peak > 0 else avg).astype(np.float32)
+    out = []
+    for avg in maps:
+        if method in ("excitation", "contrastive_excitation"):
+            avg = np.maximum(avg, 0.0)
+        peak = float(avg.max())
+        out.append((avg / peak if peak > 0 else avg).astype(np.float32))
+    return out
+
+
+def _augmented_average(net: GradingNet, arithmetic, vol: np.ndarray, targets: list[tuple[GradingHead, int]],
+                       method: str, augs: list[tuple[int, int, bool]], device, dtype,
+                       batch_size: int) -> list[np.ndarray]:
+    """Per target, the raw maps of every augmented volume, shifted back onto ``vol`` and averaged
+    where the augmentations saw it."""
+    totals = [np.zeros(vol.shape, np.float64) for _ in targets]
+    count = np.zeros(vol.shape, np.float64)
+    step = max(1, int(batch_size))
+    for start in range(0, len(augs), step):
+        chunk = augs[start:start + step]
+        x = torch.from_numpy(np.stack([apply_augmentation(vol, a) for a in chunk]))[:, None].to(device, dtype)
+        with arithmetic:
+            per_target = saliency_batches(net, x, targets, method)
+        for t, maps in enumerate(per_target):
+            for m, a in zip(maps.detach().float().cpu().double().numpy(), chunk):
+                back, valid = undo_augmentation(m, a)
+                totals[t] += back
+                if t == 0:
+                    count += valid
+    return [np.where(count > 0, total / np.maximum(count, 1), 0.0) for total in totals]
+
+
+def hotspot_volume(net: GradingNet, ivd_volume, head: str | GradingHead, class_index: int | None = None,
+                   method: str = DEFAULT_METHOD, n_augment: int = 16, seed: int = 0, *,
+                   batch_size: int = AUGMENTATIONS_PER_PASS, precision: str = "auto") -> np.ndarray:
+    """:func:`hotspot_volumes` of one head."""
+    return hotspot_volumes(net, ivd_volume, [head], [class_index], method, n_augment, seed,
+                           batch_size=batch_size, precision=precision)[0]
 
 
 # --------------------------------------------------------------------------- evaluation helper
@@ -554,8 +613,8 @@ def hotspot_maps(scan, ivds, grading_net: GradingNet, heads, method: str = DEFAU
                  progress=None, precision: str = "auto") -> list[HotspotMap]:
     """One map per head, ``hotspots_<Column>.nii.gz``, on the input's voxel grid.
 
-    Every disc's map (:func:`hotspot_volume`, class = the predicted one
-    unless ``class_index`` is given) is smoothed in-plane (:data:`SMOOTH_PX`,
+    Every disc's maps (:func:`hotspot_volumes`, all heads at once; class = the predicted one
+    unless ``class_index`` is given) are smoothed in-plane (:data:`SMOOTH_PX`,
     which also keeps the resampling from aliasing), scaled to a maximum of 1
     and resampled onto the input grid; where discs overlap the maximum is kept.
     ``heads``: names, columns or :class:`GradingHead` (``"fc_ued,Herniation"`` too).
@@ -563,20 +622,18 @@ def hotspot_maps(scan, ivds, grading_net: GradingNet, heads, method: str = DEFAU
     head_list = parse_heads(heads)
     if method not in METHODS:
         raise InputError(f"unknown hotspot method {method!r}: use one of {', '.join(METHODS)}")
-    out = []
-    total = max(1, len(head_list) * len(ivds))
-    done = 0
-    for h in head_list:
-        maps = []
-        for ivd in ivds:
-            if progress is not None:
-                progress(done, total, f"hotspots {h.column} {getattr(ivd, 'level', '')}")
-            m = smooth_map(hotspot_volume(grading_net, ivd, h, class_index, method, n_augment, seed,
-                                          precision=precision))
+    maps_per_head: list[list[np.ndarray]] = [[] for _ in head_list]
+    columns = ",".join(h.column for h in head_list)
+    for done, ivd in enumerate(ivds):   # all heads of a disc at once: they share its forward passes
+        if progress is not None:
+            progress(done, max(1, len(ivds)), f"hotspots {columns} {getattr(ivd, 'level', '')}")
+        volumes = hotspot_volumes(grading_net, ivd, head_list, [class_index] * len(head_list), method, n_augment,
+                                  seed, precision=precision)
+        for maps, volume in zip(maps_per_head, volumes):
+            m = smooth_map(volume)
             maps.append(m / m.max() if m.max() > 0 else m)
-            done += 1
-        out.append(HotspotMap(name=f"hotspots_{h.column}.nii.gz", voxels_kji=input_hotspot_map(scan, ivds, maps),
-                              ijk_to_ras=np.asarray(scan.input_ijk_to_ras, float)))
     if progress is not None:
-        progress(total, total, "hotspots done")
-    return out
+        progress(max(1, len(ivds)), max(1, len(ivds)), "hotspots done")
+    return [HotspotMap(name=f"hotspots_{h.column}.nii.gz", voxels_kji=input_hotspot_map(scan, ivds, maps),
+                       ijk_to_ras=np.asarray(scan.input_ijk_to_ras, float))
+            for h, maps in zip(head_list, maps_per_head)]

@@ -71,8 +71,9 @@ def test_excitation_conserves_probability():
     x = torch.rand(2, 1, 5, 56, 112)
     # Zhang's rule on a linear map: P_j = a_j w+_j / sum a w+
     w = torch.tensor([[1.0, -1.0, 2.0]])
-    p = hs._mwp(lambda t: t @ w.clamp(min=0).T, torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([[1.0]]))
-    assert torch.allclose(p, torch.tensor([[0.2, 0.0, 0.8]]))
+    p, half = hs._mwp(lambda t: t @ w.clamp(min=0).T, torch.tensor([[1.0, 5.0, 2.0]]),
+                      [torch.tensor([[1.0]]), torch.tensor([[0.5]])])
+    assert torch.allclose(p, torch.tensor([[0.2, 0.0, 0.8]])) and torch.allclose(half, p / 2)
     stem = hs.excitation_stem_map(net, x, "fc_pf", 3, contrastive=False)
     assert stem.shape == (2, 5, 28, 56) and float(stem.min()) >= 0
     # Units lit only by a BatchNorm shift (no positive input) cannot pass probability on: a little is lost.
@@ -143,6 +144,22 @@ def test_maps_land_where_the_volume_came_from(tmp_path):
 #: Phantoms no training run saw (the trainer's phantoms draw other seeds): (seed, level whose upper
 #: endplate has the notch, so the lower endplate of the disc above it is defective).
 CASES = ((777, "L3"), (780, "L4"))
+
+
+@pytest.mark.parametrize("method", ["contrastive_excitation", "guided"])
+def test_several_heads_at_once_give_each_head_its_own_map(method):
+    """`--hotspots Pfirrmann,Herniation,...`: the heads of a disc share its augmented volumes' forward
+    passes (issue 16), and each map is exactly the one that head gets alone, a foraminal head (never
+    augmented by reversing the slices) and a given class included; a class a head lacks is refused."""
+    net = _random_net(seed=2)
+    vol = np.random.default_rng(5).random((9, 112, 224)).astype(np.float32)
+    heads, classes = ["fc_pf", "fc_fsl", "Herniation", "fc_led"], [None, None, 1, None]
+    together = hs.hotspot_volumes(net, vol, heads, classes, method=method, n_augment=4, precision="fp32")
+    for head, cls, m in zip(heads, classes, together):
+        alone = hs.hotspot_volume(net, vol, head, cls, method=method, n_augment=4, precision="fp32")
+        assert np.array_equal(m, alone), head
+    with pytest.raises(InputError, match="class 7 does not exist"):
+        hs.hotspot_volumes(net, vol, ["fc_pf", "Herniation"], [None, 7], method=method, n_augment=1)
 
 
 @pytest.fixture(scope="module")
