@@ -50,6 +50,7 @@ from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.folding import fold_batch_norms
 from SpineNetLib.models.grading import reads_one_slice
 from SpineNetLib.models.precision import precision_of, with_precision
+from SpineNetLib.models.runtimes import check_runtime, openvino_detector_predictor
 from SpineNetLib.weights import checkpoints
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights
 
@@ -71,7 +72,8 @@ def choose_device(spec: str = "auto") -> torch.device:
 class Networks:
     """The loaded networks of one weight set, in eval mode on one device."""
 
-    detector: torch.nn.Module
+    #: None when another runtime runs it (``predictor``; ``models/runtimes.py``).
+    detector: torch.nn.Module | None
     appearance: torch.nn.Module
     context: torch.nn.Module
     device: torch.device
@@ -84,16 +86,22 @@ class Networks:
     extra: dict = field(default_factory=dict)
     #: "fp32" or "bf16" (:mod:`SpineNetLib.models.precision`), recorded in the documents.
     precision: str = "fp32"
+    #: Where the detector runs, "torch" or "openvino" (:mod:`SpineNetLib.models.runtimes`), recorded too.
+    runtime: str = "torch"
 
 
 def load_networks(weights: str | None = "bundled", device: str = "auto", *,
                   trusted_sha256: set[str] | None = None, with_grading: bool = False,
-                  precision: str = "fp32") -> Networks:
+                  precision: str = "fp32", runtime: str = "torch") -> Networks:
     """The networks of a weight set; ``precision`` "bf16" runs them under bfloat16 autocast
-    (``models/precision.py``: faster on CPUs with bfloat16 support, outputs within ~1 % of their range)."""
+    (``models/precision.py``: faster on CPUs with bfloat16 support, outputs within ~1 % of their range);
+    ``runtime`` "openvino" runs the detector with OpenVINO on the CPU (``models/runtimes.py``)."""
     start = time.perf_counter()
+    check_runtime(runtime)
     weight_set = resolve_weights(weights)
-    dev = choose_device(device)
+    if runtime != "torch" and str(device) not in ("auto", "cpu"):
+        raise InputError(f"--runtime {runtime} runs on the CPU: use --device cpu (or auto)")
+    dev = choose_device("cpu" if runtime != "torch" else device)
 
     def load(kind: str) -> torch.nn.Module:
         network = checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
@@ -102,9 +110,16 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
         return with_precision(network, precision)
 
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None
-    return Networks(detector=load("detector"), appearance=load("appearance"), context=load("context"),
-                    grading=grading, device=dev, weights=weight_set,
-                    load_seconds=time.perf_counter() - start, precision=precision)
+    detector, predictor = None, None
+    if runtime == "openvino":   # converted from the float32 network as loaded; the torch copy is not kept
+        plain = checkpoints.load_model("detector", weight_set.path("detector"), device="cpu",
+                                       trusted_sha256=trusted_sha256)
+        predictor = openvino_detector_predictor(plain, weight_set.path("detector"), precision)
+    else:
+        detector = load("detector")
+    return Networks(detector=detector, appearance=load("appearance"), context=load("context"),
+                    grading=grading, device=dev, weights=weight_set, predictor=predictor,
+                    load_seconds=time.perf_counter() - start, precision=precision, runtime=runtime)
 
 
 #: A scan on which fewer bodies than this are found at the header's pixel spacing is detected again
@@ -733,6 +748,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     vertebrae_doc["weights"] = networks.weights.source
     if networks.precision != "fp32":
         vertebrae_doc["precision"] = networks.precision
+    if networks.runtime != "torch":
+        vertebrae_doc["runtime"] = networks.runtime
     if scan_warnings or labelling_warnings:
         vertebrae_doc["warnings"] = scan_warnings + labelling_warnings
     return RunResult(

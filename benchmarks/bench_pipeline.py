@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--compile] [--scan lumbar|whole|both]
                                         [--bundled] [--plan whole_slice|patches|both]
-                                        [--stride-fraction F] [--unfolded]
+                                        [--stride-fraction F] [--unfolded] [--runtime torch|openvino]
 
 Each scan and detection plan (``DetectionParams.plan``: the overlapping 224-pixel patches, the
 default, or whole slices at the network's scale) runs in its own subprocess so that its peak RSS is
@@ -15,6 +15,11 @@ while the maps handed to post-processing are the phantom's ground-truth maps
 (the same work as with a trained network).  Scans: a lumbar phantom of
 512x512x15 at 0.6 mm and a whole-spine phantom of 1024x512x15 at 0.9 mm,
 written as DICOM and read back (the "load_scan" stage).
+
+``--runtime openvino`` runs the detector on OpenVINO (``models/runtimes.py``; in bfloat16 with
+``--bf16``), converted in the child process before the timed run (its seconds are printed as
+"openvino_conversion"; ``spinenet`` keeps the converted detector in a cache, so a study pays this once per
+weights file).
 
 ``--compile`` runs the three networks through ``torch.compile`` (a measurement only: ``spinenet run``
 has no such switch, benchmarks/RESULTS.md says why): detection and labelling run once untimed first,
@@ -98,7 +103,7 @@ def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | Non
 
 
 def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bool = False,
-            fold: bool = True, stride_fraction: float | None = None) -> dict:
+            fold: bool = True, stride_fraction: float | None = None, runtime: str = "torch") -> dict:
     import numpy as np
     import torch
 
@@ -131,6 +136,15 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     if compile_networks:
         detector, appearance, context = (torch.compile(n) for n in (detector, appearance, context))
     network = detection.network_predictor(detector)
+    if runtime == "openvino":
+        from SpineNetLib.models.runtimes import openvino_detector_predictor
+
+        t = time.perf_counter()
+        torch.manual_seed(0)
+        plain = VFRDetector().eval()        # the same weights, float32 and unfolded, as load_networks converts it
+        network = openvino_detector_predictor(plain, None, "bf16" if bf16 else "fp32", threads)
+        del plain, detector
+        timings["openvino_conversion"] = time.perf_counter() - t
     truth: dict[int, list] = {}
     for v in phantom.vertebrae:
         for s, q in v.quads.items():
@@ -140,7 +154,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
 
     def predict(patches, boxes):
         nonlocal oracle_seconds
-        if bf16:
+        if bf16 and runtime == "torch":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 network(patches, boxes)
         else:
@@ -174,7 +188,8 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     return {
         "scan": name, "shape": list(scan.shape), "spacing_mm": [round(s, 2) for s in scan.spacing_mm],
         "plan": plan, "inputs": _inputs(scan, params), "vertebrae": len(result.vertebrae), "threads": threads,
-        "bf16": bf16, "compile": compile_networks, "batch_norm_folded": fold and bf16,
+        "bf16": bf16, "compile": compile_networks, "batch_norm_folded": fold and bf16 and runtime == "torch",
+        "runtime": runtime,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -195,12 +210,14 @@ def main() -> None:
                         help="with --bf16: keep the detector's BatchNorm layers (pipeline.load_networks folds them)")
     parser.add_argument("--stride-fraction", type=float, default=None,
                         help="DetectionParams.stride_fraction of the patches (default: DetectionParams' own)")
+    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                        help="where the detector runs (SpineNetLib/models/runtimes.py; official-size only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         report = (run_bundled(args.child, args.threads, args.plan, args.stride_fraction) if args.bundled
                   else run_one(args.child, args.threads, args.bf16, args.plan, args.compile, not args.unfolded,
-                               args.stride_fraction))
+                               args.stride_fraction, args.runtime))
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
@@ -217,12 +234,15 @@ def main() -> None:
             cmd.append("--unfolded")
         if args.stride_fraction is not None:
             cmd += ["--stride-fraction", str(args.stride_fraction)]
+        if args.runtime != "torch":
+            cmd += ["--runtime", args.runtime]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
               f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
               f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}"
-              f"{', BatchNorm folded' if report.get('batch_norm_folded') else ''}")
+              f"{', BatchNorm folded' if report.get('batch_norm_folded') else ''}"
+              f"{', OpenVINO' if report.get('runtime') == 'openvino' else ''}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
         print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")

@@ -15,12 +15,15 @@ not depend on the values; the differences are indicative only), this prints the 
   bfloat16 autocast; the first call's seconds (compiling) are printed apart;
 * ``int8``: static int8 quantisation (PT2E with torchao's ``X86InductorQuantizer``, calibrated on
   the input itself, then ``torch.compile``), when torchao is installed (``pip install --no-deps
-  torchao``; not a project dependency; torch 2.13 itself no longer ships PT2E quantisation).
+  torchao``; not a project dependency; torch 2.13 itself no longer ships PT2E quantisation);
+* ``openvino`` / ``openvino_bf16``: the network converted by ``openvino.convert_model`` and compiled
+  for the CPU with the float32 or the bfloat16 inference precision hint (OpenVINO picks bfloat16 by
+  itself on CPUs with AMX unless told otherwise), when OpenVINO is installed (``pip install
+  openvino``; not a project dependency); "first call" then holds the conversion and compilation.
 
     python benchmarks/bench_runtimes.py [--threads 2] [--repeats 3] [--networks detector grading ...]
-        [--runtimes fp32 bf16 channels_last onnxruntime compile compile_bf16 int8]
+        [--runtimes fp32 bf16 channels_last onnxruntime compile compile_bf16 int8 openvino openvino_bf16]
 
-OpenVINO is not measured: no wheel of it can be installed here (see benchmarks/RESULTS.md).
 Dynamic int8 quantisation (``quantize_dynamic``) only covers linear layers, and these networks spend
 their time in convolutions.
 """
@@ -95,13 +98,31 @@ def _int8_compiled(net: torch.nn.Module, x: torch.Tensor):
     return torch.compile(convert_pt2e(prepared))
 
 
+def _openvino_call(net: torch.nn.Module, x: torch.Tensor, threads: int, precision: str):
+    """``net`` converted to OpenVINO and compiled for the CPU with ``precision`` ("f32" or "bf16") as
+    its inference precision, and the seconds that took; None when OpenVINO is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    model = openvino.convert_model(net, example_input=x)
+    compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                            "INFERENCE_NUM_THREADS": threads,
+                                                            "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    prepare_s = time.perf_counter() - start
+    return (lambda: [torch.from_numpy(request.infer([x.numpy()])[o].copy()) for o in compiled.outputs]), prepare_s
+
+
 def _timed_first_call(call) -> float:
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
 
 
-RUNTIMES = ("fp32", "bf16", "channels_last", "onnxruntime", "compile", "compile_bf16", "int8")
+RUNTIMES = ("fp32", "bf16", "channels_last", "onnxruntime", "compile", "compile_bf16", "int8", "openvino",
+            "openvino_bf16")
 
 
 def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, threads: int,
@@ -133,6 +154,15 @@ def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, thre
         if session is not None:
             s, out = _best(session, repeats)
             rows.append(("onnxruntime", s, float(np.abs(out - base).max()), None))
+    for runtime, precision in (("openvino", "f32"), ("openvino_bf16", "bf16")):
+        if runtime in runtimes:
+            with torch.no_grad():
+                prepared = _openvino_call(net, x, threads, precision)
+            if prepared is not None:
+                call, prepare_s = prepared
+                first = prepare_s + _timed_first_call(call)
+                s, out = _best(call, repeats)
+                rows.append((runtime, s, float(np.abs(out - base).max()), first))
     with torch.no_grad():
         for runtime in ("compile", "compile_bf16", "int8"):
             if runtime not in runtimes:

@@ -42,12 +42,12 @@ def training_cases(data_root):
 
 
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
-            precision: str = "fp32") -> None:
+            precision: str = "fp32", runtime: str = "torch") -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
-    networks = load_networks(weights, "cpu", precision=precision)
+    networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
     profile = processing_profile(profile_name, networks.weights.source)
     options = RunOptions(grade=False, profile=profile.name)
     reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
@@ -103,7 +103,7 @@ PHANTOM_CONTRASTS = ("T1", "T2", "STIR")
 PHANTOM_SEEDS = (9001, 9002)
 
 
-def phantom_table(weights: str) -> dict:
+def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch") -> dict:
     """Held-out phantoms (seeds no training run uses) per field of view and contrast, with exact truth.
 
     ``make_phantom(fov, contrast, n_slices=9, seed, variability=1, rotation U(-10, 10) deg, include_s2)``;
@@ -116,7 +116,7 @@ def phantom_table(weights: str) -> dict:
     from SpineNetLib.pipeline import detect_and_label, load_networks
     from SpineNetLib.synthetic.phantom import make_phantom
 
-    networks = load_networks(weights, "cpu")
+    networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
     table = {}
     print(f"\nheld-out phantoms (seeds {PHANTOM_SEEDS}): bodies found / named right / scans all right")
     for fov in PHANTOM_FOVS:
@@ -173,6 +173,8 @@ def main(argv=None) -> int:
                         help="processing profile (default: the weights' own, docs/PROFILES.md)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
+    parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
+                        help="where the detector runs (SpineNetLib/models/runtimes.py)")
     parser.add_argument("--phantoms", action="store_true",
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
@@ -187,14 +189,14 @@ def main(argv=None) -> int:
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
-    predict(cases, args.weights, pred_root, args.profile, args.precision)
+    predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
     if args.phantoms:
-        summary["phantoms"] = phantom_table(args.weights)
+        summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0

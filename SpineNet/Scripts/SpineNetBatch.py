@@ -73,6 +73,8 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16)")
+    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                        help="where the detector runs: torch (default) or OpenVINO on the CPU (pip install openvino)")
     parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
     parser.add_argument("--hotspot-head", default=None,
                         help="grading head whose hotspot maps are written, e.g. Pfirrmann (default: none; "
@@ -184,7 +186,8 @@ def run(args):
         arguments = worker.worker_arguments(npy, output, geometry=geometry, weights=args.weights, device=args.device,
                                             grading=args.grading, hotspot_head=args.hotspot_head,
                                             pipeline=args.pipeline, profile=profile.name,
-                                            preview=not args.no_preview, precision=args.precision)
+                                            preview=not args.no_preview, precision=args.precision,
+                                            runtime=args.runtime)
         for item in args.option:
             arguments += ["--option", item]
         manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))

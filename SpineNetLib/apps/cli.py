@@ -90,6 +90,10 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16 "
                              "support; outputs within about 1 %% of their range, see benchmarks/RESULTS.md)")
+    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                        help="where the detector runs: torch (default) or OpenVINO on the CPU (pip install openvino; "
+                             "faster for the official-size detector, above all with --precision bf16; its first use "
+                             "per weights file converts it, see benchmarks/RESULTS.md)")
 
 
 def _version() -> str:
@@ -276,7 +280,7 @@ def _networks_for(args):
 
     return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
                                   with_grading=not getattr(args, "no_grade", False),
-                                  precision=getattr(args, "precision", "fp32"))
+                                  precision=getattr(args, "precision", "fp32"), runtime=getattr(args, "runtime", "torch"))
 
 
 def command_demo(args) -> int:
@@ -435,7 +439,7 @@ def command_cohort(args) -> int:
     settings = CohortSettings(weights=args.weights, device=args.device,
                               trusted_sha256=tuple(sorted(_trusted_sha256(args) or ())), grade=not args.no_grade,
                               preview=not args.no_preview, dicom=args.dicom_out, profile=args.profile,
-                              threads=args.threads_per_worker, precision=args.precision)
+                              threads=args.threads_per_worker, precision=args.precision, runtime=args.runtime)
     result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
                         progress=None if args.quiet else sys.stderr)
     failed = len(result.failures)

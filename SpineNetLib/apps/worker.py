@@ -157,7 +157,8 @@ def run_pipeline(scan, options: dict, progress):
     progress(0, 1, "loading networks")
     networks = pipeline.load_networks(options.get("weights") or "bundled", options.get("device") or "auto",
                                       trusted_sha256=set(options.get("trusted_sha256") or []) or None,
-                                      with_grading=grading, precision=options.get("precision") or "fp32")
+                                      with_grading=grading, precision=options.get("precision") or "fp32",
+                                      runtime=options.get("runtime") or "torch")
     head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
                                       earlier_timings_s={"load_networks": networks.load_seconds},
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processing profile (default: official with --weights official, else default)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="network arithmetic: fp32 (default) or bf16 autocast (as in the spinenet CLI)")
+    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
+                        help="where the detector runs: torch (default) or OpenVINO (as in the spinenet CLI)")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
     parser.add_argument("--debug", action="store_true", help="raise internal errors with a traceback")
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundled", device: str = "auto",
                      grading: bool = True, hotspot_head: str | None = None, pipeline: str | None = None,
                      options: dict | None = None, profile: str | None = None, preview: bool = True,
-                     precision: str = "fp32") -> list[str]:
+                     precision: str = "fp32", runtime: str = "torch") -> list[str]:
     """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs)."""
     args = ["--input", str(input_path)]
     if geometry is not None:
@@ -249,6 +252,8 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
         args += ["--profile", str(profile)]
     if precision != "fp32":
         args += ["--precision", str(precision)]
+    if runtime != "torch":
+        args += ["--runtime", str(runtime)]
     if not preview:
         args.append("--no-preview")
     for key, value in (options or {}).items():
@@ -259,7 +264,8 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
 def _options(args) -> dict:
     options = {"weights": args.weights, "device": args.device, "grading": args.grading,
                "hotspot_head": args.hotspot_head, "output": str(Path(args.output).resolve()),
-               "trusted_sha256": list(args.trust_sha256), "profile": args.profile, "precision": args.precision}
+               "trusted_sha256": list(args.trust_sha256), "profile": args.profile, "precision": args.precision,
+               "runtime": args.runtime}
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -92,10 +92,13 @@ class CohortSettings:
     threads: int = 1
     #: Network arithmetic, "fp32" or "bf16" (``pipeline.load_networks``).
     precision: str = "fp32"
+    #: Where the detector runs, "torch" or "openvino" (``pipeline.load_networks``).
+    runtime: str = "torch"
 
     def network_key(self) -> tuple:
         """What the loaded networks depend on: the key of a worker's network cache."""
-        return (self.weights, self.device, tuple(sorted(self.trusted_sha256)), self.grade, self.precision)
+        return (self.weights, self.device, tuple(sorted(self.trusted_sha256)), self.grade, self.precision,
+                self.runtime)
 
     def token(self) -> str:
         """A short hash of the settings, part of the Dask task keys."""
@@ -125,7 +128,7 @@ class NetworksPlugin(WorkerPlugin):
 def _load_networks(settings: CohortSettings) -> pipeline.Networks:
     return pipeline.load_networks(settings.weights, settings.device,
                                   trusted_sha256=set(settings.trusted_sha256) or None, with_grading=settings.grade,
-                                  precision=settings.precision)
+                                  precision=settings.precision, runtime=settings.runtime)
 
 
 def _worker_networks(settings: CohortSettings) -> tuple[pipeline.Networks, float]:

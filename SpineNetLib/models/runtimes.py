@@ -1,0 +1,108 @@
+"""Where the detector runs: torch (the default) or OpenVINO (issue 16, item 2).
+
+Measured per network on a 2-core Intel Xeon with AMX (``benchmarks/bench_runtimes.py``,
+benchmarks/RESULTS.md, "OpenVINO"): for the official-size detector OpenVINO runs a batch of 224 x 224
+patches 1.3-1.9x faster than torch in float32, with outputs within 1e-7 of torch's, and 2.6-3x faster
+than torch's bfloat16 autocast in bfloat16 (5x torch float32); for the grader, whose 3D convolutions
+it handles badly, 0.07x (float32) and 0.29x (bfloat16); the labelling networks take a fraction of a
+second either way.  So the switch moves the detector only.  It is opt-in: OpenVINO is not a
+dependency (``pip install openvino``), converting the official-size detector takes about 25 s, and
+its converted form, 557 MB for the official weights, is kept in a cache folder so that this happens
+once per weights file (:func:`cache_folder`).
+
+The detector is converted from the float32 network as loaded; the ``precision`` of the run ("fp32",
+"bf16", ``models/precision.py``) becomes OpenVINO's inference precision (f32 or bf16), so
+``--precision bf16 --runtime openvino`` computes in bfloat16 as ``--precision bf16`` alone does.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from SpineNetLib.core.errors import InputError
+
+#: Accepted names, the default first.
+RUNTIMES: tuple[str, ...] = ("torch", "openvino")
+#: OpenVINO's name of each precision of ``models/precision.py``.
+_OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def check_runtime(runtime: str) -> None:
+    """InputError unless ``runtime`` is one of :data:`RUNTIMES`."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r} (use {' or '.join(RUNTIMES)})")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise InputError("--runtime openvino needs the OpenVINO package, which is not installed "
+                         "(pip install openvino)") from None
+    return openvino
+
+
+def cache_folder() -> Path:
+    """Where converted networks are kept: ``$SPINENET_CACHE``, else ``$XDG_CACHE_HOME/spinenet``, else
+    ``~/.cache/spinenet``; ``openvino/`` below it."""
+    root = os.environ.get("SPINENET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spinenet"
+    return Path(root) / "openvino"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, openvino):
+    """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``: read from the
+    cache when this weights file (by SHA-256) was converted by this OpenVINO version before, else
+    converted and, where the cache folder can be written, kept there."""
+    cached = None
+    if weights_path is not None:
+        key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
+        cached = cache_folder() / f"{key}.xml"
+        if cached.is_file() and cached.with_suffix(".bin").is_file():
+            return openvino.Core().read_model(cached)
+    model = openvino.convert_model(detector.float().eval(), example_input=torch.zeros(1, 1, 224, 224),
+                                   input=[openvino.PartialShape([-1, 1, -1, -1])])
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(f"{cached.stem}.partial{os.getpid()}.xml")
+            openvino.save_model(model, partial, compress_to_fp16=False)   # the weights exactly as loaded
+            partial.with_suffix(".bin").replace(cached.with_suffix(".bin"))
+            partial.replace(cached)
+        except OSError:
+            pass   # a read-only home: convert again next time
+    return model
+
+
+def openvino_detector_predictor(detector: torch.nn.Module, weights_path: Path | None, precision: str = "fp32",
+                                threads: int | None = None):
+    """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded) with OpenVINO on the CPU in
+    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's)."""
+    if precision not in _OPENVINO_PRECISION:
+        raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
+    openvino = _openvino()
+    model = _converted_detector(detector, weights_path, openvino)
+    compiled = openvino.Core().compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
+        "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    output = compiled.outputs[0]
+
+    def predict(patches: np.ndarray, boxes: Sequence = ()) -> np.ndarray:
+        x = np.ascontiguousarray(patches, dtype=np.float32)[:, None]
+        return np.array(request.infer([x])[output], dtype=np.float32, copy=True)
+
+    return predict
