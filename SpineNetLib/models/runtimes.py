@@ -65,13 +65,17 @@ def _file_sha256(path: Path) -> str:
 def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, openvino):
     """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``: read from the
     cache when this weights file (by SHA-256) was converted by this OpenVINO version before, else
-    converted and, where the cache folder can be written, kept there."""
+    converted and, where the cache folder can be written, kept there.  A cached file that cannot be
+    read (cut short by a full disk, say) is converted and written again."""
     cached = None
     if weights_path is not None:
         key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
         cached = cache_folder() / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
-            return openvino.Core().read_model(cached)
+            try:
+                return openvino.Core().read_model(cached)
+            except (RuntimeError, OSError):
+                pass
     model = openvino.convert_model(detector.float().eval(), example_input=torch.zeros(1, 1, 224, 224),
                                    input=[openvino.PartialShape([-1, 1, -1, -1])])
     if cached is not None:
@@ -81,8 +85,8 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, op
             openvino.save_model(model, partial, compress_to_fp16=False)   # the weights exactly as loaded
             partial.with_suffix(".bin").replace(cached.with_suffix(".bin"))
             partial.replace(cached)
-        except OSError:
-            pass   # a read-only home: convert again next time
+        except (OSError, RuntimeError):
+            pass   # a read-only home or a full disk: convert again next time
     return model
 
 

@@ -56,6 +56,10 @@ def test_openvino_detector_gives_torch_outputs_and_is_converted_once(cache):
         assert float(np.abs(got - expected).max()) < 1e-3 * float(np.abs(expected).max())
     again = openvino_detector_predictor(load_model("detector", path), path, "fp32")   # from the cache
     assert np.array_equal(again(x), got)
+    for f in cache.glob("detector-*"):              # a cache cut short (a full disk): converted again
+        f.write_bytes(f.read_bytes()[:100])
+    assert np.array_equal(openvino_detector_predictor(load_model("detector", path), path, "fp32")(x), got)
+    assert min(f.stat().st_size for f in cache.glob("detector-*")) > 100
     bf16 = openvino_detector_predictor(load_model("detector", path), path, "bf16")(x)
     difference = float(np.abs(bf16 - expected).max()) / float(np.abs(expected).max())
     assert 0 < difference < 0.05                   # computed in bfloat16, handed back in float32
