@@ -8,18 +8,17 @@ error with exit status 2 where OpenVINO is missing or asked to run on a GPU.
 from __future__ import annotations
 
 import builtins
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.training.datasets import default_data_root
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-CLINICAL_SLICE = DATA / "tianchi" / "tianchi_039-000" / "image.nii.gz"
+CLINICAL_SLICE = default_data_root() / "tianchi" / "tianchi_039-000" / "image.nii.gz"
 
 
 @pytest.fixture
