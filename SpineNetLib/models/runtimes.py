@@ -69,7 +69,10 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, op
     read (cut short by a full disk, say) is converted and written again."""
     cached = None
     if weights_path is not None:
-        key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
+        from SpineNetLib.weights.checkpoints import resolve_weights_file   # a file, or an official-layout folder
+
+        digest = _file_sha256(resolve_weights_file(weights_path))[:16]
+        key = f"detector-{digest}-openvino-{openvino.__version__.split('-')[0]}"
         cached = cache_folder() / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
             try:
