@@ -114,7 +114,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     if runtime == "openvino":   # converted from the float32 network as loaded; the torch copy is not kept
         plain = checkpoints.load_model("detector", weight_set.path("detector"), device="cpu",
                                        trusted_sha256=trusted_sha256)
-        predictor = openvino_detector_predictor(plain, weight_set.path("detector"), precision)
+        predictor = openvino_detector_predictor(plain, plain.weights_path, precision)   # the checkpoint file
     else:
         detector = load("detector")
     return Networks(detector=detector, appearance=load("appearance"), context=load("context"),

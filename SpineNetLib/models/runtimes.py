@@ -69,10 +69,7 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, op
     read (cut short by a full disk, say) is converted and written again."""
     cached = None
     if weights_path is not None:
-        from SpineNetLib.weights.checkpoints import resolve_weights_file   # a file, or an official-layout folder
-
-        digest = _file_sha256(resolve_weights_file(weights_path))[:16]
-        key = f"detector-{digest}-openvino-{openvino.__version__.split('-')[0]}"
+        key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
         cached = cache_folder() / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
             try:
@@ -96,7 +93,9 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, op
 def openvino_detector_predictor(detector: torch.nn.Module, weights_path: Path | None, precision: str = "fp32",
                                 threads: int | None = None):
     """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded) with OpenVINO on the CPU in
-    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's)."""
+    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's).  ``weights_path``, the
+    checkpoint file it was loaded from (``load_model`` sets ``weights_path`` on the network), keys the
+    cache; None: converted every time."""
     if precision not in _OPENVINO_PRECISION:
         raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
     openvino = _openvino()

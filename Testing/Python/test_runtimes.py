@@ -60,10 +60,11 @@ def test_openvino_detector_gives_torch_outputs_and_is_converted_once(cache):
         f.write_bytes(f.read_bytes()[:100])
     assert np.array_equal(openvino_detector_predictor(load_model("detector", path), path, "fp32")(x), got)
     assert min(f.stat().st_size for f in cache.glob("detector-*")) > 100
-    folder = cache.parent / "official-layout" / "detect-vfr"     # weights given as an official-layout folder
-    folder.mkdir(parents=True)
+    folder = cache.parent / "official-layout" / "detect-vfr"     # weights given as an official-layout folder:
+    folder.mkdir(parents=True)                                    # the cache is keyed by the file loaded
     (folder / "ckpt435.pt").write_bytes(Path(path).read_bytes())
-    assert np.array_equal(openvino_detector_predictor(load_model("detector", folder), folder, "fp32")(x), got)
+    model = load_model("detector", folder)
+    assert np.array_equal(openvino_detector_predictor(model, model.weights_path, "fp32")(x), got)
     bf16 = openvino_detector_predictor(load_model("detector", path), path, "bf16")(x)
     difference = float(np.abs(bf16 - expected).max()) / float(np.abs(expected).max())
     assert 0 < difference < 0.05                   # computed in bfloat16, handed back in float32
