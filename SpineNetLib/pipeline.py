@@ -52,7 +52,7 @@ from SpineNetLib.models.grading import reads_one_slice
 from SpineNetLib.models.precision import precision_of, with_precision
 from SpineNetLib.models.runtimes import check_runtime, openvino_detector_predictor
 from SpineNetLib.weights import checkpoints
-from SpineNetLib.weights.resolve import WeightSet, resolve_weights
+from SpineNetLib.weights.resolve import WeightSet, resolve_weights, user_cache_dir
 
 
 def choose_device(spec: str = "auto") -> torch.device:
@@ -114,7 +114,8 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     if runtime == "openvino":   # converted from the float32 network as loaded; the torch copy is not kept
         plain = checkpoints.load_model("detector", weight_set.path("detector"), device="cpu",
                                        trusted_sha256=trusted_sha256)
-        predictor = openvino_detector_predictor(plain, plain.weights_path, precision)   # the checkpoint file
+        predictor = openvino_detector_predictor(plain, plain.weights_path, precision,   # the checkpoint file
+                                                cache_dir=user_cache_dir() / "openvino")
     else:
         detector = load("detector")
     return Networks(detector=detector, appearance=load("appearance"), context=load("context"),

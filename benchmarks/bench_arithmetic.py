@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     disc = count_macs(grader, torch.zeros(1, 1, 9, 112, 224))
 
     patch = count_macs(detector, torch.zeros(1, 1, 224, 224))
-    print(f"official-size networks, multiply-accumulates per input: detector {patch / 1e9:.1f} G per 224 x 224 patch; appearance {appearance_crop / 1e9:.2f} G per crop; "
+    print(f"official-size networks, multiply-accumulates per input: detector {patch / 1e9:.1f} G per "
+          f"224 x 224 patch; appearance {appearance_crop / 1e9:.2f} G per crop; "
           f"context {context_map / 1e9:.2f} G per map; grader {disc / 1e9:.1f} G per disc volume")
 
     print(f"\nmeasured throughput, {args.threads} threads, best of {args.repeats} (G-MAC/s):")

@@ -57,9 +57,9 @@ the box.  The same smoothing is applied before maps are resampled onto the
 scan's coarser grid, so that thin peaks are not lost between grid points.
 
 :func:`hotspot_volume` returns a map aligned with the IVD volume
-``(9, 112, 224)`` (:func:`hotspot_volumes`: several heads, sharing the forward passes); :func:`map_to_grid` resamples it onto the scan's canonical
-grid or the input's own voxel grid (through ``IVDVolume.sample_to_canonical``),
-and :func:`hotspot_maps` gives one map per head on the input's voxel grid
+``(9, 112, 224)`` (:func:`hotspot_volumes`: several heads, sharing the forward passes);
+:func:`map_to_grid` resamples it onto the scan's canonical grid or the input's own voxel grid
+(through ``IVDVolume.sample_to_canonical``), and :func:`hotspot_maps` gives one map per head on the input's voxel grid
 (:class:`HotspotMap`, written by :func:`SpineNetLib.outputs.files.write_results`).
 
 Arithmetic (``precision``, :data:`HOTSPOT_PRECISIONS`): "auto", the default, computes the maps under

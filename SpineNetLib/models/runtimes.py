@@ -8,7 +8,8 @@ it handles badly, 0.07x (float32) and 0.29x (bfloat16); the labelling networks t
 second either way.  So the switch moves the detector only.  It is opt-in: OpenVINO is not a
 dependency (``pip install openvino``), converting the official-size detector takes about 25 s, and
 its converted form, 557 MB for the official weights, is kept in a cache folder so that this happens
-once per weights file (:func:`cache_folder`).
+once per weights file (``pipeline.load_networks``: ``openvino/`` in the per-user cache of
+``weights/resolve.user_cache_dir``).
 
 The detector is converted from the float32 network as loaded; the ``precision`` of the run ("fp32",
 "bf16", ``models/precision.py``) becomes OpenVINO's inference precision (f32 or bf16), so
@@ -47,13 +48,6 @@ def _openvino():
     return openvino
 
 
-def cache_folder() -> Path:
-    """Where converted networks are kept: ``$SPINENET_CACHE``, else ``$XDG_CACHE_HOME/spinenet``, else
-    ``~/.cache/spinenet``; ``openvino/`` below it."""
-    root = os.environ.get("SPINENET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spinenet"
-    return Path(root) / "openvino"
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -62,15 +56,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, openvino):
+def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, cache_dir: Path | None, openvino):
     """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``: read from the
     cache when this weights file (by SHA-256) was converted by this OpenVINO version before, else
     converted and, where the cache folder can be written, kept there.  A cached file that cannot be
     read (cut short by a full disk, say) is converted and written again."""
     cached = None
-    if weights_path is not None:
+    if weights_path is not None and cache_dir is not None:
         key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
-        cached = cache_folder() / f"{key}.xml"
+        cached = Path(cache_dir) / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
             try:
                 return openvino.Core().read_model(cached)
@@ -91,15 +85,15 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, op
 
 
 def openvino_detector_predictor(detector: torch.nn.Module, weights_path: Path | None, precision: str = "fp32",
-                                threads: int | None = None):
+                                threads: int | None = None, cache_dir: Path | None = None):
     """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded) with OpenVINO on the CPU in
-    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's).  ``weights_path``, the
-    checkpoint file it was loaded from (``load_model`` sets ``weights_path`` on the network), keys the
-    cache; None: converted every time."""
+    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's).  The converted network
+    is kept in ``cache_dir``, keyed by ``weights_path``, the checkpoint file it was loaded from
+    (``load_model`` sets ``weights_path`` on the network); without either it is converted every time."""
     if precision not in _OPENVINO_PRECISION:
         raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
     openvino = _openvino()
-    model = _converted_detector(detector, weights_path, openvino)
+    model = _converted_detector(detector, weights_path, cache_dir, openvino)
     compiled = openvino.Core().compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),

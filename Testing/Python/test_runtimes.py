@@ -45,7 +45,7 @@ def test_openvino_detector_gives_torch_outputs_and_is_converted_once(cache):
 
     path = resolve_weights("bundled").path("detector")
     torch_predict = network_predictor(load_model("detector", path))
-    ov_predict = openvino_detector_predictor(load_model("detector", path), path, "fp32")
+    ov_predict = openvino_detector_predictor(load_model("detector", path), path, "fp32", cache_dir=cache)
     assert len(list(cache.glob("detector-*.xml"))) == 1 and len(list(cache.glob("detector-*.bin"))) == 1
     rng = np.random.default_rng(0)
     for shape in ((3, 224, 224), (1, 288, 416)):
@@ -54,18 +54,19 @@ def test_openvino_detector_gives_torch_outputs_and_is_converted_once(cache):
         got = ov_predict(x)
         assert got.shape == expected.shape == (shape[0], 13, *shape[1:]) and got.dtype == np.float32
         assert float(np.abs(got - expected).max()) < 1e-3 * float(np.abs(expected).max())
-    again = openvino_detector_predictor(load_model("detector", path), path, "fp32")   # from the cache
+    again = openvino_detector_predictor(load_model("detector", path), path, "fp32", cache_dir=cache)   # from the cache
     assert np.array_equal(again(x), got)
     for f in cache.glob("detector-*"):              # a cache cut short (a full disk): converted again
         f.write_bytes(f.read_bytes()[:100])
-    assert np.array_equal(openvino_detector_predictor(load_model("detector", path), path, "fp32")(x), got)
+    converted_again = openvino_detector_predictor(load_model("detector", path), path, "fp32", cache_dir=cache)
+    assert np.array_equal(converted_again(x), got)
     assert min(f.stat().st_size for f in cache.glob("detector-*")) > 100
     folder = cache.parent / "official-layout" / "detect-vfr"     # weights given as an official-layout folder:
     folder.mkdir(parents=True)                                    # the cache is keyed by the file loaded
     (folder / "ckpt435.pt").write_bytes(Path(path).read_bytes())
     model = load_model("detector", folder)
-    assert np.array_equal(openvino_detector_predictor(model, model.weights_path, "fp32")(x), got)
-    bf16 = openvino_detector_predictor(load_model("detector", path), path, "bf16")(x)
+    assert np.array_equal(openvino_detector_predictor(model, model.weights_path, "fp32", cache_dir=cache)(x), got)
+    bf16 = openvino_detector_predictor(load_model("detector", path), path, "bf16", cache_dir=cache)(x)
     difference = float(np.abs(bf16 - expected).max()) / float(np.abs(expected).max())
     assert 0 < difference < 0.05                   # computed in bfloat16, handed back in float32
 
