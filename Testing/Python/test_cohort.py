@@ -297,3 +297,15 @@ def test_cohort_dicom_out_writes_the_dicom_results_of_dicom_studies_only(tmp_pat
     manifest = json.loads((by_kind["dicom"] / "result.json").read_text())
     assert manifest.get("dicom") and all((by_kind["dicom"] / name).is_file() for name in manifest["dicom"])
     assert not list(by_kind["image"].glob("*.dcm"))
+
+
+def test_the_runtime_is_part_of_a_workers_network_cache(monkeypatch):
+    """`spinenet cohort --runtime openvino`: each worker loads the networks with that runtime, and a
+    worker that holds torch networks does not hand them out for it."""
+
+    seen = {}
+    monkeypatch.setattr(cohort_run.pipeline, "load_networks", lambda *a, **k: seen.update(k) or "networks")
+    settings = CohortSettings(runtime="openvino", precision="bf16")
+    assert settings.network_key() != CohortSettings(precision="bf16").network_key()
+    assert cohort_run._load_networks(settings) == "networks"
+    assert seen["runtime"] == "openvino" and seen["precision"] == "bf16"

@@ -77,6 +77,10 @@ def test_worker_arguments_round_trip():
     bf16 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", precision="bf16"))
     assert bf16.precision == "bf16" and _batch_parser().parse_args(
         ["--input", "v", "--output", "o", "--precision", "bf16"]).precision == "bf16"
+    assert parsed.runtime == "torch" and "--runtime" not in args
+    ov = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", runtime="openvino"))
+    assert ov.runtime == "openvino" and worker._options(ov)["runtime"] == "openvino"
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
 
 
 def _batch_parser():
