@@ -1,6 +1,7 @@
 """Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
 
     python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
+        [--precision fp32|bf16] [--runtime torch|openvino]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
 held-out cases of ``validate_bundled.py`` (never seen by any training run) and changes each the way
@@ -202,6 +203,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
     parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="network arithmetic (SpineNetLib/models/precision.py)")
+    parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
+                        help="where the detector runs (SpineNetLib/models/runtimes.py)")
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side (which the networks saw)")
     args = parser.parse_args(argv)
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
     data_root = Path(args.data) if args.data else default_data_root()
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
-    networks = load_networks(args.weights, "cpu")
+    networks = load_networks(args.weights, "cpu", precision=args.precision, runtime=args.runtime)
     profile = processing_profile(None, networks.weights.source)
     start = time.perf_counter()
     lines = []
