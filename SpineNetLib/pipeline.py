@@ -103,8 +103,11 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
         raise InputError(f"--runtime {runtime} runs on the CPU: use --device cpu (or auto)")
     dev = choose_device("cpu" if runtime != "torch" else device)
 
+    def load_float32(kind: str) -> torch.nn.Module:
+        return checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
+
     def load(kind: str) -> torch.nn.Module:
-        network = checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
+        network = load_float32(kind)
         if precision == "bf16":   # the detector is faster folded there (models/folding.py); layout again after it
             network = checkpoints.with_fast_memory_format(fold_batch_norms(network))
         return with_precision(network, precision)
@@ -112,8 +115,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None
     detector, predictor = None, None
     if runtime == "openvino":   # converted from the float32 network as loaded; the torch copy is not kept
-        plain = checkpoints.load_model("detector", weight_set.path("detector"), device="cpu",
-                                       trusted_sha256=trusted_sha256)
+        plain = load_float32("detector")
         predictor = openvino_detector_predictor(plain, plain.weights_path, precision,   # the checkpoint file
                                                 cache_dir=user_cache_dir() / "openvino")
     else:
