@@ -53,6 +53,7 @@ for _name in [name for name in sys.modules if name == "SpineNetModuleLib" or nam
 
 from SpineNetModuleLib import LIBRARY_PARENT  # noqa: E402,F401  (puts SpineNetLib on sys.path)
 from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet.SpineNetLogic, ...)
+    ARITHMETICS,
     DEVICES,
     IMPORT_NAMES,
     INPUT_REFERENCE,
@@ -63,6 +64,7 @@ from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet
     WEIGHT_SOURCES,
     WORKER_MODULE_ARGUMENTS,
     SpineNetLogic,
+    arithmetic_settings,
 )
 from SpineNetModuleLib.workers import (  # noqa: E402,F401
     InProcessWorker,
@@ -180,6 +182,9 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.deviceComboBox.clear()
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device)
+        self.ui.arithmeticComboBox.clear()
+        for arithmetic in ARITHMETICS:
+            self.ui.arithmeticComboBox.addItem(arithmetic)
         self.ui.hotspotHeadComboBox.clear()
         for head in (NO_HOTSPOTS, *documents.GRADE_HEADS):   # "none" first: hotspots are opt-in
             self.ui.hotspotHeadComboBox.addItem(head)
@@ -201,6 +206,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.weightsComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.weightsFolderLineEdit.textChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.arithmeticComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.gradingCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.hotspotHeadComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         # a closed scene takes its parameter node (and the results) with it
@@ -277,6 +283,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             if _get(self.ui.weightsFolderLineEdit, "text") != folder:
                 self.ui.weightsFolderLineEdit.setText(folder)
             _selectText(self.ui.deviceComboBox, node.GetParameter("Device"))
+            _selectText(self.ui.arithmeticComboBox, node.GetParameter("Arithmetic"))
             self.ui.gradingCheckBox.setChecked(node.GetParameter("Grading") != "false")
             _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
         finally:
@@ -296,6 +303,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             node.SetParameter("Weights", WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))])
             node.SetParameter("WeightsFolder", _get(self.ui.weightsFolderLineEdit, "text"))
             node.SetParameter("Device", _get(self.ui.deviceComboBox, "currentText") or "auto")
+            node.SetParameter("Arithmetic", _get(self.ui.arithmeticComboBox, "currentText") or "float32")
             node.SetParameter("Grading", "true" if _get(self.ui.gradingCheckBox, "checked") else "false")
             node.SetParameter("HotspotHead", _get(self.ui.hotspotHeadComboBox, "currentText") or NO_HOTSPOTS)
             self.logic.updateResultReferences(node)
@@ -339,9 +347,11 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         source = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))]
         weights = _get(self.ui.weightsFolderLineEdit, "text").strip() if source == "folder" else source
         head = _get(self.ui.hotspotHeadComboBox, "currentText")
+        precision, runtime = arithmetic_settings(_get(self.ui.arithmeticComboBox, "currentText"))
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",
                 "grading": bool(_get(self.ui.gradingCheckBox, "checked")),
-                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head}
+                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
+                "precision": precision, "runtime": runtime}
 
     def onBrowseWeights(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet weights folder",

@@ -54,6 +54,10 @@ IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpl
 WEIGHT_SOURCES = ("bundled", "official", "folder")
 #: Devices offered in the panel, in combo-box order.
 DEVICES = ("auto", "cpu", "cuda")
+#: The panel's arithmetic choices -> (precision, runtime) of the worker (``SpineNetLib/models/precision.py``,
+#: ``SpineNetLib/models/runtimes.py``).  float32 is the default: the same result on every CPU.
+ARITHMETICS = {"float32": ("fp32", "torch"), "bfloat16": ("bf16", "torch"),
+               "bfloat16 on OpenVINO": ("bf16", "openvino")}
 #: The hotspot head choice that computes no hotspot maps (the default: a map takes minutes on a CPU).
 NO_HOTSPOTS = "none"
 #: What follows the Python program on the worker's command line.
@@ -64,8 +68,8 @@ PARAMETER_NODE_TAG = "SpineNet"
 #: Reference role of the input volume in the parameter node.
 INPUT_REFERENCE = "InputVolume"
 #: The options in the parameter node and their defaults (text, as MRML stores them).
-PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Grading": "true",
-                      "HotspotHead": NO_HOTSPOTS}
+PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Arithmetic": "float32",
+                      "Grading": "true", "HotspotHead": NO_HOTSPOTS}
 #: Role of a result node (``SpineNet.Result`` attribute) -> its reference role in the parameter node.
 RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
                      "segmentation": "ResultSegmentation", "grades": "ResultTable",
@@ -103,6 +107,11 @@ def _keepOnlyHotspots(resultsFolder):
             path = os.path.join(root, name)
             if not os.listdir(path):
                 os.rmdir(path)
+
+
+def arithmetic_settings(name):
+    """``(precision, runtime)`` of an :data:`ARITHMETICS` name; float32 on torch for an unknown or empty one."""
+    return ARITHMETICS.get(name or "", ARITHMETICS["float32"])
 
 
 class SpineNetLogic(ScriptedLoadableModuleLogic):
@@ -186,10 +195,12 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         """The options of a parameter node as :meth:`startRun` takes them."""
         source = parameterNode.GetParameter("Weights") or PARAMETER_DEFAULTS["Weights"]
         head = parameterNode.GetParameter("HotspotHead")
+        precision, runtime = arithmetic_settings(parameterNode.GetParameter("Arithmetic"))
         return {"weights": parameterNode.GetParameter("WeightsFolder").strip() if source == "folder" else source,
                 "device": parameterNode.GetParameter("Device") or "auto",
                 "grading": parameterNode.GetParameter("Grading") != "false",
-                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head}
+                "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
+                "precision": precision, "runtime": runtime}
 
     def updateResultReferences(self, parameterNode=None):
         """Point the parameter node's result references at the result nodes of its input volume."""
@@ -292,7 +303,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     # ----------------------------------------------------------------- running
 
     def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
-                   pipeline=None, options=None, workFolder=None):
+                   pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch"):
         """Write the volume for the worker and return how to start it.
 
         Returns ``{"program", "arguments", "environment", "workingDirectory",
@@ -312,7 +323,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         output = os.path.join(folder, "results")
         workerArguments = worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
-            hotspot_head=hotspot_head, pipeline=pipeline, options=options)
+            hotspot_head=hotspot_head, pipeline=pipeline, options=options, precision=precision, runtime=runtime)
         pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
         return {"program": self.pythonExecutable(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
                 "workerArguments": workerArguments, "workingDirectory": LIBRARY_PARENT,
@@ -330,7 +341,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
                  pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
-                 workerProcess=None, workFolder=None):
+                 workerProcess=None, workFolder=None, precision="fp32", runtime="torch"):
         """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
 
         ``onProgress(done, total, message)``, ``onWarning(message)`` and
@@ -348,7 +359,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                                    hotspot_head=hotspot_head,
                                    pipeline=self.pipeline if pipeline is None else pipeline,
                                    options=self.pipelineOptions if options is None else options,
-                                   workFolder=workFolder)
+                                   workFolder=workFolder, precision=precision, runtime=runtime)
         run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
         process = workerProcess if workerProcess is not None else self.workerFactory()
         process.lineReceived.connect(functools.partial(self._onWorkerLine, run))

@@ -84,12 +84,15 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     widget.ui.weightsComboBox.setCurrentIndex(2)
     widget.ui.weightsFolderLineEdit.setText("/data/my weights")
     widget.ui.deviceComboBox.setCurrentIndex(1)
+    widget.ui.arithmeticComboBox.setCurrentText("bfloat16")
     widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
     assert node.GetNodeReference("InputVolume") is second
-    assert [node.GetParameter(n) for n in ("Weights", "WeightsFolder", "Device", "Grading", "HotspotHead")] == \
-        ["folder", "/data/my weights", "cpu", "true", "Pfirrmann"]
+    assert [node.GetParameter(n) for n in ("Weights", "WeightsFolder", "Device", "Arithmetic", "Grading",
+                                           "HotspotHead")] == \
+        ["folder", "/data/my weights", "cpu", "bfloat16", "true", "Pfirrmann"]
     assert module.SpineNetLogic.runSettings(node) == widget.settings() == {
-        "weights": "/data/my weights", "device": "cpu", "grading": True, "hotspot_head": "Pfirrmann"}
+        "weights": "/data/my weights", "device": "cpu", "grading": True, "hotspot_head": "Pfirrmann",
+        "precision": "bf16", "runtime": "torch"}
 
     # results of the input volume are referenced from the parameter node
     write_results(tmp_path / "results", RunResult(vertebrae_document=vertebrae))
@@ -106,6 +109,8 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert not widget.ui.gradingCheckBox.isChecked() and not widget.ui.hotspotHeadComboBox.isEnabled()
     node.SetParameter("Device", "cuda")
     assert widget.ui.deviceComboBox.currentText() == "cuda"
+    node.SetParameter("Arithmetic", "bfloat16 on OpenVINO")
+    assert widget.ui.arithmeticComboBox.currentText() == "bfloat16 on OpenVINO"
     widget.cleanup()
 
     # saved and loaded again: the same settings, input and results in a new panel
@@ -117,7 +122,7 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert volume is not None and volume.GetName() == "T1 sagittal lumbar"
     assert restored._parameterNode.GetNodeReference("InputVolume") is volume
     assert restored.settings() == {"weights": "/data/my weights", "device": "cuda", "grading": False,
-                                   "hotspot_head": "Pfirrmann"}
+                                   "hotspot_head": "Pfirrmann", "precision": "bf16", "runtime": "openvino"}
     assert restored.ui.weightsFolderLineEdit.isEnabled() and not restored.ui.gradingCheckBox.isChecked()
     assert restored.ui.vertebraTable.rowCount() == 7 and restored.ui.discTable.rowCount() == 6
     assert restored._parameterNode.GetNumberOfNodeReferences("ResultOutline") == 7

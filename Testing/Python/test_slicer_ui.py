@@ -192,6 +192,7 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     for flag, value in (("--weights", "bundled"), ("--device", "cpu")):
         assert args[args.index(flag) + 1] == value
     assert "--grading" in args and "--hotspot-head" not in args     # hotspots are opt-in
+    assert "--precision" not in args and "--runtime" not in args    # float32 on torch unless chosen
     assert process.directory == module.LIBRARY_PARENT
     # the volume went to the worker unchanged
     npy, geometry = args[args.index("--input") + 1], args[args.index("--geometry") + 1]
@@ -659,7 +660,8 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     widget.ui.deviceComboBox.setCurrentIndex(2)          # cuda
     widget.ui.applyButton.click()
     assert calls == [("start", volume, widget.settings())]
-    assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None}
+    assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None,
+                           "precision": "fp32", "runtime": "torch"}
     assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
     assert standins.FakeProcess.instances == []
 
@@ -726,3 +728,19 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     assert widget.ui.statusLabel.text().startswith("Could not start the SpineNet worker (")
     assert widget.ui.applyButton.isEnabled()
     parent.close()
+
+
+def test_the_arithmetic_choice_reaches_the_worker(panel):
+    """bfloat16 on OpenVINO in the panel runs the worker with --precision bf16 --runtime openvino."""
+    module, widget, scene, volume, _ = panel
+    _select(widget, volume)
+    assert [widget.ui.arithmeticComboBox.itemText(n) for n in range(widget.ui.arithmeticComboBox.count())] == \
+        ["float32", "bfloat16", "bfloat16 on OpenVINO"]
+    assert widget.ui.arithmeticComboBox.currentText() == "float32"
+    widget.ui.arithmeticComboBox.setCurrentText("bfloat16 on OpenVINO")
+    widget.ui.applyButton.click()
+    process = standins.FakeProcess.instances[-1]
+    args = process.arguments
+    assert args[args.index("--precision") + 1] == "bf16" and args[args.index("--runtime") + 1] == "openvino"
+    widget.ui.cancelButton.click()
+    assert process.killed and not widget.logic.isRunning()
