@@ -42,14 +42,15 @@ def training_cases(data_root):
 
 
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
-            precision: str = "fp32", runtime: str = "torch") -> None:
+            precision: str = "fp32", runtime: str = "torch", plan: str = "patches") -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
     networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
     profile = processing_profile(profile_name, networks.weights.source)
-    options = RunOptions(grade=False, profile=profile.name)
+    options = RunOptions(grade=False, profile=profile.name, detection_params=DetectionParams(plan=plan))
     reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
     if reused:   # a resumed run; a folder left by another weight set would be scored as if it were this one
         print(f"reusing {len(reused)} predictions already in {pred_root} (delete them to predict again)",
@@ -103,7 +104,7 @@ PHANTOM_CONTRASTS = ("T1", "T2", "STIR")
 PHANTOM_SEEDS = (9001, 9002)
 
 
-def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch") -> dict:
+def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch", plan: str = "patches") -> dict:
     """Held-out phantoms (seeds no training run uses) per field of view and contrast, with exact truth.
 
     ``make_phantom(fov, contrast, n_slices=9, seed, variability=1, rotation U(-10, 10) deg, include_s2)``;
@@ -111,6 +112,7 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch")
     """
     import numpy as np
 
+    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.evaluation.demo_check import check_against_phantom
     from SpineNetLib.outputs.vertebrae import vertebrae_document
     from SpineNetLib.pipeline import detect_and_label, load_networks
@@ -126,7 +128,8 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch")
                 rotation = float(np.random.default_rng(seed).uniform(-10.0, 10.0))
                 ph = make_phantom(fov=fov, contrast=contrast, n_slices=9, seed=seed, variability=1.0,
                                   rotation_deg=rotation, include_s2=True)
-                check = check_against_phantom(vertebrae_document(ph.scan, detect_and_label(ph.scan, networks)), ph)
+                found_bodies = detect_and_label(ph.scan, networks, detection_params=DetectionParams(plan=plan))
+                check = check_against_phantom(vertebrae_document(ph.scan, found_bodies), ph)
                 required = [r for r in check.rows if r.required]
                 total += len(required)
                 found += sum(r.found_level is not None for r in required)
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
                         help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
                         help="where the detector runs (SpineNetLib/models/runtimes.py)")
+    parser.add_argument("--plan", choices=("patches", "whole_slice"), default="patches",
+                        help="detection plan (SpineNetLib/detect/plans.py; the official profile always uses patches)")
     parser.add_argument("--phantoms", action="store_true",
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
@@ -189,14 +194,14 @@ def main(argv=None) -> int:
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
-    predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime)
+    predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime, args.plan)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
     if args.phantoms:
-        summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime)
+        summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime, args.plan)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return 0

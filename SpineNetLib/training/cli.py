@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     add_real_data_arguments(det)
     det.add_argument("--focus-share", type=float, default=0.3,
                      help="share of a clinical slice's patches centred on its S1 (default 0.3)")
+    det.add_argument("--frame-share", type=float, default=0.0,
+                     help="share of batches of whole slices framed as the whole-slice detection plan frames "
+                          "them (default 0: patches only)")
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")

@@ -63,6 +63,9 @@ POSITIVE_T = 0.05
 #: Share of a source's patches centred near its focus quad (S1 of a clinical slice: the body the
 #: detector used to miss, issue 10), on top of the uniform choice among all its bodies.
 FOCUS_SHARE = 0.3
+#: Canvas sizes of whole-slice frames (``--frame-share``): a lumbar slice of 26-37 cm at the
+#: patches' scale (224 px per 26 cm) is 224-320 network pixels, padded to multiples of 32.
+FRAME_SIZES = (256, 288, 320)
 #: Scale of the displacement error in the L2 term (patch pixels).
 VECTOR_SCALE_PX = 10.0
 
@@ -163,6 +166,42 @@ def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength
     target = render_vfr_maps(qp[keep], (size, size))
     x = augment.augment_intensity(rng, patch, strength=augment_strength)
     x = augment.normalise_patch(x)
+    valid = np.ones((size, size), bool) if ign is None else ~ign
+    return x, target, valid
+
+
+def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augment_strength: float = 1.0):
+    """(input, targets, valid) of one whole slice framed as the whole-slice plan frames it (issue 16).
+
+    The plan (``detect/plans.py``) resizes a slice to the patches' network scale, puts it at the
+    top left of the input and pads the bottom and right with zeros (the normalised minimum); the
+    frame is normalised as one.  The detector, trained on 224-pixel patches only, found S1 less
+    often so framed (benchmarks/RESULTS.md, "Detection plans").  Here the slice gets the patches'
+    scale jitter, rotation and flip, lands with its bounding box at the top left of a ``size``
+    square canvas (a random crop of it where it is larger), is normalised over that box alone and
+    padded with zeros beyond it.
+    """
+    s = int(rng.choice(sorted(src.quads)))
+    quads, img = src.quads[s], src.voxels[:, :, s]
+    h, w = img.shape
+    sr, sc = src.spacing_rc
+    tf = augment.make_transform(np.array([(w - 1) / 2.0, (h - 1) / 2.0]), (sr, sc), size=size,
+                                patch_mm=260.0 * size / PATCH,       # the patches' pixel size, 26 cm per 224
+                                scale=float(rng.uniform(0.8, 1.25)), rotation_deg=float(rng.uniform(-20, 20)),
+                                flip=bool(rng.random() < 0.5))
+    corners = tf.scan_to_patch(np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]]))
+    low, extent = corners.min(axis=0), np.ptp(corners, axis=0)          # (u, v) canvas pixels
+    offset = np.array([rng.uniform(min(0.0, size - e), 0.0) for e in extent])   # crop where larger
+    tf = augment.PatchTransform(A=tf.A, b=tf.b + tf.A @ (low - offset), flipped=tf.flipped, size=size)
+    canvas, ign = augment.resample_with_ignore(img, src.ignore.get(s), tf)
+    cols, rows = (int(min(size, np.ceil(e + o))) for e, o in zip(extent, offset))
+    frame = augment.augment_intensity(rng, canvas[:rows, :cols], strength=augment_strength)
+    x = np.zeros((size, size), np.float32)
+    x[:rows, :cols] = augment.normalise_patch(frame)
+    qp = tf.quads_to_patch(quads)
+    lo, hi = qp.min(axis=1), qp.max(axis=1)
+    keep = (hi[:, 0] > -40) & (lo[:, 0] < size + 40) & (hi[:, 1] > -40) & (lo[:, 1] < size + 40)
+    target = render_vfr_maps(qp[keep], (size, size))
     valid = np.ones((size, size), bool) if ign is None else ~ign
     return x, target, valid
 
@@ -306,7 +345,8 @@ def train(args) -> Path:
               "weight_decay": args.weight_decay, "phantom_fraction": args.phantom_fraction,
               "n_phantoms": args.n_phantoms, "blocks": list(cfg.blocks), "base_width": cfg.base_width,
               "max_cases": args.max_cases, "augment": args.augment, **real_data_config(args),
-              "focus_share": getattr(args, "focus_share", FOCUS_SHARE)}
+              "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
+              "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0)}
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)
@@ -328,12 +368,18 @@ def train(args) -> Path:
 
     def step_fn(step):
         xs, ts, vs = [], [], []
+        # a whole batch of whole-slice frames of one canvas size, or of patches (one tensor shape)
+        frame_size = (int(rng.choice(FRAME_SIZES)) if config["frame_share"] > 0 and rng.random() < config["frame_share"]
+                      else None)
         for _ in range(args.batch_size):
             pool = phantoms if rng.random() < pf else real
             if pool is real and clinical and rng.random() < config["tianchi_fraction"]:
                 pool = clinical
             src = pool[int(rng.integers(len(pool)))]
-            x, t, v = sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"])
+            if frame_size:
+                x, t, v = sample_frame(rng, src, size=frame_size, augment_strength=args.augment)
+            else:
+                x, t, v = sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"])
             xs.append(x)
             ts.append(t)
             vs.append(v)

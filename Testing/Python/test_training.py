@@ -292,3 +292,30 @@ def test_appearance_phantom_pool_teaches_the_segment_below_s1_as_s1():
             lowest_pairs += 1
             assert sacral[1] - sacral[0] > 15.0
     assert lowest_pairs >= 1
+
+
+def test_whole_slice_frames_sit_at_the_top_left_with_targets_on_the_bodies():
+    """A training frame is framed as the whole-slice plan frames a slice (``detect/plans.py``): the
+    slice at the top left of the input, zeros beyond it, and the centroid targets on its bodies."""
+    from scipy import ndimage
+
+    from SpineNetLib.training.detector import SliceSource, sample_frame
+
+    img = np.full((200, 100), 0.3, np.float32)
+    quads = []
+    for k in range(4):
+        y0, y1, x0, x1 = 20 + 45 * k, 50 + 45 * k, 40, 70
+        img[y0:y1 + 1, x0:x1 + 1] = 1.0
+        quads.append([[x1, y0], [x1, y1], [x0, y1], [x0, y0]])             # rt, rb, lb, lt
+    src = SliceSource("synthetic", img[:, :, None], (1.0, 1.0), {0: np.asarray(quads, float)})
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        x, t, valid = sample_frame(rng, src, size=256, augment_strength=0.0)
+        assert x.shape == t.shape[1:] == valid.shape == (256, 256)
+        content = np.argwhere(x > 0)
+        assert content[:, 0].min() <= 1 and content[:, 1].min() <= 1          # the slice starts at the top left
+        assert content[:, 0].max() < 240 and content[:, 1].max() < 176         # <= 222 x 163 mm turned 20 degrees
+        assert not x[240:].any() and not x[:, 176:].any()                      # zeros beyond it
+        peaks = np.argwhere((t[4] == ndimage.maximum_filter(t[4], size=9)) & (t[4] > 0.5))
+        assert len(peaks) == 4
+        assert all(x[r, c] > 0.9 * x.max() for r, c in peaks)                  # each on a bright body
