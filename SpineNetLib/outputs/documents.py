@@ -314,9 +314,34 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
         return (f"Levels corrected by hand (the network's own labelling had confidence "
                 f"{_two_decimals_down(confidence)})."), False
     review = bool(block.get("needs_review"))
-    notes = [w[:1].upper() + w[1:] for w in block.get("warnings") or []]
+    notes = [w[:1].upper() + w[1:] for w in _grouped_shift_reasons(block.get("warnings") or [])]
     lines = notes if review else [f"Level labelling confidence {_two_decimals_down(confidence)}", *notes]
     return ". ".join(lines) + ".", review
+
+
+#: How every review reason that the levels may be one off begins (``label/confidence.py``).
+_SHIFT_PREFIX = "levels may be shifted by one"
+
+
+def _grouped_shift_reasons(warnings: list[str]) -> list[str]:
+    """The warnings with two or more "levels may be shifted by one ..." reasons said once, numbered:
+    "levels may be shifted by one, for 2 reasons: (1) ...; (2) ...", in the first one's place."""
+    reasons = []
+    for warning in warnings:
+        rest = warning[len(_SHIFT_PREFIX):] if warning.startswith(_SHIFT_PREFIX) else None
+        if rest is not None and rest.startswith(": "):
+            reasons.append(rest[2:])
+        elif rest is not None and rest.startswith(" (") and "): " in rest:
+            how_sure, _, what = rest[2:].partition("): ")     # "(confidence 0.50): the next best ..."
+            reasons.append(f"{how_sure}: {what}")
+        else:
+            reasons.append(None)
+    if sum(r is not None for r in reasons) < 2:
+        return list(warnings)
+    numbered = "; ".join(f"({n}) {r}" for n, r in enumerate((r for r in reasons if r is not None), 1))
+    grouped = f"{_SHIFT_PREFIX}, for {sum(r is not None for r in reasons)} reasons: {numbered}"
+    first = next(k for k, r in enumerate(reasons) if r is not None)
+    return [grouped if k == first else w for k, (w, r) in enumerate(zip(warnings, reasons)) if r is None or k == first]
 
 
 # --------------------------------------------------------------------------- corrections

@@ -24,6 +24,7 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.label.confidence import (
     DEFAULT_MIN_CONFIDENCE,
+    S1_MAY_BE_L5,
     S1_NOT_FOUND,
     confidence_of_vertebrae,
     labelling_confidence,
@@ -208,6 +209,16 @@ def test_the_document_block_the_csv_columns_and_the_status_line():
     assert documents.labelling_status(_document(confident)) == (
         "Level labelling confidence 0.99. S1 not found: the levels were counted from the other vertebrae only.",
         False)
+
+    # several reasons for the same doubt are said once, numbered, in the panel's line (the document
+    # keeps one warning per reason)
+    doc["labelling"]["warnings"] = [S1_MAY_BE_L5, *confidence.warnings]
+    text, review = documents.labelling_status(doc)
+    assert review and text == (
+        "Levels may be shifted by one, for 2 reasons: (1) the body named S1 may be L5 (a weaker detection "
+        "lies below it where S1 would lie below an L5); (2) confidence 0.50: the next best labelling calls "
+        "the lowest body S1 instead of L5 (L2..S1 instead of L1..L5). S1 not found: the levels were counted "
+        "from the other vertebrae only.")
 
 
 def test_a_correction_by_hand_needs_no_review():
