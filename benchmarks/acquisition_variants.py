@@ -1,7 +1,7 @@
 """Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
 
     python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
-        [--precision fp32|bf16] [--runtime torch|openvino]
+        [--precision fp32|bf16] [--runtime torch|openvino] [--plan patches|whole_slice]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
 held-out cases of ``validate_bundled.py`` (never seen by any training run) and changes each the way
@@ -157,7 +157,7 @@ def vary(scan, variant: str, gt, seed: int):
     raise SystemExit(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
 
 
-def predict_variant(cases, variant: str, networks, profile, pred_root: Path) -> list[str]:
+def predict_variant(cases, variant: str, networks, profile, pred_root: Path, detection_params=None) -> list[str]:
     """``vertebrae.json`` of every case under ``variant``; returns the case ids that were run."""
     from SpineNetLib.evaluation.evaluate import ground_truth_of_case
     from SpineNetLib.inputs.load import load_scan
@@ -171,7 +171,8 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path) -> 
             changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
             if changed is None:
                 continue
-            result = run(changed, networks, RunOptions(grade=False, profile=profile.name))
+            result = run(changed, networks, RunOptions(grade=False, profile=profile.name,
+                                                       detection_params=detection_params))
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(result.vertebrae_document), encoding="utf-8")
         done.append(case.case_id)
@@ -209,10 +210,13 @@ def main(argv=None) -> int:
                         help="where the detector runs (SpineNetLib/models/runtimes.py)")
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side (which the networks saw)")
+    parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
+                        help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.evaluation.evaluate import evaluate_directories
     from SpineNetLib.pipeline import load_networks, processing_profile
     from SpineNetLib.training.datasets import default_data_root
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     lines = []
     for variant in variants:
-        ran = predict_variant(cases, variant, networks, profile, pred_root)
+        ran = predict_variant(cases, variant, networks, profile, pred_root,
+                              DetectionParams(plan=args.plan) if args.plan else None)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
         lines.append(row(variant, summary, pred_root / variant))
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "

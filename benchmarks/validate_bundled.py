@@ -42,7 +42,7 @@ def training_cases(data_root):
 
 
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
-            precision: str = "fp32", runtime: str = "torch", plan: str = "patches") -> None:
+            precision: str = "fp32", runtime: str = "torch", plan: str | None = None) -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.detect.plans import DetectionParams
@@ -50,7 +50,7 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
 
     networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
     profile = processing_profile(profile_name, networks.weights.source)
-    options = RunOptions(grade=False, profile=profile.name, detection_params=DetectionParams(plan=plan))
+    options = RunOptions(grade=False, profile=profile.name, detection_params=DetectionParams(plan=plan) if plan else None)
     reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
     if reused:   # a resumed run; a folder left by another weight set would be scored as if it were this one
         print(f"reusing {len(reused)} predictions already in {pred_root} (delete them to predict again)",
@@ -104,7 +104,7 @@ PHANTOM_CONTRASTS = ("T1", "T2", "STIR")
 PHANTOM_SEEDS = (9001, 9002)
 
 
-def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch", plan: str = "patches") -> dict:
+def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch", plan: str | None = None) -> dict:
     """Held-out phantoms (seeds no training run uses) per field of view and contrast, with exact truth.
 
     ``make_phantom(fov, contrast, n_slices=9, seed, variability=1, rotation U(-10, 10) deg, include_s2)``;
@@ -128,7 +128,8 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch",
                 rotation = float(np.random.default_rng(seed).uniform(-10.0, 10.0))
                 ph = make_phantom(fov=fov, contrast=contrast, n_slices=9, seed=seed, variability=1.0,
                                   rotation_deg=rotation, include_s2=True)
-                found_bodies = detect_and_label(ph.scan, networks, detection_params=DetectionParams(plan=plan))
+                found_bodies = detect_and_label(ph.scan, networks,
+                                                detection_params=DetectionParams(plan=plan) if plan else None)
                 check = check_against_phantom(vertebrae_document(ph.scan, found_bodies), ph)
                 required = [r for r in check.rows if r.required]
                 total += len(required)
@@ -178,8 +179,9 @@ def main(argv=None) -> int:
                         help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
                         help="where the detector runs (SpineNetLib/models/runtimes.py)")
-    parser.add_argument("--plan", choices=("patches", "whole_slice"), default="patches",
-                        help="detection plan (SpineNetLib/detect/plans.py; the official profile always uses patches)")
+    parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
+                        help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py; the "
+                             "official profile always uses the official patches)")
     parser.add_argument("--phantoms", action="store_true",
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
