@@ -338,10 +338,15 @@ def _grouped_shift_reasons(warnings: list[str]) -> list[str]:
             reasons.append(None)
     if sum(r is not None for r in reasons) < 2:
         return list(warnings)
-    numbered = "; ".join(f"({n}) {r}" for n, r in enumerate((r for r in reasons if r is not None), 1))
-    grouped = f"{_SHIFT_PREFIX}, for {sum(r is not None for r in reasons)} reasons: {numbered}"
-    first = next(k for k, r in enumerate(reasons) if r is not None)
-    return [grouped if k == first else w for k, (w, r) in enumerate(zip(warnings, reasons)) if r is None or k == first]
+    shift_reasons = [r for r in reasons if r is not None]
+    numbered = "; ".join(f"({n}) {r}" for n, r in enumerate(shift_reasons, 1))
+    grouped, out = f"{_SHIFT_PREFIX}, for {len(shift_reasons)} reasons: {numbered}", []
+    for warning, reason in zip(warnings, reasons):
+        if reason is None:
+            out.append(warning)
+        elif grouped not in out:
+            out.append(grouped)
+    return out
 
 
 # --------------------------------------------------------------------------- corrections

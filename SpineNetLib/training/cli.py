@@ -19,6 +19,8 @@ def _checked(args) -> None:
         raise InputError("--steps and --batch-size must be at least 1")
     if getattr(args, "phantom_fraction", 0.0) is not None and not 0.0 <= getattr(args, "phantom_fraction", 0.0) <= 1.0:
         raise InputError("--phantom-fraction must be between 0 and 1")
+    if not 0.0 <= float(getattr(args, "frame_share", 0.0) or 0.0) <= 1.0:
+        raise InputError("--frame-share must be between 0 and 1")
     if getattr(args, "data", None) is None and hasattr(args, "data"):
         root = default_data_root()
         args.data = str(root) if root.is_dir() else None

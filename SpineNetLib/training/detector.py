@@ -6,7 +6,9 @@ annotated sagittal slices, a patch of ``260 mm * U(0.8, 1.25)`` around a
 point near a vertebral body (20 % anywhere), rotated by U(-20, 20) degrees and
 flipped with p = 0.5 (corner labels re-assigned by image position), sampled
 to 224x224 in one resampling, intensity-augmented, then normalised exactly
-as at inference (``augment``).  Targets: ``targets.render_vfr_maps`` of the
+as at inference (``augment``).  With ``--frame-share P``, a share P of the batches
+holds whole slices instead, framed as the whole-slice detection plan frames them
+(:func:`sample_frame`).  Targets: ``targets.render_vfr_maps`` of the
 patch-frame quads.  Pixels outside the annotated band of a real case (the
 unannotated S1 and bodies above the annotated run) and around bodies with no
 usable quad (``dataset.slice_targets_and_loss_mask``) are ignored.

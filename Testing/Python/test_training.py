@@ -319,3 +319,11 @@ def test_whole_slice_frames_sit_at_the_top_left_with_targets_on_the_bodies():
         peaks = np.argwhere((t[4] == ndimage.maximum_filter(t[4], size=9)) & (t[4] > 0.5))
         assert len(peaks) == 4
         assert all(x[r, c] > 0.9 * x.max() for r, c in peaks)                  # each on a bright body
+
+
+def test_a_frame_share_outside_0_1_is_a_one_line_error(tmp_path, capsys):
+    cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", "--frame-share", "1.5"]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--frame-share must be between 0 and 1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
