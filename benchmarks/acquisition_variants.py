@@ -216,11 +216,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.evaluation.evaluate import evaluate_directories
     from SpineNetLib.pipeline import load_networks, processing_profile
     from SpineNetLib.training.datasets import default_data_root
-    from validate_bundled import held_out_cases, training_cases
+    from validate_bundled import detection_params_for, held_out_cases, training_cases
 
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -230,10 +229,10 @@ def main(argv=None) -> int:
     networks = load_networks(args.weights, "cpu", precision=args.precision, runtime=args.runtime)
     profile = processing_profile(None, networks.weights.source)
     start = time.perf_counter()
+    detection_params = detection_params_for(args.plan)
     lines = []
     for variant in variants:
-        ran = predict_variant(cases, variant, networks, profile, pred_root,
-                              DetectionParams(plan=args.plan) if args.plan else None)
+        ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
         lines.append(row(variant, summary, pred_root / variant))
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "

@@ -41,16 +41,22 @@ def training_cases(data_root):
     return [c for c in cases if c.case_id not in DEFAULT_VAL_CASES]
 
 
+def detection_params_for(plan: str | None):
+    """``DetectionParams`` with the detection plan asked for (``--plan``); None keeps the pipeline's default."""
+    from SpineNetLib.detect.plans import DetectionParams
+
+    return DetectionParams(plan=plan) if plan else None
+
+
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
             precision: str = "fp32", runtime: str = "torch", plan: str | None = None) -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
     networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
     profile = processing_profile(profile_name, networks.weights.source)
-    options = RunOptions(grade=False, profile=profile.name, detection_params=DetectionParams(plan=plan) if plan else None)
+    options = RunOptions(grade=False, profile=profile.name, detection_params=detection_params_for(plan))
     reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
     if reused:   # a resumed run; a folder left by another weight set would be scored as if it were this one
         print(f"reusing {len(reused)} predictions already in {pred_root} (delete them to predict again)",
@@ -112,13 +118,13 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch",
     """
     import numpy as np
 
-    from SpineNetLib.detect.plans import DetectionParams
     from SpineNetLib.evaluation.demo_check import check_against_phantom
     from SpineNetLib.outputs.vertebrae import vertebrae_document
     from SpineNetLib.pipeline import detect_and_label, load_networks
     from SpineNetLib.synthetic.phantom import make_phantom
 
     networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
+    detection_params = detection_params_for(plan)
     table = {}
     print(f"\nheld-out phantoms (seeds {PHANTOM_SEEDS}): bodies found / named right / scans all right")
     for fov in PHANTOM_FOVS:
@@ -128,8 +134,7 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch",
                 rotation = float(np.random.default_rng(seed).uniform(-10.0, 10.0))
                 ph = make_phantom(fov=fov, contrast=contrast, n_slices=9, seed=seed, variability=1.0,
                                   rotation_deg=rotation, include_s2=True)
-                found_bodies = detect_and_label(ph.scan, networks,
-                                                detection_params=DetectionParams(plan=plan) if plan else None)
+                found_bodies = detect_and_label(ph.scan, networks, detection_params=detection_params)
                 check = check_against_phantom(vertebrae_document(ph.scan, found_bodies), ph)
                 required = [r for r in check.rows if r.required]
                 total += len(required)

@@ -162,14 +162,20 @@ def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength
     tf = augment.make_transform(center, (sr, sc), size=size, scale=float(rng.uniform(0.8, 1.25)),
                                 rotation_deg=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5))
     patch, ign = augment.resample_with_ignore(img, src.ignore.get(s), tf)
+    target, valid = _targets_and_valid(tf, quads, ign)
+    x = augment.augment_intensity(rng, patch, strength=augment_strength)
+    x = augment.normalise_patch(x)
+    return x, target, valid
+
+
+def _targets_and_valid(tf: augment.PatchTransform, quads: np.ndarray, ignore: np.ndarray | None):
+    """Target maps of the quads that come within 40 px of the ``tf.size`` square, and its loss mask."""
+    size = tf.size
     qp = tf.quads_to_patch(quads)
     lo, hi = qp.min(axis=1), qp.max(axis=1)
     keep = (hi[:, 0] > -40) & (lo[:, 0] < size + 40) & (hi[:, 1] > -40) & (lo[:, 1] < size + 40)
-    target = render_vfr_maps(qp[keep], (size, size))
-    x = augment.augment_intensity(rng, patch, strength=augment_strength)
-    x = augment.normalise_patch(x)
-    valid = np.ones((size, size), bool) if ign is None else ~ign
-    return x, target, valid
+    valid = np.ones((size, size), bool) if ignore is None else ~ignore
+    return render_vfr_maps(qp[keep], (size, size)), valid
 
 
 def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augment_strength: float = 1.0):
@@ -200,12 +206,7 @@ def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augme
     frame = augment.augment_intensity(rng, canvas[:rows, :cols], strength=augment_strength)
     x = np.zeros((size, size), np.float32)
     x[:rows, :cols] = augment.normalise_patch(frame)
-    qp = tf.quads_to_patch(quads)
-    lo, hi = qp.min(axis=1), qp.max(axis=1)
-    keep = (hi[:, 0] > -40) & (lo[:, 0] < size + 40) & (hi[:, 1] > -40) & (lo[:, 1] < size + 40)
-    target = render_vfr_maps(qp[keep], (size, size))
-    valid = np.ones((size, size), bool) if ign is None else ~ign
-    return x, target, valid
+    return (x, *_targets_and_valid(tf, quads, ign))
 
 
 def detector_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
