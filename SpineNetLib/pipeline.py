@@ -41,9 +41,9 @@ from SpineNetLib.discs.hotspots import (
 from SpineNetLib.discs.measurements import measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
-from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_MAY_BE_L5,
-                                          LabellingConfidence, confidence_of_vertebrae, s1_at_lower_edge,
-                                          same_level_twice)
+from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
+                                          S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
+                                          s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -651,7 +651,7 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
 def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confidence: LabellingConfidence) -> None:
     """The review reasons the margin cannot show (``result.labelling`` says which held; each goes before
     those asked earlier, so the more specific ones, asked later, come first), and the note on an S1 at
-    the lower image edge."""
+    the lower image edge (a review reason when the body is cut by the edge)."""
     spacing_factor = result.labelling.get("pixel_spacing_factor")
     if spacing_factor is not None:
         # the header's spacing found too few bodies: the levels and every size in mm are in doubt
@@ -671,7 +671,11 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
     if result.labelling.get("s1_at_image_edge_relabelled"):
         _ask_for_review(confidence, EDGE_BODY_RELABELLED)
     edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
-    if edge_note is not None:
+    if edge_note is not None and s1_cut_by_lower_edge(result.vertebrae, scan.voxels.shape[0]):
+        # the note's strongest case (the body itself cut) asks for a review instead
+        result.labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
+        _ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
+    elif edge_note is not None:
         result.labelling["s1_at_image_edge"] = True
         confidence.warnings.append(edge_note)
 

@@ -359,19 +359,23 @@ def _body(level: str, top: float, bottom: float) -> Vertebra:
     return Vertebra(slices=[0], polygons=[quad], level=level)
 
 
-def test_an_s1_at_the_lower_image_edge_is_said_without_asking_for_review():
+def test_an_s1_at_the_lower_image_edge_is_said_and_one_cut_by_it_asks_for_review():
     """No sacrum seen below the body named S1 (less than half its height of image): a note, because an L5
     at the image edge is taken for S1 (benchmarks/acquisition_variants.py); not below a real S1 with
-    its sacrum, not when the lowest body is not S1."""
-    from SpineNetLib.label.confidence import s1_at_lower_edge
+    its sacrum, not when the lowest body is not S1.  Only a body reaching the last row, cut by the
+    edge, asks for a review (s1_cut_by_lower_edge)."""
+    from SpineNetLib.label.confidence import s1_at_lower_edge, s1_cut_by_lower_edge
 
-    l5 = _body("L5", 100.0, 130.0)
-    assert s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 200, 0.5) is None          # 29 rows below a 30-row body
-    close = s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 180, 0.5)                   # 9 rows below
+    l5, s1 = _body("L5", 100.0, 130.0), _body("S1", 140.0, 170.0)
+    assert s1_at_lower_edge([l5, s1], 200, 0.5) is None                                 # 29 rows below a 30-row body
+    close = s1_at_lower_edge([l5, s1], 180, 0.5)                                         # 9 rows below
     assert close is not None and "ends 4 mm above the lower edge" in close and "not L5" in close
-    assert "is cut by the lower edge" in s1_at_lower_edge([l5, _body("S1", 140.0, 170.0)], 160, 0.5)
+    assert not s1_cut_by_lower_edge([l5, s1], 180) and not s1_cut_by_lower_edge([l5, s1], 172)   # 1 row below
+    assert "is cut by the lower edge" in s1_at_lower_edge([l5, s1], 160, 0.5)
+    assert s1_cut_by_lower_edge([l5, s1], 171) and s1_cut_by_lower_edge([l5, s1], 160)     # reaches the last row
     assert s1_at_lower_edge([_body("L4", 60.0, 90.0), l5], 131, 0.5) is None
-    assert s1_at_lower_edge([], 100, 0.5) is None
+    assert not s1_cut_by_lower_edge([_body("L4", 60.0, 90.0), l5], 120)                   # an L5 cut: no S1 to doubt
+    assert s1_at_lower_edge([], 100, 0.5) is None and not s1_cut_by_lower_edge([], 100)
 
 
 def test_two_consecutive_bodies_whose_evidence_favours_the_same_level_are_found():
@@ -423,16 +427,21 @@ needs_clinical_slices = pytest.mark.skipif(not (default_data_root() / "tianchi" 
 
 
 @needs_clinical_slices
-def test_a_clinical_slice_cut_between_l5_and_s1_says_its_s1_may_be_l5():
+def test_a_clinical_slice_cut_between_l5_and_s1_asks_whether_its_s1_is_l5():
     """tianchi_030 (held out) with the image cut between L5 and S1: the networks name the L5 at the
-    edge S1, even without its own appearance; the note says what to check, in vertebrae.json.  The
-    whole slice, its sacrum in view, gets no such note."""
+    edge S1, even without its own appearance, at a margin that asks for no review.  That body reaches
+    the last row of the image, so the scan asks for review with that reason first, in vertebrae.json.
+    The whole slice, its sacrum in view, gets neither."""
+    from SpineNetLib.label.confidence import S1_CUT_BY_LOWER_EDGE
+
     scan, cut, _ = _clinical_slice_cut_between_l5_and_s1("tianchi_030-000")
     networks = pipeline.load_networks("bundled", "cpu")
     for image, edge in ((scan, False), (cut, True)):
         block = pipeline.run(image, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
-        assert block.get("s1_at_image_edge", False) is edge
-        assert any("no sacrum is seen below it" in w for w in block["warnings"]) is edge
+        assert block.get("s1_at_image_edge", False) is edge and block.get("s1_cut_by_image_edge", False) is edge
+        assert block["needs_review"] is edge
+        assert (block["warnings"][0] == S1_CUT_BY_LOWER_EDGE) is edge
+        assert block["margin_nats"] > block["review_margin_nats"]      # the margin alone would not ask
 
 
 @needs_clinical_slices
