@@ -544,13 +544,22 @@ def params_for_context(context_net, params: LabellingParams | None = None) -> La
     """
     if params is not None:
         return params
-    meta = getattr(context_net, "checkpoint_meta", None) or {}
-    values = {}
-    for entry, name in CONTEXT_CHECKPOINT_PARAMS.items():
-        value = meta.get(entry)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-            values[name] = float(value)
-    return LabellingParams(**values)
+    values = {name: _checkpoint_number(context_net, entry) for entry, name in CONTEXT_CHECKPOINT_PARAMS.items()}
+    return LabellingParams(**{name: value for name, value in values.items() if value is not None})
+
+
+def calibrated_review_margin(context_net) -> float | None:
+    """The review margin (nats) that the context checkpoint records as calibrated for its weights; None
+    when it records none (the official weights: their review margin is the default, not calibrated)."""
+    return _checkpoint_number(context_net, "min_labelling_margin_nats")
+
+
+def _checkpoint_number(context_net, entry: str) -> float | None:
+    """A finite number >= 0 recorded in the context checkpoint under ``entry``, else None."""
+    value = (getattr(context_net, "checkpoint_meta", None) or {}).get(entry)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
 
 
 def sacral_run_end(indices: Sequence[int]) -> int:
