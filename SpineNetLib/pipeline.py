@@ -44,7 +44,7 @@ from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
                                           s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
-from SpineNetLib.label.orientation import surer_turned_head_up, upside_down_warning
+from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -681,22 +681,25 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
         confidence.warnings.append(edge_note)
 
 
-def _ask_for_review_if_upside_down(scan: Scan, result: DetectionResult, networks: Networks,
+def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks: Networks,
                                    params: labelling.LabellingParams, confidence: LabellingConfidence) -> None:
-    """When the labelling is unsure by its margin, read the same bodies on the image turned head up
-    (``label/orientation.py``); if that reading reaches the review margin calibrated for these weights,
-    the image is probably upside down: say so first.  Off for weights that record no calibrated
-    margin (the official ones), where the default margin would be too low a bar for the turned reading."""
+    """When the labelling is unsure by its margin, read the same bodies on the image turned head up,
+    then mirrored front to back (``label/orientation.py``); if a reading reaches the review margin
+    calibrated for these weights, the header probably has that direction wrong: say so first.  Off for
+    weights that record no calibrated margin (the official ones), where the default margin would be
+    too low a bar for the other reading."""
     calibrated = labelling.calibrated_review_margin(networks.context)
     if calibrated is None or confidence.margin_nats >= confidence.review_margin_nats:
         return
-    label = lambda turned, bodies: labelling.label_vertebrae(  # noqa: E731
-        turned, bodies, networks.appearance, networks.context, params, device=networks.device)
+    label = lambda image, bodies: labelling.label_vertebrae(  # noqa: E731
+        image, bodies, networks.appearance, networks.context, params, device=networks.device)
     margin_of = lambda labelled: getattr(confidence_of_vertebrae(labelled, params), "margin_nats", None)  # noqa: E731
-    turned = surer_turned_head_up(scan, result.vertebrae, label, margin_of, calibrated)
-    if turned is not None:
-        result.labelling["upside_down"] = {"margin_nats_turned_head_up": round(turned, 3)}
-        _ask_for_review(confidence, upside_down_warning(confidence.margin_nats, turned))
+    found = surer_reoriented(scan, result.vertebrae, label, margin_of, calibrated)
+    if found is not None:
+        error, margin = found
+        result.labelling["orientation_doubt"] = {"image_seems": error.seems,
+                                                 "margin_nats_set_right": round(margin, 3)}
+        _ask_for_review(confidence, orientation_warning(error, confidence.margin_nats, margin))
 
 
 def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
@@ -728,7 +731,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:
         _ask_for_review_where_in_doubt(scan, result, confidence)
-        _ask_for_review_if_upside_down(scan, result, networks, params, confidence)
+        _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
         labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))

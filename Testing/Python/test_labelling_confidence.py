@@ -480,50 +480,58 @@ def test_a_clinical_slice_shifted_by_one_asks_for_review():
                                            "named L5 and S1, favours L5 for both")
 
 
-def test_turning_head_up_reverses_the_rows_and_keeps_each_corner_in_its_place():
-    """turned_head_up: voxel rows reversed; each polygon's rows mirrored with top and bottom corners
-    swapped, so rt/rb/lb/lt still name the right-top, right-bottom, ... corners; labels dropped."""
-    from SpineNetLib.label.orientation import turned_head_up
+def test_setting_an_image_right_flips_its_pixels_and_keeps_each_corner_in_its_place():
+    """reoriented: head-down undone by reversing the rows, mirrored undone by reversing the columns;
+    each polygon follows its pixels with its corners renamed, so rt/rb/lb/lt still name the right-top,
+    right-bottom, ... corners; labels dropped, the input left as it was."""
+    from SpineNetLib.label.orientation import ORIENTATION_ERRORS, reoriented
     from SpineNetLib.synthetic.phantom import make_phantom
 
     scan = make_phantom(fov="lumbar", seed=3).scan
     body = _body("L4", 60.0, 90.0)
-    body.polygons = [np.array([[120.0, 60.0], [121.0, 90.0], [81.0, 91.0], [80.0, 61.0]])]
-    turned, (copy,) = turned_head_up(scan, [body])
-    last = scan.voxels.shape[0] - 1
-    assert np.array_equal(turned.voxels, scan.voxels[::-1]) and turned.spacing_mm == scan.spacing_mm
-    assert np.allclose(copy.polygons[0], [[121.0, last - 90.0], [120.0, last - 60.0],
-                                          [80.0, last - 61.0], [81.0, last - 91.0]])
-    top, bottom = copy.polygons[0][[0, 3], 1], copy.polygons[0][[1, 2], 1]
-    assert (top < bottom).all() and copy.level is None and copy.slices == body.slices
-    assert body.level == "L4" and body.polygons[0][0, 1] == 60.0     # the input is left as it was
+    body.polygons = [np.array([[120.0, 60.0], [121.0, 90.0], [81.0, 91.0], [80.0, 61.0]])]   # rt rb lb lt
+    last_row, last_col = scan.voxels.shape[0] - 1, scan.voxels.shape[1] - 1
+    head_up, mirrored_back = ORIENTATION_ERRORS
+    expected = {head_up: (scan.voxels[::-1], [[121.0, last_row - 90.0], [120.0, last_row - 60.0],
+                                              [80.0, last_row - 61.0], [81.0, last_row - 91.0]]),
+                mirrored_back: (scan.voxels[:, ::-1], [[last_col - 80.0, 61.0], [last_col - 81.0, 91.0],
+                                                       [last_col - 121.0, 90.0], [last_col - 120.0, 60.0]])}
+    for error, (voxels, corners) in expected.items():
+        image, (copy,) = reoriented(scan, [body], error)
+        assert np.array_equal(image.voxels, voxels) and image.spacing_mm == scan.spacing_mm
+        assert np.allclose(copy.polygons[0], corners)
+        rt, rb, lb, lt = copy.polygons[0]
+        assert rt[1] < rb[1] and lt[1] < lb[1] and rt[0] > lt[0] and rb[0] > lb[0]
+        assert copy.level is None and copy.slices == body.slices
+    assert body.level == "L4" and body.polygons[0][0, 1] == 60.0
 
 
 @needs_clinical_slices
-def test_an_image_given_head_down_says_it_may_be_upside_down():
-    """A held-out clinical slice whose header got the head-foot direction wrong reaches the networks
-    head down: the labelling is unsure, and the reason given first is the orientation, because the
-    same bodies read turned head up are sure (bundled MODEL_CARD.md, "Review flags").  As acquired,
-    no such reason."""
+def test_an_image_given_head_down_or_mirrored_says_so():
+    """A held-out clinical slice whose header got the head-foot (or the front-back) direction wrong
+    reaches the networks head down (or anterior on the right): the labelling is unsure, and the reason
+    given first is the orientation, because the same bodies read on the image set right are sure
+    (bundled MODEL_CARD.md, "Review flags").  As acquired, no such reason."""
     import dataclasses
 
     from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.label.labelling import calibrated_review_margin
     from SpineNetLib.training.datasets import list_cases
 
     case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == "tianchi_131-000")
     scan = load_scan(case.path / "image.nii.gz")
     networks = pipeline.load_networks("bundled", "cpu")
-    head_down = dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[::-1]))
-    block = pipeline.run(head_down, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
-    assert block["needs_review"] is True and block["margin_nats"] < block["review_margin_nats"]
-    assert block["warnings"][0].startswith("the image may be upside down (head at the bottom)")
-    assert block["upside_down"]["margin_nats_turned_head_up"] >= block["review_margin_nats"]
+    for voxels, seems, looks in ((scan.voxels[::-1], "upside down", "head at the bottom"),
+                                 (scan.voxels[:, ::-1], "mirrored front to back", "anterior on the right")):
+        wrong = dataclasses.replace(scan, voxels=np.ascontiguousarray(voxels))
+        block = pipeline.run(wrong, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
+        assert block["needs_review"] is True and block["margin_nats"] < block["review_margin_nats"]
+        assert block["warnings"][0].startswith(f"the image may be {seems} ({looks})")
+        assert block["orientation_doubt"]["image_seems"] == seems
+        assert block["orientation_doubt"]["margin_nats_set_right"] >= block["review_margin_nats"]
+    as_acquired = pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
+    assert "orientation_doubt" not in as_acquired and not any("the image may be" in w for w in as_acquired["warnings"])
     # the bar is the review margin calibrated for these weights; weights that record none (the
     # official ones, the stand-ins of the tests above) make no such check
-    from SpineNetLib.label.labelling import calibrated_review_margin
-
     assert calibrated_review_margin(networks.context) == pytest.approx(block["review_margin_nats"], abs=1e-3)
     assert calibrated_review_margin(object()) is None
-    as_acquired = pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).vertebrae_document["labelling"]
-    assert "upside_down" not in as_acquired
-    assert not any("upside down" in w for w in as_acquired["warnings"])
