@@ -44,8 +44,8 @@ from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
                                           s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
-from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
+from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.folding import fold_batch_norms
@@ -691,10 +691,12 @@ def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks
     calibrated = labelling.calibrated_review_margin(networks.context)
     if calibrated is None or confidence.margin_nats >= confidence.review_margin_nats:
         return
+    start = time.perf_counter()
     label = lambda image, bodies: labelling.label_vertebrae(  # noqa: E731
         image, bodies, networks.appearance, networks.context, params, device=networks.device)
     margin_of = lambda labelled: getattr(confidence_of_vertebrae(labelled, params), "margin_nats", None)  # noqa: E731
     found = surer_reoriented(scan, result.vertebrae, label, margin_of, calibrated)
+    result.timings_s["labelling"] = result.timings_s.get("labelling", 0.0) + time.perf_counter() - start
     if found is not None:
         error, margin = found
         result.labelling["orientation_doubt"] = {"image_seems": error.seems,

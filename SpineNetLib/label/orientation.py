@@ -16,6 +16,7 @@ flags", has the figures on the held-out and training-side scans given each way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable, NamedTuple, Sequence
 
@@ -81,7 +82,7 @@ def surer_reoriented(scan: Scan, vertebrae: Sequence[Vertebra],
         return None
     for error in ORIENTATION_ERRORS:
         margin = margin_of(label(*reoriented(scan, vertebrae, error)))
-        if margin is not None and margin >= review_margin_nats:
+        if margin is not None and math.isfinite(margin) and margin >= review_margin_nats:
             return error, margin
     return None
 
