@@ -671,12 +671,13 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
         _ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
     if result.labelling.get("s1_at_image_edge_relabelled"):
         _ask_for_review(confidence, EDGE_BODY_RELABELLED)
-    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
-    if edge_note is not None and s1_cut_by_lower_edge(result.vertebrae, scan.voxels.shape[0]):
+    if s1_cut_by_lower_edge(result.vertebrae, scan.voxels.shape[0]):
         # the note's strongest case (the body itself cut) asks for a review instead
         result.labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
         _ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
-    elif edge_note is not None:
+        return
+    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
+    if edge_note is not None:
         result.labelling["s1_at_image_edge"] = True
         confidence.warnings.append(edge_note)
 
