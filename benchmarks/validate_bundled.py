@@ -94,6 +94,10 @@ def print_tables(summary: dict) -> None:
         n = o["s1_point_scans"]
         print(f"\nS1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
               f"detected {o['s1_point_detected']}/{n}, named S1 {o['s1_point_named_s1']}/{n}")
+    if o.get("disc_points"):
+        # a disc point lies between two bodies: inside an outline, that outline reaches into the disc
+        inside = ", ".join(f"{disc} {row['inside_an_outline']}/{row['scored']}" for disc, row in o["disc_points"].items())
+        print(f"radiologists' disc points inside a detected body outline (the outline reaches into the disc): {inside}")
     print()
     print(f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}")
     for level, row in summary["by_level"].items():

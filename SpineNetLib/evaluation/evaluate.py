@@ -120,6 +120,10 @@ class CaseGroundTruth:
     #: Point-annotated cases only: where S1 must be, derived from the points (``ground_truth_from_points``);
     #: scored apart from the annotated bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
     s1_point: np.ndarray | None = None
+    #: Point-annotated cases only: the radiologists' disc points, ``{"L5-S1": [x, y], ...}`` on the one
+    #: slice.  A disc point lies between two bodies, so one inside a predicted outline means that outline
+    #: reaches into the disc (``CaseMetrics.disc_points_inside_outlines``).
+    disc_points: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -210,6 +214,7 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
     if disc_centres:
         rows = [float(c[1]) for c in disc_centres.values()]
         gt.range_top_row, gt.range_bottom_row = min(rows), max(rows)
+    gt.disc_points = disc_centres
     l5 = [v for v in gt.vertebrae if v.level == "L5"]
     if l5 and "L5-S1" in disc_centres:
         # S1 has no point: the L5 centre mirrored through the L5-S1 disc point lies inside S1
@@ -345,6 +350,10 @@ class CaseMetrics:
     #: point / that prediction is named S1.  None where the case has no such point.
     s1_detected: bool | None = None
     s1_named: bool | None = None
+    #: Point-annotated cases: the discs scored (``CaseGroundTruth.disc_points``) and those whose point
+    #: lies inside a predicted outline (an outline that reaches into the disc).
+    discs_scored: list[str] = field(default_factory=list)
+    disc_points_inside_outlines: list[str] = field(default_factory=list)
 
     @property
     def precision(self) -> float:
@@ -442,6 +451,10 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         on_s1 = [p for p in preds if any(polygons.point_in_polygon(gt.s1_point, q) for q in p.polygons)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
+    for disc, point in sorted(gt.disc_points.items(), key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)):
+        metrics.discs_scored.append(disc)
+        if any(polygons.point_in_polygon(point, q) for p in preds for q in p.polygons):
+            metrics.disc_points_inside_outlines.append(disc)
     return metrics
 
 
@@ -471,6 +484,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
+        "disc_points_inside_outlines": list(m.disc_points_inside_outlines),
     }
 
 
@@ -487,8 +501,15 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
         total.n_ignored_predictions += m.n_ignored_predictions
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
-    for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named"):
+    for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named",
+                          "disc_points_inside_outlines"):
         del pooled[per_case_only]
+    pooled["disc_points"] = {}
+    for m in metrics:
+        for disc in m.discs_scored:
+            row = pooled["disc_points"].setdefault(disc, {"scored": 0, "inside_an_outline": 0})
+            row["scored"] += 1
+            row["inside_an_outline"] += int(disc in m.disc_points_inside_outlines)
     with_s1 = [m for m in metrics if m.s1_detected is not None]
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)

@@ -84,6 +84,25 @@ def test_s1_point_of_a_clinical_slice_lies_below_the_l5_s1_disc_and_is_scored_ap
 
 
 @needs_data
+def test_an_outline_reaching_into_a_disc_is_counted_by_the_radiologists_disc_point():
+    case = D.list_cases(DATA, sources=("tianchi",))[0]
+    gt = E.ground_truth_of_case(case)
+    assert list(gt.disc_points) == ["T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"]
+    square = lambda c, lv, half=6.0: E.PredictedVertebra(level=lv, slices=np.array([0.0]),
+                                                         polygons=[box(c[0], c[1], half, half)])
+    bodies = [square(v.centroid, v.level) for v in gt.vertebrae]
+    disc = gt.disc_points["L5-S1"]
+    clear = E.evaluate_case(gt, bodies + [square(gt.s1_point, "S1")])
+    # an S1 outline whose upper part covers the L5-S1 disc point, as a misplaced one does
+    into_disc = E.evaluate_case(gt, bodies + [square((gt.s1_point + disc) / 2, "S1", float(np.linalg.norm(gt.s1_point - disc)))])
+    assert clear.discs_scored == list(gt.disc_points) and clear.disc_points_inside_outlines == []
+    assert into_disc.disc_points_inside_outlines == ["L5-S1"] and into_disc.s1_named
+    pooled = E.summarise([clear, into_disc])["overall"]["disc_points"]
+    assert pooled["L5-S1"] == {"scored": 2, "inside_an_outline": 1}
+    assert pooled["L4-L5"] == {"scored": 2, "inside_an_outline": 0}
+
+
+@needs_data
 def test_tianchi_training_studies_exclude_the_validation_studies(tmp_path):
     cases = D.list_cases(DATA, sources=("tianchi",))
     quads, _ = column()
