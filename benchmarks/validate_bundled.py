@@ -97,7 +97,8 @@ def print_tables(summary: dict) -> None:
     if o.get("disc_points"):
         # a disc point lies between two bodies: inside an outline, that outline reaches into the disc
         inside = ", ".join(f"{disc} {row['inside_an_outline']}/{row['scored']}" for disc, row in o["disc_points"].items())
-        print(f"radiologists' disc points inside a detected body outline (the outline reaches into the disc): {inside}")
+        print(f"disc points inside a detected body outline (the outline reaches into the disc; clinical slices: "
+              f"the radiologists' points, ivd volumes: the disc mask's centre): {inside}")
     print()
     print(f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}")
     for level, row in summary["by_level"].items():

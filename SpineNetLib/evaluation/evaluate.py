@@ -120,10 +120,11 @@ class CaseGroundTruth:
     #: Point-annotated cases only: where S1 must be, derived from the points (``ground_truth_from_points``);
     #: scored apart from the annotated bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
     s1_point: np.ndarray | None = None
-    #: Point-annotated cases only: the radiologists' disc points, ``{"L5-S1": [x, y], ...}`` on the one
-    #: slice.  A disc point lies between two bodies, so one inside a predicted outline means that outline
-    #: reaches into the disc (``CaseMetrics.disc_points_inside_outlines``).
-    disc_points: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Cases with annotated discs (points of ``tianchi/``, masks of ``ivd/``): a point inside each disc,
+    #: ``{"L5-S1": (slice, [x, y]), ...}`` (the radiologists' point; a mask's centroid on the slice where
+    #: it is largest).  It lies between two bodies, so a predicted outline holding it reaches into the
+    #: disc (``CaseMetrics.disc_points_inside_outlines``).
+    disc_points: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
 
 def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -179,8 +180,11 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
             discs[upper] = (int(code), lower)
     vertebrae: list[GroundTruthVertebra] = []
     rows = []
+    disc_points = {}
     for upper, (code, body) in discs.items():
         rows.append(float(mask_centroid((labels == code).any(axis=2))[1]))
+        largest = int(np.argmax((labels == code).sum(axis=(0, 1))))
+        disc_points[f"{upper}-{body}"] = (largest, mask_centroid(labels[:, :, largest] == code))
         if body not in discs:
             continue
         above, below = labels == code, labels == discs[body][0]
@@ -192,7 +196,8 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
         vertebrae.append(GroundTruthVertebra(level=body, mid_slice=mid, centroid=centroid))
     vertebrae.sort(key=lambda v: float(v.centroid[1]))
     return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm), vertebrae=vertebrae,
-                           range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None)
+                           range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None,
+                           disc_points=disc_points)
 
 
 def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -214,7 +219,7 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
     if disc_centres:
         rows = [float(c[1]) for c in disc_centres.values()]
         gt.range_top_row, gt.range_bottom_row = min(rows), max(rows)
-    gt.disc_points = disc_centres
+    gt.disc_points = {name: (0, centre) for name, centre in disc_centres.items()}
     l5 = [v for v in gt.vertebrae if v.level == "L5"]
     if l5 and "L5-S1" in disc_centres:
         # S1 has no point: the L5 centre mirrored through the L5-S1 disc point lies inside S1
@@ -451,9 +456,11 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         on_s1 = [p for p in preds if any(polygons.point_in_polygon(gt.s1_point, q) for q in p.polygons)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
-    for disc, point in sorted(gt.disc_points.items(), key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)):
+    for disc, (disc_slice, point) in sorted(gt.disc_points.items(),
+                                            key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)):
         metrics.discs_scored.append(disc)
-        if any(polygons.point_in_polygon(point, q) for p in preds for q in p.polygons):
+        near = [p.polygon_near(disc_slice, tol) for p in preds]
+        if any(q is not None and polygons.point_in_polygon(point, q) for q in near):
             metrics.disc_points_inside_outlines.append(disc)
     return metrics
 
@@ -504,12 +511,13 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
     for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named",
                           "disc_points_inside_outlines"):
         del pooled[per_case_only]
-    pooled["disc_points"] = {}
+    discs: dict[str, dict] = {}
     for m in metrics:
         for disc in m.discs_scored:
-            row = pooled["disc_points"].setdefault(disc, {"scored": 0, "inside_an_outline": 0})
+            row = discs.setdefault(disc, {"scored": 0, "inside_an_outline": 0})
             row["scored"] += 1
             row["inside_an_outline"] += int(disc in m.disc_points_inside_outlines)
+    pooled["disc_points"] = dict(sorted(discs.items(), key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)))
     with_s1 = [m for m in metrics if m.s1_detected is not None]
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)

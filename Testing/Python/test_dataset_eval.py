@@ -559,6 +559,15 @@ def test_ground_truth_from_discs_only():
     above = E.PredictedVertebra("L1", np.array([2.0]), [box(8, 0, 34, 9)])
     m = E.evaluate_case(gt, [hit, above])
     assert (m.tp, m.fp, m.fn, m.n_identified, m.n_ignored_predictions) == (1, 0, 1, 1, 1)
+    # Each disc's centroid on the slice where its mask is largest scores the outlines around it:
+    # the L2 box (rows 16..34) leaves every disc free; one reaching down to row 42 takes in L2-L3.
+    assert {k: (s, tuple(c)) for k, (s, c) in gt.disc_points.items()} == {
+        "L1-L2": (1, (19.5, 11.5)), "L2-L3": (2, (21.5, 41.5)), "L3-L4": (0, (23.5, 71.5))}
+    assert (m.discs_scored, m.disc_points_inside_outlines) == (["L1-L2", "L2-L3", "L3-L4"], [])
+    into_disc = E.PredictedVertebra("L2", np.array([2.0]), [box(8, 16, 34, 42)])
+    assert E.evaluate_case(gt, [into_disc]).disc_points_inside_outlines == ["L2-L3"]
+    elsewhere = E.PredictedVertebra("L2", np.array([5.0]), [box(8, 16, 34, 42)])   # 9 mm away from slice 2
+    assert E.evaluate_case(gt, [elsewhere]).disc_points_inside_outlines == []
 
 
 @needs_data

@@ -91,7 +91,7 @@ def test_an_outline_reaching_into_a_disc_is_counted_by_the_radiologists_disc_poi
     square = lambda c, lv, half=6.0: E.PredictedVertebra(level=lv, slices=np.array([0.0]),
                                                          polygons=[box(c[0], c[1], half, half)])
     bodies = [square(v.centroid, v.level) for v in gt.vertebrae]
-    disc = gt.disc_points["L5-S1"]
+    disc = gt.disc_points["L5-S1"][1]
     clear = E.evaluate_case(gt, bodies + [square(gt.s1_point, "S1")])
     # an S1 outline whose upper part covers the L5-S1 disc point, as a misplaced one does
     into_disc = E.evaluate_case(gt, bodies + [square((gt.s1_point + disc) / 2, "S1", float(np.linalg.norm(gt.s1_point - disc)))])
