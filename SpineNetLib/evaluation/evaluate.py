@@ -355,8 +355,8 @@ class CaseMetrics:
     #: point / that prediction is named S1.  None where the case has no such point.
     s1_detected: bool | None = None
     s1_named: bool | None = None
-    #: Point-annotated cases: the discs scored (``CaseGroundTruth.disc_points``) and those whose point
-    #: lies inside a predicted outline (an outline that reaches into the disc).
+    #: Cases with annotated discs: the discs scored (``CaseGroundTruth.disc_points``) and those whose
+    #: point lies inside a predicted outline near its slice (an outline that reaches into the disc).
     discs_scored: list[str] = field(default_factory=list)
     disc_points_inside_outlines: list[str] = field(default_factory=list)
 
