@@ -176,8 +176,8 @@ def _neighbour_correlation(image: np.ndarray) -> float:
 #: Figures from the volumes of healthy volunteers (``benchmarks/grader_on_volumes.py``; MODEL_CARD.md "On volumes").
 SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
-    "not validated (the bundled grader calls 10-29 % of healthy volunteers' discs herniated, depending on "
-    "the scanner, most at L5-S1; MODEL_CARD.md); treat them as a hint only")
+    "not validated (the bundled grader calls 11-32 % of healthy volunteers' discs herniated, depending on "
+    "the scanner, and 47 % of their L5-S1 discs; MODEL_CARD.md); treat them as a hint only")
 
 
 def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> str:

@@ -16,7 +16,8 @@ networks (:func:`SpineNetLib.pipeline.detect_and_label`) and its discs cut
 (:func:`SpineNetLib.pipeline.grade_discs` without grading) once; the disc volumes are cached in
 ``--cache`` so that several graders compare on the same discs.  Each ``--grader`` (default: the
 bundled one) then grades them; the script prints, per grader and source, the discs, the share
-called herniated and the median herniation probability.
+called herniated and the median herniation probability, and then the same for the L5-S1 discs and
+the discs of the other levels of all sources together.
 """
 
 from __future__ import annotations
@@ -32,31 +33,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEFAULT_SOURCES = ("chu", "myosegmentum", "ivd")
 
 
-def disc_volumes(sources, cache: Path | None, log=print) -> dict[str, np.ndarray]:
-    """Source -> float16 (N, 9, 112, 224) disc volumes of all its volumes (from the cache when it has them)."""
+def disc_volumes(sources, cache: Path | None, log=print) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Source -> float16 (N, 9, 112, 224) disc volumes of all its volumes, and source -> their N level
+    names ("L5-S1", ...), from the cache when it has them."""
     if cache is not None and cache.exists():
         with np.load(cache) as stored:
-            if all(s in stored for s in sources):
-                return {s: stored[s] for s in sources}
+            if all(s in stored and f"{s}_levels" in stored for s in sources):
+                return {s: stored[s] for s in sources}, {s: stored[f"{s}_levels"] for s in sources}
     from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
     from SpineNetLib.training.datasets import list_cases
     from SpineNetLib.inputs.load import load_scan
 
     networks = load_networks("bundled")
     out: dict[str, np.ndarray] = {}
+    levels: dict[str, np.ndarray] = {}
     for source in sources:
-        volumes = []
+        volumes, names = [], []
         for case in list_cases(sources=[source]):
             scan = load_scan(case.path / "image.nii.gz")
             found = detect_and_label(scan, networks)
             discs = grade_discs(scan, found.vertebrae, networks, grade=False)
             volumes += [ivd.volume.astype(np.float16) for ivd in discs.ivds]
+            names += [str(ivd.level) for ivd in discs.ivds]
             log(f"{source}/{case.case_id}: {len(discs.ivds)} discs")
         out[source] = np.stack(volumes) if volumes else np.zeros((0, 9, 112, 224), np.float16)
+        levels[source] = np.array(names, dtype=str)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cache, **out)
-    return out
+        np.savez_compressed(cache, **out, **{f"{s}_levels": names for s, names in levels.items()})
+    return out, levels
 
 
 def load_grader(grader_path: str):
@@ -90,16 +95,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    volumes = disc_volumes(sources, Path(args.cache) if args.cache else None)
-    print("| grader | source | discs | called herniated | median p |")
+    volumes, levels = disc_volumes(sources, Path(args.cache) if args.cache else None)
+    print("| grader | discs | number | called herniated | median p |")
     print("|---|---|---|---|---|")
     for grader in args.grader or ["bundled"]:
         net = load_grader(grader)
-        for source in sources:
-            probs = herniation_calls(net, volumes[source]) if len(volumes[source]) else np.zeros(0)
-            share = f"{(probs > 0.5).sum()} ({100 * (probs > 0.5).mean():.0f} %)" if probs.size else "-"
-            median = f"{np.median(probs):.2f}" if probs.size else "-"
-            print(f"| {grader} | {source} | {probs.size} | {share} | {median} |")
+        probs = {s: herniation_calls(net, volumes[s]) if len(volumes[s]) else np.zeros(0) for s in sources}
+        every_p, every_level = np.concatenate(list(probs.values())), np.concatenate([levels[s] for s in sources])
+        rows = [(source, probs[source]) for source in sources]
+        rows += [("L5-S1, all sources", every_p[every_level == "L5-S1"]),
+                 ("other levels, all sources", every_p[every_level != "L5-S1"])]
+        for name, p in rows:
+            share = f"{(p > 0.5).sum()} ({100 * (p > 0.5).mean():.0f} %)" if p.size else "-"
+            median = f"{np.median(p):.2f}" if p.size else "-"
+            print(f"| {grader} | {name} | {p.size} | {share} | {median} |")
     return 0
 
 
