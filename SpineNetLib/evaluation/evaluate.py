@@ -182,12 +182,13 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
     rows = []
     disc_points = {}
     for upper, (code, body) in discs.items():
-        rows.append(float(mask_centroid((labels == code).any(axis=2))[1]))
-        largest = int(np.argmax((labels == code).sum(axis=(0, 1))))
-        disc_points[f"{upper}-{body}"] = (largest, mask_centroid(labels[:, :, largest] == code))
+        disc = labels == code
+        rows.append(float(mask_centroid(disc.any(axis=2))[1]))
+        largest = int(np.argmax(disc.sum(axis=(0, 1))))
+        disc_points[f"{upper}-{body}"] = (largest, mask_centroid(disc[:, :, largest]))
         if body not in discs:
             continue
-        above, below = labels == code, labels == discs[body][0]
+        above, below = disc, labels == discs[body][0]
         overlap = above.sum(axis=(0, 1)).astype(float) * below.sum(axis=(0, 1))
         mid = int(np.argmax(overlap))
         if overlap[mid] <= 0:
@@ -456,13 +457,17 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         on_s1 = [p for p in preds if any(polygons.point_in_polygon(gt.s1_point, q) for q in p.polygons)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
-    for disc, (disc_slice, point) in sorted(gt.disc_points.items(),
-                                            key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)):
+    for disc, (disc_slice, point) in sorted(gt.disc_points.items(), key=lambda kv: _disc_order(kv[0])):
         metrics.discs_scored.append(disc)
         near = [p.polygon_near(disc_slice, tol) for p in preds]
         if any(q is not None and polygons.point_in_polygon(point, q) for q in near):
             metrics.disc_points_inside_outlines.append(disc)
     return metrics
+
+
+def _disc_order(disc: str) -> int:
+    """Sort key of a disc name ("L5-S1"): its upper level, top to bottom."""
+    return _LEVEL_ORDER.get(disc.split("-")[0], 0)
 
 
 def _outside_range(gt: CaseGroundTruth, pred: PredictedVertebra) -> bool:
@@ -517,7 +522,7 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
             row = discs.setdefault(disc, {"scored": 0, "inside_an_outline": 0})
             row["scored"] += 1
             row["inside_an_outline"] += int(disc in m.disc_points_inside_outlines)
-    pooled["disc_points"] = dict(sorted(discs.items(), key=lambda kv: _LEVEL_ORDER.get(kv[0].split("-")[0], 0)))
+    pooled["disc_points"] = dict(sorted(discs.items(), key=lambda kv: _disc_order(kv[0])))
     with_s1 = [m for m in metrics if m.s1_detected is not None]
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)
