@@ -12,6 +12,7 @@ from SpineNetLib.training.common import add_real_data_arguments, add_run_argumen
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
 from SpineNetLib.training.grader_threshold import add_grader_threshold_parser
+from SpineNetLib.training.tianchi import S1_CONSTRUCTIONS
 
 
 def _checked(args) -> None:
@@ -54,7 +55,8 @@ def command_tianchi_targets(args) -> int:
     from SpineNetLib.training import datasets, tianchi
 
     root = args.data or default_data_root()
-    tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out)
+    tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out,
+                               s1_construction=args.s1_construction)
     return 0
 
 
@@ -114,6 +116,9 @@ def register(subparsers) -> None:
     tq.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
     tq.add_argument("--detector", required=True, metavar="CHECKPOINT", help="detector checkpoint that makes the outlines")
     tq.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    tq.add_argument("--s1-construction", choices=S1_CONSTRUCTIONS, default="wedge",
+                    help="S1 where no detector gave it: 'wedge' (default) or 'even', as the bundled detector "
+                         "and grader were trained (training/tianchi.py, S1_CONSTRUCTIONS)")
     tq.set_defaults(func=command_tianchi_targets)
 
     cal = sub.add_parser("calibrate-labelling",

@@ -12,14 +12,16 @@ as *checked pseudo-labels*:
   outline, and :func:`loss_ignore_mask` removes a disk around it from the
   detector's loss (it is a body, so it must not be taught as background).
 * **T12**: the detection directly above L1's, when the T12-L1 disc point lies
-  between the two centres and the gap is about one body height.
+  between the two centres (and outside it) and the gap is about one body height.
 * **S1**: the detection directly below L5's when the L5-S1 disc point lies
-  between them (a detected S1); otherwise an outline *constructed* from L5's
-  outline and the L5-S1 disc point (:func:`constructed_s1`): the lumbosacral
-  disc separates the two bodies, so S1's upper endplate is L5's lower endplate
-  moved across the disc, and S1's height is taken as 0.9 x L5's.  This is
-  the sacrum target the detector never had for clinical slices (README: the
-  sacrum is visible below the L5-S1 point in every case).
+  between them and outside it (a detected S1); otherwise an outline
+  *constructed* from L5's outline and the L5-S1 disc point
+  (:func:`constructed_s1`): the lumbosacral disc separates the two bodies, so
+  S1's upper endplate is L5's lower endplate moved across the disc and tilted
+  to the disc's wedge (:data:`L5_S1_WEDGE`; the disc at least
+  :data:`MIN_L5_S1_DISC_OVER_L5` of L5's height), and S1's height is taken as
+  0.9 x L5's.  This is the sacrum target the detector never had for clinical
+  slices (README: the sacrum is visible below the L5-S1 point in every case).
 
 The detector's loss ignores the image above the highest target body and
 below S1 (bodies there are visible but carry no label).  Everything is
@@ -43,6 +45,26 @@ from SpineNetLib.training import datasets as dataset
 BODY_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 #: S1's height along its axis as a share of L5's, for the constructed S1 outline.
 S1_HEIGHT_OVER_L5 = 0.9
+#: The L5-S1 disc is a wedge, higher in front: the constructed S1's anterior upper corner lies
+#: (1 + w) x the disc's height at the disc point below L5's anterior lower corner, the posterior one
+#: (1 - w) x, so 2:1 front to back.  Measured: on the L5-S1 masks of the five ivd/ volumes the disc is
+#: 1.07-2.25 (median 1.5) times higher at 30 % of its depth from the front than at 70 % (L4-L5:
+#: 1.0-1.33), which, linear across the disc, is about 3:1 at the corners; the 15 S1s the previous
+#: detector found on the training slices leave 0.55 and 0.33 L5 heights at the corners (1.7:1).  A
+#: disc of even height put S1's front corner on L5's (MODEL_CARD.md, "Outlines around the discs").
+L5_S1_WEDGE = 1.0 / 3.0
+#: The constructed L5-S1 disc is at least this share of L5's height high at the disc point.  The
+#: radiologists' disc point often touches L5's lower endplate, which mirrored across it gave S1's upper
+#: endplate on L5's lower one; the five ivd/ L5-S1 discs are 0.22-0.42 (median 0.35) of L5's height
+#: high in the middle, zukic_15 (T2, pathology) 0.24.
+MIN_L5_S1_DISC_OVER_L5 = 0.2
+#: How S1 is found where no detector gave it (``spinenet train tianchi-targets --s1-construction``):
+#: "wedge" (the default since 2026-12-02) tilts the constructed S1 to the disc's wedge, keeps at least
+#: :data:`MIN_L5_S1_DISC_OVER_L5` of disc and takes no detected S1 (or T12) that holds the disc point
+#: between it and L5 (L1);
+#: "even" is the earlier construction (a disc of even height, mirrored across the disc point), with
+#: which the bundled detector and grader were trained (MODEL_CARD.md, "Training").
+S1_CONSTRUCTIONS: tuple[str, ...] = ("wedge", "even")
 #: Radius (in body heights) of the ignored disk around a body point no detection matched.
 UNMATCHED_IGNORE_RADIUS = 0.8
 #: Margin (in body heights) kept in the loss above the highest and below the lowest target body.
@@ -89,16 +111,28 @@ def _height(quad: np.ndarray) -> float:
     return float((np.linalg.norm(quad[0] - quad[1]) + np.linalg.norm(quad[3] - quad[2])) / 2.0)
 
 
-def constructed_s1(l5: np.ndarray, l5_s1_disc: np.ndarray) -> np.ndarray:
-    """An S1 outline below L5 across the L5-S1 disc point (module docstring), rt, rb, lb, lt."""
+def constructed_s1(l5: np.ndarray, l5_s1_disc: np.ndarray, construction: str = "wedge") -> np.ndarray:
+    """An S1 outline below L5 across the L5-S1 disc point (module docstring), rt, rb, lb, lt.
+
+    Canonical columns run anterior to posterior (``inputs/canonical.py``), so the lower-x end of
+    L5's lower endplate is its front; the disc opens there by :data:`L5_S1_WEDGE`.  A disc point on
+    or above L5's lower endplate still leaves a disc :data:`MIN_L5_S1_DISC_OVER_L5` high.  With
+    ``construction="even"`` neither (:data:`S1_CONSTRUCTIONS`).
+    """
+    wedge = L5_S1_WEDGE if construction == "wedge" else 0.0
     l5 = np.asarray(l5, float)
     rb, lb = l5[1], l5[2]
     offset = 2.0 * (np.asarray(l5_s1_disc, float) - (rb + lb) / 2.0)
-    lt, rt = lb + offset, rb + offset
-    along = (rt - lt) / max(np.linalg.norm(rt - lt), 1e-6)
+    along = (rb - lb) / max(np.linalg.norm(rb - lb), 1e-6)
     down = np.array([-along[1], along[0]])
     if down[1] < 0:
         down = -down
+    gap = float(np.dot(offset, down))                      # below 0 where the disc point lies inside L5
+    disc_height = max(gap, MIN_L5_S1_DISC_OVER_L5 * _height(l5)) if construction == "wedge" else gap
+    offset = offset + (disc_height - gap) * down
+    front_sign = 1.0 if lb[0] <= rb[0] else -1.0        # +1: lb is the anterior corner
+    lt = lb + offset + front_sign * wedge * disc_height * down
+    rt = rb + offset - front_sign * wedge * disc_height * down
     h = S1_HEIGHT_OVER_L5 * _height(l5)
     return np.stack([rt, rt + h * down, lt + h * down, lt])
 
@@ -107,7 +141,8 @@ def _centre(quad) -> np.ndarray:
     return np.asarray(quad, float).mean(axis=0)
 
 
-def match_points(detections: list[np.ndarray], points: dict[str, np.ndarray], case_id: str = "") -> SliceTargets:
+def match_points(detections: list[np.ndarray], points: dict[str, np.ndarray], case_id: str = "",
+                 s1_construction: str = "wedge") -> SliceTargets:
     """Pseudo-labels of one slice from its detected quads and annotated points (module docstring)."""
     body_points = {k: p for k, p in points.items() if k in BODY_LEVELS}
     quads: dict[str, np.ndarray] = {}
@@ -135,7 +170,8 @@ def match_points(detections: list[np.ndarray], points: dict[str, np.ndarray], ca
             lo, hi = (a[1], c[1]) if below else (c[1], a[1])
             gap = np.linalg.norm(c - a)
             if lo < d[1] < hi and 0.7 * body_h < gap < 1.8 * body_h \
-                    and not any(polygons.point_in_polygon(p, q) for p in body_points.values()):
+                    and not any(polygons.point_in_polygon(p, q) for p in body_points.values()) \
+                    and not (s1_construction == "wedge" and polygons.point_in_polygon(d, q)):
                 if best is None or gap < np.linalg.norm(_centre(best) - a):
                     best = q
         return best
@@ -146,7 +182,7 @@ def match_points(detections: list[np.ndarray], points: dict[str, np.ndarray], ca
     s1 = neighbour("L5", "L5-S1", below=True)
     s1_constructed = False
     if s1 is None and "L5" in quads and "L5-S1" in points:
-        s1, s1_constructed = constructed_s1(quads["L5"], points["L5-S1"]), True
+        s1, s1_constructed = constructed_s1(quads["L5"], points["L5-S1"], s1_construction), True
     if s1 is not None:
         quads["S1"] = s1
     unmatched = [tuple(map(float, p)) for k, p in body_points.items() if k not in quads]
@@ -172,7 +208,7 @@ def loss_ignore_mask(targets: SliceTargets, shape_hw: tuple[int, int]) -> np.nda
     return ignore
 
 
-def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print) -> dict:
+def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_construction: str = "wedge") -> dict:
     """Run the detector checkpoint on every tianchi case and write the checked pseudo-labels as JSON."""
     from SpineNetLib.detect import vfr as detection
     from SpineNetLib.weights import checkpoints
@@ -186,13 +222,13 @@ def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print) -> dict:
         _, scan, data = dataset.case_scans(case)
         result = detection.detect_vertebrae(scan, predictor)
         quads = [np.asarray(v.average_polygon, float) for v in result.vertebrae]
-        t = match_points(quads, case_points(data.labels, data.level_names), case.case_id)
+        t = match_points(quads, case_points(data.labels, data.level_names), case.case_id, s1_construction)
         docs.append(t.to_json())
         counts["cases"] += 1
         counts["S1_detected"] += int("S1" in t.quads and not t.s1_constructed)
         counts["S1_constructed"] += int(t.s1_constructed)
         counts["unmatched"] += len(t.unmatched_points)
-    out = {"detector": str(detector_checkpoint), "counts": counts, "cases": docs}
+    out = {"detector": str(detector_checkpoint), "s1_construction": s1_construction, "counts": counts, "cases": docs}
     Path(out_path).write_text(json.dumps(out), encoding="utf-8")
     log(f"pseudo-labels of {counts['cases']} tianchi slices: {counts} -> {out_path}")
     return out

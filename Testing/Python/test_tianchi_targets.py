@@ -31,11 +31,34 @@ def column(n=7, top=30.0, pitch=20.0):
     return quads, points
 
 
-def test_constructed_s1_lies_across_the_disc_below_l5():
+def test_constructed_s1_lies_across_the_disc_below_l5_and_the_disc_opens_in_front():
     l5 = box(50.0, 100.0)
-    s1 = T.constructed_s1(l5, np.array([50.0, 110.0]))   # disc 2 px below L5's lower edge (y = 108)
+    s1 = T.constructed_s1(l5, np.array([50.0, 110.0]))   # disc 2 px below L5's lower edge (y = 108): 4 px high
+    wedge = 4.0 * T.L5_S1_WEDGE
+    # upper edge mirrored across the disc point, the front (low x, canonical columns run A->P) lower
+    np.testing.assert_allclose(s1[[3, 0]], [[38.0, 112.0 + wedge], [62.0, 112.0 - wedge]])
+    np.testing.assert_allclose(s1[[2, 1]], [[38.0, 112.0 + wedge + 0.9 * 16], [62.0, 112.0 - wedge + 0.9 * 16]])
+    assert (s1[3, 1] - 108.0) == pytest.approx(2.0 * (s1[0, 1] - 108.0))   # 2:1 front to back
+    flipped = T.constructed_s1(l5[[3, 2, 1, 0]], np.array([50.0, 110.0]))  # the same body named mirror-wise
+    np.testing.assert_allclose(sorted(map(tuple, flipped)), sorted(map(tuple, s1)))
+
+
+def test_the_even_construction_the_bundled_networks_were_trained_with_is_kept():
+    l5 = box(50.0, 100.0)
+    s1 = T.constructed_s1(l5, np.array([50.0, 110.0]), "even")
     np.testing.assert_allclose(s1[[3, 0]], [[38.0, 112.0], [62.0, 112.0]])  # upper edge: mirrored across the disc
     np.testing.assert_allclose(s1[[2, 1]], [[38.0, 112.0 + 0.9 * 16], [62.0, 112.0 + 0.9 * 16]])
+    quads, points = column()
+    high_s1 = quads["S1"] + [0.0, -6.0]
+    t = T.match_points([q for name, q in quads.items() if name != "S1"] + [high_s1], points, s1_construction="even")
+    assert not t.s1_constructed and np.array_equal(t.quads["S1"], high_s1)
+
+
+def test_a_disc_point_on_l5s_lower_edge_still_leaves_a_disc_between_l5_and_the_constructed_s1():
+    l5 = box(50.0, 100.0)                                   # 16 px high, lower edge at y = 108
+    s1 = T.constructed_s1(l5, np.array([50.0, 108.0]))
+    floor = T.MIN_L5_S1_DISC_OVER_L5 * 16
+    np.testing.assert_allclose(s1[[3, 0], 1], [108.0 + floor * (1 + T.L5_S1_WEDGE), 108.0 + floor * (1 - T.L5_S1_WEDGE)])
 
 
 def test_points_name_the_detections_and_s1_is_taken_from_a_detection_when_there_is_one():
@@ -57,6 +80,13 @@ def test_missing_s1_is_constructed_and_an_unmatched_body_is_kept_out_of_the_loss
     assert ignore[90, 50] and not ignore[70, 50]          # around L3's point, not on L2
     assert ignore[5, 50] and ignore[190, 50]              # above T12 and below S1
     assert not ignore[150, 50]
+
+
+def test_a_detected_s1_reaching_over_the_l5_s1_disc_point_is_replaced_by_a_constructed_one():
+    quads, points = column()
+    high_s1 = quads["S1"] + [0.0, -6.0]          # its upper edge above the disc point (y = 130)
+    t = T.match_points([q for name, q in quads.items() if name != "S1"] + [high_s1], points)
+    assert t.s1_constructed and not polygons.point_in_polygon(points["L5-S1"], t.quads["S1"])
 
 
 def test_a_detection_holding_two_body_points_names_neither():
