@@ -49,9 +49,12 @@ S1_HEIGHT_OVER_L5 = 0.9
 #: (1 + w) x the disc's height at the disc point below L5's anterior lower corner, the posterior one
 #: (1 - w) x, so 2:1 front to back.  Measured: on the L5-S1 masks of the five ivd/ volumes the disc is
 #: 1.07-2.25 (median 1.5) times higher at 30 % of its depth from the front than at 70 % (L4-L5:
-#: 1.0-1.33), which, linear across the disc, is about 3:1 at the corners; the 15 S1s the previous
-#: detector found on the training slices leave 0.55 and 0.33 L5 heights at the corners (1.7:1).  A
-#: disc of even height put S1's front corner on L5's (MODEL_CARD.md, "Outlines around the discs").
+#: 1.0-1.33), which, linear across the disc, is about 3:1 at the corners; the 9 S1s the previous
+#: detector found on training-side slices leave median 0.55 and 0.33 L5 heights at the corners (1.7:1).
+#: A disc of even height put S1's front corner on L5's (MODEL_CARD.md, "Outlines around the discs").
+#: The ivd/ volumes (and zukic_15, below) are held out: these two numbers are the only thing taken
+#: from their masks into training, a shape prior, and a figure on them of a detector trained with it
+#: is not quite independent (say so).
 L5_S1_WEDGE = 1.0 / 3.0
 #: The constructed L5-S1 disc is at least this share of L5's height high at the disc point.  The
 #: radiologists' disc point often touches L5's lower endplate, which mirrored across it gave S1's upper
