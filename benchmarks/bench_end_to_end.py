@@ -72,8 +72,6 @@ def main() -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="call the command again and again in this process (module docstring)")
     args = parser.parse_args()
-    if args.in_process:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)     # before torch is loaded
     run = one_call_in_process if args.in_process else one_run
     where = "called in one process" if args.in_process else "a fresh process each"
     print(f"spinenet run, {where}, {args.weights} weights, {args.threads} threads, "
