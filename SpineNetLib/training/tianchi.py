@@ -122,7 +122,6 @@ def constructed_s1(l5: np.ndarray, l5_s1_disc: np.ndarray, construction: str = "
     or above L5's lower endplate still leaves a disc :data:`MIN_L5_S1_DISC_OVER_L5` high.  With
     ``construction="even"`` neither (:data:`S1_CONSTRUCTIONS`).
     """
-    wedge = L5_S1_WEDGE if construction == "wedge" else 0.0
     l5 = np.asarray(l5, float)
     rb, lb = l5[1], l5[2]
     offset = 2.0 * (np.asarray(l5_s1_disc, float) - (rb + lb) / 2.0)
@@ -131,7 +130,10 @@ def constructed_s1(l5: np.ndarray, l5_s1_disc: np.ndarray, construction: str = "
     if down[1] < 0:
         down = -down
     gap = float(np.dot(offset, down))                      # below 0 where the disc point lies inside L5
-    disc_height = max(gap, MIN_L5_S1_DISC_OVER_L5 * _height(l5)) if construction == "wedge" else gap
+    if construction == "wedge":
+        wedge, disc_height = L5_S1_WEDGE, max(gap, MIN_L5_S1_DISC_OVER_L5 * _height(l5))
+    else:
+        wedge, disc_height = 0.0, gap
     offset = offset + (disc_height - gap) * down
     front_sign = 1.0 if lb[0] <= rb[0] else -1.0        # +1: lb is the anterior corner
     lt = lb + offset + front_sign * wedge * disc_height * down
