@@ -22,6 +22,8 @@ def _checked(args) -> None:
         raise InputError("--phantom-fraction must be between 0 and 1")
     if not 0.0 <= float(getattr(args, "frame_share", 0.0) or 0.0) <= 1.0:
         raise InputError("--frame-share must be between 0 and 1")
+    if float(getattr(args, "distil", 0.0) or 0.0) < 0.0:
+        raise InputError("--distil must not be negative")
     if getattr(args, "data", None) is None and hasattr(args, "data"):
         root = default_data_root()
         args.data = str(root) if root.is_dir() else None
@@ -90,6 +92,9 @@ def register(subparsers) -> None:
     det.add_argument("--frame-share", type=float, default=0.0,
                      help="share of batches of whole slices framed as the whole-slice detection plan frames "
                           "them (default 0: patches only)")
+    det.add_argument("--distil", type=float, default=0.0, metavar="W",
+                     help="hold the detector's outputs to those of its --init weights with weight W, except "
+                          "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")

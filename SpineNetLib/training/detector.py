@@ -24,6 +24,12 @@ L1 would be minimised by predicting 0 everywhere).  The vector-field loss is
 ``L_vec = mean over defined, valid pixels of ((y - t) / 10 px)^2`` on the 8
 displacement channels (defined = within the corner's radius, where the
 target is non-zero).  Total = L_heat + L_vec.
+
+With ``--distil W`` (fine-tuning only), the same loss with the outputs of the
+``--init`` detector as targets, over every pixel outside a clinical slice's
+S1 and L5-S1 disc (:func:`focus_region`), is added with weight W: a fine-tune
+on new S1 outlines may then move S1's outline but is held, everywhere else,
+to the detector it starts from (learning without forgetting).
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ FOCUS_SHARE = 0.3
 FRAME_SIZES = (256, 288, 320)
 #: Scale of the displacement error in the L2 term (patch pixels).
 VECTOR_SCALE_PX = 10.0
+#: Margin (patch pixels, about 1.2 mm each) around the focus region of a clinical slice, where the
+#: ``--distil`` term does not hold the student to its initial weights (:func:`focus_region`).
+FOCUS_REGION_MARGIN_PX = 6
 
 
 @dataclass
@@ -83,6 +92,8 @@ class SliceSource:
     ignore: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> (H, W) bool, True = no loss
     #: slice -> index of a quad that patches centre on more often (the sacrum of clinical slices)
     focus: dict[int, int] = field(default_factory=dict)
+    #: slice -> index of the quad above the focus quad (L5 above S1): the focus region reaches up to it
+    focus_above: dict[int, int] = field(default_factory=dict)
 
 
 def real_sources(cases) -> list[SliceSource]:
@@ -120,8 +131,9 @@ def tianchi_sources(data_root, targets_path) -> list[SliceSource]:
         quads = np.stack([targets.quads[k] for k in levels]).astype(np.float64)
         ignore = tianchi.loss_ignore_mask(targets, voxels.shape[:2])
         focus = {0: levels.index("S1")} if "S1" in levels else {}
+        above = {0: levels.index("L5")} if focus and "L5" in levels else {}
         out.append(SliceSource(case.case_id, voxels, (float(data.spacing_mm[0]), float(data.spacing_mm[1])),
-                               {0: quads}, {0: ignore}, focus))
+                               {0: quads}, {0: ignore}, focus, above))
     return out
 
 
@@ -145,7 +157,8 @@ def phantom_sources(n: int, seed: int) -> list[SliceSource]:
 
 def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength: float = 1.0,
                  size: int = PATCH, focus_share: float = FOCUS_SHARE):
-    """(input (P, P), targets (13, P, P), valid (P, P) bool) of one random patch of ``src``."""
+    """(input (P, P), targets (13, P, P), valid (P, P) bool, focus region (P, P) bool) of one random
+    patch of ``src`` (the focus region: :func:`focus_region`)."""
     s = int(rng.choice(sorted(src.quads)))
     quads = src.quads[s]
     img = src.voxels[:, :, s]
@@ -165,7 +178,37 @@ def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength
     target, valid = _targets_and_valid(tf, quads, ign)
     x = augment.augment_intensity(rng, patch, strength=augment_strength)
     x = augment.normalise_patch(x)
-    return x, target, valid
+    return x, target, valid, focus_region(tf, src, s)
+
+
+def focus_region(tf: augment.PatchTransform, src: SliceSource, s: int) -> np.ndarray:
+    """Patch pixels of slice ``s``'s focus region: the convex hull of the focus quad (S1) and the
+    lower edge of the quad above it (L5), widened by ``FOCUS_REGION_MARGIN_PX``; all False where
+    ``s`` has no focus.
+
+    That is where S1's outline and the L5-S1 disc lie, the only place where the training outlines
+    of a clinical slice differ between the S1 constructions (``training/tianchi.py``), so the only
+    place where ``--distil`` lets the fine-tuned detector move away from the one it starts from.
+    """
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull
+    from skimage.draw import polygon
+
+    region = np.zeros((tf.size, tf.size), bool)
+    if s not in src.focus:
+        return region
+    focus = src.quads[s][src.focus[s]]
+    points = [focus]
+    if s in src.focus_above:                          # the lower edge of the quad above: its 2 corners nearest
+        above = src.quads[s][src.focus_above[s]]
+        points.append(above[np.argsort(np.linalg.norm(above - focus.mean(axis=0), axis=1))[:2]])
+    points = tf.scan_to_patch(np.concatenate(points))                        # (u, v) patch pixels
+    hull = points[ConvexHull(points).vertices]
+    rows, cols = polygon(hull[:, 1], hull[:, 0], shape=region.shape)
+    region[rows, cols] = True
+    if not region.any():
+        return region
+    return ndimage.distance_transform_edt(~region) <= FOCUS_REGION_MARGIN_PX
 
 
 def _targets_and_valid(tf: augment.PatchTransform, quads: np.ndarray, ignore: np.ndarray | None):
@@ -179,7 +222,7 @@ def _targets_and_valid(tf: augment.PatchTransform, quads: np.ndarray, ignore: np
 
 
 def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augment_strength: float = 1.0):
-    """(input, targets, valid) of one whole slice framed as the whole-slice plan frames it (issue 16).
+    """(input, targets, valid, focus region (none)) of one whole slice framed as the whole-slice plan frames it (issue 16).
 
     The plan (``detect/plans.py``) resizes a slice to the patches' network scale, puts it at the
     top left of the input and pads the bottom and right with zeros (the normalised minimum); the
@@ -206,7 +249,22 @@ def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augme
     frame = augment.augment_intensity(rng, canvas[:rows, :cols], strength=augment_strength)
     x = np.zeros((size, size), np.float32)
     x[:rows, :cols] = augment.normalise_patch(frame)
-    return (x, *_targets_and_valid(tf, quads, ign))
+    return (x, *_targets_and_valid(tf, quads, ign), np.zeros((size, size), bool))
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` that no optimiser step changes (the ``--distil`` reference).
+
+    It stays in training mode: its BatchNorm layers normalise with the statistics of the same batch
+    as the student's, so the two agree exactly at the first step (in evaluation mode they would
+    differ by the gap between batch and running statistics, which the term would then try to close).
+    """
+    import copy
+
+    held = copy.deepcopy(model).train()
+    for p in held.parameters():
+        p.requires_grad_(False)
+    return held
 
 
 def detector_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
@@ -338,6 +396,25 @@ def calibrate_heat_gain(model_path, cases, device="cpu", log=print) -> dict:
 # --------------------------------------------------------------------------- the command
 
 
+def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config: dict, args):
+    """(inputs (B, P, P), targets (B, 13, P, P), valid (B, P, P), focus regions (B, P, P)) of one batch:
+    whole-slice frames of one canvas size (``--frame-share``), or patches; each item from a phantom
+    (``phantom_fraction``), a clinical slice (``--tianchi-fraction`` of the rest) or a real volume."""
+    items = []
+    frame_size = (int(rng.choice(FRAME_SIZES)) if config["frame_share"] > 0 and rng.random() < config["frame_share"]
+                  else None)
+    for _ in range(args.batch_size):
+        pool = phantoms if rng.random() < phantom_fraction else real
+        if pool is real and clinical and rng.random() < config["tianchi_fraction"]:
+            pool = clinical
+        src = pool[int(rng.integers(len(pool)))]
+        if frame_size:
+            items.append(sample_frame(rng, src, size=frame_size, augment_strength=args.augment))
+        else:
+            items.append(sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"]))
+    return tuple(np.stack(column) for column in zip(*items))
+
+
 def train(args) -> Path:
     """``spinenet train detector``: returns the path of the final fp16 model."""
     set_threads(args.threads)
@@ -349,11 +426,15 @@ def train(args) -> Path:
               "n_phantoms": args.n_phantoms, "blocks": list(cfg.blocks), "base_width": cfg.base_width,
               "max_cases": args.max_cases, "augment": args.augment, **real_data_config(args),
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
-              "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0)}
+              "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0),
+              "distil": float(getattr(args, "distil", 0.0) or 0.0)}
+    if config["distil"] > 0 and not config["init"]:
+        raise InputError("--distil needs --init: the detector to stay close to")
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)
     initial_weights(model, config["init"])
+    teacher = frozen_copy(model) if config["distil"] > 0 else None
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(200, args.steps // 10))
 
     t0 = time.time()
@@ -370,26 +451,18 @@ def train(args) -> Path:
         pf = 0.0
 
     def step_fn(step):
-        xs, ts, vs = [], [], []
-        # a whole batch of whole-slice frames of one canvas size, or of patches (one tensor shape)
-        frame_size = (int(rng.choice(FRAME_SIZES)) if config["frame_share"] > 0 and rng.random() < config["frame_share"]
-                      else None)
-        for _ in range(args.batch_size):
-            pool = phantoms if rng.random() < pf else real
-            if pool is real and clinical and rng.random() < config["tianchi_fraction"]:
-                pool = clinical
-            src = pool[int(rng.integers(len(pool)))]
-            if frame_size:
-                x, t, v = sample_frame(rng, src, size=frame_size, augment_strength=args.augment)
-            else:
-                x, t, v = sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"])
-            xs.append(x)
-            ts.append(t)
-            vs.append(v)
-        x = torch.from_numpy(np.stack(xs))[:, None].to(device)
-        t = torch.from_numpy(np.stack(ts)).to(device)
-        v = torch.from_numpy(np.stack(vs)).to(device)
-        return detector_loss(model(x), t, v)
+        x, t, v, focus = (torch.from_numpy(a).to(device)
+                          for a in sample_batch(rng, real, clinical, phantoms, pf, config, args))
+        x = x[:, None]
+        pred = model(x)
+        loss, parts = detector_loss(pred, t, v)
+        if teacher is not None:
+            with torch.no_grad():
+                held = teacher(x)
+            l_distil = detector_loss(pred, held, ~focus)[0]
+            loss = loss + config["distil"] * l_distil
+            parts["l_distil"] = float(l_distil.detach())
+        return loss, parts
 
     val_every = int(args.val_every or 0)
 

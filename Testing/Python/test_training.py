@@ -126,7 +126,7 @@ def test_detector_steps_lower_the_loss():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     src = phantom_sources(1, seed=0)[0]
-    xs, ts, vs = zip(*[sample_patch(rng, src, augment_strength=0.0, size=64) for _ in range(2)])
+    xs, ts, vs, _ = zip(*[sample_patch(rng, src, augment_strength=0.0, size=64) for _ in range(2)])
     x = torch.from_numpy(np.stack(xs))[:, None]
     t = torch.from_numpy(np.stack(ts))
     v = torch.from_numpy(np.stack(vs))
@@ -310,7 +310,7 @@ def test_whole_slice_frames_sit_at_the_top_left_with_targets_on_the_bodies():
     src = SliceSource("synthetic", img[:, :, None], (1.0, 1.0), {0: np.asarray(quads, float)})
     rng = np.random.default_rng(3)
     for _ in range(6):
-        x, t, valid = sample_frame(rng, src, size=256, augment_strength=0.0)
+        x, t, valid, focus = sample_frame(rng, src, size=256, augment_strength=0.0)
         assert x.shape == t.shape[1:] == valid.shape == (256, 256)
         content = np.argwhere(x > 0)
         assert content[:, 0].min() <= 1 and content[:, 1].min() <= 1          # the slice starts at the top left
@@ -319,6 +319,38 @@ def test_whole_slice_frames_sit_at_the_top_left_with_targets_on_the_bodies():
         peaks = np.argwhere((t[4] == ndimage.maximum_filter(t[4], size=9)) & (t[4] > 0.5))
         assert len(peaks) == 4
         assert all(x[r, c] > 0.9 * x.max() for r, c in peaks)                  # each on a bright body
+        assert not focus.any()                                                 # frames have no focus region
+
+
+def test_the_focus_region_covers_s1_and_the_disc_above_it_and_nothing_else():
+    """``--distil`` holds the fine-tuned detector to its start everywhere but S1 and the L5-S1 disc:
+    the region spans S1's outline, the disc up to L5's lower edge, a margin, and no other body."""
+    from SpineNetLib.training import augment
+    from SpineNetLib.training.detector import FOCUS_REGION_MARGIN_PX, SliceSource, focus_region
+
+    quads = []
+    for k in range(4):                                                       # L3, L4, L5, S1 (rows 20..209)
+        y0, y1, x0, x1 = 20 + 50 * k, 60 + 50 * k, 40, 80
+        quads.append([[x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+    src = SliceSource("synthetic", np.zeros((240, 120, 1), np.float32), (1.0, 1.0), {0: np.asarray(quads, float)},
+                      focus={0: 3}, focus_above={0: 2})
+    tf = augment.make_transform(np.array([59.5, 119.5]), (1.0, 1.0), patch_mm=240.0, size=240)  # 1 px per mm
+    region = focus_region(tf, src, 0)
+    rows, cols = np.nonzero(region)
+    off_r, off_c = tf.scan_to_patch(np.array([[0.0, 0.0]]))[0][::-1]              # scan (0, 0) in the patch
+    assert np.isclose(rows.min() - off_r, 160 - FOCUS_REGION_MARGIN_PX, atol=1.5)   # L5's lower edge, less the margin
+    assert np.isclose(rows.max() - off_r, 210 + FOCUS_REGION_MARGIN_PX, atol=1.5)   # S1's lower edge, plus the margin
+    assert np.isclose(cols.min() - off_c, 40 - FOCUS_REGION_MARGIN_PX, atol=1.5)
+    assert not region[: int(off_r) + 150].any()                                     # L3, L4 and most of L5
+    assert not focus_region(tf, SliceSource("none", src.voxels, (1.0, 1.0), src.quads), 0).any()
+
+
+def test_distil_without_init_is_a_one_line_error(tmp_path, capsys):
+    cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", "--distil", "1"]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--distil needs --init" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_frame_share_outside_0_1_is_a_one_line_error(tmp_path, capsys):
