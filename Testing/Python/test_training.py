@@ -345,17 +345,14 @@ def test_the_focus_region_covers_s1_and_the_disc_above_it_and_nothing_else():
     assert not focus_region(tf, SliceSource("none", src.voxels, (1.0, 1.0), src.quads), 0).any()
 
 
-def test_distil_without_init_is_a_one_line_error(tmp_path, capsys):
-    cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", "--distil", "1"]
+@pytest.mark.parametrize("option, message", [
+    (["--frame-share", "1.5"], "--frame-share must be between 0 and 1"),
+    (["--distil", "-1"], "--distil must not be negative"),
+    (["--distil", "1"], "--distil needs --init"),
+])
+def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, option, message):
+    cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", *option]
     assert main(cmd) == 2
     err = capsys.readouterr().err
-    assert "--distil needs --init" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_frame_share_outside_0_1_is_a_one_line_error(tmp_path, capsys):
-    cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", "--frame-share", "1.5"]
-    assert main(cmd) == 2
-    err = capsys.readouterr().err
-    assert "--frame-share must be between 0 and 1" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
