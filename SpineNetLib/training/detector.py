@@ -156,9 +156,10 @@ def phantom_sources(n: int, seed: int) -> list[SliceSource]:
 
 
 def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength: float = 1.0,
-                 size: int = PATCH, focus_share: float = FOCUS_SHARE):
+                 size: int = PATCH, focus_share: float = FOCUS_SHARE, with_focus_region: bool = False):
     """(input (P, P), targets (13, P, P), valid (P, P) bool, focus region (P, P) bool) of one random
-    patch of ``src`` (the focus region: :func:`focus_region`)."""
+    patch of ``src``; the focus region (:func:`focus_region`, a few ms) only ``with_focus_region``
+    (``--distil``), else all False."""
     s = int(rng.choice(sorted(src.quads)))
     quads = src.quads[s]
     img = src.voxels[:, :, s]
@@ -178,7 +179,8 @@ def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength
     target, valid = _targets_and_valid(tf, quads, ign)
     x = augment.augment_intensity(rng, patch, strength=augment_strength)
     x = augment.normalise_patch(x)
-    return x, target, valid, focus_region(tf, src, s)
+    region = focus_region(tf, src, s) if with_focus_region else np.zeros((size, size), bool)
+    return x, target, valid, region
 
 
 def focus_region(tf: augment.PatchTransform, src: SliceSource, s: int) -> np.ndarray:
@@ -411,7 +413,8 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
         if frame_size:
             items.append(sample_frame(rng, src, size=frame_size, augment_strength=args.augment))
         else:
-            items.append(sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"]))
+            items.append(sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"],
+                                      with_focus_region=config["distil"] > 0))
     return tuple(np.stack(column) for column in zip(*items))
 
 

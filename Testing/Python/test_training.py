@@ -345,6 +345,21 @@ def test_the_focus_region_covers_s1_and_the_disc_above_it_and_nothing_else():
     assert not focus_region(tf, SliceSource("none", src.voxels, (1.0, 1.0), src.quads), 0).any()
 
 
+def test_a_batch_carries_focus_regions_only_when_distilling():
+    """The focus region costs a few ms a patch, so a batch computes it only for ``--distil``."""
+    from SpineNetLib.training.detector import SliceSource, sample_batch
+
+    quads = [[[80, 20 + 50 * k], [80, 60 + 50 * k], [40, 60 + 50 * k], [40, 20 + 50 * k]] for k in range(4)]
+    src = SliceSource("synthetic", np.random.default_rng(0).random((240, 120, 1), np.float32), (1.0, 1.0),
+                      {0: np.asarray(quads, float)}, focus={0: 3}, focus_above={0: 2})
+    args = argparse.Namespace(batch_size=4, augment=0.0)
+    for distil in (0.0, 1.0):
+        config = {"frame_share": 0.0, "tianchi_fraction": 1.0, "focus_share": 1.0, "distil": distil}
+        x, t, valid, focus = sample_batch(np.random.default_rng(1), [src], [src], [], 0.0, config, args)
+        assert x.shape == focus.shape == (4, 224, 224)
+        assert focus.any(axis=(1, 2)).all() == (distil > 0) and focus.any() == (distil > 0)
+
+
 @pytest.mark.parametrize("option, message", [
     (["--frame-share", "1.5"], "--frame-share must be between 0 and 1"),
     (["--distil", "-1"], "--distil must not be negative"),
