@@ -67,22 +67,30 @@ def _params(plan: str, stride_fraction: float | None):
         DetectionParams(plan=plan, stride_fraction=stride_fraction)
 
 
-def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | None = None) -> dict:
-    """The default path of `spinenet run`: bundled small networks, their own outputs, grading off."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _phantom_scan(name: str, timings: dict[str, float]):
+    """The benchmark phantom `name` (seed 1) written as DICOM and read back as a user's series would be;
+    the reading time goes into timings["load_scan"]."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.synthetic.phantom import make_phantom
-    from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
 
-    timings: dict[str, float] = {}
     phantom = make_phantom(**SCANS[name], seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         phantom.write_dicom(Path(tmp) / "dicom")
         t = time.perf_counter()
         scan = load_scan(Path(tmp) / "dicom")
         timings["load_scan"] = time.perf_counter() - t
+    return scan
+
+
+def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | None = None) -> dict:
+    """The default path of `spinenet run`: bundled small networks, their own outputs, grading off."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
+
+    timings: dict[str, float] = {}
+    scan = _phantom_scan(name, timings)
     networks = load_networks("bundled", "cpu")
     timings["load_networks"] = networks.load_seconds
     params = _params(plan, stride_fraction)
@@ -110,20 +118,13 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     torch.set_num_threads(threads)
     from SpineNetLib.detect import vfr as detection
     from SpineNetLib.label import labelling
-    from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.models import AppearanceNet, ContextNet, VFRDetector
     from SpineNetLib.models.folding import fold_batch_norms
     from SpineNetLib.weights.checkpoints import with_fast_memory_format
-    from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.training.targets import oracle_predictor
 
     timings: dict[str, float] = {}
-    phantom = make_phantom(**SCANS[name], seed=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        phantom.write_dicom(Path(tmp) / "dicom")
-        t = time.perf_counter()
-        scan = load_scan(Path(tmp) / "dicom")
-        timings["load_scan"] = time.perf_counter() - t
+    scan = _phantom_scan(name, timings)
 
     torch.manual_seed(0)
     t = time.perf_counter()
