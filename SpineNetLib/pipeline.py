@@ -756,10 +756,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
     discs_doc["profile"] = profile.name
-    # measurements that cannot be anatomy, as the discs document names them per disc
-    implausible = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
-    disc_warnings += implausible
-    warnings += implausible
+    # measurements that cannot be anatomy, or that rest on an outline to check, as the discs document names them
+    measurement_warnings = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
+    disc_warnings += measurement_warnings
+    warnings += measurement_warnings
     if discs.grades and reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:
         disc_warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)
         warnings.append(SINGLE_SLICE_GRADER_ON_A_VOLUME)

@@ -69,6 +69,7 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
         result = run(scan, networks, options)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result.vertebrae_document), encoding="utf-8")
+        (target.parent / "discs.json").write_text(json.dumps(result.discs_document), encoding="utf-8")
         print(f"\r{n}/{len(cases)} {case.case_id}          ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
@@ -174,6 +175,28 @@ def review_table(summary: dict, pred_root: Path) -> dict:
     return {**table, "needs_review": flags, "margin_nats": margins}
 
 
+def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
+    """How well the L5-S1 measurement warnings of discs.json (``discs.measurements.disc_measurement_warnings``:
+    the disc above S1 under 3 mm in front or in the middle, or negative) mark the scans whose radiologists'
+    L5-S1 point lies inside a detected outline; None when a prediction has no discs.json (an older folder)."""
+    warned, inside = {}, {}
+    for case_id, m in summary["cases"].items():
+        if case_id.split("_")[0] not in ("tianchi", "ivd"):   # the sources with a point per disc
+            continue
+        path = pred_root / case_id / "discs.json"
+        if not path.is_file():
+            return None
+        discs = (json.loads(path.read_text(encoding="utf-8")) or {}).get("discs", [])
+        lines = [line for d in discs if d.get("level") == "L5-S1" for line in d.get("measurement_warnings") or []]
+        warned[case_id], inside[case_id] = bool(lines), "L5-S1" in m["disc_points_inside_outlines"]
+    table = {"inside_warned": sum(warned[k] for k in inside if inside[k]), "inside": sum(inside.values()),
+             "outside_warned": sum(warned[k] for k in inside if not inside[k]),
+             "outside": sum(not v for v in inside.values())}
+    print(f"L5-S1 measurement warning: on {table['inside_warned']}/{table['inside']} scans whose L5-S1 point "
+          f"lies inside an outline, {table['outside_warned']}/{table['outside']} others")
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="bundled")
@@ -212,6 +235,7 @@ def main(argv=None) -> int:
           f"({time.perf_counter() - start:.0f} s)\n")
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
+    summary["s1_outline_check"] = s1_outline_check_table(summary, pred_root)
     if args.phantoms:
         summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime, args.plan)
     if args.json:

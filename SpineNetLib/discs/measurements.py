@@ -337,14 +337,31 @@ def lumbar_lordosis_deg(scan: Scan, vertebrae: Sequence[Vertebra]) -> float | No
 MAX_PLAUSIBLE_DISC_HEIGHT_MM = 25.0
 
 
-def implausible_disc_measurements(disc: DiscMeasurements) -> list[str]:
-    """One line per measurement of ``disc`` that cannot be anatomy (a detection error, not a finding)."""
+#: An anterior or middle height of the disc above S1 below this says S1's outline may reach into the disc
+#: (its upper corners at L5's lower ones), the bundled detector's commonest outline error. Chosen on the
+#: training-side clinical slices, where it marks 42 of the 46 whose radiologists' L5-S1 point lies inside
+#: a detected outline and 3 of the 50 others; held out 26 of 33 and 3 of 22 (MODEL_CARD.md of the bundled
+#: weights, "Outlines around the discs"; ``benchmarks/validate_bundled.py`` prints the line).
+S1_OUTLINE_CHECK_HEIGHT_MM = 3.0
+
+
+def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
+    """One line per measurement of ``disc`` that cannot be anatomy (a detection error, not a finding), and
+    one where the disc above S1 is so thin in front or in the middle that S1's outline should be checked."""
     problems = []
     for name in ("anterior", "middle", "posterior"):
         height = getattr(disc, f"{name}_height_mm")
         if np.isfinite(height) and height < 0:
             problems.append(f"{disc.level} {name} disc height {height:.1f} mm is negative: the outlines of the "
                             "two bodies overlap (check them)")
+    thin = [(name, getattr(disc, f"{name}_height_mm")) for name in ("anterior", "middle")]
+    thin = [(name, h) for name, h in thin if np.isfinite(h) and 0 <= h < S1_OUTLINE_CHECK_HEIGHT_MM]
+    if disc.level.endswith("-S1") and thin and not problems:
+        name, height = min(thin, key=lambda item: item[1])
+        problems.append(f"{disc.level} {name} disc height {height:.1f} mm is under "
+                        f"{S1_OUTLINE_CHECK_HEIGHT_MM:g} mm: S1's detected outline often reaches into this disc "
+                        f"and makes it look thin; check S1's upper endplate before using the {disc.level} "
+                        "measurements")
     if np.isfinite(disc.mean_height_mm) and disc.mean_height_mm > MAX_PLAUSIBLE_DISC_HEIGHT_MM:
         problems.append(f"{disc.level} mean disc height {disc.mean_height_mm:.1f} mm is more than "
                         f"{MAX_PLAUSIBLE_DISC_HEIGHT_MM:g} mm: a vertebra between the two bodies was probably missed")

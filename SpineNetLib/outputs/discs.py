@@ -45,7 +45,7 @@ import numpy as np
 
 from SpineNetLib.discs.grading import GRADE_COLUMNS, DiscGrades
 from SpineNetLib.discs.extraction import IVDVolume, sample_to_ras
-from SpineNetLib.discs.measurements import SpineMeasurements, implausible_disc_measurements
+from SpineNetLib.discs.measurements import SpineMeasurements, disc_measurement_warnings
 from SpineNetLib.outputs.documents import disc_table, reported_probability, table_csv_text
 from SpineNetLib.outputs.vertebrae import input_description, scan_description
 from SpineNetLib.core.results import Vertebra
@@ -172,7 +172,7 @@ def discs_document(scan: Scan, vertebrae: Sequence[Vertebra], ivds: Sequence[IVD
                              for field, (key, _, decimals) in DISC_MEASUREMENTS.items()} if m is not None else {},
             "volume_to_ras": _round_list(sample_to_ras(scan, ivd), 6) if ivd is not None else None,
             "reference_intensity": _number(ivd.reference_intensity, 3) if ivd is not None else None,
-            "measurement_warnings": implausible_disc_measurements(m) if m is not None else [],
+            "measurement_warnings": disc_measurement_warnings(m) if m is not None else [],
         })
 
     status = {k: v for k, v in grading_status.items()}

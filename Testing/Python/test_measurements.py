@@ -152,7 +152,7 @@ def test_grade_boundaries():
 def test_impossible_disc_heights_are_flagged_in_the_outputs():
     """Overlapping outlines give a negative disc height, a missed body a 40 mm "disc": both are said,
     in discs.json, discs.csv and the run's warnings, instead of being reported as findings."""
-    from SpineNetLib.discs.measurements import implausible_disc_measurements
+    from SpineNetLib.discs.measurements import disc_measurement_warnings
     from SpineNetLib.outputs.discs import discs_csv_text, discs_document
 
     scan = make_phantom(fov="lumbar", n_slices=3, seed=1).scan
@@ -168,12 +168,41 @@ def test_impossible_disc_heights_are_flagged_in_the_outputs():
     m = measure_spine(scan, [upper, lower])
     (disc,) = m.discs
     assert disc.anterior_height_mm < 0
-    problems = implausible_disc_measurements(disc)
+    problems = disc_measurement_warnings(disc)
     assert problems and all("negative" in p for p in problems)
     doc = discs_document(scan, [upper, lower], [], None, m, {"status": "not run"})
     assert doc["discs"][0]["measurement_warnings"] == problems
     assert "negative" in discs_csv_text(doc).splitlines()[1]
     far = measure_spine(scan, [upper, _body(60, 100, 100, 125)])
-    assert any("probably missed" in p for p in implausible_disc_measurements(far.discs[0]))
+    assert any("probably missed" in p for p in disc_measurement_warnings(far.discs[0]))
     normal = measure_spine(scan, [upper, _body(60, 100, 70, 95)])
-    assert implausible_disc_measurements(normal.discs[0]) == []
+    assert disc_measurement_warnings(normal.discs[0]) == []
+
+
+@pytest.mark.parametrize("gap_mm, level_above, warned", [
+    (2.0, "L5", True),     # S1's outline up against L5: the L5-S1 measurements need a look at S1 first
+    (8.0, "L5", False),    # an ordinary L5-S1 disc
+    (2.0, "L3", False),    # a thin disc elsewhere is a finding, not an S1 outline to check
+])
+def test_a_thin_disc_above_s1_asks_to_check_s1s_outline(gap_mm, level_above, warned):
+    """The bundled detector's S1 outline often takes in part of the L5-S1 disc (model card, "Outlines
+    around the discs"): a disc above S1 under 3 mm high in front or in the middle says so, once."""
+    from SpineNetLib.discs.measurements import S1_OUTLINE_CHECK_HEIGHT_MM, disc_measurement_warnings
+
+    scan = make_phantom(fov="lumbar", n_slices=3, seed=1).scan
+    row_mm, col_mm = scan.spacing_mm[:2]
+
+    def _body(y0, y1, level):
+        """A 40 mm deep box body on slice 1, y in mm from the image top."""
+        x0, x1, y0, y1 = 60 / col_mm, 100 / col_mm, y0 / row_mm, y1 / row_mm
+        return Vertebra(slices=[1], polygons=[np.array([[x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)],
+                        level=level)
+
+    below = "S1" if level_above == "L5" else "L4"
+    (disc,) = measure_spine(scan, [_body(30, 60, level_above), _body(60 + gap_mm, 90, below)]).discs
+    assert disc.middle_height_mm == pytest.approx(gap_mm, abs=0.01)
+    lines = disc_measurement_warnings(disc)
+    assert len(lines) == int(warned)
+    if warned:
+        assert gap_mm < S1_OUTLINE_CHECK_HEIGHT_MM
+        assert lines[0].startswith(f"L5-S1 anterior disc height {gap_mm:.1f} mm") and "check S1" in lines[0]
