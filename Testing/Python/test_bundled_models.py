@@ -218,3 +218,22 @@ def test_the_bundled_grader_calls_few_discs_of_healthy_volunteers_volumes_hernia
     print({level: f"{sum(v)}/{len(v)}" for level, v in sorted(calls.items())})
     assert len(every) >= 50 and sum(every) <= 0.35 * len(every)
     assert len(upper) >= 25 and sum(upper) <= 0.1 * len(upper)
+
+
+@pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_013-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+@pytest.mark.parametrize("case_id, warned", [("tianchi_013-000", True), ("tianchi_002-000", False)])
+def test_a_thin_l5_s1_disc_on_a_clinical_slice_asks_to_check_s1(case_id, warned):
+    """Held-out clinical slices: on tianchi_013 S1's detected outline reaches into the L5-S1 disc (the
+    radiologists' disc point lies inside it) and leaves 1.6 mm in front, no height negative, so the run
+    asks to check S1 before the L5-S1 measurements are used; on tianchi_002 the disc measures about 7 mm
+    and nothing is said (model card, "Outlines around the discs")."""
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.pipeline import RunOptions, load_networks, run
+
+    scan = load_scan(DATA / "tianchi" / case_id / "image.nii.gz")
+    result = run(scan, load_networks("bundled", "cpu"), RunOptions(grade=False))
+    (l5_s1,) = [d for d in result.discs_document["discs"] if d["level"] == "L5-S1"]
+    asks = [line for line in l5_s1["measurement_warnings"] if "check S1's upper endplate" in line]
+    assert bool(asks) == warned, l5_s1
+    assert all(line in result.warnings for line in asks)
