@@ -177,8 +177,9 @@ def review_table(summary: dict, pred_root: Path) -> dict:
 
 def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
     """How well the L5-S1 measurement warnings of discs.json (``discs.measurements.disc_measurement_warnings``:
-    the disc above S1 under 3 mm in front or in the middle, or negative) mark the scans whose radiologists'
-    L5-S1 point lies inside a detected outline; None when a prediction has no discs.json (an older folder)."""
+    the disc above S1 under 3 mm in front or in the middle, a negative height, a mean over 25 mm) mark the
+    scans whose radiologists' L5-S1 point lies inside a detected outline; None when a prediction has no
+    discs.json (an older folder)."""
     warned, inside = {}, {}
     for case_id, m in summary["cases"].items():
         if case_id.split("_")[0] not in ("tianchi", "ivd"):   # the sources with a point per disc
