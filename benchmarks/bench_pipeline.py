@@ -68,8 +68,8 @@ def _params(plan: str, stride_fraction: float | None):
 
 
 def _phantom_scan(name: str, timings: dict[str, float]):
-    """The benchmark phantom `name` (seed 1) written as DICOM and read back as a user's series would be;
-    the reading time goes into timings["load_scan"]."""
+    """The benchmark phantom `name` (seed 1) and its scan, written as DICOM and read back as a user's
+    series would be; the reading time goes into timings["load_scan"]."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.synthetic.phantom import make_phantom
 
@@ -79,7 +79,7 @@ def _phantom_scan(name: str, timings: dict[str, float]):
         t = time.perf_counter()
         scan = load_scan(Path(tmp) / "dicom")
         timings["load_scan"] = time.perf_counter() - t
-    return scan
+    return phantom, scan
 
 
 def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | None = None) -> dict:
@@ -90,7 +90,7 @@ def run_bundled(name: str, threads: int, plan: str, stride_fraction: float | Non
     from SpineNetLib.pipeline import detect_and_label, grade_discs, load_networks
 
     timings: dict[str, float] = {}
-    scan = _phantom_scan(name, timings)
+    _, scan = _phantom_scan(name, timings)
     networks = load_networks("bundled", "cpu")
     timings["load_networks"] = networks.load_seconds
     params = _params(plan, stride_fraction)
@@ -124,7 +124,7 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     from SpineNetLib.training.targets import oracle_predictor
 
     timings: dict[str, float] = {}
-    scan = _phantom_scan(name, timings)
+    phantom, scan = _phantom_scan(name, timings)
 
     torch.manual_seed(0)
     t = time.perf_counter()
