@@ -182,7 +182,7 @@ def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
     discs.json (an older folder)."""
     warned, inside = {}, {}
     for case_id, m in summary["cases"].items():
-        if case_id.split("_")[0] not in ("tianchi", "ivd"):   # the sources with a point per disc
+        if "L5-S1" not in m["discs_scored"]:   # no point or mask of that disc (only tianchi/ and ivd/ have them)
             continue
         path = pred_root / case_id / "discs.json"
         if not path.is_file():

@@ -496,6 +496,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
+        "discs_scored": list(m.discs_scored),
         "disc_points_inside_outlines": list(m.disc_points_inside_outlines),
     }
 
@@ -514,7 +515,7 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
     for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named",
-                          "disc_points_inside_outlines"):
+                          "discs_scored", "disc_points_inside_outlines"):
         del pooled[per_case_only]
     discs: dict[str, dict] = {}
     for m in metrics:
