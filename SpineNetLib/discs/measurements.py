@@ -354,10 +354,11 @@ def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
         if np.isfinite(height) and height < 0:
             problems.append(f"{disc.level} {name} disc height {height:.1f} mm is negative: the outlines of the "
                             "two bodies overlap (check them)")
-    thin = [(name, getattr(disc, f"{name}_height_mm")) for name in ("anterior", "middle")]
-    thin = [(name, h) for name, h in thin if np.isfinite(h) and 0 <= h < S1_OUTLINE_CHECK_HEIGHT_MM]
+    # (height, name) under the bound; a negative one has its own line above, and then nothing more is said
+    thin = [(h, name) for name in ("anterior", "middle")
+            if (h := getattr(disc, f"{name}_height_mm")) < S1_OUTLINE_CHECK_HEIGHT_MM]   # NaN: never
     if disc.level.endswith("-S1") and thin and not problems:
-        name, height = min(thin, key=lambda item: item[1])
+        height, name = min(thin)
         problems.append(f"{disc.level} {name} disc height {height:.1f} mm is under "
                         f"{S1_OUTLINE_CHECK_HEIGHT_MM:g} mm: S1's detected outline often reaches into this disc "
                         f"and makes it look thin; check S1's upper endplate before using the {disc.level} "
