@@ -113,14 +113,14 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
             network = checkpoints.with_fast_memory_format(fold_batch_norms(network))
         return with_precision(network, precision)
 
-    grading = load("grading") if (with_grading and weight_set.grading is not None) else None
     detector, predictor = None, None
-    if runtime == "openvino":   # converted from the float32 network as loaded; the torch copy is not kept
-        plain = load_float32("detector")
-        predictor = openvino_detector_predictor(plain, plain.weights_path, precision,   # the checkpoint file
-                                                cache_dir=user_cache_dir() / "openvino")
+    if runtime == "openvino":   # first, while little else is loaded: converting takes memory (runtimes.py)
+        predictor = openvino_detector_predictor(lambda: load_float32("detector"),
+                                                checkpoints.resolve_weights_file(weight_set.path("detector")),
+                                                precision, cache_dir=user_cache_dir() / "openvino")
     else:
         detector = load("detector")
+    grading = load("grading") if (with_grading and weight_set.grading is not None) else None
     return Networks(detector=detector, appearance=load("appearance"), context=load("context"),
                     grading=grading, device=dev, weights=weight_set, predictor=predictor,
                     load_seconds=time.perf_counter() - start, precision=precision, runtime=runtime)

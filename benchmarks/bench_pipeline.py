@@ -126,26 +126,32 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     timings: dict[str, float] = {}
     phantom, scan = _phantom_scan(name, timings)
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)        # the detector's seeded weights first, then the labelling networks'
+    if runtime == "openvino":   # as a user's first run: converted first, from a weights file, into an empty cache
+        from SpineNetLib.models.runtimes import openvino_detector_predictor
+        from SpineNetLib.weights.checkpoints import load_model, save_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_file = Path(tmp) / "detector.pt"
+            save_checkpoint(weights_file, "detector", VFRDetector().eval())
+            t = time.perf_counter()
+            network = openvino_detector_predictor(lambda: load_model("detector", weights_file), weights_file,
+                                                  "bf16" if bf16 else "fp32", threads, cache_dir=Path(tmp) / "cache")
+            timings["openvino_conversion"] = time.perf_counter() - t
     t = time.perf_counter()
-    detector = VFRDetector().eval()
-    # as pipeline.load_networks leaves it: channels-last, BatchNorm folded under bf16 (unless --unfolded)
-    detector = with_fast_memory_format(fold_batch_norms(detector) if (fold and bf16) else detector)
+    detector = VFRDetector().eval() if runtime == "torch" else None
+    if detector is not None:
+        # as pipeline.load_networks leaves it: channels-last, BatchNorm folded under bf16 (unless --unfolded)
+        detector = with_fast_memory_format(fold_batch_norms(detector) if (fold and bf16) else detector)
     appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
     timings["build_networks"] = time.perf_counter() - t
 
     if compile_networks:
-        detector, appearance, context = (torch.compile(n) for n in (detector, appearance, context))
-    network = detection.network_predictor(detector)
-    if runtime == "openvino":
-        from SpineNetLib.models.runtimes import openvino_detector_predictor
-
-        t = time.perf_counter()
-        torch.manual_seed(0)
-        plain = VFRDetector().eval()        # the same weights, float32 and unfolded, as load_networks converts it
-        network = openvino_detector_predictor(plain, None, "bf16" if bf16 else "fp32", threads)
-        del plain, detector
-        timings["openvino_conversion"] = time.perf_counter() - t
+        appearance, context = (torch.compile(n) for n in (appearance, context))
+        if detector is not None:
+            detector = torch.compile(detector)
+    if detector is not None:
+        network = detection.network_predictor(detector)
     truth: dict[int, list] = {}
     for v in phantom.vertebrae:
         for s, q in v.quads.items():

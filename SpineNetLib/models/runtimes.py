@@ -17,10 +17,13 @@ The detector is converted from the float32 network as loaded; the ``precision`` 
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,22 +59,47 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, cache_dir: Path | None, openvino):
-    """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``: read from the
-    cache when this weights file (by SHA-256) was converted by this OpenVINO version before, else
-    converted and, where the cache folder can be written, kept there.  A cached file that cannot be
-    read (cut short by a full disk, say) is converted and written again."""
+def _give_back_freed_memory() -> None:
+    """Hand the heap freed after converting and compiling back to the system: glibc keeps about
+    0.2-0.5 GB of the official-size detector's conversion otherwise, which the rest of the run then
+    adds to.  The conversion leaves reference cycles, hence the collection first.  The trim is a no-op
+    where the C library is not glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
+                        cache_dir: Path | None, openvino) -> tuple[object, torch.nn.Module | None]:
+    """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``, and the torch
+    network whose memory that model uses (None when it owns its weights), which must be kept as long
+    as the model or anything compiled from it runs.
+
+    The model is read from the cache when this weights file (by SHA-256) was converted by this OpenVINO
+    version before, else converted and, where the cache folder can be written, kept there and read
+    back.  A cached file that cannot be read (cut short by a full disk, say) is converted and written
+    again.  ``detector`` may be a function that loads the network, called only when no usable
+    conversion is cached, so that a cached run never reads the torch checkpoint.  The network is
+    converted in the default memory format (in place), in which OpenVINO uses its weights where they
+    lie instead of copying them; with the model read back from the cache, neither the torch network
+    nor the converted copy outlives the conversion (benchmarks/RESULTS.md, "OpenVINO's first run")."""
     cached = None
     if weights_path is not None and cache_dir is not None:
         key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
         cached = Path(cache_dir) / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
             try:
-                return openvino.Core().read_model(cached)
+                return openvino.Core().read_model(cached), None
             except (RuntimeError, OSError):
                 pass
-    model = openvino.convert_model(detector.float().eval(), example_input=torch.zeros(1, 1, 224, 224),
-                                   input=[openvino.PartialShape([-1, 1, -1, -1])])
+    network = detector if isinstance(detector, torch.nn.Module) else detector()
+    network = network.float().eval().to(memory_format=torch.contiguous_format)
+    with warnings.catch_warnings():   # the tracer's note on the input-shape check, harmless here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = openvino.convert_model(network, example_input=torch.zeros(1, 1, 224, 224),
+                                       input=[openvino.PartialShape([-1, 1, -1, -1])])
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -79,30 +107,36 @@ def _converted_detector(detector: torch.nn.Module, weights_path: Path | None, ca
             openvino.save_model(model, partial, compress_to_fp16=False)   # the weights exactly as loaded
             partial.with_suffix(".bin").replace(cached.with_suffix(".bin"))
             partial.replace(cached)
+            return openvino.Core().read_model(cached), None
         except (OSError, RuntimeError):
             pass   # a read-only home or a full disk: convert again next time
-    return model
+    return model, network
 
 
-def openvino_detector_predictor(detector: torch.nn.Module, weights_path: Path | None, precision: str = "fp32",
-                                threads: int | None = None, cache_dir: Path | None = None):
-    """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded) with OpenVINO on the CPU in
-    ``precision`` ("fp32" or "bf16"), on ``threads`` threads (default: torch's).  The converted network
-    is kept in ``cache_dir``, keyed by ``weights_path``, the checkpoint file it was loaded from
-    (``load_model`` sets ``weights_path`` on the network); without either it is converted every time."""
+def openvino_detector_predictor(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
+                                precision: str = "fp32", threads: int | None = None, cache_dir: Path | None = None):
+    """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded; or a function loading it,
+    called only when no conversion is cached) with OpenVINO on the CPU in ``precision`` ("fp32" or
+    "bf16"), on ``threads`` threads (default: torch's).  The converted network is kept in
+    ``cache_dir``, keyed by ``weights_path``, the checkpoint file it is loaded from (``load_model``
+    sets ``weights_path`` on the network); without either it is converted every time."""
     if precision not in _OPENVINO_PRECISION:
         raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
     openvino = _openvino()
-    model = _converted_detector(detector, weights_path, cache_dir, openvino)
+    model, weights_owner = _converted_detector(detector, weights_path, cache_dir, openvino)
     compiled = openvino.Core().compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
         "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     output = compiled.outputs[0]
+    del model
+    _give_back_freed_memory()
+    runs_on = (request, output, weights_owner)   # the torch weights, where the model uses them, stay alive
 
     def predict(patches: np.ndarray, boxes: Sequence = ()) -> np.ndarray:
         x = np.ascontiguousarray(patches, dtype=np.float32)[:, None]
-        return np.array(request.infer([x])[output], dtype=np.float32, copy=True)
+        infer, out, _ = runs_on
+        return np.array(infer.infer([x])[out], dtype=np.float32, copy=True)
 
     return predict

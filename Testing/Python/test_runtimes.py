@@ -71,6 +71,35 @@ def test_openvino_detector_gives_torch_outputs_and_is_converted_once(cache):
     assert 0 < difference < 0.05                   # computed in bfloat16, handed back in float32
 
 
+def test_a_cached_conversion_never_loads_the_torch_detector(cache):
+    """The detector may be given as a function that loads it: called for the first conversion only,
+    and, without a cache, the converted network (which uses the torch network's memory) keeps
+    giving torch's outputs after everything else has let go of the torch network."""
+    import gc
+
+    from SpineNetLib.detect.vfr import network_predictor
+    from SpineNetLib.models.runtimes import openvino_detector_predictor
+    from SpineNetLib.weights.checkpoints import load_model
+    from SpineNetLib.weights.resolve import resolve_weights
+
+    path = resolve_weights("bundled").path("detector")
+    loads = []
+
+    def load():
+        loads.append(path)
+        return load_model("detector", path)
+
+    x = np.random.default_rng(1).random((2, 224, 224), dtype=np.float32)
+    first = openvino_detector_predictor(load, path, "fp32", cache_dir=cache)(x)
+    again = openvino_detector_predictor(load, path, "fp32", cache_dir=cache)(x)
+    assert len(loads) == 1 and np.array_equal(first, again)
+    uncached = openvino_detector_predictor(load, path, "fp32", cache_dir=None)
+    assert len(loads) == 2
+    gc.collect()
+    expected = network_predictor(load_model("detector", path))(x)
+    assert float(np.abs(uncached(x) - expected).max()) < 1e-3 * float(np.abs(expected).max())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_openvino_runtime_gives_the_torch_levels(cache, precision):
     """A phantom and a real held-out clinical slice: the same bodies, slices and levels as torch in
