@@ -138,20 +138,17 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
             network = openvino_detector_predictor(lambda: load_model("detector", weights_file), weights_file,
                                                   "bf16" if bf16 else "fp32", threads, cache_dir=Path(tmp) / "cache")
             timings["openvino_conversion"] = time.perf_counter() - t
-    t = time.perf_counter()
-    detector = VFRDetector().eval() if runtime == "torch" else None
-    if detector is not None:
+        t = time.perf_counter()
+    else:
+        t = time.perf_counter()
+        detector = VFRDetector().eval()
         # as pipeline.load_networks leaves it: channels-last, BatchNorm folded under bf16 (unless --unfolded)
         detector = with_fast_memory_format(fold_batch_norms(detector) if (fold and bf16) else detector)
+        network = detection.network_predictor(torch.compile(detector) if compile_networks else detector)
     appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
     timings["build_networks"] = time.perf_counter() - t
-
     if compile_networks:
         appearance, context = (torch.compile(n) for n in (appearance, context))
-        if detector is not None:
-            detector = torch.compile(detector)
-    if detector is not None:
-        network = detection.network_predictor(detector)
     truth: dict[int, list] = {}
     for v in phantom.vertebrae:
         for s, q in v.quads.items():
