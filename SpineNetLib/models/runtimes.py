@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.files import sha256_file
 
 #: Accepted names, the default first.
 RUNTIMES: tuple[str, ...] = ("torch", "openvino")
@@ -49,14 +49,6 @@ def _openvino():
         raise InputError("--runtime openvino needs the OpenVINO package, which is not installed "
                          "(pip install openvino)") from None
     return openvino
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _give_back_freed_memory() -> None:
@@ -87,7 +79,7 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
     nor the converted copy outlives the conversion (benchmarks/RESULTS.md, "OpenVINO's first run")."""
     cached = None
     if weights_path is not None and cache_dir is not None:
-        key = f"detector-{_file_sha256(Path(weights_path))[:16]}-openvino-{openvino.__version__.split('-')[0]}"
+        key = f"detector-{sha256_file(weights_path)[:16]}-openvino-{openvino.__version__.split('-')[0]}"
         cached = Path(cache_dir) / f"{key}.xml"
         if cached.is_file() and cached.with_suffix(".bin").is_file():
             try:

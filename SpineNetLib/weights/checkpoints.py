@@ -101,15 +101,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_from_dict(kind: str, data: Mapping[str, Any] | None):
     """Config dataclass of ``kind`` from a stored dict (None -> official default; None for
     kinds without a config)."""

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from SpineNetLib.weights.checkpoints import sha256_file
+from SpineNetLib.core.files import sha256_file
 from SpineNetLib.core.errors import SpineNetError, WeightsError
 from SpineNetLib.weights.resolve import official_weights_dir
 

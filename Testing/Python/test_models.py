@@ -25,10 +25,10 @@ from SpineNetLib.weights.checkpoints import (
     load_model,
     resolve_weights_file,
     save_checkpoint,
-    sha256_file,
     with_fast_memory_format,
 )
 from SpineNetLib.core.errors import InputError, WeightsError
+from SpineNetLib.core.files import sha256_file
 from SpineNetLib.models.folding import fold_batch_norms
 from SpineNetLib.models import HEADS, AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
 
