@@ -32,6 +32,8 @@ from SpineNetLib.core.progress import ProgressCallback, scaled
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
+from SpineNetLib.detect.no_bodies import no_vertebrae_reason
+from SpineNetLib.detect.s1_outline import refine_s1_outline
 from SpineNetLib.detect.turned import bodies_on_turned_slices
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
@@ -53,7 +55,7 @@ from SpineNetLib.models.grading import reads_one_slice
 from SpineNetLib.models.precision import precision_of, with_precision
 from SpineNetLib.models.runtimes import check_runtime, openvino_detector_predictor
 from SpineNetLib.weights import checkpoints
-from SpineNetLib.weights.resolve import WeightSet, resolve_weights, user_cache_dir
+from SpineNetLib.weights.resolve import CHECKPOINT_KIND, WeightSet, resolve_weights, user_cache_dir
 
 
 def choose_device(spec: str = "auto") -> torch.device:
@@ -89,6 +91,9 @@ class Networks:
     precision: str = "fp32"
     #: Where the detector runs, "torch" or "openvino" (:mod:`SpineNetLib.models.runtimes`), recorded too.
     runtime: str = "torch"
+    #: ``predict`` of the weight set's second detector, for S1's outline only (``detect/s1_outline.py``);
+    #: None when the weight set has none.
+    s1_outline: detection.Predictor | None = None
 
 
 def load_networks(weights: str | None = "bundled", device: str = "auto", *,
@@ -105,7 +110,8 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     dev = choose_device("cpu" if runtime != "torch" else device)
 
     def load_float32(kind: str) -> torch.nn.Module:
-        return checkpoints.load_model(kind, weight_set.path(kind), device=str(dev), trusted_sha256=trusted_sha256)
+        return checkpoints.load_model(CHECKPOINT_KIND.get(kind, kind), weight_set.path(kind), device=str(dev),
+                                      trusted_sha256=trusted_sha256)
 
     def load(kind: str) -> torch.nn.Module:
         network = load_float32(kind)
@@ -123,6 +129,8 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None
     return Networks(detector=detector, appearance=load("appearance"), context=load("context"),
                     grading=grading, device=dev, weights=weight_set, predictor=predictor,
+                    s1_outline=(detection.network_predictor(load("s1_outline"), device=dev)
+                                if weight_set.s1_outline is not None else None),
                     load_seconds=time.perf_counter() - start, precision=precision, runtime=runtime)
 
 
@@ -158,56 +166,12 @@ def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.Detectio
     return best
 
 
-#: A field of view smaller than this (mm, either side) cannot show a vertebral body with its neighbours.
-MIN_FIELD_OF_VIEW_MM = 60.0
-
-
-def _neighbour_correlation(image: np.ndarray) -> float:
-    """Mean correlation of neighbouring pixels along rows and columns: about 0 for noise, near 1
-    for MR anatomy (smooth at the pixel scale)."""
-    a = np.asarray(image, np.float64) - float(np.mean(image))
-    variance = float(np.mean(a * a))
-    if variance == 0 or min(a.shape) < 2:
-        return 1.0
-    return float((np.mean(a[:, 1:] * a[:, :-1]) + np.mean(a[1:] * a[:-1])) / (2 * variance))
-
-
 #: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
 #: Figures from the volumes of healthy volunteers (``benchmarks/grader_on_volumes.py``; MODEL_CARD.md "On volumes").
 SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
     "not validated (the bundled grader calls 11-32 % of healthy volunteers' discs herniated, depending on "
     "the scanner, and 47 % of their L5-S1 discs; MODEL_CARD.md); treat them as a hint only")
-
-
-def no_vertebrae_reason(scan: Scan, result: DetectionResult, retried: bool) -> str:
-    """The warning of a run that found no vertebra, with the reason the image suggests (issue 12):
-    a field of view too small, a blank, empty or noise-like image, detections too weak to keep, or
-    nothing like a vertebral body at all."""
-    rows_mm, cols_mm = (n * mm for n, mm in zip(scan.voxels.shape[:2], scan.spacing_mm[:2]))
-    mid = np.asarray(scan.voxels[:, :, scan.voxels.shape[2] // 2], np.float64)
-    low, high = float(mid.min()), float(mid.max())
-    background = float(np.mean(mid <= low + 0.05 * (high - low)))   # within 5 % of the range above the darkest
-    if min(rows_mm, cols_mm) < MIN_FIELD_OF_VIEW_MM:
-        reason = (f"the image covers only {rows_mm:.0f} x {cols_mm:.0f} mm, too little to show a vertebral body "
-                  "with its neighbours")
-    elif high <= low:
-        reason = "the middle slice is uniform: there is no anatomy to see"
-    elif background > 0.9:
-        reason = f"{100 * background:.0f} % of the middle slice is background: little or no anatomy"
-    elif (correlation := _neighbour_correlation(mid)) < 0.3:
-        reason = (f"the image looks like noise (neighbouring pixels correlate at {round(correlation, 2) + 0.0:.2f}; "
-                  "MR anatomy is smooth)")
-    elif result.candidates:
-        reason = (f"{len(result.candidates)} weaker detection(s) fell below the detection threshold: the spine may "
-                  "be faint, cut off, or of a contrast the networks were not trained on")
-    else:
-        reason = "the detector saw nothing like a vertebral body"
-    tried = f"at the header's pixel spacing ({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm)" + (
-        f" and at {min(PIXEL_SPACING_FACTORS_TO_TRY):g} to {max(PIXEL_SPACING_FACTORS_TO_TRY):g} times it"
-        if retried else "")
-    return (f"no vertebra was found {tried}: {reason}; check that this is a sagittal MR image of the spine and "
-            "that its pixel spacing is right")
 
 
 def _same_body(a: Vertebra, b: Vertebra) -> bool:
@@ -504,6 +468,8 @@ class ProcessingProfile:
     relabel_s1_at_image_edge: bool = True
     #: ``LabellingParams.move_up_to_weaker_s1`` (not official).
     move_up_to_weaker_s1: bool = True
+    #: S1's outline from the weight set's second detector, when it has one (``detect/s1_outline.py``; not official).
+    refine_s1_outline: bool = True
 
 
 PROFILES: dict[str, ProcessingProfile] = {
@@ -512,7 +478,8 @@ PROFILES: dict[str, ProcessingProfile] = {
     "official": ProcessingProfile("official", slab_average_thin_slices=False, official_appearance_crop=True,
                                   drop_lower_sacral_segments=False, discs_across_missed_levels=True,
                                   official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False,
-                                  relabel_s1_at_image_edge=False, move_up_to_weaker_s1=False),
+                                  relabel_s1_at_image_edge=False, move_up_to_weaker_s1=False,
+                                  refine_s1_outline=False),
 }
 
 
@@ -730,6 +697,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                               detection_params=profiled_detection_params(options.detection_params, profile),
                               labelling_params=params, progress=progress,
                               retry_pixel_spacing=profile.retry_pixel_spacing)
+    if profile.refine_s1_outline and networks.s1_outline is not None:
+        refine_s1_outline(scan, result, networks.s1_outline, options.detection_params)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:
@@ -737,7 +706,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
-        labelling_warnings.insert(0, no_vertebrae_reason(scan, result, profile.retry_pixel_spacing))
+        labelling_warnings.insert(0, no_vertebrae_reason(
+            scan, result, PIXEL_SPACING_FACTORS_TO_TRY if profile.retry_pixel_spacing else ()))
     left_out = int(result.labelling.get("sacral_segments_left_out", 0))
     if left_out:
         labelling_warnings.append(f"{left_out} lower sacral segment{'s' if left_out > 1 else ''} below S2 "

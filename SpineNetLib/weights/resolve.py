@@ -3,7 +3,8 @@
 Three sources, chosen with ``--weights``:
 
 * ``bundled`` (default): small fp16 checkpoints shipped in ``SpineNetLib/weights/``
-  (``detector.pt``, ``appearance.pt``, ``context.pt``, optionally ``grading.pt``).
+  (``detector.pt``, ``appearance.pt``, ``context.pt``, optionally ``grading.pt`` and
+  ``s1_outline.pt``, a second detector that draws S1's outline, ``detect/s1_outline.py``).
 * ``official``: the VGG SpineNetV2 checkpoints, which the user downloads
   under their non-commercial licence into a per-user cache
   (``$SPINENET_CACHE`` or ``$XDG_CACHE_HOME/spinenet`` or ``~/.cache/spinenet``),
@@ -22,14 +23,17 @@ from SpineNetLib.core.errors import WeightsError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
-#: network kind -> (file name in our layout, folder name in the official layout)
+#: network kind -> (file name in our layout, folder name in the official layout; None: not official)
 LAYOUT = {
     "detector": ("detector.pt", "detect-vfr"),
     "appearance": ("appearance.pt", "appearance"),
     "context": ("context.pt", "context"),
     "grading": ("grading.pt", "grading"),
+    "s1_outline": ("s1_outline.pt", None),
 }
 REQUIRED = ("detector", "appearance", "context")
+#: The checkpoint kind (``checkpoints.KINDS``) of a network whose kind above is not one.
+CHECKPOINT_KIND = {"s1_outline": "detector"}
 
 
 def user_cache_dir() -> Path:
@@ -53,6 +57,8 @@ class WeightSet:
     appearance: Path
     context: Path
     grading: Path | None = None
+    #: A detector (checkpoint kind "detector") used only for S1's outline (``detect/s1_outline.py``).
+    s1_outline: Path | None = None
 
     def path(self, kind: str) -> Path | None:
         return getattr(self, kind)
@@ -62,8 +68,8 @@ def _find(folder: Path, kind: str) -> Path | None:
     file_name, official_folder = LAYOUT[kind]
     if (folder / file_name).is_file():
         return folder / file_name
-    sub = folder / official_folder
-    if sub.is_dir() and any(p.suffix == ".pt" for p in sub.iterdir()):
+    sub = folder / official_folder if official_folder else None
+    if sub is not None and sub.is_dir() and any(p.suffix == ".pt" for p in sub.iterdir()):
         return sub
     return None
 
@@ -89,4 +95,4 @@ def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
     if missing:
         raise WeightsError(f"no {', '.join(missing)} weights in {folder} ({spec_text}): {how_to_fix}")
     return WeightSet(source=spec_text, detector=found["detector"], appearance=found["appearance"],
-                     context=found["context"], grading=found["grading"])
+                     context=found["context"], grading=found["grading"], s1_outline=found["s1_outline"])

@@ -453,6 +453,7 @@ def test_a_failed_write_ends_in_one_line_naming_the_file(tmp_path, monkeypatch, 
 def test_no_vertebrae_always_comes_with_the_reason(monkeypatch):
     from SpineNetLib import pipeline
     from SpineNetLib.core.results import DetectionResult
+    from SpineNetLib.detect.no_bodies import no_vertebrae_reason
     from SpineNetLib.inputs.canonical import scan_from_array
     from SpineNetLib.synthetic.phantom import make_phantom
 
@@ -462,7 +463,8 @@ def test_no_vertebrae_always_comes_with_the_reason(monkeypatch):
     nothing = DetectionResult(vertebrae=[])
 
     def reason(voxels, pixel_mm=1.0):
-        return pipeline.no_vertebrae_reason(scan_from_array(voxels, sagittal_affine(pixel_mm)), nothing, True)
+        return no_vertebrae_reason(scan_from_array(voxels, sagittal_affine(pixel_mm)), nothing,
+                                   pipeline.PIXEL_SPACING_FACTORS_TO_TRY)
 
     assert "looks like noise" in reason(rng.uniform(0, 100, (3, 128, 128)).astype(np.float32))
     square = np.zeros((3, 128, 128), np.float32)

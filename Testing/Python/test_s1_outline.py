@@ -1,0 +1,105 @@
+"""S1's outline from a second detector (``detect/s1_outline.py``): what a user relies on.
+
+The main detector's S1 outline reaching into the L5-S1 disc is the bundled detector's known fault
+(MODEL_CARD.md, "S1's outline"); these tests reproduce it exactly with ground-truth stand-in
+detectors on a phantom (``oracles.py``) and check that the second detector fixes the outline of S1
+and touches nothing else: not the bodies, not their levels, not the official profile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SpineNetLib import pipeline
+from SpineNetLib.synthetic.phantom import make_phantom
+from SpineNetLib.training.targets import oracle_predictor
+
+from oracles import oracle_networks
+
+#: How far the faulty S1's upper corners reach up into the L5-S1 disc, in pixels.
+REACH_PX = 6.0
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # few, central slices: every body is on every slice
+    return make_phantom(fov="lumbar", n_slices=5, slice_thickness_mm=3.0, seed=4)
+
+
+def _quads(phantom, s1_reach_px: float = 0.0, with_s1: bool = True) -> dict[int, np.ndarray]:
+    """Ground-truth quads per slice; S1's upper corners (rt, lt) moved up by ``s1_reach_px``."""
+    by_slice: dict[int, list] = {}
+    for v in phantom.vertebrae:
+        if v.extra or (v.level == "S1" and not with_s1):
+            continue
+        for s, q in v.quads.items():
+            q = np.array(q, float)
+            if v.level == "S1":
+                q[[0, 3], 1] -= s1_reach_px
+            by_slice.setdefault(s, []).append(q)
+    return {s: np.stack(q) for s, q in by_slice.items()}
+
+
+def _run(phantom, second_detector, profile: str | None = None) -> pipeline.RunResult:
+    networks = oracle_networks(phantom)
+    networks.predictor = oracle_predictor(_quads(phantom, REACH_PX))   # the main detector, with the fault
+    networks.s1_outline = second_detector
+    return pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, profile=profile))
+
+
+def _truth(phantom, level: str, slice_index: int) -> np.ndarray:
+    return np.array(next(v for v in phantom.vertebrae if v.level == level and not v.extra).quads[slice_index])
+
+
+def test_s1_takes_the_second_detectors_outline_and_nothing_else_changes(phantom):
+    plain = _run(phantom, None)
+    refined = _run(phantom, oracle_predictor(_quads(phantom)))
+    levels = [v.level for v in plain.detection.vertebrae]
+    assert "S1" in levels and [v.level for v in refined.detection.vertebrae] == levels
+    assert refined.detection.labelling["s1_outline_from_second_detector"] is True
+    assert "s1_outline_from_second_detector" not in plain.detection.labelling
+    assert refined.vertebrae_document["labelling"]["s1_outline_from_second_detector"] is True
+    for before, after in zip(plain.detection.vertebrae, refined.detection.vertebrae):
+        assert after.slices == before.slices
+        for s, p_before, p_after in zip(before.slices, before.polygons, after.polygons):
+            truth = _truth(phantom, before.level, s)
+            if before.level == "S1":   # the fault, then mended
+                assert np.abs(p_before[[0, 3], 1] - (truth[[0, 3], 1] - REACH_PX)).max() < 1.0
+                assert np.abs(p_after - truth).max() < 1.0
+            else:
+                np.testing.assert_array_equal(p_after, p_before)
+
+
+def test_s1_keeps_its_outline_when_the_second_detector_finds_nothing_there(phantom):
+    plain = _run(phantom, None)
+    kept = _run(phantom, oracle_predictor(_quads(phantom, with_s1=False)))
+    assert kept.detection.labelling["s1_outline_from_second_detector"] is False
+    for before, after in zip(plain.detection.vertebrae, kept.detection.vertebrae):
+        assert after.level == before.level
+        for p_before, p_after in zip(before.polygons, after.polygons):
+            np.testing.assert_array_equal(p_after, p_before)
+
+
+def test_the_official_profile_never_uses_a_second_detector(phantom):
+    def must_not_run(patches, boxes):
+        raise AssertionError("the official profile ran the S1-outline detector")
+
+    official = _run(phantom, must_not_run, profile="official")
+    assert "s1_outline_from_second_detector" not in official.detection.labelling
+    assert "S1" in [v.level for v in official.detection.vertebrae]
+
+
+def test_a_weights_folder_with_s1_outline_pt_loads_it_as_a_detector(tmp_path):
+    import shutil
+
+    from SpineNetLib.detect.vfr import network_predictor
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    for name in ("detector.pt", "appearance.pt", "context.pt"):
+        shutil.copyfile(BUNDLED_DIR / name, tmp_path / name)
+    assert pipeline.load_networks(str(tmp_path), "cpu").s1_outline is None
+    shutil.copyfile(BUNDLED_DIR / "detector.pt", tmp_path / "s1_outline.pt")
+    networks = pipeline.load_networks(str(tmp_path), "cpu")
+    patches = np.random.default_rng(0).random((2, 224, 224), dtype=np.float32)
+    np.testing.assert_array_equal(networks.s1_outline(patches), network_predictor(networks.detector)(patches))
