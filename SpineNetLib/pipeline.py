@@ -697,13 +697,13 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                               detection_params=profiled_detection_params(options.detection_params, profile),
                               labelling_params=params, progress=progress,
                               retry_pixel_spacing=profile.retry_pixel_spacing)
-    if profile.refine_s1_outline and networks.s1_outline is not None:
-        refine_s1_outline(scan, result, networks.s1_outline, options.detection_params)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
+    if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines
+        refine_s1_outline(scan, result, networks.s1_outline, options.detection_params)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
         labelling_warnings.insert(0, no_vertebrae_reason(

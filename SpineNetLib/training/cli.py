@@ -62,6 +62,15 @@ def command_tianchi_targets(args) -> int:
     return 0
 
 
+def command_drop_last_block(args) -> int:
+    from pathlib import Path
+
+    from SpineNetLib.training.detector import shrink_detector
+
+    print(f"wrote {shrink_detector(Path(args.detector), Path(args.out))}")
+    return 0
+
+
 def command_calibrate_labelling(args) -> int:
     from SpineNetLib.training.calibrate_labelling import command
 
@@ -125,6 +134,12 @@ def register(subparsers) -> None:
                     help="S1 where no detector gave it: 'wedge' (default) or 'even', as the bundled detector "
                          "and grader were trained (training/tianchi.py, S1_CONSTRUCTIONS)")
     tq.set_defaults(func=command_tianchi_targets)
+
+    drop = sub.add_parser("drop-last-block", help="a detector checkpoint without the last block of its deepest "
+                                                  "stage (how the bundled S1-outline detector fits the 15 MB)")
+    drop.add_argument("--detector", required=True, metavar="CHECKPOINT", help="detector checkpoint to shrink")
+    drop.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write (fp16)")
+    drop.set_defaults(func=command_drop_last_block)
 
     cal = sub.add_parser("calibrate-labelling",
                          help="choose appearance weight, repeat-S1 penalty and review threshold of a weight set "

@@ -504,3 +504,29 @@ def train(args) -> Path:
                 summary = validate(model, val_cases, device)
                 run.write_json("val_metrics.json", summary)
     return final
+
+
+def without_last_deep_block(model: VFRDetector) -> VFRDetector:
+    """A copy of ``model`` without the last bottleneck of its deepest encoder stage.
+
+    The block is residual (it adds to what passes through it), so the rest of the network works
+    without it; the bundled S1-outline detector is a trained detector shrunk this way to fit the
+    15 MB budget of the bundled weights (MODEL_CARD.md, "S1's outline").
+    """
+    blocks = list(model.config.blocks)
+    if blocks[-1] < 2:
+        raise InputError("the deepest stage has one block only: it cannot lose one")
+    smaller = VFRDetector(DetectorConfig(tuple(blocks[:-1] + [blocks[-1] - 1]), model.config.base_width))
+    dropped = f"down_blocks.{len(blocks) - 1}.{blocks[-1] - 1}."
+    smaller.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}, strict=True)
+    return smaller.eval()
+
+
+def shrink_detector(source: Path, out: Path) -> Path:
+    """``spinenet train drop-last-block``: :func:`without_last_deep_block` of the detector checkpoint
+    ``source``, written fp16 to ``out`` with the source's heat-map gains, seed and step count."""
+    model = checkpoints.load_model("detector", source)
+    stored = checkpoints.read_checkpoint(source)
+    extra = {k: stored[k] for k in ("epoch", "seed", "corner_heat_gain", "centroid_heat_gain") if k in stored}
+    return checkpoints.save_checkpoint(out, "detector", without_last_deep_block(model), half=True,
+                                       extra={**extra, "shrunk_from_blocks": list(model.config.blocks)})

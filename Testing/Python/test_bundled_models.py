@@ -27,8 +27,8 @@ VALIDATION_CASE = "myo_05"  # in dataset.DEFAULT_VAL_CASES: never seen in traini
 
 def test_bundled_weights_are_small_fp16_with_a_model_card():
     files = {p.name: p.stat().st_size for p in BUNDLED_DIR.glob("*.pt")}
-    assert {"detector.pt", "appearance.pt", "context.pt", "grading.pt"} <= set(files)
-    assert sum(files.values()) <= 15 * 1024 * 1024
+    assert {"detector.pt", "appearance.pt", "context.pt", "grading.pt", "s1_outline.pt"} <= set(files)
+    assert sum(files.values()) <= 15_000_000   # 15 MB, as the model card counts
     assert (BUNDLED_DIR / "MODEL_CARD.md").is_file()
 
 
@@ -237,3 +237,34 @@ def test_a_thin_l5_s1_disc_on_a_clinical_slice_asks_to_check_s1(case_id, warned)
     asks = [line for line in l5_s1["measurement_warnings"] if "check S1's upper endplate" in line]
     assert bool(asks) == warned, l5_s1
     assert all(line in result.warnings for line in asks)
+
+
+@pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_008-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_the_bundled_s1_outline_leaves_the_l5_s1_disc_to_the_disc(tmp_path):
+    """Held-out clinical slice tianchi_008: the main detector's S1 outline reaches up over the radiologists'
+    L5-S1 disc point; the bundled second detector (``s1_outline.pt``) draws S1 below it, with the same
+    levels (model card, "S1's outline")."""
+    import json
+    import shutil
+
+    from SpineNetLib.core.polygons import point_in_polygon
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.pipeline import RunOptions, load_networks, run
+
+    case = DATA / "tianchi" / "tianchi_008-000"
+    (disc,) = [p for p in json.loads((case / "case.json").read_text())["points"] if p["name"] == "L5-S1"]
+    point = (disc["col"], disc["row"])   # canonical (x, y) of this single-slice NIfTI
+    scan = load_scan(case / "image.nii.gz")
+    main_only = tmp_path / "main_only"
+    main_only.mkdir()
+    for name in ("detector.pt", "appearance.pt", "context.pt"):
+        shutil.copyfile(BUNDLED_DIR / name, main_only / name)
+    results = {weights: run(scan, load_networks(weights, "cpu"), RunOptions(grade=False))
+               for weights in ("bundled", str(main_only))}
+    s1 = {weights: next(v for v in r.detection.vertebrae if v.level == "S1") for weights, r in results.items()}
+    assert point_in_polygon(point, s1[str(main_only)].polygons[0])
+    assert not point_in_polygon(point, s1["bundled"].polygons[0])
+    assert results["bundled"].detection.labelling["s1_outline_from_second_detector"] is True
+    assert ([v.level for v in results["bundled"].detection.vertebrae]
+            == [v.level for v in results[str(main_only)].detection.vertebrae])

@@ -60,6 +60,8 @@ def test_s1_takes_the_second_detectors_outline_and_nothing_else_changes(phantom)
     assert refined.detection.labelling["s1_outline_from_second_detector"] is True
     assert "s1_outline_from_second_detector" not in plain.detection.labelling
     assert refined.vertebrae_document["labelling"]["s1_outline_from_second_detector"] is True
+    for key in ("needs_review", "warnings", "margin_nats"):   # the review checks ran on the main outline
+        assert refined.vertebrae_document["labelling"][key] == plain.vertebrae_document["labelling"][key]
     for before, after in zip(plain.detection.vertebrae, refined.detection.vertebrae):
         assert after.slices == before.slices
         for s, p_before, p_after in zip(before.slices, before.polygons, after.polygons):
@@ -103,3 +105,22 @@ def test_a_weights_folder_with_s1_outline_pt_loads_it_as_a_detector(tmp_path):
     networks = pipeline.load_networks(str(tmp_path), "cpu")
     patches = np.random.default_rng(0).random((2, 224, 224), dtype=np.float32)
     np.testing.assert_array_equal(networks.s1_outline(patches), network_predictor(networks.detector)(patches))
+
+
+def test_a_detector_loses_only_the_last_block_of_its_deepest_stage():
+    import torch
+
+    from SpineNetLib.core.errors import InputError
+    from SpineNetLib.models import DetectorConfig, VFRDetector
+    from SpineNetLib.training.detector import without_last_deep_block
+
+    torch.manual_seed(0)
+    model = VFRDetector(DetectorConfig((1, 1, 2, 2), 4)).eval()
+    smaller = without_last_deep_block(model)
+    assert smaller.config.blocks == (1, 1, 2, 1)
+    kept = smaller.state_dict()
+    dropped = {k for k in model.state_dict() if k not in kept}
+    assert dropped and all(k.startswith("down_blocks.3.1.") for k in dropped)
+    assert all(torch.equal(kept[k], model.state_dict()[k]) for k in kept)
+    with pytest.raises(InputError):
+        without_last_deep_block(smaller)
