@@ -5,8 +5,9 @@ the L5-S1 disc on about three scans in five (the disc's radiologist point falls 
 outline on 33 of 55 held-out scans, bundled MODEL_CARD.md, "S1's outline"), which makes the
 L5-S1 disc look thin and cuts its volume from the wrong place.  Detectors trained on S1 targets
 that follow the sacrum's wedge shape (``spinenet train tianchi-targets --s1-construction wedge``)
-draw that outline much better but, from draw to draw, name the levels no better or worse.  So the
-second detector is used for one thing only: the outline of the body that the labelled chain
+draw that outline much better, but whether they name the levels as well is not settled: one training
+run differs from the next as much as the two kinds of targets do (MODEL_CARD.md, "Three draws of each
+recipe").  So the second detector is used for one thing only: the outline of the body that the labelled chain
 already calls S1 is replaced, slice by slice, by the outline of the second detector's body that
 overlaps it most.  Which bodies there are, and their levels, never change.
 
