@@ -124,3 +124,47 @@ def test_a_detector_loses_only_the_last_block_of_its_deepest_stage():
     assert all(torch.equal(kept[k], model.state_dict()[k]) for k in kept)
     with pytest.raises(InputError):
         without_last_deep_block(smaller)
+
+
+def test_the_second_detector_runs_only_the_patches_near_s1_and_finds_what_the_whole_plan_finds():
+    """On a whole-spine slice S1 lies in the lowest patches; the others are not run, and S1 comes out
+    exactly as from every patch (each patch is normalised on its own)."""
+    from SpineNetLib.core.results import Vertebra
+    from SpineNetLib.detect.s1_outline import SEARCH_MARGIN_MM, best_match, bodies_on_slices, patches_near
+    from SpineNetLib.detect.vfr import DetectionParams, detect_vertebrae, slice_plan
+
+    whole = make_phantom(fov="whole", n_slices=3, slice_thickness_mm=3.0, seed=4)
+    s1 = next(v for v in whole.vertebrae if v.level == "S1" and not v.extra)
+    body = Vertebra(slices=sorted(s1.quads), polygons=[np.array(s1.quads[s], float) for s in sorted(s1.quads)])
+    params = DetectionParams()
+    shape, spacing = whole.scan.voxels.shape[:2], tuple(whole.scan.spacing_mm[:2])
+    plan, _ = slice_plan(shape, spacing, params)
+    near = patches_near(body, shape, spacing, params)
+    assert near is not None and len(near) == len(plan) / 2   # the lower of 4 x 2 patches
+    top_row = min(float(np.min(p[:, 1])) for p in body.polygons)
+    assert all(b.y1 <= top_row - SEARCH_MARGIN_MM / spacing[0] for b in plan if b not in near)
+
+    truth = oracle_predictor(_quads(whole))
+    seen = []
+
+    def spy(patches, boxes):
+        seen.extend(boxes)
+        return truth(patches, boxes)
+
+    found = bodies_on_slices(whole.scan, body, spy, params)
+    assert len(seen) == len(near) * len(body.slices)
+    everything = detect_vertebrae(whole.scan, truth, params)
+    match, reference = best_match(body, found), best_match(body, everything.vertebrae)
+    assert match is not None and match.slices == reference.slices
+    for a, b in zip(match.polygons, reference.polygons):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_patch_is_left_out_when_every_patch_reaches_s1(phantom):
+    from SpineNetLib.core.results import Vertebra
+    from SpineNetLib.detect.s1_outline import patches_near
+    from SpineNetLib.detect.vfr import DetectionParams
+
+    body = Vertebra(slices=[0], polygons=[np.array([[300, 200], [300, 250], [200, 250], [200, 200]], float)])
+    assert patches_near(body, (512, 512), (0.6, 0.6), DetectionParams()) is None   # 2 x 2 patches overlap there
+    assert patches_near(body, (512, 512), (0.6, 0.6), DetectionParams(plan="whole_slice")) is None
