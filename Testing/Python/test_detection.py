@@ -542,21 +542,34 @@ def test_group_across_slices_rules():
     assert len(keep) == 1 and keep[0].slices == [0]
 
 
-def test_postprocessing_speed_512x512x15():
-    import time
+def test_component_maxima_are_each_components_first_highest_pixel():
+    """Against a plain loop over the components, with many ties (the decoding takes one point per blob)."""
+    from scipy import ndimage
 
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        values = np.round(rng.random((3, 30, 30)) * 6) / 6   # coarse: ties within a component
+        labels, n = ndimage.label(values > 0.4)
+        expected = []
+        for k in range(1, n + 1):
+            flat = np.flatnonzero(labels.ravel() == k)
+            expected.append(flat[np.argmax(values.ravel()[flat])])   # argmax: the first on ties
+        got = np.ravel_multi_index(D._component_maxima(values, labels), values.shape)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_512x512x15_scan_reports_its_network_and_postprocessing_seconds():
+    """The timings users see in vertebrae.json add up (how fast they are is benchmarks/ business)."""
     scan, qbs, _ = _synthetic_spine(spacing=(0.6, 0.6), n_slices=15, seed=12)
     plan = D.plan_patches(scan.shape[:2], scan.spacing_mm[:2])
     mid = [D.PatchBox(7, b.y0, b.x0, b.height_px, b.width_px) for b in plan]
     cached = T.oracle_predictor(qbs)(np.zeros((len(plan), 224, 224), np.float32), mid)
     lookup = {(b.y0, b.x0): i for i, b in enumerate(plan)}
     predict = lambda p, bxs: cached[[lookup[(b.y0, b.x0)] for b in bxs]]  # noqa: E731
-    patches = D.DetectionParams(plan="patches")
-    D.detect_vertebrae(scan, predict, patches)  # warm-up (imports)
-    t = time.perf_counter()
-    res = D.detect_vertebrae(scan, predict, patches)
-    assert time.perf_counter() - t < 5.0
-    assert res.timings_s["detection_postprocessing"] < 5.0 and len(res.vertebrae) >= 8
+    res = D.detect_vertebrae(scan, predict, D.DetectionParams(plan="patches"))
+    t = res.timings_s
+    assert t["detection"] == pytest.approx(t["detection_network"] + t["detection_postprocessing"])
+    assert min(t.values()) >= 0 and len(res.vertebrae) >= 8
 
 
 # ----------------------------------------------------------------------------- phantom (if available)
