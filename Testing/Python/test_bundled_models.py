@@ -268,3 +268,33 @@ def test_the_bundled_s1_outline_leaves_the_l5_s1_disc_to_the_disc(tmp_path):
     assert results["bundled"].detection.labelling["s1_outline_from_second_detector"] is True
     assert ([v.level for v in results["bundled"].detection.vertebrae]
             == [v.level for v in results[str(main_only)].detection.vertebrae])
+
+
+def test_the_s1_outline_from_the_patches_near_s1_is_the_whole_plans_on_a_real_volume():
+    """Held-out chu_02 (1 mm, 381 x 381): S1 lies in the lower two of its four patches, so the second
+    detector runs only those (``detect/s1_outline.patches_near``) and draws S1 exactly as with every
+    patch."""
+    from dataclasses import replace
+
+    from SpineNetLib.detect.s1_outline import best_match, bodies_on_slices, patches_near
+    from SpineNetLib.detect.vfr import DetectionParams, detect_vertebrae
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.pipeline import detect_and_label, load_networks
+
+    scan = load_scan(DATA / "chu" / "chu_02" / "image.nii.gz")
+    networks = load_networks("bundled", "cpu")
+    params = DetectionParams()
+    s1 = next(v for v in detect_and_label(scan, networks).vertebrae if v.level == "S1")
+    spacing = (float(scan.spacing_mm[0]), float(scan.spacing_mm[1]))
+    near = patches_near(s1, scan.voxels.shape[:2], spacing, params)
+    assert near is not None and len(near) == 2
+    first, last = min(s1.slices), max(s1.slices)
+    part = replace(scan, voxels=scan.voxels[:, :, first:last + 1])
+    everything = detect_vertebrae(part, networks.s1_outline, params)
+    every_patch = [replace(v, slices=[s + first for s in v.slices])
+                   for v in (*everything.vertebrae, *everything.candidates, *everything.faint_candidates)]
+    match = best_match(s1, bodies_on_slices(scan, s1, networks.s1_outline, params))
+    reference = best_match(s1, every_patch)
+    assert match is not None and match.slices == reference.slices
+    for a, b in zip(match.polygons, reference.polygons):
+        np.testing.assert_array_equal(a, b)
