@@ -33,7 +33,7 @@ from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect import vfr as detection
 from SpineNetLib.detect.no_bodies import no_vertebrae_reason
-from SpineNetLib.detect.s1_outline import refine_s1_outline
+from SpineNetLib.detect.s1_outline import bodies_clear_of_the_lower_edge, refine_s1_outline
 from SpineNetLib.detect.turned import bodies_on_turned_slices
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
@@ -295,12 +295,37 @@ def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
     return found
 
 
+def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Vertebra], label, predict,
+                             params: detection.DetectionParams) -> tuple[list[Vertebra], Vertebra] | None:
+    """(the labelled vertebrae with S1 added, the body added) when ``predict``'s detector finds a body one step below
+    the chain's L5 (``label/missed_bodies.bodies_below``; none reaching the image's last row, where an
+    L5 cannot be told from S1) that the labelling names S1 while every other body keeps its level; else
+    None.  Nothing is added anywhere else and no level changes (runs/refiner/RULE.txt; MODEL_CARD.md)."""
+    start = time.perf_counter()
+    bodies = bodies_clear_of_the_lower_edge(scan, predict, params)
+    result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
+    added = bodies_below(result.vertebrae, detection.apart_from(bodies, list(result.vertebrae), params.merge_iou),
+                         scan.spacing_mm[:2])[:1]
+    if not added:
+        return None
+    relabelled = label(found + added, result.vertebrae)
+    levels = {id(b): next((o.level for o in relabelled if _same_body(o, b)), None)
+              for b in (*result.vertebrae, *added)}
+    if levels[id(added[0])] != "S1" or any(levels[id(b)] != b.level for b in result.vertebrae):
+        return None
+    return relabelled, added[0]
+
+
 def detect_and_label(scan: Scan, networks: Networks, *,
                      detection_params: detection.DetectionParams | None = None,
                      labelling_params: labelling.LabellingParams | None = None,
                      progress: ProgressCallback | None = None,
-                     retry_pixel_spacing: bool = True) -> DetectionResult:
+                     retry_pixel_spacing: bool = True,
+                     second_detector: detection.Predictor | None = None) -> DetectionResult:
     """Detect every vertebral body in ``scan`` and label its level.
+
+    ``second_detector`` (the weight set's S1-outline detector): where the chain still ends at L5, the
+    last place S1 is looked for (:func:`_s1_from_second_detector`).
 
     When the header's pixel spacing finds too few bodies (and ``retry_pixel_spacing``), detection
     and labelling run at the multiple of it that finds most (:data:`PIXEL_SPACING_FACTORS_TO_TRY`);
@@ -336,6 +361,12 @@ def detect_and_label(scan: Scan, networks: Networks, *,
             relabelled = label(found + added, result.vertebrae)   # the appearance net runs on the new bodies only
             if _keeps_bodies_below(result.vertebrae, relabelled, added):
                 result.vertebrae, found, below = relabelled, found + added, below + added
+    with_s1 = None
+    if second_detector is not None and result.vertebrae and result.vertebrae[-1].level == "L5":
+        with_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
+        if with_s1 is not None:
+            result.vertebrae, s1 = with_s1
+            found, below = found + [s1], below + [s1]
     result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
     at_edge = (_labelled_without_edge_appearance(scan, result.vertebrae, found, label)
                if labelling_params.relabel_s1_at_image_edge else None)
@@ -352,6 +383,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                         "bodies_from_weaker_detections": len(fillers) + len(below)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor
+    if with_s1 is not None:
+        result.labelling["s1_from_second_detector"] = True
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
     weaker_s1 = _weaker_s1_below_full_strength_s1(result.vertebrae, list(result.candidates), fillers + below,
@@ -696,7 +729,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     result = detect_and_label(scan, networks,
                               detection_params=profiled_detection_params(options.detection_params, profile),
                               labelling_params=params, progress=progress,
-                              retry_pixel_spacing=profile.retry_pixel_spacing)
+                              retry_pixel_spacing=profile.retry_pixel_spacing,
+                              second_detector=networks.s1_outline if profile.refine_s1_outline else None)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:

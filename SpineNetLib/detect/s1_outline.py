@@ -7,9 +7,13 @@ L5-S1 disc look thin and cuts its volume from the wrong place.  Detectors traine
 that follow the sacrum's wedge shape (``spinenet train tianchi-targets --s1-construction wedge``)
 draw that outline much better, but whether they name the levels as well is not settled: one training
 run differs from the next as much as the two kinds of targets do (MODEL_CARD.md, "Three draws of each
-recipe").  So the second detector is used for one thing only: the outline of the body that the labelled chain
-already calls S1 is replaced, slice by slice, by the outline of the second detector's body that
-overlaps it most.  Which bodies there are, and their levels, never change.
+recipe").  So the second detector does not name levels.  Mainly, the outline of the body that the
+labelled chain already calls S1 is replaced, slice by slice, by the outline of the second detector's
+body that overlaps it most (:func:`refine_s1_outline`); which bodies there are, and their levels, never
+change.  Besides, where the chain still ends at L5 after every other search, its bodies
+(:func:`bodies_clear_of_the_lower_edge`) are the last place S1 is looked for, and one is added only if
+the labelling names it S1 and keeps every other level (``pipeline._s1_from_second_detector``;
+MODEL_CARD.md, "S1 below an L5 from the second detector").
 
 Pure functions over a :class:`Scan`, the labelled vertebrae and a detector ``predict`` function.
 """
@@ -102,6 +106,17 @@ def bodies_on_slices(scan: Scan, body: Vertebra, predict: Predictor, params: Det
     found = detect_vertebrae(part, predict, params, plan=plan)
     bodies = (*found.vertebrae, *found.candidates, *found.faint_candidates)
     return [replace(v, slices=[s + first for s in v.slices]) for v in bodies]
+
+
+def bodies_clear_of_the_lower_edge(scan: Scan, predict: Predictor, params: DetectionParams) -> list[Vertebra]:
+    """Every body ``predict``'s detector finds on ``scan`` (full-strength, weaker and faint) but those
+    reaching the image's last row: cut by its lower edge, such a body cannot be told from an L5 cut
+    there (``label/confidence.s1_cut_by_lower_edge``).  Where the labelled chain still ends at L5,
+    these are the last place S1 is looked for (``pipeline._s1_from_second_detector``)."""
+    found = detect_vertebrae(scan, predict, params)
+    last_row = scan.voxels.shape[0] - 1
+    return [v for v in (*found.vertebrae, *found.candidates, *found.faint_candidates)
+            if max(float(np.max(np.asarray(p)[:, 1])) for p in v.polygons) < last_row]
 
 
 def refined_s1_outline(scan: Scan, vertebrae: Sequence[Vertebra], predict: Predictor,

@@ -48,6 +48,10 @@ def _run(phantom, second_detector, profile: str | None = None) -> pipeline.RunRe
     return pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, profile=profile))
 
 
+def _truth_quads(phantom, level: str) -> list[np.ndarray]:
+    return [np.array(q) for q in next(v for v in phantom.vertebrae if v.level == level and not v.extra).quads.values()]
+
+
 def _truth(phantom, level: str, slice_index: int) -> np.ndarray:
     return np.array(next(v for v in phantom.vertebrae if v.level == level and not v.extra).quads[slice_index])
 
@@ -168,3 +172,53 @@ def test_no_patch_is_left_out_when_every_patch_reaches_s1(phantom):
     body = Vertebra(slices=[0], polygons=[np.array([[300, 200], [300, 250], [200, 250], [200, 200]], float)])
     assert patches_near(body, (512, 512), (0.6, 0.6), DetectionParams()) is None   # 2 x 2 patches overlap there
     assert patches_near(body, (512, 512), (0.6, 0.6), DetectionParams(plan="whole_slice")) is None
+
+
+def test_an_s1_the_main_detector_misses_below_l5_comes_from_the_second_detector(phantom):
+    """Where the chain still ends at L5, the second detector's body one step below it is taken as S1."""
+    networks = oracle_networks(phantom)
+    networks.predictor = oracle_predictor(_quads(phantom, with_s1=False))   # the main detector misses S1
+    without = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    levels = [v.level for v in without.detection.vertebrae]
+    assert levels[-1] == "L5" and without.vertebrae_document["labelling"]["s1_found"] is False
+    networks.s1_outline = oracle_predictor(_quads(phantom))
+    found = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    assert [v.level for v in found.detection.vertebrae] == levels + ["S1"]
+    assert found.detection.labelling["bodies_from_weaker_detections"] == 1
+    assert found.vertebrae_document["labelling"]["s1_found"] is True
+    assert found.vertebrae_document["labelling"]["s1_from_second_detector"] is True
+    assert "s1_from_second_detector" not in without.vertebrae_document["labelling"]
+    s1 = found.detection.vertebrae[-1]
+    for s, p in zip(s1.slices, s1.polygons):
+        assert np.abs(p - _truth(phantom, "S1", s)).max() < 1.0
+    official = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, profile="official"))
+    assert [v.level for v in official.detection.vertebrae] == levels
+
+
+def test_no_s1_is_taken_from_a_second_detector_body_cut_by_the_lower_edge(phantom, monkeypatch):
+    """A body reaching the image's last row below an L5 cannot be told from an L5 cut there: the image
+    ends at S1's lower corners, which the second detector puts on its last row."""
+    from dataclasses import replace
+
+    s1_bottom = max(float(q[[1, 2], 1].max()) for q in _truth_quads(phantom, "S1"))
+    last_row = int(np.ceil(s1_bottom))
+    scan = replace(phantom.scan, voxels=np.ascontiguousarray(phantom.scan.voxels[:last_row + 1]))
+    networks = oracle_networks(phantom)
+    networks.predictor = oracle_predictor(_quads(phantom, with_s1=False))
+    networks.s1_outline = oracle_predictor(_quads(phantom))
+    from SpineNetLib.detect import s1_outline
+
+    detect = s1_outline.detect_vertebrae
+
+    def lower_corners_on_the_last_row(image, predict, *args, **kw):
+        result = detect(image, predict, *args, **kw)
+        if predict is networks.s1_outline:
+            lowest = max(result.vertebrae, key=lambda v: float(np.mean(v.average_polygon[:, 1])))
+            lowest.polygons = [np.vstack([p[:1], [[p[1, 0], last_row], [p[2, 0], last_row]], p[3:]])
+                               for p in lowest.polygons]
+        return result
+
+    monkeypatch.setattr(s1_outline, "detect_vertebrae", lower_corners_on_the_last_row)
+    assert pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).detection.vertebrae[-1].level == "L5"
+    monkeypatch.setattr(s1_outline, "detect_vertebrae", detect)   # the same S1 a little above the edge
+    assert pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).detection.vertebrae[-1].level == "S1"
