@@ -91,8 +91,8 @@ class Networks:
     precision: str = "fp32"
     #: Where the detector runs, "torch" or "openvino" (:mod:`SpineNetLib.models.runtimes`), recorded too.
     runtime: str = "torch"
-    #: ``predict`` of the weight set's second detector, for S1's outline only (``detect/s1_outline.py``);
-    #: None when the weight set has none.
+    #: ``predict`` of the weight set's second detector, for S1 only: its outline, and an S1 below an L5
+    #: (``detect/s1_outline.py``); None when the weight set has none.
     s1_outline: detection.Predictor | None = None
 
 
@@ -179,24 +179,23 @@ def _same_body(a: Vertebra, b: Vertebra) -> bool:
     return a.slices == b.slices and np.allclose(a.average_polygon, b.average_polygon)
 
 
+def _level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
+    """The level that a labelling (``relabelled``, labelled copies) gave ``body``; None when it left it out."""
+    return next((other.level for other in relabelled if _same_body(other, body)), None)
+
+
 def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
     """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``): every
     added body is still there, and either the bodies labelled before keep their levels, or the lowest
     of them moves to a level its own appearance favours more than its old one (the added bodies then
     settle a conflict between context and appearance at the lumbosacral junction; when its appearance
     favours the old level, they would push the spine against the appearance evidence)."""
-    def level_of(body: Vertebra) -> str | None:
-        for other in relabelled:
-            if _same_body(other, body):
-                return other.level
-        return None
-
-    if not labelled or any(level_of(b) is None for b in below):
+    if not labelled or any(_level_in(relabelled, b) is None for b in below):
         return False
-    if all(level_of(b) == b.level for b in labelled):
+    if all(_level_in(relabelled, b) == b.level for b in labelled):
         return True
     lowest = labelled[-1]
-    new_level = level_of(lowest)
+    new_level = _level_in(relabelled, lowest)
     if new_level is None or lowest.appearance_probabilities is None:
         return False
     appearance = lowest.appearance_probabilities
@@ -309,9 +308,7 @@ def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Ve
     if not added:
         return None
     relabelled = label(found + added, result.vertebrae)
-    levels = {id(b): next((o.level for o in relabelled if _same_body(o, b)), None)
-              for b in (*result.vertebrae, *added)}
-    if levels[id(added[0])] != "S1" or any(levels[id(b)] != b.level for b in result.vertebrae):
+    if _level_in(relabelled, added[0]) != "S1" or any(_level_in(relabelled, b) != b.level for b in result.vertebrae):
         return None
     return relabelled, added[0]
 
@@ -726,8 +723,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     warnings: list[str] = list(scan_warnings)
     profile = processing_profile(options.profile, networks.weights.source)
     params = profiled_labelling_params(networks.context, options.labelling_params, profile)
-    result = detect_and_label(scan, networks,
-                              detection_params=profiled_detection_params(options.detection_params, profile),
+    detection_params = profiled_detection_params(options.detection_params, profile)
+    result = detect_and_label(scan, networks, detection_params=detection_params,
                               labelling_params=params, progress=progress,
                               retry_pixel_spacing=profile.retry_pixel_spacing,
                               second_detector=networks.s1_outline if profile.refine_s1_outline else None)
@@ -737,7 +734,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
     if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines
-        refine_s1_outline(scan, result, networks.s1_outline, options.detection_params)
+        refine_s1_outline(scan, result, networks.s1_outline, detection_params)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
     if not result.vertebrae:  # never a silent "0 vertebrae": say why, as far as the image tells
         labelling_warnings.insert(0, no_vertebrae_reason(

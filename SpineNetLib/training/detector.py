@@ -526,7 +526,7 @@ def shrink_detector(source: Path, out: Path) -> Path:
     """``spinenet train drop-last-block``: :func:`without_last_deep_block` of the detector checkpoint
     ``source``, written fp16 to ``out`` with the source's heat-map gains, seed and step count."""
     model = checkpoints.load_model("detector", source)
-    stored = checkpoints.read_checkpoint(source)
+    stored = model.checkpoint_meta   # the file's scalar entries, read with the weights
     extra = {k: stored[k] for k in ("epoch", "seed", "corner_heat_gain", "centroid_heat_gain") if k in stored}
     return checkpoints.save_checkpoint(out, "detector", without_last_deep_block(model), half=True,
                                        extra={**extra, "shrunk_from_blocks": list(model.config.blocks)})

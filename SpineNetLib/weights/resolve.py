@@ -57,7 +57,8 @@ class WeightSet:
     appearance: Path
     context: Path
     grading: Path | None = None
-    #: A detector (checkpoint kind "detector") used only for S1's outline (``detect/s1_outline.py``).
+    #: A detector (checkpoint kind "detector") used for S1 only: its outline, and an S1 below an L5
+    #: (``detect/s1_outline.py``).
     s1_outline: Path | None = None
 
     def path(self, kind: str) -> Path | None:
