@@ -275,7 +275,20 @@ def iou(a, b) -> float:
     pa, pb = as_polygon(a), as_polygon(b)
     if _boxes_apart(pa, pb):
         return 0.0
-    ra, rb = _region(pa), _region(pb)
+    return iou_of_regions(_region(pa), _region(pb))
+
+
+def region(poly) -> np.ndarray:
+    """The ring :func:`iou` measures ``poly`` by (positive, or the convex hull of a polygon that crosses
+    itself), for :func:`iou_of_regions`: made once for a polygon compared with many others, as when
+    detections are grouped across slices, it saves checking the polygon again for every pair."""
+    return _region(as_polygon(poly))
+
+
+def iou_of_regions(ra: np.ndarray, rb: np.ndarray) -> float:
+    """:func:`iou` of two polygons given by their :func:`region` (a region has its polygon's bounding box)."""
+    if len(ra) < 3 or len(rb) < 3 or _boxes_apart(ra, rb):
+        return 0.0
     inter = _region_intersection(ra, rb)
     if inter <= 0.0:
         return 0.0

@@ -158,6 +158,13 @@ def test_intersection_and_iou_hand_values():
     assert P.intersection_area(box, DART) == pytest.approx(4.0)
     assert P.iou(UNIT, UNIT + 5) == 0.0
     assert P.iou(DART, DART) == pytest.approx(1.0)
+    # the regions made once for many comparisons (grouping across slices) give iou's very value,
+    # also for a quad that crosses itself (measured by its convex hull)
+    bow_tie = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], float)
+    for a, b in ((UNIT, shifted), (square, diamond), (L_SHAPE, L_SHAPE + 0.5), (DART, box), (bow_tie, UNIT),
+                 (UNIT, UNIT + 5)):
+        assert P.iou_of_regions(P.region(a), P.region(b)) == P.iou(a, b)
+    assert P.iou(bow_tie, UNIT) == pytest.approx(0.25)
 
 
 def test_intersection_of_two_concave_quads_matches_rasterisation():
@@ -337,6 +344,14 @@ def test_oracle_recovers_every_vertebra_across_patch_seams():
     assert calls == [5] * (n // 5) + ([n % 5] if n % 5 else [])   # batches span slices
     assert progress[0] == (0, n) and progress[-1] == (n, n)
     assert set(res.timings_s) >= {"detection", "detection_network", "detection_postprocessing"}
+    # a slice split over two network calls (batches of 5, 4 patches a slice) decodes exactly as one
+    # whose patches come in one call (batches of 4 and of 8)
+    for batch_size in (4, 8):
+        other = D.detect_vertebrae(scan, T.oracle_predictor(qbs), D.DetectionParams(batch_size=batch_size,
+                                                                                      plan="patches"))
+        assert [v.slices for v in other.vertebrae] == [v.slices for v in res.vertebrae]
+        assert all(np.array_equal(p, q) for v, w in zip(other.vertebrae, res.vertebrae)
+                   for p, q in zip(v.polygons, w.polygons))
 
 
 def test_oracle_left_seam_and_official_integer_maxima():
