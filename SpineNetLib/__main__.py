@@ -1,5 +1,5 @@
 import sys
 
-from SpineNetLib.apps.cli import main
+from SpineNetLib.apps.cli import program
 
-sys.exit(main())
+sys.exit(program())

@@ -341,7 +341,9 @@ def _png_bytes(image, text: dict[str, str]) -> bytes:
     for key, value in text.items():
         info.add_text(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, optimize=False)
+    # zlib level 3 instead of Pillow's 6: half the seconds (0.03 instead of 0.06 s for a lumbar preview)
+    # for a file 6 % larger, the same pixels
+    image.save(buffer, format="PNG", pnginfo=info, optimize=False, compress_level=3)
     return buffer.getvalue()
 
 

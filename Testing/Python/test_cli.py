@@ -205,6 +205,25 @@ def test_version_is_printed_and_matches_the_package(capsys):
     assert capsys.readouterr().out.strip() == f"spinenet {SpineNetLib.__version__}"
 
 
+def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tmp_path, monkeypatch, capsys):
+    """``spinenet`` and ``python -m SpineNetLib`` run cli.program (main, then gc.freeze before the exit);
+    main alone, as Slicer or a notebook calls it, freezes nothing."""
+    import gc
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["spinenet"] == "SpineNetLib.apps.cli:program"
+    gc.unfreeze()
+    words = ["run", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")]
+    assert cli.main(words) == 2 and gc.get_freeze_count() == 0
+    monkeypatch.setattr(sys, "argv", ["spinenet", *words])
+    try:
+        assert cli.program() == 2 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert "spinenet: error:" in capsys.readouterr().err
+
+
 def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
     case = tmp_path / "data" / "chu" / "chu_99"
     case.mkdir(parents=True)
