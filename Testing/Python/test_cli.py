@@ -217,10 +217,12 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
     words = ["run", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")]
     assert cli.main(words) == 2 and gc.get_freeze_count() == 0
     monkeypatch.setattr(sys, "argv", ["spinenet", *words])
+    thresholds = gc.get_threshold()
     try:
-        assert cli.program() == 2 and gc.get_freeze_count() > 0
+        assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
     assert "spinenet: error:" in capsys.readouterr().err
 
 
