@@ -222,3 +222,45 @@ def test_no_s1_is_taken_from_a_second_detector_body_cut_by_the_lower_edge(phanto
     assert pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).detection.vertebrae[-1].level == "L5"
     monkeypatch.setattr(s1_outline, "detect_vertebrae", detect)   # the same S1 a little above the edge
     assert pipeline.run(scan, networks, pipeline.RunOptions(grade=False)).detection.vertebrae[-1].level == "S1"
+
+
+def _faint_s1(phantom, amplitude: float):
+    """A second detector that finds every body at full strength but S1, whose maps peak at ``amplitude``
+    (above DetectionParams.faint_threshold, below candidate_threshold: only the faint pass finds it)."""
+    others = oracle_predictor(_quads(phantom, with_s1=False))
+    s1_only = oracle_predictor({s: np.stack([q]) for q, s in zip(_truth_quads(phantom, "S1"),
+                                                                 next(v for v in phantom.vertebrae
+                                                                      if v.level == "S1" and not v.extra).quads)})
+
+    def predict(patches, boxes):
+        out = others(patches, boxes)
+        faint = s1_only(patches, boxes)
+        out[:, :5] += amplitude * faint[:, :5]   # heat maps and centroid map
+        out[:, 5:] += faint[:, 5:]                 # displacements, where S1's corners are
+        return out
+    return predict
+
+
+def test_faint_detections_are_decoded_for_s1_only_when_no_stronger_one_overlaps_it(phantom, monkeypatch):
+    """S1's outline comes from the second detector's faint detections too, but they are decoded only
+    when its full-strength and weaker ones give no match (MIN_OVERLAP_IOU)."""
+    from SpineNetLib.detect import s1_outline
+
+    detect = s1_outline.detect_vertebrae
+    faint_decoded = []
+
+    def spying(image, predict, *args, **kw):
+        result = detect(image, predict, *args, **kw)
+        decode = result.faint_decoding
+        if decode is not None:
+            result.faint_decoding = lambda: faint_decoded.append(True) or decode()
+        return result
+
+    monkeypatch.setattr(s1_outline, "detect_vertebrae", spying)
+    strong = _run(phantom, oracle_predictor(_quads(phantom)))
+    assert strong.detection.labelling["s1_outline_from_second_detector"] is True and not faint_decoded
+    faint = _run(phantom, _faint_s1(phantom, 0.2))
+    assert faint_decoded and faint.detection.labelling["s1_outline_from_second_detector"] is True
+    s1 = next(v for v in faint.detection.vertebrae if v.level == "S1")
+    for s, p in zip(s1.slices, s1.polygons):
+        assert np.abs(p - _truth(phantom, "S1", s)).max() < 1.0
