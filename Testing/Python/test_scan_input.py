@@ -272,8 +272,14 @@ def test_isotropic_sagittal_3d_slab_average_is_a_mean(tmp_path):
     scan = load_scan(write_image(vol, a, tmp_path / "iso.mha"))
     assert scan.shape == (12, 10, 5)             # 21 // 4 = 5 slabs; slices R -> L = k reversed
     canon_native = scan_from_array(vol, a, resample_isotropic=False).voxels
-    for t in range(5):
-        np.testing.assert_allclose(scan.voxels[:, :, t], canon_native[:, :, 4 * t:4 * t + 4].mean(axis=2), rtol=1e-5)
+    for t in range(5):   # exactly the float32 voxels' mean (float64 sums), slices in the canonical order
+        np.testing.assert_array_equal(
+            scan.voxels[:, :, t], canon_native[:, :, 4 * t:4 * t + 4].mean(axis=2, dtype=np.float64).astype(np.float32))
+    # other stored types are taken as float32 first, as every scan is
+    assert np.array_equal(scan_from_array(vol.astype(np.float64) / 3, a).voxels,
+                          scan_from_array((vol.astype(np.float64) / 3).astype(np.float32), a).voxels)
+    whole = np.round(vol).astype(np.int16)
+    assert np.array_equal(scan_from_array(whole, a).voxels, scan_from_array(whole.astype(np.float32), a).voxels)
     c = scan.canonical_to_ras_points(0, 0, np.arange(5))
     np.testing.assert_allclose(c[:, 0], 10.0 + 20 - (4 * np.arange(5) + 1.5))   # R of the slab centres
 
