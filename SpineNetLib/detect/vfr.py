@@ -107,31 +107,51 @@ def network_predictor(model, device: str = "cpu") -> Predictor:
 # --------------------------------------------------------------------------------------
 # 2. Decoding one slice
 
-_CROSS_2D = ndimage.generate_binary_structure(2, 1)  # 4-connectivity, scipy's default
+def _plane_components(mask: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray, int]:
+    """The 4-connected components of ``mask`` within each 2-D plane of its last two axes.
+
+    Returns the index tuple of the true pixels in raster order, each pixel's component number and the
+    number of components.  Components are numbered 1, 2, ... by their first pixel in raster order, as
+    ``ndimage.label`` numbers them.  Only the rows that hold a true pixel are labelled (in order, an
+    empty row between rows that do not touch): a thresholded heat map is under 1 % true, so this is
+    twice as fast as labelling the whole array, and the numbering is the same.
+    """
+    n_rows, n_cols = mask.shape[-2:]
+    flat = np.flatnonzero(mask)
+    index = np.unravel_index(flat, mask.shape)
+    if flat.size == 0:
+        return index, np.zeros(0, np.int32), 0
+    rows, cols = np.divmod(flat, n_cols)   # rows counted over all planes
+    new_row = np.r_[True, rows[1:] != rows[:-1]]
+    kept_rows = rows[new_row]
+    gap_before = np.r_[True, (np.diff(kept_rows) != 1) | (kept_rows[1:] % n_rows == 0)]
+    compact_rows = (np.arange(len(kept_rows)) + np.cumsum(gap_before))[np.cumsum(new_row) - 1]
+    compact = np.zeros((compact_rows[-1] + 1, n_cols), bool)
+    compact[compact_rows, cols] = True
+    labels, count = ndimage.label(compact)   # scipy's default structure in 2-D: 4-connectivity
+    return index, labels[compact_rows, cols], count
 
 
-def _component_maxima(values: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Index tuple of each labelled component's maximum (first in raster order on ties); ``labels``
-    numbered 1, 2, ... as ``ndimage.label`` numbers them.
+def _component_maxima(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Index tuple of the maximum of each of ``mask``'s components (:func:`_plane_components`), in
+    the order of their numbers; the first pixel in raster order on ties.
 
     Each component's maximum is found in one pass (``np.maximum.at``), then the first pixel in raster
-    order that reaches it: ten times faster than sorting the labelled pixels, with the same result.
+    order that reaches it: ten times faster than sorting the pixels, with the same result.
     """
-    inside = labels != 0
-    idx = np.flatnonzero(inside)
-    if idx.size == 0:
-        return tuple(np.zeros(0, np.intp) for _ in labels.shape)
-    lab = labels[inside]
-    val = values[inside]   # raster order, as idx; no copy of a non-contiguous ``values`` as a whole
-    best = np.full(int(lab.max()) + 1, -np.inf, dtype=np.float64)
+    index, lab, count = _plane_components(mask)
+    if count == 0:
+        return index
+    val = values[index]   # raster order; no copy of a non-contiguous ``values`` as a whole
+    best = np.full(count + 1, -np.inf, dtype=np.float64)
     np.maximum.at(best, lab, val)
     at_max = np.flatnonzero(val == best[lab])
     components, first = np.unique(lab[at_max], return_index=True)
-    if len(components) != len(best) - 1:   # a component with no finite maximum (NaN outputs)
+    if len(components) != count:   # a component with no finite maximum (NaN outputs)
         order = np.lexsort((-val, lab))  # stable: by label, then value descending, then raster
         starts = np.r_[0, np.flatnonzero(np.diff(lab[order])) + 1]
-        return np.unravel_index(idx[order[starts]], labels.shape)
-    return np.unravel_index(idx[at_max[first]], labels.shape)
+        return tuple(i[order[starts]] for i in index)
+    return tuple(i[at_max[first]] for i in index)
 
 
 def _subpixel_offsets(values: np.ndarray, index: tuple[np.ndarray, ...], axis: int) -> np.ndarray:
@@ -227,10 +247,9 @@ def decode_centroids(outputs: np.ndarray, boxes: Sequence[PatchBox], slice_shape
     """
     if cmap is None:
         cmap = centroid_map(outputs, boxes, slice_shape, params)
-    labels, n_lab = ndimage.label(cmap > params.centroid_threshold, structure=_CROSS_2D)
-    if n_lab == 0:
+    r, c = _component_maxima(cmap, cmap > params.centroid_threshold)
+    if len(r) == 0:
         return np.zeros((0, 2))
-    r, c = _component_maxima(cmap, labels)
     xy = np.stack([c, r], axis=1).astype(np.float64)
     if params.subpixel:
         xy = _refine_centroids_in_patches(xy, np.asarray(outputs[:, 4]), boxes)
@@ -333,14 +352,11 @@ def decode_corners(outputs: np.ndarray, boxes: Sequence[PatchBox],
         image_shape = (max(b.y1 for b in boxes), max(b.x1 for b in boxes))
     heat = np.asarray(outputs[:, :4])
     size_y, size_x = heat.shape[2], heat.shape[3]
-    struct = np.zeros((3, 3, 3, 3), bool)
-    struct[1, 1] = _CROSS_2D  # connect only within each 2-D map
-    labels, n_lab = ndimage.label(heat > params.corner_threshold, structure=struct)
     points = [np.zeros((0, 2)) for _ in range(4)]
     disps = [np.zeros((0, 2)) for _ in range(4)]
-    if n_lab == 0:
+    pn, pt, pr, pc = _component_maxima(heat, heat > params.corner_threshold)   # within each 2-D map
+    if len(pn) == 0:
         return points, disps
-    pn, pt, pr, pc = _component_maxima(heat, labels)
     vr, vc = pr.astype(np.float64), pc.astype(np.float64)
     if params.subpixel:
         vr = vr + _subpixel_offsets(heat, (pn, pt, pr, pc), 2)

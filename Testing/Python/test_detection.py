@@ -557,19 +557,43 @@ def test_group_across_slices_rules():
     assert len(keep) == 1 and keep[0].slices == [0]
 
 
-def test_component_maxima_are_each_components_first_highest_pixel():
-    """Against a plain loop over the components, with many ties (the decoding takes one point per blob)."""
+def _labels_within_planes(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """ndimage.label with 4-connectivity inside each 2-D plane of the last two axes only."""
     from scipy import ndimage
 
+    structure = np.zeros((3,) * mask.ndim, bool)
+    structure[(1,) * (mask.ndim - 2)] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.label(mask, structure=structure)
+
+
+def test_plane_components_number_pixels_as_ndimage_label_within_each_plane():
+    """Blobs touching across the boundary of two maps (last row of one, first of the next) stay two."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        shape = [(2, 3, 17, 11), (40, 30), (5, 8, 8)][trial % 3]
+        mask = rng.random(shape) > rng.uniform(0.3, 0.97)
+        expected, n = _labels_within_planes(mask)
+        index, labels, count = D._plane_components(mask)
+        assert count == n
+        np.testing.assert_array_equal(np.ravel_multi_index(index, mask.shape), np.flatnonzero(mask))
+        np.testing.assert_array_equal(labels, expected[index])
+    stacked = np.zeros((2, 4, 4), bool)
+    stacked[0, 3, 1] = stacked[1, 0, 1] = True   # one above the other, but in different maps
+    assert D._plane_components(stacked)[2] == 2
+    assert D._plane_components(np.zeros((3, 5, 5), bool))[2] == 0
+
+
+def test_component_maxima_are_each_components_first_highest_pixel():
+    """Against a plain loop over the components, with many ties (the decoding takes one point per blob)."""
     rng = np.random.default_rng(5)
     for trial in range(40):
         values = np.round(rng.random((3, 30, 30)) * 6) / 6   # coarse: ties within a component
-        labels, n = ndimage.label(values > 0.4)
+        labels, n = _labels_within_planes(values > 0.4)
         expected = []
         for k in range(1, n + 1):
             flat = np.flatnonzero(labels.ravel() == k)
             expected.append(flat[np.argmax(values.ravel()[flat])])   # argmax: the first on ties
-        got = np.ravel_multi_index(D._component_maxima(values, labels), values.shape)
+        got = np.ravel_multi_index(D._component_maxima(values, values > 0.4), values.shape)
         np.testing.assert_array_equal(got, expected)
 
 
