@@ -30,6 +30,17 @@ import numpy as np
 _EPS = 1e-12
 
 
+def _following(a: np.ndarray) -> np.ndarray:
+    """``a`` with each row replaced by the next one, the last by the first: ``np.roll(a, -1, axis=0)``,
+    which costs more than the arithmetic on a quad (the decoding asks for thousands per scan)."""
+    return np.concatenate((a[1:], a[:1]))
+
+
+def _preceding(a: np.ndarray) -> np.ndarray:
+    """``a`` with each row replaced by the one before it: ``np.roll(a, 1, axis=0)``."""
+    return np.concatenate((a[-1:], a[:-1]))
+
+
 def as_polygon(poly) -> np.ndarray:
     """``(n, 2)`` float64 copy of a polygon; raises ValueError on a bad shape."""
     p = np.array(poly, dtype=np.float64)
@@ -42,7 +53,7 @@ def signed_area(poly) -> float:
     """Shoelace area: positive for the official rt, rb, lb, lt order in image coordinates."""
     p = as_polygon(poly)
     x, y = p[:, 0], p[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * float(np.dot(x, _following(y)) - np.dot(_following(x), y))
 
 
 def area(poly) -> float:
@@ -94,7 +105,7 @@ def is_valid_polygon(poly, min_area: float = 1e-9) -> bool:
     n = len(p)
     scale = max(float(np.ptp(p[:, 0])), float(np.ptp(p[:, 1])), 1.0)
     tol = 1e-12 * scale * scale
-    if np.any(np.hypot(*(p - np.roll(p, -1, axis=0)).T) <= 1e-12 * scale):
+    if np.any(np.hypot(*(p - _following(p)).T) <= 1e-12 * scale):
         return False  # repeated consecutive vertex
     if area(p) <= min_area:
         return False
@@ -115,15 +126,15 @@ def is_valid_polygon(poly, min_area: float = 1e-9) -> bool:
 def is_convex(poly) -> bool:
     """True for a convex polygon (collinear vertices allowed), either orientation."""
     p = as_polygon(poly)
-    e = np.roll(p, -1, axis=0) - p
-    cr = e[:, 0] * np.roll(e[:, 1], -1) - e[:, 1] * np.roll(e[:, 0], -1)
+    e = _following(p) - p
+    cr = e[:, 0] * _following(e[:, 1]) - e[:, 1] * _following(e[:, 0])
     scale = max(float(np.max(np.abs(e))), 1e-300) ** 2
     cr = cr[np.abs(cr) > 1e-12 * scale]
     if not (np.all(cr > 0) or np.all(cr < 0)):
         return False
     # A convex polygon turns exactly once around (excludes star-shaped windings).
     ang = np.arctan2(e[:, 1], e[:, 0])
-    turn = np.angle(np.exp(1j * (np.roll(ang, -1) - ang)))
+    turn = np.angle(np.exp(1j * (_following(ang) - ang)))
     return bool(abs(abs(turn.sum()) - 2 * np.pi) < 1e-6)
 
 
@@ -137,7 +148,7 @@ def points_in_polygon(points, poly) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     x, y = pts[:, 0:1], pts[:, 1:2]
     x1, y1 = p[:, 0][None, :], p[:, 1][None, :]
-    x2, y2 = np.roll(p[:, 0], -1)[None, :], np.roll(p[:, 1], -1)[None, :]
+    x2, y2 = _following(p[:, 0])[None, :], _following(p[:, 1])[None, :]
     straddles = (y1 > y) != (y2 > y)
     with np.errstate(divide="ignore", invalid="ignore"):
         x_cross = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
@@ -303,8 +314,8 @@ def internal_angles(poly) -> np.ndarray:
     (official §5.2), which compares the spread max - min of these angles.
     """
     p = _positive(as_polygon(poly))
-    e_in = p - np.roll(p, 1, axis=0)
-    e_out = np.roll(p, -1, axis=0) - p
+    e_in = p - _preceding(p)
+    e_out = _following(p) - p
     cr = e_in[:, 0] * e_out[:, 1] - e_in[:, 1] * e_out[:, 0]
     dt = np.sum(e_in * e_out, axis=1)
     turn = np.degrees(np.arctan2(cr, dt))

@@ -121,6 +121,19 @@ def test_areas_and_orientation():
     assert P.area(DART) == pytest.approx(6.0)                   # 8 (big triangle) - 2 (notch)
 
 
+def test_neighbouring_vertices_are_np_rolls_exact_values():
+    """The shoelace sum on the next vertices gives np.roll's bit-exact area (the decoding's thresholds
+    compare areas, so a faster shift must not move a single one)."""
+    rng = np.random.default_rng(2)
+    for n in (3, 4, 6, 11):
+        poly = rng.random((n, 2)) * 400
+        np.testing.assert_array_equal(P._following(poly), np.roll(poly, -1, axis=0))
+        np.testing.assert_array_equal(P._preceding(poly), np.roll(poly, 1, axis=0))
+        np.testing.assert_array_equal(P._following(poly[:, 1]), np.roll(poly[:, 1], -1))
+        x, y = poly[:, 0], poly[:, 1]
+        assert P.signed_area(poly) == 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
 def test_validity():
     assert P.is_valid_polygon(UNIT) and P.is_valid_polygon(DART) and P.is_valid_polygon(L_SHAPE)
     assert not P.is_valid_polygon(np.array([[0, 0], [1, 1], [1, 0], [0, 1]], float))  # bow tie
