@@ -122,6 +122,23 @@ def test_whole_slice_inputs_are_normalised_per_slice_and_padded_with_zeros():
     assert hi - lo == pytest.approx(1.0, rel=1e-4)             # (p - min) / (P99.5 - P0.5), official §5.1
 
 
+def test_the_normalising_percentiles_are_numpys_bit_for_bit():
+    """The patches' P0.5 and P99.5 (official §5.1) come from torch.topk; they must equal np.percentile
+    exactly, with ties, one row or several, and frames of one to a few pixels."""
+    from SpineNetLib.detect import plans
+
+    rng = np.random.default_rng(4)
+    for trial in range(300):
+        n = int(rng.choice([1, 2, 3, 57, 201, 50176, int(rng.integers(4, 70000))]))
+        flat = (rng.gamma(2.0, 1.0, (int(rng.integers(1, 6)), n)) * rng.choice([1.0, 300.0, 3e4])).astype(np.float32)
+        if trial % 3 == 0:
+            flat = np.round(flat)   # ties, as in 8-bit and 12-bit scans
+        expected = np.percentile(flat, [0.5, 99.5], axis=1)
+        got = np.stack(plans._percentiles_half_and_99_half(flat))
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_the_official_profile_keeps_the_official_patch_plan():
     official = pipeline.profiled_detection_params(None, pipeline.PROFILES["official"])
     assert official.plan == "patches"
