@@ -39,14 +39,28 @@ class AppearanceNet(nn.Module):
         self.fc2 = nn.Linear(256, N_LEVELS)
         self.dropout = nn.Dropout(0.5)
 
+    def _stage(self, x: torch.Tensor, conv: nn.Conv3d, bnrm: nn.BatchNorm3d, pool) -> torch.Tensor:
+        """conv -> ReLU -> BatchNorm -> max-pool (``pool`` None: none), as the official network does.
+
+        In inference, ReLU and a BatchNorm whose weights are all >= 0 are non-decreasing functions of
+        each value (every rounding step is), so they commute exactly with max-pooling: pooling first
+        gives the same bits on 4 or 8 times fewer values (8 vertebrae: 0.27 -> 0.19 s, 2 threads).
+        """
+        x = conv(x)
+        if pool is None:
+            return bnrm(F.relu(x))
+        if not self.training and not bool((bnrm.weight < 0).any()):
+            return bnrm(F.relu(F.max_pool3d(x, pool)))
+        return F.max_pool3d(bnrm(F.relu(x)), pool)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != APPEARANCE_INPUT_SHAPE:
             raise InputError(f"appearance input must be [N, 1, 224, 224, 16], got {list(x.shape)}")
-        x = self.bnrm1(F.relu(self.conv1(x)))                                 # 114x114x16
-        x = F.max_pool3d(self.bnrm2(F.relu(self.conv2(x))), (2, 2, 1))        # 59x59x16
-        x = F.max_pool3d(self.bnrm3(F.relu(self.conv3(x))), (2, 2, 1))        # 28x28x14
-        x = F.max_pool3d(self.bnrm4(F.relu(self.conv4(x))), 2)                # 13x13x6
-        x = F.max_pool3d(self.bnrm5(F.relu(self.conv5(x))), 2)                # 5x5x2
+        x = self._stage(x, self.conv1, self.bnrm1, None)                       # 114x114x16
+        x = self._stage(x, self.conv2, self.bnrm2, (2, 2, 1))                  # 59x59x16
+        x = self._stage(x, self.conv3, self.bnrm3, (2, 2, 1))                  # 28x28x14
+        x = self._stage(x, self.conv4, self.bnrm4, 2)                          # 13x13x6
+        x = self._stage(x, self.conv5, self.bnrm5, 2)                          # 5x5x2
         x = self.dropout(torch.flatten(x, 1))
         x = self.dropout(F.relu(self.fc1(x)))
         return self.fc2(x)

@@ -200,6 +200,33 @@ def test_appearance_forward_shape():
         _run(AppearanceNet().eval(), torch.rand(1, 1, 224, 224, 15))
 
 
+def _appearance_in_official_order(net: AppearanceNet, x: torch.Tensor) -> torch.Tensor:
+    """conv -> ReLU -> BatchNorm -> max-pool at every stage, as official §3.2 writes the network."""
+    import torch.nn.functional as F
+
+    x = net.bnrm1(F.relu(net.conv1(x)))
+    for i, pool in zip(range(2, 6), [(2, 2, 1), (2, 2, 1), 2, 2]):
+        x = F.max_pool3d(getattr(net, f"bnrm{i}")(F.relu(getattr(net, f"conv{i}")(x))), pool)
+    return net.fc2(F.relu(net.fc1(torch.flatten(x, 1))))
+
+
+def test_appearance_net_pools_first_with_the_official_orders_exact_numbers():
+    """Pooling before ReLU and BatchNorm gives the official order's bits, in both memory layouts; a
+    BatchNorm with a negative weight (decreasing: it would turn max into min) keeps the official order."""
+    x = torch.rand(3, 1, 224, 224, 16) * 4 - 1
+    for seed, negative in ((3, False), (4, False), (5, True)):
+        net = _randomize(AppearanceNet(), seed)
+        with torch.no_grad():
+            for i in range(1, 6):
+                bn = getattr(net, f"bnrm{i}")
+                bn.weight.abs_()
+                if negative and i == 3:
+                    bn.weight[::2] *= -1
+            for layout in (torch.contiguous_format, torch.channels_last_3d):
+                net.to(memory_format=layout)
+                assert torch.equal(_run(net, x), _appearance_in_official_order(net, x))
+
+
 def test_context_forward_shape():
     model = _randomize(ContextNet(), 4)
     assert _run(model, torch.rand(1, 1, 512, 24)).shape == (1, 1, 512, 24)
