@@ -25,6 +25,8 @@ well-defined interior; for areas and IoU it is replaced by its convex hull.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _EPS = 1e-12
@@ -100,25 +102,29 @@ def is_valid_polygon(poly, min_area: float = 1e-9) -> bool:
         p = as_polygon(poly)
     except ValueError:
         return False
-    if not np.all(np.isfinite(p)):
+    # The tests below run on Python floats: the same double arithmetic as on numpy's scalars, at a
+    # fifth of the cost (the decoding validates thousands of quads per scan).
+    pts = p.tolist()
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    if not all(math.isfinite(v) for v in xs + ys):
         return False
-    n = len(p)
-    scale = max(float(np.ptp(p[:, 0])), float(np.ptp(p[:, 1])), 1.0)
+    n = len(pts)
+    scale = max(max(xs) - min(xs), max(ys) - min(ys), 1.0)
     tol = 1e-12 * scale * scale
-    if np.any(np.hypot(*(p - _following(p)).T) <= 1e-12 * scale):
+    if any(math.hypot(xs[i] - xs[i - 1], ys[i] - ys[i - 1]) <= 1e-12 * scale for i in range(n)):
         return False  # repeated consecutive vertex
     if area(p) <= min_area:
         return False
     for i in range(n):
-        a1, a2 = p[i], p[(i + 1) % n]
+        a1, a2 = pts[i], pts[(i + 1) % n]
         # Adjacent edge (i+1): only the shared vertex may be common.
-        b2 = p[(i + 2) % n]
-        if abs(_cross(a1, a2, b2)) <= tol and np.dot(a2 - a1, b2 - a2) < 0:
+        b2 = pts[(i + 2) % n]
+        if abs(_cross(a1, a2, b2)) <= tol and (a2[0] - a1[0]) * (b2[0] - a2[0]) + (a2[1] - a1[1]) * (b2[1] - a2[1]) < 0:
             return False  # folds back on itself
         for j in range(i + 2, n):
             if i == 0 and j == n - 1:
                 continue  # edges n-1 and 0 are adjacent
-            if segments_intersect(a1, a2, p[j], p[(j + 1) % n], tol):
+            if segments_intersect(a1, a2, pts[j], pts[(j + 1) % n], tol):
                 return False
     return True
 
