@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,13 +218,44 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
     words = ["run", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")]
     assert cli.main(words) == 2 and gc.get_freeze_count() == 0
     monkeypatch.setattr(sys, "argv", ["spinenet", *words])
+    tuned = []
+    monkeypatch.setattr(cli, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
     thresholds = gc.get_threshold()
     try:
         assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
+        assert tuned == [True]
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
     assert "spinenet: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_command_keeps_freed_memory_for_the_next_block_unless_the_user_tuned_malloc():
+    """After keep_freed_memory_for_reuse, a freed 64 MB block is reused without new page faults; a user's
+    own MALLOC_* setting is left alone."""
+    probe = ("import resource, sys, numpy as np\n"
+             "from SpineNetLib.apps.cli import keep_freed_memory_for_reuse\n"
+             "tuned = keep_freed_memory_for_reuse() if sys.argv[1] == 'tune' else False\n"
+             "def faults():\n"
+             "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "    block = np.ones(64 << 17)\n"
+             "    del block\n"
+             "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+             "faults()\n"
+             "print(tuned, faults())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def run(mode, extra=None):
+        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                              env={**env, **(extra or {})})
+        tuned, faults = done.stdout.split()
+        return tuned == "True", int(faults)
+
+    tuned, faults_tuned = run("tune")
+    untuned, faults_untuned = run("leave")
+    assert tuned and not untuned and faults_tuned * 4 < faults_untuned
+    assert run("tune", {"MALLOC_ARENA_MAX": "2"})[0] is False
 
 
 def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
