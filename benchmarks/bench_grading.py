@@ -2,6 +2,7 @@
 
     python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
         [--hotspot-precision auto|fp32|bf16] [--hotspot-heads K] [--batch-size 4] [--contiguous]
+        [--default-malloc]
 
 Random weights (speed does not depend on their values); the disc volumes are
 extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
@@ -11,6 +12,8 @@ test-time augmentations, in ``--hotspot-precision`` (``discs/hotspots.py``; "aut
 also in bfloat16, to print how closely the smoothed bfloat16 map follows the float32 one.
 ``--hotspot-heads K`` (K > 1) then also times the maps of K heads of that disc made together
 (``hotspots.hotspot_volumes``: the heads share the forward passes), as ``--hotspots A,B,...`` does.
+glibc's malloc is set as the ``spinenet`` command sets it (``apps/cli.keep_freed_memory_for_reuse``)
+unless ``--default-malloc``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
     parser.add_argument("--contiguous", action="store_true",
                         help="keep the grader's weights in the default (NCDHW) layout instead of channels-last")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (spinenet keeps freed memory for reuse)")
     args = parser.parse_args()
+    from SpineNetLib.apps.cli import keep_freed_memory_for_reuse
+
+    malloc_tuned = False if args.default_malloc else keep_freed_memory_for_reuse()
+    print(f"malloc: {'keeps freed memory for reuse, as spinenet does' if malloc_tuned else 'glibc defaults'}")
 
     import torch
 

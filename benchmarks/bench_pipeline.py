@@ -3,6 +3,7 @@
     python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--compile] [--scan lumbar|whole|both]
                                         [--bundled] [--plan whole_slice|patches|both]
                                         [--stride-fraction F] [--unfolded] [--runtime torch|openvino]
+                                        [--default-malloc]
 
 Each scan and detection plan (``DetectionParams.plan``: the overlapping 224-pixel patches, the
 default, or whole slices at the network's scale) runs in its own subprocess so that its peak RSS is
@@ -20,6 +21,9 @@ written as DICOM and read back (the "load_scan" stage).
 ``--bf16``), converted in the child process before the timed run (its seconds are printed as
 "openvino_conversion"; ``spinenet`` keeps the converted detector in a cache, so a study pays this once per
 weights file).
+
+Each child sets glibc's malloc as the ``spinenet`` command does (``apps/cli.keep_freed_memory_for_reuse``:
+freed memory kept for the next layer's output); ``--default-malloc`` leaves glibc's defaults.
 
 ``--compile`` runs the three networks through ``torch.compile`` (a measurement only: ``spinenet run``
 has no such switch, benchmarks/RESULTS.md says why): detection and labelling run once untimed first,
@@ -41,6 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from SpineNetLib.apps.cli import keep_freed_memory_for_reuse  # noqa: E402  (no torch: cheap)
 
 SCANS = {
     "lumbar": dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15),
@@ -216,12 +222,18 @@ def main() -> None:
                         help="DetectionParams.stride_fraction of the patches (default: DetectionParams' own)")
     parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
                         help="where the detector runs (SpineNetLib/models/runtimes.py; official-size only)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (spinenet keeps freed memory for reuse: "
+                             "apps/cli.keep_freed_memory_for_reuse)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        # As the spinenet command does, unless asked not to.
+        malloc_tuned = False if args.default_malloc else keep_freed_memory_for_reuse()
         report = (run_bundled(args.child, args.threads, args.plan, args.stride_fraction) if args.bundled
                   else run_one(args.child, args.threads, args.bf16, args.plan, args.compile, not args.unfolded,
                                args.stride_fraction, args.runtime))
+        report["malloc_tuned"] = malloc_tuned
         print(json.dumps(report))
         return
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
@@ -240,13 +252,16 @@ def main() -> None:
             cmd += ["--stride-fraction", str(args.stride_fraction)]
         if args.runtime != "torch":
             cmd += ["--runtime", args.runtime]
+        if args.default_malloc:
+            cmd.append("--default-malloc")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
               f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
               f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}"
               f"{', BatchNorm folded' if report.get('batch_norm_folded') else ''}"
-              f"{', OpenVINO' if report.get('runtime') == 'openvino' else ''}")
+              f"{', OpenVINO' if report.get('runtime') == 'openvino' else ''}"
+              f"{', malloc keeps freed memory' if report.get('malloc_tuned') else ', default malloc'}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
         print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")
