@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
+from SpineNetLib.core.malloc import keep_freed_memory_for_reuse
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
@@ -458,34 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status("spinenet", lambda: args.func(args), debug=args.debug)
 
 
-#: What glibc's malloc may serve from (and keep in) its heap in the ``spinenet`` process: blocks up to
-#: this size, and this much freed memory at the heap's top (benchmarks/RESULTS.md, "glibc's malloc").
-MALLOC_HEAP_BYTES = 256 << 20
-
-
-def keep_freed_memory_for_reuse() -> bool:
-    """Let glibc's malloc serve blocks up to :data:`MALLOC_HEAP_BYTES` from its heap and keep that much
-    freed memory there for the next block (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD).
-
-    By default each block above 32 MB (a network layer's output) is mapped afresh from the kernel and
-    unmapped when freed, so every layer pays its page faults again: the official-size lumbar detection
-    and labelling took 18.1 instead of 14.6-15.6 s.  Returns False, changing nothing, where the C
-    library is not glibc or the user set glibc's malloc variables (``MALLOC_*_``, ``GLIBC_TUNABLES``).
-    """
-    if any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in os.environ):
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-    except (AttributeError, ValueError, OSError):
-        return False
-    import ctypes
-
-    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's malloc.h
-    mallopt = ctypes.CDLL(None).mallopt
-    return bool(mallopt(m_mmap_threshold, MALLOC_HEAP_BYTES)) and bool(mallopt(m_trim_threshold, MALLOC_HEAP_BYTES))
-
-
 def program() -> int:
     """The ``spinenet`` command as a process of its own (the console script, ``python -m SpineNetLib``):
     :func:`main`, then every object left out of the interpreter's last garbage collections.
@@ -495,7 +468,7 @@ def program() -> int:
     after ``gc.freeze``; benchmarks/RESULTS.md).  While it runs, the youngest objects are collected
     every 20,000 instead of 700 new ones: most of the 430 collections of a run walked torch's
     objects from its import again (0.10 s in all, 0.05 s so).  glibc's malloc keeps freed memory for reuse
-    (:func:`keep_freed_memory_for_reuse`).  None of this is done in :func:`main`, which a
+    (:func:`SpineNetLib.core.malloc.keep_freed_memory_for_reuse`).  None of this is done in :func:`main`, which a
     caller may run in its own long-lived process (Slicer, a notebook), where frozen objects would never
     be collected.
     """

@@ -60,6 +60,7 @@ from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
+from SpineNetLib.core.malloc import environment_keeping_freed_memory
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_results
 from SpineNetLib.weights.resolve import resolve_weights
 
@@ -279,9 +280,12 @@ def local_cluster(workers: int) -> LocalCluster:
     """A local Dask cluster of ``workers`` processes with one Dask thread each (one study at a time)."""
     # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back
     # to the system at every large free: the networks and arrays of a study then run about 1.6 times
-    # slower (measured on the phantoms of Testing/Python/test_cohort.py).  The other variables stay.
-    environ = {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-               if name != "MALLOC_TRIM_THRESHOLD_"}
+    # slower (measured on the phantoms of Testing/Python/test_cohort.py).  The workers' malloc keeps
+    # freed memory for reuse instead, as the spinenet command's does (core/malloc.py); the other
+    # variables stay.
+    environ = environment_keeping_freed_memory(
+        {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+         if name != "MALLOC_TRIM_THRESHOLD_"})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         # CRITICAL: a worker's own log lines (e.g. about the scheduler closing first) would break
         # the progress line; what goes wrong with a study is in its outcome.

@@ -216,6 +216,22 @@ def cluster():
         yield local.scheduler_address, client
 
 
+def test_the_local_workers_malloc_keeps_freed_memory_as_the_commands_does(cluster):
+    """Not Dask's MALLOC_TRIM_THRESHOLD_=65536 (glibc handing memory back at every large free made a study
+    1.6 times slower): the settings of core/malloc.py, unless the user set glibc's malloc variables."""
+    import os
+
+    from SpineNetLib.core import malloc
+
+    _, client = cluster
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    seen = client.run(lambda: {name: os.environ.get(name) for name in names})
+    assert len(seen) == 2
+    if not malloc.user_tuned_malloc():
+        assert all(env == {name: str(malloc.MALLOC_HEAP_BYTES) for name in names} for env in seen.values())
+    assert all(env["MALLOC_TRIM_THRESHOLD_"] != "65536" for env in seen.values())
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_a_worker_killed_mid_run_loses_and_doubles_nothing(tmp_path, cluster):
     address, client = cluster
