@@ -12,7 +12,7 @@ test-time augmentations, in ``--hotspot-precision`` (``discs/hotspots.py``; "aut
 also in bfloat16, to print how closely the smoothed bfloat16 map follows the float32 one.
 ``--hotspot-heads K`` (K > 1) then also times the maps of K heads of that disc made together
 (``hotspots.hotspot_volumes``: the heads share the forward passes), as ``--hotspots A,B,...`` does.
-glibc's malloc is set as the ``spinenet`` command sets it (``core/malloc.keep_freed_memory_for_reuse``)
+glibc's malloc is set as the ``spinenet`` command sets it (``core/process.keep_freed_memory_for_reuse``)
 unless ``--default-malloc``.
 """
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (spinenet keeps freed memory for reuse)")
     args = parser.parse_args()
-    from SpineNetLib.core.malloc import keep_freed_memory_for_reuse
+    from SpineNetLib.core.process import keep_freed_memory_for_reuse
 
     malloc_tuned = False if args.default_malloc else keep_freed_memory_for_reuse()
     print(f"malloc: {'keeps freed memory for reuse, as spinenet does' if malloc_tuned else 'glibc defaults'}")

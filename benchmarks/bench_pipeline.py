@@ -22,7 +22,7 @@ written as DICOM and read back (the "load_scan" stage).
 "openvino_conversion"; ``spinenet`` keeps the converted detector in a cache, so a study pays this once per
 weights file).
 
-Each child sets glibc's malloc as the ``spinenet`` command does (``core/malloc.keep_freed_memory_for_reuse``:
+Each child sets glibc's malloc as the ``spinenet`` command does (``core/process.keep_freed_memory_for_reuse``:
 freed memory kept for the next layer's output); ``--default-malloc`` leaves glibc's defaults.
 
 ``--compile`` runs the three networks through ``torch.compile`` (a measurement only: ``spinenet run``
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from SpineNetLib.core.malloc import keep_freed_memory_for_reuse  # noqa: E402  (no torch: cheap)
+from SpineNetLib.core.process import keep_freed_memory_for_reuse  # noqa: E402  (no torch: cheap)
 
 SCANS = {
     "lumbar": dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15),
@@ -224,7 +224,7 @@ def main() -> None:
                         help="where the detector runs (SpineNetLib/models/runtimes.py; official-size only)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (spinenet keeps freed memory for reuse: "
-                             "core/malloc.keep_freed_memory_for_reuse)")
+                             "core/process.keep_freed_memory_for_reuse)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -22,14 +22,13 @@ error (a bug: ``--debug`` shows the traceback); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
 from pathlib import Path
 
 from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
-from SpineNetLib.core.malloc import keep_freed_memory_for_reuse
+from SpineNetLib.core.process import run_as_process
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
@@ -461,24 +460,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def program() -> int:
     """The ``spinenet`` command as a process of its own (the console script, ``python -m SpineNetLib``):
-    :func:`main`, then every object left out of the interpreter's last garbage collections.
-
-    By then every result file is written and closed; the exit's collections would only walk the
-    objects torch and the networks made, which took 0.26 of a 3.4 s ``spinenet run`` (0.1 s left
-    after ``gc.freeze``; benchmarks/RESULTS.md).  While it runs, the youngest objects are collected
-    every 20,000 instead of 700 new ones: most of the 430 collections of a run walked torch's
-    objects from its import again (0.10 s in all, 0.05 s so).  glibc's malloc keeps freed memory for reuse
-    (:func:`SpineNetLib.core.malloc.keep_freed_memory_for_reuse`).  None of this is done in :func:`main`, which a
-    caller may run in its own long-lived process (Slicer, a notebook), where frozen objects would never
-    be collected.
+    :func:`main` with the process settings of :func:`SpineNetLib.core.process.run_as_process` (the
+    garbage collector, glibc's malloc), which :func:`main` alone, as Slicer or a notebook calls it in a
+    long-lived process of its own, leaves as they are.
     """
-    gc.set_threshold(20_000, *gc.get_threshold()[1:])
-    keep_freed_memory_for_reuse()
-    status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    gc.freeze()
-    return status
+    return run_as_process(main)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, InputError, SpineNetError, one_line
-from SpineNetLib.core.malloc import keep_freed_memory_for_reuse
+from SpineNetLib.core.process import run_as_process
 
 MESSAGE_KINDS = ("PROGRESS", "WARNING", "RESULT", "ERROR")
 
@@ -329,5 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory_for_reuse()   # a process of its own (core/malloc.py)
-    sys.exit(main())
+    sys.exit(run_as_process(main))   # a process of its own (core/process.py)

@@ -60,7 +60,7 @@ from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
-from SpineNetLib.core.malloc import environment_keeping_freed_memory
+from SpineNetLib.core.process import environment_keeping_freed_memory
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_results
 from SpineNetLib.weights.resolve import resolve_weights
 
@@ -281,7 +281,7 @@ def local_cluster(workers: int) -> LocalCluster:
     # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back
     # to the system at every large free: the networks and arrays of a study then run about 1.6 times
     # slower (measured on the phantoms of Testing/Python/test_cohort.py).  The workers' malloc keeps
-    # freed memory for reuse instead, as the spinenet command's does (core/malloc.py); the other
+    # freed memory for reuse instead, as the spinenet command's does (core/process.py); the other
     # variables stay.
     environ = environment_keeping_freed_memory(
         {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()

@@ -219,7 +219,9 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
     assert cli.main(words) == 2 and gc.get_freeze_count() == 0
     monkeypatch.setattr(sys, "argv", ["spinenet", *words])
     tuned = []
-    monkeypatch.setattr(cli, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
+    from SpineNetLib.core import process
+
+    monkeypatch.setattr(process, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
     thresholds = gc.get_threshold()
     try:
         assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
@@ -232,10 +234,10 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_command_keeps_freed_memory_for_the_next_block_unless_the_user_tuned_malloc(monkeypatch):
-    """After core.malloc.keep_freed_memory_for_reuse (spinenet, the Slicer worker), a freed 64 MB block is
+    """After core.process.keep_freed_memory_for_reuse (spinenet, the Slicer worker), a freed 64 MB block is
     reused without new page faults; a user's own MALLOC_* setting is left alone, also for child processes."""
     probe = ("import resource, sys, numpy as np\n"
-             "from SpineNetLib.core.malloc import keep_freed_memory_for_reuse\n"
+             "from SpineNetLib.core.process import keep_freed_memory_for_reuse\n"
              "tuned = keep_freed_memory_for_reuse() if sys.argv[1] == 'tune' else False\n"
              "def faults():\n"
              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -256,16 +258,16 @@ def test_the_command_keeps_freed_memory_for_the_next_block_unless_the_user_tuned
     untuned, faults_untuned = run("leave")
     assert tuned and not untuned and faults_tuned * 4 < faults_untuned
     assert run("tune", {"MALLOC_ARENA_MAX": "2"})[0] is False
-    from SpineNetLib.core import malloc
+    from SpineNetLib.core import process
 
     for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
         monkeypatch.delenv(name)
     dask_like = {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    assert malloc.environment_keeping_freed_memory(dask_like) == {
-        "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(malloc.MALLOC_HEAP_BYTES),
-        "MALLOC_TRIM_THRESHOLD_": str(malloc.MALLOC_HEAP_BYTES)}
+    assert process.environment_keeping_freed_memory(dask_like) == {
+        "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(process.MALLOC_HEAP_BYTES),
+        "MALLOC_TRIM_THRESHOLD_": str(process.MALLOC_HEAP_BYTES)}
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert malloc.environment_keeping_freed_memory(dask_like) == dask_like
+    assert process.environment_keeping_freed_memory(dask_like) == dask_like
 
 
 def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):

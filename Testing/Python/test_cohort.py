@@ -218,17 +218,17 @@ def cluster():
 
 def test_the_local_workers_malloc_keeps_freed_memory_as_the_commands_does(cluster):
     """Not Dask's MALLOC_TRIM_THRESHOLD_=65536 (glibc handing memory back at every large free made a study
-    1.6 times slower): the settings of core/malloc.py, unless the user set glibc's malloc variables."""
+    1.6 times slower): the settings of core/process.py, unless the user set glibc's malloc variables."""
     import os
 
-    from SpineNetLib.core import malloc
+    from SpineNetLib.core import process
 
     _, client = cluster
     names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     seen = client.run(lambda: {name: os.environ.get(name) for name in names})
     assert len(seen) == 2
-    if not malloc.user_tuned_malloc():
-        assert all(env == {name: str(malloc.MALLOC_HEAP_BYTES) for name in names} for env in seen.values())
+    if not process.user_tuned_malloc():
+        assert all(env == {name: str(process.MALLOC_HEAP_BYTES) for name in names} for env in seen.values())
     assert all(env["MALLOC_TRIM_THRESHOLD_"] != "65536" for env in seen.values())
 
 

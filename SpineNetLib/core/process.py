@@ -1,19 +1,28 @@
-"""glibc's malloc in the library's own processes: freed memory kept for the next block.
+"""Settings of the library's own processes: the ``spinenet`` command and the Slicer module's worker
+(:func:`run_as_process`), and glibc's malloc of ``spinenet cohort``'s local Dask workers
+(:func:`environment_keeping_freed_memory`).  Code that calls the library in a process of its own
+(Slicer, a notebook) keeps the interpreter's and malloc's settings as they are.
 
-By default glibc maps every block above 32 MB (a network layer's output) afresh from the kernel and
-unmaps it when it is freed, so each layer of every network call pays its page faults again.  The
-``spinenet`` command, the Slicer module's worker process and the local workers of ``spinenet cohort``
-let the heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memory for reuse
-(benchmarks/RESULTS.md, "Bundled networks end to end under 3 s": official-size lumbar detection and
-labelling 19.2 -> 16.0 s, a bundled ``spinenet run`` 0.1-0.15 s faster).  Code that calls the library
-in a process of its own (Slicer, a notebook) keeps its malloc as it is.  A user who set glibc's malloc
-variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps them, and other C libraries are left alone.
+Garbage collection: while a program runs, the youngest objects are collected every 20,000 instead of
+700 new ones (most of the 430 collections of a ``spinenet run`` walked torch's objects from its import
+again: 0.10 s in all, 0.05 s so), and before the exit every object is frozen out of the exit's
+collections, which would only walk what torch and the networks made (0.26 of a 3.4 s ``spinenet run``,
+0.1 s after ``gc.freeze``; benchmarks/RESULTS.md, twenty-first session).
+
+malloc: by default glibc maps every block above 32 MB (a network layer's output) afresh from the kernel
+and unmaps it when it is freed, so each layer of every network call pays its page faults again.  Our
+processes let the heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memory for
+reuse (benchmarks/RESULTS.md, "Bundled networks end to end under 3 s": official-size lumbar detection
+and labelling 19.2 -> 16.0 s, a bundled ``spinenet run`` 0.1-0.15 s faster).  A user who set glibc's
+malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps them, and other C libraries are left alone.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 #: Blocks up to this size come from the heap, and this much freed memory stays there.  Keeping 1 GB
 #: made the official-size lumbar run 14.6 s but its peak 2.12 GB, over issue 16's 2 GB.
@@ -54,3 +63,15 @@ def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, st
         return dict(environ)
     others = {name: value for name, value in environ.items() if not name.startswith("MALLOC_")}
     return {**others, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_HEAP_BYTES), "MALLOC_TRIM_THRESHOLD_": str(MALLOC_HEAP_BYTES)}
+
+
+def run_as_process(main: Callable[[], int]) -> int:
+    """``main()``'s exit status, run with this module's settings of the garbage collector and malloc;
+    output is flushed and every object frozen before the interpreter's exit."""
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
+    keep_freed_memory_for_reuse()
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    return status
