@@ -44,7 +44,7 @@ class AppearanceNet(nn.Module):
 
         In inference, ReLU and a BatchNorm whose weights are all >= 0 are non-decreasing functions of
         each value (every rounding step is), so they commute exactly with max-pooling: pooling first
-        gives the same bits on 4 or 8 times fewer values (8 vertebrae: 0.27 -> 0.19 s, 2 threads).
+        gives the same bits on 4 or 8 times fewer values (8 vertebrae: 0.23-0.27 -> 0.16-0.18 s, 2 threads).
         """
         x = conv(x)
         if pool is None:
