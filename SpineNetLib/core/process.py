@@ -62,7 +62,8 @@ def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, st
     if user_tuned_malloc():
         return dict(environ)
     others = {name: value for name, value in environ.items() if not name.startswith("MALLOC_")}
-    return {**others, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_HEAP_BYTES), "MALLOC_TRIM_THRESHOLD_": str(MALLOC_HEAP_BYTES)}
+    return {**others, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_HEAP_BYTES),
+            "MALLOC_TRIM_THRESHOLD_": str(MALLOC_HEAP_BYTES)}
 
 
 def run_as_process(main: Callable[[], int]) -> int:
