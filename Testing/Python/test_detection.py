@@ -359,9 +359,19 @@ def test_oracle_recovers_every_vertebra_across_patch_seams():
     assert set(res.timings_s) >= {"detection", "detection_network", "detection_postprocessing"}
     # a slice split over two network calls (batches of 5, 4 patches a slice) decodes exactly as one
     # whose patches come in one call (batches of 4 and of 8)
-    for batch_size in (4, 8):
-        other = D.detect_vertebrae(scan, T.oracle_predictor(qbs), D.DetectionParams(batch_size=batch_size,
-                                                                                      plan="patches"))
+    # and so do outputs laid out channels-last (as the detector writes them) or read-only
+    oracle = T.oracle_predictor(qbs)
+
+    def channels_last(patches, bxs):
+        return np.ascontiguousarray(oracle(patches, bxs).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    def read_only(patches, bxs):
+        out = np.ascontiguousarray(oracle(patches, bxs))
+        out.setflags(write=False)
+        return out
+
+    for batch_size, predictor in ((4, oracle), (8, oracle), (5, channels_last), (5, read_only)):
+        other = D.detect_vertebrae(scan, predictor, D.DetectionParams(batch_size=batch_size, plan="patches"))
         assert [v.slices for v in other.vertebrae] == [v.slices for v in res.vertebrae]
         assert all(np.array_equal(p, q) for v, w in zip(other.vertebrae, res.vertebrae)
                    for p, q in zip(v.polygons, w.polygons))
