@@ -12,8 +12,8 @@ collections, which would only walk what torch and the networks made (0.26 of a 3
 malloc: by default glibc maps every block above 32 MB (a network layer's output) afresh from the kernel
 and unmaps it when it is freed, so each layer of every network call pays its page faults again.  Our
 processes let the heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memory for
-reuse (benchmarks/RESULTS.md, "Bundled networks end to end under 3 s": official-size lumbar detection
-and labelling 19.2 -> 16.0 s, a bundled ``spinenet run`` 0.1-0.15 s faster).  A user who set glibc's
+reuse (benchmarks/RESULTS.md, "Bundled networks end to end, about 10 % faster": a bundled ``spinenet run`` about
+0.1 s faster).  A user who set glibc's
 malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps them, and other C libraries are left alone.
 """
 
@@ -24,9 +24,9 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
-#: Blocks up to this size come from the heap, and this much freed memory stays there.  Keeping 1 GB
-#: made the official-size lumbar run 14.6 s but its peak 2.12 GB, over issue 16's 2 GB.
-MALLOC_HEAP_BYTES = 256 << 20
+#: Blocks up to this size come from the heap, and this much freed memory stays there.  256 MB made the
+#: official-size lumbar run 1-3 s faster, but its peak reached 2.17 GB, over issue 16's 2 GB.
+MALLOC_HEAP_BYTES = 64 << 20
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters, glibc's malloc.h
 

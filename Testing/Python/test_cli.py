@@ -234,14 +234,14 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_command_keeps_freed_memory_for_the_next_block_unless_the_user_tuned_malloc(monkeypatch):
-    """After core.process.keep_freed_memory_for_reuse (spinenet, the Slicer worker), a freed 64 MB block is
+    """After core.process.keep_freed_memory_for_reuse (spinenet, the Slicer worker), a freed 32 MB block is
     reused without new page faults; a user's own MALLOC_* setting is left alone, also for child processes."""
     probe = ("import resource, sys, numpy as np\n"
              "from SpineNetLib.core.process import keep_freed_memory_for_reuse\n"
              "tuned = keep_freed_memory_for_reuse() if sys.argv[1] == 'tune' else False\n"
              "def faults():\n"
              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "    block = np.ones(64 << 17)\n"
+             "    block = np.ones(32 << 17)\n"
              "    del block\n"
              "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
              "faults()\n"
