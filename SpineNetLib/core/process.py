@@ -9,12 +9,13 @@ again: 0.10 s in all, 0.05 s so), and before the exit every object is frozen out
 collections, which would only walk what torch and the networks made (0.26 of a 3.4 s ``spinenet run``,
 0.1 s after ``gc.freeze``; benchmarks/RESULTS.md, twenty-first session).
 
-malloc: by default glibc maps every block above 32 MB (a network layer's output) afresh from the kernel
-and unmaps it when it is freed, so each layer of every network call pays its page faults again.  Our
-processes let the heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memory for
-reuse (benchmarks/RESULTS.md, "Bundled networks end to end, about 10 % faster": a bundled ``spinenet run`` about
-0.1 s faster).  A user who set glibc's
-malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps them, and other C libraries are left alone.
+malloc: by default glibc maps each large block (above 128 kB at first, a threshold that rises with the
+blocks freed up to 32 MB; a network layer's output is often larger) afresh from the kernel and unmaps it
+when it is freed, so each layer of every network call pays its page faults again.  Our processes let the
+heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memory for reuse
+(benchmarks/RESULTS.md, "Bundled networks end to end, about 10 % faster": a bundled ``spinenet run``
+about 0.1 s faster).  A user who set glibc's malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps
+them, and other C libraries are left alone.
 """
 
 from __future__ import annotations
