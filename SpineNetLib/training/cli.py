@@ -62,6 +62,19 @@ def command_tianchi_targets(args) -> int:
     return 0
 
 
+def command_volume_s1_targets(args) -> int:
+    from SpineNetLib.pipeline import load_networks
+    from SpineNetLib.training import datasets
+    from SpineNetLib.training.common import set_threads
+    from SpineNetLib.training.volume_s1 import make_volume_s1_targets
+
+    set_threads(args.threads)
+    root = args.data or default_data_root()
+    train, _ = datasets.default_split(datasets.list_cases(root, sources=datasets.DETECTION_SOURCES))
+    make_volume_s1_targets(train, load_networks(args.weights, device="cpu"), args.out)
+    return 0
+
+
 def command_drop_last_block(args) -> int:
     from pathlib import Path
 
@@ -112,6 +125,9 @@ def register(subparsers) -> None:
     app.add_argument("--n-phantoms", type=int, default=30, help="phantoms in the seeded pool (default 30)")
     app.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
     app.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = none (default 1)")
+    app.add_argument("--volume-s1-targets", default=None, metavar="FILE",
+                     help="checked S1 outlines of the training volumes (`spinenet train volume-s1-targets`): "
+                          "S1 samples from real volumes, which have no S1 outlined")
     add_real_data_arguments(app)
     app.set_defaults(func=command_train_appearance)
 
@@ -134,6 +150,15 @@ def register(subparsers) -> None:
                     help="S1 where no detector gave it: 'wedge' (default) or 'even', as the bundled detector "
                          "and grader were trained (training/tianchi.py, S1_CONSTRUCTIONS)")
     tq.set_defaults(func=command_tianchi_targets)
+
+    vs1 = sub.add_parser("volume-s1-targets", help="checked S1 outlines of the training volumes, from a weight "
+                                                   "set's own detection and labelling (appearance training)")
+    vs1.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    vs1.add_argument("--weights", default="bundled", metavar="DIR", help="weight set that finds and names S1 "
+                                                                       "(default: bundled)")
+    vs1.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    vs1.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    vs1.set_defaults(func=command_volume_s1_targets)
 
     drop = sub.add_parser("drop-last-block", help="a detector checkpoint without the last block of its deepest "
                                                   "stage (how the bundled S1-outline detector fits the 15 MB)")

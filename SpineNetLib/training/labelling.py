@@ -79,8 +79,12 @@ class BodySample:
     polygon: np.ndarray   # (4, 2) average polygon in the scan's pixels
 
 
-def real_bodies(cases, scans: list, start_index: int = 0) -> list[BodySample]:
-    """Bodies of real cases (average of their per-slice quads); appends the slab-averaged scans."""
+def real_bodies(cases, scans: list, start_index: int = 0,
+                pseudo_labelled: dict[str, dict[str, np.ndarray]] | None = None) -> list[BodySample]:
+    """Bodies of real cases (average of their per-slice quads); appends the slab-averaged scans.
+
+    ``pseudo_labelled``: further bodies by case id, level -> average polygon in the slab-averaged scan's
+    pixels (the checked S1 outlines of ``training/volume_s1.py``)."""
     out = []
     for case in cases:
         if case.source not in dataset.DETECTION_SOURCES:
@@ -98,6 +102,9 @@ def real_bodies(cases, scans: list, start_index: int = 0) -> list[BodySample]:
         for level, ps in polys.items():
             if level in LEVELS:
                 out.append(BodySample(idx, level_index(level), np.mean(np.stack(ps), axis=0)))
+        for level, quad in (pseudo_labelled or {}).get(case.case_id, {}).items():
+            if level in LEVELS and level not in polys:
+                out.append(BodySample(idx, level_index(level), np.asarray(quad, float)))
     return out
 
 
@@ -211,6 +218,7 @@ def train_appearance(args) -> Path:
               "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
               "weight_decay": args.weight_decay, "phantom_fraction": args.phantom_fraction,
               "n_phantoms": args.n_phantoms, "max_cases": args.max_cases, "augment": args.augment,
+              "volume_s1_targets": getattr(args, "volume_s1_targets", None),
               **real_data_config(args)}
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
@@ -220,7 +228,11 @@ def train_appearance(args) -> Path:
     t0 = time.time()
     scans: list = []
     train_cases, _ = training_volume_cases(args)
-    real = real_bodies(train_cases, scans)
+    pseudo = None
+    if config["volume_s1_targets"]:
+        from SpineNetLib.training.volume_s1 import read_volume_s1_targets
+        pseudo = read_volume_s1_targets(config["volume_s1_targets"])
+    real = real_bodies(train_cases, scans, pseudo_labelled=pseudo)
     clinical = tianchi_bodies(args.data, config["tianchi_targets"], scans) if config["tianchi_targets"] and args.data else []
     phantoms = phantom_bodies(args.n_phantoms, args.seed, scans) if args.phantom_fraction > 0 else []
     if not real and not phantoms:
