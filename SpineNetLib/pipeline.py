@@ -42,7 +42,7 @@ from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes,
 from SpineNetLib.discs.hotspots import (
     DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, hotspot_maps, parse_heads,
 )
-from SpineNetLib.discs.measurements import measure_spine
+from SpineNetLib.discs.measurements import lumbar_body_size_warning, measure_spine
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
@@ -704,6 +704,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs_doc["profile"] = profile.name
     # measurements that cannot be anatomy, or that rest on an outline to check, as the discs document names them
     measurement_warnings = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
+    size_warning = (lumbar_body_size_warning(discs.measurements, scan.spacing_mm)
+                    if "pixel_spacing_factor" not in result.labelling else None)   # that has its own reason
+    if size_warning is not None:
+        measurement_warnings.insert(0, size_warning)
     disc_warnings += measurement_warnings
     warnings += measurement_warnings
     if discs.grades and reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:

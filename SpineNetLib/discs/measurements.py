@@ -369,6 +369,34 @@ def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
     return problems
 
 
+#: Adult lumbar bodies measure about 25 mm in the middle, endplate to endplate.  Where the median of the
+#: bodies named L1-L5 is more than a factor 1 / 0.7 (1.43) away from that (under 17.5 or over 35.7 mm),
+#: every size in mm is suspect: a pixel spacing that the header gives wrongly is the likeliest cause (a
+#: child's spine the other).  On the 197 held-out and training-side scans detected at their header's
+#: spacing the median lies between 20.6 and 31.0 mm (bundled MODEL_CARD.md, "Body sizes"), so the
+#: bound is 15 % beyond the largest and the smallest.
+TYPICAL_LUMBAR_BODY_HEIGHT_MM = 25.0
+LUMBAR_BODY_HEIGHT_RANGE_MM = (TYPICAL_LUMBAR_BODY_HEIGHT_MM * 0.7, TYPICAL_LUMBAR_BODY_HEIGHT_MM / 0.7)
+LUMBAR = ("L1", "L2", "L3", "L4", "L5")
+
+
+def lumbar_body_size_warning(measurements: SpineMeasurements, spacing_mm: Sequence[float]) -> str | None:
+    """A line when the median middle height of three or more bodies named L1-L5 lies outside
+    :data:`LUMBAR_BODY_HEIGHT_RANGE_MM`, naming the in-plane pixel spacing (rows x columns) the sizes rest on."""
+    heights = [v.middle_height_mm for v in measurements.vertebrae
+               if v.level in LUMBAR and np.isfinite(v.middle_height_mm)]
+    if len(heights) < 3:
+        return None
+    median = float(np.median(heights))
+    low, high = LUMBAR_BODY_HEIGHT_RANGE_MM
+    if low <= median <= high:
+        return None
+    return (f"the lumbar bodies measure {median:.1f} mm high in the middle (median of {len(heights)}), "
+            f"{'under' if median < low else 'over'} the {low:.1f}-{high:.1f} mm of an adult spine: check the "
+            f"pixel spacing ({float(spacing_mm[0]):.3g} x {float(spacing_mm[1]):.3g} mm), which every size "
+            "in mm uses, unless this is a child's spine")
+
+
 def measure_spine(scan: Scan, vertebrae: Sequence[Vertebra]) -> SpineMeasurements:
     """Every vertebra, every disc of :func:`SpineNetLib.discs.extraction.disc_pairs` (top to bottom) and the lordosis."""
     verts = [measure_vertebra(scan, v, i) for i, v in enumerate(vertebrae)]

@@ -298,3 +298,30 @@ def test_the_s1_outline_from_the_patches_near_s1_is_the_whole_plans_on_a_real_vo
     assert match is not None and match.slices == reference.slices
     for a, b in zip(match.polygons, reference.polygons):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_105-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_lumbar_bodies_of_an_implausible_size_say_to_check_the_pixel_spacing_on_real_slices():
+    """Held-out tianchi_002 read with its pixel spacing 1.4 times the header's (as a wrong header would
+    give it): the bodies are still found and named, and the run says that they measure over the adult
+    range (at 1.5 times the detection already finds too few bodies and retries), in the discs document and the run's warnings; at the header's spacing nothing is said.  On
+    tianchi_105, whose header spacing is doubled and which the detection already retried at another
+    multiple of it, the retry's own review reason says it instead (no second line)."""
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.pipeline import RunOptions, load_networks, run
+
+    networks = load_networks("bundled", "cpu")
+    path = DATA / "tianchi" / "tianchi_002-000" / "image.nii.gz"
+    header = load_scan(path)
+    row_mm, col_mm = header.spacing_mm[:2]
+    for scan, warned in ((header, False), (load_scan(path, pixel_spacing=(1.4 * row_mm, 1.4 * col_mm)), True)):
+        result = run(scan, networks, RunOptions(grade=False))
+        lines = [w for w in result.warnings if "lumbar bodies measure" in w]
+        assert bool(lines) == warned, result.warnings
+        assert lines == [w for w in result.discs_document.get("warnings", []) if "lumbar bodies measure" in w]
+    assert "over the" in lines[0] and f"({1.4 * row_mm:.3g} x {1.4 * col_mm:.3g} mm)" in lines[0]
+    retried = run(load_scan(DATA / "tianchi" / "tianchi_105-000" / "image.nii.gz"), networks, RunOptions(grade=False))
+    assert "pixel_spacing_factor" in retried.detection.labelling
+    assert not any("lumbar bodies measure" in w for w in retried.warnings)
+    assert any("check the pixel spacing" in w for w in retried.warnings)

@@ -206,3 +206,46 @@ def test_a_thin_disc_above_s1_asks_to_check_s1s_outline(gap_mm, level_above, war
     if warned:
         assert gap_mm < S1_OUTLINE_CHECK_HEIGHT_MM
         assert lines[0].startswith(f"L5-S1 anterior disc height {gap_mm:.1f} mm") and "check S1" in lines[0]
+
+
+@pytest.mark.parametrize("spacing_factor, warned", [(1.0, None), (0.6, "under"), (1.6, "over"), (0.8, None),
+                                                   (1.3, None)])
+def test_lumbar_bodies_of_an_implausible_size_say_to_check_the_pixel_spacing(spacing_factor, warned):
+    """The phantom's textbook lumbar bodies (25-27 mm high) measured with its pixel spacing scaled as a
+    wrong header would scale it: 0.6 and 1.6 times put them outside the adult range and the line says
+    so with the spacing it used; 0.8 and 1.3 times stay inside (the range is a factor 1.43 either way)."""
+    from SpineNetLib.discs.measurements import LUMBAR_BODY_HEIGHT_RANGE_MM, lumbar_body_size_warning
+
+    phantom, _ = build("normal")
+    row_mm = phantom.scan.spacing_mm[0]
+    scan = replace_spacing(phantom.scan, spacing_factor)
+    vertebrae = [Vertebra(slices=list(v.slices), polygons=[v.quads[s] for s in v.slices], level=v.level)
+                 for v in phantom.vertebrae if not v.extra]
+    line = lumbar_body_size_warning(measure_spine(scan, vertebrae), scan.spacing_mm)
+    if warned is None:
+        assert line is None
+    else:
+        assert line is not None and warned in line and f"{row_mm * spacing_factor:.3g} x" in line
+        low, high = LUMBAR_BODY_HEIGHT_RANGE_MM
+        assert f"{low:.1f}-{high:.1f} mm" in line
+
+
+def test_the_body_size_check_needs_three_lumbar_bodies():
+    """Two lumbar bodies, or thoracic ones however small, say nothing: too little to judge a spacing by."""
+    from SpineNetLib.discs.measurements import lumbar_body_size_warning
+
+    phantom, _ = build("normal")
+    tiny = replace_spacing(phantom.scan, 0.3)
+    lumbar = [v for v in phantom.vertebrae if not v.extra and v.level in ("L1", "L2")]
+    thoracic = [v for v in phantom.vertebrae if not v.extra and v.level.startswith("T")]
+    for bodies in (lumbar, thoracic):
+        vertebrae = [Vertebra(slices=list(v.slices), polygons=[v.quads[s] for s in v.slices], level=v.level)
+                     for v in bodies]
+        assert lumbar_body_size_warning(measure_spine(tiny, vertebrae), tiny.spacing_mm) is None
+
+
+def replace_spacing(scan, factor: float):
+    from dataclasses import replace as replaced
+
+    row_mm, col_mm, slice_mm = scan.spacing_mm
+    return replaced(scan, spacing_mm=(row_mm * factor, col_mm * factor, slice_mm))
