@@ -4,7 +4,9 @@ Why: the appearance network saw real S1 bodies only on the clinical single slice
 of them constructed outlines) and in phantoms, never in a real volume, while it saw the L5 of every
 training volume.  On held-out chu_07 it calls the real L5 S1 at p = 0.999 (bundled MODEL_CARD.md,
 "S1 of the training volumes"), which keeps that L5 out of the labelled chain.  The data README asks for
-pseudo-labels with checks where S1 is visible but unannotated; this module makes them.
+pseudo-labels with checks where S1 is visible but unannotated; this module makes them.  Networks
+trained with them (from scratch and fine-tuned) named fewer held-out scans right and still called
+chu_07's L5 S1, so the bundled weights do not use them (the same model-card section).
 
 An S1 is taken from the pipeline's own detection and labelling (``pipeline.detect_and_label``: the
 outline the appearance network is given at inference) only when every check holds:
