@@ -17,6 +17,9 @@ LEVEL_INDEX: dict[str, int] = {name: i for i, name in enumerate(LEVELS)}
 #: Levels from top (C2) to bottom (S1), the order in which a spine is read.
 LEVELS_TOP_DOWN: tuple[str, ...] = tuple(reversed(LEVELS))
 
+#: The lumbar levels, top to bottom.
+LUMBAR: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+
 
 def level_index(name: str) -> int:
     """Class index of a level name ("S2" counts as S1, index 0)."""

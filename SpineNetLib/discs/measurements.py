@@ -78,6 +78,7 @@ from SpineNetLib.discs.extraction import (
     pixel_scale,
     polygon_on_or_average,
 )
+from SpineNetLib.core.levels import LUMBAR
 from SpineNetLib.core.polygons import points_in_polygon
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
@@ -377,7 +378,6 @@ def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
 #: bound is 15 % beyond the largest and the smallest.
 TYPICAL_LUMBAR_BODY_HEIGHT_MM = 25.0
 LUMBAR_BODY_HEIGHT_RANGE_MM = (TYPICAL_LUMBAR_BODY_HEIGHT_MM * 0.7, TYPICAL_LUMBAR_BODY_HEIGHT_MM / 0.7)
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
 
 
 def lumbar_body_size_warning(measurements: SpineMeasurements, spacing_mm: Sequence[float]) -> str | None:

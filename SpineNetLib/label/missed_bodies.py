@@ -36,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from SpineNetLib.core.levels import LUMBAR
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.confidence import MAX_GAP_RATIO
 
@@ -48,8 +49,6 @@ MAX_OFFSET_OF_STEP = 0.5
 #: detected (``DetectionParams.candidate_threshold``; the body holding the L5 point mirrored
 #: through the L5-S1 disc point), relative to the radiologist's L4 and L5 points; sd 0.13, 0.10.
 S1_FROM_L5 = (0.83, -0.18)
-#: The levels below which S1 and the lumbar bodies above it are looked for.
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
 
 
 def _centres_mm(vertebrae: Sequence[Vertebra], spacing_rc) -> np.ndarray:
@@ -87,7 +86,7 @@ def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
 
 
 def chain_ends_above_s1(labelled: Sequence[Vertebra]) -> bool:
-    """Whether a labelled chain (top to bottom) of at least two bodies ends at L1-L5, the only chain
+    """Whether a labelled chain (top to bottom) of at least two bodies ends at L1-L5 (``LUMBAR``), the only chain
     :func:`bodies_below` continues."""
     return len(labelled) >= 2 and labelled[-1].level in LUMBAR
 
