@@ -38,7 +38,7 @@ from SpineNetLib.detect.no_bodies import no_vertebrae_reason
 from SpineNetLib.detect.s1_outline import bodies_clear_of_the_lower_edge, refine_s1_outline
 from SpineNetLib.detect.turned import bodies_on_turned_slices
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
-from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns
+from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns, untrained_heads
 from SpineNetLib.discs.hotspots import (
     DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, hotspot_maps, parse_heads,
 )
@@ -587,6 +587,15 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
     if not discs.ivds:
         warnings.append("no hotspot maps: no discs were found")
         return []
+    untrained = untrained_heads(networks.grading, heads)
+    if untrained:
+        which = "that head" if len(untrained) == 1 else "those heads"
+        warnings.append(f"no hotspot map for {', '.join(h.column for h in untrained)}: the "
+                        f"{networks.weights.source} grader did not train {which} (no graded data), so "
+                        "a map would not show where a grade comes from")
+        heads = [h for h in heads if h not in untrained]
+        if not heads:
+            return []
     return hotspot_maps(scan, discs.ivds, networks.grading, heads, options.hotspot_method,
                         options.hotspot_augmentations, progress=progress, precision=options.hotspot_precision)
 

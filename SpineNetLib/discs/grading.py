@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from SpineNetLib.discs.extraction import IVD_SHAPE, IVDVolume
-from SpineNetLib.models.grading import HEADS
+from SpineNetLib.models.grading import HEADS, GradingHead
 
 _ABSENT_PRESENT = ("0: absent", "1: present")
 
@@ -120,6 +120,13 @@ def trained_columns(grading_net: torch.nn.Module) -> tuple[str, ...]:
         return tuple(GRADE_COLUMNS)
     heads = {h.strip() for h in str(recorded).split(",") if h.strip()}
     return tuple(c.name for c in _COLUMNS if c.head in heads)
+
+
+def untrained_heads(grading_net: torch.nn.Module, heads: Sequence[GradingHead]) -> list[GradingHead]:
+    """Those of ``heads`` whose grade column the weights did not train (:func:`trained_columns`): a
+    hotspot map of such a head shows where an untrained classifier looks, not where a grade comes from."""
+    trained = {GRADE_COLUMNS[c].head for c in trained_columns(grading_net)}
+    return [h for h in heads if h.name not in trained]
 
 
 def _as_array(volume) -> np.ndarray:

@@ -259,3 +259,25 @@ def test_pipeline_run_builds_the_discs_document(case):
     result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(hotspot_heads=["Pfirrmann"]))
     assert result.discs_document["grading"]["status"] == "not run" and result.hotspots == []
     assert result.warnings == ["the oracle weights have no grading network: disc measurements only, no grades"]
+
+
+def test_hotspot_maps_only_for_the_heads_the_weights_trained(case):
+    """A grader that records its trained heads (as the bundled one: Herniation only) gets no map for an
+    untrained head: such a map would show where an untrained classifier looks, not where a grade comes
+    from.  The run says so and still makes the maps of the trained heads asked for."""
+    phantom, _, _, _ = case
+    networks = oracle_networks(phantom)
+    networks.grading = small_grader()
+    networks.grading.checkpoint_meta = {"trained_heads": "fc_hrn"}
+    both = pipeline.run(phantom.scan, networks, pipeline.RunOptions(hotspot_heads=["Pfirrmann", "Herniation"],
+                                                                   hotspot_augmentations=1))
+    assert [m.name for m in both.hotspots] == ["hotspots_Herniation.nii.gz"]
+    note = [w for w in both.warnings if w.startswith("no hotspot map for Pfirrmann")]
+    assert len(note) == 1 and "did not train that head" in note[0]
+
+    untrained = pipeline.run(phantom.scan, networks, pipeline.RunOptions(hotspot_heads="fc_pf,fc_nar",
+                                                                        hotspot_augmentations=1))
+    assert untrained.hotspots == []
+    assert any(w.startswith("no hotspot map for Pfirrmann, Narrowing") and "those heads" in w
+               for w in untrained.warnings)
+    assert untrained.discs_document["grading"]["status"] == "done"   # the grades themselves are unaffected
