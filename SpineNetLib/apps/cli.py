@@ -126,10 +126,10 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                      help="do not grade the discs (disc measurements are still written)")
     run.add_argument("--hotspots", metavar="HEAD[,HEAD]",
                      help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
-                          "e.g. Pfirrmann,Herniation (needs grading weights)")
+                          "e.g. Herniation (needs grading weights; only heads the weights trained get a map)")
     run.add_argument("--hotspot-method", default="contrastive_excitation",
                      choices=["contrastive_excitation", "excitation", "guided", "gradient"],
-                     help="how the hotspot maps are computed (default contrastive_excitation; see README, Hotspots)")
+                     help="how the hotspot maps are computed (default contrastive_excitation; see README, Evidence hotspots)")
     run.add_argument("--hotspot-augmentations", type=int, default=16, metavar="N",
                      help="test-time augmentations averaged per map (default 16; fewer is faster on a CPU)")
     run.add_argument("--hotspot-precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -327,6 +327,12 @@ def command_evaluate(args) -> int:
         print(f"{name:<22} {m['tp']:>4} {m['fp']:>4} {m['fn']:>4} {pct(m['precision'])} {pct(m['recall'])} "
               f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
               f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
+    missing = summary.get("missing_predictions") or []
+    if missing:   # a run that failed must not pass unseen: the figures above leave these cases out
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"spinenet evaluate: warning: {len(missing)} annotated case{'s have' if len(missing) > 1 else ' has'} "
+              f"no prediction in {args.pred} and {'were' if len(missing) > 1 else 'was'} not scored: {shown}",
+              file=sys.stderr)
     if args.output:
         from SpineNetLib.outputs.files import write_files_atomically
 
@@ -444,7 +450,9 @@ def command_cohort(args) -> int:
     result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
                         progress=None if args.quiet else sys.stderr)
     failed = len(result.failures)
-    print(f"{len(result.studies)} studies: {result.done} done now, {result.finished_before} done before, "
+    exams = (f" and {result.failed_at_discovery} DICOM exam{'s' if result.failed_at_discovery > 1 else ''} "
+             "without one" if result.failed_at_discovery else "")
+    print(f"{len(result.studies)} studies{exams}: {result.done} done now, {result.finished_before} done before, "
           f"{failed} failed; wrote {', '.join(str(p) for p in result.tables)}")
     return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
 

@@ -40,6 +40,7 @@ One run per output folder at a time: a run starts by removing the partial folder
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -61,7 +62,7 @@ from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidat
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
 from SpineNetLib.core.process import environment_keeping_freed_memory
-from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_results
+from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
 from SpineNetLib.weights.resolve import resolve_weights
 
 #: The per-study result folders' parent, inside the output folder.
@@ -104,6 +105,48 @@ class CohortSettings:
     def token(self) -> str:
         """A short hash of the settings, part of the Dask task keys."""
         return hashlib.sha1(repr(sorted(asdict(self).items())).encode()).hexdigest()[:8]
+
+    def result_settings(self) -> dict:
+        """The settings a study's results depend on (not where or how fast it ran, nor which pictures
+        and DICOM objects were written): what :func:`check_same_result_settings` keeps the same across
+        the runs into one output folder."""
+        weights = (self.weights if self.weights in ("bundled", "official")
+                   else str(Path(self.weights).expanduser().resolve()))   # a folder, however it was written
+        return {"weights": weights, "trusted_sha256": sorted(self.trusted_sha256), "grade": self.grade,
+                "profile": self.profile, "precision": self.precision, "runtime": self.runtime}
+
+
+#: The file in a cohort's output folder that records :meth:`CohortSettings.result_settings`.
+SETTINGS_FILE = "cohort_settings.json"
+#: The option of ``spinenet cohort`` that sets each of :meth:`CohortSettings.result_settings`.
+_OPTION_OF_SETTING = {"weights": "--weights", "trusted_sha256": "--trust-sha256", "grade": "--no-grade",
+                      "profile": "--profile", "precision": "--precision", "runtime": "--runtime"}
+
+
+def check_same_result_settings(outdir: Path, settings: CohortSettings) -> None:
+    """Refuse (:class:`InputError`) to resume into ``outdir`` with settings that change the results
+    (:meth:`CohortSettings.result_settings`) from those an earlier run recorded there
+    (:func:`record_result_settings`): its tables would mix studies run two ways, for example graded and
+    ungraded ones."""
+    wanted = settings.result_settings()
+    recorded_file = outdir / SETTINGS_FILE
+    if recorded_file.is_file():
+        try:
+            recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {recorded_file}: {one_line(str(exc))}") from None
+        changed = [key for key in wanted if isinstance(recorded, dict) and key in recorded
+                   and recorded[key] != wanted[key]]
+        if changed:
+            said = "; ".join(f"{_OPTION_OF_SETTING[k]}: {json.dumps(recorded[k])} before, {json.dumps(wanted[k])} now"
+                             for k in changed)
+            raise InputError(f"{outdir} holds studies run with other settings ({said}); resume with the same "
+                             "options, or write into another folder")
+
+
+def record_result_settings(outdir: Path, settings: CohortSettings) -> None:
+    """Write :meth:`CohortSettings.result_settings` into ``outdir/cohort_settings.json``."""
+    write_files_atomically(outdir, {SETTINGS_FILE: json.dumps(settings.result_settings(), indent=1) + "\n"})
 
 
 class NetworksPlugin(WorkerPlugin):
@@ -211,10 +254,11 @@ class CohortProgress:
     """``studies: done/total, failed F, ETA mm:ss`` on one line, redrawn on a terminal; elsewhere
     (a log file) a line at most every ``min_interval_s`` and at the end."""
 
-    def __init__(self, total: int, finished_before: int, stream: TextIO | None = None, min_interval_s: float = 10.0):
+    def __init__(self, total: int, finished_before: int, stream: TextIO | None = None, min_interval_s: float = 10.0,
+                 failed_before: int = 0):
         self.stream = stream if stream is not None else sys.stderr
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total, self.done, self.failed = total, finished_before, 0
+        self.total, self.done, self.failed = total, finished_before, failed_before
         self.min_interval_s = min_interval_s
         self._processed = 0
         self._start = time.monotonic()
@@ -266,6 +310,9 @@ class CohortResult:
     outcomes: list[StudyOutcome] = field(default_factory=list)
     #: Studies (and DICOM exams) without a result, as in ``cohort_failures.csv``.
     failures: list[StudyFailure] = field(default_factory=list)
+    #: Those of ``failures`` found before any study ran: DICOM exams that give no study (no sagittal
+    #: series, unreadable headers), so they are not among ``studies``.
+    failed_at_discovery: int = 0
     #: The cohort tables written.
     tables: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -274,6 +321,11 @@ class CohortResult:
     def done(self) -> int:
         """Studies finished in this run."""
         return sum(o.status == DONE for o in self.outcomes)
+
+    @property
+    def total(self) -> int:
+        """Studies and failed DICOM exams: each one done now, done before or failed."""
+        return len(self.studies) + self.failed_at_discovery
 
 
 def local_cluster(workers: int) -> LocalCluster:
@@ -389,16 +441,20 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
     if not candidates.images and not candidates.folders:
         raise InputError(f"no study found under {root}: no image file and no folder with other files")
     resolve_weights(settings.weights)  # a missing weights folder is one error now, not one per study
+    check_same_result_settings(outdir, settings)
     workers = workers or max(1, (os.cpu_count() or 1) // settings.threads)
     with dask_client(workers, scheduler) as client:
         client.register_plugin(NetworksPlugin())
         discovery = _discover(client, root, candidates)
         studies_dir = outdir / STUDIES_FOLDER
         studies_dir.mkdir(parents=True, exist_ok=True)
+        record_result_settings(outdir, settings)
         remove_partial_folders(studies_dir)
         pending = [s for s in discovery.studies if not is_finished(studies_dir, s.study_id)]
-        result = CohortResult(discovery.studies, len(discovery.studies) - len(pending))
-        meter = CohortProgress(len(discovery.studies), result.finished_before, progress) if progress else None
+        result = CohortResult(discovery.studies, len(discovery.studies) - len(pending),
+                              failed_at_discovery=len(discovery.failures))
+        meter = (CohortProgress(result.total, result.finished_before, progress,
+                                failed_before=result.failed_at_discovery) if progress else None)
         if meter is not None:
             meter.update()
         try:

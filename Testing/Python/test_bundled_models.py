@@ -48,6 +48,11 @@ def test_bundled_models_label_a_real_validation_case(tmp_path, capsys):
     assert case["tp"] >= 5 and case["fp"] == 0
     correct = case["n_gt"] * case["identification_rate"]
     assert round(correct) >= 5, case
+    # an annotated case without a prediction (a run that failed) is said, not silently left out
+    assert cli.main(["evaluate", "--data", str(DATA), "--pred", str(tmp_path / "pred"),
+                     "--cases", VALIDATION_CASE, "myo_01"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 annotated case has no prediction" in err[0] and err[0].endswith(": myo_01")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from SpineNetLib.cohort import run as cohort_run
 from SpineNetLib.cohort.discover import discover_studies, make_study_id
 from SpineNetLib.cohort.run import CohortProgress, CohortSettings, StudyOutcome, process_study, run_cohort
 from SpineNetLib.inputs.writers import write_dicom_series
-from SpineNetLib.outputs.files import write_results
+from SpineNetLib.outputs.files import check_writable, write_results
 from SpineNetLib.synthetic.phantom import make_phantom
 
 #: Small lumbar phantoms: a study takes a few seconds with the bundled networks on one CPU thread.
@@ -132,14 +132,17 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
     root = _image_root(tmp_path / "root", 3)
     _phantom(7).write_dicom(root / "site2" / "exam")
     (root / "site1" / "broken.nii.gz").write_bytes(b"\x1f\x8b not an image")
+    # an exam with no sagittal series gives no study: it fails before any study runs, and counts
+    write_dicom_series(_phantom(8, shape=(64, 64), n_slices=4).voxels_kji, np.diag([1.0, 1.0, 4.0, 1.0]),
+                       root / "site3" / "axial_exam", series_description="only axial")
     out = tmp_path / "out"
     status = cli.main(["cohort", str(root), "-o", str(out), "--workers", "2", "--threads-per-worker", "1",
                        "--no-preview"])
     captured = capsys.readouterr()
     assert status == cli.EXIT_SOME_STUDIES_FAILED, captured.err
-    assert "5 studies: 4 done now, 0 done before, 1 failed" in captured.out
+    assert "5 studies and 1 DICOM exam without one: 4 done now, 0 done before, 2 failed" in captured.out
     progress = captured.err.strip().splitlines()
-    assert progress[0] == "studies: 0/5, failed 0, ETA --:--" and progress[-1] == "studies: 4/5, failed 1, ETA 00:00"
+    assert progress[0] == "studies: 0/6, failed 1, ETA --:--" and progress[-1] == "studies: 4/6, failed 2, ETA 00:00"
     assert "Traceback" not in captured.err
 
     studies = discover_studies(root).studies
@@ -147,8 +150,9 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
     _check_exactly_once(out, studies, good)
     assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".")], "no partial folder left"
     failures = _rows(out / "cohort_failures.csv")
-    assert [(f["input"], "broken.nii.gz" in f["reason"]) for f in failures] == [("site1/broken.nii.gz", True)]
-    assert "\n" not in failures[0]["reason"]
+    assert [(f["input"], "broken.nii.gz" in f["reason"] or "no sagittal series" in f["reason"])
+            for f in failures] == [("site3/axial_exam", True), ("site1/broken.nii.gz", True)]
+    assert all("\n" not in f["reason"] for f in failures)
     discs = _rows(out / "cohort_discs.csv")
     assert {"study", "input", "Level", "Herniation", "Herniation_probability", "Disc height mean (mm)",
             "labelling_confidence", "labelling_warning", "measurement_warning"} <= set(discs[0])
@@ -181,6 +185,29 @@ def test_bad_cohort_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("spinenet: error: ") and words in err[0], (argv, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_resuming_with_settings_that_change_the_results_is_refused(tmp_path, capsys):
+    """The tables of one output folder never mix studies run two ways (graded and not, other weights):
+    a rerun with such other options is a one-line error before any study runs; options that change no
+    result (previews, threads) may differ."""
+    root = _image_root(tmp_path / "root", 1)
+    out = tmp_path / "out"
+    cohort_run.check_same_result_settings(check_writable(out), cohort_run.CohortSettings())   # nothing recorded yet
+    cohort_run.record_result_settings(out, cohort_run.CohortSettings())
+    recorded = json.loads((out / cohort_run.SETTINGS_FILE).read_text())
+    assert recorded["grade"] is True and recorded["weights"] == "bundled"
+    cohort_run.check_same_result_settings(out, cohort_run.CohortSettings(preview=False, threads=2, device="cpu"))
+    assert cli.main(["cohort", str(root), "-o", str(out), "--no-grade", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds studies run with other settings" in err[0], err
+    assert "--no-grade: true before, false now" in err[0] and '--precision: "fp32" before, "bf16" now' in err[0]
+    assert not (out / "studies").exists() and json.loads((out / cohort_run.SETTINGS_FILE).read_text()) == recorded
+    # a weights folder is the same folder however it is written
+    weights = tmp_path / "w"
+    weights.mkdir()
+    cohort_run.record_result_settings(check_writable(tmp_path / "o2"), cohort_run.CohortSettings(weights=str(weights)))
+    cohort_run.check_same_result_settings(tmp_path / "o2", cohort_run.CohortSettings(weights=str(weights / ".." / "w")))
 
 
 # --------------------------------------------------------------------------- a worker killed mid-run
