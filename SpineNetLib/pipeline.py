@@ -341,7 +341,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     found = list(result.vertebrae) + fillers   # label_vertebrae sorts them top to bottom
     label = lambda vertebrae, before=(): labelling.label_vertebrae(  # noqa: E731
         scan, vertebrae, networks.appearance, networks.context, labelling_params, device=networks.device,
-        progress=scaled(progress, "labelling levels"), labelled_before=before)
+        progress=scaled(progress, "labelling levels again" if before else "labelling levels"),  # its own 0..n
+        labelled_before=before)
     if found:
         result.vertebrae = label(found)
     below: list[Vertebra] = []
