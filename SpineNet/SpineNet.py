@@ -239,6 +239,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller=None, event=None):
+        self.logic.cancelRun()                  # its volume is going away: its results must not land elsewhere
         self.setParameterNode(None)
         self.logic.removeTemporaryFolders()     # the results that needed them are going away
 
@@ -412,7 +413,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.ui.progressBar.setValue(0)
         elif run.status == "done":
             self.ui.progressBar.setValue(_get(self.ui.progressBar, "maximum"))
-            volume = self.logic.scene.GetNodeByID(run.volumeID)
+            volume = run.volumeNode
             if self._volume() is not volume:
                 self.ui.inputSelector.setCurrentNode(volume)
             self.populateResults()

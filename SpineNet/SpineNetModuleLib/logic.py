@@ -58,7 +58,7 @@ DEVICES = ("auto", "cpu", "cuda")
 #: ``SpineNetLib/models/runtimes.py``).  float32 is the default: the same result on every CPU.
 ARITHMETICS = {"float32": ("fp32", "torch"), "bfloat16": ("bf16", "torch"),
                "bfloat16 on OpenVINO": ("bf16", "openvino")}
-#: The hotspot head choice that computes no hotspot maps (the default: a map takes minutes on a CPU).
+#: The hotspot head choice that computes no hotspot maps (the default: a map takes about half a minute per disc).
 NO_HOTSPOTS = "none"
 #: What follows the Python program on the worker's command line.
 WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
@@ -314,7 +314,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         files go to a new temporary folder (``temporary`` True).
         """
         mrml = self._mrml()
-        voxels, ijkToRas = mrml.volume_arrays(volumeNode)
+        voxels, ijkToRas = mrml.input_volume_arrays(volumeNode)   # refused as `spinenet run` refuses a file
         folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
         if not workFolder:
             _TEMPORARY_RUN_FOLDERS.add(folder)
@@ -450,8 +450,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
             run.onFinished(run)
 
     def _showRunResults(self, run):
-        volume = self.scene.GetNodeByID(run.volumeID)
-        if volume is None:
+        volume = run.volumeNode
+        if not self.scene.IsNodePresent(volume):   # removed, or its scene closed (an ID may have been reused)
             run.status, run.message = "failed", "Error: the input volume is no longer in the scene."
             return
         try:
@@ -464,7 +464,11 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
             return
         self._settleRunFolder(run, keep=keep, resultsFolder=folder)
         run.status = "done"
-        run.message = self.summary(volume) + ("" if not run.warnings else " Warning: " + run.warnings[-1])
+        # every warning on a line of its own (a run can warn of several things: pixel spacing, untrained heads,
+        # ...), but those of the labelling block, which the panel's levels box shows already
+        shown = set(((vertebraeDoc or {}).get("labelling") or {}).get("warnings") or [])
+        run.message = "\n".join([self.summary(volume)] + ["Warning: " + text for text in run.warnings
+                                                           if text not in shown])
 
     def _settleRunFolder(self, run, keep, resultsFolder=None):
         """A finished run's temporary folder: removed, or (``keep``) trimmed to its hotspot maps and
@@ -520,8 +524,15 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     # ----------------------------------------------------------------- results
 
     def loadResults(self, volumeNode, resultPath):
-        """Show the results of a ``result.json`` (or results folder) on ``volumeNode``."""
+        """Show the results of a ``result.json`` (or results folder) on ``volumeNode``.
+
+        Raises :class:`SpineNetError`, and changes nothing in the scene, when the results were made on
+        another scan than the volume's (their ``vertebrae.json`` records its grid) or the volume has no voxels.
+        """
+        if volumeNode is None:
+            raise SpineNetError("no volume to show the results on")
         vertebraeDoc, discsDoc, folder = documents.read_result(resultPath)
+        self._mrml().check_results_fit_volume(volumeNode, vertebraeDoc)
         return self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
 
     def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):
@@ -597,13 +608,18 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         _, _, folder = self.documents(volumeNode)
         paths = documents.hotspot_files(folder, disc, head)
         if not paths:
-            return None, f"Hotspots are not available for {disc} ({head}): this run wrote no hotspot maps."
+            files = [os.path.basename(p).split(".")[0] for p in (documents.list_hotspot_files(folder) if folder else [])]
+            heads = [h for h in documents.GRADE_HEADS if any(name.endswith("_" + h) for name in files)]
+            if not heads:
+                return None, f"Hotspots are not available for {disc} ({head}): this run wrote no hotspot maps."
+            return None, (f"Hotspots are not available for {disc} ({head}): this run wrote hotspot maps only for "
+                          + ", ".join(heads) + ".")
         mrml = self._mrml()
         allDiscs = paths[0].name.startswith("hotspots_")
         name = f"SpineNet hotspot all discs {head}" if allDiscs else f"SpineNet hotspot {disc} {head}"
         for node in mrml.result_nodes(self.scene, volumeNode, "hotspot"):
             if node.GetName() == mrml.result_node_name(volumeNode, name):
-                self.scene.RemoveNode(node)
+                mrml.remove_node(self.scene, node)
         node = mrml.load_hotspot_file(self.scene, volumeNode, paths[0], name)
         self.updateResultReferences()
         return node, f"Showing the {head} hotspots of " + ("all discs." if allDiscs else f"{disc}.")

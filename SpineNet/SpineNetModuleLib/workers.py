@@ -227,13 +227,19 @@ class SpineNetRun:
     """One run of the worker on a volume: how it was started, what it reported, how it ended.
 
     ``status`` is "running", then "done", "failed" or "cancelled"; ``message``
-    is the one-line outcome the panel shows; ``nodes`` are the result nodes
+    is the outcome the panel shows (one line; for a run that is done, the
+    summary followed by one "Warning: ..." line per warning, but those of the labelling, which the panel's
+    levels box shows); ``nodes`` are the result nodes
     (:class:`SpineNetLib.slicer.mrml.ResultNodes`) of a run that is done.
+    ``volumeNode`` is the input volume node; the results go only onto that
+    node, never onto another one that took its ID after the scene was closed.
     ``temporary`` is True when ``folder`` is a temporary folder the logic made
     (and removes once the results are in the scene), False for a caller's ``workFolder``.
     """
 
     def __init__(self, volumeNode, prepared, onProgress=None, onWarning=None, onFinished=None):
+        # the node itself: a closed scene frees its IDs, and the next volume may get the same one
+        self.volumeNode = volumeNode
         self.volumeID = volumeNode.GetID()
         self.volumeName = volumeNode.GetName()
         self.program = prepared["program"]

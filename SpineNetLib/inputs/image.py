@@ -243,6 +243,29 @@ def label_map_values(voxels: np.ndarray) -> int | None:
     return len(values)
 
 
+def check_image_voxels(voxels: np.ndarray, name: str, *, label_map: bool = True) -> None:
+    """Refuse voxels that hold no MR image to read, with a one-line :class:`InputError` naming ``name``:
+    NaN or infinite values, one value everywhere, or (``label_map``) a label map (:func:`label_map_values`).
+
+    The one content check of every input: image files (:func:`load_image_file`), every scan
+    :func:`SpineNetLib.inputs.load.load_scan` reads (DICOM too, without the label map test) and a volume
+    taken from a 3D Slicer scene (``SpineNetLib.slicer.mrml.input_volume_arrays``).
+    """
+    voxels = np.asarray(voxels)
+    if voxels.dtype.kind == "f" and not np.all(np.isfinite(voxels)):
+        raise InputError(f"{name} has {int(voxels.size - np.count_nonzero(np.isfinite(voxels)))} NaN or "
+                         "infinite voxel(s)")
+    if voxels.size:
+        low, high = float(voxels.min()), float(voxels.max())
+        if low == high:
+            raise InputError(f"every voxel of {name} has the same value ({low:g}): there is no image "
+                             "to read (check RescaleSlope and the file)")
+    labels = label_map_values(voxels) if label_map else None
+    if labels is not None:
+        raise InputError(f"{name} looks like a label map, not an MR image ({labels} distinct integer values, "
+                         "most voxels 0): give the scan itself")
+
+
 def image_ijk_to_ras(img) -> np.ndarray:
     """The 4x4 IJK-to-RAS matrix of a SimpleITK image or ImageFileReader (their geometry is LPS: x and y negated)."""
     ijk_to_ras = np.eye(4)
@@ -373,13 +396,7 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
     except Exception as exc:
         raise InputError(f"cannot read the voxels of {path}: {_one_line(exc)}") from None
     del img  # one copy of the voxels at a time
-    if voxels.dtype.kind == "f" and not np.all(np.isfinite(voxels)):   # named here, with the file
-        raise InputError(f"{path.name} has {int(voxels.size - np.count_nonzero(np.isfinite(voxels)))} NaN or "
-                         "infinite voxel(s)")
-    labels = label_map_values(voxels)
-    if labels is not None:
-        raise InputError(f"{path.name} looks like a label map, not an MR image ({labels} distinct integer values, "
-                         "most voxels 0): give the scan itself")
+    check_image_voxels(voxels, path.name)   # named here, with the file
     if not np.all(np.isfinite(ijk_to_ras)) or abs(np.linalg.det(direction)) < 1e-3 or np.any(spacing <= 0):
         raise InputError(f"{path.name} has an invalid geometry (spacing {plain_numbers(spacing)} mm, "
                          f"direction {' '.join(f'{v:g}' for v in direction.ravel())})")

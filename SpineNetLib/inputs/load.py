@@ -16,7 +16,7 @@ from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.dicom import load_dicom_series
-from SpineNetLib.inputs.image import IMAGE_SUFFIXES, image_suffix, load_image_file
+from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
 from SpineNetLib.core.scan import Scan
 
 
@@ -34,10 +34,7 @@ def load_scan(path, series_uid: str | None = None, pixel_spacing=None, slice_spa
               resample_isotropic: bool = True) -> Scan:
     """See :func:`_load`; a scan whose voxels all have one value is refused (there is no image)."""
     scan = _load(path, series_uid, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
-    low, high = float(scan.voxels.min()), float(scan.voxels.max())
-    if low == high:
-        raise InputError(f"every voxel of {Path(path).name} has the same value ({low:g}): there is no image "
-                         "to read (check RescaleSlope and the file)")
+    check_image_voxels(scan.voxels, Path(path).name, label_map=False)   # image files had the label map test too
     return scan
 
 

@@ -8,8 +8,11 @@ script.  Everything is built from the result documents (``vertebrae.json``,
 objects, so results can come from another process as JSON.
 
 Nodes made for one volume (all tagged with the attributes
-``SpineNet.SourceVolumeID`` = the volume's ID and ``SpineNet.Result`` = their
-role, and referencing the volume as ``SpineNetSourceVolume``):
+``SpineNet.SourceVolumeID`` = the volume's ID when they were made and
+``SpineNet.Result`` = their role, and referencing the volume as
+``SpineNetSourceVolume``: follow the reference, which MRML updates when it
+renumbers nodes (a scene added to a non-empty one), the attribute it does not;
+put under the volume's parent transform, if any):
 
 * one ``vtkMRMLMarkupsClosedCurveNode`` per vertebra, linear, through the
   four corners of its mid-slice polygon, named "<volume> SpineNet <level>";
@@ -47,7 +50,9 @@ from vtk.util import numpy_support
 
 from SpineNetLib.outputs import documents
 from SpineNetLib.outputs.segmentation import filled_segments
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.canonical import scan_from_array
+from SpineNetLib.inputs.image import check_image_voxels
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.scan import Scan
 
@@ -165,13 +170,12 @@ def volume_dimensions(volume_node) -> tuple[int, int, int]:
 def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
     """A copy of the voxels as ``[k, j, i]`` (like ``slicer.util.arrayFromVolume``) and the IJK-to-RAS.
 
-    A transform applied to the volume is not included (the results would
-    not overlay it); harden it first.
+    A transform applied to the volume is not included: these are the
+    volume's own voxels and RAS, and the result nodes go under the same
+    transform (:func:`_tag`).
     """
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None or image.GetPointData().GetScalars() is None:
-        from SpineNetLib.core.errors import InputError
-
         raise InputError("the input volume has no voxels")
     ni, nj, nk = image.GetDimensions()
     scalars = image.GetPointData().GetScalars()
@@ -181,9 +185,23 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
     return array.reshape(shape).copy(), ijk_to_ras(volume_node)
 
 
+def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`volume_arrays` of a volume to run SpineNet on, refused as ``spinenet run`` refuses a file.
+
+    A label map volume node, and voxels :func:`SpineNetLib.inputs.image.check_image_voxels` refuses
+    (NaN or infinite values, one value everywhere, a label map), give a one-line :class:`InputError`.
+    """
+    name = f'the volume "{volume_node.GetName()}"' if volume_node is not None else "the volume"
+    if volume_node is not None and volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"{name} is a label map (a segmentation), not an MR image: choose the scan itself")
+    voxels, affine = volume_arrays(volume_node)
+    check_image_voxels(voxels, name)
+    return voxels, affine
+
+
 def scan_from_volume_node(volume_node, metadata: dict | None = None) -> Scan:
     """The canonical :class:`Scan` of a volume node (its voxels and IJK-to-RAS unchanged)."""
-    voxels, affine = volume_arrays(volume_node)
+    voxels, affine = input_volume_arrays(volume_node)
     meta = {"format": "MRML volume", "path": volume_node.GetName()}
     meta.update(metadata or {})
     return scan_from_array(voxels, affine, meta)
@@ -240,6 +258,46 @@ def add_scan_volume(scene, scan: Scan, name: str):
 
 # --------------------------------------------------------------------------- results
 
+def _grid_corners(ijk_to_ras_matrix, shape_ijk) -> np.ndarray:
+    """RAS of the 8 corner voxel centres of a grid (the same points whichever way its axes run)."""
+    ni, nj, nk = shape_ijk
+    ijk = np.array([[i, j, k, 1.0] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)])
+    return (ijk @ np.asarray(ijk_to_ras_matrix, float).T)[:, :3]
+
+
+def check_results_fit_volume(volume_node, vertebrae_doc: dict) -> None:
+    """One-line :class:`InputError` unless the scan a vertebrae document records (``"scan"``: ``shape``,
+    ``ijk_to_ras``) is the volume's voxel grid: as many voxels, and the same corners within half a voxel.
+
+    Loaders may order a scan's axes differently (a DICOM series in Slicer and in SpineNet), so the
+    grids are compared by their voxel counts and the places of their corners, not axis by axis.
+    """
+    name = volume_node.GetName()
+    if volume_node.GetImageData() is None:
+        raise InputError(f'the volume "{name}" has no voxels: there is nothing to show results on')
+    scan = vertebrae_doc.get("scan") if isinstance(vertebrae_doc, dict) else None
+    try:
+        shape = [int(n) for n in scan["shape"]]
+        matrix = np.asarray(scan["ijk_to_ras"], float).reshape(4, 4)
+    except (TypeError, KeyError, ValueError):
+        raise InputError("the vertebrae document does not record the scan it was made on ('scan' with 'shape' "
+                         f'and \'ijk_to_ras\'): cannot check that it belongs to the volume "{name}"') from None
+    if len(shape) != 3:
+        raise InputError(f"the vertebrae document records a scan of shape {shape}, not a 3D voxel grid")
+    dims, own = list(volume_dimensions(volume_node)), ijk_to_ras(volume_node)
+    theirs, ours = _grid_corners(matrix, shape), _grid_corners(own, dims)
+    if sorted(shape) == sorted(dims):
+        furthest = max(float(np.min(np.linalg.norm(ours - corner, axis=1))) for corner in theirs)
+        if furthest <= 0.5 * float(np.min(np.linalg.norm(own[:3, :3], axis=0))):
+            return
+
+    def grid(size, corners):
+        return f"{'x'.join(map(str, size))} voxels centred at RAS {' '.join(f'{x:.1f}' for x in corners.mean(0))} mm"
+
+    raise InputError(f'these results were made on another scan ({grid(shape, theirs)}), not on the volume "{name}" '
+                     f"({grid(dims, ours)})")
+
+
 @dataclass
 class ResultNodes:
     """The nodes made for one volume by :func:`show_results`."""
@@ -263,9 +321,13 @@ def result_node_name(volume_node, name: str) -> str:
 
 
 def _tag(node, volume_node, role: str) -> None:
+    """Mark a result node as ``volume_node``'s and put it under the volume's parent transform (its
+    coordinates are the volume's own RAS, so it then lines up with the volume as displayed)."""
     node.SetAttribute(SOURCE_ATTRIBUTE, volume_node.GetID())
     node.SetAttribute(ROLE_ATTRIBUTE, role)
     node.SetNodeReferenceID(SOURCE_REFERENCE, volume_node.GetID())
+    if node.IsA("vtkMRMLTransformableNode"):
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
 
 def result_nodes(scene, volume_node, role: str | None = None) -> list:
@@ -284,11 +346,26 @@ def result_nodes(scene, volume_node, role: str | None = None) -> list:
     return found
 
 
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes (``RemoveNode`` alone may leave them in the
+    scene, where they would be saved with it, displaying nothing)."""
+    helpers = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        helpers += [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers += [node.GetNthStorageNode(n) for n in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
+
+
 def remove_results(scene, volume_node, roles: tuple[str, ...] | None = None) -> int:
-    """Remove this volume's SpineNet nodes (all, or only those of ``roles``); returns how many."""
+    """Remove this volume's SpineNet nodes (all, or only those of ``roles``) with their display and
+    storage nodes; returns how many result nodes."""
     nodes = [n for n in result_nodes(scene, volume_node) if roles is None or n.GetAttribute(ROLE_ATTRIBUTE) in roles]
     for node in nodes:
-        scene.RemoveNode(node)
+        remove_node(scene, node)
     return len(nodes)
 
 

@@ -277,7 +277,8 @@ def test_levels_that_may_be_shifted_are_flagged_in_the_panel(panel, tmp_path):
     process.feed(f"WARNING {shifted}\nRESULT {_write_result(tmp_path / 'results', doc)}\n")
     process.finish(0)
     assert widget.logic.lastRun.status == "done"
-    assert widget.ui.statusLabel.text() == "7 vertebrae (T12..S1), 6 discs, 0 graded. Warning: " + shifted
+    # said once, in the levels box below, not again in the status line
+    assert widget.ui.statusLabel.text() == "7 vertebrae (T12..S1), 6 discs, 0 graded."
     label = widget.ui.labellingLabel
     assert not label.isHidden() and label.styleSheet() == module.LEVELS_REVIEW_STYLE
     assert label.text() == "L" + shifted[1:] + "."
@@ -412,6 +413,11 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     assert recorder.calls[-1][0] == "layers" and recorder.calls[-1][1]["foreground"] is hotspots[0]
     widget.ui.showHotspotsButton.click()                   # again: replaced, not piled up
     assert len(mrml.result_nodes(scene, volume, "hotspot")) == 1
+    widget.ui.hotspotHeadComboBox.setCurrentText("Narrowing")   # a head the run made no map for
+    widget.ui.showHotspotsButton.click()
+    assert widget.ui.statusLabel.text() == ("Hotspots are not available for L4-L5 (Narrowing): "
+                                            "this run wrote hotspot maps only for Pfirrmann.")
+    widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
 
     # the grading stage's one-map-per-head files (hotspots_<Head>.nii.gz) are shown for any disc
     write_hotspot_maps(results, [_hotspot(scan, centre, "hotspots_Herniation.nii.gz")])
@@ -544,7 +550,7 @@ def test_logic_starts_a_run_without_blocking_and_reports(logic_case):
     fake.end(0)
     assert not logic.isRunning() and logic.worker is None and logic.lastRun is run
     assert run.status == "done" and run.isFinished() and run.exitCode == 0
-    assert run.message == "7 vertebrae (T12..S1), 6 discs, 0 graded. Warning: this is only a test"
+    assert run.message == "7 vertebrae (T12..S1), 6 discs, 0 graded.\nWarning: this is only a test"
     assert signals[-1] == ("finished", "done") and callbacks[-1] == ("finished", run.message)
     assert len(run.nodes.curves) == 7 and len(mrml.result_nodes(scene, volume, "vertebra-outline")) == 7
     assert not Path(run.folder).exists()                # temporary: removed once the results are shown

@@ -1,0 +1,234 @@
+"""What keeps a scene right around a run: results land only on their own volume, under its transform,
+replaced without leftovers; bad input, another scan's results and every warning are reported.
+
+``SpineNet/SpineNet.py`` runs with the stand-ins of slicer_standins.py (PySide6 offscreen, the real
+MRML of slicer-core); the worker is the recording QProcess double or the real worker entry point in
+process with the fake pipeline (no networks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+pytest.importorskip("PySide6")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import slicer_standins as standins  # noqa: E402
+from PySide6 import QtWidgets  # noqa: E402
+
+from SpineNetLib.core.errors import InputError  # noqa: E402
+from SpineNetLib.outputs.files import write_results  # noqa: E402
+from SpineNetLib.pipeline import RunResult  # noqa: E402
+from SpineNetLib.slicer import mrml  # noqa: E402
+
+from slicer_fake_pipeline import PIPELINE_SPEC as FAKE  # noqa: E402
+
+DATA = Path(os.environ.get("SPINENET_DATA", "/work/shared/data"))
+
+
+@pytest.fixture(scope="module")
+def phantom_case():
+    scene, volume, vertebrae, discs = standins.demo_scene()
+    voxels, affine = mrml.volume_arrays(volume)
+    return voxels, affine, vertebrae
+
+
+@pytest.fixture()
+def panel(monkeypatch, phantom_case):
+    """(module, widget, scene, volume, vertebrae document): the panel on a fresh scene, the volume selected."""
+    voxels, affine, vertebrae = phantom_case
+    scene = mrml.new_scene()
+    module = standins.import_module(monkeypatch, scene)
+    standins.FakeProcess.instances.clear()
+    parent = QtWidgets.QWidget()
+    widget = module.SpineNetWidget(parent)
+    widget.setup()
+    volume = mrml.add_volume(scene, voxels, affine, "T2 sagittal lumbar")
+    widget.ui.inputSelector.refresh()
+    widget.ui.inputSelector.setCurrentNode(volume)
+    yield module, widget, scene, volume, vertebrae
+    widget.cleanup()
+    parent.close()
+
+
+def _result(folder, vertebrae):
+    write_results(folder, RunResult(vertebrae_document=vertebrae))
+    return str(Path(folder) / "result.json")
+
+
+def _spinenet_nodes(scene):
+    return [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())
+            if scene.GetNthNode(n).GetAttribute(mrml.ROLE_ATTRIBUTE) is not None]
+
+
+def _node_ids(scene):
+    return sorted(scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes()))
+
+
+# --------------------------------------------------------------------------- closing the scene during a run
+
+def test_results_of_a_run_never_land_on_a_volume_that_took_its_id(panel, tmp_path):
+    """Patient A runs, the scene is closed, patient B is loaded and gets A's node ID: A's results must not
+    appear on B, whether the panel cancels the run or a script's run reports its result anyway."""
+    module, widget, scene, volume, vertebrae = panel
+    voxels, affine = mrml.volume_arrays(volume)
+
+    widget.ui.applyButton.click()                                  # the panel: closing the scene cancels
+    process = standins.FakeProcess.instances[-1]
+    scene.Clear(0)
+    assert process.killed and widget.logic.lastRun.status == "cancelled" and not widget.logic.isRunning()
+
+    logic = module.SpineNetLogic(scene)                            # a script's run, worker in its own process
+    first = mrml.add_volume(scene, voxels, affine, "patient A")
+    run = logic.startRun(first)
+    process = standins.FakeProcess.instances[-1]
+    scene.Clear(0)                                                 # no panel cancels this one
+    second = mrml.add_volume(scene, voxels, affine, "patient B")
+    assert second.GetID() == run.volumeID                          # MRML reuses the ID
+    process.feed(f"RESULT {_result(tmp_path / 'results', vertebrae)}\n")
+    process.finish(0)
+    assert run.status == "failed" and run.message == "Error: the input volume is no longer in the scene."
+    assert _spinenet_nodes(scene) == [] and logic.documents(second)[0] is None
+
+
+# --------------------------------------------------------------------------- replaced results
+
+def test_replaced_results_leave_no_display_or_storage_nodes(panel, tmp_path):
+    """Two runs, a saved scene, a level correction and a replaced hotspot map: every display and storage
+    node left in the scene still belongs to a node (none is saved with the scene showing nothing)."""
+    module, widget, scene, volume, vertebrae = panel
+    logic = widget.logic
+
+    def orphans():
+        owned = set()
+        for n in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(n)
+            if node.IsA("vtkMRMLDisplayableNode"):
+                owned |= {node.GetNthDisplayNodeID(d) for d in range(node.GetNumberOfDisplayNodes())}
+            if node.IsA("vtkMRMLStorableNode"):
+                owned |= {node.GetNthStorageNodeID(s) for s in range(node.GetNumberOfStorageNodes())}
+        helpers = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())
+                   if scene.GetNthNode(n).IsA("vtkMRMLDisplayNode") or scene.GetNthNode(n).IsA("vtkMRMLStorageNode")]
+        return sorted(node.GetClassName() for node in helpers if node.GetID() not in owned)
+
+    document = tmp_path / "vertebrae.json"
+    document.write_text(json.dumps(vertebrae), encoding="utf-8")
+    for n in range(2):
+        logic.runSynchronously(volume, pipeline=FAKE, options={"vertebrae": str(document), "hotspot": "L4-L5:Pfirrmann"},
+                               workFolder=str(tmp_path / f"run{n}"))
+        logic.showHotspots(volume, "L4-L5", "Pfirrmann")
+        logic.showHotspots(volume, "L4-L5", "Pfirrmann")           # replaced
+        mrml.write_mrb(scene, tmp_path / f"scene{n}.mrb")          # storage nodes for every result node
+    logic.correctLevel(volume, 2, "L3")
+    assert orphans() == []
+    assert len(mrml.result_nodes(scene, volume)) == len(vertebrae["vertebrae"]) + 4
+
+
+# --------------------------------------------------------------------------- every warning
+
+def test_the_panel_shows_every_warning_of_a_run(panel, tmp_path):
+    module, widget, scene, volume, vertebrae = panel
+    widget.ui.applyButton.click()
+    process = standins.FakeProcess.instances[-1]
+    process.feed("WARNING the pixel spacing looks 1.4 times too large: check the header\n"
+                 "WARNING Pfirrmann: the weights did not train this head, no hotspot map\n")
+    process.feed(f"RESULT {_result(tmp_path / 'results', vertebrae)}\n")
+    process.finish(0)
+    assert widget.ui.statusLabel.text().splitlines() == [
+        "7 vertebrae (T12..S1), 6 discs, 0 graded.",
+        "Warning: the pixel spacing looks 1.4 times too large: check the header",
+        "Warning: Pfirrmann: the weights did not train this head, no hotspot map"]
+    assert widget.logic.lastRun.message == widget.ui.statusLabel.text()
+
+
+# --------------------------------------------------------------------------- inputs `spinenet run` refuses
+
+def test_a_label_map_or_an_empty_volume_is_refused_like_spinenet_run_refuses_the_file(panel):
+    import SimpleITK as sitk
+
+    from SpineNetLib.inputs.image import image_ijk_to_ras
+    from SpineNetLib.inputs.load import load_scan
+
+    module, widget, scene, volume, vertebrae = panel
+    labels = DATA / "chu" / "chu_02" / "labels.nii.gz"
+    if not labels.is_file():
+        pytest.skip(f"{labels} is not here")
+    with pytest.raises(InputError, match="looks like a label map, not an MR image"):
+        load_scan(labels)                                          # what `spinenet run` says of the file
+    image = sitk.ReadImage(str(labels))                            # as Slicer loads it
+    voxels, affine = sitk.GetArrayFromImage(image), image_ijk_to_ras(image)
+    as_scalar = mrml.add_volume(scene, voxels, affine, "labels")
+    as_label_map = mrml.add_volume(scene, voxels, affine, "labels (label map)",
+                                   node_class="vtkMRMLLabelMapVolumeNode")
+    empty = mrml.add_volume(scene, np.zeros((20, 200, 200), np.int16), np.diag([-1.0, -1.0, 4.0, 1.0])[[2, 1, 0, 3]],
+                            "all zero")
+    expected = {as_scalar: 'the volume "labels" looks like a label map, not an MR image (',
+                as_label_map: 'the volume "labels (label map)" is a label map (a segmentation), not an MR image',
+                empty: 'every voxel of the volume "all zero" has the same value (0): there is no image to read'}
+    before = _node_ids(scene)
+    for node, message in expected.items():
+        with pytest.raises(module.SpineNetError) as error:
+            widget.logic.runSynchronously(node, pipeline=FAKE)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
+        if node is as_label_map:                                   # the panel offers no label maps (.ui)
+            continue
+        widget.ui.inputSelector.refresh()
+        widget.ui.inputSelector.setCurrentNode(node)
+        widget.ui.applyButton.click()                              # the panel: one line, no worker
+        assert widget.ui.statusLabel.text() == "Error: " + str(error.value)
+    assert standins.FakeProcess.instances == [] and _node_ids(scene) == before
+
+
+# --------------------------------------------------------------------------- a transformed volume
+
+def test_results_follow_the_volumes_parent_transform(panel, tmp_path):
+    import vtk
+
+    module, widget, scene, volume, vertebrae = panel
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved 50 mm right")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 50.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    nodes = widget.logic.loadResults(volume, _result(tmp_path / "results", vertebrae))
+    for node in [*nodes.curves, nodes.centroids, nodes.segmentation]:
+        assert node.GetTransformNodeID() == transform.GetID(), node.GetName()
+    local, world = [0.0] * 3, [0.0] * 3
+    nodes.centroids.GetNthControlPointPosition(0, local)
+    nodes.centroids.GetNthControlPointPositionWorld(0, world)
+    np.testing.assert_allclose(local, vertebrae["vertebrae"][0]["centroid_ras"], atol=1e-3)
+    np.testing.assert_allclose(np.subtract(world, local), [50.0, 0.0, 0.0], atol=1e-6)   # where the volume is shown
+
+
+# --------------------------------------------------------------------------- loading results
+
+def test_load_results_refuses_another_scans_results_and_changes_nothing(panel, tmp_path):
+    module, widget, scene, volume, vertebrae = panel
+    voxels, affine = mrml.volume_arrays(volume)
+    results = _result(tmp_path / "results", vertebrae)
+    widget.logic.loadResults(volume, results)
+    moved = affine.copy()
+    moved[:3, 3] += [0.0, 30.0, 0.0]
+    elsewhere = mrml.add_volume(scene, voxels, moved, "another scan")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
+    before = _node_ids(scene)
+    with pytest.raises(module.SpineNetError, match=r'^these results were made on another scan \(\d+x\d+x\d+ voxels '
+                                                   r'centred at RAS .*\), not on the volume "another scan"'):
+        widget.logic.loadResults(elsewhere, results)
+    with pytest.raises(module.SpineNetError, match='^the volume "no voxels" has no voxels'):
+        widget.logic.loadResults(empty, results)
+    assert _node_ids(scene) == before and len(mrml.result_nodes(scene, volume)) == len(vertebrae["vertebrae"]) + 4
+
+    # the same grid with its slices stored in the other order (as another loader may): the results fit
+    flipped = affine.copy()
+    flipped[:3, 3] = affine[:3, :3] @ [voxels.shape[2] - 1, 0, 0] + affine[:3, 3]
+    flipped[:3, 0] = -affine[:3, 0]
+    reordered = mrml.add_volume(scene, voxels[:, :, ::-1], flipped, "same scan, slices reversed")
+    nodes = widget.logic.loadResults(reordered, results)
+    assert len(nodes.curves) == len(vertebrae["vertebrae"])
