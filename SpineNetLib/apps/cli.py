@@ -55,6 +55,11 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
                              "when other programs use the cores")
 
 
+#: ``--threads`` above this many per CPU core is refused: more only slows the networks down (and a huge
+#: count makes torch fail to start its threads).
+MAX_THREADS_PER_CORE = 4
+
+
 def _use_threads(args) -> None:
     """Apply ``--threads`` before any network runs: torch's intra- and inter-op pools, and (through the
     environment) the OpenMP/BLAS pools of libraries loaded later, which read their size once, at load."""
@@ -63,6 +68,10 @@ def _use_threads(args) -> None:
         return
     if threads < 1:
         raise SpineNetError(f"--threads must be at least 1, got {threads}")
+    cores = os.cpu_count() or 1
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise SpineNetError(f"--threads {threads} is more than {MAX_THREADS_PER_CORE} per CPU core of this machine "
+                            f"({cores} cores: at most {MAX_THREADS_PER_CORE * cores})")
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
     import torch
@@ -195,16 +204,33 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
 
 
 def _validate_overrides(args) -> None:
+    """``--pixel-spacing`` and ``--slice-spacing``: positive, and within the range of spinal MRI."""
+    from SpineNetLib.inputs.canonical import PIXEL_SPACING_RANGE_MM, SLICE_SPACING_RANGE_MM
+
     def positive(value: float) -> bool:
         return 0 < value < float("inf")          # NaN compares false
 
-    if args.pixel_spacing is not None and not all(positive(v) for v in args.pixel_spacing):
-        raise SpineNetError("--pixel-spacing values must be positive millimetres")
-    if args.slice_spacing is not None and not positive(args.slice_spacing):
-        raise SpineNetError("--slice-spacing must be positive millimetres")
+    for option, values, (low, high) in (("--pixel-spacing", args.pixel_spacing, PIXEL_SPACING_RANGE_MM),
+                                        ("--slice-spacing", args.slice_spacing, SLICE_SPACING_RANGE_MM)):
+        if values is None:
+            continue
+        values = values if isinstance(values, list) else [values]
+        if not all(positive(v) for v in values):
+            raise SpineNetError(f"{option} {'values' if len(values) > 1 else 'value'} must be positive millimetres")
+        if not all(low <= v <= high for v in values):
+            shown = " x ".join(f"{v:g}" for v in values)
+            raise SpineNetError(f"{option} {shown} mm is not plausible for spinal MRI ({low:g} to {high:g} mm)")
+
+
+def _output_folder(value: str, option: str = "-o/--output") -> str:
+    """A command's output path, refused when empty (it would write into the current folder)."""
+    if not value:
+        raise SpineNetError(f"{option} needs a path: an empty one would write into the current folder")
+    return value
 
 
 def command_run(args) -> int:
+    _output_folder(args.output)  # an empty path: at once
     _use_threads(args)  # before numpy and torch are loaded, when they are not yet
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
@@ -288,7 +314,7 @@ def command_demo(args) -> int:
     _use_threads(args)
     from SpineNetLib.synthetic.phantom import make_phantom
 
-    output = Path(args.output)
+    output = Path(_output_folder(args.output))
     if output.exists() and not output.is_dir():
         raise SpineNetError(f"output {output} exists and is not a folder")
     import json
@@ -440,6 +466,7 @@ EXIT_SOME_STUDIES_FAILED = 4
 def command_cohort(args) -> int:
     from SpineNetLib.cohort.run import CohortSettings, run_cohort
 
+    _output_folder(args.output)
     if args.scheduler and args.workers is not None:
         raise SpineNetError("--workers sets the size of a local cluster; with --scheduler the workers are the "
                             "scheduler's (start them with `dask worker ADDRESS --nworkers N`)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 
@@ -67,12 +68,27 @@ def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, st
             "MALLOC_TRIM_THRESHOLD_": str(MALLOC_HEAP_BYTES)}
 
 
+def ignore_interrupts() -> None:
+    """Ignore Ctrl-C (SIGINT) from now on in this process; nothing where this is no main thread."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:   # signal handlers can only be set in the main thread
+        pass
+
+
 def run_as_process(main: Callable[[], int]) -> int:
     """``main()``'s exit status, run with this module's settings of the garbage collector and malloc;
-    output is flushed and every object frozen before the interpreter's exit."""
+    output is flushed and every object frozen before the interpreter's exit.
+
+    Once ``main`` has returned, its work is done (a run's files are written): Ctrl-C is then ignored
+    (:func:`ignore_interrupts`), so that an interrupt during the interpreter's exit (its exit callbacks,
+    torch's finalisers) prints no traceback and leaves ``main``'s status as it is.  An interrupt before
+    that is ``main``'s to report (``spinenet: interrupted``, exit 130).
+    """
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     keep_freed_memory_for_reuse()
     status = main()
+    ignore_interrupts()
     sys.stdout.flush()
     sys.stderr.flush()
     gc.freeze()

@@ -62,6 +62,10 @@ MAX_VOXELS = 1 << 27
 PIXEL_SPACING_RANGE_MM = (0.05, 5.0)
 #: ... and the largest in-plane field of view (a whole spine is under a metre).
 MAX_FIELD_OF_VIEW_MM = 1500.0
+#: Plausible spacing between sagittal slices (mm; clinical 2D scans use 3-6 mm, 3D ones under 2 mm): a
+#: header or an override beyond it is wrong (1000 mm slices would pass unseen, each body on one slice).
+SLICE_SPACING_RANGE_MM = (0.05, 50.0)
+_OVERRIDE_RANGES_MM = {"pixel_spacing": PIXEL_SPACING_RANGE_MM, "slice_spacing": SLICE_SPACING_RANGE_MM}
 
 #: RAS axis each canonical axis follows, and the RAS sign it runs towards:
 #: rows -> inferior (-S), cols -> posterior (-A), slices -> left (-R).
@@ -166,7 +170,9 @@ def slab_factor(n_slices: int, slice_mm: float, target_mm: float = TARGET_SLICE_
 
 
 def spacing_override(value, n: int, name: str) -> np.ndarray | None:
-    """Validate a user spacing override: None, or ``n`` positive mm values (a scalar is repeated)."""
+    """Validate a user spacing override: None, or ``n`` positive mm values (a scalar is repeated) within the
+    plausible range of ``name`` ("pixel_spacing": :data:`PIXEL_SPACING_RANGE_MM`, "slice_spacing":
+    :data:`SLICE_SPACING_RANGE_MM`)."""
     if value is None:
         return None
     try:
@@ -177,6 +183,10 @@ def spacing_override(value, n: int, name: str) -> np.ndarray | None:
         arr = np.repeat(arr, 2)
     if arr.size != n or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise InputError(f"{name} override must be {n} positive number(s) in mm, got {value!r}")
+    low, high = _OVERRIDE_RANGES_MM[name]
+    if not np.all((arr >= low) & (arr <= high)):
+        raise InputError(f"{name} override {plain_numbers(arr)} mm is not plausible for spinal MRI "
+                         f"({low:g} to {high:g} mm)")
     return arr
 
 
@@ -194,6 +204,25 @@ def _slab_means(canon: np.ndarray, start: int, n_out: int, f: int) -> np.ndarray
     for offset in range(1, f):
         total += canon[:, :, start + offset:stop:f]
     return total / f
+
+
+def _check_spacings(spacing_ijk: np.ndarray, shape_ijk: tuple, perm: tuple[int, int, int]) -> None:
+    """Refuse pixel and slice spacings outside those of spinal MRI, and an in-plane field of view over
+    :data:`MAX_FIELD_OF_VIEW_MM` (``perm``: the input axes of the canonical rows, columns and slices)."""
+    low_mm, high_mm = PIXEL_SPACING_RANGE_MM
+    in_plane = [float(spacing_ijk[perm[0]]), float(spacing_ijk[perm[1]])]
+    if not all(low_mm <= s_mm <= high_mm for s_mm in in_plane):
+        raise InputError(f"in-plane pixel spacing {in_plane[0]:g} x {in_plane[1]:g} mm is not plausible for spinal "
+                         f"MRI ({low_mm:g} to {high_mm:g} mm): check the header, or give --pixel-spacing")
+    slice_mm = float(spacing_ijk[perm[2]])
+    low_mm, high_mm = SLICE_SPACING_RANGE_MM
+    if not low_mm <= slice_mm <= high_mm:
+        raise InputError(f"slice spacing {slice_mm:g} mm is not plausible for spinal MRI ({low_mm:g} to "
+                         f"{high_mm:g} mm): check the header, or give --slice-spacing")
+    extent = [in_plane[0] * shape_ijk[perm[0]], in_plane[1] * shape_ijk[perm[1]]]
+    if max(extent) > MAX_FIELD_OF_VIEW_MM:
+        raise InputError(f"the image covers {extent[0]:.0f} x {extent[1]:.0f} mm in plane, more than the "
+                         f"{MAX_FIELD_OF_VIEW_MM:.0f} mm of any spine scan: check the pixel spacing")
 
 
 def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: dict | None = None, *,
@@ -218,15 +247,7 @@ def scan_from_array(voxels_kji: np.ndarray, ijk_to_ras: np.ndarray, metadata: di
         raise InputError(f"{plane} acquisition: SpineNet needs sagittal slices "
                          f"(slice normal is closest to {axis_name})")
     perm = _best_assignment(unit, fixed_slice_axis=slice_axis if kind == "2D" else None)
-    low_mm, high_mm = PIXEL_SPACING_RANGE_MM
-    in_plane = [float(spacing_ijk[perm[0]]), float(spacing_ijk[perm[1]])]
-    if not all(low_mm <= s_mm <= high_mm for s_mm in in_plane):
-        raise InputError(f"in-plane pixel spacing {in_plane[0]:g} x {in_plane[1]:g} mm is not plausible for spinal "
-                         f"MRI ({low_mm:g} to {high_mm:g} mm): check the header, or give --pixel-spacing")
-    extent = [in_plane[0] * shape_ijk[perm[0]], in_plane[1] * shape_ijk[perm[1]]]
-    if max(extent) > MAX_FIELD_OF_VIEW_MM:
-        raise InputError(f"the image covers {extent[0]:.0f} x {extent[1]:.0f} mm in plane, more than the "
-                         f"{MAX_FIELD_OF_VIEW_MM:.0f} mm of any spine scan: check the pixel spacing")
+    _check_spacings(spacing_ijk, shape_ijk, perm)
 
     singleton = [ax for ax in range(3) if shape_ijk[ax] == 1]
     if singleton and singleton != [perm[2]]:

@@ -3,7 +3,10 @@
 Differences from the official loader (official §4), on purpose:
 
 * every file in the folder tree is tried, whatever its extension; files
-  that are not DICOM, DICOMDIR and non-image objects are skipped silently;
+  that are not DICOM, DICOMDIR and objects that are no MR/CT-like grey-scale
+  image (a SOPClassUID outside :data:`IMAGE_SOP_CLASSES`: segmentations,
+  structured reports, presentation states, ...) are skipped silently, unless
+  nothing else is left;
 * files are grouped by SeriesInstanceUID and only sagittal series (slice
   normal from ImageOrientationPatient closest to L-R) are candidates;
 * slices are ordered by their position along the slice normal
@@ -38,6 +41,20 @@ from SpineNetLib.core.scan import Scan
 
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: The storage classes read as images: MR, CT and grey-scale secondary capture, single- and multi-frame.  A
+#: file of any other (well-formed) SOPClassUID is skipped, such as this project's own segmentation.dcm and
+#: report.dcm; a file without one is read when it has an image size.
+IMAGE_SOP_CLASSES = frozenset((
+    "1.2.840.10008.5.1.4.1.1.4",      # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",    # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",    # Legacy Converted Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2",      # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",    # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word Secondary Capture Image Storage
+))
 _PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
@@ -223,9 +240,23 @@ def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
     return [p for p in files if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()]
 
 
-def _read_headers(files: list[Path]) -> list:
+def _not_an_image(ds) -> str | None:
+    """The name of the object's storage class ("Segmentation", ...) when its SOPClassUID is a well-formed UID
+    outside :data:`IMAGE_SOP_CLASSES`, else None (a malformed or missing one is judged by the image size)."""
+    import pydicom
+
+    value = ds.get("SOPClassUID")
+    if not isinstance(value, str) or not pydicom.uid.UID(value).is_valid or value in IMAGE_SOP_CLASSES:
+        return None
+    name = pydicom.uid.UID(value).name
+    return name.removesuffix(" Storage") if name != value else f"SOP class {value}"
+
+
+def _read_headers(files: list[Path]) -> tuple[list, dict[str, str]]:
+    """``([(path, header) of each image file], {series UID: storage class of the other objects skipped})``."""
     import pydicom
     out = []
+    skipped: dict[str, str] = {}
     for p in files:
         try:
             with open(p, "rb") as fh:
@@ -244,10 +275,14 @@ def _read_headers(files: list[Path]) -> list:
             raise InputError(f"DICOM file {p} is truncated or corrupt (no SOPClassUID, no image size)")
         if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
             continue
-        if "Rows" not in ds or "Columns" not in ds:  # structured reports, presentation states, ...
+        kind = _not_an_image(ds)
+        if kind is not None:   # segmentations, structured reports, presentation states, ...
+            skipped.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), kind)
+            continue
+        if "Rows" not in ds or "Columns" not in ds:  # no image to read
             continue
         out.append((p, ds))
-    return out
+    return out, skipped
 
 
 def _plane_of(iop: np.ndarray | None) -> str:
@@ -380,7 +415,13 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
 
 def _chosen_series(folder: Path, recursive: bool, series_uid: str | None) -> tuple[str, list[_Slice]]:
     """(UID, image records) of the series to load: ``series_uid`` or the only sagittal one."""
-    headers = _read_headers(_candidate_files(folder, recursive))
+    headers, skipped = _read_headers(_candidate_files(folder, recursive))
+    if series_uid is not None and series_uid in skipped and all(
+            str(ds.get("SeriesInstanceUID", "")) != series_uid for _, ds in headers):
+        raise InputError(f"series {series_uid} in {folder} is no image series (a {skipped[series_uid]} object)")
+    if not headers and skipped:
+        found = ", ".join(sorted(set(skipped.values())))
+        raise InputError(f"no image series in {folder} (found only: {found})")
     if not headers:
         raise InputError(f"no DICOM files in {folder}")
     series: dict[str, list[_Slice]] = {}

@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import os
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -44,13 +45,18 @@ def _one_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if lines and lines[0].startswith("Exception thrown in SimpleITK"):
         lines = lines[1:]  # "Exception thrown in SimpleITK ...: /source/file.cxx:123:"
-    cleaned = []
-    for ln in lines:
-        ln = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|sitk::ERROR:|\[\w+\] \w+:)\s*", "", ln)
+    cleaned, start = [], None
+    for line in lines:
+        ln = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|sitk::ERROR:|\[\w+\] \w+:)\s*", "", line)
         if ln and not ln.startswith("Reason: No such file") and not ln.endswith("trouble") \
                 and not ln.startswith("trouble"):
+            if ln != line:
+                start = len(cleaned)  # the last error's first line: its message may go on over more lines
             cleaned.append(ln)
-    text = cleaned[-1] if cleaned else type(exc).__name__
+    if start is not None:
+        text = " ".join(cleaned[start:])  # e.g. "Bad direction, determinant is 0 ..." and its matrices
+    else:
+        text = cleaned[-1] if cleaned else type(exc).__name__
     return (text[:200] + "...") if len(text) > 200 else text
 
 
@@ -104,11 +110,47 @@ def _check_nifti_complete(path: Path) -> None:
 
 
 def _check_nifti_spacing(path: Path, pixdim: tuple, ndim: int) -> None:
-    """Refuse a zero, NaN or infinite voxel size: ITK reads them as 1 mm without a word."""
+    """Refuse a zero, negative, NaN or infinite voxel size: ITK reads zero or NaN as 1 mm without a word,
+    and a negative one turns an axis of the image round."""
     spacing = pixdim[1:min(ndim, 3) + 1]
-    if not all(np.isfinite(v) and v != 0 for v in spacing):
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
         raise InputError(f"{path.name} has an invalid voxel size (pixdim {plain_numbers(spacing)}): "
                          "check the file's header")
+
+
+def _nifti_2d_as_3d(path: Path) -> Path | None:
+    """A temporary ``.nii`` copy of a 2D NIfTI (dim[0] = 2) whose header says 3D with one slice; None for
+    any other file.  The caller removes the copy.
+
+    ITK reads a 2D NIfTI with the 2D corner of its orientation only: a sagittal slice, whose rows and
+    columns run along S-I and A-P, then gets a direction of determinant 0 and cannot be read.  Read as 3D,
+    the header's whole orientation (sform or qform) applies, as for a volume of one slice; a missing
+    third voxel size (pixdim[3]) is taken as 1 mm.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        header = bytearray(fh.read(540))
+        endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] in (348, 540)), "<")
+        nifti2 = struct.unpack(endian + "i", header[:4])[0] == 540
+        dim_at, dim_type, pix_at, pix_type = (16, "q", 104, "d") if nifti2 else (40, "h", 76, "f")
+        dims = list(struct.unpack_from(f"{endian}8{dim_type}", header, dim_at))
+        if dims[0] != 2:
+            return None
+        pixdim = list(struct.unpack_from(f"{endian}8{pix_type}", header, pix_at))
+        dims[0], dims[3] = 3, 1
+        if not (np.isfinite(pixdim[3]) and pixdim[3] > 0):
+            pixdim[3] = 1.0
+        struct.pack_into(f"{endian}8{dim_type}", header, dim_at, *dims)
+        struct.pack_into(f"{endian}8{pix_type}", header, pix_at, *pixdim)
+        fd, name = tempfile.mkstemp(prefix=".spinenet-2d-", suffix=".nii")
+        try:
+            with os.fdopen(fd, "wb") as copy:
+                copy.write(header)
+                shutil.copyfileobj(fh, copy, 1 << 22)
+        except BaseException:
+            os.unlink(name)
+            raise
+    return Path(name)
 
 
 #: NIfTI datatype codes of floating-point voxels -> numpy type letters.
@@ -313,13 +355,14 @@ def _itk_reason(exc: Exception, printed: list[str]) -> str:
     if lines and ("cannot be read" in reason or "Could not" in reason):
         said = "; ".join(lines)
         reason = said if len(said) <= 200 else said[:200] + "..."
-    if reason.startswith("Refusing to change spacing"):   # ITK's words for a zero or NaN voxel size
+    if "Refusing to change spacing" in reason:   # ITK's words for a zero or NaN voxel size
         reason = f"invalid voxel size in the header ({reason})"
     return reason
 
 
-def _read_volume(path: Path):
-    """``(SimpleITK image, voxel type)`` of one 3D scalar volume in ``path``.
+def _read_volume(path: Path, readable: Path | None = None):
+    """``(SimpleITK image, voxel type)`` of one 3D scalar volume in ``path`` (read from ``readable``, a
+    copy of it, when given).
 
     The size in the header is checked before any voxel is read; 64-bit voxels are narrowed to
     float32 (what the scan keeps anyway) so that at most one wide copy exists.  A 4D file with one
@@ -330,7 +373,7 @@ def _read_volume(path: Path):
     with _captured_stderr() as printed:
         try:
             reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
+            reader.SetFileName(str(readable or path))
             reader.ReadImageInformation()  # the header only: refuse absurd sizes before reading voxels
             size = tuple(int(n) for n in reader.GetSize())
             too_big = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) > MAX_VOXELS
@@ -381,13 +424,19 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
             pass
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    readable = None
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
+        readable = _nifti_2d_as_3d(path)
     if suffix in (".mha", ".mhd"):
         _check_metaimage_data_file(path)
     if suffix in (".nrrd", ".nhdr"):
         _check_nrrd_data_files(path)
-    img, voxel_type = _read_volume(path)
+    try:
+        img, voxel_type = _read_volume(path, readable)
+    finally:
+        if readable is not None:
+            readable.unlink(missing_ok=True)
     spacing = np.array(img.GetSpacing(), dtype=float)
     direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_ras = image_ijk_to_ras(img)

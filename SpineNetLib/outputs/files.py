@@ -23,6 +23,14 @@ hotspot maps are written into a hidden staging folder first and published
 after the JSON/CSV files; the manifest comes last, so whatever it lists is
 already there.  An error midway leaves no partial file behind (files of an
 earlier run in the folder stay as they were until replaced).
+
+A folder that holds an earlier run's results keeps none of its files that this
+run does not write (its pictures, hotspot maps, DICOM results or ``discs.json``):
+once the new files are in place, and before the new manifest, the files that the
+earlier ``result.json`` lists and this run did not write are removed
+(:func:`earlier_result_files`).  Nothing else is ever removed: not a file the
+manifest does not list, nor one outside the folder, nor one of a name this
+writer never makes.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.image import image_suffix
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs.dicom_results import DICOM_FILES, dicom_result_files
 from SpineNetLib.outputs.discs import discs_csv_text
 from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
-from SpineNetLib.outputs.preview import pillow_missing, result_images
+from SpineNetLib.outputs.preview import HOTSPOTS_FILE, PREVIEW_FILE, pillow_missing, result_images
 from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
 from SpineNetLib.weights.checkpoints import default_file_mode
 
@@ -166,6 +175,48 @@ def write_hotspot_maps(outdir: str | os.PathLike, maps: Sequence[HotspotMap]) ->
     return [write_image(m.voxels_kji, m.ijk_to_ras, outdir / _relative_name(m.name)) for m in maps]
 
 
+def _inside(outdir: Path, name: object) -> bool:
+    """``name`` is a relative file name whose file lies inside ``outdir`` (no absolute path, no "..", no link
+    out of the folder on the way)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    try:
+        return (outdir / name).parent.resolve().is_relative_to(outdir.resolve())
+    except (OSError, RuntimeError):   # a loop of links
+        return False
+
+
+def earlier_result_files(outdir: str | os.PathLike) -> set[str]:
+    """The files an earlier run wrote into ``outdir``, as its ``result.json`` lists them (relative names):
+    ``discs.json``, the pictures, the DICOM results and the hotspot maps (image files).  Empty when there
+    is no readable manifest of this writer; a listed name this writer never makes, or outside the folder,
+    is left out, so that no other file is ever taken for a result."""
+    outdir = Path(outdir)
+    try:
+        manifest = json.loads((outdir / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(manifest, dict) or manifest.get("schema") != RESULT_SCHEMA:
+        return set()
+
+    def listed(key: str) -> list:
+        value = manifest.get(key)
+        return value if isinstance(value, list) else []
+
+    names = {"discs.json"} if manifest.get("discs") == "discs.json" else set()
+    names |= {n for n in listed("images") if n in (PREVIEW_FILE, HOTSPOTS_FILE)}
+    names |= {n for n in listed("dicom") if n in DICOM_FILES}
+    names |= {n for n in listed("hotspots") if isinstance(n, str) and image_suffix(n) is not None}
+    return {n for n in names if _inside(outdir, n)}
+
+
+def _remove_files(outdir: Path, names: set[str]) -> None:
+    for name in sorted(names):
+        path = outdir / name
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def _publish(staging: Path, outdir: Path, names: Sequence[str]) -> list[Path]:
     published = []
     for name in names:
@@ -189,7 +240,9 @@ def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | 
     DICOM results are made too: that needs ``scan`` read from a DICOM series
     (:class:`InputError` otherwise, before anything is written); a DICOM
     result of an earlier run that this run does not make (no segment, no
-    disc) is removed.  The last path is the ``result.json`` manifest.
+    disc) is removed.  So is every file an earlier run's ``result.json``
+    in ``outdir`` lists and this run does not write (:func:`earlier_result_files`).
+    The last path is the ``result.json`` manifest.
     """
     vertebrae_doc = check_vertebrae_document(result.vertebrae_document)
     discs_doc = result.discs_document
@@ -217,5 +270,8 @@ def write_results(outdir: str | os.PathLike, result: RunResult, *, scan: Scan | 
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+    # the earlier run's files this run did not replace: after the new files, before the new manifest
+    # (an interruption in between leaves the earlier manifest, and a new run removes them then)
+    _remove_files(outdir, earlier_result_files(outdir) - {p.relative_to(outdir).as_posix() for p in written})
     manifest = manifest_text(discs_doc, names, list(images), list(dicom_files))
     return written + write_files_atomically(outdir, {RESULT_FILE: manifest})

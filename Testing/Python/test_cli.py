@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,12 +224,15 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
 
     monkeypatch.setattr(process, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
     thresholds = gc.get_threshold()
+    interrupt_handler = signal.getsignal(signal.SIGINT)
     try:
         assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
         assert tuned == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN    # main is done: Ctrl-C no longer stops the exit
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+        signal.signal(signal.SIGINT, interrupt_handler)
     assert "spinenet: error:" in capsys.readouterr().err
 
 
