@@ -343,6 +343,8 @@ def command_evaluate(args) -> int:
 
     from SpineNetLib.evaluation.evaluate import evaluate_directories
 
+    if args.output is not None and not args.output.strip():
+        raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
     summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)
     def pct(x):
         return "   n/a" if x is None else f"{100 * x:6.1f}"

@@ -282,6 +282,10 @@ def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
     assert cli.main(["evaluate", "--data", str(case), "--pred", str(tmp_path / "pred")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to score" in err[0]
+    # an empty metrics file name would silently write nothing
+    assert cli.main(["evaluate", "--data", str(case), "--pred", str(tmp_path / "pred"), "-o", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-o/--output needs a file name" in err[0]
 
 
 def test_every_option_of_every_command_has_help():
