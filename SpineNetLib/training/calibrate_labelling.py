@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.evaluation import evaluate
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import confidence_of_vertebrae
@@ -101,6 +102,9 @@ def choose_threshold(right: list[float], wrong: list[float]) -> float:
 
 def calibrate(studies: list[StudyInputs], log=print) -> dict:
     """Grid over appearance weight and repeat-S1 penalty, then the review threshold (module docstring)."""
+    if not any(s.vertebrae for s in studies):
+        raise InputError(f"no calibration study could be scored: the detector found no vertebra in any of "
+                         f"the {len(studies)} studies")
     table, best = [], None
     for w, penalty in itertools.product(APPEARANCE_WEIGHTS, REPEAT_S1_PENALTIES):
         params = labelling.LabellingParams(appearance_weight=w, repeat_s1_penalty=penalty)
@@ -146,10 +150,12 @@ def write_calibrated_context(context_path, out_path, chosen: dict) -> None:
 def command(args) -> int:
     """``spinenet train calibrate-labelling``."""
     from SpineNetLib.training import datasets
+    from SpineNetLib.training.common import output_file, set_threads
     from SpineNetLib.weights import checkpoints
     from SpineNetLib.weights.resolve import resolve_weights
 
-    torch.set_num_threads(max(1, int(args.threads or 1)))
+    set_threads(args.threads)
+    output_file(args.out)        # its folder, before the work (as the run folders)
     root = args.data or datasets.default_data_root()
     _, studies = datasets.calibration_split(datasets.list_cases(root))
     weights = resolve_weights(args.weights)

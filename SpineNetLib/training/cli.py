@@ -8,7 +8,9 @@ copied to ``SpineNetLib/weights/``.
 from __future__ import annotations
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.training.common import add_real_data_arguments, add_run_arguments
+from SpineNetLib.training.common import (
+    add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
+)
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
 from SpineNetLib.training.grader_threshold import add_grader_threshold_parser
@@ -16,17 +18,28 @@ from SpineNetLib.training.tianchi import S1_CONSTRUCTIONS
 
 
 def _checked(args) -> None:
-    if args.steps < 1 or args.batch_size < 1:
-        raise InputError("--steps and --batch-size must be at least 1")
-    if getattr(args, "phantom_fraction", 0.0) is not None and not 0.0 <= getattr(args, "phantom_fraction", 0.0) <= 1.0:
-        raise InputError("--phantom-fraction must be between 0 and 1")
-    if not 0.0 <= float(getattr(args, "frame_share", 0.0) or 0.0) <= 1.0:
-        raise InputError("--frame-share must be between 0 and 1")
+    """Refuse bad options of ``train detector|appearance|context`` before any work (one-line InputError)."""
+    check_run_arguments(args)
+    for option in ("phantom_fraction", "frame_share", "tianchi_fraction", "focus_share"):
+        check_fraction("--" + option.replace("_", "-"), getattr(args, option, None))
     if float(getattr(args, "distil", 0.0) or 0.0) < 0.0:
         raise InputError("--distil must not be negative")
-    if getattr(args, "data", None) is None and hasattr(args, "data"):
+    if float(getattr(args, "distil", 0.0) or 0.0) > 0.0 and not args.init:
+        raise InputError("--distil needs --init: the detector to stay close to")
+    if getattr(args, "val_every", 0) < 0:
+        raise InputError("--val-every must not be negative")
+    penalty = getattr(args, "repeat_s1_penalty", None)
+    if penalty is not None and not penalty >= 0.0:
+        raise InputError(f"--repeat-s1-penalty must not be negative, got {penalty}")
+    if getattr(args, "val_batches", 1) < 1:
+        raise InputError("--val-batches must be at least 1")
+    if hasattr(args, "data") and args.data is None:
         root = default_data_root()
-        args.data = str(root) if root.is_dir() else None
+        if root.is_dir():
+            args.data = str(root)
+        elif args.phantom_fraction < 1.0:
+            raise InputError(f"no data folder at {root} (the default: $SPINENET_DATA or ../shared/data): "
+                             "give --data DIR, or --phantom-fraction 1 to train on phantoms only")
 
 
 def command_train_detector(args) -> int:
@@ -56,6 +69,7 @@ def command_train_context(args) -> int:
 def command_tianchi_targets(args) -> int:
     from SpineNetLib.training import datasets, tianchi
 
+    output_file(args.out)
     root = args.data or default_data_root()
     tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out,
                                s1_construction=args.s1_construction)
@@ -69,6 +83,7 @@ def command_volume_s1_targets(args) -> int:
     from SpineNetLib.training.volume_s1 import make_volume_s1_targets
 
     set_threads(args.threads)
+    output_file(args.out)
     root = args.data or default_data_root()
     train, _ = datasets.default_split(datasets.list_cases(root, sources=datasets.DETECTION_SOURCES))
     make_volume_s1_targets(train, load_networks(args.weights, device="cpu"), args.out)
@@ -80,7 +95,7 @@ def command_drop_last_block(args) -> int:
 
     from SpineNetLib.training.detector import shrink_detector
 
-    print(f"wrote {shrink_detector(Path(args.detector), Path(args.out))}")
+    print(f"wrote {shrink_detector(Path(args.detector), output_file(args.out))}")
     return 0
 
 

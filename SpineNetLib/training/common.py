@@ -35,6 +35,9 @@ from SpineNetLib.synthetic import phantom
 from SpineNetLib.weights import checkpoints
 
 CHECKPOINT_NAME = "checkpoint-latest.pt"
+#: File options of a run's settings, stored as absolute paths (:func:`resolved_path`); a run folder of
+#: older versions may hold them as typed, compared after resolving them in the current folder.
+PATH_SETTINGS = ("init", "tianchi_targets", "volume_s1_targets")
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -46,15 +49,63 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(int(threads))
+    """``--threads``: None leaves torch's own choice; fewer than 1 is refused."""
+    if threads is None:
+        return
+    if int(threads) < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(int(threads))
 
 
 def resolve_device(spec: str) -> torch.device:
     spec = (spec or "cpu").lower()
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {spec!r} is no device: use cpu or cuda (or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {spec!r} is not supported: use cpu or cuda (or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
-    return torch.device(spec)
+    return device
+
+
+def check_fraction(name: str, value, *, below_one: bool = False) -> None:
+    """Refuse a share outside [0, 1] (outside [0, 1) with ``below_one``), NaN included."""
+    if value is not None and not (0.0 <= float(value) < 1.0 if below_one else 0.0 <= float(value) <= 1.0):
+        raise InputError(f"{name} must be {'in [0, 1)' if below_one else 'between 0 and 1'}, got {value}")
+
+
+def check_run_arguments(args) -> None:
+    """The options of :func:`add_run_arguments` (one-line :class:`InputError` for a bad one); also
+    ``--threads`` and ``--device``, before any data is read."""
+    if args.steps < 1 or args.batch_size < 1:
+        raise InputError("--steps and --batch-size must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise InputError(f"--weight-decay must be a number of at least 0, got {args.weight_decay}")
+    if args.save_every < 1:
+        raise InputError(f"--save-every must be at least 1, got {args.save_every}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    resolve_device(args.device)
+
+
+def output_file(path) -> Path:
+    """``--out FILE`` of a command that writes one file at its end: its folder is created first (as
+    the run folders are), so that a bad path is refused before the work rather than after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder: give the file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolved_path(value) -> str | None:
+    """A file option as stored in a run's ``config.json``: the absolute path, so that a resume from
+    another working folder finds the same settings (None stays None)."""
+    return str(Path(value).expanduser().resolve()) if value else None
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -67,6 +118,11 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     checkpoints.atomic_torch_save(obj, path)
+
+
+def _setting(key: str, value):
+    """A setting as a resume compares it: file options as absolute paths."""
+    return resolved_path(value) if key in PATH_SETTINGS and isinstance(value, str) else value
 
 
 class RunFolder:
@@ -85,7 +141,7 @@ class RunFolder:
             # follows the new total, so only an unchanged total reproduces an uninterrupted run).
             ignore = {"resume", "threads", "device", "out", "steps", "steps_history"}
             diff = sorted(k for k in set(old) | set(self.config)
-                          if k not in ignore and old.get(k) != self.config.get(k))
+                          if k not in ignore and _setting(k, old.get(k)) != _setting(k, self.config.get(k)))
             if diff:
                 raise InputError(f"--resume with different settings than the run in {self.path}: {', '.join(diff)}")
             if old.get("steps") != self.config.get("steps"):
@@ -159,15 +215,19 @@ def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warm
 
 def train_loop(run: RunFolder, model, optimizer, scheduler, rng, total_steps: int, step_fn, *,
                save_every: int = 100, log_every: int = 10, clip: float = 5.0,
-               on_validate=None, val_every: int = 0, stop_after: int | None = None) -> int:
+               on_validate=None, val_every: int = 0, stop_after: int | None = None,
+               kept: dict[str, torch.nn.Module] | None = None) -> int:
     """Run ``step_fn(step) -> (loss tensor, info dict)`` until ``total_steps``; resumable.
 
-    ``stop_after`` ends the call after that many steps (for tests of resuming).
-    Returns the step reached.
+    ``stop_after`` ends the call after that many steps (for tests of resuming).  ``kept``: other
+    modules whose state the checkpoint holds beside the model's (the grader's weight average), by
+    name; a resume restores them too.  Returns the step reached.
     """
     step = 0
+    kept = kept or {}
     if run.resume:
-        step, _ = run.load_state(model, optimizer, scheduler, rng)
+        step, extra = run.load_state(model, optimizer, scheduler, rng)
+        _restore_kept(kept, extra, model)
     done_here = 0
     t_last = time.time()
     while step < total_steps:
@@ -188,12 +248,28 @@ def train_loop(run: RunFolder, model, optimizer, scheduler, rng, total_steps: in
                      "grad_norm": gnorm, "s_per_step": (now - t_last) / log_every, **info})
             t_last = now
         if step % save_every == 0 or step == total_steps:
-            run.save_state(step, model, optimizer, scheduler, rng)
+            run.save_state(step, model, optimizer, scheduler, rng, extra=_kept_state(kept))
         if on_validate is not None and val_every and step % val_every == 0 and step < total_steps:
             on_validate(step)
     if stop_after is not None and step < total_steps:
-        run.save_state(step, model, optimizer, scheduler, rng)
+        run.save_state(step, model, optimizer, scheduler, rng, extra=_kept_state(kept))
     return step
+
+
+def _kept_state(kept: dict[str, torch.nn.Module]) -> dict:
+    return {name: module.state_dict() for name, module in kept.items()}
+
+
+def _restore_kept(kept: dict[str, torch.nn.Module], extra: dict, model) -> None:
+    """Load the ``kept`` modules of :func:`train_loop` from a checkpoint's extra entries; one missing
+    there (a run folder from before it was kept) restarts from the resumed model's weights."""
+    for name, module in kept.items():
+        if name in extra:
+            module.load_state_dict(extra[name])
+        else:
+            print(f"note: {CHECKPOINT_NAME} holds no {name} (an older run): it restarts from the resumed "
+                  "weights, so the result differs from an uninterrupted run's", flush=True)
+            module.load_state_dict(model.state_dict())
 
 
 # --------------------------------------------------------------------------- phantoms
@@ -270,7 +346,8 @@ def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def real_data_config(args) -> dict:
     """The run-config entries of :func:`add_real_data_arguments` (absent options: no fine-tuning, no tianchi)."""
-    return {"init": getattr(args, "init", None), "tianchi_targets": getattr(args, "tianchi_targets", None),
+    return {"init": resolved_path(getattr(args, "init", None)),
+            "tianchi_targets": resolved_path(getattr(args, "tianchi_targets", None)),
             "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0)}
 
 
@@ -289,9 +366,15 @@ def initial_weights(model, checkpoint) -> None:
     """Load ``checkpoint``'s weights into ``model`` (fine-tuning); the architectures must match."""
     if not checkpoint:
         return
-    from SpineNetLib.weights import checkpoints
+    kind = {"VFRDetector": "detector", "AppearanceNet": "appearance", "ContextNet": "context"}[type(model).__name__]
+    model.load_state_dict(load_initial(kind, checkpoint).state_dict())
 
-    kind = type(model).__name__
-    loaded = checkpoints.load_model({"VFRDetector": "detector", "AppearanceNet": "appearance",
-                                     "ContextNet": "context"}[kind], checkpoint)
-    model.load_state_dict(loaded.state_dict())
+
+def load_initial(kind: str, path):
+    """The ``--init`` network of a trainer.  A file needing full unpickling is refused as no readable
+    checkpoint: the train commands have no way to approve one (``checkpoints.UntrustedWeightsError``)."""
+    try:
+        return checkpoints.load_model(kind, path)
+    except checkpoints.UntrustedWeightsError:
+        raise InputError(f"--init {path} is not a readable checkpoint: no file of plain tensors as "
+                         "`spinenet train` writes them (the train commands load no other)") from None

@@ -64,7 +64,8 @@ from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.training import spider
 from SpineNetLib.training.common import (
-    RunFolder, add_run_arguments, cosine_lr, resolve_device, seed_everything, set_threads, train_loop,
+    RunFolder, add_run_arguments, check_fraction, check_run_arguments, cosine_lr, load_initial, resolved_path,
+    resolve_device, seed_everything, set_threads, train_loop,
 )
 from SpineNetLib.weights import checkpoints
 
@@ -560,7 +561,7 @@ def train_grader(args, samples: Sequence[GradingSample] | None = None) -> Path:
         + ", ".join(f"{t.name} {counts(t).tolist()}" for t in tasks))
 
     if args.init:
-        model = checkpoints.load_model("grading", args.init)
+        model = load_initial("grading", args.init)
     else:
         model = GradingNet(GradingConfig(tuple(args.config_blocks), args.base_width, args.input_slices))
     model.to(device).train()
@@ -572,7 +573,8 @@ def train_grader(args, samples: Sequence[GradingSample] | None = None) -> Path:
     stages = _TwoStages(args, run, model, rng, train_set, val_set, tasks, probabilities, weights, device, log)
     reached = train_loop(run, model, opt, sched, rng, total, stages.step, save_every=args.save_every,
                          log_every=max(1, min(10, total // 10)), on_validate=stages.on_validate, val_every=1,
-                         stop_after=getattr(args, "stop_after", None))
+                         stop_after=getattr(args, "stop_after", None),
+                         kept={"ema": stages.ema} if stages.ema is not None else None)
     for p in model.parameters():
         p.requires_grad_(True)
     final = run.path / "grading.pt"
@@ -586,8 +588,9 @@ def _checked_arguments(args) -> tuple[list[str], list[str] | None, list[str]]:
     """(phantom pathologies, SPIDER sequences or None, wanted tasks) of valid ``train grader`` arguments."""
     if not args.data and not args.phantoms and not args.tianchi_targets:
         raise InputError("no training data: give --data DIR (SPIDER format), --tianchi-targets FILE or --phantoms N")
-    if args.steps < 1 or args.batch_size < 1 or args.head_steps < 0:
-        raise InputError("--steps and --batch-size must be at least 1, --head-steps at least 0")
+    check_run_arguments(args)
+    if args.head_steps < 0:
+        raise InputError("--head-steps must be at least 0")
     pathologies = [p.strip() for p in args.phantom_pathology.split(",") if p.strip()]
     sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] or None
     wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -605,8 +608,9 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "sequences": sequences, "tasks": args.tasks, "steps": args.steps, "head_steps": args.head_steps,
         "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "head_lr": args.head_lr,
         "weight_decay": args.weight_decay, "blocks": list(args.config_blocks), "base_width": args.base_width,
-        "init": args.init, "val_fraction": args.val_fraction, "augment": args.augment, "sampling": args.sampling,
-        "max_cases": args.max_cases, "tianchi_targets": args.tianchi_targets, "input_slices": args.input_slices,
+        "init": resolved_path(args.init), "val_fraction": args.val_fraction, "augment": args.augment,
+        "sampling": args.sampling, "max_cases": args.max_cases, "tianchi_targets": resolved_path(args.tianchi_targets),
+        "input_slices": args.input_slices,
         "select_on_calibration": args.select_on_calibration, "ema": args.ema,
         **({"degrade": args.degrade} if args.degrade else {}),   # runs from before --degrade still resume
     }
@@ -645,7 +649,8 @@ class _TwoStages:
         self.head_params = {id(p) for h in HEADS for p in getattr(model, h.name).parameters()}
         # exponential moving average of the weights (``--ema``): validated and saved instead of the raw
         # weights, whose balanced accuracy jumps by 0.1-0.2 between neighbouring checkpoints on the
-        # few hundred clinical discs; restarted from the current weights on --resume
+        # few hundred clinical discs.  It starts here from the initial weights; checkpoint-latest.pt
+        # keeps it (train_loop's ``kept``), so a --resume restores it and goes on as an uninterrupted run
         self.ema = copy.deepcopy(model).eval() if args.ema > 0 else None
         self.allow_reverse = not any(t.name in LATERAL_TASKS for t in tasks)
 
@@ -776,11 +781,11 @@ def add_grader_parser(sub) -> None:
 def command_train_grader(args) -> int:
     if args.head_steps is None:
         args.head_steps = args.steps // 5
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise InputError("--val-fraction must be in [0, 1)")
-    if not 0.0 <= args.phantom_rate <= 1.0:
-        raise InputError("--phantom-rate must be between 0 and 1")
-    if not 0.0 <= args.degrade <= 1.0:
-        raise InputError("--degrade must be between 0 and 1")
+    check_fraction("--val-fraction", args.val_fraction, below_one=True)
+    check_fraction("--ema", args.ema, below_one=True)
+    check_fraction("--phantom-rate", args.phantom_rate)
+    check_fraction("--degrade", args.degrade)
+    if args.head_lr is not None and not (args.head_lr > 0 and np.isfinite(args.head_lr)):
+        raise InputError(f"--head-lr must be a positive number, got {args.head_lr}")
     train_grader(args)
     return 0

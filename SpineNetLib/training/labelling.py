@@ -57,6 +57,7 @@ from SpineNetLib.training.common import (
     make_optimizer,
     random_phantom,
     real_data_config,
+    resolved_path,
     resolve_device,
     seed_everything,
     set_threads,
@@ -218,7 +219,7 @@ def train_appearance(args) -> Path:
               "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr,
               "weight_decay": args.weight_decay, "phantom_fraction": args.phantom_fraction,
               "n_phantoms": args.n_phantoms, "max_cases": args.max_cases, "augment": args.augment,
-              "volume_s1_targets": getattr(args, "volume_s1_targets", None),
+              "volume_s1_targets": resolved_path(getattr(args, "volume_s1_targets", None)),
               **real_data_config(args)}
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)

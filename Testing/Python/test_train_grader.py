@@ -306,6 +306,23 @@ def test_the_weight_average_is_what_is_saved(spider_root, tmp_path):
     assert config["ema"] == 0.9
 
 
+def test_an_interrupted_run_with_a_weight_average_resumes_to_the_same_weights(spider_root, tmp_path):
+    """checkpoint-latest.pt keeps the --ema average, so a resumed run saves what an uninterrupted one saves
+    (it used to restart the average from the freshly built network, mixing its random weights in)."""
+    root, _ = spider_root
+    assert main(_args(root, tmp_path / "full", "--ema", "0.9")) == 0
+    args = build_parser().parse_args(_args(root, tmp_path / "split", "--ema", "0.9"))
+    args.stop_after = 2
+    args.func(args)
+    state = torch.load(tmp_path / "split" / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 2 and "ema" in state["extra"]
+    assert main(_args(root, tmp_path / "split", "--ema", "0.9", "--resume")) == 0
+    full = torch.load(tmp_path / "full" / "grading.pt", weights_only=True)["model_weights"]
+    split = torch.load(tmp_path / "split" / "grading.pt", weights_only=True)["model_weights"]
+    assert full.keys() == split.keys()
+    assert all(torch.equal(full[k], split[k]) for k in full)
+
+
 def test_the_threshold_shift_maximises_balanced_accuracy_on_the_calibration_discs():
     from SpineNetLib.training.grader_threshold import best_shift
 
