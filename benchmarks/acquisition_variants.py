@@ -46,6 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from script_errors import InputError, at_least  # noqa: E402
+
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
             "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12")
 
@@ -154,7 +156,7 @@ def vary(scan, variant: str, gt, seed: int):
         return _pixels_scaled(scan, float(variant[len("pixels_x"):]))
     if variant.startswith("rotated_"):
         return _rotated(scan, float(variant[len("rotated_"):]))
-    raise SystemExit(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
+    raise InputError(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
 
 
 def predict_variant(cases, variant: str, networks, profile, pred_root: Path, detection_params=None) -> list[str]:
@@ -199,11 +201,11 @@ def row(variant: str, summary: dict, pred_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: %(default)s")
     parser.add_argument("--weights", default="bundled")
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
     parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
@@ -213,6 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
                         help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py)")
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        given = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        raise InputError(f"--variants: {given} (use {', '.join(VARIANTS)})")
 
     import torch
 
@@ -222,7 +229,6 @@ def main(argv=None) -> int:
     from validate_bundled import detection_params_for, held_out_cases, training_cases
 
     torch.set_num_threads(args.threads)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     data_root = Path(args.data) if args.data else default_data_root()
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
@@ -244,4 +250,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -107,9 +107,11 @@ def openvino_throughput(model: torch.nn.Module, x: torch.Tensor, repeats: int, p
 
 
 def main(argv=None) -> int:
+    from script_errors import at_least   # here: a test loads this module without benchmarks/ on the path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the best counts)")
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed calls per measurement (the best counts)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -189,4 +191,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from script_errors import at_least  # noqa: E402
+
 
 def _phantoms(root: Path, n: int, size: int) -> None:
     from SpineNetLib.synthetic.phantom import make_phantom
@@ -55,12 +57,14 @@ def _measure(root: Path, workers: int, threads: int, grade: bool) -> dict:
             "wall_per_hour": 3600.0 * n / wall, "steady_per_hour": 3600.0 * n / steady}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("n", type=int, nargs="?", default=8, help="number of phantom studies (default 8)")
-    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
-    parser.add_argument("--size", type=int, default=256, help="phantom size in pixels (default 256)")
+    parser.add_argument("n", type=at_least(1), nargs="?", default=8, help="number of phantom studies (default 8)")
+    parser.add_argument("--threads-per-worker", type=at_least(1), default=1,
+                        help="torch threads per worker (default 1)")
+    parser.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2], help="worker counts to measure")
+    parser.add_argument("--size", type=at_least(60), default=256,
+                        help="phantom size in pixels (default 256; at least 60: pixels of 300/SIZE mm, at most 5 mm)")
     parser.add_argument("--no-grade", action="store_true", help="measure without disc grading")
     args = parser.parse_args()
 
@@ -77,7 +81,10 @@ def main() -> None:
             m = _measure(root, workers, args.threads_per_worker, not args.no_grade)
             print(f"{m['workers']:>7} {m['studies']:>7} {m['wall_s']:>8.1f} {m['study_median_s']:>15.2f} "
                   f"{m['wall_per_hour']:>15.0f} {m['steady_per_hour']:>17.0f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

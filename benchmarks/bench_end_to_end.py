@@ -4,9 +4,11 @@
 
 Each run is a fresh process, as a user starts it: Python and torch start-up, reading the scan,
 detection, labelling, disc grading and measurements, ``preview.png`` and the result files (the
-defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` (default: one volume of
-each source that has volumes).  Prints the median and the slowest of ``--repeats`` runs, after one
-unmeasured run that warms the file cache.  Issue 16's goal for the bundled networks: 3 s.
+defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` holding an ``image.nii.gz``,
+named with their source (``chu/chu_02``; default: one volume of each source that has volumes); a
+case not found is reported and left out, and when none is found the script stops with status 2.
+Prints the median and the slowest of ``--repeats`` runs, after one unmeasured run that warms the
+file cache.  Issue 16's goal for the bundled networks: 3 s.
 
 ``--in-process`` times the same command called again and again inside this one process
 (``apps.cli.main``), after one unmeasured call: what a second scan costs where Python and torch are
@@ -27,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from script_errors import InputError, at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ("chu/chu_02", "myosegmentum/myo_01", "zukic/zukic_15_S01_T2", "ivd/ivd_20")
@@ -64,21 +68,28 @@ def one_call_in_process(image: Path, out: Path, args) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="*", default=list(DEFAULT_CASES), help="folders under the data root")
+    parser.add_argument("cases", nargs="*", default=list(DEFAULT_CASES),
+                        help="folders under the data root, with their source (e.g. chu/chu_02)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--weights", default="bundled")
     parser.add_argument("--in-process", action="store_true",
                         help="call the command again and again in this process (module docstring)")
     args = parser.parse_args()
+    data = Path(args.data)
+    if not data.is_dir():
+        raise InputError(f"no data folder at {data}")
+    images = {case: data / case / "image.nii.gz" for case in args.cases}
+    if not any(image.is_file() for image in images.values()):
+        raise InputError(f"no case found: none of {', '.join(str(i) for i in images.values())} exists "
+                         f"(a case is a folder under {data} with its source, e.g. chu/chu_02)")
     run = one_call_in_process if args.in_process else one_run
     where = "called in one process" if args.in_process else "a fresh process each"
     print(f"spinenet run, {where}, {args.weights} weights, {args.threads} threads, "
           f"median and slowest of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases:
-            image = Path(args.data) / case / "image.nii.gz"
+        for case, image in images.items():
             if not image.is_file():
                 print(f"  {case:28} not found under {args.data}")
                 continue
@@ -91,4 +102,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

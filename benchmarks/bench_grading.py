@@ -1,11 +1,12 @@
-"""Seconds and peak memory to grade the 7 discs of a lumbar scan with the OFFICIAL-size grader.
+"""Seconds and peak memory to grade the 6 discs of a lumbar phantom with the OFFICIAL-size grader.
 
     python benchmarks/bench_grading.py [--threads 2] [--hotspots N_AUGMENT] [--precision fp32|bf16]
         [--hotspot-precision auto|fp32|bf16] [--hotspot-heads K] [--batch-size 4] [--contiguous]
         [--default-malloc]
 
 Random weights (speed does not depend on their values); the disc volumes are
-extracted from a lumbar phantom's ground-truth vertebrae.  ``--hotspots N``
+extracted from a lumbar phantom's ground-truth vertebrae T12-S1: its 6 discs, T12-L1 to L5-S1
+(issue 16's goal is for 7 discs: about 7/6 of the grading seconds).  ``--hotspots N``
 also times one contrastive-excitation hotspot map (one disc, one head) with N
 test-time augmentations, in ``--hotspot-precision`` (``discs/hotspots.py``; "auto", the default of
 ``spinenet run``, is bfloat16 on a CPU that computes it natively), and with ``--precision fp32``
@@ -26,18 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from script_errors import at_least  # noqa: E402
 
-def main() -> None:
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hotspots", type=int, default=0, metavar="N_AUGMENT")
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--hotspots", type=at_least(0), default=0, metavar="N_AUGMENT",
+                        help="also time one hotspot map with N test-time augmentations (default 0: not)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
     parser.add_argument("--hotspot-precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="arithmetic of the hotspot map (default auto, as spinenet run)")
-    parser.add_argument("--hotspot-heads", type=int, default=1, metavar="K",
+    parser.add_argument("--hotspot-heads", type=at_least(1), default=1, metavar="K",
                         help="also time K heads' maps of the disc made together (default 1: not)")
-    parser.add_argument("--batch-size", type=int, default=4, help="disc volumes per grading call (default 4)")
+    parser.add_argument("--batch-size", type=at_least(1), default=4, help="disc volumes per grading call (default 4)")
     parser.add_argument("--contiguous", action="store_true",
                         help="keep the grader's weights in the default (NCDHW) layout instead of channels-last")
     parser.add_argument("--default-malloc", action="store_true",
@@ -106,7 +110,10 @@ def main() -> None:
             print(f"  smoothed map against {other}: r = {np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}, "
                   f"hotspot box IoU {box_iou(hotspot_box(a[4]), hotspot_box(b[4])):.2f}")
     print(f"  peak memory (RSS)          {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.1f} MB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -22,6 +22,10 @@ written as DICOM and read back (the "load_scan" stage).
 "openvino_conversion"; ``spinenet`` keeps the converted detector in a cache, so a study pays this once per
 weights file).
 
+``--bundled`` times the bundled networks as ``spinenet run`` loads them (fp32, torch, eager): it refuses
+``--bf16``, ``--compile`` and ``--runtime openvino``, which only the official-size runs apply.  A child
+that fails stops the benchmark with its last lines of stderr.
+
 Each child sets glibc's malloc as the ``spinenet`` command does (``core/process.keep_freed_memory_for_reuse``:
 freed memory kept for the next layer's output); ``--default-malloc`` leaves glibc's defaults.
 
@@ -47,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from SpineNetLib.core.process import keep_freed_memory_for_reuse  # noqa: E402  (no torch: cheap)
+from script_errors import InputError, at_least  # noqa: E402
 
 SCANS = {
     "lumbar": dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15),
@@ -205,9 +210,9 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--bf16", action="store_true", help="run the detector under bfloat16 autocast")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the networks; a first untimed run compiles (official-size only)")
@@ -235,7 +240,14 @@ def main() -> None:
                                args.stride_fraction, args.runtime))
         report["malloc_tuned"] = malloc_tuned
         print(json.dumps(report))
-        return
+        return 0
+    if args.bundled:
+        ignored = [flag for flag, given in (("--bf16", args.bf16), ("--compile", args.compile),
+                                            ("--runtime openvino", args.runtime != "torch")) if given]
+        if ignored:
+            verb = "apply" if len(ignored) > 1 else "applies"
+            raise InputError(f"--bundled times the bundled networks as spinenet run loads them (fp32, torch): "
+                             f"{' and '.join(ignored)} {verb} to the official-size networks only")
     names = ["lumbar", "whole"] if args.scan == "both" else [args.scan]
     plans = ["whole_slice", "patches"] if args.plan == "both" else [args.plan]
     for name, plan in [(n, p) for n in names for p in plans]:
@@ -254,8 +266,10 @@ def main() -> None:
             cmd += ["--runtime", args.runtime]
         if args.default_malloc:
             cmd.append("--default-malloc")
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        report = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return _child_failed(name, plan, done)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{report['scan']}: {report['shape']} voxels at {report['spacing_mm']} mm, plan {report['plan']}: "
               f"{report['inputs']}; {report['vertebrae']} vertebrae, {report['threads']} threads"
               f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}"
@@ -265,7 +279,25 @@ def main() -> None:
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
         print(f"  {'peak memory (RSS)':<26} {report['peak_rss_mb']:8.1f} MB")
+    return 0
+
+
+#: Lines of a failed child's stderr shown (a traceback's last frames and its message).
+CHILD_STDERR_LINES = 15
+
+
+def _child_failed(name: str, plan: str, done: subprocess.CompletedProcess) -> int:
+    """Pass a failed child's stderr on and its exit status: a user's error (status 2: the last line, the
+    child's own ``run_main``'s) stays one line; anything else shows its last lines and which run failed."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    print("\n".join(lines[-1:] if done.returncode == 2 else lines[-CHILD_STDERR_LINES:]), file=sys.stderr)
+    if done.returncode != 2:
+        print(f"{Path(__file__).name}: the run of the {name} scan, plan {plan}, failed with exit status "
+              f"{done.returncode}", file=sys.stderr)
+    return done.returncode if done.returncode > 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

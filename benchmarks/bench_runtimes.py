@@ -24,12 +24,16 @@ not depend on the values; the differences are indicative only), this prints the 
     python benchmarks/bench_runtimes.py [--threads 2] [--repeats 3] [--networks detector grading ...]
         [--runtimes fp32 bf16 channels_last onnxruntime compile compile_bf16 int8 openvino openvino_bf16]
 
+A requested runtime whose package is not installed is skipped, with one line saying so and how to
+install it.
+
 Dynamic int8 quantisation (``quantize_dynamic``) only covers linear layers, and these networks spend
 their time in convolutions.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import sys
 import time
@@ -39,6 +43,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from script_errors import at_least  # noqa: E402
+
+NETWORKS = ("detector", "appearance", "context", "grading")
 
 
 def _networks() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
@@ -70,10 +78,8 @@ def _best(call, repeats: int) -> tuple[float, np.ndarray]:
 
 
 def _onnx_session(net: torch.nn.Module, x: torch.Tensor, threads: int):
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
+    import onnxruntime
+
     buffer = io.BytesIO()
     torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=17)
     options = onnxruntime.SessionOptions()
@@ -86,11 +92,9 @@ def _onnx_session(net: torch.nn.Module, x: torch.Tensor, threads: int):
 
 def _int8_compiled(net: torch.nn.Module, x: torch.Tensor):
     """``net`` quantised to static int8 by PT2E (torchao's x86 Inductor quantizer), then compiled."""
-    try:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    except ImportError:
-        return None
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     exported = torch.export.export(net, (x,)).module()
     prepared = prepare_pt2e(exported, quantizer)
@@ -100,11 +104,9 @@ def _int8_compiled(net: torch.nn.Module, x: torch.Tensor):
 
 def _openvino_call(net: torch.nn.Module, x: torch.Tensor, threads: int, precision: str):
     """``net`` converted to OpenVINO and compiled for the CPU with ``precision`` ("f32" or "bf16") as
-    its inference precision, and the seconds that took; None when OpenVINO is not installed."""
-    try:
-        import openvino
-    except ImportError:
-        return None
+    its inference precision, and the seconds that took."""
+    import openvino
+
     start = time.perf_counter()
     model = openvino.convert_model(net, example_input=x)
     compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
@@ -124,10 +126,31 @@ def _timed_first_call(call) -> float:
 RUNTIMES = ("fp32", "bf16", "channels_last", "onnxruntime", "compile", "compile_bf16", "int8", "openvino",
             "openvino_bf16")
 
+#: The runtimes that need a package this project does not depend on: the modules they import, and how to
+#: install them.
+OPTIONAL_PACKAGES = {
+    "onnxruntime": (("onnx", "onnxruntime"), "pip install onnx onnxruntime"),
+    "int8": (("torchao.quantization.pt2e.quantize_pt2e",), "pip install --no-deps torchao"),
+    "openvino": (("openvino",), "pip install openvino"),
+    "openvino_bf16": (("openvino",), "pip install openvino"),
+}
+
+
+def missing_package(runtime: str) -> str | None:
+    """Why ``runtime`` cannot run here (a package it needs is not installed), or None when it can."""
+    modules, install = OPTIONAL_PACKAGES.get(runtime, ((), ""))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{module.split('.')[0]} not installed ({install})"
+    return None
+
 
 def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, threads: int,
             runtimes=RUNTIMES) -> list[tuple]:
-    """(network, runtime, seconds, max |diff| from fp32, first-call seconds or None) per runtime."""
+    """(network, runtime, seconds, max |diff| from fp32, first-call seconds or None) per runtime
+    (the optional ones only where their package is installed: :func:`missing_package`)."""
     rows = []
 
     def bf16(module):
@@ -151,18 +174,15 @@ def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, thre
     if "onnxruntime" in runtimes:
         with torch.no_grad():
             session = _onnx_session(net, x, threads)
-        if session is not None:
-            s, out = _best(session, repeats)
-            rows.append(("onnxruntime", s, float(np.abs(out - base).max()), None))
+        s, out = _best(session, repeats)
+        rows.append(("onnxruntime", s, float(np.abs(out - base).max()), None))
     for runtime, precision in (("openvino", "f32"), ("openvino_bf16", "bf16")):
         if runtime in runtimes:
             with torch.no_grad():
-                prepared = _openvino_call(net, x, threads, precision)
-            if prepared is not None:
-                call, prepare_s = prepared
-                first = prepare_s + _timed_first_call(call)
-                s, out = _best(call, repeats)
-                rows.append((runtime, s, float(np.abs(out - base).max()), first))
+                call, prepare_s = _openvino_call(net, x, threads, precision)
+            first = prepare_s + _timed_first_call(call)
+            s, out = _best(call, repeats)
+            rows.append((runtime, s, float(np.abs(out - base).max()), first))
     with torch.no_grad():
         for runtime in ("compile", "compile_bf16", "int8"):
             if runtime not in runtimes:
@@ -170,8 +190,6 @@ def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, thre
             torch._dynamo.reset()
             if runtime == "int8":
                 compiled = _int8_compiled(net, x)
-                if compiled is None:
-                    continue
                 call = lambda: compiled(x)  # noqa: E731
             else:
                 compiled = torch.compile(net)
@@ -184,20 +202,27 @@ def measure(name: str, net: torch.nn.Module, x: torch.Tensor, repeats: int, thre
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per runtime (the best is shown)")
-    parser.add_argument("--networks", nargs="+", default=["detector", "appearance", "context", "grading"],
+    parser.add_argument("--threads", type=at_least(1), default=2, help="torch and ONNX Runtime threads")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed calls per runtime (the best is shown)")
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS,
                         help="which networks to measure")
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
                         help="which runtimes to measure (fp32 eager always runs: it is the reference)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    runtimes = []
+    for runtime in args.runtimes:
+        reason = missing_package(runtime)
+        if reason:
+            print(f"{runtime}: {reason}, skipped")
+        else:
+            runtimes.append(runtime)
     networks = _networks()
     print(f"{'network':<11} {'runtime':<14} {'seconds':>8} {'x fp32':>7} {'max |diff|':>11} {'max |out|':>10}"
           f" {'first call':>10}")
     for name in args.networks:
         net, x = networks[name]
-        rows = measure(name, net, x, args.repeats, args.threads, args.runtimes)
+        rows = measure(name, net, x, args.repeats, args.threads, runtimes)
         for net_name, runtime, seconds, diff, first, scale in rows:
             first_text = "" if first is None else f"{first:9.1f}s"
             print(f"{net_name:<11} {runtime:<14} {seconds:8.3f} {rows[0][2] / seconds:7.2f} {diff:11.2e} {scale:10.2e}"
@@ -206,4 +231,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

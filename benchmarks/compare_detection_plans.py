@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from script_errors import InputError, at_least  # noqa: E402
+
 PHANTOMS = (
     dict(fov="lumbar", shape=(512, 512), pixel_spacing=(0.6, 0.6), n_slices=15, seed=1),
     dict(fov="lumbar", shape=(448, 400), pixel_spacing=(0.7, 0.7), n_slices=9, seed=9001, rotation_deg=8.0),
@@ -133,11 +135,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="bundled")
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--no-phantoms", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.no_real and args.no_phantoms:
+        raise InputError("--no-real and --no-phantoms leave nothing to compare")
 
     import torch
 
@@ -174,4 +178,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

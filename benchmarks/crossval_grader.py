@@ -137,18 +137,24 @@ def report(results: list[dict]) -> None:
 
 
 def main() -> int:
+    from script_errors import InputError, at_least   # here: the tests load this module without benchmarks/ on the path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", required=True, help="pseudo-outlines (spinenet train tianchi-targets)")
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=at_least(2), default=5)
     parser.add_argument("--only", type=int, default=None, metavar="K", help="run fold K only")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--calibration", type=int, default=30, help="calibration studies per fold")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=at_least(1), default=1500)
+    parser.add_argument("--calibration", type=at_least(1), default=30, help="calibration studies per fold")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--degrade", type=float, default=0.0,
                         help="train grader --degrade: chance of a volume-like degraded training disc (default 0)")
     parser.add_argument("--out", default="runs/crossval_grader")
     args = parser.parse_args()
+    if args.only is not None and not 0 <= args.only < args.folds:
+        raise InputError(f"--only {args.only}: the folds are 0 to {args.folds - 1}")
+    if not Path(args.targets).is_file():
+        raise InputError(f"no targets file {args.targets} (spinenet train tianchi-targets writes one)")
 
     from SpineNetLib.training.datasets import default_data_root
     from SpineNetLib.training.grader import tianchi_samples
@@ -163,4 +169,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from script_errors import InputError, at_least  # noqa: E402
+
 DEFAULT_SOURCES = ("chu", "myosegmentum", "ivd")
 
 
@@ -89,17 +91,19 @@ def main(argv=None) -> int:
                    help="grading weights to check (repeatable; default: the bundled grader)")
     p.add_argument("--sources", default=",".join(DEFAULT_SOURCES), help="volume sources (default %(default)s)")
     p.add_argument("--cache", default="runs/volume_discs.npz", help="disc volume cache ('' for none)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if not sources:
+        raise InputError(f"--sources: none given (default {','.join(DEFAULT_SOURCES)})")
+    graders = {grader: load_grader(grader) for grader in args.grader or ["bundled"]}   # before the discs are cut
     volumes, levels = disc_volumes(sources, Path(args.cache) if args.cache else None)
     print("| grader | discs | number | called herniated | median p |")
     print("|---|---|---|---|---|")
-    for grader in args.grader or ["bundled"]:
-        net = load_grader(grader)
+    for grader, net in graders.items():
         probs = {s: herniation_calls(net, volumes[s]) if len(volumes[s]) else np.zeros(0) for s in sources}
         every_p, every_level = np.concatenate(list(probs.values())), np.concatenate([levels[s] for s in sources])
         rows = [(source, probs[source]) for source in sources]
@@ -113,4 +117,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

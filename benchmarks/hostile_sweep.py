@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostile_cases import CATEGORIES, OK, REFUSE, RESULT_SET, ROOT, WARN, Base, Case, build_cases
+from script_errors import InputError, at_least
 
 PROGRESS_LINE = re.compile(r"^[A-Za-z][^:]*: \d+/\d+$")
 
@@ -200,18 +201,22 @@ def print_report(outcomes: list[Outcome], seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mutants", type=int, default=257, help="DICOM header mutants (default 257)")
+    parser.add_argument("--mutants", type=at_least(0), default=257, help="DICOM header mutants (default 257)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mutants (default 0)")
     parser.add_argument("--keep", metavar="DIR", help="build and keep everything in DIR (must not exist)")
     parser.add_argument("--only", metavar="CATEGORY[,CATEGORY]", help=f"only these of: {', '.join(CATEGORIES)}")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a run is killed (default 120)")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="a slower run fails (default 30)")
-    parser.add_argument("--memory-gb", type=int, default=4, help="address-space limit of a run, GiB (default 4)")
+    parser.add_argument("--timeout", type=at_least(1, float), default=120.0,
+                        help="seconds before a run is killed (default 120)")
+    parser.add_argument("--max-seconds", type=at_least(1, float), default=30.0, help="a slower run fails (default 30)")
+    parser.add_argument("--memory-gb", type=at_least(1), default=4,
+                        help="address-space limit of a run, GiB (default 4)")
     parser.add_argument("--list", action="store_true", help="list the cases, run none")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(CATEGORIES)
     if only - set(CATEGORIES):
         parser.error(f"unknown categories: {', '.join(sorted(only - set(CATEGORIES)))}")
+    if args.keep and os.path.lexists(args.keep):
+        raise InputError(f"--keep {args.keep} already exists: give a folder that does not (the sweep fills it)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hostile_sweep."))
     work.mkdir(parents=True, exist_ok=bool(not args.keep))
     os.chmod(work, 0o755)
@@ -241,4 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

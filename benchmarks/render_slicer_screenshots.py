@@ -29,6 +29,7 @@ The slice views need VTK offscreen rendering; without it this script stops
 temporary folder, the slice view only where VTK can render offscreen).
 """
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -37,24 +38,30 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 sys.path[:0] = [str(REPO), str(REPO / "Testing" / "Python")]
 
-import slicer_standins  # noqa: E402
-
 #: The screenshots must stay small (bytes).
 MAX_BYTES = 300_000
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    outdir = Path(argv[0]) if argv else REPO / "docs" / "images"
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", nargs="?", type=Path, default=REPO / "docs" / "images",
+                        help="folder to write the four PNGs into (default: docs/images)")
+    outdir = parser.parse_args(argv).outdir.resolve()
+
+    import slicer_standins  # Testing/Python; needs PySide6 and slicer-core
+
     if not slicer_standins.offscreen_rendering_works():
         sys.exit("VTK cannot render offscreen here (no EGL/OSMesa/X): the slice view cannot be drawn")
     for path in slicer_standins.render_screenshots(outdir, slice_view=True):
         size = path.stat().st_size
         if size > MAX_BYTES:
             sys.exit(f"{path} is {size} bytes, more than {MAX_BYTES}")
-        shown = path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
         print(f"wrote {shown} ({size // 1000} kB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from script_errors import at_least
+
 
 def held_out_cases(data_root):
     from SpineNetLib.training.datasets import DEFAULT_VAL_CASES, list_cases
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
     parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
     parser.add_argument("--json", default=None, help="also write the full summary here")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side")
     parser.add_argument("--profile", choices=("default", "official"), default=None,
@@ -245,4 +247,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from script_errors import InputError, at_least
+
 
 def held_out_studies(data_root):
     from SpineNetLib.training.datasets import DEFAULT_VAL_CASES, POINT_SOURCES, list_cases
@@ -56,7 +58,7 @@ def score(weights: str, data_root, log=print) -> dict:
 
     networks = load_networks(weights, "cpu", with_grading=True)
     if networks.grading is None:
-        raise SystemExit(f"the {weights!r} weights have no grading network")
+        raise InputError(f"the {weights!r} weights have no grading network")
     pairs: dict[str, list[tuple[int, int]]] = {k: [] for k in FINDINGS}
     not_graded = {k: 0 for k in FINDINGS}
     studies = held_out_studies(data_root)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default="bundled")
     parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
     parser.add_argument("--json", default=None, help="also write the summary here")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     args = parser.parse_args(argv)
     import torch
 
@@ -112,4 +114,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)

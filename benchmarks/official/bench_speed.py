@@ -27,14 +27,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from compare import calibration_patches, run_official, write_random_official_weights  # noqa: E402
+from compare import calibration_patches, official_python, run_official, write_random_official_weights  # noqa: E402
+from script_errors import at_least  # noqa: E402  (benchmarks/: compare.py puts it on the path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-python", required=True, help="python of the official package's environment")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--threads", type=at_least(1), default=2, help="torch threads on both sides")
     args = parser.parse_args(argv)
+    python = official_python(args.official_python)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from SpineNetLib.detect import vfr
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="spinenet-speed-") as tmp:
         weights = write_random_official_weights(Path(tmp) / "weights", 0, calibration_patches(scan))
-        official = run_official(args.official_python, scan.voxels, scan.spacing_mm[:2], weights,
+        official = run_official(python, scan.voxels, scan.spacing_mm[:2], weights,
                                 Path(tmp) / "official", detection_only=True)
         rows.append(("official package 2.1.4", float(official["detection_seconds"])))
         os.environ["SPINENET_CACHE"] = str(Path(tmp) / "cache")
@@ -70,4 +72,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # on the path: compare.py puts benchmarks/ there
+
+    run_main(main)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from official_conformance import randomise_batch_norm, save_official_layout  # noqa: E402
+from script_errors import InputError, at_least  # noqa: E402
 
 DEFAULT_CASES = ("ivd_11", "chu_02", "myo_01", "zukic_02_AKa3_T1")
 
@@ -83,6 +86,15 @@ def write_random_official_weights(folder: Path, seed: int, calibration_patches: 
 
 # --------------------------------------------------------------------------- the official side
 
+def official_python(path: str) -> str:
+    """``path`` (``--official-python``) as a program that can be started; a one-line error when it cannot."""
+    found = shutil.which(path)
+    if found is None:
+        raise InputError(f"the official package's interpreter {path} was not found: make its environment as "
+                         "benchmarks/official/README.md says and give its python with --official-python")
+    return found
+
+
 def run_official(python: str, volume: np.ndarray, spacing, weights: Path, work: Path,
                  vertebrae: list[dict] | None = None, detection_only: bool = False,
                  detector_checkpoint: Path | None = None) -> dict:
@@ -99,6 +111,8 @@ def run_official(python: str, volume: np.ndarray, spacing, weights: Path, work: 
         cmd += ["--detector-checkpoint", str(detector_checkpoint)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "torchvision_shim"), str(REPO)]))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode == 2:   # the runner's one-line error (e.g. no official package in that environment)
+        raise InputError(done.stderr.strip().splitlines()[-1].split(": error: ", 1)[-1])
     if done.returncode:
         raise RuntimeError(f"official runner failed:\n{done.stderr[-3000:]}")
     data = np.load(work / "out.npz")
@@ -230,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random official-layout weights")
     parser.add_argument("--stages", choices=("all", "detection", "later"), default="all",
                         help="compare detection, the later stages on identical vertebrae, or both")
-    parser.add_argument("--detection-slices", type=int, default=9,
+    parser.add_argument("--detection-slices", type=at_least(1), default=9,
                         help="compare detection on this many middle slices of each scan (the official-size "
                              "detector takes about 0.3 s per patch on 2 cores)")
     parser.add_argument("--detector", choices=("bundled", "random"), default="bundled",
@@ -238,6 +252,7 @@ def main(argv=None) -> int:
                              "random official-size one (whose random displacement fields assemble no quad)")
     parser.add_argument("--json", help="write all figures here")
     args = parser.parse_args(argv)
+    python = official_python(args.official_python)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from SpineNetLib.core.results import Vertebra
@@ -246,6 +261,9 @@ def main(argv=None) -> int:
     from SpineNetLib.training.datasets import list_cases
 
     cases = {c.case_id: c for c in list_cases(args.data)}
+    unknown = [case_id for case_id in args.cases if case_id not in cases]
+    if unknown:
+        raise InputError(f"no case {', '.join(unknown)} under {args.data}")
     scans = {case_id: load_scan(cases[case_id].path / "image.nii.gz", resample_isotropic=False)
              for case_id in args.cases}
     report: dict[str, dict] = {}
@@ -259,7 +277,7 @@ def main(argv=None) -> int:
             if args.stages in ("all", "detection"):
                 middle = middle_slices(scan, args.detection_slices)
                 use_bundled = args.detector == "bundled"
-                theirs = run_official(args.official_python, middle.voxels, middle.spacing_mm[:2], weights,
+                theirs = run_official(python, middle.voxels, middle.spacing_mm[:2], weights,
                                       Path(tmp) / case_id / "det", detection_only=True,
                                       detector_checkpoint=bundled.weights.path("detector") if use_bundled else None)
                 ours = run_ours(middle, replace(networks, detector=bundled.detector) if use_bundled else networks,
@@ -269,7 +287,7 @@ def main(argv=None) -> int:
                 found = run(scan, bundled, RunOptions(grade=False, profile="official")).detection.vertebrae
                 given = [{"slice_nos": list(v.slices), "polys": [np.asarray(p).tolist() for p in v.polygons]}
                          for v in found]
-                theirs = run_official(args.official_python, scan.voxels, scan.spacing_mm[:2], weights,
+                theirs = run_official(python, scan.voxels, scan.spacing_mm[:2], weights,
                                       Path(tmp) / case_id / "later", vertebrae=given)
                 ours = run_ours(scan, networks, [Vertebra(list(v.slices), [np.asarray(p) for p in v.polygons])
                                                  for v in found])
@@ -281,4 +299,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # benchmarks/ is on the path (above)
+
+    run_main(main)

@@ -27,13 +27,14 @@ sys.path.insert(0, str(REPO / "Testing" / "Python"))
 
 from official_conformance import (FIXTURE, SAMPLES, conformance_cases, sample_positions,  # noqa: E402
                                   write_label_networks)
-from compare import run_official  # noqa: E402  (benchmarks/official/compare.py)
+from compare import official_python, run_official  # noqa: E402  (benchmarks/official/compare.py)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-python", required=True, help="python of the official package's environment")
     args = parser.parse_args(argv)
+    python = official_python(args.official_python)
     torch.set_num_threads(2)
     from SpineNetLib.weights.resolve import resolve_weights
 
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
         weights = write_label_networks(Path(tmp) / "weights")
         for name, scan in conformance_cases().items():
             spacing = scan.spacing_mm[:2]
-            found = run_official(args.official_python, scan.voxels, spacing, weights, Path(tmp) / name / "det",
+            found = run_official(python, scan.voxels, spacing, weights, Path(tmp) / name / "det",
                                  detection_only=True, detector_checkpoint=detector)
-            later = run_official(args.official_python, scan.voxels, spacing, weights, Path(tmp) / name / "later",
+            later = run_official(python, scan.voxels, spacing, weights, Path(tmp) / name / "later",
                                  vertebrae=found["detected"])
             case = {"detected": [{"slice_nos": v["slice_nos"], "polys": v["polys"]} for v in found["detected"]],
                     "labels": later["labels"],
@@ -66,4 +67,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from script_errors import run_main   # on the path: compare.py puts benchmarks/ there
+
+    run_main(main)

@@ -1,7 +1,9 @@
 """Run the official SpineNetV2 package's stages on one volume and save what each stage gives.
 
 Runs in the official package's own environment (benchmarks/official/README.md), started by
-``compare.py``; it does not import this repository except for the torchvision stand-in.  It
+``compare.py``; it imports from this repository only the torchvision stand-in and the benchmark
+scripts' one-line errors (``benchmarks/script_errors.py``).  Started with a python that lacks the
+package, it says so in one line (exit status 2).  It
 calls the package's public functions, in the order ``SpineNet.detect_vb``,
 ``get_ivds_from_vert_dicts`` and ``grade_ivds`` call them, so that each stage's output can be
 saved:
@@ -19,10 +21,16 @@ import copy
 import glob
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from script_errors import InputError  # noqa: E402  (benchmarks/script_errors.py)
 
 
 def _load(model, folder: str, key: str):
@@ -61,23 +69,28 @@ def _given_vertebrae(path: str) -> list[dict]:
     return out
 
 
-def main() -> None:
-    from spinenet.utils.classification import classify_ivd_v2_resnet
-    from spinenet.utils.detect_and_group import detect_and_group
-    from spinenet.utils.extract_volumes import extract_volumes
-    from spinenet.utils.gen_utils import (format_gradings, get_all_ivd_vol, get_ivd_level_names,
-                                          vert_dicts_to_classification_format)
-    from spinenet.utils.label_verts import label_verts
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("input")
-    parser.add_argument("weights")
-    parser.add_argument("output")
-    parser.add_argument("--vertebrae")
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="INPUT.npz: volume (H, W, S) and pixel_spacing (row, col)")
+    parser.add_argument("weights", help="folder of official-layout checkpoints")
+    parser.add_argument("output", help="OUTPUT.npz: what each stage gives")
+    parser.add_argument("--vertebrae", help="skip detection: label and grade these vertebrae (JSON)")
     parser.add_argument("--detection-only", action="store_true")
     parser.add_argument("--detector-checkpoint",
                         help="use this repository's detector checkpoint (any size) as the detection network")
     args = parser.parse_args()
+    try:
+        from spinenet.utils.classification import classify_ivd_v2_resnet
+        from spinenet.utils.detect_and_group import detect_and_group
+        from spinenet.utils.extract_volumes import extract_volumes
+        from spinenet.utils.gen_utils import (format_gradings, get_all_ivd_vol, get_ivd_level_names,
+                                              vert_dicts_to_classification_format)
+        from spinenet.utils.label_verts import label_verts
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "spinenet":
+            raise
+        raise InputError(f"{sys.executable} has no official SpineNetV2 package (spinenet 2.1.4): run this in its "
+                         "own environment, benchmarks/official/README.md") from None
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     data = np.load(args.input)
     volume, spacing = data["volume"], np.asarray(data["pixel_spacing"], float)
@@ -99,7 +112,7 @@ def main() -> None:
     detected = _plain(vert_dicts)
     if args.detection_only:
         np.savez_compressed(args.output, **saved, result=np.array(json.dumps({"detected": detected})))
-        return
+        return 0
     vert_dicts = extract_volumes(volume, vert_dicts, pixel_spacing=spacing)
     saved["appearance_volumes"] = np.stack([np.asarray(v["volume"], np.float32) for v in vert_dicts]) \
         if vert_dicts else np.zeros((0, 224, 224, 16), np.float32)
@@ -128,7 +141,10 @@ def main() -> None:
         gradings = {str(level): [int(x) for x in row] for level, row in zip(table.index, table.values)}
     np.savez_compressed(args.output, **saved, result=np.array(json.dumps({
         "detected": detected, "labels": labels, "ivd_names": list(ivd_names), "gradings": gradings})))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from script_errors import run_main
+
+    run_main(main)
