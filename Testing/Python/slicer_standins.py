@@ -346,6 +346,17 @@ class _Patch:
         self._undo = []
 
 
+def module_on_new_scene(monkeypatch, voxels, affine, names=("T2 sagittal lumbar",)):
+    """(module, scene, *volumes): the SpineNet module imported on a fresh scene that holds one volume per
+    name (these voxels and IJK-to-RAS), with no fake worker process left from an earlier test."""
+    from SpineNetLib.slicer import mrml
+
+    scene = mrml.new_scene()
+    module = import_module(monkeypatch, scene)
+    FakeProcess.instances.clear()
+    return (module, scene, *(mrml.add_volume(scene, voxels, affine, name) for name in names))
+
+
 def demo_scene():
     """A phantom volume and its ground-truth documents (no networks involved)."""
     from SpineNetLib.outputs import documents

@@ -47,11 +47,8 @@ def _widget(module):
 def two_volumes(monkeypatch, phantom_case):
     """(module, scene, first volume, second volume, vertebrae document) on a fresh scene, no panel yet."""
     voxels, affine, vertebrae = phantom_case
-    scene = mrml.new_scene()
-    module = standins.import_module(monkeypatch, scene)
-    standins.FakeProcess.instances.clear()
-    first = mrml.add_volume(scene, voxels, affine, "T2 sagittal lumbar")
-    second = mrml.add_volume(scene, voxels, affine, "T1 sagittal lumbar")
+    module, scene, first, second = standins.module_on_new_scene(
+        monkeypatch, voxels, affine, names=("T2 sagittal lumbar", "T1 sagittal lumbar"))
     return module, scene, first, second, vertebrae
 
 

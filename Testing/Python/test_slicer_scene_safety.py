@@ -43,13 +43,10 @@ def phantom_case():
 def panel(monkeypatch, phantom_case):
     """(module, widget, scene, volume, vertebrae document): the panel on a fresh scene, the volume selected."""
     voxels, affine, vertebrae = phantom_case
-    scene = mrml.new_scene()
-    module = standins.import_module(monkeypatch, scene)
-    standins.FakeProcess.instances.clear()
+    module, scene, volume = standins.module_on_new_scene(monkeypatch, voxels, affine)
     parent = QtWidgets.QWidget()
     widget = module.SpineNetWidget(parent)
     widget.setup()
-    volume = mrml.add_volume(scene, voxels, affine, "T2 sagittal lumbar")
     widget.ui.inputSelector.refresh()
     widget.ui.inputSelector.setCurrentNode(volume)
     yield module, widget, scene, volume, vertebrae

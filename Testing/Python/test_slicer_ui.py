@@ -44,14 +44,10 @@ def phantom_case():
 def panel(monkeypatch, phantom_case):
     """(module, widget, scene, volume, vertebrae document) with the panel set up on a fresh scene."""
     source, vertebrae, _ = phantom_case
-    scene = mrml.new_scene()
-    voxels, affine = mrml.volume_arrays(source)
-    module = standins.import_module(monkeypatch, scene)
-    standins.FakeProcess.instances.clear()
+    module, scene, volume = standins.module_on_new_scene(monkeypatch, *mrml.volume_arrays(source))
     parent = QtWidgets.QWidget()
     widget = module.SpineNetWidget(parent)
     widget.setup()
-    volume = mrml.add_volume(scene, voxels, affine, "T2 sagittal lumbar")
     yield module, widget, scene, volume, vertebrae
     parent.close()
 
