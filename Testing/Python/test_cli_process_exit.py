@@ -12,7 +12,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """Run ``code`` in a new interpreter with Ctrl-C handled as in a terminal: a test run in the
+    background (``cmd &``, some CI runners) passes SIGINT on ignored, and Python then ignores it too."""
+    as_in_a_terminal = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    return subprocess.run([sys.executable, "-c", as_in_a_terminal + code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_ctrl_c_during_the_exit_after_the_work_is_ignored():
