@@ -42,8 +42,8 @@ from SpineNetLib.core.scan import Scan
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: The storage classes read as images: MR, CT and grey-scale secondary capture, single- and multi-frame.  A
-#: file of any other (well-formed) SOPClassUID is skipped, such as this project's own segmentation.dcm and
-#: report.dcm; a file without one is read when it has an image size.
+#: file of any other standard SOPClassUID is skipped, such as this project's own segmentation.dcm and
+#: report.dcm; a file without one, or of a private class, is read when it has an image size.
 IMAGE_SOP_CLASSES = frozenset((
     "1.2.840.10008.5.1.4.1.1.4",      # MR Image Storage
     "1.2.840.10008.5.1.4.1.1.4.1",    # Enhanced MR Image Storage
@@ -241,15 +241,16 @@ def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _not_an_image(ds) -> str | None:
-    """The name of the object's storage class ("Segmentation", ...) when its SOPClassUID is a well-formed UID
-    outside :data:`IMAGE_SOP_CLASSES`, else None (a malformed or missing one is judged by the image size)."""
+    """The name of the object's storage class ("Segmentation", ...) when its SOPClassUID is a standard class
+    outside :data:`IMAGE_SOP_CLASSES`, else None.  A missing or malformed one, and a private class (a
+    vendor's, which pydicom does not name), are judged by the image size, as before the class was looked at."""
     import pydicom
 
     value = ds.get("SOPClassUID")
     if not isinstance(value, str) or not pydicom.uid.UID(value).is_valid or value in IMAGE_SOP_CLASSES:
         return None
     name = pydicom.uid.UID(value).name
-    return name.removesuffix(" Storage") if name != value else f"SOP class {value}"
+    return name.removesuffix(" Storage") if name != value else None
 
 
 def _read_headers(files: list[Path]) -> tuple[list, dict[str, str]]:

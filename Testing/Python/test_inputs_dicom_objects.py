@@ -40,3 +40,17 @@ def test_the_dicom_results_beside_a_series_are_no_second_series(tmp_path, monkey
     # the segmentation file given as the input names what it is
     with pytest.raises(InputError, match=r"is no image series \(a Segmentation object\)"):
         load_scan(study / "segmentation.dcm")
+
+
+def test_mr_images_under_a_private_storage_class_are_still_read(tmp_path):
+    """A vendor's private SOP class (pydicom does not name it) on MR pixel data is read as before: only the
+    standard non-image classes are skipped."""
+    import pydicom
+
+    phantom = make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.0, 2.0), n_slices=4)
+    study = tmp_path / "study"
+    for path in phantom.write_dicom(study):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.11.0.0.12.4"
+        ds.save_as(path)
+    assert load_scan(study).voxels.shape == phantom.scan.voxels.shape
