@@ -216,7 +216,7 @@ def _validate_overrides(args) -> None:
             continue
         values = values if isinstance(values, list) else [values]
         if not all(positive(v) for v in values):
-            raise SpineNetError(f"{option} {'values' if len(values) > 1 else 'value'} must be positive millimetres")
+            raise SpineNetError(f"{option} {'values' if len(values) > 1 else 'value'} must be positive, finite millimetres")
         if not all(low <= v <= high for v in values):
             shown = " x ".join(f"{v:g}" for v in values)
             raise SpineNetError(f"{option} {shown} mm is not plausible for spinal MRI ({low:g} to {high:g} mm)")
@@ -481,7 +481,8 @@ def command_cohort(args) -> int:
     failed = len(result.failures)
     exams = (f" and {result.failed_at_discovery} DICOM exam{'s' if result.failed_at_discovery > 1 else ''} "
              "without one" if result.failed_at_discovery else "")
-    print(f"{len(result.studies)} studies{exams}: {result.done} done now, {result.finished_before} done before, "
+    studies = f"{len(result.studies)} stud{'y' if len(result.studies) == 1 else 'ies'}"
+    print(f"{studies}{exams}: {result.done} done now, {result.finished_before} done before, "
           f"{failed} failed; wrote {', '.join(str(p) for p in result.tables)}")
     return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
 

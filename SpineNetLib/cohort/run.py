@@ -62,6 +62,7 @@ from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidat
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
 from SpineNetLib.core.process import environment_keeping_freed_memory
+from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
 from SpineNetLib.weights.resolve import resolve_weights
 
@@ -113,7 +114,8 @@ class CohortSettings:
         weights = (self.weights if self.weights in ("bundled", "official")
                    else str(Path(self.weights).expanduser().resolve()))   # a folder, however it was written
         return {"weights": weights, "trusted_sha256": sorted(self.trusted_sha256), "grade": self.grade,
-                "profile": self.profile, "precision": self.precision, "runtime": self.runtime}
+                "profile": processing_profile(self.profile, self.weights).name,   # None: the weights' own
+                "precision": self.precision, "runtime": self.runtime}
 
 
 #: The file in a cohort's output folder that records :meth:`CohortSettings.result_settings`.
@@ -123,14 +125,23 @@ _OPTION_OF_SETTING = {"weights": "--weights", "trusted_sha256": "--trust-sha256"
                       "profile": "--profile", "precision": "--precision", "runtime": "--runtime"}
 
 
+def _said(key: str, value) -> str:
+    """A recorded setting as the user gave it: ``--no-grade`` given or not, the others' values."""
+    if key == "grade":
+        return "not given" if value else "given"
+    return json.dumps(value)
+
+
 def check_same_result_settings(outdir: Path, settings: CohortSettings) -> None:
     """Refuse (:class:`InputError`) to resume into ``outdir`` with settings that change the results
     (:meth:`CohortSettings.result_settings`) from those an earlier run recorded there
-    (:func:`record_result_settings`): its tables would mix studies run two ways, for example graded and
-    ungraded ones."""
+    (:func:`record_result_settings`) once it finished a study: its tables would mix studies run two ways,
+    for example graded and ungraded ones.  A folder with no finished study takes any settings."""
     wanted = settings.result_settings()
     recorded_file = outdir / SETTINGS_FILE
-    if recorded_file.is_file():
+    studies_dir = outdir / STUDIES_FOLDER
+    finished_any = studies_dir.is_dir() and any(is_finished(studies_dir, d.name) for d in studies_dir.iterdir())
+    if recorded_file.is_file() and finished_any:
         try:
             recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -138,7 +149,7 @@ def check_same_result_settings(outdir: Path, settings: CohortSettings) -> None:
         changed = [key for key in wanted if isinstance(recorded, dict) and key in recorded
                    and recorded[key] != wanted[key]]
         if changed:
-            said = "; ".join(f"{_OPTION_OF_SETTING[k]}: {json.dumps(recorded[k])} before, {json.dumps(wanted[k])} now"
+            said = "; ".join(f"{_OPTION_OF_SETTING[k]}: {_said(k, recorded[k])} before, {_said(k, wanted[k])} now"
                              for k in changed)
             raise InputError(f"{outdir} holds studies run with other settings ({said}); resume with the same "
                              "options, or write into another folder")

@@ -178,11 +178,11 @@ def spacing_override(value, n: int, name: str) -> np.ndarray | None:
     try:
         arr = np.atleast_1d(np.asarray(value, dtype=float)).ravel()
     except (TypeError, ValueError):
-        raise InputError(f"{name} override must be {n} positive number(s) in mm, got {value!r}") from None
+        raise InputError(f"{name} override must be {n} positive, finite number(s) in mm, got {value!r}") from None
     if arr.size == 1 and n == 2:
         arr = np.repeat(arr, 2)
     if arr.size != n or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InputError(f"{name} override must be {n} positive number(s) in mm, got {value!r}")
+        raise InputError(f"{name} override must be {n} positive, finite number(s) in mm, got {value!r}")
     low, high = _OVERRIDE_RANGES_MM[name]
     if not np.all((arr >= low) & (arr <= high)):
         raise InputError(f"{name} override {plain_numbers(arr)} mm is not plausible for spinal MRI "

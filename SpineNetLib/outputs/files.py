@@ -206,8 +206,17 @@ def earlier_result_files(outdir: str | os.PathLike) -> set[str]:
     names = {"discs.json"} if manifest.get("discs") == "discs.json" else set()
     names |= {n for n in listed("images") if n in (PREVIEW_FILE, HOTSPOTS_FILE)}
     names |= {n for n in listed("dicom") if n in DICOM_FILES}
-    names |= {n for n in listed("hotspots") if isinstance(n, str) and image_suffix(n) is not None}
+    names |= {n for n in listed("hotspots") if _hotspot_map_name(n)}
     return {n for n in names if _inside(outdir, n)}
+
+
+def _hotspot_map_name(name: object) -> bool:
+    """A name a hotspot map of this project gets: ``hotspots_<head>.<image suffix>`` (``discs/hotspots.py``)
+    or a map of one disc, ``hotspots/<disc>_<head>.<image suffix>`` (``outputs/documents.hotspot_files``)."""
+    if not isinstance(name, str) or image_suffix(name) is None:
+        return False
+    parts = Path(name).parts
+    return (len(parts) == 1 and parts[0].startswith("hotspots_")) or (len(parts) == 2 and parts[0] == "hotspots")
 
 
 def _remove_files(outdir: Path, names: set[str]) -> None:

@@ -52,7 +52,7 @@ def test_more_threads_than_four_per_core_are_refused(tmp_path, monkeypatch, caps
                                           "(0.05 to 5 mm)"),
     (["--pixel-spacing", "0.8", "1e308"], "--pixel-spacing 0.8 x 1e+308 mm is not plausible"),
     (["--slice-spacing", "1e9"], "--slice-spacing 1e+09 mm is not plausible for spinal MRI (0.05 to 50 mm)"),
-    (["--slice-spacing", "0"], "--slice-spacing value must be positive millimetres"),
+    (["--slice-spacing", "0"], "--slice-spacing value must be positive, finite millimetres"),
 ])
 def test_spacing_overrides_outside_spinal_mri_are_refused(tmp_path, capsys, no_networks, option, words):
     scan = _sagittal_volume(tmp_path / "scan.nii")

@@ -42,16 +42,20 @@ def test_a_new_run_leaves_none_of_an_earlier_runs_files_in_the_folder(tmp_path, 
 
 def test_only_result_files_the_earlier_manifest_lists_are_removed(tmp_path):
     out, outside = tmp_path / "out", tmp_path / "outside"
-    (out / "maps").mkdir(parents=True)
+    (out / "hotspots").mkdir(parents=True)
+    (out / "sub").mkdir()
     outside.mkdir()
     (out / "linked").symlink_to(outside, target_is_directory=True)
-    earlier = ["discs.json", "preview.png", "hotspots.png", "segmentation.dcm", "maps/hotspots_Pfirrmann.nii.gz",
-               "notes.txt", "linked/hotspots_Herniation.nii.gz", "../outside/preview.png"]
+    earlier = ["discs.json", "preview.png", "hotspots.png", "segmentation.dcm", "hotspots/L4-L5_Pfirrmann.nii.gz",
+               "hotspots_Herniation.nii.gz", "notes.txt", "linked/hotspots_Herniation.nii.gz",
+               "../outside/preview.png", "my_scan.nii.gz", "sub/inner.nii.gz"]
     for name in earlier + ["own.png"]:
         (out / name).write_bytes(b"x")
     (out / "result.json").write_text(json.dumps({
         "schema": "spinenet.result/1", "vertebrae": "vertebrae.json", "discs": "discs.json",
-        "hotspots": ["maps/hotspots_Pfirrmann.nii.gz", "linked/hotspots_Herniation.nii.gz", "notes.txt"],
+        # a hand-edited manifest may list the user's own images: not names of hotspot maps, so they stay
+        "hotspots": ["hotspots/L4-L5_Pfirrmann.nii.gz", "hotspots_Herniation.nii.gz",
+                     "linked/hotspots_Herniation.nii.gz", "notes.txt", "my_scan.nii.gz", "sub/inner.nii.gz"],
         "images": ["preview.png", "hotspots.png", "../outside/preview.png", "own.png"],
         "dicom": ["segmentation.dcm", "notes.txt"]}))
     result = SimpleNamespace(vertebrae_document={"schema": "spinenet.vertebrae/1", "vertebrae": []},
@@ -61,7 +65,8 @@ def test_only_result_files_the_earlier_manifest_lists_are_removed(tmp_path):
     # the listed result files of names this writer makes are gone (discs.json too: this run has no discs
     # document); what is no result of its, and what lies outside the folder, stays
     assert left == {"out/result.json", "out/vertebrae.json", "out/vertebrae.csv", "out/discs.csv", "out/notes.txt",
-                    "out/own.png", "outside/preview.png", "outside/hotspots_Herniation.nii.gz"}
+                    "out/own.png", "out/my_scan.nii.gz", "out/sub/inner.nii.gz", "outside/preview.png",
+                    "outside/hotspots_Herniation.nii.gz"}
     assert json.loads((out / "result.json").read_text())["discs"] is None
     # a manifest that is no manifest of ours removes nothing
     (out / "result.json").write_text("{not json")

@@ -197,12 +197,18 @@ def test_resuming_with_settings_that_change_the_results_is_refused(tmp_path, cap
     cohort_run.record_result_settings(out, cohort_run.CohortSettings())
     recorded = json.loads((out / cohort_run.SETTINGS_FILE).read_text())
     assert recorded["grade"] is True and recorded["weights"] == "bundled"
+    # no study finished yet (a first run that failed or was stopped early): any settings may start again
+    cohort_run.check_same_result_settings(out, cohort_run.CohortSettings(grade=False))
+    (out / "studies" / "a-study").mkdir(parents=True)
+    (out / "studies" / "a-study" / "result.json").write_text("{}")
     cohort_run.check_same_result_settings(out, cohort_run.CohortSettings(preview=False, threads=2, device="cpu"))
+    # the default profile written out is the same setting as none given
+    cohort_run.check_same_result_settings(out, cohort_run.CohortSettings(profile="default"))
     assert cli.main(["cohort", str(root), "-o", str(out), "--no-grade", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds studies run with other settings" in err[0], err
-    assert "--no-grade: true before, false now" in err[0] and '--precision: "fp32" before, "bf16" now' in err[0]
-    assert not (out / "studies").exists() and json.loads((out / cohort_run.SETTINGS_FILE).read_text()) == recorded
+    assert "--no-grade: not given before, given now" in err[0] and '--precision: "fp32" before, "bf16" now' in err[0]
+    assert json.loads((out / cohort_run.SETTINGS_FILE).read_text()) == recorded
     # a weights folder is the same folder however it is written
     weights = tmp_path / "w"
     weights.mkdir()
