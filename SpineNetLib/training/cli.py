@@ -7,6 +7,8 @@ copied to ``SpineNetLib/weights/``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.common import (
     add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
@@ -33,6 +35,10 @@ def _checked(args) -> None:
         raise InputError(f"--repeat-s1-penalty must not be negative, got {penalty}")
     if getattr(args, "val_batches", 1) < 1:
         raise InputError("--val-batches must be at least 1")
+    for option in ("tianchi_targets", "volume_s1_targets", "init"):   # at once, not after loading the data
+        path = getattr(args, option, None)
+        if path and not Path(path).expanduser().is_file():
+            raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
     if hasattr(args, "data") and args.data is None:
         root = default_data_root()
         if root.is_dir():
@@ -91,8 +97,6 @@ def command_volume_s1_targets(args) -> int:
 
 
 def command_drop_last_block(args) -> int:
-    from pathlib import Path
-
     from SpineNetLib.training.detector import shrink_detector
 
     print(f"wrote {shrink_detector(Path(args.detector), output_file(args.out))}")

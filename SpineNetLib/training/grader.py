@@ -586,6 +586,8 @@ def train_grader(args, samples: Sequence[GradingSample] | None = None) -> Path:
 
 def _checked_arguments(args) -> tuple[list[str], list[str] | None, list[str]]:
     """(phantom pathologies, SPIDER sequences or None, wanted tasks) of valid ``train grader`` arguments."""
+    if args.phantoms is not None and args.phantoms < 0:
+        raise InputError(f"--phantoms must not be negative, got {args.phantoms}")
     if not args.data and not args.phantoms and not args.tianchi_targets:
         raise InputError("no training data: give --data DIR (SPIDER format), --tianchi-targets FILE or --phantoms N")
     check_run_arguments(args)

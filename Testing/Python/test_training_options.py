@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,21 @@ def test_a_one_file_command_checks_its_output_folder_first(tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
     _refused(capsys, ["train", *command, "--out", "afile/x"], "afile")
+
+
+def test_missing_target_files_and_negative_phantoms_are_refused_at_once(tmp_path, capsys):
+    """A missing --tianchi-targets / --volume-s1-targets / --init is named before any data is loaded (it
+    used to fail after half a minute of loading), and --phantoms -1 is no count of phantoms."""
+    from SpineNetLib.apps import cli
+
+    missing = str(tmp_path / "missing.json")
+    for argv in (["train", "detector", "--out", str(tmp_path / "d"), "--tianchi-targets", missing],
+                 ["train", "appearance", "--out", str(tmp_path / "a"), "--volume-s1-targets", missing],
+                 ["train", "detector", "--out", str(tmp_path / "i"), "--init", missing]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"no such file {missing}" in err[0], err
+        assert not Path(argv[3]).exists()   # no run folder made
+    assert cli.main(["train", "grader", "--out", str(tmp_path / "g"), "--phantoms", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phantoms must not be negative" in err[0], err
