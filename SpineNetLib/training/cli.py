@@ -36,8 +36,8 @@ def _checked(args) -> None:
     if getattr(args, "val_batches", 1) < 1:
         raise InputError("--val-batches must be at least 1")
     for option in ("tianchi_targets", "volume_s1_targets", "init"):   # at once, not after loading the data
-        path = getattr(args, option, None)
-        if path and not Path(path).expanduser().is_file():
+        path = getattr(args, option, None)   # --init may be a file or an official-layout folder
+        if path and not (Path(path).expanduser().exists() if option == "init" else Path(path).expanduser().is_file()):
             raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
     if hasattr(args, "data") and args.data is None:
         root = default_data_root()
