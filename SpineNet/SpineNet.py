@@ -619,9 +619,9 @@ class SpineNetTest(ScriptedLoadableModuleTest):
         self.assertEqual(nodes.table.GetNumberOfRows(), len(self.LEVELS) - 1)
         logic.showResults(volume, vertebraeDoc)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
-        # ground truth is certain of every other level, so only the pinned one changes
+        # naming the top body one level higher moves the whole chain up with it
         levels = logic.correctLevel(volume, 0, "T11")
-        self.assertEqual(levels, ["T11"] + self.LEVELS[1:])
+        self.assertEqual(levels, ["T11", "T12", "L1", "L2", "L3", "L4", "L5"])
         self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName("self-test boxes SpineNet T11"))
 
     def test_RunThroughTheWorker(self):

@@ -31,3 +31,24 @@ def level_index(name: str) -> int:
 def disc_name(upper: str, lower: str) -> str:
     """Name of the disc between two vertebrae, e.g. ("L4", "L5") -> "L4-L5"."""
     return f"{upper}-{lower}"
+
+
+#: The names a user can give a vertebra, top to bottom: every level and "S2" below S1.
+LEVEL_CHOICES: tuple[str, ...] = LEVELS_TOP_DOWN + ("S2",)
+
+
+def shifted_to_correction(levels, index: int, level: str) -> list:
+    """The levels of a chain (top to bottom) after a user names vertebra ``index`` ``level``: every named
+    vertebra moves by the same number of levels, so the chain stays as it was, gaps included, only shifted
+    (a spine named one level off is the mistake a correction mends: L5 named S1 makes every body above one
+    level too low).  A name that would fall beyond C2 or below S2 becomes None.  When the corrected
+    vertebra had no level, the others are named consecutively from it."""
+    order = list(LEVEL_CHOICES)
+    levels = list(levels)
+    current = levels[index]
+    if current not in order:
+        start = order.index(level) - index
+        return [order[start + i] if 0 <= start + i < len(order) else None for i in range(len(levels))]
+    delta = order.index(level) - order.index(current)
+    return [order[order.index(name) + delta] if name in order and 0 <= order.index(name) + delta < len(order)
+            else None for name in levels]

@@ -701,9 +701,11 @@ def relabel_with_correction(vertebrae: list[Vertebra], index: int, level_name: s
     """Pin vertebra ``index`` (top to bottom) to ``level_name`` and re-solve the others.
 
     Re-runs only the beam search on the stored ``.level_probabilities`` with
-    that vertebra fixed, so its neighbours shift consistently (fixing the
-    third body to L3 makes the ones above L2, L1 when the probabilities allow
-    it).  "S2" is searched as class S1 and named "S2"; since S2 lies directly
+    that vertebra fixed; the others move only where their probabilities allow
+    (on near-certain ones it may keep them and name two bodies alike).  The
+    pipeline uses it where the evidence should decide
+    (``pipeline._moved_up_to_weaker_s1``); a user's correction shifts the whole
+    chain instead (``core.levels.shifted_to_correction``).  "S2" is searched as class S1 and named "S2"; since S2 lies directly
     below S1, the vertebra above it is then pinned to S1 too (otherwise the
     repeated-S1 penalty would push it to L5).  Updates ``.level`` in place
     and returns the same list.

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LEVELS, LEVELS_TOP_DOWN, disc_name
+from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_to_correction
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 
@@ -53,9 +53,6 @@ VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
 DISCS_SCHEMA = "spinenet.discs/1"
 #: The small manifest (``result.json``) :func:`SpineNetLib.outputs.files.write_results` writes last.
 RESULT_SCHEMA = "spinenet.result/1"
-
-#: Level names a user can pick when correcting a vertebra, top to bottom.
-LEVEL_CHOICES: tuple[str, ...] = LEVELS_TOP_DOWN + ("S2",)
 
 #: Grading heads in the official output order (official §7): the names the grading network's heads
 #: report (``SpineNetLib.models.grading.HEADS``) and hotspot files use.
@@ -351,25 +348,13 @@ def _grouped_shift_reasons(warnings: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- corrections
 
-def _probabilities(vertebra: dict) -> np.ndarray | None:
-    probs = vertebra.get("level_probabilities") or {}
-    if not probs:
-        return None
-    out = np.zeros(len(LEVELS))
-    for name, p in probs.items():
-        if name in LEVELS:
-            out[LEVELS.index(name)] = float(p)
-    return out
-
-
 def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
-    """Levels of all vertebrae after pinning vertebra ``index`` (top to bottom) to ``level``.
+    """Levels of all vertebrae after the user names vertebra ``index`` (top to bottom) ``level``: the
+    whole chain shifted with it (:func:`SpineNetLib.core.levels.shifted_to_correction`).
 
-    The others are re-solved by the labelling beam search seeded by that
-    correction (:func:`SpineNetLib.label.labelling.relabel_with_correction`, which
-    calls ``beam_search(..., fixed={index: level})``) on the stored level
-    probabilities.  Documents without probabilities (e.g. hand-made ones)
-    are renamed consecutively from the corrected vertebra instead.
+    Not the labelling's beam search re-run with that body pinned: on the near-certain probabilities the
+    networks give, it kept every other body where it was and named two bodies alike ("L3 L3") rather
+    than move them, so a spine named one level off needed each body corrected by hand.
     """
     vertebrae = vertebrae_doc["vertebrae"]
     n = len(vertebrae)
@@ -377,22 +362,7 @@ def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
         raise InputError(f"vertebra index {index!r} is out of range (0 to {n - 1})")
     if level not in LEVEL_CHOICES:
         raise InputError(f"unknown level {level!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
-    probs = [_probabilities(v) for v in vertebrae]
-    if all(p is not None for p in probs):
-        # Imported here: the labelling module needs torch, which the Slicer module may not have yet.
-        from SpineNetLib.label.labelling import LabellingParams, relabel_with_correction
-
-        dummies = [Vertebra(slices=[0], polygons=[np.zeros((4, 2))], level=v.get("level"), level_probabilities=p)
-                   for v, p in zip(vertebrae, probs)]
-        # The same penalties as the run that wrote the document (weights may carry their own).
-        penalty = (vertebrae_doc.get("labelling") or {}).get("repeat_s1_penalty")
-        params = LabellingParams(repeat_s1_penalty=float(penalty)) \
-            if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) else None
-        relabel_with_correction(dummies, int(index), level, params)
-        return [v.level for v in dummies]
-    order = list(LEVEL_CHOICES)
-    start = order.index(level) - int(index)
-    return [order[start + i] if 0 <= start + i < len(order) else None for i in range(n)]
+    return shifted_to_correction([v.get("level") for v in vertebrae], int(index), level)
 
 
 def _mark_corrected(doc: dict, new_levels: list) -> None:

@@ -353,7 +353,7 @@ def test_correction_re_solves_the_other_levels(case):
     soft = _soft_probabilities(doc)
     discs = graded_discs(doc)
     corrected, corrected_discs = documents.apply_level_correction(soft, 2, "L3", discs)
-    # the beam search, seeded by L3 at the third body, shifts every other body by one
+    # the whole chain shifts with the corrected body: every other body by one level too
     assert [v["level"] for v in corrected["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5", "S1", "S2"]
     assert corrected["corrections"] == [{"vertebra": 2, "level": "L3"}]
     assert [v["level_probability"] for v in corrected["vertebrae"]][:3] == [0.25, 0.25, 0.25]
@@ -361,16 +361,20 @@ def test_correction_re_solves_the_other_levels(case):
     assert corrected_discs["discs"][0]["grades"] == discs["discs"][0]["grades"]  # same disc, new name
     assert [v["level"] for v in soft["vertebrae"]] == LEVELS_PHANTOM  # inputs untouched
 
-    # with one-hot (ground-truth) probabilities the search keeps every other body as it is sure of it:
-    # one ascending penalty (1000) is cheaper than four bodies at probability 0 (4 x 690)
+    # however sure the networks were (one-hot probabilities), never two bodies alike: the re-run beam
+    # search named this chain T12 L1 L3 L3 L4 L5 S1 (an ascending penalty cost less than moving 4 bodies)
     hard, _ = documents.apply_level_correction(doc, 2, "L3")
-    assert [v["level"] for v in hard["vertebrae"]] == ["T12", "L1", "L3", "L3", "L4", "L5", "S1"]
-
-    # without probabilities: consecutive renaming from the corrected body
-    bare = json.loads(json.dumps(doc))
-    for v in bare["vertebrae"]:
-        v["level_probabilities"] = {}
-    renamed, _ = documents.apply_level_correction(bare, 0, "L1")
+    assert [v["level"] for v in hard["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5", "S1", "S2"]
+    # the commonest mistake, L5 named S1: correcting the lowest body moves every body above it up by one
+    up, _ = documents.apply_level_correction(doc, 6, "L5")
+    assert [v["level"] for v in up["vertebrae"]] == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"]
+    # a gap in the chain (a body the detector missed) is kept, only shifted
+    gap = json.loads(json.dumps(doc))
+    gap["vertebrae"][2]["level"] = None
+    shifted, _ = documents.apply_level_correction(gap, 0, "L1")
+    assert [v["level"] for v in shifted["vertebrae"]] == ["L1", "L2", None, "L4", "L5", "S1", "S2"]
+    # without a level on the corrected body: consecutive renaming from it
+    renamed, _ = documents.apply_level_correction(gap, 2, "L3")
     assert [v["level"] for v in renamed["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5", "S1", "S2"]
 
     with pytest.raises(InputError, match="unknown level"):
