@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 EXIT_OK, EXIT_USAGE = 0, 2  # internal errors: exit 1, from the shared exit_status
 
@@ -164,7 +165,12 @@ def run(args):
     from SpineNetLib.outputs.files import check_writable
 
     start = time.perf_counter()
+    if not str(args.output).strip():
+        raise InputError("--output needs a folder: an empty one would write into the current folder")
     output = check_writable(args.output)  # at once, not after the inference
+    # an earlier run's scene in the folder is removed when this run writes none (the manifest, which
+    # write_results keeps clean of an earlier run's files, does not list the scene)
+    earlier_scene = output / "scene.mrb" if _holds_results(output) else None
     for item in args.option:
         key, sep, _ = item.partition("=")
         if not sep or not key:
@@ -209,6 +215,8 @@ def run(args):
         hotspot_paths = {documents.hotspot_node_name(h): folder / h for h in hotspots}
         mrml.show_results(scene, volume, vertebrae, discs, folder=folder.resolve(), hotspot_paths=hotspot_paths)
         written.append(mrml.write_mrb(scene, output / "scene.mrb"))
+    elif earlier_scene is not None:
+        earlier_scene.unlink(missing_ok=True)
 
     found = [documents.vertebra_name(v, i) for i, v in enumerate(vertebrae["vertebrae"])]
     levels = f"{found[0]}..{found[-1]}" if found else "none"
@@ -218,6 +226,15 @@ def run(args):
     if status:  # how sure the levels are; "CHECK THE LEVELS" when they may be shifted
         print(("CHECK THE LEVELS: " if review else "") + status)
     return written
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether ``folder`` holds the results of an earlier run (a ``result.json`` of this project)."""
+    try:
+        manifest = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("schema") == "spinenet.result/1"
 
 
 def main(argv=None):

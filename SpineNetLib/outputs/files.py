@@ -220,10 +220,13 @@ def _hotspot_map_name(name: object) -> bool:
 
 
 def _remove_files(outdir: Path, names: set[str]) -> None:
+    """Remove these files of ``outdir``, and a sub-folder of it (``hotspots/``) they leave empty."""
     for name in sorted(names):
         path = outdir / name
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
+            if path.parent != outdir and not any(path.parent.iterdir()):
+                path.parent.rmdir()
 
 
 def _publish(staging: Path, outdir: Path, names: Sequence[str]) -> list[Path]:

@@ -279,13 +279,22 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 13
     assert len(mrml.result_nodes(scene, volume, "hotspot")) == 1
 
+    # a rerun into the same folder without a scene leaves no scene of the earlier run behind
+    proc = subprocess.run([sys.executable, str(BATCH), "--input", str(dicom), "--output", str(out), "--quiet",
+                           "--pipeline", FAKE, "--option", f"vertebrae={unsure}", "--no-scene", "--no-preview"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "result.json", "vertebrae.csv", "vertebrae.json"]
+
 
 @pytest.mark.parametrize("args, message", [
     (["--input", "/no/such/folder", "--output", "OUT"], "SpineNetBatch: error: no such file or folder: /no/such/folder"),
     (["--output", "OUT"], "SpineNetBatch: error: the following arguments are required: --input"),
+    (["--input", "IN", "--output", ""], "SpineNetBatch: error: --output needs a folder: an empty one would write"),
 ])
 def test_batch_script_bad_input_is_one_line(tmp_path, args, message):
-    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    (tmp_path / "in.nii.gz").write_bytes(b"")
+    args = [a.replace("OUT", str(tmp_path / "out")).replace("IN", str(tmp_path / "in.nii.gz")) for a in args]
     proc = subprocess.run([sys.executable, str(BATCH), *args], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
