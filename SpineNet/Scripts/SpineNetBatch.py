@@ -34,7 +34,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 EXIT_OK, EXIT_USAGE = 0, 2  # internal errors: exit 1, from the shared exit_status
 
@@ -162,7 +161,7 @@ def run(args):
     from SpineNetLib.core.errors import InputError
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs import documents
-    from SpineNetLib.outputs.files import check_writable
+    from SpineNetLib.outputs.files import check_writable, earlier_manifest
 
     start = time.perf_counter()
     if not str(args.output).strip():
@@ -170,7 +169,7 @@ def run(args):
     output = check_writable(args.output)  # at once, not after the inference
     # an earlier run's scene in the folder is removed when this run writes none (the manifest, which
     # write_results keeps clean of an earlier run's files, does not list the scene)
-    earlier_scene = output / "scene.mrb" if _holds_results(output) else None
+    earlier_scene = output / "scene.mrb" if earlier_manifest(output) is not None else None
     for item in args.option:
         key, sep, _ = item.partition("=")
         if not sep or not key:
@@ -226,15 +225,6 @@ def run(args):
     if status:  # how sure the levels are; "CHECK THE LEVELS" when they may be shifted
         print(("CHECK THE LEVELS: " if review else "") + status)
     return written
-
-
-def _holds_results(folder: Path) -> bool:
-    """Whether ``folder`` holds the results of an earlier run (a ``result.json`` of this project)."""
-    try:
-        manifest = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("schema") == "spinenet.result/1"
 
 
 def main(argv=None):

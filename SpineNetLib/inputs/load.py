@@ -32,9 +32,10 @@ def _is_dicom_file(path: Path) -> str | None:
 
 def load_scan(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
               resample_isotropic: bool = True) -> Scan:
-    """See :func:`_load`; a scan whose voxels all have one value is refused (there is no image)."""
+    """See :func:`_load`; a scan whose voxels hold no image (NaN, one value everywhere) is refused."""
     scan = _load(path, series_uid, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
-    check_image_voxels(scan.voxels, Path(path).name, label_map=False)   # image files had the label map test too
+    if image_suffix(Path(path)) is None:   # DICOM: an image file's voxels were checked as it was read
+        check_image_voxels(scan.voxels, Path(path).name, label_map=False)   # (load_image_file, label map too)
     return scan
 
 

@@ -186,17 +186,24 @@ def _inside(outdir: Path, name: object) -> bool:
         return False
 
 
+def earlier_manifest(outdir: str | os.PathLike) -> dict | None:
+    """The ``result.json`` manifest an earlier run of this writer left in ``outdir``; None when there is
+    none, or it cannot be read, or it is no manifest of this writer."""
+    try:
+        manifest = json.loads((Path(outdir) / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("schema") == RESULT_SCHEMA else None
+
+
 def earlier_result_files(outdir: str | os.PathLike) -> set[str]:
     """The files an earlier run wrote into ``outdir``, as its ``result.json`` lists them (relative names):
     ``discs.json``, the pictures, the DICOM results and the hotspot maps (image files).  Empty when there
-    is no readable manifest of this writer; a listed name this writer never makes, or outside the folder,
-    is left out, so that no other file is ever taken for a result."""
+    is no readable manifest of this writer (:func:`earlier_manifest`); a listed name this writer never
+    makes, or outside the folder, is left out, so that no other file is ever taken for a result."""
     outdir = Path(outdir)
-    try:
-        manifest = json.loads((outdir / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(manifest, dict) or manifest.get("schema") != RESULT_SCHEMA:
+    manifest = earlier_manifest(outdir)
+    if manifest is None:
         return set()
 
     def listed(key: str) -> list:
