@@ -705,7 +705,8 @@ def relabel_with_correction(vertebrae: list[Vertebra], index: int, level_name: s
     (on near-certain ones it may keep them and name two bodies alike).  The
     pipeline uses it where the evidence should decide
     (``pipeline._moved_up_to_weaker_s1``); a user's correction shifts the whole
-    chain instead (``core.levels.shifted_to_correction``).  "S2" is searched as class S1 and named "S2"; since S2 lies directly
+    chain instead (``core.levels.shifted_to_correction``).  "S2" is searched as
+    class S1 and named "S2"; since S2 lies directly
     below S1, the vertebra above it is then pinned to S1 too (otherwise the
     repeated-S1 penalty would push it to L5).  Updates ``.level`` in place
     and returns the same list.
