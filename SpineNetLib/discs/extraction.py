@@ -304,9 +304,10 @@ def _sample_slices(voxels: np.ndarray, slices: list[int], rows: np.ndarray, cols
     gx = (2.0 * (cols - x_lo) + 1.0) / w - 1.0   # pixel i <-> (2 i + 1) / n - 1 (align_corners=False)
     gy = (2.0 * (rows - y_lo) + 1.0) / h - 1.0
     grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
-    sampled = F.grid_sample(torch.from_numpy(region)[None], grid, mode="bicubic",
-                            padding_mode="zeros", align_corners=False)
-    return sampled[0].numpy()
+    # each slice a batch item: grid_sample shares its work out over the batch only (the same values)
+    sampled = F.grid_sample(torch.from_numpy(region)[:, None], grid.expand(len(region), -1, -1, -1),
+                            mode="bicubic", padding_mode="zeros", align_corners=False)
+    return sampled[:, 0].numpy()
 
 
 def _disc_slices(voxels: np.ndarray, first_slice: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -179,10 +179,12 @@ def _sample_bicubic(voxels: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nd
     grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None])
     # Bicubic here is the cubic-convolution kernel (a = -0.75) of OpenCV and
     # torch.interpolate; 'zeros' drops every tap outside the image, which is
-    # the official zero border of the rotation, on all four sides.
-    out = F.grid_sample(torch.from_numpy(region)[None], grid, mode="bicubic",
-                        padding_mode="zeros", align_corners=False)
-    return out[0].numpy()
+    # the official zero border of the rotation, on all four sides.  Each slice
+    # is a batch item (one channel): grid_sample shares its work out over the
+    # batch only, so all torch threads take part (the same values).
+    out = F.grid_sample(torch.from_numpy(region)[:, None], grid.expand(len(region), -1, -1, -1),
+                        mode="bicubic", padding_mode="zeros", align_corners=False)
+    return out[:, 0].numpy()
 
 
 def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
