@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
-from SpineNetLib.core.process import run_as_process
+from SpineNetLib.core.process import run_as_process, too_many_threads
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
@@ -55,11 +55,6 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
                              "when other programs use the cores")
 
 
-#: ``--threads`` above this many per CPU core is refused: more only slows the networks down (and a huge
-#: count makes torch fail to start its threads).
-MAX_THREADS_PER_CORE = 4
-
-
 def _use_threads(args) -> None:
     """Apply ``--threads`` before any network runs: torch's intra- and inter-op pools, and (through the
     environment) the OpenMP/BLAS pools of libraries loaded later, which read their size once, at load."""
@@ -68,10 +63,9 @@ def _use_threads(args) -> None:
         return
     if threads < 1:
         raise SpineNetError(f"--threads must be at least 1, got {threads}")
-    cores = os.cpu_count() or 1
-    if threads > MAX_THREADS_PER_CORE * cores:
-        raise SpineNetError(f"--threads {threads} is more than {MAX_THREADS_PER_CORE} per CPU core of this machine "
-                            f"({cores} cores: at most {MAX_THREADS_PER_CORE * cores})")
+    too_many = too_many_threads(threads, f"--threads {threads}")
+    if too_many:
+        raise SpineNetError(too_many)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
     import torch

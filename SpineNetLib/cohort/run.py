@@ -61,7 +61,7 @@ from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
-from SpineNetLib.core.process import environment_keeping_freed_memory
+from SpineNetLib.core.process import environment_keeping_freed_memory, too_many_threads
 from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
 from SpineNetLib.weights.resolve import resolve_weights
@@ -448,12 +448,17 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
     outdir = check_writable(Path(outdir).expanduser()).absolute()
     if settings.threads < 1 or (workers is not None and workers < 1):
         raise InputError("--workers and --threads-per-worker must be at least 1")
+    asked = f"--threads-per-worker {settings.threads}" if workers is None else \
+        f"--workers {workers} x --threads-per-worker {settings.threads}"
+    workers = workers or max(1, (os.cpu_count() or 1) // settings.threads)
+    too_many = too_many_threads(workers * settings.threads, asked)
+    if too_many and scheduler is None:   # a local cluster: every worker runs its study on this machine
+        raise InputError(too_many)
     candidates = candidate_inputs(root, exclude=[outdir])
     if not candidates.images and not candidates.folders:
         raise InputError(f"no study found under {root}: no image file and no folder with other files")
     resolve_weights(settings.weights)  # a missing weights folder is one error now, not one per study
     check_same_result_settings(outdir, settings)
-    workers = workers or max(1, (os.cpu_count() or 1) // settings.threads)
     with dask_client(workers, scheduler) as client:
         client.register_plugin(NetworksPlugin())
         discovery = _discover(client, root, candidates)

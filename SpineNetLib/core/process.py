@@ -33,6 +33,21 @@ MALLOC_HEAP_BYTES = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters, glibc's malloc.h
 
 
+#: Threads (or local workers times their threads) above this many per CPU core are refused: more only
+#: slows the networks down, and a huge count makes torch fail to start its threads.
+MAX_THREADS_PER_CORE = 4
+
+
+def too_many_threads(threads: int, what: str) -> str | None:
+    """Why ``threads`` torch threads on this machine are too many (``what``: how the user asked for them,
+    e.g. "--threads 64"), or None when they are not (:data:`MAX_THREADS_PER_CORE`)."""
+    cores = os.cpu_count() or 1
+    if threads <= MAX_THREADS_PER_CORE * cores:
+        return None
+    return (f"{what} is more than {MAX_THREADS_PER_CORE} threads per CPU core of this machine ({cores} cores: "
+            f"at most {MAX_THREADS_PER_CORE * cores})")
+
+
 def user_tuned_malloc(environ: Mapping[str, str] = os.environ) -> bool:
     """True when ``environ`` sets any of glibc's malloc variables."""
     return any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in environ)

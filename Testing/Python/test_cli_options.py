@@ -43,8 +43,23 @@ def test_an_empty_output_path_is_refused(tmp_path, monkeypatch, capsys, no_netwo
 def test_more_threads_than_four_per_core_are_refused(tmp_path, monkeypatch, capsys, no_networks):
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     assert cli.main(["run", str(tmp_path), "-o", str(tmp_path / "out"), "--threads", "9"]) == 2
-    _one_error_line(capsys, "--threads 9 is more than 4 per CPU core of this machine (2 cores: at most 8)")
+    _one_error_line(capsys, "--threads 9 is more than 4 threads per CPU core of this machine (2 cores: at most 8)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--threads-per-worker", "9"], "--threads-per-worker 9 is more than 4 threads per CPU core"),
+    (["--workers", "3", "--threads-per-worker", "3"], "--workers 3 x --threads-per-worker 3 is more than 4 threads "
+                                                      "per CPU core of this machine (2 cores: at most 8)"),
+])
+def test_a_local_cohort_cluster_of_more_threads_than_four_per_core_is_refused(tmp_path, monkeypatch, capsys,
+                                                                            no_networks, options, words):
+    """Before this check, each study failed on its own when torch could not start the threads."""
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    _sagittal_volume(tmp_path / "studies" / "a.nii")
+    assert cli.main(["cohort", str(tmp_path / "studies"), "-o", str(tmp_path / "out"), *options]) == 2
+    _one_error_line(capsys, words)
+    assert not (tmp_path / "out" / "studies").exists()
 
 
 @pytest.mark.parametrize("option, words", [
