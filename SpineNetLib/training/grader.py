@@ -615,6 +615,8 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "input_slices": args.input_slices,
         "select_on_calibration": args.select_on_calibration, "ema": args.ema,
         **({"degrade": args.degrade} if args.degrade else {}),   # runs from before --degrade still resume
+        # the data root the targets' slices are read from: another one is other training data
+        **({"tianchi_data": resolved_path(args.tianchi_data)} if args.tianchi_data else {}),
     }
 
 

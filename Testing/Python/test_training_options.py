@@ -171,3 +171,25 @@ def test_missing_target_files_and_negative_phantoms_are_refused_at_once(tmp_path
     assert cli.main(["train", "grader", "--out", str(tmp_path / "g"), "--phantoms", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phantoms must not be negative" in err[0], err
+
+
+def test_a_grader_resume_reading_the_clinical_slices_from_another_data_root_is_refused(tmp_path):
+    """--tianchi-data names where the targets' slices are read: another root is other training data."""
+    from SpineNetLib.training.common import CHECKPOINT_NAME, RunFolder
+    from SpineNetLib.training.grader import _run_config, add_grader_parser
+
+    parser = argparse.ArgumentParser()
+    add_grader_parser(parser.add_subparsers())
+
+    def config(*extra):
+        args = parser.parse_args(["grader", "--tianchi-targets", str(tmp_path / "t.json"), "--out",
+                                  str(tmp_path / "run"), *extra])
+        return _run_config(args, [], None)
+
+    RunFolder(tmp_path / "run", config("--tianchi-data", str(tmp_path / "a")), resume=False)
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")
+    RunFolder(tmp_path / "run", config("--tianchi-data", str(tmp_path / "a")), resume=True)
+    with pytest.raises(InputError, match="tianchi_data"):
+        RunFolder(tmp_path / "run", config("--tianchi-data", str(tmp_path / "b")), resume=True)
+    with pytest.raises(InputError, match="tianchi_data"):
+        RunFolder(tmp_path / "run", config(), resume=True)
