@@ -47,7 +47,8 @@ from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
-                                          s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
+                                          beyond_lumbar_field, s1_at_lower_edge, s1_cut_by_lower_edge,
+                                          same_level_twice)
 from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
@@ -688,6 +689,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     if confidence is not None:
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
+        beyond = beyond_lumbar_field(result.vertebrae, networks.weights.source) if networks.weights.lumbar_only \
+            else None
+        if beyond is not None:   # first: what the levels' own reasons cannot show
+            _ask_for_review(confidence, beyond)
     if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines
         refine_s1_outline(scan, result, networks.s1_outline, detection_params)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []

@@ -40,7 +40,8 @@ the margin cannot show: a pixel spacing other than the header's found the
 bodies; a full-strength body named S1 has a weaker detection below it where S1
 would lie (:data:`S1_MAY_BE_L5`); two consecutive bodies whose evidence favours
 the same lumbar level (:func:`same_level_twice`); an S1 at the image edge named
-from the other vertebrae (``EDGE_BODY_RELABELLED``).
+from the other vertebrae (``EDGE_BODY_RELABELLED``); a chain beyond a lumbar field
+of view with weights made for lumbar scans (:func:`beyond_lumbar_field`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,31 @@ def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequenc
         else f"margin {margin_nats:.1f} nats, less than these weights need to be trusted"
     return (f"levels may be shifted by one ({how_sure}): the next best labelling "
             f"calls {body} {alternative[k]} instead of {chosen[k]}{ranges}")
+
+
+#: The highest level a lumbar field of view reaches: on the 201 real lumbar scans of the bundled
+#: weights' validation (held out and training side, annotated T10-S1), 12 chains reach T9 or T8, the
+#: bodies above the lumbar ones, and none reaches higher (bundled MODEL_CARD.md, "Known limits").
+LUMBAR_FIELD_TOP = "T8"
+
+
+def beyond_lumbar_field(vertebrae: Sequence[Vertebra], weights_name: str) -> str | None:
+    """The review reason when the labelled chain reaches above :data:`LUMBAR_FIELD_TOP` with weights
+    made for lumbar scans only (``weights_name``, e.g. "bundled"): a thoracic, whole-spine or cervical
+    field of view, where they were not validated (None otherwise).
+
+    The bundled detector misses bodies there that no review of the levels alone would reveal: on a
+    cervical phantom it found C7-T3 of C2-T3, named right, with no review flag; on whole-spine phantoms
+    it misses the cervical spine (MODEL_CARD.md)."""
+    top = LEVELS.index(LUMBAR_FIELD_TOP)
+    above = [v.level for v in vertebrae if v.level in LEVELS and LEVELS.index(v.level) > top]
+    if not above:
+        return None
+    highest = max(above, key=LEVELS.index)
+    return (f"the {weights_name} weights were made for lumbar scans (validated on real scans of T10 to S1), and "
+            f"this chain reaches {highest}: on a thoracic, whole-spine or cervical scan they were not validated "
+            "and miss bodies (the cervical spine of whole-spine phantoms); use the official SpineNetV2 weights "
+            "(--weights official) for such scans")
 
 
 #: The note when no vertebra is called S1 (it does not by itself ask for a review).

@@ -60,6 +60,10 @@ class WeightSet:
     #: A detector (checkpoint kind "detector") used for S1 only: its outline, and an S1 below an L5
     #: (``detect/s1_outline.py``).
     s1_outline: Path | None = None
+    #: The networks were made and validated for lumbar scans only (the bundled ones: real training and
+    #: validation scans of T10-S1); a labelled chain beyond a lumbar field of view asks for a review
+    #: (``label/confidence.beyond_lumbar_field``).
+    lumbar_only: bool = False
 
     def path(self, kind: str) -> Path | None:
         return getattr(self, kind)
@@ -96,4 +100,5 @@ def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
     if missing:
         raise WeightsError(f"no {', '.join(missing)} weights in {folder} ({spec_text}): {how_to_fix}")
     return WeightSet(source=spec_text, detector=found["detector"], appearance=found["appearance"],
-                     context=found["context"], grading=found["grading"], s1_outline=found["s1_outline"])
+                     context=found["context"], grading=found["grading"], s1_outline=found["s1_outline"],
+                     lumbar_only=spec_text == "bundled")

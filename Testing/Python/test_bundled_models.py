@@ -330,3 +330,27 @@ def test_lumbar_bodies_of_an_implausible_size_say_to_check_the_pixel_spacing_on_
     assert "pixel_spacing_factor" in retried.detection.labelling
     assert not any("lumbar bodies measure" in w for w in retried.warnings)
     assert any("check the pixel spacing" in w for w in retried.warnings)
+
+
+def test_the_bundled_weights_ask_for_a_review_beyond_a_lumbar_field_of_view():
+    """Made and validated for lumbar scans only, the bundled weights on a cervical phantom find C7-T3 of
+    its C2-T3 and name them right: without this reason nothing would tell the user that C2-C6 were
+    missed.  A lumbar phantom gets no such reason; a chain up to T8 (T9 and T8 come with real lumbar
+    fields of view) neither."""
+    from dataclasses import replace
+
+    from SpineNetLib.label.confidence import LUMBAR_FIELD_TOP, beyond_lumbar_field
+    from SpineNetLib.pipeline import RunOptions, load_networks, run
+
+    networks = load_networks("bundled", "cpu")
+    assert networks.weights.lumbar_only
+    cervical = run(make_phantom(fov="cervical", seed=3).scan, networks, RunOptions(grade=False))
+    labelling = cervical.vertebrae_document["labelling"]
+    assert labelling["needs_review"]
+    assert labelling["warnings"][0].startswith("the bundled weights were made for lumbar scans")
+    assert "--weights official" in labelling["warnings"][0]
+    lumbar = run(make_phantom(fov="lumbar", seed=3).scan, networks, RunOptions(grade=False))
+    assert not any("made for lumbar scans" in w for w in lumbar.warnings)
+    top = [replace(v, level=LUMBAR_FIELD_TOP) for v in lumbar.detection.vertebrae[:1]]
+    assert beyond_lumbar_field(top, "bundled") is None                       # T8: still a lumbar field
+    assert "reaches T7" in beyond_lumbar_field([replace(top[0], level="T7")], "bundled")
