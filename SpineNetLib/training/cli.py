@@ -30,6 +30,9 @@ def _checked(args) -> None:
         raise InputError("--distil needs --init: the detector to stay close to")
     if getattr(args, "val_every", 0) < 0:
         raise InputError("--val-every must not be negative")
+    rotation = getattr(args, "max_rotation", None)
+    if rotation is not None and not 0.0 <= rotation <= 90.0:
+        raise InputError(f"--max-rotation must be 0 to 90 degrees, got {rotation:g}")
     penalty = getattr(args, "repeat_s1_penalty", None)
     if penalty is not None and not penalty >= 0.0:
         raise InputError(f"--repeat-s1-penalty must not be negative, got {penalty}")
@@ -133,6 +136,8 @@ def register(subparsers) -> None:
     det.add_argument("--frame-share", type=float, default=0.0,
                      help="share of batches of whole slices framed as the whole-slice detection plan frames "
                           "them (default 0: patches only)")
+    det.add_argument("--max-rotation", type=float, default=20.0, metavar="DEG",
+                     help="turn each training patch by up to DEG degrees either way (default 20)")
     det.add_argument("--distil", type=float, default=0.0, metavar="W",
                      help="hold the detector's outputs to those of its --init weights with weight W, except "
                           "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")

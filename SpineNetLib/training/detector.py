@@ -3,7 +3,7 @@
 Samples (one per batch item): a random training case (or, with probability
 ``phantom_fraction``, a slice of a seeded pool of random phantoms), one of its
 annotated sagittal slices, a patch of ``260 mm * U(0.8, 1.25)`` around a
-point near a vertebral body (20 % anywhere), rotated by U(-20, 20) degrees and
+point near a vertebral body (20 % anywhere), rotated by U(-20, 20) degrees (``--max-rotation``) and
 flipped with p = 0.5 (corner labels re-assigned by image position), sampled
 to 224x224 in one resampling, intensity-augmented, then normalised exactly
 as at inference (``augment``).  With ``--frame-share P``, a share P of the batches
@@ -71,6 +71,9 @@ POSITIVE_T = 0.05
 #: Share of a source's patches centred near its focus quad (S1 of a clinical slice: the body the
 #: detector used to miss, issue 10), on top of the uniform choice among all its bodies.
 FOCUS_SHARE = 0.3
+#: Patches are turned by up to this many degrees either way (``--max-rotation``).  The lowest lumbar
+#: body already leans 13-29 degrees in clinical slices (bundled MODEL_CARD.md, "Other acquisitions").
+MAX_ROTATION_DEG = 20.0
 #: Canvas sizes of whole-slice frames (``--frame-share``): a lumbar slice of 26-37 cm at the
 #: patches' scale (224 px per 26 cm) is 224-320 network pixels, padded to multiples of 32.
 FRAME_SIZES = (256, 288, 320)
@@ -156,7 +159,8 @@ def phantom_sources(n: int, seed: int) -> list[SliceSource]:
 
 
 def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength: float = 1.0,
-                 size: int = PATCH, focus_share: float = FOCUS_SHARE, with_focus_region: bool = False):
+                 size: int = PATCH, focus_share: float = FOCUS_SHARE, with_focus_region: bool = False,
+                 max_rotation_deg: float = MAX_ROTATION_DEG):
     """(input (P, P), targets (13, P, P), valid (P, P) bool, focus region (P, P) bool) of one random
     patch of ``src``; the focus region (:func:`focus_region`, a few ms) only ``with_focus_region``
     (``--distil``), else all False."""
@@ -174,7 +178,8 @@ def sample_patch(rng: np.random.Generator, src: SliceSource, *, augment_strength
     else:
         center = np.array([rng.uniform(0, w - 1), rng.uniform(0, h - 1)])
     tf = augment.make_transform(center, (sr, sc), size=size, scale=float(rng.uniform(0.8, 1.25)),
-                                rotation_deg=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5))
+                                rotation_deg=float(rng.uniform(-max_rotation_deg, max_rotation_deg)),
+                                flip=bool(rng.random() < 0.5))
     patch, ign = augment.resample_with_ignore(img, src.ignore.get(s), tf)
     target, valid = _targets_and_valid(tf, quads, ign)
     x = augment.augment_intensity(rng, patch, strength=augment_strength)
@@ -240,7 +245,8 @@ def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augme
     sr, sc = src.spacing_rc
     tf = augment.make_transform(np.array([(w - 1) / 2.0, (h - 1) / 2.0]), (sr, sc), size=size,
                                 patch_mm=260.0 * size / PATCH,       # the patches' pixel size, 26 cm per 224
-                                scale=float(rng.uniform(0.8, 1.25)), rotation_deg=float(rng.uniform(-20, 20)),
+                                scale=float(rng.uniform(0.8, 1.25)),
+                                rotation_deg=float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)),
                                 flip=bool(rng.random() < 0.5))
     corners = tf.scan_to_patch(np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]]))
     low, extent = corners.min(axis=0), np.ptp(corners, axis=0)          # (u, v) canvas pixels
@@ -414,7 +420,8 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
             items.append(sample_frame(rng, src, size=frame_size, augment_strength=args.augment))
         else:
             items.append(sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"],
-                                      with_focus_region=config["distil"] > 0))
+                                      with_focus_region=config["distil"] > 0,
+                                      max_rotation_deg=config.get("max_rotation_deg", MAX_ROTATION_DEG)))
     return tuple(np.stack(column) for column in zip(*items))
 
 
@@ -431,6 +438,9 @@ def train(args) -> Path:
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
               "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0),
               "distil": float(getattr(args, "distil", 0.0) or 0.0)}
+    max_rotation = float(getattr(args, "max_rotation", MAX_ROTATION_DEG))
+    if max_rotation != MAX_ROTATION_DEG:   # recorded only when changed: runs from before the option still resume
+        config["max_rotation_deg"] = max_rotation
     if config["distil"] > 0 and not config["init"]:
         raise InputError("--distil needs --init: the detector to stay close to")
     run = RunFolder(args.out, config, resume=args.resume)

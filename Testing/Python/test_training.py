@@ -371,3 +371,24 @@ def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, op
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_detector_patches_are_turned_within_max_rotation(monkeypatch):
+    """``--max-rotation``: every patch is turned by at most that many degrees either way, and the range is used."""
+    from SpineNetLib.training import augment, detector
+
+    src = detector.phantom_sources(1, seed=0)[0]
+    turned = []
+    make_transform = augment.make_transform
+
+    def recording(*args, **kwargs):
+        turned.append(kwargs["rotation_deg"])
+        return make_transform(*args, **kwargs)
+
+    monkeypatch.setattr(augment, "make_transform", recording)
+    rng = np.random.default_rng(0)
+    for limit in (detector.MAX_ROTATION_DEG, 35.0):
+        turned.clear()
+        for _ in range(40):
+            detector.sample_patch(rng, src, augment_strength=0.0, size=32, max_rotation_deg=limit)
+        assert max(abs(a) for a in turned) <= limit and max(abs(a) for a in turned) > 0.8 * limit

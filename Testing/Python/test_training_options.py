@@ -49,6 +49,8 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("detector", ["--tianchi-fraction", "3"], "--tianchi-fraction"),
     ("detector", ["--focus-share", "-2"], "--focus-share"),
     ("detector", ["--val-every", "-1"], "--val-every"),
+    ("detector", ["--max-rotation", "120"], "--max-rotation"),
+    ("detector", ["--max-rotation", "nan"], "--max-rotation"),
     ("appearance", ["--tianchi-fraction", "1.5"], "--tianchi-fraction"),
     ("appearance", ["--phantom-fraction", "nan"], "--phantom-fraction"),
     ("context", ["--repeat-s1-penalty", "-5"], "--repeat-s1-penalty"),
