@@ -13,7 +13,8 @@ A study is one scan:
   some.  A series whose plane its headers do not tell is a study; the loader then reads it or
   says why it cannot.
 
-A DICOM exam (StudyInstanceUID) with images but not one sagittal series is not run: it is
+A DICOM exam (StudyInstanceUID) with images but not one sagittal MR series (a CT or other non-MR
+series is never read: ``inputs.dicom.NOT_MR_MODALITIES``) is not run: it is
 reported as a failure (:class:`StudyFailure`), since a user who put it under the root probably
 expected a result from it.
 
@@ -42,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from SpineNetLib.inputs.dicom import not_mr_modality
 from SpineNetLib.inputs.image import image_suffix
 
 #: Files that never make a folder worth reading DICOM headers in (data files of .mhd/.nhdr
@@ -92,6 +94,8 @@ class SeriesHeader:
     number: str
     description: str
     files: int
+    #: The Modality of images that are no MR scan ("CT", ...; ``inputs.dicom.NOT_MR_MODALITIES``), else "".
+    not_mr: str = ""
 
 
 @dataclass
@@ -196,11 +200,12 @@ def dicom_series_in_folder(folder: str | os.PathLike) -> list[SeriesHeader]:
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         entry = series.setdefault(uid, {"study_uid": str(ds.get("StudyInstanceUID", "") or ""), "planes": set(),
                                         "number": str(ds.get("SeriesNumber", "") or ""),
-                                        "description": str(ds.get("SeriesDescription", "") or ""), "files": 0})
+                                        "description": str(ds.get("SeriesDescription", "") or ""), "files": 0,
+                                        "not_mr": not_mr_modality(ds) or ""})
         entry["planes"].add(_plane(ds))
         entry["files"] += 1
     return [SeriesHeader(str(folder), uid, e["study_uid"], _series_plane(e["planes"]), e["number"],
-                         e["description"], e["files"]) for uid, e in series.items()]
+                         e["description"], e["files"], e["not_mr"]) for uid, e in series.items()]
 
 
 def _series_plane(planes: set[str]) -> str:
@@ -223,7 +228,7 @@ def _merge_series(headers: Iterable[SeriesHeader]) -> list[SeriesHeader]:
         first = parts[0]
         out.append(SeriesHeader(str(_common_folder(p.folder for p in parts)), uid, first.study_uid,
                                 _series_plane(planes), first.number, first.description,
-                                sum(p.files for p in parts)))
+                                sum(p.files for p in parts), first.not_mr))
     return out
 
 
@@ -233,7 +238,7 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
     for s in series:
         exams.setdefault(s.study_uid or f"folder:{s.folder}", []).append(s)
     for exam_key, members in exams.items():
-        readable = [s for s in members if s.plane in ("sagittal", "unknown")]
+        readable = [s for s in members if s.plane in ("sagittal", "unknown") and not s.not_mr]
         for s in readable:
             relative = _relative(Path(s.folder), root)
             label = "_".join(x for x in (f"s{s.number}" if s.number else "", s.description) if x)
@@ -242,10 +247,13 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
         if not readable:
             relative = _relative(_common_folder(s.folder for s in members), root)
             planes = sorted({s.plane for s in members})
+            not_mr = sorted({s.not_mr for s in members if s.not_mr and s.plane in ("sagittal", "unknown")})
+            reason = (f"no sagittal MR series in this DICOM exam: its sagittal series are {' and '.join(not_mr)} "
+                      "(SpineNet reads MR scans)" if not_mr else
+                      f"no sagittal series in this DICOM exam: {len(members)} series, "
+                      f"{' and '.join(planes)} (localisers are 'mixed')")
             failures.append(StudyFailure(
-                make_study_id([*_parts(relative, root), "exam"], f"{relative}#{exam_key}"), relative,
-                f"no sagittal series in this DICOM exam: {len(members)} series, "
-                f"{' and '.join(planes)} (localisers are 'mixed')"))
+                make_study_id([*_parts(relative, root), "exam"], f"{relative}#{exam_key}"), relative, reason))
     return studies, failures
 
 

@@ -56,6 +56,17 @@ IMAGE_SOP_CLASSES = frozenset((
     "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word Secondary Capture Image Storage
 ))
 _PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+#: Modality values (DICOM PS3.3 C.7.3.1.1.1) of images that are no MR scan: CT, PET, nuclear medicine,
+#: ultrasound, radiographs, ...  SpineNet's networks read MR only, so such a series is never read.  A
+#: series without a Modality, or of "OT" (other; some secondary captures of an MR image), is read.
+NOT_MR_MODALITIES = frozenset(("CT", "PT", "NM", "US", "XA", "RF", "CR", "DX", "MG", "IO", "PX", "RG", "ES",
+                               "XC", "OP", "SM"))
+
+
+def not_mr_modality(header) -> str | None:
+    """The header's Modality when it names images that are no MR scan (:data:`NOT_MR_MODALITIES`), else None."""
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    return modality if modality in NOT_MR_MODALITIES else None
 
 
 @dataclass
@@ -304,18 +315,29 @@ def _series_plane(slices: list[_Slice]) -> str:
 
 
 def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None) -> str:
+    """The series to read: ``series_uid``, or the folder's only sagittal MR series (a CT or other non-MR
+    series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR)."""
+    modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
     if series_uid is not None:
-        if series_uid in series:
-            return series_uid
-        listing = "; ".join(_describe_series(u, s) for u, s in series.items())
-        raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
+        if series_uid not in series:
+            listing = "; ".join(_describe_series(u, s) for u, s in series.items())
+            raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
+        if modality[series_uid]:
+            raise InputError(f"series {_describe_series(series_uid, series[series_uid])} is {modality[series_uid]}, "
+                             "not MR: SpineNet reads sagittal MR scans")
+        return series_uid
     planes = {uid: _series_plane(s) for uid, s in series.items()}
-    sagittal = [uid for uid, p in planes.items() if p == "sagittal"]
+    sagittal = [uid for uid, p in planes.items() if p == "sagittal" and not modality[uid]]
     if len(sagittal) == 1:
         return sagittal[0]
     if len(sagittal) > 1:
         listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
         raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series UID: {listing}")
+    not_mr = [uid for uid, p in planes.items() if p == "sagittal" and modality[uid]]
+    if not_mr:
+        kinds = " and ".join(sorted({modality[uid] for uid in not_mr}))
+        raise InputError(f"no sagittal MR series in {folder}: its sagittal series {'is' if len(not_mr) == 1 else 'are'} "
+                         f"{kinds} ({'; '.join(_describe_series(u, series[u]) for u in not_mr)}); SpineNet reads MR scans")
     if len(series) == 1 and planes[next(iter(series))] == "unknown":
         s = next(s for s in next(iter(series.values())) if s.iop is None)
         raise InputError(f"ImageOrientationPatient (0020,0037) missing or invalid in {s.name}: "

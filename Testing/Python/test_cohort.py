@@ -87,6 +87,12 @@ def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
                        extra_tags={**exam, "SeriesNumber": 4})
     write_dicom_series(t2.voxels_kji, axial, root / "exam2", series_description="only axial")
     (root / "exam2" / "notes.txt").write_text("not an image")
+    # a sagittal CT beside exam1's MR series is no study; an exam of a sagittal CT alone is a failure
+    ct = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}
+    write_dicom_series(t2.voxels_kji, t2.ijk_to_ras, root / "exam1" / "ct", series_description="CT SAG",
+                       extra_tags={**exam, "SeriesNumber": 5, **ct})
+    write_dicom_series(t2.voxels_kji, t2.ijk_to_ras, root / "exam3", series_description="CT SAG", extra_tags=ct,
+                       seed=3)   # UIDs of its own (they derive from the voxels and the seed)
     out = root / "out"   # the output folder under the root: its own images are no study
     _phantom(9, shape=(64, 64), n_slices=4).write_nifti(out / "studies" / "x" / "hotspots_P.nii.gz")
 
@@ -103,7 +109,8 @@ def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
     assert by_input[("exam1/t1", "dicom")].series_uid != by_input[("exam1", "dicom")].series_uid
     # the exam without a sagittal series is a failure, with its reason; the axial series of exam1 is no study
     assert [(f.input, "no sagittal series" in f.reason, "axial" in f.reason) for f in found.failures] == \
-        [("exam2", True, True)]
+        [("exam2", True, True), ("exam3", False, False)]
+    assert found.failures[1].reason.startswith("no sagittal MR series in this DICOM exam: its sagittal series are CT")
     # stable: the same ids on a second look, and when the root is moved
     moved = tmp_path / "moved"
     root.rename(moved)

@@ -365,6 +365,30 @@ def test_series_selection(tmp_path):
         load_scan(tmp_path, series_uid="1.2.3.4")
 
 
+CT_TAGS = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}   # CT Image Storage
+
+
+def test_a_ct_series_is_never_read_as_an_mr_scan(tmp_path):
+    """A sagittal CT reformat beside the MR series of the same exam is passed over; named, or alone, it is
+    refused in one line: the networks were trained on MR and would read a CT without a word of doubt."""
+    vol, a = sagittal_standard((4, 20, 18))
+    mr = write_dicom_series(vol, a, tmp_path / "exam", file_prefix="MR_", series_description="T2 SAG")
+    ct = write_dicom_series(vol * 3, a, tmp_path / "exam", file_prefix="CT_", series_description="CT SAG",
+                            extra_tags=CT_TAGS)
+    mr_uid, ct_uid = (str(pydicom.dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (mr, ct))
+    assert load_scan(tmp_path / "exam").metadata["series_uid"] == mr_uid
+    with pytest.raises(InputError) as exc:
+        load_scan(tmp_path / "exam", series_uid=ct_uid)
+    assert "'CT SAG'" in assert_one_line(exc) and "is CT, not MR" in str(exc.value)
+    for path in mr:
+        path.unlink()
+    with pytest.raises(InputError) as exc:
+        load_scan(tmp_path / "exam")
+    assert assert_one_line(exc).startswith(f"no sagittal MR series in {tmp_path / 'exam'}: its sagittal series is CT")
+    write_dicom_series(vol, a, tmp_path / "other", extra_tags={"Modality": "OT"})   # "other": read
+    assert load_scan(tmp_path / "other").shape == (20, 18, 4)
+
+
 def test_pixel_and_slice_spacing_overrides(tmp_path):
     vol, a = sagittal_standard((4, 20, 18))
     write_dicom_series(vol, a, tmp_path / "d", extra_tags={"PixelSpacing": None})
