@@ -61,7 +61,8 @@ from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
-from SpineNetLib.core.process import environment_keeping_freed_memory, too_many_threads
+from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory, ignore_interrupts,
+                                      too_many_threads)
 from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
 from SpineNetLib.weights.resolve import resolve_weights
@@ -161,13 +162,20 @@ def record_result_settings(outdir: Path, settings: CohortSettings) -> None:
 
 
 class NetworksPlugin(WorkerPlugin):
-    """Keeps each worker's loaded networks, so a worker loads them once (module docstring)."""
+    """Keeps each worker's loaded networks, so a worker loads them once (module docstring).
+
+    A worker started by a nanny (every worker of a local cluster) also ignores Ctrl-C from then on; its
+    nanny stops it.  A terminal's Ctrl-C reaches every process of the group, and each local worker
+    printed its own traceback while ``spinenet cohort``, which the interrupt is meant for, closed the
+    cluster and wrote the tables."""
 
     name = "spinenet-networks"
 
     def setup(self, worker) -> None:
         self._lock = threading.Lock()
         self._loaded: dict[tuple, pipeline.Networks] = {}
+        if getattr(worker, "nanny", None) is not None:   # started by a nanny (local or `dask worker`)
+            ignore_interrupts()
 
     def networks(self, settings: CohortSettings) -> tuple[pipeline.Networks, float]:
         """The networks for ``settings`` and the seconds spent loading them now (0.0: loaded before)."""
@@ -375,8 +383,13 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
         finally:
             client.close()
         return
-    cluster = local_cluster(workers)
+    # Ctrl-C while the workers start would leave them half started, and Dask's exit callback would then
+    # fail on them with a traceback: the interrupt waits until the cluster is up, which is then closed.
+    with deferred_interrupts() as starting:
+        cluster = local_cluster(workers)
     try:
+        if starting.interrupted:
+            raise KeyboardInterrupt
         with Client(cluster) as client:
             yield client
     finally:

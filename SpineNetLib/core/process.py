@@ -24,7 +24,8 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 #: Blocks up to this size come from the heap, and this much freed memory stays there.  256 MB made the
 #: official-size lumbar run 1-3 s faster, but its peak reached 2.17 GB, over issue 16's 2 GB.
@@ -89,6 +90,39 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:   # signal handlers can only be set in the main thread
         pass
+
+
+class DeferredInterrupt:
+    """What :func:`deferred_interrupts` saw: ``interrupted`` is True once Ctrl-C came during its block."""
+
+    interrupted = False
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[DeferredInterrupt]:
+    """Hold Ctrl-C (SIGINT) back during the block: it only sets ``interrupted`` of the object yielded, and
+    the caller ends what it started before it stops.
+
+    For starting a Dask cluster: interrupted half way, its workers are left half started, and Dask's exit
+    callback then fails on them with a traceback.  Nothing is held where this is no main thread or
+    Ctrl-C is ignored already."""
+    seen = DeferredInterrupt()
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):
+            raise ValueError("Ctrl-C is ignored or not Python's")
+
+        def note(signum, frame):
+            seen.interrupted = True
+
+        signal.signal(signal.SIGINT, note)
+    except ValueError:   # not the main thread, or nothing to hold back
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_as_process(main: Callable[[], int]) -> int:

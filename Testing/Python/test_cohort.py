@@ -365,3 +365,41 @@ def test_the_runtime_is_part_of_a_workers_network_cache(monkeypatch):
     assert settings.network_key() != CohortSettings(precision="bf16").network_key()
     assert cohort_run._load_networks(settings) == "networks"
     assert seen["runtime"] == "openvino" and seen["precision"] == "bf16"
+
+
+def test_ctrl_c_while_the_local_cluster_starts_waits_for_it_and_closes_it(monkeypatch):
+    """Ctrl-C in the middle of starting the workers left them half started, and Dask's exit callback then
+    printed a traceback (AssertionError: Status.init) after "spinenet: interrupted".  Now the interrupt
+    waits until the cluster is up, which is then closed, and the run stops as interrupted."""
+    events = []
+
+    class StartingCluster:
+        def __init__(self, workers):
+            os.kill(os.getpid(), signal.SIGINT)   # the user's Ctrl-C, half way through the start
+            events.append("started")
+
+        def close(self):
+            events.append("closed")
+
+    monkeypatch.setattr(cohort_run, "local_cluster", StartingCluster)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with cohort_run.dask_client(1):
+            events.append("used")
+    assert events == ["started", "closed"]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_worker_started_by_a_nanny_leaves_ctrl_c_to_the_cohort_command(monkeypatch):
+    """A terminal's Ctrl-C reaches the workers too: each printed a KeyboardInterrupt traceback while the
+    command closed the cluster.  A nanny's worker ignores it once the plugin is set up; others keep theirs."""
+    from types import SimpleNamespace
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        cohort_run.NetworksPlugin().setup(SimpleNamespace(nanny=None))
+        assert signal.getsignal(signal.SIGINT) is handler
+        cohort_run.NetworksPlugin().setup(SimpleNamespace(nanny="tcp://127.0.0.1:1234"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)
