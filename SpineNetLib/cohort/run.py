@@ -386,7 +386,14 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
     # Ctrl-C while the workers start would leave them half started, and Dask's exit callback would then
     # fail on them with a traceback: the interrupt waits until the cluster is up, which is then closed.
     with deferred_interrupts() as starting:
-        cluster = local_cluster(workers)
+        try:
+            cluster = local_cluster(workers)
+        except Exception:
+            if not starting.interrupted:
+                raise
+            cluster = None   # a terminal's Ctrl-C reached a worker as it started: still an interrupt
+    if cluster is None:
+        raise KeyboardInterrupt
     try:
         if starting.interrupted:
             raise KeyboardInterrupt

@@ -389,6 +389,15 @@ def test_ctrl_c_while_the_local_cluster_starts_waits_for_it_and_closes_it(monkey
     assert events == ["started", "closed"]
     assert signal.getsignal(signal.SIGINT) is handler
 
+    def failing_start(workers):   # the same Ctrl-C reached a worker too, which then failed to start
+        os.kill(os.getpid(), signal.SIGINT)
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(cohort_run, "local_cluster", failing_start)
+    with pytest.raises(KeyboardInterrupt):      # not "internal error: RuntimeError"
+        with cohort_run.dask_client(1):
+            pass
+
 
 def test_a_worker_started_by_a_nanny_leaves_ctrl_c_to_the_cohort_command(monkeypatch):
     """A terminal's Ctrl-C reaches the workers too: each printed a KeyboardInterrupt traceback while the
