@@ -15,6 +15,7 @@ Three sources, chosen with ``--weights``:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,8 @@ class WeightSet:
     #: (``detect/s1_outline.py``).
     s1_outline: Path | None = None
     #: The networks were made and validated for lumbar scans only (the bundled ones: real training and
-    #: validation scans of T10-S1); a labelled chain beyond a lumbar field of view asks for a review
+    #: validation scans of T10-S1, also when copied into a folder, :func:`_bundled_labelling_networks`);
+    #: a labelled chain beyond a lumbar field of view asks for a review
     #: (``label/confidence.beyond_lumbar_field``).
     lumbar_only: bool = False
 
@@ -77,6 +79,24 @@ def _find(folder: Path, kind: str) -> Path | None:
     if sub is not None and sub.is_dir() and any(p.suffix == ".pt" for p in sub.iterdir()):
         return sub
     return None
+
+
+#: The networks that find and name the levels: where all three are the bundled files, the weights are
+#: the bundled weights for the levels' purposes, whatever the folder and the grader beside them.
+LABELLING_KINDS = ("detector", "appearance", "context")
+
+
+def _same_file_contents(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+def _bundled_labelling_networks(found: dict[str, Path | None]) -> bool:
+    """Whether the detector, appearance and context files found are byte for byte the bundled ones."""
+    bundled = {kind: _find(BUNDLED_DIR, kind) for kind in LABELLING_KINDS}
+    return all(found[k] is not None and bundled[k] is not None and found[k].is_file()
+               and _same_file_contents(found[k], bundled[k]) for k in LABELLING_KINDS)
 
 
 def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
@@ -101,4 +121,4 @@ def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
         raise WeightsError(f"no {', '.join(missing)} weights in {folder} ({spec_text}): {how_to_fix}")
     return WeightSet(source=spec_text, detector=found["detector"], appearance=found["appearance"],
                      context=found["context"], grading=found["grading"], s1_outline=found["s1_outline"],
-                     lumbar_only=spec_text == "bundled")
+                     lumbar_only=spec_text == "bundled" or _bundled_labelling_networks(found))

@@ -354,3 +354,19 @@ def test_the_bundled_weights_ask_for_a_review_beyond_a_lumbar_field_of_view():
     top = [replace(v, level=LUMBAR_FIELD_TOP) for v in lumbar.detection.vertebrae[:1]]
     assert beyond_lumbar_field(top, "bundled") is None                       # T8: still a lumbar field
     assert "reaches T7" in beyond_lumbar_field([replace(top[0], level="T7")], "bundled")
+
+
+def test_the_bundled_labelling_networks_copied_into_a_folder_are_still_marked_lumbar_only(tmp_path):
+    """A folder holding the bundled detector, appearance and context files (with any grader) is the
+    bundled weights for the levels' purposes; one with another detector is not."""
+    import shutil
+
+    from SpineNetLib.weights.resolve import resolve_weights
+
+    for name in ("detector.pt", "appearance.pt", "context.pt"):
+        shutil.copy(BUNDLED_DIR / name, tmp_path / name)
+    assert resolve_weights(tmp_path).lumbar_only and resolve_weights("bundled").lumbar_only
+    retrained = bytearray((tmp_path / "detector.pt").read_bytes())
+    retrained[-100] ^= 1
+    (tmp_path / "detector.pt").write_bytes(bytes(retrained))
+    assert not resolve_weights(tmp_path).lumbar_only
