@@ -689,7 +689,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     if confidence is not None:
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
-        beyond = beyond_lumbar_field(result.vertebrae, "bundled") if networks.weights.lumbar_only else None
+        beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if beyond is not None:   # first: what the levels' own reasons cannot show
             _ask_for_review(confidence, beyond)
     if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines

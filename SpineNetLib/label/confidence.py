@@ -141,9 +141,9 @@ def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequenc
 LUMBAR_FIELD_TOP = "T8"
 
 
-def beyond_lumbar_field(vertebrae: Sequence[Vertebra], weights_name: str) -> str | None:
-    """The review reason when the labelled chain reaches above :data:`LUMBAR_FIELD_TOP` with weights
-    made for lumbar scans only (``weights_name``, e.g. "bundled"): a thoracic, whole-spine or cervical
+def beyond_lumbar_field(vertebrae: Sequence[Vertebra]) -> str | None:
+    """The review reason when the labelled chain reaches above :data:`LUMBAR_FIELD_TOP` with the bundled
+    networks, made for lumbar scans only (``WeightSet.lumbar_only``): a thoracic, whole-spine or cervical
     field of view, where they were not validated (None otherwise).
 
     The bundled detector misses bodies there that no review of the levels alone would reveal: on a
@@ -154,7 +154,7 @@ def beyond_lumbar_field(vertebrae: Sequence[Vertebra], weights_name: str) -> str
     if not above:
         return None
     highest = max(above, key=LEVELS.index)
-    return (f"the {weights_name} weights were made for lumbar scans (validated on real scans of T10 to S1), and "
+    return (f"the bundled weights were made for lumbar scans (validated on real scans of T10 to S1), and "
             f"this chain reaches {highest}: on a thoracic, whole-spine or cervical scan they were not validated "
             "and miss bodies (the cervical spine of whole-spine phantoms); use the official SpineNetV2 weights "
             "(--weights official) for such scans")

@@ -352,8 +352,8 @@ def test_the_bundled_weights_ask_for_a_review_beyond_a_lumbar_field_of_view():
     lumbar = run(make_phantom(fov="lumbar", seed=3).scan, networks, RunOptions(grade=False))
     assert not any("made for lumbar scans" in w for w in lumbar.warnings)
     top = [replace(v, level=LUMBAR_FIELD_TOP) for v in lumbar.detection.vertebrae[:1]]
-    assert beyond_lumbar_field(top, "bundled") is None                       # T8: still a lumbar field
-    assert "reaches T7" in beyond_lumbar_field([replace(top[0], level="T7")], "bundled")
+    assert beyond_lumbar_field(top) is None                       # T8: still a lumbar field
+    assert "reaches T7" in beyond_lumbar_field([replace(top[0], level="T7")])
 
 
 def test_the_bundled_labelling_networks_copied_into_a_folder_are_still_marked_lumbar_only(tmp_path):
