@@ -238,7 +238,8 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
     for s in series:
         exams.setdefault(s.study_uid or f"folder:{s.folder}", []).append(s)
     for exam_key, members in exams.items():
-        readable = [s for s in members if s.plane in ("sagittal", "unknown") and not s.not_mr]
+        sagittal = [s for s in members if s.plane in ("sagittal", "unknown")]
+        readable = [s for s in sagittal if not s.not_mr]
         for s in readable:
             relative = _relative(Path(s.folder), root)
             label = "_".join(x for x in (f"s{s.number}" if s.number else "", s.description) if x)
@@ -247,7 +248,7 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
         if not readable:
             relative = _relative(_common_folder(s.folder for s in members), root)
             planes = sorted({s.plane for s in members})
-            not_mr = sorted({s.not_mr for s in members if s.not_mr and s.plane in ("sagittal", "unknown")})
+            not_mr = sorted({s.not_mr for s in sagittal})   # none readable: every sagittal series is non-MR
             reason = (f"no sagittal MR series in this DICOM exam: its sagittal series are {' and '.join(not_mr)} "
                       "(SpineNet reads MR scans)" if not_mr else
                       f"no sagittal series in this DICOM exam: {len(members)} series, "

@@ -389,11 +389,9 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
         try:
             cluster = local_cluster(workers)
         except Exception:
-            if not starting.interrupted:
-                raise
-            cluster = None   # a terminal's Ctrl-C reached a worker as it started: still an interrupt
-    if cluster is None:
-        raise KeyboardInterrupt
+            if starting.interrupted:   # a terminal's Ctrl-C reached a worker as it started: still an interrupt
+                raise KeyboardInterrupt from None
+            raise
     try:
         if starting.interrupted:
             raise KeyboardInterrupt
