@@ -15,7 +15,7 @@ Three sources, chosen with ``--weights``:
 
 from __future__ import annotations
 
-import hashlib
+import filecmp
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,17 +86,11 @@ def _find(folder: Path, kind: str) -> Path | None:
 LABELLING_KINDS = ("detector", "appearance", "context")
 
 
-def _same_file_contents(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
-
-
 def _bundled_labelling_networks(found: dict[str, Path | None]) -> bool:
     """Whether the detector, appearance and context files found are byte for byte the bundled ones."""
     bundled = {kind: _find(BUNDLED_DIR, kind) for kind in LABELLING_KINDS}
     return all(found[k] is not None and bundled[k] is not None and found[k].is_file()
-               and _same_file_contents(found[k], bundled[k]) for k in LABELLING_KINDS)
+               and filecmp.cmp(found[k], bundled[k], shallow=False) for k in LABELLING_KINDS)
 
 
 def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
