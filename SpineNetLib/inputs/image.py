@@ -60,6 +60,20 @@ def _one_line(exc: Exception) -> str:
     return (text[:200] + "...") if len(text) > 200 else text
 
 
+#: NIfTI-1 (header of 348 bytes) and NIfTI-2 (540): where ``dim`` and ``pixdim`` lie in the header and
+#: their struct types (8 values each).
+_NIFTI_DIM_PIXDIM = {348: (40, "h", 76, "f"), 540: (16, "q", 104, "d")}
+
+
+def _nifti_layout(hdr: bytes) -> tuple[str, int] | None:
+    """(byte order, header size) of a NIfTI-1 or NIfTI-2 header, from its first field; None for neither."""
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
+        if sizeof_hdr in _NIFTI_DIM_PIXDIM:
+            return endian, sizeof_hdr
+    return None
+
+
 def _check_nifti_complete(path: Path) -> None:
     """Refuse truncated NIfTI files: ITK reads them without complaint, filling the gap with garbage."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -68,25 +82,22 @@ def _check_nifti_complete(path: Path) -> None:
             hdr = fh.read(540)
             if len(hdr) < 348:
                 raise InputError(f"cannot read {path}: file too short for a NIfTI header")
-            for endian in "<>":
-                sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
-                if sizeof_hdr in (348, 540):
-                    break
-            else:
+            layout = _nifti_layout(hdr)
+            if layout is None:
                 raise InputError(f"cannot read {path}: not a NIfTI file (bad header size)")
+            endian, sizeof_hdr = layout
+            dim_at, dim_type, pix_at, pix_type = _NIFTI_DIM_PIXDIM[sizeof_hdr]
+            dims = struct.unpack_from(f"{endian}8{dim_type}", hdr, dim_at)
             if sizeof_hdr == 348:
-                dims = struct.unpack(endian + "8h", hdr[40:56])
                 bitpix = struct.unpack(endian + "h", hdr[72:74])[0]
                 vox_offset = struct.unpack(endian + "f", hdr[108:112])[0]
             else:
                 bitpix = struct.unpack(endian + "h", hdr[14:16])[0]
-                dims = struct.unpack(endian + "8q", hdr[16:80])
                 vox_offset = struct.unpack(endian + "q", hdr[168:176])[0]
             ndim = dims[0]
             if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1:ndim + 1]) or bitpix <= 0:
                 raise InputError(f"cannot read {path}: invalid NIfTI dimensions {dims[:ndim + 1]}")
-            _check_nifti_spacing(path, struct.unpack(endian + "8f", hdr[76:108]) if sizeof_hdr == 348
-                                 else struct.unpack(endian + "8d", hdr[104:168]), ndim)
+            _check_nifti_spacing(path, struct.unpack_from(f"{endian}8{pix_type}", hdr, pix_at), ndim)
             n_voxels = int(np.prod(dims[1:ndim + 1], dtype=np.float64))
             if n_voxels > MAX_VOXELS:  # before decompressing anything: a small .nii.gz may claim gigabytes
                 raise InputError(f"{path.name} claims {n_voxels} voxels (dimensions {tuple(dims[1:ndim + 1])}): "
@@ -130,9 +141,8 @@ def _nifti_2d_as_3d(path: Path) -> Path | None:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as fh:
         header = bytearray(fh.read(540))
-        endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] in (348, 540)), "<")
-        nifti2 = struct.unpack(endian + "i", header[:4])[0] == 540
-        dim_at, dim_type, pix_at, pix_type = (16, "q", 104, "d") if nifti2 else (40, "h", 76, "f")
+        endian, sizeof_hdr = _nifti_layout(header) or ("<", 348)   # checked before (_check_nifti_complete)
+        dim_at, dim_type, pix_at, pix_type = _NIFTI_DIM_PIXDIM[sizeof_hdr]
         dims = list(struct.unpack_from(f"{endian}8{dim_type}", header, dim_at))
         if dims[0] != 2:
             return None
