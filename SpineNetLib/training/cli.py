@@ -137,7 +137,8 @@ def register(subparsers) -> None:
                      help="share of batches of whole slices framed as the whole-slice detection plan frames "
                           "them (default 0: patches only)")
     det.add_argument("--max-rotation", type=float, default=20.0, metavar="DEG",
-                     help="turn each training patch by up to DEG degrees either way (default 20)")
+                     help="turn each training patch (and whole-slice frame) by up to DEG degrees either way "
+                          "(default 20)")
     det.add_argument("--distil", type=float, default=0.0, metavar="W",
                      help="hold the detector's outputs to those of its --init weights with weight W, except "
                           "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")

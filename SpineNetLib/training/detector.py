@@ -34,7 +34,6 @@ to the detector it starts from (learning without forgetting).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +227,8 @@ def _targets_and_valid(tf: augment.PatchTransform, quads: np.ndarray, ignore: np
     return render_vfr_maps(qp[keep], (size, size)), valid
 
 
-def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augment_strength: float = 1.0):
+def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augment_strength: float = 1.0,
+                 max_rotation_deg: float = MAX_ROTATION_DEG):
     """(input, targets, valid, focus region (none)) of one whole slice framed as the whole-slice plan frames it (issue 16).
 
     The plan (``detect/plans.py``) resizes a slice to the patches' network scale, puts it at the
@@ -246,7 +246,7 @@ def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augme
     tf = augment.make_transform(np.array([(w - 1) / 2.0, (h - 1) / 2.0]), (sr, sc), size=size,
                                 patch_mm=260.0 * size / PATCH,       # the patches' pixel size, 26 cm per 224
                                 scale=float(rng.uniform(0.8, 1.25)),
-                                rotation_deg=float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)),
+                                rotation_deg=float(rng.uniform(-max_rotation_deg, max_rotation_deg)),
                                 flip=bool(rng.random() < 0.5))
     corners = tf.scan_to_patch(np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]]))
     low, extent = corners.min(axis=0), np.ptp(corners, axis=0)          # (u, v) canvas pixels
@@ -411,17 +411,19 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
     items = []
     frame_size = (int(rng.choice(FRAME_SIZES)) if config["frame_share"] > 0 and rng.random() < config["frame_share"]
                   else None)
+    max_rotation_deg = config.get("max_rotation_deg", MAX_ROTATION_DEG)
     for _ in range(args.batch_size):
         pool = phantoms if rng.random() < phantom_fraction else real
         if pool is real and clinical and rng.random() < config["tianchi_fraction"]:
             pool = clinical
         src = pool[int(rng.integers(len(pool)))]
         if frame_size:
-            items.append(sample_frame(rng, src, size=frame_size, augment_strength=args.augment))
+            items.append(sample_frame(rng, src, size=frame_size, augment_strength=args.augment,
+                                      max_rotation_deg=max_rotation_deg))
         else:
             items.append(sample_patch(rng, src, augment_strength=args.augment, focus_share=config["focus_share"],
                                       with_focus_region=config["distil"] > 0,
-                                      max_rotation_deg=config.get("max_rotation_deg", MAX_ROTATION_DEG)))
+                                      max_rotation_deg=max_rotation_deg))
     return tuple(np.stack(column) for column in zip(*items))
 
 

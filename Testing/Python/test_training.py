@@ -374,7 +374,8 @@ def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, op
 
 
 def test_detector_patches_are_turned_within_max_rotation(monkeypatch):
-    """``--max-rotation``: every patch is turned by at most that many degrees either way, and the range is used."""
+    """``--max-rotation``: every patch and whole-slice frame is turned by at most that many degrees either way,
+    and the range is used."""
     from SpineNetLib.training import augment, detector
 
     src = detector.phantom_sources(1, seed=0)[0]
@@ -391,4 +392,8 @@ def test_detector_patches_are_turned_within_max_rotation(monkeypatch):
         turned.clear()
         for _ in range(40):
             detector.sample_patch(rng, src, augment_strength=0.0, size=32, max_rotation_deg=limit)
+        assert max(abs(a) for a in turned) <= limit and max(abs(a) for a in turned) > 0.8 * limit
+        turned.clear()   # the whole-slice frames (--frame-share) too
+        for _ in range(40):
+            detector.sample_frame(rng, src, size=64, augment_strength=0.0, max_rotation_deg=limit)
         assert max(abs(a) for a in turned) <= limit and max(abs(a) for a in turned) > 0.8 * limit
