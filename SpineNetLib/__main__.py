@@ -1,5 +1,3 @@
-import sys
+from SpineNetLib.apps.cli import command
 
-from SpineNetLib.apps.cli import program
-
-sys.exit(program())
+command()

@@ -26,9 +26,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
-from SpineNetLib.core.process import run_as_process, too_many_threads
+from SpineNetLib.core.process import exit_process, run_as_process, too_many_threads
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
@@ -499,5 +500,11 @@ def program() -> int:
     return run_as_process(main)
 
 
+def command() -> NoReturn:
+    """The console script ``spinenet`` and ``python -m SpineNetLib``: :func:`program`, then the process
+    ends with its status without the interpreter's teardown (:func:`SpineNetLib.core.process.exit_process`)."""
+    exit_process(program())
+
+
 if __name__ == "__main__":
-    sys.exit(program())
+    command()

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, InputError, SpineNetError, one_line
-from SpineNetLib.core.process import run_as_process
+from SpineNetLib.core.process import exit_process, run_as_process
 
 MESSAGE_KINDS = ("PROGRESS", "WARNING", "RESULT", "ERROR")
 
@@ -329,4 +329,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_as_process(main))   # a process of its own (core/process.py)
+    exit_process(run_as_process(main))   # a process of its own (core/process.py)

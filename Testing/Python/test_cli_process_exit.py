@@ -1,6 +1,7 @@
-"""Ctrl-C and the `spinenet` process (core/process.py::run_as_process, apps/cli.py::program): an interrupt
-during the work is reported on one line with exit 130; once the work is done, one during the interpreter's
-exit changes nothing and prints no traceback."""
+"""The `spinenet` process (core/process.py::run_as_process and exit_process, apps/cli.py::command): an
+interrupt during the work is reported on one line with exit 130; once the work is done, one during the
+exit changes nothing and prints no traceback.  The exit skips the interpreter's teardown but keeps what a
+user sees of it: the exit status, all output, the exit callbacks, and the threads still running."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_ctrl_c_during_the_exit_after_the_work_is_ignored():
                    "    print('results written')\n"
                    "cli.command_run = finished\n"
                    "sys.argv = ['spinenet', 'run', 'scan.nii.gz', '-o', 'out']\n"
-                   "sys.exit(cli.program())\n")
+                   "cli.command()\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["results", "written", "the", "exit", "went", "on"]
     assert done.stderr == ""
@@ -43,6 +44,36 @@ def test_ctrl_c_during_the_work_is_one_line_and_exit_130():
                    "    time.sleep(10)\n"
                    "cli.command_run = interrupted\n"
                    "sys.argv = ['spinenet', 'run', 'scan.nii.gz', '-o', 'out']\n"
-                   "sys.exit(cli.program())\n")
+                   "cli.command()\n")
     assert done.returncode == 130
     assert done.stderr.splitlines() == ["spinenet: interrupted"]
+
+
+def test_the_exit_keeps_the_status_the_output_and_the_exit_callbacks():
+    done = _python("import atexit, sys\n"
+                   "from SpineNetLib.core.process import exit_process\n"
+                   "atexit.register(lambda: print('callback ran'))\n"
+                   "sys.stdout.write('buffered, no newline; ')\n"
+                   "sys.stderr.write('a warning')\n"
+                   "exit_process(3)\n"
+                   "print('never reached')\n")
+    assert done.returncode == 3
+    assert done.stdout == "buffered, no newline; callback ran\n"
+    assert done.stderr == "a warning"
+
+
+def test_the_exit_waits_for_a_thread_still_running():
+    done = _python("import threading, time\n"
+                   "from SpineNetLib.core.process import exit_process\n"
+                   "def late():\n"
+                   "    time.sleep(0.3)\n"
+                   "    print('thread finished', flush=True)\n"
+                   "threading.Thread(target=late).start()\n"
+                   "exit_process(0)\n")
+    assert done.returncode == 0 and done.stdout == "thread finished\n" and done.stderr == ""
+
+
+def test_the_command_exits_with_one_line_and_status_2_on_a_missing_scan(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "SpineNetLib", "run", str(tmp_path / "missing.nii.gz"), "-o",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "missing.nii.gz" in done.stderr
