@@ -199,22 +199,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
 
 
 def _validate_overrides(args) -> None:
-    """``--pixel-spacing`` and ``--slice-spacing``: positive, and within the range of spinal MRI."""
-    from SpineNetLib.inputs.canonical import PIXEL_SPACING_RANGE_MM, SLICE_SPACING_RANGE_MM
+    """``--pixel-spacing`` and ``--slice-spacing``, before the scan is read: positive, and within the range
+    of spinal MRI (:func:`SpineNetLib.inputs.canonical.spacing_override`, which the readers apply too)."""
+    from SpineNetLib.inputs.canonical import spacing_override
 
-    def positive(value: float) -> bool:
-        return 0 < value < float("inf")          # NaN compares false
-
-    for option, values, (low, high) in (("--pixel-spacing", args.pixel_spacing, PIXEL_SPACING_RANGE_MM),
-                                        ("--slice-spacing", args.slice_spacing, SLICE_SPACING_RANGE_MM)):
-        if values is None:
-            continue
-        values = values if isinstance(values, list) else [values]
-        if not all(positive(v) for v in values):
-            raise SpineNetError(f"{option} {'values' if len(values) > 1 else 'value'} must be positive, finite millimetres")
-        if not all(low <= v <= high for v in values):
-            shown = " x ".join(f"{v:g}" for v in values)
-            raise SpineNetError(f"{option} {shown} mm is not plausible for spinal MRI ({low:g} to {high:g} mm)")
+    spacing_override(args.pixel_spacing, 2, "pixel_spacing", label="--pixel-spacing")
+    spacing_override(args.slice_spacing, 1, "slice_spacing", label="--slice-spacing")
 
 
 def _output_folder(value: str, option: str = "-o/--output") -> str:

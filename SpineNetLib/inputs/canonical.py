@@ -169,24 +169,26 @@ def slab_factor(n_slices: int, slice_mm: float, target_mm: float = TARGET_SLICE_
     return max(f, 1)
 
 
-def spacing_override(value, n: int, name: str) -> np.ndarray | None:
+def spacing_override(value, n: int, name: str, label: str | None = None) -> np.ndarray | None:
     """Validate a user spacing override: None, or ``n`` positive mm values (a scalar is repeated) within the
     plausible range of ``name`` ("pixel_spacing": :data:`PIXEL_SPACING_RANGE_MM`, "slice_spacing":
-    :data:`SLICE_SPACING_RANGE_MM`)."""
+    :data:`SLICE_SPACING_RANGE_MM`).  ``label`` names the override in the messages (the command's option,
+    e.g. "--pixel-spacing"; default "<name> override")."""
     if value is None:
         return None
+    label = label or f"{name} override"
     try:
         arr = np.atleast_1d(np.asarray(value, dtype=float)).ravel()
     except (TypeError, ValueError):
-        raise InputError(f"{name} override must be {n} positive, finite number(s) in mm, got {value!r}") from None
+        raise InputError(f"{label} must be {n} positive, finite number(s) in mm, got {value!r}") from None
     if arr.size == 1 and n == 2:
         arr = np.repeat(arr, 2)
     if arr.size != n or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InputError(f"{name} override must be {n} positive, finite number(s) in mm, got {value!r}")
+        raise InputError(f"{label} must be {n} positive, finite number(s) in mm, got "
+                         f"{plain_numbers(arr) if arr.size else repr(value)}")
     low, high = _OVERRIDE_RANGES_MM[name]
     if not np.all((arr >= low) & (arr <= high)):
-        raise InputError(f"{name} override {plain_numbers(arr)} mm is not plausible for spinal MRI "
-                         f"({low:g} to {high:g} mm)")
+        raise InputError(f"{label} {plain_numbers(arr)} mm is not plausible for spinal MRI ({low:g} to {high:g} mm)")
     return arr
 
 

@@ -67,7 +67,8 @@ def test_a_local_cohort_cluster_of_more_threads_than_four_per_core_is_refused(tm
                                           "(0.05 to 5 mm)"),
     (["--pixel-spacing", "0.8", "1e308"], "--pixel-spacing 0.8 x 1e+308 mm is not plausible"),
     (["--slice-spacing", "1e9"], "--slice-spacing 1e+09 mm is not plausible for spinal MRI (0.05 to 50 mm)"),
-    (["--slice-spacing", "0"], "--slice-spacing value must be positive, finite millimetres"),
+    (["--slice-spacing", "0"], "--slice-spacing must be 1 positive, finite number(s) in mm, got 0"),
+    (["--pixel-spacing", "nan", "0.8"], "--pixel-spacing must be 2 positive, finite number(s) in mm, got nan x 0.8"),
 ])
 def test_spacing_overrides_outside_spinal_mri_are_refused(tmp_path, capsys, no_networks, option, words):
     scan = _sagittal_volume(tmp_path / "scan.nii")

@@ -564,5 +564,5 @@ def test_bad_values_are_named_with_their_file_or_option(tmp_path, capsys):
         load_scan(tmp_path / "zero.nrrd")
     assert cli.main(["run", str(tmp_path / "nan.nrrd"), "-o", str(tmp_path / "out"), "--pixel-spacing", "nan",
                      "nan"]) == 2
-    assert capsys.readouterr().err.splitlines() == ["spinenet: error: --pixel-spacing values must be positive, "
-                                                    "finite millimetres"]
+    assert capsys.readouterr().err.splitlines() == ["spinenet: error: --pixel-spacing must be 2 positive, finite "
+                                                    "number(s) in mm, got nan x nan"]
