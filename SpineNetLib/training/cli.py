@@ -30,6 +30,9 @@ def _checked(args) -> None:
         raise InputError("--distil needs --init: the detector to stay close to")
     if getattr(args, "val_every", 0) < 0:
         raise InputError("--val-every must not be negative")
+    edge_gap = getattr(args, "edge_gap", None)
+    if edge_gap is not None and not 0.0 <= edge_gap <= 1.5:
+        raise InputError(f"--edge-gap must be 0 to 1.5 body heights, got {edge_gap:g}")
     rotation = getattr(args, "max_rotation", None)
     if rotation is not None and not 0.0 <= rotation <= 90.0:
         raise InputError(f"--max-rotation must be 0 to 90 degrees, got {rotation:g}")
@@ -150,6 +153,9 @@ def register(subparsers) -> None:
     app.add_argument("--n-phantoms", type=int, default=30, help="phantoms in the seeded pool (default 30)")
     app.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
     app.add_argument("--augment", type=float, default=1.0, help="augmentation strength, 0 = none (default 1)")
+    app.add_argument("--edge-gap", type=float, default=0.3, metavar="H",
+                     help="a random cut of the field of view lies at least H body heights above or below the "
+                          "body (default 0.3; 0: the image may end right at the body)")
     app.add_argument("--volume-s1-targets", default=None, metavar="FILE",
                      help="checked S1 outlines of the training volumes (`spinenet train volume-s1-targets`): "
                           "S1 samples from real volumes, which have no S1 outlined")

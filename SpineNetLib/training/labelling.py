@@ -156,7 +156,12 @@ def jitter_polygon(rng: np.random.Generator, poly: np.ndarray, amount: float = 1
     return (poly - c) @ r.T * s + c + amount * rng.uniform(-3.0, 3.0, 2) + corner_noise
 
 
-def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray):
+#: A random field-of-view cut lies at least this many body heights from the body (``--edge-gap``).
+MIN_EDGE_GAP_BODY_HEIGHTS = 0.3
+
+
+def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray,
+                           min_gap: float = MIN_EDGE_GAP_BODY_HEIGHTS):
     """The scan cut at random rows above and/or below the body, and the polygon moved with it.
 
     Every real training series of one source starts and ends at much the same
@@ -164,7 +169,7 @@ def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray):
     the network learns "zero padding at the top of the crop means T11" instead
     of the anatomy, and labels the top body of any other field of view
     wrongly.  Each edge is cut with probability 0.5 at a row drawn between
-    1.5 crop-thirds and 0.3 body heights away from the body, i.e. inside the
+    1.5 crop-thirds and ``min_gap`` body heights away from the body, i.e. inside the
     appearance crop (which reaches one body size L beyond the body,
     official §5.4), so the crop sees an image edge at a random place.
     """
@@ -177,11 +182,11 @@ def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray):
     size = 1.5 * body
     first, end = 0, height
     if rng.random() < 0.5:
-        lo, hi = max(0.0, y_top - size), y_top - 0.3 * body
+        lo, hi = max(0.0, y_top - size), y_top - min_gap * body
         if hi > lo:
             first = int(rng.uniform(lo, hi))
     if rng.random() < 0.5:
-        lo, hi = y_bottom + 0.3 * body, min(float(height), y_bottom + size)
+        lo, hi = y_bottom + min_gap * body, min(float(height), y_bottom + size)
         if hi > lo:
             end = int(np.ceil(rng.uniform(lo, hi)))
     if first == 0 and end == height:
@@ -190,9 +195,10 @@ def truncate_field_of_view(rng: np.random.Generator, scan, polygon: np.ndarray):
     return cut, np.asarray(polygon, float) - np.array([0.0, float(first)])
 
 
-def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augment_strength: float = 1.0):
-    """One training volume ``(224, 224, 16)``: jittered crop, random slice range and field of view,
-    intensity augmentation."""
+def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augment_strength: float = 1.0,
+                      min_edge_gap: float = MIN_EDGE_GAP_BODY_HEIGHTS):
+    """One training volume ``(224, 224, 16)``: jittered crop, random slice range and field of view
+    (:func:`truncate_field_of_view` with ``min_edge_gap``), intensity augmentation."""
     from SpineNetLib.core.scan import Scan
 
     vox = scan.voxels
@@ -205,7 +211,7 @@ def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augme
                     canonical_to_input_ijk=scan.canonical_to_input_ijk, input_slice_axis=scan.input_slice_axis)
     poly = jitter_polygon(rng, body.polygon, augment_strength) if augment_strength > 0 else body.polygon
     if augment_strength > 0:
-        scan, poly = truncate_field_of_view(rng, scan, poly)
+        scan, poly = truncate_field_of_view(rng, scan, poly, min_gap=min_edge_gap)
     vol = labelling.extract_vertebra_volume(scan, Vertebra(slices=[0], polygons=[poly]))
     if augment_strength > 0:
         vol = labelling.normalise_volume(augment.augment_intensity(rng, vol, strength=augment_strength))
@@ -221,6 +227,9 @@ def train_appearance(args) -> Path:
               "n_phantoms": args.n_phantoms, "max_cases": args.max_cases, "augment": args.augment,
               "volume_s1_targets": resolved_path(getattr(args, "volume_s1_targets", None)),
               **real_data_config(args)}
+    edge_gap = float(getattr(args, "edge_gap", MIN_EDGE_GAP_BODY_HEIGHTS))
+    if edge_gap != MIN_EDGE_GAP_BODY_HEIGHTS:   # recorded only when changed: runs from before the option still resume
+        config["edge_gap_body_heights"] = edge_gap
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
@@ -255,7 +264,8 @@ def train_appearance(args) -> Path:
             keys = list(pool)
             bodies = pool[keys[int(rng.integers(len(keys)))]]
             body = bodies[int(rng.integers(len(bodies)))]
-            vols.append(appearance_volume(rng, scans[body.scan_index], body, augment_strength=args.augment))
+            vols.append(appearance_volume(rng, scans[body.scan_index], body, augment_strength=args.augment,
+                                          min_edge_gap=edge_gap))
             labels.append(body.level)
         x = torch.from_numpy(np.stack(vols))[:, None].to(device)
         y = torch.tensor(labels, dtype=torch.long, device=device)

@@ -274,6 +274,15 @@ def test_field_of_view_truncation_keeps_the_body_and_moves_the_image_edge_into_t
         cut_top += first > 0
         cut_bottom += end < 300
     assert 60 < cut_top < 140 and 60 < cut_bottom < 140
+    # --edge-gap 0: the image may end right at the body (an L5 on the lower edge is no S1), never inside it
+    nearest = []
+    for _ in range(200):
+        cut, moved = truncate_field_of_view(rng, scan, polygon, min_gap=0.0)
+        first = int(round(polygon[0, 1] - moved[0, 1]))
+        end = first + cut.voxels.shape[0]
+        assert first <= 130 and end >= 160
+        nearest.append(min(130 - first if first else 99, end - 160 if end < 300 else 99))
+    assert min(nearest) < 0.3 * 30 - 1
 
 
 def test_appearance_phantom_pool_teaches_the_segment_below_s1_as_s1():

@@ -53,6 +53,8 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("detector", ["--max-rotation", "nan"], "--max-rotation"),
     ("appearance", ["--tianchi-fraction", "1.5"], "--tianchi-fraction"),
     ("appearance", ["--phantom-fraction", "nan"], "--phantom-fraction"),
+    ("appearance", ["--edge-gap", "-0.1"], "--edge-gap"),
+    ("appearance", ["--edge-gap", "nan"], "--edge-gap"),
     ("context", ["--repeat-s1-penalty", "-5"], "--repeat-s1-penalty"),
     ("context", ["--val-batches", "0"], "--val-batches"),
 ])
