@@ -50,6 +50,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
@@ -385,13 +386,20 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
         return
     # Ctrl-C while the workers start would leave them half started, and Dask's exit callback would then
     # fail on them with a traceback: the interrupt waits until the cluster is up, which is then closed.
+    # (A Ctrl-C held back is noted as the block ends: a failed start is looked at after it.)  The workers
+    # inherit the block of Ctrl-C (core/process.deferred_interrupts) only if multiprocessing's resource
+    # tracker is running before it: starting it unblocks SIGINT in the thread that starts it.
+    resource_tracker.ensure_running()
+    failure = None
     with deferred_interrupts() as starting:
         try:
             cluster = local_cluster(workers)
-        except Exception:
-            if starting.interrupted:   # a terminal's Ctrl-C reached a worker as it started: still an interrupt
-                raise KeyboardInterrupt from None
-            raise
+        except Exception as error:
+            failure = error
+    if failure is not None:
+        if starting.interrupted:   # a Ctrl-C that reached a worker as it started: still an interrupt
+            raise KeyboardInterrupt from None
+        raise failure
     try:
         if starting.interrupted:
             raise KeyboardInterrupt

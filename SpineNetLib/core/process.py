@@ -107,8 +107,12 @@ def deferred_interrupts() -> Iterator[DeferredInterrupt]:
     the caller ends what it started before it stops.
 
     For starting a Dask cluster: interrupted half way, its workers are left half started, and Dask's exit
-    callback then fails on them with a traceback.  Nothing is held where this is no main thread or
-    Ctrl-C is ignored already."""
+    callback then fails on them with a traceback.  SIGINT is also blocked in this thread during the block
+    (where the platform can, ``pthread_sigmask``), and the threads and processes started in it inherit
+    that: a local cluster's nannies and workers never receive a terminal's Ctrl-C, which reaches every
+    process of the group (a worker still starting printed a traceback; the cluster is closed through
+    Dask), and one held pending here is noted when the block ends.  Nothing is held where this is no main
+    thread or Ctrl-C is ignored already."""
     seen = DeferredInterrupt()
     try:
         previous = signal.getsignal(signal.SIGINT)
@@ -122,10 +126,16 @@ def deferred_interrupts() -> Iterator[DeferredInterrupt]:
     except ValueError:   # not the main thread, or nothing to hold back
         yield seen
         return
+    can_block = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if can_block else None
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGINT, previous)
+        try:
+            if can_block:   # a Ctrl-C held pending runs `note` as the mask is restored
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_as_process(main: Callable[[], int]) -> int:

@@ -412,3 +412,30 @@ def test_a_worker_started_by_a_nanny_leaves_ctrl_c_to_the_cohort_command(monkeyp
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def _sigint_blocked() -> bool:
+    """Whether this process's main thread blocks Ctrl-C (SIGINT), from /proc (Linux)."""
+    from pathlib import Path   # (run on a worker too)
+    import signal
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError("no SigBlk line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_local_workers_and_their_nannies_never_see_ctrl_c_from_their_start():
+    """A terminal's Ctrl-C reaches every process of the group: a worker still starting, before the plugin
+    that makes it ignore Ctrl-C was set up, printed a KeyboardInterrupt traceback.  Ctrl-C is blocked while
+    the cluster starts, and its processes keep it blocked (the cluster is closed through Dask); the command's
+    own process gets it back (its local nannies are objects in it)."""
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (a background run ignores it)
+    try:
+        with cohort_run.dask_client(1) as client:
+            assert all(client.run(_sigint_blocked).values())
+            assert not _sigint_blocked()
+    finally:
+        signal.signal(signal.SIGINT, handler)
