@@ -52,6 +52,7 @@ from SpineNetLib.outputs import documents
 from SpineNetLib.outputs.segmentation import filled_segments
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.canonical import scan_from_array
+from SpineNetLib.inputs.dicom import not_mr_modality
 from SpineNetLib.inputs.image import check_image_voxels
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.scan import Scan
@@ -185,15 +186,38 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
     return array.reshape(shape).copy(), ijk_to_ras(volume_node)
 
 
+#: The DICOM tag of the Modality, as Slicer's DICOM database (ctkDICOMDatabase) names tags.
+MODALITY_TAG = "0008,0060"
+
+
+def dicom_modality(volume_node) -> str | None:
+    """The DICOM Modality of the series a volume node was loaded from (upper case), read from Slicer's DICOM
+    database through the node's ``DICOM.instanceUIDs`` attribute; None where the node did not come from
+    Slicer's DICOM module, there is no database (slicer-core), or the database cannot answer."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return None
+    try:
+        value = database.instanceValue(uids[0], MODALITY_TAG)
+    except Exception:   # another database version: checked as without a database
+        return None
+    return str(value or "").strip().upper() or None
+
+
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
     """:func:`volume_arrays` of a volume to run SpineNet on, refused as ``spinenet run`` refuses a file.
 
-    A label map volume node, and voxels :func:`SpineNetLib.inputs.image.check_image_voxels` refuses
-    (NaN or infinite values, one value everywhere, a label map), give a one-line :class:`InputError`.
+    A label map volume node, a volume of a DICOM series that is no MR scan (:func:`dicom_modality`, e.g. a
+    CT; ``inputs/dicom.NOT_MR_MODALITIES``), and voxels :func:`SpineNetLib.inputs.image.check_image_voxels`
+    refuses (NaN or infinite values, one value everywhere, a label map), give a one-line :class:`InputError`.
     """
     name = f'the volume "{volume_node.GetName()}"' if volume_node is not None else "the volume"
     if volume_node is not None and volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"{name} is a label map (a segmentation), not an MR image: choose the scan itself")
+    modality = dicom_modality(volume_node) if volume_node is not None else None
+    if not_mr_modality({"Modality": modality}):
+        raise InputError(f"{name} is a {modality} series (DICOM Modality), not MR: SpineNet reads sagittal MR scans")
     voxels, affine = volume_arrays(volume_node)
     check_image_voxels(voxels, name)
     return voxels, affine

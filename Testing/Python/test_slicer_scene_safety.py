@@ -182,6 +182,49 @@ def test_a_label_map_or_an_empty_volume_is_refused_like_spinenet_run_refuses_the
     assert standins.FakeProcess.instances == [] and _node_ids(scene) == before
 
 
+class _DicomDatabase:
+    """Slicer's DICOM database (ctkDICOMDatabase) as far as the Modality check uses it: slicer-core has none."""
+
+    def __init__(self, modalities: dict[str, str], fails: bool = False):
+        self.modalities, self.fails, self.asked = modalities, fails, []
+
+    def instanceValue(self, uid, tag):
+        self.asked.append((uid, tag))
+        if self.fails:
+            raise RuntimeError("no such database method in this version")
+        return self.modalities.get(uid, "")
+
+
+def test_a_ct_series_loaded_through_slicers_dicom_module_is_refused_like_spinenet_run_refuses_it(panel, monkeypatch):
+    """`spinenet run` refuses a CT series (inputs/dicom.NOT_MR_MODALITIES); the same series loaded in Slicer
+    carries its instance UIDs, whose Modality Slicer's DICOM database gives."""
+    slicer = mrml.slicer   # the real module (the panel's stand-in reads its attributes from it)
+    module, widget, scene, volume, vertebrae = panel
+    voxels, affine = mrml.volume_arrays(volume)
+    ct = mrml.add_volume(scene, voxels, affine, "3: SAG CT")
+    ct.SetAttribute("DICOM.instanceUIDs", "1.2.3.1 1.2.3.2")
+    mr = mrml.add_volume(scene, voxels, affine, "4: SAG T2")
+    mr.SetAttribute("DICOM.instanceUIDs", "1.2.4.1 1.2.4.2")
+    database = _DicomDatabase({"1.2.3.1": "CT", "1.2.4.1": "MR"})
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    before = _node_ids(scene)
+    with pytest.raises(module.SpineNetError) as error:
+        widget.logic.runSynchronously(ct, pipeline=FAKE)
+    assert str(error.value) == ('the volume "3: SAG CT" is a CT series (DICOM Modality), not MR: SpineNet reads '
+                                'sagittal MR scans')
+    assert database.asked == [("1.2.3.1", "0008,0060")]
+    widget.ui.inputSelector.refresh()
+    widget.ui.inputSelector.setCurrentNode(ct)
+    widget.ui.applyButton.click()                                  # the panel: one line, no worker
+    assert widget.ui.statusLabel.text() == "Error: " + str(error.value)
+    assert standins.FakeProcess.instances == [] and _node_ids(scene) == before
+    # an MR series, a volume from a file (no UIDs) and a database that cannot answer are read
+    assert mrml.input_volume_arrays(mr)[0].shape == voxels.shape
+    assert mrml.input_volume_arrays(volume)[0].shape == voxels.shape
+    monkeypatch.setattr(slicer, "dicomDatabase", _DicomDatabase({}, fails=True), raising=False)
+    assert mrml.dicom_modality(ct) is None and mrml.input_volume_arrays(ct)[0].shape == voxels.shape
+
+
 # --------------------------------------------------------------------------- a transformed volume
 
 def test_results_follow_the_volumes_parent_transform(panel, tmp_path):
