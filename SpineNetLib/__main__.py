@@ -1,3 +1,3 @@
-from SpineNetLib.apps.cli import command
+from SpineNetLib.apps.cli import command_line
 
-command()
+command_line()

@@ -490,11 +490,11 @@ def program() -> int:
     return run_as_process(main)
 
 
-def command() -> NoReturn:
+def command_line() -> NoReturn:
     """The console script ``spinenet`` and ``python -m SpineNetLib``: :func:`program`, then the process
     ends with its status without the interpreter's teardown (:func:`SpineNetLib.core.process.exit_process`)."""
     exit_process(program())
 
 
 if __name__ == "__main__":
-    command()
+    command_line()

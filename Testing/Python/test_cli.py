@@ -208,14 +208,14 @@ def test_version_is_printed_and_matches_the_package(capsys):
 
 
 def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tmp_path, monkeypatch, capsys):
-    """``spinenet`` and ``python -m SpineNetLib`` run cli.command: cli.program (main, then gc.freeze before
+    """``spinenet`` and ``python -m SpineNetLib`` run cli.command_line: cli.program (main, then gc.freeze before
     the exit), then the process's exit; main alone, as Slicer or a notebook calls it, freezes nothing."""
     import gc
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["spinenet"] == "SpineNetLib.apps.cli:command"
-    assert (Path(cli.__file__).parents[1] / "__main__.py").read_text().strip().endswith("command()")
+    assert scripts["spinenet"] == "SpineNetLib.apps.cli:command_line"
+    assert (Path(cli.__file__).parents[1] / "__main__.py").read_text().strip().endswith("command_line()")
     gc.unfreeze()
     words = ["run", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "out")]
     assert cli.main(words) == 2 and gc.get_freeze_count() == 0

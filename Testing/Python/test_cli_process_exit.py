@@ -1,4 +1,4 @@
-"""The `spinenet` process (core/process.py::run_as_process and exit_process, apps/cli.py::command): an
+"""The `spinenet` process (core/process.py::run_as_process and exit_process, apps/cli.py::command_line): an
 interrupt during the work is reported on one line with exit 130; once the work is done, one during the
 exit changes nothing and prints no traceback.  The exit skips the interpreter's teardown but keeps what a
 user sees of it: the exit status, all output, the exit callbacks, and the threads still running."""
@@ -30,7 +30,7 @@ def test_ctrl_c_during_the_exit_after_the_work_is_ignored():
                    "    print('results written')\n"
                    "cli.command_run = finished\n"
                    "sys.argv = ['spinenet', 'run', 'scan.nii.gz', '-o', 'out']\n"
-                   "cli.command()\n")
+                   "cli.command_line()\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["results", "written", "the", "exit", "went", "on"]
     assert done.stderr == ""
@@ -44,7 +44,7 @@ def test_ctrl_c_during_the_work_is_one_line_and_exit_130():
                    "    time.sleep(10)\n"
                    "cli.command_run = interrupted\n"
                    "sys.argv = ['spinenet', 'run', 'scan.nii.gz', '-o', 'out']\n"
-                   "cli.command()\n")
+                   "cli.command_line()\n")
     assert done.returncode == 130
     assert done.stderr.splitlines() == ["spinenet: interrupted"]
 
