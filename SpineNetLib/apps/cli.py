@@ -16,7 +16,8 @@ writes cohort tables; it exits with 4 when some studies failed.
 
 Exit status: 0 success; 2 a problem with the input, an option or the
 weights, reported as one line on stderr (never a traceback); 1 an internal
-error (a bug: ``--debug`` shows the traceback); 130 interrupted.
+error (a bug: ``--debug`` shows the traceback); 130 interrupted; 141 the reader of the
+standard output went away (``| head``), quietly.
 """
 
 from __future__ import annotations

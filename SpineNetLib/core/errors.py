@@ -9,11 +9,15 @@ their work through, prints it as one line too (exit 1), with a traceback only
 on request.
 """
 
+import os
 import sys
 import warnings
 
 #: Exit statuses of the programs: success, a bug, a problem the user can act on, an interruption.
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The reader of the standard output went away (``spinenet demo | head -1``): the status a shell gives a
+#: program that SIGPIPE ended (128 + 13), as other command-line tools end there, quietly.
+EXIT_BROKEN_PIPE = 141
 
 
 class SpineNetError(Exception):
@@ -51,14 +55,34 @@ def error_line(error: BaseException) -> str:
     return f"internal error: {type(error).__name__}: {one_line(error)}"
 
 
+def _stdout_gone() -> bool:
+    """Whether the standard output is a pipe whose reader went away (its write end polls as an error);
+    if so, what is left of the output goes to the null device, so that the exit's own flush raises
+    nothing more.  False where this cannot be told (no ``poll``, not a file)."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no poll (Windows), no file descriptor
+        return False
+    if gone:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    return gone
+
+
 def exit_status(program: str, action, *, debug: bool = False,
                 internal_hint: str = "run with --debug for the traceback and please report it") -> int:
     """Run ``action()`` and turn its outcome into an exit status, every problem into one stderr line.
 
     ``action`` returns the status (None = success).  A user's problem
     (:class:`SpineNetError`, or a file that cannot be accessed) is exit 2, an
-    interruption 130, anything else a bug: exit 1, with a traceback only with
-    ``debug``.  Library warnings are not printed unless ``debug``: the program
+    interruption 130, a reader of the standard output that went away 141 (nothing printed),
+    anything else a bug: exit 1, with a traceback only with ``debug``.  Library warnings are not printed unless ``debug``: the program
     says what matters in its own lines.  Shared by ``spinenet`` and the batch script.
     """
     try:
@@ -66,6 +90,11 @@ def exit_status(program: str, action, *, debug: bool = False,
             if not debug:
                 warnings.simplefilter("ignore")
             return int(action() or EXIT_OK)
+    except BrokenPipeError as error:
+        if _stdout_gone():
+            return EXIT_BROKEN_PIPE
+        print(f"{program}: error: {error_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
     except (SpineNetError, OSError) as error:
         print(f"{program}: error: {error_line(error)}", file=sys.stderr)
         return EXIT_USAGE

@@ -77,3 +77,24 @@ def test_the_command_exits_with_one_line_and_status_2_on_a_missing_scan(tmp_path
     done = subprocess.run([sys.executable, "-m", "SpineNetLib", "run", str(tmp_path / "missing.nii.gz"), "-o",
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "missing.nii.gz" in done.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly_with_141():
+    """``spinenet demo | head -1``: the demo had written its files, then said "error: cannot access: Broken pipe"
+    and exit 2, which reads as a problem with the input."""
+    done = _python("import os, sys\n"
+                   "from SpineNetLib.core.errors import exit_status\n"
+                   "from SpineNetLib.core.process import exit_process\n"
+                   "read, write = os.pipe()\n"
+                   "os.close(read)\n"
+                   "os.dup2(write, sys.stdout.fileno())\n"
+                   "def summary():\n"
+                   "    for k in range(10000):\n"
+                   "        print('a line of the results table', k)\n"
+                   "exit_process(exit_status('spinenet', summary))\n")
+    assert done.returncode == 141 and done.stderr == ""
+    other = _python("from SpineNetLib.core.errors import exit_status\n"
+                    "def fails():\n"
+                    "    raise BrokenPipeError(32, 'Broken pipe')   # another pipe than the output's\n"
+                    "raise SystemExit(exit_status('spinenet', fails))\n")
+    assert other.returncode == 2 and other.stderr.startswith("spinenet: error:")
