@@ -102,6 +102,9 @@ def main() -> int:
             print(f"  hotspots, 1 disc x {len(heads)} heads together ({', '.join(h.column for h in heads)}) "
                   f"{time.perf_counter() - t:8.2f} s")
         if args.precision == "fp32":
+            # what `spinenet run --hotspots` holds at most; the comparison map below is the benchmark's own
+            print(f"  peak memory (RSS) so far   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.1f} MB "
+                  "(grading and the map, as spinenet run makes them)")
             other = "fp32" if arithmetic == "autocast" else "bf16"
             t = time.perf_counter()
             compared = hotspot_volume(net, ivds[-1].volume, HEADS[0], n_augment=args.hotspots, precision=other)
