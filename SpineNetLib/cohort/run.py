@@ -137,24 +137,34 @@ def _said(key: str, value) -> str:
 def check_same_result_settings(outdir: Path, settings: CohortSettings) -> None:
     """Refuse (:class:`InputError`) to resume into ``outdir`` with settings that change the results
     (:meth:`CohortSettings.result_settings`) from those an earlier run recorded there
-    (:func:`record_result_settings`) once it finished a study: its tables would mix studies run two ways,
-    for example graded and ungraded ones.  A folder with no finished study takes any settings."""
+    (:func:`record_result_settings`, before its first study): its tables would mix studies run two ways,
+    for example graded and ungraded ones.  A folder with no finished study takes any settings; one with
+    finished studies and no record (an early version of ``spinenet cohort``, or the file removed) is
+    refused, since its settings cannot be compared.  A setting the record lacks (an option added since)
+    is the default it was run with."""
     wanted = settings.result_settings()
     recorded_file = outdir / SETTINGS_FILE
     studies_dir = outdir / STUDIES_FOLDER
     finished_any = studies_dir.is_dir() and any(is_finished(studies_dir, d.name) for d in studies_dir.iterdir())
-    if recorded_file.is_file() and finished_any:
-        try:
-            recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {recorded_file}: {one_line(str(exc))}") from None
-        changed = [key for key in wanted if isinstance(recorded, dict) and key in recorded
-                   and recorded[key] != wanted[key]]
-        if changed:
-            said = "; ".join(f"{_OPTION_OF_SETTING[k]}: {_said(k, recorded[k])} before, {_said(k, wanted[k])} now"
-                             for k in changed)
-            raise InputError(f"{outdir} holds studies run with other settings ({said}); resume with the same "
-                             "options, or write into another folder")
+    if not finished_any:
+        return
+    if not recorded_file.is_file():
+        raise InputError(f"{outdir} holds finished studies but no {SETTINGS_FILE}, so the settings they were run "
+                         "with cannot be compared with this run's: write into another folder")
+    try:
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {recorded_file}: {one_line(str(exc))}") from None
+    if not isinstance(recorded, dict):
+        raise InputError(f"cannot read {recorded_file}: not a JSON object of settings")
+    defaults = CohortSettings(weights=str(recorded.get("weights", "bundled"))).result_settings()
+    recorded = {key: recorded.get(key, defaults[key]) for key in wanted}
+    changed = [key for key in wanted if recorded[key] != wanted[key]]
+    if changed:
+        said = "; ".join(f"{_OPTION_OF_SETTING[k]}: {_said(k, recorded[k])} before, {_said(k, wanted[k])} now"
+                         for k in changed)
+        raise InputError(f"{outdir} holds studies run with other settings ({said}); resume with the same "
+                         "options, or write into another folder")
 
 
 def record_result_settings(outdir: Path, settings: CohortSettings) -> None:

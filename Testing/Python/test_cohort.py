@@ -221,6 +221,19 @@ def test_resuming_with_settings_that_change_the_results_is_refused(tmp_path, cap
     weights.mkdir()
     cohort_run.record_result_settings(check_writable(tmp_path / "o2"), cohort_run.CohortSettings(weights=str(weights)))
     cohort_run.check_same_result_settings(tmp_path / "o2", cohort_run.CohortSettings(weights=str(weights / ".." / "w")))
+    # a record from before an option existed: the setting is the default it was run with
+    older = {k: v for k, v in recorded.items() if k not in ("precision", "runtime")}
+    (out / cohort_run.SETTINGS_FILE).write_text(json.dumps(older))
+    cohort_run.check_same_result_settings(out, cohort_run.CohortSettings())
+    with pytest.raises(cohort_run.InputError, match='--runtime: "torch" before, "openvino" now'):
+        cohort_run.check_same_result_settings(out, cohort_run.CohortSettings(runtime="openvino"))
+    # finished studies without a record (an early version, or the file removed): cannot be compared
+    (out / cohort_run.SETTINGS_FILE).unlink()
+    with pytest.raises(cohort_run.InputError, match="holds finished studies but no cohort_settings.json"):
+        cohort_run.check_same_result_settings(out, cohort_run.CohortSettings())
+    (out / cohort_run.SETTINGS_FILE).write_text("[1, 2]")
+    with pytest.raises(cohort_run.InputError, match="not a JSON object of settings"):
+        cohort_run.check_same_result_settings(out, cohort_run.CohortSettings())
 
 
 # --------------------------------------------------------------------------- a worker killed mid-run
