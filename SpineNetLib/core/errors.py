@@ -10,6 +10,7 @@ on request.
 """
 
 import os
+import select
 import sys
 import warnings
 
@@ -60,8 +61,6 @@ def _stdout_gone() -> bool:
     if so, what is left of the output goes to the null device, so that the exit's own flush raises
     nothing more.  False where this cannot be told (no ``poll``, not a file)."""
     try:
-        import select
-
         fd = sys.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
@@ -82,20 +81,17 @@ def exit_status(program: str, action, *, debug: bool = False,
     ``action`` returns the status (None = success).  A user's problem
     (:class:`SpineNetError`, or a file that cannot be accessed) is exit 2, an
     interruption 130, a reader of the standard output that went away 141 (nothing printed),
-    anything else a bug: exit 1, with a traceback only with ``debug``.  Library warnings are not printed unless ``debug``: the program
-    says what matters in its own lines.  Shared by ``spinenet`` and the batch script.
+    anything else a bug: exit 1, with a traceback only with ``debug``.  Library warnings are not
+    printed unless ``debug``: the program says what matters in its own lines.  Shared by ``spinenet`` and the batch script.
     """
     try:
         with warnings.catch_warnings():
             if not debug:
                 warnings.simplefilter("ignore")
             return int(action() or EXIT_OK)
-    except BrokenPipeError as error:
-        if _stdout_gone():
-            return EXIT_BROKEN_PIPE
-        print(f"{program}: error: {error_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
     except (SpineNetError, OSError) as error:
+        if isinstance(error, BrokenPipeError) and _stdout_gone():
+            return EXIT_BROKEN_PIPE
         print(f"{program}: error: {error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
