@@ -108,6 +108,13 @@ def resolved_path(value) -> str | None:
     return str(Path(value).expanduser().resolve()) if value else None
 
 
+def setting_if_changed(key: str, value, default) -> dict:
+    """``{key: value}`` for a run's ``config.json`` when ``value`` is not the option's ``default``, else
+    ``{}``: a run folder made before the option existed has no such key, and a resume with the option
+    left at its default still matches it (:class:`RunFolder` compares the settings)."""
+    return {key: value} if value != default else {}
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """LR factor: linear warm-up, then cosine decay to 2 % of the peak."""
     if step < warmup:

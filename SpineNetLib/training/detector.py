@@ -60,6 +60,7 @@ from SpineNetLib.training.common import (
     resolve_device,
     seed_everything,
     set_threads,
+    setting_if_changed,
     train_loop,
     training_volume_cases,
 )
@@ -440,9 +441,8 @@ def train(args) -> Path:
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
               "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0),
               "distil": float(getattr(args, "distil", 0.0) or 0.0)}
-    max_rotation = float(getattr(args, "max_rotation", MAX_ROTATION_DEG))
-    if max_rotation != MAX_ROTATION_DEG:   # recorded only when changed: runs from before the option still resume
-        config["max_rotation_deg"] = max_rotation
+    config.update(setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
+                                     MAX_ROTATION_DEG))
     if config["distil"] > 0 and not config["init"]:
         raise InputError("--distil needs --init: the detector to stay close to")
     run = RunFolder(args.out, config, resume=args.resume)

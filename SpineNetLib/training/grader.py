@@ -65,7 +65,7 @@ from SpineNetLib.synthetic import phantom
 from SpineNetLib.training import spider
 from SpineNetLib.training.common import (
     RunFolder, add_run_arguments, check_fraction, check_run_arguments, cosine_lr, load_initial, resolved_path,
-    resolve_device, seed_everything, set_threads, train_loop,
+    resolve_device, seed_everything, set_threads, setting_if_changed, train_loop,
 )
 from SpineNetLib.weights import checkpoints
 
@@ -614,7 +614,7 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "sampling": args.sampling, "max_cases": args.max_cases, "tianchi_targets": resolved_path(args.tianchi_targets),
         "input_slices": args.input_slices,
         "select_on_calibration": args.select_on_calibration, "ema": args.ema,
-        **({"degrade": args.degrade} if args.degrade else {}),   # runs from before --degrade still resume
+        **setting_if_changed("degrade", args.degrade, 0.0),
         # the data root the targets' slices are read from: another one is other training data
         **({"tianchi_data": resolved_path(args.tianchi_data)} if args.tianchi_data else {}),
     }

@@ -61,6 +61,7 @@ from SpineNetLib.training.common import (
     resolve_device,
     seed_everything,
     set_threads,
+    setting_if_changed,
     train_loop,
     training_volume_cases,
 )
@@ -228,8 +229,7 @@ def train_appearance(args) -> Path:
               "volume_s1_targets": resolved_path(getattr(args, "volume_s1_targets", None)),
               **real_data_config(args)}
     edge_gap = float(getattr(args, "edge_gap", MIN_EDGE_GAP_BODY_HEIGHTS))
-    if edge_gap != MIN_EDGE_GAP_BODY_HEIGHTS:   # recorded only when changed: runs from before the option still resume
-        config["edge_gap_body_heights"] = edge_gap
+    config.update(setting_if_changed("edge_gap_body_heights", edge_gap, MIN_EDGE_GAP_BODY_HEIGHTS))
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
