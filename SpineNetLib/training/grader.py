@@ -616,7 +616,7 @@ def _run_config(args, pathologies: list[str], sequences: list[str] | None) -> di
         "select_on_calibration": args.select_on_calibration, "ema": args.ema,
         **setting_if_changed("degrade", args.degrade, 0.0),
         # the data root the targets' slices are read from: another one is other training data
-        **({"tianchi_data": resolved_path(args.tianchi_data)} if args.tianchi_data else {}),
+        **setting_if_changed("tianchi_data", resolved_path(args.tianchi_data), None),
     }
 
 
