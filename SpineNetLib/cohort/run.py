@@ -368,11 +368,16 @@ def local_cluster(workers: int) -> LocalCluster:
     environ = environment_keeping_freed_memory(
         {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
          if name != "MALLOC_TRIM_THRESHOLD_"})
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    # Dask's scheduler and workers serve HTTP pages even with the dashboard off: the workers, their
+    # logs and the tasks of the run (named after the studies) for anyone on this machine,
+    # and the scheduler on port 8787, the one the user's own Dask dashboard would take.  With
+    # no routes they serve nothing, and the scheduler listens on a free port of 127.0.0.1.
+    no_pages = {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **no_pages}):
         # CRITICAL: a worker's own log lines (e.g. about the scheduler closing first) would break
         # the progress line; what goes wrong with a study is in its outcome.
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                            silence_logs=logging.CRITICAL)
+                            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.CRITICAL)
 
 
 @contextmanager

@@ -285,6 +285,23 @@ def test_the_local_workers_malloc_keeps_freed_memory_as_the_commands_does(cluste
     assert all(env["MALLOC_TRIM_THRESHOLD_"] != "65536" for env in seen.values())
 
 
+def test_the_local_cluster_serves_no_pages_and_keeps_port_8787_free(cluster):
+    """Dask's scheduler and workers serve pages on the run's workers and tasks (named after the studies)
+    even with the dashboard off, the scheduler on port 8787: here they serve none, on a free port."""
+    import urllib.error
+    import urllib.request
+
+    _, client = cluster
+    scheduler_port = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.http_server.port)
+    assert scheduler_port != 8787
+    for page in ("/info/main/workers.html", "/json/identity.json", "/health"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}{page}", timeout=10)
+        assert refused.value.code == 404
+    served = client.run(lambda dask_worker: list(dask_worker.http_application.applications))
+    assert len(served) == 2 and all(routes == [] for routes in served.values())
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_a_worker_killed_mid_run_loses_and_doubles_nothing(tmp_path, cluster):
     address, client = cluster
