@@ -404,24 +404,27 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
     # (A Ctrl-C held back is noted as the block ends: a failed start is looked at after it.)  The workers
     # inherit the block of Ctrl-C (core/process.deferred_interrupts) only if multiprocessing's resource
     # tracker is running before it: starting it unblocks SIGINT in the thread that starts it.
+    # The cluster is closed wherever an interrupt lands once it is up: one that another thread of this
+    # process received during the start can reach Python only after the block, at any point below.
     resource_tracker.ensure_running()
-    failure = None
-    with deferred_interrupts() as starting:
-        try:
-            cluster = local_cluster(workers)
-        except Exception as error:
-            failure = error
-    if failure is not None:
-        if starting.interrupted:   # a Ctrl-C that reached a worker as it started: still an interrupt
-            raise KeyboardInterrupt from None
-        raise failure
+    failure, cluster = None, None
     try:
+        with deferred_interrupts() as starting:
+            try:
+                cluster = local_cluster(workers)
+            except Exception as error:
+                failure = error
+        if failure is not None:
+            if starting.interrupted:   # a Ctrl-C that reached a worker as it started: still an interrupt
+                raise KeyboardInterrupt from None
+            raise failure
         if starting.interrupted:
             raise KeyboardInterrupt
         with Client(cluster) as client:
             yield client
     finally:
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _map_on(client: Client):
