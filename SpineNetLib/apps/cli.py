@@ -321,6 +321,9 @@ def command_demo(args) -> int:
     check = check_against_phantom(document, phantom)
     print("\nresult against the phantom's ground truth:\n" + check.table())
     print(check.verdict())
+    note = check.review_note(document)
+    if note:
+        print(note)
     return status if check.all_right else EXIT_DEMO_WRONG
 
 

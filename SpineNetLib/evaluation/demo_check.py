@@ -72,6 +72,21 @@ class DemoCheck:
         problems += [f"extra detection named {lv or '?'}" for lv in self.false_positives]
         return f"WRONG: {'; '.join(problems)}"
 
+    def review_note(self, vertebrae_doc: dict) -> str | None:
+        """What the run's review flag (``labelling.needs_review``) was worth here, where the truth is
+        known; None when the run did not flag its levels and they are right.  A new user reads the
+        flag's warnings first, then this check: the two must not seem to contradict each other."""
+        flagged = bool((vertebrae_doc.get("labelling") or {}).get("needs_review"))
+        if flagged and self.all_right:
+            return ("the run asked for a review of its levels (the warnings above), and against the ground "
+                    "truth they are right: a false alarm. The flag errs on the side of caution, on real scans "
+                    "too (README, \"How sure the levels are\")")
+        if flagged:
+            return "the run asked for a review of its levels (the warnings above), rightly"
+        if not self.all_right:
+            return "the run did not ask for a review of its levels: an error it did not see"
+        return None
+
     def table(self) -> str:
         lines = [f"{'truth':6} {'role':38} {'result':7} {'centroid error':>14}"]
         for r in self.rows:

@@ -67,3 +67,21 @@ def test_missed_and_extra_bodies_are_wrong(phantom):
     check = check_against_phantom(_document(phantom, doubled, [b.level for b in doubled]), phantom)
     assert check.false_positives == ["L2"] and not check.all_right
     assert "false positive" in check.table()
+
+
+def test_the_check_says_what_the_review_flag_was_worth(phantom):
+    """The demo printed "LEVELS NEED REVIEW" warnings and then "all levels right" without a word on how
+    the two go together: the check now says whether the flag was a false alarm, right, or missing."""
+    bodies = phantom.cut_vertebrae + phantom.vertebrae
+    right = _document(phantom, bodies, [b.level for b in bodies])
+    shifted = _document(phantom, bodies, ["T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"])
+    right_check, shifted_check = check_against_phantom(right, phantom), check_against_phantom(shifted, phantom)
+
+    def flagged(document, needs_review):
+        return {**document, "labelling": {"needs_review": needs_review}}
+
+    assert "a false alarm" in right_check.review_note(flagged(right, True))
+    assert right_check.review_note(flagged(right, False)) is None
+    assert right_check.review_note(right) is None   # a document without labelling: not flagged
+    assert shifted_check.review_note(flagged(shifted, True)).endswith("rightly")
+    assert "did not see" in shifted_check.review_note(flagged(shifted, False))
