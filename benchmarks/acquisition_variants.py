@@ -1,6 +1,7 @@
 """Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
 
     python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
+        [--calibration-studies]
         [--precision fp32|bf16] [--runtime torch|openvino] [--plan patches|whole_slice]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
@@ -212,9 +213,14 @@ def main(argv=None) -> int:
                         help="where the detector runs (SpineNetLib/models/runtimes.py)")
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side (which the networks saw)")
+    parser.add_argument("--calibration-studies", action="store_true",
+                        help="with --split train: the 30 calibration studies only (training side, kept out of "
+                             "the appearance network's training: training.datasets.calibration_split)")
     parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
                         help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py)")
     args = parser.parse_args(argv)
+    if args.calibration_studies and args.split != "train":
+        raise InputError("--calibration-studies: the calibration studies are on the training side; add --split train")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -231,6 +237,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     data_root = Path(args.data) if args.data else default_data_root()
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
+    if args.calibration_studies:
+        from SpineNetLib.training.datasets import calibration_split, list_cases
+
+        calibration = {c.case_id for c in calibration_split(list_cases(data_root))[1]}
+        cases = [c for c in cases if c.case_id in calibration]
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
     networks = load_networks(args.weights, "cpu", precision=args.precision, runtime=args.runtime)
     profile = processing_profile(None, networks.weights.source)
@@ -241,7 +252,7 @@ def main(argv=None) -> int:
         ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
         lines.append(row(variant, summary, pred_root / variant))
-    print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
+    print(f"{len(cases)} {'held-out' if args.split == 'val' else 'calibration' if args.calibration_studies else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
     print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'flagged':>7} {'others':>7}"
           "  scans with a wrongly named body (flagged: of those; others: flagged of the rest)")
