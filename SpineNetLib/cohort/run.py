@@ -414,12 +414,10 @@ def dask_client(workers: int, scheduler: str | None = None) -> Iterator[Client]:
                 cluster = local_cluster(workers)
             except Exception as error:
                 failure = error
-        if failure is not None:
-            if starting.interrupted:   # a Ctrl-C that reached a worker as it started: still an interrupt
-                raise KeyboardInterrupt from None
-            raise failure
-        if starting.interrupted:
+        if starting.interrupted:   # also when the start failed: a Ctrl-C that reached a worker as it started
             raise KeyboardInterrupt
+        if failure is not None:
+            raise failure
         with Client(cluster) as client:
             yield client
     finally:
