@@ -13,8 +13,8 @@ slice holds less evidence): the runs with a wrongly named body flagged, and the 
 flags are recomputed from the runs' own margins and reasons, so the script first checks that, at the
 margin each run used, it gets that run's own flag back (``mismatches`` must be 0).
 
-Used to choose the bundled weights' review margin for single slices on the training side (model card,
-"Review margin of single slices"); the held-out split then only confirms the choice.
+Made to choose a review margin for single slices on the training side and confirm it on the held-out
+split; that margin was not kept (model card, "A lower review margin for single slices").
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def run_record(document: dict) -> dict:
     shape, axis = scan.get("shape"), scan.get("slice_axis")
     single = shape is not None and axis is not None and int(shape[int(axis)]) == 1
     warnings = labelling.get("warnings") or []
-    others = [w for w in warnings if not w.startswith(MARGIN_REASON_START) and not w.startswith(_notes())]
+    notes = _notes()
+    others = [w for w in warnings if not w.startswith(MARGIN_REASON_START) and not w.startswith(notes)]
     margin = labelling.get("margin_nats")
     return {"single_slice": single, "margin": float("inf") if margin is None else float(margin),
             "used_margin": float(labelling.get("review_margin_nats") or 0.0), "other_reason": bool(others),
