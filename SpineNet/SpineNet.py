@@ -185,9 +185,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.arithmeticComboBox.clear()
         for arithmetic in ARITHMETICS:
             self.ui.arithmeticComboBox.addItem(arithmetic)
-        self.ui.hotspotHeadComboBox.clear()
-        for head in (NO_HOTSPOTS, *documents.GRADE_HEADS):   # "none" first: hotspots are opt-in
-            self.ui.hotspotHeadComboBox.addItem(head)
+        self._hotspotTip = _get(self.ui.hotspotHeadComboBox, "toolTip")
+        self.offerHotspotHeads()
         self.ui.hotspotHeadComboBox.setCurrentIndex(0)
         self.ui.progressBar.setValue(0)
         self.ui.cancelButton.setEnabled(False)
@@ -200,6 +199,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.showHotspotsButton.clicked.connect(self.onShowHotspots)
         self.ui.weightsBrowseButton.clicked.connect(self.onBrowseWeights)
         self.ui.weightsComboBox.currentTextChanged.connect(self.updateWidgets)
+        self.ui.weightsFolderLineEdit.textChanged.connect(self.updateWidgets)   # the hotspot heads it offers
         self.ui.gradingCheckBox.toggled.connect(self.updateWidgets)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         # options -> parameter node
@@ -286,6 +286,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             _selectText(self.ui.deviceComboBox, node.GetParameter("Device"))
             _selectText(self.ui.arithmeticComboBox, node.GetParameter("Arithmetic"))
             self.ui.gradingCheckBox.setChecked(node.GetParameter("Grading") != "false")
+            self.offerHotspotHeads()
             _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
         finally:
             self._updatingGUIFromParameterNode = False
@@ -328,7 +329,37 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.statusLabel.setText(message)
         logging.info("SpineNet: %s", message)
 
+    def offerHotspotHeads(self):
+        """List "none" and the heads whose hotspots can be shown: those the chosen weights' grader trained
+        (Herniation only with the bundled weights), and those the input's results hold maps of; a chosen
+        head that is no longer listed
+        falls back to "none" (and :meth:`updateWidgets` tells the parameter node)."""
+        combo = self.ui.hotspotHeadComboBox
+        heads = self.logic.hotspotHeads(self._weightsSpec(), self._volume())
+        items = [NO_HOTSPOTS, *heads]   # "none" first: hotspots are opt-in
+        if [combo.itemText(k) for k in range(combo.count())] == items:
+            return
+        chosen = _get(combo, "currentText")
+        combo.blockSignals(True)
+        try:
+            combo.clear()
+            for head in items:
+                combo.addItem(head)
+            combo.setCurrentIndex(items.index(chosen) if chosen in items else 0)
+        finally:
+            combo.blockSignals(False)
+        tip = self._hotspotTip
+        if len(heads) < len(documents.GRADE_HEADS):
+            tip += (f" Listed: the heads the chosen weights' grader trained, and those with maps in the results "
+                    f"({', '.join(heads)})." if heads else " These weights have no grader: no hotspot maps.")
+        combo.setToolTip(tip)
+
     def updateWidgets(self, *args):
+        self.offerHotspotHeads()
+        node = self._parameterNode
+        if node is not None and node.GetParameter("HotspotHead") != (_get(self.ui.hotspotHeadComboBox, "currentText")
+                                                                     or NO_HOTSPOTS):
+            self.updateParameterNodeFromGUI()   # a head these weights do not offer went back to "none"
         running = self.logic.isRunning()
         folder = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))] == "folder"
         self.ui.weightsFolderLineEdit.setEnabled(folder)
@@ -343,10 +374,14 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
     def _volume(self):
         return self.ui.inputSelector.currentNode()
 
+    def _weightsSpec(self):
+        """The chosen weights as ``--weights`` takes them: "bundled", "official" or a folder."""
+        source = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))]
+        return _get(self.ui.weightsFolderLineEdit, "text").strip() if source == "folder" else source
+
     def settings(self):
         """The options chosen in the panel, as :meth:`SpineNetLogic.startRun` takes them."""
-        source = WEIGHT_SOURCES[max(0, _get(self.ui.weightsComboBox, "currentIndex"))]
-        weights = _get(self.ui.weightsFolderLineEdit, "text").strip() if source == "folder" else source
+        weights = self._weightsSpec()
         head = _get(self.ui.hotspotHeadComboBox, "currentText")
         precision, runtime = arithmetic_settings(_get(self.ui.arithmeticComboBox, "currentText"))
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",

@@ -109,6 +109,13 @@ def _keepOnlyHotspots(resultsFolder):
                 os.rmdir(path)
 
 
+def _mappedHeads(resultsFolder):
+    """The grading heads that a results folder holds hotspot maps of, in :data:`documents.GRADE_HEADS` order."""
+    files = [os.path.basename(p).split(".")[0]
+             for p in (documents.list_hotspot_files(resultsFolder) if resultsFolder else [])]
+    return [h for h in documents.GRADE_HEADS if any(name.endswith("_" + h) for name in files)]
+
+
 def arithmetic_settings(name):
     """``(precision, runtime)`` of an :data:`ARITHMETICS` name; float32 on torch for an unknown or empty one."""
     return ARITHMETICS.get(name or "", ARITHMETICS["float32"])
@@ -603,13 +610,20 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         files = {f"{stem}_vertebrae.csv": vertebrae_csv_text(vertebraeDoc), f"{stem}_discs.csv": discsText}
         return [str(p) for p in write_files_atomically(folder, files)]
 
+    def hotspotHeads(self, weights="bundled", volumeNode=None):
+        """The grading heads whose hotspot maps can be shown: those the grader of ``weights`` trained
+        (:func:`SpineNetLib.outputs.documents.hotspot_heads`, which needs no torch), and those that
+        ``volumeNode``'s results hold maps of (from other weights, say)."""
+        folder = self.documents(volumeNode)[2] if volumeNode is not None else None
+        shown = set(documents.hotspot_heads(weights)) | set(_mappedHeads(folder))
+        return tuple(h for h in documents.GRADE_HEADS if h in shown)
+
     def showHotspots(self, volumeNode, disc, head):
         """Load the hotspot map of one disc and head from the results folder: (node or None, message)."""
         _, _, folder = self.documents(volumeNode)
         paths = documents.hotspot_files(folder, disc, head)
         if not paths:
-            files = [os.path.basename(p).split(".")[0] for p in (documents.list_hotspot_files(folder) if folder else [])]
-            heads = [h for h in documents.GRADE_HEADS if any(name.endswith("_" + h) for name in files)]
+            heads = _mappedHeads(folder)
             if not heads:
                 return None, f"Hotspots are not available for {disc} ({head}): this run wrote no hotspot maps."
             return None, (f"Hotspots are not available for {disc} ({head}): this run wrote hotspot maps only for "

@@ -48,6 +48,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_to_correction
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.outputs.vertebrae import vertebrae_document
+from SpineNetLib.weights.resolve import trained_grading_heads
 
 VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
 DISCS_SCHEMA = "spinenet.discs/1"
@@ -61,6 +62,10 @@ GRADE_HEADS: tuple[str, ...] = (
     "LowerEndplateDefect", "UpperMarrow", "LowerMarrow", "ForaminalStenosisLeft", "ForaminalStenosisRight",
     "Herniation",
 )
+#: The grading network's layer of each head above (``SpineNetLib.models.grading.HEADS``; here too so
+#: that the Slicer panel can match a checkpoint's ``trained_heads`` to these names without torch).
+GRADE_HEAD_LAYERS: dict[str, str] = dict(zip(GRADE_HEADS, (
+    "fc_pf", "fc_nar", "fc_ccs", "fc_spn", "fc_ued", "fc_led", "fc_umc", "fc_lmc", "fc_fsl", "fc_fsr", "fc_hrn")))
 #: Meaning of each grade column, under its official name and the readable name the grading
 #: stage may use instead (``DiscNarrowing``, ``UpperMarrowChange``, ``LowerMarrowChange``).
 GRADE_DESCRIPTIONS: dict[str, str] = {
@@ -452,6 +457,18 @@ def discs_document_from_truth(scan, truth_discs) -> dict:
 
 
 # --------------------------------------------------------------------------- files
+
+def hotspot_heads(weights=None) -> tuple[str, ...]:
+    """The grading heads (:data:`GRADE_HEADS` names) whose evidence hotspots the weights ``weights``
+    ("bundled", "official" or a folder) can show: the heads their grader trained. A head the grader
+    did not train gets no map (the run says so in a warning), so the Slicer panel does not offer it.
+    Every head when the grader records none (the official weights) or the weights cannot be found;
+    none when there is no grader. Reads no network (no torch)."""
+    trained = trained_grading_heads(weights)
+    if trained is None:
+        return GRADE_HEADS
+    return tuple(head for head in GRADE_HEADS if GRADE_HEAD_LAYERS[head] in trained)
+
 
 def hotspot_files(folder, disc: str, head: str) -> list[Path]:
     """Hotspot images for one disc and grading head in a results folder, best first (may be empty).

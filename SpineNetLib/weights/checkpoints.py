@@ -31,6 +31,7 @@ from torch import nn
 
 from SpineNetLib.core.errors import WeightsError
 from SpineNetLib.models import AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
+from SpineNetLib.weights.resolve import resolve_weights_file  # noqa: F401  (also this module's API)
 
 #: Network kinds this module knows.
 KINDS: tuple[str, ...] = ("detector", "appearance", "context", "grading")
@@ -211,37 +212,6 @@ def save_checkpoint(path: str | os.PathLike, kind: str, model: nn.Module, *, con
 
 
 # --------------------------------------------------------------------------- loading
-
-def resolve_weights_file(path: str | os.PathLike) -> Path:
-    """The checkpoint file itself, or the one to use from an official-layout folder.
-
-    In a folder: ``*.pt`` files whose names do not contain 'encrypted'; the one
-    with the highest number in its name (``ckpt435.pt``), ties broken by name;
-    else the only one.  Deterministic, unlike the official newest-by-ctime rule.
-    """
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if not p.exists():
-        raise WeightsError(f"weights not found: {p}")
-    if not p.is_dir():
-        raise WeightsError(f"weights path is neither a file nor a folder: {p}")
-    files = sorted(f for f in p.glob("*.pt") if f.is_file() and "encrypted" not in f.name.lower())
-    if not files:
-        raise WeightsError(f"no .pt weights file in folder {p}")
-    numbered = []
-    for f in files:
-        digits = re.findall(r"\d+", f.stem)
-        if digits:
-            numbered.append((int(digits[-1]), f.name, f))
-    if numbered:
-        best = max(n for n, _, _ in numbered)
-        return min((name, f) for n, name, f in numbered if n == best)[1]
-    if len(files) == 1:
-        return files[0]
-    raise WeightsError(
-        f"folder {p} has {len(files)} .pt files and none has an epoch number in its name; give the file itself")
-
 
 def _disallowed_global(message: str) -> str | None:
     m = re.search(r"Unsupported global: GLOBAL (\S+)", message)

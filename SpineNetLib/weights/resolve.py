@@ -16,7 +16,11 @@ Three sources, chosen with ``--weights``:
 from __future__ import annotations
 
 import filecmp
+import io
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +120,102 @@ def resolve_weights(spec: str | os.PathLike | None = None) -> WeightSet:
     return WeightSet(source=spec_text, detector=found["detector"], appearance=found["appearance"],
                      context=found["context"], grading=found["grading"], s1_outline=found["s1_outline"],
                      lumbar_only=spec_text == "bundled" or _bundled_labelling_networks(found))
+
+
+def resolve_weights_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file itself, or the one to use from an official-layout folder.
+
+    In a folder: ``*.pt`` files whose names do not contain 'encrypted'; the one
+    with the highest number in its name (``ckpt435.pt``), ties broken by name;
+    else the only one.  Deterministic, unlike the official newest-by-ctime rule.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise WeightsError(f"weights not found: {p}")
+    if not p.is_dir():
+        raise WeightsError(f"weights path is neither a file nor a folder: {p}")
+    files = sorted(f for f in p.glob("*.pt") if f.is_file() and "encrypted" not in f.name.lower())
+    if not files:
+        raise WeightsError(f"no .pt weights file in folder {p}")
+    numbered = []
+    for f in files:
+        digits = re.findall(r"\d+", f.stem)
+        if digits:
+            numbered.append((int(digits[-1]), f.name, f))
+    if numbered:
+        best = max(n for n, _, _ in numbered)
+        return min((name, f) for n, name, f in numbered if n == best)[1]
+    if len(files) == 1:
+        return files[0]
+    raise WeightsError(
+        f"folder {p} has {len(files)} .pt files and none has an epoch number in its name; give the file itself")
+
+
+class _Opaque:
+    """Stands for any object a checkpoint's pickle builds (tensors, storages, classes): it is never
+    the real thing, so reading a checkpoint's small entries this way runs no code from the file."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, *args, **kwargs) -> "_Opaque":
+        return _Opaque()
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+class _EntriesOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's ``data.pkl`` with every global and stored tensor made opaque,
+    except the plain dictionaries that hold its entries."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in (("collections", "OrderedDict"), ("builtins", "dict")):
+            return dict
+        return _Opaque()
+
+    def persistent_load(self, pid):
+        return None
+
+
+def recorded_trained_heads(path: str | os.PathLike) -> frozenset[str] | None:
+    """The grading network's heads a checkpoint records as trained (``trained_heads``, written by
+    ``spinenet train grader``, e.g. ``{"fc_hrn"}``), read without torch, so that the Slicer panel can
+    offer only those heads' hotspot maps before torch is even installed.
+
+    None when the file records none (the official checkpoints: all their heads were trained) or is
+    not a torch archive that can be read this way (it is then read, and judged, when it is loaded).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                return None
+            entries = _EntriesOnlyUnpickler(io.BytesIO(archive.read(name))).load()
+    except Exception:   # not a zip, a damaged one, or a pickle this reader cannot follow
+        return None
+    recorded = entries.get("trained_heads") if isinstance(entries, dict) else None
+    if not isinstance(recorded, str):
+        return None
+    return frozenset(h.strip() for h in recorded.split(",") if h.strip())
+
+
+def trained_grading_heads(spec: str | os.PathLike | None = None) -> frozenset[str] | None:
+    """The grading network's heads that the weights ``spec`` trained (:func:`recorded_trained_heads`
+    of its grader): an empty set when the weights have no grader; None when every head was trained,
+    or when the weights cannot be found (the run then says why)."""
+    try:
+        weights = resolve_weights(spec)
+    except WeightsError:
+        return None
+    if weights.grading is None:
+        return frozenset()
+    try:
+        return recorded_trained_heads(resolve_weights_file(weights.grading))
+    except WeightsError:
+        return None

@@ -451,6 +451,7 @@ def test_grade_heads_are_the_networks_heads():
     from SpineNetLib.models.grading import HEADS
 
     assert documents.GRADE_HEADS == tuple(h.column for h in HEADS)
+    assert documents.GRADE_HEAD_LAYERS == {h.column: h.name for h in HEADS}
     assert set(documents.GRADE_HEADS) <= set(documents.GRADE_DESCRIPTIONS)
 
 

@@ -334,7 +334,7 @@ def test_options_reach_the_worker(panel):
 def test_hotspots_are_opt_in_and_a_chosen_head_reaches_the_worker(panel):
     module, widget, scene, volume, _ = panel
     combo = widget.ui.hotspotHeadComboBox
-    assert [combo.itemText(k) for k in range(combo.count())] == ["none", *documents.GRADE_HEADS]
+    assert [combo.itemText(k) for k in range(combo.count())] == ["none", "Herniation"]   # what the bundled grader trained
     assert combo.currentText() == "none" and widget.settings()["hotspot_head"] is None
     assert "<string>none</string>" in standins.UI_FILE.read_text(encoding="utf-8")    # the .ui's default too
     _select(widget, volume)
@@ -347,6 +347,51 @@ def test_hotspots_are_opt_in_and_a_chosen_head_reaches_the_worker(panel):
     args = standins.FakeProcess.instances[-1].arguments
     assert args[args.index("--hotspot-head") + 1] == "Herniation"
     widget.ui.cancelButton.click()
+
+
+def test_only_the_heads_the_chosen_grader_trained_are_offered_for_hotspots(panel, tmp_path):
+    """A head the grader did not train gets no map (the run only warns), so the list offers the heads the
+    chosen weights trained: Herniation with the bundled ones, all 11 with the official ones (whose
+    checkpoints record none), none for a folder without a grader; a head no longer offered goes back to
+    "none", in the parameter node too."""
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    module, widget, scene, volume, _ = panel
+    _select(widget, volume)
+    combo = widget.ui.hotspotHeadComboBox
+
+    def offered():
+        return [combo.itemText(k) for k in range(combo.count())]
+
+    widget.ui.weightsComboBox.setCurrentIndex(1)                         # official
+    assert offered() == ["none", *documents.GRADE_HEADS]
+    combo.setCurrentText("Pfirrmann")
+    assert widget.logic.getParameterNode().GetParameter("HotspotHead") == "Pfirrmann"
+    widget.ui.weightsComboBox.setCurrentIndex(0)                         # bundled
+    assert offered() == ["none", "Herniation"] and combo.currentText() == "none"
+    assert widget.logic.getParameterNode().GetParameter("HotspotHead") == "none"
+    assert "(Herniation)" in combo.toolTip()
+    combo.setCurrentText("Herniation")
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("detector.pt", "appearance.pt", "context.pt"):
+        (folder / name).write_bytes((BUNDLED_DIR / name).read_bytes())
+    widget.ui.weightsComboBox.setCurrentIndex(2)
+    widget.ui.weightsFolderLineEdit.setText(str(folder))                 # no grading.pt in it
+    assert offered() == ["none"] and combo.currentText() == "none" and "no grader" in combo.toolTip()
+    (folder / "grading.pt").write_bytes((BUNDLED_DIR / "grading.pt").read_bytes())
+    widget.ui.weightsFolderLineEdit.setText(str(folder) + "/")
+    assert offered() == ["none", "Herniation"]
+    assert widget.settings()["hotspot_head"] is None
+
+    # results that hold maps of other heads (made with other weights) can still show them
+    results = tmp_path / "results"
+    widget.logic.loadResults(volume, _write_result(results, panel[4]))
+    (results / "hotspots").mkdir()
+    (results / "hotspots" / "L4-L5_Pfirrmann.nii.gz").write_bytes(b"")
+    widget.updateWidgets()
+    assert offered() == ["none", "Pfirrmann", "Herniation"]
 
 
 def test_missing_packages_are_offered_for_installation(panel, monkeypatch):
@@ -384,6 +429,7 @@ def test_export_csv_and_hotspots(panel, tmp_path):
     assert discs_csv.splitlines()[0] == "level,centre_R_mm,centre_A_mm,centre_S_mm"
     assert widget.ui.statusLabel.text().startswith("Wrote T2_sagittal_lumbar_vertebrae.csv, T2_sagittal_lumbar_discs.csv")
 
+    widget.ui.weightsComboBox.setCurrentIndex(1)          # the official weights: all 11 heads offered
     widget.ui.discTable.selectRow(4)
     widget.ui.showHotspotsButton.click()                   # head "none" (the default): nothing to show
     assert widget.ui.statusLabel.text().startswith("Choose a hotspot head: hotspot maps are computed only")
