@@ -55,7 +55,7 @@ from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.folding import fold_batch_norms
 from SpineNetLib.models.grading import reads_one_slice
-from SpineNetLib.models.precision import precision_of, with_precision
+from SpineNetLib.models.precision import bfloat16_warning, precision_of, with_precision
 from SpineNetLib.models.runtimes import check_runtime, openvino_detector_predictor
 from SpineNetLib.weights import checkpoints
 from SpineNetLib.weights.resolve import CHECKPOINT_KIND, WeightSet, resolve_weights, user_cache_dir
@@ -677,6 +677,9 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
     scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]
     warnings: list[str] = list(scan_warnings)
+    slow_arithmetic = bfloat16_warning(networks.precision, networks.device)
+    if slow_arithmetic is not None:
+        warnings.append(slow_arithmetic)
     profile = processing_profile(options.profile, networks.weights.source)
     params = profiled_labelling_params(networks.context, options.labelling_params, profile)
     detection_params = profiled_detection_params(options.detection_params, profile)

@@ -87,7 +87,7 @@ from scipy import ndimage
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import GRADING_INPUT_SHAPE, HEADS, GradingHead, GradingNet
-from SpineNetLib.models.precision import BFloat16Autocast, bfloat16_is_sound
+from SpineNetLib.models.precision import BFloat16Autocast, bfloat16_is_sound, native_bfloat16
 
 #: Saliency methods, see the module docstring.
 METHODS: tuple[str, ...] = ("gradient", "guided", "excitation", "contrastive_excitation")
@@ -375,17 +375,6 @@ def _volume_array(ivd_volume) -> np.ndarray:
     if vol.shape != GRADING_INPUT_SHAPE:
         raise InputError(f"an IVD volume must have shape {GRADING_INPUT_SHAPE}, got {vol.shape}")
     return vol
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; a CUDA GPU of
-    compute capability 8 or later)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def check_hotspot_precision(precision: str) -> None:

@@ -66,6 +66,29 @@ def with_precision(module: torch.nn.Module | None, precision: str) -> torch.nn.M
     return BFloat16Autocast(module).eval()
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; a CUDA GPU of
+    compute capability 8 or later)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: Said when bfloat16 is asked for on a CPU that does not compute it natively (:func:`native_bfloat16`):
+#: torch then emulates it. Measured on an AMD EPYC with AVX2 and no AVX-512 (benchmarks/RESULTS.md,
+#: "Twenty-eighth session"): `spinenet run` on chu_02 with the bundled networks 23-26 s against 3.0-3.6 s.
+SLOW_BFLOAT16 = ("bfloat16 was asked for, but this CPU does not compute it natively (no AVX-512 BF16 or AMX), "
+                 "so it runs about 8 times slower than float32 here; use --precision fp32 (the default)")
+
+
+def bfloat16_warning(precision: str, device: torch.device) -> str | None:
+    """:data:`SLOW_BFLOAT16` when ``precision`` is "bf16" on a CPU without native bfloat16, else None."""
+    return SLOW_BFLOAT16 if precision == "bf16" and device.type == "cpu" and not native_bfloat16(device) else None
+
+
 def precision_of(module: torch.nn.Module | None) -> str:
     """The arithmetic ``module`` runs in: "bf16" when :func:`with_precision` wrapped it, else "fp32"."""
     return "bf16" if isinstance(module, BFloat16Autocast) else "fp32"

@@ -169,6 +169,29 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     # the bundled grader reads one slice, where torch's CPU bfloat16 Conv3d is wrong: it stays float32
     assert bf16.discs_document["grading"]["precision"] == "fp32"
     assert "precision" not in fp32.discs_document["grading"]
+    # where the CPU only emulates bfloat16 (8 times slower here) the run says so
+    from SpineNetLib.models.precision import SLOW_BFLOAT16, native_bfloat16
+
+    assert (SLOW_BFLOAT16 in bf16.warnings) is not native_bfloat16(torch.device("cpu"))
+    assert SLOW_BFLOAT16 not in fp32.warnings
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_said_to_be_slow(monkeypatch):
+    """bfloat16 asked for on a CPU without AVX-512 BF16 or AMX runs about 8 times slower than float32
+    (benchmarks/RESULTS.md): a warning says so and names the fix; not on a CPU that computes it, nor for
+    float32 or a GPU."""
+    import torch
+
+    from SpineNetLib.models import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    assert precision.bfloat16_warning("bf16", cpu) == precision.SLOW_BFLOAT16
+    assert "--precision fp32" in precision.SLOW_BFLOAT16
+    assert precision.bfloat16_warning("fp32", cpu) is None
+    assert precision.bfloat16_warning("bf16", torch.device("cuda")) is None
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    assert precision.bfloat16_warning("bf16", cpu) is None
 
 
 def test_bf16_is_refused_where_the_cpu_kernels_get_it_wrong():

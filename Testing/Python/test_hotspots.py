@@ -20,6 +20,7 @@ from SpineNetLib.discs import extraction as ivd
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
+from SpineNetLib.models.precision import native_bfloat16
 from SpineNetLib.outputs.files import write_hotspot_maps
 from SpineNetLib.training.grader import phantom_vertebrae
 
@@ -248,7 +249,7 @@ def test_bf16_hotspot_maps_follow_the_fp32_ones(grader):
     assert np.corrcoef(smooth32.ravel(), smooth16.ravel())[0, 1] > 0.995
     assert hs.box_iou(hs.hotspot_box(smooth32[4]), hs.hotspot_box(smooth16[4])) > 0.85
     auto = hs.hotspot_volume(grader, disc.volume, head, n_augment=2)
-    assert np.array_equal(auto, bf16 if hs.native_bfloat16(torch.device("cpu")) else fp32)
+    assert np.array_equal(auto, bf16 if native_bfloat16(torch.device("cpu")) else fp32)
     wrapped = with_precision(grader, "bf16")
     assert np.array_equal(hs.hotspot_volume(wrapped, disc.volume, head, n_augment=2), bf16)
     assert np.array_equal(hs.hotspot_volume(wrapped, disc.volume, head, n_augment=2, precision="fp32"), fp32)
