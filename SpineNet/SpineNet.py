@@ -331,9 +331,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
 
     def offerHotspotHeads(self):
         """List "none" and the heads whose hotspots can be shown: those the chosen weights' grader trained
-        (Herniation only with the bundled weights), and those the input's results hold maps of; a chosen
-        head that is no longer listed
-        falls back to "none" (and :meth:`updateWidgets` tells the parameter node)."""
+        (Herniation only with the bundled weights), and those the input's results hold maps of. A chosen
+        head that is no longer listed falls back to "none" (:meth:`updateWidgets` tells the parameter node)."""
         combo = self.ui.hotspotHeadComboBox
         heads = self.logic.hotspotHeads(self._weightsSpec(), self._volume())
         items = [NO_HOTSPOTS, *heads]   # "none" first: hotspots are opt-in
