@@ -95,7 +95,7 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="allow full unpickling of the checkpoint with this SHA-256 (only for files you trust)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16 "
-                             "support, AVX-512 BF16 or AMX, about 8 times slower on others; outputs within about "
+                             "support, about 8 times slower on CPUs without AVX-512; outputs within about "
                              "1 %% of their range, see benchmarks/RESULTS.md)")
     parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
                         help="where the detector runs: torch (default) or OpenVINO on the CPU (pip install openvino; "

@@ -67,8 +67,9 @@ def with_precision(module: torch.nn.Module | None, precision: str) -> torch.nn.M
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX; a CUDA GPU of
-    compute capability 8 or later)."""
+    """Whether ``device`` computes bfloat16 natively: a CPU on which torch's oneDNN reports bfloat16
+    support (CPUs with AVX-512; fastest with AVX-512 BF16 or AMX), a CUDA GPU of compute capability 8
+    or later. CPUs with AVX2 only, as most laptops have, emulate it."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     try:
@@ -80,8 +81,9 @@ def native_bfloat16(device: torch.device) -> bool:
 #: Said when bfloat16 is asked for on a CPU that does not compute it natively (:func:`native_bfloat16`):
 #: torch then emulates it. Measured on an AMD EPYC with AVX2 and no AVX-512 (benchmarks/RESULTS.md,
 #: "Twenty-eighth session"): `spinenet run` on chu_02 with the bundled networks 23-26 s against 3.0-3.6 s.
-SLOW_BFLOAT16 = ("bfloat16 was asked for, but this CPU does not compute it natively (no AVX-512 BF16 or AMX), "
-                 "so it runs about 8 times slower than float32 here; use --precision fp32 (the default)")
+SLOW_BFLOAT16 = ("bfloat16 was asked for, but this CPU does not compute it natively (torch reports no bfloat16 "
+                 "support, as on CPUs without AVX-512), so it runs about 8 times slower than float32 here; "
+                 "use --precision fp32 (the default)")
 
 
 def bfloat16_warning(precision: str, device: torch.device) -> str | None:

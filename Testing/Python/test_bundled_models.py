@@ -177,7 +177,7 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
 
 
 def test_bf16_on_a_cpu_that_emulates_it_is_said_to_be_slow(monkeypatch):
-    """bfloat16 asked for on a CPU without AVX-512 BF16 or AMX runs about 8 times slower than float32
+    """bfloat16 asked for on a CPU that only emulates it (no AVX-512) runs about 8 times slower than float32
     (benchmarks/RESULTS.md): a warning says so and names the fix; not on a CPU that computes it, nor for
     float32 or a GPU."""
     import torch
