@@ -160,9 +160,6 @@ class _Opaque:
     def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def __call__(self, *args, **kwargs) -> "_Opaque":
-        return _Opaque()
-
     def __setstate__(self, state) -> None:
         pass
 
@@ -170,14 +167,22 @@ class _Opaque:
         pass
 
 
+class _Entries(dict):
+    """A checkpoint's dictionaries, plain or ordered; an ordered one's attributes (a state dict's
+    ``_metadata``) are dropped."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
 class _EntriesOnlyUnpickler(pickle.Unpickler):
     """Unpickles a torch checkpoint's ``data.pkl`` with every global and stored tensor made opaque,
-    except the plain dictionaries that hold its entries."""
+    except the dictionaries that hold its entries."""
 
     def find_class(self, module: str, name: str):
         if (module, name) in (("collections", "OrderedDict"), ("builtins", "dict")):
-            return dict
-        return _Opaque()
+            return _Entries
+        return _Opaque
 
     def persistent_load(self, pid):
         return None

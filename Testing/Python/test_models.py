@@ -398,11 +398,12 @@ def test_a_graders_trained_heads_are_read_without_torch_and_without_running_the_
 
     from SpineNetLib.weights.resolve import BUNDLED_DIR, recorded_trained_heads, trained_grading_heads
 
-    code = ("import sys; from SpineNetLib.outputs import documents; "
-            "print(documents.hotspot_heads('bundled'), documents.hotspot_heads('official'), 'torch' in sys.modules)")
+    code = ("import json, sys; from SpineNetLib.outputs import documents; print(json.dumps(["
+            "documents.hotspot_heads('bundled'), documents.hotspot_heads('official'), 'torch' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split(") ")[0] == "('Herniation',"   # the bundled grader trained Herniation only
-    assert out.strip().endswith("False") and out.count("'") == 2 * 12   # official: all 11 heads; no torch
+    bundled, official, torch_imported = json.loads(out)
+    assert bundled == ["Herniation"]                   # the bundled grader trained Herniation only
+    assert len(official) == 11 and not torch_imported  # the official ones record none: all heads; no torch
 
     loaded = load_model("grading", BUNDLED_DIR / "grading.pt")
     assert recorded_trained_heads(BUNDLED_DIR / "grading.pt") == set(loaded.checkpoint_meta["trained_heads"].split(","))
@@ -412,6 +413,9 @@ def test_a_graders_trained_heads_are_read_without_torch_and_without_running_the_
     assert recorded_trained_heads(plain) is None
     some = save_checkpoint(tmp_path / "some" / "grading.pt", "grading", net, extra={"trained_heads": "fc_hrn,fc_pf"})
     assert recorded_trained_heads(some) == {"fc_hrn", "fc_pf"}
+    ordered = tmp_path / "ordered.pt"            # torch's own state dict: an OrderedDict with _metadata
+    torch.save({"model_weights": net.state_dict(), "trained_heads": "fc_hrn"}, ordered)
+    assert recorded_trained_heads(ordered) == {"fc_hrn"}
     for name in ("detector.pt", "appearance.pt", "context.pt"):
         (tmp_path / "some" / name).write_bytes((BUNDLED_DIR / name).read_bytes())
     assert trained_grading_heads(tmp_path / "some") == {"fc_hrn", "fc_pf"}
