@@ -81,8 +81,12 @@ def _pct(x) -> str:
 
 
 def print_tables(summary: dict) -> None:
-    header = f"{'':24} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR±1':>6} " \
-             f"{'loc.mm':>6} {'all right':>9}"
+    """The model card's tables; the two ranges are 95 % intervals (``SpineNetLib/evaluation/intervals.py``:
+    Wilson's, over scans; for the IDR with the scan as the unit)."""
+    from SpineNetLib.evaluation.intervals import percent_range
+
+    header = f"{'':24} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} " \
+             f"{'IDR±1':>6} {'loc.mm':>6} {'all right':>9} {'95% CI':>11}"
     rows = [("overall", summary["overall"])]
     rows += [(f"source {k}", v) for k, v in summary.get("by_source", {}).items()]
     rows += [(f"sequence {k}", v) for k, v in summary.get("by_sequence", {}).items()]
@@ -90,13 +94,16 @@ def print_tables(summary: dict) -> None:
     for name, m in rows:
         loc = m["localisation_error_mm_mean"]
         print(f"{name:24} {m['n_cases']:5d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
-              f"{_pct(m['identification_rate'])} {_pct(m['identification_rate_within_1'])} "
-              f"{'   n/a' if loc is None else f'{loc:6.2f}'} {_pct(m['share_of_scans_all_levels_right']):>9}")
+              f"{_pct(m['identification_rate'])} {percent_range(m['ci95']['identification_rate']):>11} "
+              f"{_pct(m['identification_rate_within_1'])} {'   n/a' if loc is None else f'{loc:6.2f}'} "
+              f"{_pct(m['share_of_scans_all_levels_right']):>9} "
+              f"{percent_range(m['ci95']['share_of_scans_all_levels_right']):>11}")
     o = summary["overall"]
     if o.get("s1_point_scans"):
         n = o["s1_point_scans"]
         print(f"\nS1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
-              f"detected {o['s1_point_detected']}/{n}, named S1 {o['s1_point_named_s1']}/{n}")
+              f"detected {o['s1_point_detected']}/{n}, named S1 {o['s1_point_named_s1']}/{n} "
+              f"(95% CI {percent_range(o['ci95']['s1_point_named_s1'])} %)")
     if o.get("disc_points"):
         # a disc point lies between two bodies: inside an outline, that outline reaches into the disc
         inside = ", ".join(f"{disc} {row['inside_an_outline']}/{row['scored']}" for disc, row in o["disc_points"].items())

@@ -331,7 +331,7 @@ def command_demo(args) -> int:
 def command_evaluate(args) -> int:
     import json
 
-    from SpineNetLib.evaluation.evaluate import evaluate_directories
+    from SpineNetLib.evaluation.evaluate import evaluate_directories, share_lines
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
@@ -345,6 +345,7 @@ def command_evaluate(args) -> int:
         print(f"{name:<22} {m['tp']:>4} {m['fp']:>4} {m['fn']:>4} {pct(m['precision'])} {pct(m['recall'])} "
               f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
               f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
+    print("\n" + "\n".join(share_lines(summary)))
     missing = summary.get("missing_predictions") or []
     if missing:   # a run that failed must not pass unseen: the figures above leave these cases out
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

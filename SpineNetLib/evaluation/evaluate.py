@@ -47,7 +47,11 @@ centres are at most 1.75 mm from any native slice.
   ground-truth quads differ by 0.71 px on average on the real mid slices.
 
 Cases are summarised per case and overall by micro-averaging (counts summed
-over cases; localisation error pooled over all matched vertebrae).
+over cases; localisation error pooled over all matched vertebrae).  Each pooled
+group carries 95 % intervals (``"ci95"``, :mod:`SpineNetLib.evaluation.intervals`):
+Wilson over scans for the share of scans entirely right and for S1 on the
+point-annotated slices, and for recall and identification rate with the scan as
+the unit (conservative: a shifted scan names all its bodies wrongly at once).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from SpineNetLib.training.datasets import (
 )
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
 SLICE_TOLERANCE_MM = 2.0
@@ -532,6 +537,15 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
     right = sum(m.all_levels_right for m in metrics)
     pooled["scans_all_levels_right"] = right
     pooled["share_of_scans_all_levels_right"] = _nan_to_none(_ratio(right, len(metrics)))
+    # 95 % intervals (evaluation/intervals.py): Wilson over scans; for the body-level rates with the
+    # scan as the unit too, because one scan's bodies are wrong together
+    pooled["ci95"] = {
+        "share_of_scans_all_levels_right": rounded(wilson_interval(right, len(metrics))),
+        "s1_point_named_s1": rounded(wilson_interval(pooled["s1_point_named_s1"], len(with_s1))),
+        "recall": rounded(scan_unit_interval([m.tp for m in metrics], [m.tp + m.fn for m in metrics])),
+        "identification_rate": rounded(scan_unit_interval([m.n_identified for m in metrics],
+                                                          [m.n_gt for m in metrics])),
+    }
     return pooled
 
 
@@ -563,6 +577,24 @@ def summarise(metrics: Sequence[CaseMetrics], groups: dict[str, dict[str, str]] 
             summary[f"by_{key}"] = {name: _pooled([m for m in metrics if groups[m.case_id].get(key) == name])
                                     for name in names}
     return summary
+
+
+def share_lines(summary: dict) -> list[str]:
+    """Scans entirely right and the identification rate of a :func:`summarise` result, overall, per
+    source and per sequence, with their 95 % intervals: how little a figure from a few scans rests on."""
+    groups = [("overall", summary["overall"])]
+    for key in ("source", "sequence"):
+        groups += [(f"{key} {name}", group) for name, group in summary.get(f"by_{key}", {}).items()]
+    lines = ["scans entirely right and identification rate, with 95 % intervals (Wilson; for the rate the "
+             "scan is the unit)"]
+    for name, group in groups:
+        right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
+        lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans right "
+                     f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
+                     f"({percent_range(group['ci95']['share_of_scans_all_levels_right'])} %), "
+                     f"IDR {'n/a' if idr is None else f'{100 * idr:.1f}'} % "
+                     f"({percent_range(group['ci95']['identification_rate'])} %)")
+    return lines
 
 
 def annotated_cases(path, sources: Sequence[str]) -> list:

@@ -44,6 +44,8 @@ def test_bundled_models_label_a_real_validation_case(tmp_path, capsys):
                      "--cases", VALIDATION_CASE, "-o", str(metrics)]) == 0
     table = capsys.readouterr().out
     assert VALIDATION_CASE in table and "overall" in table
+    # one scan: whatever it scores, the interval says how little that is (Wilson, 1 of 1: 20.7-100 %)
+    assert "source myosegmentum    1/1 scans right 100.0 % (20.7-100.0 %)" in table, table
     case = json.loads(metrics.read_text())["cases"][VALIDATION_CASE]
     assert case["tp"] >= 5 and case["fp"] == 0
     correct = case["n_gt"] * case["identification_rate"]

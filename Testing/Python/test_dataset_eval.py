@@ -19,7 +19,7 @@ from SpineNetLib.outputs import vertebrae as outputs
 from SpineNetLib.core import polygons
 from SpineNetLib.training import datasets as D
 from SpineNetLib.evaluation import evaluate as E
-from SpineNetLib.core.errors import InputError
+from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
 
@@ -190,6 +190,32 @@ def test_patient_split_explicit_and_per_source():
         D.patient_split(cases, val_patients=["nobody"])
 
 
+def test_wilson_interval_is_never_a_point_at_none_or_all_right():
+    """A figure from a few scans says how little it rests on: 5 of 5 right is 57-100 %, not 100 %."""
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(5, 5) == pytest.approx((5 / (5 + z2), 1.0))   # closed form at n of n
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    low, high = wilson_interval(66, 68)
+    assert 0.89 < low < 0.90 and 0.99 < high < 0.993 and low < 66 / 68 < high
+    # more scans, a narrower interval around the same share
+    assert np.ptp(wilson_interval(660, 680)) < np.ptp(wilson_interval(66, 68)) / 3
+    assert wilson_interval(0, 0) is None
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    assert percent_range(wilson_interval(5, 5)) == "56.6-100.0" and percent_range(None) == "n/a"
+
+
+def test_body_rates_take_the_scan_as_the_unit():
+    """Forty bodies of four scans, one scan shifted (all ten wrong): as wide as 3 of 4 scans, not 30 of 40
+    bodies; scans without scored bodies do not count."""
+    rate = scan_unit_interval([10, 10, 10, 0, 0], [10, 10, 10, 10, 0])
+    assert rate == pytest.approx(wilson_interval(3, 4))
+    assert np.ptp(rate) > 2 * np.ptp(wilson_interval(30, 40))
+    assert scan_unit_interval([0], [0]) is None
+    with pytest.raises(ValueError):
+        scan_unit_interval([1, 2], [2])
+
+
 # --------------------------------------------------------------------------- real data
 
 
@@ -214,6 +240,11 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert (wrong.tp, wrong.n_identified, wrong.all_levels_right) == (5, 0, False)
     summary = E.summarise([right, wrong], {case.case_id: {"source": "tianchi", "sequence": "T2"}})
     assert summary["overall"]["share_of_scans_all_levels_right"] == 0.5
+    # one of two scans right: Wilson's 95 % interval; the shifted scan's five wrong bodies count as one unit
+    wide = rounded(wilson_interval(1, 2))
+    assert summary["overall"]["ci95"]["share_of_scans_all_levels_right"] == wide
+    assert summary["overall"]["ci95"]["identification_rate"] == wide
+    assert summary["overall"]["ci95"]["recall"] == rounded(wilson_interval(2, 2))
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
                                          "identification_rate": 0.5}
 
