@@ -189,6 +189,8 @@ def row(variant: str, summary: dict, pred_dir: Path) -> str:
     review flag on the scans with a wrongly named body and on the others."""
     from validate_bundled import _pct
 
+    from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
+
     o = summary["overall"]
     cases = summary["cases"]
     flags = {k: bool(json.loads((pred_dir / k / "vertebrae.json").read_text(encoding="utf-8"))["labelling"]
@@ -196,7 +198,8 @@ def row(variant: str, summary: dict, pred_dir: Path) -> str:
     wrong = sorted(k for k, m in cases.items() if m["wrong_levels"])
     others = [k for k in cases if k not in wrong]
     return (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
-            f"{_pct(len(others) / len(cases)):>9} {sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
+            f"{_pct(len(others) / len(cases)):>9} {percent_range(wilson_interval(len(others), len(cases))):>11} "
+            f"{sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
             f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
 
 
@@ -254,8 +257,9 @@ def main(argv=None) -> int:
         lines.append(row(variant, summary, pred_root / variant))
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'calibration' if args.calibration_studies else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
-    print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'flagged':>7} {'others':>7}"
-          "  scans with a wrongly named body (flagged: of those; others: flagged of the rest)")
+    print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'95% CI':>11} {'flagged':>7} "
+          f"{'others':>7}  scans with a wrongly named body (flagged: of those; others: flagged of the rest; "
+          "95% CI: Wilson's interval of 'none wrong' over scans)")
     print("\n".join(lines))
     return 0
 
