@@ -25,16 +25,18 @@ from pathlib import Path
 
 from script_errors import InputError
 
-#: The review reason of the margin (``confidence.shift_warning``) opens with this; the other reasons
-#: that name a shift go on with a colon instead.
-MARGIN_REASON_START = "levels may be shifted by one ("
+def _margin_reason_start() -> str:
+    """How the review reason of the margin (``confidence.shift_warning``) opens."""
+    from SpineNetLib.label.confidence import SHIFT_WARNING_START
+
+    return SHIFT_WARNING_START
 
 
 def _notes() -> tuple[str, ...]:
     """Starts of the warnings that are notes only: they never set the flag by themselves."""
-    from SpineNetLib.label.confidence import S1_NOT_FOUND
+    from SpineNetLib.label.confidence import S1_ENDS_ABOVE_EDGE_START, S1_NOT_FOUND
 
-    return (S1_NOT_FOUND, "the body named S1 ends ")
+    return (S1_NOT_FOUND, S1_ENDS_ABOVE_EDGE_START)
 
 
 def run_record(document: dict) -> dict:
@@ -45,7 +47,7 @@ def run_record(document: dict) -> dict:
     single = shape is not None and axis is not None and int(shape[int(axis)]) == 1
     warnings = labelling.get("warnings") or []
     notes = _notes()
-    others = [w for w in warnings if not w.startswith(MARGIN_REASON_START) and not w.startswith(notes)]
+    others = [w for w in warnings if not w.startswith(_margin_reason_start()) and not w.startswith(notes)]
     margin = labelling.get("margin_nats")
     return {"single_slice": single, "margin": float("inf") if margin is None else float(margin),
             "used_margin": float(labelling.get("review_margin_nats") or 0.0), "other_reason": bool(others),

@@ -115,6 +115,13 @@ def _truncated(value: float) -> str:
     return f"{math.floor(value * 100.0) / 100.0:.2f}"
 
 
+#: How the margin's review reason (:func:`shift_warning`) opens; the other reasons that name a shift go
+#: on with a colon instead (``benchmarks/review_margins.py`` tells them apart by it).
+SHIFT_WARNING_START = "levels may be shifted by one ("
+#: How the note of :func:`s1_at_lower_edge` opens when the body named S1 ends above the edge (a note only).
+S1_ENDS_ABOVE_EDGE_START = "the body named S1 ends "
+
+
 def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequence[str],
                   margin_nats: float | None = None) -> str:
     """The one-line review message: how sure, and what the next best labelling calls which body.
@@ -131,7 +138,7 @@ def shift_warning(confidence: float, chosen: Sequence[str], alternative: Sequenc
         ranges = f" ({alternative[0]}..{alternative[-1]} instead of {chosen[0]}..{chosen[-1]})"
     how_sure = f"confidence {_truncated(confidence)}" if confidence < 0.995 or margin_nats is None \
         else f"margin {margin_nats:.1f} nats, less than these weights need to be trusted"
-    return (f"levels may be shifted by one ({how_sure}): the next best labelling "
+    return (f"{SHIFT_WARNING_START}{how_sure}): the next best labelling "
             f"calls {body} {alternative[k]} instead of {chosen[k]}{ranges}")
 
 
@@ -263,9 +270,9 @@ def s1_at_lower_edge(vertebrae: Sequence, n_rows: int, row_mm: float) -> str | N
     below, height = found
     if not height > 0 or below >= S1_EDGE_BODY_HEIGHTS * height:
         return None
-    where = ("is cut by the lower edge of the image" if below <= 0
-             else f"ends {below * row_mm:.0f} mm above the lower edge of the image")
-    return (f"the body named S1 {where}, so no sacrum is seen below it: check that it is not L5 "
+    where = ("the body named S1 is cut by the lower edge of the image" if below <= 0
+             else f"{S1_ENDS_ABOVE_EDGE_START}{below * row_mm:.0f} mm above the lower edge of the image")
+    return (f"{where}, so no sacrum is seen below it: check that it is not L5 "
             "(an L5 at the image edge can be taken for S1)")
 
 
