@@ -83,6 +83,7 @@ def _pct(x) -> str:
 def print_tables(summary: dict) -> None:
     """The model card's tables; the two ranges are 95 % intervals (``SpineNetLib/evaluation/intervals.py``:
     Wilson's, over scans; for the IDR with the scan as the unit)."""
+    from SpineNetLib.evaluation.evaluate import level_lines
     from SpineNetLib.evaluation.intervals import percent_range
 
     header = f"{'':24} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} " \
@@ -99,20 +100,14 @@ def print_tables(summary: dict) -> None:
               f"{_pct(m['share_of_scans_all_levels_right']):>9} "
               f"{percent_range(m['ci95']['share_of_scans_all_levels_right']):>11}")
     o = summary["overall"]
-    if o.get("s1_point_scans"):
-        n = o["s1_point_scans"]
-        print(f"\nS1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
-              f"detected {o['s1_point_detected']}/{n}, named S1 {o['s1_point_named_s1']}/{n} "
-              f"(95% CI {percent_range(o['ci95']['s1_point_named_s1'])} %)")
+    print()
     if o.get("disc_points"):
         # a disc point lies between two bodies: inside an outline, that outline reaches into the disc
         inside = ", ".join(f"{disc} {row['inside_an_outline']}/{row['scored']}" for disc, row in o["disc_points"].items())
         print(f"disc points inside a detected body outline (the outline reaches into the disc; clinical slices: "
               f"the radiologists' points, ivd volumes: the disc mask's centre): {inside}")
     print()
-    print(f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}")
-    for level, row in summary["by_level"].items():
-        print(f"{level:8} {row['n']:6d} {_pct(row['recall']):>7} {_pct(row['identification_rate']):>7}")
+    print("\n".join(level_lines(summary)))
     wrong = {k: v for k, v in summary["cases"].items() if not v["all_levels_right"]}
     print(f"\nscans not entirely right: {len(wrong)}")
     for case_id, m in wrong.items():

@@ -331,7 +331,7 @@ def command_demo(args) -> int:
 def command_evaluate(args) -> int:
     import json
 
-    from SpineNetLib.evaluation.evaluate import evaluate_directories, share_lines
+    from SpineNetLib.evaluation.evaluate import evaluate_directories, level_lines, share_lines
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
@@ -346,6 +346,7 @@ def command_evaluate(args) -> int:
               f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
               f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
     print("\n" + "\n".join(share_lines(summary)))
+    print("\n" + "\n".join(level_lines(summary)))
     missing = summary.get("missing_predictions") or []
     if missing:   # a run that failed must not pass unseen: the figures above leave these cases out
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

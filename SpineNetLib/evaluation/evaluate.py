@@ -597,6 +597,34 @@ def share_lines(summary: dict) -> list[str]:
     return lines
 
 
+def level_lines(summary: dict) -> list[str]:
+    """Recall and identification rate per true level of a :func:`summarise` result, then S1 on its own:
+    the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan)
+    and, where point-annotated slices were scored, S1 found and named on them."""
+    lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
+    for level, row in summary["by_level"].items():
+        lines.append(f"{level:8} {row['n']:6d} {_percent(row['recall']):>7} {_percent(row['identification_rate']):>7}")
+    s1 = summary["by_level"].get("S1")
+    if s1:
+        n = s1["n"]
+        lines.append(f"S1 where it is outlined: found {s1['found']} of {n} "
+                     f"(95 % interval {percent_range(wilson_interval(s1['found'], n))} %), named S1 "
+                     f"{s1['identified']} of {n} ({percent_range(wilson_interval(s1['identified'], n))} %)")
+    else:
+        lines.append("S1 where it is outlined: in no scored scan")
+    overall = summary["overall"]
+    if overall.get("s1_point_scans"):
+        n = overall["s1_point_scans"]
+        lines.append(f"S1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
+                     f"detected {overall['s1_point_detected']} of {n}, named S1 {overall['s1_point_named_s1']} of {n} "
+                     f"(95 % interval {percent_range(overall['ci95']['s1_point_named_s1'])} %)")
+    return lines
+
+
+def _percent(x) -> str:
+    return "   n/a" if x is None else f"{100 * x:5.1f}%"
+
+
 def annotated_cases(path, sources: Sequence[str]) -> list:
     """The annotated cases ``path`` names: one case folder (it holds ``case.json``), one source folder
     (``DATA/tianchi``) or a data root (``DATA/<source>/<case>``); InputError when it holds none."""

@@ -46,6 +46,8 @@ def test_bundled_models_label_a_real_validation_case(tmp_path, capsys):
     assert VALIDATION_CASE in table and "overall" in table
     # one scan: whatever it scores, the interval says how little that is (Wilson, 1 of 1: 20.7-100 %)
     assert "source myosegmentum    1/1 scans right 100.0 % (20.7-100.0 %)" in table, table
+    # per level, and S1 on its own (myosegmentum outlines no S1)
+    assert "\nL3       " in table and "S1 where it is outlined: in no scored scan" in table, table
     case = json.loads(metrics.read_text())["cases"][VALIDATION_CASE]
     assert case["tp"] >= 5 and case["fp"] == 0
     correct = case["n_gt"] * case["identification_rate"]

@@ -245,6 +245,11 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert summary["overall"]["ci95"]["share_of_scans_all_levels_right"] == wide
     assert summary["overall"]["ci95"]["identification_rate"] == wide
     assert summary["overall"]["ci95"]["recall"] == rounded(wilson_interval(2, 2))
+    lines = E.level_lines(summary)
+    assert lines[1].split() == ["L1", "2", "100.0%", "50.0%"]
+    assert "S1 where it is outlined: in no scored scan" in lines
+    s1_points = summary["overall"]["s1_point_scans"]
+    assert lines[-1].startswith("S1 of the point-annotated slices") and f"of {s1_points}" in lines[-1]
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
                                          "identification_rate": 0.5}
 
