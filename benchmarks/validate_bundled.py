@@ -176,6 +176,13 @@ def review_table(summary: dict, pred_root: Path) -> dict:
     print(f"\nreview flag (needs_review): scans with a wrongly named body flagged {table['wrong_flagged']}/"
           f"{table['wrong']}, scans entirely right flagged {table['right_flagged']}/{table['right']}"
           + (f"; not flagged: {', '.join(table['wrong_not_flagged'])}" if table["wrong_not_flagged"] else ""))
+    # what a reader relies on: a result that asks for no review has every body it names named right
+    from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
+
+    unflagged = [k for k in cases if not flags[k]]
+    table["unflagged"], table["unflagged_none_wrong"] = len(unflagged), sum(k not in wrong for k in unflagged)
+    print(f"scans not flagged: {len(unflagged)}, with no body named wrongly {table['unflagged_none_wrong']} "
+          f"(95 % interval {percent_range(wilson_interval(table['unflagged_none_wrong'], len(unflagged)))} %)")
     return {**table, "needs_review": flags, "margin_nats": margins}
 
 
