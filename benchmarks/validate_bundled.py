@@ -159,31 +159,15 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch",
 
 
 def review_table(summary: dict, pred_root: Path) -> dict:
-    """Which scans the weights' own review rule flags (``needs_review`` in vertebrae.json): those with a
-    wrongly named body should all be, the right ones as few as possible."""
-    flags, margins = {}, {}
-    for case_id in summary["cases"]:
-        doc = json.loads((pred_root / case_id / "vertebrae.json").read_text(encoding="utf-8"))
-        block = doc.get("labelling") or {}
-        flags[case_id] = bool(block.get("needs_review"))
-        margins[case_id] = block.get("margin_nats")
-    cases = summary["cases"]
-    wrong = [k for k, m in cases.items() if m["wrong_levels"]]
-    right = [k for k, m in cases.items() if m["all_levels_right"]]
-    table = {"wrong_flagged": sum(flags[k] for k in wrong), "wrong": len(wrong),
-             "right_flagged": sum(flags[k] for k in right), "right": len(right),
-             "wrong_not_flagged": [k for k in wrong if not flags[k]]}
-    print(f"\nreview flag (needs_review): scans with a wrongly named body flagged {table['wrong_flagged']}/"
-          f"{table['wrong']}, scans entirely right flagged {table['right_flagged']}/{table['right']}"
-          + (f"; not flagged: {', '.join(table['wrong_not_flagged'])}" if table["wrong_not_flagged"] else ""))
-    # what a reader relies on: a result that asks for no review has every body it names named right
-    from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
+    """Which scans the weights' own review rule flags (``evaluate.review_summary``, printed), with each
+    scan's flag and margin."""
+    from SpineNetLib.evaluation.evaluate import review_lines
 
-    unflagged = [k for k in cases if not flags[k]]
-    table["unflagged"], table["unflagged_none_wrong"] = len(unflagged), sum(k not in wrong for k in unflagged)
-    print(f"scans not flagged: {len(unflagged)}, with no body named wrongly {table['unflagged_none_wrong']} "
-          f"(95 % interval {percent_range(wilson_interval(table['unflagged_none_wrong'], len(unflagged)))} %)")
-    return {**table, "needs_review": flags, "margin_nats": margins}
+    print("\n" + "\n".join(review_lines(summary)))
+    margins = {case_id: (json.loads((pred_root / case_id / "vertebrae.json").read_text(encoding="utf-8"))
+                         .get("labelling") or {}).get("margin_nats") for case_id in summary["cases"]}
+    flags = {case_id: m["needs_review"] for case_id, m in summary["cases"].items()}
+    return {**summary["review"], "needs_review": flags, "margin_nats": margins}
 
 
 def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:

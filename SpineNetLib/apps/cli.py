@@ -331,22 +331,25 @@ def command_demo(args) -> int:
 def command_evaluate(args) -> int:
     import json
 
-    from SpineNetLib.evaluation.evaluate import evaluate_directories, level_lines, share_lines
+    from SpineNetLib.evaluation.evaluate import evaluate_directories, level_lines, review_lines, share_lines
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
     summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)
     def pct(x):
         return "   n/a" if x is None else f"{100 * x:6.1f}"
-    print(f"{'case':<22} {'TP':>4} {'FP':>4} {'FN':>4} {'prec%':>6} {'rec%':>6} {'IDR%':>6} {'IDR±1%':>6} {'loc mm':>6}")
+    print(f"{'case':<22} {'TP':>4} {'FP':>4} {'FN':>4} {'prec%':>6} {'rec%':>6} {'IDR%':>6} {'IDR±1%':>6} {'loc mm':>6} "
+          "review")
     rows = list(summary["cases"].items())
     for name, m in rows + [("overall", summary["overall"])]:
         loc = m.get("localisation_error_mm_mean")
+        review = {True: "flagged", False: "-"}.get(m.get("needs_review"), "")   # the run's own needs_review
         print(f"{name:<22} {m['tp']:>4} {m['fp']:>4} {m['fn']:>4} {pct(m['precision'])} {pct(m['recall'])} "
               f"{pct(m['identification_rate'])} {pct(m['identification_rate_within_1'])} "
-              f"{'   n/a' if loc is None else f'{loc:6.2f}'}")
+              f"{'   n/a' if loc is None else f'{loc:6.2f}'} {review}".rstrip())
     print("\n" + "\n".join(share_lines(summary)))
     print("\n" + "\n".join(level_lines(summary)))
+    print("\n" + "\n".join(review_lines(summary)))
     missing = summary.get("missing_predictions") or []
     if missing:   # a run that failed must not pass unseen: the figures above leave these cases out
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

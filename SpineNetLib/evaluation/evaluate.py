@@ -579,6 +579,37 @@ def summarise(metrics: Sequence[CaseMetrics], groups: dict[str, dict[str, str]] 
     return summary
 
 
+def review_summary(cases: dict, needs_review: dict[str, bool]) -> dict:
+    """How the predictions' own review flag (``needs_review`` of each ``vertebrae.json``) sorts the scored
+    scans (``summarise(...)["cases"]``): the scans with a wrongly named body should all be flagged, the
+    scans entirely right as few as possible, and a scan left unflagged should name no body wrongly (what
+    a reader relies on).  Scans with a missed or false body but none named wrongly count in neither of the
+    first two groups.  Intervals: Wilson's over scans."""
+    wrong = [k for k, m in cases.items() if m["wrong_levels"]]
+    right = [k for k, m in cases.items() if m["all_levels_right"]]
+    unflagged = [k for k in cases if not needs_review[k]]
+    table = {"wrong": len(wrong), "wrong_flagged": sum(needs_review[k] for k in wrong),
+             "right": len(right), "right_flagged": sum(needs_review[k] for k in right),
+             "unflagged": len(unflagged), "unflagged_none_wrong": sum(k not in wrong for k in unflagged),
+             "wrong_not_flagged": [k for k in wrong if not needs_review[k]]}
+    table["ci95"] = {"wrong_flagged": rounded(wilson_interval(table["wrong_flagged"], table["wrong"])),
+                     "right_flagged": rounded(wilson_interval(table["right_flagged"], table["right"])),
+                     "unflagged_none_wrong": rounded(wilson_interval(table["unflagged_none_wrong"], len(unflagged)))}
+    return table
+
+
+def review_lines(summary: dict) -> list[str]:
+    """The lines of :func:`review_summary` (``summary["review"]``)."""
+    r = summary["review"]
+    unflagged = ", ".join(r["wrong_not_flagged"])
+    return [f"review flag (needs_review): scans with a wrongly named body flagged {r['wrong_flagged']} of {r['wrong']} "
+            f"({_percent_interval(r['ci95']['wrong_flagged'])}), scans entirely right flagged {r['right_flagged']} of "
+            f"{r['right']} ({_percent_interval(r['ci95']['right_flagged'])})"
+            + (f"; not flagged: {unflagged}" if unflagged else ""),
+            f"scans not flagged: {r['unflagged']}, with no body named wrongly {r['unflagged_none_wrong']} "
+            f"({_percent_interval(r['ci95']['unflagged_none_wrong'])})"]
+
+
 def share_lines(summary: dict) -> list[str]:
     """Scans entirely right and the identification rate of a :func:`summarise` result, overall, per
     source and per sequence, with their 95 % intervals: how little a figure from a few scans rests on."""
@@ -591,9 +622,9 @@ def share_lines(summary: dict) -> list[str]:
         right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
         lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans right "
                      f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
-                     f"({percent_range(group['ci95']['share_of_scans_all_levels_right'])} %), "
+                     f"({_percent_interval(group['ci95']['share_of_scans_all_levels_right'])}), "
                      f"IDR {'n/a' if idr is None else f'{100 * idr:.1f}'} % "
-                     f"({percent_range(group['ci95']['identification_rate'])} %)")
+                     f"({_percent_interval(group['ci95']['identification_rate'])})")
     return lines
 
 
@@ -608,8 +639,8 @@ def level_lines(summary: dict) -> list[str]:
     if s1:
         n = s1["n"]
         lines.append(f"S1 where it is outlined: found {s1['found']} of {n} "
-                     f"(95 % interval {percent_range(wilson_interval(s1['found'], n))} %), named S1 "
-                     f"{s1['identified']} of {n} ({percent_range(wilson_interval(s1['identified'], n))} %)")
+                     f"(95 % interval {_percent_interval(wilson_interval(s1['found'], n))}), named S1 "
+                     f"{s1['identified']} of {n} ({_percent_interval(wilson_interval(s1['identified'], n))})")
     else:
         lines.append("S1 where it is outlined: in no scored scan")
     overall = summary["overall"]
@@ -617,8 +648,13 @@ def level_lines(summary: dict) -> list[str]:
         n = overall["s1_point_scans"]
         lines.append(f"S1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
                      f"detected {overall['s1_point_detected']} of {n}, named S1 {overall['s1_point_named_s1']} of {n} "
-                     f"(95 % interval {percent_range(overall['ci95']['s1_point_named_s1'])} %)")
+                     f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])})")
     return lines
+
+
+def _percent_interval(interval) -> str:
+    """``"56.6-100.0 %"``; ``"n/a"`` where there is no interval (no scans)."""
+    return "n/a" if interval is None else f"{percent_range(interval)} %"
 
 
 def _percent(x) -> str:
@@ -666,7 +702,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         if unknown:
             raise InputError(f"unknown case(s): {', '.join(unknown)}")
         cases = [c for c in cases if c.case_id in set(case_ids)]
-    results, missing = [], []
+    results, missing, needs_review = [], [], {}
     for case in cases:
         pred_file = pred_root / case.case_id / "vertebrae.json"
         if not pred_file.is_file():
@@ -675,9 +711,19 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         gt = ground_truth_of_case(case)
         preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
+        needs_review[case.case_id] = _needs_review(pred_file)
     if not results:
         raise InputError(f"nothing to score: none of the {len(cases)} annotated case(s) under {data_root} has a "
                          f"prediction {pred_root}/<case>/vertebrae.json")
     summary = summarise(results, {c.case_id: {"source": c.source, "sequence": c.sequence} for c in cases})
+    for case_id, flagged in needs_review.items():
+        summary["cases"][case_id]["needs_review"] = flagged
+    summary["review"] = review_summary(summary["cases"], needs_review)
     summary["missing_predictions"] = missing
     return summary
+
+
+def _needs_review(pred_file: Path) -> bool:
+    """The review flag of a ``vertebrae.json`` already read once as predictions (so known to parse)."""
+    labelling = json.loads(pred_file.read_text(encoding="utf-8")).get("labelling")
+    return bool(isinstance(labelling, dict) and labelling.get("needs_review"))

@@ -48,7 +48,12 @@ def test_bundled_models_label_a_real_validation_case(tmp_path, capsys):
     assert "source myosegmentum    1/1 scans right 100.0 % (20.7-100.0 %)" in table, table
     # per level, and S1 on its own (myosegmentum outlines no S1)
     assert "\nL3       " in table and "S1 where it is outlined: in no scored scan" in table, table
-    case = json.loads(metrics.read_text())["cases"][VALIDATION_CASE]
+    written = json.loads(metrics.read_text())
+    case = written["cases"][VALIDATION_CASE]
+    # the review flag is scored too: the run's own needs_review, and the scan counted by it
+    flagged = json.loads((pred / "vertebrae.json").read_text())["labelling"]["needs_review"]
+    assert case["needs_review"] is flagged and written["review"]["unflagged"] == int(not flagged)
+    assert "review flag (needs_review): scans with a wrongly named body flagged 0 of 0 (n/a)" in table
     assert case["tp"] >= 5 and case["fp"] == 0
     correct = case["n_gt"] * case["identification_rate"]
     assert round(correct) >= 5, case

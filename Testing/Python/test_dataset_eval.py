@@ -216,6 +216,26 @@ def test_body_rates_take_the_scan_as_the_unit():
         scan_unit_interval([1, 2], [2])
 
 
+def test_review_summary_sorts_scans_by_the_flag_and_says_what_an_unflagged_scan_is_worth():
+    """Scans with a wrongly named body should be flagged, right ones rarely; a scan with a missed body but
+    none named wrongly counts in neither group; an unflagged wrong scan is named and counts against the
+    unflagged share."""
+    cases = {"shifted": {"wrong_levels": ["L5->S1"], "all_levels_right": False},
+             "shifted_unflagged": {"wrong_levels": ["L4->L5"], "all_levels_right": False},
+             "missed_l5": {"wrong_levels": [], "all_levels_right": False},
+             "right": {"wrong_levels": [], "all_levels_right": True},
+             "right_flagged": {"wrong_levels": [], "all_levels_right": True}}
+    flags = {"shifted": True, "shifted_unflagged": False, "missed_l5": True, "right": False, "right_flagged": True}
+    review = E.review_summary(cases, flags)
+    assert (review["wrong_flagged"], review["wrong"], review["right_flagged"], review["right"]) == (1, 2, 1, 2)
+    assert (review["unflagged"], review["unflagged_none_wrong"]) == (2, 1)
+    assert review["wrong_not_flagged"] == ["shifted_unflagged"]
+    assert review["ci95"]["unflagged_none_wrong"] == rounded(wilson_interval(1, 2))
+    lines = E.review_lines({"review": review})
+    assert lines[0].endswith("; not flagged: shifted_unflagged")
+    assert lines[1] == "scans not flagged: 2, with no body named wrongly 1 (9.5-90.5 %)"
+
+
 # --------------------------------------------------------------------------- real data
 
 
