@@ -70,6 +70,7 @@ from SpineNetLib.training.datasets import (
     POINT_SOURCES,
     SOURCE_FOLDERS,
     CaseGeometry,
+    RealCase,
     case_geometry,
     is_vertebral_body_code,
     list_cases,
@@ -234,11 +235,23 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
     return gt
 
 
+def annotated_with_points(case) -> bool:
+    """Whether a case's bodies are annotated with centre points (``tianchi/``, or a case of one's own
+    whose ``case.json`` says ``"annotation": "points ..."``), not outlines."""
+    if case.source in POINT_SOURCES:
+        return True
+    try:
+        meta = json.loads((case.path / "case.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("annotation", "")).strip().lower().startswith("points")
+
+
 def ground_truth_of_case(case) -> CaseGroundTruth:
     """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``),
-    from its centre points for point-annotated sources (``tianchi/``)."""
+    from its centre points for point-annotated cases (``tianchi/``; :func:`annotated_with_points`)."""
     data = load_case(case)
-    if case.source in POINT_SOURCES:
+    if annotated_with_points(case):
         return ground_truth_from_points(data.labels, data.spacing_mm, data.level_names, case.case_id)
     if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
         return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
@@ -663,31 +676,50 @@ def _percent(x) -> str:
 
 def annotated_cases(path, sources: Sequence[str]) -> list:
     """The annotated cases ``path`` names: one case folder (it holds ``case.json``), one source folder
-    (``DATA/tianchi``) or a data root (``DATA/<source>/<case>``); InputError when it holds none."""
+    (``DATA/tianchi``), a data root (``DATA/<source>/<case>``), or a folder of one's own cases
+    (``MINE/<case>/``, :func:`own_case`; each counts as source ``MINE``); InputError when it holds none."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"no data folder at {path}")
     if (path / "case.json").is_file():
+        if path.parent.name not in SOURCE_FOLDERS:
+            return [own_case(path)]
         root, folder, case_name = path.parent.parent, path.parent.name, path.name
     elif path.name in SOURCE_FOLDERS:
         root, folder, case_name = path.parent, path.name, None
     else:
         root, folder, case_name = path, None, None
-    if folder is not None and folder not in SOURCE_FOLDERS:
-        raise InputError(f"{path} is a case folder, but its parent {folder!r} is not a known source "
-                         f"({', '.join(SOURCE_FOLDERS)})")
     cases = [c for c in list_cases(root, sources=sources)
              if (folder is None or c.path.parent.name == folder) and (case_name is None or c.path.name == case_name)]
+    if folder is None and case_name is None:   # a folder of one's own cases, or such cases beside the sources
+        cases += [own_case(p) for p in sorted(path.iterdir()) if (p / "case.json").is_file()]
     if not cases:
         raise InputError(f"no annotated case under {path}: give a case folder (with case.json), a source folder "
-                         f"({', '.join(SOURCE_FOLDERS)}) or a data root holding them")
+                         f"({', '.join(SOURCE_FOLDERS)}), a data root holding them, or a folder of case folders")
     return cases
+
+
+def own_case(path: Path) -> RealCase:
+    """A case of one's own (README, "Measuring on your own scans"): a folder with ``image.nii.gz``,
+    ``labels.nii.gz`` (bodies C1..S1 = 1..26 as in ``../shared/data``, discs 100 + the body above) and
+    ``case.json`` (``labels``: value -> name; ``sequence``; ``"annotation": "points"`` when the labels are
+    centre points rather than outlines).  Its source is its parent folder's name; each case is its own
+    patient."""
+    try:
+        meta = json.loads((path / "case.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path / 'case.json'}: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\")")
+    return RealCase(case_id=path.name, source=path.parent.name, patient_id=path.name,
+                    sequence=str(meta.get("sequence", "")), path=path)
 
 
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
                          slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> dict:
     """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies
-    (or, for ``ivd/``, the bodies between annotated discs: :func:`ground_truth_from_disc_labels`).
+    (or, for ``ivd/``, the bodies between annotated discs: :func:`ground_truth_from_disc_labels`), and
+    against one's own cases (:func:`own_case`).
 
     For ``spinenet evaluate --data DIR --pred DIR``.  Cases without a
     prediction file are listed under ``"missing_predictions"`` and not scored.

@@ -661,3 +661,40 @@ def test_outlines_on_every_native_slice_interpolated_between_slab_centres():
     assert np.all(steps >= -1e-6) or np.all(steps <= 1e-6)                      # moves steadily, one way
     assert abs(anterior[0] - anterior[-1]) == pytest.approx(10.0, abs=1e-3)     # by the whole 10 px
     assert len(set(np.round(anterior, 3))) > 3                                  # interpolated, not two steps
+
+
+@needs_data
+def test_own_cases_are_scored_as_the_same_cases_of_the_data_set(tmp_path, capsys):
+    """Issue 10's goal is measured on scans outside the project: a folder of one's own annotated cases
+    (any folder name, README "Measuring on your own scans") is scored exactly as the same cases under
+    their source, outlines and centre points alike; the folder's name is their source."""
+    import shutil
+
+    from SpineNetLib.apps import cli
+
+    mine = tmp_path / "mycentre"
+    pred = tmp_path / "pred"
+    for name, case_id in (("volume_a", "myo_05"), ("slice_b", "tianchi_002-000")):
+        source = "myosegmentum" if case_id.startswith("myo") else "tianchi"
+        shutil.copytree(DATA / source / case_id, mine / name)
+        assert cli.main(["run", str(mine / name / "image.nii.gz"), "-o", str(pred / name), "--quiet",
+                         "--no-grade", "--no-preview", "--device", "cpu"]) == 0
+        shutil.copytree(pred / name, pred / case_id)
+    capsys.readouterr()
+    own = E.evaluate_directories(mine, pred)
+    known = E.evaluate_directories(DATA, pred, case_ids=["myo_05", "tianchi_002-000"])
+    assert set(own["by_source"]) == {"mycentre"} and set(own["cases"]) == {"volume_a", "slice_b"}
+    for name, case_id in (("volume_a", "myo_05"), ("slice_b", "tianchi_002-000")):
+        assert own["cases"][name] == known["cases"][case_id]
+    assert own["overall"]["s1_point_scans"] == 1   # the slice's points: its S1 is scored as tianchi's are
+    # one case folder alone; and the same slice told nothing of its points is scored as outlines
+    assert set(E.evaluate_directories(mine / "slice_b", pred)["cases"]) == {"slice_b"}
+    meta = json.loads((mine / "slice_b" / "case.json").read_text())
+    meta.pop("annotation")
+    (mine / "slice_b" / "case.json").write_text(json.dumps(meta))
+    assert E.evaluate_directories(mine / "slice_b", pred)["overall"]["s1_point_scans"] == 0
+    # a case.json without its labels table: one line, exit 2
+    (mine / "volume_a" / "case.json").write_text(json.dumps({"sequence": "T2"}))
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no 'labels' table" in err[0], err
