@@ -184,26 +184,24 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     return done
 
 
-def row(variant: str, summary: dict, pred_dir: Path) -> tuple[str, int, int]:
+def row(variant: str, summary: dict) -> tuple[str, int, int]:
     """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, and the
     review flag on the scans with a wrongly named body and on the others; with the number of scans not
     flagged and how many of those have a wrongly named body."""
-    from validate_bundled import _pct
-
+    from SpineNetLib.evaluation.evaluate import percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
 
     o = summary["overall"]
     cases = summary["cases"]
-    flags = {k: bool(json.loads((pred_dir / k / "vertebrae.json").read_text(encoding="utf-8"))["labelling"]
-                     .get("needs_review")) for k in cases}
+    flags = {k: m["needs_review"] for k, m in cases.items()}   # each run's own, as evaluate_directories read it
     wrong = sorted(k for k, m in cases.items() if m["wrong_levels"])
     others = [k for k in cases if k not in wrong]
-    unflagged = [k for k in cases if not flags[k]]
+    review = summary["review"]
     line = (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
             f"{_pct(len(others) / len(cases)):>9} {percent_range(wilson_interval(len(others), len(cases))):>11} "
             f"{sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
             f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
-    return line, len(unflagged), sum(k in wrong for k in unflagged)
+    return line, review["unflagged"], review["unflagged"] - review["unflagged_none_wrong"]
 
 
 def main(argv=None) -> int:
@@ -258,7 +256,7 @@ def main(argv=None) -> int:
     for variant in variants:
         ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
-        line, n_unflagged, n_wrong = row(variant, summary, pred_root / variant)
+        line, n_unflagged, n_wrong = row(variant, summary)
         lines.append(line)
         unflagged, unflagged_wrong = unflagged + n_unflagged, unflagged_wrong + n_wrong
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'calibration' if args.calibration_studies else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "

@@ -76,14 +76,10 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
     print(file=sys.stderr)
 
 
-def _pct(x) -> str:
-    return "   n/a" if x is None else f"{100 * x:5.1f}%"
-
-
 def print_tables(summary: dict) -> None:
     """The model card's tables; the two ranges are 95 % intervals (``SpineNetLib/evaluation/intervals.py``:
     Wilson's, over scans; for the IDR with the scan as the unit)."""
-    from SpineNetLib.evaluation.evaluate import level_lines
+    from SpineNetLib.evaluation.evaluate import level_lines, percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range
 
     header = f"{'':24} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} " \

@@ -306,6 +306,11 @@ def predictions_from_vertebrae_json(path, geometry: CaseGeometry) -> list[Predic
     taken from the corners (exact even when the pipeline slab-averaged the
     slices) rather than from the rounded ``slice`` index.
     """
+    return predictions_from_document(read_vertebrae_json(path, geometry), geometry.ras_to_canonical, source=str(path))
+
+
+def read_vertebrae_json(path, geometry: CaseGeometry) -> dict:
+    """A ``vertebrae.json`` checked to be one, made from the image of ``geometry``'s case."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -317,7 +322,7 @@ def predictions_from_vertebrae_json(path, geometry: CaseGeometry) -> list[Predic
     if shape is not None and tuple(int(n) for n in shape) != tuple(geometry.input_shape_ijk):
         raise InputError(f"{path} was made from an image of shape {tuple(shape)}, "
                          f"not {geometry.case_id} {tuple(geometry.input_shape_ijk)}")
-    return predictions_from_document(doc, geometry.ras_to_canonical, source=str(path))
+    return doc
 
 
 def predictions_from_document(doc: dict, ras_to_canonical, source: str = "the document"
@@ -647,7 +652,7 @@ def level_lines(summary: dict) -> list[str]:
     and, where point-annotated slices were scored, S1 found and named on them."""
     lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
     for level, row in summary["by_level"].items():
-        lines.append(f"{level:8} {row['n']:6d} {_percent(row['recall']):>7} {_percent(row['identification_rate']):>7}")
+        lines.append(f"{level:8} {row['n']:6d} {percent_cell(row['recall']):>7} {percent_cell(row['identification_rate']):>7}")
     s1 = summary["by_level"].get("S1")
     if s1:
         n = s1["n"]
@@ -670,7 +675,8 @@ def _percent_interval(interval) -> str:
     return "n/a" if interval is None else f"{percent_range(interval)} %"
 
 
-def _percent(x) -> str:
+def percent_cell(x) -> str:
+    """A share as a table cell: ``" 98.3%"``; ``"   n/a"`` without one."""
     return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
 
@@ -741,9 +747,12 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
             missing.append(case.case_id)
             continue
         gt = ground_truth_of_case(case)
-        preds = predictions_from_vertebrae_json(pred_file, case_geometry(case))
+        geometry = case_geometry(case)
+        doc = read_vertebrae_json(pred_file, geometry)
+        preds = predictions_from_document(doc, geometry.ras_to_canonical, source=str(pred_file))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))
-        needs_review[case.case_id] = _needs_review(pred_file)
+        labelling = doc.get("labelling")
+        needs_review[case.case_id] = bool(isinstance(labelling, dict) and labelling.get("needs_review"))
     if not results:
         raise InputError(f"nothing to score: none of the {len(cases)} annotated case(s) under {data_root} has a "
                          f"prediction {pred_root}/<case>/vertebrae.json")
@@ -754,8 +763,3 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     summary["missing_predictions"] = missing
     return summary
 
-
-def _needs_review(pred_file: Path) -> bool:
-    """The review flag of a ``vertebrae.json`` already read once as predictions (so known to parse)."""
-    labelling = json.loads(pred_file.read_text(encoding="utf-8")).get("labelling")
-    return bool(isinstance(labelling, dict) and labelling.get("needs_review"))
