@@ -170,7 +170,9 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="detection/identification metrics of predictions against annotated cases")
     evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases: a data root (DIR/<source>/<case>/ with image.nii.gz, labels.nii.gz, "
-                               "case.json), one source folder (e.g. DIR/tianchi) or one case folder")
+                               "case.json), one source folder (e.g. DIR/tianchi), a folder of one's own cases "
+                               "(DIR/<case>/ with image/ or image.nii.gz and labels.seg.nrrd, labels.dcm or "
+                               "labels.nii.gz; README) or one case folder")
     evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
     evaluate.add_argument("--cases", nargs="*", metavar="CASE", help="only these case ids")
     evaluate.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")

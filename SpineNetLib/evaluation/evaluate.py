@@ -69,6 +69,7 @@ from SpineNetLib.training.datasets import (
     DETECTION_SOURCES,
     POINT_SOURCES,
     SOURCE_FOLDERS,
+    CaseData,
     CaseGeometry,
     RealCase,
     case_geometry,
@@ -79,6 +80,7 @@ from SpineNetLib.training.datasets import (
 )
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.evaluation.own_cases import is_own_case, load_own_case, own_case
 from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
@@ -248,9 +250,21 @@ def annotated_with_points(case) -> bool:
 
 
 def ground_truth_of_case(case) -> CaseGroundTruth:
-    """Vertebral-body ground truth of a real case; from its discs when no body is annotated (``ivd/``),
+    """Vertebral-body ground truth of a real case (:func:`ground_truth_of`)."""
+    return ground_truth_of(case, case_data_and_geometry(case)[0])
+
+
+def case_data_and_geometry(case) -> tuple[CaseData, CaseGeometry]:
+    """Scan and labels of a case in the canonical frame, and its geometry: a case of ``../shared/data``
+    (:func:`~SpineNetLib.training.datasets.load_case`) or one of one's own (:mod:`.own_cases`)."""
+    if case.source in SOURCE_FOLDERS.values():
+        return load_case(case), case_geometry(case)
+    return load_own_case(case)
+
+
+def ground_truth_of(case, data: CaseData) -> CaseGroundTruth:
+    """Vertebral-body ground truth of a loaded case; from its discs when no body is annotated (``ivd/``),
     from its centre points for point-annotated cases (``tianchi/``; :func:`annotated_with_points`)."""
-    data = load_case(case)
     if annotated_with_points(case):
         return ground_truth_from_points(data.labels, data.spacing_mm, data.level_names, case.case_id)
     if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
@@ -687,7 +701,7 @@ def annotated_cases(path, sources: Sequence[str]) -> list:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"no data folder at {path}")
-    if (path / "case.json").is_file():
+    if is_own_case(path):
         if path.parent.name not in SOURCE_FOLDERS:
             return [own_case(path)]
         root, folder, case_name = path.parent.parent, path.parent.name, path.name
@@ -698,27 +712,11 @@ def annotated_cases(path, sources: Sequence[str]) -> list:
     cases = [c for c in list_cases(root, sources=sources)
              if (folder is None or c.path.parent.name == folder) and (case_name is None or c.path.name == case_name)]
     if folder is None and case_name is None:   # a folder of one's own cases, or such cases beside the sources
-        cases += [own_case(p) for p in sorted(path.iterdir()) if (p / "case.json").is_file()]
+        cases += [own_case(p) for p in sorted(path.iterdir()) if p.is_dir() and is_own_case(p)]
     if not cases:
         raise InputError(f"no annotated case under {path}: give a case folder (with case.json), a source folder "
                          f"({', '.join(SOURCE_FOLDERS)}), a data root holding them, or a folder of case folders")
     return cases
-
-
-def own_case(path: Path) -> RealCase:
-    """A case of one's own (README, "Measuring on your own scans"): a folder with ``image.nii.gz``,
-    ``labels.nii.gz`` (bodies C1..S1 = 1..26 as in ``../shared/data``, discs 100 + the body above) and
-    ``case.json`` (``labels``: value -> name; ``sequence``; ``"annotation": "points"`` when the labels are
-    centre points rather than outlines).  Its source is its parent folder's name; each case is its own
-    patient."""
-    try:
-        meta = json.loads((path / "case.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path / 'case.json'}: {exc}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
-        raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\")")
-    return RealCase(case_id=path.name, source=path.parent.name, patient_id=path.name,
-                    sequence=str(meta.get("sequence", "")), path=path)
 
 
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
@@ -746,8 +744,8 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         if not pred_file.is_file():
             missing.append(case.case_id)
             continue
-        gt = ground_truth_of_case(case)
-        geometry = case_geometry(case)
+        data, geometry = case_data_and_geometry(case)
+        gt = ground_truth_of(case, data)
         doc = read_vertebrae_json(pred_file, geometry)
         preds = predictions_from_document(doc, geometry.ras_to_canonical, source=str(pred_file))
         results.append(evaluate_case(gt, preds, slice_tolerance_mm=slice_tolerance_mm))

@@ -698,3 +698,152 @@ def test_own_cases_are_scored_as_the_same_cases_of_the_data_set(tmp_path, capsys
     assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no 'labels' table" in err[0], err
+
+
+def test_level_names_of_segments_as_hospitals_write_them():
+    """References come named as Slicer, this project's Slicer module, TotalSegmentator or a radiologist
+    name them; the level is read from the name, and a name that names no level is left out."""
+    from SpineNetLib.evaluation.own_cases import code_of_level, level_of_name
+
+    assert [level_of_name(n) for n in ("L4", "vertebrae_L4", "L4 vertebra", "t12", "C2", "S1")] == \
+        ["L4", "L4", "L4", "T12", "C2", "S1"]
+    assert [level_of_name(n) for n in ("L4-L5", "L4/L5", "L4-5", "L5-S1", "T12 - L1", "disc L5/S1")] == \
+        ["L4-L5", "L4-L5", "L4-L5", "L5-S1", "T12-L1", "L5-S1"]
+    assert [level_of_name(n) for n in ("sacrum", "spinal canal", "Segment_1", "L6", "CL4")] == [None] * 5
+    assert [code_of_level(n) for n in ("C1", "T1", "L1", "L5", "S1", "L4-L5", "L5-S1")] == [1, 8, 20, 24, 26, 123, 124]
+    with pytest.raises(InputError, match="not neighbours"):
+        level_of_name("L3-L5")
+
+
+def _slicer_segmentation_file(path, image_kji, ijk_to_ras, masks: dict[str, np.ndarray]) -> None:
+    """A ``.seg.nrrd`` written by Slicer's own segmentation storage node (slicer-core), cropped to the
+    segments' extent as Slicer can save it."""
+    from SpineNetLib.slicer import mrml
+
+    scene = mrml.new_scene()
+    volume = mrml.add_volume(scene, image_kji, ijk_to_ras, "image")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for name, mask in masks.items():
+        node.AddSegmentFromBinaryLabelmapRepresentation(mrml._oriented_labelmap(mask, ijk_to_ras), name, [1.0, 0.5, 0.0])
+    node.GetSegmentation().CollapseBinaryLabelmaps(False)
+    node.AddDefaultStorageNode()
+    storage = node.GetStorageNode()
+    storage.SetCropToMinimumExtent(True)
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node) == 1
+
+
+def _dicom_segmentation_file(path, source_files, masks: dict[str, np.ndarray]) -> None:
+    """A DICOM Segmentation (highdicom) of ``[k, j, i]`` masks on a series written one file per ``k``."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(f) for f in source_files]
+    algorithm = hd.AlgorithmIdentificationSequence(name="hand", family=codes.DCM.ArtificialIntelligence, version="1")
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=name, segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Vertebra, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        algorithm_identification=algorithm) for n, name in enumerate(masks, start=1)]
+    pixels = np.stack(list(masks.values()), axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=99,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="1", device_serial_number="1")
+    seg.save_as(str(path))
+
+
+@needs_data
+def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data_set(tmp_path, capsys):
+    """Scans from other centres come as DICOM series with references drawn in 3D Slicer or stored as a
+    DICOM Segmentation.  The same real case as (a) a NIfTI scan with a Slicer ``.seg.nrrd`` cropped to
+    its segments (no case.json: the segment names say the levels) and (b) a DICOM series with a DICOM
+    SEG whose segments are named as TotalSegmentator names them is scored as under its own source."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from SpineNetLib.apps import cli
+    from SpineNetLib.inputs.image import image_ijk_to_ras
+    from SpineNetLib.inputs.writers import write_dicom_series
+
+    case = DATA / "myosegmentum" / "myo_05"
+    image = sitk.ReadImage(str(case / "image.nii.gz"))
+    image_kji, ijk_to_ras = sitk.GetArrayFromImage(image), image_ijk_to_ras(image)
+    labels_kji = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nii.gz")))
+    names = json.loads((case / "case.json").read_text())["labels"]
+    masks = {names[str(int(code))]: labels_kji == code for code in np.unique(labels_kji) if code}
+
+    mine, pred = tmp_path / "mycentre", tmp_path / "pred"
+    (mine / "drawn_in_slicer").mkdir(parents=True)
+    shutil.copy(case / "image.nii.gz", mine / "drawn_in_slicer" / "image.nii.gz")
+    _slicer_segmentation_file(mine / "drawn_in_slicer" / "labels.seg.nrrd", image_kji, ijk_to_ras, masks)
+    header = (mine / "drawn_in_slicer" / "labels.seg.nrrd").read_bytes()[:2000].decode("latin-1")
+    assert "Segment0_Name:=" in header and f"sizes: {' '.join(map(str, image.GetSize()))}" not in header  # cropped
+    files = write_dicom_series(image_kji, ijk_to_ras, mine / "from_pacs" / "image", patient_id="CASE2",
+                               extra_tags={"PatientName": "Case^Two", "PatientBirthDate": "", "PatientSex": "",
+                                           "StudyID": "1", "AccessionNumber": "", "ReferringPhysicianName": "",
+                                           "StudyDate": "20260101", "StudyTime": "120000"})
+    _dicom_segmentation_file(mine / "from_pacs" / "labels.dcm", files,
+                             {f"vertebrae_{n}" if "-" not in n else n.replace("-", "/"): m for n, m in masks.items()})
+    (mine / "from_pacs" / "case.json").write_text(json.dumps({"sequence": "water"}))
+
+    assert cli.main(["run", str(case / "image.nii.gz"), "-o", str(pred / "myo_05"), "--quiet", "--no-grade",
+                     "--no-preview", "--device", "cpu"]) == 0
+    assert cli.main(["run", str(mine / "from_pacs" / "image"), "-o", str(pred / "from_pacs"), "--quiet", "--no-grade",
+                     "--no-preview", "--device", "cpu"]) == 0
+    shutil.copytree(pred / "myo_05", pred / "drawn_in_slicer")
+    capsys.readouterr()
+    known = E.evaluate_directories(DATA, pred, case_ids=["myo_05"])["cases"]["myo_05"]
+    own = E.evaluate_directories(mine, pred)
+    assert set(own["cases"]) == {"drawn_in_slicer", "from_pacs"} and set(own["by_source"]) == {"mycentre"}
+    assert own["cases"]["drawn_in_slicer"] == known
+    from_pacs = own["cases"]["from_pacs"]
+    assert from_pacs["n_gt"] == known["n_gt"] >= 5 and from_pacs["all_levels_right"] == known["all_levels_right"]
+    assert from_pacs["tp"] == known["tp"] and from_pacs["fp"] == known["fp"]
+    assert own["by_sequence"]["water"]["n_cases"] == 1
+    # the same outlines read from the SEG as from the label map, on the scan's own voxels
+    from SpineNetLib.evaluation.own_cases import load_own_case
+    from SpineNetLib.training.datasets import load_case
+
+    reference = load_case(D.RealCase("myo_05", "myosegmentum", "myo_05", "", case)).labels
+    for name in ("drawn_in_slicer", "from_pacs"):
+        data, _ = load_own_case(D.RealCase(name, "mycentre", name, "", mine / name))
+        assert np.array_equal(data.labels, reference)
+
+
+def test_a_slicer_segmentation_with_overlapping_segments_and_bad_references(tmp_path, capsys):
+    """Where segments overlap Slicer saves several label layers (a 4D ``.seg.nrrd``): each level is read
+    from its own layer, the later segment keeping a voxel both claim, and segments naming no level are
+    left out.  A reference that names a level twice, or none, stops ``spinenet evaluate`` with one line."""
+    from SpineNetLib.apps import cli
+    from SpineNetLib.evaluation.own_cases import reference_codes
+
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    ijk_to_ras[:3, 3] = [10.0, 20.0, 30.0]
+    image = np.zeros((6, 40, 30), np.int16)
+    body, disc, muscle = (np.zeros(image.shape, bool) for _ in range(3))
+    body[1:4, 5:15, 5:20] = True
+    disc[2:5, 12:25, 8:22] = True     # overlaps the body
+    muscle[0:2, 30:38, 2:6] = True
+    path = tmp_path / "labels.seg.nrrd"
+    _slicer_segmentation_file(path, image, ijk_to_ras, {"L4": body, "L4-L5": disc, "psoas": muscle})
+    assert b"dimension: 4" in path.read_bytes()[:400]
+    codes, names = reference_codes(path, {}, ijk_to_ras, image.shape[::-1])
+    assert names == {23: "L4", 123: "L4-L5"}
+    assert np.array_equal(codes == 123, disc) and np.array_equal(codes == 23, body & ~disc) and not codes[muscle].any()
+
+    case = tmp_path / "mine" / "case_1"
+    case.mkdir(parents=True)
+    from SpineNetLib.inputs.writers import write_image
+    write_image(image.astype(np.float32) + np.arange(30, dtype=np.float32), ijk_to_ras, case / "image.nii.gz")
+    (tmp_path / "pred" / "case_1").mkdir(parents=True)   # the reference is read before the prediction
+    (tmp_path / "pred" / "case_1" / "vertebrae.json").write_text(json.dumps({"schema": "spinenet.vertebrae/1"}))
+    for masks, message in (({"L4": body, "vertebra L4": disc}, "two segments name L4"),
+                           ({"psoas": muscle}, "no segment or label names a vertebra")):
+        _slicer_segmentation_file(case / "labels.seg.nrrd", image, ijk_to_ras, masks)
+        assert cli.main(["evaluate", "--data", str(tmp_path / "mine"), "--pred", str(tmp_path / "pred")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

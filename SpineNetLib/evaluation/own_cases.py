@@ -1,0 +1,262 @@
+"""Annotated scans of one's own for ``spinenet evaluate`` (README, "Measuring on your own scans").
+
+Issue 10's goal is measured on scans from other centres, and those come as a hospital has them: the
+scan as a DICOM series or an image file, the reference outlines drawn in 3D Slicer (a ``.seg.nrrd``)
+or stored as a DICOM Segmentation, or a label map.  A case is a folder holding
+
+* the scan: ``image/`` (a DICOM series) or ``image.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.nhdr`` /
+  ``.mha`` / ``.mhd``, read exactly as ``spinenet run`` reads it (:func:`~SpineNetLib.inputs.load.load_scan`,
+  native slices);
+* the reference, one of :data:`LABEL_FILES`: a Slicer segmentation (``labels.seg.nrrd``) or a DICOM
+  Segmentation (``labels.dcm``), whose segment names say the levels ("L4", "vertebrae_L4", "L4-L5",
+  "L4/5"; :func:`level_of_name`), or a label map whose values ``case.json``'s ``labels`` table names;
+* optionally ``case.json``: ``sequence``, ``"annotation": "points"`` for centre points instead of
+  outlines, and ``labels`` for a label map.
+
+The reference may lie on another grid than the scan (Slicer crops a segmentation to its extent, a SEG
+holds only the annotated frames): it is brought onto the scan's voxels by nearest neighbour; where two
+segments overlap (Slicer then saves several label layers) the later one keeps the voxel.  Every
+level is then given the code of ``../shared/data`` (bodies C1..S1 = 1..26, discs 100 + the body above),
+so the scoring of :mod:`SpineNetLib.evaluation.evaluate` is the one of the project's own data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.inputs.canonical import scan_from_array
+from SpineNetLib.inputs.image import image_ijk_to_ras
+from SpineNetLib.training.datasets import VERTEBRA_CODES, CaseData, CaseGeometry, RealCase
+
+#: The scan of a case: a DICOM folder, else the first of these files.
+IMAGE_FILES: tuple[str, ...] = ("image.nii.gz", "image.nii", "image.nrrd", "image.nhdr", "image.mha", "image.mhd")
+IMAGE_FOLDER = "image"
+#: The reference of a case: the first of these files.
+LABEL_FILES: tuple[str, ...] = ("labels.seg.nrrd", "labels.dcm", "labels.nii.gz", "labels.nii", "labels.nrrd",
+                                "labels.nhdr", "labels.mha", "labels.mhd")
+
+_CODE_OF_BODY = {name: code for code, name in VERTEBRA_CODES.items()}
+_LEVEL = r"(C[1-7]|T1[0-2]|T[1-9]|L[1-5]|S1)"
+#: "L4-L5", "L4/L5", "L4-5", "L5-S1", "L4 - L5" (the lower level may leave out its letter).
+_DISC = re.compile(rf"(?<![A-Z0-9]){_LEVEL}\s*[-/]\s*([CTLS]?\d{{1,2}})(?![0-9])", re.IGNORECASE)
+_BODY = re.compile(rf"(?<![A-Z0-9]){_LEVEL}(?![0-9])", re.IGNORECASE)
+
+
+def level_of_name(name: str) -> str | None:
+    """The body ("L4") or disc ("L4-L5") a label or segment name gives, None when it names none.
+
+    Accepts the names of ``../shared/data`` and of this project's Slicer segmentations ("L4", "L4-L5"),
+    TotalSegmentator's ("vertebrae_L4"), and the common "L4/5".  A disc whose two levels are not
+    neighbours ("L3-L5") is an error, not a guess.
+    """
+    text = str(name).strip()
+    disc = _DISC.search(text)
+    if disc:
+        upper = disc.group(1).upper()
+        lower = disc.group(2).upper()
+        if lower[0].isdigit():
+            lower = upper[0] + lower
+        order = LEVELS_TOP_DOWN + ("S2",)
+        if upper not in order or lower not in order or order.index(lower) != order.index(upper) + 1:
+            raise InputError(f"the name {text!r} names no disc: {upper} and {lower} are not neighbours")
+        return f"{upper}-{lower}"
+    body = _BODY.search(text)
+    return body.group(1).upper() if body else None
+
+
+def code_of_level(level: str) -> int:
+    """``../shared/data``'s label code of a body or disc name (README: L1 = 20, L4-L5 = 123)."""
+    upper = level.split("-")[0]
+    return _CODE_OF_BODY[upper] + (100 if "-" in level else 0)
+
+
+def is_own_case(folder: Path) -> bool:
+    """Whether ``folder`` holds a case of one's own: a ``case.json`` or a reference file."""
+    return (folder / "case.json").is_file() or any((folder / name).is_file() for name in LABEL_FILES)
+
+
+def _case_json(path: Path) -> dict:
+    file = path / "case.json"
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {file}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{file} is not a JSON object")
+    return meta
+
+
+def own_case(path: Path) -> RealCase:
+    """A case of one's own (module docstring).  Its source is its parent folder's name; each case is its
+    own patient."""
+    path = Path(path)
+    meta = _case_json(path)
+    reference = label_file(path)
+    if reference.name not in ("labels.seg.nrrd", "labels.dcm") and not isinstance(meta.get("labels"), dict):
+        raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\"), "
+                         f"which {reference.name} needs (a .seg.nrrd or DICOM SEG names its segments itself)")
+    return RealCase(case_id=path.name, source=path.parent.name, patient_id=path.name,
+                    sequence=str(meta.get("sequence", "")), path=path)
+
+
+def image_path(path: Path) -> Path:
+    """The scan of a case folder: ``image/`` (DICOM) or the first of :data:`IMAGE_FILES`."""
+    if (path / IMAGE_FOLDER).is_dir():
+        return path / IMAGE_FOLDER
+    for name in IMAGE_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise InputError(f"{path} holds no scan: put it in {IMAGE_FOLDER}/ (DICOM) or one of {', '.join(IMAGE_FILES)}")
+
+
+def label_file(path: Path) -> Path:
+    """The reference of a case folder: the first of :data:`LABEL_FILES`."""
+    for name in LABEL_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise InputError(f"{path} holds no reference: put it in one of {', '.join(LABEL_FILES)}")
+
+
+# --------------------------------------------------------------------------- reading the reference
+
+
+def _read_itk(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _slicer_segments(path: Path):
+    """Layers and ``(layer, label value, name)`` of the segments of a Slicer ``.seg.nrrd``.
+
+    Slicer writes one 3D layer where no segments overlap (each with its ``SegmentN_LabelValue``) and a
+    4D file of several layers where they do (``SegmentN_Layer``; files of Slicer before 4.11: one layer
+    per segment, value 1).
+    """
+    import SimpleITK as sitk
+
+    image = _read_itk(path)
+    n_layers = image.GetNumberOfComponentsPerPixel()
+    layers = [image] if n_layers == 1 else [sitk.VectorIndexSelectionCast(image, n) for n in range(n_layers)]
+    keys = set(image.GetMetaDataKeys())
+    segments = []
+    index = 0
+    while f"Segment{index}_Name" in keys:
+        def meta(field: str, default: str) -> str:
+            key = f"Segment{index}_{field}"
+            return image.GetMetaData(key) if key in keys else default
+        try:
+            layer = int(meta("Layer", str(index if n_layers > 1 else 0)))
+            value = int(meta("LabelValue", "1"))
+        except ValueError:
+            raise InputError(f"{path}: segment {index} has an unreadable layer or label value") from None
+        if not 0 <= layer < n_layers:
+            raise InputError(f"{path}: segment {index} lies in layer {layer}, the file has {n_layers}")
+        segments.append((layer, value, meta("Name", "")))
+        index += 1
+    if not segments:
+        raise InputError(f"{path} names no segments (no Segment0_Name in its header): not a Slicer segmentation")
+    return layers, segments
+
+
+def _dicom_segments(path: Path):
+    """The one layer (values = segment numbers) and ``(0, number, label)`` of a DICOM Segmentation."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # highdicom and pydicom raise many kinds for a file that is no SEG
+        raise InputError(f"cannot read {path} as a DICOM Segmentation: {str(exc).strip().splitlines()[-1:]}") from None
+    try:
+        volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+    except Exception as exc:
+        raise InputError(f"{path}: its frames make no regular volume ({str(exc).strip().splitlines()[-1:]})") from None
+    segments = [(0, int(d.SegmentNumber), str(d.SegmentLabel)) for d in seg.SegmentSequence]
+    return [volume.to_simpleitk()], segments
+
+
+def _label_map(path: Path, table: dict):
+    """The one layer of a label map and ``(0, value, name)`` from ``case.json``'s ``labels`` table."""
+    try:
+        segments = [(0, int(value), str(name)) for value, name in table.items()]
+    except (TypeError, ValueError):
+        raise InputError(f"{path.parent / 'case.json'}: its 'labels' table must map label values to names") from None
+    image = _read_itk(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path} is not a 3D label map")
+    return [image], segments
+
+
+def _on_grid(layer, ijk_to_ras: np.ndarray, shape_ijk) -> np.ndarray:
+    """``[k, j, i]`` values of ``layer`` on the scan's voxels (nearest neighbour; as stored when the
+    grids agree)."""
+    import SimpleITK as sitk
+
+    if tuple(layer.GetSize()) == tuple(int(n) for n in shape_ijk) and np.allclose(
+            image_ijk_to_ras(layer), ijk_to_ras, atol=1e-3):
+        return sitk.GetArrayFromImage(layer)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    axes = lps @ np.asarray(ijk_to_ras, float)[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    reference = sitk.Image([int(n) for n in shape_ijk], sitk.sitkUInt8)
+    reference.SetSpacing([float(s) for s in spacing])
+    reference.SetOrigin([float(x) for x in lps @ np.asarray(ijk_to_ras, float)[:3, 3]])
+    reference.SetDirection([float(x) for x in (axes / spacing).ravel()])
+    return sitk.GetArrayFromImage(sitk.Resample(layer, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+
+
+def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk) -> tuple[np.ndarray, dict[int, str]]:
+    """``([k, j, i] uint8 codes on the scan's voxels, code -> level)`` of a case's reference file."""
+    if path.name.endswith(".seg.nrrd"):
+        layers, segments = _slicer_segments(path)
+    elif path.suffix == ".dcm":
+        layers, segments = _dicom_segments(path)
+    else:
+        layers, segments = _label_map(path, meta.get("labels") or {})
+    levels = {}
+    for layer, value, name in segments:
+        level = level_of_name(name)
+        if level is None:
+            continue   # a segment of something else (the canal, the sacrum as a whole): not scored
+        if level in levels.values():
+            raise InputError(f"{path}: two segments name {level}")
+        levels[(layer, value)] = level
+    if not levels:
+        raise InputError(f"{path}: no segment or label names a vertebra or disc (names such as L4, L4-L5)")
+    on_grid = [_on_grid(layer, ijk_to_ras, shape_ijk) for layer in layers]
+    if len(layers) == 1:   # a label map's values must all be named (a typo in case.json would drop a body)
+        unnamed = sorted(set(np.unique(on_grid[0]).tolist()) - {value for _, value, _ in segments} - {0})
+        if unnamed:
+            raise InputError(f"{path}: label values {unnamed} are not named")
+    codes = np.zeros(on_grid[0].shape, np.uint8)
+    for (layer, value), level in levels.items():
+        codes[on_grid[layer] == value] = code_of_level(level)
+    return codes, {code_of_level(level): level for level in levels.values()}
+
+
+def load_own_case(case: RealCase) -> tuple[CaseData, CaseGeometry]:
+    """The scan and reference of a case of one's own in the canonical frame, and its geometry."""
+    from SpineNetLib.inputs.load import load_scan
+
+    scan = load_scan(image_path(case.path), resample_isotropic=False)
+    ijk_to_ras = np.asarray(scan.input_ijk_to_ras, float)
+    codes_kji, names = reference_codes(label_file(case.path), _case_json(case.path), ijk_to_ras, scan.input_shape_ijk)
+    labels = scan_from_array(codes_kji, ijk_to_ras, resample_isotropic=False).voxels
+    data = CaseData(voxels=scan.voxels, labels=np.rint(labels).astype(np.uint8), spacing_mm=tuple(scan.spacing_mm),
+                    level_names=names)
+    geometry = CaseGeometry(case_id=case.case_id, shape=scan.shape, spacing_mm=tuple(scan.spacing_mm),
+                            canonical_to_ras=scan.canonical_to_ras, input_ijk_to_ras=ijk_to_ras,
+                            input_shape_ijk=tuple(scan.input_shape_ijk),
+                            canonical_to_input_ijk=scan.canonical_to_input_ijk)
+    return data, geometry
