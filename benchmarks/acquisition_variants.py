@@ -185,9 +185,9 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
 
 
 def row(variant: str, summary: dict) -> tuple[str, int, int]:
-    """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, and the
-    review flag on the scans with a wrongly named body and on the others; with the number of scans not
-    flagged and how many of those have a wrongly named body."""
+    """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, scans
+    shifted, and the review flag on the scans with a wrongly named body and on the others; with the
+    number of scans not flagged and how many of those have a wrongly named body."""
     from SpineNetLib.evaluation.evaluate import percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
 
@@ -199,7 +199,7 @@ def row(variant: str, summary: dict) -> tuple[str, int, int]:
     review = summary["review"]
     line = (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
             f"{_pct(len(others) / len(cases)):>9} {percent_range(wilson_interval(len(others), len(cases))):>11} "
-            f"{sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
+            f"{o['scans_shifted']:7d} {sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
             f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
     return line, review["unflagged"], review["unflagged"] - review["unflagged_none_wrong"]
 
@@ -261,9 +261,10 @@ def main(argv=None) -> int:
         unflagged, unflagged_wrong = unflagged + n_unflagged, unflagged_wrong + n_wrong
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'calibration' if args.calibration_studies else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
-    print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'95% CI':>11} {'flagged':>7} "
-          f"{'others':>7}  scans with a wrongly named body (flagged: of those; others: flagged of the rest; "
-          "95% CI: Wilson's interval of 'none wrong' over scans)")
+    print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'95% CI':>11} {'shifted':>7} "
+          f"{'flagged':>7} {'others':>7}  scans with a wrongly named body (shifted: every body found named off by "
+          "the same number of levels; flagged: of those; others: flagged of the rest; 95% CI: Wilson's interval "
+          "of 'none wrong' over scans)")
     print("\n".join(lines))
     # what a reader relies on: a result that asks for no review names no body wrongly
     print(f"\nover the {len(lines)} rows, runs not flagged: {unflagged}, with a wrongly named body {unflagged_wrong} "

@@ -82,19 +82,19 @@ def print_tables(summary: dict) -> None:
     from SpineNetLib.evaluation.evaluate import level_lines, percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range
 
-    header = f"{'':24} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} " \
-             f"{'IDR±1':>6} {'loc.mm':>6} {'all right':>9} {'95% CI':>11}"
     rows = [("overall", summary["overall"])]
     rows += [(f"source {k}", v) for k, v in summary.get("by_source", {}).items()]
     rows += [(f"sequence {k}", v) for k, v in summary.get("by_sequence", {}).items()]
-    print(header)
+    width = max(24, *(len(name) for name, _ in rows))
+    print(f"{'':{width}} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} "
+          f"{'IDR±1':>6} {'loc.mm':>6} {'all right':>9} {'95% CI':>11} {'shifted':>7}")
     for name, m in rows:
         loc = m["localisation_error_mm_mean"]
-        print(f"{name:24} {m['n_cases']:5d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
+        print(f"{name:{width}} {m['n_cases']:5d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
               f"{_pct(m['identification_rate'])} {percent_range(m['ci95']['identification_rate']):>11} "
               f"{_pct(m['identification_rate_within_1'])} {'   n/a' if loc is None else f'{loc:6.2f}'} "
               f"{_pct(m['share_of_scans_all_levels_right']):>9} "
-              f"{percent_range(m['ci95']['share_of_scans_all_levels_right']):>11}")
+              f"{percent_range(m['ci95']['share_of_scans_all_levels_right']):>11} {m['scans_shifted']:7d}")
     o = summary["overall"]
     print()
     if o.get("disc_points"):
@@ -107,8 +107,9 @@ def print_tables(summary: dict) -> None:
     wrong = {k: v for k, v in summary["cases"].items() if not v["all_levels_right"]}
     print(f"\nscans not entirely right: {len(wrong)}")
     for case_id, m in wrong.items():
+        shift = m["level_shift"]
         print(f"  {case_id}: wrong {', '.join(m['wrong_levels']) or '-'}; missed {', '.join(m['missed_levels']) or '-'}; "
-              f"false positives {m['fp']}")
+              f"false positives {m['fp']}" + (f"; shifted by {shift:+d}" if shift else ""))
 
 
 PHANTOM_FOVS = ("lumbar", "whole", "cervical")

@@ -420,6 +420,18 @@ class CaseMetrics:
         return self.fn == 0 and self.fp == 0 and self.n_identified == self.n_gt
 
     @property
+    def level_shift(self) -> int | None:
+        """By how many levels every found body is named off, the same for all: +1 when each is named one
+        level lower than it is (L4 called L5), -1 one higher; 0 when none is named wrongly (or none was
+        found); None when they are off by different amounts or one has no level.  A shift is issue 10's
+        worst error: the whole spine named consistently, and wrongly."""
+        offsets = {None if m.pred_level not in _LEVEL_ORDER else _LEVEL_ORDER[m.pred_level] - _LEVEL_ORDER[m.gt_level]
+                   for m in self.matches}
+        if not offsets or offsets == {0}:
+            return 0
+        return offsets.pop() if len(offsets) == 1 and None not in offsets else None
+
+    @property
     def mean_localisation_error_mm(self) -> float:
         return float(np.mean(self.localisation_errors_mm)) if self.localisation_errors_mm else math.nan
 
@@ -530,6 +542,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "localisation_error_mm_mean": _nan_to_none(float(np.mean(errors)) if errors else math.nan),
         "localisation_error_mm_median": _nan_to_none(float(np.median(errors)) if errors else math.nan),
         "all_levels_right": m.all_levels_right,
+        "level_shift": m.level_shift,
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
@@ -551,7 +564,7 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
         total.n_ignored_predictions += m.n_ignored_predictions
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
-    for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "s1_detected", "s1_named",
+    for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "level_shift", "s1_detected", "s1_named",
                           "discs_scored", "disc_points_inside_outlines"):
         del pooled[per_case_only]
     discs: dict[str, dict] = {}
@@ -569,10 +582,15 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
     right = sum(m.all_levels_right for m in metrics)
     pooled["scans_all_levels_right"] = right
     pooled["share_of_scans_all_levels_right"] = _nan_to_none(_ratio(right, len(metrics)))
+    shifted = [m for m in metrics if m.level_shift]
+    pooled["scans_shifted"] = len(shifted)
+    pooled["scans_shifted_by"] = {f"{k:+d}": sum(m.level_shift == k for m in shifted)
+                                  for k in sorted({m.level_shift for m in shifted})}
     # 95 % intervals (evaluation/intervals.py): Wilson over scans; for the body-level rates with the
     # scan as the unit too, because one scan's bodies are wrong together
     pooled["ci95"] = {
         "share_of_scans_all_levels_right": rounded(wilson_interval(right, len(metrics))),
+        "share_of_scans_shifted": rounded(wilson_interval(len(shifted), len(metrics))),
         "s1_point_named_s1": rounded(wilson_interval(pooled["s1_point_named_s1"], len(with_s1))),
         "recall": rounded(scan_unit_interval([m.tp for m in metrics], [m.tp + m.fn for m in metrics])),
         "identification_rate": rounded(scan_unit_interval([m.n_identified for m in metrics],
@@ -648,13 +666,14 @@ def share_lines(summary: dict) -> list[str]:
     groups = [("overall", summary["overall"])]
     for key in ("source", "sequence"):
         groups += [(f"{key} {name}", group) for name, group in summary.get(f"by_{key}", {}).items()]
-    lines = ["scans entirely right and identification rate, with 95 % intervals (Wilson; for the rate the "
-             "scan is the unit)"]
+    lines = ["scans entirely right, scans shifted (every found body named off by the same number of levels) and "
+             "identification rate, with 95 % intervals (Wilson; for the rate the scan is the unit)"]
     for name, group in groups:
         right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
         lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans right "
                      f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
                      f"({_percent_interval(group['ci95']['share_of_scans_all_levels_right'])}), "
+                     f"shifted {group['scans_shifted']} ({_percent_interval(group['ci95']['share_of_scans_shifted'])}), "
                      f"IDR {'n/a' if idr is None else f'{100 * idr:.1f}'} % "
                      f"({_percent_interval(group['ci95']['identification_rate'])})")
     return lines

@@ -272,6 +272,19 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert lines[-1].startswith("S1 of the point-annotated slices") and f"of {s1_points}" in lines[-1]
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
                                          "identification_rate": 0.5}
+    # issue 10's "no scan shifted": every found body named one level too low is a shift of +1; a scan
+    # with one body named wrongly and the others right is wrong, but not shifted
+    mixed = E.evaluate_case(gt, [E.PredictedVertebra(level="L3" if p.level == "L2" else p.level, slices=p.slices,
+                                                     polygons=p.polygons) for p in preds])
+    up = E.evaluate_case(gt, [E.PredictedVertebra(level=lv, slices=p.slices, polygons=p.polygons)
+                              for lv, p in zip(["T12", "L1", "L2", "L3", "L4"], preds)])
+    assert (right.level_shift, wrong.level_shift, mixed.level_shift, up.level_shift) == (0, 1, None, -1)
+    assert summary["overall"]["scans_shifted"] == 1 and summary["overall"]["scans_shifted_by"] == {"+1": 1}
+    assert summary["cases"][case.case_id]["level_shift"] in (0, 1)
+    four = E.summarise([right, wrong, mixed, up])["overall"]
+    assert (four["scans_shifted"], four["scans_shifted_by"]) == (2, {"-1": 1, "+1": 1})
+    assert four["ci95"]["share_of_scans_shifted"] == rounded(wilson_interval(2, 4))
+    assert "shifted 2 (" in E.share_lines({"overall": four})[1]
 
 
 @needs_data
