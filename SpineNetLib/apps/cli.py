@@ -174,6 +174,12 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
                                "(DIR/<case>/ with image/ or image.nii.gz and labels.seg.nrrd, labels.dcm or "
                                "labels.nii.gz; README) or one case folder")
     evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
+    evaluate.add_argument("--run", action="store_true",
+                          help="first run `spinenet run` (no grading, no preview) on every case without a prediction "
+                               "in --pred, writing it there")
+    evaluate.add_argument("--weights", metavar="bundled|official|DIR", default=None,
+                          help="with --run: the network weights (default bundled)")
+    _add_threads_option(evaluate)
     evaluate.add_argument("--cases", nargs="*", metavar="CASE", help="only these case ids")
     evaluate.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
     evaluate.set_defaults(func=command_evaluate)
@@ -330,6 +336,32 @@ def command_demo(args) -> int:
     return status if check.all_right else EXIT_DEMO_WRONG
 
 
+def _run_missing_predictions(args) -> None:
+    """``spinenet evaluate --run``: ``spinenet run`` (no grading, no preview) on every scored case without a
+    prediction, in this process, before the scoring.  The first run that fails stops it with that run's
+    error and the case's name (the predictions made so far stay: the next ``--run`` goes on from there)."""
+    import contextlib
+    import io
+
+    from SpineNetLib.evaluation.evaluate import scans_without_prediction
+
+    todo = scans_without_prediction(args.data, args.pred, args.cases or None)
+    options = ["--quiet", "--no-grade", "--no-preview", "--weights", args.weights or "bundled"]
+    options += ["--threads", str(args.threads)] if args.threads is not None else []
+    for n, (case_id, scan) in enumerate(todo, start=1):
+        print(f"spinenet evaluate: spinenet run on {case_id} ({n} of {len(todo)})", file=sys.stderr, flush=True)
+        errors = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+            status = main(["run", str(scan), "-o", str(Path(args.pred) / case_id)] + options)
+        lines = errors.getvalue().splitlines()
+        if status != EXIT_OK:
+            reason = next((line.split("error: ", 1)[1] for line in reversed(lines) if "error: " in line),
+                          f"exit status {status}")
+            raise SpineNetError(f"spinenet run failed on {case_id}: {reason}")
+        for line in lines:   # the run's warnings (levels that may be shifted, S1 not found), as spinenet run gives them
+            print(line, file=sys.stderr)
+
+
 def command_evaluate(args) -> int:
     import json
 
@@ -337,6 +369,10 @@ def command_evaluate(args) -> int:
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
+    if args.run:
+        _run_missing_predictions(args)
+    elif args.weights is not None or args.threads is not None:
+        raise SpineNetError("--weights and --threads apply with --run only")
     summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)
     def pct(x):
         return "   n/a" if x is None else f"{100 * x:6.1f}"

@@ -80,7 +80,7 @@ from SpineNetLib.training.datasets import (
 )
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
-from SpineNetLib.evaluation.own_cases import is_own_case, load_own_case, own_case
+from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, own_case
 from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
@@ -738,6 +738,27 @@ def annotated_cases(path, sources: Sequence[str]) -> list:
     return cases
 
 
+def scored_cases(data_root, case_ids: Sequence[str] | None = None) -> list:
+    """The annotated cases ``data_root`` names (:func:`annotated_cases`) that ``spinenet evaluate`` scores,
+    only ``case_ids`` when given (InputError for an unknown one)."""
+    cases = annotated_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",) + tuple(POINT_SOURCES))
+    if case_ids is not None:
+        known = {c.case_id for c in cases}
+        unknown = [c for c in case_ids if c not in known]
+        if unknown:
+            raise InputError(f"unknown case(s): {', '.join(unknown)}")
+        cases = [c for c in cases if c.case_id in set(case_ids)]
+    return cases
+
+
+def scans_without_prediction(data_root, pred_root, case_ids: Sequence[str] | None = None) -> list[tuple[str, Path]]:
+    """``(case id, the scan spinenet run reads)`` of every scored case with no ``pred_root/<case>/vertebrae.json``
+    (``spinenet evaluate --run``): ``image.nii.gz`` of ``../shared/data``, an own case's scan
+    (:func:`~SpineNetLib.evaluation.own_cases.image_path`)."""
+    return [(c.case_id, c.path / "image.nii.gz" if c.source in SOURCE_FOLDERS.values() else image_path(c.path))
+            for c in scored_cases(data_root, case_ids) if not (Path(pred_root) / c.case_id / "vertebrae.json").is_file()]
+
+
 def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = None, *,
                          slice_tolerance_mm: float = SLICE_TOLERANCE_MM) -> dict:
     """Score ``pred_root/<case_id>/vertebrae.json`` against every real case with vertebral bodies
@@ -750,13 +771,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     pred_root = Path(pred_root)
     if not pred_root.is_dir():
         raise InputError(f"no prediction folder at {pred_root}")
-    cases = annotated_cases(data_root, sources=tuple(DETECTION_SOURCES) + ("ivd",) + tuple(POINT_SOURCES))
-    if case_ids is not None:
-        known = {c.case_id for c in cases}
-        unknown = [c for c in case_ids if c not in known]
-        if unknown:
-            raise InputError(f"unknown case(s): {', '.join(unknown)}")
-        cases = [c for c in cases if c.case_id in set(case_ids)]
+    cases = scored_cases(data_root, case_ids)
     results, missing, needs_review = [], [], {}
     for case in cases:
         pred_file = pred_root / case.case_id / "vertebrae.json"

@@ -821,6 +821,20 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     from SpineNetLib.evaluation.own_cases import load_own_case
     from SpineNetLib.training.datasets import load_case
 
+    # one command for the whole folder (README): spinenet run on each case without a prediction, then the scores
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(tmp_path / "ran"), "--run", "--threads", "2",
+                     "-o", str(tmp_path / "metrics.json")]) == 0
+    printed = capsys.readouterr()
+    assert "spinenet run on drawn_in_slicer (1 of 2)" in printed.err and "spinenet run on from_pacs (2 of 2)" in printed.err
+    ran = json.loads((tmp_path / "metrics.json").read_text())
+    assert ran["cases"] == own["cases"] and not ran["missing_predictions"]
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred), "--threads", "2"]) == 2   # --run only
+    assert "apply with --run only" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(tmp_path / "none"), "--run",
+                     "--weights", str(tmp_path / "no_weights")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"spinenet: error: spinenet run failed on drawn_in_slicer: weights folder not found: {tmp_path / 'no_weights'}"
     reference = load_case(D.RealCase("myo_05", "myosegmentum", "myo_05", "", case)).labels
     for name in ("drawn_in_slicer", "from_pacs"):
         data, _ = load_own_case(D.RealCase(name, "mycentre", name, "", mine / name))
