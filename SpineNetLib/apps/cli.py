@@ -171,8 +171,8 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="detection/identification metrics of predictions against annotated cases")
     evaluate.add_argument("--data", required=True, metavar="DIR", help="annotated cases: a data root (DIR/<source>/<case>/ with image.nii.gz, labels.nii.gz, "
                                "case.json), one source folder (e.g. DIR/tianchi), a folder of one's own cases "
-                               "(DIR/<case>/ with image/ or image.nii.gz and labels.seg.nrrd, labels.dcm or "
-                               "labels.nii.gz; README) or one case folder")
+                               "(DIR/<case>/ with image/ or image.nii.gz and labels.seg.nrrd, labels.dcm, labels.mrk.json "
+                               "or labels.nii.gz; README) or one case folder")
     evaluate.add_argument("--pred", required=True, metavar="DIR", help="predictions: PRED/<case_id>/vertebrae.json as written by `spinenet run`")
     evaluate.add_argument("--run", action="store_true",
                           help="first run `spinenet run` (no grading, no preview) on every case without a prediction "
@@ -336,16 +336,14 @@ def command_demo(args) -> int:
     return status if check.all_right else EXIT_DEMO_WRONG
 
 
-def _run_missing_predictions(args) -> None:
+def _run_missing_predictions(todo: list, args) -> None:
     """``spinenet evaluate --run``: ``spinenet run`` (no grading, no preview) on every scored case without a
-    prediction, in this process, before the scoring.  The first run that fails stops it with that run's
-    error and the case's name (the predictions made so far stay: the next ``--run`` goes on from there)."""
+    prediction (``todo``: its id and scan, ``evaluate.scans_without_prediction``), in this process, before
+    the scoring.  The first run that fails stops it with that run's error and the case's name (the
+    predictions made so far stay: the next ``--run`` goes on from there)."""
     import contextlib
     import io
 
-    from SpineNetLib.evaluation.evaluate import scans_without_prediction
-
-    todo = scans_without_prediction(args.data, args.pred, args.cases or None)
     options = ["--quiet", "--no-grade", "--no-preview", "--weights", args.weights or "bundled"]
     options += ["--threads", str(args.threads)] if args.threads is not None else []
     for n, (case_id, scan) in enumerate(todo, start=1):
@@ -365,12 +363,13 @@ def _run_missing_predictions(args) -> None:
 def command_evaluate(args) -> int:
     import json
 
-    from SpineNetLib.evaluation.evaluate import evaluate_directories, level_lines, review_lines, share_lines
+    from SpineNetLib.evaluation.evaluate import (evaluate_directories, level_lines, review_lines,
+                                                 scans_without_prediction, share_lines)
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")
     if args.run:
-        _run_missing_predictions(args)
+        _run_missing_predictions(scans_without_prediction(args.data, args.pred, args.cases or None), args)
     elif args.weights is not None or args.threads is not None:
         raise SpineNetError("--weights and --threads apply with --run only")
     summary = evaluate_directories(args.data, args.pred, case_ids=args.cases or None)

@@ -80,7 +80,7 @@ from SpineNetLib.training.datasets import (
 )
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
-from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, own_case
+from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, marked_by_points, own_case
 from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
@@ -239,9 +239,12 @@ def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[i
 
 def annotated_with_points(case) -> bool:
     """Whether a case's bodies are annotated with centre points (``tianchi/``, or a case of one's own
-    whose ``case.json`` says ``"annotation": "points ..."``), not outlines."""
+    with Slicer point markups or whose ``case.json`` says ``"annotation": "points ..."``:
+    :func:`~SpineNetLib.evaluation.own_cases.marked_by_points`), not outlines."""
     if case.source in POINT_SOURCES:
         return True
+    if case.source not in SOURCE_FOLDERS.values():
+        return marked_by_points(case.path)
     try:
         meta = json.loads((case.path / "case.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -9,7 +9,9 @@ or stored as a DICOM Segmentation, or a label map.  A case is a folder holding
   native slices);
 * the reference, one of :data:`LABEL_FILES`: a Slicer segmentation (``labels.seg.nrrd``) or a DICOM
   Segmentation (``labels.dcm``), whose segment names say the levels ("L4", "vertebrae_L4", "L4-L5",
-  "L4/5"; :func:`level_of_name`), or a label map whose values ``case.json``'s ``labels`` table names;
+  "L4/5"; :func:`level_of_name`), Slicer point markups (``labels.mrk.json``: a point in each body, and
+  in the discs if wished, labelled the same way; scored as centre points), or a label map whose values
+  ``case.json``'s ``labels`` table names;
 * optionally ``case.json``: ``sequence``, ``"annotation": "points"`` for centre points instead of
   outlines, and ``labels`` for a label map.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.inputs.canonical import scan_from_array
 from SpineNetLib.inputs.image import image_ijk_to_ras
@@ -38,8 +40,13 @@ from SpineNetLib.training.datasets import VERTEBRA_CODES, CaseData, CaseGeometry
 IMAGE_FILES: tuple[str, ...] = ("image.nii.gz", "image.nii", "image.nrrd", "image.nhdr", "image.mha", "image.mhd")
 IMAGE_FOLDER = "image"
 #: The reference of a case: the first of these files.
-LABEL_FILES: tuple[str, ...] = ("labels.seg.nrrd", "labels.dcm", "labels.nii.gz", "labels.nii", "labels.nrrd",
-                                "labels.nhdr", "labels.mha", "labels.mhd")
+LABEL_FILES: tuple[str, ...] = ("labels.seg.nrrd", "labels.dcm", "labels.mrk.json", "labels.nii.gz", "labels.nii",
+                                "labels.nrrd", "labels.nhdr", "labels.mha", "labels.mhd")
+#: References that name their levels themselves (no ``labels`` table in ``case.json``).
+NAMED_REFERENCES: tuple[str, ...] = ("labels.seg.nrrd", "labels.dcm", "labels.mrk.json")
+#: Points of a markups file are drawn as disks of this radius on their nearest slice, as
+#: ``../shared/data/tianchi`` draws its radiologists' points (data README: 3 mm disks).
+POINT_RADIUS_MM = 3.0
 
 _CODE_OF_BODY = {name: code for code, name in VERTEBRA_CODES.items()}
 _LEVEL = r"(C[1-7]|T1[0-2]|T[1-9]|L[1-5]|S1)"
@@ -100,11 +107,20 @@ def own_case(path: Path) -> RealCase:
     path = Path(path)
     meta = _case_json(path)
     reference = label_file(path)
-    if reference.name not in ("labels.seg.nrrd", "labels.dcm") and not isinstance(meta.get("labels"), dict):
+    if reference.name not in NAMED_REFERENCES and not isinstance(meta.get("labels"), dict):
         raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\"), "
-                         f"which {reference.name} needs (a .seg.nrrd or DICOM SEG names its segments itself)")
+                         f"which {reference.name} needs (a .seg.nrrd, a DICOM SEG or a .mrk.json names its levels)")
     return RealCase(case_id=path.name, source=path.parent.name, patient_id=path.name,
                     sequence=str(meta.get("sequence", "")), path=path)
+
+
+def marked_by_points(path: Path) -> bool:
+    """Whether a case folder's reference marks centre points, not outlines: a markups file, or
+    ``case.json`` saying ``"annotation": "points ..."`` (bodies drawn as small disks, as
+    ``../shared/data/tianchi`` draws them)."""
+    reference = next((name for name in LABEL_FILES if (path / name).is_file()), None)
+    return reference == "labels.mrk.json" or \
+        str(_case_json(path).get("annotation", "")).strip().lower().startswith("points")
 
 
 def image_path(path: Path) -> Path:
@@ -198,11 +214,51 @@ def _label_map(path: Path, table: dict):
     return [image], segments
 
 
+def _markup_points(path: Path) -> list[tuple[str, np.ndarray]]:
+    """``(label, RAS mm)`` of every control point of a Slicer markups file (``.mrk.json``; positions in its
+    ``coordinateSystem``, LPS as Slicer writes them, or RAS)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        points = []
+        for markup in doc["markups"]:
+            flip = np.array([-1.0, -1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" else np.ones(3)
+            for point in markup.get("controlPoints") or []:
+                position = np.asarray(point["position"], float).reshape(3) * flip
+                points.append((str(point.get("label", "")), position))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read {path} as Slicer markups: {one_line(str(exc))}") from None
+    return points
+
+
+def _points_as_disks(path: Path, ijk_to_ras: np.ndarray, shape_ijk, slice_axis: int) -> np.ndarray:
+    """``[k, j, i]`` values: point ``n`` of the markups file (1-based) as a disk of :data:`POINT_RADIUS_MM`
+    on the scan's slice nearest to it."""
+    ras_to_ijk = np.linalg.inv(ijk_to_ras)
+    values = np.zeros(tuple(int(n) for n in shape_ijk)[::-1], np.uint16)
+    plane = [axis for axis in range(3) if axis != slice_axis]
+    for n, (label, ras) in enumerate(_markup_points(path), start=1):
+        ijk = (ras_to_ijk @ np.append(ras, 1.0))[:3]
+        if not all(-0.5 <= ijk[a] <= shape_ijk[a] - 0.5 for a in range(3)):
+            raise InputError(f"{path}: the point {label!r} lies outside the scan")
+        centre = ijk.copy()
+        centre[slice_axis] = np.clip(np.rint(ijk[slice_axis]), 0, shape_ijk[slice_axis] - 1)
+        steps = [POINT_RADIUS_MM / np.linalg.norm(ijk_to_ras[:3, a]) for a in range(3)]
+        ranges = [np.arange(max(0, int(np.floor(centre[a] - steps[a]))), min(shape_ijk[a], int(np.ceil(centre[a] + steps[a])) + 1))
+                  if a in plane else np.array([int(centre[a])]) for a in range(3)]
+        grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+        offsets_mm = (grid - centre) @ np.asarray(ijk_to_ras, float)[:3, :3].T
+        inside = grid[np.linalg.norm(offsets_mm, axis=1) <= POINT_RADIUS_MM].astype(int)
+        values[inside[:, 2], inside[:, 1], inside[:, 0]] = n
+    return values
+
+
 def _on_grid(layer, ijk_to_ras: np.ndarray, shape_ijk) -> np.ndarray:
     """``[k, j, i]`` values of ``layer`` on the scan's voxels (nearest neighbour; as stored when the
-    grids agree)."""
+    grids agree; an array is on them already)."""
     import SimpleITK as sitk
 
+    if isinstance(layer, np.ndarray):
+        return layer
     if tuple(layer.GetSize()) == tuple(int(n) for n in shape_ijk) and np.allclose(
             image_ijk_to_ras(layer), ijk_to_ras, atol=1e-3):
         return sitk.GetArrayFromImage(layer)
@@ -216,9 +272,15 @@ def _on_grid(layer, ijk_to_ras: np.ndarray, shape_ijk) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.Resample(layer, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
 
 
-def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk) -> tuple[np.ndarray, dict[int, str]]:
-    """``([k, j, i] uint8 codes on the scan's voxels, code -> level)`` of a case's reference file."""
-    if path.name.endswith(".seg.nrrd"):
+def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk, slice_axis: int = 2
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+    """``([k, j, i] uint8 codes on the scan's voxels, code -> level)`` of a case's reference file
+    (``slice_axis``: the scan's input axis of its sagittal slices, where markup points are drawn)."""
+    if path.name.endswith(".mrk.json"):
+        labels = [label for label, _ in _markup_points(path)]
+        layers = [_points_as_disks(path, ijk_to_ras, shape_ijk, slice_axis)]
+        segments = [(0, n, label) for n, label in enumerate(labels, start=1)]
+    elif path.name.endswith(".seg.nrrd"):
         layers, segments = _slicer_segments(path)
     elif path.suffix == ".dcm":
         layers, segments = _dicom_segments(path)
@@ -251,7 +313,8 @@ def load_own_case(case: RealCase) -> tuple[CaseData, CaseGeometry]:
 
     scan = load_scan(image_path(case.path), resample_isotropic=False)
     ijk_to_ras = np.asarray(scan.input_ijk_to_ras, float)
-    codes_kji, names = reference_codes(label_file(case.path), _case_json(case.path), ijk_to_ras, scan.input_shape_ijk)
+    codes_kji, names = reference_codes(label_file(case.path), _case_json(case.path), ijk_to_ras, scan.input_shape_ijk,
+                                       scan.input_slice_axis)
     labels = scan_from_array(codes_kji, ijk_to_ras, resample_isotropic=False).voxels
     data = CaseData(voxels=scan.voxels, labels=np.rint(labels).astype(np.uint8), spacing_mm=tuple(scan.spacing_mm),
                     level_names=names)

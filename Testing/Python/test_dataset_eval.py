@@ -874,3 +874,57 @@ def test_a_slicer_segmentation_with_overlapping_segments_and_bad_references(tmp_
         assert cli.main(["evaluate", "--data", str(tmp_path / "mine"), "--pred", str(tmp_path / "pred")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@needs_data
+def test_own_case_marked_with_slicer_points_is_scored_as_the_clinical_slice(tmp_path, capsys):
+    """The quickest reference to make in Slicer: a point in each body (and disc) placed with the Markups
+    module and saved as ``labels.mrk.json``, labelled by level.  A real clinical slice whose radiologist
+    points are given that way is scored as the same slice of ``tianchi/`` (points drawn as 3 mm disks)."""
+    import shutil
+
+    import SimpleITK as sitk
+    import vtk
+
+    from SpineNetLib.apps import cli
+    from SpineNetLib.inputs.image import image_ijk_to_ras
+    from SpineNetLib.slicer import mrml
+
+    case = DATA / "tianchi" / "tianchi_002-000"
+    labels = sitk.ReadImage(str(case / "labels.nii.gz"))
+    labels_kji, ijk_to_ras = sitk.GetArrayFromImage(labels), image_ijk_to_ras(labels)
+    names = json.loads((case / "case.json").read_text())["labels"]
+    scene = mrml.new_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "reference points")
+    for code in np.unique(labels_kji)[1:]:
+        k, j, i = (float(np.mean(axis)) for axis in np.nonzero(labels_kji == code))
+        r, a, s, _ = ijk_to_ras @ np.array([i, j, k, 1.0])
+        node.AddControlPoint(vtk.vtkVector3d(r, a, s), names[str(int(code))].replace(" disc", "").replace("-", "/"))
+    mine = tmp_path / "mine" / "clicked"
+    mine.mkdir(parents=True)
+    shutil.copy(case / "image.nii.gz", mine / "image.nii.gz")
+    node.AddDefaultStorageNode()
+    node.GetStorageNode().SetFileName(str(mine / "labels.mrk.json"))
+    assert node.GetStorageNode().WriteData(node) == 1
+    assert '"coordinateSystem": "LPS"' in (mine / "labels.mrk.json").read_text()
+
+    pred = tmp_path / "pred"
+    assert cli.main(["run", str(case / "image.nii.gz"), "-o", str(pred / case.name), "--quiet", "--no-grade",
+                     "--no-preview", "--device", "cpu"]) == 0
+    shutil.copytree(pred / case.name, pred / "clicked")
+    known = E.evaluate_directories(DATA, pred, case_ids=[case.name])["cases"][case.name]
+    own = E.evaluate_directories(tmp_path / "mine", pred)
+    clicked = own["cases"]["clicked"]
+    assert own["overall"]["s1_point_scans"] == 1        # scored as points: S1 from the L5 and L5-S1 points
+    for key in ("n_gt", "tp", "fp", "fn", "all_levels_right", "level_shift", "missed_levels", "wrong_levels",
+                "s1_detected", "s1_named", "discs_scored", "disc_points_inside_outlines"):
+        assert clicked[key] == known[key], key
+    assert clicked["localisation_error_mm_mean"] == pytest.approx(known["localisation_error_mm_mean"], abs=0.3)
+    # a point off the scan is one line naming it
+    doc = json.loads((mine / "labels.mrk.json").read_text())
+    doc["markups"][0]["controlPoints"][0]["position"] = [900.0, 900.0, 900.0]
+    (mine / "labels.mrk.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--data", str(tmp_path / "mine"), "--pred", str(pred)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lies outside the scan" in err[0], err
