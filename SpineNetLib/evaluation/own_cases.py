@@ -193,11 +193,11 @@ def _dicom_segments(path: Path):
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:  # highdicom and pydicom raise many kinds for a file that is no SEG
-        raise InputError(f"cannot read {path} as a DICOM Segmentation: {str(exc).strip().splitlines()[-1:]}") from None
+        raise InputError(f"cannot read {path} as a DICOM Segmentation: {one_line(str(exc))}") from None
     try:
         volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
     except Exception as exc:
-        raise InputError(f"{path}: its frames make no regular volume ({str(exc).strip().splitlines()[-1:]})") from None
+        raise InputError(f"{path}: its frames make no regular volume ({one_line(str(exc))})") from None
     segments = [(0, int(d.SegmentNumber), str(d.SegmentLabel)) for d in seg.SegmentSequence]
     return [volume.to_simpleitk()], segments
 
@@ -230,13 +230,13 @@ def _markup_points(path: Path) -> list[tuple[str, np.ndarray]]:
     return points
 
 
-def _points_as_disks(path: Path, ijk_to_ras: np.ndarray, shape_ijk, slice_axis: int) -> np.ndarray:
-    """``[k, j, i]`` values: point ``n`` of the markups file (1-based) as a disk of :data:`POINT_RADIUS_MM`
-    on the scan's slice nearest to it."""
+def _points_as_disks(points, path: Path, ijk_to_ras: np.ndarray, shape_ijk, slice_axis: int) -> np.ndarray:
+    """``[k, j, i]`` values: point ``n`` of ``points`` (1-based; :func:`_markup_points` of ``path``) as a
+    disk of :data:`POINT_RADIUS_MM` on the scan's slice nearest to it."""
     ras_to_ijk = np.linalg.inv(ijk_to_ras)
     values = np.zeros(tuple(int(n) for n in shape_ijk)[::-1], np.uint16)
     plane = [axis for axis in range(3) if axis != slice_axis]
-    for n, (label, ras) in enumerate(_markup_points(path), start=1):
+    for n, (label, ras) in enumerate(points, start=1):
         ijk = (ras_to_ijk @ np.append(ras, 1.0))[:3]
         if not all(-0.5 <= ijk[a] <= shape_ijk[a] - 0.5 for a in range(3)):
             raise InputError(f"{path}: the point {label!r} lies outside the scan")
@@ -277,9 +277,9 @@ def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk, s
     """``([k, j, i] uint8 codes on the scan's voxels, code -> level)`` of a case's reference file
     (``slice_axis``: the scan's input axis of its sagittal slices, where markup points are drawn)."""
     if path.name.endswith(".mrk.json"):
-        labels = [label for label, _ in _markup_points(path)]
-        layers = [_points_as_disks(path, ijk_to_ras, shape_ijk, slice_axis)]
-        segments = [(0, n, label) for n, label in enumerate(labels, start=1)]
+        points = _markup_points(path)
+        layers = [_points_as_disks(points, path, ijk_to_ras, shape_ijk, slice_axis)]
+        segments = [(0, n, label) for n, (label, _) in enumerate(points, start=1)]
     elif path.name.endswith(".seg.nrrd"):
         layers, segments = _slicer_segments(path)
     elif path.suffix == ".dcm":
@@ -292,7 +292,7 @@ def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk, s
         if level is None:
             continue   # a segment of something else (the canal, the sacrum as a whole): not scored
         if level in levels.values():
-            raise InputError(f"{path}: two segments name {level}")
+            raise InputError(f"{path}: two segments or points name {level}")
         levels[(layer, value)] = level
     if not levels:
         raise InputError(f"{path}: no segment or label names a vertebra or disc (names such as L4, L4-L5)")
