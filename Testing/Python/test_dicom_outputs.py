@@ -258,3 +258,24 @@ def test_dicom_out_refuses_spacing_overrides_and_a_missing_scan(tmp_path, capsys
     with pytest.raises(InputError, match="need the scan"):
         write_results(tmp_path / "w", result, dicom=True)
     assert not (tmp_path / "w").exists()
+
+
+def test_the_segmentation_is_a_reference_spinenet_evaluate_reads(bundled_run, tmp_path):
+    """The Segmentation a PACS receives, corrected there or not, is a reference for `spinenet evaluate`
+    (README, "Measuring on your own scans"): against its own run every body is found and named as the
+    run named it, each segment read back onto the scan's voxels in the right place."""
+    import json
+    import shutil
+
+    from SpineNetLib.evaluation.evaluate import evaluate_directories
+
+    phantom, scan, out = bundled_run
+    case = tmp_path / "pacs" / "study_1"
+    shutil.copytree(out.parent / "dicom", case / "image")
+    shutil.copy(out / "segmentation.dcm", case / "labels.dcm")
+    shutil.copytree(out, tmp_path / "pred" / "study_1")
+    levels = [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]]
+    scored = evaluate_directories(tmp_path / "pacs", tmp_path / "pred")["cases"]["study_1"]
+    assert scored["n_gt"] >= len(levels) - 2 >= 4      # bodies cut by the image edge are not scored
+    assert (scored["tp"], scored["fp"], scored["fn"], scored["identification_rate"]) == (scored["n_gt"], 0, 0, 1.0)
+    assert scored["localisation_error_mm_mean"] < 1.0
