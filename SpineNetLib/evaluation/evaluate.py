@@ -717,7 +717,7 @@ def percent_cell(x) -> str:
 
 
 def annotated_cases(path, sources: Sequence[str]) -> list:
-    """The annotated cases ``path`` names: one case folder (it holds ``case.json``), one source folder
+    """The annotated cases ``path`` names: one case folder (it holds ``case.json`` or a reference file), one source folder
     (``DATA/tianchi``), a data root (``DATA/<source>/<case>``), or a folder of one's own cases
     (``MINE/<case>/``, :func:`own_case`; each counts as source ``MINE``); InputError when it holds none."""
     path = Path(path)
@@ -736,8 +736,9 @@ def annotated_cases(path, sources: Sequence[str]) -> list:
     if folder is None and case_name is None:   # a folder of one's own cases, or such cases beside the sources
         cases += [own_case(p) for p in sorted(path.iterdir()) if p.is_dir() and is_own_case(p)]
     if not cases:
-        raise InputError(f"no annotated case under {path}: give a case folder (with case.json), a source folder "
-                         f"({', '.join(SOURCE_FOLDERS)}), a data root holding them, or a folder of case folders")
+        raise InputError(f"no annotated case under {path}: give a case folder (with case.json or labels.*), "
+                         f"a source folder ({', '.join(SOURCE_FOLDERS)}), a data root holding them, or a folder "
+                         "of case folders")
     return cases
 
 

@@ -243,7 +243,8 @@ def _points_as_disks(points, path: Path, ijk_to_ras: np.ndarray, shape_ijk, slic
         centre = ijk.copy()
         centre[slice_axis] = np.clip(np.rint(ijk[slice_axis]), 0, shape_ijk[slice_axis] - 1)
         steps = [POINT_RADIUS_MM / np.linalg.norm(ijk_to_ras[:3, a]) for a in range(3)]
-        ranges = [np.arange(max(0, int(np.floor(centre[a] - steps[a]))), min(shape_ijk[a], int(np.ceil(centre[a] + steps[a])) + 1))
+        ranges = [np.arange(max(0, int(np.floor(centre[a] - steps[a]))),
+                            min(shape_ijk[a], int(np.ceil(centre[a] + steps[a])) + 1))
                   if a in plane else np.array([int(centre[a])]) for a in range(3)]
         grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
         offsets_mm = (grid - centre) @ np.asarray(ijk_to_ras, float)[:3, :3].T
