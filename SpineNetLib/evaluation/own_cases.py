@@ -305,6 +305,9 @@ def reference_codes(path: Path, meta: dict, ijk_to_ras: np.ndarray, shape_ijk, s
     codes = np.zeros(on_grid[0].shape, np.uint8)
     for (layer, value), level in levels.items():
         codes[on_grid[layer] == value] = code_of_level(level)
+    if not codes.any():
+        raise InputError(f"{path}: none of its vertebrae or discs lies on the scan's voxels "
+                         "(is it the reference of another scan?)")
     return codes, {code_of_level(level): level for level in levels.values()}
 
 

@@ -868,9 +868,12 @@ def test_a_slicer_segmentation_with_overlapping_segments_and_bad_references(tmp_
     write_image(image.astype(np.float32) + np.arange(30, dtype=np.float32), ijk_to_ras, case / "image.nii.gz")
     (tmp_path / "pred" / "case_1").mkdir(parents=True)   # the reference is read before the prediction
     (tmp_path / "pred" / "case_1" / "vertebrae.json").write_text(json.dumps({"schema": "spinenet.vertebrae/1"}))
-    for masks, message in (({"L4": body, "vertebra L4": disc}, "two segments or points name L4"),
-                           ({"psoas": muscle}, "no segment or label names a vertebra")):
-        _slicer_segmentation_file(case / "labels.seg.nrrd", image, ijk_to_ras, masks)
+    elsewhere = ijk_to_ras.copy()
+    elsewhere[:3, 3] += 500.0   # the segmentation of another scan, half a metre away
+    for masks, affine, message in (({"L4": body, "vertebra L4": disc}, ijk_to_ras, "two segments or points name L4"),
+                                   ({"psoas": muscle}, ijk_to_ras, "no segment or label names a vertebra"),
+                                   ({"L4": body}, elsewhere, "is it the reference of another scan?")):
+        _slicer_segmentation_file(case / "labels.seg.nrrd", image, affine, masks)
         assert cli.main(["evaluate", "--data", str(tmp_path / "mine"), "--pred", str(tmp_path / "pred")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
