@@ -188,7 +188,7 @@ def row(variant: str, summary: dict) -> tuple[str, int, int]:
     """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, scans
     shifted, and the review flag on the scans with a wrongly named body and on the others; with the
     number of scans not flagged and how many of those have a wrongly named body."""
-    from SpineNetLib.evaluation.evaluate import percent_cell as _pct
+    from SpineNetLib.evaluation.tables import percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
 
     o = summary["overall"]

@@ -79,7 +79,7 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
 def print_tables(summary: dict) -> None:
     """The model card's tables; the two ranges are 95 % intervals (``SpineNetLib/evaluation/intervals.py``:
     Wilson's, over scans; for the IDR with the scan as the unit)."""
-    from SpineNetLib.evaluation.evaluate import level_lines, percent_cell as _pct
+    from SpineNetLib.evaluation.tables import level_lines, percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range
 
     rows = [("overall", summary["overall"])]
@@ -158,7 +158,7 @@ def phantom_table(weights: str, precision: str = "fp32", runtime: str = "torch",
 def review_table(summary: dict, pred_root: Path) -> dict:
     """Which scans the weights' own review rule flags (``evaluate.review_summary``, printed), with each
     scan's flag and margin."""
-    from SpineNetLib.evaluation.evaluate import review_lines
+    from SpineNetLib.evaluation.tables import review_lines
 
     print("\n" + "\n".join(review_lines(summary)))
     margins = {case_id: (json.loads((pred_root / case_id / "vertebrae.json").read_text(encoding="utf-8"))

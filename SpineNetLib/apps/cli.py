@@ -363,8 +363,8 @@ def _run_missing_predictions(todo: list, args) -> None:
 def command_evaluate(args) -> int:
     import json
 
-    from SpineNetLib.evaluation.evaluate import (evaluate_directories, level_lines, review_lines,
-                                                 scans_without_prediction, share_lines)
+    from SpineNetLib.evaluation.evaluate import evaluate_directories, scans_without_prediction
+    from SpineNetLib.evaluation.tables import level_lines, review_lines, share_lines
 
     if args.output is not None and not args.output.strip():
         raise SpineNetError("-o/--output needs a file name (an empty one would write no metrics)")

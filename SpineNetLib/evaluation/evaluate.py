@@ -81,7 +81,7 @@ from SpineNetLib.training.datasets import (
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, marked_by_points, own_case
-from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
+from SpineNetLib.evaluation.intervals import rounded, scan_unit_interval, wilson_interval
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
 SLICE_TOLERANCE_MM = 2.0
@@ -649,71 +649,6 @@ def review_summary(cases: dict, needs_review: dict[str, bool]) -> dict:
                      "right_flagged": rounded(wilson_interval(table["right_flagged"], table["right"])),
                      "unflagged_none_wrong": rounded(wilson_interval(table["unflagged_none_wrong"], len(unflagged)))}
     return table
-
-
-def review_lines(summary: dict) -> list[str]:
-    """The lines of :func:`review_summary` (``summary["review"]``)."""
-    r = summary["review"]
-    unflagged = ", ".join(r["wrong_not_flagged"])
-    return [f"review flag (needs_review): scans with a wrongly named body flagged {r['wrong_flagged']} of {r['wrong']} "
-            f"({_percent_interval(r['ci95']['wrong_flagged'])}), scans entirely right flagged {r['right_flagged']} of "
-            f"{r['right']} ({_percent_interval(r['ci95']['right_flagged'])})"
-            + (f"; not flagged: {unflagged}" if unflagged else ""),
-            f"scans not flagged: {r['unflagged']}, with no body named wrongly {r['unflagged_none_wrong']} "
-            f"({_percent_interval(r['ci95']['unflagged_none_wrong'])})"]
-
-
-def share_lines(summary: dict) -> list[str]:
-    """Scans entirely right and the identification rate of a :func:`summarise` result, overall, per
-    source and per sequence, with their 95 % intervals: how little a figure from a few scans rests on."""
-    groups = [("overall", summary["overall"])]
-    for key in ("source", "sequence"):
-        groups += [(f"{key} {name}", group) for name, group in summary.get(f"by_{key}", {}).items()]
-    lines = ["scans entirely right, scans shifted (every found body named off by the same number of levels) and "
-             "identification rate, with 95 % intervals (Wilson; for the rate the scan is the unit)"]
-    for name, group in groups:
-        right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
-        lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans right "
-                     f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
-                     f"({_percent_interval(group['ci95']['share_of_scans_all_levels_right'])}), "
-                     f"shifted {group['scans_shifted']} ({_percent_interval(group['ci95']['share_of_scans_shifted'])}), "
-                     f"IDR {'n/a' if idr is None else f'{100 * idr:.1f}'} % "
-                     f"({_percent_interval(group['ci95']['identification_rate'])})")
-    return lines
-
-
-def level_lines(summary: dict) -> list[str]:
-    """Recall and identification rate per true level of a :func:`summarise` result, then S1 on its own:
-    the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan)
-    and, where point-annotated slices were scored, S1 found and named on them."""
-    lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
-    for level, row in summary["by_level"].items():
-        lines.append(f"{level:8} {row['n']:6d} {percent_cell(row['recall']):>7} {percent_cell(row['identification_rate']):>7}")
-    s1 = summary["by_level"].get("S1")
-    if s1:
-        n = s1["n"]
-        lines.append(f"S1 where it is outlined: found {s1['found']} of {n} "
-                     f"(95 % interval {_percent_interval(wilson_interval(s1['found'], n))}), named S1 "
-                     f"{s1['identified']} of {n} ({_percent_interval(wilson_interval(s1['identified'], n))})")
-    else:
-        lines.append("S1 where it is outlined: in no scored scan")
-    overall = summary["overall"]
-    if overall.get("s1_point_scans"):
-        n = overall["s1_point_scans"]
-        lines.append(f"S1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
-                     f"detected {overall['s1_point_detected']} of {n}, named S1 {overall['s1_point_named_s1']} of {n} "
-                     f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])})")
-    return lines
-
-
-def _percent_interval(interval) -> str:
-    """``"56.6-100.0 %"``; ``"n/a"`` where there is no interval (no scans)."""
-    return "n/a" if interval is None else f"{percent_range(interval)} %"
-
-
-def percent_cell(x) -> str:
-    """A share as a table cell: ``" 98.3%"``; ``"   n/a"`` without one."""
-    return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
 
 def annotated_cases(path, sources: Sequence[str]) -> list:

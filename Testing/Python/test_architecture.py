@@ -52,6 +52,7 @@ CLI_TOOL_IMPORTS = {
     ("SpineNetLib.apps.cli", "command_demo", "SpineNetLib.evaluation.demo_check"):
         "`spinenet demo` checks its result against the phantom's ground truth",
     ("SpineNetLib.apps.cli", "command_evaluate", "SpineNetLib.evaluation.evaluate"): "`spinenet evaluate`",
+    ("SpineNetLib.apps.cli", "command_evaluate", "SpineNetLib.evaluation.tables"): "`spinenet evaluate` prints its tables",
 }
 
 #: Public top-level names that may be defined in more than one library module, with the reason.

@@ -19,6 +19,7 @@ from SpineNetLib.outputs import vertebrae as outputs
 from SpineNetLib.core import polygons
 from SpineNetLib.training import datasets as D
 from SpineNetLib.evaluation import evaluate as E
+from SpineNetLib.evaluation import tables as T
 from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
@@ -231,7 +232,7 @@ def test_review_summary_sorts_scans_by_the_flag_and_says_what_an_unflagged_scan_
     assert (review["unflagged"], review["unflagged_none_wrong"]) == (2, 1)
     assert review["wrong_not_flagged"] == ["shifted_unflagged"]
     assert review["ci95"]["unflagged_none_wrong"] == rounded(wilson_interval(1, 2))
-    lines = E.review_lines({"review": review})
+    lines = T.review_lines({"review": review})
     assert lines[0].endswith("; not flagged: shifted_unflagged")
     assert lines[1] == "scans not flagged: 2, with no body named wrongly 1 (9.5-90.5 %)"
 
@@ -265,7 +266,7 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert summary["overall"]["ci95"]["share_of_scans_all_levels_right"] == wide
     assert summary["overall"]["ci95"]["identification_rate"] == wide
     assert summary["overall"]["ci95"]["recall"] == rounded(wilson_interval(2, 2))
-    lines = E.level_lines(summary)
+    lines = T.level_lines(summary)
     assert lines[1].split() == ["L1", "2", "100.0%", "50.0%"]
     assert "S1 where it is outlined: in no scored scan" in lines
     s1_points = summary["overall"]["s1_point_scans"]
@@ -284,7 +285,7 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     four = E.summarise([right, wrong, mixed, up])["overall"]
     assert (four["scans_shifted"], four["scans_shifted_by"]) == (2, {"-1": 1, "+1": 1})
     assert four["ci95"]["share_of_scans_shifted"] == rounded(wilson_interval(2, 4))
-    assert "shifted 2 (" in E.share_lines({"overall": four})[1]
+    assert "shifted 2 (" in T.share_lines({"overall": four})[1]
 
 
 @needs_data
