@@ -2,7 +2,7 @@
 
 Issue 10's goal is measured on scans from other centres, and those come as a hospital has them: the
 scan as a DICOM series or an image file, the reference outlines drawn in 3D Slicer (a ``.seg.nrrd``)
-or stored as a DICOM Segmentation, or a label map.  A case is a folder holding
+or stored as a DICOM Segmentation, points placed in Slicer, or a label map.  A case is a folder holding
 
 * the scan: ``image/`` (a DICOM series) or ``image.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.nhdr`` /
   ``.mha`` / ``.mhd``, read exactly as ``spinenet run`` reads it (:func:`~SpineNetLib.inputs.load.load_scan`,
