@@ -241,15 +241,7 @@ def annotated_with_points(case) -> bool:
     """Whether a case's bodies are annotated with centre points (``tianchi/``, or a case of one's own
     with Slicer point markups or whose ``case.json`` says ``"annotation": "points ..."``:
     :func:`~SpineNetLib.evaluation.own_cases.marked_by_points`), not outlines."""
-    if case.source in POINT_SOURCES:
-        return True
-    if case.source not in SOURCE_FOLDERS.values():
-        return marked_by_points(case.path)
-    try:
-        meta = json.loads((case.path / "case.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and str(meta.get("annotation", "")).strip().lower().startswith("points")
+    return case.source in POINT_SOURCES or marked_by_points(case.path)
 
 
 def ground_truth_of_case(case) -> CaseGroundTruth:
@@ -692,9 +684,9 @@ def scored_cases(data_root, case_ids: Sequence[str] | None = None) -> list:
 
 def scans_without_prediction(data_root, pred_root, case_ids: Sequence[str] | None = None) -> list[tuple[str, Path]]:
     """``(case id, the scan spinenet run reads)`` of every scored case with no ``pred_root/<case>/vertebrae.json``
-    (``spinenet evaluate --run``): ``image.nii.gz`` of ``../shared/data``, an own case's scan
-    (:func:`~SpineNetLib.evaluation.own_cases.image_path`)."""
-    return [(c.case_id, c.path / "image.nii.gz" if c.source in SOURCE_FOLDERS.values() else image_path(c.path))
+    (``spinenet evaluate --run``; :func:`~SpineNetLib.evaluation.own_cases.image_path`, which finds the
+    ``image.nii.gz`` of ``../shared/data`` too)."""
+    return [(c.case_id, image_path(c.path))
             for c in scored_cases(data_root, case_ids) if not (Path(pred_root) / c.case_id / "vertebrae.json").is_file()]
 
 

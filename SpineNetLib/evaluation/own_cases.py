@@ -83,9 +83,14 @@ def code_of_level(level: str) -> int:
     return _CODE_OF_BODY[upper] + (100 if "-" in level else 0)
 
 
+def _reference_name(folder: Path) -> str | None:
+    """The first of :data:`LABEL_FILES` in ``folder``, None when it holds none."""
+    return next((name for name in LABEL_FILES if (folder / name).is_file()), None)
+
+
 def is_own_case(folder: Path) -> bool:
     """Whether ``folder`` holds a case of one's own: a ``case.json`` or a reference file."""
-    return (folder / "case.json").is_file() or any((folder / name).is_file() for name in LABEL_FILES)
+    return (folder / "case.json").is_file() or _reference_name(folder) is not None
 
 
 def _case_json(path: Path) -> dict:
@@ -118,8 +123,7 @@ def marked_by_points(path: Path) -> bool:
     """Whether a case folder's reference marks centre points, not outlines: a markups file, or
     ``case.json`` saying ``"annotation": "points ..."`` (bodies drawn as small disks, as
     ``../shared/data/tianchi`` draws them)."""
-    reference = next((name for name in LABEL_FILES if (path / name).is_file()), None)
-    return reference == "labels.mrk.json" or \
+    return _reference_name(path) == "labels.mrk.json" or \
         str(_case_json(path).get("annotation", "")).strip().lower().startswith("points")
 
 
@@ -135,9 +139,9 @@ def image_path(path: Path) -> Path:
 
 def label_file(path: Path) -> Path:
     """The reference of a case folder: the first of :data:`LABEL_FILES`."""
-    for name in LABEL_FILES:
-        if (path / name).is_file():
-            return path / name
+    name = _reference_name(path)
+    if name is not None:
+        return path / name
     raise InputError(f"{path} holds no reference: put it in one of {', '.join(LABEL_FILES)}")
 
 
