@@ -3,7 +3,8 @@
 The module is a thin layer over SpineNetLib, shaped like SlicerNNUNet:
 
 * the **logic** (:class:`SpineNetLogic`, no GUI calls, so it runs headless)
-  owns the worker behind a small interface, :class:`WorkerProcess`, shows the
+  owns the worker behind a small interface, :class:`WorkerProcess` (by default
+  one worker process kept running between runs, :class:`WorkerService`), shows the
   results as MRML nodes and keeps the module's parameter node; it lives in
   ``SpineNetModuleLib/logic.py``, the workers in ``SpineNetModuleLib/workers.py``
   (Slicer loads every ``.py`` file directly in the module folder as a module,
@@ -69,10 +70,13 @@ from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet
 from SpineNetModuleLib.workers import (  # noqa: E402,F401
     InProcessWorker,
     LineSink,
+    WORKER_IDLE_SECONDS,
     QProcessWorker,
+    ServedWorker,
     Signal,
     SpineNetRun,
     WorkerProcess,
+    WorkerService,
 )
 from SpineNetLib.outputs import documents  # noqa: E402
 from SpineNetLib.core.errors import SpineNetError  # noqa: E402
@@ -229,8 +233,10 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.logic.runFinished.disconnect(self.onRunFinished)
 
     def enter(self):
-        """The module is shown: follow the scene's parameter node again."""
+        """The module is shown: follow the scene's parameter node again, and start the worker process
+        (torch's import and the networks take seconds, which the first run then need not wait for)."""
         self.initializeParameterNode()
+        self.logic.warmUpWorker()
 
     def exit(self):
         """Another module is shown: stop following the parameter node (the settings stay in it)."""

@@ -1,6 +1,6 @@
 """Wall seconds and peak memory of ``spinenet run`` as a whole process on real lumbar scans.
 
-    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--in-process] [CASE ...]
+    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--in-process | --served] [CASE ...]
 
 Each run is a fresh process, as a user starts it: Python and torch start-up, reading the scan,
 detection, labelling, disc grading and measurements, ``preview.png`` and the result files (the
@@ -12,8 +12,14 @@ file cache.  Issue 16's goal for the bundled networks: 3 s.
 
 ``--in-process`` times the same command called again and again inside this one process
 (``apps.cli.main``), after one unmeasured call: what a second scan costs where Python and torch are
-already loaded, as in Slicer after its first scan, a notebook or a long-running worker.  Each call
-still reads the weights, the scan, and writes every result file and the preview.
+already loaded, as in a notebook.  Each call still reads the weights, the scan, and writes every
+result file and the preview.
+
+``--served`` times what the Slicer module's panel waits for: one worker process kept running
+(``python -m SpineNetLib.apps.worker --serve``, started once, as the module starts it when it is shown;
+the seconds until it is ready are printed), each run a request to it, timed from the request to its
+``END`` line (reading the scan, the pipeline with grading, every result file and the preview).  The
+panel hands the worker the volume as ``.npy``; here it reads the ``.nii.gz``, a little slower.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import resource
 import statistics
@@ -66,6 +73,49 @@ def one_call_in_process(image: Path, out: Path, args) -> tuple[float, float]:
     return wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class ServedWorker:
+    """The worker process kept running, as the Slicer module keeps it (``--served``)."""
+
+    def __init__(self, args):
+        start = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", "--serve"], cwd=ROOT,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, bufsize=1, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        line = self.process.stdout.readline()
+        if not line.startswith("READY"):
+            raise SystemExit(f"the served worker did not start: {line.strip() or 'no output'}")
+        self.ready_seconds = time.perf_counter() - start
+        self.weights = args.weights
+
+    def __call__(self, image: Path, out: Path, args) -> tuple[float, float]:
+        """(wall seconds from the request to its END line, peak resident MB of the worker so far)."""
+        start = time.perf_counter()
+        self.process.stdin.write(json.dumps(["--input", str(image), "--output", str(out), "--weights", self.weights])
+                                 + "\n")
+        self.process.stdin.flush()
+        lines = []
+        while not lines or not lines[-1].startswith("END"):
+            line = self.process.stdout.readline()
+            if not line:
+                raise SystemExit(f"{image}: the served worker ended: {lines[-1:]}")
+            lines.append(line.strip())
+        wall = time.perf_counter() - start
+        if lines[-1] != "END 0":
+            raise SystemExit(f"{image}: the run failed: {[l for l in lines if l.startswith('ERROR')]}")
+        return wall, self.peak_mb()
+
+    def peak_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status")
+        for line in (status.read_text().splitlines() if status.is_file() else []):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=list(DEFAULT_CASES),
@@ -74,8 +124,11 @@ def main() -> int:
     parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--weights", default="bundled")
-    parser.add_argument("--in-process", action="store_true",
-                        help="call the command again and again in this process (module docstring)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--in-process", action="store_true",
+                     help="call the command again and again in this process (module docstring)")
+    how.add_argument("--served", action="store_true",
+                     help="requests to one worker process kept running, as the Slicer module runs them")
     args = parser.parse_args()
     data = Path(args.data)
     if not data.is_dir():
@@ -84,8 +137,12 @@ def main() -> int:
     if not any(image.is_file() for image in images.values()):
         raise InputError(f"no case found: none of {', '.join(str(i) for i in images.values())} exists "
                          f"(a case is a folder under {data} with its source, e.g. chu/chu_02)")
-    run = one_call_in_process if args.in_process else one_run
-    where = "called in one process" if args.in_process else "a fresh process each"
+    if args.served:
+        run = ServedWorker(args)
+        where = f"requests to the served worker (ready {run.ready_seconds:.2f} s after its start)"
+    else:
+        run = one_call_in_process if args.in_process else one_run
+        where = "called in one process" if args.in_process else "a fresh process each"
     print(f"spinenet run, {where}, {args.weights} weights, {args.threads} threads, "
           f"median and slowest of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +155,8 @@ def main() -> int:
             walls = [w for w, _ in runs]
             print(f"  {case:28} {statistics.median(walls):5.2f} s (slowest {max(walls):5.2f} s)   "
                   f"peak so far {max(p for _, p in runs):6.0f} MB")
+    if args.served:
+        run.close()
     return 0
 
 

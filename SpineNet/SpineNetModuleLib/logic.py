@@ -42,7 +42,7 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from SpineNetModuleLib import LIBRARY_PARENT
-from SpineNetModuleLib.workers import InProcessWorker, QProcessWorker, Signal, SpineNetRun
+from SpineNetModuleLib.workers import InProcessWorker, ServedWorker, Signal, SpineNetRun, WorkerService
 from SpineNetLib.apps import worker
 from SpineNetLib.core.errors import SpineNetError
 from SpineNetLib.outputs import documents
@@ -139,8 +139,11 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         #: worker's default pipeline, and extra options for it (see SpineNetLib.apps.worker).
         self.pipeline = None
         self.pipelineOptions = {}
-        #: Makes the :class:`WorkerProcess` of each run (default: a separate process).
-        self.workerFactory = workerFactory or QProcessWorker
+        #: The worker process kept running between runs (:class:`WorkerService`): the default workers run on it.
+        self.workerService = WorkerService()
+        #: Makes the :class:`WorkerProcess` of each run (default: a :class:`ServedWorker` on
+        #: :attr:`workerService`; ``QProcessWorker`` starts a process for each run).
+        self.workerFactory = workerFactory or self._servedWorker
         self.worker = None
         self.currentRun = None
         self.lastRun = None
@@ -162,9 +165,24 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         return mrml
 
     def cleanup(self):
-        """The module is closed or reloaded: stop a run and remove every temporary folder."""
+        """The module is closed or reloaded: stop a run and the worker process, remove every temporary folder."""
         self.cancelRun()
+        self.workerService.stop()
         self.removeTemporaryFolders()
+
+    def _servedWorker(self):
+        return ServedWorker(self.workerService)
+
+    def warmUpWorker(self):
+        """Start the worker process that the next runs use, if the default workers run them and the
+        Python packages SpineNet needs are installed; True when it runs.  The panel calls this when the
+        module is shown, so that the first run finds torch imported and the default networks loaded."""
+        if self.workerFactory != self._servedWorker or self.missingPackages():
+            return False
+        settings = self.workerProcessSettings()
+        self.workerService.warmUp(settings["program"], settings["serveArguments"], settings["environment"],
+                                  settings["workingDirectory"])
+        return self.workerService.isAlive()
 
     # ----------------------------------------------------------------- parameter node
 
@@ -313,10 +331,11 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                    pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch"):
         """Write the volume for the worker and return how to start it.
 
-        Returns ``{"program", "arguments", "environment", "workingDirectory",
+        Returns ``{"program", "arguments", "serveArguments", "environment", "workingDirectory",
         "workerArguments", "folder", "output", "temporary"}``: ``program`` +
-        ``arguments`` run the worker as a process, ``workerArguments`` are what
-        ``SpineNetLib.apps.worker.build_parser()`` parses; the voxels ([k, j, i])
+        ``arguments`` run the worker as a process for this run, ``program`` + ``serveArguments`` the
+        process kept running, ``workerArguments`` are what
+        ``SpineNetLib.apps.worker.build_parser()`` parses (one request to that process); the voxels ([k, j, i])
         and IJK-to-RAS go to the worker unchanged.  Without ``workFolder`` the
         files go to a new temporary folder (``temporary`` True).
         """
@@ -331,11 +350,15 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         workerArguments = worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
             hotspot_head=hotspot_head, pipeline=pipeline, options=options, precision=precision, runtime=runtime)
+        return {**self.workerProcessSettings(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
+                "workerArguments": workerArguments, "folder": folder, "output": output, "temporary": not workFolder}
+
+    def workerProcessSettings(self):
+        """``{"program", "serveArguments", "environment", "workingDirectory"}`` of the worker process
+        (``serveArguments``: those of the process kept running, :class:`WorkerService`)."""
         pythonPath = os.pathsep.join(p for p in (LIBRARY_PARENT, os.environ.get("PYTHONPATH", "")) if p)
-        return {"program": self.pythonExecutable(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
-                "workerArguments": workerArguments, "workingDirectory": LIBRARY_PARENT,
-                "folder": folder, "output": output, "temporary": not workFolder,
-                "environment": {"PYTHONPATH": pythonPath, "PYTHONUNBUFFERED": "1"}}
+        return {"program": self.pythonExecutable(), "serveArguments": WORKER_MODULE_ARGUMENTS + [worker.SERVE_ARGUMENT],
+                "workingDirectory": LIBRARY_PARENT, "environment": {"PYTHONPATH": pythonPath, "PYTHONUNBUFFERED": "1"}}
 
     @staticmethod
     def cleanupRun(run):

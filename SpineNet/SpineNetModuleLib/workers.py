@@ -1,8 +1,13 @@
-"""Signals, the worker interface and its two workers, and one run (no widgets: the logic uses them headless).
+"""Signals, the worker interface and its workers, and one run (no widgets: the logic uses them headless).
 
-* :class:`QProcessWorker`, the default, runs ``PythonSlicer -m
-  SpineNetLib.apps.worker`` as a separate process with ``qt.QProcess`` (the
-  GUI stays responsive; Cancel kills the process);
+* :class:`ServedWorker`, the default, hands each run to one worker process
+  that a :class:`WorkerService` keeps running between runs
+  (``PythonSlicer -m SpineNetLib.apps.worker --serve`` with ``qt.QProcess``): the
+  GUI stays responsive, and only the first run pays for starting Python and
+  importing torch (about 2 s on a 2-core CPU); Cancel kills the process, and the
+  next run starts another;
+* :class:`QProcessWorker` runs ``PythonSlicer -m SpineNetLib.apps.worker`` as a
+  process of its own for each run (``SpineNetLogic(workerFactory=QProcessWorker)``);
 * :class:`InProcessWorker` calls the same entry point,
   ``SpineNetLib.apps.worker.run_request``, in this process (scripts, tests,
   ``SpineNetLogic.runSynchronously``).  Every caller therefore writes the
@@ -10,13 +15,15 @@
 """
 
 import contextlib
+import functools
+import json
 import logging
 
 import qt
 
 from SpineNetModuleLib import LIBRARY_PARENT  # noqa: F401  (puts SpineNetLib on sys.path)
 from SpineNetLib.apps import worker
-from SpineNetLib.core.errors import SpineNetError
+from SpineNetLib.core.errors import EXIT_INTERNAL, SpineNetError
 
 
 def _text(data):
@@ -27,6 +34,16 @@ def _text(data):
         return bytes(data).decode("utf-8", errors="replace")
     return str(data)
 
+
+
+def _writeLine(process, text):
+    """Write one line to a QProcess's input: Python bytes where the binding converts them (PySide6,
+    PythonQt's QByteArray arguments), else a QByteArray made of them."""
+    data = (text + "\n").encode("utf-8")
+    try:
+        process.write(data)
+    except TypeError:
+        process.write(qt.QByteArray(data))
 
 
 class Signal:
@@ -161,6 +178,172 @@ class QProcessWorker(WorkerProcess):
         self.finished.emit(self.process.exitCode(), errors)
 
 
+#: A worker kept running ends after this long without a run: it holds torch and the networks (about
+#: 0.6-0.8 GB of memory), which a Slicer session that is done with SpineNet should get back.
+WORKER_IDLE_SECONDS = 15 * 60
+
+
+class WorkerService:
+    """One worker process kept running between runs: ``program`` + ``serveArguments`` of a run
+    (``SpineNetLib.apps.worker --serve``, whose requests and answers its docstring describes).
+
+    :class:`ServedWorker` hands it one run at a time (:meth:`submit`).  The process is started again
+    when a run asks for another program, environment or working directory, when it ended (a crash, a
+    cancelled run, :attr:`idleSeconds` without a run, after which its input is closed and it ends by
+    itself), or after :meth:`stop`.  :meth:`warmUp` starts it before the first run (the panel does when
+    the module is shown), so that even that run finds torch imported and the default networks loaded.
+    """
+
+    def __init__(self, idleSeconds=WORKER_IDLE_SECONDS):
+        self.idleSeconds = idleSeconds
+        self.process = None
+        self._startKey = None
+        self._alive = False
+        self._client = None
+        self._buffer = ""
+        self._idleTimer = None
+        # processes stopped while their signals may still come: referenced until the next start
+        self._stopped = []
+
+    def isAlive(self):
+        """True from the start of the process until it ended (or :meth:`stop`)."""
+        return self._alive
+
+    def warmUp(self, program, arguments, environment, workingDirectory):
+        """Start the process with these settings unless it runs with them already."""
+        key = (program, tuple(arguments), tuple(sorted(environment.items())), workingDirectory)
+        if self._alive and key == self._startKey:
+            return
+        self.stop()
+        process = qt.QProcess()
+        process.setProgram(program)
+        process.setArguments(list(arguments))
+        process.setWorkingDirectory(workingDirectory)
+        processEnvironment = qt.QProcessEnvironment.systemEnvironment()
+        for name, value in environment.items():
+            processEnvironment.insert(name, value)
+        process.setProcessEnvironment(processEnvironment)
+        process.readyReadStandardOutput.connect(functools.partial(self._onOutput, process))
+        process.finished.connect(functools.partial(self._onFinished, process))
+        process.errorOccurred.connect(functools.partial(self._onError, process))
+        self.process, self._startKey, self._alive, self._buffer = process, key, True, ""
+        self._stopped = self._stopped[-2:]
+        process.start()
+        self._restartIdleTimer()
+
+    def submit(self, client, run):
+        """Hand ``run`` (a :class:`SpineNetRun`) to the process; ``client`` (a :class:`ServedWorker`) gets
+        its lines and its end (``_finish(exitCode, errorText)``)."""
+        self.warmUp(run.program, run.serveArguments, run.environment, run.workingDirectory)
+        self._stopIdleTimer()
+        self._client = client
+        if not self._alive:   # it could not start, and Qt said so at once
+            self._endClient(None, (None, ""))
+            return
+        _writeLine(self.process, json.dumps(list(run.workerArguments)))
+
+    def stop(self):
+        """End the process at once (a run on it finishes, with the exit code of the kill)."""
+        process, self.process = self.process, None
+        self._stopIdleTimer()
+        if process is not None:
+            self._stopped.append(process)
+            if self._alive:
+                process.kill()
+        self._alive = False
+        self._endClient(process, None)
+
+    def _restartIdleTimer(self):
+        self._stopIdleTimer()
+        if self.idleSeconds is None:
+            return
+        timer = qt.QTimer()
+        timer.setSingleShot(True)
+        timer.setInterval(int(self.idleSeconds * 1000))
+        timer.timeout.connect(self._onIdle)
+        timer.start()
+        self._idleTimer = timer
+
+    def _stopIdleTimer(self):
+        if self._idleTimer is not None:
+            self._idleTimer.stop()
+            self._idleTimer = None
+
+    def _onIdle(self):
+        self._idleTimer = None
+        if self._alive and self._client is None:
+            self.process.closeWriteChannel()   # the worker ends at the end of its input
+
+    def _onOutput(self, process, *args):
+        if process is not self.process:
+            return
+        self._buffer += _text(process.readAllStandardOutput())
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            if line.startswith("END"):
+                status = line.partition(" ")[2].strip()
+                errors = _text(process.readAllStandardError()).strip()
+                self._endClient(process, (int(status) if status.lstrip("-").isdigit() else EXIT_INTERNAL, errors))
+                self._restartIdleTimer()
+            elif line.startswith("READY"):
+                continue
+            elif self._client is not None:
+                self._client.lineReceived.emit(line)
+
+    def _onError(self, process, error=None):
+        """Only a process that could not start ends here (a crash or a kill also emits finished)."""
+        if process is not self.process or error != qt.QProcess.FailedToStart:
+            return
+        self._alive = False
+        self._endClient(process, (None, ""))
+
+    def _onFinished(self, process, *args):
+        if process is not self.process:
+            return
+        self._onOutput(process)
+        rest, self._buffer = self._buffer, ""
+        if rest.strip() and self._client is not None:
+            self._client.lineReceived.emit(rest)
+        self._alive = False
+        self._stopIdleTimer()
+        self._endClient(process, (process.exitCode(), _text(process.readAllStandardError()).strip()))
+
+    def _endClient(self, process, ending):
+        """The run on ``process`` has ended: ``ending`` is ``(exitCode, errorText)``, or None for a process
+        stopped by :meth:`stop` (the exit code of a kill)."""
+        client, self._client = self._client, None
+        if client is not None:
+            if ending is None:
+                ending = (process.exitCode() if process is not None else None, "")
+            client._finish(*ending)
+
+
+class ServedWorker(WorkerProcess):
+    """One run on the process a :class:`WorkerService` keeps running (the logic's default worker)."""
+
+    def __init__(self, service):
+        WorkerProcess.__init__(self)
+        self.service = service
+        self._running = False
+
+    def start(self, run):
+        self._running = True
+        self.service.submit(self, run)
+
+    def cancel(self):
+        if self._running:
+            self.service.stop()
+
+    def isRunning(self):
+        return self._running
+
+    def _finish(self, exitCode, errorText):
+        if not self._running:
+            return
+        self._running = False
+        self.finished.emit(exitCode, errorText)
+
+
 class _Cancelled(BaseException):
     """Raised inside an in-process run to stop it (a BaseException: pipelines' ``except Exception`` let it pass)."""
 
@@ -247,6 +430,7 @@ class SpineNetRun:
         self.environment = prepared["environment"]
         self.workingDirectory = prepared["workingDirectory"]
         self.workerArguments = prepared["workerArguments"]
+        self.serveArguments = prepared.get("serveArguments", [])
         self.folder = prepared["folder"]
         self.output = prepared["output"]
         self.temporary = bool(prepared.get("temporary", False))

@@ -26,6 +26,16 @@ these lines:
 
 Anything else a library prints goes to stderr.
 
+Serving mode (``python -m SpineNetLib.apps.worker --serve``): one process for
+many runs, which the Slicer module keeps running between them, so that only its
+first run pays for starting Python and importing torch (about 2 s of a 4-6 s
+bundled run on a 2-core AVX2 host; benchmarks/RESULTS.md, "The worker kept
+running").  It writes ``READY`` once torch is imported, then reads one request per
+line on stdin, a JSON list of the arguments above (what :func:`worker_arguments`
+returns), answers each with the lines above followed by ``END <exit status>``, and
+ends at the end of its input.  The networks of a request stay loaded for the next
+one that asks for the same files and settings (:class:`LoadedNetworks`).
+
 Pipeline hook: ``--pipeline MODULE:FUNCTION`` (or ``path/to/file.py:FUNCTION``)
 replaces the default :func:`run_pipeline`; tests use it to run the whole
 protocol without trained weights, and it lets an extension plug in another
@@ -41,6 +51,8 @@ and warnings when it has them), which the worker writes like any other run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import importlib.util
 import json
@@ -51,9 +63,11 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, InputError, SpineNetError, one_line
-from SpineNetLib.core.process import exit_process, run_as_process
+from SpineNetLib.core.process import exit_process, return_freed_memory, run_as_process
 
-MESSAGE_KINDS = ("PROGRESS", "WARNING", "RESULT", "ERROR")
+MESSAGE_KINDS = ("PROGRESS", "WARNING", "RESULT", "ERROR", "READY", "END")
+#: The argument that starts the serving mode (module docstring).
+SERVE_ARGUMENT = "--serve"
 
 
 # --------------------------------------------------------------------------- protocol
@@ -141,8 +155,9 @@ def read_scan(input_path, geometry_path=None, resample_isotropic: bool = True):
 
 # --------------------------------------------------------------------------- pipelines
 
-def run_pipeline(scan, options: dict, progress):
-    """The default pipeline: load the networks, then :func:`SpineNetLib.pipeline.run`.
+def run_pipeline(scan, options: dict, progress, loaded: "LoadedNetworks | None" = None):
+    """The default pipeline: load the networks (or take them from ``loaded``, a serving worker's
+    networks of an earlier request), then :func:`SpineNetLib.pipeline.run`.
 
     The discs are always measured and, with ``options["grading"]`` and a
     grading network in the weights, graded, with the evidence map of
@@ -156,15 +171,70 @@ def run_pipeline(scan, options: dict, progress):
 
     grading = bool(options.get("grading"))
     progress(0, 1, "loading networks")
-    networks = pipeline.load_networks(options.get("weights") or "bundled", options.get("device") or "auto",
-                                      trusted_sha256=set(options.get("trusted_sha256") or []) or None,
-                                      with_grading=grading, precision=options.get("precision") or "fp32",
-                                      runtime=options.get("runtime") or "torch")
+    settings = network_settings({**options, "grading": grading})
+    if loaded is None:
+        networks, load_seconds = load_networks_of(settings), None
+    else:
+        networks, reused = loaded.get(networks_key(settings), lambda: load_networks_of(settings))
+        load_seconds = 0.0 if reused else None
     head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
-                                      earlier_timings_s={"load_networks": networks.load_seconds},
+                                      earlier_timings_s={"load_networks": networks.load_seconds
+                                                         if load_seconds is None else load_seconds},
                                       profile=options.get("profile") or None)
     return pipeline.run(scan, networks, run_options, progress=progress)
+
+
+def network_settings(options: dict) -> dict:
+    """The arguments of :func:`SpineNetLib.pipeline.load_networks` for a request's ``options`` (defaults:
+    the bundled networks in float32 on torch, with the grader)."""
+    return dict(weights=options.get("weights") or "bundled", device=options.get("device") or "auto",
+                trusted_sha256=set(options.get("trusted_sha256") or []) or None,
+                with_grading=bool(options.get("grading", True)), precision=options.get("precision") or "fp32",
+                runtime=options.get("runtime") or "torch")
+
+
+def load_networks_of(settings: dict):
+    """:func:`SpineNetLib.pipeline.load_networks` with :func:`network_settings`' arguments."""
+    from SpineNetLib import pipeline
+
+    rest = {name: value for name, value in settings.items() if name not in ("weights", "device")}
+    return pipeline.load_networks(settings["weights"], settings["device"], **rest)
+
+
+def networks_key(settings: dict) -> tuple:
+    """What decides the networks :func:`SpineNetLib.pipeline.load_networks` gives for ``settings``: the
+    settings, and the path, size and time of change of every checkpoint file of the weight set (a folder
+    whose files were replaced loads them again)."""
+    from SpineNetLib.weights.resolve import resolve_weights
+
+    weight_set = resolve_weights(settings["weights"])
+    files = []
+    for kind in ("detector", "appearance", "context", "grading", "s1_outline"):
+        path = weight_set.path(kind)
+        for file in ([] if path is None else sorted(path.rglob("*")) if path.is_dir() else [path]):
+            stat = file.stat()
+            files.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+    trusted = tuple(sorted(settings.get("trusted_sha256") or ()))
+    return (tuple(files), str(settings["device"]), trusted,
+            *(settings[name] for name in ("with_grading", "precision", "runtime")))
+
+
+class LoadedNetworks:
+    """The networks a serving worker loaded for its last request, kept for the next one that asks for
+    the same (:func:`networks_key`); one set at a time, so memory stays that of one run."""
+
+    def __init__(self):
+        self._key, self._networks = None, None
+
+    def get(self, key, load):
+        """``(networks, reused)``: the kept networks when ``key`` is theirs, else ``load()``'s."""
+        if key == self._key:
+            return self._networks, True
+        self._key = self._networks = None   # the old ones go before the new ones are loaded
+        self._networks = load()
+        self._key = key
+        return self._networks, False
 
 
 def hotspot_head_option(head) -> str | None:
@@ -210,7 +280,9 @@ class _ProtocolParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _ProtocolParser(prog="python -m SpineNetLib.apps.worker",
-                                     description="SpineNet worker: runs the pipeline, reports PROGRESS/WARNING/RESULT/ERROR lines on stdout.")
+                                     description="SpineNet worker: runs the pipeline, reports PROGRESS/WARNING/RESULT/ERROR lines on stdout. "
+                                                 f"`{SERVE_ARGUMENT}` alone instead: one JSON list of these arguments per "
+                                                 "line on stdin, each answered as one run and `END <status>`.")
     parser.add_argument("--input", required=True, help="volume.npy (with --geometry) or a DICOM/NIfTI/NRRD path")
     parser.add_argument("--geometry", help="JSON with the IJK-to-RAS matrix of a .npy input")
     parser.add_argument("--output", required=True, help="folder for the result files")
@@ -275,11 +347,12 @@ def _options(args) -> dict:
     return options
 
 
-def run_request(args, protocol: LineProtocol) -> Path:
+def run_request(args, protocol: LineProtocol, loaded: LoadedNetworks | None = None) -> Path:
     """Read the scan, run the pipeline, write the files; returns the path of ``result.json``.
 
     The in-process entry point (the Slicer module's synchronous run, the
-    batch script); :func:`main` wraps it for the worker process.
+    batch script); :func:`main` and :func:`serve` wrap it for the worker process.
+    ``loaded`` keeps the default pipeline's networks between requests (:func:`serve`).
     """
     from SpineNetLib.outputs.files import write_results  # needs torch: imported here, as in run_pipeline
     from SpineNetLib.outputs.files import check_writable
@@ -292,7 +365,10 @@ def run_request(args, protocol: LineProtocol) -> Path:
     profile = processing_profile(args.profile, args.weights)
     protocol.progress(0, 1, "reading the scan")
     scan = read_scan(args.input, args.geometry, resample_isotropic=profile.slab_average_thin_slices)
-    result = pipeline(scan, options, protocol.progress)
+    if pipeline is run_pipeline and loaded is not None:
+        result = run_pipeline(scan, options, protocol.progress, loaded)
+    else:
+        result = pipeline(scan, options, protocol.progress)
     if not isinstance(result, RunResult):
         raise InputError(f"the pipeline {args.pipeline or 'run_pipeline'} returned a {type(result).__name__}, "
                          "not a SpineNetLib.pipeline.RunResult")
@@ -302,13 +378,13 @@ def run_request(args, protocol: LineProtocol) -> Path:
     return written[-1].resolve()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    protocol = LineProtocol(sys.stdout)
-    # Only protocol lines on stdout: whatever the libraries print goes to stderr.
-    sys.stdout = sys.stderr
+def answer_request(args, protocol: LineProtocol, loaded: LoadedNetworks | None = None,
+                   debug: bool = False) -> int:
+    """Run one request and report how it ended on ``protocol`` (``RESULT`` or one ``ERROR`` line); returns
+    the exit status.  Only protocol lines reach ``protocol``: what the libraries print goes to stderr."""
+    stdout, sys.stdout = sys.stdout, sys.stderr
     try:
-        manifest = run_request(args, protocol)
+        manifest = run_request(args, protocol, loaded)
     except SpineNetError as error:
         protocol.send("ERROR", str(error))
         return EXIT_USAGE
@@ -317,15 +393,71 @@ def main(argv: list[str] | None = None) -> int:
         protocol.send("ERROR", f"cannot access{target}: {error.strerror or error}")
         return EXIT_USAGE
     except Exception as error:  # a bug: one line, unless --debug
-        if args.debug:
+        if debug:
             raise
         protocol.send("ERROR", f"internal error: {type(error).__name__}: {error}")
         return EXIT_INTERNAL
     finally:
-        sys.stdout = protocol.stream
+        sys.stdout = stdout
     protocol.stream.write(f"RESULT {manifest}\n")  # the path as is, spaces included
     protocol.stream.flush()
     return EXIT_OK
+
+
+def serve(requests, protocol: LineProtocol) -> int:
+    """The serving mode (module docstring): answer each line of ``requests`` (a JSON list of worker
+    arguments) as one run, then ``END <status>``; returns 0 at the end of the input.  A bad request is
+    answered with an ``ERROR`` line and status 2, and the next one is read."""
+    # Before the first request, not in it: torch and the modules a run imports on first use, and the
+    # networks the Slicer panel asks for by default.
+    import PIL.Image  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+
+    from SpineNetLib import pipeline  # noqa: F401
+    from SpineNetLib.outputs import files, preview  # noqa: F401
+
+    loaded = LoadedNetworks()
+    defaults = network_settings({})
+    try:
+        loaded.get(networks_key(defaults), lambda: load_networks_of(defaults))
+    except SpineNetError:   # e.g. an installation without bundled weights: the requests will say so
+        pass
+    gc.freeze()   # what the imports made is never garbage: the collections after each run skip it
+    protocol.send("READY", "")
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            arguments = json.loads(line)
+            if not (isinstance(arguments, list) and all(isinstance(a, str) for a in arguments)):
+                raise ValueError("not a list of strings")
+        except ValueError as error:
+            protocol.send("ERROR", f"a request must be a JSON list of worker arguments ({one_line(error)})")
+            protocol.send("END", str(EXIT_USAGE))
+            continue
+        try:
+            with contextlib.redirect_stdout(protocol.stream):   # a usage error is an ERROR line
+                args = build_parser().parse_args(arguments)
+        except SystemExit as stop:
+            protocol.send("END", str(stop.code if isinstance(stop.code, int) else EXIT_USAGE))
+            continue
+        protocol.send("END", str(answer_request(args, protocol, loaded)))
+        gc.collect()   # after END, while the caller shows the results: the run's garbage and the memory
+        return_freed_memory()   # malloc kept for reuse go, so that a waiting worker holds little
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == [SERVE_ARGUMENT]:
+        protocol = LineProtocol(sys.stdout)
+        sys.stdout = sys.stderr
+        try:
+            return serve(sys.stdin, protocol)
+        finally:
+            sys.stdout = protocol.stream
+    args = build_parser().parse_args(argv)
+    return answer_request(args, LineProtocol(sys.stdout), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,18 @@ def keep_freed_memory_for_reuse() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_HEAP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_HEAP_BYTES))
 
 
+def return_freed_memory() -> bool:
+    """Give the memory this process's glibc malloc keeps freed back to the system (``malloc_trim``);
+    False, changing nothing, where the C library is not glibc.  For a process that waits between runs
+    (the served worker, ``apps/worker.py``): what it kept for the next layer's output is the idle
+    process's memory otherwise."""
+    if not _is_glibc():
+        return False
+    import ctypes
+
+    return bool(ctypes.CDLL(None).malloc_trim(0))
+
+
 def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` for a child process started with it, whose glibc malloc then keeps freed memory for
     reuse as :func:`keep_freed_memory_for_reuse` does; unchanged where this process's user set glibc's

@@ -20,6 +20,7 @@ displayable managers in an offscreen VTK window (``benchmarks/render_slicer_scre
 
 from __future__ import annotations
 
+import json
 import functools
 import importlib.util
 import os
@@ -171,7 +172,8 @@ class FakeProcess:
         self.finished = FakeSignal()
         self.errorOccurred = FakeSignal()
         self.program, self.arguments, self.directory, self.environment = None, [], None, None
-        self.started = self.killed = False
+        self.started = self.killed = self.inputClosed = False
+        self.requests = []
         self._stdout, self._stderr, self._code = b"", b"", 0
         FakeProcess.instances.append(self)
 
@@ -189,6 +191,22 @@ class FakeProcess:
 
     def start(self):
         self.started = True
+
+    def write(self, data):
+        """A request to a served worker (one JSON list of worker arguments per line)."""
+        text = bytes(data.data() if hasattr(data, "data") else data).decode("utf-8")
+        self.requests += [json.loads(line) for line in text.splitlines() if line.strip()]
+        return len(text)
+
+    def closeWriteChannel(self):
+        self.inputClosed = True
+
+    @property
+    def workerArguments(self):
+        """The worker arguments of the last run: its request to a served worker, else the command line's."""
+        if self.requests:
+            return self.requests[-1]
+        return self.arguments[self.arguments.index("SpineNetLib.apps.worker") + 1:]
 
     def kill(self):
         self.killed = True

@@ -181,10 +181,10 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     widget.ui.deviceComboBox.setCurrentIndex(1)        # cpu
     widget.ui.applyButton.click()
     process = standins.FakeProcess.instances[-1]
-    assert process.started and widget.logic.worker.process is process and widget.logic.isRunning()
+    assert process.started and widget.logic.workerService.process is process and widget.logic.isRunning()
     assert process.program == module.SpineNetLogic.pythonExecutable()
-    args = process.arguments
-    assert args[:2] == ["-m", "SpineNetLib.apps.worker"]
+    assert process.arguments == ["-m", "SpineNetLib.apps.worker", "--serve"]   # kept running between runs
+    args = process.requests[-1]
     for flag, value in (("--weights", "bundled"), ("--device", "cpu")):
         assert args[args.index(flag) + 1] == value
     assert "--grading" in args and "--hotspot-head" not in args     # hotspots are opt-in
@@ -315,6 +315,74 @@ def test_worker_error_and_crash_are_reported(panel):
     assert widget.ui.statusLabel.text().startswith("Could not start the SpineNet worker (")
 
 
+def test_runs_share_one_worker_process_until_it_ends(panel, tmp_path, monkeypatch):
+    """The worker process stays running between runs (only the first pays for torch's import); a
+    cancelled run or a crash ends it, and the next run starts another; idle, its input is closed."""
+    module, widget, scene, volume, vertebrae = panel
+    _select(widget, volume)
+    service = widget.logic.workerService
+    # shown, the module starts the process before any run (when the packages are there)
+    monkeypatch.setattr(widget.logic, "missingPackages", lambda: [])
+    widget.enter()
+    warm = standins.FakeProcess.instances[-1]
+    assert warm.started and warm.requests == [] and service.isAlive()
+    widget.ui.applyButton.click()
+    assert standins.FakeProcess.instances[-1] is warm and len(warm.requests) == 1
+    warm.feed("READY \nPROGRESS 1 2 detecting vertebrae\n")
+    assert widget.ui.progressBar.value() == 1
+    warm.feed(f"RESULT {_write_result(tmp_path / 'a', vertebrae)}\nEND 0\n")
+    assert widget.logic.lastRun.status == "done" and not warm.killed and service.isAlive()
+    assert widget.ui.statusLabel.text().startswith("7 vertebrae (T12..S1)")
+
+    widget.ui.applyButton.click()                         # the same process, a second request
+    assert standins.FakeProcess.instances[-1] is warm and len(warm.requests) == 2
+    warm.feed("ERROR the scan is axial\nEND 2\n")
+    assert widget.ui.statusLabel.text() == "Error: the scan is axial" and service.isAlive()
+
+    widget.ui.applyButton.click()
+    widget.ui.cancelButton.click()                        # Cancel kills it at once ...
+    assert warm.killed and widget.logic.lastRun.status == "cancelled" and not service.isAlive()
+    widget.ui.applyButton.click()                         # ... and the next run starts another
+    second = standins.FakeProcess.instances[-1]
+    assert second is not warm and second.workerArguments == second.requests[0]
+    second.finish(1, stderr="Segmentation fault")         # a crash ends the run and the process
+    assert widget.ui.statusLabel.text() == "The SpineNet worker stopped (exit code 1) without a result: Segmentation fault"
+    assert not service.isAlive() and widget.ui.applyButton.isEnabled()
+
+    # idle: its input is closed (it ends by itself), and no run is touched
+    service.idleSeconds = 0
+    widget.ui.applyButton.click()
+    third = standins.FakeProcess.instances[-1]
+    third.feed(f"RESULT {_write_result(tmp_path / 'b', vertebrae)}\nEND 0\n")
+    assert widget.logic.lastRun.status == "done" and not third.inputClosed
+    deadline = time.monotonic() + 10
+    while not third.inputClosed and time.monotonic() < deadline:
+        QtCore.QCoreApplication.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 20)
+    assert third.inputClosed and not third.killed
+    third.finish(0)
+    assert not service.isAlive() and widget.logic.lastRun.status == "done"
+
+    # the module closed: the process goes with it
+    widget.enter()
+    fourth = standins.FakeProcess.instances[-1]
+    assert fourth is not third and service.isAlive()
+    widget.cleanup()
+    assert fourth.killed and not service.isAlive()
+
+
+def test_a_worker_of_the_callers_own_is_not_warmed_up(monkeypatch):
+    """Scripts and tests that inject their own worker start no process of the module's."""
+    module, scene, volume = standins.module_on_new_scene(monkeypatch, np.zeros((3, 8, 8), np.int16), np.eye(4))
+    monkeypatch.setattr(module.SpineNetLogic, "missingPackages", lambda self: [])
+    assert module.SpineNetLogic(workerFactory=module.QProcessWorker).warmUpWorker() is False
+    assert standins.FakeProcess.instances == []
+    logic = module.SpineNetLogic()
+    assert logic.warmUpWorker() is True and standins.FakeProcess.instances[-1].arguments[-1] == "--serve"
+    logic.cleanup()
+    monkeypatch.setattr(module.SpineNetLogic, "missingPackages", lambda self: ["torch>=2.1"])
+    assert module.SpineNetLogic().warmUpWorker() is False     # nothing to run it with yet
+
+
 def test_options_reach_the_worker(panel):
     module, widget, scene, volume, _ = panel
     _select(widget, volume)
@@ -327,7 +395,7 @@ def test_options_reach_the_worker(panel):
     widget.ui.gradingCheckBox.setChecked(False)
     assert not widget.ui.hotspotHeadComboBox.isEnabled()
     widget.ui.applyButton.click()
-    args = standins.FakeProcess.instances[-1].arguments
+    args = standins.FakeProcess.instances[-1].workerArguments
     assert args[args.index("--weights") + 1] == "/data/my weights" and "--no-grading" in args
 
 
@@ -339,12 +407,12 @@ def test_hotspots_are_opt_in_and_a_chosen_head_reaches_the_worker(panel):
     assert "<string>none</string>" in standins.UI_FILE.read_text(encoding="utf-8")    # the .ui's default too
     _select(widget, volume)
     widget.ui.applyButton.click()
-    assert "--hotspot-head" not in standins.FakeProcess.instances[-1].arguments
+    assert "--hotspot-head" not in standins.FakeProcess.instances[-1].workerArguments
     widget.ui.cancelButton.click()
     combo.setCurrentText("Herniation")
     assert widget.settings()["hotspot_head"] == "Herniation"
     widget.ui.applyButton.click()
-    args = standins.FakeProcess.instances[-1].arguments
+    args = standins.FakeProcess.instances[-1].workerArguments
     assert args[args.index("--hotspot-head") + 1] == "Herniation"
     widget.ui.cancelButton.click()
 
@@ -766,6 +834,18 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     np.testing.assert_allclose(curve.GetNthControlPointPositionVector(0),
                                documents.mid_polygon(vertebrae["vertebrae"][2])["corners_ras"][0], atol=1e-6)
 
+    # the process stays running, and the next run is its second request
+    service = widget.logic.workerService
+    process = service.process
+    assert service.isAlive() and process.processId() > 0
+    widget.ui.applyButton.click()
+    deadline = time.monotonic() + 120
+    while widget.logic.isRunning() and time.monotonic() < deadline:
+        QtCore.QCoreApplication.processEvents(QtCore.QEventLoop.ProcessEventsFlag.AllEvents, 50)
+        time.sleep(0.01)
+    assert widget.logic.lastRun.status == "done", widget.ui.statusLabel.text()
+    assert service.process is process and service.isAlive()
+
     # a worker that cannot start does not leave the panel waiting
     monkeypatch.setattr(widget.logic, "pythonExecutable", lambda: str(tmp_path / "no-such-python"))
     widget.ui.applyButton.click()
@@ -775,6 +855,8 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
     assert not widget.logic.isRunning()
     assert widget.ui.statusLabel.text().startswith("Could not start the SpineNet worker (")
     assert widget.ui.applyButton.isEnabled()
+    assert process.waitForFinished(10000) and process.exitStatus() == QtCore.QProcess.ExitStatus.CrashExit  # killed
+    widget.cleanup()
     parent.close()
 
 
@@ -788,7 +870,7 @@ def test_the_arithmetic_choice_reaches_the_worker(panel):
     widget.ui.arithmeticComboBox.setCurrentText("bfloat16 on OpenVINO")
     widget.ui.applyButton.click()
     process = standins.FakeProcess.instances[-1]
-    args = process.arguments
+    args = process.workerArguments
     assert args[args.index("--precision") + 1] == "bf16" and args[args.index("--runtime") + 1] == "openvino"
     widget.ui.cancelButton.click()
     assert process.killed and not widget.logic.isRunning()

@@ -8,6 +8,7 @@ point where it needs weights (a clear one-line error).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from SpineNetLib.outputs import documents
 from SpineNetLib.apps import worker
 from SpineNetLib.synthetic.phantom import make_phantom
+from SpineNetLib.training.datasets import default_data_root
 
 REPO = Path(__file__).resolve().parents[2]
 from slicer_fake_pipeline import PIPELINE_SPEC as FAKE  # noqa: E402
@@ -224,6 +226,105 @@ def test_worker_can_be_killed(inputs, tmp_path):
         proc.stdout.close()
     assert proc.returncode != 0
     assert not (out / "result.json").exists()
+
+
+# --------------------------------------------------------------------------- serving mode
+
+@contextlib.contextmanager
+def _served():
+    """A served worker that has said READY; at the end its input is closed, and it must end with status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", worker.SERVE_ARGUMENT], cwd=REPO,
+                            env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, bufsize=1)
+    try:
+        assert proc.stdout.readline() == "READY \n"
+        yield proc
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
+def _ask(proc, request):
+    """Send one request line; the answer's lines up to and with END."""
+    proc.stdin.write((request if isinstance(request, str) else json.dumps(request)) + "\n")
+    proc.stdin.flush()
+    lines = []
+    while not lines or not lines[-1].startswith("END"):
+        line = proc.stdout.readline()
+        assert line, f"the served worker ended: {lines}"
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
+def _without_timings(folder):
+    doc = json.loads((folder / "vertebrae.json").read_text())
+    doc.pop("timings_s")
+    return json.dumps(doc).replace(str(folder), "<out>")
+
+
+def test_served_worker_answers_runs_one_after_another(inputs, tmp_path):
+    """One process, many runs: each answered as the worker process answers it, then END <status>; bad
+    requests and failed runs are answered too, and the process goes on until its input ends."""
+    with _served() as proc:
+        fake = ["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--pipeline", FAKE,
+                "--option", f"vertebrae={inputs['doc']}"]
+        first = _ask(proc, fake + ["--output", str(tmp_path / "a")])
+        assert [worker.parse_line(line).kind for line in first] == ["PROGRESS"] * 4 + ["WARNING", "RESULT", "END"], first
+        assert first[-1] == "END 0" and Path(first[-2][len("RESULT "):]) == (tmp_path / "a" / "result.json").resolve()
+        assert _ask(proc, "not json") == [
+            "ERROR a request must be a JSON list of worker arguments (Expecting value: line 1 column 1 (char 0))",
+            "END 2"]
+        assert _ask(proc, '{"input": "x"}')[-1] == "END 2"
+        assert _ask(proc, ["--output", str(tmp_path)]) == [
+            "ERROR the following arguments are required: --input", "END 2"]
+        failed = _ask(proc, fake + ["--output", str(tmp_path / "b"), "--option", "fail=the scan is axial"])
+        assert failed[-2:] == ["ERROR the scan is axial", "END 2"] and not (tmp_path / "b" / "result.json").exists()
+        again = _ask(proc, fake + ["--output", str(tmp_path / "c")])
+        assert again[-1] == "END 0" and _without_timings(tmp_path / "c") == _without_timings(tmp_path / "a")
+
+
+REAL_SCAN = default_data_root() / "myosegmentum" / "myo_01" / "image.nii.gz"
+
+
+@pytest.mark.skipif(not REAL_SCAN.is_file(), reason="../shared/data (real MRI) is not present")
+def test_served_worker_keeps_the_bundled_networks_and_gives_the_same_results(tmp_path):
+    """A real scan twice through one served worker (the Slicer module's default), with the bundled
+    networks: the results of a worker process of its own, byte for byte but the timings; the second run
+    loads no networks (they stay loaded from the first, or from the start)."""
+    alone = _worker(["--input", str(REAL_SCAN), "--output", str(tmp_path / "alone"), "--no-preview"], timeout=300)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    with _served() as proc:
+        for name in ("first", "second"):
+            answer = _ask(proc, ["--input", str(REAL_SCAN), "--output", str(tmp_path / name), "--no-preview"])
+            assert answer[-1] == "END 0", answer
+            assert _without_timings(tmp_path / name) == _without_timings(tmp_path / "alone")
+            assert (tmp_path / name / "discs.csv").read_bytes() == (tmp_path / "alone" / "discs.csv").read_bytes()
+            timings = json.loads((tmp_path / name / "vertebrae.json").read_text())["timings_s"]
+            assert timings["load_networks"] == 0.0   # loaded before READY, as the panel asks by default
+
+
+def test_served_networks_are_loaded_again_when_their_files_or_settings_change(tmp_path):
+    """The networks kept by a served worker are those of the same files and settings only."""
+    import shutil
+
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    folder = tmp_path / "weights"
+    shutil.copytree(BUNDLED_DIR, folder)
+    settings = worker.network_settings({"weights": str(folder)})
+    key = worker.networks_key(settings)
+    assert worker.networks_key(dict(settings)) == key
+    assert worker.networks_key({**settings, "precision": "bf16"}) != key
+    assert worker.networks_key({**settings, "with_grading": False}) != key
+    loaded, loads = worker.LoadedNetworks(), []
+    assert loaded.get(key, lambda: loads.append(1) or "A") == ("A", False)
+    assert loaded.get(key, lambda: loads.append(1) or "B") == ("A", True) and loads == [1]
+    os.utime(folder / "context.pt", ns=(1, 1))             # a checkpoint replaced in the folder
+    changed = worker.networks_key(settings)
+    assert changed != key and loaded.get(changed, lambda: "C") == ("C", False)
 
 
 # --------------------------------------------------------------------------- batch
