@@ -412,6 +412,7 @@ def serve(requests, protocol: LineProtocol) -> int:
     # networks the Slicer panel asks for by default.
     import PIL.Image  # noqa: F401
     import scipy.ndimage  # noqa: F401
+    import torch
 
     from SpineNetLib import pipeline  # noqa: F401
     from SpineNetLib.outputs import files, preview  # noqa: F401
@@ -420,7 +421,7 @@ def serve(requests, protocol: LineProtocol) -> int:
     defaults = network_settings({})
     try:
         loaded.get(networks_key(defaults), lambda: load_networks_of(defaults))
-    except SpineNetError:   # e.g. an installation without bundled weights: the requests will say so
+    except (SpineNetError, OSError):   # e.g. no bundled weights in this installation: the requests will say so
         pass
     gc.freeze()   # what the imports made is never garbage: the collections after each run skip it
     protocol.send("READY", "")
@@ -442,8 +443,12 @@ def serve(requests, protocol: LineProtocol) -> int:
             protocol.send("END", str(stop.code if isinstance(stop.code, int) else EXIT_USAGE))
             continue
         protocol.send("END", str(answer_request(args, protocol, loaded)))
-        gc.collect()   # after END, while the caller shows the results: the run's garbage and the memory
-        return_freed_memory()   # malloc kept for reuse go, so that a waiting worker holds little
+        # After END, while the caller shows the results: the run's garbage, the memory malloc kept for
+        # reuse and torch's cached GPU blocks go, so that a waiting worker holds little.
+        gc.collect()
+        return_freed_memory()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
     return EXIT_OK
 
 
