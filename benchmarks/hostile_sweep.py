@@ -1,7 +1,7 @@
 """Hostile inputs, faults and DICOM header mutants through `spinenet run` (issue 12): figures, not a test.
 
     python benchmarks/hostile_sweep.py [--mutants 257] [--seed 0] [--keep DIR] [--only CATEGORY[,CATEGORY]]
-                                       [--timeout 120] [--max-seconds 30] [--memory-gb 4] [--list]
+                                       [--timeout 120] [--max-seconds 30] [--memory-gb 4] [--list] [--served]
 
 Every case is built (``benchmarks/hostile_cases.py``) in a temporary folder from a small synthetic
 lumbar phantom (192 x 160 pixels of 1.6 mm, 5 sagittal slices: a run that gets through to the
@@ -25,6 +25,17 @@ spacings and sizes, decompression bombs, MetaImage data files), voxels (NaN/Inf,
 why), dicom (broken series), permissions (unreadable inputs, unwritable outputs, a full disk),
 options (bad command-line values, weights that must not be trusted), valid (full default runs)
 and mutants (seeded random corruptions of the phantom's DICOM headers).
+
+``--served`` sends the same inputs instead, one request each, to one worker process kept running as
+the Slicer module keeps it (``python -m SpineNetLib.apps.worker --serve``, under the same limits):
+the cases that need command-line options, an environment or a file-size limit of their own are left
+out.  A case then FAILS when its answer does not end with ``END 0`` or ``END 2`` (the process must
+live on: one that died is started again and the case counts as failed), an ``END 2`` does not follow
+exactly one ``ERROR`` line, a traceback or numpy repr appears in a line, the expectations above do not
+hold (a refused input answered 0, a warning missing, a valid input refused, 0 vertebrae without
+saying why), the output folder is left partial or changed, or the run is slower than
+``--max-seconds``.  Last, the phantom is run again in that process and must give the result a fresh
+process gives it: no failed run may leave state behind.
 """
 
 from __future__ import annotations
@@ -177,6 +188,127 @@ def _output_problems(status: int, out: Path, before: dict | None) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- the served worker
+
+class ServedWorker:
+    """One ``apps.worker --serve`` process under the sweep's limits, started again when it died."""
+
+    def __init__(self, work: Path, settings):
+        self.work, self.settings, self.process, self.starts = work, settings, None, 0
+
+    def start(self):
+        import subprocess
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SPINENET_CACHE": str(self.work / "empty_cache")}
+        self.process = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", "--serve"], cwd=ROOT,
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=open(self.work / "served.err", "ab"), text=True, bufsize=1,
+                                        preexec_fn=_limits(self.settings.memory_gb << 30, None),
+                                        start_new_session=True)
+        self.starts += 1
+        ready = self.process.stdout.readline()
+        if not ready.startswith("READY"):
+            raise InputError(f"the served worker did not start: {ready.strip() or 'no output'}")
+
+    def ask(self, arguments: list[str]) -> tuple[list[str], float]:
+        """The answer's lines (the last one END, unless the process died) and its seconds."""
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        start = time.perf_counter()
+        lines = []
+        try:
+            self.process.stdin.write(json.dumps(arguments) + "\n")
+            self.process.stdin.flush()
+            while not lines or not lines[-1].startswith("END"):
+                line = self.process.stdout.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip("\n"))
+        except BrokenPipeError:
+            pass
+        return lines, time.perf_counter() - start
+
+    def peak_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status")
+        for line in (status.read_text().splitlines() if status.is_file() else []):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+def servable(case: Case) -> bool:
+    """A case the served worker can answer: the input (and output) only, no options, environment or limits."""
+    return not case.options and not case.env and case.file_size_limit is None
+
+
+def run_served_case(case: Case, index: int, work: Path, served: ServedWorker, settings) -> Outcome:
+    out = case.output or work / "out" / f"c{index:04d}"
+    before = _snapshot(out)
+    lines, seconds = served.ask(["--input", case.input, "--output", str(out)])
+    status = int(lines[-1].split()[1]) if lines and lines[-1].startswith("END ") else 137
+    failures = judge_served(case, status, lines, seconds, out, before, settings)
+    return Outcome(case, status, seconds, served.peak_mb(), [ln for ln in lines if not ln.startswith("PROGRESS")],
+                   failures)
+
+
+def judge_served(case: Case, status: int, lines: list[str], seconds: float, out: Path, before: dict | None,
+                 settings) -> list[str]:
+    """Why a served case failed (empty: it passed)."""
+    failures = []
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    warnings = [ln for ln in lines if ln.startswith("WARNING")]
+    if status not in (0, 2):
+        failures.append("no END: the process died" if status == 137 else f"END {status}")
+    if status == 2 and len(errors) != 1:
+        failures.append(f"{len(errors)} ERROR lines on END 2")
+    if status == 0 and errors:
+        failures.append("an ERROR line on END 0")
+    if any("Traceback" in ln or re.search(r"np\.(float|int)\d*\(", ln) for ln in lines):
+        failures.append("traceback or numpy repr in a line")
+    if case.expect == REFUSE and status == 0:
+        failures.append("accepted (END 0) where it must be refused")
+    if case.expect == WARN and status == 0 and not any(case.warning in ln for ln in warnings):
+        failures.append(f"END 0 without a warning{f' saying {case.warning!r}' if case.warning else ''}")
+    if status == 0 and _found_nothing(out) and not any("no vertebra" in ln for ln in warnings):
+        failures.append("0 vertebrae without a warning saying why")
+    if case.expect == OK and status != 0:
+        failures.append("a valid input was not processed")
+    if seconds > settings.max_seconds:
+        failures.append(f"took {seconds:.0f} s")
+    failures += _output_problems(status, out, before)
+    if case.check is not None and (problem := case.check()):
+        failures.append(problem)
+    return failures
+
+
+def served_state_check(base: Base, work: Path, served: ServedWorker) -> list[str]:
+    """The phantom through the served worker after every case, against a fresh worker process: the same
+    vertebrae (timings aside), or why not."""
+    import subprocess
+
+    nii = str(base.files[".nii.gz"])
+    lines, _ = served.ask(["--input", nii, "--output", str(work / "state_served")])
+    fresh = subprocess.run([sys.executable, "-m", "SpineNetLib.apps.worker", "--input", nii, "--output",
+                            str(work / "state_fresh")], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not lines or lines[-1] != "END 0" or fresh.returncode != 0:
+        return [f"the phantom failed: served {lines[-1:]}, fresh exit {fresh.returncode}"]
+
+    def vertebrae(folder):
+        doc = json.loads((folder / "vertebrae.json").read_text())
+        doc.pop("timings_s", None)
+        return json.dumps(doc).replace(str(folder), "<out>")
+
+    if vertebrae(work / "state_served") != vertebrae(work / "state_fresh"):
+        return ["the served worker's phantom result differs from a fresh process's"]
+    return []
+
+
 # --------------------------------------------------------------------------- report
 
 def print_report(outcomes: list[Outcome], seconds: float) -> int:
@@ -211,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=at_least(1), default=4,
                         help="address-space limit of a run, GiB (default 4)")
     parser.add_argument("--list", action="store_true", help="list the cases, run none")
+    parser.add_argument("--served", action="store_true",
+                        help="send the inputs to one served worker, as the Slicer module does (module docstring)")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(CATEGORIES)
     if only - set(CATEGORIES):
@@ -222,20 +356,30 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     start = time.perf_counter()
     try:
-        cases = build_cases(Base(work), work, only, args.mutants, args.seed)
+        base = Base(work)
+        cases = build_cases(base, work, only, args.mutants, args.seed)
+        if args.served:
+            cases = [case for case in cases if servable(case)]
         print(f"{len(cases)} cases built in {time.perf_counter() - start:.0f} s under {work}", flush=True)
         if args.list:
             for case in cases:
                 print(f"[{case.category}] {case.name} ({case.expect})")
             return 0
         outcomes = []
+        served = ServedWorker(work, args) if args.served else None
         for i, case in enumerate(cases):
-            outcome = run_case(case, i, work, args)
+            outcome = run_served_case(case, i, work, served, args) if served else run_case(case, i, work, args)
             outcomes.append(outcome)
             mark = "FAIL " + "; ".join(outcome.failures) if outcome.failures else "ok"
             print(f"{i + 1:>4}/{len(cases)} [{case.category}] {case.name[:90]}: exit {outcome.status}, "
                   f"{outcome.seconds:.1f} s, {outcome.peak_mb:.0f} MB: {mark}", flush=True)
-        return print_report(outcomes, time.perf_counter() - start)
+        if served is None:
+            return print_report(outcomes, time.perf_counter() - start)
+        state = served_state_check(base, work, served)
+        served.close()
+        print(f"served worker: started {served.starts} time(s); after every case the phantom "
+              + ("; ".join(state) if state else "gives a fresh process's result"))
+        return max(print_report(outcomes, time.perf_counter() - start), 1 if state else 0)
     finally:
         if not args.keep:
             for _ in range(3):      # the permission cases took access away: give it back, level by level
