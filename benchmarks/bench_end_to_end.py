@@ -17,9 +17,10 @@ result file and the preview.
 
 ``--served`` times what the Slicer module's panel waits for: one worker process kept running
 (``python -m SpineNetLib.apps.worker --serve``, started once, as the module starts it when it is shown;
-the seconds until it is ready are printed), each run a request to it, timed from the request to its
-``END`` line (reading the scan, the pipeline with grading, every result file and the preview).  The
-panel hands the worker the volume as ``.npy``; here it reads the ``.nii.gz``, a little slower.
+the seconds until it is ready are printed), each run a request to it as the panel makes it, timed
+from the request to its ``END`` line (reading the scan, the pipeline with grading, every result file;
+no preview, which the panel does not draw in its temporary folders).  The panel hands the worker the
+volume as ``.npy``; here it reads the ``.nii.gz``, a little slower.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ class ServedWorker:
     def __call__(self, image: Path, out: Path, args) -> tuple[float, float]:
         """(wall seconds from the request to its END line, peak resident MB of the worker so far)."""
         start = time.perf_counter()
-        self.process.stdin.write(json.dumps(["--input", str(image), "--output", str(out), "--weights", self.weights])
-                                 + "\n")
+        self.process.stdin.write(json.dumps(["--input", str(image), "--output", str(out), "--weights", self.weights,
+                                             "--no-preview"]) + "\n")
         self.process.stdin.flush()
         lines = []
         while not lines or not lines[-1].startswith("END"):

@@ -189,6 +189,7 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
         assert args[args.index(flag) + 1] == value
     assert "--grading" in args and "--hotspot-head" not in args     # hotspots are opt-in
     assert "--precision" not in args and "--runtime" not in args    # float32 on torch unless chosen
+    assert "--no-preview" in args                                   # nobody would see it in a temporary folder
     assert process.directory == module.LIBRARY_PARENT
     # the volume went to the worker unchanged
     npy, geometry = args[args.index("--input") + 1], args[args.index("--geometry") + 1]
