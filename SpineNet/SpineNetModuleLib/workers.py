@@ -2,10 +2,10 @@
 
 * :class:`ServedWorker`, the default, hands each run to one worker process
   that a :class:`WorkerService` keeps running between runs
-  (``PythonSlicer -m SpineNetLib.apps.worker --serve`` with ``qt.QProcess``): the
-  GUI stays responsive, and only the first run pays for starting Python and
-  importing torch (about 2 s on a 2-core CPU); Cancel kills the process, and the
-  next run starts another;
+  (``PythonSlicer -m SpineNetLib.apps.worker --serve`` with ``qt.QProcess``, started
+  when the module is shown): the GUI stays responsive, and no run waits for Python
+  to start, torch to be imported and the networks to be loaded (3-4 s of a bundled
+  run on a 2-core AVX2 CPU); Cancel kills the process, and the next run starts another;
 * :class:`QProcessWorker` runs ``PythonSlicer -m SpineNetLib.apps.worker`` as a
   process of its own for each run (``SpineNetLogic(workerFactory=QProcessWorker)``);
 * :class:`InProcessWorker` calls the same entry point,

@@ -27,10 +27,10 @@ these lines:
 Anything else a library prints goes to stderr.
 
 Serving mode (``python -m SpineNetLib.apps.worker --serve``): one process for
-many runs, which the Slicer module keeps running between them, so that only its
-first run pays for starting Python and importing torch (about 2 s of a 4-6 s
-bundled run on a 2-core AVX2 host; benchmarks/RESULTS.md, "The worker kept
-running").  It writes ``READY`` once torch is imported, then reads one request per
+many runs, which the Slicer module keeps running between them, so that no run
+pays for starting Python, importing torch and loading the networks again (about
+half of a bundled run's 5-8 s as a process of its own on a 2-core AVX2 host;
+benchmarks/RESULTS.md, "The worker kept running").  It writes ``READY`` once torch is imported, then reads one request per
 line on stdin, a JSON list of the arguments above (what :func:`worker_arguments`
 returns), answers each with the lines above followed by ``END <exit status>``, and
 ends at the end of its input.  The networks of a request stay loaded for the next
