@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
-import json
 import os
 import resource
 import statistics
@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from script_errors import InputError, at_least
+from served_worker import ServedWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ("chu/chu_02", "myosegmentum/myo_01", "zukic/zukic_15_S01_T2", "ivd/ivd_20")
@@ -74,47 +75,13 @@ def one_call_in_process(image: Path, out: Path, args) -> tuple[float, float]:
     return wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class ServedWorker:
-    """The worker process kept running, as the Slicer module keeps it (``--served``)."""
-
-    def __init__(self, args):
-        start = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", "--serve"], cwd=ROOT,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        text=True, bufsize=1, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        line = self.process.stdout.readline()
-        if not line.startswith("READY"):
-            raise SystemExit(f"the served worker did not start: {line.strip() or 'no output'}")
-        self.ready_seconds = time.perf_counter() - start
-        self.weights = args.weights
-
-    def __call__(self, image: Path, out: Path, args) -> tuple[float, float]:
-        """(wall seconds from the request to its END line, peak resident MB of the worker so far)."""
-        start = time.perf_counter()
-        self.process.stdin.write(json.dumps(["--input", str(image), "--output", str(out), "--weights", self.weights,
-                                             "--no-preview"]) + "\n")
-        self.process.stdin.flush()
-        lines = []
-        while not lines or not lines[-1].startswith("END"):
-            line = self.process.stdout.readline()
-            if not line:
-                raise SystemExit(f"{image}: the served worker ended: {lines[-1:]}")
-            lines.append(line.strip())
-        wall = time.perf_counter() - start
-        if lines[-1] != "END 0":
-            raise SystemExit(f"{image}: the run failed: {[l for l in lines if l.startswith('ERROR')]}")
-        return wall, self.peak_mb()
-
-    def peak_mb(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status")
-        for line in (status.read_text().splitlines() if status.is_file() else []):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+def one_served_request(served: ServedWorker, image: Path, out: Path, args) -> tuple[float, float]:
+    """(wall seconds from the request to its END line, peak resident MB of the served worker so far)."""
+    lines, wall = served.ask(["--input", str(image), "--output", str(out), "--weights", args.weights, "--no-preview"])
+    if not lines or lines[-1] != "END 0":
+        errors = [line for line in lines if line.startswith("ERROR")] or ["the served worker ended"]
+        raise SystemExit(f"{image}: the run failed: {errors}")
+    return wall, served.peak_mb()
 
 
 def main() -> int:
@@ -138,9 +105,12 @@ def main() -> int:
     if not any(image.is_file() for image in images.values()):
         raise InputError(f"no case found: none of {', '.join(str(i) for i in images.values())} exists "
                          f"(a case is a folder under {data} with its source, e.g. chu/chu_02)")
+    served = None
     if args.served:
-        run = ServedWorker(args)
-        where = f"requests to the served worker (ready {run.ready_seconds:.2f} s after its start)"
+        served = ServedWorker(env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        served.start()
+        run = functools.partial(one_served_request, served)
+        where = f"requests to the served worker (ready {served.ready_seconds:.2f} s after its start)"
     else:
         run = one_call_in_process if args.in_process else one_run
         where = "called in one process" if args.in_process else "a fresh process each"
@@ -156,8 +126,8 @@ def main() -> int:
             walls = [w for w, _ in runs]
             print(f"  {case:28} {statistics.median(walls):5.2f} s (slowest {max(walls):5.2f} s)   "
                   f"peak so far {max(p for _, p in runs):6.0f} MB")
-    if args.served:
-        run.close()
+    if served is not None:
+        served.close()
     return 0
 
 

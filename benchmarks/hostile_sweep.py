@@ -56,6 +56,7 @@ from pathlib import Path
 
 from hostile_cases import CATEGORIES, OK, REFUSE, RESULT_SET, ROOT, WARN, Base, Case, build_cases
 from script_errors import InputError, at_least
+from served_worker import ServedWorker
 
 PROGRESS_LINE = re.compile(r"^[A-Za-z][^:]*: \d+/\d+$")
 
@@ -145,23 +146,31 @@ def judge(case: Case, status: int, err: list[str], seconds: float, peak_mb: floa
     stray = [ln for ln in lines if not ln.startswith(("spinenet: warning:", "spinenet: error:", "spinenet run: error:"))]
     if stray and status in (0, 2):
         failures.append(f"stray stderr line: {stray[0][:80]!r}")
-    if case.expect == REFUSE and status == 0:
-        failures.append("accepted (exit 0) where it must be refused")
-    if case.expect == WARN and status == 0 and not any(case.warning in ln for ln in warnings):
-        failures.append(f"exit 0 without a warning{f' saying {case.warning!r}' if case.warning else ''}")
     if any(re.search(r"np\.(float|int)\d*\(", ln) for ln in lines):
         failures.append("numpy repr in a message")
+    failures += _expectations(case, status, warnings, out, seconds, settings, "exit 0")
+    if peak_mb > settings.memory_gb * 1024:
+        failures.append(f"peak RSS {peak_mb:.0f} MB")
+    failures += _output_problems(status, out, before)
+    if case.check is not None and (problem := case.check()):
+        failures.append(problem)
+    return failures
+
+
+def _expectations(case: Case, status: int, warnings: list[str], out: Path, seconds: float, settings,
+                  success: str) -> list[str]:
+    """The failures of what the case expects, however it ran (``success``: how a successful end reads)."""
+    failures = []
+    if case.expect == REFUSE and status == 0:
+        failures.append(f"accepted ({success}) where it must be refused")
+    if case.expect == WARN and status == 0 and not any(case.warning in ln for ln in warnings):
+        failures.append(f"{success} without a warning{f' saying {case.warning!r}' if case.warning else ''}")
     if status == 0 and _found_nothing(out) and not any("no vertebra" in ln for ln in warnings):
         failures.append("0 vertebrae without a warning saying why")
     if case.expect == OK and status != 0:
         failures.append("a valid input was not processed")
     if seconds > settings.max_seconds:
         failures.append(f"took {seconds:.0f} s")
-    if peak_mb > settings.memory_gb * 1024:
-        failures.append(f"peak RSS {peak_mb:.0f} MB")
-    failures += _output_problems(status, out, before)
-    if case.check is not None and (problem := case.check()):
-        failures.append(problem)
     return failures
 
 
@@ -190,55 +199,13 @@ def _output_problems(status: int, out: Path, before: dict | None) -> list[str]:
 
 # --------------------------------------------------------------------------- the served worker
 
-class ServedWorker:
-    """One ``apps.worker --serve`` process under the sweep's limits, started again when it died."""
-
-    def __init__(self, work: Path, settings):
-        self.work, self.settings, self.process, self.starts = work, settings, None, 0
-
-    def start(self):
-        import subprocess
-
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SPINENET_CACHE": str(self.work / "empty_cache")}
-        self.process = subprocess.Popen([sys.executable, "-m", "SpineNetLib.apps.worker", "--serve"], cwd=ROOT,
-                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=open(self.work / "served.err", "ab"), text=True, bufsize=1,
-                                        preexec_fn=_limits(self.settings.memory_gb << 30, None),
-                                        start_new_session=True)
-        self.starts += 1
-        ready = self.process.stdout.readline()
-        if not ready.startswith("READY"):
-            raise InputError(f"the served worker did not start: {ready.strip() or 'no output'}")
-
-    def ask(self, arguments: list[str]) -> tuple[list[str], float]:
-        """The answer's lines (the last one END, unless the process died) and its seconds."""
-        if self.process is None or self.process.poll() is not None:
-            self.start()
-        start = time.perf_counter()
-        lines = []
-        try:
-            self.process.stdin.write(json.dumps(arguments) + "\n")
-            self.process.stdin.flush()
-            while not lines or not lines[-1].startswith("END"):
-                line = self.process.stdout.readline()
-                if not line:
-                    break
-                lines.append(line.rstrip("\n"))
-        except BrokenPipeError:
-            pass
-        return lines, time.perf_counter() - start
-
-    def peak_mb(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status")
-        for line in (status.read_text().splitlines() if status.is_file() else []):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def close(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
+def start_served_worker(work: Path, settings) -> ServedWorker:
+    """The served worker under the sweep's limits, as ``run_case`` starts each process."""
+    served = ServedWorker(env={**os.environ, "OMP_NUM_THREADS": "1", "SPINENET_CACHE": str(work / "empty_cache")},
+                          stderr=open(work / "served.err", "ab"), start_new_session=True,
+                          preexec_fn=_limits(settings.memory_gb << 30, None))
+    served.start()
+    return served
 
 
 def servable(case: Case) -> bool:
@@ -270,16 +237,7 @@ def judge_served(case: Case, status: int, lines: list[str], seconds: float, out:
         failures.append("an ERROR line on END 0")
     if any("Traceback" in ln or re.search(r"np\.(float|int)\d*\(", ln) for ln in lines):
         failures.append("traceback or numpy repr in a line")
-    if case.expect == REFUSE and status == 0:
-        failures.append("accepted (END 0) where it must be refused")
-    if case.expect == WARN and status == 0 and not any(case.warning in ln for ln in warnings):
-        failures.append(f"END 0 without a warning{f' saying {case.warning!r}' if case.warning else ''}")
-    if status == 0 and _found_nothing(out) and not any("no vertebra" in ln for ln in warnings):
-        failures.append("0 vertebrae without a warning saying why")
-    if case.expect == OK and status != 0:
-        failures.append("a valid input was not processed")
-    if seconds > settings.max_seconds:
-        failures.append(f"took {seconds:.0f} s")
+    failures += _expectations(case, status, warnings, out, seconds, settings, "END 0")
     failures += _output_problems(status, out, before)
     if case.check is not None and (problem := case.check()):
         failures.append(problem)
@@ -366,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{case.category}] {case.name} ({case.expect})")
             return 0
         outcomes = []
-        served = ServedWorker(work, args) if args.served else None
+        served = start_served_worker(work, args) if args.served else None
         for i, case in enumerate(cases):
             outcome = run_served_case(case, i, work, served, args) if served else run_case(case, i, work, args)
             outcomes.append(outcome)
