@@ -301,6 +301,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                 others.append(requirement)
         if others:
             slicer.util.pip_install(" ".join(others))
+        # a worker process started before holds the modules of before: the next run starts a new one
+        self.workerService.stop()
 
     @staticmethod
     def _installTorch(requirement):

@@ -554,9 +554,14 @@ def test_logic_installs_torch_through_the_pytorch_extension(panel, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", type(sys)("PyTorchUtils"))
     sys.modules["PyTorchUtils"].PyTorchUtilsLogic = PyTorchUtilsLogic
+    settings = widget.logic.workerProcessSettings()      # a worker from before the installation ...
+    widget.logic.workerService.warmUp(settings["program"], settings["serveArguments"], settings["environment"],
+                                      settings["workingDirectory"])
+    warm = standins.FakeProcess.instances[-1]
     widget.logic.installPackages(["torch>=2.1", "pydicom>=2.4"])
     assert calls == [("installTorch", False, ">=2.1")]      # the panel has asked once already
     assert module._standins.recorder.calls[-1] == ("pip_install", "pydicom>=2.4")
+    assert warm.killed and not widget.logic.workerService.isAlive()   # ... goes: it holds the old modules
     assert widget.logic.requirements() == ["numpy>=1.24", "scipy>=1.10", "pydicom>=2.4", "SimpleITK>=2.3", "pillow>=10.1",
                                           "scikit-image>=0.22", "torch>=2.1"]
     assert widget.logic.missingPackages() == []   # all importable here
