@@ -36,6 +36,20 @@ def _text(data):
 
 
 
+def _newProcess(program, arguments, environment, workingDirectory):
+    """A ``qt.QProcess`` set up to run ``program`` with ``arguments`` in ``workingDirectory``, with
+    ``environment`` on top of the system's (not started)."""
+    process = qt.QProcess()
+    process.setProgram(program)
+    process.setArguments(list(arguments))
+    process.setWorkingDirectory(workingDirectory)
+    processEnvironment = qt.QProcessEnvironment.systemEnvironment()
+    for name, value in environment.items():
+        processEnvironment.insert(name, value)
+    process.setProcessEnvironment(processEnvironment)
+    return process
+
+
 def _writeLine(process, text):
     """Write one line to a QProcess's input: Python bytes where the binding converts them (PySide6,
     PythonQt's QByteArray arguments), else a QByteArray made of them."""
@@ -119,29 +133,23 @@ class WorkerProcess:
 
 
 class QProcessWorker(WorkerProcess):
-    """The worker as a separate process (``qt.QProcess``): the default, keeps Slicer responsive."""
+    """The worker as a process of its own for one run (``qt.QProcess``; keeps Slicer responsive):
+    ``SpineNetLogic(workerFactory=QProcessWorker)``, where :class:`ServedWorker` is the default."""
 
     def __init__(self):
         WorkerProcess.__init__(self)
         self.process = None
         self._running = False
-        self._buffer = ""
+        self._lines = LineSink(self.lineReceived.emit)
 
     def start(self, run):
-        process = qt.QProcess()
-        process.setProgram(run.program)
-        process.setArguments(run.arguments)
-        process.setWorkingDirectory(run.workingDirectory)
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        for key, value in run.environment.items():
-            environment.insert(key, value)
-        process.setProcessEnvironment(environment)
+        process = _newProcess(run.program, run.arguments, run.environment, run.workingDirectory)
         process.readyReadStandardOutput.connect(self._onOutput)
         process.finished.connect(self._onFinished)
         process.errorOccurred.connect(self._onError)
         # The process stays referenced after it finished: releasing the last reference inside
         # its own signal would delete it while Qt is still emitting.
-        self.process, self._running, self._buffer = process, True, ""
+        self.process, self._running, self._lines = process, True, LineSink(self.lineReceived.emit)
         process.start()
 
     def cancel(self):
@@ -152,12 +160,8 @@ class QProcessWorker(WorkerProcess):
         return self._running
 
     def _onOutput(self, *args):
-        if not self._running:
-            return
-        self._buffer += _text(self.process.readAllStandardOutput())
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            self.lineReceived.emit(line)
+        if self._running:
+            self._lines.write(_text(self.process.readAllStandardOutput()))
 
     def _onError(self, error=None):
         """Only a worker that could not start ends here (a crash or a kill also emits finished)."""
@@ -170,9 +174,7 @@ class QProcessWorker(WorkerProcess):
         if not self._running:
             return
         self._onOutput()
-        rest, self._buffer = self._buffer, ""
-        if rest.strip():
-            self.lineReceived.emit(rest)
+        self._lines.close()
         errors = _text(self.process.readAllStandardError()).strip()
         self._running = False
         self.finished.emit(self.process.exitCode(), errors)
@@ -200,7 +202,7 @@ class WorkerService:
         self._startKey = None
         self._alive = False
         self._client = None
-        self._buffer = ""
+        self._lines = LineSink(self._onLine)
         self._idleTimer = None
         # processes stopped while their signals may still come: referenced until the next start
         self._stopped = []
@@ -215,18 +217,11 @@ class WorkerService:
         if self._alive and key == self._startKey:
             return
         self.stop()
-        process = qt.QProcess()
-        process.setProgram(program)
-        process.setArguments(list(arguments))
-        process.setWorkingDirectory(workingDirectory)
-        processEnvironment = qt.QProcessEnvironment.systemEnvironment()
-        for name, value in environment.items():
-            processEnvironment.insert(name, value)
-        process.setProcessEnvironment(processEnvironment)
+        process = _newProcess(program, arguments, environment, workingDirectory)
         process.readyReadStandardOutput.connect(functools.partial(self._onOutput, process))
         process.finished.connect(functools.partial(self._onFinished, process))
         process.errorOccurred.connect(functools.partial(self._onError, process))
-        self.process, self._startKey, self._alive, self._buffer = process, key, True, ""
+        self.process, self._startKey, self._alive, self._lines = process, key, True, LineSink(self._onLine)
         self._stopped = self._stopped[-2:]
         process.start()
         self._restartIdleTimer()
@@ -238,7 +233,7 @@ class WorkerService:
         self._stopIdleTimer()
         self._client = client
         if not self._alive:   # it could not start, and Qt said so at once
-            self._endClient(None, (None, ""))
+            self._endClient(None, "")
             return
         _writeLine(self.process, json.dumps(list(run.workerArguments)))
 
@@ -251,7 +246,7 @@ class WorkerService:
             if self._alive:
                 process.kill()
         self._alive = False
-        self._endClient(process, None)
+        self._endClient(None if process is None else process.exitCode(), "")
 
     def _restartIdleTimer(self):
         self._stopIdleTimer()
@@ -275,47 +270,40 @@ class WorkerService:
             self.process.closeWriteChannel()   # the worker ends at the end of its input
 
     def _onOutput(self, process, *args):
-        if process is not self.process:
-            return
-        self._buffer += _text(process.readAllStandardOutput())
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            if line.startswith("END"):
-                status = line.partition(" ")[2].strip()
-                errors = _text(process.readAllStandardError()).strip()
-                self._endClient(process, (int(status) if status.lstrip("-").isdigit() else EXIT_INTERNAL, errors))
-                self._restartIdleTimer()
-            elif line.startswith("READY"):
-                continue
-            elif self._client is not None:
-                self._client.lineReceived.emit(line)
+        if process is self.process:
+            self._lines.write(_text(process.readAllStandardOutput()))
+
+    def _onLine(self, line):
+        """A line of the running process: a run's end, ``READY``, or a line of the run (its client's)."""
+        if line.startswith("END"):
+            status = line.partition(" ")[2].strip()
+            errors = _text(self.process.readAllStandardError()).strip()
+            self._endClient(int(status) if status.lstrip("-").isdigit() else EXIT_INTERNAL, errors)
+            self._restartIdleTimer()
+        elif not line.startswith("READY") and self._client is not None:
+            self._client.lineReceived.emit(line)
 
     def _onError(self, process, error=None):
         """Only a process that could not start ends here (a crash or a kill also emits finished)."""
         if process is not self.process or error != qt.QProcess.FailedToStart:
             return
         self._alive = False
-        self._endClient(process, (None, ""))
+        self._endClient(None, "")
 
     def _onFinished(self, process, *args):
         if process is not self.process:
             return
         self._onOutput(process)
-        rest, self._buffer = self._buffer, ""
-        if rest.strip() and self._client is not None:
-            self._client.lineReceived.emit(rest)
+        self._lines.close()
         self._alive = False
         self._stopIdleTimer()
-        self._endClient(process, (process.exitCode(), _text(process.readAllStandardError()).strip()))
+        self._endClient(process.exitCode(), _text(process.readAllStandardError()).strip())
 
-    def _endClient(self, process, ending):
-        """The run on ``process`` has ended: ``ending`` is ``(exitCode, errorText)``, or None for a process
-        stopped by :meth:`stop` (the exit code of a kill)."""
+    def _endClient(self, exitCode, errorText):
+        """The run handed to the process has ended (``exitCode`` None: the process could not start)."""
         client, self._client = self._client, None
         if client is not None:
-            if ending is None:
-                ending = (process.exitCode() if process is not None else None, "")
-            client._finish(*ending)
+            client._finish(exitCode, errorText)
 
 
 class ServedWorker(WorkerProcess):

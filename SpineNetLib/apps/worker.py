@@ -173,14 +173,12 @@ def run_pipeline(scan, options: dict, progress, loaded: "LoadedNetworks | None" 
     progress(0, 1, "loading networks")
     settings = network_settings({**options, "grading": grading})
     if loaded is None:
-        networks, load_seconds = load_networks_of(settings), None
+        networks, reused = load_networks_of(settings), False
     else:
         networks, reused = loaded.get(networks_key(settings), lambda: load_networks_of(settings))
-        load_seconds = 0.0 if reused else None
     head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
-                                      earlier_timings_s={"load_networks": networks.load_seconds
-                                                         if load_seconds is None else load_seconds},
+                                      earlier_timings_s={"load_networks": 0.0 if reused else networks.load_seconds},
                                       profile=options.get("profile") or None)
     return pipeline.run(scan, networks, run_options, progress=progress)
 
@@ -365,7 +363,7 @@ def run_request(args, protocol: LineProtocol, loaded: LoadedNetworks | None = No
     profile = processing_profile(args.profile, args.weights)
     protocol.progress(0, 1, "reading the scan")
     scan = read_scan(args.input, args.geometry, resample_isotropic=profile.slab_average_thin_slices)
-    if pipeline is run_pipeline and loaded is not None:
+    if pipeline is run_pipeline:
         result = run_pipeline(scan, options, protocol.progress, loaded)
     else:
         result = pipeline(scan, options, protocol.progress)

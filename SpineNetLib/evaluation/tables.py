@@ -8,7 +8,7 @@ from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
 
 
 def review_lines(summary: dict) -> list[str]:
-    """The lines of :func:`review_summary` (``summary["review"]``)."""
+    """The lines of :func:`SpineNetLib.evaluation.evaluate.review_summary` (``summary["review"]``)."""
     r = summary["review"]
     unflagged = ", ".join(r["wrong_not_flagged"])
     return [f"review flag (needs_review): scans with a wrongly named body flagged {r['wrong_flagged']} of {r['wrong']} "
