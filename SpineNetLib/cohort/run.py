@@ -62,7 +62,8 @@ from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
-from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory, ignore_interrupts,
+from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory,
+                                      environment_waiting_passively, ignore_interrupts,
                                       too_many_threads)
 from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
@@ -365,9 +366,11 @@ def local_cluster(workers: int) -> LocalCluster:
     # slower (measured on the phantoms of Testing/Python/test_cohort.py).  The workers' malloc keeps
     # freed memory for reuse instead, as the spinenet command's does (core/process.py); the other
     # variables stay.
-    environ = environment_keeping_freed_memory(
+    # Their OpenMP threads wait passively, as the command's do (core/process.py): a study's threads
+    # spinning idle would take the cores from the other workers.
+    environ = environment_waiting_passively(environment_keeping_freed_memory(
         {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-         if name != "MALLOC_TRIM_THRESHOLD_"})
+         if name != "MALLOC_TRIM_THRESHOLD_"}))
     # Dask's scheduler and workers serve HTTP pages even with the dashboard off: the workers, their
     # logs and the tasks of the run (named after the studies) for anyone on this machine,
     # and the scheduler on port 8787, the one the user's own Dask dashboard would take.  With

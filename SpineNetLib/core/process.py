@@ -1,7 +1,8 @@
 """Settings of the library's own processes: the ``spinenet`` command and the Slicer module's worker
-(:func:`run_as_process`), and glibc's malloc of ``spinenet cohort``'s local Dask workers
-(:func:`environment_keeping_freed_memory`).  Code that calls the library in a process of its own
-(Slicer, a notebook) keeps the interpreter's and malloc's settings as they are.
+(:func:`run_as_process`), and glibc's malloc and OpenMP of ``spinenet cohort``'s local Dask workers
+(:func:`environment_keeping_freed_memory`, :func:`environment_waiting_passively`).  Code that calls the
+library in a process of its own (Slicer, a notebook) keeps the interpreter's, malloc's and OpenMP's
+settings as they are.
 
 Garbage collection: while a program runs, the youngest objects are collected every 20,000 instead of
 700 new ones (most of the 430 collections of a ``spinenet run`` walked torch's objects from its import
@@ -16,6 +17,15 @@ heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memor
 (benchmarks/RESULTS.md, "Bundled networks end to end, about 10 % faster": a bundled ``spinenet run``
 about 0.1 s faster).  A user who set glibc's malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps
 them, and other C libraries are left alone.
+
+OpenMP's idle threads: torch runs its operations on OpenMP threads (libgomp in the Linux wheels), and by
+default a thread that has finished its share spins for a while before it sleeps.  On a machine whose
+cores are busy with other work (a second run, the user's other programs) the spinning threads take the
+cores from the very threads they wait for: a bundled ``spinenet run`` of chu_02 that takes 6-7 s alone
+took 29 s beside a second one, and 8.7 s with the threads waiting passively (``OMP_WAIT_POLICY=PASSIVE``),
+which may cost about 0.1 s of a run alone (benchmarks/RESULTS.md, "A busy machine";
+``benchmarks/bench_busy_machine.py``).  Our processes wait passively (:func:`wait_passively_in_openmp`)
+unless the user set how OpenMP waits.
 """
 
 from __future__ import annotations
@@ -99,6 +109,30 @@ def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, st
             "MALLOC_TRIM_THRESHOLD_": str(MALLOC_HEAP_BYTES)}
 
 
+#: The environment variables that set how OpenMP's idle threads wait: a user who set one keeps it.
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def environment_waiting_passively(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with ``OMP_WAIT_POLICY=PASSIVE`` (module docstring), unless it or this process's
+    environment sets how OpenMP's threads wait (:data:`OPENMP_WAIT_VARIABLES`)."""
+    if any(name in environ or name in os.environ for name in OPENMP_WAIT_VARIABLES):
+        return dict(environ)
+    return {**environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def wait_passively_in_openmp() -> bool:
+    """Let this process's OpenMP threads sleep as soon as they are idle (module docstring), and the
+    processes it starts inherit that; True when it takes effect here.
+
+    libgomp reads the variable once, when it is loaded with torch: so nothing changes in this process
+    where torch is imported already (False), nor where the user set how OpenMP waits (False)."""
+    if any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
+        return False
+    os.environ.update(environment_waiting_passively({}))
+    return "torch" not in sys.modules
+
+
 def ignore_interrupts() -> None:
     """Ignore Ctrl-C (SIGINT) from now on in this process; nothing where this is no main thread."""
     try:
@@ -151,7 +185,8 @@ def deferred_interrupts() -> Iterator[DeferredInterrupt]:
 
 
 def run_as_process(main: Callable[[], int]) -> int:
-    """``main()``'s exit status, run with this module's settings of the garbage collector and malloc;
+    """``main()``'s exit status, run with this module's settings of the garbage collector, malloc and
+    OpenMP's idle threads (before ``main`` imports torch);
     output is flushed and every object frozen before the interpreter's exit.
 
     Once ``main`` has returned, its work is done (a run's files are written): Ctrl-C is then ignored
@@ -161,6 +196,7 @@ def run_as_process(main: Callable[[], int]) -> int:
     """
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     keep_freed_memory_for_reuse()
+    wait_passively_in_openmp()
     status = main()
     ignore_interrupts()
     sys.stdout.flush()

@@ -224,11 +224,12 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
     from SpineNetLib.core import process
 
     monkeypatch.setattr(process, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
+    monkeypatch.setattr(process, "wait_passively_in_openmp", lambda: tuned.append("passive"))
     thresholds = gc.get_threshold()
     interrupt_handler = signal.getsignal(signal.SIGINT)
     try:
         assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
-        assert tuned == [True]
+        assert tuned == [True, "passive"]
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN    # main is done: Ctrl-C no longer stops the exit
     finally:
         gc.unfreeze()
@@ -273,6 +274,41 @@ def test_the_command_keeps_freed_memory_for_the_next_block_unless_the_user_tuned
         "MALLOC_TRIM_THRESHOLD_": str(process.MALLOC_HEAP_BYTES)}
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert process.environment_keeping_freed_memory(dask_like) == dask_like
+
+
+def _openmp_spin_count(script: str, environ: dict[str, str]) -> int:
+    """How many times libgomp's idle threads spin before they sleep, as it reports it (``OMP_DISPLAY_ENV``)
+    when torch loads it in ``python -c script``: 0 when they wait passively, 300000 by default."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**environ, "OMP_DISPLAY_ENV": "verbose"})
+    counts = [line.split("=", 1)[1].strip().strip("'") for line in done.stderr.splitlines()
+              if line.strip().startswith("GOMP_SPINCOUNT")]
+    assert counts, done.stderr[-500:]
+    return int(counts[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp, the OpenMP of torch's Linux wheels")
+def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    """The spinenet process and the Slicer worker (run_as_process) load torch with OpenMP's threads waiting
+    passively: spinning idle threads took the cores from a second run (benchmarks/bench_busy_machine.py).
+    libgomp itself says how long its threads spin.  A user's own setting stays; a process that imported
+    torch first is not changed; a local Dask worker's environment gets the setting unless the user chose."""
+    from SpineNetLib.core import process
+
+    environ = {k: v for k, v in os.environ.items() if k not in process.OPENMP_WAIT_VARIABLES}
+    as_command = ("from SpineNetLib.core.process import run_as_process\n"
+                  "run_as_process(lambda: 0 if __import__('torch') else 1)\n")
+    assert _openmp_spin_count(as_command, environ) == 0
+    assert _openmp_spin_count(as_command, {**environ, "OMP_WAIT_POLICY": "ACTIVE"}) > 300_000
+    assert _openmp_spin_count(as_command, {**environ, "GOMP_SPINCOUNT": "1000"}) == 1000
+    assert _openmp_spin_count("import torch\n" + as_command, environ) == 300_000   # libgomp's default
+    for name in process.OPENMP_WAIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert process.environment_waiting_passively({"OMP_NUM_THREADS": "1"}) == {
+        "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert process.environment_waiting_passively({"GOMP_SPINCOUNT": "10"}) == {"GOMP_SPINCOUNT": "10"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert process.environment_waiting_passively({}) == {}
 
 
 def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):
