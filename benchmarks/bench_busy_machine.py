@@ -12,9 +12,9 @@ Three situations, each run as a user starts it (a fresh ``spinenet run`` process
 * ``other_work``: one run while another program keeps every core busy (NumPy's matrix
   products, as a second analysis or a build would).
 
-Each situation is run two ways, interleaved: as the command now runs (its OpenMP threads wait
-passively when idle, ``SpineNetLib/core/process.py``) and as it ran before (libgomp's default: idle
-threads spin for a while before they sleep).  The second is obtained by importing torch before the
+Each situation is run two ways, interleaved: as the command now runs (its idle OpenMP threads spin
+3000 times before they sleep, ``SpineNetLib/core/process.py``) and as it ran before (libgomp's default:
+300,000 times).  The second is obtained by importing torch before the
 command's process settings are made, so that libgomp has read its (unset) wait policy by then.
 Prints the median and the slowest of ``--repeats`` rounds.  ``--threads`` is handed to every run
 (default: left out, PyTorch's choice).
@@ -107,8 +107,8 @@ def main() -> int:
             for k in range(args.repeats):
                 for as_before in (True, False):
                     walls[as_before].append(one_round(situation, image, Path(tmp) / f"{k}", args, as_before))
-            print(f"  {SITUATIONS[situation]:21} idle threads wait passively {statistics.median(walls[False]):6.2f} s "
-                  f"(slowest {max(walls[False]):6.2f})   spin first, as before {statistics.median(walls[True]):6.2f} s "
+            print(f"  {SITUATIONS[situation]:21} idle threads sleep soon (now) {statistics.median(walls[False]):6.2f} s "
+                  f"(slowest {max(walls[False]):6.2f})   spin long (as before) {statistics.median(walls[True]):6.2f} s "
                   f"(slowest {max(walls[True]):6.2f})")
     return 0
 

@@ -53,8 +53,8 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
     """``--threads N``, shared by the commands that run the networks (:func:`_use_threads`)."""
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for the networks (default: PyTorch's choice, about the number of "
-                             "cores); idle threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE unless you set "
-                             "it), so runs side by side or beside other programs share the cores")
+                             "cores); idle threads sleep soon instead of spinning (GOMP_SPINCOUNT=3000 unless you set "
+                             "it or OMP_WAIT_POLICY), so runs side by side or beside other programs share the cores")
 
 
 def _use_threads(args) -> None:

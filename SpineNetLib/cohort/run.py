@@ -63,7 +63,7 @@ from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidat
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
 from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory,
-                                      environment_waiting_passively, ignore_interrupts,
+                                      environment_spinning_briefly, ignore_interrupts,
                                       too_many_threads)
 from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
@@ -366,9 +366,9 @@ def local_cluster(workers: int) -> LocalCluster:
     # slower (measured on the phantoms of Testing/Python/test_cohort.py).  The workers' malloc keeps
     # freed memory for reuse instead, as the spinenet command's does (core/process.py); the other
     # variables stay.
-    # Their OpenMP threads wait passively, as the command's do (core/process.py): a study's threads
+    # Their idle OpenMP threads sleep soon, as the command's do (core/process.py): a study's threads
     # spinning idle would take the cores from the other workers.
-    environ = environment_waiting_passively(environment_keeping_freed_memory(
+    environ = environment_spinning_briefly(environment_keeping_freed_memory(
         {name: value for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
          if name != "MALLOC_TRIM_THRESHOLD_"}))
     # Dask's scheduler and workers serve HTTP pages even with the dashboard off: the workers, their

@@ -1,6 +1,6 @@
 """Settings of the library's own processes: the ``spinenet`` command and the Slicer module's worker
 (:func:`run_as_process`), and glibc's malloc and OpenMP of ``spinenet cohort``'s local Dask workers
-(:func:`environment_keeping_freed_memory`, :func:`environment_waiting_passively`).  Code that calls the
+(:func:`environment_keeping_freed_memory`, :func:`environment_spinning_briefly`).  Code that calls the
 library in a process of its own (Slicer, a notebook) keeps the interpreter's, malloc's and OpenMP's
 settings as they are.
 
@@ -18,14 +18,16 @@ heap serve blocks up to :data:`MALLOC_HEAP_BYTES` and keep that much freed memor
 about 0.1 s faster).  A user who set glibc's malloc variables (``MALLOC_*``, ``GLIBC_TUNABLES``) keeps
 them, and other C libraries are left alone.
 
-OpenMP's idle threads: torch runs its operations on OpenMP threads (libgomp in the Linux wheels), and by
-default a thread that has finished its share spins for a while before it sleeps.  On a machine whose
-cores are busy with other work (a second run, the user's other programs) the spinning threads take the
-cores from the very threads they wait for: a bundled ``spinenet run`` of chu_02 that takes 6-7 s alone
-took 29 s beside a second one, and 8.7 s with the threads waiting passively (``OMP_WAIT_POLICY=PASSIVE``),
-which may cost about 0.1 s of a run alone (benchmarks/RESULTS.md, "A busy machine";
-``benchmarks/bench_busy_machine.py``).  Our processes wait passively (:func:`wait_passively_in_openmp`)
-unless the user set how OpenMP waits.
+OpenMP's idle threads: torch runs its operations on OpenMP threads (libgomp in the Linux wheels), and a
+thread that has done its share of one spins, by libgomp's default 300,000 times, before it sleeps.  On a
+machine whose cores are busy with other work (a second run, the user's other programs) the spinning
+threads take the cores from the very threads they wait for: a bundled ``spinenet run`` of chu_02 that
+takes 6-7 s alone took about 29 s beside a second one.  Our processes let them spin
+:data:`OPENMP_SPIN_COUNT` times (:func:`spin_briefly_in_openmp`), which keeps nearly all of what waiting
+passively gains on a busy machine without its cost on an idle one (benchmarks/RESULTS.md, "A busy
+machine"; ``benchmarks/bench_busy_machine.py``), unless the user set how OpenMP waits.  Other OpenMP
+runtimes (Intel's and LLVM's, in torch's Windows and macOS wheels) read other variables and are left
+as they are: not measured here.
 """
 
 from __future__ import annotations
@@ -112,24 +114,31 @@ def environment_keeping_freed_memory(environ: Mapping[str, str]) -> dict[str, st
 #: The environment variables that set how OpenMP's idle threads wait: a user who set one keeps it.
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
+#: How many times libgomp's idle threads spin before they sleep in our processes (``GOMP_SPINCOUNT``; its
+#: default is 300,000).  Chosen on chu_02's bundled run in a process with the networks loaded (2 cores;
+#: benchmarks/RESULTS.md, "A busy machine"), against libgomp's default, passive waiting (0), 1000 and
+#: 10,000: alone 2.04 s (default 2.00, passive 2.35), beside a second such process 3.7-4.0 s (default
+#: 8-20, passive 3.3-4.0, 10,000 4.8-5.6).
+OPENMP_SPIN_COUNT = 3000
 
-def environment_waiting_passively(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with ``OMP_WAIT_POLICY=PASSIVE`` (module docstring), unless it or this process's
-    environment sets how OpenMP's threads wait (:data:`OPENMP_WAIT_VARIABLES`)."""
+
+def environment_spinning_briefly(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with libgomp's spin count at :data:`OPENMP_SPIN_COUNT` (module docstring), unless it or
+    this process's environment sets how OpenMP's threads wait (:data:`OPENMP_WAIT_VARIABLES`)."""
     if any(name in environ or name in os.environ for name in OPENMP_WAIT_VARIABLES):
         return dict(environ)
-    return {**environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return {**environ, "GOMP_SPINCOUNT": str(OPENMP_SPIN_COUNT)}
 
 
-def wait_passively_in_openmp() -> bool:
-    """Let this process's OpenMP threads sleep as soon as they are idle (module docstring), and the
-    processes it starts inherit that; True when it takes effect here.
+def spin_briefly_in_openmp() -> bool:
+    """Let this process's idle OpenMP threads sleep soon (module docstring), and the processes it starts
+    inherit that; True when it takes effect here.
 
     libgomp reads the variable once, when it is loaded with torch: so nothing changes in this process
     where torch is imported already (False), nor where the user set how OpenMP waits (False)."""
     if any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
         return False
-    os.environ.update(environment_waiting_passively({}))
+    os.environ.update(environment_spinning_briefly({}))
     return "torch" not in sys.modules
 
 
@@ -196,7 +205,7 @@ def run_as_process(main: Callable[[], int]) -> int:
     """
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     keep_freed_memory_for_reuse()
-    wait_passively_in_openmp()
+    spin_briefly_in_openmp()
     status = main()
     ignore_interrupts()
     sys.stdout.flush()

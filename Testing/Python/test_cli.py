@@ -224,12 +224,12 @@ def test_the_command_as_a_process_returns_mains_status_and_freezes_only_there(tm
     from SpineNetLib.core import process
 
     monkeypatch.setattr(process, "keep_freed_memory_for_reuse", lambda: tuned.append(True))
-    monkeypatch.setattr(process, "wait_passively_in_openmp", lambda: tuned.append("passive"))
+    monkeypatch.setattr(process, "spin_briefly_in_openmp", lambda: tuned.append("openmp"))
     thresholds = gc.get_threshold()
     interrupt_handler = signal.getsignal(signal.SIGINT)
     try:
         assert cli.program() == 2 and gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 20_000
-        assert tuned == [True, "passive"]
+        assert tuned == [True, "openmp"]
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN    # main is done: Ctrl-C no longer stops the exit
     finally:
         gc.unfreeze()
@@ -288,27 +288,28 @@ def _openmp_spin_count(script: str, environ: dict[str, str]) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp, the OpenMP of torch's Linux wheels")
-def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
-    """The spinenet process and the Slicer worker (run_as_process) load torch with OpenMP's threads waiting
-    passively: spinning idle threads took the cores from a second run (benchmarks/bench_busy_machine.py).
-    libgomp itself says how long its threads spin.  A user's own setting stays; a process that imported
-    torch first is not changed; a local Dask worker's environment gets the setting unless the user chose."""
+def test_the_command_lets_idle_openmp_threads_sleep_soon_unless_the_user_chose(monkeypatch):
+    """The spinenet process and the Slicer worker (run_as_process) load torch with OpenMP's idle threads
+    spinning 3000 times, not libgomp's 300000, before they sleep: spinning threads took the cores from a
+    second run (benchmarks/bench_busy_machine.py).  libgomp itself says how long its threads spin.  A
+    user's own setting stays; a process that imported torch first is not changed; a local Dask worker's
+    environment gets the setting unless the user chose."""
     from SpineNetLib.core import process
 
     environ = {k: v for k, v in os.environ.items() if k not in process.OPENMP_WAIT_VARIABLES}
     as_command = ("from SpineNetLib.core.process import run_as_process\n"
                   "run_as_process(lambda: 0 if __import__('torch') else 1)\n")
-    assert _openmp_spin_count(as_command, environ) == 0
-    assert _openmp_spin_count(as_command, {**environ, "OMP_WAIT_POLICY": "ACTIVE"}) > 300_000
+    assert _openmp_spin_count(as_command, environ) == process.OPENMP_SPIN_COUNT == 3000
+    assert _openmp_spin_count(as_command, {**environ, "OMP_WAIT_POLICY": "PASSIVE"}) == 0
     assert _openmp_spin_count(as_command, {**environ, "GOMP_SPINCOUNT": "1000"}) == 1000
     assert _openmp_spin_count("import torch\n" + as_command, environ) == 300_000   # libgomp's default
     for name in process.OPENMP_WAIT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert process.environment_waiting_passively({"OMP_NUM_THREADS": "1"}) == {
-        "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert process.environment_waiting_passively({"GOMP_SPINCOUNT": "10"}) == {"GOMP_SPINCOUNT": "10"}
+    assert process.environment_spinning_briefly({"OMP_NUM_THREADS": "1"}) == {
+        "OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "3000"}
+    assert process.environment_spinning_briefly({"GOMP_SPINCOUNT": "10"}) == {"GOMP_SPINCOUNT": "10"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert process.environment_waiting_passively({}) == {}
+    assert process.environment_spinning_briefly({}) == {}
 
 
 def test_evaluate_with_nothing_to_score_exits_2(tmp_path, capsys):

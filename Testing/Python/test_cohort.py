@@ -272,20 +272,20 @@ def cluster():
 def test_the_local_workers_malloc_and_openmp_wait_as_the_commands_do(cluster):
     """Not Dask's MALLOC_TRIM_THRESHOLD_=65536 (glibc handing memory back at every large free made a study
     1.6 times slower): the settings of core/process.py, unless the user set glibc's malloc variables; and
-    OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user set how they wait."""
+    OpenMP's idle threads sleep soon (GOMP_SPINCOUNT=3000) unless the user set how they wait."""
     import os
 
     from SpineNetLib.core import process
 
     _, client = cluster
-    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_WAIT_POLICY")
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GOMP_SPINCOUNT")
     seen = client.run(lambda: {name: os.environ.get(name) for name in names})
     assert len(seen) == 2
     if not process.user_tuned_malloc():
         assert all(env[name] == str(process.MALLOC_HEAP_BYTES) for env in seen.values() for name in names[:2])
     assert all(env["MALLOC_TRIM_THRESHOLD_"] != "65536" for env in seen.values())
-    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if "GOMP_SPINCOUNT" not in os.environ else None)
-    assert all(env["OMP_WAIT_POLICY"] == expected for env in seen.values())
+    expected = os.environ.get("GOMP_SPINCOUNT", "3000" if "OMP_WAIT_POLICY" not in os.environ else None)
+    assert all(env["GOMP_SPINCOUNT"] == expected for env in seen.values())
 
 
 def test_the_local_cluster_serves_no_pages_and_keeps_port_8787_free(cluster):
