@@ -118,8 +118,8 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
 
     def load(kind: str) -> torch.nn.Module:
         network = load_float32(kind)
-        if precision == "bf16":   # the detector is faster folded there (models/folding.py); layout again after it
-            network = checkpoints.with_fast_memory_format(fold_batch_norms(network))
+        if precision == "bf16" or weight_set.source == "bundled":   # folded where that pays (models/folding.py)
+            network = checkpoints.with_fast_memory_format(fold_batch_norms(network))   # layout again after it
         return with_precision(network, precision)
 
     detector, predictor = None, None

@@ -7,12 +7,17 @@ convolution's output: ``convK`` -> ``bnK`` in its bottlenecks and ConvBlocks, an
 ``Conv -> BatchNorm`` inside ``nn.Sequential`` stems and shortcuts.
 
 Folding changes the outputs only by float32 rounding (1e-7 of their size).  It pays under
-bfloat16 autocast only (probably because an unfolded BatchNorm there reads a bfloat16 convolution
+bfloat16 autocast (probably because an unfolded BatchNorm there reads a bfloat16 convolution
 output with float32 parameters): the official-size detector on the lumbar phantom took 10.1-10.7 s
 folded against 12.8-13.7 s, with about 80 MB less peak memory; in float32 it gained nothing
-(25.6-28.7 s against 24.4-25.0 s) (benchmarks/RESULTS.md, "BatchNorm folded").  So
-``pipeline.load_networks`` folds the detector it runs in bfloat16 and leaves the float32 default as
-it was.  Only the detector: the grader gained nothing either way, and its hotspot maps
+(25.6-28.7 s against 24.4-25.0 s) (benchmarks/RESULTS.md, "BatchNorm folded").  The small bundled
+detectors, whose many thin layers make the BatchNorm passes a larger share, gain in float32 too: a
+bundled run of chu_02 2.03 instead of 2.13 s, of zukic_15 2.10 instead of 2.32 s, with every level,
+review flag and warning of the 68 held-out scans as before (benchmarks/RESULTS.md, "The bundled
+detectors folded in float32").  So ``pipeline.load_networks`` folds the detectors of the bundled
+weights in both precisions, any other detector (the official weights, a weights folder) in bfloat16
+only, and leaves their float32 numbers as they were.  Only the detector: the grader gained nothing
+either way, and its hotspot maps
 (``discs/hotspots.py``) read its BatchNorm layers apart from its convolutions (excitation
 back-propagation passes through BatchNorm and takes the convolutions' positive weights); the
 appearance and context networks put a ReLU between convolution and BatchNorm (official §3.2-3.3).

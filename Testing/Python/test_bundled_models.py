@@ -152,11 +152,11 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     patches = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
     for precision in ("fp32", "bf16"):
         networks = pipeline.load_networks("bundled", "cpu", with_grading=True, precision=precision)
-        # the detector's BatchNorm folded into its convolutions under bf16 only, where it pays
+        # the bundled detectors' BatchNorm folded into their convolutions in both precisions, where it pays
         # (models/folding.py); never the grader's, which its hotspot maps read
         def batch_norms(net):
             return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        assert (batch_norms(networks.detector) == 0) is (precision == "bf16") and batch_norms(networks.grading) > 0
+        assert batch_norms(networks.detector) == 0 and batch_norms(networks.grading) > 0
         results[precision] = pipeline.run(scan, networks, pipeline.RunOptions(hotspot_heads=("Herniation",),
                                                                               hotspot_augmentations=2))
         with torch.no_grad():
@@ -402,3 +402,30 @@ def test_the_bundled_labelling_networks_copied_into_a_folder_are_still_marked_lu
     retrained[-100] ^= 1
     (tmp_path / "detector.pt").write_bytes(bytes(retrained))
     assert not resolve_weights(tmp_path).lumbar_only
+
+
+def test_the_bundled_detectors_run_folded_in_float32_and_a_weights_folder_as_it_is(tmp_path):
+    """The bundled detector and S1-outline detector have their BatchNorm folded into their convolutions in
+    float32 too (5-10 % of a bundled run, models/folding.py), which moves their maps by float32 rounding
+    only; the same files as a weights folder (where an official-size detector gained nothing folded) keep
+    their BatchNorm, and their numbers are those of the checkpoint as it is."""
+    import shutil
+
+    import torch
+
+    from SpineNetLib import pipeline
+
+    def batch_norms(net):
+        return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+    for name in ("detector.pt", "appearance.pt", "context.pt", "s1_outline.pt"):
+        shutil.copyfile(BUNDLED_DIR / name, tmp_path / name)
+    bundled, folder = pipeline.load_networks("bundled", "cpu"), pipeline.load_networks(str(tmp_path), "cpu")
+    assert batch_norms(bundled.detector) == 0 and batch_norms(folder.detector) > 0
+    patches = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded, as_it_is = bundled.detector(patches), folder.detector(patches)
+    assert 0 < float((folded - as_it_is).abs().max()) <= 1e-5 * float(as_it_is.abs().max())
+    frames = patches[:, 0].numpy()
+    np.testing.assert_allclose(bundled.s1_outline(frames), folder.s1_outline(frames), rtol=0,
+                               atol=1e-5 * float(np.abs(folder.s1_outline(frames)).max()))
