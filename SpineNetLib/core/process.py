@@ -136,10 +136,9 @@ def spin_briefly_in_openmp() -> bool:
 
     libgomp reads the variable once, when it is loaded with torch: so nothing changes in this process
     where torch is imported already (False), nor where the user set how OpenMP waits (False)."""
-    if any(name in os.environ for name in OPENMP_WAIT_VARIABLES):
-        return False
-    os.environ.update(environment_spinning_briefly({}))
-    return "torch" not in sys.modules
+    setting = environment_spinning_briefly({})   # empty where the user chose
+    os.environ.update(setting)
+    return bool(setting) and "torch" not in sys.modules
 
 
 def ignore_interrupts() -> None:
