@@ -78,7 +78,8 @@ def predict(cases, weights: str, pred_root: Path, profile_name: str | None = Non
 
 def print_tables(summary: dict) -> None:
     """The model card's tables; the two ranges are 95 % intervals (``SpineNetLib/evaluation/intervals.py``:
-    Wilson's, over scans; for the IDR with the scan as the unit)."""
+    Wilson's, over scans; for the IDR with the scan as the unit; over patients where a patient has several
+    scans, as zukic's T1 and TIRM of one subject)."""
     from SpineNetLib.evaluation.tables import level_lines, percent_cell as _pct
     from SpineNetLib.evaluation.intervals import percent_range
 
@@ -86,11 +87,11 @@ def print_tables(summary: dict) -> None:
     rows += [(f"source {k}", v) for k, v in summary.get("by_source", {}).items()]
     rows += [(f"sequence {k}", v) for k, v in summary.get("by_sequence", {}).items()]
     width = max(24, *(len(name) for name, _ in rows))
-    print(f"{'':{width}} {'scans':>5} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} "
+    print(f"{'':{width}} {'scans':>5} {'pat.':>4} {'bodies':>6} {'prec.':>6} {'recall':>6} {'IDR':>6} {'IDR 95% CI':>11} "
           f"{'IDR±1':>6} {'loc.mm':>6} {'all right':>9} {'95% CI':>11} {'shifted':>7}")
     for name, m in rows:
         loc = m["localisation_error_mm_mean"]
-        print(f"{name:{width}} {m['n_cases']:5d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
+        print(f"{name:{width}} {m['n_cases']:5d} {m.get('n_patients', m['n_cases']):4d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
               f"{_pct(m['identification_rate'])} {percent_range(m['ci95']['identification_rate']):>11} "
               f"{_pct(m['identification_rate_within_1'])} {'   n/a' if loc is None else f'{loc:6.2f}'} "
               f"{_pct(m['share_of_scans_all_levels_right']):>9} "

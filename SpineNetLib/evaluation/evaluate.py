@@ -52,6 +52,9 @@ group carries 95 % intervals (``"ci95"``, :mod:`SpineNetLib.evaluation.intervals
 Wilson over scans for the share of scans entirely right and for S1 on the
 point-annotated slices, and for recall and identification rate with the scan as
 the unit (conservative: a shifted scan names all its bodies wrongly at once).
+Where several scans are of one patient (``RealCase.patient_id``: zukic's
+sequences of one subject; one's own cases by their ``case.json`` or DICOM
+patient), the patient is the unit instead, and ``"n_patients"`` says how many.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ from SpineNetLib.training.datasets import (
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, marked_by_points, own_case
-from SpineNetLib.evaluation.intervals import rounded, scan_unit_interval, wilson_interval
+from SpineNetLib.evaluation.intervals import patient_unit_interval, rounded
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
 SLICE_TOLERANCE_MM = 2.0
@@ -546,8 +549,9 @@ def _case_dict(m: CaseMetrics) -> dict:
     }
 
 
-def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
-    """Micro-averaged metrics of a group of cases, with the share of scans that are entirely right."""
+def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = None) -> dict:
+    """Micro-averaged metrics of a group of cases, with the share of scans that are entirely right.
+    ``patients``: the patient of each case id (a case missing from it is its own patient)."""
     total = CaseMetrics(case_id="pooled", n_gt=0, tp=0, fp=0, fn=0, n_identified=0, n_identified_within_1=0)
     for m in metrics:
         total.n_gt += m.n_gt
@@ -581,55 +585,81 @@ def _pooled(metrics: Sequence[CaseMetrics]) -> dict:
     pooled["scans_shifted"] = len(shifted)
     pooled["scans_shifted_by"] = {f"{k:+d}": sum(m.level_shift == k for m in shifted)
                                   for k in sorted({m.level_shift for m in shifted})}
+    # a scan whose patient is not known is its own (keyed by its place: case ids need not be unique here)
+    patient = [(patients or {}).get(m.case_id, (i,)) for i, m in enumerate(metrics)]
+    pooled["n_patients"] = len(set(patient))
     # 95 % intervals (evaluation/intervals.py): Wilson over scans; for the body-level rates with the
-    # scan as the unit too, because one scan's bodies are wrong together
+    # scan as the unit too, because one scan's bodies are wrong together; over patients where a
+    # patient has several scans, because one patient's scans are wrong together
+    s1_patients = [p for p, m in zip(patient, metrics) if m.s1_detected is not None]
+
+    def share(successes, of=metrics, units=patient):
+        return rounded(patient_unit_interval([int(x) for x in successes], [1] * len(of), units))
+
     pooled["ci95"] = {
-        "share_of_scans_all_levels_right": rounded(wilson_interval(right, len(metrics))),
-        "share_of_scans_shifted": rounded(wilson_interval(len(shifted), len(metrics))),
-        "s1_point_named_s1": rounded(wilson_interval(pooled["s1_point_named_s1"], len(with_s1))),
-        "recall": rounded(scan_unit_interval([m.tp for m in metrics], [m.tp + m.fn for m in metrics])),
-        "identification_rate": rounded(scan_unit_interval([m.n_identified for m in metrics],
-                                                          [m.n_gt for m in metrics])),
+        "share_of_scans_all_levels_right": share(m.all_levels_right for m in metrics),
+        "share_of_scans_shifted": share(bool(m.level_shift) for m in metrics),
+        "s1_point_named_s1": share((bool(m.s1_named) for m in with_s1), with_s1, s1_patients),
+        "recall": rounded(patient_unit_interval([m.tp for m in metrics], [m.tp + m.fn for m in metrics], patient)),
+        "identification_rate": rounded(patient_unit_interval([m.n_identified for m in metrics],
+                                                             [m.n_gt for m in metrics], patient)),
     }
     return pooled
 
 
-def _by_level(metrics: Sequence[CaseMetrics]) -> dict:
-    """Per true level: bodies scored, found and named right (S1 recall is ``by_level["S1"]``)."""
+def _by_level(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = None) -> dict:
+    """Per true level: bodies scored, found and named right (S1 recall is ``by_level["S1"]``), with 95 %
+    intervals of both rates over the patients that have such a body (a level has one body per scan)."""
     table: dict[str, dict] = {}
-    for m in metrics:
-        for level in m.missed_levels:
-            table.setdefault(level, {"n": 0, "found": 0, "identified": 0})["n"] += 1
-        for match in m.matches:
-            row = table.setdefault(match.gt_level, {"n": 0, "found": 0, "identified": 0})
+    units: dict[str, dict] = {}   # level -> patient -> [n, found, identified]
+    for i, m in enumerate(metrics):
+        patient = (patients or {}).get(m.case_id, (i,))
+        rows = [(level, 0, 0) for level in m.missed_levels]
+        rows += [(match.gt_level, 1, int(match.pred_level == match.gt_level)) for match in m.matches]
+        for level, found, identified in rows:
+            row = table.setdefault(level, {"n": 0, "found": 0, "identified": 0})
             row["n"] += 1
-            row["found"] += 1
-            row["identified"] += int(match.pred_level == match.gt_level)
+            row["found"] += found
+            row["identified"] += identified
+            sums = units.setdefault(level, {}).setdefault(patient, [0, 0, 0])
+            sums[0] += 1
+            sums[1] += found
+            sums[2] += identified
     order = {name: i for i, name in enumerate(LEVELS_TOP_DOWN)}
+
+    def interval(level: str, column: int):
+        sums = list(units[level].values())
+        return rounded(patient_unit_interval([s[column] for s in sums], [s[0] for s in sums]))
+
     return {level: {**row, "recall": _nan_to_none(_ratio(row["found"], row["n"])),
-                    "identification_rate": _nan_to_none(_ratio(row["identified"], row["n"]))}
+                    "identification_rate": _nan_to_none(_ratio(row["identified"], row["n"])),
+                    "n_patients": len(units[level]),
+                    "ci95": {"recall": interval(level, 1), "identification_rate": interval(level, 2)}}
             for level, row in sorted(table.items(), key=lambda kv: order.get(kv[0], len(order)))}
 
 
 def summarise(metrics: Sequence[CaseMetrics], groups: dict[str, dict[str, str]] | None = None) -> dict:
     """Per case, overall (micro-averaged), per level and, with ``groups`` (``{case_id: {"source": ..,
-    "sequence": ..}}``), per source and per sequence; JSON-ready."""
-    summary = {"cases": {m.case_id: _case_dict(m) for m in metrics}, "overall": _pooled(metrics),
-               "by_level": _by_level(metrics)}
+    "sequence": .., "patient": ..}}``), per source and per sequence, with the patient as the unit of
+    the intervals where a patient has several scans; JSON-ready."""
+    patients = {case_id: group["patient"] for case_id, group in (groups or {}).items() if group.get("patient")}
+    summary = {"cases": {m.case_id: _case_dict(m) for m in metrics}, "overall": _pooled(metrics, patients),
+               "by_level": _by_level(metrics, patients)}
     for key in ("source", "sequence"):
         names = sorted({(groups or {}).get(m.case_id, {}).get(key, "") for m in metrics} - {""})
         if names:
-            summary[f"by_{key}"] = {name: _pooled([m for m in metrics if groups[m.case_id].get(key) == name])
+            summary[f"by_{key}"] = {name: _pooled([m for m in metrics if groups[m.case_id].get(key) == name], patients)
                                     for name in names}
     return summary
 
 
-def review_summary(cases: dict, needs_review: dict[str, bool]) -> dict:
+def review_summary(cases: dict, needs_review: dict[str, bool], patients: dict[str, str] | None = None) -> dict:
     """How the predictions' own review flag (``needs_review`` of each ``vertebrae.json``) sorts the scored
     scans (``summarise(...)["cases"]``): the scans with a wrongly named body should all be flagged, the
     scans entirely right as few as possible, and a scan left unflagged should name no body wrongly (what
     a reader relies on).  Scans with a missed or false body but none named wrongly count in neither of the
-    first two groups.  Intervals: Wilson's over scans."""
+    first two groups.  Intervals: Wilson's over scans, over patients where ``patients`` (case id ->
+    patient) gives one patient several scans."""
     wrong = [k for k, m in cases.items() if m["wrong_levels"]]
     right = [k for k, m in cases.items() if m["all_levels_right"]]
     unflagged = [k for k in cases if not needs_review[k]]
@@ -637,9 +667,14 @@ def review_summary(cases: dict, needs_review: dict[str, bool]) -> dict:
              "right": len(right), "right_flagged": sum(needs_review[k] for k in right),
              "unflagged": len(unflagged), "unflagged_none_wrong": sum(k not in wrong for k in unflagged),
              "wrong_not_flagged": [k for k in wrong if not needs_review[k]]}
-    table["ci95"] = {"wrong_flagged": rounded(wilson_interval(table["wrong_flagged"], table["wrong"])),
-                     "right_flagged": rounded(wilson_interval(table["right_flagged"], table["right"])),
-                     "unflagged_none_wrong": rounded(wilson_interval(table["unflagged_none_wrong"], len(unflagged)))}
+
+    def share(scans: list[str], success) -> list[float] | None:
+        return rounded(patient_unit_interval([int(success(k)) for k in scans], [1] * len(scans),
+                                             [(patients or {}).get(k, (k,)) for k in scans]))
+
+    table["ci95"] = {"wrong_flagged": share(wrong, lambda k: needs_review[k]),
+                     "right_flagged": share(right, lambda k: needs_review[k]),
+                     "unflagged_none_wrong": share(unflagged, lambda k: k not in wrong)}
     return table
 
 
@@ -719,10 +754,11 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
     if not results:
         raise InputError(f"nothing to score: none of the {len(cases)} annotated case(s) under {data_root} has a "
                          f"prediction {pred_root}/<case>/vertebrae.json")
-    summary = summarise(results, {c.case_id: {"source": c.source, "sequence": c.sequence} for c in cases})
+    summary = summarise(results, {c.case_id: {"source": c.source, "sequence": c.sequence, "patient": c.patient_id}
+                                  for c in cases})
     for case_id, flagged in needs_review.items():
         summary["cases"][case_id]["needs_review"] = flagged
-    summary["review"] = review_summary(summary["cases"], needs_review)
+    summary["review"] = review_summary(summary["cases"], needs_review, {c.case_id: c.patient_id for c in cases})
     summary["missing_predictions"] = missing
     return summary
 

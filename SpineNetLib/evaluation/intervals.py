@@ -15,13 +15,18 @@ Two kinds, because the scans are independent but the bodies of one scan are not:
   That is conservative (wider than the truth where errors are single bodies), and unlike a
   bootstrap over scans it does not collapse to 100-100 % when every body was right.
 
+Scans of one patient are not independent either (the same anatomy, often the same session: a T1 and a
+T2 of one spine are named wrongly together), so where the evaluation knows patients
+(:func:`patient_unit_interval`) the patient is the unit of both kinds, in the same way: each patient's
+scans (or bodies) pooled, n = the patients.  With one scan per patient this is the interval above.
+
 Pure functions over counts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Hashable, Sequence
 
 #: Two-sided 95 %: the standard normal quantile 0.975.
 Z_95 = 1.959963984540054
@@ -49,6 +54,23 @@ def scan_unit_interval(successes: Sequence[int], totals: Sequence[int], z: float
     if scans == 0:
         return None
     return wilson_interval(scans * sum(successes) / sum(totals), scans, z)
+
+
+def patient_unit_interval(successes: Sequence[float], totals: Sequence[int], patients: Sequence[Hashable] | None = None,
+                          z: float = Z_95) -> tuple[float, float] | None:
+    """:func:`scan_unit_interval` with the patient as the unit: one entry of each sequence per scan,
+    ``patients[i]`` the patient of scan ``i`` (None: each scan its own patient).  A scan-level share
+    passes 1 or 0 successes of 1 per scan (with one scan per patient, Wilson's interval over scans)."""
+    if patients is None:
+        return scan_unit_interval(successes, totals, z)
+    if not len(successes) == len(totals) == len(patients):
+        raise ValueError("one success count, one total and one patient per scan")
+    pooled: dict[Hashable, list[float]] = {}
+    for success, total, patient in zip(successes, totals, patients):
+        sums = pooled.setdefault(patient, [0.0, 0])
+        sums[0] += success
+        sums[1] += total
+    return scan_unit_interval([s for s, _ in pooled.values()], [t for _, t in pooled.values()], z)
 
 
 def rounded(interval: tuple[float, float] | None) -> list[float] | None:

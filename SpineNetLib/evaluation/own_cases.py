@@ -13,7 +13,10 @@ or stored as a DICOM Segmentation, points placed in Slicer, or a label map.  A c
   in the discs if wished, labelled the same way; scored as centre points), or a label map whose values
   ``case.json``'s ``labels`` table names;
 * optionally ``case.json``: ``sequence``, ``"annotation": "points"`` for centre points instead of
-  outlines, and ``labels`` for a label map.
+  outlines, ``labels`` for a label map, and ``patient`` where several cases are scans of one patient
+  (otherwise a DICOM scan's PatientID says it; each other case is its own patient).  Scans of one
+  patient are wrong together, so the intervals then take the patient as their unit
+  (:mod:`SpineNetLib.evaluation.intervals`).
 
 The reference may lie on another grid than the scan (Slicer crops a segmentation to its extent, a SEG
 holds only the annotated frames): it is brought onto the scan's voxels by nearest neighbour; where two
@@ -107,16 +110,44 @@ def _case_json(path: Path) -> dict:
 
 
 def own_case(path: Path) -> RealCase:
-    """A case of one's own (module docstring).  Its source is its parent folder's name; each case is its
-    own patient."""
+    """A case of one's own (module docstring).  Its source is its parent folder's name; its patient the
+    ``patient`` of its ``case.json``, else the PatientID of its DICOM scan, else the case itself (both
+    within the source: ``"mycentre/P017"``)."""
     path = Path(path)
     meta = _case_json(path)
     reference = label_file(path)
     if reference.name not in NAMED_REFERENCES and not isinstance(meta.get("labels"), dict):
         raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\"), "
                          f"which {reference.name} needs (a .seg.nrrd, a DICOM SEG or a .mrk.json names its levels)")
-    return RealCase(case_id=path.name, source=path.parent.name, patient_id=path.name,
+    patient = meta.get("patient")
+    if patient is not None and (not isinstance(patient, (str, int)) or isinstance(patient, bool) or not str(patient).strip()):
+        raise InputError(f"{path / 'case.json'}: 'patient' must be a name or number, got {patient!r}")
+    patient = str(patient).strip() if patient is not None else _dicom_patient_id(path)
+    return RealCase(case_id=path.name, source=path.parent.name,
+                    patient_id=f"{path.parent.name}/{patient if patient else path.name}",
                     sequence=str(meta.get("sequence", "")), path=path)
+
+
+def _dicom_patient_id(path: Path) -> str | None:
+    """The PatientID of the first DICOM file of a case's ``image/`` folder (None: no DICOM scan, or an
+    empty PatientID).  Anonymising tools may give every scan the same PatientID; the tables then say
+    "scans of 1 patient", and ``case.json``'s ``patient`` overrides it."""
+    folder = path / IMAGE_FOLDER
+    if not folder.is_dir():
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["PatientID", "SOPClassUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "SOPClassUID" not in header and "PatientID" not in header:
+            continue
+        patient = str(header.get("PatientID", "") or "").strip()
+        return patient or None
+    return None
 
 
 def marked_by_points(path: Path) -> bool:

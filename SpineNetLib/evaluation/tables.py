@@ -26,10 +26,13 @@ def share_lines(summary: dict) -> list[str]:
     for key in ("source", "sequence"):
         groups += [(f"{key} {name}", group) for name, group in summary.get(f"by_{key}", {}).items()]
     lines = ["scans entirely right, scans shifted (every found body named off by the same number of levels) and "
-             "identification rate, with 95 % intervals (Wilson; for the rate the scan is the unit)"]
+             "identification rate, with 95 % intervals (Wilson; for the rate the scan is the unit; where a patient "
+             "has several scans, the patient)"]
     for name, group in groups:
         right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
-        lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans right "
+        patients = group.get("n_patients", group["n_cases"])
+        of_patients = f" of {patients} patient{'s' if patients != 1 else ''}" if patients < group["n_cases"] else ""
+        lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans{of_patients} right "
                      f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
                      f"({_percent_interval(group['ci95']['share_of_scans_all_levels_right'])}), "
                      f"shifted {group['scans_shifted']} ({_percent_interval(group['ci95']['share_of_scans_shifted'])}), "
@@ -40,7 +43,8 @@ def share_lines(summary: dict) -> list[str]:
 
 def level_lines(summary: dict) -> list[str]:
     """Recall and identification rate per true level of a :func:`summarise` result, then S1 on its own:
-    the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan)
+    the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan,
+    or over their patients where a patient has several scans)
     and, where point-annotated slices were scored, S1 found and named on them."""
     lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
     for level, row in summary["by_level"].items():
@@ -48,9 +52,13 @@ def level_lines(summary: dict) -> list[str]:
     s1 = summary["by_level"].get("S1")
     if s1:
         n = s1["n"]
-        lines.append(f"S1 where it is outlined: found {s1['found']} of {n} "
-                     f"(95 % interval {_percent_interval(wilson_interval(s1['found'], n))}), named S1 "
-                     f"{s1['identified']} of {n} ({_percent_interval(wilson_interval(s1['identified'], n))})")
+        patients = s1.get("n_patients", n)
+        of_patients = f" (of {patients} patient{'s' if patients != 1 else ''})" if patients < n else ""
+        ci = s1.get("ci95") or {"recall": wilson_interval(s1["found"], n),
+                                "identification_rate": wilson_interval(s1["identified"], n)}
+        lines.append(f"S1 where it is outlined: found {s1['found']} of {n}{of_patients} "
+                     f"(95 % interval {_percent_interval(ci['recall'])}), named S1 "
+                     f"{s1['identified']} of {n} ({_percent_interval(ci['identification_rate'])})")
     else:
         lines.append("S1 where it is outlined: in no scored scan")
     overall = summary["overall"]

@@ -20,7 +20,8 @@ from SpineNetLib.core import polygons
 from SpineNetLib.training import datasets as D
 from SpineNetLib.evaluation import evaluate as E
 from SpineNetLib.evaluation import tables as T
-from SpineNetLib.evaluation.intervals import percent_range, rounded, scan_unit_interval, wilson_interval
+from SpineNetLib.evaluation.intervals import (patient_unit_interval, percent_range, rounded, scan_unit_interval,
+                                               wilson_interval)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import DetectionResult, Vertebra
 
@@ -217,6 +218,50 @@ def test_body_rates_take_the_scan_as_the_unit():
         scan_unit_interval([1, 2], [2])
 
 
+def test_scans_of_one_patient_are_one_unit_of_the_intervals():
+    """A T1 and a T2 of one spine are named wrongly together: four scans of three patients, the two of one
+    patient both wrong, give the interval of 1.5 of 3 units, wider than 2 of 4 scans; with one scan per
+    patient everything is as over scans.  The tables say how many patients the scans are of."""
+    assert patient_unit_interval([0, 0, 1, 1], [1, 1, 1, 1], ["A", "A", "B", "C"]) == pytest.approx(wilson_interval(1.5, 3))
+    assert patient_unit_interval([0, 0, 1, 1], [1, 1, 1, 1], ["A", "B", "C", "D"]) == pytest.approx(wilson_interval(2, 4))
+    assert patient_unit_interval([0, 1], [1, 1]) == pytest.approx(wilson_interval(1, 2))
+    with pytest.raises(ValueError):
+        patient_unit_interval([1, 1], [1, 1], ["A"])
+
+    def scan(case_id: str, right: bool):
+        return E.CaseMetrics(case_id=case_id, n_gt=5, tp=5, fp=0, fn=0, n_identified=5 if right else 0,
+                             n_identified_within_1=5)
+
+    metrics = [scan("a_t1", False), scan("a_t2", False), scan("b", True), scan("c", True)]
+    groups = {m.case_id: {"source": "mycentre", "sequence": "T2", "patient": m.case_id.split("_")[0]} for m in metrics}
+    overall = E.summarise(metrics, groups)["overall"]
+    assert (overall["n_cases"], overall["n_patients"], overall["scans_all_levels_right"]) == (4, 3, 2)
+    assert overall["ci95"]["share_of_scans_all_levels_right"] == rounded(wilson_interval(1.5, 3))
+    assert overall["ci95"]["identification_rate"] == rounded(wilson_interval(1.5, 3))
+    assert np.ptp(overall["ci95"]["share_of_scans_all_levels_right"]) > np.ptp(wilson_interval(2, 4))
+    summary = E.summarise(metrics, groups)
+    assert summary["by_source"]["mycentre"]["n_patients"] == 3
+    assert "2/4 scans of 3 patients right 50.0 %" in T.share_lines(summary)[1]
+    # each scan's S1 outlined: named S1 on the two of patient a, named L5 on b, missed on c
+    for m, named in zip(metrics, ("S1", "S1", "L5")):
+        m.matches = [E.Match(gt_level="S1", pred_index=0, pred_level=named, error_mm=1.0)]
+    metrics[3].missed_levels = ["S1"]
+    s1 = E.summarise(metrics, groups)["by_level"]["S1"]
+    assert (s1["n"], s1["found"], s1["identified"], s1["n_patients"]) == (4, 3, 2, 3)
+    assert s1["ci95"]["identification_rate"] == rounded(wilson_interval(1.5, 3))   # 2 of 4 bodies, 3 patients
+    assert any(line.startswith("S1 where it is outlined: found 3 of 4 (of 3 patients)")
+               for line in T.level_lines(E.summarise(metrics, groups)))
+    alone = E.summarise(metrics)["overall"]   # no patients known: each scan its own
+    assert alone["n_patients"] == 4 and alone["ci95"]["share_of_scans_all_levels_right"] == rounded(wilson_interval(2, 4))
+    assert "2/4 scans right" in T.share_lines({"overall": alone})[1]
+    cases = {k: {"wrong_levels": [] if v["all_levels_right"] else ["L4->L5"], "all_levels_right": v["all_levels_right"]}
+             for k, v in summary["cases"].items()}
+    review = E.review_summary(cases, {"a_t1": True, "a_t2": True, "b": False, "c": False},
+                              {k: g["patient"] for k, g in groups.items()})
+    assert review["ci95"]["wrong_flagged"] == rounded(wilson_interval(1, 1))     # two scans, one patient
+    assert review["ci95"]["unflagged_none_wrong"] == rounded(wilson_interval(2, 2))
+
+
 def test_review_summary_sorts_scans_by_the_flag_and_says_what_an_unflagged_scan_is_worth():
     """Scans with a wrongly named body should be flagged, right ones rarely; a scan with a missed body but
     none named wrongly counts in neither group; an unflagged wrong scan is named and counts against the
@@ -265,14 +310,16 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     wide = rounded(wilson_interval(1, 2))
     assert summary["overall"]["ci95"]["share_of_scans_all_levels_right"] == wide
     assert summary["overall"]["ci95"]["identification_rate"] == wide
-    assert summary["overall"]["ci95"]["recall"] == rounded(wilson_interval(2, 2))
+    wide_all = rounded(wilson_interval(2, 2))
+    assert summary["overall"]["ci95"]["recall"] == wide_all
     lines = T.level_lines(summary)
     assert lines[1].split() == ["L1", "2", "100.0%", "50.0%"]
     assert "S1 where it is outlined: in no scored scan" in lines
     s1_points = summary["overall"]["s1_point_scans"]
     assert lines[-1].startswith("S1 of the point-annotated slices") and f"of {s1_points}" in lines[-1]
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
-                                         "identification_rate": 0.5}
+                                         "identification_rate": 0.5, "n_patients": 2,
+                                         "ci95": {"recall": wide_all, "identification_rate": wide}}
     # issue 10's "no scan shifted": every found body named one level too low is a shift of +1; a scan
     # with one body named wrongly and the others right is wrong, but not shifted
     mixed = E.evaluate_case(gt, [E.PredictedVertebra(level="L3" if p.level == "L2" else p.level, slices=p.slices,
@@ -707,6 +754,21 @@ def test_own_cases_are_scored_as_the_same_cases_of_the_data_set(tmp_path, capsys
     meta.pop("annotation")
     (mine / "slice_b" / "case.json").write_text(json.dumps(meta))
     assert E.evaluate_directories(mine / "slice_b", pred)["overall"]["s1_point_scans"] == 0
+    # scans of one patient, as case.json says: one unit of the intervals
+    before = E.evaluate_directories(mine, pred)
+    assert before["overall"]["n_patients"] == 2
+    for name in ("volume_a", "slice_b"):
+        meta = json.loads((mine / name / "case.json").read_text())
+        (mine / name / "case.json").write_text(json.dumps({**meta, "patient": "P1"}))
+    one = E.evaluate_directories(mine, pred)
+    assert one["cases"] == before["cases"] and one["overall"]["n_patients"] == 1
+    assert one["overall"]["ci95"]["recall"] == rounded(wilson_interval(1, 1))
+    meta = json.loads((mine / "slice_b" / "case.json").read_text())
+    (mine / "slice_b" / "case.json").write_text(json.dumps({**meta, "patient": ["P1"]}))
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'patient' must be a name or number" in err[0], err
+    (mine / "slice_b" / "case.json").write_text(json.dumps(meta))
     # a case.json without its labels table: one line, exit 2
     (mine / "volume_a" / "case.json").write_text(json.dumps({"sequence": "T2"}))
     assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred)]) == 2
@@ -813,6 +875,11 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     known = E.evaluate_directories(DATA, pred, case_ids=["myo_05"])["cases"]["myo_05"]
     own = E.evaluate_directories(mine, pred)
     assert set(own["cases"]) == {"drawn_in_slicer", "from_pacs"} and set(own["by_source"]) == {"mycentre"}
+    # the DICOM scan's patient is its PatientID; the NIfTI case is its own patient
+    from SpineNetLib.evaluation.own_cases import own_case
+    assert own_case(mine / "from_pacs").patient_id == "mycentre/CASE2"
+    assert own_case(mine / "drawn_in_slicer").patient_id == "mycentre/drawn_in_slicer"
+    assert own["overall"]["n_patients"] == 2
     assert own["cases"]["drawn_in_slicer"] == known
     from_pacs = own["cases"]["from_pacs"]
     assert from_pacs["n_gt"] == known["n_gt"] >= 5 and from_pacs["all_levels_right"] == known["all_levels_right"]
