@@ -136,12 +136,11 @@ def _dicom_patient_id(path: Path) -> str | None:
     if not folder.is_dir():
         return None
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     for file in sorted(f for f in folder.rglob("*") if f.is_file()):
         try:
             header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["PatientID", "SOPClassUID"])
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+        except Exception:  # pydicom raises many kinds for a file that is no DICOM; the loader says what is wrong
             continue
         if "SOPClassUID" not in header and "PatientID" not in header:
             continue
