@@ -184,12 +184,13 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     return done
 
 
-def row(variant: str, summary: dict) -> tuple[str, int, int]:
-    """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly, scans
-    shifted, and the review flag on the scans with a wrongly named body and on the others; with the
+def row(variant: str, summary: dict, patients: dict[str, str] | None = None) -> tuple[str, int, int]:
+    """One table line: recall and IDR of the annotated bodies, scans with no body named wrongly (its 95 %
+    interval over patients, ``patients``: case id -> patient; zukic's T1 and TIRM are one subject's),
+    scans shifted, and the review flag on the scans with a wrongly named body and on the others; with the
     number of scans not flagged and how many of those have a wrongly named body."""
     from SpineNetLib.evaluation.tables import percent_cell as _pct
-    from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
+    from SpineNetLib.evaluation.intervals import patient_unit_interval, percent_range
 
     o = summary["overall"]
     cases = summary["cases"]
@@ -198,7 +199,8 @@ def row(variant: str, summary: dict) -> tuple[str, int, int]:
     others = [k for k in cases if k not in wrong]
     review = summary["review"]
     line = (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
-            f"{_pct(len(others) / len(cases)):>9} {percent_range(wilson_interval(len(others), len(cases))):>11} "
+            f"{_pct(len(others) / len(cases)):>9} "
+            f"{percent_range(patient_unit_interval([int(k in others) for k in cases], [1] * len(cases), [(patients or {}).get(k, k) for k in cases])):>11} "
             f"{o['scans_shifted']:7d} {sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
             f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
     return line, review["unflagged"], review["unflagged"] - review["unflagged_none_wrong"]
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     for variant in variants:
         ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
-        line, n_unflagged, n_wrong = row(variant, summary)
+        line, n_unflagged, n_wrong = row(variant, summary, {c.case_id: c.patient_id for c in cases})
         lines.append(line)
         unflagged, unflagged_wrong = unflagged + n_unflagged, unflagged_wrong + n_wrong
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'calibration' if args.calibration_studies else 'training-side'} cases, weights {args.weights!r}, predictions in {pred_root} "
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
     print(f"{'variant':14} {'scans':>5} {'recall':>6} {'IDR':>6} {'none wrong':>9} {'95% CI':>11} {'shifted':>7} "
           f"{'flagged':>7} {'others':>7}  scans with a wrongly named body (shifted: every body found named off by "
           "the same number of levels; flagged: of those; others: flagged of the rest; 95% CI: Wilson's interval "
-          "of 'none wrong' over scans)")
+          "of 'none wrong' over patients)")
     print("\n".join(lines))
     # what a reader relies on: a result that asks for no review names no body wrongly
     print(f"\nover the {len(lines)} rows, runs not flagged: {unflagged}, with a wrongly named body {unflagged_wrong} "
