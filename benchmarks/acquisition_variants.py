@@ -190,7 +190,7 @@ def row(variant: str, summary: dict, patients: dict[str, str] | None = None) -> 
     scans shifted, and the review flag on the scans with a wrongly named body and on the others; with the
     number of scans not flagged and how many of those have a wrongly named body."""
     from SpineNetLib.evaluation.tables import percent_cell as _pct
-    from SpineNetLib.evaluation.intervals import patient_unit_interval, percent_range
+    from SpineNetLib.evaluation.intervals import patient_share_interval, percent_range
 
     o = summary["overall"]
     cases = summary["cases"]
@@ -200,7 +200,7 @@ def row(variant: str, summary: dict, patients: dict[str, str] | None = None) -> 
     review = summary["review"]
     line = (f"{variant:14} {o['n_cases']:5d} {_pct(o['recall'])} {_pct(o['identification_rate'])} "
             f"{_pct(len(others) / len(cases)):>9} "
-            f"{percent_range(patient_unit_interval([int(k in others) for k in cases], [1] * len(cases), [(patients or {}).get(k, k) for k in cases])):>11} "
+            f"{percent_range(patient_share_interval([k in others for k in cases], [(patients or {}).get(k, k) for k in cases])):>11} "
             f"{o['scans_shifted']:7d} {sum(flags[k] for k in wrong):3d}/{len(wrong):<3d} "
             f"{sum(flags[k] for k in others):3d}/{len(others):<3d}  {', '.join(wrong)}")
     return line, review["unflagged"], review["unflagged"] - review["unflagged_none_wrong"]

@@ -91,7 +91,7 @@ def print_tables(summary: dict) -> None:
           f"{'IDR±1':>6} {'loc.mm':>6} {'all right':>9} {'95% CI':>11} {'shifted':>7}")
     for name, m in rows:
         loc = m["localisation_error_mm_mean"]
-        print(f"{name:{width}} {m['n_cases']:5d} {m.get('n_patients', m['n_cases']):4d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
+        print(f"{name:{width}} {m['n_cases']:5d} {m['n_patients']:4d} {m['n_gt']:6d} {_pct(m['precision'])} {_pct(m['recall'])} "
               f"{_pct(m['identification_rate'])} {percent_range(m['ci95']['identification_rate']):>11} "
               f"{_pct(m['identification_rate_within_1'])} {'   n/a' if loc is None else f'{loc:6.2f}'} "
               f"{_pct(m['share_of_scans_all_levels_right']):>9} "

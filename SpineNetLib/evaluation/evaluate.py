@@ -84,7 +84,7 @@ from SpineNetLib.training.datasets import (
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, marked_by_points, own_case
-from SpineNetLib.evaluation.intervals import patient_unit_interval, rounded
+from SpineNetLib.evaluation.intervals import patient_share_interval, patient_unit_interval, rounded
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
 SLICE_TOLERANCE_MM = 2.0
@@ -592,14 +592,10 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
     # scan as the unit too, because one scan's bodies are wrong together; over patients where a
     # patient has several scans, because one patient's scans are wrong together
     s1_patients = [p for p, m in zip(patient, metrics) if m.s1_detected is not None]
-
-    def share(successes, of=metrics, units=patient):
-        return rounded(patient_unit_interval([int(x) for x in successes], [1] * len(of), units))
-
     pooled["ci95"] = {
-        "share_of_scans_all_levels_right": share(m.all_levels_right for m in metrics),
-        "share_of_scans_shifted": share(bool(m.level_shift) for m in metrics),
-        "s1_point_named_s1": share((bool(m.s1_named) for m in with_s1), with_s1, s1_patients),
+        "share_of_scans_all_levels_right": rounded(patient_share_interval([m.all_levels_right for m in metrics], patient)),
+        "share_of_scans_shifted": rounded(patient_share_interval([m.level_shift for m in metrics], patient)),
+        "s1_point_named_s1": rounded(patient_share_interval([m.s1_named for m in with_s1], s1_patients)),
         "recall": rounded(patient_unit_interval([m.tp for m in metrics], [m.tp + m.fn for m in metrics], patient)),
         "identification_rate": rounded(patient_unit_interval([m.n_identified for m in metrics],
                                                              [m.n_gt for m in metrics], patient)),
@@ -667,14 +663,12 @@ def review_summary(cases: dict, needs_review: dict[str, bool], patients: dict[st
              "right": len(right), "right_flagged": sum(needs_review[k] for k in right),
              "unflagged": len(unflagged), "unflagged_none_wrong": sum(k not in wrong for k in unflagged),
              "wrong_not_flagged": [k for k in wrong if not needs_review[k]]}
-
-    def share(scans: list[str], success) -> list[float] | None:
-        return rounded(patient_unit_interval([int(success(k)) for k in scans], [1] * len(scans),
-                                             [(patients or {}).get(k, (k,)) for k in scans]))
-
-    table["ci95"] = {"wrong_flagged": share(wrong, lambda k: needs_review[k]),
-                     "right_flagged": share(right, lambda k: needs_review[k]),
-                     "unflagged_none_wrong": share(unflagged, lambda k: k not in wrong)}
+    patient = lambda scans: [(patients or {}).get(k, (k,)) for k in scans]   # noqa: E731
+    table["ci95"] = {
+        "wrong_flagged": rounded(patient_share_interval([needs_review[k] for k in wrong], patient(wrong))),
+        "right_flagged": rounded(patient_share_interval([needs_review[k] for k in right], patient(right))),
+        "unflagged_none_wrong": rounded(patient_share_interval([k not in wrong for k in unflagged],
+                                                               patient(unflagged)))}
     return table
 
 

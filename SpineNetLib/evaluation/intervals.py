@@ -73,6 +73,14 @@ def patient_unit_interval(successes: Sequence[float], totals: Sequence[int], pat
     return scan_unit_interval([s for s, _ in pooled.values()], [t for _, t in pooled.values()], z)
 
 
+def patient_share_interval(outcomes: Sequence[bool], patients: Sequence[Hashable] | None = None,
+                           z: float = Z_95) -> tuple[float, float] | None:
+    """Interval of a scan-level share (one yes/no per scan: entirely right, shifted, flagged, ...) with the
+    patient as the unit (:func:`patient_unit_interval`); with one scan per patient Wilson's over scans."""
+    outcomes = [int(bool(x)) for x in outcomes]
+    return patient_unit_interval(outcomes, [1] * len(outcomes), patients, z)
+
+
 def rounded(interval: tuple[float, float] | None) -> list[float] | None:
     """An interval as JSON writes it: 6 decimals, so that a percentage printed from it with one decimal
     is the interval's own (4 would round 56.55 % down to 56.5)."""

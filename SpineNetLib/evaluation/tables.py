@@ -4,7 +4,7 @@ result: shares with their 95 % intervals, per level, and how the review flag sor
 
 from __future__ import annotations
 
-from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
+from SpineNetLib.evaluation.intervals import percent_range
 
 
 def review_lines(summary: dict) -> list[str]:
@@ -30,8 +30,7 @@ def share_lines(summary: dict) -> list[str]:
              "has several scans, the patient)"]
     for name, group in groups:
         right, idr = group["share_of_scans_all_levels_right"], group["identification_rate"]
-        patients = group.get("n_patients", group["n_cases"])
-        of_patients = f" of {patients} patient{'s' if patients != 1 else ''}" if patients < group["n_cases"] else ""
+        of_patients = _of_patients(group["n_patients"], group["n_cases"])
         lines.append(f"{name:<22} {group['scans_all_levels_right']}/{group['n_cases']} scans{of_patients} right "
                      f"{'n/a' if right is None else f'{100 * right:.1f}'} % "
                      f"({_percent_interval(group['ci95']['share_of_scans_all_levels_right'])}), "
@@ -52,11 +51,10 @@ def level_lines(summary: dict) -> list[str]:
     s1 = summary["by_level"].get("S1")
     if s1:
         n = s1["n"]
-        patients = s1.get("n_patients", n)
-        of_patients = f" (of {patients} patient{'s' if patients != 1 else ''})" if patients < n else ""
-        ci = s1.get("ci95") or {"recall": wilson_interval(s1["found"], n),
-                                "identification_rate": wilson_interval(s1["identified"], n)}
-        lines.append(f"S1 where it is outlined: found {s1['found']} of {n}{of_patients} "
+        of_patients = _of_patients(s1["n_patients"], n)
+        in_brackets = f" ({of_patients.strip()})" if of_patients else ""
+        ci = s1["ci95"]
+        lines.append(f"S1 where it is outlined: found {s1['found']} of {n}{in_brackets} "
                      f"(95 % interval {_percent_interval(ci['recall'])}), named S1 "
                      f"{s1['identified']} of {n} ({_percent_interval(ci['identification_rate'])})")
     else:
@@ -68,6 +66,11 @@ def level_lines(summary: dict) -> list[str]:
                      f"detected {overall['s1_point_detected']} of {n}, named S1 {overall['s1_point_named_s1']} of {n} "
                      f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])})")
     return lines
+
+
+def _of_patients(patients: int, scans: int) -> str:
+    """``" of 2 patients"`` where fewer patients than scans were scored (the intervals' unit), else ``""``."""
+    return f" of {patients} patient{'s' if patients != 1 else ''}" if patients < scans else ""
 
 
 def _percent_interval(interval) -> str:
