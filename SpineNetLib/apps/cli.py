@@ -387,6 +387,8 @@ def command_evaluate(args) -> int:
     print("\n" + "\n".join(share_lines(summary)))
     print("\n" + "\n".join(level_lines(summary)))
     print("\n" + "\n".join(review_lines(summary)))
+    for warning in summary.get("warnings") or []:
+        print(f"spinenet evaluate: warning: {warning}", file=sys.stderr)
     missing = summary.get("missing_predictions") or []
     if missing:   # a run that failed must not pass unseen: the figures above leave these cases out
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

@@ -83,7 +83,9 @@ from SpineNetLib.training.datasets import (
 )
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
-from SpineNetLib.evaluation.own_cases import image_path, is_own_case, load_own_case, marked_by_points, own_case
+from SpineNetLib.evaluation.own_cases import (
+    image_path, is_own_case, load_own_case, marked_by_points, own_case, shared_patient_warnings,
+)
 from SpineNetLib.evaluation.intervals import patient_share_interval, patient_unit_interval, rounded
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
@@ -754,5 +756,7 @@ def evaluate_directories(data_root, pred_root, case_ids: Sequence[str] | None = 
         summary["cases"][case_id]["needs_review"] = flagged
     summary["review"] = review_summary(summary["cases"], needs_review, {c.case_id: c.patient_id for c in cases})
     summary["missing_predictions"] = missing
+    summary["warnings"] = shared_patient_warnings([c for c in cases if c.source not in SOURCE_FOLDERS.values()
+                                                   and c.case_id in summary["cases"]])
     return summary
 

@@ -149,6 +149,35 @@ def _dicom_patient_id(path: Path) -> str | None:
     return None
 
 
+#: One's own cases sharing one DICOM PatientID draw a warning from this many on (:func:`shared_patient_warnings`).
+SHARED_PATIENT_ID_CASES = 3
+
+
+def shared_patient_warnings(cases) -> list[str]:
+    """A line for each DICOM PatientID that :data:`SHARED_PATIENT_ID_CASES` or more of one's own cases
+    (:func:`own_case`) share while their ``case.json`` names no ``patient``.
+
+    Such cases count as one patient in the 95 % intervals.  That is right for several series of one
+    spine, and wrong where an anonymising tool gave every scan the same PatientID (the intervals then
+    come out far too wide), which nothing in the files tells apart: the user is asked to say so.
+    """
+    shared: dict[str, list] = {}
+    for case in cases:
+        if case.patient_id == f"{case.source}/{case.case_id}" or _case_json(case.path).get("patient") is not None:
+            continue    # a patient of its own, or named by the user
+        shared.setdefault(case.patient_id, []).append(case)
+    lines = []
+    for patient, group in sorted(shared.items()):
+        if len(group) < SHARED_PATIENT_ID_CASES:
+            continue
+        names = ", ".join(c.case_id for c in group[:5]) + (f" and {len(group) - 5} more" if len(group) > 5 else "")
+        patient_id = patient.split("/", 1)[1]
+        lines.append(f"{len(group)} cases of {group[0].source} ({names}) share the DICOM PatientID {patient_id!r} "
+                     "and count as one patient in the 95 % intervals; if an anonymising tool gave them that ID, "
+                     "name each case's patient in its case.json (\"patient\")")
+    return lines
+
+
 def marked_by_points(path: Path) -> bool:
     """Whether a case folder's reference marks centre points, not outlines: a markups file, or
     ``case.json`` saying ``"annotation": "points ..."`` (bodies drawn as small disks, as

@@ -218,6 +218,29 @@ def test_body_rates_take_the_scan_as_the_unit():
         scan_unit_interval([1, 2], [2])
 
 
+def test_cases_sharing_one_dicom_patient_id_are_pointed_out(tmp_path):
+    """An anonymised export may give every scan one PatientID: the user is told which cases count as one
+    patient for that reason, not for a patient named in case.json, and not below three cases."""
+    from SpineNetLib.evaluation.own_cases import shared_patient_warnings
+
+    def case(name, patient_id, named=None):
+        folder = tmp_path / "mycentre" / name
+        folder.mkdir(parents=True)
+        (folder / "case.json").write_text(json.dumps({"sequence": "T2", **({"patient": named} if named else {})}))
+        return D.RealCase(case_id=name, source="mycentre", patient_id=f"mycentre/{patient_id}", sequence="T2",
+                          path=folder)
+
+    cases = [case("case_a", "ANON"), case("case_b", "ANON"), case("case_c", "ANON"),
+             case("case_d", "ANON", named="ANON"),           # the user says so: no warning for it
+             case("case_e", "case_e"),                       # a patient of its own
+             case("case_f", "P2"), case("case_g", "P2")]     # two series of one spine: not pointed out
+    lines = shared_patient_warnings(cases)
+    assert len(lines) == 1
+    assert lines[0].startswith("3 cases of mycentre (case_a, case_b, case_c) share the DICOM PatientID 'ANON'")
+    assert "case.json" in lines[0] and "\n" not in lines[0]
+    assert shared_patient_warnings(cases[3:]) == []
+
+
 def test_scans_of_one_patient_are_one_unit_of_the_intervals():
     """A T1 and a T2 of one spine are named wrongly together: four scans of three patients, the two of one
     patient both wrong, give the interval of 1.5 of 3 units, wider than 2 of 4 scans; with one scan per
@@ -879,7 +902,7 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     from SpineNetLib.evaluation.own_cases import own_case
     assert own_case(mine / "from_pacs").patient_id == "mycentre/CASE2"
     assert own_case(mine / "drawn_in_slicer").patient_id == "mycentre/drawn_in_slicer"
-    assert own["overall"]["n_patients"] == 2
+    assert own["overall"]["n_patients"] == 2 and own["warnings"] == []
     assert own["cases"]["drawn_in_slicer"] == known
     from_pacs = own["cases"]["from_pacs"]
     assert from_pacs["n_gt"] == known["n_gt"] >= 5 and from_pacs["all_levels_right"] == known["all_levels_right"]
@@ -907,6 +930,16 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     for name in ("drawn_in_slicer", "from_pacs"):
         data, _ = load_own_case(D.RealCase(name, "mycentre", name, "", mine / name))
         assert np.array_equal(data.labels, reference)
+    # an export that gave three scans one PatientID: the command says which cases count as one patient
+    for copy in ("from_pacs_2", "from_pacs_3"):
+        shutil.copytree(mine / "from_pacs", mine / copy)
+        shutil.copytree(pred / "from_pacs", pred / copy)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--data", str(mine), "--pred", str(pred)]) == 0
+    printed = capsys.readouterr()
+    assert "scans of 2 patients" in printed.out
+    assert ("spinenet evaluate: warning: 3 cases of mycentre (from_pacs, from_pacs_2, from_pacs_3) share the DICOM "
+            "PatientID 'CASE2' and count as one patient") in printed.err
 
 
 def test_a_slicer_segmentation_with_overlapping_segments_and_bad_references(tmp_path, capsys):
