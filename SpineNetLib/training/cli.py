@@ -45,6 +45,22 @@ def _checked(args) -> None:
         path = getattr(args, option, None)   # --init may be a file or an official-layout folder
         if path and not (Path(path).expanduser().exists() if option == "init" else Path(path).expanduser().is_file()):
             raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
+    if getattr(args, "workers", 0) < 0:
+        raise InputError("--workers must not be negative")
+    if getattr(args, "body_pool", None):
+        from SpineNetLib.training.labelling import check_body_pool
+
+        check_body_pool(args.body_pool)
+        clashing = [name for name in ("data", "tianchi_targets", "volume_s1_targets") if getattr(args, name, None)]
+        if clashing:
+            raise InputError(f"--body-pool holds the training bodies already: leave out "
+                             f"--{clashing[0].replace('_', '-')}")
+        return
+    _data_root(args)
+
+
+def _data_root(args) -> None:
+    """``--data`` left out: the default data root, refused when missing unless phantoms alone are asked for."""
     if hasattr(args, "data") and args.data is None:
         root = default_data_root()
         if root.is_dir():
@@ -67,6 +83,20 @@ def command_train_appearance(args) -> int:
 
     _checked(args)
     train_appearance(args)
+    return 0
+
+
+def command_appearance_pool(args) -> int:
+    from SpineNetLib.training.labelling import write_appearance_pool
+
+    args.phantom_fraction = 0.0   # read by the data-folder check: the pool holds real bodies only
+    for option in ("tianchi_targets", "volume_s1_targets"):
+        path = getattr(args, option, None)
+        if path and not Path(path).expanduser().is_file():
+            raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
+    _data_root(args)
+    output_file(args.out)
+    write_appearance_pool(args)
     return 0
 
 
@@ -160,7 +190,24 @@ def register(subparsers) -> None:
                      help="checked S1 outlines of the training volumes (`spinenet train volume-s1-targets`): "
                           "S1 samples from real volumes, which have no S1 outlined")
     add_real_data_arguments(app)
+    app.add_argument("--body-pool", default=None, metavar="FILE",
+                     help="read the training bodies from FILE (`spinenet train appearance-pool`) instead of "
+                          "--data: for a machine without the data folder")
+    app.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="make the batches in N worker processes, each step's batch seeded by (seed, step) "
+                          "(default 0: one process, one random stream, as the bundled network was trained)")
     app.set_defaults(func=command_train_appearance)
+
+    pool = sub.add_parser("appearance-pool", help="write the bodies an appearance run reads into one file "
+                                                  "(`train appearance --body-pool`)")
+    pool.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    pool.add_argument("--out", required=True, metavar="FILE", help=".npz file to write")
+    pool.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
+    pool.add_argument("--volume-s1-targets", default=None, metavar="FILE",
+                      help="checked S1 outlines of the training volumes (as `train appearance`)")
+    pool.add_argument("--tianchi-targets", default=None, metavar="FILE",
+                      help="pseudo-labelled tianchi/ outlines (as `train appearance`)")
+    pool.set_defaults(func=command_appearance_pool)
 
     ctx = sub.add_parser("context", help="train the context network on synthetic label images")
     add_run_arguments(ctx, steps=1000, batch=16, lr=2e-3, data=False)

@@ -263,6 +263,56 @@ def train_loop(run: RunFolder, model, optimizer, scheduler, rng, total_steps: in
     return step
 
 
+class WorkerBatches:
+    """Training batches made ahead in forked worker processes (``--workers N``).
+
+    The batch of step ``k`` is ``make_batch(np.random.default_rng([seed, k]))``, whichever worker makes
+    it, so a run gives the same batches with any number of workers, and a resumed run goes on with the
+    batches an uninterrupted one would have drawn.  (The single-process path, ``--workers 0``, draws
+    every batch from the trainer's one Generator instead, as the bundled networks were trained.)
+    ``make_batch`` reaches the workers by ``fork``, not by pickling, so it may hold large arrays;
+    only step numbers and the batches themselves cross between processes.
+    """
+
+    def __init__(self, make_batch, seed: int, workers: int, ahead: int | None = None):
+        import multiprocessing
+
+        self._seed = int(seed)
+        self._ahead = int(ahead or 2 * workers)
+        self._pool = multiprocessing.get_context("fork").Pool(
+            int(workers), initializer=_install_batch_maker, initargs=(make_batch,))
+        self._pending: dict[int, Any] = {}
+        self._next_to_submit = None
+
+    def batch(self, step: int):
+        """The batch of ``step``; steps must be asked for in increasing order (a jump restarts the queue)."""
+        if step not in self._pending:
+            self._pending.clear()
+            self._next_to_submit = step
+        while self._next_to_submit < step + self._ahead:
+            k = self._next_to_submit
+            self._pending[k] = self._pool.apply_async(_batch_of_step, (self._seed, k))
+            self._next_to_submit += 1
+        return self._pending.pop(step).get()
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
+_BATCH_MAKER = None   # set in each worker process only, by WorkerBatches' pool initializer
+
+
+def _install_batch_maker(make_batch) -> None:
+    global _BATCH_MAKER
+    _BATCH_MAKER = make_batch
+    torch.set_num_threads(1)
+
+
+def _batch_of_step(seed: int, step: int):
+    return _BATCH_MAKER(np.random.default_rng([seed, step]))
+
+
 def _kept_state(kept: dict[str, torch.nn.Module]) -> dict:
     return {name: module.state_dict() for name, module in kept.items()}
 

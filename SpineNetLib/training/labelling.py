@@ -53,6 +53,7 @@ from SpineNetLib.models import AppearanceNet, ContextNet
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.training.common import (
     RunFolder,
+    WorkerBatches,
     initial_weights,
     make_optimizer,
     random_phantom,
@@ -219,6 +220,96 @@ def appearance_volume(rng: np.random.Generator, scan, body: BodySample, *, augme
     return vol
 
 
+#: ``--body-pool`` files keep each scan's voxels as 8 bits of its own maximum: the training data of
+#: the bundled appearance network then fit the 64 MiB a GPU machine's copy of the repository may carry
+#: beside the code.  The real volumes are 8-bit scans averaged over slab slices, so the rounding moves
+#: a voxel by at most half a grey level of 256, well inside ``augment.augment_intensity``'s changes.
+POOL_LEVELS = 255
+
+
+def appearance_bodies(args, config: dict) -> tuple[list, list[BodySample], list[BodySample], list[BodySample]]:
+    """``(scans, real, clinical, phantom bodies)`` of an appearance run.  The real and clinical bodies come
+    from ``--body-pool`` if given, else from the data folder and the tianchi targets; the phantoms are
+    always made from the seed (a pool of them would not compress)."""
+    if config.get("body_pool"):
+        scans, real, clinical = load_body_pool(config["body_pool"])
+    else:
+        scans = []
+        train_cases, _ = training_volume_cases(args)
+        pseudo = None
+        if config["volume_s1_targets"]:
+            from SpineNetLib.training.volume_s1 import read_volume_s1_targets
+            pseudo = read_volume_s1_targets(config["volume_s1_targets"])
+        real = real_bodies(train_cases, scans, pseudo_labelled=pseudo)
+        clinical = (tianchi_bodies(args.data, config["tianchi_targets"], scans)
+                    if config["tianchi_targets"] and args.data else [])
+    phantoms = phantom_bodies(args.n_phantoms, args.seed, scans) if args.phantom_fraction > 0 else []
+    return scans, real, clinical, phantoms
+
+
+def save_body_pool(path, scans: list, real: list[BodySample], clinical: list[BodySample]) -> Path:
+    """One compressed ``.npz`` with the real and clinical bodies :func:`appearance_bodies` read and their
+    scans (at 8 bits, ``POOL_LEVELS``), so that an appearance run can go where the data folder cannot
+    (``spinenet train appearance-pool``)."""
+    used = sorted({b.scan_index for b in real + clinical})
+    new_index = {old: new for new, old in enumerate(used)}
+    arrays: dict[str, np.ndarray] = {"n_scans": np.int64(len(used))}
+    for new, old in enumerate(used):
+        vox = np.clip(np.asarray(scans[old].voxels, np.float32), 0, None)
+        top = float(vox.max()) if vox.size and vox.max() > 0 else 1.0
+        arrays[f"voxels_{new}"] = np.round(vox / top * POOL_LEVELS).astype(np.uint8)
+        arrays[f"scale_{new}"] = np.float64(top / POOL_LEVELS)
+        arrays[f"spacing_{new}"] = np.asarray(scans[old].spacing_mm, np.float64)
+        arrays[f"canonical_to_ras_{new}"] = np.asarray(scans[old].canonical_to_ras, np.float64)
+    for name, bodies in (("real", real), ("clinical", clinical)):
+        arrays[f"{name}_scan"] = np.array([new_index[b.scan_index] for b in bodies], np.int64)
+        arrays[f"{name}_level"] = np.array([b.level for b in bodies], np.int64)
+        arrays[f"{name}_polygon"] = np.array([b.polygon for b in bodies], np.float64).reshape(-1, 4, 2)
+    path = Path(path)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return path
+
+
+def _not_a_body_pool(path, exc: Exception) -> InputError:
+    return InputError(f"--body-pool {path}: not a body pool written by `spinenet train appearance-pool` "
+                      f"({type(exc).__name__})")
+
+
+def check_body_pool(path) -> None:
+    """Refuse (one-line :class:`InputError`) a ``--body-pool`` that is missing or no pool, before a run starts."""
+    if not Path(path).expanduser().is_file():
+        raise InputError(f"--body-pool: no such file {path}")
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as data:
+            int(data["n_scans"])
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise _not_a_body_pool(path, exc) from None
+
+
+def load_body_pool(path) -> tuple[list, list[BodySample], list[BodySample]]:
+    """Read :func:`save_body_pool`'s file back: ``(scans, real bodies, clinical bodies)``."""
+    from SpineNetLib.core.scan import Scan
+
+    try:
+        data = np.load(Path(path), allow_pickle=False)
+        n = int(data["n_scans"])
+        scans = []
+        for i in range(n):
+            vox = data[f"voxels_{i}"].astype(np.float32) * np.float32(data[f"scale_{i}"])
+            to_ras = data[f"canonical_to_ras_{i}"]
+            scans.append(Scan(voxels=vox, spacing_mm=tuple(float(v) for v in data[f"spacing_{i}"]),
+                              canonical_to_ras=to_ras, input_ijk_to_ras=to_ras,
+                              input_shape_ijk=tuple(int(v) for v in vox.shape), canonical_to_input_ijk=np.eye(4),
+                              input_slice_axis=2))
+        real, clinical = ([BodySample(int(k), int(lv), np.asarray(poly, float)) for k, lv, poly in
+                           zip(data[f"{name}_scan"], data[f"{name}_level"], data[f"{name}_polygon"])]
+                          for name in ("real", "clinical"))
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise _not_a_body_pool(path, exc) from None
+    return scans, real, clinical
+
+
 def train_appearance(args) -> Path:
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -230,21 +321,16 @@ def train_appearance(args) -> Path:
               **real_data_config(args)}
     edge_gap = float(getattr(args, "edge_gap", MIN_EDGE_GAP_BODY_HEIGHTS))
     config.update(setting_if_changed("edge_gap_body_heights", edge_gap, MIN_EDGE_GAP_BODY_HEIGHTS))
+    config.update(setting_if_changed("body_pool", resolved_path(getattr(args, "body_pool", None)), None))
+    workers = int(getattr(args, "workers", 0) or 0)
+    config.update(setting_if_changed("per_step_batches", workers > 0, False))
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
     initial_weights(model, config["init"])
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(100, args.steps // 10))
     t0 = time.time()
-    scans: list = []
-    train_cases, _ = training_volume_cases(args)
-    pseudo = None
-    if config["volume_s1_targets"]:
-        from SpineNetLib.training.volume_s1 import read_volume_s1_targets
-        pseudo = read_volume_s1_targets(config["volume_s1_targets"])
-    real = real_bodies(train_cases, scans, pseudo_labelled=pseudo)
-    clinical = tianchi_bodies(args.data, config["tianchi_targets"], scans) if config["tianchi_targets"] and args.data else []
-    phantoms = phantom_bodies(args.n_phantoms, args.seed, scans) if args.phantom_fraction > 0 else []
+    scans, real, clinical, phantoms = appearance_bodies(args, config)
     if not real and not phantoms:
         raise InputError("no training data: give --data with cases or a --phantom-fraction > 0")
     print(f"data: {len(real)} real bodies, {len(clinical)} tianchi bodies, {len(phantoms)} phantom bodies "
@@ -255,28 +341,56 @@ def train_appearance(args) -> Path:
     if not phantoms:
         pf = 0.0
 
-    def step_fn(step):
+    def make_batch(batch_rng: np.random.Generator):
         vols, labels = [], []
         for _ in range(args.batch_size):
-            pool = ph_lv if rng.random() < pf else real_lv
-            if pool is real_lv and clinical_lv and rng.random() < config["tianchi_fraction"]:
+            pool = ph_lv if batch_rng.random() < pf else real_lv
+            if pool is real_lv and clinical_lv and batch_rng.random() < config["tianchi_fraction"]:
                 pool = clinical_lv
             keys = list(pool)
-            bodies = pool[keys[int(rng.integers(len(keys)))]]
-            body = bodies[int(rng.integers(len(bodies)))]
-            vols.append(appearance_volume(rng, scans[body.scan_index], body, augment_strength=args.augment,
+            bodies = pool[keys[int(batch_rng.integers(len(keys)))]]
+            body = bodies[int(batch_rng.integers(len(bodies)))]
+            vols.append(appearance_volume(batch_rng, scans[body.scan_index], body, augment_strength=args.augment,
                                           min_edge_gap=edge_gap))
             labels.append(body.level)
-        x = torch.from_numpy(np.stack(vols))[:, None].to(device)
-        y = torch.tensor(labels, dtype=torch.long, device=device)
+        return np.stack(vols).astype(np.float32), np.array(labels, np.int64)
+
+    def half_precision_batch(batch_rng: np.random.Generator):
+        # workers hand over float16 volumes: half the bytes through the pipes (a batch of 32 is 103 MB
+        # in float32); the normalised intensities keep 3 significant digits
+        vols, labels = make_batch(batch_rng)
+        return vols.astype(np.float16), labels
+
+    ahead = WorkerBatches(half_precision_batch, args.seed, workers) if workers > 0 else None
+
+    def step_fn(step):
+        vols, labels = ahead.batch(step) if ahead is not None else make_batch(rng)
+        x = torch.from_numpy(vols)[:, None].to(device).float()
+        y = torch.from_numpy(labels).to(device)
         logits = model(x)
         loss = F.cross_entropy(logits / TEMPERATURE, y)
         acc = float((logits.argmax(1) == y).float().mean())
         return loss, {"acc": acc}
 
-    train_loop(run, model, opt, sched, rng, args.steps, step_fn, save_every=args.save_every, log_every=5,
-               stop_after=getattr(args, "stop_after", None))
+    try:
+        train_loop(run, model, opt, sched, rng, args.steps, step_fn, save_every=args.save_every, log_every=5,
+                   stop_after=getattr(args, "stop_after", None))
+    finally:
+        if ahead is not None:
+            ahead.close()
     return _finish(run, "appearance", model, args)
+
+
+def write_appearance_pool(args) -> Path:
+    """``spinenet train appearance-pool``: the bodies an appearance run with these options would read,
+    in one file for ``--body-pool``."""
+    config = {"volume_s1_targets": resolved_path(getattr(args, "volume_s1_targets", None)), **real_data_config(args)}
+    args.phantom_fraction = 0.0   # phantoms are made by the run itself, from its seed
+    scans, real, clinical, _ = appearance_bodies(args, config)
+    out = save_body_pool(args.out, scans, real, clinical)
+    print(f"wrote {out}: {len(real)} real and {len(clinical)} tianchi bodies of {len(scans)} scans "
+          f"({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return out
 
 
 # =========================================================================== context
