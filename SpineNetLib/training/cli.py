@@ -47,6 +47,11 @@ def _checked(args) -> None:
             raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
     if getattr(args, "workers", 0) < 0:
         raise InputError("--workers must not be negative")
+    if getattr(args, "workers", 0) > 0:
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise InputError("--workers needs processes started by fork (Linux); use --workers 0 here")
     if getattr(args, "body_pool", None):
         from SpineNetLib.training.labelling import check_body_pool
 
