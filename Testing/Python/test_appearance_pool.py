@@ -103,3 +103,12 @@ def test_a_body_pool_is_not_mixed_with_a_data_folder(tmp_path, capsys):
         argv, out = _train(tmp_path, "run", "--body-pool", str(pool), *extra)
         _one_line_error(capsys, argv, "--body-pool", "leave out", extra[0])
         assert not out.exists()
+
+
+def test_workers_where_processes_cannot_be_forked_are_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    argv, out = _train(tmp_path, "run", "--workers", "2")
+    _one_line_error(capsys, argv, "--workers", "fork")
+    assert not out.exists()
