@@ -150,6 +150,20 @@ def command_calibrate_labelling(args) -> int:
     return command(args)
 
 
+def _add_appearance_pool_parser(sub) -> None:
+    """``train appearance-pool``: an appearance run's real and clinical bodies in one file."""
+    pool = sub.add_parser("appearance-pool", help="write the bodies an appearance run reads into one file "
+                                                  "(`train appearance --body-pool`)")
+    pool.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    pool.add_argument("--out", required=True, metavar="FILE", help=".npz file to write")
+    pool.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
+    pool.add_argument("--volume-s1-targets", default=None, metavar="FILE",
+                      help="checked S1 outlines of the training volumes (as `train appearance`)")
+    pool.add_argument("--tianchi-targets", default=None, metavar="FILE",
+                      help="pseudo-labelled tianchi/ outlines (as `train appearance`)")
+    pool.set_defaults(func=command_appearance_pool)
+
+
 def register(subparsers) -> None:
     """Add ``train`` with sub-commands ``detector``, ``appearance`` and ``context``."""
     train = subparsers.add_parser("train", help="train the small bundled networks (CPU or CUDA)")
@@ -203,16 +217,7 @@ def register(subparsers) -> None:
                           "(default 0: one process, one random stream, as the bundled network was trained)")
     app.set_defaults(func=command_train_appearance)
 
-    pool = sub.add_parser("appearance-pool", help="write the bodies an appearance run reads into one file "
-                                                  "(`train appearance --body-pool`)")
-    pool.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
-    pool.add_argument("--out", required=True, metavar="FILE", help=".npz file to write")
-    pool.add_argument("--max-cases", type=int, default=0, help="use only the first N training cases (tests)")
-    pool.add_argument("--volume-s1-targets", default=None, metavar="FILE",
-                      help="checked S1 outlines of the training volumes (as `train appearance`)")
-    pool.add_argument("--tianchi-targets", default=None, metavar="FILE",
-                      help="pseudo-labelled tianchi/ outlines (as `train appearance`)")
-    pool.set_defaults(func=command_appearance_pool)
+    _add_appearance_pool_parser(sub)
 
     ctx = sub.add_parser("context", help="train the context network on synthetic label images")
     add_run_arguments(ctx, steps=1000, batch=16, lr=2e-3, data=False)
