@@ -292,19 +292,18 @@ def load_body_pool(path) -> tuple[list, list[BodySample], list[BodySample]]:
     from SpineNetLib.core.scan import Scan
 
     try:
-        data = np.load(Path(path), allow_pickle=False)
-        n = int(data["n_scans"])
-        scans = []
-        for i in range(n):
-            vox = data[f"voxels_{i}"].astype(np.float32) * np.float32(data[f"scale_{i}"])
-            to_ras = data[f"canonical_to_ras_{i}"]
-            scans.append(Scan(voxels=vox, spacing_mm=tuple(float(v) for v in data[f"spacing_{i}"]),
-                              canonical_to_ras=to_ras, input_ijk_to_ras=to_ras,
-                              input_shape_ijk=tuple(int(v) for v in vox.shape), canonical_to_input_ijk=np.eye(4),
-                              input_slice_axis=2))
-        real, clinical = ([BodySample(int(k), int(lv), np.asarray(poly, float)) for k, lv, poly in
-                           zip(data[f"{name}_scan"], data[f"{name}_level"], data[f"{name}_polygon"])]
-                          for name in ("real", "clinical"))
+        with np.load(Path(path).expanduser(), allow_pickle=False) as data:
+            scans = []
+            for i in range(int(data["n_scans"])):
+                vox = data[f"voxels_{i}"].astype(np.float32) * np.float32(data[f"scale_{i}"])
+                to_ras = data[f"canonical_to_ras_{i}"]
+                scans.append(Scan(voxels=vox, spacing_mm=tuple(float(v) for v in data[f"spacing_{i}"]),
+                                  canonical_to_ras=to_ras, input_ijk_to_ras=to_ras,
+                                  input_shape_ijk=tuple(int(v) for v in vox.shape),
+                                  canonical_to_input_ijk=np.eye(4), input_slice_axis=2))
+            real, clinical = ([BodySample(int(k), int(lv), np.asarray(poly, float)) for k, lv, poly in
+                               zip(data[f"{name}_scan"], data[f"{name}_level"], data[f"{name}_polygon"])]
+                              for name in ("real", "clinical"))
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise _not_a_body_pool(path, exc) from None
     return scans, real, clinical
