@@ -320,7 +320,11 @@ def train_appearance(args) -> Path:
               **real_data_config(args)}
     edge_gap = float(getattr(args, "edge_gap", MIN_EDGE_GAP_BODY_HEIGHTS))
     config.update(setting_if_changed("edge_gap_body_heights", edge_gap, MIN_EDGE_GAP_BODY_HEIGHTS))
-    config.update(setting_if_changed("body_pool", resolved_path(getattr(args, "body_pool", None)), None))
+    body_pool = resolved_path(getattr(args, "body_pool", None))
+    config.update(setting_if_changed("body_pool", body_pool, None))
+    if body_pool:   # its contents, so that a resume notices a pool written again at the same path
+        from SpineNetLib.core.files import sha256_file
+        config["body_pool_sha256"] = sha256_file(body_pool)
     workers = int(getattr(args, "workers", 0) or 0)
     config.update(setting_if_changed("per_step_batches", workers > 0, False))
     run = RunFolder(args.out, config, resume=args.resume)

@@ -112,3 +112,27 @@ def test_workers_where_processes_cannot_be_forked_are_a_one_line_error(tmp_path,
     argv, out = _train(tmp_path, "run", "--workers", "2")
     _one_line_error(capsys, argv, "--workers", "fork")
     assert not out.exists()
+
+
+def test_a_resume_with_the_pool_written_again_is_refused(tmp_path, capsys):
+    """The run's settings hold the pool's checksum, not only its path: other bodies are another run."""
+    from SpineNetLib.core.scan import Scan
+    from SpineNetLib.training.labelling import BodySample, save_body_pool
+
+    def pool_with(value: float):
+        scan = Scan(voxels=np.full((64, 64, 3), value, np.float32), spacing_mm=(1.0, 1.0, 4.0),
+                    canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4), input_shape_ijk=(64, 64, 3),
+                    canonical_to_input_ijk=np.eye(4), input_slice_axis=2)
+        body = BodySample(0, 20, np.array([[20.0, 20.0], [40.0, 20.0], [40.0, 40.0], [20.0, 40.0]]))
+        save_body_pool(tmp_path / "pool.npz", [scan], [body], [])
+
+    pool_with(100.0)
+    argv, out = _train(tmp_path, "run", "--body-pool", str(tmp_path / "pool.npz"), "--steps", "3")
+    argv[argv.index("--phantom-fraction") + 1] = "0"
+    from SpineNetLib.apps.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    args.stop_after = 1
+    assert args.func(args) == 0
+    pool_with(50.0)
+    _one_line_error(capsys, argv + ["--resume"], "different settings", "body_pool_sha256")
