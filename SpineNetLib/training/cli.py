@@ -41,10 +41,7 @@ def _checked(args) -> None:
         raise InputError(f"--repeat-s1-penalty must not be negative, got {penalty}")
     if getattr(args, "val_batches", 1) < 1:
         raise InputError("--val-batches must be at least 1")
-    for option in ("tianchi_targets", "volume_s1_targets", "init"):   # at once, not after loading the data
-        path = getattr(args, option, None)   # --init may be a file or an official-layout folder
-        if path and not (Path(path).expanduser().exists() if option == "init" else Path(path).expanduser().is_file()):
-            raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
+    _refuse_missing_files(args)
     if getattr(args, "workers", 0) < 0:
         raise InputError("--workers must not be negative")
     if getattr(args, "workers", 0) > 0:
@@ -62,6 +59,14 @@ def _checked(args) -> None:
                              f"--{clashing[0].replace('_', '-')}")
         return
     _data_root(args)
+
+
+def _refuse_missing_files(args) -> None:
+    """The file options a command has, named at once when missing, not after loading the data."""
+    for option in ("tianchi_targets", "volume_s1_targets", "init"):
+        path = getattr(args, option, None)   # --init may be a file or an official-layout folder
+        if path and not (Path(path).expanduser().exists() if option == "init" else Path(path).expanduser().is_file()):
+            raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
 
 
 def _data_root(args) -> None:
@@ -94,11 +99,7 @@ def command_train_appearance(args) -> int:
 def command_appearance_pool(args) -> int:
     from SpineNetLib.training.labelling import write_appearance_pool
 
-    args.phantom_fraction = 0.0   # read by the data-folder check: the pool holds real bodies only
-    for option in ("tianchi_targets", "volume_s1_targets"):
-        path = getattr(args, option, None)
-        if path and not Path(path).expanduser().is_file():
-            raise InputError(f"--{option.replace('_', '-')}: no such file {path}")
+    _refuse_missing_files(args)
     _data_root(args)
     output_file(args.out)
     write_appearance_pool(args)
@@ -161,7 +162,9 @@ def _add_appearance_pool_parser(sub) -> None:
                       help="checked S1 outlines of the training volumes (as `train appearance`)")
     pool.add_argument("--tianchi-targets", default=None, metavar="FILE",
                       help="pseudo-labelled tianchi/ outlines (as `train appearance`)")
-    pool.set_defaults(func=command_appearance_pool)
+    # no --phantom-fraction: the pool holds real bodies only (phantoms are made by the run from its seed),
+    # and 0 tells the data-folder check and the data reading so
+    pool.set_defaults(func=command_appearance_pool, phantom_fraction=0.0)
 
 
 def register(subparsers) -> None:

@@ -386,9 +386,8 @@ def train_appearance(args) -> Path:
 
 def write_appearance_pool(args) -> Path:
     """``spinenet train appearance-pool``: the bodies an appearance run with these options would read,
-    in one file for ``--body-pool``."""
+    in one file for ``--body-pool`` (``args.phantom_fraction`` is 0: no phantoms are made)."""
     config = {"volume_s1_targets": resolved_path(getattr(args, "volume_s1_targets", None)), **real_data_config(args)}
-    args.phantom_fraction = 0.0   # phantoms are made by the run itself, from its seed
     scans, real, clinical, _ = appearance_bodies(args, config)
     out = save_body_pool(args.out, scans, real, clinical)
     print(f"wrote {out}: {len(real)} real and {len(clinical)} tianchi bodies of {len(scans)} scans "
