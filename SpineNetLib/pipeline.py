@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:   # annotations only: torch is imported where it is used
+    import torch
 
 from SpineNetLib.core.errors import InputError, SpineNetError
 from SpineNetLib.core.levels import N_LEVELS, level_index
@@ -39,8 +41,9 @@ from SpineNetLib.detect.s1_outline import bodies_clear_of_the_lower_edge, refine
 from SpineNetLib.detect.turned import bodies_on_turned_slices
 from SpineNetLib.discs.extraction import extract_ivd_volumes, skipped_discs
 from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes, trained_columns, untrained_heads
-from SpineNetLib.discs.hotspots import (
-    DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, hotspot_maps, parse_heads,
+# the hotspot maps themselves (discs/hotspots.py) need torch, and are imported only when asked for
+from SpineNetLib.discs.hotspot_options import (
+    DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, parse_heads,
 )
 from SpineNetLib.discs.measurements import lumbar_body_size_warning, measure_spine
 from SpineNetLib.inputs.load import load_scan
@@ -53,16 +56,17 @@ from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, g
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
-from SpineNetLib.models.folding import fold_batch_norms
-from SpineNetLib.models.grading import reads_one_slice
-from SpineNetLib.models.precision import bfloat16_warning, precision_of, with_precision
-from SpineNetLib.models.runtimes import check_runtime, openvino_detector_predictor
-from SpineNetLib.weights import checkpoints
-from SpineNetLib.weights.resolve import CHECKPOINT_KIND, WeightSet, resolve_weights, user_cache_dir
+from SpineNetLib.models.grading_heads import reads_one_slice
+from SpineNetLib.models.inference import is_torch_module
+from SpineNetLib.models.runtimes import check_runtime
+from SpineNetLib.weights.resolve import WeightSet, resolve_weights, resolve_weights_file, user_cache_dir
+# torch and its networks are imported where a run needs them: --runtime onnx never does (models/onnx_runtime.py)
 
 
 def choose_device(spec: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
     spec = (spec or "auto").lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,7 +96,7 @@ class Networks:
     extra: dict = field(default_factory=dict)
     #: "fp32" or "bf16" (:mod:`SpineNetLib.models.precision`), recorded in the documents.
     precision: str = "fp32"
-    #: Where the detector runs, "torch" or "openvino" (:mod:`SpineNetLib.models.runtimes`), recorded too.
+    #: Where the networks run, "torch", "openvino" (the detector) or "onnx" (all; ``models/runtimes.py``).
     runtime: str = "torch"
     #: ``predict`` of the weight set's second detector, for S1 only: its outline, and an S1 below an L5
     #: (``detect/s1_outline.py``); None when the weight set has none.
@@ -101,32 +105,33 @@ class Networks:
 
 def load_networks(weights: str | None = "bundled", device: str = "auto", *,
                   trusted_sha256: set[str] | None = None, with_grading: bool = False,
-                  precision: str = "fp32", runtime: str = "torch") -> Networks:
+                  precision: str = "fp32", runtime: str = "torch", threads: int | None = None) -> Networks:
     """The networks of a weight set; ``precision`` "bf16" runs them under bfloat16 autocast
-    (``models/precision.py``: faster on CPUs with bfloat16 support, outputs within ~1 % of their range);
-    ``runtime`` "openvino" runs the detector with OpenVINO on the CPU (``models/runtimes.py``)."""
+    (``models/precision.py``); ``runtime`` "openvino" runs the detector with OpenVINO on the CPU
+    (``models/runtimes.py``), "onnx" every network on ONNX Runtime on ``threads`` threads, never
+    importing torch (``models/onnx_runtime.py``)."""
     start = time.perf_counter()
     check_runtime(runtime)
     weight_set = resolve_weights(weights)
     if runtime != "torch" and str(device) not in ("auto", "cpu"):
         raise InputError(f"--runtime {runtime} runs on the CPU: use --device cpu (or auto)")
+    if runtime == "onnx":
+        if precision != "fp32":
+            raise InputError("--runtime onnx computes in float32: leave out --precision bf16 (or use --runtime torch)")
+        return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start)
+    from SpineNetLib.models.precision import with_precision
+    from SpineNetLib.models.runtimes import openvino_detector_predictor
+    from SpineNetLib.weights.checkpoints import load_for_run
+
     dev = choose_device("cpu" if runtime != "torch" else device)
-
-    def load_float32(kind: str) -> torch.nn.Module:
-        return checkpoints.load_model(CHECKPOINT_KIND.get(kind, kind), weight_set.path(kind), device=str(dev),
-                                      trusted_sha256=trusted_sha256)
-
-    def load(kind: str) -> torch.nn.Module:
-        network = load_float32(kind)
-        if precision == "bf16" or weight_set.source == "bundled":   # folded where that pays (models/folding.py)
-            network = checkpoints.with_fast_memory_format(fold_batch_norms(network))   # layout again after it
-        return with_precision(network, precision)
-
+    load = lambda kind: with_precision(load_for_run(weight_set, kind, dev, precision, trusted_sha256),  # noqa: E731
+                                       precision)
     detector, predictor = None, None
     if runtime == "openvino":   # first, while little else is loaded: converting takes memory (runtimes.py)
-        predictor = openvino_detector_predictor(lambda: load_float32("detector"),
-                                                checkpoints.resolve_weights_file(weight_set.path("detector")),
-                                                precision, cache_dir=user_cache_dir() / "openvino")
+        predictor = openvino_detector_predictor(
+            lambda: load_for_run(weight_set, "detector", dev, "fp32", trusted_sha256, fold=False),
+            resolve_weights_file(weight_set.path("detector")), precision,
+            cache_dir=user_cache_dir() / "openvino")
     else:
         detector = load("detector")
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None
@@ -135,6 +140,28 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
                     s1_outline=(detection.network_predictor(load("s1_outline"), device=dev)
                                 if weight_set.s1_outline is not None else None),
                     load_seconds=time.perf_counter() - start, precision=precision, runtime=runtime)
+
+
+def _onnx_networks(weight_set: WeightSet, with_grading: bool, trusted_sha256: set[str] | None,
+                   threads: int | None, start: float) -> Networks:
+    """:func:`load_networks` for ``runtime="onnx"`` (``models/onnx_runtime.py``)."""
+    from SpineNetLib.models import onnx_runtime
+
+    def load_torch(kind: str):   # imports torch: only when a network is exported
+        from SpineNetLib.weights.checkpoints import load_for_run
+
+        return load_for_run(weight_set, kind, "cpu", "fp32", trusted_sha256)
+
+    kinds = [k for k in onnx_runtime.KINDS if weight_set.path(k) is not None and (k != "grading" or with_grading)]
+    nets = onnx_runtime.onnx_networks(
+        {k: resolve_weights_file(weight_set.path(k)) for k in kinds},
+        load_torch,
+        user_cache_dir() / "onnx", threads=int(threads or 0))
+    return Networks(detector=None, appearance=nets["appearance"], context=nets["context"],
+                    grading=nets.get("grading"), device="cpu", weights=weight_set,
+                    predictor=onnx_runtime.onnx_predictor(nets["detector"]),
+                    s1_outline=(onnx_runtime.onnx_predictor(nets["s1_outline"]) if "s1_outline" in nets else None),
+                    load_seconds=time.perf_counter() - start, precision="fp32", runtime="onnx")
 
 
 #: A scan on which fewer bodies than this are found at the header's pixel spacing is detected again
@@ -457,6 +484,8 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         if weights_path:
             status["weights_file"] = str(weights_path)
         if networks.precision != "fp32":   # the arithmetic the grades came from (a 1-slice grader stays fp32)
+            from SpineNetLib.models.precision import precision_of
+
             status["precision"] = precision_of(networks.grading)
         graded_columns = trained_columns(networks.grading)
         untrained = {c: NOT_TRAINED for c in GRADE_COLUMNS if c not in graded_columns}
@@ -565,8 +594,18 @@ class RunResult:
     labelling_confidence: LabellingConfidence | None = None
 
 
-def _check_hotspot_options(options: RunOptions) -> list:
+def _slow_arithmetic(networks: Networks) -> list[str]:
+    from SpineNetLib.models.precision import bfloat16_warning
+
+    slow = bfloat16_warning(networks.precision, networks.device)
+    return [slow] if slow is not None else []
+
+
+def _check_hotspot_options(options: RunOptions, networks: Networks | None = None) -> list:
     """The hotspot heads, checked before any work so that a typo fails at once."""
+    if options.hotspot_heads and networks and networks.grading is not None and not is_torch_module(networks.grading):
+        raise InputError(f"hotspot maps need the grader's gradients, which --runtime {networks.runtime} does not "
+                         "give: use --runtime torch for them")
     if not options.hotspot_heads:
         return []
     if options.hotspot_method not in METHODS:
@@ -598,6 +637,8 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
         heads = [h for h in heads if h not in untrained]
         if not heads:
             return []
+    from SpineNetLib.discs.hotspots import hotspot_maps
+
     return hotspot_maps(scan, discs.ivds, networks.grading, heads, options.hotspot_method,
                         options.hotspot_augmentations, progress=progress, precision=options.hotspot_precision)
 
@@ -672,14 +713,13 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     both.  ``progress(done, total, message)`` hears every stage.
     """
     options = options or RunOptions()
-    heads = _check_hotspot_options(options)
+    heads = _check_hotspot_options(options, networks)
     start = time.perf_counter()
     # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
     scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]
     warnings: list[str] = list(scan_warnings)
-    slow_arithmetic = bfloat16_warning(networks.precision, networks.device)
-    if slow_arithmetic is not None:
-        warnings.append(slow_arithmetic)
+    if networks.precision != "fp32":
+        warnings += _slow_arithmetic(networks)
     profile = processing_profile(options.profile, networks.weights.source)
     params = profiled_labelling_params(networks.context, options.labelling_params, profile)
     detection_params = profiled_detection_params(options.detection_params, profile)

@@ -59,8 +59,15 @@ def _add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def _use_threads(args) -> None:
     """Apply ``--threads`` before any network runs: torch's intra- and inter-op pools, and (through the
-    environment) the OpenMP/BLAS pools of libraries loaded later, which read their size once, at load."""
+    environment) the OpenMP/BLAS pools of libraries loaded later, which read their size once, at load.
+    With ``--runtime onnx`` numpy's BLAS gets one thread: it then computes only the small products of the
+    resampling (``core/resample.py``), and its idle threads spinning beside ONNX Runtime's made the
+    bundled detector 1.7 times slower (chu_02: 1.01 s against 0.59 s; benchmarks/RESULTS.md)."""
     threads = getattr(args, "threads", None)
+    onnx = getattr(args, "runtime", "torch") == "onnx"
+    if onnx and "numpy" not in sys.modules:
+        for variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = "1"
     if threads is None:
         return
     if threads < 1:
@@ -68,8 +75,10 @@ def _use_threads(args) -> None:
     too_many = too_many_threads(threads, f"--threads {threads}")
     if too_many:
         raise SpineNetError(too_many)
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for variable in ("OMP_NUM_THREADS",) if onnx else ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
+    if onnx and sys.modules.get("torch") is None:
+        return   # ONNX Runtime takes them from load_networks; importing torch here is what it avoids
     import torch
 
     torch.set_num_threads(threads)
@@ -97,10 +106,12 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16 "
                              "support, about 8 times slower on CPUs without AVX-512; outputs within about "
                              "1 %% of their range, see benchmarks/RESULTS.md)")
-    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
-                        help="where the detector runs: torch (default) or OpenVINO on the CPU (pip install openvino; "
-                             "faster for the official-size detector, above all with --precision bf16; its first use "
-                             "per weights file converts it, see benchmarks/RESULTS.md)")
+    parser.add_argument("--runtime", choices=["torch", "openvino", "onnx"], default="torch",
+                        help="where the networks run: torch (default); openvino, the detector on OpenVINO (pip install "
+                             "openvino; faster for the official-size detector, above all with --precision bf16); onnx, "
+                             "every network on ONNX Runtime, never importing torch, which saves about a second of each "
+                             "run's start (pip install onnxruntime onnx; no hotspot maps). The first use of either per "
+                             "weights file converts the networks and keeps them in the cache; see benchmarks/RESULTS.md")
 
 
 def _version() -> str:
@@ -302,7 +313,8 @@ def _networks_for(args):
 
     return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
                                   with_grading=not getattr(args, "no_grade", False),
-                                  precision=getattr(args, "precision", "fp32"), runtime=getattr(args, "runtime", "torch"))
+                                  precision=getattr(args, "precision", "fp32"), runtime=getattr(args, "runtime", "torch"),
+                                  threads=getattr(args, "threads", None))
 
 
 def command_demo(args) -> int:

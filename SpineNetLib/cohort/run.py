@@ -98,7 +98,7 @@ class CohortSettings:
     threads: int = 1
     #: Network arithmetic, "fp32" or "bf16" (``pipeline.load_networks``).
     precision: str = "fp32"
-    #: Where the detector runs, "torch" or "openvino" (``pipeline.load_networks``).
+    #: Where the networks run, "torch", "openvino" (the detector) or "onnx" (``pipeline.load_networks``).
     runtime: str = "torch"
 
     def network_key(self) -> tuple:
@@ -203,7 +203,7 @@ class NetworksPlugin(WorkerPlugin):
 def _load_networks(settings: CohortSettings) -> pipeline.Networks:
     return pipeline.load_networks(settings.weights, settings.device,
                                   trusted_sha256=set(settings.trusted_sha256) or None, with_grading=settings.grade,
-                                  precision=settings.precision, runtime=settings.runtime)
+                                  precision=settings.precision, runtime=settings.runtime, threads=settings.threads)
 
 
 def _worker_networks(settings: CohortSettings) -> tuple[pipeline.Networks, float]:

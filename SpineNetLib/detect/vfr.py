@@ -54,6 +54,7 @@ from scipy import ndimage
 
 from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.resample import loaded_torch
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect.plans import (  # noqa: F401  (the plans are part of this module's API)
@@ -338,10 +339,9 @@ def _corner_maps(outputs: np.ndarray) -> np.ndarray:
     (54 slices of zukic_15: 0.10 -> 0.06 s, copies included).  The values are the same.
     """
     heat = np.asarray(outputs)[:, :4]
-    if heat.flags.c_contiguous or not heat.flags.writeable:
+    torch = loaded_torch()
+    if torch is None or heat.flags.c_contiguous or not heat.flags.writeable:
         return np.ascontiguousarray(heat)
-    import torch
-
     return torch.from_numpy(heat).contiguous().numpy()
 
 
@@ -581,7 +581,8 @@ def _maps_below(maps: np.ndarray, boxes: list[PatchBox], found: list[np.ndarray]
     below = [i for i, box in enumerate(boxes) if box.y1 > lowest_row]
     if not below:
         return None
-    return maps[below], [boxes[i] for i in below], lowest_row
+    kept = maps if len(below) == len(boxes) else maps[below]   # no copy where every box reaches below
+    return kept, [boxes[i] for i in below], lowest_row
 
 
 def _faint_decoding(below_by_slice: dict[int, tuple[np.ndarray, list[PatchBox], float]],

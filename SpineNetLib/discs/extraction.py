@@ -36,7 +36,7 @@ Unlike the official code (square pixels, whole-volume rotations with
 OpenCV), everything is done in physical millimetres, so anisotropic pixels
 give an undistorted crop, and each output voxel is mapped straight back to
 the scan and sampled once (bicubic, OpenCV's a = -0.75 kernel via
-``torch.grid_sample``) from only the region the crop covers.
+``core/resample.py``) from only the region the crop covers.
 
 Intensity (official §6, §11.8): reference = median of the raw scan values inside
 each body's mid-slice polygon, applied to every slice where that body was
@@ -51,11 +51,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
 from SpineNetLib.core.polygons import points_in_polygon
+from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 
@@ -300,14 +299,7 @@ def _sample_slices(voxels: np.ndarray, slices: list[int], rows: np.ndarray, cols
         return out
     region = np.ascontiguousarray(voxels[y_lo:y_hi + 1, x_lo:x_hi + 1][:, :, slices].transpose(2, 0, 1),
                                   dtype=np.float32)
-    h, w = region.shape[1:]
-    gx = (2.0 * (cols - x_lo) + 1.0) / w - 1.0   # pixel i <-> (2 i + 1) / n - 1 (align_corners=False)
-    gy = (2.0 * (rows - y_lo) + 1.0) / h - 1.0
-    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
-    # each slice a batch item: grid_sample shares its work out over the batch only (the same values)
-    sampled = F.grid_sample(torch.from_numpy(region)[:, None], grid.expand(len(region), -1, -1, -1),
-                            mode="bicubic", padding_mode="zeros", align_corners=False)
-    return sampled[:, 0].numpy()
+    return bicubic_sample(region, cols - x_lo, rows - y_lo)
 
 
 def _disc_slices(voxels: np.ndarray, first_slice: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -421,8 +413,7 @@ def extract_ivd_volume_official(scan: Scan, upper: Vertebra, lower: Vertebra, *,
     window = _disc_slices(voxels, mid - HALF_SLICES, rows, cols)
     window[:, (rr[:, 0] < 0) | (rr[:, 0] >= canvas_h), :] = 0.0   # beyond the canvas: the official zero pad
     window[:, :, (cc[0] < 0) | (cc[0] >= canvas_w)] = 0.0
-    patch = F.interpolate(torch.from_numpy(window)[None], size=OFFICIAL_PATCH, mode="bicubic",
-                          align_corners=False)[0].numpy()
+    patch = bicubic_resize(window, OFFICIAL_PATCH)
     r0, c0 = (OFFICIAL_PATCH[0] - IVD_SHAPE[1]) // 2, (OFFICIAL_PATCH[1] - IVD_SHAPE[2]) // 2
     raw = patch[:, r0:r0 + IVD_SHAPE[1], c0:c0 + IVD_SHAPE[2]]
     if reference is None:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from SpineNetLib.discs.extraction import IVD_SHAPE, IVDVolume
-from SpineNetLib.models.grading import HEADS, GradingHead
+from SpineNetLib.models.grading_heads import HEADS, GradingHead
+from SpineNetLib.models.inference import network_outputs
 
 _ABSENT_PRESENT = ("0: absent", "1: present")
 
@@ -109,7 +109,7 @@ DiscGrades = dict[str, tuple[int, np.ndarray]]
 NOT_TRAINED = "not trained: no graded data"
 
 
-def trained_columns(grading_net: torch.nn.Module) -> tuple[str, ...]:
+def trained_columns(grading_net) -> tuple[str, ...]:
     """The grade columns whose heads the weights trained, in column order.
 
     A checkpoint written by ``spinenet train grader`` records them (``trained_heads``: the heads
@@ -122,7 +122,7 @@ def trained_columns(grading_net: torch.nn.Module) -> tuple[str, ...]:
     return tuple(c.name for c in _COLUMNS if c.head in heads)
 
 
-def untrained_heads(grading_net: torch.nn.Module, heads: Sequence[GradingHead]) -> list[GradingHead]:
+def untrained_heads(grading_net, heads: Sequence[GradingHead]) -> list[GradingHead]:
     """Those of ``heads`` whose grade column the weights did not train (:func:`trained_columns`): a
     hotspot map of such a head shows where an untrained classifier looks, not where a grade comes from."""
     trained = {GRADE_COLUMNS[c].head for c in trained_columns(grading_net)}
@@ -137,24 +137,29 @@ def _as_array(volume) -> np.ndarray:
     return v
 
 
-@torch.inference_mode()
-def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net: torch.nn.Module,
-                  device: str | torch.device = "cpu", *, batch_size: int = 4) -> list[DiscGrades]:
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of each row of logits, float64."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net, device="cpu", *,
+                  batch_size: int = 4) -> list[DiscGrades]:
     """Grades of each volume, in the given order: ``[{column: (value, probabilities)}]``.
 
-    ``grading_net`` must be in eval mode (as :func:`checkpoints.load_model`
-    returns it); it is called on batches of at most ``batch_size`` volumes.  Only the columns
-    whose heads the weights trained are graded (:func:`trained_columns`); the rest are absent.
+    ``grading_net`` (a torch module in eval mode, as :func:`checkpoints.load_model` returns it, or an
+    ONNX network, ``models/onnx_runtime.py``) is called on batches of at most ``batch_size`` volumes.
+    Only the columns whose heads the weights trained are graded (:func:`trained_columns`); the rest are
+    absent.
     """
-    device = torch.device(device)
     graded = set(trained_columns(grading_net))
     arrays = [_as_array(v) for v in volumes]
     out: list[DiscGrades] = []
     for start in range(0, len(arrays), max(1, int(batch_size))):
-        batch = torch.from_numpy(np.stack(arrays[start:start + batch_size]))[:, None].to(device)
-        logits = grading_net(batch)
-        probs = [torch.softmax(t.float(), dim=1).cpu().numpy().astype(np.float64) for t in logits]
-        for k in range(batch.shape[0]):
+        batch = np.stack(arrays[start:start + batch_size])[:, None]
+        probs = [_softmax(t) for t in network_outputs(grading_net, batch, device)]
+        for k in range(len(batch)):
             grades: DiscGrades = {}
             for column, p in zip(_COLUMNS, probs):
                 if column.name in graded:

@@ -34,13 +34,13 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
+from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.models.inference import network_outputs
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
 #: (-ln(1e-300) ~ 691: more than a skip, less than an ascending penalty).
@@ -172,19 +172,9 @@ def _sample_bicubic(voxels: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nd
         return None
     region = np.ascontiguousarray(voxels[y_lo:y_hi + 1, x_lo:x_hi + 1, :].transpose(2, 0, 1),
                                   dtype=np.float64)
-    h, w = region.shape[1:]
-    # Pixel index i <-> normalised (2 i + 1) / n - 1 with align_corners=False.
-    gx = (2.0 * (xs - x_lo) + 1.0) / w - 1.0
-    gy = (2.0 * (ys - y_lo) + 1.0) / h - 1.0
-    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None])
-    # Bicubic here is the cubic-convolution kernel (a = -0.75) of OpenCV and
-    # torch.interpolate; 'zeros' drops every tap outside the image, which is
-    # the official zero border of the rotation, on all four sides.  Each slice
-    # is a batch item (one channel): grid_sample shares its work out over the
-    # batch only, so all torch threads take part (the same values).
-    out = F.grid_sample(torch.from_numpy(region)[:, None], grid.expand(len(region), -1, -1, -1),
-                        mode="bicubic", padding_mode="zeros", align_corners=False)
-    return out[:, 0].numpy()
+    # Bicubic here is the cubic-convolution kernel (a = -0.75) of OpenCV and torch.interpolate; taps
+    # outside the image count as zero, which is the official zero border of the rotation, on all four sides.
+    return bicubic_sample(region, xs - x_lo, ys - y_lo)
 
 
 def extract_vertebra_volume(scan: Scan, vertebra: Vertebra,
@@ -290,8 +280,7 @@ def _official_crop_planes(voxels: np.ndarray, rotated_lt: np.ndarray, side: floa
     if planes is None:
         return None
     planes[:, rows < 0, :] = 0.0          # the official zero rows above a negative y0
-    resized = F.interpolate(torch.from_numpy(planes)[None], size=(n, n), mode="bicubic", align_corners=False)
-    return resized[0].numpy()
+    return bicubic_resize(planes, (n, n))
 
 
 # ---------------------------------------------------------------------------
@@ -303,12 +292,6 @@ def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def _eval_mode(net) -> None:
-    # Dropout / BatchNorm must run in inference mode; loaded networks already are.
-    if isinstance(net, torch.nn.Module) and net.training:
-        net.eval()
 
 
 def appearance_probabilities(volumes: np.ndarray, appearance_net: Callable, device="cpu",
@@ -326,15 +309,11 @@ def appearance_probabilities(volumes: np.ndarray, appearance_net: Callable, devi
     todo = [i for i in range(n) if np.any(volumes[i])]
     if not todo:
         return probs
-    _eval_mode(appearance_net)
     batch = max(1, int(params.appearance_batch_size))
-    with torch.no_grad():
-        for start in range(0, len(todo), batch):
-            idx = todo[start:start + batch]
-            x = torch.from_numpy(np.ascontiguousarray(volumes[idx]))[:, None].to(device)
-            logits = appearance_net(x)
-            logits = logits.detach().to("cpu", torch.float64).numpy().reshape(len(idx), N_LEVELS)
-            probs[idx] = _softmax(logits, params.temperature)
+    for start in range(0, len(todo), batch):
+        idx = todo[start:start + batch]
+        logits = network_outputs(appearance_net, volumes[idx][:, None], device)
+        probs[idx] = _softmax(np.asarray(logits, np.float64).reshape(len(idx), N_LEVELS), params.temperature)
     return probs
 
 
@@ -412,11 +391,8 @@ def context_probabilities(height_map: np.ndarray, context_net: Callable, rows, d
     rows = np.asarray(rows, dtype=int).reshape(-1)
     if len(rows) == 0:
         return np.zeros((0, N_LEVELS), np.float64)
-    _eval_mode(context_net)
-    with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(height_map))[None, None].to(device)
-        out = context_net(x)
-        out = out.detach().to("cpu", torch.float64).numpy().reshape(height_map.shape)
+    out = np.asarray(network_outputs(context_net, height_map[None, None], device), np.float64)
+    out = out.reshape(height_map.shape)
     return _softmax(out[rows], params.temperature)
 
 

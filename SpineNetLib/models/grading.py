@@ -9,68 +9,15 @@ so that a small grader can be trained; the defaults are the official network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from SpineNetLib.core.errors import InputError
-
-
-class GradingHead(NamedTuple):
-    """One classification head: module name, number of classes, output column."""
-
-    name: str
-    n_classes: int
-    column: str
-
-
-#: Heads in the official output order (official §3.4 table; columns as in §7).
-#: Reported values: argmax + 1 for Pfirrmann, Narrowing, CentralCanalStenosis; argmax otherwise.
-HEADS: tuple[GradingHead, ...] = (
-    GradingHead("fc_pf", 5, "Pfirrmann"),
-    GradingHead("fc_nar", 4, "Narrowing"),
-    GradingHead("fc_ccs", 4, "CentralCanalStenosis"),
-    GradingHead("fc_spn", 3, "Spondylolisthesis"),
-    GradingHead("fc_ued", 2, "UpperEndplateDefect"),
-    GradingHead("fc_led", 2, "LowerEndplateDefect"),
-    GradingHead("fc_umc", 2, "UpperMarrow"),
-    GradingHead("fc_lmc", 2, "LowerMarrow"),
-    GradingHead("fc_fsl", 2, "ForaminalStenosisLeft"),
-    GradingHead("fc_fsr", 2, "ForaminalStenosisRight"),
-    GradingHead("fc_hrn", 2, "Herniation"),
+# the heads, the input shape and the configuration need no torch (the ONNX runtime reads them too)
+from SpineNetLib.models.grading_heads import (  # noqa: F401  (part of this module's API)
+    GRADING_INPUT_SHAPE, HEADS, GradingConfig, GradingHead, reads_one_slice,
 )
-
-#: Input shape (slices, rows, cols) of one IVD volume (official §6).
-GRADING_INPUT_SHAPE = (9, 112, 224)
-
-
-@dataclass(frozen=True)
-class GradingConfig:
-    """Shape of a :class:`GradingNet`; defaults are the official ResNet-34 layout.
-
-    Stage widths are w, 2w, 4w, 8w with ``w = base_width``.
-    """
-
-    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
-    base_width: int = 64
-    #: Slices of the disc volume the network reads: the central ones of the 9 (official: all 9).  A
-    #: grader trained on single mid-sagittal slices (the bundled one, MODEL_CARD.md) reads 1.
-    input_slices: int = GRADING_INPUT_SHAPE[0]
-
-    def __post_init__(self) -> None:
-        if int(self.input_slices) not in (1, 3, 5, 7, 9):
-            raise ValueError(f"GradingConfig.input_slices must be 1, 3, 5, 7 or 9, got {self.input_slices!r}")
-        object.__setattr__(self, "input_slices", int(self.input_slices))
-        blocks = tuple(int(b) for b in self.blocks)
-        if len(blocks) != 4 or any(b < 1 for b in blocks):
-            raise ValueError(f"GradingConfig.blocks must be 4 positive integers, got {self.blocks!r}")
-        if int(self.base_width) < 1:
-            raise ValueError(f"GradingConfig.base_width must be positive, got {self.base_width!r}")
-        object.__setattr__(self, "blocks", blocks)
-        object.__setattr__(self, "base_width", int(self.base_width))
 
 
 class BasicBlock3d(nn.Module):
@@ -96,13 +43,6 @@ class BasicBlock3d(nn.Module):
         out = self.bn2(self.conv2(out))
         out += identity
         return F.relu(out, inplace=True)
-
-
-def reads_one_slice(net: nn.Module | None) -> bool:
-    """Whether ``net`` is a grader that reads only the central slice of a disc volume
-    (``GradingConfig.input_slices == 1``, as the bundled one, trained on single clinical slices)."""
-    config = getattr(net, "config", None)
-    return config is not None and int(getattr(config, "input_slices", GRADING_INPUT_SHAPE[0])) == 1
 
 
 def _layer(in_ch: int, out_ch: int, n_blocks: int, stride: int) -> nn.Sequential:

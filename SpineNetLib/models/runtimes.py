@@ -22,16 +22,18 @@ import gc
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:   # annotations only: torch is imported where it is used
+    import torch
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
 
-#: Accepted names, the default first.
-RUNTIMES: tuple[str, ...] = ("torch", "openvino")
+#: Accepted names, the default first ("onnx": every network on ONNX Runtime, ``models/onnx_runtime.py``).
+RUNTIMES: tuple[str, ...] = ("torch", "openvino", "onnx")
 #: OpenVINO's name of each precision of ``models/precision.py``.
 _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
@@ -77,6 +79,8 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
     converted in the default memory format (in place), in which OpenVINO uses its weights where they
     lie instead of copying them; with the model read back from the cache, neither the torch network
     nor the converted copy outlives the conversion (benchmarks/RESULTS.md, "OpenVINO's first run")."""
+    import torch
+
     cached = None
     if weights_path is not None and cache_dir is not None:
         key = f"detector-{sha256_file(weights_path)[:16]}-openvino-{openvino.__version__.split('-')[0]}"
@@ -118,6 +122,8 @@ def openvino_detector_predictor(detector: torch.nn.Module | Callable[[], torch.n
     sets ``weights_path`` on the network); without either it is converted every time."""
     if precision not in _OPENVINO_PRECISION:
         raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
+    import torch
+
     openvino = _openvino()
     model, weights_owner = _converted_detector(detector, weights_path, cache_dir, openvino)
     compiled = openvino.Core().compile_model(model, "CPU", {

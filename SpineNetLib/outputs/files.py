@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.files import default_file_mode
 from SpineNetLib.inputs.image import image_suffix
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs.dicom_results import DICOM_FILES, dicom_result_files
@@ -50,7 +51,6 @@ from SpineNetLib.outputs.discs import discs_csv_text
 from SpineNetLib.outputs.documents import RESULT_SCHEMA, check_discs_document, check_vertebrae_document
 from SpineNetLib.outputs.preview import HOTSPOTS_FILE, PREVIEW_FILE, pillow_missing, result_images
 from SpineNetLib.outputs.vertebrae import vertebrae_csv_text
-from SpineNetLib.weights.checkpoints import default_file_mode
 
 if TYPE_CHECKING:  # annotations only: the writer reads these objects' fields, it needs no pipeline code
     from SpineNetLib.core.scan import Scan

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from SpineNetLib.core.errors import WeightsError
+from SpineNetLib.core.files import default_file_mode  # noqa: F401  (also this module's API)
 from SpineNetLib.models import AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
 from SpineNetLib.weights.resolve import resolve_weights_file  # noqa: F401  (also this module's API)
 
@@ -74,13 +75,6 @@ def _check_kind(kind: str) -> None:
 def _one_line(text: str, limit: int = 160) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def default_file_mode() -> int:
-    """rw for everyone the umask allows (what ``open()`` would give; ``mkstemp`` gives 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -375,3 +369,18 @@ def load_model(kind: str, path: str | os.PathLike, *, device: str | torch.device
     model.weights_path = p
     model.checkpoint_meta = _small_meta(meta)
     return model
+
+
+def load_for_run(weight_set, kind: str, device, precision: str, trusted_sha256: set[str] | None,
+                 fold: bool = True) -> nn.Module:
+    """Network ``kind`` of ``weight_set`` (``weights/resolve.WeightSet``) as a run uses it: float32 on
+    ``device``, its BatchNorms folded where that pays (bfloat16, or the bundled networks:
+    ``models/folding.py``) unless ``fold`` is off; ``pipeline.load_networks`` applies the precision."""
+    from SpineNetLib.models.folding import fold_batch_norms
+    from SpineNetLib.weights.resolve import CHECKPOINT_KIND
+
+    network = load_model(CHECKPOINT_KIND.get(kind, kind), weight_set.path(kind), device=str(device),
+                         trusted_sha256=trusted_sha256)
+    if fold and (precision == "bf16" or weight_set.source == "bundled"):
+        network = with_fast_memory_format(fold_batch_norms(network))   # the layout again after it
+    return network

@@ -131,7 +131,7 @@ def test_missing_openvino_or_a_gpu_is_a_one_line_error(cache, monkeypatch, tmp_p
     with pytest.raises(InputError, match="runs on the CPU"):
         pipeline.load_networks("bundled", "cuda", runtime="openvino")
     with pytest.raises(InputError, match="unknown runtime"):
-        pipeline.load_networks("bundled", "cpu", runtime="onnx")
+        pipeline.load_networks("bundled", "cpu", runtime="tensorrt")
     real_import = builtins.__import__
 
     def no_openvino(name, *args, **kwargs):
