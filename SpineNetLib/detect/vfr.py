@@ -581,8 +581,7 @@ def _maps_below(maps: np.ndarray, boxes: list[PatchBox], found: list[np.ndarray]
     below = [i for i, box in enumerate(boxes) if box.y1 > lowest_row]
     if not below:
         return None
-    kept = maps if len(below) == len(boxes) else maps[below]   # no copy where every box reaches below
-    return kept, [boxes[i] for i in below], lowest_row
+    return maps[below], [boxes[i] for i in below], lowest_row
 
 
 def _faint_decoding(below_by_slice: dict[int, tuple[np.ndarray, list[PatchBox], float]],
