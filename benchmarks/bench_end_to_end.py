@@ -1,6 +1,7 @@
 """Wall seconds and peak memory of ``spinenet run`` as a whole process on real lumbar scans.
 
-    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--in-process | --served] [CASE ...]
+    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--runtime torch|onnx]
+                                          [--in-process | --served] [CASE ...]
 
 Each run is a fresh process, as a user starts it: Python and torch start-up, reading the scan,
 detection, labelling, disc grading and measurements, ``preview.png`` and the result files (the
@@ -8,7 +9,8 @@ defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` holdi
 named with their source (``chu/chu_02``; default: one volume of each source that has volumes); a
 case not found is reported and left out, and when none is found the script stops with status 2.
 Prints the median and the slowest of ``--repeats`` runs, after one unmeasured run that warms the
-file cache.  Issue 16's goal for the bundled networks: 3 s.
+file cache (and, with ``--runtime onnx``, exports the networks the first time: ``models/onnx_runtime.py``).
+Issue 16's goal for the bundled networks: 3 s.
 
 ``--in-process`` times the same command called again and again inside this one process
 (``apps.cli.main``), after one unmeasured call: what a second scan costs where Python and torch are
@@ -50,7 +52,7 @@ def one_run(image: Path, out: Path, args) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "SpineNetLib", "run", str(image), "-o", str(out), "--quiet",
-                           "--threads", str(args.threads), "--weights", args.weights],
+                           "--threads", str(args.threads), "--weights", args.weights, "--runtime", args.runtime],
                           cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     wall = time.perf_counter() - start
@@ -68,7 +70,7 @@ def one_call_in_process(image: Path, out: Path, args) -> tuple[float, float]:
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         status = cli.main(["run", str(image), "-o", str(out), "--quiet", "--threads", str(args.threads),
-                           "--weights", args.weights])
+                           "--weights", args.weights, "--runtime", args.runtime])
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{image}: spinenet run failed with status {status}")
@@ -92,12 +94,16 @@ def main() -> int:
     parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--weights", default="bundled")
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                        help="spinenet run --runtime (not for --served: the worker runs torch)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--in-process", action="store_true",
                      help="call the command again and again in this process (module docstring)")
     how.add_argument("--served", action="store_true",
                      help="requests to one worker process kept running, as the Slicer module runs them")
     args = parser.parse_args()
+    if args.served and args.runtime != "torch":
+        raise InputError("--served times the Slicer module's worker, which runs torch: leave out --runtime")
     data = Path(args.data)
     if not data.is_dir():
         raise InputError(f"no data folder at {data}")
@@ -114,7 +120,7 @@ def main() -> int:
     else:
         run = one_call_in_process if args.in_process else one_run
         where = "called in one process" if args.in_process else "a fresh process each"
-    print(f"spinenet run, {where}, {args.weights} weights, {args.threads} threads, "
+    print(f"spinenet run, {where}, {args.weights} weights, runtime {args.runtime}, {args.threads} threads, "
           f"median and slowest of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         for case, image in images.items():

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from script_errors import at_least
+from script_errors import InputError, at_least
 
 
 def held_out_cases(data_root):
@@ -51,12 +51,13 @@ def detection_params_for(plan: str | None):
 
 
 def predict(cases, weights: str, pred_root: Path, profile_name: str | None = None,
-            precision: str = "fp32", runtime: str = "torch", plan: str | None = None) -> None:
+            precision: str = "fp32", runtime: str = "torch", plan: str | None = None,
+            threads: int | None = None) -> None:
     """``vertebrae.json`` of every case from :func:`SpineNetLib.pipeline.run` (no grading), as ``spinenet run``."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, load_networks, processing_profile, run
 
-    networks = load_networks(weights, "cpu", precision=precision, runtime=runtime)
+    networks = load_networks(weights, "cpu", precision=precision, runtime=runtime, threads=threads)
     profile = processing_profile(profile_name, networks.weights.source)
     options = RunOptions(grade=False, profile=profile.name, detection_params=detection_params_for(plan))
     reused = [c.case_id for c in cases if (pred_root / c.case_id / "vertebrae.json").is_file()]
@@ -204,8 +205,9 @@ def main(argv=None) -> int:
                         help="processing profile (default: the weights' own, docs/PROFILES.md)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
-    parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
-                        help="where the detector runs (SpineNetLib/models/runtimes.py)")
+    parser.add_argument("--runtime", choices=("torch", "openvino", "onnx"), default="torch",
+                        help="where the networks run (SpineNetLib/models/runtimes.py); onnx never imports torch "
+                             "here, so the resampling runs in numpy as in `spinenet run --runtime onnx`")
     parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
                         help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py; the "
                              "official profile always uses the official patches)")
@@ -213,17 +215,21 @@ def main(argv=None) -> int:
                         help="also score held-out phantoms of every field of view and contrast (T1, T2, STIR)")
     args = parser.parse_args(argv)
 
-    import torch
-
     from SpineNetLib.evaluation.evaluate import evaluate_directories
     from SpineNetLib.training.datasets import default_data_root
 
-    torch.set_num_threads(args.threads)
+    if args.runtime == "onnx":   # as the command runs it (apps/cli._use_threads), without importing torch
+        if args.phantoms:
+            raise InputError("--phantoms makes the phantoms with torch: leave it out with --runtime onnx")
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data_root = Path(args.data) if args.data else default_data_root()
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
-    predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime, args.plan)
+    predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime, args.plan, args.threads)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
     print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")

@@ -58,6 +58,8 @@ class OnnxNetwork:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+        # idle threads sleep at once: zukic_15 beside two busy loops took 5.6-6.0 s instead of 7.5-7.7 s
+        # with ONNX Runtime's spinning, and alone 3.3-3.6 s instead of 3.7 s (benchmarks/RESULTS.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3   # errors only: its notes on unused initialisers are not the user's
         self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
