@@ -83,6 +83,15 @@ def onnx_predictor(net: OnnxNetwork):
     return predict
 
 
+def _check_exporter() -> None:
+    """A one-line InputError unless the export can run: torch's exporter writes through the onnx package."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise InputError("the first --runtime onnx run of a weights file exports its networks, which needs the "
+                         "onnx package (pip install onnx)") from None
+
+
 def _example_input(kind: str, network):
     """(an input the export traces, its axes that vary) for network ``kind``."""
     import torch
@@ -117,18 +126,24 @@ def export_network(kind: str, network, model_file: Path, weights_file: Path) -> 
     n_outputs = len(network(example)) if kind == "grading" else 1
     outputs = [f"output{i}" for i in range(n_outputs)]
     partial = model_file.with_name(f"{model_file.stem}.partial{os.getpid()}.onnx")
-    with warnings.catch_warnings():   # the tracer's notes on the input-shape checks, harmless here
-        warnings.simplefilter("ignore")
-        torch.onnx.export(network, (example,), str(partial), input_names=["input"], output_names=outputs,
-                          dynamic_axes={"input": axes, **{name: {0: "batch"} for name in outputs}},
-                          opset_version=OPSET, dynamo=False)
+    try:
+        with warnings.catch_warnings():   # the tracer's notes on the input-shape checks, harmless here
+            warnings.simplefilter("ignore")
+            torch.onnx.export(network, (example,), str(partial), input_names=["input"], output_names=outputs,
+                              dynamic_axes={"input": axes, **{name: {0: "batch"} for name in outputs}},
+                              opset_version=OPSET, dynamo=False)
+    except BaseException:
+        partial.unlink(missing_ok=True)   # no half-written file left in the cache
+        raise
     config = getattr(network, "config", None) if kind == "grading" else None
     meta = {"kind": kind, "format": EXPORT_FORMAT, "weights_path": str(weights_file),
             "weights_sha256": sha256_file(weights_file),
             "checkpoint_meta": {k: _json_safe(v) for k, v in (getattr(network, "checkpoint_meta", None) or {}).items()},
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None}
     partial.replace(model_file)
-    model_file.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    partial_meta = partial.with_suffix(".json")
+    partial_meta.write_text(json.dumps(meta, indent=1))
+    partial_meta.replace(model_file.with_suffix(".json"))
     return meta
 
 
@@ -157,12 +172,13 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
         model_file, meta_file = _cached_files(Path(cache_dir), kind, Path(weights_file))
         net = _read_cached(model_file, meta_file, threads)
         if net is None:
+            _check_exporter()
             try:
                 model_file.parent.mkdir(parents=True, exist_ok=True)
+                export_network(kind, load_torch(kind), model_file, Path(weights_file))
             except OSError as exc:
                 raise InputError(f"--runtime onnx keeps its exported networks in {model_file.parent}, "
-                                 f"which cannot be created ({exc.strerror or exc})") from None
-            export_network(kind, load_torch(kind), model_file, Path(weights_file))
+                                 f"where the {kind} network cannot be written ({exc.strerror or exc})") from None
             net = _read_cached(model_file, meta_file, threads)
             if net is None:
                 raise InputError(f"the {kind} network exported to {model_file} cannot be read back by ONNX Runtime")

@@ -146,6 +146,17 @@ def test_what_onnx_runtime_cannot_do_is_a_one_line_error(cache, monkeypatch, tmp
     networks = pipeline.load_networks("bundled", runtime="onnx", with_grading=True, threads=2)
     with pytest.raises(InputError, match="use --runtime torch"):
         pipeline.run(_phantom_scan(), networks, pipeline.RunOptions(hotspot_heads=("fc_hrn",)))
+    # an empty cache needs the export: without the onnx package, or where the cache cannot be written
+    monkeypatch.setenv("SPINENET_CACHE", str(tmp_path / "not-a-folder"))
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    with pytest.raises(InputError, match="cannot be written"):
+        pipeline.load_networks("bundled", runtime="onnx")
+    monkeypatch.setenv("SPINENET_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(InputError, match="pip install onnx"):
+        pipeline.load_networks("bundled", runtime="onnx")
+    assert not list((tmp_path / "empty-cache").rglob("*.onnx"))
+    monkeypatch.setenv("SPINENET_CACHE", str(cache))
     real_import = builtins.__import__
 
     def no_onnxruntime(name, *args, **kwargs):
