@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--threads 2] [--bf16] [--compile] [--scan lumbar|whole|both]
                                         [--bundled] [--plan whole_slice|patches|both]
-                                        [--stride-fraction F] [--unfolded] [--runtime torch|openvino]
+                                        [--stride-fraction F] [--unfolded] [--runtime torch|openvino|onnx]
                                         [--default-malloc]
 
 Each scan and detection plan (``DetectionParams.plan``: the overlapping 224-pixel patches, the
@@ -21,6 +21,11 @@ written as DICOM and read back (the "load_scan" stage).
 ``--bf16``), converted in the child process before the timed run (its seconds are printed as
 "openvino_conversion"; ``spinenet`` keeps the converted detector in a cache, so a study pays this once per
 weights file).
+
+``--runtime onnx`` runs the three networks on ONNX Runtime (``models/onnx_runtime.py``, float32; not with
+``--bf16``), exported in the child process before the timed run (its seconds are printed as
+"onnx_export"; ``spinenet`` keeps the exports in a cache).  The child imports torch, to build and
+export the networks, so the resampling stays torch's (``core/resample.py``).
 
 ``--bundled`` times the bundled networks as ``spinenet run`` loads them (fp32, torch, eager): it refuses
 ``--bf16``, ``--compile`` and ``--runtime openvino``, which only the official-size runs apply.  A child
@@ -150,13 +155,31 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
                                                   "bf16" if bf16 else "fp32", threads, cache_dir=Path(tmp) / "cache")
             timings["openvino_conversion"] = time.perf_counter() - t
         t = time.perf_counter()
+    elif runtime == "onnx":     # exported first, as a user's first run exports them into the cache
+        from SpineNetLib.models import onnx_runtime
+
+        t = time.perf_counter()
+        exported = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, module in (("detector", VFRDetector()), ("appearance", AppearanceNet()), ("context", ContextNet())):
+                model_file = Path(tmp) / f"{kind}.onnx"
+                weights_file = Path(tmp) / f"{kind}.weights"
+                weights_file.write_bytes(b"random weights, seeded")   # the export records a weights file's hash
+                meta = onnx_runtime.export_network(kind, module.eval(), model_file, weights_file)
+                exported[kind] = onnx_runtime.OnnxNetwork(model_file, meta, threads)
+        timings["onnx_export"] = time.perf_counter() - t
+        network = onnx_runtime.onnx_predictor(exported["detector"])
+        t = time.perf_counter()
     else:
         t = time.perf_counter()
         detector = VFRDetector().eval()
         # as pipeline.load_networks leaves it: channels-last, BatchNorm folded under bf16 (unless --unfolded)
         detector = with_fast_memory_format(fold_batch_norms(detector) if (fold and bf16) else detector)
         network = detection.network_predictor(torch.compile(detector) if compile_networks else detector)
-    appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
+    if runtime == "onnx":
+        appearance, context = exported["appearance"], exported["context"]
+    else:
+        appearance, context = (with_fast_memory_format(n.eval()) for n in (AppearanceNet(), ContextNet()))
     timings["build_networks"] = time.perf_counter() - t
     if compile_networks:
         appearance, context = (torch.compile(n) for n in (appearance, context))
@@ -225,13 +248,16 @@ def main() -> int:
                         help="with --bf16: keep the detector's BatchNorm layers (pipeline.load_networks folds them)")
     parser.add_argument("--stride-fraction", type=float, default=None,
                         help="DetectionParams.stride_fraction of the patches (default: DetectionParams' own)")
-    parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
-                        help="where the detector runs (SpineNetLib/models/runtimes.py; official-size only)")
+    parser.add_argument("--runtime", choices=["torch", "openvino", "onnx"], default="torch",
+                        help="where the detector (openvino) or every network (onnx) runs "
+                             "(SpineNetLib/models/runtimes.py; official-size only)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (spinenet keeps freed memory for reuse: "
                              "core/process.keep_freed_memory_for_reuse)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runtime == "onnx" and (args.bf16 or args.compile):
+        raise InputError("--runtime onnx runs in float32, uncompiled: leave out --bf16 and --compile")
     if args.child:
         # As the spinenet command does, unless asked not to.
         malloc_tuned = False if args.default_malloc else keep_freed_memory_for_reuse()
@@ -243,7 +269,7 @@ def main() -> int:
         return 0
     if args.bundled:
         ignored = [flag for flag, given in (("--bf16", args.bf16), ("--compile", args.compile),
-                                            ("--runtime openvino", args.runtime != "torch")) if given]
+                                            (f"--runtime {args.runtime}", args.runtime != "torch")) if given]
         if ignored:
             verb = "apply" if len(ignored) > 1 else "applies"
             raise InputError(f"--bundled times the bundled networks as spinenet run loads them (fp32, torch): "
@@ -275,6 +301,7 @@ def main() -> int:
               f"{', bf16' if report['bf16'] else ''}{', compiled' if report.get('compile') else ''}"
               f"{', BatchNorm folded' if report.get('batch_norm_folded') else ''}"
               f"{', OpenVINO' if report.get('runtime') == 'openvino' else ''}"
+              f"{', ONNX Runtime' if report.get('runtime') == 'onnx' else ''}"
               f"{', malloc keeps freed memory' if report.get('malloc_tuned') else ', default malloc'}")
         for stage, seconds in report["seconds"].items():
             print(f"  {stage:<26} {seconds:8.2f} s")
