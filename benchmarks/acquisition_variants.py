@@ -2,7 +2,7 @@
 
     python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
         [--calibration-studies]
-        [--precision fp32|bf16] [--runtime torch|openvino] [--plan patches|whole_slice]
+        [--precision fp32|bf16] [--runtime torch|openvino|onnx] [--plan patches|whole_slice]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
 held-out cases of ``validate_bundled.py`` (never seen by any training run) and changes each the way
@@ -215,8 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="network arithmetic (SpineNetLib/models/precision.py)")
-    parser.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
-                        help="where the detector runs (SpineNetLib/models/runtimes.py)")
+    parser.add_argument("--runtime", choices=("torch", "openvino", "onnx"), default="torch",
+                        help="where the networks run (SpineNetLib/models/runtimes.py); onnx never imports torch "
+                             "here, so the resampling runs in numpy as in `spinenet run --runtime onnx`")
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="held-out cases (default) or the training side (which the networks saw)")
     parser.add_argument("--calibration-studies", action="store_true",
@@ -233,15 +234,16 @@ def main(argv=None) -> int:
         given = f"unknown {', '.join(unknown)}" if unknown else "none given"
         raise InputError(f"--variants: {given} (use {', '.join(VARIANTS)})")
 
-    import torch
-
     from SpineNetLib.evaluation.evaluate import evaluate_directories
     from SpineNetLib.evaluation.intervals import percent_range, wilson_interval
     from SpineNetLib.pipeline import load_networks, processing_profile
     from SpineNetLib.training.datasets import default_data_root
     from validate_bundled import detection_params_for, held_out_cases, training_cases
 
-    torch.set_num_threads(args.threads)
+    if args.runtime != "onnx":   # ONNX Runtime takes its threads from load_networks, without torch
+        import torch
+
+        torch.set_num_threads(args.threads)
     data_root = Path(args.data) if args.data else default_data_root()
     cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
     if args.calibration_studies:
@@ -250,7 +252,8 @@ def main(argv=None) -> int:
         calibration = {c.case_id for c in calibration_split(list_cases(data_root))[1]}
         cases = [c for c in cases if c.case_id in calibration]
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-variants-"))
-    networks = load_networks(args.weights, "cpu", precision=args.precision, runtime=args.runtime)
+    networks = load_networks(args.weights, "cpu", precision=args.precision, runtime=args.runtime,
+                             threads=args.threads)
     profile = processing_profile(None, networks.weights.source)
     start = time.perf_counter()
     detection_params = detection_params_for(args.plan)

@@ -7,8 +7,8 @@ once per weights file and kept in the per-user cache (``onnx/`` in ``weights/res
 The first run with a weights file imports torch to load and export its networks (as they run in torch:
 BatchNorm folded where the torch runtime folds it, float32); every later run reads the files and never
 imports torch, nor does anything else in the run path then (its resampling runs in numpy,
-``core/resample.py``).  Hotspot maps need gradients and stay on torch; the official profile's
-arithmetic too (``--profile official``).
+``core/resample.py``).  Hotspot maps need gradients: this runtime refuses them (``pipeline.run``).  The
+official profile's arithmetic (``--profile official``) imports torch for its one bilinear resize.
 
 Each exported network has a JSON file beside it with what the run reads from the torch module
 (``checkpoint_meta``: the labelling numbers and the grader's trained heads; the grader's ``config``;
@@ -28,7 +28,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
 from SpineNetLib.models.grading_heads import GRADING_INPUT_SHAPE, GradingConfig
 
-#: Raised when the export changes, so that older cached files are not read.
+#: Increased whenever the export changes, so that older cached files are not read.
 EXPORT_FORMAT = 1
 #: The networks of a weight set, by the name :class:`~SpineNetLib.weights.resolve.WeightSet` gives them.
 KINDS = ("detector", "s1_outline", "appearance", "context", "grading")
@@ -49,7 +49,8 @@ def onnxruntime_module():
 class OnnxNetwork:
     """One exported network on an ONNX Runtime session: called on a float32 array, it returns one array or,
     for the grader, the tuple of its heads' logits.  ``checkpoint_meta``, ``config`` and ``weights_path``
-    are those of the torch module it was exported from (``weights.checkpoints.load_model``)."""
+    are those of the torch module it was exported from (``weights.checkpoints.load_model``).  ``threads``
+    0 leaves the number of threads to ONNX Runtime (one per physical core)."""
 
     training = False
 
