@@ -601,9 +601,9 @@ def _slow_arithmetic(networks: Networks) -> list[str]:
     return [slow] if slow is not None else []
 
 
-def _check_hotspot_options(options: RunOptions, networks: Networks | None = None) -> list:
+def _check_hotspot_options(options: RunOptions, networks: Networks) -> list:
     """The hotspot heads, checked before any work so that a typo fails at once."""
-    if options.hotspot_heads and networks and networks.grading is not None and not is_torch_module(networks.grading):
+    if options.hotspot_heads and networks.grading is not None and not is_torch_module(networks.grading):
         raise InputError(f"hotspot maps need the grader's gradients, which --runtime {networks.runtime} does not "
                          "give: use --runtime torch for them")
     if not options.hotspot_heads:

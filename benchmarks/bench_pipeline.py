@@ -163,9 +163,8 @@ def run_one(name: str, threads: int, bf16: bool, plan: str, compile_networks: bo
         with tempfile.TemporaryDirectory() as tmp:
             for kind, module in (("detector", VFRDetector()), ("appearance", AppearanceNet()), ("context", ContextNet())):
                 model_file = Path(tmp) / f"{kind}.onnx"
-                weights_file = Path(tmp) / f"{kind}.weights"
-                weights_file.write_bytes(b"random weights, seeded")   # the export records a weights file's hash
-                meta = onnx_runtime.export_network(kind, module.eval(), model_file, weights_file)
+                meta = onnx_runtime.export_network(kind, module.eval(), model_file, model_file.with_suffix(".pt"),
+                                                   weights_sha256="none: seeded random weights")
                 exported[kind] = onnx_runtime.OnnxNetwork(model_file, meta, threads)
         timings["onnx_export"] = time.perf_counter() - t
         network = onnx_runtime.onnx_predictor(exported["detector"])

@@ -31,7 +31,7 @@ import numpy as np
 
 from SpineNetLib.discs.extraction import IVD_SHAPE, IVDVolume
 from SpineNetLib.models.grading_heads import HEADS, GradingHead
-from SpineNetLib.models.inference import network_outputs
+from SpineNetLib.models.inference import network_outputs, softmax
 
 _ABSENT_PRESENT = ("0: absent", "1: present")
 
@@ -137,13 +137,6 @@ def _as_array(volume) -> np.ndarray:
     return v
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities of each row of logits, float64."""
-    z = np.asarray(logits, np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net, device="cpu", *,
                   batch_size: int = 4) -> list[DiscGrades]:
     """Grades of each volume, in the given order: ``[{column: (value, probabilities)}]``.
@@ -158,7 +151,7 @@ def grade_volumes(volumes: Sequence[IVDVolume | np.ndarray], grading_net, device
     out: list[DiscGrades] = []
     for start in range(0, len(arrays), max(1, int(batch_size))):
         batch = np.stack(arrays[start:start + batch_size])[:, None]
-        probs = [_softmax(t) for t in network_outputs(grading_net, batch, device)]
+        probs = [softmax(t) for t in network_outputs(grading_net, batch, device)]
         for k in range(len(batch)):
             grades: DiscGrades = {}
             for column, p in zip(_COLUMNS, probs):

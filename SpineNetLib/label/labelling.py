@@ -40,7 +40,7 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
-from SpineNetLib.models.inference import network_outputs
+from SpineNetLib.models.inference import network_outputs, softmax
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
 #: (-ln(1e-300) ~ 691: more than a skip, less than an ascending penalty).
@@ -287,13 +287,6 @@ def _official_crop_planes(voxels: np.ndarray, rotated_lt: np.ndarray, side: floa
 # 2. Appearance network
 # ---------------------------------------------------------------------------
 
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def appearance_probabilities(volumes: np.ndarray, appearance_net: Callable, device="cpu",
                              params: LabellingParams | None = None) -> np.ndarray:
     """softmax(logits / T) of the appearance net per volume, ``(N, 24)`` float64.
@@ -313,7 +306,7 @@ def appearance_probabilities(volumes: np.ndarray, appearance_net: Callable, devi
     for start in range(0, len(todo), batch):
         idx = todo[start:start + batch]
         logits = network_outputs(appearance_net, volumes[idx][:, None], device)
-        probs[idx] = _softmax(np.asarray(logits, np.float64).reshape(len(idx), N_LEVELS), params.temperature)
+        probs[idx] = softmax(np.asarray(logits, np.float64).reshape(len(idx), N_LEVELS), params.temperature)
     return probs
 
 
@@ -393,7 +386,7 @@ def context_probabilities(height_map: np.ndarray, context_net: Callable, rows, d
         return np.zeros((0, N_LEVELS), np.float64)
     out = np.asarray(network_outputs(context_net, height_map[None, None], device), np.float64)
     out = out.reshape(height_map.shape)
-    return _softmax(out[rows], params.temperature)
+    return softmax(out[rows], params.temperature)
 
 
 # ---------------------------------------------------------------------------

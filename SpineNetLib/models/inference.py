@@ -30,3 +30,12 @@ def network_outputs(net, inputs: np.ndarray, device="cpu") -> np.ndarray | tuple
     if isinstance(out, torch.Tensor):
         return out.detach().float().cpu().numpy()
     return tuple(t.detach().float().cpu().numpy() for t in out)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis, float64 (the labelling's and the grader's
+    probabilities, from either runtime's logits)."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

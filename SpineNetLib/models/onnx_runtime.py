@@ -114,9 +114,9 @@ def _json_safe(value):
         return str(value)
 
 
-def export_network(kind: str, network, model_file: Path, weights_file: Path) -> dict:
-    """Write ``network`` (a torch module as the run uses it) to ``model_file`` as ONNX, and its
-    description to the JSON file beside it; returns the description."""
+def export_network(kind: str, network, model_file: Path, weights_file: Path, weights_sha256: str) -> dict:
+    """Write ``network`` (a torch module as the run uses it, loaded from ``weights_file`` of that SHA-256)
+    to ``model_file`` as ONNX, and its description to the JSON file beside it; returns the description."""
     import dataclasses
     import warnings
 
@@ -138,7 +138,7 @@ def export_network(kind: str, network, model_file: Path, weights_file: Path) -> 
         raise
     config = getattr(network, "config", None) if kind == "grading" else None
     meta = {"kind": kind, "format": EXPORT_FORMAT, "weights_path": str(weights_file),
-            "weights_sha256": sha256_file(weights_file),
+            "weights_sha256": weights_sha256,
             "checkpoint_meta": {k: _json_safe(v) for k, v in (getattr(network, "checkpoint_meta", None) or {}).items()},
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None}
     partial.replace(model_file)
@@ -148,8 +148,8 @@ def export_network(kind: str, network, model_file: Path, weights_file: Path) -> 
     return meta
 
 
-def _cached_files(cache_dir: Path, kind: str, weights_file: Path) -> tuple[Path, Path]:
-    key = f"{kind}-{sha256_file(weights_file)[:16]}-format{EXPORT_FORMAT}"
+def _cached_files(cache_dir: Path, kind: str, weights_sha256: str) -> tuple[Path, Path]:
+    key = f"{kind}-{weights_sha256[:16]}-format{EXPORT_FORMAT}"
     return cache_dir / f"{key}.onnx", cache_dir / f"{key}.json"
 
 
@@ -170,13 +170,14 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
     onnxruntime_module()
     networks: dict[str, OnnxNetwork] = {}
     for kind, weights_file in weight_files.items():
-        model_file, meta_file = _cached_files(Path(cache_dir), kind, Path(weights_file))
+        digest = sha256_file(weights_file)   # once: the key, and the export's record of its source
+        model_file, meta_file = _cached_files(Path(cache_dir), kind, digest)
         net = _read_cached(model_file, meta_file, threads)
         if net is None:
             _check_exporter()
             try:
                 model_file.parent.mkdir(parents=True, exist_ok=True)
-                export_network(kind, load_torch(kind), model_file, Path(weights_file))
+                export_network(kind, load_torch(kind), model_file, Path(weights_file), digest)
             except OSError as exc:
                 raise InputError(f"--runtime onnx keeps its exported networks in {model_file.parent}, "
                                  f"where the {kind} network cannot be written ({exc.strerror or exc})") from None
