@@ -9,7 +9,8 @@ defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` holdi
 named with their source (``chu/chu_02``; default: one volume of each source that has volumes); a
 case not found is reported and left out, and when none is found the script stops with status 2.
 Prints the median and the slowest of ``--repeats`` runs, after one unmeasured run that warms the
-file cache (and, with ``--runtime onnx``, exports the networks the first time: ``models/onnx_runtime.py``).
+file cache, writes Python's bytecode cache (:func:`child_environment`) and, with ``--runtime onnx``,
+exports the networks the first time (``models/onnx_runtime.py``).
 Issue 16's goal for the bundled networks: 3 s.
 
 ``--in-process`` times the same command called again and again inside this one process
@@ -47,6 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ("chu/chu_02", "myosegmentum/myo_01", "zukic/zukic_15_S01_T2", "ivd/ivd_20")
 
 
+def child_environment(threads: int) -> dict[str, str]:
+    """This process's environment for a measured process, on ``threads`` OpenMP threads, and with
+    Python's bytecode cache on: an installed package has its ``.pyc`` files, and a run that compiles
+    SpineNetLib's 50-odd modules from source each time (``PYTHONDONTWRITEBYTECODE`` set, as on the
+    development machine) pays about 0.1 s more than a user's.  The unmeasured first run writes them."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def one_run(image: Path, out: Path, args) -> tuple[float, float]:
     """(wall seconds, peak resident MB) of one ``spinenet run`` process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -54,7 +65,7 @@ def one_run(image: Path, out: Path, args) -> tuple[float, float]:
     done = subprocess.run([sys.executable, "-m", "SpineNetLib", "run", str(image), "-o", str(out), "--quiet",
                            "--threads", str(args.threads), "--weights", args.weights, "--runtime", args.runtime],
                           cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                          env=child_environment(args.threads))
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{image}: spinenet run failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -113,7 +124,7 @@ def main() -> int:
                          f"(a case is a folder under {data} with its source, e.g. chu/chu_02)")
     served = None
     if args.served:
-        served = ServedWorker(env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        served = ServedWorker(env=child_environment(args.threads))
         served.start()
         run = functools.partial(one_served_request, served)
         where = f"requests to the served worker (ready {served.ready_seconds:.2f} s after its start)"
