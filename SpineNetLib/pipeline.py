@@ -52,7 +52,8 @@ from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAK
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
                                           beyond_lumbar_field, s1_at_lower_edge, s1_cut_by_lower_edge,
                                           same_level_twice)
-from SpineNetLib.label.missed_bodies import bodies_below, chain_ends_above_s1, gap_fillers, weaker_body_below_s1
+from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below, level_in,
+                                             same_body, weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -204,34 +205,6 @@ SINGLE_SLICE_GRADER_ON_A_VOLUME = (
     "the scanner, and 47 % of their L5-S1 discs; MODEL_CARD.md); treat them as a hint only")
 
 
-def _same_body(a: Vertebra, b: Vertebra) -> bool:
-    """Whether two vertebrae are the same detection (a labelled copy and its original)."""
-    return a.slices == b.slices and np.allclose(a.average_polygon, b.average_polygon)
-
-
-def _level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
-    """The level that a labelling (``relabelled``, labelled copies) gave ``body``; None when it left it out."""
-    return next((other.level for other in relabelled if _same_body(other, body)), None)
-
-
-def _keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra]) -> bool:
-    """Whether a labelling with the ``below`` bodies added is kept (``label/missed_bodies.py``): every
-    added body is still there, and either the bodies labelled before keep their levels, or the lowest
-    of them moves to a level its own appearance favours more than its old one (the added bodies then
-    settle a conflict between context and appearance at the lumbosacral junction; when its appearance
-    favours the old level, they would push the spine against the appearance evidence)."""
-    if not labelled or any(_level_in(relabelled, b) is None for b in below):
-        return False
-    if all(_level_in(relabelled, b) == b.level for b in labelled):
-        return True
-    lowest = labelled[-1]
-    new_level = _level_in(relabelled, lowest)
-    if new_level is None or lowest.appearance_probabilities is None:
-        return False
-    appearance = lowest.appearance_probabilities
-    return bool(appearance[level_index(new_level)] > appearance[level_index(lowest.level)])
-
-
 def _ask_for_review(confidence: LabellingConfidence, reason: str) -> None:
     """Set ``needs_review`` for a reason the probabilities cannot show; the reason goes first."""
     confidence.warnings.insert(0, reason)
@@ -243,7 +216,7 @@ def _weaker_s1_below_full_strength_s1(labelled: list[Vertebra], candidates: list
     """The unused weaker detection lying where S1 would lie below an L5, under a full-strength lowest
     body named S1 (:func:`~SpineNetLib.label.missed_bodies.weaker_body_below_s1`): the sign that
     the body named S1 may be L5 (``s1_may_be_l5``).  None when there is no such pair."""
-    if not labelled or labelled[-1].level != "S1" or any(_same_body(labelled[-1], t) for t in taken):
+    if not labelled or labelled[-1].level != "S1" or any(same_body(labelled[-1], t) for t in taken):
         return None
     unused = [c for c in candidates if not any(c is t for t in taken)]
     return weaker_body_below_s1(labelled, unused, spacing_rc)
@@ -274,14 +247,14 @@ def _moved_up_to_weaker_s1(labelled: list[Vertebra], weaker: Vertebra, label,
     if twice is None or twice.named != ("L4", "L5") or twice.level != "L4":
         return None
     again = label([*labelled, weaker], labelled)   # copies: relabelling them leaves ``labelled`` as it is
-    at = next((i for i, v in enumerate(again) if _same_body(v, weaker)), None)
+    at = next((i for i, v in enumerate(again) if same_body(v, weaker)), None)
     if not at:
         return None
     moved = labelling.relabel_with_correction(again, at - 1, "L5", params)
     if moved[at].level != "S1":
         return None
     for old in labelled:
-        new = next((v for v in moved if _same_body(v, old)), None)
+        new = next((v for v in moved if same_body(v, old)), None)
         if new is None or level_index(new.level) != level_index(old.level) + 1:   # LEVELS run S1 upwards
             return None
     return moved
@@ -338,7 +311,7 @@ def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Ve
     if not added:
         return None
     relabelled = label(found + added, result.vertebrae)
-    if _level_in(relabelled, added[0]) != "S1" or any(_level_in(relabelled, b) != b.level for b in result.vertebrae):
+    if level_in(relabelled, added[0]) != "S1" or any(level_in(relabelled, b) != b.level for b in result.vertebrae):
         return None
     return relabelled, added[0]
 
@@ -387,7 +360,7 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         added = bodies_below(result.vertebrae, weaker(), scan.spacing_mm[:2])
         if added:
             relabelled = label(found + added, result.vertebrae)   # the appearance net runs on the new bodies only
-            if _keeps_bodies_below(result.vertebrae, relabelled, added):
+            if keeps_bodies_below(result.vertebrae, relabelled, added, labelling_params):
                 result.vertebrae, found, below = relabelled, found + added, below + added
     with_s1 = None
     if second_detector is not None and result.vertebrae and result.vertebrae[-1].level == "L5":
@@ -531,7 +504,8 @@ def profiled_labelling_params(context_net, params: labelling.LabellingParams | N
     return replace(base, official_crop=profile.official_appearance_crop,
                    drop_lower_sacral_segments=profile.drop_lower_sacral_segments,
                    relabel_s1_at_image_edge=profile.relabel_s1_at_image_edge,
-                   move_up_to_weaker_s1=base.move_up_to_weaker_s1 and profile.move_up_to_weaker_s1)
+                   move_up_to_weaker_s1=base.move_up_to_weaker_s1 and profile.move_up_to_weaker_s1,
+                   skip_across_gaps=base.skip_across_gaps and profile.skip_across_gaps)
 
 
 @dataclass

@@ -31,7 +31,7 @@ min_confidence`` when a confidence threshold is given; margins are compared
 because calibrated thresholds lie where the confidence is 1.0 in floating
 point), or a gap between two consecutive bodies of more than
 :data:`REVIEW_GAP_RATIO` times their usual spacing (a vertebra was probably
-missed there, and the levels below it may be off by one); the threshold
+missed there, and the levels on one side of it may be off by one); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
@@ -54,7 +54,8 @@ import numpy as np
 
 from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.labelling import LabellingParams, assign_level_names, beam_search, sequence_cost
+from SpineNetLib.label.labelling import (MISSED_BODY_GAP_RATIO, LabellingParams, assign_level_names, beam_search,
+                                         gap_ratios, sequence_cost, skips_across_gaps)
 
 #: The confidence below which the levels are flagged for review (``needs_review``) when the weights
 #: carry no calibrated value.  A context checkpoint carries the value calibrated for it (entry
@@ -67,13 +68,9 @@ DEFAULT_MIN_CONFIDENCE = 0.9
 #: the 30 calibration studies (MODEL_CARD.md) the largest ratio of a correctly labelled scan was 1.5
 #: and the two scans with a missed body in the middle had 2.1 and 3.1.
 MAX_GAP_RATIO = 1.8
-#: A gap wider than this many times the usual step (distances between the centres of consecutive
-#: bodies, as ``label.missed_bodies`` measures them) asks for a review: a vertebra was probably
-#: missed there.  Chosen on the 133 training-side cases of the bundled weights (MODEL_CARD.md,
-#: "Training-side cases"): the scans labelled right reach 1.51, the two shifted by a body missed
-#: in the middle of the chain have 1.80 and 1.81 (the second one went unflagged at 1.8); the
-#: midpoint.  On the 68 held-out scans the right ones reach 1.51 too.
-REVIEW_GAP_RATIO = 1.65
+#: A gap wider than this many times the usual step asks for a review: a vertebra was probably missed
+#: there (``labelling.MISSED_BODY_GAP_RATIO``, where the beam search may also skip a level).
+REVIEW_GAP_RATIO = MISSED_BODY_GAP_RATIO
 
 
 def margin_of_confidence(confidence: float) -> float:
@@ -292,7 +289,8 @@ def s1_cut_by_lower_edge(vertebrae: Sequence, n_rows: int) -> bool:
 
 def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[str],
                          params: LabellingParams | None = None,
-                         min_confidence: float | None = None) -> LabellingConfidence:
+                         min_confidence: float | None = None,
+                         free_skips: frozenset[int] = frozenset()) -> LabellingConfidence:
     """Confidence of the labelling ``level_names`` given the probabilities the beam search used.
 
     ``level_probabilities`` is ``(N, 24)`` over ``levels.LEVELS`` (the
@@ -300,7 +298,8 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
     ``level_names`` are the N chosen names, top to bottom ("S2" counts as
     class S1, as in :func:`~SpineNetLib.label.labelling.relabel_with_correction`).
     ``params`` must be the ones the labelling used (the penalties are part of
-    the cost).  See the module docstring for the definitions.
+    the cost), and ``free_skips`` the positions where it could skip a level freely
+    (:func:`~SpineNetLib.label.labelling.skips_across_gaps`).  See the module docstring for the definitions.
     """
     params = params or LabellingParams()
     review_margin = params.review_margin_nats if min_confidence is None else margin_of_confidence(min_confidence)
@@ -315,15 +314,15 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
         return LabellingConfidence(math.nan, math.nan, None, 0, False, [], False, float(min_confidence),
                                    review_margin)
     chosen = [level_index(name) for name in names]
-    chosen_cost = sequence_cost(chosen, probs, params)
+    chosen_cost = sequence_cost(chosen, probs, params, free_skips)
     best_cost, best, best_shift = math.inf, None, 0
     for shift in SHIFTS:
         for k, c in enumerate(chosen):
             target = c - shift  # class indices count upwards from S1 = 0: caudal is one class lower
             if not 0 <= target < N_LEVELS:
                 continue
-            alternative = beam_search(probs, params, fixed={k: target})
-            cost = sequence_cost(alternative, probs, params)
+            alternative = beam_search(probs, params, fixed={k: target}, free_skips=free_skips)
+            cost = sequence_cost(alternative, probs, params, free_skips)
             if cost < best_cost:
                 best_cost, best, best_shift = cost, alternative, shift
     margin = max(0.0, best_cost - chosen_cost)
@@ -341,22 +340,19 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
 
 def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     """A message per gap between consecutive bodies (top to bottom) wider than :data:`REVIEW_GAP_RATIO`
-    times the median gap of the scan (three bodies at least).
-
-    A gap is the in-plane distance between the centres of the two bodies' average polygons (in
-    pixels: the ratio is the same in millimetres for square pixels), so that the steps at the
-    lumbosacral junction, which run more forwards than down, count in full.
-    """
-    if len(vertebrae) < 3:
-        return []
-    centres = np.array([np.asarray(v.average_polygon, np.float64).mean(axis=0) for v in vertebrae])
-    gaps = np.hypot(*np.diff(centres, axis=0).T)
-    usual = float(np.median(gaps))
-    if not usual > 0:
-        return []
-    return [f"a vertebra may have been missed between {vertebrae[i].level} and {vertebrae[i + 1].level} "
-            f"(their gap is {gap / usual:.1f} times the usual spacing): the levels below it may be off by one"
-            for i, gap in enumerate(gaps) if gap > REVIEW_GAP_RATIO * usual]
+    times the median gap of the scan (three bodies at least; ``labelling.gap_ratios``).  Where the
+    levels skip one across it (``labelling.skips_across_gaps``), the message names the level counted
+    there without an outline; elsewhere it says that the levels on one side may be off by one."""
+    warnings, ratios = [], gap_ratios(vertebrae)
+    for i in np.flatnonzero(ratios > REVIEW_GAP_RATIO):
+        upper, lower, ratio = vertebrae[i].level, vertebrae[i + 1].level, ratios[i]
+        skipped = (LEVELS[LEVELS.index(upper) - 1]
+                   if upper in LEVELS and lower in LEVELS and LEVELS.index(upper) - LEVELS.index(lower) == 2 else None)
+        consequence = (f"the levels count {skipped} there, which has no outline" if skipped
+                       else "the levels on one side of it may be off by one")
+        warnings.append(f"a vertebra may have been missed between {upper} and {lower} "
+                        f"(their gap is {ratio:.1f} times the usual spacing): {consequence}")
+    return warnings
 
 
 def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None,
@@ -373,7 +369,8 @@ def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingPara
         return None
     probs = np.stack([np.asarray(v.level_probabilities, np.float64) for v in vertebrae]) if vertebrae \
         else np.zeros((0, N_LEVELS))
-    confidence = labelling_confidence(probs, [v.level for v in vertebrae], params, min_confidence)
+    confidence = labelling_confidence(probs, [v.level for v in vertebrae], params, min_confidence,
+                                      skips_across_gaps(vertebrae, params))
     gaps = gap_warnings(vertebrae)
     if gaps:
         confidence.warnings = gaps + confidence.warnings

@@ -18,7 +18,7 @@ anatomy says a body must be:
   (``DetectionParams.faint_threshold``).  The pipeline
   labels again with them and keeps them when the bodies found before keep their
   levels, or when the lowest of those moves to a level its own appearance favours
-  more (:func:`SpineNetLib.pipeline._keeps_bodies_below`).  Keeping them
+  more (:func:`keeps_bodies_below`).  Keeping them
   whenever the networks name one of them S1 was tried on the 201 held-out and
   training cases: it mended two shifted scans (ivd_11, tianchi_142) but turned
   chu_07, whose L5 only the weaker pass finds, into a confident shift by one
@@ -36,9 +36,10 @@ from typing import Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import LUMBAR
+from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.confidence import MAX_GAP_RATIO
+from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
 #: where a missing body would be.
@@ -145,3 +146,48 @@ def weaker_body_below_s1(labelled: Sequence[Vertebra], candidates: Sequence[Vert
     upper, lowest = _centres_mm(labelled[-2:], spacing_rc)
     found = _next_below(upper, lowest, "S1", _centres_mm(candidates, spacing_rc), set())
     return None if found is None else candidates[found]
+
+
+def same_body(a: Vertebra, b: Vertebra) -> bool:
+    """Whether two vertebrae are the same detection (a labelled copy and its original)."""
+    return a.slices == b.slices and np.allclose(a.average_polygon, b.average_polygon)
+
+
+def level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
+    """The level that a labelling (``relabelled``, labelled copies) gave ``body``; None when it left it out."""
+    return next((other.level for other in relabelled if same_body(other, body)), None)
+
+
+def _skips_across_gaps_below(chain: list[Vertebra], body: Vertebra, params: LabellingParams) -> int:
+    """How many levels ``chain`` (labelled, top to bottom) skips below ``body`` where the beam search may
+    skip one freely (``labelling.skips_across_gaps``)."""
+    at = next(k for k, other in enumerate(chain) if same_body(other, body))
+    return sum(level_index(chain[k - 1].level) - level_index(chain[k].level) == 2
+               for k in skips_across_gaps(chain, params) if k > at)
+
+
+def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra],
+                        params: LabellingParams) -> bool:
+    """Whether a labelling with the ``below`` bodies added (:func:`bodies_below`) is kept
+    (``pipeline.detect_and_label``): every added body is still there, and either the bodies labelled
+    before keep their levels (but for the levels a labelling skips across gaps below them,
+    ``labelling.skips_across_gaps`` with ``params``: with the added bodies a gap higher up may stand
+    out as the place of a missed body), or the lowest
+    of them moves to a level its own appearance favours more than its old one (the added bodies then
+    settle a conflict between context and appearance at the lumbosacral junction; when its appearance
+    favours the old level, they would push the spine against the appearance evidence)."""
+    if not labelled or any(level_in(relabelled, b) is None for b in below):
+        return False
+    if all(level_in(relabelled, b) == b.level for b in labelled):
+        return True
+    if all(level_in(relabelled, b) is not None for b in labelled) and all(
+            level_index(level_in(relabelled, b)) - level_index(b.level)
+            == _skips_across_gaps_below(relabelled, b, params) - _skips_across_gaps_below(labelled, b, params)
+            for b in labelled):
+        return True
+    lowest = labelled[-1]
+    new_level = level_in(relabelled, lowest)
+    if new_level is None or lowest.appearance_probabilities is None:
+        return False
+    appearance = lowest.appearance_probabilities
+    return bool(appearance[level_index(new_level)] > appearance[level_index(lowest.level)])

@@ -79,7 +79,8 @@ def label_study(study: StudyInputs, params: labelling.LabellingParams):
     """(metrics, confidence) of one study under ``params`` (beam search only)."""
     if not study.vertebrae:
         return evaluate.evaluate_case(study.ground_truth, []), None
-    names, evidence = labelling.choose_levels(study.context, study.appearance, params)
+    names, evidence = labelling.choose_levels(study.context, study.appearance, params,
+                                              labelling.skips_across_gaps(study.vertebrae, params))
     predictions = [replace(v, level=name, level_probabilities=p)
                    for v, name, p in zip(study.vertebrae, names, evidence)]
     return evaluate.evaluate_case(study.ground_truth, predictions), confidence_of_vertebrae(predictions, params)

@@ -213,6 +213,30 @@ def test_missed_detection_skips_the_missing_level_when_evidence_is_strong():
     assert beam_search(peaked(present, 10.0), LabellingParams(skip_penalty=15.0)) == present
 
 
+def test_a_level_is_skipped_freely_only_where_a_gap_says_a_body_was_missed():
+    """Across a gap that holds a missed body (``free_skips``) the probabilities alone decide; the score
+    and the labelling confidence then charge that skip nothing either, so the chosen labelling is not
+    taken for a shifted one."""
+    from SpineNetLib.label.confidence import labelling_confidence
+
+    present = idx("L1 L2 L4 L5 S1")                # L3 missed between the second and third body
+    probs = peaked(present, 10.0)
+    assert beam_search(probs) == idx("L2 L3 L4 L5 S1")                       # the official search shifts
+    assert beam_search(probs, free_skips=frozenset({2})) == present           # the gap is before body 2
+    # a gap one body higher: the skip goes there, the body between it and the evidence's place renamed
+    assert beam_search(probs, free_skips=frozenset({1})) == idx("L1 L3 L4 L5 S1")
+    assert beam_search(probs, LabellingParams(penalise_skips=False), free_skips=frozenset({2})) == present
+    # only one level: two missed bodies still cost the skip penalty
+    assert sequence_cost(idx("L1 L3 L4 L5 S1"), probs, free_skips=frozenset({1})) == pytest.approx(
+        sequence_cost(idx("L1 L3 L4 L5 S1"), probs) - LabellingParams().skip_penalty)
+    assert sequence_cost(idx("T12 L3 L4 L5 S1"), probs, free_skips=frozenset({1})) == pytest.approx(
+        sequence_cost(idx("T12 L3 L4 L5 S1"), probs))
+    names = [LEVELS[i] for i in present]
+    free = labelling_confidence(probs, names, free_skips=frozenset({2}))
+    charged = labelling_confidence(probs, names)
+    assert free.margin_nats > 15 and not free.needs_review and charged.margin_nats == 0.0
+
+
 def test_transitional_s1_s2():
     # Two sacral-looking bodies at the bottom: S1, S1 -> named S1, S2 by the rule.
     found = beam_search(sharp(idx("L3 L4 L5 S1 S1")))

@@ -111,6 +111,53 @@ def test_a_gap_wide_enough_for_a_missed_body_asks_for_review():
     assert gap_warnings(sloped) and "between L5 and S1" in gap_warnings(sloped)[0]
 
 
+def test_the_labelling_may_skip_a_level_only_across_a_gap_that_holds_a_missed_body():
+    """``skips_across_gaps``: the position after a gap wider than MISSED_BODY_GAP_RATIO times the usual
+    step (none in a regular chain, none with the official profile's switch off); the gap's warning says
+    which level the labelling counted there."""
+    from SpineNetLib.label.confidence import gap_warnings
+    from SpineNetLib.label.labelling import MISSED_BODY_GAP_RATIO, LabellingParams, gap_ratios, skips_across_gaps
+
+    spine = _lumbar() + [_body(100, 200, "S1")]              # L1..S1, steps of 30
+    assert skips_across_gaps(spine) == frozenset() and np.allclose(gap_ratios(spine), 1.0)
+    assert gap_ratios(spine[:2]).size == 0                   # no usual step with two bodies
+    # L2 missed: T12 and L1 above a gap of two steps, then L3 .. S1
+    missed = [_body(100, 20, "T12"), _body(100, 50, "L1")] + spine[2:]
+    assert skips_across_gaps(missed) == frozenset({2}) and gap_ratios(missed)[1] == pytest.approx(2.0)
+    assert skips_across_gaps(missed, LabellingParams(skip_across_gaps=False)) == frozenset()
+    for widened, skips in ((MISSED_BODY_GAP_RATIO - 0.03, frozenset()), (MISSED_BODY_GAP_RATIO + 0.03, frozenset({1}))):
+        assert skips_across_gaps([_body(100, 80 - 30 * widened, "L1")] + spine[1:]) == skips, widened
+    assert gap_warnings(missed) == ["a vertebra may have been missed between L1 and L3 (their gap is 2.0 times "
+                                    "the usual spacing): the levels count L2 there, which has no outline"]
+    shifted = [dataclasses.replace(v, level=lvl) for v, lvl in zip(missed, ["L1", "L2", "L3", "L4", "L5", "S1"])]
+    assert gap_warnings(shifted) == ["a vertebra may have been missed between L2 and L3 (their gap is 2.0 times "
+                                     "the usual spacing): the levels on one side of it may be off by one"]
+
+
+def test_a_body_found_below_may_reveal_a_gap_higher_up():
+    """tianchi_031's pattern (training side): five bodies named L1-L5, the real L2 missed and the gap too
+    small beside the others to stand out; with S1 found below, the gap does stand out and the bodies above
+    it move up by the level skipped there.  That is kept (missed_bodies.keeps_bodies_below); a move up by
+    more, or one with no skip, is not, nor is the skip where skipping across gaps is switched off."""
+    from SpineNetLib.label.labelling import LabellingParams
+    from SpineNetLib.label.missed_bodies import keeps_bodies_below
+
+    params = LabellingParams()
+
+    bodies = [_body(100, y) for y in (20, 50, 110, 140, 170)]
+    added = _body(100, 200)
+    before = [dataclasses.replace(b, level=lvl) for b, lvl in zip(bodies, ["L1", "L2", "L3", "L4", "L5"])]
+
+    def relabelled(levels):
+        return [dataclasses.replace(b, level=lvl) for b, lvl in zip(bodies + [added], levels)]
+
+    assert keeps_bodies_below(before, relabelled(["T12", "L1", "L3", "L4", "L5", "S1"]), [added], params)
+    assert not keeps_bodies_below(before, relabelled(["T11", "T12", "L3", "L4", "L5", "S1"]), [added], params)
+    assert not keeps_bodies_below(before, relabelled(["T12", "L1", "L2", "L3", "L4", "L5"]), [added], params)
+    assert not keeps_bodies_below(before, relabelled(["T12", "L1", "L3", "L4", "L5", "S1"]), [added],
+                                   LabellingParams(skip_across_gaps=False))
+
+
 def test_no_gap_no_filler():
     spine = _lumbar()
     assert gap_fillers(spine, [_body(100, 65)]) == []         # regular chain: nothing is missing
@@ -289,8 +336,9 @@ def _with_appearance(body: Vertebra, level: str, favoured: dict[str, float]) -> 
 def test_a_body_found_below_may_move_the_levels_only_towards_the_lowest_bodys_own_appearance():
     """The labelling with a weaker body below the chain is kept when the levels above stay, or when the
     lowest body above moves to a level its own appearance favours more (a shifted chain put right);
-    never when the move goes against its appearance (pipeline._keeps_bodies_below)."""
-    from SpineNetLib.pipeline import _keeps_bodies_below
+    never when the move goes against its appearance (missed_bodies.keeps_bodies_below)."""
+    from SpineNetLib.label.labelling import LabellingParams
+    from SpineNetLib.label.missed_bodies import keeps_bodies_below
 
     spine = _lumbar()[:4]                                    # four bodies, y = 50 .. 140
     added = _body(100, 170)
@@ -302,16 +350,17 @@ def test_a_body_found_below_may_move_the_levels_only_towards_the_lowest_bodys_ow
             Vertebra(slices=added.slices, polygons=added.polygons, level=below_level)]
 
     # ivd_11's pattern: named L1-L4, the body on the sacrum looks like L5; the body below settles it.
-    assert _keeps_bodies_below(shifted_up, relabelled(["L2", "L3", "L4", "L5"]), [added])
+    params = LabellingParams()
+    assert keeps_bodies_below(shifted_up, relabelled(["L2", "L3", "L4", "L5"]), [added], params)
     # chu_07's pattern: named L1-L4 rightly, the lowest looks more like L4 than L5: the added body
     # (the real L5, which the networks call S1) must not push the spine down.
     right = list(shifted_up)
     right[-1] = _with_appearance(spine[-1], "L4", {"L4": 0.6, "L5": 0.33})
-    assert not _keeps_bodies_below(right, relabelled(["L2", "L3", "L4", "L5"]), [added])
+    assert not keeps_bodies_below(right, relabelled(["L2", "L3", "L4", "L5"]), [added], params)
     # Levels kept: taken whatever the appearance says; the added body dropped: not taken.
-    assert _keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"], "L5"), [added])
-    assert not _keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"])[:-1], [added])
-    assert not _keeps_bodies_below([], relabelled(["L1", "L2", "L3", "L4"]), [added])
+    assert keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"], "L5"), [added], params)
+    assert not keeps_bodies_below(right, relabelled(["L1", "L2", "L3", "L4"])[:-1], [added], params)
+    assert not keeps_bodies_below([], relabelled(["L1", "L2", "L3", "L4"]), [added], params)
 
 
 @pytest.mark.skipif(not (default_data_root() / "ivd" / "ivd_11").is_dir(),
@@ -331,3 +380,32 @@ def test_a_volume_from_another_centre_is_not_shifted_when_its_s1_is_seen_weakly(
     import json
     case = json.loads(metrics.read_text())["cases"]["ivd_11"]
     assert (case["tp"], case["fp"], case["n_gt"], case["identification_rate"]) == (4, 0, 4, 1.0), case
+
+
+@pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_043-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_clinical_slices_whose_l2_is_missed_keep_the_right_levels_above_the_gap(tmp_path, capsys):
+    """tianchi_031 and tianchi_043 (training side): the detector misses L2; with the official skip
+    penalty every body above the gap was named one level too low.  Skipping the level across the gap,
+    the bodies found are all named right, and the gap still asks for a review, naming the level counted
+    there (labelling.skips_across_gaps; tianchi_031 also needs its S1, found below the chain, kept)."""
+    import json
+
+    from SpineNetLib.apps import cli
+
+    cases = ["tianchi_031-000", "tianchi_043-000"]
+    for case in cases:
+        image = default_data_root() / "tianchi" / case / "image.nii.gz"
+        assert cli.main(["run", str(image), "-o", str(tmp_path / "pred" / case), "--quiet", "--device", "cpu",
+                         "--no-grade", "--no-preview"]) == 0
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["evaluate", "--data", str(default_data_root()), "--pred", str(tmp_path / "pred"),
+                     "--cases", *cases, "-o", str(metrics)]) == 0
+    capsys.readouterr()
+    scored = json.loads(metrics.read_text())["cases"]
+    for case in cases:
+        assert (scored[case]["wrong_levels"], scored[case]["missed_levels"]) == ([], ["L2"]), (case, scored[case])
+        labelling = json.loads((tmp_path / "pred" / case / "vertebrae.json").read_text())["labelling"]
+        assert labelling["needs_review"] and labelling["warnings"][0].startswith(
+            "a vertebra may have been missed between L1 and L3"), labelling["warnings"]
+        assert "the levels count L2 there" in labelling["warnings"][0]
