@@ -52,8 +52,8 @@ from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAK
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
                                           beyond_lumbar_field, s1_at_lower_edge, s1_cut_by_lower_edge,
                                           same_level_twice)
-from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below, level_in,
-                                             same_body, weaker_body_below_s1)
+from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
+                                             level_in, same_body, weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document

@@ -172,10 +172,10 @@ def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], bel
     (``pipeline.detect_and_label``): every added body is still there, and either the bodies labelled
     before keep their levels (but for the levels a labelling skips across gaps below them,
     ``labelling.skips_across_gaps`` with ``params``: with the added bodies a gap higher up may stand
-    out as the place of a missed body), or the lowest
-    of them moves to a level its own appearance favours more than its old one (the added bodies then
-    settle a conflict between context and appearance at the lumbosacral junction; when its appearance
-    favours the old level, they would push the spine against the appearance evidence)."""
+    out as the place of a missed body), or the lowest of them moves to a level its own appearance
+    favours more than its old one (the added bodies then settle a conflict between context and
+    appearance at the lumbosacral junction; when its appearance favours the old level, they would push
+    the spine against the appearance evidence)."""
     if not labelled or any(level_in(relabelled, b) is None for b in below):
         return False
     if all(level_in(relabelled, b) == b.level for b in labelled):
