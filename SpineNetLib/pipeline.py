@@ -254,8 +254,8 @@ def _moved_up_to_weaker_s1(labelled: list[Vertebra], weaker: Vertebra, label,
     if moved[at].level != "S1":
         return None
     for old in labelled:
-        new = next((v for v in moved if same_body(v, old)), None)
-        if new is None or level_index(new.level) != level_index(old.level) + 1:   # LEVELS run S1 upwards
+        new_level = level_in(moved, old)
+        if new_level is None or level_index(new_level) != level_index(old.level) + 1:   # LEVELS run S1 upwards
             return None
     return moved
 

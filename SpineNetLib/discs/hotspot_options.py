@@ -14,7 +14,7 @@ import numpy as np
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models.grading_heads import HEADS, GradingHead
 
-#: Saliency methods, see the module docstring.
+#: Saliency methods (``discs/hotspots.py``, its module docstring).
 METHODS: tuple[str, ...] = ("gradient", "guided", "excitation", "contrastive_excitation")
 DEFAULT_METHOD = "contrastive_excitation"
 #: Largest in-plane shifts (rows, cols) of the test-time augmentation, pixels of the IVD volume.
@@ -22,7 +22,7 @@ MAX_SHIFT_RC: tuple[int, int] = (8, 16)
 #: In-plane Gaussian (sigma, IVD-volume pixels ~ 0.3 mm) applied before boxes are taken and before maps
 #: are resampled onto the (coarser) scan grid: two stem pixels, the resolution the excitation maps have.
 SMOOTH_PX = 4.0
-#: Accepted ``precision`` names of the maps (module docstring), the default first.
+#: Accepted ``precision`` names of the maps (``discs/hotspots.py``), the default first.
 HOTSPOT_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: Heads whose meaning depends on left/right: never augmented by reversing the slice order.
 LATERAL_HEADS: tuple[str, ...] = ("fc_fsl", "fc_fsr")
@@ -57,9 +57,6 @@ def parse_heads(spec: str | Sequence[str]) -> list[GradingHead]:
     if not out:
         raise InputError("no grading head given for the hotspots")
     return out
-
-
-# --------------------------------------------------------------------------- forward pass
 
 
 def check_hotspot_precision(precision: str) -> None:

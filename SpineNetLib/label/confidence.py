@@ -346,8 +346,8 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     warnings, ratios = [], gap_ratios(vertebrae)
     for i in np.flatnonzero(ratios > REVIEW_GAP_RATIO):
         upper, lower, ratio = vertebrae[i].level, vertebrae[i + 1].level, ratios[i]
-        skipped = (LEVELS[LEVELS.index(upper) - 1]
-                   if upper in LEVELS and lower in LEVELS and LEVELS.index(upper) - LEVELS.index(lower) == 2 else None)
+        skipped = (LEVELS[level_index(upper) - 1]
+                   if None not in (upper, lower) and level_index(upper) - level_index(lower) == 2 else None)
         consequence = (f"the levels count {skipped} there, which has no outline" if skipped
                        else "the levels on one side of it may be off by one")
         warnings.append(f"a vertebra may have been missed between {upper} and {lower} "

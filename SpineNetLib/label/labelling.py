@@ -452,13 +452,14 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
     return frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
 
 
-def _penalties_across_gap(params: LabellingParams) -> np.ndarray:
-    """:func:`_transition_penalties` with a downward skip of one level free (:func:`skips_across_gaps`)."""
+def _penalty_tables(params: LabellingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`_transition_penalties`, the same with a downward skip of one level free): the penalties of
+    a step elsewhere and of a step across a gap (:func:`skips_across_gaps`), indexed by ``k in free_skips``."""
     penalty = _transition_penalties(params)
-    if params.penalise_skips:
-        previous, new = np.arange(N_LEVELS)[:, None], np.arange(N_LEVELS)[None, :]
-        penalty = penalty - np.where(previous - new == 2, float(params.skip_penalty), 0.0)
-    return penalty
+    if not params.penalise_skips:
+        return penalty, penalty
+    previous, new = np.arange(N_LEVELS)[:, None], np.arange(N_LEVELS)[None, :]
+    return penalty, penalty - np.where(previous - new == 2, float(params.skip_penalty), 0.0)
 
 
 def _label_costs(probs: np.ndarray) -> np.ndarray:
@@ -474,7 +475,7 @@ def sequence_cost(indices: Sequence[int], probs: np.ndarray,
     as in :func:`beam_search`."""
     params = params or LabellingParams()
     costs = _label_costs(probs)
-    penalties = (_transition_penalties(params), _penalties_across_gap(params))
+    penalties = _penalty_tables(params)
     labels = [int(i) for i in indices]
     score = 1.0 + float(sum(costs[k, c] for k, c in enumerate(labels)))
     score += float(sum(penalties[k in free_skips][labels[k - 1], labels[k]] for k in range(1, len(labels))))
@@ -507,7 +508,7 @@ def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
         allowed[int(k)] = False
         allowed[int(k), int(c)] = True
     costs = np.where(allowed, costs, np.inf)
-    penalties = (_transition_penalties(params), _penalties_across_gap(params))
+    penalties = _penalty_tables(params)
     width = max(1, int(params.beam_width))
 
     def keep_best(candidates: np.ndarray) -> np.ndarray:

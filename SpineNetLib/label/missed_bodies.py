@@ -158,12 +158,13 @@ def level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
     return next((other.level for other in relabelled if same_body(other, body)), None)
 
 
-def _skips_across_gaps_below(chain: list[Vertebra], body: Vertebra, params: LabellingParams) -> int:
-    """How many levels ``chain`` (labelled, top to bottom) skips below ``body`` where the beam search may
-    skip one freely (``labelling.skips_across_gaps``)."""
-    at = next(k for k, other in enumerate(chain) if same_body(other, body))
-    return sum(level_index(chain[k - 1].level) - level_index(chain[k].level) == 2
-               for k in skips_across_gaps(chain, params) if k > at)
+def _levels_skipped_below(chain: list[Vertebra], params: LabellingParams) -> list[int]:
+    """For each body of ``chain`` (labelled, top to bottom): how many levels the chain skips below it where
+    the beam search may skip one freely (``labelling.skips_across_gaps``)."""
+    free = skips_across_gaps(chain, params)
+    skipped = [int(k in free and level_index(chain[k - 1].level) - level_index(chain[k].level) == 2)
+               for k in range(len(chain))]
+    return [sum(skipped[at + 1:]) for at in range(len(chain))]
 
 
 def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra],
@@ -180,11 +181,12 @@ def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], bel
         return False
     if all(level_in(relabelled, b) == b.level for b in labelled):
         return True
-    if all(level_in(relabelled, b) is not None for b in labelled) and all(
-            level_index(level_in(relabelled, b)) - level_index(b.level)
-            == _skips_across_gaps_below(relabelled, b, params) - _skips_across_gaps_below(labelled, b, params)
-            for b in labelled):
-        return True
+    at = [next((k for k, other in enumerate(relabelled) if same_body(other, b)), None) for b in labelled]
+    if None not in at:
+        skipped_before, skipped_now = _levels_skipped_below(labelled, params), _levels_skipped_below(relabelled, params)
+        if all(level_index(relabelled[k].level) - level_index(b.level) == skipped_now[k] - skipped_before[i]
+               for i, (b, k) in enumerate(zip(labelled, at))):
+            return True
     lowest = labelled[-1]
     new_level = level_in(relabelled, lowest)
     if new_level is None or lowest.appearance_probabilities is None:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from SpineNetLib.core.errors import WeightsError
-from SpineNetLib.core.files import default_file_mode  # noqa: F401  (also this module's API)
+from SpineNetLib.core.files import default_file_mode
 from SpineNetLib.models import AppearanceNet, ContextNet, DetectorConfig, GradingConfig, GradingNet, VFRDetector
 from SpineNetLib.weights.resolve import resolve_weights_file  # noqa: F401  (also this module's API)
 
