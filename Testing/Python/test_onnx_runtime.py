@@ -8,7 +8,6 @@ do (bfloat16, hotspot maps, a GPU).
 """
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.datasets import default_data_root
+from missing_packages import block_package, run_on_a_noise_scan
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install onnxruntime onnx)")
 pytest.importorskip("onnx", reason="the export needs the onnx package (pip install onnx)")
@@ -157,19 +157,7 @@ def test_what_onnx_runtime_cannot_do_is_a_one_line_error(cache, monkeypatch, tmp
         pipeline.load_networks("bundled", runtime="onnx")
     assert not list((tmp_path / "empty-cache").rglob("*.onnx"))
     monkeypatch.setenv("SPINENET_CACHE", str(cache))
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime" or name.startswith("onnxruntime."):
-            raise ImportError("No module named 'onnxruntime'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
-    image = tmp_path / "scan.nii.gz"
-    import SimpleITK as sitk
-
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((5, 64, 64), np.float32)), str(image))
-    status = cli.main(["run", str(image), "-o", str(tmp_path / "out"), "--runtime", "onnx", "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
+    block_package(monkeypatch, "onnxruntime")
+    status, err = run_on_a_noise_scan(cli, tmp_path, capsys, "--runtime", "onnx")
     assert status == 2 and len(err) == 1 and "pip install onnxruntime" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

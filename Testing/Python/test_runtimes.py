@@ -7,7 +7,6 @@ error with exit status 2 where OpenVINO is missing or asked to run on a GPU.
 """
 from __future__ import annotations
 
-import builtins
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.datasets import default_data_root
+from missing_packages import block_package, run_on_a_noise_scan
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
 
@@ -132,19 +132,7 @@ def test_missing_openvino_or_a_gpu_is_a_one_line_error(cache, monkeypatch, tmp_p
         pipeline.load_networks("bundled", "cuda", runtime="openvino")
     with pytest.raises(InputError, match="unknown runtime"):
         pipeline.load_networks("bundled", "cpu", runtime="tensorrt")
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino" or name.startswith("openvino."):
-            raise ImportError("No module named 'openvino'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
-    image = tmp_path / "scan.nii.gz"
-    import SimpleITK as sitk
-
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((5, 64, 64), np.float32)), str(image))
-    status = cli.main(["run", str(image), "-o", str(tmp_path / "out"), "--runtime", "openvino", "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
+    block_package(monkeypatch, "openvino")
+    status, err = run_on_a_noise_scan(cli, tmp_path, capsys, "--runtime", "openvino")
     assert status == 2 and len(err) == 1 and "pip install openvino" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
