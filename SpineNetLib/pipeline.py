@@ -59,6 +59,7 @@ from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import reads_one_slice
 from SpineNetLib.models.inference import is_torch_module
+from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime
 from SpineNetLib.models.runtimes import check_runtime
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights, resolve_weights_file, user_cache_dir
 # torch and its networks are imported where a run needs them: --runtime onnx never does (models/onnx_runtime.py)
@@ -110,10 +111,18 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     """The networks of a weight set; ``precision`` "bf16" runs them under bfloat16 autocast
     (``models/precision.py``); ``runtime`` "openvino" runs the detector with OpenVINO on the CPU
     (``models/runtimes.py``), "onnx" every network on ONNX Runtime on ``threads`` threads, never
-    importing torch (``models/onnx_runtime.py``)."""
+    importing torch (``models/onnx_runtime.py``), "auto" ONNX Runtime where it can stand in for torch
+    (``models/runtime_choice.py``), going on with torch when its export cannot be made or read."""
     start = time.perf_counter()
     check_runtime(runtime)
     weight_set = resolve_weights(weights)
+    if runtime == AUTO:
+        runtime = automatic_runtime(weights, device, precision)
+        if runtime == "onnx":
+            try:
+                return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start)
+            except (InputError, OSError, RuntimeError, ImportError):
+                runtime = "torch"   # Networks.runtime, and so the vertebrae document, says which ran
     if runtime != "torch" and str(device) not in ("auto", "cpu"):
         raise InputError(f"--runtime {runtime} runs on the CPU: use --device cpu (or auto)")
     if runtime == "onnx":

@@ -1,6 +1,6 @@
 """Wall seconds and peak memory of ``spinenet run`` as a whole process on real lumbar scans.
 
-    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--runtime torch|onnx]
+    python benchmarks/bench_end_to_end.py [--threads 2] [--repeats 3] [--weights bundled] [--runtime auto|torch|onnx]
                                           [--in-process | --served] [CASE ...]
 
 Each run is a fresh process, as a user starts it: Python and torch start-up, reading the scan,
@@ -9,8 +9,9 @@ defaults of ``spinenet run``).  Cases are folders under ``../shared/data`` holdi
 named with their source (``chu/chu_02``; default: one volume of each source that has volumes); a
 case not found is reported and left out, and when none is found the script stops with status 2.
 Prints the median and the slowest of ``--repeats`` runs, after one unmeasured run that warms the
-file cache, writes Python's bytecode cache (:func:`child_environment`) and, with ``--runtime onnx``,
-exports the networks the first time (``models/onnx_runtime.py``).
+file cache, writes Python's bytecode cache (:func:`child_environment`) and, where ONNX Runtime runs the
+networks, exports them the first time (``models/onnx_runtime.py``).  ``--runtime`` is the command's,
+``auto`` by default (``models/runtime_choice.py``: ONNX Runtime for the bundled weights where it is installed).
 Issue 16's goal for the bundled networks: 3 s.
 
 ``--in-process`` times the same command called again and again inside this one process
@@ -42,6 +43,7 @@ import time
 from pathlib import Path
 
 from script_errors import InputError, at_least
+from SpineNetLib.models.runtime_choice import automatic_runtime
 from served_worker import ServedWorker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,16 +107,20 @@ def main() -> int:
     parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--weights", default="bundled")
-    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
-                        help="spinenet run --runtime (not for --served: the worker runs torch)")
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                        help="spinenet run --runtime, default auto as the command's (not for --served: the worker "
+                             "runs torch)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--in-process", action="store_true",
                      help="call the command again and again in this process (module docstring)")
     how.add_argument("--served", action="store_true",
                      help="requests to one worker process kept running, as the Slicer module runs them")
     args = parser.parse_args()
-    if args.served and args.runtime != "torch":
+    if args.served and args.runtime == "onnx":
         raise InputError("--served times the Slicer module's worker, which runs torch: leave out --runtime")
+    runtime = "torch, the worker's" if args.served else args.runtime
+    if runtime == "auto":
+        runtime = f"auto ({automatic_runtime(args.weights)} here)"
     data = Path(args.data)
     if not data.is_dir():
         raise InputError(f"no data folder at {data}")
@@ -131,7 +137,7 @@ def main() -> int:
     else:
         run = one_call_in_process if args.in_process else one_run
         where = "called in one process" if args.in_process else "a fresh process each"
-    print(f"spinenet run, {where}, {args.weights} weights, runtime {args.runtime}, {args.threads} threads, "
+    print(f"spinenet run, {where}, {args.weights} weights, runtime {runtime}, {args.threads} threads, "
           f"median and slowest of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         for case, image in images.items():

@@ -31,6 +31,7 @@ from typing import NoReturn
 
 from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
 from SpineNetLib.core.process import exit_process, run_as_process, too_many_threads
+from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime
 
 #: ``spinenet demo`` ran, but its result differs from the phantom's ground truth.
 EXIT_DEMO_WRONG = 3
@@ -64,7 +65,7 @@ def _use_threads(args) -> None:
     resampling (``core/resample.py``), and its idle threads spinning beside ONNX Runtime's made the
     bundled detector 1.7 times slower (chu_02: 1.01 s against 0.59 s; benchmarks/RESULTS.md)."""
     threads = getattr(args, "threads", None)
-    onnx = getattr(args, "runtime", "torch") == "onnx"
+    onnx = _resolved_runtime(args) == "onnx"
     if onnx and "numpy" not in sys.modules:
         for variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[variable] = "1"
@@ -96,7 +97,26 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-spacing", type=float, metavar="MM", help="override the spacing between sagittal slices in mm")
 
 
-def _add_network_options(parser: argparse.ArgumentParser) -> None:
+def _runtime_for(args) -> str:
+    """``--runtime`` as ``pipeline.load_networks`` takes it: "auto" becomes "torch" where the run makes
+    hotspot maps (torch's gradients) or runs the official profile (its exact arithmetic)."""
+    runtime = getattr(args, "runtime", "torch")
+    if runtime == AUTO and (getattr(args, "hotspots", None) or getattr(args, "profile", None) == "official"):
+        return "torch"
+    return runtime
+
+
+def _resolved_runtime(args) -> str:
+    """Where the networks will run, as far as can be told without importing numpy or torch: "auto"
+    resolved (``models/runtime_choice.py``; its rare fall-back to torch aside)."""
+    runtime = _runtime_for(args)
+    if runtime != AUTO:
+        return runtime
+    return automatic_runtime(getattr(args, "weights", None), getattr(args, "device", "auto"),
+                             getattr(args, "precision", "fp32"))
+
+
+def _add_network_options(parser: argparse.ArgumentParser, runtime_default: str = AUTO) -> None:
     parser.add_argument("--weights", default="bundled", metavar="bundled|official|DIR",
                         help="network weights: the bundled models (default), the official download, or a folder")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -106,12 +126,17 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with bfloat16 "
                              "support, about 8 times slower on CPUs without AVX-512; outputs within about "
                              "1 %% of their range, see benchmarks/RESULTS.md)")
-    parser.add_argument("--runtime", choices=["torch", "openvino", "onnx"], default="torch",
-                        help="where the networks run: torch (default); openvino, the detector on OpenVINO (pip install "
-                             "openvino; faster for the official-size detector, above all with --precision bf16); onnx, "
-                             "every network on ONNX Runtime, never importing torch, which saves about a second of each "
-                             "run's start (pip install onnxruntime onnx; no hotspot maps). The first use of either per "
-                             "weights file converts the networks and keeps them in the cache; see benchmarks/RESULTS.md")
+    auto = runtime_default == AUTO
+    parser.add_argument("--runtime", choices=["torch", "openvino", "onnx"] + ([AUTO] if auto else []),
+                        default=runtime_default,
+                        help=("where the networks run: " + (
+                            "auto (default), ONNX Runtime for the bundled weights on the CPU in float32 without "
+                            "hotspot maps or the official profile, torch otherwise; torch; " if auto else "torch (default); ")
+                            + "openvino, the detector on OpenVINO (pip install openvino; faster for the "
+                            "official-size detector, above all with --precision bf16); onnx, every network on ONNX "
+                            "Runtime, never importing torch, which saves about a second of each run's start (no "
+                            "hotspot maps). The first use of either per weights file converts the networks and keeps "
+                            "them in the cache; see benchmarks/RESULTS.md"))
 
 
 def _version() -> str:
@@ -313,7 +338,7 @@ def _networks_for(args):
 
     return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
                                   with_grading=not getattr(args, "no_grade", False),
-                                  precision=getattr(args, "precision", "fp32"), runtime=getattr(args, "runtime", "torch"),
+                                  precision=getattr(args, "precision", "fp32"), runtime=_runtime_for(args),
                                   threads=getattr(args, "threads", None))
 
 
@@ -493,7 +518,7 @@ def _add_cohort_command(sub) -> None:
     cohort.add_argument("--scheduler", metavar="ADDRESS",
                         help="use the workers of this running Dask scheduler (e.g. tcp://10.0.0.5:8786) "
                              "instead of a local cluster; see README, Cohorts")
-    _add_network_options(cohort)
+    _add_network_options(cohort, runtime_default="torch")   # long-lived workers: torch's import is paid once
     cohort.add_argument("--profile", choices=["default", "official"], default=None,
                         help="processing profile, as for `spinenet run` (default: official with --weights "
                              "official, else default)")

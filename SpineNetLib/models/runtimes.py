@@ -32,8 +32,9 @@ if TYPE_CHECKING:   # annotations only: torch is imported where it is used
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
 
-#: Accepted names, the default first ("onnx": every network on ONNX Runtime, ``models/onnx_runtime.py``).
-RUNTIMES: tuple[str, ...] = ("torch", "openvino", "onnx")
+#: Accepted names, the library's default first ("onnx": every network on ONNX Runtime, ``models/onnx_runtime.py``;
+#: "auto": ONNX Runtime where it can stand in for torch, ``models/runtime_choice.py``).
+RUNTIMES: tuple[str, ...] = ("torch", "openvino", "onnx", "auto")
 #: OpenVINO's name of each precision of ``models/precision.py``.
 _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 

@@ -9,3 +9,15 @@ for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+# The per-user cache (weights/resolve.user_cache_dir) is a folder of this test session's own, unless the caller
+# named one: `spinenet run` exports the bundled networks for ONNX Runtime there on its first run
+# (models/runtime_choice.py), and a test run should neither read nor leave files in the user's cache.
+if "SPINENET_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _session_cache = tempfile.mkdtemp(prefix="spinenet-test-cache-")
+    os.environ["SPINENET_CACHE"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)

@@ -363,7 +363,8 @@ def test_threads_are_set_before_the_networks_load(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_networks", load_networks)
     image = make_phantom(fov="lumbar", shape=(96, 96), pixel_spacing=(2.0, 2.0), n_slices=3).write_nifti(
         tmp_path / "scan.nii.gz")
-    assert cli.main(["run", str(image), "-o", str(tmp_path / "out"), "--quiet", "--threads", "1"]) == 2
+    assert cli.main(["run", str(image), "-o", str(tmp_path / "out"), "--quiet", "--threads", "1",
+                     "--runtime", "torch"]) == 2   # ONNX Runtime's threads: test_onnx_runtime.py
     assert seen_at_load == [[("intra-op", 1), ("inter-op", 1)]]
     assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
     assert cli.build_parser().parse_args(["demo", "-o", "x", "--threads", "2"]).threads == 2

@@ -161,3 +161,41 @@ def test_what_onnx_runtime_cannot_do_is_a_one_line_error(cache, monkeypatch, tmp
     status, err = run_on_a_noise_scan(cli, tmp_path, capsys, "--runtime", "onnx")
     assert status == 2 and len(err) == 1 and "pip install onnxruntime" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_command_runs_onnx_runtime_by_default_where_it_can_stand_in_for_torch(cache, monkeypatch, tmp_path):
+    """``--runtime auto``, the default of ``spinenet run`` and ``spinenet demo`` (models/runtime_choice.py):
+    ONNX Runtime for the bundled weights on the CPU in float32; torch for other weights, a GPU, bfloat16,
+    hotspot maps and the official profile, and where ONNX Runtime is missing or its export cannot be
+    written, in which case the run goes on with torch instead of failing."""
+    from SpineNetLib import pipeline
+    from SpineNetLib.apps import cli
+    from SpineNetLib.models.runtime_choice import automatic_runtime
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.synthetic.writing import write_phantom_image
+
+    assert automatic_runtime("bundled") == "onnx" and automatic_runtime(None, "cpu") == "onnx"
+    assert {automatic_runtime("official"), automatic_runtime(str(tmp_path)), automatic_runtime("bundled", "cuda"),
+            automatic_runtime("bundled", precision="bf16")} == {"torch"}
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "onnxruntime", None)
+        assert automatic_runtime("bundled") == "torch"
+    assert cli.build_parser().parse_args(["run", "x", "-o", "y"]).runtime == "auto"
+    assert cli.build_parser().parse_args(["cohort", "x", "-o", "y"]).runtime == "torch"
+
+    image = write_phantom_image(make_phantom(seed=4, shape=(256, 256), pixel_spacing=(1.1, 1.1), n_slices=3),
+                                tmp_path / "phantom.nii.gz")
+
+    def runtime_of(name: str, *options: str) -> str:
+        assert cli.main(["run", str(image), "-o", str(tmp_path / name), "--quiet", "--no-preview", *options]) == 0
+        return json.loads((tmp_path / name / "vertebrae.json").read_text()).get("runtime", "torch")
+
+    assert runtime_of("default") == "onnx"
+    assert runtime_of("hotspots", "--hotspots", "Herniation", "--hotspot-augmentations", "1") == "torch"
+    assert runtime_of("official_profile", "--profile", "official") == "torch"
+    monkeypatch.setenv("SPINENET_CACHE", str(tmp_path / "not-a-folder"))
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    assert runtime_of("unwritable_cache") == "torch"
+    assert pipeline.load_networks("bundled", runtime="auto").runtime == "torch"
+    with pytest.raises(InputError, match="cannot be written"):
+        pipeline.load_networks("bundled", runtime="onnx")

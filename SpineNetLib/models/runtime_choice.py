@@ -1,0 +1,40 @@
+"""What ``runtime="auto"``, the ``spinenet run`` and ``spinenet demo`` default, runs the networks on (issue 16).
+
+A fresh ``spinenet run`` of the bundled networks spends about a second of its 2.5-4 s importing torch
+(benchmarks/RESULTS.md, "A run without torch").  ONNX Runtime runs the same networks without it, and
+names every body of the 68 held-out scans, and of the 816 runs of their acquisition variants, as torch
+does (RESULTS.md, same section).  So "auto" means ONNX Runtime wherever it can stand in for torch:
+
+- the bundled weights only: exporting the official-size networks takes 3.25 GB at its peak (issue 16's
+  goal is under 2 GB) and a GPU, where there is one, runs them faster than ONNX Runtime's CPU provider;
+- float32 (ONNX Runtime does not compute this project's bfloat16 autocast);
+- ``device`` "auto" or "cpu": the bundled networks on a GPU would spend longer starting CUDA than
+  computing, so "auto" leaves them on the CPU; "cuda" asks for torch;
+- ``onnxruntime`` and ``onnx`` (which writes the one-off export) both installed.
+
+Callers that make hotspot maps (they need torch's gradients) or run the official profile (its exact
+arithmetic) ask for torch themselves (``apps/cli.py``).  ``pipeline.load_networks`` goes on with torch
+when the export cannot be made or read (a cache folder that cannot be written, say).
+
+This module imports neither numpy nor torch: the command asks it before it sets their thread pools.
+"""
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+#: The runtime name that lets :func:`automatic_runtime` choose.
+AUTO = "auto"
+
+
+def onnx_runtime_installed() -> bool:
+    """Whether ONNX Runtime and the onnx package (its export's writer) can be imported; imports neither."""
+    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
+
+
+def automatic_runtime(weights: str | None, device: str = "auto", precision: str = "fp32") -> str:
+    """"onnx" where ``runtime="auto"`` runs the networks of ``weights`` on ONNX Runtime (the module's
+    docstring says when), else "torch"."""
+    bundled = weights in (None, "", "bundled")   # as weights/resolve.resolve_weights reads them
+    if bundled and str(device) in ("auto", "cpu") and precision == "fp32" and onnx_runtime_installed():
+        return "onnx"
+    return "torch"
