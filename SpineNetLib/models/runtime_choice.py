@@ -8,8 +8,8 @@ does (RESULTS.md, same section).  So "auto" means ONNX Runtime wherever it can s
 - the bundled weights only: exporting the official-size networks takes 3.25 GB at its peak (issue 16's
   goal is under 2 GB) and a GPU, where there is one, runs them faster than ONNX Runtime's CPU provider;
 - float32 (ONNX Runtime does not compute this project's bfloat16 autocast);
-- ``device`` "auto" or "cpu": the bundled networks on a GPU would spend longer starting CUDA than
-  computing, so "auto" leaves them on the CPU; "cuda" asks for torch;
+- ``device`` "auto" or "cpu": "auto" keeps the bundled networks on the CPU, where the figures above were
+  measured, even on a machine with a GPU (not measured there); "cuda" asks for torch;
 - ``onnxruntime`` and ``onnx`` (which writes the one-off export) both installed.
 
 Callers that make hotspot maps (they need torch's gradients) or run the official profile (its exact
