@@ -109,22 +109,24 @@ def test_onnx_runtime_gives_the_torch_levels_and_grades(cache, monkeypatch):
 
 
 def test_a_cached_run_never_imports_torch(cache, tmp_path):
-    """``spinenet run --runtime onnx`` in a fresh process where importing torch fails: it runs, and writes
-    every result file.  A damaged cached network is exported again (that run imports torch)."""
+    """``spinenet run --runtime onnx``, and ``spinenet run`` with its default runtime (auto), in a fresh
+    process where importing torch fails: each runs, and writes every result file.  A damaged cached
+    network is exported again (that run imports torch)."""
     from SpineNetLib.synthetic.phantom import make_phantom
     from SpineNetLib.synthetic.writing import write_phantom_image
 
     image = write_phantom_image(make_phantom(seed=4, shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=5),
                                 tmp_path / "phantom.nii.gz")
-    probe = ("import sys; sys.modules['torch'] = None\n"
-             "from SpineNetLib.apps.cli import main\n"
-             f"sys.exit(main(['run', {str(image)!r}, '-o', {str(tmp_path / 'out')!r}, '--runtime', 'onnx', "
-             "'--threads', '2', '--quiet']))")
     env = {**os.environ, "SPINENET_CACHE": str(cache)}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert {"vertebrae.json", "discs.json", "preview.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    assert json.loads((tmp_path / "out" / "vertebrae.json").read_text())["runtime"] == "onnx"
+    for name, runtime in (("out", ["--runtime", "onnx"]), ("default", [])):
+        probe = ("import sys; sys.modules['torch'] = None\n"
+                 "from SpineNetLib.apps.cli import main\n"
+                 f"sys.exit(main(['run', {str(image)!r}, '-o', {str(tmp_path / name)!r}, *{runtime!r}, "
+                 "'--threads', '2', '--quiet']))")
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert {"vertebrae.json", "discs.json", "preview.png"} <= {p.name for p in (tmp_path / name).iterdir()}
+        assert json.loads((tmp_path / name / "vertebrae.json").read_text())["runtime"] == "onnx"
     # a damaged export: read, found unusable, exported again from the torch network
     detector = next((cache / "onnx").glob("detector-*.onnx"))
     good = detector.read_bytes()
