@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.datasets import default_data_root
