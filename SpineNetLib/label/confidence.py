@@ -55,7 +55,7 @@ import numpy as np
 from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.labelling import (MISSED_BODY_GAP_RATIO, LabellingParams, assign_level_names, beam_search,
-                                         gap_ratios, sequence_cost, skips_across_gaps)
+                                         gap_ratios, level_skipped, sequence_cost, skips_across_gaps)
 
 #: The confidence below which the levels are flagged for review (``needs_review``) when the weights
 #: carry no calibrated value.  A context checkpoint carries the value calibrated for it (entry
@@ -346,8 +346,7 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     warnings, ratios = [], gap_ratios(vertebrae)
     for i in np.flatnonzero(ratios > REVIEW_GAP_RATIO):
         upper, lower, ratio = vertebrae[i].level, vertebrae[i + 1].level, ratios[i]
-        skipped = (LEVELS[level_index(upper) - 1]
-                   if None not in (upper, lower) and level_index(upper) - level_index(lower) == 2 else None)
+        skipped = level_skipped(upper, lower)
         consequence = (f"the levels count {skipped} there, which has no outline" if skipped
                        else "the levels on one side of it may be off by one")
         warnings.append(f"a vertebra may have been missed between {upper} and {lower} "

@@ -452,6 +452,14 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
     return frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
 
 
+def level_skipped(upper: str | None, lower: str | None) -> str | None:
+    """The level between ``upper`` and ``lower``, names of consecutive bodies top to bottom, when that
+    step skips exactly one level (the step :func:`skips_across_gaps` may make freely); else None."""
+    if upper is None or lower is None or level_index(upper) - level_index(lower) != 2:
+        return None
+    return LEVELS[level_index(upper) - 1]   # LEVELS run from S1 upwards
+
+
 def _penalty_tables(params: LabellingParams) -> tuple[np.ndarray, np.ndarray]:
     """(:func:`_transition_penalties`, the same with a downward skip of one level free): the penalties of
     a step elsewhere and of a step across a gap (:func:`skips_across_gaps`), indexed by ``k in free_skips``."""

@@ -39,7 +39,7 @@ import numpy as np
 from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.confidence import MAX_GAP_RATIO
-from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
+from SpineNetLib.label.labelling import LabellingParams, level_skipped, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
 #: where a missing body would be.
@@ -162,7 +162,7 @@ def _levels_skipped_below(chain: list[Vertebra], params: LabellingParams) -> lis
     """For each body of ``chain`` (labelled, top to bottom): how many levels the chain skips below it where
     the beam search may skip one freely (``labelling.skips_across_gaps``)."""
     free = skips_across_gaps(chain, params)
-    skipped = [int(k in free and level_index(chain[k - 1].level) - level_index(chain[k].level) == 2)
+    skipped = [int(k in free and level_skipped(chain[k - 1].level, chain[k].level) is not None)
                for k in range(len(chain))]
     return [sum(skipped[at + 1:]) for at in range(len(chain))]
 
