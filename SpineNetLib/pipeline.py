@@ -107,12 +107,14 @@ class Networks:
 
 def load_networks(weights: str | None = "bundled", device: str = "auto", *,
                   trusted_sha256: set[str] | None = None, with_grading: bool = False,
-                  precision: str = "fp32", runtime: str = "torch", threads: int | None = None) -> Networks:
+                  precision: str = "fp32", runtime: str = "torch", threads: int | None = None,
+                  progress: ProgressCallback | None = None) -> Networks:
     """The networks of a weight set; ``precision`` "bf16" runs them under bfloat16 autocast
     (``models/precision.py``); ``runtime`` "openvino" runs the detector with OpenVINO on the CPU
     (``models/runtimes.py``), "onnx" every network on ONNX Runtime on ``threads`` threads, never
     importing torch (``models/onnx_runtime.py``), "auto" ONNX Runtime where it can stand in for torch
-    (``models/runtime_choice.py``), going on with torch when its export cannot be made or read."""
+    (``models/runtime_choice.py``), going on with torch when its export cannot be made or read.
+    ``progress`` hears the networks' export, the first time ONNX Runtime runs a weights file."""
     start = time.perf_counter()
     check_runtime(runtime)
     weight_set = resolve_weights(weights)
@@ -120,7 +122,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
         runtime = automatic_runtime(weights, device, precision)
         if runtime == "onnx":
             try:
-                return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start)
+                return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start, progress)
             except (InputError, OSError, RuntimeError, ImportError):
                 runtime = "torch"   # Networks.runtime, and so the vertebrae document, says which ran
     if runtime != "torch" and str(device) not in ("auto", "cpu"):
@@ -128,7 +130,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     if runtime == "onnx":
         if precision != "fp32":
             raise InputError("--runtime onnx computes in float32: leave out --precision bf16 (or use --runtime torch)")
-        return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start)
+        return _onnx_networks(weight_set, with_grading, trusted_sha256, threads, start, progress)
     from SpineNetLib.models.precision import with_precision
     from SpineNetLib.models.runtimes import openvino_detector_predictor
     from SpineNetLib.weights.checkpoints import load_for_run
@@ -153,7 +155,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
 
 
 def _onnx_networks(weight_set: WeightSet, with_grading: bool, trusted_sha256: set[str] | None,
-                   threads: int | None, start: float) -> Networks:
+                   threads: int | None, start: float, progress: ProgressCallback | None = None) -> Networks:
     """:func:`load_networks` for ``runtime="onnx"`` (``models/onnx_runtime.py``)."""
     from SpineNetLib.models import onnx_runtime
 
@@ -166,7 +168,7 @@ def _onnx_networks(weight_set: WeightSet, with_grading: bool, trusted_sha256: se
     nets = onnx_runtime.onnx_networks(
         {k: resolve_weights_file(weight_set.path(k)) for k in kinds},
         load_torch,
-        user_cache_dir() / "onnx", threads=int(threads or 0))
+        user_cache_dir() / "onnx", threads=int(threads or 0), progress=progress)
     return Networks(detector=None, appearance=nets["appearance"], context=nets["context"],
                     grading=nets.get("grading"), device="cpu", weights=weight_set,
                     predictor=onnx_runtime.onnx_predictor(nets["detector"]),

@@ -335,11 +335,13 @@ def _trusted_sha256(args) -> set[str] | None:
 
 def _networks_for(args):
     from SpineNetLib import pipeline
+    from SpineNetLib.core.progress import StderrProgress, no_progress
 
     return pipeline.load_networks(args.weights, args.device, trusted_sha256=_trusted_sha256(args),
                                   with_grading=not getattr(args, "no_grade", False),
                                   precision=getattr(args, "precision", "fp32"), runtime=_runtime_for(args),
-                                  threads=getattr(args, "threads", None))
+                                  threads=getattr(args, "threads", None),
+                                  progress=no_progress if getattr(args, "quiet", False) else StderrProgress())
 
 
 def command_demo(args) -> int:

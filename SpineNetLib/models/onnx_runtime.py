@@ -162,19 +162,30 @@ def _read_cached(model_file: Path, meta_file: Path, threads: int) -> OnnxNetwork
         return None
 
 
+#: What the progress callback of :func:`onnx_networks` hears while networks are exported: the first run of a
+#: weights file takes a few seconds longer (about 4 s for the bundled ones, benchmarks/RESULTS.md), and says why.
+EXPORT_MESSAGE = "exporting the networks for ONNX Runtime (once per weights file)"
+
+
 def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], object], cache_dir: Path,
-                  threads: int) -> dict[str, OnnxNetwork]:
+                  threads: int, progress: Callable[[int, int, str], None] | None = None) -> dict[str, OnnxNetwork]:
     """The exported networks of a weight set (``{kind: checkpoint file}``, the kinds it has), read from
     ``cache_dir`` where they were exported before, else loaded with ``load_torch(kind)`` (which imports
-    torch), exported there and read back, so that the first run computes as every later one."""
+    torch), exported there and read back, so that the first run computes as every later one.
+    ``progress(done, total, message)`` hears each export (:data:`EXPORT_MESSAGE`), and nothing when every
+    network is read from the cache."""
     onnxruntime_module()
     networks: dict[str, OnnxNetwork] = {}
-    for kind, weights_file in weight_files.items():
+    exported = False
+    for done, (kind, weights_file) in enumerate(weight_files.items()):
         digest = sha256_file(weights_file)   # once: the key, and the export's record of its source
         model_file, meta_file = _cached_files(Path(cache_dir), kind, digest)
         net = _read_cached(model_file, meta_file, threads)
         if net is None:
             _check_exporter()
+            if progress is not None:
+                progress(done, len(weight_files), EXPORT_MESSAGE)
+            exported = True
             try:
                 model_file.parent.mkdir(parents=True, exist_ok=True)
                 export_network(kind, load_torch(kind), model_file, Path(weights_file), digest)
@@ -185,4 +196,6 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
             if net is None:
                 raise InputError(f"the {kind} network exported to {model_file} cannot be read back by ONNX Runtime")
         networks[kind] = net
+    if exported and progress is not None:
+        progress(len(weight_files), len(weight_files), EXPORT_MESSAGE)
     return networks

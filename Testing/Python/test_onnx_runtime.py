@@ -201,3 +201,37 @@ def test_the_command_runs_onnx_runtime_by_default_where_it_can_stand_in_for_torc
     assert pipeline.load_networks("bundled", runtime="auto").runtime == "torch"
     with pytest.raises(InputError, match="cannot be written"):
         pipeline.load_networks("bundled", runtime="onnx")
+
+
+def test_the_first_run_of_a_weights_file_says_that_it_exports_the_networks(cache, monkeypatch, tmp_path, capsys):
+    """The first ONNX Runtime run of a weights file exports its networks, seconds that later runs do not
+    take: the command says so on stderr (not with --quiet), and says nothing once they are in the cache."""
+    import shutil
+
+    from SpineNetLib.apps import cli
+    from SpineNetLib.models.onnx_runtime import EXPORT_MESSAGE
+    from SpineNetLib.synthetic.phantom import make_phantom
+    from SpineNetLib.synthetic.writing import write_phantom_image
+
+    fresh = tmp_path / "cache" / "onnx"
+    fresh.mkdir(parents=True)
+    for exported in (Path(cache) / "onnx").iterdir():   # all but the context network: only it is exported
+        if not exported.name.startswith("context-"):
+            shutil.copy(exported, fresh / exported.name)
+    monkeypatch.setenv("SPINENET_CACHE", str(fresh.parent))
+    image = write_phantom_image(make_phantom(seed=4, shape=(256, 256), pixel_spacing=(1.1, 1.1), n_slices=3),
+                                tmp_path / "phantom.nii.gz")
+    capsys.readouterr()
+
+    def stderr_of(name: str, *options: str) -> str:
+        assert cli.main(["run", str(image), "-o", str(tmp_path / name), "--no-preview", *options]) == 0
+        assert json.loads((tmp_path / name / "vertebrae.json").read_text())["runtime"] == "onnx"
+        return capsys.readouterr().err
+
+    first = stderr_of("first")
+    assert f"{EXPORT_MESSAGE}: 3/5" in first and f"{EXPORT_MESSAGE}: 5/5" in first
+    assert len(list(fresh.glob("context-*.onnx"))) == 1
+    assert EXPORT_MESSAGE not in stderr_of("again")
+    (next(fresh.glob("context-*.onnx"))).unlink()
+    assert EXPORT_MESSAGE not in stderr_of("quiet", "--quiet")
+    assert len(list(fresh.glob("context-*.onnx"))) == 1
