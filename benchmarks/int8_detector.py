@@ -24,6 +24,7 @@ convolution (``/out/Conv``), which writes the heat maps that the decoding thresh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -74,6 +75,17 @@ def real_patches(data_root: Path) -> np.ndarray:
     return np.concatenate(parts)[:, None].astype(np.float32)
 
 
+@contextlib.contextmanager
+def _working_folder(folder):
+    """The working folder set to ``folder`` for the ``with`` block (``contextlib.chdir`` is Python 3.11+)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def quantise(model_file: Path, out_file: Path, calibration: np.ndarray) -> float:
     """``model_file`` quantised to static int8 into ``out_file`` (which may be the same file); the seconds taken."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -92,7 +104,10 @@ def quantise(model_file: Path, out_file: Path, calibration: np.ndarray) -> float
             return next(self.batches, None)
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    model_file, out_file = Path(model_file).resolve(), Path(out_file).resolve()
+    # in a folder of its own: ONNX Runtime's quantisation tools may leave files in the working folder
+    # (a failed shape inference wrote a model and a 0.5 GB weights file there)
+    with tempfile.TemporaryDirectory() as tmp, _working_folder(tmp):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_file), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out_file), Batches(), quant_format=QuantFormat.QDQ,
