@@ -114,7 +114,8 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
     (``models/runtimes.py``), "onnx" every network on ONNX Runtime on ``threads`` threads, never
     importing torch (``models/onnx_runtime.py``), "auto" ONNX Runtime where it can stand in for torch
     (``models/runtime_choice.py``), going on with torch when its export cannot be made or read.
-    ``progress`` hears the networks' export, the first time ONNX Runtime runs a weights file."""
+    ``progress`` hears the networks' export or conversion, the first time ONNX Runtime or OpenVINO runs a
+    weights file."""
     start = time.perf_counter()
     check_runtime(runtime)
     weight_set = resolve_weights(weights)
@@ -143,7 +144,7 @@ def load_networks(weights: str | None = "bundled", device: str = "auto", *,
         predictor = openvino_detector_predictor(
             lambda: load_for_run(weight_set, "detector", dev, "fp32", trusted_sha256, fold=False),
             resolve_weights_file(weight_set.path("detector")), precision,
-            cache_dir=user_cache_dir() / "openvino")
+            cache_dir=user_cache_dir() / "openvino", progress=progress)
     else:
         detector = load("detector")
     grading = load("grading") if (with_grading and weight_set.grading is not None) else None

@@ -66,8 +66,14 @@ def _give_back_freed_memory() -> None:
         pass
 
 
+#: What the progress callback of :func:`openvino_detector_predictor` hears while the detector is converted
+#: (10-25 s, once per weights file where the cache can be written; benchmarks/RESULTS.md, "OpenVINO's first run").
+CONVERSION_MESSAGE = "converting the detector for OpenVINO (once per weights file)"
+
+
 def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
-                        cache_dir: Path | None, openvino) -> tuple[object, torch.nn.Module | None]:
+                        cache_dir: Path | None, openvino,
+                        progress: Callable[[int, int, str], None] | None = None) -> tuple[object, torch.nn.Module | None]:
     """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``, and the torch
     network whose memory that model uses (None when it owns its weights), which must be kept as long
     as the model or anything compiled from it runs.
@@ -91,12 +97,16 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
                 return openvino.Core().read_model(cached), None
             except (RuntimeError, OSError):
                 pass
+    if progress is not None:
+        progress(0, 1, CONVERSION_MESSAGE)
     network = detector if isinstance(detector, torch.nn.Module) else detector()
     network = network.float().eval().to(memory_format=torch.contiguous_format)
     with warnings.catch_warnings():   # the tracer's note on the input-shape check, harmless here
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = openvino.convert_model(network, example_input=torch.zeros(1, 1, 224, 224),
                                        input=[openvino.PartialShape([-1, 1, -1, -1])])
+    if progress is not None:
+        progress(1, 1, CONVERSION_MESSAGE)
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -115,18 +125,20 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
 
 
 def openvino_detector_predictor(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
-                                precision: str = "fp32", threads: int | None = None, cache_dir: Path | None = None):
+                                precision: str = "fp32", threads: int | None = None, cache_dir: Path | None = None,
+                                progress: Callable[[int, int, str], None] | None = None):
     """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded; or a function loading it,
     called only when no conversion is cached) with OpenVINO on the CPU in ``precision`` ("fp32" or
     "bf16"), on ``threads`` threads (default: torch's).  The converted network is kept in
     ``cache_dir``, keyed by ``weights_path``, the checkpoint file it is loaded from (``load_model``
-    sets ``weights_path`` on the network); without either it is converted every time."""
+    sets ``weights_path`` on the network); without either it is converted every time.  ``progress(done,
+    total, message)`` hears a conversion (:data:`CONVERSION_MESSAGE`), and nothing when it is read from the cache."""
     if precision not in _OPENVINO_PRECISION:
         raise InputError(f"unknown precision {precision!r} (use {' or '.join(_OPENVINO_PRECISION)})")
     import torch
 
     openvino = _openvino()
-    model, weights_owner = _converted_detector(detector, weights_path, cache_dir, openvino)
+    model, weights_owner = _converted_detector(detector, weights_path, cache_dir, openvino, progress)
     compiled = openvino.Core().compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
         "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),

@@ -77,7 +77,7 @@ def test_a_cached_conversion_never_loads_the_torch_detector(cache):
     import gc
 
     from SpineNetLib.detect.vfr import network_predictor
-    from SpineNetLib.models.runtimes import openvino_detector_predictor
+    from SpineNetLib.models.runtimes import CONVERSION_MESSAGE, openvino_detector_predictor
     from SpineNetLib.weights.checkpoints import load_model
     from SpineNetLib.weights.resolve import resolve_weights
 
@@ -89,9 +89,11 @@ def test_a_cached_conversion_never_loads_the_torch_detector(cache):
         return load_model("detector", path)
 
     x = np.random.default_rng(1).random((2, 224, 224), dtype=np.float32)
-    first = openvino_detector_predictor(load, path, "fp32", cache_dir=cache)(x)
-    again = openvino_detector_predictor(load, path, "fp32", cache_dir=cache)(x)
-    assert len(loads) == 1 and np.array_equal(first, again)
+    heard = []   # the conversion is said (spinenet run prints it), the read from the cache is not
+    first = openvino_detector_predictor(load, path, "fp32", cache_dir=cache, progress=lambda *a: heard.append(a))(x)
+    assert heard == [(0, 1, CONVERSION_MESSAGE), (1, 1, CONVERSION_MESSAGE)]
+    again = openvino_detector_predictor(load, path, "fp32", cache_dir=cache, progress=lambda *a: heard.append(a))(x)
+    assert len(loads) == 1 and np.array_equal(first, again) and len(heard) == 2
     uncached = openvino_detector_predictor(load, path, "fp32", cache_dir=None)
     assert len(loads) == 2
     gc.collect()
