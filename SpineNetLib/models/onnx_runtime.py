@@ -183,11 +183,11 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
         net = _read_cached(model_file, meta_file, threads)
         if net is None:
             _check_exporter()
-            if progress is not None:
-                progress(done, len(weight_files), EXPORT_MESSAGE)
-            exported = True
             try:
                 model_file.parent.mkdir(parents=True, exist_ok=True)
+                if progress is not None:   # not before: a cache that cannot be written exports nothing
+                    progress(done, len(weight_files), EXPORT_MESSAGE)
+                exported = True
                 export_network(kind, load_torch(kind), model_file, Path(weights_file), digest)
             except OSError as exc:
                 raise InputError(f"--runtime onnx keeps its exported networks in {model_file.parent}, "

@@ -235,3 +235,9 @@ def test_the_first_run_of_a_weights_file_says_that_it_exports_the_networks(cache
     (next(fresh.glob("context-*.onnx"))).unlink()
     assert EXPORT_MESSAGE not in stderr_of("quiet", "--quiet")
     assert len(list(fresh.glob("context-*.onnx"))) == 1
+    # a cache folder that cannot be written: the run goes on with torch, and does not claim to export
+    monkeypatch.setenv("SPINENET_CACHE", str(tmp_path / "not-a-folder"))
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    assert cli.main(["run", str(image), "-o", str(tmp_path / "torch"), "--no-preview"]) == 0
+    assert json.loads((tmp_path / "torch" / "vertebrae.json").read_text()).get("runtime", "torch") == "torch"
+    assert EXPORT_MESSAGE not in capsys.readouterr().err
