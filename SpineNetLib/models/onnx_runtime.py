@@ -26,6 +26,7 @@ import numpy as np
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
+from SpineNetLib.core.progress import ProgressCallback, no_progress
 from SpineNetLib.models.grading_heads import GRADING_INPUT_SHAPE, GradingConfig
 
 #: Increased whenever the export changes, so that older cached files are not read.
@@ -168,13 +169,14 @@ EXPORT_MESSAGE = "exporting the networks for ONNX Runtime (once per weights file
 
 
 def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], object], cache_dir: Path,
-                  threads: int, progress: Callable[[int, int, str], None] | None = None) -> dict[str, OnnxNetwork]:
+                  threads: int, progress: ProgressCallback | None = None) -> dict[str, OnnxNetwork]:
     """The exported networks of a weight set (``{kind: checkpoint file}``, the kinds it has), read from
     ``cache_dir`` where they were exported before, else loaded with ``load_torch(kind)`` (which imports
     torch), exported there and read back, so that the first run computes as every later one.
     ``progress(done, total, message)`` hears each export (:data:`EXPORT_MESSAGE`), and nothing when every
     network is read from the cache."""
     onnxruntime_module()
+    report = progress or no_progress
     networks: dict[str, OnnxNetwork] = {}
     exported = False
     for done, (kind, weights_file) in enumerate(weight_files.items()):
@@ -185,8 +187,7 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
             _check_exporter()
             try:
                 model_file.parent.mkdir(parents=True, exist_ok=True)
-                if progress is not None:   # not before: a cache that cannot be written exports nothing
-                    progress(done, len(weight_files), EXPORT_MESSAGE)
+                report(done, len(weight_files), EXPORT_MESSAGE)   # not before: an unwritable cache exports nothing
                 exported = True
                 export_network(kind, load_torch(kind), model_file, Path(weights_file), digest)
             except OSError as exc:
@@ -196,6 +197,6 @@ def onnx_networks(weight_files: dict[str, Path], load_torch: Callable[[str], obj
             if net is None:
                 raise InputError(f"the {kind} network exported to {model_file} cannot be read back by ONNX Runtime")
         networks[kind] = net
-    if exported and progress is not None:
-        progress(len(weight_files), len(weight_files), EXPORT_MESSAGE)
+    if exported:
+        report(len(weight_files), len(weight_files), EXPORT_MESSAGE)
     return networks

@@ -31,6 +31,7 @@ if TYPE_CHECKING:   # annotations only: torch is imported where it is used
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
+from SpineNetLib.core.progress import ProgressCallback, no_progress
 
 #: Accepted names, the library's default first ("onnx": every network on ONNX Runtime, ``models/onnx_runtime.py``;
 #: "auto": ONNX Runtime where it can stand in for torch, ``models/runtime_choice.py``).
@@ -73,7 +74,7 @@ CONVERSION_MESSAGE = "converting the detector for OpenVINO (once per weights fil
 
 def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
                         cache_dir: Path | None, openvino,
-                        progress: Callable[[int, int, str], None] | None = None) -> tuple[object, torch.nn.Module | None]:
+                        progress: ProgressCallback | None = None) -> tuple[object, torch.nn.Module | None]:
     """The detector as an OpenVINO model taking any batch and frame ``(N, 1, R, C)``, and the torch
     network whose memory that model uses (None when it owns its weights), which must be kept as long
     as the model or anything compiled from it runs.
@@ -97,16 +98,15 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
                 return openvino.Core().read_model(cached), None
             except (RuntimeError, OSError):
                 pass
-    if progress is not None:
-        progress(0, 1, CONVERSION_MESSAGE)
+    report = progress or no_progress
+    report(0, 1, CONVERSION_MESSAGE)
     network = detector if isinstance(detector, torch.nn.Module) else detector()
     network = network.float().eval().to(memory_format=torch.contiguous_format)
     with warnings.catch_warnings():   # the tracer's note on the input-shape check, harmless here
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = openvino.convert_model(network, example_input=torch.zeros(1, 1, 224, 224),
                                        input=[openvino.PartialShape([-1, 1, -1, -1])])
-    if progress is not None:
-        progress(1, 1, CONVERSION_MESSAGE)
+    report(1, 1, CONVERSION_MESSAGE)
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def _converted_detector(detector: torch.nn.Module | Callable[[], torch.nn.Module
 
 def openvino_detector_predictor(detector: torch.nn.Module | Callable[[], torch.nn.Module], weights_path: Path | None,
                                 precision: str = "fp32", threads: int | None = None, cache_dir: Path | None = None,
-                                progress: Callable[[int, int, str], None] | None = None):
+                                progress: ProgressCallback | None = None):
     """A ``detect.vfr.Predictor`` running ``detector`` (float32, as loaded; or a function loading it,
     called only when no conversion is cached) with OpenVINO on the CPU in ``precision`` ("fp32" or
     "bf16"), on ``threads`` threads (default: torch's).  The converted network is kept in
