@@ -46,6 +46,7 @@ from SpineNetLib.discs.hotspot_options import (
     DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, parse_heads,
 )
 from SpineNetLib.discs.measurements import lumbar_body_size_warning, measure_spine
+from SpineNetLib.discs.weighting import Weighting, not_graded_reason, scan_weighting, user_weighting
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
@@ -59,25 +60,10 @@ from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import reads_one_slice
 from SpineNetLib.models.inference import is_torch_module
-from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime
+from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime, choose_device  # noqa: F401 (API)
 from SpineNetLib.models.runtimes import check_runtime
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights, resolve_weights_file, user_cache_dir
 # torch and its networks are imported where a run needs them: --runtime onnx never does (models/onnx_runtime.py)
-
-
-def choose_device(spec: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
-    import torch
-
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise SpineNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
-    try:
-        return torch.device(spec)
-    except RuntimeError as error:
-        raise InputError(f"unknown device {spec!r} (use auto, cpu or cuda)") from error
 
 
 @dataclass
@@ -427,14 +413,13 @@ class DiscResult:
 
 def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, grade: bool = True,
                 batch_size: int = 4, progress: ProgressCallback | None = None,
-                across_missed_levels: bool = False, official_disc_volumes: bool = False) -> DiscResult:
-    """Disc volumes, gradings (if ``grade`` and ``networks.grading``) and measurements.
+                across_missed_levels: bool = False, official_disc_volumes: bool = False,
+                weighting: Weighting | None = None) -> DiscResult:
+    """Disc volumes, gradings (if ``grade``, ``networks.grading`` and a ``weighting`` the grader reads:
+    ``discs/weighting.py``; None: not asked) and measurements.
 
     ``across_missed_levels`` and ``official_disc_volumes``: the profile's switches
-    (:class:`ProcessingProfile`).
-
-    Without a grading network (no grading weights in the set) or with
-    ``grade=False`` the discs are still cut and measured; the status says why
+    (:class:`ProcessingProfile`).  The discs are cut and measured either way; the status says why
     they were not graded.
     """
     timings: dict[str, float] = {}
@@ -453,6 +438,8 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         status = {"status": "not run",
                   "reason": f"no grading weights in the {networks.weights.source!r} weight set "
                             "(add grading.pt or the official grading/ folder)", "weights": networks.weights.source}
+    elif weighting is not None and not weighting.graded:
+        status = {"status": "not run", "reason": not_graded_reason(weighting), "weights": networks.weights.source}
     else:
         start = time.perf_counter()
         report = scaled(progress, "grading discs")
@@ -477,6 +464,8 @@ def grade_discs(scan: Scan, vertebrae: list[Vertebra], networks: Networks, *, gr
         if untrained:  # e.g. the bundled grader: only the heads the clinical tags grade
             status["heads_not_trained"] = untrained
         timings["grading"] = time.perf_counter() - start
+    if weighting is not None:
+        status["weighting"] = weighting.as_dict()
     return DiscResult(ivds=ivds, grades=grades, measurements=measurements, grading_status=status,
                       timings_s=timings)
 
@@ -526,6 +515,9 @@ class RunOptions:
 
     #: Grade the discs (needs a grading network); the discs are cut and measured either way.
     grade: bool = True
+    #: The scan's weighting as the user knows it (one of ``discs.weighting.USER_SEQUENCES``: "T2", "T1",
+    #: ...); None: from the DICOM header, else from the image.  Only T2-weighted scans are graded.
+    sequence: str | None = None
     #: Grading heads whose evidence maps are computed (names or columns, e.g. ``["Pfirrmann"]``);
     #: needs the grading.
     hotspot_heads: Sequence[str] = ()
@@ -588,7 +580,9 @@ def _slow_arithmetic(networks: Networks) -> list[str]:
 
 
 def _check_hotspot_options(options: RunOptions, networks: Networks) -> list:
-    """The hotspot heads, checked before any work so that a typo fails at once."""
+    """The hotspot heads (and ``options.sequence``), checked before any work so that a typo fails at once."""
+    if options.sequence is not None:
+        user_weighting(options.sequence)
     if options.hotspot_heads and networks.grading is not None and not is_torch_module(networks.grading):
         raise InputError(f"hotspot maps need the grader's gradients, which --runtime {networks.runtime} does not "
                          "give: use --runtime torch for them")
@@ -602,6 +596,20 @@ def _check_hotspot_options(options: RunOptions, networks: Networks) -> list:
     return parse_heads(options.hotspot_heads)
 
 
+def _weighting_to_grade(scan: Scan, vertebrae: list[Vertebra], networks: Networks, options: RunOptions,
+                        warning_lists: tuple[list[str], ...]) -> Weighting | None:
+    """The scan's weighting where the discs are to be graded (``discs/weighting.py``; None where they are not);
+    when the grader is not given the scan, the reason goes into each of ``warning_lists`` (the run's, and
+    the discs document's, which the preview's banner shows)."""
+    if not options.grade or networks.grading is None:
+        return None
+    weighting = scan_weighting(scan, vertebrae, options.sequence)
+    if not weighting.graded:
+        for warnings in warning_lists:
+            warnings.append(f"discs not graded: {not_graded_reason(weighting)}")
+    return weighting
+
+
 def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks, options: RunOptions,
                   warnings: list[str], progress) -> list[HotspotMap]:
     if not heads:
@@ -609,8 +617,8 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
     if not options.grade:
         warnings.append("no hotspot maps: they need the grading, which was switched off")
         return []
-    if networks.grading is None:
-        return []  # the warning about the missing grading network covers the maps too
+    if networks.grading is None or discs.grades is None:
+        return []  # the warning about the missing grading network, or the scan's weighting, covers the maps too
     if not discs.ivds:
         warnings.append("no hotspot maps: no discs were found")
         return []
@@ -738,10 +746,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     if options.grade and networks.grading is None:
         warnings.append(f"the {networks.weights.source} weights have no grading network: "
                         "disc measurements only, no grades")
+    weighting = _weighting_to_grade(scan, result.vertebrae, networks, options, (warnings, disc_warnings))
     discs = grade_discs(scan, result.vertebrae, networks, grade=options.grade,
                         batch_size=options.grading_batch_size, progress=progress,
                         across_missed_levels=profile.discs_across_missed_levels,
-                        official_disc_volumes=profile.official_disc_volumes)
+                        official_disc_volumes=profile.official_disc_volumes, weighting=weighting)
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
     discs_doc["profile"] = profile.name

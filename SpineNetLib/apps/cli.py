@@ -166,6 +166,11 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     _add_network_options(run)
     run.add_argument("--no-grade", action="store_true",
                      help="do not grade the discs (disc measurements are still written)")
+    run.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
+                     help="the scan's weighting, where its header does not tell it (NIfTI, NRRD, MHA) or tells "
+                          "it wrongly. Only T2-weighted scans are graded; without this option the weighting is "
+                          "read from the DICOM header, else from the image (fluid darker than the vertebral "
+                          "marrow: T1-weighted, not graded)")
     run.add_argument("--hotspots", metavar="HEAD[,HEAD]",
                      help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
                           "e.g. Herniation (needs grading weights; only heads the weights trained get a map)")
@@ -271,6 +276,10 @@ def command_run(args) -> int:
     start = time.perf_counter()
     _validate_overrides(args)
     hotspot_heads = _hotspot_heads(args)
+    if getattr(args, "sequence", None) is not None:
+        from SpineNetLib.discs.weighting import user_weighting
+
+        user_weighting(args.sequence)   # a typo: at once
     output = check_writable(args.output)  # at once, not after the whole inference
     profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
     scan, _ = pipeline.read_input(args.input, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
@@ -288,7 +297,8 @@ def command_run(args) -> int:
     hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
                 "hotspot_augmentations": args.hotspot_augmentations,
                 "hotspot_precision": args.hotspot_precision} if hotspot_heads else {}
-    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False), **hotspots, profile=profile.name,
+    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False),
+                                  sequence=getattr(args, "sequence", None), **hotspots, profile=profile.name,
                                   earlier_timings_s={"load_scan": load_seconds,
                                                      "load_networks": networks.load_seconds})
     result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())

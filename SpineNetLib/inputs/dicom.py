@@ -577,6 +577,37 @@ def _step_from_positions(slices: list[_Slice], depth: np.ndarray, uid: str, norm
     return step
 
 
+def _acquisition_times(h) -> dict:
+    """Echo, repetition and inversion times (ms) and the kind of sequence (DICOM ScanningSequence words:
+    SE, IR, GR, ...), from a classic header or an enhanced one's functional groups; what the grader's
+    check of the weighting reads (``discs/weighting.py``).  Missing values are left out."""
+    groups = [_first_item(h, "SharedFunctionalGroupsSequence"), _first_item(h, "PerFrameFunctionalGroupsSequence")]
+    found = {
+        "echo_time_ms": h.get("EchoTime", _group_value(groups, "MREchoSequence", "EffectiveEchoTime")),
+        "repetition_time_ms": h.get("RepetitionTime",
+                                    _group_value(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime")),
+        "inversion_time_ms": h.get("InversionTime", _group_value(groups, "MRModifierSequence", "InversionTimes")),
+    }
+    out = {}
+    for key, value in found.items():
+        if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:   # InversionTimes is multi-valued
+            value = next(iter(value), None)
+        number = _float_or(value, float("nan")) if value not in (None, "") else float("nan")
+        if number > 0:
+            out[key] = number
+    kinds = h.get("ScanningSequence")
+    if kinds is not None:
+        words = [str(k) for k in kinds] if not isinstance(kinds, str) else kinds.split("\\")
+    else:   # enhanced MR: EchoPulseSequence and InversionRecovery say it
+        pulse = str(h.get("EchoPulseSequence", "") or "").upper()
+        words = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(pulse, [])
+        if str(h.get("InversionRecovery", "") or "").upper() == "YES":
+            words.append("IR")
+    if words:
+        out["scanning_sequence"] = " ".join(w.strip().upper() for w in words if w.strip())
+    return out
+
+
 def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_order: str,
                      ps_override, ss_override) -> dict:
     """``Scan.metadata`` of a DICOM series (``h``: the header of its first file as found)."""
@@ -593,6 +624,7 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "manufacturer": str(h.get("Manufacturer", "") or ""),
         "manufacturer_model": str(h.get("ManufacturerModelName", "") or ""),
         "magnetic_field_strength_T": _float_or(field, float("nan")) if field not in (None, "") else None,
+        **_acquisition_times(h),
         "transfer_syntax": str(ts.name) if ts is not None else None,
         "n_files": len({s.path for s in slices}),
         "n_slices": len(slices),

@@ -16,11 +16,20 @@ Callers that make hotspot maps (they need torch's gradients) or run the official
 arithmetic) ask for torch themselves (``apps/cli.py``).  ``pipeline.load_networks`` goes on with torch
 when the export cannot be made or read (a cache folder that cannot be written, say).
 
-This module imports neither numpy nor torch: the command asks it before it sets their thread pools.
+:func:`choose_device` turns ``--device`` into the torch device that the torch runtime uses.
+
+This module imports neither numpy nor torch (torch only inside :func:`choose_device`): the command asks
+it before it sets their thread pools.
 """
 from __future__ import annotations
 
 from importlib.util import find_spec
+from typing import TYPE_CHECKING
+
+from SpineNetLib.core.errors import InputError, SpineNetError
+
+if TYPE_CHECKING:   # annotations only: this module imports torch only where a device is chosen
+    import torch
 
 #: The runtime name that lets :func:`automatic_runtime` choose.
 AUTO = "auto"
@@ -38,3 +47,18 @@ def automatic_runtime(weights: str | None, device: str = "auto", precision: str 
     if bundled and str(device) in ("auto", "cpu") and precision == "fp32" and onnx_runtime_installed():
         return "onnx"
     return "torch"
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SpineNetError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+    try:
+        return torch.device(spec)
+    except RuntimeError as error:
+        raise InputError(f"unknown device {spec!r} (use auto, cpu or cuda)") from error

@@ -188,21 +188,45 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
 
 #: The DICOM tag of the Modality, as Slicer's DICOM database (ctkDICOMDatabase) names tags.
 MODALITY_TAG = "0008,0060"
+#: The tags that tell a series' weighting (``discs/weighting.weighting_from_header``), by the names
+#: ``inputs/dicom.py`` gives them in ``Scan.metadata``.
+ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,0080", "inversion_time_ms": "0018,0082",
+                    "scanning_sequence": "0018,0020", "series_description": "0008,103E"}
 
 
-def dicom_modality(volume_node) -> str | None:
-    """The DICOM Modality of the series a volume node was loaded from (upper case), read from Slicer's DICOM
-    database through the node's ``DICOM.instanceUIDs`` attribute; None where the node did not come from
-    Slicer's DICOM module, there is no database (slicer-core), or the database cannot answer."""
+def _dicom_values(volume_node, tags: dict[str, str]) -> dict[str, str] | None:
+    """name -> the non-empty value of each tag in the first instance of the series a volume node was loaded
+    from, read from Slicer's DICOM database through the node's ``DICOM.instanceUIDs`` attribute; None where
+    the node did not come from Slicer's DICOM module, there is no database (slicer-core), or the database
+    cannot answer."""
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)
     if not uids or database is None:
         return None
-    try:
-        value = database.instanceValue(uids[0], MODALITY_TAG)
-    except Exception:   # another database version: checked as without a database
-        return None
-    return str(value or "").strip().upper() or None
+    values = {}
+    for name, tag in tags.items():
+        try:
+            value = str(database.instanceValue(uids[0], tag) or "").strip()
+        except Exception:   # another database version: checked as without a database
+            return None
+        if value:
+            values[name] = value
+    return values
+
+
+def dicom_modality(volume_node) -> str | None:
+    """The DICOM Modality of the series a volume node was loaded from (upper case), or None
+    (:func:`_dicom_values`)."""
+    values = _dicom_values(volume_node, {"modality": MODALITY_TAG})
+    return (values or {}).get("modality", "").upper() or None
+
+
+def dicom_acquisition(volume_node) -> dict:
+    """The echo, repetition and inversion times, ScanningSequence and SeriesDescription of the series a
+    volume node was loaded from, for ``Scan.metadata`` (with ``"dicom_header": True``), so that the run
+    reads its weighting as ``spinenet run`` reads a DICOM folder's; {} where the database cannot tell."""
+    values = _dicom_values(volume_node, ACQUISITION_TAGS)
+    return {**values, "dicom_header": True} if values else {}
 
 
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:

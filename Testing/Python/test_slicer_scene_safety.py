@@ -225,6 +225,41 @@ def test_a_ct_series_loaded_through_slicers_dicom_module_is_refused_like_spinene
     assert mrml.dicom_modality(ct) is None and mrml.input_volume_arrays(ct)[0].shape == voxels.shape
 
 
+class _TagDatabase:
+    """Slicer's DICOM database answering per tag, the same for every instance."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+
+    def instanceValue(self, uid, tag):
+        return self.values.get(tag, "")
+
+
+def test_a_series_from_slicers_dicom_module_takes_its_acquisition_times_to_the_run(panel, monkeypatch):
+    """The grader reads T2 scans only (discs/weighting.py): a T1 series loaded through Slicer's DICOM module
+    reaches the worker with the echo and repetition times its database holds, as `spinenet run` reads them."""
+    from SpineNetLib.apps.worker import read_scan
+    from SpineNetLib.discs.weighting import scan_weighting
+
+    module, widget, scene, volume, vertebrae = panel
+    voxels, affine = mrml.volume_arrays(volume)
+    t1 = mrml.add_volume(scene, voxels, affine, "5: SAG T1")
+    t1.SetAttribute("DICOM.instanceUIDs", "1.2.5.1 1.2.5.2")
+    monkeypatch.setattr(mrml.slicer, "dicomDatabase", _TagDatabase(
+        {"0008,0060": "MR", "0018,0081": "11", "0018,0080": "550", "0018,0020": "SE", "0008,103E": "sag t1"}),
+        raising=False)
+    run = widget.logic.prepareRun(t1, pipeline=FAKE)
+    try:
+        arguments = run["workerArguments"]
+        npy, geometry = (arguments[arguments.index(flag) + 1] for flag in ("--input", "--geometry"))
+        weighting = scan_weighting(read_scan(npy, geometry), [])
+        assert (weighting.name, weighting.source, weighting.detail) == ("T1", "DICOM header", "TE 11 ms, TR 550 ms")
+        # a volume from a file: nothing from a database, so the image will decide
+        assert mrml.dicom_acquisition(volume) == {}
+    finally:
+        widget.logic.cleanupRun(run)
+
+
 # --------------------------------------------------------------------------- a transformed volume
 
 def test_results_follow_the_volumes_parent_transform(panel, tmp_path):

@@ -1,0 +1,235 @@
+"""Which MR weighting a scan has, so that only T2-weighted scans are graded.
+
+SpineNet's grading networks were trained on T2-weighted sagittal lumbar scans (official FACTS §6,
+"The grading model was trained on T12/L1...L5/S1 T2 lumbar scans"), and so was the bundled grader
+(clinical T2 slices, bundled MODEL_CARD.md).  On a T1-weighted scan they still give a grade for every
+disc, with nothing to say that it means nothing: the bundled grader called 6 of the 8 discs of the
+held-out T1 volume ``zukic_02_AKa3_T1`` herniated, with 66-89 % (2026-12-05).  So the discs of a scan
+that is not T2-weighted are cut and measured but not graded, and the run says why
+(``pipeline.grade_discs``).
+
+Three sources, the first that answers wins:
+
+1. **The user** (``spinenet run --sequence``, ``RunOptions.sequence``): for an image whose header does
+   not say, or says wrongly.
+2. **The DICOM header** (:func:`weighting_from_header`): echo, repetition and inversion times, the
+   textbook spin-echo windows (T1: short TR and TE; proton density: long TR, short TE; T2: long TR and
+   TE; short-tau inversion recovery: an inversion time under 300 ms).  Where the times do not settle
+   it (gradient echo, a time missing), the series description's own words (``t1``, ``t2``, ``stir``,
+   ``tirm``, ``pd``, ``flair``) when they name one weighting.
+3. **The image** (:func:`weighting_from_image`), for NIfTI, NRRD or MHA files, which carry no such
+   header: the cerebrospinal fluid just behind the vertebral bodies is brighter than the bodies'
+   marrow on T2-weighted (and on fat-suppressed fluid-sensitive) scans, darker on T1-weighted ones.
+   The image can only tell "T1-weighted" from "fluid bright" this way; a fluid-bright scan is graded,
+   as before, since T2 is by far the most common such sagittal series.
+
+Pure functions over a header dictionary, a :class:`Scan` and its labelled vertebrae.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.polygons import points_in_polygon
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
+
+#: The weightings this module names; "other": a user's word for none of the named ones; "fluid bright":
+#: what the image alone can say of T2, STIR and their kin; "unknown": nothing could be told.
+WEIGHTINGS = ("T2", "T1", "PD", "STIR", "FLAIR", "other", "fluid bright", "unknown")
+
+#: What ``spinenet run --sequence`` accepts (the user names the weighting; "other": none of these).
+USER_SEQUENCES = ("T2", "T1", "PD", "STIR", "FLAIR", "other")
+
+#: The weightings the grader is given: T2, and "fluid bright" / "unknown", where nothing says it is not T2.
+GRADED_WEIGHTINGS = ("T2", "fluid bright", "unknown")
+
+#: Spin-echo windows in milliseconds (a radiology textbook's, e.g. Westbrook, "MRI in Practice", ch. 2:
+#: T1 TR 300-700 / TE 10-30; PD TR > 2000 / TE 10-30; T2 TR > 2000 / TE 70-120), widened to the
+#: protocols of fast spin echo spines (T2 TSE TE 80-120 ms, TR 2500-4500; T1 TSE TR 400-800).
+T1_MAX_TR_MS = 1000.0
+SHORT_TE_MAX_MS = 40.0
+LONG_TR_MIN_MS = 1500.0
+LONG_TE_MIN_MS = 60.0
+#: Inversion recovery: short tau (STIR, Siemens' TIRM) nulls fat at 1.5-3 T with TI 130-230 ms; fluid
+#: attenuated (FLAIR) nulls water with TI 1800-2500 ms; in between, T1-weighted inversion recovery.
+STIR_MAX_TI_MS = 300.0
+FLAIR_MIN_TI_MS = 1500.0
+
+#: Below this ratio of the fluid behind the bodies to their marrow (medians) the image reads as
+#: T1-weighted (:func:`weighting_from_image`).  ``python benchmarks/sequence_check.py`` measures the
+#: ratio on every real scan of ../shared/data (bundled MODEL_CARD.md, "Scans that are not T2").
+T1_MAX_FLUID_TO_MARROW = 0.8
+#: The strip behind each body's posterior wall that holds the thecal sac, in millimetres from the wall.
+CANAL_FROM_MM = 3.0
+CANAL_TO_MM = 9.0
+#: At least this many bodies must be measured for the image to say anything.
+MIN_BODIES = 3
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """A scan's weighting and where that came from."""
+
+    #: One of :data:`WEIGHTINGS`.
+    name: str
+    #: "user", "DICOM header", "image" or "none".
+    source: str
+    #: What the decision rests on, for the user (e.g. "TE 12 ms, TR 550 ms").
+    detail: str = ""
+
+    @property
+    def graded(self) -> bool:
+        """Whether the grader is given this scan."""
+        return self.name in GRADED_WEIGHTINGS
+
+    def description(self) -> str:
+        """E.g. "T1-weighted (DICOM header: TE 12 ms, TR 550 ms)"."""
+        name = {"T1": "T1-weighted", "T2": "T2-weighted", "PD": "proton-density weighted",
+                "STIR": "a short-tau inversion recovery (STIR/TIRM)", "FLAIR": "a fluid-attenuated inversion recovery",
+                "other": "of another weighting", "fluid bright": "fluid bright",
+                "unknown": "of unknown weighting"}.get(self.name, self.name)
+        where = {"user": "as given", "DICOM header": "DICOM header", "image": "image"}.get(self.source, self.source)
+        return f"{name} ({where}{': ' + self.detail if self.detail else ''})"
+
+    def as_dict(self) -> dict:
+        return {"weighting": self.name, "source": self.source, "detail": self.detail, "graded": self.graded}
+
+
+def not_graded_reason(weighting: Weighting) -> str:
+    """Why a scan's discs were not graded (the grading status' reason; the run's warning starts with
+    "discs not graded: ")."""
+    return (f"the grader reads T2-weighted scans, and this one is {weighting.description()}; "
+            "if it is T2-weighted, say so with --sequence T2")
+
+
+def user_weighting(sequence: str) -> Weighting:
+    """The weighting the user named (one of :data:`USER_SEQUENCES`, any case)."""
+    names = {s.lower(): s for s in USER_SEQUENCES}
+    key = str(sequence).strip().lower()
+    if key not in names:
+        raise InputError(f"unknown --sequence {sequence!r}: use one of {', '.join(USER_SEQUENCES)}")
+    return Weighting(names[key], "user")
+
+
+def _ms(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+_DESCRIPTION_WORDS = (("STIR", r"stir|tirm"), ("FLAIR", r"flair"), ("PD", r"pd|pdw|proton"),
+                      ("T1", r"t1|t1w"), ("T2", r"t2|t2w"))
+
+
+def weighting_from_description(description: str) -> str | None:
+    """The one weighting that a series description names (words such as ``t2_tse_sag``), else None."""
+    words = set(re.split(r"[^a-z0-9]+", str(description).lower()))
+    named = [name for name, pattern in _DESCRIPTION_WORDS if any(re.fullmatch(pattern, w) for w in words)]
+    if "FLAIR" in named and "T2" in named:   # "T2 FLAIR" is a FLAIR
+        named.remove("T2")
+    return named[0] if len(named) == 1 else None
+
+
+def weighting_from_header(header: Mapping) -> Weighting | None:
+    """The weighting that a DICOM series' metadata (``Scan.metadata`` of ``inputs/dicom.py``) tells, or None.
+
+    Keys read: ``echo_time_ms``, ``repetition_time_ms``, ``inversion_time_ms``, ``scanning_sequence``
+    (DICOM's ScanningSequence: SE, IR, GR, EP, RM), ``series_description``.
+    """
+    te, tr, ti = (_ms(header.get(k)) for k in ("echo_time_ms", "repetition_time_ms", "inversion_time_ms"))
+    kinds = set(str(header.get("scanning_sequence") or "").upper().replace("\\", " ").split())
+    times = ", ".join(f"{name} {value:g} ms" for name, value in (("TE", te), ("TR", tr), ("TI", ti)) if value)
+    from_times = None
+    if ti is not None and ("IR" in kinds or not kinds):
+        from_times = "STIR" if ti < STIR_MAX_TI_MS else "FLAIR" if ti >= FLAIR_MIN_TI_MS else "T1"
+    elif "GR" not in kinds and te is not None and tr is not None:
+        if tr <= T1_MAX_TR_MS and te <= SHORT_TE_MAX_MS:
+            from_times = "T1"
+        elif tr >= LONG_TR_MIN_MS and te >= LONG_TE_MIN_MS:
+            from_times = "T2"
+        elif tr >= LONG_TR_MIN_MS and te <= SHORT_TE_MAX_MS:
+            from_times = "PD"
+    if from_times is not None:
+        return Weighting(from_times, "DICOM header", times)
+    description = str(header.get("series_description") or "")
+    from_words = weighting_from_description(description)
+    if from_words is not None:
+        return Weighting(from_words, "DICOM header", f"series description {description!r}")
+    return None
+
+
+def _inside(polygon: np.ndarray, shrink: float) -> np.ndarray:
+    """``polygon`` shrunk towards its centroid by ``shrink`` (0: a point, 1: itself)."""
+    centre = polygon.mean(axis=0)
+    return centre + (polygon - centre) * shrink
+
+
+def fluid_to_marrow_ratios(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[float]:
+    """Per body (S1 and below left out), on its mid slice: the median intensity of the strip
+    :data:`CANAL_FROM_MM`-:data:`CANAL_TO_MM` behind its posterior wall (the thecal sac), over the
+    middle 60 % of the wall's height, divided by the median of its inner half (marrow)."""
+    ratios = []
+    height, width, _ = scan.voxels.shape
+    row_mm, col_mm = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
+    for body in vertebrae:
+        if body.level in ("S1", "S2"):
+            continue
+        polygon = body.polygon_on(body.mid_slice)
+        polygon = np.asarray(polygon if polygon is not None else body.average_polygon, dtype=float)
+        image = scan.voxels[:, :, int(np.clip(body.mid_slice, 0, scan.n_slices - 1))]
+        inner = _inside(polygon, 0.5)
+        x0, y0 = np.floor(inner.min(axis=0)).astype(int)
+        x1, y1 = np.ceil(inner.max(axis=0)).astype(int)
+        ys, xs = np.mgrid[max(y0, 0):min(y1, height - 1) + 1, max(x0, 0):min(x1, width - 1) + 1]
+        points = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(float)
+        marrow = image[ys.ravel(), xs.ravel()][points_in_polygon(points, inner)] if len(points) else []
+        # the posterior wall rt -> rb (corners 0 and 1); "behind" is its normal pointing away from the body
+        top, bottom = polygon[0], polygon[1]
+        wall_mm = (bottom - top) * (col_mm, row_mm)
+        normal_mm = np.array([-wall_mm[1], wall_mm[0]]) / max(float(np.hypot(*wall_mm)), 1e-6)
+        if np.dot(normal_mm, (top - polygon[3]) * (col_mm, row_mm)) < 0:   # towards the back, away from lt
+            normal_mm = -normal_mm
+        along = np.linspace(0.2, 0.8, 13)
+        depth = np.arange(CANAL_FROM_MM, CANAL_TO_MM + 1e-6, min(col_mm, row_mm, 1.0))
+        wall_points = top[None, :] + along[:, None] * (bottom - top)[None, :]
+        offsets_px = depth[:, None] * (normal_mm / (col_mm, row_mm))[None, :]
+        strip = (wall_points[:, None, :] + offsets_px[None, :, :]).reshape(-1, 2)
+        cols, rows = np.rint(strip[:, 0]).astype(int), np.rint(strip[:, 1]).astype(int)
+        keep = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+        if len(marrow) < 4 or keep.sum() < 4:
+            continue
+        marrow_level = float(np.median(marrow))
+        if marrow_level <= 0:
+            continue
+        ratios.append(float(np.median(image[rows[keep], cols[keep]])) / marrow_level)
+    return ratios
+
+
+def weighting_from_image(scan: Scan, vertebrae: Sequence[Vertebra]) -> Weighting:
+    """"T1" when the fluid behind the bodies is darker than their marrow (the median over the bodies of
+    :func:`fluid_to_marrow_ratios` below :data:`T1_MAX_FLUID_TO_MARROW`), "fluid bright" when not, and
+    "unknown" with fewer than :data:`MIN_BODIES` bodies measured."""
+    ratios = fluid_to_marrow_ratios(scan, vertebrae)
+    if len(ratios) < MIN_BODIES:
+        return Weighting("unknown", "none", f"{len(ratios)} bodies measured")
+    ratio = float(np.median(ratios))
+    detail = f"the fluid behind the vertebral bodies {ratio:.2f} times as bright as their marrow"
+    return Weighting("T1" if ratio < T1_MAX_FLUID_TO_MARROW else "fluid bright", "image", detail)
+
+
+def scan_weighting(scan: Scan, vertebrae: Sequence[Vertebra], sequence: str | None = None) -> Weighting:
+    """The weighting of ``scan``: the user's ``sequence`` if given, else the DICOM header's, else the image's."""
+    if sequence:
+        return user_weighting(sequence)
+    from_dicom = scan.metadata.get("format") == "DICOM" or scan.metadata.get("dicom_header")   # Slicer's database
+    from_header = weighting_from_header(scan.metadata) if from_dicom else None
+    return from_header if from_header is not None else weighting_from_image(scan, vertebrae)
