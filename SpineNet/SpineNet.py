@@ -62,10 +62,13 @@ from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet
     PARAMETER_DEFAULTS,
     PARAMETER_NODE_TAG,
     RESULT_REFERENCES,
+    SEQUENCE_FROM_SCAN,
+    SEQUENCES,
     WEIGHT_SOURCES,
     WORKER_MODULE_ARGUMENTS,
     SpineNetLogic,
     arithmetic_settings,
+    sequence_setting,
 )
 from SpineNetModuleLib.workers import (  # noqa: E402,F401
     InProcessWorker,
@@ -189,6 +192,9 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.arithmeticComboBox.clear()
         for arithmetic in ARITHMETICS:
             self.ui.arithmeticComboBox.addItem(arithmetic)
+        self.ui.sequenceComboBox.clear()
+        for sequence in SEQUENCES:
+            self.ui.sequenceComboBox.addItem(sequence)
         self._hotspotTip = _get(self.ui.hotspotHeadComboBox, "toolTip")
         self.offerHotspotHeads()
         self.ui.hotspotHeadComboBox.setCurrentIndex(0)
@@ -212,6 +218,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.deviceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.arithmeticComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.gradingCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.sequenceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.hotspotHeadComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         # a closed scene takes its parameter node (and the results) with it
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -292,6 +299,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             _selectText(self.ui.deviceComboBox, node.GetParameter("Device"))
             _selectText(self.ui.arithmeticComboBox, node.GetParameter("Arithmetic"))
             self.ui.gradingCheckBox.setChecked(node.GetParameter("Grading") != "false")
+            _selectText(self.ui.sequenceComboBox, node.GetParameter("Sequence"))
             self.offerHotspotHeads()
             _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
         finally:
@@ -313,6 +321,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             node.SetParameter("Device", _get(self.ui.deviceComboBox, "currentText") or "auto")
             node.SetParameter("Arithmetic", _get(self.ui.arithmeticComboBox, "currentText") or "float32")
             node.SetParameter("Grading", "true" if _get(self.ui.gradingCheckBox, "checked") else "false")
+            node.SetParameter("Sequence", _get(self.ui.sequenceComboBox, "currentText") or SEQUENCE_FROM_SCAN)
             node.SetParameter("HotspotHead", _get(self.ui.hotspotHeadComboBox, "currentText") or NO_HOTSPOTS)
             self.logic.updateResultReferences(node)
         finally:
@@ -370,6 +379,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.weightsFolderLineEdit.setEnabled(folder)
         self.ui.weightsBrowseButton.setEnabled(folder)
         self.ui.hotspotHeadComboBox.setEnabled(bool(_get(self.ui.gradingCheckBox, "checked")))
+        self.ui.sequenceComboBox.setEnabled(bool(_get(self.ui.gradingCheckBox, "checked")))
         self.ui.applyButton.setEnabled(not running)
         self.ui.cancelButton.setEnabled(running)
         hasResults = self._volume() is not None and self.logic.documents(self._volume())[0] is not None
@@ -392,7 +402,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",
                 "grading": bool(_get(self.ui.gradingCheckBox, "checked")),
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
-                "precision": precision, "runtime": runtime}
+                "precision": precision, "runtime": runtime,
+                "sequence": sequence_setting(_get(self.ui.sequenceComboBox, "currentText"))}
 
     def onBrowseWeights(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet weights folder",

@@ -76,6 +76,9 @@ def build_parser():
     parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
                         help="where the detector runs: torch (default) or OpenVINO on the CPU (pip install openvino)")
     parser.add_argument("--grading", action=argparse.BooleanOptionalAction, default=True, help="grade the discs")
+    parser.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
+                        help="the scan's weighting where the header does not tell it or tells it wrongly "
+                             "(only T2-weighted scans are graded; as spinenet run --sequence)")
     parser.add_argument("--hotspot-head", default=None,
                         help="grading head whose hotspot maps are written, e.g. Pfirrmann (default: none; "
                              "they take minutes on a CPU)")
@@ -175,6 +178,10 @@ def run(args):
         if not sep or not key:
             raise InputError(f"--option must be KEY=VALUE, got {item!r}")
     worker.load_pipeline(args.pipeline)  # a wrong --pipeline fails before the scan is read
+    if args.sequence is not None:
+        from SpineNetLib.discs.weighting import user_weighting
+
+        user_weighting(args.sequence)   # and a wrong --sequence
     from SpineNetLib.pipeline import processing_profile
 
     profile = processing_profile(args.profile, args.weights)
@@ -192,7 +199,7 @@ def run(args):
                                             grading=args.grading, hotspot_head=args.hotspot_head,
                                             pipeline=args.pipeline, profile=profile.name,
                                             preview=not args.no_preview, precision=args.precision,
-                                            runtime=args.runtime)
+                                            runtime=args.runtime, sequence=args.sequence)
         for item in args.option:
             arguments += ["--option", item]
         manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))

@@ -58,6 +58,10 @@ DEVICES = ("auto", "cpu", "cuda")
 #: ``SpineNetLib/models/runtimes.py``).  float32 is the default: the same result on every CPU.
 ARITHMETICS = {"float32": ("fp32", "torch"), "bfloat16": ("bf16", "torch"),
                "bfloat16 on OpenVINO": ("bf16", "openvino")}
+#: The panel's sequence choices (the scan's weighting, ``SpineNetLib/discs/weighting.py``): the first lets the
+#: DICOM header or the image tell it; the grader reads T2-weighted scans only.
+SEQUENCE_FROM_SCAN = "from the scan"
+SEQUENCES = (SEQUENCE_FROM_SCAN, "T2", "T1", "PD", "STIR", "FLAIR", "other")
 #: The hotspot head choice that computes no hotspot maps (the default: a map takes about half a minute per disc).
 NO_HOTSPOTS = "none"
 #: What follows the Python program on the worker's command line.
@@ -69,7 +73,7 @@ PARAMETER_NODE_TAG = "SpineNet"
 INPUT_REFERENCE = "InputVolume"
 #: The options in the parameter node and their defaults (text, as MRML stores them).
 PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Arithmetic": "float32",
-                      "Grading": "true", "HotspotHead": NO_HOTSPOTS}
+                      "Grading": "true", "Sequence": SEQUENCE_FROM_SCAN, "HotspotHead": NO_HOTSPOTS}
 #: Role of a result node (``SpineNet.Result`` attribute) -> its reference role in the parameter node.
 RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
                      "segmentation": "ResultSegmentation", "grades": "ResultTable",
@@ -114,6 +118,11 @@ def _mappedHeads(resultsFolder):
     files = [os.path.basename(p).split(".")[0]
              for p in (documents.list_hotspot_files(resultsFolder) if resultsFolder else [])]
     return [h for h in documents.GRADE_HEADS if any(name.endswith("_" + h) for name in files)]
+
+
+def sequence_setting(name):
+    """The worker's ``--sequence`` of a :data:`SEQUENCES` name: None for :data:`SEQUENCE_FROM_SCAN` (or empty)."""
+    return None if name in ("", None, SEQUENCE_FROM_SCAN) else name
 
 
 def arithmetic_settings(name):
@@ -225,7 +234,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                 "device": parameterNode.GetParameter("Device") or "auto",
                 "grading": parameterNode.GetParameter("Grading") != "false",
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
-                "precision": precision, "runtime": runtime}
+                "precision": precision, "runtime": runtime,
+                "sequence": sequence_setting(parameterNode.GetParameter("Sequence"))}
 
     def updateResultReferences(self, parameterNode=None):
         """Point the parameter node's result references at the result nodes of its input volume."""
@@ -330,7 +340,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     # ----------------------------------------------------------------- running
 
     def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
-                   pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch"):
+                   pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch", sequence=None):
         """Write the volume for the worker and return how to start it.
 
         The worker draws ``preview.png`` only in a ``workFolder``.
@@ -356,7 +366,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         workerArguments = worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
             hotspot_head=hotspot_head, pipeline=pipeline, options=options, precision=precision, runtime=runtime,
-            preview=bool(workFolder))
+            preview=bool(workFolder), sequence=sequence)
         return {**self.workerProcessSettings(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
                 "workerArguments": workerArguments, "folder": folder, "output": output, "temporary": not workFolder}
 
@@ -378,7 +388,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
                  pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
-                 workerProcess=None, workFolder=None, precision="fp32", runtime="torch"):
+                 workerProcess=None, workFolder=None, precision="fp32", runtime="torch", sequence=None):
         """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
 
         ``onProgress(done, total, message)``, ``onWarning(message)`` and
@@ -396,7 +406,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                                    hotspot_head=hotspot_head,
                                    pipeline=self.pipeline if pipeline is None else pipeline,
                                    options=self.pipelineOptions if options is None else options,
-                                   workFolder=workFolder, precision=precision, runtime=runtime)
+                                   workFolder=workFolder, precision=precision, runtime=runtime, sequence=sequence)
         run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
         process = workerProcess if workerProcess is not None else self.workerFactory()
         process.lineReceived.connect(functools.partial(self._onWorkerLine, run))

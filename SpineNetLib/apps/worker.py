@@ -179,7 +179,7 @@ def run_pipeline(scan, options: dict, progress, loaded: "LoadedNetworks | None" 
     head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
                                       earlier_timings_s={"load_networks": 0.0 if reused else networks.load_seconds},
-                                      profile=options.get("profile") or None)
+                                      profile=options.get("profile") or None, sequence=options.get("sequence") or None)
     return pipeline.run(scan, networks, run_options, progress=progress)
 
 
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="network arithmetic: fp32 (default) or bf16 autocast (as in the spinenet CLI)")
     parser.add_argument("--runtime", choices=["torch", "openvino"], default="torch",
                         help="where the detector runs: torch (default) or OpenVINO (as in the spinenet CLI)")
+    parser.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
+                        help="the scan's weighting (as spinenet run --sequence): only T2-weighted scans are graded")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
     parser.add_argument("--debug", action="store_true", help="raise internal errors with a traceback")
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundled", device: str = "auto",
                      grading: bool = True, hotspot_head: str | None = None, pipeline: str | None = None,
                      options: dict | None = None, profile: str | None = None, preview: bool = True,
-                     precision: str = "fp32", runtime: str = "torch") -> list[str]:
+                     precision: str = "fp32", runtime: str = "torch", sequence: str | None = None) -> list[str]:
     """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs)."""
     args = ["--input", str(input_path)]
     if geometry is not None:
@@ -325,6 +327,8 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
         args += ["--precision", str(precision)]
     if runtime != "torch":
         args += ["--runtime", str(runtime)]
+    if sequence:
+        args += ["--sequence", str(sequence)]
     if not preview:
         args.append("--no-preview")
     for key, value in (options or {}).items():
@@ -336,7 +340,7 @@ def _options(args) -> dict:
     options = {"weights": args.weights, "device": args.device, "grading": args.grading,
                "hotspot_head": args.hotspot_head, "output": str(Path(args.output).resolve()),
                "trusted_sha256": list(args.trust_sha256), "profile": args.profile, "precision": args.precision,
-               "runtime": args.runtime}
+               "runtime": args.runtime, "sequence": args.sequence}
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -83,13 +83,14 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     widget.ui.deviceComboBox.setCurrentIndex(1)
     widget.ui.arithmeticComboBox.setCurrentText("bfloat16")
     widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
+    widget.ui.sequenceComboBox.setCurrentText("T2")
     assert node.GetNodeReference("InputVolume") is second
     assert [node.GetParameter(n) for n in ("Weights", "WeightsFolder", "Device", "Arithmetic", "Grading",
-                                           "HotspotHead")] == \
-        ["folder", "/data/my weights", "cpu", "bfloat16", "true", "Pfirrmann"]
+                                           "Sequence", "HotspotHead")] == \
+        ["folder", "/data/my weights", "cpu", "bfloat16", "true", "T2", "Pfirrmann"]
     assert module.SpineNetLogic.runSettings(node) == widget.settings() == {
         "weights": "/data/my weights", "device": "cpu", "grading": True, "hotspot_head": "Pfirrmann",
-        "precision": "bf16", "runtime": "torch"}
+        "precision": "bf16", "runtime": "torch", "sequence": "T2"}
 
     # results of the input volume are referenced from the parameter node
     write_results(tmp_path / "results", RunResult(vertebrae_document=vertebrae))
@@ -119,7 +120,8 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert volume is not None and volume.GetName() == "T1 sagittal lumbar"
     assert restored._parameterNode.GetNodeReference("InputVolume") is volume
     assert restored.settings() == {"weights": "/data/my weights", "device": "cuda", "grading": False,
-                                   "hotspot_head": "Pfirrmann", "precision": "bf16", "runtime": "openvino"}
+                                   "hotspot_head": "Pfirrmann", "precision": "bf16", "runtime": "openvino",
+                                   "sequence": "T2"}
     assert restored.ui.weightsFolderLineEdit.isEnabled() and not restored.ui.gradingCheckBox.isChecked()
     assert restored.ui.vertebraTable.rowCount() == 7 and restored.ui.discTable.rowCount() == 6
     assert restored._parameterNode.GetNumberOfNodeReferences("ResultOutline") == 7

@@ -400,6 +400,28 @@ def test_options_reach_the_worker(panel):
     assert args[args.index("--weights") + 1] == "/data/my weights" and "--no-grading" in args
 
 
+def test_the_sequence_choice_reaches_the_worker_and_the_parameter_node(panel):
+    """The grader reads T2-weighted scans only (SpineNetLib/discs/weighting.py): by default the run reads the
+    weighting from the scan; a user whose T2 scan reads as T1 says T2 in the panel, as with --sequence."""
+    module, widget, scene, volume, _ = panel
+    combo = widget.ui.sequenceComboBox
+    assert [combo.itemText(k) for k in range(combo.count())] == list(module.SEQUENCES)
+    assert combo.currentText() == "from the scan" and widget.settings()["sequence"] is None
+    _select(widget, volume)
+    widget.ui.applyButton.click()
+    assert "--sequence" not in standins.FakeProcess.instances[-1].workerArguments
+    widget.ui.cancelButton.click()
+    combo.setCurrentText("T2")
+    assert widget._parameterNode.GetParameter("Sequence") == "T2"
+    assert module.SpineNetLogic.runSettings(widget._parameterNode)["sequence"] == "T2"
+    widget.ui.applyButton.click()
+    args = standins.FakeProcess.instances[-1].workerArguments
+    assert args[args.index("--sequence") + 1] == "T2"
+    widget.ui.cancelButton.click()
+    widget.ui.gradingCheckBox.setChecked(False)           # nothing to grade: nothing to choose
+    assert not combo.isEnabled()
+
+
 def test_hotspots_are_opt_in_and_a_chosen_head_reaches_the_worker(panel):
     module, widget, scene, volume, _ = panel
     combo = widget.ui.hotspotHeadComboBox
@@ -783,7 +805,7 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     widget.ui.applyButton.click()
     assert calls == [("start", volume, widget.settings())]
     assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None,
-                           "precision": "fp32", "runtime": "torch"}
+                           "precision": "fp32", "runtime": "torch", "sequence": None}
     assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
     assert standins.FakeProcess.instances == []
 

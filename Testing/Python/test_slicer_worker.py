@@ -83,6 +83,11 @@ def test_worker_arguments_round_trip():
     ov = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", runtime="openvino"))
     assert ov.runtime == "openvino" and worker._options(ov)["runtime"] == "openvino"
     assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
+    # the scan's weighting (only T2-weighted scans are graded): from the scan unless given
+    assert parsed.sequence is None and "--sequence" not in args and worker._options(parsed)["sequence"] is None
+    t2 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", sequence="T2"))
+    assert worker._options(t2)["sequence"] == "T2"
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--sequence", "T2"]).sequence == "T2"
 
 
 def _batch_parser():
@@ -392,6 +397,7 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     (["--input", "/no/such/folder", "--output", "OUT"], "SpineNetBatch: error: no such file or folder: /no/such/folder"),
     (["--output", "OUT"], "SpineNetBatch: error: the following arguments are required: --input"),
     (["--input", "IN", "--output", ""], "SpineNetBatch: error: --output needs a folder: an empty one would write"),
+    (["--input", "IN", "--output", "OUT", "--sequence", "T3"], "SpineNetBatch: error: unknown --sequence 'T3'"),
 ])
 def test_batch_script_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "in.nii.gz").write_bytes(b"")
