@@ -27,8 +27,9 @@ cannot be computed are ``null``.
 ``discs.csv`` has one row per disc, top to bottom, with headers a
 radiologist reads without a legend: the level, each grade followed by the
 probability of its reported class (``Pfirrmann``, ``Pfirrmann_probability``, ...;
-:data:`GRADE_CSV_COLUMNS`), the measurements, and ``grading_weights``, the
-grading block's weight source (the same on every row).  The learned columns
+:data:`GRADE_CSV_COLUMNS`), the measurements, ``grading_weights``, the
+grading block's weight source, and ``sequence``, the scan's weighting as the grading
+judged it (:func:`sequence_cell`; both the same on every row).  The learned columns
 are empty when the discs were not graded (``discs.json`` says why) and for the
 heads the weights did not train.  The files are written by
 :func:`SpineNetLib.outputs.files.write_results`.
@@ -211,7 +212,18 @@ def _csv_cell(value, decimals: int | None, key: str = "") -> str:
 
 def discs_csv_header() -> list[str]:
     return ["Level", *GRADE_CSV_COLUMNS, *(header for _, header, _ in DISC_MEASUREMENTS.values()),
-            "measurement_warning", "grading_weights"]
+            "measurement_warning", "grading_weights", "sequence"]
+
+
+def sequence_cell(grading: dict) -> str:
+    """The ``sequence`` cell: the weighting the grading block records and where it came from, e.g.
+    "T1 (image)" (``discs/weighting.py``; a scan that is not T2-weighted is not graded); empty where it
+    was not asked (grading off, or no grader)."""
+    weighting = grading.get("weighting") or {}
+    if not weighting.get("weighting"):
+        return ""
+    source = {"user": "as given"}.get(weighting.get("source"), weighting.get("source") or "")
+    return f"{weighting['weighting']} ({source})" if source else str(weighting["weighting"])
 
 
 def grade_csv_cells(grades: dict) -> list[str]:
@@ -237,10 +249,11 @@ def discs_csv_text(discs_doc: dict | None, vertebrae_doc: dict | None = None) ->
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(discs_csv_header())
-    source = (discs_doc.get("grading") or {}).get("weights") or ""
+    grading = discs_doc.get("grading") or {}
+    source, sequence = grading.get("weights") or "", sequence_cell(grading)
     for d in discs_doc["discs"]:
         measures = d.get("measurements") or {}
         row = [d["level"], *grade_csv_cells(d.get("grades") or {})]
         row += [_csv_cell(measures.get(key), decimals, key) for key, _, decimals in DISC_MEASUREMENTS.values()]
-        writer.writerow(row + ["; ".join(d.get("measurement_warnings") or []), str(source)])
+        writer.writerow(row + ["; ".join(d.get("measurement_warnings") or []), str(source), sequence])
     return buffer.getvalue()

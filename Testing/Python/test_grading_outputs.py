@@ -114,12 +114,12 @@ def test_discs_document_with_grades(case, grades):
     assert rows[0] == ["Level", *with_probabilities, "Disc height anterior (mm)", "Disc height middle (mm)",
                        "Disc height posterior (mm)", "Disc height mean (mm)", "Disc height index", "Farfan index",
                        "Slip (mm)", "Slip (%)", "Meyerding grade", "Segmental angle (deg)", "Disc angle (deg)",
-                       "Disc signal ratio", "measurement_warning", "grading_weights"] == discs_csv_header()
+                       "Disc signal ratio", "measurement_warning", "grading_weights", "sequence"] == discs_csv_header()
     assert [r[0] for r in rows[1:]] == [d.name for d in phantom.discs]
     for r, d in zip(rows[1:], doc["discs"]):
         assert r[1:23:2] == [str(d["grades"][name]["value"]) for name in LEARNED]
         assert float(r[23]) == pytest.approx(d["measurements"]["disc_height_anterior_mm"], abs=0.01)
-        assert r[-1] == "test"
+        assert r[-2:] == ["test", ""]   # grading_weights; sequence: this document records no weighting
     by_level = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert by_level["L4-L5"]["Slip (mm)"] == "6.00" and by_level["L4-L5"]["Meyerding grade"] == "I"
     assert by_level["L3-L4"]["Meyerding grade"] == "none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def test_a_t1_dicom_series_is_measured_not_graded_unless_the_user_says_t2(tmp_pa
     assert all(d["measurements"] for d in discs["discs"]), "the discs are still measured"
     assert not list(out.glob("hotspots*")), "no hotspot maps without grades"
     assert any("discs not graded" in w for w in discs["warnings"])
+    rows = list(csv.DictReader((out / "discs.csv").open()))
+    assert rows and all(r["sequence"] == "T1 (DICOM header)" and r["Herniation"] == "" for r in rows)
     err = capsys.readouterr().err
     assert "discs not graded" in err and "--sequence T2" in err
     # the user knows better
@@ -107,6 +110,7 @@ def test_a_t1_dicom_series_is_measured_not_graded_unless_the_user_says_t2(tmp_pa
     assert cli.main(["run", str(dicom), "-o", str(out), "--quiet", "--sequence", "T2"]) == 0
     grading = json.loads((out / "discs.json").read_text())["grading"]
     assert grading["status"] == "done" and grading["weighting"]["source"] == "user"
+    assert {r["sequence"] for r in csv.DictReader((out / "discs.csv").open())} == {"T2 (as given)"}
 
 
 def test_a_t2_dicom_series_is_graded_and_says_why(tmp_path, monkeypatch):
