@@ -106,7 +106,7 @@ def not_graded_reason(weighting: Weighting) -> str:
     """Why a scan's discs were not graded (the grading status' reason; the run's warning starts with
     "discs not graded: ")."""
     return (f"the grader reads T2-weighted scans, and this one is {weighting.description()}; "
-            "if it is T2-weighted, say so with --sequence T2")
+            "if it is T2-weighted, say so (--sequence T2; in Slicer, Sequence T2)")
 
 
 def user_weighting(sequence: str) -> Weighting:
@@ -222,7 +222,7 @@ def weighting_from_image(scan: Scan, vertebrae: Sequence[Vertebra]) -> Weighting
     if len(ratios) < MIN_BODIES:
         return Weighting("unknown", "none", f"{len(ratios)} bodies measured")
     ratio = float(np.median(ratios))
-    detail = f"the fluid behind the vertebral bodies {ratio:.2f} times as bright as their marrow"
+    detail = f"the fluid behind the vertebral bodies is {ratio:.2f} times as bright as their marrow"
     return Weighting("T1" if ratio < T1_MAX_FLUID_TO_MARROW else "fluid bright", "image", detail)
 
 
