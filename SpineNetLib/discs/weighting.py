@@ -1,6 +1,6 @@
 """Which MR weighting a scan has, so that only T2-weighted scans are graded.
 
-SpineNet's grading networks were trained on T2-weighted sagittal lumbar scans (official FACTS §6,
+SpineNet's grading networks were trained on T2-weighted sagittal lumbar scans (official §6,
 "The grading model was trained on T12/L1...L5/S1 T2 lumbar scans"), and so was the bundled grader
 (clinical T2 slices, bundled MODEL_CARD.md).  On a T1-weighted scan they still give a grade for every
 disc, with nothing to say that it means nothing: the bundled grader called 6 of the 8 discs of the
