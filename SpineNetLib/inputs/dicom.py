@@ -590,8 +590,8 @@ def _acquisition_times(h) -> dict:
     }
     out = {}
     for key, value in found.items():
-        if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:   # InversionTimes is multi-valued
-            value = next(iter(value), None)
+        if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+            value = next(iter(value), None)   # InversionTimes is multi-valued (pydicom's MultiValue)
         number = _float_or(value, float("nan")) if value not in (None, "") else float("nan")
         if number > 0:
             out[key] = number

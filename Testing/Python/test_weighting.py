@@ -146,6 +146,18 @@ def test_an_enhanced_dicom_file_gives_its_times_from_the_functional_groups(tmp_p
     assert (scan.metadata["echo_time_ms"], scan.metadata["repetition_time_ms"]) == (12.0, 600.0)
     assert scan.metadata["scanning_sequence"] == "SE"
     assert scan_weighting(scan, []).name == "T1"
+    # a STIR: inversion recovery with its (multi-valued) inversion times in the per-frame groups
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        modifier = Dataset()
+        modifier.InversionTimes = [150.0, 150.0]
+        frame.MRModifierSequence = [modifier]
+    echo.EffectiveEchoTime, timing.RepetitionTime = 60.0, 4000.0
+    ds.InversionRecovery = "YES"
+    ds.save_as(path)
+    scan = load_scan(path)
+    assert scan.metadata["inversion_time_ms"] == 150.0 and scan.metadata["scanning_sequence"] == "SE IR"
+    weighting = scan_weighting(scan, [])
+    assert (weighting.name, weighting.detail, weighting.graded) == ("STIR", "TE 60 ms, TR 4000 ms, TI 150 ms", False)
 
 
 @pytest.mark.skipif(not (DATA / "zukic").is_dir(), reason="needs ../shared/data")
