@@ -176,3 +176,15 @@ def test_real_t1_volume_is_not_graded_and_real_t2_volumes_are():
     assert readings["zukic_15_S01_T2"].name == readings["zukic_03_AKa4_TIRM"].name == "fluid bright"
     assert "0.56" in readings["zukic_02_AKa3_T1"].detail
     assert T1_MAX_FLUID_TO_MARROW == 0.8
+
+
+def test_a_classic_stir_series_reads_its_inversion_time(tmp_path):
+    from SpineNetLib.inputs.load import load_scan
+
+    phantom = make_phantom(fov="lumbar", contrast="STIR", shape=(256, 256), pixel_spacing=(1.0, 1.0), n_slices=5,
+                           seed=2)
+    phantom.write_dicom(tmp_path / "stir", series_description="sag lumbar", extra_tags={
+        "EchoTime": "70", "RepetitionTime": "3800", "InversionTime": "160", "ScanningSequence": ["SE", "IR"]})
+    scan = load_scan(tmp_path / "stir")
+    assert scan.metadata["scanning_sequence"] == "SE IR" and scan.metadata["inversion_time_ms"] == 160.0
+    assert scan_weighting(scan, _truth(phantom)).name == "STIR"   # the header, though the image is fluid bright
