@@ -4,9 +4,9 @@
 
 ``spinenet run`` grades the discs of T2-weighted scans only (``SpineNetLib/discs/weighting.py``). A
 NIfTI, NRRD or MHA file has no header to say the weighting, so the run reads it from the image: the
-median, over the labelled bodies above S1, of the fluid behind each body divided by its marrow
-(``weighting.fluid_to_marrow_ratios``); below ``weighting.T1_MAX_FLUID_TO_MARROW`` the scan reads as
-T1-weighted and is not graded.
+median, over the bodies named L2-L5 (else every body above S1), of the fluid behind each body divided by
+its marrow (``weighting.fluid_to_marrow_ratio``); below ``weighting.T1_MAX_FLUID_TO_MARROW`` the scan
+reads as T1-weighted and is not graded.
 
 Every case of ``../shared/data`` (both sides of the split: nothing here is trained) is read, its bodies
 detected and labelled with the bundled networks as ``spinenet run`` does (``pipeline.detect_and_label``),
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SpineNetLib.discs.weighting import T1_MAX_FLUID_TO_MARROW, fluid_to_marrow_ratios, weighting_from_image
+    from SpineNetLib.discs.weighting import T1_MAX_FLUID_TO_MARROW, fluid_to_marrow_ratio, weighting_from_image
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import detect_and_label, load_networks
     from SpineNetLib.training.datasets import list_cases
@@ -56,11 +56,11 @@ def main(argv=None) -> int:
 
     def measure(name: str, source: str, sequence: str, scan) -> None:
         found = detect_and_label(scan, networks)
-        ratios = fluid_to_marrow_ratios(scan, found.vertebrae)
-        weighting = weighting_from_image(scan, found.vertebrae)
-        ratio = float(np.median(ratios)) if ratios else float("nan")
+        ratio, bodies = fluid_to_marrow_ratio(scan, found.vertebrae)
+        ratio = float("nan") if ratio is None else ratio
         groups[(source, sequence)].append(ratio)
-        print(f"{name:28s} {sequence:26s} {len(ratios):6d} {ratio:6.2f}  {weighting.name}", flush=True)
+        print(f"{name:28s} {sequence:26s} {bodies:6d} {ratio:6.2f}  {weighting_from_image(scan, found.vertebrae).name}",
+              flush=True)
 
     for case in cases:
         measure(case.case_id, case.source, case.sequence or "?", load_scan(case.path / "image.nii.gz"))

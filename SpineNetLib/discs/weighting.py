@@ -18,8 +18,9 @@ Three sources, the first that answers wins:
    it (gradient echo, a time missing), the series description's own words (``t1``, ``t2``, ``stir``,
    ``tirm``, ``pd``, ``flair``) when they name one weighting.
 3. **The image** (:func:`weighting_from_image`), for NIfTI, NRRD or MHA files, which carry no such
-   header: the cerebrospinal fluid just behind the vertebral bodies is brighter than the bodies'
-   marrow on T2-weighted (and on fat-suppressed fluid-sensitive) scans, darker on T1-weighted ones.
+   header: the cerebrospinal fluid just behind the vertebral bodies (L2-L5, below the cord, where
+   there are three of them) is brighter than the bodies' marrow on T2-weighted (and on fat-suppressed
+   fluid-sensitive) scans, darker on T1-weighted ones.
    The image can only tell "T1-weighted" from "fluid bright" this way; a fluid-bright scan is graded,
    as before, since T2 is by far the most common such sagittal series.
 
@@ -71,6 +72,11 @@ CANAL_FROM_MM = 3.0
 CANAL_TO_MM = 9.0
 #: At least this many bodies must be measured for the image to say anything.
 MIN_BODIES = 3
+#: The levels read first: below the conus medullaris, which ends at L1-L2 in most adults, the thecal sac
+#: behind the bodies holds cerebrospinal fluid and nerve roots; higher up the cord fills much of it, and
+#: the cord is far less bright than fluid on T2.  (Chosen after the first measurement, which used every
+#: body above S1 and gave a T2 clinical slice 0.86: 0.95 with these levels; MODEL_CARD.md.)
+BELOW_THE_CONUS = ("L2", "L3", "L4", "L5")
 
 
 @dataclass(frozen=True)
@@ -214,14 +220,23 @@ def fluid_to_marrow_ratios(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[fl
     return ratios
 
 
-def weighting_from_image(scan: Scan, vertebrae: Sequence[Vertebra]) -> Weighting:
-    """"T1" when the fluid behind the bodies is darker than their marrow (the median over the bodies of
-    :func:`fluid_to_marrow_ratios` below :data:`T1_MAX_FLUID_TO_MARROW`), "fluid bright" when not, and
-    "unknown" with fewer than :data:`MIN_BODIES` bodies measured."""
-    ratios = fluid_to_marrow_ratios(scan, vertebrae)
+def fluid_to_marrow_ratio(scan: Scan, vertebrae: Sequence[Vertebra]) -> tuple[float | None, int]:
+    """(the median of :func:`fluid_to_marrow_ratios` over the bodies named in :data:`BELOW_THE_CONUS`, or,
+    with fewer than :data:`MIN_BODIES` of them measured, over every body above S1; the bodies it rests on).
+    None with fewer than :data:`MIN_BODIES` bodies measured either way."""
+    ratios = fluid_to_marrow_ratios(scan, [v for v in vertebrae if v.level in BELOW_THE_CONUS])
     if len(ratios) < MIN_BODIES:
-        return Weighting("unknown", "none", f"{len(ratios)} bodies measured")
-    ratio = float(np.median(ratios))
+        ratios = fluid_to_marrow_ratios(scan, vertebrae)
+    return (float(np.median(ratios)) if len(ratios) >= MIN_BODIES else None), len(ratios)
+
+
+def weighting_from_image(scan: Scan, vertebrae: Sequence[Vertebra]) -> Weighting:
+    """"T1" when the fluid behind the bodies is darker than their marrow (:func:`fluid_to_marrow_ratio`
+    below :data:`T1_MAX_FLUID_TO_MARROW`), "fluid bright" when not, and "unknown" with fewer than
+    :data:`MIN_BODIES` bodies measured."""
+    ratio, bodies = fluid_to_marrow_ratio(scan, vertebrae)
+    if ratio is None:
+        return Weighting("unknown", "none", f"{bodies} bodies measured")
     detail = f"the fluid behind the vertebral bodies is {ratio:.2f} times as bright as their marrow"
     return Weighting("T1" if ratio < T1_MAX_FLUID_TO_MARROW else "fluid bright", "image", detail)
 
