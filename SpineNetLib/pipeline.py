@@ -28,7 +28,7 @@ import numpy as np
 if TYPE_CHECKING:   # annotations only: torch is imported where it is used
     import torch
 
-from SpineNetLib.core.errors import InputError, SpineNetError
+from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import N_LEVELS, level_index
 # the profiles live in core/profiles.py (no torch there); pipeline.processing_profile etc. stay the API's names
 from SpineNetLib.core.profiles import PROFILES, ProcessingProfile, processing_profile  # noqa: F401
@@ -579,8 +579,9 @@ def _slow_arithmetic(networks: Networks) -> list[str]:
     return [slow] if slow is not None else []
 
 
-def _check_hotspot_options(options: RunOptions, networks: Networks) -> list:
-    """The hotspot heads (and ``options.sequence``), checked before any work so that a typo fails at once."""
+def _check_options(options: RunOptions, networks: Networks) -> list:
+    """The options a typo can spoil (``sequence``, the hotspot settings), checked before any work so that it
+    fails at once; returns the hotspot heads."""
     if options.sequence is not None:
         user_weighting(options.sequence)
     if options.hotspot_heads and networks.grading is not None and not is_torch_module(networks.grading):
@@ -707,7 +708,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     both.  ``progress(done, total, message)`` hears every stage.
     """
     options = options or RunOptions()
-    heads = _check_hotspot_options(options, networks)
+    heads = _check_options(options, networks)
     start = time.perf_counter()
     # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
     scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]

@@ -260,15 +260,22 @@ def disc_signal_samples(scan: Scan, quad_px: np.ndarray, canonical_slice: int) -
     a, b = SIGNAL_CORE
     core = np.array([_bilinear(quad_px, b, a), _bilinear(quad_px, b, b),
                      _bilinear(quad_px, a, b), _bilinear(quad_px, a, a)])
+    return polygon_samples(scan, core, canonical_slice)
+
+
+def polygon_samples(scan: Scan, polygon_px: np.ndarray, canonical_slice: int) -> np.ndarray:
+    """Raw values of the pixels whose centres lie inside ``polygon_px`` (``[x, y]`` corners, even-odd rule)
+    on one canonical slice; none for a slice outside the scan or a polygon with a non-finite corner."""
+    polygon = np.asarray(polygon_px, np.float64)
     height, width, n_slices = scan.voxels.shape
-    if not (0 <= canonical_slice < n_slices) or not np.all(np.isfinite(core)):
+    if not (0 <= canonical_slice < n_slices) or not np.all(np.isfinite(polygon)):
         return np.zeros(0, np.float32)
-    x0, x1 = max(int(math.ceil(core[:, 0].min())), 0), min(int(math.floor(core[:, 0].max())), width - 1)
-    y0, y1 = max(int(math.ceil(core[:, 1].min())), 0), min(int(math.floor(core[:, 1].max())), height - 1)
+    x0, x1 = max(int(math.ceil(polygon[:, 0].min())), 0), min(int(math.floor(polygon[:, 0].max())), width - 1)
+    y0, y1 = max(int(math.ceil(polygon[:, 1].min())), 0), min(int(math.floor(polygon[:, 1].max())), height - 1)
     if x0 > x1 or y0 > y1:
         return np.zeros(0, np.float32)
     yy, xx = np.mgrid[y0:y1 + 1, x0:x1 + 1]
-    inside = points_in_polygon(np.stack([xx.ravel(), yy.ravel()], axis=1), core).reshape(yy.shape)
+    inside = points_in_polygon(np.stack([xx.ravel(), yy.ravel()], axis=1), polygon).reshape(yy.shape)
     return np.asarray(scan.voxels[y0:y1 + 1, x0:x1 + 1, canonical_slice][inside], np.float32)
 
 

@@ -37,9 +37,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.polygons import points_in_polygon
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.discs.extraction import body_mid_polygon, pixel_scale
+from SpineNetLib.discs.measurements import polygon_samples
 
 #: The weightings this module names; "other": a user's word for none of the named ones; "fluid bright":
 #: what the image alone can say of T2, STIR and their kin; "unknown": nothing could be told.
@@ -185,29 +186,22 @@ def fluid_to_marrow_ratios(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[fl
     middle 60 % of the wall's height, divided by the median of its inner half (marrow)."""
     ratios = []
     height, width, _ = scan.voxels.shape
-    row_mm, col_mm = float(scan.spacing_mm[0]), float(scan.spacing_mm[1])
+    scale = pixel_scale(scan)   # (col_mm, row_mm)
     for body in vertebrae:
         if body.level in ("S1", "S2"):
             continue
-        polygon = body.polygon_on(body.mid_slice)
-        polygon = np.asarray(polygon if polygon is not None else body.average_polygon, dtype=float)
-        image = scan.voxels[:, :, int(np.clip(body.mid_slice, 0, scan.n_slices - 1))]
-        inner = _inside(polygon, 0.5)
-        x0, y0 = np.floor(inner.min(axis=0)).astype(int)
-        x1, y1 = np.ceil(inner.max(axis=0)).astype(int)
-        ys, xs = np.mgrid[max(y0, 0):min(y1, height - 1) + 1, max(x0, 0):min(x1, width - 1) + 1]
-        points = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(float)
-        marrow = image[ys.ravel(), xs.ravel()][points_in_polygon(points, inner)] if len(points) else []
+        polygon = body_mid_polygon(body)
+        marrow = polygon_samples(scan, _inside(polygon, 0.5), body.mid_slice)
         # the posterior wall rt -> rb (corners 0 and 1); "behind" is its normal pointing away from the body
         top, bottom = polygon[0], polygon[1]
-        wall_mm = (bottom - top) * (col_mm, row_mm)
+        wall_mm = (bottom - top) * scale
         normal_mm = np.array([-wall_mm[1], wall_mm[0]]) / max(float(np.hypot(*wall_mm)), 1e-6)
-        if np.dot(normal_mm, (top - polygon[3]) * (col_mm, row_mm)) < 0:   # towards the back, away from lt
+        if np.dot(normal_mm, (top - polygon[3]) * scale) < 0:   # towards the back, away from lt
             normal_mm = -normal_mm
         along = np.linspace(0.2, 0.8, 13)
-        depth = np.arange(CANAL_FROM_MM, CANAL_TO_MM + 1e-6, min(col_mm, row_mm, 1.0))
+        depth = np.arange(CANAL_FROM_MM, CANAL_TO_MM + 1e-6, min(*scale, 1.0))
         wall_points = top[None, :] + along[:, None] * (bottom - top)[None, :]
-        offsets_px = depth[:, None] * (normal_mm / (col_mm, row_mm))[None, :]
+        offsets_px = depth[:, None] * (normal_mm / scale)[None, :]
         strip = (wall_points[:, None, :] + offsets_px[None, :, :]).reshape(-1, 2)
         cols, rows = np.rint(strip[:, 0]).astype(int), np.rint(strip[:, 1]).astype(int)
         keep = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
@@ -216,7 +210,8 @@ def fluid_to_marrow_ratios(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[fl
         marrow_level = float(np.median(marrow))
         if marrow_level <= 0:
             continue
-        ratios.append(float(np.median(image[rows[keep], cols[keep]])) / marrow_level)
+        fluid = scan.voxels[rows[keep], cols[keep], body.mid_slice]
+        ratios.append(float(np.median(fluid)) / marrow_level)
     return ratios
 
 
