@@ -151,6 +151,24 @@ def _version() -> str:
         return __version__
 
 
+def _add_sequence_option(parser: argparse.ArgumentParser, whose: str = "the scan's") -> None:
+    parser.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
+                        help=f"{whose} weighting, where a header does not tell it (NIfTI, NRRD, MHA) or tells "
+                             "it wrongly. Only T2-weighted scans are graded; without this option the weighting is "
+                             "read from the DICOM header, else from the image (fluid darker than the vertebral "
+                             "marrow: T1-weighted, not graded)")
+
+
+def _check_sequence(args) -> str | None:
+    """``--sequence`` checked before any scan is read (a typo fails at once), as its canonical name
+    (``t2`` is ``T2``); None when not given."""
+    if getattr(args, "sequence", None) is None:
+        return None
+    from SpineNetLib.discs.weighting import user_weighting
+
+    return user_weighting(args.sequence).name
+
+
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The ``spinenet`` parser; ``with_training`` False leaves out ``spinenet train``, whose options
     import torch (:func:`main` does when the arguments do not ask for training or for help)."""
@@ -166,11 +184,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     _add_network_options(run)
     run.add_argument("--no-grade", action="store_true",
                      help="do not grade the discs (disc measurements are still written)")
-    run.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
-                     help="the scan's weighting, where its header does not tell it (NIfTI, NRRD, MHA) or tells "
-                          "it wrongly. Only T2-weighted scans are graded; without this option the weighting is "
-                          "read from the DICOM header, else from the image (fluid darker than the vertebral "
-                          "marrow: T1-weighted, not graded)")
+    _add_sequence_option(run)
     run.add_argument("--hotspots", metavar="HEAD[,HEAD]",
                      help="write evidence hotspot maps (NIfTI, input space) for these grading heads, "
                           "e.g. Herniation (needs grading weights; only heads the weights trained get a map)")
@@ -276,10 +290,7 @@ def command_run(args) -> int:
     start = time.perf_counter()
     _validate_overrides(args)
     hotspot_heads = _hotspot_heads(args)
-    if getattr(args, "sequence", None) is not None:
-        from SpineNetLib.discs.weighting import user_weighting
-
-        user_weighting(args.sequence)   # a typo: at once
+    _check_sequence(args)
     output = check_writable(args.output)  # at once, not after the whole inference
     profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
     scan, _ = pipeline.read_input(args.input, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
@@ -536,6 +547,7 @@ def _add_cohort_command(sub) -> None:
                              "official, else default)")
     cohort.add_argument("--no-grade", action="store_true",
                         help="do not grade the discs (disc measurements are still written)")
+    _add_sequence_option(cohort, whose="every study's")
     cohort.add_argument("--no-preview", action="store_true", help="do not draw each study's preview.png")
     cohort.add_argument("--dicom-out", action="store_true",
                         help="also write each DICOM study's DICOM results, as `spinenet run --dicom-out` "
@@ -555,10 +567,12 @@ def command_cohort(args) -> int:
     if args.scheduler and args.workers is not None:
         raise SpineNetError("--workers sets the size of a local cluster; with --scheduler the workers are the "
                             "scheduler's (start them with `dask worker ADDRESS --nworkers N`)")
+    sequence = _check_sequence(args)
     settings = CohortSettings(weights=args.weights, device=args.device,
                               trusted_sha256=tuple(sorted(_trusted_sha256(args) or ())), grade=not args.no_grade,
                               preview=not args.no_preview, dicom=args.dicom_out, profile=args.profile,
-                              threads=args.threads_per_worker, precision=args.precision, runtime=args.runtime)
+                              threads=args.threads_per_worker, precision=args.precision, runtime=args.runtime,
+                              sequence=sequence)
     result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
                         progress=None if args.quiet else sys.stderr)
     failed = len(result.failures)

@@ -100,6 +100,9 @@ class CohortSettings:
     precision: str = "fp32"
     #: Where the networks run, "torch", "openvino" (the detector) or "onnx" (``pipeline.load_networks``).
     runtime: str = "torch"
+    #: The weighting of every study (``spinenet run --sequence``: T2, T1, PD, STIR, FLAIR or other), or None:
+    #: each study's own DICOM header or image tells it (``discs/weighting.py``).
+    sequence: str | None = None
 
     def network_key(self) -> tuple:
         """What the loaded networks depend on: the key of a worker's network cache."""
@@ -118,21 +121,22 @@ class CohortSettings:
                    else str(Path(self.weights).expanduser().resolve()))   # a folder, however it was written
         return {"weights": weights, "trusted_sha256": sorted(self.trusted_sha256), "grade": self.grade,
                 "profile": processing_profile(self.profile, self.weights).name,   # None: the weights' own
-                "precision": self.precision, "runtime": self.runtime}
+                "precision": self.precision, "runtime": self.runtime, "sequence": self.sequence}
 
 
 #: The file in a cohort's output folder that records :meth:`CohortSettings.result_settings`.
 SETTINGS_FILE = "cohort_settings.json"
 #: The option of ``spinenet cohort`` that sets each of :meth:`CohortSettings.result_settings`.
 _OPTION_OF_SETTING = {"weights": "--weights", "trusted_sha256": "--trust-sha256", "grade": "--no-grade",
-                      "profile": "--profile", "precision": "--precision", "runtime": "--runtime"}
+                      "profile": "--profile", "precision": "--precision", "runtime": "--runtime",
+                      "sequence": "--sequence"}
 
 
 def _said(key: str, value) -> str:
     """A recorded setting as the user gave it: ``--no-grade`` given or not, the others' values."""
     if key == "grade":
         return "not given" if value else "given"
-    return json.dumps(value)
+    return "not given" if value is None else json.dumps(value)
 
 
 def check_same_result_settings(outdir: Path, settings: CohortSettings) -> None:
@@ -260,7 +264,8 @@ def process_study(study: Study, studies_dir: str, settings: CohortSettings) -> S
         profile = pipeline.processing_profile(settings.profile, networks.weights.source)
         scan, read_seconds = pipeline.read_input(study.path, profile, series_uid=study.series_uid)
         earlier = {"load_scan": read_seconds, **({"load_networks": load_seconds} if load_seconds else {})}
-        options = pipeline.RunOptions(grade=settings.grade, profile=profile.name, earlier_timings_s=earlier)
+        options = pipeline.RunOptions(grade=settings.grade, sequence=settings.sequence, profile=profile.name,
+                                      earlier_timings_s=earlier)
         result = pipeline.run(scan, networks, options)
         dicom = {"dicom": True} if settings.dicom and study.kind == "dicom" else {}
         write_results(partial, result, scan=scan, preview=settings.preview, **dicom)

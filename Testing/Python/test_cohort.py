@@ -388,6 +388,45 @@ def test_cohort_dicom_out_writes_the_dicom_results_of_dicom_studies_only(tmp_pat
     assert not list(by_kind["image"].glob("*.dcm"))
 
 
+def test_cohort_sequence_sets_the_weighting_of_every_study(tmp_path):
+    """`spinenet cohort --sequence T2`: a study whose image reads as T1-weighted is graded as the user says;
+    without it, each study's own image decides (a T1 phantom: measured, not graded), and the cohort
+    table says which."""
+    root = tmp_path / "root"
+    _phantom(1, contrast="T1").write_nifti(root / "t1.nii.gz")
+    study = discover_studies(root).studies[0]
+    for sequence, status, source, said in ((None, "not run", "image", "T1 (image)"), ("T2", "done", "user", "T2 (as given)")):
+        studies_dir = tmp_path / f"studies_{sequence}"
+        outcome = process_study(study, str(studies_dir), CohortSettings(preview=False, threads=1, sequence=sequence))
+        assert outcome.status == "done", outcome
+        grading = json.loads((studies_dir / study.study_id / "discs.json").read_text())["grading"]
+        assert grading["status"] == status and grading["weighting"]["source"] == source
+        rows = _rows(studies_dir / study.study_id / "discs.csv")
+        assert rows and {r["sequence"] for r in rows} == {said}
+        assert all(bool(r["Herniation_probability"]) == (status == "done") for r in rows)
+
+
+def test_cohort_sequence_is_checked_at_once_and_kept_across_resumed_runs(tmp_path, capsys):
+    root = _image_root(tmp_path / "root", 1)
+    assert cli.main(["cohort", str(root), "-o", str(tmp_path / "o"), "--sequence", "T3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --sequence 'T3'" in err[0] and not (tmp_path / "o").exists()
+    out = tmp_path / "out"
+    cohort_run.record_result_settings(check_writable(out), CohortSettings(sequence="T2"))
+    (out / "studies" / "a-study").mkdir(parents=True)
+    (out / "studies" / "a-study" / "result.json").write_text("{}")
+    cohort_run.check_same_result_settings(out, CohortSettings(sequence="T2"))
+    with pytest.raises(cohort_run.InputError, match='--sequence: "T2" before, not given now'):
+        cohort_run.check_same_result_settings(out, CohortSettings())
+    # a record from before the option: the weighting was each study's own
+    recorded = json.loads((out / cohort_run.SETTINGS_FILE).read_text())
+    (out / cohort_run.SETTINGS_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "sequence"}))
+    cohort_run.check_same_result_settings(out, CohortSettings())
+    # the command records the name as the weighting module spells it: `t2` resumes a `T2` run
+    assert cli._check_sequence(cli.build_parser(with_training=False).parse_args(
+        ["cohort", str(root), "-o", str(out), "--sequence", "t2"])) == "T2"
+
+
 def test_the_runtime_is_part_of_a_workers_network_cache(monkeypatch):
     """`spinenet cohort --runtime openvino`: each worker loads the networks with that runtime, and a
     worker that holds torch networks does not hand them out for it."""
