@@ -91,7 +91,10 @@ def _use_threads(args) -> None:
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="DICOM folder or file, or a NIfTI/NRRD/MHA/MHD image")
-    parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use when a DICOM folder holds several sagittal series")
+    parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
+                        help="the series to read when a DICOM folder holds several sagittal series: its "
+                             "SeriesInstanceUID, its SeriesNumber, or a part of its SeriesDescription (any case) "
+                             "that names one sagittal series, e.g. --series T2")
     parser.add_argument("--pixel-spacing", nargs=2, type=float, metavar=("ROW", "COL"),
                         help="override the in-plane pixel spacing in mm (row spacing, column spacing)")
     parser.add_argument("--slice-spacing", type=float, metavar="MM", help="override the spacing between sagittal slices in mm")

@@ -304,9 +304,28 @@ def _plane_of(iop: np.ndarray | None) -> str:
     return _PLANES[int(np.argmax(np.abs(normal)))]
 
 
+def _series_number(slices: list[_Slice]) -> str:
+    return str(slices[0].header.get("SeriesNumber", "") or "").strip()
+
+
 def _describe_series(uid: str, slices: list[_Slice]) -> str:
     desc = str(slices[0].header.get("SeriesDescription", "") or "")
-    return f"{uid} '{desc}' ({len(slices)} slices)"
+    number = _series_number(slices)
+    return f"{uid} '{desc}' ({f'series {number}, ' if number else ''}{len(slices)} slices)"
+
+
+def _series_named(series: dict[str, list[_Slice]], selector: str, sagittal_mr: list[str]) -> list[str]:
+    """The series a ``--series`` value that is no SeriesInstanceUID of the folder names: those whose
+    SeriesNumber it is; else those whose SeriesDescription contains it (any case), the sagittal MR
+    ones among them when there are any (``--series T2`` in an exam with a sagittal and an axial T2)."""
+    wanted = selector.strip()
+    by_number = [uid for uid, s in series.items() if _series_number(s) and _series_number(s) == wanted]
+    if by_number:
+        return by_number
+    text = wanted.lower()
+    by_text = [uid for uid, s in series.items()
+               if text and text in str(s[0].header.get("SeriesDescription", "") or "").lower()]
+    return [uid for uid in by_text if uid in sagittal_mr] or by_text
 
 
 def _series_plane(slices: list[_Slice]) -> str:
@@ -318,21 +337,29 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
     """The series to read: ``series_uid``, or the folder's only sagittal MR series (a CT or other non-MR
     series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR)."""
     modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
+    planes = {uid: _series_plane(s) for uid, s in series.items()}
+    sagittal = [uid for uid, p in planes.items() if p == "sagittal" and not modality[uid]]
     if series_uid is not None:
         if series_uid not in series:
-            listing = "; ".join(_describe_series(u, s) for u, s in series.items())
-            raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
+            named = _series_named(series, series_uid, sagittal)
+            if len(named) > 1:
+                listing = "; ".join(_describe_series(u, series[u]) for u in named)
+                raise InputError(f"--series {series_uid!r} names {len(named)} series in {folder}: {listing}; "
+                                 "give its SeriesInstanceUID")
+            if not named:
+                listing = "; ".join(_describe_series(u, s) for u, s in series.items())
+                raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
+            series_uid = named[0]
         if modality[series_uid]:
             raise InputError(f"series {_describe_series(series_uid, series[series_uid])} is {modality[series_uid]}, "
                              "not MR: SpineNet reads sagittal MR scans")
         return series_uid
-    planes = {uid: _series_plane(s) for uid, s in series.items()}
-    sagittal = [uid for uid, p in planes.items() if p == "sagittal" and not modality[uid]]
     if len(sagittal) == 1:
         return sagittal[0]
     if len(sagittal) > 1:
         listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
-        raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series UID: {listing}")
+        raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series (its UID, its "
+                         f"series number or a part of its description): {listing}")
     not_mr = [uid for uid, p in planes.items() if p == "sagittal" and modality[uid]]
     if not_mr:
         kinds = " and ".join(sorted({modality[uid] for uid in not_mr}))
@@ -409,7 +436,8 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
                       recursive: bool = True, resample_isotropic: bool = True) -> Scan:
     """Canonical :class:`Scan` of the sagittal DICOM series in ``folder`` (see module docstring).
 
-    ``series_uid`` picks a series when the folder holds several sagittal ones.
+    ``series_uid`` picks a series when the folder holds several sagittal ones: its SeriesInstanceUID, or
+    its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`).
     ``pixel_spacing=(row_mm, col_mm)`` (DICOM PixelSpacing order: row spacing
     = distance between image rows) and ``slice_spacing`` (mm) replace the
     values from the tags / positions.  Raises :class:`InputError` (one line).

@@ -354,7 +354,7 @@ def test_series_selection(tmp_path):
     with pytest.raises(InputError) as exc:
         load_scan(tmp_path)
     msg = assert_one_line(exc)
-    assert uids[0] in msg and uids[1] in msg and "T1 SAG" in msg and "(4 slices)" in msg
+    assert uids[0] in msg and uids[1] in msg and "T1 SAG" in msg and "(series 1, 4 slices)" in msg
     scan = load_scan(tmp_path, series_uid=uids[1])
     assert scan.metadata["series_uid"] == uids[1]
     np.testing.assert_allclose(scan.voxels, 2 * vol.transpose(1, 2, 0)[:, :, ::-1], atol=0.5 + 1e-3)
@@ -363,6 +363,41 @@ def test_series_selection(tmp_path):
     assert scan1.metadata["series_uid"] == uids[0]
     with pytest.raises(InputError, match="not found"):
         load_scan(tmp_path, series_uid="1.2.3.4")
+
+
+def test_a_series_is_chosen_by_its_number_or_a_part_of_its_description(tmp_path):
+    """A radiologist names a series as the viewer shows it (`--series 5`, `--series t2`), not by its UID."""
+    vol, a = sagittal_standard((4, 20, 18))
+    uids = {}
+    for number, description, prefix, scale in ((3, "T1 TSE SAG", "T1_", 1), (5, "T2 TSE SAG", "T2_", 2),
+                                                (6, "STIR SAG", "STIR_", 3)):
+        paths = write_dicom_series(vol * scale, a, tmp_path, file_prefix=prefix, series_description=description,
+                                   extra_tags={"SeriesNumber": number})
+        uids[number] = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    with pytest.raises(InputError) as exc:
+        load_scan(tmp_path)
+    msg = assert_one_line(exc)
+    assert "series number or a part of its description" in msg and "(series 5, 4 slices)" in msg
+    for selector, number in (("5", 5), (" 3 ", 3), ("t2", 5), ("T1 TSE", 3), ("stir", 6), (uids[6], 6)):
+        assert load_scan(tmp_path, series_uid=selector).metadata["series_uid"] == uids[number], selector
+    with pytest.raises(InputError) as exc:
+        load_scan(tmp_path, series_uid="TSE")   # two descriptions hold it
+    msg = assert_one_line(exc)
+    assert "--series 'TSE' names 2 series" in msg and uids[3] in msg and uids[5] in msg and uids[6] not in msg
+    with pytest.raises(InputError, match="^series FLAIR not found in .*available: .*'STIR SAG' \\(series 6"):
+        load_scan(tmp_path, series_uid="FLAIR")
+
+
+def test_a_description_prefers_the_sagittal_series_it_names(tmp_path):
+    """`--series T2` in an exam with a sagittal and an axial T2 series reads the sagittal one."""
+    vol, a = sagittal_standard((4, 20, 18))
+    sagittal = write_dicom_series(vol, a, tmp_path, file_prefix="SAG_", series_description="T2 SAG",
+                                  extra_tags={"SeriesNumber": 2})
+    axial = np.diag([1.0, 1.0, 4.0, 1.0])
+    write_dicom_series(np.zeros((4, 16, 16)) + 50, axial, tmp_path, file_prefix="AX_", series_description="T2 AX",
+                       extra_tags={"SeriesNumber": 4})
+    uid = str(pydicom.dcmread(sagittal[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert load_scan(tmp_path, series_uid="t2").metadata["series_uid"] == uid
 
 
 CT_TAGS = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}   # CT Image Storage
