@@ -131,13 +131,14 @@ def disc_pairs(vertebrae: Sequence[Vertebra], across_missed_levels: bool = False
 
 def skipped_discs(vertebrae: Sequence[Vertebra]) -> list[str]:
     """One message per pair of consecutive bodies that :func:`disc_pairs` gives no disc (missed body between)."""
-    out = []
-    for i in range(len(vertebrae) - 1):
-        up, lo = vertebrae[i], vertebrae[i + 1]
-        if not adjacent_levels(up.level, lo.level):
-            out.append(f"no disc between {up.level} and {lo.level}: the vertebra between them was not found, "
-                       "and a volume across a whole vertebra would not be a disc")
-    return out
+    return [skipped_disc_message(up.level, lo.level) for up, lo in zip(vertebrae, vertebrae[1:])
+            if not adjacent_levels(up.level, lo.level)]
+
+
+def skipped_disc_message(upper_level: str | None, lower_level: str | None) -> str:
+    """Why two consecutive bodies have no disc (:func:`skipped_discs`)."""
+    return (f"no disc between {upper_level} and {lower_level}: the vertebra between them was not found, "
+            "and a volume across a whole vertebra would not be a disc")
 
 
 # --------------------------------------------------------------------------- geometry helpers

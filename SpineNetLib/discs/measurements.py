@@ -108,6 +108,11 @@ class VertebraMeasurements:
     genant_grade: int
     upper_endplate_length_mm: float
     lower_endplate_length_mm: float
+    #: The upper endplate's direction (anterior to posterior corner) in the sagittal image, in degrees from
+    #: the image rows, positive where it falls posteriorly (rows run downwards). The lumbar lordosis is the
+    #: difference of L1's and S1's (:func:`lordosis_from_endplate_angles`), so a document whose levels are
+    #: corrected later gives the lordosis of its new L1 and S1 without the scan.
+    upper_endplate_angle_deg: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -243,7 +248,8 @@ def measure_vertebra(scan: Scan, vertebra: Vertebra, index: int = 0) -> Vertebra
         height_reduction_percent=100.0 * reduction,
         genant_grade=genant_grade(reduction),
         upper_endplate_length_mm=float(np.linalg.norm(q[0] - q[3])),
-        lower_endplate_length_mm=float(np.linalg.norm(q[1] - q[2])))
+        lower_endplate_length_mm=float(np.linalg.norm(q[1] - q[2])),
+        upper_endplate_angle_deg=_angle_deg(q[0] - q[3]))
 
 
 # --------------------------------------------------------------------------- discs
@@ -330,14 +336,16 @@ def measure_disc(scan: Scan, upper: Vertebra, lower: Vertebra, *, level: str = "
 
 # --------------------------------------------------------------------------- spine
 
-def lumbar_lordosis_deg(scan: Scan, vertebrae: Sequence[Vertebra]) -> float | None:
-    """Angle between the upper endplates of L1 and S1 (positive = lordotic); None unless both are labelled."""
-    by_level = {v.level: v for v in vertebrae if v.level}
-    if "L1" not in by_level or "S1" not in by_level:
+def lordosis_from_endplate_angles(levels: Sequence[str | None], upper_endplate_angles_deg: Sequence[float]
+                                  ) -> float | None:
+    """Angle between the upper endplates of the bodies named L1 and S1 (positive = lordotic, as
+    :func:`lordotic_angle_deg`), from each body's ``upper_endplate_angle_deg``; None unless both are
+    named and measured."""
+    by_level = {level: angle for level, angle in zip(levels, upper_endplate_angles_deg) if level}
+    l1, s1 = by_level.get("L1"), by_level.get("S1")
+    if l1 is None or s1 is None or not (math.isfinite(l1) and math.isfinite(s1)):
         return None
-    scale = pixel_scale(scan)
-    l1, s1 = _mm(body_mid_polygon(by_level["L1"]), scale), _mm(body_mid_polygon(by_level["S1"]), scale)
-    return lordotic_angle_deg(l1[0] - l1[3], s1[0] - s1[3])
+    return float((l1 - s1 + 180.0) % 360.0 - 180.0)
 
 
 #: A disc mean height above this is not anatomical (adult lumbar discs measure about 8-14 mm): a body
@@ -354,25 +362,35 @@ S1_OUTLINE_CHECK_HEIGHT_MM = 3.0
 
 
 def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
-    """One line per measurement of ``disc`` that cannot be anatomy (a detection error, not a finding), and
-    one where the disc above S1 is so thin in front or in the middle that S1's outline should be checked."""
+    """:func:`disc_height_warnings` of a measured disc."""
+    return disc_height_warnings(disc.level, disc.anterior_height_mm, disc.middle_height_mm,
+                                disc.posterior_height_mm, disc.mean_height_mm)
+
+
+def disc_height_warnings(level: str, anterior_mm: float, middle_mm: float, posterior_mm: float,
+                         mean_mm: float) -> list[str]:
+    """One line per height of the disc ``level`` that cannot be anatomy (a detection error, not a finding),
+    and one where the disc above S1 is so thin in front or in the middle that S1's outline should be
+    checked. From numbers only, so that a document whose levels are corrected gets them again."""
+    heights = {"anterior": anterior_mm, "middle": middle_mm, "posterior": posterior_mm}
+    heights = {name: float("nan") if h is None else float(h) for name, h in heights.items()}
+    mean_mm = float("nan") if mean_mm is None else float(mean_mm)
     problems = []
-    for name in ("anterior", "middle", "posterior"):
-        height = getattr(disc, f"{name}_height_mm")
+    for name, height in heights.items():
         if np.isfinite(height) and height < 0:
-            problems.append(f"{disc.level} {name} disc height {height:.1f} mm is negative: the outlines of the "
+            problems.append(f"{level} {name} disc height {height:.1f} mm is negative: the outlines of the "
                             "two bodies overlap (check them)")
     # (height, name) under the bound; a negative one has its own line above, and then nothing more is said
     thin = [(h, name) for name in ("anterior", "middle")
-            if (h := getattr(disc, f"{name}_height_mm")) < S1_OUTLINE_CHECK_HEIGHT_MM]   # NaN: never
-    if disc.level.endswith("-S1") and thin and not problems:
+            if (h := heights[name]) < S1_OUTLINE_CHECK_HEIGHT_MM]   # NaN: never
+    if level.endswith("-S1") and thin and not problems:
         height, name = min(thin)
-        problems.append(f"{disc.level} {name} disc height {height:.1f} mm is under "
+        problems.append(f"{level} {name} disc height {height:.1f} mm is under "
                         f"{S1_OUTLINE_CHECK_HEIGHT_MM:g} mm: S1's detected outline often reaches into this disc "
-                        f"and makes it look thin; check S1's upper endplate before using the {disc.level} "
+                        f"and makes it look thin; check S1's upper endplate before using the {level} "
                         "measurements")
-    if np.isfinite(disc.mean_height_mm) and disc.mean_height_mm > MAX_PLAUSIBLE_DISC_HEIGHT_MM:
-        problems.append(f"{disc.level} mean disc height {disc.mean_height_mm:.1f} mm is more than "
+    if np.isfinite(mean_mm) and mean_mm > MAX_PLAUSIBLE_DISC_HEIGHT_MM:
+        problems.append(f"{level} mean disc height {mean_mm:.1f} mm is more than "
                         f"{MAX_PLAUSIBLE_DISC_HEIGHT_MM:g} mm: a vertebra between the two bodies was probably missed")
     return problems
 
@@ -387,18 +405,29 @@ TYPICAL_LUMBAR_BODY_HEIGHT_MM = 25.0
 LUMBAR_BODY_HEIGHT_RANGE_MM = (TYPICAL_LUMBAR_BODY_HEIGHT_MM * 0.7, TYPICAL_LUMBAR_BODY_HEIGHT_MM / 0.7)
 
 
+#: How :func:`body_size_warning`'s line begins.
+BODY_SIZE_WARNING_START = "the lumbar bodies measure "
+
+
 def lumbar_body_size_warning(measurements: SpineMeasurements, spacing_mm: Sequence[float]) -> str | None:
+    """:func:`body_size_warning` of measured vertebrae."""
+    return body_size_warning([v.level for v in measurements.vertebrae],
+                             [v.middle_height_mm for v in measurements.vertebrae], spacing_mm)
+
+
+def body_size_warning(levels: Sequence[str | None], middle_heights_mm: Sequence[float],
+                      spacing_mm: Sequence[float]) -> str | None:
     """A line when the median middle height of three or more bodies named L1-L5 lies outside
     :data:`LUMBAR_BODY_HEIGHT_RANGE_MM`, naming the in-plane pixel spacing (rows x columns) the sizes rest on."""
-    heights = [v.middle_height_mm for v in measurements.vertebrae
-               if v.level in LUMBAR and np.isfinite(v.middle_height_mm)]
+    heights = [float(h) for level, h in zip(levels, middle_heights_mm)
+               if level in LUMBAR and h is not None and np.isfinite(h)]
     if len(heights) < 3:
         return None
     median = float(np.median(heights))
     low, high = LUMBAR_BODY_HEIGHT_RANGE_MM
     if low <= median <= high:
         return None
-    return (f"the lumbar bodies measure {median:.1f} mm high in the middle (median of {len(heights)}), "
+    return (f"{BODY_SIZE_WARNING_START}{median:.1f} mm high in the middle (median of {len(heights)}), "
             f"{'under' if median < low else 'over'} the {low:.1f}-{high:.1f} mm of an adult spine: check the "
             f"pixel spacing ({float(spacing_mm[0]):.3g} x {float(spacing_mm[1]):.3g} mm), which every size "
             "in mm uses, unless this is a child's spine")
@@ -418,5 +447,5 @@ def measure_spine(scan: Scan, vertebrae: Sequence[Vertebra]) -> SpineMeasurement
                           body_samples=(body(i), body(j)),
                           body_middle_heights=(verts[i].middle_height_mm, verts[j].middle_height_mm))
              for i, j, name in disc_pairs(vertebrae)]
-    return SpineMeasurements(vertebrae=verts, discs=discs,
-                             lumbar_lordosis_deg=lumbar_lordosis_deg(scan, vertebrae))
+    return SpineMeasurements(vertebrae=verts, discs=discs, lumbar_lordosis_deg=lordosis_from_endplate_angles(
+        [v.level for v in verts], [v.upper_endplate_angle_deg for v in verts]))

@@ -14,7 +14,7 @@
                 "measurements": {"disc_height_anterior_mm": 11.2, ..., "slip_percent": 3.1},
                 "volume_to_ras": 4x4 | null, "reference_intensity": 512.0 | null}, ...],
      "vertebrae_measurements": [{"level": "L1", "anterior_height_mm": ..., "genant_grade": 0}, ...],
-     "spine_measurements": {"lumbar_lordosis_deg": 52.3 | null},
+     "spine_measurements": {"lumbar_lordosis_deg": 52.3 | null, "pixel_spacing_mm": [row, col]},
      "measurement_definitions": {key: text}}
 
 Discs and vertebrae are listed top to bottom.  Coordinates are the input's
@@ -74,7 +74,7 @@ DISC_MEASUREMENTS: dict[str, tuple[str, str, int | None]] = {
 VERTEBRA_MEASUREMENTS: dict[str, int | None] = {
     "anterior_height_mm": 2, "middle_height_mm": 2, "posterior_height_mm": 2,
     "wedge_ratio": 3, "biconcavity_ratio": 3, "height_reduction_percent": 1, "genant_grade": None,
-    "upper_endplate_length_mm": 2, "lower_endplate_length_mm": 2,
+    "upper_endplate_length_mm": 2, "lower_endplate_length_mm": 2, "upper_endplate_angle_deg": 3,
 }
 
 MEASUREMENT_DEFINITIONS: dict[str, str] = {
@@ -97,7 +97,10 @@ MEASUREMENT_DEFINITIONS: dict[str, str] = {
                          "(meaningful on T2)",
     "genant_grade": "Genant semi-quantitative grade from the largest height reduction: 0 <20 %, 1 20-25 %, "
                     "2 25-40 %, 3 >40 %",
+    "upper_endplate_angle_deg": "the body's upper endplate (anterior to posterior corner) from the image rows on "
+                                "its mid slice; positive = its posterior end lower",
     "lumbar_lordosis_deg": "angle between the upper endplates of L1 and S1; positive = lordotic",
+    "pixel_spacing_mm": "the in-plane pixel spacing (rows, columns) every size in mm rests on",
 }
 
 #: The learned columns of discs.csv: each grade column, then the probability of its reported class.
@@ -195,7 +198,9 @@ def discs_document(scan: Scan, vertebrae: Sequence[Vertebra], ivds: Sequence[IVD
                                    "official_name": c.official_name} for c in GRADE_COLUMNS.values()},
         "discs": discs,
         "vertebrae_measurements": vertebrae_rows,
-        "spine_measurements": {"lumbar_lordosis_deg": _number(lordosis, 2)},
+        "spine_measurements": {"lumbar_lordosis_deg": _number(lordosis, 2),
+                               "pixel_spacing_mm": [round(float(scan.spacing_mm[0]), 6),
+                                                    round(float(scan.spacing_mm[1]), 6)]},
         "measurement_definitions": dict(MEASUREMENT_DEFINITIONS),
     }
 
@@ -257,3 +262,4 @@ def discs_csv_text(discs_doc: dict | None, vertebrae_doc: dict | None = None) ->
         row += [_csv_cell(measures.get(key), decimals, key) for key, _, decimals in DISC_MEASUREMENTS.values()]
         writer.writerow(row + ["; ".join(d.get("measurement_warnings") or []), str(source), sequence])
     return buffer.getvalue()
+

@@ -392,7 +392,10 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
     The inputs are not modified.  Each vertebra's ``level_probability`` is
     re-read for its new level, the correction is appended to
     ``"corrections"``, and discs are renamed after their vertebrae (a disc
-    keeps its grades: it is the same disc, only its name changes).  The
+    keeps its grades: it is the same disc, only its name changes), with
+    whatever in the discs document depends on the levels: the vertebrae's
+    measurements, the lordosis between the new L1 and S1, and the warnings
+    that name levels (:func:`SpineNetLib.outputs.relevel.relevelled_discs_document`).  The
     ``"labelling"`` block is marked ``corrected_by_user``: the levels need no
     review and its warnings are dropped (from the top-level ``"warnings"``
     too); ``confidence`` still describes the network's own labelling.
@@ -410,11 +413,10 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
     new_names = [vertebra_name(v, i) for i, v in enumerate(doc["vertebrae"])]
     discs = None
     if discs_doc is not None:
-        rename = {disc_name(old_names[k], old_names[k + 1]): disc_name(new_names[k], new_names[k + 1])
-                  for k in range(len(old_names) - 1)}
-        discs = copy.deepcopy(discs_doc)
-        for d in discs["discs"]:
-            d["level"] = rename.get(d["level"], d["level"])
+        from SpineNetLib.outputs.relevel import relevelled_discs_document   # numpy and scipy: only when correcting
+
+        spacing_chosen_by_run = "pixel_spacing_factor" in (vertebrae_doc.get("labelling") or {})
+        discs = relevelled_discs_document(discs_doc, old_names, new_names, check_body_sizes=not spacing_chosen_by_run)
     return doc, discs
 
 
