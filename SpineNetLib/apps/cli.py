@@ -213,6 +213,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
     _add_cohort_command(sub)
+    _add_correct_command(sub)
 
     demo = sub.add_parser("demo", help="write a synthetic spine as DICOM and run the bundled models on it")
     demo.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the phantom and the results")
@@ -524,6 +525,56 @@ again. A failed study never stops the others. Exit status: 0 every study finishe
 studies failed (see cohort_failures.csv); 2 a problem with the root, an option, the weights or
 the scheduler (one line on stderr); 130 interrupted (the studies finished so far are kept).
 """
+
+
+def _add_correct_command(sub) -> None:
+    correct = sub.add_parser(
+        "correct", help="correct a vertebra's level in a results folder after review; the chain moves with it",
+        description="Name the vertebra VERTEBRA of the results folder RESULTS (written by spinenet run, spinenet "
+                    "cohort or the batch script) LEVEL, and move every other level with it, as the Slicer panel "
+                    "corrects a level: e.g. `spinenet correct out L4 L5` when the run named every level one too "
+                    "high. The JSON and CSV files are written again, and the pictures and DICOM results when the "
+                    "folder has them (these need the scan: --input). Grades stay with their discs; the labelling "
+                    "block records the correction and needs no review any more. Exit status 2 with one line on "
+                    "stderr when nothing was changed.")
+    correct.add_argument("results", metavar="RESULTS", help="the results folder (or its result.json)")
+    correct.add_argument("vertebra", metavar="VERTEBRA",
+                         help="the vertebra to correct: its level as the results name it (e.g. L4) or #N, the N-th "
+                              "vertebra from the top")
+    correct.add_argument("level", metavar="LEVEL", help="its level (C2..C7, T1..T12, L1..L5, S1 or S2)")
+    correct.add_argument("--input", metavar="SCAN",
+                         help="the scan the run read (DICOM folder or file, NIfTI, NRRD, MHA): needed when the "
+                              "folder holds preview.png, hotspots.png or DICOM results, which are drawn again")
+    correct.add_argument("--series", metavar="UID|NUMBER|TEXT",
+                         help="the series the run read, when --input is a DICOM folder of several series")
+    correct.set_defaults(func=command_correct)
+
+
+def command_correct(args) -> int:
+    from SpineNetLib.core.profiles import processing_profile
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.outputs.correction import correct_results
+    from SpineNetLib.outputs.documents import read_result
+
+    scan = None
+    if args.input is not None:
+        vertebrae_doc, _, _ = read_result(args.results)
+        # read as the run read it: its spacing overrides and its profile's slabs
+        overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
+        profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
+        pixel_spacing = overrides.get("pixel_spacing")
+        scan = load_scan(args.input, series_uid=args.series,
+                         pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
+                         slice_spacing=overrides.get("slice_spacing"),
+                         resample_isotropic=profile.slab_average_thin_slices)
+    elif args.series is not None:
+        raise SpineNetError("--series names the series of --input; give --input too")
+    written = correct_results(args.results, args.vertebra, args.level, scan=scan)
+    corrected, _, _ = read_result(args.results)
+    levels = [v.get("level") or "?" for v in corrected["vertebrae"]]
+    print(f"corrected: {len(levels)} vertebrae ({levels[0]}..{levels[-1]}); wrote "
+          f"{', '.join(str(p) for p in written)}")
+    return EXIT_OK
 
 
 def _add_cohort_command(sub) -> None:

@@ -240,6 +240,8 @@ def _header_text(scan, vertebrae_doc: dict, discs_doc: dict | None, canonical_sl
         source = grading.get("source")
         graded = ("graded" + (f" ({source})" if source else "")) if grading.get("status") == "done" else "not graded"
         found += f", {len(discs_doc.get('discs') or [])} discs {graded}"
+    if (vertebrae_doc.get("labelling") or {}).get("corrected_by_user"):
+        found += " (levels corrected by hand)"
     return (f"SpineNet: {found}; sagittal slice {canonical_slice + 1} of {scan.n_slices} "
             f"(input slice {scan.input_slice_index(canonical_slice)}); anterior left, superior up")
 

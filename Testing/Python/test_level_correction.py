@@ -1,19 +1,30 @@
-"""A level corrected after review (outputs/documents.apply_level_correction): the documents become what a
-run naming those levels writes."""
+"""A level corrected after review (outputs/documents.apply_level_correction, `spinenet correct`): the
+documents become what a run naming those levels writes, and a results folder is written again as a
+whole, pictures and DICOM results included, or not at all."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
+from SpineNetLib import pipeline
+from SpineNetLib.apps import cli
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.discs.extraction import extract_ivd_volumes
+from SpineNetLib.discs.hotspot_options import HotspotMap
 from SpineNetLib.discs.measurements import disc_height_warnings, measure_spine
 from SpineNetLib.outputs import documents
 from SpineNetLib.outputs.discs import discs_document
+from SpineNetLib.outputs.files import write_results
 from SpineNetLib.synthetic.phantom import make_phantom
+
+from oracles import oracle_networks
 
 
 def _one_lower(level: str) -> str:
@@ -91,3 +102,127 @@ def test_the_thin_disc_line_follows_the_disc_above_s1_and_the_warnings_are_renam
                                                                                ["L1", "L2", "L4", "L5", "S1"]]},
                                                4, "S2", corrected)
     assert back == discs_doc
+
+
+# --------------------------------------------------------------------------- spinenet correct
+
+
+@pytest.fixture()
+def results(tmp_path, monkeypatch):
+    """A DICOM phantom's results folder with every file that names a level: JSON, CSV, both pictures
+    (a hotspot map on the input grid) and the DICOM results; the networks are oracles (exact levels)."""
+    phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.4, 1.4), n_slices=5, seed=2)
+    dicom = tmp_path / "dicom"
+    phantom.write_dicom(dicom)
+    scan = pipeline.read_input(dicom, pipeline.processing_profile(None))[0]
+    result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    values = np.random.default_rng(0).random(scan.input_shape_ijk[::-1]).astype(np.float32)
+    result.hotspots = [HotspotMap("hotspots_Herniation.nii.gz", values, np.asarray(scan.input_ijk_to_ras))]
+    out = tmp_path / "out"
+    write_results(out, result, scan=scan, dicom=True)
+    return phantom, dicom, out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _segment_labels(path: Path) -> list[str]:
+    return [s.SegmentLabel for s in pydicom.dcmread(path).SegmentSequence]
+
+
+def test_spinenet_correct_writes_every_file_again_with_the_scan(results, capsys):
+    phantom, dicom, out = results
+    before = _files(out)
+    assert {"preview.png", "hotspots.png", "segmentation.dcm", "report.dcm", "hotspots_Herniation.nii.gz"} <= set(before)
+    levels = [v["level"] for v in json.loads(before["vertebrae.json"])["vertebrae"]]
+    assert levels == phantom.levels
+    wrong = [_one_lower(level) for level in levels]
+
+    # the pictures and DICOM results show the levels: without the scan nothing changes
+    assert cli.main(["correct", str(out), levels[0], wrong[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "preview.png, hotspots.png, segmentation.dcm, report.dcm" in err[0] and "--input" in err[0]
+    assert _files(out) == before
+
+    assert cli.main(["correct", str(out), levels[0], wrong[0], "--input", str(dicom)]) == 0
+    assert f"corrected: {len(levels)} vertebrae ({wrong[0]}..{wrong[-1]})" in capsys.readouterr().out
+    after = _files(out)
+    vertebrae_doc = json.loads(after["vertebrae.json"])
+    assert [v["level"] for v in vertebrae_doc["vertebrae"]] == wrong
+    assert vertebrae_doc["labelling"]["corrected_by_user"] is True
+    assert vertebrae_doc["corrections"] == [{"vertebra": 0, "level": wrong[0]}]
+    assert [line.split(",")[0] for line in after["vertebrae.csv"].decode().splitlines()[1:]] == wrong
+    assert after["discs.csv"].decode().splitlines()[1].startswith(f"{wrong[0]}-{wrong[1]},")
+    assert {name for name in before if before[name] != after[name]} == {
+        "vertebrae.json", "vertebrae.csv", "discs.json", "discs.csv", "preview.png", "hotspots.png",
+        "segmentation.dcm", "report.dcm"}   # the hotspot map holds no level; result.json lists the same files
+    assert after["result.json"] == before["result.json"]
+    assert [label for label in _segment_labels(out / "segmentation.dcm") if "-" not in label] == wrong
+
+    # "#N" names the N-th vertebra from the top; the chain moves back to the network's levels
+    assert cli.main(["correct", str(out / "result.json"), "#1", levels[0], "--input", str(dicom)]) == 0
+    again = _files(out)
+    assert [v["level"] for v in json.loads(again["vertebrae.json"])["vertebrae"]] == levels
+    assert again["discs.json"] == before["discs.json"]   # the same bodies, named as the run named them
+    # the levels are the reader's now: no review asked for, the run's warnings gone
+    rows = [line.split(",") for line in again["vertebrae.csv"].decode().splitlines()]
+    assert {row[rows[0].index("levels_need_review")] for row in rows[1:]} == {"false"}
+
+
+def test_spinenet_correct_refuses_what_it_cannot_do_and_changes_nothing(results, tmp_path, capsys):
+    phantom, dicom, out = results
+    before = _files(out)
+    other = tmp_path / "other"
+    make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=3).write_dicom(other)
+    top = phantom.levels[0]
+    cases = [(["correct", str(out), top, "L9", "--input", str(dicom)], "unknown level 'L9'"),
+             (["correct", str(out), "C3", "L1", "--input", str(dicom)], "no vertebra is named C3"),
+             (["correct", str(out), "#99", "L1", "--input", str(dicom)], "there is no vertebra #99"),
+             (["correct", str(out), top, "L1", "--input", str(other)], "not the one these results were made from"),
+             (["correct", str(out), top, "L1", "--series", "2"], "--series names the series of --input"),
+             (["correct", str(tmp_path / "nowhere"), top, "L1"], "not found")]
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("spinenet: error: ") and words in err[0], (argv, err)
+        assert _files(out) == before, argv
+
+
+def test_a_folder_without_pictures_is_corrected_without_the_scan(tmp_path, monkeypatch, capsys):
+    phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.4, 1.4), n_slices=5, seed=4)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-preview", "--no-grade"]) == 0
+    capsys.readouterr()
+    assert cli.main(["correct", str(out), phantom.levels[-1], _one_lower(phantom.levels[-1])]) == 0
+    assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == [
+        _one_lower(level) for level in phantom.levels]
+
+
+def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
+    """README: correct a study's folder, and the cohort tables (made from the study folders whenever
+    `spinenet cohort` runs) carry the corrected levels and no review flag."""
+    from SpineNetLib.cohort.discover import discover_studies
+    from SpineNetLib.cohort.run import CohortSettings, process_study
+    from SpineNetLib.cohort.tables import COHORT_VERTEBRAE_FILE, cohort_table_texts
+
+    root = tmp_path / "root"
+    make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=7, seed=5).write_nifti(
+        root / "p1.nii.gz")
+    study = discover_studies(root).studies[0]
+    studies_dir = tmp_path / "studies"
+    assert process_study(study, str(studies_dir), CohortSettings(preview=False, threads=1, grade=False)).status == "done"
+    folder = studies_dir / study.study_id
+    doc = json.loads((folder / "vertebrae.json").read_text())
+    levels = [v["level"] for v in doc["vertebrae"]]
+    expected = documents.corrected_levels(doc, 0, _one_lower(levels[0]))
+    assert expected[:2] == [_one_lower(level) for level in levels[:2]]
+    assert cli.main(["correct", str(folder), "#1", _one_lower(levels[0])]) == 0
+    capsys.readouterr()
+    table = cohort_table_texts(studies_dir, [study], [])[COHORT_VERTEBRAE_FILE].splitlines()
+    header = table[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in table[1:]]
+    assert [r["level"] or None for r in rows] == expected
+    assert {r["levels_need_review"] for r in rows} == {"false"}

@@ -1,0 +1,143 @@
+"""A results folder's levels corrected after review (``spinenet correct``; README, "Correcting levels").
+
+A run that asks for a review of its levels ("levels may be shifted by one ...") leaves the decision to
+the reader. In Slicer the vertebra list corrects a level and the whole chain moves with it; this is the
+same correction (:func:`SpineNetLib.outputs.documents.apply_level_correction`) for a folder that
+``spinenet run``, ``spinenet cohort`` or the batch script wrote.
+
+Every file of the folder that names a level is made again from the corrected documents, and the set
+is replaced as a whole (:func:`SpineNetLib.outputs.files.write_files_atomically`), so the folder never
+mixes corrected and uncorrected files:
+
+* ``vertebrae.json``, ``vertebrae.csv``, ``discs.json``, ``discs.csv``: from the documents alone;
+* ``preview.png``, ``hotspots.png`` and the DICOM results (``segmentation.dcm``, ``report.dcm``), when
+  the folder's ``result.json`` lists them: these draw on the scan, so the scan the run read must be
+  given again (the command reads it as the run did: the same series, spacing overrides and profile),
+  and it must be that scan (:func:`check_same_scan`). Without it the correction is refused.
+
+The hotspot maps (``hotspots_<head>.nii.gz``) hold no level and stay as they are. Grades stay with
+their discs: only the names change.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.outputs.dicom_results import DICOM_FILES, dicom_result_files
+from SpineNetLib.outputs.documents import apply_level_correction, read_result, vertebra_name
+from SpineNetLib.outputs.files import (RESULT_FILE, document_texts, earlier_result_files, manifest_text,
+                                       write_files_atomically)
+from SpineNetLib.outputs.preview import HOTSPOTS_FILE, PREVIEW_FILE, pillow_missing, result_images
+
+#: The files of a results folder that :func:`correct_results` can only make again with the scan.
+FILES_THAT_NEED_THE_SCAN = (PREVIEW_FILE, HOTSPOTS_FILE, *DICOM_FILES)
+
+
+def vertebra_index(vertebrae_doc: dict, which: str) -> int:
+    """The index (top to bottom, from 0) of the vertebra ``which`` names: its level as the results show
+    it (``L4``; ``V3`` for an unlabelled third vertebra), or ``#N``, the N-th from the top."""
+    vertebrae = vertebrae_doc["vertebrae"]
+    names = [vertebra_name(v, i) for i, v in enumerate(vertebrae)]
+    text = str(which).strip()
+    numbered = re.fullmatch(r"#(\d+)", text)
+    if numbered:
+        n = int(numbered.group(1))
+        if not 1 <= n <= len(vertebrae):
+            raise InputError(f"there is no vertebra {text}: the results hold {len(vertebrae)} (#1 is the top one)")
+        return n - 1
+    found = [i for i, name in enumerate(names) if name.upper() == text.upper()]
+    if len(found) == 1:
+        return found[0]
+    listing = ", ".join(f"#{i + 1} {name}" for i, name in enumerate(names)) or "none"
+    if found:
+        raise InputError(f"{len(found)} vertebrae are named {text}: say which one by its number ({listing})")
+    raise InputError(f"no vertebra is named {text} in these results ({listing})")
+
+
+def check_same_scan(vertebrae_doc: dict, scan) -> None:
+    """Refuse (:class:`InputError`) a scan other than the one the results were made from: its voxel grid
+    (the input's shape and IJK-to-RAS, as ``vertebrae.json`` records them) and its DICOM series."""
+    recorded = vertebrae_doc.get("scan") or {}
+    shape = [int(n) for n in scan.input_shape_ijk]
+    ijk_to_ras = np.asarray(scan.input_ijk_to_ras, float)
+    same_grid = (recorded.get("shape") == shape and recorded.get("ijk_to_ras") is not None
+                 and np.allclose(np.asarray(recorded["ijk_to_ras"], float), ijk_to_ras, atol=1e-3))
+    series = (vertebrae_doc.get("input") or {}).get("series_uid")
+    if not same_grid or (series and scan.metadata.get("series_uid") not in (None, series)):
+        raise InputError("the scan given is not the one these results were made from (its voxel grid or series "
+                         "differs): give the scan the run read, with the same --series")
+
+
+def _files_needing_the_scan(folder: Path) -> list[str]:
+    listed = earlier_result_files(folder)
+    return [name for name in FILES_THAT_NEED_THE_SCAN if name in listed]
+
+
+def _hotspot_maps(folder: Path, names: list[str]) -> list:
+    """The folder's hotspot maps, read back as :class:`HotspotMap` (for ``hotspots.png``)."""
+    import SimpleITK as sitk
+
+    from SpineNetLib.discs.hotspot_options import HotspotMap
+    from SpineNetLib.inputs.image import image_ijk_to_ras
+
+    maps = []
+    for name in names:
+        try:
+            image = sitk.ReadImage(str(folder / name))
+        except RuntimeError as error:
+            raise InputError(f"cannot read the hotspot map {folder / name}: {' '.join(str(error).split())[:200]}") \
+                from None
+        maps.append(HotspotMap(name, sitk.GetArrayFromImage(image).astype(np.float32), image_ijk_to_ras(image)))
+    return maps
+
+
+def correct_results(results, which: str, level: str, *, scan=None) -> list[Path]:
+    """Correct the vertebra ``which`` (:func:`vertebra_index`) of the results folder ``results`` to
+    ``level``, the whole chain with it, and write every file that names a level again (module
+    docstring); returns the paths written. ``scan``: the scan the run read, needed when the folder has
+    pictures or DICOM results (:data:`FILES_THAT_NEED_THE_SCAN`)."""
+    vertebrae_doc, discs_doc, folder = read_result(results)
+    if not (folder / RESULT_FILE).is_file():
+        raise InputError(f"{folder} has no {RESULT_FILE}: correct a folder that spinenet run, spinenet cohort "
+                         "or the batch script wrote")
+    index = vertebra_index(vertebrae_doc, which)
+    corrected, corrected_discs = apply_level_correction(vertebrae_doc, index, str(level).strip().upper(), discs_doc)
+    needing_scan = _files_needing_the_scan(folder)
+    if needing_scan and scan is None:
+        raise InputError(f"{folder} holds {', '.join(needing_scan)}, which show the levels: give the scan the "
+                         "run read (--input, and --series for a DICOM folder of several series) to make "
+                         "them again")
+    files = document_texts(corrected, corrected_discs)
+    if scan is not None and needing_scan:
+        check_same_scan(vertebrae_doc, scan)
+        files.update(_pictures_and_dicom(folder, needing_scan, scan, corrected, corrected_discs))
+    manifest = read_manifest_lists(folder)
+    files[RESULT_FILE] = manifest_text(corrected_discs, manifest["hotspots"], manifest["images"], manifest["dicom"])
+    return write_files_atomically(folder, files)
+
+
+def read_manifest_lists(folder: Path) -> dict[str, list[str]]:
+    """The hotspot maps, pictures and DICOM results that the folder's ``result.json`` lists and this
+    writer makes (:func:`SpineNetLib.outputs.files.earlier_result_files`)."""
+    listed = earlier_result_files(folder)
+    images = [n for n in (PREVIEW_FILE, HOTSPOTS_FILE) if n in listed]
+    dicom = [n for n in DICOM_FILES if n in listed]
+    return {"hotspots": sorted(listed - {"discs.json", *images, *dicom}), "images": images, "dicom": dicom}
+
+
+def _pictures_and_dicom(folder: Path, names: list[str], scan, vertebrae_doc: dict, discs_doc: dict | None) -> dict:
+    """The pictures and DICOM results among ``names``, made again from the corrected documents."""
+    made: dict = {}
+    if {PREVIEW_FILE, HOTSPOTS_FILE} & set(names):
+        missing = pillow_missing()
+        if missing:
+            raise InputError(missing)
+        maps = _hotspot_maps(folder, read_manifest_lists(folder)["hotspots"]) if HOTSPOTS_FILE in names else []
+        made.update(result_images(scan, vertebrae_doc, discs_doc, maps))
+    if set(DICOM_FILES) & set(names):
+        made.update(dicom_result_files(scan, vertebrae_doc, discs_doc))
+    return {name: data for name, data in made.items() if name in names}
