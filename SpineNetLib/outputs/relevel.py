@@ -8,6 +8,7 @@ Python dependencies are installed, reaches the measurement rules only when a lev
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 from SpineNetLib.core.levels import disc_name
@@ -35,36 +36,21 @@ def relevelled_discs_document(discs_doc: dict, old_names: Sequence[str], new_nam
     document's, rounded as written, so a line on the edge of a bound can differ from a new run's.
     """
     doc = copy.deepcopy(discs_doc)
-    rename = {disc_name(old_names[k], old_names[k + 1]): disc_name(new_names[k], new_names[k + 1])
-              for k in range(len(old_names) - 1)}
-    old_lines = [line for d in doc.get("discs") or [] for line in d.get("measurement_warnings") or []]
-    for d in doc.get("discs") or []:
-        d["level"] = rename.get(d["level"], d["level"])
-        m = d.get("measurements") or {}
-        if m:
-            d["measurement_warnings"] = disc_height_warnings(
-                d["level"], m.get("disc_height_anterior_mm"), m.get("disc_height_middle_mm"),
-                m.get("disc_height_posterior_mm"), m.get("disc_height_mean_mm"))
-    new_lines = [line for d in doc.get("discs") or [] for line in d.get("measurement_warnings") or []]
+    old_lines = _measurement_lines(doc)
+    _rename_discs(doc, old_names, new_names)
     rows = doc.get("vertebrae_measurements") or []
     for row in rows:
         index = row.get("index")
         if isinstance(index, int) and 0 <= index < len(new_names):
             row["level"] = new_names[index]
     spine = doc.setdefault("spine_measurements", {})
-    angles = [row.get("upper_endplate_angle_deg") for row in rows]
-    if rows and all(isinstance(a, (int, float)) for a in angles):
-        lordosis = lordosis_from_endplate_angles([row["level"] for row in rows], angles)
-        spine["lumbar_lordosis_deg"] = None if lordosis is None else round(lordosis, 2) + 0.0   # as written
-    elif [old_names.index(n) if n in old_names else None for n in ("L1", "S1")] != \
-            [new_names.index(n) if n in new_names else None for n in ("L1", "S1")]:
-        spine["lumbar_lordosis_deg"] = None   # other bodies, and no angles to measure them by
+    _measure_lordosis_again(spine, rows, old_names, new_names)
     spacing = spine.get("pixel_spacing_mm") if check_body_sizes else None
     size_line = (body_size_warning([row["level"] for row in rows], [row.get("middle_height_mm") for row in rows],
                                    spacing) if spacing and rows else None)
-    skipped = {skipped_disc_message(old_names[k], old_names[k + 1]): skipped_disc_message(new_names[k], new_names[k + 1])
-               for k in range(len(old_names) - 1)}
-    warnings, block = [], ([size_line] if size_line else []) + new_lines   # the run's size and measurement lines
+    skipped = {skipped_disc_message(old_names[k], old_names[k + 1]):
+               skipped_disc_message(new_names[k], new_names[k + 1]) for k in range(len(old_names) - 1)}
+    warnings, block = [], ([size_line] if size_line else []) + _measurement_lines(doc)   # as the run orders them
     for line in doc.get("warnings") or []:
         if line in skipped:
             warnings.append(skipped[line])
@@ -79,3 +65,34 @@ def relevelled_discs_document(discs_doc: dict, old_names: Sequence[str], new_nam
     else:
         doc.pop("warnings", None)
     return doc
+
+
+def _measurement_lines(doc: dict) -> list[str]:
+    return [line for d in doc.get("discs") or [] for line in d.get("measurement_warnings") or []]
+
+
+def _rename_discs(doc: dict, old_names: Sequence[str], new_names: Sequence[str]) -> None:
+    """Each disc named after its renamed vertebrae, its height lines made again under the new name."""
+    rename = {disc_name(old_names[k], old_names[k + 1]): disc_name(new_names[k], new_names[k + 1])
+              for k in range(len(old_names) - 1)}
+    for d in doc.get("discs") or []:
+        d["level"] = rename.get(d["level"], d["level"])
+        m = d.get("measurements") or {}
+        if m:
+            d["measurement_warnings"] = disc_height_warnings(
+                d["level"], m.get("disc_height_anterior_mm"), m.get("disc_height_middle_mm"),
+                m.get("disc_height_posterior_mm"), m.get("disc_height_mean_mm"))
+
+
+def _measure_lordosis_again(spine: dict, rows: list[dict], old_names: Sequence[str],
+                            new_names: Sequence[str]) -> None:
+    """The lordosis between the bodies now named L1 and S1, from the endplate angles as written."""
+    if rows and all("upper_endplate_angle_deg" in row for row in rows):
+        angles = [float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else math.nan
+                  for a in (row["upper_endplate_angle_deg"] for row in rows)]   # null: not measurable
+        lordosis = lordosis_from_endplate_angles([row["level"] for row in rows], angles)
+        spine["lumbar_lordosis_deg"] = None if lordosis is None else round(lordosis, 2) + 0.0   # as written
+        return
+    bodies = [[names.index(n) if n in names else None for n in ("L1", "S1")] for names in (old_names, new_names)]
+    if bodies[0] != bodies[1]:
+        spine["lumbar_lordosis_deg"] = None   # other bodies, and no angles to measure them by (an older document)
