@@ -518,7 +518,10 @@ of --scheduler), with the networks loaded once per worker. A study is an image f
 (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or a sagittal DICOM series (every sagittal series of an
 exam is a study of its own; axial, coronal and localiser series are left out). Each study's
 results go to OUTDIR/studies/<study id>/ (the files of `spinenet run`); OUTDIR gets
-cohort_vertebrae.csv, cohort_discs.csv and cohort_failures.csv (study, input, reason).
+cohort_vertebrae.csv, cohort_discs.csv, cohort_failures.csv (study, input, reason) and
+cohort_studies.csv (a row per finished study: its levels, whether they need review and why,
+grading and sequence, other warnings, its preview), which `spinenet correct` corrections reach
+on the next run.
 
 Run it again to resume: finished studies are skipped, and studies that failed before are tried
 again. A failed study never stops the others. Exit status: 0 every study finished; 4 some

@@ -2,7 +2,11 @@
 
 * ``cohort_vertebrae.csv``: one row per vertebra per study;
 * ``cohort_discs.csv``: one row per disc per study;
-* ``cohort_failures.csv``: one row per study without a result: study, input, one-line reason.
+* ``cohort_failures.csv``: one row per study without a result: study, input, one-line reason;
+* ``cohort_studies.csv``: one row per finished study, for going through a cohort study by study: its
+  levels, how sure they are and why a review is asked for, whether a reader corrected them
+  (``spinenet correct``), whether its discs were graded and the sequence that decided it, its other
+  warnings, and its ``preview.png`` (relative to the output folder).
 
 Each vertebra and disc row is the study's own ``vertebrae.csv`` or ``discs.csv`` row, made from
 its ``vertebrae.json`` and ``discs.json`` by the same functions that write those files
@@ -27,19 +31,23 @@ from typing import Iterable, Sequence
 
 from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
-from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text
-from SpineNetLib.outputs.documents import read_result
-from SpineNetLib.outputs.files import write_files_atomically
+from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, sequence_cell
+from SpineNetLib.outputs.documents import read_result, vertebra_name
+from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
+from SpineNetLib.outputs.preview import PREVIEW_FILE
 from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, labelling_csv_cells, vertebrae_csv_text
 
 COHORT_VERTEBRAE_FILE = "cohort_vertebrae.csv"
 COHORT_DISCS_FILE = "cohort_discs.csv"
 COHORT_FAILURES_FILE = "cohort_failures.csv"
+COHORT_STUDIES_FILE = "cohort_studies.csv"
 #: The columns in front of every vertebra and disc row.
 STUDY_COLUMNS = ("study", "input", "series_uid", "series_description")
 #: The per-scan columns of vertebrae.csv that the disc rows repeat.
 LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-4:]
 FAILURE_COLUMNS = ("study", "input", "reason")
+STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "corrected_by_user", "discs", "grading",
+                   "sequence", "other_warnings", "preview")
 
 
 def _rows(csv_text: str) -> list[list[str]]:
@@ -55,8 +63,10 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     return buffer.getvalue()
 
 
-def study_rows(study: Study, folder: str | os.PathLike) -> tuple[list[list[str]], list[list[str]]]:
-    """(vertebra rows, disc rows) of one finished study's folder, each with the study's columns in front.
+def study_rows(study: Study, folder: str | os.PathLike
+               ) -> tuple[list[list[str]], list[list[str]], list[str]]:
+    """(vertebra rows, disc rows, the study's row of ``cohort_studies.csv``) of one finished study's
+    folder, each with the study's columns in front.
 
     Raises :class:`InputError` when the folder's documents cannot be read.
     """
@@ -68,7 +78,31 @@ def study_rows(study: Study, folder: str | os.PathLike) -> tuple[list[list[str]]
     labelling = labelling_csv_cells(vertebrae_doc)
     discs = [front + row + labelling for row in _rows(discs_csv_text(discs_doc, vertebrae_doc))] \
         if discs_doc is not None else []
-    return vertebrae, discs
+    return vertebrae, discs, front + _study_cells(vertebrae_doc, discs_doc, Path(folder), labelling)
+
+
+def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labelling: list[str]) -> list[str]:
+    """The cells of :data:`STUDIES_COLUMNS` after the study's own columns."""
+    names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
+    block = vertebrae_doc.get("labelling") or {}
+    grading = (discs_doc or {}).get("grading") or {}
+    graded = "done" if grading.get("status") == "done" else (
+        f"not run: {grading.get('reason')}" if grading.get("reason") else str(grading.get("status") or ""))
+    # said in their own columns: the labelling's warnings, and why the discs were not graded (pipeline.run)
+    said = {str(w) for w in block.get("warnings") or []} | {f"discs not graded: {grading.get('reason')}"}
+    others = [str(w) for w in [*(vertebrae_doc.get("warnings") or []), *((discs_doc or {}).get("warnings") or [])]
+              if str(w) not in said]
+    images = (earlier_manifest(folder) or {}).get("images") or []
+    # relative to the output folder, whose studies/ holds the study folders
+    preview = f"{folder.parent.name}/{folder.name}/{PREVIEW_FILE}" if PREVIEW_FILE in images else ""
+    return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling,
+            _flag(block.get("corrected_by_user") is True) if block else "",
+            str(len((discs_doc or {}).get("discs") or [])) if discs_doc is not None else "", one_line(graded),
+            sequence_cell(grading), one_line("; ".join(dict.fromkeys(others))), preview]
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
@@ -79,26 +113,28 @@ def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
     the order given; the others are left out (they are running, failed or not run yet).  A
     finished folder that cannot be read becomes a failure row.
     """
-    vertebrae, discs, failed = [], [], list(failures)
+    vertebrae, discs, summaries, failed = [], [], [], list(failures)
     for study in studies:
         folder = Path(studies_dir) / study.study_id
         if not (folder / "result.json").is_file():
             continue
         try:
-            v_rows, d_rows = study_rows(study, folder)
+            v_rows, d_rows, summary = study_rows(study, folder)
         except InputError as error:
             failed.append(StudyFailure(study.study_id, study.relative, f"its results cannot be read: {one_line(error)}"))
             continue
         vertebrae += v_rows
         discs += d_rows
+        summaries.append(summary)
     return {
         COHORT_VERTEBRAE_FILE: _csv([*STUDY_COLUMNS, *VERTEBRAE_CSV_COLUMNS], vertebrae),
         COHORT_DISCS_FILE: _csv([*STUDY_COLUMNS, *discs_csv_header(), *LABELLING_COLUMNS], discs),
         COHORT_FAILURES_FILE: _csv(FAILURE_COLUMNS, [(f.study_id, f.input, one_line(f.reason)) for f in failed]),
+        COHORT_STUDIES_FILE: _csv(STUDIES_COLUMNS, summaries),
     }
 
 
 def write_cohort_tables(outdir: str | os.PathLike, studies_dir: str | os.PathLike, studies: Sequence[Study],
                         failures: Sequence[StudyFailure]) -> list[Path]:
-    """Write the three cohort tables into ``outdir``, replacing them together; returns their paths."""
+    """Write the four cohort tables into ``outdir``, replacing them together; returns their paths."""
     return write_files_atomically(outdir, cohort_table_texts(studies_dir, studies, failures))

@@ -166,7 +166,15 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
     dicom_rows = [r for r in discs if r["input"] == "site2/exam"]
     assert dicom_rows and all(r["series_uid"] for r in dicom_rows)
     assert all(r["Herniation_probability"] and r["labelling_confidence"] for r in discs), "graded, confidence"
-    # the networks were loaded once per worker: at most two studies paid for the loading
+    summary = _rows(out / "cohort_studies.csv")
+    assert sorted(r["study"] for r in summary) == sorted(good)
+    for row in summary:
+        doc = json.loads((out / "studies" / row["study"] / "vertebrae.json").read_text())
+        levels = [v["level"] for v in doc["vertebrae"]]
+        assert row["vertebrae"] == str(len(levels)) and row["levels"] == f"{levels[0]}..{levels[-1]}"
+        assert row["levels_need_review"] == str(doc["labelling"]["needs_review"]).lower()
+        assert row["grading"] == "done" and row["corrected_by_user"] == "false" and row["preview"] == ""  # --no-preview
+        # the networks were loaded once per worker: at most two studies paid for the loading
     loads = [json.loads((out / "studies" / i / "vertebrae.json").read_text())["timings_s"].get("load_networks")
              for i in good]
     assert 1 <= sum(x is not None for x in loads) <= 2, loads
@@ -404,6 +412,21 @@ def test_cohort_sequence_sets_the_weighting_of_every_study(tmp_path):
         rows = _rows(studies_dir / study.study_id / "discs.csv")
         assert rows and {r["sequence"] for r in rows} == {said}
         assert all(bool(r["Herniation_probability"]) == (status == "done") for r in rows)
+
+
+def test_the_studies_table_points_at_each_studys_preview_and_says_why_it_was_not_graded(tmp_path):
+    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, cohort_table_texts
+
+    root = tmp_path / "root"
+    _phantom(1, contrast="T1").write_nifti(root / "t1.nii.gz")
+    study = discover_studies(root).studies[0]
+    out = tmp_path / "out"
+    assert process_study(study, str(out / "studies"), CohortSettings(threads=1)).status == "done"
+    table = cohort_table_texts(out / "studies", [study], [])[COHORT_STUDIES_FILE]
+    (row,) = csv.DictReader(table.splitlines())
+    assert (out / row["preview"]).is_file() and row["preview"].endswith("/preview.png")
+    assert row["grading"].startswith("not run: the grader reads T2-weighted scans") and row["sequence"] == "T1 (image)"
+    assert "discs not graded" not in row["other_warnings"]   # said once, in its own column
 
 
 def test_cohort_sequence_is_checked_at_once_and_kept_across_resumed_runs(tmp_path, capsys):

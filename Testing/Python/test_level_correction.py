@@ -206,7 +206,7 @@ def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
     `spinenet cohort` runs) carry the corrected levels and no review flag."""
     from SpineNetLib.cohort.discover import discover_studies
     from SpineNetLib.cohort.run import CohortSettings, process_study
-    from SpineNetLib.cohort.tables import COHORT_VERTEBRAE_FILE, cohort_table_texts
+    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, COHORT_VERTEBRAE_FILE, cohort_table_texts
 
     root = tmp_path / "root"
     make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=7, seed=5).write_nifti(
@@ -226,3 +226,7 @@ def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
     rows = [dict(zip(header, line.split(","))) for line in table[1:]]
     assert [r["level"] or None for r in rows] == expected
     assert {r["levels_need_review"] for r in rows} == {"false"}
+    summary = cohort_table_texts(studies_dir, [study], [])[COHORT_STUDIES_FILE].splitlines()
+    row = dict(zip(summary[0].split(","), summary[1].split(",")))
+    assert row["corrected_by_user"] == "true" and row["levels_need_review"] == "false"
+    assert row["levels"] == f"{expected[0]}..{expected[-1] or 'V' + str(len(expected))}"
