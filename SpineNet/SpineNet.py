@@ -206,6 +206,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsv)
+        self.ui.loadResultsButton.clicked.connect(self.onLoadResults)
         self.ui.showHotspotsButton.clicked.connect(self.onShowHotspots)
         self.ui.weightsBrowseButton.clicked.connect(self.onBrowseWeights)
         self.ui.weightsComboBox.currentTextChanged.connect(self.updateWidgets)
@@ -384,6 +385,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.cancelButton.setEnabled(running)
         hasResults = self._volume() is not None and self.logic.documents(self._volume())[0] is not None
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
+        self.ui.loadResultsButton.setEnabled(self._volume() is not None and not running)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
     def _volume(self):
@@ -577,6 +579,25 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.setStatus(message)
         if node is not None and hasattr(slicer.util, "setSliceViewerLayers"):
             slicer.util.setSliceViewerLayers(background=volume, foreground=node, foregroundOpacity=0.5)
+
+    def onLoadResults(self):
+        """Results written by ``spinenet run`` or ``spinenet cohort`` (a results folder) shown on the selected
+        volume, as a run of the panel shows them: for review, level correction and export."""
+        volume = self._volume()
+        if volume is None:
+            self.setStatus("Select the volume the results were made from first.")
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet results folder (with result.json)", "")
+        if not folder:
+            return
+        try:
+            self.logic.loadResults(volume, folder)
+        except (SpineNetError, OSError) as error:
+            self.setStatus("Loading the results failed: " + " ".join(str(error).split()))
+            return
+        self.populateResults()
+        self.setStatus(self.logic.summary(volume) + " Loaded from " + folder)
+        self.updateWidgets()
 
     def onExportCsv(self):
         volume = self._volume()

@@ -502,6 +502,36 @@ def test_missing_packages_are_offered_for_installation(panel, monkeypatch):
     assert installed == ["torch>=2.1"] and standins.FakeProcess.instances[-1].started
 
 
+def test_load_results_shows_a_command_lines_results_for_review_and_correction(panel, tmp_path):
+    """A folder that `spinenet run` or `spinenet cohort` wrote, loaded on its volume with the panel's
+    button: the tables fill as after a run, a level can be corrected; another scan's results are refused
+    with a status line and the panel shows nothing of them."""
+    module, widget, scene, volume, vertebrae = panel
+    recorder = module._standins.recorder
+    _select(widget, volume)
+    widget.updateWidgets()
+    assert widget.ui.loadResultsButton.isEnabled() and not widget.ui.exportCsvButton.isEnabled()
+    results = tmp_path / "results"
+    _write_result(results, vertebrae)
+    recorder.directory = str(results)
+    widget.ui.loadResultsButton.click()
+    levels = [v["level"] for v in vertebrae["vertebrae"]]
+    assert widget.ui.vertebraTable.rowCount() == len(levels)
+    assert [c.currentText() for c in widget._levelCombos] == levels
+    assert widget.ui.statusLabel.text().startswith(f"{len(levels)} vertebrae ({levels[0]}..{levels[-1]})")
+    assert widget.ui.statusLabel.text().endswith("Loaded from " + str(results))
+    assert widget.ui.exportCsvButton.isEnabled()
+    assert widget.logic.correctLevel(volume, 0, "T11")[0] == "T11"
+
+    other = dict(vertebrae, scan=dict(vertebrae["scan"], shape=[1, 2, 3]))
+    elsewhere = tmp_path / "elsewhere"
+    _write_result(elsewhere, other)
+    recorder.directory = str(elsewhere)
+    widget.ui.loadResultsButton.click()
+    assert widget.ui.statusLabel.text().startswith("Loading the results failed: ")
+    assert widget.logic.documents(volume)[0]["vertebrae"][0]["level"] == "T11"   # the shown results stay
+
+
 def test_export_csv_and_hotspots(panel, tmp_path):
     module, widget, scene, volume, vertebrae = panel
     _select(widget, volume)
@@ -795,8 +825,10 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
 
     module, widget, scene, volume, _ = panel
     source = inspect.getsource(module.SpineNetWidget)
-    for name in ("QProcess", "worker.", "parse_line", "prepareRun", "cleanupRun", "loadResults", "readAll"):
+    for name in ("QProcess", "worker.", "parse_line", "prepareRun", "cleanupRun", "readAll", "read_result"):
         assert name not in source, f"the widget uses {name}: that belongs to the logic"
+    # reading a results folder is the logic's too: the "Load results..." button only asks it to
+    assert re.findall(r"[\w.]*loadResults\b", source) == ["self.logic.loadResults"]
     assert not hasattr(widget, "process") and not hasattr(widget, "_buffer")
     _select(widget, volume)
     calls = []
