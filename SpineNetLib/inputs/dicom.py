@@ -40,7 +40,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
-_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: The storage classes read as images: MR, CT and grey-scale secondary capture, single- and multi-frame.  A
 #: file of any other standard SOPClassUID is skipped, such as this project's own segmentation.dcm and
 #: report.dcm; a file without one, or of a private class, is read when it has an image size.
@@ -285,7 +285,7 @@ def _read_headers(files: list[Path]) -> tuple[list, dict[str, str]]:
         if preamble[128:132] == b"DICM" and "SOPClassUID" not in ds and "Rows" not in ds:
             # pydicom reads a cut file leniently: what is left has no dataset to speak of
             raise InputError(f"DICOM file {p} is truncated or corrupt (no SOPClassUID, no image size)")
-        if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        if str(ds.get("SOPClassUID", "")) == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
             continue
         kind = _not_an_image(ds)
         if kind is not None:   # segmentations, structured reports, presentation states, ...

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.inputs.dicom import load_dicom_series
+from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series
 from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
 from SpineNetLib.core.scan import Scan
 
@@ -28,6 +28,20 @@ def _is_dicom_file(path: Path) -> str | None:
     except Exception:
         return None
     return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def _is_dicomdir(path: Path) -> bool:
+    """Whether ``path`` is a DICOMDIR, the index of a DICOM medium (a CD or a PACS export): the images
+    lie in the folders below it."""
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["MediaStorageSOPClassUID",
+                                                                           "SOPClassUID"])
+    except Exception:
+        return False
+    meta = getattr(ds, "file_meta", None)
+    return DICOMDIR_SOP_CLASS in (str(getattr(meta, "MediaStorageSOPClassUID", "") or ""),
+                                  str(ds.get("SOPClassUID", "") or ""))
 
 
 def load_scan(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
@@ -64,6 +78,9 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
         if series_uid is not None:
             raise InputError(f"--series applies to DICOM input only, not to {p.name}")
         return load_image_file(p, pixel_spacing, slice_spacing, resample_isotropic=resample_isotropic)
+    if _is_dicomdir(p):   # the medium's folder, read as a folder is (its sagittal series, --series)
+        return load_dicom_series(p.parent, series_uid, pixel_spacing, slice_spacing,
+                                 resample_isotropic=resample_isotropic)
     file_series = _is_dicom_file(p)
     if file_series is None:
         raise InputError(f"unsupported input {p.name!r}: not DICOM and not one of {', '.join(IMAGE_SUFFIXES)}")

@@ -365,6 +365,26 @@ def test_series_selection(tmp_path):
         load_scan(tmp_path, series_uid="1.2.3.4")
 
 
+def test_a_dicomdir_reads_the_medium_it_indexes(tmp_path):
+    """A CD or PACS export: the user points at its DICOMDIR; the series in the folders below it are read,
+    as when the medium's folder is given."""
+    from pydicom.fileset import FileSet
+
+    vol, a = sagittal_standard((4, 20, 18))
+    written = write_dicom_series(vol, a, tmp_path / "series", series_description="T2 SAG",
+                                 extra_tags={"StudyDate": "20260101", "StudyTime": "120000", "StudyID": "1"})
+    medium = FileSet()
+    for path in written:
+        medium.add(pydicom.dcmread(path))
+    medium.write(tmp_path / "medium")
+    dicomdir = tmp_path / "medium" / "DICOMDIR"
+    assert dicomdir.is_file() and not list((tmp_path / "medium").glob("*.dcm"))   # the images lie below it
+    scan = load_scan(dicomdir)
+    np.testing.assert_allclose(scan.voxels, load_scan(tmp_path / "series").voxels)
+    assert scan.metadata["series_description"] == "T2 SAG"
+    assert load_scan(dicomdir, series_uid="T2").metadata["series_uid"] == scan.metadata["series_uid"]
+
+
 def test_a_series_is_chosen_by_its_number_or_a_part_of_its_description(tmp_path):
     """A radiologist names a series as the viewer shows it (`--series 5`, `--series t2`), not by its UID."""
     vol, a = sagittal_standard((4, 20, 18))
