@@ -1,4 +1,4 @@
-"""A results folder's levels corrected after review (``spinenet correct``; README, "Correcting levels").
+"""A results folder's levels corrected after review (``spinenet correct``; README, "How sure the levels are").
 
 A run that asks for a review of its levels ("levels may be shifted by one ...") leaves the decision to
 the reader. In Slicer the vertebra list corrects a level and the whole chain moves with it; this is the
