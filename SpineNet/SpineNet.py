@@ -207,6 +207,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsv)
         self.ui.loadResultsButton.clicked.connect(self.onLoadResults)
+        self.ui.saveResultsButton.clicked.connect(self.onSaveResults)
         self.ui.showHotspotsButton.clicked.connect(self.onShowHotspots)
         self.ui.weightsBrowseButton.clicked.connect(self.onBrowseWeights)
         self.ui.weightsComboBox.currentTextChanged.connect(self.updateWidgets)
@@ -386,6 +387,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         hasResults = self._volume() is not None and self.logic.documents(self._volume())[0] is not None
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
         self.ui.loadResultsButton.setEnabled(self._volume() is not None and not running)
+        self.ui.saveResultsButton.setEnabled(hasResults and not running
+                                             and self.logic.savableResultsFolder(self._volume()) is not None)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
     def _volume(self):
@@ -598,6 +601,19 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.populateResults()
         self.setStatus(self.logic.summary(volume) + " Loaded from " + folder)
         self.updateWidgets()
+
+    def onSaveResults(self):
+        volume = self._volume()
+        if volume is None:
+            self.setStatus("Select an input volume first.")
+            return
+        try:
+            paths = self.logic.saveResults(volume)
+        except (SpineNetError, OSError) as error:
+            self.setStatus("Saving failed: " + " ".join(str(error).split()))
+            return
+        self.setStatus("Wrote " + ", ".join(os.path.basename(p) for p in paths) + " to "
+                       + self.logic.savableResultsFolder(volume))
 
     def onExportCsv(self):
         volume = self._volume()

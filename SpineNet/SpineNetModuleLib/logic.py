@@ -632,6 +632,33 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
         return [v.get("level") for v in vertebraeDoc["vertebrae"]]
 
+    def savableResultsFolder(self, volumeNode):
+        """The results folder the volume's results came from when it outlives the session (one loaded with
+        :meth:`loadResults`, or a run's own output folder), else None (a run's temporary folder)."""
+        folder = self.documents(volumeNode)[2] if volumeNode is not None else None
+        if not folder or os.path.realpath(str(folder)) in self.temporaryFolders:
+            return None
+        return str(folder) if os.path.isfile(os.path.join(str(folder), "result.json")) else None
+
+    def saveResults(self, volumeNode):
+        """Write the volume's results, level corrections included, back into the results folder they came
+        from (:meth:`savableResultsFolder`): every file that names a level, the pictures drawn again on the
+        volume, replaced together (:func:`SpineNetLib.outputs.correction.rewrite_results`); returns the
+        paths. A folder with DICOM results is refused: those are made from the DICOM files themselves
+        (``spinenet correct --input``)."""
+        from SpineNetLib.outputs.correction import rewrite_results
+
+        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
+        if vertebraeDoc is None:
+            raise SpineNetError("there are no SpineNet results for this volume to save")
+        folder = self.savableResultsFolder(volumeNode)
+        if folder is None:
+            raise SpineNetError("these results were not loaded from a results folder: export them with Export CSV")
+        scan = self._mrml().scan_from_volume_node(volumeNode)
+        paths = rewrite_results(folder, vertebraeDoc, discsDoc, scan=scan,
+                                how_to_give_the_scan="the volume they were made from")
+        return [str(p) for p in paths]
+
     def exportCsv(self, volumeNode, folder):
         """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv`` (the run's CSV files); returns their paths."""
         from SpineNetLib.outputs.files import write_files_atomically

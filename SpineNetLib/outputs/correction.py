@@ -101,22 +101,38 @@ def correct_results(results, which: str, level: str, *, scan=None) -> list[Path]
     docstring); returns the paths written. ``scan``: the scan the run read, needed when the folder has
     pictures or DICOM results (:data:`FILES_THAT_NEED_THE_SCAN`)."""
     vertebrae_doc, discs_doc, folder = read_result(results)
+    index = vertebra_index(vertebrae_doc, which)
+    corrected, corrected_discs = apply_level_correction(vertebrae_doc, index, str(level).strip().upper(), discs_doc)
+    return rewrite_results(folder, corrected, corrected_discs, scan=scan)
+
+
+def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan=None,
+                    how_to_give_the_scan: str = "--input, and --series for a DICOM folder of several series"
+                    ) -> list[Path]:
+    """Write the (corrected) documents into the results folder ``folder`` that holds an earlier version of
+    them, with every file that names a level made again, all replaced together (module docstring);
+    returns the paths written. ``scan``: the scan the results were made from, needed for the pictures
+    and the DICOM results the folder has; ``how_to_give_the_scan`` ends the error that asks for it."""
+    folder = Path(folder)
     if not (folder / RESULT_FILE).is_file():
         raise InputError(f"{folder} has no {RESULT_FILE}: correct a folder that spinenet run, spinenet cohort "
                          "or the batch script wrote")
-    index = vertebra_index(vertebrae_doc, which)
-    corrected, corrected_discs = apply_level_correction(vertebrae_doc, index, str(level).strip().upper(), discs_doc)
+    recorded, _, _ = read_result(folder)
     needing_scan = _files_needing_the_scan(folder)
     if needing_scan and scan is None:
         raise InputError(f"{folder} holds {', '.join(needing_scan)}, which show the levels: give the scan the "
-                         "run read (--input, and --series for a DICOM folder of several series) to make "
-                         "them again")
-    files = document_texts(corrected, corrected_discs)
+                         f"run read ({how_to_give_the_scan}) to make them again")
+    dicom = [name for name in needing_scan if name in DICOM_FILES]
+    if dicom and scan is not None and (scan.metadata.get("format") != "DICOM"
+                                       or not scan.metadata.get("files_in_slice_order")):
+        raise InputError(f"{folder} holds {', '.join(dicom)}, which are made from the DICOM files the run read: "
+                         "correct it with spinenet correct --input DICOM_FOLDER")
+    files = document_texts(vertebrae_doc, discs_doc)
     if scan is not None and needing_scan:
-        check_same_scan(vertebrae_doc, scan)
-        files.update(_pictures_and_dicom(folder, needing_scan, scan, corrected, corrected_discs))
+        check_same_scan(recorded, scan)
+        files.update(_pictures_and_dicom(folder, needing_scan, scan, vertebrae_doc, discs_doc))
     manifest = read_manifest_lists(folder)
-    files[RESULT_FILE] = manifest_text(corrected_discs, manifest["hotspots"], manifest["images"], manifest["dicom"])
+    files[RESULT_FILE] = manifest_text(discs_doc, manifest["hotspots"], manifest["images"], manifest["dicom"])
     return write_files_atomically(folder, files)
 
 

@@ -520,7 +520,7 @@ def test_load_results_shows_a_command_lines_results_for_review_and_correction(pa
     assert [c.currentText() for c in widget._levelCombos] == levels
     assert widget.ui.statusLabel.text().startswith(f"{len(levels)} vertebrae ({levels[0]}..{levels[-1]})")
     assert widget.ui.statusLabel.text().endswith("Loaded from " + str(results))
-    assert widget.ui.exportCsvButton.isEnabled()
+    assert widget.ui.exportCsvButton.isEnabled() and widget.ui.saveResultsButton.isEnabled()
     assert widget.logic.correctLevel(volume, 0, "T11")[0] == "T11"
 
     other = dict(vertebrae, scan=dict(vertebrae["scan"], shape=[1, 2, 3]))
@@ -530,6 +530,42 @@ def test_load_results_shows_a_command_lines_results_for_review_and_correction(pa
     widget.ui.loadResultsButton.click()
     assert widget.ui.statusLabel.text().startswith("Loading the results failed: ")
     assert widget.logic.documents(volume)[0]["vertebrae"][0]["level"] == "T11"   # the shown results stay
+
+
+def test_save_results_writes_a_loaded_folder_again_with_the_corrections(panel, tmp_path):
+    """Load results... , a level corrected in the vertebra list, Save results: the folder's documents, CSV
+    files and preview now carry the corrected levels, replaced together; a folder with DICOM results is
+    refused and left as it was; a run of the panel (a temporary folder) has nothing to save into."""
+    module, widget, scene, volume, vertebrae = panel
+    recorder = module._standins.recorder
+    _select(widget, volume)
+    results = tmp_path / "results"
+    scan = mrml.scan_from_volume_node(volume)
+    write_results(results, RunResult(vertebrae_document=vertebrae), scan=scan)
+    before = (results / "preview.png").read_bytes()
+    recorder.directory = str(results)
+    widget.ui.loadResultsButton.click()
+    levels = [v["level"] for v in vertebrae["vertebrae"]]
+    assert widget.logic.savableResultsFolder(volume) == str(results)
+    widget.logic.correctLevel(volume, 0, "T11")
+    widget.populateResults()
+    widget.ui.saveResultsButton.click()
+    assert widget.ui.statusLabel.text().startswith("Wrote vertebrae.json, vertebrae.csv, discs.csv, preview.png")
+    saved = json.loads((results / "vertebrae.json").read_text())
+    assert saved["corrections"] == [{"vertebra": 0, "level": "T11"}]
+    assert [v["level"] for v in saved["vertebrae"]] == documents.corrected_levels(vertebrae, 0, "T11") != levels
+    assert (results / "vertebrae.csv").read_text().splitlines()[1].startswith("T11,")
+    assert (results / "preview.png").read_bytes() != before
+
+    # DICOM results are made from the DICOM files: the panel does not write them, and changes nothing
+    manifest = json.loads((results / "result.json").read_text())
+    (results / "segmentation.dcm").write_bytes(b"a DICOM result of an earlier run")
+    (results / "result.json").write_text(json.dumps(dict(manifest, dicom=["segmentation.dcm"])))
+    kept = {p.name: p.read_bytes() for p in results.iterdir()}
+    widget.ui.saveResultsButton.click()
+    assert widget.ui.statusLabel.text().startswith("Saving failed: ") and "spinenet correct" in \
+        widget.ui.statusLabel.text()
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == kept
 
 
 def test_export_csv_and_hotspots(panel, tmp_path):
@@ -905,6 +941,8 @@ def test_the_panel_runs_the_real_worker_process(monkeypatch, phantom_case, tmp_p
         time.sleep(0.01)
     assert widget.logic.lastRun.status == "done", widget.ui.statusLabel.text()
     assert service.process is process and service.isAlive()
+    # a run of the panel writes into a temporary folder: nothing to save back into
+    assert widget.logic.savableResultsFolder(widget._volume()) is None and not widget.ui.saveResultsButton.isEnabled()
 
     # a worker that cannot start does not leave the panel waiting
     monkeypatch.setattr(widget.logic, "pythonExecutable", lambda: str(tmp_path / "no-such-python"))
