@@ -560,8 +560,9 @@ def command_correct(args) -> int:
     from SpineNetLib.outputs.documents import read_result
 
     scan = None
+    vertebrae_doc, _, _ = read_result(args.results)
+    before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     if args.input is not None:
-        vertebrae_doc, _, _ = read_result(args.results)
         # read as the run read it: its spacing overrides and its profile's slabs
         overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
         profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
@@ -574,8 +575,14 @@ def command_correct(args) -> int:
         raise SpineNetError("--series names the series of --input; give --input too")
     written = correct_results(args.results, args.vertebra, args.level, scan=scan)
     corrected, _, _ = read_result(args.results)
-    levels = [v.get("level") or "?" for v in corrected["vertebrae"]]
-    print(f"corrected: {len(levels)} vertebrae ({levels[0]}..{levels[-1]}); wrote "
+    after = [v.get("level") for v in corrected["vertebrae"]]
+    unnamed = sum(1 for old, new in zip(before, after) if old and not new)
+    if unnamed:
+        print(f"spinenet: warning: the correction moved {unnamed} vertebra{'e' if unnamed > 1 else ''} beyond "
+              f"{'S2' if after[-1] is None else 'C2'}: {'they have' if unnamed > 1 else 'it has'} no level now",
+              file=sys.stderr)
+    span = lambda levels: f"{levels[0] or '?'}..{levels[-1] or '?'}" if levels else "none"  # noqa: E731
+    print(f"corrected: {len(after)} vertebrae, {span(before)} -> {span(after)}; wrote "
           f"{', '.join(str(p) for p in written)}")
     return EXIT_OK
 

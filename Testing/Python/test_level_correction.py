@@ -146,7 +146,8 @@ def test_spinenet_correct_writes_every_file_again_with_the_scan(results, capsys)
     assert _files(out) == before
 
     assert cli.main(["correct", str(out), levels[0], wrong[0], "--input", str(dicom)]) == 0
-    assert f"corrected: {len(levels)} vertebrae ({wrong[0]}..{wrong[-1]})" in capsys.readouterr().out
+    assert f"corrected: {len(levels)} vertebrae, {levels[0]}..{levels[-1]} -> {wrong[0]}..{wrong[-1]}; wrote" in \
+        capsys.readouterr().out
     after = _files(out)
     vertebrae_doc = json.loads(after["vertebrae.json"])
     assert [v["level"] for v in vertebrae_doc["vertebrae"]] == wrong
@@ -199,6 +200,15 @@ def test_a_folder_without_pictures_is_corrected_without_the_scan(tmp_path, monke
     assert cli.main(["correct", str(out), phantom.levels[-1], _one_lower(phantom.levels[-1])]) == 0
     assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == [
         _one_lower(level) for level in phantom.levels]
+    assert capsys.readouterr().err == ""
+    # the lowest body (S2 now) named L5 moves the chain two levels up; the top body then named two levels
+    # below its right level moves it three down: the lowest would lie below S2, is left without a level,
+    # and that is said
+    assert cli.main(["correct", str(out), "S2", "L5"]) == 0
+    assert cli.main(["correct", str(out), "#1", _one_lower(_one_lower(phantom.levels[0]))]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["spinenet: warning: the correction moved 1 vertebra beyond S2: it has no level now"], err
+    assert json.loads((out / "vertebrae.json").read_text())["vertebrae"][-1]["level"] is None
 
 
 def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
