@@ -645,7 +645,24 @@ def command_cohort(args) -> int:
     studies = f"{len(result.studies)} stud{'y' if len(result.studies) == 1 else 'ies'}"
     print(f"{studies}{exams}: {result.done} done now, {result.finished_before} done before, "
           f"{failed} failed; wrote {', '.join(str(p) for p in result.tables)}")
+    review = _studies_asking_for_review(result.tables)
+    if review:
+        print(f"{review} of the finished studies ask for a review of their levels "
+              "(levels_need_review in cohort_studies.csv; spinenet correct mends a study's folder)")
     return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
+
+
+def _studies_asking_for_review(tables) -> int:
+    """How many rows of the written cohort_studies.csv ask for a review of their levels."""
+    import csv
+
+    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE
+
+    path = next((Path(p) for p in tables if Path(p).name == COHORT_STUDIES_FILE), None)
+    if path is None or not path.is_file():
+        return 0
+    with path.open(newline="", encoding="utf-8") as handle:
+        return sum(row.get("levels_need_review") == "true" for row in csv.DictReader(handle))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,8 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
         assert row["vertebrae"] == str(len(levels)) and row["levels"] == f"{levels[0]}..{levels[-1]}"
         assert row["levels_need_review"] == str(doc["labelling"]["needs_review"]).lower()
         assert row["grading"] == "done" and row["corrected_by_user"] == "false" and row["preview"] == ""  # --no-preview
+    flagged = sum(r["levels_need_review"] == "true" for r in summary)
+    assert (f"{flagged} of the finished studies ask for a review of their levels" in captured.out) == (flagged > 0)
         # the networks were loaded once per worker: at most two studies paid for the loading
     loads = [json.loads((out / "studies" / i / "vertebrae.json").read_text())["timings_s"].get("load_networks")
              for i in good]
@@ -541,3 +543,10 @@ def test_the_local_workers_and_their_nannies_never_see_ctrl_c_from_their_start()
             assert not _sigint_blocked()
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def test_the_cohort_command_counts_the_studies_that_ask_for_a_review(tmp_path):
+    table = tmp_path / "cohort_studies.csv"
+    table.write_text("study,levels_need_review\na,true\nb,false\nc,true\n")
+    assert cli._studies_asking_for_review([tmp_path / "cohort_vertebrae.csv", table]) == 2
+    assert cli._studies_asking_for_review([tmp_path / "cohort_vertebrae.csv"]) == 0
