@@ -25,6 +25,8 @@ Vertebral body (quantitative morphometry; Genant et al., JBMR 1993)
   a crush deformity that lowers all three heights alike (needs the
   neighbours or normative data) is not detected.  C2 (whose body includes
   the dens) and the sacrum are measured but the grade is meant for T4-L5.
+* upper endplate angle: the upper endplate's direction (lt -> rt) from the
+  image rows; the lumbar lordosis below is the difference of two of them.
 
 Disc (between the upper body's lower endplate and the lower body's upper endplate)
 ----------------------------------------------------------------------------------
@@ -58,7 +60,8 @@ Disc (between the upper body's lower endplate and the lower body's upper endplat
 Spine
 -----
 * lumbar lordosis: the angle between the upper endplates of L1 and S1
-  (positive = lordotic), when both are labelled.
+  (positive = lordotic), when both are labelled: L1's upper endplate angle
+  minus S1's.
 """
 
 from __future__ import annotations
