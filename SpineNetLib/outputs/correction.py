@@ -120,7 +120,8 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
     recorded, _, _ = read_result(folder)
     needing_scan = _files_needing_the_scan(folder)
     if needing_scan and scan is None:
-        raise InputError(f"{folder} holds {', '.join(needing_scan)}, which show the levels: give the scan the "
+        raise InputError(f"{folder} holds {', '.join(needing_scan)}, which "
+                         f"{'show' if len(needing_scan) > 1 else 'shows'} the levels: give the scan the "
                          f"run read ({how_to_give_the_scan}) to make them again")
     dicom = [name for name in needing_scan if name in DICOM_FILES]
     if dicom and scan is not None and (scan.metadata.get("format") != "DICOM"
