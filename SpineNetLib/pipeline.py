@@ -46,7 +46,8 @@ from SpineNetLib.discs.hotspot_options import (
     DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, parse_heads,
 )
 from SpineNetLib.discs.measurements import lumbar_body_size_warning, measure_spine
-from SpineNetLib.discs.weighting import Weighting, not_graded_reason, scan_weighting, user_weighting
+from SpineNetLib.discs.weighting import (Weighting, not_graded_reason, not_graded_warning, scan_weighting,
+                                         user_sequence)
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
@@ -582,8 +583,7 @@ def _slow_arithmetic(networks: Networks) -> list[str]:
 def _check_options(options: RunOptions, networks: Networks) -> list:
     """The options a typo can spoil (``sequence``, the hotspot settings), checked before any work so that it
     fails at once; returns the hotspot heads."""
-    if options.sequence is not None:
-        user_weighting(options.sequence)
+    user_sequence(options.sequence)
     if options.hotspot_heads and networks.grading is not None and not is_torch_module(networks.grading):
         raise InputError(f"hotspot maps need the grader's gradients, which --runtime {networks.runtime} does not "
                          "give: use --runtime torch for them")
@@ -607,7 +607,7 @@ def _weighting_to_grade(scan: Scan, vertebrae: list[Vertebra], networks: Network
     weighting = scan_weighting(scan, vertebrae, options.sequence)
     if not weighting.graded:
         for warnings in warning_lists:
-            warnings.append(f"discs not graded: {not_graded_reason(weighting)}")
+            warnings.append(not_graded_warning(not_graded_reason(weighting)))
     return weighting
 
 

@@ -180,10 +180,9 @@ def run(args):
         if not sep or not key:
             raise InputError(f"--option must be KEY=VALUE, got {item!r}")
     worker.load_pipeline(args.pipeline)  # a wrong --pipeline fails before the scan is read
-    if args.sequence is not None:
-        from SpineNetLib.discs.weighting import user_weighting
+    from SpineNetLib.discs.weighting import user_sequence
 
-        user_weighting(args.sequence)   # and a wrong --sequence
+    user_sequence(args.sequence)   # and a wrong --sequence
     from SpineNetLib.pipeline import processing_profile
 
     profile = processing_profile(args.profile, args.weights)

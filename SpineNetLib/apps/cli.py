@@ -163,13 +163,10 @@ def _add_sequence_option(parser: argparse.ArgumentParser, whose: str = "the scan
 
 
 def _check_sequence(args) -> str | None:
-    """``--sequence`` checked before any scan is read (a typo fails at once), as its canonical name
-    (``t2`` is ``T2``); None when not given."""
-    if getattr(args, "sequence", None) is None:
-        return None
-    from SpineNetLib.discs.weighting import user_weighting
+    """``--sequence`` checked before any scan is read (``discs.weighting.user_sequence``)."""
+    from SpineNetLib.discs.weighting import user_sequence
 
-    return user_weighting(args.sequence).name
+    return user_sequence(getattr(args, "sequence", None))
 
 
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:

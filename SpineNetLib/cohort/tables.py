@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 
 from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
-from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, sequence_cell
+from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
 from SpineNetLib.outputs.documents import read_result, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
 from SpineNetLib.outputs.preview import PREVIEW_FILE
@@ -89,7 +89,7 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
     graded = "done" if grading.get("status") == "done" else (
         f"not run: {grading.get('reason')}" if grading.get("reason") else str(grading.get("status") or ""))
     # said in their own columns: the labelling's warnings, and why the discs were not graded (pipeline.run)
-    said = {str(w) for w in block.get("warnings") or []} | {f"discs not graded: {grading.get('reason')}"}
+    said = {str(w) for w in block.get("warnings") or []} | {not_graded_warning(grading.get("reason"))}
     others = [str(w) for w in [*(vertebrae_doc.get("warnings") or []), *((discs_doc or {}).get("warnings") or [])]
               if str(w) not in said]
     images = (earlier_manifest(folder) or {}).get("images") or []

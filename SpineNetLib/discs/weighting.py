@@ -110,10 +110,16 @@ class Weighting:
 
 
 def not_graded_reason(weighting: Weighting) -> str:
-    """Why a scan's discs were not graded (the grading status' reason; the run's warning starts with
-    "discs not graded: ")."""
+    """Why a scan's discs were not graded (the grading status' reason; :func:`not_graded_warning` is the
+    run's warning)."""
     return (f"the grader reads T2-weighted scans, and this one is {weighting.description()}; "
             "if it is T2-weighted, say so (--sequence T2; in Slicer, Sequence T2)")
+
+
+def not_graded_warning(reason: str) -> str:
+    """The run's warning for discs not graded for ``reason`` (:func:`not_graded_reason`, as the grading
+    status records it)."""
+    return f"discs not graded: {reason}"
 
 
 def user_weighting(sequence: str) -> Weighting:
@@ -123,6 +129,12 @@ def user_weighting(sequence: str) -> Weighting:
     if key not in names:
         raise InputError(f"unknown --sequence {sequence!r}: use one of {', '.join(USER_SEQUENCES)}")
     return Weighting(names[key], "user")
+
+
+def user_sequence(sequence: str | None) -> str | None:
+    """A ``--sequence`` as :data:`USER_SEQUENCES` spells it (``t2`` is ``T2``), checked before any work so
+    that a typo fails at once (:class:`InputError`); None when not given."""
+    return None if sequence is None else user_weighting(sequence).name
 
 
 def _ms(value) -> float | None:

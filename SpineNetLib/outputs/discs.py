@@ -47,6 +47,8 @@ import numpy as np
 from SpineNetLib.discs.grading import GRADE_COLUMNS, DiscGrades
 from SpineNetLib.discs.extraction import IVDVolume, sample_to_ras
 from SpineNetLib.discs.measurements import SpineMeasurements, disc_measurement_warnings
+# the run's warning for a scan the grader is not given, for readers of the documents (cohort/tables.py)
+from SpineNetLib.discs.weighting import not_graded_warning  # noqa: F401
 from SpineNetLib.outputs.documents import disc_table, reported_probability, table_csv_text
 from SpineNetLib.outputs.vertebrae import input_description, scan_description
 from SpineNetLib.core.results import Vertebra
