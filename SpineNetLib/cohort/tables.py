@@ -35,7 +35,7 @@ from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_grad
 from SpineNetLib.outputs.documents import read_result, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
 from SpineNetLib.outputs.preview import PREVIEW_FILE
-from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, labelling_csv_cells, vertebrae_csv_text
+from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, csv_flag, labelling_csv_cells, vertebrae_csv_text
 
 COHORT_VERTEBRAE_FILE = "cohort_vertebrae.csv"
 COHORT_DISCS_FILE = "cohort_discs.csv"
@@ -96,13 +96,9 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
     # relative to the output folder, whose studies/ holds the study folders
     preview = f"{folder.parent.name}/{folder.name}/{PREVIEW_FILE}" if PREVIEW_FILE in images else ""
     return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling,
-            _flag(block.get("corrected_by_user") is True) if block else "",
+            csv_flag(block.get("corrected_by_user") is True) if block else "",
             str(len((discs_doc or {}).get("discs") or [])) if discs_doc is not None else "", one_line(graded),
             sequence_cell(grading), one_line("; ".join(dict.fromkeys(others))), preview]
-
-
-def _flag(value: bool) -> str:
-    return "true" if value else "false"
 
 
 def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],

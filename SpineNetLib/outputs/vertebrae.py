@@ -167,7 +167,8 @@ VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_
                          "labelling_confidence", "s1_found", "levels_need_review", "labelling_warning")
 
 
-def _csv_flag(value) -> str:
+def csv_flag(value) -> str:
+    """A boolean as the CSV files write it (true / false), empty for anything else."""
     return "" if not isinstance(value, bool) else ("true" if value else "false")
 
 
@@ -176,8 +177,8 @@ def labelling_csv_cells(document: dict) -> list[str]:
     block = document.get("labelling") or {}
     confidence = block.get("confidence")
     number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
-    return ["" if not number else f"{float(confidence):.6f}", _csv_flag(block.get("s1_found")),
-            _csv_flag(block.get("needs_review")), "; ".join(str(w) for w in block.get("warnings") or [])]
+    return ["" if not number else f"{float(confidence):.6f}", csv_flag(block.get("s1_found")),
+            csv_flag(block.get("needs_review")), "; ".join(str(w) for w in block.get("warnings") or [])]
 
 
 def vertebrae_csv_text(document: dict) -> str:
