@@ -553,12 +553,14 @@ def _add_correct_command(sub) -> None:
 def command_correct(args) -> int:
     from SpineNetLib.core.profiles import processing_profile
     from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.outputs.correction import correct_results
+    from SpineNetLib.outputs.correction import corrected_documents, rewrite_results
     from SpineNetLib.outputs.documents import read_result
 
+    if args.series is not None and args.input is None:
+        raise SpineNetError("--series names the series of --input; give --input too")
+    vertebrae_doc, discs_doc, folder = read_result(args.results)
+    corrected, corrected_discs = corrected_documents(vertebrae_doc, discs_doc, args.vertebra, args.level)
     scan = None
-    vertebrae_doc, _, _ = read_result(args.results)
-    before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     if args.input is not None:
         # read as the run read it: its spacing overrides and its profile's slabs
         overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
@@ -568,10 +570,8 @@ def command_correct(args) -> int:
                          pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
                          slice_spacing=overrides.get("slice_spacing"),
                          resample_isotropic=profile.slab_average_thin_slices)
-    elif args.series is not None:
-        raise SpineNetError("--series names the series of --input; give --input too")
-    written = correct_results(args.results, args.vertebra, args.level, scan=scan)
-    corrected, _, _ = read_result(args.results)
+    written = rewrite_results(folder, corrected, corrected_discs, scan=scan)
+    before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     after = [v.get("level") for v in corrected["vertebrae"]]
     unnamed = sum(1 for old, new in zip(before, after) if old and not new)
     if unnamed:

@@ -412,6 +412,17 @@ def _read_volume(path: Path, readable: Path | None = None):
     return img, voxel_type
 
 
+def read_image_arrays(path) -> tuple[np.ndarray, np.ndarray]:
+    """``([k, j, i] voxels, 4x4 IJK-to-RAS)`` of a NIfTI, NRRD or MetaImage file as it is stored: no
+    canonical orientation, no check of what the voxels hold. For a result's own maps read back (the
+    hotspot maps: ``outputs/correction.py``, the Slicer module); :class:`InputError` (one line) when the
+    file cannot be read as one 3D scalar volume."""
+    import SimpleITK as sitk
+
+    img, _ = _read_volume(Path(path))
+    return sitk.GetArrayFromImage(img), image_ijk_to_ras(img)
+
+
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
     """Canonical :class:`Scan` of a NIfTI / NRRD / MetaImage file.
 

@@ -72,26 +72,15 @@ def check_same_scan(vertebrae_doc: dict, scan) -> None:
                          "differs): give the scan the run read, with the same --series")
 
 
-def _files_needing_the_scan(folder: Path) -> list[str]:
-    listed = earlier_result_files(folder)
-    return [name for name in FILES_THAT_NEED_THE_SCAN if name in listed]
-
-
 def _hotspot_maps(folder: Path, names: list[str]) -> list:
     """The folder's hotspot maps, read back as :class:`HotspotMap` (for ``hotspots.png``)."""
-    import SimpleITK as sitk
-
     from SpineNetLib.discs.hotspot_options import HotspotMap
-    from SpineNetLib.inputs.image import image_ijk_to_ras
+    from SpineNetLib.inputs.image import read_image_arrays
 
     maps = []
     for name in names:
-        try:
-            image = sitk.ReadImage(str(folder / name))
-        except RuntimeError as error:
-            raise InputError(f"cannot read the hotspot map {folder / name}: {' '.join(str(error).split())[:200]}") \
-                from None
-        maps.append(HotspotMap(name, sitk.GetArrayFromImage(image).astype(np.float32), image_ijk_to_ras(image)))
+        voxels, ijk_to_ras = read_image_arrays(folder / name)
+        maps.append(HotspotMap(name, voxels.astype(np.float32), ijk_to_ras))
     return maps
 
 
@@ -101,9 +90,15 @@ def correct_results(results, which: str, level: str, *, scan=None) -> list[Path]
     docstring); returns the paths written. ``scan``: the scan the run read, needed when the folder has
     pictures or DICOM results (:data:`FILES_THAT_NEED_THE_SCAN`)."""
     vertebrae_doc, discs_doc, folder = read_result(results)
-    index = vertebra_index(vertebrae_doc, which)
-    corrected, corrected_discs = apply_level_correction(vertebrae_doc, index, str(level).strip().upper(), discs_doc)
-    return rewrite_results(folder, corrected, corrected_discs, scan=scan)
+    return rewrite_results(folder, *corrected_documents(vertebrae_doc, discs_doc, which, level), scan=scan)
+
+
+def corrected_documents(vertebrae_doc: dict, discs_doc: dict | None, which: str, level: str
+                        ) -> tuple[dict, dict | None]:
+    """The (vertebrae, discs) documents with the vertebra ``which`` (:func:`vertebra_index`) named ``level``
+    (any case), the whole chain with it (:func:`SpineNetLib.outputs.documents.apply_level_correction`)."""
+    return apply_level_correction(vertebrae_doc, vertebra_index(vertebrae_doc, which), str(level).strip().upper(),
+                                  discs_doc)
 
 
 def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan=None,
@@ -117,8 +112,8 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
     if not (folder / RESULT_FILE).is_file():
         raise InputError(f"{folder} has no {RESULT_FILE}: correct a folder that spinenet run, spinenet cohort "
                          "or the batch script wrote")
-    recorded, _, _ = read_result(folder)
-    needing_scan = _files_needing_the_scan(folder)
+    manifest = read_manifest_lists(folder)
+    needing_scan = [name for name in FILES_THAT_NEED_THE_SCAN if name in manifest["images"] + manifest["dicom"]]
     if needing_scan and scan is None:
         raise InputError(f"{folder} holds {', '.join(needing_scan)}, which "
                          f"{'show' if len(needing_scan) > 1 else 'shows'} the levels: give the scan the "
@@ -130,9 +125,9 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
                          "correct it with spinenet correct --input DICOM_FOLDER")
     files = document_texts(vertebrae_doc, discs_doc)
     if scan is not None and needing_scan:
-        check_same_scan(recorded, scan)
-        files.update(_pictures_and_dicom(folder, needing_scan, scan, vertebrae_doc, discs_doc))
-    manifest = read_manifest_lists(folder)
+        check_same_scan(vertebrae_doc, scan)   # the documents keep the scan block of the run that made them
+        maps = _hotspot_maps(folder, manifest["hotspots"]) if HOTSPOTS_FILE in needing_scan else []
+        files.update(_pictures_and_dicom(needing_scan, scan, vertebrae_doc, discs_doc, maps))
     files[RESULT_FILE] = manifest_text(discs_doc, manifest["hotspots"], manifest["images"], manifest["dicom"])
     return write_files_atomically(folder, files)
 
@@ -146,14 +141,14 @@ def read_manifest_lists(folder: Path) -> dict[str, list[str]]:
     return {"hotspots": sorted(listed - {"discs.json", *images, *dicom}), "images": images, "dicom": dicom}
 
 
-def _pictures_and_dicom(folder: Path, names: list[str], scan, vertebrae_doc: dict, discs_doc: dict | None) -> dict:
-    """The pictures and DICOM results among ``names``, made again from the corrected documents."""
+def _pictures_and_dicom(names: list[str], scan, vertebrae_doc: dict, discs_doc: dict | None, maps: list) -> dict:
+    """The pictures and DICOM results among ``names``, made again from the corrected documents (``maps``:
+    the folder's hotspot maps, for ``hotspots.png``)."""
     made: dict = {}
     if {PREVIEW_FILE, HOTSPOTS_FILE} & set(names):
         missing = pillow_missing()
         if missing:
             raise InputError(missing)
-        maps = _hotspot_maps(folder, read_manifest_lists(folder)["hotspots"]) if HOTSPOTS_FILE in names else []
         made.update(result_images(scan, vertebrae_doc, discs_doc, maps))
     if set(DICOM_FILES) & set(names):
         made.update(dicom_result_files(scan, vertebrae_doc, discs_doc))

@@ -608,17 +608,11 @@ def add_hotspot_volume(scene, volume_node, heat_kji, heat_ijk_to_ras, name: str)
 
 
 def load_hotspot_file(scene, volume_node, path, name: str):
-    """Read a hotspot image (NIfTI, NRRD, MHA) with SimpleITK and add it (:func:`add_hotspot_volume`)."""
-    import SimpleITK as sitk
+    """Read a hotspot image (NIfTI, NRRD, MHA; ``inputs.image.read_image_arrays``) and add it
+    (:func:`add_hotspot_volume`)."""
+    from SpineNetLib.inputs.image import read_image_arrays
 
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image)
-    spacing = np.asarray(image.GetSpacing(), float)
-    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
-    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin(), float)
+    array, affine = read_image_arrays(path)
     return add_hotspot_volume(scene, volume_node, array, affine, name)
 
 
