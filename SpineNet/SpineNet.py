@@ -384,11 +384,11 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.sequenceComboBox.setEnabled(bool(_get(self.ui.gradingCheckBox, "checked")))
         self.ui.applyButton.setEnabled(not running)
         self.ui.cancelButton.setEnabled(running)
-        hasResults = self._volume() is not None and self.logic.documents(self._volume())[0] is not None
+        vertebraeDoc, _, folder = self.logic.documents(self._volume())   # (None, None, None) without a volume
+        hasResults = vertebraeDoc is not None
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
         self.ui.loadResultsButton.setEnabled(self._volume() is not None and not running)
-        self.ui.saveResultsButton.setEnabled(hasResults and not running
-                                             and self.logic.savableResultsFolder(self._volume()) is not None)
+        self.ui.saveResultsButton.setEnabled(hasResults and not running and self.logic.savableFolder(folder) is not None)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
     def _volume(self):
@@ -613,7 +613,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.setStatus("Saving failed: " + " ".join(str(error).split()))
             return
         self.setStatus("Wrote " + ", ".join(os.path.basename(p) for p in paths) + " to "
-                       + self.logic.savableResultsFolder(volume))
+                       + os.path.dirname(paths[0]))
 
     def onExportCsv(self):
         volume = self._volume()

@@ -635,7 +635,11 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     def savableResultsFolder(self, volumeNode):
         """The results folder the volume's results came from when it outlives the session (one loaded with
         :meth:`loadResults`, or a run's own output folder), else None (a run's temporary folder)."""
-        folder = self.documents(volumeNode)[2] if volumeNode is not None else None
+        return self.savableFolder(self.documents(volumeNode)[2] if volumeNode is not None else None)
+
+    def savableFolder(self, folder):
+        """``folder`` (the results folder stored with a volume's results) when :meth:`saveResults` can write
+        into it, else None."""
         if not folder or os.path.realpath(str(folder)) in self.temporaryFolders:
             return None
         return str(folder) if os.path.isfile(os.path.join(str(folder), "result.json")) else None
@@ -648,10 +652,10 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         (``spinenet correct --input``)."""
         from SpineNetLib.outputs.correction import rewrite_results
 
-        vertebraeDoc, discsDoc, _ = self.documents(volumeNode)
+        vertebraeDoc, discsDoc, stored = self.documents(volumeNode)
         if vertebraeDoc is None:
             raise SpineNetError("there are no SpineNet results for this volume to save")
-        folder = self.savableResultsFolder(volumeNode)
+        folder = self.savableFolder(stored)
         if folder is None:
             raise SpineNetError("these results were not loaded from a results folder: export them with Export CSV")
         scan = self._mrml().scan_from_volume_node(volumeNode)
