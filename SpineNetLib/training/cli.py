@@ -11,7 +11,7 @@ from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.training.common import (
-    add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
+    add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
 )
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
@@ -30,6 +30,8 @@ def _checked(args) -> None:
         raise InputError("--distil needs --init: the detector to stay close to")
     if getattr(args, "val_every", 0) < 0:
         raise InputError("--val-every must not be negative")
+    if getattr(args, "ema", None) is not None:
+        check_fraction("--ema", args.ema, below_one=True)
     edge_gap = getattr(args, "edge_gap", None)
     if edge_gap is not None and not 0.0 <= edge_gap <= 1.5:
         raise InputError(f"--edge-gap must be 0 to 1.5 body heights, got {edge_gap:g}")
@@ -218,6 +220,7 @@ def register(subparsers) -> None:
     app.add_argument("--workers", type=int, default=0, metavar="N",
                      help="make the batches in N worker processes, each step's batch seeded by (seed, step) "
                           "(default 0: one process, one random stream, as the bundled network was trained)")
+    add_ema_argument(app)
     app.set_defaults(func=command_train_appearance)
 
     _add_appearance_pool_parser(sub)

@@ -45,7 +45,6 @@ scanner or of a volume (:func:`degrade_image`: blur, contrast around the bodies'
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -64,8 +63,8 @@ from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.training import spider
 from SpineNetLib.training.common import (
-    RunFolder, add_run_arguments, check_fraction, check_run_arguments, cosine_lr, load_initial, resolved_path,
-    resolve_device, seed_everything, set_threads, setting_if_changed, train_loop,
+    RunFolder, WeightAverage, add_ema_argument, add_run_arguments, check_fraction, check_run_arguments, cosine_lr,
+    load_initial, resolved_path, resolve_device, seed_everything, set_threads, setting_if_changed, train_loop,
 )
 from SpineNetLib.weights import checkpoints
 
@@ -574,7 +573,7 @@ def train_grader(args, samples: Sequence[GradingSample] | None = None) -> Path:
     reached = train_loop(run, model, opt, sched, rng, total, stages.step, save_every=args.save_every,
                          log_every=max(1, min(10, total // 10)), on_validate=stages.on_validate, val_every=1,
                          stop_after=getattr(args, "stop_after", None),
-                         kept={"ema": stages.ema} if stages.ema is not None else None)
+                         kept={"ema": stages.ema.module} if stages.ema is not None else None)
     for p in model.parameters():
         p.requires_grad_(True)
     final = run.path / "grading.pt"
@@ -655,7 +654,7 @@ class _TwoStages:
         # weights, whose balanced accuracy jumps by 0.1-0.2 between neighbouring checkpoints on the
         # few hundred clinical discs.  It starts here from the initial weights; checkpoint-latest.pt
         # keeps it (train_loop's ``kept``), so a --resume restores it and goes on as an uninterrupted run
-        self.ema = copy.deepcopy(model).eval() if args.ema > 0 else None
+        self.ema = WeightAverage(model, args.ema) if args.ema > 0 else None
         self.allow_reverse = not any(t.name in LATERAL_TASKS for t in tasks)
 
     def step(self, step: int):
@@ -674,26 +673,16 @@ class _TwoStages:
             for p in model.parameters():
                 p.requires_grad_(True)
             out = model(x)
-        self.update_ema()  # the weights as the previous step left them
+        if self.ema is not None:
+            self.ema.update(model)  # the weights as the previous step left them
         loss, info = grading_loss(out, y, tasks, self.weights)
         info["stage"] = 1 if step < args.steps else 2
         return loss, info
 
-    def update_ema(self) -> None:
-        """ema = d * ema + (1 - d) * weights (BatchNorm statistics too); called once per step."""
-        if self.ema is None:
-            return
-        with torch.no_grad():
-            for average, current in zip(self.ema.state_dict().values(), self.model.state_dict().values()):
-                if average.is_floating_point():
-                    average.mul_(self.args.ema).add_(current.detach(), alpha=1.0 - self.args.ema)
-                else:
-                    average.copy_(current)
-
     @property
     def result_model(self) -> GradingNet:
         """The network that is validated and saved: the weight average with ``--ema``, else the weights."""
-        return self.ema if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.model
 
     def validate(self, tag: str, step: int) -> dict:
         res = evaluate(self.result_model, self.val_set, self.tasks, device=self.device) if self.val_set else {}
@@ -766,9 +755,7 @@ def add_grader_parser(sub) -> None:
                         "(`spinenet train tianchi-targets`); held-out studies validate")
     p.add_argument("--tianchi-data", default=None, metavar="DIR",
                    help="data root holding tianchi/ (default: $SPINENET_DATA or ../shared/data)")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="validate and save an exponential moving average of the weights with this decay per "
-                        "step (e.g. 0.99; default 0: the weights themselves)")
+    add_ema_argument(p)
     p.add_argument("--select-on-calibration", action="store_true",
                    help="with --tianchi-targets: validate on the calibration studies and leave the held-out "
                         "ones out (to choose a schedule without seeing them)")

@@ -53,6 +53,7 @@ from SpineNetLib.models import AppearanceNet, ContextNet
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.training.common import (
     RunFolder,
+    WeightAverage,
     WorkerBatches,
     initial_weights,
     make_optimizer,
@@ -327,11 +328,16 @@ def train_appearance(args) -> Path:
         config["body_pool_sha256"] = sha256_file(body_pool)
     workers = int(getattr(args, "workers", 0) or 0)
     config.update(setting_if_changed("per_step_batches", workers > 0, False))
+    ema = float(getattr(args, "ema", 0.0) or 0.0)
+    config.update(setting_if_changed("ema", ema, 0.0))
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
     initial_weights(model, config["init"])
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(100, args.steps // 10))
+    # ``--ema``: the saved network is the weights' moving average; it uses no random numbers, so the
+    # run draws the same batches and takes the same steps as one without it
+    average = WeightAverage(model, ema) if ema > 0 else None
     t0 = time.time()
     scans, real, clinical, phantoms = appearance_bodies(args, config)
     if not real and not phantoms:
@@ -370,6 +376,8 @@ def train_appearance(args) -> Path:
         vols, labels = ahead.batch(step) if ahead is not None else make_batch(rng)
         x = torch.from_numpy(vols)[:, None].to(device).float()
         y = torch.from_numpy(labels).to(device)
+        if average is not None:
+            average.update(model)
         logits = model(x)
         loss = F.cross_entropy(logits / TEMPERATURE, y)
         acc = float((logits.argmax(1) == y).float().mean())
@@ -377,11 +385,12 @@ def train_appearance(args) -> Path:
 
     try:
         train_loop(run, model, opt, sched, rng, args.steps, step_fn, save_every=args.save_every, log_every=5,
-                   stop_after=getattr(args, "stop_after", None))
+                   stop_after=getattr(args, "stop_after", None),
+                   kept={"ema": average.module} if average is not None else None)
     finally:
         if ahead is not None:
             ahead.close()
-    return _finish(run, "appearance", model, args)
+    return _finish(run, "appearance", model, args, saved="ema" if average is not None else "model")
 
 
 def write_appearance_pool(args) -> Path:
@@ -577,11 +586,13 @@ def train_context(args) -> Path:
 # =========================================================================== shared
 
 
-def _finish(run: RunFolder, kind: str, model, args) -> Path:
+def _finish(run: RunFolder, kind: str, model, args, saved: str = "model") -> Path:
+    """The fp16 ``<kind>.pt`` of a finished run: the checkpoint's weights, or its weight average
+    (``saved="ema"``, kept by :func:`train_loop` among the checkpoint's extra entries)."""
     final = run.path / f"{kind}.pt"
     state = torch.load(run.path / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
     if state["step"] >= args.steps:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"] if saved == "model" else state["extra"][saved])
         extra = {"epoch": int(args.steps), "seed": int(args.seed)}
         penalty = getattr(args, "repeat_s1_penalty", None)
         if kind == "context" and penalty is not None:

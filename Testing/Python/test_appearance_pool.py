@@ -136,3 +136,41 @@ def test_a_resume_with_the_pool_written_again_is_refused(tmp_path, capsys):
     assert args.func(args) == 0
     pool_with(50.0)
     _one_line_error(capsys, argv + ["--resume"], "different settings", "body_pool_sha256")
+
+
+def test_a_weight_average_is_saved_takes_the_same_steps_and_survives_a_resume(tmp_path):
+    """``--ema``: the saved network is the weights' moving average, not the last weights; the run takes the
+    same steps as one without it (the average draws no random numbers); an interrupted run resumed saves
+    what an uninterrupted one saves."""
+    import json
+
+    import torch
+
+    from SpineNetLib.apps.cli import build_parser
+
+    def states(out):
+        latest = torch.load(out / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
+        final = torch.load(out / "appearance.pt", map_location="cpu", weights_only=True)["net"]
+        return latest, final
+
+    argv, plain = _train(tmp_path, "plain", "--steps", "3")
+    assert main(argv) == 0
+    argv, averaged = _train(tmp_path, "averaged", "--steps", "3", "--ema", "0.5")
+    assert main(argv) == 0
+    (plain_latest, plain_final), (avg_latest, avg_final) = states(plain), states(averaged)
+    assert json.loads((averaged / "config.json").read_text())["ema"] == 0.5
+    for key, value in plain_latest["model"].items():          # the same steps taken
+        assert torch.equal(value, avg_latest["model"][key]), key
+    floating = [k for k, v in plain_final.items() if v.is_floating_point()]
+    assert any(not torch.equal(plain_final[k], avg_final[k]) for k in floating)
+    for key in floating:                                       # the average saved, in half precision
+        assert torch.equal(avg_final[key], avg_latest["extra"]["ema"][key].half()), key
+
+    argv, resumed = _train(tmp_path, "resumed", "--steps", "3", "--ema", "0.5")
+    args = build_parser().parse_args(argv)
+    args.stop_after = 2
+    assert args.func(args) == 0 and not (resumed / "appearance.pt").exists()
+    assert main(argv + ["--resume"]) == 0
+    _, resumed_final = states(resumed)
+    for key in avg_final:
+        assert torch.equal(resumed_final[key], avg_final[key]), key

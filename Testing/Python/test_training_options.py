@@ -55,6 +55,8 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("appearance", ["--phantom-fraction", "nan"], "--phantom-fraction"),
     ("appearance", ["--edge-gap", "-0.1"], "--edge-gap"),
     ("appearance", ["--edge-gap", "nan"], "--edge-gap"),
+    ("appearance", ["--ema", "1"], "--ema"),
+    ("appearance", ["--ema", "nan"], "--ema"),
     ("context", ["--repeat-s1-penalty", "-5"], "--repeat-s1-penalty"),
     ("context", ["--val-batches", "0"], "--val-batches"),
 ])
