@@ -100,8 +100,11 @@ def _samePath(a, b):
 
 
 def _keepOnlyHotspots(resultsFolder):
-    """Delete every file of a results folder except its hotspot maps (and the folders left empty)."""
-    keep = {os.path.realpath(os.path.join(resultsFolder, p)) for p in documents.list_hotspot_files(resultsFolder)}
+    """Delete every file of a results folder except its hotspot maps and ``vertebrae.json`` (whose levels
+    name the discs its maps of one disc are filed under, for Show hotspots after a level correction), and
+    the folders left empty."""
+    keep = {os.path.realpath(os.path.join(resultsFolder, p))
+            for p in documents.list_hotspot_files(resultsFolder) + ["vertebrae.json"]}
     for root, folders, files in os.walk(resultsFolder, topdown=False):
         for name in files:
             path = os.path.join(root, name)
@@ -691,8 +694,12 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def showHotspots(self, volumeNode, disc, head):
         """Load the hotspot map of one disc and head from the results folder: (node or None, message)."""
-        _, _, folder = self.documents(volumeNode)
-        paths = documents.hotspot_files(folder, disc, head)
+        vertebraeDoc, _, folder = self.documents(volumeNode)
+        try:   # a map of one disc is filed under the name the disc had when the folder was written
+            filedAs = documents.disc_names_in_folder(folder, vertebraeDoc).get(disc, disc)
+        except SpineNetError as error:
+            return None, f"Hotspots are not available for {disc}: {error}"
+        paths = documents.hotspot_files(folder, filedAs, head)
         if not paths:
             heads = _mappedHeads(folder)
             if not heads:

@@ -15,8 +15,9 @@ mixes corrected and uncorrected files:
   given again (the command reads it as the run did: the same series, spacing overrides and profile),
   and it must be that scan (:func:`check_same_scan`). Without it the correction is refused.
 
-The hotspot maps (``hotspots_<head>.nii.gz``) hold no level and stay as they are. Grades stay with
-their discs: only the names change.
+The hotspot maps of one head (``hotspots_<head>.nii.gz``) hold no level and stay as they are; a map of
+one disc (``hotspots/<disc>_<head>.*``, which plug-in pipelines write) moves to its disc's new name in
+the same step. Grades stay with their discs: only the names change.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.outputs.dicom_results import DICOM_FILES, dicom_result_files
-from SpineNetLib.outputs.documents import apply_level_correction, read_result, vertebra_name
+from SpineNetLib.outputs.documents import apply_level_correction, disc_names_in_folder, read_result, vertebra_name
 from SpineNetLib.outputs.files import (RESULT_FILE, document_texts, earlier_result_files, manifest_text,
                                        write_files_atomically)
 from SpineNetLib.outputs.preview import HOTSPOTS_FILE, PREVIEW_FILE, pillow_missing, result_images
@@ -72,16 +73,39 @@ def check_same_scan(vertebrae_doc: dict, scan) -> None:
                          "differs): give the scan the run read, with the same --series")
 
 
-def _hotspot_maps(folder: Path, names: list[str]) -> list:
-    """The folder's hotspot maps, read back as :class:`HotspotMap` (for ``hotspots.png``)."""
+def _hotspot_maps(folder: Path, names: list[str], renamed: dict[str, str]) -> list:
+    """The folder's hotspot maps, read back as :class:`HotspotMap` under their new names (for
+    ``hotspots.png``)."""
     from SpineNetLib.discs.hotspot_options import HotspotMap
     from SpineNetLib.inputs.image import read_image_arrays
 
     maps = []
     for name in names:
         voxels, ijk_to_ras = read_image_arrays(folder / name)
-        maps.append(HotspotMap(name, voxels.astype(np.float32), ijk_to_ras))
+        maps.append(HotspotMap(renamed.get(name, name), voxels.astype(np.float32), ijk_to_ras))
     return maps
+
+
+def renamed_disc_maps(folder: Path, hotspot_names: list[str], vertebrae_doc: dict) -> dict[str, str]:
+    """``{old name: new name}`` of the folder's maps of one disc (``hotspots/<disc>_<head>.*``) whose disc
+    ``vertebrae_doc`` names otherwise than the folder's ``vertebrae.json``."""
+    per_disc = [name for name in hotspot_names if len(Path(name).parts) == 2]
+    if not per_disc:
+        return {}
+    rename = {then: now for now, then in disc_names_in_folder(folder, vertebrae_doc).items()}
+    out = {}
+    for name in per_disc:
+        disc, underscore, head_and_suffix = Path(name).name.partition("_")
+        if underscore and disc in rename:
+            out[name] = (Path(name).parent / f"{rename[disc]}_{head_and_suffix}").as_posix()
+    return out
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
 
 
 def correct_results(results, which: str, level: str, *, scan=None) -> list[Path]:
@@ -124,12 +148,15 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
         raise InputError(f"{folder} holds {', '.join(dicom)}, which are made from the DICOM files the run read: "
                          "correct it with spinenet correct --input DICOM_FOLDER")
     files = document_texts(vertebrae_doc, discs_doc)
+    renamed = renamed_disc_maps(folder, manifest["hotspots"], vertebrae_doc)
     if scan is not None and needing_scan:
         check_same_scan(vertebrae_doc, scan)   # the documents keep the scan block of the run that made them
-        maps = _hotspot_maps(folder, manifest["hotspots"]) if HOTSPOTS_FILE in needing_scan else []
+        maps = _hotspot_maps(folder, manifest["hotspots"], renamed) if HOTSPOTS_FILE in needing_scan else []
         files.update(_pictures_and_dicom(needing_scan, scan, vertebrae_doc, discs_doc, maps))
-    files[RESULT_FILE] = manifest_text(discs_doc, manifest["hotspots"], manifest["images"], manifest["dicom"])
-    return write_files_atomically(folder, files)
+    files.update({new: _read_bytes(folder / old) for old, new in renamed.items()})
+    hotspots = sorted(renamed.get(name, name) for name in manifest["hotspots"])
+    files[RESULT_FILE] = manifest_text(discs_doc, hotspots, manifest["images"], manifest["dicom"])
+    return write_files_atomically(folder, files, remove=list(renamed))
 
 
 def read_manifest_lists(folder: Path) -> dict[str, list[str]]:

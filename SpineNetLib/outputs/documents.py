@@ -488,6 +488,23 @@ def hotspot_files(folder, disc: str, head: str) -> list[Path]:
             if (folder / f"{name}{suffix}").is_file()]
 
 
+def disc_names_in_folder(folder, vertebrae_doc: dict | None) -> dict[str, str]:
+    """``{disc name now: disc name in the folder}`` of the discs that a level correction renamed since the
+    folder was written, from its ``vertebrae.json`` and ``vertebrae_doc`` (the same bodies, top to bottom,
+    as :func:`apply_level_correction` leaves them): a map of one disc (``hotspots/<disc>_<head>.*``) is
+    filed under the folder's name. Empty without a ``vertebrae.json`` there."""
+    path = Path(folder) / "vertebrae.json" if folder else None
+    if vertebrae_doc is None or path is None or not path.is_file():
+        return {}
+    then = [vertebra_name(v, i) for i, v in enumerate(read_json(path, "vertebrae document").get("vertebrae") or [])]
+    now = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc.get("vertebrae") or [])]
+    if len(then) != len(now):
+        raise InputError(f"the results hold {len(now)} vertebrae and {path} {len(then)}: they are not the same "
+                         "run's")
+    pairs = ((disc_name(now[k], now[k + 1]), disc_name(then[k], then[k + 1])) for k in range(len(now) - 1))
+    return {a: b for a, b in pairs if a != b}
+
+
 def hotspot_node_name(relative_path) -> str:
     """Node name of a hotspot file: "hotspots/L4-L5_Pfirrmann.nii.gz" -> "SpineNet hotspot L4-L5 Pfirrmann"."""
     name = Path(relative_path).name

@@ -60,10 +60,14 @@ if TYPE_CHECKING:  # annotations only: the writer reads these objects' fields, i
 RESULT_FILE = "result.json"
 
 
-def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str | bytes]) -> list[Path]:
+def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str | bytes],
+                           remove: Sequence[str] = ()) -> list[Path]:
     """Write ``{name: text or bytes}`` into ``outdir`` so that the set is replaced as a whole.
 
-    Text is written as UTF-8, line endings unchanged; bytes as they are.
+    Text is written as UTF-8, line endings unchanged; bytes as they are.  A name may lie in a
+    sub-folder (``hotspots/L4-L5_Pfirrmann.nii.gz``), made when missing.  ``remove``: files of the
+    earlier set that the new one no longer has (a map renamed); they go with the same step, and a
+    sub-folder they leave empty goes too.
 
     Everything is first written to hidden temporary files in the same folder
     (each one listed for clean-up before its first byte, so a full disk leaves
@@ -74,29 +78,47 @@ def write_files_atomically(outdir: str | os.PathLike, files: dict[str, str | byt
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     temporary: list[tuple[Path, Path]] = []
+    made_folders: list[Path] = []
     try:
         for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=outdir)
-            temporary.append((Path(tmp), outdir / name))
+            final = outdir / name
+            if not final.parent.is_dir():
+                final.parent.mkdir(parents=True)
+                made_folders.append(final.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+            temporary.append((Path(tmp), final))
             os.fchmod(fd, default_file_mode())
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(text.encode("utf-8") if isinstance(text, str) else bytes(text))
             except OSError as exc:  # e.g. a full disk: name the file the user knows, not the temporary
-                raise OSError(exc.errno, exc.strerror or str(exc), str(outdir / name)) from None
-        _replace_together(temporary)
+                raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from None
+        _replace_together(temporary, [outdir / name for name in remove if name not in files])
     except BaseException:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
+        for folder in reversed(made_folders):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
+    for name in remove:
+        folder = (outdir / name).parent
+        if name not in files and folder != outdir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     return [final for _, final in temporary]
 
 
-def _replace_together(pairs: list[tuple[Path, Path]]) -> None:
-    """Rename each temporary onto its final name; on any failure restore the earlier files."""
+def _replace_together(pairs: list[tuple[Path, Path]], removed: Sequence[Path] = ()) -> None:
+    """Rename each temporary onto its final name and take the ``removed`` files away; on any failure
+    restore the earlier files."""
     moved_aside: list[tuple[Path, Path]] = []
     placed: list[Path] = []
     try:
+        for path in removed:
+            if path.is_file() or path.is_symlink():
+                old = path.with_name(f".{path.name}.removed.old")
+                os.replace(path, old)
+                moved_aside.append((old, path))
         for tmp, final in pairs:
             if final.exists():
                 old = final.with_name(f".{final.name}.{tmp.name}.old")

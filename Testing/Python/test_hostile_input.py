@@ -137,6 +137,44 @@ def test_a_full_disk_leaves_no_part_file_and_a_failed_rename_restores_the_earlie
     assert (out / "vertebrae.json").read_text() == "old vertebrae" and (out / "discs.csv").read_text() == "old discs"
 
 
+def test_a_renamed_map_moves_with_the_set_or_not_at_all(tmp_path, monkeypatch):
+    """Maps renamed in a sub-folder (a level correction): the new names appear and the old ones go in one step;
+    a failed rename puts every earlier file back, with no new sub-folder or temporary file left."""
+    import os
+
+    from SpineNetLib.outputs import files
+
+    out = tmp_path / "out"
+    (out / "hotspots").mkdir(parents=True)
+    (out / "hotspots" / "L4-L5_H.nii.gz").write_bytes(b"map of the upper disc")
+    (out / "hotspots" / "L5-S1_H.nii.gz").write_bytes(b"map of the lower disc")
+    (out / "vertebrae.json").write_text("old vertebrae")
+    earlier = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    moved = {"hotspots/L5-S1_H.nii.gz": b"map of the upper disc", "hotspots/S1-S2_H.nii.gz": b"map of the lower disc",
+             "other/new.txt": "in a new sub-folder", "vertebrae.json": "new vertebrae"}
+
+    real_replace, calls = os.replace, []
+
+    def last_rename_fails(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("vertebrae.json") and not str(src).endswith(".old"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", last_rename_fails)
+    with pytest.raises(OSError):
+        files.write_files_atomically(out, moved, remove=["hotspots/L4-L5_H.nii.gz", "hotspots/L5-S1_H.nii.gz"])
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert not (out / "other").exists()
+
+    files.write_files_atomically(out, moved, remove=["hotspots/L4-L5_H.nii.gz", "hotspots/L5-S1_H.nii.gz"])
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == {
+        name: data.encode() if isinstance(data, str) else data for name, data in moved.items()}
+    files.write_files_atomically(out, {"vertebrae.json": "again"}, remove=["other/new.txt"])
+    assert not (out / "other").exists()                     # a sub-folder left empty goes
+
+
 def test_an_unwritable_output_is_reported_before_the_work(tmp_path, capsys, monkeypatch):
     from SpineNetLib import pipeline
     from SpineNetLib.outputs.files import check_writable

@@ -240,3 +240,39 @@ def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
     row = dict(zip(summary[0].split(","), summary[1].split(",")))
     assert row["corrected_by_user"] == "true" and row["levels_need_review"] == "false"
     assert row["levels"] == f"{expected[0]}..{expected[-1] or 'V' + str(len(expected))}"
+
+
+def test_maps_of_single_discs_move_to_their_discs_new_names(tmp_path, capsys):
+    """A plug-in pipeline's map of one disc (``hotspots/<disc>_<head>.nii.gz``) stays with its disc: after the
+    correction it is filed under the disc's new name, in the same step as the documents, and result.json
+    lists it there."""
+    phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.4, 1.4), n_slices=5, seed=2)
+    dicom = tmp_path / "dicom"
+    phantom.write_dicom(dicom)
+    scan = pipeline.read_input(dicom, pipeline.processing_profile(None))[0]
+    result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    discs = [d["level"] for d in result.discs_document["discs"]]
+    rng = np.random.default_rng(1)
+    grid = scan.input_shape_ijk[::-1]
+    result.hotspots = [HotspotMap(f"hotspots/{disc}_Herniation.nii.gz", rng.random(grid).astype(np.float32),
+                                  np.asarray(scan.input_ijk_to_ras)) for disc in discs]
+    out = tmp_path / "out"
+    write_results(out, result, scan=scan)
+    before = {disc: (out / "hotspots" / f"{disc}_Herniation.nii.gz").read_bytes() for disc in discs}
+    top = phantom.levels[0]
+
+    assert cli.main(["correct", str(out), top, _one_lower(top), "--input", str(dicom)]) == 0
+    capsys.readouterr()
+    renamed = [d["level"] for d in json.loads((out / "discs.json").read_text())["discs"]]
+    assert renamed != discs and len(renamed) == len(discs)
+    assert sorted(p.name for p in (out / "hotspots").iterdir()) == sorted(f"{d}_Herniation.nii.gz" for d in renamed)
+    for old, new in zip(discs, renamed):
+        assert (out / "hotspots" / f"{new}_Herniation.nii.gz").read_bytes() == before[old], (old, new)
+    assert json.loads((out / "result.json").read_text())["hotspots"] == sorted(
+        f"hotspots/{d}_Herniation.nii.gz" for d in renamed)
+    assert not [p for p in out.rglob(".*") if p.is_file()]        # no temporary or moved-aside file left
+
+    # and back: every map under the name it was written with
+    assert cli.main(["correct", str(out), "#1", top, "--input", str(dicom)]) == 0
+    for disc in discs:
+        assert (out / "hotspots" / f"{disc}_Herniation.nii.gz").read_bytes() == before[disc], disc

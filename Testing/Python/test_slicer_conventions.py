@@ -233,12 +233,19 @@ def test_the_temporary_folder_goes_once_the_results_are_in_the_scene(two_volumes
     logic.runSynchronously(first, pipeline=FAKE, options={"vertebrae": truth, "hotspot": "L4-L5:Pfirrmann"})
     kept = logic.lastRun
     files = sorted(p.relative_to(kept.folder).as_posix() for p in Path(kept.folder).rglob("*") if p.is_file())
-    assert files == ["results/hotspots/L4-L5_Pfirrmann.nii.gz"]
+    assert files == ["results/hotspots/L4-L5_Pfirrmann.nii.gz", "results/vertebrae.json"]
     node, message = logic.showHotspots(first, "L4-L5", "Pfirrmann")
     assert node is not None and message == "Showing the Pfirrmann hotspots of L4-L5."
     assert node.GetName() == "T2 sagittal lumbar SpineNet hotspot L4-L5 Pfirrmann"
-    logic.correctLevel(first, 2, "L3")                  # the same results, corrected: still kept
+    levels = [v["level"] for v in vertebrae["vertebrae"]]
+    below = levels.index("L4")
+    logic.correctLevel(first, below, "L3")              # the same results, corrected: still kept
     assert Path(kept.folder).exists()
+    # the disc once named L4-L5 is L3-L4 now: its map is found under its new name, and no other disc's
+    node, message = logic.showHotspots(first, "L3-L4", "Pfirrmann")
+    assert node is not None and message == "Showing the Pfirrmann hotspots of L3-L4."
+    assert node.GetName() == "T2 sagittal lumbar SpineNet hotspot L3-L4 Pfirrmann"
+    assert logic.showHotspots(first, "L4-L5", "Pfirrmann")[0] is None
 
     # replaced by the next run's results: removed
     logic.runSynchronously(first, pipeline=FAKE, options={"vertebrae": truth, "hotspot": "L4-L5:Pfirrmann"})
