@@ -10,7 +10,7 @@ or with any Python that has SpineNetLib's requirements and ``slicer-core``::
     python SpineNet/Scripts/SpineNetBatch.py --input DICOM_DIR_OR_FILE --output DIR
 
 Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder or
-file, NIfTI, NRRD, MHA: identical behaviour in and outside Slicer) and run it
+file, NIfTI, NRRD, MHA, or a ZIP archive of one of them: identical behaviour in and outside Slicer) and run it
 through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
 process, the same entry point as the Slicer module's worker, so the same files
 are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
@@ -63,7 +63,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _OneLineParser(prog="SpineNetBatch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="DICOM folder or file, or a NIfTI/NRRD/MHA image")
+    parser.add_argument("--input", required=True, help="DICOM folder or file, a NIfTI/NRRD/MHA image, or a ZIP archive of either")
     parser.add_argument("--output", required=True, help="folder for the result files and scene.mrb")
     parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
                         help="the series when a DICOM folder holds several sagittal series: its SeriesInstanceUID, "
@@ -164,6 +164,7 @@ def run(args):
 
     from SpineNetLib.apps import worker
     from SpineNetLib.core.errors import InputError
+    from SpineNetLib.inputs.archive import unpacked
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs import documents
     from SpineNetLib.outputs.files import check_writable, earlier_manifest
@@ -188,7 +189,8 @@ def run(args):
     profile = processing_profile(args.profile, args.weights)
     # The scan as the user has it (every native slice): the worker averages thin slices into slabs
     # itself when the profile says so, and its documents and the scene refer to this grid (issue 14).
-    scan = load_scan(args.input, series_uid=args.series, resample_isotropic=False)
+    with unpacked(args.input) as source:   # a ZIP archive: its files are needed only while it is read
+        scan = load_scan(source, series_uid=args.series, resample_isotropic=False)
 
     # The worker's entry point, in this process, on the scan just read (with its --series).
     with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:

@@ -23,6 +23,7 @@ standard output went away (``| head``), quietly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ def _use_threads(args) -> None:
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="DICOM folder or file, or a NIfTI/NRRD/MHA/MHD image")
+    parser.add_argument("input", help="DICOM folder or file, a NIfTI/NRRD/MHA/MHD image, or a ZIP archive of either")
     parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
                         help="the series to read when a DICOM folder holds several sagittal series: its "
                              "SeriesInstanceUID, its SeriesNumber, or a part of its SeriesDescription (any case) "
@@ -285,6 +286,7 @@ def command_run(args) -> int:
     _use_threads(args)  # before numpy and torch are loaded, when they are not yet
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
+    from SpineNetLib.inputs.archive import unpacked
     from SpineNetLib.outputs.files import check_writable, write_results
     from SpineNetLib.outputs.preview import pillow_missing
 
@@ -294,28 +296,30 @@ def command_run(args) -> int:
     _check_sequence(args)
     output = check_writable(args.output)  # at once, not after the whole inference
     profile = pipeline.processing_profile(getattr(args, "profile", None), args.weights)
-    scan, _ = pipeline.read_input(args.input, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
-                                  slice_spacing=args.slice_spacing)
-    dicom_out = getattr(args, "dicom_out", False)
-    if dicom_out:
-        from SpineNetLib.outputs.dicom_results import check_dicom_source
+    # a ZIP archive stays unpacked until the results are written: DICOM results are made from its files
+    with unpacked(args.input) as source:
+        scan, _ = pipeline.read_input(source, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
+                                      slice_spacing=args.slice_spacing)
+        dicom_out = getattr(args, "dicom_out", False)
+        if dicom_out:
+            from SpineNetLib.outputs.dicom_results import check_dicom_source
 
-        check_dicom_source(scan)  # a NIfTI input is refused now, not after the inference
-    load_seconds = time.perf_counter() - start
-    networks = _networks_for(args)
-    if hotspot_heads and networks.grading is None:
-        raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
-                            "(use --weights official or a folder with grading.pt)")
-    hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
-                "hotspot_augmentations": args.hotspot_augmentations,
-                "hotspot_precision": args.hotspot_precision} if hotspot_heads else {}
-    options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False),
-                                  sequence=getattr(args, "sequence", None), **hotspots, profile=profile.name,
-                                  earlier_timings_s={"load_scan": load_seconds,
-                                                     "load_networks": networks.load_seconds})
-    result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
-    preview = not getattr(args, "no_preview", False)
-    written = write_results(output, result, scan=scan, preview=preview, dicom=dicom_out)
+            check_dicom_source(scan)  # a NIfTI input is refused now, not after the inference
+        load_seconds = time.perf_counter() - start
+        networks = _networks_for(args)
+        if hotspot_heads and networks.grading is None:
+            raise SpineNetError("--hotspots needs grading weights, and this weight set has none "
+                                "(use --weights official or a folder with grading.pt)")
+        hotspots = {"hotspot_heads": hotspot_heads, "hotspot_method": args.hotspot_method,
+                    "hotspot_augmentations": args.hotspot_augmentations,
+                    "hotspot_precision": args.hotspot_precision} if hotspot_heads else {}
+        options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False),
+                                      sequence=getattr(args, "sequence", None), **hotspots, profile=profile.name,
+                                      earlier_timings_s={"load_scan": load_seconds,
+                                                         "load_networks": networks.load_seconds})
+        result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
+        preview = not getattr(args, "no_preview", False)
+        written = write_results(output, result, scan=scan, preview=preview, dicom=dicom_out)
     # after the files are written: a run that fails to write them ends in its one error line only
     for warning in result.warnings + ([pillow_missing()] if preview and pillow_missing() else []):
         print(f"spinenet: warning: {one_line(warning)}", file=sys.stderr)
@@ -543,7 +547,7 @@ def _add_correct_command(sub) -> None:
                               "vertebra from the top")
     correct.add_argument("level", metavar="LEVEL", help="its level (C2..C7, T1..T12, L1..L5, S1 or S2)")
     correct.add_argument("--input", metavar="SCAN",
-                         help="the scan the run read (DICOM folder or file, NIfTI, NRRD, MHA): needed when the "
+                         help="the scan the run read (DICOM folder or file, NIfTI, NRRD, MHA, a ZIP archive): needed when the "
                               "folder holds preview.png, hotspots.png or DICOM results, which are drawn again")
     correct.add_argument("--series", metavar="UID|NUMBER|TEXT",
                          help="the series the run read, when --input is a DICOM folder of several series")
@@ -552,6 +556,7 @@ def _add_correct_command(sub) -> None:
 
 def command_correct(args) -> int:
     from SpineNetLib.core.profiles import processing_profile
+    from SpineNetLib.inputs.archive import unpacked
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.outputs.correction import corrected_documents, rewrite_results
     from SpineNetLib.outputs.documents import read_result
@@ -566,11 +571,13 @@ def command_correct(args) -> int:
         overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
         profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
         pixel_spacing = overrides.get("pixel_spacing")
-        scan = load_scan(args.input, series_uid=args.series,
-                         pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
-                         slice_spacing=overrides.get("slice_spacing"),
-                         resample_isotropic=profile.slab_average_thin_slices)
-    written = rewrite_results(folder, corrected, corrected_discs, scan=scan)
+    with unpacked(args.input) if args.input is not None else contextlib.nullcontext() as source:
+        if source is not None:   # a ZIP archive stays unpacked until the DICOM results are made again
+            scan = load_scan(source, series_uid=args.series,
+                             pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
+                             slice_spacing=overrides.get("slice_spacing"),
+                             resample_isotropic=profile.slab_average_thin_slices)
+        written = rewrite_results(folder, corrected, corrected_discs, scan=scan)
     before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     after = [v.get("level") for v in corrected["vertebrae"]]
     unnamed = sum(1 for old, new in zip(before, after) if old and not new)

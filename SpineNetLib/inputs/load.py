@@ -4,7 +4,9 @@
 * a single DICOM file (any extension) -> its whole series, read from the
   file's folder;
 * ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` ->
-  :func:`io_image.load_image_file`.
+  :func:`io_image.load_image_file`;
+* a ZIP archive is refused here with a pointer to :func:`SpineNetLib.inputs.archive.unpacked`, which
+  keeps it unpacked for as long as a caller needs its files.
 
 Every problem is an :class:`InputError` with a one-line message.
 """
@@ -15,6 +17,7 @@ import os
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.archive import is_zip_archive
 from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series
 from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
 from SpineNetLib.core.scan import Scan
@@ -82,6 +85,9 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
         return load_dicom_series(p.parent, series_uid, pixel_spacing, slice_spacing,
                                  resample_isotropic=resample_isotropic)
     file_series = _is_dicom_file(p)
+    if file_series is None and is_zip_archive(p):
+        raise InputError(f"{p.name} is a ZIP archive: spinenet run reads it as it is; in Python read the path "
+                         "that SpineNetLib.inputs.archive.unpacked gives for it")
     if file_series is None:
         raise InputError(f"unsupported input {p.name!r}: not DICOM and not one of {', '.join(IMAGE_SUFFIXES)}")
     if series_uid is not None and file_series and series_uid != file_series:

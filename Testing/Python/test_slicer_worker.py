@@ -385,12 +385,18 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 13
     assert len(mrml.result_nodes(scene, volume, "hotspot")) == 1
 
-    # a rerun into the same folder without a scene leaves no scene of the earlier run behind
-    proc = subprocess.run([sys.executable, str(BATCH), "--input", str(dicom), "--output", str(out), "--quiet",
+    # a rerun into the same folder without a scene leaves no scene of the earlier run behind; the series given
+    # as a ZIP archive is read as its folder is
+    import shutil
+
+    exam = shutil.make_archive(str(tmp_path / "exam"), "zip", dicom)
+    proc = subprocess.run([sys.executable, str(BATCH), "--input", exam, "--output", str(out), "--quiet",
                            "--pipeline", FAKE, "--option", f"vertebrae={unsure}", "--no-scene", "--no-preview"],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "result.json", "vertebrae.csv", "vertebrae.json"]
+    again, _, _ = documents.read_result(out)
+    assert again["input_check"] == vertebrae["input_check"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,92 @@
+"""A ZIP archive as the input: a study as a PACS, a web viewer or a data portal hands it out.
+
+:func:`unpacked` unpacks it into a temporary folder for as long as the caller needs the files (a
+DICOM run's segmentation and report are made from the DICOM files after the inference) and removes
+it afterwards; anything else passes through unchanged. Inside the archive the usual rules hold: a
+DICOM folder (its sagittal series, ``--series``, a DICOMDIR's medium) or one image file.
+
+Checked before a byte is written: the archive must be readable and unencrypted, its files must fit
+in the temporary folder's free space, and every name must stay inside the folder (the standard
+library's extraction also strips absolute paths and ``..``; a name that would leave is refused).
+macOS resource forks (``__MACOSX/``) are left out. Errors name the archive, not the temporary
+folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.image import image_suffix
+
+#: The folder that macOS's archiver adds beside the files (resource forks, never images).
+MACOS_RESOURCE_FOLDER = "__MACOSX"
+
+
+def is_zip_archive(path: Path) -> bool:
+    """Whether ``path`` is a file in ZIP format (not an image file, not a DICOM file whose bytes happen
+    to end like a ZIP archive)."""
+    if not path.is_file() or image_suffix(path) is not None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] == b"DICM":   # a DICOM file's preamble
+                return False
+    except OSError:
+        return False
+    return zipfile.is_zipfile(path)
+
+
+@contextlib.contextmanager
+def unpacked(path) -> Iterator[Path]:
+    """``path`` as it is, or for a ZIP archive the path to read inside the folder it is unpacked into:
+    its one image file when it holds exactly one file and that is an image, else the folder. The folder
+    is removed when the ``with`` block ends; an :class:`InputError` raised inside it names the archive
+    instead of the folder."""
+    archive = Path(path).expanduser()
+    if not is_zip_archive(archive):
+        yield archive
+        return
+    with tempfile.TemporaryDirectory(prefix="spinenet-zip-") as folder:
+        try:
+            files = _extract(archive, Path(folder))
+            only_image = len(files) == 1 and image_suffix(files[0]) is not None
+            yield files[0] if only_image else Path(folder)
+        except InputError as error:
+            message = str(error).replace(str(Path(folder)), archive.name)
+            raise InputError(message) from None
+
+
+def _extract(archive: Path, folder: Path) -> list[Path]:
+    """The archive's files, unpacked into ``folder`` after the checks of the module docstring."""
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            members = [m for m in opened.infolist() if not m.is_dir()
+                       and PurePosixPath(m.filename).parts[:1] != (MACOS_RESOURCE_FOLDER,)]
+            if not members:
+                raise InputError(f"the ZIP archive {archive.name} holds no files")
+            if any(m.flag_bits & 0x1 for m in members):
+                raise InputError(f"the ZIP archive {archive.name} is encrypted: unpack it with its password first")
+            needed = sum(m.file_size for m in members)
+            free = shutil.disk_usage(folder).free
+            if needed > free:
+                raise InputError(f"the ZIP archive {archive.name} unpacks to {needed / 1e9:.1f} GB, more than the "
+                                 f"{free / 1e9:.1f} GB free in the temporary folder (set TMPDIR, or unpack it yourself)")
+            root = folder.resolve()
+            files = []
+            for member in members:
+                target = Path(opened.extract(member, folder)).resolve()
+                if root not in target.parents:
+                    raise InputError(f"the ZIP archive {archive.name} names a file outside its folder: "
+                                     f"{member.filename!r}")
+                files.append(target)
+            return files
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as error:
+        raise InputError(f"cannot read the ZIP archive {archive.name}: {' '.join(str(error).split())}") from None
+    except OSError as error:
+        raise InputError(f"cannot unpack the ZIP archive {archive.name}: {error.strerror or error}") from None
