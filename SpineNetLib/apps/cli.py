@@ -517,7 +517,8 @@ COHORT_DESCRIPTION = """\
 Run every study under INPUT_ROOT, each once, on Dask distributed (a local cluster, or the workers
 of --scheduler), with the networks loaded once per worker. A study is an image file
 (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or a sagittal DICOM series (every sagittal series of an
-exam is a study of its own; axial, coronal and localiser series are left out). Each study's
+exam is a study of its own; axial, coronal and localiser series are left out), also inside a ZIP
+archive under INPUT_ROOT. Each study's
 results go to OUTDIR/studies/<study id>/ (the files of `spinenet run`); OUTDIR gets
 cohort_vertebrae.csv, cohort_discs.csv, cohort_failures.csv (study, input, reason) and
 cohort_studies.csv (a row per finished study: its levels, whether they need review and why,
@@ -596,7 +597,8 @@ def _add_cohort_command(sub) -> None:
                                            "with cohort CSV tables",
                             description=COHORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     cohort.add_argument("input_root", metavar="INPUT_ROOT",
-                        help="folder searched for studies (DICOM folders, NIfTI/NRRD/MHA files), at any depth")
+                        help="folder searched for studies (DICOM folders, NIfTI/NRRD/MHA files, ZIP archives of "
+                             "them), at any depth")
     cohort.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                         help="folder for the per-study result folders (OUTDIR/studies/) and the cohort tables; "
                              "with --scheduler, a path every worker can write to")

@@ -13,6 +13,11 @@ A study is one scan:
   some.  A series whose plane its headers do not tell is a study; the loader then reads it or
   says why it cannot.
 
+A ZIP archive (``.zip``) is unpacked into a temporary folder and looked through as a folder of its own:
+every image file and sagittal series in it is a study, read from the archive when it runs
+(:func:`study_input`); its relative path is the archive's followed by the path inside it
+(``exams/p7.zip/T2_SAG``). An archive that cannot be unpacked is a failure.
+
 A DICOM exam (StudyInstanceUID) with images but not one sagittal MR series (a CT or other non-MR
 series is never read: ``inputs.dicom.NOT_MR_MODALITIES``) is not run: it is
 reported as a failure (:class:`StudyFailure`), since a user who put it under the root probably
@@ -34,15 +39,18 @@ folders over the Dask workers (:mod:`SpineNetLib.cohort.run`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.inputs.archive import is_zip_archive, unpacked_folder
 from SpineNetLib.inputs.dicom import not_mr_modality
 from SpineNetLib.inputs.image import image_suffix
 
@@ -70,6 +78,9 @@ class Study:
     kind: str
     #: The DICOM series to read (None: an image file, or a series without a SeriesInstanceUID).
     series_uid: str | None = None
+    #: Where the study lies inside the ZIP archive ``path`` (POSIX, "." for its top folder), read through
+    #: :func:`study_input`; None for a study that is no archive's.
+    inner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class Candidates:
 
     images: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
+    archives: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -134,7 +146,7 @@ def _parts(relative: str, root: Path) -> list[str]:
 
 
 def candidate_inputs(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> Candidates:
-    """Image files and folders with possible DICOM files under ``root``, in sorted order.
+    """Image files, folders with possible DICOM files and ZIP archives under ``root``, in sorted order.
 
     Hidden files and folders (a leading ".") are skipped, and so is every folder in ``exclude``
     (the cohort's own output folder when it lies under the root: its hotspot maps are images).
@@ -152,6 +164,8 @@ def candidate_inputs(root: str | os.PathLike, exclude: Sequence[str | os.PathLik
                 continue
             if image_suffix(path) is not None:
                 found.images.append(path)
+            elif name.lower().endswith(".zip") and is_zip_archive(path):
+                found.archives.append(path)
             elif name.upper() != "DICOMDIR" and not name.lower().endswith(NOT_DICOM_SUFFIXES):
                 maybe_dicom = True
         if maybe_dicom:
@@ -277,9 +291,55 @@ def studies_from_candidates(root: str | os.PathLike, candidates: Candidates,
     per_folder = (map_folders or _local_map)(dicom_series_in_folder, [str(f) for f in candidates.folders])
     dicom, failures = _dicom_studies(root, _merge_series(h for headers in per_folder for h in headers))
     studies = [_image_study(root, p) for p in candidates.images] + dicom
+    for archive in candidates.archives:
+        inside = _archive_discovery(root, archive)
+        studies += inside.studies
+        failures += inside.failures
     studies.sort(key=lambda s: (s.relative, s.study_id))
     failures.sort(key=lambda f: (f.input, f.study_id))
     return Discovery(studies, failures)
+
+
+def _archive_discovery(root: Path, archive: Path) -> Discovery:
+    """The studies and failures inside one ZIP archive, as studies of the cohort (module docstring).
+
+    Their ids read like those of the same files unpacked in place (``<folders>__<archive name>__...``) and
+    hash the archive's relative path with the path inside it, so they stay the same from run to run."""
+    relative = _relative(archive, root)
+    folders = _parts(relative, root)[:-1]
+    try:
+        with unpacked_folder(archive) as folder:
+            inside = discover_studies(folder)
+            top = _readable([folder.name])
+    except InputError as error:
+        return Discovery([], [StudyFailure(make_study_id([*folders, archive.name], relative), relative, str(error))])
+
+    def placed(inner: str) -> str:
+        return relative if inner == "." else f"{relative}/{inner}"
+
+    def readable(inner_id: str, inner: str) -> list[str]:
+        """The readable part of an id made inside the archive's folder, after the archive's name."""
+        part = inner_id.rsplit("-", 1)[0]
+        if inner == "." and (part == top or part.startswith(top + "__")):   # the folder's own name comes first
+            part = part[len(top):].lstrip("_")
+        return [*folders, top, part]
+
+    studies = [Study(make_study_id(readable(s.study_id, s.relative), f"{relative}!{s.relative}#{s.series_uid or ''}"),
+                     str(archive), placed(s.relative), s.kind, s.series_uid, s.relative) for s in inside.studies]
+    failures = [StudyFailure(make_study_id(readable(f.study_id, f.input), f"{relative}!{f.input}#{f.reason}"),
+                             placed(f.input), f.reason) for f in inside.failures]
+    return Discovery(studies, failures)
+
+
+@contextlib.contextmanager
+def study_input(study: Study) -> Iterator[Path]:
+    """The path to read the study from (:func:`SpineNetLib.pipeline.read_input`): its own, or inside its
+    ZIP archive, unpacked until the ``with`` block ends (its DICOM results are made from the files)."""
+    if study.inner is None:
+        yield Path(study.path)
+        return
+    with unpacked_folder(Path(study.path)) as folder:
+        yield folder / study.inner
 
 
 def discover_studies(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = (),

@@ -59,7 +59,8 @@ import torch
 from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_completed, get_worker
 
 from SpineNetLib import pipeline
-from SpineNetLib.cohort.discover import Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates
+from SpineNetLib.cohort.discover import (Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates,
+                                         study_input)
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
 from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory,
@@ -262,13 +263,14 @@ def process_study(study: Study, studies_dir: str, settings: CohortSettings) -> S
         networks, load_seconds = _worker_networks(settings)
         torch.set_num_threads(settings.threads)  # in the thread that runs the study
         profile = pipeline.processing_profile(settings.profile, networks.weights.source)
-        scan, read_seconds = pipeline.read_input(study.path, profile, series_uid=study.series_uid)
-        earlier = {"load_scan": read_seconds, **({"load_networks": load_seconds} if load_seconds else {})}
-        options = pipeline.RunOptions(grade=settings.grade, sequence=settings.sequence, profile=profile.name,
-                                      earlier_timings_s=earlier)
-        result = pipeline.run(scan, networks, options)
-        dicom = {"dicom": True} if settings.dicom and study.kind == "dicom" else {}
-        write_results(partial, result, scan=scan, preview=settings.preview, **dicom)
+        with study_input(study) as source:   # a study in a ZIP archive: unpacked until its results are written
+            scan, read_seconds = pipeline.read_input(source, profile, series_uid=study.series_uid)
+            earlier = {"load_scan": read_seconds, **({"load_networks": load_seconds} if load_seconds else {})}
+            options = pipeline.RunOptions(grade=settings.grade, sequence=settings.sequence, profile=profile.name,
+                                          earlier_timings_s=earlier)
+            result = pipeline.run(scan, networks, options)
+            dicom = {"dicom": True} if settings.dicom and study.kind == "dicom" else {}
+            write_results(partial, result, scan=scan, preview=settings.preview, **dicom)
         published = _publish(partial, final)
     except Exception as error:
         shutil.rmtree(partial, ignore_errors=True)

@@ -52,14 +52,26 @@ def unpacked(path) -> Iterator[Path]:
     if not is_zip_archive(archive):
         yield archive
         return
-    with tempfile.TemporaryDirectory(prefix="spinenet-zip-") as folder:
+    with unpacked_folder(archive) as folder:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        yield files[0] if len(files) == 1 and image_suffix(files[0]) is not None else folder
+
+
+@contextlib.contextmanager
+def unpacked_folder(archive: Path) -> Iterator[Path]:
+    """The folder the ZIP archive ``archive`` is unpacked into (named after the archive, in a temporary
+    folder), removed when the ``with`` block ends; an :class:`InputError` raised inside it names the
+    archive instead of the folder."""
+    archive = Path(archive)
+    with tempfile.TemporaryDirectory(prefix="spinenet-zip-") as temporary:
+        folder = Path(temporary) / (archive.name[:-len(".zip")] if archive.name.lower().endswith(".zip")
+                                    else archive.name)
+        folder.mkdir()
         try:
-            files = _extract(archive, Path(folder))
-            only_image = len(files) == 1 and image_suffix(files[0]) is not None
-            yield files[0] if only_image else Path(folder)
+            _extract(archive, folder)
+            yield folder
         except InputError as error:
-            message = str(error).replace(str(Path(folder)), archive.name)
-            raise InputError(message) from None
+            raise InputError(str(error).replace(str(folder), archive.name)) from None
 
 
 def _extract(archive: Path, folder: Path) -> list[Path]:

@@ -119,6 +119,43 @@ def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
     assert make_study_id(["a", "b"], "k") == make_study_id(["a", "b"], "k") != make_study_id(["a", "b"], "k2")
 
 
+def test_the_studies_in_zip_archives_are_found_and_run_from_them(tmp_path, monkeypatch):
+    """A ZIP archive under the root is looked through as a folder: its image files and sagittal series are
+    studies with stable ids, run from the archive (DICOM results included) with nothing left unpacked; an
+    archive that cannot be unpacked is a failure."""
+    import shutil
+    import tempfile
+
+    root = tmp_path / "root"
+    exam = tmp_path / "exam"
+    _phantom(3).write_dicom(exam / "SAG_T2", series_description="T2 SAG", extra_tags={"SeriesNumber": 3})
+    (root / "site").mkdir(parents=True)
+    shutil.make_archive(str(root / "site" / "p7"), "zip", exam)
+    _phantom(4).write_nifti(tmp_path / "image" / "scan.nii.gz")
+    shutil.make_archive(str(root / "p8"), "zip", tmp_path / "image")
+    (root / "broken.zip").write_bytes(b"PK\x05\x06" + bytes(18))      # an empty archive: no files
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+
+    found = discover_studies(root)
+    assert [(s.relative, s.kind, s.inner) for s in found.studies] == [
+        ("p8.zip/scan.nii.gz", "image", "scan.nii.gz"), ("site/p7.zip/SAG_T2", "dicom", "SAG_T2")]
+    assert found.studies[0].study_id.startswith("p8__scan-")
+    assert found.studies[1].study_id.startswith("site__p7__SAG_T2__s3_T2_SAG-")
+    assert [(f.input, "holds no files" in f.reason) for f in found.failures] == [("broken.zip", True)]
+    assert [s.study_id for s in discover_studies(root).studies] == [s.study_id for s in found.studies]
+    assert not any(temporary.iterdir())
+
+    settings = CohortSettings(preview=False, dicom=True)
+    outcomes = [process_study(s, str(tmp_path / "studies"), settings) for s in found.studies]
+    assert [o.status for o in outcomes] == ["done", "done"], outcomes
+    dicom = tmp_path / "studies" / found.studies[1].study_id
+    assert sorted(json.loads((dicom / "result.json").read_text()).get("dicom")) == ["report.dcm", "segmentation.dcm"]
+    assert [v["level"] for v in json.loads((dicom / "vertebrae.json").read_text())["vertebrae"]][-1] == "S1"
+    assert not any(temporary.iterdir())
+
+
 def test_progress_line_counts_and_eta():
     import io
 
