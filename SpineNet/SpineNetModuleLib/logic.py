@@ -651,9 +651,10 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         """Write the volume's results, level corrections included, back into the results folder they came
         from (:meth:`savableResultsFolder`): every file that names a level, the pictures drawn again on the
         volume, replaced together (:func:`SpineNetLib.outputs.correction.rewrite_results`); returns the
-        paths. A folder with DICOM results is refused: those are made from the DICOM files themselves
-        (``spinenet correct --input``)."""
-        from SpineNetLib.outputs.correction import rewrite_results
+        paths. A folder with DICOM results needs the DICOM files themselves: those of a volume loaded
+        through Slicer's DICOM module are read from its database (copied into a temporary folder, read as
+        the run read them); for another volume such a folder is refused (``spinenet correct --input``)."""
+        from SpineNetLib.outputs.correction import read_manifest_lists, read_scan_as_run, rewrite_results
 
         vertebraeDoc, discsDoc, stored = self.documents(volumeNode)
         if vertebraeDoc is None:
@@ -661,9 +662,22 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         folder = self.savableFolder(stored)
         if folder is None:
             raise SpineNetError("these results were not loaded from a results folder: export them with Export CSV")
-        scan = self._mrml().scan_from_volume_node(volumeNode)
+        mrml = self._mrml()
+        dicomFiles = mrml.dicom_instance_files(volumeNode) if read_manifest_lists(folder)["dicom"] else None
+        if dicomFiles:
+            with tempfile.TemporaryDirectory(prefix="SpineNet-dicom-") as copies:
+                for number, path in enumerate(dicomFiles):
+                    shutil.copyfile(path, os.path.join(copies, f"{number:05d}.dcm"))
+                series = (vertebraeDoc.get("input") or {}).get("series_uid")
+                scan = read_scan_as_run(vertebraeDoc, copies, series)
+                paths = rewrite_results(folder, vertebraeDoc, discsDoc, scan=scan,
+                                        how_to_give_the_scan="the volume they were made from")
+            return [str(p) for p in paths]
+        scan = mrml.scan_from_volume_node(volumeNode)
         paths = rewrite_results(folder, vertebraeDoc, discsDoc, scan=scan,
-                                how_to_give_the_scan="the volume they were made from")
+                                how_to_give_the_scan="the volume they were made from",
+                                how_to_give_the_dicom="load the series through Slicer's DICOM module to save them "
+                                                      "here, or correct it with spinenet correct --input DICOM_FOLDER")
         return [str(p) for p in paths]
 
     def exportCsv(self, volumeNode, folder):

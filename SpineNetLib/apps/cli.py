@@ -556,28 +556,17 @@ def _add_correct_command(sub) -> None:
 
 
 def command_correct(args) -> int:
-    from SpineNetLib.core.profiles import processing_profile
     from SpineNetLib.inputs.archive import unpacked
-    from SpineNetLib.inputs.load import load_scan
-    from SpineNetLib.outputs.correction import corrected_documents, rewrite_results
+    from SpineNetLib.outputs.correction import corrected_documents, read_scan_as_run, rewrite_results
     from SpineNetLib.outputs.documents import read_result
 
     if args.series is not None and args.input is None:
         raise SpineNetError("--series names the series of --input; give --input too")
     vertebrae_doc, discs_doc, folder = read_result(args.results)
     corrected, corrected_discs = corrected_documents(vertebrae_doc, discs_doc, args.vertebra, args.level)
-    scan = None
-    if args.input is not None:
-        # read as the run read it: its spacing overrides and its profile's slabs
-        overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
-        profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
-        pixel_spacing = overrides.get("pixel_spacing")
     with unpacked(args.input) if args.input is not None else contextlib.nullcontext() as source:
-        if source is not None:   # a ZIP archive stays unpacked until the DICOM results are made again
-            scan = load_scan(source, series_uid=args.series,
-                             pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
-                             slice_spacing=overrides.get("slice_spacing"),
-                             resample_isotropic=profile.slab_average_thin_slices)
+        # a ZIP archive stays unpacked until the DICOM results are made again
+        scan = read_scan_as_run(vertebrae_doc, source, args.series) if source is not None else None
         written = rewrite_results(folder, corrected, corrected_discs, scan=scan)
     before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     after = [v.get("level") for v in corrected["vertebrae"]]

@@ -59,6 +59,19 @@ def vertebra_index(vertebrae_doc: dict, which: str) -> int:
     raise InputError(f"no vertebra is named {text} in these results ({listing})")
 
 
+def read_scan_as_run(vertebrae_doc: dict, path, series: str | None = None):
+    """The scan at ``path`` read as the run that wrote ``vertebrae_doc`` read it: with its spacing
+    overrides and its profile's slabs (``series``: the DICOM series, as ``--series`` takes it)."""
+    from SpineNetLib.core.profiles import processing_profile
+    from SpineNetLib.inputs.load import load_scan
+
+    overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
+    profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
+    pixel_spacing = overrides.get("pixel_spacing")
+    return load_scan(path, series_uid=series, pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
+                     slice_spacing=overrides.get("slice_spacing"), resample_isotropic=profile.slab_average_thin_slices)
+
+
 def check_same_scan(vertebrae_doc: dict, scan) -> None:
     """Refuse (:class:`InputError`) a scan other than the one the results were made from: its voxel grid
     (the input's shape and IJK-to-RAS, as ``vertebrae.json`` records them) and its DICOM series."""
@@ -126,12 +139,14 @@ def corrected_documents(vertebrae_doc: dict, discs_doc: dict | None, which: str,
 
 
 def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan=None,
-                    how_to_give_the_scan: str = "--input, and --series for a DICOM folder of several series"
+                    how_to_give_the_scan: str = "--input, and --series for a DICOM folder of several series",
+                    how_to_give_the_dicom: str = "correct it with spinenet correct --input DICOM_FOLDER"
                     ) -> list[Path]:
     """Write the (corrected) documents into the results folder ``folder`` that holds an earlier version of
     them, with every file that names a level made again, all replaced together (module docstring);
     returns the paths written. ``scan``: the scan the results were made from, needed for the pictures
-    and the DICOM results the folder has; ``how_to_give_the_scan`` ends the error that asks for it."""
+    and the DICOM results the folder has; ``how_to_give_the_scan`` and ``how_to_give_the_dicom`` end the
+    errors that ask for it, and for the DICOM files themselves."""
     folder = Path(folder)
     if not (folder / RESULT_FILE).is_file():
         raise InputError(f"{folder} has no {RESULT_FILE}: correct a folder that spinenet run, spinenet cohort "
@@ -146,7 +161,7 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
     if dicom and scan is not None and (scan.metadata.get("format") != "DICOM"
                                        or not scan.metadata.get("files_in_slice_order")):
         raise InputError(f"{folder} holds {', '.join(dicom)}, which are made from the DICOM files the run read: "
-                         "correct it with spinenet correct --input DICOM_FOLDER")
+                         f"{how_to_give_the_dicom}")
     files = document_texts(vertebrae_doc, discs_doc)
     renamed = renamed_disc_maps(folder, manifest["hotspots"], vertebrae_doc)
     if scan is not None and needing_scan:

@@ -214,6 +214,26 @@ def _dicom_values(volume_node, tags: dict[str, str]) -> dict[str, str] | None:
     return values
 
 
+def dicom_instance_files(volume_node) -> list[str] | None:
+    """The files of the DICOM images a volume node was loaded from (its ``DICOM.instanceUIDs``, looked up in
+    Slicer's DICOM database), for results that are made from the DICOM files themselves; None where the
+    node did not come from the DICOM module, there is no database, or a file is not there."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return None
+    files = []
+    for uid in uids:
+        try:
+            path = str(database.fileForInstance(uid) or "")
+        except Exception:   # another database version: as without a database
+            return None
+        if not path or not os.path.isfile(path):
+            return None
+        files.append(path)
+    return files
+
+
 def dicom_modality(volume_node) -> str | None:
     """The DICOM Modality of the series a volume node was loaded from (upper case), or None
     (:func:`_dicom_values`)."""

@@ -307,3 +307,63 @@ def test_load_results_refuses_another_scans_results_and_changes_nothing(panel, t
     reordered = mrml.add_volume(scene, voxels[:, :, ::-1], flipped, "same scan, slices reversed")
     nodes = widget.logic.loadResults(reordered, results)
     assert len(nodes.curves) == len(vertebrae["vertebrae"])
+
+
+class _FilesDatabase:
+    """Slicer's DICOM database as far as Save results uses it: the file of each instance (and no tags)."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
+
+    def instanceValue(self, uid, tag):
+        return ""
+
+
+def test_save_results_makes_the_dicom_results_again_from_a_series_loaded_through_the_dicom_module(
+        monkeypatch, tmp_path):
+    """A folder of `spinenet run --dicom-out`, loaded on the series Slicer's DICOM module loaded, corrected and
+    saved: the segmentation and report are made again from the series' files in Slicer's database (read as
+    the run read them), with the other files, together; a volume not loaded that way is refused unchanged."""
+    import pydicom
+
+    from SpineNetLib import pipeline
+    from SpineNetLib.outputs.documents import read_result
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    from oracles import oracle_networks
+
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=6)
+    files = phantom.write_dicom(tmp_path / "dicom")
+    scan = pipeline.read_input(tmp_path / "dicom", pipeline.processing_profile(None))[0]
+    result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    results = tmp_path / "results"
+    write_results(results, result, scan=scan, dicom=True)
+    levels = [v["level"] for v in result.vertebrae_document["vertebrae"]]
+
+    module, scene, plain = standins.module_on_new_scene(monkeypatch, *mrml.volume_arrays(
+        mrml.add_scan_volume(mrml.new_scene(), scan, "x")))
+    loaded = mrml.add_scan_volume(scene, scan, "MR T2 SAG")
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+    loaded.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    monkeypatch.setattr(mrml.slicer, "dicomDatabase", _FilesDatabase(uids), raising=False)
+    logic = module.SpineNetLogic(scene)
+
+    # a volume not loaded through the DICOM module: refused, nothing changed
+    logic.loadResults(plain, str(results / "result.json"))
+    logic.correctLevel(plain, 0, "T9")
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
+    with pytest.raises(InputError, match="Slicer's DICOM module .* spinenet correct --input"):
+        logic.saveResults(plain)
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before
+
+    logic.loadResults(loaded, str(results / "result.json"))
+    logic.correctLevel(loaded, 0, "T9")
+    written = {Path(p).name for p in logic.saveResults(loaded)}
+    assert {"vertebrae.json", "preview.png", "segmentation.dcm", "report.dcm", "result.json"} <= written
+    corrected = [v["level"] for v in read_result(results)[0]["vertebrae"]]
+    assert corrected[0] == "T9" and corrected != levels
+    labels = [s.SegmentLabel for s in pydicom.dcmread(results / "segmentation.dcm").SegmentSequence]
+    assert [label for label in labels if "-" not in label] == corrected
