@@ -175,7 +175,38 @@ def files_cases(base: Base, work: Path) -> list[Case]:
         ("folder without DICOM", odd / "notes"), ("unsupported type (.png)", odd / "picture.png"),
         ("named pipe as .nii.gz", odd / "pipe.nii.gz"), ("folder named .nii.gz", odd / "folder.nii.gz"),
         ("/dev/zero", Path("/dev/zero")), ("symlink loops", loop))]
-    return cases
+    return cases + _zip_cases(base, work / "files" / "zip")
+
+
+def _zip_cases(base: Base, folder: Path) -> list[Case]:
+    """ZIP archives that hold nothing to read, or are broken (``inputs/archive.py``)."""
+    import zipfile
+
+    folder.mkdir(parents=True)
+
+    def archive(name: str, members: dict[str, bytes]) -> Path:
+        path = folder / name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as opened:
+            for member, data in members.items():
+                opened.writestr(member, data)
+        return path
+
+    series = {f"../../{f.name}": f.read_bytes() for f in base.dicom_files}     # names that would leave the folder
+    whole = archive("series.zip", {f.name: f.read_bytes() for f in base.dicom_files}).read_bytes()
+    (folder / "cut.zip").write_bytes(whole[:len(whole) // 2])
+    encrypted = bytearray(archive("locked.zip", {"IM1": base.dicom_files[0].read_bytes()}).read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        encrypted[encrypted.index(signature) + offset] |= 0x1
+    (folder / "locked.zip").write_bytes(bytes(encrypted))
+    cases = [("empty ZIP archive", archive("empty.zip", {}), REFUSE),
+             ("ZIP archive cut in half", folder / "cut.zip", REFUSE),
+             ("ZIP archive marked encrypted", folder / "locked.zip", REFUSE),
+             ("ZIP archive of notes", archive("notes.zip", {"readme.txt": b"not a scan"}), REFUSE),
+             ("ZIP archive inside a ZIP archive", archive("nested.zip", {"series.zip": whole}), REFUSE),
+             ("ZIP archive of garbage DICOM files", archive("garbage.zip", {f"IM{k}": bytes(300) for k in range(5)}),
+              REFUSE),
+             ("ZIP archive whose names climb out (../)", archive("climb.zip", series), OK)]
+    return [Case("files", name, str(path), expect) for name, path, expect in cases]
 
 
 def geometry_cases(base: Base, work: Path) -> list[Case]:
@@ -566,6 +597,8 @@ def valid_cases(base: Base, work: Path) -> list[Case]:
     cases = [Case("valid", f"{ext} (defaults)", str(path), OK) for ext, path in base.files.items()]
     cases.append(Case("valid", "DICOM folder (defaults, with progress)", str(base.dicom), OK, quiet=False))
     cases.append(Case("valid", "DICOM folder --dicom-out", str(base.dicom), OK, options=("--dicom-out",)))
+    packed = shutil.make_archive(str(work / "valid" / "series"), "zip", base.dicom)
+    cases.append(Case("valid", "ZIP archive of the DICOM folder --dicom-out", packed, OK, options=("--dicom-out",)))
     cases.append(Case("valid", "--hotspots Herniation, 1 augmentation", str(base.files[".nii.gz"]), OK,
                       options=("--hotspots", "Herniation", "--hotspot-augmentations", "1")))
     cases.append(Case("valid", "--profile official", str(base.files[".nii.gz"]), OK, options=("--profile", "official")))
