@@ -5,11 +5,11 @@ DICOM run's segmentation and report are made from the DICOM files after the infe
 it afterwards; anything else passes through unchanged. Inside the archive the usual rules hold: a
 DICOM folder (its sagittal series, ``--series``, a DICOMDIR's medium) or one image file.
 
-Checked before a byte is written: the archive must be readable and unencrypted, its files must fit
-in the temporary folder's free space, and every name must stay inside the folder (the standard
-library's extraction also strips absolute paths and ``..``; a name that would leave is refused).
-macOS resource forks (``__MACOSX/``) are left out. Errors name the archive, not the temporary
-folder.
+Checked before a byte is written: the archive must be readable and unencrypted, and its files must
+fit in the temporary folder's free space. Every file stays inside the folder (the standard library's
+extraction strips absolute paths and ``..`` from the names; a file that still lands outside is
+refused). macOS resource forks (``__MACOSX/``) are left out. Errors name the archive, not the
+temporary folder.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def unpacked_folder(archive: Path) -> Iterator[Path]:
             raise InputError(str(error).replace(str(folder), archive.name)) from None
 
 
-def _extract(archive: Path, folder: Path) -> list[Path]:
-    """The archive's files, unpacked into ``folder`` after the checks of the module docstring."""
+def _extract(archive: Path, folder: Path) -> None:
+    """Unpack the archive's files into ``folder`` after the checks of the module docstring."""
     try:
         with zipfile.ZipFile(archive) as opened:
             members = [m for m in opened.infolist() if not m.is_dir()
@@ -90,14 +90,10 @@ def _extract(archive: Path, folder: Path) -> list[Path]:
                 raise InputError(f"the ZIP archive {archive.name} unpacks to {needed / 1e9:.1f} GB, more than the "
                                  f"{free / 1e9:.1f} GB free in the temporary folder (set TMPDIR, or unpack it yourself)")
             root = folder.resolve()
-            files = []
             for member in members:
-                target = Path(opened.extract(member, folder)).resolve()
-                if root not in target.parents:
+                if root not in Path(opened.extract(member, folder)).resolve().parents:
                     raise InputError(f"the ZIP archive {archive.name} names a file outside its folder: "
                                      f"{member.filename!r}")
-                files.append(target)
-            return files
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as error:
         raise InputError(f"cannot read the ZIP archive {archive.name}: {' '.join(str(error).split())}") from None
     except OSError as error:
