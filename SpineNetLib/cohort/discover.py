@@ -33,13 +33,14 @@ digits are a hash of the exact relative path (and, for DICOM, the SeriesInstance
 studies never share an id, not even on a file system that ignores case.
 
 Reading the headers of every DICOM file is the slow part of discovery, so it is done folder by
-folder through a ``map_folders`` function: ``spinenet cohort`` passes one that spreads the
+folder (and archive by archive) through a ``map_folders`` function: ``spinenet cohort`` passes one that spreads the
 folders over the Dask workers (:mod:`SpineNetLib.cohort.run`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -288,11 +289,11 @@ def studies_from_candidates(root: str | os.PathLike, candidates: Candidates,
     """The studies of what :func:`candidate_inputs` found; ``map_folders(function, folders)`` returns
     ``[function(folder) for folder in folders]``, in any way (by default here, one after the other)."""
     root = Path(root)
-    per_folder = (map_folders or _local_map)(dicom_series_in_folder, [str(f) for f in candidates.folders])
+    mapped = map_folders or _local_map
+    per_folder = mapped(dicom_series_in_folder, [str(f) for f in candidates.folders])
     dicom, failures = _dicom_studies(root, _merge_series(h for headers in per_folder for h in headers))
     studies = [_image_study(root, p) for p in candidates.images] + dicom
-    for archive in candidates.archives:
-        inside = _archive_discovery(root, archive)
+    for inside in mapped(functools.partial(archive_discovery, str(root)), [str(a) for a in candidates.archives]):
         studies += inside.studies
         failures += inside.failures
     studies.sort(key=lambda s: (s.relative, s.study_id))
@@ -300,11 +301,13 @@ def studies_from_candidates(root: str | os.PathLike, candidates: Candidates,
     return Discovery(studies, failures)
 
 
-def _archive_discovery(root: Path, archive: Path) -> Discovery:
-    """The studies and failures inside one ZIP archive, as studies of the cohort (module docstring).
+def archive_discovery(root: str | os.PathLike, archive: str | os.PathLike) -> Discovery:
+    """The studies and failures inside one ZIP archive under ``root``, as studies of the cohort (module
+    docstring); mapped like the folders' headers, so ``spinenet cohort`` unpacks them on its workers.
 
     Their ids read like those of the same files unpacked in place (``<folders>__<archive name>__...``) and
     hash the archive's relative path with the path inside it, so they stay the same from run to run."""
+    root, archive = Path(root), Path(archive)
     relative = _relative(archive, root)
     folders = _parts(relative, root)[:-1]
     try:

@@ -173,8 +173,12 @@ def test_progress_line_counts_and_eta():
 # --------------------------------------------------------------------------- the command, a local cluster
 
 def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
+    import shutil
+
     root = _image_root(tmp_path / "root", 3)
     _phantom(7).write_dicom(root / "site2" / "exam")
+    _phantom(6).write_dicom(tmp_path / "zipped" / "exam")     # a study in a ZIP archive: found and run by the workers
+    shutil.make_archive(str(root / "site2" / "p6"), "zip", tmp_path / "zipped")
     (root / "site1" / "broken.nii.gz").write_bytes(b"\x1f\x8b not an image")
     # an exam with no sagittal series gives no study: it fails before any study runs, and counts
     write_dicom_series(_phantom(8, shape=(64, 64), n_slices=4).voxels_kji, np.diag([1.0, 1.0, 4.0, 1.0]),
@@ -184,9 +188,9 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
                        "--no-preview"])
     captured = capsys.readouterr()
     assert status == cli.EXIT_SOME_STUDIES_FAILED, captured.err
-    assert "5 studies and 1 DICOM exam without one: 4 done now, 0 done before, 2 failed" in captured.out
+    assert "6 studies and 1 DICOM exam without one: 5 done now, 0 done before, 2 failed" in captured.out
     progress = captured.err.strip().splitlines()
-    assert progress[0] == "studies: 0/6, failed 1, ETA --:--" and progress[-1] == "studies: 4/6, failed 2, ETA 00:00"
+    assert progress[0] == "studies: 0/7, failed 1, ETA --:--" and progress[-1] == "studies: 5/7, failed 2, ETA 00:00"
     assert "Traceback" not in captured.err
 
     studies = discover_studies(root).studies
@@ -200,8 +204,9 @@ def test_cohort_command_on_a_local_cluster_of_two_workers(tmp_path, capsys):
     discs = _rows(out / "cohort_discs.csv")
     assert {"study", "input", "Level", "Herniation", "Herniation_probability", "Disc height mean (mm)",
             "labelling_confidence", "labelling_warning", "measurement_warning"} <= set(discs[0])
-    dicom_rows = [r for r in discs if r["input"] == "site2/exam"]
-    assert dicom_rows and all(r["series_uid"] for r in dicom_rows)
+    for folder in ("site2/exam", "site2/p6.zip/exam"):
+        dicom_rows = [r for r in discs if r["input"] == folder]
+        assert dicom_rows and all(r["series_uid"] for r in dicom_rows), folder
     assert all(r["Herniation_probability"] and r["labelling_confidence"] for r in discs), "graded, confidence"
     summary = _rows(out / "cohort_studies.csv")
     assert sorted(r["study"] for r in summary) == sorted(good)
