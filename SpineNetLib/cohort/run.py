@@ -507,8 +507,8 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
     if too_many and scheduler is None:   # a local cluster: every worker runs its study on this machine
         raise InputError(too_many)
     candidates = candidate_inputs(root, exclude=[outdir])
-    if not candidates.images and not candidates.folders:
-        raise InputError(f"no study found under {root}: no image file and no folder with other files")
+    if not candidates.images and not candidates.folders and not candidates.archives:
+        raise InputError(f"no study found under {root}: no image file, no ZIP archive and no folder with other files")
     resolve_weights(settings.weights)  # a missing weights folder is one error now, not one per study
     check_same_result_settings(outdir, settings)
     with dask_client(workers, scheduler) as client:

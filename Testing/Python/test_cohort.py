@@ -156,6 +156,20 @@ def test_the_studies_in_zip_archives_are_found_and_run_from_them(tmp_path, monke
     assert not any(temporary.iterdir())
 
 
+def test_a_folder_of_zip_archives_alone_is_a_cohort(tmp_path, capsys):
+    """A cohort delivered as archives only (one per patient) runs; it is not 'no study found'."""
+    import shutil
+
+    _phantom(4).write_nifti(tmp_path / "image" / "scan.nii.gz")
+    (tmp_path / "root").mkdir()
+    shutil.make_archive(str(tmp_path / "root" / "p8"), "zip", tmp_path / "image")
+    status = cli.main(["cohort", str(tmp_path / "root"), "-o", str(tmp_path / "out"), "--workers", "1",
+                       "--no-preview"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert [r["input"] for r in _rows(tmp_path / "out" / "cohort_studies.csv")] == ["p8.zip/scan.nii.gz"]
+
+
 def test_progress_line_counts_and_eta():
     import io
 
