@@ -194,14 +194,21 @@ ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,008
                     "scanning_sequence": "0018,0020", "series_description": "0008,103E"}
 
 
+def _instances_and_database(volume_node) -> tuple[list[str], object]:
+    """(the SOP instance UIDs a volume node was loaded from, Slicer's DICOM database); no UIDs where the
+    node did not come from Slicer's DICOM module or there is no database (slicer-core)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    return (uids if database is not None else []), database
+
+
 def _dicom_values(volume_node, tags: dict[str, str]) -> dict[str, str] | None:
     """name -> the non-empty value of each tag in the first instance of the series a volume node was loaded
     from, read from Slicer's DICOM database through the node's ``DICOM.instanceUIDs`` attribute; None where
     the node did not come from Slicer's DICOM module, there is no database (slicer-core), or the database
     cannot answer."""
-    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
-    database = getattr(slicer, "dicomDatabase", None)
-    if not uids or database is None:
+    uids, database = _instances_and_database(volume_node)
+    if not uids:
         return None
     values = {}
     for name, tag in tags.items():
@@ -218,9 +225,8 @@ def dicom_instance_files(volume_node) -> list[str] | None:
     """The files of the DICOM images a volume node was loaded from (its ``DICOM.instanceUIDs``, looked up in
     Slicer's DICOM database), for results that are made from the DICOM files themselves; None where the
     node did not come from the DICOM module, there is no database, or a file is not there."""
-    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
-    database = getattr(slicer, "dicomDatabase", None)
-    if not uids or database is None:
+    uids, database = _instances_and_database(volume_node)
+    if not uids:
         return None
     files = []
     for uid in uids:
