@@ -608,12 +608,15 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.setStatus("Select an input volume first.")
             return
         try:
-            paths = self.logic.saveResults(volume)
+            saved = self.logic.saveResults(volume)
         except (SpineNetError, OSError) as error:
             self.setStatus("Saving failed: " + " ".join(str(error).split()))
             return
-        self.setStatus("Wrote " + ", ".join(os.path.basename(p) for p in paths) + " to "
-                       + os.path.dirname(paths[0]))
+        byFolder = {}
+        for path in saved.paths:   # the results folder, then a cohort's tables
+            byFolder.setdefault(os.path.dirname(path), []).append(os.path.basename(path))
+        self.setStatus("Wrote " + "; ".join(f"{', '.join(names)} to {folder}" for folder, names in byFolder.items())
+                       + (f". Warning: {saved.warning}" if saved.warning else ""))
 
     def onExportCsv(self):
         volume = self._volume()

@@ -28,6 +28,7 @@ when Python exits.  A caller's ``workFolder`` is never removed.
 """
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import qt
 import slicer
@@ -131,6 +133,16 @@ def sequence_setting(name):
 def arithmetic_settings(name):
     """``(precision, runtime)`` of an :data:`ARITHMETICS` name; float32 on torch for an unknown or empty one."""
     return ARITHMETICS.get(name or "", ARITHMETICS["float32"])
+
+
+@dataclass
+class SavedResults:
+    """What :meth:`SpineNetLogic.saveResults` wrote."""
+
+    #: The files written: the results folder's, then a cohort's tables.
+    paths: list
+    #: Why a cohort's tables were not updated with the folder, or None.
+    warning: str | None = None
 
 
 class SpineNetLogic(ScriptedLoadableModuleLogic):
@@ -650,11 +662,15 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     def saveResults(self, volumeNode):
         """Write the volume's results, level corrections included, back into the results folder they came
         from (:meth:`savableResultsFolder`): every file that names a level, the pictures drawn again on the
-        volume, replaced together (:func:`SpineNetLib.outputs.correction.rewrite_results`); returns the
-        paths. A folder with DICOM results needs the DICOM files themselves: those of a volume loaded
-        through Slicer's DICOM module are read from its database (copied into a temporary folder, read as
-        the run read them); for another volume such a folder is refused (``spinenet correct --input``)."""
-        from SpineNetLib.outputs.correction import read_manifest_lists, read_scan_as_run, rewrite_results
+        volume, replaced together (:func:`SpineNetLib.outputs.correction.rewrite_results`); for a study of a
+        ``spinenet cohort`` run its rows in the cohort tables follow (:mod:`SpineNetLib.cohort.record`).
+        Returns :class:`SavedResults`. A folder with DICOM results needs the DICOM files themselves: those
+        of a volume loaded through Slicer's DICOM module are read from its database (copied into a
+        temporary folder, read as the run read them), those of a cohort study from where the cohort read
+        them; otherwise such a folder is refused (``spinenet correct --input``)."""
+        from SpineNetLib.cohort.record import cohort_study_of, update_cohort_tables
+        from SpineNetLib.core.errors import InputError
+        from SpineNetLib.outputs.correction import read_manifest_lists, rewrite_results
 
         vertebraeDoc, discsDoc, stored = self.documents(volumeNode)
         if vertebraeDoc is None:
@@ -662,23 +678,50 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         folder = self.savableFolder(stored)
         if folder is None:
             raise SpineNetError("these results were not loaded from a results folder: export them with Export CSV")
+        cohort = cohort_study_of(folder)
+        with self._scanForSaving(volumeNode, vertebraeDoc, read_manifest_lists(folder)["dicom"], cohort) as scan:
+            paths = [str(p) for p in rewrite_results(
+                folder, vertebraeDoc, discsDoc, scan=scan, how_to_give_the_scan="the volume they were made from",
+                how_to_give_the_dicom="load the series through Slicer's DICOM module to save them here, or "
+                                      "correct it with spinenet correct --input DICOM_FOLDER")]
+        warning = None
+        if cohort is not None:
+            try:
+                paths += [str(p) for p in update_cohort_tables(cohort)]
+            except InputError as error:
+                warning = (f"the cohort tables were not updated ({error}); the next run of the same spinenet "
+                           "cohort command writes them again")
+        return SavedResults(paths, warning)
+
+    @contextlib.contextmanager
+    def _scanForSaving(self, volumeNode, vertebraeDoc, dicomResults, cohort):
+        """The scan :meth:`saveResults` draws the pictures and, where the folder has them (``dicomResults``),
+        the DICOM results from: the DICOM files of a series loaded through Slicer's DICOM module, else those
+        a cohort read the study from, read as the run read them; else the volume itself."""
+        from SpineNetLib.cohort.discover import study_input
+        from SpineNetLib.cohort.record import recorded_study
+        from SpineNetLib.core.errors import InputError
+        from SpineNetLib.outputs.correction import read_scan_as_run
+
         mrml = self._mrml()
-        dicomFiles = mrml.dicom_instance_files(volumeNode) if read_manifest_lists(folder)["dicom"] else None
+        dicomFiles = mrml.dicom_instance_files(volumeNode) if dicomResults else None
         if dicomFiles:
             with tempfile.TemporaryDirectory(prefix="SpineNet-dicom-") as copies:
                 for number, path in enumerate(dicomFiles):
                     shutil.copyfile(path, os.path.join(copies, f"{number:05d}.dcm"))
-                series = (vertebraeDoc.get("input") or {}).get("series_uid")
-                scan = read_scan_as_run(vertebraeDoc, copies, series)
-                paths = rewrite_results(folder, vertebraeDoc, discsDoc, scan=scan,
-                                        how_to_give_the_scan="the volume they were made from")
-            return [str(p) for p in paths]
-        scan = mrml.scan_from_volume_node(volumeNode)
-        paths = rewrite_results(folder, vertebraeDoc, discsDoc, scan=scan,
-                                how_to_give_the_scan="the volume they were made from",
-                                how_to_give_the_dicom="load the series through Slicer's DICOM module to save them "
-                                                      "here, or correct it with spinenet correct --input DICOM_FOLDER")
-        return [str(p) for p in paths]
+                yield read_scan_as_run(vertebraeDoc, copies, (vertebraeDoc.get("input") or {}).get("series_uid"))
+            return
+        study = None
+        if dicomResults and cohort is not None:
+            try:
+                study = recorded_study(cohort)
+            except InputError:   # no record, or its input gone: refused below as for any other volume
+                study = None
+        if study is not None:
+            with study_input(study) as path:
+                yield read_scan_as_run(vertebraeDoc, path, study.series_uid)
+            return
+        yield mrml.scan_from_volume_node(volumeNode)
 
     def exportCsv(self, volumeNode, folder):
         """Write ``<volume>_vertebrae.csv`` and ``<volume>_discs.csv`` (the run's CSV files); returns their paths."""

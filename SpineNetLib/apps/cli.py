@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, SpineNetError, exit_status, one_line
+from SpineNetLib.core.errors import EXIT_OK, EXIT_USAGE, InputError, SpineNetError, exit_status, one_line
 from SpineNetLib.core.process import exit_process, run_as_process, too_many_threads
 from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime
 
@@ -539,9 +539,10 @@ def _add_correct_command(sub) -> None:
                     "cohort or the batch script) LEVEL, and move every other level with it, as the Slicer panel "
                     "corrects a level: e.g. `spinenet correct out L4 L5` when the run named every level one too "
                     "high. The JSON and CSV files are written again, and the pictures and DICOM results when the "
-                    "folder has them (these need the scan: --input). Grades stay with their discs; the labelling "
-                    "block records the correction and needs no review any more. Exit status 2 with one line on "
-                    "stderr when nothing was changed.")
+                    "folder has them (these need the scan: --input; for a study of spinenet cohort, the scan the "
+                    "cohort read, and its rows in the cohort tables follow). Grades stay with their discs; the "
+                    "labelling block records the correction and needs no review any more. Exit status 2 with one "
+                    "line on stderr when nothing was changed.")
     correct.add_argument("results", metavar="RESULTS", help="the results folder (or its result.json)")
     correct.add_argument("vertebra", metavar="VERTEBRA",
                          help="the vertebra to correct: its level as the results name it (e.g. L4) or #N, the N-th "
@@ -549,24 +550,38 @@ def _add_correct_command(sub) -> None:
     correct.add_argument("level", metavar="LEVEL", help="its level (C2..C7, T1..T12, L1..L5, S1 or S2)")
     correct.add_argument("--input", metavar="SCAN",
                          help="the scan the run read (DICOM folder or file, NIfTI, NRRD, MHA, a ZIP archive): needed when the "
-                              "folder holds preview.png, hotspots.png or DICOM results, which are drawn again")
+                              "folder holds preview.png, hotspots.png or DICOM results, which are drawn again; "
+                              "for a study of spinenet cohort (OUTDIR/studies/<id>) the scan the cohort read")
     correct.add_argument("--series", metavar="UID|NUMBER|TEXT",
                          help="the series the run read, when --input is a DICOM folder of several series")
     correct.set_defaults(func=command_correct)
 
 
 def command_correct(args) -> int:
+    from SpineNetLib.cohort.discover import study_input
+    from SpineNetLib.cohort.record import cohort_study_of, recorded_study, update_cohort_tables
     from SpineNetLib.inputs.archive import unpacked
-    from SpineNetLib.outputs.correction import corrected_documents, read_scan_as_run, rewrite_results
+    from SpineNetLib.outputs.correction import (corrected_documents, files_needing_the_scan, read_manifest_lists,
+                                                read_scan_as_run, rewrite_results)
     from SpineNetLib.outputs.documents import read_result
 
     if args.series is not None and args.input is None:
         raise SpineNetError("--series names the series of --input; give --input too")
     vertebrae_doc, discs_doc, folder = read_result(args.results)
     corrected, corrected_discs = corrected_documents(vertebrae_doc, discs_doc, args.vertebra, args.level)
-    with unpacked(args.input) if args.input is not None else contextlib.nullcontext() as source:
-        # a ZIP archive stays unpacked until the DICOM results are made again
-        scan = read_scan_as_run(vertebrae_doc, source, args.series) if source is not None else None
+    cohort = cohort_study_of(folder)
+    if args.input is not None:   # a ZIP archive stays unpacked until the DICOM results are made again
+        source, series = unpacked(args.input), args.series
+    elif cohort is not None and files_needing_the_scan(read_manifest_lists(folder)):
+        try:   # the scan the cohort read the study from
+            study = recorded_study(cohort)
+        except InputError as error:
+            raise InputError(f"{error}: give the scan the run read with --input") from None
+        source, series = study_input(study), study.series_uid
+    else:
+        source, series = contextlib.nullcontext(), None
+    with source as scan_path:
+        scan = read_scan_as_run(vertebrae_doc, scan_path, series) if scan_path is not None else None
         written = rewrite_results(folder, corrected, corrected_discs, scan=scan)
     before = [v.get("level") for v in vertebrae_doc["vertebrae"]]
     after = [v.get("level") for v in corrected["vertebrae"]]
@@ -575,6 +590,12 @@ def command_correct(args) -> int:
         print(f"spinenet: warning: the correction moved {unnamed} vertebra{'e' if unnamed > 1 else ''} beyond "
               f"{'S2' if after[-1] is None else 'C2'}: {'they have' if unnamed > 1 else 'it has'} no level now",
               file=sys.stderr)
+    if cohort is not None:
+        try:
+            written += update_cohort_tables(cohort)
+        except InputError as error:
+            print(f"spinenet: warning: the cohort tables were not updated ({error}); the next run of the same "
+                  "spinenet cohort command writes them again from the study folders", file=sys.stderr)
     span = lambda levels: f"{levels[0] or '?'}..{levels[-1] or '?'}" if levels else "none"  # noqa: E731
     print(f"corrected: {len(after)} vertebrae, {span(before)} -> {span(after)}; wrote "
           f"{', '.join(str(p) for p in written)}")

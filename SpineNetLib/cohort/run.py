@@ -61,6 +61,7 @@ from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_com
 from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import (Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates,
                                          study_input)
+from SpineNetLib.cohort.record import STUDIES_FOLDER, record_study_inputs
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
 from SpineNetLib.core.process import (deferred_interrupts, environment_keeping_freed_memory,
@@ -70,8 +71,6 @@ from SpineNetLib.core.profiles import processing_profile
 from SpineNetLib.outputs.files import RESULT_FILE, check_writable, write_files_atomically, write_results
 from SpineNetLib.weights.resolve import resolve_weights
 
-#: The per-study result folders' parent, inside the output folder.
-STUDIES_FOLDER = "studies"
 #: A study's folder is written as ``.<study id><PARTIAL_MARK><random>`` and renamed when complete.
 PARTIAL_MARK = ".partial-"
 #: Seconds to wait for a scheduler to answer, and for its first worker.
@@ -517,6 +516,7 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
         studies_dir = outdir / STUDIES_FOLDER
         studies_dir.mkdir(parents=True, exist_ok=True)
         record_result_settings(outdir, settings)
+        record_study_inputs(outdir, discovery.studies)
         remove_partial_folders(studies_dir)
         pending = [s for s in discovery.studies if not is_finished(studies_dir, s.study_id)]
         result = CohortResult(discovery.studies, len(discovery.studies) - len(pending),

@@ -122,15 +122,51 @@ def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
         vertebrae += v_rows
         discs += d_rows
         summaries.append(summary)
-    return {
-        COHORT_VERTEBRAE_FILE: _csv([*STUDY_COLUMNS, *VERTEBRAE_CSV_COLUMNS], vertebrae),
-        COHORT_DISCS_FILE: _csv([*STUDY_COLUMNS, *discs_csv_header(), *LABELLING_COLUMNS], discs),
-        COHORT_FAILURES_FILE: _csv(FAILURE_COLUMNS, [(f.study_id, f.input, one_line(f.reason)) for f in failed]),
-        COHORT_STUDIES_FILE: _csv(STUDIES_COLUMNS, summaries),
-    }
+    headers = _table_headers()
+    rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: summaries,
+            COHORT_FAILURES_FILE: [(f.study_id, f.input, one_line(f.reason)) for f in failed]}
+    return {name: _csv(headers[name], rows[name]) for name in headers}
+
+
+def _table_headers() -> dict[str, list[str]]:
+    """``{file name: header}`` of the four cohort tables."""
+    return {COHORT_VERTEBRAE_FILE: [*STUDY_COLUMNS, *VERTEBRAE_CSV_COLUMNS],
+            COHORT_DISCS_FILE: [*STUDY_COLUMNS, *discs_csv_header(), *LABELLING_COLUMNS],
+            COHORT_FAILURES_FILE: list(FAILURE_COLUMNS),
+            COHORT_STUDIES_FILE: list(STUDIES_COLUMNS)}
 
 
 def write_cohort_tables(outdir: str | os.PathLike, studies_dir: str | os.PathLike, studies: Sequence[Study],
                         failures: Sequence[StudyFailure]) -> list[Path]:
     """Write the four cohort tables into ``outdir``, replacing them together; returns their paths."""
     return write_files_atomically(outdir, cohort_table_texts(studies_dir, studies, failures))
+
+
+def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os.PathLike) -> list[Path]:
+    """Replace the rows of one study in ``outdir``'s four cohort tables by those of its folder ``folder`` (after
+    a correction), where its old rows were (a study without rows goes last), every other row unchanged; the
+    tables are replaced together. Returns their paths.
+
+    Raises :class:`InputError`, with the tables left as they are, when the folder cannot be read, a table is
+    missing or cannot be read, or it has other columns than this version writes (a cohort written by
+    another version): the next ``spinenet cohort`` run writes them all again from the study folders.
+    """
+    outdir = Path(outdir)
+    vertebrae, discs, summary = study_rows(study, folder)
+    new_rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: [summary],
+                COHORT_FAILURES_FILE: []}
+    texts = {}
+    for name, header in _table_headers().items():
+        try:
+            with (outdir / name).open(newline="", encoding="utf-8") as handle:
+                table = list(csv.reader(handle))
+        except (OSError, csv.Error, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read {outdir / name}: {one_line(getattr(error, 'strerror', None) or error)}"
+                             ) from None
+        if not table or table[0] != header:
+            raise InputError(f"{outdir / name} has other columns than this version of spinenet writes")
+        others = [row for row in table[1:] if row[:1] != [study.study_id]]
+        # every row before the study's first one is another study's: the new rows go where the old ones began
+        at = next((i for i, row in enumerate(table[1:]) if row[:1] == [study.study_id]), len(others))
+        texts[name] = _csv(header, others[:at] + new_rows[name] + others[at:])
+    return write_files_atomically(outdir, texts)

@@ -152,7 +152,7 @@ def rewrite_results(folder, vertebrae_doc: dict, discs_doc: dict | None, *, scan
         raise InputError(f"{folder} has no {RESULT_FILE}: correct a folder that spinenet run, spinenet cohort "
                          "or the batch script wrote")
     manifest = read_manifest_lists(folder)
-    needing_scan = [name for name in FILES_THAT_NEED_THE_SCAN if name in manifest["images"] + manifest["dicom"]]
+    needing_scan = files_needing_the_scan(manifest)
     if needing_scan and scan is None:
         raise InputError(f"{folder} holds {', '.join(needing_scan)}, which "
                          f"{'show' if len(needing_scan) > 1 else 'shows'} the levels: give the scan the "
@@ -181,6 +181,12 @@ def read_manifest_lists(folder: Path) -> dict[str, list[str]]:
     images = [n for n in (PREVIEW_FILE, HOTSPOTS_FILE) if n in listed]
     dicom = [n for n in DICOM_FILES if n in listed]
     return {"hotspots": sorted(listed - {"discs.json", *images, *dicom}), "images": images, "dicom": dicom}
+
+
+def files_needing_the_scan(manifest: dict[str, list[str]]) -> list[str]:
+    """The files of a folder's manifest (:func:`read_manifest_lists`) that a correction makes again from the
+    scan (:data:`FILES_THAT_NEED_THE_SCAN`)."""
+    return [name for name in FILES_THAT_NEED_THE_SCAN if name in manifest["images"] + manifest["dicom"]]
 
 
 def _pictures_and_dicom(names: list[str], scan, vertebrae_doc: dict, discs_doc: dict | None, maps: list) -> dict:

@@ -606,3 +606,78 @@ def test_the_cohort_command_counts_the_studies_that_ask_for_a_review(tmp_path):
     table.write_text("study,levels_need_review\na,true\nb,false\nc,true\n")
     assert cli._studies_asking_for_review([tmp_path / "cohort_vertebrae.csv", table]) == 2
     assert cli._studies_asking_for_review([tmp_path / "cohort_vertebrae.csv"]) == 0
+
+
+# --------------------------------------------------------------------------- correcting one study of a cohort
+
+def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table_rows_follow(tmp_path, capsys):
+    """`spinenet correct OUTDIR/studies/<id> #1 LEVEL` needs no --input for a cohort study: the scan is read
+    from where the cohort read it (a DICOM series inside a ZIP archive here), the preview and the DICOM results
+    are drawn again, and the study's rows in the four cohort tables are replaced where they were, every other
+    row as it was. Without the cohort's record, or with its input moved, it asks for --input."""
+    import shutil
+
+    from SpineNetLib.cohort.record import INPUTS_FILE
+
+    root = tmp_path / "root"
+    _phantom(6).write_dicom(tmp_path / "zipped" / "exam")
+    root.mkdir()
+    shutil.make_archive(str(root / "p6"), "zip", tmp_path / "zipped")
+    _phantom(2).write_nifti(root / "a_first.nii.gz")
+    _phantom(3).write_nifti(root / "z_last.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--dicom-out"]) == 0
+    capsys.readouterr()
+    record = json.loads((out / INPUTS_FILE).read_text())["studies"]
+    zipped = next(i for i, s in record.items() if s["relative"] == "p6.zip/exam")
+    assert record[zipped]["inner"] == "exam" and record[zipped]["path"] == str(root / "p6.zip")
+    folder = out / "studies" / zipped
+    tables = {name: (out / name).read_text() for name in ("cohort_vertebrae.csv", "cohort_discs.csv",
+                                                          "cohort_studies.csv", "cohort_failures.csv")}
+    before = {name: (folder / name).read_bytes() for name in ("preview.png", "segmentation.dcm", "report.dcm")}
+    levels = [v["level"] for v in json.loads((folder / "vertebrae.json").read_text())["vertebrae"]]
+    shifted = {"L1": "T12", "T12": "T11", "T11": "T10"}.get(levels[0], "L1")
+
+    assert cli.main(["correct", str(folder), "#1", shifted]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert str(out / "cohort_studies.csv") in said and str(folder / "segmentation.dcm") in said
+    after = [v["level"] for v in json.loads((folder / "vertebrae.json").read_text())["vertebrae"]]
+    assert after[0] == shifted and after != levels
+    assert all((folder / name).read_bytes() != data for name, data in before.items()), "drawn again"
+    for name, text in tables.items():   # the study's rows replaced in place; every other row unchanged
+        old, new = _rows_of(text), _rows_of((out / name).read_text())
+        assert [r for r in new if r["study"] != zipped] == [r for r in old if r["study"] != zipped], name
+        assert [r["study"] == zipped for r in new] == [r["study"] == zipped for r in old], name
+    (row,) = [r for r in _rows(out / "cohort_studies.csv") if r["study"] == zipped]
+    assert row["corrected_by_user"] == "true" and row["levels"] == f"{after[0]}..{after[-1]}"
+    assert [r["level"] for r in _rows(out / "cohort_vertebrae.csv") if r["study"] == zipped] == after
+
+    # the archive moved away: the scan cannot be found, and nothing changes
+    shutil.move(str(root / "p6.zip"), str(tmp_path / "p6.zip"))
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert cli.main(["correct", str(folder), "#1", levels[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is gone" in err and "--input" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+    # given with --input, it is corrected, and the tables follow
+    assert cli.main(["correct", str(folder), "#1", levels[0], "--input", str(tmp_path / "p6.zip")]) == 0
+    capsys.readouterr()
+    assert [r["level"] for r in _rows(out / "cohort_vertebrae.csv") if r["study"] == zipped] == levels
+
+    # tables of another version's columns are left alone, with a warning; the folder is corrected
+    (out / "cohort_discs.csv").write_text("study,something else\n")
+    (out / INPUTS_FILE).unlink()
+    image = next(i for i, s in record.items() if s["relative"] == "a_first.nii.gz")
+    assert cli.main(["correct", str(out / "studies" / image), "#1", "T6"]) == 2   # a preview: needs the scan
+    assert "no record of where study" in capsys.readouterr().err
+    vertebrae_table = (out / "cohort_vertebrae.csv").read_text()
+    assert cli.main(["correct", str(out / "studies" / image), "#1", "T6", "--input",
+                     str(root / "a_first.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "the cohort tables were not updated" in err and "other columns" in err and err.count("\n") == 1
+    assert (out / "cohort_vertebrae.csv").read_text() == vertebrae_table
+    assert json.loads((out / "studies" / image / "vertebrae.json").read_text())["vertebrae"][0]["level"] == "T6"
+
+
+def _rows_of(text: str) -> list[dict]:
+    return list(csv.DictReader(text.splitlines()))

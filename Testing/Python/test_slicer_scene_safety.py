@@ -361,9 +361,61 @@ def test_save_results_makes_the_dicom_results_again_from_a_series_loaded_through
 
     logic.loadResults(loaded, str(results / "result.json"))
     logic.correctLevel(loaded, 0, "T9")
-    written = {Path(p).name for p in logic.saveResults(loaded)}
+    written = {Path(p).name for p in logic.saveResults(loaded).paths}
     assert {"vertebrae.json", "preview.png", "segmentation.dcm", "report.dcm", "result.json"} <= written
     corrected = [v["level"] for v in read_result(results)[0]["vertebrae"]]
     assert corrected[0] == "T9" and corrected != levels
     labels = [s.SegmentLabel for s in pydicom.dcmread(results / "segmentation.dcm").SegmentSequence]
     assert [label for label in labels if "-" not in label] == corrected
+
+
+def test_save_results_of_a_cohort_study_reads_the_dicom_files_the_cohort_read_and_updates_its_tables(
+        monkeypatch, tmp_path):
+    """A study folder of `spinenet cohort --dicom-out`, loaded on a volume that did not come through Slicer's
+    DICOM module, corrected and saved: the DICOM results are made again from the series the cohort read
+    (``cohort_inputs.json``) and the study's rows in the cohort tables follow; with the series gone, it is
+    refused and nothing changes."""
+    import csv
+    import shutil
+
+    import pydicom
+
+    from SpineNetLib import pipeline
+    from SpineNetLib.cohort.discover import discover_studies
+    from SpineNetLib.cohort.record import record_study_inputs
+    from SpineNetLib.cohort.tables import write_cohort_tables
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    from oracles import oracle_networks
+
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=6)
+    phantom.write_dicom(tmp_path / "root" / "exam")
+    (study,) = discover_studies(tmp_path / "root").studies
+    scan = pipeline.read_input(study.path, pipeline.processing_profile(None), series_uid=study.series_uid)[0]
+    result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    out = tmp_path / "out"
+    folder = out / "studies" / study.study_id
+    write_results(folder, result, scan=scan, dicom=True)
+    record_study_inputs(out, [study])
+    write_cohort_tables(out, out / "studies", [study], [])
+    module, scene, plain = standins.module_on_new_scene(monkeypatch, *mrml.volume_arrays(
+        mrml.add_scan_volume(mrml.new_scene(), scan, "x")))
+    logic = module.SpineNetLogic(scene)
+    logic.loadResults(plain, str(folder / "result.json"))
+    logic.correctLevel(plain, 0, "T9")
+
+    shutil.move(str(tmp_path / "root"), str(tmp_path / "moved"))
+    kept = {p.name: p.read_bytes() for p in [*folder.iterdir(), *out.glob("*.csv")]}
+    with pytest.raises(InputError, match="Slicer's DICOM module"):
+        logic.saveResults(plain)
+    assert {p.name: p.read_bytes() for p in [*folder.iterdir(), *out.glob("*.csv")]} == kept
+
+    shutil.move(str(tmp_path / "moved"), str(tmp_path / "root"))
+    saved = logic.saveResults(plain)
+    assert saved.warning is None
+    assert {"segmentation.dcm", "report.dcm", "cohort_studies.csv", "cohort_vertebrae.csv"} <= \
+        {Path(p).name for p in saved.paths}
+    with (out / "cohort_vertebrae.csv").open(newline="") as handle:
+        levels = [row["level"] for row in csv.DictReader(handle)]
+    labels = [s.SegmentLabel for s in pydicom.dcmread(folder / "segmentation.dcm").SegmentSequence]
+    assert levels[0] == "T9" and [label for label in labels if "-" not in label] == levels

@@ -1,0 +1,125 @@
+"""A cohort study's folder as part of its cohort: where the study was read from, and its rows in the
+cohort tables, so that one study can be corrected on its own.
+
+A reader goes through ``cohort_studies.csv``, corrects a flagged study (``spinenet correct
+OUTDIR/studies/<study id> L4 L5``, or the Slicer panel's Save results) and expects the pictures, the
+DICOM results and the cohort tables to follow. The pictures and DICOM results are drawn from the scan,
+so every ``spinenet cohort`` run records each study's input in ``OUTDIR/cohort_inputs.json``
+(:func:`record_study_inputs`: the absolute path, the path inside a ZIP archive, the DICOM series),
+merged with the record of earlier runs into the same folder; a correction reads the scan from there
+(:func:`recorded_study`) when no other is given. The study's rows in the four cohort tables are then replaced
+by those of its corrected folder (:func:`SpineNetLib.cohort.tables.replace_study_rows`), as the next
+``spinenet cohort`` run would write them.
+
+The record is a convenience, not a result: the tables are made from the study folders alone, and a
+cohort folder without the record (written before it existed) is corrected with ``--input`` as before.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from SpineNetLib.cohort.discover import Study
+from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, replace_study_rows
+from SpineNetLib.core.errors import InputError
+from SpineNetLib.outputs.files import write_files_atomically
+
+#: The per-study result folders' parent, inside a cohort's output folder.
+STUDIES_FOLDER = "studies"
+#: The file in a cohort's output folder that records where each study was read from.
+INPUTS_FILE = "cohort_inputs.json"
+#: What the record says of itself, for a reader who opens it.
+_ABOUT = ("where spinenet cohort read each study (its folder under studies/): spinenet correct and the Slicer "
+          "panel read the scan from here to draw a corrected study's pictures again")
+
+
+@dataclass(frozen=True)
+class CohortStudy:
+    """A results folder that is one study of a cohort (:func:`cohort_study_of`)."""
+
+    #: The cohort's output folder (the one holding ``studies/`` and the tables).
+    outdir: Path
+    study_id: str
+    #: The study as the cohort recorded it (:data:`INPUTS_FILE`), or None: a folder written before the
+    #: record existed.
+    study: Study | None
+    #: The study's path relative to the cohort's root (its ``input`` in the tables), or None when neither
+    #: the record nor ``cohort_studies.csv`` names it.
+    relative: str | None
+
+
+def _read_record(outdir: Path) -> dict[str, dict]:
+    """``{study id: recorded fields}`` of ``outdir``'s record; empty when there is none or it cannot be read
+    (the record is rewritten whole by the next run)."""
+    try:
+        record = json.loads((outdir / INPUTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    studies = record.get("studies") if isinstance(record, dict) else None
+    return {k: v for k, v in studies.items() if isinstance(v, dict)} if isinstance(studies, dict) else {}
+
+
+def record_study_inputs(outdir: str | os.PathLike, studies: Sequence[Study]) -> Path:
+    """Record where each of ``studies`` is read from in ``outdir/cohort_inputs.json``, keeping what earlier
+    runs recorded of other studies (a run over part of the root, or a moved root, adds to the record)."""
+    outdir = Path(outdir)
+    record = _read_record(outdir)
+    record.update({s.study_id: {k: v for k, v in asdict(s).items() if k != "study_id"} for s in studies})
+    text = json.dumps({"about": _ABOUT, "studies": dict(sorted(record.items()))}, indent=1) + "\n"
+    return write_files_atomically(outdir, {INPUTS_FILE: text})[0]
+
+
+def _relative_in_tables(outdir: Path, study_id: str) -> str | None:
+    """The study's ``input`` cell in ``outdir/cohort_studies.csv``, or None."""
+    try:
+        with (outdir / COHORT_STUDIES_FILE).open(newline="", encoding="utf-8") as handle:
+            return next((row.get("input") for row in csv.DictReader(handle) if row.get("study") == study_id), None)
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+
+
+def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
+    """The cohort study whose folder ``results_folder`` is (``OUTDIR/studies/<study id>`` with the cohort's
+    record or tables in ``OUTDIR``), else None: a folder of ``spinenet run`` or the batch script."""
+    folder = Path(results_folder).absolute()
+    outdir = folder.parent.parent
+    if folder.parent.name != STUDIES_FOLDER or not any(
+            (outdir / name).is_file() for name in (INPUTS_FILE, COHORT_STUDIES_FILE)):
+        return None
+    fields = _read_record(outdir).get(folder.name)
+    try:
+        study = Study(study_id=folder.name, **fields) if fields else None
+    except TypeError:   # a record of fields this version does not know
+        study = None
+    relative = study.relative if study is not None else _relative_in_tables(outdir, folder.name)
+    return CohortStudy(outdir, folder.name, study, relative)
+
+
+def recorded_study(cohort_study: CohortStudy) -> Study:
+    """The study as the cohort recorded it, to read its scan from (:func:`SpineNetLib.cohort.discover.study_input`,
+    with its ``series_uid``). Raises :class:`InputError` when the record has no such study or its input is
+    gone."""
+    study = cohort_study.study
+    if study is None:
+        raise InputError(f"the cohort in {cohort_study.outdir} has no record of where study {cohort_study.study_id} "
+                         f"was read from (no {INPUTS_FILE}, written by spinenet cohort since 2026-12-05)")
+    if not Path(study.path).exists():
+        raise InputError(f"study {cohort_study.study_id} was read from {study.path}, which is gone (moved?)")
+    return study
+
+
+def update_cohort_tables(cohort_study: CohortStudy) -> list[Path]:
+    """Replace the study's rows in its cohort's tables by those of its folder as it is now (after a
+    correction; :func:`SpineNetLib.cohort.tables.replace_study_rows`); returns the tables' paths. Raises
+    :class:`InputError`, the tables unchanged, when they cannot be updated so."""
+    if cohort_study.relative is None:
+        raise InputError(f"neither {INPUTS_FILE} nor {COHORT_STUDIES_FILE} in {cohort_study.outdir} names study "
+                         f"{cohort_study.study_id}")
+    study = cohort_study.study or Study(cohort_study.study_id, path="", relative=cohort_study.relative, kind="")
+    return replace_study_rows(cohort_study.outdir, study,
+                              cohort_study.outdir / STUDIES_FOLDER / cohort_study.study_id)
