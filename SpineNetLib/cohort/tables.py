@@ -6,7 +6,9 @@
 * ``cohort_studies.csv``: one row per finished study, for going through a cohort study by study: its
   levels, how sure they are and why a review is asked for, whether a reader corrected them
   (``spinenet correct``), whether its discs were graded and the sequence that decided it, its other
-  warnings, and its ``preview.png`` (relative to the output folder).
+  warnings, and its ``preview.png`` (relative to the output folder);
+* ``cohort_review.html``: the studies table and the failures as one page to go through by eye, the
+  studies that ask for a review first (:mod:`SpineNetLib.cohort.review_page`).
 
 Each vertebra and disc row is the study's own ``vertebrae.csv`` or ``discs.csv`` row, made from
 its ``vertebrae.json`` and ``discs.json`` by the same functions that write those files
@@ -18,7 +20,8 @@ rows end with the study's labelling columns (``labelling_confidence``, ``s1_foun
 ``levels_need_review``, ``labelling_warning``), which ``discs.csv`` does not carry.
 
 The tables are made again, whole, from the study folders at the end of every run, so a run
-that was interrupted, or that only added a few studies, still gives complete tables.
+that was interrupted, or that only added a few studies, still gives complete tables; a correction of
+one study replaces its rows alone (:func:`replace_study_rows`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Iterable, Sequence
 
 from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
+from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_page_html
 from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
 from SpineNetLib.outputs.documents import read_result, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
@@ -103,7 +107,8 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
 
 def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
                        failures: Sequence[StudyFailure]) -> dict[str, str]:
-    """``{file name: CSV text}`` of the three cohort tables.
+    """``{file name: text}`` of the four cohort tables and the review page made from them
+    (:mod:`SpineNetLib.cohort.review_page`).
 
     ``studies`` that have a finished folder (``studies_dir/<study id>/result.json``) give rows, in
     the order given; the others are left out (they are running, failed or not run yet).  A
@@ -125,7 +130,12 @@ def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
     headers = _table_headers()
     rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: summaries,
             COHORT_FAILURES_FILE: [(f.study_id, f.input, one_line(f.reason)) for f in failed]}
-    return {name: _csv(headers[name], rows[name]) for name in headers}
+    return _with_review_page({name: _csv(headers[name], rows[name]) for name in headers})
+
+
+def _with_review_page(texts: dict[str, str]) -> dict[str, str]:
+    """The tables' texts with the review page made from them."""
+    return {**texts, REVIEW_PAGE_FILE: review_page_html(texts[COHORT_STUDIES_FILE], texts[COHORT_FAILURES_FILE])}
 
 
 def _table_headers() -> dict[str, list[str]]:
@@ -138,14 +148,15 @@ def _table_headers() -> dict[str, list[str]]:
 
 def write_cohort_tables(outdir: str | os.PathLike, studies_dir: str | os.PathLike, studies: Sequence[Study],
                         failures: Sequence[StudyFailure]) -> list[Path]:
-    """Write the four cohort tables into ``outdir``, replacing them together; returns their paths."""
+    """Write the four cohort tables and the review page into ``outdir``, replacing them together; returns
+    their paths."""
     return write_files_atomically(outdir, cohort_table_texts(studies_dir, studies, failures))
 
 
 def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os.PathLike) -> list[Path]:
     """Replace the rows of one study in ``outdir``'s four cohort tables by those of its folder ``folder`` (after
     a correction), where its old rows were (a study without rows goes last), every other row unchanged; the
-    tables are replaced together. Returns their paths.
+    tables and the review page made from them are replaced together. Returns their paths.
 
     Raises :class:`InputError`, with the tables left as they are, when the folder cannot be read, a table is
     missing or cannot be read, or it has other columns than this version writes (a cohort written by
@@ -169,4 +180,4 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
         # every row before the study's first one is another study's: the new rows go where the old ones began
         at = next((i for i, row in enumerate(table[1:]) if row[:1] == [study.study_id]), len(others))
         texts[name] = _csv(header, others[:at] + new_rows[name] + others[at:])
-    return write_files_atomically(outdir, texts)
+    return write_files_atomically(outdir, _with_review_page(texts))

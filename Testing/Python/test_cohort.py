@@ -650,6 +650,8 @@ def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table
         assert [r["study"] == zipped for r in new] == [r["study"] == zipped for r in old], name
     (row,) = [r for r in _rows(out / "cohort_studies.csv") if r["study"] == zipped]
     assert row["corrected_by_user"] == "true" and row["levels"] == f"{after[0]}..{after[-1]}"
+    page = (out / "cohort_review.html").read_text()   # the review page follows the tables
+    assert f"<small>{zipped}</small>" in page and '<tr class="corrected">' in page and "1 corrected by hand" in page
     assert [r["level"] for r in _rows(out / "cohort_vertebrae.csv") if r["study"] == zipped] == after
 
     # the archive moved away: the scan cannot be found, and nothing changes
@@ -681,3 +683,42 @@ def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table
 
 def _rows_of(text: str) -> list[dict]:
     return list(csv.DictReader(text.splitlines()))
+
+
+def test_the_review_page_lists_the_studies_to_review_first_with_their_pictures_and_commands():
+    """cohort_review.html: the studies that ask for a review first (least sure first), then the corrected
+    ones, then the others; each with its linked preview and the command that corrects it; the failures
+    after; every cell escaped (file names are the users' own)."""
+    import io
+
+    from SpineNetLib.cohort.review_page import review_page_html
+    from SpineNetLib.cohort.tables import FAILURE_COLUMNS, STUDIES_COLUMNS
+
+    def row(study, review, confidence, corrected="false", preview="", levels="T11..S1"):
+        cells = dict.fromkeys(STUDIES_COLUMNS, "")
+        cells.update(study=study, input=f"{study}/<b>exam</b>", levels=levels, levels_need_review=review,
+                     labelling_confidence=confidence, corrected_by_user=corrected, preview=preview,
+                     labelling_warning="levels may be shifted by one" if review == "true" else "")
+        return [cells[c] for c in STUDIES_COLUMNS]
+
+    def text(header, rows):
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+        return buffer.getvalue()
+
+    studies = text(STUDIES_COLUMNS, [row("sure", "false", "1.000000", preview="studies/sure/preview.png"),
+                                     row("fixed", "false", "0.900000", corrected="true"),
+                                     row("unsure", "true", "0.700000", levels="T10..L5"),
+                                     row("less_unsure", "true", "0.950000"),
+                                     row("unlabelled", "false", "0.990000", levels="V1..V3")])
+    failures = text(FAILURE_COLUMNS, [["broken", "site/broken.nii.gz", "cannot read it: <not an image>"]])
+    page = review_page_html(studies, failures)
+    order = [page.index(f"<small>{s}</small>") for s in ("unsure", "less_unsure", "fixed", "unlabelled", "sure")]
+    assert order == sorted(order)
+    assert "5 finished studies: 2 ask for a review" in page and "1 corrected by hand; 1 without a result" in page
+    assert '<a href="studies/sure/preview.png"><img src="studies/sure/preview.png" width="260"' in page
+    assert "<code>spinenet correct studies/unsure L5 LEVEL</code>" in page
+    assert "spinenet correct studies/unlabelled" not in page          # no level to name it by
+    assert "<b>exam</b>" not in page and "&lt;b&gt;exam&lt;/b&gt;" in page
+    assert page.index("Studies without a result") > order[-1] and "&lt;not an image&gt;" in page
+    assert page.count('<tr class="review">') == 2 and page.count('<tr class="corrected">') == 1
