@@ -45,7 +45,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -337,11 +337,14 @@ def archive_discovery(root: str | os.PathLike, archive: str | os.PathLike) -> Di
 @contextlib.contextmanager
 def study_input(study: Study) -> Iterator[Path]:
     """The path to read the study from (:func:`SpineNetLib.pipeline.read_input`): its own, or inside its
-    ZIP archive, unpacked until the ``with`` block ends (its DICOM results are made from the files)."""
+    ZIP archive, unpacked until the ``with`` block ends (its DICOM results are made from the files). Of an
+    archive only the study's folder is unpacked: a DICOM series' own folder, an image file's folder (a
+    ``.mhd`` or ``.nhdr`` header's data file lies beside it)."""
     if study.inner is None:
         yield Path(study.path)
         return
-    with unpacked_folder(Path(study.path)) as folder:
+    folder_inside = study.inner if study.kind == "dicom" else PurePosixPath(study.inner).parent.as_posix()
+    with unpacked_folder(Path(study.path), only=folder_inside) as folder:
         yield folder / study.inner
 
 

@@ -58,30 +58,42 @@ def unpacked(path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def unpacked_folder(archive: Path) -> Iterator[Path]:
+def unpacked_folder(archive: Path, only: str | None = None) -> Iterator[Path]:
     """The folder the ZIP archive ``archive`` is unpacked into (named after the archive, in a temporary
     folder), removed when the ``with`` block ends; an :class:`InputError` raised inside it names the
-    archive instead of the folder."""
+    archive instead of the folder. ``only``: a folder inside the archive (POSIX, as it is unpacked):
+    only the files under it are unpacked, at their places (a cohort study of an archive of many)."""
     archive = Path(archive)
     with tempfile.TemporaryDirectory(prefix="spinenet-zip-") as temporary:
         folder = Path(temporary) / (archive.name[:-len(".zip")] if archive.name.lower().endswith(".zip")
                                     else archive.name)
         folder.mkdir()
         try:
-            _extract(archive, folder)
+            _extract(archive, folder, only)
             yield folder
         except InputError as error:
             raise InputError(str(error).replace(str(folder), archive.name)) from None
 
 
-def _extract(archive: Path, folder: Path) -> None:
-    """Unpack the archive's files into ``folder`` after the checks of the module docstring."""
+def _unpacked_name(member: zipfile.ZipInfo) -> str:
+    """Where the standard library's extraction puts ``member``, relative to the folder (POSIX): its name
+    without empty, ``.`` and ``..`` parts."""
+    return "/".join(part for part in member.filename.split("/") if part not in ("", ".", ".."))
+
+
+def _extract(archive: Path, folder: Path, only: str | None = None) -> None:
+    """Unpack the archive's files (``only``: those under that folder) into ``folder`` after the checks of
+    the module docstring."""
     try:
         with zipfile.ZipFile(archive) as opened:
             members = [m for m in opened.infolist() if not m.is_dir()
                        and PurePosixPath(m.filename).parts[:1] != (MACOS_RESOURCE_FOLDER,)]
             if not members:
                 raise InputError(f"the ZIP archive {archive.name} holds no files")
+            if only not in (None, "", "."):
+                members = [m for m in members if f"{_unpacked_name(m)}/".startswith(f"{only.rstrip('/')}/")]
+                if not members:
+                    raise InputError(f"the ZIP archive {archive.name} holds nothing under {only} (was it changed?)")
             if any(m.flag_bits & 0x1 for m in members):
                 raise InputError(f"the ZIP archive {archive.name} is encrypted: unpack it with its password first")
             needed = sum(m.file_size for m in members)

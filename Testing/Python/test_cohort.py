@@ -156,6 +156,37 @@ def test_the_studies_in_zip_archives_are_found_and_run_from_them(tmp_path, monke
     assert not any(temporary.iterdir())
 
 
+def test_a_study_in_an_archive_of_several_unpacks_only_its_own_folder(tmp_path):
+    """An archive holding a whole exam: each study unpacks the folder of its own series (or image file)
+    alone, not the other series; a study whose folder the archive no longer holds says so."""
+    import shutil
+    import zipfile
+
+    from SpineNetLib.cohort.discover import Study, study_input
+    from SpineNetLib.core.errors import InputError
+
+    exam = tmp_path / "exam"
+    _phantom(3, n_slices=4).write_dicom(exam / "SAG_T2", series_description="T2 SAG")
+    _phantom(4, n_slices=4).write_dicom(exam / "SAG_T1", series_description="T1 SAG")
+    _phantom(5).write_nifti(exam / "images" / "scan.nii.gz")
+    (tmp_path / "root").mkdir()
+    shutil.make_archive(str(tmp_path / "root" / "p1"), "zip", exam)
+    studies = discover_studies(tmp_path / "root").studies
+    assert sorted(s.inner for s in studies) == ["SAG_T1", "SAG_T2", "images/scan.nii.gz"]
+    for study in studies:
+        with study_input(study) as path:
+            root = path.parents[len(Path(study.inner).parts) - 1]     # the folder the archive unpacks into
+            tops = {p.relative_to(root).parts[0] for p in root.rglob("*") if p.is_file()}
+            assert tops == {Path(study.inner).parts[0]}, (study.inner, tops)
+    with zipfile.ZipFile(tmp_path / "root" / "p1.zip", "w") as other:    # the archive changed since
+        other.writestr("notes.txt", "no images")
+    gone = next(s for s in studies if s.inner == "SAG_T1")
+    with pytest.raises(InputError, match="p1.zip holds nothing under SAG_T1"):
+        with study_input(gone):
+            pass
+    assert isinstance(gone, Study)
+
+
 def test_a_folder_of_zip_archives_alone_is_a_cohort(tmp_path, capsys):
     """A cohort delivered as archives only (one per patient) runs; it is not 'no study found'."""
     import shutil
