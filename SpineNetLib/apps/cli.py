@@ -550,8 +550,8 @@ def _add_correct_command(sub) -> None:
     correct.add_argument("level", metavar="LEVEL", help="its level (C2..C7, T1..T12, L1..L5, S1 or S2)")
     correct.add_argument("--input", metavar="SCAN",
                          help="the scan the run read (DICOM folder or file, NIfTI, NRRD, MHA, a ZIP archive): needed when the "
-                              "folder holds preview.png, hotspots.png or DICOM results, which are drawn again; "
-                              "for a study of spinenet cohort (OUTDIR/studies/<id>) the scan the cohort read")
+                              "folder holds preview.png, hotspots.png or DICOM results, which are drawn again (a study "
+                              "of spinenet cohort, OUTDIR/studies/<id>: by default the scan the cohort read)")
     correct.add_argument("--series", metavar="UID|NUMBER|TEXT",
                          help="the series the run read, when --input is a DICOM folder of several series")
     correct.set_defaults(func=command_correct)
