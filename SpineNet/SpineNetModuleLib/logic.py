@@ -589,12 +589,25 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         """Show the results of a ``result.json`` (or results folder) on ``volumeNode``.
 
         Raises :class:`SpineNetError`, and changes nothing in the scene, when the results were made on
-        another scan than the volume's (their ``vertebrae.json`` records its grid) or the volume has no voxels.
+        another scan than the volume's (their ``vertebrae.json`` records its grid; for a cohort study the
+        error says where the cohort read its scan) or the volume has no voxels.
         """
         if volumeNode is None:
             raise SpineNetError("no volume to show the results on")
+        from SpineNetLib.cohort.record import cohort_study_of
+        from SpineNetLib.core.errors import InputError
+
         vertebraeDoc, discsDoc, folder = documents.read_result(resultPath)
-        self._mrml().check_results_fit_volume(volumeNode, vertebraeDoc)
+        try:
+            self._mrml().check_results_fit_volume(volumeNode, vertebraeDoc)
+        except InputError as error:   # a cohort study: say where its scan is
+            cohort = cohort_study_of(folder)
+            study = cohort.study if cohort is not None else None
+            if study is None:
+                raise
+            where = study.path if study.inner is None else f"{study.inner} in {study.path}"
+            series = f", series {study.series_uid}" if study.series_uid else ""
+            raise InputError(f"{error}; the cohort read these results' scan from {where}{series}") from None
         return self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
 
     def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,10 @@ def test_save_results_of_a_cohort_study_reads_the_dicom_files_the_cohort_read_an
     module, scene, plain = standins.module_on_new_scene(monkeypatch, *mrml.volume_arrays(
         mrml.add_scan_volume(mrml.new_scene(), scan, "x")))
     logic = module.SpineNetLogic(scene)
+    other = mrml.add_volume(scene, np.zeros((4, 5, 6), np.float32), np.eye(4), "another scan")
+    said = re.escape(f"; the cohort read these results' scan from {tmp_path / 'root' / 'exam'}, series {study.series_uid}")
+    with pytest.raises(InputError, match=f"made on another scan .*{said}"):
+        logic.loadResults(other, str(folder / "result.json"))      # says where to find the right scan
     logic.loadResults(plain, str(folder / "result.json"))
     logic.correctLevel(plain, 0, "T9")
 
