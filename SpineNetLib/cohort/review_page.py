@@ -97,8 +97,9 @@ def review_page_html(studies_csv: str, failures_csv: str) -> str:
         f"ask{'s' if review == 1 else ''} for a review of "
         f"their levels (listed first, the least sure first), {corrected} corrected by hand; {len(failures)} without "
         "a result (at the end). Correct a study's levels from this folder with the command in its row, LEVEL being "
-        "the level its lowest vertebra really has (or name another vertebra, e.g. <code>#3</code>); the pictures, "
-        "this page and the cohort tables follow.</p>",
+        "the level its lowest vertebra really has (its own level when the levels are right: that records the "
+        "review), or name another vertebra (e.g. <code>#3</code>); the pictures, this page and the cohort tables "
+        "follow.</p>",
         "<table><tr><th>preview</th><th>input</th><th>levels</th><th>review?</th><th>why</th><th>grading</th>"
         "<th>other warnings</th><th>to correct</th></tr>",
         *(_study_row(row) for row in studies),

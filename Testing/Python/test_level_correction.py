@@ -4,6 +4,7 @@ whole, pictures and DICOM results included, or not at all."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -209,6 +210,28 @@ def test_a_folder_without_pictures_is_corrected_without_the_scan(tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["spinenet: warning: the correction moved 1 vertebra beyond S2: it has no level now"], err
     assert json.loads((out / "vertebrae.json").read_text())["vertebrae"][-1]["level"] is None
+
+
+def test_naming_a_vertebra_its_own_level_records_the_review_and_moves_nothing(tmp_path, monkeypatch, capsys):
+    """README: levels found right on review are confirmed by naming a vertebra its own level: nothing
+    moves, the review flag goes and the reader's decision is recorded."""
+    phantom = make_phantom(fov="lumbar", shape=(192, 192), pixel_spacing=(1.4, 1.4), n_slices=5, seed=4)
+    image = phantom.write_nifti(tmp_path / "scan.nii.gz")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-preview", "--no-grade"]) == 0
+    doc = json.loads((out / "vertebrae.json").read_text())
+    doc["labelling"].update(needs_review=True, warnings=["levels may be shifted by one (a reason)"])
+    (out / "vertebrae.json").write_text(json.dumps(doc))      # as a run that asked for a review left it
+    capsys.readouterr()
+    assert cli.main(["correct", str(out), "#2", phantom.levels[1]]) == 0
+    confirmed = json.loads((out / "vertebrae.json").read_text())
+    assert [v["level"] for v in confirmed["vertebrae"]] == list(phantom.levels)
+    assert confirmed["labelling"]["needs_review"] is False and confirmed["labelling"]["corrected_by_user"] is True
+    assert confirmed["corrections"] == [{"vertebra": 1, "level": phantom.levels[1]}]
+    rows = list(csv.DictReader((out / "vertebrae.csv").read_text().splitlines()))
+    assert [r["level"] for r in rows] == list(phantom.levels)
+    assert {(r["levels_need_review"], r["labelling_warning"]) for r in rows} == {("false", "")}
 
 
 def test_a_cohort_study_corrected_reaches_the_cohort_tables(tmp_path, capsys):
