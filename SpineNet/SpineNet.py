@@ -548,6 +548,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             return
         if level is None:
             level = _get(self._levelCombos[row], "currentText")
+        before = [v.get("level") for v in (self.logic.documents(volume)[0] or {}).get("vertebrae", [])]
         try:
             levels = self.logic.correctLevel(volume, row, level)
         except SpineNetError as error:
@@ -556,6 +557,11 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.populateResults()
         self.updateWidgets()
         named = [name or "?" for name in levels]
+        if levels == before:   # the level it had: the reader confirms the levels as they are
+            self.setStatus(f"Vertebra {row + 1} confirmed as {level}: levels {named[0]}..{named[-1]} marked as "
+                           "checked by hand" + (" (Save results writes that into the folder)."
+                                                if self.logic.savableResultsFolder(volume) else "."))
+            return
         self.setStatus(f"Vertebra {row + 1} set to {level}; levels now {named[0]}..{named[-1]}.")
 
     def selectedDisc(self):

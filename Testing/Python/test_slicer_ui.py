@@ -224,6 +224,8 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
         k = documents.LEVELS.index(v["level"])
         v["level_probabilities"] = {documents.LEVELS[k]: 0.5, documents.LEVELS[k - 1]: 0.25, documents.LEVELS[k + 1]: 0.25} \
             if k > 0 else {"S1": 0.5, "L5": 0.25}
+    soft["labelling"] = {**(soft.get("labelling") or {}), "confidence": 0.6, "needs_review": True,
+                         "warnings": ["levels may be shifted by one (margin 1.0 nats): a reason"]}
     result = _write_result(tmp_path / "results", soft)
     process.feed("WARNING disc grading is not available in this version: vertebrae only\n")
     process.feed(f"PROGRESS 5 5 beam search\nRESULT {result}\n")
@@ -237,6 +239,13 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     assert widget.ui.exportCsvButton.isEnabled() and widget.ui.showHotspotsButton.isEnabled()
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsClosedCurveNode") == 7
+
+    # the user picks the level the third body already has: the levels are confirmed, nothing moves
+    assert widget.ui.labellingLabel.styleSheet() != ""                 # the soft labelling asks for a review
+    widget._levelCombos[2].textActivated.emit("L2")
+    assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    assert widget.ui.statusLabel.text() == "Vertebra 3 confirmed as L2: levels T12..S1 marked as checked by hand."
+    assert widget.ui.labellingLabel.styleSheet() == "" and "by hand" in widget.ui.labellingLabel.text()
 
     # the user says the third body is L3: the others are re-solved around it
     widget._levelCombos[2].textActivated.emit("L3")
