@@ -387,7 +387,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         vertebraeDoc, _, folder = self.logic.documents(self._volume())   # (None, None, None) without a volume
         hasResults = vertebraeDoc is not None
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
-        self.ui.loadResultsButton.setEnabled(self._volume() is not None and not running)
+        self.ui.loadResultsButton.setEnabled(not running)   # a cohort study brings its own volume
         self.ui.saveResultsButton.setEnabled(hasResults and not running and self.logic.savableFolder(folder) is not None)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
@@ -591,21 +591,23 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
 
     def onLoadResults(self):
         """Results written by ``spinenet run`` or ``spinenet cohort`` (a results folder) shown on the selected
-        volume, as a run of the panel shows them: for review, level correction and export."""
+        volume, as a run of the panel shows them: for review, level correction and export. A cohort study's
+        results that do not fit the selected volume (or with none selected) come with their scan, loaded
+        from where the cohort read it."""
         volume = self._volume()
-        if volume is None:
-            self.setStatus("Select the volume the results were made from first.")
-            return
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet results folder (with result.json)", "")
         if not folder:
             return
         try:
-            self.logic.loadResults(volume, folder)
+            volume, scanLoaded = self.logic.loadResultsOrStudy(volume, folder)
         except (SpineNetError, OSError) as error:
             self.setStatus("Loading the results failed: " + " ".join(str(error).split()))
             return
+        if scanLoaded:
+            self.ui.inputSelector.setCurrentNode(volume)
         self.populateResults()
-        self.setStatus(self.logic.summary(volume) + " Loaded from " + folder)
+        self.setStatus(self.logic.summary(volume) + " Loaded from " + folder
+                       + (" with its scan, read from where the cohort read it." if scanLoaded else ""))
         self.updateWidgets()
 
     def onSaveResults(self):

@@ -610,6 +610,50 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
             raise InputError(f"{error}; the cohort read these results' scan from {where}{series}") from None
         return self.showResults(volumeNode, vertebraeDoc, discsDoc, folder)
 
+    def loadResultsOrStudy(self, volumeNode, resultPath):
+        """:meth:`loadResults` on ``volumeNode``; for a cohort study whose results do not fit it (or with no
+        volume given) whose scan the cohort recorded, :meth:`loadCohortStudy` instead. Returns (the volume
+        the results are shown on, whether its scan was loaded for them)."""
+        from SpineNetLib.cohort.record import cohort_study_of
+
+        try:
+            if volumeNode is None:
+                raise SpineNetError("select the volume the results were made from first")
+            self.loadResults(volumeNode, resultPath)
+            return volumeNode, False
+        except SpineNetError:
+            folder = resultPath if os.path.isdir(resultPath) else os.path.dirname(resultPath)
+            cohort = cohort_study_of(folder)
+            if cohort is None or cohort.study is None:
+                raise
+        return self.loadCohortStudy(resultPath), True
+
+    def loadCohortStudy(self, resultPath):
+        """The scan of a ``spinenet cohort`` study (its folder ``OUTDIR/studies/<id>``) added to the scene as a new
+        volume, read from where the cohort read it (:mod:`SpineNetLib.cohort.record`) as the run read it, with
+        the study's results shown on it (:meth:`loadResults`); returns the volume node. Raises
+        :class:`SpineNetError`, with nothing added, when the folder is no cohort study or its scan cannot be
+        read."""
+        from SpineNetLib.cohort.discover import study_input
+        from SpineNetLib.cohort.record import cohort_study_of, recorded_study
+        from SpineNetLib.outputs.correction import read_scan_as_run
+
+        vertebraeDoc, _, folder = documents.read_result(resultPath)
+        cohort = cohort_study_of(folder)
+        if cohort is None:
+            raise SpineNetError(f"{folder} is no study of a spinenet cohort run: select the volume its results "
+                                "were made from first")
+        study = recorded_study(cohort)
+        with study_input(study) as path:
+            scan = read_scan_as_run(vertebraeDoc, path, study.series_uid, as_stored=True)
+        volumeNode = self._mrml().add_scan_volume(self.scene, scan, study.relative)
+        try:
+            self.loadResults(volumeNode, folder)
+        except Exception:
+            self.scene.RemoveNode(volumeNode)
+            raise
+        return volumeNode
+
     def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):
         """Replace the volume's SpineNet nodes by nodes built from the documents.
 

@@ -59,9 +59,11 @@ def vertebra_index(vertebrae_doc: dict, which: str) -> int:
     raise InputError(f"no vertebra is named {text} in these results ({listing})")
 
 
-def read_scan_as_run(vertebrae_doc: dict, path, series: str | None = None):
+def read_scan_as_run(vertebrae_doc: dict, path, series: str | None = None, *, as_stored: bool = False):
     """The scan at ``path`` read as the run that wrote ``vertebrae_doc`` read it: with its spacing
-    overrides and its profile's slabs (``series``: the DICOM series, as ``--series`` takes it)."""
+    overrides and its profile's slabs (``series``: the DICOM series, as ``--series`` takes it).
+    ``as_stored``: on its stored voxel grid, without the profile's slabs (a volume to show the results
+    on, as the batch script loads it)."""
     from SpineNetLib.core.profiles import processing_profile
     from SpineNetLib.inputs.load import load_scan
 
@@ -69,7 +71,8 @@ def read_scan_as_run(vertebrae_doc: dict, path, series: str | None = None):
     profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
     pixel_spacing = overrides.get("pixel_spacing")
     return load_scan(path, series_uid=series, pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
-                     slice_spacing=overrides.get("slice_spacing"), resample_isotropic=profile.slab_average_thin_slices)
+                     slice_spacing=overrides.get("slice_spacing"),
+                     resample_isotropic=profile.slab_average_thin_slices and not as_stored)
 
 
 def check_same_scan(vertebrae_doc: dict, scan) -> None:

@@ -424,3 +424,15 @@ def test_save_results_of_a_cohort_study_reads_the_dicom_files_the_cohort_read_an
         levels = [row["level"] for row in csv.DictReader(handle)]
     labels = [s.SegmentLabel for s in pydicom.dcmread(folder / "segmentation.dcm").SegmentSequence]
     assert levels[0] == "T9" and [label for label in labels if "-" not in label] == levels
+
+    # Load results of the study with no volume that fits: its scan comes with it, read where the cohort read it
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    shown, scanLoaded = logic.loadResultsOrStudy(other, str(folder))
+    assert scanLoaded and shown.GetName() == study.relative == "exam"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes + 1
+    assert [v["level"] for v in logic.documents(shown)[0]["vertebrae"]] == levels
+    assert logic.loadResultsOrStudy(plain, str(folder)) == (plain, False)      # a volume that fits: as before
+    shutil.move(str(tmp_path / "root"), str(tmp_path / "moved"))
+    with pytest.raises(InputError, match="which is gone"):
+        logic.loadResultsOrStudy(None, str(folder))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes + 1

@@ -541,6 +541,47 @@ def test_load_results_shows_a_command_lines_results_for_review_and_correction(pa
     assert widget.logic.documents(volume)[0]["vertebrae"][0]["level"] == "T11"   # the shown results stay
 
 
+def test_load_results_of_a_cohort_study_brings_its_scan_along(panel, tmp_path):
+    """Load results... on a study folder of `spinenet cohort` whose scan is not the selected volume: the scan
+    is read from where the cohort read it, added as a volume named after the study and selected, with the
+    results on it; a folder of another run with no volume that fits is refused as before."""
+    from SpineNetLib import pipeline
+    from SpineNetLib.cohort.discover import discover_studies
+    from SpineNetLib.cohort.record import record_study_inputs
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    from oracles import oracle_networks
+
+    module, widget, scene, volume, vertebrae = panel
+    recorder = module._standins.recorder
+    _select(widget, volume)
+    phantom = make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=5, seed=3)
+    phantom.write_nifti(tmp_path / "root" / "site" / "p3.nii.gz")
+    (study,) = discover_studies(tmp_path / "root").studies
+    scan = pipeline.read_input(study.path, pipeline.processing_profile(None))[0]
+    result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+    folder = tmp_path / "out" / "studies" / study.study_id
+    write_results(folder, result, scan=scan)
+    record_study_inputs(tmp_path / "out", [study])
+
+    recorder.directory = str(folder)
+    widget.ui.loadResultsButton.click()
+    shown = widget._volume()
+    assert shown is not volume and shown.GetName() == "site/p3.nii.gz"
+    assert widget.ui.statusLabel.text().endswith("with its scan, read from where the cohort read it.")
+    assert [c.currentText() for c in widget._levelCombos] == [v["level"] for v in result.vertebrae_document["vertebrae"]]
+    assert widget.ui.saveResultsButton.isEnabled()
+
+    recorder.directory = str(tmp_path / "another")          # a plain run's folder that fits no volume
+    _write_result(tmp_path / "another", dict(vertebrae, scan=dict(vertebrae["scan"], shape=[1, 2, 3])))
+    widget.ui.loadResultsButton.click()
+    assert widget.ui.statusLabel.text().startswith("Loading the results failed: these results were made on another")
+    with pytest.raises(module.SpineNetError, match="select the volume the results were made from first"):
+        widget.logic.loadResultsOrStudy(None, str(tmp_path / "another"))     # no volume: only a cohort study
+    shown, scanLoaded = widget.logic.loadResultsOrStudy(None, str(folder))
+    assert scanLoaded and shown.GetName() == "site/p3.nii.gz"
+
+
 def test_save_results_writes_a_loaded_folder_again_with_the_corrections(panel, tmp_path):
     """Load results... , a level corrected in the vertebra list, Save results: the folder's documents, CSV
     files and preview now carry the corrected levels, replaced together; a folder with DICOM results is
@@ -873,7 +914,7 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     for name in ("QProcess", "worker.", "parse_line", "prepareRun", "cleanupRun", "readAll", "read_result"):
         assert name not in source, f"the widget uses {name}: that belongs to the logic"
     # reading a results folder is the logic's too: the "Load results..." button only asks it to
-    assert re.findall(r"[\w.]*loadResults\b", source) == ["self.logic.loadResults"]
+    assert re.findall(r"[\w.]*loadResults(?:OrStudy)?\b", source) == ["self.logic.loadResultsOrStudy"]
     assert not hasattr(widget, "process") and not hasattr(widget, "_buffer")
     _select(widget, volume)
     calls = []
