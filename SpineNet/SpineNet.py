@@ -208,6 +208,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.exportCsvButton.clicked.connect(self.onExportCsv)
         self.ui.loadResultsButton.clicked.connect(self.onLoadResults)
         self.ui.saveResultsButton.clicked.connect(self.onSaveResults)
+        self.ui.nextStudyButton.clicked.connect(self.onNextStudy)
         self.ui.showHotspotsButton.clicked.connect(self.onShowHotspots)
         self.ui.weightsBrowseButton.clicked.connect(self.onBrowseWeights)
         self.ui.weightsComboBox.currentTextChanged.connect(self.updateWidgets)
@@ -389,6 +390,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
         self.ui.loadResultsButton.setEnabled(not running)   # a cohort study brings its own volume
         self.ui.saveResultsButton.setEnabled(hasResults and not running and self.logic.savableFolder(folder) is not None)
+        self.ui.nextStudyButton.setEnabled(hasResults and not running and self.logic.cohortStudyOf(self._volume()) is not None)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
     def _volume(self):
@@ -608,6 +610,21 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.populateResults()
         self.setStatus(self.logic.summary(volume) + " Loaded from " + folder
                        + (" with its scan, read from where the cohort read it." if scanLoaded else ""))
+        self.updateWidgets()
+
+    def onNextStudy(self):
+        """The next study of the shown study's cohort that asks for a review, loaded with its scan."""
+        try:
+            volume = self.logic.showNextStudyToReview(self._volume())
+        except (SpineNetError, OSError) as error:
+            self.setStatus("Next study: " + " ".join(str(error).split()))
+            return
+        if volume is None:
+            self.setStatus("No other study of this cohort asks for a review (each shown once in this session).")
+            return
+        self.ui.inputSelector.setCurrentNode(volume)
+        self.populateResults()
+        self.setStatus(self.logic.summary(volume) + " Loaded " + volume.GetName() + " for review.")
         self.updateWidgets()
 
     def onSaveResults(self):

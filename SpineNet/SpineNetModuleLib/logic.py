@@ -174,6 +174,10 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         self._lastWorker = None
         #: Results folder kept for hotspots -> the run's temporary folder holding it.
         self.temporaryFolders = {}
+        #: Cohort output folder -> ids of its studies shown by :meth:`showNextStudyToReview` (or loaded).
+        self.studiesShown = {}
+        #: IDs of the volume nodes :meth:`loadCohortStudy` added (the next study's replaces them).
+        self.cohortVolumeIds = set()
         self.progressReported = Signal("done", "total", "message")
         self.warningReported = Signal("message")
         self.runFinished = Signal("run")
@@ -650,9 +654,49 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         try:
             self.loadResults(volumeNode, folder)
         except Exception:
-            self.scene.RemoveNode(volumeNode)
+            self._mrml().remove_node(self.scene, volumeNode)
             raise
+        self.cohortVolumeIds.add(volumeNode.GetID())
+        self.studiesShown.setdefault(str(cohort.outdir), set()).add(cohort.study_id)
         return volumeNode
+
+    def cohortStudyOf(self, volumeNode):
+        """The cohort study (:class:`SpineNetLib.cohort.record.CohortStudy`) whose folder the volume's results
+        were loaded from, or None."""
+        from SpineNetLib.cohort.record import cohort_study_of
+
+        folder = self.savableResultsFolder(volumeNode)
+        return cohort_study_of(folder) if folder else None
+
+    def showNextStudyToReview(self, volumeNode):
+        """The next study of the cohort whose study the volume shows (its results loaded from
+        ``OUTDIR/studies/<id>``) that asks for a review of its levels and that this logic has not shown yet, in
+        the order of ``cohort_review.html`` (the least sure first): its scan and results loaded
+        (:meth:`loadCohortStudy`). The volume, when :meth:`loadCohortStudy` added it, goes with its results,
+        unless it holds corrections not saved yet (refused: Save results first). Returns the new volume
+        node, or None when no such study is left."""
+        from SpineNetLib.cohort.record import STUDIES_FOLDER
+        from SpineNetLib.cohort.tables import studies_asking_for_review
+
+        cohort = self.cohortStudyOf(volumeNode)
+        if cohort is None:
+            raise SpineNetError("load the results of a study of a spinenet cohort run first (Load results...: "
+                                "OUTDIR/studies/<study id>)")
+        shown = self.studiesShown.setdefault(str(cohort.outdir), set())
+        shown.add(cohort.study_id)
+        following = [i for i in studies_asking_for_review(cohort.outdir) if i not in shown]
+        if not following:
+            return None
+        vertebraeDoc, _, folder = self.documents(volumeNode)
+        saved = documents.read_result(folder)[0]
+        if (vertebraeDoc.get("corrections") or []) != (saved.get("corrections") or []):
+            raise SpineNetError("this study's level corrections are not saved: Save results first")
+        nextVolume = self.loadCohortStudy(os.path.join(str(cohort.outdir), STUDIES_FOLDER, following[0]))
+        if volumeNode.GetID() in self.cohortVolumeIds:
+            self.cohortVolumeIds.discard(volumeNode.GetID())
+            self._mrml().remove_results(self.scene, volumeNode)
+            self._mrml().remove_node(self.scene, volumeNode)
+        return nextVolume
 
     def showResults(self, volumeNode, vertebraeDoc, discsDoc=None, folder=None):
         """Replace the volume's SpineNet nodes by nodes built from the documents.
@@ -753,8 +797,10 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     @contextlib.contextmanager
     def _scanForSaving(self, volumeNode, vertebraeDoc, dicomResults, cohort):
         """The scan :meth:`saveResults` draws the pictures and, where the folder has them (``dicomResults``),
-        the DICOM results from: the DICOM files of a series loaded through Slicer's DICOM module, else those
-        a cohort read the study from, read as the run read them; else the volume itself."""
+        the DICOM results from: the DICOM files of a series loaded through Slicer's DICOM module, else, for a
+        cohort study, the files the cohort read it from (its volume may lie on another voxel grid: one
+        :meth:`loadCohortStudy` added holds the canonical array), read as the run read them; else the volume
+        itself."""
         from SpineNetLib.cohort.discover import study_input
         from SpineNetLib.cohort.record import recorded_study
         from SpineNetLib.core.errors import InputError
@@ -769,7 +815,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                 yield read_scan_as_run(vertebraeDoc, copies, (vertebraeDoc.get("input") or {}).get("series_uid"))
             return
         study = None
-        if dicomResults and cohort is not None:
+        if cohort is not None:
             try:
                 study = recorded_study(cohort)
             except InputError:   # no record, or its input gone: refused below as for any other volume

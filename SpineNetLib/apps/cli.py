@@ -670,15 +670,10 @@ def command_cohort(args) -> int:
 
 def _studies_asking_for_review(tables) -> int:
     """How many rows of the written cohort_studies.csv ask for a review of their levels."""
-    import csv
-
-    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE
+    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, studies_asking_for_review
 
     path = next((Path(p) for p in tables if Path(p).name == COHORT_STUDIES_FILE), None)
-    if path is None or not path.is_file():
-        return 0
-    with path.open(newline="", encoding="utf-8") as handle:
-        return sum(row.get("levels_need_review") == "true" for row in csv.DictReader(handle))
+    return len(studies_asking_for_review(path.parent)) if path is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,9 @@ def _sure(row: dict[str, str]) -> float:
         return 0.0
 
 
-def _order(row: dict[str, str]) -> tuple:
-    """Review first, then corrected, then the others; the least sure first within each."""
+def review_order(row: dict[str, str]) -> tuple:
+    """The sort key of a ``cohort_studies.csv`` row on the page: review first, then corrected, then the
+    others; the least sure first within each."""
     review = row.get("levels_need_review") == "true"
     corrected = row.get("corrected_by_user") == "true"
     return (0 if review else 1 if corrected else 2, _sure(row), row.get("input", ""))
@@ -84,7 +85,7 @@ def _study_row(row: dict[str, str]) -> str:
 
 def review_page_html(studies_csv: str, failures_csv: str) -> str:
     """The page (module docstring) of the texts of ``cohort_studies.csv`` and ``cohort_failures.csv``."""
-    studies = sorted(_rows(studies_csv), key=_order)
+    studies = sorted(_rows(studies_csv), key=review_order)
     failures = _rows(failures_csv)
     review = sum(r.get("levels_need_review") == "true" for r in studies)
     corrected = sum(r.get("corrected_by_user") == "true" for r in studies)

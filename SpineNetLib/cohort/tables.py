@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 
 from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
-from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_page_html
+from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_order, review_page_html
 from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
 from SpineNetLib.outputs.documents import read_result, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
@@ -181,3 +181,15 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
         at = next((i for i, row in enumerate(table[1:]) if row[:1] == [study.study_id]), len(others))
         texts[name] = _csv(header, others[:at] + new_rows[name] + others[at:])
     return write_files_atomically(outdir, _with_review_page(texts))
+
+
+def studies_asking_for_review(outdir: str | os.PathLike) -> list[str]:
+    """The ids of the studies in ``outdir``'s ``cohort_studies.csv`` that ask for a review of their levels, in
+    the review page's order (the least sure first); empty when there is no such table or it cannot be read."""
+    try:
+        with (Path(outdir) / COHORT_STUDIES_FILE).open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    return [row["study"] for row in sorted(rows, key=review_order)
+            if row.get("levels_need_review") == "true" and row.get("study")]

@@ -582,6 +582,65 @@ def test_load_results_of_a_cohort_study_brings_its_scan_along(panel, tmp_path):
     assert scanLoaded and shown.GetName() == "site/p3.nii.gz"
 
 
+def test_next_cohort_study_to_review_steps_through_the_flagged_studies(panel, tmp_path):
+    """Next cohort study to review: after a cohort study's results, the cohort's other studies that ask for a
+    review come one by one, the least sure first, each with its scan; the volume the panel loaded for the
+    study before goes, but not while its corrections are unsaved; then the panel says none is left."""
+    from SpineNetLib import pipeline
+    from SpineNetLib.cohort.discover import discover_studies
+    from SpineNetLib.cohort.record import record_study_inputs
+    from SpineNetLib.cohort.tables import write_cohort_tables
+    from SpineNetLib.synthetic.phantom import make_phantom
+
+    from oracles import oracle_networks
+
+    module, widget, scene, volume, vertebrae = panel
+    recorder = module._standins.recorder
+    _select(widget, volume)
+    out = tmp_path / "out"
+    for seed in (3, 4, 5):
+        make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=5, seed=seed).write_nifti(
+            tmp_path / "root" / f"p{seed}.nii.gz")
+    studies = discover_studies(tmp_path / "root").studies
+    confidence = {"p3.nii.gz": 0.9, "p4.nii.gz": None, "p5.nii.gz": 0.6}     # p4 asks for no review
+    for study in studies:
+        phantom = make_phantom(fov="lumbar", shape=(128, 128), pixel_spacing=(2.3, 2.3), n_slices=5,
+                               seed=int(study.relative[1]))
+        scan = pipeline.read_input(study.path, pipeline.processing_profile(None))[0]
+        result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
+        sure = confidence[study.relative]
+        if sure is not None:
+            result.vertebrae_document["labelling"].update(confidence=sure, needs_review=True,
+                                                          warnings=["levels may be shifted by one (a reason)"])
+        write_results(out / "studies" / study.study_id, result, scan=scan)
+    record_study_inputs(out, studies)
+    write_cohort_tables(out, out / "studies", studies, [])
+    ids = {s.relative: s.study_id for s in studies}
+
+    recorder.directory = str(out / "studies" / ids["p4.nii.gz"])
+    widget.ui.loadResultsButton.click()
+    first = widget._volume()
+    assert first.GetName() == "p4.nii.gz" and widget.ui.nextStudyButton.isEnabled()
+    widget.ui.nextStudyButton.click()                               # the least sure first: p5, then p3
+    second = widget._volume()
+    assert second.GetName() == "p5.nii.gz" and widget.ui.statusLabel.text().endswith("Loaded p5.nii.gz for review.")
+    assert not scene.IsNodePresent(first) and mrml.result_nodes(scene, first) == []   # the panel's volume went
+    widget.logic.correctLevel(second, 0, "T9")
+    widget.ui.nextStudyButton.click()
+    assert widget.ui.statusLabel.text() == ("Next study: this study's level corrections are not saved: Save results "
+                                            "first")
+    assert widget._volume() is second
+    widget.ui.saveResultsButton.click()
+    assert widget.ui.statusLabel.text().startswith("Wrote "), widget.ui.statusLabel.text()
+    widget.ui.nextStudyButton.click()
+    assert widget._volume().GetName() == "p3.nii.gz" and not scene.IsNodePresent(second), widget.ui.statusLabel.text()
+    widget.ui.nextStudyButton.click()
+    assert widget.ui.statusLabel.text().startswith("No other study of this cohort asks for a review")
+    widget.ui.inputSelector.setCurrentNode(volume)                  # a volume of no cohort study
+    widget.updateWidgets()
+    assert not widget.ui.nextStudyButton.isEnabled()
+
+
 def test_save_results_writes_a_loaded_folder_again_with_the_corrections(panel, tmp_path):
     """Load results... , a level corrected in the vertebra list, Save results: the folder's documents, CSV
     files and preview now carry the corrected levels, replaced together; a folder with DICOM results is
