@@ -818,7 +818,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         if cohort is not None:
             try:
                 study = recorded_study(cohort)
-            except InputError:   # no record, or its input gone: refused below as for any other volume
+            except InputError:   # no record, or its input gone: the volume itself, as for any other
                 study = None
         if study is not None:
             with study_input(study) as path:
