@@ -18,6 +18,7 @@ cohort folder without the record (written before it existed) is corrected with `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -91,13 +92,22 @@ def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
     if folder.parent.name != STUDIES_FOLDER or not any(
             (outdir / name).is_file() for name in (INPUTS_FILE, COHORT_STUDIES_FILE)):
         return None
-    fields = _read_record(outdir).get(folder.name)
-    try:
-        study = Study(study_id=folder.name, **fields) if fields else None
-    except TypeError:   # a record of fields this version does not know
-        study = None
+    study = _study_from_record(folder.name, _read_record(outdir).get(folder.name))
     relative = study.relative if study is not None else _relative_in_tables(outdir, folder.name)
     return CohortStudy(outdir, folder.name, study, relative)
+
+
+def _study_from_record(study_id: str, fields: dict | None) -> Study | None:
+    """The :class:`Study` the record's ``fields`` describe, or None when they are missing or are not what
+    :func:`record_study_inputs` writes (another version's record, or one edited by hand)."""
+    if not isinstance(fields, dict):
+        return None
+    text, optional = ("path", "relative", "kind"), ("series_uid", "inner")
+    if set(fields) != {f.name for f in dataclasses.fields(Study)} - {"study_id"} \
+            or not all(isinstance(fields[k], str) and fields[k] for k in text) \
+            or not all(fields[k] is None or isinstance(fields[k], str) for k in optional):
+        return None
+    return Study(study_id=study_id, **fields)
 
 
 def recorded_study(cohort_study: CohortStudy) -> Study:

@@ -753,3 +753,24 @@ def test_the_review_page_lists_the_studies_to_review_first_with_their_pictures_a
     assert "<b>exam</b>" not in page and "&lt;b&gt;exam&lt;/b&gt;" in page
     assert page.index("Studies without a result") > order[-1] and "&lt;not an image&gt;" in page
     assert page.count('<tr class="review">') == 2 and page.count('<tr class="corrected">') == 1
+
+
+def test_a_record_of_study_inputs_that_is_not_as_written_counts_as_none(tmp_path):
+    """cohort_inputs.json edited by hand or written by another version: the study has no record (the
+    correction asks for --input), never a crash on its values."""
+    from SpineNetLib.cohort.discover import Study
+    from SpineNetLib.cohort.record import INPUTS_FILE, cohort_study_of, record_study_inputs
+
+    out = tmp_path / "out"
+    (out / "studies" / "a-1").mkdir(parents=True)
+    record_study_inputs(out, [Study("a-1", str(tmp_path / "a.nii.gz"), "a.nii.gz", "image")])
+    good = cohort_study_of(out / "studies" / "a-1")
+    assert good.study == Study("a-1", str(tmp_path / "a.nii.gz"), "a.nii.gz", "image") and good.relative == "a.nii.gz"
+    written = json.loads((out / INPUTS_FILE).read_text())
+    for bad in ({"path": 7}, {"kind": None}, {"extra": "x"}, {"inner": ["x"]}):
+        entry = {**written["studies"]["a-1"], **bad}
+        (out / INPUTS_FILE).write_text(json.dumps({"studies": {"a-1": entry}}))
+        assert cohort_study_of(out / "studies" / "a-1").study is None, bad
+    (out / INPUTS_FILE).write_text("[not, json")
+    assert cohort_study_of(out / "studies" / "a-1").study is None
+    assert cohort_study_of(tmp_path / "elsewhere" / "a-1") is None          # no cohort around it
