@@ -64,6 +64,9 @@ def _study_row(row: dict[str, str]) -> str:
     e = lambda text: html.escape(str(text or ""))  # noqa: E731
     review = row.get("levels_need_review") == "true"
     corrected = row.get("corrected_by_user") == "true"
+    shift = row.get("shift_by_reader") or ""
+    by_reader = ("levels confirmed by hand" if shift == "0" else
+                 f"corrected by hand: moved {shift} from {e(row.get('levels_by_network'))}" if shift else "corrected by hand")
     picture = (f'<a href="{e(row["preview"])}"><img src="{e(row["preview"])}" width="260" loading="lazy" alt="preview"></a>'
                if row.get("preview") else "no preview")
     lowest = _lowest_level(row.get("levels", ""))
@@ -75,7 +78,7 @@ def _study_row(row: dict[str, str]) -> str:
             + f"<td><b>{e(row.get('input'))}</b><br>{e(row.get('series_description'))}<br><small>{e(row.get('study'))}"
               "</small></td>"
             + f"<td>{e(row.get('levels'))}<br>{e(row.get('vertebrae'))} vertebrae</td>"
-            + f"<td>{'<b>review</b>' if review else 'corrected by hand' if corrected else 'no'}<br>confidence {sure}"
+            + f"<td>{'<b>review</b>' if review else by_reader if corrected else 'no'}<br>confidence {sure}"
               f"<br>S1 found: {e(row.get('s1_found'))}</td>"
             + f"<td>{reason}</td>"
             + f"<td>{e(row.get('grading'))}<br>{e(row.get('sequence'))}</td>"
@@ -89,6 +92,12 @@ def review_page_html(studies_csv: str, failures_csv: str) -> str:
     failures = _rows(failures_csv)
     review = sum(r.get("levels_need_review") == "true" for r in studies)
     corrected = sum(r.get("corrected_by_user") == "true" for r in studies)
+    shifts = [r.get("shift_by_reader") for r in studies if r.get("corrected_by_user") == "true"]
+    checked = (f" Of the {corrected} checked by a reader, the network had named the levels right on "
+               f"{shifts.count('0')}, one level off on {sum(s in ('+1', '-1') for s in shifts)}, further off or "
+               f"otherwise on {corrected - shifts.count('0') - sum(s in ('+1', '-1') for s in shifts)} (the studies "
+               "a reader checks are mostly those that asked for a review: no accuracy of the whole cohort)."
+               if corrected else "")
     e = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -100,7 +109,7 @@ def review_page_html(studies_csv: str, failures_csv: str) -> str:
         "a result (at the end). Correct a study's levels from this folder with the command in its row, LEVEL being "
         "the level its lowest vertebra really has (its own level when the levels are right: that records the "
         "review), or name another vertebra (e.g. <code>#3</code>); the pictures, this page and the cohort tables "
-        "follow.</p>",
+        "follow." + checked + "</p>",
         "<table><tr><th>preview</th><th>input</th><th>levels</th><th>review?</th><th>why</th><th>grading</th>"
         "<th>other warnings</th><th>to correct</th></tr>",
         *(_study_row(row) for row in studies),

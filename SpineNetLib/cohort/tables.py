@@ -5,7 +5,8 @@
 * ``cohort_failures.csv``: one row per study without a result: study, input, one-line reason;
 * ``cohort_studies.csv``: one row per finished study, for going through a cohort study by study: its
   levels, how sure they are and why a review is asked for, whether a reader corrected them
-  (``spinenet correct``), whether its discs were graded and the sequence that decided it, its other
+  (``spinenet correct``) and, if so, the levels as the network named them and by how many levels the
+  reader moved them, whether its discs were graded and the sequence that decided it, its other
   warnings, and its ``preview.png`` (relative to the output folder);
 * ``cohort_review.html``: the studies table and the failures as one page to go through by eye, the
   studies that ask for a review first (:mod:`SpineNetLib.cohort.review_page`).
@@ -36,7 +37,7 @@ from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
 from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_order, review_page_html
 from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
-from SpineNetLib.outputs.documents import read_result, vertebra_name
+from SpineNetLib.outputs.documents import read_result, shift_by_reader, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
 from SpineNetLib.outputs.preview import PREVIEW_FILE
 from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, csv_flag, labelling_csv_cells, vertebrae_csv_text
@@ -50,8 +51,8 @@ STUDY_COLUMNS = ("study", "input", "series_uid", "series_description")
 #: The per-scan columns of vertebrae.csv that the disc rows repeat.
 LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-4:]
 FAILURE_COLUMNS = ("study", "input", "reason")
-STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "corrected_by_user", "discs", "grading",
-                   "sequence", "other_warnings", "preview")
+STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "corrected_by_user", "levels_by_network",
+                   "shift_by_reader", "discs", "grading", "sequence", "other_warnings", "preview")
 
 
 def _rows(csv_text: str) -> list[list[str]]:
@@ -99,10 +100,21 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
     images = (earlier_manifest(folder) or {}).get("images") or []
     # relative to the output folder, whose studies/ holds the study folders
     preview = f"{folder.parent.name}/{folder.name}/{PREVIEW_FILE}" if PREVIEW_FILE in images else ""
+    before = (block.get("before_correction") or {}).get("levels") or []
+    network = [name or f"V{i + 1}" for i, name in enumerate(before)]
+    shift = shift_by_reader(vertebrae_doc)
     return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling,
             csv_flag(block.get("corrected_by_user") is True) if block else "",
+            f"{network[0]}..{network[-1]}" if network else "", _shift_cell(shift),
             str(len((discs_doc or {}).get("discs") or [])) if discs_doc is not None else "", one_line(graded),
             sequence_cell(grading), one_line("; ".join(dict.fromkeys(others))), preview]
+
+
+def _shift_cell(shift: int | str | None) -> str:
+    """``shift_by_reader`` as the table shows it: "", "0", "+1", "-2", "mixed"."""
+    if shift is None or isinstance(shift, str):
+        return shift or ""
+    return f"{shift:+d}" if shift else "0"
 
 
 def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],

@@ -313,8 +313,13 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
     if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not math.isfinite(confidence):
         return "", False
     if block.get("corrected_by_user"):
-        return (f"Levels corrected by hand (the network's own labelling had confidence "
-                f"{_two_decimals_down(confidence)})."), False
+        sure = f"the network's own labelling had confidence {_two_decimals_down(confidence)}"
+        shift = shift_by_reader(vertebrae_doc)
+        if shift == 0:
+            return f"Levels confirmed by hand ({sure}).", False
+        before = [name or f"V{i + 1}" for i, name in enumerate((block.get("before_correction") or {}).get("levels") or [])]
+        named = f" and named them {before[0]}..{before[-1]}" if shift is not None and before else ""
+        return f"Levels corrected by hand ({sure}{named}).", False
     review = bool(block.get("needs_review"))
     notes = [w[:1].upper() + w[1:] for w in _grouped_shift_reasons(block.get("warnings") or [])]
     lines = notes if review else [f"Level labelling confidence {_two_decimals_down(confidence)}", *notes]
@@ -371,10 +376,16 @@ def corrected_levels(vertebrae_doc: dict, index: int, level: str) -> list[str]:
 
 
 def _mark_corrected(doc: dict, new_levels: list) -> None:
-    """The levels are now the user's: no review and no labelling warnings; the confidence stays the network's."""
+    """The levels are now the user's: no review and no labelling warnings; the confidence stays the network's,
+    and what the network said before the first correction is kept under ``"before_correction"`` (its levels,
+    whether it asked for a review and why): the record of an automated reading a person overrode."""
     block = doc.get("labelling")
     if not isinstance(block, dict) or "confidence" not in block:
         return
+    if "before_correction" not in block:
+        block["before_correction"] = {"levels": [v.get("level") for v in doc["vertebrae"]],
+                                      "needs_review": bool(block.get("needs_review")),
+                                      "warnings": list(block.get("warnings") or [])}
     stale = set(block.get("warnings") or [])
     if isinstance(doc.get("warnings"), list):
         doc["warnings"] = [w for w in doc["warnings"] if w not in stale]
@@ -403,13 +414,13 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
     new_levels = corrected_levels(vertebrae_doc, index, level)
     old_names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
     doc = copy.deepcopy(vertebrae_doc)
+    _mark_corrected(doc, new_levels)   # before the levels change: it keeps the network's
     for v, name in zip(doc["vertebrae"], new_levels):
         v["level"] = name
         probs = v.get("level_probabilities") or {}
         if probs:
             v["level_probability"] = round(float(probs.get("S1" if name == "S2" else name, 0.0)), 4)
     doc.setdefault("corrections", []).append({"vertebra": int(index), "level": level})
-    _mark_corrected(doc, new_levels)
     new_names = [vertebra_name(v, i) for i, v in enumerate(doc["vertebrae"])]
     discs = None
     if discs_doc is not None:
@@ -418,6 +429,22 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
         spacing_chosen_by_run = "pixel_spacing_factor" in (vertebrae_doc.get("labelling") or {})
         discs = relevelled_discs_document(discs_doc, old_names, new_names, check_body_sizes=not spacing_chosen_by_run)
     return doc, discs
+
+
+def shift_by_reader(vertebrae_doc: dict) -> int | str | None:
+    """How many levels a reader moved the network's levels (``labelling.before_correction``): 0 when the
+    reader confirmed them, +1 when every level moved one down (L5 named L4 by the network), -1 one up;
+    "mixed" when the vertebrae moved by different numbers of levels; None when nobody corrected them or
+    no vertebra has a level both before and after."""
+    before = ((vertebrae_doc.get("labelling") or {}).get("before_correction") or {}).get("levels")
+    if not isinstance(before, list) or len(before) != len(vertebrae_doc.get("vertebrae") or []):
+        return None
+    order = list(LEVEL_CHOICES)   # top to bottom, C2 .. S2
+    moves = {order.index(now) - order.index(then) for then, now in
+             zip(before, (v.get("level") for v in vertebrae_doc["vertebrae"])) if then in order and now in order}
+    if not moves:
+        return None
+    return moves.pop() if len(moves) == 1 else "mixed"
 
 
 # --------------------------------------------------------------------------- ground truth

@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.outputs.documents import disc_polygons, reported_probability, vertebra_name
+from SpineNetLib.outputs.documents import disc_polygons, reported_probability, shift_by_reader, vertebra_name
 
 PREVIEW_FILE = "preview.png"
 HOTSPOTS_FILE = "hotspots.png"
@@ -241,7 +241,7 @@ def _header_text(scan, vertebrae_doc: dict, discs_doc: dict | None, canonical_sl
         graded = ("graded" + (f" ({source})" if source else "")) if grading.get("status") == "done" else "not graded"
         found += f", {len(discs_doc.get('discs') or [])} discs {graded}"
     if (vertebrae_doc.get("labelling") or {}).get("corrected_by_user"):
-        found += " (levels corrected by hand)"
+        found += " (levels confirmed by hand)" if shift_by_reader(vertebrae_doc) == 0 else " (levels corrected by hand)"
     return (f"SpineNet: {found}; sagittal slice {canonical_slice + 1} of {scan.n_slices} "
             f"(input slice {scan.input_slice_index(canonical_slice)}); anterior left, superior up")
 

@@ -681,6 +681,7 @@ def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table
         assert [r["study"] == zipped for r in new] == [r["study"] == zipped for r in old], name
     (row,) = [r for r in _rows(out / "cohort_studies.csv") if r["study"] == zipped]
     assert row["corrected_by_user"] == "true" and row["levels"] == f"{after[0]}..{after[-1]}"
+    assert (row["levels_by_network"], row["shift_by_reader"]) == (f"{levels[0]}..{levels[-1]}", "-1")
     page = (out / "cohort_review.html").read_text()   # the review page follows the tables
     assert f"<small>{zipped}</small>" in page and '<tr class="corrected">' in page and "1 corrected by hand" in page
     assert [r["level"] for r in _rows(out / "cohort_vertebrae.csv") if r["study"] == zipped] == after
@@ -696,6 +697,8 @@ def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table
     assert cli.main(["correct", str(folder), "#1", levels[0], "--input", str(tmp_path / "p6.zip")]) == 0
     capsys.readouterr()
     assert [r["level"] for r in _rows(out / "cohort_vertebrae.csv") if r["study"] == zipped] == levels
+    (row,) = [r for r in _rows(out / "cohort_studies.csv") if r["study"] == zipped]
+    assert row["shift_by_reader"] == "0"        # back where the network had them: the network was right
 
     # tables of another version's columns are left alone, with a warning; the folder is corrected
     (out / "cohort_discs.csv").write_text("study,something else\n")
@@ -725,11 +728,12 @@ def test_the_review_page_lists_the_studies_to_review_first_with_their_pictures_a
     from SpineNetLib.cohort.review_page import review_page_html
     from SpineNetLib.cohort.tables import FAILURE_COLUMNS, STUDIES_COLUMNS
 
-    def row(study, review, confidence, corrected="false", preview="", levels="T11..S1"):
+    def row(study, review, confidence, corrected="false", preview="", levels="T11..S1", shift=""):
         cells = dict.fromkeys(STUDIES_COLUMNS, "")
         cells.update(study=study, input=f"{study}/<b>exam</b>", levels=levels, levels_need_review=review,
                      labelling_confidence=confidence, corrected_by_user=corrected, preview=preview,
-                     labelling_warning="levels may be shifted by one" if review == "true" else "")
+                     labelling_warning="levels may be shifted by one" if review == "true" else "",
+                     shift_by_reader=shift, levels_by_network="T12..S2" if shift == "-1" else levels)
         return [cells[c] for c in STUDIES_COLUMNS]
 
     def text(header, rows):
@@ -738,21 +742,25 @@ def test_the_review_page_lists_the_studies_to_review_first_with_their_pictures_a
         return buffer.getvalue()
 
     studies = text(STUDIES_COLUMNS, [row("sure", "false", "1.000000", preview="studies/sure/preview.png"),
-                                     row("fixed", "false", "0.900000", corrected="true"),
+                                     row("fixed", "false", "0.900000", corrected="true", shift="-1"),
+                                     row("checked", "false", "0.950000", corrected="true", shift="0"),
                                      row("unsure", "true", "0.700000", levels="T10..L5"),
                                      row("less_unsure", "true", "0.950000"),
                                      row("unlabelled", "false", "0.990000", levels="V1..V3")])
     failures = text(FAILURE_COLUMNS, [["broken", "site/broken.nii.gz", "cannot read it: <not an image>"]])
     page = review_page_html(studies, failures)
-    order = [page.index(f"<small>{s}</small>") for s in ("unsure", "less_unsure", "fixed", "unlabelled", "sure")]
+    order = [page.index(f"<small>{s}</small>") for s in ("unsure", "less_unsure", "fixed", "checked", "unlabelled",
+                                                           "sure")]
     assert order == sorted(order)
-    assert "5 finished studies: 2 ask for a review" in page and "1 corrected by hand; 1 without a result" in page
+    assert "6 finished studies: 2 ask for a review" in page and "2 corrected by hand; 1 without a result" in page
+    assert "Of the 2 checked by a reader, the network had named the levels right on 1, one level off on 1," in page
+    assert "corrected by hand: moved -1 from T12..S2" in page and "levels confirmed by hand" in page
     assert '<a href="studies/sure/preview.png"><img src="studies/sure/preview.png" width="260"' in page
     assert "<code>spinenet correct studies/unsure L5 LEVEL</code>" in page
     assert "spinenet correct studies/unlabelled" not in page          # no level to name it by
     assert "<b>exam</b>" not in page and "&lt;b&gt;exam&lt;/b&gt;" in page
     assert page.index("Studies without a result") > order[-1] and "&lt;not an image&gt;" in page
-    assert page.count('<tr class="review">') == 2 and page.count('<tr class="corrected">') == 1
+    assert page.count('<tr class="review">') == 2 and page.count('<tr class="corrected">') == 2
 
 
 def test_a_record_of_study_inputs_that_is_not_as_written_counts_as_none(tmp_path):

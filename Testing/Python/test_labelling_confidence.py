@@ -235,10 +235,17 @@ def test_a_correction_by_hand_needs_no_review():
     assert (block["corrected_by_user"], block["needs_review"], block["warnings"], block["s1_found"]) == \
         (True, False, [], True)
     assert block["confidence"] == 0.5                           # still the network's own labelling
+    assert block["before_correction"] == {"levels": ["L1", "L2", "L3", "L4", "L5"], "needs_review": True,
+                                          "warnings": doc["labelling"]["warnings"]}   # what the network said
+    assert documents.shift_by_reader(corrected) == 1 and documents.shift_by_reader(doc) is None
+    again, _ = documents.apply_level_correction(corrected, 0, "L2")               # a second look: the same
+    assert again["labelling"]["before_correction"] == block["before_correction"]  # the network's, not the first
+    assert documents.shift_by_reader(again) == 1
+    assert documents.shift_by_reader(documents.apply_level_correction(doc, 2, "L3")[0]) == 0   # confirmed
     assert corrected["warnings"] == ["a single sagittal slice"]
     assert doc["labelling"]["needs_review"] is True              # the input is left as it was
     assert documents.labelling_status(corrected) == (
-        "Levels corrected by hand (the network's own labelling had confidence 0.50).", False)
+        "Levels corrected by hand (the network's own labelling had confidence 0.50 and named them L1..L5).", False)
     assert [r[-4:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
         ["0.500000", "true", "false", ""]
 

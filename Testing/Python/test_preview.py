@@ -170,6 +170,20 @@ def test_levels_that_need_review_are_said_first():
     assert preview.banner_lines(corrected) == [] and preview.banner_lines({}) == []
 
 
+def test_the_header_says_whether_a_reader_corrected_or_confirmed_the_levels():
+    import types
+
+    from SpineNetLib.outputs.documents import apply_level_correction
+
+    scan = types.SimpleNamespace(n_slices=5, input_slice_index=lambda s: s)
+    doc = {"vertebrae": [{"level": level} for level in ("L3", "L4", "L5")],
+           "labelling": {"confidence": 0.6, "needs_review": True, "warnings": ["levels may be shifted by one"]}}
+    header = lambda d: preview._header_text(scan, d, None, 2)  # noqa: E731
+    assert header(doc).startswith("SpineNet: 3 vertebrae (L3..L5); sagittal slice 3 of 5")
+    assert "(levels corrected by hand)" in header(apply_level_correction(doc, 2, "S1")[0])
+    assert "(levels confirmed by hand)" in header(apply_level_correction(doc, 2, "L5")[0])
+
+
 # --------------------------------------------------------------------------- grades
 
 def test_grades_are_shown_compactly_whatever_heads_are_there():

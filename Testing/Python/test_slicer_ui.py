@@ -293,7 +293,7 @@ def test_levels_that_may_be_shifted_are_flagged_in_the_panel(panel, tmp_path):
     # the user checks the levels and pins the lowest body to S1 again: the levels are the user's now
     widget._levelCombos[6].textActivated.emit("S1")
     assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
-    assert label.text() == "Levels corrected by hand (the network's own labelling had confidence 0.63)."
+    assert label.text() == "Levels confirmed by hand (the network's own labelling had confidence 0.63)."
     assert label.styleSheet() == "" and not label.isHidden()
     stored = widget.logic.documents(volume)[0]
     assert stored["labelling"]["needs_review"] is False and stored["warnings"] == []
