@@ -65,8 +65,10 @@ def _study_row(row: dict[str, str]) -> str:
     review = row.get("levels_need_review") == "true"
     corrected = row.get("corrected_by_user") == "true"
     shift = row.get("shift_by_reader") or ""
+    network = e(row.get("levels_by_network"))
     by_reader = ("levels confirmed by hand" if shift == "0" else
-                 f"corrected by hand: moved {shift} from {e(row.get('levels_by_network'))}" if shift else "corrected by hand")
+                 f"corrected by hand from {network} (moved unevenly)" if shift == "mixed" else
+                 f"corrected by hand: moved {e(shift)} from {network}" if shift else "corrected by hand")
     picture = (f'<a href="{e(row["preview"])}"><img src="{e(row["preview"])}" width="260" loading="lazy" alt="preview"></a>'
                if row.get("preview") else "no preview")
     lowest = _lowest_level(row.get("levels", ""))

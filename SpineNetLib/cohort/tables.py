@@ -37,7 +37,7 @@ from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
 from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_order, review_page_html
 from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
-from SpineNetLib.outputs.documents import read_result, shift_by_reader, vertebra_name
+from SpineNetLib.outputs.documents import levels_by_network, read_result, shift_by_reader, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
 from SpineNetLib.outputs.preview import PREVIEW_FILE
 from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, csv_flag, labelling_csv_cells, vertebrae_csv_text
@@ -100,12 +100,9 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
     images = (earlier_manifest(folder) or {}).get("images") or []
     # relative to the output folder, whose studies/ holds the study folders
     preview = f"{folder.parent.name}/{folder.name}/{PREVIEW_FILE}" if PREVIEW_FILE in images else ""
-    before = (block.get("before_correction") or {}).get("levels") or []
-    network = [name or f"V{i + 1}" for i, name in enumerate(before)]
-    shift = shift_by_reader(vertebrae_doc)
     return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling,
             csv_flag(block.get("corrected_by_user") is True) if block else "",
-            f"{network[0]}..{network[-1]}" if network else "", _shift_cell(shift),
+            levels_by_network(vertebrae_doc), _shift_cell(shift_by_reader(vertebrae_doc)),
             str(len((discs_doc or {}).get("discs") or [])) if discs_doc is not None else "", one_line(graded),
             sequence_cell(grading), one_line("; ".join(dict.fromkeys(others))), preview]
 

@@ -317,8 +317,7 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
         shift = shift_by_reader(vertebrae_doc)
         if shift == 0:
             return f"Levels confirmed by hand ({sure}).", False
-        before = [name or f"V{i + 1}" for i, name in enumerate((block.get("before_correction") or {}).get("levels") or [])]
-        named = f" and named them {before[0]}..{before[-1]}" if shift is not None and before else ""
+        named = f" and named them {levels_by_network(vertebrae_doc)}" if shift is not None else ""
         return f"Levels corrected by hand ({sure}{named}).", False
     review = bool(block.get("needs_review"))
     notes = [w[:1].upper() + w[1:] for w in _grouped_shift_reasons(block.get("warnings") or [])]
@@ -429,6 +428,14 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
         spacing_chosen_by_run = "pixel_spacing_factor" in (vertebrae_doc.get("labelling") or {})
         discs = relevelled_discs_document(discs_doc, old_names, new_names, check_body_sizes=not spacing_chosen_by_run)
     return doc, discs
+
+
+def levels_by_network(vertebrae_doc: dict) -> str:
+    """The levels as the network named them before a reader corrected them (``labelling.before_correction``),
+    top and bottom (``T11..L5``; an unlabelled vertebra as ``V<n>``), or "" when nobody corrected them."""
+    before = ((vertebrae_doc.get("labelling") or {}).get("before_correction") or {}).get("levels") or []
+    names = [name or f"V{i + 1}" for i, name in enumerate(before)]
+    return f"{names[0]}..{names[-1]}" if names else ""
 
 
 def shift_by_reader(vertebrae_doc: dict) -> int | str | None:
