@@ -95,10 +95,10 @@ def review_page_html(studies_csv: str, failures_csv: str) -> str:
     review = sum(r.get("levels_need_review") == "true" for r in studies)
     corrected = sum(r.get("corrected_by_user") == "true" for r in studies)
     shifts = [r.get("shift_by_reader") for r in studies if r.get("corrected_by_user") == "true"]
-    checked = (f" Of the {corrected} checked by a reader, the network had named the levels right on "
-               f"{shifts.count('0')}, one level off on {sum(s in ('+1', '-1') for s in shifts)}, further off or "
-               f"otherwise on {corrected - shifts.count('0') - sum(s in ('+1', '-1') for s in shifts)} (the studies "
-               "a reader checks are mostly those that asked for a review: no accuracy of the whole cohort)."
+    right, one_off = shifts.count("0"), sum(s in ("+1", "-1") for s in shifts)
+    checked = (f" Of the {corrected} checked by a reader, the network had named the levels right on {right}, one "
+               f"level off on {one_off}, further off or otherwise on {corrected - right - one_off} (the studies a "
+               "reader checks are mostly those that asked for a review: no accuracy of the whole cohort)."
                if corrected else "")
     e = html.escape
     parts = [
