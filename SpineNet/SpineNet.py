@@ -390,7 +390,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.exportCsvButton.setEnabled(hasResults and not running)
         self.ui.loadResultsButton.setEnabled(not running)   # a cohort study brings its own volume
         self.ui.saveResultsButton.setEnabled(hasResults and not running and self.logic.savableFolder(folder) is not None)
-        self.ui.nextStudyButton.setEnabled(hasResults and not running and self.logic.cohortStudyOf(self._volume()) is not None)
+        self.ui.nextStudyButton.setEnabled(hasResults and not running
+                                           and self.logic.cohortStudyLocation(folder) is not None)
         self.ui.showHotspotsButton.setEnabled(hasResults and not running)
 
     def _volume(self):

@@ -660,13 +660,14 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         self.studiesShown.setdefault(str(cohort.outdir), set()).add(cohort.study_id)
         return volumeNode
 
-    def cohortStudyOf(self, volumeNode):
-        """The cohort study (:class:`SpineNetLib.cohort.record.CohortStudy`) whose folder the volume's results
-        were loaded from, or None."""
-        from SpineNetLib.cohort.record import cohort_study_of
+    def cohortStudyLocation(self, folder):
+        """(the cohort's output folder, the study id) when ``folder``, the results folder stored with a
+        volume's results, is a cohort study's that :meth:`saveResults` can write into, else None
+        (:func:`SpineNetLib.cohort.record.cohort_location`: file checks only, for every panel update)."""
+        from SpineNetLib.cohort.record import cohort_location
 
-        folder = self.savableResultsFolder(volumeNode)
-        return cohort_study_of(folder) if folder else None
+        folder = self.savableFolder(folder)
+        return cohort_location(folder) if folder else None
 
     def showNextStudyToReview(self, volumeNode):
         """The next study of the cohort whose study the volume shows (its results loaded from
@@ -678,20 +679,21 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         from SpineNetLib.cohort.record import STUDIES_FOLDER
         from SpineNetLib.cohort.tables import studies_asking_for_review
 
-        cohort = self.cohortStudyOf(volumeNode)
-        if cohort is None:
+        vertebraeDoc, _, folder = self.documents(volumeNode)
+        location = self.cohortStudyLocation(folder)
+        if location is None:
             raise SpineNetError("load the results of a study of a spinenet cohort run first (Load results...: "
                                 "OUTDIR/studies/<study id>)")
-        shown = self.studiesShown.setdefault(str(cohort.outdir), set())
-        shown.add(cohort.study_id)
-        following = [i for i in studies_asking_for_review(cohort.outdir) if i not in shown]
+        outdir, studyId = location
+        shown = self.studiesShown.setdefault(str(outdir), set())
+        shown.add(studyId)
+        following = [i for i in studies_asking_for_review(outdir) if i not in shown]
         if not following:
             return None
-        vertebraeDoc, _, folder = self.documents(volumeNode)
         saved = documents.read_result(folder)[0]
         if (vertebraeDoc.get("corrections") or []) != (saved.get("corrections") or []):
             raise SpineNetError("this study's level corrections are not saved: Save results first")
-        nextVolume = self.loadCohortStudy(os.path.join(str(cohort.outdir), STUDIES_FOLDER, following[0]))
+        nextVolume = self.loadCohortStudy(os.path.join(str(outdir), STUDIES_FOLDER, following[0]))
         if volumeNode.GetID() in self.cohortVolumeIds:
             self.cohortVolumeIds.discard(volumeNode.GetID())
             self._mrml().remove_results(self.scene, volumeNode)

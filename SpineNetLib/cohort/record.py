@@ -84,17 +84,29 @@ def _relative_in_tables(outdir: Path, study_id: str) -> str | None:
         return None
 
 
-def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
-    """The cohort study whose folder ``results_folder`` is (``OUTDIR/studies/<study id>`` with the cohort's
-    record or tables in ``OUTDIR``), else None: a folder of ``spinenet run`` or the batch script."""
+def cohort_location(results_folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the cohort's output folder, the study id) when ``results_folder`` is a cohort study's folder
+    (``OUTDIR/studies/<study id>`` with the cohort's record or tables in ``OUTDIR``), else None: a folder of
+    ``spinenet run`` or the batch script. A few file checks, nothing read: cheap enough for every panel
+    update."""
     folder = Path(results_folder).absolute()
     outdir = folder.parent.parent
     if folder.parent.name != STUDIES_FOLDER or not any(
             (outdir / name).is_file() for name in (INPUTS_FILE, COHORT_STUDIES_FILE)):
         return None
-    study = _study_from_record(folder.name, _read_record(outdir).get(folder.name))
-    relative = study.relative if study is not None else _relative_in_tables(outdir, folder.name)
-    return CohortStudy(outdir, folder.name, study, relative)
+    return outdir, folder.name
+
+
+def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
+    """The cohort study whose folder ``results_folder`` is (:func:`cohort_location`), with what the cohort
+    recorded of it, else None."""
+    location = cohort_location(results_folder)
+    if location is None:
+        return None
+    outdir, study_id = location
+    study = _study_from_record(study_id, _read_record(outdir).get(study_id))
+    relative = study.relative if study is not None else _relative_in_tables(outdir, study_id)
+    return CohortStudy(outdir, study_id, study, relative)
 
 
 def _study_from_record(study_id: str, fields: dict | None) -> Study | None:
