@@ -17,6 +17,8 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``blur_1mm``: Gaussian in-plane blur of 1 mm (a coarser acquisition on the same pixel grid);
 * ``ends_at_l5``: the field of view ends between L5 and S1 (rows cropped 0.5 of the L4-L5 step below
   the annotated L5 centre): no sacrum to count from;
+* ``ends_at_l2``: the field of view ends between L2 and L3 (rows cropped 0.5 of the L2-L3 step below the
+  annotated L2 centre): a thoracolumbar scan, whose levels rest on the appearance of T10-L2 alone;
 * ``starts_at_l2``: the field of view starts between L1 and L2 (cropped 0.5 of the L2-L3 step above
   the annotated L2 centre): no thoracic spine to count from;
 * ``pixels_x1.6`` / ``pixels_x0.6``: in-plane pixels 1.6 times as large (with a blur of 0.4 new
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
-            "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12")
+            "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -150,6 +152,9 @@ def vary(scan, variant: str, gt, seed: int):
     if variant == "ends_at_l5":
         l4, l5 = _centre_row(gt, "L4"), _centre_row(gt, "L5")
         return None if l4 is None or l5 is None else _rows(scan, 0, round(l5 + 0.5 * (l5 - l4)))
+    if variant == "ends_at_l2":
+        l2, l3 = _centre_row(gt, "L2"), _centre_row(gt, "L3")
+        return None if l2 is None or l3 is None else _rows(scan, 0, round(l2 + 0.5 * (l3 - l2)))
     if variant == "starts_at_l2":
         l2, l3 = _centre_row(gt, "L2"), _centre_row(gt, "L3")
         return None if l2 is None or l3 is None else _rows(scan, round(l2 - 0.5 * (l3 - l2)), scan.voxels.shape[0])
