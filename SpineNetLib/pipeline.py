@@ -29,7 +29,7 @@ if TYPE_CHECKING:   # annotations only: torch is imported where it is used
     import torch
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import N_LEVELS, level_index
+from SpineNetLib.core.levels import LUMBAR, N_LEVELS, level_index
 # the profiles live in core/profiles.py (no torch there); pipeline.processing_profile etc. stay the API's names
 from SpineNetLib.core.profiles import PROFILES, ProcessingProfile, processing_profile  # noqa: F401
 from SpineNetLib.core.progress import ProgressCallback, scaled
@@ -52,8 +52,8 @@ from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
                                           S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
-                                          beyond_lumbar_field, s1_at_lower_edge, s1_cut_by_lower_edge,
-                                          same_level_twice)
+                                          beyond_lumbar_field, lowest_bodies_from_second_detector,
+                                          s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
                                              level_in, same_body, weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
@@ -297,22 +297,27 @@ def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
 
 
 def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Vertebra], label, predict,
-                             params: detection.DetectionParams) -> tuple[list[Vertebra], Vertebra] | None:
-    """(the labelled vertebrae with S1 added, the body added) when ``predict``'s detector finds a body one step below
-    the chain's L5 (``label/missed_bodies.bodies_below``; none reaching the image's last row, where an
-    L5 cannot be told from S1) that the labelling names S1 while every other body keeps its level; else
-    None.  Nothing is added anywhere else and no level changes (runs/refiner/RULE.txt; MODEL_CARD.md)."""
+                             params: detection.DetectionParams) -> tuple[list[Vertebra], list[Vertebra]] | None:
+    """(the labelled vertebrae with the bodies added, the bodies added) when ``predict``'s detector finds the
+    bodies step by step below the chain's lowest body (L1-L5) down to S1 (``label/missed_bodies.bodies_below``;
+    none reaching the image's last row, where an L5 cannot be told from S1) and the labelling names each the
+    next level, the lowest S1, while every other body keeps its level; else None.  Nothing is added anywhere
+    else and no level changes (runs/refiner/RULE.txt; MODEL_CARD.md, "S1 below an L5 from the second
+    detector" and "... below an L1-L4")."""
     start = time.perf_counter()
     bodies = bodies_clear_of_the_lower_edge(scan, predict, params)
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
     added = bodies_below(result.vertebrae, detection.apart_from(bodies, list(result.vertebrae), params.merge_iou),
-                         scan.spacing_mm[:2])[:1]
-    if not added:
+                         scan.spacing_mm[:2])
+    lowest = result.vertebrae[-1].level
+    wanted = [*LUMBAR[LUMBAR.index(lowest) + 1:], "S1"]
+    if len(added) != len(wanted):   # the search stopped above S1
         return None
     relabelled = label(found + added, result.vertebrae)
-    if level_in(relabelled, added[0]) != "S1" or any(level_in(relabelled, b) != b.level for b in result.vertebrae):
+    if ([level_in(relabelled, b) for b in added] != wanted
+            or any(level_in(relabelled, b) != b.level for b in result.vertebrae)):
         return None
-    return relabelled, added[0]
+    return relabelled, added
 
 
 def detect_and_label(scan: Scan, networks: Networks, *,
@@ -323,8 +328,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                      second_detector: detection.Predictor | None = None) -> DetectionResult:
     """Detect every vertebral body in ``scan`` and label its level.
 
-    ``second_detector`` (the weight set's S1-outline detector): where the chain still ends at L5, the
-    last place S1 is looked for (:func:`_s1_from_second_detector`).
+    ``second_detector`` (the weight set's S1-outline detector): where the chain still ends above S1 (at
+    L1-L5), the last place the bodies down to S1 are looked for (:func:`_s1_from_second_detector`).
 
     When the header's pixel spacing finds too few bodies (and ``retry_pixel_spacing``), detection
     and labelling run at the multiple of it that finds most (:data:`PIXEL_SPACING_FACTORS_TO_TRY`);
@@ -362,11 +367,12 @@ def detect_and_label(scan: Scan, networks: Networks, *,
             if keeps_bodies_below(result.vertebrae, relabelled, added, labelling_params):
                 result.vertebrae, found, below = relabelled, found + added, below + added
     with_s1 = None
-    if second_detector is not None and result.vertebrae and result.vertebrae[-1].level == "L5":
+    if second_detector is not None and chain_ends_above_s1(result.vertebrae):
         with_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
         if with_s1 is not None:
-            result.vertebrae, s1 = with_s1
-            found, below = found + [s1], below + [s1]
+            result.vertebrae, added = with_s1
+            from_second_detector = [level_in(result.vertebrae, b) for b in added]
+            found, below = found + added, below + added
     result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
     at_edge = (_labelled_without_edge_appearance(scan, result.vertebrae, found, label)
                if labelling_params.relabel_s1_at_image_edge else None)
@@ -385,6 +391,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         result.labelling["pixel_spacing_factor"] = spacing_factor
     if with_s1 is not None:
         result.labelling["s1_from_second_detector"] = True
+        if len(from_second_detector) > 1:   # a review reason (_ask_for_review_where_in_doubt)
+            result.labelling["levels_from_second_detector"] = from_second_detector
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
     weaker_s1 = _weaker_s1_below_full_strength_s1(result.vertebrae, list(result.candidates), fillers + below,
@@ -654,6 +662,8 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
         result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
                                                 "probabilities": [round(p, 4) for p in twice.probabilities]}
         _ask_for_review(confidence, twice.warning())
+    if result.labelling.get("levels_from_second_detector"):
+        _ask_for_review(confidence, lowest_bodies_from_second_detector(result.labelling["levels_from_second_detector"]))
     if result.labelling.get("s1_may_be_l5"):   # the more specific reason first
         _ask_for_review(confidence, S1_MAY_BE_L5)
     if result.labelling.get("moved_up_to_weaker_s1"):

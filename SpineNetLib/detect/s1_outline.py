@@ -10,10 +10,10 @@ run differs from the next as much as the two kinds of targets do (MODEL_CARD.md,
 recipe").  So the second detector does not name levels.  Mainly, the outline of the body that the
 labelled chain already calls S1 is replaced, slice by slice, by the outline of the second detector's
 body that overlaps it most (:func:`refine_s1_outline`); which bodies there are, and their levels, never
-change.  Besides, where the chain still ends at L5 after every other search, its bodies
-(:func:`bodies_clear_of_the_lower_edge`) are the last place S1 is looked for, and one is added only if
-the labelling names it S1 and keeps every other level (``pipeline._s1_from_second_detector``;
-MODEL_CARD.md, "S1 below an L5 from the second detector").
+change.  Besides, where the chain still ends above S1 (at L1-L5) after every other search, its bodies
+(:func:`bodies_clear_of_the_lower_edge`) are the last place the bodies down to S1 are looked for, and
+they are added only if the labelling names them the next levels down to S1 and keeps every other level
+(``pipeline._s1_from_second_detector``; MODEL_CARD.md, "S1 below an L5 from the second detector").
 
 Pure functions over a :class:`Scan`, the labelled vertebrae and a detector ``predict`` function.
 """

@@ -179,6 +179,15 @@ EDGE_BODY_RELABELLED = ("levels were counted without the lowest body's appearanc
 S1_CUT_BY_LOWER_EDGE = ("levels may be shifted by one: the body named S1 is cut by the lower edge of the image, so "
                         "neither its lower part nor the sacrum below it is seen: check that it is not L5 (an L5 "
                         "at the image edge can be taken for S1)")
+def lowest_bodies_from_second_detector(levels: list[str]) -> str:
+    """The review reason when the second detector supplied the bodies ``levels`` (down to S1) below a chain
+    that ended at L1-L4 (``pipeline._s1_from_second_detector``): the main detector missed them all, even
+    weakly, so the lowest levels rest on the smaller detector alone, and bodies that continue a shifted
+    chain would hide its shift (MODEL_CARD.md, "L5 and S1 below an L1-L4 from the second detector")."""
+    return (f"levels may be shifted: {', '.join(levels[:-1])} and {levels[-1]} were found only by the second "
+            "detector (s1_outline.pt), below a chain that ended above them: check the lowest levels")
+
+
 MOVED_UP_TO_WEAKER_S1 = ("levels were moved up by one: the body first named S1 was a full-strength detection "
                          "with a weaker one below it where S1 would lie, and two bodies above it were named "
                          "against their own evidence; the weaker detection is now S1: check the levels")

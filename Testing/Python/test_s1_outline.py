@@ -27,11 +27,13 @@ def phantom():
     return make_phantom(fov="lumbar", n_slices=5, slice_thickness_mm=3.0, seed=4)
 
 
-def _quads(phantom, s1_reach_px: float = 0.0, with_s1: bool = True) -> dict[int, np.ndarray]:
-    """Ground-truth quads per slice; S1's upper corners (rt, lt) moved up by ``s1_reach_px``."""
+def _quads(phantom, s1_reach_px: float = 0.0, with_s1: bool = True, missing: tuple[str, ...] = ()
+           ) -> dict[int, np.ndarray]:
+    """Ground-truth quads per slice but those of the ``missing`` levels (and S1 unless ``with_s1``); S1's
+    upper corners (rt, lt) moved up by ``s1_reach_px``."""
     by_slice: dict[int, list] = {}
     for v in phantom.vertebrae:
-        if v.extra or (v.level == "S1" and not with_s1):
+        if v.extra or (v.level == "S1" and not with_s1) or v.level in missing:
             continue
         for s, q in v.quads.items():
             q = np.array(q, float)
@@ -193,6 +195,34 @@ def test_an_s1_the_main_detector_misses_below_l5_comes_from_the_second_detector(
         assert np.abs(p - _truth(phantom, "S1", s)).max() < 1.0
     official = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, profile="official"))
     assert [v.level for v in official.detection.vertebrae] == levels
+
+
+def test_l5_and_s1_the_main_detector_misses_below_l4_come_from_the_second_detector(phantom):
+    """Where the chain still ends at L4, the second detector's bodies below it are taken when the labelling
+    names them L5 and S1 and keeps every other level; a search that stops above S1 adds nothing."""
+    networks = oracle_networks(phantom)
+    networks.predictor = oracle_predictor(_quads(phantom, missing=("L5", "S1")))   # the main detector misses both
+    without = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    levels = [v.level for v in without.detection.vertebrae]
+    assert levels[-1] == "L4"
+    networks.s1_outline = oracle_predictor(_quads(phantom))
+    found = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    assert [v.level for v in found.detection.vertebrae] == levels + ["L5", "S1"]
+    assert found.detection.labelling["bodies_from_weaker_detections"] == 2
+    labelling_doc = found.vertebrae_document["labelling"]
+    assert labelling_doc["s1_from_second_detector"] is True
+    # the lowest levels rest on the second detector alone: a review is asked for, that reason first
+    assert labelling_doc["levels_from_second_detector"] == ["L5", "S1"] and labelling_doc["needs_review"] is True
+    assert labelling_doc["warnings"][0].startswith("levels may be shifted: L5 and S1 were found only by the second")
+    for level, body in zip(("L5", "S1"), found.detection.vertebrae[-2:]):
+        for s, p in zip(body.slices, body.polygons):
+            assert np.abs(p - _truth(phantom, level, s)).max() < 1.0
+
+    networks.s1_outline = oracle_predictor(_quads(phantom, with_s1=False))   # finds L5 but not S1 either
+    stopped = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
+    assert [v.level for v in stopped.detection.vertebrae] == levels
+    assert "s1_from_second_detector" not in stopped.vertebrae_document["labelling"]
+    assert "levels_from_second_detector" not in stopped.vertebrae_document["labelling"]
 
 
 def test_no_s1_is_taken_from_a_second_detector_body_cut_by_the_lower_edge(phantom, monkeypatch):
