@@ -29,7 +29,7 @@ if TYPE_CHECKING:   # annotations only: torch is imported where it is used
     import torch
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LUMBAR, N_LEVELS, level_index
+from SpineNetLib.core.levels import N_LEVELS, level_index
 # the profiles live in core/profiles.py (no torch there); pipeline.processing_profile etc. stay the API's names
 from SpineNetLib.core.profiles import PROFILES, ProcessingProfile, processing_profile  # noqa: F401
 from SpineNetLib.core.progress import ProgressCallback, scaled
@@ -55,7 +55,8 @@ from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAK
                                           beyond_lumbar_field, lowest_bodies_from_second_detector,
                                           s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
-                                             level_in, same_body, weaker_body_below_s1)
+                                             level_in, levels_down_to_s1, names_bodies_down_to_s1, same_body,
+                                             weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
@@ -309,15 +310,10 @@ def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Ve
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
     added = bodies_below(result.vertebrae, detection.apart_from(bodies, list(result.vertebrae), params.merge_iou),
                          scan.spacing_mm[:2])
-    lowest = result.vertebrae[-1].level
-    wanted = [*LUMBAR[LUMBAR.index(lowest) + 1:], "S1"]
-    if len(added) != len(wanted):   # the search stopped above S1
+    if len(added) != len(levels_down_to_s1(result.vertebrae[-1].level)):   # the search stopped above S1
         return None
     relabelled = label(found + added, result.vertebrae)
-    if ([level_in(relabelled, b) for b in added] != wanted
-            or any(level_in(relabelled, b) != b.level for b in result.vertebrae)):
-        return None
-    return relabelled, added
+    return (relabelled, added) if names_bodies_down_to_s1(result.vertebrae, relabelled, added) else None
 
 
 def detect_and_label(scan: Scan, networks: Networks, *,
@@ -371,7 +367,6 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         with_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
         if with_s1 is not None:
             result.vertebrae, added = with_s1
-            from_second_detector = [level_in(result.vertebrae, b) for b in added]
             found, below = found + added, below + added
     result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
     at_edge = (_labelled_without_edge_appearance(scan, result.vertebrae, found, label)
@@ -391,8 +386,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         result.labelling["pixel_spacing_factor"] = spacing_factor
     if with_s1 is not None:
         result.labelling["s1_from_second_detector"] = True
-        if len(from_second_detector) > 1:   # a review reason (_ask_for_review_where_in_doubt)
-            result.labelling["levels_from_second_detector"] = from_second_detector
+        if len(with_s1[1]) > 1:   # a review reason (_ask_for_review_where_in_doubt)
+            result.labelling["levels_from_second_detector"] = [level_in(with_s1[0], b) for b in with_s1[1]]
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
     weaker_s1 = _weaker_s1_below_full_strength_s1(result.vertebrae, list(result.candidates), fillers + below,

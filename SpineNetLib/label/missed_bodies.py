@@ -105,7 +105,7 @@ def bodies_below(labelled: Sequence[Vertebra], candidates: Sequence[Vertebra],
     chain = list(_centres_mm(labelled[-2:], spacing_rc))
     cand = _centres_mm(candidates, spacing_rc)
     taken: list[int] = []
-    for level in LUMBAR[LUMBAR.index(labelled[-1].level) + 1:] + ("S1",):
+    for level in levels_down_to_s1(labelled[-1].level):
         found = _next_below(chain[-2], chain[-1], level, cand, set(taken))
         if found is None:
             break
@@ -146,6 +146,19 @@ def weaker_body_below_s1(labelled: Sequence[Vertebra], candidates: Sequence[Vert
     upper, lowest = _centres_mm(labelled[-2:], spacing_rc)
     found = _next_below(upper, lowest, "S1", _centres_mm(candidates, spacing_rc), set())
     return None if found is None else candidates[found]
+
+
+def levels_down_to_s1(lowest: str) -> list[str]:
+    """The levels below ``lowest`` (L1-L5) down to S1: those :func:`bodies_below` looks for."""
+    return [*LUMBAR[LUMBAR.index(lowest) + 1:], "S1"]
+
+
+def names_bodies_down_to_s1(labelled: list[Vertebra], relabelled: list[Vertebra], added: list[Vertebra]) -> bool:
+    """Whether a labelling with ``added`` (:func:`bodies_below`'s, down to S1) names them the levels below the
+    chain's lowest body down to S1 while every body of ``labelled`` keeps its level: nothing moves (the
+    strict condition of ``pipeline._s1_from_second_detector``, stricter than :func:`keeps_bodies_below`)."""
+    return ([level_in(relabelled, b) for b in added] == levels_down_to_s1(labelled[-1].level)
+            and all(level_in(relabelled, b) == b.level for b in labelled))
 
 
 def same_body(a: Vertebra, b: Vertebra) -> bool:
