@@ -9,7 +9,8 @@ import pytest
 
 from SpineNetLib.core.polygons import point_in_polygon
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.missed_bodies import bodies_below, gap_fillers, weaker_body_below_s1
+from SpineNetLib.label.missed_bodies import (bodies_below, gap_fillers, names_bodies_down_to_s1,
+                                             weaker_body_below_s1)
 from SpineNetLib.training.datasets import default_data_root
 
 
@@ -39,6 +40,24 @@ def test_missed_l5_and_s1_are_both_found():
     s1 = _body(106, 196)                                     # from L5: step (1, 31), bent as S1
     assert bodies_below(spine, [s1, l5]) == [l5, s1]
     assert bodies_below(spine, [s1]) == []                   # S1 cannot be looked for without L5
+
+
+def test_bodies_down_to_s1_are_kept_strictly_only_when_nothing_moves():
+    """The second detector's bodies below a chain (pipeline._s1_from_second_detector) are kept only when the
+    labelling names them the next levels down to S1 and every body named before keeps its level."""
+    spine = _lumbar()[:4]                                    # L1 .. L4
+    l5, s1 = _body(101, 171), _body(106, 196)
+
+    def labelled(*levels):
+        return [dataclasses.replace(b, level=level) for b, level in zip(spine + [l5, s1], levels)]
+
+    assert names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [l5, s1])
+    # the chain above moved with them (a shift the added bodies would hide), or they are named otherwise
+    assert not names_bodies_down_to_s1(spine, labelled("T12", "L1", "L2", "L3", "L4", "L5"), [l5, s1])
+    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "S1", "S2"), [l5, s1])
+    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5"), [l5])   # stops above S1
+    ends_at_l5 = labelled("L1", "L2", "L3", "L4", "L5")      # the shipped case: S1 alone below an L5
+    assert names_bodies_down_to_s1(ends_at_l5, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [s1])
 
 
 def test_nothing_is_taken_unless_the_chain_ends_above_s1_and_the_candidate_fits():
