@@ -179,6 +179,8 @@ EDGE_BODY_RELABELLED = ("levels were counted without the lowest body's appearanc
 S1_CUT_BY_LOWER_EDGE = ("levels may be shifted by one: the body named S1 is cut by the lower edge of the image, so "
                         "neither its lower part nor the sacrum below it is seen: check that it is not L5 (an L5 "
                         "at the image edge can be taken for S1)")
+
+
 def lowest_bodies_from_second_detector(levels: list[str]) -> str:
     """The review reason when the second detector supplied the bodies ``levels`` (down to S1) below a chain
     that ended at L1-L4 (``pipeline._s1_from_second_detector``): the main detector missed them all, even
