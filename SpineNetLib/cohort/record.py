@@ -17,7 +17,6 @@ cohort folder without the record (written before it existed) is corrected with `
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from SpineNetLib.cohort.discover import Study
-from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, replace_study_rows
+from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, replace_study_rows, studies_table_rows
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.outputs.files import write_files_atomically
 
@@ -77,11 +76,7 @@ def record_study_inputs(outdir: str | os.PathLike, studies: Sequence[Study]) -> 
 
 def _relative_in_tables(outdir: Path, study_id: str) -> str | None:
     """The study's ``input`` cell in ``outdir/cohort_studies.csv``, or None."""
-    try:
-        with (outdir / COHORT_STUDIES_FILE).open(newline="", encoding="utf-8") as handle:
-            return next((row.get("input") for row in csv.DictReader(handle) if row.get("study") == study_id), None)
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return None
+    return next((row.get("input") for row in studies_table_rows(outdir) if row.get("study") == study_id), None)
 
 
 def cohort_location(results_folder: str | os.PathLike) -> tuple[Path, str] | None:

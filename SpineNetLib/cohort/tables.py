@@ -192,13 +192,18 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
     return write_files_atomically(outdir, _with_review_page(texts))
 
 
+def studies_table_rows(outdir: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``outdir``'s ``cohort_studies.csv`` as dictionaries; empty when there is no such table or
+    it cannot be read (the next ``spinenet cohort`` run writes it again)."""
+    try:
+        with (Path(outdir) / COHORT_STUDIES_FILE).open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
 def studies_asking_for_review(outdir: str | os.PathLike) -> list[str]:
     """The ids of the studies in ``outdir``'s ``cohort_studies.csv`` that ask for a review of their levels, in
     the review page's order (the least sure first); empty when there is no such table or it cannot be read."""
-    try:
-        with (Path(outdir) / COHORT_STUDIES_FILE).open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-    return [row["study"] for row in sorted(rows, key=review_order)
+    return [row["study"] for row in sorted(studies_table_rows(outdir), key=review_order)
             if row.get("levels_need_review") == "true" and row.get("study")]
