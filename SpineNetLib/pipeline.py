@@ -303,8 +303,8 @@ def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Ve
     bodies step by step below the chain's lowest body (L1-L5) down to S1 (``label/missed_bodies.bodies_below``;
     none reaching the image's last row, where an L5 cannot be told from S1) and the labelling names each the
     next level, the lowest S1, while every other body keeps its level; else None.  Nothing is added anywhere
-    else and no level changes (runs/refiner/RULE.txt; MODEL_CARD.md, "S1 below an L5 from the second
-    detector" and "... below an L1-L4")."""
+    else and no level changes (MODEL_CARD.md, "S1 below an L5 from the second detector" and "... below an
+    L1-L4")."""
     start = time.perf_counter()
     bodies = bodies_clear_of_the_lower_edge(scan, predict, params)
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
@@ -362,11 +362,11 @@ def detect_and_label(scan: Scan, networks: Networks, *,
             relabelled = label(found + added, result.vertebrae)   # the appearance net runs on the new bodies only
             if keeps_bodies_below(result.vertebrae, relabelled, added, labelling_params):
                 result.vertebrae, found, below = relabelled, found + added, below + added
-    with_s1 = None
+    down_to_s1 = None
     if second_detector is not None and chain_ends_above_s1(result.vertebrae):
-        with_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
-        if with_s1 is not None:
-            result.vertebrae, added = with_s1
+        down_to_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
+        if down_to_s1 is not None:
+            result.vertebrae, added = down_to_s1
             found, below = found + added, below + added
     result.faint_decoding = None   # frees the detector maps it holds when the faint pass was not needed
     at_edge = (_labelled_without_edge_appearance(scan, result.vertebrae, found, label)
@@ -384,10 +384,10 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                         "bodies_from_weaker_detections": len(fillers) + len(below)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor
-    if with_s1 is not None:
+    if down_to_s1 is not None:
         result.labelling["s1_from_second_detector"] = True
-        if len(with_s1[1]) > 1:   # a review reason (_ask_for_review_where_in_doubt)
-            result.labelling["levels_from_second_detector"] = [level_in(with_s1[0], b) for b in with_s1[1]]
+        if len(down_to_s1[1]) > 1:   # a review reason (_ask_for_review_where_in_doubt)
+            result.labelling["levels_from_second_detector"] = [level_in(down_to_s1[0], b) for b in down_to_s1[1]]
     if at_edge is not None:
         result.labelling["s1_at_image_edge_relabelled"] = True
     weaker_s1 = _weaker_s1_below_full_strength_s1(result.vertebrae, list(result.candidates), fillers + below,
