@@ -3,7 +3,8 @@ random phantoms and the command-line options of ``spinenet train``.
 
 Run folder layout (one per training run)::
 
-    config.json            the run's settings (a resume must use the same ones)
+    config.json            the run's settings (a resume must use the same ones), with the SHA-256 of
+                           the files it learns from (CONTENT_SETTINGS)
     checkpoint-latest.pt   model + optimizer + scheduler + step + RNG states (atomic rewrite)
     log.csv                one row per logged step
     <kind>.pt              the final model, fp16, via checkpoints.save_checkpoint(half=True)
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.files import sha256_file
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.weights import checkpoints
@@ -38,6 +40,11 @@ CHECKPOINT_NAME = "checkpoint-latest.pt"
 #: File options of a run's settings, stored as absolute paths (:func:`resolved_path`); a run folder of
 #: older versions may hold them as typed, compared after resolving them in the current folder.
 PATH_SETTINGS = ("init", "tianchi_targets", "volume_s1_targets")
+#: File options whose contents decide what a run learns: the run's settings hold each file's SHA-256
+#: beside its path (``<option>_sha256``), so that a run can be traced to the exact file, and a resume
+#: refuses one written again at the same path. A pseudo-label file made by another version of the code
+#: is other training data (MODEL_CARD.md of the bundled weights, "Training").
+CONTENT_SETTINGS = PATH_SETTINGS + ("body_pool",)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -127,6 +134,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     checkpoints.atomic_torch_save(obj, path)
 
 
+def with_content_hashes(config: dict) -> dict:
+    """``config`` with the SHA-256 of each :data:`CONTENT_SETTINGS` file it names (``<option>_sha256``)."""
+    hashes = {f"{key}_sha256": sha256_file(config[key]) for key in CONTENT_SETTINGS
+              if isinstance(config.get(key), str) and Path(config[key]).is_file()}
+    return {**config, **hashes}
+
+
 def _setting(key: str, value):
     """A setting as a resume compares it: file options as absolute paths."""
     return resolved_path(value) if key in PATH_SETTINGS and isinstance(value, str) else value
@@ -137,13 +151,16 @@ class RunFolder:
 
     def __init__(self, path, config: dict, *, resume: bool) -> None:
         self.path = Path(path)
-        self.config = json.loads(json.dumps(config))  # plain JSON values only
+        self.config = json.loads(json.dumps(with_content_hashes(config)))  # plain JSON values only
         ckpt = self.path / CHECKPOINT_NAME
         cfg_path = self.path / "config.json"
         if resume:
             if not ckpt.is_file():
                 raise InputError(f"--resume: no {CHECKPOINT_NAME} in {self.path}")
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            # a run folder of an older version recorded no file contents: its files are taken as they are
+            for key in [k for k in self.config if k.endswith("_sha256") and k not in old]:
+                del self.config[key]
             # --steps may change on resume (to shorten or extend a run; the LR schedule then
             # follows the new total, so only an unchanged total reproduces an uninterrupted run).
             ignore = {"resume", "threads", "device", "out", "steps", "steps_history"}

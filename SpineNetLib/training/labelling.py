@@ -322,10 +322,7 @@ def train_appearance(args) -> Path:
     edge_gap = float(getattr(args, "edge_gap", MIN_EDGE_GAP_BODY_HEIGHTS))
     config.update(setting_if_changed("edge_gap_body_heights", edge_gap, MIN_EDGE_GAP_BODY_HEIGHTS))
     body_pool = resolved_path(getattr(args, "body_pool", None))
-    config.update(setting_if_changed("body_pool", body_pool, None))
-    if body_pool:   # its contents, so that a resume notices a pool written again at the same path
-        from SpineNetLib.core.files import sha256_file
-        config["body_pool_sha256"] = sha256_file(body_pool)
+    config.update(setting_if_changed("body_pool", body_pool, None))   # its SHA-256 too (RunFolder)
     workers = int(getattr(args, "workers", 0) or 0)
     config.update(setting_if_changed("per_step_batches", workers > 0, False))
     ema = float(getattr(args, "ema", 0.0) or 0.0)

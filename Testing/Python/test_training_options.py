@@ -138,6 +138,40 @@ def test_a_resume_from_another_folder_with_the_absolute_file_path_finds_the_same
         RunFolder(tmp_path / "run", config("targets.json"), resume=True)   # b/targets.json: another file
 
 
+def test_a_run_records_its_targets_contents_and_a_resume_refuses_them_written_again(tmp_path):
+    """The pseudo-label file is training data: another version of ``train tianchi-targets`` writes other
+    outlines at the same path, and the run must say which it learned from."""
+    from SpineNetLib.core.files import sha256_file
+    from SpineNetLib.training.common import CHECKPOINT_NAME, RunFolder, real_data_config
+
+    targets = tmp_path / "targets.json"
+    targets.write_text('{"cases": [1]}')
+    config = {"kind": "detector", **real_data_config(argparse.Namespace(init=None, tianchi_targets=str(targets),
+                                                                      tianchi_fraction=0.4))}
+    RunFolder(tmp_path / "run", config, resume=False)
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["tianchi_targets_sha256"] == sha256_file(targets)
+    assert "init_sha256" not in recorded
+    RunFolder(tmp_path / "run", config, resume=True)
+    targets.write_text('{"cases": [2]}')
+    with pytest.raises(InputError, match="different settings.*tianchi_targets_sha256"):
+        RunFolder(tmp_path / "run", config, resume=True)
+
+
+def test_a_run_folder_of_an_older_version_without_file_contents_still_resumes(tmp_path):
+    from SpineNetLib.training.common import CHECKPOINT_NAME, RunFolder
+
+    targets = tmp_path / "t.json"
+    targets.write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "detector", "tianchi_targets": str(targets), "init": None}))
+    (run / CHECKPOINT_NAME).write_bytes(b"")
+    folder = RunFolder(run, {"kind": "detector", "tianchi_targets": str(targets), "init": None}, resume=True)
+    assert "tianchi_targets_sha256" not in folder.config
+
+
 def test_a_run_folder_of_an_older_version_with_a_relative_path_still_resumes_from_its_folder(tmp_path, monkeypatch):
     from SpineNetLib.training.common import CHECKPOINT_NAME, RunFolder
 
