@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.detect.plans import DetectionParams
 from SpineNetLib.training.common import (
     add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
 )
@@ -119,10 +120,13 @@ def command_train_context(args) -> int:
 def command_tianchi_targets(args) -> int:
     from SpineNetLib.training import datasets, tianchi
 
+    if not 0.0 < args.stride_fraction <= 1.0:
+        raise InputError(f"--stride-fraction must be in (0, 1], got {args.stride_fraction:g}")
     output_file(args.out)
     root = args.data or default_data_root()
+    params = DetectionParams(stride_fraction=args.stride_fraction)
     tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out,
-                               s1_construction=args.s1_construction)
+                               s1_construction=args.s1_construction, params=params)
     return 0
 
 
@@ -167,6 +171,23 @@ def _add_appearance_pool_parser(sub) -> None:
     # no --phantom-fraction: the pool holds real bodies only (phantoms are made by the run from its seed),
     # and 0 tells the data-folder check and the data reading so
     pool.set_defaults(func=command_appearance_pool, phantom_fraction=0.0)
+
+
+def _add_tianchi_targets_parser(sub) -> None:
+    """``spinenet train tianchi-targets``."""
+    tq = sub.add_parser("tianchi-targets", help="pseudo-label the tianchi/ slices with a detector (outlines for training)")
+    tq.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
+    tq.add_argument("--detector", required=True, metavar="CHECKPOINT", help="detector checkpoint that makes the outlines")
+    tq.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    tq.add_argument("--s1-construction", choices=S1_CONSTRUCTIONS, default="wedge",
+                    help="S1 where no detector gave it: 'wedge' (default) or 'even', as the bundled detector "
+                         "and grader were trained (training/tianchi.py, S1_CONSTRUCTIONS)")
+    tq.add_argument("--stride-fraction", type=float, default=DetectionParams.stride_fraction, metavar="F",
+                    help="the detection's patch stride as a fraction of the patch edge (default "
+                         f"{DetectionParams.stride_fraction:g}, as spinenet run detects); the targets of the bundled "
+                         "detector and appearance network were made at 0.6, the default before 2026-12-01 "
+                         "(MODEL_CARD.md, \"Training\")")
+    tq.set_defaults(func=command_tianchi_targets)
 
 
 def register(subparsers) -> None:
@@ -236,14 +257,7 @@ def register(subparsers) -> None:
     add_grader_parser(sub)
     add_grader_threshold_parser(sub)
 
-    tq = sub.add_parser("tianchi-targets", help="pseudo-label the tianchi/ slices with a detector (outlines for training)")
-    tq.add_argument("--data", default=None, metavar="DIR", help="data root (default: $SPINENET_DATA or ../shared/data)")
-    tq.add_argument("--detector", required=True, metavar="CHECKPOINT", help="detector checkpoint that makes the outlines")
-    tq.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
-    tq.add_argument("--s1-construction", choices=S1_CONSTRUCTIONS, default="wedge",
-                    help="S1 where no detector gave it: 'wedge' (default) or 'even', as the bundled detector "
-                         "and grader were trained (training/tianchi.py, S1_CONSTRUCTIONS)")
-    tq.set_defaults(func=command_tianchi_targets)
+    _add_tianchi_targets_parser(sub)
 
     vs1 = sub.add_parser("volume-s1-targets", help="checked S1 outlines of the training volumes, from a weight "
                                                    "set's own detection and labelling (appearance training)")

@@ -40,6 +40,7 @@ import numpy as np
 
 from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.detect.plans import DetectionParams
 from SpineNetLib.training import datasets as dataset
 
 BODY_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
@@ -213,8 +214,12 @@ def loss_ignore_mask(targets: SliceTargets, shape_hw: tuple[int, int]) -> np.nda
     return ignore
 
 
-def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_construction: str = "wedge") -> dict:
-    """Run the detector checkpoint on every tianchi case and write the checked pseudo-labels as JSON."""
+def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_construction: str = "wedge",
+                       params: DetectionParams = DetectionParams()) -> dict:
+    """Run the detector checkpoint on every tianchi case (detection ``params``) and write the checked
+    pseudo-labels as JSON.  The patch stride matters on wide fields of view: the targets of the bundled
+    detector and appearance network were made at 0.6, the default stride before 2026-12-01 (with their
+    detector, 3 bodies fewer than at 0.8, on tianchi_057 and tianchi_105; MODEL_CARD.md, "Training")."""
     from SpineNetLib.detect import vfr as detection
     from SpineNetLib.weights import checkpoints
 
@@ -225,7 +230,7 @@ def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_const
         if case.source not in dataset.POINT_SOURCES:
             continue
         _, scan, data = dataset.case_scans(case)
-        result = detection.detect_vertebrae(scan, predictor)
+        result = detection.detect_vertebrae(scan, predictor, params)
         quads = [np.asarray(v.average_polygon, float) for v in result.vertebrae]
         t = match_points(quads, case_points(data.labels, data.level_names), case.case_id, s1_construction)
         docs.append(t.to_json())
@@ -233,7 +238,8 @@ def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_const
         counts["S1_detected"] += int("S1" in t.quads and not t.s1_constructed)
         counts["S1_constructed"] += int(t.s1_constructed)
         counts["unmatched"] += len(t.unmatched_points)
-    out = {"detector": str(detector_checkpoint), "s1_construction": s1_construction, "counts": counts, "cases": docs}
+    out = {"detector": str(detector_checkpoint), "s1_construction": s1_construction,
+           "stride_fraction": float(params.stride_fraction), "counts": counts, "cases": docs}
     Path(out_path).write_text(json.dumps(out), encoding="utf-8")
     log(f"pseudo-labels of {counts['cases']} tianchi slices: {counts} -> {out_path}")
     return out

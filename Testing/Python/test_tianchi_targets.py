@@ -188,3 +188,25 @@ def test_calibration_picks_the_appearance_weight_that_names_the_studies_right():
     assert by_weight[(0.0, 3.0)] == 0
     assert result["chosen"]["appearance_weight"] > 0 and max(by_weight.values()) == 2
     assert result["review"]["wrong"] == 0 and result["review"]["right"] == 2
+
+
+@needs_data
+def test_the_detection_stride_of_the_targets_is_chosen_and_recorded(tmp_path):
+    """``train tianchi-targets --stride-fraction``: the bundled detector's and appearance network's targets
+    were made at 0.6, the default stride before 2026-12-01; the default 0.8 outlines other bodies on a wide field of view (tianchi_105: 1.44 mm
+    pixels in its header, 74 cm across), so the recipe names the stride to make the same targets again."""
+    import json
+
+    from SpineNetLib.detect.plans import DetectionParams
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    case = [c for c in D.list_cases(DATA, sources=D.POINT_SOURCES) if c.case_id == "tianchi_105-000"]
+    made = {}
+    for stride in (0.6, 0.8):
+        out = tmp_path / f"targets_{stride}.json"
+        T.make_pseudo_labels(case, BUNDLED_DIR / "detector.pt", out, log=lambda *a: None, s1_construction="even",
+                             params=DetectionParams(stride_fraction=stride))
+        made[stride] = json.loads(out.read_text())
+        assert made[stride]["stride_fraction"] == stride
+    assert made[0.6]["cases"] != made[0.8]["cases"]
+    assert len(made[0.6]["cases"][0]["unmatched_points"]) > len(made[0.8]["cases"][0]["unmatched_points"])

@@ -195,6 +195,12 @@ def test_a_one_file_command_checks_its_output_folder_first(tmp_path, capsys, mon
     _refused(capsys, ["train", *command, "--out", "afile/x"], "afile")
 
 
+def test_a_stride_outside_0_to_1_is_refused_before_the_output_folder(tmp_path, capsys):
+    _refused(capsys, ["train", "tianchi-targets", "--detector", "missing.pt", "--stride-fraction", "1.5",
+                      "--out", str(tmp_path / "new" / "t.json")], "--stride-fraction must be in (0, 1]")
+    assert not (tmp_path / "new").exists()
+
+
 def test_missing_target_files_and_negative_phantoms_are_refused_at_once(tmp_path, capsys):
     """A missing --tianchi-targets / --volume-s1-targets / --init is named before any data is loaded (it
     used to fail after half a minute of loading), and --phantoms -1 is no count of phantoms."""
