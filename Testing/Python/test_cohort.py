@@ -558,6 +558,19 @@ def interrupt_main_thread() -> None:
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Ctrl-C as a fresh ``spinenet`` process has it (Python's KeyboardInterrupt): an earlier test of the
+    suite may leave it ignored (found 2026-12-05: SIG_IGN here after the whole suite's earlier tests), and
+    an ignored Ctrl-C is rightly not held back by ``deferred_interrupts``."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_ctrl_c_while_the_local_cluster_starts_waits_for_it_and_closes_it(monkeypatch):
     """Ctrl-C in the middle of starting the workers left them half started, and Dask's exit callback then
     printed a traceback (AssertionError: Status.init) after "spinenet: interrupted".  Now the interrupt
