@@ -560,9 +560,9 @@ def interrupt_main_thread() -> None:
 
 @pytest.fixture
 def python_ctrl_c():
-    """Ctrl-C as a fresh ``spinenet`` process has it (Python's KeyboardInterrupt): an earlier test of the
-    suite may leave it ignored (found 2026-12-05: SIG_IGN here after the whole suite's earlier tests), and
-    an ignored Ctrl-C is rightly not held back by ``deferred_interrupts``."""
+    """Ctrl-C as a ``spinenet`` started from a terminal has it (Python's KeyboardInterrupt): pytest started in
+    the background (``cmd &``, some CI runners) begins with Ctrl-C ignored, as test_cli_process_exit.py says,
+    and an ignored Ctrl-C is rightly not held back by ``deferred_interrupts`` (this test then failed)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield

@@ -193,8 +193,9 @@ def test_calibration_picks_the_appearance_weight_that_names_the_studies_right():
 @needs_data
 def test_the_detection_stride_of_the_targets_is_chosen_and_recorded(tmp_path):
     """``train tianchi-targets --stride-fraction``: the bundled detector's and appearance network's targets
-    were made at 0.6, the default stride before 2026-12-01; the default 0.8 outlines other bodies on a wide field of view (tianchi_105: 1.44 mm
-    pixels in its header, 74 cm across), so the recipe names the stride to make the same targets again."""
+    were made at 0.6, the default stride before 2026-12-01; the default 0.8 outlines other bodies on a wide
+    field of view (tianchi_105: 1.44 mm pixels in its header, 74 cm across), so the recipe names the stride
+    to make the same targets again."""
     import json
 
     from SpineNetLib.detect.plans import DetectionParams
