@@ -5,6 +5,7 @@ Run folder layout (one per training run)::
 
     config.json            the run's settings (a resume must use the same ones), with the SHA-256 of
                            the files it learns from (CONTENT_SETTINGS)
+    provenance.json        the code and machine of each start and resume (training/provenance.py)
     checkpoint-latest.pt   model + optimizer + scheduler + step + RNG states (atomic rewrite)
     log.csv                one row per logged step
     <kind>.pt              the final model, fp16, via checkpoints.save_checkpoint(half=True)
@@ -34,9 +35,11 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.files import sha256_file
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.synthetic import phantom
+from SpineNetLib.training.provenance import run_provenance, weights_provenance
 from SpineNetLib.weights import checkpoints
 
 CHECKPOINT_NAME = "checkpoint-latest.pt"
+PROVENANCE_NAME = "provenance.json"
 #: File options of a run's settings, stored as absolute paths (:func:`resolved_path`); a run folder of
 #: older versions may hold them as typed, compared after resolving them in the current folder.
 PATH_SETTINGS = ("init", "tianchi_targets", "volume_s1_targets")
@@ -178,7 +181,24 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             cfg_path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
         self.resume = resume
+        self._record_provenance()
         self._t0 = time.time()
+
+    def _record_provenance(self) -> None:
+        """Add this start or resume to ``provenance.json`` (a folder of an older version has none yet)."""
+        path = self.path / PROVENANCE_NAME
+        if not self.resume:
+            runs = []
+        elif path.is_file():
+            runs = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            runs = [{"resume": False, "code_sha256": None, "note": "started by a version that recorded no provenance"}]
+        self.provenance = [*runs, {"resume": self.resume, **run_provenance()}]
+        path.write_text(json.dumps(self.provenance, indent=2) + "\n", encoding="utf-8")
+
+    def weights_extra(self) -> dict:
+        """Entries for the run's final weights: the fingerprint of the code that trained them."""
+        return weights_provenance(self.provenance)
 
     # ------------------------------------------------------------------ state
     def save_state(self, step: int, model, optimizer, scheduler, rng: np.random.Generator,

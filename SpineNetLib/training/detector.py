@@ -49,6 +49,7 @@ from SpineNetLib.detect import vfr as detection
 from SpineNetLib.evaluation import evaluate
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.models import DetectorConfig, VFRDetector
+from SpineNetLib.training.provenance import WEIGHTS_KEYS
 from SpineNetLib.training.targets import render_vfr_maps
 from SpineNetLib.training import tianchi
 from SpineNetLib.training.common import (
@@ -493,7 +494,8 @@ def train(args) -> Path:
         state = torch.load(run.path / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
         if state["step"] >= args.steps:
             checkpoints.save_checkpoint(final, "detector", model.cpu(), half=True,
-                                        extra={"epoch": int(args.steps), "seed": int(args.seed)})
+                                        extra={"epoch": int(args.steps), "seed": int(args.seed),
+                                               **run.weights_extra()})
             print(f"wrote {final}", flush=True)
             n_cal = int(getattr(args, "calibrate_cases", 0) or 0)
             if train_cases and n_cal > 0:
@@ -508,6 +510,7 @@ def train(args) -> Path:
                 scale_heat_outputs(model, cal["chosen"]["corner_gain"], cal["chosen"]["centroid_gain"])
                 checkpoints.save_checkpoint(final, "detector", model.cpu(), half=True,
                                             extra={"epoch": int(args.steps), "seed": int(args.seed),
+                                                   **run.weights_extra(),
                                                    "corner_heat_gain": cal["chosen"]["corner_gain"],
                                                    "centroid_heat_gain": cal["chosen"]["centroid_gain"]})
                 print(f"calibrated heat gains {cal['chosen']}; rewrote {final}", flush=True)
@@ -539,6 +542,7 @@ def shrink_detector(source: Path, out: Path) -> Path:
     ``source``, written fp16 to ``out`` with the source's heat-map gains, seed and step count."""
     model = checkpoints.load_model("detector", source)
     stored = model.checkpoint_meta   # the file's scalar entries, read with the weights
-    extra = {k: stored[k] for k in ("epoch", "seed", "corner_heat_gain", "centroid_heat_gain") if k in stored}
+    kept = ("epoch", "seed", "corner_heat_gain", "centroid_heat_gain", *WEIGHTS_KEYS)
+    extra = {k: stored[k] for k in kept if k in stored}
     return checkpoints.save_checkpoint(out, "detector", without_last_deep_block(model), half=True,
                                        extra={**extra, "shrunk_from_blocks": list(model.config.blocks)})

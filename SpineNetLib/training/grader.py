@@ -712,6 +712,7 @@ class _TwoStages:
                                             "final": final_metrics})
         checkpoints.save_checkpoint(final, "grading", self.result_model.cpu(), half=True,
                                     extra={"epoch_no": int(total), "seed": int(args.seed),
+                                           **run.weights_extra(),
                                            "tasks": [t.name for t in tasks],
                                            # the heads the data graded; the others say "not trained"
                                            "trained_heads": ",".join(sorted({h for t in tasks for h in t.heads}))})

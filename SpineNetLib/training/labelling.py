@@ -590,7 +590,7 @@ def _finish(run: RunFolder, kind: str, model, args, saved: str = "model") -> Pat
     state = torch.load(run.path / "checkpoint-latest.pt", map_location="cpu", weights_only=False)
     if state["step"] >= args.steps:
         model.load_state_dict(state["model"] if saved == "model" else state["extra"][saved])
-        extra = {"epoch": int(args.steps), "seed": int(args.seed)}
+        extra = {"epoch": int(args.steps), "seed": int(args.seed), **run.weights_extra()}
         penalty = getattr(args, "repeat_s1_penalty", None)
         if kind == "context" and penalty is not None:
             extra["repeat_s1_penalty"] = float(penalty)  # used by labelling.params_for_context
