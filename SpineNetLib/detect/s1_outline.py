@@ -158,10 +158,22 @@ def refine_s1_outline(scan: Scan, result: DetectionResult, predict: Predictor,
     ``labelling["s1_outline_from_second_detector"]`` and ``timings_s["s1_outline"]``.
 
     Skipped (the entry left out) where the bodies were found at another multiple of the header's pixel
-    spacing (``labelling["pixel_spacing_factor"]``): the second detector would see other pixels.
+    spacing (``labelling["pixel_spacing_factor"]``): the second detector would see other pixels.  Not run
+    again where S1 is the body the second detector already added (:func:`s1_added_by_second_detector`).
     """
     start = time.perf_counter()
-    if result.labelling.get("pixel_spacing_factor", 1.0) == 1.0:
+    if s1_added_by_second_detector(result.labelling):
+        result.labelling["s1_outline_from_second_detector"] = True
+    elif result.labelling.get("pixel_spacing_factor", 1.0) == 1.0:
         result.vertebrae, refined = refined_s1_outline(scan, result.vertebrae, predict, params or DetectionParams())
         result.labelling["s1_outline_from_second_detector"] = refined
     result.timings_s["s1_outline"] = time.perf_counter() - start
+
+
+def s1_added_by_second_detector(labelling: dict) -> bool:
+    """Whether the body named S1 is one the second detector added below the chain
+    (``pipeline._s1_from_second_detector``) and no later step named another body S1 (the relabelling of
+    an S1 at the image edge, the move up to a weaker S1): its outline is then already the second
+    detector's, from the whole scan, and detecting its slices again would give it back."""
+    return (bool(labelling.get("s1_from_second_detector")) and not labelling.get("s1_at_image_edge_relabelled")
+            and not labelling.get("moved_up_to_weaker_s1"))

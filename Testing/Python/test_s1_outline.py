@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from SpineNetLib import pipeline
+from SpineNetLib.detect import s1_outline
 from SpineNetLib.synthetic.phantom import make_phantom
 from SpineNetLib.training.targets import oracle_predictor
 
@@ -197,7 +198,7 @@ def test_an_s1_the_main_detector_misses_below_l5_comes_from_the_second_detector(
     assert [v.level for v in official.detection.vertebrae] == levels
 
 
-def test_l5_and_s1_the_main_detector_misses_below_l4_come_from_the_second_detector(phantom):
+def test_l5_and_s1_the_main_detector_misses_below_l4_come_from_the_second_detector(phantom, monkeypatch):
     """Where the chain still ends at L4, the second detector's bodies below it are taken when the labelling
     names them L5 and S1 and keeps every other level; a search that stops above S1 adds nothing."""
     networks = oracle_networks(phantom)
@@ -206,8 +207,13 @@ def test_l5_and_s1_the_main_detector_misses_below_l4_come_from_the_second_detect
     levels = [v.level for v in without.detection.vertebrae]
     assert levels[-1] == "L4"
     networks.s1_outline = oracle_predictor(_quads(phantom))
+    detections_near_s1 = []
+    monkeypatch.setattr(s1_outline, "_detection_on_slices",
+                        lambda *args, _real=s1_outline._detection_on_slices: detections_near_s1.append(1) or _real(*args))
     found = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
     assert [v.level for v in found.detection.vertebrae] == levels + ["L5", "S1"]
+    # S1 is the second detector's own body: its outline is not detected a second time
+    assert detections_near_s1 == [] and found.detection.labelling["s1_outline_from_second_detector"] is True
     assert found.detection.labelling["bodies_from_weaker_detections"] == 2
     labelling_doc = found.vertebrae_document["labelling"]
     assert labelling_doc["s1_from_second_detector"] is True
