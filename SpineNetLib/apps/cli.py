@@ -253,7 +253,11 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     install.add_argument("folder", help="folder with detect-vfr/, appearance/, context/, grading/")
     install.add_argument("--accept-license", action="store_true", help="accept the official non-commercial licence")
     install.set_defaults(func=command_weights_install)
-    info = wsub.add_parser("info", help="show where weights are looked for and what is installed")
+    info = wsub.add_parser("info", help="show where weights are looked for and what is installed; with WEIGHTS, "
+                                         "what each network file of that set records")
+    info.add_argument("weights", nargs="?", metavar="WEIGHTS",
+                      help="bundled, official or a folder: list its network files with their size, SHA-256 and "
+                           "what their training recorded (steps, seed, calibrated numbers, the code that trained them)")
     info.set_defaults(func=command_weights_info)
     # The Slicer extension installs the inference packages only (SpineNet/CMakeLists.txt): there
     # `python -m SpineNetLib` still works, without the `spinenet train` command.
@@ -506,11 +510,38 @@ def command_weights_info(args) -> int:
     from SpineNetLib.weights.official import read_manifest
     from SpineNetLib.weights.resolve import BUNDLED_DIR, official_weights_dir
 
+    if args.weights is not None:
+        return _weight_set_files(args.weights)
     bundled = sorted(p.name for p in BUNDLED_DIR.glob("*.pt")) if BUNDLED_DIR.is_dir() else []
     print(f"bundled: {BUNDLED_DIR} ({', '.join(bundled) or 'none'})")
     files = read_manifest().get("files", {})
     print(f"official: {official_weights_dir()} ({', '.join(sorted(files)) or 'not downloaded'})")
     return EXIT_OK
+
+
+def _weight_set_files(spec: str) -> int:
+    """``spinenet weights info WEIGHTS``: a line per network file of the weight set, with what it records."""
+    from SpineNetLib.core.files import sha256_file
+    from SpineNetLib.weights.resolve import LAYOUT, recorded_entries, resolve_weights, resolve_weights_file
+
+    weight_set = resolve_weights(spec)
+    print(f"{weight_set.source} weights{' (made for lumbar scans)' if weight_set.lumbar_only else ''}:")
+    for kind in LAYOUT:
+        if weight_set.path(kind) is None:
+            continue
+        path = resolve_weights_file(weight_set.path(kind))
+        entries = recorded_entries(path) or {}
+        recorded = ", ".join(f"{key} {_short(value)}" for key, value in sorted(entries.items())
+                             if value == value)   # not the NaN "loss" the official layout keeps a place for
+        print(f"  {kind}: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_file(path)[:16]}): "
+              f"{recorded or 'records nothing besides its weights'}")
+    return EXIT_OK
+
+
+def _short(value) -> str:
+    """A recorded entry as ``weights info`` prints it: hashes and commits shortened to 12 characters."""
+    text = str(value)
+    return text[:12] if len(text) >= 40 and all(c in "0123456789abcdef" for c in text) else text
 
 
 COHORT_DESCRIPTION = """\

@@ -188,13 +188,11 @@ class _EntriesOnlyUnpickler(pickle.Unpickler):
         return None
 
 
-def recorded_trained_heads(path: str | os.PathLike) -> frozenset[str] | None:
-    """The grading network's heads a checkpoint records as trained (``trained_heads``, written by
-    ``spinenet train grader``, e.g. ``{"fc_hrn"}``), read without torch, so that the Slicer panel can
-    offer only those heads' hotspot maps before torch is even installed.
+def recorded_entries(path: str | os.PathLike) -> dict[str, bool | int | float | str] | None:
+    """A checkpoint's plain top-level entries (numbers, strings, booleans: ``epoch``, ``seed``, heat-map
+    gains, ``trained_code_sha256``, ...), read without torch and without running any code from the file.
 
-    None when the file records none (the official checkpoints: all their heads were trained) or is
-    not a torch archive that can be read this way (it is then read, and judged, when it is loaded).
+    None when the file is not a torch archive that can be read this way.
     """
     try:
         with zipfile.ZipFile(path) as archive:
@@ -204,7 +202,20 @@ def recorded_trained_heads(path: str | os.PathLike) -> frozenset[str] | None:
             entries = _EntriesOnlyUnpickler(io.BytesIO(archive.read(name))).load()
     except Exception:   # not a zip, a damaged one, or a pickle this reader cannot follow
         return None
-    recorded = entries.get("trained_heads") if isinstance(entries, dict) else None
+    if not isinstance(entries, dict):
+        return None
+    return {str(k): v for k, v in entries.items() if isinstance(v, (bool, int, float, str))}
+
+
+def recorded_trained_heads(path: str | os.PathLike) -> frozenset[str] | None:
+    """The grading network's heads a checkpoint records as trained (``trained_heads``, written by
+    ``spinenet train grader``, e.g. ``{"fc_hrn"}``), read without torch, so that the Slicer panel can
+    offer only those heads' hotspot maps before torch is even installed.
+
+    None when the file records none (the official checkpoints: all their heads were trained) or is
+    not a torch archive that can be read this way (it is then read, and judged, when it is loaded).
+    """
+    recorded = (recorded_entries(path) or {}).get("trained_heads")
     if not isinstance(recorded, str):
         return None
     return frozenset(h.strip() for h in recorded.split(",") if h.strip())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +105,33 @@ def test_uncommitted_changes_of_the_code_are_listed(tmp_path):
     changed = git_state(tmp_path)
     assert changed["git_commit"] == clean["git_commit"]
     assert changed["git_changed_files"] == ["a.py", "new.py"] and changed["git_changed_count"] == 2
+
+
+def test_weights_info_prints_what_each_network_file_records(tmp_path, monkeypatch, capsys):
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    monkeypatch.setenv("SPINENET_DATA", str(tmp_path / "nonexistent"))
+    assert main(["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", *TINY_DETECTOR,
+                 "--config-blocks", "1", "1", "1", "1"]) == 0
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copy(tmp_path / "run" / "detector.pt", folder / "detector.pt")
+    for name in ("appearance.pt", "context.pt", "grading.pt"):
+        shutil.copy(BUNDLED_DIR / name, folder / name)
+    capsys.readouterr()
+    assert main(["weights", "info", str(folder)]) == 0
+    lines = {line.split(":")[0].strip(): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(lines) == ["appearance", "context", "detector", "grading"]
+    assert f"trained_code_sha256 {code_sha256()[:12]}," in lines["detector"] and "seed 0" in lines["detector"]
+    assert "herniation_logit_shift 1.0" in lines["grading"] and "trained_heads fc_hrn" in lines["grading"]
+    assert "loss" not in lines["appearance"]    # the official layout's NaN placeholder is not printed
+
+
+def test_weights_info_reads_no_torch_and_refuses_a_missing_folder_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import sys; from SpineNetLib.apps.cli import main; "
+                           "code = main(['weights', 'info', 'bundled']); print('torch' in sys.modules, code)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False 0", done.stdout + done.stderr
+    missing = subprocess.run([sys.executable, "-m", "SpineNetLib", "weights", "info", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
