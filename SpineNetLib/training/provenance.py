@@ -56,9 +56,10 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def git_state(root: Path = PACKAGE_ROOT) -> dict:
     """The commit the code sits on and the files of the package changed since it (not committed,
-    untracked included); empty where the package is not in a git checkout (an installed copy)."""
+    untracked included); empty where the package is not tracked by a git checkout (an installed copy)."""
     commit = _git(["rev-parse", "HEAD"], root)
-    if commit is None:
+    # an installed copy inside some other checkout (a virtual environment in a project) is not tracked there
+    if commit is None or _git(["ls-files", "--error-unmatch", "__init__.py"], root) is None:
         return {}
     status = _git(["status", "--porcelain", "--untracked-files=all", "--", "."], root) or ""
     changed = sorted(line[3:] for line in status.splitlines() if line.strip() and line[3:].endswith(".py"))

@@ -95,7 +95,9 @@ def test_uncommitted_changes_of_the_code_are_listed(tmp_path):
 
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
+    (tmp_path / "__init__.py").write_text("")
+    assert git_state(tmp_path) == {}    # no commit yet
+    git("add", "a.py", "__init__.py")
     git("commit", "-q", "-m", "a")
     clean = git_state(tmp_path)
     assert len(clean["git_commit"]) == 40 and clean["git_changed_files"] == [] and clean["git_changed_count"] == 0
@@ -105,6 +107,10 @@ def test_uncommitted_changes_of_the_code_are_listed(tmp_path):
     changed = git_state(tmp_path)
     assert changed["git_commit"] == clean["git_commit"]
     assert changed["git_changed_files"] == ["a.py", "new.py"] and changed["git_changed_count"] == 2
+    # a package copied into another checkout without being tracked there (installed in a project's venv)
+    (tmp_path / "venv" / "pkg").mkdir(parents=True)
+    (tmp_path / "venv" / "pkg" / "__init__.py").write_text("")
+    assert git_state(tmp_path / "venv" / "pkg") == {}
 
 
 def test_weights_info_prints_what_each_network_file_records(tmp_path, monkeypatch, capsys):
