@@ -67,6 +67,14 @@ def git_state(root: Path = PACKAGE_ROOT) -> dict:
             "git_changed_count": len(changed)}
 
 
+def code_identity() -> dict:
+    """The code as a file it made records it (``spinenet train tianchi-targets``: a pseudo-label file
+    made by other code is other training data): its fingerprint, and its commit where git has one."""
+    state = git_state()
+    return {"code_sha256": code_sha256(),
+            **{key: state[key] for key in ("git_commit", "git_changed_count") if key in state}}
+
+
 def run_provenance() -> dict:
     """What a run's ``provenance.json`` records for one start or resume (plain JSON values)."""
     from SpineNetLib import __version__

@@ -42,6 +42,7 @@ from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.detect.plans import DetectionParams
 from SpineNetLib.training import datasets as dataset
+from SpineNetLib.training.provenance import code_identity
 
 BODY_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 #: S1's height along its axis as a share of L5's, for the constructed S1 outline.
@@ -239,7 +240,8 @@ def make_pseudo_labels(cases, detector_checkpoint, out_path, log=print, s1_const
         counts["S1_constructed"] += int(t.s1_constructed)
         counts["unmatched"] += len(t.unmatched_points)
     out = {"detector": str(detector_checkpoint), "s1_construction": s1_construction,
-           "stride_fraction": float(params.stride_fraction), "counts": counts, "cases": docs}
+           "stride_fraction": float(params.stride_fraction), "made_by": code_identity(), "counts": counts,
+           "cases": docs}
     Path(out_path).write_text(json.dumps(out), encoding="utf-8")
     log(f"pseudo-labels of {counts['cases']} tianchi slices: {counts} -> {out_path}")
     return out

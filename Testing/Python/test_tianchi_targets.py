@@ -211,3 +211,20 @@ def test_the_detection_stride_of_the_targets_is_chosen_and_recorded(tmp_path):
         assert made[stride]["stride_fraction"] == stride
     assert made[0.6]["cases"] != made[0.8]["cases"]
     assert len(made[0.6]["cases"][0]["unmatched_points"]) > len(made[0.8]["cases"][0]["unmatched_points"])
+
+
+def test_a_targets_file_names_the_code_that_made_it(tmp_path):
+    """Pseudo-labels made by other code are other training data: the file records the code's fingerprint
+    (training/provenance.py), which the grader's targets of the bundled weights did not (MODEL_CARD.md,
+    "Repeating the recipe")."""
+    import json
+
+    from SpineNetLib.training.provenance import code_sha256, git_state
+    from SpineNetLib.weights.resolve import BUNDLED_DIR
+
+    case = [c for c in D.list_cases(DATA, sources=D.POINT_SOURCES) if c.case_id == "tianchi_002-000"]
+    out = tmp_path / "targets.json"
+    T.make_pseudo_labels(case, BUNDLED_DIR / "detector.pt", out, log=lambda *a: None, s1_construction="even")
+    made_by = json.loads(out.read_text())["made_by"]
+    assert made_by["code_sha256"] == code_sha256()
+    assert made_by.get("git_commit") == git_state().get("git_commit")
