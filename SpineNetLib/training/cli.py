@@ -120,11 +120,12 @@ def command_train_context(args) -> int:
 def command_tianchi_targets(args) -> int:
     from SpineNetLib.training import datasets, tianchi
 
-    if not 0.0 < args.stride_fraction <= 1.0:
-        raise InputError(f"--stride-fraction must be in (0, 1], got {args.stride_fraction:g}")
+    try:   # DetectionParams checks the bound; the error names the option, before the output folder is made
+        params = DetectionParams(stride_fraction=args.stride_fraction)
+    except InputError:
+        raise InputError(f"--stride-fraction must be in (0, 1], got {args.stride_fraction:g}") from None
     output_file(args.out)
     root = args.data or default_data_root()
-    params = DetectionParams(stride_fraction=args.stride_fraction)
     tianchi.make_pseudo_labels(datasets.list_cases(root, sources=datasets.POINT_SOURCES), args.detector, args.out,
                                s1_construction=args.s1_construction, params=params)
     return 0
