@@ -630,19 +630,15 @@ def _sigint_blocked() -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.usefixtures("python_ctrl_c")
 def test_the_local_workers_and_their_nannies_never_see_ctrl_c_from_their_start():
     """A terminal's Ctrl-C reaches every process of the group: a worker still starting, before the plugin
     that makes it ignore Ctrl-C was set up, printed a KeyboardInterrupt traceback.  Ctrl-C is blocked while
     the cluster starts, and its processes keep it blocked (the cluster is closed through Dask); the command's
     own process gets it back (its local nannies are objects in it)."""
-    handler = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (a background run ignores it)
-    try:
-        with cohort_run.dask_client(1) as client:
-            assert all(client.run(_sigint_blocked).values())
-            assert not _sigint_blocked()
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    with cohort_run.dask_client(1) as client:
+        assert all(client.run(_sigint_blocked).values())
+        assert not _sigint_blocked()
 
 
 def test_the_cohort_command_counts_the_studies_that_ask_for_a_review(tmp_path):
