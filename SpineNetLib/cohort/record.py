@@ -5,9 +5,11 @@ A reader goes through ``cohort_studies.csv``, corrects a flagged study (``spinen
 OUTDIR/studies/<study id> L4 L5``, or the Slicer panel's Save results) and expects the pictures, the
 DICOM results and the cohort tables to follow. The pictures and DICOM results are drawn from the scan,
 so every ``spinenet cohort`` run records each study's input in ``OUTDIR/cohort_inputs.json``
-(:func:`record_study_inputs`: the absolute path, the path inside a ZIP archive, the DICOM series),
-merged with the record of earlier runs into the same folder; a correction reads the scan from there
-(:func:`recorded_study`) when no other is given. The study's rows in the four cohort tables are then replaced
+(:func:`record_study_inputs`: the absolute path, the same path relative to ``OUTDIR``, the path inside a
+ZIP archive, the DICOM series), merged with the record of earlier runs into the same folder; a correction
+reads the scan from there (:func:`recorded_study`) when no other is given. Where the absolute path is
+gone but the relative one leads to the input (the data and the output folder moved together: a project
+folder copied to another machine, a drive mounted elsewhere), the input is read from there. The study's rows in the four cohort tables are then replaced
 by those of its corrected folder (:func:`SpineNetLib.cohort.tables.replace_study_rows`), as the next
 ``spinenet cohort`` run would write them.
 
@@ -33,6 +35,8 @@ from SpineNetLib.outputs.files import write_files_atomically
 STUDIES_FOLDER = "studies"
 #: The file in a cohort's output folder that records where each study was read from.
 INPUTS_FILE = "cohort_inputs.json"
+#: The key of a study's record that holds its path relative to the cohort's output folder.
+FROM_OUTPUT_FOLDER = "path_from_output_folder"
 #: What the record says of itself, for a reader who opens it.
 _ABOUT = ("where spinenet cohort read each study (its folder under studies/): spinenet correct and the Slicer "
           "panel read the scan from here to draw a corrected study's pictures again")
@@ -69,9 +73,19 @@ def record_study_inputs(outdir: str | os.PathLike, studies: Sequence[Study]) -> 
     runs recorded of other studies (a run over part of the root, or a moved root, adds to the record)."""
     outdir = Path(outdir)
     record = _read_record(outdir)
-    record.update({s.study_id: {k: v for k, v in asdict(s).items() if k != "study_id"} for s in studies})
+    record.update({s.study_id: {**{k: v for k, v in asdict(s).items() if k != "study_id"},
+                                FROM_OUTPUT_FOLDER: _relative_to(s.path, outdir)} for s in studies})
     text = json.dumps({"about": _ABOUT, "studies": dict(sorted(record.items()))}, indent=1) + "\n"
     return write_files_atomically(outdir, {INPUTS_FILE: text})[0]
+
+
+def _relative_to(path: str, outdir: Path) -> str | None:
+    """``path`` relative to the output folder ``outdir`` (POSIX separators), or None where there is no such
+    path (another drive)."""
+    try:
+        return Path(os.path.relpath(Path(path).absolute(), outdir.absolute())).as_posix()
+    except ValueError:
+        return None
 
 
 def _relative_in_tables(outdir: Path, study_id: str) -> str | None:
@@ -99,21 +113,29 @@ def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
     if location is None:
         return None
     outdir, study_id = location
-    study = _study_from_record(study_id, _read_record(outdir).get(study_id))
+    study = _study_from_record(study_id, _read_record(outdir).get(study_id), outdir)
     relative = study.relative if study is not None else _relative_in_tables(outdir, study_id)
     return CohortStudy(outdir, study_id, study, relative)
 
 
-def _study_from_record(study_id: str, fields: dict | None) -> Study | None:
+def _study_from_record(study_id: str, fields: dict | None, outdir: Path) -> Study | None:
     """The :class:`Study` the record's ``fields`` describe, or None when they are missing or are not what
-    :func:`record_study_inputs` writes (another version's record, or one edited by hand)."""
+    :func:`record_study_inputs` writes (another version's record, or one edited by hand). Its ``path`` is
+    the recorded path relative to ``outdir`` where the absolute one is gone and the relative one exists
+    (module docstring); a record written before the relative path was kept (2026-12-05) has none."""
     if not isinstance(fields, dict):
         return None
+    fields = dict(fields)
+    from_outdir = fields.pop(FROM_OUTPUT_FOLDER, None)
     text, optional = ("path", "relative", "kind"), ("series_uid", "inner")
     if set(fields) != {f.name for f in dataclasses.fields(Study)} - {"study_id"} \
             or not all(isinstance(fields[k], str) and fields[k] for k in text) \
-            or not all(fields[k] is None or isinstance(fields[k], str) for k in optional):
+            or not all(fields[k] is None or isinstance(fields[k], str) for k in optional) \
+            or not (from_outdir is None or isinstance(from_outdir, str) and from_outdir):
         return None
+    moved = os.path.normpath(outdir.absolute() / from_outdir) if from_outdir is not None else None
+    if moved is not None and not Path(fields["path"]).exists() and Path(moved).exists():
+        fields["path"] = moved
     return Study(study_id=study_id, **fields)
 
 

@@ -784,10 +784,44 @@ def test_a_record_of_study_inputs_that_is_not_as_written_counts_as_none(tmp_path
     good = cohort_study_of(out / "studies" / "a-1")
     assert good.study == Study("a-1", str(tmp_path / "a.nii.gz"), "a.nii.gz", "image") and good.relative == "a.nii.gz"
     written = json.loads((out / INPUTS_FILE).read_text())
-    for bad in ({"path": 7}, {"kind": None}, {"extra": "x"}, {"inner": ["x"]}):
+    for bad in ({"path": 7}, {"kind": None}, {"extra": "x"}, {"inner": ["x"]}, {"path_from_output_folder": 7},
+                {"path_from_output_folder": ""}):
         entry = {**written["studies"]["a-1"], **bad}
         (out / INPUTS_FILE).write_text(json.dumps({"studies": {"a-1": entry}}))
         assert cohort_study_of(out / "studies" / "a-1").study is None, bad
     (out / INPUTS_FILE).write_text("[not, json")
     assert cohort_study_of(out / "studies" / "a-1").study is None
     assert cohort_study_of(tmp_path / "elsewhere" / "a-1") is None          # no cohort around it
+
+
+def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_lies(tmp_path, capsys):
+    """A project folder holding the scans and the cohort's output folder, moved (copied to another machine,
+    a drive mounted elsewhere): the recorded absolute path is gone, but the path relative to the output folder
+    leads to the scan, so `spinenet correct` draws the pictures again without --input. Moved apart, it asks
+    for --input as before."""
+    from SpineNetLib.cohort.record import INPUTS_FILE, cohort_study_of
+
+    project = tmp_path / "project"
+    _phantom(4).write_nifti(project / "data" / "site" / "p4.nii.gz")
+    out = project / "results"
+    assert cli.main(["cohort", str(project / "data"), "-o", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    (entry,) = json.loads((out / INPUTS_FILE).read_text())["studies"].values()
+    assert entry["path_from_output_folder"] == "../data/site/p4.nii.gz"
+
+    moved = tmp_path / "mounted elsewhere" / "project"
+    moved.parent.mkdir()
+    project.rename(moved)
+    (folder,) = (moved / "results" / "studies").iterdir()
+    assert cohort_study_of(folder).study.path == str(moved / "data" / "site" / "p4.nii.gz")
+    preview = (folder / "preview.png").read_bytes()
+    assert cli.main(["correct", str(folder), "#1", "T6"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert (folder / "preview.png").read_bytes() != preview, "drawn again from the moved scan"
+    assert [r["level"] for r in _rows(moved / "results" / "cohort_vertebrae.csv")][0] == "T6"
+
+    (moved / "data").rename(tmp_path / "data elsewhere")    # the scans moved apart from the results
+    assert cohort_study_of(folder).study.path == str(project / "data" / "site" / "p4.nii.gz")
+    assert cli.main(["correct", str(folder), "#1", "T7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "which is gone" in err and "--input" in err
