@@ -621,7 +621,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.setStatus("Next study: " + " ".join(str(error).split()))
             return
         if volume is None:
-            self.setStatus("No other study of this cohort asks for a review (each shown once in this session).")
+            self.setStatus("No other study of this cohort asks for a review.")
             return
         self.ui.inputSelector.setCurrentNode(volume)
         self.populateResults()

@@ -673,7 +673,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         """The next study of the cohort whose study the volume shows (its results loaded from
         ``OUTDIR/studies/<id>``) that asks for a review of its levels and that this logic has not shown yet, in
         the order of ``cohort_review.html`` (the least sure first): its scan and results loaded
-        (:meth:`loadCohortStudy`). The volume, when :meth:`loadCohortStudy` added it, goes with its results,
+        (:meth:`loadCohortStudy`). Once every such study has been shown, round again through those still
+        asking (a reader may skip a study to come back to it), the shown one last. The volume, when :meth:`loadCohortStudy` added it, goes with its results,
         unless it holds corrections not saved yet (refused: Save results first). Returns the new volume
         node, or None when no such study is left."""
         from SpineNetLib.cohort.record import STUDIES_FOLDER
@@ -687,9 +688,14 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         outdir, studyId = location
         shown = self.studiesShown.setdefault(str(outdir), set())
         shown.add(studyId)
-        following = [i for i in studies_asking_for_review(outdir) if i not in shown]
-        if not following:
-            return None
+        asking = studies_asking_for_review(outdir)
+        following = [i for i in asking if i not in shown]
+        if not following:   # every one shown: round again
+            following = [i for i in asking if i != studyId]
+            if not following:
+                return None
+            shown.clear()
+            shown.add(studyId)
         saved = documents.read_result(folder)[0]
         if (vertebraeDoc.get("corrections") or []) != (saved.get("corrections") or []):
             raise SpineNetError("this study's level corrections are not saved: Save results first")

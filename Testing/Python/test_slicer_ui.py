@@ -585,7 +585,8 @@ def test_load_results_of_a_cohort_study_brings_its_scan_along(panel, tmp_path):
 def test_next_cohort_study_to_review_steps_through_the_flagged_studies(panel, tmp_path):
     """Next cohort study to review: after a cohort study's results, the cohort's other studies that ask for a
     review come one by one, the least sure first, each with its scan; the volume the panel loaded for the
-    study before goes, but not while its corrections are unsaved; then the panel says none is left."""
+    study before goes, but not while its corrections are unsaved; once all were shown, round again through
+    those still asking; the panel says when none is left."""
     from SpineNetLib import pipeline
     from SpineNetLib.cohort.discover import discover_studies
     from SpineNetLib.cohort.record import record_study_inputs
@@ -634,8 +635,17 @@ def test_next_cohort_study_to_review_steps_through_the_flagged_studies(panel, tm
     assert widget.ui.statusLabel.text().startswith("Wrote "), widget.ui.statusLabel.text()
     widget.ui.nextStudyButton.click()
     assert widget._volume().GetName() == "p3.nii.gz" and not scene.IsNodePresent(second), widget.ui.statusLabel.text()
+    third = widget._volume()
+    widget.ui.nextStudyButton.click()                               # p5 was corrected: it asks no more
+    assert widget.ui.statusLabel.text() == "No other study of this cohort asks for a review."
+    _select(widget, volume)                                         # p4 loaded again with its scan
+    recorder.directory = str(out / "studies" / ids["p4.nii.gz"])
+    widget.ui.loadResultsButton.click()
+    assert widget._volume().GetName() == "p4.nii.gz"
+    widget.ui.nextStudyButton.click()                               # round again: p3, shown before, still asks
+    assert widget._volume().GetName() == "p3.nii.gz" and widget._volume() is not third
     widget.ui.nextStudyButton.click()
-    assert widget.ui.statusLabel.text().startswith("No other study of this cohort asks for a review")
+    assert widget.ui.statusLabel.text() == "No other study of this cohort asks for a review."
     widget.ui.inputSelector.setCurrentNode(volume)                  # a volume of no cohort study
     widget.updateWidgets()
     assert not widget.ui.nextStudyButton.isEnabled()
