@@ -408,7 +408,8 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
                 ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown"
                 raise InputError(
                     f"cannot decode the pixel data of {s.path} (transfer syntax {ts_text}): {_one_line(exc)}; "
-                    "for compressed DICOM try: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+                    "the decoders of compressed DICOM come with python-gdcm (a dependency of spinenet; for "
+                    "High-Throughput JPEG 2000: pip install pylibjpeg pylibjpeg-openjpeg)") from None
             cache = {s.path: arr}  # keep only the current file (multi-frame files hold all frames)
         arr = cache[s.path]
         frame = arr if s.frame is None else arr[s.frame]

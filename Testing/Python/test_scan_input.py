@@ -335,7 +335,37 @@ def test_undecodable_compressed_dicom(tmp_path):
         load_scan(tmp_path)
     msg = assert_one_line(exc)
     assert re.search(r"cannot decode the pixel data of .*IM0002\.dcm \(transfer syntax JPEG Lossless.*"
-                     r"pip install pylibjpeg pylibjpeg-libjpeg", msg)
+                     r"python-gdcm", msg)
+
+
+#: The compressed transfer syntaxes scanners and PACS write, and pydicom's decoder of each.
+_COMPRESSED = ("JPEGBaseline8Bit", "JPEGExtended12Bit", "JPEGLossless", "JPEGLosslessSV1", "JPEGLSLossless",
+               "JPEGLSNearLossless", "JPEG2000Lossless", "JPEG2000", "RLELossless")
+
+
+@pytest.mark.parametrize("name", _COMPRESSED)
+def test_compressed_dicom_is_decoded_by_what_spinenet_installs(name):
+    """A plain `pip install spinenet-slicer` decodes every compressed syntax of _COMPRESSED: pydicom's own RLE
+    decoder or python-gdcm, a dependency."""
+    from pydicom.pixels import decoders
+
+    decoder = getattr(decoders, f"{name}Decoder")
+    assert {"gdcm", "pydicom"} & set(decoder.available_plugins), decoder.available_plugins
+
+
+def test_a_jpeg_lossless_series_loads_with_python_gdcm_alone(tmp_path, monkeypatch):
+    """JPEG lossless, the compression of many PACS exports, read with any other decoder out of the way (a
+    pylibjpeg installed beside): python-gdcm decodes it, every voxel as written."""
+    from pydicom.pixels import decoders
+
+    decoder = decoders.JPEGLosslessSV1Decoder
+    for label in [k for k in decoder.available_plugins if k != "gdcm"]:
+        monkeypatch.delitem(decoder._available, label)
+    assert decoder.available_plugins == ("gdcm",)
+    vol, a = sagittal_standard((4, 20, 18))
+    vol = np.round(vol)
+    write_dicom_series(vol, a, tmp_path, transfer_syntax="jpeg_lossless")
+    np.testing.assert_array_equal(load_scan(tmp_path).voxels, vol.transpose(1, 2, 0)[:, :, ::-1])
 
 
 # --------------------------------------------------------------------------------------------
