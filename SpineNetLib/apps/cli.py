@@ -95,7 +95,9 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
                         help="the series to read when a DICOM folder holds several sagittal series: its "
                              "SeriesInstanceUID, its SeriesNumber, or a part of its SeriesDescription (any case) "
-                             "that names one sagittal series, e.g. --series T2")
+                             "that names one sagittal series, e.g. --series T2; a series of several contrasts "
+                             "(Dixon water and fat, echoes) is read as stacks, each chosen as listed, "
+                             "e.g. --series '1.2.3 [W]', or by its label, --series '[W]'")
     parser.add_argument("--pixel-spacing", nargs=2, type=float, metavar=("ROW", "COL"),
                         help="override the in-plane pixel spacing in mm (row spacing, column spacing)")
     parser.add_argument("--slice-spacing", type=float, metavar="MM", help="override the spacing between sagittal slices in mm")

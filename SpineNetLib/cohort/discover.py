@@ -53,6 +53,7 @@ import numpy as np
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.archive import is_zip_archive, unpacked_folder
 from SpineNetLib.inputs.dicom import not_mr_modality
+from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key, stack_label_of
 from SpineNetLib.inputs.image import image_suffix
 
 #: Files that never make a folder worth reading DICOM headers in (data files of .mhd/.nhdr
@@ -99,6 +100,8 @@ class SeriesHeader:
     """What the headers of one folder's DICOM files say about one series (:func:`dicom_series_in_folder`)."""
 
     folder: str
+    #: The SeriesInstanceUID, or for one stack of a series of several contrasts its key
+    #: (:func:`SpineNetLib.inputs.stacks.stack_key`), which the loader takes as the series to read.
     series_uid: str
     study_uid: str
     #: "sagittal", "coronal", "axial", "mixed" (several planes: a localiser) or "unknown".
@@ -215,12 +218,33 @@ def dicom_series_in_folder(folder: str | os.PathLike) -> list[SeriesHeader]:
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         entry = series.setdefault(uid, {"study_uid": str(ds.get("StudyInstanceUID", "") or ""), "planes": set(),
                                         "number": str(ds.get("SeriesNumber", "") or ""),
-                                        "description": str(ds.get("SeriesDescription", "") or ""), "files": 0,
+                                        "description": str(ds.get("SeriesDescription", "") or ""), "images": [],
                                         "not_mr": not_mr_modality(ds) or ""})
         entry["planes"].add(_plane(ds))
-        entry["files"] += 1
-    return [SeriesHeader(str(folder), uid, e["study_uid"], _series_plane(e["planes"]), e["number"],
-                         e["description"], e["files"], e["not_mr"]) for uid, e in series.items()]
+        entry["images"] += [(path, *image) for image in _positions_and_contrasts(ds)]
+    return [SeriesHeader(str(folder), key, e["study_uid"], _series_plane(e["planes"]), e["number"],
+                         e["description"], files, e["not_mr"])
+            for uid, e in series.items() for key, files in _files_of_stacks(uid, e["images"]).items()]
+
+
+def _positions_and_contrasts(ds) -> list[tuple]:
+    """(ImagePositionPatient, :func:`SpineNetLib.inputs.stacks.contrast_of`) of each image of a file: one,
+    or one per frame of an enhanced multi-frame file."""
+    frames = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if frames is None:
+        return [(ds.get("ImagePositionPatient"), contrast_of(ds))]
+    shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    groups = [[frame, shared[0] if shared is not None and len(shared) else None] for frame in frames]
+    return [(group_value(g, "PlanePositionSequence", "ImagePositionPatient"), contrast_of(ds, g)) for g in groups]
+
+
+def _files_of_stacks(uid: str, images: list[tuple]) -> dict[str, int]:
+    """{series UID, or the key of each of its stacks (:mod:`SpineNetLib.inputs.stacks`): its number of files}
+    of one series' ``images`` (path, position, contrast), as the loader will see them."""
+    stacks = split_into_stacks([position for _, position, _ in images], [contrast for *_, contrast in images])
+    if stacks is None or not uid:
+        return {uid: len({path for path, *_ in images})}
+    return {stack_key(uid, label): len({images[i][0] for i in members}) for label, members in stacks.items()}
 
 
 def _series_plane(planes: set[str]) -> str:
@@ -257,7 +281,8 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
         readable = [s for s in sagittal if not s.not_mr]
         for s in readable:
             relative = _relative(Path(s.folder), root)
-            label = "_".join(x for x in (f"s{s.number}" if s.number else "", s.description) if x)
+            label = "_".join(x for x in (f"s{s.number}" if s.number else "", s.description,
+                                         stack_label_of(s.series_uid)) if x)
             studies.append(Study(make_study_id([*_parts(relative, root), label], f"{relative}#{s.series_uid}"),
                                  s.folder, relative, "dicom", s.series_uid or None))
         if not readable:

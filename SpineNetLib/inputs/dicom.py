@@ -38,6 +38,7 @@ from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers
                                           spacing_override)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key
 
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -85,6 +86,10 @@ class _Slice:
     intercept: float
     instance_number: int | None
     header: object
+    #: What tells the image apart from others of its series at the same position (:mod:`SpineNetLib.inputs.stacks`).
+    contrast: tuple = ("", "", "")
+    #: The label of the stack of its series the image belongs to, or "" (:func:`_split_stacks`).
+    stack: str = ""
 
     @property
     def name(self) -> str:
@@ -127,17 +132,6 @@ def _first_item(ds, keyword: str):
     return seq[0] if seq is not None and len(seq) else None
 
 
-def _group_value(groups: list, seq_keyword: str, attr: str):
-    """``attr`` of the first item of ``seq_keyword`` in the first functional group having it."""
-    for g in groups:
-        if g is None:
-            continue
-        item = _first_item(g, seq_keyword)
-        if item is not None and attr in item:
-            return item.get(attr)
-    return None
-
-
 def _image_size(path: Path, ds) -> tuple[int, int]:
     """(Rows, Columns), checked: whole numbers within ``canonical.MAX_SIDE_PX``."""
     size = []
@@ -176,7 +170,7 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
                        _floats(ps, 2) if ps is not None else None,
                        _rescale(path, ds.get("RescaleSlope"), "RescaleSlope", 1.0),
                        _rescale(path, ds.get("RescaleIntercept"), "RescaleIntercept", 0.0),
-                       inst, ds)]
+                       inst, ds, contrast_of(ds))]
     per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     if per_frame is None or len(per_frame) != n_frames:
         raise InputError(f"multi-frame DICOM {path} has no per-frame geometry "
@@ -185,11 +179,11 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
     out = []
     for f in range(n_frames):
         groups = [per_frame[f], shared]
-        iop = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-        ipp = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
-        ps = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
-        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
-        icpt = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        iop = group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
+        ps = group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
+        slope = group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
+        icpt = group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
         out.append(_Slice(path, f, series_uid, rows, cols,
                           _floats(iop, 6) if iop is not None else None,
                           _floats(ipp, 3) if ipp is not None else None,
@@ -197,7 +191,7 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
                           _rescale(path, slope if slope is not None else ds.get("RescaleSlope"), "RescaleSlope", 1.0),
                           _rescale(path, icpt if icpt is not None else ds.get("RescaleIntercept"), "RescaleIntercept",
                                    0.0),
-                          inst, ds))
+                          inst, ds, contrast_of(ds, groups)))
     return out
 
 
@@ -315,16 +309,20 @@ def _describe_series(uid: str, slices: list[_Slice]) -> str:
 
 
 def _series_named(series: dict[str, list[_Slice]], selector: str, sagittal_mr: list[str]) -> list[str]:
-    """The series a ``--series`` value that is no SeriesInstanceUID of the folder names: those whose
-    SeriesNumber it is; else those whose SeriesDescription contains it (any case), the sagittal MR
-    ones among them when there are any (``--series T2`` in an exam with a sagittal and an axial T2)."""
+    """The series a ``--series`` value that is no key of ``series`` names: the stacks of the series whose
+    SeriesInstanceUID it is; else those whose SeriesNumber it is; else those whose SeriesDescription, with
+    the stack's label, contains it (any case), the sagittal MR ones among them when there are any
+    (``--series T2`` in an exam with a sagittal and an axial T2; ``--series water`` for a Dixon stack)."""
     wanted = selector.strip()
+    by_uid = [key for key, s in series.items() if s[0].series_uid == wanted]
+    if by_uid:
+        return by_uid
     by_number = [uid for uid, s in series.items() if _series_number(s) and _series_number(s) == wanted]
     if by_number:
         return by_number
     text = wanted.lower()
     by_text = [uid for uid, s in series.items()
-               if text and text in str(s[0].header.get("SeriesDescription", "") or "").lower()]
+               if text and text in f"{s[0].header.get('SeriesDescription', '') or ''} [{s[0].stack}]".lower()]
     return [uid for uid in by_text if uid in sagittal_mr] or by_text
 
 
@@ -345,7 +343,7 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
             if len(named) > 1:
                 listing = "; ".join(_describe_series(u, series[u]) for u in named)
                 raise InputError(f"--series {series_uid!r} names {len(named)} series in {folder}: {listing}; "
-                                 "give its SeriesInstanceUID")
+                                 "give its SeriesInstanceUID (with a stack's label in brackets, as listed)")
             if not named:
                 listing = "; ".join(_describe_series(u, s) for u, s in series.items())
                 raise InputError(f"series {series_uid} not found in {folder}; available: {listing}")
@@ -434,11 +432,13 @@ def _one_line(exc: Exception) -> str:
 
 
 def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
-                      recursive: bool = True, resample_isotropic: bool = True) -> Scan:
+                      recursive: bool = True, resample_isotropic: bool = True, containing: Path | None = None
+                      ) -> Scan:
     """Canonical :class:`Scan` of the sagittal DICOM series in ``folder`` (see module docstring).
 
     ``series_uid`` picks a series when the folder holds several sagittal ones: its SeriesInstanceUID, or
-    its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`).
+    its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`); ``containing``, a file of
+    the folder, picks the series or stack (:mod:`SpineNetLib.inputs.stacks`) that file belongs to.
     ``pixel_spacing=(row_mm, col_mm)`` (DICOM PixelSpacing order: row spacing
     = distance between image rows) and ``slice_spacing`` (mm) replace the
     values from the tags / positions.  Raises :class:`InputError` (one line).
@@ -448,7 +448,7 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
         raise InputError(f"not a folder: {folder}")
     ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
     ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
-    uid, slices = _chosen_series(folder, recursive, series_uid)
+    uid, slices = _chosen_series(folder, recursive, series_uid, containing)
     first = slices[0]
     row_dir, col_dir, normal = _orientation(slices, uid)
     ps = ps_override if ps_override is not None else _pixel_spacing(slices, uid)
@@ -465,8 +465,10 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
 
 
-def _chosen_series(folder: Path, recursive: bool, series_uid: str | None) -> tuple[str, list[_Slice]]:
-    """(UID, image records) of the series to load: ``series_uid`` or the only sagittal one."""
+def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
+                   containing: Path | None = None) -> tuple[str, list[_Slice]]:
+    """(UID, image records) of the series to load: that of the file ``containing``, ``series_uid`` or the
+    only sagittal one."""
     headers, skipped = _read_headers(_candidate_files(folder, recursive))
     if series_uid is not None and series_uid in skipped and all(
             str(ds.get("SeriesInstanceUID", "")) != series_uid for _, ds in headers):
@@ -490,10 +492,30 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None) -> tup
         raise InputError(problems[series_uid])
     if not series:
         raise InputError(next(iter(problems.values())))
+    series = _split_stacks(series)
+    if containing is not None:   # the series, or the stack, of one file
+        series_uid = next((key for key, slices in series.items() if any(s.path == containing for s in slices)),
+                          series_uid)
     uid = _select_series(series, folder, series_uid)
-    if uid in problems:
-        raise InputError(problems[uid])
+    if series[uid][0].series_uid in problems:
+        raise InputError(problems[series[uid][0].series_uid])
     return uid, series[uid]
+
+
+def _split_stacks(series: dict[str, list[_Slice]]) -> dict[str, list[_Slice]]:
+    """``series`` with every series that holds several contrasts at the same positions replaced by its
+    stacks, each under its own key (:mod:`SpineNetLib.inputs.stacks`)."""
+    out: dict[str, list[_Slice]] = {}
+    for uid, slices in series.items():
+        stacks = split_into_stacks([s.ipp for s in slices], [s.contrast for s in slices])
+        if stacks is None:
+            out[uid] = slices
+            continue
+        for label, members in stacks.items():
+            for i in members:
+                slices[i].stack = label
+            out[stack_key(uid, label)] = [slices[i] for i in members]
+    return out
 
 
 def _orientation(slices: list[_Slice], uid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -612,10 +634,10 @@ def _acquisition_times(h) -> dict:
     check of the weighting reads (``discs/weighting.py``).  Missing values are left out."""
     groups = [_first_item(h, "SharedFunctionalGroupsSequence"), _first_item(h, "PerFrameFunctionalGroupsSequence")]
     found = {
-        "echo_time_ms": h.get("EchoTime", _group_value(groups, "MREchoSequence", "EffectiveEchoTime")),
+        "echo_time_ms": h.get("EchoTime", group_value(groups, "MREchoSequence", "EffectiveEchoTime")),
         "repetition_time_ms": h.get("RepetitionTime",
-                                    _group_value(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime")),
-        "inversion_time_ms": h.get("InversionTime", _group_value(groups, "MRModifierSequence", "InversionTimes")),
+                                    group_value(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime")),
+        "inversion_time_ms": h.get("InversionTime", group_value(groups, "MRModifierSequence", "InversionTimes")),
     }
     out = {}
     for key, value in found.items():

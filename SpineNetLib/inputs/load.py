@@ -19,6 +19,7 @@ from pathlib import Path
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.archive import is_zip_archive
 from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series
+from SpineNetLib.inputs.stacks import series_uid_of
 from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
 from SpineNetLib.core.scan import Scan
 
@@ -90,7 +91,7 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
                          "that SpineNetLib.inputs.archive.unpacked gives for it")
     if file_series is None:
         raise InputError(f"unsupported input {p.name!r}: not DICOM and not one of {', '.join(IMAGE_SUFFIXES)}")
-    if series_uid is not None and file_series and series_uid != file_series:
+    if series_uid is not None and file_series and series_uid_of(series_uid) != file_series:
         raise InputError(f"{p.name} belongs to series {file_series}, not to the requested series {series_uid}")
     return load_dicom_series(p.parent, file_series or None, pixel_spacing, slice_spacing,
-                             recursive=False, resample_isotropic=resample_isotropic)
+                             recursive=False, resample_isotropic=resample_isotropic, containing=p)

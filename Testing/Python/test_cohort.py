@@ -825,3 +825,26 @@ def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_li
     assert cli.main(["correct", str(folder), "#1", "T7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "which is gone" in err and "--input" in err
+
+
+def test_each_contrast_of_a_dixon_series_is_a_study_of_its_own(tmp_path, capsys):
+    """A series that holds water and fat images at the same positions under one UID (as some scanners store
+    a Dixon acquisition) is two studies, one per stack, each named by its label and read from its own images;
+    spinenet cohort finishes both."""
+    root = tmp_path / "root"
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    for prefix, contrast, image_type in (("W", "T2", "W"), ("F", "T1", "F")):
+        _phantom(5, contrast=contrast).write_dicom(
+            root / "dixon", series_description="T2 mDixon", file_prefix=prefix, series_uid=uid,
+            extra_tags={"SeriesNumber": 6, "ImageType": ["ORIGINAL", "PRIMARY", image_type, "DERIVED"]})
+    found = discover_studies(root)
+    assert sorted((s.relative, s.series_uid) for s in found.studies) == [("dixon", f"{uid} [F]"),
+                                                                         ("dixon", f"{uid} [W]")]
+    assert sorted(s.study_id.split("-")[0] for s in found.studies) == ["dixon__s6_T2_mDixon_F",
+                                                                       "dixon__s6_T2_mDixon_W"]
+    out = tmp_path / "out"
+    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]) == 0
+    capsys.readouterr()
+    rows = _rows(out / "cohort_studies.csv")
+    assert sorted(r["series_uid"] for r in rows) == sorted(s.series_uid for s in found.studies)
+    assert not _rows(out / "cohort_failures.csv")

@@ -724,3 +724,65 @@ def test_loaders_direct_entry_points(tmp_path):
     np.testing.assert_allclose(s1.voxels, s2.voxels, atol=0.5 + 1e-4)
     assert s2.metadata["format"] == "MetaImage"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "v.mhd", "v.raw"]  # no temporary leftovers
+
+
+# --------------------------------------------------------------------------------------------
+# several contrasts in one series (Dixon, dual echo): stacks
+# --------------------------------------------------------------------------------------------
+
+def dixon_series(folder: Path, image_types=(("ORIGINAL", "PRIMARY", "W", "W", "DERIVED"),
+                                            ("ORIGINAL", "PRIMARY", "F", "F", "DERIVED")), **tags) -> tuple[str, list]:
+    """One series UID holding a volume per image type at the same positions (a Dixon acquisition as some
+    scanners store it); the i-th volume is the standard one times i + 1."""
+    vol, a = sagittal_standard((4, 20, 18))
+    uid = pydicom.uid.generate_uid()
+    for i, image_type in enumerate(image_types):
+        extra = {"ImageType": list(image_type), **{k: v[i] for k, v in tags.items()}}
+        write_dicom_series(vol * (i + 1), a, folder, series_uid=uid, file_prefix=f"C{i}_",
+                           series_description="T2 TSE mDixon", extra_tags=extra)
+    return uid, [vol * (i + 1) for i in range(len(image_types))]
+
+
+def test_a_series_of_several_contrasts_is_read_as_stacks(tmp_path):
+    """A Dixon series (water and fat at every position under one UID) is no longer refused for its duplicate
+    positions: each contrast is a stack, listed like a series, chosen by its key, by its label, or by one of
+    its files; each reads its own images."""
+    uid, (water, fat) = dixon_series(tmp_path)
+    with pytest.raises(InputError) as exc:
+        load_scan(tmp_path)
+    msg = assert_one_line(exc)
+    assert f"2 sagittal series in {tmp_path}" in msg and f"{uid} [W] 'T2 TSE mDixon'" in msg and f"{uid} [F]" in msg
+    as_stored = lambda vol: vol.transpose(1, 2, 0)[:, :, ::-1]  # noqa: E731
+    scan = load_scan(tmp_path, series_uid=f"{uid} [F]")
+    np.testing.assert_allclose(scan.voxels, as_stored(fat), atol=0.5 + 1e-3)
+    assert scan.metadata["series_uid"] == f"{uid} [F]" and scan.metadata["n_slices"] == 4
+    np.testing.assert_allclose(load_scan(tmp_path, series_uid="[w]").voxels, as_stored(water), atol=0.5 + 1e-3)
+    np.testing.assert_allclose(load_scan(tmp_path / "C1_0002.dcm").voxels, as_stored(fat), atol=0.5 + 1e-3)
+    with pytest.raises(InputError) as exc:       # the plain UID names both stacks
+        load_scan(tmp_path, series_uid=uid)
+    assert "names 2 series" in assert_one_line(exc) and "with a stack's label in brackets" in str(exc.value)
+
+
+def test_stacks_are_told_apart_by_echo_and_identical_repeats_stay_refused(tmp_path):
+    """A dual-echo series: its stacks are named by echo number and echo time. Two copies of the same images
+    in one series: nothing tells them apart, so the duplicate positions are refused as before."""
+    echoes = tmp_path / "echoes"
+    same = (("ORIGINAL", "PRIMARY", "M"),) * 2
+    uid, (first, second) = dixon_series(echoes, same, EchoNumbers=[1, 2], EchoTime=[20, 80])
+    scan = load_scan(echoes, series_uid=f"{uid} [echo 2, TE 80]")
+    np.testing.assert_allclose(scan.voxels, second.transpose(1, 2, 0)[:, :, ::-1], atol=0.5 + 1e-3)
+    copies = tmp_path / "copies"
+    dixon_series(copies, same)
+    with pytest.raises(InputError, match="are at the same position"):
+        load_scan(copies)
+
+
+def test_stack_labels_name_only_what_differs():
+    from SpineNetLib.inputs.stacks import split_into_stacks
+
+    at = [(0.0, 0.0, float(z)) for z in range(3)]
+    siemens = [("DIXON/WATER", "", ""), ("DIXON/FAT", "", ""), ("DIXON/IN_PHASE", "", "")]
+    stacks = split_into_stacks(at * 3, [c for c in siemens for _ in at])
+    assert stacks == {"WATER": [0, 1, 2], "FAT": [3, 4, 5], "IN_PHASE": [6, 7, 8]}
+    assert split_into_stacks(at, [siemens[0]] * 3) is None                    # no position twice: one series
+    assert split_into_stacks(at * 2, [siemens[0]] * 3 + [siemens[1]] * 2 + [siemens[0]]) is None   # mixed up
