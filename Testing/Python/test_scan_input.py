@@ -786,3 +786,24 @@ def test_stack_labels_name_only_what_differs():
     assert stacks == {"WATER": [0, 1, 2], "FAT": [3, 4, 5], "IN_PHASE": [6, 7, 8]}
     assert split_into_stacks(at, [siemens[0]] * 3) is None                    # no position twice: one series
     assert split_into_stacks(at * 2, [siemens[0]] * 3 + [siemens[1]] * 2 + [siemens[0]]) is None   # mixed up
+
+
+def test_the_contrast_of_a_frame_comes_from_its_functional_groups():
+    """An enhanced multi-frame file states each frame's type and echo time in its functional groups, not in
+    the file's ImageType and EchoTime: those are what tell its stacks apart."""
+    from pydicom.dataset import Dataset
+
+    from SpineNetLib.inputs.stacks import contrast_of
+
+    def item(**values):
+        ds = Dataset()
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    header = item(ImageType=["ORIGINAL", "PRIMARY", "MIXED"], EchoTime=99)
+    frame = item(MRImageFrameTypeSequence=[item(FrameType=["ORIGINAL", "PRIMARY", "WATER", "NONE"])])
+    shared = item(MREchoSequence=[item(EffectiveEchoTime=80.0)])
+    assert contrast_of(header, [frame, shared]) == ("WATER/NONE", "", "80")
+    assert contrast_of(header, [item(), None]) == ("MIXED", "", "")
+    assert contrast_of(header) == ("MIXED", "", "99")
