@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.training.provenance import code_identity
 
 #: A labelled body further than this (mm, in-plane) from an annotated body's centre does not match it.
 MAX_CENTRE_DISTANCE_MM = 10.0
@@ -89,15 +90,20 @@ def make_volume_s1_targets(cases, networks, out_path, log=print) -> dict[str, di
             f"({', '.join(str(v.level) for v in labelled)})")
         if s1 is not None:
             targets[case.case_id] = {"S1": np.round(s1, 3).tolist()}
-    Path(out_path).write_text(json.dumps(targets, indent=1), encoding="utf-8")
+    document = {"made_by": code_identity(), "cases": targets}
+    Path(out_path).write_text(json.dumps(document, indent=1), encoding="utf-8")
     log(f"{len(targets)} of {len(cases)} volumes give an S1; wrote {out_path}")
     return targets
 
 
 def read_volume_s1_targets(path) -> dict[str, dict[str, np.ndarray]]:
-    """The file of :func:`make_volume_s1_targets`: case id -> {"S1": (4, 2) polygon}."""
+    """The file of :func:`make_volume_s1_targets`: case id -> {"S1": (4, 2) polygon}. The file records the
+    code that made it (``made_by``, :func:`SpineNetLib.training.provenance.code_identity`) beside the cases;
+    a file written before 2026-12-05 is the flat map of cases alone, and reads the same."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("cases"), dict) and "made_by" in raw:
+            raw = raw["cases"]
         return {str(case): {str(level): np.asarray(quad, float).reshape(4, 2) for level, quad in bodies.items()}
                 for case, bodies in raw.items()}
     except (OSError, ValueError, AttributeError, TypeError) as exc:

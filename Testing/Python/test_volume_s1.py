@@ -70,8 +70,10 @@ def test_the_targets_file_reads_back_and_a_bad_one_is_a_one_line_error(tmp_path)
     path = tmp_path / "s1.json"
     quad = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]
     path.write_text(json.dumps({"chu_04": {"S1": quad}}))
-    read = read_volume_s1_targets(path)
+    read = read_volume_s1_targets(path)   # the flat file of before 2026-12-05
     np.testing.assert_array_equal(read["chu_04"]["S1"], np.array(quad))
+    path.write_text(json.dumps({"made_by": {"code_sha256": "0" * 64}, "cases": {"chu_04": {"S1": quad}}}))
+    np.testing.assert_array_equal(read_volume_s1_targets(path)["chu_04"]["S1"], np.array(quad))
     path.write_text("{not json")
     with pytest.raises(InputError, match="cannot read volume S1 targets"):
         read_volume_s1_targets(path)
@@ -112,6 +114,8 @@ def test_a_training_volume_named_right_by_the_bundled_networks_gives_its_s1(tmp_
                                      log=lines.append)
     assert list(targets) == ["chu_04"] and lines[0].startswith("chu_04: S1 taken")
     s1 = read_volume_s1_targets(tmp_path / "s1.json")["chu_04"]["S1"]
+    made_by = json.loads((tmp_path / "s1.json").read_text())["made_by"]   # the code that made the file
+    assert len(made_by["code_sha256"]) == 64
     _, thick, data = datasets.case_scans(case)
     rows, cols, _ = np.nonzero(data.labels == 24)   # L5
     assert s1[:, 1].mean() > rows.mean()            # below L5
