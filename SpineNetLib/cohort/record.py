@@ -9,9 +9,9 @@ so every ``spinenet cohort`` run records each study's input in ``OUTDIR/cohort_i
 ZIP archive, the DICOM series), merged with the record of earlier runs into the same folder; a correction
 reads the scan from there (:func:`recorded_study`) when no other is given. Where the absolute path is
 gone but the relative one leads to the input (the data and the output folder moved together: a project
-folder copied to another machine, a drive mounted elsewhere), the input is read from there. The study's rows in the four cohort tables are then replaced
-by those of its corrected folder (:func:`SpineNetLib.cohort.tables.replace_study_rows`), as the next
-``spinenet cohort`` run would write them.
+folder copied to another machine, a drive mounted elsewhere), the input is read from there. The study's
+rows in the four cohort tables are then replaced by those of its corrected folder
+(:func:`SpineNetLib.cohort.tables.replace_study_rows`), as the next ``spinenet cohort`` run would write them.
 
 The record is a convenience, not a result: the tables are made from the study folders alone, and a
 cohort folder without the record (written before it existed) is corrected with ``--input`` as before.

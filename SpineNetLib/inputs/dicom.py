@@ -602,8 +602,8 @@ def _step_from_positions(slices: list[_Slice], depth: np.ndarray, uid: str, norm
     i_dup = int(np.argmin(gaps))
     if gaps[i_dup] < 1e-3:
         raise InputError(f"contradictory slice positions in series {uid}: {slices[i_dup].name} and "
-                         f"{slices[i_dup + 1].name} are at the same position (duplicates or several "
-                         "echoes/contrasts in one series?)")
+                         f"{slices[i_dup + 1].name} are at the same position (the same images twice, or "
+                         "contrasts that neither image type nor echo tells apart)")
     step = (slices[-1].ipp - origin) / (n - 1)
     ipps = np.array([s.ipp for s in slices])
     drift = np.linalg.norm(ipps - (origin + np.arange(n)[:, None] * step), axis=1)
@@ -613,6 +613,17 @@ def _step_from_positions(slices: list[_Slice], depth: np.ndarray, uid: str, norm
     straight = np.max(drift) <= tol
     consistent = even and straight
     if not even and ss_override is None:
+        smallest = float(gaps.min())
+        multiples = gaps / smallest
+        whole = np.abs(multiples - np.round(multiples)) * smallest <= max(0.01, 0.02 * smallest)
+        if whole.all() and multiples.max() >= 1.5:   # every gap a whole number of steps: images missing
+            at = [i for i in range(len(gaps)) if round(multiples[i]) > 1]
+            missing = int(sum(round(multiples[i]) - 1 for i in at))
+            first = at[0]
+            raise InputError(f"the series {uid} lacks {missing} image{'s' if missing > 1 else ''} (gap of "
+                             f"{gaps[first]:.3g} mm, {round(multiples[first])} times the step of {smallest:.3g} "
+                             f"mm, after {slices[first].name}): export it again with every image; --slice-spacing "
+                             "MM reads it with the gap closed, every slice beyond it displaced across the body")
         raise InputError(f"inconsistent slice positions in series {uid}: gaps of {gaps.min():.3g} to "
                          f"{gaps.max():.3g} mm along the slice normal (missing or extra slices?); "
                          "give the slice spacing (--slice-spacing MM) to override")

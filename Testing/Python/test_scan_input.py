@@ -496,10 +496,22 @@ def test_missing_slice_is_refused_unless_slice_spacing_given(tmp_path):
     vol, a = sagittal_standard((6, 20, 18))
     paths = write_dicom_series(vol, a, tmp_path)
     paths[2].unlink()
-    with pytest.raises(InputError, match=r"inconsistent slice positions .*gaps of 4 to 8 mm"):
+    with pytest.raises(InputError) as exc:   # said as what it is: an image missing, and where
         load_scan(tmp_path)
+    assert re.search(r"lacks 1 image \(gap of 8 mm, 2 times the step of 4 mm, after .*IM000[24]\.dcm\): export it "
+                     r"again", assert_one_line(exc))
     scan = load_scan(tmp_path, slice_spacing=4.0)
     assert scan.shape == (20, 18, 5) and scan.spacing_mm[2] == pytest.approx(4.0)
+    paths[4].unlink()                        # two gaps: both counted
+    with pytest.raises(InputError, match=r"lacks 2 images"):
+        load_scan(tmp_path)
+    uneven = write_dicom_series(vol, a, tmp_path / "uneven")   # a position off by part of a step: no missing image
+    ds = pydicom.dcmread(uneven[3])
+    ds.ImagePositionPatient = [float(v) + 1.5 * float(n) for v, n in zip(ds.ImagePositionPatient, np.cross(
+        [float(x) for x in ds.ImageOrientationPatient[:3]], [float(x) for x in ds.ImageOrientationPatient[3:]]))]
+    ds.save_as(uneven[3], enforce_file_format=True)
+    with pytest.raises(InputError, match=r"inconsistent slice positions .*missing or extra slices"):
+        load_scan(tmp_path / "uneven")
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +677,7 @@ BAD_INPUTS = {
     "missing PixelData": (_no_pixel_data, r"^no PixelData \(7FE0,0010\) in .*IM0003\.dcm$"),
     "missing PixelSpacing": (_no_pixel_spacing, r"^PixelSpacing \(0028,0030\) missing .*--pixel-spacing"),
     "duplicate slice position": (_duplicate_position,
-                                 r"^contradictory slice positions .* at the same position \(duplicates"),
+                                 r"^contradictory slice positions .* at the same position \(the same images"),
     "slice off the line": (_skewed_positions, r"^contradictory slice positions .*IM0003\.dcm is \S+ mm off the line"),
     "corrupt nii.gz": (_corrupt_nifti, r"^cannot read .*bad\.nii\.gz: "),
     "truncated nii.gz": (_truncated_nifti, r"^cannot read .*trunc\.nii\.gz: truncated NIfTI file"),
