@@ -51,7 +51,7 @@ from SpineNetLib.outputs import documents
 
 #: Import name of each requirement in Resources/requirements.txt.
 IMPORT_NAMES = {"numpy": "numpy", "scipy": "scipy", "pydicom": "pydicom", "simpleitk": "SimpleITK", "pillow": "PIL",
-                "scikit-image": "skimage", "torch": "torch"}
+                "scikit-image": "skimage", "python-gdcm": "gdcm", "torch": "torch"}
 #: Weight sources offered in the panel, in combo-box order.
 WEIGHT_SOURCES = ("bundled", "official", "folder")
 #: Devices offered in the panel, in combo-box order.

@@ -318,4 +318,4 @@ def test_licence_and_requirements():
     lines = [line for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert {re.split(r"[<>=]", line)[0] for line in lines} == {"numpy", "scipy", "pydicom", "SimpleITK", "pillow",
-                                                              "scikit-image", "torch"}
+                                                              "scikit-image", "python-gdcm", "torch"}

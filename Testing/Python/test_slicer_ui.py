@@ -770,7 +770,7 @@ def test_logic_installs_torch_through_the_pytorch_extension(panel, monkeypatch):
     assert module._standins.recorder.calls[-1] == ("pip_install", "pydicom>=2.4")
     assert warm.killed and not widget.logic.workerService.isAlive()   # ... goes: it holds the old modules
     assert widget.logic.requirements() == ["numpy>=1.24", "scipy>=1.10", "pydicom>=2.4", "SimpleITK>=2.3", "pillow>=10.1",
-                                          "scikit-image>=0.22", "torch>=2.1"]
+                                          "scikit-image>=0.22", "python-gdcm>=3.0.10", "torch>=2.1"]
     assert widget.logic.missingPackages() == []   # all importable here
 
 
