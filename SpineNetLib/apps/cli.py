@@ -697,7 +697,8 @@ def command_cohort(args) -> int:
     review = _studies_asking_for_review(result.tables)
     if review:
         print(f"{review} of the finished studies ask for a review of their levels "
-              "(levels_need_review in cohort_studies.csv; spinenet correct mends a study's folder)")
+              "(levels_need_review or exam_disagreement in cohort_studies.csv; cohort_review.html lists them "
+              "first; spinenet correct mends a study's folder)")
     return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
 
 

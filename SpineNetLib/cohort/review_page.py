@@ -1,7 +1,8 @@
 """``cohort_review.html``: one page to go through a cohort's results by eye, made from its tables.
 
 A reader of a cohort wants to look at the studies whose levels may be wrong first, each with its
-picture and the reason, and to correct a wrong one at once. The page lists every finished study of
+picture and the reason (the study's own review flag, or another series of its exam that names its
+vertebrae otherwise: :func:`asks_for_review`), and to correct a wrong one at once. The page lists every finished study of
 ``cohort_studies.csv`` in that order: those that ask for a review of their levels (least sure first),
 then those a reader corrected, then the others (least sure first); each with its ``preview.png``
 (linked, full size), its levels, how sure they are and why a review is asked for, its grading and
@@ -46,12 +47,19 @@ def _sure(row: dict[str, str]) -> float:
         return 0.0
 
 
+def asks_for_review(row: dict[str, str]) -> bool:
+    """Whether a ``cohort_studies.csv`` row asks for a review of its levels: its own review flag, or another
+    series of its exam naming its vertebrae otherwise (``exam_disagreement``), unless a reader has corrected
+    or confirmed its levels since."""
+    return row.get("levels_need_review") == "true" or (
+        bool(row.get("exam_disagreement")) and row.get("corrected_by_user") != "true")
+
+
 def review_order(row: dict[str, str]) -> tuple:
     """The sort key of a ``cohort_studies.csv`` row on the page: review first, then corrected, then the
     others; the least sure first within each."""
-    review = row.get("levels_need_review") == "true"
     corrected = row.get("corrected_by_user") == "true"
-    return (0 if review else 1 if corrected else 2, _sure(row), row.get("input", ""))
+    return (0 if asks_for_review(row) else 1 if corrected else 2, _sure(row), row.get("input", ""))
 
 
 def _lowest_level(levels: str) -> str:
@@ -62,7 +70,7 @@ def _lowest_level(levels: str) -> str:
 
 def _study_row(row: dict[str, str]) -> str:
     e = lambda text: html.escape(str(text or ""))  # noqa: E731
-    review = row.get("levels_need_review") == "true"
+    review = asks_for_review(row)
     corrected = row.get("corrected_by_user") == "true"
     shift = row.get("shift_by_reader") or ""
     network = e(row.get("levels_by_network"))
@@ -74,7 +82,7 @@ def _study_row(row: dict[str, str]) -> str:
     lowest = _lowest_level(row.get("levels", ""))
     command = (f'<code>spinenet correct studies/{e(row["study"])} {e(lowest)} LEVEL</code>' if lowest else "")
     sure = f"{_sure(row):.2f}" if row.get("labelling_confidence") else ""
-    reason = e(row.get("labelling_warning"))
+    reason = "<br>".join(e(text) for text in (row.get("labelling_warning"), row.get("exam_disagreement")) if text)
     return ("<tr class=\"{}\">".format("review" if review else "corrected" if corrected else "")
             + f"<td>{picture}</td>"
             + f"<td><b>{e(row.get('input'))}</b><br>{e(row.get('series_description'))}<br><small>{e(row.get('study'))}"
@@ -92,7 +100,7 @@ def review_page_html(studies_csv: str, failures_csv: str) -> str:
     """The page (module docstring) of the texts of ``cohort_studies.csv`` and ``cohort_failures.csv``."""
     studies = sorted(_rows(studies_csv), key=review_order)
     failures = _rows(failures_csv)
-    review = sum(r.get("levels_need_review") == "true" for r in studies)
+    review = sum(asks_for_review(r) for r in studies)
     corrected = sum(r.get("corrected_by_user") == "true" for r in studies)
     shifts = [r.get("shift_by_reader") for r in studies if r.get("corrected_by_user") == "true"]
     right, one_off = shifts.count("0"), sum(s in ("+1", "-1") for s in shifts)

@@ -4,7 +4,9 @@
 * ``cohort_discs.csv``: one row per disc per study;
 * ``cohort_failures.csv``: one row per study without a result: study, input, one-line reason;
 * ``cohort_studies.csv``: one row per finished study, for going through a cohort study by study: its
-  levels, how sure they are and why a review is asked for, whether a reader corrected them
+  levels, how sure they are and why a review is asked for, its exam and whether the other sagittal
+  series of that exam name its vertebrae otherwise (:mod:`SpineNetLib.cohort.exams`), whether a reader
+  corrected them
   (``spinenet correct``) and, if so, the levels as the network named them and by how many levels the
   reader moved them, whether its discs were graded and the sequence that decided it, its other
   warnings, and its ``preview.png`` (relative to the output folder);
@@ -35,7 +37,8 @@ from typing import Iterable, Sequence
 
 from SpineNetLib.core.errors import InputError, one_line
 from SpineNetLib.cohort.discover import Study, StudyFailure
-from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, review_order, review_page_html
+from SpineNetLib.cohort.exams import exam_disagreements, exam_of
+from SpineNetLib.cohort.review_page import REVIEW_PAGE_FILE, asks_for_review, review_order, review_page_html
 from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_graded_warning, sequence_cell
 from SpineNetLib.outputs.documents import levels_by_network, read_result, shift_by_reader, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
@@ -51,8 +54,12 @@ STUDY_COLUMNS = ("study", "input", "series_uid", "series_description")
 #: The per-scan columns of vertebrae.csv that the disc rows repeat.
 LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-4:]
 FAILURE_COLUMNS = ("study", "input", "reason")
-STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "corrected_by_user", "levels_by_network",
-                   "shift_by_reader", "discs", "grading", "sequence", "other_warnings", "preview")
+STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "exam", "exam_disagreement",
+                   "corrected_by_user", "levels_by_network", "shift_by_reader", "discs", "grading", "sequence",
+                   "other_warnings", "preview")
+#: Where :data:`STUDIES_COLUMNS` holds the study's exam and what the other series of that exam say of its levels
+#: (:mod:`SpineNetLib.cohort.exams`), filled in once every study's row is made.
+_EXAM, _DISAGREEMENT = STUDIES_COLUMNS.index("exam"), STUDIES_COLUMNS.index("exam_disagreement")
 
 
 def _rows(csv_text: str) -> list[list[str]]:
@@ -69,9 +76,10 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence]) -> str:
 
 
 def study_rows(study: Study, folder: str | os.PathLike
-               ) -> tuple[list[list[str]], list[list[str]], list[str]]:
-    """(vertebra rows, disc rows, the study's row of ``cohort_studies.csv``) of one finished study's
-    folder, each with the study's columns in front.
+               ) -> tuple[list[list[str]], list[list[str]], list[str], dict]:
+    """(vertebra rows, disc rows, the study's row of ``cohort_studies.csv``, its ``vertebrae.json``) of one
+    finished study's folder, each row with the study's columns in front; the row's ``exam_disagreement``
+    is left empty (:func:`_with_exam_disagreements` fills it in).
 
     Raises :class:`InputError` when the folder's documents cannot be read.
     """
@@ -83,7 +91,7 @@ def study_rows(study: Study, folder: str | os.PathLike
     labelling = labelling_csv_cells(vertebrae_doc)
     discs = [front + row + labelling for row in _rows(discs_csv_text(discs_doc, vertebrae_doc))] \
         if discs_doc is not None else []
-    return vertebrae, discs, front + _study_cells(vertebrae_doc, discs_doc, Path(folder), labelling)
+    return vertebrae, discs, front + _study_cells(vertebrae_doc, discs_doc, Path(folder), labelling), vertebrae_doc
 
 
 def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labelling: list[str]) -> list[str]:
@@ -100,7 +108,7 @@ def _study_cells(vertebrae_doc: dict, discs_doc: dict | None, folder: Path, labe
     images = (earlier_manifest(folder) or {}).get("images") or []
     # relative to the output folder, whose studies/ holds the study folders
     preview = f"{folder.parent.name}/{folder.name}/{PREVIEW_FILE}" if PREVIEW_FILE in images else ""
-    return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling,
+    return [str(len(names)), f"{names[0]}..{names[-1]}" if names else "", *labelling, exam_of(vertebrae_doc), "",
             csv_flag(block.get("corrected_by_user") is True) if block else "",
             levels_by_network(vertebrae_doc), _shift_cell(shift_by_reader(vertebrae_doc)),
             str(len((discs_doc or {}).get("discs") or [])) if discs_doc is not None else "", one_line(graded),
@@ -123,23 +131,31 @@ def cohort_table_texts(studies_dir: str | os.PathLike, studies: Sequence[Study],
     the order given; the others are left out (they are running, failed or not run yet).  A
     finished folder that cannot be read becomes a failure row.
     """
-    vertebrae, discs, summaries, failed = [], [], [], list(failures)
+    vertebrae, discs, summaries, documents, failed = [], [], [], {}, list(failures)
     for study in studies:
         folder = Path(studies_dir) / study.study_id
         if not (folder / "result.json").is_file():
             continue
         try:
-            v_rows, d_rows, summary = study_rows(study, folder)
+            v_rows, d_rows, summary, documents[study.study_id] = study_rows(study, folder)
         except InputError as error:
             failed.append(StudyFailure(study.study_id, study.relative, f"its results cannot be read: {one_line(error)}"))
             continue
         vertebrae += v_rows
         discs += d_rows
         summaries.append(summary)
+    summaries = _with_exam_disagreements(summaries, documents)
     headers = _table_headers()
     rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: summaries,
             COHORT_FAILURES_FILE: [(f.study_id, f.input, one_line(f.reason)) for f in failed]}
     return _with_review_page({name: _csv(headers[name], rows[name]) for name in headers})
+
+
+def _with_exam_disagreements(summaries: list[list[str]], documents: dict[str, dict]) -> list[list[str]]:
+    """``cohort_studies.csv`` rows with their ``exam_disagreement`` cell made from ``documents`` (study id ->
+    ``vertebrae.json``), which hold every study of the rows' exams (:func:`exam_disagreements`)."""
+    reasons = exam_disagreements(documents)
+    return [[*row[:_DISAGREEMENT], one_line(reasons.get(row[0], "")), *row[_DISAGREEMENT + 1:]] for row in summaries]
 
 
 def _with_review_page(texts: dict[str, str]) -> dict[str, str]:
@@ -172,10 +188,10 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
     another version): the next ``spinenet cohort`` run writes them all again from the study folders.
     """
     outdir = Path(outdir)
-    vertebrae, discs, summary = study_rows(study, folder)
+    vertebrae, discs, summary, document = study_rows(study, folder)
     new_rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: [summary],
                 COHORT_FAILURES_FILE: []}
-    texts = {}
+    texts, tables = {}, {}
     for name, header in _table_headers().items():
         try:
             with (outdir / name).open(newline="", encoding="utf-8") as handle:
@@ -188,8 +204,24 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
         others = [row for row in table[1:] if row[:1] != [study.study_id]]
         # every row before the study's first one is another study's: the new rows go where the old ones began
         at = next((i for i, row in enumerate(table[1:]) if row[:1] == [study.study_id]), len(others))
-        texts[name] = _csv(header, others[:at] + new_rows[name] + others[at:])
+        tables[name] = others[:at] + new_rows[name] + others[at:]
+    # the other series of the study's exam: what they say of its levels, and it of theirs, may have changed
+    exam = summary[_EXAM]
+    partners = {row[0] for row in tables[COHORT_STUDIES_FILE] if exam and row[_EXAM] == exam} - {study.study_id}
+    documents = {study.study_id: document, **{p: _partner_document(Path(folder).parent / p) for p in partners}}
+    tables[COHORT_STUDIES_FILE] = [row if row[0] not in documents else _with_exam_disagreements([row], documents)[0]
+                                   for row in tables[COHORT_STUDIES_FILE]]
+    texts = {name: _csv(header, tables[name]) for name, header in _table_headers().items()}
     return write_files_atomically(outdir, _with_review_page(texts))
+
+
+def _partner_document(folder: Path) -> dict:
+    """The ``vertebrae.json`` of another study of the corrected study's exam; an empty document (it then
+    agrees with every study) when it cannot be read: the next cohort run reads every folder again."""
+    try:
+        return read_result(folder)[0]
+    except InputError:
+        return {}
 
 
 def studies_table_rows(outdir: str | os.PathLike) -> list[dict[str, str]]:
@@ -203,7 +235,8 @@ def studies_table_rows(outdir: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def studies_asking_for_review(outdir: str | os.PathLike) -> list[str]:
-    """The ids of the studies in ``outdir``'s ``cohort_studies.csv`` that ask for a review of their levels, in
-    the review page's order (the least sure first); empty when there is no such table or it cannot be read."""
+    """The ids of the studies in ``outdir``'s ``cohort_studies.csv`` that ask for a review of their levels
+    (:func:`SpineNetLib.cohort.review_page.asks_for_review`), in the review page's order (the least sure
+    first); empty when there is no such table or it cannot be read."""
     return [row["study"] for row in sorted(studies_table_rows(outdir), key=review_order)
-            if row.get("levels_need_review") == "true" and row.get("study")]
+            if asks_for_review(row) and row.get("study")]

@@ -679,6 +679,10 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "source": str(folder),
         "format": "DICOM",
         "series_uid": uid,
+        # the exam and its coordinates: series of one exam in one frame of reference show a vertebra at
+        # the same place (SpineNetLib/cohort/exams.py)
+        "study_uid": str(h.get("StudyInstanceUID", "") or ""),
+        "frame_of_reference_uid": str(h.get("FrameOfReferenceUID", "") or ""),
         "series_description": str(h.get("SeriesDescription", "") or ""),
         "sequence_name": str(h.get("SequenceName", "") or ""),
         "protocol_name": str(h.get("ProtocolName", "") or ""),

@@ -92,8 +92,8 @@ def level_probability(vertebra: Vertebra) -> float | None:
 
 
 def input_description(scan: Scan) -> dict:
-    keep = ("path", "format", "series_uid", "series_description", "modality", "manufacturer",
-            "sequence", "overrides", "resampled_from_mm")
+    keep = ("path", "format", "series_uid", "study_uid", "frame_of_reference_uid", "series_description", "modality",
+            "manufacturer", "sequence", "overrides", "resampled_from_mm")
     return {k: scan.metadata[k] for k in keep if k in scan.metadata}
 
 

@@ -848,3 +848,69 @@ def test_each_contrast_of_a_dixon_series_is_a_study_of_its_own(tmp_path, capsys)
     rows = _rows(out / "cohort_studies.csv")
     assert sorted(r["series_uid"] for r in rows) == sorted(s.series_uid for s in found.studies)
     assert not _rows(out / "cohort_failures.csv")
+
+
+def _named(levels, step=30.0, exam=("1.2.3", "1.2.3.9")):
+    """A vertebrae.json of bodies named ``levels``, top to bottom, one every ``step`` mm."""
+    return {"input": {"study_uid": exam[0], "frame_of_reference_uid": exam[1]},
+            "vertebrae": [{"level": level, "centroid_ras": [0.0, 10.0, -step * i]} for i, level in enumerate(levels)]}
+
+
+def test_series_of_one_exam_that_name_a_vertebra_differently_are_found():
+    """Two sagittal series of one exam (one frame of reference) show each vertebra at the same place: where
+    their levels differ there, both are said to disagree; series of other exams or frames, image files
+    without the UIDs, and bodies of one series alone are never compared."""
+    from SpineNetLib.cohort.exams import exam_disagreements
+
+    t2 = _named(["L1", "L2", "L3", "L4", "L5", "S1"])
+    t1 = _named(["T12", "L1", "L2", "L3", "L4", "L5"])                 # shifted by one
+    moved = {**t1, "vertebrae": [{**v, "centroid_ras": [3.0, 14.0, v["centroid_ras"][2] + 6.0]}
+                                 for v in t2["vertebrae"]]}          # the same levels, the patient moved 8 mm
+    reasons = exam_disagreements({"t2": t2, "t1": t1, "t2_moved": moved})
+    assert set(reasons) == {"t2", "t1", "t2_moved"}
+    assert reasons["t1"] == ("the levels disagree with study t2 of the same exam, which names the vertebra T12 here "
+                             "L1 (6 vertebrae differ); the levels disagree with study t2_moved of the same exam, "
+                             "which names the vertebra T12 here L1 (6 vertebrae differ)")
+    assert reasons["t2"].startswith("the levels disagree with study t1") and "t2_moved" not in reasons["t2"]
+    assert exam_disagreements({"t2": t2, "t2_moved": moved}) == {}   # 8 mm apart: the same vertebrae, agreeing
+    other_frame = _named(["T12", "L1", "L2", "L3", "L4", "L5"], exam=("1.2.3", "1.2.3.10"))
+    image_file = {**t1, "input": {}}
+    longer = _named(["T10", "T11", "T12", "L1"], exam=("1.2.3", "1.2.3.9"))
+    longer["vertebrae"] = [{**v, "centroid_ras": [0.0, 10.0, 90.0 - 30.0 * i]} for i, v in enumerate(longer["vertebrae"])]
+    assert exam_disagreements({"t2": t2, "other": other_frame, "image": image_file, "above": longer}) == {}
+
+
+def test_a_correction_that_leaves_another_series_of_the_exam_disagreeing_asks_for_its_review(tmp_path, capsys):
+    """spinenet cohort over an exam of two sagittal series (T2 and T1, one frame of reference): they agree.
+    A reader moves the T2's levels by one: its row records the disagreement but asks no review (corrected by
+    hand); the T1's row now asks for one, with the reason, on the review page too. Moved back, both agree."""
+    root = tmp_path / "root"
+    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.31", "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.32"}
+    for number, contrast in ((3, "T2"), (2, "T1")):
+        _phantom(5, contrast=contrast).write_dicom(root / "exam" / contrast, series_description=f"{contrast} SAG",
+                                                   extra_tags={**exam, "SeriesNumber": number})
+    out = tmp_path / "out"
+    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]) == 0
+    capsys.readouterr()
+    rows = {r["series_description"]: r for r in _rows(out / "cohort_studies.csv")}
+    assert {r["exam"] for r in rows.values()} == {f"{exam['StudyInstanceUID']}/{exam['FrameOfReferenceUID']}"}
+    assert [r["exam_disagreement"] for r in rows.values()] == ["", ""], rows
+    t2, t1 = rows["T2 SAG"]["study"], rows["T1 SAG"]["study"]
+    lowest = rows["T2 SAG"]["levels"].rpartition("..")[2]
+    above = {"S1": "L5", "L5": "L4", "L4": "L3"}[lowest]
+
+    assert cli.main(["correct", str(out / "studies" / t2), lowest, above]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rows = {r["study"]: r for r in _rows(out / "cohort_studies.csv")}
+    assert rows[t1]["exam_disagreement"].startswith(f"the levels disagree with study {t2} of the same exam")
+    assert rows[t2]["exam_disagreement"].startswith(f"the levels disagree with study {t1}")
+    from SpineNetLib.cohort.tables import studies_asking_for_review
+
+    assert t1 in studies_asking_for_review(out) and t2 not in studies_asking_for_review(out)
+    page = (out / "cohort_review.html").read_text()
+    assert page.index(f"<small>{t1}</small>") < page.index(f"<small>{t2}</small>")
+    assert f"the levels disagree with study {t2}" in page
+
+    assert cli.main(["correct", str(out / "studies" / t2), above, lowest]) == 0
+    capsys.readouterr()
+    assert [r["exam_disagreement"] for r in _rows(out / "cohort_studies.csv")] == ["", ""]

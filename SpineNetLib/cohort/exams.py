@@ -1,0 +1,82 @@
+"""Series of one exam that name the same vertebra differently.
+
+A spine exam often holds two or more sagittal series (T1, T2, STIR, a Dixon's stacks), which a cohort runs
+as separate studies, each labelled on its own. Acquired in one session in one frame of reference
+(the same StudyInstanceUID and FrameOfReferenceUID), their vertebrae lie at the same places in the
+patient's coordinates, within the few millimetres a patient moves between series, while the next level
+lies about 30 mm away. So where a vertebra of one series has its centroid within :data:`SAME_BODY_MM` of
+a vertebra of another series of the exam, both must carry the same level; where they do not, the levels
+of one of the two (or of both) are wrong, whatever each series' own review flag says. The cohort tables
+say so in ``exam_disagreement`` and ask for a review of both studies (:mod:`SpineNetLib.cohort.tables`,
+:mod:`SpineNetLib.cohort.review_page`).
+
+Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05); image files
+are never compared. Pure functions over the result documents.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+#: Centroids of two series closer than this (mm, in the sagittal plane: anterior-posterior and
+#: superior-inferior) are of the same vertebra: well under half the ~30 mm from one lumbar level to the
+#: next, well over the few millimetres a patient moves between the series of one session.
+SAME_BODY_MM = 10.0
+
+
+def exam_of(vertebrae_doc: dict) -> str:
+    """``"<StudyInstanceUID>/<FrameOfReferenceUID>"`` of a result, or "" when it records either not."""
+    described = vertebrae_doc.get("input") or {}
+    study, frame = (str(described.get(key) or "") for key in ("study_uid", "frame_of_reference_uid"))
+    return f"{study}/{frame}" if study and frame else ""
+
+
+def _named_centroids(vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
+    """(level, centroid in the sagittal plane: A, S in mm) of each vertebra with a level and a centroid."""
+    out = []
+    for vertebra in vertebrae_doc.get("vertebrae") or []:
+        centroid = vertebra.get("centroid_ras")
+        if vertebra.get("level") and isinstance(centroid, list) and len(centroid) == 3:
+            out.append((str(vertebra["level"]), np.asarray(centroid[1:], float)))
+    return out
+
+
+def _differences(mine: list, theirs: list) -> list[tuple[str, str]]:
+    """(my level, their level) of each of my vertebrae whose nearest vertebra of the other series lies within
+    :data:`SAME_BODY_MM` and has another level."""
+    found = []
+    for level, centroid in mine:
+        distances = [float(np.linalg.norm(centroid - other)) for _, other in theirs]
+        if distances and min(distances) <= SAME_BODY_MM:
+            other_level = theirs[int(np.argmin(distances))][0]
+            if other_level != level:
+                found.append((level, other_level))
+    return found
+
+
+def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
+    """``{study id: why}`` of each study whose vertebrae another study of the same exam names otherwise
+    (module docstring), among ``documents`` (study id -> its ``vertebrae.json``); studies that agree, or
+    have no other series of their exam here, are left out."""
+    exams: dict[str, list[str]] = {}
+    for study_id, document in documents.items():
+        exam = exam_of(document)
+        if exam:
+            exams.setdefault(exam, []).append(study_id)
+    reasons: dict[str, str] = {}
+    for members in exams.values():
+        centroids = {study_id: _named_centroids(documents[study_id]) for study_id in members}
+        for study_id in members:
+            said = []
+            for other in members:
+                differences = _differences(centroids[study_id], centroids[other]) if other != study_id else []
+                if differences:
+                    mine, theirs = differences[0]
+                    said.append(f"the levels disagree with study {other} of the same exam, which names the "
+                                f"vertebra {mine} here {theirs}"
+                                + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""))
+            if said:
+                reasons[study_id] = "; ".join(said)
+    return reasons
