@@ -491,7 +491,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         volume = self._volume()
         self._shownResults = self._resultsKey()
         vertebraeDoc, discsDoc, _ = self.logic.documents(volume) if volume is not None else (None, None, None)
-        self.showLabellingStatus(*documents.labelling_status(vertebraeDoc))
+        self.showLabellingStatus(*self.logic.labellingStatus(volume))
         self._populating = True
         try:
             columns, rows = documents.disc_table(vertebraeDoc, discsDoc) if vertebraeDoc else ([], [])

@@ -744,8 +744,22 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         return f"{len(names)} vertebrae ({names[0]}..{names[-1]}), {discs} discs, {graded} graded."
 
     def labellingStatus(self, volumeNode):
-        """(one line about how sure the volume's levels are, whether they need review); ("", False) without one."""
-        return documents.labelling_status(self.documents(volumeNode)[0])
+        """(one line about how sure the volume's levels are, whether they need review); ("", False) without one.
+        For a cohort study whose levels a reader has not corrected or confirmed, what the other series of its exam
+        say of them (``exam_disagreement`` of ``cohort_studies.csv``, :mod:`SpineNetLib.cohort.exams`) joins it."""
+        vertebraeDoc, _, folder = self.documents(volumeNode)
+        text, needsReview = documents.labelling_status(vertebraeDoc)
+        corrected = ((vertebraeDoc or {}).get("labelling") or {}).get("corrected_by_user") is True
+        location = self.cohortStudyLocation(folder) if vertebraeDoc is not None and not corrected else None
+        if location is None:
+            return text, needsReview
+        from SpineNetLib.cohort.tables import exam_disagreement_of
+
+        disagreement = exam_disagreement_of(*location)
+        if not disagreement:
+            return text, needsReview
+        said = disagreement[:1].upper() + disagreement[1:] + "."
+        return (f"{text} {said}" if text else said), True
 
     def correctLevel(self, volumeNode, index, level):
         """Pin vertebra ``index`` (top to bottom) to ``level``, re-solve the others, rebuild the nodes."""

@@ -234,6 +234,13 @@ def studies_table_rows(outdir: str | os.PathLike) -> list[dict[str, str]]:
         return []
 
 
+def exam_disagreement_of(outdir: str | os.PathLike, study_id: str) -> str:
+    """The study's ``exam_disagreement`` in ``outdir``'s ``cohort_studies.csv`` (:mod:`SpineNetLib.cohort.exams`);
+    "" when it has none, or the table names no such study or cannot be read."""
+    return next((row.get("exam_disagreement") or "" for row in studies_table_rows(outdir)
+                 if row.get("study") == study_id), "")
+
+
 def studies_asking_for_review(outdir: str | os.PathLike) -> list[str]:
     """The ids of the studies in ``outdir``'s ``cohort_studies.csv`` that ask for a review of their levels
     (:func:`SpineNetLib.cohort.review_page.asks_for_review`), in the review page's order (the least sure

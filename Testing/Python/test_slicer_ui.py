@@ -646,6 +646,26 @@ def test_next_cohort_study_to_review_steps_through_the_flagged_studies(panel, tm
     assert widget._volume().GetName() == "p3.nii.gz" and widget._volume() is not third
     widget.ui.nextStudyButton.click()
     assert widget.ui.statusLabel.text() == "No other study of this cohort asks for a review."
+    # p4 asks for no review of its own, but another series of its exam names its vertebrae otherwise
+    import csv
+
+    with (out / "cohort_studies.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    for row in table:
+        row["exam_disagreement"] = "the levels disagree with study x of the same exam" if row["input"] == "p4.nii.gz" \
+            else row["exam_disagreement"]
+    with (out / "cohort_studies.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    _select(widget, volume)
+    recorder.directory = str(out / "studies" / ids["p4.nii.gz"])
+    widget.ui.loadResultsButton.click()
+    assert widget.ui.labellingLabel.text().endswith("The levels disagree with study x of the same exam.")
+    assert widget.ui.labellingLabel.styleSheet() != ""                 # asks for a review
+    from SpineNetLib.cohort.tables import studies_asking_for_review
+
+    assert ids["p4.nii.gz"] in studies_asking_for_review(out)        # Next brings it among the others
     widget.ui.inputSelector.setCurrentNode(volume)                  # a volume of no cohort study
     widget.updateWidgets()
     assert not widget.ui.nextStudyButton.isEnabled()
