@@ -191,7 +191,7 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
     vertebrae, discs, summary, document = study_rows(study, folder)
     new_rows = {COHORT_VERTEBRAE_FILE: vertebrae, COHORT_DISCS_FILE: discs, COHORT_STUDIES_FILE: [summary],
                 COHORT_FAILURES_FILE: []}
-    texts, tables = {}, {}
+    tables = {}
     for name, header in _table_headers().items():
         try:
             with (outdir / name).open(newline="", encoding="utf-8") as handle:
