@@ -409,7 +409,7 @@ def command_demo(args) -> int:
 
 def _run_missing_predictions(todo: list, args) -> None:
     """``spinenet evaluate --run``: ``spinenet run`` (no grading, no preview) on every scored case without a
-    prediction (``todo``: its id and scan, ``evaluate.scans_without_prediction``), in this process, before
+    prediction (``todo``: its id, scan and series, ``evaluate.scans_without_prediction``), in this process, before
     the scoring.  The first run that fails stops it with that run's error and the case's name (the
     predictions made so far stay: the next ``--run`` goes on from there)."""
     import contextlib
@@ -417,11 +417,12 @@ def _run_missing_predictions(todo: list, args) -> None:
 
     options = ["--quiet", "--no-grade", "--no-preview", "--weights", args.weights or "bundled"]
     options += ["--threads", str(args.threads)] if args.threads is not None else []
-    for n, (case_id, scan) in enumerate(todo, start=1):
+    for n, (case_id, scan, series) in enumerate(todo, start=1):
         print(f"spinenet evaluate: spinenet run on {case_id} ({n} of {len(todo)})", file=sys.stderr, flush=True)
         errors = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
-            status = main(["run", str(scan), "-o", str(Path(args.pred) / case_id)] + options)
+            status = main(["run", str(scan), "-o", str(Path(args.pred) / case_id)] + options
+                          + (["--series", series] if series is not None else []))
         lines = errors.getvalue().splitlines()
         if status != EXIT_OK:
             reason = next((line.split("error: ", 1)[1] for line in reversed(lines) if "error: " in line),

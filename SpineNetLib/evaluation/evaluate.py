@@ -84,7 +84,7 @@ from SpineNetLib.training.datasets import (
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.evaluation.own_cases import (
-    image_path, is_own_case, load_own_case, marked_by_points, own_case, shared_patient_warnings,
+    case_series, image_path, is_own_case, load_own_case, marked_by_points, own_case, shared_patient_warnings,
 )
 from SpineNetLib.evaluation.intervals import patient_share_interval, patient_unit_interval, rounded
 
@@ -713,11 +713,13 @@ def scored_cases(data_root, case_ids: Sequence[str] | None = None) -> list:
     return cases
 
 
-def scans_without_prediction(data_root, pred_root, case_ids: Sequence[str] | None = None) -> list[tuple[str, Path]]:
-    """``(case id, the scan spinenet run reads)`` of every scored case with no ``pred_root/<case>/vertebrae.json``
-    (``spinenet evaluate --run``; :func:`~SpineNetLib.evaluation.own_cases.image_path`, which finds the
-    ``image.nii.gz`` of ``../shared/data`` too)."""
-    return [(c.case_id, image_path(c.path))
+def scans_without_prediction(data_root, pred_root, case_ids: Sequence[str] | None = None
+                             ) -> list[tuple[str, Path, str | None]]:
+    """``(case id, the scan spinenet run reads, its series or None)`` of every scored case with no
+    ``pred_root/<case>/vertebrae.json`` (``spinenet evaluate --run``;
+    :func:`~SpineNetLib.evaluation.own_cases.image_path`, which finds the ``image.nii.gz`` of ``../shared/data``
+    too, and :func:`~SpineNetLib.evaluation.own_cases.case_series`)."""
+    return [(c.case_id, image_path(c.path), case_series(c.path))
             for c in scored_cases(data_root, case_ids) if not (Path(pred_root) / c.case_id / "vertebrae.json").is_file()]
 
 

@@ -13,7 +13,9 @@ or stored as a DICOM Segmentation, points placed in Slicer, or a label map.  A c
   in the discs if wished, labelled the same way; scored as centre points), or a label map whose values
   ``case.json``'s ``labels`` table names;
 * optionally ``case.json``: ``sequence``, ``"annotation": "points"`` for centre points instead of
-  outlines, ``labels`` for a label map, and ``patient`` where several cases are scans of one patient
+  outlines, ``labels`` for a label map, ``series`` where ``image/`` holds several sagittal series (what
+  ``spinenet run --series`` takes: the SeriesInstanceUID, the SeriesNumber or a part of the
+  description), and ``patient`` where several cases are scans of one patient
   (otherwise a DICOM scan's PatientID says it; each other case is its own patient).  Scans of one
   patient are wrong together, so the intervals then take the patient as their unit
   (:mod:`SpineNetLib.evaluation.intervals`).
@@ -123,6 +125,7 @@ def own_case(path: Path) -> RealCase:
     if patient is not None and (not isinstance(patient, (str, int)) or isinstance(patient, bool) or not str(patient).strip()):
         raise InputError(f"{path / 'case.json'}: 'patient' must be a name or number, got {patient!r}")
     patient = str(patient).strip() if patient is not None else _dicom_patient_id(path)
+    case_series(path)   # a bad 'series' is said before any work
     return RealCase(case_id=path.name, source=path.parent.name,
                     patient_id=f"{path.parent.name}/{patient if patient else path.name}",
                     sequence=str(meta.get("sequence", "")), path=path)
@@ -184,6 +187,18 @@ def marked_by_points(path: Path) -> bool:
     ``../shared/data/tianchi`` draws them)."""
     return _reference_name(path) == "labels.mrk.json" or \
         str(_case_json(path).get("annotation", "")).strip().lower().startswith("points")
+
+
+def case_series(path: Path) -> str | None:
+    """The series of the case's ``image/`` folder to read (``case.json``'s ``series``, as ``spinenet run
+    --series`` takes it), or None: the folder's only sagittal series."""
+    series = _case_json(path).get("series")
+    if series is None:
+        return None
+    if not isinstance(series, (str, int)) or isinstance(series, bool) or not str(series).strip():
+        raise InputError(f"{path / 'case.json'}: 'series' must be a SeriesInstanceUID, a series number or a part "
+                         f"of a series description, got {series!r}")
+    return str(series).strip()
 
 
 def image_path(path: Path) -> Path:
@@ -378,7 +393,7 @@ def load_own_case(case: RealCase) -> tuple[CaseData, CaseGeometry]:
     """The scan and reference of a case of one's own in the canonical frame, and its geometry."""
     from SpineNetLib.inputs.load import load_scan
 
-    scan = load_scan(image_path(case.path), resample_isotropic=False)
+    scan = load_scan(image_path(case.path), series_uid=case_series(case.path), resample_isotropic=False)
     ijk_to_ras = np.asarray(scan.input_ijk_to_ras, float)
     codes_kji, names = reference_codes(label_file(case.path), _case_json(case.path), ijk_to_ras, scan.input_shape_ijk,
                                        scan.input_slice_axis)

@@ -930,6 +930,26 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     for name in ("drawn_in_slicer", "from_pacs"):
         data, _ = load_own_case(D.RealCase(name, "mycentre", name, "", mine / name))
         assert np.array_equal(data.labels, reference)
+    # an export with a second sagittal series beside the annotated one: case.json's series names the one to read,
+    # for the scoring and for --run alike; without it the case is refused in one line
+    two = tmp_path / "two_series"
+    shutil.copytree(mine / "from_pacs", two / "from_pacs")
+    write_dicom_series(image_kji, ijk_to_ras, two / "from_pacs" / "image", file_prefix="T1_", series_description="T1 SAG",
+                       patient_id="CASE2")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--data", str(two), "--pred", str(tmp_path / "ran2"), "--run"]) == 2
+    assert "2 sagittal series" in capsys.readouterr().err
+    import pydicom
+
+    annotated = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    (two / "from_pacs" / "case.json").write_text(json.dumps({"sequence": "water", "series": annotated}))
+    assert cli.main(["evaluate", "--data", str(two), "--pred", str(tmp_path / "ran2"), "--run",
+                     "-o", str(tmp_path / "metrics2.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "metrics2.json").read_text())["cases"]["from_pacs"] == own["cases"]["from_pacs"]
+    (two / "from_pacs" / "case.json").write_text(json.dumps({"series": ["5"]}))
+    assert cli.main(["evaluate", "--data", str(two), "--pred", str(tmp_path / "ran2")]) == 2
+    assert "'series' must be a SeriesInstanceUID" in capsys.readouterr().err
     # an export that gave three scans one PatientID: the command says which cases count as one patient
     for copy in ("from_pacs_2", "from_pacs_3"):
         shutil.copytree(mine / "from_pacs", mine / copy)
