@@ -705,10 +705,11 @@ def command_cohort(args) -> int:
 
 def _studies_asking_for_review(tables) -> int:
     """How many rows of the written cohort_studies.csv ask for a review of their levels."""
-    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, studies_asking_for_review
+    from SpineNetLib.cohort.review_page import asks_for_review
+    from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, studies_table_rows
 
     path = next((Path(p) for p in tables if Path(p).name == COHORT_STUDIES_FILE), None)
-    return len(studies_asking_for_review(path.parent)) if path is not None else 0
+    return sum(asks_for_review(row) for row in studies_table_rows(path.parent)) if path is not None else 0
 
 
 def main(argv: list[str] | None = None) -> int:
