@@ -209,8 +209,9 @@ def replace_study_rows(outdir: str | os.PathLike, study: Study, folder: str | os
     exam = summary[_EXAM]
     partners = {row[0] for row in tables[COHORT_STUDIES_FILE] if exam and row[_EXAM] == exam} - {study.study_id}
     documents = {study.study_id: document, **{p: _partner_document(Path(folder).parent / p) for p in partners}}
-    tables[COHORT_STUDIES_FILE] = [row if row[0] not in documents else _with_exam_disagreements([row], documents)[0]
-                                   for row in tables[COHORT_STUDIES_FILE]]
+    redone = {row[0]: row for row in _with_exam_disagreements(
+        [row for row in tables[COHORT_STUDIES_FILE] if row[0] in documents], documents)}
+    tables[COHORT_STUDIES_FILE] = [redone.get(row[0], row) for row in tables[COHORT_STUDIES_FILE]]
     texts = {name: _csv(header, tables[name]) for name, header in _table_headers().items()}
     return write_files_atomically(outdir, _with_review_page(texts))
 
