@@ -25,9 +25,11 @@ _LABEL_PREFIXES = ("", "echo ", "TE ")
 
 
 def _text(value) -> str:
+    """A header value as text: several values (a list, pydicom's MultiValue) joined by "/", numbers in
+    their shortest form, words upper case."""
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return "/".join(_text(v) for v in value)
     try:
         number = float(value)
