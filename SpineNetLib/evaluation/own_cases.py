@@ -121,10 +121,8 @@ def own_case(path: Path) -> RealCase:
     if reference.name not in NAMED_REFERENCES and not isinstance(meta.get("labels"), dict):
         raise InputError(f"{path / 'case.json'} has no 'labels' table (label value -> name, e.g. \"24\": \"L5\"), "
                          f"which {reference.name} needs (a .seg.nrrd, a DICOM SEG or a .mrk.json names its levels)")
-    patient = meta.get("patient")
-    if patient is not None and (not isinstance(patient, (str, int)) or isinstance(patient, bool) or not str(patient).strip()):
-        raise InputError(f"{path / 'case.json'}: 'patient' must be a name or number, got {patient!r}")
-    patient = str(patient).strip() if patient is not None else _dicom_patient_id(path)
+    patient = _name_or_number(meta, "patient", path, "a name or number")
+    patient = patient if patient is not None else _dicom_patient_id(path)
     case_series(path)   # a bad 'series' is said before any work
     return RealCase(case_id=path.name, source=path.parent.name,
                     patient_id=f"{path.parent.name}/{patient if patient else path.name}",
@@ -192,13 +190,19 @@ def marked_by_points(path: Path) -> bool:
 def case_series(path: Path) -> str | None:
     """The series of the case's ``image/`` folder to read (``case.json``'s ``series``, as ``spinenet run
     --series`` takes it), or None: the folder's only sagittal series."""
-    series = _case_json(path).get("series")
-    if series is None:
+    return _name_or_number(_case_json(path), "series", path,
+                           "a SeriesInstanceUID, a series number or a part of a series description")
+
+
+def _name_or_number(meta: dict, key: str, path: Path, what: str) -> str | None:
+    """``case.json``'s ``key`` as text, or None when it is not given; :class:`InputError` naming ``what`` it
+    must be when it is neither a non-empty text nor a number."""
+    value = meta.get(key)
+    if value is None:
         return None
-    if not isinstance(series, (str, int)) or isinstance(series, bool) or not str(series).strip():
-        raise InputError(f"{path / 'case.json'}: 'series' must be a SeriesInstanceUID, a series number or a part "
-                         f"of a series description, got {series!r}")
-    return str(series).strip()
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+        raise InputError(f"{path / 'case.json'}: '{key}' must be {what}, got {value!r}")
+    return str(value).strip()
 
 
 def image_path(path: Path) -> Path:
