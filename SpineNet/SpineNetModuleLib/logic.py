@@ -674,9 +674,9 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         ``OUTDIR/studies/<id>``) that asks for a review of its levels and that this logic has not shown yet, in
         the order of ``cohort_review.html`` (the least sure first): its scan and results loaded
         (:meth:`loadCohortStudy`). Once every such study has been shown, round again through those still
-        asking (a reader may skip a study to come back to it), the shown one last. The volume, when :meth:`loadCohortStudy` added it, goes with its results,
-        unless it holds corrections not saved yet (refused: Save results first). Returns the new volume
-        node, or None when no such study is left."""
+        asking but the one shown now (a reader may skip a study to come back to it). The volume, when
+        :meth:`loadCohortStudy` added it, goes with its results, unless it holds corrections not saved yet
+        (refused: Save results first). Returns the new volume node, or None when no such study is left."""
         from SpineNetLib.cohort.record import STUDIES_FOLDER
         from SpineNetLib.cohort.tables import studies_asking_for_review
 
