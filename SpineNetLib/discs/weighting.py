@@ -12,7 +12,8 @@ Three sources, the first that answers wins:
 
 1. **The user** (``spinenet run --sequence``, ``RunOptions.sequence``): for an image whose header does
    not say, or says wrongly.
-2. **The DICOM header** (:func:`weighting_from_header`): echo, repetition and inversion times, the
+2. **The DICOM header** (:func:`SpineNetLib.core.mr_weighting.weighting_from_header`, which the DICOM
+   reader shares to find an exam's sagittal T2 series): echo, repetition and inversion times, the
    textbook spin-echo windows (T1: short TR and TE; proton density: long TR, short TE; T2: long TR and
    TE; short-tau inversion recovery: an inversion time under 300 ms).  Where the times do not settle
    it (gradient echo, a time missing), the series description's own words (``t1``, ``t2``, ``stir``,
@@ -29,40 +30,19 @@ Pure functions over a header dictionary, a :class:`Scan` and its labelled verteb
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.mr_weighting import Weighting, weighting_from_header
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.discs.extraction import body_mid_polygon, pixel_scale
 from SpineNetLib.discs.measurements import polygon_samples
 
-#: The weightings this module names; "other": a user's word for none of the named ones; "fluid bright":
-#: what the image alone can say of T2, STIR and their kin; "unknown": nothing could be told.
-WEIGHTINGS = ("T2", "T1", "PD", "STIR", "FLAIR", "other", "fluid bright", "unknown")
-
 #: What ``spinenet run --sequence`` accepts (the user names the weighting; "other": none of these).
 USER_SEQUENCES = ("T2", "T1", "PD", "STIR", "FLAIR", "other")
-
-#: The weightings the grader is given: T2, and "fluid bright" / "unknown", where nothing says it is not T2.
-GRADED_WEIGHTINGS = ("T2", "fluid bright", "unknown")
-
-#: Spin-echo windows in milliseconds (a radiology textbook's, e.g. Westbrook, "MRI in Practice", ch. 2:
-#: T1 TR 300-700 / TE 10-30; PD TR > 2000 / TE 10-30; T2 TR > 2000 / TE 70-120), widened to the
-#: protocols of fast spin echo spines (T2 TSE TE 80-120 ms, TR 2500-4500; T1 TSE TR 400-800).
-T1_MAX_TR_MS = 1000.0
-SHORT_TE_MAX_MS = 40.0
-LONG_TR_MIN_MS = 1500.0
-LONG_TE_MIN_MS = 60.0
-#: Inversion recovery: short tau (STIR, Siemens' TIRM) nulls fat at 1.5-3 T with TI 130-230 ms; fluid
-#: attenuated (FLAIR) nulls water with TI 1800-2500 ms; in between, T1-weighted inversion recovery.
-STIR_MAX_TI_MS = 300.0
-FLAIR_MIN_TI_MS = 1500.0
 
 #: Below this ratio of the fluid behind the bodies to their marrow (medians) the image reads as
 #: T1-weighted (:func:`weighting_from_image`).  ``python benchmarks/sequence_check.py`` measures the
@@ -78,35 +58,6 @@ MIN_BODIES = 3
 #: the cord is far less bright than fluid on T2.  (Chosen after the first measurement, which used every
 #: body above S1 and gave a T2 clinical slice 0.86: 0.95 with these levels; MODEL_CARD.md.)
 BELOW_THE_CONUS = ("L2", "L3", "L4", "L5")
-
-
-@dataclass(frozen=True)
-class Weighting:
-    """A scan's weighting and where that came from."""
-
-    #: One of :data:`WEIGHTINGS`.
-    name: str
-    #: "user", "DICOM header", "image" or "none".
-    source: str
-    #: What the decision rests on, for the user (e.g. "TE 12 ms, TR 550 ms").
-    detail: str = ""
-
-    @property
-    def graded(self) -> bool:
-        """Whether the grader is given this scan."""
-        return self.name in GRADED_WEIGHTINGS
-
-    def description(self) -> str:
-        """E.g. "T1-weighted (DICOM header: TE 12 ms, TR 550 ms)"."""
-        name = {"T1": "T1-weighted", "T2": "T2-weighted", "PD": "proton-density weighted",
-                "STIR": "a short-tau inversion recovery (STIR/TIRM)", "FLAIR": "a fluid-attenuated inversion recovery",
-                "other": "of another weighting", "fluid bright": "fluid bright",
-                "unknown": "of unknown weighting"}.get(self.name, self.name)
-        where = {"user": "as given", "DICOM header": "DICOM header", "image": "image"}.get(self.source, self.source)
-        return f"{name} ({where}{': ' + self.detail if self.detail else ''})"
-
-    def as_dict(self) -> dict:
-        return {"weighting": self.name, "source": self.source, "detail": self.detail, "graded": self.graded}
 
 
 def not_graded_reason(weighting: Weighting) -> str:
@@ -135,55 +86,6 @@ def user_sequence(sequence: str | None) -> str | None:
     """A ``--sequence`` as :data:`USER_SEQUENCES` spells it (``t2`` is ``T2``), checked before any work so
     that a typo fails at once (:class:`InputError`); None when not given."""
     return None if sequence is None else user_weighting(sequence).name
-
-
-def _ms(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
-
-
-_DESCRIPTION_WORDS = (("STIR", r"stir|tirm"), ("FLAIR", r"flair"), ("PD", r"pd|pdw|proton"),
-                      ("T1", r"t1|t1w"), ("T2", r"t2|t2w"))
-
-
-def weighting_from_description(description: str) -> str | None:
-    """The one weighting that a series description names (words such as ``t2_tse_sag``), else None."""
-    words = set(re.split(r"[^a-z0-9]+", str(description).lower()))
-    named = [name for name, pattern in _DESCRIPTION_WORDS if any(re.fullmatch(pattern, w) for w in words)]
-    if "FLAIR" in named and "T2" in named:   # "T2 FLAIR" is a FLAIR
-        named.remove("T2")
-    return named[0] if len(named) == 1 else None
-
-
-def weighting_from_header(header: Mapping) -> Weighting | None:
-    """The weighting that a DICOM series' metadata (``Scan.metadata`` of ``inputs/dicom.py``) tells, or None.
-
-    Keys read: ``echo_time_ms``, ``repetition_time_ms``, ``inversion_time_ms``, ``scanning_sequence``
-    (DICOM's ScanningSequence: SE, IR, GR, EP, RM), ``series_description``.
-    """
-    te, tr, ti = (_ms(header.get(k)) for k in ("echo_time_ms", "repetition_time_ms", "inversion_time_ms"))
-    kinds = set(str(header.get("scanning_sequence") or "").upper().replace("\\", " ").split())
-    times = ", ".join(f"{name} {value:g} ms" for name, value in (("TE", te), ("TR", tr), ("TI", ti)) if value)
-    from_times = None
-    if ti is not None and ("IR" in kinds or not kinds):
-        from_times = "STIR" if ti < STIR_MAX_TI_MS else "FLAIR" if ti >= FLAIR_MIN_TI_MS else "T1"
-    elif "GR" not in kinds and te is not None and tr is not None:
-        if tr <= T1_MAX_TR_MS and te <= SHORT_TE_MAX_MS:
-            from_times = "T1"
-        elif tr >= LONG_TR_MIN_MS and te >= LONG_TE_MIN_MS:
-            from_times = "T2"
-        elif tr >= LONG_TR_MIN_MS and te <= SHORT_TE_MAX_MS:
-            from_times = "PD"
-    if from_times is not None:
-        return Weighting(from_times, "DICOM header", times)
-    description = str(header.get("series_description") or "")
-    from_words = weighting_from_description(description)
-    if from_words is not None:
-        return Weighting(from_words, "DICOM header", f"series description {description!r}")
-    return None
 
 
 def _inside(polygon: np.ndarray, shrink: float) -> np.ndarray:

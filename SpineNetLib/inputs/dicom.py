@@ -8,7 +8,9 @@ Differences from the official loader (official §4), on purpose:
   structured reports, presentation states, ...) are skipped silently, unless
   nothing else is left;
 * files are grouped by SeriesInstanceUID and only sagittal series (slice
-  normal from ImageOrientationPatient closest to L-R) are candidates;
+  normal from ImageOrientationPatient closest to L-R) are candidates; of
+  several sagittal series (an exam's T1, T2 and STIR), the one whose header
+  says T2-weighted is read, with a warning, unless one is named;
 * slices are ordered by their position along the slice normal
   (ImagePositionPatient . normal), **not** by InstanceNumber, which
   scanners and anonymisers do not always keep in spatial order;
@@ -37,6 +39,7 @@ import numpy as np
 from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers, scan_from_array,
                                           spacing_override)
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.mr_weighting import weighting_from_header
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key
 
@@ -331,9 +334,20 @@ def _series_plane(slices: list[_Slice]) -> str:
     return planes.pop() if len(planes) == 1 else "mixed"
 
 
-def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None) -> str:
-    """The series to read: ``series_uid``, or the folder's only sagittal MR series (a CT or other non-MR
-    series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR)."""
+def _weighting_of(slices: list[_Slice]) -> str | None:
+    """The weighting a series' (or stack's) first header tells (:mod:`SpineNetLib.core.mr_weighting`)."""
+    h = slices[0].header
+    weighting = weighting_from_header({**_acquisition_times(h),
+                                       "series_description": str(h.get("SeriesDescription", "") or "")})
+    return None if weighting is None else weighting.name
+
+
+def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None
+                   ) -> tuple[str, str | None]:
+    """(the series to read, a warning or None): ``series_uid``, or the folder's only sagittal MR series,
+    or, of several, the only one whose header says T2-weighted, with a warning that names the others
+    (an exam's usual sagittal T1, T2 and STIR: the grader reads T2 scans only). A CT or other non-MR
+    series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR."""
     modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
     planes = {uid: _series_plane(s) for uid, s in series.items()}
     sagittal = [uid for uid, p in planes.items() if p == "sagittal" and not modality[uid]]
@@ -351,9 +365,19 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
         if modality[series_uid]:
             raise InputError(f"series {_describe_series(series_uid, series[series_uid])} is {modality[series_uid]}, "
                              "not MR: SpineNet reads sagittal MR scans")
-        return series_uid
+        return series_uid, None
     if len(sagittal) == 1:
-        return sagittal[0]
+        return sagittal[0], None
+    weightings = {uid: _weighting_of(series[uid]) for uid in sagittal}
+    t2 = [uid for uid in sagittal if weightings[uid] == "T2"]
+    if len(sagittal) > 1 and len(t2) == 1:
+        by_number = sorted((u for u in sagittal if u != t2[0]),
+                           key=lambda u: (int(_series_number(series[u])) if _series_number(series[u]).isdigit()
+                                          else float("inf"), u))
+        others = "; ".join(f"{weightings[u] or 'weighting unknown'} {_describe_series(u, series[u])}"
+                           for u in by_number)
+        return t2[0], (f"{len(sagittal)} sagittal series in {folder}: read the T2-weighted one, "
+                       f"{_describe_series(t2[0], series[t2[0]])}; not read: {others}; another with --series")
     if len(sagittal) > 1:
         listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
         raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series (its UID, its "
@@ -437,7 +461,9 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     """Canonical :class:`Scan` of the sagittal DICOM series in ``folder`` (see module docstring).
 
     ``series_uid`` picks a series when the folder holds several sagittal ones: its SeriesInstanceUID, or
-    its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`); ``containing``, a file of
+    its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`); without it, the only
+    sagittal T2-weighted series is read, and ``Scan.metadata["warnings"]`` says which series were not
+    (:func:`_select_series`); ``containing``, a file of
     the folder, picks the series or stack (:mod:`SpineNetLib.inputs.stacks`) that file belongs to.
     ``pixel_spacing=(row_mm, col_mm)`` (DICOM PixelSpacing order: row spacing
     = distance between image rows) and ``slice_spacing`` (mm) replace the
@@ -448,7 +474,7 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
         raise InputError(f"not a folder: {folder}")
     ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
     ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
-    uid, slices = _chosen_series(folder, recursive, series_uid, containing)
+    uid, slices, warning = _chosen_series(folder, recursive, series_uid, containing)
     first = slices[0]
     row_dir, col_dir, normal = _orientation(slices, uid)
     ps = ps_override if ps_override is not None else _pixel_spacing(slices, uid)
@@ -462,13 +488,15 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3] = _FLIP_LPS @ lps[:3]
     metadata = _series_metadata(folder, uid, first.header, slices, ps, slice_order, ps_override, ss_override)
+    if warning is not None:
+        metadata["warnings"] = [warning]
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
 
 
 def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
-                   containing: Path | None = None) -> tuple[str, list[_Slice]]:
-    """(UID, image records) of the series to load: that of the file ``containing``, ``series_uid`` or the
-    only sagittal one."""
+                   containing: Path | None = None) -> tuple[str, list[_Slice], str | None]:
+    """(UID, image records, a warning or None) of the series to load: that of the file ``containing``,
+    ``series_uid`` or the one :func:`_select_series` takes."""
     headers, skipped = _read_headers(_candidate_files(folder, recursive))
     if series_uid is not None and series_uid in skipped and all(
             str(ds.get("SeriesInstanceUID", "")) != series_uid for _, ds in headers):
@@ -496,10 +524,10 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
     if containing is not None:   # the series, or the stack, of one file
         series_uid = next((key for key, slices in series.items() if any(s.path == containing for s in slices)),
                           series_uid)
-    uid = _select_series(series, folder, series_uid)
+    uid, warning = _select_series(series, folder, series_uid)
     if series[uid][0].series_uid in problems:
         raise InputError(problems[series[uid][0].series_uid])
-    return uid, series[uid]
+    return uid, series[uid], warning
 
 
 def _split_stacks(series: dict[str, list[_Slice]]) -> dict[str, list[_Slice]]:
@@ -642,7 +670,7 @@ def _step_from_positions(slices: list[_Slice], depth: np.ndarray, uid: str, norm
 def _acquisition_times(h) -> dict:
     """Echo, repetition and inversion times (ms) and the kind of sequence (DICOM ScanningSequence words:
     SE, IR, GR, ...), from a classic header or an enhanced one's functional groups; what the grader's
-    check of the weighting reads (``discs/weighting.py``).  Missing values are left out."""
+    check of the weighting reads (``core/mr_weighting.py``).  Missing values are left out."""
     groups = [_first_item(h, "SharedFunctionalGroupsSequence"), _first_item(h, "PerFrameFunctionalGroupsSequence")]
     found = {
         "echo_time_ms": h.get("EchoTime", group_value(groups, "MREchoSequence", "EffectiveEchoTime")),

@@ -188,7 +188,7 @@ def volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
 
 #: The DICOM tag of the Modality, as Slicer's DICOM database (ctkDICOMDatabase) names tags.
 MODALITY_TAG = "0008,0060"
-#: The tags that tell a series' weighting (``discs/weighting.weighting_from_header``), by the names
+#: The tags that tell a series' weighting (``core/mr_weighting.weighting_from_header``), by the names
 #: ``inputs/dicom.py`` gives them in ``Scan.metadata``.
 ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,0080", "inversion_time_ms": "0018,0082",
                     "scanning_sequence": "0018,0020", "series_description": "0008,103E"}

@@ -372,27 +372,62 @@ def test_a_jpeg_lossless_series_loads_with_python_gdcm_alone(tmp_path, monkeypat
 # series selection, single files, overrides
 # --------------------------------------------------------------------------------------------
 
-def two_sagittal_series(folder: Path):
+def two_sagittal_series(folder: Path, descriptions=("T1 SAG", "T2 SAG")):
     vol, a = sagittal_standard((4, 20, 18))
-    p1 = write_dicom_series(vol, a, folder, file_prefix="T1_", series_description="T1 SAG")
-    p2 = write_dicom_series(vol * 2, a, folder, file_prefix="T2_", series_description="T2 SAG")
+    p1 = write_dicom_series(vol, a, folder, file_prefix="T1_", series_description=descriptions[0])
+    p2 = write_dicom_series(vol * 2, a, folder, file_prefix="T2_", series_description=descriptions[1])
     return [str(pydicom.dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (p1, p2)], vol
 
 
 def test_series_selection(tmp_path):
-    uids, vol = two_sagittal_series(tmp_path)
+    """Two sagittal series that do not tell which is T2-weighted: the reader asks which, listing both;
+    a named one is read (by UID, or as the series of one of its files)."""
+    uids, vol = two_sagittal_series(tmp_path, descriptions=("SAG TSE", "SAG TSE repeat"))
     with pytest.raises(InputError) as exc:
         load_scan(tmp_path)
     msg = assert_one_line(exc)
-    assert uids[0] in msg and uids[1] in msg and "T1 SAG" in msg and "(series 1, 4 slices)" in msg
+    assert uids[0] in msg and uids[1] in msg and "SAG TSE repeat" in msg and "(series 1, 4 slices)" in msg
+    assert "choose one with --series (its UID, its series number or a part of its description)" in msg
     scan = load_scan(tmp_path, series_uid=uids[1])
     assert scan.metadata["series_uid"] == uids[1]
+    assert not scan.metadata.get("warnings")
     np.testing.assert_allclose(scan.voxels, 2 * vol.transpose(1, 2, 0)[:, :, ::-1], atol=0.5 + 1e-3)
     # one file of the folder -> its own series
     scan1 = load_scan(tmp_path / "T1_0002.dcm")
     assert scan1.metadata["series_uid"] == uids[0]
     with pytest.raises(InputError, match="not found"):
         load_scan(tmp_path, series_uid="1.2.3.4")
+
+
+def test_an_exam_folder_is_read_at_its_sagittal_t2_series(tmp_path):
+    """A lumbar exam as PACS exports it: sagittal T1, T2 and STIR and an axial T2, told apart by their
+    echo, repetition and inversion times only (descriptions that name no weighting). Without --series the
+    sagittal T2 is read, and a warning names the sagittal series left unread with their weightings;
+    --series still reads any other. Two sagittal T2 series (a repeat) still ask which."""
+    vol, a = sagittal_standard((4, 20, 18))
+    times = {"T1": {"EchoTime": 10, "RepetitionTime": 550, "ScanningSequence": "SE"},
+             "T2": {"EchoTime": 95, "RepetitionTime": 3500, "ScanningSequence": "SE"},
+             "STIR": {"EchoTime": 40, "RepetitionTime": 4000, "InversionTime": 160, "ScanningSequence": "IR"}}
+    uids = {}
+    for k, (name, tags) in enumerate(times.items()):
+        paths = write_dicom_series(vol * (k + 1), a, tmp_path / "exam", file_prefix=f"S{k}_",
+                                   series_description=f"sag {k}", extra_tags={**tags, "SeriesNumber": k + 2})
+        uids[name] = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    write_dicom_series(np.zeros((4, 16, 16)) + 50, np.diag([1.0, 1.0, 4.0, 1.0]), tmp_path / "exam",
+                       file_prefix="AX_", series_description="ax 2", extra_tags=times["T2"])
+    scan = load_scan(tmp_path / "exam")
+    assert scan.metadata["series_uid"] == uids["T2"]
+    np.testing.assert_allclose(scan.voxels, 2 * vol.transpose(1, 2, 0)[:, :, ::-1], atol=0.5 + 1e-3)
+    (warning,) = scan.metadata["warnings"]
+    assert f"3 sagittal series in {tmp_path / 'exam'}: read the T2-weighted one, {uids['T2']} 'sag 1'" in warning
+    assert f"not read: T1 {uids['T1']} 'sag 0'" in warning and f"STIR {uids['STIR']} 'sag 2'" in warning
+    assert "\n" not in warning
+    named = load_scan(tmp_path / "exam", series_uid="sag 2")
+    assert named.metadata["series_uid"] == uids["STIR"] and not named.metadata.get("warnings")
+    write_dicom_series(vol, a, tmp_path / "exam", file_prefix="R_", series_description="sag 1 repeat",
+                       extra_tags=times["T2"])
+    with pytest.raises(InputError, match=r"^4 sagittal series in .*choose one with --series"):
+        load_scan(tmp_path / "exam")
 
 
 def test_a_dicomdir_reads_the_medium_it_indexes(tmp_path):
@@ -424,10 +459,9 @@ def test_a_series_is_chosen_by_its_number_or_a_part_of_its_description(tmp_path)
         paths = write_dicom_series(vol * scale, a, tmp_path, file_prefix=prefix, series_description=description,
                                    extra_tags={"SeriesNumber": number})
         uids[number] = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-    with pytest.raises(InputError) as exc:
-        load_scan(tmp_path)
-    msg = assert_one_line(exc)
-    assert "series number or a part of its description" in msg and "(series 5, 4 slices)" in msg
+    unnamed = load_scan(tmp_path)   # the one whose description says T2, with a warning naming the others
+    assert unnamed.metadata["series_uid"] == uids[5]
+    assert "not read: T1 " in unnamed.metadata["warnings"][0] and "STIR " in unnamed.metadata["warnings"][0]
     for selector, number in (("5", 5), (" 3 ", 3), ("t2", 5), ("T1 TSE", 3), ("stir", 6), (uids[6], 6)):
         assert load_scan(tmp_path, series_uid=selector).metadata["series_uid"] == uids[number], selector
     with pytest.raises(InputError) as exc:
@@ -541,7 +575,7 @@ def _only_coronal(tmp):
 
 
 def _two_sagittal(tmp):
-    two_sagittal_series(tmp / "two")
+    two_sagittal_series(tmp / "two", descriptions=("T1 SAG", "PD SAG"))
     return tmp / "two", {}
 
 
@@ -672,7 +706,7 @@ BAD_INPUTS = {
     "folder without DICOM": (_not_dicom, r"^no DICOM files in "),
     "only axial series": (_only_axial, r"^no sagittal series in .*: only axial series found"),
     "only coronal series": (_only_coronal, r"^no sagittal series in .*: only coronal series found"),
-    "two sagittal series": (_two_sagittal, r"^2 sagittal series in .*choose one with --series"),
+    "two sagittal series, neither T2": (_two_sagittal, r"^2 sagittal series in .*choose one with --series"),
     "unknown series": (_unknown_series, r"^series 1\.2\.3 not found in "),
     "missing PixelData": (_no_pixel_data, r"^no PixelData \(7FE0,0010\) in .*IM0003\.dcm$"),
     "missing PixelSpacing": (_no_pixel_spacing, r"^PixelSpacing \(0028,0030\) missing .*--pixel-spacing"),

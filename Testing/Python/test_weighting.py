@@ -12,8 +12,8 @@ from SpineNetLib import pipeline
 from SpineNetLib.apps import cli
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.discs.weighting import (T1_MAX_FLUID_TO_MARROW, scan_weighting, user_weighting,
-                                         weighting_from_description, weighting_from_header, weighting_from_image)
+from SpineNetLib.core.mr_weighting import weighting_from_description, weighting_from_header
+from SpineNetLib.discs.weighting import T1_MAX_FLUID_TO_MARROW, scan_weighting, user_weighting, weighting_from_image
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from oracles import oracle_networks
