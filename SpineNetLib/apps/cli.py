@@ -551,7 +551,8 @@ COHORT_DESCRIPTION = """\
 Run every study under INPUT_ROOT, each once, on Dask distributed (a local cluster, or the workers
 of --scheduler), with the networks loaded once per worker. A study is an image file
 (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or a sagittal DICOM series (every sagittal series of an
-exam is a study of its own; axial, coronal and localiser series are left out), also inside a ZIP
+exam is a study of its own, or with --t2-only its T2-weighted ones; axial, coronal and localiser
+series are left out), also inside a ZIP
 archive under INPUT_ROOT. Each study's
 results go to OUTDIR/studies/<study id>/ (the files of `spinenet run`); OUTDIR gets
 cohort_vertebrae.csv, cohort_discs.csv, cohort_failures.csv (study, input, reason) and
@@ -662,6 +663,11 @@ def _add_cohort_command(sub) -> None:
     cohort.add_argument("--no-grade", action="store_true",
                         help="do not grade the discs (disc measurements are still written)")
     _add_sequence_option(cohort, whose="every study's")
+    cohort.add_argument("--t2-only", action="store_true",
+                        help="of each DICOM exam, run only the sagittal series whose header says T2-weighted (echo "
+                             "and repetition times, else the description), the one the grader reads; an exam "
+                             "without one is listed in cohort_failures.csv with the series it has; image files "
+                             "run either way")
     cohort.add_argument("--no-preview", action="store_true", help="do not draw each study's preview.png")
     cohort.add_argument("--dicom-out", action="store_true",
                         help="also write each DICOM study's DICOM results, as `spinenet run --dicom-out` "
@@ -688,7 +694,7 @@ def command_cohort(args) -> int:
                               threads=args.threads_per_worker, precision=args.precision, runtime=args.runtime,
                               sequence=sequence)
     result = run_cohort(args.input_root, args.output, settings, workers=args.workers, scheduler=args.scheduler,
-                        progress=None if args.quiet else sys.stderr)
+                        progress=None if args.quiet else sys.stderr, only_t2=args.t2_only)
     failed = len(result.failures)
     exams = (f" and {result.failed_at_discovery} DICOM exam{'s' if result.failed_at_discovery > 1 else ''} "
              "without one" if result.failed_at_discovery else "")

@@ -7,8 +7,12 @@ A study is one scan:
 * a sagittal DICOM series.  DICOM files are grouped by SeriesInstanceUID wherever they lie (a
   series split over sub-folders stays one study); a series is read from the deepest folder that
   holds all its files.  Every sagittal series is a study of its own: a lumbar exam usually holds
-  a T1 and a T2 sagittal series, between which ``spinenet run`` asks the user to choose
-  (``--series``), and a cohort cannot ask, so it runs both.  Axial, coronal and localiser series
+  a T1 and a T2 sagittal series, of which ``spinenet run`` reads the T2 unless told otherwise; a
+  cohort runs both, and compares their levels (:mod:`SpineNetLib.cohort.exams`).  With ``only_t2``
+  (``spinenet cohort --t2-only``) only the sagittal series whose header says T2-weighted
+  (:func:`SpineNetLib.inputs.dicom.header_weighting`) are studies, and an exam without one is a
+  failure that names the sagittal series it has; image files, which carry no such header, are
+  studies either way.  Axial, coronal and localiser series
   (planes mixed within the series) are no study and are left out without a word: most exams hold
   some.  A series whose plane its headers do not tell is a study; the loader then reads it or
   says why it cannot.
@@ -52,7 +56,7 @@ import numpy as np
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.archive import is_zip_archive, unpacked_folder
-from SpineNetLib.inputs.dicom import not_mr_modality
+from SpineNetLib.inputs.dicom import header_weighting, not_mr_modality
 from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key, stack_label_of
 from SpineNetLib.inputs.image import image_suffix
 
@@ -111,6 +115,9 @@ class SeriesHeader:
     files: int
     #: The Modality of images that are no MR scan ("CT", ...; ``inputs.dicom.NOT_MR_MODALITIES``), else "".
     not_mr: str = ""
+    #: The weighting its first image's header tells (:func:`SpineNetLib.inputs.dicom.header_weighting`),
+    #: "" where it does not.
+    weighting: str = ""
 
 
 @dataclass
@@ -221,10 +228,11 @@ def dicom_series_in_folder(folder: str | os.PathLike) -> list[SeriesHeader]:
                                         "description": str(ds.get("SeriesDescription", "") or ""), "images": [],
                                         "not_mr": not_mr_modality(ds) or ""})
         entry["planes"].add(_plane(ds))
-        entry["images"] += [(path, *image) for image in _positions_and_contrasts(ds)]
+        weighting = header_weighting(ds) or ""
+        entry["images"] += [(path, *image, weighting) for image in _positions_and_contrasts(ds)]
     return [SeriesHeader(str(folder), key, e["study_uid"], _series_plane(e["planes"]), e["number"],
-                         e["description"], files, e["not_mr"])
-            for uid, e in series.items() for key, files in _files_of_stacks(uid, e["images"]).items()]
+                         e["description"], files, e["not_mr"], weighting)
+            for uid, e in series.items() for key, (files, weighting) in _files_of_stacks(uid, e["images"]).items()]
 
 
 def _positions_and_contrasts(ds) -> list[tuple]:
@@ -238,13 +246,15 @@ def _positions_and_contrasts(ds) -> list[tuple]:
     return [(group_value(g, "PlanePositionSequence", "ImagePositionPatient"), contrast_of(ds, g)) for g in groups]
 
 
-def _files_of_stacks(uid: str, images: list[tuple]) -> dict[str, int]:
-    """{series UID, or the key of each of its stacks (:mod:`SpineNetLib.inputs.stacks`): its number of files}
-    of one series' ``images`` (path, position, contrast), as the loader will see them."""
-    stacks = split_into_stacks([position for _, position, _ in images], [contrast for *_, contrast in images])
+def _files_of_stacks(uid: str, images: list[tuple]) -> dict[str, tuple[int, str]]:
+    """{series UID, or the key of each of its stacks (:mod:`SpineNetLib.inputs.stacks`): (its number of
+    files, the weighting of its first image)} of one series' ``images`` (path, position, contrast,
+    weighting), as the loader will see them (a dual echo's stacks differ in weighting)."""
+    stacks = split_into_stacks([image[1] for image in images], [image[2] for image in images])
     if stacks is None or not uid:
-        return {uid: len({path for path, *_ in images})}
-    return {stack_key(uid, label): len({images[i][0] for i in members}) for label, members in stacks.items()}
+        return {uid: (len({image[0] for image in images}), images[0][3])}
+    return {stack_key(uid, label): (len({images[i][0] for i in members}), images[members[0]][3])
+            for label, members in stacks.items()}
 
 
 def _series_plane(planes: set[str]) -> str:
@@ -267,11 +277,12 @@ def _merge_series(headers: Iterable[SeriesHeader]) -> list[SeriesHeader]:
         first = parts[0]
         out.append(SeriesHeader(str(_common_folder(p.folder for p in parts)), uid, first.study_uid,
                                 _series_plane(planes), first.number, first.description,
-                                sum(p.files for p in parts), first.not_mr))
+                                sum(p.files for p in parts), first.not_mr, first.weighting))
     return out
 
 
-def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study], list[StudyFailure]]:
+def _dicom_studies(root: Path, series: list[SeriesHeader], only_t2: bool = False
+                   ) -> tuple[list[Study], list[StudyFailure]]:
     studies, failures = [], []
     exams: dict[str, list[SeriesHeader]] = {}
     for s in series:
@@ -279,7 +290,17 @@ def _dicom_studies(root: Path, series: list[SeriesHeader]) -> tuple[list[Study],
     for exam_key, members in exams.items():
         sagittal = [s for s in members if s.plane in ("sagittal", "unknown")]
         readable = [s for s in sagittal if not s.not_mr]
+        if only_t2 and readable and not any(s.weighting == "T2" for s in readable):
+            relative = _relative(_common_folder(s.folder for s in members), root)
+            listing = "; ".join(f"{s.weighting or 'weighting unknown'} "
+                                f"{f'series {s.number} ' if s.number else ''}{s.description!r}" for s in readable)
+            failures.append(StudyFailure(
+                make_study_id([*_parts(relative, root), "exam"], f"{relative}#{exam_key}"), relative,
+                f"no sagittal series of this DICOM exam says T2-weighted in its header (--t2-only): {listing}"))
+            continue
         for s in readable:
+            if only_t2 and s.weighting != "T2":
+                continue
             relative = _relative(Path(s.folder), root)
             label = "_".join(x for x in (f"s{s.number}" if s.number else "", s.description,
                                          stack_label_of(s.series_uid)) if x)
@@ -310,15 +331,18 @@ def _local_map(function: Callable, items: list) -> list:
 
 
 def studies_from_candidates(root: str | os.PathLike, candidates: Candidates,
-                            map_folders: Callable[[Callable, list], list] | None = None) -> Discovery:
+                            map_folders: Callable[[Callable, list], list] | None = None, *,
+                            only_t2: bool = False) -> Discovery:
     """The studies of what :func:`candidate_inputs` found; ``map_folders(function, folders)`` returns
-    ``[function(folder) for folder in folders]``, in any way (by default here, one after the other)."""
+    ``[function(folder) for folder in folders]``, in any way (by default here, one after the other);
+    ``only_t2``: of the DICOM series, only the sagittal T2-weighted ones (module docstring)."""
     root = Path(root)
     mapped = map_folders or _local_map
     per_folder = mapped(dicom_series_in_folder, [str(f) for f in candidates.folders])
-    dicom, failures = _dicom_studies(root, _merge_series(h for headers in per_folder for h in headers))
+    dicom, failures = _dicom_studies(root, _merge_series(h for headers in per_folder for h in headers), only_t2)
     studies = [_image_study(root, p) for p in candidates.images] + dicom
-    for inside in mapped(functools.partial(archive_discovery, str(root)), [str(a) for a in candidates.archives]):
+    for inside in mapped(functools.partial(archive_discovery, str(root), only_t2=only_t2),
+                         [str(a) for a in candidates.archives]):
         studies += inside.studies
         failures += inside.failures
     studies.sort(key=lambda s: (s.relative, s.study_id))
@@ -326,7 +350,7 @@ def studies_from_candidates(root: str | os.PathLike, candidates: Candidates,
     return Discovery(studies, failures)
 
 
-def archive_discovery(root: str | os.PathLike, archive: str | os.PathLike) -> Discovery:
+def archive_discovery(root: str | os.PathLike, archive: str | os.PathLike, *, only_t2: bool = False) -> Discovery:
     """The studies and failures inside one ZIP archive under ``root``, as studies of the cohort (module
     docstring); mapped like the folders' headers, so ``spinenet cohort`` unpacks them on its workers.
 
@@ -337,7 +361,7 @@ def archive_discovery(root: str | os.PathLike, archive: str | os.PathLike) -> Di
     folders = _parts(relative, root)[:-1]
     try:
         with unpacked_folder(archive) as folder:
-            inside = discover_studies(folder)
+            inside = discover_studies(folder, only_t2=only_t2)
             top = _readable([folder.name])
     except InputError as error:
         return Discovery([], [StudyFailure(make_study_id([*folders, archive.name], relative), relative, str(error))])
@@ -374,6 +398,8 @@ def study_input(study: Study) -> Iterator[Path]:
 
 
 def discover_studies(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = (),
-                     map_folders: Callable[[Callable, list], list] | None = None) -> Discovery:
-    """Every study under ``root`` (module docstring), sorted by relative path; ``exclude``: folders to skip."""
-    return studies_from_candidates(root, candidate_inputs(root, exclude), map_folders)
+                     map_folders: Callable[[Callable, list], list] | None = None, *,
+                     only_t2: bool = False) -> Discovery:
+    """Every study under ``root`` (module docstring), sorted by relative path; ``exclude``: folders to skip;
+    ``only_t2``: of the DICOM series, only the sagittal T2-weighted ones."""
+    return studies_from_candidates(root, candidate_inputs(root, exclude), map_folders, only_t2=only_t2)

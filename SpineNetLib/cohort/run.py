@@ -470,10 +470,11 @@ def _run_pending(client: Client, pending: Sequence[Study], studies_dir: Path, se
             progress.update(outcome)
 
 
-def _discover(client: Client, root: Path, candidates) -> Discovery:
-    discovery = studies_from_candidates(root, candidates, _map_on(client))
+def _discover(client: Client, root: Path, candidates, only_t2: bool) -> Discovery:
+    discovery = studies_from_candidates(root, candidates, _map_on(client), only_t2=only_t2)
     if not discovery.studies:
-        exams = f"; {len(discovery.failures)} DICOM exam(s) have no sagittal series" if discovery.failures else ""
+        which = "sagittal T2-weighted (--t2-only)" if only_t2 else "sagittal"
+        exams = f"; {len(discovery.failures)} DICOM exam(s) have no {which} series" if discovery.failures else ""
         raise InputError(f"no study found under {root} (DICOM series, .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd files)"
                          f"{exams}")
     return discovery
@@ -481,8 +482,11 @@ def _discover(client: Client, root: Path, candidates) -> Discovery:
 
 def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: CohortSettings | None = None, *,
                workers: int | None = None, scheduler: str | None = None,
-               progress: TextIO | None = None) -> CohortResult:
+               progress: TextIO | None = None, only_t2: bool = False) -> CohortResult:
     """Run every study under ``root`` that ``outdir`` has no result of yet (module docstring).
+
+    ``only_t2``: of each DICOM exam, only the sagittal series whose header says T2-weighted
+    (:mod:`SpineNetLib.cohort.discover`; ``spinenet cohort --t2-only``).
 
     ``workers``: processes of the local cluster (default: the CPU count divided by
     ``settings.threads``); ``scheduler``: the address of an existing Dask scheduler instead.
@@ -512,7 +516,7 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
     check_same_result_settings(outdir, settings)
     with dask_client(workers, scheduler) as client:
         client.register_plugin(NetworksPlugin())
-        discovery = _discover(client, root, candidates)
+        discovery = _discover(client, root, candidates, only_t2)
         studies_dir = outdir / STUDIES_FOLDER
         studies_dir.mkdir(parents=True, exist_ok=True)
         record_result_settings(outdir, settings)

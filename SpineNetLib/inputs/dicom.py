@@ -334,12 +334,17 @@ def _series_plane(slices: list[_Slice]) -> str:
     return planes.pop() if len(planes) == 1 else "mixed"
 
 
-def _weighting_of(slices: list[_Slice]) -> str | None:
-    """The weighting a series' (or stack's) first header tells (:mod:`SpineNetLib.core.mr_weighting`)."""
-    h = slices[0].header
-    weighting = weighting_from_header({**_acquisition_times(h),
-                                       "series_description": str(h.get("SeriesDescription", "") or "")})
+def header_weighting(header) -> str | None:
+    """The weighting ("T2", "T1", "PD", "STIR", "FLAIR") that one DICOM header's times, or else its series
+    description, tell (:mod:`SpineNetLib.core.mr_weighting`); None where they do not."""
+    weighting = weighting_from_header({**_acquisition_times(header),
+                                       "series_description": str(header.get("SeriesDescription", "") or "")})
     return None if weighting is None else weighting.name
+
+
+def _weighting_of(slices: list[_Slice]) -> str | None:
+    """The weighting a series' (or stack's) first header tells."""
+    return header_weighting(slices[0].header)
 
 
 def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None

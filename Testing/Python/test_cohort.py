@@ -156,6 +156,40 @@ def test_the_studies_in_zip_archives_are_found_and_run_from_them(tmp_path, monke
     assert not any(temporary.iterdir())
 
 
+def test_t2_only_runs_each_exams_sagittal_t2_series(tmp_path):
+    """`spinenet cohort --t2-only`: of an exam's sagittal T1, T2 and STIR (told apart by their echo,
+    repetition and inversion times only) the T2 alone is a study, inside a ZIP archive too; an exam
+    without a T2-weighted sagittal series is a failure naming the series it has; image files, which carry
+    no such header, are studies either way. Without it, every sagittal series is a study."""
+    import shutil
+
+    times = {"T1": {"EchoTime": 10, "RepetitionTime": 550}, "T2": {"EchoTime": 95, "RepetitionTime": 3500},
+             "STIR": {"EchoTime": 40, "RepetitionTime": 4000, "InversionTime": 160, "ScanningSequence": "IR"}}
+    root = tmp_path / "root"
+    for number, name in enumerate(times, start=2):
+        _phantom(number, n_slices=4).write_dicom(root / "p1" / f"sag{number}", series_description=f"sag {number}",
+                                                 extra_tags={**times[name], "SeriesNumber": number,
+                                                             "StudyInstanceUID": "1.2.3.1"})
+    _phantom(5, n_slices=4).write_dicom(root / "p2" / "sag", series_description="sag tse",
+                                        extra_tags={**times["T1"], "SeriesNumber": 7, "StudyInstanceUID": "1.2.3.2"})
+    _phantom(6, n_slices=4).write_dicom(tmp_path / "exam3" / "sag", series_description="sag",
+                                        extra_tags={**times["T2"], "StudyInstanceUID": "1.2.3.3"})
+    _phantom(7, n_slices=4).write_dicom(tmp_path / "exam3" / "sag_t1", series_description="sag b",
+                                        extra_tags={**times["T1"], "StudyInstanceUID": "1.2.3.3"})
+    shutil.make_archive(str(root / "p3"), "zip", tmp_path / "exam3")
+    _phantom(8).write_nifti(root / "p4.nii.gz")
+
+    every = discover_studies(root)
+    assert len(every.studies) == 7 and not every.failures
+    found = discover_studies(root, only_t2=True)
+    assert [s.relative for s in found.studies] == ["p1/sag3", "p3.zip/sag", "p4.nii.gz"]
+    assert {s.study_id for s in found.studies} <= {s.study_id for s in every.studies}   # the same ids
+    (failure,) = found.failures
+    assert failure.input == "p2/sag"
+    assert failure.reason == ("no sagittal series of this DICOM exam says T2-weighted in its header (--t2-only): "
+                              "T1 series 7 'sag tse'")
+
+
 def test_a_study_in_an_archive_of_several_unpacks_only_its_own_folder(tmp_path):
     """An archive holding a whole exam: each study unpacks the folder of its own series (or image file)
     alone, not the other series; a study whose folder the archive no longer holds says so."""
@@ -273,7 +307,12 @@ def test_bad_cohort_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     (empty / ".hidden").mkdir(parents=True)
     image_root = _image_root(tmp_path / "root", 1)
+    t1_root = tmp_path / "t1"
+    _phantom(2, n_slices=4).write_dicom(t1_root / "sag", series_description="T1 SAG")
     cases = [(["cohort", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")], "no such folder"),
+             (["cohort", str(t1_root), "-o", str(tmp_path / "o"), "--t2-only", "--workers", "1"],
+              "no study found under " + str(t1_root.resolve()) + " (DICOM series, .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd "
+              "files); 1 DICOM exam(s) have no sagittal T2-weighted (--t2-only) series"),
              (["cohort", str(empty), "-o", str(tmp_path / "o")], "no study found"),
              (["cohort", str(image_root), "-o", str(tmp_path / "o"), "--scheduler", "nonsense"],
               "cannot connect to the Dask scheduler at nonsense"),
