@@ -66,8 +66,9 @@ def build_parser():
     parser.add_argument("--input", required=True, help="DICOM folder or file, a NIfTI/NRRD/MHA image, or a ZIP archive of either")
     parser.add_argument("--output", required=True, help="folder for the result files and scene.mrb")
     parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
-                        help="the series when a DICOM folder holds several sagittal series: its SeriesInstanceUID, "
-                             "its SeriesNumber or a part of its SeriesDescription (e.g. T2)")
+                        help="the series when a DICOM folder holds several sagittal series (default: the only one "
+                             "whose header says T2-weighted): its SeriesInstanceUID, its SeriesNumber or a part of "
+                             "its SeriesDescription (e.g. T1)")
     parser.add_argument("--weights", default="bundled", help="bundled (default), official or a folder")
     parser.add_argument("--profile", choices=["default", "official"], default=None,
                         help="processing profile (default: official with --weights official, else default; "

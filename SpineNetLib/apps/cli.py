@@ -93,9 +93,10 @@ def _use_threads(args) -> None:
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="DICOM folder or file, a NIfTI/NRRD/MHA/MHD image, or a ZIP archive of either")
     parser.add_argument("--series", metavar="UID|NUMBER|TEXT",
-                        help="the series to read when a DICOM folder holds several sagittal series: its "
+                        help="the series to read when a DICOM folder holds several sagittal series (default: "
+                             "the only one whose header says T2-weighted, with a warning): its "
                              "SeriesInstanceUID, its SeriesNumber, or a part of its SeriesDescription (any case) "
-                             "that names one sagittal series, e.g. --series T2; a series of several contrasts "
+                             "that names one sagittal series, e.g. --series T1; a series of several contrasts "
                              "(Dixon water and fat, echoes) is read as stacks, each chosen as listed, "
                              "e.g. --series '1.2.3 [W]', or by its label, --series '[W]'")
     parser.add_argument("--pixel-spacing", nargs=2, type=float, metavar=("ROW", "COL"),
@@ -588,7 +589,8 @@ def _add_correct_command(sub) -> None:
                               "folder holds preview.png, hotspots.png or DICOM results, which are drawn again (a study "
                               "of spinenet cohort, OUTDIR/studies/<id>: by default the scan the cohort read)")
     correct.add_argument("--series", metavar="UID|NUMBER|TEXT",
-                         help="the series the run read, when --input is a DICOM folder of several series")
+                         help="the series the run read, when --input is a DICOM folder of several series "
+                              "(default: the series vertebrae.json records, the one the run read)")
     correct.set_defaults(func=command_correct)
 
 

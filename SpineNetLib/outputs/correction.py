@@ -61,18 +61,31 @@ def vertebra_index(vertebrae_doc: dict, which: str) -> int:
 
 def read_scan_as_run(vertebrae_doc: dict, path, series: str | None = None, *, as_stored: bool = False):
     """The scan at ``path`` read as the run that wrote ``vertebrae_doc`` read it: with its spacing
-    overrides and its profile's slabs (``series``: the DICOM series, as ``--series`` takes it).
-    ``as_stored``: on its stored voxel grid, without the profile's slabs (a volume to show the results
-    on, as the batch script loads it)."""
+    overrides and its profile's slabs (``series``: the DICOM series, as ``--series`` takes it; None: of a
+    folder, the series the run read, so that an exam folder is not read at its default series when the
+    run was told another; where the folder cannot be read at that series, as the folder reads by
+    itself, which :func:`check_same_scan` then refuses as another scan). ``as_stored``: on its stored
+    voxel grid, without the profile's slabs (a volume to show the results on, as the batch script loads
+    it)."""
     from SpineNetLib.core.profiles import processing_profile
     from SpineNetLib.inputs.load import load_scan
 
-    overrides = (vertebrae_doc.get("input") or {}).get("overrides") or {}
+    recorded = vertebrae_doc.get("input") or {}
+    overrides = recorded.get("overrides") or {}
     profile = processing_profile(vertebrae_doc.get("profile"), vertebrae_doc.get("weights"))
     pixel_spacing = overrides.get("pixel_spacing")
-    return load_scan(path, series_uid=series, pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
-                     slice_spacing=overrides.get("slice_spacing"),
-                     resample_isotropic=profile.slab_average_thin_slices and not as_stored)
+
+    def read(series_uid: str | None):
+        return load_scan(path, series_uid=series_uid, pixel_spacing=tuple(pixel_spacing) if pixel_spacing else None,
+                         slice_spacing=overrides.get("slice_spacing"),
+                         resample_isotropic=profile.slab_average_thin_slices and not as_stored)
+
+    if series is None and recorded.get("series_uid") and Path(path).expanduser().is_dir():
+        try:
+            return read(str(recorded["series_uid"]))
+        except InputError:
+            pass
+    return read(series)
 
 
 def check_same_scan(vertebrae_doc: dict, scan) -> None:

@@ -212,6 +212,23 @@ def test_a_folder_without_pictures_is_corrected_without_the_scan(tmp_path, monke
     assert json.loads((out / "vertebrae.json").read_text())["vertebrae"][-1]["level"] is None
 
 
+def test_an_exam_folder_is_read_again_at_the_series_the_run_read(tmp_path, monkeypatch, capsys):
+    """A run told `--series` of an exam folder whose default is another series (its T2): the correction,
+    given the folder alone, draws the pictures from the series the run read, not the folder's default."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
+    exam = tmp_path / "exam"
+    phantom.write_dicom(exam / "t1", series_description="T1 SAG", extra_tags={"SeriesNumber": 3})
+    make_phantom(fov="lumbar", shape=(150, 150), pixel_spacing=(1.6, 1.6), n_slices=5, seed=6).write_dicom(
+        exam / "t2", series_description="T2 SAG", extra_tags={"SeriesNumber": 4})
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(exam), "-o", str(out), "--quiet", "--no-grade", "--series", "3"]) == 0
+    capsys.readouterr()
+    top = phantom.levels[0]
+    assert cli.main(["correct", str(out), top, _one_lower(top), "--input", str(exam)]) == 0, capsys.readouterr().err
+    assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]][0] == _one_lower(top)
+
+
 def test_naming_a_vertebra_its_own_level_records_the_review_and_moves_nothing(tmp_path, monkeypatch, capsys):
     """README: levels found right on review are confirmed by naming a vertebra its own level: nothing
     moves, the review flag goes and the reader's decision is recorded."""
