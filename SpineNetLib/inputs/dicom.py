@@ -342,11 +342,6 @@ def header_weighting(header) -> str | None:
     return None if weighting is None else weighting.name
 
 
-def _weighting_of(slices: list[_Slice]) -> str | None:
-    """The weighting a series' (or stack's) first header tells."""
-    return header_weighting(slices[0].header)
-
-
 def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: str | None
                    ) -> tuple[str, str | None]:
     """(the series to read, a warning or None): ``series_uid``, or the folder's only sagittal MR series,
@@ -373,9 +368,9 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
         return series_uid, None
     if len(sagittal) == 1:
         return sagittal[0], None
-    weightings = {uid: _weighting_of(series[uid]) for uid in sagittal}
+    weightings = {uid: header_weighting(series[uid][0].header) for uid in sagittal}   # a stack's own first image
     t2 = [uid for uid in sagittal if weightings[uid] == "T2"]
-    if len(sagittal) > 1 and len(t2) == 1:
+    if len(t2) == 1:   # of several sagittal series
         by_number = sorted((u for u in sagittal if u != t2[0]),
                            key=lambda u: (int(_series_number(series[u])) if _series_number(series[u]).isdigit()
                                           else float("inf"), u))
