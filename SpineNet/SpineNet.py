@@ -84,6 +84,8 @@ from SpineNetModuleLib.workers import (  # noqa: E402,F401
 from SpineNetLib.outputs import documents  # noqa: E402
 from SpineNetLib.core.errors import SpineNetError  # noqa: E402
 
+#: The status line before a run, where the selected volume has nothing to note (``showInputNote``).
+IDLE_PROMPT = "Select a sagittal volume and press Detect & Grade."
 #: Style of the labelling line when the levels may be shifted (the worst error: make it stand out).
 LEVELS_REVIEW_STYLE = ("QLabel { background-color: #fff3cd; color: #8a1c00; font-weight: bold; "
                        "border: 1px solid #e0a800; padding: 4px; }")
@@ -168,6 +170,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self._populating = False
         self._shownResults = None
         self._levelCombos = []
+        self._inputNote = ""
 
     # ----------------------------------------------------------------- set-up
 
@@ -215,6 +218,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.weightsFolderLineEdit.textChanged.connect(self.updateWidgets)   # the hotspot heads it offers
         self.ui.gradingCheckBox.toggled.connect(self.updateWidgets)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
+        self.ui.gradingCheckBox.toggled.connect(lambda *args: self.showInputNote())
+        self.ui.sequenceComboBox.currentIndexChanged.connect(lambda *args: self.showInputNote())
         # options -> parameter node
         self.ui.weightsComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.weightsFolderLineEdit.textChanged.connect(self.updateParameterNodeFromGUI)
@@ -226,7 +231,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         # a closed scene takes its parameter node (and the results) with it
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.setStatus("Select a sagittal volume and press Detect & Grade.")
+        self.setStatus(IDLE_PROMPT)
         self.initializeParameterNode()
         self.onInputChanged()
 
@@ -485,6 +490,23 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.updateParameterNodeFromGUI()
         self._populateIfChanged()
         self.updateWidgets()
+        self.showInputNote(chosenNow=True)
+
+    def showInputNote(self, chosenNow=False):
+        """Before a volume has results, what its DICOM header says of its grading (the logic's
+        :meth:`inputNote`: a T1 volume's discs are measured, not graded; the scene's T2 volumes) in the
+        status line, else the prompt. Shown when the volume is chosen, and when grading or Sequence
+        change while the line holds the prompt or the note; never during a run, nor over a run's message."""
+        if self.logic.isRunning():
+            return
+        if not chosenNow and _get(self.ui.statusLabel, "text") not in (IDLE_PROMPT, self._inputNote):
+            return
+        volume = self._volume()
+        if volume is not None and self.logic.documents(volume)[0] is not None:
+            return
+        self._inputNote = self.logic.inputNote(volume, bool(_get(self.ui.gradingCheckBox, "checked")),
+                                               sequence_setting(_get(self.ui.sequenceComboBox, "currentText")))
+        self.setStatus(self._inputNote or IDLE_PROMPT)
 
     def populateResults(self):
         """Fill the disc table and the vertebra list from the results stored for the input volume."""

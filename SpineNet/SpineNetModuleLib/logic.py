@@ -743,6 +743,26 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         graded = sum(1 for d in (discsDoc or {}).get("discs", []) if d.get("grades"))
         return f"{len(names)} vertebrae ({names[0]}..{names[-1]}), {discs} discs, {graded} graded."
 
+    def inputNote(self, volumeNode, grading=True, sequence=None):
+        """Before a run, one line on a volume whose DICOM header (Slicer's database) says it is not
+        T2-weighted while the weighting is left to the scan (``sequence`` None): its discs will be measured,
+        not graded; with the sagittal volumes of the scene whose header says T2-weighted. "" otherwise (no
+        grading, a weighting chosen, no database, a volume from a file, a T2-weighted one)."""
+        if volumeNode is None or not grading or sequence is not None:
+            return ""
+        mrml = self._mrml()
+        weighting = mrml.dicom_weighting(volumeNode)
+        if weighting is None or weighting.graded:
+            return ""
+        t2 = [node.GetName() for node in mrml.sagittal_volumes(volumeNode.GetScene())
+              if node.GetID() != volumeNode.GetID() and getattr(mrml.dicom_weighting(node), "name", None) == "T2"]
+        note = (f'"{volumeNode.GetName()}" is {weighting.description()}: its discs will be measured, not graded '
+                "(the grader reads T2-weighted scans; Sequence T2 grades them)")
+        if t2:
+            names = ", ".join(f'"{name}"' for name in t2)
+            note += f"; the sagittal T2-weighted volume{'s' if len(t2) > 1 else ''} of the scene: {names}"
+        return note + "."
+
     def labellingStatus(self, volumeNode):
         """(one line about how sure the volume's levels are, whether they need review); ("", False) without one.
         For a cohort study whose levels a reader has not corrected or confirmed, what the other series of its exam

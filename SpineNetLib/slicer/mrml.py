@@ -51,6 +51,7 @@ from vtk.util import numpy_support
 from SpineNetLib.outputs import documents
 from SpineNetLib.outputs.segmentation import filled_segments
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.mr_weighting import Weighting, weighting_from_header
 from SpineNetLib.inputs.canonical import scan_from_array
 from SpineNetLib.inputs.dicom import not_mr_modality
 from SpineNetLib.inputs.image import check_image_voxels
@@ -253,6 +254,27 @@ def dicom_acquisition(volume_node) -> dict:
     reads its weighting as ``spinenet run`` reads a DICOM folder's; {} where the database cannot tell."""
     values = _dicom_values(volume_node, ACQUISITION_TAGS)
     return {**values, "dicom_header": True} if values else {}
+
+
+def dicom_weighting(volume_node) -> Weighting | None:
+    """The weighting that the DICOM header of the series a volume node was loaded from tells (as
+    ``spinenet run`` reads a DICOM folder's), or None (:func:`dicom_acquisition`: no database, a volume
+    from a file, a header that does not say)."""
+    values = dicom_acquisition(volume_node)
+    return weighting_from_header(values) if values else None
+
+
+def sagittal_volumes(scene) -> list:
+    """The scalar volume nodes of ``scene`` (label maps left out) whose slices are sagittal: their K axis,
+    the step from one slice to the next as Slicer's DICOM module loads a series, lies closest to
+    left-right."""
+    nodes = []
+    for n in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(n)
+        if node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            if int(np.argmax(np.abs(ijk_to_ras(node)[:3, 2]))) == 0:
+                nodes.append(node)
+    return nodes
 
 
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:

@@ -261,6 +261,54 @@ def test_a_series_from_slicers_dicom_module_takes_its_acquisition_times_to_the_r
         widget.logic.cleanupRun(run)
 
 
+class _SeriesDatabase:
+    """Slicer's DICOM database answering per series: a volume's first instance UID names its tags."""
+
+    def __init__(self, values_by_instance: dict[str, dict[str, str]]):
+        self.values_by_instance = values_by_instance
+
+    def instanceValue(self, uid, tag):
+        return self.values_by_instance.get(uid, {}).get(tag, "")
+
+
+def test_a_t1_volume_is_said_to_be_measured_not_graded_before_the_run(panel, monkeypatch):
+    """An exam loaded through Slicer's DICOM module: choosing its sagittal T1 says, before any run, that
+    its discs will be measured, not graded, and which sagittal volume is the T2 (an axial T2 is not named);
+    the note goes when Sequence is set to T2, or for the T2 volume, or a volume from a file."""
+    module, widget, scene, volume, vertebrae = panel
+    voxels, affine = mrml.volume_arrays(volume)
+    assert mrml.sagittal_volumes(scene) and int(np.argmax(np.abs(affine[:3, 2]))) == 0
+    named = {}
+    for name, uid, matrix in (("5: SAG T1", "1.2.5.1", affine), ("6: SAG T2", "1.2.6.1", affine),
+                              ("7: AX T2", "1.2.7.1", np.diag([0.8, 0.8, 4.0, 1.0]))):
+        named[name] = mrml.add_volume(scene, voxels, matrix, name)
+        named[name].SetAttribute("DICOM.instanceUIDs", uid)
+    t1_tags = {"0008,0060": "MR", "0018,0081": "11", "0018,0080": "550", "0018,0020": "SE"}
+    t2_tags = {"0008,0060": "MR", "0018,0081": "95", "0018,0080": "3500", "0018,0020": "SE"}
+    monkeypatch.setattr(mrml.slicer, "dicomDatabase", _SeriesDatabase(
+        {"1.2.5.1": t1_tags, "1.2.6.1": t2_tags, "1.2.7.1": t2_tags}), raising=False)
+    widget.ui.inputSelector.refresh()
+    status = widget.ui.statusLabel
+    widget.ui.inputSelector.setCurrentNode(named["5: SAG T1"])
+    note = ('"5: SAG T1" is T1-weighted (DICOM header: TE 11 ms, TR 550 ms): its discs will be measured, not '
+            'graded (the grader reads T2-weighted scans; Sequence T2 grades them); the sagittal T2-weighted '
+            'volume of the scene: "6: SAG T2".')
+    assert status.text() == note
+    widget.ui.sequenceComboBox.setCurrentText("T2")
+    assert status.text() == module.IDLE_PROMPT
+    widget.ui.sequenceComboBox.setCurrentText("from the scan")
+    assert status.text() == note
+    widget.ui.gradingCheckBox.setChecked(False)
+    assert status.text() == module.IDLE_PROMPT
+    widget.ui.gradingCheckBox.setChecked(True)
+    widget.ui.inputSelector.setCurrentNode(named["6: SAG T2"])
+    assert status.text() == module.IDLE_PROMPT
+    widget.ui.inputSelector.setCurrentNode(named["5: SAG T1"])
+    assert status.text() == note
+    widget.ui.inputSelector.setCurrentNode(volume)   # from a file: nothing in the database
+    assert status.text() == module.IDLE_PROMPT
+
+
 # --------------------------------------------------------------------------- a transformed volume
 
 def test_results_follow_the_volumes_parent_transform(panel, tmp_path):
