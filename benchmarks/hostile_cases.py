@@ -393,11 +393,12 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
     """Broken DICOM series: files, positions, series, pixel encodings, sizes and spacings."""
     cases: list[Case] = []
 
-    def series(name: str, expect: str, edit: Callable[[list[Path], Path], None], options: tuple = ()) -> None:
+    def series(name: str, expect: str, edit: Callable[[list[Path], Path], None], options: tuple = (),
+               warning: str = "") -> None:
         folder = work / "dicom" / re.sub(r"\W+", "_", name)
         files = _copy_series(base, folder)
         edit(files, folder)
-        cases.append(Case("dicom", name, str(folder), expect, options=options))
+        cases.append(Case("dicom", name, str(folder), expect, options=options, warning=warning))
 
     def each(**values):
         return lambda files, folder: [_edit_dicom(f, **values) for f in files]
@@ -414,11 +415,21 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
             _edit_dicom(files[index], ImagePositionPatient=[float(x) + mm for x in ds.ImagePositionPatient])
         return edit
 
-    def other_series(plane):
+    def other_series(plane, times=None):
         def edit(files, folder):
             affine = base.affine if plane == "sagittal" else np.diag([0.8, 0.8, 4.0, 1.0])
             write_dicom_series(base.phantom.voxels_kji[:, :, :], affine, folder / "second", file_prefix="B",
-                               series_description=f"another {plane} series", seed=9)
+                               series_description=f"another {plane} series", seed=9, extra_tags=times)
+        return edit
+
+    t1_times, t2_times = {"EchoTime": 10, "RepetitionTime": 550}, {"EchoTime": 95, "RepetitionTime": 3500}
+
+    def as_t2_beside(times):
+        """The series made T2-weighted by its times, another sagittal series with ``times`` beside it."""
+        def edit(files, folder):
+            for f in files:
+                _edit_dicom(f, **t2_times)
+            other_series("sagittal", times)(files, folder)
         return edit
 
     series("valid series (reference)", OK, lambda files, folder: None)
@@ -433,6 +444,9 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
                                   _edit_dicom(folder / "dup.dcm", SOPInstanceUID="1.2.3.4.5.6.7")))
     series("an axial series beside it", OK, other_series("axial"))
     series("two sagittal series", REFUSE, other_series("sagittal"))
+    series("a sagittal T2 and a sagittal T1 (the T2 is read)", WARN, as_t2_beside(t1_times),
+           warning="read the T2-weighted one")
+    series("two sagittal T2 series", REFUSE, as_t2_beside(t2_times))
     series("unknown --series", REFUSE, lambda files, folder: None, options=("--series", "1.2.3"))
     series("PALETTE COLOR", REFUSE, each(PhotometricInterpretation="PALETTE COLOR"))
     series("MONOCHROME1", OK, each(PhotometricInterpretation="MONOCHROME1"))
