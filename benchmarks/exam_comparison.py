@@ -1,0 +1,129 @@
+"""What the comparison of an exam's series (``spinenet cohort``'s ``exam_disagreement``) would catch: figures, not a test.
+
+    python benchmarks/exam_comparison.py --pred DIR [--split val|train] [--data DIR]
+
+``DIR`` is a prediction folder of ``acquisition_variants.py`` (``DIR/<variant>/<case>/vertebrae.json``,
+made with the same ``--split``).  ``../shared/data`` holds no real exam with several sagittal DICOM series,
+so this stands in for one: each case as acquired and the same case as a variant (another intensity
+mapping, noise, a coil falloff, a blur, another pixel size, another field of view, the image grid turned)
+are taken as two series of one exam.  The variants keep the patient where they were (the scan's geometry
+follows the new grid), so this is an exam whose patient did not move between series: the comparison's
+best case for finding the same vertebra in both; a patient who moves by more than
+``cohort.exams.SAME_BODY_MM`` between series is not measured.
+
+For every such pair the cohort's own rule (``SpineNetLib.cohort.exams.exam_disagreements``) says whether
+the two runs name a vertebra differently.  A study asks for a review when its own flag (``needs_review``)
+is set or the pair disagrees, as in ``cohort_studies.csv``.  Printed per variant and over all pairs, for the
+variant's run and for the as-acquired run of each pair: the runs with a wrongly named body (scored as
+``spinenet evaluate`` scores them), those their own flag misses, and of these the ones the disagreement
+catches; the runs with every body right, those their own flag asks about, and those the disagreement alone
+adds (its false alarms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from script_errors import InputError  # noqa: E402
+
+AS_ACQUIRED = "as_acquired"
+
+
+def _as_series_of_one_exam(document: dict, case: str, series: str) -> dict:
+    """``document`` with the two UIDs that make its run a series of the exam ``case`` (the variants are
+    image files, which record none)."""
+    described = dict(document.get("input") or {})
+    described.update(study_uid=f"exam-{case}", frame_of_reference_uid="frame-1", series_uid=series)
+    return {**document, "input": described}
+
+
+def pair_outcomes(first: dict, second: dict, case: str) -> tuple[bool, bool]:
+    """(whether the first run's levels disagree with the second's, and the other way round), by the
+    cohort's rule."""
+    from SpineNetLib.cohort.exams import exam_disagreements
+
+    reasons = exam_disagreements({"first": _as_series_of_one_exam(first, case, "1"),
+                                  "second": _as_series_of_one_exam(second, case, "2")})
+    return "first" in reasons, "second" in reasons
+
+
+def _scored(data_root: Path, folder: Path) -> dict[str, dict]:
+    """{case: {"wrong": a body named wrongly, "flagged": needs_review, "document": vertebrae.json}}."""
+    from SpineNetLib.evaluation.evaluate import evaluate_directories
+
+    ran = sorted(p.name for p in folder.iterdir() if (p / "vertebrae.json").is_file())
+    summary = evaluate_directories(data_root, folder, case_ids=ran)
+    out = {}
+    for case, metrics in summary["cases"].items():
+        document = json.loads((folder / case / "vertebrae.json").read_text(encoding="utf-8"))
+        out[case] = {"wrong": bool(metrics["wrong_levels"]),
+                     "flagged": bool((document.get("labelling") or {}).get("needs_review")), "document": document}
+    return out
+
+
+def _line(name: str, runs: list[tuple[dict, bool, bool]]) -> str:
+    """One table line over ``runs`` (scored run, whether its pair disagrees, whether the other run of the
+    pair has a body named wrongly)."""
+    wrong = [(r, d) for r, d, _ in runs if r["wrong"]]
+    missed = [(r, d) for r, d in wrong if not r["flagged"]]
+    right = [(r, d, o) for r, d, o in runs if not r["wrong"]]
+    added = [o for r, d, o in right if d and not r["flagged"]]
+    return (f"{name:<26} {len(runs):>5} {len(wrong):>6} {len(missed):>9} {sum(d for _, d in missed):>7}"
+            f" {sum(d for r, d in wrong if r['flagged']):>6} {len(right):>6} {sum(r['flagged'] for r, _, _ in right):>8}"
+            f" {len(added):>6} {sum(added):>13}")
+
+
+HEADER = (f"{'runs':<26} {'pairs':>5} {'wrong':>6} {'unflagged':>9} {'caught':>7} {'both':>6} {'right':>6}"
+          f" {'flagged':>8} {'added':>6} {'partner wrong':>13}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pred", required=True, help="prediction folder of acquisition_variants.py")
+    parser.add_argument("--split", choices=("val", "train"), default="val", help="the split the predictions are of")
+    parser.add_argument("--data", default=None, help="data root (default ../shared/data)")
+    args = parser.parse_args(argv)
+    pred_root = Path(args.pred)
+    if not (pred_root / AS_ACQUIRED).is_dir():
+        raise InputError(f"no {AS_ACQUIRED} folder in {pred_root}: run acquisition_variants.py --pred {pred_root} "
+                         "first (with the as_acquired variant)")
+    from SpineNetLib.training.datasets import default_data_root
+
+    data_root = Path(args.data) if args.data else default_data_root()
+    acquired = _scored(data_root, pred_root / AS_ACQUIRED)
+    variants = sorted(p.name for p in pred_root.iterdir() if p.is_dir() and p.name != AS_ACQUIRED)
+    print(f"{args.split} split: {len(acquired)} cases as acquired; each variant's run and the same case's run as "
+          "acquired taken as two series of one exam\n")
+    print("wrong: runs with a body named wrongly; unflagged: of these, without their own review flag; caught: of "
+          "these, the pair disagrees; both: wrong, flagged, and the pair disagrees too; right: runs with every "
+          "annotated body right; flagged: of these, with their own flag; added: of these, without it but the pair "
+          "disagrees (the comparison alone asks for their review); partner wrong: of those, the other run of the "
+          "pair has a body named wrongly (one of the two is wrong: the reader must look at both)\n")
+    print(HEADER)
+    every_second, every_first = [], []
+    for variant in variants:
+        runs = _scored(data_root, pred_root / variant)
+        second, first = [], []
+        for case, run in runs.items():
+            if case not in acquired:
+                continue
+            first_disagrees, second_disagrees = pair_outcomes(acquired[case]["document"], run["document"], case)
+            second.append((run, second_disagrees, acquired[case]["wrong"]))
+            first.append((acquired[case], first_disagrees, run["wrong"]))
+        print(_line(f"{variant}", second))
+        every_second += second
+        every_first += first
+    print(_line("every variant's run", every_second))
+    print(_line("the runs as acquired", every_first))
+    return 0
+
+
+if __name__ == "__main__":
+    from script_errors import run_main   # benchmarks/ is on the path of a script run directly
+
+    run_main(main)
