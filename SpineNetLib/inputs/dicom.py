@@ -41,6 +41,7 @@ from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.mr_weighting import weighting_from_header
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.inputs.image import image_suffix
 from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key
 
 _FLIP_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -497,7 +498,8 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
                    containing: Path | None = None) -> tuple[str, list[_Slice], str | None]:
     """(UID, image records, a warning or None) of the series to load: that of the file ``containing``,
     ``series_uid`` or the one :func:`_select_series` takes."""
-    headers, skipped = _read_headers(_candidate_files(folder, recursive))
+    candidates = _candidate_files(folder, recursive)
+    headers, skipped = _read_headers(candidates)
     if series_uid is not None and series_uid in skipped and all(
             str(ds.get("SeriesInstanceUID", "")) != series_uid for _, ds in headers):
         raise InputError(f"series {series_uid} in {folder} is no image series (a {skipped[series_uid]} object)")
@@ -505,6 +507,12 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
         found = ", ".join(sorted(set(skipped.values())))
         raise InputError(f"no image series in {folder} (found only: {found})")
     if not headers:
+        images = [p for p in candidates if image_suffix(p) is not None]
+        if images:   # a folder of NIfTI, NRRD or MHA files: spinenet run reads one file, a cohort all of them
+            named = ", ".join(p.relative_to(folder).as_posix() for p in images[:3])
+            raise InputError(f"no DICOM files in {folder}, but {len(images)} image "
+                             f"file{'s' if len(images) > 1 else ''} ({named}{', ...' if len(images) > 3 else ''}): "
+                             "give one of them, or run them all with spinenet cohort")
         raise InputError(f"no DICOM files in {folder}")
     series: dict[str, list[_Slice]] = {}
     problems: dict[str, str] = {}  # series -> why one of its files cannot be used (raised only if it matters)

@@ -564,6 +564,13 @@ def _not_dicom(tmp):
     return tmp / "n", {}
 
 
+def _image_files(tmp):
+    vol, a = sagittal_standard((4, 20, 18))
+    for name in ("image.nii.gz", "labels.nii.gz"):
+        write_image(vol, a, tmp / "case" / name)
+    return tmp / "case", {}
+
+
 def _only_axial(tmp):
     write_dicom_series(asymmetric_volume((5, 16, 16)), affine("RAI", (0.9, 0.9, 5.0)), tmp / "ax")
     return tmp / "ax", {}
@@ -704,6 +711,8 @@ def _unknown_series(tmp):
 BAD_INPUTS = {
     "empty folder": (_empty, r"^folder .* is empty$"),
     "folder without DICOM": (_not_dicom, r"^no DICOM files in "),
+    "folder of image files": (_image_files, r"^no DICOM files in .*case, but 2 image files \(image.nii.gz, "
+                                            r"labels.nii.gz\): give one of them, or run them all with spinenet cohort$"),
     "only axial series": (_only_axial, r"^no sagittal series in .*: only axial series found"),
     "only coronal series": (_only_coronal, r"^no sagittal series in .*: only coronal series found"),
     "two sagittal series, neither T2": (_two_sagittal, r"^2 sagittal series in .*choose one with --series"),
