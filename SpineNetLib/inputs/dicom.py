@@ -378,7 +378,8 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
         others = "; ".join(f"{weightings[u] or 'weighting unknown'} {_describe_series(u, series[u])}"
                            for u in by_number)
         return t2[0], (f"{len(sagittal)} sagittal series in {folder}: read the T2-weighted one, "
-                       f"{_describe_series(t2[0], series[t2[0]])}; not read: {others}; another with --series")
+                       f"{_describe_series(t2[0], series[t2[0]])}; not read: {others}; another with --series, or "
+                       "every one, their levels compared, with spinenet cohort")
     if len(sagittal) > 1:
         listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
         raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series (its UID, its "
