@@ -51,18 +51,20 @@ from SpineNetLib.discs.weighting import (Weighting, not_graded_reason, not_grade
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
-                                          S1_MAY_BE_L5, LabellingConfidence, confidence_of_vertebrae,
+                                          S1_MAY_BE_L5, LabellingConfidence, ask_for_review, confidence_of_vertebrae,
                                           beyond_lumbar_field, lowest_bodies_from_second_detector,
                                           s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
                                              level_in, levels_down_to_s1, names_bodies_down_to_s1, same_body,
                                              weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
+from SpineNetLib.label.other_series import review_against_other_series
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
-from SpineNetLib.models.grading_heads import reads_one_slice
+from SpineNetLib.models.grading_heads import SINGLE_SLICE_GRADER_ON_A_VOLUME, reads_one_slice
 from SpineNetLib.models.inference import is_torch_module
-from SpineNetLib.models.runtime_choice import AUTO, automatic_runtime, choose_device  # noqa: F401 (API)
+from SpineNetLib.models.runtime_choice import (AUTO, automatic_runtime, choose_device,  # noqa: F401 (API)
+                                               slow_arithmetic_warnings)
 from SpineNetLib.models.runtimes import check_runtime
 from SpineNetLib.weights.resolve import WeightSet, resolve_weights, resolve_weights_file, user_cache_dir
 # torch and its networks are imported where a run needs them: --runtime onnx never does (models/onnx_runtime.py)
@@ -195,20 +197,6 @@ def _detect_at_plausible_spacing(scan: Scan, predict, params: detection.Detectio
             best = (rescaled, retried, factor)
     best[1].timings_s["detection"] = time.perf_counter() - start  # every try
     return best
-
-
-#: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
-#: Figures from the volumes of healthy volunteers (``benchmarks/grader_on_volumes.py``; MODEL_CARD.md "On volumes").
-SINGLE_SLICE_GRADER_ON_A_VOLUME = (
-    "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
-    "not validated (the bundled grader calls 11-32 % of healthy volunteers' discs herniated, depending on "
-    "the scanner, and 47 % of their L5-S1 discs; MODEL_CARD.md); treat them as a hint only")
-
-
-def _ask_for_review(confidence: LabellingConfidence, reason: str) -> None:
-    """Set ``needs_review`` for a reason the probabilities cannot show; the reason goes first."""
-    confidence.warnings.insert(0, reason)
-    confidence.needs_review = True
 
 
 def _weaker_s1_below_full_strength_s1(labelled: list[Vertebra], candidates: list[Vertebra],
@@ -543,6 +531,10 @@ class RunOptions:
     #: (:func:`processing_profile`).  Slab averaging is decided when the scan is loaded
     #: (``load_scan(resample_isotropic=...)``); the caller passes the profile's choice there.
     profile: str | None = None
+    #: Other sagittal series of the scan's exam, in its frame of reference (``Scan.metadata
+    #: ["other_sagittal_series"]``, read): each is detected and labelled too, and where one names a vertebra
+    #: otherwise, the levels ask for a review (:mod:`SpineNetLib.label.other_series`).
+    other_series: Sequence[Scan] = ()
     #: Labelling confidence below which the levels are flagged for review
     #: (:mod:`SpineNetLib.label.confidence`); None: the margin calibrated for the context weights
     #: (``LabellingParams.review_margin_nats`` via ``labelling.params_for_context``).
@@ -574,13 +566,6 @@ class RunResult:
     #: How sure the level labelling is against the best labelling shifted by one level (None when a
     #: plug-in did not provide it); also in the vertebrae document's ``"labelling"`` block.
     labelling_confidence: LabellingConfidence | None = None
-
-
-def _slow_arithmetic(networks: Networks) -> list[str]:
-    from SpineNetLib.models.precision import bfloat16_warning
-
-    slow = bfloat16_warning(networks.precision, networks.device)
-    return [slow] if slow is not None else []
 
 
 def _check_options(options: RunOptions, networks: Networks) -> list:
@@ -648,7 +633,7 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
     spacing_factor = result.labelling.get("pixel_spacing_factor")
     if spacing_factor is not None:
         # the header's spacing found too few bodies: the levels and every size in mm are in doubt
-        _ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
+        ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
                                     f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
                                     f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
                                     "use the header's)")
@@ -656,19 +641,19 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
     if twice is not None:
         result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
                                                 "probabilities": [round(p, 4) for p in twice.probabilities]}
-        _ask_for_review(confidence, twice.warning())
+        ask_for_review(confidence, twice.warning())
     if result.labelling.get("levels_from_second_detector"):
-        _ask_for_review(confidence, lowest_bodies_from_second_detector(result.labelling["levels_from_second_detector"]))
+        ask_for_review(confidence, lowest_bodies_from_second_detector(result.labelling["levels_from_second_detector"]))
     if result.labelling.get("s1_may_be_l5"):   # the more specific reason first
-        _ask_for_review(confidence, S1_MAY_BE_L5)
+        ask_for_review(confidence, S1_MAY_BE_L5)
     if result.labelling.get("moved_up_to_weaker_s1"):
-        _ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
+        ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
     if result.labelling.get("s1_at_image_edge_relabelled"):
-        _ask_for_review(confidence, EDGE_BODY_RELABELLED)
+        ask_for_review(confidence, EDGE_BODY_RELABELLED)
     if s1_cut_by_lower_edge(result.vertebrae, scan.voxels.shape[0]):
         # the note's strongest case (the body itself cut) asks for a review instead
         result.labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
-        _ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
+        ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
         return
     edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
     if edge_note is not None:
@@ -696,7 +681,16 @@ def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks
         error, margin = found
         result.labelling["orientation_doubt"] = {"image_seems": error.seems,
                                                  "margin_nats_set_right": round(margin, 3)}
-        _ask_for_review(confidence, orientation_warning(error, confidence.margin_nats, margin))
+        ask_for_review(confidence, orientation_warning(error, confidence.margin_nats, margin))
+
+
+def _measurement_warnings(scan: Scan, result: DetectionResult, discs: DiscResult, discs_doc: dict) -> list[str]:
+    """Measurements that cannot be anatomy, or that rest on an outline to check, as the discs document names
+    them; first, bodies of an implausible size (unless the pixel spacing was retried: that has its own reason)."""
+    found = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
+    if "pixel_spacing_factor" not in result.labelling:
+        found[:0] = [w for w in [lumbar_body_size_warning(discs.measurements, scan.spacing_mm)] if w is not None]
+    return found
 
 
 def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
@@ -718,23 +712,26 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     # warnings about the input itself (e.g. a single sagittal slice) travel with the vertebrae
     scan_warnings = [str(w) for w in scan.metadata.get("warnings", [])]
     warnings: list[str] = list(scan_warnings)
-    if networks.precision != "fp32":
-        warnings += _slow_arithmetic(networks)
+    warnings += slow_arithmetic_warnings(networks.precision, networks.device)
     profile = processing_profile(options.profile, networks.weights.source)
     params = profiled_labelling_params(networks.context, options.labelling_params, profile)
     detection_params = profiled_detection_params(options.detection_params, profile)
-    result = detect_and_label(scan, networks, detection_params=detection_params,
-                              labelling_params=params, progress=progress,
-                              retry_pixel_spacing=profile.retry_pixel_spacing,
-                              second_detector=networks.s1_outline if profile.refine_s1_outline else None)
+    labelled_with = dict(detection_params=detection_params, labelling_params=params,
+                         retry_pixel_spacing=profile.retry_pixel_spacing,
+                         second_detector=networks.s1_outline if profile.refine_s1_outline else None)
+    result = detect_and_label(scan, networks, progress=progress, **labelled_with)
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
+        if options.other_series:   # a second opinion: the exam's other sagittal series, labelled as this one
+            result.labelling["compared_with_series"] = review_against_other_series(
+                scan, result.vertebrae, options.other_series,
+                lambda other: detect_and_label(other, networks, **labelled_with).vertebrae, confidence)
         beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if beyond is not None:   # first: what the levels' own reasons cannot show
-            _ask_for_review(confidence, beyond)
+            ask_for_review(confidence, beyond)
     if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines
         refine_s1_outline(scan, result, networks.s1_outline, detection_params)
     labelling_warnings = list(confidence.warnings) if confidence is not None else []
@@ -760,12 +757,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
     discs_doc["profile"] = profile.name
-    # measurements that cannot be anatomy, or that rest on an outline to check, as the discs document names them
-    measurement_warnings = [line for d in discs_doc["discs"] for line in d.get("measurement_warnings") or []]
-    size_warning = (lumbar_body_size_warning(discs.measurements, scan.spacing_mm)
-                    if "pixel_spacing_factor" not in result.labelling else None)   # that has its own reason
-    if size_warning is not None:
-        measurement_warnings.insert(0, size_warning)
+    measurement_warnings = _measurement_warnings(scan, result, discs, discs_doc)
     disc_warnings += measurement_warnings
     warnings += measurement_warnings
     if discs.grades and reads_one_slice(networks.grading) and scan.voxels.shape[2] > 1:

@@ -9,7 +9,7 @@ mapping, noise, a coil falloff, a blur, another pixel size, another field of vie
 are taken as two series of one exam.  The variants keep the patient where they were (the scan's geometry
 follows the new grid), so this is an exam whose patient did not move between series: the comparison's
 best case for finding the same vertebra in both; a patient who moves by more than
-``cohort.exams.SAME_BODY_MM`` between series is not measured.
+``core.levels.SAME_BODY_MM`` between series is not measured.
 
 For every such pair the cohort's own rule (``SpineNetLib.cohort.exams.exam_disagreements``) says whether
 the two runs name a vertebra differently.  A study asks for a review when its own flag (``needs_review``)

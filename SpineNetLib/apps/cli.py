@@ -173,15 +173,7 @@ def _check_sequence(args) -> str | None:
     return user_sequence(getattr(args, "sequence", None))
 
 
-def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
-    """The ``spinenet`` parser; ``with_training`` False leaves out ``spinenet train``, whose options
-    import torch (:func:`main` does when the arguments do not ask for training or for help)."""
-    parser = _OneLineErrors(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-    parser.add_argument("--version", action="version", version=f"spinenet {_version()}",
-                        help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run_command(sub) -> None:
     run = sub.add_parser("run", help="detect and label the vertebrae, measure and grade the discs, write JSON/CSV")
     _add_scan_options(run)
     run.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the result files")
@@ -210,9 +202,26 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--dicom-out", action="store_true",
                      help="also write segmentation.dcm (DICOM Segmentation of the vertebrae and discs) and "
                           "report.dcm (DICOM SR measurement report of the discs) for a PACS; DICOM input only")
+    run.add_argument("--no-compare-series", action="store_true",
+                     help=f"do not label the other sagittal series of the exam (up to {MAX_COMPARED_SERIES}, same "
+                          "frame of reference, in the input folder) to check the levels against theirs; a series "
+                          "that names a vertebra otherwise asks for a review (README, A second opinion from the "
+                          "same exam)")
     _add_threads_option(run)
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
+
+
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The ``spinenet`` parser; ``with_training`` False leaves out ``spinenet train``, whose options
+    import torch (:func:`main` does when the arguments do not ask for training or for help)."""
+    parser = _OneLineErrors(prog="spinenet", description="SpineNetV2 vertebra detection, labelling and disc grading on sagittal spinal MRI.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version=f"spinenet {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_run_command(sub)
     _add_cohort_command(sub)
     _add_correct_command(sub)
 
@@ -307,6 +316,8 @@ def command_run(args) -> int:
     with unpacked(args.input) as source:
         scan, _ = pipeline.read_input(source, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
                                       slice_spacing=args.slice_spacing)
+        compare = not getattr(args, "no_compare_series", False)   # spinenet demo's own arguments lack it
+        other_series = _other_series_of_exam(source, scan, profile) if compare else []
         dicom_out = getattr(args, "dicom_out", False)
         if dicom_out:
             from SpineNetLib.outputs.dicom_results import check_dicom_source
@@ -322,6 +333,7 @@ def command_run(args) -> int:
                     "hotspot_precision": args.hotspot_precision} if hotspot_heads else {}
         options = pipeline.RunOptions(grade=not getattr(args, "no_grade", False),
                                       sequence=getattr(args, "sequence", None), **hotspots, profile=profile.name,
+                                      other_series=other_series,
                                       earlier_timings_s={"load_scan": load_seconds,
                                                          "load_networks": networks.load_seconds})
         result = pipeline.run(scan, networks, options, progress=no_progress if args.quiet else StderrProgress())
@@ -337,6 +349,28 @@ def command_run(args) -> int:
     print(f"{len(levels)} vertebrae ({summary}), {len(result.discs_document['discs'])} discs ({graded}); "
           f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
+
+
+#: At most this many other sagittal series of an exam are labelled to check a run's levels against
+#: (each costs about a run without the discs: 1-3 s on 2 CPU cores).
+MAX_COMPARED_SERIES = 3
+
+
+def _other_series_of_exam(source, scan, profile) -> list:
+    """The other sagittal series of the scan's exam in the input folder (``Scan.metadata
+    ["other_sagittal_series"]``, by series number, at most :data:`MAX_COMPARED_SERIES`), read as the run
+    reads (``label/other_series.py``); one that cannot be read is left out with a warning of the run."""
+    from SpineNetLib import pipeline
+
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent   # a file: the series of its folder
+    others = []
+    for key in (scan.metadata.get("other_sagittal_series") or [])[:MAX_COMPARED_SERIES]:
+        try:
+            others.append(pipeline.read_input(folder, profile, series_uid=key)[0])
+        except InputError as error:
+            scan.metadata.setdefault("warnings", []).append(f"the series {key} of the exam was not compared with "
+                                                            f"the one read: {error}")
+    return others
 
 
 def _hotspot_heads(args) -> list[str]:

@@ -4,8 +4,8 @@ A spine exam often holds two or more sagittal series (T1, T2, STIR, a Dixon's st
 as separate studies, each labelled on its own. Acquired in one session in one frame of reference
 (the same StudyInstanceUID and FrameOfReferenceUID), their vertebrae lie at the same places in the
 patient's coordinates, within the few millimetres a patient moves between series, while the next level
-lies about 30 mm away. So where a vertebra of one series has its centroid within :data:`SAME_BODY_MM` of
-a vertebra of another series of the exam, both must carry the same level; where they do not, the levels
+lies about 30 mm away. So where a vertebra of one series has its centroid within
+:data:`SpineNetLib.core.levels.SAME_BODY_MM` of a vertebra of another series of the exam, both must carry the same level; where they do not, the levels
 of one of the two (or of both) are wrong, whatever each series' own review flag says. The cohort tables
 say so in ``exam_disagreement`` and ask for a review of both studies (:mod:`SpineNetLib.cohort.tables`,
 :mod:`SpineNetLib.cohort.review_page`).
@@ -20,10 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-#: Centroids of two series closer than this (mm, in the sagittal plane: anterior-posterior and
-#: superior-inferior) are of the same vertebra: well under half the ~30 mm from one lumbar level to the
-#: next, well over the few millimetres a patient moves between the series of one session.
-SAME_BODY_MM = 10.0
+from SpineNetLib.core.levels import level_differences
 
 
 def exam_of(vertebrae_doc: dict) -> str:
@@ -43,19 +40,6 @@ def _named_centroids(vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _differences(mine: list, theirs: list) -> list[tuple[str, str]]:
-    """(my level, their level) of each of my vertebrae whose nearest vertebra of the other series lies within
-    :data:`SAME_BODY_MM` and has another level."""
-    found = []
-    for level, centroid in mine:
-        distances = [float(np.linalg.norm(centroid - other)) for _, other in theirs]
-        if distances and min(distances) <= SAME_BODY_MM:
-            other_level = theirs[int(np.argmin(distances))][0]
-            if other_level != level:
-                found.append((level, other_level))
-    return found
-
-
 def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
     """``{study id: why}`` of each study whose vertebrae another study of the same exam names otherwise
     (module docstring), among ``documents`` (study id -> its ``vertebrae.json``); studies that agree, or
@@ -71,7 +55,7 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
         for study_id in members:
             said = []
             for other in members:
-                differences = _differences(centroids[study_id], centroids[other]) if other != study_id else []
+                differences = level_differences(centroids[study_id], centroids[other]) if other != study_id else []
                 if differences:
                     mine, theirs = differences[0]
                     said.append(f"the levels disagree with study {other} of the same exam, which names the "

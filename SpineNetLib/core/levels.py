@@ -6,6 +6,8 @@ There is no C1 class; "S2" only arises from the S2 relabelling rule of the
 beam search.
 """
 
+import numpy as np
+
 LEVELS: tuple[str, ...] = (
     "S1", "L5", "L4", "L3", "L2", "L1",
     "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1",
@@ -52,3 +54,25 @@ def shifted_to_correction(levels, index: int, level: str) -> list:
     delta = order.index(level) - order.index(current)
     return [order[order.index(name) + delta] if name in order and 0 <= order.index(name) + delta < len(order)
             else None for name in levels]
+
+
+#: Centroids of two series of one exam closer than this (mm, in the sagittal plane: anterior-posterior and
+#: superior-inferior) are of the same vertebra: well under half the ~30 mm from one lumbar level to the
+#: next, well over the few millimetres a patient moves between the series of one session.
+SAME_BODY_MM = 10.0
+
+
+def level_differences(mine, theirs) -> list[tuple[str, str]]:
+    """(my level, their level) of each of ``mine`` whose nearest vertebra of ``theirs`` lies within
+    :data:`SAME_BODY_MM` and has another level; each list holds (level, centroid: A and S in mm) of the
+    vertebrae of one series of an exam, in one frame of reference (README, "A second opinion from the same
+    exam")."""
+    found = []
+    for level, centroid in mine:
+        distances = [float(np.linalg.norm(np.asarray(centroid, float) - np.asarray(other, float)))
+                     for _, other in theirs]
+        if distances and min(distances) <= SAME_BODY_MM:
+            other_level = theirs[int(np.argmin(distances))][0]
+            if other_level != level:
+                found.append((level, other_level))
+    return found

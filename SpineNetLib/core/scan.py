@@ -84,3 +84,10 @@ class Scan:
         """Index along the input's own slice axis of a canonical slice."""
         n = self.input_shape_ijk[self.input_slice_axis]
         return int(np.clip(np.rint(self.input_slice_position(canonical_slice)), 0, n - 1))
+
+
+def vertebra_centroid_ras(scan: Scan, vertebra) -> np.ndarray:
+    """A vertebra's (``core.results.Vertebra``) 3D centroid: the mean over its slices of each slice
+    polygon's corner mean, in RAS mm."""
+    points = [scan.xy_to_ras(poly.mean(axis=0), s)[0] for s, poly in zip(vertebra.slices, vertebra.polygons)]
+    return np.mean(points, axis=0)

@@ -330,6 +330,28 @@ def _series_named(series: dict[str, list[_Slice]], selector: str, sagittal_mr: l
     return [uid for uid in by_text if uid in sagittal_mr] or by_text
 
 
+def _by_series_number(series: dict[str, list[_Slice]], keys: list[str]) -> list[str]:
+    """``keys`` in the order of their SeriesNumber (those without one last), then of their keys."""
+    def number(key: str) -> float:
+        text = _series_number(series[key])
+        return int(text) if text.isdigit() else float("inf")
+    return sorted(keys, key=lambda key: (number(key), key))
+
+
+def _other_sagittal_series(series: dict[str, list[_Slice]], uid: str) -> list[str]:
+    """The other sagittal MR series (or stacks) of the exam and frame of reference of the series ``uid``, by
+    series number: the series whose levels a run compares with its own (``label/other_series.py``); none
+    where the read series lacks either UID."""
+    def exam(key: str) -> tuple[str, str]:
+        header = series[key][0].header
+        return tuple(str(header.get(k, "") or "") for k in ("StudyInstanceUID", "FrameOfReferenceUID"))
+    if not all(exam(uid)):
+        return []
+    return _by_series_number(series, [key for key, slices in series.items() if key != uid
+                                      and _series_plane(slices) == "sagittal" and not not_mr_modality(slices[0].header)
+                                      and exam(key) == exam(uid)])
+
+
 def _series_plane(slices: list[_Slice]) -> str:
     planes = {_plane_of(s.iop) for s in slices}
     return planes.pop() if len(planes) == 1 else "mixed"
@@ -372,14 +394,12 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
     weightings = {uid: header_weighting(series[uid][0].header) for uid in sagittal}   # a stack's own first image
     t2 = [uid for uid in sagittal if weightings[uid] == "T2"]
     if len(t2) == 1:   # of several sagittal series
-        by_number = sorted((u for u in sagittal if u != t2[0]),
-                           key=lambda u: (int(_series_number(series[u])) if _series_number(series[u]).isdigit()
-                                          else float("inf"), u))
+        by_number = _by_series_number(series, [u for u in sagittal if u != t2[0]])
         others = "; ".join(f"{weightings[u] or 'weighting unknown'} {_describe_series(u, series[u])}"
                            for u in by_number)
         return t2[0], (f"{len(sagittal)} sagittal series in {folder}: read the T2-weighted one, "
-                       f"{_describe_series(t2[0], series[t2[0]])}; not read: {others}; another with --series, or "
-                       "every one, their levels compared, with spinenet cohort")
+                       f"{_describe_series(t2[0], series[t2[0]])}; not read: {others}; another with --series "
+                       "(spinenet cohort runs every one)")
     if len(sagittal) > 1:
         listing = "; ".join(_describe_series(u, series[u]) for u in sagittal)
         raise InputError(f"{len(sagittal)} sagittal series in {folder}, choose one with --series (its UID, its "
@@ -465,7 +485,8 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     ``series_uid`` picks a series when the folder holds several sagittal ones: its SeriesInstanceUID, or
     its SeriesNumber or a part of its SeriesDescription (:func:`_series_named`); without it, the only
     sagittal T2-weighted series is read, and ``Scan.metadata["warnings"]`` says which series were not
-    (:func:`_select_series`); ``containing``, a file of
+    (:func:`_select_series`); ``Scan.metadata["other_sagittal_series"]`` lists the keys of the other
+    sagittal series of its exam (:func:`_other_sagittal_series`); ``containing``, a file of
     the folder, picks the series or stack (:mod:`SpineNetLib.inputs.stacks`) that file belongs to.
     ``pixel_spacing=(row_mm, col_mm)`` (DICOM PixelSpacing order: row spacing
     = distance between image rows) and ``slice_spacing`` (mm) replace the
@@ -476,7 +497,7 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
         raise InputError(f"not a folder: {folder}")
     ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
     ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
-    uid, slices, warning = _chosen_series(folder, recursive, series_uid, containing)
+    uid, slices, warning, others = _chosen_series(folder, recursive, series_uid, containing)
     first = slices[0]
     row_dir, col_dir, normal = _orientation(slices, uid)
     ps = ps_override if ps_override is not None else _pixel_spacing(slices, uid)
@@ -492,13 +513,15 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     metadata = _series_metadata(folder, uid, first.header, slices, ps, slice_order, ps_override, ss_override)
     if warning is not None:
         metadata["warnings"] = [warning]
+    if others:
+        metadata["other_sagittal_series"] = others
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
 
 
 def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
-                   containing: Path | None = None) -> tuple[str, list[_Slice], str | None]:
-    """(UID, image records, a warning or None) of the series to load: that of the file ``containing``,
-    ``series_uid`` or the one :func:`_select_series` takes."""
+                   containing: Path | None = None) -> tuple[str, list[_Slice], str | None, list[str]]:
+    """(UID, image records, a warning or None, :func:`_other_sagittal_series`) of the series to load: that of
+    the file ``containing``, ``series_uid`` or the one :func:`_select_series` takes."""
     candidates = _candidate_files(folder, recursive)
     headers, skipped = _read_headers(candidates)
     if series_uid is not None and series_uid in skipped and all(
@@ -536,7 +559,7 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
     uid, warning = _select_series(series, folder, series_uid)
     if series[uid][0].series_uid in problems:
         raise InputError(problems[series[uid][0].series_uid])
-    return uid, series[uid], warning
+    return uid, series[uid], warning, _other_sagittal_series(series, uid)
 
 
 def _split_stacks(series: dict[str, list[_Slice]]) -> dict[str, list[_Slice]]:
@@ -721,6 +744,7 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "study_uid": str(h.get("StudyInstanceUID", "") or ""),
         "frame_of_reference_uid": str(h.get("FrameOfReferenceUID", "") or ""),
         "series_description": str(h.get("SeriesDescription", "") or ""),
+        "series_number": str(h.get("SeriesNumber", "") or "").strip(),
         "sequence_name": str(h.get("SequenceName", "") or ""),
         "protocol_name": str(h.get("ProtocolName", "") or ""),
         "modality": str(h.get("Modality", "") or ""),

@@ -107,6 +107,12 @@ class LabellingConfidence:
     review_margin_nats: float = math.log(9.0)
 
 
+def ask_for_review(confidence: LabellingConfidence, reason: str) -> None:
+    """Set ``needs_review`` for a reason the probabilities cannot show; the reason goes first."""
+    confidence.warnings.insert(0, reason)
+    confidence.needs_review = True
+
+
 def _truncated(value: float) -> str:
     """Two decimals rounded down, so that 0.996 reads 0.99 and only certainty reads 1.00."""
     return f"{math.floor(value * 100.0) / 100.0:.2f}"

@@ -69,3 +69,11 @@ def reads_one_slice(net) -> bool:
     (``GradingConfig.input_slices == 1``, as the bundled one, trained on single clinical slices)."""
     config = getattr(net, "config", None)
     return config is not None and int(getattr(config, "input_slices", GRADING_INPUT_SHAPE[0])) == 1
+
+
+#: Said whenever a grader that reads one slice (the bundled one) grades a scan of several slices.
+#: Figures from the volumes of healthy volunteers (``benchmarks/grader_on_volumes.py``; MODEL_CARD.md "On volumes").
+SINGLE_SLICE_GRADER_ON_A_VOLUME = (
+    "the grader was validated on single clinical mid-sagittal T2 slices only: its grades on volumes are "
+    "not validated (the bundled grader calls 11-32 % of healthy volunteers' discs herniated, depending on "
+    "the scanner, and 47 % of their L5-S1 discs; MODEL_CARD.md); treat them as a hint only")

@@ -62,3 +62,14 @@ def choose_device(spec: str = "auto") -> torch.device:
         return torch.device(spec)
     except RuntimeError as error:
         raise InputError(f"unknown device {spec!r} (use auto, cpu or cuda)") from error
+
+
+def slow_arithmetic_warnings(precision: str, device) -> list[str]:
+    """The warning of bfloat16 arithmetic on a CPU that emulates it (``models/precision.py``), or none;
+    float32 imports nothing (a run on ONNX Runtime never imports torch)."""
+    if precision == "fp32":
+        return []
+    from SpineNetLib.models.precision import bfloat16_warning
+
+    slow = bfloat16_warning(precision, device)
+    return [slow] if slow is not None else []

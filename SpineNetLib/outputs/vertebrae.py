@@ -19,7 +19,7 @@ import numpy as np
 
 from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.core.results import DetectionResult, Vertebra
-from SpineNetLib.core.scan import Scan
+from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 
 if TYPE_CHECKING:  # annotations only: the labelling needs torch, and documents.py (read by the
     # Slicer module before torch is installed) imports this module
@@ -30,12 +30,6 @@ VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
 
 def _round(values, ndigits: int = 3):
     return np.round(np.asarray(values, dtype=float), ndigits).tolist()
-
-
-def vertebra_centroid_ras(scan: Scan, vertebra: Vertebra) -> np.ndarray:
-    """3D centroid: mean over slices of each slice polygon's corner mean, in RAS mm."""
-    points = [scan.xy_to_ras(poly.mean(axis=0), s)[0] for s, poly in zip(vertebra.slices, vertebra.polygons)]
-    return np.mean(points, axis=0)
 
 
 def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:

@@ -411,7 +411,9 @@ def test_an_exam_folder_is_read_at_its_sagittal_t2_series(tmp_path):
     uids = {}
     for k, (name, tags) in enumerate(times.items()):
         paths = write_dicom_series(vol * (k + 1), a, tmp_path / "exam", file_prefix=f"S{k}_",
-                                   series_description=f"sag {k}", extra_tags={**tags, "SeriesNumber": k + 2})
+                                   series_description=f"sag {k}",
+                                   extra_tags={**tags, "SeriesNumber": k + 2, "StudyInstanceUID": "1.2.3.9",
+                                               "FrameOfReferenceUID": "1.2.3.9.1" if name != "STIR" else "1.2.3.9.2"})
         uids[name] = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
     write_dicom_series(np.zeros((4, 16, 16)) + 50, np.diag([1.0, 1.0, 4.0, 1.0]), tmp_path / "exam",
                        file_prefix="AX_", series_description="ax 2", extra_tags=times["T2"])
@@ -422,6 +424,8 @@ def test_an_exam_folder_is_read_at_its_sagittal_t2_series(tmp_path):
     assert f"3 sagittal series in {tmp_path / 'exam'}: read the T2-weighted one, {uids['T2']} 'sag 1'" in warning
     assert f"not read: T1 {uids['T1']} 'sag 0'" in warning and f"STIR {uids['STIR']} 'sag 2'" in warning
     assert "\n" not in warning
+    # the other sagittal series of its exam and frame of reference, to compare its levels with (not the STIR)
+    assert scan.metadata["other_sagittal_series"] == [uids["T1"]]
     named = load_scan(tmp_path / "exam", series_uid="sag 2")
     assert named.metadata["series_uid"] == uids["STIR"] and not named.metadata.get("warnings")
     write_dicom_series(vol, a, tmp_path / "exam", file_prefix="R_", series_description="sag 1 repeat",

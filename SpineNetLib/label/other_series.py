@@ -1,0 +1,66 @@
+"""The other sagittal series of the scan's exam as a second opinion on its levels.
+
+A lumbar exam holds a sagittal T1, T2 and often STIR, acquired in one session in one frame of reference:
+their vertebrae lie at the same places in the patient's coordinates. ``spinenet run`` on an exam folder
+reads one of them (its T2) and, since the forty-eighth session, detects and labels the others too
+(``pipeline.RunOptions.other_series``). Where a vertebra of another series lies within
+:data:`SpineNetLib.core.levels.SAME_BODY_MM` of one of the scan's and carries another level, one of the two
+series is named wrongly, whatever the scan's own margin says: the levels ask for a review. The same rule
+as ``spinenet cohort``'s ``exam_disagreement`` (:mod:`SpineNetLib.cohort.exams`); measured on the held-out
+scans and their acquisition variants taken as two series of one exam (``benchmarks/exam_comparison.py``,
+README "A second opinion from the same exam"). A shift both series share is not seen.
+
+Pure functions over the scans and their labelled vertebrae.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from SpineNetLib.core.levels import level_differences
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
+from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
+
+
+def series_name(scan: Scan) -> str:
+    """How a warning names a series: its description and number, else its UID (as ``--series`` takes it)."""
+    meta = scan.metadata
+    number = str(meta.get("series_number") or "").strip()
+    description = str(meta.get("series_description") or "").strip()
+    named = " ".join(x for x in (repr(description) if description else "", f"(series {number})" if number else "")
+                     if x)
+    return named or str(meta.get("series_uid") or meta.get("source") or "another series")
+
+
+def _placed(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.ndarray]]:
+    """(level, centroid: A and S in mm) of each named vertebra."""
+    return [(v.level, vertebra_centroid_ras(scan, v)[1:]) for v in vertebrae if v.level]
+
+
+def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
+                         others: Sequence[tuple[Scan, Sequence[Vertebra]]]) -> list[str]:
+    """One review reason for each of ``others`` (another series of the exam and its labelled vertebrae)
+    that names a vertebra of ``scan`` otherwise (module docstring); [] where all agree."""
+    mine = _placed(scan, vertebrae)
+    reasons = []
+    for other, other_vertebrae in others:
+        differences = level_differences(mine, _placed(other, other_vertebrae))
+        if differences:
+            here, there = differences[0]
+            more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
+            reasons.append(f"levels may be shifted: the series {series_name(other)} of the same exam names the "
+                           f"vertebra {here} here {there}{more}; one of the two series is named wrongly")
+    return reasons
+
+
+def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
+                                labelled: Callable[[Scan], Sequence[Vertebra]],
+                                confidence: LabellingConfidence) -> list[str]:
+    """Label each of ``others`` (``labelled``: as the scan was) and ask for a review (``confidence``) for
+    each that names a vertebra otherwise; returns the names of the series compared."""
+    for reason in series_disagreements(scan, vertebrae, [(other, labelled(other)) for other in others]):
+        ask_for_review(confidence, reason)
+    return [series_name(other) for other in others]

@@ -1,0 +1,82 @@
+"""`spinenet run` on an exam folder checks its levels against the exam's other sagittal series
+(SpineNetLib/label/other_series.py): the networks are oracles (exact levels) unless a test makes one series
+name its vertebrae a level off."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from SpineNetLib import pipeline
+from SpineNetLib.apps import cli
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.synthetic.phantom import make_phantom
+
+from oracles import oracle_networks
+
+EXAM = {"StudyInstanceUID": "1.2.826.0.1.48.1", "FrameOfReferenceUID": "1.2.826.0.1.48.2"}
+TIMES = {"T1": {"EchoTime": 10, "RepetitionTime": 550}, "T2": {"EchoTime": 95, "RepetitionTime": 3500}}
+
+
+@pytest.fixture()
+def exam(tmp_path, monkeypatch):
+    """A sagittal T2 (series 4) and T1 (series 3) of one phantom in one exam and frame of reference, and a
+    T1 of another frame of reference (series 7), with oracle networks."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
+    folder = tmp_path / "exam"
+    phantom.write_dicom(folder / "t2", series_description="T2 SAG", extra_tags={**TIMES["T2"], **EXAM, "SeriesNumber": 4})
+    phantom.write_dicom(folder / "t1", series_description="T1 SAG", extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
+    phantom.write_dicom(folder / "other", series_description="T1 SAG elsewhere",
+                        extra_tags={**TIMES["T1"], "StudyInstanceUID": EXAM["StudyInstanceUID"],
+                                    "FrameOfReferenceUID": "1.2.826.0.1.48.9", "SeriesNumber": 7})
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    return phantom, folder
+
+
+def _labelling(out):
+    return json.loads((out / "vertebrae.json").read_text())["labelling"]
+
+
+def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, capsys):
+    phantom, folder = exam
+    out = tmp_path / "out"
+    assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    labelling = _labelling(out)
+    assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)"]   # not the other frame of reference
+    assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
+    assert json.loads((out / "vertebrae.json").read_text())["input"]["series_description"] == "T2 SAG"
+    capsys.readouterr()
+    assert cli.main(["run", str(folder), "-o", str(tmp_path / "alone"), "--quiet", "--no-grade", "--no-preview",
+                     "--no-compare-series"]) == 0
+    assert "compared_with_series" not in _labelling(tmp_path / "alone")
+
+
+def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, tmp_path, monkeypatch, capsys):
+    """The T1 labelled one level lower (L1 named L2, ...): the T2's own labelling is confident, yet the
+    levels ask for a review, with the T1's name and the vertebra in the warning, in vertebrae.json, the CSV
+    and on stderr."""
+    phantom, folder = exam
+    label = pipeline.detect_and_label
+
+    def t1_a_level_off(scan, networks, **kwargs):
+        result = label(scan, networks, **kwargs)
+        if scan.metadata.get("series_description") == "T1 SAG":
+            lower = {level: LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1] for level in LEVELS_TOP_DOWN[:-1]}
+            result.vertebrae = [dataclasses.replace(v, level=lower.get(v.level)) for v in result.vertebrae]
+        return result
+
+    monkeypatch.setattr(pipeline, "detect_and_label", t1_a_level_off)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    labelling = _labelling(out)
+    top = phantom.levels[0]
+    expected = (f"levels may be shifted: the series 'T1 SAG' (series 3) of the same exam names the vertebra {top} "
+                f"here {LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(top) + 1]} ({len(phantom.levels)} vertebrae differ); "
+                "one of the two series is named wrongly")
+    assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
+    assert f"spinenet: warning: {expected}" in capsys.readouterr().err
+    rows = (out / "vertebrae.csv").read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("levels_need_review")] == "true"
+    assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == phantom.levels
