@@ -1,4 +1,5 @@
-"""What the comparison of an exam's series (``spinenet cohort``'s ``exam_disagreement``) would catch: figures, not a test.
+"""What the comparison of an exam's series would catch (``spinenet cohort``'s ``exam_disagreement``, ``spinenet run``'s
+``compared_with_series``: one rule, ``core.levels.level_differences``): figures, not a test.
 
     python benchmarks/exam_comparison.py --pred DIR [--split val|train] [--data DIR]
 
