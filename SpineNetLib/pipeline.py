@@ -634,9 +634,9 @@ def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confiden
     if spacing_factor is not None:
         # the header's spacing found too few bodies: the levels and every size in mm are in doubt
         ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
-                                    f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
-                                    f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
-                                    "use the header's)")
+                                   f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
+                                   f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
+                                   "use the header's)")
     twice = same_level_twice(result.vertebrae)
     if twice is not None:
         result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
