@@ -726,9 +726,11 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
         _ask_for_review_where_in_doubt(scan, result, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
         if options.other_series:   # a second opinion: the exam's other sagittal series, labelled as this one
+            began = time.perf_counter()
             result.labelling["compared_with_series"] = review_against_other_series(
                 scan, result.vertebrae, options.other_series,
                 lambda other: detect_and_label(other, networks, **labelled_with).vertebrae, confidence)
+            result.timings_s["other_series"] = time.perf_counter() - began
         beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if beyond is not None:   # first: what the levels' own reasons cannot show
             ask_for_review(confidence, beyond)

@@ -45,6 +45,7 @@ def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, caps
     assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
     labelling = _labelling(out)
     assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)"]   # not the other frame of reference
+    assert json.loads((out / "vertebrae.json").read_text())["timings_s"]["other_series"] > 0
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert json.loads((out / "vertebrae.json").read_text())["input"]["series_description"] == "T2 SAG"
     capsys.readouterr()
