@@ -5,10 +5,11 @@ as separate studies, each labelled on its own. Acquired in one session in one fr
 (the same StudyInstanceUID and FrameOfReferenceUID), their vertebrae lie at the same places in the
 patient's coordinates, within the few millimetres a patient moves between series, while the next level
 lies about 30 mm away. So where a vertebra of one series has its centroid within
-:data:`SpineNetLib.core.levels.SAME_BODY_MM` of a vertebra of another series of the exam, both must carry the same level; where they do not, the levels
-of one of the two (or of both) are wrong, whatever each series' own review flag says. The cohort tables
-say so in ``exam_disagreement`` and ask for a review of both studies (:mod:`SpineNetLib.cohort.tables`,
-:mod:`SpineNetLib.cohort.review_page`).
+:data:`SpineNetLib.core.levels.SAME_BODY_MM` of a vertebra of another series of the exam, both must carry the
+same level; where they do not, the levels of one of the two (or of both) are wrong, whatever each series'
+own review flag says (``spinenet run`` on an exam folder checks the same:
+:mod:`SpineNetLib.label.other_series`). The cohort tables say so in ``exam_disagreement`` and ask for a
+review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`).
 
 Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05); image files
 are never compared. Pure functions over the result documents.

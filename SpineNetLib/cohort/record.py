@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from SpineNetLib.cohort.discover import Study
-from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, replace_study_rows, studies_table_rows
+from SpineNetLib.cohort.tables import COHORT_STUDIES_FILE, replace_study_rows, study_table_row
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.outputs.files import write_files_atomically
 
@@ -88,11 +88,6 @@ def _relative_to(path: str, outdir: Path) -> str | None:
         return None
 
 
-def _relative_in_tables(outdir: Path, study_id: str) -> str | None:
-    """The study's ``input`` cell in ``outdir/cohort_studies.csv``, or None."""
-    return next((row.get("input") for row in studies_table_rows(outdir) if row.get("study") == study_id), None)
-
-
 def cohort_location(results_folder: str | os.PathLike) -> tuple[Path, str] | None:
     """(the cohort's output folder, the study id) when ``results_folder`` is a cohort study's folder
     (``OUTDIR/studies/<study id>`` with the cohort's record or tables in ``OUTDIR``), else None: a folder of
@@ -114,7 +109,7 @@ def cohort_study_of(results_folder: str | os.PathLike) -> CohortStudy | None:
         return None
     outdir, study_id = location
     study = _study_from_record(study_id, _read_record(outdir).get(study_id), outdir)
-    relative = study.relative if study is not None else _relative_in_tables(outdir, study_id)
+    relative = study.relative if study is not None else study_table_row(outdir, study_id).get("input")
     return CohortStudy(outdir, study_id, study, relative)
 
 

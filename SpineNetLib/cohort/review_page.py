@@ -2,8 +2,8 @@
 
 A reader of a cohort wants to look at the studies whose levels may be wrong first, each with its
 picture and the reason (the study's own review flag, or another series of its exam that names its
-vertebrae otherwise: :func:`asks_for_review`), and to correct a wrong one at once. The page lists every finished study of
-``cohort_studies.csv`` in that order: those that ask for a review of their levels (least sure first),
+vertebrae otherwise: :func:`asks_for_review`), and to correct a wrong one at once. The page lists every
+finished study of ``cohort_studies.csv`` in that order: those that ask for a review of their levels (least sure first),
 then those a reader corrected, then the others (least sure first); each with its ``preview.png``
 (linked, full size), its levels, how sure they are and why a review is asked for, its grading and
 other warnings, and the ``spinenet correct`` command to type, run from the cohort's folder. The studies

@@ -235,11 +235,16 @@ def studies_table_rows(outdir: str | os.PathLike) -> list[dict[str, str]]:
         return []
 
 
+def study_table_row(outdir: str | os.PathLike, study_id: str) -> dict[str, str]:
+    """The study's row of ``outdir``'s ``cohort_studies.csv`` (:func:`studies_table_rows`); {} when the table
+    names no such study or cannot be read."""
+    return next((row for row in studies_table_rows(outdir) if row.get("study") == study_id), {})
+
+
 def exam_disagreement_of(outdir: str | os.PathLike, study_id: str) -> str:
     """The study's ``exam_disagreement`` in ``outdir``'s ``cohort_studies.csv`` (:mod:`SpineNetLib.cohort.exams`);
     "" when it has none, or the table names no such study or cannot be read."""
-    return next((row.get("exam_disagreement") or "" for row in studies_table_rows(outdir)
-                 if row.get("study") == study_id), "")
+    return study_table_row(outdir, study_id).get("exam_disagreement") or ""
 
 
 def studies_asking_for_review(outdir: str | os.PathLike) -> list[str]:

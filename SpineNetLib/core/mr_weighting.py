@@ -37,6 +37,7 @@ LONG_TE_MIN_MS = 60.0
 STIR_MAX_TI_MS = 300.0
 FLAIR_MIN_TI_MS = 1500.0
 
+
 @dataclass(frozen=True)
 class Weighting:
     """A scan's weighting and where that came from."""

@@ -15,10 +15,10 @@ or stored as a DICOM Segmentation, points placed in Slicer, or a label map.  A c
 * optionally ``case.json``: ``sequence``, ``"annotation": "points"`` for centre points instead of
   outlines, ``labels`` for a label map, ``series`` where ``image/`` holds several sagittal series (what
   ``spinenet run --series`` takes: the SeriesInstanceUID, the SeriesNumber or a part of the
-  description; without it, the one whose header says T2-weighted, as ``spinenet run`` reads), and ``patient`` where several cases are scans of one patient
-  (otherwise a DICOM scan's PatientID says it; each other case is its own patient).  Scans of one
-  patient are wrong together, so the intervals then take the patient as their unit
-  (:mod:`SpineNetLib.evaluation.intervals`).
+  description; without it, the one whose header says T2-weighted, as ``spinenet run`` reads), and
+  ``patient`` where several cases are scans of one patient (otherwise a DICOM scan's PatientID says it;
+  each other case is its own patient).  Scans of one patient are wrong together, so the intervals then
+  take the patient as their unit (:mod:`SpineNetLib.evaluation.intervals`).
 
 The reference may lie on another grid than the scan (Slicer crops a segmentation to its extent, a SEG
 holds only the annotated frames): it is brought onto the scan's voxels by nearest neighbour; where two

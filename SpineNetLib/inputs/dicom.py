@@ -345,16 +345,21 @@ def _other_sagittal_series(series: dict[str, list[_Slice]], uid: str) -> list[st
     def exam(key: str) -> tuple[str, str]:
         header = series[key][0].header
         return tuple(str(header.get(k, "") or "") for k in ("StudyInstanceUID", "FrameOfReferenceUID"))
-    if not all(exam(uid)):
+    mine = exam(uid)
+    if not all(mine):
         return []
-    return _by_series_number(series, [key for key, slices in series.items() if key != uid
-                                      and _series_plane(slices) == "sagittal" and not not_mr_modality(slices[0].header)
-                                      and exam(key) == exam(uid)])
+    return _by_series_number(series, [key for key, slices in series.items()
+                                      if key != uid and _is_sagittal_mr(slices) and exam(key) == mine])
 
 
 def _series_plane(slices: list[_Slice]) -> str:
     planes = {_plane_of(s.iop) for s in slices}
     return planes.pop() if len(planes) == 1 else "mixed"
+
+
+def _is_sagittal_mr(slices: list[_Slice]) -> bool:
+    """Whether a series (or stack) is one SpineNet may read: sagittal, and no CT or other non-MR image."""
+    return _series_plane(slices) == "sagittal" and not not_mr_modality(slices[0].header)
 
 
 def header_weighting(header) -> str | None:
@@ -373,7 +378,7 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
     series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR."""
     modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
     planes = {uid: _series_plane(s) for uid, s in series.items()}
-    sagittal = [uid for uid, p in planes.items() if p == "sagittal" and not modality[uid]]
+    sagittal = [uid for uid, s in series.items() if _is_sagittal_mr(s)]
     if series_uid is not None:
         if series_uid not in series:
             named = _series_named(series, series_uid, sagittal)
