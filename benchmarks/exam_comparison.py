@@ -75,7 +75,8 @@ def _line(name: str, runs: list[tuple[dict, bool, bool]]) -> str:
     right = [(r, d, o) for r, d, o in runs if not r["wrong"]]
     added = [o for r, d, o in right if d and not r["flagged"]]
     return (f"{name:<26} {len(runs):>5} {len(wrong):>6} {len(missed):>9} {sum(d for _, d in missed):>7}"
-            f" {sum(d for r, d in wrong if r['flagged']):>6} {len(right):>6} {sum(r['flagged'] for r, _, _ in right):>8}"
+            f" {sum(d for r, d in wrong if r['flagged']):>6} {len(right):>6}"
+            f" {sum(r['flagged'] for r, _, _ in right):>8}"
             f" {len(added):>6} {sum(added):>13}")
 
 

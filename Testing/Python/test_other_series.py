@@ -26,8 +26,10 @@ def exam(tmp_path, monkeypatch):
     T1 of another frame of reference (series 7), with oracle networks."""
     phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
     folder = tmp_path / "exam"
-    phantom.write_dicom(folder / "t2", series_description="T2 SAG", extra_tags={**TIMES["T2"], **EXAM, "SeriesNumber": 4})
-    phantom.write_dicom(folder / "t1", series_description="T1 SAG", extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
+    phantom.write_dicom(folder / "t2", series_description="T2 SAG",
+                        extra_tags={**TIMES["T2"], **EXAM, "SeriesNumber": 4})
+    phantom.write_dicom(folder / "t1", series_description="T1 SAG",
+                        extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
     phantom.write_dicom(folder / "other", series_description="T1 SAG elsewhere",
                         extra_tags={**TIMES["T1"], "StudyInstanceUID": EXAM["StudyInstanceUID"],
                                     "FrameOfReferenceUID": "1.2.826.0.1.48.9", "SeriesNumber": 7})

@@ -716,7 +716,8 @@ BAD_INPUTS = {
     "empty folder": (_empty, r"^folder .* is empty$"),
     "folder without DICOM": (_not_dicom, r"^no DICOM files in "),
     "folder of image files": (_image_files, r"^no DICOM files in .*case, but 2 image files \(image.nii.gz, "
-                                            r"labels.nii.gz\): give one of them, or run them all with spinenet cohort$"),
+                                            r"labels.nii.gz\): give one of them, or run them all with "
+                                            r"spinenet cohort$"),
     "only axial series": (_only_axial, r"^no sagittal series in .*: only axial series found"),
     "only coronal series": (_only_coronal, r"^no sagittal series in .*: only coronal series found"),
     "two sagittal series, neither T2": (_two_sagittal, r"^2 sagittal series in .*choose one with --series"),
