@@ -228,6 +228,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.gradingCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.sequenceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.hotspotHeadComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.compareSeriesCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
         # a closed scene takes its parameter node (and the results) with it
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -310,6 +311,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             _selectText(self.ui.sequenceComboBox, node.GetParameter("Sequence"))
             self.offerHotspotHeads()
             _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
+            self.ui.compareSeriesCheckBox.setChecked(node.GetParameter("CompareSeries") != "false")
         finally:
             self._updatingGUIFromParameterNode = False
         self._populateIfChanged()
@@ -331,6 +333,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             node.SetParameter("Grading", "true" if _get(self.ui.gradingCheckBox, "checked") else "false")
             node.SetParameter("Sequence", _get(self.ui.sequenceComboBox, "currentText") or SEQUENCE_FROM_SCAN)
             node.SetParameter("HotspotHead", _get(self.ui.hotspotHeadComboBox, "currentText") or NO_HOTSPOTS)
+            node.SetParameter("CompareSeries", "true" if _get(self.ui.compareSeriesCheckBox, "checked") else "false")
             self.logic.updateResultReferences(node)
         finally:
             node.EndModify(wasModified)
@@ -416,7 +419,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
                 "grading": bool(_get(self.ui.gradingCheckBox, "checked")),
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
                 "precision": precision, "runtime": runtime,
-                "sequence": sequence_setting(_get(self.ui.sequenceComboBox, "currentText"))}
+                "sequence": sequence_setting(_get(self.ui.sequenceComboBox, "currentText")),
+                "compare_series": bool(_get(self.ui.compareSeriesCheckBox, "checked"))}
 
     def onBrowseWeights(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet weights folder",

@@ -10,8 +10,10 @@ or with any Python that has SpineNetLib's requirements and ``slicer-core``::
     python SpineNet/Scripts/SpineNetBatch.py --input DICOM_DIR_OR_FILE --output DIR
 
 Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder or
-file, NIfTI, NRRD, MHA, or a ZIP archive of one of them: identical behaviour in and outside Slicer) and run it
-through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
+file, NIfTI, NRRD, MHA, or a ZIP archive of one of them: identical behaviour in and outside Slicer), and of a
+DICOM exam the other sagittal series of the same frame of reference, whose levels the run compares with the
+scan's as ``spinenet run`` does (:func:`SpineNetLib.inputs.load.load_other_series`; ``--no-compare-series``
+skips them), and run it through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
 process, the same entry point as the Slicer module's worker, so the same files
 are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
 ``discs.json`` when the discs were measured or graded), the hotspot maps
@@ -85,6 +87,9 @@ def build_parser():
     parser.add_argument("--hotspot-head", default=None,
                         help="grading head whose hotspot maps are written, e.g. Pfirrmann (default: none; "
                              "they take minutes on a CPU)")
+    parser.add_argument("--no-compare-series", action="store_true",
+                        help="do not label the other sagittal series of the exam in the DICOM folder (up to 3, same "
+                             "frame of reference) to check the levels against theirs (as spinenet run)")
     parser.add_argument("--no-scene", action="store_true", help="write only the CSV/JSON files, no scene.mrb")
     parser.add_argument("--no-preview", action="store_true", help="do not draw preview.png (nor hotspots.png)")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline "
@@ -166,7 +171,7 @@ def run(args):
     from SpineNetLib.apps import worker
     from SpineNetLib.core.errors import InputError
     from SpineNetLib.inputs.archive import unpacked
-    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.inputs.load import load_other_series, load_scan
     from SpineNetLib.outputs import documents
     from SpineNetLib.outputs.files import check_writable, earlier_manifest
 
@@ -192,18 +197,24 @@ def run(args):
     # itself when the profile says so, and its documents and the scene refer to this grid (issue 14).
     with unpacked(args.input) as source:   # a ZIP archive: its files are needed only while it is read
         scan = load_scan(source, series_uid=args.series, resample_isotropic=False)
+        # the exam's other sagittal series, a second opinion on the levels (as spinenet run reads them)
+        others = [] if args.no_compare_series else load_other_series(source, scan, resample_isotropic=False)
 
     # The worker's entry point, in this process, on the scan just read (with its --series).
     with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:
-        voxels, ijk_to_ras = input_arrays(scan)
-        metadata = json.loads(json.dumps(scan.metadata, default=str))  # plain JSON for the geometry file
-        metadata.setdefault("path", str(args.input))
-        npy, geometry = worker.write_volume(Path(folder) / "input", voxels, ijk_to_ras, metadata)
+        def written(one, name):
+            metadata = json.loads(json.dumps(one.metadata, default=str))  # plain JSON for the geometry file
+            metadata.setdefault("path", str(args.input))
+            return worker.write_volume(Path(folder) / "input", *input_arrays(one), metadata, name=name)
+
+        npy, geometry = written(scan, "volume")
+        other_series = [written(other, f"other_series_{n}") for n, other in enumerate(others)]
         arguments = worker.worker_arguments(npy, output, geometry=geometry, weights=args.weights, device=args.device,
                                             grading=args.grading, hotspot_head=args.hotspot_head,
                                             pipeline=args.pipeline, profile=profile.name,
                                             preview=not args.no_preview, precision=args.precision,
-                                            runtime=args.runtime, sequence=args.sequence)
+                                            runtime=args.runtime, sequence=args.sequence,
+                                            other_series=other_series)
         for item in args.option:
             arguments += ["--option", item]
         manifest = worker.run_request(worker.build_parser().parse_args(arguments), worker.LineProtocol(_Reporter(args.quiet)))

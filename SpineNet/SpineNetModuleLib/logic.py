@@ -10,7 +10,7 @@ signals and the run's callbacks, and shows the results as MRML nodes (through
 the module (singleton tag and ``ModuleName`` attribute "SpineNet", as
 ``ScriptedLoadableModuleLogic.getParameterNode`` makes it): the input volume
 (reference ``InputVolume``), the options (parameters ``Weights``,
-``WeightsFolder``, ``Device``, ``Grading``, ``HotspotHead``) and references
+``WeightsFolder``, ``Device``, ``Grading``, ``Sequence``, ``HotspotHead``, ``CompareSeries``) and references
 to the input volume's result nodes (``ResultOutline`` and ``ResultHotspot``,
 several each, ``ResultCentroids``, ``ResultSegmentation``, ``ResultTable``,
 ``ResultVertebraeDocument``, ``ResultDiscsDocument``).  It is saved with the
@@ -47,6 +47,7 @@ from SpineNetModuleLib import LIBRARY_PARENT
 from SpineNetModuleLib.workers import InProcessWorker, ServedWorker, Signal, SpineNetRun, WorkerService
 from SpineNetLib.apps import worker
 from SpineNetLib.core.errors import SpineNetError
+from SpineNetLib.core.levels import MAX_COMPARED_SERIES
 from SpineNetLib.outputs import documents
 
 #: Import name of each requirement in Resources/requirements.txt.
@@ -75,7 +76,8 @@ PARAMETER_NODE_TAG = "SpineNet"
 INPUT_REFERENCE = "InputVolume"
 #: The options in the parameter node and their defaults (text, as MRML stores them).
 PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Arithmetic": "float32",
-                      "Grading": "true", "Sequence": SEQUENCE_FROM_SCAN, "HotspotHead": NO_HOTSPOTS}
+                      "Grading": "true", "Sequence": SEQUENCE_FROM_SCAN, "HotspotHead": NO_HOTSPOTS,
+                      "CompareSeries": "true"}
 #: Role of a result node (``SpineNet.Result`` attribute) -> its reference role in the parameter node.
 RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
                      "segmentation": "ResultSegmentation", "grades": "ResultTable",
@@ -254,7 +256,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                 "grading": parameterNode.GetParameter("Grading") != "false",
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
                 "precision": precision, "runtime": runtime,
-                "sequence": sequence_setting(parameterNode.GetParameter("Sequence"))}
+                "sequence": sequence_setting(parameterNode.GetParameter("Sequence")),
+                "compare_series": parameterNode.GetParameter("CompareSeries") != "false"}
 
     def updateResultReferences(self, parameterNode=None):
         """Point the parameter node's result references at the result nodes of its input volume."""
@@ -359,10 +362,13 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     # ----------------------------------------------------------------- running
 
     def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
-                   pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch", sequence=None):
+                   pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch", sequence=None,
+                   compare_series=True):
         """Write the volume for the worker and return how to start it.
 
-        The worker draws ``preview.png`` only in a ``workFolder``.
+        The worker draws ``preview.png`` only in a ``workFolder``.  With ``compare_series``, the scene's
+        other sagittal volumes of the volume's exam (:meth:`_writeOtherSeries`) go to the worker too, to
+        compare their levels with the volume's.
         Returns ``{"program", "arguments", "serveArguments", "environment", "workingDirectory",
         "workerArguments", "folder", "output", "temporary"}``: ``program`` +
         ``arguments`` run the worker as a process for this run, ``program`` + ``serveArguments`` the
@@ -378,6 +384,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
             _TEMPORARY_RUN_FOLDERS.add(folder)
         # the DICOM series' acquisition times, where Slicer's database has them: the grader reads T2 only
         metadata = {"path": volumeNode.GetName(), "format": "Slicer volume", **mrml.dicom_acquisition(volumeNode)}
+        otherSeries = self._writeOtherSeries(volumeNode, folder, metadata) if compare_series else []
         npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas, metadata)
         output = os.path.join(folder, "results")
         # preview.png and hotspots.png only where the files stay: a temporary folder is removed once its
@@ -385,9 +392,30 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         workerArguments = worker.worker_arguments(
             npy, output, geometry=geometry, weights=weights, device=device, grading=grading,
             hotspot_head=hotspot_head, pipeline=pipeline, options=options, precision=precision, runtime=runtime,
-            preview=bool(workFolder), sequence=sequence)
+            preview=bool(workFolder), sequence=sequence, other_series=otherSeries)
         return {**self.workerProcessSettings(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
                 "workerArguments": workerArguments, "folder": folder, "output": output, "temporary": not workFolder}
+
+    def _writeOtherSeries(self, volumeNode, folder, metadata):
+        """Write the other sagittal volumes of the volume's exam in the scene (``mrml.exam_volumes``: the
+        same study and frame of reference in Slicer's DICOM database, at most
+        ``MAX_COMPARED_SERIES``) for the worker, which labels them and asks for a review where one names a
+        vertebra otherwise (``SpineNetLib/label/other_series.py``, as ``spinenet run`` on an exam folder).
+        Returns their (npy, geometry) paths; one that cannot be used is named in ``metadata["warnings"]``."""
+        mrml = self._mrml()
+        written = []
+        for number, node in enumerate(mrml.exam_volumes(volumeNode, MAX_COMPARED_SERIES)):
+            try:
+                voxels, ijkToRas = mrml.input_volume_arrays(node)
+            except SpineNetError as error:
+                metadata.setdefault("warnings", []).append(
+                    f'the volume "{node.GetName()}" of the exam was not compared with the one read: {error}')
+                continue
+            series = {"path": node.GetName(), "format": "Slicer volume", "series_description": node.GetName(),
+                      **mrml.dicom_series(node)}
+            written.append(worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas, series,
+                                               name=f"other_series_{number}"))
+        return written
 
     def workerProcessSettings(self):
         """``{"program", "serveArguments", "environment", "workingDirectory"}`` of the worker process
@@ -407,7 +435,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
                  pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
-                 workerProcess=None, workFolder=None, precision="fp32", runtime="torch", sequence=None):
+                 workerProcess=None, workFolder=None, precision="fp32", runtime="torch", sequence=None,
+                 compare_series=True):
         """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
 
         ``onProgress(done, total, message)``, ``onWarning(message)`` and
@@ -425,7 +454,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                                    hotspot_head=hotspot_head,
                                    pipeline=self.pipeline if pipeline is None else pipeline,
                                    options=self.pipelineOptions if options is None else options,
-                                   workFolder=workFolder, precision=precision, runtime=runtime, sequence=sequence)
+                                   workFolder=workFolder, precision=precision, runtime=runtime, sequence=sequence,
+                                   compare_series=compare_series)
         run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
         process = workerProcess if workerProcess is not None else self.workerFactory()
         process.lineReceived.connect(functools.partial(self._onWorkerLine, run))

@@ -174,6 +174,8 @@ def _check_sequence(args) -> str | None:
 
 
 def _add_run_command(sub) -> None:
+    from SpineNetLib.core.levels import MAX_COMPARED_SERIES
+
     run = sub.add_parser("run", help="detect and label the vertebrae, measure and grade the discs, write JSON/CSV")
     _add_scan_options(run)
     run.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the result files")
@@ -303,6 +305,7 @@ def command_run(args) -> int:
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.inputs.archive import unpacked
+    from SpineNetLib.inputs.load import load_other_series
     from SpineNetLib.outputs.files import check_writable, write_results
     from SpineNetLib.outputs.preview import pillow_missing
 
@@ -317,7 +320,8 @@ def command_run(args) -> int:
         scan, _ = pipeline.read_input(source, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
                                       slice_spacing=args.slice_spacing)
         compare = not getattr(args, "no_compare_series", False)   # spinenet demo's own arguments lack it
-        other_series = _other_series_of_exam(source, scan, profile) if compare else []
+        other_series = (load_other_series(source, scan, resample_isotropic=profile.slab_average_thin_slices)
+                        if compare else [])
         dicom_out = getattr(args, "dicom_out", False)
         if dicom_out:
             from SpineNetLib.outputs.dicom_results import check_dicom_source
@@ -349,28 +353,6 @@ def command_run(args) -> int:
     print(f"{len(levels)} vertebrae ({summary}), {len(result.discs_document['discs'])} discs ({graded}); "
           f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
-
-
-#: At most this many other sagittal series of an exam are labelled to check a run's levels against
-#: (each costs about a run without the discs: 1-3 s on 2 CPU cores).
-MAX_COMPARED_SERIES = 3
-
-
-def _other_series_of_exam(source, scan, profile) -> list:
-    """The other sagittal series of the scan's exam in the input folder (``Scan.metadata
-    ["other_sagittal_series"]``, by series number, at most :data:`MAX_COMPARED_SERIES`), read as the run
-    reads (``label/other_series.py``); one that cannot be read is left out with a warning of the run."""
-    from SpineNetLib import pipeline
-
-    folder = Path(source) if Path(source).is_dir() else Path(source).parent   # a file: the series of its folder
-    others = []
-    for key in (scan.metadata.get("other_sagittal_series") or [])[:MAX_COMPARED_SERIES]:
-        try:
-            others.append(pipeline.read_input(folder, profile, series_uid=key)[0])
-        except InputError as error:
-            scan.metadata.setdefault("warnings", []).append(f"the series {key} of the exam was not compared with "
-                                                            f"the one read: {error}")
-    return others
 
 
 def _hotspot_heads(args) -> list[str]:

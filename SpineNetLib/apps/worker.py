@@ -9,7 +9,10 @@ Input: either ``--input volume.npy --geometry volume.json`` (the volume
 node's voxels ``[k, j, i]`` as Slicer's ``arrayFromVolume`` gives them, and
 ``{"ijk_to_ras": 4x4, "metadata": {...}}``), which reaches
 :func:`SpineNetLib.inputs.canonical.scan_from_array` unchanged, or ``--input PATH``
-with anything :func:`SpineNetLib.inputs.load.load_scan` reads (DICOM, NIfTI, NRRD).
+with anything :func:`SpineNetLib.inputs.load.load_scan` reads (DICOM, NIfTI, NRRD). Each
+``--other-series volume.npy --other-geometry volume.json`` pair, in the same form, is another sagittal
+series of the scan's exam whose levels the run compares with its own (``label/other_series.py``;
+``pipeline.RunOptions.other_series``): the Slicer panel passes the exam's other volumes of the scene.
 
 Output: the result files in ``--output``, written by
 :func:`SpineNetLib.outputs.files.write_results` (``vertebrae.json``,
@@ -41,7 +44,8 @@ replaces the default :func:`run_pipeline`; tests use it to run the whole
 protocol without trained weights, and it lets an extension plug in another
 model.  The function is called as ``function(scan, options, progress)`` where
 ``options`` holds ``weights``, ``device``, ``grading``, ``hotspot_head``,
-``output`` (the results folder), ``trusted_sha256`` and every ``--option KEY=VALUE``, and
+``output`` (the results folder), ``trusted_sha256``, ``other_series`` (the other series' scans, read) and
+every ``--option KEY=VALUE``, and
 ``progress(done, total, message)`` reports; it writes no files and returns a
 :class:`SpineNetLib.pipeline.RunResult` (at least the vertebrae document;
 the discs document, hotspot maps as :class:`SpineNetLib.discs.hotspots.HotspotMap`
@@ -179,7 +183,8 @@ def run_pipeline(scan, options: dict, progress, loaded: "LoadedNetworks | None" 
     head = hotspot_head_option(options.get("hotspot_head"))
     run_options = pipeline.RunOptions(grade=grading, hotspot_heads=[head] if grading and head else [],
                                       earlier_timings_s={"load_networks": 0.0 if reused else networks.load_seconds},
-                                      profile=options.get("profile") or None, sequence=options.get("sequence") or None)
+                                      profile=options.get("profile") or None, sequence=options.get("sequence") or None,
+                                      other_series=list(options.get("other_series") or []))
     return pipeline.run(scan, networks, run_options, progress=progress)
 
 
@@ -301,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the detector runs: torch (default) or OpenVINO (as in the spinenet CLI)")
     parser.add_argument("--sequence", metavar="T2|T1|PD|STIR|FLAIR|other",
                         help="the scan's weighting (as spinenet run --sequence): only T2-weighted scans are graded")
+    parser.add_argument("--other-series", action="append", default=[], metavar="NPY",
+                        help="another sagittal series of the exam (with its --other-geometry, in the same order) "
+                             "whose levels are compared with the scan's")
+    parser.add_argument("--other-geometry", action="append", default=[], metavar="JSON",
+                        help="the geometry JSON of each --other-series")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="extra option for the pipeline")
     parser.add_argument("--debug", action="store_true", help="raise internal errors with a traceback")
@@ -310,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundled", device: str = "auto",
                      grading: bool = True, hotspot_head: str | None = None, pipeline: str | None = None,
                      options: dict | None = None, profile: str | None = None, preview: bool = True,
-                     precision: str = "fp32", runtime: str = "torch", sequence: str | None = None) -> list[str]:
-    """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs)."""
+                     precision: str = "fp32", runtime: str = "torch", sequence: str | None = None,
+                     other_series=()) -> list[str]:
+    """Arguments after ``-m SpineNetLib.apps.worker`` for these settings (what the Slicer module runs);
+    ``other_series``: (npy, geometry) of each other series of the exam to compare the levels with."""
     args = ["--input", str(input_path)]
     if geometry is not None:
         args += ["--geometry", str(geometry)]
@@ -331,6 +343,8 @@ def worker_arguments(input_path, output, *, geometry=None, weights: str = "bundl
         args += ["--sequence", str(sequence)]
     if not preview:
         args.append("--no-preview")
+    for npy, geometry in other_series:
+        args += ["--other-series", str(npy), "--other-geometry", str(geometry)]
     for key, value in (options or {}).items():
         args += ["--option", f"{key}={value}"]
     return args
@@ -365,8 +379,12 @@ def run_request(args, protocol: LineProtocol, loaded: LoadedNetworks | None = No
     options = _options(args)
     pipeline = load_pipeline(args.pipeline)
     profile = processing_profile(args.profile, args.weights)
+    if len(args.other_series) != len(args.other_geometry):
+        raise InputError("each --other-series needs its --other-geometry")
     protocol.progress(0, 1, "reading the scan")
     scan = read_scan(args.input, args.geometry, resample_isotropic=profile.slab_average_thin_slices)
+    options["other_series"] = [read_scan(npy, geometry, resample_isotropic=profile.slab_average_thin_slices)
+                               for npy, geometry in zip(args.other_series, args.other_geometry)]
     if pipeline is run_pipeline:
         result = run_pipeline(scan, options, protocol.progress, loaded)
     else:

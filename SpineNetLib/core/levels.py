@@ -60,6 +60,9 @@ def shifted_to_correction(levels, index: int, level: str) -> list:
 #: superior-inferior) are of the same vertebra: well under half the ~30 mm from one lumbar level to the
 #: next, well over the few millimetres a patient moves between the series of one session.
 SAME_BODY_MM = 10.0
+#: At most this many other sagittal series of an exam are labelled to check a run's levels against (each is
+#: detected and labelled: 1-3 s on 2 CPU cores); ``spinenet run`` and the Slicer panel.
+MAX_COMPARED_SERIES = 3
 
 
 def level_differences(mine, theirs) -> list[tuple[str, str]]:

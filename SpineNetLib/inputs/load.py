@@ -6,7 +6,9 @@
 * ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` ->
   :func:`io_image.load_image_file`;
 * a ZIP archive is refused here with a pointer to :func:`SpineNetLib.inputs.archive.unpacked`, which
-  keeps it unpacked for as long as a caller needs its files.
+  keeps it unpacked for as long as a caller needs its files;
+* :func:`load_other_series`: the other sagittal series of a DICOM scan's exam, the second opinion on
+  its levels (``label/other_series.py``).
 
 Every problem is an :class:`InputError` with a one-line message.
 """
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
+from SpineNetLib.core.levels import MAX_COMPARED_SERIES
 from SpineNetLib.inputs.archive import is_zip_archive
 from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series
 from SpineNetLib.inputs.stacks import series_uid_of
@@ -95,3 +98,20 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
         raise InputError(f"{p.name} belongs to series {file_series}, not to the requested series {series_uid}")
     return load_dicom_series(p.parent, file_series or None, pixel_spacing, slice_spacing,
                              recursive=False, resample_isotropic=resample_isotropic, containing=p)
+
+
+def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
+                      limit: int = MAX_COMPARED_SERIES) -> list[Scan]:
+    """The other sagittal series of ``scan``'s exam and frame of reference in the DICOM input ``path`` it
+    was read from (``Scan.metadata["other_sagittal_series"]``, by series number, at most ``limit``), read
+    as ``scan`` was; [] for an image file or a series alone. One that cannot be read is left out, and
+    ``scan.metadata["warnings"]`` says so."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent   # a file: the series of its folder
+    others = []
+    for key in (scan.metadata.get("other_sagittal_series") or [])[:limit]:
+        try:
+            others.append(load_scan(folder, series_uid=key, resample_isotropic=resample_isotropic))
+        except InputError as error:
+            scan.metadata.setdefault("warnings", []).append(
+                f"the series {key} of the exam was not compared with the one read: {error}")
+    return others

@@ -193,6 +193,9 @@ MODALITY_TAG = "0008,0060"
 #: ``inputs/dicom.py`` gives them in ``Scan.metadata``.
 ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,0080", "inversion_time_ms": "0018,0082",
                     "scanning_sequence": "0018,0020", "series_description": "0008,103E"}
+#: The tags that place a series in its exam, by the names ``inputs/dicom.py`` gives them in ``Scan.metadata``.
+SERIES_TAGS = {"series_uid": "0020,000E", "series_number": "0020,0011", "study_uid": "0020,000D",
+               "frame_of_reference_uid": "0020,0052"}
 
 
 def _instances_and_database(volume_node) -> tuple[list[str], object]:
@@ -275,6 +278,41 @@ def sagittal_volumes(scene) -> list:
             if int(np.argmax(np.abs(ijk_to_ras(node)[:3, 2]))) == 0:
                 nodes.append(node)
     return nodes
+
+
+def dicom_series(volume_node) -> dict:
+    """``series_uid``, ``series_number``, ``study_uid``, ``frame_of_reference_uid`` and what
+    :func:`dicom_acquisition` gives, of the series a volume node was loaded from, for ``Scan.metadata``;
+    {} where the database cannot tell."""
+    values = _dicom_values(volume_node, SERIES_TAGS)
+    return {**values, **dicom_acquisition(volume_node)} if values else {}
+
+
+def exam_volumes(volume_node, limit: int) -> list:
+    """The other sagittal MR volumes of the volume node's scene that Slicer's DICOM database places in its
+    exam and frame of reference (the same StudyInstanceUID and FrameOfReferenceUID, another
+    SeriesInstanceUID), by series number, at most ``limit``: the series whose levels a run compares with
+    its own, as ``spinenet run`` compares an exam folder's (``label/other_series.py``). [] for a volume
+    without both UIDs (a volume from a file, no database: slicer-core)."""
+    def exam(node) -> tuple[str, str, str]:
+        values = _dicom_values(node, SERIES_TAGS) or {}
+        return tuple(values.get(k, "") for k in ("study_uid", "frame_of_reference_uid", "series_uid"))
+
+    study, frame, series = exam(volume_node)
+    scene = volume_node.GetScene() if volume_node is not None else None
+    if not (study and frame) or scene is None:
+        return []
+    found = {}
+    for node in sagittal_volumes(scene):
+        other = exam(node)
+        if (node is not volume_node and other[:2] == (study, frame) and other[2] not in ("", series)
+                and other[2] not in found and not not_mr_modality({"Modality": dicom_modality(node)})):
+            found[other[2]] = node
+
+    def series_number(node) -> tuple:
+        number = (_dicom_values(node, {"n": SERIES_TAGS["series_number"]}) or {}).get("n", "")
+        return (0, int(number), node.GetName()) if number.lstrip("-").isdigit() else (1, 0, node.GetName())
+    return sorted(found.values(), key=series_number)[:limit]
 
 
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:

@@ -57,3 +57,23 @@ def oracle_networks(phantom) -> Networks:
 def ground_truth_centroid_ras(phantom, vertebra) -> np.ndarray:
     points = [phantom.scan.xy_to_ras(q.mean(axis=0), s)[0] for s, q in vertebra.quads.items()]
     return np.mean(points, axis=0)
+
+
+def name_series_a_level_lower(monkeypatch, series_description: str) -> None:
+    """Make ``pipeline.detect_and_label`` name each vertebra of the series with this SeriesDescription one
+    level lower (L1 named L2, ...), the others as before: an exam whose two series disagree."""
+    import dataclasses
+
+    from SpineNetLib import pipeline
+    from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+
+    label = pipeline.detect_and_label
+    lower = {level: LEVELS_TOP_DOWN[n + 1] for n, level in enumerate(LEVELS_TOP_DOWN[:-1])}
+
+    def labelled(scan, networks, **kwargs):
+        result = label(scan, networks, **kwargs)
+        if scan.metadata.get("series_description") == series_description:
+            result.vertebrae = [dataclasses.replace(v, level=lower.get(v.level)) for v in result.vertebrae]
+        return result
+
+    monkeypatch.setattr(pipeline, "detect_and_label", labelled)

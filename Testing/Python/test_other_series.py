@@ -4,7 +4,6 @@ name its vertebrae a level off."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -14,7 +13,8 @@ from SpineNetLib.apps import cli
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.synthetic.phantom import make_phantom
 
-from oracles import oracle_networks
+from batch_script import batch_script
+from oracles import name_series_a_level_lower, oracle_networks
 
 EXAM = {"StudyInstanceUID": "1.2.826.0.1.48.1", "FrameOfReferenceUID": "1.2.826.0.1.48.2"}
 TIMES = {"T1": {"EchoTime": 10, "RepetitionTime": 550}, "T2": {"EchoTime": 95, "RepetitionTime": 3500}}
@@ -61,16 +61,7 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
     levels ask for a review, with the T1's name and the vertebra in the warning, in vertebrae.json, the CSV
     and on stderr."""
     phantom, folder = exam
-    label = pipeline.detect_and_label
-
-    def t1_a_level_off(scan, networks, **kwargs):
-        result = label(scan, networks, **kwargs)
-        if scan.metadata.get("series_description") == "T1 SAG":
-            lower = {level: LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1] for level in LEVELS_TOP_DOWN[:-1]}
-            result.vertebrae = [dataclasses.replace(v, level=lower.get(v.level)) for v in result.vertebrae]
-        return result
-
-    monkeypatch.setattr(pipeline, "detect_and_label", t1_a_level_off)
+    name_series_a_level_lower(monkeypatch, "T1 SAG")
     out = tmp_path / "out"
     assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
     labelling = _labelling(out)
@@ -83,3 +74,23 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
     rows = (out / "vertebrae.csv").read_text().splitlines()
     assert rows[1].split(",")[rows[0].split(",").index("levels_need_review")] == "true"
     assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == phantom.levels
+
+
+def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_path, monkeypatch, capsys):
+    """SpineNetBatch.py (Slicer --python-script) on the exam folder: the T2 read, the T1 compared; with the
+    T1 a level off, the run asks for a review and the script says "CHECK THE LEVELS"; --no-compare-series
+    leaves the T1 alone."""
+    phantom, folder = exam
+    batch = batch_script()
+    out = tmp_path / "batch"
+    arguments = ["--input", str(folder), "--output", str(out), "--quiet", "--no-grading", "--no-scene", "--no-preview"]
+    assert batch.main(arguments) == 0
+    assert _labelling(out)["compared_with_series"] == ["'T1 SAG' (series 3)"]
+    assert _labelling(out)["needs_review"] is False
+    name_series_a_level_lower(monkeypatch, "T1 SAG")
+    capsys.readouterr()
+    assert batch.main(arguments) == 0
+    assert _labelling(out)["needs_review"] is True
+    assert "CHECK THE LEVELS: Levels may be shifted: the series 'T1 SAG' (series 3)" in capsys.readouterr().out
+    assert batch.main(arguments + ["--no-compare-series"]) == 0
+    assert "compared_with_series" not in _labelling(out) and _labelling(out)["needs_review"] is False

@@ -7,7 +7,6 @@ the picture puts them.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,10 +24,10 @@ from SpineNetLib.outputs import files, preview
 from SpineNetLib.outputs.documents import vertebrae_document_from_truth
 from SpineNetLib.synthetic.phantom import make_phantom
 
+from batch_script import batch_script
 from oracles import oracle_networks
 from slicer_fake_pipeline import _hotspot
 
-REPO = Path(__file__).resolve().parents[2]
 FAKE = f"{Path(__file__).resolve().parent / 'slicer_fake_pipeline.py'}:run"
 
 
@@ -273,18 +272,11 @@ def test_the_preview_is_part_of_the_atomic_file_set(small_phantom, tmp_path, mon
 
 # --------------------------------------------------------------------------- worker and batch script
 
-def _batch_module():
-    spec = importlib.util.spec_from_file_location("SpineNetBatch", REPO / "SpineNet" / "Scripts" / "SpineNetBatch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_batch_script_and_worker_write_the_same_picture(small_phantom, tmp_path, capsys):
     truth = tmp_path / "truth.json"
     truth.write_text(json.dumps(vertebrae_document_from_truth(small_phantom.scan, small_phantom.vertebrae)))
     image = small_phantom.write_nifti(tmp_path / "scan.nii.gz")
-    batch = _batch_module()
+    batch = batch_script()
     common = ["--input", str(image), "--quiet", "--no-scene", "--pipeline", FAKE, "--option", f"vertebrae={truth}"]
     assert batch.main(common + ["--output", str(tmp_path / "out")]) == 0
     assert "preview.png" in capsys.readouterr().out

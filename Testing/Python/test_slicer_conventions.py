@@ -84,13 +84,14 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     widget.ui.arithmeticComboBox.setCurrentText("bfloat16")
     widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
     widget.ui.sequenceComboBox.setCurrentText("T2")
+    widget.ui.compareSeriesCheckBox.setChecked(False)
     assert node.GetNodeReference("InputVolume") is second
     assert [node.GetParameter(n) for n in ("Weights", "WeightsFolder", "Device", "Arithmetic", "Grading",
-                                           "Sequence", "HotspotHead")] == \
-        ["folder", "/data/my weights", "cpu", "bfloat16", "true", "T2", "Pfirrmann"]
+                                           "Sequence", "HotspotHead", "CompareSeries")] == \
+        ["folder", "/data/my weights", "cpu", "bfloat16", "true", "T2", "Pfirrmann", "false"]
     assert module.SpineNetLogic.runSettings(node) == widget.settings() == {
         "weights": "/data/my weights", "device": "cpu", "grading": True, "hotspot_head": "Pfirrmann",
-        "precision": "bf16", "runtime": "torch", "sequence": "T2"}
+        "precision": "bf16", "runtime": "torch", "sequence": "T2", "compare_series": False}
 
     # results of the input volume are referenced from the parameter node
     write_results(tmp_path / "results", RunResult(vertebrae_document=vertebrae))
@@ -109,6 +110,8 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert widget.ui.deviceComboBox.currentText() == "cuda"
     node.SetParameter("Arithmetic", "bfloat16 on OpenVINO")
     assert widget.ui.arithmeticComboBox.currentText() == "bfloat16 on OpenVINO"
+    node.SetParameter("CompareSeries", "true")
+    assert widget.ui.compareSeriesCheckBox.isChecked()
     widget.cleanup()
 
     # saved and loaded again: the same settings, input and results in a new panel
@@ -121,7 +124,7 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert restored._parameterNode.GetNodeReference("InputVolume") is volume
     assert restored.settings() == {"weights": "/data/my weights", "device": "cuda", "grading": False,
                                    "hotspot_head": "Pfirrmann", "precision": "bf16", "runtime": "openvino",
-                                   "sequence": "T2"}
+                                   "sequence": "T2", "compare_series": True}
     assert restored.ui.weightsFolderLineEdit.isEnabled() and not restored.ui.gradingCheckBox.isChecked()
     assert restored.ui.vertebraTable.rowCount() == 7 and restored.ui.discTable.rowCount() == 6
     assert restored._parameterNode.GetNumberOfNodeReferences("ResultOutline") == 7

@@ -28,6 +28,8 @@ from SpineNetLib.outputs import segmentation  # noqa: E402
 from SpineNetLib.pipeline import RunResult  # noqa: E402
 from SpineNetLib.synthetic.phantom import make_phantom  # noqa: E402
 
+from batch_script import batch_script  # noqa: E402
+
 LEVELS_PHANTOM = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
 
 
@@ -467,24 +469,13 @@ def test_integer_measurements_stay_integers():
     assert documents.table_csv_text(columns, rows).splitlines()[1] == "L4-L5,3,2,1,4.50,,,,"
 
 
-def _batch_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "SpineNet" / "Scripts" / "SpineNetBatch.py"
-    spec = importlib.util.spec_from_file_location("SpineNetBatch_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_batch_hands_the_worker_the_scan_on_its_input_grid(case):
     """The batch script reads the scan once and gives the worker arrays from which it reads the same scan."""
     from SpineNetLib.inputs.canonical import scan_from_array
 
     phantom, _ = case
     scan = scan_from_array(phantom.voxels_kji, phantom.ijk_to_ras, {"path": "phantom"})
-    voxels, affine = _batch_script().input_arrays(scan)
+    voxels, affine = batch_script().input_arrays(scan)
     np.testing.assert_array_equal(voxels, phantom.voxels_kji.astype(np.float32))
     np.testing.assert_array_equal(affine, phantom.ijk_to_ras)
     again = scan_from_array(voxels, affine, scan.metadata)
@@ -503,7 +494,7 @@ def test_batch_hands_over_the_canonical_grid_of_a_resampled_scan():
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     scan = scan_from_array(voxels, affine)
     assert "resampled" in scan.metadata
-    handed, handed_affine = _batch_script().input_arrays(scan)
+    handed, handed_affine = batch_script().input_arrays(scan)
     again = scan_from_array(handed, handed_affine, scan.metadata)
     assert "resampled" in again.metadata and again.shape == scan.shape
     np.testing.assert_array_equal(again.voxels, scan.voxels)

@@ -1012,7 +1012,7 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     widget.ui.applyButton.click()
     assert calls == [("start", volume, widget.settings())]
     assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None,
-                           "precision": "fp32", "runtime": "torch", "sequence": None}
+                           "precision": "fp32", "runtime": "torch", "sequence": None, "compare_series": True}
     assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
     assert standins.FakeProcess.instances == []
 

@@ -25,8 +25,8 @@ from SpineNetLib.synthetic.phantom import make_phantom
 from SpineNetLib.training.datasets import default_data_root
 
 REPO = Path(__file__).resolve().parents[2]
+from batch_script import BATCH_SCRIPT as BATCH, batch_script  # noqa: E402
 from slicer_fake_pipeline import PIPELINE_SPEC as FAKE  # noqa: E402
-BATCH = REPO / "SpineNet" / "Scripts" / "SpineNetBatch.py"
 
 
 @pytest.fixture(scope="module")
@@ -77,26 +77,22 @@ def test_worker_arguments_round_trip():
     assert parsed.pipeline == "m:f" and parsed.option == ["steps=2"]
     assert parsed.precision == "fp32"
     bf16 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", precision="bf16"))
-    assert bf16.precision == "bf16" and _batch_parser().parse_args(
+    assert bf16.precision == "bf16" and batch_script().build_parser().parse_args(
         ["--input", "v", "--output", "o", "--precision", "bf16"]).precision == "bf16"
     assert parsed.runtime == "torch" and "--runtime" not in args
     ov = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", runtime="openvino"))
     assert ov.runtime == "openvino" and worker._options(ov)["runtime"] == "openvino"
-    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
+    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
     # the scan's weighting (only T2-weighted scans are graded): from the scan unless given
     assert parsed.sequence is None and "--sequence" not in args and worker._options(parsed)["sequence"] is None
     t2 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", sequence="T2"))
     assert worker._options(t2)["sequence"] == "T2"
-    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--sequence", "T2"]).sequence == "T2"
-
-
-def _batch_parser():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("SpineNetBatch_parser_under_test", BATCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--sequence", "T2"]).sequence == "T2"
+    # the exam's other series, each with its geometry, in order
+    assert parsed.other_series == parsed.other_geometry == [] and "--other-series" not in args
+    two = worker.build_parser().parse_args(worker.worker_arguments(
+        "v.npy", "out", other_series=[("t1.npy", "t1.json"), ("stir.npy", "stir.json")]))
+    assert (two.other_series, two.other_geometry) == (["t1.npy", "stir.npy"], ["t1.json", "stir.json"])
 
 
 def test_hotspots_are_opt_in_for_the_worker_and_the_batch_script(monkeypatch):
@@ -104,8 +100,8 @@ def test_hotspots_are_opt_in_for_the_worker_and_the_batch_script(monkeypatch):
     from SpineNetLib import pipeline
 
     assert worker.build_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
-    assert _batch_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
-    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--hotspot-head", "Herniation"]).hotspot_head \
+    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
+    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--hotspot-head", "Herniation"]).hotspot_head \
         == "Herniation"
     for none in (None, "", "none", "None"):
         assert worker.hotspot_head_option(none) is None
@@ -149,6 +145,7 @@ def test_worker_runs_and_reports(phantom, inputs, tmp_path):
     (["--option", "fail=the scan is axial"], "ERROR the scan is axial"),
     (["--pipeline", "no_such_module_xyz:run"], "ERROR cannot import pipeline module 'no_such_module_xyz'"),
     (["--option", "novalue"], "ERROR --option must be KEY=VALUE"),
+    (["--other-series", "other.npy"], "ERROR each --other-series needs its --other-geometry"),
 ])
 def test_worker_errors_are_one_line(inputs, tmp_path, extra, message):
     args = ["--input", str(inputs["npy"]), "--geometry", str(inputs["geometry"]), "--output", str(tmp_path / "o"),

@@ -1,0 +1,135 @@
+"""The Slicer panel checks a volume's levels against the other sagittal volumes of its exam in the scene, as
+`spinenet run` checks an exam folder's series (SpineNetLib/label/other_series.py).
+
+Slicer's DICOM database places each volume in its exam (StudyInstanceUID, FrameOfReferenceUID); slicer-core
+has none, so a stand-in answers per series. The run goes through the worker's entry point in process with
+the default pipeline; the networks are oracles (exact levels) unless a test makes one series name its
+vertebrae a level off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("slicer")
+pytest.importorskip("PySide6")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import slicer_standins as standins  # noqa: E402
+from PySide6 import QtWidgets  # noqa: E402
+
+from SpineNetLib import pipeline  # noqa: E402
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN  # noqa: E402
+from SpineNetLib.slicer import mrml  # noqa: E402
+from SpineNetLib.synthetic.phantom import make_phantom  # noqa: E402
+
+from oracles import name_series_a_level_lower, oracle_networks  # noqa: E402
+
+STUDY, FRAME, OTHER_FRAME = "1.2.826.0.1.49.1", "1.2.826.0.1.49.2", "1.2.826.0.1.49.9"
+#: Volume name -> (first instance UID, the DICOM tags Slicer's database holds for its series).
+SERIES = {
+    "4: T2 SAG": ("1.2.4.1", {"0020,000E": "1.2.4", "0020,0011": "4", "0008,103E": "T2 SAG",
+                              "0018,0081": "95", "0018,0080": "3500", "0020,0052": FRAME}),
+    "3: T1 SAG": ("1.2.3.1", {"0020,000E": "1.2.3", "0020,0011": "3", "0008,103E": "T1 SAG",
+                              "0018,0081": "10", "0018,0080": "550", "0020,0052": FRAME}),
+    "5: STIR SAG": ("1.2.5.1", {"0020,000E": "1.2.5", "0020,0011": "5", "0008,103E": "STIR SAG",
+                                "0018,0081": "60", "0018,0080": "4000", "0018,0082": "150", "0020,0052": FRAME}),
+    "4: T2 SAG (loaded twice)": ("1.2.4.1", {}),
+    "7: T1 SAG elsewhere": ("1.2.7.1", {"0020,000E": "1.2.7", "0020,0011": "7", "0008,103E": "T1 SAG elsewhere",
+                                        "0018,0081": "10", "0018,0080": "550", "0020,0052": OTHER_FRAME}),
+    "from a file": (None, {}),
+}
+
+
+class _SeriesDatabase:
+    """Slicer's DICOM database (ctkDICOMDatabase.instanceValue) answering per series."""
+
+    def __init__(self, values_by_instance):
+        self.values_by_instance = values_by_instance
+
+    def instanceValue(self, uid, tag):
+        return self.values_by_instance.get(uid, {}).get(tag, "")
+
+
+@pytest.fixture()
+def exam(monkeypatch):
+    """(module, scene, phantom, volumes by name): one phantom as the series of :data:`SERIES` in one scene,
+    with oracle networks."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
+    module, scene, *nodes = standins.module_on_new_scene(monkeypatch, phantom.voxels_kji, phantom.ijk_to_ras,
+                                                         names=tuple(SERIES))
+    volumes = dict(zip(SERIES, nodes))
+    values = {}
+    for name, (uid, tags) in SERIES.items():
+        if uid:
+            volumes[name].SetAttribute("DICOM.instanceUIDs", uid)
+            values.setdefault(uid, {"0008,0060": "MR", "0020,000D": STUDY, "0018,0020": "SE", **tags})
+    monkeypatch.setattr(mrml.slicer, "dicomDatabase", _SeriesDatabase(values), raising=False)
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    return module, scene, phantom, volumes
+
+
+def _labelling(logic, volume):
+    vertebrae, _, _ = logic.documents(volume)
+    return vertebrae["labelling"]
+
+
+def test_the_exams_other_sagittal_volumes_are_compared_by_series_number(exam):
+    """The T1 and STIR of the T2's exam are labelled too and agree: recorded, no review; the same series
+    loaded twice, a series of another frame of reference and a volume from a file are left out."""
+    module, scene, phantom, volumes = exam
+    t2 = volumes["4: T2 SAG"]
+    assert [n.GetName() for n in mrml.exam_volumes(t2, 3)] == ["3: T1 SAG", "5: STIR SAG"]
+    assert mrml.exam_volumes(t2, 1) == [volumes["3: T1 SAG"]]
+    assert mrml.exam_volumes(volumes["from a file"], 3) == []
+    logic = module.SpineNetLogic(scene=scene)
+    logic.runSynchronously(t2, grading=False)
+    labelling = _labelling(logic, t2)
+    assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)", "'STIR SAG' (series 5)"]
+    assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
+    logic.runSynchronously(t2, grading=False, compare_series=False)
+    assert "compared_with_series" not in _labelling(logic, t2)
+
+
+def test_a_volume_of_the_exam_a_level_off_asks_for_a_review_in_the_panel(exam, monkeypatch):
+    """The T1 labelled one level lower: the T2's levels stay its own, yet ask for a review, with the T1's
+    series and the vertebra in the warning, as `spinenet run` says it."""
+    module, scene, phantom, volumes = exam
+    name_series_a_level_lower(monkeypatch, "T1 SAG")
+    logic = module.SpineNetLogic(scene=scene)
+    t2 = volumes["4: T2 SAG"]
+    logic.runSynchronously(t2, grading=False)
+    labelling = _labelling(logic, t2)
+    top = phantom.levels[0]
+    expected = (f"levels may be shifted: the series 'T1 SAG' (series 3) of the same exam names the vertebra {top} "
+                f"here {LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(top) + 1]} ({len(phantom.levels)} vertebrae differ); "
+                "one of the two series is named wrongly")
+    assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
+    text, review = logic.labellingStatus(t2)
+    assert review is True and expected[:1].upper() + expected[1:] in text
+    vertebrae, _, _ = logic.documents(t2)
+    assert [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
+
+
+def test_the_panel_setting_reaches_the_run_and_the_parameter_node(exam, tmp_path):
+    module, scene, phantom, volumes = exam
+    parent = QtWidgets.QWidget()
+    widget = module.SpineNetWidget(parent)
+    widget.setup()
+    try:
+        parameters = widget.logic.getParameterNode()
+        assert widget.ui.compareSeriesCheckBox.isChecked() and widget.settings()["compare_series"] is True
+        assert widget.logic.runSettings(parameters)["compare_series"] is True
+        widget.ui.compareSeriesCheckBox.setChecked(False)
+        assert parameters.GetParameter("CompareSeries") == "false"
+        assert widget.settings()["compare_series"] is False and widget.logic.runSettings(parameters)["compare_series"] is False
+        t2 = volumes["4: T2 SAG"]
+        for compare, others in ((True, 2), (False, 0)):
+            run = widget.logic.prepareRun(t2, compare_series=compare, workFolder=str(tmp_path / str(compare)))
+            assert run["workerArguments"].count("--other-series") == others
+            assert run["workerArguments"].count("--other-geometry") == others
+    finally:
+        widget.cleanup()
+        parent.close()
