@@ -36,11 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers, scan_from_array,
+from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, plain_numbers, scan_from_array,
                                           spacing_override)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.mr_weighting import weighting_from_header
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.inputs.dicom_pixels import converted, error_text, float_or, series_pixels
 from SpineNetLib.inputs.image import image_suffix
 from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key
 
@@ -108,14 +109,6 @@ def _floats(value, n: int) -> np.ndarray | None:
     return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
 
 
-def _float_or(value, default: float) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return default
-    return out if np.isfinite(out) else default
-
-
 def _rescale(path: Path, value, keyword: str, default: float) -> float:
     """RescaleSlope or RescaleIntercept: ``default`` when absent or empty; a value that is no finite
     number refuses the file (every voxel depends on it)."""
@@ -165,7 +158,7 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
     series_uid = str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)")
     rows, cols = _image_size(path, ds)
     inst = _instance_number(ds)
-    n_frames = int(_float_or(ds.get("NumberOfFrames", 1), 1))
+    n_frames = int(float_or(ds.get("NumberOfFrames", 1), 1))
     if n_frames <= 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         ps = ds.get("PixelSpacing")
         return [_Slice(path, None, series_uid, rows, cols,
@@ -197,36 +190,6 @@ def _slices_of(path: Path, ds) -> list[_Slice]:
                                    0.0),
                           inst, ds, contrast_of(ds, groups)))
     return out
-
-
-#: Header elements the loader reads: a value of one of them that pydicom cannot convert (e.g. a
-#: 1-byte Rows) refuses the file; any other malformed element is dropped, as it is not used.
-_USED_KEYWORDS = frozenset((
-    "SOPClassUID", "SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames",
-    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
-    "RescaleSlope", "RescaleIntercept", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
-    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "RedPaletteColorLookupTableData"))
-
-
-def _converted(path: Path, ds):
-    """``ds`` with every top-level value converted now, so that no later read of a value fails.
-
-    pydicom converts a value when it is first read; a malformed one (a wrong length for its VR)
-    raises then.  Raises :class:`InputError` naming the file and the element for an element the
-    loader uses, drops any other.
-    """
-    import pydicom
-
-    for tag in list(ds.keys()):
-        try:
-            ds[tag]
-        except Exception as exc:
-            keyword = pydicom.datadict.keyword_for_tag(tag) or ""
-            if keyword in _USED_KEYWORDS:
-                raise InputError(f"DICOM file {path} has a malformed {keyword} {tag}: {_one_line(exc)}") from None
-            del ds[tag]
-    return ds
 
 
 def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
@@ -277,9 +240,9 @@ def _read_headers(files: list[Path]) -> tuple[list, dict[str, str]]:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
         except Exception as exc:
             if preamble[128:132] == b"DICM":  # a DICOM file, truncated or corrupt: never dropped silently
-                raise InputError(f"DICOM file {p} is truncated or corrupt: {_one_line(exc)}") from None
+                raise InputError(f"DICOM file {p} is truncated or corrupt: {error_text(exc)}") from None
             continue  # not DICOM: other files in the folder are skipped by design
-        ds = _converted(p, ds)
+        ds = converted(p, ds)
         if preamble[128:132] == b"DICM" and "SOPClassUID" not in ds and "Rows" not in ds:
             # pydicom reads a cut file leniently: what is left has no dataset to speak of
             raise InputError(f"DICOM file {p} is truncated or corrupt (no SOPClassUID, no image size)")
@@ -423,65 +386,6 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
                      f"({len(series)} series)")
 
 
-def _pixels(slices: list[_Slice]) -> np.ndarray:
-    """Rescaled float32 pixels ``[k, j, i]`` of the (ordered) slices."""
-    import pydicom
-    cache: dict[Path, np.ndarray] = {}
-    photometrics: set[str] = set()
-    n_voxels = len(slices) * slices[0].rows * slices[0].cols
-    if n_voxels > MAX_VOXELS:
-        raise InputError(f"the series has {len(slices)} images of {slices[0].rows} x {slices[0].cols} pixels "
-                         f"({n_voxels} voxels): more than the {MAX_VOXELS} SpineNet reads")
-    out = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=np.float32)
-    for k, s in enumerate(slices):
-        if s.path not in cache:
-            try:
-                ds = pydicom.dcmread(s.path)
-            except Exception as exc:
-                raise InputError(f"cannot read {s.path}: {_one_line(exc)}") from None
-            ds = _converted(s.path, ds)
-            if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-                raise InputError(f"no PixelData (7FE0,0010) in {s.path}")
-            if _float_or(ds.get("SamplesPerPixel", 1), 1) != 1:
-                raise InputError(f"colour (multi-sample) DICOM images are not supported: {s.path}")
-            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
-            if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-                # PALETTE COLOR stores indices into a colour table, not grey values
-                raise InputError(f"{s.path} has PhotometricInterpretation {photometric}: SpineNet reads grey-scale "
-                                 "(MONOCHROME1/2) MR images only")
-            photometrics.add(photometric)
-            try:
-                arr = np.asarray(ds.pixel_array)
-            except Exception as exc:
-                ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-                ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown"
-                raise InputError(
-                    f"cannot decode the pixel data of {s.path} (transfer syntax {ts_text}): {_one_line(exc)}; "
-                    "the decoders of compressed DICOM come with python-gdcm (a dependency of spinenet; for "
-                    "High-Throughput JPEG 2000: pip install pylibjpeg pylibjpeg-openjpeg)") from None
-            cache = {s.path: arr}  # keep only the current file (multi-frame files hold all frames)
-        arr = cache[s.path]
-        frame = arr if s.frame is None else arr[s.frame]
-        if frame.shape != (s.rows, s.cols):
-            raise InputError(f"pixel data of {s.name} has shape {frame.shape}, expected {(s.rows, s.cols)}")
-        scaled = frame.astype(np.float64) * s.slope + s.intercept
-        if np.abs(scaled).max(initial=0.0) >= np.finfo(np.float32).max:   # a finite slope can still overflow
-            raise InputError(f"RescaleSlope {s.slope:g} and RescaleIntercept {s.intercept:g} of {s.name} scale its "
-                             "pixels beyond the range SpineNet reads")
-        out[k] = scaled
-    if "MONOCHROME1" in photometrics:
-        if len(photometrics) > 1:
-            raise InputError("the series mixes MONOCHROME1 and MONOCHROME2 images")
-        # MONOCHROME1: the lowest value is displayed white; the networks expect MONOCHROME2 brightness
-        out = (float(out.max()) + float(out.min()) - out).astype(np.float32)
-    return out
-
-
-def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
-
-
 def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None, slice_spacing=None, *,
                       recursive: bool = True, resample_isotropic: bool = True, containing: Path | None = None
                       ) -> Scan:
@@ -502,12 +406,38 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
         raise InputError(f"not a folder: {folder}")
     ps_override = spacing_override(pixel_spacing, 2, "pixel_spacing")
     ss_override = spacing_override(slice_spacing, 1, "slice_spacing")
-    uid, slices, warning, others = _chosen_series(folder, recursive, series_uid, containing)
+    series, problems = _folder_series(folder, recursive, series_uid)
+    uid, warning = _chosen_key(series, problems, folder, series_uid, containing)
+    return _series_scan(folder, uid, series[uid], (ps_override, ss_override), warning,
+                        _other_sagittal_series(series, uid), resample_isotropic)
+
+
+def load_dicom_series_each(folder, keys: list[str], *, resample_isotropic: bool = True) -> list[Scan | InputError]:
+    """What :func:`load_dicom_series` gives for each of ``keys`` (a series' UID, or a stack's key as
+    ``Scan.metadata["other_sagittal_series"]`` lists them) in ``folder``, its files' headers read once (an
+    exam's other series, read together); the :class:`InputError` in place of a series that cannot be read."""
+    folder = Path(folder)
+    series, problems = _folder_series(folder, True, None)
+    out: list[Scan | InputError] = []
+    for key in keys:
+        try:
+            uid, warning = _chosen_key(series, problems, folder, key, None)
+            out.append(_series_scan(folder, uid, series[uid], (None, None), warning, [], resample_isotropic))
+        except InputError as error:
+            out.append(error)
+    return out
+
+
+def _series_scan(folder: Path, uid: str, slices: list[_Slice], overrides: tuple, warning: str | None,
+                 others: list[str], resample_isotropic: bool) -> Scan:
+    """The canonical scan of one series' image records (``overrides``: the pixel and slice spacings given
+    instead of the tags', or None)."""
+    ps_override, ss_override = overrides
     first = slices[0]
     row_dir, col_dir, normal = _orientation(slices, uid)
     ps = ps_override if ps_override is not None else _pixel_spacing(slices, uid)
     slices, origin, step, slice_order = _slice_geometry(slices, uid, normal, ss_override)
-    voxels = _pixels(slices)
+    voxels = series_pixels(slices)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps[1]   # i: along the row direction, column spacing
     lps[:3, 1] = col_dir * ps[0]   # j: along the column direction, row spacing
@@ -523,10 +453,10 @@ def load_dicom_series(folder, series_uid: str | None = None, pixel_spacing=None,
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
 
 
-def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
-                   containing: Path | None = None) -> tuple[str, list[_Slice], str | None, list[str]]:
-    """(UID, image records, a warning or None, :func:`_other_sagittal_series`) of the series to load: that of
-    the file ``containing``, ``series_uid`` or the one :func:`_select_series` takes."""
+def _folder_series(folder: Path, recursive: bool, series_uid: str | None
+                   ) -> tuple[dict[str, list[_Slice]], dict[str, str]]:
+    """({series or stack key: image records}, {series UID: why one of its files cannot be used}) of the DICOM
+    files in ``folder``; refused where there is no image series at all, or ``series_uid``'s cannot be read."""
     candidates = _candidate_files(folder, recursive)
     headers, skipped = _read_headers(candidates)
     if series_uid is not None and series_uid in skipped and all(
@@ -557,14 +487,22 @@ def _chosen_series(folder: Path, recursive: bool, series_uid: str | None,
         raise InputError(problems[series_uid])
     if not series:
         raise InputError(next(iter(problems.values())))
-    series = _split_stacks(series)
+    return _split_stacks(series), problems
+
+
+def _chosen_key(series: dict[str, list[_Slice]], problems: dict[str, str], folder: Path, series_uid: str | None,
+                containing: Path | None) -> tuple[str, str | None]:
+    """(key, a warning or None) of the series to load among ``series`` (:func:`_folder_series`): that of the
+    file ``containing``, ``series_uid`` or the one :func:`_select_series` takes."""
+    if series_uid is not None and series_uid in problems:
+        raise InputError(problems[series_uid])
     if containing is not None:   # the series, or the stack, of one file
         series_uid = next((key for key, slices in series.items() if any(s.path == containing for s in slices)),
                           series_uid)
     uid, warning = _select_series(series, folder, series_uid)
     if series[uid][0].series_uid in problems:
         raise InputError(problems[series[uid][0].series_uid])
-    return uid, series[uid], warning, _other_sagittal_series(series, uid)
+    return uid, warning
 
 
 def _split_stacks(series: dict[str, list[_Slice]]) -> dict[str, list[_Slice]]:
@@ -640,7 +578,7 @@ def _slice_geometry(slices: list[_Slice], uid: str, normal: np.ndarray, ss_overr
         if len(slices) >= 2:
             step = _step_from_positions(slices, depth, uid, normal, ss_override)
         else:
-            spacing = ss_override[0] if ss_override is not None else _float_or(
+            spacing = ss_override[0] if ss_override is not None else float_or(
                 first.header.get("SpacingBetweenSlices", first.header.get("SliceThickness", 1.0)), 1.0)
             step = normal * float(spacing)
         return slices, origin, step, "ImagePositionPatient"
@@ -719,7 +657,7 @@ def _acquisition_times(h) -> dict:
     for key, value in found.items():
         if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
             value = next(iter(value), None)   # InversionTimes is multi-valued (pydicom's MultiValue)
-        number = _float_or(value, float("nan")) if value not in (None, "") else float("nan")
+        number = float_or(value, float("nan")) if value not in (None, "") else float("nan")
         if number > 0:
             out[key] = number
     kinds = h.get("ScanningSequence")
@@ -755,7 +693,7 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "modality": str(h.get("Modality", "") or ""),
         "manufacturer": str(h.get("Manufacturer", "") or ""),
         "manufacturer_model": str(h.get("ManufacturerModelName", "") or ""),
-        "magnetic_field_strength_T": _float_or(field, float("nan")) if field not in (None, "") else None,
+        "magnetic_field_strength_T": float_or(field, float("nan")) if field not in (None, "") else None,
         **_acquisition_times(h),
         "transfer_syntax": str(ts.name) if ts is not None else None,
         "n_files": len({s.path for s in slices}),

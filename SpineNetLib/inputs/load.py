@@ -21,7 +21,7 @@ from pathlib import Path
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import MAX_COMPARED_SERIES
 from SpineNetLib.inputs.archive import is_zip_archive
-from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series
+from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series, load_dicom_series_each
 from SpineNetLib.inputs.stacks import series_uid_of
 from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
 from SpineNetLib.core.scan import Scan
@@ -107,10 +107,16 @@ def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
     as ``scan`` was; [] for an image file or a series alone. One that cannot be read is left out, and
     ``scan.metadata["warnings"]`` says so."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent   # a file: the series of its folder
+    keys = (scan.metadata.get("other_sagittal_series") or [])[:limit]
+    if not keys:
+        return []
     others = []
-    for key in (scan.metadata.get("other_sagittal_series") or [])[:limit]:
+    for key, read in zip(keys, load_dicom_series_each(folder, keys, resample_isotropic=resample_isotropic)):
         try:
-            others.append(load_scan(folder, series_uid=key, resample_isotropic=resample_isotropic))
+            if isinstance(read, InputError):
+                raise read
+            check_image_voxels(read.voxels, folder.name, label_map=False)   # as load_scan checks a series
+            others.append(read)
         except InputError as error:
             scan.metadata.setdefault("warnings", []).append(
                 f"the series {key} of the exam was not compared with the one read: {error}")

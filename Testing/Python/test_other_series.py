@@ -94,3 +94,22 @@ def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_pa
     assert "CHECK THE LEVELS: Levels may be shifted: the series 'T1 SAG' (series 3)" in capsys.readouterr().out
     assert batch.main(arguments + ["--no-compare-series"]) == 0
     assert "compared_with_series" not in _labelling(out) and _labelling(out)["needs_review"] is False
+
+
+def test_a_series_of_the_exam_that_cannot_be_read_is_named_and_left_out(exam, tmp_path, capsys):
+    """One T1 image turned a little against the others: the T1 cannot be read, the T2's run goes on without
+    the comparison and says which series was left out and why."""
+    import pydicom
+
+    phantom, folder = exam
+    path = sorted((folder / "t1").iterdir())[1]
+    ds = pydicom.dcmread(path)
+    ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.01, -1.0]
+    ds.save_as(path)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    labelling = _labelling(out)
+    assert "compared_with_series" not in labelling and labelling["needs_review"] is False
+    warnings = json.loads((out / "vertebrae.json").read_text())["warnings"]
+    left_out = [w for w in warnings if "of the exam was not compared with the one read" in w]
+    assert len(left_out) == 1 and "contradictory ImageOrientationPatient" in left_out[0], warnings
