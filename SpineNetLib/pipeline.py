@@ -50,10 +50,9 @@ from SpineNetLib.discs.weighting import (Weighting, not_graded_reason, not_grade
                                          user_sequence)
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
-from SpineNetLib.label.confidence import (EDGE_BODY_RELABELLED, MOVED_UP_TO_WEAKER_S1, S1_CUT_BY_LOWER_EDGE,
-                                          S1_MAY_BE_L5, LabellingConfidence, ask_for_review, confidence_of_vertebrae,
-                                          beyond_lumbar_field, lowest_bodies_from_second_detector,
-                                          s1_at_lower_edge, s1_cut_by_lower_edge, same_level_twice)
+from SpineNetLib.label.confidence import (LabellingConfidence, ask_for_review, ask_for_review_where_in_doubt,
+                                          beyond_lumbar_field, confidence_of_vertebrae, s1_at_lower_edge,
+                                          same_level_twice)
 from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
                                              level_in, levels_down_to_s1, names_bodies_down_to_s1, same_body,
                                              weaker_body_below_s1)
@@ -626,39 +625,18 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
                         options.hotspot_augmentations, progress=progress, precision=options.hotspot_precision)
 
 
-def _ask_for_review_where_in_doubt(scan: Scan, result: DetectionResult, confidence: LabellingConfidence) -> None:
-    """The review reasons the margin cannot show (``result.labelling`` says which held; each goes before
-    those asked earlier, so the more specific ones, asked later, come first), and the note on an S1 at
-    the lower image edge (a review reason when the body is cut by the edge)."""
-    spacing_factor = result.labelling.get("pixel_spacing_factor")
-    if spacing_factor is not None:
-        # the header's spacing found too few bodies: the levels and every size in mm are in doubt
-        ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
-                                   f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
-                                   f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
-                                   "use the header's)")
-    twice = same_level_twice(result.vertebrae)
-    if twice is not None:
-        result.labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
-                                                "probabilities": [round(p, 4) for p in twice.probabilities]}
-        ask_for_review(confidence, twice.warning())
-    if result.labelling.get("levels_from_second_detector"):
-        ask_for_review(confidence, lowest_bodies_from_second_detector(result.labelling["levels_from_second_detector"]))
-    if result.labelling.get("s1_may_be_l5"):   # the more specific reason first
-        ask_for_review(confidence, S1_MAY_BE_L5)
-    if result.labelling.get("moved_up_to_weaker_s1"):
-        ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
-    if result.labelling.get("s1_at_image_edge_relabelled"):
-        ask_for_review(confidence, EDGE_BODY_RELABELLED)
-    if s1_cut_by_lower_edge(result.vertebrae, scan.voxels.shape[0]):
-        # the note's strongest case (the body itself cut) asks for a review instead
-        result.labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
-        ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
-        return
-    edge_note = s1_at_lower_edge(result.vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
-    if edge_note is not None:
-        result.labelling["s1_at_image_edge"] = True
-        confidence.warnings.append(edge_note)
+def _labelled_on_its_own(scan: Scan, networks: Networks, labelled_with: dict, params: labelling.LabellingParams,
+                         options: RunOptions) -> tuple[list[Vertebra], bool]:
+    """The vertebrae of another series of the exam, detected and labelled as the run's scan, and whether its
+    own labelling asks for a review: its margin and the reasons of ``ask_for_review_where_in_doubt`` and
+    ``beyond_lumbar_field`` (the orientation check only adds a reason where the margin already asks)."""
+    result = detect_and_label(scan, networks, **labelled_with)
+    confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
+    if confidence is None:
+        return result.vertebrae, False
+    ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)
+    beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
+    return result.vertebrae, confidence.needs_review or beyond is not None
 
 
 def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks: Networks,
@@ -723,15 +701,16 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
     # the confidence is scored with the same penalties as the labelling itself
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is not None:
-        _ask_for_review_where_in_doubt(scan, result, confidence)
+        ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
+        beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if options.other_series:   # a second opinion: the exam's other sagittal series, labelled as this one
             began = time.perf_counter()
             result.labelling["compared_with_series"] = review_against_other_series(
                 scan, result.vertebrae, options.other_series,
-                lambda other: detect_and_label(other, networks, **labelled_with).vertebrae, confidence)
+                lambda other: _labelled_on_its_own(other, networks, labelled_with, params, options),
+                confidence, asks_on_its_own=confidence.needs_review or beyond is not None)
             result.timings_s["other_series"] = time.perf_counter() - began
-        beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if beyond is not None:   # first: what the levels' own reasons cannot show
             ask_for_review(confidence, beyond)
     if profile.refine_s1_outline and networks.s1_outline is not None:   # after the checks, set on the main outlines

@@ -18,7 +18,8 @@ is set or the pair disagrees, as in ``cohort_studies.csv``.  Printed per variant
 variant's run and for the as-acquired run of each pair: the runs with a wrongly named body (scored as
 ``spinenet evaluate`` scores them), those their own flag misses, and of these the ones the disagreement
 catches; the runs with every body right, those their own flag asks about, and those the disagreement alone
-adds (its false alarms).
+adds (its false alarms). Then, of the pairs that disagree, which run is right where only one's own flag asks
+for a review (:func:`which_is_right`: what the warning's "more likely that one" rests on).
 """
 
 from __future__ import annotations
@@ -80,6 +81,30 @@ def _line(name: str, runs: list[tuple[dict, bool, bool]]) -> str:
             f" {len(added):>6} {sum(added):>13}")
 
 
+def which_is_right(pairs: list[tuple[dict, dict]]) -> list[str]:
+    """Lines on the pairs whose runs disagree (both scored runs of each): where one run's own flag asks for a
+    review and the other's does not, how often the unflagged run is the right one; where both or neither
+    ask, how often one of them is right. What ``spinenet run``'s warning says about which of two
+    disagreeing series is more likely wrong (``core.levels.more_likely_wrong``)."""
+    def counts(group) -> tuple[int, int, int]:
+        """(pairs with one run right, both wrong, both right: a difference outside the annotation)."""
+        return (sum(a["wrong"] != b["wrong"] for a, b in group), sum(a["wrong"] and b["wrong"] for a, b in group),
+                sum(not a["wrong"] and not b["wrong"] for a, b in group))
+
+    one = [(a, b) if not a["flagged"] else (b, a) for a, b in pairs if a["flagged"] != b["flagged"]]  # unflagged first
+    _, both_wrong, both_right = counts(one)
+    lines = [f"{'disagreeing pairs':<22} {len(pairs):>4}",
+             f"{'one flagged by itself':<22} {len(one):>4}: the unflagged run right and the flagged one wrong "
+             f"{sum(b['wrong'] and not a['wrong'] for a, b in one)}, the other way round "
+             f"{sum(a['wrong'] and not b['wrong'] for a, b in one)}, both wrong {both_wrong}, both right {both_right}"]
+    for name, flagged in (("both flagged", True), ("neither flagged", False)):
+        group = [(a, b) for a, b in pairs if a["flagged"] == b["flagged"] == flagged]
+        one_right, both_wrong, both_right = counts(group)
+        lines.append(f"{name:<22} {len(group):>4}: one of the two right {one_right}, both wrong {both_wrong}, "
+                     f"both right {both_right}")
+    return lines
+
+
 HEADER = (f"{'runs':<26} {'pairs':>5} {'wrong':>6} {'unflagged':>9} {'caught':>7} {'both':>6} {'right':>6}"
           f" {'flagged':>8} {'added':>6} {'partner wrong':>13}")
 
@@ -107,7 +132,7 @@ def main(argv=None) -> int:
           "disagrees (the comparison alone asks for their review); partner wrong: of those, the other run of the "
           "pair has a body named wrongly (one of the two is wrong: the reader must look at both)\n")
     print(HEADER)
-    every_second, every_first = [], []
+    every_second, every_first, disagreeing = [], [], []
     for variant in variants:
         runs = _scored(data_root, pred_root / variant)
         second, first = [], []
@@ -117,11 +142,15 @@ def main(argv=None) -> int:
             first_disagrees, second_disagrees = pair_outcomes(acquired[case]["document"], run["document"], case)
             second.append((run, second_disagrees, acquired[case]["wrong"]))
             first.append((acquired[case], first_disagrees, run["wrong"]))
+            if first_disagrees or second_disagrees:
+                disagreeing.append((acquired[case], run))
         print(_line(f"{variant}", second))
         every_second += second
         every_first += first
     print(_line("every variant's run", every_second))
     print(_line("the runs as acquired", every_first))
+    print("\nWhich of two disagreeing runs is right, by their own review flags:")
+    print("\n".join(which_is_right(disagreeing)))
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from SpineNetLib.core.levels import level_differences
+from SpineNetLib.core.levels import level_differences, more_likely_wrong
 
 
 def exam_of(vertebrae_doc: dict) -> str:
@@ -39,6 +39,12 @@ def _named_centroids(vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
         if vertebra.get("level") and isinstance(centroid, list) and len(centroid) == 3:
             out.append((str(vertebra["level"]), np.asarray(centroid[1:], float)))
     return out
+
+
+def _asks_on_its_own(vertebrae_doc: dict) -> bool:
+    """Whether a study's own labelling asks for a review (``needs_review``: the cohort's runs compare no
+    series; the tables add the exam's disagreement)."""
+    return bool((vertebrae_doc.get("labelling") or {}).get("needs_review"))
 
 
 def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
@@ -59,9 +65,11 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                 differences = level_differences(centroids[study_id], centroids[other]) if other != study_id else []
                 if differences:
                     mine, theirs = differences[0]
+                    likely = more_likely_wrong(_asks_on_its_own(documents[study_id]), _asks_on_its_own(documents[other]))
                     said.append(f"the levels disagree with study {other} of the same exam, which names the "
                                 f"vertebra {mine} here {theirs}"
-                                + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""))
+                                + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")
+                                + (f"; one of the two is named wrongly{likely}" if likely else ""))
             if said:
                 reasons[study_id] = "; ".join(said)
     return reasons

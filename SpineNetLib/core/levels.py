@@ -79,3 +79,15 @@ def level_differences(mine, theirs) -> list[tuple[str, str]]:
             if other_level != level:
                 found.append((level, other_level))
     return found
+
+
+def more_likely_wrong(mine_asks: bool, theirs_asks: bool) -> str:
+    """What follows "one of the two series is named wrongly" where two series of an exam disagree
+    (:func:`level_differences`) and only one's own labelling asks for a review: that one is more likely
+    the wrong one (measured: ``benchmarks/exam_comparison.py``, README "A second opinion from the same
+    exam"); "" where both or neither ask."""
+    if theirs_asks and not mine_asks:
+        return ", more likely that one: its own labelling asks for a review, this one's does not"
+    if mine_asks and not theirs_asks:
+        return ", more likely this one: that series' own labelling does not ask for a review, this one's does"
+    return ""

@@ -35,13 +35,14 @@ missed there, and the levels on one side of it may be off by one); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
-:func:`SpineNetLib.pipeline.run` sets ``needs_review`` for more reasons that
-the margin cannot show: a pixel spacing other than the header's found the
+:func:`ask_for_review_where_in_doubt` (:func:`SpineNetLib.pipeline.run` calls it) sets ``needs_review`` for
+more reasons that the margin cannot show: a pixel spacing other than the header's found the
 bodies; a full-strength body named S1 has a weaker detection below it where S1
 would lie (:data:`S1_MAY_BE_L5`); two consecutive bodies whose evidence favours
 the same lumbar level (:func:`same_level_twice`); an S1 at the image edge named
-from the other vertebrae (``EDGE_BODY_RELABELLED``); a chain beyond a lumbar field
-of view with weights made for lumbar scans (:func:`beyond_lumbar_field`).
+from the other vertebrae (``EDGE_BODY_RELABELLED``). ``pipeline.run`` adds a chain beyond a lumbar
+field of view with weights made for lumbar scans (:func:`beyond_lumbar_field`) and another series of the
+exam that names a vertebra otherwise (``label/other_series.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import numpy as np
 
 from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.labelling import (MISSED_BODY_GAP_RATIO, LabellingParams, assign_level_names, beam_search,
                                          gap_ratios, level_skipped, sequence_cost, skips_across_gaps)
 
@@ -392,3 +394,40 @@ def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingPara
         confidence.warnings = gaps + confidence.warnings
         confidence.needs_review = True
     return confidence
+
+
+def ask_for_review_where_in_doubt(scan: Scan, vertebrae: Sequence[Vertebra], labelling: dict,
+                                  confidence: LabellingConfidence) -> None:
+    """The review reasons the margin cannot show, for the labelled ``vertebrae`` of ``scan`` (``labelling``,
+    the labelling block of the detection, says which held; each goes before those asked earlier, so the
+    more specific ones, asked later, come first), and the note on an S1 at the lower image edge (a review
+    reason when the body is cut by the edge); ``labelling`` records what was found."""
+    spacing_factor = labelling.get("pixel_spacing_factor")
+    if spacing_factor is not None:
+        # the header's spacing found too few bodies: the levels and every size in mm are in doubt
+        ask_for_review(confidence, f"few vertebrae were found at the header's pixel spacing "
+                                   f"({scan.spacing_mm[0]:.3g} x {scan.spacing_mm[1]:.3g} mm); they were found "
+                                   f"at {spacing_factor:g} times it: check the pixel spacing (sizes in mm "
+                                   "use the header's)")
+    twice = same_level_twice(vertebrae)
+    if twice is not None:
+        labelling["same_level_twice"] = {"named": list(twice.named), "level": twice.level,
+                                         "probabilities": [round(p, 4) for p in twice.probabilities]}
+        ask_for_review(confidence, twice.warning())
+    if labelling.get("levels_from_second_detector"):
+        ask_for_review(confidence, lowest_bodies_from_second_detector(labelling["levels_from_second_detector"]))
+    if labelling.get("s1_may_be_l5"):   # the more specific reason first
+        ask_for_review(confidence, S1_MAY_BE_L5)
+    if labelling.get("moved_up_to_weaker_s1"):
+        ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
+    if labelling.get("s1_at_image_edge_relabelled"):
+        ask_for_review(confidence, EDGE_BODY_RELABELLED)
+    if s1_cut_by_lower_edge(vertebrae, scan.voxels.shape[0]):
+        # the note's strongest case (the body itself cut) asks for a review instead
+        labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
+        ask_for_review(confidence, S1_CUT_BY_LOWER_EDGE)
+        return
+    edge_note = s1_at_lower_edge(vertebrae, scan.voxels.shape[0], scan.spacing_mm[0])
+    if edge_note is not None:
+        labelling["s1_at_image_edge"] = True
+        confidence.warnings.append(edge_note)

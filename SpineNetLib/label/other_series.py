@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import level_differences
+from SpineNetLib.core.levels import level_differences, more_likely_wrong
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -41,26 +41,32 @@ def _placed(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.nda
 
 
 def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
-                         others: Sequence[tuple[Scan, Sequence[Vertebra]]]) -> list[str]:
-    """One review reason for each of ``others`` (another series of the exam and its labelled vertebrae)
-    that names a vertebra of ``scan`` otherwise (module docstring); [] where all agree."""
+                         others: Sequence[tuple[Scan, Sequence[Vertebra], bool]],
+                         asks_on_its_own: bool = False) -> list[str]:
+    """One review reason for each of ``others`` (another series of the exam, its labelled vertebrae, and
+    whether its own labelling asks for a review) that names a vertebra of ``scan`` otherwise (module
+    docstring), saying which of the two is more likely wrong where only one asks on its own
+    (``asks_on_its_own``: the scan's labelling); [] where all agree."""
     mine = _placed(scan, vertebrae)
     reasons = []
-    for other, other_vertebrae in others:
+    for other, other_vertebrae, other_asks in others:
         differences = level_differences(mine, _placed(other, other_vertebrae))
         if differences:
             here, there = differences[0]
             more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
             reasons.append(f"levels may be shifted: the series {series_name(other)} of the same exam names the "
-                           f"vertebra {here} here {there}{more}; one of the two series is named wrongly")
+                           f"vertebra {here} here {there}{more}; one of the two series is named wrongly"
+                           + more_likely_wrong(asks_on_its_own, other_asks))
     return reasons
 
 
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
-                                labelled: Callable[[Scan], Sequence[Vertebra]],
-                                confidence: LabellingConfidence) -> list[str]:
-    """Label each of ``others`` (``labelled``: as the scan was) and ask for a review (``confidence``) for
-    each that names a vertebra otherwise; returns the names of the series compared."""
-    for reason in series_disagreements(scan, vertebrae, [(other, labelled(other)) for other in others]):
+                                labelled: Callable[[Scan], tuple[Sequence[Vertebra], bool]],
+                                confidence: LabellingConfidence, asks_on_its_own: bool = False) -> list[str]:
+    """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
+    review) and ask for a review (``confidence``) for each that names a vertebra otherwise; returns the
+    names of the series compared. ``asks_on_its_own``: whether the scan's own labelling asks."""
+    for reason in series_disagreements(scan, vertebrae, [(other, *labelled(other)) for other in others],
+                                       asks_on_its_own):
         ask_for_review(confidence, reason)
     return [series_name(other) for other in others]

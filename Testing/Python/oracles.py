@@ -59,9 +59,12 @@ def ground_truth_centroid_ras(phantom, vertebra) -> np.ndarray:
     return np.mean(points, axis=0)
 
 
-def name_series_a_level_lower(monkeypatch, series_description: str) -> None:
+def name_series_a_level_lower(monkeypatch, series_description: str, *, unsure: tuple[str, ...] = ()) -> None:
     """Make ``pipeline.detect_and_label`` name each vertebra of the series with this SeriesDescription one
-    level lower (L1 named L2, ...), the others as before: an exam whose two series disagree."""
+    level lower (L1 named L2, ...; the body at S1 left out), with the level probabilities moved along, so
+    that the labelling is as sure of it as of the truth; the other series as before: an exam whose two
+    series disagree. The labelling of each series described in ``unsure`` asks for a review of its own
+    (its body named S1 may be L5)."""
     import dataclasses
 
     from SpineNetLib import pipeline
@@ -72,8 +75,13 @@ def name_series_a_level_lower(monkeypatch, series_description: str) -> None:
 
     def labelled(scan, networks, **kwargs):
         result = label(scan, networks, **kwargs)
-        if scan.metadata.get("series_description") == series_description:
-            result.vertebrae = [dataclasses.replace(v, level=lower.get(v.level)) for v in result.vertebrae]
+        described = scan.metadata.get("series_description")
+        if described == series_description:   # LEVELS runs from S1 up: one level lower is one index down
+            result.vertebrae = [dataclasses.replace(v, level=lower[v.level],
+                                                    level_probabilities=np.roll(v.level_probabilities, -1))
+                                for v in result.vertebrae if v.level in lower]
+        if described in unsure:
+            result.labelling["s1_may_be_l5"] = True
         return result
 
     monkeypatch.setattr(pipeline, "detect_and_label", labelled)

@@ -912,6 +912,13 @@ def test_series_of_one_exam_that_name_a_vertebra_differently_are_found():
                              "which names the vertebra T12 here L1 (6 vertebrae differ)")
     assert reasons["t2"].startswith("the levels disagree with study t1") and "t2_moved" not in reasons["t2"]
     assert exam_disagreements({"t2": t2, "t2_moved": moved}) == {}   # 8 mm apart: the same vertebrae, agreeing
+    # where only one study's own labelling asks for a review, that one is more likely the wrong one
+    unsure = {**t1, "labelling": {"needs_review": True}}
+    reasons = exam_disagreements({"t2": t2, "t1": unsure})
+    assert reasons["t2"].endswith("(6 vertebrae differ); one of the two is named wrongly, more likely that one: "
+                                  "its own labelling asks for a review, this one's does not")
+    assert reasons["t1"].endswith("; one of the two is named wrongly, more likely this one: that series' own "
+                                  "labelling does not ask for a review, this one's does")
     other_frame = _named(["T12", "L1", "L2", "L3", "L4", "L5"], exam=("1.2.3", "1.2.3.10"))
     image_file = {**t1, "input": {}}
     longer = _named(["T10", "T11", "T12", "L1"], exam=("1.2.3", "1.2.3.9"))

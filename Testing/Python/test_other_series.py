@@ -76,6 +76,23 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
     assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == phantom.levels
 
 
+@pytest.mark.parametrize("unsure, likely", [
+    (("T1 SAG",), ", more likely that one: its own labelling asks for a review, this one's does not"),
+    (("T2 SAG",), ", more likely this one: that series' own labelling does not ask for a review, this one's does"),
+    (("T1 SAG", "T2 SAG"), ""),
+])
+def test_the_warning_says_which_series_is_more_likely_wrong_where_only_one_asks_on_its_own(
+        exam, tmp_path, monkeypatch, unsure, likely):
+    """Where the two series disagree and only one's own labelling asks for a review, the warning says that one
+    is more likely named wrongly (measured: benchmarks/exam_comparison.py); where both ask, it does not say."""
+    phantom, folder = exam
+    name_series_a_level_lower(monkeypatch, "T1 SAG", unsure=unsure)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    shifted = [w for w in _labelling(out)["warnings"] if w.startswith("levels may be shifted: the series")]
+    assert len(shifted) == 1 and shifted[0].endswith("one of the two series is named wrongly" + likely)
+
+
 def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_path, monkeypatch, capsys):
     """SpineNetBatch.py (Slicer --python-script) on the exam folder: the T2 read, the T1 compared; with the
     T1 a level off, the run asks for a review and the script says "CHECK THE LEVELS"; --no-compare-series
@@ -113,3 +130,24 @@ def test_a_series_of_the_exam_that_cannot_be_read_is_named_and_left_out(exam, tm
     warnings = json.loads((out / "vertebrae.json").read_text())["warnings"]
     left_out = [w for w in warnings if "of the exam was not compared with the one read" in w]
     assert len(left_out) == 1 and "contradictory ImageOrientationPatient" in left_out[0], warnings
+
+
+def test_the_benchmark_counts_which_of_two_disagreeing_runs_is_right():
+    """benchmarks/exam_comparison.py's evidence for "more likely that one": pairs ordered either way."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "exam_comparison.py"
+    spec = importlib.util.spec_from_file_location("exam_comparison_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sure_right, unsure_wrong = {"wrong": False, "flagged": False}, {"wrong": True, "flagged": True}
+    unsure_right, sure_wrong = {"wrong": False, "flagged": True}, {"wrong": True, "flagged": False}
+    lines = module.which_is_right([(sure_right, unsure_wrong), (unsure_wrong, sure_right), (sure_wrong, unsure_right),
+                                   (unsure_right, unsure_wrong), (sure_right, sure_right)])
+    assert [" ".join(line.split()) for line in lines] == [
+        "disagreeing pairs 5",
+        "one flagged by itself 3: the unflagged run right and the flagged one wrong 2, the other way round 1, "
+        "both wrong 0, both right 0",
+        "both flagged 1: one of the two right 1, both wrong 0, both right 0",
+        "neither flagged 1: one of the two right 0, both wrong 0, both right 1"]
