@@ -706,10 +706,10 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
         beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if options.other_series:   # a second opinion: the exam's other sagittal series, labelled as this one
             began = time.perf_counter()
-            result.labelling["compared_with_series"] = review_against_other_series(
+            result.labelling.update(review_against_other_series(
                 scan, result.vertebrae, options.other_series,
                 lambda other: _labelled_on_its_own(other, networks, labelled_with, params, options),
-                confidence, asks_on_its_own=confidence.needs_review or beyond is not None)
+                confidence, asks_on_its_own=confidence.needs_review or beyond is not None))
             result.timings_s["other_series"] = time.perf_counter() - began
         if beyond is not None:   # first: what the levels' own reasons cannot show
             ask_for_review(confidence, beyond)

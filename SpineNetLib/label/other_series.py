@@ -42,31 +42,34 @@ def _placed(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.nda
 
 def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
                          others: Sequence[tuple[Scan, Sequence[Vertebra], bool]],
-                         asks_on_its_own: bool = False) -> list[str]:
-    """One review reason for each of ``others`` (another series of the exam, its labelled vertebrae, and
-    whether its own labelling asks for a review) that names a vertebra of ``scan`` otherwise (module
-    docstring), saying which of the two is more likely wrong where only one asks on its own
-    (``asks_on_its_own``: the scan's labelling); [] where all agree."""
+                         asks_on_its_own: bool = False) -> dict[str, str]:
+    """{series name: review reason} of each of ``others`` (another series of the exam, its labelled
+    vertebrae, and whether its own labelling asks for a review) that names a vertebra of ``scan`` otherwise
+    (module docstring), saying which of the two is more likely wrong where only one asks on its own
+    (``asks_on_its_own``: the scan's labelling); {} where all agree."""
     mine = _placed(scan, vertebrae)
-    reasons = []
+    reasons = {}
     for other, other_vertebrae, other_asks in others:
         differences = level_differences(mine, _placed(other, other_vertebrae))
         if differences:
             here, there = differences[0]
             more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
-            reasons.append(f"levels may be shifted: the series {series_name(other)} of the same exam names the "
-                           f"vertebra {here} here {there}{more}; one of the two series is named wrongly"
-                           + more_likely_wrong(asks_on_its_own, other_asks))
+            reasons[series_name(other)] = (f"levels may be shifted: the series {series_name(other)} of the same exam "
+                                           f"names the vertebra {here} here {there}{more}; one of the two series is "
+                                           "named wrongly" + more_likely_wrong(asks_on_its_own, other_asks))
     return reasons
 
 
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
                                 labelled: Callable[[Scan], tuple[Sequence[Vertebra], bool]],
-                                confidence: LabellingConfidence, asks_on_its_own: bool = False) -> list[str]:
+                                confidence: LabellingConfidence, asks_on_its_own: bool = False) -> dict:
     """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
-    review) and ask for a review (``confidence``) for each that names a vertebra otherwise; returns the
-    names of the series compared. ``asks_on_its_own``: whether the scan's own labelling asks."""
-    for reason in series_disagreements(scan, vertebrae, [(other, *labelled(other)) for other in others],
-                                       asks_on_its_own):
+    review) and ask for a review (``confidence``) for each that names a vertebra otherwise
+    (``asks_on_its_own``: whether the scan's own labelling asks). Returns the entries of the labelling
+    block: ``compared_with_series`` (the names of the series compared) and ``disagreeing_series`` (those
+    that name a vertebra otherwise)."""
+    reasons = series_disagreements(scan, vertebrae, [(other, *labelled(other)) for other in others],
+                                   asks_on_its_own)
+    for reason in reasons.values():
         ask_for_review(confidence, reason)
-    return [series_name(other) for other in others]
+    return {"compared_with_series": [series_name(other) for other in others], "disagreeing_series": list(reasons)}

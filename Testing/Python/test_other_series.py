@@ -47,6 +47,7 @@ def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, caps
     assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
     labelling = _labelling(out)
     assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)"]   # not the other frame of reference
+    assert labelling["disagreeing_series"] == []
     assert json.loads((out / "vertebrae.json").read_text())["timings_s"]["other_series"] > 0
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert json.loads((out / "vertebrae.json").read_text())["input"]["series_description"] == "T2 SAG"
@@ -70,6 +71,7 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
                 f"here {LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(top) + 1]} ({len(phantom.levels)} vertebrae differ); "
                 "one of the two series is named wrongly")
     assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
+    assert labelling["disagreeing_series"] == ["'T1 SAG' (series 3)"]
     assert f"spinenet: warning: {expected}" in capsys.readouterr().err
     rows = (out / "vertebrae.csv").read_text().splitlines()
     assert rows[1].split(",")[rows[0].split(",").index("levels_need_review")] == "true"
@@ -104,6 +106,7 @@ def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_pa
     assert batch.main(arguments) == 0
     assert _labelling(out)["compared_with_series"] == ["'T1 SAG' (series 3)"]
     assert _labelling(out)["needs_review"] is False
+    assert "The exam's series 'T1 SAG' (series 3) names the vertebrae alike." in capsys.readouterr().out
     name_series_a_level_lower(monkeypatch, "T1 SAG")
     capsys.readouterr()
     assert batch.main(arguments) == 0
@@ -151,3 +154,22 @@ def test_the_benchmark_counts_which_of_two_disagreeing_runs_is_right():
         "both wrong 0, both right 0",
         "both flagged 1: one of the two right 1, both wrong 0, both right 0",
         "neither flagged 1: one of the two right 0, both wrong 0, both right 1"]
+
+
+def test_the_levels_line_names_the_series_that_agree():
+    """The panel's and batch script's line on the levels: the exam's series that name the vertebrae alike;
+    those that do not are review reasons of their own; a document that does not record which disagree
+    (written before the forty-ninth session) says nothing of them."""
+    from SpineNetLib.outputs.documents import labelling_status
+
+    compared = ["'T1' (series 3)", "'STIR' (series 5)", "'T2 AX' (series 7)"]
+    document = {"labelling": {"confidence": 0.999, "needs_review": False, "warnings": [],
+                              "compared_with_series": compared, "disagreeing_series": []}}
+    assert labelling_status(document) == ("Level labelling confidence 0.99. The exam's series 'T1' (series 3), "
+                                          "'STIR' (series 5) and 'T2 AX' (series 7) name the vertebrae alike.", False)
+    document["labelling"].update(needs_review=True, disagreeing_series=compared[1:],
+                                 warnings=["levels may be shifted: the series 'STIR' (series 5) ..."])
+    assert labelling_status(document)[0] == ("Levels may be shifted: the series 'STIR' (series 5) .... The exam's "
+                                             "series 'T1' (series 3) names the vertebrae alike.")
+    del document["labelling"]["disagreeing_series"]
+    assert "alike" not in labelling_status(document)[0]

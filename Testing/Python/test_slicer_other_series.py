@@ -89,6 +89,8 @@ def test_the_exams_other_sagittal_volumes_are_compared_by_series_number(exam):
     labelling = _labelling(logic, t2)
     assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)", "'STIR SAG' (series 5)"]
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
+    assert logic.labellingStatus(t2)[0].endswith(
+        "The exam's series 'T1 SAG' (series 3) and 'STIR SAG' (series 5) name the vertebrae alike.")
     logic.runSynchronously(t2, grading=False, compare_series=False)
     assert "compared_with_series" not in _labelling(logic, t2)
 
