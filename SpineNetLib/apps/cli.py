@@ -306,6 +306,7 @@ def command_run(args) -> int:
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.inputs.archive import unpacked
     from SpineNetLib.inputs.load import load_other_series
+    from SpineNetLib.outputs.documents import series_alike
     from SpineNetLib.outputs.files import check_writable, write_results
     from SpineNetLib.outputs.preview import pillow_missing
 
@@ -350,8 +351,9 @@ def command_run(args) -> int:
     summary = f"{levels[0]}..{levels[-1]}" if levels else "none"
     grading = result.discs_document["grading"]
     graded = "graded" if grading["status"] == "done" else "not graded: " + grading["reason"]
+    alike = series_alike(result.vertebrae_document.get("labelling") or {})   # those that disagree: warned above
     print(f"{len(levels)} vertebrae ({summary}), {len(result.discs_document['discs'])} discs ({graded}); "
-          f"wrote {', '.join(str(p) for p in written)}")
+          + (f"{alike}; " if alike else "") + f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
 
 

@@ -322,19 +322,23 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
     review = bool(block.get("needs_review"))
     notes = [w[:1].upper() + w[1:] for w in _grouped_shift_reasons(block.get("warnings") or [])]
     lines = notes if review else [f"Level labelling confidence {_two_decimals_down(confidence)}", *notes]
-    agreeing = _series_agreeing(block)
-    if agreeing:   # a second opinion that agrees is said too; one that does not is a review reason above
-        named = " and ".join([", ".join(agreeing[:-1]), agreeing[-1]] if len(agreeing) > 1 else agreeing)
-        lines.append(f"The exam's series {named} name{'s' if len(agreeing) == 1 else ''} the vertebrae alike")
+    alike = series_alike(block)
+    if alike:   # a second opinion that agrees is said too; one that does not is a review reason above
+        lines.append(alike[:1].upper() + alike[1:])
     return ". ".join(lines) + ".", review
 
 
-def _series_agreeing(labelling: dict) -> list[str]:
-    """The names of the exam's other series whose levels agree with these, from ``compared_with_series``
-    and ``disagreeing_series``; none for a document that does not record which disagree."""
+def series_alike(labelling: dict) -> str:
+    """"the exam's series 'T1' (series 3) and 'STIR' (series 5) name the vertebrae alike": the exam's other
+    series whose levels agree with these (``compared_with_series`` less ``disagreeing_series``); "" where
+    none do, or the document does not record which disagree."""
     if "disagreeing_series" not in labelling:
-        return []
-    return [n for n in labelling.get("compared_with_series") or [] if n not in labelling["disagreeing_series"]]
+        return ""
+    names = [n for n in labelling.get("compared_with_series") or [] if n not in labelling["disagreeing_series"]]
+    if not names:
+        return ""
+    named = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return f"the exam's series {named} name{'s' if len(names) == 1 else ''} the vertebrae alike"
 
 
 #: How every review reason that the levels may be one off begins (``label/confidence.py``).

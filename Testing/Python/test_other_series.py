@@ -51,7 +51,7 @@ def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, caps
     assert json.loads((out / "vertebrae.json").read_text())["timings_s"]["other_series"] > 0
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert json.loads((out / "vertebrae.json").read_text())["input"]["series_description"] == "T2 SAG"
-    capsys.readouterr()
+    assert "; the exam's series 'T1 SAG' (series 3) names the vertebrae alike; wrote " in capsys.readouterr().out
     assert cli.main(["run", str(folder), "-o", str(tmp_path / "alone"), "--quiet", "--no-grade", "--no-preview",
                      "--no-compare-series"]) == 0
     assert "compared_with_series" not in _labelling(tmp_path / "alone")
