@@ -432,6 +432,16 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
             other_series("sagittal", times)(files, folder)
         return edit
 
+    def t1_of_the_exam_turned(files, folder):
+        """The series made T2-weighted, a T1 of its exam and frame of reference beside it, one of whose images
+        is turned against the others: the T1 cannot be read, so it is not compared."""
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        exam = {"StudyInstanceUID": ds.StudyInstanceUID, "FrameOfReferenceUID": ds.FrameOfReferenceUID}
+        for f in files:
+            _edit_dicom(f, **t2_times)
+        other_series("sagittal", {**t1_times, **exam})(files, folder)
+        _edit_dicom(sorted((folder / "second").iterdir())[1], ImageOrientationPatient=["0", "1", "0", "0", "0.01", "-1"])
+
     series("valid series (reference)", OK, lambda files, folder: None)
     series("last file cut in half", REFUSE, cut(0.5))
     series("last file cut to its preamble", REFUSE, cut(0.02))
@@ -447,6 +457,8 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
     series("a sagittal T2 and a sagittal T1 (the T2 is read)", WARN, as_t2_beside(t1_times),
            warning="read the T2-weighted one")
     series("two sagittal T2 series", REFUSE, as_t2_beside(t2_times))
+    series("a sagittal T2 and an unreadable T1 of its exam (the T1 is named, not compared)", WARN,
+           t1_of_the_exam_turned, warning="was not compared with the one read")
     series("unknown --series", REFUSE, lambda files, folder: None, options=("--series", "1.2.3"))
     series("PALETTE COLOR", REFUSE, each(PhotometricInterpretation="PALETTE COLOR"))
     series("MONOCHROME1", OK, each(PhotometricInterpretation="MONOCHROME1"))
