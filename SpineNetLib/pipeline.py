@@ -57,7 +57,7 @@ from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, 
                                              level_in, levels_down_to_s1, names_bodies_down_to_s1, same_body,
                                              weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
-from SpineNetLib.label.other_series import review_against_other_series
+from SpineNetLib.label.other_series import review_against_other_series, series_name
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import SINGLE_SLICE_GRADER_ON_A_VOLUME, reads_one_slice
@@ -626,11 +626,12 @@ def _hotspot_maps(scan: Scan, heads: list, discs: DiscResult, networks: Networks
 
 
 def _labelled_on_its_own(scan: Scan, networks: Networks, labelled_with: dict, params: labelling.LabellingParams,
-                         options: RunOptions) -> tuple[list[Vertebra], bool]:
+                         options: RunOptions, progress: ProgressCallback | None) -> tuple[list[Vertebra], bool]:
     """The vertebrae of another series of the exam, detected and labelled as the run's scan, and whether its
     own labelling asks for a review: its margin and the reasons of ``ask_for_review_where_in_doubt`` and
     ``beyond_lumbar_field`` (the orientation check only adds a reason where the margin already asks)."""
-    result = detect_and_label(scan, networks, **labelled_with)
+    result = detect_and_label(scan, networks, progress=scaled(progress, f"comparing with the exam's series "
+                                                                        f"{series_name(scan)}"), **labelled_with)
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is None:
         return result.vertebrae, False
@@ -708,7 +709,7 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
             began = time.perf_counter()
             result.labelling.update(review_against_other_series(
                 scan, result.vertebrae, options.other_series,
-                lambda other: _labelled_on_its_own(other, networks, labelled_with, params, options),
+                lambda other: _labelled_on_its_own(other, networks, labelled_with, params, options, progress),
                 confidence, asks_on_its_own=confidence.needs_review or beyond is not None))
             result.timings_s["other_series"] = time.perf_counter() - began
         if beyond is not None:   # first: what the levels' own reasons cannot show

@@ -85,9 +85,12 @@ def test_the_exams_other_sagittal_volumes_are_compared_by_series_number(exam):
     assert mrml.exam_volumes(t2, 1) == [volumes["3: T1 SAG"]]
     assert mrml.exam_volumes(volumes["from a file"], 3) == []
     logic = module.SpineNetLogic(scene=scene)
-    logic.runSynchronously(t2, grading=False)
+    heard = []
+    logic.runSynchronously(t2, grading=False, progress=lambda done, total, message: heard.append(message))
     labelling = _labelling(logic, t2)
     assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)", "'STIR SAG' (series 5)"]
+    # the progress bar says what the seconds of each other series go to
+    assert "comparing with the exam's series 'STIR SAG' (series 5)" in heard
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert logic.labellingStatus(t2)[0].endswith(
         "The exam's series 'T1 SAG' (series 3) and 'STIR SAG' (series 5) name the vertebrae alike.")
