@@ -688,6 +688,7 @@ def _series_metadata(folder: Path, uid: str, h, slices: list[_Slice], ps, slice_
         "frame_of_reference_uid": str(h.get("FrameOfReferenceUID", "") or ""),
         "series_description": str(h.get("SeriesDescription", "") or ""),
         "series_number": str(h.get("SeriesNumber", "") or "").strip(),
+        **({"stack": slices[0].stack} if slices[0].stack else {}),   # one contrast of a series of several
         "sequence_name": str(h.get("SequenceName", "") or ""),
         "protocol_name": str(h.get("ProtocolName", "") or ""),
         "modality": str(h.get("Modality", "") or ""),

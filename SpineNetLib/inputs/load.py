@@ -110,8 +110,14 @@ def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
     keys = (scan.metadata.get("other_sagittal_series") or [])[:limit]
     if not keys:
         return []
+    try:
+        reads = load_dicom_series_each(folder, keys, resample_isotropic=resample_isotropic)
+    except InputError as error:   # the folder itself (a file given: the folder around it, sub-folders too)
+        scan.metadata.setdefault("warnings", []).append(
+            f"the exam's other series were not compared with the one read: {error}")
+        return []
     others = []
-    for key, read in zip(keys, load_dicom_series_each(folder, keys, resample_isotropic=resample_isotropic)):
+    for key, read in zip(keys, reads):
         try:
             if isinstance(read, InputError):
                 raise read

@@ -26,12 +26,14 @@ from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
 
 
 def series_name(scan: Scan) -> str:
-    """How a warning names a series: its description and number, else its UID (as ``--series`` takes it)."""
+    """How a warning names a series: its description and number (and the stack's label, for one contrast of
+    a series of several: "'T2 Dixon' (series 6) [W]"), else its UID (as ``--series`` takes it)."""
     meta = scan.metadata
     number = str(meta.get("series_number") or "").strip()
     description = str(meta.get("series_description") or "").strip()
-    named = " ".join(x for x in (repr(description) if description else "", f"(series {number})" if number else "")
-                     if x)
+    stack = str(meta.get("stack") or "").strip()
+    named = " ".join(x for x in (repr(description) if description else "", f"(series {number})" if number else "",
+                                 f"[{stack}]" if stack else "") if x)
     return named or str(meta.get("series_uid") or meta.get("source") or "another series")
 
 
@@ -42,21 +44,22 @@ def _placed(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.nda
 
 def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
                          others: Sequence[tuple[Scan, Sequence[Vertebra], bool]],
-                         asks_on_its_own: bool = False) -> dict[str, str]:
-    """{series name: review reason} of each of ``others`` (another series of the exam, its labelled
+                         asks_on_its_own: bool = False) -> list[tuple[str, str]]:
+    """(series name, review reason) of each of ``others`` (another series of the exam, its labelled
     vertebrae, and whether its own labelling asks for a review) that names a vertebra of ``scan`` otherwise
     (module docstring), saying which of the two is more likely wrong where only one asks on its own
-    (``asks_on_its_own``: the scan's labelling); {} where all agree."""
+    (``asks_on_its_own``: the scan's labelling); [] where all agree."""
     mine = _placed(scan, vertebrae)
-    reasons = {}
+    reasons = []
     for other, other_vertebrae, other_asks in others:
         differences = level_differences(mine, _placed(other, other_vertebrae))
         if differences:
             here, there = differences[0]
             more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
-            reasons[series_name(other)] = (f"levels may be shifted: the series {series_name(other)} of the same exam "
-                                           f"names the vertebra {here} here {there}{more}; one of the two series is "
-                                           "named wrongly" + more_likely_wrong(asks_on_its_own, other_asks))
+            reasons.append((series_name(other), f"levels may be shifted: the series {series_name(other)} of the same "
+                                                 f"exam names the vertebra {here} here {there}{more}; one of the two "
+                                                 "series is named wrongly"
+                                                 + more_likely_wrong(asks_on_its_own, other_asks)))
     return reasons
 
 
@@ -70,6 +73,7 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     that name a vertebra otherwise)."""
     reasons = series_disagreements(scan, vertebrae, [(other, *labelled(other)) for other in others],
                                    asks_on_its_own)
-    for reason in reasons.values():
+    for _, reason in reasons:
         ask_for_review(confidence, reason)
-    return {"compared_with_series": [series_name(other) for other in others], "disagreeing_series": list(reasons)}
+    return {"compared_with_series": [series_name(other) for other in others],
+            "disagreeing_series": [name for name, _ in reasons]}

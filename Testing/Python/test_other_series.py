@@ -173,3 +173,19 @@ def test_the_levels_line_names_the_series_that_agree():
                                              "series 'T1' (series 3) names the vertebrae alike.")
     del document["labelling"]["disagreeing_series"]
     assert "alike" not in labelling_status(document)[0]
+
+
+def test_each_stack_of_a_dixon_series_of_the_exam_is_compared_and_named_by_its_label(exam, tmp_path):
+    """A Dixon series of the exam (water and fat images under one UID) is two series to compare with, each
+    named by its stack's label."""
+    phantom, folder = exam
+    uid = "1.2.826.0.1.3680043.8.498.78"
+    for prefix, image_type in (("W", "W"), ("F", "F")):
+        phantom.write_dicom(folder / "dixon", series_description="T2 mDixon", file_prefix=prefix, series_uid=uid,
+                            extra_tags={**EXAM, **TIMES["T2"], "SeriesNumber": 6,
+                                        "ImageType": ["ORIGINAL", "PRIMARY", image_type, "DERIVED"]})
+    out = tmp_path / "out"
+    assert cli.main(["run", str(folder), "-o", str(out), "--series", "4", "--quiet", "--no-grade",
+                     "--no-preview"]) == 0
+    assert _labelling(out)["compared_with_series"] == ["'T1 SAG' (series 3)", "'T2 mDixon' (series 6) [F]",
+                                                       "'T2 mDixon' (series 6) [W]"]
