@@ -189,3 +189,26 @@ def test_each_stack_of_a_dixon_series_of_the_exam_is_compared_and_named_by_its_l
                      "--no-preview"]) == 0
     assert _labelling(out)["compared_with_series"] == ["'T1 SAG' (series 3)", "'T2 mDixon' (series 6) [F]",
                                                        "'T2 mDixon' (series 6) [W]"]
+
+
+def test_one_file_given_beside_a_broken_sub_folder_runs_without_the_comparison(exam, tmp_path):
+    """One file of the T2 given, in a folder that holds the T1 too: its other series are read from the folder
+    and its sub-folders, where a cut DICOM file stops them; the run goes on and says why."""
+    import shutil
+
+    phantom, folder = exam
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for series in ("t2", "t1"):
+        for path in (folder / series).iterdir():
+            shutil.copy(path, flat / f"{series}_{path.name}")
+    (flat / "extra").mkdir()
+    cut = sorted(flat.glob("t1_*"))[0]
+    (flat / "extra" / "cut.dcm").write_bytes(cut.read_bytes()[:200])   # no dataset left: refused
+    out = tmp_path / "out"
+    first = sorted(flat.glob("t2_*"))[0]
+    assert cli.main(["run", str(first), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    warnings = json.loads((out / "vertebrae.json").read_text())["warnings"]
+    assert any(w.startswith("the exam's other series were not compared with the one read: DICOM file")
+               and "truncated or corrupt" in w for w in warnings), warnings
+    assert "compared_with_series" not in _labelling(out)
