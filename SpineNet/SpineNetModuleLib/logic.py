@@ -11,8 +11,8 @@ the module (singleton tag and ``ModuleName`` attribute "SpineNet", as
 ``ScriptedLoadableModuleLogic.getParameterNode`` makes it): the input volume
 (reference ``InputVolume``), the options (parameters ``Weights``,
 ``WeightsFolder``, ``Device``, ``Grading``, ``Sequence``, ``HotspotHead``, ``CompareSeries``) and references
-to the input volume's result nodes (``ResultOutline`` and ``ResultHotspot``,
-several each, ``ResultCentroids``, ``ResultSegmentation``, ``ResultTable``,
+to the input volume's result nodes (``ResultOutline``, ``ResultHotspot`` and
+``ResultOtherSeriesLevels``, several each, ``ResultCentroids``, ``ResultSegmentation``, ``ResultTable``,
 ``ResultVertebraeDocument``, ``ResultDiscsDocument``).  It is saved with the
 scene, so a reloaded scene (or a re-created panel) shows the same settings
 and results.
@@ -82,7 +82,7 @@ PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto
 RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
                      "segmentation": "ResultSegmentation", "grades": "ResultTable",
                      "vertebrae-document": "ResultVertebraeDocument", "discs-document": "ResultDiscsDocument",
-                     "hotspot": "ResultHotspot"}
+                     "hotspot": "ResultHotspot", "other-series-levels": "ResultOtherSeriesLevels"}
 
 #: Temporary run folders of every logic of this Python session, removed at exit at the latest.
 _TEMPORARY_RUN_FOLDERS = set()

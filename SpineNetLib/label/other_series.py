@@ -69,11 +69,20 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
     review) and ask for a review (``confidence``) for each that names a vertebra otherwise
     (``asks_on_its_own``: whether the scan's own labelling asks). Returns the entries of the labelling
-    block: ``compared_with_series`` (the names of the series compared) and ``disagreeing_series`` (those
-    that name a vertebra otherwise)."""
-    reasons = series_disagreements(scan, vertebrae, [(other, *labelled(other)) for other in others],
-                                   asks_on_its_own)
+    block: ``compared_with_series`` (the names of the series compared), ``disagreeing_series`` (those
+    that name a vertebra otherwise) and ``other_series_levels`` (where each puts its levels)."""
+    labelled_others = [(other, *labelled(other)) for other in others]
+    reasons = series_disagreements(scan, vertebrae, labelled_others, asks_on_its_own)
     for _, reason in reasons:
         ask_for_review(confidence, reason)
     return {"compared_with_series": [series_name(other) for other in others],
-            "disagreeing_series": [name for name, _ in reasons]}
+            "disagreeing_series": [name for name, _ in reasons],
+            "other_series_levels": [_levels_of(other, other_vertebrae) for other, other_vertebrae, _ in labelled_others]}
+
+
+def _levels_of(scan: Scan, vertebrae: Sequence[Vertebra]) -> dict:
+    """``{"series": name, "vertebrae": [{"level", "centroid_ras"}]}``: where another series of the exam puts
+    each level, in the patient's coordinates that the read scan shares (the Slicer panel shows them on it)."""
+    return {"series": series_name(scan),
+            "vertebrae": [{"level": v.level, "centroid_ras": [round(float(x), 2) for x in vertebra_centroid_ras(scan, v)]}
+                          for v in vertebrae if v.level]}

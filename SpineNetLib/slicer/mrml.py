@@ -442,9 +442,12 @@ class ResultNodes:
     table: object = None
     documents: list = field(default_factory=list)
     hotspots: list = field(default_factory=list)
+    #: the levels of each other series of the exam that names a vertebra otherwise (:func:`add_other_series_levels`)
+    other_series: list = field(default_factory=list)
 
     def all(self) -> list:
-        nodes = [*self.curves, self.centroids, self.segmentation, self.table, *self.documents, *self.hotspots]
+        nodes = [*self.curves, self.centroids, self.segmentation, self.table, *self.documents, *self.hotspots,
+                 *self.other_series]
         return [n for n in nodes if n is not None]
 
 
@@ -545,14 +548,39 @@ def add_centroids(scene, volume_node, vertebrae_doc: dict):
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", result_node_name(volume_node, "SpineNet centroids"))
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         _add_control_point(node, v["centroid_ras"], documents.vertebra_name(v, i))
+    _labelled_points(node, volume_node, (1.0, 1.0, 0.4), "centroids")
+    return node
+
+
+def _labelled_points(node, volume_node, colour: tuple[float, float, float], role: str) -> None:
+    """A fiducial node of SpineNet's, locked, its points and labels drawn large in ``colour``, tagged with
+    ``role``."""
     node.SetLocked(True)
     display = _display_node(node)
     if display is not None:
-        display.SetSelectedColor(1.0, 1.0, 0.4)
+        display.SetSelectedColor(*colour)
         display.SetGlyphScale(2.0)
         display.SetTextScale(3.0)
-    _tag(node, volume_node, "centroids")
-    return node
+    _tag(node, volume_node, role)
+
+
+def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
+    """One fiducial node per other series of the exam that names a vertebra otherwise (the labelling block's
+    ``disagreeing_series``), with a point at each of its vertebrae labelled by the level it gives: in the
+    patient's coordinates the series share, so the reader sees both series' levels on this volume."""
+    block = vertebrae_doc.get("labelling") or {}
+    disagreeing = set(block.get("disagreeing_series") or [])
+    nodes = []
+    for other in block.get("other_series_levels") or []:
+        if other.get("series") not in disagreeing:
+            continue
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                       result_node_name(volume_node, f"SpineNet levels of {other['series']}"))
+        for vertebra in other.get("vertebrae") or []:
+            _add_control_point(node, vertebra["centroid_ras"], str(vertebra["level"]))
+        _labelled_points(node, volume_node, (1.0, 0.55, 0.1), "other-series-levels")   # orange: another reading
+        nodes.append(node)
+    return nodes
 
 
 def _oriented_labelmap(mask_kji: np.ndarray, ijk_to_ras_matrix):
@@ -719,6 +747,7 @@ def show_results(scene, volume_node, vertebrae_doc: dict, discs_doc: dict | None
     for i, vertebra in enumerate(vertebrae_doc["vertebrae"]):
         nodes.curves.append(add_vertebra_curve(scene, volume_node, vertebra, i))
     nodes.centroids = add_centroids(scene, volume_node, vertebrae_doc)
+    nodes.other_series = add_other_series_levels(scene, volume_node, vertebrae_doc)
     nodes.segmentation = add_segmentation(scene, volume_node, vertebrae_doc)
     nodes.table = add_grades_table(scene, volume_node, vertebrae_doc, discs_doc)
     nodes.documents.append(add_document_node(scene, volume_node, vertebrae_doc, "vertebrae.json",

@@ -72,6 +72,13 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
                 "one of the two series is named wrongly")
     assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
     assert labelling["disagreeing_series"] == ["'T1 SAG' (series 3)"]
+    # where the T1 puts its levels: at the T2's own vertebrae (one phantom), each a level lower
+    (t1,) = labelling["other_series_levels"]
+    t2 = json.loads((out / "vertebrae.json").read_text())["vertebrae"]
+    assert t1["series"] == "'T1 SAG' (series 3)" and [v["level"] for v in t1["vertebrae"]] == \
+        [LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(v["level"]) + 1] for v in t2]
+    for mine, theirs in zip(t2, t1["vertebrae"]):
+        assert max(abs(a - b) for a, b in zip(mine["centroid_ras"], theirs["centroid_ras"])) < 0.5
     assert f"spinenet: warning: {expected}" in capsys.readouterr().err
     rows = (out / "vertebrae.csv").read_text().splitlines()
     assert rows[1].split(",")[rows[0].split(",").index("levels_need_review")] == "true"

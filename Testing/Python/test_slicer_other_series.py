@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("slicer")
@@ -94,6 +95,7 @@ def test_the_exams_other_sagittal_volumes_are_compared_by_series_number(exam):
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert logic.labellingStatus(t2)[0].endswith(
         "The exam's series 'T1 SAG' (series 3) and 'STIR SAG' (series 5) name the vertebrae alike.")
+    assert mrml.result_nodes(scene, t2, "other-series-levels") == []   # agreeing levels are not drawn twice
     logic.runSynchronously(t2, grading=False, compare_series=False)
     assert "compared_with_series" not in _labelling(logic, t2)
 
@@ -114,6 +116,19 @@ def test_a_volume_of_the_exam_a_level_off_asks_for_a_review_in_the_panel(exam, m
     assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
     text, review = logic.labellingStatus(t2)
     assert review is True and expected[:1].upper() + expected[1:] in text
+    # the T1's levels shown on the T2: one point per vertebra, at the T2's own vertebra, a level lower
+    (shown,) = mrml.result_nodes(scene, t2, "other-series-levels")
+    assert shown.GetName() == "4: T2 SAG SpineNet levels of 'T1 SAG' (series 3)"
+    centroids = mrml.result_nodes(scene, t2, "centroids")[0]
+    assert [shown.GetNthControlPointLabel(n) for n in range(shown.GetNumberOfControlPoints())] == \
+        [LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1] for level in phantom.levels]
+    for n in range(shown.GetNumberOfControlPoints()):
+        assert np.allclose(shown.GetNthControlPointPositionVector(n), centroids.GetNthControlPointPositionVector(n),
+                           atol=0.5)
+    parameters = logic.getParameterNode()
+    parameters.SetNodeReferenceID("InputVolume", t2.GetID())
+    logic.updateResultReferences(parameters)
+    assert parameters.GetNodeReference("ResultOtherSeriesLevels") is shown
     vertebrae, _, _ = logic.documents(t2)
     assert [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
 
