@@ -328,6 +328,14 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
     return ". ".join(lines) + ".", review
 
 
+def disagreeing_series_levels(labelling: dict) -> list[dict]:
+    """The ``other_series_levels`` entries (``{"series", "vertebrae": [{"level", "centroid_ras"}]}``) of the
+    exam's other series that name a vertebra otherwise (``disagreeing_series``): what the preview and the
+    Slicer scene draw on the read scan."""
+    disagreeing = set(labelling.get("disagreeing_series") or [])
+    return [other for other in labelling.get("other_series_levels") or [] if other.get("series") in disagreeing]
+
+
 def series_alike(labelling: dict) -> str:
     """"the exam's series 'T1' (series 3) and 'STIR' (series 5) name the vertebrae alike": the exam's other
     series whose levels agree with these (``compared_with_series`` less ``disagreeing_series``); "" where

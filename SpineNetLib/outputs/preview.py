@@ -16,7 +16,9 @@
   the body, and each disc's centre (:data:`DISC_COLOUR`), joined by a line to a panel right of the
   slice that gives the disc's level and, when graded, up to three grades with the probability of
   the reported class ("Pfirrmann 3 (81 %)", "Herniation yes (87 %)": Pfirrmann and herniation
-  first, then other abnormal findings).
+  first, then other abnormal findings). Where another sagittal series of the exam names a vertebra otherwise
+  (``label/other_series.py``), the levels it gives are drawn at its vertebrae's centres in
+  :data:`OTHER_SERIES_COLOUR`, so both readings are seen in one picture.
 
 ``hotspots.png`` (:func:`render_hotspots`, only when the run computed evidence maps): one row per
 map, one tile per disc the map covers: the disc's grading volume's mid slice (anterior left,
@@ -45,7 +47,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.outputs.documents import disc_polygons, reported_probability, shift_by_reader, vertebra_name
+from SpineNetLib.outputs.documents import (disagreeing_series_levels, disc_polygons, reported_probability,
+                                          shift_by_reader, vertebra_name)
 
 PREVIEW_FILE = "preview.png"
 HOTSPOTS_FILE = "hotspots.png"
@@ -57,6 +60,8 @@ MAX_SLICE_SIDE_PX = 1600
 OUTLINE_COLOUR = (0, 215, 255)
 LABEL_COLOUR = (255, 235, 60)
 DISC_COLOUR = (255, 140, 0)
+#: The levels of another series of the exam that names a vertebra otherwise.
+OTHER_SERIES_COLOUR = (255, 90, 200)
 BANNER_COLOUR = (255, 176, 0)
 HEADER_COLOUR = (36, 36, 36)
 PANEL_COLOUR = (16, 16, 16)
@@ -320,6 +325,27 @@ def _draw_slice_marks(draw, layout: _Layout, outlines: list[_Outline], canonical
         draw.text(xy, text, font=small, fill=(255, 255, 255), anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
+def _other_series_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
+    """``(level, canonical (x, y))`` of each vertebra of each other series of the exam that names a vertebra
+    otherwise (the labelling block's ``disagreeing_series`` and ``other_series_levels``)."""
+    marks = []
+    for other in disagreeing_series_levels(vertebrae_doc.get("labelling") or {}):
+        for vertebra in other.get("vertebrae") or []:
+            rcs = _ras_to_canonical(scan, vertebra["centroid_ras"])[0]
+            marks.append((str(vertebra["level"]), rcs[[1, 0]]))
+    return marks
+
+
+def _draw_other_series(draw, layout: _Layout, marks, font, size: int) -> None:
+    """A dot at each centre and the level the other series gives, posterior of it (inside the body)."""
+    r = max(3, size // 5)
+    for level, xy in marks:
+        x, y = layout.point(xy)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=OTHER_SERIES_COLOUR, outline=(0, 0, 0))
+        draw.text((x + 2 * r, y), level, font=font, fill=OTHER_SERIES_COLOUR, anchor="lm", stroke_width=2,
+                  stroke_fill=(0, 0, 0))
+
+
 def _draw_disc_panel(draw, layout: _Layout, marks, font, size: int, panel_left: int):
     line_h = round(size * 1.3)
     heights = [line_h * (1 + len(texts)) for _, _, texts in marks]
@@ -386,6 +412,7 @@ def render_preview(scan, vertebrae_doc: dict, discs_doc: dict | None = None) -> 
     canvas.paste(Image.fromarray(pixels, "L").resize((width, height), Image.BILINEAR).convert("RGB"),
                  (layout.left, layout.top))
     _draw_slice_marks(draw, layout, _outlines(scan, vertebrae_doc), canonical_slice, font, size)
+    _draw_other_series(draw, layout, _other_series_marks(scan, vertebrae_doc), font, size)
     _draw_disc_panel(draw, layout, marks, font, size, width + margin // 2)
     return _png_bytes(canvas, {
         "Title": "SpineNet result", "Description": " ".join(header),

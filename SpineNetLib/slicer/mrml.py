@@ -568,17 +568,13 @@ def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
     """One fiducial node per other series of the exam that names a vertebra otherwise (the labelling block's
     ``disagreeing_series``), with a point at each of its vertebrae labelled by the level it gives: in the
     patient's coordinates the series share, so the reader sees both series' levels on this volume."""
-    block = vertebrae_doc.get("labelling") or {}
-    disagreeing = set(block.get("disagreeing_series") or [])
     nodes = []
-    for other in block.get("other_series_levels") or []:
-        if other.get("series") not in disagreeing:
-            continue
+    for other in documents.disagreeing_series_levels(vertebrae_doc.get("labelling") or {}):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                        result_node_name(volume_node, f"SpineNet levels of {other['series']}"))
         for vertebra in other.get("vertebrae") or []:
             _add_control_point(node, vertebra["centroid_ras"], str(vertebra["level"]))
-        _labelled_points(node, volume_node, (1.0, 0.55, 0.1), "other-series-levels")   # orange: another reading
+        _labelled_points(node, volume_node, (1.0, 0.35, 0.8), "other-series-levels")   # magenta: another reading
         nodes.append(node)
     return nodes
 

@@ -148,6 +148,28 @@ def test_outlines_are_drawn_where_the_vertebrae_are(phantom, tmp_path, monkeypat
     assert not _has_colour(pixels[top:top + height, left:left + width // 5], preview.OUTLINE_COLOUR, 30)
 
 
+def test_the_levels_of_a_series_of_the_exam_that_disagrees_are_drawn_at_its_vertebrae(small_phantom):
+    """Another series of the exam that names the vertebrae otherwise: a dot and its level at each of its
+    centres, in the other series' colour; an agreeing series is not drawn."""
+    scan = small_phantom.scan
+    vertebrae = vertebrae_document_from_truth(scan, small_phantom.vertebrae)
+    centres = [v["centroid_ras"] for v in vertebrae["vertebrae"]]
+    levels = {"series": "'T1 SAG' (series 3)", "vertebrae": [{"level": "X", "centroid_ras": c} for c in centres]}
+    for disagreeing, drawn in (([], False), (["'T1 SAG' (series 3)"], True)):
+        vertebrae["labelling"] = {"confidence": 0.99, "needs_review": bool(disagreeing), "warnings": [],
+                                  "compared_with_series": [levels["series"]], "disagreeing_series": disagreeing,
+                                  "other_series_levels": [levels]}
+        image = Image.open(io.BytesIO(preview.render_preview(scan, vertebrae))).convert("RGB")
+        pixels = np.asarray(image)
+        left, top, _, _ = (int(v) for v in image.info["SpineNet slice box"].split())
+        sx, sy = (float(v) for v in image.info["SpineNet pixel scale"].split())
+        to_canonical = np.linalg.inv(scan.canonical_to_ras)
+        for centre in centres:
+            row, col, _ = (np.r_[centre, 1.0] @ to_canonical.T)[:3]
+            x, y = round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5)
+            assert _has_colour(pixels[y - 2:y + 3, x - 2:x + 3], preview.OTHER_SERIES_COLOUR, 30) is drawn
+
+
 def test_a_labelling_warning_shows_as_a_banner(small_phantom, tmp_path, monkeypatch):
     out = _run(small_phantom, small_phantom.write_nifti(tmp_path / "scan.nii.gz"), tmp_path / "out", monkeypatch)
     vertebrae = json.loads((out / "vertebrae.json").read_text())
