@@ -65,20 +65,28 @@ SAME_BODY_MM = 10.0
 MAX_COMPARED_SERIES = 3
 
 
-def level_differences(mine, theirs) -> list[tuple[str, str]]:
+def same_bodies(mine, theirs) -> list[tuple[str, str]]:
     """(my level, their level) of each of ``mine`` whose nearest vertebra of ``theirs`` lies within
-    :data:`SAME_BODY_MM` and has another level; each list holds (level, centroid: A and S in mm) of the
-    vertebrae of one series of an exam, in one frame of reference (README, "A second opinion from the same
-    exam")."""
+    :data:`SAME_BODY_MM`: the same vertebra seen by two series of an exam; each list holds (level, centroid:
+    A and S in mm) of the vertebrae of one series, in one frame of reference (README, "A second opinion
+    from the same exam")."""
     found = []
     for level, centroid in mine:
         distances = [float(np.linalg.norm(np.asarray(centroid, float) - np.asarray(other, float)))
                      for _, other in theirs]
         if distances and min(distances) <= SAME_BODY_MM:
-            other_level = theirs[int(np.argmin(distances))][0]
-            if other_level != level:
-                found.append((level, other_level))
+            found.append((level, theirs[int(np.argmin(distances))][0]))
     return found
+
+
+def level_differences(mine, theirs) -> list[tuple[str, str]]:
+    """The :func:`same_bodies` that the two series name differently."""
+    return [(level, other_level) for level, other_level in same_bodies(mine, theirs) if other_level != level]
+
+
+#: Two series of an exam are said to name the vertebrae alike only where they show at least this many of the
+#: same vertebrae (:func:`same_bodies`), all named alike: one body in common could be a coincidence.
+MIN_SAME_BODIES_ALIKE = 2
 
 
 def more_likely_wrong(mine_asks: bool, theirs_asks: bool) -> str:

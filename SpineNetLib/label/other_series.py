@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import level_differences, more_likely_wrong
+from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, level_differences, more_likely_wrong,
+                                     same_bodies)
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -63,6 +64,13 @@ def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
     return reasons
 
 
+def _alike(scan: Scan, vertebrae: Sequence[Vertebra], other: Scan, other_vertebrae: Sequence[Vertebra]) -> bool:
+    """Whether ``other`` shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae and names them
+    all alike."""
+    shared = same_bodies(_placed(scan, vertebrae), _placed(other, other_vertebrae))
+    return len(shared) >= MIN_SAME_BODIES_ALIKE and all(mine == theirs for mine, theirs in shared)
+
+
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
                                 labelled: Callable[[Scan], tuple[Sequence[Vertebra], bool]],
                                 confidence: LabellingConfidence, asks_on_its_own: bool = False) -> dict:
@@ -70,13 +78,24 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     review) and ask for a review (``confidence``) for each that names a vertebra otherwise
     (``asks_on_its_own``: whether the scan's own labelling asks). Returns the entries of the labelling
     block: ``compared_with_series`` (the names of the series compared), ``disagreeing_series`` (those
-    that name a vertebra otherwise) and ``other_series_levels`` (where each puts its levels)."""
+    that name a vertebra otherwise), ``agreeing_series`` (those that show at least
+    :data:`MIN_SAME_BODIES_ALIKE` of the same vertebrae and name them all alike; a series that is neither
+    gets a note) and ``other_series_levels`` (where each puts its levels)."""
     labelled_others = [(other, *labelled(other)) for other in others]
     reasons = series_disagreements(scan, vertebrae, labelled_others, asks_on_its_own)
     for _, reason in reasons:
         ask_for_review(confidence, reason)
-    return {"compared_with_series": [series_name(other) for other in others],
-            "disagreeing_series": [name for name, _ in reasons],
+    alike = [series_name(other) for other, other_vertebrae, _ in labelled_others
+             if _alike(scan, vertebrae, other, other_vertebrae)]
+    disagreeing = [name for name, _ in reasons]
+    for other, _, _ in labelled_others:
+        if series_name(other) not in alike + disagreeing:   # a note: nothing to doubt, nothing confirmed
+            confidence.warnings.append(f"the series {series_name(other)} of the same exam shows fewer than "
+                                       f"{MIN_SAME_BODIES_ALIKE} of these vertebrae within {SAME_BODY_MM:g} mm "
+                                       "(the patient moved, or it shows another part of the spine): its levels "
+                                       "were not compared")
+    return {"compared_with_series": [series_name(other) for other in others], "disagreeing_series": disagreeing,
+            "agreeing_series": alike,
             "other_series_levels": [_levels_of(other, other_vertebrae) for other, other_vertebrae, _ in labelled_others]}
 
 

@@ -338,11 +338,8 @@ def disagreeing_series_levels(labelling: dict) -> list[dict]:
 
 def series_alike(labelling: dict) -> str:
     """"the exam's series 'T1' (series 3) and 'STIR' (series 5) name the vertebrae alike": the exam's other
-    series whose levels agree with these (``compared_with_series`` less ``disagreeing_series``); "" where
-    none do, or the document does not record which disagree."""
-    if "disagreeing_series" not in labelling:
-        return ""
-    names = [n for n in labelling.get("compared_with_series") or [] if n not in labelling["disagreeing_series"]]
+    series that show the same vertebrae and name them alike (``agreeing_series``); "" where none do."""
+    names = list(labelling.get("agreeing_series") or [])
     if not names:
         return ""
     named = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)

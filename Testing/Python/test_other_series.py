@@ -47,7 +47,7 @@ def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, caps
     assert cli.main(["run", str(folder), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
     labelling = _labelling(out)
     assert labelling["compared_with_series"] == ["'T1 SAG' (series 3)"]   # not the other frame of reference
-    assert labelling["disagreeing_series"] == []
+    assert labelling["disagreeing_series"] == [] and labelling["agreeing_series"] == ["'T1 SAG' (series 3)"]
     assert json.loads((out / "vertebrae.json").read_text())["timings_s"]["other_series"] > 0
     assert labelling["needs_review"] is False and not any("series" in w for w in labelling["warnings"])
     assert json.loads((out / "vertebrae.json").read_text())["input"]["series_description"] == "T2 SAG"
@@ -71,7 +71,7 @@ def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, t
                 f"here {LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(top) + 1]} ({len(phantom.levels)} vertebrae differ); "
                 "one of the two series is named wrongly")
     assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
-    assert labelling["disagreeing_series"] == ["'T1 SAG' (series 3)"]
+    assert labelling["disagreeing_series"] == ["'T1 SAG' (series 3)"] and labelling["agreeing_series"] == []
     # where the T1 puts its levels: at the T2's own vertebrae (one phantom), each a level lower
     (t1,) = labelling["other_series_levels"]
     t2 = json.loads((out / "vertebrae.json").read_text())["vertebrae"]
@@ -165,21 +165,46 @@ def test_the_benchmark_counts_which_of_two_disagreeing_runs_is_right():
 
 def test_the_levels_line_names_the_series_that_agree():
     """The panel's and batch script's line on the levels: the exam's series that name the vertebrae alike;
-    those that do not are review reasons of their own; a document that does not record which disagree
-    (written before the forty-ninth session) says nothing of them."""
+    those that do not are review reasons of their own."""
     from SpineNetLib.outputs.documents import labelling_status
 
-    compared = ["'T1' (series 3)", "'STIR' (series 5)", "'T2 AX' (series 7)"]
+    alike = ["'T1' (series 3)", "'STIR' (series 5)", "'T2 AX' (series 7)"]
     document = {"labelling": {"confidence": 0.999, "needs_review": False, "warnings": [],
-                              "compared_with_series": compared, "disagreeing_series": []}}
+                              "compared_with_series": alike, "disagreeing_series": [], "agreeing_series": alike}}
     assert labelling_status(document) == ("Level labelling confidence 0.99. The exam's series 'T1' (series 3), "
                                           "'STIR' (series 5) and 'T2 AX' (series 7) name the vertebrae alike.", False)
-    document["labelling"].update(needs_review=True, disagreeing_series=compared[1:],
+    document["labelling"].update(needs_review=True, disagreeing_series=alike[1:], agreeing_series=alike[:1],
                                  warnings=["levels may be shifted: the series 'STIR' (series 5) ..."])
     assert labelling_status(document)[0] == ("Levels may be shifted: the series 'STIR' (series 5) .... The exam's "
                                              "series 'T1' (series 3) names the vertebrae alike.")
-    del document["labelling"]["disagreeing_series"]
+    del document["labelling"]["agreeing_series"]   # a document of the forty-eighth session
     assert "alike" not in labelling_status(document)[0]
+
+
+def test_a_series_that_shows_none_of_the_vertebrae_where_they_are_is_neither_alike_nor_different(exam):
+    """The other series moved 25 mm up against the scan (beyond the 10 mm of the same body, short of a
+    level): no vertebra is shared, so the levels are not said to agree; a note says why, no review."""
+    import dataclasses
+
+    import numpy as np
+
+    from SpineNetLib.label.confidence import confidence_of_vertebrae
+    from SpineNetLib.label.other_series import review_against_other_series
+
+    phantom, _ = exam
+    scan = phantom.scan
+    vertebrae = pipeline.detect_and_label(scan, oracle_networks(phantom)).vertebrae
+    moved = np.array(scan.canonical_to_ras, float)
+    moved[2, 3] += 25.0
+    elsewhere = dataclasses.replace(scan, canonical_to_ras=moved, metadata={"series_description": "T1 SAG",
+                                                                           "series_number": "3"})
+    confidence = confidence_of_vertebrae(vertebrae)
+    entries = review_against_other_series(scan, vertebrae, [scan, elsewhere], lambda other: (vertebrae, False),
+                                          confidence)
+    assert entries["agreeing_series"] == [entries["compared_with_series"][0]] and entries["disagreeing_series"] == []
+    assert confidence.needs_review is False
+    assert confidence.warnings[-1].startswith("the series 'T1 SAG' (series 3) of the same exam shows fewer than 2 "
+                                              "of these vertebrae within 10 mm")
 
 
 def test_each_stack_of_a_dixon_series_of_the_exam_is_compared_and_named_by_its_label(exam, tmp_path):
