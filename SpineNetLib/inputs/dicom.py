@@ -311,8 +311,16 @@ def _other_sagittal_series(series: dict[str, list[_Slice]], uid: str) -> list[st
     mine = exam(uid)
     if not all(mine):
         return []
-    return _by_series_number(series, [key for key, slices in series.items()
-                                      if key != uid and _is_sagittal_mr(slices) and exam(key) == mine])
+    return _by_series_number(series, [key for key, slices in series.items() if key != uid and _is_sagittal_mr(slices)
+                                      and exam(key) == mine and not is_localizer(slices[0].header)])
+
+
+def is_localizer(header) -> bool:
+    """Whether the image's ImageType (0008,0008) says LOCALIZER (as some scanners mark the scouts taken to plan
+    the series): low-resolution images that a comparison of levels would only mislead."""
+    value = header.get("ImageType") or []
+    values = value.split("\\") if isinstance(value, str) else list(value)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
 
 
 def _series_plane(slices: list[_Slice]) -> str:

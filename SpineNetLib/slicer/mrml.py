@@ -53,7 +53,7 @@ from SpineNetLib.outputs.segmentation import filled_segments
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.mr_weighting import Weighting, weighting_from_header
 from SpineNetLib.inputs.canonical import scan_from_array
-from SpineNetLib.inputs.dicom import not_mr_modality
+from SpineNetLib.inputs.dicom import is_localizer, not_mr_modality
 from SpineNetLib.inputs.image import check_image_voxels
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.scan import Scan
@@ -196,6 +196,8 @@ ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,008
 #: The tags that place a series in its exam, by the names ``inputs/dicom.py`` gives them in ``Scan.metadata``.
 SERIES_TAGS = {"series_uid": "0020,000E", "series_number": "0020,0011", "study_uid": "0020,000D",
                "frame_of_reference_uid": "0020,0052"}
+#: ImageType, which marks a scout as LOCALIZER (``inputs/dicom.is_localizer``).
+IMAGE_TYPE_TAG = "0008,0008"
 
 
 def _instances_and_database(volume_node) -> tuple[list[str], object]:
@@ -306,7 +308,8 @@ def exam_volumes(volume_node, limit: int) -> list:
     for node in sagittal_volumes(scene):
         other = exam(node)
         if (node is not volume_node and other[:2] == (study, frame) and other[2] not in ("", series)
-                and other[2] not in found and not not_mr_modality({"Modality": dicom_modality(node)})):
+                and other[2] not in found and not not_mr_modality({"Modality": dicom_modality(node)})
+                and not is_localizer({"ImageType": (_dicom_values(node, {"t": IMAGE_TYPE_TAG}) or {}).get("t", "")})):
             found[other[2]] = node
 
     def series_number(node) -> tuple:

@@ -22,14 +22,17 @@ TIMES = {"T1": {"EchoTime": 10, "RepetitionTime": 550}, "T2": {"EchoTime": 95, "
 
 @pytest.fixture()
 def exam(tmp_path, monkeypatch):
-    """A sagittal T2 (series 4) and T1 (series 3) of one phantom in one exam and frame of reference, and a
-    T1 of another frame of reference (series 7), with oracle networks."""
+    """A sagittal T2 (series 4) and T1 (series 3) of one phantom in one exam and frame of reference, a
+    sagittal localizer of the exam (series 1), and a T1 of another frame of reference (series 7), with
+    oracle networks."""
     phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
     folder = tmp_path / "exam"
     phantom.write_dicom(folder / "t2", series_description="T2 SAG",
                         extra_tags={**TIMES["T2"], **EXAM, "SeriesNumber": 4})
     phantom.write_dicom(folder / "t1", series_description="T1 SAG",
                         extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
+    phantom.write_dicom(folder / "scout", series_description="SAG LOC", extra_tags={
+        **EXAM, "SeriesNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})   # never compared
     phantom.write_dicom(folder / "other", series_description="T1 SAG elsewhere",
                         extra_tags={**TIMES["T1"], "StudyInstanceUID": EXAM["StudyInstanceUID"],
                                     "FrameOfReferenceUID": "1.2.826.0.1.48.9", "SeriesNumber": 7})
