@@ -13,8 +13,8 @@ A study is one scan:
   (:func:`SpineNetLib.inputs.dicom.header_weighting`) are studies, and an exam without one is a
   failure that names the sagittal series it has; image files, which carry no such header, are
   studies either way.  Axial, coronal and localiser series
-  (planes mixed within the series) are no study and are left out without a word: most exams hold
-  some.  A series whose plane its headers do not tell is a study; the loader then reads it or
+  (planes mixed within the series, or ImageType LOCALIZER) are no study and are left out without a word:
+  most exams hold some.  A series whose plane its headers do not tell is a study; the loader then reads it or
   says why it cannot.
 
 A ZIP archive (``.zip``) is unpacked into a temporary folder and looked through as a folder of its own:
@@ -56,7 +56,7 @@ import numpy as np
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.inputs.archive import is_zip_archive, unpacked_folder
-from SpineNetLib.inputs.dicom import header_weighting, not_mr_modality
+from SpineNetLib.inputs.dicom import header_weighting, is_localizer, not_mr_modality
 from SpineNetLib.inputs.stacks import contrast_of, group_value, split_into_stacks, stack_key, stack_label_of
 from SpineNetLib.inputs.image import image_suffix
 
@@ -108,7 +108,8 @@ class SeriesHeader:
     #: (:func:`SpineNetLib.inputs.stacks.stack_key`), which the loader takes as the series to read.
     series_uid: str
     study_uid: str
-    #: "sagittal", "coronal", "axial", "mixed" (several planes: a localiser) or "unknown".
+    #: "sagittal", "coronal", "axial", "mixed" (several planes: a localiser), "localizer" (ImageType says so)
+    #: or "unknown".
     plane: str
     number: str
     description: str
@@ -227,7 +228,7 @@ def dicom_series_in_folder(folder: str | os.PathLike) -> list[SeriesHeader]:
                                         "number": str(ds.get("SeriesNumber", "") or ""),
                                         "description": str(ds.get("SeriesDescription", "") or ""), "images": [],
                                         "not_mr": not_mr_modality(ds) or ""})
-        entry["planes"].add(_plane(ds))
+        entry["planes"].add("localizer" if is_localizer(ds) else _plane(ds))   # a scout: no study
         weighting = header_weighting(ds) or ""
         entry["images"] += [(path, *image, weighting) for image in _positions_and_contrasts(ds)]
     return [SeriesHeader(str(folder), key, e["study_uid"], _series_plane(e["planes"]), e["number"],
