@@ -345,11 +345,14 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
                    ) -> tuple[str, str | None]:
     """(the series to read, a warning or None): ``series_uid``, or the folder's only sagittal MR series,
     or, of several, the only one whose header says T2-weighted, with a warning that names the others
-    (an exam's usual sagittal T1, T2 and STIR: the grader reads T2 scans only). A CT or other non-MR
+    (an exam's usual sagittal T1, T2 and STIR: the grader reads T2 scans only); a sagittal scout
+    (:func:`is_localizer`) only where there is no other. A CT or other non-MR
     series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR."""
     modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
     planes = {uid: _series_plane(s) for uid, s in series.items()}
     sagittal = [uid for uid, s in series.items() if _is_sagittal_mr(s)]
+    # a sagittal scout (ImageType LOCALIZER) is read only where the folder holds no other sagittal series
+    sagittal = [uid for uid in sagittal if not is_localizer(series[uid][0].header)] or sagittal
     if series_uid is not None:
         if series_uid not in series:
             named = _series_named(series, series_uid, sagittal)

@@ -31,8 +31,8 @@ def exam(tmp_path, monkeypatch):
                         extra_tags={**TIMES["T2"], **EXAM, "SeriesNumber": 4})
     phantom.write_dicom(folder / "t1", series_description="T1 SAG",
                         extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
-    phantom.write_dicom(folder / "scout", series_description="SAG LOC", extra_tags={
-        **EXAM, "SeriesNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})   # never compared
+    phantom.write_dicom(folder / "scout", series_description="SAG LOC", extra_tags={   # neither read nor compared,
+        **EXAM, **TIMES["T2"], "SeriesNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})  # T2 or not
     phantom.write_dicom(folder / "other", series_description="T1 SAG elsewhere",
                         extra_tags={**TIMES["T1"], "StudyInstanceUID": EXAM["StudyInstanceUID"],
                                     "FrameOfReferenceUID": "1.2.826.0.1.48.9", "SeriesNumber": 7})
