@@ -440,7 +440,8 @@ def dicom_cases(base: Base, work: Path) -> list[Case]:
         for f in files:
             _edit_dicom(f, **t2_times)
         other_series("sagittal", {**t1_times, **exam})(files, folder)
-        _edit_dicom(sorted((folder / "second").iterdir())[1], ImageOrientationPatient=["0", "1", "0", "0", "0.01", "-1"])
+        turned = ["0", "1", "0", "0", "0.01", "-1"]
+        _edit_dicom(sorted((folder / "second").iterdir())[1], ImageOrientationPatient=turned)
 
     series("valid series (reference)", OK, lambda files, folder: None)
     series("last file cut in half", REFUSE, cut(0.5))

@@ -65,7 +65,8 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                 differences = level_differences(centroids[study_id], centroids[other]) if other != study_id else []
                 if differences:
                     mine, theirs = differences[0]
-                    likely = more_likely_wrong(_asks_on_its_own(documents[study_id]), _asks_on_its_own(documents[other]))
+                    likely = more_likely_wrong(_asks_on_its_own(documents[study_id]),
+                                               _asks_on_its_own(documents[other]))
                     said.append(f"the levels disagree with study {other} of the same exam, which names the "
                                 f"vertebra {mine} here {theirs}"
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")

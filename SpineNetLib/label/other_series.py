@@ -3,9 +3,12 @@
 A lumbar exam holds a sagittal T1, T2 and often STIR, acquired in one session in one frame of reference:
 their vertebrae lie at the same places in the patient's coordinates. ``spinenet run`` on an exam folder
 reads one of them (its T2) and, since the forty-eighth session, detects and labels the others too
-(``pipeline.RunOptions.other_series``). Where a vertebra of another series lies within
-:data:`SpineNetLib.core.levels.SAME_BODY_MM` of one of the scan's and carries another level, one of the two
-series is named wrongly, whatever the scan's own margin says: the levels ask for a review. The same rule
+(``pipeline.RunOptions.other_series``; the Slicer panel and ``SpineNetBatch.py`` since the forty-ninth).
+Where a vertebra of another series lies within :data:`SpineNetLib.core.levels.SAME_BODY_MM` of one of the
+scan's and carries another level, one of the two series is named wrongly, whatever the scan's own margin
+says: the levels ask for a review, and where only one of the two labellings asks on its own, the warning
+says that one is more likely wrong (``core.levels.more_likely_wrong``). Where each series puts each level
+is recorded, so a reader can see both readings (``preview.png``, the Slicer scene). The same rule
 as ``spinenet cohort``'s ``exam_disagreement`` (:mod:`SpineNetLib.cohort.exams`); measured on the held-out
 scans and their acquisition variants taken as two series of one exam (``benchmarks/exam_comparison.py``,
 README "A second opinion from the same exam"). A shift both series share is not seen.
@@ -96,12 +99,14 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
                                        "were not compared")
     return {"compared_with_series": [series_name(other) for other in others], "disagreeing_series": disagreeing,
             "agreeing_series": alike,
-            "other_series_levels": [_levels_of(other, other_vertebrae) for other, other_vertebrae, _ in labelled_others]}
+            "other_series_levels": [_levels_of(other, other_vertebrae)
+                                    for other, other_vertebrae, _ in labelled_others]}
 
 
 def _levels_of(scan: Scan, vertebrae: Sequence[Vertebra]) -> dict:
     """``{"series": name, "vertebrae": [{"level", "centroid_ras"}]}``: where another series of the exam puts
     each level, in the patient's coordinates that the read scan shares (the Slicer panel shows them on it)."""
     return {"series": series_name(scan),
-            "vertebrae": [{"level": v.level, "centroid_ras": [round(float(x), 2) for x in vertebra_centroid_ras(scan, v)]}
+            "vertebrae": [{"level": v.level,
+                           "centroid_ras": [round(float(x), 2) for x in vertebra_centroid_ras(scan, v)]}
                           for v in vertebrae if v.level]}

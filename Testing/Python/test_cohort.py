@@ -88,7 +88,8 @@ def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
     write_dicom_series(t2.voxels_kji, axial, root / "exam2", series_description="only axial")
     # a sagittal scout of exam1 (ImageType LOCALIZER) is no study either
     write_dicom_series(t2.voxels_kji, t2.ijk_to_ras, root / "exam1" / "scout", series_description="SAG LOC",
-                       seed=4, extra_tags={**exam, "SeriesNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
+                       seed=4, extra_tags={**exam, "SeriesNumber": 1,
+                                           "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
     (root / "exam2" / "notes.txt").write_text("not an image")
     # a sagittal CT beside exam1's MR series is no study; an exam of a sagittal CT alone is a failure
     ct = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}

@@ -146,7 +146,8 @@ def test_the_panel_setting_reaches_the_run_and_the_parameter_node(exam, tmp_path
         assert widget.logic.runSettings(parameters)["compare_series"] is True
         widget.ui.compareSeriesCheckBox.setChecked(False)
         assert parameters.GetParameter("CompareSeries") == "false"
-        assert widget.settings()["compare_series"] is False and widget.logic.runSettings(parameters)["compare_series"] is False
+        assert widget.settings()["compare_series"] is False
+        assert widget.logic.runSettings(parameters)["compare_series"] is False
         t2 = volumes["4: T2 SAG"]
         for compare, others in ((True, 2), (False, 0)):
             run = widget.logic.prepareRun(t2, compare_series=compare, workFolder=str(tmp_path / str(compare)))

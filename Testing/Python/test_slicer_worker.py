@@ -77,17 +77,17 @@ def test_worker_arguments_round_trip():
     assert parsed.pipeline == "m:f" and parsed.option == ["steps=2"]
     assert parsed.precision == "fp32"
     bf16 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", precision="bf16"))
-    assert bf16.precision == "bf16" and batch_script().build_parser().parse_args(
+    assert bf16.precision == "bf16" and _batch_parser().parse_args(
         ["--input", "v", "--output", "o", "--precision", "bf16"]).precision == "bf16"
     assert parsed.runtime == "torch" and "--runtime" not in args
     ov = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", runtime="openvino"))
     assert ov.runtime == "openvino" and worker._options(ov)["runtime"] == "openvino"
-    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--runtime", "openvino"]).runtime == "openvino"
     # the scan's weighting (only T2-weighted scans are graded): from the scan unless given
     assert parsed.sequence is None and "--sequence" not in args and worker._options(parsed)["sequence"] is None
     t2 = worker.build_parser().parse_args(worker.worker_arguments("v.npy", "out", sequence="T2"))
     assert worker._options(t2)["sequence"] == "T2"
-    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--sequence", "T2"]).sequence == "T2"
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--sequence", "T2"]).sequence == "T2"
     # the exam's other series, each with its geometry, in order
     assert parsed.other_series == parsed.other_geometry == [] and "--other-series" not in args
     two = worker.build_parser().parse_args(worker.worker_arguments(
@@ -95,13 +95,17 @@ def test_worker_arguments_round_trip():
     assert (two.other_series, two.other_geometry) == (["t1.npy", "stir.npy"], ["t1.json", "stir.json"])
 
 
+def _batch_parser():
+    return batch_script().build_parser()
+
+
 def test_hotspots_are_opt_in_for_the_worker_and_the_batch_script(monkeypatch):
     """No hotspot maps unless a head is named (a map takes minutes on a CPU), as with `spinenet run`."""
     from SpineNetLib import pipeline
 
     assert worker.build_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
-    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
-    assert batch_script().build_parser().parse_args(["--input", "v", "--output", "o", "--hotspot-head", "Herniation"]).hotspot_head \
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o"]).hotspot_head is None
+    assert _batch_parser().parse_args(["--input", "v", "--output", "o", "--hotspot-head", "Herniation"]).hotspot_head \
         == "Herniation"
     for none in (None, "", "none", "None"):
         assert worker.hotspot_head_option(none) is None
