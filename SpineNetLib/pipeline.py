@@ -632,12 +632,20 @@ def _labelled_on_its_own(scan: Scan, networks: Networks, labelled_with: dict, pa
     ``beyond_lumbar_field`` (the orientation check only adds a reason where the margin already asks)."""
     result = detect_and_label(scan, networks, progress=scaled(progress, f"comparing with the exam's series "
                                                                         f"{series_name(scan)}"), **labelled_with)
+    confidence, beyond = _own_review(scan, result, networks, params, options)
+    return result.vertebrae, confidence is not None and (confidence.needs_review or beyond is not None)
+
+
+def _own_review(scan: Scan, result: DetectionResult, networks: Networks, params: labelling.LabellingParams,
+                options: RunOptions) -> tuple[LabellingConfidence | None, str | None]:
+    """The labelling's confidence (None without one) with the review reasons of the labelling itself
+    (``ask_for_review_where_in_doubt``), and the reason that the chain reaches beyond a lumbar field of view
+    (``beyond_lumbar_field``, with lumbar weights), which the caller asks last so that it goes first."""
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is None:
-        return result.vertebrae, False
+        return None, None
     ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)
-    beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
-    return result.vertebrae, confidence.needs_review or beyond is not None
+    return confidence, beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
 
 
 def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks: Networks,
@@ -700,11 +708,9 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                          second_detector=networks.s1_outline if profile.refine_s1_outline else None)
     result = detect_and_label(scan, networks, progress=progress, **labelled_with)
     # the confidence is scored with the same penalties as the labelling itself
-    confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
+    confidence, beyond = _own_review(scan, result, networks, params, options)
     if confidence is not None:
-        ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)
         _ask_for_review_if_misoriented(scan, result, networks, params, confidence)
-        beyond = beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
         if options.other_series:   # a second opinion: the exam's other sagittal series, labelled as this one
             began = time.perf_counter()
             result.labelling.update(review_against_other_series(

@@ -350,7 +350,7 @@ def _select_series(series: dict[str, list[_Slice]], folder: Path, series_uid: st
     series, :data:`NOT_MR_MODALITIES`, is never read: the networks were trained on MR."""
     modality = {uid: not_mr_modality(s[0].header) for uid, s in series.items()}
     planes = {uid: _series_plane(s) for uid, s in series.items()}
-    sagittal = [uid for uid, s in series.items() if _is_sagittal_mr(s)]
+    sagittal = [uid for uid in series if planes[uid] == "sagittal" and not modality[uid]]   # _is_sagittal_mr
     # a sagittal scout (ImageType LOCALIZER) is read only where the folder holds no other sagittal series
     sagittal = [uid for uid in sagittal if not is_localizer(series[uid][0].header)] or sagittal
     if series_uid is not None:

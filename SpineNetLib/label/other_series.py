@@ -22,8 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, level_differences, more_likely_wrong,
-                                     same_bodies)
+from SpineNetLib.core.levels import MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, more_likely_wrong, same_bodies
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -41,37 +40,23 @@ def series_name(scan: Scan) -> str:
     return named or str(meta.get("series_uid") or meta.get("source") or "another series")
 
 
-def _placed(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.ndarray]]:
-    """(level, centroid: A and S in mm) of each named vertebra."""
-    return [(v.level, vertebra_centroid_ras(scan, v)[1:]) for v in vertebrae if v.level]
+def _named_centroids(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.ndarray]]:
+    """(level, centroid in RAS mm) of each named vertebra."""
+    return [(v.level, vertebra_centroid_ras(scan, v)) for v in vertebrae if v.level]
 
 
-def series_disagreements(scan: Scan, vertebrae: Sequence[Vertebra],
-                         others: Sequence[tuple[Scan, Sequence[Vertebra], bool]],
-                         asks_on_its_own: bool = False) -> list[tuple[str, str]]:
-    """(series name, review reason) of each of ``others`` (another series of the exam, its labelled
-    vertebrae, and whether its own labelling asks for a review) that names a vertebra of ``scan`` otherwise
-    (module docstring), saying which of the two is more likely wrong where only one asks on its own
-    (``asks_on_its_own``: the scan's labelling); [] where all agree."""
-    mine = _placed(scan, vertebrae)
-    reasons = []
-    for other, other_vertebrae, other_asks in others:
-        differences = level_differences(mine, _placed(other, other_vertebrae))
-        if differences:
-            here, there = differences[0]
-            more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
-            reasons.append((series_name(other), f"levels may be shifted: the series {series_name(other)} of the same "
-                                                 f"exam names the vertebra {here} here {there}{more}; one of the two "
-                                                 "series is named wrongly"
-                                                 + more_likely_wrong(asks_on_its_own, other_asks)))
-    return reasons
+def _in_plane(named: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """The centroids in the sagittal plane (A and S in mm), where two series of an exam are compared."""
+    return [(level, ras[1:]) for level, ras in named]
 
 
-def _alike(scan: Scan, vertebrae: Sequence[Vertebra], other: Scan, other_vertebrae: Sequence[Vertebra]) -> bool:
-    """Whether ``other`` shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae and names them
-    all alike."""
-    shared = same_bodies(_placed(scan, vertebrae), _placed(other, other_vertebrae))
-    return len(shared) >= MIN_SAME_BODIES_ALIKE and all(mine == theirs for mine, theirs in shared)
+def _disagreement(name: str, differences: list[tuple[str, str]], mine_asks: bool, theirs_asks: bool) -> str:
+    """The review reason where the series ``name`` names vertebrae of the scan otherwise, saying which of the
+    two is more likely wrong where only one's own labelling asks for a review."""
+    here, there = differences[0]
+    more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
+    return (f"levels may be shifted: the series {name} of the same exam names the vertebra {here} here {there}"
+            f"{more}; one of the two series is named wrongly" + more_likely_wrong(mine_asks, theirs_asks))
 
 
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
@@ -84,29 +69,24 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     that name a vertebra otherwise), ``agreeing_series`` (those that show at least
     :data:`MIN_SAME_BODIES_ALIKE` of the same vertebrae and name them all alike; a series that is neither
     gets a note) and ``other_series_levels`` (where each puts its levels)."""
-    labelled_others = [(other, *labelled(other)) for other in others]
-    reasons = series_disagreements(scan, vertebrae, labelled_others, asks_on_its_own)
-    for _, reason in reasons:
-        ask_for_review(confidence, reason)
-    alike = [series_name(other) for other, other_vertebrae, _ in labelled_others
-             if _alike(scan, vertebrae, other, other_vertebrae)]
-    disagreeing = [name for name, _ in reasons]
-    for other, _, _ in labelled_others:
-        if series_name(other) not in alike + disagreeing:   # a note: nothing to doubt, nothing confirmed
-            confidence.warnings.append(f"the series {series_name(other)} of the same exam shows fewer than "
-                                       f"{MIN_SAME_BODIES_ALIKE} of these vertebrae within {SAME_BODY_MM:g} mm "
-                                       "(the patient moved, or it shows another part of the spine): its levels "
-                                       "were not compared")
-    return {"compared_with_series": [series_name(other) for other in others], "disagreeing_series": disagreeing,
-            "agreeing_series": alike,
-            "other_series_levels": [_levels_of(other, other_vertebrae)
-                                    for other, other_vertebrae, _ in labelled_others]}
-
-
-def _levels_of(scan: Scan, vertebrae: Sequence[Vertebra]) -> dict:
-    """``{"series": name, "vertebrae": [{"level", "centroid_ras"}]}``: where another series of the exam puts
-    each level, in the patient's coordinates that the read scan shares (the Slicer panel shows them on it)."""
-    return {"series": series_name(scan),
-            "vertebrae": [{"level": v.level,
-                           "centroid_ras": [round(float(x), 2) for x in vertebra_centroid_ras(scan, v)]}
-                          for v in vertebrae if v.level]}
+    mine = _in_plane(_named_centroids(scan, vertebrae))
+    entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
+    for other in others:
+        other_vertebrae, other_asks = labelled(other)
+        name, theirs = series_name(other), _named_centroids(other, other_vertebrae)
+        shared = same_bodies(mine, _in_plane(theirs))
+        differences = [(level, other_level) for level, other_level in shared if other_level != level]
+        if differences:
+            ask_for_review(confidence, _disagreement(name, differences, asks_on_its_own, other_asks))
+            entries["disagreeing_series"].append(name)
+        elif len(shared) >= MIN_SAME_BODIES_ALIKE:
+            entries["agreeing_series"].append(name)
+        else:   # a note: nothing to doubt, nothing confirmed
+            confidence.warnings.append(f"the series {name} of the same exam shows fewer than {MIN_SAME_BODIES_ALIKE} "
+                                       f"of these vertebrae within {SAME_BODY_MM:g} mm (the patient moved, or it "
+                                       "shows another part of the spine): its levels were not compared")
+        entries["compared_with_series"].append(name)
+        # where it puts each level, in the patient's coordinates the scan shares (preview.png, the Slicer scene)
+        entries["other_series_levels"].append({"series": name, "vertebrae": [
+            {"level": level, "centroid_ras": [round(float(x), 2) for x in ras]} for level, ras in theirs]})
+    return entries

@@ -293,29 +293,28 @@ def dicom_series(volume_node) -> dict:
 def exam_volumes(volume_node, limit: int) -> list:
     """The other sagittal MR volumes of the volume node's scene that Slicer's DICOM database places in its
     exam and frame of reference (the same StudyInstanceUID and FrameOfReferenceUID, another
-    SeriesInstanceUID), by series number, at most ``limit``: the series whose levels a run compares with
-    its own, as ``spinenet run`` compares an exam folder's (``label/other_series.py``). [] for a volume
-    without both UIDs (a volume from a file, no database: slicer-core)."""
-    def exam(node) -> tuple[str, str, str]:
-        values = _dicom_values(node, SERIES_TAGS) or {}
-        return tuple(values.get(k, "") for k in ("study_uid", "frame_of_reference_uid", "series_uid"))
-
-    study, frame, series = exam(volume_node)
-    scene = volume_node.GetScene() if volume_node is not None else None
-    if not (study and frame) or scene is None:
+    SeriesInstanceUID; no scout, ``inputs/dicom.is_localizer``), by series number, at most ``limit``: the
+    series whose levels a run compares with its own, as ``spinenet run`` compares an exam folder's
+    (``label/other_series.py``). [] for a volume without both UIDs (a volume from a file, no database:
+    slicer-core)."""
+    if volume_node is None or volume_node.GetScene() is None:
         return []
-    found = {}
-    for node in sagittal_volumes(scene):
-        other = exam(node)
-        if (node is not volume_node and other[:2] == (study, frame) and other[2] not in ("", series)
-                and other[2] not in found and not not_mr_modality({"Modality": dicom_modality(node)})
-                and not is_localizer({"ImageType": (_dicom_values(node, {"t": IMAGE_TYPE_TAG}) or {}).get("t", "")})):
-            found[other[2]] = node
-
-    def series_number(node) -> tuple:
-        number = (_dicom_values(node, {"n": SERIES_TAGS["series_number"]}) or {}).get("n", "")
-        return (0, int(number), node.GetName()) if number.lstrip("-").isdigit() else (1, 0, node.GetName())
-    return sorted(found.values(), key=series_number)[:limit]
+    mine = _dicom_values(volume_node, SERIES_TAGS) or {}
+    exam = (mine.get("study_uid", ""), mine.get("frame_of_reference_uid", ""))
+    if not all(exam):
+        return []
+    tags = {**SERIES_TAGS, "modality": MODALITY_TAG, "image_type": IMAGE_TYPE_TAG}
+    found = {}   # series UID -> (sort key, node)
+    for node in sagittal_volumes(volume_node.GetScene()):
+        values = _dicom_values(node, tags) or {}
+        uid, number = values.get("series_uid", ""), values.get("series_number", "")
+        if (node is not volume_node and (values.get("study_uid"), values.get("frame_of_reference_uid")) == exam
+                and uid not in ("", mine.get("series_uid", "")) and uid not in found
+                and not not_mr_modality({"Modality": values.get("modality", "")})
+                and not is_localizer({"ImageType": values.get("image_type", "")})):
+            order = (0, int(number)) if number.lstrip("-").isdigit() else (1, 0)
+            found[uid] = ((*order, node.GetName()), node)
+    return [node for _, node in sorted(found.values(), key=lambda item: item[0])][:limit]
 
 
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:
