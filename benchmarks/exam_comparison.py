@@ -19,7 +19,9 @@ variant's run and for the as-acquired run of each pair: the runs with a wrongly 
 ``spinenet evaluate`` scores them), those their own flag misses, and of these the ones the disagreement
 catches; the runs with every body right, those their own flag asks about, and those the disagreement alone
 adds (its false alarms). Then, of the pairs that disagree, which run is right where only one's own flag asks
-for a review (:func:`which_is_right`: what the warning's "more likely that one" rests on).
+for a review (:func:`which_is_right`: what the warning's "more likely that one" rests on), and what the runs
+whose own flag is set make of the other run's levels where ``spinenet run``'s rule takes them
+(:func:`levels_taken`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,57 @@ def which_is_right(pairs: list[tuple[dict, dict]]) -> list[str]:
     return lines
 
 
+def _in_plane_levels(document: dict) -> list[tuple[str, tuple[float, float]]]:
+    """(level, in-plane centroid: A and S in mm) of each named vertebra of a ``vertebrae.json``."""
+    return [(v["level"], tuple(v["centroid_ras"][1:])) for v in document.get("vertebrae") or [] if v.get("level")]
+
+
+def taken_levels(scan_run: dict, other_run: dict) -> dict | None:
+    """``scan_run``'s ``vertebrae.json`` with the levels it would take from ``other_run`` taken as another series
+    of its exam (``label.other_series.series_to_take_levels_from``, the rule of ``spinenet run``), or None where it
+    takes none: its own flag must be set, the other's not."""
+    from SpineNetLib.core.levels import shifted_by
+    from SpineNetLib.label.other_series import series_to_take_levels_from
+
+    if not scan_run["flagged"]:
+        return None
+    document = scan_run["document"]
+    levels = [v.get("level") for v in document["vertebrae"]]
+    taken = series_to_take_levels_from(_in_plane_levels(document), levels,
+                                       [("other", _in_plane_levels(other_run["document"]), other_run["flagged"])])
+    if taken is None:
+        return None
+    vertebrae = [{**v, "level": level} for v, level in zip(document["vertebrae"], shifted_by(levels, taken[1]))]
+    return {**document, "vertebrae": vertebrae}
+
+
+def levels_taken(data_root: Path, pairs: list[tuple[str, str, dict, dict]]) -> list[str]:
+    """Lines on the runs that take the other run's levels (``pairs``: variant, case, the run as acquired and the
+    variant's run, both scored; each in turn the scan, the other its exam's other series): how many were wrong
+    and are now right, were right and are now wrong, stay wrong, stay right; for the variants' runs and for the
+    runs as acquired."""
+    import tempfile
+
+    from SpineNetLib.evaluation.evaluate import evaluate_directories
+
+    roles = ("the variants' runs", "the runs as acquired")
+    outcomes = {role: {"wrong -> right": 0, "right -> wrong": 0, "wrong -> wrong": 0, "right -> right": 0}
+                for role in roles}
+    with tempfile.TemporaryDirectory() as scratch:
+        for n, (_, case, acquired, variant) in enumerate(pairs):
+            for role, scan_run, other_run in ((roles[0], variant, acquired), (roles[1], acquired, variant)):
+                document = taken_levels(scan_run, other_run)
+                if document is None:
+                    continue
+                folder = Path(scratch) / f"{n}-{roles.index(role)}"
+                (folder / case).mkdir(parents=True)
+                (folder / case / "vertebrae.json").write_text(json.dumps(document), encoding="utf-8")
+                now_wrong = bool(evaluate_directories(data_root, folder, case_ids=[case])["cases"][case]["wrong_levels"])
+                outcomes[role][f"{'wrong' if scan_run['wrong'] else 'right'} -> {'wrong' if now_wrong else 'right'}"] += 1
+    return [f"{role:<22} taking the other's levels {sum(counts.values()):>3}: "
+            + ", ".join(f"{key} {count}" for key, count in counts.items()) for role, counts in outcomes.items()]
+
+
 HEADER = (f"{'runs':<26} {'pairs':>5} {'wrong':>6} {'unflagged':>9} {'caught':>7} {'both':>6} {'right':>6}"
           f" {'flagged':>8} {'added':>6} {'partner wrong':>13}")
 
@@ -132,7 +185,7 @@ def main(argv=None) -> int:
           "disagrees (the comparison alone asks for their review); partner wrong: of those, the other run of the "
           "pair has a body named wrongly (one of the two is wrong: the reader must look at both)\n")
     print(HEADER)
-    every_second, every_first, disagreeing = [], [], []
+    every_second, every_first, disagreeing, taking = [], [], [], []
     for variant in variants:
         runs = _scored(data_root, pred_root / variant)
         second, first = [], []
@@ -144,6 +197,7 @@ def main(argv=None) -> int:
             first.append((acquired[case], first_disagrees, run["wrong"]))
             if first_disagrees or second_disagrees:
                 disagreeing.append((acquired[case], run))
+                taking.append((variant, case, acquired[case], run))
         print(_line(f"{variant}", second))
         every_second += second
         every_first += first
@@ -151,6 +205,9 @@ def main(argv=None) -> int:
     print(_line("the runs as acquired", every_first))
     print("\nWhich of two disagreeing runs is right, by their own review flags:")
     print("\n".join(which_is_right(disagreeing)))
+    print("\nA run whose own flag is set takes the levels of the other run of its pair where that one's is not "
+          "(spinenet run's rule, label/other_series.series_to_take_levels_from):")
+    print("\n".join(levels_taken(data_root, taking)))
     return 0
 
 

@@ -51,9 +51,25 @@ def shifted_to_correction(levels, index: int, level: str) -> list:
     if current not in order:
         start = order.index(level) - index
         return [order[start + i] if 0 <= start + i < len(order) else None for i in range(len(levels))]
-    delta = order.index(level) - order.index(current)
+    return shifted_by(levels, order.index(level) - order.index(current))
+
+
+def shifted_by(levels, delta: int) -> list:
+    """Each level moved ``delta`` levels down the spine (+1: L4 becomes L5, S1 becomes S2; -1: one up); a name
+    that would fall beyond C2 or below S2, or that is no level, becomes None."""
+    order = list(LEVEL_CHOICES)
     return [order[order.index(name) + delta] if name in order and 0 <= order.index(name) + delta < len(order)
             else None for name in levels]
+
+
+def consistent_shift(shared: list[tuple[str, str]]) -> int | None:
+    """How many levels further down the spine the other series names every one of the :func:`same_bodies`
+    (their level's place minus mine, top to bottom; 0 where they name them all alike), where all differ by the
+    same number; None where they differ by different numbers or a name is no level."""
+    order = list(LEVEL_CHOICES)
+    deltas = {order.index(theirs) - order.index(mine) if mine in order and theirs in order else None
+              for mine, theirs in shared}
+    return deltas.pop() if len(deltas) == 1 and None not in deltas else None
 
 
 #: Centroids of two series of one exam closer than this (mm, in the sagittal plane: anterior-posterior and

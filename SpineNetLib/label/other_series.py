@@ -7,13 +7,16 @@ reads one of them (its T2) and, since the forty-eighth session, detects and labe
 Where a vertebra of another series lies within :data:`SpineNetLib.core.levels.SAME_BODY_MM` of one of the
 scan's and carries another level, one of the two series is named wrongly, whatever the scan's own margin
 says: the levels ask for a review, and where only one of the two labellings asks on its own, the warning
-says that one is more likely wrong (``core.levels.more_likely_wrong``). Where each series puts each level
+says that one is more likely wrong (``core.levels.more_likely_wrong``); where that one is the scan and every
+sure series names the shared vertebrae by one and the same shift, the scan takes their levels, still asking
+for a review (:func:`series_to_take_levels_from`; since the fiftieth session). Where each series puts each level
 is recorded, so a reader can see both readings (``preview.png``, the Slicer scene). The same rule
 as ``spinenet cohort``'s ``exam_disagreement`` (:mod:`SpineNetLib.cohort.exams`); measured on the held-out
 scans and their acquisition variants taken as two series of one exam (``benchmarks/exam_comparison.py``,
 README "A second opinion from the same exam"). A shift both series share is not seen.
 
-Pure functions over the scans and their labelled vertebrae.
+Functions over the scans and their labelled vertebrae; only :func:`review_against_other_series` changes one of
+its arguments: the levels of the scan's vertebrae, where it takes another series' levels.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, more_likely_wrong, same_bodies
+from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, consistent_shift, more_likely_wrong,
+                                    same_bodies, shifted_by)
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -59,26 +63,81 @@ def _disagreement(name: str, differences: list[tuple[str, str]], mine_asks: bool
             f"{more}; one of the two series is named wrongly" + more_likely_wrong(mine_asks, theirs_asks))
 
 
+def series_to_take_levels_from(mine: list[tuple[str, np.ndarray]], levels: Sequence[str | None],
+                                readings: Sequence[tuple[str, list[tuple[str, np.ndarray]], bool]]
+                                ) -> tuple[str, int] | None:
+    """(the name of the series whose levels a scan whose own labelling asks for a review takes, how many levels
+    further down the spine that series names each vertebra), or None: where every series of the exam whose own
+    labelling asks for no review and that shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae
+    (``mine``: level and in-plane centroid of each) names all of them otherwise by one and the same number of
+    levels, and at least one does. Not where one such series names them alike or by different numbers, nor where
+    a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2.
+    ``readings``: (name, level and in-plane centroid of each vertebra, whether its own labelling asks) of each
+    series. Measured on the stand-in exams of ``benchmarks/exam_comparison.py`` (README "A second opinion from
+    the same exam")."""
+    shifts: dict[int, str] = {}
+    for name, theirs, asks in readings:
+        shared = same_bodies(mine, theirs)
+        if asks or len(shared) < MIN_SAME_BODIES_ALIKE:
+            continue
+        delta = consistent_shift(shared)
+        if not delta:   # a sure series that names them alike, or by different numbers: nothing to take
+            return None
+        shifts.setdefault(delta, name)
+    if len(shifts) != 1:
+        return None
+    ((delta, name),) = shifts.items()
+    return (name, delta) if None not in shifted_by(levels, delta) else None
+
+
+def _taken(name: str, shared: list[tuple[str, str]], own: Sequence[str | None]) -> str:
+    """The review reason where the scan's levels (``own``: as its own labelling named them) were taken from the
+    series ``name`` (``shared``: :func:`same_bodies` of the two, before)."""
+    here, there = shared[0]
+    named = [level for level in own if level]
+    return (f"levels taken from the series {name} of the same exam: it names the vertebra this series named {here} "
+            f"{there}, and its own labelling does not ask for a review, this one's does; on its own this series "
+            f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")
+
+
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
                                 labelled: Callable[[Scan], tuple[Sequence[Vertebra], bool]],
                                 confidence: LabellingConfidence, asks_on_its_own: bool = False) -> dict:
     """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
     review) and ask for a review (``confidence``) for each that names a vertebra otherwise
-    (``asks_on_its_own``: whether the scan's own labelling asks). Returns the entries of the labelling
+    (``asks_on_its_own``: whether the scan's own labelling asks). Where the scan's own labelling asks and
+    :func:`series_to_take_levels_from` names a series, the scan's ``vertebrae`` take its levels (their
+    ``level`` set in place), still asking for a review, which says so. Returns the entries of the labelling
     block: ``compared_with_series`` (the names of the series compared), ``disagreeing_series`` (those
     that name a vertebra otherwise), ``agreeing_series`` (those that show at least
     :data:`MIN_SAME_BODIES_ALIKE` of the same vertebrae and name them all alike; a series that is neither
-    gets a note) and ``other_series_levels`` (where each puts its levels)."""
-    mine = _in_plane(_named_centroids(scan, vertebrae))
-    entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
+    gets a note; the series whose levels were taken is neither), ``other_series_levels`` (where each puts its
+    levels) and, where levels were taken, ``levels_taken_from_series`` (its name, the shift, and the scan's own
+    levels)."""
+    readings = []
     for other in others:
         other_vertebrae, other_asks = labelled(other)
-        name, theirs = series_name(other), _named_centroids(other, other_vertebrae)
+        readings.append((series_name(other), _named_centroids(other, other_vertebrae), other_asks))
+    mine = _in_plane(_named_centroids(scan, vertebrae))
+    own = [v.level for v in vertebrae]
+    taken = series_to_take_levels_from(mine, own, [(n, _in_plane(t), a) for n, t, a in readings]) \
+        if asks_on_its_own else None
+    entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
+    if taken is not None:
+        for vertebra, level in zip(vertebrae, shifted_by(own, taken[1])):
+            vertebra.level = level
+        confidence.s1_found = "S1" in shifted_by(own, taken[1])
+        entries["levels_taken_from_series"] = {"series": taken[0], "shift": taken[1], "own_levels": own}
+        before = mine
+        mine = _in_plane(_named_centroids(scan, vertebrae))
+    for name, theirs, other_asks in readings:
         shared = same_bodies(mine, _in_plane(theirs))
         differences = [(level, other_level) for level, other_level in shared if other_level != level]
         if differences:
             ask_for_review(confidence, _disagreement(name, differences, asks_on_its_own, other_asks))
             entries["disagreeing_series"].append(name)
+        elif taken is not None and name == taken[0]:
+            pass   # alike because its levels were taken: the reason below says so
         elif len(shared) >= MIN_SAME_BODIES_ALIKE:
             entries["agreeing_series"].append(name)
         else:   # a note: nothing to doubt, nothing confirmed
@@ -89,4 +148,7 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
         # where it puts each level, in the patient's coordinates the scan shares (preview.png, the Slicer scene)
         entries["other_series_levels"].append({"series": name, "vertebrae": [
             {"level": level, "centroid_ras": [round(float(x), 2) for x in ras]} for level, ras in theirs]})
+    if taken is not None:   # first: the levels shown are not this series' own
+        source = next(theirs for name, theirs, _ in readings if name == taken[0])
+        ask_for_review(confidence, _taken(taken[0], same_bodies(before, _in_plane(source)), own))
     return entries
