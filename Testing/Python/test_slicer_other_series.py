@@ -135,6 +135,31 @@ def test_a_volume_of_the_exam_a_level_off_asks_for_a_review_in_the_panel(exam, m
     assert [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
 
 
+def test_an_unsure_volume_takes_the_levels_of_the_exams_sure_volumes_only_where_they_all_agree(exam, monkeypatch):
+    """The T2's own labelling asks for a review; the T1, sure of itself, names every vertebra a level lower. While
+    the STIR, sure too, names them as the T2 does, the T2 keeps its levels (the T1 is said to disagree); with the
+    STIR a level lower as well, the T2 takes their levels: its points in the scene and its table carry them, and
+    the levels line says whose they are."""
+    module, scene, phantom, volumes = exam
+    name_series_a_level_lower(monkeypatch, "T1 SAG", unsure=("T2 SAG",))
+    logic = module.SpineNetLogic(scene=scene)
+    t2 = volumes["4: T2 SAG"]
+    logic.runSynchronously(t2, grading=False)
+    labelling = _labelling(logic, t2)
+    assert "levels_taken_from_series" not in labelling and labelling["disagreeing_series"] == ["'T1 SAG' (series 3)"]
+    assert [v["level"] for v in logic.documents(t2)[0]["vertebrae"]] == phantom.levels
+    name_series_a_level_lower(monkeypatch, "STIR SAG")
+    logic.runSynchronously(t2, grading=False)
+    labelling = _labelling(logic, t2)
+    lower = [LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1] for level in phantom.levels]
+    assert labelling["levels_taken_from_series"]["series"] == "'T1 SAG' (series 3)"
+    assert labelling["needs_review"] is True and labelling["disagreeing_series"] == []
+    centroids = mrml.result_nodes(scene, t2, "centroids")[0]
+    assert [centroids.GetNthControlPointLabel(n) for n in range(centroids.GetNumberOfControlPoints())] == lower
+    text, review = logic.labellingStatus(t2)
+    assert review is True and "Levels taken from the series 'T1 SAG' (series 3) of the same exam" in text
+
+
 def test_the_panel_setting_reaches_the_run_and_the_parameter_node(exam, tmp_path):
     module, scene, phantom, volumes = exam
     parent = QtWidgets.QWidget()
