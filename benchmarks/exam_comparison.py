@@ -152,8 +152,9 @@ def levels_taken(data_root: Path, pairs: list[tuple[str, str, dict, dict]]) -> l
                 folder = Path(scratch) / f"{n}-{roles.index(role)}"
                 (folder / case).mkdir(parents=True)
                 (folder / case / "vertebrae.json").write_text(json.dumps(document), encoding="utf-8")
-                now_wrong = bool(evaluate_directories(data_root, folder, case_ids=[case])["cases"][case]["wrong_levels"])
-                outcomes[role][f"{'wrong' if scan_run['wrong'] else 'right'} -> {'wrong' if now_wrong else 'right'}"] += 1
+                scored = evaluate_directories(data_root, folder, case_ids=[case])["cases"][case]
+                before, after = ("wrong" if wrong else "right" for wrong in (scan_run["wrong"], scored["wrong_levels"]))
+                outcomes[role][f"{before} -> {after}"] += 1
     return [f"{role:<22} taking the other's levels {sum(counts.values()):>3}: "
             + ", ".join(f"{key} {count}" for key, count in counts.items()) for role, counts in outcomes.items()]
 
