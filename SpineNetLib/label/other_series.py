@@ -124,11 +124,13 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
         if asks_on_its_own else None
     entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
     if taken is not None:
-        for vertebra, level in zip(vertebrae, shifted_by(own, taken[1])):
+        source = next(theirs for name, theirs, _ in readings if name == taken[0])
+        taken_reason = _taken(taken[0], same_bodies(mine, _in_plane(source)), own)
+        new_levels = shifted_by(own, taken[1])
+        for vertebra, level in zip(vertebrae, new_levels):
             vertebra.level = level
-        confidence.s1_found = "S1" in shifted_by(own, taken[1])
+        confidence.s1_found = "S1" in new_levels
         entries["levels_taken_from_series"] = {"series": taken[0], "shift": taken[1], "own_levels": own}
-        before = mine
         mine = _in_plane(_named_centroids(scan, vertebrae))
     for name, theirs, other_asks in readings:
         shared = same_bodies(mine, _in_plane(theirs))
@@ -149,6 +151,5 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
         entries["other_series_levels"].append({"series": name, "vertebrae": [
             {"level": level, "centroid_ras": [round(float(x), 2) for x in ras]} for level, ras in theirs]})
     if taken is not None:   # first: the levels shown are not this series' own
-        source = next(theirs for name, theirs, _ in readings if name == taken[0])
-        ask_for_review(confidence, _taken(taken[0], same_bodies(before, _in_plane(source)), own))
+        ask_for_review(confidence, taken_reason)
     return entries
