@@ -114,10 +114,10 @@ def _in_plane_levels(document: dict) -> list[tuple[str, tuple[float, float]]]:
 
 def taken_levels(scan_run: dict, other_run: dict) -> dict | None:
     """``scan_run``'s ``vertebrae.json`` with the levels it would take from ``other_run`` taken as another series
-    of its exam (``label.other_series.series_to_take_levels_from``, the rule of ``spinenet run``), or None where it
+    of its exam (``core.levels.series_to_take_levels_from``, the rule of ``spinenet run``), or None where it
     takes none: its own flag must be set, the other's not."""
     from SpineNetLib.core.levels import shifted_by
-    from SpineNetLib.label.other_series import series_to_take_levels_from
+    from SpineNetLib.core.levels import series_to_take_levels_from
 
     if not scan_run["flagged"]:
         return None
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     print("\nWhich of two disagreeing runs is right, by their own review flags:")
     print("\n".join(which_is_right(disagreeing)))
     print("\nA run whose own flag is set takes the levels of the other run of its pair where that one's is not "
-          "(spinenet run's rule, label/other_series.series_to_take_levels_from):")
+          "(spinenet run's rule, core/levels.series_to_take_levels_from):")
     print("\n".join(levels_taken(data_root, taking)))
     return 0
 

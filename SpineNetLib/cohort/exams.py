@@ -9,7 +9,9 @@ lies about 30 mm away. So where a vertebra of one series has its centroid within
 same level; where they do not, the levels of one of the two (or of both) are wrong, whatever each series'
 own review flag says (``spinenet run`` on an exam folder checks the same:
 :mod:`SpineNetLib.label.other_series`). The cohort tables say so in ``exam_disagreement`` and ask for a
-review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`).
+review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`). Where
+``spinenet run`` would have a study take another's levels (``core.levels.series_to_take_levels_from``), the
+cohort does not rewrite its results; its ``exam_disagreement`` ends with the ``spinenet correct`` that does.
 
 Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05); image files
 are never compared. Pure functions over the result documents.
@@ -21,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from SpineNetLib.core.levels import level_differences, more_likely_wrong
+from SpineNetLib.core.levels import level_differences, more_likely_wrong, same_bodies, series_to_take_levels_from
 
 
 def exam_of(vertebrae_doc: dict) -> str:
@@ -71,6 +73,25 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                                 f"vertebra {mine} here {theirs}"
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")
                                 + (f"; one of the two is named wrongly{likely}" if likely else ""))
+            taken = _levels_to_take(study_id, members, documents, centroids)
             if said:
-                reasons[study_id] = "; ".join(said)
+                reasons[study_id] = "; ".join(said + ([taken] if taken else []))
     return reasons
+
+
+def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, dict],
+                    centroids: dict[str, list[tuple[str, np.ndarray]]]) -> str:
+    """Where ``spinenet run`` would have the study take the levels of another study of its exam
+    (``core.levels.series_to_take_levels_from``: its own labelling asks, every sure series of the exam names the
+    vertebrae both show by one shift), the sentence that says so with the correction that applies them; else ""."""
+    if not _asks_on_its_own(documents[study_id]):
+        return ""
+    readings = [(other, centroids[other], _asks_on_its_own(documents[other]))
+                for other in members if other != study_id]
+    levels = [vertebra.get("level") for vertebra in documents[study_id].get("vertebrae") or []]
+    taken = series_to_take_levels_from(centroids[study_id], levels, readings)
+    if taken is None:
+        return ""
+    here, there = same_bodies(centroids[study_id], centroids[taken[0]])[0]
+    return (f"as spinenet run would, take the levels of study {taken[0]}, whose own labelling does not ask for a review: "
+            f"`spinenet correct studies/{study_id} {here} {there}` in the cohort's output folder")

@@ -115,3 +115,29 @@ def more_likely_wrong(mine_asks: bool, theirs_asks: bool) -> str:
     if mine_asks and not theirs_asks:
         return ", more likely this one: that series' own labelling does not ask for a review, this one's does"
     return ""
+
+
+def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None:
+    """(the name of the series whose levels a scan whose own labelling asks for a review takes, how many levels
+    further down the spine that series names each vertebra), or None: where every series of the exam whose own
+    labelling asks for no review and that shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae
+    (``mine``: level and in-plane centroid of each) names all of them otherwise by one and the same number of
+    levels, and at least one does. Not where one such series names them alike or by different numbers, nor where
+    a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2.
+    ``readings``: (name, level and in-plane centroid of each vertebra, whether its own labelling asks) of each
+    series. ``spinenet run`` and the Slicer panel take them (``label/other_series.py``), ``spinenet cohort``
+    says so (``cohort/exams.py``). Measured on the stand-in exams of ``benchmarks/exam_comparison.py`` (README
+    "A second opinion from the same exam")."""
+    shifts: dict[int, str] = {}
+    for name, theirs, asks in readings:
+        shared = same_bodies(mine, theirs)
+        if asks or len(shared) < MIN_SAME_BODIES_ALIKE:
+            continue
+        delta = consistent_shift(shared)
+        if not delta:   # a sure series that names them alike, or by different numbers: nothing to take
+            return None
+        shifts.setdefault(delta, name)
+    if len(shifts) != 1:
+        return None
+    ((delta, name),) = shifts.items()
+    return (name, delta) if None not in shifted_by([level for level in levels if level], delta) else None

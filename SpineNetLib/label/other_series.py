@@ -9,8 +9,8 @@ scan's and carries another level, one of the two series is named wrongly, whatev
 says: the levels ask for a review, and where only one of the two labellings asks on its own, the warning
 says that one is more likely wrong (``core.levels.more_likely_wrong``); where that one is the scan and every
 sure series names the shared vertebrae by one and the same shift, the scan takes their levels, still asking
-for a review (:func:`series_to_take_levels_from`; since the fiftieth session). Where each series puts each level
-is recorded, so a reader can see both readings (``preview.png``, the Slicer scene). The same rule
+for a review (``core.levels.series_to_take_levels_from``; since the fiftieth session). Where each series puts
+each level is recorded, so a reader can see both readings (``preview.png``, the Slicer scene). The same rule
 as ``spinenet cohort``'s ``exam_disagreement`` (:mod:`SpineNetLib.cohort.exams`); measured on the held-out
 scans and their acquisition variants taken as two series of one exam (``benchmarks/exam_comparison.py``,
 README "A second opinion from the same exam"). A shift both series share is not seen.
@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, consistent_shift, more_likely_wrong,
-                                    same_bodies, shifted_by)
+from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, more_likely_wrong, same_bodies,
+                                    series_to_take_levels_from, shifted_by)
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -63,33 +63,6 @@ def _disagreement(name: str, differences: list[tuple[str, str]], mine_asks: bool
             f"{more}; one of the two series is named wrongly" + more_likely_wrong(mine_asks, theirs_asks))
 
 
-def series_to_take_levels_from(mine: list[tuple[str, np.ndarray]], levels: Sequence[str | None],
-                                readings: Sequence[tuple[str, list[tuple[str, np.ndarray]], bool]]
-                                ) -> tuple[str, int] | None:
-    """(the name of the series whose levels a scan whose own labelling asks for a review takes, how many levels
-    further down the spine that series names each vertebra), or None: where every series of the exam whose own
-    labelling asks for no review and that shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae
-    (``mine``: level and in-plane centroid of each) names all of them otherwise by one and the same number of
-    levels, and at least one does. Not where one such series names them alike or by different numbers, nor where
-    a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2.
-    ``readings``: (name, level and in-plane centroid of each vertebra, whether its own labelling asks) of each
-    series. Measured on the stand-in exams of ``benchmarks/exam_comparison.py`` (README "A second opinion from
-    the same exam")."""
-    shifts: dict[int, str] = {}
-    for name, theirs, asks in readings:
-        shared = same_bodies(mine, theirs)
-        if asks or len(shared) < MIN_SAME_BODIES_ALIKE:
-            continue
-        delta = consistent_shift(shared)
-        if not delta:   # a sure series that names them alike, or by different numbers: nothing to take
-            return None
-        shifts.setdefault(delta, name)
-    if len(shifts) != 1:
-        return None
-    ((delta, name),) = shifts.items()
-    return (name, delta) if None not in shifted_by(levels, delta) else None
-
-
 def _taken(name: str, shared: list[tuple[str, str]], own: Sequence[str | None]) -> str:
     """The review reason where the scan's levels (``own``: as its own labelling named them) were taken from the
     series ``name`` (``shared``: :func:`same_bodies` of the two, before)."""
@@ -106,7 +79,7 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
     review) and ask for a review (``confidence``) for each that names a vertebra otherwise
     (``asks_on_its_own``: whether the scan's own labelling asks). Where the scan's own labelling asks and
-    :func:`series_to_take_levels_from` names a series, the scan's ``vertebrae`` take its levels (their
+    ``core.levels.series_to_take_levels_from`` names a series, the scan's ``vertebrae`` take its levels (their
     ``level`` set in place), still asking for a review, which says so. Returns the entries of the labelling
     block: ``compared_with_series`` (the names of the series compared), ``disagreeing_series`` (those
     that name a vertebra otherwise), ``agreeing_series`` (those that show at least

@@ -922,7 +922,12 @@ def test_series_of_one_exam_that_name_a_vertebra_differently_are_found():
     assert reasons["t2"].endswith("(6 vertebrae differ); one of the two is named wrongly, more likely that one: "
                                   "its own labelling asks for a review, this one's does not")
     assert reasons["t1"].endswith("; one of the two is named wrongly, more likely this one: that series' own "
-                                  "labelling does not ask for a review, this one's does")
+                                  "labelling does not ask for a review, this one's does; as spinenet run would, take "
+                                  "the levels of study t2, whose own labelling does not ask for a review: "
+                                  "`spinenet correct studies/t1 T12 L1` in the cohort's output folder")
+    # not while another sure series of the exam names the vertebrae as the unsure one does
+    reasons = exam_disagreements({"t2": t2, "t1": unsure, "t1_stir": t1})
+    assert "as spinenet run would" not in reasons["t1"]
     other_frame = _named(["T12", "L1", "L2", "L3", "L4", "L5"], exam=("1.2.3", "1.2.3.10"))
     image_file = {**t1, "input": {}}
     longer = _named(["T10", "T11", "T12", "L1"], exam=("1.2.3", "1.2.3.9"))

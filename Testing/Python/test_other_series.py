@@ -139,7 +139,7 @@ def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_
     ask, showing two or more of the scan's vertebrae, all named otherwise by the same number of levels; not where a
     sure series names them alike or by another number, nor where a name would fall below S2."""
     from SpineNetLib.core.levels import LEVEL_CHOICES
-    from SpineNetLib.label.other_series import series_to_take_levels_from
+    from SpineNetLib.core.levels import series_to_take_levels_from
 
     levels = ["T12", "L1", "L2", "L3", "L4", "L5"]
     mine = [(level, (0.0, -30.0 * k)) for k, level in enumerate(levels)]
