@@ -328,12 +328,25 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
     return ". ".join(lines) + ".", review
 
 
-def disagreeing_series_levels(labelling: dict) -> list[dict]:
-    """The ``other_series_levels`` entries (``{"series", "vertebrae": [{"level", "centroid_ras"}]}``) of the
-    exam's other series that name a vertebra otherwise (``disagreeing_series``): what the preview and the
-    Slicer scene draw on the read scan."""
+#: How the preview and the Slicer scene name a series' own levels where it took another series' (``OWN_READING``).
+OWN_READING = "this series on its own"
+
+
+def other_readings(vertebrae_doc: dict) -> list[dict]:
+    """The other readings of the scan's levels that the preview and the Slicer scene draw on it, each
+    ``{"series", "vertebrae": [{"level", "centroid_ras"}]}``: the ``other_series_levels`` entries of the exam's
+    series that name a vertebra otherwise (``disagreeing_series``), and, where the scan took another series'
+    levels (``levels_taken_from_series``), its own levels at its vertebrae, as :data:`OWN_READING`."""
+    labelling = vertebrae_doc.get("labelling") or {}
     disagreeing = set(labelling.get("disagreeing_series") or [])
-    return [other for other in labelling.get("other_series_levels") or [] if other.get("series") in disagreeing]
+    readings = [other for other in labelling.get("other_series_levels") or [] if other.get("series") in disagreeing]
+    own = (labelling.get("levels_taken_from_series") or {}).get("own_levels") or []
+    vertebrae = vertebrae_doc.get("vertebrae") or []
+    if own and len(own) == len(vertebrae):
+        readings.append({"series": OWN_READING, "vertebrae": [
+            {"level": level, "centroid_ras": vertebra["centroid_ras"]} for level, vertebra in zip(own, vertebrae)
+            if level and vertebra.get("centroid_ras")]})
+    return readings
 
 
 def series_alike(labelling: dict) -> str:

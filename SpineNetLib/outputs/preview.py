@@ -47,7 +47,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.outputs.documents import (disagreeing_series_levels, disc_polygons, reported_probability,
+from SpineNetLib.outputs.documents import (disc_polygons, other_readings, reported_probability,
                                           shift_by_reader, vertebra_name)
 
 PREVIEW_FILE = "preview.png"
@@ -326,10 +326,11 @@ def _draw_slice_marks(draw, layout: _Layout, outlines: list[_Outline], canonical
 
 
 def _other_series_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
-    """``(level, canonical (x, y))`` of each vertebra of each other series of the exam that names a vertebra
-    otherwise (the labelling block's ``disagreeing_series`` and ``other_series_levels``)."""
+    """``(level, canonical (x, y))`` of each vertebra of each other reading of the levels
+    (:func:`~SpineNetLib.outputs.documents.other_readings`: an exam's series that names a vertebra otherwise, the
+    scan's own levels where it took another series')."""
     marks = []
-    for other in disagreeing_series_levels(vertebrae_doc.get("labelling") or {}):
+    for other in other_readings(vertebrae_doc):
         for vertebra in other.get("vertebrae") or []:
             rcs = _ras_to_canonical(scan, vertebra["centroid_ras"])[0]
             marks.append((str(vertebra["level"]), rcs[[1, 0]]))

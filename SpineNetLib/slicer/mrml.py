@@ -567,11 +567,12 @@ def _labelled_points(node, volume_node, colour: tuple[float, float, float], role
 
 
 def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
-    """One fiducial node per other series of the exam that names a vertebra otherwise (the labelling block's
-    ``disagreeing_series``), with a point at each of its vertebrae labelled by the level it gives: in the
-    patient's coordinates the series share, so the reader sees both series' levels on this volume."""
+    """One fiducial node per other reading of the levels (``documents.other_readings``: each other series of
+    the exam that names a vertebra otherwise, and the volume's own levels where it took another series'), with a
+    point at each vertebra labelled by the level that reading gives: in the patient's coordinates the series
+    share, so the reader sees both readings on this volume."""
     nodes = []
-    for other in documents.disagreeing_series_levels(vertebrae_doc.get("labelling") or {}):
+    for other in documents.other_readings(vertebrae_doc):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                        result_node_name(volume_node, f"SpineNet levels of {other['series']}"))
         for vertebra in other.get("vertebrae") or []:

@@ -150,15 +150,19 @@ def test_outlines_are_drawn_where_the_vertebrae_are(phantom, tmp_path, monkeypat
 
 def test_the_levels_of_a_series_of_the_exam_that_disagrees_are_drawn_at_its_vertebrae(small_phantom):
     """Another series of the exam that names the vertebrae otherwise: a dot and its level at each of its
-    centres, in the other series' colour; an agreeing series is not drawn."""
+    centres, in the other series' colour; an agreeing series is not drawn; where the scan took that series'
+    levels, its own levels are drawn so instead."""
     scan = small_phantom.scan
     vertebrae = vertebrae_document_from_truth(scan, small_phantom.vertebrae)
     centres = [v["centroid_ras"] for v in vertebrae["vertebrae"]]
     levels = {"series": "'T1 SAG' (series 3)", "vertebrae": [{"level": "X", "centroid_ras": c} for c in centres]}
-    for disagreeing, drawn in (([], False), (["'T1 SAG' (series 3)"], True)):
-        vertebrae["labelling"] = {"confidence": 0.99, "needs_review": bool(disagreeing), "warnings": [],
+    own = [v["level"] for v in vertebrae["vertebrae"]]
+    for disagreeing, taken, drawn in (([], {}, False), (["'T1 SAG' (series 3)"], {}, True),
+                                      ([], {"series": levels["series"], "shift": 1, "own_levels": own}, True)):
+        vertebrae["labelling"] = {"confidence": 0.99, "needs_review": bool(disagreeing or taken), "warnings": [],
                                   "compared_with_series": [levels["series"]], "disagreeing_series": disagreeing,
-                                  "other_series_levels": [levels]}
+                                  "other_series_levels": [levels], **({"levels_taken_from_series": taken}
+                                                                      if taken else {})}
         image = Image.open(io.BytesIO(preview.render_preview(scan, vertebrae))).convert("RGB")
         pixels = np.asarray(image)
         left, top, _, _ = (int(v) for v in image.info["SpineNet slice box"].split())

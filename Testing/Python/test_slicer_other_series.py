@@ -158,6 +158,10 @@ def test_an_unsure_volume_takes_the_levels_of_the_exams_sure_volumes_only_where_
     assert [centroids.GetNthControlPointLabel(n) for n in range(centroids.GetNumberOfControlPoints())] == lower
     text, review = logic.labellingStatus(t2)
     assert review is True and "Levels taken from the series 'T1 SAG' (series 3) of the same exam" in text
+    # the other reading on this volume: its own levels, in magenta at its vertebrae
+    (own,) = mrml.result_nodes(scene, t2, "other-series-levels")
+    assert own.GetName() == "4: T2 SAG SpineNet levels of this series on its own"
+    assert [own.GetNthControlPointLabel(n) for n in range(own.GetNumberOfControlPoints())] == phantom.levels
 
 
 def test_the_panel_setting_reaches_the_run_and_the_parameter_node(exam, tmp_path):
