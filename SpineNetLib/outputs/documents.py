@@ -330,6 +330,8 @@ def labelling_status(vertebrae_doc: dict | None) -> tuple[str, bool]:
 
 #: How the preview and the Slicer scene name a series' own levels where it took another series' (``OWN_READING``).
 OWN_READING = "this series on its own"
+#: The colour (RGB, 0-255) in which the preview and the Slicer scene draw the :func:`other_readings`: magenta.
+OTHER_READING_COLOUR = (255, 90, 200)
 
 
 def other_readings(vertebrae_doc: dict) -> list[dict]:

@@ -18,7 +18,8 @@
   the reported class ("Pfirrmann 3 (81 %)", "Herniation yes (87 %)": Pfirrmann and herniation
   first, then other abnormal findings). Where another sagittal series of the exam names a vertebra otherwise
   (``label/other_series.py``), the levels it gives are drawn at its vertebrae's centres in
-  :data:`OTHER_SERIES_COLOUR`, so both readings are seen in one picture.
+  :data:`OTHER_SERIES_COLOUR`, so both readings are seen in one picture (where the scan took that series'
+  levels, its own levels are drawn so instead).
 
 ``hotspots.png`` (:func:`render_hotspots`, only when the run computed evidence maps): one row per
 map, one tile per disc the map covers: the disc's grading volume's mid slice (anterior left,
@@ -47,8 +48,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.outputs.documents import (disc_polygons, other_readings, reported_probability,
-                                          shift_by_reader, vertebra_name)
+from SpineNetLib.outputs.documents import (OTHER_READING_COLOUR, disc_polygons, other_readings,
+                                          reported_probability, shift_by_reader, vertebra_name)
 
 PREVIEW_FILE = "preview.png"
 HOTSPOTS_FILE = "hotspots.png"
@@ -60,8 +61,9 @@ MAX_SLICE_SIDE_PX = 1600
 OUTLINE_COLOUR = (0, 215, 255)
 LABEL_COLOUR = (255, 235, 60)
 DISC_COLOUR = (255, 140, 0)
-#: The levels of another series of the exam that names a vertebra otherwise.
-OTHER_SERIES_COLOUR = (255, 90, 200)
+#: The levels of another series of the exam that names a vertebra otherwise, or the scan's own where it took
+#: another's (``documents.other_readings``).
+OTHER_SERIES_COLOUR = OTHER_READING_COLOUR
 BANNER_COLOUR = (255, 176, 0)
 HEADER_COLOUR = (36, 36, 36)
 PANEL_COLOUR = (16, 16, 16)

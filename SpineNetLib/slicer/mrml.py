@@ -577,7 +577,8 @@ def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
                                        result_node_name(volume_node, f"SpineNet levels of {other['series']}"))
         for vertebra in other.get("vertebrae") or []:
             _add_control_point(node, vertebra["centroid_ras"], str(vertebra["level"]))
-        _labelled_points(node, volume_node, (1.0, 0.35, 0.8), "other-series-levels")   # magenta: another reading
+        _labelled_points(node, volume_node, tuple(c / 255.0 for c in documents.OTHER_READING_COLOUR),
+                         "other-series-levels")
         nodes.append(node)
     return nodes
 
