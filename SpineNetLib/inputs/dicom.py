@@ -31,6 +31,7 @@ orientation functional groups.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,12 +316,23 @@ def _other_sagittal_series(series: dict[str, list[_Slice]], uid: str) -> list[st
                                       and exam(key) == mine and not is_localizer(slices[0].header)])
 
 
+#: Words of a SeriesDescription that name a scout taken to plan the series, as scanners name them ("SAG LOC",
+#: "3-Plane Loc", "localizer", "AAHead_Scout", "SmartSurvey", "TriPilot"): found in the description with
+#: everything but letters and digits removed; "LOC" only as a word of its own.
+SCOUT_WORDS = ("LOCALIZ", "LOCALIS", "SCOUT", "SURVEY", "PILOT", "3PLANE")
+
+
 def is_localizer(header) -> bool:
-    """Whether the image's ImageType (0008,0008) says LOCALIZER (as some scanners mark the scouts taken to plan
-    the series): low-resolution images that a comparison of levels would only mislead."""
+    """Whether the image is a scout taken to plan the series (low-resolution images that a comparison of levels
+    would only mislead): its ImageType (0008,0008) says LOCALIZER, as some scanners mark them, or its
+    SeriesDescription names one (:data:`SCOUT_WORDS`), as the others do."""
     value = header.get("ImageType") or []
     values = value.split("\\") if isinstance(value, str) else list(value)
-    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+    if any(str(v).strip().upper() == "LOCALIZER" for v in values):
+        return True
+    description = str(header.get("SeriesDescription") or "").upper()
+    compact = re.sub(r"[^A-Z0-9]", "", description)
+    return "LOC" in re.split(r"[^A-Z0-9]+", description) or any(word in compact for word in SCOUT_WORDS)
 
 
 def _series_plane(slices: list[_Slice]) -> str:

@@ -196,8 +196,9 @@ ACQUISITION_TAGS = {"echo_time_ms": "0018,0081", "repetition_time_ms": "0018,008
 #: The tags that place a series in its exam, by the names ``inputs/dicom.py`` gives them in ``Scan.metadata``.
 SERIES_TAGS = {"series_uid": "0020,000E", "series_number": "0020,0011", "study_uid": "0020,000D",
                "frame_of_reference_uid": "0020,0052"}
-#: ImageType, which marks a scout as LOCALIZER (``inputs/dicom.is_localizer``).
-IMAGE_TYPE_TAG = "0008,0008"
+#: ImageType, which marks a scout as LOCALIZER, and SeriesDescription, which names one
+#: (``inputs/dicom.is_localizer``).
+IMAGE_TYPE_TAG, DESCRIPTION_TAG = "0008,0008", "0008,103E"
 
 
 def _instances_and_database(volume_node) -> tuple[list[str], object]:
@@ -303,7 +304,7 @@ def exam_volumes(volume_node, limit: int) -> list:
     exam = (mine.get("study_uid", ""), mine.get("frame_of_reference_uid", ""))
     if not all(exam):
         return []
-    tags = {**SERIES_TAGS, "modality": MODALITY_TAG, "image_type": IMAGE_TYPE_TAG}
+    tags = {**SERIES_TAGS, "modality": MODALITY_TAG, "image_type": IMAGE_TYPE_TAG, "description": DESCRIPTION_TAG}
     found = {}   # series UID -> (sort key, node)
     for node in sagittal_volumes(volume_node.GetScene()):
         values = _dicom_values(node, tags) or {}
@@ -311,7 +312,8 @@ def exam_volumes(volume_node, limit: int) -> list:
         if (node is not volume_node and (values.get("study_uid"), values.get("frame_of_reference_uid")) == exam
                 and uid not in ("", mine.get("series_uid", "")) and uid not in found
                 and not not_mr_modality({"Modality": values.get("modality", "")})
-                and not is_localizer({"ImageType": values.get("image_type", "")})):
+                and not is_localizer({"ImageType": values.get("image_type", ""),
+                                      "SeriesDescription": values.get("description", "")})):
             order = (0, int(number)) if number.lstrip("-").isdigit() else (1, 0)
             found[uid] = ((*order, node.GetName()), node)
     return [node for _, node in sorted(found.values(), key=lambda item: item[0])][:limit]

@@ -22,9 +22,9 @@ TIMES = {"T1": {"EchoTime": 10, "RepetitionTime": 550}, "T2": {"EchoTime": 95, "
 
 @pytest.fixture()
 def exam(tmp_path, monkeypatch):
-    """A sagittal T2 (series 4) and T1 (series 3) of one phantom in one exam and frame of reference, a
-    sagittal localizer of the exam (series 1), and a T1 of another frame of reference (series 7), with
-    oracle networks."""
+    """A sagittal T2 (series 4) and T1 (series 3) of one phantom in one exam and frame of reference, two
+    sagittal scouts of the exam (series 1: ImageType LOCALIZER; series 2: a Philips-style "SmartSurvey"),
+    and a T1 of another frame of reference (series 7), with oracle networks."""
     phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
     folder = tmp_path / "exam"
     phantom.write_dicom(folder / "t2", series_description="T2 SAG",
@@ -33,6 +33,8 @@ def exam(tmp_path, monkeypatch):
                         extra_tags={**TIMES["T1"], **EXAM, "SeriesNumber": 3})
     phantom.write_dicom(folder / "scout", series_description="SAG LOC", extra_tags={   # neither read nor compared,
         **EXAM, **TIMES["T2"], "SeriesNumber": 1, "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})  # T2 or not
+    phantom.write_dicom(folder / "survey", series_description="SmartSurvey", extra_tags={   # a scout by its name
+        **EXAM, **TIMES["T2"], "SeriesNumber": 2, "ImageType": ["ORIGINAL", "PRIMARY", "M", "FFE"]})
     phantom.write_dicom(folder / "other", series_description="T1 SAG elsewhere",
                         extra_tags={**TIMES["T1"], "StudyInstanceUID": EXAM["StudyInstanceUID"],
                                     "FrameOfReferenceUID": "1.2.826.0.1.48.9", "SeriesNumber": 7})
@@ -58,6 +60,17 @@ def test_series_that_agree_are_recorded_and_ask_for_nothing(exam, tmp_path, caps
     assert cli.main(["run", str(folder), "-o", str(tmp_path / "alone"), "--quiet", "--no-grade", "--no-preview",
                      "--no-compare-series"]) == 0
     assert "compared_with_series" not in _labelling(tmp_path / "alone")
+
+
+def test_a_scout_is_known_by_its_image_type_or_its_name():
+    """Scouts as scanners mark or name them; sagittal series whose names merely contain such letters are not."""
+    from SpineNetLib.inputs.dicom import is_localizer
+
+    for description in ("SAG LOC", "3-Plane Loc", "localizer", "AAHead_Scout", "SmartSurvey", "TriPilot"):
+        assert is_localizer({"SeriesDescription": description}), description
+    for description in ("T2 SAG", "t2_tse_sag_384", "STIR SAG", "BLOCK T2", "T1 SAG LOCAL", ""):
+        assert not is_localizer({"SeriesDescription": description}), description
+    assert is_localizer({"ImageType": "ORIGINAL\\PRIMARY\\LOCALIZER", "SeriesDescription": "T2 SAG"})
 
 
 def test_a_series_that_names_the_vertebrae_a_level_off_asks_for_a_review(exam, tmp_path, monkeypatch, capsys):

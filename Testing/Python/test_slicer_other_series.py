@@ -40,6 +40,8 @@ SERIES = {
     "4: T2 SAG (loaded twice)": ("1.2.4.1", {}),
     "1: SAG LOC": ("1.2.1.1", {"0020,000E": "1.2.1", "0020,0011": "1", "0008,103E": "SAG LOC",
                                "0008,0008": "ORIGINAL\\PRIMARY\\LOCALIZER", "0020,0052": FRAME}),
+    "2: SmartSurvey": ("1.2.2.1", {"0020,000E": "1.2.2", "0020,0011": "2", "0008,103E": "SmartSurvey",
+                                   "0008,0008": "ORIGINAL\\PRIMARY\\M\\FFE", "0020,0052": FRAME}),
     "7: T1 SAG elsewhere": ("1.2.7.1", {"0020,000E": "1.2.7", "0020,0011": "7", "0008,103E": "T1 SAG elsewhere",
                                         "0018,0081": "10", "0018,0080": "550", "0020,0052": OTHER_FRAME}),
     "from a file": (None, {}),
@@ -81,7 +83,8 @@ def _labelling(logic, volume):
 
 def test_the_exams_other_sagittal_volumes_are_compared_by_series_number(exam):
     """The T1 and STIR of the T2's exam are labelled too and agree: recorded, no review; the same series
-    loaded twice, a localizer, a series of another frame of reference and a volume from a file are left out."""
+    loaded twice, two scouts (by ImageType, by name), a series of another frame of reference and a volume from a
+    file are left out."""
     module, scene, phantom, volumes = exam
     t2 = volumes["4: T2 SAG"]
     assert [n.GetName() for n in mrml.exam_volumes(t2, 3)] == ["3: T1 SAG", "5: STIR SAG"]
