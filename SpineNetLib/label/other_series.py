@@ -68,8 +68,8 @@ def _taken(name: str, shared: list[tuple[str, str]], own: Sequence[str | None]) 
     series ``name`` (``shared``: :func:`same_bodies` of the two, before)."""
     here, there = shared[0]
     named = [level for level in own if level]
-    return (f"levels taken from the series {name} of the same exam: it names the vertebra this series named {here} "
-            f"{there}, and its own labelling does not ask for a review, this one's does; on its own this series "
+    return (f"levels taken from the series {name} of the same exam, which names {there} the vertebra this series "
+            f"named {here}: its own labelling does not ask for a review, this one's does; on its own this series "
             f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")
 
 

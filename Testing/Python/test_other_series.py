@@ -135,8 +135,8 @@ def test_a_series_whose_own_labelling_asks_takes_the_levels_of_a_sure_series_of_
                                                      "own_levels": phantom.levels}
     assert labelling["needs_review"] is True and labelling["s1_found"] is ("S1" in lower)
     assert labelling["warnings"][0] == (
-        f"levels taken from the series 'T1 SAG' (series 3) of the same exam: it names the vertebra this series named "
-        f"{phantom.levels[0]} {lower[0]}, and its own labelling does not ask for a review, this one's does; on its "
+        f"levels taken from the series 'T1 SAG' (series 3) of the same exam, which names {lower[0]} the vertebra this "
+        f"series named {phantom.levels[0]}: its own labelling does not ask for a review, this one's does; on its "
         f"own this series named the vertebrae {phantom.levels[0]}..{phantom.levels[-1]} (the reasons after this one "
         "are about those levels)")
     assert labelling["disagreeing_series"] == [] and labelling["agreeing_series"] == []
