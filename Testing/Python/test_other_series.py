@@ -145,6 +145,12 @@ def test_a_series_whose_own_labelling_asks_takes_the_levels_of_a_sure_series_of_
     discs = [d["level"] for d in json.loads((out / "discs.json").read_text())["discs"]]
     assert discs == [f"{a}-{b}" for a, b in zip(lower, lower[1:])]
     assert "levels taken from the series 'T1 SAG' (series 3)" in capsys.readouterr().err
+    # a reader who moves them back to the T2's own levels: the correction records what the run gave
+    assert cli.main(["correct", str(out), lower[0], phantom.levels[0]]) == 0, capsys.readouterr().err
+    corrected = json.loads((out / "vertebrae.json").read_text())
+    assert [v["level"] for v in corrected["vertebrae"]] == phantom.levels
+    assert corrected["labelling"]["needs_review"] is False and corrected["labelling"]["corrected_by_user"] is True
+    assert corrected["labelling"]["before_correction"]["levels"] == lower
 
 
 def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_by_one_shift():
