@@ -73,8 +73,8 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                                 f"vertebra {mine} here {theirs}"
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")
                                 + (f"; one of the two is named wrongly{likely}" if likely else ""))
-            taken = _levels_to_take(study_id, members, documents, centroids)
-            if said:
+            if said:   # taking levels needs a disagreement: looked for only here
+                taken = _levels_to_take(study_id, members, documents, centroids)
                 reasons[study_id] = "; ".join(said + ([taken] if taken else []))
     return reasons
 
@@ -93,5 +93,5 @@ def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, d
     if taken is None:
         return ""
     here, there = same_bodies(centroids[study_id], centroids[taken[0]])[0]
-    return (f"as spinenet run would, take the levels of study {taken[0]}, whose own labelling does not ask for a review: "
-            f"`spinenet correct studies/{study_id} {here} {there}` in the cohort's output folder")
+    return (f"as spinenet run would, take the levels of study {taken[0]}, whose own labelling does not ask for a "
+            f"review: `spinenet correct studies/{study_id} {here} {there}` in the cohort's output folder")

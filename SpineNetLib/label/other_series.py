@@ -104,7 +104,7 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
             vertebra.level = level
         confidence.s1_found = "S1" in new_levels
         entries["levels_taken_from_series"] = {"series": taken[0], "shift": taken[1], "own_levels": own}
-        mine = _in_plane(_named_centroids(scan, vertebrae))
+        mine = [(level, centroid) for level, (_, centroid) in zip(shifted_by([lv for lv, _ in mine], taken[1]), mine)]
     for name, theirs, other_asks in readings:
         shared = same_bodies(mine, _in_plane(theirs))
         differences = [(level, other_level) for level, other_level in shared if other_level != level]
