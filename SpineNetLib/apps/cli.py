@@ -721,12 +721,30 @@ def command_cohort(args) -> int:
     studies = f"{len(result.studies)} stud{'y' if len(result.studies) == 1 else 'ies'}"
     print(f"{studies}{exams}: {result.done} done now, {result.finished_before} done before, "
           f"{failed} failed; wrote {', '.join(str(p) for p in result.tables)}")
+    _say_levels_taken(result.levels_taken)
     review = _studies_asking_for_review(result.tables)
     if review:
         print(f"{review} of the finished studies ask for a review of their levels "
               "(levels_need_review or exam_disagreement in cohort_studies.csv; cohort_review.html lists them "
               "first; spinenet correct mends a study's folder)")
     return EXIT_SOME_STUDIES_FAILED if failed else EXIT_OK
+
+
+def _say_levels_taken(outcomes) -> None:
+    """The studies that took the levels of a sure study of their exam (one line), and a warning for each that
+    could not be written again with them."""
+    taken = [o for o in outcomes if not o.failure]
+    if taken:
+        listed = ", ".join(f"{o.taking.study_id}: {o.levels}" for o in taken[:5])
+        more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
+        print(f"{len(taken)} stud{'y' if len(taken) == 1 else 'ies'} took the levels of a sure study of the same exam, "
+              f"as spinenet run takes a sure series' ({listed}{more}); they still ask for a review, which says whose "
+              "levels they are")
+    for o in outcomes:
+        if o.failure:
+            print(f"spinenet: warning: study {o.taking.study_id} was not written again with the levels of study "
+                  f"{o.taking.source} ({o.failure}); its exam_disagreement gives the spinenet correct that does",
+                  file=sys.stderr)
 
 
 def _studies_asking_for_review(tables) -> int:

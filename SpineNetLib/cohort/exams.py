@@ -9,9 +9,13 @@ lies about 30 mm away. So where a vertebra of one series has its centroid within
 same level; where they do not, the levels of one of the two (or of both) are wrong, whatever each series'
 own review flag says (``spinenet run`` on an exam folder checks the same:
 :mod:`SpineNetLib.label.other_series`). The cohort tables say so in ``exam_disagreement`` and ask for a
-review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`). Where
-``spinenet run`` would have a study take another's levels (``core.levels.series_to_take_levels_from``), the
-cohort does not rewrite its results; its ``exam_disagreement`` ends with the ``spinenet correct`` that does.
+review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`). Where a
+study's own labelling asks for a review and every sure study of its exam names its vertebrae by one shift
+(``core.levels.series_to_take_levels_from``, the rule by which ``spinenet run`` takes a sure series'
+levels), :func:`levels_to_take` says so and ``spinenet cohort`` rewrites the study's results with those levels
+once its studies have run (:mod:`SpineNetLib.cohort.exam_levels`); where that has not happened (a reader's
+correction since, a scan that could not be read again), the study's ``exam_disagreement`` ends with the
+``spinenet correct`` that does it.
 
 Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05); image files
 are never compared. Pure functions over the result documents.
@@ -19,11 +23,13 @@ are never compared. Pure functions over the result documents.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from SpineNetLib.core.levels import level_differences, more_likely_wrong, same_bodies, series_to_take_levels_from
+from SpineNetLib.core.levels import (level_differences, more_likely_wrong, same_bodies, series_to_take_levels_from,
+                                    taken_levels_reason)
 
 
 def exam_of(vertebrae_doc: dict) -> str:
@@ -49,17 +55,22 @@ def _asks_on_its_own(vertebrae_doc: dict) -> bool:
     return bool((vertebrae_doc.get("labelling") or {}).get("needs_review"))
 
 
-def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
-    """``{study id: why}`` of each study whose vertebrae another study of the same exam names otherwise
-    (module docstring), among ``documents`` (study id -> its ``vertebrae.json``); studies that agree, or
-    have no other series of their exam here, are left out."""
+def _exams(documents: Mapping[str, dict]) -> list[list[str]]:
+    """The study ids of ``documents`` grouped by exam (:func:`exam_of`); studies that record none are left out."""
     exams: dict[str, list[str]] = {}
     for study_id, document in documents.items():
         exam = exam_of(document)
         if exam:
             exams.setdefault(exam, []).append(study_id)
+    return list(exams.values())
+
+
+def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
+    """``{study id: why}`` of each study whose vertebrae another study of the same exam names otherwise
+    (module docstring), among ``documents`` (study id -> its ``vertebrae.json``); studies that agree, or
+    have no other series of their exam here, are left out."""
     reasons: dict[str, str] = {}
-    for members in exams.values():
+    for members in _exams(documents):
         centroids = {study_id: _named_centroids(documents[study_id]) for study_id in members}
         for study_id in members:
             said = []
@@ -74,24 +85,59 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")
                                 + (f"; one of the two is named wrongly{likely}" if likely else ""))
             if said:   # taking levels needs a disagreement: looked for only here
-                taken = _levels_to_take(study_id, members, documents, centroids)
-                reasons[study_id] = "; ".join(said + ([taken] if taken else []))
+                taking = _levels_to_take(study_id, members, documents, centroids)
+                hint = "" if taking is None else (
+                    f"as spinenet run would, take the levels of study {taking.source}, whose own labelling does not "
+                    f"ask for a review: `spinenet correct studies/{study_id} {taking.here} {taking.there}` in the "
+                    "cohort's output folder")
+                reasons[study_id] = "; ".join(said + ([hint] if hint else []))
     return reasons
 
 
+@dataclass(frozen=True)
+class LevelsToTake:
+    """A study whose own labelling asks for a review and that takes the levels of a sure study of its exam."""
+
+    study_id: str
+    #: The study whose levels it takes.
+    source: str
+    #: How many levels further down the spine the source names each vertebra (+1: its L4 is the source's L5).
+    shift: int
+    #: A vertebra both show, as the study named it and as the source names it.
+    here: str
+    there: str
+
+    def reason(self, own_levels) -> str:
+        """The study's first review reason once it took the levels (``own_levels``: its own, top to bottom)."""
+        return taken_levels_reason(f"study {self.source}", self.here, self.there, own_levels)
+
+
+def levels_to_take(documents: Mapping[str, dict]) -> list[LevelsToTake]:
+    """Each study of ``documents`` (study id -> its ``vertebrae.json``) that takes the levels of another study of
+    its exam by ``spinenet run``'s rule (module docstring), in the order of ``documents``."""
+    found = []
+    for members in _exams(documents):
+        centroids = {study_id: _named_centroids(documents[study_id]) for study_id in members}
+        found += [taking for taking in (_levels_to_take(study_id, members, documents, centroids)
+                                        for study_id in members) if taking is not None]
+    order = list(documents)
+    return sorted(found, key=lambda taking: order.index(taking.study_id))
+
+
 def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, dict],
-                    centroids: dict[str, list[tuple[str, np.ndarray]]]) -> str:
-    """Where ``spinenet run`` would have the study take the levels of another study of its exam
-    (``core.levels.series_to_take_levels_from``: its own labelling asks, every sure series of the exam names the
-    vertebrae both show by one shift), the sentence that says so with the correction that applies them; else ""."""
-    if not _asks_on_its_own(documents[study_id]):
-        return ""
+                    centroids: dict[str, list[tuple[str, np.ndarray]]]) -> LevelsToTake | None:
+    """Whether the study takes the levels of another study of its exam
+    (``core.levels.series_to_take_levels_from``: its own labelling asks, every sure study of the exam names the
+    vertebrae both show by one shift), and whose. A study takes levels once: not again where it took some before
+    (its ``labelling.levels_taken_from_series``; a reader corrected the study it took them from since, say)."""
+    labelling = documents[study_id].get("labelling") or {}
+    if not _asks_on_its_own(documents[study_id]) or labelling.get("levels_taken_from_series"):
+        return None
     readings = [(other, centroids[other], _asks_on_its_own(documents[other]))
                 for other in members if other != study_id]
     levels = [vertebra.get("level") for vertebra in documents[study_id].get("vertebrae") or []]
     taken = series_to_take_levels_from(centroids[study_id], levels, readings)
     if taken is None:
-        return ""
+        return None
     here, there = same_bodies(centroids[study_id], centroids[taken[0]])[0]
-    return (f"as spinenet run would, take the levels of study {taken[0]}, whose own labelling does not ask for a "
-            f"review: `spinenet correct studies/{study_id} {here} {there}` in the cohort's output folder")
+    return LevelsToTake(study_id, taken[0], taken[1], here, there)

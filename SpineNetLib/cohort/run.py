@@ -1,8 +1,10 @@
 """Running a cohort on Dask distributed: a local cluster, or the workers of an existing scheduler.
 
 :func:`run_cohort` finds the studies under a root (:mod:`SpineNetLib.cohort.discover`), skips
-those an earlier run finished, runs the others as one Dask task each (:func:`process_study`)
-and, at the end (also when interrupted), writes the cohort tables (:mod:`SpineNetLib.cohort.tables`).
+those an earlier run finished, runs the others as one Dask task each (:func:`process_study`),
+has a study whose own labelling asks for a review take the levels of a sure study of its exam
+(:mod:`SpineNetLib.cohort.exam_levels`) and, at the end (also when interrupted), writes the cohort
+tables (:mod:`SpineNetLib.cohort.tables`).
 
 Each study goes through :func:`SpineNetLib.pipeline.read_input`, :func:`SpineNetLib.pipeline.run`
 and :func:`SpineNetLib.outputs.files.write_results`, as in ``spinenet run``, into
@@ -61,6 +63,7 @@ from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_com
 from SpineNetLib import pipeline
 from SpineNetLib.cohort.discover import (Discovery, Study, StudyFailure, candidate_inputs, studies_from_candidates,
                                          study_input)
+from SpineNetLib.cohort.exam_levels import TakenLevels, take_exam_levels
 from SpineNetLib.cohort.record import STUDIES_FOLDER, record_study_inputs
 from SpineNetLib.cohort.tables import write_cohort_tables
 from SpineNetLib.core.errors import InputError, error_line, one_line
@@ -352,6 +355,9 @@ class CohortResult:
     failed_at_discovery: int = 0
     #: The cohort tables written.
     tables: list[Path] = field(default_factory=list)
+    #: The studies that took the levels of a sure study of their exam after the studies ran
+    #: (:mod:`SpineNetLib.cohort.exam_levels`), and those that could not be written again with them.
+    levels_taken: list[TakenLevels] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -531,6 +537,7 @@ def run_cohort(root: str | os.PathLike, outdir: str | os.PathLike, settings: Coh
             meter.update()
         try:
             _run_pending(client, pending, studies_dir, settings, meter, result.outcomes)
+            result.levels_taken = take_exam_levels(studies_dir, discovery.studies)   # not when interrupted
         finally:  # also when interrupted: the tables hold every study finished so far
             if meter is not None:
                 meter.close()

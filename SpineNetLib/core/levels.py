@@ -141,3 +141,14 @@ def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None
         return None
     ((delta, name),) = shifts.items()
     return (name, delta) if None not in shifted_by([level for level in levels if level], delta) else None
+
+
+def taken_levels_reason(source: str, here: str, there: str, own_levels) -> str:
+    """The first review reason of a scan that took the levels of ``source`` ("the series 'T1' (series 3)",
+    "study t1_sag"), which names ``there`` the vertebra the scan named ``here`` on its own (``own_levels``:
+    the scan's own, top to bottom): :func:`series_to_take_levels_from`; ``spinenet run`` and the Slicer
+    panel (``label/other_series.py``), ``spinenet cohort`` (``cohort/exams.py``)."""
+    named = [level for level in own_levels if level]
+    return (f"levels taken from {source} of the same exam, which names {there} the vertebra this series "
+            f"named {here}: its own labelling does not ask for a review, this one's does; on its own this series "
+            f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")

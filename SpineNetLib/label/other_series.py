@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, more_likely_wrong, same_bodies,
-                                    series_to_take_levels_from, shifted_by)
+                                    series_to_take_levels_from, shifted_by, taken_levels_reason)
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -63,16 +63,6 @@ def _disagreement(name: str, differences: list[tuple[str, str]], mine_asks: bool
             f"{more}; one of the two series is named wrongly" + more_likely_wrong(mine_asks, theirs_asks))
 
 
-def _taken(name: str, shared: list[tuple[str, str]], own: Sequence[str | None]) -> str:
-    """The review reason where the scan's levels (``own``: as its own labelling named them) were taken from the
-    series ``name`` (``shared``: :func:`same_bodies` of the two, before)."""
-    here, there = shared[0]
-    named = [level for level in own if level]
-    return (f"levels taken from the series {name} of the same exam, which names {there} the vertebra this series "
-            f"named {here}: its own labelling does not ask for a review, this one's does; on its own this series "
-            f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")
-
-
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
                                 labelled: Callable[[Scan], tuple[Sequence[Vertebra], bool]],
                                 confidence: LabellingConfidence, asks_on_its_own: bool = False) -> dict:
@@ -98,7 +88,8 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
     if taken is not None:
         source = next(theirs for name, theirs, _ in readings if name == taken[0])
-        taken_reason = _taken(taken[0], same_bodies(mine, _in_plane(source)), own)
+        here, there = same_bodies(mine, _in_plane(source))[0]
+        taken_reason = taken_levels_reason(f"the series {taken[0]}", here, there, own)
         new_levels = shifted_by(own, taken[1])
         for vertebra, level in zip(vertebrae, new_levels):
             vertebra.level = level

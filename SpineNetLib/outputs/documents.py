@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_to_correction
+from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_by, shifted_to_correction
 from SpineNetLib.core.results import DetectionResult, Vertebra
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.weights.resolve import trained_grading_heads
@@ -447,15 +447,43 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
     too); ``confidence`` still describes the network's own labelling.
     """
     new_levels = corrected_levels(vertebrae_doc, index, level)
-    old_names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
     doc = copy.deepcopy(vertebrae_doc)
     _mark_corrected(doc, new_levels)   # before the levels change: it keeps the network's
+    doc.setdefault("corrections", []).append({"vertebra": int(index), "level": level})
+    return _renamed(vertebrae_doc, doc, new_levels, discs_doc)
+
+
+def apply_taken_levels(vertebrae_doc: dict, discs_doc: dict | None, shift: int, source: str,
+                       reason: str) -> tuple[dict, dict | None]:
+    """New (vertebrae, discs) documents of a scan that takes the levels of another series of its exam, which
+    names each of its vertebrae ``shift`` levels further down the spine (``source``: how the other series is
+    named; ``reason``: :func:`SpineNetLib.core.levels.taken_levels_reason`), as ``spinenet run`` takes them
+    (:mod:`SpineNetLib.label.other_series`): the levels still ask for a review, the reason first; the
+    ``"labelling"`` block records ``levels_taken_from_series`` (``series``, ``shift``, the scan's ``own_levels``),
+    and its other entries still describe the scan's own labelling. Discs are renamed as by
+    :func:`apply_level_correction`. The inputs are not modified; ``spinenet cohort`` (``cohort/exams.py``)."""
+    own = [v.get("level") for v in vertebrae_doc["vertebrae"]]
+    new_levels = shifted_by(own, shift)
+    doc = copy.deepcopy(vertebrae_doc)
+    block = doc.setdefault("labelling", {})
+    labelling_warnings = list(block.get("warnings") or [])
+    scan_warnings = [w for w in doc.get("warnings") or [] if w not in set(labelling_warnings)]
+    block.update(needs_review=True, warnings=[reason, *labelling_warnings], s1_found="S1" in new_levels,
+                 levels_taken_from_series={"series": source, "shift": int(shift), "own_levels": own})
+    doc["warnings"] = scan_warnings + block["warnings"]
+    return _renamed(vertebrae_doc, doc, new_levels, discs_doc)
+
+
+def _renamed(vertebrae_doc: dict, doc: dict, new_levels: list, discs_doc: dict | None) -> tuple[dict, dict | None]:
+    """``doc`` (a copy of ``vertebrae_doc``) with its vertebrae named ``new_levels``, each ``level_probability``
+    read again for its new level, and ``discs_doc`` renamed after the new names
+    (:func:`SpineNetLib.outputs.relevel.relevelled_discs_document`), or None without one."""
+    old_names = [vertebra_name(v, i) for i, v in enumerate(vertebrae_doc["vertebrae"])]
     for v, name in zip(doc["vertebrae"], new_levels):
         v["level"] = name
         probs = v.get("level_probabilities") or {}
         if probs:
             v["level_probability"] = round(float(probs.get("S1" if name == "S2" else name, 0.0)), 4)
-    doc.setdefault("corrections", []).append({"vertebra": int(index), "level": level})
     new_names = [vertebra_name(v, i) for i, v in enumerate(doc["vertebrae"])]
     discs = None
     if discs_doc is not None:

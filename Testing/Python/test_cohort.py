@@ -969,3 +969,99 @@ def test_a_correction_that_leaves_another_series_of_the_exam_disagreeing_asks_fo
     assert cli.main(["correct", str(out / "studies" / t2), above, lowest]) == 0
     capsys.readouterr()
     assert [r["exam_disagreement"] for r in _rows(out / "cohort_studies.csv")] == ["", ""]
+
+
+def test_a_study_whose_own_labelling_asks_takes_the_levels_of_the_sure_study_of_its_exam():
+    """By spinenet run's rule: only a study whose own labelling asks, only from a study whose own does not, only
+    where every sure study names its vertebrae by one shift, and only once; the documents keep the study's own
+    levels, ask for a review with whose levels they are first, and rename the discs."""
+    from SpineNetLib.cohort.exams import LevelsToTake, levels_to_take
+    from SpineNetLib.outputs.documents import apply_taken_levels
+
+    t2 = _named(["L1", "L2", "L3", "L4", "L5", "S1"])
+    unsure = {**_named(["T12", "L1", "L2", "L3", "L4", "L5"]),
+              "labelling": {"needs_review": True, "warnings": ["levels may be shifted by one"]},
+              "warnings": ["a single slice", "levels may be shifted by one"]}
+    assert levels_to_take({"t2": t2, "t1": unsure}) == [LevelsToTake("t1", "t2", 1, "T12", "L1")]
+    assert levels_to_take({"t2": t2, "t1": {**unsure, "labelling": {"needs_review": False}}}) == []
+    assert levels_to_take({"t2": {**t2, "labelling": {"needs_review": True}}, "t1": unsure}) == []
+    assert levels_to_take({"t2": t2, "t1": unsure, "stir": _named(["T12", "L1", "L2", "L3", "L4", "L5"])}) == []
+
+    pairs = zip(["T12", "L1", "L2", "L3", "L4"], ["L1", "L2", "L3", "L4", "L5"])
+    discs = {"discs": [{"level": f"{a}-{b}", "grades": {"Pfirrmann": {"value": i + 1}}}
+                       for i, (a, b) in enumerate(pairs)]}
+    taking = levels_to_take({"t2": t2, "t1": unsure})[0]
+    reason = taking.reason(["T12", "L1", "L2", "L3", "L4", "L5"])
+    assert reason == ("levels taken from study t2 of the same exam, which names L1 the vertebra this series named T12: "
+                      "its own labelling does not ask for a review, this one's does; on its own this series named the "
+                      "vertebrae T12..L5 (the reasons after this one are about those levels)")
+    document, new_discs = apply_taken_levels(unsure, discs, taking.shift, "study t2", reason)
+    assert [v["level"] for v in document["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5", "S1"]
+    assert document["labelling"] == {"needs_review": True, "s1_found": True,
+                                     "warnings": [reason, "levels may be shifted by one"],
+                                     "levels_taken_from_series": {"series": "study t2", "shift": 1, "own_levels": [
+                                         "T12", "L1", "L2", "L3", "L4", "L5"]}}
+    assert document["warnings"] == ["a single slice", reason, "levels may be shifted by one"]
+    assert [(d["level"], d["grades"]["Pfirrmann"]["value"]) for d in new_discs["discs"]] == [
+        ("L1-L2", 1), ("L2-L3", 2), ("L3-L4", 3), ("L4-L5", 4), ("L5-S1", 5)]   # grades stay with their discs
+    assert [v["level"] for v in unsure["vertebrae"]][0] == "T12"             # the input is not changed
+    assert levels_to_take({"t2": t2, "t1": document}) == []                   # alike now
+    moved_on = {**document, "vertebrae": unsure["vertebrae"]}
+    assert levels_to_take({"t2": t2, "t1": moved_on}) == []                    # levels are taken once
+
+
+def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_of_its_exam(tmp_path, capsys):
+    """spinenet cohort over an exam of two sagittal series that agree; the T1's own labelling is then made to ask
+    for a review and name every vertebra a level higher. The next run of the same command has it take the T2's
+    levels: every file of its folder that names a level is written again, the preview too, and its table row
+    says whose levels they are. A third run changes nothing."""
+    root = tmp_path / "root"
+    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.41", "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.42"}
+    for number, contrast in ((3, "T2"), (2, "T1")):
+        _phantom(5, contrast=contrast).write_dicom(root / "exam" / contrast, series_description=f"{contrast} SAG",
+                                                   extra_tags={**exam, "SeriesNumber": number})
+    out = tmp_path / "out"
+    command = ["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]
+    assert cli.main(command) == 0
+    assert "took the levels" not in capsys.readouterr().out
+    rows = {r["series_description"]: r for r in _rows(out / "cohort_studies.csv")}
+    t2, t1 = rows["T2 SAG"]["study"], rows["T1 SAG"]["study"]
+    folder = out / "studies" / t1
+    right = json.loads((folder / "vertebrae.json").read_text())
+    right_discs = [d["level"] for d in json.loads((folder / "discs.json").read_text())["discs"]]
+    lowest = right["vertebrae"][-1]["level"]
+    above = {"S1": "L5", "L5": "L4", "L4": "L3"}[lowest]
+    assert cli.main(["correct", str(folder), lowest, above]) == 0, capsys.readouterr().err
+    shifted = json.loads((folder / "vertebrae.json").read_text())   # as if the T1's own labelling had named them
+    own = [v["level"] for v in shifted["vertebrae"]]
+    labelling = {k: v for k, v in shifted["labelling"].items() if k not in ("corrected_by_user", "before_correction")}
+    shifted.update(labelling={**labelling, "needs_review": True, "warnings": ["levels may be shifted by one"]})
+    shifted.pop("corrections")
+    (folder / "vertebrae.json").write_text(json.dumps(shifted))
+    preview_shifted = (folder / "preview.png").read_bytes()
+
+    assert cli.main(command) == 0
+    said = capsys.readouterr().out
+    assert f"1 study took the levels of a sure study of the same exam, as spinenet run takes a sure series' ({t1}: " \
+           f"{own[0]}..{own[-1]} -> {right['vertebrae'][0]['level']}..{lowest})" in said
+    taken = json.loads((folder / "vertebrae.json").read_text())
+    assert [v["level"] for v in taken["vertebrae"]] == [v["level"] for v in right["vertebrae"]]
+    assert taken["labelling"]["needs_review"] is True
+    assert taken["labelling"]["levels_taken_from_series"] == {"series": f"study {t2}", "shift": 1, "own_levels": own}
+    top = right["vertebrae"][0]["level"]
+    assert taken["labelling"]["warnings"][0].startswith(f"levels taken from study {t2} of the same exam, which "
+                                                        f"names {top} the vertebra this series named {own[0]}:")
+    assert [d["level"] for d in json.loads((folder / "discs.json").read_text())["discs"]] == right_discs
+    csv_rows = _rows(folder / "vertebrae.csv")
+    assert [r["level"] for r in csv_rows] == [v["level"] for v in right["vertebrae"]]
+    assert csv_rows[0]["labelling_warning"].startswith(f"levels taken from study {t2}")
+    assert (folder / "preview.png").read_bytes() != preview_shifted   # drawn again: the taken levels, its own too
+    rows = {r["study"]: r for r in _rows(out / "cohort_studies.csv")}
+    assert rows[t1]["levels"] == rows[t2]["levels"] and rows[t1]["exam_disagreement"] == ""
+    assert rows[t1]["levels_need_review"] == "true"
+    assert rows[t1]["labelling_warning"].startswith(f"levels taken from study {t2}")
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert cli.main(command) == 0
+    assert "took the levels" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
