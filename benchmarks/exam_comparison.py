@@ -21,7 +21,8 @@ catches; the runs with every body right, those their own flag asks about, and th
 adds (its false alarms). Then, of the pairs that disagree, which run is right where only one's own flag asks
 for a review (:func:`which_is_right`: what the warning's "more likely that one" rests on), and what the runs
 whose own flag is set make of the other run's levels where ``spinenet run``'s rule takes them
-(:func:`levels_taken`).
+(:func:`levels_taken`), and how many of the runs whose own flag is set are wrong where the other run, unflagged,
+agrees with them (:func:`agreeing_with_a_sure_run`: why agreement does not lift a flag).
 """
 
 from __future__ import annotations
@@ -159,6 +160,29 @@ def levels_taken(data_root: Path, pairs: list[tuple[str, str, dict, dict]]) -> l
             + ", ".join(f"{key} {count}" for key, count in counts.items()) for role, counts in outcomes.items()]
 
 
+def agreeing_with_a_sure_run(pairs: list[tuple[str, str, dict, dict]]) -> list[str]:
+    """Lines on the runs whose own flag is set and whose pair's other run, unflagged, names at least
+    ``core.levels.MIN_SAME_BODIES_ALIKE`` shared vertebrae all alike (``pairs``: variant, case, the run as acquired
+    and the variant's run, both scored): how many are right and how many wrong, for the variants' runs and for the
+    runs as acquired. What lifting the flag of a series that a sure series of its exam agrees with would do:
+    a wrong one among them is named wrongly by the sure series too, without its flag."""
+    from SpineNetLib.core.levels import MIN_SAME_BODIES_ALIKE, same_bodies
+
+    counts = {"the variants' runs": [0, 0, []], "the runs as acquired": [0, 0, []]}
+    for variant, case, acquired, other in pairs:
+        for role, run, partner in (("the variants' runs", other, acquired), ("the runs as acquired", acquired, other)):
+            if not run["flagged"] or partner["flagged"]:
+                continue
+            shared = same_bodies(_in_plane_levels(run["document"]), _in_plane_levels(partner["document"]))
+            if len(shared) >= MIN_SAME_BODIES_ALIKE and all(mine == theirs for mine, theirs in shared):
+                counts[role][run["wrong"]] += 1
+                if run["wrong"]:
+                    counts[role][2].append(f"{case} beside {variant}")
+    return [f"{role:<22} flagged, beside an unflagged run that names the same vertebrae alike {right + wrong:>4}: "
+            f"right {right}, wrong {wrong}" + (f" ({', '.join(which)})" if which else "")
+            for role, (right, wrong, which) in counts.items()]
+
+
 HEADER = (f"{'runs':<26} {'pairs':>5} {'wrong':>6} {'unflagged':>9} {'caught':>7} {'both':>6} {'right':>6}"
           f" {'flagged':>8} {'added':>6} {'partner wrong':>13}")
 
@@ -186,7 +210,7 @@ def main(argv=None) -> int:
           "disagrees (the comparison alone asks for their review); partner wrong: of those, the other run of the "
           "pair has a body named wrongly (one of the two is wrong: the reader must look at both)\n")
     print(HEADER)
-    every_second, every_first, disagreeing, taking = [], [], [], []
+    every_second, every_first, disagreeing, taking, every_pair = [], [], [], [], []
     for variant in variants:
         runs = _scored(data_root, pred_root / variant)
         second, first = [], []
@@ -194,6 +218,7 @@ def main(argv=None) -> int:
             if case not in acquired:
                 continue
             first_disagrees, second_disagrees = pair_outcomes(acquired[case]["document"], run["document"], case)
+            every_pair.append((variant, case, acquired[case], run))
             second.append((run, second_disagrees, acquired[case]["wrong"]))
             first.append((acquired[case], first_disagrees, run["wrong"]))
             if first_disagrees or second_disagrees:
@@ -209,6 +234,9 @@ def main(argv=None) -> int:
     print("\nA run whose own flag is set takes the levels of the other run of its pair where that one's is not "
           "(spinenet run's rule, core/levels.series_to_take_levels_from):")
     print("\n".join(levels_taken(data_root, taking)))
+    print("\nA run whose own flag is set beside an unflagged run that agrees (its flag is kept: lifting it would hide "
+          "the wrong ones):")
+    print("\n".join(agreeing_with_a_sure_run(every_pair)))
     return 0
 
 

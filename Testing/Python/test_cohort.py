@@ -935,15 +935,22 @@ def test_series_of_one_exam_that_name_a_vertebra_differently_are_found():
     assert exam_disagreements({"t2": t2, "other": other_frame, "image": image_file, "above": longer}) == {}
 
 
+def _t2_and_t1_exam(root: Path) -> dict:
+    """A lumbar exam of two sagittal DICOM series, T2 (series 3) and T1 (series 2), of one patient in one frame of
+    reference, under ``root/exam``; returns the two UIDs they share."""
+    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.31", "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.32"}
+    for number, contrast in ((3, "T2"), (2, "T1")):
+        _phantom(5, contrast=contrast).write_dicom(root / "exam" / contrast, series_description=f"{contrast} SAG",
+                                                   extra_tags={**exam, "SeriesNumber": number})
+    return exam
+
+
 def test_a_correction_that_leaves_another_series_of_the_exam_disagreeing_asks_for_its_review(tmp_path, capsys):
     """spinenet cohort over an exam of two sagittal series (T2 and T1, one frame of reference): they agree.
     A reader moves the T2's levels by one: its row records the disagreement but asks no review (corrected by
     hand); the T1's row now asks for one, with the reason, on the review page too. Moved back, both agree."""
     root = tmp_path / "root"
-    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.31", "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.32"}
-    for number, contrast in ((3, "T2"), (2, "T1")):
-        _phantom(5, contrast=contrast).write_dicom(root / "exam" / contrast, series_description=f"{contrast} SAG",
-                                                   extra_tags={**exam, "SeriesNumber": number})
+    exam = _t2_and_t1_exam(root)
     out = tmp_path / "out"
     assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]) == 0
     capsys.readouterr()
@@ -1016,10 +1023,7 @@ def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_o
     levels: every file of its folder that names a level is written again, the preview too, and its table row
     says whose levels they are. A third run changes nothing."""
     root = tmp_path / "root"
-    exam = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.41", "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.42"}
-    for number, contrast in ((3, "T2"), (2, "T1")):
-        _phantom(5, contrast=contrast).write_dicom(root / "exam" / contrast, series_description=f"{contrast} SAG",
-                                                   extra_tags={**exam, "SeriesNumber": number})
+    _t2_and_t1_exam(root)
     out = tmp_path / "out"
     command = ["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]
     assert cli.main(command) == 0
