@@ -123,7 +123,8 @@ def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None
     labelling asks for no review and that shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae
     (``mine``: level and in-plane centroid of each) names all of them otherwise by one and the same number of
     levels, and at least one does. Not where one such series names them alike or by different numbers, nor where
-    a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2.
+    a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2, nor where the scan
+    shows a vertebra below the lowest one of such a series (:func:`shows_more_below`).
     ``readings``: (name, level and in-plane centroid of each vertebra, whether its own labelling asks) of each
     series. ``spinenet run`` and the Slicer panel take them (``label/other_series.py``), ``spinenet cohort``
     says so (``cohort/exams.py``). Measured on the stand-in exams of ``benchmarks/exam_comparison.py`` (README
@@ -136,11 +137,30 @@ def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None
         delta = consistent_shift(shared)
         if not delta:   # a sure series that names them alike, or by different numbers: nothing to take
             return None
+        if shows_more_below(mine, theirs):   # it counted from a body above the bottom that the scan sees
+            return None
         shifts.setdefault(delta, name)
     if len(shifts) != 1:
         return None
     ((delta, name),) = shifts.items()
     return (name, delta) if None not in shifted_by([level for level in levels if level], delta) else None
+
+
+def shows_more_below(mine, theirs) -> bool:
+    """Whether a vertebra of ``mine`` lies below the lowest of ``theirs`` and farther than :data:`SAME_BODY_MM` from
+    each of them (each list: level and in-plane centroid, A and S in mm, of one series' vertebrae): the other series
+    does not see the bottom of the spine this one sees, so the S1 it counts its levels up from may be a body
+    above this one's lowest (it missed S1, or its field of view ends above). A scan does not take the levels of
+    such a series (:func:`series_to_take_levels_from`): on the training side's stand-in exams the 5 right runs
+    that took levels and were made wrong were all such, and 1 of the 43 that took them rightly
+    (``benchmarks/exam_comparison.py --split train``, README "A second opinion from the same exam")."""
+    if not theirs:
+        return False
+    lowest = min(float(np.asarray(centroid, float)[1]) for _, centroid in theirs)
+    return any(float(np.asarray(centroid, float)[1]) < lowest
+               and min(float(np.linalg.norm(np.asarray(centroid, float) - np.asarray(other, float)))
+                       for _, other in theirs) > SAME_BODY_MM
+               for _, centroid in mine)
 
 
 def taken_levels_reason(source: str, here: str, there: str, own_levels) -> str:

@@ -156,7 +156,8 @@ def test_a_series_whose_own_labelling_asks_takes_the_levels_of_a_sure_series_of_
 def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_by_one_shift():
     """The rule of taking another series' levels, on level lists: only the series whose own labelling does not
     ask, showing two or more of the scan's vertebrae, all named otherwise by the same number of levels; not where a
-    sure series names them alike or by another number, nor where a name would fall below S2."""
+    sure series names them alike or by another number, nor where a name would fall below S2, nor where the scan shows
+    a vertebra below the sure series' lowest."""
     from SpineNetLib.core.levels import LEVEL_CHOICES
     from SpineNetLib.core.levels import series_to_take_levels_from
 
@@ -177,6 +178,9 @@ def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_
     mixed = named(1, 0, 3) + named(2, 3)
     assert series_to_take_levels_from(mine, levels, [("T1", mixed, False)]) is None
     assert series_to_take_levels_from(mine, levels[:-1] + ["S2"], [("T1", named(1, 0, 5), False)]) is None
+    # not from a series that does not see the bottom of the spine this one sees: its S1 may be this one's L5
+    assert series_to_take_levels_from(mine, levels, [("T1", named(1, 0, 5), False)]) is None
+    assert series_to_take_levels_from(mine, levels, [("T1", named(1, 1), False)]) == ("T1", 1)   # shows less above
 
 
 def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_path, monkeypatch, capsys):
