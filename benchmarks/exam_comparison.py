@@ -94,12 +94,20 @@ def which_is_right(pairs: list[tuple[dict, dict]]) -> list[str]:
         return (sum(a["wrong"] != b["wrong"] for a, b in group), sum(a["wrong"] and b["wrong"] for a, b in group),
                 sum(not a["wrong"] and not b["wrong"] for a, b in group))
 
+    from SpineNetLib.core.levels import more_likely_wrong
+
     one = [(a, b) if not a["flagged"] else (b, a) for a, b in pairs if a["flagged"] != b["flagged"]]  # unflagged first
     _, both_wrong, both_right = counts(one)
+    named = [(a, b) for a, b in one if more_likely_wrong(False, True, _in_plane_levels(a["document"]),
+                                                          _in_plane_levels(b["document"]))]
     lines = [f"{'disagreeing pairs':<22} {len(pairs):>4}",
              f"{'one flagged by itself':<22} {len(one):>4}: the unflagged run right and the flagged one wrong "
              f"{sum(b['wrong'] and not a['wrong'] for a, b in one)}, the other way round "
-             f"{sum(a['wrong'] and not b['wrong'] for a, b in one)}, both wrong {both_wrong}, both right {both_right}"]
+             f"{sum(a['wrong'] and not b['wrong'] for a, b in one)}, both wrong {both_wrong}, both right {both_right}",
+             f"{'  the warning names it':<22} {len(named):>4}: (the flagged one does not show a vertebra below the "
+             f"other's lowest) the unflagged run right and the flagged one wrong "
+             f"{sum(b['wrong'] and not a['wrong'] for a, b in named)}, the other way round "
+             f"{sum(a['wrong'] and not b['wrong'] for a, b in named)}"]
     for name, flagged in (("both flagged", True), ("neither flagged", False)):
         group = [(a, b) for a, b in pairs if a["flagged"] == b["flagged"] == flagged]
         one_right, both_wrong, both_right = counts(group)

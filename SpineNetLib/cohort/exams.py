@@ -79,7 +79,7 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                 if differences:
                     mine, theirs = differences[0]
                     likely = more_likely_wrong(_asks_on_its_own(documents[study_id]),
-                                               _asks_on_its_own(documents[other]))
+                                               _asks_on_its_own(documents[other]), centroids[study_id], centroids[other])
                     said.append(f"the levels disagree with study {other} of the same exam, which names the "
                                 f"vertebra {mine} here {theirs}"
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")

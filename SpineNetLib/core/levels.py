@@ -105,14 +105,16 @@ def level_differences(mine, theirs) -> list[tuple[str, str]]:
 MIN_SAME_BODIES_ALIKE = 2
 
 
-def more_likely_wrong(mine_asks: bool, theirs_asks: bool) -> str:
+def more_likely_wrong(mine_asks: bool, theirs_asks: bool, mine=(), theirs=()) -> str:
     """What follows "one of the two series is named wrongly" where two series of an exam disagree
     (:func:`level_differences`) and only one's own labelling asks for a review: that one is more likely
     the wrong one (measured: ``benchmarks/exam_comparison.py``, README "A second opinion from the same
-    exam"); "" where both or neither ask."""
-    if theirs_asks and not mine_asks:
+    exam"); "" where both or neither ask, and where the one that asks shows a vertebra below the other's lowest
+    (:func:`shows_more_below` of ``mine`` and ``theirs``, the level and in-plane centroid of each series'
+    vertebrae): the other may then have counted from a body above S1."""
+    if theirs_asks and not mine_asks and not shows_more_below(theirs, mine):
         return ", more likely that one: its own labelling asks for a review, this one's does not"
-    if mine_asks and not theirs_asks:
+    if mine_asks and not theirs_asks and not shows_more_below(mine, theirs):
         return ", more likely this one: that series' own labelling does not ask for a review, this one's does"
     return ""
 

@@ -54,13 +54,13 @@ def _in_plane(named: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray
     return [(level, ras[1:]) for level, ras in named]
 
 
-def _disagreement(name: str, differences: list[tuple[str, str]], mine_asks: bool, theirs_asks: bool) -> str:
+def _disagreement(name: str, differences: list[tuple[str, str]], likely: str) -> str:
     """The review reason where the series ``name`` names vertebrae of the scan otherwise, saying which of the
-    two is more likely wrong where only one's own labelling asks for a review."""
+    two is more likely wrong (``likely``: ``core.levels.more_likely_wrong``)."""
     here, there = differences[0]
     more = f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else ""
     return (f"levels may be shifted: the series {name} of the same exam names the vertebra {here} here {there}"
-            f"{more}; one of the two series is named wrongly" + more_likely_wrong(mine_asks, theirs_asks))
+            f"{more}; one of the two series is named wrongly" + likely)
 
 
 def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], others: Sequence[Scan],
@@ -100,7 +100,8 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
         shared = same_bodies(mine, _in_plane(theirs))
         differences = [(level, other_level) for level, other_level in shared if other_level != level]
         if differences:
-            ask_for_review(confidence, _disagreement(name, differences, asks_on_its_own, other_asks))
+            likely = more_likely_wrong(asks_on_its_own, other_asks, mine, _in_plane(theirs))
+            ask_for_review(confidence, _disagreement(name, differences, likely))
             entries["disagreeing_series"].append(name)
         elif taken is not None and name == taken[0]:
             pass   # alike because its levels were taken: the reason below says so

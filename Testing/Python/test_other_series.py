@@ -159,7 +159,7 @@ def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_
     sure series names them alike or by another number, nor where a name would fall below S2, nor where the scan shows
     a vertebra below the sure series' lowest."""
     from SpineNetLib.core.levels import LEVEL_CHOICES
-    from SpineNetLib.core.levels import series_to_take_levels_from
+    from SpineNetLib.core.levels import more_likely_wrong, series_to_take_levels_from
 
     levels = ["T12", "L1", "L2", "L3", "L4", "L5"]
     mine = [(level, (0.0, -30.0 * k)) for k, level in enumerate(levels)]
@@ -181,6 +181,10 @@ def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_
     # not from a series that does not see the bottom of the spine this one sees: its S1 may be this one's L5
     assert series_to_take_levels_from(mine, levels, [("T1", named(1, 0, 5), False)]) is None
     assert series_to_take_levels_from(mine, levels, [("T1", named(1, 1), False)]) == ("T1", 1)   # shows less above
+    # nor does the warning call this one more likely wrong
+    assert more_likely_wrong(True, False, mine, named(1, 0, 5)) == ""
+    assert more_likely_wrong(True, False, mine, named(1)).startswith(", more likely this one")
+    assert more_likely_wrong(False, True, named(1, 0, 5), mine) == ""
 
 
 def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_path, monkeypatch, capsys):
@@ -232,14 +236,20 @@ def test_the_benchmark_counts_which_of_two_disagreeing_runs_is_right():
     spec = importlib.util.spec_from_file_location("exam_comparison_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sure_right, unsure_wrong = {"wrong": False, "flagged": False}, {"wrong": True, "flagged": True}
-    unsure_right, sure_wrong = {"wrong": False, "flagged": True}, {"wrong": True, "flagged": False}
+    def run(wrong: bool, flagged: bool, bodies: int = 5) -> dict:
+        return {"wrong": wrong, "flagged": flagged, "document": {"vertebrae": [
+            {"level": f"V{k}", "centroid_ras": [0.0, 0.0, -30.0 * k]} for k in range(bodies)]}}
+
+    sure_right, unsure_wrong = run(False, False), run(True, True)
+    unsure_right, sure_wrong = run(False, True, bodies=6), run(True, False)   # it sees a vertebra below the other's
     lines = module.which_is_right([(sure_right, unsure_wrong), (unsure_wrong, sure_right), (sure_wrong, unsure_right),
                                    (unsure_right, unsure_wrong), (sure_right, sure_right)])
     assert [" ".join(line.split()) for line in lines] == [
         "disagreeing pairs 5",
         "one flagged by itself 3: the unflagged run right and the flagged one wrong 2, the other way round 1, "
         "both wrong 0, both right 0",
+        "the warning names it 2: (the flagged one does not show a vertebra below the other's lowest) the unflagged "
+        "run right and the flagged one wrong 2, the other way round 0",
         "both flagged 1: one of the two right 1, both wrong 0, both right 0",
         "neither flagged 1: one of the two right 0, both wrong 0, both right 1"]
 
