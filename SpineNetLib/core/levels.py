@@ -154,7 +154,7 @@ def shows_more_below(mine, theirs) -> bool:
     does not see the bottom of the spine this one sees, so the S1 it counts its levels up from may be a body
     above this one's lowest (it missed S1, or its field of view ends above). A scan does not take the levels of
     such a series (:func:`series_to_take_levels_from`): on the training side's stand-in exams the 5 right runs
-    that took levels and were made wrong were all such, and 1 of the 43 that took them rightly
+    that took levels and were made wrong were all such, and 1 of the 39 that took them rightly
     (``benchmarks/exam_comparison.py --split train``, README "A second opinion from the same exam")."""
     if not theirs:
         return False

@@ -1017,11 +1017,13 @@ def test_a_study_whose_own_labelling_asks_takes_the_levels_of_the_sure_study_of_
     assert levels_to_take({"t2": t2, "t1": moved_on}) == []                    # levels are taken once
 
 
-def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_of_its_exam(tmp_path, capsys):
+def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_of_its_exam(tmp_path, capsys,
+                                                                                            monkeypatch):
     """spinenet cohort over an exam of two sagittal series that agree; the T1's own labelling is then made to ask
     for a review and name every vertebra a level higher. The next run of the same command has it take the T2's
     levels: every file of its folder that names a level is written again, the preview too, and its table row
-    says whose levels they are. A third run changes nothing."""
+    says whose levels they are. A third run changes nothing. Where its scan cannot be read again, its folder stays as
+    it was and its row gives the correction that takes them."""
     root = tmp_path / "root"
     _t2_and_t1_exam(root)
     out = tmp_path / "out"
@@ -1043,6 +1045,18 @@ def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_o
     shifted.pop("corrections")
     (folder / "vertebrae.json").write_text(json.dumps(shifted))
     preview_shifted = (folder / "preview.png").read_bytes()
+
+    def unreadable(*args, **kwargs):
+        raise cohort_run.InputError("cannot read the scan")
+    monkeypatch.setattr("SpineNetLib.cohort.exam_levels.read_scan_as_run", unreadable)
+    assert cli.main(command) == 0   # its scan cannot be read again: its folder stays, its row says what would do it
+    said = capsys.readouterr()
+    assert f"spinenet: warning: study {t1} was not written again with the levels of study {t2} (cannot read the " \
+           "scan); its exam_disagreement gives the spinenet correct that does" in said.err
+    assert json.loads((folder / "vertebrae.json").read_text()) == shifted
+    assert {r["study"]: r for r in _rows(out / "cohort_studies.csv")}[t1]["exam_disagreement"].endswith(
+        f"`spinenet correct studies/{t1} {own[0]} {right['vertebrae'][0]['level']}` in the cohort's output folder")
+    monkeypatch.undo()
 
     assert cli.main(command) == 0
     said = capsys.readouterr().out
