@@ -121,51 +121,54 @@ def _in_plane_levels(document: dict) -> list[tuple[str, tuple[float, float]]]:
     return [(v["level"], tuple(v["centroid_ras"][1:])) for v in document.get("vertebrae") or [] if v.get("level")]
 
 
-def taken_levels(scan_run: dict, other_run: dict) -> dict | None:
+def taken_levels(scan_run: dict, other_run: dict) -> tuple[dict, str] | None:
     """``scan_run``'s ``vertebrae.json`` with the levels it would take from ``other_run`` taken as another series
-    of its exam (``core.levels.series_to_take_levels_from``, the rule of ``spinenet run``), or None where it
-    takes none: its own flag must be set, the other's not."""
-    from SpineNetLib.core.levels import shifted_by
-    from SpineNetLib.core.levels import series_to_take_levels_from
+    of its exam (``core.levels.levels_to_take_from``, the rule of ``spinenet run``), and the rule it took them by;
+    or None where it takes none: its own flag must be set."""
+    from SpineNetLib.core.levels import levels_to_take_from, shifted_by
 
     if not scan_run["flagged"]:
         return None
     document = scan_run["document"]
     levels = [v.get("level") for v in document["vertebrae"]]
-    taken = series_to_take_levels_from(_in_plane_levels(document), levels,
-                                       [("other", _in_plane_levels(other_run["document"]), other_run["flagged"])])
+    taken = levels_to_take_from(_in_plane_levels(document), levels,
+                                [("other", _in_plane_levels(other_run["document"]), other_run["flagged"])])
     if taken is None:
         return None
     vertebrae = [{**v, "level": level} for v, level in zip(document["vertebrae"], shifted_by(levels, taken[1]))]
-    return {**document, "vertebrae": vertebrae}
+    return {**document, "vertebrae": vertebrae}, taken[2]
 
 
 def levels_taken(data_root: Path, pairs: list[tuple[str, str, dict, dict]]) -> list[str]:
     """Lines on the runs that take the other run's levels (``pairs``: variant, case, the run as acquired and the
     variant's run, both scored; each in turn the scan, the other its exam's other series): how many were wrong
     and are now right, were right and are now wrong, stay wrong, stay right; for the variants' runs and for the
-    runs as acquired."""
+    runs as acquired, and by the rule they took them by (from a sure run; from a run that sees the spine down to
+    S1 where neither is sure)."""
     import tempfile
 
+    from SpineNetLib.core.levels import SERIES_DOWN_TO_S1, SURE_SERIES
     from SpineNetLib.evaluation.evaluate import evaluate_directories
 
     roles = ("the variants' runs", "the runs as acquired")
-    outcomes = {role: {"wrong -> right": 0, "right -> wrong": 0, "wrong -> wrong": 0, "right -> right": 0}
-                for role in roles}
+    rules = {SURE_SERIES: "from a sure run", SERIES_DOWN_TO_S1: "from a run down to S1"}
+    outcomes = {(role, rule): {"wrong -> right": 0, "right -> wrong": 0, "wrong -> wrong": 0, "right -> right": 0}
+                for role in roles for rule in rules}
     with tempfile.TemporaryDirectory() as scratch:
         for n, (_, case, acquired, variant) in enumerate(pairs):
             for role, scan_run, other_run in ((roles[0], variant, acquired), (roles[1], acquired, variant)):
-                document = taken_levels(scan_run, other_run)
-                if document is None:
+                taken = taken_levels(scan_run, other_run)
+                if taken is None:
                     continue
+                document, rule = taken
                 folder = Path(scratch) / f"{n}-{roles.index(role)}"
                 (folder / case).mkdir(parents=True)
                 (folder / case / "vertebrae.json").write_text(json.dumps(document), encoding="utf-8")
                 scored = evaluate_directories(data_root, folder, case_ids=[case])["cases"][case]
                 before, after = ("wrong" if wrong else "right" for wrong in (scan_run["wrong"], scored["wrong_levels"]))
-                outcomes[role][f"{before} -> {after}"] += 1
-    return [f"{role:<22} taking the other's levels {sum(counts.values()):>3}: "
-            + ", ".join(f"{key} {count}" for key, count in counts.items()) for role, counts in outcomes.items()]
+                outcomes[(role, rule)][f"{before} -> {after}"] += 1
+    return [f"{role:<22} {rules[rule]:<22} taking the other's levels {sum(counts.values()):>3}: "
+            + ", ".join(f"{key} {count}" for key, count in counts.items()) for (role, rule), counts in outcomes.items()]
 
 
 def agreeing_with_a_sure_run(pairs: list[tuple[str, str, dict, dict]]) -> list[str]:
@@ -239,8 +242,9 @@ def main(argv=None) -> int:
     print(_line("the runs as acquired", every_first))
     print("\nWhich of two disagreeing runs is right, by their own review flags:")
     print("\n".join(which_is_right(disagreeing)))
-    print("\nA run whose own flag is set takes the levels of the other run of its pair where that one's is not "
-          "(spinenet run's rule, core/levels.series_to_take_levels_from):")
+    print("\nA run whose own flag is set takes the levels of the other run of its pair where that one's is not, or, "
+          "where both are set, where the other sees the spine down to S1 and it names none S1 (spinenet run's rule, "
+          "core/levels.levels_to_take_from):")
     print("\n".join(levels_taken(data_root, taking)))
     print("\nA run whose own flag is set beside an unflagged run that agrees (its flag is kept: lifting it would hide "
           "the wrong ones):")

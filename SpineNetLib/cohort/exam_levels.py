@@ -2,8 +2,9 @@
 
 ``spinenet cohort`` runs each sagittal series of an exam as a study of its own, labelled without the others.
 Once its studies have run, :func:`take_exam_levels` finds each study whose own labelling asks for a review and
-whose vertebrae every sure study of its exam names by one and the same shift (:func:`SpineNetLib.cohort.exams.
-levels_to_take`, ``spinenet run``'s rule: ``core.levels.series_to_take_levels_from``), and writes its results
+whose vertebrae every sure study of its exam names by one and the same shift, or, where none is sure, a study
+that sees the spine down to S1 (:func:`SpineNetLib.cohort.exams.levels_to_take`, ``spinenet run``'s rule:
+``core.levels.levels_to_take_from``), and writes its results
 again with those levels (:func:`SpineNetLib.outputs.documents.apply_taken_levels`): they still ask for a review,
 the first reason says whose levels they are and what the study named them on its own, and ``preview.png`` draws
 its own levels in magenta beside them. Every file that names a level is made again and the folder's files are
@@ -79,7 +80,7 @@ def _take(folder: Path, study: Study, taking: LevelsToTake) -> str:
     vertebrae_doc, discs_doc, folder = read_result(folder)
     own = [vertebra.get("level") for vertebra in vertebrae_doc["vertebrae"]]
     taken, taken_discs = apply_taken_levels(vertebrae_doc, discs_doc, taking.shift, f"study {taking.source}",
-                                            taking.reason(own))
+                                            taking.reason(own), taking.rule)
     needs_scan = bool(files_needing_the_scan(read_manifest_lists(folder)))
     with (study_input(study) if needs_scan else contextlib.nullcontext()) as scan_path:
         scan = read_scan_as_run(vertebrae_doc, scan_path, study.series_uid) if scan_path is not None else None

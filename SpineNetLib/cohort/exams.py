@@ -10,9 +10,10 @@ same level; where they do not, the levels of one of the two (or of both) are wro
 own review flag says (``spinenet run`` on an exam folder checks the same:
 :mod:`SpineNetLib.label.other_series`). The cohort tables say so in ``exam_disagreement`` and ask for a
 review of both studies (:mod:`SpineNetLib.cohort.tables`, :mod:`SpineNetLib.cohort.review_page`). Where a
-study's own labelling asks for a review and every sure study of its exam names its vertebrae by one shift
-(``core.levels.series_to_take_levels_from``, the rule by which ``spinenet run`` takes a sure series'
-levels), :func:`levels_to_take` says so and ``spinenet cohort`` rewrites the study's results with those levels
+study's own labelling asks for a review and every sure study of its exam names its vertebrae by one shift, or
+no study of its exam is sure and one that sees the spine down to S1 names them so where this one names none S1
+(``core.levels.levels_to_take_from``, the rule by which ``spinenet run`` takes another series' levels),
+:func:`levels_to_take` says so and ``spinenet cohort`` rewrites the study's results with those levels
 once its studies have run (:mod:`SpineNetLib.cohort.exam_levels`); where that has not happened (a reader's
 correction since, a scan that could not be read again), the study's ``exam_disagreement`` ends with the
 ``spinenet correct`` that does it.
@@ -28,8 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
-from SpineNetLib.core.levels import (level_differences, more_likely_wrong, same_bodies, series_to_take_levels_from,
-                                    taken_levels_reason)
+from SpineNetLib.core.levels import (SURE_SERIES, level_differences, levels_to_take_from, more_likely_wrong,
+                                    same_bodies, taken_levels_reason)
 
 
 def exam_of(vertebrae_doc: dict) -> str:
@@ -86,10 +87,11 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                                 + (f"; one of the two is named wrongly{likely}" if likely else ""))
             if said:   # taking levels needs a disagreement: looked for only here
                 taking = _levels_to_take(study_id, members, documents, centroids)
+                whose = ", whose own labelling does not ask for a review" if taking and taking.rule == SURE_SERIES \
+                    else ", which shows the spine down to S1"
                 hint = "" if taking is None else (
-                    f"as spinenet run would, take the levels of study {taking.source}, whose own labelling does not "
-                    f"ask for a review: `spinenet correct studies/{study_id} {taking.here} {taking.there}` in the "
-                    "cohort's output folder")
+                    f"as spinenet run would, take the levels of study {taking.source}{whose}: `spinenet correct "
+                    f"studies/{study_id} {taking.here} {taking.there}` in the cohort's output folder")
                 reasons[study_id] = "; ".join(said + ([hint] if hint else []))
     return reasons
 
@@ -106,10 +108,12 @@ class LevelsToTake:
     #: A vertebra both show, as the study named it and as the source names it.
     here: str
     there: str
+    #: Why: ``core.levels.SURE_SERIES`` or ``SERIES_DOWN_TO_S1`` (:func:`core.levels.levels_to_take_from`).
+    rule: str = SURE_SERIES
 
     def reason(self, own_levels) -> str:
         """The study's first review reason once it took the levels (``own_levels``: its own, top to bottom)."""
-        return taken_levels_reason(f"study {self.source}", self.here, self.there, own_levels)
+        return taken_levels_reason(f"study {self.source}", self.here, self.there, own_levels, self.rule)
 
 
 def levels_to_take(documents: Mapping[str, dict]) -> list[LevelsToTake]:
@@ -127,8 +131,8 @@ def levels_to_take(documents: Mapping[str, dict]) -> list[LevelsToTake]:
 def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, dict],
                     centroids: dict[str, list[tuple[str, np.ndarray]]]) -> LevelsToTake | None:
     """Whether the study takes the levels of another study of its exam
-    (``core.levels.series_to_take_levels_from``: its own labelling asks, every sure study of the exam names the
-    vertebrae both show by one shift), and whose. A study takes levels once: not again where it took some before
+    (``core.levels.levels_to_take_from``: its own labelling asks, and every sure study of the exam names the
+    vertebrae both show by one shift, or none is sure and one sees the spine down to S1), and whose. A study takes levels once: not again where it took some before
     (its ``labelling.levels_taken_from_series``; a reader corrected the study it took them from since, say)."""
     labelling = documents[study_id].get("labelling") or {}
     if not _asks_on_its_own(documents[study_id]) or labelling.get("levels_taken_from_series"):
@@ -136,8 +140,8 @@ def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, d
     readings = [(other, centroids[other], _asks_on_its_own(documents[other]))
                 for other in members if other != study_id]
     levels = [vertebra.get("level") for vertebra in documents[study_id].get("vertebrae") or []]
-    taken = series_to_take_levels_from(centroids[study_id], levels, readings)
+    taken = levels_to_take_from(centroids[study_id], levels, readings)
     if taken is None:
         return None
     here, there = same_bodies(centroids[study_id], centroids[taken[0]])[0]
-    return LevelsToTake(study_id, taken[0], taken[1], here, there)
+    return LevelsToTake(study_id, taken[0], taken[1], here, there, taken[2])

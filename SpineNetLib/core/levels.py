@@ -165,12 +165,65 @@ def shows_more_below(mine, theirs) -> bool:
                for _, centroid in mine)
 
 
-def taken_levels_reason(source: str, here: str, there: str, own_levels) -> str:
+def series_down_to_s1(mine, levels, readings) -> tuple[str, int] | None:
+    """Where no series of the exam that shows at least :data:`MIN_SAME_BODIES_ALIKE` of the scan's vertebrae is
+    sure (each one's own labelling asks for a review, as the scan's does): (the name of the series whose levels the
+    scan takes, how many levels further down the spine it names each vertebra), or None. Taken from a series that
+    names a vertebra S1 and shows one below the scan's lowest (:func:`shows_more_below`) where the scan names none
+    S1: it counts its levels from the bottom of the spine, which the scan does not see (a thoracolumbar series
+    beside the lumbar one), and names every shared vertebra otherwise by one and the same number of levels; not
+    where such a series names them alike or by different numbers, or where two name them by different numbers.
+    Arguments as for :func:`series_to_take_levels_from`. On the stand-in exams where both runs ask and the one
+    that sees lower names S1 and the other does not, the lower one was right in 22 of 23 pairs with one run
+    right (``benchmarks/exam_comparison.py``, both splits; README "A second opinion from the same exam")."""
+    if "S1" in levels:
+        return None
+    shifts: dict[int, str] = {}
+    for name, theirs, asks in readings:
+        shared = same_bodies(mine, theirs)
+        if len(shared) < MIN_SAME_BODIES_ALIKE:
+            continue
+        if not asks:   # a sure series: series_to_take_levels_from decides
+            return None
+        if not any(level == "S1" for level, _ in theirs) or not shows_more_below(theirs, mine) \
+                or shows_more_below(mine, theirs):
+            continue
+        delta = consistent_shift(shared)
+        if not delta:
+            return None
+        shifts.setdefault(delta, name)
+    if len(shifts) != 1:
+        return None
+    ((delta, name),) = shifts.items()
+    return (name, delta) if None not in shifted_by([level for level in levels if level], delta) else None
+
+
+#: Why a scan took another series' levels (``levels_taken_from_series.rule`` of ``vertebrae.json``): that
+#: series' own labelling does not ask for a review (:func:`series_to_take_levels_from`), or it sees the spine
+#: down to S1 and the scan does not (:func:`series_down_to_s1`).
+SURE_SERIES, SERIES_DOWN_TO_S1 = "sure_series", "series_down_to_s1"
+_WHY_TAKEN = {SURE_SERIES: "its own labelling does not ask for a review, this one's does",
+              SERIES_DOWN_TO_S1: "it shows the spine down to S1, below this series' lowest vertebra, and this series "
+                                 "names none S1 (both series' own labellings ask for a review)"}
+
+
+def levels_to_take_from(mine, levels, readings) -> tuple[str, int, str] | None:
+    """(series name, shift, rule: :data:`SURE_SERIES` or :data:`SERIES_DOWN_TO_S1`) of the levels a scan whose own
+    labelling asks for a review takes: those of a sure series (:func:`series_to_take_levels_from`), else, where
+    no series is sure, of a series that sees the spine down to S1 (:func:`series_down_to_s1`); or None."""
+    taken = series_to_take_levels_from(mine, levels, readings)
+    if taken is not None:
+        return (*taken, SURE_SERIES)
+    counted = series_down_to_s1(mine, levels, readings)
+    return None if counted is None else (*counted, SERIES_DOWN_TO_S1)
+
+
+def taken_levels_reason(source: str, here: str, there: str, own_levels, rule: str = SURE_SERIES) -> str:
     """The first review reason of a scan that took the levels of ``source`` ("the series 'T1' (series 3)",
-    "study t1_sag"), which names ``there`` the vertebra the scan named ``here`` on its own (``own_levels``:
-    the scan's own, top to bottom): :func:`series_to_take_levels_from`; ``spinenet run`` and the Slicer
+    "study t1_sag") by ``rule`` (:func:`levels_to_take_from`), which names ``there`` the vertebra the scan named
+    ``here`` on its own (``own_levels``: the scan's own, top to bottom); ``spinenet run`` and the Slicer
     panel (``label/other_series.py``), ``spinenet cohort`` (``cohort/exams.py``)."""
     named = [level for level in own_levels if level]
     return (f"levels taken from {source} of the same exam, which names {there} the vertebra this series "
-            f"named {here}: its own labelling does not ask for a review, this one's does; on its own this series "
+            f"named {here}: {_WHY_TAKEN[rule]}; on its own this series "
             f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")

@@ -9,7 +9,9 @@ scan's and carries another level, one of the two series is named wrongly, whatev
 says: the levels ask for a review, and where only one of the two labellings asks on its own, the warning
 says that one is more likely wrong (``core.levels.more_likely_wrong``); where that one is the scan and every
 sure series names the shared vertebrae by one and the same shift, the scan takes their levels, still asking
-for a review (``core.levels.series_to_take_levels_from``; since the fiftieth session). Where each series puts
+for a review (``core.levels.series_to_take_levels_from``; since the fiftieth session); where no series is sure,
+from a series that sees the spine down to S1 where the scan names none S1 (``core.levels.series_down_to_s1``;
+since the fifty-first session). Where each series puts
 each level is recorded, so a reader can see both readings (``preview.png``, the Slicer scene). The same rule
 as ``spinenet cohort``'s ``exam_disagreement`` (:mod:`SpineNetLib.cohort.exams`); measured on the held-out
 scans and their acquisition variants taken as two series of one exam (``benchmarks/exam_comparison.py``,
@@ -25,8 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, more_likely_wrong, same_bodies,
-                                    series_to_take_levels_from, shifted_by, taken_levels_reason)
+from SpineNetLib.core.levels import (MIN_SAME_BODIES_ALIKE, SAME_BODY_MM, levels_to_take_from, more_likely_wrong,
+                                    same_bodies, shifted_by, taken_levels_reason)
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan, vertebra_centroid_ras
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -69,32 +71,33 @@ def review_against_other_series(scan: Scan, vertebrae: Sequence[Vertebra], other
     """Label each of ``others`` (``labelled``: as the scan was, with whether its own labelling asks for a
     review) and ask for a review (``confidence``) for each that names a vertebra otherwise
     (``asks_on_its_own``: whether the scan's own labelling asks). Where the scan's own labelling asks and
-    ``core.levels.series_to_take_levels_from`` names a series, the scan's ``vertebrae`` take its levels (their
+    ``core.levels.levels_to_take_from`` names a series, the scan's ``vertebrae`` take its levels (their
     ``level`` set in place), still asking for a review, which says so. Returns the entries of the labelling
     block: ``compared_with_series`` (the names of the series compared), ``disagreeing_series`` (those
     that name a vertebra otherwise), ``agreeing_series`` (those that show at least
     :data:`MIN_SAME_BODIES_ALIKE` of the same vertebrae and name them all alike; a series that is neither
     gets a note; the series whose levels were taken is neither), ``other_series_levels`` (where each puts its
-    levels) and, where levels were taken, ``levels_taken_from_series`` (its name, the shift, and the scan's own
-    levels)."""
+    levels) and, where levels were taken, ``levels_taken_from_series`` (its name, the shift, the scan's own
+    levels and the rule by which they were taken)."""
     readings = []
     for other in others:
         other_vertebrae, other_asks = labelled(other)
         readings.append((series_name(other), _named_centroids(other, other_vertebrae), other_asks))
     mine = _in_plane(_named_centroids(scan, vertebrae))
     own = [v.level for v in vertebrae]
-    taken = series_to_take_levels_from(mine, own, [(n, _in_plane(t), a) for n, t, a in readings]) \
+    taken = levels_to_take_from(mine, own, [(n, _in_plane(t), a) for n, t, a in readings]) \
         if asks_on_its_own else None
     entries = {"compared_with_series": [], "disagreeing_series": [], "agreeing_series": [], "other_series_levels": []}
     if taken is not None:
         source = next(theirs for name, theirs, _ in readings if name == taken[0])
         here, there = same_bodies(mine, _in_plane(source))[0]
-        taken_reason = taken_levels_reason(f"the series {taken[0]}", here, there, own)
+        taken_reason = taken_levels_reason(f"the series {taken[0]}", here, there, own, taken[2])
         new_levels = shifted_by(own, taken[1])
         for vertebra, level in zip(vertebrae, new_levels):
             vertebra.level = level
         confidence.s1_found = "S1" in new_levels
-        entries["levels_taken_from_series"] = {"series": taken[0], "shift": taken[1], "own_levels": own}
+        entries["levels_taken_from_series"] = {"series": taken[0], "shift": taken[1], "own_levels": own,
+                                               "rule": taken[2]}
         mine = [(level, centroid) for level, (_, centroid) in zip(shifted_by([lv for lv, _ in mine], taken[1]), mine)]
     for name, theirs, other_asks in readings:
         shared = same_bodies(mine, _in_plane(theirs))

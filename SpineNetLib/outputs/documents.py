@@ -454,12 +454,13 @@ def apply_level_correction(vertebrae_doc: dict, index: int, level: str,
 
 
 def apply_taken_levels(vertebrae_doc: dict, discs_doc: dict | None, shift: int, source: str,
-                       reason: str) -> tuple[dict, dict | None]:
+                       reason: str, rule: str) -> tuple[dict, dict | None]:
     """New (vertebrae, discs) documents of a scan that takes the levels of another series of its exam, which
     names each of its vertebrae ``shift`` levels further down the spine (``source``: how the other series is
     named; ``reason``: :func:`SpineNetLib.core.levels.taken_levels_reason`), as ``spinenet run`` takes them
     (:mod:`SpineNetLib.label.other_series`): the levels still ask for a review, the reason first; the
-    ``"labelling"`` block records ``levels_taken_from_series`` (``series``, ``shift``, the scan's ``own_levels``),
+    ``"labelling"`` block records ``levels_taken_from_series`` (``series``, ``shift``, the scan's ``own_levels``,
+    the ``rule``: :func:`SpineNetLib.core.levels.levels_to_take_from`),
     and its other entries still describe the scan's own labelling. Discs are renamed as by
     :func:`apply_level_correction`. The inputs are not modified; ``spinenet cohort`` (``cohort/exams.py``)."""
     own = [v.get("level") for v in vertebrae_doc["vertebrae"]]
@@ -469,7 +470,7 @@ def apply_taken_levels(vertebrae_doc: dict, discs_doc: dict | None, shift: int, 
     labelling_warnings = list(block.get("warnings") or [])
     scan_warnings = [w for w in doc.get("warnings") or [] if w not in set(labelling_warnings)]
     block.update(needs_review=True, warnings=[reason, *labelling_warnings], s1_found="S1" in new_levels,
-                 levels_taken_from_series={"series": source, "shift": int(shift), "own_levels": own})
+                 levels_taken_from_series={"series": source, "shift": int(shift), "own_levels": own, "rule": rule})
     doc["warnings"] = scan_warnings + block["warnings"]
     return _renamed(vertebrae_doc, doc, new_levels, discs_doc)
 

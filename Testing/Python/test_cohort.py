@@ -989,7 +989,7 @@ def test_a_study_whose_own_labelling_asks_takes_the_levels_of_the_sure_study_of_
     unsure = {**_named(["T12", "L1", "L2", "L3", "L4", "L5"]),
               "labelling": {"needs_review": True, "warnings": ["levels may be shifted by one"]},
               "warnings": ["a single slice", "levels may be shifted by one"]}
-    assert levels_to_take({"t2": t2, "t1": unsure}) == [LevelsToTake("t1", "t2", 1, "T12", "L1")]
+    assert levels_to_take({"t2": t2, "t1": unsure}) == [LevelsToTake("t1", "t2", 1, "T12", "L1", "sure_series")]
     assert levels_to_take({"t2": t2, "t1": {**unsure, "labelling": {"needs_review": False}}}) == []
     assert levels_to_take({"t2": {**t2, "labelling": {"needs_review": True}}, "t1": unsure}) == []
     assert levels_to_take({"t2": t2, "t1": unsure, "stir": _named(["T12", "L1", "L2", "L3", "L4", "L5"])}) == []
@@ -1002,12 +1002,12 @@ def test_a_study_whose_own_labelling_asks_takes_the_levels_of_the_sure_study_of_
     assert reason == ("levels taken from study t2 of the same exam, which names L1 the vertebra this series named T12: "
                       "its own labelling does not ask for a review, this one's does; on its own this series named the "
                       "vertebrae T12..L5 (the reasons after this one are about those levels)")
-    document, new_discs = apply_taken_levels(unsure, discs, taking.shift, "study t2", reason)
+    document, new_discs = apply_taken_levels(unsure, discs, taking.shift, "study t2", reason, taking.rule)
     assert [v["level"] for v in document["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5", "S1"]
     assert document["labelling"] == {"needs_review": True, "s1_found": True,
                                      "warnings": [reason, "levels may be shifted by one"],
                                      "levels_taken_from_series": {"series": "study t2", "shift": 1, "own_levels": [
-                                         "T12", "L1", "L2", "L3", "L4", "L5"]}}
+                                         "T12", "L1", "L2", "L3", "L4", "L5"], "rule": "sure_series"}}
     assert document["warnings"] == ["a single slice", reason, "levels may be shifted by one"]
     assert [(d["level"], d["grades"]["Pfirrmann"]["value"]) for d in new_discs["discs"]] == [
         ("L1-L2", 1), ("L2-L3", 2), ("L3-L4", 3), ("L4-L5", 4), ("L5-S1", 5)]   # grades stay with their discs
@@ -1065,7 +1065,8 @@ def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_o
     taken = json.loads((folder / "vertebrae.json").read_text())
     assert [v["level"] for v in taken["vertebrae"]] == [v["level"] for v in right["vertebrae"]]
     assert taken["labelling"]["needs_review"] is True
-    assert taken["labelling"]["levels_taken_from_series"] == {"series": f"study {t2}", "shift": 1, "own_levels": own}
+    assert taken["labelling"]["levels_taken_from_series"] == {"series": f"study {t2}", "shift": 1, "own_levels": own,
+                                                              "rule": "sure_series"}
     top = right["vertebrae"][0]["level"]
     assert taken["labelling"]["warnings"][0].startswith(f"levels taken from study {t2} of the same exam, which "
                                                         f"names {top} the vertebra this series named {own[0]}:")

@@ -132,7 +132,7 @@ def test_a_series_whose_own_labelling_asks_takes_the_levels_of_a_sure_series_of_
     lower = [LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1] for level in phantom.levels]
     assert [v["level"] for v in document["vertebrae"]] == lower
     assert labelling["levels_taken_from_series"] == {"series": "'T1 SAG' (series 3)", "shift": 1,
-                                                     "own_levels": phantom.levels}
+                                                     "own_levels": phantom.levels, "rule": "sure_series"}
     assert labelling["needs_review"] is True and labelling["s1_found"] is ("S1" in lower)
     assert labelling["warnings"][0] == (
         f"levels taken from the series 'T1 SAG' (series 3) of the same exam, which names {lower[0]} the vertebra this "
@@ -185,6 +185,38 @@ def test_levels_are_taken_only_from_sure_series_that_name_every_shared_vertebra_
     assert more_likely_wrong(True, False, mine, named(1, 0, 5)) == ""
     assert more_likely_wrong(True, False, mine, named(1)).startswith(", more likely this one")
     assert more_likely_wrong(False, True, named(1, 0, 5), mine) == ""
+
+
+def test_where_no_series_is_sure_levels_are_taken_from_one_that_sees_the_spine_down_to_s1():
+    """A thoracolumbar series (T10..L2 on its own, no S1) beside the exam's lumbar series, both asking for a review:
+    the lumbar series, which names S1 and shows vertebrae below the thoracolumbar one's lowest, lends its levels;
+    not where the scan names S1 itself, where the other names none S1 or does not see lower, where a sure series
+    shows the vertebrae (its rule decides), or where two such series name them by different numbers."""
+    from SpineNetLib.core.levels import (SERIES_DOWN_TO_S1, SURE_SERIES, levels_to_take_from, series_down_to_s1,
+                                         taken_levels_reason)
+
+    own = ["T10", "T11", "T12", "L1", "L2"]
+    mine = [(level, (0.0, -30.0 * k)) for k, level in enumerate(own)]
+    lumbar_levels = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1"]   # the scan's T10 is its T11
+    lumbar = [(level, (2.0, -30.0 * k)) for k, level in enumerate(lumbar_levels)]
+    assert series_down_to_s1(mine, own, [("lumbar", lumbar, True)]) == ("lumbar", 1)
+    assert levels_to_take_from(mine, own, [("lumbar", lumbar, True)]) == ("lumbar", 1, SERIES_DOWN_TO_S1)
+    assert levels_to_take_from(mine, own, [("lumbar", lumbar, False)]) == ("lumbar", 1, SURE_SERIES)
+    assert series_down_to_s1(mine, own[:-1] + ["S1"], [("lumbar", lumbar, True)]) is None   # it names S1 itself
+    no_s1 = [(("L5" if level == "S1" else level), centroid) for level, centroid in lumbar]
+    assert series_down_to_s1(mine, own, [("lumbar", no_s1, True)]) is None
+    assert series_down_to_s1(mine, own, [("lumbar", lumbar[:5], True)]) is None            # it sees no lower
+    alike = [(level, (2.0, -30.0 * k)) for k, level in enumerate(own + ["L3", "L4", "L5", "S1"])]
+    assert series_down_to_s1(mine, own, [("lumbar", alike, True)]) is None
+    sure = [(level, (1.0, -30.0 * k)) for k, level in enumerate(own)]
+    assert series_down_to_s1(mine, own, [("lumbar", lumbar, True), ("T1", sure, False)]) is None
+    two_down = [(level, (2.0, -30.0 * k)) for k, level in enumerate(["T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2"])]
+    assert series_down_to_s1(mine, own, [("lumbar", lumbar, True), ("STIR", two_down, True)]) is None
+    assert taken_levels_reason("the series 'lumbar'", "T10", "T11", own, SERIES_DOWN_TO_S1) == (
+        "levels taken from the series 'lumbar' of the same exam, which names T11 the vertebra this series named T10: "
+        "it shows the spine down to S1, below this series' lowest vertebra, and this series names none S1 (both "
+        "series' own labellings ask for a review); on its own this series named the vertebrae T10..L2 (the reasons "
+        "after this one are about those levels)")
 
 
 def test_the_batch_script_compares_the_exams_series_as_spinenet_run(exam, tmp_path, monkeypatch, capsys):
@@ -256,7 +288,8 @@ def test_the_benchmark_counts_which_of_two_disagreeing_runs_is_right():
 
 def test_the_benchmark_takes_levels_by_the_rule_of_spinenet_run():
     """benchmarks/exam_comparison.py's runs that take the other run's levels: only a flagged run, from an
-    unflagged one, every shared vertebra shifted alike."""
+    unflagged one, every shared vertebra shifted alike, or, where both are flagged, from one that sees the spine
+    down to S1."""
     import importlib.util
     from pathlib import Path
 
@@ -270,11 +303,14 @@ def test_the_benchmark_takes_levels_by_the_rule_of_spinenet_run():
             {"level": level, "centroid_ras": [0.0, 0.0, -30.0 * k]} for k, level in enumerate(levels)]}}
 
     own, lower = ["L3", "L4", "L5", "S1"], ["L4", "L5", "S1", "S2"]
-    taken = module.taken_levels(run(own, True), run(lower, False))
-    assert [v["level"] for v in taken["vertebrae"]] == lower
+    taken, rule = module.taken_levels(run(own, True), run(lower, False))
+    assert [v["level"] for v in taken["vertebrae"]] == lower and rule == "sure_series"
     assert module.taken_levels(run(own, False), run(lower, False)) is None
     assert module.taken_levels(run(own, True), run(lower, True)) is None
     assert module.taken_levels(run(own, True), run(["L4", "L5", "L5", "S1"], False)) is None
+    # both flagged: from the run that sees the spine down to S1 where this one names none S1
+    taken, rule = module.taken_levels(run(["L2", "L3", "L4"], True), run(["L3", "L4", "L5", "S1"], True))
+    assert [v["level"] for v in taken["vertebrae"]] == ["L3", "L4", "L5"] and rule == "series_down_to_s1"
 
 
 def test_the_levels_line_names_the_series_that_agree():
