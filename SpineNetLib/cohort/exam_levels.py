@@ -27,7 +27,8 @@ from typing import Sequence
 from SpineNetLib.cohort.discover import Study, study_input
 from SpineNetLib.cohort.exams import LevelsToTake, levels_to_take
 from SpineNetLib.core.errors import error_line
-from SpineNetLib.outputs.correction import files_needing_the_scan, read_manifest_lists, read_scan_as_run, rewrite_results
+from SpineNetLib.outputs.correction import (files_needing_the_scan, read_manifest_lists, read_scan_as_run,
+                                            rewrite_results)
 from SpineNetLib.outputs.documents import apply_taken_levels, read_result
 from SpineNetLib.outputs.files import RESULT_FILE
 

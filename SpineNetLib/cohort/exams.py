@@ -79,8 +79,8 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                 differences = level_differences(centroids[study_id], centroids[other]) if other != study_id else []
                 if differences:
                     mine, theirs = differences[0]
-                    likely = more_likely_wrong(_asks_on_its_own(documents[study_id]),
-                                               _asks_on_its_own(documents[other]), centroids[study_id], centroids[other])
+                    mine_asks, theirs_asks = _asks_on_its_own(documents[study_id]), _asks_on_its_own(documents[other])
+                    likely = more_likely_wrong(mine_asks, theirs_asks, centroids[study_id], centroids[other])
                     said.append(f"the levels disagree with study {other} of the same exam, which names the "
                                 f"vertebra {mine} here {theirs}"
                                 + (f" ({len(differences)} vertebrae differ)" if len(differences) > 1 else "")
@@ -132,8 +132,9 @@ def _levels_to_take(study_id: str, members: list[str], documents: Mapping[str, d
                     centroids: dict[str, list[tuple[str, np.ndarray]]]) -> LevelsToTake | None:
     """Whether the study takes the levels of another study of its exam
     (``core.levels.levels_to_take_from``: its own labelling asks, and every sure study of the exam names the
-    vertebrae both show by one shift, or none is sure and one sees the spine down to S1), and whose. A study takes levels once: not again where it took some before
-    (its ``labelling.levels_taken_from_series``; a reader corrected the study it took them from since, say)."""
+    vertebrae both show by one shift, or none is sure and one sees the spine down to S1), and whose. A study takes
+    levels once: not again where it took some before (its ``labelling.levels_taken_from_series``; a reader
+    corrected the study it took them from since, say)."""
     labelling = documents[study_id].get("labelling") or {}
     if not _asks_on_its_own(documents[study_id]) or labelling.get("levels_taken_from_series"):
         return None

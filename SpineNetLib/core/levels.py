@@ -128,9 +128,9 @@ def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None
     a vertebra of ``levels`` (the scan's, top to bottom) would then fall beyond C2 or below S2, nor where the scan
     shows a vertebra below the lowest one of such a series (:func:`shows_more_below`).
     ``readings``: (name, level and in-plane centroid of each vertebra, whether its own labelling asks) of each
-    series. ``spinenet run`` and the Slicer panel take them (``label/other_series.py``), ``spinenet cohort``
-    says so (``cohort/exams.py``). Measured on the stand-in exams of ``benchmarks/exam_comparison.py`` (README
-    "A second opinion from the same exam")."""
+    series. ``spinenet run`` and the Slicer panel take them (``label/other_series.py``), and ``spinenet cohort``
+    once its studies have run (``cohort/exams.py``, ``cohort/exam_levels.py``). Measured on the stand-in exams of
+    ``benchmarks/exam_comparison.py`` (README "A second opinion from the same exam")."""
     shifts: dict[int, str] = {}
     for name, theirs, asks in readings:
         shared = same_bodies(mine, theirs)
@@ -142,6 +142,12 @@ def series_to_take_levels_from(mine, levels, readings) -> tuple[str, int] | None
         if shows_more_below(mine, theirs):   # it counted from a body above the bottom that the scan sees
             return None
         shifts.setdefault(delta, name)
+    return _the_one_shift(shifts, levels)
+
+
+def _the_one_shift(shifts: dict[int, str], levels) -> tuple[str, int] | None:
+    """(series name, shift) where the series that lend levels (``shifts``: shift -> the first series with it) all
+    name the vertebrae by one shift and no name of ``levels`` would then fall beyond C2 or below S2; else None."""
     if len(shifts) != 1:
         return None
     ((delta, name),) = shifts.items()
@@ -192,10 +198,7 @@ def series_down_to_s1(mine, levels, readings) -> tuple[str, int] | None:
         if not delta:
             return None
         shifts.setdefault(delta, name)
-    if len(shifts) != 1:
-        return None
-    ((delta, name),) = shifts.items()
-    return (name, delta) if None not in shifted_by([level for level in levels if level], delta) else None
+    return _the_one_shift(shifts, levels)
 
 
 #: Why a scan took another series' levels (``levels_taken_from_series.rule`` of ``vertebrae.json``): that
