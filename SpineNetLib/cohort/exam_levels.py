@@ -18,7 +18,6 @@ keeps its results; its ``exam_disagreement`` then gives the ``spinenet correct``
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Sequence
 
 from SpineNetLib.cohort.discover import Study, study_input
 from SpineNetLib.cohort.exams import LevelsToTake, levels_to_take
-from SpineNetLib.core.errors import error_line
+from SpineNetLib.core.errors import InputError, error_line
 from SpineNetLib.outputs.correction import (files_needing_the_scan, read_manifest_lists, read_scan_as_run,
                                             rewrite_results)
 from SpineNetLib.outputs.documents import apply_taken_levels, read_result
@@ -50,13 +49,14 @@ def _span(levels: list) -> str:
 
 
 def _documents(studies_dir: Path, studies: Sequence[Study]) -> dict[str, dict]:
-    """study id -> ``vertebrae.json`` of each finished study of ``studies`` (in their order) that has one to read."""
+    """study id -> ``vertebrae.json`` of each finished study of ``studies`` (in their order) that has one to read
+    (a folder that cannot be read is left out here; the cohort tables list it as a failure)."""
     documents = {}
     for study in studies:
         folder = studies_dir / study.study_id
         if (folder / RESULT_FILE).is_file():
-            with contextlib.suppress(OSError, ValueError):
-                documents[study.study_id] = json.loads((folder / "vertebrae.json").read_text(encoding="utf-8"))
+            with contextlib.suppress(InputError):
+                documents[study.study_id] = read_result(folder)[0]
     return documents
 
 

@@ -87,12 +87,7 @@ def exam_disagreements(documents: Mapping[str, dict]) -> dict[str, str]:
                                 + (f"; one of the two is named wrongly{likely}" if likely else ""))
             if said:   # taking levels needs a disagreement: looked for only here
                 taking = _levels_to_take(study_id, members, documents, centroids)
-                whose = ", whose own labelling does not ask for a review" if taking and taking.rule == SURE_SERIES \
-                    else ", which shows the spine down to S1"
-                hint = "" if taking is None else (
-                    f"as spinenet run would, take the levels of study {taking.source}{whose}: `spinenet correct "
-                    f"studies/{study_id} {taking.here} {taking.there}` in the cohort's output folder")
-                reasons[study_id] = "; ".join(said + ([hint] if hint else []))
+                reasons[study_id] = "; ".join(said + ([taking.correction()] if taking else []))
     return reasons
 
 
@@ -114,6 +109,13 @@ class LevelsToTake:
     def reason(self, own_levels) -> str:
         """The study's first review reason once it took the levels (``own_levels``: its own, top to bottom)."""
         return taken_levels_reason(f"study {self.source}", self.here, self.there, own_levels, self.rule)
+
+    def correction(self) -> str:
+        """The end of its ``exam_disagreement`` where it has not taken them: the ``spinenet correct`` that does."""
+        whose = (", whose own labelling does not ask for a review" if self.rule == SURE_SERIES
+                 else ", which shows the spine down to S1")
+        return (f"as spinenet run would, take the levels of study {self.source}{whose}: `spinenet correct "
+                f"studies/{self.study_id} {self.here} {self.there}` in the cohort's output folder")
 
 
 def levels_to_take(documents: Mapping[str, dict]) -> list[LevelsToTake]:
