@@ -26,6 +26,13 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``rotated_12`` / ``rotated_-12``: the sagittal plane turned by 12 degrees either way about the image
   centre (a patient lying tilted, a steeper or flatter lordosis); corners turned out of the image are
   lost.
+* ``curved_10mm`` / ``curved_20mm`` (volumes only): a lateral curve of the spine, as in a lumbar scoliosis
+  with its apex mid-image: each axial level of the 1 mm volume is moved sideways by ``A sin(pi z / Z)``
+  (A = 10 or 20 mm; z the row, Z the image height; zero at the top and bottom rows) before the volume is
+  read as ``spinenet run`` reads it, so the vertebrae at mid-image lie A mm off the middle slice and the
+  lowest and highest stay where they were.  The bodies' axial turn of a real scoliosis is not modelled.
+  The predictions are moved back sideways before scoring, so the annotation scores them unchanged
+  (``vertebrae.json``; the run's own document is kept beside it as ``vertebrae.as_run.json``).
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
@@ -52,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
-            "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12")
+            "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
+            "curved_10mm", "curved_20mm")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -122,6 +130,53 @@ def _rotated(scan, degrees: float):
     return _resampled(scan, new_to_old, (h, w), (sr, sc))
 
 
+class _LateralCurve:
+    """A sideways curve of a volume stored as a NIfTI file (``curved_*``): the voxels moved along the
+    sagittal axis by ``amplitude_mm * sin(pi z / (Z - 1))`` voxel rows ``z`` of the superior-inferior axis."""
+
+    def __init__(self, path: Path, amplitude_mm: float):
+        from SpineNetLib.inputs.canonical import sagittal_axis
+        from SpineNetLib.inputs.image import read_image_arrays
+
+        self.voxels_kji, self.ijk_to_ras = read_image_arrays(path)
+        self.sagittal = sagittal_axis(self.ijk_to_ras)      # ijk axis
+        self.axial = int(np.argmax(np.abs(self.ijk_to_ras[2, :3])))   # the ijk axis closest to S
+        self.n_axial = self.voxels_kji.shape[2 - self.axial]
+        self.step_mm = float(np.linalg.norm(self.ijk_to_ras[:3, self.sagittal]))
+        self.amplitude_mm = float(amplitude_mm)
+
+    def shift_voxels(self, z) -> np.ndarray:
+        """Sideways move, in voxels along the sagittal axis, of axial index ``z`` (array)."""
+        return self.amplitude_mm / self.step_mm * np.sin(np.pi * np.asarray(z, float) / (self.n_axial - 1))
+
+    def scan(self, resample_isotropic: bool):
+        """The curved volume, read as ``spinenet run`` reads an image file."""
+        from scipy import ndimage
+
+        from SpineNetLib.inputs.canonical import scan_from_array
+
+        axial_axis, sagittal_axis = 2 - self.axial, 2 - self.sagittal   # array axes of [k, j, i]
+        moved = np.moveaxis(self.voxels_kji.astype(np.float32), (axial_axis, sagittal_axis), (0, 1))
+        out = np.empty_like(moved)
+        for z, d in enumerate(self.shift_voxels(np.arange(moved.shape[0]))):
+            out[z] = ndimage.shift(moved[z], (d, 0), order=1, cval=0.0)
+        out = np.moveaxis(out, (0, 1), (axial_axis, sagittal_axis))
+        return scan_from_array(out, self.ijk_to_ras, {}, resample_isotropic=resample_isotropic)
+
+    def moved_back(self, document: dict) -> dict:
+        """A copy of a run's ``vertebrae.json`` with every outline corner moved back by the curve's move at
+        its own height, so that the uncurved annotation scores it."""
+        doc = json.loads(json.dumps(document))
+        ras_to_ijk = np.linalg.inv(self.ijk_to_ras)
+        for v in doc.get("vertebrae", []):
+            for p in v.get("polygons", []):
+                corners = np.asarray(p["corners_ras"], float)
+                ijk = (ras_to_ijk @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+                back = corners - self.shift_voxels(ijk[:, self.axial])[:, None] * self.ijk_to_ras[:3, self.sagittal]
+                p["corners_ras"] = back.round(3).tolist()
+        return doc
+
+
 def _centre_row(gt, level: str) -> float | None:
     for v in gt.vertebrae:
         if v.level == level and not v.ignored:
@@ -167,22 +222,34 @@ def vary(scan, variant: str, gt, seed: int):
 
 def predict_variant(cases, variant: str, networks, profile, pred_root: Path, detection_params=None) -> list[str]:
     """``vertebrae.json`` of every case under ``variant``; returns the case ids that were run."""
-    from SpineNetLib.evaluation.evaluate import ground_truth_of_case
+    from SpineNetLib.evaluation.evaluate import annotated_with_points, ground_truth_of_case
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, run
 
     done = []
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
+        curve = None
+        if variant.startswith("curved_"):
+            if annotated_with_points(case):   # one slice: nothing to curve sideways
+                continue
+            curve = _LateralCurve(case.path / "image.nii.gz", float(variant[len("curved_"):-len("mm")]))
         if not target.is_file():
-            scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
-            changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
+            if curve is not None:
+                changed = curve.scan(profile.slab_average_thin_slices)
+            else:
+                scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
+                changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
             if changed is None:
                 continue
             result = run(changed, networks, RunOptions(grade=False, profile=profile.name,
                                                        detection_params=detection_params))
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(result.vertebrae_document), encoding="utf-8")
+            document = result.vertebrae_document
+            if curve is not None:
+                target.with_name("vertebrae.as_run.json").write_text(json.dumps(document), encoding="utf-8")
+                document = curve.moved_back(document)
+            target.write_text(json.dumps(document), encoding="utf-8")
         done.append(case.case_id)
         print(f"\r{variant}: {n}/{len(cases)}   ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
