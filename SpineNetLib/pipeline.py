@@ -497,7 +497,8 @@ def profiled_labelling_params(context_net, params: labelling.LabellingParams | N
                    drop_lower_sacral_segments=profile.drop_lower_sacral_segments,
                    relabel_s1_at_image_edge=profile.relabel_s1_at_image_edge,
                    move_up_to_weaker_s1=base.move_up_to_weaker_s1 and profile.move_up_to_weaker_s1,
-                   skip_across_gaps=base.skip_across_gaps and profile.skip_across_gaps)
+                   skip_across_gaps=base.skip_across_gaps and profile.skip_across_gaps,
+                   centre_appearance_slices=base.centre_appearance_slices and profile.centre_appearance_slices)
 
 
 @dataclass

@@ -48,6 +48,9 @@ class ProcessingProfile:
     #: ``LabellingParams.skip_across_gaps``: a level skipped freely across a gap that holds a missed body
     #: (not official).
     skip_across_gaps: bool = True
+    #: ``LabellingParams.centre_appearance_slices``: the appearance network sees the slices centred on a
+    #: spine that lies off the middle of the slab (not official).
+    centre_appearance_slices: bool = True
     #: S1's outline from the weight set's second detector, when it has one (``detect/s1_outline.py``; not official).
     refine_s1_outline: bool = True
 
@@ -59,7 +62,7 @@ PROFILES: dict[str, ProcessingProfile] = {
                                   drop_lower_sacral_segments=False, discs_across_missed_levels=True,
                                   official_detection=True, official_disc_volumes=True, retry_pixel_spacing=False,
                                   relabel_s1_at_image_edge=False, move_up_to_weaker_s1=False,
-                                  skip_across_gaps=False, refine_s1_outline=False),
+                                  skip_across_gaps=False, refine_s1_outline=False, centre_appearance_slices=False),
 }
 
 

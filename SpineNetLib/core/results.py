@@ -31,6 +31,9 @@ class Vertebra:
     level_probabilities: np.ndarray | None = None
     #: (24,) appearance-network probabilities (None before labelling).
     appearance_probabilities: np.ndarray | None = None
+    #: The canonical slices ``(first, last)`` the appearance network saw of the scan; None: every slice
+    #: (``label/appearance_slices.py``).
+    appearance_slices: tuple[int, int] | None = None
 
     @property
     def average_polygon(self) -> np.ndarray:

@@ -41,6 +41,7 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.label.appearance_slices import appearance_slice_runs, slices_seen
 from SpineNetLib.models.inference import network_outputs, softmax
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
@@ -103,6 +104,9 @@ class LabellingParams:
     #: bodies wider than :data:`MISSED_BODY_GAP_RATIO` times the usual step (:func:`skips_across_gaps`;
     #: not official: the ``official`` processing profile turns it off).
     skip_across_gaps: bool = True
+    #: Show the appearance network the slices centred on the spine where it lies off the middle of the
+    #: slab (``label/appearance_slices.py``; not official: the ``official`` processing profile turns it off).
+    centre_appearance_slices: bool = True
     #: Appearance volumes per network call (batching does not change the
     #: result: BatchNorm runs in eval mode).
     appearance_batch_size: int = 4
@@ -651,10 +655,12 @@ def choose_levels(context: np.ndarray, appearance: np.ndarray,
     return assign_level_names(indices[:keep]), evidence
 
 
-def _appearance_known(vertebra: Vertebra, labelled_before: Sequence[Vertebra]) -> np.ndarray | None:
-    """The appearance probabilities an earlier labelling computed for this very body, or None."""
+def _appearance_known(vertebra: Vertebra, labelled_before: Sequence[Vertebra], seen) -> np.ndarray | None:
+    """The appearance probabilities an earlier labelling computed for this very body seen on the same
+    slices (``seen``: :data:`~SpineNetLib.label.appearance_slices.SliceRun`), or None."""
     for before in labelled_before:
         if before.appearance_probabilities is not None and list(before.slices) == list(vertebra.slices) \
+                and before.appearance_slices == seen \
                 and len(before.polygons) == len(vertebra.polygons) \
                 and all(np.array_equal(a, b) for a, b in zip(before.polygons, vertebra.polygons)):
             return np.asarray(before.appearance_probabilities, np.float64)
@@ -675,13 +681,14 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     ``.level_probabilities`` (what the beam search weighed: the context
     probabilities, times the appearance ones when ``appearance_weight`` > 0,
     :func:`level_evidence`; kept for :func:`relabel_with_correction`) and
-    ``.appearance_probabilities``.  ``progress(done, total, message)`` is
+    ``.appearance_probabilities`` with the slices it was seen on (``.appearance_slices``,
+    :mod:`SpineNetLib.label.appearance_slices`).  ``progress(done, total, message)`` is
     called once per vertebra volume and per network; ``timings``, when
     given, receives the seconds per step.  A body of ``labelled_before`` (the
     output of an earlier call on the same scan and parameters) keeps its
-    appearance probabilities instead of being run again: they depend on its
-    own crop only, so labelling again with a few bodies added
-    (``pipeline.detect_and_label``) costs the new bodies only.
+    appearance probabilities instead of being run again where it is seen on the
+    same slices: they depend on its own crop only, so labelling again with a few
+    bodies added (``pipeline.detect_and_label``) costs the new bodies only.
     """
     params = params or LabellingParams()
     ordered = sorted(vertebrae, key=_mean_y)
@@ -693,12 +700,14 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     report = progress or (lambda done, total, message: None)
 
     appearance = np.zeros((n, N_LEVELS), np.float64)
-    known = [_appearance_known(vertebra, labelled_before) for vertebra in ordered]
+    seen = (appearance_slice_runs(ordered, scan.voxels.shape[2], float(scan.spacing_mm[2]))
+            if params.centre_appearance_slices else [None] * n)
+    known = [_appearance_known(vertebra, labelled_before, run) for vertebra, run in zip(ordered, seen)]
     todo = [i for i in range(n) if known[i] is None]
     start = time.perf_counter()
     volumes = np.empty((len(todo), params.crop_px, params.crop_px, params.crop_slices), np.float32)
     for k, i in enumerate(todo):
-        volumes[k] = extract_vertebra_volume(scan, ordered[i], params)
+        volumes[k] = extract_vertebra_volume(slices_seen(scan, seen[i]), ordered[i], params)
         report(i + 1, total, "extracting vertebra volumes")
     timings.extract_s = time.perf_counter() - start
 
@@ -725,8 +734,9 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     labelled = [replace(vertebra, slices=list(vertebra.slices),
                         polygons=[np.array(p, copy=True) for p in vertebra.polygons],
                         level=name, level_probabilities=p_context.copy(),
-                        appearance_probabilities=p_appearance.copy())
-                for vertebra, name, p_context, p_appearance in zip(ordered[:keep], names, evidence, appearance)]
+                        appearance_probabilities=p_appearance.copy(), appearance_slices=run)
+                for vertebra, name, p_context, p_appearance, run
+                in zip(ordered[:keep], names, evidence, appearance, seen)]
     report(total, total, "beam search")
     return labelled
 

@@ -1,0 +1,109 @@
+"""The slices the appearance network sees of each body: centred on a spine that runs off the middle of the
+slab (label/appearance_slices.py), so that a lateral curve or a slab placed to one side of the spine shows
+the network what a centred scan shows it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from SpineNetLib.core.levels import N_LEVELS
+from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.scan import Scan
+from SpineNetLib.label.appearance_slices import OFF_CENTRE_MM, appearance_slice_runs, spine_centres
+from SpineNetLib.label.labelling import LabellingParams, label_vertebrae
+
+
+def body(first: int, last: int, top: float = 0.0) -> Vertebra:
+    quad = np.array([[80.0, top + 29], [80.0, top + 29], [40.0, top + 29], [40.0, top]])
+    return Vertebra(slices=list(range(first, last + 1)), polygons=[quad] * (last - first + 1))
+
+
+def test_a_spine_in_the_middle_of_the_slab_is_seen_on_every_slice():
+    chain = [body(2, 14), body(1, 15), body(3, 13), body(0, 16)]     # 17 slices of 4 mm, middle 8
+    assert appearance_slice_runs(chain, 17, 4.0) == [None] * 4
+    # up to OFF_CENTRE_MM (two 4 mm slices) off the middle: still every slice
+    assert appearance_slice_runs([body(4, 16)] * 3, 17, 4.0) == [None] * 3
+    assert appearance_slice_runs([body(5, 16)] * 3, 17, 4.0) != [None] * 3
+
+
+def test_a_spine_off_the_middle_is_seen_on_the_slices_centred_on_it():
+    # 17 slices of 4 mm; every body's run has its middle at slice 11, 12 mm from the middle (slice 8):
+    # each is seen on the 11 slices 6..16, as many on each side of slice 11 as the scan has on the nearer side
+    assert appearance_slice_runs([body(6, 16)] * 5, 17, 4.0) == [(6, 16)] * 5
+    assert appearance_slice_runs([body(0, 10)] * 5, 17, 4.0) == [(0, 10)] * 5
+    # a middle between two slices gives an even run, symmetric about it
+    assert appearance_slice_runs([body(7, 16)] * 5, 17, 4.0) == [(7, 16)] * 5
+    # the distance is in millimetres: the same offset of 3 slices of 2 mm is 6 mm, within OFF_CENTRE_MM
+    assert 3 * 2.0 <= OFF_CENTRE_MM < 3 * 4.0
+    assert appearance_slice_runs([body(6, 16)] * 5, 17, 2.0) == [None] * 5
+
+
+def test_one_body_found_to_one_side_does_not_move_its_slices():
+    """S1 is often found on a few slices to one side only: the spine's place is the running median
+    over two bodies on each side, so its slices stay those of the bodies above it."""
+    chain = [body(2, 14), body(2, 14), body(3, 13), body(2, 14), body(11, 16)]
+    np.testing.assert_array_equal(spine_centres(chain), [8, 8, 8, 8, 8])
+    assert appearance_slice_runs(chain, 17, 4.0) == [None] * 5
+
+
+def test_a_curved_spine_is_followed_body_by_body():
+    # a lateral curve: the middles of the bodies' runs go 8, 9, 11, 12, 12, 11, 9 (slices of 4 mm; the slab's
+    # middle is slice 8); the spine's place, their running median over five: 9, 10, 11, 11, 11, 11.5, 11
+    chain = [body(2, 14), body(3, 15), body(6, 16), body(8, 16), body(8, 16), body(6, 16), body(3, 15)]
+    np.testing.assert_array_equal(spine_centres(chain), [9, 10, 11, 11, 11, 11.5, 11])
+    assert appearance_slice_runs(chain, 17, 4.0) == [None, None, (6, 16), (6, 16), (6, 16), (7, 16), (6, 16)]
+
+
+def test_one_or_two_slices_are_always_seen_whole():
+    assert appearance_slice_runs([body(0, 0)] * 3, 1, 4.0) == [None] * 3
+    assert appearance_slice_runs([body(1, 1)] * 3, 2, 4.0) == [None] * 3
+
+
+class Recorder(torch.nn.Module):
+    """Stand-in appearance net: keeps every volume it is shown and calls each body by its row."""
+
+    def __init__(self):
+        super().__init__()
+        self.volumes: list[np.ndarray] = []
+
+    def forward(self, x):
+        self.volumes.extend(v[0].numpy().copy() for v in x)
+        logits = torch.zeros((len(x), N_LEVELS))
+        logits[torch.arange(len(x)), torch.arange(len(x)) + 14] = 60.0       # L1, L2, ... in call order
+        return logits
+
+
+def test_a_slab_wider_on_one_side_shows_the_network_what_the_centred_scan_shows():
+    """The same spine in a slab that holds 10 more slices on one side (the spine 20 mm off its middle):
+    with the slices centred, the appearance network sees exactly the volumes of the centred scan, and the
+    levels are the same; without (the official way) it sees other volumes."""
+    rng = np.random.default_rng(0)
+    centred = rng.uniform(10, 20, (260, 120, 9)).astype(np.float32)
+    chain = []
+    for k in range(6):
+        top = 20 + 40 * k
+        centred[top:top + 30, 40:80, 1:8] += 100.0 + 10 * np.arange(7)     # not the same on every slice
+        quad = np.array([[80.0, top], [80.0, top + 29], [40.0, top + 29], [40.0, top]])
+        chain.append(Vertebra(slices=list(range(1, 8)), polygons=[quad] * 7))
+    wider = np.concatenate([centred, rng.uniform(10, 20, (260, 120, 10)).astype(np.float32)], axis=2)
+
+    def scan(voxels):
+        return Scan(voxels=voxels, spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4),
+                    input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=np.eye(4), input_slice_axis=0)
+
+    class Context(torch.nn.Module):
+        def forward(self, x):
+            return 50.0 * x
+
+    context = Context()
+    seen_centred, seen_wider, seen_official = Recorder(), Recorder(), Recorder()
+    a = label_vertebrae(scan(centred), chain, seen_centred, context)
+    b = label_vertebrae(scan(wider), chain, seen_wider, context)
+    label_vertebrae(scan(wider), chain, seen_official, context, LabellingParams(centre_appearance_slices=False))
+    assert [v.appearance_slices for v in a] == [None] * 6
+    assert [v.appearance_slices for v in b] == [(0, 8)] * 6
+    assert [v.level for v in a] == [v.level for v in b]
+    for x, y, z in zip(seen_centred.volumes, seen_wider.volumes, seen_official.volumes):
+        np.testing.assert_array_equal(x, y)
+        assert not np.allclose(x, z)
