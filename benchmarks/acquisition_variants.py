@@ -33,6 +33,8 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   lowest and highest stay where they were.  The bodies' axial turn of a real scoliosis is not modelled.
   The predictions are moved back sideways before scoring, so the annotation scores them unchanged
   (``vertebrae.json``; the run's own document is kept beside it as ``vertebrae.as_run.json``).
+* ``off_centre_12mm`` (volumes only): the slab placed 12 mm to one side of the spine: every axial level
+  moved sideways by 12 mm, scored in the same way.
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
@@ -60,7 +62,7 @@ from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
-            "curved_10mm", "curved_20mm")
+            "curved_10mm", "curved_20mm", "off_centre_12mm")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -130,11 +132,12 @@ def _rotated(scan, degrees: float):
     return _resampled(scan, new_to_old, (h, w), (sr, sc))
 
 
-class _LateralCurve:
-    """A sideways curve of a volume stored as a NIfTI file (``curved_*``): the voxels moved along the
-    sagittal axis by ``amplitude_mm * sin(pi z / (Z - 1))`` voxel rows ``z`` of the superior-inferior axis."""
+class _Sideways:
+    """A volume stored as a NIfTI file moved sideways: its voxels moved along the sagittal axis by
+    ``amplitude_mm * sin(pi z / (Z - 1))`` at voxel row ``z`` of the superior-inferior axis (``curved_*``), or
+    by ``amplitude_mm`` everywhere (``off_centre_*``, ``curved=False``)."""
 
-    def __init__(self, path: Path, amplitude_mm: float):
+    def __init__(self, path: Path, amplitude_mm: float, curved: bool = True):
         from SpineNetLib.inputs.canonical import sagittal_axis
         from SpineNetLib.inputs.image import read_image_arrays
 
@@ -144,13 +147,16 @@ class _LateralCurve:
         self.n_axial = self.voxels_kji.shape[2 - self.axial]
         self.step_mm = float(np.linalg.norm(self.ijk_to_ras[:3, self.sagittal]))
         self.amplitude_mm = float(amplitude_mm)
+        self.curved = curved
 
     def shift_voxels(self, z) -> np.ndarray:
         """Sideways move, in voxels along the sagittal axis, of axial index ``z`` (array)."""
-        return self.amplitude_mm / self.step_mm * np.sin(np.pi * np.asarray(z, float) / (self.n_axial - 1))
+        z = np.asarray(z, float)
+        shape = np.sin(np.pi * z / (self.n_axial - 1)) if self.curved else np.ones_like(z)
+        return self.amplitude_mm / self.step_mm * shape
 
     def scan(self, resample_isotropic: bool):
-        """The curved volume, read as ``spinenet run`` reads an image file."""
+        """The volume moved sideways, read as ``spinenet run`` reads an image file."""
         from scipy import ndimage
 
         from SpineNetLib.inputs.canonical import scan_from_array
@@ -164,8 +170,8 @@ class _LateralCurve:
         return scan_from_array(out, self.ijk_to_ras, {}, resample_isotropic=resample_isotropic)
 
     def moved_back(self, document: dict) -> dict:
-        """A copy of a run's ``vertebrae.json`` with every outline corner moved back by the curve's move at
-        its own height, so that the uncurved annotation scores it."""
+        """A copy of a run's ``vertebrae.json`` with every outline corner moved back sideways by the move at
+        its own height, so that the annotation scores it."""
         doc = json.loads(json.dumps(document))
         ras_to_ijk = np.linalg.inv(self.ijk_to_ras)
         for v in doc.get("vertebrae", []):
@@ -230,10 +236,11 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
         curve = None
-        if variant.startswith("curved_"):
-            if annotated_with_points(case):   # one slice: nothing to curve sideways
+        if variant.startswith(("curved_", "off_centre_")):
+            if annotated_with_points(case):   # one slice: nothing to move sideways
                 continue
-            curve = _LateralCurve(case.path / "image.nii.gz", float(variant[len("curved_"):-len("mm")]))
+            amplitude_mm = float(variant.split("_")[-1][:-len("mm")])
+            curve = _Sideways(case.path / "image.nii.gz", amplitude_mm, curved=variant.startswith("curved_"))
         if not target.is_file():
             if curve is not None:
                 changed = curve.scan(profile.slab_average_thin_slices)
