@@ -41,7 +41,7 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
-from SpineNetLib.label.appearance_slices import appearance_slice_runs, slices_seen
+from SpineNetLib.label.appearance_slices import SliceRun, appearance_slice_runs, slices_seen
 from SpineNetLib.models.inference import network_outputs, softmax
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
@@ -655,9 +655,9 @@ def choose_levels(context: np.ndarray, appearance: np.ndarray,
     return assign_level_names(indices[:keep]), evidence
 
 
-def _appearance_known(vertebra: Vertebra, labelled_before: Sequence[Vertebra], seen) -> np.ndarray | None:
+def _appearance_known(vertebra: Vertebra, labelled_before: Sequence[Vertebra], seen: SliceRun) -> np.ndarray | None:
     """The appearance probabilities an earlier labelling computed for this very body seen on the same
-    slices (``seen``: :data:`~SpineNetLib.label.appearance_slices.SliceRun`), or None."""
+    slices ``seen``, or None."""
     for before in labelled_before:
         if before.appearance_probabilities is not None and list(before.slices) == list(vertebra.slices) \
                 and before.appearance_slices == seen \

@@ -107,3 +107,28 @@ def test_a_slab_wider_on_one_side_shows_the_network_what_the_centred_scan_shows(
     for x, y, z in zip(seen_centred.volumes, seen_wider.volumes, seen_official.volumes):
         np.testing.assert_array_equal(x, y)
         assert not np.allclose(x, z)
+
+
+def test_labelling_again_runs_the_network_again_on_a_body_whose_slices_moved():
+    """Bodies added below move where the spine lies at the bodies next to them: a body labelled before is run
+    again where it is now seen on other slices, so labelling again gives what a full labelling gives."""
+    voxels = np.random.default_rng(1).uniform(10, 200, (260, 120, 17)).astype(np.float32)
+    scan = Scan(voxels=voxels, spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4),
+                input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=np.eye(4), input_slice_axis=0)
+    upper = [body(6, 16, top=20), body(6, 16, top=60)]                      # middles 11: off the middle (8)
+    lower = [body(2, 14, top=100), body(2, 14, top=140), body(2, 14, top=180)]   # middles 8
+
+    class Context(torch.nn.Module):
+        def forward(self, x):
+            return 50.0 * x
+
+    first = label_vertebrae(scan, upper, Recorder(), Context())
+    assert [v.appearance_slices for v in first] == [(6, 16), (6, 16)]
+    again_net = Recorder()
+    again = label_vertebrae(scan, upper + lower, again_net, Context(), labelled_before=first)
+    # the second body's spine is now the median of 11, 11, 8, 8: 9.5, within 8 mm of the middle
+    assert [v.appearance_slices for v in again] == [(6, 16), None, None, None, None]
+    assert len(again_net.volumes) == 4                                      # the second body and the three new
+    full_net = Recorder()
+    label_vertebrae(scan, upper + lower, full_net, Context())
+    np.testing.assert_array_equal(again_net.volumes[0], full_net.volumes[1])
