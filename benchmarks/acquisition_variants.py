@@ -46,6 +46,7 @@ of the others it flags).  Noise is seeded per case.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -172,7 +173,7 @@ class _Sideways:
     def moved_back(self, document: dict) -> dict:
         """A copy of a run's ``vertebrae.json`` with every outline corner moved back sideways by the move at
         its own height, so that the annotation scores it."""
-        doc = json.loads(json.dumps(document))
+        doc = copy.deepcopy(document)
         ras_to_ijk = np.linalg.inv(self.ijk_to_ras)
         for v in doc.get("vertebrae", []):
             for p in v.get("polygons", []):
@@ -235,15 +236,14 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     done = []
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
-        curve = None
-        if variant.startswith(("curved_", "off_centre_")):
-            if annotated_with_points(case):   # one slice: nothing to move sideways
-                continue
-            amplitude_mm = float(variant.split("_")[-1][:-len("mm")])
-            curve = _Sideways(case.path / "image.nii.gz", amplitude_mm, curved=variant.startswith("curved_"))
+        sideways = variant.startswith(("curved_", "off_centre_"))
+        if sideways and annotated_with_points(case):   # one slice: nothing to move sideways
+            continue
         if not target.is_file():
-            if curve is not None:
-                changed = curve.scan(profile.slab_average_thin_slices)
+            if sideways:
+                move = _Sideways(case.path / "image.nii.gz", float(variant.split("_")[-1][:-len("mm")]),
+                                 curved=variant.startswith("curved_"))
+                changed = move.scan(profile.slab_average_thin_slices)
             else:
                 scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
                 changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
@@ -253,9 +253,9 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
                                                        detection_params=detection_params))
             target.parent.mkdir(parents=True, exist_ok=True)
             document = result.vertebrae_document
-            if curve is not None:
+            if sideways:
                 target.with_name("vertebrae.as_run.json").write_text(json.dumps(document), encoding="utf-8")
-                document = curve.moved_back(document)
+                document = move.moved_back(document)
             target.write_text(json.dumps(document), encoding="utf-8")
         done.append(case.case_id)
         print(f"\r{variant}: {n}/{len(cases)}   ", end="", file=sys.stderr, flush=True)

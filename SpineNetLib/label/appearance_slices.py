@@ -47,9 +47,11 @@ def spine_centres(ordered: Sequence[Vertebra]) -> np.ndarray:
 def appearance_slice_runs(ordered: Sequence[Vertebra], n_slices: int, slice_mm: float,
                           off_centre_mm: float = OFF_CENTRE_MM) -> list[SliceRun]:
     """For each body (top to bottom) the slices the appearance network sees (see the module docstring)."""
+    if n_slices < 3:
+        return [None] * len(ordered)
     middle = (n_slices - 1) / 2.0
     runs: list[SliceRun] = []
-    for centre in spine_centres(ordered) if n_slices >= 3 else [middle] * len(ordered):
+    for centre in spine_centres(ordered):
         if abs(centre - middle) * slice_mm <= off_centre_mm:
             runs.append(None)
             continue

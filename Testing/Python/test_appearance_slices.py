@@ -74,6 +74,19 @@ class Recorder(torch.nn.Module):
         return logits
 
 
+class Context(torch.nn.Module):
+    """Stand-in context net: echoes the height map, scaled."""
+
+    def forward(self, x):
+        return 50.0 * x
+
+
+def scan_of(voxels: np.ndarray) -> Scan:
+    """A scan of these voxels, slices 4 mm apart."""
+    return Scan(voxels=voxels, spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4),
+                input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=np.eye(4), input_slice_axis=0)
+
+
 def test_a_slab_wider_on_one_side_shows_the_network_what_the_centred_scan_shows():
     """The same spine in a slab that holds 10 more slices on one side (the spine 20 mm off its middle):
     with the slices centred, the appearance network sees exactly the volumes of the centred scan, and the
@@ -88,19 +101,11 @@ def test_a_slab_wider_on_one_side_shows_the_network_what_the_centred_scan_shows(
         chain.append(Vertebra(slices=list(range(1, 8)), polygons=[quad] * 7))
     wider = np.concatenate([centred, rng.uniform(10, 20, (260, 120, 10)).astype(np.float32)], axis=2)
 
-    def scan(voxels):
-        return Scan(voxels=voxels, spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4),
-                    input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=np.eye(4), input_slice_axis=0)
-
-    class Context(torch.nn.Module):
-        def forward(self, x):
-            return 50.0 * x
-
     context = Context()
     seen_centred, seen_wider, seen_official = Recorder(), Recorder(), Recorder()
-    a = label_vertebrae(scan(centred), chain, seen_centred, context)
-    b = label_vertebrae(scan(wider), chain, seen_wider, context)
-    label_vertebrae(scan(wider), chain, seen_official, context, LabellingParams(centre_appearance_slices=False))
+    a = label_vertebrae(scan_of(centred), chain, seen_centred, context)
+    b = label_vertebrae(scan_of(wider), chain, seen_wider, context)
+    label_vertebrae(scan_of(wider), chain, seen_official, context, LabellingParams(centre_appearance_slices=False))
     assert [v.appearance_slices for v in a] == [None] * 6
     assert [v.appearance_slices for v in b] == [(0, 8)] * 6
     assert [v.level for v in a] == [v.level for v in b]
@@ -113,14 +118,9 @@ def test_labelling_again_runs_the_network_again_on_a_body_whose_slices_moved():
     """Bodies added below move where the spine lies at the bodies next to them: a body labelled before is run
     again where it is now seen on other slices, so labelling again gives what a full labelling gives."""
     voxels = np.random.default_rng(1).uniform(10, 200, (260, 120, 17)).astype(np.float32)
-    scan = Scan(voxels=voxels, spacing_mm=(1.0, 1.0, 4.0), canonical_to_ras=np.eye(4), input_ijk_to_ras=np.eye(4),
-                input_shape_ijk=voxels.shape[::-1], canonical_to_input_ijk=np.eye(4), input_slice_axis=0)
+    scan = scan_of(voxels)
     upper = [body(6, 16, top=20), body(6, 16, top=60)]                      # middles 11: off the middle (8)
     lower = [body(2, 14, top=100), body(2, 14, top=140), body(2, 14, top=180)]   # middles 8
-
-    class Context(torch.nn.Module):
-        def forward(self, x):
-            return 50.0 * x
 
     first = label_vertebrae(scan, upper, Recorder(), Context())
     assert [v.appearance_slices for v in first] == [(6, 16), (6, 16)]
