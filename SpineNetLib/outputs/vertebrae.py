@@ -47,14 +47,10 @@ def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:
     polys = [np.asarray(vertebra.polygons[i], float) for i in order]
     origin = scan.input_slice_position(0.0)
     signed_step = scan.input_slice_position(1.0) - origin     # input slices per canonical slice
-    step = abs(signed_step)
-    if step <= 1.0 + 1e-6:
+    if abs(signed_step) <= 1.0 + 1e-6:
         return [{"slice": scan.input_slice_index(s), "corners_ras": _round(scan.xy_to_ras(p, s))}
                 for s, p in sorted(zip(slices, polys), key=lambda sp: scan.input_slice_index(sp[0]))]
-    centres = [scan.input_slice_position(s) for s in slices]
-    n_input = scan.input_shape_ijk[scan.input_slice_axis]
-    first = max(0, int(np.ceil(min(centres) - step / 2.0 + 0.5 - 1e-6)))
-    last = min(n_input - 1, int(np.floor(max(centres) + step / 2.0 - 0.5 + 1e-6)))
+    first, last = input_slices_covered(scan, slices[0], slices[-1])
     out = []
     for k in range(first, last + 1):
         c = (k - origin) / signed_step                  # fractional canonical slice of input slice k
@@ -68,6 +64,19 @@ def vertebra_polygons_ras(scan: Scan, vertebra: Vertebra) -> list[dict]:
             poly = (1.0 - t) * polys[j] + t * polys[j + 1]
         out.append({"slice": k, "corners_ras": _round(scan.xy_to_ras(poly, c))})
     return out
+
+
+def input_slices_covered(scan: Scan, first: float, last: float) -> tuple[int, int]:
+    """The input slices ``(lowest, highest)`` that canonical slices ``first..last`` cover: the same ones
+    without slab averaging, else every thin slice of the slabs (``inputs/canonical.py``)."""
+    step = abs(scan.input_slice_position(1.0) - scan.input_slice_position(0.0))
+    centres = [scan.input_slice_position(first), scan.input_slice_position(last)]
+    if step <= 1.0 + 1e-6:
+        ends = [scan.input_slice_index(first), scan.input_slice_index(last)]
+        return min(ends), max(ends)
+    n_input = scan.input_shape_ijk[scan.input_slice_axis]
+    return (max(0, int(np.ceil(min(centres) - step / 2.0 + 0.5 - 1e-6))),
+            min(n_input - 1, int(np.floor(max(centres) + step / 2.0 - 0.5 + 1e-6))))
 
 
 def level_probability_dict(probs: np.ndarray | None) -> dict[str, float]:
@@ -137,6 +146,10 @@ def vertebrae_document(scan: Scan, result: DetectionResult,
             "level_probabilities": level_probability_dict(v.level_probabilities),
             "centroid_ras": _round(vertebra_centroid_ras(scan, v)),
             "polygons": vertebra_polygons_ras(scan, v),
+            # the input slices the appearance network saw of it, where they were centred on the spine
+            # (``label/appearance_slices.py``); null: every slice
+            "appearance_slices": None if v.appearance_slices is None
+            else list(input_slices_covered(scan, *v.appearance_slices)),
         })
     document = {
         "schema": VERTEBRAE_SCHEMA,

@@ -132,3 +132,26 @@ def test_labelling_again_runs_the_network_again_on_a_body_whose_slices_moved():
     full_net = Recorder()
     label_vertebrae(scan, upper + lower, full_net, Context())
     np.testing.assert_array_equal(again_net.volumes[0], full_net.volumes[1])
+
+
+def test_vertebrae_json_names_the_input_slices_the_network_saw():
+    """``vertebrae.json`` records, per vertebra, the user's own slices the appearance network saw where they
+    were centred on the spine (null where it saw every slice), counted as the polygons' ``slice`` is: on a
+    1 mm volume averaged into 4 mm slabs, every thin slice of the slabs seen."""
+    from SpineNetLib.core.results import DetectionResult
+    from SpineNetLib.inputs.canonical import scan_from_array
+    from SpineNetLib.outputs.vertebrae import vertebrae_document
+
+    thin = scan_from_array(np.zeros((260, 120, 68), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert thin.voxels.shape[2] == 17 and thin.metadata["resampled"]["slices_per_slab"] == 4
+    chain = [body(6, 16, top=20), body(2, 14, top=60)]
+    chain[0].appearance_slices = (6, 16)
+    document = vertebrae_document(thin, DetectionResult(vertebrae=chain))
+    first, second = document["vertebrae"]
+    assert second["appearance_slices"] is None
+    slabs = sorted({p["slice"] for p in first["polygons"]})      # the body was found on slabs 6..16: all seen
+    assert first["appearance_slices"] == [slabs[0], slabs[-1]] and slabs[-1] - slabs[0] + 1 == 11 * 4
+    chain[0].appearance_slices = (6, 8)
+    # canonical slices run right to left, the input's i axis left to right: slab t holds input slices
+    # 64 - 4t .. 67 - 4t, so slabs 6..8 hold 32..43
+    assert vertebrae_document(thin, DetectionResult(vertebrae=chain))["vertebrae"][0]["appearance_slices"] == [32, 43]
