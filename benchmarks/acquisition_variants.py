@@ -35,6 +35,15 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   (``vertebrae.json``; the run's own document is kept beside it as ``vertebrae.as_run.json``).
 * ``off_centre_12mm`` (volumes only): the slab placed 12 mm to one side of the spine: every axial level
   moved sideways by 12 mm, scored in the same way.
+* ``slab_32mm`` (volumes only): a narrow slab, 32 mm from side to side about the middle of the volume (a fast
+  protocol of 8 slices of 4 mm), so that the vertebral bodies' sides lie outside it;
+* ``ghosts``: motion ghosts along the superior-inferior (phase-encoding) axis: two copies of the image at
+  12 % of its signal, moved up and down by a quarter of the image height (wrapping round, as ghosts do), so
+  that faint vertebrae lie over the real ones a few levels away;
+* ``slices_5mm`` / ``slices_5mm_gap_1mm`` (volumes only): a 2D sagittal protocol with thicker slices than the
+  ~3.5 mm slabs ``spinenet run`` makes of a 1 mm volume: each slice the mean of 5 of the 1 mm slices (5 mm
+  thick), the slices 5 mm apart, or 6 mm apart with a gap of 1 mm between them (a low-field or fast protocol;
+  11-15 slices over these volumes), the run of slices centred on the volume.
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
@@ -63,7 +72,7 @@ from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
-            "curved_10mm", "curved_20mm", "off_centre_12mm")
+            "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "ghosts", "slab_32mm")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -184,6 +193,24 @@ class _Sideways:
         return doc
 
 
+def _thick_slices(scan, thick: int, step: int):
+    """A 1 mm sagittal ``scan`` (not slab-averaged) as a 2D protocol would give it: slice t the mean of the
+    ``thick`` slices ``start + step*t ...``, the run centred on the volume; the geometry moves along."""
+    n_in = scan.voxels.shape[2]
+    n_out = (n_in - thick) // step + 1
+    start = (n_in - (step * (n_out - 1) + thick)) // 2
+    voxels = np.stack([scan.voxels[:, :, start + step * t:start + step * t + thick].mean(axis=2)
+                       for t in range(n_out)], axis=2)
+    index_map = np.eye(4)                  # new slice t -> old slice start + step*t + (thick - 1)/2
+    index_map[2, 2] = step
+    index_map[2, 3] = start + (thick - 1) / 2.0
+    metadata = {**scan.metadata, "acquisition": "2D sagittal"}
+    return dataclasses.replace(scan, voxels=np.ascontiguousarray(voxels, np.float32),
+                               spacing_mm=(scan.spacing_mm[0], scan.spacing_mm[1], scan.spacing_mm[2] * step),
+                               canonical_to_ras=scan.canonical_to_ras @ index_map,
+                               canonical_to_input_ijk=scan.canonical_to_input_ijk @ index_map, metadata=metadata)
+
+
 def _centre_row(gt, level: str) -> float | None:
     for v in gt.vertebrae:
         if v.level == level and not v.ignored:
@@ -224,6 +251,22 @@ def vary(scan, variant: str, gt, seed: int):
         return _pixels_scaled(scan, float(variant[len("pixels_x"):]))
     if variant.startswith("rotated_"):
         return _rotated(scan, float(variant[len("rotated_"):]))
+    if variant.startswith("slab_"):
+        width_mm = float(variant[len("slab_"):-len("mm")])
+        n_in = scan.voxels.shape[2]
+        n = min(n_in, max(1, round(width_mm / scan.spacing_mm[2])))
+        first = (n_in - n) // 2
+        shift = np.eye(4)
+        shift[2, 3] = first
+        return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:, :, first:first + n]),
+                                   canonical_to_ras=scan.canonical_to_ras @ shift,
+                                   canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+    if variant == "ghosts":
+        quarter = scan.voxels.shape[0] // 4
+        v = scan.voxels
+        return _with_voxels(scan, v + 0.12 * (np.roll(v, quarter, axis=0) + np.roll(v, -quarter, axis=0)))
+    if variant.startswith("slices_"):    # needs the scan read at 1 mm: predict_variant does that
+        return _thick_slices(scan, 5, 6 if variant.endswith("gap_1mm") else 5)
     raise InputError(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
 
 
@@ -237,7 +280,9 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
-        if sideways and annotated_with_points(case):   # one slice: nothing to move sideways
+        thin = variant.startswith("slices_")      # read at 1 mm, then made thicker
+        if variant.startswith(("curved_", "off_centre_", "slices_", "slab_")) and annotated_with_points(case):
+            continue                              # one slice: nothing to move, thicken or narrow
             continue
         if not target.is_file():
             if sideways:
@@ -245,7 +290,8 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
                                  curved=variant.startswith("curved_"))
                 changed = move.scan(profile.slab_average_thin_slices)
             else:
-                scan = load_scan(case.path / "image.nii.gz", resample_isotropic=profile.slab_average_thin_slices)
+                scan = load_scan(case.path / "image.nii.gz",
+                                 resample_isotropic=profile.slab_average_thin_slices and not thin)
                 changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
             if changed is None:
                 continue
