@@ -40,6 +40,9 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``ghosts``: motion ghosts along the superior-inferior (phase-encoding) axis: two copies of the image at
   12 % of its signal, moved up and down by a quarter of the image height (wrapping round, as ghosts do), so
   that faint vertebrae lie over the real ones a few levels away;
+* ``combined``: several of the above at once, milder, as another centre's scan differs in more than one way:
+  in-plane pixels 1.3 times as large (with their blur), gamma 1.3, the coil falloff and Rician noise of 3 %;
+* ``combined_5mm`` (volumes only): the same on 5 mm slices 5 mm apart (``slices_5mm``);
 * ``slices_5mm`` / ``slices_5mm_gap_1mm`` (volumes only): a 2D sagittal protocol with thicker slices than the
   ~3.5 mm slabs ``spinenet run`` makes of a 1 mm volume: each slice the mean of 5 of the 1 mm slices (5 mm
   thick), the slices 5 mm apart, or 6 mm apart with a gap of 1 mm between them (a low-field or fast protocol;
@@ -72,7 +75,8 @@ from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
-            "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "ghosts", "slab_32mm")
+            "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "ghosts", "slab_32mm",
+            "combined", "combined_5mm")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -83,6 +87,14 @@ def _gamma(scan, gamma: float):
     v = np.clip(scan.voxels, 0, None)
     top = float(np.percentile(v, 99.5)) or 1.0
     return _with_voxels(scan, top * np.power(np.clip(v / top, 0, None), gamma))
+
+
+def _rician(scan, fraction: float, seed: int):
+    """Rician noise of ``fraction`` of the 99th intensity percentile (the magnitude of a noisy complex signal)."""
+    rng = np.random.default_rng(seed)
+    sigma = fraction * float(np.percentile(scan.voxels, 99))
+    v = scan.voxels
+    return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
 
 
 def _rows(scan, first: int, stop: int):
@@ -229,10 +241,7 @@ def vary(scan, variant: str, gt, seed: int):
         gain = np.linspace(0.6, 1.4, cols, dtype=np.float32)   # columns run anterior -> posterior
         return _with_voxels(scan, scan.voxels * gain[None, :, None])
     if variant == "noise":
-        rng = np.random.default_rng(seed)
-        sigma = 0.04 * float(np.percentile(scan.voxels, 99))
-        v = scan.voxels
-        return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
+        return _rician(scan, 0.04, seed)
     if variant == "blur_1mm":
         from scipy import ndimage
 
@@ -261,6 +270,11 @@ def vary(scan, variant: str, gt, seed: int):
         return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:, :, first:first + n]),
                                    canonical_to_ras=scan.canonical_to_ras @ shift,
                                    canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+    if variant.startswith("combined"):
+        if variant == "combined_5mm":       # needs the scan read at 1 mm, as the slices_ rows
+            scan = _thick_slices(scan, 5, 5)
+        scan = _gamma(_pixels_scaled(scan, 1.3), 1.3)
+        return _rician(vary(scan, "coil_falloff", gt, seed), 0.03, seed)
     if variant == "ghosts":
         quarter = scan.voxels.shape[0] // 4
         v = scan.voxels
@@ -280,8 +294,8 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
-        thin = variant.startswith("slices_")      # read at 1 mm, then made thicker
-        if variant.startswith(("curved_", "off_centre_", "slices_", "slab_")) and annotated_with_points(case):
+        thin = variant.startswith("slices_") or variant == "combined_5mm"     # read at 1 mm, then made thicker
+        if (thin or variant.startswith(("curved_", "off_centre_", "slab_"))) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
             continue
         if not target.is_file():
