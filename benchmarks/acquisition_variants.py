@@ -35,6 +35,10 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   (``vertebrae.json``; the run's own document is kept beside it as ``vertebrae.as_run.json``).
 * ``off_centre_12mm`` (volumes only): the slab placed 12 mm to one side of the spine: every axial level
   moved sideways by 12 mm, scored in the same way.
+* ``slices_5mm`` / ``slices_5mm_gap_1mm`` (volumes only): a 2D sagittal protocol with thicker slices than the
+  ~3.5 mm slabs ``spinenet run`` makes of a 1 mm volume: each slice the mean of 5 of the 1 mm slices (5 mm
+  thick), the slices 5 mm apart, or 6 mm apart with a gap of 1 mm between them (a low-field or fast protocol;
+  11-15 slices over these volumes), the run of slices centred on the volume;
 * ``slab_32mm`` (volumes only): a narrow slab, 32 mm from side to side about the middle of the volume (a fast
   protocol of 8 slices of 4 mm), so that the vertebral bodies' sides lie outside it;
 * ``ghosts``: motion ghosts along the superior-inferior (phase-encoding) axis: two copies of the image at
@@ -42,11 +46,7 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   that faint vertebrae lie over the real ones a few levels away;
 * ``combined``: several of the above at once, milder, as another centre's scan differs in more than one way:
   in-plane pixels 1.3 times as large (with their blur), gamma 1.3, the coil falloff and Rician noise of 3 %;
-* ``combined_5mm`` (volumes only): the same on 5 mm slices 5 mm apart (``slices_5mm``);
-* ``slices_5mm`` / ``slices_5mm_gap_1mm`` (volumes only): a 2D sagittal protocol with thicker slices than the
-  ~3.5 mm slabs ``spinenet run`` makes of a 1 mm volume: each slice the mean of 5 of the 1 mm slices (5 mm
-  thick), the slices 5 mm apart, or 6 mm apart with a gap of 1 mm between them (a low-field or fast protocol;
-  11-15 slices over these volumes), the run of slices centred on the volume.
+* ``combined_5mm`` (volumes only): the same on 5 mm slices 5 mm apart (``slices_5mm``).
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
@@ -75,8 +75,8 @@ from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
-            "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "ghosts", "slab_32mm",
-            "combined", "combined_5mm")
+            "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
+            "ghosts", "combined", "combined_5mm")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -297,7 +297,6 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
         thin = variant.startswith("slices_") or variant == "combined_5mm"     # read at 1 mm, then made thicker
         if (thin or variant.startswith(("curved_", "off_centre_", "slab_"))) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
-            continue
         if not target.is_file():
             if sideways:
                 move = _Sideways(case.path / "image.nii.gz", float(variant.split("_")[-1][:-len("mm")]),
