@@ -97,14 +97,26 @@ def _rician(scan, fraction: float, seed: int):
     return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
 
 
-def _rows(scan, first: int, stop: int):
-    """The scan cropped to canonical rows ``first:stop``, with its geometry moved along."""
-    first, stop = max(0, int(first)), min(scan.voxels.shape[0], int(stop))
+def _cropped(scan, axis: int, first: int, stop: int):
+    """The scan cropped to ``first:stop`` along canonical ``axis`` (0: rows, 2: slices), with its geometry moved
+    along."""
+    first, stop = max(0, int(first)), min(scan.voxels.shape[axis], int(stop))
     shift = np.eye(4)
-    shift[0, 3] = first
-    return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[first:stop]),
+    shift[axis, 3] = first
+    return dataclasses.replace(scan, voxels=np.ascontiguousarray(np.take(scan.voxels, range(first, stop), axis=axis)),
                                canonical_to_ras=scan.canonical_to_ras @ shift,
                                canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+
+
+def _rows(scan, first: int, stop: int):
+    """The scan cropped to canonical rows ``first:stop``."""
+    return _cropped(scan, 0, first, stop)
+
+
+def _coil_falloff(scan):
+    """The signal scaled from 0.6 at the anterior edge of the image to 1.4 at the posterior edge."""
+    gain = np.linspace(0.6, 1.4, scan.voxels.shape[1], dtype=np.float32)   # columns run anterior -> posterior
+    return _with_voxels(scan, scan.voxels * gain[None, :, None])
 
 
 def _resampled(scan, new_to_old: np.ndarray, shape: tuple[int, int], spacing_rc: tuple[float, float],
@@ -237,9 +249,7 @@ def vary(scan, variant: str, gt, seed: int):
     if variant.startswith("gamma_"):
         return _gamma(scan, float(variant.split("_")[1]))
     if variant == "coil_falloff":
-        cols = scan.voxels.shape[1]
-        gain = np.linspace(0.6, 1.4, cols, dtype=np.float32)   # columns run anterior -> posterior
-        return _with_voxels(scan, scan.voxels * gain[None, :, None])
+        return _coil_falloff(scan)
     if variant == "noise":
         return _rician(scan, 0.04, seed)
     if variant == "blur_1mm":
@@ -261,20 +271,14 @@ def vary(scan, variant: str, gt, seed: int):
     if variant.startswith("rotated_"):
         return _rotated(scan, float(variant[len("rotated_"):]))
     if variant.startswith("slab_"):
-        width_mm = float(variant[len("slab_"):-len("mm")])
         n_in = scan.voxels.shape[2]
-        n = min(n_in, max(1, round(width_mm / scan.spacing_mm[2])))
-        first = (n_in - n) // 2
-        shift = np.eye(4)
-        shift[2, 3] = first
-        return dataclasses.replace(scan, voxels=np.ascontiguousarray(scan.voxels[:, :, first:first + n]),
-                                   canonical_to_ras=scan.canonical_to_ras @ shift,
-                                   canonical_to_input_ijk=scan.canonical_to_input_ijk @ shift)
+        n = min(n_in, max(1, round(float(variant[len("slab_"):-len("mm")]) / scan.spacing_mm[2])))
+        return _cropped(scan, 2, (n_in - n) // 2, (n_in - n) // 2 + n)
     if variant.startswith("combined"):
         if variant == "combined_5mm":       # needs the scan read at 1 mm, as the slices_ rows
             scan = _thick_slices(scan, 5, 5)
         scan = _gamma(_pixels_scaled(scan, 1.3), 1.3)
-        return _rician(vary(scan, "coil_falloff", gt, seed), 0.03, seed)
+        return _rician(_coil_falloff(scan), 0.03, seed)
     if variant == "ghosts":
         quarter = scan.voxels.shape[0] // 4
         v = scan.voxels
@@ -295,7 +299,7 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
         thin = variant.startswith("slices_") or variant == "combined_5mm"     # read at 1 mm, then made thicker
-        if (thin or variant.startswith(("curved_", "off_centre_", "slab_"))) and annotated_with_points(case):
+        if (sideways or thin or variant.startswith("slab_")) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
         if not target.is_file():
             if sideways:

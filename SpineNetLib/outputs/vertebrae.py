@@ -70,10 +70,10 @@ def input_slices_covered(scan: Scan, first: float, last: float) -> tuple[int, in
     """The input slices ``(lowest, highest)`` that canonical slices ``first..last`` cover: the same ones
     without slab averaging, else every thin slice of the slabs (``inputs/canonical.py``)."""
     step = abs(scan.input_slice_position(1.0) - scan.input_slice_position(0.0))
-    centres = [scan.input_slice_position(first), scan.input_slice_position(last)]
     if step <= 1.0 + 1e-6:
         ends = [scan.input_slice_index(first), scan.input_slice_index(last)]
         return min(ends), max(ends)
+    centres = [scan.input_slice_position(first), scan.input_slice_position(last)]
     n_input = scan.input_shape_ijk[scan.input_slice_axis]
     return (max(0, int(np.ceil(min(centres) - step / 2.0 + 0.5 - 1e-6))),
             min(n_input - 1, int(np.floor(max(centres) + step / 2.0 - 0.5 + 1e-6))))
