@@ -61,6 +61,28 @@ def appearance_slice_runs(ordered: Sequence[Vertebra], n_slices: int, slice_mm: 
     return runs
 
 
+def off_middle_note(vertebrae: Sequence[Vertebra]) -> str | None:
+    """The note, for the warnings, naming the labelled vertebrae (top to bottom) that the appearance network
+    saw on slices centred on the spine (``.appearance_slices`` set); None when it saw every slice of each.
+
+    Not a review reason of its own: the margin and the other checks judge those levels as any others
+    (model card, "A spine off the middle of the slab").  It tells whoever reads only the warnings that the
+    slab does not lie evenly about the spine there, which the per-vertebra field alone does not."""
+    runs, start = [], None
+    for i, vertebra in enumerate(list(vertebrae) + [None]):
+        centred = vertebra is not None and vertebra.appearance_slices is not None
+        if centred and start is None:
+            start = i
+        elif not centred and start is not None:
+            runs.append((vertebrae[start].level, vertebrae[i - 1].level))
+            start = None
+    if not runs:
+        return None
+    named = ", ".join(top if top == bottom else f"{top}-{bottom}" for top, bottom in runs)
+    return (f"the spine lies off the middle of the slab at {named} (a lateral curve, or the slab placed to one "
+            "side): the appearance network saw the slices centred on the spine there (appearance_slices)")
+
+
 def slices_seen(scan: Scan, run: SliceRun) -> Scan:
     """``scan`` cut to the slice run (its in-plane geometry is all the appearance volume reads)."""
     return scan if run is None else replace(scan, voxels=scan.voxels[:, :, run[0]:run[1] + 1])

@@ -56,6 +56,7 @@ import numpy as np
 from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
+from SpineNetLib.label.appearance_slices import off_middle_note
 from SpineNetLib.label.labelling import (MISSED_BODY_GAP_RATIO, LabellingParams, assign_level_names, beam_search,
                                          gap_ratios, level_skipped, sequence_cost, skips_across_gaps)
 
@@ -400,8 +401,9 @@ def ask_for_review_where_in_doubt(scan: Scan, vertebrae: Sequence[Vertebra], lab
                                   confidence: LabellingConfidence) -> None:
     """The review reasons the margin cannot show, for the labelled ``vertebrae`` of ``scan`` (``labelling``,
     the labelling block of the detection, says which held; each goes before those asked earlier, so the
-    more specific ones, asked later, come first), and the note on an S1 at the lower image edge (a review
-    reason when the body is cut by the edge); ``labelling`` records what was found."""
+    more specific ones, asked later, come first), the note on a spine off the middle of the slab, and the
+    note on an S1 at the lower image edge (a review reason when the body is cut by the edge); ``labelling``
+    records what was found."""
     spacing_factor = labelling.get("pixel_spacing_factor")
     if spacing_factor is not None:
         # the header's spacing found too few bodies: the levels and every size in mm are in doubt
@@ -422,6 +424,9 @@ def ask_for_review_where_in_doubt(scan: Scan, vertebrae: Sequence[Vertebra], lab
         ask_for_review(confidence, MOVED_UP_TO_WEAKER_S1)
     if labelling.get("s1_at_image_edge_relabelled"):
         ask_for_review(confidence, EDGE_BODY_RELABELLED)
+    centred_note = off_middle_note(vertebrae)
+    if centred_note is not None:
+        confidence.warnings.append(centred_note)
     if s1_cut_by_lower_edge(vertebrae, scan.voxels.shape[0]):
         # the note's strongest case (the body itself cut) asks for a review instead
         labelling.update(s1_at_image_edge=True, s1_cut_by_image_edge=True)
@@ -431,3 +436,4 @@ def ask_for_review_where_in_doubt(scan: Scan, vertebrae: Sequence[Vertebra], lab
     if edge_note is not None:
         labelling["s1_at_image_edge"] = True
         confidence.warnings.append(edge_note)
+

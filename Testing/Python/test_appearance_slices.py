@@ -155,3 +155,33 @@ def test_vertebrae_json_names_the_input_slices_the_network_saw():
     # canonical slices run right to left, the input's i axis left to right: slab t holds input slices
     # 64 - 4t .. 67 - 4t, so slabs 6..8 hold 32..43
     assert vertebrae_document(thin, DetectionResult(vertebrae=chain))["vertebrae"][0]["appearance_slices"] == [32, 43]
+
+
+def test_the_warnings_name_the_vertebrae_seen_on_centred_slices_without_asking_for_a_review():
+    """Whoever reads only the warnings learns where the slab lies unevenly about the spine; the note is no
+    review reason of its own, and a spine seen whole on every slice gets none."""
+    from SpineNetLib.core.levels import level_index
+    from SpineNetLib.label.appearance_slices import off_middle_note
+    from SpineNetLib.label.confidence import ask_for_review_where_in_doubt, confidence_of_vertebrae
+
+    names = ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
+    chain = []
+    for k, name in enumerate(names):
+        vertebra = body(2, 14, top=20 + 40 * k)
+        vertebra.level = name
+        vertebra.level_probabilities = np.full(N_LEVELS, 0.001)
+        vertebra.level_probabilities[level_index(name)] = 1.0
+        chain.append(vertebra)
+    scan = scan_of(np.zeros((400, 120, 17), np.float32))
+    quiet = confidence_of_vertebrae(chain)
+    ask_for_review_where_in_doubt(scan, chain, {}, quiet)
+    assert off_middle_note(chain) is None and not any("off the middle" in w for w in quiet.warnings)
+
+    for name in ("L2", "L3", "S1"):
+        chain[names.index(name)].appearance_slices = (6, 16)
+    note = off_middle_note(chain)
+    assert "off the middle of the slab at L2-L3, S1 " in note
+    confidence = confidence_of_vertebrae(chain)
+    assert not confidence.needs_review
+    ask_for_review_where_in_doubt(scan, chain, {}, confidence)
+    assert note in confidence.warnings and not confidence.needs_review
