@@ -12,8 +12,8 @@ or with any Python that has SpineNetLib's requirements and ``slicer-core``::
 Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder or
 file, NIfTI, NRRD, MHA, or a ZIP archive of one of them: identical behaviour in and outside Slicer), and of a
 DICOM exam the other sagittal series of the same frame of reference, whose levels the run compares with the
-scan's as ``spinenet run`` does (:func:`SpineNetLib.inputs.load.load_other_series`; ``--no-compare-series``
-skips them), and run it through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
+scan's as ``spinenet run`` does (:func:`SpineNetLib.inputs.load.series_to_compare`; ``--compare-with`` names
+more, in any format; ``--no-compare-series`` skips them), and run it through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
 process, the same entry point as the Slicer module's worker, so the same files
 are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
 ``discs.json`` when the discs were measured or graded), the hotspot maps
@@ -90,6 +90,9 @@ def build_parser():
     parser.add_argument("--no-compare-series", action="store_true",
                         help="do not label the other sagittal series of the exam in the DICOM folder (up to 3, same "
                              "frame of reference) to check the levels against theirs (as spinenet run)")
+    parser.add_argument("--compare-with", action="append", default=[], metavar="PATH",
+                        help="another sagittal series of the same exam to check the levels against, in any input "
+                             "format, in the same patient coordinates (as spinenet run); repeat for more")
     parser.add_argument("--no-scene", action="store_true", help="write only the CSV/JSON files, no scene.mrb")
     parser.add_argument("--no-preview", action="store_true", help="do not draw preview.png (nor hotspots.png)")
     parser.add_argument("--pipeline", help="MODULE:FUNCTION or FILE.py:FUNCTION replacing the default pipeline "
@@ -171,7 +174,7 @@ def run(args):
     from SpineNetLib.apps import worker
     from SpineNetLib.core.errors import InputError
     from SpineNetLib.inputs.archive import unpacked
-    from SpineNetLib.inputs.load import load_other_series, load_scan
+    from SpineNetLib.inputs.load import load_scan, series_to_compare
     from SpineNetLib.outputs import documents
     from SpineNetLib.outputs.files import check_writable, earlier_manifest
 
@@ -198,7 +201,8 @@ def run(args):
     with unpacked(args.input) as source:   # a ZIP archive: its files are needed only while it is read
         scan = load_scan(source, series_uid=args.series, resample_isotropic=False)
         # the exam's other sagittal series, a second opinion on the levels (as spinenet run reads them)
-        others = [] if args.no_compare_series else load_other_series(source, scan, resample_isotropic=False)
+        others = series_to_compare(args.compare_with, source, scan, args.input, compare=not args.no_compare_series,
+                                   resample_isotropic=False)
 
     # The worker's entry point, in this process, on the scan just read (with its --series).
     with tempfile.TemporaryDirectory(prefix="SpineNetBatch-") as folder:

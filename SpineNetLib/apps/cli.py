@@ -209,6 +209,10 @@ def _add_run_command(sub) -> None:
                           "frame of reference, in the input folder) to check the levels against theirs; a series "
                           "that names a vertebra otherwise asks for a review (README, A second opinion from the "
                           "same exam)")
+    run.add_argument("--compare-with", action="append", default=[], metavar="PATH",
+                     help="another sagittal series of the same exam to check the levels against, in any input "
+                          "format (a NIfTI study's T1 beside its T2), in the same patient coordinates as the "
+                          f"input; repeat for more (up to {MAX_COMPARED_SERIES} series in all, these first)")
     _add_threads_option(run)
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(func=command_run)
@@ -305,7 +309,7 @@ def command_run(args) -> int:
     from SpineNetLib import pipeline
     from SpineNetLib.core.progress import StderrProgress, no_progress
     from SpineNetLib.inputs.archive import unpacked
-    from SpineNetLib.inputs.load import load_other_series
+    from SpineNetLib.inputs.load import series_to_compare
     from SpineNetLib.outputs.documents import series_alike
     from SpineNetLib.outputs.files import check_writable, write_results
     from SpineNetLib.outputs.preview import pillow_missing
@@ -320,9 +324,10 @@ def command_run(args) -> int:
     with unpacked(args.input) as source:
         scan, _ = pipeline.read_input(source, profile, series_uid=args.series, pixel_spacing=args.pixel_spacing,
                                       slice_spacing=args.slice_spacing)
-        compare = not getattr(args, "no_compare_series", False)   # spinenet demo's own arguments lack it
-        other_series = (load_other_series(source, scan, resample_isotropic=profile.slab_average_thin_slices)
-                        if compare else [])
+        # spinenet demo's own arguments lack both options
+        other_series = series_to_compare(getattr(args, "compare_with", None), source, scan, args.input,
+                                         compare=not getattr(args, "no_compare_series", False),
+                                         resample_isotropic=profile.slab_average_thin_slices)
         dicom_out = getattr(args, "dicom_out", False)
         if dicom_out:
             from SpineNetLib.outputs.dicom_results import check_dicom_source

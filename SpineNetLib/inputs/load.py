@@ -8,7 +8,8 @@
 * a ZIP archive is refused here with a pointer to :func:`SpineNetLib.inputs.archive.unpacked`, which
   keeps it unpacked for as long as a caller needs its files;
 * :func:`load_other_series`: the other sagittal series of a DICOM scan's exam, the second opinion on
-  its levels (``label/other_series.py``).
+  its levels (``label/other_series.py``); :func:`load_named_series`: those a user names, any format
+  (``spinenet run --compare-with``: a NIfTI study's T1 beside its T2).
 
 Every problem is an :class:`InputError` with a one-line message.
 """
@@ -127,3 +128,52 @@ def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
             scan.metadata.setdefault("warnings", []).append(
                 f"the series {key} of the exam was not compared with the one read: {error}")
     return others
+
+
+def load_named_series(paths, scan: Scan, input_path, *, resample_isotropic: bool = True) -> list[Scan]:
+    """The series the user names as other sagittal series of ``scan``'s exam (``spinenet run --compare-with``),
+    read as ``scan`` was from ``input_path``. Unlike the series found beside a DICOM scan, a named one that
+    cannot be read is refused: the user asked for it. Refused too: more than ``MAX_COMPARED_SERIES``, the
+    scan itself, and a DICOM series in another frame of reference than a DICOM scan's (its vertebrae would
+    not lie where the scan's do). Image files carry no frame of reference: they must be in the patient
+    coordinates the scan's file uses (as a converter writes every series of one session), which the
+    comparison's note says when too few vertebrae lie at the same places."""
+    paths = [Path(p) for p in paths]
+    if len(paths) > MAX_COMPARED_SERIES:
+        raise InputError(f"--compare-with names {len(paths)} series; at most {MAX_COMPARED_SERIES} are compared")
+    read = []
+    for path in paths:
+        if path.exists() and Path(input_path).exists() and path.resolve() == Path(input_path).resolve():
+            raise InputError(f"--compare-with {path}: that is the scan read itself")
+        try:
+            other = load_scan(path, resample_isotropic=resample_isotropic)
+        except InputError as error:
+            raise InputError(f"--compare-with {path}: {error}") from None
+        mine, theirs = (str(x.metadata.get("series_uid") or "") for x in (scan, other))
+        if mine and mine == theirs:
+            raise InputError(f"--compare-with {path}: that is the series read itself")
+        mine, theirs = (str(x.metadata.get("frame_of_reference_uid") or "") for x in (scan, other))
+        if mine and theirs and mine != theirs:
+            raise InputError(f"--compare-with {path}: its frame of reference is not the scan's (another session "
+                             "or patient position), so its vertebrae do not lie where the scan's do")
+        read.append(other)
+    return read
+
+
+def series_to_compare(named, source, scan: Scan, input_path, *, compare: bool = True,
+                      resample_isotropic: bool = True) -> list[Scan]:
+    """The other sagittal series to check ``scan``'s levels against, as every caller reads them (``spinenet
+    run``, ``SpineNetBatch.py``): those ``named`` by the user (:func:`load_named_series`, read now, so that a
+    bad one fails before the inference), then those found beside a DICOM ``source``
+    (:func:`load_other_series`; one named as well is compared once), at most ``MAX_COMPARED_SERIES`` in all;
+    none where ``compare`` is false (``--no-compare-series``), which naming series contradicts."""
+    named = list(named or [])
+    if not compare:
+        if named:
+            raise InputError("--compare-with and --no-compare-series contradict each other: drop one")
+        return []
+    given = load_named_series(named, scan, input_path, resample_isotropic=resample_isotropic)
+    found = load_other_series(source, scan, resample_isotropic=resample_isotropic)
+    uids = {other.metadata.get("series_uid") for other in given} - {None, ""}
+    found = [other for other in found if other.metadata.get("series_uid") not in uids]
+    return (given + found)[:MAX_COMPARED_SERIES]

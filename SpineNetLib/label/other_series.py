@@ -36,14 +36,16 @@ from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
 
 def series_name(scan: Scan) -> str:
     """How a warning names a series: its description and number (and the stack's label, for one contrast of
-    a series of several: "'T2 Dixon' (series 6) [W]"), else its UID (as ``--series`` takes it)."""
+    a series of several: "'T2 Dixon' (series 6) [W]"), else its UID (as ``--series`` takes it), else, for an
+    image file (``spinenet run --compare-with``), its path as the user gave it."""
     meta = scan.metadata
     number = str(meta.get("series_number") or "").strip()
     description = str(meta.get("series_description") or "").strip()
     stack = str(meta.get("stack") or "").strip()
     named = " ".join(x for x in (repr(description) if description else "", f"(series {number})" if number else "",
                                  f"[{stack}]" if stack else "") if x)
-    return named or str(meta.get("series_uid") or meta.get("source") or "another series")
+    source = str(meta.get("source") or "")
+    return named or str(meta.get("series_uid") or (repr(source) if source else "") or "another series")
 
 
 def _named_centroids(scan: Scan, vertebrae: Sequence[Vertebra]) -> list[tuple[str, np.ndarray]]:

@@ -9,6 +9,8 @@ post-processing, labelling search and output code then run unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -60,8 +62,8 @@ def ground_truth_centroid_ras(phantom, vertebra) -> np.ndarray:
 
 
 def name_series_a_level_lower(monkeypatch, series_description: str, *, unsure: tuple[str, ...] = ()) -> None:
-    """Make ``pipeline.detect_and_label`` name each vertebra of the series with this SeriesDescription one
-    level lower (L1 named L2, ...; the body at S1 left out), with the level probabilities moved along, so
+    """Make ``pipeline.detect_and_label`` name each vertebra of the series with this SeriesDescription (an
+    image file: this file name) one level lower (L1 named L2, ...; the body at S1 left out), with the level probabilities moved along, so
     that the labelling is as sure of it as of the truth; the other series as before: an exam whose two
     series disagree. The labelling of each series described in ``unsure`` asks for a review of its own
     (its body named S1 may be L5)."""
@@ -75,7 +77,7 @@ def name_series_a_level_lower(monkeypatch, series_description: str, *, unsure: t
 
     def labelled(scan, networks, **kwargs):
         result = label(scan, networks, **kwargs)
-        described = scan.metadata.get("series_description")
+        described = scan.metadata.get("series_description") or Path(str(scan.metadata.get("source", ""))).name
         if described == series_description:   # LEVELS runs from S1 up: one level lower is one index down
             result.vertebrae = [dataclasses.replace(v, level=lower[v.level],
                                                     level_probabilities=np.roll(v.level_probabilities, -1))

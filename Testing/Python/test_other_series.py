@@ -394,3 +394,117 @@ def test_one_file_given_beside_a_broken_sub_folder_runs_without_the_comparison(e
     assert any(w.startswith("the exam's other series were not compared with the one read: DICOM file")
                and "truncated or corrupt" in w for w in warnings), warnings
     assert "compared_with_series" not in _labelling(out)
+
+
+@pytest.fixture()
+def nifti_exam(tmp_path, monkeypatch):
+    """A NIfTI study as a converter writes one session: the T2 and the T1 as two files in the same patient
+    coordinates (one phantom), with oracle networks."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
+    t2 = phantom.write_nifti(tmp_path / "sub-01_T2w.nii.gz")
+    t1 = phantom.write_nifti(tmp_path / "sub-01_T1w.nii.gz")
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    return phantom, t2, t1
+
+
+def test_a_series_named_with_compare_with_is_compared_in_any_format(nifti_exam, tmp_path, monkeypatch, capsys):
+    """Image files carry no exam: the user names the other series, and it is compared as the DICOM series of an
+    exam are, named by its path as given; named a level off, it asks for a review."""
+    phantom, t2, t1 = nifti_exam
+    out = tmp_path / "alike"
+    assert cli.main(["run", str(t2), "--compare-with", str(t1), "-o", str(out), "--quiet", "--no-grade",
+                     "--no-preview"]) == 0
+    assert _labelling(out)["compared_with_series"] == _labelling(out)["agreeing_series"] == [repr(str(t1))]
+    assert _labelling(out)["needs_review"] is False
+    assert f"the exam's series {str(t1)!r} names the vertebrae alike" in capsys.readouterr().out
+    assert "compared_with_series" not in _labelling(_run_alone(t2, tmp_path / "alone"))
+
+    name_series_a_level_lower(monkeypatch, t1.name)
+    out = tmp_path / "off"
+    assert cli.main(["run", str(t2), "--compare-with", str(t1), "-o", str(out), "--quiet", "--no-grade",
+                     "--no-preview"]) == 0
+    labelling = _labelling(out)
+    assert labelling["needs_review"] is True and labelling["disagreeing_series"] == [repr(str(t1))]
+    assert labelling["warnings"][0].startswith(f"levels may be shifted: the series {str(t1)!r} of the same exam "
+                                               f"names the vertebra {phantom.levels[0]} here ")
+    assert [v["level"] for v in json.loads((out / "vertebrae.json").read_text())["vertebrae"]] == phantom.levels
+
+
+def test_the_batch_script_compares_a_series_named_with_compare_with_as_spinenet_run(nifti_exam, tmp_path, monkeypatch,
+                                                                                   capsys):
+    phantom, t2, t1 = nifti_exam
+    batch = batch_script()
+    out = tmp_path / "batch"
+    arguments = ["--input", str(t2), "--output", str(out), "--quiet", "--no-grading", "--no-scene", "--no-preview",
+                 "--compare-with", str(t1)]
+    assert batch.main(arguments) == 0
+    assert _labelling(out)["agreeing_series"] == [repr(str(t1))] and _labelling(out)["needs_review"] is False
+    name_series_a_level_lower(monkeypatch, t1.name)
+    capsys.readouterr()
+    assert batch.main(arguments) == 0
+    assert _labelling(out)["disagreeing_series"] == [repr(str(t1))] and _labelling(out)["needs_review"] is True
+    assert f"CHECK THE LEVELS: Levels may be shifted: the series {str(t1)!r}" in capsys.readouterr().out
+    assert batch.main(arguments + ["--no-compare-series"]) == 2
+    assert "--compare-with and --no-compare-series contradict" in capsys.readouterr().err
+
+
+def _run_alone(image, out):
+    assert cli.main(["run", str(image), "-o", str(out), "--quiet", "--no-grade", "--no-preview"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--compare-with", "{missing}"], "--compare-with {missing}: "),
+    (["--compare-with", "{t2}"], "that is the scan read itself"),
+    (["--compare-with", "{t1}", "--no-compare-series"], "--compare-with and --no-compare-series contradict"),
+    (["--compare-with", "{t1}"] * 4, "--compare-with names 4 series; at most 3 are compared"),
+])
+def test_a_series_named_with_compare_with_that_cannot_be_compared_is_refused_at_once(
+        nifti_exam, tmp_path, capsys, extra, says):
+    """The user asked for it: one line and exit status 2 before any inference, no results folder."""
+    _, t2, t1 = nifti_exam
+    names = {"missing": str(tmp_path / "sub-01_STIR.nii.gz"), "t2": str(t2), "t1": str(t1)}
+    out = tmp_path / "out"
+    assert cli.main(["run", str(t2), "-o", str(out), "--quiet", *[x.format(**names) for x in extra]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says.format(**names) in err
+    assert not (out / "vertebrae.json").exists()
+
+
+def test_a_dicom_series_named_with_compare_with_is_compared_once_and_in_its_frame_of_reference_only(exam, tmp_path,
+                                                                                                    capsys):
+    phantom, folder = exam
+    out = tmp_path / "named"
+    # the exam folder finds the T1 itself: named as well, it is compared once
+    assert cli.main(["run", str(folder), "--compare-with", str(folder / "t1"), "-o", str(out), "--quiet",
+                     "--no-grade", "--no-preview"]) == 0
+    assert _labelling(out)["compared_with_series"] == ["'T1 SAG' (series 3)"]
+    assert cli.main(["run", str(folder / "t2"), "--compare-with", str(folder / "other"), "-o",
+                     str(tmp_path / "other"), "--quiet", "--no-grade", "--no-preview"]) == 2
+    assert "its frame of reference is not the scan's" in capsys.readouterr().err
+    assert cli.main(["run", str(folder / "t2"), "--compare-with", str(folder / "t2"), "-o",
+                     str(tmp_path / "self"), "--quiet", "--no-grade", "--no-preview"]) == 2
+    assert "that is the scan read itself" in capsys.readouterr().err
+
+
+def test_a_real_exams_t1_and_tirm_as_nifti_files_name_the_vertebrae_alike(tmp_path, capsys):
+    """The one real exam with two sagittal series in ../shared/data: zukic patient AKa's T1 and TIRM (held out,
+    never trained on), two NIfTI files in the same patient coordinates. With the bundled networks each is named
+    right on its own (model card), and the T1 checked against the TIRM finds the same vertebrae (centres within
+    a few mm) named alike."""
+    from SpineNetLib.training.datasets import default_data_root
+
+    zukic = default_data_root() / "zukic"
+    t1, tirm = (zukic / name / "image.nii.gz" for name in ("zukic_02_AKa3_T1", "zukic_03_AKa4_TIRM"))
+    if not (t1.is_file() and tirm.is_file()):
+        pytest.skip("../shared/data (real MRI) is not present")
+    out = tmp_path / "out"
+    assert cli.main(["run", str(t1), "--compare-with", str(tirm), "-o", str(out), "--quiet", "--no-grade",
+                     "--no-preview", "--threads", "2"]) == 0
+    labelling = _labelling(out)
+    assert labelling["agreeing_series"] == [repr(str(tirm))] and labelling["disagreeing_series"] == []
+    assert labelling["needs_review"] is False
+    mine = json.loads((out / "vertebrae.json").read_text())["vertebrae"]
+    (theirs,) = labelling["other_series_levels"]
+    assert [v["level"] for v in mine] == [v["level"] for v in theirs["vertebrae"]] == list(LEVELS_TOP_DOWN[
+        LEVELS_TOP_DOWN.index("T10"):LEVELS_TOP_DOWN.index("S1") + 1])
