@@ -1,7 +1,7 @@
 """Levels on the held-out real scans as another scanner or protocol might give them (issue 10): figures, not a test.
 
     python benchmarks/acquisition_variants.py [--variants NAME,...] [--pred DIR] [--threads 2] [--split val|train]
-        [--calibration-studies]
+        [--calibration-studies] [--noise-seed K]
         [--precision fp32|bf16] [--runtime torch|openvino|onnx] [--plan patches|whole_slice]
 
 Issue 10's goal is about scans from other centres, which ../shared does not hold.  This takes the 68
@@ -52,7 +52,8 @@ Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matri
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
 as "of the annotated bodies".  The columns that matter: the share of scans with no body named wrongly
 ("none wrong"), and how many scans with a wrongly named body the review flag catches (and how many
-of the others it flags).  Noise is seeded per case.
+of the others it flags).  Noise is seeded per case (``--noise-seed K`` adds K to each case's seed: another
+draw, for how much of a row is the noise's luck).
 """
 
 from __future__ import annotations
@@ -288,8 +289,10 @@ def vary(scan, variant: str, gt, seed: int):
     raise InputError(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
 
 
-def predict_variant(cases, variant: str, networks, profile, pred_root: Path, detection_params=None) -> list[str]:
-    """``vertebrae.json`` of every case under ``variant``; returns the case ids that were run."""
+def predict_variant(cases, variant: str, networks, profile, pred_root: Path, detection_params=None,
+                    noise_seed: int = 0) -> list[str]:
+    """``vertebrae.json`` of every case under ``variant``; returns the case ids that were run. ``noise_seed`` is
+    added to each case's seed (another draw of the noise)."""
     from SpineNetLib.evaluation.evaluate import annotated_with_points, ground_truth_of_case
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, run
@@ -309,7 +312,8 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
             else:
                 scan = load_scan(case.path / "image.nii.gz",
                                  resample_isotropic=profile.slab_average_thin_slices and not thin)
-                changed = vary(scan, variant, ground_truth_of_case(case), zlib.crc32(case.case_id.encode()))
+                changed = vary(scan, variant, ground_truth_of_case(case),
+                               zlib.crc32(case.case_id.encode()) + noise_seed)
             if changed is None:
                 continue
             result = run(changed, networks, RunOptions(grade=False, profile=profile.name,
@@ -365,6 +369,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-studies", action="store_true",
                         help="with --split train: the 30 calibration studies only (training side, kept out of "
                              "the appearance network's training: training.datasets.calibration_split)")
+    parser.add_argument("--noise-seed", type=int, default=0,
+                        help="added to each case's noise seed: another draw of the noise of the noise and combined "
+                             "rows (the other rows have none); give each draw its own --pred folder")
     parser.add_argument("--plan", choices=("patches", "whole_slice"), default=None,
                         help="detection plan (default: DetectionParams' own; SpineNetLib/detect/plans.py)")
     args = parser.parse_args(argv)
@@ -401,7 +408,7 @@ def main(argv=None) -> int:
     detection_params = detection_params_for(args.plan)
     lines, unflagged, unflagged_wrong = [], 0, 0
     for variant in variants:
-        ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params)
+        ran = predict_variant(cases, variant, networks, profile, pred_root, detection_params, args.noise_seed)
         summary = evaluate_directories(data_root, pred_root / variant, case_ids=ran)
         line, n_unflagged, n_wrong = row(variant, summary, {c.case_id: c.patient_id for c in cases})
         lines.append(line)
