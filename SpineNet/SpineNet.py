@@ -55,6 +55,7 @@ for _name in [name for name in sys.modules if name == "SpineNetModuleLib" or nam
 from SpineNetModuleLib import LIBRARY_PARENT  # noqa: E402,F401  (puts SpineNetLib on sys.path)
 from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet.SpineNetLogic, ...)
     ARITHMETICS,
+    COMPARE_WITH_REFERENCE,
     DEVICES,
     IMPORT_NAMES,
     INPUT_REFERENCE,
@@ -181,6 +182,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.inputSelector.setMRMLScene(slicer.mrmlScene)
+        self.ui.compareWithSelector.setMRMLScene(slicer.mrmlScene)
         self.logic = SpineNetLogic()
         self.logic.progressReported.connect(self.onRunProgress)
         self.logic.warningReported.connect(self.onRunWarning)
@@ -229,6 +231,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.sequenceComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.hotspotHeadComboBox.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.compareSeriesCheckBox.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.compareSeriesCheckBox.toggled.connect(self.updateWidgets)
+        self.ui.compareWithSelector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
         # a closed scene takes its parameter node (and the results) with it
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -312,6 +316,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             self.offerHotspotHeads()
             _selectText(self.ui.hotspotHeadComboBox, node.GetParameter("HotspotHead"))
             self.ui.compareSeriesCheckBox.setChecked(node.GetParameter("CompareSeries") != "false")
+            self.ui.compareWithSelector.setCurrentNode(node.GetNodeReference(COMPARE_WITH_REFERENCE))
         finally:
             self._updatingGUIFromParameterNode = False
         self._populateIfChanged()
@@ -334,6 +339,8 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
             node.SetParameter("Sequence", _get(self.ui.sequenceComboBox, "currentText") or SEQUENCE_FROM_SCAN)
             node.SetParameter("HotspotHead", _get(self.ui.hotspotHeadComboBox, "currentText") or NO_HOTSPOTS)
             node.SetParameter("CompareSeries", "true" if _get(self.ui.compareSeriesCheckBox, "checked") else "false")
+            other = self.ui.compareWithSelector.currentNode()
+            node.SetNodeReferenceID(COMPARE_WITH_REFERENCE, other.GetID() if other is not None else None)
             self.logic.updateResultReferences(node)
         finally:
             node.EndModify(wasModified)
@@ -391,6 +398,7 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         self.ui.weightsBrowseButton.setEnabled(folder)
         self.ui.hotspotHeadComboBox.setEnabled(bool(_get(self.ui.gradingCheckBox, "checked")))
         self.ui.sequenceComboBox.setEnabled(bool(_get(self.ui.gradingCheckBox, "checked")))
+        self.ui.compareWithSelector.setEnabled(bool(_get(self.ui.compareSeriesCheckBox, "checked")))
         self.ui.applyButton.setEnabled(not running)
         self.ui.cancelButton.setEnabled(running)
         vertebraeDoc, _, folder = self.logic.documents(self._volume())   # (None, None, None) without a volume
@@ -415,12 +423,14 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
         weights = self._weightsSpec()
         head = _get(self.ui.hotspotHeadComboBox, "currentText")
         precision, runtime = arithmetic_settings(_get(self.ui.arithmeticComboBox, "currentText"))
+        compare = bool(_get(self.ui.compareSeriesCheckBox, "checked"))
         return {"weights": weights, "device": _get(self.ui.deviceComboBox, "currentText") or "auto",
                 "grading": bool(_get(self.ui.gradingCheckBox, "checked")),
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
                 "precision": precision, "runtime": runtime,
                 "sequence": sequence_setting(_get(self.ui.sequenceComboBox, "currentText")),
-                "compare_series": bool(_get(self.ui.compareSeriesCheckBox, "checked"))}
+                "compare_series": compare,
+                "compare_with": self.ui.compareWithSelector.currentNode() if compare else None}
 
     def onBrowseWeights(self):
         folder = qt.QFileDialog.getExistingDirectory(None, "SpineNet weights folder",

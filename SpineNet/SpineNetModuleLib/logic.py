@@ -74,6 +74,8 @@ WORKER_MODULE_ARGUMENTS = ["-m", "SpineNetLib.apps.worker"]
 PARAMETER_NODE_TAG = "SpineNet"
 #: Reference role of the input volume in the parameter node.
 INPUT_REFERENCE = "InputVolume"
+#: Reference role of the volume the panel's "Also compare with" names (a volume loaded from a file).
+COMPARE_WITH_REFERENCE = "CompareWithVolume"
 #: The options in the parameter node and their defaults (text, as MRML stores them).
 PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto", "Arithmetic": "float32",
                       "Grading": "true", "Sequence": SEQUENCE_FROM_SCAN, "HotspotHead": NO_HOTSPOTS,
@@ -251,13 +253,15 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         source = parameterNode.GetParameter("Weights") or PARAMETER_DEFAULTS["Weights"]
         head = parameterNode.GetParameter("HotspotHead")
         precision, runtime = arithmetic_settings(parameterNode.GetParameter("Arithmetic"))
+        compare = parameterNode.GetParameter("CompareSeries") != "false"   # the volume chosen then counts too
         return {"weights": parameterNode.GetParameter("WeightsFolder").strip() if source == "folder" else source,
                 "device": parameterNode.GetParameter("Device") or "auto",
                 "grading": parameterNode.GetParameter("Grading") != "false",
                 "hotspot_head": None if head in ("", NO_HOTSPOTS) else head,
                 "precision": precision, "runtime": runtime,
                 "sequence": sequence_setting(parameterNode.GetParameter("Sequence")),
-                "compare_series": parameterNode.GetParameter("CompareSeries") != "false"}
+                "compare_series": compare,
+                "compare_with": parameterNode.GetNodeReference(COMPARE_WITH_REFERENCE) if compare else None}
 
     def updateResultReferences(self, parameterNode=None):
         """Point the parameter node's result references at the result nodes of its input volume."""
@@ -363,12 +367,13 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
 
     def prepareRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
                    pipeline=None, options=None, workFolder=None, precision="fp32", runtime="torch", sequence=None,
-                   compare_series=True):
+                   compare_series=True, compare_with=None):
         """Write the volume for the worker and return how to start it.
 
-        The worker draws ``preview.png`` only in a ``workFolder``.  With ``compare_series``, the scene's
-        other sagittal volumes of the volume's exam (:meth:`_writeOtherSeries`) go to the worker too, to
-        compare their levels with the volume's.
+        The worker draws ``preview.png`` only in a ``workFolder``.  With ``compare_series``, the volume node
+        ``compare_with`` (the panel's "Also compare with"; None: none) and the scene's other sagittal volumes
+        of the volume's exam (:meth:`_writeOtherSeries`) go to the worker too, to compare their levels with
+        the volume's.
         Returns ``{"program", "arguments", "serveArguments", "environment", "workingDirectory",
         "workerArguments", "folder", "output", "temporary"}``: ``program`` +
         ``arguments`` run the worker as a process for this run, ``program`` + ``serveArguments`` the
@@ -379,12 +384,19 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         """
         mrml = self._mrml()
         voxels, ijkToRas = mrml.input_volume_arrays(volumeNode)   # refused as `spinenet run` refuses a file
+        self._checkCompareWith(volumeNode, compare_with, compare_series)
         folder = workFolder or tempfile.mkdtemp(prefix="SpineNet-")
         if not workFolder:
             _TEMPORARY_RUN_FOLDERS.add(folder)
         # the DICOM series' acquisition times, where Slicer's database has them: the grader reads T2 only
         metadata = {"path": volumeNode.GetName(), "format": "Slicer volume", **mrml.dicom_acquisition(volumeNode)}
-        otherSeries = self._writeOtherSeries(volumeNode, folder, metadata) if compare_series else []
+        try:
+            otherSeries = self._writeOtherSeries(volumeNode, folder, metadata, compare_with) if compare_series else []
+        except SpineNetError:
+            if not workFolder:   # nothing of this run stays behind
+                _TEMPORARY_RUN_FOLDERS.discard(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         npy, geometry = worker.write_volume(os.path.join(folder, "input"), voxels, ijkToRas, metadata)
         output = os.path.join(folder, "results")
         # preview.png and hotspots.png only where the files stay: a temporary folder is removed once its
@@ -396,18 +408,40 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         return {**self.workerProcessSettings(), "arguments": WORKER_MODULE_ARGUMENTS + workerArguments,
                 "workerArguments": workerArguments, "folder": folder, "output": output, "temporary": not workFolder}
 
-    def _writeOtherSeries(self, volumeNode, folder, metadata):
-        """Write the other sagittal volumes of the volume's exam in the scene (``mrml.exam_volumes``: the
-        same study and frame of reference in Slicer's DICOM database, at most
-        ``MAX_COMPARED_SERIES``) for the worker, which labels them and asks for a review where one names a
-        vertebra otherwise (``SpineNetLib/label/other_series.py``, as ``spinenet run`` on an exam folder).
-        Returns their (npy, geometry) paths; one that cannot be used is named in ``metadata["warnings"]``."""
+    def _checkCompareWith(self, volumeNode, compareWith, compareSeries):
+        """Refuse a volume chosen to compare with that cannot be compared: the input itself, one of another DICOM
+        frame of reference than the input's, or any where comparing is switched off (as ``spinenet run
+        --compare-with`` refuses them)."""
+        if compareWith is None:
+            return
+        if not compareSeries:
+            raise SpineNetError("a volume to compare with was chosen, but comparing the series is switched off")
+        if compareWith is volumeNode:
+            raise SpineNetError(f'"{volumeNode.GetName()}" is the input volume itself: choose another volume '
+                                "to compare with")
+        frames = {self._mrml().dicom_series(node).get("frame_of_reference_uid") for node in (volumeNode, compareWith)}
+        if len(frames - {None, ""}) == 2:
+            raise SpineNetError(f'the volume "{compareWith.GetName()}" lies in another DICOM frame of reference than '
+                                "the input (another session or patient position): its vertebrae do not lie where "
+                                "the input's do")
+
+    def _writeOtherSeries(self, volumeNode, folder, metadata, compareWith=None):
+        """Write ``compareWith`` (a volume node the user chose, or None) and the other sagittal volumes of the
+        volume's exam in the scene (``mrml.exam_volumes``: the same study and frame of reference in Slicer's
+        DICOM database), at most ``MAX_COMPARED_SERIES`` and each once, for the worker, which labels them and
+        asks for a review where one names a vertebra otherwise (``SpineNetLib/label/other_series.py``, as
+        ``spinenet run`` on an exam folder, and ``--compare-with``). Returns their (npy, geometry) paths; an
+        exam volume that cannot be used is named in ``metadata["warnings"]``, the chosen one is refused."""
         mrml = self._mrml()
+        chosen = [compareWith] if compareWith is not None else []
+        found = [node for node in mrml.exam_volumes(volumeNode, MAX_COMPARED_SERIES) if node is not compareWith]
         written = []
-        for number, node in enumerate(mrml.exam_volumes(volumeNode, MAX_COMPARED_SERIES)):
+        for number, node in enumerate((chosen + found)[:MAX_COMPARED_SERIES]):
             try:
                 voxels, ijkToRas = mrml.input_volume_arrays(node)
             except SpineNetError as error:
+                if node is compareWith:   # the user chose it: refused, as the input volume would be
+                    raise SpineNetError(f"the volume to compare with cannot be used: {error}") from None
                 metadata.setdefault("warnings", []).append(
                     f'the volume "{node.GetName()}" of the exam was not compared with the one read: {error}')
                 continue
@@ -436,7 +470,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
     def startRun(self, volumeNode, weights="bundled", device="auto", grading=True, hotspot_head=None,
                  pipeline=None, options=None, onProgress=None, onWarning=None, onFinished=None,
                  workerProcess=None, workFolder=None, precision="fp32", runtime="torch", sequence=None,
-                 compare_series=True):
+                 compare_series=True, compare_with=None):
         """Start SpineNet on a volume and return at once with the :class:`SpineNetRun`.
 
         ``onProgress(done, total, message)``, ``onWarning(message)`` and
@@ -455,7 +489,7 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
                                    pipeline=self.pipeline if pipeline is None else pipeline,
                                    options=self.pipelineOptions if options is None else options,
                                    workFolder=workFolder, precision=precision, runtime=runtime, sequence=sequence,
-                                   compare_series=compare_series)
+                                   compare_series=compare_series, compare_with=compare_with)
         run = SpineNetRun(volumeNode, prepared, onProgress=onProgress, onWarning=onWarning, onFinished=onFinished)
         process = workerProcess if workerProcess is not None else self.workerFactory()
         process.lineReceived.connect(functools.partial(self._onWorkerLine, run))

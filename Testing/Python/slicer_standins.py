@@ -67,7 +67,8 @@ class qMRMLWidget(QtWidgets.QWidget):
 
 
 class qMRMLNodeComboBox(QtWidgets.QComboBox):
-    """Stand-in: lists the scene's nodes of ``nodeTypes`` by name; emits ``currentNodeChanged(node)``."""
+    """Stand-in: lists the scene's nodes of ``nodeTypes`` by name, after a "None" item with ``noneEnabled`` (which
+    is then chosen until a node is); emits ``currentNodeChanged(node)``."""
 
     currentNodeChanged = Signal(object)
 
@@ -76,6 +77,7 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         self._scene = None
         self._types = ["vtkMRMLScalarVolumeNode"]
         self._nodes = []
+        self._none = False
         self.currentIndexChanged.connect(self._emitNode)
 
     def _getNodeTypes(self):
@@ -86,6 +88,15 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
 
     nodeTypes = Property(list, _getNodeTypes, _setNodeTypes)
 
+    def _getNoneEnabled(self):
+        return self._none
+
+    def _setNoneEnabled(self, enabled):
+        self._none = bool(enabled)
+        self.refresh()
+
+    noneEnabled = Property(bool, _getNoneEnabled, _setNoneEnabled)
+
     def setMRMLScene(self, scene):
         self._scene = scene
         self.refresh()
@@ -94,7 +105,9 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         current = self.currentNode()
         self.blockSignals(True)
         self.clear()
-        self._nodes = []
+        self._nodes = [None] if self._none else []
+        if self._none:
+            self.addItem("None")
         if self._scene is not None:
             for cls in self._types:
                 for n in range(self._scene.GetNumberOfNodesByClass(cls)):
@@ -106,6 +119,10 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
         self.blockSignals(False)
         if current is not None and current in self._nodes:
             self.setCurrentIndex(self._nodes.index(current))
+        elif self._none:
+            self.setCurrentIndex(0)
+            if current is not None:   # its node left the scene
+                self._emitNode(0)
         elif self._nodes:
             self.setCurrentIndex(0)
             self._emitNode(0)

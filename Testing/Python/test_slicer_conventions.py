@@ -84,14 +84,21 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     widget.ui.arithmeticComboBox.setCurrentText("bfloat16")
     widget.ui.hotspotHeadComboBox.setCurrentText("Pfirrmann")
     widget.ui.sequenceComboBox.setCurrentText("T2")
-    widget.ui.compareSeriesCheckBox.setChecked(False)
+    widget.ui.compareWithSelector.refresh()
+    assert widget.ui.compareWithSelector.currentNode() is None      # none until the user chooses one
+    widget.ui.compareWithSelector.setCurrentNode(first)
+    assert node.GetNodeReference("CompareWithVolume") is first
+    assert widget.settings()["compare_with"] is first
+    assert module.SpineNetLogic.runSettings(node)["compare_with"] is first
+    widget.ui.compareSeriesCheckBox.setChecked(False)   # no comparison: the volume chosen is kept, but not used
+    assert not widget.ui.compareWithSelector.isEnabled() and node.GetNodeReference("CompareWithVolume") is first
     assert node.GetNodeReference("InputVolume") is second
     assert [node.GetParameter(n) for n in ("Weights", "WeightsFolder", "Device", "Arithmetic", "Grading",
                                            "Sequence", "HotspotHead", "CompareSeries")] == \
         ["folder", "/data/my weights", "cpu", "bfloat16", "true", "T2", "Pfirrmann", "false"]
     assert module.SpineNetLogic.runSettings(node) == widget.settings() == {
         "weights": "/data/my weights", "device": "cpu", "grading": True, "hotspot_head": "Pfirrmann",
-        "precision": "bf16", "runtime": "torch", "sequence": "T2", "compare_series": False}
+        "precision": "bf16", "runtime": "torch", "sequence": "T2", "compare_series": False, "compare_with": None}
 
     # results of the input volume are referenced from the parameter node
     write_results(tmp_path / "results", RunResult(vertebrae_document=vertebrae))
@@ -124,7 +131,9 @@ def test_the_parameter_node_holds_inputs_options_and_results_through_a_saved_sce
     assert restored._parameterNode.GetNodeReference("InputVolume") is volume
     assert restored.settings() == {"weights": "/data/my weights", "device": "cuda", "grading": False,
                                    "hotspot_head": "Pfirrmann", "precision": "bf16", "runtime": "openvino",
-                                   "sequence": "T2", "compare_series": True}
+                                   "sequence": "T2", "compare_series": True,
+                                   "compare_with": restored._parameterNode.GetNodeReference("CompareWithVolume")}
+    assert restored.settings()["compare_with"].GetName() == first.GetName()
     assert restored.ui.weightsFolderLineEdit.isEnabled() and not restored.ui.gradingCheckBox.isChecked()
     assert restored.ui.vertebraTable.rowCount() == 7 and restored.ui.discTable.rowCount() == 6
     assert restored._parameterNode.GetNumberOfNodeReferences("ResultOutline") == 7

@@ -188,3 +188,49 @@ def test_the_panel_setting_reaches_the_run_and_the_parameter_node(exam, tmp_path
     finally:
         widget.cleanup()
         parent.close()
+
+
+def test_a_volume_chosen_to_compare_with_is_compared_where_the_scene_knows_no_exam(exam, monkeypatch):
+    """Volumes loaded from files carry no DICOM study: the panel's "Also compare with" names the other series,
+    compared as the exam's volumes are (and as `spinenet run --compare-with`); one the run cannot use is
+    refused before the worker starts."""
+    module, scene, phantom, volumes = exam
+    t1_file = mrml.add_volume(scene, phantom.voxels_kji, phantom.ijk_to_ras, "T1 from a file")
+    logic = module.SpineNetLogic(scene=scene)
+    t2_file = volumes["from a file"]
+    logic.runSynchronously(t2_file, grading=False, compare_with=t1_file)
+    labelling = _labelling(logic, t2_file)
+    assert labelling["compared_with_series"] == labelling["agreeing_series"] == ["'T1 from a file'"]
+    name_series_a_level_lower(monkeypatch, "T1 from a file")
+    logic.runSynchronously(t2_file, grading=False, compare_with=t1_file)
+    labelling = _labelling(logic, t2_file)
+    assert labelling["needs_review"] is True and labelling["disagreeing_series"] == ["'T1 from a file'"]
+
+    # a DICOM volume chosen that the exam holds anyway is compared once, first
+    t2 = volumes["4: T2 SAG"]
+    logic.runSynchronously(t2, grading=False, compare_with=volumes["5: STIR SAG"])
+    assert _labelling(logic, t2)["compared_with_series"] == ["'STIR SAG' (series 5)", "'T1 SAG' (series 3)"]
+
+    label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a segmentation")
+    for chosen, settings, says in (
+            (t2_file, {}, "is the input volume itself"),
+            (volumes["7: T1 SAG elsewhere"], {}, "lies in another DICOM frame of reference than the input"),
+            (t1_file, {"compare_series": False}, "comparing the series is switched off"),
+            (label_map, {}, "the volume to compare with cannot be used: ")):
+        source = t2 if chosen is volumes["7: T1 SAG elsewhere"] else t2_file
+        with pytest.raises(module.SpineNetError, match=says):
+            logic.prepareRun(source, compare_with=chosen, **settings)
+
+
+def test_a_refused_volume_to_compare_with_leaves_no_run_folder_behind(exam, monkeypatch):
+    """The label map is found unusable once the run folder is made: the folder goes again."""
+    import tempfile
+
+    module, scene, phantom, volumes = exam
+    made, real = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    logic = module.SpineNetLogic(scene=scene)
+    label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a segmentation")
+    with pytest.raises(module.SpineNetError, match="the volume to compare with cannot be used"):
+        logic.prepareRun(volumes["from a file"], compare_with=label_map)
+    assert made and not any(os.path.exists(folder) for folder in made)

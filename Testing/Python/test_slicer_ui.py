@@ -1012,7 +1012,8 @@ def test_the_widget_only_delegates_to_the_logic(panel, monkeypatch):
     widget.ui.applyButton.click()
     assert calls == [("start", volume, widget.settings())]
     assert calls[0][2] == {"weights": "bundled", "device": "cuda", "grading": True, "hotspot_head": None,
-                           "precision": "fp32", "runtime": "torch", "sequence": None, "compare_series": True}
+                           "precision": "fp32", "runtime": "torch", "sequence": None, "compare_series": True,
+                           "compare_with": None}
     assert widget.ui.statusLabel.text() == "Starting SpineNet on T2 sagittal lumbar ..."
     assert standins.FakeProcess.instances == []
 
