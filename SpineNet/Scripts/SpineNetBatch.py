@@ -13,9 +13,9 @@ Both read the scan with :func:`SpineNetLib.inputs.load.load_scan` (DICOM folder 
 file, NIfTI, NRRD, MHA, or a ZIP archive of one of them: identical behaviour in and outside Slicer), and of a
 DICOM exam the other sagittal series of the same frame of reference, whose levels the run compares with the
 scan's as ``spinenet run`` does (:func:`SpineNetLib.inputs.load.series_to_compare`; ``--compare-with`` names
-more, in any format; ``--no-compare-series`` skips them), and run it through the worker's entry point, ``SpineNetLib.apps.worker.run_request``, in this
-process, the same entry point as the Slicer module's worker, so the same files
-are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
+more, in any format; ``--no-compare-series`` skips them), and run it through the worker's entry point,
+``SpineNetLib.apps.worker.run_request``, in this process, the same entry point as the Slicer module's worker,
+so the same files are written into DIR: ``vertebrae.json``, ``vertebrae.csv``, ``discs.csv`` (and
 ``discs.json`` when the discs were measured or graded), the hotspot maps
 (only with ``--hotspot-head``), ``preview.png`` (a picture of the result;
 ``hotspots.png`` with hotspot maps; ``--no-preview`` skips them) and

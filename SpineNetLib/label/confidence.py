@@ -436,4 +436,3 @@ def ask_for_review_where_in_doubt(scan: Scan, vertebrae: Sequence[Vertebra], lab
     if edge_note is not None:
         labelling["s1_at_image_edge"] = True
         confidence.warnings.append(edge_note)
-
