@@ -65,8 +65,8 @@ def name_series_a_level_lower(monkeypatch, series_description: str, *, unsure: t
     """Make ``pipeline.detect_and_label`` name each vertebra of the series with this SeriesDescription (an
     image file: this file name) one level lower (L1 named L2, ...; the body at S1 left out), with the level
     probabilities moved along, so that the labelling is as sure of it as of the truth; the other series as
-    before: an exam whose two series disagree. The labelling of each series described in ``unsure`` asks for a review of its own
-    (its body named S1 may be L5)."""
+    before: an exam whose two series disagree. The labelling of each series described in ``unsure`` asks for
+    a review of its own (its body named S1 may be L5)."""
     import dataclasses
 
     from SpineNetLib import pipeline
