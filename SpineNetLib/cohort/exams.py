@@ -18,8 +18,10 @@ once its studies have run (:mod:`SpineNetLib.cohort.exam_levels`); where that ha
 correction since, a scan that could not be read again), the study's ``exam_disagreement`` ends with the
 ``spinenet correct`` that does it.
 
-Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05); image files
-are never compared. Pure functions over the result documents.
+Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05). Image files are
+compared only within a session of a BIDS dataset (``input.bids_session``, since the fifty-fourth session),
+which a converter writes in the scanner's patient coordinates; other image files never. Pure functions over
+the result documents.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ from SpineNetLib.core.levels import (SURE_SERIES, level_differences, levels_to_t
 
 
 def exam_of(vertebrae_doc: dict) -> str:
-    """``"<StudyInstanceUID>/<FrameOfReferenceUID>"`` of a result, or "" when it records either not."""
+    """``"<StudyInstanceUID>/<FrameOfReferenceUID>"`` of a result; for an image file in a BIDS dataset,
+    ``"bids:<its session folder>"`` (``inputs/image.bids_session``); "" otherwise."""
     described = vertebrae_doc.get("input") or {}
     study, frame = (str(described.get(key) or "") for key in ("study_uid", "frame_of_reference_uid"))
-    return f"{study}/{frame}" if study and frame else ""
+    if study and frame:
+        return f"{study}/{frame}"
+    session = str(described.get("bids_session") or "")
+    return f"bids:{session}" if session else ""
 
 
 def _named_centroids(vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:

@@ -423,6 +423,30 @@ def read_image_arrays(path) -> tuple[np.ndarray, np.ndarray]:
     return sitk.GetArrayFromImage(img), image_ijk_to_ras(img)
 
 
+#: A BIDS file name: ``sub-<label>``, then ``_ses-<label>`` where the dataset has sessions, then its other entities.
+_BIDS_NAME = re.compile(r"^sub-([A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?_")
+
+
+def bids_session(path) -> str | None:
+    """The session folder (absolute) of an image in a BIDS dataset's ``anat`` folder,
+    ``sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_<...>``, whose folders and name agree; None for any
+    other path.  A converter writes every series of one session in the scanner's patient coordinates, so
+    ``spinenet cohort`` compares the levels of a session's images as those of one DICOM exam
+    (``cohort/exams.exam_of``)."""
+    path = Path(os.path.abspath(path))
+    found = _BIDS_NAME.match(path.name)
+    if found is None or path.parent.name != "anat":
+        return None
+    subject, session = found.groups()
+    folder = path.parent.parent
+    if session is not None:
+        if folder.name != f"ses-{session}" or folder.parent.name != f"sub-{subject}":
+            return None
+    elif folder.name != f"sub-{subject}":
+        return None
+    return str(folder)
+
+
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:
     """Canonical :class:`Scan` of a NIfTI / NRRD / MetaImage file.
 
@@ -493,5 +517,8 @@ def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_is
         "voxel_type": voxel_type,
         "overrides": overrides,
     }
+    session = bids_session(path)
+    if session is not None:
+        metadata["bids_session"] = session
     return scan_from_array(voxels, ijk_to_ras, metadata, resample_isotropic=resample_isotropic)
 

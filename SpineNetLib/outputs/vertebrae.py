@@ -96,7 +96,7 @@ def level_probability(vertebra: Vertebra) -> float | None:
 
 def input_description(scan: Scan) -> dict:
     keep = ("path", "format", "series_uid", "study_uid", "frame_of_reference_uid", "series_description", "modality",
-            "manufacturer", "sequence", "overrides", "resampled_from_mm")
+            "manufacturer", "sequence", "overrides", "resampled_from_mm", "bids_session")
     return {k: scan.metadata[k] for k in keep if k in scan.metadata}
 
 

@@ -1084,3 +1084,46 @@ def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_o
     assert cli.main(command) == 0
     assert "took the levels" not in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_an_image_in_a_bids_datasets_anat_folder_knows_its_session():
+    """Folders and file name must agree (sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_...); any other
+    path is no session."""
+    from SpineNetLib.inputs.image import bids_session
+
+    root = Path("/data/ds001")
+    assert bids_session(root / "sub-01/ses-02/anat/sub-01_ses-02_T2w.nii.gz") == str(root / "sub-01/ses-02")
+    assert bids_session(root / "sub-01/anat/sub-01_acq-sag_T1w.nii.gz") == str(root / "sub-01")
+    for other in ("sub-01/ses-02/anat/sub-01_T2w.nii.gz",           # the name lacks the folder's session
+                  "sub-01/ses-02/anat/sub-02_ses-02_T2w.nii.gz",    # another subject
+                  "sub-01/ses-02/func/sub-01_ses-02_bold.nii.gz",   # not anat
+                  "sub-01/anat/sub-01_ses-02_T2w.nii.gz",           # a session the folders lack
+                  "patients/p1/anat/scan.nii.gz", "sub-01.nii.gz"):
+        assert bids_session(root / other) is None, other
+
+
+def test_spinenet_cohort_compares_the_images_of_one_bids_session_as_one_exam(tmp_path, capsys):
+    """A BIDS dataset: sub-01's T2w and T1w of one session (one phantom, the scanner's coordinates) are one
+    exam, and agree; sub-02's T2w and an image outside the dataset's layout are compared with nothing. A reader
+    moves the T2w's levels by one: the T1w's row then says the two disagree and asks for a review."""
+    root = tmp_path / "root"
+    anat = root / "ds" / "sub-01" / "ses-1" / "anat"
+    for contrast in ("T2", "T1"):
+        _phantom(5, contrast=contrast).write_nifti(anat / f"sub-01_ses-1_{contrast}w.nii.gz")
+    _phantom(6).write_nifti(root / "ds" / "sub-02" / "anat" / "sub-02_T2w.nii.gz")
+    _phantom(7).write_nifti(root / "other" / "scan.nii.gz")
+    out = tmp_path / "out"
+    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade", "--no-preview"]) == 0
+    capsys.readouterr()
+    rows = {Path(r["input"]).name: r for r in _rows(out / "cohort_studies.csv")}
+    session = f"bids:{anat.parent}"
+    assert {name: r["exam"] for name, r in rows.items()} == {
+        "sub-01_ses-1_T2w.nii.gz": session, "sub-01_ses-1_T1w.nii.gz": session,
+        "sub-02_T2w.nii.gz": f"bids:{root / 'ds' / 'sub-02'}", "scan.nii.gz": ""}
+    assert [r["exam_disagreement"] for r in rows.values()] == ["", "", "", ""], rows
+    t2, t1 = rows["sub-01_ses-1_T2w.nii.gz"]["study"], rows["sub-01_ses-1_T1w.nii.gz"]["study"]
+    lowest = rows["sub-01_ses-1_T2w.nii.gz"]["levels"].rpartition("..")[2]
+    above = {"S1": "L5", "L5": "L4", "L4": "L3"}[lowest]
+    assert cli.main(["correct", str(out / "studies" / t2), lowest, above]) == 0, capsys.readouterr().err
+    rows = {r["study"]: r for r in _rows(out / "cohort_studies.csv")}
+    assert rows[t1]["exam_disagreement"].startswith(f"the levels disagree with study {t2} of the same exam")
