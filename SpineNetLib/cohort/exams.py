@@ -19,8 +19,9 @@ correction since, a scan that could not be read again), the study's ``exam_disag
 ``spinenet correct`` that does it.
 
 Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05). Image files are
-compared only within a session of a BIDS dataset (``input.bids_session``, since the fifty-fourth session),
-which a converter writes in the scanner's patient coordinates; other image files never. Pure functions over
+compared only within a session of a BIDS dataset (``input.bids_session``, since the fifty-fourth session;
+``spinenet run`` compares them too, ``inputs/load.load_other_series``), which a converter writes in the
+scanner's patient coordinates; other image files never. Pure functions over
 the result documents.
 """
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, plain_numbers, sagittal_axis, scan_from_array,
-                                          spacing_override)
+from SpineNetLib.inputs.canonical import (MAX_SIDE_PX, MAX_VOXELS, classify_acquisition, plain_numbers,
+                                          sagittal_axis, scan_from_array, spacing_override)
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.scan import Scan
 
@@ -431,8 +431,9 @@ def bids_session(path) -> str | None:
     """The session folder (absolute) of an image in a BIDS dataset's ``anat`` folder,
     ``sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_<...>``, whose folders and name agree; None for any
     other path.  A converter writes every series of one session in the scanner's patient coordinates, so
-    ``spinenet cohort`` compares the levels of a session's images as those of one DICOM exam
-    (``cohort/exams.exam_of``)."""
+    ``spinenet run`` compares an image's levels with those of the session's other sagittal images
+    (:func:`other_sagittal_images_of_session`), and ``spinenet cohort`` the images of a session as the series
+    of one DICOM exam (``cohort/exams.exam_of``)."""
     path = Path(os.path.abspath(path))
     found = _BIDS_NAME.match(path.name)
     if found is None or path.parent.name != "anat":
@@ -445,6 +446,38 @@ def bids_session(path) -> str | None:
     elif folder.name != f"sub-{subject}":
         return None
     return str(folder)
+
+
+def other_sagittal_images_of_session(path) -> list[Path]:
+    """The other images of ``path``'s BIDS session (:func:`bids_session`: the same ``anat`` folder, the same
+    subject and session), by name, but those whose header says they are 2D stacks of axial or coronal slices,
+    which are not read as a sagittal scan; [] for a path outside a BIDS session.  An image whose header
+    cannot be read is kept: reading it says why (``inputs/load.load_other_series``)."""
+    import SimpleITK as sitk
+
+    path = Path(os.path.abspath(path))
+    session = bids_session(path)
+    if session is None:
+        return []
+    prefix = _BIDS_NAME.match(path.name).group(0)
+    found = []
+    for other in sorted(path.parent.iterdir()):
+        if other == path or not other.name.startswith(prefix) or image_suffix(other) is None \
+                or bids_session(other) != session:
+            continue
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(other))
+            reader.ReadImageInformation()
+            if reader.GetDimension() == 3:
+                directions = np.asarray(reader.GetDirection(), float).reshape(3, 3)
+                kind, _, normal = classify_acquisition(reader.GetSpacing(), directions)
+                if kind == "2D" and normal != 0:   # axial or coronal slices
+                    continue
+        except RuntimeError:
+            pass
+        found.append(other)
+    return found
 
 
 def load_image_file(path, pixel_spacing=None, slice_spacing=None, *, resample_isotropic: bool = True) -> Scan:

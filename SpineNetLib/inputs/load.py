@@ -24,7 +24,8 @@ from SpineNetLib.core.levels import MAX_COMPARED_SERIES
 from SpineNetLib.inputs.archive import is_zip_archive
 from SpineNetLib.inputs.dicom import DICOMDIR_SOP_CLASS, load_dicom_series, load_dicom_series_each
 from SpineNetLib.inputs.stacks import series_uid_of
-from SpineNetLib.inputs.image import IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file
+from SpineNetLib.inputs.image import (IMAGE_SUFFIXES, check_image_voxels, image_suffix, load_image_file,
+                                      other_sagittal_images_of_session)
 from SpineNetLib.core.scan import Scan
 
 
@@ -104,9 +105,12 @@ def _load(path, series_uid: str | None = None, pixel_spacing=None, slice_spacing
 def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
                       limit: int = MAX_COMPARED_SERIES) -> list[Scan]:
     """The other sagittal series of ``scan``'s exam and frame of reference in the DICOM input ``path`` it
-    was read from (``Scan.metadata["other_sagittal_series"]``, by series number, at most ``limit``), read
-    as ``scan`` was; [] for an image file or a series alone. One that cannot be read is left out, and
+    was read from (``Scan.metadata["other_sagittal_series"]``, by series number, at most ``limit``), or, for an
+    image in a BIDS session, the session's other sagittal images (:func:`_other_images_of_session`), read as
+    ``scan`` was; [] for any other image file or a series alone. One that cannot be read is left out, and
     ``scan.metadata["warnings"]`` says so."""
+    if scan.metadata.get("bids_session"):
+        return _other_images_of_session(path, scan, resample_isotropic, limit)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent   # a file: the series of its folder
     keys = (scan.metadata.get("other_sagittal_series") or [])[:limit]
     if not keys:
@@ -127,6 +131,19 @@ def load_other_series(path, scan: Scan, *, resample_isotropic: bool = True,
         except InputError as error:
             scan.metadata.setdefault("warnings", []).append(
                 f"the series {key} of the exam was not compared with the one read: {error}")
+    return others
+
+
+def _other_images_of_session(path, scan: Scan, resample_isotropic: bool, limit: int) -> list[Scan]:
+    """The other sagittal images of a BIDS session (``inputs/image.other_sagittal_images_of_session``, by name,
+    at most ``limit``), read as ``scan`` was; one that cannot be read is left out, and the warnings say so."""
+    others = []
+    for other in other_sagittal_images_of_session(path)[:limit]:
+        try:
+            others.append(load_scan(other, resample_isotropic=resample_isotropic))
+        except InputError as error:
+            scan.metadata.setdefault("warnings", []).append(
+                f"the image {other.name} of the session was not compared with the one read: {error}")
     return others
 
 
@@ -174,6 +191,12 @@ def series_to_compare(named, source, scan: Scan, input_path, *, compare: bool = 
         return []
     given = load_named_series(named, scan, input_path, resample_isotropic=resample_isotropic)
     found = load_other_series(source, scan, resample_isotropic=resample_isotropic)
-    uids = {other.metadata.get("series_uid") for other in given} - {None, ""}
-    found = [other for other in found if other.metadata.get("series_uid") not in uids]
+    named_twice = {_series_key(other) for other in given}
+    found = [other for other in found if _series_key(other) not in named_twice]
     return (given + found)[:MAX_COMPARED_SERIES]
+
+
+def _series_key(scan: Scan) -> str:
+    """What makes a series one: its DICOM series UID, else the absolute path of its image file."""
+    source = str(scan.metadata.get("source") or "")
+    return str(scan.metadata.get("series_uid") or (os.path.abspath(source) if source else f"scan {id(scan)}"))

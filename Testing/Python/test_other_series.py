@@ -508,3 +508,46 @@ def test_a_real_exams_t1_and_tirm_as_nifti_files_name_the_vertebrae_alike(tmp_pa
     (theirs,) = labelling["other_series_levels"]
     assert [v["level"] for v in mine] == [v["level"] for v in theirs["vertebrae"]] == list(LEVELS_TOP_DOWN[
         LEVELS_TOP_DOWN.index("T10"):LEVELS_TOP_DOWN.index("S1") + 1])
+
+
+def _axial_stack(path, phantom):
+    """The phantom's voxels written as a 2D stack of thick axial slices (a BIDS session's axial T2w)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.asarray(phantom.voxels_kji[:, :, :12], np.float32).transpose(2, 1, 0).copy())
+    image.SetSpacing((0.8, 0.8, 5.0))
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))   # slices along S-I
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_spinenet_run_on_an_image_of_a_bids_session_compares_the_sessions_other_sagittal_images(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """As an exam folder's series: the session's T1w is compared (named by its path), its axial stack is left
+    out by its header, another subject's image is not of the session; --no-compare-series skips it, and the
+    T1w named with --compare-with as well is compared once."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=5, seed=5)
+    anat = tmp_path / "ds" / "sub-01" / "ses-1" / "anat"
+    t2 = phantom.write_nifti(anat / "sub-01_ses-1_T2w.nii.gz")
+    t1 = phantom.write_nifti(anat / "sub-01_ses-1_T1w.nii.gz")
+    _axial_stack(anat / "sub-01_ses-1_acq-ax_T2w.nii.gz", phantom)
+    phantom.write_nifti(anat / "sub-02_ses-1_T1w.nii.gz")            # misfiled: not this subject's
+    monkeypatch.setattr(pipeline, "load_networks", lambda *a, **k: oracle_networks(phantom))
+    from SpineNetLib.inputs.image import other_sagittal_images_of_session
+
+    assert other_sagittal_images_of_session(t2) == [t1]
+    for extra in ([], ["--compare-with", str(t1)]):
+        out = tmp_path / f"out{len(extra)}"
+        assert cli.main(["run", str(t2), "-o", str(out), "--quiet", "--no-grade", "--no-preview", *extra]) == 0
+        labelling = _labelling(out)
+        assert labelling["compared_with_series"] == labelling["agreeing_series"] == [repr(str(t1))], extra
+        assert not any("session" in w for w in labelling["warnings"])
+    assert cli.main(["run", str(t2), "-o", str(tmp_path / "alone"), "--quiet", "--no-grade", "--no-preview",
+                     "--no-compare-series"]) == 0
+    assert "compared_with_series" not in _labelling(tmp_path / "alone")
+    name_series_a_level_lower(monkeypatch, t1.name)
+    assert cli.main(["run", str(t2), "-o", str(tmp_path / "off"), "--quiet", "--no-grade", "--no-preview"]) == 0
+    assert _labelling(tmp_path / "off")["disagreeing_series"] == [repr(str(t1))]
+    capsys.readouterr()
