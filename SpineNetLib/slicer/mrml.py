@@ -54,7 +54,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.mr_weighting import Weighting, weighting_from_header
 from SpineNetLib.inputs.canonical import scan_from_array
 from SpineNetLib.inputs.dicom import is_localizer, not_mr_modality
-from SpineNetLib.inputs.image import check_image_voxels
+from SpineNetLib.inputs.image import check_image_voxels, other_sagittal_images_of_session
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.scan import Scan
 
@@ -296,14 +296,14 @@ def exam_volumes(volume_node, limit: int) -> list:
     exam and frame of reference (the same StudyInstanceUID and FrameOfReferenceUID, another
     SeriesInstanceUID; no scout, ``inputs/dicom.is_localizer``), by series number, at most ``limit``: the
     series whose levels a run compares with its own, as ``spinenet run`` compares an exam folder's
-    (``label/other_series.py``). [] for a volume without both UIDs (a volume from a file, no database:
-    slicer-core)."""
+    (``label/other_series.py``). For a volume without both UIDs (a volume from a file, no database:
+    slicer-core), the volumes of its BIDS session (:func:`session_volumes`), else []."""
     if volume_node is None or volume_node.GetScene() is None:
         return []
     mine = _dicom_values(volume_node, SERIES_TAGS) or {}
     exam = (mine.get("study_uid", ""), mine.get("frame_of_reference_uid", ""))
     if not all(exam):
-        return []
+        return session_volumes(volume_node, limit)
     tags = {**SERIES_TAGS, "modality": MODALITY_TAG, "image_type": IMAGE_TYPE_TAG, "description": DESCRIPTION_TAG}
     found = {}   # series UID -> (sort key, node)
     for node in sagittal_volumes(volume_node.GetScene()):
@@ -317,6 +317,29 @@ def exam_volumes(volume_node, limit: int) -> list:
             order = (0, int(number)) if number.lstrip("-").isdigit() else (1, 0)
             found[uid] = ((*order, node.GetName()), node)
     return [node for _, node in sorted(found.values(), key=lambda item: item[0])][:limit]
+
+
+def _loaded_from(volume_node) -> str:
+    """The absolute path of the file a volume node was loaded from ("" for none)."""
+    storage = volume_node.GetStorageNode()
+    name = storage.GetFileName() if storage is not None else ""
+    return os.path.abspath(name) if name else ""
+
+
+def session_volumes(volume_node, limit: int) -> list:
+    """For a volume loaded from an image of a BIDS session, the scene's sagittal volumes loaded from the session's
+    other sagittal images (``inputs/image.other_sagittal_images_of_session``, as ``spinenet run`` compares
+    them), by file name, each file once, at most ``limit``; [] otherwise."""
+    path = _loaded_from(volume_node)
+    wanted = [os.path.abspath(other) for other in other_sagittal_images_of_session(path)] if path else []
+    if not wanted:
+        return []
+    loaded = {}
+    for node in sagittal_volumes(volume_node.GetScene()):
+        source = _loaded_from(node)
+        if node is not volume_node and source in wanted:
+            loaded.setdefault(source, node)
+    return [loaded[source] for source in wanted if source in loaded][:limit]
 
 
 def input_volume_arrays(volume_node) -> tuple[np.ndarray, np.ndarray]:

@@ -234,3 +234,25 @@ def test_a_refused_volume_to_compare_with_leaves_no_run_folder_behind(exam, monk
     with pytest.raises(module.SpineNetError, match="the volume to compare with cannot be used"):
         logic.prepareRun(volumes["from a file"], compare_with=label_map)
     assert made and not any(os.path.exists(folder) for folder in made)
+
+
+def test_a_volume_loaded_from_an_image_of_a_bids_session_is_compared_with_the_sessions_other_volumes(exam, tmp_path):
+    """As `spinenet run` on the file: the scene's volumes loaded from the session's other sagittal images (the
+    T1w), not those of another subject or of no file."""
+    module, scene, phantom, volumes = exam
+    anat = tmp_path / "ds" / "sub-01" / "ses-1" / "anat"
+    files = {name: phantom.write_nifti(anat / f"{name}.nii.gz") for name in ("sub-01_ses-1_T2w", "sub-01_ses-1_T1w")}
+    files["sub-02_T1w"] = phantom.write_nifti(tmp_path / "ds" / "sub-02" / "anat" / "sub-02_T1w.nii.gz")
+    loaded = {}
+    for name, path in files.items():
+        node = mrml.add_volume(scene, phantom.voxels_kji, phantom.ijk_to_ras, name)
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(path))
+        loaded[name] = node
+    t2 = loaded["sub-01_ses-1_T2w"]
+    assert mrml.exam_volumes(t2, 3) == [loaded["sub-01_ses-1_T1w"]]
+    assert mrml.exam_volumes(loaded["sub-02_T1w"], 3) == [] and mrml.exam_volumes(volumes["from a file"], 3) == []
+    logic = module.SpineNetLogic(scene=scene)
+    logic.runSynchronously(t2, grading=False)
+    labelling = _labelling(logic, t2)
+    assert labelling["compared_with_series"] == labelling["agreeing_series"] == ["'sub-01_ses-1_T1w'"]
