@@ -21,8 +21,7 @@ correction since, a scan that could not be read again), the study's ``exam_disag
 Only DICOM studies record the two UIDs (``vertebrae.json``'s ``input``, since 2026-12-05). Image files are
 compared only within a session of a BIDS dataset (``input.bids_session``, since the fifty-fourth session;
 ``spinenet run`` compares them too, ``inputs/load.load_other_series``), which a converter writes in the
-scanner's patient coordinates; other image files never. Pure functions over
-the result documents.
+scanner's patient coordinates; other image files never. Pure functions over the result documents.
 """
 
 from __future__ import annotations

@@ -166,8 +166,7 @@ def load_named_series(paths, scan: Scan, input_path, *, resample_isotropic: bool
             other = load_scan(path, resample_isotropic=resample_isotropic)
         except InputError as error:
             raise InputError(f"--compare-with {path}: {error}") from None
-        mine, theirs = (str(x.metadata.get("series_uid") or "") for x in (scan, other))
-        if mine and mine == theirs:
+        if _series_key(other) == _series_key(scan):
             raise InputError(f"--compare-with {path}: that is the series read itself")
         mine, theirs = (str(x.metadata.get("frame_of_reference_uid") or "") for x in (scan, other))
         if mine and theirs and mine != theirs:

@@ -19,6 +19,7 @@ found on a few slices to one side only (S1 often is) does not move its own slice
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import groupby
 from typing import Sequence
 
 import numpy as np
@@ -68,17 +69,11 @@ def off_middle_note(vertebrae: Sequence[Vertebra]) -> str | None:
     Not a review reason of its own: the margin and the other checks judge those levels as any others
     (model card, "A spine off the middle of the slab").  It tells whoever reads only the warnings that the
     slab does not lie evenly about the spine there, which the per-vertebra field alone does not."""
-    runs, start = [], None
-    for i, vertebra in enumerate(list(vertebrae) + [None]):
-        centred = vertebra is not None and vertebra.appearance_slices is not None
-        if centred and start is None:
-            start = i
-        elif not centred and start is not None:
-            runs.append((vertebrae[start].level, vertebrae[i - 1].level))
-            start = None
+    runs = [list(run) for centred, run in groupby(vertebrae, key=lambda v: v.appearance_slices is not None)
+            if centred]
     if not runs:
         return None
-    named = ", ".join(top if top == bottom else f"{top}-{bottom}" for top, bottom in runs)
+    named = ", ".join(run[0].level if len(run) == 1 else f"{run[0].level}-{run[-1].level}" for run in runs)
     return (f"the spine lies off the middle of the slab at {named} (a lateral curve, or the slab placed to one "
             "side): the appearance network saw the slices centred on the spine there (appearance_slices)")
 

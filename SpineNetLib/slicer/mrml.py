@@ -331,7 +331,7 @@ def session_volumes(volume_node, limit: int) -> list:
     other sagittal images (``inputs/image.other_sagittal_images_of_session``, as ``spinenet run`` compares
     them), by file name, each file once, at most ``limit``; [] otherwise."""
     path = _loaded_from(volume_node)
-    wanted = [os.path.abspath(other) for other in other_sagittal_images_of_session(path)] if path else []
+    wanted = [str(other) for other in other_sagittal_images_of_session(path)] if path else []   # absolute
     if not wanted:
         return []
     loaded = {}
