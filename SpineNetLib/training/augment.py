@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 #: Corner order after a horizontal flip: new corner k is old corner FLIP_CORNERS[k]
 #: (rt <- lt, rb <- lb, lb <- rb, lt <- rt).
@@ -175,6 +176,46 @@ def augment_intensity(rng: np.random.Generator, img: np.ndarray, *, strength: fl
         n2 = sigma * rng.standard_normal(x.shape, dtype=np.float32)
         x = np.sqrt((x + n1) ** 2 + n2 ** 2)
     x = x * float(np.exp(rng.uniform(-0.3, 0.3)))   # global contrast scale (normalisation removes most)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+#: Share of patches that ``degrade_acquisition`` changes, and the chance of each of its changes.
+DEGRADE_SHARE = 0.8
+DEGRADE_PART_CHANCE = 0.7
+
+
+def degrade_acquisition(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+    """``x`` (an intensity-augmented 2-D patch, before normalisation) as a poorer scan of another centre
+    might show it: several changes at once, as the ``combined`` rows of
+    ``benchmarks/acquisition_variants.py`` make them, with random strengths.
+
+    Each with chance ``DEGRADE_PART_CHANCE``: coarser pixels (1.1-1.7 times as large: a Gaussian blur of
+    0.4 of the factor, then down- and up-sampled bilinearly), a gamma of 0.7-1.4, a signal falloff
+    across the patch in a random direction (gain 1 -+ 0.05-0.4), Rician noise of 1-5 % of the 99th
+    percentile.  A share ``1 - DEGRADE_SHARE`` of patches is returned unchanged, so that the student of
+    ``spinenet train detector --robust-distil`` also sees clean patches held to its teacher.
+    """
+    x = np.asarray(x, np.float32)
+    if rng.random() >= DEGRADE_SHARE:
+        return x
+    h, w = x.shape
+    if rng.random() < DEGRADE_PART_CHANCE:
+        factor = float(rng.uniform(1.1, 1.7))
+        blurred = ndimage.gaussian_filter(x, 0.4 * factor, mode="nearest").astype(np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(blurred))[None, None]
+        small = F.interpolate(t, size=(max(2, round(h / factor)), max(2, round(w / factor))), mode="bilinear",
+                              align_corners=True)
+        x = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=True)[0, 0].numpy()
+    if rng.random() < DEGRADE_PART_CHANCE:
+        x = np.power(np.clip(x, 0.0, None), float(rng.uniform(0.7, 1.4))).astype(np.float32)
+    if rng.random() < DEGRADE_PART_CHANCE:
+        angle, depth = rng.uniform(0.0, 2.0 * np.pi), float(rng.uniform(0.05, 0.4))
+        rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+        along = ((cols - (w - 1) / 2.0) * np.cos(angle) + (rows - (h - 1) / 2.0) * np.sin(angle)) / (max(h, w) / 2.0)
+        x = x * (1.0 + depth * np.clip(along, -1.0, 1.0)).astype(np.float32)
+    if rng.random() < DEGRADE_PART_CHANCE:
+        sigma = float(rng.uniform(0.01, 0.05)) * float(np.percentile(x, 99))
+        x = np.hypot(x + rng.normal(0.0, sigma, x.shape), rng.normal(0.0, sigma, x.shape)).astype(np.float32)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

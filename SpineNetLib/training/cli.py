@@ -25,10 +25,19 @@ def _checked(args) -> None:
     check_run_arguments(args)
     for option in ("phantom_fraction", "frame_share", "tianchi_fraction", "focus_share"):
         check_fraction("--" + option.replace("_", "-"), getattr(args, option, None))
-    if float(getattr(args, "distil", 0.0) or 0.0) < 0.0:
-        raise InputError("--distil must not be negative")
-    if float(getattr(args, "distil", 0.0) or 0.0) > 0.0 and not args.init:
-        raise InputError("--distil needs --init: the detector to stay close to")
+    for option in ("distil", "robust_distil"):
+        name = "--" + option.replace("_", "-")
+        if float(getattr(args, option, 0.0) or 0.0) < 0.0:
+            raise InputError(f"{name} must not be negative")
+        if float(getattr(args, option, 0.0) or 0.0) > 0.0 and not args.init:
+            raise InputError(f"{name} needs --init: the detector to stay close to")
+    if float(getattr(args, "distil", 0.0) or 0.0) > 0 and float(getattr(args, "robust_distil", 0.0) or 0.0) > 0:
+        raise InputError("give --distil or --robust-distil, not both")
+    if float(getattr(args, "annotation_weight", 1.0)) < 0.0:
+        raise InputError("--annotation-weight must not be negative")
+    if float(getattr(args, "annotation_weight", 1.0)) == 0.0 and not (
+            float(getattr(args, "distil", 0.0) or 0.0) > 0 or float(getattr(args, "robust_distil", 0.0) or 0.0) > 0):
+        raise InputError("--annotation-weight 0 needs --distil or --robust-distil: else nothing is learnt")
     if getattr(args, "val_every", 0) < 0:
         raise InputError("--val-every must not be negative")
     if getattr(args, "ema", None) is not None:
@@ -221,6 +230,13 @@ def register(subparsers) -> None:
     det.add_argument("--distil", type=float, default=0.0, metavar="W",
                      help="hold the detector's outputs to those of its --init weights with weight W, except "
                           "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")
+    det.add_argument("--robust-distil", type=float, default=0.0, metavar="W",
+                     help="show the detector its patches degraded as another centre's poorer scan (coarser pixels, "
+                          "gamma, falloff, noise) and hold its outputs, with weight W, to those of its --init "
+                          "weights on the clean patches (default 0: not held)")
+    det.add_argument("--annotation-weight", type=float, default=1.0, metavar="A",
+                     help="weight of the loss against the annotated outlines (default 1; 0 with --robust-distil: "
+                          "the detector learns only to see degraded patches as its --init weights see clean ones)")
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")

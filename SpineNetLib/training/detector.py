@@ -30,6 +30,12 @@ With ``--distil W`` (fine-tuning only), the same loss with the outputs of the
 S1 and L5-S1 disc (:func:`focus_region`), is added with weight W: a fine-tune
 on new S1 outlines may then move S1's outline but is held, everywhere else,
 to the detector it starts from (learning without forgetting).
+
+With ``--robust-distil W`` (fine-tuning only) the detector sees each patch degraded as a poorer scan of
+another centre (:func:`degraded_batch`), and its outputs are held with weight W, over every pixel, to
+those of the ``--init`` detector on the clean patch; ``--annotation-weight A`` scales the loss against the
+annotations (0: the held outputs alone).  Tried on the bundled detector and not kept (MODEL_CARD.md, "The
+detector taught to see a poorer scan as it sees a clean one").
 """
 
 from __future__ import annotations
@@ -429,6 +435,16 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
     return tuple(np.stack(column) for column in zip(*items))
 
 
+def degraded_batch(rng: np.random.Generator, inputs: np.ndarray) -> np.ndarray:
+    """The normalised inputs ``(B, P, P)`` of a batch, each degraded as another centre's poorer scan
+    (``augment.degrade_acquisition``) and normalised again as at inference: the student's inputs of
+    ``--robust-distil``.  Whole-slice frames (``FRAME_SIZES``, zero padding beyond the slice, which a
+    second normalisation would move) are left as they are."""
+    if inputs.shape[-1] != PATCH:
+        return inputs
+    return np.stack([augment.normalise_patch(augment.degrade_acquisition(rng, x)) for x in inputs])
+
+
 def train(args) -> Path:
     """``spinenet train detector``: returns the path of the final fp16 model."""
     set_threads(args.threads)
@@ -442,15 +458,19 @@ def train(args) -> Path:
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
               "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0),
               "distil": float(getattr(args, "distil", 0.0) or 0.0)}
+    config.update(setting_if_changed("robust_distil", float(getattr(args, "robust_distil", 0.0) or 0.0), 0.0))
+    robust_distil = config.get("robust_distil", 0.0)
+    config.update(setting_if_changed("annotation_weight", float(getattr(args, "annotation_weight", 1.0)), 1.0))
+    annotation_weight = config.get("annotation_weight", 1.0)
     config.update(setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
                                      MAX_ROTATION_DEG))
-    if config["distil"] > 0 and not config["init"]:
-        raise InputError("--distil needs --init: the detector to stay close to")
+    if (config["distil"] > 0 or robust_distil > 0) and not config["init"]:
+        raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)
     initial_weights(model, config["init"])
-    teacher = frozen_copy(model) if config["distil"] > 0 else None
+    teacher = frozen_copy(model) if config["distil"] > 0 or robust_distil > 0 else None
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(200, args.steps // 10))
 
     t0 = time.time()
@@ -467,16 +487,21 @@ def train(args) -> Path:
         pf = 0.0
 
     def step_fn(step):
-        x, t, v, focus = (torch.from_numpy(a).to(device)
-                          for a in sample_batch(rng, real, clinical, phantoms, pf, config, args))
-        x = x[:, None]
-        pred = model(x)
+        batch = sample_batch(rng, real, clinical, phantoms, pf, config, args)
+        student_input = degraded_batch(rng, batch[0]) if robust_distil > 0 else batch[0]
+        x, t, v, focus = (torch.from_numpy(a).to(device) for a in batch)
+        x_student = torch.from_numpy(student_input).to(device)[:, None]
+        pred = model(x_student)
         loss, parts = detector_loss(pred, t, v)
+        loss = annotation_weight * loss
         if teacher is not None:
             with torch.no_grad():
-                held = teacher(x)
-            l_distil = detector_loss(pred, held, ~focus)[0]
-            loss = loss + config["distil"] * l_distil
+                held = teacher(x[:, None])
+            if robust_distil > 0:         # the teacher's outputs on the clean patch, everywhere
+                weight, l_distil = robust_distil, detector_loss(pred, held, torch.ones_like(v))[0]
+            else:
+                weight, l_distil = config["distil"], detector_loss(pred, held, ~focus)[0]
+            loss = loss + weight * l_distil
             parts["l_distil"] = float(l_distil.detach())
         return loss, parts
 

@@ -227,6 +227,36 @@ def test_resume_reproduces_an_uninterrupted_detector_run(tmp_path):
     assert model.config == DetectorConfig((1, 1, 1, 1), 2)
 
 
+def test_a_robust_distil_run_with_annotation_weight_0_learns_only_from_its_init_detector(tmp_path):
+    """``--robust-distil W --annotation-weight 0``: the loss is the distillation term alone (the degraded
+    patches' outputs held to the ``--init`` detector's on the clean ones); both settings are recorded in
+    ``config.json``, and a run without them records neither (older run folders still resume)."""
+    import csv
+    import json
+
+    from SpineNetLib.training.detector import train
+
+    def args(out, **extra):
+        return argparse.Namespace(**{**dict(out=str(out), data=None, steps=2, batch_size=2, seed=3, lr=1e-3,
+                                            weight_decay=1e-4, phantom_fraction=1.0, n_phantoms=1,
+                                            config_blocks=[1, 1, 1, 1], base_width=2, max_cases=0, augment=1.0,
+                                            resume=False, device="cpu", threads=None, save_every=1, val_every=0,
+                                            no_val=True, calibrate_cases=0), **extra})
+
+    train(args(tmp_path / "start"))
+    start_config = json.loads((tmp_path / "start" / "config.json").read_text())
+    assert {"robust_distil", "annotation_weight"}.isdisjoint(start_config)
+    init = str(tmp_path / "start" / "detector.pt")
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"robust_{weight}"
+        train(args(out, init=init, robust_distil=2.0, annotation_weight=weight))
+        rows = list(csv.DictReader((out / "log.csv").open()))
+        loss, distil = float(rows[-1]["loss"]), float(rows[-1]["l_distil"])
+        assert (loss == pytest.approx(2.0 * distil)) == (weight == 0.0)
+        config = json.loads((out / "config.json").read_text())
+        assert config["robust_distil"] == 2.0 and config.get("annotation_weight", 1.0) == weight
+
+
 def test_existing_run_needs_resume(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = ["train", "context", "--out", str(out), "--steps", "1", "--batch-size", "1", "--val-batches", "1"]
@@ -373,6 +403,11 @@ def test_a_batch_carries_focus_regions_only_when_distilling():
     (["--frame-share", "1.5"], "--frame-share must be between 0 and 1"),
     (["--distil", "-1"], "--distil must not be negative"),
     (["--distil", "1"], "--distil needs --init"),
+    (["--robust-distil", "1"], "--robust-distil needs --init"),
+    (["--robust-distil", "-0.5"], "--robust-distil must not be negative"),
+    (["--init", "x.pt", "--distil", "1", "--robust-distil", "1"], "give --distil or --robust-distil, not both"),
+    (["--annotation-weight", "-1"], "--annotation-weight must not be negative"),
+    (["--annotation-weight", "0"], "--annotation-weight 0 needs --distil or --robust-distil"),
 ])
 def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, option, message):
     cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", *option]
@@ -380,6 +415,29 @@ def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, op
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_robust_distil_degrades_patches_as_a_poorer_scan_and_leaves_frames_alone():
+    """``--robust-distil``'s student inputs: each patch degraded (coarser pixels, gamma, falloff, noise) in most
+    of the batches, normalised again as at inference, some left clean; whole-slice frames never touched."""
+    from SpineNetLib.training import augment, detector
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:224, 0:224]
+    stripes = (cols % 2).astype(np.float32)                           # fine detail that coarser pixels blur
+    patches = np.stack([augment.normalise_patch(stripes * (0.5 + rows / 448.0)) for _ in range(40)])
+    degraded = detector.degraded_batch(rng, patches)
+    assert degraded.shape == patches.shape and degraded.dtype == np.float32
+    changed = [not np.array_equal(d, p) for d, p in zip(degraded, patches)]
+    assert 0.6 < np.mean(changed) < 0.95                              # DEGRADE_SHARE 0.8 of the patches
+    for d, p in zip(degraded, patches):                               # normalised as at inference
+        assert np.allclose(d, augment.normalise_patch(d), atol=1e-5)
+    detail = [np.abs(np.diff(d, axis=1)).mean() / np.abs(np.diff(p, axis=1)).mean()
+              for d, p, c in zip(degraded, patches, changed) if c]
+    assert min(detail) < 0.5                                          # some lost their fine detail
+    frames = np.zeros((3, 256, 256), np.float32)
+    frames[:, :200, :180] = 0.5
+    assert detector.degraded_batch(rng, frames) is frames
 
 
 def test_detector_patches_are_turned_within_max_rotation(monkeypatch):
