@@ -185,14 +185,14 @@ DEGRADE_PART_CHANCE = 0.7
 
 
 def degrade_acquisition(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    """``x`` (an intensity-augmented 2-D patch, before normalisation) as a poorer scan of another centre
-    might show it: several changes at once, as the ``combined`` rows of
-    ``benchmarks/acquisition_variants.py`` make them, with random strengths.
+    """``x`` (a 2-D patch with a dark background at 0, such as a normalised one; normalise the result
+    again) as a poorer scan of another centre might show it: several changes at once, as the
+    ``combined`` rows of ``benchmarks/acquisition_variants.py`` make them, with random strengths.
 
     Each with chance ``DEGRADE_PART_CHANCE``: coarser pixels (1.1-1.7 times as large: a Gaussian blur of
     0.4 of the factor, then down- and up-sampled bilinearly), a gamma of 0.7-1.4, a signal falloff
-    across the patch in a random direction (gain 1 -+ 0.05-0.4), Rician noise of 1-5 % of the 99th
-    percentile.  A share ``1 - DEGRADE_SHARE`` of patches is returned unchanged, so that the student of
+    across the patch in a random direction (gain 1 - d to 1 + d, d 0.05-0.4), Rician noise of 1-5 % of
+    the 99th percentile.  A share ``1 - DEGRADE_SHARE`` of patches is returned unchanged, so that the student of
     ``spinenet train detector --robust-distil`` also sees clean patches held to its teacher.
     """
     x = np.asarray(x, np.float32)

@@ -25,18 +25,19 @@ def _checked(args) -> None:
     check_run_arguments(args)
     for option in ("phantom_fraction", "frame_share", "tianchi_fraction", "focus_share"):
         check_fraction("--" + option.replace("_", "-"), getattr(args, option, None))
-    for option in ("distil", "robust_distil"):
-        name = "--" + option.replace("_", "-")
-        if float(getattr(args, option, 0.0) or 0.0) < 0.0:
+    held = {"--distil": float(getattr(args, "distil", 0.0) or 0.0),
+            "--robust-distil": float(getattr(args, "robust_distil", 0.0) or 0.0)}
+    for name, weight in held.items():
+        if weight < 0.0:
             raise InputError(f"{name} must not be negative")
-        if float(getattr(args, option, 0.0) or 0.0) > 0.0 and not args.init:
+        if weight > 0.0 and not args.init:
             raise InputError(f"{name} needs --init: the detector to stay close to")
-    if float(getattr(args, "distil", 0.0) or 0.0) > 0 and float(getattr(args, "robust_distil", 0.0) or 0.0) > 0:
+    if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
-    if float(getattr(args, "annotation_weight", 1.0)) < 0.0:
+    annotation_weight = float(getattr(args, "annotation_weight", 1.0))
+    if annotation_weight < 0.0:
         raise InputError("--annotation-weight must not be negative")
-    if float(getattr(args, "annotation_weight", 1.0)) == 0.0 and not (
-            float(getattr(args, "distil", 0.0) or 0.0) > 0 or float(getattr(args, "robust_distil", 0.0) or 0.0) > 0):
+    if annotation_weight == 0.0 and max(held.values()) == 0.0:
         raise InputError("--annotation-weight 0 needs --distil or --robust-distil: else nothing is learnt")
     if getattr(args, "val_every", 0) < 0:
         raise InputError("--val-every must not be negative")
