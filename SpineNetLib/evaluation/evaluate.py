@@ -49,8 +49,8 @@ centres are at most 1.75 mm from any native slice.
 Cases are summarised per case and overall by micro-averaging (counts summed
 over cases; localisation error pooled over all matched vertebrae).  Each pooled
 group carries 95 % intervals (``"ci95"``, :mod:`SpineNetLib.evaluation.intervals`):
-Wilson over scans for the share of scans entirely right and for S1 on the
-point-annotated slices, and for recall and identification rate with the scan as
+Wilson over scans for the share of scans entirely right and for S1 below an
+annotated L5-S1 disc, and for recall and identification rate with the scan as
 the unit (conservative: a shifted scan names all its bodies wrongly at once).
 Where several scans are of one patient (``RealCase.patient_id``: zukic's
 sequences of one subject; one's own cases by their ``case.json`` or DICOM
@@ -74,7 +74,6 @@ from SpineNetLib.training.datasets import (
     SOURCE_FOLDERS,
     CaseData,
     CaseGeometry,
-    RealCase,
     case_geometry,
     is_vertebral_body_code,
     list_cases,
@@ -130,9 +129,12 @@ class CaseGroundTruth:
     #: inferior edge of the lowest, on their mid slices); None without bodies.
     range_top_row: float | None = None
     range_bottom_row: float | None = None
-    #: Point-annotated cases only: where S1 must be, derived from the points (``ground_truth_from_points``);
-    #: scored apart from the annotated bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
+    #: Cases with an annotated L5-S1 disc and no outlined S1 (points of ``tianchi/``, disc masks of ``ivd/``):
+    #: where S1 must be, on canonical slice ``s1_slice``: the L5 centre mirrored through the L5-S1 disc
+    #: (``ground_truth_from_points``, ``ground_truth_from_disc_labels``); scored apart from the annotated
+    #: bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
     s1_point: np.ndarray | None = None
+    s1_slice: int = 0
     #: Cases with annotated discs (points of ``tianchi/``, masks of ``ivd/``): a point inside each disc,
     #: ``{"L5-S1": (slice, [x, y]), ...}`` (the radiologists' point; a mask's centroid on the slice where
     #: it is largest).  It lies between two bodies, so a predicted outline holding it reaches into the
@@ -180,7 +182,8 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
     but is not its mask centroid, so localisation errors are approximate.
     The annotated range runs from the centroid of the highest disc to that
     of the lowest: detections of the bodies beyond (e.g. L1, S1) are not
-    scored.
+    scored as bodies.  S1 is scored apart, as on the point-annotated slices
+    (``s1_point`` on L5's mid slice, :func:`point_across_disc`).
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -194,6 +197,7 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
     vertebrae: list[GroundTruthVertebra] = []
     rows = []
     disc_points = {}
+    s1_point, s1_slice = None, 0
     for upper, (code, body) in discs.items():
         disc = labels == code
         rows.append(float(mask_centroid(disc.any(axis=2))[1]))
@@ -208,10 +212,29 @@ def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: d
             continue
         centroid = (mask_centroid(above[:, :, mid]) + mask_centroid(below[:, :, mid])) / 2.0
         vertebrae.append(GroundTruthVertebra(level=body, mid_slice=mid, centroid=centroid))
+        if body == "L5" and discs[body][1] == "S1":
+            s1_point, s1_slice = point_across_disc(below[:, :, mid], centroid), mid
     vertebrae.sort(key=lambda v: float(v.centroid[1]))
     return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm), vertebrae=vertebrae,
                            range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None,
-                           disc_points=disc_points)
+                           disc_points=disc_points, s1_point=s1_point, s1_slice=s1_slice)
+
+
+def point_across_disc(disc_2d: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """The point ``[x, y]`` as far below the disc mask ``disc_2d`` (one slice) as ``above``, the centre of the
+    body above it, lies above the disc's centroid, along the disc's own normal (the minor axis of its
+    pixels, pointing down): the centre of the body below it.  Why not ``above`` mirrored through the
+    centroid, as for points: the lumbosacral disc is a wedge and S1 leans back against L5, so the mirror
+    image lands at S1's front lower corner (on ``ivd/``); the disc's normal lies between the two bodies'
+    axes and keeps the point inside S1."""
+    rows, cols = np.nonzero(disc_2d)
+    xy = np.stack([cols, rows], axis=1).astype(float)
+    centre = xy.mean(axis=0)
+    if len(xy) < 3:
+        return 2.0 * centre - np.asarray(above, float)
+    normal = np.linalg.eigh(np.cov((xy - centre).T))[1][:, 0]   # eigenvalues ascending: the minor axis
+    normal = normal if normal[1] > 0 else -normal
+    return centre + normal * float(np.linalg.norm(np.asarray(above, float) - centre))
 
 
 def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -503,7 +526,8 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         metrics.n_identified += int(dist == 0)
         metrics.n_identified_within_1 += int(dist <= 1)
     if gt.s1_point is not None:
-        on_s1 = [p for p in preds if any(polygons.point_in_polygon(gt.s1_point, q) for q in p.polygons)]
+        on_s1 = [p for p in preds
+                 if (q := p.polygon_near(gt.s1_slice, tol)) is not None and polygons.point_in_polygon(gt.s1_point, q)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
     for disc, (disc_slice, point) in sorted(gt.disc_points.items(), key=lambda kv: _disc_order(kv[0])):

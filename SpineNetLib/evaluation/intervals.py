@@ -3,7 +3,7 @@ little it rests on (issue 10: accuracy claims from held-out real data).
 
 Two kinds, because the scans are independent but the bodies of one scan are not:
 
-* **Scan-level shares** (scans entirely right, S1 named on the point-annotated slices): a
+* **Scan-level shares** (scans entirely right, S1 named below an annotated L5-S1 disc): a
   binomial proportion over independent scans (the validation split holds out by patient); the
   Wilson score interval (Wilson, J. Am. Stat. Assoc. 1927; recommended over the normal
   approximation by Brown, Cai and DasGupta, Stat. Sci. 2001), which stays inside [0, 1] and is

@@ -44,7 +44,8 @@ def level_lines(summary: dict) -> list[str]:
     """Recall and identification rate per true level of a :func:`summarise` result, then S1 on its own:
     the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan,
     or over their patients where a patient has several scans)
-    and, where point-annotated slices were scored, S1 found and named on them."""
+    and, where S1 was scored below an annotated L5-S1 disc (point-annotated slices, disc masks), S1 found and
+    named there, by source where several sources have such scans."""
     lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
     for level, row in summary["by_level"].items():
         lines.append(f"{level:8} {row['n']:6d} {percent_cell(row['recall']):>7} {percent_cell(row['identification_rate']):>7}")
@@ -62,9 +63,14 @@ def level_lines(summary: dict) -> list[str]:
     overall = summary["overall"]
     if overall.get("s1_point_scans"):
         n = overall["s1_point_scans"]
-        lines.append(f"S1 of the point-annotated slices (L5 point mirrored through the L5-S1 disc point): "
-                     f"detected {overall['s1_point_detected']} of {n}, named S1 {overall['s1_point_named_s1']} of {n} "
-                     f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])})")
+        per_source = {name: group for name, group in summary.get("by_source", {}).items()
+                      if group.get("s1_point_scans")}
+        by_source = ("; by source: " + ", ".join(f"{name} {group['s1_point_named_s1']} of {group['s1_point_scans']}"
+                                                 for name, group in per_source.items())) if len(per_source) > 1 else ""
+        lines.append(f"S1 below an annotated L5-S1 disc where S1 is not outlined (point-annotated slices, disc masks; "
+                     f"evaluation/evaluate.py): detected {overall['s1_point_detected']} of {n}, named S1 "
+                     f"{overall['s1_point_named_s1']} of {n} "
+                     f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])}){by_source}")
     return lines
 
 

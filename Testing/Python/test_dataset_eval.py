@@ -339,7 +339,8 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert lines[1].split() == ["L1", "2", "100.0%", "50.0%"]
     assert "S1 where it is outlined: in no scored scan" in lines
     s1_points = summary["overall"]["s1_point_scans"]
-    assert lines[-1].startswith("S1 of the point-annotated slices") and f"of {s1_points}" in lines[-1]
+    assert lines[-1].startswith("S1 below an annotated L5-S1 disc") and f"of {s1_points}" in lines[-1]
+    assert "by source" not in lines[-1]   # one source: no split
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
                                          "identification_rate": 0.5, "n_patients": 2,
                                          "ci95": {"recall": wide_all, "identification_rate": wide}}
@@ -710,6 +711,36 @@ def test_ground_truth_from_discs_only():
     assert E.evaluate_case(gt, [elsewhere]).disc_points_inside_outlines == []
 
 
+def test_s1_below_a_tilted_lumbosacral_disc_mask_is_scored_on_l5s_mid_slice():
+    """With disc masks (``ivd/``) S1 is scored as on the clinical slices, at the centre of the body below the
+    L5-S1 disc: L5's centre carried across the disc along the disc's own normal, on L5's mid slice."""
+    lab = np.zeros((120, 90, 5), np.uint8)
+    lab[20:24, 20:60, :] = 123                                  # L4-L5, level
+    rows, cols = np.mgrid[0:120, 0:90]
+    # L5-S1 tilted by 45 degrees: a band 4 px thick about the line through (x 45, y 60) along (1, -1)
+    along, across = ((cols - 45) - (rows - 60)) / np.sqrt(2), ((cols - 45) + (rows - 60)) / np.sqrt(2)
+    lab[(np.abs(along) <= 14) & (np.abs(across) <= 2), :] = 124
+    names = {123: "L4-L5", 124: "L5-S1"}
+    gt = E.ground_truth_from_disc_labels(lab, (1.0, 1.0, 3.0), names, "tilted")
+    (l5,) = gt.vertebrae
+    disc_centre = np.array([45.0, 60.0])
+    distance = np.linalg.norm(l5.centroid - disc_centre)
+    np.testing.assert_allclose(gt.s1_point, disc_centre + distance * np.array([1.0, 1.0]) / np.sqrt(2), atol=0.05)
+    assert gt.s1_slice == l5.mid_slice
+    mirrored = 2 * disc_centre - l5.centroid                 # what the points of a clinical slice give
+    assert np.linalg.norm(mirrored - gt.s1_point) > 10        # the disc's tilt, not L5's axis, points to S1
+    x, y = gt.s1_point
+    on_s1 = E.PredictedVertebra("S1", np.array([float(gt.s1_slice)]), [box(x - 6, y - 6, x + 6, y + 6)])
+    m = E.evaluate_case(gt, [on_s1])
+    assert (m.s1_detected, m.s1_named, m.fp) == (True, True, 0)   # below the last disc: not a false body
+    named_l5 = E.PredictedVertebra("L5", np.array([float(gt.s1_slice)]), [box(x - 6, y - 6, x + 6, y + 6)])
+    assert (E.evaluate_case(gt, [named_l5]).s1_detected, E.evaluate_case(gt, [named_l5]).s1_named) == (True, False)
+    far_slice = E.PredictedVertebra("S1", np.array([float(gt.s1_slice) + 1.0]), [box(x - 6, y - 6, x + 6, y + 6)])
+    assert E.evaluate_case(gt, [far_slice]).s1_detected is False   # 3 mm away: not on S1's slice
+    no_l5_s1 = E.ground_truth_from_disc_labels(np.where(lab == 124, 0, lab), (1.0, 1.0, 3.0), names, "no")
+    assert no_l5_s1.s1_point is None and E.evaluate_case(no_l5_s1, [on_s1]).s1_detected is None
+
+
 @needs_data
 def test_ground_truth_of_a_real_disc_only_case(real_cases):
     case = real_cases["ivd_11"]
@@ -721,6 +752,10 @@ def test_ground_truth_of_a_real_disc_only_case(real_cases):
         x, y = (int(round(c)) for c in v.centroid)
         assert labels[y, x, v.mid_slice] == 0  # in the body, not in a disc
     assert gt.range_top_row < gt.vertebrae[0].centroid[1] and gt.vertebrae[-1].centroid[1] < gt.range_bottom_row
+    # S1 below the L5-S1 disc: in a body (not a disc), below the disc, within the image
+    x, y = (int(round(c)) for c in gt.s1_point)
+    assert gt.s1_slice == gt.vertebrae[-1].mid_slice and labels[y, x, gt.s1_slice] == 0
+    assert gt.range_bottom_row < y < labels.shape[0]
 
 
 def test_outlines_on_every_native_slice_interpolated_between_slab_centres():
