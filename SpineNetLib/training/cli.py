@@ -34,6 +34,8 @@ def _checked(args) -> None:
             raise InputError(f"{name} needs --init: the detector to stay close to")
     if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
+    if getattr(args, "frozen_batchnorm", False) and not args.init:
+        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))
     if annotation_weight < 0.0:
         raise InputError("--annotation-weight must not be negative")
@@ -238,6 +240,9 @@ def register(subparsers) -> None:
     det.add_argument("--annotation-weight", type=float, default=1.0, metavar="A",
                      help="weight of the loss against the annotated outlines (default 1; 0 with --robust-distil: "
                           "the detector learns only to see degraded patches as its --init weights see clean ones)")
+    det.add_argument("--frozen-batchnorm", action="store_true",
+                     help="keep the --init detector's BatchNorm statistics: normalise with them and do not update "
+                          "them (fine-tuning only; default: they follow the training batches)")
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")

@@ -36,6 +36,12 @@ another centre (:func:`degraded_batch`), and its outputs are held with weight W,
 those of the ``--init`` detector on the clean patch; ``--annotation-weight A`` scales the loss against the
 annotations (0: the held outputs alone).  Tried on the bundled detector and not kept (MODEL_CARD.md, "The
 detector taught to see a poorer scan as it sees a clean one").
+
+With ``--frozen-batchnorm`` (fine-tuning only) every BatchNorm layer of the detector (and of the held copy)
+normalises with the ``--init`` detector's running statistics and does not update them
+(:func:`freeze_batchnorm_statistics`); its scale and shift are still trained.  Why: in training mode the
+statistics follow the batches, which under ``--robust-distil`` are mostly degraded patches, so after a
+fine-tune the detector would normalise a clean scan with a degraded mix's statistics.
 """
 
 from __future__ import annotations
@@ -268,6 +274,16 @@ def sample_frame(rng: np.random.Generator, src: SliceSource, *, size: int, augme
     return (x, *_targets_and_valid(tf, quads, ign), np.zeros((size, size), bool))
 
 
+def freeze_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each BatchNorm layer in evaluation mode: it normalises with its running statistics and
+    leaves them unchanged (``--frozen-batchnorm``).  ``train_loop`` puts the model in training mode before
+    each step, so call this after it, in the step."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` that no optimiser step changes (the ``--distil`` reference).
 
@@ -464,13 +480,19 @@ def train(args) -> Path:
     annotation_weight = config.get("annotation_weight", 1.0)
     config.update(setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
                                      MAX_ROTATION_DEG))
+    config.update(setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False))
+    frozen_batchnorm = config.get("frozen_batchnorm", False)
     if (config["distil"] > 0 or robust_distil > 0) and not config["init"]:
         raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
+    if frozen_batchnorm and not config["init"]:
+        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)
     initial_weights(model, config["init"])
     teacher = frozen_copy(model) if config["distil"] > 0 or robust_distil > 0 else None
+    if teacher is not None and frozen_batchnorm:
+        freeze_batchnorm_statistics(teacher)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(200, args.steps // 10))
 
     t0 = time.time()
@@ -491,6 +513,8 @@ def train(args) -> Path:
         student_input = degraded_batch(rng, batch[0]) if robust_distil > 0 else batch[0]
         x, t, v, focus = (torch.from_numpy(a).to(device) for a in batch)
         x_student = torch.from_numpy(student_input).to(device)[:, None]
+        if frozen_batchnorm:
+            freeze_batchnorm_statistics(model)
         pred = model(x_student)
         loss, parts = detector_loss(pred, t, v)
         loss = annotation_weight * loss

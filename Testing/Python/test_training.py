@@ -227,6 +227,15 @@ def test_resume_reproduces_an_uninterrupted_detector_run(tmp_path):
     assert model.config == DetectorConfig((1, 1, 1, 1), 2)
 
 
+def _tiny_detector_args(out, **extra):
+    """``spinenet train detector``'s arguments for a two-step run of a tiny detector on one phantom."""
+    return argparse.Namespace(**{**dict(out=str(out), data=None, steps=2, batch_size=2, seed=3, lr=1e-3,
+                                        weight_decay=1e-4, phantom_fraction=1.0, n_phantoms=1,
+                                        config_blocks=[1, 1, 1, 1], base_width=2, max_cases=0, augment=1.0,
+                                        resume=False, device="cpu", threads=None, save_every=1, val_every=0,
+                                        no_val=True, calibrate_cases=0), **extra})
+
+
 def test_a_robust_distil_run_with_annotation_weight_0_learns_only_from_its_init_detector(tmp_path):
     """``--robust-distil W --annotation-weight 0``: the loss is the distillation term alone (the degraded
     patches' outputs held to the ``--init`` detector's on the clean ones); both settings are recorded in
@@ -236,25 +245,43 @@ def test_a_robust_distil_run_with_annotation_weight_0_learns_only_from_its_init_
 
     from SpineNetLib.training.detector import train
 
-    def args(out, **extra):
-        return argparse.Namespace(**{**dict(out=str(out), data=None, steps=2, batch_size=2, seed=3, lr=1e-3,
-                                            weight_decay=1e-4, phantom_fraction=1.0, n_phantoms=1,
-                                            config_blocks=[1, 1, 1, 1], base_width=2, max_cases=0, augment=1.0,
-                                            resume=False, device="cpu", threads=None, save_every=1, val_every=0,
-                                            no_val=True, calibrate_cases=0), **extra})
-
-    train(args(tmp_path / "start"))
+    train(_tiny_detector_args(tmp_path / "start"))
     start_config = json.loads((tmp_path / "start" / "config.json").read_text())
     assert {"robust_distil", "annotation_weight"}.isdisjoint(start_config)
     init = str(tmp_path / "start" / "detector.pt")
     for weight in (0.0, 1.0):
         out = tmp_path / f"robust_{weight}"
-        train(args(out, init=init, robust_distil=2.0, annotation_weight=weight))
+        train(_tiny_detector_args(out, init=init, robust_distil=2.0, annotation_weight=weight))
         rows = list(csv.DictReader((out / "log.csv").open()))
         loss, distil = float(rows[-1]["loss"]), float(rows[-1]["l_distil"])
         assert (loss == pytest.approx(2.0 * distil)) == (weight == 0.0)
         config = json.loads((out / "config.json").read_text())
         assert config["robust_distil"] == 2.0 and config.get("annotation_weight", 1.0) == weight
+
+
+def test_a_frozen_batchnorm_fine_tune_keeps_the_init_detectors_statistics_and_trains_the_rest(tmp_path):
+    """``--frozen-batchnorm``: every BatchNorm layer keeps the ``--init`` detector's running statistics (a
+    clean scan is normalised after the fine-tune as before it, however degraded the training batches were),
+    while the convolutions and the BatchNorm layers' own scale and shift are still trained; recorded in
+    ``config.json``.  Without it the statistics follow the batches."""
+    import json
+
+    from SpineNetLib.training.detector import train
+
+    train(_tiny_detector_args(tmp_path / "start"))
+    init = tmp_path / "start" / "detector.pt"
+    before = checkpoints.load_model("detector", init).state_dict()
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    scales = [k for k in before if k.endswith(".weight") and k.replace(".weight", ".running_mean") in before]
+    assert statistics and scales
+    for frozen in (True, False):
+        out = tmp_path / f"frozen_{frozen}"
+        train(_tiny_detector_args(out, init=str(init), robust_distil=1.0, frozen_batchnorm=frozen, lr=1e-2))
+        after = checkpoints.load_model("detector", out / "detector.pt").state_dict()
+        kept = all(torch.equal(before[k], after[k]) for k in statistics)
+        assert kept == frozen
+        assert not all(torch.equal(before[k], after[k]) for k in scales)   # scale and shift still learn
+        assert json.loads((out / "config.json").read_text()).get("frozen_batchnorm", False) == frozen
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
@@ -408,6 +435,7 @@ def test_a_batch_carries_focus_regions_only_when_distilling():
     (["--init", "x.pt", "--distil", "1", "--robust-distil", "1"], "give --distil or --robust-distil, not both"),
     (["--annotation-weight", "-1"], "--annotation-weight must not be negative"),
     (["--annotation-weight", "0"], "--annotation-weight 0 needs --distil or --robust-distil"),
+    (["--frozen-batchnorm"], "--frozen-batchnorm needs --init"),
 ])
 def test_a_bad_detector_training_option_is_a_one_line_error(tmp_path, capsys, option, message):
     cmd = ["train", "detector", "--out", str(tmp_path / "run"), "--steps", "1", *option]
