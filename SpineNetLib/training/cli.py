@@ -34,6 +34,9 @@ def _checked(args) -> None:
             raise InputError(f"{name} needs --init: the detector to stay close to")
     if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
+    if getattr(args, "leave_out_source", None) and getattr(args, "body_pool", None):
+        raise InputError("--leave-out-source does not apply to a --body-pool: its bodies were chosen when it was "
+                         "written")
     if getattr(args, "frozen_batchnorm", False) and not args.init:
         raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))

@@ -470,23 +470,36 @@ def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
                         "their training studies join the real data")
     p.add_argument("--tianchi-fraction", type=float, default=0.3,
                    help="share of the real samples drawn from tianchi/ when --tianchi-targets is given (default 0.3)")
+    p.add_argument("--leave-out-source", default=None, choices=LEAVE_OUT_SOURCES, metavar="SOURCE",
+                   help="train on no volume of this source (chu or myosegmentum), so that all of its volumes "
+                        "measure a centre the networks never saw (default: none left out)")
+
+
+#: The volume sources a detector or appearance run trains on that ``--leave-out-source`` can leave out
+#: (zukic/ and ivd/ are held out or unused already; tianchi/ slices come in through ``--tianchi-targets``).
+LEAVE_OUT_SOURCES: tuple[str, ...] = ("chu", "myosegmentum")
 
 
 def real_data_config(args) -> dict:
-    """The run-config entries of :func:`add_real_data_arguments` (absent options: no fine-tuning, no tianchi)."""
+    """The run-config entries of :func:`add_real_data_arguments` (absent options: no fine-tuning, no tianchi,
+    no source left out; the last recorded only when set, so older run folders still resume)."""
     return {"init": resolved_path(getattr(args, "init", None)),
             "tianchi_targets": resolved_path(getattr(args, "tianchi_targets", None)),
-            "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0)}
+            "tianchi_fraction": getattr(args, "tianchi_fraction", 0.0),
+            **setting_if_changed("leave_out_source", getattr(args, "leave_out_source", None), None)}
 
 
 def training_volume_cases(args) -> tuple[list, list]:
     """``(train, val)`` volume cases of the default split for a trainer: none without ``--data`` or with
-    ``--phantom-fraction 1``; ``--max-cases`` keeps the first N training cases."""
+    ``--phantom-fraction 1``; ``--leave-out-source`` drops that source's training cases; ``--max-cases`` then
+    keeps the first N."""
     from SpineNetLib.training import datasets
 
     if not args.data or args.phantom_fraction >= 1.0:
         return [], []
     train, val = datasets.default_split(datasets.list_cases(args.data, sources=datasets.DETECTION_SOURCES))
+    left_out = getattr(args, "leave_out_source", None)
+    train = [case for case in train if case.source != left_out]
     return (train[: args.max_cases] if args.max_cases else train), val
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from SpineNetLib.training import augment
+from SpineNetLib.training import augment, datasets
 from SpineNetLib.weights import checkpoints
 from SpineNetLib.label import labelling
 from SpineNetLib.core import polygons
@@ -282,6 +282,40 @@ def test_a_frozen_batchnorm_fine_tune_keeps_the_init_detectors_statistics_and_tr
         assert kept == frozen
         assert not all(torch.equal(before[k], after[k]) for k in scales)   # scale and shift still learn
         assert json.loads((out / "config.json").read_text()).get("frozen_batchnorm", False) == frozen
+
+
+@pytest.mark.skipif(not (datasets.default_data_root() / "chu").is_dir(), reason="real MRI data not found")
+def test_leaving_a_source_out_trains_on_none_of_its_volumes_and_says_so_in_the_config():
+    """``--leave-out-source chu``: no chu volume among the training cases (so all 17 measure a centre the
+    networks never saw), the held-out cases unchanged; ``config.json`` records it only when set."""
+    from SpineNetLib.training.common import real_data_config, training_volume_cases
+
+    def args(**extra):
+        return argparse.Namespace(data=str(datasets.default_data_root()), phantom_fraction=0.4, max_cases=0, **extra)
+
+    train, val = training_volume_cases(args())
+    left_train, left_val = training_volume_cases(args(leave_out_source="chu"))
+    assert {c.source for c in train} == {"chu", "myosegmentum"}
+    assert {c.source for c in left_train} == {"myosegmentum"}
+    assert [c.case_id for c in left_train] == [c.case_id for c in train if c.source != "chu"]
+    assert [c.case_id for c in left_val] == [c.case_id for c in val]
+    assert "leave_out_source" not in real_data_config(args())
+    assert real_data_config(args(leave_out_source="chu"))["leave_out_source"] == "chu"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--leave-out-source", "ivd"], "invalid choice: 'ivd'"),
+    (["--leave-out-source", "chu", "--body-pool", "pool.npz"], "--leave-out-source does not apply to a --body-pool"),
+])
+def test_a_bad_source_to_leave_out_is_a_one_line_error(tmp_path, capsys, option, message):
+    try:
+        status = main(["train", "appearance", "--out", str(tmp_path / "run"), "--steps", "1", *option])
+    except SystemExit as done:   # argparse's own errors (a choice not offered), on one line too
+        status = done.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
