@@ -130,9 +130,10 @@ class CaseGroundTruth:
     range_top_row: float | None = None
     range_bottom_row: float | None = None
     #: Cases with an annotated L5-S1 disc and no outlined S1 (points of ``tianchi/``, disc masks of ``ivd/``):
-    #: where S1 must be, on canonical slice ``s1_slice``: the L5 centre mirrored through the L5-S1 disc
-    #: (``ground_truth_from_points``, ``ground_truth_from_disc_labels``); scored apart from the annotated
-    #: bodies (``CaseMetrics.s1_detected`` / ``s1_named``).
+    #: where S1 must be, on canonical slice ``s1_slice``: the L5 point mirrored through the L5-S1 disc point
+    #: (``ground_truth_from_points``), or L5's centre carried across the disc mask along its normal
+    #: (``ground_truth_from_disc_labels``); scored apart from the annotated bodies (``CaseMetrics.s1_detected``
+    #: / ``s1_named``).
     s1_point: np.ndarray | None = None
     s1_slice: int = 0
     #: Cases with annotated discs (points of ``tianchi/``, masks of ``ivd/``): a point inside each disc,

@@ -461,6 +461,11 @@ def add_run_arguments(p: argparse.ArgumentParser, *, steps: int, batch: int, lr:
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoint-latest.pt saves")
 
 
+#: The volume sources a detector or appearance run trains on that ``--leave-out-source`` can leave out
+#: (zukic/ and ivd/ are held out or unused already; tianchi/ slices come in through ``--tianchi-targets``).
+LEAVE_OUT_SOURCES: tuple[str, ...] = ("chu", "myosegmentum")
+
+
 def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
     """``--init`` (start from a checkpoint) and the tianchi pseudo-label options of detector and appearance."""
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
@@ -473,11 +478,6 @@ def add_real_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leave-out-source", default=None, choices=LEAVE_OUT_SOURCES, metavar="SOURCE",
                    help="train on no volume of this source (chu or myosegmentum), so that all of its volumes "
                         "measure a centre the networks never saw (default: none left out)")
-
-
-#: The volume sources a detector or appearance run trains on that ``--leave-out-source`` can leave out
-#: (zukic/ and ivd/ are held out or unused already; tianchi/ slices come in through ``--tianchi-targets``).
-LEAVE_OUT_SOURCES: tuple[str, ...] = ("chu", "myosegmentum")
 
 
 def real_data_config(args) -> dict:

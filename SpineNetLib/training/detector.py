@@ -290,6 +290,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     It stays in training mode: its BatchNorm layers normalise with the statistics of the same batch
     as the student's, so the two agree exactly at the first step (in evaluation mode they would
     differ by the gap between batch and running statistics, which the term would then try to close).
+    With ``--frozen-batchnorm`` both normalise with the running statistics instead, and agree as well.
     """
     import copy
 
