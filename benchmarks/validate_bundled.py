@@ -14,6 +14,10 @@ cases of ``training.datasets.DEFAULT_VAL_CASES`` (split by patient: 4 chu/,
 labels are left out everywhere.
 
     python benchmarks/validate_bundled.py [--weights bundled|official|DIR] [--pred DIR] [--json FILE] [--phantoms]
+        [--split val|train|all] [--sources chu,...]
+
+``--split all --sources chu`` scores every chu/ volume: with weights trained ``--leave-out-source chu``
+(MODEL_CARD.md, "A centre the networks never saw") all 17 are scans of a centre they never saw.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ def training_cases(data_root):
 
     cases = list_cases(data_root, sources=("chu", "myosegmentum", "zukic", "tianchi"))
     return [c for c in cases if c.case_id not in DEFAULT_VAL_CASES]
+
+
+def cases_of(data_root, split: str, sources: str | None = None) -> list:
+    """The cases of ``split`` ("val": held out, "train": the training side, "all": both, held out first), of
+    the comma-separated ``sources`` only when given (an unknown source, or none left, is an InputError)."""
+    cases = ((held_out_cases(data_root) if split in ("val", "all") else [])
+             + (training_cases(data_root) if split in ("train", "all") else []))
+    if sources is None:
+        return cases
+    wanted = {name.strip() for name in sources.split(",") if name.strip()}
+    known = {c.source for c in held_out_cases(data_root) + training_cases(data_root)}
+    if not wanted or wanted - known:
+        raise InputError(f"--sources {sources}: the sources are {', '.join(sorted(known))}")
+    cases = [c for c in cases if c.source in wanted]
+    if not cases:
+        raise InputError(f"--sources {sources}: no case of the split {split!r}")
+    return cases
 
 
 def detection_params_for(plan: str | None):
@@ -199,8 +220,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pred", default=None, help="prediction folder (kept; reused when it has a case)")
     parser.add_argument("--json", default=None, help="also write the full summary here")
     parser.add_argument("--threads", type=at_least(1), default=2)
-    parser.add_argument("--split", choices=("val", "train"), default="val",
-                        help="held-out cases (default) or the training side")
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val",
+                        help="held-out cases (default), the training side, or both")
+    parser.add_argument("--sources", default=None, metavar="LIST",
+                        help="only the cases of these sources, comma separated (e.g. chu: with --split all every "
+                             "volume of a centre that a run trained with --leave-out-source never saw)")
     parser.add_argument("--profile", choices=("default", "official"), default=None,
                         help="processing profile (default: the weights' own, docs/PROFILES.md)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -226,12 +250,13 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     data_root = Path(args.data) if args.data else default_data_root()
-    cases = held_out_cases(data_root) if args.split == "val" else training_cases(data_root)
+    cases = cases_of(data_root, args.split, args.sources)
     pred_root = Path(args.pred) if args.pred else Path(tempfile.mkdtemp(prefix="spinenet-validation-"))
     start = time.perf_counter()
     predict(cases, args.weights, pred_root, args.profile, args.precision, args.runtime, args.plan, args.threads)
     summary = evaluate_directories(data_root, pred_root, case_ids=[c.case_id for c in cases])
-    print(f"{len(cases)} {'held-out' if args.split == 'val' else 'training'} cases, weights {args.weights!r}, predictions in {pred_root} "
+    side = {"val": "held-out", "train": "training", "all": "held-out and training"}[args.split]
+    print(f"{len(cases)} {side} cases, weights {args.weights!r}, predictions in {pred_root} "
           f"({time.perf_counter() - start:.0f} s)\n")
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
