@@ -7,6 +7,8 @@ copied to ``SpineNetLib/weights/``.
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
@@ -206,6 +208,23 @@ def _add_tianchi_targets_parser(sub) -> None:
     tq.set_defaults(func=command_tianchi_targets)
 
 
+def _add_fine_tuning_arguments(det: argparse.ArgumentParser) -> None:
+    """The detector's options for a fine-tune that holds it to its ``--init`` weights (``training/detector.py``)."""
+    det.add_argument("--distil", type=float, default=0.0, metavar="W",
+                     help="hold the detector's outputs to those of its --init weights with weight W, except "
+                          "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")
+    det.add_argument("--robust-distil", type=float, default=0.0, metavar="W",
+                     help="show the detector its patches degraded as another centre's poorer scan (coarser pixels, "
+                          "gamma, falloff, noise) and hold its outputs, with weight W, to those of its --init "
+                          "weights on the clean patches (default 0: not held)")
+    det.add_argument("--annotation-weight", type=float, default=1.0, metavar="A",
+                     help="weight of the loss against the annotated outlines (default 1; 0 with --robust-distil: "
+                          "the detector learns only to see degraded patches as its --init weights see clean ones)")
+    det.add_argument("--frozen-batchnorm", action="store_true",
+                     help="keep the --init detector's BatchNorm statistics: normalise with them and do not update "
+                          "them (fine-tuning only; default: they follow the training batches)")
+
+
 def register(subparsers) -> None:
     """Add ``train`` with sub-commands ``detector``, ``appearance`` and ``context``."""
     train = subparsers.add_parser("train", help="train the small bundled networks (CPU or CUDA)")
@@ -233,19 +252,7 @@ def register(subparsers) -> None:
     det.add_argument("--max-rotation", type=float, default=20.0, metavar="DEG",
                      help="turn each training patch (and whole-slice frame) by up to DEG degrees either way "
                           "(default 20)")
-    det.add_argument("--distil", type=float, default=0.0, metavar="W",
-                     help="hold the detector's outputs to those of its --init weights with weight W, except "
-                          "around a clinical slice's S1 and L5-S1 disc (default 0: not held)")
-    det.add_argument("--robust-distil", type=float, default=0.0, metavar="W",
-                     help="show the detector its patches degraded as another centre's poorer scan (coarser pixels, "
-                          "gamma, falloff, noise) and hold its outputs, with weight W, to those of its --init "
-                          "weights on the clean patches (default 0: not held)")
-    det.add_argument("--annotation-weight", type=float, default=1.0, metavar="A",
-                     help="weight of the loss against the annotated outlines (default 1; 0 with --robust-distil: "
-                          "the detector learns only to see degraded patches as its --init weights see clean ones)")
-    det.add_argument("--frozen-batchnorm", action="store_true",
-                     help="keep the --init detector's BatchNorm statistics: normalise with them and do not update "
-                          "them (fine-tuning only; default: they follow the training batches)")
+    _add_fine_tuning_arguments(det)
     det.set_defaults(func=command_train_detector)
 
     app = sub.add_parser("appearance", help="train the appearance (level classification) network")

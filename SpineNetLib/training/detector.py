@@ -462,6 +462,33 @@ def degraded_batch(rng: np.random.Generator, inputs: np.ndarray) -> np.ndarray:
     return np.stack([augment.normalise_patch(augment.degrade_acquisition(rng, x)) for x in inputs])
 
 
+def _later_settings(args) -> dict:
+    """The run-config entries of the options added after the bundled detector's run, each only where it is not
+    its default (``setting_if_changed``: older run folders still resume)."""
+    return {**setting_if_changed("robust_distil", float(getattr(args, "robust_distil", 0.0) or 0.0), 0.0),
+            **setting_if_changed("annotation_weight", float(getattr(args, "annotation_weight", 1.0)), 1.0),
+            **setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
+                                 MAX_ROTATION_DEG),
+            **setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False)}
+
+
+def _check_held_to_init(config: dict) -> None:
+    """Refuse a fine-tune's option without ``--init`` (also for a direct call of :func:`train`, as the CLI does)."""
+    if (config["distil"] > 0 or config.get("robust_distil", 0.0) > 0) and not config["init"]:
+        raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
+    if config.get("frozen_batchnorm", False) and not config["init"]:
+        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
+
+
+def held_copy(model: torch.nn.Module, config: dict) -> torch.nn.Module | None:
+    """The frozen copy of the ``--init`` detector that ``--distil`` or ``--robust-distil`` holds the outputs to
+    (:func:`frozen_copy`; with ``--frozen-batchnorm`` normalising with its running statistics), else None."""
+    if config["distil"] <= 0 and config.get("robust_distil", 0.0) <= 0:
+        return None
+    held = frozen_copy(model)
+    return freeze_batchnorm_statistics(held) if config.get("frozen_batchnorm", False) else held
+
+
 def train(args) -> Path:
     """``spinenet train detector``: returns the path of the final fp16 model."""
     set_threads(args.threads)
@@ -475,25 +502,16 @@ def train(args) -> Path:
               "focus_share": getattr(args, "focus_share", FOCUS_SHARE),
               "frame_share": float(getattr(args, "frame_share", 0.0) or 0.0),
               "distil": float(getattr(args, "distil", 0.0) or 0.0)}
-    config.update(setting_if_changed("robust_distil", float(getattr(args, "robust_distil", 0.0) or 0.0), 0.0))
+    config.update(_later_settings(args))
     robust_distil = config.get("robust_distil", 0.0)
-    config.update(setting_if_changed("annotation_weight", float(getattr(args, "annotation_weight", 1.0)), 1.0))
     annotation_weight = config.get("annotation_weight", 1.0)
-    config.update(setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
-                                     MAX_ROTATION_DEG))
-    config.update(setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False))
     frozen_batchnorm = config.get("frozen_batchnorm", False)
-    if (config["distil"] > 0 or robust_distil > 0) and not config["init"]:
-        raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
-    if frozen_batchnorm and not config["init"]:
-        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
+    _check_held_to_init(config)
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)
     initial_weights(model, config["init"])
-    teacher = frozen_copy(model) if config["distil"] > 0 or robust_distil > 0 else None
-    if teacher is not None and frozen_batchnorm:
-        freeze_batchnorm_statistics(teacher)
+    teacher = held_copy(model, config)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(200, args.steps // 10))
 
     t0 = time.time()
