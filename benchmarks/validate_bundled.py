@@ -50,12 +50,12 @@ def training_cases(data_root):
 def cases_of(data_root, split: str, sources: str | None = None) -> list:
     """The cases of ``split`` ("val": held out, "train": the training side, "all": both, held out first), of
     the comma-separated ``sources`` only when given (an unknown source, or none left, is an InputError)."""
-    cases = ((held_out_cases(data_root) if split in ("val", "all") else [])
-             + (training_cases(data_root) if split in ("train", "all") else []))
+    held_out, training = held_out_cases(data_root), training_cases(data_root)
+    cases = (held_out if split in ("val", "all") else []) + (training if split in ("train", "all") else [])
     if sources is None:
         return cases
     wanted = {name.strip() for name in sources.split(",") if name.strip()}
-    known = {c.source for c in held_out_cases(data_root) + training_cases(data_root)}
+    known = {c.source for c in held_out + training}
     if not wanted or wanted - known:
         raise InputError(f"--sources {sources}: the sources are {', '.join(sorted(known))}")
     cases = [c for c in cases if c.source in wanted]

@@ -472,9 +472,14 @@ def _later_settings(args) -> dict:
             **setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False)}
 
 
+def _holds_outputs(config: dict) -> bool:
+    """Whether the run holds the detector's outputs to its ``--init`` weights (``--distil`` or ``--robust-distil``)."""
+    return config["distil"] > 0 or config.get("robust_distil", 0.0) > 0
+
+
 def _check_held_to_init(config: dict) -> None:
     """Refuse a fine-tune's option without ``--init`` (also for a direct call of :func:`train`, as the CLI does)."""
-    if (config["distil"] > 0 or config.get("robust_distil", 0.0) > 0) and not config["init"]:
+    if _holds_outputs(config) and not config["init"]:
         raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
     if config.get("frozen_batchnorm", False) and not config["init"]:
         raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
@@ -483,7 +488,7 @@ def _check_held_to_init(config: dict) -> None:
 def held_copy(model: torch.nn.Module, config: dict) -> torch.nn.Module | None:
     """The frozen copy of the ``--init`` detector that ``--distil`` or ``--robust-distil`` holds the outputs to
     (:func:`frozen_copy`; with ``--frozen-batchnorm`` normalising with its running statistics), else None."""
-    if config["distil"] <= 0 and config.get("robust_distil", 0.0) <= 0:
+    if not _holds_outputs(config):
         return None
     held = frozen_copy(model)
     return freeze_batchnorm_statistics(held) if config.get("frozen_batchnorm", False) else held
