@@ -14,7 +14,7 @@ flags are recomputed from the runs' own margins and reasons, so the script first
 margin each run used, it gets that run's own flag back (``mismatches`` must be 0).
 
 Made to choose a review margin for single slices on the training side and confirm it on the held-out
-split; that margin was not kept (model card, "A lower review margin for single slices").
+split; that margin was not kept (docs/EXPERIMENTS.md, "A lower review margin for single slices").
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ to the detector it starts from (learning without forgetting).
 With ``--robust-distil W`` (fine-tuning only) the detector sees each patch degraded as a poorer scan of
 another centre (:func:`degraded_batch`), and its outputs are held with weight W, over every pixel, to
 those of the ``--init`` detector on the clean patch; ``--annotation-weight A`` scales the loss against the
-annotations (0: the held outputs alone).  Tried on the bundled detector and not kept (MODEL_CARD.md, "The
+annotations (0: the held outputs alone).  Tried on the bundled detector and not kept (docs/EXPERIMENTS.md, "The
 detector taught to see a poorer scan as it sees a clean one").
 
 With ``--frozen-batchnorm`` (fine-tuning only) every BatchNorm layer of the detector (and of the held copy)
