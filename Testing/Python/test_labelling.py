@@ -725,3 +725,14 @@ def test_review_threshold_flags_every_wrong_calibration_study_unless_that_flags_
     # flagging the wrong study at 30 would flag 2 of 10 right ones (> 10 %): flag only one
     t = choose_threshold(right, wrong=[30.0])
     assert sum(m < t for m in right) == 1 and not 30.0 < t
+
+
+def test_calibration_warns_when_its_review_margin_leaves_wrong_studies_unflagged():
+    """The fallback of the review margin (too many right studies flagged otherwise) is said, with the count."""
+    from SpineNetLib.training.calibrate_labelling import unflagged_wrong_warning
+
+    assert unflagged_wrong_warning({"wrong": 3, "wrong_flagged": 3}, 36.7) is None
+    assert unflagged_wrong_warning({"wrong": 0, "wrong_flagged": 0}, 5.0) is None
+    line = unflagged_wrong_warning({"wrong": 3, "wrong_flagged": 0}, 7.44)
+    assert line.startswith("warning: the review margin of 7.4 nats leaves 3 of 3 wrongly named")
+    assert "10%" in line and "\n" not in line

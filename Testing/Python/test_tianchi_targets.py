@@ -187,7 +187,7 @@ def test_calibration_picks_the_appearance_weight_that_names_the_studies_right():
     by_weight = {(r["appearance_weight"], r["repeat_s1_penalty"]): r["scans_right"] for r in result["grid"]}
     assert by_weight[(0.0, 3.0)] == 0
     assert result["chosen"]["appearance_weight"] > 0 and max(by_weight.values()) == 2
-    assert result["review"]["wrong"] == 0 and result["review"]["right"] == 2
+    assert result["review"]["wrong"] == 0 and result["review"]["right"] == 2 and result["warnings"] == []
 
 
 @needs_data
