@@ -138,11 +138,11 @@ def calibrate(studies: list[StudyInputs], log=print) -> dict:
     flagged = {"wrong_flagged": flagged(wrong), "wrong": len(wrong), "right_flagged": flagged(right),
                "right": len(right), "by_gap_rule": {"wrong": sum(g for _, g in wrong), "right": sum(g for _, g in right)}}
     log(f"chosen {chosen}; review flags on the calibration studies: {flagged}")
-    warnings = [w for w in [unflagged_wrong_warning(flagged, threshold)] if w]
-    for warning in warnings:
+    warning = unflagged_wrong_warning(flagged, threshold)
+    if warning:
         log(warning)
     return {"studies": [s.case_id for s in studies], "grid": table, "chosen": chosen, "review": flagged,
-            "warnings": warnings}
+            "warnings": [warning] if warning else []}
 
 
 def unflagged_wrong_warning(review: dict, threshold: float) -> str | None:

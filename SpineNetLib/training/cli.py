@@ -14,7 +14,8 @@ from pathlib import Path
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.detect.plans import DetectionParams
 from SpineNetLib.training.common import (
-    add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_run_arguments, output_file,
+    add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_held_to_init,
+    check_run_arguments, output_file,
 )
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
@@ -32,15 +33,12 @@ def _checked(args) -> None:
     for name, weight in held.items():
         if weight < 0.0:
             raise InputError(f"{name} must not be negative")
-        if weight > 0.0 and not args.init:
-            raise InputError(f"{name} needs --init: the detector to stay close to")
+    check_held_to_init(getattr(args, "init", None), held, bool(getattr(args, "frozen_batchnorm", False)))
     if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
     if getattr(args, "leave_out_source", None) and getattr(args, "body_pool", None):
         raise InputError("--leave-out-source does not apply to a --body-pool: its bodies were chosen when it was "
                          "written")
-    if getattr(args, "frozen_batchnorm", False) and not args.init:
-        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))
     if annotation_weight < 0.0:
         raise InputError("--annotation-weight must not be negative")

@@ -86,6 +86,17 @@ def check_fraction(name: str, value, *, below_one: bool = False) -> None:
         raise InputError(f"{name} must be {'in [0, 1)' if below_one else 'between 0 and 1'}, got {value}")
 
 
+def check_held_to_init(init, held: dict, frozen_batchnorm: bool) -> None:
+    """Refuse a detector fine-tune's option without ``--init`` (one-line :class:`InputError`): ``held`` maps
+    ``--distil`` and ``--robust-distil`` to their weights. Both the CLI and a direct call of
+    ``training.detector.train`` ask it."""
+    for name, weight in held.items():
+        if weight > 0.0 and not init:
+            raise InputError(f"{name} needs --init: the detector to stay close to")
+    if frozen_batchnorm and not init:
+        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
+
+
 def check_run_arguments(args) -> None:
     """The options of :func:`add_run_arguments` (one-line :class:`InputError` for a bad one); also
     ``--threads`` and ``--device``, before any data is read."""

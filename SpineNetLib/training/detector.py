@@ -66,6 +66,7 @@ from SpineNetLib.training.targets import render_vfr_maps
 from SpineNetLib.training import tianchi
 from SpineNetLib.training.common import (
     RunFolder,
+    check_held_to_init,
     initial_weights,
     make_optimizer,
     random_phantom,
@@ -477,14 +478,6 @@ def _holds_outputs(config: dict) -> bool:
     return config["distil"] > 0 or config.get("robust_distil", 0.0) > 0
 
 
-def _check_held_to_init(config: dict) -> None:
-    """Refuse a fine-tune's option without ``--init`` (also for a direct call of :func:`train`, as the CLI does)."""
-    if _holds_outputs(config) and not config["init"]:
-        raise InputError("--distil and --robust-distil need --init: the detector to stay close to")
-    if config.get("frozen_batchnorm", False) and not config["init"]:
-        raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
-
-
 def held_copy(model: torch.nn.Module, config: dict) -> torch.nn.Module | None:
     """The frozen copy of the ``--init`` detector that ``--distil`` or ``--robust-distil`` holds the outputs to
     (:func:`frozen_copy`; with ``--frozen-batchnorm`` normalising with its running statistics), else None."""
@@ -511,7 +504,8 @@ def train(args) -> Path:
     robust_distil = config.get("robust_distil", 0.0)
     annotation_weight = config.get("annotation_weight", 1.0)
     frozen_batchnorm = config.get("frozen_batchnorm", False)
-    _check_held_to_init(config)
+    check_held_to_init(config["init"], {"--distil": config["distil"], "--robust-distil": robust_distil},
+                       frozen_batchnorm)
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = VFRDetector(cfg).to(device)

@@ -236,6 +236,22 @@ def _tiny_detector_args(out, **extra):
                                         no_val=True, calibrate_cases=0), **extra})
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"distil": 1.0}, "--distil needs --init"),
+    ({"robust_distil": 1.0}, "--robust-distil needs --init"),
+    ({"frozen_batchnorm": True}, "--frozen-batchnorm needs --init"),
+])
+def test_a_direct_call_of_the_detector_trainer_refuses_a_fine_tune_option_without_init(tmp_path, extra, message):
+    """The check the CLI makes (``training.common.check_held_to_init``) holds for a direct call too: refused
+    before the run folder is written."""
+    from SpineNetLib.core.errors import InputError
+    from SpineNetLib.training.detector import train
+
+    with pytest.raises(InputError, match=message):
+        train(_tiny_detector_args(tmp_path / "run", **extra))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_robust_distil_run_with_annotation_weight_0_learns_only_from_its_init_detector(tmp_path):
     """``--robust-distil W --annotation-weight 0``: the loss is the distillation term alone (the degraded
     patches' outputs held to the ``--init`` detector's on the clean ones); both settings are recorded in
