@@ -185,38 +185,42 @@ DEGRADE_PART_CHANCE = 0.7
 
 
 def degrade_acquisition(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    """``x`` (a 2-D patch with a dark background at 0, such as a normalised one; normalise the result
-    again) as a poorer scan of another centre might show it: several changes at once, as the
-    ``combined`` rows of ``benchmarks/acquisition_variants.py`` make them, with random strengths.
+    """``x`` (a 2-D patch, or a 3-D volume whose last axis is the slices, with a dark background at 0, such
+    as a normalised one; normalise the result again) as a poorer scan of another centre might show it:
+    several changes at once, as the ``combined`` rows of ``benchmarks/acquisition_variants.py`` make them,
+    with random strengths, every slice of a volume alike but for its noise.
 
     Each with chance ``DEGRADE_PART_CHANCE``: coarser pixels (1.1-1.7 times as large: a Gaussian blur of
     0.4 of the factor, then down- and up-sampled bilinearly), a gamma of 0.7-1.4, a signal falloff
     across the patch in a random direction (gain 1 - d to 1 + d, d 0.05-0.4), Rician noise of 1-5 % of
-    the 99th percentile.  A share ``1 - DEGRADE_SHARE`` of patches is returned unchanged, so that the student of
-    ``spinenet train detector --robust-distil`` also sees clean patches held to its teacher.
+    the 99th percentile.  A share ``1 - DEGRADE_SHARE`` is returned unchanged, so that the student of
+    ``spinenet train detector --robust-distil`` (and ``train appearance --robust-distil``) also sees clean
+    inputs held to its teacher.
     """
     x = np.asarray(x, np.float32)
     if rng.random() >= DEGRADE_SHARE:
         return x
-    h, w = x.shape
+    h, w = x.shape[:2]
+    slices = x.reshape(h, w, -1)            # a patch as a volume of one slice
     if rng.random() < DEGRADE_PART_CHANCE:
         factor = float(rng.uniform(1.1, 1.7))
-        blurred = ndimage.gaussian_filter(x, 0.4 * factor, mode="nearest").astype(np.float32)
-        t = torch.from_numpy(np.ascontiguousarray(blurred))[None, None]
+        blurred = ndimage.gaussian_filter(slices, (0.4 * factor, 0.4 * factor, 0.0), mode="nearest")
+        t = torch.from_numpy(np.ascontiguousarray(blurred.astype(np.float32).transpose(2, 0, 1)))[:, None]
         small = F.interpolate(t, size=(max(2, round(h / factor)), max(2, round(w / factor))), mode="bilinear",
                               align_corners=True)
-        x = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=True)[0, 0].numpy()
+        slices = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=True)[:, 0].numpy().transpose(1, 2, 0)
     if rng.random() < DEGRADE_PART_CHANCE:
-        x = np.power(np.clip(x, 0.0, None), float(rng.uniform(0.7, 1.4))).astype(np.float32)
+        slices = np.power(np.clip(slices, 0.0, None), float(rng.uniform(0.7, 1.4))).astype(np.float32)
     if rng.random() < DEGRADE_PART_CHANCE:
         angle, depth = rng.uniform(0.0, 2.0 * np.pi), float(rng.uniform(0.05, 0.4))
         rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
         along = ((cols - (w - 1) / 2.0) * np.cos(angle) + (rows - (h - 1) / 2.0) * np.sin(angle)) / (max(h, w) / 2.0)
-        x = x * (1.0 + depth * np.clip(along, -1.0, 1.0)).astype(np.float32)
+        slices = slices * (1.0 + depth * np.clip(along, -1.0, 1.0)).astype(np.float32)[:, :, None]
     if rng.random() < DEGRADE_PART_CHANCE:
-        sigma = float(rng.uniform(0.01, 0.05)) * float(np.percentile(x, 99))
-        x = np.hypot(x + rng.normal(0.0, sigma, x.shape), rng.normal(0.0, sigma, x.shape)).astype(np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
+        sigma = float(rng.uniform(0.01, 0.05)) * float(np.percentile(slices, 99))
+        slices = np.hypot(slices + rng.normal(0.0, sigma, slices.shape),
+                          rng.normal(0.0, sigma, slices.shape)).astype(np.float32)
+    return np.ascontiguousarray(slices.reshape(x.shape), dtype=np.float32)
 
 
 def normalise_patch(patch: np.ndarray) -> np.ndarray:

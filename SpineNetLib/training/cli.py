@@ -273,6 +273,10 @@ def register(subparsers) -> None:
                      help="make the batches in N worker processes, each step's batch seeded by (seed, step) "
                           "(default 0: one process, one random stream, as the bundled network was trained)")
     add_ema_argument(app)
+    app.add_argument("--robust-distil", type=float, default=0.0, metavar="W",
+                     help="show the network each body's volume degraded as another centre's poorer scan (coarser "
+                          "pixels, gamma, falloff, noise) and hold its level probabilities, with weight W, to those "
+                          "of its --init weights on the clean volume (needs --init; default 0: not held)")
     app.set_defaults(func=command_train_appearance)
 
     _add_appearance_pool_parser(sub)

@@ -87,14 +87,26 @@ def check_fraction(name: str, value, *, below_one: bool = False) -> None:
 
 
 def check_held_to_init(init, held: dict, frozen_batchnorm: bool) -> None:
-    """Refuse a detector fine-tune's option without ``--init`` (one-line :class:`InputError`): ``held`` maps
+    """Refuse a fine-tune's option without ``--init`` (one-line :class:`InputError`): ``held`` maps
     ``--distil`` and ``--robust-distil`` to their weights. Both the CLI and a direct call of
-    ``training.detector.train`` ask it."""
+    ``training.detector.train`` or ``training.labelling.train_appearance`` ask it."""
     for name, weight in held.items():
         if weight > 0.0 and not init:
-            raise InputError(f"{name} needs --init: the detector to stay close to")
+            raise InputError(f"{name} needs --init: the network to stay close to")
     if frozen_batchnorm and not init:
         raise InputError("--frozen-batchnorm needs --init: the detector whose BatchNorm statistics are kept")
+
+
+def frozen_copy(model: torch.nn.Module, *, training: bool) -> torch.nn.Module:
+    """A copy of ``model`` that no optimiser step changes: the network a fine-tune's outputs are held to
+    (``--distil``, ``--robust-distil``), in training mode or, with ``training`` False, in evaluation mode
+    (running BatchNorm statistics, no dropout: the outputs inference gives)."""
+    import copy
+
+    held = copy.deepcopy(model).train(training)
+    for p in held.parameters():
+        p.requires_grad_(False)
+    return held
 
 
 def check_run_arguments(args) -> None:

@@ -67,6 +67,7 @@ from SpineNetLib.training import tianchi
 from SpineNetLib.training.common import (
     RunFolder,
     check_held_to_init,
+    frozen_copy,
     initial_weights,
     make_optimizer,
     random_phantom,
@@ -285,22 +286,6 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` that no optimiser step changes (the ``--distil`` reference).
-
-    It stays in training mode: its BatchNorm layers normalise with the statistics of the same batch
-    as the student's, so the two agree exactly at the first step (in evaluation mode they would
-    differ by the gap between batch and running statistics, which the term would then try to close).
-    With ``--frozen-batchnorm`` both normalise with the running statistics instead, and agree as well.
-    """
-    import copy
-
-    held = copy.deepcopy(model).train()
-    for p in held.parameters():
-        p.requires_grad_(False)
-    return held
-
-
 def detector_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
     """Balanced L1 on channels 0-4 + scaled L2 on 5-12 (module docstring); returns (loss, parts)."""
     v = valid[:, None].float()                                   # (B, 1, H, W)
@@ -479,11 +464,16 @@ def _holds_outputs(config: dict) -> bool:
 
 
 def held_copy(model: torch.nn.Module, config: dict) -> torch.nn.Module | None:
-    """The frozen copy of the ``--init`` detector that ``--distil`` or ``--robust-distil`` holds the outputs to
-    (:func:`frozen_copy`; with ``--frozen-batchnorm`` normalising with its running statistics), else None."""
+    """The frozen copy of the ``--init`` detector that ``--distil`` or ``--robust-distil`` holds the outputs to,
+    else None.
+
+    It stays in training mode: its BatchNorm layers normalise with the statistics of the same batch as the
+    student's, so the two agree exactly at the first step (in evaluation mode they would differ by the gap
+    between batch and running statistics, which the term would then try to close).  With
+    ``--frozen-batchnorm`` both normalise with the running statistics instead, and agree as well."""
     if not _holds_outputs(config):
         return None
-    held = frozen_copy(model)
+    held = frozen_copy(model, training=True)
     return freeze_batchnorm_statistics(held) if config.get("frozen_batchnorm", False) else held
 
 

@@ -15,6 +15,10 @@ that level.  Real volumes are the slab-averaged ~4 mm scans ``spinenet run``
 makes from these 1 mm data (``canonical.scan_from_array``).  Loss:
 cross-entropy of ``logits / T`` with T = ``LabellingParams.temperature`` (10),
 so that the pipeline's ``softmax(logits / 10)`` is what was trained.
+With ``--robust-distil W`` (fine-tuning only) the network reads each volume degraded as another centre's
+poorer scan (:func:`degraded_volumes`), and its level probabilities are also held, with weight W, to those
+its ``--init`` weights give on the clean volume (:func:`held_to_teacher`).  Tried on the bundled network
+(docs/EXPERIMENTS.md, "The appearance network taught to read a poorer scan").
 
 Context: the network only sees geometry and appearance vectors, so it is
 trained on synthetic "label images" built exactly as
@@ -55,6 +59,8 @@ from SpineNetLib.training.common import (
     RunFolder,
     WeightAverage,
     WorkerBatches,
+    check_held_to_init,
+    frozen_copy,
     initial_weights,
     make_optimizer,
     random_phantom,
@@ -327,10 +333,14 @@ def train_appearance(args) -> Path:
     config.update(setting_if_changed("per_step_batches", workers > 0, False))
     ema = float(getattr(args, "ema", 0.0) or 0.0)
     config.update(setting_if_changed("ema", ema, 0.0))
+    robust_distil = float(getattr(args, "robust_distil", 0.0) or 0.0)
+    config.update(setting_if_changed("robust_distil", robust_distil, 0.0))
+    check_held_to_init(config["init"], {"--robust-distil": robust_distil}, False)
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
     initial_weights(model, config["init"])
+    teacher = frozen_copy(model, training=False) if robust_distil > 0 else None
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(100, args.steps // 10))
     # ``--ema``: the saved network is the weights' moving average; it uses no random numbers, so the
     # run draws the same batches and takes the same steps as one without it
@@ -375,10 +385,15 @@ def train_appearance(args) -> Path:
         y = torch.from_numpy(labels).to(device)
         if average is not None:
             average.update(model)
-        logits = model(x)
-        loss = F.cross_entropy(logits / TEMPERATURE, y)
-        acc = float((logits.argmax(1) == y).float().mean())
-        return loss, {"acc": acc}
+        if teacher is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits / TEMPERATURE, y)
+            return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
+        degraded = torch.from_numpy(degraded_volumes(rng, vols))[:, None].to(device).float()
+        logits = model(degraded)
+        l_held = held_to_teacher(logits, teacher, x)
+        loss = F.cross_entropy(logits / TEMPERATURE, y) + robust_distil * l_held
+        return loss, {"acc": float((logits.argmax(1) == y).float().mean()), "l_distil": float(l_held.detach())}
 
     try:
         train_loop(run, model, opt, sched, rng, args.steps, step_fn, save_every=args.save_every, log_every=5,
@@ -388,6 +403,21 @@ def train_appearance(args) -> Path:
         if ahead is not None:
             ahead.close()
     return _finish(run, "appearance", model, args, saved="ema" if average is not None else "model")
+
+
+def degraded_volumes(rng: np.random.Generator, volumes: np.ndarray) -> np.ndarray:
+    """The normalised training volumes ``(B, 224, 224, 16)`` of a batch, each degraded as another centre's
+    poorer scan (``augment.degrade_acquisition``, every slice alike) and normalised again as at inference:
+    the student's inputs of ``train appearance --robust-distil``."""
+    return np.stack([labelling.normalise_volume(augment.degrade_acquisition(rng, v)) for v in volumes])
+
+
+def held_to_teacher(logits: torch.Tensor, teacher: torch.nn.Module, clean: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the ``--init`` network's level probabilities on the clean volumes (evaluation mode:
+    the probabilities inference gives, ``softmax(logits / T)``) to the student's: ``--robust-distil``'s term."""
+    with torch.no_grad():
+        target = F.softmax(teacher(clean) / TEMPERATURE, dim=1)
+    return F.kl_div(F.log_softmax(logits / TEMPERATURE, dim=1), target, reduction="batchmean")
 
 
 def write_appearance_pool(args) -> Path:

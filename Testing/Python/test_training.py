@@ -518,6 +518,71 @@ def test_robust_distil_degrades_patches_as_a_poorer_scan_and_leaves_frames_alone
     assert detector.degraded_batch(rng, frames) is frames
 
 
+def test_a_volume_is_degraded_slice_by_slice_alike_and_a_patch_as_a_volume_of_one_slice():
+    """``augment.degrade_acquisition`` on a volume (last axis the slices): the same coarser pixels, gamma and
+    falloff on every slice, only the noise differs; a 2-D patch comes out exactly as that patch made a
+    volume of one slice, so the detector's ``--robust-distil`` inputs are what they were."""
+    rows, cols = np.mgrid[0:64, 0:64]
+    plane = ((cols % 2) * (0.5 + rows / 128.0)).astype(np.float32)
+    for seed in range(20):
+        flat = augment.degrade_acquisition(np.random.default_rng(seed), plane)
+        one = augment.degrade_acquisition(np.random.default_rng(seed), plane[:, :, None])
+        np.testing.assert_array_equal(flat, one[:, :, 0])
+    changed = 0
+    for seed in range(20):
+        volume = np.repeat(plane[:, :, None], 5, axis=2)
+        out = augment.degrade_acquisition(np.random.default_rng(seed), volume)
+        assert out.shape == volume.shape and out.dtype == np.float32
+        means = out.mean(axis=(0, 1))
+        assert means.max() - means.min() < 0.02 * means.mean()      # one change for all slices but the noise
+        changed += not np.array_equal(out, volume)
+    assert changed >= 12                                            # DEGRADE_SHARE 0.8 of them
+
+
+def test_an_appearance_robust_distil_run_holds_its_levels_to_its_init_network(tmp_path, capsys):
+    """``train appearance --robust-distil W``: refused without ``--init`` (before the run folder, from the CLI
+    and from a direct call); with it, the student reads degraded volumes normalised again as at inference, its
+    level probabilities held to those the ``--init`` network gives on the clean volumes (zero where the two are
+    the same network on the same volume), the term logged and the weight recorded in ``config.json``."""
+    import csv
+    import json
+
+    from SpineNetLib.apps.cli import build_parser
+    from SpineNetLib.core.errors import InputError
+    from SpineNetLib.training.common import frozen_copy
+    from SpineNetLib.training.labelling import degraded_volumes, held_to_teacher, train_appearance
+
+    def argv(name, *extra):
+        return ["train", "appearance", "--out", str(tmp_path / name), "--steps", "2", "--batch-size", "2",
+                "--seed", "3", "--phantom-fraction", "1", "--n-phantoms", "1", "--threads", "1", *extra]
+
+    assert main(argv("no_init", "--robust-distil", "1")) == 2
+    assert "--robust-distil needs --init" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--robust-distil needs --init"):
+        train_appearance(build_parser().parse_args(argv("direct", "--robust-distil", "1")))
+    assert not (tmp_path / "no_init").exists() and not (tmp_path / "direct").exists()
+
+    assert main(argv("start")) == 0
+    assert "robust_distil" not in json.loads((tmp_path / "start" / "config.json").read_text())
+    assert main(argv("held", "--init", str(tmp_path / "start" / "appearance.pt"), "--robust-distil", "2")) == 0
+    rows = list(csv.DictReader((tmp_path / "held" / "log.csv").open()))
+    assert all(float(r["l_distil"]) >= 0.0 for r in rows)
+    assert json.loads((tmp_path / "held" / "config.json").read_text())["robust_distil"] == 2.0
+
+    torch.manual_seed(0)
+    model = AppearanceNet().eval()
+    teacher = frozen_copy(model, training=False)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    clean = labelling.normalise_volume(np.random.default_rng(1).uniform(0, 1, (224, 224, 16)).astype(np.float32))
+    batch = np.stack([clean] * 2)
+    x = torch.from_numpy(batch)[:, None]
+    assert float(held_to_teacher(model(x), teacher, x)) == pytest.approx(0.0, abs=1e-6)
+    degraded = degraded_volumes(np.random.default_rng(2), np.stack([clean] * 8))
+    assert degraded.shape == (8, 224, 224, 16) and any(not np.array_equal(v, clean) for v in degraded)
+    for volume in degraded:           # normalised as at inference: (v - min) / P95 of v
+        assert volume.min() == pytest.approx(0.0, abs=1e-6) and np.percentile(volume, 95) <= 1.0 + 1e-5
+
+
 def test_detector_patches_are_turned_within_max_rotation(monkeypatch):
     """``--max-rotation``: every patch and whole-slice frame is turned by at most that many degrees either way,
     and the range is used."""

@@ -57,6 +57,7 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("appearance", ["--edge-gap", "nan"], "--edge-gap"),
     ("appearance", ["--ema", "1"], "--ema"),
     ("appearance", ["--ema", "nan"], "--ema"),
+    ("appearance", ["--robust-distil", "-1"], "--robust-distil must not be negative"),
     ("context", ["--repeat-s1-penalty", "-5"], "--repeat-s1-penalty"),
     ("context", ["--val-batches", "0"], "--val-batches"),
 ])
