@@ -8,6 +8,7 @@ copied to ``SpineNetLib/weights/``.
 from __future__ import annotations
 
 import argparse
+import math
 
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from SpineNetLib.training.grader_threshold import add_grader_threshold_parser
 from SpineNetLib.training.tianchi import S1_CONSTRUCTIONS
 
 
+def _check_weight(name: str, weight: float) -> None:
+    """A loss weight must be a finite number of at least 0 (a NaN would pass ``< 0`` and make every loss NaN)."""
+    if not math.isfinite(weight):
+        raise InputError(f"{name} must be a finite number, got {weight}")
+    if weight < 0.0:
+        raise InputError(f"{name} must not be negative")
+
+
 def _checked(args) -> None:
     """Refuse bad options of ``train detector|appearance|context`` before any work (one-line InputError)."""
     check_run_arguments(args)
@@ -31,8 +40,7 @@ def _checked(args) -> None:
     held = {"--distil": float(getattr(args, "distil", 0.0) or 0.0),
             "--robust-distil": float(getattr(args, "robust_distil", 0.0) or 0.0)}
     for name, weight in held.items():
-        if weight < 0.0:
-            raise InputError(f"{name} must not be negative")
+        _check_weight(name, weight)
     check_held_to_init(getattr(args, "init", None), held, bool(getattr(args, "frozen_batchnorm", False)))
     if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
@@ -40,8 +48,7 @@ def _checked(args) -> None:
         raise InputError("--leave-out-source does not apply to a --body-pool: its bodies were chosen when it was "
                          "written")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))
-    if annotation_weight < 0.0:
-        raise InputError("--annotation-weight must not be negative")
+    _check_weight("--annotation-weight", annotation_weight)
     if annotation_weight == 0.0 and max(held.values()) == 0.0:
         raise InputError("--annotation-weight 0 needs --distil or --robust-distil: else nothing is learnt")
     if getattr(args, "val_every", 0) < 0:
