@@ -25,7 +25,8 @@ from SpineNetLib.training.tianchi import S1_CONSTRUCTIONS
 
 
 def _check_weight(name: str, weight: float) -> None:
-    """A loss weight must be a finite number of at least 0 (a NaN would pass ``< 0`` and make every loss NaN)."""
+    """A loss weight or strength must be a finite number of at least 0 (a NaN would pass ``< 0`` and make
+    every loss NaN, or turn the augmentation off unsaid)."""
     if not math.isfinite(weight):
         raise InputError(f"{name} must be a finite number, got {weight}")
     if weight < 0.0:
@@ -49,6 +50,8 @@ def _checked(args) -> None:
                          "written")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))
     _check_weight("--annotation-weight", annotation_weight)
+    if getattr(args, "augment", None) is not None:
+        _check_weight("--augment", float(args.augment))
     if annotation_weight == 0.0 and max(held.values()) == 0.0:
         raise InputError("--annotation-weight 0 needs --distil or --robust-distil: else nothing is learnt")
     if getattr(args, "val_every", 0) < 0:

@@ -61,6 +61,8 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("appearance", ["--robust-distil", "nan"], "--robust-distil must be a finite number"),
     ("detector", ["--distil", "inf"], "--distil must be a finite number"),
     ("detector", ["--annotation-weight", "nan"], "--annotation-weight must be a finite number"),
+    ("detector", ["--augment", "-1"], "--augment must not be negative"),
+    ("appearance", ["--augment", "nan"], "--augment must be a finite number"),
     ("context", ["--repeat-s1-penalty", "-5"], "--repeat-s1-penalty"),
     ("context", ["--val-batches", "0"], "--val-batches"),
 ])
