@@ -8,7 +8,6 @@ copied to ``SpineNetLib/weights/``.
 from __future__ import annotations
 
 import argparse
-import math
 
 from pathlib import Path
 
@@ -16,21 +15,12 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.detect.plans import DetectionParams
 from SpineNetLib.training.common import (
     add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_held_to_init,
-    check_run_arguments, output_file,
+    check_non_negative, check_run_arguments, output_file,
 )
 from SpineNetLib.training.datasets import default_data_root
 from SpineNetLib.training.grader import add_grader_parser
 from SpineNetLib.training.grader_threshold import add_grader_threshold_parser
 from SpineNetLib.training.tianchi import S1_CONSTRUCTIONS
-
-
-def _check_weight(name: str, weight: float) -> None:
-    """A loss weight or strength must be a finite number of at least 0 (a NaN would pass ``< 0`` and make
-    every loss NaN, or turn the augmentation off unsaid)."""
-    if not math.isfinite(weight):
-        raise InputError(f"{name} must be a finite number, got {weight}")
-    if weight < 0.0:
-        raise InputError(f"{name} must not be negative")
 
 
 def _checked(args) -> None:
@@ -41,7 +31,7 @@ def _checked(args) -> None:
     held = {"--distil": float(getattr(args, "distil", 0.0) or 0.0),
             "--robust-distil": float(getattr(args, "robust_distil", 0.0) or 0.0)}
     for name, weight in held.items():
-        _check_weight(name, weight)
+        check_non_negative(name, weight)
     check_held_to_init(getattr(args, "init", None), held, bool(getattr(args, "frozen_batchnorm", False)))
     if min(held.values()) > 0:
         raise InputError("give --distil or --robust-distil, not both")
@@ -49,9 +39,9 @@ def _checked(args) -> None:
         raise InputError("--leave-out-source does not apply to a --body-pool: its bodies were chosen when it was "
                          "written")
     annotation_weight = float(getattr(args, "annotation_weight", 1.0))
-    _check_weight("--annotation-weight", annotation_weight)
+    check_non_negative("--annotation-weight", annotation_weight)
     if getattr(args, "augment", None) is not None:
-        _check_weight("--augment", float(args.augment))
+        check_non_negative("--augment", float(args.augment))
     if annotation_weight == 0.0 and max(held.values()) == 0.0:
         raise InputError("--annotation-weight 0 needs --distil or --robust-distil: else nothing is learnt")
     if getattr(args, "val_every", 0) < 0:

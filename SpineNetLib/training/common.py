@@ -86,6 +86,15 @@ def check_fraction(name: str, value, *, below_one: bool = False) -> None:
         raise InputError(f"{name} must be {'in [0, 1)' if below_one else 'between 0 and 1'}, got {value}")
 
 
+def check_non_negative(name: str, value: float) -> None:
+    """A loss weight or strength option must be a finite number of at least 0 (one-line :class:`InputError`):
+    a NaN would pass ``< 0`` and make every loss NaN, or turn the augmentation off unsaid."""
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if value < 0.0:
+        raise InputError(f"{name} must not be negative")
+
+
 def check_held_to_init(init, held: dict, frozen_batchnorm: bool) -> None:
     """Refuse a fine-tune's option without ``--init`` (one-line :class:`InputError`): ``held`` maps
     ``--distil`` and ``--robust-distil`` to their weights. Both the CLI and a direct call of

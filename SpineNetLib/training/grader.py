@@ -63,8 +63,9 @@ from SpineNetLib.models.grading import HEADS, GradingConfig, GradingNet
 from SpineNetLib.synthetic import phantom
 from SpineNetLib.training import spider
 from SpineNetLib.training.common import (
-    RunFolder, WeightAverage, add_ema_argument, add_run_arguments, check_fraction, check_run_arguments, cosine_lr,
-    load_initial, resolved_path, resolve_device, seed_everything, set_threads, setting_if_changed, train_loop,
+    RunFolder, WeightAverage, add_ema_argument, add_run_arguments, check_fraction, check_non_negative,
+    check_run_arguments, cosine_lr, load_initial, resolved_path, resolve_device, seed_everything, set_threads,
+    setting_if_changed, train_loop,
 )
 from SpineNetLib.weights import checkpoints
 
@@ -777,6 +778,7 @@ def command_train_grader(args) -> int:
     check_fraction("--ema", args.ema, below_one=True)
     check_fraction("--phantom-rate", args.phantom_rate)
     check_fraction("--degrade", args.degrade)
+    check_non_negative("--augment", args.augment)
     if args.head_lr is not None and not (args.head_lr > 0 and np.isfinite(args.head_lr)):
         raise InputError(f"--head-lr must be a positive number, got {args.head_lr}")
     train_grader(args)

@@ -46,6 +46,7 @@ def test_a_bad_run_option_is_a_one_line_error_before_the_run_folder(tmp_path, ca
     ("grader", ["--phantoms", "2", "--ema", "1"], "--ema"),
     ("grader", ["--phantoms", "2", "--ema", "-0.5"], "--ema"),
     ("grader", ["--phantoms", "2", "--head-lr", "-1"], "--head-lr"),
+    ("grader", ["--phantoms", "2", "--augment", "nan"], "--augment must be a finite number"),
     ("detector", ["--tianchi-fraction", "3"], "--tianchi-fraction"),
     ("detector", ["--focus-share", "-2"], "--focus-share"),
     ("detector", ["--val-every", "-1"], "--val-every"),
