@@ -13,8 +13,8 @@ the module (singleton tag and ``ModuleName`` attribute "SpineNet", as
 ``WeightsFolder``, ``Device``, ``Grading``, ``Sequence``, ``HotspotHead``, ``CompareSeries``) and references
 to the input volume's result nodes (``ResultOutline``, ``ResultHotspot`` and
 ``ResultOtherSeriesLevels``, several each, ``ResultCentroids``, ``ResultSegmentation``, ``ResultTable``,
-``ResultVertebraeDocument``, ``ResultDiscsDocument``).  It is saved with the
-scene, so a reloaded scene (or a re-created panel) shows the same settings
+``ResultVertebraeDocument``, ``ResultDiscsDocument``, and ``ResultNextBestLevels`` where the levels need
+review).  It is saved with the scene, so a reloaded scene (or a re-created panel) shows the same settings
 and results.
 
 **Temporary folders.**  A run without a ``workFolder`` works in a folder of
@@ -84,7 +84,8 @@ PARAMETER_DEFAULTS = {"Weights": "bundled", "WeightsFolder": "", "Device": "auto
 RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCentroids",
                      "segmentation": "ResultSegmentation", "grades": "ResultTable",
                      "vertebrae-document": "ResultVertebraeDocument", "discs-document": "ResultDiscsDocument",
-                     "hotspot": "ResultHotspot", "other-series-levels": "ResultOtherSeriesLevels"}
+                     "hotspot": "ResultHotspot", "other-series-levels": "ResultOtherSeriesLevels",
+                     "next-best-levels": "ResultNextBestLevels"}
 
 #: Temporary run folders of every logic of this Python session, removed at exit at the latest.
 _TEMPORARY_RUN_FOLDERS = set()

@@ -351,6 +351,36 @@ def other_readings(vertebrae_doc: dict) -> list[dict]:
     return readings
 
 
+#: How the preview and the Slicer scene name the labelling's best shifted alternative (:func:`next_best_reading`).
+NEXT_BEST_READING = "the next best labelling"
+#: The colour (RGB, 0-255) in which they draw it: a light red, apart from the outlines, level names, discs and
+#: other series' levels (the preview's review banner names the same labelling in words: "the next best
+#: labelling calls the lowest body S2 instead of S1").
+NEXT_BEST_COLOUR = (255, 96, 96)
+
+
+def next_best_reading(vertebrae_doc: dict) -> dict | None:
+    """Where the levels need a review, the labelling's best alternative shifted by one level
+    (``shifted_alternative``, :mod:`SpineNetLib.label.confidence`) as ``{"series": NEXT_BEST_READING,
+    "vertebrae": [{"level", "centroid_ras"}]}``, at each vertebra it names otherwise, so that the reviewer
+    sees both candidate readings on the image.
+
+    None where the levels need no review (the alternative is then out of the question), were corrected by
+    hand, or were taken from another series (the alternative is of the scan's own levels, which
+    :func:`other_readings` draws), and where the alternative does not name the vertebrae one for one."""
+    block = vertebrae_doc.get("labelling") or {}
+    if not block.get("needs_review") or block.get("corrected_by_user") or block.get("levels_taken_from_series"):
+        return None
+    vertebrae = vertebrae_doc.get("vertebrae") or []
+    alternative = block.get("shifted_alternative") or []
+    if len(alternative) != len(vertebrae):
+        return None
+    differing = [{"level": str(level), "centroid_ras": vertebra["centroid_ras"]}
+                 for level, vertebra in zip(alternative, vertebrae)
+                 if level and level != vertebra.get("level") and vertebra.get("centroid_ras")]
+    return {"series": NEXT_BEST_READING, "vertebrae": differing} if differing else None
+
+
 def series_alike(labelling: dict) -> str:
     """"the exam's series 'T1' (series 3) and 'STIR' (series 5) name the vertebrae alike": the exam's other
     series that show the same vertebrae and name them alike (``agreeing_series``); "" where none do."""

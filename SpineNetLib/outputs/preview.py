@@ -19,7 +19,9 @@
   first, then other abnormal findings). Where another sagittal series of the exam names a vertebra otherwise
   (``label/other_series.py``), the levels it gives are drawn at its vertebrae's centres in
   :data:`OTHER_SERIES_COLOUR`, so both readings are seen in one picture (where the scan took that series'
-  levels, its own levels are drawn so instead).
+  levels, its own levels are drawn so instead). Where the levels need review, each vertebra that the
+  labelling's best shifted alternative names otherwise carries that level too, "or S2" in
+  :data:`NEXT_BEST_LEVEL_COLOUR` below its centre, so the reviewer sees the two candidate readings on the image.
 
 ``hotspots.png`` (:func:`render_hotspots`, only when the run computed evidence maps): one row per
 map, one tile per disc the map covers: the disc's grading volume's mid slice (anterior left,
@@ -48,8 +50,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.outputs.documents import (OTHER_READING_COLOUR, disc_polygons, other_readings,
-                                          reported_probability, shift_by_reader, vertebra_name)
+from SpineNetLib.outputs.documents import (NEXT_BEST_COLOUR, OTHER_READING_COLOUR, disc_polygons, next_best_reading,
+                                          other_readings, reported_probability, shift_by_reader, vertebra_name)
 
 PREVIEW_FILE = "preview.png"
 HOTSPOTS_FILE = "hotspots.png"
@@ -64,6 +66,9 @@ DISC_COLOUR = (255, 140, 0)
 #: The levels of another series of the exam that names a vertebra otherwise, or the scan's own where it took
 #: another's (``documents.other_readings``).
 OTHER_SERIES_COLOUR = OTHER_READING_COLOUR
+#: Where the levels need review, the level the labelling's best shifted alternative gives a vertebra
+#: (``documents.next_best_reading``).
+NEXT_BEST_LEVEL_COLOUR = NEXT_BEST_COLOUR
 BANNER_COLOUR = (255, 176, 0)
 HEADER_COLOUR = (36, 36, 36)
 PANEL_COLOUR = (16, 16, 16)
@@ -349,6 +354,23 @@ def _draw_other_series(draw, layout: _Layout, marks, font, size: int) -> None:
                   stroke_fill=(0, 0, 0))
 
 
+def _next_best_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
+    """``(level, canonical (x, y))`` of each vertebra that the labelling's best shifted alternative names
+    otherwise, where the levels need review (:func:`~SpineNetLib.outputs.documents.next_best_reading`)."""
+    reading = next_best_reading(vertebrae_doc)
+    if reading is None:
+        return []
+    return [(str(v["level"]), _ras_to_canonical(scan, v["centroid_ras"])[0][[1, 0]]) for v in reading["vertebrae"]]
+
+
+def _draw_next_best(draw, layout: _Layout, marks, font, size: int) -> None:
+    """"or S2" a line below each centre (inside the body, clear of another series' level beside it)."""
+    for level, xy in marks:
+        x, y = layout.point(xy)
+        draw.text((x, y + size), f"or {level}", font=font, fill=NEXT_BEST_LEVEL_COLOUR, anchor="mm", stroke_width=2,
+                  stroke_fill=(0, 0, 0))
+
+
 def _draw_disc_panel(draw, layout: _Layout, marks, font, size: int, panel_left: int):
     line_h = round(size * 1.3)
     heights = [line_h * (1 + len(texts)) for _, _, texts in marks]
@@ -416,6 +438,7 @@ def render_preview(scan, vertebrae_doc: dict, discs_doc: dict | None = None) -> 
                  (layout.left, layout.top))
     _draw_slice_marks(draw, layout, _outlines(scan, vertebrae_doc), canonical_slice, font, size)
     _draw_other_series(draw, layout, _other_series_marks(scan, vertebrae_doc), font, size)
+    _draw_next_best(draw, layout, _next_best_marks(scan, vertebrae_doc), font, size)
     _draw_disc_panel(draw, layout, marks, font, size, width + margin // 2)
     return _png_bytes(canvas, {
         "Title": "SpineNet result", "Description": " ".join(header),

@@ -471,10 +471,13 @@ class ResultNodes:
     hotspots: list = field(default_factory=list)
     #: the levels of each other series of the exam that names a vertebra otherwise (:func:`add_other_series_levels`)
     other_series: list = field(default_factory=list)
+    #: where the levels need review, the level the labelling's best shifted alternative gives each vertebra it
+    #: names otherwise (:func:`add_next_best_levels`)
+    next_best: object = None
 
     def all(self) -> list:
         nodes = [*self.curves, self.centroids, self.segmentation, self.table, *self.documents, *self.hotspots,
-                 *self.other_series]
+                 *self.other_series, self.next_best]
         return [n for n in nodes if n is not None]
 
 
@@ -596,16 +599,28 @@ def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
     the exam that names a vertebra otherwise, and the volume's own levels where it took another series'), with a
     point at each vertebra labelled by the level that reading gives: in the patient's coordinates the series
     share, so the reader sees both readings on this volume."""
-    nodes = []
-    for other in documents.other_readings(vertebrae_doc):
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
-                                       result_node_name(volume_node, f"SpineNet levels of {other['series']}"))
-        for vertebra in other.get("vertebrae") or []:
-            _add_control_point(node, vertebra["centroid_ras"], str(vertebra["level"]))
-        _labelled_points(node, volume_node, tuple(c / 255.0 for c in documents.OTHER_READING_COLOUR),
-                         "other-series-levels")
-        nodes.append(node)
-    return nodes
+    return [_reading_node(scene, volume_node, other, "{}", documents.OTHER_READING_COLOUR, "other-series-levels")
+            for other in documents.other_readings(vertebrae_doc)]
+
+
+def add_next_best_levels(scene, volume_node, vertebrae_doc: dict):
+    """Where the levels need review, one fiducial node with a point at each vertebra that the labelling's best
+    shifted alternative names otherwise, labelled "or S2" (``documents.next_best_reading``), as the preview
+    draws it; None where there is none."""
+    reading = documents.next_best_reading(vertebrae_doc)
+    return None if reading is None else _reading_node(scene, volume_node, reading, "or {}",
+                                                      documents.NEXT_BEST_COLOUR, "next-best-levels")
+
+
+def _reading_node(scene, volume_node, reading: dict, label: str, colour: tuple[int, int, int], role: str):
+    """A fiducial node "<volume> SpineNet levels of <reading's series>" with a point at each of the reading's
+    vertebrae, labelled ``label`` with its level filled in."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                   result_node_name(volume_node, f"SpineNet levels of {reading['series']}"))
+    for vertebra in reading.get("vertebrae") or []:
+        _add_control_point(node, vertebra["centroid_ras"], label.format(vertebra["level"]))
+    _labelled_points(node, volume_node, tuple(c / 255.0 for c in colour), role)
+    return node
 
 
 def _oriented_labelmap(mask_kji: np.ndarray, ijk_to_ras_matrix):
@@ -773,6 +788,7 @@ def show_results(scene, volume_node, vertebrae_doc: dict, discs_doc: dict | None
         nodes.curves.append(add_vertebra_curve(scene, volume_node, vertebra, i))
     nodes.centroids = add_centroids(scene, volume_node, vertebrae_doc)
     nodes.other_series = add_other_series_levels(scene, volume_node, vertebrae_doc)
+    nodes.next_best = add_next_best_levels(scene, volume_node, vertebrae_doc)
     nodes.segmentation = add_segmentation(scene, volume_node, vertebrae_doc)
     nodes.table = add_grades_table(scene, volume_node, vertebrae_doc, discs_doc)
     nodes.documents.append(add_document_node(scene, volume_node, vertebrae_doc, "vertebrae.json",

@@ -18,10 +18,11 @@ from PIL import Image
 
 from SpineNetLib import pipeline
 from SpineNetLib.apps import cli
+from SpineNetLib.core.levels import shifted_by
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs import files, preview
-from SpineNetLib.outputs.documents import vertebrae_document_from_truth
+from SpineNetLib.outputs.documents import next_best_reading, vertebrae_document_from_truth
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from batch_script import batch_script
@@ -172,6 +173,51 @@ def test_the_levels_of_a_series_of_the_exam_that_disagrees_are_drawn_at_its_vert
             row, col, _ = (np.r_[centre, 1.0] @ to_canonical.T)[:3]
             x, y = round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5)
             assert _has_colour(pixels[y - 2:y + 3, x - 2:x + 3], preview.OTHER_SERIES_COLOUR, 30) is drawn
+
+
+def test_where_the_levels_need_review_the_next_best_labelling_is_drawn_below_each_centre(small_phantom):
+    """A labelling that asks for a review: "or L2" below the centre of each vertebra that its best shifted
+    alternative names otherwise, in its own colour; nothing once the levels need no review or a reader
+    corrected them."""
+    scan = small_phantom.scan
+    vertebrae = vertebrae_document_from_truth(scan, small_phantom.vertebrae)
+    own = [v["level"] for v in vertebrae["vertebrae"]]
+    shifted = shifted_by(own, 1)
+    centres = [v["centroid_ras"] for v in vertebrae["vertebrae"]]
+    for block, drawn in (({"needs_review": True}, True), ({"needs_review": False}, False),
+                         ({"needs_review": True, "corrected_by_user": True}, False)):
+        vertebrae["labelling"] = {"confidence": 1.0, "warnings": [], "shifted_alternative": shifted, **block}
+        image = Image.open(io.BytesIO(preview.render_preview(scan, vertebrae))).convert("RGB")
+        pixels = np.asarray(image)
+        left, top, _, height = (int(v) for v in image.info["SpineNet slice box"].split())
+        sx, sy = (float(v) for v in image.info["SpineNet pixel scale"].split())
+        size = max(18, round(height / 45))   # the preview's font size
+        to_canonical = np.linalg.inv(scan.canonical_to_ras)
+        for centre in centres:
+            row, col, _ = (np.r_[centre, 1.0] @ to_canonical.T)[:3]
+            x, y = round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5) + size
+            near = pixels[y - size // 2:y + size // 2, x - 2 * size:x + 2 * size]
+            assert _has_colour(near, preview.NEXT_BEST_LEVEL_COLOUR, 30) is drawn
+        assert _has_colour(pixels, preview.NEXT_BEST_LEVEL_COLOUR, 30) is drawn
+
+
+def test_the_next_best_reading_is_that_of_the_scans_own_levels_and_only_where_they_differ():
+    """A local alternative (one body renamed) gives that body only; an alternative that does not name the
+    vertebrae one for one, and levels taken from another series (whose alternative is of the scan's own
+    levels, drawn as that reading), give none."""
+    vertebrae = [{"level": level, "centroid_ras": [0.0, 0.0, -30.0 * k]} for k, level in enumerate(["L4", "L5", "S1"])]
+    doc = {"vertebrae": vertebrae,
+           "labelling": {"needs_review": True, "shifted_alternative": ["L4", "L5", "L5"]}}
+    assert next_best_reading(doc) == {"series": "the next best labelling",
+                                      "vertebrae": [{"level": "L5", "centroid_ras": [0.0, 0.0, -60.0]}]}
+    doc["labelling"]["shifted_alternative"] = ["L5", "S1"]
+    assert next_best_reading(doc) is None
+    doc["labelling"].update(shifted_alternative=["L3", "L4", "L5"],
+                            levels_taken_from_series={"series": "'T1' (series 3)", "shift": 1,
+                                                      "own_levels": ["L3", "L4", "L5"]})
+    assert next_best_reading(doc) is None
+    del doc["labelling"]["levels_taken_from_series"]
+    assert [v["level"] for v in next_best_reading(doc)["vertebrae"]] == ["L3", "L4", "L5"]
 
 
 def test_a_labelling_warning_shows_as_a_banner(small_phantom, tmp_path, monkeypatch):

@@ -397,6 +397,32 @@ def test_corrected_documents_rebuild_the_nodes(case):
     assert mrml.stored_documents(scene, volume)[0]["corrections"] == [{"vertebra": 2, "level": "L3"}]
 
 
+def test_levels_that_need_review_show_the_next_best_labelling_until_a_reader_corrects_them(case):
+    """A labelling that asks for a review: one light red point per vertebra that its best shifted alternative
+    names otherwise, at the vertebra's centre, labelled "or T11"; gone once a level is corrected by hand,
+    and never drawn for levels that need no review."""
+    phantom, doc = case
+    scene, volume = _scene_with_volume(phantom)
+    unsure = json.loads(json.dumps(doc))
+    alternative = ["T11", "T12", "L1", "L2", "L3", "L4", "S1"]      # the lowest body stays S1: not drawn
+    unsure["labelling"] = {"confidence": 1.0, "margin_nats": 20.0, "needs_review": True, "warnings": [],
+                           "shifted_alternative": alternative}
+    nodes = mrml.show_results(scene, volume, unsure)
+    shown = nodes.next_best
+    assert shown.GetName() == "phantom SpineNet levels of the next best labelling"
+    assert mrml.result_nodes(scene, volume, "next-best-levels") == [shown]
+    labels = [shown.GetNthControlPointLabel(n) for n in range(shown.GetNumberOfControlPoints())]
+    assert labels == [f"or {level}" for level in alternative[:-1]]
+    np.testing.assert_allclose(_points(shown), [v["centroid_ras"] for v in doc["vertebrae"][:-1]], atol=1e-6)
+    assert shown.GetDisplayNode().GetSelectedColor() == pytest.approx([c / 255 for c in documents.NEXT_BEST_COLOUR])
+    corrected, _ = documents.apply_level_correction(unsure, 0, "T12")
+    assert mrml.show_results(scene, volume, corrected).next_best is None
+    assert mrml.result_nodes(scene, volume, "next-best-levels") == []
+    sure = json.loads(json.dumps(unsure))
+    sure["labelling"]["needs_review"] = False
+    assert mrml.show_results(scene, volume, sure).next_best is None
+
+
 def test_documents_are_checked():
     with pytest.raises(InputError, match="not a SpineNet vertebrae document"):
         documents.check_vertebrae_document({"schema": "other"})

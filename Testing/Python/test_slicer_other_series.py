@@ -134,6 +134,9 @@ def test_a_volume_of_the_exam_a_level_off_asks_for_a_review_in_the_panel(exam, m
     parameters.SetNodeReferenceID("InputVolume", t2.GetID())
     logic.updateResultReferences(parameters)
     assert parameters.GetNodeReference("ResultOtherSeriesLevels") is shown
+    # its own next best labelling is shown too, since the levels need review
+    (next_best,) = mrml.result_nodes(scene, t2, "next-best-levels")
+    assert parameters.GetNodeReference("ResultNextBestLevels") is next_best
     vertebrae, _, _ = logic.documents(t2)
     assert [v["level"] for v in vertebrae["vertebrae"]] == phantom.levels
 
