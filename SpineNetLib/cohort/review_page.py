@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import math
 
 #: The page's file name in the cohort's output folder.
 REVIEW_PAGE_FILE = "cohort_review.html"
@@ -47,6 +48,16 @@ def _sure(row: dict[str, str]) -> float:
         return 0.0
 
 
+def _margin(row: dict[str, str]) -> float:
+    """The study's labelling margin in nats (``labelling_margin_nats``; from its confidence in a table written
+    before that column, which reads 1 from about 14.5 nats on; 0 when it has neither: the least sure)."""
+    try:
+        return float(row["labelling_margin_nats"])
+    except (KeyError, ValueError):
+        sure = _sure(row)
+        return math.log(sure / (1.0 - sure)) if 0.0 < sure < 1.0 else math.inf if sure >= 1.0 else 0.0
+
+
 def asks_for_review(row: dict[str, str]) -> bool:
     """Whether a ``cohort_studies.csv`` row asks for a review of its levels: its own review flag, or another
     series of its exam naming its vertebrae otherwise (``exam_disagreement``), unless a reader has corrected
@@ -57,9 +68,10 @@ def asks_for_review(row: dict[str, str]) -> bool:
 
 def review_order(row: dict[str, str]) -> tuple:
     """The sort key of a ``cohort_studies.csv`` row on the page: review first, then corrected, then the
-    others; the least sure first within each."""
+    others; the least sure first within each, by the labelling margin (the confidence cannot order them: it
+    reads 1.00 on most studies that ask for a review)."""
     corrected = row.get("corrected_by_user") == "true"
-    return (0 if asks_for_review(row) else 1 if corrected else 2, _sure(row), row.get("input", ""))
+    return (0 if asks_for_review(row) else 1 if corrected else 2, _margin(row), row.get("input", ""))
 
 
 def _lowest_level(levels: str) -> str:
@@ -82,13 +94,14 @@ def _study_row(row: dict[str, str]) -> str:
     lowest = _lowest_level(row.get("levels", ""))
     command = (f'<code>spinenet correct studies/{e(row["study"])} {e(lowest)} LEVEL</code>' if lowest else "")
     sure = f"{_sure(row):.2f}" if row.get("labelling_confidence") else ""
+    margin = f" (margin {float(row['labelling_margin_nats']):.1f} nats)" if row.get("labelling_margin_nats") else ""
     reason = "<br>".join(e(text) for text in (row.get("labelling_warning"), row.get("exam_disagreement")) if text)
     return ("<tr class=\"{}\">".format("review" if review else "corrected" if corrected else "")
             + f"<td>{picture}</td>"
             + f"<td><b>{e(row.get('input'))}</b><br>{e(row.get('series_description'))}<br><small>{e(row.get('study'))}"
               "</small></td>"
             + f"<td>{e(row.get('levels'))}<br>{e(row.get('vertebrae'))} vertebrae</td>"
-            + f"<td>{'<b>review</b>' if review else by_reader if corrected else 'no'}<br>confidence {sure}"
+            + f"<td>{'<b>review</b>' if review else by_reader if corrected else 'no'}<br>confidence {sure}{margin}"
               f"<br>S1 found: {e(row.get('s1_found'))}</td>"
             + f"<td>{reason}</td>"
             + f"<td>{e(row.get('grading'))}<br>{e(row.get('sequence'))}</td>"

@@ -19,7 +19,7 @@ its ``vertebrae.json`` and ``discs.json`` by the same functions that write those
 :func:`SpineNetLib.outputs.discs.discs_csv_text`), so the columns are the ones the README
 describes and the same for every study (grades that a study lacks stay empty).  In front come
 the study's columns (``study``, ``input``, ``series_uid``, ``series_description``); the disc
-rows end with the study's labelling columns (``labelling_confidence``, ``s1_found``,
+rows end with the study's labelling columns (``labelling_confidence``, ``labelling_margin_nats``, ``s1_found``,
 ``levels_need_review``, ``labelling_warning``), which ``discs.csv`` does not carry.
 
 The tables are made again, whole, from the study folders at the end of every run, so a run
@@ -43,7 +43,8 @@ from SpineNetLib.outputs.discs import discs_csv_header, discs_csv_text, not_grad
 from SpineNetLib.outputs.documents import levels_by_network, read_result, shift_by_reader, vertebra_name
 from SpineNetLib.outputs.files import earlier_manifest, write_files_atomically
 from SpineNetLib.outputs.preview import PREVIEW_FILE
-from SpineNetLib.outputs.vertebrae import VERTEBRAE_CSV_COLUMNS, csv_flag, labelling_csv_cells, vertebrae_csv_text
+from SpineNetLib.outputs.vertebrae import (PER_SCAN_CSV_COLUMNS, VERTEBRAE_CSV_COLUMNS, csv_flag, labelling_csv_cells,
+                                          vertebrae_csv_text)
 
 COHORT_VERTEBRAE_FILE = "cohort_vertebrae.csv"
 COHORT_DISCS_FILE = "cohort_discs.csv"
@@ -52,7 +53,7 @@ COHORT_STUDIES_FILE = "cohort_studies.csv"
 #: The columns in front of every vertebra and disc row.
 STUDY_COLUMNS = ("study", "input", "series_uid", "series_description")
 #: The per-scan columns of vertebrae.csv that the disc rows repeat.
-LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-4:]
+LABELLING_COLUMNS = VERTEBRAE_CSV_COLUMNS[-PER_SCAN_CSV_COLUMNS:]
 FAILURE_COLUMNS = ("study", "input", "reason")
 STUDIES_COLUMNS = (*STUDY_COLUMNS, "vertebrae", "levels", *LABELLING_COLUMNS, "exam", "exam_disagreement",
                    "corrected_by_user", "levels_by_network", "shift_by_reader", "discs", "grading", "sequence",

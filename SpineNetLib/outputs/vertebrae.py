@@ -166,12 +166,16 @@ def vertebrae_document(scan: Scan, result: DetectionResult,
     return document
 
 
-#: The last four are per scan (the same on every row): the ``"labelling"`` block's
-#: ``confidence``, ``s1_found``, ``needs_review`` and its warnings (joined by "; ", with the
-#: reason); empty when the document has none.
+#: The last five are per scan (the same on every row): the ``"labelling"`` block's
+#: ``confidence``, ``margin_nats``, ``s1_found``, ``needs_review`` and its warnings (joined by "; ", with the
+#: reason); empty when the document has none.  The margin is the column to sort a cohort by: the confidence
+#: reads 1.000000 from a margin of about 14.5 nats on, well below the bundled weights' review margin.
 VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
                          "first_slice", "last_slice", "level_probability",
-                         "labelling_confidence", "s1_found", "levels_need_review", "labelling_warning")
+                         "labelling_confidence", "labelling_margin_nats", "s1_found", "levels_need_review",
+                         "labelling_warning")
+#: How many of :data:`VERTEBRAE_CSV_COLUMNS`, at its end, describe the whole scan.
+PER_SCAN_CSV_COLUMNS = 5
 
 
 def csv_flag(value) -> str:
@@ -179,13 +183,18 @@ def csv_flag(value) -> str:
     return "" if not isinstance(value, bool) else ("true" if value else "false")
 
 
+def _number_cell(value, digits: int) -> str:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{float(value):.{digits}f}" if number else ""
+
+
 def labelling_csv_cells(document: dict) -> list[str]:
-    """The per-scan cells of every CSV row: labelling confidence, S1 found, levels need review, warnings."""
+    """The per-scan cells of every CSV row: labelling confidence and margin, S1 found, levels need review,
+    warnings."""
     block = document.get("labelling") or {}
-    confidence = block.get("confidence")
-    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
-    return ["" if not number else f"{float(confidence):.6f}", csv_flag(block.get("s1_found")),
-            csv_flag(block.get("needs_review")), "; ".join(str(w) for w in block.get("warnings") or [])]
+    return [_number_cell(block.get("confidence"), 6), _number_cell(block.get("margin_nats"), 3),
+            csv_flag(block.get("s1_found")), csv_flag(block.get("needs_review")),
+            "; ".join(str(w) for w in block.get("warnings") or [])]
 
 
 def vertebrae_csv_text(document: dict) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -813,6 +814,28 @@ def test_the_review_page_lists_the_studies_to_review_first_with_their_pictures_a
     assert "<b>exam</b>" not in page and "&lt;b&gt;exam&lt;/b&gt;" in page
     assert page.index("Studies without a result") > order[-1] and "&lt;not an image&gt;" in page
     assert page.count('<tr class="review">') == 2 and page.count('<tr class="corrected">') == 2
+
+
+def test_the_review_page_orders_the_studies_to_review_by_their_margin_where_the_confidence_reads_one():
+    """Most studies that ask for a review have a confidence of 1.000000 (from about 14.5 nats on; the bundled
+    weights ask below 36.7): the page orders them by ``labelling_margin_nats``, and shows it."""
+    import io
+
+    from SpineNetLib.cohort.review_page import review_page_html
+    from SpineNetLib.cohort.tables import FAILURE_COLUMNS, STUDIES_COLUMNS
+
+    rows = []
+    for study, margin in (("thirty", "30.000"), ("twelve", "12.400"), ("twenty", "20.000")):
+        cells = dict.fromkeys(STUDIES_COLUMNS, "")
+        cells.update(study=study, input=study, levels="T11..S1", levels_need_review="true",
+                     labelling_confidence=f"{1 / (1 + math.exp(-float(margin))):.6f}", labelling_margin_nats=margin)
+        rows.append([cells[c] for c in STUDIES_COLUMNS])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([STUDIES_COLUMNS, *rows])
+    page = review_page_html(buffer.getvalue(), ",".join(FAILURE_COLUMNS) + "\n")
+    order = [page.index(f"<small>{s}</small>") for s in ("twelve", "twenty", "thirty")]
+    assert order == sorted(order)
+    assert "confidence 1.00 (margin 30.0 nats)" in page and "(margin 12.4 nats)" in page
 
 
 def test_a_record_of_study_inputs_that_is_not_as_written_counts_as_none(tmp_path):
