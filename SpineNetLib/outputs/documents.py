@@ -359,11 +359,23 @@ NEXT_BEST_READING = "the next best labelling"
 NEXT_BEST_COLOUR = (255, 96, 96)
 
 
+def _below_centre(vertebra: dict) -> list[float]:
+    """40 % of the way from a document vertebra's centre to the middle of its lower edge (corners rb, lb of its
+    mid-slice outline); the centre itself for a vertebra without an outline."""
+    centre = np.asarray(vertebra["centroid_ras"], float)
+    if not vertebra.get("polygons"):
+        return [float(x) for x in centre]
+    corners = np.asarray(mid_polygon(vertebra)["corners_ras"], float)
+    return [float(x) for x in centre + 0.4 * ((corners[1] + corners[2]) / 2.0 - centre)]
+
+
 def next_best_reading(vertebrae_doc: dict) -> dict | None:
     """Where the levels need a review, the labelling's best alternative shifted by one level
     (``shifted_alternative``, :mod:`SpineNetLib.label.confidence`) as ``{"series": NEXT_BEST_READING,
-    "vertebrae": [{"level", "centroid_ras"}]}``, at each vertebra it names otherwise, so that the reviewer
-    sees both candidate readings on the image.
+    "vertebrae": [{"level", "centroid_ras", "index", "marker_ras"}]}``, at each vertebra it names otherwise
+    (``index``: its place in ``vertebrae``, top to bottom), so that the reviewer sees both candidate readings
+    on the image. ``marker_ras`` is where the preview and the Slicer scene put that level: 40 % of the way from
+    the centre to the middle of the body's lower edge on its mid-slice outline, clear of the level's own label.
 
     None where the levels need no review (the alternative is then out of the question), were corrected by
     hand, or were taken from another series (the alternative is of the scan's own levels, which
@@ -375,8 +387,9 @@ def next_best_reading(vertebrae_doc: dict) -> dict | None:
     alternative = block.get("shifted_alternative") or []
     if len(alternative) != len(vertebrae):
         return None
-    differing = [{"level": str(level), "centroid_ras": vertebra["centroid_ras"]}
-                 for level, vertebra in zip(alternative, vertebrae)
+    differing = [{"level": str(level), "centroid_ras": vertebra["centroid_ras"], "index": k,
+                  "marker_ras": _below_centre(vertebra)}
+                 for k, (level, vertebra) in enumerate(zip(alternative, vertebrae))
                  if level and level != vertebra.get("level") and vertebra.get("centroid_ras")]
     return {"series": NEXT_BEST_READING, "vertebrae": differing} if differing else None
 

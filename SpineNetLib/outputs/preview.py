@@ -21,7 +21,8 @@
   :data:`OTHER_SERIES_COLOUR`, so both readings are seen in one picture (where the scan took that series'
   levels, its own levels are drawn so instead). Where the levels need review, each vertebra that the
   labelling's best shifted alternative names otherwise carries that level too, "or S2" in
-  :data:`NEXT_BEST_LEVEL_COLOUR` below its centre, so the reviewer sees the two candidate readings on the image.
+  :data:`NEXT_BEST_LEVEL_COLOUR` below its centre (``marker_ras``), so the reviewer sees the two candidate
+  readings on the image.
 
 ``hotspots.png`` (:func:`render_hotspots`, only when the run computed evidence maps): one row per
 map, one tile per disc the map covers: the disc's grading volume's mid slice (anterior left,
@@ -360,15 +361,14 @@ def _next_best_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
     reading = next_best_reading(vertebrae_doc)
     if reading is None:
         return []
-    return [(str(v["level"]), _ras_to_canonical(scan, v["centroid_ras"])[0][[1, 0]]) for v in reading["vertebrae"]]
+    return [(str(v["level"]), _ras_to_canonical(scan, v["marker_ras"])[0][[1, 0]]) for v in reading["vertebrae"]]
 
 
 def _draw_next_best(draw, layout: _Layout, marks, font, size: int) -> None:
-    """"or S2" a line below each centre (inside the body, clear of another series' level beside it)."""
+    """"or S2" centred on each marker, below the body's centre (clear of another series' level beside it)."""
     for level, xy in marks:
-        x, y = layout.point(xy)
-        draw.text((x, y + size), f"or {level}", font=font, fill=NEXT_BEST_LEVEL_COLOUR, anchor="mm", stroke_width=2,
-                  stroke_fill=(0, 0, 0))
+        draw.text(layout.point(xy), f"or {level}", font=font, fill=NEXT_BEST_LEVEL_COLOUR, anchor="mm",
+                  stroke_width=2, stroke_fill=(0, 0, 0))
 
 
 def _draw_disc_panel(draw, layout: _Layout, marks, font, size: int, panel_left: int):

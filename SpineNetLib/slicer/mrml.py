@@ -604,21 +604,21 @@ def add_other_series_levels(scene, volume_node, vertebrae_doc: dict) -> list:
 
 
 def add_next_best_levels(scene, volume_node, vertebrae_doc: dict):
-    """Where the levels need review, one fiducial node with a point at each vertebra that the labelling's best
-    shifted alternative names otherwise, labelled "or S2" (``documents.next_best_reading``), as the preview
-    draws it; None where there is none."""
+    """Where the levels need review, a fiducial node labelling each vertebra the labelling's best shifted
+    alternative names otherwise "or S2", at its ``marker_ras`` (``documents.next_best_reading``), else None."""
     reading = documents.next_best_reading(vertebrae_doc)
     return None if reading is None else _reading_node(scene, volume_node, reading, "or {}",
-                                                      documents.NEXT_BEST_COLOUR, "next-best-levels")
+                                                      documents.NEXT_BEST_COLOUR, "next-best-levels", "marker_ras")
 
 
-def _reading_node(scene, volume_node, reading: dict, label: str, colour: tuple[int, int, int], role: str):
+def _reading_node(scene, volume_node, reading: dict, label: str, colour: tuple[int, int, int], role: str,
+                  at: str = "centroid_ras"):
     """A fiducial node "<volume> SpineNet levels of <reading's series>" with a point at each of the reading's
-    vertebrae, labelled ``label`` with its level filled in."""
+    vertebrae (its ``at`` position), labelled ``label`` with its level filled in."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                    result_node_name(volume_node, f"SpineNet levels of {reading['series']}"))
     for vertebra in reading.get("vertebrae") or []:
-        _add_control_point(node, vertebra["centroid_ras"], label.format(vertebra["level"]))
+        _add_control_point(node, vertebra[at], label.format(vertebra["level"]))
     _labelled_points(node, volume_node, tuple(c / 255.0 for c in colour), role)
     return node
 

@@ -22,7 +22,7 @@ from SpineNetLib.core.levels import shifted_by
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.inputs.writers import write_image
 from SpineNetLib.outputs import files, preview
-from SpineNetLib.outputs.documents import next_best_reading, vertebrae_document_from_truth
+from SpineNetLib.outputs.documents import mid_polygon, next_best_reading, vertebrae_document_from_truth
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from batch_script import batch_script
@@ -183,7 +183,10 @@ def test_where_the_levels_need_review_the_next_best_labelling_is_drawn_below_eac
     vertebrae = vertebrae_document_from_truth(scan, small_phantom.vertebrae)
     own = [v["level"] for v in vertebrae["vertebrae"]]
     shifted = shifted_by(own, 1)
-    centres = [v["centroid_ras"] for v in vertebrae["vertebrae"]]
+    markers = []   # 40 % of the way from each centre down to the middle of the lower edge of its mid outline
+    for v in vertebrae["vertebrae"]:
+        corners = np.asarray(mid_polygon(v)["corners_ras"])
+        markers.append(np.add(v["centroid_ras"], 0.4 * ((corners[1] + corners[2]) / 2 - v["centroid_ras"])))
     for block, drawn in (({"needs_review": True}, True), ({"needs_review": False}, False),
                          ({"needs_review": True, "corrected_by_user": True}, False)):
         vertebrae["labelling"] = {"confidence": 1.0, "warnings": [], "shifted_alternative": shifted, **block}
@@ -193,9 +196,9 @@ def test_where_the_levels_need_review_the_next_best_labelling_is_drawn_below_eac
         sx, sy = (float(v) for v in image.info["SpineNet pixel scale"].split())
         size = max(18, round(height / 45))   # the preview's font size
         to_canonical = np.linalg.inv(scan.canonical_to_ras)
-        for centre in centres:
-            row, col, _ = (np.r_[centre, 1.0] @ to_canonical.T)[:3]
-            x, y = round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5) + size
+        for marker in markers:
+            row, col, _ = (np.r_[marker, 1.0] @ to_canonical.T)[:3]
+            x, y = round(left + (col + 0.5) * sx - 0.5), round(top + (row + 0.5) * sy - 0.5)
             near = pixels[y - size // 2:y + size // 2, x - 2 * size:x + 2 * size]
             assert _has_colour(near, preview.NEXT_BEST_LEVEL_COLOUR, 30) is drawn
         assert _has_colour(pixels, preview.NEXT_BEST_LEVEL_COLOUR, 30) is drawn
@@ -209,7 +212,8 @@ def test_the_next_best_reading_is_that_of_the_scans_own_levels_and_only_where_th
     doc = {"vertebrae": vertebrae,
            "labelling": {"needs_review": True, "shifted_alternative": ["L4", "L5", "L5"]}}
     assert next_best_reading(doc) == {"series": "the next best labelling",
-                                      "vertebrae": [{"level": "L5", "centroid_ras": [0.0, 0.0, -60.0]}]}
+                                      "vertebrae": [{"level": "L5", "centroid_ras": [0.0, 0.0, -60.0], "index": 2,
+                                                     "marker_ras": [0.0, 0.0, -60.0]}]}
     doc["labelling"]["shifted_alternative"] = ["L5", "S1"]
     assert next_best_reading(doc) is None
     doc["labelling"].update(shifted_alternative=["L3", "L4", "L5"],

@@ -413,7 +413,13 @@ def test_levels_that_need_review_show_the_next_best_labelling_until_a_reader_cor
     assert mrml.result_nodes(scene, volume, "next-best-levels") == [shown]
     labels = [shown.GetNthControlPointLabel(n) for n in range(shown.GetNumberOfControlPoints())]
     assert labels == [f"or {level}" for level in alternative[:-1]]
-    np.testing.assert_allclose(_points(shown), [v["centroid_ras"] for v in doc["vertebrae"][:-1]], atol=1e-6)
+    # inside each body, 40 % of the way from its centre down to the middle of its lower edge: clear of the level
+    for point, vertebra in zip(_points(shown), doc["vertebrae"][:-1]):
+        corners = np.asarray(documents.mid_polygon(vertebra)["corners_ras"])
+        lower_edge = (corners[1] + corners[2]) / 2
+        expected = np.add(vertebra["centroid_ras"], 0.4 * (lower_edge - vertebra["centroid_ras"]))
+        np.testing.assert_allclose(point, expected, atol=1e-6)
+        assert np.linalg.norm(point - vertebra["centroid_ras"]) > 3.0
     assert shown.GetDisplayNode().GetSelectedColor() == pytest.approx([c / 255 for c in documents.NEXT_BEST_COLOUR])
     corrected, _ = documents.apply_level_correction(unsure, 0, "T12")
     assert mrml.show_results(scene, volume, corrected).next_best is None

@@ -10,6 +10,7 @@ and the real ``SpineNetLib.apps.worker`` subprocess (with the fake pipeline) in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -611,7 +612,8 @@ def test_next_cohort_study_to_review_steps_through_the_flagged_studies(panel, tm
         result = pipeline.run(scan, oracle_networks(phantom), pipeline.RunOptions(grade=False))
         sure = confidence[study.relative]
         if sure is not None:
-            result.vertebrae_document["labelling"].update(confidence=sure, needs_review=True,
+            result.vertebrae_document["labelling"].update(confidence=sure, margin_nats=math.log(sure / (1 - sure)),
+                                                          needs_review=True,
                                                           warnings=["levels may be shifted by one (a reason)"])
         write_results(out / "studies" / study.study_id, result, scan=scan)
     record_study_inputs(out, studies)
