@@ -60,6 +60,7 @@ from SpineNetModuleLib.logic import (  # noqa: E402,F401  (re-exported: SpineNet
     IMPORT_NAMES,
     INPUT_REFERENCE,
     NO_HOTSPOTS,
+    NEXT_BEST_SHOWN,
     PARAMETER_DEFAULTS,
     PARAMETER_NODE_TAG,
     RESULT_REFERENCES,

@@ -87,6 +87,9 @@ RESULT_REFERENCES = {"vertebra-outline": "ResultOutline", "centroids": "ResultCe
                      "hotspot": "ResultHotspot", "other-series-levels": "ResultOtherSeriesLevels",
                      "next-best-levels": "ResultNextBestLevels"}
 
+#: What the levels line adds where the scene shows the next best labelling (``mrml.add_next_best_levels``).
+NEXT_BEST_SHOWN = 'The next best labelling\'s levels are shown on the volume in light red ("or S2").'
+
 #: Temporary run folders of every logic of this Python session, removed at exit at the latest.
 _TEMPORARY_RUN_FOLDERS = set()
 
@@ -834,6 +837,8 @@ class SpineNetLogic(ScriptedLoadableModuleLogic):
         say of them (``exam_disagreement`` of ``cohort_studies.csv``, :mod:`SpineNetLib.cohort.exams`) joins it."""
         vertebraeDoc, _, folder = self.documents(volumeNode)
         text, needsReview = documents.labelling_status(vertebraeDoc)
+        if vertebraeDoc is not None and documents.next_best_reading(vertebraeDoc) is not None:
+            text += f' {NEXT_BEST_SHOWN}'
         corrected = ((vertebraeDoc or {}).get("labelling") or {}).get("corrected_by_user") is True
         location = self.cohortStudyLocation(folder) if vertebraeDoc is not None and not corrected else None
         if location is None:

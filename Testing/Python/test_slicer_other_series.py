@@ -121,6 +121,7 @@ def test_a_volume_of_the_exam_a_level_off_asks_for_a_review_in_the_panel(exam, m
     assert labelling["needs_review"] is True and labelling["warnings"][0] == expected
     text, review = logic.labellingStatus(t2)
     assert review is True and expected[:1].upper() + expected[1:] in text
+    assert text.endswith(module.NEXT_BEST_SHOWN)     # the scene shows the next best labelling too (below)
     # the T1's levels shown on the T2: one point per vertebra, at the T2's own vertebra, a level lower
     (shown,) = mrml.result_nodes(scene, t2, "other-series-levels")
     assert shown.GetName() == "4: T2 SAG SpineNet levels of 'T1 SAG' (series 3)"

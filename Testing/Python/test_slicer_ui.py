@@ -288,14 +288,18 @@ def test_levels_that_may_be_shifted_are_flagged_in_the_panel(panel, tmp_path):
     assert widget.ui.statusLabel.text() == "7 vertebrae (T12..S1), 6 discs, 0 graded."
     label = widget.ui.labellingLabel
     assert not label.isHidden() and label.styleSheet() == module.LEVELS_REVIEW_STYLE
-    assert label.text() == "L" + shifted[1:] + "."
+    # with where to see the alternative: the scene shows its levels in the bodies
+    assert label.text() == "L" + shifted[1:] + ". " + module.NEXT_BEST_SHOWN
     assert widget.logic.labellingStatus(volume) == (label.text(), True)
+    (alternative,) = mrml.result_nodes(scene, volume, "next-best-levels")
+    assert alternative.GetNthControlPointLabel(0) == "or T11"
 
     # the user checks the levels and pins the lowest body to S1 again: the levels are the user's now
     widget._levelCombos[6].textActivated.emit("S1")
     assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     assert label.text() == "Levels confirmed by hand (the network's own labelling had confidence 0.63)."
     assert label.styleSheet() == "" and not label.isHidden()
+    assert mrml.result_nodes(scene, volume, "next-best-levels") == []   # decided: no alternative any more
     stored = widget.logic.documents(volume)[0]
     assert stored["labelling"]["needs_review"] is False and stored["warnings"] == []
 
