@@ -68,24 +68,17 @@ from typing import Sequence
 import numpy as np
 
 from SpineNetLib.core import polygons
-from SpineNetLib.training.datasets import (
-    DETECTION_SOURCES,
-    POINT_SOURCES,
-    SOURCE_FOLDERS,
-    CaseData,
-    CaseGeometry,
-    case_geometry,
-    is_vertebral_body_code,
-    list_cases,
-    load_case,
-    mask_centroid,
-)
+from SpineNetLib.training.datasets import DETECTION_SOURCES, POINT_SOURCES, SOURCE_FOLDERS, CaseGeometry, list_cases
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.evaluation.own_cases import (
-    case_series, image_path, is_own_case, load_own_case, marked_by_points, own_case, shared_patient_warnings,
+    case_series, image_path, is_own_case, own_case, shared_patient_warnings,
 )
 from SpineNetLib.evaluation.intervals import patient_share_interval, patient_unit_interval, rounded
+from SpineNetLib.evaluation.ground_truth import (  # noqa: F401 (re-exported: evaluate.ground_truth_of_case, ...)
+    CaseGroundTruth, GroundTruthVertebra, annotated_with_points, case_data_and_geometry, ground_truth_from_disc_labels,
+    ground_truth_from_labels, ground_truth_from_points, ground_truth_of, ground_truth_of_case, point_across_disc,
+)
 
 #: Default half-window (mm) along the slice axis for finding a prediction's polygon on a GT slice.
 SLICE_TOLERANCE_MM = 2.0
@@ -105,196 +98,7 @@ def level_distance(a: str | None, b: str | None) -> float:
     return math.inf
 
 
-# --------------------------------------------------------------------------- ground truth
-
-
-@dataclass(frozen=True)
-class GroundTruthVertebra:
-    level: str
-    mid_slice: int            # canonical slice index
-    centroid: np.ndarray      # (2,) [x, y] on mid_slice
-    #: Cut by the image border on its mid slice (e.g. L1 of myo_15 at row 0): not scored,
-    #: and a prediction on it is neither TP nor FP.
-    ignored: bool = False
-
-
-@dataclass
-class CaseGroundTruth:
-    """Ground truth of one case, in its canonical frame."""
-
-    case_id: str
-    spacing_mm: tuple[float, float, float]   # (row, col, slice)
-    vertebrae: list[GroundTruthVertebra]     # top to bottom
-    #: Rows bounding the annotated range (superior edge of the highest body,
-    #: inferior edge of the lowest, on their mid slices); None without bodies.
-    range_top_row: float | None = None
-    range_bottom_row: float | None = None
-    #: Cases with an annotated L5-S1 disc and no outlined S1 (points of ``tianchi/``, disc masks of ``ivd/``):
-    #: where S1 must be, on canonical slice ``s1_slice``: the L5 point mirrored through the L5-S1 disc point
-    #: (``ground_truth_from_points``), or L5's centre carried across the disc mask along its normal
-    #: (``ground_truth_from_disc_labels``); scored apart from the annotated bodies (``CaseMetrics.s1_detected``
-    #: / ``s1_named``).
-    s1_point: np.ndarray | None = None
-    s1_slice: int = 0
-    #: Cases with annotated discs (points of ``tianchi/``, masks of ``ivd/``): a point inside each disc,
-    #: ``{"L5-S1": (slice, [x, y]), ...}`` (the radiologists' point; a mask's centroid on the slice where
-    #: it is largest).  It lies between two bodies, so a predicted outline holding it reaches into the
-    #: disc (``CaseMetrics.disc_points_inside_outlines``).
-    disc_points: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
-
-
-def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
-                             case_id: str = "") -> CaseGroundTruth:
-    """Ground truth from a canonical label volume ``(H, W, S)`` (vertebral-body codes only)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise InputError(f"labels must be a 3D volume, got shape {labels.shape}")
-    vertebrae: list[GroundTruthVertebra] = []
-    top = bottom = None
-    codes = sorted(int(c) for c in np.unique(labels) if is_vertebral_body_code(c))
-    for code in codes:
-        mask = labels == code
-        slices = np.nonzero(mask.any(axis=(0, 1)))[0]
-        mid = int(np.round(np.median(slices)))
-        if not mask[:, :, mid].any():  # a gap in the annotated slices: nearest annotated one
-            mid = int(slices[np.argmin(np.abs(slices - mid))])
-        m = mask[:, :, mid]
-        clipped = bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
-        vertebrae.append(GroundTruthVertebra(level=level_names.get(code, str(code)), mid_slice=mid,
-                                             centroid=mask_centroid(m), ignored=clipped))
-        rows = np.nonzero(m.any(axis=1))[0]
-        if code == codes[0]:
-            top = float(rows.min())
-        if code == codes[-1]:
-            bottom = float(rows.max())
-    return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm),
-                           vertebrae=vertebrae, range_top_row=top, range_bottom_row=bottom)
-
-
-def ground_truth_from_disc_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
-                                  case_id: str = "") -> CaseGroundTruth:
-    """Ground truth of the bodies between annotated discs, for data with disc masks only (``ivd/``).
-
-    A body counts where the discs above and below it are both annotated
-    (discs "L1-L2" and "L2-L3" give body L2).  Its mid slice is the sagittal
-    slice where the two discs have the largest product of areas; its
-    centroid is the midpoint of the two disc centroids on that slice, which
-    lies inside the body (the body fills the space between its endplates)
-    but is not its mask centroid, so localisation errors are approximate.
-    The annotated range runs from the centroid of the highest disc to that
-    of the lowest: detections of the bodies beyond (e.g. L1, S1) are not
-    scored as bodies.  S1 is scored apart, as on the point-annotated slices
-    (``s1_point`` on L5's mid slice, :func:`point_across_disc`).
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise InputError(f"labels must be a 3D volume, got shape {labels.shape}")
-    discs = {}
-    for code in np.unique(labels):
-        name = level_names.get(int(code), "")
-        if "-" in name:
-            upper, lower = name.split("-", 1)
-            discs[upper] = (int(code), lower)
-    vertebrae: list[GroundTruthVertebra] = []
-    rows = []
-    disc_points = {}
-    s1_point, s1_slice = None, 0
-    for upper, (code, body) in discs.items():
-        disc = labels == code
-        rows.append(float(mask_centroid(disc.any(axis=2))[1]))
-        largest = int(np.argmax(disc.sum(axis=(0, 1))))
-        disc_points[f"{upper}-{body}"] = (largest, mask_centroid(disc[:, :, largest]))
-        if body not in discs:
-            continue
-        above, below = disc, labels == discs[body][0]
-        overlap = above.sum(axis=(0, 1)).astype(float) * below.sum(axis=(0, 1))
-        mid = int(np.argmax(overlap))
-        if overlap[mid] <= 0:
-            continue
-        centroid = (mask_centroid(above[:, :, mid]) + mask_centroid(below[:, :, mid])) / 2.0
-        vertebrae.append(GroundTruthVertebra(level=body, mid_slice=mid, centroid=centroid))
-        if body == "L5" and discs[body][1] == "S1":
-            s1_point, s1_slice = point_across_disc(below[:, :, mid], centroid), mid
-    vertebrae.sort(key=lambda v: float(v.centroid[1]))
-    return CaseGroundTruth(case_id=case_id, spacing_mm=tuple(float(s) for s in spacing_mm), vertebrae=vertebrae,
-                           range_top_row=min(rows) if rows else None, range_bottom_row=max(rows) if rows else None,
-                           disc_points=disc_points, s1_point=s1_point, s1_slice=s1_slice)
-
-
-def point_across_disc(disc_2d: np.ndarray, above: np.ndarray) -> np.ndarray:
-    """The point ``[x, y]`` as far below the disc mask ``disc_2d`` (one slice) as ``above``, the centre of the
-    body above it, lies above the disc's centroid, along the disc's own normal (the minor axis of its
-    pixels, pointing down): the centre of the body below it.  Why not ``above`` mirrored through the
-    centroid, as for points: the lumbosacral disc is a wedge and S1 leans back against L5, so the mirror
-    image lands at S1's front lower corner (on ``ivd/``); the disc's normal lies between the two bodies'
-    axes and keeps the point inside S1."""
-    rows, cols = np.nonzero(disc_2d)
-    xy = np.stack([cols, rows], axis=1).astype(float)
-    centre = xy.mean(axis=0)
-    if len(xy) < 3:
-        return 2.0 * centre - np.asarray(above, float)
-    normal = np.linalg.eigh(np.cov((xy - centre).T))[1][:, 0]   # eigenvalues ascending: the minor axis
-    normal = normal if normal[1] > 0 else -normal
-    return centre + normal * float(np.linalg.norm(np.asarray(above, float) - centre))
-
-
-def ground_truth_from_points(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
-                             case_id: str = "") -> CaseGroundTruth:
-    """Ground truth of point-annotated cases (``tianchi/``): body centre points drawn as small disks.
-
-    Each body's centroid is its point (the disk's centroid).  The annotated
-    range runs from the highest to the lowest DISC point (T12-L1 .. L5-S1):
-    the bodies beyond them (T12 and above, S1 and below) are visible but not
-    annotated, so detections there are neither TP nor FP.  Without disc
-    points the range is that of the body points.  S1 is scored apart
-    (``s1_point``: the L5 point mirrored through the L5-S1 disc point, which
-    lies inside S1), so the body tables stay those of the annotated L1-L5.
-    """
-    gt = ground_truth_from_labels(labels, spacing_mm, level_names, case_id)
-    labels = np.asarray(labels)
-    disc_masks = {name.split()[0]: (labels == code).any(axis=2) for code, name in level_names.items() if "-" in name}
-    disc_centres = {name: mask_centroid(m) for name, m in disc_masks.items() if m.any()}
-    if disc_centres:
-        rows = [float(c[1]) for c in disc_centres.values()]
-        gt.range_top_row, gt.range_bottom_row = min(rows), max(rows)
-    gt.disc_points = {name: (0, centre) for name, centre in disc_centres.items()}
-    l5 = [v for v in gt.vertebrae if v.level == "L5"]
-    if l5 and "L5-S1" in disc_centres:
-        # S1 has no point: the L5 centre mirrored through the L5-S1 disc point lies inside S1
-        # (the disc separates two bodies of about the same height along the spine's axis).
-        gt.s1_point = 2.0 * disc_centres["L5-S1"] - np.asarray(l5[0].centroid, float)
-    return gt
-
-
-def annotated_with_points(case) -> bool:
-    """Whether a case's bodies are annotated with centre points (``tianchi/``, or a case of one's own
-    with Slicer point markups or whose ``case.json`` says ``"annotation": "points ..."``:
-    :func:`~SpineNetLib.evaluation.own_cases.marked_by_points`), not outlines."""
-    return case.source in POINT_SOURCES or marked_by_points(case.path)
-
-
-def ground_truth_of_case(case) -> CaseGroundTruth:
-    """Vertebral-body ground truth of a real case (:func:`ground_truth_of`)."""
-    return ground_truth_of(case, case_data_and_geometry(case)[0])
-
-
-def case_data_and_geometry(case) -> tuple[CaseData, CaseGeometry]:
-    """Scan and labels of a case in the canonical frame, and its geometry: a case of ``../shared/data``
-    (:func:`~SpineNetLib.training.datasets.load_case`) or one of one's own (:mod:`.own_cases`)."""
-    if case.source in SOURCE_FOLDERS.values():
-        return load_case(case), case_geometry(case)
-    return load_own_case(case)
-
-
-def ground_truth_of(case, data: CaseData) -> CaseGroundTruth:
-    """Vertebral-body ground truth of a loaded case; from its discs when no body is annotated (``ivd/``),
-    from its centre points for point-annotated cases (``tianchi/``; :func:`annotated_with_points`)."""
-    if annotated_with_points(case):
-        return ground_truth_from_points(data.labels, data.spacing_mm, data.level_names, case.case_id)
-    if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
-        return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
-    return ground_truth_from_disc_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
-
+# --------------------------------------------------------------------------- ground truth: ground_truth.py
 
 # --------------------------------------------------------------------------- predictions
 
@@ -417,6 +221,10 @@ class CaseMetrics:
     #: point / that prediction is named S1.  None where the case has no such point.
     s1_detected: bool | None = None
     s1_named: bool | None = None
+    #: Point-annotated cases with ``CaseGroundTruth.t12_point``: a prediction holding it is named T12 / a
+    #: prediction that does not hold it is named T12 (a body missed between it and L1).  None without the point.
+    t12_named: bool | None = None
+    t12_named_elsewhere: bool | None = None
     #: Cases with annotated discs: the discs scored (``CaseGroundTruth.disc_points``) and those whose
     #: point lies inside a predicted outline near its slice (an outline that reaches into the disc).
     discs_scored: list[str] = field(default_factory=list)
@@ -531,6 +339,11 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
                  if (q := p.polygon_near(gt.s1_slice, tol)) is not None and polygons.point_in_polygon(gt.s1_point, q)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
+    if gt.t12_point is not None:
+        holds = [(q := p.polygon_near(0, tol)) is not None and polygons.point_in_polygon(gt.t12_point, q)
+                 for p in preds]
+        metrics.t12_named = any(h and p.level == "T12" for h, p in zip(holds, preds))
+        metrics.t12_named_elsewhere = any(not h and p.level == "T12" for h, p in zip(holds, preds))
     for disc, (disc_slice, point) in sorted(gt.disc_points.items(), key=lambda kv: _disc_order(kv[0])):
         metrics.discs_scored.append(disc)
         near = [p.polygon_near(disc_slice, tol) for p in preds]
@@ -571,6 +384,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
+        "t12_named": m.t12_named, "t12_named_elsewhere": m.t12_named_elsewhere,
         "discs_scored": list(m.discs_scored),
         "disc_points_inside_outlines": list(m.disc_points_inside_outlines),
     }
@@ -591,7 +405,7 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
     for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "level_shift", "s1_detected", "s1_named",
-                          "discs_scored", "disc_points_inside_outlines"):
+                          "t12_named", "t12_named_elsewhere", "discs_scored", "disc_points_inside_outlines"):
         del pooled[per_case_only]
     discs: dict[str, dict] = {}
     for m in metrics:
@@ -604,6 +418,9 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)
     pooled["s1_point_named_s1"] = sum(bool(m.s1_named) for m in with_s1)
+    with_t12 = [m for m in metrics if m.t12_named is not None]
+    pooled["t12_point_scans"], pooled["t12_point_named_t12"] = len(with_t12), sum(m.t12_named for m in with_t12)
+    pooled["t12_named_elsewhere"] = sorted(m.case_id for m in with_t12 if m.t12_named_elsewhere)
     pooled["n_cases"] = len(metrics)
     right = sum(m.all_levels_right for m in metrics)
     pooled["scans_all_levels_right"] = right

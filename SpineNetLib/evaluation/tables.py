@@ -45,7 +45,8 @@ def level_lines(summary: dict) -> list[str]:
     the outlined S1 bodies (recall and IDR, with Wilson's 95 % interval over those bodies, one per scan,
     or over their patients where a patient has several scans)
     and, where S1 was scored below an annotated L5-S1 disc (point-annotated slices, disc masks), S1 found and
-    named there, by source where several sources have such scans."""
+    named there, by source where several sources have such scans; then T12 above an annotated T12-L1 disc point
+    (``evaluate.CaseMetrics.t12_named``): named T12 there, and the scans where another body is named T12."""
     lines = [f"{'level':8} {'bodies':>6} {'recall':>7} {'IDR':>7}"]
     for level, row in summary["by_level"].items():
         lines.append(f"{level:8} {row['n']:6d} {percent_cell(row['recall']):>7} {percent_cell(row['identification_rate']):>7}")
@@ -71,6 +72,15 @@ def level_lines(summary: dict) -> list[str]:
                      f"evaluation/evaluate.py): detected {overall['s1_point_detected']} of {n}, named S1 "
                      f"{overall['s1_point_named_s1']} of {n} "
                      f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])}){by_source}")
+    if overall.get("t12_point_scans"):
+        elsewhere = overall["t12_named_elsewhere"]
+        hidden = [c for c in elsewhere if (summary.get("cases", {}).get(c) or {}).get("all_levels_right")]
+        lines.append(f"T12 above an annotated T12-L1 disc (not annotated itself; evaluation/ground_truth.py): "
+                     f"named T12 {overall['t12_point_named_t12']} of {overall['t12_point_scans']}; another body named "
+                     f"T12 on "
+                     f"{len(elsewhere)}{': ' + ', '.join(elsewhere) if elsewhere else ''}"
+                     + (f"; of them entirely right by the annotated bodies, with a T12 missed below the one named T12: "
+                        f"{', '.join(hidden)}" if hidden else ""))
     return lines
 
 

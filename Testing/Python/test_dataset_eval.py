@@ -339,8 +339,8 @@ def test_point_annotated_case_is_scored_by_its_points(tmp_path):
     assert lines[1].split() == ["L1", "2", "100.0%", "50.0%"]
     assert "S1 where it is outlined: in no scored scan" in lines
     s1_points = summary["overall"]["s1_point_scans"]
-    assert lines[-1].startswith("S1 below an annotated L5-S1 disc") and f"of {s1_points}" in lines[-1]
-    assert "by source" not in lines[-1]   # one source: no split
+    (s1_line,) = [line for line in lines if line.startswith("S1 below an annotated L5-S1 disc")]
+    assert f"of {s1_points}" in s1_line and "by source" not in s1_line   # one source: no split
     assert summary["by_level"]["L1"] == {"n": 2, "found": 2, "identified": 1, "recall": 1.0,
                                          "identification_rate": 0.5, "n_patients": 2,
                                          "ci95": {"recall": wide_all, "identification_rate": wide}}
@@ -709,6 +709,36 @@ def test_ground_truth_from_discs_only():
     assert E.evaluate_case(gt, [into_disc]).disc_points_inside_outlines == ["L2-L3"]
     elsewhere = E.PredictedVertebra("L2", np.array([5.0]), [box(8, 16, 34, 42)])   # 9 mm away from slice 2
     assert E.evaluate_case(gt, [elsewhere]).disc_points_inside_outlines == []
+
+
+@needs_data
+def test_t12_of_a_clinical_slice_is_the_body_above_its_t12_l1_disc_point():
+    """T12 is not annotated on the clinical slices, but the radiologists' T12-L1 disc point pins it: the L1
+    point mirrored through it lies inside T12. A body named T12 there is right; one named T12 a body higher
+    stands above a T12 the detector missed, its level one too low, though every annotated body is right."""
+    case = next(c for c in D.list_cases(DATA, sources=("tianchi",))
+                if E.ground_truth_of_case(c).t12_point is not None)
+    gt = E.ground_truth_of_case(case)
+    l1 = next(v for v in gt.vertebrae if v.level == "L1")
+    np.testing.assert_allclose(gt.t12_point, 2 * gt.disc_points["T12-L1"][1] - l1.centroid)
+    square = lambda c: np.array([[c[0] + 5, c[1] - 5], [c[0] + 5, c[1] + 5], [c[0] - 5, c[1] + 5],  # noqa: E731
+                                 [c[0] - 5, c[1] - 5]])
+    bodies = [E.PredictedVertebra(level=v.level, slices=np.array([0.0]), polygons=[square(v.centroid)])
+              for v in gt.vertebrae]
+    on_t12 = E.PredictedVertebra("T12", np.array([0.0]), [square(gt.t12_point)])
+    higher = E.PredictedVertebra("T12", np.array([0.0]), [square(2 * gt.t12_point - l1.centroid)])   # T11's place
+    right, missed = E.evaluate_case(gt, bodies + [on_t12]), E.evaluate_case(gt, bodies + [higher])
+    assert (right.t12_named, right.t12_named_elsewhere, right.all_levels_right) == (True, False, True)
+    assert (missed.t12_named, missed.t12_named_elsewhere, missed.all_levels_right) == (False, True, True)
+    assert E.evaluate_case(gt, bodies).t12_named is False and E.evaluate_case(gt, bodies).t12_named_elsewhere is False
+    groups = {"right": {"source": "tianchi", "sequence": "T2"}, "missed": {"source": "tianchi", "sequence": "T2"}}
+    right.case_id, missed.case_id = "right", "missed"
+    summary = E.summarise([right, missed], groups)
+    assert (summary["overall"]["t12_point_scans"], summary["overall"]["t12_point_named_t12"]) == (2, 1)
+    assert summary["overall"]["t12_named_elsewhere"] == ["missed"]
+    (line,) = [line for line in T.level_lines(summary) if line.startswith("T12 above an annotated T12-L1 disc")]
+    assert "named T12 1 of 2; another body named T12 on 1: missed" in line
+    assert line.endswith("entirely right by the annotated bodies, with a T12 missed below the one named T12: missed")
 
 
 def test_s1_below_a_tilted_lumbosacral_disc_mask_is_scored_on_l5s_mid_slice():
