@@ -45,14 +45,14 @@ from SpineNetLib.discs.grading import GRADE_COLUMNS, NOT_TRAINED, grade_volumes,
 from SpineNetLib.discs.hotspot_options import (
     DEFAULT_METHOD, METHODS, HotspotMap, check_hotspot_precision, parse_heads,
 )
-from SpineNetLib.discs.measurements import lumbar_body_size_warning, measure_spine
+from SpineNetLib.discs.measurements import MAX_PLAUSIBLE_DISC_HEIGHT_MM, lumbar_body_size_warning, measure_spine
 from SpineNetLib.discs.weighting import (Weighting, not_graded_reason, not_graded_warning, scan_weighting,
                                          user_sequence)
 from SpineNetLib.inputs.load import load_scan
 from SpineNetLib.label import labelling
 from SpineNetLib.label.confidence import (LabellingConfidence, ask_for_review, ask_for_review_where_in_doubt,
-                                          beyond_lumbar_field, confidence_of_vertebrae, s1_at_lower_edge,
-                                          same_level_twice)
+                                          beyond_lumbar_field, confidence_of_vertebrae, missed_vertebra_reasons,
+                                          s1_at_lower_edge, same_level_twice)
 from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, gap_fillers, keeps_bodies_below,
                                              level_in, levels_down_to_s1, names_bodies_down_to_s1, same_body,
                                              weaker_body_below_s1)
@@ -672,6 +672,22 @@ def _ask_for_review_if_misoriented(scan: Scan, result: DetectionResult, networks
         ask_for_review(confidence, orientation_warning(error, confidence.margin_nats, margin))
 
 
+def _ask_for_review_where_a_vertebra_was_missed(confidence: LabellingConfidence | None, vertebrae: list[Vertebra],
+                                                discs: DiscResult) -> tuple[list[str], int]:
+    """With the discs measured: a review reason for each disc between bodies named consecutive levels that is
+    higher than a disc can be (``missed_vertebra_reasons``); the reasons and where they went among the
+    labelling's warnings: first, or after the first reason where the labelling asked for a review already."""
+    if confidence is None:
+        return [], 0
+    missed = missed_vertebra_reasons([(vertebrae[d.upper_index].level, vertebrae[d.lower_index].level,
+                                       d.mean_height_mm) for d in discs.measurements.discs],
+                                     MAX_PLAUSIBLE_DISC_HEIGHT_MM, confidence.warnings)
+    at = 1 if confidence.needs_review and missed else 0
+    confidence.warnings[at:at] = missed
+    confidence.needs_review = confidence.needs_review or bool(missed)
+    return missed, at
+
+
 def _measurement_warnings(scan: Scan, result: DetectionResult, discs: DiscResult, discs_doc: dict) -> list[str]:
     """Measurements that cannot be anatomy, or that rest on an outline to check, as the discs document names
     them; first, bodies of an implausible size (unless the pixel spacing was retried: that has its own reason)."""
@@ -743,6 +759,8 @@ def run(scan: Scan, networks: Networks, options: RunOptions | None = None,
                         batch_size=options.grading_batch_size, progress=progress,
                         across_missed_levels=profile.discs_across_missed_levels,
                         official_disc_volumes=profile.official_disc_volumes, weighting=weighting)
+    missed, at = _ask_for_review_where_a_vertebra_was_missed(confidence, result.vertebrae, discs)
+    labelling_warnings[at:at], warnings[len(warnings):] = missed, missed
     discs_doc = discs_document(scan, result.vertebrae, discs.ivds, discs.grades, discs.measurements,
                                discs.grading_status)
     discs_doc["profile"] = profile.name

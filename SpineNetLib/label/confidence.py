@@ -41,8 +41,9 @@ bodies; a full-strength body named S1 has a weaker detection below it where S1
 would lie (:data:`S1_MAY_BE_L5`); two consecutive bodies whose evidence favours
 the same lumbar level (:func:`same_level_twice`); an S1 at the image edge named
 from the other vertebrae (``EDGE_BODY_RELABELLED``). ``pipeline.run`` adds a chain beyond a lumbar
-field of view with weights made for lumbar scans (:func:`beyond_lumbar_field`) and another series of the
-exam that names a vertebra otherwise (``label/other_series.py``).
+field of view with weights made for lumbar scans (:func:`beyond_lumbar_field`), another series of the
+exam that names a vertebra otherwise (``label/other_series.py``) and, once the discs are measured, a disc
+space between two consecutively named bodies higher than any disc (:func:`missed_vertebra_reasons`).
 """
 
 from __future__ import annotations
@@ -372,6 +373,27 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
         warnings.append(f"a vertebra may have been missed between {upper} and {lower} "
                         f"(their gap is {ratio:.1f} times the usual spacing): {consequence}")
     return warnings
+
+
+def missed_vertebra_reasons(discs: Sequence[tuple[str | None, str | None, float]], limit_mm: float,
+                            said: Sequence[str] = ()) -> list[str]:
+    """A review reason per pair of consecutive bodies, ``(upper level, lower level, mean height of the disc
+    between them in mm)`` top to bottom, that are named consecutive levels although the disc between them is
+    higher than ``limit_mm`` (no disc is: ``discs.measurements.MAX_PLAUSIBLE_DISC_HEIGHT_MM``): a vertebra
+    there was probably missed, and the levels on one side of it are then off by one. Found on clinical slices
+    whose T11 or T12 the detector missed under a chain named right from S1 up to L1 or T12 (MODEL_CARD.md,
+    "A vertebra missed above the lumbar spine"); :func:`gap_warnings` measures the step between the centres,
+    which the smaller thoracic bodies above keep under its bar. A pair a reason in ``said`` names already
+    ("a vertebra may have been missed between T12 and L1") is left out."""
+    reasons = []
+    for upper, lower, height in discs:
+        start = f"a vertebra may have been missed between {upper} and {lower}"
+        if (upper not in LEVELS or lower not in LEVELS or level_index(upper) - level_index(lower) != 1
+                or not height > limit_mm or any(w.startswith(start) for w in said)):
+            continue
+        reasons.append(f"{start} (the disc space between them is {height:.1f} mm high; no disc is over "
+                       f"{limit_mm:g} mm): the levels on one side of it may be off by one")
+    return reasons
 
 
 def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None,

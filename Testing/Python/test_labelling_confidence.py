@@ -28,6 +28,7 @@ from SpineNetLib.label.confidence import (
     S1_NOT_FOUND,
     confidence_of_vertebrae,
     labelling_confidence,
+    missed_vertebra_reasons,
 )
 from SpineNetLib.label.labelling import LabellingParams, beam_search, relabel_with_correction, sequence_cost
 from SpineNetLib.outputs import documents
@@ -544,3 +545,16 @@ def test_an_image_given_head_down_or_mirrored_says_so():
     # official ones, the stand-ins of the tests above) make no such check
     assert calibrated_review_margin(networks.context) == pytest.approx(block["review_margin_nats"], abs=1e-3)
     assert calibrated_review_margin(object()) is None
+
+
+def test_a_disc_space_higher_than_a_disc_between_consecutive_levels_is_a_review_reason():
+    """Bodies named consecutive levels with more than a disc's height between them: a vertebra was probably
+    missed there; not across a level the labelling skipped, not at 25 mm or under, not twice for a pair the
+    gap rule names already, not for bodies without a level."""
+    discs = [("T11", "T12", 27.6), ("T12", "L1", 9.0), ("L1", "L3", 40.0), ("L3", "L4", 25.0), (None, "L5", 30.0),
+             ("L5", "S1", 31.0)]
+    reasons = missed_vertebra_reasons(discs, 25.0, said=["a vertebra may have been missed between L5 and S1 (their "
+                                                         "gap is 1.9 times the usual spacing): ..."])
+    assert reasons == ["a vertebra may have been missed between T11 and T12 (the disc space between them is 27.6 mm "
+                       "high; no disc is over 25 mm): the levels on one side of it may be off by one"]
+    assert missed_vertebra_reasons([("L4", "L5", float("nan"))], 25.0) == []
