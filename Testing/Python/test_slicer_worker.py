@@ -343,7 +343,7 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     out = tmp_path / "out"
     # a labelling the pipeline was unsure of: the batch script says so
     doc = json.loads(Path(inputs["doc"]).read_text())
-    doc["labelling"] = {"confidence": 0.62, "needs_review": True, "s1_found": True,
+    doc["labelling"] = {"confidence": 0.62, "margin_nats": 0.49, "needs_review": True, "s1_found": True,
                         "warnings": ["levels may be shifted by one (confidence 0.62): the next best labelling "
                                      "calls the lowest body L5 instead of S1"]}
     unsure = tmp_path / "unsure.json"
@@ -357,7 +357,7 @@ def test_batch_script_on_a_dicom_folder(phantom, inputs, tmp_path):
     assert proc.stdout.splitlines()[1] == ("CHECK THE LEVELS: Levels may be shifted by one (confidence 0.62): the next "
                                            "best labelling calls the lowest body L5 instead of S1.")
     assert (out / "vertebrae.csv").read_text().splitlines()[1].endswith(
-        ",0.620000,true,true,levels may be shifted by one (confidence 0.62): the next best labelling "
+        ",0.620000,0.490,true,true,levels may be shifted by one (confidence 0.62): the next best labelling "
         "calls the lowest body L5 instead of S1")
     assert sorted(p.name for p in out.iterdir()) == ["discs.csv", "hotspots", "hotspots.png", "preview.png",
                                                      "result.json", "scene.mrb", "vertebrae.csv", "vertebrae.json"]
