@@ -77,10 +77,8 @@ def level_lines(summary: dict) -> list[str]:
         hidden = [c for c in elsewhere if (summary.get("cases", {}).get(c) or {}).get("all_levels_right")]
         lines.append(f"T12 above an annotated T12-L1 disc (not annotated itself; evaluation/ground_truth.py): "
                      f"named T12 {overall['t12_point_named_t12']} of {overall['t12_point_scans']}; another body named "
-                     f"T12 on "
-                     f"{len(elsewhere)}{': ' + ', '.join(elsewhere) if elsewhere else ''}"
-                     + (f"; of them entirely right by the annotated bodies, with a T12 missed below the one named T12: "
-                        f"{', '.join(hidden)}" if hidden else ""))
+                     f"T12 on {len(elsewhere)}{': ' + ', '.join(elsewhere) if elsewhere else ''}"
+                     + (f"; of them entirely right by the annotated bodies: {', '.join(hidden)}" if hidden else ""))
     return lines
 
 
