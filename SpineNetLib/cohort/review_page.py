@@ -48,14 +48,23 @@ def _sure(row: dict[str, str]) -> float:
         return 0.0
 
 
-def _margin(row: dict[str, str]) -> float:
-    """The study's labelling margin in nats (``labelling_margin_nats``; from its confidence in a table written
-    before that column, which reads 1 from about 14.5 nats on; 0 when it has neither: the least sure)."""
+def _margin_cell(row: dict[str, str]) -> float | None:
+    """The study's ``labelling_margin_nats`` (nats), None where the table has none (written before that column)
+    or the cell is empty or no number."""
     try:
         return float(row["labelling_margin_nats"])
     except (KeyError, ValueError):
-        sure = _sure(row)
-        return math.log(sure / (1.0 - sure)) if 0.0 < sure < 1.0 else math.inf if sure >= 1.0 else 0.0
+        return None
+
+
+def _margin(row: dict[str, str]) -> float:
+    """The study's labelling margin in nats (:func:`_margin_cell`; from its confidence in a table written
+    before that column, which reads 1 from about 14.5 nats on; 0 when it has neither: the least sure)."""
+    margin = _margin_cell(row)
+    if margin is not None:
+        return margin
+    sure = _sure(row)
+    return math.log(sure / (1.0 - sure)) if 0.0 < sure < 1.0 else math.inf if sure >= 1.0 else 0.0
 
 
 def asks_for_review(row: dict[str, str]) -> bool:
@@ -94,7 +103,8 @@ def _study_row(row: dict[str, str]) -> str:
     lowest = _lowest_level(row.get("levels", ""))
     command = (f'<code>spinenet correct studies/{e(row["study"])} {e(lowest)} LEVEL</code>' if lowest else "")
     sure = f"{_sure(row):.2f}" if row.get("labelling_confidence") else ""
-    margin = f" (margin {float(row['labelling_margin_nats']):.1f} nats)" if row.get("labelling_margin_nats") else ""
+    margin = _margin_cell(row)
+    margin = "" if margin is None else f" (margin {margin:.1f} nats)"
     reason = "<br>".join(e(text) for text in (row.get("labelling_warning"), row.get("exam_disagreement")) if text)
     return ("<tr class=\"{}\">".format("review" if review else "corrected" if corrected else "")
             + f"<td>{picture}</td>"

@@ -359,6 +359,12 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
                                min_confidence=float(min_confidence), review_margin_nats=review_margin)
 
 
+def _missed_between(upper: str | None, lower: str | None) -> str:
+    """How the two review reasons for a missed vertebra open (:func:`gap_warnings`,
+    :func:`missed_vertebra_reasons`): the second leaves out a pair the first names already."""
+    return f"a vertebra may have been missed between {upper} and {lower}"
+
+
 def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     """A message per gap between consecutive bodies (top to bottom) wider than :data:`REVIEW_GAP_RATIO`
     times the median gap of the scan (three bodies at least; ``labelling.gap_ratios``).  Where the
@@ -370,8 +376,8 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
         skipped = level_skipped(upper, lower)
         consequence = (f"the levels count {skipped} there, which has no outline" if skipped
                        else "the levels on one side of it may be off by one")
-        warnings.append(f"a vertebra may have been missed between {upper} and {lower} "
-                        f"(their gap is {ratio:.1f} times the usual spacing): {consequence}")
+        warnings.append(f"{_missed_between(upper, lower)} (their gap is {ratio:.1f} times the usual spacing): "
+                        f"{consequence}")
     return warnings
 
 
@@ -387,7 +393,7 @@ def missed_vertebra_reasons(discs: Sequence[tuple[str | None, str | None, float]
     ("a vertebra may have been missed between T12 and L1") is left out."""
     reasons = []
     for upper, lower, height in discs:
-        start = f"a vertebra may have been missed between {upper} and {lower}"
+        start = _missed_between(upper, lower)
         if (upper not in LEVELS or lower not in LEVELS or level_index(upper) - level_index(lower) != 1
                 or not height > limit_mm or any(w.startswith(start) for w in said)):
             continue
