@@ -30,8 +30,9 @@ nothing needs review and there are no warnings.
 min_confidence`` when a confidence threshold is given; margins are compared
 because calibrated thresholds lie where the confidence is 1.0 in floating
 point), or a gap between two consecutive bodies of more than
-:data:`REVIEW_GAP_RATIO` times their usual spacing (a vertebra was probably
-missed there, and the levels on one side of it may be off by one); the threshold
+:data:`REVIEW_GAP_RATIO` times their usual spacing or a space between them higher than
+``gaps.MISSED_BODY_SPACE_RATIO`` times the bodies where the levels count one there (a vertebra was
+probably missed there: the levels count one there, or may be off by one on one side of it); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
@@ -58,8 +59,10 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
-from SpineNetLib.label.labelling import (MISSED_BODY_GAP_RATIO, LabellingParams, assign_level_names, beam_search,
-                                         gap_ratios, level_skipped, sequence_cost, skips_across_gaps)
+from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, SkipsAcrossGaps, gap_ratios,
+                                    level_skipped, space_ratios)
+from SpineNetLib.label.labelling import (LabellingParams, assign_level_names, beam_search, sequence_cost,
+                                         skips_across_gaps)
 
 #: The confidence below which the levels are flagged for review (``needs_review``) when the weights
 #: carry no calibrated value.  A context checkpoint carries the value calibrated for it (entry
@@ -73,7 +76,7 @@ DEFAULT_MIN_CONFIDENCE = 0.9
 #: and the two scans with a missed body in the middle had 2.1 and 3.1.
 MAX_GAP_RATIO = 1.8
 #: A gap wider than this many times the usual step asks for a review: a vertebra was probably missed
-#: there (``labelling.MISSED_BODY_GAP_RATIO``, where the beam search may also skip a level).
+#: there (``gaps.MISSED_BODY_GAP_RATIO``, where the beam search may also skip a level).
 REVIEW_GAP_RATIO = MISSED_BODY_GAP_RATIO
 
 
@@ -311,7 +314,7 @@ def s1_cut_by_lower_edge(vertebrae: Sequence, n_rows: int) -> bool:
 def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[str],
                          params: LabellingParams | None = None,
                          min_confidence: float | None = None,
-                         free_skips: frozenset[int] = frozenset()) -> LabellingConfidence:
+                         skips: SkipsAcrossGaps = SkipsAcrossGaps()) -> LabellingConfidence:
     """Confidence of the labelling ``level_names`` given the probabilities the beam search used.
 
     ``level_probabilities`` is ``(N, 24)`` over ``levels.LEVELS`` (the
@@ -319,7 +322,7 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
     ``level_names`` are the N chosen names, top to bottom ("S2" counts as
     class S1, as in :func:`~SpineNetLib.label.labelling.relabel_with_correction`).
     ``params`` must be the ones the labelling used (the penalties are part of
-    the cost), and ``free_skips`` the positions where it could skip a level freely
+    the cost), and ``skips`` the positions where it could skip a level freely or had to
     (:func:`~SpineNetLib.label.labelling.skips_across_gaps`).  See the module docstring for the definitions.
     """
     params = params or LabellingParams()
@@ -335,15 +338,15 @@ def labelling_confidence(level_probabilities: np.ndarray, level_names: Sequence[
         return LabellingConfidence(math.nan, math.nan, None, 0, False, [], False, float(min_confidence),
                                    review_margin)
     chosen = [level_index(name) for name in names]
-    chosen_cost = sequence_cost(chosen, probs, params, free_skips)
+    chosen_cost = sequence_cost(chosen, probs, params, skips)
     best_cost, best, best_shift = math.inf, None, 0
     for shift in SHIFTS:
         for k, c in enumerate(chosen):
             target = c - shift  # class indices count upwards from S1 = 0: caudal is one class lower
             if not 0 <= target < N_LEVELS:
                 continue
-            alternative = beam_search(probs, params, fixed={k: target}, free_skips=free_skips)
-            cost = sequence_cost(alternative, probs, params, free_skips)
+            alternative = beam_search(probs, params, fixed={k: target}, skips=skips)
+            cost = sequence_cost(alternative, probs, params, skips)
             if cost < best_cost:
                 best_cost, best, best_shift = cost, alternative, shift
     margin = max(0.0, best_cost - chosen_cost)
@@ -366,18 +369,27 @@ def _missed_between(upper: str | None, lower: str | None) -> str:
 
 
 def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
-    """A message per gap between consecutive bodies (top to bottom) wider than :data:`REVIEW_GAP_RATIO`
-    times the median gap of the scan (three bodies at least; ``labelling.gap_ratios``).  Where the
-    levels skip one across it (``labelling.skips_across_gaps``), the message names the level counted
-    there without an outline; elsewhere it says that the levels on one side may be off by one."""
-    warnings, ratios = [], gap_ratios(vertebrae)
-    for i in np.flatnonzero(ratios > REVIEW_GAP_RATIO):
-        upper, lower, ratio = vertebrae[i].level, vertebrae[i + 1].level, ratios[i]
+    """A message per gap between consecutive bodies (top to bottom) that holds a missed body: a step wider
+    than :data:`REVIEW_GAP_RATIO` times the median step of the scan (three bodies at least;
+    ``gaps.gap_ratios``), or where the levels skip one across a space between the bodies higher than
+    :data:`MISSED_BODY_SPACE_RATIO` times their mean height (``gaps.space_ratios``; a level counted there,
+    ``labelling.counted_above_the_lumbar_spine``; where they do not, :func:`missed_vertebra_reasons` measures
+    the disc).  Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the
+    level counted there without an outline; elsewhere it says that the levels on one side may be off by one."""
+    steps, spaces = gap_ratios(vertebrae), space_ratios(vertebrae)
+    warnings = []
+    for i in range(len(vertebrae) - 1):
+        upper, lower = vertebrae[i].level, vertebrae[i + 1].level
         skipped = level_skipped(upper, lower)
+        if i < len(steps) and steps[i] > REVIEW_GAP_RATIO:
+            measured = f"their gap is {steps[i]:.1f} times the usual spacing"
+        elif skipped and spaces[i] > MISSED_BODY_SPACE_RATIO:
+            measured = f"the space between them is {spaces[i]:.1f} times the bodies' height"
+        else:
+            continue
         consequence = (f"the levels count {skipped} there, which has no outline" if skipped
                        else "the levels on one side of it may be off by one")
-        warnings.append(f"{_missed_between(upper, lower)} (their gap is {ratio:.1f} times the usual spacing): "
-                        f"{consequence}")
+        warnings.append(f"{_missed_between(upper, lower)} ({measured}): {consequence}")
     return warnings
 
 

@@ -11,8 +11,8 @@ Stages, each a pure function so that it can be tested and re-run on its own:
    runs the context network on it and reads each vertebra's row back
    (official §3.3, §5.5).
 4. :func:`beam_search` finds the most likely top-to-bottom level sequence
-   under the official ordering penalties (a level may be skipped freely across a gap that holds a
-   missed body, :func:`skips_across_gaps`; not official), and :func:`assign_level_names`
+   under the official ordering penalties (across a gap that holds a missed body a level may be skipped
+   freely, or must be: :func:`skips_across_gaps`; not official), and :func:`assign_level_names`
    applies the S2 rule (official §5.5).
 
 :func:`label_vertebrae` chains them; :func:`relabel_with_correction` re-runs
@@ -42,11 +42,13 @@ from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import SliceRun, appearance_slice_runs, slices_seen
+from SpineNetLib.label.gaps import SkipsAcrossGaps, gaps_holding_a_body
 from SpineNetLib.models.inference import network_outputs, softmax
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
 #: (-ln(1e-300) ~ 691: more than a skip, less than an ascending penalty).
 _P_FLOOR = 1e-300
+_L1 = level_index("L1")
 
 
 @dataclass
@@ -101,8 +103,9 @@ class LabellingParams:
     #: (``pipeline._moved_up_to_weaker_s1``; not official: the ``official`` profile turns it off).
     move_up_to_weaker_s1: bool = True
     #: Let the beam search skip one level without the skip penalty across a gap between consecutive
-    #: bodies wider than :data:`MISSED_BODY_GAP_RATIO` times the usual step (:func:`skips_across_gaps`;
-    #: not official: the ``official`` processing profile turns it off).
+    #: bodies that holds a missed body, and make it count one where the space between them is higher
+    #: than a body (:func:`skips_across_gaps`, ``label/gaps.py``; not official: the ``official``
+    #: processing profile turns it off).
     skip_across_gaps: bool = True
     #: Show the appearance network the slices centred on the spine where it lies off the middle of the
     #: slab (``label/appearance_slices.py``; not official: the ``official`` processing profile turns it off).
@@ -418,60 +421,51 @@ def _transition_penalties(params: LabellingParams) -> np.ndarray:
     return penalty
 
 
-#: A gap between consecutive bodies wider than this many times the scan's usual step holds a body the
-#: detector missed: the review rule asks for a look there (``confidence.gap_warnings``) and the beam
-#: search may skip a level across it (:func:`skips_across_gaps`).  Chosen on the 133 training-side
-#: cases of the bundled weights (MODEL_CARD.md, "Training-side cases"): the scans labelled right reach
-#: 1.51, the two shifted by a body missed in the middle of the chain have 1.80 and 1.81; the midpoint.
-#: On the 68 held-out scans the right ones reach 1.51 too.  With the skip both of those two are named
-#: right (MODEL_CARD.md, "A level skipped across a gap").
-MISSED_BODY_GAP_RATIO = 1.65
-
-
-def gap_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
-    """``(N - 1,)``: the distance between the centres of each pair of consecutive bodies' average
-    polygons (top to bottom), over the median of those distances; empty for fewer than three bodies.
-
-    Distances are in pixels (the same ratio as in millimetres for square pixels) and in-plane, so that
-    the steps at the lumbosacral junction, which run more forwards than down, count in full."""
-    if len(vertebrae) < 3:
-        return np.zeros(0)
-    centres = np.array([np.asarray(v.average_polygon, np.float64).mean(axis=0) for v in vertebrae])
-    gaps = np.hypot(*np.diff(centres, axis=0).T)
-    usual = float(np.median(gaps))
-    return gaps / usual if usual > 0 else np.zeros(0)
-
-
-def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None) -> frozenset[int]:
-    """The positions ``k`` (of ``vertebrae``, top to bottom) whose step from body ``k - 1`` may skip one
-    level without the skip penalty: those after a gap wider than :data:`MISSED_BODY_GAP_RATIO` times
-    the usual step (:func:`gap_ratios`); none when ``params.skip_across_gaps`` is off.
+def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None) -> SkipsAcrossGaps:
+    """Where the beam search may skip one level without the skip penalty, and where it must count one, in
+    the chain ``vertebrae`` (top to bottom): :func:`~SpineNetLib.label.gaps.gaps_holding_a_body`, with the
+    levels counted where the bodies' levels put them (:func:`counted_above_the_lumbar_spine`; none before
+    the bodies are labelled); nothing when ``params.skip_across_gaps`` is off.
 
     Why (issue 10): the official search charges a skip as much as a wrong level on a sure body, so a
     body missed in the middle of a chain anchored at S1 named every body above the gap one level too
     low (two of the 133 training-side scans).  The gap is evidence of its own; across it the
     probabilities alone decide whether a level is skipped."""
     if not (params or LabellingParams()).skip_across_gaps:
+        return SkipsAcrossGaps()
+    found = gaps_holding_a_body(vertebrae)
+    if any(v.level not in LEVELS and v.level != "S2" for v in vertebrae):
+        return found
+    indices = [0 if v.level == "S2" else level_index(v.level) for v in vertebrae]
+    return replace(found, counted=counted_above_the_lumbar_spine(indices, found))
+
+
+def counted_above_the_lumbar_spine(indices: Sequence[int], skips: SkipsAcrossGaps) -> frozenset[int]:
+    """The positions of ``skips.wide_spaces`` where a level is counted, given a labelling ``indices`` (class
+    indices, top to bottom) of the chain: those whose lower body it names L1 or higher, where it reaches S1.
+
+    Why (issue 10): above L1 a missed T11 or T12 keeps the centre step under its bar, and the networks'
+    evidence for the bodies above it counts on from the bodies below (tianchi_176: its T10 reads T12 at
+    0.998, above the real T12), so skipping freely never happens there.  Only there: without S1 nothing
+    tells which side of the space is named right (a thoracolumbar field of view ending at L2), and in the
+    lumbar spine, which sets the usual step, the centre-step rule sees a missed body, while outlines drawn
+    small may open a space that holds none (MODEL_CARD.md, "A level counted where a body was missed")."""
+    if 0 not in indices:
         return frozenset()
-    return frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
+    return frozenset(k for k in skips.wide_spaces if indices[k] >= _L1)
 
 
-def level_skipped(upper: str | None, lower: str | None) -> str | None:
-    """The level between ``upper`` and ``lower``, names of consecutive bodies top to bottom, when that
-    step skips exactly one level (the step :func:`skips_across_gaps` may make freely); else None."""
-    if upper is None or lower is None or level_index(upper) - level_index(lower) != 2:
-        return None
-    return LEVELS[level_index(upper) - 1]   # LEVELS run from S1 upwards
-
-
-def _penalty_tables(params: LabellingParams) -> tuple[np.ndarray, np.ndarray]:
-    """(:func:`_transition_penalties`, the same with a downward skip of one level free): the penalties of
-    a step elsewhere and of a step across a gap (:func:`skips_across_gaps`), indexed by ``k in free_skips``."""
+def _penalty_tables(params: LabellingParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(:func:`_transition_penalties`, the same with a downward skip of one level free, and that with a
+    downward step of one charged the skip penalty): the penalties of a step elsewhere, across a gap where
+    a skip is free and across one where a level is counted, indexed by ``skips.table(k)``
+    (:func:`skips_across_gaps`)."""
     penalty = _transition_penalties(params)
     if not params.penalise_skips:
-        return penalty, penalty
+        return penalty, penalty, penalty
     previous, new = np.arange(N_LEVELS)[:, None], np.arange(N_LEVELS)[None, :]
-    return penalty, penalty - np.where(previous - new == 2, float(params.skip_penalty), 0.0)
+    free = penalty - np.where(previous - new == 2, float(params.skip_penalty), 0.0)
+    return penalty, free, free + np.where(previous - new == 1, float(params.skip_penalty), 0.0)
 
 
 def _label_costs(probs: np.ndarray) -> np.ndarray:
@@ -482,20 +476,20 @@ def _label_costs(probs: np.ndarray) -> np.ndarray:
 
 
 def sequence_cost(indices: Sequence[int], probs: np.ndarray,
-                  params: LabellingParams | None = None, free_skips: frozenset[int] = frozenset()) -> float:
-    """Beam-search score of one labelling: 1 + sum(-ln p) + penalties (lower is better); ``free_skips``
+                  params: LabellingParams | None = None, skips: SkipsAcrossGaps = SkipsAcrossGaps()) -> float:
+    """Beam-search score of one labelling: 1 + sum(-ln p) + penalties (lower is better); ``skips``
     as in :func:`beam_search`."""
     params = params or LabellingParams()
     costs = _label_costs(probs)
     penalties = _penalty_tables(params)
     labels = [int(i) for i in indices]
     score = 1.0 + float(sum(costs[k, c] for k, c in enumerate(labels)))
-    score += float(sum(penalties[k in free_skips][labels[k - 1], labels[k]] for k in range(1, len(labels))))
+    score += float(sum(penalties[skips.table(k)][labels[k - 1], labels[k]] for k in range(1, len(labels))))
     return score
 
 
 def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
-                fixed: dict[int, int] | None = None, free_skips: frozenset[int] = frozenset()) -> list[int]:
+                fixed: dict[int, int] | None = None, skips: SkipsAcrossGaps = SkipsAcrossGaps()) -> list[int]:
     """Most likely class index per vertebra (top to bottom) under the ordering penalties.
 
     Official algorithm (official §5.5): beam of 100, score starts at 1.0, adds
@@ -503,8 +497,8 @@ def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
     :func:`_transition_penalties`; lowest score wins.  Ties keep the earlier
     beam, then the lower class index (stable sort).  ``fixed`` maps a
     vertebra index to the only class it may take (a user correction); the
-    other vertebrae are re-solved around it with the same costs.  ``free_skips``: positions ``k``
-    whose step from vertebra ``k - 1`` may skip one level without the skip penalty
+    other vertebrae are re-solved around it with the same costs.  ``skips``: positions ``k``
+    whose step from vertebra ``k - 1`` may skip one level without the skip penalty, or must
     (:func:`skips_across_gaps`; not official).
     """
     params = params or LabellingParams()
@@ -531,7 +525,7 @@ def beam_search(probs: np.ndarray, params: LabellingParams | None = None,
     best = keep_best(first)
     scores, history = first[best], best[:, None]
     for k in range(1, n):
-        candidates = (scores[:, None] + costs[k][None, :] + penalties[k in free_skips][history[:, -1]]).ravel()
+        candidates = (scores[:, None] + costs[k][None, :] + penalties[skips.table(k)][history[:, -1]]).ravel()
         best = keep_best(candidates)
         beam, label = np.divmod(best, N_LEVELS)
         scores = candidates[best]
@@ -642,15 +636,22 @@ def _mean_y(vertebra: Vertebra) -> float:
 
 
 def choose_levels(context: np.ndarray, appearance: np.ndarray,
-                  params: LabellingParams, free_skips: frozenset[int] = frozenset()) -> tuple[list[str], np.ndarray]:
+                  params: LabellingParams, skips: SkipsAcrossGaps = SkipsAcrossGaps()) -> tuple[list[str], np.ndarray]:
     """(level names of the vertebrae kept, top to bottom; the ``(N, 24)`` evidence the beam weighed).
 
-    :func:`level_evidence`, :func:`beam_search` (with ``free_skips``), then lower sacral segments
-    left out (:func:`sacral_run_end`, unless ``params.drop_lower_sacral_segments``
-    is off) and the S2 rule (:func:`assign_level_names`).
+    :func:`level_evidence` and :func:`beam_search` (with ``skips``); where that labelling counts a level
+    across a wide space (:func:`counted_above_the_lumbar_spine`), the search again with the level counted
+    there and every body from the lowest such space down kept at its level.  Then lower sacral segments
+    left out (:func:`sacral_run_end`, unless ``params.drop_lower_sacral_segments`` is off) and the S2 rule
+    (:func:`assign_level_names`).
     """
     evidence = level_evidence(context, appearance, params.appearance_weight)
-    indices = beam_search(evidence, params, free_skips=free_skips)
+    skips = replace(skips, counted=frozenset())     # where a level is counted, this labelling says
+    indices = beam_search(evidence, params, skips=skips)
+    counted = counted_above_the_lumbar_spine(indices, skips)
+    if counted:
+        kept = {k: indices[k] for k in range(max(counted), len(indices))}
+        indices = beam_search(evidence, params, kept, replace(skips, counted=counted))
     keep = sacral_run_end(indices) if params.drop_lower_sacral_segments else len(indices)
     return assign_level_names(indices[:keep]), evidence
 

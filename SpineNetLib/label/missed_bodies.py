@@ -39,7 +39,8 @@ import numpy as np
 from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.confidence import MAX_GAP_RATIO
-from SpineNetLib.label.labelling import LabellingParams, level_skipped, skips_across_gaps
+from SpineNetLib.label.gaps import level_skipped
+from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
 #: where a missing body would be.
@@ -173,7 +174,7 @@ def level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
 
 def _levels_skipped_below(chain: list[Vertebra], params: LabellingParams) -> list[int]:
     """For each body of ``chain`` (labelled, top to bottom): how many levels the chain skips below it where
-    the beam search may skip one freely (``labelling.skips_across_gaps``)."""
+    the beam search may skip one freely, or must (``labelling.skips_across_gaps``)."""
     free = skips_across_gaps(chain, params)
     skipped = [int(k in free and level_skipped(chain[k - 1].level, chain[k].level) is not None)
                for k in range(len(chain))]

@@ -214,27 +214,80 @@ def test_missed_detection_skips_the_missing_level_when_evidence_is_strong():
 
 
 def test_a_level_is_skipped_freely_only_where_a_gap_says_a_body_was_missed():
-    """Across a gap that holds a missed body (``free_skips``) the probabilities alone decide; the score
+    """Across a gap that holds a missed body (``SkipsAcrossGaps.free``) the probabilities alone decide; the score
     and the labelling confidence then charge that skip nothing either, so the chosen labelling is not
     taken for a shifted one."""
     from SpineNetLib.label.confidence import labelling_confidence
+    from SpineNetLib.label.gaps import SkipsAcrossGaps
 
     present = idx("L1 L2 L4 L5 S1")                # L3 missed between the second and third body
     probs = peaked(present, 10.0)
     assert beam_search(probs) == idx("L2 L3 L4 L5 S1")                       # the official search shifts
-    assert beam_search(probs, free_skips=frozenset({2})) == present           # the gap is before body 2
+    gap_before_body_2 = SkipsAcrossGaps(free=frozenset({2}))
+    assert beam_search(probs, skips=gap_before_body_2) == present
     # a gap one body higher: the skip goes there, the body between it and the evidence's place renamed
-    assert beam_search(probs, free_skips=frozenset({1})) == idx("L1 L3 L4 L5 S1")
-    assert beam_search(probs, LabellingParams(penalise_skips=False), free_skips=frozenset({2})) == present
+    assert beam_search(probs, skips=SkipsAcrossGaps(free=frozenset({1}))) == idx("L1 L3 L4 L5 S1")
+    assert beam_search(probs, LabellingParams(penalise_skips=False), skips=gap_before_body_2) == present
     # only one level: two missed bodies still cost the skip penalty
-    assert sequence_cost(idx("L1 L3 L4 L5 S1"), probs, free_skips=frozenset({1})) == pytest.approx(
+    assert sequence_cost(idx("L1 L3 L4 L5 S1"), probs, skips=SkipsAcrossGaps(free=frozenset({1}))) == pytest.approx(
         sequence_cost(idx("L1 L3 L4 L5 S1"), probs) - LabellingParams().skip_penalty)
-    assert sequence_cost(idx("T12 L3 L4 L5 S1"), probs, free_skips=frozenset({1})) == pytest.approx(
+    assert sequence_cost(idx("T12 L3 L4 L5 S1"), probs, skips=SkipsAcrossGaps(free=frozenset({1}))) == pytest.approx(
         sequence_cost(idx("T12 L3 L4 L5 S1"), probs))
     names = [LEVELS[i] for i in present]
-    free = labelling_confidence(probs, names, free_skips=frozenset({2}))
+    free = labelling_confidence(probs, names, skips=SkipsAcrossGaps(free=frozenset({2})))
     charged = labelling_confidence(probs, names)
     assert free.margin_nats > 15 and not free.needs_review and charged.margin_nats == 0.0
+
+
+def test_a_level_is_counted_where_the_space_between_two_bodies_holds_one():
+    """Where a level must be counted (``SkipsAcrossGaps.counted``), a step of one level costs the skip penalty
+    and a skip of one is free, so the bodies above a missed one move up even where their own evidence
+    counts on from the bodies below (tianchi_176: T10 read as T12 at 0.998 above the real T12, MODEL_CARD.md,
+    "A level counted where a body was missed"); the confidence weighs the labelling the same way."""
+    from SpineNetLib.label.confidence import labelling_confidence
+    from SpineNetLib.label.gaps import SkipsAcrossGaps
+
+    probs = peaked(idx("T12 T12 L1 L2 L3 L4 L5 S1"), 10.0)    # T11 missed; the top body read as T12 too
+    counted = SkipsAcrossGaps(counted=frozenset({1}))
+    assert beam_search(probs) == idx("T11 T12 L1 L2 L3 L4 L5 S1")          # one level too low above the gap
+    assert beam_search(probs, skips=SkipsAcrossGaps(free=frozenset({1}))) == idx("T11 T12 L1 L2 L3 L4 L5 S1")
+    assert beam_search(probs, skips=counted) == idx("T10 T12 L1 L2 L3 L4 L5 S1")
+    assert beam_search(probs, LabellingParams(penalise_skips=False), skips=counted) == idx("T11 T12 L1 L2 L3 L4 L5 S1")
+    step = LabellingParams().skip_penalty
+    assert sequence_cost(idx("T11 T12 L1 L2 L3 L4 L5 S1"), probs, skips=counted) == pytest.approx(
+        sequence_cost(idx("T11 T12 L1 L2 L3 L4 L5 S1"), probs) + step)
+    assert sequence_cost(idx("T10 T12 L1 L2 L3 L4 L5 S1"), probs, skips=counted) == pytest.approx(
+        sequence_cost(idx("T10 T12 L1 L2 L3 L4 L5 S1"), probs) - step)
+    names = [LEVELS[i] for i in idx("T10 T12 L1 L2 L3 L4 L5 S1")]
+    assert labelling_confidence(probs, names, skips=counted).margin_nats > 15
+
+
+def test_levels_are_counted_only_above_the_lumbar_spine_of_a_chain_named_down_to_s1():
+    """``choose_levels`` counts a level across a wide space only where its labelling without the count names
+    the body below it L1 or higher and reaches S1, and keeps every body from there down at its level: the
+    bodies above move, not the lumbar spine (``labelling.counted_above_the_lumbar_spine``)."""
+    from SpineNetLib.label.gaps import SkipsAcrossGaps
+    from SpineNetLib.label.labelling import choose_levels
+
+    params = LabellingParams(repeat_s1_penalty=3.0)               # the bundled weights' value
+    ones = np.ones((8, N_LEVELS))
+    # the top body sure of T11 (50 nats), the others peaked by 5 nats: shifting the seven below costs less
+    probs = np.vstack([peaked(idx("T11"), 50.0), peaked(idx("T12 L1 L2 L3 L4 L5 S1"), 5.0)])
+    space = SkipsAcrossGaps(wide_spaces=frozenset({1}))
+    # counted with nothing kept, the search would move the lumbar spine down instead (L5 on S1, S1 on S2)
+    assert beam_search(probs, params, skips=replace_counted(space, {1})) == idx("T11 L1 L2 L3 L4 L5 S1 S1")
+    names, _ = choose_levels(probs, ones, params, space)
+    assert names == "T10 T12 L1 L2 L3 L4 L5 S1".split()           # the lumbar spine kept, the top moved
+    assert choose_levels(probs, ones, params)[0] == "T11 T12 L1 L2 L3 L4 L5 S1".split()     # no space: no count
+    # a wide space whose lower body is lumbar, or a chain that does not reach S1: nothing counted
+    lumbar = SkipsAcrossGaps(wide_spaces=frozenset({4}))
+    assert choose_levels(probs, ones, params, lumbar)[0] == "T11 T12 L1 L2 L3 L4 L5 S1".split()
+    names, _ = choose_levels(probs[:6], ones[:6], params, space)
+    assert names == "T11 T12 L1 L2 L3 L4".split()
+
+
+def replace_counted(skips, counted):
+    return dataclasses.replace(skips, counted=frozenset(counted))
 
 
 def test_transitional_s1_s2():
