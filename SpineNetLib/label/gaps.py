@@ -7,7 +7,8 @@ Two measures, both of the average polygons of consecutive bodies, top to bottom,
   :data:`MISSED_BODY_GAP_RATIO`, the beam search *may* skip one level there without the skip penalty.
 * :func:`space_ratios`: the space from the upper body's lower endplate to the lower body's upper endplate
   over the mean height of the two bodies.  A disc is well under one body high, so a space wider than
-  :data:`MISSED_BODY_SPACE_RATIO` holds a body.  Above L1 the bodies are smaller than the lumbar ones that
+  :data:`MISSED_BODY_SPACE_RATIO` that also stands out from the chain's other spaces
+  (:data:`MISSED_BODY_USUAL_SPACES`) holds a body.  Above L1 the bodies are smaller than the lumbar ones that
   set the median step, so a missed T11 or T12 keeps the centre step under its bar, and the networks'
   evidence above it counts on from the bodies below; there the beam search *must* count a level
   (``labelling.counted_above_the_lumbar_spine``; SpineNetLib/weights/bundled/MODEL_CARD.md, "A level
@@ -41,6 +42,12 @@ MISSED_BODY_GAP_RATIO = 1.65
 #: weights: pairs without a missed body reach 1.04 (tianchi_038, its S1 drawn low on the sacrum), pairs with
 #: one start at 1.18; the midpoint (MODEL_CARD.md, "A level counted where a body was missed").
 MISSED_BODY_SPACE_RATIO = 1.11
+
+#: ... and more than this many times the chain's usual space (its median), so that outlines drawn small all
+#: along the chain, which open every space, count nothing.  Chosen on the same cases: pairs with a missed
+#: body between bodies not all missed (tianchi_033 misses three of five lumbar bodies) reach 2.61 to 4.86,
+#: the others but the lowest pair (S1 drawn low, left out anyway) at most 1.85; the midpoint, rounded.
+MISSED_BODY_USUAL_SPACES = 2.2
 
 
 @dataclass(frozen=True)
@@ -82,30 +89,47 @@ def gap_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     return gaps / usual if usual > 0 else np.zeros(0)
 
 
-def space_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
-    """``(N - 1,)``: for each pair of consecutive bodies (top to bottom), the distance from the middle of the
-    upper body's lower endplate to the middle of the lower body's upper endplate (average polygons, rt, rb,
-    lb, lt), over the mean of the two bodies' heights (the distance between the middles of their endplates);
-    in pixels, as :func:`gap_ratios`.  NaN where a body has no height."""
-    if len(vertebrae) < 2:
-        return np.zeros(0)
-    polygons = np.array([np.asarray(v.average_polygon, np.float64) for v in vertebrae])
+def _spaces_and_heights(vertebrae: Sequence[Vertebra]) -> tuple[np.ndarray, np.ndarray]:
+    """``(N - 1,)`` each: the distance from the middle of the upper body's lower endplate to the middle of the
+    lower body's upper endplate (average polygons, rt, rb, lb, lt), and the mean of the two bodies' heights
+    (the distance between the middles of their endplates); in pixels, as :func:`gap_ratios`."""
+    polygons = np.array([np.asarray(v.average_polygon, np.float64) for v in vertebrae]).reshape(-1, 4, 2)
     tops, bottoms = 0.5 * (polygons[:, 0] + polygons[:, 3]), 0.5 * (polygons[:, 1] + polygons[:, 2])
     heights = np.hypot(*(bottoms - tops).T)
-    spaces = np.hypot(*(tops[1:] - bottoms[:-1]).T)
-    mean_heights = 0.5 * (heights[:-1] + heights[1:])
+    return np.hypot(*(tops[1:] - bottoms[:-1]).T), 0.5 * (heights[:-1] + heights[1:])
+
+
+def space_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
+    """``(N - 1,)``: for each pair of consecutive bodies (top to bottom), the space between them over their
+    mean height (:func:`_spaces_and_heights`).  NaN where the bodies have no height."""
+    if len(vertebrae) < 2:
+        return np.zeros(0)
+    spaces, heights = _spaces_and_heights(vertebrae)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(mean_heights > 0, spaces / mean_heights, np.nan)
+        return np.where(heights > 0, spaces / heights, np.nan)
+
+
+def usual_space_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
+    """``(N - 1,)``: each space between consecutive bodies over the median space of the chain; empty for
+    fewer than three bodies, as :func:`gap_ratios`."""
+    if len(vertebrae) < 3:
+        return np.zeros(0)
+    spaces = _spaces_and_heights(vertebrae)[0]
+    usual = float(np.median(spaces))
+    return spaces / usual if usual > 0 else np.zeros(0)
 
 
 def gaps_holding_a_body(vertebrae: Sequence[Vertebra]) -> SkipsAcrossGaps:
-    """The gaps of :func:`gap_ratios` wider than :data:`MISSED_BODY_GAP_RATIO` (``free``) and the spaces of
-    :func:`space_ratios` wider than :data:`MISSED_BODY_SPACE_RATIO` but for the lowest pair (``wide_spaces``);
+    """The gaps of :func:`gap_ratios` wider than :data:`MISSED_BODY_GAP_RATIO` (``free``) and the spaces wider
+    than :data:`MISSED_BODY_SPACE_RATIO` bodies and :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual
+    space (:func:`space_ratios`, :func:`usual_space_ratios`), but for the lowest pair (``wide_spaces``);
     where a level is counted depends on the levels (``labelling.counted_above_the_lumbar_spine``)."""
     free = frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
-    spaces = space_ratios(vertebrae)[:-1]
-    return SkipsAcrossGaps(free=free, wide_spaces=frozenset(int(k) + 1 for k in np.flatnonzero(
-        spaces > MISSED_BODY_SPACE_RATIO)))
+    usual = usual_space_ratios(vertebrae)
+    if usual.size == 0:
+        return SkipsAcrossGaps(free=free)
+    wide = (space_ratios(vertebrae) > MISSED_BODY_SPACE_RATIO) & (usual > MISSED_BODY_USUAL_SPACES)
+    return SkipsAcrossGaps(free=free, wide_spaces=frozenset(int(k) + 1 for k in np.flatnonzero(wide[:-1])))
 
 
 def level_skipped(upper: str | None, lower: str | None) -> str | None:

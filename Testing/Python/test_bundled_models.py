@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,24 +278,34 @@ def test_a_thin_l5_s1_disc_on_a_clinical_slice_asks_to_check_s1(case_id, warned)
 
 @pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_176-000").is_dir(),
                     reason="../shared/data (real MRI) is not present")
-def test_a_vertebra_missed_above_the_lumbar_spine_asks_for_a_review_of_the_levels():
+def test_a_vertebra_missed_above_the_lumbar_spine_is_counted_and_asks_for_a_review():
     """Training-side clinical slice tianchi_176: L1-L5 and S1 are named right, but the detector misses the T11
-    between the body named T12 and the one above, which is then named T11 one level too low; the centres'
-    step there stays under the gap rule's bar, while the disc space, 27.6 mm high, cannot be a disc. The run
-    asks for a review with that reason first (model card, "A vertebra missed above the lumbar spine")."""
+    between the real T12 and the body above, whose evidence reads T12 as well; the centres' step there stays
+    under the gap rule's bar, but the space between the two bodies is 1.3 bodies high and stands out, so the
+    labelling counts T11 there and names the body above T10, with that review reason first (model card, "A
+    level counted where a body was missed"). Where the levels do not count a missed body, the disc height
+    asks: tianchi_105, whose S1 is missed and the body below named S1, has a disc space of 58 mm between
+    L5 and S1 ("A vertebra missed above the lumbar spine")."""
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, load_networks, run
 
-    scan = load_scan(DATA / "tianchi" / "tianchi_176-000" / "image.nii.gz")
-    result = run(scan, load_networks("bundled", "cpu"), RunOptions(grade=False))
+    networks = load_networks("bundled", "cpu")
+    result = run(load_scan(DATA / "tianchi" / "tianchi_176-000" / "image.nii.gz"), networks, RunOptions(grade=False))
     labelling = result.vertebrae_document["labelling"]
-    assert [v["level"] for v in result.vertebrae_document["vertebrae"]] == ["T11", "T12", "L1", "L2", "L3", "L4",
+    assert [v["level"] for v in result.vertebrae_document["vertebrae"]] == ["T10", "T12", "L1", "L2", "L3", "L4",
                                                                            "L5", "S1"]
     assert labelling["needs_review"] is True
     reason = labelling["warnings"][0]
-    assert reason.startswith("a vertebra may have been missed between T11 and T12 (the disc space between them is ")
-    assert reason.endswith("mm high; no disc is over 25 mm): the levels on one side of it may be off by one")
+    assert reason.startswith("a vertebra may have been missed between T10 and T12 (the space between them is 1.3 ")
+    assert reason.endswith("the levels count T11 there, which has no outline")
     assert reason in result.warnings and reason in result.vertebrae_document["warnings"]
+
+    result = run(load_scan(DATA / "tianchi" / "tianchi_105-000" / "image.nii.gz"), networks, RunOptions(grade=False))
+    labelling = result.vertebrae_document["labelling"]
+    assert labelling["needs_review"] is True
+    (reason,) = [w for w in labelling["warnings"] if "mm high; no disc is over 25 mm" in w]
+    assert reason.startswith("a vertebra may have been missed between L5 and S1 (the disc space between them is ")
+    assert reason in result.warnings
 
 
 @pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_008-000").is_dir(),
