@@ -57,8 +57,9 @@ class SkipsAcrossGaps:
 
     #: A skip of one level costs nothing here; a step of one costs what it does elsewhere.
     free: frozenset[int] = frozenset()
-    #: The space between the two bodies is higher than a body (but for the lowest pair, whose lower body is
-    #: often S1 with its outline drawn low on the sacrum: tianchi_038).
+    #: The space between the two bodies is higher than a body and stands out from the chain's other spaces
+    #: (but for the lowest pair, whose lower body is often S1 with its outline drawn low on the sacrum:
+    #: tianchi_038).
     wide_spaces: frozenset[int] = frozenset()
     #: Of ``wide_spaces``, where a level is counted: a skip of one costs nothing, a step of one the skip
     #: penalty (``labelling.counted_above_the_lumbar_spine``).
