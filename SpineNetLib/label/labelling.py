@@ -436,7 +436,7 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
     found = gaps_holding_a_body(vertebrae)
     if any(v.level not in LEVELS and v.level != "S2" for v in vertebrae):
         return found
-    indices = [0 if v.level == "S2" else level_index(v.level) for v in vertebrae]
+    indices = [level_index(v.level) for v in vertebrae]      # S2 counts as S1
     return replace(found, counted=counted_above_the_lumbar_spine(indices, found))
 
 

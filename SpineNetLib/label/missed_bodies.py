@@ -175,8 +175,8 @@ def level_in(relabelled: list[Vertebra], body: Vertebra) -> str | None:
 def _levels_skipped_below(chain: list[Vertebra], params: LabellingParams) -> list[int]:
     """For each body of ``chain`` (labelled, top to bottom): how many levels the chain skips below it where
     the beam search may skip one freely, or must (``labelling.skips_across_gaps``)."""
-    free = skips_across_gaps(chain, params)
-    skipped = [int(k in free and level_skipped(chain[k - 1].level, chain[k].level) is not None)
+    skips = skips_across_gaps(chain, params)
+    skipped = [int(k in skips and level_skipped(chain[k - 1].level, chain[k].level) is not None)
                for k in range(len(chain))]
     return [sum(skipped[at + 1:]) for at in range(len(chain))]
 

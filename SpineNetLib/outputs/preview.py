@@ -333,16 +333,18 @@ def _draw_slice_marks(draw, layout: _Layout, outlines: list[_Outline], canonical
         draw.text(xy, text, font=small, fill=(255, 255, 255), anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
+def _reading_marks(scan, readings: Sequence[dict], at: str = "centroid_ras") -> list[tuple[str, np.ndarray]]:
+    """``(level, canonical (x, y))`` of each vertebra of each of ``readings`` (documents' readings of the
+    levels, ``{"series", "vertebrae": [{"level", at, ...}]}``), at its ``at`` position."""
+    return [(str(vertebra["level"]), _ras_to_canonical(scan, vertebra[at])[0][[1, 0]])
+            for reading in readings for vertebra in reading.get("vertebrae") or []]
+
+
 def _other_series_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
-    """``(level, canonical (x, y))`` of each vertebra of each other reading of the levels
+    """:func:`_reading_marks` of each other reading of the levels
     (:func:`~SpineNetLib.outputs.documents.other_readings`: an exam's series that names a vertebra otherwise, the
-    scan's own levels where it took another series')."""
-    marks = []
-    for other in other_readings(vertebrae_doc):
-        for vertebra in other.get("vertebrae") or []:
-            rcs = _ras_to_canonical(scan, vertebra["centroid_ras"])[0]
-            marks.append((str(vertebra["level"]), rcs[[1, 0]]))
-    return marks
+    scan's own levels where it took another series'), at the vertebrae's centres."""
+    return _reading_marks(scan, other_readings(vertebrae_doc))
 
 
 def _draw_other_series(draw, layout: _Layout, marks, font, size: int) -> None:
@@ -356,12 +358,10 @@ def _draw_other_series(draw, layout: _Layout, marks, font, size: int) -> None:
 
 
 def _next_best_marks(scan, vertebrae_doc: dict) -> list[tuple[str, np.ndarray]]:
-    """``(level, canonical (x, y))`` of each vertebra that the labelling's best shifted alternative names
-    otherwise, where the levels need review (:func:`~SpineNetLib.outputs.documents.next_best_reading`)."""
+    """:func:`_reading_marks` of each vertebra that the labelling's best shifted alternative names otherwise,
+    where the levels need review (:func:`~SpineNetLib.outputs.documents.next_best_reading`), at its marker."""
     reading = next_best_reading(vertebrae_doc)
-    if reading is None:
-        return []
-    return [(str(v["level"]), _ras_to_canonical(scan, v["marker_ras"])[0][[1, 0]]) for v in reading["vertebrae"]]
+    return _reading_marks(scan, [reading] if reading is not None else [], "marker_ras")
 
 
 def _draw_next_best(draw, layout: _Layout, marks, font, size: int) -> None:
