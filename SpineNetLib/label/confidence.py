@@ -70,11 +70,6 @@ from SpineNetLib.label.labelling import (LabellingParams, assign_level_names, be
 #: is in ``SpineNetLib/weights/bundled/MODEL_CARD.md``); callers may pass their own
 #: (``SpineNetLib.pipeline.RunOptions.min_labelling_confidence``).
 DEFAULT_MIN_CONFIDENCE = 0.9
-#: A gap between consecutive bodies larger than this many times the median spacing of the scan's
-#: bodies is searched for a missed body among the weaker detections (``label.missed_bodies``).  On
-#: the 30 calibration studies (MODEL_CARD.md) the largest ratio of a correctly labelled scan was 1.5
-#: and the two scans with a missed body in the middle had 2.1 and 3.1.
-MAX_GAP_RATIO = 1.8
 #: A gap wider than this many times the usual step asks for a review: a vertebra was probably missed
 #: there (``gaps.MISSED_BODY_GAP_RATIO``, where the beam search may also skip a level).
 REVIEW_GAP_RATIO = MISSED_BODY_GAP_RATIO

@@ -9,9 +9,11 @@ a lower threshold finds apart (``DetectionParams.candidate_threshold``,
 anatomy says a body must be:
 
 * :func:`gap_fillers`, before labelling: in a gap between consecutive bodies
-  wider than ``confidence.MAX_GAP_RATIO`` times the scan's usual step (the
-  review rule flags from ``confidence.REVIEW_GAP_RATIO`` on), at one of the
-  evenly spaced positions where the missing bodies would lie, within half a step;
+  that holds a missed body by the centre step or by the space between the
+  bodies, each measured against the chain's other pairs
+  (``gaps.gaps_missing_a_body``), at one of the evenly spaced positions where
+  the missing bodies would lie, within half a step (MODEL_CARD.md, "Bodies in a
+  gap, found among the weaker detections");
 * :func:`bodies_below`, after labelling: when the labelled spine ends above
   S1 (at L1-L5), step by step below its lowest body, down to S1; then, if the
   chain still ends above S1, among the fainter detections of a third decoding
@@ -38,8 +40,7 @@ import numpy as np
 
 from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.confidence import MAX_GAP_RATIO
-from SpineNetLib.label.gaps import level_skipped
+from SpineNetLib.label.gaps import gaps_missing_a_body, level_skipped
 from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
@@ -67,18 +68,20 @@ def _nearest(centres: np.ndarray, expected: np.ndarray, radius: float, taken: se
 
 def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
                 spacing_rc: tuple[float, float] = (1.0, 1.0)) -> list[Vertebra]:
-    """The candidates that lie where bodies are missing inside the chain (``vertebrae`` top to bottom)."""
+    """The candidates that lie where bodies are missing inside the chain (``vertebrae`` top to bottom): in the
+    gaps of :func:`gaps.gaps_missing_a_body`, at the evenly spaced places of as many bodies as the step holds
+    (at least one), each within :data:`MAX_OFFSET_OF_STEP` times the median of the chain's other steps."""
     if len(vertebrae) < 3 or not candidates:
         return []
     chain = _centres_mm(vertebrae, spacing_rc)
     steps = np.hypot(*np.diff(chain, axis=0).T)
-    usual = float(np.median(steps))
     cand = _centres_mm(candidates, spacing_rc)
     taken: set[int] = set()
-    for i, step in enumerate(steps):
-        if usual <= 0 or step <= MAX_GAP_RATIO * usual:
+    for i in np.flatnonzero(gaps_missing_a_body(vertebrae)):
+        usual = float(np.median(np.delete(steps, i)))
+        if usual <= 0:
             continue
-        n_missing = max(1, int(round(step / usual)) - 1)
+        n_missing = max(1, int(round(steps[i] / usual)) - 1)
         for j in range(1, n_missing + 1):
             expected = chain[i] + (chain[i + 1] - chain[i]) * j / (n_missing + 1)
             found = _nearest(cand, expected, MAX_OFFSET_OF_STEP * usual, taken)
