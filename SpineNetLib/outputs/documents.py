@@ -47,7 +47,7 @@ import numpy as np
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_by, shifted_to_correction
 from SpineNetLib.core.results import DetectionResult, Vertebra
-from SpineNetLib.outputs.vertebrae import vertebrae_document
+from SpineNetLib.outputs.vertebrae import next_best_levels, vertebrae_document
 from SpineNetLib.weights.resolve import trained_grading_heads
 
 VERTEBRAE_SCHEMA = "spinenet.vertebrae/1"
@@ -377,16 +377,12 @@ def next_best_reading(vertebrae_doc: dict) -> dict | None:
     on the image. ``marker_ras`` is where the preview and the Slicer scene put that level: 40 % of the way from
     the centre to the middle of the body's lower edge on its mid-slice outline, clear of the level's own label.
 
-    None where the levels need no review (the alternative is then out of the question), were corrected by
-    hand, or were taken from another series (the alternative is of the scan's own levels, which
-    :func:`other_readings` draws), and where the alternative does not name the vertebrae one for one."""
-    block = vertebrae_doc.get("labelling") or {}
-    if not block.get("needs_review") or block.get("corrected_by_user") or block.get("levels_taken_from_series"):
+    None where :func:`~SpineNetLib.outputs.vertebrae.next_best_levels` is (no review asked, levels corrected by
+    hand or taken from another series, whose own levels :func:`other_readings` draws)."""
+    alternative = next_best_levels(vertebrae_doc)
+    if alternative is None:
         return None
     vertebrae = vertebrae_doc.get("vertebrae") or []
-    alternative = block.get("shifted_alternative") or []
-    if len(alternative) != len(vertebrae):
-        return None
     differing = [{"level": str(level), "centroid_ras": vertebra["centroid_ras"], "index": k,
                   "marker_ras": _below_centre(vertebra)}
                  for k, (level, vertebra) in enumerate(zip(alternative, vertebrae))

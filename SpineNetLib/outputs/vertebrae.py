@@ -166,12 +166,14 @@ def vertebrae_document(scan: Scan, result: DetectionResult,
     return document
 
 
+#: ``next_best_level``: where the levels need a review, the level the next best labelling (the one the shift
+#: reason names) gives this vertebra, where it differs (:func:`next_best_levels`); else empty.
 #: The last five are per scan (the same on every row): the ``"labelling"`` block's
 #: ``confidence``, ``margin_nats``, ``s1_found``, ``needs_review`` and its warnings (joined by "; ", with the
 #: reason); empty when the document has none.  The margin is the column to sort a cohort by: the confidence
 #: reads 1.000000 from a margin of about 14.5 nats on, well below the bundled weights' review margin.
 VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-                         "first_slice", "last_slice", "level_probability",
+                         "first_slice", "last_slice", "level_probability", "next_best_level",
                          "labelling_confidence", "labelling_margin_nats", "s1_found", "levels_need_review",
                          "labelling_warning")
 #: How many of :data:`VERTEBRAE_CSV_COLUMNS`, at its end, describe the whole scan.
@@ -197,17 +199,36 @@ def labelling_csv_cells(document: dict) -> list[str]:
             "; ".join(str(w) for w in block.get("warnings") or [])]
 
 
+def next_best_levels(document: dict) -> list[str] | None:
+    """Where the levels need a review, the level that the labelling's best alternative shifted by one level
+    (``labelling.shifted_alternative``, :mod:`SpineNetLib.label.confidence`) gives each vertebra of a
+    ``vertebrae.json`` document, top to bottom ("" where it names none).
+
+    None where the levels need no review (the alternative is then out of the question), were corrected by
+    hand, or were taken from another series (the alternative is of the scan's own levels), and where the
+    alternative does not name the vertebrae one for one."""
+    block = document.get("labelling") or {}
+    if not block.get("needs_review") or block.get("corrected_by_user") or block.get("levels_taken_from_series"):
+        return None
+    alternative = block.get("shifted_alternative") or []
+    if len(alternative) != len(document.get("vertebrae") or []):
+        return None
+    return [str(level) if level else "" for level in alternative]
+
+
 def vertebrae_csv_text(document: dict) -> str:
     """One row per vertebra, top to bottom, from a ``vertebrae.json`` document."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(VERTEBRAE_CSV_COLUMNS)
     per_scan = labelling_csv_cells(document)
-    for v in document["vertebrae"]:
+    next_best = next_best_levels(document) or [""] * len(document["vertebrae"])
+    for v, other in zip(document["vertebrae"], next_best):
         slices = [p["slice"] for p in v["polygons"]]
         r, a, s = v["centroid_ras"]
         prob = v["level_probability"]
-        writer.writerow([v["level"] or "", f"{r:.2f}", f"{a:.2f}", f"{s:.2f}",
-                         min(slices), max(slices), "" if prob is None else f"{prob:.4f}", *per_scan])
+        writer.writerow([v["level"] or "", f"{r:.2f}", f"{a:.2f}", f"{s:.2f}", min(slices), max(slices),
+                         "" if prob is None else f"{prob:.4f}", "" if other == (v["level"] or "") else other,
+                         *per_scan])
     return buffer.getvalue()
 

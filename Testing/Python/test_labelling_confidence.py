@@ -9,6 +9,7 @@ script show.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -195,6 +196,13 @@ def test_the_document_block_the_csv_columns_and_the_status_line():
     assert tuple(rows[0]) == VERTEBRAE_CSV_COLUMNS
     assert [(r["labelling_confidence"], r["s1_found"], r["levels_need_review"]) for r in rows] == \
         [("0.500000", "false", "true")] * 5
+    # each vertebra's level in the next best labelling, the one the shift reason names, where it differs
+    assert [(r["level"], r["next_best_level"]) for r in rows] == [
+        ("L1", "L2"), ("L2", "L3"), ("L3", "L4"), ("L4", "L5"), ("L5", "S1")]
+    two_named_alike = copy.deepcopy(doc)
+    two_named_alike["labelling"]["shifted_alternative"] = ["L1", "L3", "L4", "L5", "S1"]
+    assert [r["next_best_level"] for r in csv.DictReader(io.StringIO(vertebrae_csv_text(two_named_alike)))] == \
+        ["", "L3", "L4", "L5", "S1"]
     text, review = documents.labelling_status(doc)
     assert review and text == (
         "Levels may be shifted by one (confidence 0.50): the next best labelling calls the lowest body S1 "
@@ -247,8 +255,8 @@ def test_a_correction_by_hand_needs_no_review():
     assert doc["labelling"]["needs_review"] is True              # the input is left as it was
     assert documents.labelling_status(corrected) == (
         "Levels corrected by hand (the network's own labelling had confidence 0.50 and named them L1..L5).", False)
-    assert [r[-5:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
-        ["0.500000", "0.000", "true", "false", ""]
+    assert [r[-6:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
+        ["", "0.500000", "0.000", "true", "false", ""]            # no next best level: the user has decided
 
 
 # --------------------------------------------------------------------------- the pipeline
