@@ -285,21 +285,44 @@ def test_a_vertebra_missed_at_full_strength_is_taken_from_the_weaker_detections_
     spaces, so the weaker detection in its middle is taken as T11 (gaps.gaps_missing_a_body): every body is
     outlined and named right, and nothing asks for a review.  (Before, the labelling counted T11 there without
     an outline, and asked: model card, "A level counted where a body was missed".)  tianchi_105: the same finds
-    its S1 in the lowest space of the chain, and the body below, which was named S1, is S2."""
+    its S1 in the lowest space of the chain, and the body below, which was named S1, is S2.
+
+    Where no weaker detection lies in the space (here: the weaker pass switched off), the labelling counts the
+    missed level and asks for a review naming it (tianchi_176), and the disc space over 25 mm asks where the
+    levels do not count one (tianchi_105; model card, "A vertebra missed above the lumbar spine")."""
+    import dataclasses
+
+    from SpineNetLib.detect.vfr import DetectionParams
     from SpineNetLib.inputs.load import load_scan
     from SpineNetLib.pipeline import RunOptions, load_networks, run
 
     networks = load_networks("bundled", "cpu")
-    result = run(load_scan(DATA / "tianchi" / "tianchi_176-000" / "image.nii.gz"), networks, RunOptions(grade=False))
+    no_weaker_pass = RunOptions(grade=False, detection_params=dataclasses.replace(DetectionParams(),
+                                                                                   candidate_threshold=None))
+    scan = load_scan(DATA / "tianchi" / "tianchi_176-000" / "image.nii.gz")
+    result = run(scan, networks, RunOptions(grade=False))
     labelling = result.vertebrae_document["labelling"]
     assert [v["level"] for v in result.vertebrae_document["vertebrae"]] == ["T10", "T11", "T12", "L1", "L2", "L3",
                                                                            "L4", "L5", "S1"]
     assert labelling["bodies_from_weaker_detections"] == 2   # T11 and S1
     assert labelling["needs_review"] is False, labelling["warnings"]
+    counted = run(scan, networks, no_weaker_pass)
+    labelling = counted.vertebrae_document["labelling"]
+    assert [v["level"] for v in counted.vertebrae_document["vertebrae"]] == ["T10", "T12", "L1", "L2", "L3", "L4",
+                                                                            "L5", "S1"]
+    reason = labelling["warnings"][0]
+    assert labelling["needs_review"] is True
+    assert reason.startswith("a vertebra may have been missed between T10 and T12 (the space between them is 1.3 ")
+    assert reason.endswith("the levels count T11 there, which has no outline") and reason in counted.warnings
 
-    result = run(load_scan(DATA / "tianchi" / "tianchi_105-000" / "image.nii.gz"), networks, RunOptions(grade=False))
+    scan = load_scan(DATA / "tianchi" / "tianchi_105-000" / "image.nii.gz")
+    result = run(scan, networks, RunOptions(grade=False))
     assert [v["level"] for v in result.vertebrae_document["vertebrae"]][-3:] == ["L5", "S1", "S2"]
     assert not any("no disc is over 25 mm" in w for w in result.warnings)
+    result = run(scan, networks, no_weaker_pass)
+    (reason,) = [w for w in result.vertebrae_document["labelling"]["warnings"] if "no disc is over 25 mm" in w]
+    assert reason.startswith("a vertebra may have been missed between L5 and S1 (the disc space between them is ")
+    assert result.vertebrae_document["labelling"]["needs_review"] and reason in result.warnings
 
 
 @pytest.mark.skipif(not (DATA / "tianchi" / "tianchi_008-000").is_dir(),
