@@ -365,10 +365,7 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     result.labelling = {"repeat_s1_penalty": float(labelling_params.repeat_s1_penalty),
                         "appearance_weight": float(labelling_params.appearance_weight),
                         # lower sacral segments below S2 (labelling.sacral_run_end): said, not silently dropped
-                        "sacral_segments_left_out": len(found) - len(result.vertebrae),
-                        # bodies taken from weaker detections (label/missed_bodies.py), faint ones or
-                        # those found on turned slices (detect/turned.py)
-                        "bodies_from_weaker_detections": len(fillers) + len(below)}
+                        "sacral_segments_left_out": len(found) - len(result.vertebrae)}
     if spacing_factor != 1.0:
         result.labelling["pixel_spacing_factor"] = spacing_factor
     if down_to_s1 is not None:
@@ -382,10 +379,14 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     moved = None if weaker_s1 is None else _moved_up_to_weaker_s1(result.vertebrae, weaker_s1, label,
                                                                    labelling_params)
     if moved is not None:
-        result.vertebrae = moved
+        result.vertebrae, below = moved, below + [weaker_s1]
         result.labelling["moved_up_to_weaker_s1"] = True
     elif weaker_s1 is not None:
         result.labelling["s1_may_be_l5"] = True
+    # bodies taken from weaker or faint detections, turned slices or the second detector (rougher outlines)
+    result.labelling["bodies_from_weaker_detections"] = len(fillers) + len(below)
+    if weakly_found := [v.level for v in result.vertebrae if any(same_body(v, b) for b in fillers + below)]:
+        result.labelling["levels_from_weaker_detections"] = weakly_found   # top to bottom
     return result
 
 

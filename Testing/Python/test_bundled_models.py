@@ -304,7 +304,8 @@ def test_a_vertebra_missed_at_full_strength_is_taken_from_the_weaker_detections_
     labelling = result.vertebrae_document["labelling"]
     assert [v["level"] for v in result.vertebrae_document["vertebrae"]] == ["T10", "T11", "T12", "L1", "L2", "L3",
                                                                            "L4", "L5", "S1"]
-    assert labelling["bodies_from_weaker_detections"] == 2   # T11 and S1
+    assert labelling["bodies_from_weaker_detections"] == 2
+    assert labelling["levels_from_weaker_detections"] == ["T11", "S1"]
     assert labelling["needs_review"] is False, labelling["warnings"]
     counted = run(scan, networks, no_weaker_pass)
     labelling = counted.vertebrae_document["labelling"]

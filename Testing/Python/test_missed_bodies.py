@@ -304,6 +304,7 @@ def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
     result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
     assert [v.level for v in result.detection.vertebrae] == truth
     assert result.vertebrae_document["labelling"]["bodies_from_weaker_detections"] == 2
+    assert result.vertebrae_document["labelling"]["levels_from_weaker_detections"] == ["L5", "S1"]
     assert result.vertebrae_document["labelling"]["s1_found"] is True
     off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=pipeline.detection
                                                                  .DetectionParams(candidate_threshold=None,
@@ -321,6 +322,7 @@ def test_an_s1_seen_only_faintly_is_found_below_the_chain():
     assert [v.level for v in result.detection.vertebrae] == truth and truth[-1] == "S1"
     block = result.vertebrae_document["labelling"]
     assert block["bodies_from_weaker_detections"] == 1 and block["s1_found"] is True
+    assert block["levels_from_weaker_detections"] == ["S1"]
     without_faint = pipeline.run(phantom.scan, networks, pipeline.RunOptions(
         grade=False, detection_params=pipeline.detection.DetectionParams(faint_threshold=None)))
     assert [v.level for v in without_faint.detection.vertebrae] == truth[:-1]
@@ -383,10 +385,13 @@ def test_a_clinical_slice_whose_l5_is_named_s1_is_moved_up_and_asks_for_review()
     block = moved.vertebrae_document["labelling"]
     assert at_points == ["L1", "L2", "L3", "L4", "L5"] and moved.detection.vertebrae[-1].level == "S1"
     assert block["moved_up_to_weaker_s1"] is True and "s1_may_be_l5" not in block
+    # its T10, missed at full strength, from the weaker detections too; then the S1 the levels moved up to
+    assert block["levels_from_weaker_detections"] == ["T10", "S1"] and block["bodies_from_weaker_detections"] == 2
     assert block["needs_review"] is True and block["warnings"][0] == MOVED_UP_TO_WEAKER_S1
     kept, at_points = run(False)
     block = kept.vertebrae_document["labelling"]
     assert at_points == ["L2", "L3", "L4", "L5", "S1"]                  # every level one too low
+    assert block["levels_from_weaker_detections"] == ["T11"]             # the T10, named one too low too
     assert block["s1_may_be_l5"] is True and block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in kept.warnings
 def _with_appearance(body: Vertebra, level: str, favoured: dict[str, float]) -> Vertebra:
     from SpineNetLib.core.levels import N_LEVELS, level_index
