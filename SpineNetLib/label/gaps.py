@@ -93,6 +93,11 @@ def _centres(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     return np.array([np.asarray(v.average_polygon, np.float64).mean(axis=0) for v in vertebrae])
 
 
+def _steps(vertebrae: Sequence[Vertebra]) -> np.ndarray:
+    """``(N - 1,)``: the in-plane distance between the centres of consecutive bodies' average polygons."""
+    return np.hypot(*np.diff(_centres(vertebrae), axis=0).T)
+
+
 def gap_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     """``(N - 1,)``: the distance between the centres of each pair of consecutive bodies' average
     polygons (top to bottom), over the median of those distances; empty for fewer than three bodies.
@@ -101,7 +106,7 @@ def gap_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     the steps at the lumbosacral junction, which run more forwards than down, count in full."""
     if len(vertebrae) < 3:
         return np.zeros(0)
-    gaps = np.hypot(*np.diff(_centres(vertebrae), axis=0).T)
+    gaps = _steps(vertebrae)
     usual = float(np.median(gaps))
     return gaps / usual if usual > 0 else np.zeros(0)
 
@@ -152,8 +157,7 @@ def gaps_holding_a_body(vertebrae: Sequence[Vertebra]) -> SkipsAcrossGaps:
 def _over_the_others(values: np.ndarray) -> np.ndarray:
     """Each value over the median of the others (inf where that median is not positive)."""
     others = np.array([np.median(np.delete(values, i)) for i in range(len(values))])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(others > 0, values / np.where(others > 0, others, 1.0), np.inf)
+    return np.where(others > 0, values / np.where(others > 0, others, 1.0), np.inf)
 
 
 def gaps_missing_a_body(vertebrae: Sequence[Vertebra]) -> np.ndarray:
@@ -172,11 +176,9 @@ def gaps_missing_a_body(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     step says nothing of the usual one."""
     if len(vertebrae) < MIN_BODIES_TO_FIND_A_GAP:
         return np.zeros(max(len(vertebrae) - 1, 0), bool)
-    steps = np.hypot(*np.diff(_centres(vertebrae), axis=0).T)
-    spaces, heights = _spaces_and_heights(vertebrae)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        high = np.where(heights > 0, spaces / np.where(heights > 0, heights, 1.0), 0.0) > MISSED_BODY_SPACE_RATIO
-    return ((_over_the_others(steps) > MISSED_BODY_GAP_RATIO)
+    high = space_ratios(vertebrae) > MISSED_BODY_SPACE_RATIO   # NaN (no height) is not high
+    spaces = _spaces_and_heights(vertebrae)[0]
+    return ((_over_the_others(_steps(vertebrae)) > MISSED_BODY_GAP_RATIO)
             | (high & (_over_the_others(spaces) > MISSED_BODY_USUAL_SPACES)))
 
 

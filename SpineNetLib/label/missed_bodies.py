@@ -40,7 +40,7 @@ import numpy as np
 
 from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.gaps import gaps_missing_a_body, level_skipped
+from SpineNetLib.label.gaps import MIN_BODIES_TO_FIND_A_GAP, gaps_missing_a_body, level_skipped
 from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
@@ -71,7 +71,7 @@ def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
     """The candidates that lie where bodies are missing inside the chain (``vertebrae`` top to bottom): in the
     gaps of :func:`gaps.gaps_missing_a_body`, at the evenly spaced places of as many bodies as the step holds
     (at least one), each within :data:`MAX_OFFSET_OF_STEP` times the median of the chain's other steps."""
-    if len(vertebrae) < 3 or not candidates:
+    if len(vertebrae) < MIN_BODIES_TO_FIND_A_GAP or not candidates:
         return []
     chain = _centres_mm(vertebrae, spacing_rc)
     steps = np.hypot(*np.diff(chain, axis=0).T)
