@@ -383,10 +383,9 @@ def detect_and_label(scan: Scan, networks: Networks, *,
         result.labelling["moved_up_to_weaker_s1"] = True
     elif weaker_s1 is not None:
         result.labelling["s1_may_be_l5"] = True
-    # bodies taken from weaker or faint detections, turned slices or the second detector (rougher outlines)
+    # bodies taken from weaker or faint detections, turned slices or the second detector (each body's
+    # Vertebra.outline_from says which network drew its outline)
     result.labelling["bodies_from_weaker_detections"] = len(fillers) + len(below)
-    if weakly_found := [v.level for v in result.vertebrae if any(same_body(v, b) for b in fillers + below)]:
-        result.labelling["levels_from_weaker_detections"] = weakly_found   # top to bottom
     return result
 
 

@@ -213,6 +213,38 @@ def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
     return table
 
 
+def disc_warning_table(summary: dict, pred_root: Path) -> dict | None:
+    """How well the measurement warnings of discs.json mark, over every scored disc (radiologists' points on
+    the clinical slices, disc masks' centres on the ivd volumes), the discs whose point lies inside a detected
+    outline; and the share of that owed to the line for a body outlined from a weaker detection
+    (``discs.measurements.rougher_outline_warning``). None when a prediction has no discs.json."""
+    table = {"inside": 0, "inside_warned": 0, "inside_warned_rougher_only": 0, "outside": 0, "outside_warned": 0,
+             "outside_warned_rougher_only": 0, "beside_rougher": 0, "beside_rougher_inside": 0}
+    for case_id, m in summary["cases"].items():
+        path = pred_root / case_id / "discs.json"
+        if not m["discs_scored"]:
+            continue
+        if not path.is_file():
+            return None
+        for disc in (json.loads(path.read_text(encoding="utf-8")) or {}).get("discs", []):
+            if disc.get("level") not in m["discs_scored"]:
+                continue
+            where = "inside" if disc["level"] in m["disc_points_inside_outlines"] else "outside"
+            lines = disc.get("measurement_warnings") or []
+            rougher = [line for line in lines if line.startswith(f"{disc['level']}: ") and "weaker detection" in line]
+            table[where] += 1
+            table[f"{where}_warned"] += bool(lines)
+            table[f"{where}_warned_rougher_only"] += bool(rougher) and len(rougher) == len(lines)
+            table["beside_rougher"] += bool(rougher)
+            table["beside_rougher_inside"] += bool(rougher) and where == "inside"
+    print(f"measurement warnings, every scored disc: on {table['inside_warned']}/{table['inside']} discs whose point "
+          f"lies inside an outline ({table['inside_warned_rougher_only']} by the rougher-outline line alone), "
+          f"{table['outside_warned']}/{table['outside']} others ({table['outside_warned_rougher_only']}); discs "
+          f"beside a body outlined from a weaker detection: {table['beside_rougher']}, its point inside an outline "
+          f"on {table['beside_rougher_inside']}")
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="bundled")
@@ -261,6 +293,7 @@ def main(argv=None) -> int:
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
     summary["s1_outline_check"] = s1_outline_check_table(summary, pred_root)
+    summary["disc_warnings"] = disc_warning_table(summary, pred_root)
     if args.phantoms:
         summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime, args.plan)
     if args.json:

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Which network drew a body's outline (:attr:`Vertebra.outline_from`, ``vertebrae.json``, ``vertebrae.csv``):
+#: the detector at full strength; the detector below its threshold (a weaker or faint detection, or one on
+#: slices turned upright: ``label/missed_bodies.py``, ``detect/turned.py``), whose outlines are rougher
+#: (bundled MODEL_CARD.md, "Bodies in a gap, found among the weaker detections"); the second detector
+#: (``detect/s1_outline.py``), which draws S1's outline and the bodies it adds down to S1.
+OUTLINE_FROM_DETECTOR = "detector"
+OUTLINE_FROM_WEAKER_DETECTION = "weaker detection"
+OUTLINE_FROM_S1_DETECTOR = "S1-outline detector"
+
 
 @dataclass
 class Vertebra:
@@ -34,6 +43,8 @@ class Vertebra:
     #: The canonical slices ``(first, last)`` the appearance network saw of the scan; None: every slice
     #: (``label/appearance_slices.py``).
     appearance_slices: tuple[int, int] | None = None
+    #: Which network drew the outline: one of the ``OUTLINE_FROM_*`` names above.
+    outline_from: str = OUTLINE_FROM_DETECTOR
 
     @property
     def average_polygon(self) -> np.ndarray:

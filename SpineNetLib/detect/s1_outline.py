@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from SpineNetLib.core.polygons import iou
-from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.core.results import OUTLINE_FROM_S1_DETECTOR, DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect.vfr import DetectionParams, PatchBox, Predictor, detect_vertebrae, slice_plan
 
@@ -60,10 +60,11 @@ def best_match(body: Vertebra, others: Sequence[Vertebra], min_iou: float = MIN_
 
 
 def with_outline_of(body: Vertebra, other: Vertebra) -> Vertebra:
-    """``body`` (its slices, level and probabilities) with ``other``'s polygon on every slice both share."""
+    """``body`` (its slices, level and probabilities) with ``other``'s polygon on every slice both share,
+    its outline now the second detector's (``Vertebra.outline_from``)."""
     polygons = [np.array(other.polygon_on(s) if other.polygon_on(s) is not None else p, dtype=float, copy=True)
                 for s, p in zip(body.slices, body.polygons)]
-    return replace(body, slices=list(body.slices), polygons=polygons)
+    return replace(body, slices=list(body.slices), polygons=polygons, outline_from=OUTLINE_FROM_S1_DETECTOR)
 
 
 #: How far (mm) around the labelled S1 the second detector looks: the plan's patches reaching no
@@ -124,8 +125,8 @@ def bodies_clear_of_the_lower_edge(scan: Scan, predict: Predictor, params: Detec
     these are the last place S1 is looked for (``pipeline._s1_from_second_detector``)."""
     found = detect_vertebrae(scan, predict, params)
     last_row = scan.voxels.shape[0] - 1
-    return [v for v in (*found.vertebrae, *found.candidates, *found.faint_candidates)
-            if max(float(np.max(np.asarray(p)[:, 1])) for p in v.polygons) < last_row]
+    return [replace(v, outline_from=OUTLINE_FROM_S1_DETECTOR) for v in (*found.vertebrae, *found.candidates,
+            *found.faint_candidates) if max(float(np.max(np.asarray(p)[:, 1])) for p in v.polygons) < last_row]
 
 
 def refined_s1_outline(scan: Scan, vertebrae: Sequence[Vertebra], predict: Predictor,

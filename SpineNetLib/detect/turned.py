@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect.plans import DetectionParams
 
@@ -63,5 +63,6 @@ def bodies_on_turned_slices(scan: Scan, lowest: Vertebra, detect, params: Detect
     centre = np.asarray(lowest.average_polygon, float).mean(axis=0)
     turned = dataclasses.replace(scan, voxels=turned_slices(np.asarray(scan.voxels), lean, centre, spacing_rc))
     found = detect(turned, params)
-    return [Vertebra(slices=list(v.slices), polygons=[_turn(p, lean, centre, spacing_rc) for p in v.polygons])
+    return [Vertebra(slices=list(v.slices), polygons=[_turn(p, lean, centre, spacing_rc) for p in v.polygons],
+                     outline_from=OUTLINE_FROM_WEAKER_DETECTION)   # turned back: rougher, like the weaker ones
             for v in list(found.vertebrae) + list(found.candidates)]

@@ -55,7 +55,7 @@ from scipy import ndimage
 from SpineNetLib.core import polygons
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.resample import loaded_torch
-from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION, DetectionResult, Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.detect.plans import (  # noqa: F401  (the plans are part of this module's API)
     OFFICIAL_STRIDE_FRACTION,
@@ -603,8 +603,13 @@ def _faint_decoding(below_by_slice: dict[int, tuple[np.ndarray, list[PatchBox], 
         for s, (maps, boxes, lowest_row) in below_by_slice.items():
             quads = decode_slice(maps, boxes, slice_shape, faint, spacing_rc=spacing_rc)
             quads_by_slice[s] = [q for q in quads if float(np.mean(q[:, 1])) > lowest_row]
-        return apart_from(group_across_slices(quads_by_slice, grouping), others, grouping.merge_iou)
+        return as_weaker(apart_from(group_across_slices(quads_by_slice, grouping), others, grouping.merge_iou))
     return decode
+
+
+def as_weaker(found: list[Vertebra]) -> list[Vertebra]:
+    """``found`` marked as drawn by the detector below its threshold (``Vertebra.outline_from``)."""
+    return [dataclasses.replace(v, outline_from=OUTLINE_FROM_WEAKER_DETECTION) for v in found]
 
 
 def apart_from(found: list[Vertebra], others: list[Vertebra], max_iou: float) -> list[Vertebra]:
@@ -701,7 +706,7 @@ def detect_vertebrae(scan: Scan, predict: Predictor, params: DetectionParams = D
         # that drops single-slice detections as noise would drop them all.
         params = dataclasses.replace(params, remove_single_slice=False)
     vertebrae = group_across_slices(polys_by_slice, params)
-    candidates = apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou)
+    candidates = as_weaker(apart_from(group_across_slices(weaker_by_slice, params), vertebrae, params.merge_iou))
     faint_decoding = None if faint is None else _faint_decoding(maps_below, (h, w), faint, params, spacing_rc,
                                                                 vertebrae + candidates)
     total_s = time.perf_counter() - t_start

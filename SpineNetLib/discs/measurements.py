@@ -83,7 +83,7 @@ from SpineNetLib.discs.extraction import (
 )
 from SpineNetLib.core.levels import LUMBAR
 from SpineNetLib.core.polygons import points_in_polygon
-from SpineNetLib.core.results import Vertebra
+from SpineNetLib.core.results import OUTLINE_FROM_DETECTOR, OUTLINE_FROM_WEAKER_DETECTION, Vertebra
 from SpineNetLib.core.scan import Scan
 
 #: Genant grade thresholds on the height reduction (fraction).
@@ -116,6 +116,9 @@ class VertebraMeasurements:
     #: difference of L1's and S1's (:func:`lordosis_from_endplate_angles`), so a document whose levels are
     #: corrected later gives the lordosis of its new L1 and S1 without the scan.
     upper_endplate_angle_deg: float = float("nan")
+    #: Which network drew the outline measured (``Vertebra.outline_from``): the discs beside a rougher one
+    #: are warned about (:func:`rougher_outline_warning`).
+    outline_from: str = OUTLINE_FROM_DETECTOR
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -252,7 +255,7 @@ def measure_vertebra(scan: Scan, vertebra: Vertebra, index: int = 0) -> Vertebra
         genant_grade=genant_grade(reduction),
         upper_endplate_length_mm=float(np.linalg.norm(q[0] - q[3])),
         lower_endplate_length_mm=float(np.linalg.norm(q[1] - q[2])),
-        upper_endplate_angle_deg=_angle_deg(q[0] - q[3]))
+        upper_endplate_angle_deg=_angle_deg(q[0] - q[3]), outline_from=vertebra.outline_from)
 
 
 # --------------------------------------------------------------------------- discs
@@ -364,17 +367,35 @@ MAX_PLAUSIBLE_DISC_HEIGHT_MM = 25.0
 S1_OUTLINE_CHECK_HEIGHT_MM = 3.0
 
 
-def disc_measurement_warnings(disc: DiscMeasurements) -> list[str]:
-    """:func:`disc_height_warnings` of a measured disc."""
+def disc_measurement_warnings(disc: DiscMeasurements, vertebrae: Sequence[VertebraMeasurements] = ()) -> list[str]:
+    """:func:`disc_height_warnings` of a measured disc, ``vertebrae`` (the scan's, by ``index``) telling which
+    of its two bodies have rougher outlines."""
+    rougher = [v.level for v in vertebrae if v.index in (disc.upper_index, disc.lower_index)
+               and v.outline_from == OUTLINE_FROM_WEAKER_DETECTION]
     return disc_height_warnings(disc.level, disc.anterior_height_mm, disc.middle_height_mm,
-                                disc.posterior_height_mm, disc.mean_height_mm)
+                                disc.posterior_height_mm, disc.mean_height_mm, rougher)
+
+
+def rougher_outline_warning(level: str, rougher_bodies: Sequence[str]) -> str | None:
+    """The line for the disc ``level`` whose bodies ``rougher_bodies`` (none, one or both) were outlined from
+    weaker detections (``Vertebra.outline_from``): on 5 of the 8 scans of the 201 where such a body was
+    taken into a gap or below the chain in the sixty-first session, its outline reached over a radiologist's
+    disc point (bundled MODEL_CARD.md, "Bodies in a gap, found among the weaker detections")."""
+    if not rougher_bodies:
+        return None
+    if len(rougher_bodies) == 1:
+        return (f"{level}: {rougher_bodies[0]}'s outline comes from a weaker detection and may be rough; check it "
+                "before using these measurements")
+    return (f"{level}: the outlines of {' and '.join(rougher_bodies)} come from weaker detections and may be rough; "
+            "check them before using these measurements")
 
 
 def disc_height_warnings(level: str, anterior_mm: float, middle_mm: float, posterior_mm: float,
-                         mean_mm: float) -> list[str]:
+                         mean_mm: float, rougher_bodies: Sequence[str] = ()) -> list[str]:
     """One line per height of the disc ``level`` that cannot be anatomy (a detection error, not a finding),
-    and one where the disc above S1 is so thin in front or in the middle that S1's outline should be
-    checked. From numbers only, so that a document whose levels are corrected gets them again."""
+    one where the disc above S1 is so thin in front or in the middle that S1's outline should be
+    checked, and one where its bodies ``rougher_bodies`` have rougher outlines (:func:`rougher_outline_warning`).
+    From numbers only, so that a document whose levels are corrected gets them again."""
     heights = {"anterior": anterior_mm, "middle": middle_mm, "posterior": posterior_mm}
     heights = {name: float("nan") if h is None else float(h) for name, h in heights.items()}
     mean_mm = float("nan") if mean_mm is None else float(mean_mm)
@@ -395,6 +416,8 @@ def disc_height_warnings(level: str, anterior_mm: float, middle_mm: float, poste
     if np.isfinite(mean_mm) and mean_mm > MAX_PLAUSIBLE_DISC_HEIGHT_MM:
         problems.append(f"{level} mean disc height {mean_mm:.1f} mm is more than "
                         f"{MAX_PLAUSIBLE_DISC_HEIGHT_MM:g} mm: a vertebra between the two bodies was probably missed")
+    if rough := rougher_outline_warning(level, rougher_bodies):
+        problems.append(rough)
     return problems
 
 

@@ -178,7 +178,7 @@ def discs_document(scan: Scan, vertebrae: Sequence[Vertebra], ivds: Sequence[IVD
                              for field, (key, _, decimals) in DISC_MEASUREMENTS.items()} if m is not None else {},
             "volume_to_ras": _round_list(sample_to_ras(scan, ivd), 6) if ivd is not None else None,
             "reference_intensity": _number(ivd.reference_intensity, 3) if ivd is not None else None,
-            "measurement_warnings": disc_measurement_warnings(m) if m is not None else [],
+            "measurement_warnings": disc_measurement_warnings(m, measurements.vertebrae) if m is not None else [],
         })
 
     status = {k: v for k, v in grading_status.items()}
@@ -189,6 +189,7 @@ def discs_document(scan: Scan, vertebrae: Sequence[Vertebra], ivds: Sequence[IVD
     for vm in (measurements.vertebrae if measurements is not None else []):
         row = {"level": vm.level, "index": int(vm.index)}
         row.update({k: _number(getattr(vm, k), d) for k, d in VERTEBRA_MEASUREMENTS.items()})
+        row["outline_from"] = vm.outline_from   # its discs' lines are made again from it when a level is corrected
         vertebrae_rows.append(row)
     lordosis = measurements.lumbar_lordosis_deg if measurements is not None else None
     return {

@@ -286,13 +286,15 @@ def table_csv_text(columns: list[Column], rows: list[list]) -> str:
 
 
 def vertebra_rows(vertebrae_doc: dict) -> list[dict]:
-    """Rows of the Slicer vertebra table, top to bottom: name, level probability, first and last slice."""
+    """Rows of the Slicer vertebra table, top to bottom: name, level probability, first and last slice, and
+    which network drew the outline (``outline_from``; "" in a document written before it was recorded)."""
     rows = []
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         slices = [p["slice"] for p in v["polygons"]]
         rows.append({"name": vertebra_name(v, i), "level": v.get("level"),
                      "probability": v.get("level_probability"),
-                     "first_slice": min(slices), "last_slice": max(slices)})
+                     "first_slice": min(slices), "last_slice": max(slices),
+                     "outline_from": v.get("outline_from") or ""})
     return rows
 
 

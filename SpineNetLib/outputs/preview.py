@@ -12,7 +12,8 @@
   radiologist reads a sagittal image: anterior left, superior up.  That is the canonical slice as
   it is (``core/scan.py``: rows superior -> inferior, columns anterior -> posterior), marked
   A/P/S/I at its edges.  On it: each vertebra's outline (:data:`OUTLINE_COLOUR`; thinner when the
-  body is not outlined on this slice and its nearest outline is shown) with its level anterior of
+  body is not outlined on this slice and its nearest outline is shown; dashed, with a note at the
+  slice's foot, where a detection weaker than the detector's threshold drew it) with its level anterior of
   the body, and each disc's centre (:data:`DISC_COLOUR`), joined by a line to a panel right of the
   slice that gives the disc's level and, when graded, up to three grades with the probability of
   the reported class ("Pfirrmann 3 (81 %)", "Herniation yes (87 %)": Pfirrmann and herniation
@@ -51,6 +52,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION
 from SpineNetLib.outputs.documents import (NEXT_BEST_COLOUR, OTHER_READING_COLOUR, disc_polygons, next_best_reading,
                                           other_readings, reported_probability, shift_by_reader, vertebra_name)
 
@@ -62,6 +64,8 @@ MIN_SLICE_HEIGHT_PX = 800
 #: ... and, unless that needs more, at most this many pixels along its longer side.
 MAX_SLICE_SIDE_PX = 1600
 OUTLINE_COLOUR = (0, 215, 255)
+#: Said at the foot of the slice where an outline is dashed.
+ROUGHER_OUTLINE_NOTE = "dashed: outline from a weaker detection (rough)"
 LABEL_COLOUR = (255, 235, 60)
 DISC_COLOUR = (255, 140, 0)
 #: The levels of another series of the exam that names a vertebra otherwise, or the scan's own where it took
@@ -134,6 +138,8 @@ class _Outline:
     slices: np.ndarray
     #: ``(4, 2)`` ``(x=col, y=row)`` canonical pixels per polygon.
     polygons: list
+    #: Drawn from a detection weaker than the detector's threshold (``outline_from``): dashed.
+    rougher: bool = False
 
     def nearest(self, canonical_slice: int) -> tuple[np.ndarray, bool]:
         """The polygon nearest ``canonical_slice`` and whether it lies on that slice."""
@@ -151,7 +157,8 @@ def _outlines(scan, vertebrae_doc: dict) -> list[_Outline]:
                 slices.append(float(corners[:, 2].mean()))
                 polygons.append(corners[:, [1, 0]])
         if polygons:
-            out.append(_Outline(vertebra_name(vertebra, i), np.asarray(slices), polygons))
+            out.append(_Outline(vertebra_name(vertebra, i), np.asarray(slices), polygons,
+                                rougher=vertebra.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION))
     return out
 
 
@@ -311,12 +318,16 @@ def _stack_blocks(wanted: list[float], heights: list[float], top: float, bottom:
 
 
 def _draw_slice_marks(draw, layout: _Layout, outlines: list[_Outline], canonical_slice: int, font, size: int):
-    """Each vertebra's outline and level; orientation letters at the slice's edges."""
+    """Each vertebra's outline (dashed where it is rougher, with a line saying so at the slice's foot) and
+    level; orientation letters at the slice's edges."""
     stroke = max(2, size // 9)
     for outline in outlines:
         polygon, on_slice = outline.nearest(canonical_slice)
         points = [layout.point(p) for p in polygon]
-        draw.line(points + points[:1], fill=OUTLINE_COLOUR, width=stroke if on_slice else 1, joint="curve")
+        if outline.rougher:
+            _dashed_polygon(draw, points, OUTLINE_COLOUR, stroke if on_slice else 1, dash=size / 2)
+        else:
+            draw.line(points + points[:1], fill=OUTLINE_COLOUR, width=stroke if on_slice else 1, joint="curve")
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         width = draw.textlength(outline.name, font=font)
         x, y = min(xs) - size // 3 - width, sum(ys) / 4
@@ -326,11 +337,24 @@ def _draw_slice_marks(draw, layout: _Layout, outlines: list[_Outline], canonical
                   stroke_fill=(0, 0, 0))
     small = _font(max(12, size * 3 // 4))
     right, bottom = layout.left + layout.width, layout.top + layout.height
+    if any(outline.rougher for outline in outlines):
+        draw.text((layout.left + 4, bottom - size * 3 // 2), ROUGHER_OUTLINE_NOTE, font=small, fill=OUTLINE_COLOUR,
+                  anchor="lb", stroke_width=2, stroke_fill=(0, 0, 0))
     for text, xy, anchor in (("A", (layout.left + 4, layout.top + layout.height / 2), "lm"),
                              ("P", (right - 4, layout.top + layout.height / 2), "rm"),
                              ("S", (layout.left + layout.width / 2, layout.top + 4), "mt"),
                              ("I", (layout.left + layout.width / 2, bottom - 4), "mb")):
         draw.text(xy, text, font=small, fill=(255, 255, 255), anchor=anchor, stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def _dashed_polygon(draw, points: list[tuple[float, float]], fill, width: int, dash: float) -> None:
+    """The closed polygon through ``points`` in dashes ``dash`` pixels long, with gaps as long."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        for start in np.arange(0.0, length, 2 * dash):
+            a, b = start / length, min(start + dash, length) / length
+            draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                      fill=fill, width=width)
 
 
 def _reading_marks(scan, readings: Sequence[dict], at: str = "centroid_ras") -> list[tuple[str, np.ndarray]]:

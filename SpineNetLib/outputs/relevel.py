@@ -12,6 +12,7 @@ import math
 from typing import Sequence
 
 from SpineNetLib.core.levels import disc_name
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION
 from SpineNetLib.discs.extraction import skipped_disc_message
 from SpineNetLib.discs.measurements import (BODY_SIZE_WARNING_START, body_size_warning, disc_height_warnings,
                                             lordosis_from_endplate_angles)
@@ -72,16 +73,21 @@ def _measurement_lines(doc: dict) -> list[str]:
 
 
 def _rename_discs(doc: dict, old_names: Sequence[str], new_names: Sequence[str]) -> None:
-    """Each disc named after its renamed vertebrae, its height lines made again under the new name."""
+    """Each disc named after its renamed vertebrae, its height lines made again under the new name (and the
+    new names of its bodies with rougher outlines, ``vertebrae_measurements``' ``outline_from``)."""
     rename = {disc_name(old_names[k], old_names[k + 1]): disc_name(new_names[k], new_names[k + 1])
               for k in range(len(old_names) - 1)}
+    rougher = {row.get("index") for row in doc.get("vertebrae_measurements") or []
+               if row.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION}
     for d in doc.get("discs") or []:
         d["level"] = rename.get(d["level"], d["level"])
         m = d.get("measurements") or {}
         if m:
+            bodies = [new_names[i] for i in (d.get("upper_vertebra"), d.get("lower_vertebra"))
+                      if i in rougher and isinstance(i, int) and 0 <= i < len(new_names)]
             d["measurement_warnings"] = disc_height_warnings(
                 d["level"], m.get("disc_height_anterior_mm"), m.get("disc_height_middle_mm"),
-                m.get("disc_height_posterior_mm"), m.get("disc_height_mean_mm"))
+                m.get("disc_height_posterior_mm"), m.get("disc_height_mean_mm"), bodies)
 
 
 def _measure_lordosis_again(spine: dict, rows: list[dict], old_names: Sequence[str],

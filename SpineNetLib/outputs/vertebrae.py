@@ -150,6 +150,8 @@ def vertebrae_document(scan: Scan, result: DetectionResult,
             # (``label/appearance_slices.py``); null: every slice
             "appearance_slices": None if v.appearance_slices is None
             else list(input_slices_covered(scan, *v.appearance_slices)),
+            # which network drew the outline (core/results.py): "weaker detection" ones are rougher
+            "outline_from": v.outline_from,
         })
     document = {
         "schema": VERTEBRAE_SCHEMA,
@@ -168,12 +170,15 @@ def vertebrae_document(scan: Scan, result: DetectionResult,
 
 #: ``next_best_level``: where the levels need a review, the level the next best labelling (the one the shift
 #: reason names) gives this vertebra, where it differs (:func:`next_best_levels`); else empty.
+#: ``outline_from``: which network drew the outline (``core/results.py``, ``OUTLINE_FROM_*``): "detector",
+#: "weaker detection" (rougher: check it before using its measurements) or "S1-outline detector"; empty in a
+#: document written before it was recorded.
 #: The last five are per scan (the same on every row): the ``"labelling"`` block's
 #: ``confidence``, ``margin_nats``, ``s1_found``, ``needs_review`` and its warnings (joined by "; ", with the
 #: reason); empty when the document has none.  The margin is the column to sort a cohort by: the confidence
 #: reads 1.000000 from a margin of about 14.5 nats on, well below the bundled weights' review margin.
 VERTEBRAE_CSV_COLUMNS = ("level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-                         "first_slice", "last_slice", "level_probability", "next_best_level",
+                         "first_slice", "last_slice", "level_probability", "next_best_level", "outline_from",
                          "labelling_confidence", "labelling_margin_nats", "s1_found", "levels_need_review",
                          "labelling_warning")
 #: How many of :data:`VERTEBRAE_CSV_COLUMNS`, at its end, describe the whole scan.
@@ -229,6 +234,6 @@ def vertebrae_csv_text(document: dict) -> str:
         prob = v["level_probability"]
         writer.writerow([v["level"] or "", f"{r:.2f}", f"{a:.2f}", f"{s:.2f}", min(slices), max(slices),
                          "" if prob is None else f"{prob:.4f}", "" if other == (v["level"] or "") else other,
-                         *per_scan])
+                         v.get("outline_from") or "", *per_scan])
     return buffer.getvalue()
 

@@ -548,14 +548,14 @@ def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
     polygon = documents.mid_polygon(vertebra)
     for corner, label in zip(polygon["corners_ras"], ("rt", "rb", "lb", "lt")):
         _add_control_point(node, corner, label)
-    node.SetAttribute("SpineNet.Level", name)
-    node.SetAttribute("SpineNet.Slice", str(polygon["slice"]))
+    outline_from = vertebra.get("outline_from") or ""   # which network drew it (core/results.py; "weaker": rough)
+    for key, value in {"Level": name, "Slice": str(polygon["slice"]), "OutlineFrom": outline_from}.items():
+        node.SetAttribute(f"SpineNet.{key}", value)
     node.SetLocked(True)
     display = _display_node(node)
     if display is not None:
-        colour = level_colour(vertebra.get("level"))
-        display.SetSelectedColor(*colour)
-        display.SetColor(*colour)
+        for set_colour in (display.SetSelectedColor, display.SetColor):
+            set_colour(*level_colour(vertebra.get("level")))
         display.SetPointLabelsVisibility(False)
         # the centroid points carry the level; "<volume> SpineNet L4" beside every outline only crowds the view
         display.SetPropertiesLabelVisibility(False)

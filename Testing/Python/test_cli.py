@@ -79,11 +79,12 @@ def test_run_writes_files_that_land_on_the_phantom_vertebrae(tmp_path, monkeypat
     rows = list(csv.DictReader((out / "vertebrae.csv").open()))
     assert [r["level"] for r in rows] == [v.level for v in truth]
     assert list(rows[0]) == ["level", "centroid_R_mm", "centroid_A_mm", "centroid_S_mm",
-                             "first_slice", "last_slice", "level_probability", "next_best_level",
+                             "first_slice", "last_slice", "level_probability", "next_best_level", "outline_from",
                              "labelling_confidence", "labelling_margin_nats", "s1_found", "levels_need_review",
                              "labelling_warning"]
     assert float(rows[0]["level_probability"]) > 0.9
     assert {r["next_best_level"] for r in rows} == {""}             # no review asked: no alternative
+    assert {r["outline_from"] for r in rows} == {"detector"}        # every body seen at full strength
     # the oracle is sure of every level (this phantom reaches down to S1): nothing to review
     assert truth[-1].level == "S1"
     # The phantom's image ends a few mm below S1: said in a note, which asks for no review.

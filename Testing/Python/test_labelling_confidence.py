@@ -255,8 +255,8 @@ def test_a_correction_by_hand_needs_no_review():
     assert doc["labelling"]["needs_review"] is True              # the input is left as it was
     assert documents.labelling_status(corrected) == (
         "Levels corrected by hand (the network's own labelling had confidence 0.50 and named them L1..L5).", False)
-    assert [r[-6:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
-        ["", "0.500000", "0.000", "true", "false", ""]            # no next best level: the user has decided
+    assert [r[-7:] for r in csv.reader(io.StringIO(vertebrae_csv_text(corrected)))][1] == \
+        ["", "detector", "0.500000", "0.000", "true", "false", ""]   # no next best level: the user has decided
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -69,6 +69,36 @@ def test_a_corrected_discs_document_is_what_a_run_naming_those_levels_writes():
     assert back == named_wrong
 
 
+def test_the_line_for_a_rougher_outline_stays_with_its_body_when_a_level_is_corrected():
+    """A body outlined from a weaker detection (``Vertebra.outline_from``) puts a line on both its discs, naming
+    it; after the reader corrects the levels the lines name the body's and discs' new levels, as a run naming
+    those levels writes them, and the body keeps its ``outline_from``."""
+    phantom = make_phantom(fov="lumbar", shape=(256, 256), pixel_spacing=(1.2, 1.2), n_slices=7, seed=1)
+    right = [Vertebra(slices=list(v.slices), polygons=[v.quads[s] for s in v.slices], level=v.level)
+             for v in phantom.vertebrae if not v.extra]
+    right[2] = dataclasses.replace(right[2], outline_from="weaker detection")
+    wrong = [dataclasses.replace(v, level=_one_lower(v.level)) for v in right]
+    scan = phantom.scan
+    truth, named_wrong = _discs_doc(scan, right), _discs_doc(scan, wrong)
+
+    def rougher(doc):
+        return {d["level"]: w for d in doc["discs"] for w in d["measurement_warnings"] if "weaker detection" in w}
+
+    body = right[2].level
+    assert rougher(truth) == {
+        f"{right[1].level}-{body}": f"{right[1].level}-{body}: {body}'s outline comes from a weaker detection and may "
+                                    "be rough; check it before using these measurements",
+        f"{body}-{right[3].level}": f"{body}-{right[3].level}: {body}'s outline comes from a weaker detection and may "
+                                    "be rough; check it before using these measurements"}
+    assert rougher(named_wrong) != rougher(truth)
+    vertebrae_doc = documents.vertebrae_document_from_truth(scan, [dataclasses.replace(t, level=_one_lower(t.level))
+                                                                  for t in phantom.vertebrae if not t.extra])
+    _, corrected = documents.apply_level_correction(vertebrae_doc, 0, right[0].level, named_wrong)
+    assert [d["measurement_warnings"] for d in corrected["discs"]] == \
+        [d["measurement_warnings"] for d in truth["discs"]]
+    assert [r["outline_from"] for r in corrected["vertebrae_measurements"]] == [v.outline_from for v in right]
+
+
 def test_the_thin_disc_line_follows_the_disc_above_s1_and_the_warnings_are_renamed():
     """The line "check S1's upper endplate" belongs to the disc above S1: when the levels move, it moves,
     in the disc's measurement_warnings and in the document's warnings; a missing disc's line is renamed."""

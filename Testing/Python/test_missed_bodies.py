@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 
 import numpy as np
@@ -296,6 +297,11 @@ def _phantom_seen_weakly(levels: set[str], strength: float):
     return phantom, networks, truth
 
 
+def _drawn_by_the_weaker_detections(result) -> list[str]:
+    """The levels of a run's vertebrae whose outline a weaker detection drew (vertebrae.json's outline_from)."""
+    return [v["level"] for v in result.vertebrae_document["vertebrae"] if v["outline_from"] == "weaker detection"]
+
+
 def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
     """End to end on a phantom whose L5 and S1 give heat maps peaking at 0.45 (under the official 0.6)."""
     from SpineNetLib import pipeline
@@ -304,7 +310,7 @@ def test_weakly_seen_l5_and_s1_are_recovered_with_their_levels():
     result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
     assert [v.level for v in result.detection.vertebrae] == truth
     assert result.vertebrae_document["labelling"]["bodies_from_weaker_detections"] == 2
-    assert result.vertebrae_document["labelling"]["levels_from_weaker_detections"] == ["L5", "S1"]
+    assert _drawn_by_the_weaker_detections(result) == ["L5", "S1"]
     assert result.vertebrae_document["labelling"]["s1_found"] is True
     off = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False, detection_params=pipeline.detection
                                                                  .DetectionParams(candidate_threshold=None,
@@ -322,7 +328,7 @@ def test_an_s1_seen_only_faintly_is_found_below_the_chain():
     assert [v.level for v in result.detection.vertebrae] == truth and truth[-1] == "S1"
     block = result.vertebrae_document["labelling"]
     assert block["bodies_from_weaker_detections"] == 1 and block["s1_found"] is True
-    assert block["levels_from_weaker_detections"] == ["S1"]
+    assert _drawn_by_the_weaker_detections(result) == ["S1"]
     without_faint = pipeline.run(phantom.scan, networks, pipeline.RunOptions(
         grade=False, detection_params=pipeline.detection.DetectionParams(faint_threshold=None)))
     assert [v.level for v in without_faint.detection.vertebrae] == truth[:-1]
@@ -385,14 +391,18 @@ def test_a_clinical_slice_whose_l5_is_named_s1_is_moved_up_and_asks_for_review()
     block = moved.vertebrae_document["labelling"]
     assert at_points == ["L1", "L2", "L3", "L4", "L5"] and moved.detection.vertebrae[-1].level == "S1"
     assert block["moved_up_to_weaker_s1"] is True and "s1_may_be_l5" not in block
-    # its T10, missed at full strength, from the weaker detections too; then the S1 the levels moved up to
-    assert block["levels_from_weaker_detections"] == ["T10", "S1"] and block["bodies_from_weaker_detections"] == 2
+    # its T10, missed at full strength, from the weaker detections too; then the S1 the levels moved up to,
+    # whose outline the S1-outline detector draws again
+    assert _drawn_by_the_weaker_detections(moved) == ["T10"] and block["bodies_from_weaker_detections"] == 2
+    assert moved.vertebrae_document["vertebrae"][-1]["outline_from"] == "S1-outline detector"
     assert block["needs_review"] is True and block["warnings"][0] == MOVED_UP_TO_WEAKER_S1
     kept, at_points = run(False)
     block = kept.vertebrae_document["labelling"]
     assert at_points == ["L2", "L3", "L4", "L5", "S1"]                  # every level one too low
-    assert block["levels_from_weaker_detections"] == ["T11"]             # the T10, named one too low too
+    assert _drawn_by_the_weaker_detections(kept) == ["T11"]             # the T10, named one too low too
     assert block["s1_may_be_l5"] is True and block["warnings"][0] == S1_MAY_BE_L5 and S1_MAY_BE_L5 in kept.warnings
+
+
 def _with_appearance(body: Vertebra, level: str, favoured: dict[str, float]) -> Vertebra:
     from SpineNetLib.core.levels import N_LEVELS, level_index
 
@@ -486,6 +496,9 @@ def test_a_level_is_counted_where_the_space_between_two_bodies_is_higher_than_a_
     assert gap_warnings(one_too_low) == []
 
 
+ROUGH = "L2's outline comes from a weaker detection and may be rough; check it before using these measurements"
+
+
 @pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_151-000").is_dir(),
                     reason="../shared/data (real MRI) is not present")
 def test_clinical_slices_whose_bodies_are_missed_at_full_strength_get_them_from_the_weaker_detections(tmp_path,
@@ -497,8 +510,10 @@ def test_clinical_slices_whose_bodies_are_missed_at_full_strength_get_them_from_
       times it), against the other steps L1-L3 does (1.80), and T11-L1 by its space, 1.3 bodies high;
     * tianchi_041 misses T12 (its step 1.9 times the others), tianchi_151 misses T10 (by its space).
     Before, the levels skipped or counted the missed level and the bodies had no outline; now every body is
-    outlined and named right (T12 on its own body), and tianchi_031, 041 and 043 no longer ask for a review."""
+    outlined and named right (T12 on its own body), and tianchi_031, 041 and 043 no longer ask for a review.
+    The outline of a body so taken is rougher, and the files say so beside it."""
     import json
+    import shutil
 
     from SpineNetLib.apps import cli
 
@@ -515,6 +530,27 @@ def test_clinical_slices_whose_bodies_are_missed_at_full_strength_get_them_from_
         labelling[case] = document["labelling"]
     for case in ("tianchi_031-000", "tianchi_041-000", "tianchi_043-000"):
         assert not labelling[case]["needs_review"], (case, labelling[case]["warnings"])
+    # the taken body's outline is rougher (tianchi_043's L2 reaches over the L1-L2 disc point): vertebrae.json,
+    # vertebrae.csv and both its discs say so, and a level corrected by hand carries the lines along
+    out = tmp_path / "pred" / "tianchi_043-000"
+    document = json.loads((out / "vertebrae.json").read_text())
+    assert [v["outline_from"] for v in document["vertebrae"]] == ["detector", "detector", "weaker detection",
+                                                                  *["detector"] * 3, "S1-outline detector"]
+    assert [r["outline_from"] for r in csv.DictReader((out / "vertebrae.csv").open())][1:4] == [
+        "detector", "weaker detection", "detector"]
+
+    def rougher_lines(folder):
+        discs = json.loads((folder / "discs.json").read_text())["discs"]
+        return {d["level"]: [w for w in d["measurement_warnings"] if "weaker detection" in w] for d in discs}
+
+    assert rougher_lines(out) == {"T12-L1": [], "L1-L2": [f"L1-L2: {ROUGH}"], "L2-L3": [f"L2-L3: {ROUGH}"],
+                                  "L3-L4": [], "L4-L5": [], "L5-S1": []}
+    corrected = shutil.copytree(out, tmp_path / "corrected")
+    assert cli.main(["correct", str(corrected), "L2", "L3"]) == 0     # as if the reader named every body one lower
+    lines = rougher_lines(corrected)
+    assert lines["L2-L3"] == [f"L2-L3: {ROUGH.replace('L2', 'L3')}"] and lines["L1-L2"] == []
+    assert lines["L3-L4"] == [f"L3-L4: {ROUGH.replace('L2', 'L3')}"]
+    assert json.loads((corrected / "vertebrae.json").read_text())["vertebrae"][2]["outline_from"] == "weaker detection"
     metrics = tmp_path / "metrics.json"
     assert cli.main(["evaluate", "--data", str(default_data_root()), "--pred", str(tmp_path / "pred"),
                      "--cases", *tops, "-o", str(metrics)]) == 0

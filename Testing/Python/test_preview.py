@@ -149,6 +149,39 @@ def test_outlines_are_drawn_where_the_vertebrae_are(phantom, tmp_path, monkeypat
     assert not _has_colour(pixels[top:top + height, left:left + width // 5], preview.OUTLINE_COLOUR, 30)
 
 
+def test_an_outline_from_a_weaker_detection_is_dashed_and_said_so(phantom):
+    """The outline a weaker detection drew (vertebrae.json's ``outline_from``) is rougher: it is drawn dashed,
+    about half of each edge in the outline colour, where the others are solid, with a note at the slice's
+    foot; without such an outline there is no note."""
+    scan = phantom.scan
+    vertebrae = vertebrae_document_from_truth(scan, phantom.vertebrae)
+    to_canonical = np.linalg.inv(scan.canonical_to_ras)
+
+    def drawn(document):
+        image = Image.open(io.BytesIO(preview.render_preview(scan, document))).convert("RGB")
+        pixels, shown = np.asarray(image), int(image.info["SpineNet slice"])
+        left, top, width, height = (int(v) for v in image.info["SpineNet slice box"].split())
+        sx, sy = (float(v) for v in image.info["SpineNet pixel scale"].split())
+        coloured = []   # per vertebra: the share of points along its edges in the outline colour
+        for vertebra in document["vertebrae"]:
+            on_slices = [(np.c_[p["corners_ras"], np.ones(4)] @ to_canonical.T)[:, :3] for p in vertebra["polygons"]]
+            rcs = next(rcs for rcs in on_slices if round(float(rcs[:, 2].mean())) == shown)
+            xy = np.c_[left + (rcs[:, 1] + 0.5) * sx - 0.5, top + (rcs[:, 0] + 0.5) * sy - 0.5]
+            points = [np.rint(a + t * (b - a)).astype(int) for a, b in zip(xy, np.roll(xy, -1, axis=0))
+                      for t in np.linspace(0.1, 0.9, 41)]
+            coloured.append(np.mean([_has_colour(pixels[y - 1:y + 2, x - 1:x + 2], preview.OUTLINE_COLOUR, 30)
+                                     for x, y in points]))
+        foot = pixels[top + height - height // 12:top + height, left:left + width // 2]
+        return coloured, _has_colour(foot, preview.OUTLINE_COLOUR, 30)
+
+    solid, note = drawn(vertebrae)
+    assert min(solid) > 0.9 and not note
+    vertebrae["vertebrae"][3]["outline_from"] = "weaker detection"
+    dashed, note = drawn(vertebrae)
+    assert 0.3 < dashed[3] < 0.8 and note, dashed
+    assert min(dashed[:3] + dashed[4:]) > 0.9
+
+
 def test_the_levels_of_a_series_of_the_exam_that_disagrees_are_drawn_at_its_vertebrae(small_phantom):
     """Another series of the exam that names the vertebrae otherwise: a dot and its level at each of its
     centres, in the other series' colour; an agreeing series is not drawn; where the scan took that series'

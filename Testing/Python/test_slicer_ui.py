@@ -227,6 +227,7 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
             if k > 0 else {"S1": 0.5, "L5": 0.25}
     soft["labelling"] = {**(soft.get("labelling") or {}), "confidence": 0.6, "needs_review": True,
                          "warnings": ["levels may be shifted by one (margin 1.0 nats): a reason"]}
+    soft["vertebrae"][2]["outline_from"] = "weaker detection"   # L2's outline is rougher
     result = _write_result(tmp_path / "results", soft)
     process.feed("WARNING disc grading is not available in this version: vertebrae only\n")
     process.feed(f"PROGRESS 5 5 beam search\nRESULT {result}\n")
@@ -240,6 +241,14 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     assert [c.currentText() for c in widget._levelCombos] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     assert widget.ui.exportCsvButton.isEnabled() and widget.ui.showHotspotsButton.isEnabled()
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsClosedCurveNode") == 7
+    # which network drew each outline: in the table (a tooltip on the rougher one) and on the outline's node
+    table = widget.ui.vertebraTable
+    assert table.horizontalHeaderItem(3).text() == "Outline from"
+    assert [table.item(r, 3).text() for r in range(7)] == ["detector"] * 2 + ["weaker detection"] + ["detector"] * 4
+    assert "rougher" in table.item(2, 3).toolTip() and table.item(3, 3).toolTip() == ""
+    outlines = {node.GetAttribute("SpineNet.Level"): node.GetAttribute("SpineNet.OutlineFrom")
+                for node in mrml.result_nodes(scene, volume, "vertebra-outline")}
+    assert outlines["L2"] == "weaker detection" and outlines["L3"] == "detector"
 
     # the user picks the level the third body already has: the levels are confirmed, nothing moves
     assert widget.ui.labellingLabel.styleSheet() != ""                 # the soft labelling asks for a review
