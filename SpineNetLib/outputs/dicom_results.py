@@ -17,9 +17,15 @@ the headers of the source series (read again without their pixel data):
   the disc level (the same tracking UID as its segment), finding site = the disc's code, the
   segment it refers to, and as numeric measurements each grade (unit ``{grade}``), the
   probability of the reported class (unit ``1``) and the disc measurements (``mm``, ``deg``,
-  ``%``, ``1``).  Missing values (``null`` in ``discs.json``) are left out.  The report lists
+  ``%``, ``1``).  Missing values (``null`` in ``discs.json``) are left out.  Each group also has
+  qualitative evaluations (:data:`LEVELS_REVIEW_CODE`, ...): whether the levels need review (SNOMED CT
+  Yes / No), where they do the disc's level in the next best labelling (its disc code; the preview's
+  "or L3-L4"), and whether its measurements need checking (``measurement_warnings``).  The report lists
   the source images and the segmentation as its evidence.  Written when ``discs.json`` has at
   least one disc (TID 1500 needs one measurement group).
+
+Where the levels need review, both series' descriptions end in :data:`LEVELS_REVIEW_NOTE`, so that a
+PACS's list of series says so before either is opened.
 
 Codes (:func:`anatomy_code`).  Segments and finding sites use SNOMED CT codes of the DICOM
 context groups CID 7603 "Vertebra" and CID 7604 "Intervertebral Disc", as pydicom names them
@@ -60,9 +66,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS
 from SpineNetLib.outputs.documents import measurement_unit, reported_probability
+from SpineNetLib.outputs.vertebrae import next_best_levels
 from SpineNetLib.outputs.segmentation import FilledSegment, filled_segments
 
 if TYPE_CHECKING:  # annotations only
@@ -106,6 +113,13 @@ MEASUREMENT_CODES = {"disc_height_anterior_mm": "HEIGHT-ANT", "disc_height_middl
                      "disc_signal_ratio": "SIGNAL-RATIO"}
 #: Suffix of the code value of a grade's reported-class probability.
 PROBABILITY_SUFFIX = "-P"
+#: Code values of each disc's qualitative evaluations (private scheme): whether the levels need review
+#: (``vertebrae.json`` ``labelling.needs_review``; SNOMED CT Yes / No), where they do the disc's level in the
+#: next best labelling (:func:`SpineNetLib.outputs.vertebrae.next_best_levels`; the disc's anatomy code), and
+#: whether its measurements need checking (``discs.json`` ``measurement_warnings``; Yes where it has any).
+LEVELS_REVIEW_CODE, NEXT_BEST_CODE, MEASUREMENTS_CHECK_CODE = "LEVELS-REVIEW", "NEXT-BEST-LEVEL", "CHECK-MEASURES"
+#: Added to both series' descriptions where the levels need review, so that a PACS's series list shows it.
+LEVELS_REVIEW_NOTE = " (LEVELS NEED REVIEW)"
 #: Meaning of each disc measurement code: the discs.csv header without its unit, and the key.
 _MEASUREMENT_MEANINGS = {key: f"{header.split(' (')[0]} ({key})" for key, header, _ in DISC_MEASUREMENTS.values()}
 _UCUM_MEANINGS = {"mm": "millimeter", "deg": "degree", "%": "percent", "1": "no units", "{grade}": "grade"}
@@ -271,8 +285,9 @@ def _software_version() -> str:
 
 # --------------------------------------------------------------------------- the segmentation
 
-def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], tracking_uids: dict):
-    """The highdicom Segmentation of the non-empty ``segments`` on the source frames."""
+def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], tracking_uids: dict, note: str):
+    """The highdicom Segmentation of the non-empty ``segments`` on the source frames (``note`` ends its
+    series description)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -298,7 +313,7 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
         segment_descriptions=descriptions, series_instance_uid=hd.UID(),
         series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="SpineNet", software_versions=_software_version(),
-        device_serial_number="none", content_label="SPINENET", series_description="SpineNet vertebrae and discs",
+        device_serial_number="none", content_label="SPINENET", series_description="SpineNet vertebrae and discs" + note,
         content_description="vertebrae and intervertebral discs found by SpineNet",
         content_qualification="RESEARCH")
 
@@ -329,8 +344,32 @@ def _disc_measurements(disc: dict, discs_doc: dict) -> list:
     return out
 
 
-def _disc_group(disc: dict, discs_doc: dict, seg, segment_numbers: dict, tracking_uids: dict):
-    """The TID 1411 group of a disc with a segment (TID 1501 without one)."""
+def _disc_evaluations(disc: dict, review: bool | None, next_best: list[str] | None) -> list:
+    """The qualitative evaluations of one disc (:data:`LEVELS_REVIEW_CODE` and the others): ``review`` is the
+    labelling's ``needs_review`` (None: the document does not say), ``next_best`` the next best labelling's
+    level of each vertebra (:func:`~SpineNetLib.outputs.vertebrae.next_best_levels`)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    yes_no = {True: codes.SCT.Yes, False: codes.SCT.No}
+    out = []
+    if review is not None:
+        out.append(hd.sr.QualitativeEvaluation(_private_code(LEVELS_REVIEW_CODE, "Levels need review"),
+                                               yes_no[review]))
+    upper, lower = disc.get("upper_vertebra"), disc.get("lower_vertebra")
+    if next_best and all(isinstance(k, int) and 0 <= k < len(next_best) for k in (upper, lower)) \
+            and next_best[upper] and next_best[lower]:
+        other = disc_name(next_best[upper], next_best[lower])
+        if other != disc["level"]:
+            out.append(hd.sr.QualitativeEvaluation(
+                _private_code(NEXT_BEST_CODE, "Disc level in the next best labelling"), anatomy_code(other, "disc")))
+    out.append(hd.sr.QualitativeEvaluation(_private_code(MEASUREMENTS_CHECK_CODE, "Measurements need checking"),
+                                           yes_no[bool(disc.get("measurement_warnings"))]))
+    return out
+
+
+def _disc_group(disc: dict, discs_doc: dict, seg, segment_numbers: dict, tracking_uids: dict, evaluations: list):
+    """The TID 1411 group of a disc with a segment (TID 1501 without one), with its qualitative ``evaluations``."""
     import highdicom as hd
 
     level = disc["level"]
@@ -341,15 +380,17 @@ def _disc_group(disc: dict, discs_doc: dict, seg, segment_numbers: dict, trackin
     common = dict(tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uids.get(level) or hd.UID(),
                                                                identifier=level),
                   finding_sites=[hd.sr.FindingSite(anatomy_code(level, "disc"))], algorithm_id=algorithm,
-                  measurements=_disc_measurements(disc, discs_doc) or None)
+                  measurements=_disc_measurements(disc, discs_doc) or None, qualitative_evaluations=evaluations or None)
     if seg is not None and level in segment_numbers:
         segment = hd.sr.ReferencedSegment.from_segmentation(seg, segment_numbers[level])
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=segment, **common)
     return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
 
 
-def _report(sources: list, discs_doc: dict, seg, segment_numbers: dict, tracking_uids: dict):
-    """The Comprehensive 3D SR with the TID 1500 measurement report of the discs."""
+def _report(sources: list, discs_doc: dict, seg, segment_numbers: dict, tracking_uids: dict, vertebrae_doc: dict,
+            note: str):
+    """The Comprehensive 3D SR with the TID 1500 measurement report of the discs (``note`` ends its series
+    description)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -359,7 +400,11 @@ def _report(sources: list, discs_doc: dict, seg, segment_numbers: dict, tracking
         model_name="SpineNet")
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    groups = [_disc_group(d, discs_doc, seg, segment_numbers, tracking_uids) for d in discs_doc["discs"]]
+    review = (vertebrae_doc.get("labelling") or {}).get("needs_review")
+    review = review if isinstance(review, bool) else None
+    next_best = next_best_levels(vertebrae_doc)
+    groups = [_disc_group(d, discs_doc, seg, segment_numbers, tracking_uids, _disc_evaluations(d, review, next_best))
+              for d in discs_doc["discs"]]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.SCT.ImagingProcedure,
                                      imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport)
     scheme = hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -369,7 +414,7 @@ def _report(sources: list, discs_doc: dict, seg, segment_numbers: dict, tracking
         evidence=[*sources, *([seg] if seg is not None else [])], content=report[0],
         series_instance_uid=hd.UID(), series_number=REPORT_SERIES_NUMBER, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
-        series_description="SpineNet disc grades and measurements", coding_schemes=[scheme],
+        series_description="SpineNet disc grades and measurements" + note, coding_schemes=[scheme],
         content_qualification="RESEARCH")
 
 
@@ -407,8 +452,9 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
     with warnings.catch_warnings():
         # highdicom's advice on how the source spells the patient's name: not ours to act on
         warnings.filterwarnings("ignore", message=".*intended person name.*", category=UserWarning)
-        seg = _segmentation(scan, sources, segments, tracking_uids) if segments else None
-        report = (_report(sources, discs_doc, seg, segment_numbers, tracking_uids)
+        note = LEVELS_REVIEW_NOTE if (vertebrae_doc.get("labelling") or {}).get("needs_review") is True else ""
+        seg = _segmentation(scan, sources, segments, tracking_uids, note) if segments else None
+        report = (_report(sources, discs_doc, seg, segment_numbers, tracking_uids, vertebrae_doc, note)
                   if discs_doc is not None and discs_doc["discs"] else None)
     made = {SEGMENTATION_FILE: seg, REPORT_FILE: report}
     return {name: _dataset_bytes(ds) for name, ds in made.items() if ds is not None}

@@ -192,6 +192,50 @@ def test_every_grade_and_its_reported_probability_reach_the_report(bundled_run):
     assert "SLIP-MM" not in values and "HEIGHT-MEAN" in values
 
 
+def test_levels_that_need_review_are_said_in_the_series_descriptions_and_each_disc(bundled_run):
+    """The bundled networks ask for a review of this phantom's levels (the demo's false alarm): a PACS's series
+    list says so, and each disc of the report says so (SNOMED CT Yes), with its level in the next best labelling
+    (the preview's "or ...") and whether its measurements need checking.  Once a reader corrected the levels,
+    neither series says so and each disc says No, with no next best level."""
+    from SpineNetLib.outputs.documents import apply_level_correction, next_best_reading
+    from SpineNetLib.outputs.vertebrae import next_best_levels
+
+    _, scan, out = bundled_run
+    vertebrae_doc = json.loads((out / "vertebrae.json").read_text())
+    discs_doc = json.loads((out / "discs.json").read_text())
+    assert vertebrae_doc["labelling"]["needs_review"] is True and next_best_reading(vertebrae_doc)
+    for name, description in (("segmentation.dcm", "SpineNet vertebrae and discs (LEVELS NEED REVIEW)"),
+                              ("report.dcm", "SpineNet disc grades and measurements (LEVELS NEED REVIEW)")):
+        assert pydicom.dcmread(out / name).SeriesDescription == description
+
+    def evaluations(report_bytes):
+        sr = hd.sr.srread(pydicom.filebase.DicomBytesIO(report_bytes))
+        return [{e.name.value: (e.value.value, e.value.scheme_designator) for e in g.get_qualitative_evaluations()}
+                for g in sr.content.get_volumetric_roi_measurement_groups()]
+
+    alternative = next_best_levels(vertebrae_doc)
+    for disc, found in zip(discs_doc["discs"], evaluations((out / "report.dcm").read_bytes())):
+        assert found["LEVELS-REVIEW"] == ("373066001", "SCT")                         # Yes
+        other = f"{alternative[disc['upper_vertebra']]}-{alternative[disc['lower_vertebra']]}"
+        # a disc below S1 has no code of its own: "Spine" (module docstring of outputs/dicom_results.py)
+        assert found["NEXT-BEST-LEVEL"] == ({"S1-S2": "421060004"}.get(other) or EXPECTED_CODES[other], "SCT")
+        assert found["CHECK-MEASURES"] == ("373066001" if disc["measurement_warnings"] else "373067005", "SCT")
+    # a disc whose measurements carry a warning says Yes
+    warned = copy.deepcopy(discs_doc)
+    warned["discs"][1]["measurement_warnings"] = ["T12-L1 anterior disc height -0.5 mm is negative: ..."]
+    assert evaluations(dicom_result_files(scan, vertebrae_doc, warned)["report.dcm"])[1]["CHECK-MEASURES"][0] == \
+        "373066001"
+    # corrected (here: confirmed as they are) by a reader
+    confirmed, confirmed_discs = apply_level_correction(vertebrae_doc, 2, vertebrae_doc["vertebrae"][2]["level"],
+                                                        discs_doc)
+    files = dicom_result_files(scan, confirmed, confirmed_discs)
+    for name, description in (("segmentation.dcm", "SpineNet vertebrae and discs"),
+                              ("report.dcm", "SpineNet disc grades and measurements")):
+        assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(files[name])).SeriesDescription == description
+    for found in evaluations(files["report.dcm"]):
+        assert found["LEVELS-REVIEW"] == ("373067005", "SCT") and "NEXT-BEST-LEVEL" not in found
+
+
 def test_every_grade_and_measurement_has_a_short_unique_code():
     """Plain DICOM code values (SH, at most 16 characters), one per discs.json grade and measurement."""
     for head in [*GRADE_COLUMNS, *(c.official_name for c in GRADE_COLUMNS.values()), *GRADE_HEADS]:
