@@ -125,8 +125,9 @@ def bodies_clear_of_the_lower_edge(scan: Scan, predict: Predictor, params: Detec
     these are the last place S1 is looked for (``pipeline._s1_from_second_detector``)."""
     found = detect_vertebrae(scan, predict, params)
     last_row = scan.voxels.shape[0] - 1
-    return [replace(v, outline_from=OUTLINE_FROM_S1_DETECTOR) for v in (*found.vertebrae, *found.candidates,
-            *found.faint_candidates) if max(float(np.max(np.asarray(p)[:, 1])) for p in v.polygons) < last_row]
+    bodies = (*found.vertebrae, *found.candidates, *found.faint_candidates)
+    return [replace(v, outline_from=OUTLINE_FROM_S1_DETECTOR) for v in bodies
+            if max(float(np.max(np.asarray(p)[:, 1])) for p in v.polygons) < last_row]
 
 
 def refined_s1_outline(scan: Scan, vertebrae: Sequence[Vertebra], predict: Predictor,

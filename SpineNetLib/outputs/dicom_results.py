@@ -344,6 +344,13 @@ def _disc_measurements(disc: dict, discs_doc: dict) -> list:
     return out
 
 
+def levels_need_review(vertebrae_doc: dict) -> bool | None:
+    """``vertebrae.json``'s ``labelling.needs_review`` (False once a reader corrected the levels); None where the
+    document does not say (no labelling confidence was scored)."""
+    review = (vertebrae_doc.get("labelling") or {}).get("needs_review")
+    return review if isinstance(review, bool) else None
+
+
 def _disc_evaluations(disc: dict, review: bool | None, next_best: list[str] | None) -> list:
     """The qualitative evaluations of one disc (:data:`LEVELS_REVIEW_CODE` and the others): ``review`` is the
     labelling's ``needs_review`` (None: the document does not say), ``next_best`` the next best labelling's
@@ -400,9 +407,7 @@ def _report(sources: list, discs_doc: dict, seg, segment_numbers: dict, tracking
         model_name="SpineNet")
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    review = (vertebrae_doc.get("labelling") or {}).get("needs_review")
-    review = review if isinstance(review, bool) else None
-    next_best = next_best_levels(vertebrae_doc)
+    review, next_best = levels_need_review(vertebrae_doc), next_best_levels(vertebrae_doc)
     groups = [_disc_group(d, discs_doc, seg, segment_numbers, tracking_uids, _disc_evaluations(d, review, next_best))
               for d in discs_doc["discs"]]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.SCT.ImagingProcedure,
@@ -452,7 +457,7 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
     with warnings.catch_warnings():
         # highdicom's advice on how the source spells the patient's name: not ours to act on
         warnings.filterwarnings("ignore", message=".*intended person name.*", category=UserWarning)
-        note = LEVELS_REVIEW_NOTE if (vertebrae_doc.get("labelling") or {}).get("needs_review") is True else ""
+        note = LEVELS_REVIEW_NOTE if levels_need_review(vertebrae_doc) else ""
         seg = _segmentation(scan, sources, segments, tracking_uids, note) if segments else None
         report = (_report(sources, discs_doc, seg, segment_numbers, tracking_uids, vertebrae_doc, note)
                   if discs_doc is not None and discs_doc["discs"] else None)
