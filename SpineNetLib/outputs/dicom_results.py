@@ -11,7 +11,9 @@ the headers of the source series (read again without their pixel data):
   grid's slice index, rows and columns are the image's) and references it; the frame geometry is
   copied from the source images, so no LPS/RAS conversion happens here (the loader's IJK-to-RAS
   already turned the source's LPS into RAS, docs/CONVENTIONS.md).  Written when at least one
-  vertebra is filled.  The masks are held in memory at once as one byte per voxel and segment.
+  vertebra is filled.  The masks are held in memory at once as one byte per voxel and segment.  A
+  vertebra whose outline a weaker detection drew (``outline_from``) has the Segment Description
+  :data:`ROUGHER_SEGMENT_DESCRIPTION`.
 * ``report.dcm`` (:data:`REPORT_FILE`), a Comprehensive 3D SR holding a TID 1500 Imaging
   Measurement Report: one measurement group per disc of ``discs.json``, tracking identifier =
   the disc level (the same tracking UID as its segment), finding site = the disc's code, the
@@ -68,7 +70,8 @@ import numpy as np
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS
-from SpineNetLib.outputs.documents import measurement_unit, reported_probability
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION
+from SpineNetLib.outputs.documents import measurement_unit, reported_probability, vertebra_name
 from SpineNetLib.outputs.vertebrae import next_best_levels
 from SpineNetLib.outputs.segmentation import FilledSegment, filled_segments
 
@@ -120,6 +123,8 @@ PROBABILITY_SUFFIX = "-P"
 LEVELS_REVIEW_CODE, NEXT_BEST_CODE, MEASUREMENTS_CHECK_CODE = "LEVELS-REVIEW", "NEXT-BEST-LEVEL", "CHECK-MEASURES"
 #: Added to both series' descriptions where the levels need review, so that a PACS's series list shows it.
 LEVELS_REVIEW_NOTE = " (LEVELS NEED REVIEW)"
+#: The Segment Description of a vertebra whose outline a weaker detection drew (``outline_from``).
+ROUGHER_SEGMENT_DESCRIPTION = "outline from a weaker detection: rough, check it before using its measurements"
 #: Meaning of each disc measurement code: the discs.csv header without its unit, and the key.
 _MEASUREMENT_MEANINGS = {key: f"{header.split(' (')[0]} ({key})" for key, header, _ in DISC_MEASUREMENTS.values()}
 _UCUM_MEANINGS = {"mm": "millimeter", "deg": "degree", "%": "percent", "1": "no units", "{grade}": "grade"}
@@ -285,9 +290,10 @@ def _software_version() -> str:
 
 # --------------------------------------------------------------------------- the segmentation
 
-def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], tracking_uids: dict, note: str):
+def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], tracking_uids: dict, note: str,
+                  rougher: set[str]):
     """The highdicom Segmentation of the non-empty ``segments`` on the source frames (``note`` ends its
-    series description)."""
+    series description; the segments named in ``rougher`` say :data:`ROUGHER_SEGMENT_DESCRIPTION`)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -301,6 +307,9 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
             tracking_uid=tracking_uids[s.name], tracking_id=s.name)
         for number, s in enumerate(segments, start=1)]
+    for description, s in zip(descriptions, segments):
+        if s.kind == "vertebra" and s.name in rougher:
+            description.SegmentDescription = ROUGHER_SEGMENT_DESCRIPTION   # (0062,0006), optional
     nk, nj, ni = segments[0].mask.shape
     frames = scan.metadata.get("frames_in_slice_order") or [None] * nk
     # pixel[f] is frame f of the source: image f of the series, or frame f of the one multi-frame file
@@ -458,7 +467,9 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
         # highdicom's advice on how the source spells the patient's name: not ours to act on
         warnings.filterwarnings("ignore", message=".*intended person name.*", category=UserWarning)
         note = LEVELS_REVIEW_NOTE if levels_need_review(vertebrae_doc) else ""
-        seg = _segmentation(scan, sources, segments, tracking_uids, note) if segments else None
+        rougher = {vertebra_name(v, k) for k, v in enumerate(vertebrae_doc["vertebrae"])
+                   if v.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION}
+        seg = _segmentation(scan, sources, segments, tracking_uids, note, rougher) if segments else None
         report = (_report(sources, discs_doc, seg, segment_numbers, tracking_uids, vertebrae_doc, note)
                   if discs_doc is not None and discs_doc["discs"] else None)
     made = {SEGMENTATION_FILE: seg, REPORT_FILE: report}

@@ -236,6 +236,22 @@ def test_levels_that_need_review_are_said_in_the_series_descriptions_and_each_di
         assert found["LEVELS-REVIEW"] == ("373067005", "SCT") and "NEXT-BEST-LEVEL" not in found
 
 
+def test_a_vertebra_outlined_from_a_weaker_detection_says_so_in_its_segment(bundled_run):
+    """The Segment Description of a vertebra whose outline a weaker detection drew says it is rough; the other
+    segments have none."""
+    _, scan, out = bundled_run
+    vertebrae_doc = json.loads((out / "vertebrae.json").read_text())
+    discs_doc = json.loads((out / "discs.json").read_text())
+    assert {v["outline_from"] for v in vertebrae_doc["vertebrae"][:-1]} == {"detector"}
+    rough = vertebrae_doc["vertebrae"][3]
+    rough["outline_from"] = "weaker detection"
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dicom_result_files(scan, vertebrae_doc, discs_doc)
+                                                        ["segmentation.dcm"]))
+    described = {item.SegmentLabel: item.get("SegmentDescription") for item in seg.SegmentSequence}
+    assert described.pop(rough["level"]).startswith("outline from a weaker detection: rough")
+    assert set(described.values()) == {None}
+
+
 def test_every_grade_and_measurement_has_a_short_unique_code():
     """Plain DICOM code values (SH, at most 16 characters), one per discs.json grade and measurement."""
     for head in [*GRADE_COLUMNS, *(c.official_name for c in GRADE_COLUMNS.values()), *GRADE_HEADS]:
