@@ -225,6 +225,9 @@ class CaseMetrics:
     #: prediction that does not hold it is named T12 (a body missed between it and L1).  None without the point.
     t12_named: bool | None = None
     t12_named_elsewhere: bool | None = None
+    #: Volumes that show S1 without annotating it (``CaseGroundTruth.s1_shown_not_annotated``): the next predicted
+    #: body below the annotated L5 is named S1 (:func:`s1_below_l5`). None elsewhere.
+    s1_below_l5: bool | None = None
     #: Cases with annotated discs: the discs scored (``CaseGroundTruth.disc_points``) and those whose
     #: point lies inside a predicted outline near its slice (an outline that reaches into the disc).
     discs_scored: list[str] = field(default_factory=list)
@@ -339,6 +342,8 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
                  if (q := p.polygon_near(gt.s1_slice, tol)) is not None and polygons.point_in_polygon(gt.s1_point, q)]
         metrics.s1_detected = bool(on_s1)
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
+    if gt.s1_shown_not_annotated:
+        metrics.s1_below_l5 = s1_below_l5(gt, preds, (row_mm, col_mm))
     if gt.t12_point is not None:
         holds = [(q := p.polygon_near(0, tol)) is not None and polygons.point_in_polygon(gt.t12_point, q)
                  for p in preds]
@@ -350,6 +355,41 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         if any(q is not None and polygons.point_in_polygon(point, q) for q in near):
             metrics.disc_points_inside_outlines.append(disc)
     return metrics
+
+
+#: How far below the place one L4-L5 step below L5 S1 reaches, in steps: half a body, a body being about 0.7 of
+#: the step (a lumbar body about 25 mm high, a disc about 10 mm).
+S1_WHOLE_BELOW_STEPS = 0.35
+
+
+def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
+    """Whether the next predicted body below the annotated L5 is named S1; None without an annotated L4 and L5,
+    and where the image may cut S1: one L4-L5 step below L5's centroid, and S1_WHOLE_BELOW_STEPS of a step
+    further, lies below the image's last row (``CaseGroundTruth.image_rows``; most myosegmentum volumes end
+    there).
+
+    A proxy for S1 where a volume shows it unannotated: the next body is the one nearest L5's centroid among
+    those whose centroid lies further along the L4-L5 direction than 0.3 and nearer than 1.5 L4-L5 steps
+    (annotated centroids, in mm); none there counts as S1 not found."""
+    truth = {v.level: v for v in gt.vertebrae if not v.ignored}
+    if "L4" not in truth or "L5" not in truth:
+        return None
+    l4_px, l5_px = (np.asarray(truth[level].centroid, float) for level in ("L4", "L5"))
+    s1_foot_row = l5_px[1] + (1.0 + S1_WHOLE_BELOW_STEPS) * (l5_px[1] - l4_px[1])
+    if gt.image_rows is None or s1_foot_row > gt.image_rows - 1:
+        return None
+    scale = np.array([float(spacing_rc[1]), float(spacing_rc[0])])           # (x, y) pixels to mm
+    l4, l5 = (np.asarray(truth[level].centroid, float) * scale for level in ("L4", "L5"))
+    step = float(np.hypot(*(l5 - l4)))
+    if step == 0:
+        return None
+    down = (l5 - l4) / step
+    below = []
+    for p in preds:
+        offset = p.centroid_xy * scale - l5
+        if 0.3 * step < float(offset @ down) and float(np.hypot(*offset)) < 1.5 * step:
+            below.append((float(np.hypot(*offset)), p))
+    return bool(below) and min(below, key=lambda dp: dp[0])[1].level == "S1"
 
 
 def _disc_order(disc: str) -> int:
@@ -384,7 +424,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "missed_levels": list(m.missed_levels),
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
-        "t12_named": m.t12_named, "t12_named_elsewhere": m.t12_named_elsewhere,
+        "t12_named": m.t12_named, "t12_named_elsewhere": m.t12_named_elsewhere, "s1_below_l5": m.s1_below_l5,
         "discs_scored": list(m.discs_scored),
         "disc_points_inside_outlines": list(m.disc_points_inside_outlines),
     }
@@ -405,7 +445,8 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
     for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "level_shift", "s1_detected", "s1_named",
-                          "t12_named", "t12_named_elsewhere", "discs_scored", "disc_points_inside_outlines"):
+                          "t12_named", "t12_named_elsewhere", "s1_below_l5", "discs_scored",
+                          "disc_points_inside_outlines"):
         del pooled[per_case_only]
     discs: dict[str, dict] = {}
     for m in metrics:
@@ -418,6 +459,9 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
     pooled["s1_point_scans"] = len(with_s1)
     pooled["s1_point_detected"] = sum(bool(m.s1_detected) for m in with_s1)
     pooled["s1_point_named_s1"] = sum(bool(m.s1_named) for m in with_s1)
+    below_l5 = [m for m in metrics if m.s1_below_l5 is not None]
+    pooled["s1_below_l5_scans"], pooled["s1_below_l5_named_s1"] = len(below_l5), sum(m.s1_below_l5 for m in below_l5)
+    pooled["s1_below_l5_not_named"] = sorted(m.case_id for m in below_l5 if not m.s1_below_l5)
     with_t12 = [m for m in metrics if m.t12_named is not None]
     pooled["t12_point_scans"], pooled["t12_point_named_t12"] = len(with_t12), sum(m.t12_named for m in with_t12)
     pooled["t12_named_elsewhere"] = sorted(m.case_id for m in with_t12 if m.t12_named_elsewhere)

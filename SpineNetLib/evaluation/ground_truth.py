@@ -14,6 +14,7 @@ from SpineNetLib.core.errors import InputError
 from SpineNetLib.evaluation.own_cases import load_own_case, marked_by_points
 from SpineNetLib.training.datasets import (
     POINT_SOURCES,
+    S1_UNANNOTATED_SOURCES,
     SOURCE_FOLDERS,
     CaseData,
     CaseGeometry,
@@ -61,6 +62,11 @@ class CaseGroundTruth:
     #: it is largest).  It lies between two bodies, so a predicted outline holding it reaches into the
     #: disc (``CaseMetrics.disc_points_inside_outlines``).
     disc_points: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    #: Volumes whose S1 is shown below the annotated L5 but neither outlined nor placed by a disc
+    #: (``datasets.S1_UNANNOTATED_SOURCES``): the body the chain puts below L5 is scored as S1 where the image
+    #: holds S1 whole (``CaseMetrics.s1_below_l5``); ``image_rows``, the canonical image's height, says where.
+    s1_shown_not_annotated: bool = False
+    image_rows: int | None = None
 
 
 def ground_truth_from_labels(labels: np.ndarray, spacing_mm, level_names: dict[int, str],
@@ -216,5 +222,8 @@ def ground_truth_of(case, data: CaseData) -> CaseGroundTruth:
     if annotated_with_points(case):
         return ground_truth_from_points(data.labels, data.spacing_mm, data.level_names, case.case_id)
     if any(is_vertebral_body_code(int(c)) for c in np.unique(data.labels)):
-        return ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+        truth = ground_truth_from_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)
+        truth.s1_shown_not_annotated = case.source in S1_UNANNOTATED_SOURCES
+        truth.image_rows = int(np.asarray(data.labels).shape[0])
+        return truth
     return ground_truth_from_disc_labels(data.labels, data.spacing_mm, data.level_names, case.case_id)

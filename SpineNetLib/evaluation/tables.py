@@ -72,6 +72,13 @@ def level_lines(summary: dict) -> list[str]:
                      f"evaluation/evaluate.py): detected {overall['s1_point_detected']} of {n}, named S1 "
                      f"{overall['s1_point_named_s1']} of {n} "
                      f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])}){by_source}")
+    if overall.get("s1_below_l5_scans"):
+        missed = overall["s1_below_l5_not_named"]
+        by_source = ", ".join(f"{name} {group['s1_below_l5_named_s1']} of {group['s1_below_l5_scans']}"
+                              for name, group in summary.get("by_source", {}).items() if group.get("s1_below_l5_scans"))
+        lines.append(f"S1 below an annotated L5 in volumes that show S1 whole and unannotated (the next body below L5, "
+                     f"evaluation/evaluate.s1_below_l5): named S1 {overall['s1_below_l5_named_s1']} of "
+                     f"{overall['s1_below_l5_scans']} ({by_source}){'; not on ' + ', '.join(missed) if missed else ''}")
     if overall.get("t12_point_scans"):
         elsewhere = overall["t12_named_elsewhere"]
         hidden = [c for c in elsewhere if (summary.get("cases", {}).get(c) or {}).get("all_levels_right")]

@@ -834,7 +834,9 @@ def test_own_cases_are_scored_as_the_same_cases_of_the_data_set(tmp_path, capsys
     known = E.evaluate_directories(DATA, pred, case_ids=["myo_05", "tianchi_002-000"])
     assert set(own["by_source"]) == {"mycentre"} and set(own["cases"]) == {"volume_a", "slice_b"}
     for name, case_id in (("volume_a", "myo_05"), ("slice_b", "tianchi_002-000")):
-        assert own["cases"][name] == known["cases"][case_id]
+        # but for S1 below L5, scored only in the data set's volumes that show S1 unannotated (its README says so)
+        assert own["cases"][name] == known["cases"][case_id] | {"s1_below_l5": None}
+    assert known["cases"]["myo_05"]["s1_below_l5"] is True and known["overall"]["s1_below_l5_scans"] == 1
     assert own["overall"]["s1_point_scans"] == 1   # the slice's points: its S1 is scored as tianchi's are
     # one case folder alone; and the same slice told nothing of its points is scored as outlines
     assert set(E.evaluate_directories(mine / "slice_b", pred)["cases"]) == {"slice_b"}
@@ -968,7 +970,7 @@ def test_own_cases_drawn_in_slicer_or_stored_as_dicom_seg_are_scored_as_the_data
     assert own_case(mine / "from_pacs").patient_id == "mycentre/CASE2"
     assert own_case(mine / "drawn_in_slicer").patient_id == "mycentre/drawn_in_slicer"
     assert own["overall"]["n_patients"] == 2 and own["warnings"] == []
-    assert own["cases"]["drawn_in_slicer"] == known
+    assert own["cases"]["drawn_in_slicer"] == known | {"s1_below_l5": None}   # scored in the data set's volumes only
     from_pacs = own["cases"]["from_pacs"]
     assert from_pacs["n_gt"] == known["n_gt"] >= 5 and from_pacs["all_levels_right"] == known["all_levels_right"]
     assert from_pacs["tp"] == known["tp"] and from_pacs["fp"] == known["fp"]
@@ -1125,3 +1127,28 @@ def test_own_case_marked_with_slicer_points_is_scored_as_the_clinical_slice(tmp_
     assert cli.main(["evaluate", "--data", str(tmp_path / "mine"), "--pred", str(pred)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lies outside the scan" in err[0], err
+
+
+def test_s1_below_an_annotated_l5_is_scored_where_the_volume_shows_it_whole():
+    """chu/ and myosegmentum/ show S1 without annotating it: the next predicted body below L5 must be named S1,
+    none there counts as missed, and where the image ends before S1's foot it is not scored."""
+    def box(level, row):
+        return E.PredictedVertebra(level=level, slices=np.array([0.0]),
+                                   polygons=[np.array([[60, row - 10], [60, row + 10], [40, row + 10], [40, row - 10]],
+                                                      float)])
+
+    def truth(rows):
+        return E.CaseGroundTruth(case_id="c", spacing_mm=(1.0, 1.0, 1.0), s1_shown_not_annotated=True,
+                                 image_rows=rows, vertebrae=[E.GroundTruthVertebra("L4", 0, np.array([50.0, 100.0])),
+                                                             E.GroundTruthVertebra("L5", 0, np.array([50.0, 130.0]))])
+
+    chain = [box("L4", 100), box("L5", 130)]
+    assert E.evaluate_case(truth(220), chain + [box("S1", 158)]).s1_below_l5 is True
+    assert E.evaluate_case(truth(220), chain + [box("L5", 158)]).s1_below_l5 is False    # named otherwise
+    assert E.evaluate_case(truth(220), chain).s1_below_l5 is False                     # not found
+    assert E.evaluate_case(truth(220), chain + [box("S1", 200)]).s1_below_l5 is False  # 2.3 steps down: not next
+    # one step below L5 is row 160, S1's foot 0.35 steps further (170.5): an image of 170 rows may cut it
+    assert E.evaluate_case(truth(170), chain + [box("S1", 158)]).s1_below_l5 is None
+    assert E.evaluate_case(truth(172), chain + [box("S1", 158)]).s1_below_l5 is True
+    summary = E.summarise([E.evaluate_case(truth(220), chain + [box("S1", 158)]), E.evaluate_case(truth(220), chain)])
+    assert (summary["overall"]["s1_below_l5_scans"], summary["overall"]["s1_below_l5_named_s1"]) == (2, 1)
