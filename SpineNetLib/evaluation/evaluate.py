@@ -52,6 +52,8 @@ group carries 95 % intervals (``"ci95"``, :mod:`SpineNetLib.evaluation.intervals
 Wilson over scans for the share of scans entirely right and for S1 below an
 annotated L5-S1 disc, and for recall and identification rate with the scan as
 the unit (conservative: a shifted scan names all its bodies wrongly at once).
+In the ``chu/`` and ``myosegmentum/`` volumes, which show S1 unannotated, the next predicted body below the
+annotated L5 is scored as S1 where the image holds S1 whole (:func:`s1_below_l5`).
 Where several scans are of one patient (``RealCase.patient_id``: zukic's
 sequences of one subject; one's own cases by their ``case.json`` or DICOM
 patient), the patient is the unit instead, and ``"n_patients"`` says how many.
@@ -364,8 +366,8 @@ S1_WHOLE_BELOW_STEPS = 0.35
 
 def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
     """Whether the next predicted body below the annotated L5 is named S1; None without an annotated L4 and L5,
-    and where the image may cut S1: one L4-L5 step below L5's centroid, and S1_WHOLE_BELOW_STEPS of a step
-    further, lies below the image's last row (``CaseGroundTruth.image_rows``; most myosegmentum volumes end
+    and where the image may cut S1: one L4-L5 step below L5's centroid, and :data:`S1_WHOLE_BELOW_STEPS` of a
+    step further, lies below the image's last row (``CaseGroundTruth.image_rows``; most myosegmentum volumes end
     there).
 
     A proxy for S1 where a volume shows it unannotated: the next body is the one nearest L5's centroid among
