@@ -190,19 +190,32 @@ def review_table(summary: dict, pred_root: Path) -> dict:
     return {**summary["review"], "needs_review": flags, "margin_nats": margins}
 
 
-def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
-    """How well the L5-S1 measurement warnings of discs.json (``discs.measurements.disc_measurement_warnings``:
-    the disc above S1 under 3 mm in front or in the middle, a negative height, a mean over 25 mm) mark the
-    scans whose radiologists' L5-S1 point lies inside a detected outline; None when a prediction has no
-    discs.json (an older folder)."""
-    warned, inside = {}, {}
+def scored_discs(summary: dict, pred_root: Path) -> dict[str, list[dict]] | None:
+    """The discs of each prediction's discs.json, for the cases with a disc scored (a point or a mask: only
+    tianchi/ and ivd/ have them); None when such a prediction has no discs.json (an older folder)."""
+    discs = {}
     for case_id, m in summary["cases"].items():
-        if "L5-S1" not in m["discs_scored"]:   # no point or mask of that disc (only tianchi/ and ivd/ have them)
+        if not m["discs_scored"]:
             continue
         path = pred_root / case_id / "discs.json"
         if not path.is_file():
             return None
-        discs = (json.loads(path.read_text(encoding="utf-8")) or {}).get("discs", [])
+        discs[case_id] = (json.loads(path.read_text(encoding="utf-8")) or {}).get("discs", [])
+    return discs
+
+
+def s1_outline_check_table(summary: dict, discs_by_case: dict[str, list[dict]] | None) -> dict | None:
+    """How well the L5-S1 measurement warnings of discs.json (``discs.measurements.disc_measurement_warnings``:
+    the disc above S1 under 3 mm in front or in the middle, a negative height, a mean over 25 mm) mark the
+    scans whose radiologists' L5-S1 point lies inside a detected outline (``discs_by_case``:
+    :func:`scored_discs`; None, an older folder, gives None)."""
+    if discs_by_case is None:
+        return None
+    warned, inside = {}, {}
+    for case_id, m in summary["cases"].items():
+        if "L5-S1" not in m["discs_scored"]:
+            continue
+        discs = discs_by_case[case_id]
         lines = [line for d in discs if d.get("level") == "L5-S1" for line in d.get("measurement_warnings") or []]
         warned[case_id], inside[case_id] = bool(lines), "L5-S1" in m["disc_points_inside_outlines"]
     table = {"inside_warned": sum(warned[k] for k in inside if inside[k]), "inside": sum(inside.values()),
@@ -213,20 +226,18 @@ def s1_outline_check_table(summary: dict, pred_root: Path) -> dict | None:
     return table
 
 
-def disc_warning_table(summary: dict, pred_root: Path) -> dict | None:
+def disc_warning_table(summary: dict, discs_by_case: dict[str, list[dict]] | None) -> dict | None:
     """How well the measurement warnings of discs.json mark, over every scored disc (radiologists' points on
     the clinical slices, disc masks' centres on the ivd volumes), the discs whose point lies inside a detected
     outline; and the share of that owed to the line for a body outlined from a weaker detection
-    (``discs.measurements.rougher_outline_warning``). None when a prediction has no discs.json."""
+    (``discs.measurements.rougher_outline_warning``). ``discs_by_case``: :func:`scored_discs` (None gives None)."""
+    if discs_by_case is None:
+        return None
     table = {"inside": 0, "inside_warned": 0, "inside_warned_rougher_only": 0, "outside": 0, "outside_warned": 0,
              "outside_warned_rougher_only": 0, "beside_rougher": 0, "beside_rougher_inside": 0}
-    for case_id, m in summary["cases"].items():
-        path = pred_root / case_id / "discs.json"
-        if not m["discs_scored"]:
-            continue
-        if not path.is_file():
-            return None
-        for disc in (json.loads(path.read_text(encoding="utf-8")) or {}).get("discs", []):
+    for case_id, discs in discs_by_case.items():
+        m = summary["cases"][case_id]
+        for disc in discs:
             if disc.get("level") not in m["discs_scored"]:
                 continue
             where = "inside" if disc["level"] in m["disc_points_inside_outlines"] else "outside"
@@ -292,8 +303,9 @@ def main(argv=None) -> int:
           f"({time.perf_counter() - start:.0f} s)\n")
     print_tables(summary)
     summary["review"] = review_table(summary, pred_root)
-    summary["s1_outline_check"] = s1_outline_check_table(summary, pred_root)
-    summary["disc_warnings"] = disc_warning_table(summary, pred_root)
+    discs_by_case = scored_discs(summary, pred_root)   # each discs.json read once, for both tables
+    summary["s1_outline_check"] = s1_outline_check_table(summary, discs_by_case)
+    summary["disc_warnings"] = disc_warning_table(summary, discs_by_case)
     if args.phantoms:
         summary["phantoms"] = phantom_table(args.weights, args.precision, args.runtime, args.plan)
     if args.json:

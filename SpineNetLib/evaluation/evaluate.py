@@ -381,7 +381,7 @@ def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing
     if gt.image_rows is None or s1_foot_row > gt.image_rows - 1:
         return None
     scale = np.array([float(spacing_rc[1]), float(spacing_rc[0])])           # (x, y) pixels to mm
-    l4, l5 = (np.asarray(truth[level].centroid, float) * scale for level in ("L4", "L5"))
+    l4, l5 = l4_px * scale, l5_px * scale
     step = float(np.hypot(*(l5 - l4)))
     if step == 0:
         return None

@@ -154,9 +154,14 @@ def gaps_holding_a_body(vertebrae: Sequence[Vertebra]) -> SkipsAcrossGaps:
     return SkipsAcrossGaps(free=free, wide_spaces=frozenset(int(k) + 1 for k in np.flatnonzero(wide[:-1])))
 
 
+def medians_of_the_others(values: np.ndarray) -> np.ndarray:
+    """For each value, the median of all the others."""
+    return np.array([np.median(np.delete(values, i)) for i in range(len(values))])
+
+
 def _over_the_others(values: np.ndarray) -> np.ndarray:
     """Each value over the median of the others (inf where that median is not positive)."""
-    others = np.array([np.median(np.delete(values, i)) for i in range(len(values))])
+    others = medians_of_the_others(values)
     return np.where(others > 0, values / np.where(others > 0, others, 1.0), np.inf)
 
 

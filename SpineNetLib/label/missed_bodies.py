@@ -40,7 +40,7 @@ import numpy as np
 
 from SpineNetLib.core.levels import LUMBAR, level_index
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.gaps import MIN_BODIES_TO_FIND_A_GAP, gaps_missing_a_body, level_skipped
+from SpineNetLib.label.gaps import MIN_BODIES_TO_FIND_A_GAP, gaps_missing_a_body, level_skipped, medians_of_the_others
 from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
 
 #: A candidate is taken when its centre lies within this fraction of the step between bodies from
@@ -76,9 +76,10 @@ def gap_fillers(vertebrae: Sequence[Vertebra], candidates: Sequence[Vertebra],
     chain = _centres_mm(vertebrae, spacing_rc)
     steps = np.hypot(*np.diff(chain, axis=0).T)
     cand = _centres_mm(candidates, spacing_rc)
+    others = medians_of_the_others(steps)
     taken: set[int] = set()
     for i in np.flatnonzero(gaps_missing_a_body(vertebrae)):
-        usual = float(np.median(np.delete(steps, i)))
+        usual = float(others[i])
         if usual <= 0:
             continue
         n_missing = max(1, int(round(steps[i] / usual)) - 1)
