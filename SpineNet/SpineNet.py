@@ -85,7 +85,6 @@ from SpineNetModuleLib.workers import (  # noqa: E402,F401
 )
 from SpineNetLib.outputs import documents  # noqa: E402
 from SpineNetLib.core.errors import SpineNetError  # noqa: E402
-from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION as WEAKER_DETECTION  # noqa: E402
 
 #: The status line before a run, where the selected volume has nothing to note (``showInputNote``).
 IDLE_PROMPT = "Select a sagittal volume and press Detect & Grade."
@@ -570,8 +569,9 @@ class SpineNetWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservationMix
                 slices = str(v["first_slice"]) if v["first_slice"] == v["last_slice"] else f"{v['first_slice']}-{v['last_slice']}"
                 table.setItem(r, 2, qt.QTableWidgetItem(slices))
                 outline = qt.QTableWidgetItem(v["outline_from"])
-                if v["outline_from"] == WEAKER_DETECTION:
-                    outline.setToolTip("A rougher outline, taken from a detection below the detector's threshold: "
+                if documents.rough_outline(v):
+                    outline.setToolTip("A rougher outline, taken from a detection below the detector's threshold "
+                                       "(drawn unfilled in the slice views): "
                                        "check it before using this vertebra's and its discs' measurements")
                 table.setItem(r, 3, outline)
                 self._levelCombos.append(combo)

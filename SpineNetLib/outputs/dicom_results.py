@@ -70,8 +70,7 @@ import numpy as np
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS
-from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION
-from SpineNetLib.outputs.documents import measurement_unit, reported_probability, vertebra_name
+from SpineNetLib.outputs.documents import measurement_unit, reported_probability, rough_outline, vertebra_name
 from SpineNetLib.outputs.vertebrae import next_best_levels
 from SpineNetLib.outputs.segmentation import FilledSegment, filled_segments
 
@@ -467,8 +466,7 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
         # highdicom's advice on how the source spells the patient's name: not ours to act on
         warnings.filterwarnings("ignore", message=".*intended person name.*", category=UserWarning)
         note = LEVELS_REVIEW_NOTE if levels_need_review(vertebrae_doc) else ""
-        rougher = {vertebra_name(v, k) for k, v in enumerate(vertebrae_doc["vertebrae"])
-                   if v.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION}
+        rougher = {vertebra_name(v, k) for k, v in enumerate(vertebrae_doc["vertebrae"]) if rough_outline(v)}
         seg = _segmentation(scan, sources, segments, tracking_uids, note, rougher) if segments else None
         report = (_report(sources, discs_doc, seg, segment_numbers, tracking_uids, vertebrae_doc, note)
                   if discs_doc is not None and discs_doc["discs"] else None)

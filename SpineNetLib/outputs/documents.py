@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, disc_name, shifted_by, shifted_to_correction
-from SpineNetLib.core.results import DetectionResult, Vertebra
+from SpineNetLib.core.levels import LEVEL_CHOICES, LEVELS, LEVELS_TOP_DOWN, disc_name, shifted_by, shifted_to_correction
+from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION, DetectionResult, Vertebra
 from SpineNetLib.outputs.vertebrae import next_best_levels, vertebrae_document
 from SpineNetLib.weights.resolve import trained_grading_heads
 
@@ -359,6 +359,33 @@ NEXT_BEST_READING = "the next best labelling"
 #: other series' levels (the preview's review banner names the same labelling in words: "the next best
 #: labelling calls the lowest body S2 instead of S1").
 NEXT_BEST_COLOUR = (255, 96, 96)
+
+#: The Slicer scene's colour (RGB, 0-1) per spine region, two shades alternating so that neighbours differ: the
+#: vertebra outlines and segments (:func:`level_colour`); the discs' segments are cyan.
+REGION_COLOURS = {
+    "C": ((0.62, 0.47, 0.85), (0.78, 0.66, 0.95)),
+    "T": ((0.25, 0.58, 0.89), (0.45, 0.75, 0.97)),
+    "L": ((0.96, 0.58, 0.19), (0.99, 0.79, 0.31)),
+    "S": ((0.36, 0.76, 0.42), (0.57, 0.88, 0.56)),
+}
+UNLABELLED_COLOUR = (0.75, 0.75, 0.75)
+SEGMENT_DISC_COLOUR = (0.35, 0.90, 0.95)
+
+
+def level_colour(level: str | None) -> tuple[float, float, float]:
+    """Region colour of a level (C, T, L, S), alternating shades by level."""
+    shades = REGION_COLOURS.get(level[0]) if level else None
+    if shades is None:
+        return UNLABELLED_COLOUR
+    order = list(LEVELS_TOP_DOWN) + ["S2"]
+    return shades[order.index(level) % 2] if level in order else shades[0]
+
+
+def rough_outline(vertebra: dict) -> bool:
+    """Whether a document vertebra's (or a ``vertebrae_measurements`` row's) outline was drawn by a detection
+    below the detector's threshold (``outline_from``, :data:`SpineNetLib.core.results.OUTLINE_FROM_WEAKER_DETECTION`):
+    rougher, so the preview dashes it, the Slicer scene draws it unfilled and its discs carry a line saying so."""
+    return vertebra.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION
 
 
 def _below_centre(vertebra: dict) -> list[float]:

@@ -52,9 +52,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from SpineNetLib.core.results import OUTLINE_FROM_WEAKER_DETECTION
 from SpineNetLib.outputs.documents import (NEXT_BEST_COLOUR, OTHER_READING_COLOUR, disc_polygons, next_best_reading,
-                                          other_readings, reported_probability, shift_by_reader, vertebra_name)
+                                          other_readings, reported_probability, rough_outline, shift_by_reader,
+                                          vertebra_name)
 
 PREVIEW_FILE = "preview.png"
 HOTSPOTS_FILE = "hotspots.png"
@@ -158,7 +158,7 @@ def _outlines(scan, vertebrae_doc: dict) -> list[_Outline]:
                 polygons.append(corners[:, [1, 0]])
         if polygons:
             out.append(_Outline(vertebra_name(vertebra, i), np.asarray(slices), polygons,
-                                rougher=vertebra.get("outline_from") == OUTLINE_FROM_WEAKER_DETECTION))
+                                rougher=rough_outline(vertebra)))
     return out
 
 

@@ -15,7 +15,8 @@ renumbers nodes (a scene added to a non-empty one), the attribute it does not;
 put under the volume's parent transform, if any):
 
 * one ``vtkMRMLMarkupsClosedCurveNode`` per vertebra, linear, through the
-  four corners of its mid-slice polygon, named "<volume> SpineNet <level>";
+  four corners of its mid-slice polygon, named "<volume> SpineNet <level>" (unfilled, its line alone, where
+  a weaker detection drew it: ``outline_from``, as the vertebra's segment);
 * one ``vtkMRMLMarkupsFiducialNode`` "<volume> SpineNet centroids" with a point
   labelled by level at every centroid;
 * one ``vtkMRMLSegmentationNode`` "<volume> SpineNet segmentation" with a segment per
@@ -55,7 +56,6 @@ from SpineNetLib.core.mr_weighting import Weighting, weighting_from_header
 from SpineNetLib.inputs.canonical import scan_from_array
 from SpineNetLib.inputs.dicom import is_localizer, not_mr_modality
 from SpineNetLib.inputs.image import check_image_voxels, other_sagittal_images_of_session
-from SpineNetLib.core.levels import LEVELS_TOP_DOWN
 from SpineNetLib.core.scan import Scan
 
 SOURCE_ATTRIBUTE = "SpineNet.SourceVolumeID"
@@ -64,16 +64,6 @@ FOLDER_ATTRIBUTE = "SpineNet.ResultsFolder"
 SOURCE_REFERENCE = "SpineNetSourceVolume"
 HOTSPOT_COLOR_NAME = "SpineNet hotspot"
 
-#: Colour per spine region, two shades alternating so that neighbours differ.
-REGION_COLOURS = {
-    "C": ((0.62, 0.47, 0.85), (0.78, 0.66, 0.95)),
-    "T": ((0.25, 0.58, 0.89), (0.45, 0.75, 0.97)),
-    "L": ((0.96, 0.58, 0.19), (0.99, 0.79, 0.31)),
-    "S": ((0.36, 0.76, 0.42), (0.57, 0.88, 0.56)),
-}
-UNLABELLED_COLOUR = (0.75, 0.75, 0.75)
-DISC_COLOUR = (0.35, 0.90, 0.95)
-
 
 def slicer_class(name: str):
     """An MRML/Slicer class by name; slicer-core exposes some logic classes inside same-named modules."""
@@ -81,17 +71,6 @@ def slicer_class(name: str):
     if isinstance(obj, types.ModuleType):
         obj = getattr(obj, name)
     return obj
-
-
-def level_colour(level: str | None) -> tuple[float, float, float]:
-    """Region colour of a level (C, T, L, S), alternating shades by level."""
-    if not level:
-        return UNLABELLED_COLOUR
-    shades = REGION_COLOURS.get(level[0])
-    if shades is None:
-        return UNLABELLED_COLOUR
-    order = list(LEVELS_TOP_DOWN) + ["S2"]
-    return shades[order.index(level) % 2] if level in order else shades[0]
 
 
 # --------------------------------------------------------------------------- scenes and matrices
@@ -555,11 +534,12 @@ def add_vertebra_curve(scene, volume_node, vertebra: dict, index: int):
     display = _display_node(node)
     if display is not None:
         for set_colour in (display.SetSelectedColor, display.SetColor):
-            set_colour(*level_colour(vertebra.get("level")))
+            set_colour(*documents.level_colour(vertebra.get("level")))
         display.SetPointLabelsVisibility(False)
         # the centroid points carry the level; "<volume> SpineNet L4" beside every outline only crowds the view
         display.SetPropertiesLabelVisibility(False)
         display.SetFillOpacity(0.15)
+        display.SetFillVisibility(not documents.rough_outline(vertebra))   # a rough outline: its line alone
     _tag(node, volume_node, "vertebra-outline")
     return node
 
@@ -636,31 +616,36 @@ def _oriented_labelmap(mask_kji: np.ndarray, ijk_to_ras_matrix):
     return image
 
 
-def segment_masks(volume_node, vertebrae_doc: dict) -> list[tuple[str, tuple, np.ndarray]]:
-    """``(name, colour, [k, j, i] mask)`` per vertebra then per disc, filled in the volume's grid
-    (:func:`SpineNetLib.outputs.segmentation.filled_segments`)."""
-    levels = [v.get("level") for v in vertebrae_doc["vertebrae"]]
+def segment_masks(volume_node, vertebrae_doc: dict) -> list[tuple[str, tuple, np.ndarray, bool]]:
+    """``(name, colour, [k, j, i] mask, rough)`` per vertebra then per disc, filled in the volume's grid
+    (:func:`SpineNetLib.outputs.segmentation.filled_segments`); ``rough``: a vertebra whose outline a weaker
+    detection drew (:func:`documents.rough_outline`)."""
+    vertebrae = vertebrae_doc["vertebrae"]
     segments = filled_segments(vertebrae_doc, ijk_to_ras(volume_node), volume_dimensions(volume_node))
-    return [(s.name, level_colour(levels[n]) if s.kind == "vertebra" else DISC_COLOUR, s.mask)
+    return [(s.name, documents.level_colour(vertebrae[n].get("level")), s.mask, documents.rough_outline(vertebrae[n]))
+            if s.kind == "vertebra" else (s.name, documents.SEGMENT_DISC_COLOUR, s.mask, False)
             for n, s in enumerate(segments)]
 
 
 def add_segmentation(scene, volume_node, vertebrae_doc: dict):
-    """Segmentation with one segment per vertebra and per disc (empty ones are skipped)."""
+    """Segmentation with one segment per vertebra and per disc (empty ones are skipped); a vertebra with a rough
+    outline is drawn unfilled in the slice views, as its markups outline is."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", result_node_name(volume_node, "SpineNet segmentation"))
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     node.CreateDefaultDisplayNodes()
-    affine = ijk_to_ras(volume_node)
-    for name, colour, mask in segment_masks(volume_node, vertebrae_doc):
+    display, affine, unfilled = node.GetDisplayNode(), ijk_to_ras(volume_node), []
+    for name, colour, mask, rough in segment_masks(volume_node, vertebrae_doc):
         if not mask.any():
             continue
         segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(_oriented_labelmap(mask, affine), name, list(colour))
         node.GetSegmentation().GetSegment(segment_id).SetTag("SpineNet.Kind", "disc" if "-" in name else "vertebra")
+        unfilled += [segment_id] if rough else []
     # Non-overlapping segments share label layers: a compact .seg.nrrd.
     node.GetSegmentation().CollapseBinaryLabelmaps(False)
-    display = node.GetDisplayNode()
     if display is not None:
         display.SetOpacity2DFill(0.35)
+        for segment_id in unfilled:
+            display.SetSegmentVisibility2DFill(segment_id, False)
     _tag(node, volume_node, "segmentation")
     return node
 

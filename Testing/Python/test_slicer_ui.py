@@ -215,6 +215,19 @@ def test_apply_starts_the_worker_and_cancel_kills_it(panel):
     assert mrml.result_nodes(scene, volume) == []
 
 
+def _filled_in_slice_views(scene, volume) -> dict[str, bool]:
+    """Per vertebra level, whether its outline and its segment are filled in the slice views (one answer, asserted
+    alike for both)."""
+    curves = {node.GetAttribute("SpineNet.Level"): node.GetDisplayNode().GetFillVisibility()
+              for node in mrml.result_nodes(scene, volume, "vertebra-outline")}
+    (segmentation,) = mrml.result_nodes(scene, volume, "segmentation")
+    display, segments = segmentation.GetDisplayNode(), segmentation.GetSegmentation()
+    filled = {segments.GetNthSegment(n).GetName(): display.GetSegmentVisibility2DFill(segments.GetNthSegmentID(n))
+              for n in range(segments.GetNumberOfSegments())}
+    assert all(filled[level] == curve for level, curve in curves.items()), (curves, filled)
+    return {level: bool(curve) for level, curve in curves.items()}
+
+
 def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_path):
     module, widget, scene, volume, vertebrae = panel
     _select(widget, volume)
@@ -249,6 +262,9 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     outlines = {node.GetAttribute("SpineNet.Level"): node.GetAttribute("SpineNet.OutlineFrom")
                 for node in mrml.result_nodes(scene, volume, "vertebra-outline")}
     assert outlines["L2"] == "weaker detection" and outlines["L3"] == "detector"
+    # and in the slice views: the rough body's outline and segment are drawn unfilled, the others filled
+    assert _filled_in_slice_views(scene, volume) == {"T12": True, "L1": True, "L2": False, "L3": True, "L4": True,
+                                                     "L5": True, "S1": True}
 
     # the user picks the level the third body already has: the levels are confirmed, nothing moves
     assert widget.ui.labellingLabel.styleSheet() != ""                 # the soft labelling asks for a review
@@ -263,6 +279,7 @@ def test_worker_result_fills_the_panel_and_a_correction_re_solves(panel, tmp_pat
     assert widget.ui.statusLabel.text() == "Vertebra 3 set to L3; levels now L1..S2."
     assert scene.GetFirstNodeByName("T2 sagittal lumbar SpineNet T12") is None
     assert scene.GetFirstNodeByName("T2 sagittal lumbar SpineNet S2") is not None
+    assert _filled_in_slice_views(scene, volume)["L3"] is False          # the rough body, renamed, stays unfilled
     assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsClosedCurveNode") == 7
     assert widget.ui.discTable.item(5, 0).text() == "S1-S2"
 

@@ -9,7 +9,7 @@ and the same image as the extension icon ``SpineNet.png`` at the top level.
 The picture mirrors what the module shows: a sagittal MR slice (dark, head
 up, anterior to the left), each vertebral body outlined as a quadrilateral
 in its region colour (thoracic blue, lumbar orange/yellow, sacrum green, as
-in ``SpineNetLib.slicer.mrml.REGION_COLOURS``), the discs between them in cyan, and
+in ``SpineNetLib.outputs.documents.REGION_COLOURS``), the discs between them in cyan, and
 the labelling as a small level tag.  Drawn at 8x and downsampled for
 anti-aliasing.
 """
