@@ -16,9 +16,9 @@
 Each vertebra and disc row is the study's own ``vertebrae.csv`` or ``discs.csv`` row, made from
 its ``vertebrae.json`` and ``discs.json`` by the same functions that write those files
 (:func:`SpineNetLib.outputs.vertebrae.vertebrae_csv_text`,
-:func:`SpineNetLib.outputs.discs.discs_csv_text`), so the columns are the ones the README
-describes and the same for every study (grades that a study lacks stay empty).  In front come
-the study's columns (``study``, ``input``, ``series_uid``, ``series_description``); the disc
+:func:`SpineNetLib.outputs.discs.discs_csv_text`), so the columns are the ones the README (and
+docs/SLICER.md, "The disc table") describes and the same for every study (grades that a study lacks stay
+empty).  In front come the study's columns (``study``, ``input``, ``series_uid``, ``series_description``); the disc
 rows end with the study's labelling columns (``labelling_confidence``, ``labelling_margin_nats``, ``s1_found``,
 ``levels_need_review``, ``labelling_warning``), which ``discs.csv`` does not carry.
 
