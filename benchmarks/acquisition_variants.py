@@ -23,6 +23,9 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   the annotated L2 centre): no thoracic spine to count from;
 * ``pixels_x1.6`` / ``pixels_x0.6``: in-plane pixels 1.6 times as large (with a blur of 0.4 new
   pixels: a coarser matrix) or 0.6 times (a finer one), the same field of view;
+* ``pixels_rows_x1.6`` / ``pixels_cols_x1.6``: rectangular pixels, 1.6 times as tall (superior-inferior) or as
+  wide (anterior-posterior) with the same blur along that axis alone: a phase-encoding matrix smaller than the
+  readout one, not interpolated to square pixels;
 * ``rotated_12`` / ``rotated_-12``: the sagittal plane turned by 12 degrees either way about the image
   centre (a patient lying tilted, a steeper or flatter lordosis); corners turned out of the image are
   lost.
@@ -75,7 +78,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_errors import InputError, at_least  # noqa: E402
 
 VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "blur_1mm", "ends_at_l5",
-            "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "rotated_12", "rotated_-12",
+            "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "pixels_rows_x1.6",
+            "pixels_cols_x1.6", "rotated_12", "rotated_-12",
             "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
             "ghosts", "combined", "combined_5mm")
 
@@ -145,13 +149,30 @@ def _resampled(scan, new_to_old: np.ndarray, shape: tuple[int, int], spacing_rc:
                                canonical_to_input_ijk=scan.canonical_to_input_ijk @ index_map)
 
 
-def _pixels_scaled(scan, factor: float):
-    """In-plane pixels ``factor`` times as large (coarser above 1, with a matching blur; finer below)."""
+def _pixels_scaled(scan, factor: float, along: str = "both"):
+    """In-plane pixels ``factor`` times as large (coarser above 1, with a matching blur; finer below), along both
+    axes, or along the ``rows`` (superior-inferior) or the ``cols`` (anterior-posterior) alone: rectangular
+    pixels, as a phase-encoding matrix smaller than the readout one gives where the scanner does not
+    interpolate it to square pixels."""
     h, w = scan.voxels.shape[:2]
-    new_to_old = np.array([[factor, 0.0, 0.0], [0.0, factor, 0.0]])
-    shape = (max(1, int((h - 1) / factor) + 1), max(1, int((w - 1) / factor) + 1))
-    spacing = (scan.spacing_mm[0] * factor, scan.spacing_mm[1] * factor)
-    return _resampled(scan, new_to_old, shape, spacing, blur_px=0.4 * factor if factor > 1 else 0.0)
+    f_r, f_c = (factor if along in ("both", "rows") else 1.0), (factor if along in ("both", "cols") else 1.0)
+    new_to_old = np.array([[f_r, 0.0, 0.0], [0.0, f_c, 0.0]])
+    shape = (max(1, int((h - 1) / f_r) + 1), max(1, int((w - 1) / f_c) + 1))
+    spacing = (scan.spacing_mm[0] * f_r, scan.spacing_mm[1] * f_c)
+    if along == "both":
+        return _resampled(scan, new_to_old, shape, spacing, blur_px=0.4 * factor if factor > 1 else 0.0)
+    blurred = _with_voxels(scan, _blurred_along(scan.voxels, 0 if along == "rows" else 1, 0.4 * factor)) \
+        if factor > 1 else scan
+    return _resampled(blurred, new_to_old, shape, spacing)
+
+
+def _blurred_along(voxels: np.ndarray, axis: int, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of ``sigma_px`` of the scan's own pixels along one in-plane ``axis`` alone."""
+    from scipy import ndimage
+
+    sigma = [0.0, 0.0, 0.0]
+    sigma[axis] = sigma_px
+    return ndimage.gaussian_filter(voxels.astype(np.float32), sigma)
 
 
 def _rotated(scan, degrees: float):
@@ -269,6 +290,9 @@ def vary(scan, variant: str, gt, seed: int):
         return None if l2 is None or l3 is None else _rows(scan, round(l2 - 0.5 * (l3 - l2)), scan.voxels.shape[0])
     if variant.startswith("pixels_x"):
         return _pixels_scaled(scan, float(variant[len("pixels_x"):]))
+    if variant.startswith(("pixels_rows_x", "pixels_cols_x")):
+        along, factor = variant[len("pixels_"):].split("_x")
+        return _pixels_scaled(scan, float(factor), along)
     if variant.startswith("rotated_"):
         return _rotated(scan, float(variant[len("rotated_"):]))
     if variant.startswith("slab_"):
