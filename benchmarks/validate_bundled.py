@@ -231,6 +231,8 @@ def disc_warning_table(summary: dict, discs_by_case: dict[str, list[dict]] | Non
     the clinical slices, disc masks' centres on the ivd volumes), the discs whose point lies inside a detected
     outline; and the share of that owed to the line for a body outlined from a weaker detection
     (``discs.measurements.rougher_outline_warning``). ``discs_by_case``: :func:`scored_discs` (None gives None)."""
+    from SpineNetLib.discs.measurements import is_rougher_outline_warning
+
     if discs_by_case is None:
         return None
     table = {"inside": 0, "inside_warned": 0, "inside_warned_rougher_only": 0, "outside": 0, "outside_warned": 0,
@@ -242,7 +244,8 @@ def disc_warning_table(summary: dict, discs_by_case: dict[str, list[dict]] | Non
                 continue
             where = "inside" if disc["level"] in m["disc_points_inside_outlines"] else "outside"
             lines = disc.get("measurement_warnings") or []
-            rougher = [line for line in lines if line.startswith(f"{disc['level']}: ") and "weaker detection" in line]
+            rougher = [line for line in lines
+                       if line.startswith(f"{disc['level']}: ") and is_rougher_outline_warning(line)]
             table[where] += 1
             table[f"{where}_warned"] += bool(lines)
             table[f"{where}_warned_rougher_only"] += bool(rougher) and len(rougher) == len(lines)

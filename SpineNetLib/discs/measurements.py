@@ -376,6 +376,15 @@ def disc_measurement_warnings(disc: DiscMeasurements, vertebrae: Sequence[Verteb
                                 disc.posterior_height_mm, disc.mean_height_mm, rougher)
 
 
+#: What both wordings of :func:`rougher_outline_warning` hold, and no other measurement line.
+_ROUGH_MARK = " and may be rough; check "
+
+
+def is_rougher_outline_warning(line: str) -> bool:
+    """Whether a measurement line is one of :func:`rougher_outline_warning`'s."""
+    return _ROUGH_MARK in line
+
+
 def rougher_outline_warning(level: str, rougher_bodies: Sequence[str]) -> str | None:
     """The line for the disc ``level`` whose bodies ``rougher_bodies`` (none, one or both) were outlined from
     weaker detections (``Vertebra.outline_from``): over the 201 validation scans such an outline reached over
@@ -384,10 +393,10 @@ def rougher_outline_warning(level: str, rougher_bodies: Sequence[str]) -> str | 
     if not rougher_bodies:
         return None
     if len(rougher_bodies) == 1:
-        return (f"{level}: {rougher_bodies[0]}'s outline comes from a weaker detection and may be rough; check it "
+        return (f"{level}: {rougher_bodies[0]}'s outline comes from a weaker detection{_ROUGH_MARK}it "
                 "before using these measurements")
-    return (f"{level}: the outlines of {' and '.join(rougher_bodies)} come from weaker detections and may be rough; "
-            "check them before using these measurements")
+    return (f"{level}: the outlines of {' and '.join(rougher_bodies)} come from weaker detections{_ROUGH_MARK}"
+            "them before using these measurements")
 
 
 def disc_height_warnings(level: str, anterior_mm: float, middle_mm: float, posterior_mm: float,

@@ -249,3 +249,16 @@ def replace_spacing(scan, factor: float):
 
     row_mm, col_mm, slice_mm = scan.spacing_mm
     return replaced(scan, spacing_mm=(row_mm * factor, col_mm * factor, slice_mm))
+
+
+def test_the_rough_outline_line_is_told_apart_from_the_other_height_lines():
+    """``benchmarks/validate_bundled.py`` counts the discs that the rough-outline line marks: the line is told apart
+    from the other lines of a disc (an overlap, a thin disc above S1) in both its wordings (one rough body, two)."""
+    from SpineNetLib.discs.measurements import disc_height_warnings, is_rougher_outline_warning
+
+    other = disc_height_warnings("L5-S1", -1.0, 2.0, 6.0, 2.3)
+    assert other and not any(is_rougher_outline_warning(line) for line in other)
+    for rough in (["L5"], ["L5", "S1"]):
+        lines = disc_height_warnings("L5-S1", -1.0, 2.0, 6.0, 2.3, rough)
+        assert [is_rougher_outline_warning(line) for line in lines] == [False] * len(other) + [True]
+        assert " and ".join(rough) in lines[-1]
