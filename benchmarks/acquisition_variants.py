@@ -81,7 +81,7 @@ VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "b
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "pixels_rows_x1.6",
             "pixels_cols_x1.6", "rotated_12", "rotated_-12",
             "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
-            "ghosts", "combined", "combined_5mm")
+            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -173,6 +173,19 @@ def _blurred_along(voxels: np.ndarray, axis: int, sigma_px: float) -> np.ndarray
     sigma = [0.0, 0.0, 0.0]
     sigma[axis] = sigma_px
     return ndimage.gaussian_filter(voxels.astype(np.float32), sigma)
+
+
+def _read_as_loaded(scan):
+    """``scan`` read again as ``load_scan`` reads an image file that holds its voxels (the acquisition classified,
+    thin slices averaged into slabs: inputs/canonical.py), its input geometry still pointing into the case's
+    image, so the annotation scores it."""
+    from SpineNetLib.inputs.canonical import scan_from_array
+
+    swap = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])   # array (i, j, k) -> (row, col, slice)
+    read = scan_from_array(scan.voxels, scan.canonical_to_ras @ swap, dict(scan.metadata))
+    return dataclasses.replace(read, input_ijk_to_ras=scan.input_ijk_to_ras, input_shape_ijk=scan.input_shape_ijk,
+                               input_slice_axis=scan.input_slice_axis,
+                               canonical_to_input_ijk=scan.canonical_to_input_ijk @ swap @ read.canonical_to_input_ijk)
 
 
 def _rotated(scan, degrees: float):
@@ -308,6 +321,10 @@ def vary(scan, variant: str, gt, seed: int):
         quarter = scan.voxels.shape[0] // 4
         v = scan.voxels
         return _with_voxels(scan, v + 0.12 * (np.roll(v, quarter, axis=0) + np.roll(v, -quarter, axis=0)))
+    if variant == "thin_1mm":            # read at 1 mm by predict_variant: the slices as they are
+        return scan
+    if variant == "space_like":          # read at 1 mm: finer pixels, then read as an image file of them is
+        return _read_as_loaded(_pixels_scaled(scan, 0.5))
     if variant.startswith("slices_"):    # needs the scan read at 1 mm: predict_variant does that
         return _thick_slices(scan, 5, 6 if variant.endswith("gap_1mm") else 5)
     raise InputError(f"unknown variant {variant!r} (use {', '.join(VARIANTS)})")
@@ -325,7 +342,7 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
-        thin = variant.startswith("slices_") or variant == "combined_5mm"     # read at 1 mm, then made thicker
+        thin = variant.startswith(("slices_", "thin_", "space_")) or variant == "combined_5mm"   # read at 1 mm
         if (sideways or thin or variant.startswith("slab_")) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
         if not target.is_file():

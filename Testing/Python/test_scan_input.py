@@ -284,6 +284,34 @@ def test_isotropic_sagittal_3d_slab_average_is_a_mean(tmp_path):
     np.testing.assert_allclose(c[:, 0], 10.0 + 20 - (4 * np.arange(5) + 1.5))   # R of the slab centres
 
 
+@pytest.mark.parametrize("slice_mm, averaged", [(0.9, True), (2.0, True), (2.5, False), (3.3, False)])
+def test_a_sagittal_stack_of_thin_slices_is_read_as_slabs(tmp_path, slice_mm, averaged):
+    """A 3D sagittal sequence such as T2 SPACE (0.47 mm pixels, 0.9 mm slices: its slices are over 1.5 times its
+    pixels, so it reads as a 2D sagittal stack) is averaged into ~3.5 mm slabs as a near-isotropic volume is, up to
+    2 mm apart; thicker 2D slices stay as they are. Each slab is the mean of whole slices, its place exact."""
+    a = affine("PIR", (0.47, 0.47, slice_mm))              # i -> P, j -> I, k -> R: k holds the sagittal slices
+    rng = np.random.default_rng(3)
+    vol = rng.uniform(0, 100, (30, 16, 12)).astype(np.float32)   # 30 slices along R
+    scan = load_scan(write_image(vol, a, tmp_path / "stack.nii.gz"))
+    native = scan_from_array(vol, a, resample_isotropic=False)
+    assert native.shape == (16, 12, 30)
+    if not averaged:
+        assert scan.shape == native.shape and scan.metadata["acquisition"] == "2D sagittal"
+        assert "resampled" not in scan.metadata
+        return
+    f = slab_factor(30, slice_mm)
+    assert scan.metadata["acquisition"] == native.metadata["acquisition"] == "thin-slice sagittal"
+    assert scan.metadata["resampled"]["slices_per_slab"] == f and 3.0 <= scan.spacing_mm[2] <= 4.5
+    np.testing.assert_allclose(scan.spacing_mm[:2], (0.47, 0.47))
+    start = (30 - (30 // f) * f) // 2
+    for t in range(scan.shape[2]):
+        np.testing.assert_allclose(scan.voxels[:, :, t],
+                                   native.voxels[:, :, start + f * t:start + f * t + f].mean(axis=2), rtol=1e-6)
+        # each slab lies at the mean place of its slices, in the scan's own coordinates
+        np.testing.assert_allclose(scan.canonical_to_ras_points(0, 0, t)[0],
+                                   native.canonical_to_ras_points(0, 0, start + f * t + (f - 1) / 2)[0], atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # compressed DICOM and other transfer syntaxes
 # --------------------------------------------------------------------------------------------
