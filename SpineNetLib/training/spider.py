@@ -214,8 +214,9 @@ def task_values(grades: dict[str, int | None]) -> dict[str, int]:
 def load_spider_case(case: SpiderCase):
     """``(Scan, labels)``: the image as ``spinenet run`` sees it and its mask on the same canonical grid.
 
-    Thin-slice 3D series are slab-averaged by ``canonical.scan_from_array``;
-    the mask then takes, for every slab, its middle thin slice.
+    Thin-slice series (near-isotropic ones, and sagittal stacks of slices 2 mm apart or less, such as
+    SPIDER's T2 SPACE) are slab-averaged by ``canonical.scan_from_array``; the mask then takes, for every
+    slab, its middle thin slice.
     """
     from SpineNetLib.inputs.canonical import scan_from_array
 
