@@ -95,8 +95,10 @@ def level_probability(vertebra: Vertebra) -> float | None:
 
 
 def input_description(scan: Scan) -> dict:
+    """What the input was and how it was read: its source, and the acquisition ``inputs/canonical.py`` took it
+    for, with the slab reading of thin slices where there was one (``resampled``)."""
     keep = ("path", "format", "series_uid", "study_uid", "frame_of_reference_uid", "series_description", "modality",
-            "manufacturer", "sequence", "overrides", "resampled_from_mm", "bids_session")
+            "manufacturer", "sequence", "overrides", "acquisition", "resampled", "bids_session")
     return {k: scan.metadata[k] for k in keep if k in scan.metadata}
 
 

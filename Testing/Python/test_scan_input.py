@@ -295,10 +295,15 @@ def test_a_sagittal_stack_of_thin_slices_is_read_as_slabs(tmp_path, slice_mm, av
     scan = load_scan(write_image(vol, a, tmp_path / "stack.nii.gz"))
     native = scan_from_array(vol, a, resample_isotropic=False)
     assert native.shape == (16, 12, 30)
+    from SpineNetLib.outputs.vertebrae import input_description
+
+    said = input_description(scan)              # vertebrae.json's "input" block tells how the scan was read
     if not averaged:
         assert scan.shape == native.shape and scan.metadata["acquisition"] == "2D sagittal"
-        assert "resampled" not in scan.metadata
+        assert "resampled" not in scan.metadata and said["acquisition"] == "2D sagittal" and "resampled" not in said
         return
+    assert said["acquisition"] == "thin-slice sagittal" and said["resampled"]["to_mm"] == pytest.approx(
+        slab_factor(30, slice_mm) * slice_mm)
     f = slab_factor(30, slice_mm)
     assert scan.metadata["acquisition"] == native.metadata["acquisition"] == "thin-slice sagittal"
     assert scan.metadata["resampled"]["slices_per_slab"] == f and 3.0 <= scan.spacing_mm[2] <= 4.5
