@@ -50,6 +50,11 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``combined``: several of the above at once, milder, as another centre's scan differs in more than one way:
   in-plane pixels 1.3 times as large (with their blur), gamma 1.3, the coil falloff and Rician noise of 3 %;
 * ``combined_5mm`` (volumes only): the same on 5 mm slices 5 mm apart (``slices_5mm``).
+* ``thin_1mm`` (volumes only): the volume's 1 mm slices as they are, not averaged into slabs (as a 3D
+  thin-slice volume is read);
+* ``space_like`` (volumes only): a 3D sagittal sequence such as T2 SPACE, pixels 0.5 mm and slices 1 mm, read
+  as ``load_scan`` reads an image file holding it (``_read_as_loaded``; thin sagittal stacks are averaged into
+  slabs since the sixty-third session).
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
