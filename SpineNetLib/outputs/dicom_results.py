@@ -309,21 +309,36 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
     for description, s in zip(descriptions, segments):
         if s.kind == "vertebra" and s.name in rougher:
             description.SegmentDescription = ROUGHER_SEGMENT_DESCRIPTION   # (0062,0006), optional
-    nk, nj, ni = segments[0].mask.shape
+    nk = segments[0].mask.shape[0]
     frames = scan.metadata.get("frames_in_slice_order") or [None] * nk
     # pixel[f] is frame f of the source: image f of the series, or frame f of the one multi-frame file
     order = np.arange(nk) if frames[0] is None else np.asarray(frames, int)
-    pixels = np.zeros((nk, nj, ni, len(segments)), np.uint8)
-    for n, s in enumerate(segments):
-        pixels[order, :, :, n] = s.mask
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(),
-        series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+        source_images=sources, pixel_array=_segment_pixels(segments, order),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="SpineNet", software_versions=_software_version(),
         device_serial_number="none", content_label="SPINENET", series_description="SpineNet vertebrae and discs" + note,
         content_description="vertebrae and intervertebral discs found by SpineNet",
         content_qualification="RESEARCH")
+
+
+def _segment_pixels(segments: list[FilledSegment], order: np.ndarray) -> np.ndarray:
+    """The segments on the source frames (``order``: the frame of each slice) as highdicom takes them: one
+    array of segment numbers (0 where none), or, where two segments share a voxel (outlines that overlap), one
+    plane per segment. highdicom writes the same binary frames from either; the array of numbers is the size of
+    one mask instead of one per segment (a 761 x 761 x 71 series with 15 segments: 41 MB instead of 617 MB)."""
+    by_slice = np.zeros(segments[0].mask.shape, np.uint8 if len(segments) < 256 else np.uint16)
+    for number, s in enumerate(segments, start=1):
+        if by_slice[s.mask].any():   # overlapping outlines: one plane per segment
+            planes = np.zeros((*by_slice.shape, len(segments)), np.uint8)
+            for n, each in enumerate(segments):
+                planes[order, :, :, n] = each.mask
+            return planes
+        by_slice[s.mask] = number
+    numbers = np.empty_like(by_slice)
+    numbers[order] = by_slice
+    return numbers
 
 
 # --------------------------------------------------------------------------- the report

@@ -24,7 +24,7 @@ from SpineNetLib.outputs.dicom_results import (GRADE_CODES, MEASUREMENT_CODES, P
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS
 from SpineNetLib.outputs.documents import GRADE_HEADS, disc_polygons, vertebrae_document_from_truth
 from SpineNetLib.outputs.files import write_results
-from SpineNetLib.outputs.segmentation import fill_polygons
+from SpineNetLib.outputs.segmentation import fill_polygons, filled_segments
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from oracles import ground_truth_centroid_ras
@@ -291,6 +291,35 @@ def test_enhanced_multiframe_source_with_shuffled_frames(tmp_path):
     write_results(tmp_path / "out", result, scan=scan, preview=False, dicom=True)
     assert json.loads((tmp_path / "out" / "result.json").read_text())["dicom"] == ["segmentation.dcm"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.dcm")) == ["segmentation.dcm"]
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_every_segment_lands_on_its_frames_whether_or_not_outlines_overlap(tmp_path, overlapping):
+    """Segments that share no voxel go to highdicom as one array of segment numbers, segments of outlines that
+    overlap as one plane each (a voxel cannot hold two numbers): either way every segment of the Segmentation
+    is its filled polygons on the source frames it lies on, here a multi-frame file with shuffled frames."""
+    phantom = make_phantom(fov="lumbar", shape=(160, 160), pixel_spacing=(1.6, 1.6), n_slices=4, seed=5)
+    write_enhanced_dicom(phantom.voxels_kji, phantom.ijk_to_ras, tmp_path / "mf" / "enhanced.dcm",
+                         shuffle_frames=True, seed=2)
+    scan = load_scan(tmp_path / "mf")
+    frames = scan.metadata["frames_in_slice_order"]
+    vertebrae_doc = vertebrae_document_from_truth(scan, [v for v in phantom.vertebrae if not v.extra])
+    if overlapping:   # the second body's outline drawn over the first's lower half
+        first, second = vertebrae_doc["vertebrae"][:2]
+        for upper, lower in zip(first["polygons"], second["polygons"]):
+            corners = np.asarray(upper["corners_ras"], float)
+            lower["corners_ras"] = (corners + 0.5 * (corners[[1, 1, 2, 2]] - corners[[0, 0, 3, 3]])).tolist()
+    files = dicom_result_files(scan, vertebrae_doc, None)
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(files["segmentation.dcm"]))
+    source_uid = str(pydicom.dcmread(tmp_path / "mf" / "enhanced.dcm", stop_before_pixels=True).SOPInstanceUID)
+    pixels = seg.get_pixels_by_source_frame(source_uid, [f + 1 for f in frames],
+                                            segment_numbers=list(seg.segment_numbers))
+    masks = [s.mask for s in filled_segments(vertebrae_doc, scan.input_ijk_to_ras, scan.input_shape_ijk)
+             if s.mask.any()]                         # the vertebrae, then the discs
+    assert (masks[0] & masks[1]).any() == overlapping
+    assert pixels.shape[-1] == len(masks) == len(vertebrae_doc["vertebrae"]) * 2 - 1
+    for n, mask in enumerate(masks):
+        assert np.array_equal(pixels[..., n].astype(bool), mask), n
 
 
 def test_dicom_out_on_a_nifti_is_refused_before_the_inference(tmp_path, monkeypatch, capsys):
