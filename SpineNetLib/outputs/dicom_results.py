@@ -316,7 +316,8 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=_segment_pixels(segments, order),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+        series_instance_uid=hd.UID(), series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name="SpineNet", software_versions=_software_version(),
         device_serial_number="none", content_label="SPINENET", series_description="SpineNet vertebrae and discs" + note,
         content_description="vertebrae and intervertebral discs found by SpineNet",
