@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +73,7 @@ from SpineNetLib.core.levels import LEVELS_TOP_DOWN, disc_name
 from SpineNetLib.outputs.discs import DISC_MEASUREMENTS
 from SpineNetLib.outputs.documents import measurement_unit, reported_probability, rough_outline, vertebra_name
 from SpineNetLib.outputs.vertebrae import next_best_levels
-from SpineNetLib.outputs.segmentation import FilledSegment, filled_segments
+from SpineNetLib.outputs.segmentation import filled_segments
 
 if TYPE_CHECKING:  # annotations only
     from SpineNetLib.core.scan import Scan
@@ -289,7 +290,19 @@ def _software_version() -> str:
 
 # --------------------------------------------------------------------------- the segmentation
 
-def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], tracking_uids: dict, note: str,
+@dataclass(frozen=True)
+class _SegmentVoxels:
+    """A filled segment (``outputs/segmentation.FilledSegment``) kept as the flat indices of its voxels in the
+    ``[k, j, i]`` input grid of ``shape``: a whole-grid mask per segment holds 41 MB each on a 761 x 761 x 71
+    series, the voxels of a body a few MB."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int, int]
+    indices: np.ndarray
+
+
+def _segmentation(scan: Scan, sources: list, segments: list[_SegmentVoxels], tracking_uids: dict, note: str,
                   rougher: set[str]):
     """The highdicom Segmentation of the non-empty ``segments`` on the source frames (``note`` ends its
     series description; the segments named in ``rougher`` say :data:`ROUGHER_SEGMENT_DESCRIPTION`)."""
@@ -309,7 +322,7 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
     for description, s in zip(descriptions, segments):
         if s.kind == "vertebra" and s.name in rougher:
             description.SegmentDescription = ROUGHER_SEGMENT_DESCRIPTION   # (0062,0006), optional
-    nk = segments[0].mask.shape[0]
+    nk = segments[0].shape[0]
     frames = scan.metadata.get("frames_in_slice_order") or [None] * nk
     # pixel[f] is frame f of the source: image f of the series, or frame f of the one multi-frame file
     order = np.arange(nk) if frames[0] is None else np.asarray(frames, int)
@@ -324,19 +337,23 @@ def _segmentation(scan: Scan, sources: list, segments: list[FilledSegment], trac
         content_qualification="RESEARCH")
 
 
-def _segment_pixels(segments: list[FilledSegment], order: np.ndarray) -> np.ndarray:
+def _segment_pixels(segments: list[_SegmentVoxels], order: np.ndarray) -> np.ndarray:
     """The segments on the source frames (``order``: the frame of each slice) as highdicom takes them: one
     array of segment numbers (0 where none), or, where two segments share a voxel (outlines that overlap), one
     plane per segment. highdicom writes the same binary frames from either; the array of numbers is the size of
-    one mask instead of one per segment (a 761 x 761 x 71 series with 15 segments: 41 MB instead of 617 MB)."""
-    by_slice = np.zeros(segments[0].mask.shape, np.uint8 if len(segments) < 256 else np.uint16)
+    one mask instead of one per segment (a 761 x 761 x 71 series with 15 segments: 41 MB instead of 617 MB;
+    benchmarks/bench_dicom_results.py)."""
+    by_slice = np.zeros(segments[0].shape, np.uint8 if len(segments) < 256 else np.uint16)
+    flat = by_slice.reshape(-1)
     for number, s in enumerate(segments, start=1):
-        if by_slice[s.mask].any():   # overlapping outlines: one plane per segment
+        if flat[s.indices].any():   # overlapping outlines: one plane per segment
             planes = np.zeros((*by_slice.shape, len(segments)), np.uint8)
             for n, each in enumerate(segments):
-                planes[order, :, :, n] = each.mask
+                mask = np.zeros(by_slice.shape, np.uint8)
+                mask.reshape(-1)[each.indices] = 1
+                planes[order, :, :, n] = mask
             return planes
-        by_slice[s.mask] = number
+        flat[s.indices] = number
     numbers = np.empty_like(by_slice)
     numbers[order] = by_slice
     return numbers
@@ -474,8 +491,8 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
         raise InputError("DICOM results need the highdicom package: pip install highdicom") from None
 
     sources = _source_headers(scan)
-    segments = [s for s in filled_segments(vertebrae_doc, scan.input_ijk_to_ras, scan.input_shape_ijk)
-                if s.mask.any()]
+    segments = [_SegmentVoxels(s.name, s.kind, s.mask.shape, np.flatnonzero(s.mask))
+                for s in filled_segments(vertebrae_doc, scan.input_ijk_to_ras, scan.input_shape_ijk) if s.mask.any()]
     tracking_uids = {s.name: hd.UID() for s in segments}
     segment_numbers = {s.name: n for n, s in enumerate(segments, start=1) if s.kind == "disc"}
     with warnings.catch_warnings():

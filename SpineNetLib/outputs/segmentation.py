@@ -11,6 +11,7 @@ on the ``k``-th image of ``Scan.metadata["files_in_slice_order"]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -104,16 +105,15 @@ def fill_polygons(polygons_ras, ijk_to_ras_matrix, dims_ijk) -> np.ndarray:
     return mask
 
 
-def filled_segments(vertebrae_doc: dict, ijk_to_ras_matrix, dims_ijk) -> list[FilledSegment]:
+def filled_segments(vertebrae_doc: dict, ijk_to_ras_matrix, dims_ijk) -> Iterator[FilledSegment]:
     """Every vertebra (its polygons on every slice where it was found), then every disc
     (:func:`SpineNetLib.outputs.documents.disc_polygons`), top to bottom, filled on the grid of
     ``dims_ijk`` = (ni, nj, nk) with IJK-to-RAS ``ijk_to_ras_matrix``.  Masks may be empty (a
-    polygon outside the grid)."""
-    out = []
+    polygon outside the grid).  Made one at a time, as they are taken: each is a mask of the whole grid, and
+    a caller that keeps less of each (the DICOM Segmentation) then never holds them all."""
     for i, v in enumerate(vertebrae_doc["vertebrae"]):
         mask = fill_polygons([p["corners_ras"] for p in v["polygons"]], ijk_to_ras_matrix, dims_ijk)
-        out.append(FilledSegment(vertebra_name(v, i), "vertebra", mask))
+        yield FilledSegment(vertebra_name(v, i), "vertebra", mask)
     for d in disc_polygons(vertebrae_doc):
         mask = fill_polygons([p["corners_ras"] for p in d["polygons"]], ijk_to_ras_matrix, dims_ijk)
-        out.append(FilledSegment(d["level"], "disc", mask))
-    return out
+        yield FilledSegment(d["level"], "disc", mask)
