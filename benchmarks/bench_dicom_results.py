@@ -8,7 +8,9 @@ images (0.47 mm pixels, 0.9 mm slices). This writes such a series as DICOM from 
 folder under ../shared/data holding a 1 mm ``image.nii.gz``; its pixels resampled to ``--pixels`` mm by
 ``acquisition_variants``' resampler, its 1 mm slices kept), then times ``spinenet run`` on it, each run a fresh
 process (``--no-preview``), without and with ``--dicom-out``: the median and slowest wall seconds of
-``--repeats`` runs after one unmeasured one, and the largest peak resident memory of a run.
+``--repeats`` runs after one unmeasured one, and the largest peak resident memory of a run. Where slicer-core is
+installed, it then times the Slicer scene's segmentation of the same run (``slicer/mrml.add_segmentation``) in a
+process of its own: the seconds, and how far it raises the process's peak above reading the series.
 """
 
 from __future__ import annotations
@@ -65,6 +67,38 @@ def one_run(series: Path, out: Path, threads: int, dicom: bool) -> tuple[float, 
     return wall, int(lines[-1].split()[1]) / 1024
 
 
+#: The Slicer segmentation of a run's vertebrae.json on its series, in a process of its own: one stdout line.
+_MEASURED_SCENE = ("import json, resource, sys, time\n"
+                   "import numpy as np\n"
+                   "from SpineNetLib.inputs.load import load_scan\n"
+                   "from SpineNetLib.slicer import mrml\n"
+                   "scan = load_scan(sys.argv[1], resample_isotropic=False)\n"
+                   "doc = json.loads(open(sys.argv[2]).read())\n"
+                   "scene = mrml.new_scene()\n"
+                   "volume = mrml.add_volume(scene, np.zeros(scan.input_shape_ijk[::-1], np.int16),\n"
+                   "                         scan.input_ijk_to_ras, 'series')\n"
+                   "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                   "start = time.perf_counter()\n"
+                   "node = mrml.add_segmentation(scene, volume, doc)\n"
+                   "print(node.GetSegmentation().GetNumberOfSegments(), time.perf_counter() - start,\n"
+                   "      (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+
+
+def scene_segmentation(series: Path, vertebrae_json: Path) -> str:
+    """The line for the Slicer scene's segmentation of a run, or why there is none."""
+    import importlib.util
+
+    if importlib.util.find_spec("slicer") is None:
+        return "  Slicer scene: slicer-core is not installed"
+    done = subprocess.run([sys.executable, "-c", _MEASURED_SCENE, str(series), str(vertebrae_json)], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the Slicer segmentation failed: {done.stderr.strip().splitlines()[-1:]}")
+    segments, seconds, raised_mb = done.stdout.split()
+    return (f"  Slicer scene: mrml.add_segmentation, {segments} segments, {float(seconds):.2f} s, peak raised "
+            f"{float(raised_mb):.0f} MB above reading the series")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="chu/chu_02", help="a folder under the data root (default %(default)s)")
@@ -100,6 +134,7 @@ def main(argv=None) -> int:
             walls = [w for w, _ in runs]
             print(f"  {'with --dicom-out' if dicom else 'without':18} {statistics.median(walls):6.2f} s "
                   f"(slowest {max(walls):5.2f} s)   peak {max(p for _, p in runs):6.0f} MB")
+        print(scene_segmentation(series, Path(tmp) / "out0" / "vertebrae.json"))
     return 0
 
 

@@ -43,6 +43,7 @@ import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import slicer
@@ -616,15 +617,16 @@ def _oriented_labelmap(mask_kji: np.ndarray, ijk_to_ras_matrix):
     return image
 
 
-def segment_masks(volume_node, vertebrae_doc: dict) -> list[tuple[str, tuple, np.ndarray, bool]]:
-    """``(name, colour, [k, j, i] mask, rough)`` per vertebra then per disc, filled in the volume's grid
-    (:func:`SpineNetLib.outputs.segmentation.filled_segments`); ``rough``: a vertebra whose outline a weaker
-    detection drew (:func:`documents.rough_outline`)."""
+def segment_masks(volume_node, vertebrae_doc: dict) -> Iterator[tuple[str, tuple, np.ndarray, bool]]:
+    """``(name, colour, [k, j, i] mask, rough)`` per vertebra then per disc, filled in the volume's grid one at a
+    time (:func:`SpineNetLib.outputs.segmentation.filled_segments`: a whole-grid mask each, so a large volume's
+    are not all held at once); ``rough``: a vertebra whose outline a weaker detection drew
+    (:func:`documents.rough_outline`)."""
     vertebrae = vertebrae_doc["vertebrae"]
     segments = filled_segments(vertebrae_doc, ijk_to_ras(volume_node), volume_dimensions(volume_node))
-    return [(s.name, documents.level_colour(vertebrae[n].get("level")), s.mask, documents.rough_outline(vertebrae[n]))
+    return ((s.name, documents.level_colour(vertebrae[n].get("level")), s.mask, documents.rough_outline(vertebrae[n]))
             if s.kind == "vertebra" else (s.name, documents.SEGMENT_DISC_COLOUR, s.mask, False)
-            for n, s in enumerate(segments)]
+            for n, s in enumerate(segments))
 
 
 def add_segmentation(scene, volume_node, vertebrae_doc: dict):
