@@ -389,8 +389,9 @@ def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing
     below = []
     for p in preds:
         offset = p.centroid_xy * scale - l5
-        if 0.3 * step < float(offset @ down) and float(np.hypot(*offset)) < 1.5 * step:
-            below.append((float(np.hypot(*offset)), p))
+        distance = float(np.hypot(*offset))
+        if 0.3 * step < float(offset @ down) and distance < 1.5 * step:
+            below.append((distance, p))
     return bool(below) and min(below, key=lambda dp: dp[0])[1].level == "S1"
 
 

@@ -11,9 +11,10 @@ the headers of the source series (read again without their pixel data):
   grid's slice index, rows and columns are the image's) and references it; the frame geometry is
   copied from the source images, so no LPS/RAS conversion happens here (the loader's IJK-to-RAS
   already turned the source's LPS into RAS, docs/CONVENTIONS.md).  Written when at least one
-  vertebra is filled.  The masks are held in memory at once as one byte per voxel and segment.  A
-  vertebra whose outline a weaker detection drew (``outline_from``) has the Segment Description
-  :data:`ROUGHER_SEGMENT_DESCRIPTION`.
+  vertebra is filled.  The masks are made one at a time and kept as their voxels' indices, then
+  handed to highdicom as one array of segment numbers (one plane per segment where outlines
+  overlap: :func:`_segment_pixels`).  A vertebra whose outline a weaker detection drew
+  (``outline_from``) has the Segment Description :data:`ROUGHER_SEGMENT_DESCRIPTION`.
 * ``report.dcm`` (:data:`REPORT_FILE`), a Comprehensive 3D SR holding a TID 1500 Imaging
   Measurement Report: one measurement group per disc of ``discs.json``, tracking identifier =
   the disc level (the same tracking UID as its segment), finding site = the disc's code, the
@@ -293,12 +294,11 @@ def _software_version() -> str:
 @dataclass(frozen=True)
 class _SegmentVoxels:
     """A filled segment (``outputs/segmentation.FilledSegment``) kept as the flat indices of its voxels in the
-    ``[k, j, i]`` input grid of ``shape``: a whole-grid mask per segment holds 41 MB each on a 761 x 761 x 71
-    series, the voxels of a body a few MB."""
+    ``[k, j, i]`` input grid: a whole-grid mask per segment holds 41 MB each on a 761 x 761 x 71 series, the
+    voxels of a body a few MB."""
 
     name: str
     kind: str
-    shape: tuple[int, int, int]
     indices: np.ndarray
 
 
@@ -322,12 +322,12 @@ def _segmentation(scan: Scan, sources: list, segments: list[_SegmentVoxels], tra
     for description, s in zip(descriptions, segments):
         if s.kind == "vertebra" and s.name in rougher:
             description.SegmentDescription = ROUGHER_SEGMENT_DESCRIPTION   # (0062,0006), optional
-    nk = segments[0].shape[0]
-    frames = scan.metadata.get("frames_in_slice_order") or [None] * nk
+    grid = tuple(int(n) for n in reversed(scan.input_shape_ijk))     # [k, j, i]
+    frames = scan.metadata.get("frames_in_slice_order") or [None] * grid[0]
     # pixel[f] is frame f of the source: image f of the series, or frame f of the one multi-frame file
-    order = np.arange(nk) if frames[0] is None else np.asarray(frames, int)
+    order = np.arange(grid[0]) if frames[0] is None else np.asarray(frames, int)
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=_segment_pixels(segments, order),
+        source_images=sources, pixel_array=_segment_pixels(segments, grid, order),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=SEGMENTATION_SERIES_NUMBER, sop_instance_uid=hd.UID(),
         instance_number=1,
@@ -337,13 +337,13 @@ def _segmentation(scan: Scan, sources: list, segments: list[_SegmentVoxels], tra
         content_qualification="RESEARCH")
 
 
-def _segment_pixels(segments: list[_SegmentVoxels], order: np.ndarray) -> np.ndarray:
-    """The segments on the source frames (``order``: the frame of each slice) as highdicom takes them: one
-    array of segment numbers (0 where none), or, where two segments share a voxel (outlines that overlap), one
-    plane per segment. highdicom writes the same binary frames from either; the array of numbers is the size of
-    one mask instead of one per segment (a 761 x 761 x 71 series with 15 segments: 41 MB instead of 617 MB;
-    benchmarks/bench_dicom_results.py)."""
-    by_slice = np.zeros(segments[0].shape, np.uint8 if len(segments) < 256 else np.uint16)
+def _segment_pixels(segments: list[_SegmentVoxels], grid: tuple[int, int, int], order: np.ndarray) -> np.ndarray:
+    """The segments of the ``[k, j, i]`` input ``grid`` on the source frames (``order``: the frame of each slice)
+    as highdicom takes them: one array of segment numbers (0 where none), or, where two segments share a voxel
+    (outlines that overlap), one plane per segment. highdicom writes the same binary frames from either; the
+    array of numbers is the size of one mask instead of one per segment (a 761 x 761 x 71 series with 15
+    segments: 41 MB instead of 617 MB; benchmarks/bench_dicom_results.py)."""
+    by_slice = np.zeros(grid, np.uint8 if len(segments) < 256 else np.uint16)
     flat = by_slice.reshape(-1)
     for number, s in enumerate(segments, start=1):
         if flat[s.indices].any():   # overlapping outlines: one plane per segment
@@ -491,7 +491,7 @@ def dicom_result_files(scan: Scan, vertebrae_doc: dict, discs_doc: dict | None) 
         raise InputError("DICOM results need the highdicom package: pip install highdicom") from None
 
     sources = _source_headers(scan)
-    segments = [_SegmentVoxels(s.name, s.kind, s.mask.shape, np.flatnonzero(s.mask))
+    segments = [_SegmentVoxels(s.name, s.kind, np.flatnonzero(s.mask))
                 for s in filled_segments(vertebrae_doc, scan.input_ijk_to_ras, scan.input_shape_ijk) if s.mask.any()]
     tracking_uids = {s.name: hd.UID() for s in segments}
     segment_numbers = {s.name: n for n, s in enumerate(segments, start=1) if s.kind == "disc"}
