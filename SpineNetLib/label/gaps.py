@@ -126,7 +126,11 @@ def space_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     mean height (:func:`_spaces_and_heights`).  NaN where the bodies have no height."""
     if len(vertebrae) < 2:
         return np.zeros(0)
-    spaces, heights = _spaces_and_heights(vertebrae)
+    return _over_heights(*_spaces_and_heights(vertebrae))
+
+
+def _over_heights(spaces: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """``spaces / heights``, NaN where a height is not positive."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(heights > 0, spaces / heights, np.nan)
 
@@ -181,8 +185,8 @@ def gaps_missing_a_body(vertebrae: Sequence[Vertebra]) -> np.ndarray:
     step says nothing of the usual one."""
     if len(vertebrae) < MIN_BODIES_TO_FIND_A_GAP:
         return np.zeros(max(len(vertebrae) - 1, 0), bool)
-    high = space_ratios(vertebrae) > MISSED_BODY_SPACE_RATIO   # NaN (no height) is not high
-    spaces = _spaces_and_heights(vertebrae)[0]
+    spaces, heights = _spaces_and_heights(vertebrae)
+    high = _over_heights(spaces, heights) > MISSED_BODY_SPACE_RATIO   # NaN (no height) is not high
     return ((_over_the_others(_steps(vertebrae)) > MISSED_BODY_GAP_RATIO)
             | (high & (_over_the_others(spaces) > MISSED_BODY_USUAL_SPACES)))
 
