@@ -55,6 +55,13 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``space_like`` (volumes only): a 3D sagittal sequence such as T2 SPACE, pixels 0.5 mm and slices 1 mm, read
   as ``load_scan`` reads an image file holding it (``_read_as_loaded``; thin sagittal stacks are averaged into
   slabs since the sixty-third session).
+* ``t1_like`` (T2 scans only): a T1-like contrast made from the T2 image by a piecewise-linear intensity map
+  (``_t1_like``): the 70th percentile of the scan's foreground, near the marrow of the T2 scans here (its median
+  lies between their 44th and 87th percentiles), becomes the brightest tissue, and the brightest eighth
+  (cerebrospinal fluid, healthy disc nuclei, fat) falls to dark grey, as on T1. A
+  caricature, not a T1 sequence: fat turns dark with the fluid (on T1 it is bright), and an intensity map cannot
+  change what only the tissue's relaxation times set. It asks whether the levels rest on the bright fluid and
+  discs of T2, since real T1 scans here are one (zukic_02) and T1 is 44 % of SPIDER's series.
 
 Crops, resampling and turns keep the scan's geometry (its canonical-to-RAS matrix follows the new
 pixel grid), so the annotation scores them unchanged; bodies cropped away count as missed, so read recall and IDR there
@@ -86,7 +93,7 @@ VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "b
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "pixels_rows_x1.6",
             "pixels_cols_x1.6", "rotated_12", "rotated_-12",
             "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
-            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like")
+            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like", "t1_like")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -105,6 +112,25 @@ def _rician(scan, fraction: float, seed: int):
     sigma = fraction * float(np.percentile(scan.voxels, 99))
     v = scan.voxels
     return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
+
+
+# The T1-like map (module docstring): knots at the 0th, 70th and 92nd percentiles of the scan's foreground (voxels
+# above a tenth of its 99.5th intensity percentile) and at its brightest voxel, with the new intensity of each as a
+# share of the 99.5th percentile. Below the foreground the intensity is only scaled, so background noise stays faint.
+_T1_LIKE_FOREGROUND_PERCENTILES = (0.0, 70.0, 92.0)
+_T1_LIKE_VALUES = (0.15, 1.0, 0.35, 0.25)
+
+
+def _t1_like(scan):
+    """``scan`` with its intensities mapped piecewise-linearly (``_T1_LIKE_VALUES``): the brightest tissue of a T2
+    image (fluid, disc nuclei, fat) dark grey, its mid-grey (marrow) the brightest."""
+    v = scan.voxels
+    sample = v.ravel()[:: max(1, v.size // 200_000)]
+    top = float(np.percentile(sample, 99.5)) or 1.0
+    foreground = sample[sample > 0.1 * top]
+    knots = [*np.percentile(foreground, _T1_LIKE_FOREGROUND_PERCENTILES), float(v.max())]
+    knots = np.maximum.accumulate(np.asarray(knots) + 1e-6 * top * np.arange(len(knots)))
+    return _with_voxels(scan, top * np.interp(v, [0.0, *knots], [0.0, *_T1_LIKE_VALUES]))
 
 
 def _cropped(scan, axis: int, first: int, stop: int):
@@ -326,6 +352,8 @@ def vary(scan, variant: str, gt, seed: int):
         quarter = scan.voxels.shape[0] // 4
         v = scan.voxels
         return _with_voxels(scan, v + 0.12 * (np.roll(v, quarter, axis=0) + np.roll(v, -quarter, axis=0)))
+    if variant == "t1_like":
+        return _t1_like(scan)
     if variant == "thin_1mm":            # read at 1 mm by predict_variant: the slices as they are
         return scan
     if variant == "space_like":          # read at 1 mm: finer pixels, then read as an image file of them is
@@ -350,6 +378,8 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
         thin = variant.startswith(("slices_", "thin_", "space_")) or variant == "combined_5mm"   # read at 1 mm
         if (sideways or thin or variant.startswith("slab_")) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
+        if variant == "t1_like" and case.sequence != "T2":
+            continue                              # the map turns a T2 contrast into a T1-like one
         if not target.is_file():
             if sideways:
                 move = _Sideways(case.path / "image.nii.gz", float(variant.split("_")[-1][:-len("mm")]),

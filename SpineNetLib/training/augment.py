@@ -223,6 +223,34 @@ def degrade_acquisition(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(slices.reshape(x.shape), dtype=np.float32)
 
 
+def t1_like_contrast(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+    """``x`` (a 2-D patch or a 3-D volume, dark background at 0, such as a normalised one; normalise the result
+    again) with a random T1-like contrast made from its T2 one: a piecewise-linear intensity map whose knots lie
+    at percentiles of the foreground (voxels above a tenth of the 99.5th percentile), the mid-grey (marrow, at a
+    random 55th-85th percentile) made the brightest and the brightest voxels (fluid, disc nuclei) dark grey.
+
+    One of the family of which ``benchmarks/acquisition_variants.py``'s ``t1_like`` row is a fixed member.  A
+    share ``1 - DEGRADE_SHARE`` is returned unchanged, as by ``degrade_acquisition``.
+    """
+    x = np.asarray(x, np.float32)
+    if rng.random() >= DEGRADE_SHARE:
+        return x
+    top = float(np.percentile(x, 99.5)) or 1.0
+    foreground = x[x > 0.1 * top]
+    if foreground.size < 16:
+        return x
+    middle = float(rng.uniform(55.0, 85.0))
+    bright = float(rng.uniform(middle + 7.0, 97.0))
+    knots = [*np.percentile(foreground, (0.0, middle, bright)), float(x.max())]
+    knots = np.maximum.accumulate(np.asarray(knots) + 1e-6 * top * np.arange(len(knots)))
+    values = (rng.uniform(0.05, 0.3), 1.0, rng.uniform(0.2, 0.5), rng.uniform(0.1, 0.4))
+    return (top * np.interp(x, [0.0, *knots], [0.0, *values])).astype(np.float32)
+
+
+#: The changes ``--robust-distil`` shows its student, by ``--degradation`` name.
+DEGRADATIONS = {"acquisition": degrade_acquisition, "t1-contrast": t1_like_contrast}
+
+
 def normalise_patch(patch: np.ndarray) -> np.ndarray:
     """Exactly the detector's inference normalisation of a ``(P, P)`` patch (official §5.1).
 

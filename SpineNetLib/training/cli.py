@@ -206,6 +206,13 @@ def _add_tianchi_targets_parser(sub) -> None:
     tq.set_defaults(func=command_tianchi_targets)
 
 
+def _add_degradation_argument(parser: argparse.ArgumentParser) -> None:
+    """``--degradation``: what ``--robust-distil`` changes in the student's inputs (``augment.DEGRADATIONS``)."""
+    parser.add_argument("--degradation", choices=("acquisition", "t1-contrast"), default="acquisition",
+                        help="what --robust-distil changes in the student's inputs: another centre's poorer "
+                             "acquisition (default) or a random T1-like contrast made from the T2 one")
+
+
 def _add_fine_tuning_arguments(det: argparse.ArgumentParser) -> None:
     """The detector's options for a fine-tune that holds it to its ``--init`` weights (``training/detector.py``)."""
     det.add_argument("--distil", type=float, default=0.0, metavar="W",
@@ -215,6 +222,7 @@ def _add_fine_tuning_arguments(det: argparse.ArgumentParser) -> None:
                      help="show the detector its patches degraded as another centre's poorer scan (coarser pixels, "
                           "gamma, falloff, noise) and hold its outputs, with weight W, to those of its --init "
                           "weights on the clean patches (default 0: not held)")
+    _add_degradation_argument(det)
     det.add_argument("--annotation-weight", type=float, default=1.0, metavar="A",
                      help="weight of the loss against the annotated outlines (default 1; 0 with --robust-distil: "
                           "the detector learns only to see degraded patches as its --init weights see clean ones)")
@@ -277,6 +285,7 @@ def register(subparsers) -> None:
                      help="show the network each body's volume degraded as another centre's poorer scan (coarser "
                           "pixels, gamma, falloff, noise) and hold its level probabilities, with weight W, to those "
                           "of its --init weights on the clean volume (needs --init; default 0: not held)")
+    _add_degradation_argument(app)
     app.set_defaults(func=command_train_appearance)
 
     _add_appearance_pool_parser(sub)

@@ -34,8 +34,10 @@ to the detector it starts from (learning without forgetting).
 With ``--robust-distil W`` (fine-tuning only) the detector sees each patch degraded as a poorer scan of
 another centre (:func:`degraded_batch`), and its outputs are held with weight W, over every pixel, to
 those of the ``--init`` detector on the clean patch; ``--annotation-weight A`` scales the loss against the
-annotations (0: the held outputs alone).  Tried on the bundled detector and not kept (docs/EXPERIMENTS.md, "The
-detector taught to see a poorer scan as it sees a clean one").
+annotations (0: the held outputs alone); ``--degradation t1-contrast`` shows it a T1-like contrast made from
+the T2 patch instead.  Both tried on the bundled detector and not kept (docs/EXPERIMENTS.md, "The detector
+taught to see a poorer scan as it sees a clean one"; "The detector and the appearance network taught a T1-like
+contrast").
 
 With ``--frozen-batchnorm`` (fine-tuning only) every BatchNorm layer of the detector (and of the held copy)
 normalises with the ``--init`` detector's running statistics and does not update them
@@ -438,14 +440,15 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
     return tuple(np.stack(column) for column in zip(*items))
 
 
-def degraded_batch(rng: np.random.Generator, inputs: np.ndarray) -> np.ndarray:
+def degraded_batch(rng: np.random.Generator, inputs: np.ndarray, degradation: str = "acquisition") -> np.ndarray:
     """The normalised inputs ``(B, P, P)`` of a batch, each degraded as another centre's poorer scan
-    (``augment.degrade_acquisition``) and normalised again as at inference: the student's inputs of
-    ``--robust-distil``.  Whole-slice frames (``FRAME_SIZES``, zero padding beyond the slice, which a
-    second normalisation would move) are left as they are."""
+    (``augment.DEGRADATIONS[degradation]``: by default ``degrade_acquisition``) and normalised again as at
+    inference: the student's inputs of ``--robust-distil``.  Whole-slice frames (``FRAME_SIZES``, zero padding
+    beyond the slice, which a second normalisation would move) are left as they are."""
     if inputs.shape[-1] != PATCH:
         return inputs
-    return np.stack([augment.normalise_patch(augment.degrade_acquisition(rng, x)) for x in inputs])
+    change = augment.DEGRADATIONS[degradation]
+    return np.stack([augment.normalise_patch(change(rng, x)) for x in inputs])
 
 
 def _later_settings(args) -> dict:
@@ -455,7 +458,8 @@ def _later_settings(args) -> dict:
             **setting_if_changed("annotation_weight", float(getattr(args, "annotation_weight", 1.0)), 1.0),
             **setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
                                  MAX_ROTATION_DEG),
-            **setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False)}
+            **setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False),
+            **setting_if_changed("degradation", str(getattr(args, "degradation", "acquisition")), "acquisition")}
 
 
 def _holds_outputs(config: dict) -> bool:
@@ -518,7 +522,8 @@ def train(args) -> Path:
 
     def step_fn(step):
         batch = sample_batch(rng, real, clinical, phantoms, pf, config, args)
-        student_input = degraded_batch(rng, batch[0]) if robust_distil > 0 else batch[0]
+        student_input = (degraded_batch(rng, batch[0], config.get("degradation", "acquisition"))
+                         if robust_distil > 0 else batch[0])
         x, t, v, focus = (torch.from_numpy(a).to(device) for a in batch)
         x_student = torch.from_numpy(student_input).to(device)[:, None]
         if frozen_batchnorm:

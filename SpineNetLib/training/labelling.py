@@ -17,8 +17,10 @@ cross-entropy of ``logits / T`` with T = ``LabellingParams.temperature`` (10),
 so that the pipeline's ``softmax(logits / 10)`` is what was trained.
 With ``--robust-distil W`` (fine-tuning only) the network reads each volume degraded as another centre's
 poorer scan (:func:`degraded_volumes`), and its level probabilities are also held, with weight W, to those
-its ``--init`` weights give on the clean volume (:func:`held_to_teacher`).  Tried on the bundled network
-(docs/EXPERIMENTS.md, "The appearance network taught to read a poorer scan").
+its ``--init`` weights give on the clean volume (:func:`held_to_teacher`); ``--degradation t1-contrast``
+shows it a T1-like contrast made from the T2 volume instead.  Both tried on the bundled network and not kept
+(docs/EXPERIMENTS.md, "The appearance network taught to read a poorer scan"; "The detector and the appearance
+network taught a T1-like contrast").
 
 Context: the network only sees geometry and appearance vectors, so it is
 trained on synthetic "label images" built exactly as
@@ -335,6 +337,7 @@ def train_appearance(args) -> Path:
     config.update(setting_if_changed("ema", ema, 0.0))
     robust_distil = float(getattr(args, "robust_distil", 0.0) or 0.0)
     config.update(setting_if_changed("robust_distil", robust_distil, 0.0))
+    config.update(setting_if_changed("degradation", str(getattr(args, "degradation", "acquisition")), "acquisition"))
     check_held_to_init(config["init"], {"--robust-distil": robust_distil}, False)
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
@@ -389,7 +392,8 @@ def train_appearance(args) -> Path:
             logits = model(x)
             loss = F.cross_entropy(logits / TEMPERATURE, y)
             return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
-        degraded = torch.from_numpy(degraded_volumes(rng, vols))[:, None].to(device).float()
+        degraded = torch.from_numpy(degraded_volumes(rng, vols, config.get("degradation", "acquisition")))
+        degraded = degraded[:, None].to(device).float()
         logits = model(degraded)
         l_held = held_to_teacher(logits, teacher, x)
         loss = F.cross_entropy(logits / TEMPERATURE, y) + robust_distil * l_held
@@ -405,11 +409,12 @@ def train_appearance(args) -> Path:
     return _finish(run, "appearance", model, args, saved="ema" if average is not None else "model")
 
 
-def degraded_volumes(rng: np.random.Generator, volumes: np.ndarray) -> np.ndarray:
+def degraded_volumes(rng: np.random.Generator, volumes: np.ndarray, degradation: str = "acquisition") -> np.ndarray:
     """The normalised training volumes ``(B, 224, 224, 16)`` of a batch, each degraded as another centre's
-    poorer scan (``augment.degrade_acquisition``, every slice alike) and normalised again as at inference:
-    the student's inputs of ``train appearance --robust-distil``."""
-    return np.stack([labelling.normalise_volume(augment.degrade_acquisition(rng, v)) for v in volumes])
+    poorer scan (``augment.DEGRADATIONS[degradation]``, by default ``degrade_acquisition``; every slice alike)
+    and normalised again as at inference: the student's inputs of ``train appearance --robust-distil``."""
+    change = augment.DEGRADATIONS[degradation]
+    return np.stack([labelling.normalise_volume(change(rng, v)) for v in volumes])
 
 
 def held_to_teacher(logits: torch.Tensor, teacher: torch.nn.Module, clean: torch.Tensor) -> torch.Tensor:

@@ -518,6 +518,68 @@ def test_robust_distil_degrades_patches_as_a_poorer_scan_and_leaves_frames_alone
     assert detector.degraded_batch(rng, frames) is frames
 
 
+def test_t1_contrast_makes_bright_fluid_dark_and_mid_grey_marrow_the_brightest():
+    """``--degradation t1-contrast``: a T2-like patch (dark background, mid-grey marrow, bright fluid) comes out
+    with the fluid darker than the marrow and the background still the darkest, in most patches of a batch,
+    normalised again as at inference; some patches are left as they were."""
+    from SpineNetLib.training import augment, detector
+
+    patch = np.zeros((224, 224), np.float32)
+    patch[20:200, 30:110] = 0.3          # marrow
+    patch[20:200, 120:140] = 1.0         # cerebrospinal fluid
+    patch[20:200, 150:210] = 0.15        # muscle
+    patches = np.stack([augment.normalise_patch(patch)] * 30)
+    out = detector.degraded_batch(np.random.default_rng(0), patches, "t1-contrast")
+    assert out.shape == patches.shape and out.dtype == np.float32
+    changed = [not np.array_equal(o, p) for o, p in zip(out, patches)]
+    assert 0.6 < np.mean(changed) < 0.95                               # DEGRADE_SHARE 0.8 of the patches
+    for o, c in zip(out, changed):
+        assert np.allclose(o, augment.normalise_patch(o), atol=1e-5)
+        if c:
+            marrow, fluid, background = o[100, 70], o[100, 130], o[210, 10]
+            assert background < fluid < marrow
+    with pytest.raises(KeyError):
+        detector.degraded_batch(np.random.default_rng(0), patches, "no-such-change")
+    from SpineNetLib.training import labelling as training_labelling      # the appearance network's volumes
+    volumes = np.repeat(patches[:8, :, :, None], 4, axis=3)
+    out = training_labelling.degraded_volumes(np.random.default_rng(1), volumes, "t1-contrast")
+    assert out.shape == volumes.shape
+    changed = [not np.allclose(o, v, atol=1e-4) for o, v in zip(out, volumes)]   # normalised again: not equal
+    assert any(changed)
+    for o, c in zip(out, changed):
+        if c:
+            assert np.allclose(o[..., 0], o[..., 3])                      # every slice alike
+            assert o[210, 10, 0] < o[100, 130, 0] < o[100, 70, 0]
+
+
+def test_the_t1_like_benchmark_row_darkens_fluid_below_marrow_and_keeps_the_background_dark():
+    """``benchmarks/acquisition_variants.py``'s ``t1_like`` row (a fixed member of ``t1-contrast``'s family) on a
+    scan with exactly known tissues: the marrow comes out the brightest, the fluid dark grey, the background
+    still the darkest, and the scan's geometry is kept."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "acquisition_variants.py"
+    spec = importlib.util.spec_from_file_location("acquisition_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    @dataclasses.dataclass
+    class Scan:
+        voxels: np.ndarray
+        spacing_mm: tuple
+
+    voxels = np.zeros((120, 100, 3), np.float32)
+    voxels[10:110, 10:50] = 90.0        # marrow
+    voxels[10:110, 55:62] = 250.0       # cerebrospinal fluid
+    voxels[10:110, 65:95] = 40.0        # muscle
+    out = bench.vary(Scan(voxels, (1.0, 1.0, 4.0)), "t1_like", None, 0)
+    marrow, fluid, muscle, background = out.voxels[50, 30, 1], out.voxels[50, 58, 1], out.voxels[50, 80, 1], \
+        out.voxels[115, 5, 1]
+    assert background == 0.0 < fluid < marrow and muscle < marrow and out.spacing_mm == (1.0, 1.0, 4.0)
+
+
 def test_a_volume_is_degraded_slice_by_slice_alike_and_a_patch_as_a_volume_of_one_slice():
     """``augment.degrade_acquisition`` on a volume (last axis the slices): the same coarser pixels, gamma and
     falloff on every slice, only the noise differs; a 2-D patch comes out exactly as that patch made a
