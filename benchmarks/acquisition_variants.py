@@ -56,7 +56,7 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   as ``load_scan`` reads an image file holding it (``_read_as_loaded``; thin sagittal stacks are averaged into
   slabs since the sixty-third session).
 * ``t1_like`` (T2 scans only): a T1-like contrast made from the T2 image by a piecewise-linear intensity map
-  (``_t1_like``): the 70th percentile of the scan's foreground, near the marrow of the T2 scans here (its median
+  (``SpineNetLib/training/contrast.py``): the 70th percentile of the scan's foreground, near the marrow of the T2 scans here (its median
   lies between their 44th and 87th percentiles), becomes the brightest tissue, and the brightest eighth
   (cerebrospinal fluid, healthy disc nuclei, fat) falls to dark grey, as on T1. A
   caricature, not a T1 sequence: fat turns dark with the fluid (on T1 it is bright), and an intensity map cannot
@@ -114,23 +114,13 @@ def _rician(scan, fraction: float, seed: int):
     return _with_voxels(scan, np.hypot(v + rng.normal(0, sigma, v.shape), rng.normal(0, sigma, v.shape)))
 
 
-# The T1-like map (module docstring): knots at the 0th, 70th and 92nd percentiles of the scan's foreground (voxels
-# above a tenth of its 99.5th intensity percentile) and at its brightest voxel, with the new intensity of each as a
-# share of the 99.5th percentile. Below the foreground the intensity is only scaled, so background noise stays faint.
-_T1_LIKE_FOREGROUND_PERCENTILES = (0.0, 70.0, 92.0)
-_T1_LIKE_VALUES = (0.15, 1.0, 0.35, 0.25)
-
-
 def _t1_like(scan):
-    """``scan`` with its intensities mapped piecewise-linearly (``_T1_LIKE_VALUES``): the brightest tissue of a T2
-    image (fluid, disc nuclei, fat) dark grey, its mid-grey (marrow) the brightest."""
+    """``scan`` with the T1-like contrast of ``SpineNetLib/training/contrast.py`` (``T1_LIKE_ROW``): the brightest
+    tissue of a T2 image (fluid, disc nuclei, fat) dark grey, its mid-grey (marrow) the brightest."""
+    from SpineNetLib.training.contrast import T1_LIKE_ROW, t1_like_map
+
     v = scan.voxels
-    sample = v.ravel()[:: max(1, v.size // 200_000)]
-    top = float(np.percentile(sample, 99.5)) or 1.0
-    foreground = sample[sample > 0.1 * top]
-    knots = [*np.percentile(foreground, _T1_LIKE_FOREGROUND_PERCENTILES), float(v.max())]
-    knots = np.maximum.accumulate(np.asarray(knots) + 1e-6 * top * np.arange(len(knots)))
-    return _with_voxels(scan, top * np.interp(v, [0.0, *knots], [0.0, *_T1_LIKE_VALUES]))
+    return _with_voxels(scan, t1_like_map(v, *T1_LIKE_ROW, every=max(1, v.size // 200_000)))
 
 
 def _cropped(scan, axis: int, first: int, stop: int):

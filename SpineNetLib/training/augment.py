@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from SpineNetLib.training.contrast import t1_like_map
+
 #: Corner order after a horizontal flip: new corner k is old corner FLIP_CORNERS[k]
 #: (rt <- lt, rb <- lb, lb <- rb, lt <- rt).
 FLIP_CORNERS = np.array([3, 2, 1, 0])
@@ -225,26 +227,19 @@ def degrade_acquisition(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
 
 def t1_like_contrast(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     """``x`` (a 2-D patch or a 3-D volume, dark background at 0, such as a normalised one; normalise the result
-    again) with a random T1-like contrast made from its T2 one: a piecewise-linear intensity map whose knots lie
-    at percentiles of the foreground (voxels above a tenth of the 99.5th percentile), the mid-grey (marrow, at a
-    random 55th-85th percentile) made the brightest and the brightest voxels (fluid, disc nuclei) dark grey.
-
-    One of the family of which ``benchmarks/acquisition_variants.py``'s ``t1_like`` row is a fixed member.  A
-    share ``1 - DEGRADE_SHARE`` is returned unchanged, as by ``degrade_acquisition``.
+    again) with a random T1-like contrast made from its T2 one (``contrast.t1_like_map``): the middle knot, made
+    the brightest, at a random 55th-85th percentile of the foreground, the bright knot, made dark grey, 7 points
+    above it up to the 97th, and random new intensities.  The benchmark row ``t1_like`` is a fixed member of this
+    family (``contrast.T1_LIKE_ROW``).  A share ``1 - DEGRADE_SHARE`` is returned unchanged, as by
+    ``degrade_acquisition``.
     """
     x = np.asarray(x, np.float32)
     if rng.random() >= DEGRADE_SHARE:
         return x
-    top = float(np.percentile(x, 99.5)) or 1.0
-    foreground = x[x > 0.1 * top]
-    if foreground.size < 16:
-        return x
     middle = float(rng.uniform(55.0, 85.0))
     bright = float(rng.uniform(middle + 7.0, 97.0))
-    knots = [*np.percentile(foreground, (0.0, middle, bright)), float(x.max())]
-    knots = np.maximum.accumulate(np.asarray(knots) + 1e-6 * top * np.arange(len(knots)))
     values = (rng.uniform(0.05, 0.3), 1.0, rng.uniform(0.2, 0.5), rng.uniform(0.1, 0.4))
-    return (top * np.interp(x, [0.0, *knots], [0.0, *values])).astype(np.float32)
+    return t1_like_map(x, middle, bright, values)
 
 
 #: The changes ``--robust-distil`` shows its student, by ``--degradation`` name.
