@@ -56,9 +56,9 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   as ``load_scan`` reads an image file holding it (``_read_as_loaded``; thin sagittal stacks are averaged into
   slabs since the sixty-third session).
 * ``t1_like`` (T2 scans only): a T1-like contrast made from the T2 image by a piecewise-linear intensity map
-  (``SpineNetLib/training/contrast.py``): the 70th percentile of the scan's foreground, near the marrow of the T2 scans here (its median
-  lies between their 44th and 87th percentiles), becomes the brightest tissue, and the brightest eighth
-  (cerebrospinal fluid, healthy disc nuclei, fat) falls to dark grey, as on T1. A
+  (``SpineNetLib/training/contrast.py``): the 70th percentile of the scan's foreground, near the marrow of the
+  T2 scans here (its median lies between their 44th and 87th percentiles), becomes the brightest tissue, and
+  the brightest eighth (cerebrospinal fluid, healthy disc nuclei, fat) falls to dark grey, as on T1. A
   caricature, not a T1 sequence: fat turns dark with the fluid (on T1 it is bright), and an intensity map cannot
   change what only the tissue's relaxation times set. It asks whether the levels rest on the bright fluid and
   discs of T2, since real T1 scans here are one (zukic_02) and T1 is 44 % of SPIDER's series.
