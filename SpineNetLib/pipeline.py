@@ -8,9 +8,10 @@ computes hotspot maps when asked, and returns a :class:`RunResult`.  It
 writes no files; :func:`SpineNetLib.outputs.files.write_results` does.
 
 The stages, usable on their own: :func:`load_networks` (``networks.py``,
-re-exported here) resolves and loads the weights once; :func:`detect_and_label` runs detection (paper §3.1) and
-labelling (paper §3.2) and returns vertebrae top to bottom, in canonical
-coordinates, with per-stage timings; :func:`grade_discs` cuts the disc
+re-exported here) resolves and loads the weights once;
+:func:`detect_and_label` runs detection (paper §3.1) and labelling (paper
+§3.2) and returns vertebrae top to bottom, in canonical coordinates, with
+per-stage timings; :func:`grade_discs` cuts the disc
 volumes (paper §3.3), grades them when a grading network is loaded (paper
 §3.4) and measures the discs and bodies.  :mod:`SpineNetLib.outputs.vertebrae`
 and :mod:`SpineNetLib.outputs.discs` map the results back to the input's RAS
