@@ -242,8 +242,9 @@ def t1_like_contrast(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     return t1_like_map(x, middle, bright, values)
 
 
-#: The changes ``--robust-distil`` shows its student, by ``--degradation`` name.
+#: The changes ``--robust-distil`` shows its student, by ``--degradation`` name, and the one it shows by default.
 DEGRADATIONS = {"acquisition": degrade_acquisition, "t1-contrast": t1_like_contrast}
+DEFAULT_DEGRADATION = "acquisition"
 
 
 def normalise_patch(patch: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from SpineNetLib.core.errors import InputError
 from SpineNetLib.detect.plans import DetectionParams
+from SpineNetLib.training import augment
 from SpineNetLib.training.common import (
     add_ema_argument, add_real_data_arguments, add_run_arguments, check_fraction, check_held_to_init,
     check_non_negative, check_run_arguments, output_file,
@@ -208,7 +209,8 @@ def _add_tianchi_targets_parser(sub) -> None:
 
 def _add_degradation_argument(parser: argparse.ArgumentParser) -> None:
     """``--degradation``: what ``--robust-distil`` changes in the student's inputs (``augment.DEGRADATIONS``)."""
-    parser.add_argument("--degradation", choices=("acquisition", "t1-contrast"), default="acquisition",
+    parser.add_argument("--degradation", choices=tuple(augment.DEGRADATIONS),
+                        default=augment.DEFAULT_DEGRADATION,
                         help="what --robust-distil changes in the student's inputs: another centre's poorer "
                              "acquisition (default) or a random T1-like contrast made from the T2 one")
 

@@ -440,7 +440,8 @@ def sample_batch(rng, real, clinical, phantoms, phantom_fraction: float, config:
     return tuple(np.stack(column) for column in zip(*items))
 
 
-def degraded_batch(rng: np.random.Generator, inputs: np.ndarray, degradation: str = "acquisition") -> np.ndarray:
+def degraded_batch(rng: np.random.Generator, inputs: np.ndarray,
+                   degradation: str = augment.DEFAULT_DEGRADATION) -> np.ndarray:
     """The normalised inputs ``(B, P, P)`` of a batch, each degraded as another centre's poorer scan
     (``augment.DEGRADATIONS[degradation]``: by default ``degrade_acquisition``) and normalised again as at
     inference: the student's inputs of ``--robust-distil``.  Whole-slice frames (``FRAME_SIZES``, zero padding
@@ -459,7 +460,8 @@ def _later_settings(args) -> dict:
             **setting_if_changed("max_rotation_deg", float(getattr(args, "max_rotation", MAX_ROTATION_DEG)),
                                  MAX_ROTATION_DEG),
             **setting_if_changed("frozen_batchnorm", bool(getattr(args, "frozen_batchnorm", False)), False),
-            **setting_if_changed("degradation", str(getattr(args, "degradation", "acquisition")), "acquisition")}
+            **setting_if_changed("degradation", str(getattr(args, "degradation", augment.DEFAULT_DEGRADATION)),
+                               augment.DEFAULT_DEGRADATION)}
 
 
 def _holds_outputs(config: dict) -> bool:
@@ -496,6 +498,7 @@ def train(args) -> Path:
               "distil": float(getattr(args, "distil", 0.0) or 0.0)}
     config.update(_later_settings(args))
     robust_distil = config.get("robust_distil", 0.0)
+    degradation = config.get("degradation", augment.DEFAULT_DEGRADATION)
     annotation_weight = config.get("annotation_weight", 1.0)
     frozen_batchnorm = config.get("frozen_batchnorm", False)
     check_held_to_init(config["init"], {"--distil": config["distil"], "--robust-distil": robust_distil},
@@ -522,8 +525,7 @@ def train(args) -> Path:
 
     def step_fn(step):
         batch = sample_batch(rng, real, clinical, phantoms, pf, config, args)
-        student_input = (degraded_batch(rng, batch[0], config.get("degradation", "acquisition"))
-                         if robust_distil > 0 else batch[0])
+        student_input = (degraded_batch(rng, batch[0], degradation) if robust_distil > 0 else batch[0])
         x, t, v, focus = (torch.from_numpy(a).to(device) for a in batch)
         x_student = torch.from_numpy(student_input).to(device)[:, None]
         if frozen_batchnorm:

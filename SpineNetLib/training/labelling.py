@@ -337,13 +337,15 @@ def train_appearance(args) -> Path:
     config.update(setting_if_changed("ema", ema, 0.0))
     robust_distil = float(getattr(args, "robust_distil", 0.0) or 0.0)
     config.update(setting_if_changed("robust_distil", robust_distil, 0.0))
-    config.update(setting_if_changed("degradation", str(getattr(args, "degradation", "acquisition")), "acquisition"))
+    asked = str(getattr(args, "degradation", augment.DEFAULT_DEGRADATION))
+    config.update(setting_if_changed("degradation", asked, augment.DEFAULT_DEGRADATION))
     check_held_to_init(config["init"], {"--robust-distil": robust_distil}, False)
     run = RunFolder(args.out, config, resume=args.resume)
     rng = seed_everything(args.seed)
     model = AppearanceNet().to(device)
     initial_weights(model, config["init"])
     teacher = frozen_copy(model, training=False) if robust_distil > 0 else None
+    degradation = config.get("degradation", augment.DEFAULT_DEGRADATION)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.steps, warmup=min(100, args.steps // 10))
     # ``--ema``: the saved network is the weights' moving average; it uses no random numbers, so the
     # run draws the same batches and takes the same steps as one without it
@@ -392,7 +394,7 @@ def train_appearance(args) -> Path:
             logits = model(x)
             loss = F.cross_entropy(logits / TEMPERATURE, y)
             return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
-        degraded = torch.from_numpy(degraded_volumes(rng, vols, config.get("degradation", "acquisition")))
+        degraded = torch.from_numpy(degraded_volumes(rng, vols, degradation))
         degraded = degraded[:, None].to(device).float()
         logits = model(degraded)
         l_held = held_to_teacher(logits, teacher, x)
@@ -409,7 +411,8 @@ def train_appearance(args) -> Path:
     return _finish(run, "appearance", model, args, saved="ema" if average is not None else "model")
 
 
-def degraded_volumes(rng: np.random.Generator, volumes: np.ndarray, degradation: str = "acquisition") -> np.ndarray:
+def degraded_volumes(rng: np.random.Generator, volumes: np.ndarray,
+                     degradation: str = augment.DEFAULT_DEGRADATION) -> np.ndarray:
     """The normalised training volumes ``(B, 224, 224, 16)`` of a batch, each degraded as another centre's
     poorer scan (``augment.DEGRADATIONS[degradation]``, by default ``degrade_acquisition``; every slice alike)
     and normalised again as at inference: the student's inputs of ``train appearance --robust-distil``."""
