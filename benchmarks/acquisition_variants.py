@@ -55,6 +55,12 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
 * ``space_like`` (volumes only): a 3D sagittal sequence such as T2 SPACE, pixels 0.5 mm and slices 1 mm, read
   as ``load_scan`` reads an image file holding it (``_read_as_loaded``; thin sagittal stacks are averaged into
   slabs since the sixty-third session).
+* ``metal_l4_l5``: the artefact of metal at L4-L5 (fusion screws and cage, a disc prosthesis): no signal inside
+  an ellipse centred between the annotated L4 and L5 centres, reaching each centre along the spine and 15 mm
+  across it, ringed by 2 mm of pile-up at 1.2 times the 99th percentile, on every slice within 15 mm of L4's
+  mid slice (a volume is changed at 1 mm, then read as ``spinenet run`` reads it).  A caricature too: real
+  artefacts are distorted and vary with the metal and the sequence; it asks what a chain with bodies hidden
+  in its middle does to the levels, and whether the review flag says so (``label/signal_void.py``).
 * ``t1_like`` (T2 scans only): a T1-like contrast made from the T2 image by a piecewise-linear intensity map
   (``SpineNetLib/training/contrast.py``): the 70th percentile of the scan's foreground, near the marrow of the
   T2 scans here (its median lies between their 44th and 87th percentiles), becomes the brightest tissue, and
@@ -93,7 +99,7 @@ VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "b
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "pixels_rows_x1.6",
             "pixels_cols_x1.6", "rotated_12", "rotated_-12",
             "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
-            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like", "t1_like")
+            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like", "t1_like", "metal_l4_l5")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -291,11 +297,44 @@ def _thick_slices(scan, thick: int, step: int):
                                canonical_to_input_ijk=scan.canonical_to_input_ijk @ index_map, metadata=metadata)
 
 
-def _centre_row(gt, level: str) -> float | None:
+def _centre(gt, level: str) -> tuple[float, float, int] | None:
+    """(column, row, slice) of the annotated centre of ``level``, or None."""
     for v in gt.vertebrae:
         if v.level == level and not v.ignored:
-            return float(v.centroid[1])
+            return float(v.centroid[0]), float(v.centroid[1]), int(v.mid_slice)
     return None
+
+
+def _centre_row(gt, level: str) -> float | None:
+    centre = _centre(gt, level)
+    return None if centre is None else centre[1]
+
+
+def _metal_artefact(scan, gt):
+    """A metal artefact of lumbar fusion hardware at L4-L5 (cage and screws): no signal inside an ellipse centred
+    between the annotated L4 and L5 centres, half the L4-L5 step long along the spine each way and 15 mm each way
+    across it, ringed by a 2 mm band of pile-up at 1.2 times the 99th percentile, on every slice within 15 mm of
+    L4's mid slice; None without L4 and L5."""
+    l4, l5 = _centre(gt, "L4"), _centre(gt, "L5")
+    if l4 is None or l5 is None:
+        return None
+    col_mm, row_mm = scan.spacing_mm[1], scan.spacing_mm[0]
+    centre = np.array([(l4[0] + l5[0]) / 2 * col_mm, (l4[1] + l5[1]) / 2 * row_mm])
+    along = np.array([(l5[0] - l4[0]) * col_mm, (l5[1] - l4[1]) * row_mm])
+    half_length, half_depth = 0.5 * float(np.hypot(*along)), 15.0
+    along /= max(float(np.hypot(*along)), 1e-6)
+    rows, cols = np.mgrid[0:scan.voxels.shape[0], 0:scan.voxels.shape[1]]
+    offset = np.stack([cols * col_mm - centre[0], rows * row_mm - centre[1]], axis=-1)
+    u, w = offset @ along, offset @ np.array([-along[1], along[0]])
+    radius = np.hypot(u / half_length, w / half_depth)           # 1 on the ellipse
+    rim = (radius >= 1) & (radius < 1 + 2.0 / half_depth)
+    voxels = scan.voxels.copy()
+    bright = 1.2 * float(np.percentile(voxels, 99))
+    near = np.abs(np.arange(voxels.shape[2]) - l4[2]) * scan.spacing_mm[2] <= 15.0
+    for s in np.flatnonzero(near):
+        voxels[..., s][radius < 1] = 0.0
+        voxels[..., s][rim] = bright
+    return _with_voxels(scan, voxels)
 
 
 def vary(scan, variant: str, gt, seed: int):
@@ -344,6 +383,9 @@ def vary(scan, variant: str, gt, seed: int):
         return _with_voxels(scan, v + 0.12 * (np.roll(v, quarter, axis=0) + np.roll(v, -quarter, axis=0)))
     if variant == "t1_like":
         return _t1_like(scan)
+    if variant == "metal_l4_l5":         # a volume is read at 1 mm, as the annotation: slabs made afterwards
+        changed = _metal_artefact(scan, gt)
+        return changed if changed is None or scan.voxels.shape[2] == 1 else _read_as_loaded(changed)
     if variant == "thin_1mm":            # read at 1 mm by predict_variant: the slices as they are
         return scan
     if variant == "space_like":          # read at 1 mm: finer pixels, then read as an image file of them is
@@ -366,6 +408,7 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
         thin = variant.startswith(("slices_", "thin_", "space_")) or variant == "combined_5mm"   # read at 1 mm
+        thin = thin or (variant == "metal_l4_l5" and not annotated_with_points(case))
         if (sideways or thin or variant.startswith("slab_")) and annotated_with_points(case):
             continue                              # one slice: nothing to move, thicken or narrow
         if variant == "t1_like" and case.sequence != "T2":
