@@ -56,6 +56,7 @@ from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, 
                                              weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.label.other_series import review_against_other_series, series_name
+from SpineNetLib.label.signal_void import ask_for_review_over_a_void
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import SINGLE_SLICE_GRADER_ON_A_VOLUME, reads_one_slice
@@ -540,12 +541,14 @@ def _labelled_on_its_own(scan: Scan, networks: Networks, labelled_with: dict, pa
 def _own_review(scan: Scan, result: DetectionResult, networks: Networks, params: labelling.LabellingParams,
                 options: RunOptions) -> tuple[LabellingConfidence | None, str | None]:
     """The labelling's confidence (None without one) with the review reasons of the labelling itself
-    (``ask_for_review_where_in_doubt``), and the reason that the chain reaches beyond a lumbar field of view
-    (``beyond_lumbar_field``, with lumbar weights), which the caller asks last so that it goes first."""
+    (``ask_for_review_where_in_doubt``; a signal void on the spine's path first: ``label/signal_void.py``), and
+    the reason that the chain reaches beyond a lumbar field of view (``beyond_lumbar_field``, with lumbar
+    weights), which the caller asks last so that it goes first."""
     confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
     if confidence is None:
         return None, None
     ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)
+    ask_for_review_over_a_void(scan, result.vertebrae, result.labelling, confidence)
     return confidence, beyond_lumbar_field(result.vertebrae) if networks.weights.lumbar_only else None
 
 
