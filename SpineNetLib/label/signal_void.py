@@ -97,10 +97,11 @@ def void_along_chain(scan: Scan, vertebrae: Sequence[Vertebra]) -> VoidRun | Non
         return None
     points, slices, above = _path(vertebrae)
     local = _local_medians(scan, points, slices)
-    at_centres = local[np.flatnonzero(np.diff(above, prepend=-2))[1:]]
+    at_centres = local[np.flatnonzero(np.diff(above, prepend=-2))[1:]]   # each segment's first point but the top one's
     if not np.isfinite(at_centres).any() or np.nanmedian(at_centres) <= 0:
         return None
-    dark = np.nan_to_num(local, nan=np.inf) < VOID_SHARE_OF_MARROW * float(np.nanmedian(at_centres))
+    marrow = float(np.nanmedian(at_centres))
+    dark = np.nan_to_num(local, nan=np.inf) < VOID_SHARE_OF_MARROW * marrow   # outside the image: not dark
     along_mm = np.concatenate([[0.0], np.cumsum(np.hypot(*(np.diff(points, axis=0) * scan.spacing_mm[1::-1]).T))])
     edges = np.flatnonzero(np.diff(np.concatenate([[0], dark.astype(np.int8), [0]])))
     runs = edges.reshape(-1, 2) - [0, 1]            # first and last point of each dark stretch
