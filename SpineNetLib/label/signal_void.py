@@ -3,7 +3,7 @@
 Metal in the spine (pedicle screws, an interbody cage, a disc prosthesis) leaves a region with no signal
 that can hide a whole body or two.  The chain the detector finds then ends at the void or runs across it
 with bodies missing, and the bodies are named as if none were missing: with a void drawn over the L4-L5
-disc and half of each body (``benchmarks/acquisition_variants.py``, row ``metal_l4_l5``), 20 of the 68
+disc and half of each body (``benchmarks/acquisition_variants.py``, row ``metal_l4_l5``), 27 of the 68
 held-out scans came out with wrongly named bodies, 6 of them not flagged (MODEL_CARD.md, "Metal in the
 spine").  No real scan here holds metal, so that row stands in for one.
 
