@@ -97,7 +97,7 @@ def void_along_chain(scan: Scan, vertebrae: Sequence[Vertebra]) -> VoidRun | Non
         return None
     points, slices, above = _path(vertebrae)
     local = _local_medians(scan, points, slices)
-    at_centres = local[np.flatnonzero(np.diff(above, prepend=-2))[1:]]   # each segment's first point but the top one's
+    at_centres = local[np.searchsorted(above, np.arange(len(vertebrae)))]   # body k's centre: the first point below it
     if not np.isfinite(at_centres).any() or np.nanmedian(at_centres) <= 0:
         return None
     marrow = float(np.nanmedian(at_centres))
