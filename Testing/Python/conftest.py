@@ -21,3 +21,9 @@ if "SPINENET_CACHE" not in os.environ:
     _session_cache = tempfile.mkdtemp(prefix="spinenet-test-cache-")
     os.environ["SPINENET_CACHE"] = _session_cache
     atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+
+# Under pytest-xdist two test processes share the machine's cores: each computes on one thread (torch, OpenMP
+# and the BLAS, and the commands a test starts), so that they do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")

@@ -105,11 +105,13 @@ def test_a_cached_conversion_never_loads_the_torch_detector(cache):
 def test_openvino_runtime_gives_the_torch_levels(cache, precision):
     """A phantom and a real held-out clinical slice: the same bodies, slices and levels as torch in
     float32, corners within a pixel (bfloat16: 1.5 pixels; torch's own bfloat16 moves them about as
-    much), and the document says the runtime."""
+    much), and the document says the runtime. bfloat16 on the phantom only: a CPU without bfloat16
+    instructions emulates it, and the clinical slice's many detector passes then take 40 s or more
+    (torch's bfloat16, test_bundled_models.py, is checked on the same phantom)."""
     from SpineNetLib import pipeline
 
     scans = [_phantom_scan()]
-    if CLINICAL_SLICE.is_file():
+    if CLINICAL_SLICE.is_file() and precision == "fp32":
         scans.append(pipeline.read_input(CLINICAL_SLICE, pipeline.processing_profile(None, "bundled"))[0])
     reference = pipeline.load_networks("bundled", "cpu")
     networks = pipeline.load_networks("bundled", precision=precision, runtime="openvino")
