@@ -402,6 +402,11 @@ def _run_and_kill(client: Client, address: str, root: Path, out: Path):
     return results["result"]
 
 
+#: Seconds to wait for a killed worker's restart (its nanny starts a new process, which imports torch): a
+#: minute was too short while another test process (pytest -n 2) loaded the machine.
+WORKER_RESTART_S = 300
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """The local cluster `spinenet cohort` would start (2 workers), used here through --scheduler, so
@@ -460,7 +465,7 @@ def test_a_worker_killed_mid_run_loses_and_doubles_nothing(tmp_path, cluster):
     # without retries, the killed worker's studies are reported, and the next run does them
     client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
     try:
-        client.wait_for_workers(2, timeout=60)
+        client.wait_for_workers(2, timeout=WORKER_RESTART_S)
         out = tmp_path / "reported"
         second = _run_and_kill(client, address, root, out)
     finally:
@@ -495,7 +500,7 @@ class _InterruptAfterFirstStudy:
 
 def test_an_interrupted_run_keeps_its_finished_studies_and_resumes(tmp_path, cluster):
     address, client = cluster
-    client.wait_for_workers(2, timeout=60)
+    client.wait_for_workers(2, timeout=WORKER_RESTART_S)
     root = _image_root(tmp_path / "root", 4)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
