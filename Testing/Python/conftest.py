@@ -37,4 +37,4 @@ LONGEST_FILES = ("test_cohort.py", "test_bundled_models.py", "test_runtimes.py",
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))   # stable: file order kept
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept
