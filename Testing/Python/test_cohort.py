@@ -67,6 +67,22 @@ def _check_exactly_once(outdir: Path, studies, finished: set[str]) -> None:
         assert [r["Level"] for r in disc_rows if r["study"] == study.study_id] == [d["level"] for d in discs["discs"]]
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """The local cluster `spinenet cohort` would start (2 workers), shared by this module's runs through
+    --scheduler (a cluster of its own costs each command about 7 s of worker start and network loading;
+    test_cohort_command_on_a_local_cluster_of_two_workers starts one), and so that a test can kill one of
+    its workers."""
+    with cohort_run.local_cluster(2) as local, Client(local) as client:
+        yield local.scheduler_address, client
+
+
+def _on(cluster) -> list[str]:
+    """The command's options to run on the module's cluster."""
+    address, _ = cluster
+    return ["--scheduler", address]
+
+
 # --------------------------------------------------------------------------- discovery (no cluster)
 
 def test_discovery_finds_image_files_and_sagittal_series(tmp_path):
@@ -226,14 +242,14 @@ def test_a_study_in_an_archive_of_several_unpacks_only_its_own_folder(tmp_path):
     assert isinstance(gone, Study)
 
 
-def test_a_folder_of_zip_archives_alone_is_a_cohort(tmp_path, capsys):
+def test_a_folder_of_zip_archives_alone_is_a_cohort(tmp_path, capsys, cluster):
     """A cohort delivered as archives only (one per patient) runs; it is not 'no study found'."""
     import shutil
 
     _phantom(4).write_nifti(tmp_path / "image" / "scan.nii.gz")
     (tmp_path / "root").mkdir()
     shutil.make_archive(str(tmp_path / "root" / "p8"), "zip", tmp_path / "image")
-    status = cli.main(["cohort", str(tmp_path / "root"), "-o", str(tmp_path / "out"), "--workers", "1",
+    status = cli.main(["cohort", str(tmp_path / "root"), "-o", str(tmp_path / "out"), *_on(cluster),
                        "--no-preview"])
     captured = capsys.readouterr()
     assert status == 0, captured.err
@@ -405,14 +421,6 @@ def _run_and_kill(client: Client, address: str, root: Path, out: Path):
 #: Seconds to wait for a killed worker's restart (its nanny starts a new process, which imports torch): a
 #: minute was too short while another test process (pytest -n 2) loaded the machine.
 WORKER_RESTART_S = 300
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """The local cluster `spinenet cohort` would start (2 workers), used here through --scheduler, so
-    that a test can kill one of its workers."""
-    with cohort_run.local_cluster(2) as local, Client(local) as client:
-        yield local.scheduler_address, client
 
 
 def test_the_local_workers_malloc_and_openmp_wait_as_the_commands_do(cluster):
@@ -699,7 +707,7 @@ def test_the_cohort_command_counts_the_studies_that_ask_for_a_review(tmp_path):
 
 # --------------------------------------------------------------------------- correcting one study of a cohort
 
-def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table_rows_follow(tmp_path, capsys):
+def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table_rows_follow(tmp_path, capsys, cluster):
     """`spinenet correct OUTDIR/studies/<id> #1 LEVEL` needs no --input for a cohort study: the scan is read
     from where the cohort read it (a DICOM series inside a ZIP archive here), the preview and the DICOM results
     are drawn again, and the study's rows in the four cohort tables are replaced where they were, every other
@@ -715,7 +723,7 @@ def test_a_cohort_study_is_corrected_from_where_the_cohort_read_it_and_its_table
     _phantom(2).write_nifti(root / "a_first.nii.gz")
     _phantom(3).write_nifti(root / "z_last.nii.gz")
     out = tmp_path / "out"
-    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--dicom-out"]) == 0
+    assert cli.main(["cohort", str(root), "-o", str(out), *_on(cluster), "--dicom-out"]) == 0
     capsys.readouterr()
     record = json.loads((out / INPUTS_FILE).read_text())["studies"]
     zipped = next(i for i, s in record.items() if s["relative"] == "p6.zip/exam")
@@ -865,7 +873,7 @@ def test_a_record_of_study_inputs_that_is_not_as_written_counts_as_none(tmp_path
     assert cohort_study_of(tmp_path / "elsewhere" / "a-1") is None          # no cohort around it
 
 
-def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_lies(tmp_path, capsys):
+def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_lies(tmp_path, capsys, cluster):
     """A project folder holding the scans and the cohort's output folder, moved (copied to another machine,
     a drive mounted elsewhere): the recorded absolute path is gone, but the path relative to the output folder
     leads to the scan, so `spinenet correct` draws the pictures again without --input. Moved apart, it asks
@@ -875,7 +883,7 @@ def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_li
     project = tmp_path / "project"
     _phantom(4).write_nifti(project / "data" / "site" / "p4.nii.gz")
     out = project / "results"
-    assert cli.main(["cohort", str(project / "data"), "-o", str(out), "--workers", "1"]) == 0
+    assert cli.main(["cohort", str(project / "data"), "-o", str(out), *_on(cluster)]) == 0
     capsys.readouterr()
     (entry,) = json.loads((out / INPUTS_FILE).read_text())["studies"].values()
     assert entry["path_from_output_folder"] == "../data/site/p4.nii.gz"
@@ -898,7 +906,7 @@ def test_a_cohort_moved_with_its_data_is_corrected_from_the_data_where_it_now_li
     assert err.count("\n") == 1 and "which is gone" in err and "--input" in err
 
 
-def test_each_contrast_of_a_dixon_series_is_a_study_of_its_own(tmp_path, capsys):
+def test_each_contrast_of_a_dixon_series_is_a_study_of_its_own(tmp_path, capsys, cluster):
     """A series that holds water and fat images at the same positions under one UID (as some scanners store
     a Dixon acquisition) is two studies, one per stack, each named by its label and read from its own images;
     spinenet cohort finishes both."""
@@ -914,7 +922,7 @@ def test_each_contrast_of_a_dixon_series_is_a_study_of_its_own(tmp_path, capsys)
     assert sorted(s.study_id.split("-")[0] for s in found.studies) == ["dixon__s6_T2_mDixon_F",
                                                                        "dixon__s6_T2_mDixon_W"]
     out = tmp_path / "out"
-    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]) == 0
+    assert cli.main(["cohort", str(root), "-o", str(out), *_on(cluster), "--no-grade"]) == 0
     capsys.readouterr()
     rows = _rows(out / "cohort_studies.csv")
     assert sorted(r["series_uid"] for r in rows) == sorted(s.series_uid for s in found.studies)
@@ -973,14 +981,14 @@ def _t2_and_t1_exam(root: Path) -> dict:
     return exam
 
 
-def test_a_correction_that_leaves_another_series_of_the_exam_disagreeing_asks_for_its_review(tmp_path, capsys):
+def test_a_correction_that_leaves_another_series_of_the_exam_disagreeing_asks_for_its_review(tmp_path, capsys, cluster):
     """spinenet cohort over an exam of two sagittal series (T2 and T1, one frame of reference): they agree.
     A reader moves the T2's levels by one: its row records the disagreement but asks no review (corrected by
     hand); the T1's row now asks for one, with the reason, on the review page too. Moved back, both agree."""
     root = tmp_path / "root"
     exam = _t2_and_t1_exam(root)
     out = tmp_path / "out"
-    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]) == 0
+    assert cli.main(["cohort", str(root), "-o", str(out), *_on(cluster), "--no-grade"]) == 0
     capsys.readouterr()
     rows = {r["series_description"]: r for r in _rows(out / "cohort_studies.csv")}
     assert {r["exam"] for r in rows.values()} == {f"{exam['StudyInstanceUID']}/{exam['FrameOfReferenceUID']}"}
@@ -1046,7 +1054,7 @@ def test_a_study_whose_own_labelling_asks_takes_the_levels_of_the_sure_study_of_
 
 
 def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_of_its_exam(tmp_path, capsys,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, cluster):
     """spinenet cohort over an exam of two sagittal series that agree; the T1's own labelling is then made to ask
     for a review and name every vertebra a level higher. The next run of the same command has it take the T2's
     levels: every file of its folder that names a level is written again, the preview too, and its table row
@@ -1055,7 +1063,7 @@ def test_spinenet_cohort_has_an_unsure_study_take_the_levels_of_the_sure_study_o
     root = tmp_path / "root"
     _t2_and_t1_exam(root)
     out = tmp_path / "out"
-    command = ["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade"]
+    command = ["cohort", str(root), "-o", str(out), *_on(cluster), "--no-grade"]
     assert cli.main(command) == 0
     assert "took the levels" not in capsys.readouterr().out
     rows = {r["series_description"]: r for r in _rows(out / "cohort_studies.csv")}
@@ -1130,7 +1138,7 @@ def test_an_image_in_a_bids_datasets_anat_folder_knows_its_session():
         assert bids_session(root / other) is None, other
 
 
-def test_spinenet_cohort_compares_the_images_of_one_bids_session_as_one_exam(tmp_path, capsys):
+def test_spinenet_cohort_compares_the_images_of_one_bids_session_as_one_exam(tmp_path, capsys, cluster):
     """A BIDS dataset: sub-01's T2w and T1w of one session (one phantom, the scanner's coordinates) are one
     exam, and agree; sub-02's T2w and an image outside the dataset's layout are compared with nothing. A reader
     moves the T2w's levels by one: the T1w's row then says the two disagree and asks for a review."""
@@ -1141,7 +1149,7 @@ def test_spinenet_cohort_compares_the_images_of_one_bids_session_as_one_exam(tmp
     _phantom(6).write_nifti(root / "ds" / "sub-02" / "anat" / "sub-02_T2w.nii.gz")
     _phantom(7).write_nifti(root / "other" / "scan.nii.gz")
     out = tmp_path / "out"
-    assert cli.main(["cohort", str(root), "-o", str(out), "--workers", "1", "--no-grade", "--no-preview"]) == 0
+    assert cli.main(["cohort", str(root), "-o", str(out), *_on(cluster), "--no-grade", "--no-preview"]) == 0
     capsys.readouterr()
     rows = {Path(r["input"]).name: r for r in _rows(out / "cohort_studies.csv")}
     session = f"bids:{anat.parent}"
