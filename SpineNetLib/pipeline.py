@@ -56,7 +56,7 @@ from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, 
                                              weaker_body_below_s1)
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.label.other_series import review_against_other_series, series_name
-from SpineNetLib.label.signal_void import ask_for_review_over_a_void
+from SpineNetLib.label.signal_void import ask_for_review_over_a_void, levels_counted_across_a_void
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import SINGLE_SLICE_GRADER_ON_A_VOLUME, reads_one_slice
@@ -287,7 +287,21 @@ def detect_and_label(scan: Scan, networks: Networks, *,
     # bodies taken from weaker or faint detections, turned slices or the second detector (each body's
     # Vertebra.outline_from says which network drew its outline)
     result.labelling["bodies_from_weaker_detections"] = len(fillers) + len(below)
+    _count_levels_across_a_void(scan, result, labelling_params)
     return result
+
+
+def _count_levels_across_a_void(scan: Scan, result: DetectionResult, params: labelling.LabellingParams) -> None:
+    """Where a signal void right above the body named S1 hides bodies, the levels above it counted on from S1
+    (``label/signal_void.levels_counted_across_a_void``), the levels before in the labelling block; with
+    ``skip_across_gaps`` (not official), which lets a level be skipped across a gap."""
+    counted = levels_counted_across_a_void(scan, result.vertebrae) if params.skip_across_gaps else None
+    if counted is None:
+        return
+    names, hidden = counted
+    result.labelling["levels_counted_across_void"] = {"bodies_hidden": hidden,
+                                                      "levels_before": [v.level for v in result.vertebrae]}
+    result.vertebrae = [replace(v, level=name) for v, name in zip(result.vertebrae, names)]
 
 
 @dataclass

@@ -495,7 +495,8 @@ def _mark_corrected(doc: dict, new_levels: list) -> None:
     block.update(corrected_by_user=True, needs_review=False, warnings=[], s1_found="S1" in new_levels)
     # these doubted the network's levels (most its S1), which the user has now decided
     for doubt in ("s1_may_be_l5", "same_level_twice", "moved_up_to_weaker_s1", "s1_at_image_edge",
-                  "s1_cut_by_image_edge", "s1_at_image_edge_relabelled", "orientation_doubt", "signal_void"):
+                  "s1_cut_by_image_edge", "s1_at_image_edge_relabelled", "orientation_doubt", "signal_void",
+                  "levels_counted_across_void"):
         block.pop(doubt, None)
 
 

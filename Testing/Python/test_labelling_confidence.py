@@ -237,9 +237,12 @@ def test_a_correction_by_hand_needs_no_review():
     doc["labelling"]["s1_may_be_l5"] = True                      # doubts about the network's S1
     doc["labelling"]["same_level_twice"] = {"named": ["L5", "S1"], "level": "L5", "probabilities": [1.0, 0.97]}
     doc["labelling"]["signal_void"] = {"length_mm": 30.0, "between": ["L4", "L5"]}   # names the network's levels
+    doc["labelling"]["levels_counted_across_void"] = {"bodies_hidden": 1, "levels_before": ["L2", "L3", "L4", "L5",
+                                                                                            "S1"]}
     corrected, _ = documents.apply_level_correction(doc, 4, "S1")
     assert "s1_may_be_l5" not in corrected["labelling"]          # the user has decided
     assert "same_level_twice" not in corrected["labelling"] and "signal_void" not in corrected["labelling"]
+    assert "levels_counted_across_void" not in corrected["labelling"]
     assert [v["level"] for v in corrected["vertebrae"]] == ["L2", "L3", "L4", "L5", "S1"]
     block = corrected["labelling"]
     assert (block["corrected_by_user"], block["needs_review"], block["warnings"], block["s1_found"]) == \

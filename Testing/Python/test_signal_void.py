@@ -11,7 +11,7 @@ import pytest
 
 from SpineNetLib import pipeline
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.signal_void import VOID_MIN_MM, void_along_chain, void_warning
+from SpineNetLib.label.signal_void import VOID_MIN_MM, levels_counted_across_a_void, void_along_chain, void_warning
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from oracles import oracle_networks
@@ -68,6 +68,53 @@ def test_a_void_over_two_bodies_is_found_between_the_bodies_around_it():
     assert found.length_mm >= VOID_MIN_MM and (found.above, found.below) == ("L3", "")
     assert "below L3" in void_warning(found)
     assert void_along_chain(scan, truth[:2]) is None        # too few bodies to follow a path
+
+
+def _named_without_gap(chain: list[Vertebra]) -> list[Vertebra]:
+    """``chain`` (top to bottom, down to S1) named as a labelling that counts no body missed would name it."""
+    names = ["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9"][:len(chain)][::-1]
+    return [dataclasses.replace(v, level=name) for v, name in zip(chain, names)]
+
+
+def test_the_bodies_a_void_hides_above_s1_are_counted_from_its_length():
+    """The labelling names the bodies above a void as if none were hidden; counted from the step across the
+    void, those above it move up by the bodies it hides (one, two, or one with a body found in the void),
+    those below keep their levels; a chain already counted, one without S1 below the void, and one with no
+    void change nothing."""
+    phantom = make_phantom(fov="lumbar", contrast="T2", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
+                           seed=3)
+    truth = _truth(phantom)
+    bodies = {v.level: v for v in truth}
+    for hidden, void_over in ((("L5",), ("L4", "S1")), (("L4", "L5"), ("L4", "L5")), (("L5",), ("L4", "L5"))):
+        scan = _with_void(phantom.scan, *(bodies[level] for level in void_over))
+        seen = [v for v in truth if v.level not in hidden]
+        counted = levels_counted_across_a_void(scan, _named_without_gap(seen))
+        assert counted == ([v.level for v in seen], len(hidden)), hidden
+        assert levels_counted_across_a_void(scan, seen) is None                  # counted already
+        assert levels_counted_across_a_void(scan, _named_without_gap(seen)[:-1]) is None   # no S1 below
+        assert levels_counted_across_a_void(phantom.scan, _named_without_gap(seen)) is None   # no void
+    assert "hides 2 vertebrae, counted in the levels above it" in void_warning(void_along_chain(scan, seen), 2)
+
+
+def test_a_run_counts_the_body_metal_hides_above_s1_and_says_so():
+    """The whole run, with networks that see L4 where L5 lies hidden under metal (the oracle's detector
+    misses L5, its context network names each body above S1 a level too low): the bodies above the void are
+    counted on from S1, the labelling block keeps the levels before, and the void's reason says so."""
+    from types import SimpleNamespace
+
+    phantom = make_phantom(fov="lumbar", contrast="T2", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
+                           seed=3)
+    bodies = {v.level: v for v in phantom.vertebrae if not v.extra}
+    seen = [v for v in phantom.vertebrae if not v.extra and v.level != "L5"]
+    misnamed = [dataclasses.replace(v, level=w.level) for v, w in zip(seen, _named_without_gap(_truth(
+        SimpleNamespace(vertebrae=seen))))]
+    scan = _with_void(phantom.scan, *(_truth(SimpleNamespace(vertebrae=[bodies[level]]))[0] for level in ("L4", "S1")))
+    result = pipeline.run(scan, oracle_networks(SimpleNamespace(scan=scan, vertebrae=misnamed)),
+                          pipeline.RunOptions(grade=False))
+    labelling = result.vertebrae_document["labelling"]
+    assert [v.level for v in result.detection.vertebrae] == [v.level for v in seen]
+    assert labelling["levels_counted_across_void"] == {"bodies_hidden": 1, "levels_before": [v.level for v in misnamed]}
+    assert labelling["needs_review"] and "hides 1 vertebra, counted in the levels above it" in labelling["warnings"][0]
 
 
 def test_a_run_over_metal_asks_for_review_and_says_where(monkeypatch):
