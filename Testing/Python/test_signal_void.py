@@ -76,7 +76,7 @@ def _named_without_gap(chain: list[Vertebra]) -> list[Vertebra]:
     return [dataclasses.replace(v, level=name) for v, name in zip(chain, names)]
 
 
-def test_the_bodies_a_void_hides_above_s1_are_counted_from_its_length():
+def test_the_bodies_a_void_hides_above_s1_are_counted_from_the_way_across_it():
     """The labelling names the bodies above a void as if none were hidden; counted from the step across the
     void, those above it move up by the bodies it hides (one, two, or one with a body found in the void),
     those below keep their levels; a chain already counted, one without S1 below the void, and one with no
@@ -104,11 +104,11 @@ def test_a_run_counts_the_body_metal_hides_above_s1_and_says_so():
 
     phantom = make_phantom(fov="lumbar", contrast="T2", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
                            seed=3)
-    bodies = {v.level: v for v in phantom.vertebrae if not v.extra}
+    truth = {v.level: v for v in _truth(phantom)}
+    scan = _with_void(phantom.scan, truth["L4"], truth["S1"])
     seen = [v for v in phantom.vertebrae if not v.extra and v.level != "L5"]
-    misnamed = [dataclasses.replace(v, level=w.level) for v, w in zip(seen, _named_without_gap(_truth(
-        SimpleNamespace(vertebrae=seen))))]
-    scan = _with_void(phantom.scan, *(_truth(SimpleNamespace(vertebrae=[bodies[level]]))[0] for level in ("L4", "S1")))
+    misnamed = [dataclasses.replace(v, level=w.level)
+                for v, w in zip(seen, _named_without_gap([truth[v.level] for v in seen]))]
     result = pipeline.run(scan, oracle_networks(SimpleNamespace(scan=scan, vertebrae=misnamed)),
                           pipeline.RunOptions(grade=False))
     labelling = result.vertebrae_document["labelling"]
