@@ -20,7 +20,8 @@ from __future__ import annotations
 import csv
 import html
 import io
-import math
+
+from SpineNetLib.core.levels import margin_of_confidence
 
 #: The page's file name in the cohort's output folder.
 REVIEW_PAGE_FILE = "cohort_review.html"
@@ -64,7 +65,7 @@ def _margin(row: dict[str, str]) -> float:
     if margin is not None:
         return margin
     sure = _sure(row)
-    return math.log(sure / (1.0 - sure)) if 0.0 < sure < 1.0 else math.inf if sure >= 1.0 else 0.0
+    return margin_of_confidence(sure) if sure > 0.0 else 0.0
 
 
 def asks_for_review(row: dict[str, str]) -> bool:

@@ -6,6 +6,8 @@ There is no C1 class; "S2" only arises from the S2 relabelling rule of the
 beam search.
 """
 
+import math
+
 import numpy as np
 
 LEVELS: tuple[str, ...] = (
@@ -230,3 +232,11 @@ def taken_levels_reason(source: str, here: str, there: str, own_levels, rule: st
     return (f"levels taken from {source} of the same exam, which names {there} the vertebra this series "
             f"named {here}: {_WHY_TAKEN[rule]}; on its own this series "
             f"named the vertebrae {named[0]}..{named[-1]} (the reasons after this one are about those levels)")
+
+
+def margin_of_confidence(confidence: float) -> float:
+    """ln(c / (1 - c)): the labelling margin (nats, against the best labelling shifted by one level) whose
+    confidence is ``c`` (``label/confidence.py``); inf for c >= 1, -inf for c <= 0.  Here, below the layers
+    that label and that read the cohort's tables, so that both use the one conversion."""
+    c = float(confidence)
+    return math.inf if c >= 1.0 else -math.inf if c <= 0.0 else math.log(c / (1.0 - c))

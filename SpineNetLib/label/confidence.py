@@ -55,7 +55,7 @@ from typing import Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
+from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index, margin_of_confidence
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
@@ -74,11 +74,6 @@ DEFAULT_MIN_CONFIDENCE = 0.9
 #: there (``gaps.MISSED_BODY_GAP_RATIO``, where the beam search may also skip a level).
 REVIEW_GAP_RATIO = MISSED_BODY_GAP_RATIO
 
-
-def margin_of_confidence(confidence: float) -> float:
-    """ln(c / (1 - c)): the margin (nats) whose confidence is ``c``; inf for c >= 1."""
-    c = float(confidence)
-    return math.inf if c >= 1.0 else -math.inf if c <= 0.0 else math.log(c / (1.0 - c))
 
 #: Directions searched, in this order (the first wins a tie): +1 = one level caudal, -1 = cranial.
 SHIFTS = (+1, -1)
