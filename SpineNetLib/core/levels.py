@@ -25,6 +25,11 @@ LEVELS_TOP_DOWN: tuple[str, ...] = tuple(reversed(LEVELS))
 LUMBAR: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
 
 
+def is_level_name(name) -> bool:
+    """Whether ``name`` names a level: one of :data:`LEVELS`, or "S2" (named by the S2 rule, counted as S1)."""
+    return name in LEVEL_INDEX or name == "S2"
+
+
 def level_index(name: str) -> int:
     """Class index of a level name ("S2" counts as S1, index 0)."""
     if name == "S2":

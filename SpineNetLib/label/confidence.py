@@ -55,7 +55,7 @@ from typing import Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index, margin_of_confidence
+from SpineNetLib.core.levels import LEVELS, N_LEVELS, is_level_name, level_index, margin_of_confidence
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
@@ -414,7 +414,7 @@ def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingPara
     """
     if any(v.level is None or v.level_probabilities is None for v in vertebrae):
         return None
-    if any(v.level not in LEVELS and v.level != "S2" for v in vertebrae):
+    if not all(is_level_name(v.level) for v in vertebrae):
         return None
     probs = np.stack([np.asarray(v.level_probabilities, np.float64) for v in vertebrae]) if vertebrae \
         else np.zeros((0, N_LEVELS))

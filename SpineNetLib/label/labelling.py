@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from SpineNetLib.core.errors import InputError
-from SpineNetLib.core.levels import LEVELS, N_LEVELS, level_index
+from SpineNetLib.core.levels import LEVELS, N_LEVELS, is_level_name, level_index
 from SpineNetLib.core.resample import bicubic_resize, bicubic_sample
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
@@ -434,7 +434,7 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
     if not (params or LabellingParams()).skip_across_gaps:
         return SkipsAcrossGaps()
     found = gaps_holding_a_body(vertebrae)
-    if any(v.level not in LEVELS and v.level != "S2" for v in vertebrae):
+    if not all(is_level_name(v.level) for v in vertebrae):
         return found
     indices = [level_index(v.level) for v in vertebrae]      # S2 counts as S1
     return replace(found, counted=counted_above_the_lumbar_spine(indices, found))
@@ -764,7 +764,7 @@ def relabel_with_correction(vertebrae: list[Vertebra], index: int, level_name: s
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
         raise InputError(f"vertebra index {index!r} is out of range (0 to {n - 1})")
     index = int(index)
-    if level_name not in LEVELS and level_name != "S2":
+    if not is_level_name(level_name):
         raise InputError(f"unknown level {level_name!r} (use C2..C7, T1..T12, L1..L5, S1 or S2)")
     if any(v.level_probabilities is None for v in vertebrae):
         raise InputError("the vertebrae have no level probabilities yet: run the labelling first")

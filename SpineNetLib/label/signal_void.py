@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from SpineNetLib.core.levels import LEVELS, level_index
+from SpineNetLib.core.levels import LEVELS, is_level_name, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
@@ -155,7 +155,7 @@ def levels_counted_across_a_void(scan: Scan, vertebrae: Sequence[Vertebra]) -> t
         return None
     upper, lower = void.upper_index, void.lower_index
     names = [v.level for v in vertebrae]
-    if names[lower] != "S1" or any(name not in LEVELS and name != "S2" for name in names):
+    if names[lower] != "S1" or not all(is_level_name(name) for name in names):
         return None
     steps = int(np.floor(float(np.sum(gap_ratios(vertebrae)[upper:lower])) + 0.5))   # rounded, halves up
     hidden = steps - (lower - upper)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from SpineNetLib import pipeline
+from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.label.signal_void import VOID_MIN_MM, levels_counted_across_a_void, void_along_chain, void_warning
 from SpineNetLib.synthetic.phantom import make_phantom
@@ -72,7 +73,7 @@ def test_a_void_over_two_bodies_is_found_between_the_bodies_around_it():
 
 def _named_without_gap(chain: list[Vertebra]) -> list[Vertebra]:
     """``chain`` (top to bottom, down to S1) named as a labelling that counts no body missed would name it."""
-    names = ["S1", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9"][:len(chain)][::-1]
+    names = LEVELS[:len(chain)][::-1]
     return [dataclasses.replace(v, level=name) for v, name in zip(chain, names)]
 
 
