@@ -53,7 +53,8 @@ Wilson over scans for the share of scans entirely right and for S1 below an
 annotated L5-S1 disc, and for recall and identification rate with the scan as
 the unit (conservative: a shifted scan names all its bodies wrongly at once).
 In the ``chu/`` and ``myosegmentum/`` volumes, which show S1 unannotated, the next predicted body below the
-annotated L5 is scored as S1 where the image holds S1 whole (:func:`s1_below_l5`).
+annotated L5 is scored as S1 where the image holds S1 whole (:func:`s1_below_l5`), and apart from those where
+the image cuts S1 below its centre (:func:`s1_cut_below_l5`).
 Where several scans are of one patient (``RealCase.patient_id``: zukic's
 sequences of one subject; one's own cases by their ``case.json`` or DICOM
 patient), the patient is the unit instead, and ``"n_patients"`` says how many.
@@ -230,6 +231,8 @@ class CaseMetrics:
     #: Volumes that show S1 without annotating it (``CaseGroundTruth.s1_shown_not_annotated``): the next predicted
     #: body below the annotated L5 is named S1 (:func:`s1_below_l5`). None elsewhere.
     s1_below_l5: bool | None = None
+    #: The same where the image cuts S1 below its centre (:func:`s1_cut_below_l5`). None elsewhere.
+    s1_cut_below_l5: bool | None = None
     #: Cases with annotated discs: the discs scored (``CaseGroundTruth.disc_points``) and those whose
     #: point lies inside a predicted outline near its slice (an outline that reaches into the disc).
     discs_scored: list[str] = field(default_factory=list)
@@ -346,6 +349,7 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
         metrics.s1_named = any(p.level == "S1" for p in on_s1)
     if gt.s1_shown_not_annotated:
         metrics.s1_below_l5 = s1_below_l5(gt, preds, (row_mm, col_mm))
+        metrics.s1_cut_below_l5 = s1_cut_below_l5(gt, preds, (row_mm, col_mm))
     if gt.t12_point is not None:
         holds = [(q := p.polygon_near(0, tol)) is not None and polygons.point_in_polygon(gt.t12_point, q)
                  for p in preds]
@@ -364,24 +368,28 @@ def evaluate_case(gt: CaseGroundTruth, predictions, spacing_mm=None, *,
 S1_WHOLE_BELOW_STEPS = 0.35
 
 
-def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
-    """Whether the next predicted body below the annotated L5 is named S1; None without an annotated L4 and L5,
-    and where the image may cut S1: one L4-L5 step below L5's centroid, and :data:`S1_WHOLE_BELOW_STEPS` of a
-    step further, lies below the image's last row (``CaseGroundTruth.image_rows``; most myosegmentum volumes end
-    there).
-
-    A proxy for S1 where a volume shows it unannotated: the next body is the one nearest L5's centroid among
-    those whose centroid lies further along the L4-L5 direction than 0.3 and nearer than 1.5 L4-L5 steps
-    (annotated centroids, in mm); none there counts as S1 not found."""
+def _s1_view(gt: CaseGroundTruth) -> str | None:
+    """How much of S1 the image shows below the annotated L5: "whole" where one L4-L5 step below L5's centroid,
+    and :data:`S1_WHOLE_BELOW_STEPS` of a step further, lie within the image's rows (``CaseGroundTruth.image_rows``);
+    "cut" where only the first does (S1's centre in view, its foot cut off: most myosegmentum volumes end there);
+    None where even S1's centre lies beyond the last row, or without an annotated L4 and L5."""
     truth = {v.level: v for v in gt.vertebrae if not v.ignored}
-    if "L4" not in truth or "L5" not in truth:
+    if "L4" not in truth or "L5" not in truth or gt.image_rows is None:
         return None
-    l4_px, l5_px = (np.asarray(truth[level].centroid, float) for level in ("L4", "L5"))
-    s1_foot_row = l5_px[1] + (1.0 + S1_WHOLE_BELOW_STEPS) * (l5_px[1] - l4_px[1])
-    if gt.image_rows is None or s1_foot_row > gt.image_rows - 1:
-        return None
+    l4_row, l5_row = float(truth["L4"].centroid[1]), float(truth["L5"].centroid[1])
+    last_row = gt.image_rows - 1
+    if l5_row + (1.0 + S1_WHOLE_BELOW_STEPS) * (l5_row - l4_row) <= last_row:
+        return "whole"
+    return "cut" if l5_row + (l5_row - l4_row) <= last_row else None
+
+
+def _next_body_below_l5_is_s1(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
+    """Whether the predicted body next below the annotated L5 is named S1 (False where none is there; None
+    without an L4-L5 step): the one nearest L5's centroid among those whose centroid lies further along the L4-L5
+    direction than 0.3 and nearer than 1.5 L4-L5 steps (annotated centroids, in mm)."""
+    truth = {v.level: v for v in gt.vertebrae if not v.ignored}
     scale = np.array([float(spacing_rc[1]), float(spacing_rc[0])])           # (x, y) pixels to mm
-    l4, l5 = l4_px * scale, l5_px * scale
+    l4, l5 = (np.asarray(truth[level].centroid, float) * scale for level in ("L4", "L5"))
     step = float(np.hypot(*(l5 - l4)))
     if step == 0:
         return None
@@ -393,6 +401,22 @@ def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing
         if 0.3 * step < float(offset @ down) and distance < 1.5 * step:
             below.append((distance, p))
     return bool(below) and min(below, key=lambda dp: dp[0])[1].level == "S1"
+
+
+def s1_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
+    """Whether the next predicted body below the annotated L5 is named S1 where the image holds S1 whole
+    (:func:`_s1_view`); None elsewhere.
+
+    A proxy for S1 where a volume shows it unannotated (:func:`_next_body_below_l5_is_s1`); none there counts as
+    S1 not found."""
+    return _next_body_below_l5_is_s1(gt, preds, spacing_rc) if _s1_view(gt) == "whole" else None
+
+
+def s1_cut_below_l5(gt: CaseGroundTruth, preds: Sequence[PredictedVertebra], spacing_rc) -> bool | None:
+    """The same where the image cuts S1 below its centre (:func:`_s1_view` "cut"); None elsewhere.  Scored apart
+    from :func:`s1_below_l5`: a body cut by the image edge is harder to detect and to name (an L5 there can be
+    taken for S1, ``label/confidence.s1_at_lower_edge``), and 28 of the 30 myosegmentum volumes end so."""
+    return _next_body_below_l5_is_s1(gt, preds, spacing_rc) if _s1_view(gt) == "cut" else None
 
 
 def _disc_order(disc: str) -> int:
@@ -428,6 +452,7 @@ def _case_dict(m: CaseMetrics) -> dict:
         "wrong_levels": [f"{x.gt_level}->{x.pred_level}" for x in m.matches if x.pred_level != x.gt_level],
         "s1_detected": m.s1_detected, "s1_named": m.s1_named,
         "t12_named": m.t12_named, "t12_named_elsewhere": m.t12_named_elsewhere, "s1_below_l5": m.s1_below_l5,
+        "s1_cut_below_l5": m.s1_cut_below_l5,
         "discs_scored": list(m.discs_scored),
         "disc_points_inside_outlines": list(m.disc_points_inside_outlines),
     }
@@ -448,7 +473,7 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
         total.localisation_errors_mm.extend(m.localisation_errors_mm)
     pooled = _case_dict(total)
     for per_case_only in ("missed_levels", "wrong_levels", "all_levels_right", "level_shift", "s1_detected", "s1_named",
-                          "t12_named", "t12_named_elsewhere", "s1_below_l5", "discs_scored",
+                          "t12_named", "t12_named_elsewhere", "s1_below_l5", "s1_cut_below_l5", "discs_scored",
                           "disc_points_inside_outlines"):
         del pooled[per_case_only]
     discs: dict[str, dict] = {}
@@ -465,6 +490,9 @@ def _pooled(metrics: Sequence[CaseMetrics], patients: dict[str, str] | None = No
     below_l5 = [m for m in metrics if m.s1_below_l5 is not None]
     pooled["s1_below_l5_scans"], pooled["s1_below_l5_named_s1"] = len(below_l5), sum(m.s1_below_l5 for m in below_l5)
     pooled["s1_below_l5_not_named"] = sorted(m.case_id for m in below_l5 if not m.s1_below_l5)
+    cut = [m for m in metrics if m.s1_cut_below_l5 is not None]
+    pooled["s1_cut_below_l5_scans"], pooled["s1_cut_below_l5_named_s1"] = len(cut), sum(m.s1_cut_below_l5 for m in cut)
+    pooled["s1_cut_below_l5_not_named"] = sorted(m.case_id for m in cut if not m.s1_cut_below_l5)
     with_t12 = [m for m in metrics if m.t12_named is not None]
     pooled["t12_point_scans"], pooled["t12_point_named_t12"] = len(with_t12), sum(m.t12_named for m in with_t12)
     pooled["t12_named_elsewhere"] = sorted(m.case_id for m in with_t12 if m.t12_named_elsewhere)

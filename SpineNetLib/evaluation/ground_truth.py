@@ -64,7 +64,8 @@ class CaseGroundTruth:
     disc_points: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     #: Volumes whose S1 is shown below the annotated L5 but neither outlined nor placed by a disc
     #: (``datasets.S1_UNANNOTATED_SOURCES``): the body the chain puts below L5 is scored as S1 where the image
-    #: holds S1 whole (``CaseMetrics.s1_below_l5``); ``image_rows``, the canonical image's height, says where.
+    #: holds S1 whole (``CaseMetrics.s1_below_l5``), apart where it cuts S1 below its centre
+    #: (``CaseMetrics.s1_cut_below_l5``); ``image_rows``, the canonical image's height, says where.
     s1_shown_not_annotated: bool = False
     image_rows: int | None = None
 

@@ -79,6 +79,11 @@ def level_lines(summary: dict) -> list[str]:
         lines.append(f"S1 below an annotated L5 in volumes that show S1 whole and unannotated (the next body below L5, "
                      f"evaluation/evaluate.s1_below_l5): named S1 {overall['s1_below_l5_named_s1']} of "
                      f"{overall['s1_below_l5_scans']} ({by_source}){'; not on ' + ', '.join(missed) if missed else ''}")
+    if overall.get("s1_cut_below_l5_scans"):
+        missed = overall["s1_cut_below_l5_not_named"]
+        lines.append(f"S1 below an annotated L5 in volumes whose image cuts S1 below its centre (evaluation/evaluate."
+                     f"s1_cut_below_l5): named S1 {overall['s1_cut_below_l5_named_s1']} of "
+                     f"{overall['s1_cut_below_l5_scans']}{'; not on ' + ', '.join(missed) if missed else ''}")
     if overall.get("t12_point_scans"):
         elsewhere = overall["t12_named_elsewhere"]
         hidden = [c for c in elsewhere if (summary.get("cases", {}).get(c) or {}).get("all_levels_right")]

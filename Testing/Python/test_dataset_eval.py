@@ -1150,5 +1150,34 @@ def test_s1_below_an_annotated_l5_is_scored_where_the_volume_shows_it_whole():
     # one step below L5 is row 160, S1's foot 0.35 steps further (170.5): an image of 170 rows may cut it
     assert E.evaluate_case(truth(170), chain + [box("S1", 158)]).s1_below_l5 is None
     assert E.evaluate_case(truth(172), chain + [box("S1", 158)]).s1_below_l5 is True
+    assert E.evaluate_case(truth(172), chain + [box("S1", 158)]).s1_cut_below_l5 is None    # whole: scored above
     summary = E.summarise([E.evaluate_case(truth(220), chain + [box("S1", 158)]), E.evaluate_case(truth(220), chain)])
     assert (summary["overall"]["s1_below_l5_scans"], summary["overall"]["s1_below_l5_named_s1"]) == (2, 1)
+    assert summary["overall"]["s1_cut_below_l5_scans"] == 0
+
+
+def test_s1_cut_by_the_image_below_its_centre_is_scored_apart():
+    """Most myosegmentum volumes end inside S1: where the image shows S1's centre (one L4-L5 step below L5's)
+    but not its foot, the next body below L5 is scored as S1 on its own line, not with the whole ones; where
+    even its centre is cut off, not at all."""
+    def box(level, row):
+        return E.PredictedVertebra(level=level, slices=np.array([0.0]),
+                                   polygons=[np.array([[60, row - 10], [60, row + 10], [40, row + 10], [40, row - 10]],
+                                                      float)])
+
+    def truth(rows):
+        return E.CaseGroundTruth(case_id=f"rows{rows}", spacing_mm=(1.0, 1.0, 1.0), s1_shown_not_annotated=True,
+                                 image_rows=rows, vertebrae=[E.GroundTruthVertebra("L4", 0, np.array([50.0, 100.0])),
+                                                             E.GroundTruthVertebra("L5", 0, np.array([50.0, 130.0]))])
+
+    chain = [box("L4", 100), box("L5", 130)]
+    named = E.evaluate_case(truth(165), chain + [box("S1", 158)])       # S1's centre (row 160) in view, foot cut
+    assert (named.s1_below_l5, named.s1_cut_below_l5) == (None, True)
+    assert E.evaluate_case(truth(165), chain).s1_cut_below_l5 is False                   # not found
+    assert E.evaluate_case(truth(165), chain + [box("L5", 158)]).s1_cut_below_l5 is False  # named otherwise
+    assert E.evaluate_case(truth(160), chain + [box("S1", 152)]).s1_cut_below_l5 is None   # its centre on the edge
+    summary = E.summarise([named, E.evaluate_case(truth(165), chain), E.evaluate_case(truth(220), chain)])
+    overall = summary["overall"]
+    assert (overall["s1_cut_below_l5_scans"], overall["s1_cut_below_l5_named_s1"]) == (2, 1)
+    assert overall["s1_cut_below_l5_not_named"] == ["rows165"] and overall["s1_below_l5_scans"] == 1
+    assert "whose image cuts S1 below its centre" in "\n".join(T.level_lines(summary))
