@@ -7,9 +7,9 @@ L5 (fused to the sacrum, its disc thin) or a lumbarised S1 (a lumbar-shaped firs
 below it).  With one, the names may differ by one from a count down from C2 (README, "Not yet good enough").
 No real scan in ../shared is known to have one, so this runs lumbar T2 phantoms
 (``SpineNetLib.synthetic.phantom.make_phantom``) without and with each kind, ``variability=1.0``, and prints,
-per phantom, each detected body as "truth->named" where the two differ (the truth being the nearest phantom
-body: the phantom calls the lumbarised segment S1), whether the run asks for a review, and its first
-reason.  Phantoms only hint at what real anatomy does.
+per phantom, the check of ``spinenet demo`` against its truth (``evaluation/demo_check.check_against_phantom``:
+the bodies named wrongly, or all right; the phantom calls the lumbarised segment S1), whether the run asks for a
+review, and its first reason.  Phantoms only hint at what real anatomy does.
 """
 
 from __future__ import annotations
@@ -18,25 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from script_errors import InputError, at_least  # noqa: E402
 
 KINDS = (None, "sacralised_L5", "lumbarised_S1")
-
-
-def named_against_truth(phantom, vertebrae) -> list[str]:
-    """Each detected body's level, as "truth->named" where the nearest phantom body (listed, or cut by the image
-    edge) has another."""
-    bodies = list(phantom.vertebrae) + list(phantom.cut_vertebrae)
-    out = []
-    for vertebra in vertebrae:
-        distances = [float(np.hypot(*(truth.centroid_xy - vertebra.centroid_xy))) for truth in bodies]
-        truth = bodies[int(np.argmin(distances))]
-        out.append(vertebra.level if truth.level == vertebra.level else f"{truth.level}->{vertebra.level}")
-    return out
 
 
 def main(argv=None) -> int:
@@ -54,10 +40,11 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from SpineNetLib import pipeline
+    from SpineNetLib.evaluation.demo_check import check_against_phantom
     from SpineNetLib.synthetic.phantom import make_phantom
 
     networks = pipeline.load_networks(args.weights, "cpu")
-    print("transitional     seed review  levels (truth->named where they differ) | first reason")
+    print("transitional     seed review  levels against the phantom's truth | first reason")
     for kind in KINDS:
         for seed in seeds:
             phantom = make_phantom(fov="lumbar", contrast="T2", transitional=kind, seed=seed, variability=1.0,
@@ -65,8 +52,9 @@ def main(argv=None) -> int:
             result = pipeline.run(phantom.scan, networks, pipeline.RunOptions(grade=False))
             labelling = result.vertebrae_document["labelling"]
             reason = (labelling.get("warnings") or [""])[0]
+            verdict = check_against_phantom(result.vertebrae_document, phantom).verdict()
             print(f"{str(kind):16s} {seed:4d} {'yes' if labelling.get('needs_review') else 'no':6s}  "
-                  f"{' '.join(named_against_truth(phantom, result.detection.vertebrae))} | {reason[:90]}")
+                  f"{verdict} | {reason[:90]}")
     return 0
 
 
