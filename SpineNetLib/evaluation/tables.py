@@ -72,18 +72,16 @@ def level_lines(summary: dict) -> list[str]:
                      f"evaluation/evaluate.py): detected {overall['s1_point_detected']} of {n}, named S1 "
                      f"{overall['s1_point_named_s1']} of {n} "
                      f"(95 % interval {_percent_interval(overall['ci95']['s1_point_named_s1'])}){by_source}")
-    if overall.get("s1_below_l5_scans"):
-        missed = overall["s1_below_l5_not_named"]
-        by_source = ", ".join(f"{name} {group['s1_below_l5_named_s1']} of {group['s1_below_l5_scans']}"
-                              for name, group in summary.get("by_source", {}).items() if group.get("s1_below_l5_scans"))
-        lines.append(f"S1 below an annotated L5 in volumes that show S1 whole and unannotated (the next body below L5, "
-                     f"evaluation/evaluate.s1_below_l5): named S1 {overall['s1_below_l5_named_s1']} of "
-                     f"{overall['s1_below_l5_scans']} ({by_source}){'; not on ' + ', '.join(missed) if missed else ''}")
-    if overall.get("s1_cut_below_l5_scans"):
-        missed = overall["s1_cut_below_l5_not_named"]
-        lines.append(f"S1 below an annotated L5 in volumes whose image cuts S1 below its centre (evaluation/evaluate."
-                     f"s1_cut_below_l5): named S1 {overall['s1_cut_below_l5_named_s1']} of "
-                     f"{overall['s1_cut_below_l5_scans']}{'; not on ' + ', '.join(missed) if missed else ''}")
+    for key, volumes in (("s1_below_l5", "that show S1 whole and unannotated (the next body below L5, "),
+                         ("s1_cut_below_l5", "whose image cuts S1 below its centre (")):
+        if not overall.get(f"{key}_scans"):
+            continue
+        missed = overall[f"{key}_not_named"]
+        by_source = ", ".join(f"{name} {group[f'{key}_named_s1']} of {group[f'{key}_scans']}"
+                              for name, group in summary.get("by_source", {}).items() if group.get(f"{key}_scans"))
+        lines.append(f"S1 below an annotated L5 in volumes {volumes}evaluation/evaluate.{key}): named S1 "
+                     f"{overall[f'{key}_named_s1']} of {overall[f'{key}_scans']} ({by_source})"
+                     f"{'; not on ' + ', '.join(missed) if missed else ''}")
     if overall.get("t12_point_scans"):
         elsewhere = overall["t12_named_elsewhere"]
         hidden = [c for c in elsewhere if (summary.get("cases", {}).get(c) or {}).get("all_levels_right")]
