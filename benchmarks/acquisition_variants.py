@@ -61,6 +61,11 @@ result against the case's own annotation (``spinenet evaluate``'s definitions):
   mid slice (a volume is changed at 1 mm, then read as ``spinenet run`` reads it).  A caricature too: real
   artefacts are distorted and vary with the metal and the sequence; it asks what a chain with bodies hidden
   in its middle does to the levels, and whether the review flag says so (``label/signal_void.py``).
+* ``collapsed_l1``: L1 collapsed to half its height, as by a compression fracture (``_Collapsed``): the rows of
+  the annotated body (0.35 of the L1-L2 step each way about its centre) squeezed into half as many over the whole
+  width, the rows below moved up to close the gap; scored, as the sideways moves, after the outlines are moved
+  back (the run's own document kept as ``vertebrae.as_run.json``). Asks whether a short body, which the
+  detector may miss or the labelling may count as a disc, shifts the levels counted up from S1.
 * ``t1_like`` (T2 scans only): a T1-like contrast made from the T2 image by a piecewise-linear intensity map
   (``SpineNetLib/training/contrast.py``): the 70th percentile of the scan's foreground, near the marrow of the
   T2 scans here (its median lies between their 44th and 87th percentiles), becomes the brightest tissue, and
@@ -99,7 +104,8 @@ VARIANTS = ("as_acquired", "gamma_0.6", "gamma_1.6", "coil_falloff", "noise", "b
             "ends_at_l2", "starts_at_l2", "pixels_x1.6", "pixels_x0.6", "pixels_rows_x1.6",
             "pixels_cols_x1.6", "rotated_12", "rotated_-12",
             "curved_10mm", "curved_20mm", "off_centre_12mm", "slices_5mm", "slices_5mm_gap_1mm", "slab_32mm",
-            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like", "t1_like", "metal_l4_l5")
+            "ghosts", "combined", "combined_5mm", "thin_1mm", "space_like", "t1_like", "metal_l4_l5",
+            "collapsed_l1")
 
 
 def _with_voxels(scan, voxels: np.ndarray):
@@ -279,6 +285,65 @@ class _Sideways:
         return doc
 
 
+class _Collapsed:
+    """``scan`` with the annotated body of ``level`` collapsed to ``height`` of its own (a compression fracture,
+    osteoporotic or from a tumour; most often at T12-L1): the canonical rows of the body, taken as 0.35 of the
+    step to the next body each way about its centre (a body about 0.7 of the step:
+    ``evaluation/evaluate.S1_WHOLE_BELOW_STEPS``), squeezed into ``height`` of their number, and the rows below
+    moved up to close the gap, so that the bodies below come nearer the ones above as they do over a fracture.
+    Over the whole width: the canal and the posterior elements are squeezed with the body (a caricature: a
+    real fracture keeps its posterior wall and often wedges the front). The scan keeps its geometry, so its
+    rows below the body lie where the image shows other anatomy; :meth:`moved_back` maps a run's outline corners
+    back to the rows they were drawn from, so that the annotation scores them unchanged."""
+
+    def __init__(self, scan, top_row: float, bottom_row: float, height: float):
+        self.original, self.top, self.bottom, self.height = scan, top_row, bottom_row, height
+        self.lost = (1.0 - height) * (bottom_row - top_row)
+
+    @classmethod
+    def of(cls, scan, gt, level: str, height: float):
+        """The collapse of ``level``, or None without its annotated centre and the next one below."""
+        from SpineNetLib.core.levels import LEVELS_TOP_DOWN
+
+        centre = _centre_row(gt, level)
+        below = _centre_row(gt, LEVELS_TOP_DOWN[LEVELS_TOP_DOWN.index(level) + 1])
+        if centre is None or below is None or below <= centre:
+            return None
+        half = 0.35 * (below - centre)
+        return cls(scan, centre - half, centre + half, height)
+
+    def old_rows(self, rows) -> np.ndarray:
+        """The original canonical row that each new row (array) shows."""
+        rows = np.asarray(rows, float)
+        squeezed_bottom = self.top + self.height * (self.bottom - self.top)
+        inside = self.top + (rows - self.top) / self.height
+        return np.where(rows <= self.top, rows, np.where(rows <= squeezed_bottom, inside, rows + self.lost))
+
+    def scan(self):
+        """The scan with the body collapsed (bilinear; ``lost`` rows fewer)."""
+        from scipy import ndimage
+
+        h, w, n = self.original.voxels.shape
+        rows, cols = np.meshgrid(self.old_rows(np.arange(int(h - self.lost))), np.arange(w, dtype=float),
+                                 indexing="ij")
+        out = np.stack([ndimage.map_coordinates(self.original.voxels[:, :, s].astype(np.float32), [rows, cols],
+                                                order=1, cval=0.0) for s in range(n)], axis=2)
+        return _with_voxels(self.original, out)
+
+    def moved_back(self, document: dict) -> dict:
+        """A copy of a run's ``vertebrae.json`` with every outline corner moved back to the original row it shows."""
+        doc = copy.deepcopy(document)
+        to_ras = self.original.canonical_to_ras
+        from_ras = np.linalg.inv(to_ras)
+        for v in doc.get("vertebrae", []):
+            for p in v.get("polygons", []):
+                corners = np.asarray(p["corners_ras"], float)
+                canonical = (from_ras @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+                canonical[:, 0] = self.old_rows(canonical[:, 0])
+                p["corners_ras"] = (to_ras @ np.c_[canonical, np.ones(len(canonical))].T)[:3].T.round(3).tolist()
+        return doc
+
+
 def _thick_slices(scan, thick: int, step: int):
     """A 1 mm sagittal ``scan`` (not slab-averaged) as a 2D protocol would give it: slice t the mean of the
     ``thick`` slices ``start + step*t ...``, the run centred on the volume; the geometry moves along."""
@@ -407,6 +472,7 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
     for n, case in enumerate(cases, 1):
         target = pred_root / variant / case.case_id / "vertebrae.json"
         sideways = variant.startswith(("curved_", "off_centre_"))
+        collapsed = variant == "collapsed_l1"             # moved back before scoring, as the sideways moves
         thin = variant.startswith(("slices_", "thin_", "space_")) or variant == "combined_5mm"   # read at 1 mm
         thin = thin or (variant == "metal_l4_l5" and not annotated_with_points(case))
         if (sideways or thin or variant.startswith("slab_")) and annotated_with_points(case):
@@ -421,15 +487,19 @@ def predict_variant(cases, variant: str, networks, profile, pred_root: Path, det
             else:
                 scan = load_scan(case.path / "image.nii.gz",
                                  resample_isotropic=profile.slab_average_thin_slices and not thin)
-                changed = vary(scan, variant, ground_truth_of_case(case),
-                               zlib.crc32(case.case_id.encode()) + noise_seed)
+                if collapsed:
+                    move = _Collapsed.of(scan, ground_truth_of_case(case), "L1", 0.5)
+                    changed = None if move is None else move.scan()
+                else:
+                    changed = vary(scan, variant, ground_truth_of_case(case),
+                                   zlib.crc32(case.case_id.encode()) + noise_seed)
             if changed is None:
                 continue
             result = run(changed, networks, RunOptions(grade=False, profile=profile.name,
                                                        detection_params=detection_params))
             target.parent.mkdir(parents=True, exist_ok=True)
             document = result.vertebrae_document
-            if sideways:
+            if sideways or collapsed:
                 target.with_name("vertebrae.as_run.json").write_text(json.dumps(document), encoding="utf-8")
                 document = move.moved_back(document)
             target.write_text(json.dumps(document), encoding="utf-8")
