@@ -31,7 +31,8 @@ min_confidence`` when a confidence threshold is given; margins are compared
 because calibrated thresholds lie where the confidence is 1.0 in floating
 point), or a gap between two consecutive bodies of more than
 :data:`REVIEW_GAP_RATIO` times their usual spacing or a space between them higher than
-``gaps.MISSED_BODY_SPACE_RATIO`` times the bodies where the levels count one there (a vertebra was
+``gaps.MISSED_BODY_SPACE_RATIO`` times the bodies where the levels count one there, or higher than
+``gaps.REVIEW_SPACE_RATIO`` times them and standing out from the chain's other spaces (a vertebra was
 probably missed there: the levels count one there, or may be off by one on one side of it); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
@@ -59,8 +60,9 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, is_level_name, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
-from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, SkipsAcrossGaps, gap_ratios,
-                                    level_skipped, space_ratios)
+from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, MISSED_BODY_USUAL_SPACES,
+                                    REVIEW_SPACE_RATIO, SkipsAcrossGaps, gap_ratios, level_skipped, space_ratios,
+                                    usual_space_ratios)
 from SpineNetLib.label.labelling import (LabellingParams, assign_level_names, beam_search, sequence_cost,
                                          skips_across_gaps)
 
@@ -361,19 +363,22 @@ def _missed_between(upper: str | None, lower: str | None) -> str:
 def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     """A message per gap between consecutive bodies (top to bottom) that holds a missed body: a step wider
     than :data:`REVIEW_GAP_RATIO` times the median step of the scan (three bodies at least;
-    ``gaps.gap_ratios``), or where the levels skip one across a space between the bodies higher than
+    ``gaps.gap_ratios``), where the levels skip one across a space between the bodies higher than
     :data:`MISSED_BODY_SPACE_RATIO` times their mean height (``gaps.space_ratios``; a level counted there,
     ``labelling.counted_above_the_lumbar_spine``; where they do not, :func:`missed_vertebra_reasons` measures
-    the disc).  Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the
+    the disc), or, but for the lowest pair, where a space higher than ``gaps.REVIEW_SPACE_RATIO`` times the
+    bodies stands out from the chain's other spaces (``gaps.MISSED_BODY_USUAL_SPACES``): a collapsed body
+    missed.  Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the
     level counted there without an outline; elsewhere it says that the levels on one side may be off by one."""
-    steps, spaces = gap_ratios(vertebrae), space_ratios(vertebrae)
+    steps, spaces, usual = gap_ratios(vertebrae), space_ratios(vertebrae), usual_space_ratios(vertebrae)
     warnings = []
     for i in range(len(vertebrae) - 1):
         upper, lower = vertebrae[i].level, vertebrae[i + 1].level
         skipped = level_skipped(upper, lower)
+        stands_out = i < len(usual) - 1 and usual[i] > MISSED_BODY_USUAL_SPACES   # never the lowest pair
         if i < len(steps) and steps[i] > REVIEW_GAP_RATIO:
             measured = f"their gap is {steps[i]:.1f} times the usual spacing"
-        elif skipped and spaces[i] > MISSED_BODY_SPACE_RATIO:
+        elif (skipped and spaces[i] > MISSED_BODY_SPACE_RATIO) or (stands_out and spaces[i] > REVIEW_SPACE_RATIO):
             measured = f"the space between them is {spaces[i]:.1f} times the bodies' height"
         else:
             continue

@@ -158,8 +158,9 @@ def test_a_gap_wide_enough_for_a_missed_body_asks_for_review():
 
     spine = _lumbar(half=(12.0, 13.0))                       # steps of 30, bodies 26 high
     assert gap_warnings(spine) == []
-    # the step from L1 to L2 widened to 1.5, 1.7 and 2 times the others (a space of 0.6, 0.95, 1.3 bodies)
-    for widened, flagged in ((1.5, False), (REVIEW_GAP_RATIO + 0.05, True), (2.0, True)):
+    # the step from L1 to L2 widened to 1.4, 1.7 and 2 times the others (a space of 0.6, 0.95, 1.3 bodies; from
+    # 0.73 bodies a space that stands out asks by itself: test_a_space_about_a_body_high_asks_for_a_review_...)
+    for widened, flagged in ((1.4, False), (REVIEW_GAP_RATIO + 0.05, True), (2.0, True)):
         chain = [_body(100, 80 - 30 * widened, "L1", half=(12.0, 13.0))] + spine[1:]
         assert bool(gap_warnings(chain)) is flagged, widened
     # the step measured in full, not its vertical part: L5 to S1 runs forwards as much as down
@@ -491,9 +492,72 @@ def test_a_level_is_counted_where_the_space_between_two_bodies_is_higher_than_a_
     assert skips_across_gaps(chain[:-1]) == SkipsAcrossGaps(wide_spaces=frozenset({2}))     # no S1: none counted
     assert gap_warnings(chain) == ["a vertebra may have been missed between T10 and T12 (the space between them is "
                                    "1.7 times the bodies' height): the levels count T11 there, which has no outline"]
-    # named consecutive levels across it, the space is left to the disc measurement's review reason
+    # named consecutive levels across it, the space, standing out from the others, still asks (REVIEW_SPACE_RATIO)
     one_too_low = [dataclasses.replace(chain[0], level="T10"), dataclasses.replace(chain[1], level="T11")] + chain[2:]
-    assert gap_warnings(one_too_low) == []
+    assert gap_warnings(one_too_low) == ["a vertebra may have been missed between T11 and T12 (the space between "
+                                         "them is 1.7 times the bodies' height): the levels on one side of it may "
+                                         "be off by one"]
+
+
+def _chain_of_spaces(spaces):
+    """Bodies 26 high named T12 down to S1, with the given spaces between them (top to bottom)."""
+    tops = np.concatenate([[0.0], np.cumsum(np.asarray(spaces, float) + 26.0)])
+    return [_body(100, y, level, (14.0, 13.0)) for y, level in zip(tops, ["T12", "L1", "L2", "L3", "L4", "L5", "S1"])]
+
+
+def test_a_space_about_a_body_high_asks_for_a_review_where_the_levels_count_nothing():
+    """A body collapsed to half its height (a compression fracture) and missed by the detector leaves a space
+    about one body high (7 + 13 + 7 between bodies 26 high): under MISSED_BODY_SPACE_RATIO, and a centre step
+    under MISSED_BODY_GAP_RATIO, so nothing is counted there and the bodies above are named one level too
+    low. A space over gaps.REVIEW_SPACE_RATIO bodies that stands out from the chain's other spaces asks for a
+    review (MODEL_CARD.md, "A collapsed vertebra"); not a tall disc under that bar, nor the lowest pair's
+    space (an S1 drawn low on the sacrum)."""
+    from SpineNetLib.label.confidence import gap_warnings
+    from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, REVIEW_SPACE_RATIO,
+                                        SkipsAcrossGaps, gap_ratios, space_ratios)
+    from SpineNetLib.label.labelling import skips_across_gaps
+
+    collapsed = _chain_of_spaces([7, 27, 7, 7, 7, 7])
+    assert gap_ratios(collapsed)[1] == pytest.approx(53 / 33) and gap_ratios(collapsed)[1] < MISSED_BODY_GAP_RATIO
+    assert space_ratios(collapsed)[1] == pytest.approx(27 / 26)
+    assert REVIEW_SPACE_RATIO < space_ratios(collapsed)[1] < MISSED_BODY_SPACE_RATIO
+    assert skips_across_gaps(collapsed) == SkipsAcrossGaps()                     # nothing counted
+    assert gap_warnings(collapsed) == ["a vertebra may have been missed between L1 and L2 (the space between them "
+                                       "is 1.0 times the bodies' height): the levels on one side of it may be off "
+                                       "by one"]
+    assert gap_warnings(_chain_of_spaces([7, 16, 7, 7, 7, 7])) == []     # 0.62 bodies, 2.3 times the others
+    assert gap_warnings(_chain_of_spaces([7, 7, 7, 7, 7, 27])) == []     # the lowest pair
+
+
+@pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_152-000").is_dir(),
+                    reason="../shared/data (real MRI) is not present")
+def test_a_clinical_slice_whose_collapsed_l1_is_missed_asks_for_a_review():
+    """tianchi_152 (held out) with its L1 collapsed to half its height (benchmarks/acquisition_variants.py,
+    collapsed_l1): the detector misses the collapsed body and T12 is named L1; before, no reason asked for a
+    review. The space where L1 lies, 0.8 bodies high, now asks."""
+    import importlib.util
+    from pathlib import Path
+
+    from SpineNetLib import pipeline
+    from SpineNetLib.evaluation.evaluate import ground_truth_of_case
+    from SpineNetLib.inputs.load import load_scan
+    from SpineNetLib.training.datasets import list_cases
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "acquisition_variants.py"
+    spec = importlib.util.spec_from_file_location("acquisition_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    case = next(c for c in list_cases(default_data_root(), sources=("tianchi",)) if c.case_id == "tianchi_152-000")
+    collapse = bench._Collapsed.of(load_scan(case.path / "image.nii.gz"), ground_truth_of_case(case), "L1", 0.5)
+    result = pipeline.run(collapse.scan(), pipeline.load_networks("bundled", "cpu"), pipeline.RunOptions(grade=False))
+    levels = [v.level for v in result.detection.vertebrae]
+    assert levels == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]          # one body fewer: T12 named L1
+    l1_truth = next(v for v in ground_truth_of_case(case).vertebrae if v.level == "L1").centroid[1]
+    named_l1 = result.detection.vertebrae[1]
+    assert named_l1.centroid_xy[1] < collapse.top < l1_truth                 # above the collapsed body
+    assert result.vertebrae_document["labelling"]["needs_review"]
+    asks = [w for w in result.warnings if w.startswith("a vertebra may have been missed between L1 and L2")]
+    assert asks and "off by one" in asks[0]
 
 
 ROUGH = "L2's outline comes from a weaker detection and may be rough; check it before using these measurements"
