@@ -60,9 +60,8 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, is_level_name, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
-from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, MISSED_BODY_USUAL_SPACES,
-                                    REVIEW_SPACE_RATIO, SkipsAcrossGaps, gap_ratios, level_skipped, space_ratios,
-                                    usual_space_ratios)
+from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, REVIEW_SPACE_RATIO,
+                                    SkipsAcrossGaps, gap_ratios, level_skipped, space_ratios, spaces_standing_out)
 from SpineNetLib.label.labelling import (LabellingParams, assign_level_names, beam_search, sequence_cost,
                                          skips_across_gaps)
 
@@ -366,19 +365,19 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     ``gaps.gap_ratios``), where the levels skip one across a space between the bodies higher than
     :data:`MISSED_BODY_SPACE_RATIO` times their mean height (``gaps.space_ratios``; a level counted there,
     ``labelling.counted_above_the_lumbar_spine``; where they do not, :func:`missed_vertebra_reasons` measures
-    the disc), or, but for the lowest pair, where a space higher than ``gaps.REVIEW_SPACE_RATIO`` times the
-    bodies stands out from the chain's other spaces (``gaps.MISSED_BODY_USUAL_SPACES``): a collapsed body
-    missed.  Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the
-    level counted there without an outline; elsewhere it says that the levels on one side may be off by one."""
-    steps, spaces, usual = gap_ratios(vertebrae), space_ratios(vertebrae), usual_space_ratios(vertebrae)
+    the disc), or, but for the lowest pair, where a space higher than :data:`REVIEW_SPACE_RATIO` times the
+    bodies stands out from the chain's other spaces (``gaps.spaces_standing_out``): a collapsed body missed.
+    Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the level counted
+    there without an outline; elsewhere it says that the levels on one side may be off by one."""
+    steps, spaces = gap_ratios(vertebrae), space_ratios(vertebrae)
+    standing_out = spaces_standing_out(vertebrae, REVIEW_SPACE_RATIO)
     warnings = []
     for i in range(len(vertebrae) - 1):
         upper, lower = vertebrae[i].level, vertebrae[i + 1].level
         skipped = level_skipped(upper, lower)
-        stands_out = i < len(usual) - 1 and usual[i] > MISSED_BODY_USUAL_SPACES   # never the lowest pair
         if i < len(steps) and steps[i] > REVIEW_GAP_RATIO:
             measured = f"their gap is {steps[i]:.1f} times the usual spacing"
-        elif (skipped and spaces[i] > MISSED_BODY_SPACE_RATIO) or (stands_out and spaces[i] > REVIEW_SPACE_RATIO):
+        elif (skipped and spaces[i] > MISSED_BODY_SPACE_RATIO) or i + 1 in standing_out:
             measured = f"the space between them is {spaces[i]:.1f} times the bodies' height"
         else:
             continue

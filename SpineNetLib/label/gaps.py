@@ -58,8 +58,8 @@ MISSED_BODY_USUAL_SPACES = 2.2
 
 #: A space between consecutive bodies higher than this many times their mean height, and more than
 #: :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual space, asks for a review even where the levels count
-#: nothing there (``confidence.gap_warnings``; but for the lowest pair, as ``wide_spaces``): a body collapsed to
-#: half its height, as by a compression fracture, that the detector missed leaves a space of 0.90 to 1.10
+#: nothing there (``confidence.gap_warnings``; but for the lowest pair: :func:`spaces_standing_out`): a body
+#: collapsed to half its height, as by a compression fracture, that the detector missed leaves a space of 0.90 to 1.10
 #: bodies on the training side's clinical slices (``benchmarks/acquisition_variants.py``, ``collapsed_l1``),
 #: under :data:`MISSED_BODY_SPACE_RATIO`, and a centre step under :data:`MISSED_BODY_GAP_RATIO` (1.34 to 1.61;
 #: tianchi_124's 1.69 lets the levels skip one there), so the bodies above it were named one level too low,
@@ -162,11 +162,21 @@ def gaps_holding_a_body(vertebrae: Sequence[Vertebra]) -> SkipsAcrossGaps:
     space (:func:`space_ratios`, :func:`usual_space_ratios`), but for the lowest pair (``wide_spaces``);
     where a level is counted depends on the levels (``labelling.counted_above_the_lumbar_spine``)."""
     free = frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
+    return SkipsAcrossGaps(free=free, wide_spaces=spaces_standing_out(vertebrae, MISSED_BODY_SPACE_RATIO))
+
+
+def spaces_standing_out(vertebrae: Sequence[Vertebra], bodies_high: float) -> frozenset[int]:
+    """Positions ``k`` of a chain (top to bottom) whose space from body ``k - 1`` is higher than ``bodies_high``
+    times the two bodies' mean height (:func:`space_ratios`) and more than :data:`MISSED_BODY_USUAL_SPACES` times
+    the chain's usual space (:func:`usual_space_ratios`), but for the lowest pair (often S1 with its outline
+    drawn low on the sacrum: tianchi_038); none in a chain of fewer than three bodies.  With
+    :data:`MISSED_BODY_SPACE_RATIO` where a level may be counted (:func:`gaps_holding_a_body`), with
+    :data:`REVIEW_SPACE_RATIO` where a review is asked (``confidence.gap_warnings``)."""
     usual = usual_space_ratios(vertebrae)
     if usual.size == 0:
-        return SkipsAcrossGaps(free=free)
-    wide = (space_ratios(vertebrae) > MISSED_BODY_SPACE_RATIO) & (usual > MISSED_BODY_USUAL_SPACES)
-    return SkipsAcrossGaps(free=free, wide_spaces=frozenset(int(k) + 1 for k in np.flatnonzero(wide[:-1])))
+        return frozenset()
+    wide = (space_ratios(vertebrae) > bodies_high) & (usual > MISSED_BODY_USUAL_SPACES)
+    return frozenset(int(k) + 1 for k in np.flatnonzero(wide[:-1]))
 
 
 def medians_of_the_others(values: np.ndarray) -> np.ndarray:
