@@ -234,6 +234,17 @@ def _rotated(scan, degrees: float):
     return _resampled(scan, new_to_old, (h, w), (sr, sc))
 
 
+def _corners_moved(document: dict, move) -> dict:
+    """A copy of a run's ``vertebrae.json`` with ``move`` ((4, 3) RAS corners -> (4, 3)) applied to every outline's
+    corners, rounded to the micrometre as the document writes them: the moves of ``_Sideways`` and ``_Collapsed``
+    undone before scoring."""
+    doc = copy.deepcopy(document)
+    for v in doc.get("vertebrae", []):
+        for p in v.get("polygons", []):
+            p["corners_ras"] = move(np.asarray(p["corners_ras"], float)).round(3).tolist()
+    return doc
+
+
 class _Sideways:
     """A volume stored as a NIfTI file moved sideways: its voxels moved along the sagittal axis by
     ``amplitude_mm * sin(pi z / (Z - 1))`` at voxel row ``z`` of the superior-inferior axis (``curved_*``), or
@@ -274,15 +285,12 @@ class _Sideways:
     def moved_back(self, document: dict) -> dict:
         """A copy of a run's ``vertebrae.json`` with every outline corner moved back sideways by the move at
         its own height, so that the annotation scores it."""
-        doc = copy.deepcopy(document)
         ras_to_ijk = np.linalg.inv(self.ijk_to_ras)
-        for v in doc.get("vertebrae", []):
-            for p in v.get("polygons", []):
-                corners = np.asarray(p["corners_ras"], float)
-                ijk = (ras_to_ijk @ np.c_[corners, np.ones(len(corners))].T)[:3].T
-                back = corners - self.shift_voxels(ijk[:, self.axial])[:, None] * self.ijk_to_ras[:3, self.sagittal]
-                p["corners_ras"] = back.round(3).tolist()
-        return doc
+
+        def back(corners):
+            ijk = (ras_to_ijk @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+            return corners - self.shift_voxels(ijk[:, self.axial])[:, None] * self.ijk_to_ras[:3, self.sagittal]
+        return _corners_moved(document, back)
 
 
 class _Collapsed:
@@ -332,16 +340,14 @@ class _Collapsed:
 
     def moved_back(self, document: dict) -> dict:
         """A copy of a run's ``vertebrae.json`` with every outline corner moved back to the original row it shows."""
-        doc = copy.deepcopy(document)
         to_ras = self.original.canonical_to_ras
         from_ras = np.linalg.inv(to_ras)
-        for v in doc.get("vertebrae", []):
-            for p in v.get("polygons", []):
-                corners = np.asarray(p["corners_ras"], float)
-                canonical = (from_ras @ np.c_[corners, np.ones(len(corners))].T)[:3].T
-                canonical[:, 0] = self.old_rows(canonical[:, 0])
-                p["corners_ras"] = (to_ras @ np.c_[canonical, np.ones(len(canonical))].T)[:3].T.round(3).tolist()
-        return doc
+
+        def back(corners):
+            canonical = (from_ras @ np.c_[corners, np.ones(len(corners))].T)[:3].T
+            canonical[:, 0] = self.old_rows(canonical[:, 0])
+            return (to_ras @ np.c_[canonical, np.ones(len(canonical))].T)[:3].T
+        return _corners_moved(document, back)
 
 
 def _thick_slices(scan, thick: int, step: int):
