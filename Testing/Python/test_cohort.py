@@ -508,7 +508,10 @@ class _InterruptAfterFirstStudy:
 
 def test_an_interrupted_run_keeps_its_finished_studies_and_resumes(tmp_path, cluster):
     address, client = cluster
-    client.wait_for_workers(2, timeout=WORKER_RESTART_S)
+    # one worker is enough: now and then Dask's nanny does not bring back the worker the test above killed
+    # within WORKER_RESTART_S (once in CI; here once in 13 runs, with two busy processes loading the
+    # machine, and never without them), and a run then goes on with the workers there are, as a user's does
+    client.wait_for_workers(1, timeout=WORKER_RESTART_S)
     root = _image_root(tmp_path / "root", 4)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
