@@ -57,6 +57,7 @@ from SpineNetLib.label.missed_bodies import (bodies_below, chain_ends_above_s1, 
 from SpineNetLib.label.orientation import orientation_warning, surer_reoriented
 from SpineNetLib.label.other_series import review_against_other_series, series_name
 from SpineNetLib.label.signal_void import ask_for_review_over_a_void, levels_counted_across_a_void
+from SpineNetLib.label.void_path import pairs_in_a_void
 from SpineNetLib.outputs.discs import discs_document
 from SpineNetLib.outputs.vertebrae import vertebrae_document
 from SpineNetLib.models.grading_heads import SINGLE_SLICE_GRADER_ON_A_VOLUME, reads_one_slice
@@ -186,13 +187,14 @@ def _bodies_on_turned_slices(scan: Scan, result: DetectionResult, predict,
 
 
 def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Vertebra], label, predict,
-                             params: detection.DetectionParams) -> tuple[list[Vertebra], list[Vertebra]] | None:
+                             params: detection.DetectionParams, labelling_params: labelling.LabellingParams
+                             ) -> tuple[list[Vertebra], list[Vertebra]] | None:
     """(the labelled vertebrae with the bodies added, the bodies added) when ``predict``'s detector finds the
     bodies step by step below the chain's lowest body (L1-L5) down to S1 (``label/missed_bodies.bodies_below``;
     none reaching the image's last row, where an L5 cannot be told from S1) and the labelling names each the
-    next level, the lowest S1, while every other body keeps its level; else None.  Nothing is added anywhere
-    else and no level changes (MODEL_CARD.md, "S1 below an L5 from the second detector" and "... below an
-    L1-L4")."""
+    next level, the lowest S1, while every other body keeps its level but for a level counted across a wide
+    space above (``missed_bodies.names_bodies_down_to_s1``); else None.  Nothing is added anywhere else
+    (MODEL_CARD.md, "S1 below an L5 from the second detector" and "... below an L1-L4")."""
     start = time.perf_counter()
     bodies = bodies_clear_of_the_lower_edge(scan, predict, params)
     result.timings_s["detection"] = result.timings_s.get("detection", 0.0) + time.perf_counter() - start
@@ -201,7 +203,8 @@ def _s1_from_second_detector(scan: Scan, result: DetectionResult, found: list[Ve
     if len(added) != len(levels_down_to_s1(result.vertebrae[-1].level)):   # the search stopped above S1
         return None
     relabelled = label(found + added, result.vertebrae)
-    return (relabelled, added) if names_bodies_down_to_s1(result.vertebrae, relabelled, added) else None
+    named = names_bodies_down_to_s1(result.vertebrae, relabelled, added, labelling_params)
+    return (relabelled, added) if named else None
 
 
 def detect_and_label(scan: Scan, networks: Networks, *,
@@ -252,7 +255,8 @@ def detect_and_label(scan: Scan, networks: Networks, *,
                 result.vertebrae, found, below = relabelled, found + added, below + added
     down_to_s1 = None
     if second_detector is not None and chain_ends_above_s1(result.vertebrae):
-        down_to_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params)
+        down_to_s1 = _s1_from_second_detector(scan, result, found, label, second_detector, detection_params,
+                                              labelling_params)
         if down_to_s1 is not None:
             result.vertebrae, added = down_to_s1
             found, below = found + added, below + added
@@ -558,7 +562,8 @@ def _own_review(scan: Scan, result: DetectionResult, networks: Networks, params:
     (``ask_for_review_where_in_doubt``; a signal void on the spine's path first: ``label/signal_void.py``), and
     the reason that the chain reaches beyond a lumbar field of view (``beyond_lumbar_field``, with lumbar
     weights), which the caller asks last so that it goes first."""
-    confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence)
+    in_void = pairs_in_a_void(scan, result.vertebrae) if params.skip_across_gaps else frozenset()
+    confidence = confidence_of_vertebrae(result.vertebrae, params, options.min_labelling_confidence, in_void)
     if confidence is None:
         return None, None
     ask_for_review_where_in_doubt(scan, result.vertebrae, result.labelling, confidence)

@@ -31,9 +31,10 @@ min_confidence`` when a confidence threshold is given; margins are compared
 because calibrated thresholds lie where the confidence is 1.0 in floating
 point), or a gap between two consecutive bodies of more than
 :data:`REVIEW_GAP_RATIO` times their usual spacing or a space between them higher than
-``gaps.MISSED_BODY_SPACE_RATIO`` times the bodies where the levels count one there, or higher than
-``gaps.REVIEW_SPACE_RATIO`` times them and standing out from the chain's other spaces (a vertebra was
-probably missed there: the levels count one there, or may be off by one on one side of it); the threshold
+``gaps.MISSED_BODY_SPACE_RATIO`` times the bodies where the levels skip one there, or higher than
+``gaps.COLLAPSED_BODY_SPACE_RATIO`` times them and standing out from the chain's other spaces (a vertebra,
+perhaps collapsed, was probably missed there: the levels count one there where the chain reaches S1, or may
+be off by one on one side of it); the threshold
 :data:`DEFAULT_MIN_CONFIDENCE` is meant to be calibrated on annotated scans.
 A missing S1 is reported as a note (the levels were counted without the
 lumbosacral anchor) but does not by itself ask for a review.
@@ -60,7 +61,7 @@ from SpineNetLib.core.levels import LEVELS, N_LEVELS, is_level_name, level_index
 from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import off_middle_note
-from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, REVIEW_SPACE_RATIO,
+from SpineNetLib.label.gaps import (COLLAPSED_BODY_SPACE_RATIO, MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO,
                                     SkipsAcrossGaps, gap_ratios, level_skipped, space_ratios, spaces_standing_out)
 from SpineNetLib.label.labelling import (LabellingParams, assign_level_names, beam_search, sequence_cost,
                                          skips_across_gaps)
@@ -363,14 +364,15 @@ def gap_warnings(vertebrae: Sequence[Vertebra]) -> list[str]:
     """A message per gap between consecutive bodies (top to bottom) that holds a missed body: a step wider
     than :data:`REVIEW_GAP_RATIO` times the median step of the scan (three bodies at least;
     ``gaps.gap_ratios``), where the levels skip one across a space between the bodies higher than
-    :data:`MISSED_BODY_SPACE_RATIO` times their mean height (``gaps.space_ratios``; a level counted there,
-    ``labelling.counted_above_the_lumbar_spine``; where they do not, :func:`missed_vertebra_reasons` measures
-    the disc), or, but for the lowest pair, where a space higher than :data:`REVIEW_SPACE_RATIO` times the
-    bodies stands out from the chain's other spaces (``gaps.spaces_standing_out``): a collapsed body missed.
-    Where the levels skip one across it (``labelling.skips_across_gaps``), the message names the level counted
-    there without an outline; elsewhere it says that the levels on one side may be off by one."""
+    :data:`MISSED_BODY_SPACE_RATIO` times their mean height (``gaps.space_ratios``; where they do not,
+    :func:`missed_vertebra_reasons` measures the disc), or, but for the lowest pair, where a space higher than
+    :data:`COLLAPSED_BODY_SPACE_RATIO` times the bodies stands out from the chain's other spaces
+    (``gaps.spaces_standing_out``): a body missed, perhaps collapsed, where a level is counted when the chain
+    reaches S1 (``labelling.counted_across_wide_spaces``).  Where the levels skip one across it
+    (``labelling.skips_across_gaps``), the message names the level counted there without an outline; elsewhere
+    it says that the levels on one side may be off by one."""
     steps, spaces = gap_ratios(vertebrae), space_ratios(vertebrae)
-    standing_out = spaces_standing_out(vertebrae, REVIEW_SPACE_RATIO)
+    standing_out = spaces_standing_out(vertebrae, COLLAPSED_BODY_SPACE_RATIO)
     warnings = []
     for i in range(len(vertebrae) - 1):
         upper, lower = vertebrae[i].level, vertebrae[i + 1].level
@@ -409,9 +411,12 @@ def missed_vertebra_reasons(discs: Sequence[tuple[str | None, str | None, float]
 
 
 def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None,
-                            min_confidence: float | None = None) -> LabellingConfidence | None:
+                            min_confidence: float | None = None,
+                            in_void: frozenset[int] = frozenset()) -> LabellingConfidence | None:
     """:func:`labelling_confidence` of labelled vertebrae (top to bottom), from their
-    ``.level_probabilities`` and ``.level``; None when one of them is not labelled.
+    ``.level_probabilities`` and ``.level``; None when one of them is not labelled.  ``in_void``: the
+    positions of the spaces a signal void lies in (``void_path.pairs_in_a_void``), where the labelling counts
+    no level (``labelling.skips_across_gaps``).
 
     After :func:`~SpineNetLib.label.labelling.relabel_with_correction` this
     scores the corrected labelling the same way, as the network sees it.
@@ -423,7 +428,7 @@ def confidence_of_vertebrae(vertebrae: Sequence[Vertebra], params: LabellingPara
     probs = np.stack([np.asarray(v.level_probabilities, np.float64) for v in vertebrae]) if vertebrae \
         else np.zeros((0, N_LEVELS))
     confidence = labelling_confidence(probs, [v.level for v in vertebrae], params, min_confidence,
-                                      skips_across_gaps(vertebrae, params))
+                                      skips_across_gaps(vertebrae, params, in_void))
     gaps = gap_warnings(vertebrae)
     if gaps:
         confidence.warnings = gaps + confidence.warnings

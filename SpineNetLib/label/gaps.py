@@ -8,11 +8,13 @@ Two measures, both of the average polygons of consecutive bodies, top to bottom,
 * :func:`space_ratios`: the space from the upper body's lower endplate to the lower body's upper endplate
   over the mean height of the two bodies.  A disc is well under one body high, so a space wider than
   :data:`MISSED_BODY_SPACE_RATIO` that also stands out from the chain's other spaces
-  (:data:`MISSED_BODY_USUAL_SPACES`) holds a body.  Above L1 the bodies are smaller than the lumbar ones that
-  set the median step, so a missed T11 or T12 keeps the centre step under its bar, and the networks'
-  evidence above it counts on from the bodies below; there the beam search *must* count a level
-  (``labelling.counted_above_the_lumbar_spine``; SpineNetLib/weights/bundled/MODEL_CARD.md, "A level
-  counted where a body was missed").
+  (:data:`MISSED_BODY_USUAL_SPACES`) holds a body; so does one over :data:`COLLAPSED_BODY_SPACE_RATIO`, a body
+  collapsed to half its height (a compression fracture) that the detector missed.  Above L1 the bodies are
+  smaller than the lumbar ones that set the median step, so a missed T11 or T12 keeps the centre step under
+  its bar, and so does a missed collapsed body anywhere; the networks' evidence above it counts on from the
+  bodies below.  Across such a space the beam search *must* count a level where the chain reaches S1
+  (``labelling.counted_across_wide_spaces``; SpineNetLib/weights/bundled/MODEL_CARD.md, "A level counted
+  where a body was missed" and "A collapsed vertebra").
 
 Before labelling, both measures, each pair against the chain's other pairs (:func:`gaps_missing_a_body`), say
 where a weaker detection in the middle of a gap is taken as the missed body (``missed_bodies.gap_fillers``);
@@ -43,11 +45,11 @@ from SpineNetLib.core.results import Vertebra
 MISSED_BODY_GAP_RATIO = 1.65
 
 #: A space between consecutive bodies wider than this many times their mean height holds a body the
-#: detector missed: a weaker detection in its middle is taken as the body (:func:`gaps_missing_a_body`), and
-#: where none is, above the lumbar spine the beam search counts a level there
-#: (``labelling.counted_above_the_lumbar_spine``).  Chosen on the 133 training-side cases of the bundled
-#: weights: pairs without a missed body reach 1.04 (tianchi_038, its S1 drawn low on the sacrum), pairs with
-#: one start at 1.18; the midpoint (MODEL_CARD.md, "A level counted where a body was missed").
+#: detector missed at full height: a weaker detection in its middle is taken as the body
+#: (:func:`gaps_missing_a_body`).  Chosen on the 133 training-side cases of the bundled weights: pairs without a
+#: missed body reach 1.04 (tianchi_038, its S1 drawn low on the sacrum), pairs with one start at 1.18; the
+#: midpoint (MODEL_CARD.md, "A level counted where a body was missed").  A level is counted from the lower
+#: bar :data:`COLLAPSED_BODY_SPACE_RATIO` on.
 MISSED_BODY_SPACE_RATIO = 1.11
 
 #: ... and more than this many times the chain's usual space (its median), so that outlines drawn small all
@@ -57,16 +59,17 @@ MISSED_BODY_SPACE_RATIO = 1.11
 MISSED_BODY_USUAL_SPACES = 2.2
 
 #: A space between consecutive bodies higher than this many times their mean height, and more than
-#: :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual space, asks for a review even where the levels count
-#: nothing there (``confidence.gap_warnings``; but for the lowest pair: :func:`spaces_standing_out`): a body
-#: collapsed to half its height, as by a compression fracture, that the detector missed leaves a space of 0.90 to 1.10
-#: bodies on the training side's clinical slices (``benchmarks/acquisition_variants.py``, ``collapsed_l1``),
-#: under :data:`MISSED_BODY_SPACE_RATIO`, and a centre step under :data:`MISSED_BODY_GAP_RATIO` (1.34 to 1.61;
-#: tianchi_124's 1.69 lets the levels skip one there), so the bodies above it were named one level too low,
-#: mostly without a word (tianchi_031's 0.88 stands out only 2.0 times).  Pairs with nothing missed reach 0.56
-#: there as acquired (tianchi_010, L4-L5); the midpoint, rounded (MODEL_CARD.md, "A collapsed vertebra").  It
-#: changes no level.
-REVIEW_SPACE_RATIO = 0.73
+#: :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual space (but for the lowest pair:
+#: :func:`spaces_standing_out`), holds a body the detector missed: where the chain reaches S1 the beam search
+#: counts a level there (``labelling.counted_across_wide_spaces``), and a review is asked either way
+#: (``confidence.gap_warnings``).  A body collapsed to half its height, as by a compression fracture, that the
+#: detector missed leaves a space of 0.90 to 1.10 bodies on the training side's clinical slices
+#: (``benchmarks/acquisition_variants.py``, ``collapsed_l1``), under :data:`MISSED_BODY_SPACE_RATIO`, and a
+#: centre step under :data:`MISSED_BODY_GAP_RATIO` (1.34 to 1.61; tianchi_124's 1.69 lets the levels skip one
+#: there), so without the count the bodies above it were named one level too low (tianchi_031's 0.88 stands out
+#: only 2.0 times).  Pairs with nothing missed reach 0.56 there as acquired (tianchi_010, L4-L5); the midpoint,
+#: rounded (MODEL_CARD.md, "A collapsed vertebra").
+COLLAPSED_BODY_SPACE_RATIO = 0.73
 
 #: The fewest detected bodies in which :func:`gaps_missing_a_body` looks for a gap.  With three, a step is
 #: compared with the one other step: on the held-out variant runs cut between L2 and L3
@@ -84,12 +87,12 @@ class SkipsAcrossGaps:
 
     #: A skip of one level costs nothing here; a step of one costs what it does elsewhere.
     free: frozenset[int] = frozenset()
-    #: The space between the two bodies is higher than a body and stands out from the chain's other spaces
-    #: (but for the lowest pair, whose lower body is often S1 with its outline drawn low on the sacrum:
-    #: tianchi_038).
+    #: The space between the two bodies is higher than :data:`COLLAPSED_BODY_SPACE_RATIO` bodies and stands out
+    #: from the chain's other spaces (but for the lowest pair, whose lower body is often S1 with its outline
+    #: drawn low on the sacrum: tianchi_038).
     wide_spaces: frozenset[int] = frozenset()
     #: Of ``wide_spaces``, where a level is counted: a skip of one costs nothing, a step of one the skip
-    #: penalty (``labelling.counted_above_the_lumbar_spine``).
+    #: penalty (``labelling.counted_across_wide_spaces``).
     counted: frozenset[int] = frozenset()
 
     def __contains__(self, k: object) -> bool:
@@ -158,11 +161,11 @@ def usual_space_ratios(vertebrae: Sequence[Vertebra]) -> np.ndarray:
 
 def gaps_holding_a_body(vertebrae: Sequence[Vertebra]) -> SkipsAcrossGaps:
     """The gaps of :func:`gap_ratios` wider than :data:`MISSED_BODY_GAP_RATIO` (``free``) and the spaces wider
-    than :data:`MISSED_BODY_SPACE_RATIO` bodies and :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual
-    space (:func:`space_ratios`, :func:`usual_space_ratios`), but for the lowest pair (``wide_spaces``);
-    where a level is counted depends on the levels (``labelling.counted_above_the_lumbar_spine``)."""
+    than :data:`COLLAPSED_BODY_SPACE_RATIO` bodies and :data:`MISSED_BODY_USUAL_SPACES` times the chain's usual
+    space (:func:`spaces_standing_out`: not the lowest pair; ``wide_spaces``); where a level is counted depends
+    on the levels (``labelling.counted_across_wide_spaces``)."""
     free = frozenset(int(k) + 1 for k in np.flatnonzero(gap_ratios(vertebrae) > MISSED_BODY_GAP_RATIO))
-    return SkipsAcrossGaps(free=free, wide_spaces=spaces_standing_out(vertebrae, MISSED_BODY_SPACE_RATIO))
+    return SkipsAcrossGaps(free=free, wide_spaces=spaces_standing_out(vertebrae, COLLAPSED_BODY_SPACE_RATIO))
 
 
 def spaces_standing_out(vertebrae: Sequence[Vertebra], bodies_high: float) -> frozenset[int]:
@@ -170,8 +173,8 @@ def spaces_standing_out(vertebrae: Sequence[Vertebra], bodies_high: float) -> fr
     times the two bodies' mean height (:func:`space_ratios`) and more than :data:`MISSED_BODY_USUAL_SPACES` times
     the chain's usual space (:func:`usual_space_ratios`), but for the lowest pair (often S1 with its outline
     drawn low on the sacrum: tianchi_038); none in a chain of fewer than three bodies.  With
-    :data:`MISSED_BODY_SPACE_RATIO` where a level may be counted (:func:`gaps_holding_a_body`), with
-    :data:`REVIEW_SPACE_RATIO` where a review is asked (``confidence.gap_warnings``)."""
+    :data:`COLLAPSED_BODY_SPACE_RATIO` where a level is counted (:func:`gaps_holding_a_body`) and a review is
+    asked (``confidence.gap_warnings``)."""
     usual = usual_space_ratios(vertebrae)
     if usual.size == 0:
         return frozenset()

@@ -43,12 +43,12 @@ from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.appearance_slices import SliceRun, appearance_slice_runs, slices_seen
 from SpineNetLib.label.gaps import SkipsAcrossGaps, gaps_holding_a_body
+from SpineNetLib.label.void_path import pairs_in_a_void
 from SpineNetLib.models.inference import network_outputs, softmax
 
 #: Probabilities are floored here before -ln so that a zero never gives inf
 #: (-ln(1e-300) ~ 691: more than a skip, less than an ascending penalty).
 _P_FLOOR = 1e-300
-_L1 = level_index("L1")
 
 
 @dataclass
@@ -421,11 +421,13 @@ def _transition_penalties(params: LabellingParams) -> np.ndarray:
     return penalty
 
 
-def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None) -> SkipsAcrossGaps:
+def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | None = None,
+                      in_void: frozenset[int] = frozenset()) -> SkipsAcrossGaps:
     """Where the beam search may skip one level without the skip penalty, and where it must count one, in
-    the chain ``vertebrae`` (top to bottom): :func:`~SpineNetLib.label.gaps.gaps_holding_a_body`, with the
-    levels counted where the bodies' levels put them (:func:`counted_above_the_lumbar_spine`; none before
-    the bodies are labelled); nothing when ``params.skip_across_gaps`` is off.
+    the chain ``vertebrae`` (top to bottom): :func:`~SpineNetLib.label.gaps.gaps_holding_a_body`, but for
+    the spaces at positions ``in_void`` (a signal void's: ``void_path.pairs_in_a_void``), with the levels
+    counted where the bodies' levels put them (:func:`counted_across_wide_spaces`; none before the bodies
+    are labelled); nothing when ``params.skip_across_gaps`` is off.
 
     Why (issue 10): the official search charges a skip as much as a wrong level on a sure body, so a
     body missed in the middle of a chain anchored at S1 named every body above the gap one level too
@@ -434,25 +436,27 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
     if not (params or LabellingParams()).skip_across_gaps:
         return SkipsAcrossGaps()
     found = gaps_holding_a_body(vertebrae)
+    found = replace(found, wide_spaces=found.wide_spaces - in_void)
     if not all(is_level_name(v.level) for v in vertebrae):
         return found
     indices = [level_index(v.level) for v in vertebrae]      # S2 counts as S1
-    return replace(found, counted=counted_above_the_lumbar_spine(indices, found))
+    return replace(found, counted=counted_across_wide_spaces(indices, found))
 
 
-def counted_above_the_lumbar_spine(indices: Sequence[int], skips: SkipsAcrossGaps) -> frozenset[int]:
+def counted_across_wide_spaces(indices: Sequence[int], skips: SkipsAcrossGaps) -> frozenset[int]:
     """The positions of ``skips.wide_spaces`` where a level is counted, given a labelling ``indices`` (class
-    indices, top to bottom) of the chain: those whose lower body it names L1 or higher, where it reaches S1.
+    indices, top to bottom) of the chain: all but one whose lower body it names S1, where it reaches S1.
 
     Why (issue 10): above L1 a missed T11 or T12 keeps the centre step under its bar, and the networks'
     evidence for the bodies above it counts on from the bodies below (tianchi_176: its T10 reads T12 at
-    0.998, above the real T12), so skipping freely never happens there.  Only there: without S1 nothing
-    tells which side of the space is named right (a thoracolumbar field of view ending at L2), and in the
-    lumbar spine, which sets the usual step, the centre-step rule sees a missed body, while outlines drawn
-    small may open a space that holds none (MODEL_CARD.md, "A level counted where a body was missed")."""
+    0.998, above the real T12), so skipping freely never happens there; a missed collapsed body (a compression
+    fracture, most often at T12-L1) does the same anywhere, its space under a body high
+    (``gaps.COLLAPSED_BODY_SPACE_RATIO``).  Only where the chain reaches S1: without it nothing tells which side
+    of the space is named right (a thoracolumbar field of view ending at L2).  Not above S1: no level lies
+    between L5 and S1 (MODEL_CARD.md, "A level counted where a body was missed", "A collapsed vertebra")."""
     if 0 not in indices:
         return frozenset()
-    return frozenset(k for k in skips.wide_spaces if indices[k] >= _L1)
+    return frozenset(k for k in skips.wide_spaces if indices[k] > 0)
 
 
 def _penalty_tables(params: LabellingParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -640,7 +644,7 @@ def choose_levels(context: np.ndarray, appearance: np.ndarray,
     """(level names of the vertebrae kept, top to bottom; the ``(N, 24)`` evidence the beam weighed).
 
     :func:`level_evidence` and :func:`beam_search` (with ``skips``); where that labelling counts a level
-    across a wide space (:func:`counted_above_the_lumbar_spine`), the search again with the level counted
+    across a wide space (:func:`counted_across_wide_spaces`), the search again with the level counted
     there and every body from the lowest such space down kept at its level.  Then lower sacral segments
     left out (:func:`sacral_run_end`, unless ``params.drop_lower_sacral_segments`` is off) and the S2 rule
     (:func:`assign_level_names`).
@@ -648,7 +652,7 @@ def choose_levels(context: np.ndarray, appearance: np.ndarray,
     evidence = level_evidence(context, appearance, params.appearance_weight)
     skips = replace(skips, counted=frozenset())     # where a level is counted, this labelling says
     indices = beam_search(evidence, params, skips=skips)
-    counted = counted_above_the_lumbar_spine(indices, skips)
+    counted = counted_across_wide_spaces(indices, skips)
     if counted:
         kept = {k: indices[k] for k in range(max(counted), len(indices))}
         indices = beam_search(evidence, params, kept, replace(skips, counted=counted))
@@ -729,7 +733,8 @@ def label_vertebrae(scan: Scan, vertebrae: Sequence[Vertebra], appearance_net: C
     report(n + 2, total, "context network")
 
     start = time.perf_counter()
-    names, evidence = choose_levels(context, appearance, params, skips_across_gaps(ordered, params))
+    in_void = pairs_in_a_void(scan, ordered) if params.skip_across_gaps else frozenset()
+    names, evidence = choose_levels(context, appearance, params, skips_across_gaps(ordered, params, in_void))
     keep = len(names)
     timings.search_s = time.perf_counter() - start
     labelled = [replace(vertebra, slices=list(vertebra.slices),

@@ -158,12 +158,19 @@ def levels_down_to_s1(lowest: str) -> list[str]:
     return [*LUMBAR[LUMBAR.index(lowest) + 1:], "S1"]
 
 
-def names_bodies_down_to_s1(labelled: list[Vertebra], relabelled: list[Vertebra], added: list[Vertebra]) -> bool:
+def names_bodies_down_to_s1(labelled: list[Vertebra], relabelled: list[Vertebra], added: list[Vertebra],
+                            params: LabellingParams) -> bool:
     """Whether a labelling with ``added`` (:func:`bodies_below`'s, down to S1) names them the levels below the
-    chain's lowest body down to S1 while every body of ``labelled`` keeps its level: nothing moves (the
-    strict condition of ``pipeline._s1_from_second_detector``, stricter than :func:`keeps_bodies_below`)."""
+    chain's lowest body down to S1 while every body of ``labelled`` keeps its level but for the levels counted
+    across wide spaces above it once the chain reaches S1 (:func:`_moved_only_across_gaps`): the condition of
+    ``pipeline._s1_from_second_detector``, stricter than :func:`keeps_bodies_below`.
+
+    Why the counted levels may move the bodies above: a level is counted across a wide space only where the
+    chain reaches S1 (``labelling.counted_across_wide_spaces``), so a chain that ends at L5 above a missed
+    collapsed L1 names the body above it L1, and only with the S1 added does it name it T12
+    (``benchmarks/acquisition_variants.py``, ``collapsed_l1``: tianchi_005)."""
     return ([level_in(relabelled, b) for b in added] == levels_down_to_s1(labelled[-1].level)
-            and all(level_in(relabelled, b) == b.level for b in labelled))
+            and _moved_only_across_gaps(labelled, relabelled, params))
 
 
 def same_body(a: Vertebra, b: Vertebra) -> bool:
@@ -185,6 +192,19 @@ def _levels_skipped_below(chain: list[Vertebra], params: LabellingParams) -> lis
     return [sum(skipped[at + 1:]) for at in range(len(chain))]
 
 
+def _moved_only_across_gaps(labelled: list[Vertebra], relabelled: list[Vertebra], params: LabellingParams) -> bool:
+    """Whether every body of ``labelled`` is in ``relabelled`` with its level, but for the levels that the new
+    labelling skips across gaps below it and the old one did not (:func:`_levels_skipped_below`)."""
+    if all(level_in(relabelled, b) == b.level for b in labelled):
+        return True
+    at = [next((k for k, other in enumerate(relabelled) if same_body(other, b)), None) for b in labelled]
+    if None in at:
+        return False
+    skipped_before, skipped_now = _levels_skipped_below(labelled, params), _levels_skipped_below(relabelled, params)
+    return all(level_index(relabelled[k].level) - level_index(b.level) == skipped_now[k] - skipped_before[i]
+               for i, (b, k) in enumerate(zip(labelled, at)))
+
+
 def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], below: list[Vertebra],
                         params: LabellingParams) -> bool:
     """Whether a labelling with the ``below`` bodies added (:func:`bodies_below`) is kept
@@ -197,14 +217,8 @@ def keeps_bodies_below(labelled: list[Vertebra], relabelled: list[Vertebra], bel
     the spine against the appearance evidence)."""
     if not labelled or any(level_in(relabelled, b) is None for b in below):
         return False
-    if all(level_in(relabelled, b) == b.level for b in labelled):
+    if _moved_only_across_gaps(labelled, relabelled, params):
         return True
-    at = [next((k for k, other in enumerate(relabelled) if same_body(other, b)), None) for b in labelled]
-    if None not in at:
-        skipped_before, skipped_now = _levels_skipped_below(labelled, params), _levels_skipped_below(relabelled, params)
-        if all(level_index(relabelled[k].level) - level_index(b.level) == skipped_now[k] - skipped_before[i]
-               for i, (b, k) in enumerate(zip(labelled, at))):
-            return True
     lowest = labelled[-1]
     new_level = level_in(relabelled, lowest)
     if new_level is None or lowest.appearance_probabilities is None:

@@ -7,19 +7,20 @@ disc and half of each body (``benchmarks/acquisition_variants.py``, row ``metal_
 held-out scans came out with wrongly named bodies, 6 of them not flagged (MODEL_CARD.md, "Metal in the
 spine").  No real scan here holds metal, so that row stands in for one.
 
-:func:`void_along_chain` follows the path through the centres of the chain's bodies (each on its own mid
-slice), on to :data:`BEYOND_ENDS_STEPS` usual steps beyond the first and last bodies, and finds its longest
-stretch whose local median is darker than :data:`VOID_SHARE_OF_MARROW` of the marrow (the median of the
-local medians at the bodies' centres).  A stretch of :data:`VOID_MIN_MM` or more is a void that no disc,
+``void_path.void_along_chain`` follows the path through the centres of the chain's bodies (each on its own mid
+slice), on to ``void_path.BEYOND_ENDS_STEPS`` usual steps beyond the first and last bodies, and finds its longest
+stretch whose local median is darker than ``void_path.VOID_SHARE_OF_MARROW`` of the marrow (the median of the
+local medians at the bodies' centres).  A stretch of ``void_path.VOID_MIN_MM`` or more is a void that no disc,
 endplate or collapsed body makes on the 201 real scans here, and the review rule asks about it
 (:func:`ask_for_review_over_a_void`).  Where the void lies right above the body named S1, the bodies it hides
 are counted from the way across it and the levels above it moved up (:func:`levels_counted_across_a_void`;
-under the row, 50 of the 68 held-out scans then keep every level right, 41 before).
+under the row, 50 of the 68 held-out scans then keep every level right, 41 before).  Where the labelling
+counts a level across a space that stands out (``labelling.skips_across_gaps``), it leaves out a void's spaces
+(``void_path.pairs_in_a_void``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,100 +30,7 @@ from SpineNetLib.core.results import Vertebra
 from SpineNetLib.core.scan import Scan
 from SpineNetLib.label.confidence import LabellingConfidence, ask_for_review
 from SpineNetLib.label.gaps import gap_ratios
-
-#: Darker than this share of the marrow is no signal (the pile-up and distortion of real metal aside, a void
-#: is as dark as the air outside the body).
-VOID_SHARE_OF_MARROW = 0.10
-#: A dark stretch this long or longer (mm along the path) is a void.  Chosen on the 133 training-side scans:
-#: as acquired their longest dark stretch is 7.1 mm (tianchi_120), and under the ``metal_l4_l5`` row each of
-#: the 4 runs with a wrongly named body and no review flag has one of 12 mm or more; the 68 held-out scans'
-#: longest is 5.3 mm (MODEL_CARD.md, "Metal in the spine").
-VOID_MIN_MM = 12.0
-#: How far the path goes on beyond the chain's first and last bodies, in usual steps (the median step
-#: between consecutive centres): into a void that hides the bodies below a chain's end.  A whole step
-#: reaches the black border above tianchi_200's field of view (17.3 mm dark) and catches no wrong run of the
-#: training side's ``metal_l4_l5`` row that was not flagged already.
-BEYOND_ENDS_STEPS = 0.5
-#: Half the side of the square whose median is the path's local intensity (mm): wider than an endplate.
-LOCAL_HALF_SIDE_MM = 4.0
-
-
-@dataclass
-class VoidRun:
-    """The longest dark stretch along a chain's path (:func:`void_along_chain`)."""
-
-    length_mm: float
-    #: The level of the body above the stretch and of the body below it ("" beyond the chain's end).
-    above: str
-    below: str
-    #: The indices (top to bottom) of the body above the stretch and of the body below it (-1 above the
-    #: chain's first body, the number of bodies below its last); the bodies between them lie in the void.
-    upper_index: int = -1
-    lower_index: int = -1
-
-
-def _path(vertebrae: Sequence[Vertebra]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The path's points (pixel x, y) about a pixel apart, the canonical slice each is read on (the nearer
-    body's mid slice), and for each the index of the body above it (-1 above the first body); the first point
-    of each segment from a body onwards is that body's centre."""
-    centres = np.array([b.centroid_xy for b in vertebrae], np.float64)
-    slices = np.array([b.mid_slice for b in vertebrae])
-    steps = np.diff(centres, axis=0)
-    beyond = BEYOND_ENDS_STEPS * float(np.median(np.hypot(*steps.T)))
-    first_out = centres[0] - steps[0] / max(float(np.hypot(*steps[0])), 1e-6) * beyond
-    last_out = centres[-1] + steps[-1] / max(float(np.hypot(*steps[-1])), 1e-6) * beyond
-    knots = np.vstack([first_out, centres, last_out])
-    knot_slices = np.concatenate([[slices[0]], slices, [slices[-1]]])
-    points, point_slices, above = [], [], []
-    for k in range(len(knots) - 1):
-        n = max(int(np.ceil(np.hypot(*(knots[k + 1] - knots[k])))), 1)
-        t = np.arange(n) / n
-        points.append(knots[k] + t[:, None] * (knots[k + 1] - knots[k]))
-        point_slices.append(np.where(t < 0.5, knot_slices[k], knot_slices[k + 1]))
-        above.append(np.full(n, k - 1))
-    return np.vstack(points), np.concatenate(point_slices), np.concatenate(above)
-
-
-def _local_medians(scan: Scan, points: np.ndarray, slices: np.ndarray) -> np.ndarray:
-    """The median of the square of :data:`LOCAL_HALF_SIDE_MM` about each point on its slice; NaN outside."""
-    height, width, n_slices = scan.voxels.shape
-    half_r = max(1, round(LOCAL_HALF_SIDE_MM / scan.spacing_mm[0]))
-    half_c = max(1, round(LOCAL_HALF_SIDE_MM / scan.spacing_mm[1]))
-    local = np.full(len(points), np.nan)
-    for i, ((x, y), s) in enumerate(zip(points, slices)):
-        r, c = int(round(y)), int(round(x))
-        if 0 <= r < height and 0 <= c < width and 0 <= s < n_slices:
-            local[i] = float(np.median(scan.voxels[max(r - half_r, 0):r + half_r + 1,
-                                                   max(c - half_c, 0):c + half_c + 1, int(s)]))
-    return local
-
-
-def void_along_chain(scan: Scan, vertebrae: Sequence[Vertebra]) -> VoidRun | None:
-    """The longest stretch of the path of ``vertebrae`` (detected bodies, top to bottom) darker than
-    :data:`VOID_SHARE_OF_MARROW` of their marrow (module docstring), of length 0 where none is; None with
-    fewer than three bodies or no marrow signal."""
-    if len(vertebrae) < 3:
-        return None
-    points, slices, above = _path(vertebrae)
-    local = _local_medians(scan, points, slices)
-    at_centres = local[np.searchsorted(above, np.arange(len(vertebrae)))]   # body k's centre: the first point below it
-    if not np.isfinite(at_centres).any() or np.nanmedian(at_centres) <= 0:
-        return None
-    marrow = float(np.nanmedian(at_centres))
-    dark = np.nan_to_num(local, nan=np.inf) < VOID_SHARE_OF_MARROW * marrow   # outside the image: not dark
-    along_mm = np.concatenate([[0.0], np.cumsum(np.hypot(*(np.diff(points, axis=0) * scan.spacing_mm[1::-1]).T))])
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], dark.astype(np.int8), [0]])))
-    runs = edges.reshape(-1, 2) - [0, 1]            # first and last point of each dark stretch
-    if runs.size == 0:
-        return VoidRun(0.0, "", "")
-    lengths = along_mm[runs[:, 1]] - along_mm[runs[:, 0]]
-    first, last = runs[int(np.argmax(lengths))]
-    upper, lower = int(above[first]), int(above[last]) + 1
-
-    def level(k: int) -> str:
-        return (vertebrae[k].level or "") if 0 <= k < len(vertebrae) else ""
-
-    return VoidRun(float(lengths.max()), level(upper), level(lower), upper, lower)
+from SpineNetLib.label.void_path import VOID_MIN_MM, VoidRun, void_along_chain
 
 
 def levels_counted_across_a_void(scan: Scan, vertebrae: Sequence[Vertebra]) -> tuple[list[str], int] | None:

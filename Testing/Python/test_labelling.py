@@ -262,10 +262,10 @@ def test_a_level_is_counted_where_the_space_between_two_bodies_holds_one():
     assert labelling_confidence(probs, names, skips=counted).margin_nats > 15
 
 
-def test_levels_are_counted_only_above_the_lumbar_spine_of_a_chain_named_down_to_s1():
-    """``choose_levels`` counts a level across a wide space only where its labelling without the count names
-    the body below it L1 or higher and reaches S1, and keeps every body from there down at its level: the
-    bodies above move, not the lumbar spine (``labelling.counted_above_the_lumbar_spine``)."""
+def test_levels_are_counted_across_a_wide_space_of_a_chain_named_down_to_s1():
+    """``choose_levels`` counts a level across a wide space where its labelling without the count reaches S1
+    and names the body below the space L5 or higher, and keeps every body from there down at its level: the
+    bodies above move, not the ones below (``labelling.counted_across_wide_spaces``)."""
     from SpineNetLib.label.gaps import SkipsAcrossGaps
     from SpineNetLib.label.labelling import choose_levels
 
@@ -279,9 +279,12 @@ def test_levels_are_counted_only_above_the_lumbar_spine_of_a_chain_named_down_to
     names, _ = choose_levels(probs, ones, params, space)
     assert names == "T10 T12 L1 L2 L3 L4 L5 S1".split()           # the lumbar spine kept, the top moved
     assert choose_levels(probs, ones, params)[0] == "T11 T12 L1 L2 L3 L4 L5 S1".split()     # no space: no count
-    # a wide space whose lower body is lumbar, or a chain that does not reach S1: nothing counted
-    lumbar = SkipsAcrossGaps(wide_spaces=frozenset({4}))
-    assert choose_levels(probs, ones, params, lumbar)[0] == "T11 T12 L1 L2 L3 L4 L5 S1".split()
+    # a space in the lumbar spine (a collapsed L1 missed between T12 and L2): L1 counted, the bodies above move
+    lumbar = SkipsAcrossGaps(wide_spaces=frozenset({3}))
+    assert choose_levels(probs, ones, params, lumbar)[0] == "T10 T11 T12 L2 L3 L4 L5 S1".split()
+    # nothing is counted above S1, nor in a chain that does not reach S1
+    above_s1 = SkipsAcrossGaps(wide_spaces=frozenset({7}))
+    assert choose_levels(probs, ones, params, above_s1)[0] == "T11 T12 L1 L2 L3 L4 L5 S1".split()
     names, _ = choose_levels(probs[:6], ones[:6], params, space)
     assert names == "T11 T12 L1 L2 L3 L4".split()
 

@@ -43,22 +43,41 @@ def test_missed_l5_and_s1_are_both_found():
     assert bodies_below(spine, [s1]) == []                   # S1 cannot be looked for without L5
 
 
-def test_bodies_down_to_s1_are_kept_strictly_only_when_nothing_moves():
+def test_bodies_down_to_s1_are_kept_strictly_only_when_nothing_moves_but_a_level_counted():
     """The second detector's bodies below a chain (pipeline._s1_from_second_detector) are kept only when the
-    labelling names them the next levels down to S1 and every body named before keeps its level."""
+    labelling names them the next levels down to S1 and every body named before keeps its level, but for a
+    level counted across a wide space above them once the chain reaches S1 (a missed collapsed L1:
+    ``labelling.counted_across_wide_spaces``)."""
+    from SpineNetLib.label.labelling import LabellingParams
+
+    params = LabellingParams()
     spine = _lumbar()[:4]                                    # L1 .. L4
     l5, s1 = _body(101, 171), _body(106, 196)
 
     def labelled(*levels):
         return [dataclasses.replace(b, level=level) for b, level in zip(spine + [l5, s1], levels)]
 
-    assert names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [l5, s1])
+    assert names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [l5, s1], params)
     # the chain above moved with them (a shift the added bodies would hide), or they are named otherwise
-    assert not names_bodies_down_to_s1(spine, labelled("T12", "L1", "L2", "L3", "L4", "L5"), [l5, s1])
-    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "S1", "S2"), [l5, s1])
-    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5"), [l5])   # stops above S1
+    assert not names_bodies_down_to_s1(spine, labelled("T12", "L1", "L2", "L3", "L4", "L5"), [l5, s1], params)
+    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "S1", "S2"), [l5, s1], params)
+    assert not names_bodies_down_to_s1(spine, labelled("L1", "L2", "L3", "L4", "L5"), [l5], params)  # stops above S1
     ends_at_l5 = labelled("L1", "L2", "L3", "L4", "L5")      # the shipped case: S1 alone below an L5
-    assert names_bodies_down_to_s1(ends_at_l5, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [s1])
+    assert names_bodies_down_to_s1(ends_at_l5, labelled("L1", "L2", "L3", "L4", "L5", "S1"), [s1], params)
+
+    # a space about a body high between the bodies named L1 and L2 (a collapsed L1 missed): without S1 the
+    # chain could count nothing there; with it, L1 is counted and the two bodies above move up one level
+    collapsed = _chain_of_spaces([7, 27, 7, 7, 7, 7])
+    before = [dataclasses.replace(b, level=level) for b, level in zip(collapsed, "T12 L1 L2 L3 L4 L5".split())]
+    added = collapsed[-1:]
+
+    def named(levels):
+        return [dataclasses.replace(b, level=level) for b, level in zip(collapsed, levels.split())]
+
+    assert names_bodies_down_to_s1(before, named("T11 T12 L2 L3 L4 L5 S1"), added, params)
+    assert not names_bodies_down_to_s1(before, named("T11 T12 L1 L2 L3 L4 S1"), added, params)   # all moved
+    assert not names_bodies_down_to_s1(before, named("T11 T12 L2 L3 L4 L5 S1"), added,
+                                       LabellingParams(skip_across_gaps=False))
 
 
 def test_nothing_is_taken_unless_the_chain_ends_above_s1_and_the_candidate_fits():
@@ -159,7 +178,7 @@ def test_a_gap_wide_enough_for_a_missed_body_asks_for_review():
     spine = _lumbar(half=(12.0, 13.0))                       # steps of 30, bodies 26 high
     assert gap_warnings(spine) == []
     # the step from L1 to L2 widened to 1.4, 1.7 and 2 times the others (a space of 0.6, 0.95, 1.3 bodies; from
-    # 0.73 bodies a space that stands out asks by itself: test_a_space_about_a_body_high_asks_for_a_review_...)
+    # 0.73 bodies a space that stands out asks by itself: test_a_space_about_a_body_high_counts_a_level_...)
     for widened, flagged in ((1.4, False), (REVIEW_GAP_RATIO + 0.05, True), (2.0, True)):
         chain = [_body(100, 80 - 30 * widened, "L1", half=(12.0, 13.0))] + spine[1:]
         assert bool(gap_warnings(chain)) is flagged, widened
@@ -170,9 +189,9 @@ def test_a_gap_wide_enough_for_a_missed_body_asks_for_review():
 
 def test_the_labelling_may_skip_a_level_only_across_a_gap_that_holds_a_missed_body():
     """``skips_across_gaps``: where a step is wider than MISSED_BODY_GAP_RATIO times the usual one, a skip is
-    free; where the space between the bodies is also higher than a body, a level must be counted (none in a
-    regular chain, none with the official profile's switch off); the gap's warning says which level the
-    labelling counted there."""
+    free; where the space between the bodies also stands out (gaps.COLLAPSED_BODY_SPACE_RATIO), a level must be
+    counted (none in a regular chain, none with the official profile's switch off); the gap's warning says which
+    level the labelling counted there."""
     from SpineNetLib.label.confidence import gap_warnings
     from SpineNetLib.label.gaps import MISSED_BODY_GAP_RATIO, SkipsAcrossGaps, gap_ratios
     from SpineNetLib.label.labelling import LabellingParams, skips_across_gaps
@@ -182,15 +201,17 @@ def test_the_labelling_may_skip_a_level_only_across_a_gap_that_holds_a_missed_bo
     assert gap_ratios(spine[:2]).size == 0                   # no usual step with two bodies
     # L2 missed: T12 and L1 above a gap of two steps, then L3 .. S1; the space is 2.75 bodies high
     missed = [_body(100, 20, "T12"), _body(100, 50, "L1")] + spine[2:]
-    # the space is higher than a body too, but the body below it is named L3: no level is counted there
-    assert skips_across_gaps(missed) == SkipsAcrossGaps(free=frozenset({2}), wide_spaces=frozenset({2}))
+    # the space is higher than a body too, and the chain reaches S1: a level is counted there
+    assert skips_across_gaps(missed) == SkipsAcrossGaps(free=frozenset({2}), wide_spaces=frozenset({2}),
+                                                        counted=frozenset({2}))
     assert 2 in skips_across_gaps(missed)
     assert gap_ratios(missed)[1] == pytest.approx(2.0)
     assert skips_across_gaps(missed, LabellingParams(skip_across_gaps=False)) == SkipsAcrossGaps()
     tall = _lumbar(half=(12.0, 13.0))                        # bodies 26 high: a wider step leaves less space
     for widened, free in ((MISSED_BODY_GAP_RATIO - 0.03, frozenset()), (MISSED_BODY_GAP_RATIO + 0.03, frozenset({1}))):
         chain = [_body(100, 80 - 30 * widened, "L1", half=(12.0, 13.0))] + tall[1:]
-        assert skips_across_gaps(chain) == SkipsAcrossGaps(free=free), widened
+        # its space (0.87 bodies) stands out too, but a chain that does not reach S1 counts nothing there
+        assert skips_across_gaps(chain) == SkipsAcrossGaps(free=free, wide_spaces=frozenset({1})), widened
     assert gap_warnings(missed) == ["a vertebra may have been missed between L1 and L3 (their gap is 2.0 times "
                                     "the usual spacing): the levels count L2 there, which has no outline"]
     shifted = [dataclasses.replace(v, level=lvl) for v, lvl in zip(missed, ["L1", "L2", "L3", "L4", "L5", "S1"])]
@@ -492,7 +513,7 @@ def test_a_level_is_counted_where_the_space_between_two_bodies_is_higher_than_a_
     assert skips_across_gaps(chain[:-1]) == SkipsAcrossGaps(wide_spaces=frozenset({2}))     # no S1: none counted
     assert gap_warnings(chain) == ["a vertebra may have been missed between T10 and T12 (the space between them is "
                                    "1.7 times the bodies' height): the levels count T11 there, which has no outline"]
-    # named consecutive levels across it, the space, standing out from the others, still asks (REVIEW_SPACE_RATIO)
+    # named consecutive levels across it, the space, standing out from the others, still asks
     one_too_low = [dataclasses.replace(chain[0], level="T10"), dataclasses.replace(chain[1], level="T11")] + chain[2:]
     assert gap_warnings(one_too_low) == ["a vertebra may have been missed between T11 and T12 (the space between "
                                          "them is 1.7 times the bodies' height): the levels on one side of it may "
@@ -505,36 +526,43 @@ def _chain_of_spaces(spaces):
     return [_body(100, y, level, (14.0, 13.0)) for y, level in zip(tops, ["T12", "L1", "L2", "L3", "L4", "L5", "S1"])]
 
 
-def test_a_space_about_a_body_high_asks_for_a_review_where_the_levels_count_nothing():
+def test_a_space_about_a_body_high_counts_a_level_and_asks_for_a_review():
     """A body collapsed to half its height (a compression fracture) and missed by the detector leaves a space
     about one body high (7 + 13 + 7 between bodies 26 high): under MISSED_BODY_SPACE_RATIO, and a centre step
-    under MISSED_BODY_GAP_RATIO, so nothing is counted there and the bodies above are named one level too
-    low. A space over gaps.REVIEW_SPACE_RATIO bodies that stands out from the chain's other spaces asks for a
-    review (MODEL_CARD.md, "A collapsed vertebra"); not a tall disc under that bar, nor the lowest pair's
-    space (an S1 drawn low on the sacrum)."""
+    under MISSED_BODY_GAP_RATIO, so without more the bodies above were named one level too low. A space over
+    gaps.COLLAPSED_BODY_SPACE_RATIO bodies that stands out from the chain's other spaces counts a level where
+    the chain reaches S1, and asks for a review either way (MODEL_CARD.md, "A collapsed vertebra"); not a tall
+    disc under that bar, nor the lowest pair's space (an S1 drawn low on the sacrum)."""
     from SpineNetLib.label.confidence import gap_warnings
-    from SpineNetLib.label.gaps import (MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO, REVIEW_SPACE_RATIO,
+    from SpineNetLib.label.gaps import (COLLAPSED_BODY_SPACE_RATIO, MISSED_BODY_GAP_RATIO, MISSED_BODY_SPACE_RATIO,
                                         SkipsAcrossGaps, gap_ratios, space_ratios)
     from SpineNetLib.label.labelling import skips_across_gaps
 
     collapsed = _chain_of_spaces([7, 27, 7, 7, 7, 7])
     assert gap_ratios(collapsed)[1] == pytest.approx(53 / 33) and gap_ratios(collapsed)[1] < MISSED_BODY_GAP_RATIO
     assert space_ratios(collapsed)[1] == pytest.approx(27 / 26)
-    assert REVIEW_SPACE_RATIO < space_ratios(collapsed)[1] < MISSED_BODY_SPACE_RATIO
-    assert skips_across_gaps(collapsed) == SkipsAcrossGaps()                     # nothing counted
-    assert gap_warnings(collapsed) == ["a vertebra may have been missed between L1 and L2 (the space between them "
-                                       "is 1.0 times the bodies' height): the levels on one side of it may be off "
-                                       "by one"]
+    assert COLLAPSED_BODY_SPACE_RATIO < space_ratios(collapsed)[1] < MISSED_BODY_SPACE_RATIO
+    assert skips_across_gaps(collapsed) == SkipsAcrossGaps(wide_spaces=frozenset({2}), counted=frozenset({2}))
+    counted = [dataclasses.replace(b, level=level) for b, level in zip(collapsed, "T11 T12 L2 L3 L4 L5 S1".split())]
+    assert gap_warnings(counted) == ["a vertebra may have been missed between T12 and L2 (the space between them "
+                                     "is 1.0 times the bodies' height): the levels count L1 there, which has no "
+                                     "outline"]
+    # without S1 nothing tells which side is named right: nothing counted, the review says so
+    assert skips_across_gaps(collapsed[:-1]) == SkipsAcrossGaps(wide_spaces=frozenset({2}))
+    assert gap_warnings(collapsed[:-1]) == ["a vertebra may have been missed between L1 and L2 (the space between "
+                                            "them is 1.0 times the bodies' height): the levels on one side of it "
+                                            "may be off by one"]
     assert gap_warnings(_chain_of_spaces([7, 16, 7, 7, 7, 7])) == []     # 0.62 bodies, 2.3 times the others
+    assert skips_across_gaps(_chain_of_spaces([7, 16, 7, 7, 7, 7])) == SkipsAcrossGaps()
     assert gap_warnings(_chain_of_spaces([7, 7, 7, 7, 7, 27])) == []     # the lowest pair
 
 
 @pytest.mark.skipif(not (default_data_root() / "tianchi" / "tianchi_152-000").is_dir(),
                     reason="../shared/data (real MRI) is not present")
-def test_a_clinical_slice_whose_collapsed_l1_is_missed_asks_for_a_review():
+def test_a_clinical_slice_whose_collapsed_l1_is_missed_counts_l1_and_asks_for_a_review():
     """tianchi_152 (held out) with its L1 collapsed to half its height (benchmarks/acquisition_variants.py,
-    collapsed_l1): the detector misses the collapsed body and T12 is named L1; before, no reason asked for a
-    review. The space where L1 lies, 0.8 bodies high, now asks."""
+    collapsed_l1): the detector misses the collapsed body; before, T12 was named L1 and every body above one
+    level too low, with no reason to review. The space where L1 lies, 0.8 bodies high, now counts L1 and asks."""
     import importlib.util
     from pathlib import Path
 
@@ -551,13 +579,13 @@ def test_a_clinical_slice_whose_collapsed_l1_is_missed_asks_for_a_review():
     collapse = bench._Collapsed.of(load_scan(case.path / "image.nii.gz"), ground_truth_of_case(case), "L1", 0.5)
     result = pipeline.run(collapse.scan(), pipeline.load_networks("bundled", "cpu"), pipeline.RunOptions(grade=False))
     levels = [v.level for v in result.detection.vertebrae]
-    assert levels == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]          # one body fewer: T12 named L1
+    assert levels == ["T11", "T12", "L2", "L3", "L4", "L5", "S1"]        # L1 has no outline: counted
     l1_truth = next(v for v in ground_truth_of_case(case).vertebrae if v.level == "L1").centroid[1]
-    named_l1 = result.detection.vertebrae[1]
-    assert named_l1.centroid_xy[1] < collapse.top < l1_truth                 # above the collapsed body
+    named_t12, named_l2 = result.detection.vertebrae[1:3]
+    assert named_t12.centroid_xy[1] < collapse.top < l1_truth < named_l2.centroid_xy[1]   # on each side of it
     assert result.vertebrae_document["labelling"]["needs_review"]
-    asks = [w for w in result.warnings if w.startswith("a vertebra may have been missed between L1 and L2")]
-    assert asks and "off by one" in asks[0]
+    asks = [w for w in result.warnings if w.startswith("a vertebra may have been missed between T12 and L2")]
+    assert asks and "the levels count L1 there" in asks[0]
 
 
 ROUGH = "L2's outline comes from a weaker detection and may be rough; check it before using these measurements"

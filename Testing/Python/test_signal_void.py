@@ -12,7 +12,8 @@ import pytest
 from SpineNetLib import pipeline
 from SpineNetLib.core.levels import LEVELS
 from SpineNetLib.core.results import Vertebra
-from SpineNetLib.label.signal_void import VOID_MIN_MM, levels_counted_across_a_void, void_along_chain, void_warning
+from SpineNetLib.label.signal_void import levels_counted_across_a_void, void_warning
+from SpineNetLib.label.void_path import VOID_MIN_MM, pairs_in_a_void, void_along_chain
 from SpineNetLib.synthetic.phantom import make_phantom
 
 from oracles import oracle_networks
@@ -69,6 +70,44 @@ def test_a_void_over_two_bodies_is_found_between_the_bodies_around_it():
     assert found.length_mm >= VOID_MIN_MM and (found.above, found.below) == ("L3", "")
     assert "below L3" in void_warning(found)
     assert void_along_chain(scan, truth[:2]) is None        # too few bodies to follow a path
+
+
+def test_the_labelling_counts_no_collapsed_body_in_the_space_of_a_void():
+    """Metal cuts the outlines of the bodies beside it short, which opens the space between them to about a
+    body, as a collapsed body the detector missed does (``gaps.COLLAPSED_BODY_SPACE_RATIO``); where a void lies
+    in that space (``void_path.pairs_in_a_void``), the labelling counts no level there
+    (``labelling.skips_across_gaps``; model card, "A collapsed vertebra")."""
+    from SpineNetLib.label.gaps import SkipsAcrossGaps
+    from SpineNetLib.label.labelling import skips_across_gaps
+
+    phantom = make_phantom(fov="lumbar", contrast="T2", shape=(320, 320), pixel_spacing=(0.9, 0.9), n_slices=9,
+                           seed=3)
+    truth = _truth(phantom)
+    names = [v.level for v in truth]
+    l4, l5 = (truth[names.index(level)] for level in ("L4", "L5"))
+    assert pairs_in_a_void(phantom.scan, truth) == frozenset()
+    assert pairs_in_a_void(_with_void(phantom.scan, l4, l5), truth) == {names.index("L5")}
+    without = [v for v in truth if v.level not in ("L4", "L5")]             # both missed: L3 to S1 in the void
+    assert pairs_in_a_void(_with_void(phantom.scan, l4, l5), without) == {[v.level for v in without].index("S1")}
+    # the bodies beside the void drawn half as high: their space stands out, and counts only without the void
+    k = names.index("L5")
+    cut = [*truth[:k - 1], _shortened(truth[k - 1], keep="top"), _shortened(truth[k], keep="bottom"), *truth[k + 1:]]
+    assert k in skips_across_gaps(cut).wide_spaces and k in skips_across_gaps(cut).counted
+    assert skips_across_gaps(cut, in_void=frozenset({k})) == SkipsAcrossGaps()
+
+
+def _shortened(body: Vertebra, keep: str) -> Vertebra:
+    """``body`` with its outline cut to the half on the side ``keep`` ("top": the upper half)."""
+    polygons = []
+    for polygon in body.polygons:
+        p = np.asarray(polygon, np.float64).copy()                # corners rt, rb, lb, lt
+        middle_r, middle_l = (p[0] + p[1]) / 2, (p[3] + p[2]) / 2
+        if keep == "top":
+            p[1], p[2] = middle_r, middle_l
+        else:
+            p[0], p[3] = middle_r, middle_l
+        polygons.append(p)
+    return dataclasses.replace(body, polygons=polygons)
 
 
 def _named_without_gap(chain: list[Vertebra]) -> list[Vertebra]:
