@@ -445,7 +445,7 @@ def skips_across_gaps(vertebrae: Sequence[Vertebra], params: LabellingParams | N
 
 def counted_across_wide_spaces(indices: Sequence[int], skips: SkipsAcrossGaps) -> frozenset[int]:
     """The positions of ``skips.wide_spaces`` where a level is counted, given a labelling ``indices`` (class
-    indices, top to bottom) of the chain: all but one whose lower body it names S1, where it reaches S1.
+    indices, top to bottom) of the chain: those whose lower body it names L5 or higher, where it reaches S1.
 
     Why (issue 10): above L1 a missed T11 or T12 keeps the centre step under its bar, and the networks'
     evidence for the bodies above it counts on from the bodies below (tianchi_176: its T10 reads T12 at
